@@ -1,0 +1,89 @@
+"""Errors a person can act on: what went wrong, the context, and a hint.
+
+Modelled on pip's DiagnosticPipError: every error a user can cause carries a
+short message and the fix.  The CLI prints ``message`` and ``hint`` and maps
+the class to a documented exit code (docs/cli.md).
+"""
+
+from __future__ import annotations
+
+
+class CoalesceError(Exception):
+    """Base of every error coalesce raises on purpose."""
+
+    exit_code = 1
+    hint: str = ""
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if hint is not None:
+            self.hint = hint
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class ConfigError(CoalesceError):
+    """The group's TOML configuration is missing, malformed or inconsistent."""
+
+    exit_code = 2
+
+
+class BackendError(CoalesceError):
+    """A storage backend failed (or none serves a volume URL)."""
+
+    exit_code = 4
+
+
+class UnknownBackend(BackendError):
+    """No installed backend serves the scheme of a volume URL."""
+
+
+class MetadataError(CoalesceError):
+    """The persisted group metadata is damaged, missing or from another group."""
+
+    exit_code = 5
+
+
+class IllegalTransition(CoalesceError):
+    """A trigger that the spec does not allow from the replica's current state."""
+
+    exit_code = 6
+
+    def __init__(self, replica: str, state: str, trigger: str, allowed: list[str] | None = None) -> None:
+        allowed_txt = ", ".join(sorted(allowed or [])) or "none"
+        super().__init__(
+            f"replica {replica!r} is in state {state!r}: trigger {trigger!r} is not a transition "
+            f"of spec/coalescing.toml from that state",
+            hint=f"triggers allowed from {state!r}: {allowed_txt}",
+        )
+        self.replica = replica
+        self.state = state
+        self.trigger = trigger
+
+
+class StreamError(CoalesceError):
+    """A change stream is truncated, corrupted or hostile; the update fails and rolls back."""
+
+    exit_code = 7
+
+
+class TruncatedStream(StreamError):
+    """The stream ended before its trailer."""
+
+
+class CorruptStream(StreamError):
+    """A frame's checksum, length or the trailer digest does not match."""
+
+
+class HostilePath(StreamError):
+    """A record names a path that would leave the replica's qtree (I10)."""
+
+
+class TransferFailed(CoalesceError):
+    """A transfer (baseline or update) failed; the replica takes the rollback path."""
+
+
+class RollbackFailed(CoalesceError):
+    """A rollback failed; the replica leaves the cycle (unstable_uncoalesced)."""

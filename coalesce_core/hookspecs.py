@@ -1,0 +1,239 @@
+"""Hook specifications of the ``coalesce`` plugin system (pluggy project "coalesce").
+
+Two kinds of hooks, as in pytest's ``hookspec.py``:
+
+* **Primitive hooks** (``firstresult=True``: the call stops at the first
+  non-None result).  A storage backend implements them for the volumes it
+  opened and returns ``None`` for any other volume, so exactly one backend
+  serves a volume.  Every primitive is **idempotent** (creating an existing
+  PCPI returns it, deleting a missing one is a no-op, applying an export
+  mapping twice is the same as once), because the agent replays effects after
+  a crash.  Primitives raise :class:`coalesce_core.errors.BackendError` (or a
+  subclass) for failures the agent should treat as "this step failed", and
+  :class:`coalesce_core.errors.StreamError` for bad change records.
+* **Observer hooks** (broadcast to every plugin, results ignored).  Metrics,
+  audit logs and live views are observers.  They must not raise and must not
+  block; they are called from the agent's thread, after the state they report
+  was persisted.
+
+A backend is a plain module of ``@hookimpl`` functions registered through the
+entry-point group ``coalesce.backends`` (see docs/writing-a-backend.md).
+Hooks are always called with keyword arguments.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Iterator, Mapping
+
+import pluggy
+
+hookspec = pluggy.HookspecMarker("coalesce")
+hookimpl = pluggy.HookimplMarker("coalesce")
+
+#: Export-mapping value meaning "export the live active file system" (broken replicas).
+ACTIVE = "@active"
+
+
+# ---------------------------------------------------------------------------
+# discovery
+# ---------------------------------------------------------------------------
+@hookspec
+def coalesce_backend_info() -> dict[str, str] | None:
+    """Describe this backend: ``{"scheme": "mem", "description": "..."}``.
+
+    Broadcast; backends return one dict, other plugins return None.
+    """
+
+
+@hookspec(firstresult=True)
+def coalesce_open_volume(url: Any, create: bool) -> Any | None:
+    """Open the volume named by ``url`` (a :class:`coalesce_core.volume.VolumeURL`).
+
+    Return a backend-specific volume handle if ``url.scheme`` is yours, else
+    None.  With ``create=True`` an absent volume is created (idempotent); with
+    ``create=False`` an absent volume raises BackendError with a hint.
+    Stops at the first non-None result.
+    """
+
+
+@hookspec(firstresult=True)
+def coalesce_close_volume(volume: Any) -> bool | None:
+    """Release what the handle holds (files, mounts the backend made).  Idempotent."""
+
+
+@hookspec(firstresult=True)
+def coalesce_metadata_dir(volume: Any) -> str | None:
+    """A directory kept with the volume, outside every qtree and PCPI, for the
+    group's ledger (DESIGN: the ``.coalesce/`` area).  None if the volume has
+    no place on a file system (then the config must name one)."""
+
+
+# ---------------------------------------------------------------------------
+# PCPIs (volume-wide snapshots)
+# ---------------------------------------------------------------------------
+@hookspec(firstresult=True)
+def coalesce_snapshot_create(volume: Any, name: str) -> str | None:
+    """Take a PCPI of the whole volume's active file system, named ``name``.
+
+    Atomic: the PCPI either exists complete or not at all.  Idempotent: if
+    ``name`` exists, return it unchanged (do not retake).  Returns ``name``.
+    Raises BackendError when the volume cannot hold another PCPI.
+    """
+
+
+@hookspec(firstresult=True)
+def coalesce_snapshot_delete(volume: Any, name: str) -> bool | None:
+    """Release PCPI ``name``.  Returns True if it existed, False if it did not
+    (a no-op, not an error).  Must not disturb any other PCPI or what readers
+    see through an export of another PCPI."""
+
+
+@hookspec(firstresult=True)
+def coalesce_snapshot_list(volume: Any) -> list[str] | None:
+    """Names of every PCPI the volume holds now, read from the volume itself."""
+
+
+@hookspec(firstresult=True)
+def coalesce_qtree_list(volume: Any, snapshot: str | None) -> list[str] | None:
+    """Names of the qtrees (top-level directories) in ``snapshot`` (None: active FS)."""
+
+
+# ---------------------------------------------------------------------------
+# changes
+# ---------------------------------------------------------------------------
+@hookspec(firstresult=True)
+def coalesce_diff(volume: Any, qtree: str, base: str | None, target: str) -> Iterator[Any] | None:
+    """Yield the change records (coalesce_core.records) that turn ``qtree`` as
+    it is in PCPI ``base`` into ``qtree`` as it is in PCPI ``target``;
+    ``base=None`` is a baseline (everything in ``target``).
+
+    The stream starts with ``Begin`` and ends with ``End`` and obeys the
+    order contract of coalesce_core.records.  Reads only; deterministic for the
+    same (base, target).  Its cost should follow the change, not the qtree.
+    Raises BackendError if a PCPI or the qtree does not exist.
+    """
+
+
+@hookspec(firstresult=True)
+def coalesce_apply(volume: Any, qtree: str, records: Iterable[Any], use_purgatory: bool) -> dict[str, int] | None:
+    """Apply a change stream to ``qtree`` in the active file system; creates the
+    qtree if missing.  Returns ``{"records": n, "bytes": n}``.
+
+    Deleted or replaced entries go to the qtree's purgatory when
+    ``use_purgatory`` (purged by ``coalesce_purge_purgatory``).  Every path is
+    checked: nothing outside ``qtree`` is read or written, no existing symlink
+    is followed (I10); a hostile record raises HostilePath before anything is
+    written for it.  A failure part-way (bad record, ENOSPC, a broken
+    iterator) raises and leaves a partial qtree that the rollback procedure
+    repairs; it never touches a PCPI.
+    """
+
+
+@hookspec(firstresult=True)
+def coalesce_rollback(volume: Any, qtree: str, rollback_pcpi: str, to_pcpi: str | None) -> bool | None:
+    """Make ``qtree`` in the active FS equal to ``qtree`` in ``to_pcpi``, given
+    that the active FS equalled ``rollback_pcpi`` when it was taken (Fig. 9).
+    ``to_pcpi=None`` means the qtree did not exist: remove it.
+
+    Backends may offer a faster native rollback; return None to let the
+    generic one (diff ``rollback_pcpi`` -> ``to_pcpi``, then apply, in
+    coalesce_core.generic) run.  Raises on failure, leaving a partial qtree.
+    """
+
+
+@hookspec(firstresult=True)
+def coalesce_purge_purgatory(volume: Any, qtrees: list[str]) -> bool | None:
+    """Delete the purgatory of each qtree (jump-ahead step 1).  Idempotent."""
+
+
+@hookspec(firstresult=True)
+def coalesce_remove_qtree(volume: Any, qtree: str) -> bool | None:
+    """Remove ``qtree`` and its purgatory from the active FS (a failed
+    baseline's partial data).  Idempotent; PCPIs are untouched."""
+
+
+# ---------------------------------------------------------------------------
+# exports and checks
+# ---------------------------------------------------------------------------
+@hookspec(firstresult=True)
+def coalesce_export(volume: Any, mapping: Mapping[str, str | None]) -> bool | None:
+    """Make readers of each replica see what ``mapping`` says, in ONE atomic
+    switch for the whole mapping: replica name -> PCPI name, ``ACTIVE`` (the
+    live qtree of a broken replica) or None (nothing).  The mapping is the
+    whole export table; replicas absent from it export nothing.  Idempotent.
+    A reader holding a file open in an old image keeps reading it intact.
+    """
+
+
+@hookspec(firstresult=True)
+def coalesce_exported(volume: Any) -> dict[str, str | None] | None:
+    """The export table as the volume itself has it now (read back, not remembered)."""
+
+
+@hookspec(firstresult=True)
+def coalesce_export_path(volume: Any, replica: str) -> str | None:
+    """The stable path where readers find ``replica``'s exported image, or None
+    when the backend has no file system path (mem)."""
+
+
+@hookspec(firstresult=True)
+def coalesce_fingerprint(volume: Any, qtree: str, snapshot: str | None) -> str | None:
+    """Content digest of ``qtree`` in PCPI ``snapshot`` (None: active FS),
+    computed with coalesce_core.fingerprint so that every backend agrees on
+    the same tree: names, types, permission bits, sizes, bytes, link targets.
+    A missing qtree digests as the empty tree."""
+
+
+@hookspec
+def coalesce_cli_commands(subparsers: Any) -> None:
+    """Add backend-specific verbs to the CLI (``coalesce sim info`` ...).
+
+    Broadcast.  ``subparsers`` is the argparse sub-parser action of the top
+    level; add a parser and ``set_defaults(func=callable(args) -> int)``.
+    """
+
+
+# ---------------------------------------------------------------------------
+# observers (broadcast)
+# ---------------------------------------------------------------------------
+@hookspec
+def coalesce_state_changed(group: str, replica: str, trigger: str, source: str, dest: str) -> None:
+    """A replica moved along a transition of the spec (already persisted)."""
+
+
+@hookspec
+def coalesce_phase_changed(group: str, trigger: str, source: str, dest: str) -> None:
+    """The management agent moved to another phase (already persisted)."""
+
+
+@hookspec
+def coalesce_pcpi_taken(group: str, volume: str, name: str, role: str) -> None:
+    """A PCPI was taken on ``volume`` (a URL string) in ``role``."""
+
+
+@hookspec
+def coalesce_pcpi_released(group: str, volume: str, name: str) -> None:
+    """A PCPI was released on ``volume``."""
+
+
+@hookspec
+def coalesce_transfer_progress(group: str, replica: str, records: int, nbytes: int) -> None:
+    """Progress of a running transfer (called every few hundred records)."""
+
+
+@hookspec
+def coalesce_cycle_finished(group: str, report: Mapping[str, Any]) -> None:
+    """A cycle ended; ``report`` is the history row (see docs/cli.md, history)."""
+
+
+PRIMITIVE_HOOKS = (
+    "coalesce_open_volume", "coalesce_close_volume", "coalesce_metadata_dir",
+    "coalesce_snapshot_create", "coalesce_snapshot_delete", "coalesce_snapshot_list",
+    "coalesce_qtree_list", "coalesce_diff", "coalesce_apply", "coalesce_rollback",
+    "coalesce_purge_purgatory", "coalesce_remove_qtree", "coalesce_export",
+    "coalesce_exported", "coalesce_export_path", "coalesce_fingerprint",
+)
+OBSERVER_HOOKS = (
+    "coalesce_state_changed", "coalesce_phase_changed", "coalesce_pcpi_taken",
+    "coalesce_pcpi_released", "coalesce_transfer_progress", "coalesce_cycle_finished",
+)

@@ -1,0 +1,145 @@
+"""The plugin manager and the typed facade the rest of the core calls.
+
+One function (:func:`plugin_manager`) builds the pluggy manager: hookspecs,
+the core's own generic plugin, every entry point of ``coalesce.backends``
+(bundled backends are registered exactly like third-party ones), and the
+modules named in ``COALESCE_PLUGINS`` (comma-separated, like PYTEST_PLUGINS).
+Nothing in coalesce_core imports a backend by name.
+
+The rest of the core never writes ``pm.hook.<name>``: it calls
+:class:`Volume`, which calls hooks with keywords only and turns "no plugin
+answered" into a clear BackendError.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from importlib import metadata
+from typing import Any, Iterable, Iterator, Mapping
+
+import pluggy
+
+from . import hookspecs
+from .generic import GenericRollback
+from .errors import BackendError, UnknownBackend
+from .volume import VolumeURL
+
+ENTRY_POINT_GROUP = "coalesce.backends"
+PROJECT = "coalesce"
+
+
+def plugin_manager(extra: Iterable[object] = ()) -> pluggy.PluginManager:
+    """Build a plugin manager with every installed backend and ``extra`` plugins."""
+    pm = pluggy.PluginManager(PROJECT)
+    pm.add_hookspecs(hookspecs)
+    pm.register(GenericRollback(pm), name="coalesce.generic")
+    for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
+        if pm.get_plugin(ep.name) is not None or pm.is_blocked(ep.name):
+            continue
+        try:
+            plugin = ep.load()
+        except Exception as exc:  # a broken third-party backend must not hide the others
+            raise BackendError(
+                f"backend entry point {ep.name!r} ({ep.value}) failed to load: {exc}",
+                hint=f"reinstall or uninstall the distribution that provides it ({ep.dist.name if ep.dist else '?'})",
+            ) from exc
+        pm.register(plugin, name=ep.name)
+    for modname in filter(None, (m.strip() for m in os.environ.get("COALESCE_PLUGINS", "").split(","))):
+        if pm.get_plugin(modname) is None:
+            pm.register(importlib.import_module(modname), name=modname)
+    for plugin in extra:
+        pm.register(plugin)
+    pm.check_pending()
+    return pm
+
+
+def backend_infos(pm: pluggy.PluginManager) -> list[dict[str, str]]:
+    """Every backend's self-description, with the plugin (entry point) name."""
+    out = []
+    for name, plugin in pm.list_name_plugin():
+        impl = getattr(plugin, "coalesce_backend_info", None)
+        if impl is None:
+            continue
+        info = impl()
+        if info:
+            out.append({"plugin": name, **info})
+    return sorted(out, key=lambda i: i["scheme"])
+
+
+class Volume:
+    """An open volume: a typed facade over the primitive hooks for one handle."""
+
+    def __init__(self, pm: pluggy.PluginManager, url: VolumeURL, handle: Any) -> None:
+        self.pm = pm
+        self.url = url
+        self.handle = handle
+
+    @classmethod
+    def open(cls, pm: pluggy.PluginManager, url: str | VolumeURL, *, create: bool = False) -> "Volume":
+        parsed = url if isinstance(url, VolumeURL) else VolumeURL.parse(url)
+        handle = pm.hook.coalesce_open_volume(url=parsed, create=create)
+        if handle is None:
+            schemes = ", ".join(i["scheme"] for i in backend_infos(pm)) or "none"
+            raise UnknownBackend(
+                f"no installed backend serves {parsed.scheme!r} volumes ({parsed})",
+                hint=f"installed backends: {schemes}; see `coalesce backends`",
+            )
+        return cls(pm, parsed, handle)
+
+    def __repr__(self) -> str:
+        return f"Volume({self.url})"
+
+    def _call(self, hook: str, **kwargs: Any) -> Any:
+        result = getattr(self.pm.hook, hook)(volume=self.handle, **kwargs)
+        if result is None:
+            raise BackendError(
+                f"no backend implements {hook} for {self.url}",
+                hint="the backend is incomplete; see docs/writing-a-backend.md",
+            )
+        return result
+
+    def close(self) -> None:
+        self.pm.hook.coalesce_close_volume(volume=self.handle)
+
+    def metadata_dir(self) -> str | None:
+        return self.pm.hook.coalesce_metadata_dir(volume=self.handle)
+
+    def snapshot_create(self, name: str) -> str:
+        return self._call("coalesce_snapshot_create", name=name)
+
+    def snapshot_delete(self, name: str) -> bool:
+        return self._call("coalesce_snapshot_delete", name=name)
+
+    def snapshot_list(self) -> list[str]:
+        return list(self._call("coalesce_snapshot_list"))
+
+    def qtree_list(self, snapshot: str | None = None) -> list[str]:
+        return list(self._call("coalesce_qtree_list", snapshot=snapshot))
+
+    def diff(self, qtree: str, base: str | None, target: str) -> Iterator[Any]:
+        return iter(self._call("coalesce_diff", qtree=qtree, base=base, target=target))
+
+    def apply(self, qtree: str, records: Iterable[Any], *, use_purgatory: bool = True) -> dict[str, int]:
+        return self._call("coalesce_apply", qtree=qtree, records=records, use_purgatory=use_purgatory)
+
+    def rollback(self, qtree: str, rollback_pcpi: str, to_pcpi: str | None) -> bool:
+        return self._call("coalesce_rollback", qtree=qtree, rollback_pcpi=rollback_pcpi, to_pcpi=to_pcpi)
+
+    def purge_purgatory(self, qtrees: list[str]) -> bool:
+        return self._call("coalesce_purge_purgatory", qtrees=list(qtrees))
+
+    def remove_qtree(self, qtree: str) -> bool:
+        return self._call("coalesce_remove_qtree", qtree=qtree)
+
+    def export(self, mapping: Mapping[str, str | None]) -> bool:
+        return self._call("coalesce_export", mapping=dict(mapping))
+
+    def exported(self) -> dict[str, str | None]:
+        return dict(self._call("coalesce_exported"))
+
+    def export_path(self, replica: str) -> str | None:
+        return self.pm.hook.coalesce_export_path(volume=self.handle, replica=replica)
+
+    def fingerprint(self, qtree: str, snapshot: str | None = None) -> str:
+        return self._call("coalesce_fingerprint", qtree=qtree, snapshot=snapshot)

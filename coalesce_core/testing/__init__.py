@@ -1,0 +1,1 @@
+"""Test kits for backends and groups (the backend conformance suite lives here)."""

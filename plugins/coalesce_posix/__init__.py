@@ -1,0 +1,1 @@
+"""POSIX helpers shared by the btrfs and zfs backends."""
