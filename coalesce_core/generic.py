@@ -10,6 +10,7 @@ from typing import Any
 
 import pluggy
 
+from . import crashpoints
 from .hookspecs import hookimpl
 
 
@@ -31,5 +32,8 @@ class GenericRollback:
         records = hook.coalesce_diff(volume=volume, qtree=qtree, base=rollback_pcpi, target=to_pcpi)
         if records is None:
             return None
+        point = crashpoints.current()
+        if point is not None:
+            records = crashpoints.through(records, point)
         hook.coalesce_apply(volume=volume, qtree=qtree, records=records, use_purgatory=True)
         return True

@@ -1,0 +1,313 @@
+"""The ``coalesce`` command line (docs/cli.md documents verbs and exit codes).
+
+I/O lives here: reading the config, printing views, exit codes.  Errors a
+user can cause print one message and a hint (no traceback unless
+``--debug``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+from rich.console import Console
+from rich.markup import escape
+
+from . import __version__, crashpoints, views
+from .config import GroupConfig, load_config, replica_block
+from .errors import CoalesceError, ConfigError
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_CONFIG = 2
+EXIT_NOT_STABLE = 3
+EXIT_INTERRUPTED = 130
+
+DEFAULT_CONFIG = "coalesce.toml"
+
+
+def _console() -> Console:
+    return Console(highlight=False, soft_wrap=True)
+
+
+def _config(args: argparse.Namespace) -> GroupConfig:
+    return load_config(args.config or os.environ.get("COALESCE_CONFIG") or DEFAULT_CONFIG)
+
+
+def _agent(args: argparse.Namespace, recover: bool = True):
+    from .agent import Agent
+
+    return Agent.open(_config(args), recover=recover)
+
+
+def _dump_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+# -- verbs -----------------------------------------------------------------------
+def cmd_init(args: argparse.Namespace) -> int:
+    from .agent import Agent
+
+    agent = Agent.init(_config(args))
+    try:
+        _console().print(f"initialised group [bold]{agent.state.name}[/] with {len(agent.state.replicas)} replicas; "
+                         f"metadata at {agent.ledger.path}")
+    finally:
+        agent.close()
+    return EXIT_OK
+
+
+def cmd_add(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    source = args.source or args.name
+    if any(r.name == args.name for r in cfg.replicas):
+        raise ConfigError(f"replica {args.name!r} is already in {cfg.path}", hint="choose another name")
+    block = replica_block(args.name, source)
+    from .config import parse_config
+
+    parse_config(Path(cfg.path).read_text(encoding="utf-8") + block, cfg.path)  # validate before writing
+    agent = _agent(args)
+    try:
+        agent.add_replica(args.name, source)
+    finally:
+        agent.close()
+    with open(cfg.path, "a", encoding="utf-8") as fh:
+        fh.write(block)
+    _console().print(f"added replica [bold]{args.name}[/] (source qtree {source}); its baseline runs in the next cycle")
+    return EXIT_OK
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    agent = _agent(args)
+    console = _console()
+    try:
+        while True:
+            report = agent.run_once()
+            if not args.quiet:
+                console.print(f"cycle {report.get('cycle')}: {report.get('seconds', 0):.3f}s, "
+                              f"slowest {report.get('slowest')}, failures {report.get('failures')}, "
+                              f"states {report.get('states')}")
+            if args.once:
+                return EXIT_OK if agent.all_stable() else EXIT_NOT_STABLE
+            time.sleep(args.interval or agent.config.interval)
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    finally:
+        agent.close()
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    agent = _agent(args, recover=False)
+    try:
+        paths = {r: agent.export_path(r) for r in agent.state.replicas}
+        if args.json:
+            _dump_json(views.status_data(agent.state, paths))
+        else:
+            c = _console()
+            c.print(views.status_table(agent.state, paths))
+            c.print(views.pcpi_table(agent.state))
+    finally:
+        agent.close()
+    return EXIT_OK
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from .invariants import live_check
+    from .ledger import iter_log_edges
+
+    agent = _agent(args, recover=False)
+    try:
+        marks_row = agent.ledger.conn.execute("SELECT value FROM meta WHERE key='i5_marks'").fetchone()
+        previous = json.loads(marks_row[0]) if marks_row else {}
+        findings = live_check(agent.state, agent.source, agent.dest, previous,
+                              edges=list(iter_log_edges(agent.ledger.transitions())))
+        if all(f.ok for f in findings):
+            marks = {r.name: r.source_point for r in agent.state.replicas.values()}
+            with agent.ledger._tx():
+                agent.ledger.conn.execute("INSERT OR REPLACE INTO meta VALUES ('i5_marks', ?)", (json.dumps(marks),))
+        if args.json:
+            _dump_json([{"invariant": f.invariant, "ok": f.ok, "detail": f.detail} for f in findings])
+        else:
+            _console().print(views.check_table(findings))
+    finally:
+        agent.close()
+    return EXIT_OK if all(f.ok for f in findings) else EXIT_ERROR
+
+
+def cmd_break(args: argparse.Namespace) -> int:
+    agent = _agent(args)
+    try:
+        agent.break_mirror(args.name)
+        _console().print(f"replica [bold]{args.name}[/] is broken: writable, exporting its active FS "
+                         f"({agent.export_path(args.name) or 'no path on this backend'})")
+    finally:
+        agent.close()
+    return EXIT_OK
+
+
+def cmd_resync(args: argparse.Namespace) -> int:
+    agent = _agent(args)
+    try:
+        agent.resync(args.name)
+        r = agent.state.replicas[args.name]
+        _console().print(f"replica [bold]{args.name}[/] is {r.state}; it rejoins the cycle at the next jump-ahead")
+    finally:
+        agent.close()
+    return EXIT_OK
+
+
+def cmd_backends(args: argparse.Namespace) -> int:
+    from .plugins import backend_infos, plugin_manager
+
+    infos = backend_infos(plugin_manager())
+    if args.json:
+        _dump_json(infos)
+    else:
+        for i in infos:
+            print(f"{i['scheme']:8} {i['plugin']:10} {i.get('description', '')}")
+    return EXIT_OK
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    agent = _agent(args, recover=False)
+    try:
+        cycles = agent.ledger.cycles()
+        if args.json:
+            _dump_json(cycles)
+        else:
+            _console().print(views.history_table(cycles))
+    finally:
+        agent.close()
+    return EXIT_OK
+
+
+def cmd_graph(args: argparse.Namespace) -> int:
+    if args.format == "mermaid":
+        sys.stdout.write(views.graph_mermaid())
+        return EXIT_OK
+    if args.format == "dot":
+        sys.stdout.write(views.graph_dot())
+        return EXIT_OK
+    counts = None
+    if args.config or os.environ.get("COALESCE_CONFIG") or Path(DEFAULT_CONFIG).exists():
+        agent = _agent(args, recover=False)
+        try:
+            counts = {}
+            for r in agent.state.replicas.values():
+                counts[r.state] = counts.get(r.state, 0) + 1
+        finally:
+            agent.close()
+    if args.json:
+        from .spec import load_spec
+
+        spec = load_spec()
+        _dump_json({"states": [s.name for s in spec.replica.states],
+                    "transitions": [{"trigger": t.trigger, "source": list(t.source), "dest": t.dest, "ref": t.ref}
+                                    for t in spec.replica.transitions],
+                    "counts": counts})
+        return EXIT_OK
+    _console().print(views.graph_text(counts=counts))
+    return EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(backend=args.backend, replicas=args.replicas, seed=args.seed, speed=args.speed)
+
+
+def cmd_crash_points(args: argparse.Namespace) -> int:
+    if args.json:
+        _dump_json(crashpoints.CRASH_POINTS)
+    else:
+        for name, where in crashpoints.CRASH_POINTS.items():
+            print(f"{name:26} {where}")
+    return EXIT_OK
+
+
+# -- parser ------------------------------------------------------------------------
+def build_parser(pm: Any = None) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="coalesce", description="Snapshot-coalescing replication of qtrees.")
+    p.add_argument("--config", "-c", help=f"group config (default: $COALESCE_CONFIG or ./{DEFAULT_CONFIG})")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.add_argument("--version", action="version", version=f"coalesce {__version__}")
+    sub = p.add_subparsers(dest="verb", metavar="VERB")
+    sub.required = True
+
+    def verb(name: str, func: Callable[[argparse.Namespace], int], help: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help, description=help)
+        sp.set_defaults(func=func)
+        return sp
+
+    verb("init", cmd_init, "create the group's volumes (if needed) and metadata")
+    a = verb("add", cmd_add, "add a replica (appended to the config; baseline in the next cycle)")
+    a.add_argument("name")
+    a.add_argument("--source", help="source qtree (default: NAME)")
+    r = verb("run", cmd_run, "run coalescing cycles (every `interval` seconds)")
+    r.add_argument("--once", action="store_true", help="one cycle; exit 0 when every replica ends stable, else 3")
+    r.add_argument("--interval", type=float, help="override [group] interval")
+    r.add_argument("--quiet", "-q", action="store_true")
+    for name, func, help in (("status", cmd_status, "replicas, exports and PCPIs"),
+                             ("history", cmd_history, "one row per finished cycle"),
+                             ("check", cmd_check, "verify invariants I1-I5, I8, I9 on the live group (exit 1 if violated)"),
+                             ("backends", cmd_backends, "installed storage backends (entry points)")):
+        sp = verb(name, func, help)
+        sp.add_argument("--json", action="store_true", help="machine-readable output")
+    for name, func, help in (("break", cmd_break, "break a replica: writable, exports its active FS"),
+                             ("resync", cmd_resync, "resynchronise a broken replica back into the cycle")):
+        sp = verb(name, func, help)
+        sp.add_argument("name")
+    g = verb("graph", cmd_graph, "the replica state graph from spec/coalescing.toml")
+    g.add_argument("--format", choices=("text", "mermaid", "dot"), default="text")
+    g.add_argument("--json", action="store_true")
+    d = verb("demo", cmd_demo, "replay the patent's Fig. 7 scenario on the embedded backend")
+    d.add_argument("--backend", default="sim", help="volume backend scheme (default: sim)")
+    d.add_argument("--replicas", type=int, default=3)
+    d.add_argument("--seed", type=int, default=7)
+    d.add_argument("--speed", type=float, default=1.0, help="time scale (2 = twice as fast)")
+    dbg = sub.add_parser("debug", help="developer tools")
+    dsub = dbg.add_subparsers(dest="debug_verb", metavar="TOOL")
+    dsub.required = True
+    cp = dsub.add_parser("crash-points", help="list the named crash points (COALESCE_CRASH_AT)")
+    cp.add_argument("--json", action="store_true")
+    cp.set_defaults(func=cmd_crash_points)
+    if pm is not None:
+        pm.hook.coalesce_cli_commands(subparsers=sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    try:
+        from .plugins import plugin_manager
+
+        try:
+            pm = plugin_manager()
+        except CoalesceError:
+            pm = None
+            if debug:
+                raise
+        parser = build_parser(pm)
+        args = parser.parse_args(argv)
+        return int(args.func(args) or 0)
+    except CoalesceError as exc:
+        if debug:
+            traceback.print_exc()
+        err = Console(stderr=True, highlight=False, soft_wrap=True)
+        err.print(f"[bold red]error:[/] {escape(exc.message)}", markup=True)
+        if exc.hint:
+            err.print(f"[bold]hint:[/] {escape(exc.hint)}", markup=True)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

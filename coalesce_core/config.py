@@ -1,0 +1,152 @@
+"""The group's TOML configuration (docs/config.md documents every key).
+
+    [group]
+    name = "home"                      # letters, digits, _ . - (becomes part of PCPI names)
+    source = "sim:///srv/src"          # the source volume URL
+    destination = "sim:///srv/dst"     # the destination volume URL
+    parallel = 4                       # concurrent transfers
+    interval = 300                     # seconds between cycles of `coalesce run`
+    metadata = "/var/lib/coalesce"     # optional: where the ledger lives
+
+    [group.retry]                      # rollback retry of unstable_uncoalesced
+    initial = 30
+    factor = 2
+    maximum = 3600
+
+    [[replica]]
+    name = "A"                         # destination qtree
+    source = "A"                       # source qtree (default: name)
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from .errors import ConfigError
+from .state import NAME_RE, RetryPolicy
+from .volume import VolumeURL
+
+
+@attrs.frozen
+class ReplicaConfig:
+    name: str
+    source: str
+
+
+@attrs.frozen
+class GroupConfig:
+    name: str
+    source: str
+    destination: str
+    parallel: int = 4
+    interval: float = 300.0
+    metadata: str | None = None
+    retry: RetryPolicy = RetryPolicy()
+    replicas: tuple[ReplicaConfig, ...] = ()
+    path: str | None = None
+
+    def ledger_path(self, metadata_dir: str | None) -> Path:
+        where = self.metadata or metadata_dir
+        if not where:
+            raise ConfigError(
+                f"the destination {self.destination} has no place for metadata",
+                hint="set `metadata = \"/some/dir\"` in [group]",
+            )
+        return Path(where) / f"{self.name}.sqlite"
+
+
+def _need(table: dict[str, Any], key: str, typ: type | tuple[type, ...], where: str) -> Any:
+    if key not in table:
+        raise ConfigError(f"{where}: missing `{key}`", hint=f"add `{key} = ...` (see docs/config.md)")
+    value = table[key]
+    if not isinstance(value, typ) or isinstance(value, bool) and typ is not bool:
+        raise ConfigError(f"{where}: `{key}` has the wrong type ({type(value).__name__})", hint="see docs/config.md")
+    return value
+
+
+def _name(value: str, where: str) -> str:
+    if not NAME_RE.match(value):
+        raise ConfigError(f"{where}: {value!r} is not a valid name",
+                          hint="use 1-64 letters, digits, '_', '.', '-', starting with a letter or digit")
+    return value
+
+
+def parse_config(text: str, path: str = "<config>") -> GroupConfig:
+    """Parse and validate config text; every problem is a ConfigError naming the key."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}", hint="fix the syntax at the line shown") from None
+    unknown = set(data) - {"group", "replica"}
+    if unknown:
+        raise ConfigError(f"{path}: unknown table(s) {sorted(unknown)}", hint="only [group] and [[replica]] exist")
+    group = data.get("group")
+    if not isinstance(group, dict):
+        raise ConfigError(f"{path}: missing [group] table", hint="see docs/config.md for an example")
+    where = f"{path} [group]"
+    known = {"name", "source", "destination", "parallel", "interval", "metadata", "retry"}
+    if set(group) - known:
+        raise ConfigError(f"{where}: unknown key(s) {sorted(set(group) - known)}", hint=f"known keys: {sorted(known)}")
+    name = _name(_need(group, "name", str, where), where)
+    source = _need(group, "source", str, where)
+    destination = _need(group, "destination", str, where)
+    for url in (source, destination):
+        VolumeURL.parse(url)
+    if source == destination:
+        raise ConfigError(f"{where}: source and destination are the same volume", hint="replicate into another volume")
+    parallel = group.get("parallel", 4)
+    if not isinstance(parallel, int) or isinstance(parallel, bool) or not 1 <= parallel <= 256:
+        raise ConfigError(f"{where}: `parallel` must be an integer from 1 to 256")
+    interval = group.get("interval", 300)
+    if not isinstance(interval, (int, float)) or isinstance(interval, bool) or interval <= 0:
+        raise ConfigError(f"{where}: `interval` must be a positive number of seconds")
+    metadata = group.get("metadata")
+    if metadata is not None and not isinstance(metadata, str):
+        raise ConfigError(f"{where}: `metadata` must be a directory path")
+    retry_t = group.get("retry", {})
+    if not isinstance(retry_t, dict) or set(retry_t) - {"initial", "factor", "maximum"}:
+        raise ConfigError(f"{where}: [group.retry] takes initial, factor, maximum")
+    try:
+        retry = RetryPolicy(**{k: float(v) for k, v in retry_t.items()})
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: bad [group.retry]: {exc}") from None
+    replicas = []
+    seen: set[str] = set()
+    raw = data.get("replica", [])
+    if not isinstance(raw, list):
+        raise ConfigError(f"{path}: `replica` must be an array of tables ([[replica]])")
+    for i, r in enumerate(raw):
+        w = f"{path} [[replica]] #{i + 1}"
+        if set(r) - {"name", "source"}:
+            raise ConfigError(f"{w}: unknown key(s) {sorted(set(r) - {'name', 'source'})}", hint="known keys: name, source")
+        rname = _name(_need(r, "name", str, w), w)
+        rsource = _name(r.get("source", rname), w) if isinstance(r.get("source", rname), str) else None
+        if rsource is None:
+            raise ConfigError(f"{w}: `source` must be a qtree name")
+        if rname in seen:
+            raise ConfigError(f"{w}: replica {rname!r} appears twice", hint="replica names are unique in a group")
+        seen.add(rname)
+        replicas.append(ReplicaConfig(name=rname, source=rsource))
+    return GroupConfig(name=name, source=source, destination=destination, parallel=parallel,
+                       interval=float(interval), metadata=metadata, retry=retry,
+                       replicas=tuple(replicas), path=path)
+
+
+def load_config(path: str | Path) -> GroupConfig:
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"no config file at {p}", hint="pass --config FILE, or create one (docs/config.md)") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read {p}: {exc.strerror}") from None
+    return parse_config(text, str(p))
+
+
+def replica_block(name: str, source: str) -> str:
+    """The TOML text `coalesce add` appends to a config file."""
+    return f'\n[[replica]]\nname = "{name}"\nsource = "{source}"\n'

@@ -1,0 +1,50 @@
+"""Named guards of the agent machine: pure predicates over the group state.
+
+spec/coalescing.toml names them in ``conditions``; coalesce_core.model
+checks at build time that every name has a function here.
+"""
+
+# crosshair: on
+
+from __future__ import annotations
+
+from .spec import load_spec
+from .state import GroupState
+
+
+def _in_flight() -> frozenset[str]:
+    return load_spec().in_flight_states
+
+
+def no_transfer_in_flight(state: GroupState) -> bool:
+    """No replica is in update or baseline."""
+    return not any(r.state in ("update", "baseline") for r in state.replicas.values())
+
+
+def nothing_in_flight(state: GroupState) -> bool:
+    """No replica is in update, rollback or baseline (the jump-ahead guard, I8)."""
+    flight = _in_flight()
+    return not any(r.state in flight for r in state.replicas.values())
+
+
+def some_replica_in_rollback(state: GroupState) -> bool:
+    return any(r.state == "rollback" for r in state.replicas.values())
+
+
+def some_participant(state: GroupState) -> bool:
+    """Some replica would take part in a jump-ahead (stable, done, stable_uncoalesced)."""
+    sources = load_spec().jump_ahead_sources
+    return any(r.state in sources for r in state.replicas.values())
+
+
+def purgatory_purged(state: GroupState) -> bool:
+    return state.purged
+
+
+GUARDS = {
+    "no_transfer_in_flight": no_transfer_in_flight,
+    "nothing_in_flight": nothing_in_flight,
+    "some_replica_in_rollback": some_replica_in_rollback,
+    "some_participant": some_participant,
+    "purgatory_purged": purgatory_purged,
+}

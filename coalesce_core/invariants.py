@@ -1,0 +1,143 @@
+"""The invariants I1..I10 of spec/invariants.md, as checks.
+
+``coalesce check``, tools/check and the test suites share this code.  The
+live checks read the volumes themselves (the PCPIs they hold, the export
+table they serve, fingerprints of what readers see) and compare them with
+the ledger, so they do not merely trust the agent's beliefs.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Mapping
+
+import attrs
+
+from .hookspecs import ACTIVE
+from .planner import pcpi_prefix
+from .spec import Spec, load_spec
+from .state import CYCLE_ROLES, INDIVIDUAL, GroupState
+
+
+@attrs.frozen
+class Finding:
+    invariant: str
+    ok: bool
+    detail: str
+
+
+# -- pure checks on the state (usable in contracts and property tests) --------
+def cycle_pcpis(state: GroupState) -> list[str]:
+    return sorted(p.name for p in state.pcpis.values() if p.role in CYCLE_ROLES)
+
+
+def individual_pcpis(state: GroupState) -> list[str]:
+    return sorted(p.name for p in state.pcpis.values() if p.role == INDIVIDUAL)
+
+
+def outside(state: GroupState, spec: Spec | None = None) -> list[str]:
+    spec = spec or load_spec()
+    out = set(spec.states_in_field("outside")) - {"uninitialized", "baseline"}
+    return sorted(r.name for r in state.replicas.values() if r.state in out)
+
+
+def i1_fixed_consumption(state: GroupState) -> Finding:
+    n = len(cycle_pcpis(state))
+    initialized = any(r.source_point for r in state.replicas.values())
+    if n > 4:
+        return Finding("I1", False, f"{n} PCPIs in cycle roles (> 4): {cycle_pcpis(state)}")
+    if state.phase == "idle" and initialized and n != 1:
+        return Finding("I1", False, f"at rest with {n} PCPIs in cycle roles, expected exactly 1")
+    return Finding("I1", True, f"{n} PCPIs in cycle roles")
+
+
+def i2_bounded_extras(state: GroupState) -> Finding:
+    n = len(individual_pcpis(state))
+    k = len(outside(state))
+    ok = n <= 2 * k
+    return Finding("I2", ok, f"{n} individual PCPIs for {k} replicas outside the cycle (bound {2 * k})")
+
+
+def i4_one_coalesced_point(state: GroupState) -> Finding:
+    spec = load_spec()
+    in_cycle = set(spec.states_in_field("cycle"))
+    exported = {r.exported for r in state.replicas.values() if r.state in in_cycle}
+    ok = len(exported) <= 1
+    return Finding("I4", ok, f"cycle replicas export {sorted(str(e) for e in exported) or ['(none)']}")
+
+
+def i8_legal_edges(state: GroupState, edges: Iterable[tuple[str | None, str, str, str]]) -> Finding:
+    spec = load_spec()
+    legal_r = spec.replica.edges()
+    legal_a = spec.agent.edges()
+    bad = [e for e in edges if (e[1], e[2], e[3]) not in (legal_a if e[0] is None else legal_r)]
+    return Finding("I8", not bad, f"{len(bad)} logged transitions not in the spec" + (f": {bad[:3]}" if bad else ""))
+
+
+def seq_of(name: str | None) -> int:
+    """The sequence number inside a PCPI name the planner made (-1 if none)."""
+    if not name:
+        return -1
+    for part in name.split("-"):
+        if part.isdigit() and len(part) == 6:
+            return int(part)
+    return -1
+
+
+def i5_monotone(state: GroupState, previous: Mapping[str, str | None]) -> Finding:
+    """Each replica's exported source point is not older than at the previous check."""
+    back = []
+    for r in state.replicas.values():
+        before = previous.get(r.name)
+        if before and r.state != "broken" and seq_of(r.source_point) < seq_of(before):
+            back.append(f"{r.name}: {before} -> {r.source_point}")
+    return Finding("I5", not back, "exports never moved back" if not back else "; ".join(back))
+
+
+# -- live checks against the volumes ------------------------------------------
+def live_check(state: GroupState, source: Any, dest: Any, previous_points: Mapping[str, str | None] | None = None,
+               edges: Iterable[tuple[str | None, str, str, str]] = ()) -> list[Finding]:
+    """I1-I5, I8 and I9 on a live group; ``source``/``dest`` are plugins.Volume."""
+    out: list[Finding] = []
+    held = set(n for n in dest.snapshot_list() if n.startswith(pcpi_prefix(state.name)))
+    roles = {p.name: p.role for p in state.pcpis.values()}
+    cycle_held = sorted(n for n in held if roles.get(n) in CYCLE_ROLES)
+    unknown = sorted(n for n in held if n not in roles)
+    f1 = i1_fixed_consumption(state)
+    if len(cycle_held) > 4:
+        f1 = Finding("I1", False, f"the destination holds {len(cycle_held)} PCPIs in cycle roles")
+    if unknown:
+        f1 = Finding("I1", False, f"the destination holds PCPIs the ledger does not account for: {unknown}")
+    out.append(attrs.evolve(f1, detail=f1.detail + f"; the volume holds {len(held)} PCPIs of the group"))
+    out.append(i2_bounded_extras(state))
+
+    exported = dest.exported()
+    bad3 = []
+    for r in sorted(state.replicas.values(), key=lambda r: r.name):
+        want = r.exported
+        have = exported.get(r.name)
+        if want != have:
+            bad3.append(f"{r.name}: the volume exports {have!r}, the ledger says {want!r}")
+            continue
+        if want in (None, ACTIVE):
+            continue
+        if want not in held:
+            bad3.append(f"{r.name}: exports {want}, which the volume does not hold")
+            continue
+        got = dest.fingerprint(r.name, want)
+        expect = source.fingerprint(r.source_qtree, r.source_point) if r.source_point else None
+        if got != expect:
+            bad3.append(f"{r.name}: exported image differs from source {r.source_qtree}@{r.source_point}")
+    out.append(Finding("I3", not bad3, "every exported image equals its source qtree at a source PCPI"
+                       if not bad3 else "; ".join(bad3)))
+    out.append(i4_one_coalesced_point(state))
+    out.append(i5_monotone(state, previous_points or {}))
+    if edges:
+        out.append(i8_legal_edges(state, edges))
+    bad9 = []
+    for r in state.replicas.values():
+        if r.state in ("stable", "stable_uncoalesced") and r.exported not in (None, ACTIVE):
+            if dest.fingerprint(r.name, None) != dest.fingerprint(r.name, r.exported):
+                bad9.append(r.name)
+    out.append(Finding("I9", not bad9, "stable replicas' active FS equals their export"
+                       if not bad9 else f"active FS differs from export: {bad9}"))
+    return out

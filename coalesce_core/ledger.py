@@ -1,0 +1,208 @@
+"""The ledger: the group's persisted state in SQLite (the patent's metadata file).
+
+WAL journal, ``synchronous=FULL``: a commit is durable when ``commit``
+returns.  One transaction per batch of decisions (group commit), written
+BEFORE the decisions' effects run (write-ahead).  Only what changed is
+written: replicas and PCPIs by identity against the previous state.
+
+A damaged or foreign file is a MetadataError that says what to do; the
+ledger never deletes or rewrites a file it cannot read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import attrs
+
+from .errors import MetadataError
+from .state import GroupState, Pcpi, Replica, RetryPolicy, SourcePcpi
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS replicas (name TEXT PRIMARY KEY, data TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS pcpis (name TEXT PRIMARY KEY, data TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS source_pcpis (name TEXT PRIMARY KEY, data TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS transitions (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, ts REAL NOT NULL, cycle INTEGER NOT NULL,
+    replica TEXT, trigger TEXT NOT NULL, source TEXT NOT NULL, dest TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS cycles (
+    cycle INTEGER PRIMARY KEY, started REAL, ended REAL, report TEXT NOT NULL);
+"""
+
+_GROUP_FIELDS = ("phase", "cycle", "seq", "cycle_target", "purged", "cycle_started", "cycle_failures")
+
+
+def _dump(obj: Any) -> str:
+    def conv(o: Any) -> Any:
+        if isinstance(o, frozenset):
+            return sorted(o)
+        raise TypeError(o)
+
+    return json.dumps(attrs.asdict(obj, recurse=False), default=conv, sort_keys=True)
+
+
+class Ledger:
+    """Owner of one group's SQLite file."""
+
+    def __init__(self, path: Path, conn: sqlite3.Connection) -> None:
+        self.path = path
+        self.conn = conn
+        self.commits = 0
+
+    # -- opening --------------------------------------------------------------
+    @classmethod
+    def _connect(cls, path: Path) -> sqlite3.Connection:
+        conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=30)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+        return conn
+
+    @classmethod
+    def create(cls, path: str | os.PathLike[str], state: GroupState) -> "Ledger":
+        """Create a new ledger holding ``state``; refuses to overwrite an existing one."""
+        path = Path(path)
+        if path.exists():
+            raise MetadataError(f"metadata file {path} already exists",
+                                hint="the group is already initialised; use `coalesce status`")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        conn = cls._connect(path)
+        conn.executescript(_SCHEMA)
+        led = cls(path, conn)
+        with led._tx():
+            conn.executemany("INSERT INTO meta VALUES (?, ?)", [
+                ("schema_version", str(SCHEMA_VERSION)),
+                ("group", state.name),
+                ("retry", json.dumps(attrs.asdict(state.retry))),
+            ])
+            led._write(None, state)
+        return led
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str], group: str | None = None) -> "Ledger":
+        path = Path(path)
+        if not path.exists():
+            raise MetadataError(f"no metadata file at {path}",
+                                hint="run `coalesce init` for a new group, or restore the .coalesce/ directory from a backup")
+        try:
+            conn = cls._connect(path)
+            ok = conn.execute("PRAGMA quick_check").fetchone()[0]
+            if ok != "ok":
+                raise sqlite3.DatabaseError(ok)
+            version = conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+            stored_group = conn.execute("SELECT value FROM meta WHERE key='group'").fetchone()
+        except sqlite3.DatabaseError as exc:
+            raise MetadataError(
+                f"metadata file {path} is damaged: {exc}",
+                hint="nothing was changed; restore it from a backup (the volumes and their PCPIs are intact), "
+                     "or move it aside and contact support before re-initialising",
+            ) from None
+        if version is None or int(version[0]) != SCHEMA_VERSION:
+            raise MetadataError(f"metadata file {path} has schema {version and version[0]}, expected {SCHEMA_VERSION}",
+                                hint="use the coalesce version that wrote it")
+        if group is not None and stored_group[0] != group:
+            raise MetadataError(f"metadata file {path} belongs to group {stored_group[0]!r}, not {group!r}",
+                                hint="check [group] name and metadata in the config")
+        return cls(path, conn)
+
+    def close(self) -> None:
+        self.conn.close()
+
+    # -- reading --------------------------------------------------------------
+    def load(self) -> GroupState:
+        c = self.conn
+        try:
+            meta = dict(c.execute("SELECT key, value FROM meta").fetchall())
+            fields = {k: json.loads(meta[k]) for k in _GROUP_FIELDS if k in meta}
+            replicas = {n: Replica(**json.loads(d)) for n, d in c.execute("SELECT name, data FROM replicas")}
+            pcpis = {}
+            for n, d in c.execute("SELECT name, data FROM pcpis"):
+                raw = json.loads(d)
+                raw["owners"] = frozenset(raw.get("owners", ()))
+                pcpis[n] = Pcpi(**raw)
+            sps = {n: SourcePcpi(**json.loads(d)) for n, d in c.execute("SELECT name, data FROM source_pcpis")}
+            return GroupState(name=meta["group"], replicas=replicas, pcpis=pcpis, source_pcpis=sps,
+                              retry=RetryPolicy(**json.loads(meta["retry"])), **fields)
+        except (KeyError, TypeError, ValueError, sqlite3.DatabaseError) as exc:
+            raise MetadataError(f"metadata file {self.path} has unreadable content: {exc!r}",
+                                hint="restore it from a backup; nothing was changed") from None
+
+    def transitions(self, limit: int | None = None) -> list[dict[str, Any]]:
+        q = "SELECT ts, cycle, replica, trigger, source, dest FROM transitions ORDER BY id"
+        rows = self.conn.execute(q).fetchall()
+        if limit is not None:
+            rows = rows[-limit:]
+        keys = ("ts", "cycle", "replica", "trigger", "source", "dest")
+        return [dict(zip(keys, r)) for r in rows]
+
+    def cycles(self) -> list[dict[str, Any]]:
+        return [json.loads(r[0]) for r in self.conn.execute("SELECT report FROM cycles ORDER BY cycle")]
+
+    # -- writing --------------------------------------------------------------
+    class _Tx:
+        def __init__(self, led: "Ledger") -> None:
+            self.led = led
+
+        def __enter__(self) -> None:
+            self.led.conn.execute("BEGIN IMMEDIATE")
+
+        def __exit__(self, et: Any, e: Any, tb: Any) -> None:
+            if et is None:
+                self.led.conn.execute("COMMIT")
+                self.led.commits += 1
+            else:
+                self.led.conn.execute("ROLLBACK")
+
+    def _tx(self) -> "Ledger._Tx":
+        return Ledger._Tx(self)
+
+    def _write(self, old: GroupState | None, new: GroupState) -> None:
+        c = self.conn
+        rows = []
+        for k in _GROUP_FIELDS:
+            v = getattr(new, k)
+            if old is None or getattr(old, k) != v:
+                rows.append((k, json.dumps(v)))
+        if rows:
+            c.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", rows)
+        for table, old_map, new_map in (
+            ("replicas", old.replicas if old else {}, new.replicas),
+            ("pcpis", old.pcpis if old else {}, new.pcpis),
+            ("source_pcpis", old.source_pcpis if old else {}, new.source_pcpis),
+        ):
+            if old_map is new_map:
+                continue
+            changed = [(n, _dump(v)) for n, v in new_map.items() if old_map.get(n) is not v]
+            gone = [(n,) for n in old_map if n not in new_map]
+            if changed:
+                c.executemany(f"INSERT OR REPLACE INTO {table} VALUES (?, ?)", changed)
+            if gone:
+                c.executemany(f"DELETE FROM {table} WHERE name = ?", gone)
+
+    def commit(self, old: GroupState, new: GroupState, log: Sequence[Any] = (), now: float | None = None) -> None:
+        """Persist ``new`` (and the transitions that led to it) in one durable transaction."""
+        ts = time.time() if now is None else now
+        with self._tx():
+            self._write(old, new)
+            if log:
+                self.conn.executemany(
+                    "INSERT INTO transitions (ts, cycle, replica, trigger, source, dest) VALUES (?, ?, ?, ?, ?, ?)",
+                    [(ts, new.cycle, t.replica, t.trigger, t.source, t.dest) for t in log])
+
+    def record_cycle(self, report: dict[str, Any]) -> None:
+        with self._tx():
+            self.conn.execute("INSERT OR REPLACE INTO cycles VALUES (?, ?, ?, ?)",
+                              (report["cycle"], report.get("started"), report.get("ended"), json.dumps(report)))
+
+
+def iter_log_edges(rows: Iterable[dict[str, Any]]) -> Iterable[tuple[str | None, str, str, str]]:
+    """(replica, trigger, source, dest) of logged transitions (for I8 checks)."""
+    for r in rows:
+        yield r["replica"], r["trigger"], r["source"], r["dest"]

@@ -1,0 +1,103 @@
+"""The ``transitions`` machines, built from spec/coalescing.toml and nothing else.
+
+Following the transitions README's warning (a callback that raises after the
+state change leaves the new state in place), the machines carry no callbacks
+with side effects: they only decide legality.  The planner asks them for the
+destination of (state, trigger) and raises IllegalTransition when there is
+none, so I8 (every state change is a transition of the spec) holds by
+construction.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+from transitions import Machine, MachineError
+
+from . import guards
+from .errors import ConfigError, IllegalTransition
+from .spec import MachineSpec, Spec, load_spec
+from .state import GroupState
+
+
+class _Probe:
+    """A throwaway model: the machine moves it, the planner reads ``state``."""
+
+    def __init__(self, group: GroupState | None = None) -> None:
+        self.group = group
+
+
+def _build(ms: MachineSpec, with_conditions: bool) -> Machine:
+    transitions = []
+    for t in ms.transitions:
+        d: dict[str, Any] = {"trigger": t.trigger, "source": list(t.source), "dest": t.dest}
+        if with_conditions and t.conditions:
+            missing = [c for c in t.conditions if c not in guards.GUARDS]
+            if missing:
+                raise ConfigError(f"spec names unknown guard(s) {missing} on {t.trigger!r}",
+                                  hint="add them to coalesce_core/guards.py or fix the spec")
+            d["conditions"] = [functools.partial(_guard, c) for c in t.conditions]
+        transitions.append(d)
+    return Machine(
+        model=None,
+        states=list(ms.state_names),
+        transitions=transitions,
+        initial=ms.initial,
+        auto_transitions=False,
+        ignore_invalid_triggers=False,
+        send_event=True,
+        queued=False,
+        name=ms.name,
+    )
+
+
+def _guard(name: str, event: Any) -> bool:
+    return guards.GUARDS[name](event.model.group)
+
+
+class Model:
+    """Both machines of the spec, as legality oracles for the planner."""
+
+    def __init__(self, spec: Spec | None = None) -> None:
+        self.spec = spec or load_spec()
+        self.replica_machine = _build(self.spec.replica, with_conditions=False)
+        self.agent_machine = _build(self.spec.agent, with_conditions=True)
+        self._replica_cache: dict[tuple[str, str], str | None] = {}
+
+    def _fire(self, machine: Machine, state: str, trigger: str, group: GroupState | None) -> str | None:
+        probe = _Probe(group)
+        machine.add_model(probe, initial=state)
+        try:
+            ok = probe.trigger(trigger)
+        except (MachineError, AttributeError):
+            return None
+        finally:
+            machine.remove_model(probe)
+        return probe.state if ok else None
+
+    def replica_next(self, replica: str, state: str, trigger: str) -> str:
+        """Destination of ``trigger`` for a replica in ``state``; IllegalTransition if none."""
+        key = (state, trigger)
+        if key not in self._replica_cache:  # the replica machine has no guards: memoise
+            self._replica_cache[key] = self._fire(self.replica_machine, state, trigger, None)
+        dest = self._replica_cache[key]
+        if dest is None:
+            raise IllegalTransition(replica, state, trigger, self.spec.replica.allowed_triggers(state))
+        return dest
+
+    def agent_next(self, group: GroupState, trigger: str) -> str:
+        """Destination of an agent-phase trigger whose guards hold; IllegalTransition otherwise."""
+        dest = self._fire(self.agent_machine, group.phase, trigger, group)
+        if dest is None:
+            raise IllegalTransition(f"agent of group {group.name}", group.phase, trigger,
+                                    self.spec.agent.allowed_triggers(group.phase))
+        return dest
+
+    def agent_may(self, group: GroupState, trigger: str) -> bool:
+        return self._fire(self.agent_machine, group.phase, trigger, group) is not None
+
+
+@functools.cache
+def default_model() -> Model:
+    return Model()

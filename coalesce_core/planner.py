@@ -1,0 +1,544 @@
+"""The pure planner: ``decide(state, event) -> Decision(state, effects, log)``.
+
+Sans-I/O: no clock, no disk, no backend.  The management agent (the
+executor) persists ``Decision.state`` before it runs ``Decision.effects``
+(write-ahead) and feeds each effect's result back as an event.  Every
+replica state change goes through the spec-built machine
+(coalesce_core.model), so an illegal one raises IllegalTransition (I8).
+
+The group procedures, in the patent's words:
+
+* cycle start: ONE source PCPI; every stable replica starts an update to it,
+  every uninitialized one a baseline (concurrently, in the executor's pool);
+* rollback (Fig. 9): when every transfer ended, ONE rollback PCPI for all
+  replicas in rollback (step 1120), then per replica the changes between it
+  and the exported coalesced base are applied (1130-1140);
+* two-step jump-ahead (1032): intermediate PCPI, purge purgatory, new
+  coalesced base PCPI, one atomic export switch of every participant
+  (stable, done, stable_uncoalesced), then release what nobody needs;
+* leaving the cycle: the PCPI holding the last good image is pinned as the
+  replica's individual PCPI; retries with backoff take a scratch PCPI of
+  the damaged active FS and roll back from it;
+* recovery: ``Recover`` reconciles the ledger with the PCPIs the volumes
+  really hold and finishes or undoes what was in flight (DESIGN §2).
+"""
+
+# crosshair: on
+
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import attrs
+
+from . import effects as fx
+from . import events as ev
+from . import guards
+from .errors import CoalesceError
+from .hookspecs import ACTIVE
+from .model import Model, default_model
+from .state import GroupState, Pcpi, Replica, SourcePcpi
+
+
+@attrs.frozen
+class Transition:
+    """One logged state change: ``replica`` None means the agent's phase."""
+
+    replica: str | None
+    trigger: str
+    source: str
+    dest: str
+
+
+@attrs.frozen(hash=False)
+class Decision:
+    state: GroupState
+    effects: tuple = ()
+    log: tuple[Transition, ...] = ()
+
+
+class NotNow(CoalesceError):
+    """A request that the agent cannot take in its current phase or state."""
+
+    exit_code = 6
+
+
+def pcpi_prefix(group: str) -> str:
+    """Every PCPI the group takes starts with this (reconciliation relies on it)."""
+    return f"co-{group}-"
+
+
+def source_prefix(group: str) -> str:
+    return f"co-{group}-src-"
+
+
+class _Plan:
+    """A local, mutable accumulator used inside one ``decide`` call only."""
+
+    def __init__(self, state: GroupState, model: Model) -> None:
+        self.base_state = state
+        self.model = model
+        self.replicas = dict(state.replicas)
+        self.pcpis = dict(state.pcpis)
+        self.source_pcpis = dict(state.source_pcpis)
+        self.fields: dict[str, object] = {}
+        self.effects: list = []
+        self.log: list[Transition] = []
+
+    # -- reading ------------------------------------------------------------
+    def get(self, field: str):
+        return self.fields.get(field, getattr(self.base_state, field))
+
+    def state(self) -> GroupState:
+        return attrs.evolve(self.base_state, replicas=self.replicas, pcpis=self.pcpis,
+                            source_pcpis=self.source_pcpis, **self.fields)
+
+    def replica(self, name: str) -> Replica:
+        try:
+            return self.replicas[name]
+        except KeyError:
+            raise NotNow(f"group {self.base_state.name!r} has no replica {name!r}",
+                         hint="`coalesce status` lists the replicas; `coalesce add NAME` adds one") from None
+
+    def in_state(self, *states: str) -> list[Replica]:
+        return [r for r in sorted(self.replicas.values(), key=lambda r: r.name) if r.state in states]
+
+    def role(self, role: str) -> Pcpi | None:
+        for p in self.pcpis.values():
+            if p.role == role and not p.releasing:
+                return p
+        return None
+
+    # -- changing -----------------------------------------------------------
+    def set(self, **fields: object) -> None:
+        self.fields.update(fields)
+
+    def update(self, r: Replica, **changes: object) -> Replica:
+        new = attrs.evolve(r, **changes)
+        self.replicas[r.name] = new
+        return new
+
+    def fire(self, r: Replica, trigger: str, **changes: object) -> Replica:
+        dest = self.model.replica_next(r.name, r.state, trigger)
+        self.log.append(Transition(r.name, trigger, r.state, dest))
+        return self.update(r, state=dest, **changes)
+
+    def phase(self, trigger: str) -> None:
+        state = self.state()
+        dest = self.model.agent_next(state, trigger)
+        self.log.append(Transition(None, trigger, state.phase, dest))
+        self.set(phase=dest)
+
+    def may(self, trigger: str) -> bool:
+        return self.model.agent_may(self.state(), trigger)
+
+    def emit(self, effect: object) -> None:
+        self.effects.append(effect)
+
+    def new_name(self, kind: str) -> str:
+        seq = self.get("seq") + 1
+        self.set(seq=seq)
+        if kind == "src":
+            return f"{source_prefix(self.base_state.name)}{seq:06d}"
+        return f"{pcpi_prefix(self.base_state.name)}{seq:06d}-{kind}"
+
+    def take(self, role: str, owners: Iterable[str] = ()) -> str:
+        name = self.new_name(role)
+        self.pcpis[name] = Pcpi(name=name, role=role, cycle=self.get("cycle"), owners=frozenset(owners))
+        self.emit(fx.TakePcpi(name=name, role=role))
+        return name
+
+    def release(self, name: str) -> None:
+        p = self.pcpis.get(name)
+        if p is not None and not p.releasing:
+            self.pcpis[name] = attrs.evolve(p, releasing=True)
+        self.emit(fx.ReleasePcpi(name=name))
+
+    def export(self) -> None:
+        self.emit(fx.Export(mapping={r.name: r.exported for r in self.replicas.values()}))
+
+    def decision(self) -> Decision:
+        return Decision(state=self.state(), effects=tuple(self.effects), log=tuple(self.log))
+
+
+# ---------------------------------------------------------------------------
+# the procedures
+# ---------------------------------------------------------------------------
+def _advance(p: _Plan) -> None:
+    """After a transfer, rollback or removal ended: move the agent on if it can."""
+    phase = p.get("phase")
+    if phase == "updating":
+        state = p.state()
+        if not guards.no_transfer_in_flight(state):
+            return
+        if guards.some_replica_in_rollback(state):
+            p.phase("start_rollback")
+            p.take("rollback")  # Fig. 9 step 1120: ONE PCPI for every unstable replica
+            return
+        _after_flight(p)
+    elif phase == "rolling_back" and guards.nothing_in_flight(p.state()):
+        _after_flight(p)
+
+
+def _after_flight(p: _Plan) -> None:
+    if p.may("start_jump_ahead"):
+        p.phase("start_jump_ahead")
+        p.set(purged=False)
+        p.take("jump_ahead")
+    else:
+        p.phase("start_release")
+        _release(p)
+
+
+def _participants(p: _Plan) -> list[Replica]:
+    return p.in_state(*sorted(p.model.spec.jump_ahead_sources))
+
+
+def _jump_to(p: _Plan, new_base: str) -> None:
+    """Branch 1032: every participant exports the new base, in one switch."""
+    for r in _participants(p):
+        p.fire(r, "jump_ahead", exported=new_base, source_point=r.active_point,
+               last_good=None, scratch=None, retries=0, next_retry=0.0, error="")
+    p.export()
+
+
+def needed_pcpis(state: GroupState) -> dict[str, frozenset[str]]:
+    """Destination PCPIs some replica pins, with the replicas that pin them."""
+    refs: dict[str, set[str]] = {}
+    for r in state.replicas.values():
+        for name in r.pinned():
+            refs.setdefault(name, set()).add(r.name)
+    return {k: frozenset(v) for k, v in refs.items()}
+
+
+def needed_source_pcpis(state: GroupState) -> frozenset[str]:
+    out = {r.source_point for r in state.replicas.values()}
+    out |= {r.active_point for r in state.replicas.values()}
+    out |= {r.target for r in state.replicas.values()}
+    if state.phase != "releasing" and state.phase != "idle":
+        out.add(state.cycle_target)
+    out.discard(None)
+    return frozenset(out)  # type: ignore[arg-type]
+
+
+def _release(p: _Plan) -> None:
+    """Keep the coalesced base and every pinned PCPI; release everything else."""
+    new_base = p.role("new_base")
+    old_base = p.role("base")
+    base = new_base or old_base
+    if new_base is not None:
+        p.pcpis[new_base.name] = attrs.evolve(new_base, role="base")
+    refs = needed_pcpis(p.state())
+    for name, pcpi in sorted(p.pcpis.items()):
+        if base is not None and name == base.name or pcpi.releasing:
+            continue
+        if name in refs:
+            p.pcpis[name] = attrs.evolve(pcpi, role="individual", owners=refs[name])
+        elif pcpi.taken:
+            p.release(name)
+        else:
+            del p.pcpis[name]
+    src_needed = needed_source_pcpis(p.state())
+    for name, sp in sorted(p.source_pcpis.items()):
+        if name not in src_needed and not sp.releasing:
+            p.source_pcpis[name] = attrs.evolve(sp, releasing=True)
+            p.emit(fx.ReleaseSourcePcpi(name=name))
+    _maybe_finish(p)
+
+
+def _maybe_finish(p: _Plan) -> None:
+    if p.get("phase") != "releasing":
+        return
+    if any(x.releasing for x in p.pcpis.values()) or any(x.releasing for x in p.source_pcpis.values()):
+        return
+    p.phase("finish_cycle")
+    p.set(cycle_target=None, purged=False)
+
+
+# ---------------------------------------------------------------------------
+# event handlers
+# ---------------------------------------------------------------------------
+def _start_cycle(p: _Plan, e: ev.StartCycle) -> None:
+    p.phase("start_cycle")
+    p.set(cycle=p.get("cycle") + 1, cycle_started=e.now, cycle_failures=0, purged=False)
+    name = p.new_name("src")
+    p.source_pcpis[name] = SourcePcpi(name=name, cycle=p.get("cycle"))
+    p.set(cycle_target=name)
+    p.emit(fx.TakeSourcePcpi(name=name))
+
+
+def _source_taken(p: _Plan, e: ev.SourcePcpiTaken) -> None:
+    sp = p.source_pcpis.get(e.name)
+    if sp is None:
+        return
+    p.source_pcpis[e.name] = attrs.evolve(sp, taken=True)
+    if p.get("phase") != "updating" or p.get("cycle_target") != e.name:
+        return
+    for r in p.in_state("stable", "uninitialized"):
+        if r.state == "stable":
+            r = p.fire(r, "start_update", target=e.name, error="")
+            p.emit(fx.Transfer(replica=r.name, source_qtree=r.source_qtree, base=r.active_point, target=e.name))
+        else:
+            r = p.fire(r, "start_baseline", target=e.name, error="")
+            p.emit(fx.Transfer(replica=r.name, source_qtree=r.source_qtree, base=None, target=e.name))
+    _advance(p)
+
+
+def _transfer_done(p: _Plan, e: ev.TransferDone) -> None:
+    r = p.replica(e.replica)
+    if r.state == "update":
+        if e.ok:
+            p.fire(r, "update_succeeded", active_point=r.target, target=None, records=e.records, nbytes=e.nbytes)
+        else:
+            p.fire(r, "update_failed", target=None, error=e.error)
+            p.set(cycle_failures=p.get("cycle_failures") + 1)
+    elif r.state == "baseline":
+        if e.ok:
+            p.fire(r, "baseline_succeeded", active_point=r.target, target=None, records=e.records, nbytes=e.nbytes)
+        else:
+            p.update(r, error=e.error)
+            p.set(cycle_failures=p.get("cycle_failures") + 1)
+            p.emit(fx.RemoveQtree(replica=r.name))
+            return
+    else:
+        return  # a late answer for a transfer recovery already settled
+    _advance(p)
+
+
+def _qtree_removed(p: _Plan, e: ev.QtreeRemoved) -> None:
+    r = p.replica(e.replica)
+    if r.state == "baseline":
+        p.fire(r, "baseline_failed", target=None, active_point=None, source_point=None)
+        _advance(p)
+
+
+def _pcpi_taken(p: _Plan, e: ev.PcpiTaken) -> None:
+    pcpi = p.pcpis.get(e.name)
+    if pcpi is None:
+        return
+    p.pcpis[e.name] = pcpi = attrs.evolve(pcpi, taken=True)
+    phase = p.get("phase")
+    if pcpi.role == "rollback" and phase == "rolling_back":
+        todo = p.in_state("rollback")
+        for r in todo:
+            p.emit(fx.Rollback(replica=r.name, from_pcpi=e.name, to_pcpi=r.exported))
+        if not todo:
+            _advance(p)
+    elif pcpi.role == "jump_ahead" and phase == "jump_ahead_1":
+        p.emit(fx.PurgePurgatory(qtrees=tuple(r.name for r in _participants(p))))
+    elif pcpi.role == "new_base" and phase == "jump_ahead_2":
+        _jump_to(p, e.name)
+    elif pcpi.role == "individual":
+        for owner in sorted(pcpi.owners):
+            r = p.replicas.get(owner)
+            if r is None or r.scratch != e.name or r.state != "unstable_uncoalesced":
+                continue
+            if r.exported == ACTIVE:  # resync: "creating a PCPI and exporting it"
+                r = p.update(r, exported=e.name)
+                p.export()
+            p.emit(fx.Rollback(replica=r.name, from_pcpi=e.name, to_pcpi=r.last_good, retry=True))
+
+
+def _rollback_done(p: _Plan, e: ev.RollbackDone) -> None:
+    r = p.replica(e.replica)
+    if r.state == "rollback":
+        if e.ok:
+            p.fire(r, "rollback_succeeded", active_point=r.source_point, error="")
+        else:
+            p.fire(r, "rollback_failed", last_good=r.exported, retries=0,
+                   next_retry=e.now + p.base_state.retry.delay(0), error=e.error)
+        _advance(p)
+    elif r.state == "unstable_uncoalesced" and r.scratch is not None:
+        scratch = r.scratch
+        exported_before = r.exported
+        if e.ok:
+            r = p.fire(r, "retry_succeeded", exported=r.last_good, scratch=None,
+                       active_point=r.source_point, retries=0, next_retry=0.0, error="")
+        else:
+            r = p.fire(r, "retry_failed", exported=r.last_good, scratch=None, retries=r.retries + 1,
+                       next_retry=e.now + p.base_state.retry.delay(r.retries + 1), error=e.error)
+        if exported_before != r.exported:
+            p.export()
+        p.release(scratch)
+
+
+def _purged(p: _Plan, _e: ev.PurgatoryPurged) -> None:
+    if p.get("phase") != "jump_ahead_1":
+        return
+    p.set(purged=True)
+    p.phase("take_new_base")
+    p.take("new_base")
+
+
+def _exported(p: _Plan, _e: ev.Exported) -> None:
+    if p.get("phase") == "jump_ahead_2":
+        p.phase("start_release")
+        _release(p)
+
+
+def _pcpi_released(p: _Plan, e: ev.PcpiReleased) -> None:
+    p.pcpis.pop(e.name, None)
+    _maybe_finish(p)
+
+
+def _source_released(p: _Plan, e: ev.SourcePcpiReleased) -> None:
+    p.source_pcpis.pop(e.name, None)
+    _maybe_finish(p)
+
+
+def _require_idle(p: _Plan, what: str) -> None:
+    if p.get("phase") != "idle":
+        raise NotNow(f"cannot {what} while the agent of group {p.base_state.name!r} is in phase {p.get('phase')!r}",
+                     hint="wait until the running cycle finishes (`coalesce status`), then try again")
+
+
+def _tick(p: _Plan, e: ev.Tick) -> None:
+    if p.get("phase") != "idle":
+        return
+    for r in p.in_state("unstable_uncoalesced"):
+        if r.scratch is None and r.next_retry <= e.now and r.last_good is not None:
+            name = p.take("individual", owners=(r.name,))
+            p.update(r, scratch=name)
+
+
+def _break(p: _Plan, e: ev.BreakMirror) -> None:
+    _require_idle(p, f"break {e.replica!r}")
+    r = p.replica(e.replica)
+    p.fire(r, "break_mirror", last_good=r.exported, exported=ACTIVE)
+    p.export()
+
+
+def _resync(p: _Plan, e: ev.Resync) -> None:
+    _require_idle(p, f"resync {e.replica!r}")
+    r = p.replica(e.replica)
+    r = p.fire(r, "resync", retries=0, next_retry=0.0, error="")
+    name = p.take("individual", owners=(r.name,))
+    p.update(r, scratch=name)
+
+
+def _add(p: _Plan, e: ev.AddReplica) -> None:
+    existing = p.replicas.get(e.name)
+    if existing is not None:
+        if existing.source_qtree != e.source_qtree:
+            raise NotNow(f"replica {e.name!r} already exists with source {existing.source_qtree!r}",
+                         hint="choose another name; a replica's source cannot change")
+        return
+    p.replicas[e.name] = Replica(name=e.name, source_qtree=e.source_qtree)
+
+
+def _recover(p: _Plan, e: ev.Recover) -> None:
+    """Restart after a crash (DESIGN §2 Recovery), in four steps.
+
+    Effects are ordered so that the export table is re-applied before any
+    PCPI is released: an exported image never disappears under its readers.
+    """
+    group = p.base_state.name
+    releases: list = []
+    # 1. reconcile the ledger's PCPIs with what the volumes hold
+    for name, pcpi in sorted(p.pcpis.items()):
+        if not pcpi.taken:
+            if name in e.destination_pcpis:
+                p.pcpis[name] = attrs.evolve(pcpi, taken=True)
+            else:
+                del p.pcpis[name]
+                for r in list(p.replicas.values()):
+                    if r.scratch == name:
+                        p.update(r, scratch=None)
+        elif pcpi.releasing:
+            releases.append(fx.ReleasePcpi(name=name))
+    for name in sorted(e.destination_pcpis):
+        if name.startswith(pcpi_prefix(group)) and not name.startswith(source_prefix(group)) and name not in p.pcpis:
+            releases.append(fx.ReleasePcpi(name=name))  # taken but never recorded: nobody exports it
+    for name, sp in sorted(p.source_pcpis.items()):
+        if not sp.taken:
+            if name in e.source_pcpis:
+                p.source_pcpis[name] = attrs.evolve(sp, taken=True)
+            elif name == p.get("cycle_target") and p.get("phase") == "updating":
+                releases.append(fx.TakeSourcePcpi(name=name))
+            else:
+                del p.source_pcpis[name]
+        elif sp.releasing:
+            releases.append(fx.ReleaseSourcePcpi(name=name))
+    for name in sorted(e.source_pcpis):
+        if name.startswith(source_prefix(group)) and name not in p.source_pcpis:
+            releases.append(fx.ReleaseSourcePcpi(name=name))
+    # 2. replicas: update -> rollback, baseline -> remove partial data, retries abandoned
+    scratches = []
+    for r in p.in_state("update", "baseline", "unstable_uncoalesced"):
+        if r.state == "update":
+            p.fire(r, "update_failed", target=None, error="interrupted by a restart")
+            p.set(cycle_failures=p.get("cycle_failures") + 1)
+        elif r.state == "baseline":
+            p.update(r, error="interrupted by a restart")
+            p.emit(fx.RemoveQtree(replica=r.name))
+        elif r.scratch is not None:
+            scratches.append(r.scratch)
+            p.update(r, scratch=None, exported=r.last_good)
+    # 3. the export table is re-applied (idempotent) so an interrupted switch is healed,
+    #    and only then is anything released
+    p.effects.insert(0, fx.Export(mapping={r.name: r.exported for r in p.replicas.values()}))
+    p.effects.extend(releases)
+    for scratch in scratches:
+        if scratch in p.pcpis:
+            p.release(scratch)
+    # 4. finish or undo what the agent was doing
+    phase = p.get("phase")
+    if phase == "updating":
+        src = p.source_pcpis.get(p.get("cycle_target") or "")
+        if src is not None and src.taken:
+            _advance(p)
+    elif phase == "rolling_back":
+        for pcpi in list(p.pcpis.values()):
+            if pcpi.role == "rollback" and not pcpi.releasing:
+                p.release(pcpi.name)  # the active FS may be half rolled back: take a fresh one
+        if p.in_state("rollback"):
+            p.take("rollback")
+        else:
+            _advance(p)
+    elif phase == "jump_ahead_1":
+        j = p.role("jump_ahead")
+        if j is None:
+            p.take("jump_ahead")
+        else:
+            p.emit(fx.PurgePurgatory(qtrees=tuple(r.name for r in _participants(p))))
+    elif phase == "jump_ahead_2":
+        n = p.role("new_base")
+        if n is None:
+            p.take("new_base")
+        else:
+            _jump_to(p, n.name)  # roll the unfinished jump-ahead forward
+    elif phase == "releasing":
+        _release(p)
+
+
+_HANDLERS: dict[type, Callable[[_Plan, object], None]] = {
+    ev.StartCycle: _start_cycle,
+    ev.SourcePcpiTaken: _source_taken,
+    ev.TransferDone: _transfer_done,
+    ev.QtreeRemoved: _qtree_removed,
+    ev.PcpiTaken: _pcpi_taken,
+    ev.RollbackDone: _rollback_done,
+    ev.PurgatoryPurged: _purged,
+    ev.Exported: _exported,
+    ev.PcpiReleased: _pcpi_released,
+    ev.SourcePcpiReleased: _source_released,
+    ev.Tick: _tick,
+    ev.BreakMirror: _break,
+    ev.Resync: _resync,
+    ev.AddReplica: _add,
+    ev.Recover: _recover,
+}
+
+
+def decide(state: GroupState, event: object, model: Model | None = None) -> Decision:
+    """The one decision function: new state, effects to run, transitions made.
+
+    Pure: the same (state, event) always gives the same decision.  Raises
+    IllegalTransition or NotNow (and changes nothing) for an illegal request.
+    """
+    handler = _HANDLERS.get(type(event))
+    if handler is None:
+        raise TypeError(f"not an event: {event!r}")
+    plan = _Plan(state, model or default_model())
+    handler(plan, event)
+    return plan.decision()

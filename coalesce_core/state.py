@@ -1,0 +1,178 @@
+"""The group's persisted state: frozen records, changed only with ``attrs.evolve``.
+
+This is exactly what the ledger stores and what recovery reads back (the
+patent's "metadata file" that retains "the current state of each qtree").
+Nothing here does I/O.  ``GroupState.replicas`` and ``.pcpis`` are dicts
+treated as immutable: every change builds a new dict (see ``with_replica``).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Iterable, Mapping
+
+import attrs
+
+from .hookspecs import ACTIVE
+
+#: Characters allowed in group and replica names: they become parts of PCPI
+#: names (btrfs, ZFS) and of directory names.
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+CYCLE_ROLES = ("base", "rollback", "jump_ahead", "new_base")
+INDIVIDUAL = "individual"
+ROLES = CYCLE_ROLES + (INDIVIDUAL,)
+
+
+def _name(_inst: object, attribute: attrs.Attribute, value: str) -> None:
+    if not isinstance(value, str) or not NAME_RE.match(value):
+        raise ValueError(
+            f"{attribute.name} {value!r} must be 1-64 characters of letters, digits, '_', '.', '-' "
+            f"and start with a letter or digit"
+        )
+
+
+@attrs.frozen
+class Pcpi:
+    """A destination PCPI the group accounts for.
+
+    ``taken`` is False between the write-ahead record and the backend's
+    confirmation; ``releasing`` is True from the decision to release it until
+    the backend confirms.  ``owners`` are the replicas that pin it as their
+    individual PCPI (outside the cycle).
+    """
+
+    name: str
+    role: str = attrs.field(validator=attrs.validators.in_(ROLES))
+    cycle: int = 0
+    taken: bool = False
+    releasing: bool = False
+    owners: frozenset[str] = frozenset()
+
+
+@attrs.frozen
+class SourcePcpi:
+    """A source PCPI taken by the agent (released when no replica needs it)."""
+
+    name: str
+    cycle: int = 0
+    taken: bool = False
+    releasing: bool = False
+
+
+@attrs.frozen
+class Replica:
+    """One replica (destination qtree ``name``) of source qtree ``source_qtree``.
+
+    exported      what readers see: a PCPI name, ACTIVE (broken) or None
+    source_point  the source PCPI whose image is exported (I3, I5)
+    active_point  the source PCPI whose image the active FS holds when it is
+                  complete (stable, done, stable_uncoalesced)
+    target        the source PCPI of the running transfer
+    last_good     outside the cycle: the PCPI pinned as its last good image
+    scratch       outside the cycle: a PCPI of the damaged active FS that a
+                  retry (or resync) rolls back from
+    """
+
+    name: str = attrs.field(validator=_name)
+    source_qtree: str = attrs.field(validator=_name)
+    state: str = "uninitialized"
+    exported: str | None = None
+    source_point: str | None = None
+    active_point: str | None = None
+    target: str | None = None
+    last_good: str | None = None
+    scratch: str | None = None
+    retries: int = 0
+    next_retry: float = 0.0
+    error: str = ""
+    records: int = 0
+    nbytes: int = 0
+
+    def pinned(self) -> tuple[str, ...]:
+        """Destination PCPIs this replica needs kept."""
+        return tuple(p for p in (self.exported, self.last_good, self.scratch) if p and p != ACTIVE)
+
+
+@attrs.frozen
+class RetryPolicy:
+    """Exponential backoff of the periodic rollback retry (loop 1026)."""
+
+    initial: float = attrs.field(default=30.0, validator=attrs.validators.ge(0))
+    factor: float = attrs.field(default=2.0, validator=attrs.validators.ge(1))
+    maximum: float = attrs.field(default=3600.0, validator=attrs.validators.ge(0))
+
+    def delay(self, retries: int) -> float:
+        """Seconds to wait before retry number ``retries + 1``."""
+        return min(self.maximum, self.initial * self.factor ** max(0, retries))
+
+
+@attrs.frozen(hash=False)
+class GroupState:
+    """Everything the management agent knows, persisted write-ahead."""
+
+    name: str = attrs.field(validator=_name)
+    phase: str = "idle"
+    cycle: int = 0
+    seq: int = 0
+    replicas: Mapping[str, Replica] = attrs.field(factory=dict)
+    pcpis: Mapping[str, Pcpi] = attrs.field(factory=dict)
+    source_pcpis: Mapping[str, SourcePcpi] = attrs.field(factory=dict)
+    cycle_target: str | None = None
+    purged: bool = False
+    retry: RetryPolicy = RetryPolicy()
+    cycle_started: float = 0.0
+    cycle_failures: int = 0
+
+    # -- queries ----------------------------------------------------------
+    def base(self) -> Pcpi | None:
+        """The coalesced base PCPI (at most one)."""
+        for p in self.pcpis.values():
+            if p.role == "base" and not p.releasing:
+                return p
+        return None
+
+    def pcpi_of_role(self, role: str) -> Pcpi | None:
+        for p in self.pcpis.values():
+            if p.role == role and not p.releasing:
+                return p
+        return None
+
+    def in_state(self, *states: str) -> list[Replica]:
+        return [r for r in self.replicas.values() if r.state in states]
+
+    # -- builders (pure) ----------------------------------------------------
+    def with_replica(self, replica: Replica) -> "GroupState":
+        replicas = dict(self.replicas)
+        replicas[replica.name] = replica
+        return attrs.evolve(self, replicas=replicas)
+
+    def with_replicas(self, changed: Iterable[Replica]) -> "GroupState":
+        replicas = dict(self.replicas)
+        for r in changed:
+            replicas[r.name] = r
+        return attrs.evolve(self, replicas=replicas)
+
+    def with_pcpi(self, pcpi: Pcpi) -> "GroupState":
+        pcpis = dict(self.pcpis)
+        pcpis[pcpi.name] = pcpi
+        return attrs.evolve(self, pcpis=pcpis)
+
+    def without_pcpi(self, name: str) -> "GroupState":
+        pcpis = dict(self.pcpis)
+        pcpis.pop(name, None)
+        return attrs.evolve(self, pcpis=pcpis)
+
+    def with_source_pcpi(self, sp: SourcePcpi) -> "GroupState":
+        sps = dict(self.source_pcpis)
+        sps[sp.name] = sp
+        return attrs.evolve(self, source_pcpis=sps)
+
+    def without_source_pcpi(self, name: str) -> "GroupState":
+        sps = dict(self.source_pcpis)
+        sps.pop(name, None)
+        return attrs.evolve(self, source_pcpis=sps)
+
+    def export_table(self) -> dict[str, str | None]:
+        """The whole export mapping (replica -> PCPI | ACTIVE | None)."""
+        return {r.name: r.exported for r in self.replicas.values()}

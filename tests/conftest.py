@@ -1,0 +1,59 @@
+"""Shared fixtures.  Fixtures that build real volumes live in tests/realfs.py."""
+
+from __future__ import annotations
+
+import itertools
+import os
+from pathlib import Path
+from typing import Callable
+
+import pytest
+from hypothesis import HealthCheck, settings
+
+from coalesce_core import crashpoints
+
+settings.register_profile("dev", max_examples=30, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.register_profile("ci", max_examples=60, deadline=None, derandomize=True,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.register_profile("long", max_examples=2000, deadline=None,
+                          suppress_health_check=list(HealthCheck))
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
+
+_ids = itertools.count()
+
+
+@pytest.fixture(autouse=True)
+def _disarm_crash_points():
+    crashpoints.arm(None)
+    yield
+    crashpoints.arm(None)
+
+
+@pytest.fixture
+def group_config(tmp_path: Path) -> Callable[..., "object"]:
+    """Build a GroupConfig for a fresh pair of volumes (mem by default)."""
+    from coalesce_core.config import parse_config
+
+    def make(replicas=("A", "B", "C"), scheme: str = "mem", parallel: int = 4, retry_initial: float = 0.0,
+             name: str = "g", source_url: str | None = None, dest_url: str | None = None, write_file: bool = False):
+        n = next(_ids)
+        if scheme == "mem":
+            src = source_url or f"mem://src-{os.getpid()}-{n}-{tmp_path.name}"
+            dst = dest_url or f"mem://dst-{os.getpid()}-{n}-{tmp_path.name}"
+        else:
+            src = source_url or f"{scheme}://{tmp_path}/src{n}"
+            dst = dest_url or f"{scheme}://{tmp_path}/dst{n}"
+        lines = [
+            "[group]", f'name = "{name}"', f'source = "{src}"', f'destination = "{dst}"',
+            f"parallel = {parallel}", f'metadata = "{tmp_path}/meta{n}"',
+            "[group.retry]", f"initial = {retry_initial}", "factor = 2", "maximum = 60",
+        ]
+        for r in replicas:
+            lines += ["[[replica]]", f'name = "{r}"']
+        text = "\n".join(lines) + "\n"
+        path = tmp_path / f"group{n}.toml"
+        path.write_text(text)
+        return parse_config(text, str(path))
+
+    return make

@@ -1,0 +1,264 @@
+"""Scenario tests of the whole agent on the mem backend (issue 2, point 9).
+
+Each test names the invariants it checks (spec/invariants.md).  The same
+scenarios run on sim, btrfs and zfs from their own test packages through
+``scenario_suite``-style reuse of the Harness.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from coalesce_core.faults import Rule
+from coalesce_core.hookspecs import ACTIVE, hookimpl
+from coalesce_core.testing.harness import Harness
+from coalesce_core.testing.workload import fill
+
+
+@pytest.fixture
+def harness(group_config):
+    def make(**kw):
+        h = Harness(group_config(**kw))
+        fill(h.writer, [r.source for r in h.config.replicas])
+        return h
+
+    return make
+
+
+class Gate:
+    """Holds the apply of one qtree until the test opens the gate (Fig. 7's slow C)."""
+
+    def __init__(self, qtree: str) -> None:
+        self.qtree = qtree
+        self.reached = threading.Event()
+        self.open = threading.Event()
+
+    @hookimpl(wrapper=True)
+    def coalesce_apply(self, volume, qtree, records):
+        if qtree == self.qtree and "dst" in str(volume):
+            self.reached.set()
+            assert self.open.wait(30), "gate never opened"
+        return (yield)
+
+
+def test_first_cycle_baselines_every_replica_and_exports_one_base(harness):
+    """I1 (exactly one PCPI at rest), I3, I4, I9."""
+    h = harness()
+    h.cycle()
+    assert h.states() == {"A": "stable", "B": "stable", "C": "stable"}
+    exported = {r.exported for r in h.agent.state.replicas.values()}
+    assert len(exported) == 1 and None not in exported
+    assert h.cycle_pcpis_on_volume() == 1
+    h.assert_invariants()
+
+
+def test_fig7_readers_see_old_images_until_the_slowest_completes(group_config):
+    """Fig. 7: A and B finish first but keep exporting the old base until C completes;
+    then all three switch in ONE export call (I3, I4)."""
+    gate = Gate("C")
+    h = Harness(group_config(), plugins=[gate])
+    fill(h.writer, ["A", "B", "C"])
+    gate.open.set()
+    h.cycle()
+    gate.open.clear()
+    gate.reached.clear()
+    before = h.exported_fingerprints()
+    old_base = h.agent.state.base().name
+    for q in "ABC":
+        h.writer.write(q, "fig7.txt", f"new content of {q}".encode())
+    exports_before = len(h.recorder.exports)
+    t = threading.Thread(target=h.cycle)
+    t.start()
+    assert gate.reached.wait(30)
+    # A and B are done (or about to be); C is held mid-update
+    for _ in range(200):
+        if h.agent.state.replicas["A"].state == "done" and h.agent.state.replicas["B"].state == "done":
+            break
+        threading.Event().wait(0.01)
+    assert h.agent.state.replicas["A"].state == "done"
+    assert h.agent.state.replicas["B"].state == "done"
+    assert h.agent.state.replicas["C"].state == "update"
+    assert h.agent.dest.exported() == {"A": old_base, "B": old_base, "C": old_base}
+    assert h.exported_fingerprints() == before  # readers still see the old images
+    gate.open.set()
+    t.join(30)
+    assert not t.is_alive()
+    after = h.exported_fingerprints()
+    assert all(after[q] != before[q] for q in "ABC")
+    switches = h.recorder.exports[exports_before:]
+    assert len(switches) == 1 and len(set(switches[0].values())) == 1  # one atomic switch, one PCPI
+    h.assert_invariants()
+
+
+def test_failed_update_rolls_back_with_one_rollback_pcpi(harness):
+    """Fig. 9: B's transfer dies at its 2nd record; B rolls back to the coalesced base and
+    still joins the jump-ahead; exactly one rollback PCPI is taken (I1, I3, I9)."""
+    h = harness()
+    h.cycle()
+    old = h.exported_fingerprints()
+    h.writer.write("B", "big", b"x" * 5000)
+    h.writer.write("C", "c.txt", b"c")
+    h.faults.add(Rule(hook="coalesce_diff", qtree="B", record=2, times=1, volume="src"))
+    h.faults.add(Rule(hook="coalesce_rollback", qtree="C", times=0))  # never fires: C does not roll back
+    report = h.cycle()
+    trans = [t for t in h.recorder.transitions if t[0] == "B"]
+    assert ("B", "update_failed", "update", "rollback") in trans
+    assert ("B", "rollback_succeeded", "rollback", "done") in trans
+    assert h.states()["B"] == "stable"
+    rollback_pcpis = [n for n in report["pcpis_taken"] if n.endswith("-rollback")]
+    assert len(rollback_pcpis) == 1
+    assert report["failures"] == 1
+    new = h.exported_fingerprints()
+    assert new["B"] == old["B"]  # B still shows its previous image
+    assert new["C"] != old["C"]
+    h.assert_invariants()
+    h.cycle()  # the next cycle brings B up to date
+    assert h.exported_fingerprints()["B"] != old["B"]
+    h.assert_invariants()
+
+
+def test_all_failed_updates_share_one_rollback_pcpi(harness):
+    h = harness()
+    h.cycle()
+    for q in "ABC":
+        h.writer.write(q, "x", b"12345")
+        h.faults.add(Rule(hook="coalesce_diff", qtree=q, record=1, times=1, volume="src"))
+    report = h.cycle()
+    assert len([n for n in report["pcpis_taken"] if n.endswith("-rollback")]) == 1
+    assert set(h.states().values()) == {"stable"}
+    h.assert_invariants()
+
+
+def test_failed_rollback_leaves_the_cycle_retries_and_rejoins(harness):
+    """1022 -> 1024 (exports its pinned individual PCPI) -> 1026 retry fails -> 1028 -> 1030 -> 1032 (I2)."""
+    h = harness(retry_initial=10.0)
+    h.cycle()
+    old = h.exported_fingerprints()
+    h.writer.write("C", "c.txt", b"c" * 3000)
+    h.faults.add(Rule(hook="coalesce_diff", qtree="C", record=1, times=1, volume="src"))
+    h.faults.add(Rule(hook="coalesce_rollback", qtree="C", times=2))
+    h.cycle()
+    c = h.agent.state.replicas["C"]
+    assert c.state == "unstable_uncoalesced"
+    assert c.exported == c.last_good and c.exported in h.agent.dest.snapshot_list()
+    assert h.agent.state.pcpis[c.exported].role == "individual"
+    assert h.exported_fingerprints()["C"] == old["C"]  # its last good image is still exported
+    h.assert_invariants()
+    h.agent.tick()  # not due yet: backoff
+    assert h.agent.state.replicas["C"].retries == 0
+    h.clock.advance(11)
+    h.agent.tick()  # due: the retry fails (2nd rollback fault)
+    c = h.agent.state.replicas["C"]
+    assert c.state == "unstable_uncoalesced" and c.retries == 1
+    assert c.next_retry == pytest.approx(h.clock.now + 20)  # exponential backoff: 10 * 2
+    h.assert_invariants()
+    h.clock.advance(21)
+    h.agent.tick()
+    assert h.agent.state.replicas["C"].state == "stable_uncoalesced"
+    h.assert_invariants()
+    h.cycle()  # rejoins at the jump-ahead, then is brought up to date next cycle
+    assert h.states()["C"] == "stable"
+    h.cycle()
+    assert h.exported_fingerprints()["C"] != old["C"]
+    assert not [p for p in h.agent.state.pcpis.values() if p.role == "individual"]
+    h.assert_invariants()
+
+
+def test_new_replica_baseline_joins_at_the_next_jump_ahead(harness):
+    h = harness()
+    h.cycle()
+    h.writer.ensure_qtree("D")
+    h.writer.write("D", "d/1", b"dddd")
+    h.agent.add_replica("D")
+    assert h.states()["D"] == "uninitialized"
+    assert h.agent.dest.exported().get("D") is None
+    h.cycle()
+    assert h.states()["D"] == "stable"
+    assert ("D", "baseline_succeeded", "baseline", "done") in h.recorder.transitions
+    assert len({r.exported for r in h.agent.state.replicas.values()}) == 1
+    h.assert_invariants()
+
+
+def test_failed_baseline_removes_partial_data_and_retries_next_cycle(harness):
+    h = harness()
+    h.faults.add(Rule(hook="coalesce_diff", qtree="B", record=3, times=1, volume="src"))
+    h.cycle()
+    assert h.states()["B"] == "uninitialized"
+    assert "B" not in h.agent.dest.qtree_list(None)
+    assert h.agent.dest.exported().get("B") is None
+    h.assert_invariants()
+    h.cycle()
+    assert h.states()["B"] == "stable"
+    h.assert_invariants()
+
+
+def test_break_and_resync(harness):
+    """break_mirror: writable, exports the active FS; resync: a PCPI of it is taken and
+    exported, then the rollback procedure returns it to the last common image (I2, I5)."""
+    h = harness()
+    h.cycle()
+    good = h.exported_fingerprints()["A"]
+    h.agent.break_mirror("A")
+    assert h.agent.dest.exported()["A"] == ACTIVE
+    a = h.agent.state.replicas["A"]
+    assert a.state == "broken" and a.last_good
+    # the administrator writes into the broken replica
+    from coalesce_core.testing.workload import SourceWriter
+    SourceWriter(h.agent.dest).write("A", "local-change", b"written on the destination")
+    h.writer.write("B", "b2", b"bb")
+    h.cycle()  # A does not take part; its last good image stays pinned
+    assert h.states()["A"] == "broken"
+    h.assert_invariants()
+    h.agent.resync("A")
+    a = h.agent.state.replicas["A"]
+    assert a.state == "stable_uncoalesced"
+    assert h.agent.dest.fingerprint("A", None) == good  # the local change was rolled back
+    h.assert_invariants()
+    h.cycle()
+    h.cycle()
+    assert h.states()["A"] == "stable"
+    h.assert_invariants()
+
+
+def test_illegal_requests_are_clear_errors(harness):
+    from coalesce_core.errors import CoalesceError, IllegalTransition
+
+    h = harness()
+    h.cycle()
+    with pytest.raises(IllegalTransition, match="replica 'A' is in state 'stable'.*'resync'"):
+        h.agent.resync("A")
+    with pytest.raises(CoalesceError, match="no replica 'Z'"):
+        h.agent.break_mirror("Z")
+
+
+@pytest.mark.parametrize("n", [300])
+def test_many_replicas_never_more_than_four_cycle_pcpis(group_config, n):
+    """I1 for 300 replicas: <= 4 PCPIs in cycle roles at every instant, exactly 1 at rest."""
+    names = [f"q{i:03d}" for i in range(n)]
+    peak = {"n": 0}
+
+    class Count:
+        def __init__(self):
+            self.h = None
+
+        @hookimpl
+        def coalesce_pcpi_taken(self, group, volume, name, role):
+            if self.h is not None and role != "source":
+                peak["n"] = max(peak["n"], self.h.cycle_pcpis_on_volume() + 0)
+
+    counter = Count()
+    h = Harness(group_config(replicas=names, parallel=8), plugins=[counter])
+    counter.h = h
+    for q in names:
+        h.writer.write(q, "f", q.encode())
+    for i in range(2):
+        for q in names[i::7]:
+            h.writer.write(q, "f", f"{q}-{i}".encode())
+        h.faults.add(Rule(hook="coalesce_diff", qtree=names[i], record=1, times=1, volume="src"))
+        h.cycle()
+        assert h.cycle_pcpis_on_volume() == 1
+    assert 1 <= peak["n"] <= 4
+    assert set(h.states().values()) == {"stable"}
+    h.assert_invariants()
