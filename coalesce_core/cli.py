@@ -267,7 +267,7 @@ def build_parser(pm: Any = None) -> argparse.ArgumentParser:
     g.add_argument("--format", choices=("text", "mermaid", "dot"), default="text")
     g.add_argument("--json", action="store_true")
     d = verb("demo", cmd_demo, "replay the patent's Fig. 7 scenario on the embedded backend")
-    d.add_argument("--backend", default="sim", help="volume backend scheme (default: sim)")
+    d.add_argument("--backend", default="mem", help="volume backend scheme (default: mem)")
     d.add_argument("--replicas", type=int, default=3)
     d.add_argument("--seed", type=int, default=7)
     d.add_argument("--speed", type=float, default=1.0, help="time scale (2 = twice as fast)")
@@ -278,7 +278,11 @@ def build_parser(pm: Any = None) -> argparse.ArgumentParser:
     cp.add_argument("--json", action="store_true")
     cp.set_defaults(func=cmd_crash_points)
     if pm is not None:
-        pm.hook.coalesce_cli_commands(subparsers=sub)
+        for impl in pm.hook.coalesce_cli_commands.get_hookimpls():
+            try:  # a broken plugin must not take the core verbs down with it
+                impl.function(subparsers=sub)
+            except Exception as exc:
+                sys.stderr.write(f"warning: plugin {impl.plugin_name!r} could not add its commands: {exc}\n")
     return p
 
 
@@ -307,6 +311,12 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
+    except Exception as exc:
+        if debug:
+            raise
+        sys.stderr.write(f"internal error: {type(exc).__name__}: {exc}\n"
+                         "hint: run again with --debug for the traceback and report it\n")
+        return EXIT_ERROR
 
 
 if __name__ == "__main__":  # pragma: no cover

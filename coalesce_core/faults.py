@@ -134,3 +134,19 @@ class FaultInjector:
     @hookimpl(wrapper=True)
     def coalesce_remove_qtree(self, volume, qtree):
         return (yield from self._wrap("coalesce_remove_qtree", {"volume": volume, "qtree": qtree}))
+
+
+def parse_rules(text: str) -> list[Rule]:
+    """Rules from ``COALESCE_FAULTS``: ``hook[:key=value]...`` separated by ``;``.
+
+    Example: ``coalesce_diff:qtree=B:record=3:times=1:volume=src;coalesce_rollback:qtree=C``.
+    """
+    rules = []
+    for part in filter(None, (p.strip() for p in text.split(";"))):
+        hook, *kvs = part.split(":")
+        kwargs: dict[str, Any] = {}
+        for kv in kvs:
+            key, _, value = kv.partition("=")
+            kwargs[key] = int(value) if key in ("nth", "record", "times") else value
+        rules.append(Rule(hook=hook if hook.startswith("coalesce_") else f"coalesce_{hook}", **kwargs))
+    return rules

@@ -2,8 +2,9 @@
 
 One function (:func:`plugin_manager`) builds the pluggy manager: hookspecs,
 the core's own generic plugin, every entry point of ``coalesce.backends``
-(bundled backends are registered exactly like third-party ones), and the
-modules named in ``COALESCE_PLUGINS`` (comma-separated, like PYTEST_PLUGINS).
+(bundled backends are registered exactly like third-party ones), the
+modules named in ``COALESCE_PLUGINS`` (comma-separated, like PYTEST_PLUGINS),
+and a fault injector when ``COALESCE_FAULTS`` holds rules (faults.parse_rules).
 Nothing in coalesce_core imports a backend by name.
 
 The rest of the core never writes ``pm.hook.<name>``: it calls
@@ -48,6 +49,10 @@ def plugin_manager(extra: Iterable[object] = ()) -> pluggy.PluginManager:
     for modname in filter(None, (m.strip() for m in os.environ.get("COALESCE_PLUGINS", "").split(","))):
         if pm.get_plugin(modname) is None:
             pm.register(importlib.import_module(modname), name=modname)
+    if os.environ.get("COALESCE_FAULTS"):
+        from .faults import FaultInjector, parse_rules
+
+        pm.register(FaultInjector(*parse_rules(os.environ["COALESCE_FAULTS"])), name="coalesce.env-faults")
     for plugin in extra:
         pm.register(plugin)
     pm.check_pending()

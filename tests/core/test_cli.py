@@ -1,0 +1,177 @@
+"""The `coalesce` command line, run as a person would (subprocesses), and
+SIGKILL at every named crash point followed by a restart (I6).
+
+Volumes are mem:///PATH files, so separate processes share them as they
+would share disks; the source data is written by the test itself, which
+also keeps its own record of what each source qtree held (independent I3).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from coalesce_core.crashpoints import CRASH_POINTS
+from coalesce_core.plugins import Volume, plugin_manager
+from coalesce_core.testing.workload import SourceWriter, fill
+
+EXE = [sys.executable, "-m", "coalesce_core.cli"]
+
+
+def run(tmp: Path, *args: str, env: dict[str, str] | None = None, check: int | None = 0) -> subprocess.CompletedProcess:
+    e = dict(os.environ)
+    e.pop("COALESCE_CRASH_AT", None)
+    e.update(env or {})
+    p = subprocess.run([*EXE, "--config", str(tmp / "coalesce.toml"), *args], capture_output=True, text=True,
+                       env=e, timeout=120)
+    if check is not None:
+        assert p.returncode == check, f"{args}: rc={p.returncode}\n{p.stdout}\n{p.stderr}"
+    return p
+
+
+@pytest.fixture
+def group(tmp_path: Path):
+    cfg = tmp_path / "coalesce.toml"
+    cfg.write_text(
+        "[group]\nname = \"home\"\n"
+        f"source = \"mem://{tmp_path}/src.vol\"\ndestination = \"mem://{tmp_path}/dst.vol\"\n"
+        "parallel = 2\n[group.retry]\ninitial = 0\n"
+        "[[replica]]\nname = \"A\"\n[[replica]]\nname = \"B\"\nsource = \"qb\"\n"
+    )
+    pm = plugin_manager()
+    src = Volume.open(pm, f"mem://{tmp_path}/src.vol", create=True)
+    writer = SourceWriter(src)
+    fill(writer, ["A", "qb"])
+    return tmp_path, writer
+
+
+def reopen(writer: SourceWriter) -> SourceWriter:
+    """The CLI processes changed the source file; drop this process's cached copy of it."""
+    import coalesce_mem
+
+    url = str(writer.volume.url)
+    coalesce_mem.forget(url)
+    writer.volume = Volume.open(plugin_manager(), url)
+    return writer
+
+
+def status(tmp: Path) -> dict:
+    return json.loads(run(tmp, "status", "--json").stdout)
+
+
+def test_verbs_end_to_end(group):
+    tmp, writer = group
+    out = run(tmp, "init").stdout
+    assert "initialised group home with 2 replicas" in out
+    run(tmp, "init", check=5)  # a second init refuses (metadata exists)
+    run(tmp, "run", "--once")
+    st = status(tmp)
+    assert {r["name"]: r["state"] for r in st["replicas"]} == {"A": "stable", "B": "stable"}
+    assert len({r["exported_pcpi"] for r in st["replicas"]}) == 1
+    assert [p["role"] for p in st["pcpis"]] == ["base"]
+    assert all(set(r) >= {"name", "state", "exported_pcpi", "source_point", "export_path"} for r in st["replicas"])
+    assert run(tmp, "check").returncode == 0
+    checks = json.loads(run(tmp, "check", "--json").stdout)
+    assert {c["invariant"] for c in checks} >= {"I1", "I2", "I3", "I4", "I5", "I9"} and all(c["ok"] for c in checks)
+    reopen(writer).ensure_qtree("C")
+    writer.write("C", "c", b"c")
+    assert "added replica C" in run(tmp, "add", "C").stdout
+    assert "name = \"C\"" in (tmp / "coalesce.toml").read_text()
+    run(tmp, "add", "C", check=2)
+    run(tmp, "run", "--once", "-q")
+    run(tmp, "break", "A")
+    st = status(tmp)
+    a = next(r for r in st["replicas"] if r["name"] == "A")
+    assert a["state"] == "broken" and a["exports_active_fs"]
+    run(tmp, "run", "--once", check=3)  # not every replica is stable: documented exit 3
+    run(tmp, "resync", "A")
+    run(tmp, "run", "--once")
+    hist = json.loads(run(tmp, "history", "--json").stdout)
+    assert [c["cycle"] for c in hist] == [1, 2, 3, 4]
+    assert all(c["failures"] == 0 for c in hist), hist
+    assert "cycles" in run(tmp, "history").stdout
+    assert run(tmp, "check").returncode == 0
+
+
+def test_user_errors_are_one_message_and_a_hint(group, tmp_path):
+    tmp, _ = group
+    p = run(tmp, "status", check=4)  # before init: the destination volume does not exist
+    assert "does not exist" in p.stderr and "hint:" in p.stderr and "Traceback" not in p.stderr
+    run(tmp, "init")
+    p = run(tmp, "break", "nope", check=6)
+    assert "no replica 'nope'" in p.stderr and "Traceback" not in p.stderr
+    p = run(tmp, "resync", "A", check=6)
+    assert "'resync' is not a transition" in p.stderr
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[group]\nname = 'x'\n")
+    p = subprocess.run([*EXE, "--config", str(bad), "status"], capture_output=True, text=True)
+    assert p.returncode == 2 and "missing `source`" in p.stderr
+    bad.write_text("[group]\nname='x'\nsource='nope://a'\ndestination='nope://b'\nmetadata='/tmp'\n")
+    p = subprocess.run([*EXE, "--config", str(bad), "init"], capture_output=True, text=True)
+    assert p.returncode == 4 and "no installed backend serves 'nope'" in p.stderr
+
+
+def test_damaged_metadata_is_a_clear_error_and_is_left_alone(group):
+    tmp, _ = group
+    run(tmp, "init")
+    run(tmp, "run", "--once")
+    ledger = next((tmp / "dst.vol.coalesce").glob("*.sqlite"))
+    for extra in ledger.parent.glob("*.sqlite-*"):
+        extra.unlink()
+    data = ledger.read_bytes()
+    damaged = data[:100] + b"\xff" * 64 + data[164:]
+    ledger.write_bytes(damaged)
+    p = run(tmp, "run", "--once", check=5)
+    assert "damaged" in p.stderr and "backup" in p.stderr
+    assert ledger.read_bytes() == damaged  # nothing was rewritten or deleted
+
+
+def test_backends_lists_mem(group):
+    tmp, _ = group
+    infos = json.loads(run(tmp, "backends", "--json").stdout)
+    assert "mem" in {i["scheme"] for i in infos}
+
+
+def test_graph_and_crash_point_listing():
+    p = subprocess.run([*EXE, "graph", "--format", "mermaid"], capture_output=True, text=True, check=True)
+    assert p.stdout.startswith("stateDiagram-v2") and "done --> stable: jump_ahead (1032)" in p.stdout
+    p = subprocess.run([*EXE, "debug", "crash-points", "--json"], capture_output=True, text=True, check=True)
+    assert json.loads(p.stdout) == CRASH_POINTS
+
+
+FAULTS = "coalesce_diff:qtree=qb:record=3:times=1:volume=src.vol"
+
+
+@pytest.mark.parametrize("point", [p for p in CRASH_POINTS if p not in ("mid_baseline", "mid_retry")])
+def test_sigkill_at_every_crash_point_then_restart(group, point):
+    """The real thing: the process SIGKILLs itself at the point; a new process recovers (I6)."""
+    tmp, writer = group
+    run(tmp, "init")
+    run(tmp, "run", "--once")
+    old = {q: writer.expected_fingerprint(q) for q in ("A", "qb")}
+    reopen(writer).write("A", "dir0/file0", b"changed A" * 100)
+    writer.write("qb", "new", b"changed B" * 100)
+    new = {q: writer.expected_fingerprint(q) for q in ("A", "qb")}
+    p = run(tmp, "run", "--once", env={"COALESCE_CRASH_AT": point, "COALESCE_FAULTS": FAULTS}, check=None)
+    assert p.returncode == -9, f"{point} was not reached: rc={p.returncode}\n{p.stderr}"
+    # whatever readers see now is a complete image: the old or the new one (I3)
+    pm = plugin_manager()
+    dst = Volume.open(pm, f"mem://{tmp}/dst.vol")
+    for name, q in (("A", "A"), ("B", "qb")):
+        snap = dst.exported().get(name)
+        assert snap and dst.fingerprint(name, snap) in (old[q], new[q])
+    run(tmp, "run", "--once")  # restart: recovery, then a full cycle
+    run(tmp, "run", "--once")
+    assert run(tmp, "check").returncode == 0
+    st = status(tmp)
+    assert {r["state"] for r in st["replicas"]} == {"stable"}
+    assert [p["role"] for p in st["pcpis"]] == ["base"]
+    dst = Volume.open(plugin_manager(), f"mem://{tmp}/dst.vol")
+    assert len(dst.snapshot_list()) == 1
+    for name, q in (("A", "A"), ("B", "qb")):
+        assert dst.fingerprint(name, dst.exported()[name]) == new[q]
