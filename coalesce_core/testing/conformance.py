@@ -58,12 +58,12 @@ from hypothesis.errors import InvalidArgument
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule, run_state_machine_as_test
 
 from .. import fingerprint
-from ..errors import BackendError, CoalesceError, HostilePath, StreamError
+from ..errors import BackendError, HostilePath, StreamError
 from ..hookspecs import ACTIVE
 from ..plugins import Volume, plugin_manager
 from ..records import (
     MAX_DATA, Begin, End, HardLink, MkDir, MkFile, Rename, RmDir, SetAttr, SetXattr, Symlink, Truncate, Unlink,
-    Write, framed, paths_of,
+    Write, framed,
 )
 
 __all__ = [
@@ -193,10 +193,13 @@ class Model:
             self._fail(rec, f"the parent of {path!r} is not a directory created earlier")
 
     def apply(self, rec: object) -> None:
-        for p in paths_of(rec):
-            for s in self.sealed:
-                if p.startswith(s + "/"):
-                    self._fail(rec, f"it touches {p!r} after the SetAttr of its directory {s!r}")
+        # SetAttr of a directory comes after its contents: no entry of it is
+        # created, removed or renamed afterwards (that would change its mtime).
+        changed = (rec.path,) if isinstance(rec, (MkDir, MkFile, Symlink, HardLink, Unlink, RmDir)) else \
+            (rec.old, rec.new) if isinstance(rec, Rename) else ()
+        for p in changed:
+            if _parent(p) in self.sealed:
+                self._fail(rec, f"it changes an entry of {_parent(p)!r} after the SetAttr of that directory")
         if isinstance(rec, MkDir):
             self._new(rec, rec.path)
             self.nodes[rec.path] = {"k": "d", "mode": rec.mode & 0o7777}
@@ -360,7 +363,8 @@ _PM_CACHE: dict[tuple, Any] = {}
 
 
 def _pm(plugins: tuple = ()) -> Any:
-    key = tuple(id(p) for p in plugins)
+    # one manager per (extra plugins, environment that plugin_manager() reads)
+    key = (tuple(id(p) for p in plugins), os.environ.get("COALESCE_PLUGINS"), os.environ.get("COALESCE_FAULTS"))
     pm = _PM_CACHE.get(key)
     if pm is None:
         pm = _PM_CACHE[key] = plugin_manager(extra=plugins)
@@ -382,6 +386,9 @@ def _apply(vol: Volume, qtree: str, changes: list[object], use_purgatory: bool =
     nbytes = sum(len(r.data) for r in changes if isinstance(r, Write))
     _check(res.get("bytes") == nbytes, f"apply returned {res!r}, expected bytes={nbytes}")
     return res
+
+
+EMPTY_FP = fingerprint.digest([])
 
 
 def _fps(vol: Volume, snapshot: str | None = None) -> dict[str, str]:
@@ -781,6 +788,7 @@ def conformance_machine(make_volume_url: Callable[[], str], *, plugins: Iterable
             self.snaps: dict[str, dict[str, Any]] = {}    # name -> {"fps", "model"}
             self.exports: dict[str, str | None] = {}
             self.markers = 0
+            self.last: str | None = None                  # the newest PCPI of replication_cycle
             _apply(self.vol, "cf-other", [MkDir(path="d")] + _file_records("f", b"other", 0o644))
             self.other_fp = self.vol.fingerprint("cf-other")
 
@@ -829,14 +837,36 @@ def conformance_machine(make_volume_url: Callable[[], str], *, plugins: Iterable
                 _check(_fps(self.vol, name) == info["fps"], f"PCPI {name} changed after it was taken")
 
         # --- diff + apply
+        @rule(data=st.data(), count=st.integers(1, 8), use_purgatory=st.booleans())
+        def replication_cycle(self, data: st.DataObject, count: int, use_purgatory: bool) -> None:
+            """What the agent does on a source: change, take a new PCPI, diff from the last one."""
+            last = self.last if self.last in self.snaps else None
+            recs = draw_changes(data.draw, self.model, count, **gen)
+            note(f"source changes: {recs!r}")
+            _apply(self.vol, "src", recs)
+            free = [n for n in SNAP_NAMES if n not in self.snaps]
+            if not free:
+                victims = [n for n in sorted(self.snaps) if n != last and n not in self.exports.values()]
+                if not victims:
+                    return
+                self.vol.snapshot_delete(victims[0])
+                del self.snaps[victims[0]]
+                free = [victims[0]]
+            name = free[0]
+            _check(self.vol.snapshot_create(name) == name, "snapshot_create must return the name")
+            self.snaps[name] = {"fps": _fps(self.vol, name), "model": self.model.copy()}
+            self.last = name
+            check_diff(self.vol, "src", last, name, base_model=self.snaps[last]["model"] if last else None,
+                       target_fp=self.snaps[name]["fps"].get("src", EMPTY_FP), use_purgatory=use_purgatory)
+
         @precondition(lambda self: self.snaps)
         @rule(data=st.data(), use_purgatory=st.booleans())
         def diff_apply(self, data: st.DataObject, use_purgatory: bool) -> None:
             names_ = sorted(self.snaps)
-            base = data.draw(st.sampled_from([None] + names_))
+            base = data.draw(st.one_of(st.sampled_from(names_), st.none()))
             target = data.draw(st.sampled_from(names_))
             check_diff(self.vol, "src", base, target, base_model=self.snaps[base]["model"] if base else None,
-                       target_fp=self.snaps[target]["fps"]["src"], use_purgatory=use_purgatory)
+                       target_fp=self.snaps[target]["fps"].get("src", EMPTY_FP), use_purgatory=use_purgatory)
 
         @precondition(lambda self: self.snaps)
         @rule(data=st.data(), to_none=st.booleans())

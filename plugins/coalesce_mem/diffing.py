@@ -1,0 +1,173 @@
+"""Diff of two qtree states by path, producing records in the order contract.
+
+The algorithm is deliberately simple (compare the two trees path by path), so
+that it is easy to check and to copy into another backend:
+
+1. An entry of the base is *kept* when the target has an entry of the same
+   kind at the same path and, for symlinks, the same target, and for regular
+   files the same hard-link group (the set of names of its inode).  Everything
+   else in the base is deleted, children before parents (``Unlink``/``RmDir``),
+   before anything is created: so a replaced entry is always removed first and
+   a type change (file -> directory, ...) needs nothing special.
+2. The target is walked in pre-order (parents before children, names sorted
+   by bytes).  New directories get ``MkDir``, new files ``MkFile`` + ``Write``
+   (chunks of at most 1 MiB; all-zero chunks are skipped and a final
+   ``Truncate`` sets the size, so holes stay holes), the second and later
+   names of a new hard-link group get ``HardLink`` to the first name, new
+   symlinks ``Symlink``.  Kept files whose bytes differ get ``Truncate`` (if
+   the size changed) and ``Write`` of the differing 64 KiB blocks.
+3. Attributes come after contents: ``SetXattr`` then ``SetAttr`` for a file
+   right after its data, for a directory when the walk leaves it.
+
+No ``Rename`` is ever produced (a rename shows up as delete + create).  When
+base and target share the same frozen state (nothing was written to the
+qtree between the two PCPIs) the diff is empty without looking at the tree.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+from coalesce_core.records import (
+    MAX_DATA, Begin, End, HardLink, MkDir, MkFile, RmDir, SetAttr, SetXattr, Symlink, Truncate, Unlink, Write,
+)
+
+from .tree import Dir, File, Node, QtreeState, walk, walk_events
+from .tree import Symlink as SymNode
+
+BLOCK = 64 << 10
+
+
+def _groups(pairs: list[tuple[str, Node]]) -> dict[int, tuple[str, ...]]:
+    """id(File) -> all its names in walk order (hard-link groups)."""
+    names: dict[int, list[str]] = {}
+    for path, node in pairs:
+        if isinstance(node, File):
+            names.setdefault(id(node), []).append(path)
+    return {k: tuple(v) for k, v in names.items()}
+
+
+def _data_records(path: str, data: bytes) -> Iterator[object]:
+    """Writes for a new file: non-zero chunks, then Truncate if a hole is at the end."""
+    end = 0
+    for off in range(0, len(data), MAX_DATA):
+        chunk = data[off:off + MAX_DATA]
+        if chunk.count(0) == len(chunk):
+            continue
+        yield Write(path=path, offset=off, data=bytes(chunk))
+        end = off + len(chunk)
+    if end < len(data):
+        yield Truncate(path=path, size=len(data))
+
+
+def _delta_records(path: str, old: bytes, new: bytes) -> Iterator[object]:
+    """Truncate/Write turning ``old`` into ``new`` (differing 64 KiB blocks only)."""
+    if old == new:
+        return
+    if len(old) != len(new):
+        yield Truncate(path=path, size=len(new))
+    cur = old[:len(new)].ljust(len(new), b"\0")  # what the file holds after the Truncate
+    run_start = run_end = -1
+    for off in range(0, len(new), BLOCK):
+        end = min(off + BLOCK, len(new))
+        if new[off:end] == cur[off:end]:
+            continue
+        if run_start >= 0 and off == run_end and end - run_start <= MAX_DATA:
+            run_end = end
+            continue
+        if run_start >= 0:
+            yield Write(path=path, offset=run_start, data=bytes(new[run_start:run_end]))
+        run_start, run_end = off, end
+    if run_start >= 0:
+        yield Write(path=path, offset=run_start, data=bytes(new[run_start:run_end]))
+
+
+def _attr_records(path: str, old: Node | None, new: Node) -> Iterator[object]:
+    old_x = old.xattrs if old is not None else {}
+    for name in sorted(set(old_x) | set(new.xattrs)):
+        if old_x.get(name) != new.xattrs.get(name):
+            yield SetXattr(path=path, name=name, value=new.xattrs.get(name))
+    is_link = isinstance(new, SymNode)
+    if old is None:
+        yield SetAttr(path=path, mode=None if is_link else new.mode, uid=new.uid, gid=new.gid, mtime_ns=new.mtime_ns)
+        return
+    fields = {}
+    if not is_link and old.mode != new.mode:
+        fields["mode"] = new.mode
+    if old.uid != new.uid:
+        fields["uid"] = new.uid
+    if old.gid != new.gid:
+        fields["gid"] = new.gid
+    if old.mtime_ns != new.mtime_ns:
+        fields["mtime_ns"] = new.mtime_ns
+    if fields:
+        yield SetAttr(path=path, **fields)
+
+
+def diff_changes(base: QtreeState | None, target: QtreeState) -> Iterator[object]:
+    """The change records (without Begin/End) from ``base`` to ``target``."""
+    if base is target:
+        return
+    b_pairs = list(walk(base.root)) if base is not None else []
+    t_pairs = list(walk(target.root))
+    b_map = dict(b_pairs)
+    t_map = dict(t_pairs)
+    b_groups = _groups(b_pairs)
+    t_groups = _groups(t_pairs)
+
+    def kept(path: str) -> bool:
+        b = b_map.get(path)
+        t = t_map.get(path)
+        if b is None or t is None or b.kind != t.kind:
+            return False
+        if isinstance(t, SymNode):
+            return b.target == t.target  # type: ignore[attr-defined]
+        if isinstance(t, File):
+            return b_groups[id(b)] == t_groups[id(t)]
+        return True
+
+    keep = {p for p in b_map if kept(p)}
+
+    # 1. deletes, children before parents
+    for path, node in reversed(b_pairs):
+        if path not in keep:
+            yield RmDir(path=path) if isinstance(node, Dir) else Unlink(path=path)
+
+    # 2./3. creates, contents, attributes
+    first_name: dict[int, str] = {}
+    for event, path, node in walk_events(target.root):
+        old = b_map.get(path) if path in keep else None
+        if event == "exit":  # directories only
+            yield from _attr_records(path, old, node)
+            continue
+        if isinstance(node, Dir):
+            if old is None:
+                yield MkDir(path=path, mode=node.mode | 0o700)
+        elif isinstance(node, SymNode):
+            if old is None:
+                yield Symlink(path=path, target=node.target)
+            yield from _attr_records(path, old, node)
+        else:
+            assert isinstance(node, File)
+            if id(node) in first_name:
+                if old is None:
+                    yield HardLink(path=path, existing=first_name[id(node)])
+                continue  # one inode: contents and attributes once
+            first_name[id(node)] = path
+            if old is None:
+                yield MkFile(path=path, mode=node.mode | 0o600)
+                yield from _data_records(path, bytes(node.data))
+            else:
+                yield from _delta_records(path, bytes(old.data), bytes(node.data))  # type: ignore[attr-defined]
+            yield from _attr_records(path, old, node)
+
+
+def diff_stream(qtree: str, base_name: str | None, target_name: str,
+                base: QtreeState | None, target: QtreeState) -> Iterator[object]:
+    """The framed stream: Begin, changes, End."""
+    yield Begin(qtree=qtree, base=base_name, target=target_name)
+    n = 0
+    for rec in diff_changes(base, target):
+        n += 1
+        yield rec
+    yield End(records=n)
