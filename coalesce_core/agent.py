@@ -193,12 +193,12 @@ class Agent:
             crashpoints.hit("between_jump_ahead_pcpis")
             return ev.PurgatoryPurged()
         if isinstance(eff, fx.Export):
-            if self.state.phase == "jump_ahead_2":
+            if eff.jump:
                 crashpoints.hit("before_export_switch")
             self.dest.export(eff.mapping)
-            if self.state.phase == "jump_ahead_2":
+            if eff.jump:
                 crashpoints.hit("after_export_switch")
-            return ev.Exported()
+            return ev.Exported(jump=eff.jump)
         if isinstance(eff, fx.RemoveQtree):
             try:
                 self.dest.remove_qtree(eff.replica)

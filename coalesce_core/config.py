@@ -94,8 +94,11 @@ def parse_config(text: str, path: str = "<config>") -> GroupConfig:
     name = _name(_need(group, "name", str, where), where)
     source = _need(group, "source", str, where)
     destination = _need(group, "destination", str, where)
-    for url in (source, destination):
-        VolumeURL.parse(url)
+    for key, url in (("source", source), ("destination", destination)):
+        try:
+            VolumeURL.parse(url)
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: `{key}`: {exc.message}", hint=exc.hint) from None
     if source == destination:
         raise ConfigError(f"{where}: source and destination are the same volume", hint="replicate into another volume")
     parallel = group.get("parallel", 4)

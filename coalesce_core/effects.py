@@ -69,9 +69,13 @@ class PurgePurgatory:
 
 @attrs.frozen(hash=False)
 class Export:
-    """Switch the whole export table at once (one atomic backend call)."""
+    """Switch the whole export table at once (one atomic backend call).
+
+    ``jump`` marks the switch of a jump-ahead (branch 1032), as opposed to a
+    re-export after a break, a resync, a retry or a recovery."""
 
     mapping: Mapping[str, str | None]
+    jump: bool = False
 
 
 Effect = Union[

@@ -105,7 +105,9 @@ class PurgatoryPurged:
 
 @attrs.frozen
 class Exported:
-    pass
+    """The export table was switched; ``jump`` echoes Export.jump."""
+
+    jump: bool = False
 
 
 Request = Union[StartCycle, Tick, AddReplica, BreakMirror, Resync, Recover]

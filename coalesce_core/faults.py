@@ -69,6 +69,8 @@ class FaultInjector:
             self.rules.clear()
 
     def _match(self, hook: str, kwargs: dict[str, Any]) -> Rule | None:
+        """Count the call for every matching rule; the first that fires wins."""
+        chosen = None
         with self._lock:
             for rule in self.rules:
                 if rule.hook != hook:
@@ -78,13 +80,15 @@ class FaultInjector:
                 if rule.volume is not None and rule.volume not in _volume_text(kwargs.get("volume")):
                     continue
                 rule.calls += 1
+                if chosen is not None:
+                    continue
                 if rule.nth is not None and rule.calls != rule.nth:
                     continue
                 if rule.times is not None and rule.fired >= rule.times:
                     continue
                 rule.fired += 1
-                return rule
-        return None
+                chosen = rule
+        return chosen
 
     @staticmethod
     def _cut(records: Any, rule: Rule) -> Iterator[Any]:

@@ -60,7 +60,8 @@ def i2_bounded_extras(state: GroupState) -> Finding:
 def i4_one_coalesced_point(state: GroupState) -> Finding:
     spec = load_spec()
     in_cycle = set(spec.states_in_field("cycle"))
-    exported = {r.exported for r in state.replicas.values() if r.state in in_cycle}
+    # a replica whose baseline just finished (done) exports nothing yet: it does not count
+    exported = {r.exported for r in state.replicas.values() if r.state in in_cycle and r.exported is not None}
     ok = len(exported) <= 1
     return Finding("I4", ok, f"cycle replicas export {sorted(str(e) for e in exported) or ['(none)']}")
 

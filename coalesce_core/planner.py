@@ -154,8 +154,8 @@ class _Plan:
             self.pcpis[name] = attrs.evolve(p, releasing=True)
         self.emit(fx.ReleasePcpi(name=name))
 
-    def export(self) -> None:
-        self.emit(fx.Export(mapping={r.name: r.exported for r in self.replicas.values()}))
+    def export(self, jump: bool = False) -> None:
+        self.emit(fx.Export(mapping={r.name: r.exported for r in self.replicas.values()}, jump=jump))
 
     def decision(self) -> Decision:
         return Decision(state=self.state(), effects=tuple(self.effects), log=tuple(self.log))
@@ -199,7 +199,7 @@ def _jump_to(p: _Plan, new_base: str) -> None:
     for r in _participants(p):
         p.fire(r, "jump_ahead", exported=new_base, source_point=r.active_point,
                last_good=None, scratch=None, retries=0, next_retry=0.0, error="")
-    p.export()
+    p.export(jump=True)
 
 
 def needed_pcpis(state: GroupState) -> dict[str, frozenset[str]]:
@@ -370,8 +370,8 @@ def _purged(p: _Plan, _e: ev.PurgatoryPurged) -> None:
     p.take("new_base")
 
 
-def _exported(p: _Plan, _e: ev.Exported) -> None:
-    if p.get("phase") == "jump_ahead_2":
+def _exported(p: _Plan, e: ev.Exported) -> None:
+    if e.jump and p.get("phase") == "jump_ahead_2":
         p.phase("start_release")
         _release(p)
 

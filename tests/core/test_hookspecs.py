@@ -1,0 +1,49 @@
+"""The plugin contract: documented hookspecs, firstresult primitives, docs in sync."""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+
+import pluggy
+
+from coalesce_core import hookspecs
+from coalesce_core.plugins import plugin_manager
+
+DOC = Path(__file__).resolve().parents[2] / "docs" / "writing-a-backend.md"
+
+
+def _specs():
+    return {n: f for n, f in inspect.getmembers(hookspecs, inspect.isfunction) if n.startswith("coalesce_")}
+
+
+def test_every_hook_has_a_contract_docstring():
+    for name, f in _specs().items():
+        assert f.__doc__ and len(f.__doc__.strip()) > 30, name
+
+
+def test_primitives_are_firstresult_and_observers_broadcast():
+    pm = pluggy.PluginManager("coalesce")
+    pm.add_hookspecs(hookspecs)
+    for name in hookspecs.PRIMITIVE_HOOKS:
+        assert getattr(pm.hook, name).spec.opts["firstresult"], name
+    for name in hookspecs.OBSERVER_HOOKS:
+        assert not getattr(pm.hook, name).spec.opts["firstresult"], name
+    assert set(hookspecs.PRIMITIVE_HOOKS) | set(hookspecs.OBSERVER_HOOKS) | {
+        "coalesce_backend_info", "coalesce_cli_commands"} == set(_specs())
+
+
+def test_every_hook_is_documented_for_backend_writers():
+    text = DOC.read_text()
+    missing = [n for n in _specs() if n not in text]
+    assert not missing, f"hooks missing from docs/writing-a-backend.md: {missing}"
+
+
+def test_every_primitive_is_served_by_each_bundled_backend():
+    pm = plugin_manager()
+    for backend in ("mem", "sim", "btrfs", "zfs"):
+        plugin = pm.get_plugin(backend)
+        assert plugin is not None, backend
+        missing = [h for h in hookspecs.PRIMITIVE_HOOKS
+                   if h not in ("coalesce_rollback",) and not hasattr(plugin, h)]
+        assert not missing, f"{backend} lacks {missing}"
