@@ -2,7 +2,8 @@
 
 One function (:func:`plugin_manager`) builds the pluggy manager: hookspecs,
 the core's own generic plugin, every entry point of ``coalesce.backends``
-(bundled backends are registered exactly like third-party ones), the
+and ``coalesce.observers`` (bundled plugins are registered exactly like
+third-party ones), the
 modules named in ``COALESCE_PLUGINS`` (comma-separated, like PYTEST_PLUGINS),
 and a fault injector when ``COALESCE_FAULTS`` holds rules (faults.parse_rules).
 Nothing in coalesce_core imports a backend by name.
@@ -27,6 +28,7 @@ from .errors import BackendError, UnknownBackend
 from .volume import VolumeURL
 
 ENTRY_POINT_GROUP = "coalesce.backends"
+OBSERVER_GROUP = "coalesce.observers"
 PROJECT = "coalesce"
 
 
@@ -35,7 +37,8 @@ def plugin_manager(extra: Iterable[object] = ()) -> pluggy.PluginManager:
     pm = pluggy.PluginManager(PROJECT)
     pm.add_hookspecs(hookspecs)
     pm.register(GenericRollback(pm), name="coalesce.generic")
-    for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
+    eps = [*metadata.entry_points(group=ENTRY_POINT_GROUP), *metadata.entry_points(group=OBSERVER_GROUP)]
+    for ep in eps:
         if pm.get_plugin(ep.name) is not None or pm.is_blocked(ep.name):
             continue
         try:
