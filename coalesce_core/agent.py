@@ -17,6 +17,7 @@ import threading
 import time
 from typing import Any, Callable, Iterable, Iterator
 
+import attrs
 import pluggy
 
 from . import codec, crashpoints
@@ -26,7 +27,7 @@ from .config import GroupConfig
 from .crashpoints import SimulatedCrash
 from .errors import CoalesceError, MetadataError
 from .ledger import Ledger
-from .planner import Decision, decide, pcpi_prefix, source_prefix
+from .planner import Decision, decide, is_group_pcpi, is_group_source_pcpi
 from .plugins import Volume, plugin_manager
 from .state import GroupState, Replica
 
@@ -70,7 +71,7 @@ class Agent:
         pm = pm or plugin_manager(plugins)
         source, dest = cls._volumes(config, pm, create=True)
         path = config.ledger_path(dest.metadata_dir())
-        ours = [n for n in dest.snapshot_list() if n.startswith(pcpi_prefix(config.name))]
+        ours = [n for n in dest.snapshot_list() if is_group_pcpi(config.name, n)]
         if ours and not path.exists():
             raise MetadataError(
                 f"the destination already holds {len(ours)} PCPIs of group {config.name!r} but no metadata at {path}",
@@ -89,6 +90,10 @@ class Agent:
         source, dest = cls._volumes(config, pm, create=False)
         ledger = Ledger.open(config.ledger_path(dest.metadata_dir()), group=config.name)
         agent = cls(config, pm, source, dest, ledger, clock)
+        if agent.state.retry != config.retry:  # the config is the source of policy
+            new = attrs.evolve(agent.state, retry=config.retry)
+            ledger.commit(agent.state, new, now=clock())
+            agent.state = new
         for rc in config.replicas:
             if rc.name not in agent.state.replicas:
                 agent.handle(ev.AddReplica(name=rc.name, source_qtree=rc.source))
@@ -273,8 +278,8 @@ class Agent:
     def recover(self) -> None:
         """Reconcile the ledger with the volumes and finish or undo what was in flight."""
         group = self.state.name
-        dest = frozenset(n for n in self.dest.snapshot_list() if n.startswith(pcpi_prefix(group)))
-        src = frozenset(n for n in self.source.snapshot_list() if n.startswith(source_prefix(group)))
+        dest = frozenset(n for n in self.dest.snapshot_list() if is_group_pcpi(group, n))
+        src = frozenset(n for n in self.source.snapshot_list() if is_group_source_pcpi(group, n))
         self.handle(ev.Recover(now=self.clock(), destination_pcpis=dest, source_pcpis=src))
 
     def tick(self) -> None:

@@ -20,6 +20,7 @@
 
 from __future__ import annotations
 
+import math
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -99,13 +100,13 @@ def parse_config(text: str, path: str = "<config>") -> GroupConfig:
             VolumeURL.parse(url)
         except ConfigError as exc:
             raise ConfigError(f"{where}: `{key}`: {exc.message}", hint=exc.hint) from None
-    if source == destination:
+    if VolumeURL.parse(source) == VolumeURL.parse(destination):
         raise ConfigError(f"{where}: source and destination are the same volume", hint="replicate into another volume")
     parallel = group.get("parallel", 4)
     if not isinstance(parallel, int) or isinstance(parallel, bool) or not 1 <= parallel <= 256:
         raise ConfigError(f"{where}: `parallel` must be an integer from 1 to 256")
     interval = group.get("interval", 300)
-    if not isinstance(interval, (int, float)) or isinstance(interval, bool) or interval <= 0:
+    if not isinstance(interval, (int, float)) or isinstance(interval, bool) or not math.isfinite(interval) or interval <= 0:
         raise ConfigError(f"{where}: `interval` must be a positive number of seconds")
     metadata = group.get("metadata")
     if metadata is not None and not isinstance(metadata, str):
@@ -124,6 +125,8 @@ def parse_config(text: str, path: str = "<config>") -> GroupConfig:
         raise ConfigError(f"{path}: `replica` must be an array of tables ([[replica]])")
     for i, r in enumerate(raw):
         w = f"{path} [[replica]] #{i + 1}"
+        if not isinstance(r, dict):
+            raise ConfigError(f"{w}: must be a table ([[replica]] with name = ...)")
         if set(r) - {"name", "source"}:
             raise ConfigError(f"{w}: unknown key(s) {sorted(set(r) - {'name', 'source'})}", hint="known keys: name, source")
         rname = _name(_need(r, "name", str, w), w)

@@ -57,6 +57,8 @@ def _parse(spec: str) -> tuple[str, int]:
     name, _, n = spec.partition(":")
     if name not in CRASH_POINTS:
         raise UnknownCrashPoint(f"unknown crash point {name!r}; known: {', '.join(CRASH_POINTS)}")
+    if n and (not n.isdigit() or int(n) < 1):
+        raise UnknownCrashPoint(f"crash point pass count {n!r} must be a positive integer ({spec!r})")
     return name, int(n or 1)
 
 

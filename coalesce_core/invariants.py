@@ -13,7 +13,7 @@ from typing import Any, Iterable, Mapping
 import attrs
 
 from .hookspecs import ACTIVE
-from .planner import pcpi_prefix
+from .planner import is_group_pcpi
 from .spec import Spec, load_spec
 from .state import CYCLE_ROLES, INDIVIDUAL, GroupState
 
@@ -99,7 +99,7 @@ def live_check(state: GroupState, source: Any, dest: Any, previous_points: Mappi
                edges: Iterable[tuple[str | None, str, str, str]] = ()) -> list[Finding]:
     """I1-I5, I8 and I9 on a live group; ``source``/``dest`` are plugins.Volume."""
     out: list[Finding] = []
-    held = set(n for n in dest.snapshot_list() if n.startswith(pcpi_prefix(state.name)))
+    held = set(n for n in dest.snapshot_list() if is_group_pcpi(state.name, n))
     roles = {p.name: p.role for p in state.pcpis.values()}
     cycle_held = sorted(n for n in held if roles.get(n) in CYCLE_ROLES)
     unknown = sorted(n for n in held if n not in roles)

@@ -37,7 +37,8 @@ CREATE TABLE IF NOT EXISTS cycles (
     cycle INTEGER PRIMARY KEY, started REAL, ended REAL, report TEXT NOT NULL);
 """
 
-_GROUP_FIELDS = ("phase", "cycle", "seq", "cycle_target", "purged", "cycle_started", "cycle_failures")
+_GROUP_FIELDS = ("phase", "cycle", "seq", "cycle_target", "transfers_started", "purged", "cycle_started",
+                 "cycle_failures")
 
 
 def _dump(obj: Any) -> str:
@@ -80,7 +81,6 @@ class Ledger:
             conn.executemany("INSERT INTO meta VALUES (?, ?)", [
                 ("schema_version", str(SCHEMA_VERSION)),
                 ("group", state.name),
-                ("retry", json.dumps(attrs.asdict(state.retry))),
             ])
             led._write(None, state)
         return led
@@ -91,26 +91,38 @@ class Ledger:
         if not path.exists():
             raise MetadataError(f"no metadata file at {path}",
                                 hint="run `coalesce init` for a new group, or restore the .coalesce/ directory from a backup")
+        cls._validate(path, group)  # read-only: a file we cannot use is never written to
+        return cls(path, cls._connect(path))
+
+    @staticmethod
+    def _validate(path: Path, group: str | None) -> None:
+        damaged = ("nothing was changed; restore it from a backup (the volumes and their PCPIs are intact), "
+                   "or move it aside and contact support before re-initialising")
+        if path.stat().st_size == 0:
+            raise MetadataError(f"metadata file {path} is empty", hint=damaged)
         try:
-            conn = cls._connect(path)
-            ok = conn.execute("PRAGMA quick_check").fetchone()[0]
+            ro = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        except sqlite3.Error as exc:
+            raise MetadataError(f"metadata file {path} cannot be opened: {exc}", hint=damaged) from None
+        try:
+            ok = ro.execute("PRAGMA quick_check").fetchone()[0]
             if ok != "ok":
                 raise sqlite3.DatabaseError(ok)
-            version = conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
-            stored_group = conn.execute("SELECT value FROM meta WHERE key='group'").fetchone()
+            meta = dict(ro.execute("SELECT key, value FROM meta").fetchall())
         except sqlite3.DatabaseError as exc:
-            raise MetadataError(
-                f"metadata file {path} is damaged: {exc}",
-                hint="nothing was changed; restore it from a backup (the volumes and their PCPIs are intact), "
-                     "or move it aside and contact support before re-initialising",
-            ) from None
-        if version is None or int(version[0]) != SCHEMA_VERSION:
-            raise MetadataError(f"metadata file {path} has schema {version and version[0]}, expected {SCHEMA_VERSION}",
+            raise MetadataError(f"metadata file {path} is damaged or not a coalesce ledger: {exc}", hint=damaged) from None
+        finally:
+            ro.close()
+        version = meta.get("schema_version")
+        if version is None or not version.isdigit() or int(version) != SCHEMA_VERSION:
+            raise MetadataError(f"metadata file {path} has schema {version}, expected {SCHEMA_VERSION}",
                                 hint="use the coalesce version that wrote it")
-        if group is not None and stored_group[0] != group:
-            raise MetadataError(f"metadata file {path} belongs to group {stored_group[0]!r}, not {group!r}",
+        stored = meta.get("group")
+        if stored is None:
+            raise MetadataError(f"metadata file {path} names no group", hint=damaged)
+        if group is not None and stored != group:
+            raise MetadataError(f"metadata file {path} belongs to group {stored!r}, not {group!r}",
                                 hint="check [group] name and metadata in the config")
-        return cls(path, conn)
 
     def close(self) -> None:
         self.conn.close()
@@ -166,6 +178,8 @@ class Ledger:
     def _write(self, old: GroupState | None, new: GroupState) -> None:
         c = self.conn
         rows = []
+        if old is None or old.retry != new.retry:
+            rows.append(("retry", json.dumps(attrs.asdict(new.retry))))
         for k in _GROUP_FIELDS:
             v = getattr(new, k)
             if old is None or getattr(old, k) != v:

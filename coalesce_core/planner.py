@@ -27,6 +27,7 @@ The group procedures, in the patent's words:
 
 from __future__ import annotations
 
+import re
 from typing import Callable, Iterable
 
 import attrs
@@ -64,12 +65,24 @@ class NotNow(CoalesceError):
 
 
 def pcpi_prefix(group: str) -> str:
-    """Every PCPI the group takes starts with this (reconciliation relies on it)."""
+    """Every PCPI the group takes starts with this."""
     return f"co-{group}-"
 
 
 def source_prefix(group: str) -> str:
     return f"co-{group}-src-"
+
+
+def is_group_pcpi(group: str, name: str) -> bool:
+    """True for a destination PCPI name this group makes: ``co-<group>-<6 digits>-<role>``.
+
+    Exact, so group ``g`` never claims ``co-g-x-000002-base`` of group ``g-x``."""
+    return re.fullmatch(rf"co-{re.escape(group)}-\d{{6}}-[a-z_]+", name) is not None
+
+
+def is_group_source_pcpi(group: str, name: str) -> bool:
+    """True for a source PCPI name this group makes: ``co-<group>-src-<6 digits>``."""
+    return re.fullmatch(rf"co-{re.escape(group)}-src-\d{{6}}", name) is not None
 
 
 class _Plan:
@@ -252,7 +265,7 @@ def _maybe_finish(p: _Plan) -> None:
     if any(x.releasing for x in p.pcpis.values()) or any(x.releasing for x in p.source_pcpis.values()):
         return
     p.phase("finish_cycle")
-    p.set(cycle_target=None, purged=False)
+    p.set(cycle_target=None, purged=False, transfers_started=False)
 
 
 # ---------------------------------------------------------------------------
@@ -260,7 +273,7 @@ def _maybe_finish(p: _Plan) -> None:
 # ---------------------------------------------------------------------------
 def _start_cycle(p: _Plan, e: ev.StartCycle) -> None:
     p.phase("start_cycle")
-    p.set(cycle=p.get("cycle") + 1, cycle_started=e.now, cycle_failures=0, purged=False)
+    p.set(cycle=p.get("cycle") + 1, cycle_started=e.now, cycle_failures=0, purged=False, transfers_started=False)
     name = p.new_name("src")
     p.source_pcpis[name] = SourcePcpi(name=name, cycle=p.get("cycle"))
     p.set(cycle_target=name)
@@ -272,15 +285,21 @@ def _source_taken(p: _Plan, e: ev.SourcePcpiTaken) -> None:
     if sp is None:
         return
     p.source_pcpis[e.name] = attrs.evolve(sp, taken=True)
-    if p.get("phase") != "updating" or p.get("cycle_target") != e.name:
+    if p.get("phase") != "updating" or p.get("cycle_target") != e.name or p.get("transfers_started"):
         return
+    _start_transfers(p, e.name)
+
+
+def _start_transfers(p: _Plan, target: str) -> None:
+    """Cycle start proper: every stable replica updates, every uninitialized one baselines."""
+    p.set(transfers_started=True)
     for r in p.in_state("stable", "uninitialized"):
         if r.state == "stable":
-            r = p.fire(r, "start_update", target=e.name, error="")
-            p.emit(fx.Transfer(replica=r.name, source_qtree=r.source_qtree, base=r.active_point, target=e.name))
+            r = p.fire(r, "start_update", target=target, error="")
+            p.emit(fx.Transfer(replica=r.name, source_qtree=r.source_qtree, base=r.active_point, target=target))
         else:
-            r = p.fire(r, "start_baseline", target=e.name, error="")
-            p.emit(fx.Transfer(replica=r.name, source_qtree=r.source_qtree, base=None, target=e.name))
+            r = p.fire(r, "start_baseline", target=target, error="")
+            p.emit(fx.Transfer(replica=r.name, source_qtree=r.source_qtree, base=None, target=target))
     _advance(p)
 
 
@@ -442,12 +461,12 @@ def _recover(p: _Plan, e: ev.Recover) -> None:
             else:
                 del p.pcpis[name]
                 for r in list(p.replicas.values()):
-                    if r.scratch == name:
-                        p.update(r, scratch=None)
+                    if r.scratch == name:  # an abandoned retry/resync: export the last good image
+                        p.update(r, scratch=None, exported=r.last_good)
         elif pcpi.releasing:
             releases.append(fx.ReleasePcpi(name=name))
     for name in sorted(e.destination_pcpis):
-        if name.startswith(pcpi_prefix(group)) and not name.startswith(source_prefix(group)) and name not in p.pcpis:
+        if is_group_pcpi(group, name) and name not in p.pcpis:
             releases.append(fx.ReleasePcpi(name=name))  # taken but never recorded: nobody exports it
     for name, sp in sorted(p.source_pcpis.items()):
         if not sp.taken:
@@ -460,7 +479,7 @@ def _recover(p: _Plan, e: ev.Recover) -> None:
         elif sp.releasing:
             releases.append(fx.ReleaseSourcePcpi(name=name))
     for name in sorted(e.source_pcpis):
-        if name.startswith(source_prefix(group)) and name not in p.source_pcpis:
+        if is_group_source_pcpi(group, name) and name not in p.source_pcpis:
             releases.append(fx.ReleaseSourcePcpi(name=name))
     # 2. replicas: update -> rollback, baseline -> remove partial data, retries abandoned
     scratches = []
@@ -486,7 +505,10 @@ def _recover(p: _Plan, e: ev.Recover) -> None:
     if phase == "updating":
         src = p.source_pcpis.get(p.get("cycle_target") or "")
         if src is not None and src.taken:
-            _advance(p)
+            if p.get("transfers_started"):
+                _advance(p)
+            else:  # the source PCPI was taken but the crash came before the transfers began
+                _start_transfers(p, src.name)
     elif phase == "rolling_back":
         for pcpi in list(p.pcpis.values()):
             if pcpi.role == "rollback" and not pcpi.releasing:

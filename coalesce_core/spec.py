@@ -120,12 +120,20 @@ def _machine(name: str, table: dict[str, Any], where: str) -> MachineSpec:
         raw_transitions = table["transitions"]
     except KeyError as exc:
         raise ConfigError(f"{where}: [{name}] lacks {exc.args[0]!r}") from None
+    allowed = {a.name for a in attrs.fields(StateSpec)} - {"name"}
+    for k, v in raw_states.items():
+        if not isinstance(v, dict) or set(v) - allowed:
+            bad = sorted(set(v) - allowed) if isinstance(v, dict) else v
+            raise ConfigError(f"{where}: [{name}.states.{k}] has unknown key(s) {bad}", hint=f"known keys: {sorted(allowed)}")
     states = tuple(StateSpec(name=k, **v) for k, v in raw_states.items())
     names = {s.name for s in states}
     if initial not in names:
         raise ConfigError(f"{where}: [{name}] initial state {initial!r} is not a state")
     transitions = []
     for i, t in enumerate(raw_transitions):
+        missing = [k for k in ("trigger", "source", "dest") if k not in t]
+        if missing:
+            raise ConfigError(f"{where}: [{name}] transition #{i} lacks {missing}")
         src = t["source"]
         src = (src,) if isinstance(src, str) else tuple(src)
         tr = TransitionSpec(

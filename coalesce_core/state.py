@@ -119,6 +119,7 @@ class GroupState:
     pcpis: Mapping[str, Pcpi] = attrs.field(factory=dict)
     source_pcpis: Mapping[str, SourcePcpi] = attrs.field(factory=dict)
     cycle_target: str | None = None
+    transfers_started: bool = False
     purged: bool = False
     retry: RetryPolicy = RetryPolicy()
     cycle_started: float = 0.0

@@ -1,0 +1,257 @@
+"""The group's TOML configuration: the valid form, and every error path of parse_config.
+
+Every problem must be a ConfigError (exit code 2) naming the key or table
+that is wrong, so a person can fix the file.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from coalesce_core.config import GroupConfig, ReplicaConfig, load_config, parse_config, replica_block
+from coalesce_core.errors import ConfigError
+from coalesce_core.state import RetryPolicy
+
+FULL = """\
+# a complete group
+[group]
+name = "home.v2"
+source = "sim:///srv/src"
+destination = "btrfs:///mnt/pool/dst"
+parallel = 8
+interval = 90.5
+metadata = "/var/lib/coalesce"
+
+[group.retry]
+initial = 15
+factor = 1.5
+maximum = 600
+
+[[replica]]
+name = "A"
+source = "srcA"
+
+[[replica]]
+name = "B"
+"""
+
+MIN = """\
+[group]
+name = "g"
+source = "mem://s"
+destination = "mem://d"
+"""
+
+
+def group_with(**kv) -> str:
+    """MIN with keys of [group] replaced (None removes the key)."""
+    base = {"name": '"g"', "source": '"mem://s"', "destination": '"mem://d"'}
+    base.update(kv)
+    lines = ["[group]"] + [f"{k} = {v}" for k, v in base.items() if v is not None]
+    return "\n".join(lines) + "\n"
+
+
+def err(text: str, path: str = "cfg.toml") -> ConfigError:
+    with pytest.raises(ConfigError) as ei:
+        parse_config(text, path)
+    assert ei.value.exit_code == 2
+    assert path in str(ei.value), f"the message should name the file: {ei.value}"
+    return ei.value
+
+
+def test_full_config_parses_to_the_right_group_config():
+    cfg = parse_config(FULL, "/etc/coalesce/home.toml")
+    assert cfg == GroupConfig(
+        name="home.v2", source="sim:///srv/src", destination="btrfs:///mnt/pool/dst", parallel=8, interval=90.5,
+        metadata="/var/lib/coalesce", retry=RetryPolicy(initial=15.0, factor=1.5, maximum=600.0),
+        replicas=(ReplicaConfig(name="A", source="srcA"), ReplicaConfig(name="B", source="B")),
+        path="/etc/coalesce/home.toml",
+    )
+    assert str(cfg.ledger_path(None)) == "/var/lib/coalesce/home.v2.sqlite"
+
+
+def test_defaults():
+    cfg = parse_config(MIN)
+    assert (cfg.parallel, cfg.interval, cfg.metadata, cfg.retry, cfg.replicas) == (4, 300.0, None, RetryPolicy(), ())
+    assert isinstance(cfg.interval, float)
+    assert str(cfg.ledger_path("/vol/.coalesce")) == "/vol/.coalesce/g.sqlite"
+    with pytest.raises(ConfigError, match="metadata") as ei:
+        cfg.ledger_path(None)
+    assert "metadata" in ei.value.hint
+
+
+def test_missing_group_table():
+    e = err('[[replica]]\nname = "A"\n')
+    assert "[group]" in str(e) and e.hint
+
+
+def test_group_that_is_not_a_table():
+    assert "[group]" in str(err('group = "x"\n'))
+
+
+@pytest.mark.parametrize("key", ["name", "source", "destination"])
+def test_missing_required_key(key):
+    e = err(group_with(**{key: None}))
+    assert f"`{key}`" in str(e) and "missing" in str(e)
+    assert key in e.hint
+
+
+@pytest.mark.parametrize("key", ["name", "source", "destination"])
+def test_required_key_of_wrong_type(key):
+    assert f"`{key}`" in str(err(group_with(**{key: "42"})))
+
+
+@pytest.mark.parametrize("bad", ['"a b"', '"-lead"', '".dot"', '"x/y"', '""', '"' + "a" * 65 + '"', '"ü"', '"a:b"'])
+def test_bad_group_name(bad):
+    e = err(group_with(name=bad))
+    assert "not a valid name" in str(e) and "[group]" in str(e)
+
+
+def test_name_of_64_characters_is_fine():
+    assert parse_config(group_with(name='"' + "a" * 64 + '"')).name == "a" * 64
+
+
+def test_same_source_and_destination():
+    assert "same volume" in str(err(group_with(destination='"mem://s"')))
+
+
+def test_same_volume_spelt_two_ways():
+    err(group_with(destination='"MEM://s"'))
+
+
+@pytest.mark.parametrize("value", ["0", "257", "-1", "1.5", "true", '"4"'])
+def test_bad_parallel(value):
+    assert "`parallel`" in str(err(group_with(parallel=value)))
+
+
+@pytest.mark.parametrize("value", ["1", "256"])
+def test_parallel_bounds_are_inclusive(value):
+    assert parse_config(group_with(parallel=value)).parallel == int(value)
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "true", '"300"', "[1]"])
+def test_bad_interval(value):
+    assert "`interval`" in str(err(group_with(interval=value)))
+
+
+def test_nan_interval():
+    assert "`interval`" in str(err(group_with(interval="nan")))
+
+
+def test_bad_metadata_type():
+    assert "`metadata`" in str(err(group_with(metadata="3")))
+
+
+@pytest.mark.parametrize("retry", [
+    "initial = -1", "factor = 0.5", "maximum = -3", 'initial = "soon"', "initial = [1]", "initial = nan",
+])
+def test_bad_retry_value(retry):
+    e = err(MIN + "[group.retry]\n" + retry + "\n")
+    assert "retry" in str(e)
+
+
+def test_unknown_retry_key():
+    e = err(MIN + "[group.retry]\ninitial = 1\njitter = 2\n")
+    assert "[group.retry]" in str(e) and "initial, factor, maximum" in str(e)
+
+
+def test_retry_that_is_not_a_table():
+    assert "retry" in str(err(group_with(retry="5")))
+
+
+def test_unknown_group_key():
+    e = err(group_with(paralel="4"))
+    assert "paralel" in str(e) and "parallel" in e.hint
+
+
+def test_unknown_top_level_table():
+    e = err(MIN + "[replicas]\nname = 'x'\n")
+    assert "replicas" in str(e) and e.hint
+
+
+def test_unknown_replica_key():
+    e = err(MIN + '[[replica]]\nname = "A"\nsrc = "B"\n')
+    assert "src" in str(e) and "[[replica]] #1" in str(e)
+
+
+def test_replica_without_name():
+    e = err(MIN + '[[replica]]\nname = "A"\n[[replica]]\nsource = "B"\n')
+    assert "`name`" in str(e) and "[[replica]] #2" in str(e)
+
+
+@pytest.mark.parametrize("block", ['name = "a b"', 'name = "A"\nsource = "../etc"', 'name = "A"\nsource = 3'])
+def test_replica_bad_names(block):
+    e = err(MIN + "[[replica]]\n" + block + "\n")
+    assert "[[replica]] #1" in str(e)
+
+
+def test_duplicate_replica():
+    e = err(MIN + '[[replica]]\nname = "A"\n[[replica]]\nname = "B"\n[[replica]]\nname = "A"\n')
+    assert "'A' appears twice" in str(e) and "#3" in str(e)
+
+
+def test_replica_key_that_is_not_an_array_of_tables():
+    assert "[[replica]]" in str(err('replica = "A"\n' + MIN))
+
+
+def test_replica_array_of_non_tables():
+    err("replica = [1, 2]\n" + MIN)
+
+
+def test_invalid_toml_reports_the_line():
+    text = MIN + 'parallel = \n'
+    e = err(text)
+    assert "not valid TOML" in str(e) and "line 5" in str(e)
+    assert "line" in e.hint
+
+
+@pytest.mark.parametrize("url", ['"nourl"', '"://x"', '"mem://"', '"bad scheme://x"'])
+@pytest.mark.parametrize("key", ["source", "destination"])
+def test_bad_volume_url(url, key):
+    with pytest.raises(ConfigError, match="not a volume URL") as ei:
+        parse_config(group_with(**{key: url}), "cfg.toml")
+    assert "scheme://" in ei.value.hint
+
+
+@pytest.mark.parametrize("key", ["source", "destination"])
+def test_bad_volume_url_names_the_key_and_file(key):
+    e = err(group_with(**{key: '"nourl"'}))
+    assert f"`{key}`" in str(e)
+    assert "nourl" in str(e)
+
+
+def test_load_config_of_a_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="no config file") as ei:
+        load_config(tmp_path / "missing.toml")
+    assert str(tmp_path / "missing.toml") in str(ei.value) and "--config" in ei.value.hint
+
+
+def test_load_config_of_a_directory(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path)
+
+
+def test_load_config_reads_the_file_and_records_its_path(tmp_path):
+    p = tmp_path / "g.toml"
+    p.write_text(FULL)
+    cfg = load_config(p)
+    assert cfg.path == str(p) and cfg.name == "home.v2"
+
+
+@pytest.mark.parametrize("base", [FULL, MIN, MIN.rstrip("\n")])
+def test_replica_block_appended_to_a_config_reparses(base):
+    text = base + replica_block("C.new", "src-c")
+    cfg = parse_config(text)
+    assert cfg.replicas[-1] == ReplicaConfig(name="C.new", source="src-c")
+    assert len(cfg.replicas) == len(parse_config(base).replicas) + 1
+
+
+def test_replica_block_after_a_retry_table():
+    text = MIN + "[group.retry]\ninitial = 1\n" + replica_block("Z", "Z")
+    cfg = parse_config(text)
+    assert cfg.retry.initial == 1.0 and cfg.replicas == (ReplicaConfig("Z", "Z"),)
+
+
+def test_replica_block_for_an_existing_name_is_caught():
+    with pytest.raises(ConfigError, match="appears twice"):
+        parse_config(FULL + replica_block("A", "other"))

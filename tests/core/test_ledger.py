@@ -1,0 +1,376 @@
+"""The ledger: the group's persisted state in SQLite (I6 durability).
+
+Round trips, write-ahead commits of only the changed rows, WAL +
+synchronous=FULL, the transitions log and the cycles table, and every way a
+metadata file can be missing, damaged or foreign: each is a MetadataError
+with a hint, and the file is left byte for byte as it was.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import attrs
+import pytest
+
+from coalesce_core import events as ev
+from coalesce_core.errors import MetadataError
+from coalesce_core.hookspecs import ACTIVE
+from coalesce_core.ledger import SCHEMA_VERSION, Ledger, iter_log_edges
+from coalesce_core.planner import Transition, decide
+from coalesce_core.state import GroupState, Pcpi, Replica, RetryPolicy, SourcePcpi
+
+
+def sample_state(n: int = 5) -> GroupState:
+    replicas = {f"r{i}": Replica(name=f"r{i}", source_qtree=f"q{i}", state="stable", exported="co-g-000002-base",
+                                 source_point="co-g-src-000001", active_point="co-g-src-000001", records=i, nbytes=i * 10)
+                for i in range(n)}
+    replicas["u"] = Replica(name="u", source_qtree="u", state="unstable_uncoalesced", exported="co-g-000001-individual",
+                            last_good="co-g-000001-individual", scratch="co-g-000003-individual", retries=3,
+                            next_retry=123.5, error="boom: it broke")
+    replicas["k"] = Replica(name="k", source_qtree="k", state="broken", exported=ACTIVE, last_good="co-g-000002-base")
+    pcpis = {
+        "co-g-000002-base": Pcpi(name="co-g-000002-base", role="base", cycle=1, taken=True),
+        "co-g-000001-individual": Pcpi(name="co-g-000001-individual", role="individual", cycle=1, taken=True,
+                                       owners=frozenset({"u", "k"})),
+        "co-g-000003-individual": Pcpi(name="co-g-000003-individual", role="individual", cycle=1, taken=False,
+                                       releasing=False, owners=frozenset({"u"})),
+    }
+    sps = {"co-g-src-000001": SourcePcpi(name="co-g-src-000001", cycle=1, taken=True),
+           "co-g-src-000000": SourcePcpi(name="co-g-src-000000", cycle=0, taken=True, releasing=True)}
+    return GroupState(name="g", phase="updating", cycle=7, seq=42, replicas=replicas, pcpis=pcpis, source_pcpis=sps,
+                      cycle_target="co-g-src-000001", purged=True, retry=RetryPolicy(initial=5.0, factor=3.0, maximum=99.0),
+                      cycle_started=17.25, cycle_failures=2)
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture
+def ledger_file(tmp_path: Path) -> Path:
+    path = tmp_path / "meta" / "g.sqlite"
+    Ledger.create(path, sample_state()).close()
+    return path
+
+
+# ---------------------------------------------------------------------------
+# round trips
+# ---------------------------------------------------------------------------
+def test_create_open_load_round_trip_I6(ledger_file):
+    led = Ledger.open(ledger_file, group="g")
+    loaded = led.load()
+    led.close()
+    assert loaded == sample_state()
+    assert loaded.pcpis["co-g-000001-individual"].owners == frozenset({"u", "k"})
+    assert isinstance(loaded.pcpis["co-g-000001-individual"].owners, frozenset)
+    assert loaded.retry == RetryPolicy(initial=5.0, factor=3.0, maximum=99.0)
+    assert loaded.replicas["k"].exported == ACTIVE
+
+
+def test_open_without_group_check(ledger_file):
+    led = Ledger.open(ledger_file)
+    assert led.load().name == "g"
+    led.close()
+
+
+def test_empty_group_round_trip(tmp_path):
+    st = GroupState(name="empty")
+    Ledger.create(tmp_path / "e.sqlite", st).close()
+    led = Ledger.open(tmp_path / "e.sqlite", group="empty")
+    assert led.load() == st
+    led.close()
+
+
+def test_commit_then_reopen_sees_the_new_state(ledger_file):
+    led = Ledger.open(ledger_file, group="g")
+    old = led.load()
+    new = old.with_replica(attrs.evolve(old.replicas["r1"], state="update", target="co-g-src-000009"))
+    new = attrs.evolve(new, seq=43, phase="rolling_back").without_pcpi("co-g-000003-individual")
+    new = new.with_pcpi(Pcpi(name="co-g-000043-rollback", role="rollback", cycle=7))
+    new = new.without_source_pcpi("co-g-src-000000")
+    led.commit(old, new, [Transition("r1", "start_update", "stable", "update")], now=5.0)
+    led.close()
+    led = Ledger.open(ledger_file, group="g")
+    assert led.load() == new
+    led.close()
+
+
+# ---------------------------------------------------------------------------
+# write-ahead: only what changed is written, in one transaction
+# ---------------------------------------------------------------------------
+def _rowids(conn: sqlite3.Connection, table: str) -> dict[str, int]:
+    return dict(conn.execute(f"SELECT name, rowid FROM {table}").fetchall())
+
+
+def test_commit_writes_only_changed_rows(ledger_file):
+    led = Ledger.open(ledger_file, group="g")
+    old = led.load()
+    before = {t: _rowids(led.conn, t) for t in ("replicas", "pcpis", "source_pcpis")}
+    new = old.with_replica(attrs.evolve(old.replicas["r3"], state="update"))
+    changes = led.conn.total_changes
+    led.commit(old, new)
+    assert led.conn.total_changes - changes == 1  # one replica row, no meta, no other table
+    after = {t: _rowids(led.conn, t) for t in ("replicas", "pcpis", "source_pcpis")}
+    assert after["pcpis"] == before["pcpis"] and after["source_pcpis"] == before["source_pcpis"]
+    moved = {n for n in before["replicas"] if before["replicas"][n] != after["replicas"][n]}
+    assert moved == {"r3"}
+    assert led.commits == 1
+    led.close()
+
+
+def test_commit_of_identical_state_writes_nothing(ledger_file):
+    led = Ledger.open(ledger_file, group="g")
+    old = led.load()
+    changes = led.conn.total_changes
+    led.commit(old, old)
+    assert led.conn.total_changes == changes
+    led.close()
+
+
+def test_commit_writes_changed_group_fields_and_deletions(ledger_file):
+    led = Ledger.open(ledger_file, group="g")
+    old = led.load()
+    new = attrs.evolve(old.without_pcpi("co-g-000003-individual"), seq=50)
+    changes = led.conn.total_changes
+    led.commit(old, new)
+    assert led.conn.total_changes - changes == 2  # meta 'seq' + one deleted PCPI row
+    assert json.loads(led.conn.execute("SELECT value FROM meta WHERE key='seq'").fetchone()[0]) == 50
+    assert led.conn.execute("SELECT count(*) FROM pcpis").fetchone()[0] == 2
+    led.close()
+
+
+def test_commit_through_decide_rewrites_only_the_replicas_the_decision_touched(tmp_path):
+    reps = {n: Replica(name=n, source_qtree=n, state="update", exported="co-g-000002-base",
+                       source_point="co-g-src-000001", active_point="co-g-src-000001", target="co-g-src-000003")
+            for n in ("A", "B", "C", "D")}
+    st = GroupState(name="g", phase="updating", cycle=2, seq=3, replicas=reps, cycle_target="co-g-src-000003",
+                    pcpis={"co-g-000002-base": Pcpi("co-g-000002-base", "base", 1, True)},
+                    source_pcpis={"co-g-src-000003": SourcePcpi("co-g-src-000003", 2, True)})
+    led = Ledger.create(tmp_path / "g.sqlite", st)
+    before = _rowids(led.conn, "replicas")
+    d = decide(st, ev.TransferDone(replica="B", ok=True))
+    led.commit(st, d.state, d.log)
+    after = _rowids(led.conn, "replicas")
+    assert {n for n in before if before[n] != after[n]} == {"B"}
+    assert _rowids(led.conn, "pcpis") == {"co-g-000002-base": 1}
+    led.close()
+
+
+def test_a_failed_commit_is_rolled_back_entirely(ledger_file):
+    led = Ledger.open(ledger_file, group="g")
+    old = led.load()
+    new = attrs.evolve(old.with_replica(attrs.evolve(old.replicas["r0"], state="update")), seq=99)
+    with pytest.raises(AttributeError):
+        led.commit(old, new, [object()])  # the log insert fails after the state rows were written
+    assert led.load() == old
+    assert led.transitions() == []
+    assert led.commits == 0
+    led.close()
+
+
+def test_commit_is_durable_across_sigkill_I6(ledger_file):
+    """A commit that returned survives the process being SIGKILLed right after."""
+    code = textwrap.dedent(f"""
+        import os, signal, attrs
+        from coalesce_core.ledger import Ledger
+        led = Ledger.open({str(ledger_file)!r}, group="g")
+        old = led.load()
+        led.commit(old, attrs.evolve(old, seq=777, phase="releasing"))
+        os.kill(os.getpid(), signal.SIGKILL)
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60)
+    assert proc.returncode == -9, proc.stderr.decode()
+    led = Ledger.open(ledger_file, group="g")
+    st = led.load()
+    assert (st.seq, st.phase) == (777, "releasing")
+    led.close()
+
+
+def test_wal_and_synchronous_full(ledger_file):
+    led = Ledger.open(ledger_file, group="g")
+    assert led.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert led.conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    led.close()
+    # the mode is persistent in the file: a fresh plain connection sees WAL too
+    conn = sqlite3.connect(ledger_file)
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    conn.close()
+
+
+# ---------------------------------------------------------------------------
+# transitions log and cycles
+# ---------------------------------------------------------------------------
+def test_transitions_log_in_order_with_limit(ledger_file):
+    led = Ledger.open(ledger_file, group="g")
+    old = led.load()
+    new = attrs.evolve(old, cycle=8)
+    log = [Transition(None, "start_cycle", "idle", "updating"), Transition("r0", "start_update", "stable", "update")]
+    led.commit(old, new, log, now=100.0)
+    led.commit(new, new, [Transition("r0", "update_failed", "update", "rollback")], now=101.0)
+    rows = led.transitions()
+    assert rows == [
+        {"ts": 100.0, "cycle": 8, "replica": None, "trigger": "start_cycle", "source": "idle", "dest": "updating"},
+        {"ts": 100.0, "cycle": 8, "replica": "r0", "trigger": "start_update", "source": "stable", "dest": "update"},
+        {"ts": 101.0, "cycle": 8, "replica": "r0", "trigger": "update_failed", "source": "update", "dest": "rollback"},
+    ]
+    assert led.transitions(limit=1) == rows[-1:]
+    assert list(iter_log_edges(rows)) == [(None, "start_cycle", "idle", "updating"),
+                                          ("r0", "start_update", "stable", "update"),
+                                          ("r0", "update_failed", "update", "rollback")]
+    led.close()
+
+
+def test_cycles_table(ledger_file):
+    led = Ledger.open(ledger_file, group="g")
+    assert led.cycles() == []
+    led.record_cycle({"cycle": 2, "started": 1.0, "ended": 2.0, "failures": 0})
+    led.record_cycle({"cycle": 1, "started": 0.0, "ended": 0.5, "failures": 1})
+    led.record_cycle({"cycle": 2, "started": 1.0, "ended": 3.0, "failures": 4})  # replaced, not duplicated
+    assert [c["cycle"] for c in led.cycles()] == [1, 2]
+    assert led.cycles()[1]["failures"] == 4
+    led.close()
+
+
+# ---------------------------------------------------------------------------
+# missing, damaged, foreign files: MetadataError with a hint, nothing changed
+# ---------------------------------------------------------------------------
+def _assert_refused(path: Path, group: str | None = "g", match: str | None = None) -> MetadataError:
+    before = digest(path) if path.exists() else None
+    size = path.stat().st_size if path.exists() else None
+    with pytest.raises(MetadataError, match=match) as ei:
+        Ledger.open(path, group=group)
+    assert ei.value.hint, "a MetadataError must say what to do"
+    assert str(path) in str(ei.value)
+    if before is not None:
+        assert path.stat().st_size == size and digest(path) == before, "the damaged file was changed"
+    assert ei.value.exit_code == 5
+    return ei.value
+
+
+def test_missing_file(tmp_path):
+    err = _assert_refused(tmp_path / "nope.sqlite", match="no metadata file")
+    assert "coalesce init" in err.hint
+    assert not (tmp_path / "nope.sqlite").exists()  # opening never creates one
+
+
+def test_garbage_file(tmp_path):
+    path = tmp_path / "g.sqlite"
+    path.write_bytes(os.urandom(1) + b"this is not a database" * 500)
+    err = _assert_refused(path, match="damaged")
+    assert "backup" in err.hint
+
+
+@pytest.mark.parametrize("keep", [100, 4096, 0.5, -4096])
+def test_truncated_copy_of_a_real_ledger(tmp_path, keep):
+    path = tmp_path / "full.sqlite"
+    big = sample_state(300)
+    Ledger.create(path, big).close()
+    data = path.read_bytes()
+    n = int(len(data) * keep) if isinstance(keep, float) else (keep if keep > 0 else len(data) + keep)
+    cut = tmp_path / "cut.sqlite"
+    cut.write_bytes(data[:n])
+    _assert_refused(cut, match="damaged")
+
+
+def test_ledger_of_another_group(ledger_file):
+    err = _assert_refused(ledger_file, group="other", match="belongs to group 'g'")
+    assert "[group] name" in err.hint
+
+
+def test_wrong_schema_version(ledger_file):
+    conn = sqlite3.connect(ledger_file)
+    conn.execute("UPDATE meta SET value=? WHERE key='schema_version'", (str(SCHEMA_VERSION + 1),))
+    conn.commit()
+    conn.close()
+    _assert_refused(ledger_file, match=f"schema {SCHEMA_VERSION + 1}")
+
+
+def _foreign_sqlite(tmp_path: Path) -> Path:
+    path = tmp_path / "other.sqlite"
+    conn = sqlite3.connect(path)  # rollback-journal mode, like most SQLite files
+    conn.execute("CREATE TABLE t (x)")
+    conn.commit()
+    conn.close()
+    return path
+
+
+def test_sqlite_file_that_is_not_a_ledger_is_refused(tmp_path):
+    with pytest.raises(MetadataError, match="damaged") as ei:
+        Ledger.open(_foreign_sqlite(tmp_path), group="g")
+    assert ei.value.hint
+
+
+def test_sqlite_file_that_is_not_a_ledger_is_left_unchanged(tmp_path):
+    _assert_refused(_foreign_sqlite(tmp_path))
+
+
+def test_unreadable_content_on_load_is_a_metadata_error(ledger_file):
+    conn = sqlite3.connect(ledger_file)
+    conn.execute("UPDATE replicas SET data='{not json' WHERE name='r0'")
+    conn.commit()
+    conn.close()
+    led = Ledger.open(ledger_file, group="g")
+    with pytest.raises(MetadataError, match="unreadable") as ei:
+        led.load()
+    assert ei.value.hint
+    led.close()
+
+
+def test_empty_file_is_refused_and_left_unchanged(tmp_path):
+    path = tmp_path / "g.sqlite"
+    path.write_bytes(b"")
+    _assert_refused(path)
+
+
+def test_ledger_without_group_row(ledger_file):
+    conn = sqlite3.connect(ledger_file)
+    conn.execute("DELETE FROM meta WHERE key='group'")
+    conn.commit()
+    conn.close()
+    _assert_refused(ledger_file)
+
+
+def test_non_numeric_schema_version(ledger_file):
+    conn = sqlite3.connect(ledger_file)
+    conn.execute("UPDATE meta SET value='one' WHERE key='schema_version'")
+    conn.commit()
+    conn.close()
+    _assert_refused(ledger_file)
+
+
+def test_create_refuses_to_overwrite(ledger_file):
+    before = digest(ledger_file)
+    with pytest.raises(MetadataError, match="already exists") as ei:
+        Ledger.create(ledger_file, GroupState(name="g"))
+    assert ei.value.hint
+    assert digest(ledger_file) == before
+    led = Ledger.open(ledger_file, group="g")
+    assert led.load() == sample_state()
+    led.close()
+
+
+def test_create_refuses_to_overwrite_any_file(tmp_path):
+    path = tmp_path / "x.sqlite"
+    path.write_bytes(b"precious")
+    with pytest.raises(MetadataError):
+        Ledger.create(path, GroupState(name="g"))
+    assert path.read_bytes() == b"precious"
+
+
+def test_commit_persists_a_changed_retry_policy(ledger_file):
+    led = Ledger.open(ledger_file, group="g")
+    old = led.load()
+    new = attrs.evolve(old, retry=RetryPolicy(initial=1.0, factor=4.0, maximum=7.0))
+    led.commit(old, new)
+    led.close()
+    led = Ledger.open(ledger_file, group="g")
+    assert led.load().retry == RetryPolicy(initial=1.0, factor=4.0, maximum=7.0)
+    led.close()

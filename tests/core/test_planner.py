@@ -1,0 +1,1409 @@
+"""Pure planner tests: hand-built GroupState values and events, no backend.
+
+Every replica transition and every agent phase transition of
+spec/coalescing.toml is driven through ``decide()`` and its resulting state
+and effects are checked; a whole normal cycle is walked step by step with
+I1 checked after every decision; every recovery rule of ``_recover`` is
+exercised.  Invariants are named I1..I10 as in DESIGN §3.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from collections import deque
+from typing import Callable
+
+import attrs
+import pytest
+
+from coalesce_core import effects as fx
+from coalesce_core import events as ev
+from coalesce_core.errors import IllegalTransition
+from coalesce_core.hookspecs import ACTIVE
+from coalesce_core.invariants import i1_fixed_consumption, i2_bounded_extras, i4_one_coalesced_point
+from coalesce_core.model import Model, default_model
+from coalesce_core.planner import Decision, NotNow, Transition, decide, pcpi_prefix, source_prefix
+from coalesce_core.spec import load_spec
+from coalesce_core.state import CYCLE_ROLES, GroupState, Pcpi, Replica, RetryPolicy, SourcePcpi
+
+G = "g"
+S0 = "co-g-src-000000"
+S1 = "co-g-src-000001"
+S2 = "co-g-src-000003"
+BASE = "co-g-000002-base"
+IND = "co-g-000001-individual"
+SCR = "co-g-000004-individual"
+RB = "co-g-000004-rollback"
+JA = "co-g-000005-jump_ahead"
+NB = "co-g-000006-new_base"
+RETRY = RetryPolicy(initial=10.0, factor=2.0, maximum=100.0)
+
+
+# ---------------------------------------------------------------------------
+# builders
+# ---------------------------------------------------------------------------
+def rep(name: str, state: str = "stable", **kw) -> Replica:
+    """A replica; in-cycle states default to exporting BASE at S1."""
+    defaults: dict = {}
+    if state in ("stable", "update", "done", "rollback"):
+        defaults = dict(exported=BASE, source_point=S1, active_point=S1)
+    if state == "update":
+        defaults.update(target=S2)
+    if state == "baseline":
+        defaults = dict(target=S2)
+    if state in ("stable_uncoalesced", "unstable_uncoalesced"):
+        defaults = dict(exported=IND, last_good=IND, source_point=S0, active_point=S0)
+    if state == "broken":
+        defaults = dict(exported=ACTIVE, last_good=BASE, source_point=S1, active_point=S1)
+    defaults.update(kw)
+    return Replica(name=name, source_qtree=name, state=state, **defaults)
+
+
+def pcpi(name: str, role: str, taken: bool = True, **kw) -> Pcpi:
+    return Pcpi(name=name, role=role, cycle=1, taken=taken, **kw)
+
+
+def group(*replicas: Replica, pcpis=(), source_pcpis=(), **kw) -> GroupState:
+    if not pcpis and any(r.exported == BASE or r.last_good == BASE for r in replicas):
+        pcpis = (pcpi(BASE, "base"),)
+    if any(r.exported == IND or r.last_good == IND for r in replicas) and not any(p.name == IND for p in pcpis):
+        owners = frozenset(r.name for r in replicas if IND in (r.exported, r.last_good))
+        pcpis = (*pcpis, pcpi(IND, "individual", owners=owners))
+    if not source_pcpis:
+        points = {p for r in replicas for p in (r.source_point, r.active_point, r.target) if p}
+        source_pcpis = tuple(SourcePcpi(name=s, cycle=1, taken=True) for s in sorted(points))
+    fields = dict(name=G, cycle=1, seq=10, retry=RETRY)  # past every fixed name above
+    fields.update(kw)
+    return GroupState(replicas={r.name: r for r in replicas}, pcpis={p.name: p for p in pcpis},
+                      source_pcpis={s.name: s for s in source_pcpis}, **fields)
+
+
+def updating(*replicas: Replica, **kw) -> GroupState:
+    """Phase updating of cycle 2 whose source PCPI S2 was taken."""
+    kw.setdefault("phase", "updating")
+    kw.setdefault("cycle", 2)
+    kw.setdefault("cycle_target", S2)
+    st = group(*replicas, **kw)
+    sps = dict(st.source_pcpis)
+    sps[S2] = SourcePcpi(name=S2, cycle=2, taken=True)
+    sps.setdefault(S1, SourcePcpi(name=S1, cycle=1, taken=True))
+    return attrs.evolve(st, source_pcpis=sps)
+
+
+def cycle_pcpis(state: GroupState) -> list[str]:
+    return sorted(p.name for p in state.pcpis.values() if p.role in CYCLE_ROLES)
+
+
+def check_i1(state: GroupState) -> None:
+    """I1: <= 4 PCPIs in cycle roles at every instant; exactly 1 at rest."""
+    n = len(cycle_pcpis(state))
+    assert n <= 4, f"I1: {n} cycle PCPIs: {cycle_pcpis(state)}"
+    if state.phase == "idle" and any(r.source_point for r in state.replicas.values()):
+        assert n == 1, f"I1: at rest with {n} cycle PCPIs: {cycle_pcpis(state)}"
+    assert i1_fixed_consumption(state).ok
+    if state.phase == "idle":  # at rest nothing is in flight and nothing waits for a jump-ahead
+        busy = [r.name for r in state.replicas.values() if r.state in ("update", "done", "rollback", "baseline")]
+        assert not busy, f"idle with replicas mid-cycle: {busy}"
+    if state.phase == "idle":  # I2 at rest: during a cycle the replaced individual PCPIs wait for release
+        settled = attrs.evolve(state, pcpis={n: p for n, p in state.pcpis.items() if not p.releasing})
+        assert i2_bounded_extras(settled).ok, i2_bounded_extras(settled).detail
+
+
+def of(effects, kind) -> list:
+    return [e for e in effects if isinstance(e, kind)]
+
+
+def edges(d: Decision) -> set[tuple[str | None, str, str, str]]:
+    return {(t.replica, t.trigger, t.source, t.dest) for t in d.log}
+
+
+class Sim:
+    """A pure simulated executor: answers every effect with its result event.
+
+    ``fail_transfer``/``fail_rollback`` name replicas whose transfer/rollback
+    fails.  After every decision I1 and I2 are checked; every decision and
+    every effect is recorded in order.
+    """
+
+    def __init__(self, state: GroupState, fail_transfer=(), fail_rollback=(), now: float = 1000.0) -> None:
+        self.state = state
+        self.fail_transfer = set(fail_transfer)
+        self.fail_rollback = set(fail_rollback)
+        self.now = now
+        self.decisions: list[Decision] = []
+        self.effects: list = []
+        self.max_cycle_pcpis = len(cycle_pcpis(state))
+        self.phases = [state.phase]
+
+    def feed(self, event) -> Decision:
+        d = decide(self.state, event)
+        self.state = d.state
+        self.decisions.append(d)
+        self.effects.extend(d.effects)
+        check_i1(d.state)
+        self.max_cycle_pcpis = max(self.max_cycle_pcpis, len(cycle_pcpis(d.state)))
+        if d.state.phase != self.phases[-1]:
+            self.phases.append(d.state.phase)
+        return d
+
+    def answer(self, e):
+        if isinstance(e, fx.TakeSourcePcpi):
+            return ev.SourcePcpiTaken(name=e.name)
+        if isinstance(e, fx.ReleaseSourcePcpi):
+            return ev.SourcePcpiReleased(name=e.name)
+        if isinstance(e, fx.TakePcpi):
+            return ev.PcpiTaken(name=e.name, now=self.now)
+        if isinstance(e, fx.ReleasePcpi):
+            return ev.PcpiReleased(name=e.name)
+        if isinstance(e, fx.Transfer):
+            ok = e.replica not in self.fail_transfer
+            return ev.TransferDone(replica=e.replica, ok=ok, now=self.now, error="" if ok else "boom")
+        if isinstance(e, fx.Rollback):
+            ok = e.replica not in self.fail_rollback
+            return ev.RollbackDone(replica=e.replica, ok=ok, now=self.now, error="" if ok else "rb boom")
+        if isinstance(e, fx.RemoveQtree):
+            return ev.QtreeRemoved(replica=e.replica)
+        if isinstance(e, fx.PurgePurgatory):
+            return ev.PurgatoryPurged()
+        if isinstance(e, fx.Export):
+            return ev.Exported(jump=e.jump)
+        raise AssertionError(e)
+
+    def run(self, event) -> "Sim":
+        pending = deque(self.feed(event).effects)
+        while pending:
+            pending.extend(self.feed(self.answer(pending.popleft())).effects)
+        return self
+
+
+def rest(*names: str) -> GroupState:
+    return group(*(rep(n) for n in names))
+
+
+# ---------------------------------------------------------------------------
+# a normal cycle, step by step (I1, I4, I8, I9-by-state)
+# ---------------------------------------------------------------------------
+def test_normal_cycle_step_by_step_never_exceeds_four_cycle_pcpis_I1():
+    """I1: a whole no-failure cycle, each decision checked by hand; never more than
+    4 PCPIs in cycle roles, exactly 1 at rest before and after."""
+    st = rest("A", "B", "C")
+    check_i1(st)
+
+    d = decide(st, ev.StartCycle(now=100.0))
+    check_i1(d.state)
+    assert d.state.phase == "updating" and d.state.cycle == 2 and d.state.cycle_started == 100.0
+    assert edges(d) == {(None, "start_cycle", "idle", "updating")}
+    (take,) = d.effects
+    assert isinstance(take, fx.TakeSourcePcpi) and take.name.startswith(source_prefix(G))
+    src = take.name
+    assert d.state.cycle_target == src and d.state.source_pcpis[src].taken is False
+    assert set(d.state.replicas) == {"A", "B", "C"} and all(r.state == "stable" for r in d.state.replicas.values())
+
+    d = decide(d.state, ev.SourcePcpiTaken(name=src))
+    check_i1(d.state)
+    assert d.state.source_pcpis[src].taken
+    assert d.effects == tuple(fx.Transfer(replica=n, source_qtree=n, base=S1, target=src) for n in "ABC")
+    assert edges(d) == {(n, "start_update", "stable", "update") for n in "ABC"}
+    assert all(r.target == src and r.exported == BASE for r in d.state.replicas.values())
+
+    for n in "AB":  # A and B finish first (Fig. 7): nothing else happens yet
+        d = decide(d.state, ev.TransferDone(replica=n, ok=True, records=3, nbytes=7))
+        check_i1(d.state)
+        assert d.effects == () and d.state.phase == "updating"
+        r = d.state.replicas[n]
+        assert (r.state, r.active_point, r.source_point, r.exported, r.target) == ("done", src, S1, BASE, None)
+        assert (r.records, r.nbytes) == (3, 7)
+
+    d = decide(d.state, ev.TransferDone(replica="C", ok=True))  # the slowest completes
+    check_i1(d.state)
+    assert (None, "start_jump_ahead", "updating", "jump_ahead_1") in edges(d)
+    (take,) = d.effects
+    assert isinstance(take, fx.TakePcpi) and take.role == "jump_ahead" and take.name.startswith(pcpi_prefix(G))
+    ja = take.name
+    # I4: every cycle replica still exports the same old base; nothing new is visible yet
+    assert {r.exported for r in d.state.replicas.values()} == {BASE}
+
+    d = decide(d.state, ev.PcpiTaken(name=ja))
+    check_i1(d.state)
+    assert d.effects == (fx.PurgePurgatory(qtrees=("A", "B", "C")),)
+    assert d.state.pcpis[ja].taken and d.state.phase == "jump_ahead_1"
+
+    d = decide(d.state, ev.PurgatoryPurged())
+    check_i1(d.state)
+    assert d.state.phase == "jump_ahead_2" and d.state.purged
+    assert edges(d) == {(None, "take_new_base", "jump_ahead_1", "jump_ahead_2")}
+    (take,) = d.effects
+    assert isinstance(take, fx.TakePcpi) and take.role == "new_base"
+    nb = take.name
+    assert len(cycle_pcpis(d.state)) == 3  # base, jump_ahead, new_base
+
+    d = decide(d.state, ev.PcpiTaken(name=nb))
+    check_i1(d.state)
+    assert d.effects == (fx.Export(mapping={"A": nb, "B": nb, "C": nb}, jump=True),)  # ONE switch for all
+    assert edges(d) == {(n, "jump_ahead", "done", "stable") for n in "ABC"}
+    assert all(r.exported == nb and r.source_point == src for r in d.state.replicas.values())
+    assert i4_one_coalesced_point(d.state).ok
+
+    d = decide(d.state, ev.Exported(jump=True))
+    check_i1(d.state)
+    assert edges(d) == {(None, "start_release", "jump_ahead_2", "releasing")}
+    assert set(d.effects) == {fx.ReleasePcpi(name=BASE), fx.ReleasePcpi(name=ja), fx.ReleaseSourcePcpi(name=S1)}
+    assert d.state.pcpis[nb].role == "base" and d.state.base().name == nb
+    assert d.state.pcpis[BASE].releasing and d.state.pcpis[ja].releasing
+
+    for e in (ev.PcpiReleased(name=BASE), ev.PcpiReleased(name=ja)):
+        d = decide(d.state, e)
+        check_i1(d.state)
+        assert d.state.phase == "releasing" and d.effects == ()
+    d = decide(d.state, ev.SourcePcpiReleased(name=S1))
+    check_i1(d.state)
+    assert edges(d) == {(None, "finish_cycle", "releasing", "idle")}
+    assert d.state.phase == "idle" and d.state.cycle_target is None and not d.state.purged
+    assert cycle_pcpis(d.state) == [nb] and list(d.state.source_pcpis) == [src]
+
+
+@pytest.mark.parametrize("n", [1, 7, 300])
+def test_fixed_consumption_for_any_number_of_replicas_I1(n):
+    """I1: with failed updates, failed rollbacks and baselines, never more than 4 cycle
+    PCPIs, and exactly 1 at rest, whatever the number of replicas."""
+    names = [f"r{i:03d}" for i in range(n)]
+    reps = [rep(x) for x in names]
+    reps.append(rep("new", "uninitialized"))
+    sim = Sim(group(*reps), fail_transfer=names[::3], fail_rollback=names[::6]).run(ev.StartCycle(now=5.0))
+    assert sim.state.phase == "idle"
+    assert 1 <= sim.max_cycle_pcpis <= 4
+    assert len(cycle_pcpis(sim.state)) == 1
+    # one source PCPI, one rollback PCPI, one jump-ahead, one new base: for any n
+    takes = of(sim.effects, fx.TakePcpi)
+    assert sorted(t.role for t in takes) == ["jump_ahead", "new_base", "rollback"]
+    assert len(of(sim.effects, fx.TakeSourcePcpi)) == 1
+    assert len(of(sim.effects, fx.Export)) == 1
+    failed_rb = set(names[::6])
+    for r in sim.state.replicas.values():
+        assert r.state == ("unstable_uncoalesced" if r.name in failed_rb else "stable")
+
+
+def test_first_baseline_cycle_ends_with_exactly_one_base_I1():
+    st = group(rep("A", "uninitialized"), rep("B", "uninitialized"))
+    sim = Sim(st).run(ev.StartCycle(now=1.0))
+    s = sim.state
+    assert s.phase == "idle"
+    (base,) = cycle_pcpis(s)
+    assert s.pcpis[base].role == "base"
+    assert all(r.state == "stable" and r.exported == base for r in s.replicas.values())
+    (src,) = s.source_pcpis
+    assert all(r.source_point == src == r.active_point for r in s.replicas.values())
+    transfers = of(sim.effects, fx.Transfer)
+    assert all(t.base is None for t in transfers) and len(transfers) == 2
+
+
+# ---------------------------------------------------------------------------
+# every replica transition of the spec, one scenario each
+# ---------------------------------------------------------------------------
+def _scn_start_baseline():
+    st = updating(rep("U", "uninitialized"), rep("A"), source_pcpis=(SourcePcpi(S1, 1, True),))
+    st = st.with_source_pcpi(SourcePcpi(S2, 2, taken=False))
+    return st, [ev.SourcePcpiTaken(name=S2)]
+
+
+def _scn_start_update():
+    return _scn_start_baseline()
+
+
+def _scn_baseline_succeeded():
+    return updating(rep("U", "baseline"), rep("A", "update")), [ev.TransferDone(replica="U", ok=True)]
+
+
+def _scn_baseline_failed():
+    st = updating(rep("U", "baseline"), rep("A", "update"))
+    return st, [ev.TransferDone(replica="U", ok=False, error="net"), ev.QtreeRemoved(replica="U")]
+
+
+def _scn_update_succeeded():
+    return updating(rep("A", "update"), rep("B", "update")), [ev.TransferDone(replica="A", ok=True)]
+
+
+def _scn_update_failed():
+    return updating(rep("A", "update"), rep("B", "update")), [ev.TransferDone(replica="A", ok=False)]
+
+
+def _rolling_back(*reps):
+    st = updating(*reps, phase="rolling_back")
+    return st.with_pcpi(pcpi(RB, "rollback"))
+
+
+def _scn_rollback_succeeded():
+    return _rolling_back(rep("A", "rollback"), rep("B", "rollback")), [ev.RollbackDone(replica="A", ok=True)]
+
+
+def _scn_rollback_failed():
+    return _rolling_back(rep("A", "rollback"), rep("B", "rollback")), [ev.RollbackDone(replica="A", ok=False)]
+
+
+def _retrying(retries: int = 0, **kw) -> GroupState:
+    a = rep("A", "unstable_uncoalesced", scratch=SCR, retries=retries, **kw)
+    st = group(a, rep("B"))
+    return st.with_pcpi(pcpi(SCR, "individual", owners=frozenset({"A"})))
+
+
+def _scn_retry_failed():
+    return _retrying(), [ev.RollbackDone(replica="A", ok=False, now=50.0)]
+
+
+def _scn_retry_succeeded():
+    return _retrying(), [ev.RollbackDone(replica="A", ok=True, now=50.0)]
+
+
+def _jump_2():
+    st = updating(rep("S"), rep("D", "done", active_point=S2), rep("SU", "stable_uncoalesced"),
+                  rep("UU", "unstable_uncoalesced", exported="co-g-000000-individual",
+                      last_good="co-g-000000-individual"),
+                  rep("K", "broken"), phase="jump_ahead_2", purged=True)
+    st = st.with_pcpi(pcpi("co-g-000000-individual", "individual", owners=frozenset({"UU"})))
+    st = st.with_pcpi(pcpi(JA, "jump_ahead")).with_pcpi(pcpi(NB, "new_base", taken=False))
+    return st, [ev.PcpiTaken(name=NB)]
+
+
+def _scn_break_stable():
+    return rest("A", "B"), [ev.BreakMirror(replica="A")]
+
+
+def _scn_break_su():
+    return group(rep("A", "stable_uncoalesced"), rep("B")), [ev.BreakMirror(replica="A")]
+
+
+def _scn_resync():
+    return group(rep("K", "broken"), rep("B")), [ev.Resync(replica="K")]
+
+
+REPLICA_SCENARIOS: dict[tuple[str, str, str], tuple[str, Callable]] = {
+    ("start_baseline", "uninitialized", "baseline"): ("U", _scn_start_baseline),
+    ("start_update", "stable", "update"): ("A", _scn_start_update),
+    ("baseline_succeeded", "baseline", "done"): ("U", _scn_baseline_succeeded),
+    ("baseline_failed", "baseline", "uninitialized"): ("U", _scn_baseline_failed),
+    ("update_succeeded", "update", "done"): ("A", _scn_update_succeeded),
+    ("update_failed", "update", "rollback"): ("A", _scn_update_failed),
+    ("rollback_succeeded", "rollback", "done"): ("A", _scn_rollback_succeeded),
+    ("rollback_failed", "rollback", "unstable_uncoalesced"): ("A", _scn_rollback_failed),
+    ("retry_failed", "unstable_uncoalesced", "unstable_uncoalesced"): ("A", _scn_retry_failed),
+    ("retry_succeeded", "unstable_uncoalesced", "stable_uncoalesced"): ("A", _scn_retry_succeeded),
+    ("jump_ahead", "stable", "stable"): ("S", _jump_2),
+    ("jump_ahead", "done", "stable"): ("D", _jump_2),
+    ("jump_ahead", "stable_uncoalesced", "stable"): ("SU", _jump_2),
+    ("break_mirror", "stable", "broken"): ("A", _scn_break_stable),
+    ("break_mirror", "stable_uncoalesced", "broken"): ("A", _scn_break_su),
+    ("resync", "broken", "unstable_uncoalesced"): ("K", _scn_resync),
+}
+
+
+def test_every_replica_edge_of_the_spec_has_a_scenario_I8():
+    assert set(REPLICA_SCENARIOS) == set(load_spec().replica.edges())
+
+
+@pytest.mark.parametrize("edge", sorted(REPLICA_SCENARIOS), ids=lambda e: f"{e[0]}:{e[1]}")
+def test_every_replica_edge_is_taken_through_decide_I8(edge):
+    """I8: each (trigger, source, dest) of the spec happens through decide() and is logged."""
+    trigger, source, dest = edge
+    who, scenario = REPLICA_SCENARIOS[edge]
+    st, events = scenario()
+    assert st.replicas[who].state == source
+    logged = set()
+    for e in events:
+        d = decide(st, e)
+        logged |= edges(d)
+        st = d.state
+        check_i1(st)
+    assert (who, trigger, source, dest) in logged
+    assert st.replicas[who].state == dest
+    legal = load_spec().replica.edges()
+    assert all((t, s, de) in legal for (r, t, s, de) in logged if r is not None)
+
+
+def test_start_update_and_start_baseline_effects():
+    st, (e,) = _scn_start_baseline()
+    st = st.with_replica(rep("X", "unstable_uncoalesced")).with_replica(rep("K", "broken"))
+    d = decide(st, e)
+    assert d.state.source_pcpis[S2].taken
+    a, u = d.state.replicas["A"], d.state.replicas["U"]
+    assert (a.state, a.target, a.exported) == ("update", S2, BASE)
+    assert (u.state, u.target, u.exported) == ("baseline", S2, None)
+    assert set(d.effects) == {fx.Transfer(replica="A", source_qtree="A", base=S1, target=S2),
+                              fx.Transfer(replica="U", source_qtree="U", base=None, target=S2)}
+    # replicas outside the cycle do not take part in the cycle's transfers
+    assert d.state.replicas["X"] == st.replicas["X"] and d.state.replicas["K"] == st.replicas["K"]
+
+
+def test_transfer_uses_the_replicas_source_qtree():
+    st = updating(Replica(name="dst", source_qtree="srcq", state="stable", exported=BASE,
+                          source_point=S1, active_point=S1))
+    st = st.with_source_pcpi(SourcePcpi(S2, 2, taken=False))
+    d = decide(st, ev.SourcePcpiTaken(name=S2))
+    assert d.effects == (fx.Transfer(replica="dst", source_qtree="srcq", base=S1, target=S2),)
+
+
+def test_source_pcpi_taken_for_another_name_starts_nothing():
+    st, _ = _scn_start_baseline()
+    d = decide(st, ev.SourcePcpiTaken(name="co-g-src-999999"))
+    assert d.effects == () and d.log == ()
+
+
+def test_baseline_succeeded_state():
+    st, (e,) = _scn_baseline_succeeded()
+    d = decide(st, attrs.evolve(e, records=9, nbytes=99))
+    u = d.state.replicas["U"]
+    assert (u.state, u.active_point, u.target, u.exported, u.source_point) == ("done", S2, None, None, None)
+    assert (u.records, u.nbytes) == (9, 99)
+    assert d.effects == ()  # A still updating
+
+
+def test_baseline_failed_removes_partial_data_first():
+    st, (fail, removed) = _scn_baseline_failed()
+    d = decide(st, fail)
+    u = d.state.replicas["U"]
+    assert u.state == "baseline" and u.error == "net"  # still in flight until the data is gone
+    assert d.effects == (fx.RemoveQtree(replica="U"),)
+    assert d.log == () and d.state.cycle_failures == 1
+    d = decide(d.state, removed)
+    u = d.state.replicas["U"]
+    assert (u.state, u.target, u.active_point, u.source_point, u.exported) == ("uninitialized", None, None, None, None)
+    assert edges(d) == {("U", "baseline_failed", "baseline", "uninitialized")}
+    assert d.effects == ()  # A still updating
+
+
+def test_qtree_removed_for_a_replica_not_in_baseline_is_ignored():
+    st = updating(rep("A", "update"))
+    d = decide(st, ev.QtreeRemoved(replica="A"))
+    assert d.log == () and d.effects == () and d.state == st
+
+
+def test_update_succeeded_keeps_exporting_the_old_base_I3():
+    st, (e,) = _scn_update_succeeded()
+    d = decide(st, e)
+    a = d.state.replicas["A"]
+    assert (a.state, a.active_point, a.source_point, a.exported, a.target) == ("done", S2, S1, BASE, None)
+    assert d.effects == ()
+
+
+def test_update_failed_goes_to_rollback_and_counts_a_failure():
+    st, (e,) = _scn_update_failed()
+    d = decide(st, attrs.evolve(e, error="disk full"))
+    a = d.state.replicas["A"]
+    assert (a.state, a.target, a.error, a.exported, a.active_point) == ("rollback", None, "disk full", BASE, S1)
+    assert d.state.cycle_failures == 1
+    assert d.effects == ()  # B still updating: no rollback PCPI yet
+
+
+def test_late_transfer_answer_is_ignored():
+    st = updating(rep("A", "rollback"), rep("B", "update"))
+    d = decide(st, ev.TransferDone(replica="A", ok=True))
+    assert d.state == st and d.effects == () and d.log == ()
+
+
+def test_rollback_succeeded_returns_to_the_exported_image_and_jumps_ahead():
+    st, (e,) = _scn_rollback_succeeded()
+    d = decide(st, e)
+    a = d.state.replicas["A"]
+    assert (a.state, a.active_point, a.error, a.exported) == ("done", S1, "", BASE)
+    assert d.effects == () and d.state.phase == "rolling_back"  # B still rolling back (I8)
+    d = decide(d.state, ev.RollbackDone(replica="B", ok=True))
+    assert (None, "start_jump_ahead", "rolling_back", "jump_ahead_1") in edges(d)
+    (take,) = d.effects
+    assert take.role == "jump_ahead"
+
+
+def test_rollback_failed_pins_last_good_as_individual_pcpi_I2():
+    """The replica leaves the cycle; its last good image (the old base) is pinned as its
+    individual PCPI at release instead of being released (I2: 1 <= 2 x 1)."""
+    st, (e,) = _scn_rollback_failed()
+    d = decide(st, attrs.evolve(e, now=1000.0, error="io"))
+    a = d.state.replicas["A"]
+    assert a.state == "unstable_uncoalesced"
+    assert (a.last_good, a.exported, a.retries, a.error) == (BASE, BASE, 0, "io")
+    assert a.next_retry == 1000.0 + RETRY.initial
+    sim = Sim(d.state)
+    sim.state = d.state
+    sim.run(ev.RollbackDone(replica="B", ok=True))
+    s = sim.state
+    assert s.phase == "idle"
+    (export,) = of(sim.effects, fx.Export)
+    new_base = s.base().name
+    assert export.mapping == {"A": BASE, "B": new_base}  # A keeps its last good image
+    assert s.pcpis[BASE].role == "individual" and s.pcpis[BASE].owners == frozenset({"A"})
+    assert not s.pcpis[BASE].releasing
+    assert fx.ReleasePcpi(name=BASE) not in sim.effects
+    assert fx.ReleasePcpi(name=RB) in sim.effects and RB not in s.pcpis
+    assert cycle_pcpis(s) == [new_base]
+    assert S1 in s.source_pcpis  # A's source point stays held
+
+
+@pytest.mark.parametrize("retries", [0, 1, 2, 3, 10])
+def test_retry_failed_backs_off_exponentially_up_to_the_maximum(retries):
+    st = _retrying(retries=retries)
+    d = decide(st, ev.RollbackDone(replica="A", ok=False, now=500.0, error="again"))
+    a = d.state.replicas["A"]
+    n = retries + 1
+    assert a.state == "unstable_uncoalesced" and a.retries == n
+    assert a.next_retry == 500.0 + min(RETRY.maximum, RETRY.initial * RETRY.factor ** n)
+    assert (a.scratch, a.exported, a.error) == (None, IND, "again")
+    assert d.effects == (fx.ReleasePcpi(name=SCR),)  # export unchanged: no switch
+    assert d.state.pcpis[SCR].releasing
+
+
+def test_retry_policy_delay_formula():
+    p = RetryPolicy(initial=3.0, factor=3.0, maximum=50.0)
+    assert [p.delay(i) for i in range(5)] == [3.0, 9.0, 27.0, 50.0, 50.0]
+    assert p.delay(-1) == 3.0
+
+
+def test_tick_starts_only_due_retries_with_a_scratch_pcpi():
+    a = rep("A", "unstable_uncoalesced", next_retry=200.0)
+    b = rep("B", "unstable_uncoalesced", exported="co-g-000000-individual",
+            last_good="co-g-000000-individual", next_retry=900.0)
+    st = group(a, b, rep("C")).with_pcpi(pcpi("co-g-000000-individual", "individual", owners=frozenset("B")))
+    assert decide(st, ev.Tick(now=199.0)).effects == ()
+    d = decide(st, ev.Tick(now=200.0))
+    (take,) = d.effects
+    assert take.role == "individual"
+    assert d.state.replicas["A"].scratch == take.name and d.state.replicas["B"].scratch is None
+    assert d.state.pcpis[take.name].owners == frozenset({"A"}) and not d.state.pcpis[take.name].taken
+    d = decide(d.state, ev.PcpiTaken(name=take.name))
+    assert d.effects == (fx.Rollback(replica="A", from_pcpi=take.name, to_pcpi=IND, retry=True),)
+    assert d.state.replicas["A"].exported == IND  # no export switch for a retry
+
+
+def test_tick_outside_idle_does_nothing():
+    st = attrs.evolve(group(rep("A", "unstable_uncoalesced", next_retry=0.0)), phase="updating")
+    d = decide(st, ev.Tick(now=1e9))
+    assert d.effects == () and d.state == st
+
+
+def test_retry_succeeded_state():
+    st = _retrying(retries=4, next_retry=77.0)
+    d = decide(st, ev.RollbackDone(replica="A", ok=True, now=50.0))
+    a = d.state.replicas["A"]
+    assert (a.state, a.exported, a.scratch, a.active_point, a.retries, a.next_retry) == \
+        ("stable_uncoalesced", IND, None, S0, 0, 0.0)
+    assert d.effects == (fx.ReleasePcpi(name=SCR),)
+
+
+def test_jump_ahead_switches_every_participant_in_one_export():
+    """Branch 1032: stable, done and stable_uncoalesced jump; one Export carries the whole
+    mapping; source_point := active_point (I4)."""
+    st, (e,) = _jump_2()
+    d = decide(st, e)
+    s = d.state.replicas
+    assert {n for (n, t, _s, _d) in edges(d)} == {"S", "D", "SU"}
+    for n in ("S", "D", "SU"):
+        assert s[n].state == "stable" and s[n].exported == NB
+        assert s[n].source_point == st.replicas[n].active_point
+        assert (s[n].last_good, s[n].scratch, s[n].retries, s[n].error) == (None, None, 0, "")
+    assert s["D"].source_point == S2 and s["SU"].source_point == S0
+    assert s["UU"] == st.replicas["UU"] and s["K"] == st.replicas["K"]
+    assert d.effects == (fx.Export(mapping={"S": NB, "D": NB, "SU": NB, "UU": "co-g-000000-individual",
+                                            "K": ACTIVE}, jump=True),)
+    assert d.state.pcpis[NB].taken
+    assert i4_one_coalesced_point(d.state).ok
+
+
+def test_after_jump_ahead_release_keeps_pinned_pcpis_I2():
+    st, (e,) = _jump_2()
+    d = decide(st, e)
+    d = decide(d.state, ev.Exported(jump=True))
+    s = d.state
+    assert s.pcpis[NB].role == "base"
+    # SU's old individual PCPI is no longer needed; UU's still is; K pins BASE as last good
+    assert s.pcpis[IND].releasing
+    assert s.pcpis["co-g-000000-individual"].role == "individual" and not s.pcpis["co-g-000000-individual"].releasing
+    assert s.pcpis[BASE].role == "individual" and s.pcpis[BASE].owners == frozenset({"K"})
+    assert s.pcpis[JA].releasing
+    assert set(of(d.effects, fx.ReleasePcpi)) == {fx.ReleasePcpi(IND), fx.ReleasePcpi(JA)}
+    check_i1(s)
+
+
+def test_break_mirror_exports_active_and_pins_last_good():
+    st, (e,) = _scn_break_stable()
+    d = decide(st, e)
+    a = d.state.replicas["A"]
+    assert (a.state, a.exported, a.last_good) == ("broken", ACTIVE, BASE)
+    assert d.effects == (fx.Export(mapping={"A": ACTIVE, "B": BASE}),)
+    st, (e,) = _scn_break_su()
+    d = decide(st, e)
+    a = d.state.replicas["A"]
+    assert (a.state, a.exported, a.last_good) == ("broken", ACTIVE, IND)
+
+
+def test_resync_takes_a_scratch_pcpi_exports_it_then_rolls_back():
+    st, (e,) = _scn_resync()
+    d = decide(st, e)
+    k = d.state.replicas["K"]
+    (take,) = d.effects
+    assert take == fx.TakePcpi(name=k.scratch, role="individual")
+    assert (k.state, k.exported, k.last_good, k.retries) == ("unstable_uncoalesced", ACTIVE, BASE, 0)
+    assert d.state.pcpis[k.scratch].owners == frozenset({"K"})
+    d = decide(d.state, ev.PcpiTaken(name=take.name))
+    assert d.state.replicas["K"].exported == take.name  # "creating a PCPI and exporting it"
+    assert d.effects == (fx.Export(mapping={"K": take.name, "B": BASE}),
+                         fx.Rollback(replica="K", from_pcpi=take.name, to_pcpi=BASE, retry=True))
+    d2 = decide(d.state, ev.RollbackDone(replica="K", ok=True))
+    k = d2.state.replicas["K"]
+    assert (k.state, k.exported, k.scratch) == ("stable_uncoalesced", BASE, None)
+    assert d2.effects == (fx.Export(mapping={"K": BASE, "B": BASE}), fx.ReleasePcpi(name=take.name))
+    d3 = decide(d.state, ev.RollbackDone(replica="K", ok=False, now=10.0))
+    k = d3.state.replicas["K"]
+    assert (k.state, k.exported, k.scratch, k.retries) == ("unstable_uncoalesced", BASE, None, 1)
+    assert d3.effects == (fx.Export(mapping={"K": BASE, "B": BASE}), fx.ReleasePcpi(name=take.name))
+
+
+def test_add_replica_is_uninitialized_and_idempotent():
+    st = rest("A")
+    d = decide(st, ev.AddReplica(name="N", source_qtree="q"))
+    n = d.state.replicas["N"]
+    assert (n.state, n.source_qtree, n.exported) == ("uninitialized", "q", None)
+    assert decide(d.state, ev.AddReplica(name="N", source_qtree="q")).state == d.state
+    with pytest.raises(NotNow, match="already exists"):
+        decide(d.state, ev.AddReplica(name="N", source_qtree="other"))
+
+
+# ---------------------------------------------------------------------------
+# the agent's phases
+# ---------------------------------------------------------------------------
+def _agent_start_cycle():
+    return rest("A"), [ev.StartCycle(now=1.0)]
+
+
+def _agent_start_rollback():
+    return updating(rep("A", "update"), rep("B", "done", active_point=S2)), [ev.TransferDone(replica="A", ok=False)]
+
+
+def _agent_jump_from_updating():
+    return updating(rep("A", "update")), [ev.TransferDone(replica="A", ok=True)]
+
+
+def _agent_jump_from_rolling_back():
+    return _rolling_back(rep("A", "rollback")), [ev.RollbackDone(replica="A", ok=True)]
+
+
+def _agent_take_new_base():
+    st = updating(rep("A", "done", active_point=S2), phase="jump_ahead_1").with_pcpi(pcpi(JA, "jump_ahead"))
+    return st, [ev.PurgatoryPurged()]
+
+
+def _agent_release_from_updating():
+    """Nothing could jump ahead: the only replica's baseline failed."""
+    return updating(rep("U", "baseline"), source_pcpis=()), [ev.TransferDone(replica="U", ok=False),
+                                                            ev.QtreeRemoved(replica="U")]
+
+
+def _agent_release_from_rolling_back():
+    return _rolling_back(rep("A", "rollback")), [ev.RollbackDone(replica="A", ok=False)]
+
+
+def _agent_release_from_jump_2():
+    st, events = _jump_2()
+    return st, [*events, ev.Exported(jump=True)]
+
+
+def _agent_finish():
+    st, events = _agent_release_from_jump_2()
+    return st, [*events, ev.PcpiReleased(name=BASE), ev.PcpiReleased(name=JA), ev.PcpiReleased(name=IND),
+                ev.SourcePcpiReleased(name=S1)]
+
+
+AGENT_SCENARIOS = {
+    ("start_cycle", "idle", "updating"): _agent_start_cycle,
+    ("start_rollback", "updating", "rolling_back"): _agent_start_rollback,
+    ("start_jump_ahead", "updating", "jump_ahead_1"): _agent_jump_from_updating,
+    ("start_jump_ahead", "rolling_back", "jump_ahead_1"): _agent_jump_from_rolling_back,
+    ("take_new_base", "jump_ahead_1", "jump_ahead_2"): _agent_take_new_base,
+    ("start_release", "updating", "releasing"): _agent_release_from_updating,
+    ("start_release", "rolling_back", "releasing"): _agent_release_from_rolling_back,
+    ("start_release", "jump_ahead_2", "releasing"): _agent_release_from_jump_2,
+    ("finish_cycle", "releasing", "idle"): _agent_finish,
+}
+
+
+def test_every_agent_edge_of_the_spec_has_a_scenario():
+    assert set(AGENT_SCENARIOS) == set(load_spec().agent.edges())
+
+
+@pytest.mark.parametrize("edge", sorted(AGENT_SCENARIOS), ids=lambda e: f"{e[0]}:{e[1]}")
+def test_every_agent_phase_transition_through_decide_I8(edge):
+    trigger, source, dest = edge
+    st, events = AGENT_SCENARIOS[edge]()
+    assert st.phase == source or trigger == "finish_cycle"
+    logged = set()
+    for e in events:
+        d = decide(st, e)
+        logged |= edges(d)
+        st = d.state
+        check_i1(st)
+    assert (None, trigger, source, dest) in logged
+    assert all((t, s, de) in load_spec().agent.edges() for (r, t, s, de) in logged if r is None)
+
+
+def test_start_rollback_takes_the_rollback_pcpi_only_when_every_transfer_ended():
+    st = updating(rep("A", "update"), rep("B", "update"), rep("U", "baseline"))
+    d = decide(st, ev.TransferDone(replica="A", ok=False))
+    assert d.effects == () and d.state.phase == "updating"
+    d = decide(d.state, ev.TransferDone(replica="B", ok=True))
+    assert d.effects == () and d.state.phase == "updating"  # a baseline is still in flight
+    d = decide(d.state, ev.TransferDone(replica="U", ok=True))
+    assert d.state.phase == "rolling_back"
+    (take,) = d.effects
+    assert take.role == "rollback" and d.state.pcpis[take.name].role == "rollback"
+
+
+def test_one_rollback_pcpi_for_several_failed_replicas_fig9_step_1120():
+    reps = [rep(n, "update") for n in "ABCD"]
+    sim = Sim(updating(*reps), fail_transfer="ABC")
+    for n in "ABCD":
+        sim.feed(ev.TransferDone(replica=n, ok=n == "D", error="x"))
+    (take,) = of(sim.effects, fx.TakePcpi)
+    assert take.role == "rollback"
+    d = sim.feed(ev.PcpiTaken(name=take.name))
+    assert d.effects == tuple(fx.Rollback(replica=n, from_pcpi=take.name, to_pcpi=BASE) for n in "ABC")
+    assert len([p for p in d.state.pcpis.values() if p.role == "rollback"]) == 1
+
+
+def test_rollback_pcpi_taken_with_nothing_to_roll_back_moves_on():
+    st = _rolling_back(rep("A", "done", active_point=S2))
+    st = st.with_pcpi(pcpi(RB, "rollback", taken=False))
+    d = decide(st, ev.PcpiTaken(name=RB))
+    assert d.state.phase == "jump_ahead_1"
+
+
+def test_take_new_base_requires_purged_guard():
+    st, _ = _agent_take_new_base()
+    with pytest.raises(IllegalTransition, match="take_new_base"):
+        default_model().agent_next(st, "take_new_base")  # purged is False
+    assert default_model().agent_next(attrs.evolve(st, purged=True), "take_new_base") == "jump_ahead_2"
+
+
+def test_purgatory_purged_outside_jump_ahead_1_is_ignored():
+    st = rest("A")
+    d = decide(st, ev.PurgatoryPurged())
+    assert d.state == st and d.effects == ()
+
+
+def test_exported_outside_jump_ahead_2_changes_nothing():
+    st = rest("A")
+    assert decide(st, ev.Exported()).state == st
+
+
+@pytest.mark.parametrize("phase", ["updating", "rolling_back"])
+def test_jump_ahead_guard_over_every_pair_of_replica_states_I8(phase):
+    """I8: start_jump_ahead is allowed iff no replica is in update, rollback or baseline
+    and some replica (stable, done, stable_uncoalesced) participates."""
+    spec = load_spec()
+    model = Model()
+    states = spec.replica.state_names
+    for a, b in itertools.product(states, repeat=2):
+        st = GroupState(name=G, phase=phase, replicas={"A": Replica("A", "A", state=a), "B": Replica("B", "B", state=b)})
+        expect = not ({a, b} & {"update", "rollback", "baseline"}) and bool({a, b} & {"stable", "done", "stable_uncoalesced"})
+        assert model.agent_may(st, "start_jump_ahead") is expect, (a, b)
+
+
+def test_jump_ahead_never_starts_while_a_replica_is_in_flight_I8():
+    """I8 through decide: every intermediate decision with a replica in update, rollback
+    or baseline takes no jump-ahead PCPI."""
+    st = updating(rep("A", "update"), rep("B", "update"), rep("U", "baseline"), rep("C", "update"))
+    sim = Sim(st, fail_transfer="B", fail_rollback="")
+    for e in (ev.TransferDone(replica="A", ok=True), ev.TransferDone(replica="B", ok=False),
+              ev.TransferDone(replica="C", ok=True), ev.TransferDone(replica="U", ok=True)):
+        d = sim.feed(e)
+        assert d.state.phase in ("updating", "rolling_back")
+        assert not [t for t in of(d.effects, fx.TakePcpi) if t.role == "jump_ahead"]
+    (rb,) = of(sim.effects, fx.TakePcpi)
+    d = sim.feed(ev.PcpiTaken(name=rb.name))
+    assert d.state.phase == "rolling_back" and of(d.effects, fx.Rollback)
+    d = sim.feed(ev.RollbackDone(replica="B", ok=True))
+    assert d.state.phase == "jump_ahead_1"
+    for d in sim.decisions:
+        for t in d.log:
+            if t.trigger == "start_jump_ahead":
+                in_flight = {r.state for r in d.state.replicas.values()} & {"update", "rollback", "baseline"}
+                assert not in_flight
+
+
+# ---------------------------------------------------------------------------
+# illegal requests
+# ---------------------------------------------------------------------------
+def test_illegal_replica_trigger_names_replica_state_and_trigger():
+    with pytest.raises(IllegalTransition) as ei:
+        default_model().replica_next("A", "update", "jump_ahead")
+    msg = str(ei.value)
+    assert "'A'" in msg and "'update'" in msg and "'jump_ahead'" in msg
+    assert ei.value.replica == "A" and ei.value.state == "update" and ei.value.trigger == "jump_ahead"
+    assert "update_failed" in ei.value.hint and "update_succeeded" in ei.value.hint
+
+
+@pytest.mark.parametrize("state,event,trigger", [
+    ("unstable_uncoalesced", ev.BreakMirror(replica="A"), "break_mirror"),
+    ("broken", ev.BreakMirror(replica="A"), "break_mirror"),
+    ("uninitialized", ev.BreakMirror(replica="A"), "break_mirror"),
+    ("stable", ev.Resync(replica="A"), "resync"),
+    ("stable_uncoalesced", ev.Resync(replica="A"), "resync"),
+])
+def test_illegal_request_through_decide_raises_and_changes_nothing(state, event, trigger):
+    st = group(rep("A", state), rep("B"))
+    before = copy.deepcopy(st)
+    with pytest.raises(IllegalTransition) as ei:
+        decide(st, event)
+    assert ei.value.replica == "A" and ei.value.state == state and ei.value.trigger == trigger
+    assert f"'{state}'" in str(ei.value) and f"'{trigger}'" in str(ei.value)
+    assert st == before
+
+
+def test_illegal_agent_trigger_names_the_phase():
+    st = updating(rep("A", "update"))
+    with pytest.raises(IllegalTransition) as ei:
+        decide(st, ev.StartCycle(now=1.0))
+    assert "'updating'" in str(ei.value) and "'start_cycle'" in str(ei.value) and "g" in str(ei.value)
+
+
+@pytest.mark.parametrize("phase", ["updating", "rolling_back", "jump_ahead_1", "jump_ahead_2", "releasing"])
+@pytest.mark.parametrize("event", [ev.BreakMirror(replica="A"), ev.Resync(replica="A")])
+def test_break_and_resync_outside_idle_are_not_now(phase, event):
+    st = attrs.evolve(group(rep("A", "stable" if isinstance(event, ev.BreakMirror) else "broken")), phase=phase)
+    with pytest.raises(NotNow) as ei:
+        decide(st, event)
+    assert phase in str(ei.value) and ei.value.hint
+
+
+@pytest.mark.parametrize("event", [ev.BreakMirror(replica="nope"), ev.Resync(replica="nope"),
+                                   ev.TransferDone(replica="nope", ok=True),
+                                   ev.RollbackDone(replica="nope", ok=True), ev.QtreeRemoved(replica="nope")])
+def test_unknown_replica_is_not_now(event):
+    with pytest.raises(NotNow, match="no replica 'nope'"):
+        decide(rest("A"), event)
+
+
+def test_non_event_is_a_type_error():
+    with pytest.raises(TypeError):
+        decide(rest("A"), object())
+
+
+# ---------------------------------------------------------------------------
+# purity
+# ---------------------------------------------------------------------------
+def _purity_cases():
+    yield rest("A", "B"), ev.StartCycle(now=3.0)
+    yield from (sc() for sc in (_scn_start_baseline, _scn_update_failed, _scn_rollback_failed, _scn_retry_failed,
+                                _jump_2, _scn_break_stable, _scn_resync, _agent_release_from_jump_2))
+    yield _rolling_back(rep("A", "rollback")), ev.Recover(now=1.0, destination_pcpis=frozenset({BASE}),
+                                                          source_pcpis=frozenset({S1}))
+
+
+@pytest.mark.parametrize("case", range(10))
+def test_decide_is_pure(case):
+    st, events = list(_purity_cases())[case]
+    events = events if isinstance(events, list) else [events]
+    for e in events:
+        before = copy.deepcopy(st)
+        d1 = decide(st, e)
+        d2 = decide(st, e)
+        assert d1 == d2
+        assert st == before  # the input state is not mutated
+        st = d1.state
+
+
+# ---------------------------------------------------------------------------
+# recovery (DESIGN §2 Recovery, I6)
+# ---------------------------------------------------------------------------
+def recover(st: GroupState, dest=(), src=None, now: float = 10.0, i1: bool = True) -> Decision:
+    if src is None:
+        src = {s for s, sp in st.source_pcpis.items() if sp.taken}
+    d = decide(st, ev.Recover(now=now, destination_pcpis=frozenset(dest), source_pcpis=frozenset(src)))
+    if i1:
+        check_i1(d.state)
+    assert_export_first(d)
+    return d
+
+
+def assert_export_first(d: Decision) -> None:
+    """Recovery re-applies the export table before anything is released (I3, I6)."""
+    kinds = [type(e) for e in d.effects]
+    assert kinds and kinds[0] is fx.Export, kinds
+    assert d.effects[0].mapping == {r.name: r.exported for r in d.state.replicas.values()} or \
+        fx.Export in kinds[1:]
+    releases = [i for i, k in enumerate(kinds) if k in (fx.ReleasePcpi, fx.ReleaseSourcePcpi)]
+    assert all(i > 0 for i in releases)
+
+
+def held(st: GroupState) -> set[str]:
+    return {n for n, p in st.pcpis.items() if p.taken}
+
+
+def test_recover_at_rest_only_reapplies_the_export_table():
+    st = rest("A", "B")
+    d = recover(st, dest={BASE})
+    assert d.effects == (fx.Export(mapping={"A": BASE, "B": BASE}),)
+    assert d.state == st and d.log == ()
+
+
+@pytest.mark.parametrize("present", [True, False])
+def test_recover_pending_pcpi_present_is_taken_absent_is_dropped(present):
+    st = updating(rep("A", "done", active_point=S2), phase="jump_ahead_1").with_pcpi(pcpi(JA, "jump_ahead", taken=False))
+    d = recover(st, dest={BASE, JA} if present else {BASE})
+    if present:
+        assert d.state.pcpis[JA].taken
+        assert d.effects[1:] == (fx.PurgePurgatory(qtrees=("A",)),)
+    else:
+        assert JA not in d.state.pcpis
+        (take,) = d.effects[1:]
+        assert take.role == "jump_ahead" and take.name != JA
+        assert d.state.pcpis[take.name].role == "jump_ahead" and not d.state.pcpis[take.name].taken
+
+
+def test_recover_jump_ahead_1_with_taken_intermediate_purges():
+    st = updating(rep("A", "done", active_point=S2), rep("B", "done", active_point=S2), phase="jump_ahead_1")
+    st = st.with_pcpi(pcpi(JA, "jump_ahead"))
+    d = recover(st, dest={BASE, JA})
+    assert d.effects[1:] == (fx.PurgePurgatory(qtrees=("A", "B")),)
+    assert d.state.phase == "jump_ahead_1"
+
+
+def test_recover_releasing_pcpis_are_released_again():
+    st = updating(rep("A", active_point=S2, source_point=S2, exported=NB), phase="releasing")
+    st = attrs.evolve(st, pcpis={NB: pcpi(NB, "base"), BASE: pcpi(BASE, "base", releasing=True),
+                                 JA: pcpi(JA, "jump_ahead", releasing=True)})
+    st = st.with_source_pcpi(SourcePcpi(S1, 1, taken=True, releasing=True))
+    d = recover(st, dest={NB, BASE, JA}, src={S1, S2})
+    assert sorted(map(repr, d.effects[1:])) == sorted(map(repr, [
+        fx.ReleasePcpi(name=BASE), fx.ReleasePcpi(name=JA), fx.ReleaseSourcePcpi(name=S1)]))
+    assert d.state.phase == "releasing"
+    sim = Sim(d.state)
+    for e in d.effects[1:]:
+        sim.feed(sim.answer(e))
+    assert sim.state.phase == "idle" and cycle_pcpis(sim.state) == [NB] and set(sim.state.source_pcpis) == {S2}
+
+
+def test_recover_releasing_phase_with_nothing_left_finishes():
+    st = updating(rep("A", active_point=S2, source_point=S2, exported=NB), phase="releasing")
+    st = attrs.evolve(st, pcpis={NB: pcpi(NB, "base")}, source_pcpis={S2: SourcePcpi(S2, 2, True)})
+    d = recover(st, dest={NB}, src={S2})
+    assert (None, "finish_cycle", "releasing", "idle") in edges(d)
+    assert d.state.phase == "idle" and d.state.cycle_target is None
+
+
+def test_recover_releasing_phase_releases_what_nobody_needs():
+    """Crash right after the Exported decision was planned but some PCPI was not yet marked."""
+    st = updating(rep("A", active_point=S2, source_point=S2, exported=NB), phase="releasing")
+    st = attrs.evolve(st, pcpis={NB: pcpi(NB, "base"), JA: pcpi(JA, "jump_ahead")})
+    d = recover(st, dest={NB, JA}, src={S1, S2})
+    assert fx.ReleasePcpi(name=JA) in d.effects and fx.ReleaseSourcePcpi(name=S1) in d.effects
+    assert d.state.phase == "releasing"
+
+
+def test_recover_releases_unknown_group_pcpis_but_not_foreign_ones():
+    """PCPIs taken but never recorded (crash between take and commit) are released;
+    anything without the group's prefix is left alone."""
+    st = rest("A")
+    dest = {BASE, "co-g-000009-jump_ahead", "co-h-000001-base", "manual-snap", "hourly.0"}
+    src = {S1, "co-g-src-000007", "co-h-src-000001", "manual"}
+    d = recover(st, dest=dest, src=src)
+    assert set(of(d.effects, fx.ReleasePcpi)) == {fx.ReleasePcpi(name="co-g-000009-jump_ahead")}
+    assert set(of(d.effects, fx.ReleaseSourcePcpi)) == {fx.ReleaseSourcePcpi(name="co-g-src-000007")}
+    assert d.state == st
+
+
+def test_recover_does_not_release_pcpis_of_a_group_whose_name_extends_ours():
+    st = rest("A")
+    dest = {BASE, "co-g-x-000002-base"}  # group "g-x" shares the destination volume
+    src = {S1, "co-g-src-src-000001"}  # and group "g-src" shares the source volume
+    d = recover(st, dest=dest, src=src)
+    assert not of(d.effects, fx.ReleasePcpi)
+    assert not of(d.effects, fx.ReleaseSourcePcpi)
+
+
+def test_recover_update_becomes_rollback_and_takes_one_rollback_pcpi():
+    st = updating(rep("A", "update"), rep("B", "done", active_point=S2), rep("C", "update"))
+    d = recover(st, dest={BASE})
+    assert {("A", "update_failed", "update", "rollback"), ("C", "update_failed", "update", "rollback"),
+            (None, "start_rollback", "updating", "rolling_back")} <= edges(d)
+    assert d.state.replicas["A"].error == "interrupted by a restart"
+    assert d.state.cycle_failures == 2
+    (take,) = d.effects[1:]
+    assert take.role == "rollback"
+
+
+def test_recover_baseline_removes_partial_data():
+    st = updating(rep("U", "baseline"), rep("A", "done", active_point=S2))
+    d = recover(st, dest={BASE})
+    assert d.effects[1:] == (fx.RemoveQtree(replica="U"),)
+    assert d.state.replicas["U"].state == "baseline" and d.state.phase == "updating"
+    d = decide(d.state, ev.QtreeRemoved(replica="U"))
+    assert d.state.replicas["U"].state == "uninitialized"
+    assert d.state.phase == "jump_ahead_1"  # A goes on without U (I7: U retries next cycle)
+
+
+def test_recover_updating_retakes_a_source_pcpi_that_was_never_taken():
+    st = updating(rep("A"))
+    st = st.with_source_pcpi(SourcePcpi(S2, 2, taken=False))
+    d = recover(st, dest={BASE}, src={S1})
+    assert d.effects[1:] == (fx.TakeSourcePcpi(name=S2),)
+    d = decide(d.state, ev.SourcePcpiTaken(name=S2))
+    assert d.state.replicas["A"].state == "update"
+
+
+def test_recover_updating_with_source_pcpi_present_marks_it_taken():
+    st = updating(rep("A", "update"))
+    st = st.with_source_pcpi(SourcePcpi(S2, 2, taken=False))
+    d = recover(st, dest={BASE}, src={S1, S2})
+    assert d.state.source_pcpis[S2].taken
+
+
+def test_recover_drops_pending_source_pcpi_that_is_not_the_cycle_target():
+    st = rest("A").with_source_pcpi(SourcePcpi("co-g-src-000008", 3, taken=False))
+    d = recover(st, dest={BASE}, src={S1})
+    assert "co-g-src-000008" not in d.state.source_pcpis
+    assert d.effects == (fx.Export(mapping={"A": BASE}),)
+
+
+@pytest.mark.parametrize("present", [True, False])
+def test_recover_rolling_back_takes_a_fresh_rollback_pcpi(present):
+    """The active FS may be half rolled back: the old rollback PCPI is released and a
+    fresh one taken for every replica still in rollback."""
+    st = _rolling_back(rep("A", "rollback"), rep("B", "done", active_point=S2))
+    if not present:
+        st = st.with_pcpi(pcpi(RB, "rollback", taken=False))
+    d = recover(st, dest={BASE, RB} if present else {BASE})
+    takes = of(d.effects, fx.TakePcpi)
+    assert len(takes) == 1 and takes[0].role == "rollback" and takes[0].name != RB
+    if present:
+        assert fx.ReleasePcpi(name=RB) in d.effects
+        assert d.effects.index(fx.ReleasePcpi(name=RB)) > 0
+        assert d.state.pcpis[RB].releasing
+    else:
+        assert RB not in d.state.pcpis and not of(d.effects, fx.ReleasePcpi)
+    assert d.state.phase == "rolling_back"
+    d = decide(d.state, ev.PcpiTaken(name=takes[0].name))
+    assert d.effects == (fx.Rollback(replica="A", from_pcpi=takes[0].name, to_pcpi=BASE),)
+
+
+def test_recover_rolling_back_with_every_rollback_finished_jumps_ahead():
+    st = _rolling_back(rep("A", "done"), rep("B", "done", active_point=S2))
+    d = recover(st, dest={BASE, RB})
+    assert fx.ReleasePcpi(name=RB) in d.effects
+    assert d.state.phase == "jump_ahead_1"
+    assert [t.role for t in of(d.effects, fx.TakePcpi)] == ["jump_ahead"]
+
+
+@pytest.mark.parametrize("nb_state", ["taken", "pending_present"])
+def test_recover_jump_ahead_2_with_new_base_rolls_forward(nb_state):
+    st, _ = _jump_2()
+    if nb_state == "taken":
+        st = st.with_pcpi(pcpi(NB, "new_base"))
+    d = recover(st, dest={BASE, IND, "co-g-000000-individual", JA, NB})
+    assert d.state.pcpis[NB].taken
+    exports = of(d.effects, fx.Export)
+    assert len(exports) == 2
+    assert exports[0].mapping["D"] == BASE  # the old table first (heals a half switch) ...
+    assert exports[-1].mapping == {"S": NB, "D": NB, "SU": NB, "UU": "co-g-000000-individual", "K": ACTIVE}
+    assert all(d.state.replicas[n].state == "stable" and d.state.replicas[n].exported == NB for n in ("S", "D", "SU"))
+    assert not of(d.effects, fx.ReleasePcpi)  # nothing released before the switch is confirmed
+    sim = Sim(d.state)
+    for e in d.effects:
+        sim.feed(sim.answer(e))
+    assert sim.state.phase == "releasing"
+
+
+def test_recover_jump_ahead_2_after_switch_was_recorded_is_idempotent():
+    st, events = _jump_2()
+    st = decide(st, events[0]).state  # the switch was decided (replicas stable @ NB) then the crash
+    d = recover(st, dest={BASE, IND, "co-g-000000-individual", JA, NB})
+    assert of(d.effects, fx.Export)[0].mapping["D"] == NB
+    assert all(r.exported in (NB, "co-g-000000-individual", ACTIVE) for r in d.state.replicas.values())
+
+
+def test_recover_jump_ahead_2_without_new_base_takes_it():
+    st, _ = _jump_2()  # NB pending, never taken
+    d = recover(st, dest={BASE, IND, "co-g-000000-individual", JA})
+    assert NB not in d.state.pcpis
+    (take,) = of(d.effects, fx.TakePcpi)
+    assert take.role == "new_base" and take.name != NB
+    assert d.state.replicas["D"].state == "done" and d.state.replicas["D"].exported == BASE
+    assert len(of(d.effects, fx.Export)) == 1
+
+
+@pytest.mark.parametrize("phase", ["idle", "updating", "rolling_back", "jump_ahead_1", "jump_ahead_2", "releasing"])
+def test_recover_export_comes_before_every_release(phase):
+    """I3/I6: in every recovery decision the export table is re-applied before any
+    PCPI is released, so an exported image never disappears under its readers."""
+    a = rep("A", "unstable_uncoalesced", scratch=SCR)
+    st = updating(a, rep("B", "done", active_point=S2), phase=phase)
+    st = st.with_pcpi(pcpi(SCR, "individual", owners=frozenset("A")))
+    st = st.with_pcpi(pcpi("co-g-000003-jump_ahead", "jump_ahead", releasing=True))
+    if phase == "rolling_back":
+        st = st.with_pcpi(pcpi(RB, "rollback"))
+    if phase == "jump_ahead_2":
+        st = st.with_pcpi(pcpi(NB, "new_base"))
+    d = recover(st, dest={BASE, IND, SCR, RB, NB, "co-g-000003-jump_ahead", "co-g-000099-base"}, i1=False)
+    first_release = min(i for i, e in enumerate(d.effects) if isinstance(e, fx.ReleasePcpi))
+    first_export = min(i for i, e in enumerate(d.effects) if isinstance(e, fx.Export))
+    assert first_export == 0 < first_release
+
+
+def test_recover_abandons_a_retry_scratch_and_exports_last_good():
+    a = rep("A", "unstable_uncoalesced", scratch=SCR, retries=2)
+    st = group(a, rep("B")).with_pcpi(pcpi(SCR, "individual", owners=frozenset("A")))
+    d = recover(st, dest={BASE, IND, SCR})
+    a = d.state.replicas["A"]
+    assert (a.state, a.scratch, a.exported) == ("unstable_uncoalesced", None, IND)
+    assert d.effects == (fx.Export(mapping={"A": IND, "B": BASE}), fx.ReleasePcpi(name=SCR))
+    # the next tick starts a fresh retry
+    d = decide(d.state, ev.Tick(now=1e9))
+    assert [t.role for t in of(d.effects, fx.TakePcpi)] == ["individual"]
+
+
+def test_recover_abandons_a_resync_scratch_and_exports_last_good():
+    k = rep("K", "unstable_uncoalesced", scratch=SCR, exported=SCR, last_good=BASE)
+    st = group(k, rep("B")).with_pcpi(pcpi(SCR, "individual", owners=frozenset("K")))
+    d = recover(st, dest={BASE, SCR})
+    k = d.state.replicas["K"]
+    assert (k.scratch, k.exported) == (None, BASE)
+    assert d.effects == (fx.Export(mapping={"K": BASE, "B": BASE}), fx.ReleasePcpi(name=SCR))
+
+
+def test_recover_pending_retry_scratch_absent_is_dropped():
+    a = rep("A", "unstable_uncoalesced", scratch=SCR)
+    st = group(a, rep("B")).with_pcpi(pcpi(SCR, "individual", taken=False, owners=frozenset("A")))
+    d = recover(st, dest={BASE, IND})
+    assert SCR not in d.state.pcpis and d.state.replicas["A"].scratch is None
+    assert d.state.replicas["A"].exported == IND
+    assert not of(d.effects, fx.ReleasePcpi)
+
+
+def test_recover_pending_resync_scratch_absent_exports_last_good():
+    k = rep("K", "unstable_uncoalesced", scratch=SCR, exported=ACTIVE, last_good=BASE)
+    st = group(k, rep("B")).with_pcpi(pcpi(SCR, "individual", taken=False, owners=frozenset("K")))
+    d = recover(st, dest={BASE})
+    k = d.state.replicas["K"]
+    assert k.scratch is None
+    assert k.exported == BASE  # as when the scratch was present: the spec's exports for this state
+
+
+def test_recover_twice_is_stable():
+    """Recovery is idempotent at rest: recovering the recovered state changes nothing more."""
+    st = _rolling_back(rep("A", "rollback"), rep("B", "done", active_point=S2))
+    d1 = recover(st, dest={BASE, RB})
+    (take,) = of(d1.effects, fx.TakePcpi)
+    d2 = recover(d1.state, dest={BASE, RB, take.name})
+    assert len([p for p in d2.state.pcpis.values() if p.role == "rollback" and not p.releasing]) == 1
+    check_i1(d2.state)
+
+
+def test_decision_log_entries_are_transitions():
+    d = decide(rest("A"), ev.StartCycle(now=0.0))
+    assert d.log == (Transition(None, "start_cycle", "idle", "updating"),)
+
+
+def test_recover_updating_with_untaken_source_pcpi_absent_starts_the_transfers():
+    """Crash before the source PCPI was taken: it is re-taken and the cycle's transfers start."""
+    st = updating(rep("A"), rep("B")).with_source_pcpi(SourcePcpi(S2, 2, taken=False))
+    sim = Sim(st)
+    sim.run(ev.Recover(now=1.0, destination_pcpis=frozenset({BASE}), source_pcpis=frozenset({S1})))
+    assert {t.replica for t in of(sim.effects, fx.Transfer)} == {"A", "B"}
+    assert all(r.source_point == S2 for r in sim.state.replicas.values())
+
+
+def test_recover_updating_with_source_pcpi_present_starts_the_transfers():
+    """Crash at after_source_pcpi: the source PCPI exists but SourcePcpiTaken was never
+    decided.  Recovery must finish what was in flight (I6): start the transfers, as it
+    does when the source PCPI has to be re-taken."""
+    st = updating(rep("A"), rep("B")).with_source_pcpi(SourcePcpi(S2, 2, taken=False))
+    sim = Sim(st)
+    sim.run(ev.Recover(now=1.0, destination_pcpis=frozenset({BASE}), source_pcpis=frozenset({S1, S2})))
+    assert {t.replica for t in of(sim.effects, fx.Transfer)} == {"A", "B"}
+    assert all(r.source_point == S2 for r in sim.state.replicas.values())
+
+
+# ---------------------------------------------------------------------------
+# random walks with crashes: the planner against a model of the volumes (I1-I4, I6, I8)
+# ---------------------------------------------------------------------------
+class Volumes:
+    """What the backends hold: PCPIs on both volumes and the destination's export table."""
+
+    def __init__(self, st: GroupState) -> None:
+        self.dest = {n for n, p in st.pcpis.items() if p.taken}
+        self.src = {n for n, p in st.source_pcpis.items() if p.taken}
+        self.exports = {r.name: r.exported for r in st.replicas.values()}
+
+    def run(self, e) -> None:
+        if isinstance(e, fx.TakePcpi):
+            self.dest.add(e.name)
+        elif isinstance(e, fx.ReleasePcpi):
+            assert e.name not in self.exports.values(), f"I3/I6: released {e.name} while it is exported"
+            self.dest.discard(e.name)
+        elif isinstance(e, fx.TakeSourcePcpi):
+            self.src.add(e.name)
+        elif isinstance(e, fx.ReleaseSourcePcpi):
+            self.src.discard(e.name)
+        elif isinstance(e, fx.Export):
+            for name in e.mapping.values():
+                assert name in (None, ACTIVE) or name in self.dest, f"I3: exporting {name}, not on the volume"
+            self.exports = dict(e.mapping)
+        elif isinstance(e, fx.Rollback):
+            assert e.from_pcpi in self.dest and e.to_pcpi in self.dest, e
+        elif isinstance(e, fx.Transfer):
+            assert e.target in self.src and (e.base is None or e.base in self.src), e
+
+
+def _walk(seed: int, adds: bool = False) -> None:
+    import random
+
+    rng = random.Random(seed)
+    st = group(rep("A"), rep("B"), rep("C"), rep("N", "uninitialized"))
+    vols = Volumes(st)
+    sim = Sim(st)
+    legal_r, legal_a = load_spec().replica.edges(), load_spec().agent.edges()
+    now = 0.0
+
+    def feed(e):
+        d = sim.feed(e)
+        for t in d.log:
+            assert (t.trigger, t.source, t.dest) in (legal_a if t.replica is None else legal_r), t  # I8
+            if t.trigger == "start_jump_ahead":
+                assert not sim.state.in_state("update", "rollback", "baseline")  # I8
+        for r in sim.state.replicas.values():  # the ledger never exports a PCPI it does not hold
+            if r.exported not in (None, ACTIVE):
+                assert r.exported in sim.state.pcpis, (r, sim.state.pcpis)
+        in_cycle = set(load_spec().states_in_field("cycle"))
+        exported = {r.exported for r in sim.state.replicas.values() if r.state in in_cycle} - {None}
+        assert len(exported) <= 1, exported  # I4 (a fresh baseline in done exports nothing yet)
+        return d.effects
+
+    def drive(effects):
+        pending = deque(effects)
+        while pending:
+            e = pending.popleft()
+            crash = rng.random() < 0.06
+            if crash and rng.random() < 0.5:
+                return False  # crashed before the effect ran
+            vols.run(e)
+            if crash:
+                return False  # the effect ran, its result was lost
+            if isinstance(e, fx.Transfer):
+                res = ev.TransferDone(replica=e.replica, ok=rng.random() > 0.3, now=now, error="x")
+            elif isinstance(e, fx.Rollback):
+                res = ev.RollbackDone(replica=e.replica, ok=rng.random() > 0.4, now=now, error="y")
+            else:
+                res = sim.answer(e)
+            pending.extend(feed(res))
+        return True
+
+    def recover():
+        pre = pcpi_prefix(G)
+        e = ev.Recover(now=now, destination_pcpis=frozenset(n for n in vols.dest if n.startswith(pre)),
+                       source_pcpis=frozenset(vols.src))
+        return drive(feed(e))
+
+    def request(e):
+        try:
+            effects = feed(e)
+        except (NotNow, IllegalTransition):
+            return
+        while not drive(effects):
+            effects = []
+            while not recover():
+                pass
+
+    for _step in range(25):
+        now += rng.choice([1.0, 50.0, 500.0])
+        kind = rng.random()
+        name = rng.choice("ABCN")
+        if adds and kind < 0.08:
+            request(ev.AddReplica(name=f"X{_step}", source_qtree=f"X{_step}"))
+        elif kind < 0.55:
+            request(ev.StartCycle(now=now))
+        elif kind < 0.75:
+            request(ev.Tick(now=now))
+        elif kind < 0.85:
+            request(ev.BreakMirror(replica=name))
+        else:
+            request(ev.Resync(replica=name))
+        assert sim.state.phase == "idle", sim.state.phase
+        check_i1(sim.state)
+        ledger_held = {n for n, p in sim.state.pcpis.items() if p.taken}
+        assert vols.dest == ledger_held, "I6: the volume and the ledger disagree at rest"
+        assert vols.src == set(sim.state.source_pcpis)
+        table = {r.name: r.exported for r in sim.state.replicas.values() if r.exported is not None}
+        assert {k: v for k, v in vols.exports.items() if v is not None} == table
+    # faults stop: everything comes home (I7)
+    for r in list(sim.state.replicas.values()):
+        if r.state == "broken":
+            request(ev.Resync(replica=r.name))
+    for _ in range(12):
+        now += 10_000.0
+        request(ev.Tick(now=now))
+        effects = feed(ev.StartCycle(now=now))
+        pending = deque(effects)
+        while pending:
+            e = pending.popleft()
+            vols.run(e)
+            pending.extend(feed(sim.answer(e)))
+        if all(r.state == "stable" for r in sim.state.replicas.values()):
+            break
+    assert {r.state for r in sim.state.replicas.values()} == {"stable"}, sim.state.replicas
+    check_i1(sim.state)
+    assert vols.dest == {n for n, p in sim.state.pcpis.items() if p.taken} and len(vols.dest) == 1
+
+
+@pytest.mark.parametrize("seed", range(80))
+def test_random_walk_with_crashes_keeps_the_invariants_I1_I3_I4_I6_I8(seed):
+    """Random requests, transfer/rollback failures and crashes (before or after an effect,
+    also during recovery) against a model of the volumes; at rest the ledger and the
+    volumes agree, nothing is mid-cycle, and I1/I2 hold; nothing exported is ever
+    released; once faults stop every replica ends stable (I7)."""
+    _walk(seed)
+
+
+@pytest.mark.parametrize("seed", range(1000, 1040))
+def test_random_walk_with_replicas_added_on_the_way(seed):
+    """The same, with new replicas added between cycles (baselines joining at the next
+    jump-ahead, or retried after a failed baseline)."""
+    _walk(seed, adds=True)
+
+
+def test_i4_check_accepts_a_fresh_baseline_in_done():
+    """I4: a replica whose baseline just finished (done) exports nothing yet; that is not
+    a second coalesced point."""
+    st = updating(rep("A", "done", active_point=S2), rep("N", "done", exported=None, source_point=None,
+                                                         active_point=S2), phase="jump_ahead_1")
+    assert i4_one_coalesced_point(st).ok
+
+
+def test_recover_jump_ahead_2_without_new_base_then_run_to_rest_I4_I6():
+    """Crash after the take_new_base decision was committed but before the new base PCPI
+    was created.  Recovery emits [Export(old table), TakePcpi(new_base)]; the executor
+    answers the healing Export with Exported, which must NOT count as the jump-ahead's
+    switch: the cycle must end with every participant stable at the new base."""
+    st, _ = _jump_2()  # NB pending and absent from the volume
+    sim = Sim(st)
+    sim.run(ev.Recover(now=1.0, destination_pcpis=frozenset({BASE, IND, "co-g-000000-individual", JA}),
+                       source_pcpis=frozenset({S0, S1, S2})))
+    s = sim.state
+    assert s.phase == "idle"
+    nb = s.base().name
+    for n in ("S", "D", "SU"):
+        assert s.replicas[n].state == "stable" and s.replicas[n].exported == nb, s.replicas[n]
+    assert BASE not in s.pcpis or s.pcpis[BASE].owners == frozenset({"K"})
+    assert not [r for r in s.replicas.values() if r.state == "done"]
+
+
+def test_only_the_jump_ahead_export_is_marked_jump():
+    """The Exported answer to a re-export (break, resync, retry, recovery) must not count
+    as the jump-ahead's switch (regression: a crash in jump_ahead_2 before the new base
+    existed ended idle with replicas in done)."""
+    st, events = _jump_2()
+    d = decide(st, events[0])
+    assert [e.jump for e in of(d.effects, fx.Export)] == [True]
+    for e in (_scn_break_stable, _scn_break_su):
+        s0, evs = e()
+        assert [x.jump for x in of(decide(s0, evs[0]).effects, fx.Export)] == [False]
+    rec = recover(st, dest={BASE, IND, "co-g-000000-individual", JA})
+    assert [x.jump for x in of(rec.effects, fx.Export)] == [False]
+    plain = decide(rec.state, ev.Exported(jump=False))
+    assert plain.state.phase == "jump_ahead_2" and plain.effects == () and plain.log == ()
+    assert decide(rec.state, ev.Exported(jump=True)).state.phase == "releasing"
