@@ -12,6 +12,10 @@ from hypothesis import HealthCheck, settings
 
 from coalesce_core import crashpoints
 
+# The sim backend's fsyncs make tests slow on shared VMs; durability itself is
+# tested in tests/plugins/sim with explicit crash points, not by timing.
+os.environ.setdefault("COALESCE_SIM_FSYNC", "0")
+
 settings.register_profile("dev", max_examples=30, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 settings.register_profile("ci", max_examples=60, deadline=None, derandomize=True,

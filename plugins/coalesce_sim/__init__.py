@@ -1,8 +1,258 @@
-"""The `sim` backend (under construction)."""
+"""The `sim` backend: a simulated RAID-4 write-anywhere volume kept in files.
 
-from coalesce_core.hookspecs import hookimpl
+Volume URL: ``sim:///ABS/DIR`` (optionally ``?disks=N&size=64M&fsync=0`` when
+the volume is created; ``fsync`` may be given at every open).  The directory
+holds the disk images, ``raid.json`` and the ``.coalesce/`` metadata
+directory.  See docs/sim.md.
+
+This module is the entry point (``coalesce.backends: sim``): it holds the
+hook implementations; the engine lives in :mod:`.raid`, :mod:`.fs`,
+:mod:`.ops` and :mod:`.diff`.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import Any, Iterable, Mapping
+from urllib.parse import parse_qs
+
+from coalesce_core.errors import BackendError
+from coalesce_core.hookspecs import ACTIVE, hookimpl
+
+from . import diff as _diff
+from . import ops as _ops
+from .fs import SimFS
+from .raid import SimCrash
+
+__all__ = ["SimFS", "SimCrash", "open_sim", "parse_location"]
+
+_OPEN: dict[str, SimFS] = {}
+_OPEN_LOCK = threading.Lock()
+
+_SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def _parse_size(text: str) -> int:
+    t = text.strip().lower().removesuffix("ib").removesuffix("b")
+    unit = t[-1] if t and t[-1] in _SIZE_UNITS else ""
+    num = t[: -1] if unit else t
+    if not num.isdigit():
+        raise BackendError(f"bad size {text!r}", hint="write e.g. size=64M or size=1G")
+    return int(num) * _SIZE_UNITS[unit]
+
+
+def parse_location(location: str) -> tuple[str, dict[str, Any]]:
+    """``/abs/dir?disks=3&size=64M&fsync=0`` -> (path, options)."""
+    path, _, query = location.partition("?")
+    if not path.startswith("/"):
+        raise BackendError(f"sim volume path {path!r} is not absolute", hint="write sim:///absolute/dir")
+    opts: dict[str, Any] = {}
+    for k, v in parse_qs(query).items():
+        v = v[-1]
+        if k == "disks":
+            opts["ndata"] = int(v)
+        elif k == "size":
+            opts["max_bytes"] = _parse_size(v)
+        elif k == "fsync":
+            opts["fsync"] = v not in ("0", "false", "no")
+        else:
+            raise BackendError(f"unknown sim volume option {k!r}", hint="options: disks, size, fsync")
+    if "fsync" not in opts and os.environ.get("COALESCE_SIM_FSYNC", "1") in ("0", "false", "no"):
+        opts["fsync"] = False
+    return os.path.normpath(path), opts
+
+
+def open_sim(location: str, *, create: bool = False) -> SimFS:
+    """Open (or create) the sim volume at ``location``; one shared handle per directory and process."""
+    path, opts = parse_location(location)
+    with _OPEN_LOCK:
+        fs = _OPEN.get(path)
+        if fs is not None and fs.broken is None:
+            fs.opens += 1
+            return fs
+        fsync = opts.get("fsync", True)
+        if os.path.exists(os.path.join(path, "raid.json")):
+            fs = SimFS(path, fsync=fsync)
+        elif create:
+            fs = SimFS.format(path, ndata=opts.get("ndata", 3), max_bytes=opts.get("max_bytes", 0), fsync=fsync)
+        else:
+            raise BackendError(f"no sim volume at {path}",
+                               hint=f"create it (open with create=True, or `coalesce init` with sim://{path})")
+        os.makedirs(os.path.join(path, ".coalesce"), exist_ok=True)
+        fs.opens = 1
+        _OPEN[path] = fs
+        return fs
+
+
+def close_sim(fs: SimFS) -> None:
+    with _OPEN_LOCK:
+        fs.opens = getattr(fs, "opens", 1) - 1
+        if fs.opens > 0:
+            return
+        if _OPEN.get(fs.path) is fs:
+            del _OPEN[fs.path]
+    if fs.broken is None:
+        fs.close()
+
+
+def _mine(volume: Any) -> SimFS | None:
+    if isinstance(volume, SimFS):
+        volume.check()
+        return volume
+    return None
 
 
 @hookimpl
 def coalesce_backend_info():
-    return {"scheme": "sim", "description": "sim backend (under construction)"}
+    return {"scheme": "sim",
+            "description": "simulated RAID-4 write-anywhere volume in files (WAFL-like PCPIs, 255 max)"}
+
+
+@hookimpl
+def coalesce_open_volume(url: Any, create: bool):
+    if getattr(url, "scheme", None) != "sim":
+        return None
+    return open_sim(url.location, create=create)
+
+
+@hookimpl
+def coalesce_close_volume(volume: Any):
+    if not isinstance(volume, SimFS):
+        return None
+    close_sim(volume)
+    return True
+
+
+@hookimpl
+def coalesce_metadata_dir(volume: Any):
+    fs = _mine(volume)
+    if fs is None:
+        return None
+    d = os.path.join(fs.path, ".coalesce")
+    os.makedirs(d, exist_ok=True)
+    return d
+
+
+@hookimpl
+def coalesce_snapshot_create(volume: Any, name: str):
+    fs = _mine(volume)
+    return None if fs is None else fs.snapshot_create(name)
+
+
+@hookimpl
+def coalesce_snapshot_delete(volume: Any, name: str):
+    fs = _mine(volume)
+    return None if fs is None else fs.snapshot_delete(name)
+
+
+@hookimpl
+def coalesce_snapshot_list(volume: Any):
+    fs = _mine(volume)
+    return None if fs is None else fs.pcpi_names()
+
+
+@hookimpl
+def coalesce_qtree_list(volume: Any, snapshot: str | None):
+    fs = _mine(volume)
+    if fs is None:
+        return None
+    with fs.lock:
+        return fs.view(snapshot).qtrees()
+
+
+@hookimpl
+def coalesce_diff(volume: Any, qtree: str, base: str | None, target: str):
+    fs = _mine(volume)
+    if fs is None:
+        return None
+    with fs.lock:
+        return _diff.diff_stream(fs, qtree, base, target)
+
+
+def _mutate(fs: SimFS, fn, *args):
+    with fs.lock:
+        fs.check()
+        try:
+            return fn(fs, *args)
+        finally:
+            if fs.broken is None:
+                fs.commit()
+
+
+@hookimpl
+def coalesce_apply(volume: Any, qtree: str, records: Iterable[Any], use_purgatory: bool):
+    fs = _mine(volume)
+    if fs is None:
+        return None
+    return _mutate(fs, _ops.apply_stream, qtree, records, use_purgatory)
+
+
+@hookimpl
+def coalesce_rollback(volume: Any, qtree: str, rollback_pcpi: str, to_pcpi: str | None):
+    """Native rollback: point the qtree's inodes at ``to_pcpi``'s blocks (one CP)."""
+    fs = _mine(volume)
+    if fs is None or os.environ.get("COALESCE_SIM_NATIVE_ROLLBACK", "1") in ("0", "no", "false"):
+        return None
+    with fs.lock:
+        fs.view(rollback_pcpi)  # must exist (contract); the native path does not need its contents
+        _mutate(fs, _ops.native_rollback, qtree, to_pcpi)
+    return True
+
+
+@hookimpl
+def coalesce_purge_purgatory(volume: Any, qtrees: list[str]):
+    fs = _mine(volume)
+    if fs is None:
+        return None
+    _mutate(fs, lambda f, qs: [_ops.purge_purgatory(f, q) for q in qs], list(qtrees))
+    return True
+
+
+@hookimpl
+def coalesce_remove_qtree(volume: Any, qtree: str):
+    fs = _mine(volume)
+    if fs is None:
+        return None
+    _mutate(fs, _ops.remove_qtree, qtree)
+    return True
+
+
+@hookimpl
+def coalesce_export(volume: Any, mapping: Mapping[str, str | None]):
+    fs = _mine(volume)
+    if fs is None:
+        return None
+    fs.set_exports(dict(mapping))
+    return True
+
+
+@hookimpl
+def coalesce_exported(volume: Any):
+    fs = _mine(volume)
+    return None if fs is None else fs.exports()
+
+
+@hookimpl
+def coalesce_export_path(volume: Any, replica: str):
+    """The sim volume is not mounted anywhere: exported images have no file-system path."""
+    return None
+
+
+@hookimpl
+def coalesce_fingerprint(volume: Any, qtree: str, snapshot: str | None):
+    fs = _mine(volume)
+    if fs is None:
+        return None
+    with fs.lock:
+        return _diff.fingerprint(fs, qtree, snapshot)
+
+
+@hookimpl
+def coalesce_cli_commands(subparsers: Any) -> None:
+    from .cli import add_commands
+
+    add_commands(subparsers)
+
+
+assert ACTIVE == "@active"
