@@ -213,15 +213,19 @@ class Agent:
         raise TypeError(f"not an effect: {eff!r}")
 
     def _records(self, records: Iterable[object], replica: str, point: str) -> Iterator[object]:
-        n = 0
+        n = nbytes = 0
         for rec in records:
             if self._abort.is_set() or crashpoints.fired():
                 raise SimulatedCrash("abort")
             yield rec
             n += 1
+            data = getattr(rec, "data", None)
+            if data is not None:
+                nbytes += len(data)
             crashpoints.hit(point)
             if n % PROGRESS_EVERY == 0:
-                self.pm.hook.coalesce_transfer_progress(group=self.state.name, replica=replica, records=n, nbytes=0)
+                self.pm.hook.coalesce_transfer_progress(group=self.state.name, replica=replica, records=n,
+                                                        nbytes=nbytes)
 
     def _run_concurrent(self, eff: object) -> object:
         t0 = self.clock()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sqlite3
 import sys
 import time
 import traceback
@@ -36,6 +37,11 @@ def _console() -> Console:
     return Console(highlight=False, soft_wrap=True)
 
 
+def _live_console() -> Console:
+    """For live views: no soft wrap, so rows are cropped instead of folded."""
+    return Console(highlight=False)
+
+
 def _config(args: argparse.Namespace) -> GroupConfig:
     return load_config(args.config or os.environ.get("COALESCE_CONFIG") or DEFAULT_CONFIG)
 
@@ -46,8 +52,25 @@ def _agent(args: argparse.Namespace, recover: bool = True):
     return Agent.open(_config(args), recover=recover)
 
 
-def _dump_json(data: Any) -> None:
-    sys.stdout.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
+def _dump_json(data: Any, compact: bool = False) -> None:
+    if compact:  # one document per line (``--watch --json``)
+        sys.stdout.write(json.dumps(data, sort_keys=True, separators=(",", ":")) + "\n")
+    else:
+        sys.stdout.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    sys.stdout.flush()
+
+
+def _positive(kind: type = float, minimum: float = 0.0, inclusive: bool = False) -> Callable[[str], Any]:
+    def conv(text: str) -> Any:
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {'number' if kind is float else 'whole number'}")
+        if v < minimum or (v == minimum and not inclusive):
+            raise argparse.ArgumentTypeError(f"must be {'at least' if inclusive else 'more than'} {minimum:g}, got {text}")
+        return v
+
+    return conv
 
 
 # -- verbs -----------------------------------------------------------------------
@@ -84,15 +107,23 @@ def cmd_add(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    agent = _agent(args)
-    console = _console()
+    console = _live_console()
+    progress = not args.quiet and console.is_interactive
+    tracker = views.Tracker() if progress else None
+    agent = _agent(args) if tracker is None else _agent_with(args, [tracker])
+    if tracker is not None:
+        _map_transfers(tracker, agent)
+    out = _console()
     try:
         while True:
-            report = agent.run_once()
+            if tracker is not None:
+                report = _run_with_progress(agent, tracker, console)
+            else:
+                report = agent.run_once()
             if not args.quiet:
-                console.print(f"cycle {report.get('cycle')}: {report.get('seconds', 0):.3f}s, "
-                              f"slowest {report.get('slowest')}, failures {report.get('failures')}, "
-                              f"states {report.get('states')}")
+                out.print(f"cycle {report.get('cycle')}: {report.get('seconds', 0):.3f}s, "
+                          f"slowest {report.get('slowest')}, failures {report.get('failures')}, "
+                          f"states {report.get('states')}")
             if args.once:
                 return EXIT_OK if agent.all_stable() else EXIT_NOT_STABLE
             time.sleep(args.interval or agent.config.interval)
@@ -102,19 +133,123 @@ def cmd_run(args: argparse.Namespace) -> int:
         agent.close()
 
 
+def _agent_with(args: argparse.Namespace, plugins: list[object]):
+    from .agent import Agent
+
+    return Agent.open(_config(args), plugins=plugins)
+
+
+def _map_transfers(tracker: "views.Tracker", agent: Any) -> None:
+    """Tell the tracker which diff belongs to which replica (source qtree or destination qtree)."""
+    src, dst = agent.source.handle, agent.dest.handle
+
+    def replica_of(volume: Any, qtree: str) -> str | None:
+        state = agent.state
+        if volume is dst:
+            return qtree if qtree in state.replicas else None
+        if volume is src:
+            for r in state.replicas.values():
+                if r.source_qtree == qtree and r.state in ("update", "baseline"):
+                    return r.name
+        return None
+
+    tracker.replica_of = replica_of
+
+
+def _run_with_progress(agent: Any, tracker: "views.Tracker", console: Console) -> dict[str, Any]:
+    """One `run_once` under a transient live display of the transfers (bytes, records, rate, time left)."""
+    from rich.live import Live
+
+    def frame() -> Any:
+        now = tracker.clock()
+        _events, transfers = tracker.snapshot()
+        st = agent.state
+        head = views.Text.assemble(("coalesce run ", "bold"), f"group {st.name} · cycle {st.cycle} · phase ",
+                                   (st.phase, "bold yellow"), "  ", views.budget_text(st))
+        return views.Group(head, views.transfers_table(transfers, now))
+
+    tracker.reset_transfers()
+    with Live(get_renderable=frame, console=console, refresh_per_second=8, transient=True):
+        return agent.run_once()
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     agent = _agent(args, recover=False)
     try:
         paths = {r: agent.export_path(r) for r in agent.state.replicas}
-        if args.json:
-            _dump_json(views.status_data(agent.state, paths))
-        else:
-            c = _console()
-            c.print(views.status_table(agent.state, paths))
-            c.print(views.pcpi_table(agent.state))
+        if not args.watch:
+            if args.json:
+                _dump_json(views.status_data(agent.state, paths))
+            else:
+                _console().print(_status_view(agent.state, paths))
+            return EXIT_OK
+        return _watch_status(args, agent, paths)
     finally:
         agent.close()
-    return EXIT_OK
+
+
+def _status_view(state: Any, paths: dict[str, str | None]) -> Any:
+    return views.Group(views.status_table(state, paths), views.budget_table(state))
+
+
+def _watch_status(args: argparse.Namespace, agent: Any, paths: dict[str, str | None]) -> int:
+    """Re-read the ledger every ``--interval`` seconds (another process may be running cycles)."""
+    interval = args.interval or 2.0
+    n = 0
+
+    last: list[Any] = []
+
+    def read() -> Any:
+        """One consistent snapshot of the ledger (a read transaction; WAL lets the agent go on writing).
+        A failed re-read keeps showing the last good state instead of ending the watch."""
+        conn = agent.ledger.conn
+        try:
+            conn.execute("BEGIN")
+            try:
+                state = agent.ledger.load()
+            finally:
+                conn.execute("COMMIT")
+        except (CoalesceError, sqlite3.Error):
+            if not last:
+                raise
+            return last[-1]
+        last[:] = [state]
+        return state
+
+    try:
+        if args.json:
+            while True:
+                _dump_json(views.status_data(read(), paths), compact=True)
+                n += 1
+                if args.count and n >= args.count:
+                    return EXIT_OK
+                time.sleep(interval)
+        console = _live_console()
+        if not console.is_interactive:
+            while True:
+                if n:
+                    console.print()
+                console.print(f"# {time.strftime('%H:%M:%S')}", markup=False)
+                console.print(_status_view(read(), paths))
+                n += 1
+                if args.count and n >= args.count:
+                    return EXIT_OK
+                time.sleep(interval)
+        from rich.live import Live
+
+        def frame() -> Any:
+            return views.Group(views.Text(f"every {interval:g}s · {time.strftime('%H:%M:%S')} · Ctrl-C to stop",
+                                          style="dim"), _status_view(read(), paths))
+
+        with Live(frame(), console=console, auto_refresh=False, transient=False) as live:
+            while True:
+                n += 1
+                if args.count and n >= args.count:
+                    return EXIT_OK
+                time.sleep(interval)
+                live.update(frame(), refresh=True)
+    except KeyboardInterrupt:
+        return EXIT_OK
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -132,7 +267,7 @@ def cmd_check(args: argparse.Namespace) -> int:
             with agent.ledger._tx():
                 agent.ledger.conn.execute("INSERT OR REPLACE INTO meta VALUES ('i5_marks', ?)", (json.dumps(marks),))
         if args.json:
-            _dump_json([{"invariant": f.invariant, "ok": f.ok, "detail": f.detail} for f in findings])
+            _dump_json(views.check_data(findings))
         else:
             _console().print(views.check_table(findings))
     finally:
@@ -171,6 +306,8 @@ def cmd_backends(args: argparse.Namespace) -> int:
     else:
         for i in infos:
             print(f"{i['scheme']:8} {i['plugin']:10} {i.get('description', '')}")
+        if not infos:
+            print("no backend installed; see docs/writing-a-backend.md")
     return EXIT_OK
 
 
@@ -178,10 +315,13 @@ def cmd_history(args: argparse.Namespace) -> int:
     agent = _agent(args, recover=False)
     try:
         cycles = agent.ledger.cycles()
+        if args.last:
+            cycles = cycles[-args.last:]
         if args.json:
             _dump_json(cycles)
         else:
-            _console().print(views.history_table(cycles))
+            c = _console()
+            c.print(views.history_table(cycles, bars=c.width >= 120))
     finally:
         agent.close()
     return EXIT_OK
@@ -195,31 +335,28 @@ def cmd_graph(args: argparse.Namespace) -> int:
         sys.stdout.write(views.graph_dot())
         return EXIT_OK
     counts = None
+    group = None
     if args.config or os.environ.get("COALESCE_CONFIG") or Path(DEFAULT_CONFIG).exists():
         agent = _agent(args, recover=False)
         try:
-            counts = {}
-            for r in agent.state.replicas.values():
-                counts[r.state] = counts.get(r.state, 0) + 1
+            counts = views.count_states(agent.state)
+            group = agent.state.name
         finally:
             agent.close()
     if args.json:
-        from .spec import load_spec
-
-        spec = load_spec()
-        _dump_json({"states": [s.name for s in spec.replica.states],
-                    "transitions": [{"trigger": t.trigger, "source": list(t.source), "dest": t.dest, "ref": t.ref}
-                                    for t in spec.replica.transitions],
-                    "counts": counts})
+        _dump_json(views.graph_data(counts=counts))
         return EXIT_OK
-    _console().print(views.graph_text(counts=counts))
+    _console().print(views.graph_view(counts=counts, group=group))
     return EXIT_OK
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    return run_demo(backend=args.backend, replicas=args.replicas, seed=args.seed, speed=args.speed)
+    console = _live_console()
+    live = console.is_interactive and not args.plain
+    return run_demo(backend=args.backend, replicas=args.replicas, seed=args.seed, speed=args.speed,
+                    live=live, console=console)
 
 
 def cmd_crash_points(args: argparse.Namespace) -> int:
@@ -236,6 +373,8 @@ def build_parser(pm: Any = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="coalesce", description="Snapshot-coalescing replication of qtrees.")
     p.add_argument("--config", "-c", help=f"group config (default: $COALESCE_CONFIG or ./{DEFAULT_CONFIG})")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.add_argument("--metrics-file", metavar="PATH",
+                   help="write Prometheus metrics to PATH (same as $COALESCE_METRICS_FILE; needs coalesce_metrics)")
     p.add_argument("--version", action="version", version=f"coalesce {__version__}")
     sub = p.add_subparsers(dest="verb", metavar="VERB")
     sub.required = True
@@ -251,11 +390,17 @@ def build_parser(pm: Any = None) -> argparse.ArgumentParser:
     a.add_argument("--source", help="source qtree (default: NAME)")
     r = verb("run", cmd_run, "run coalescing cycles (every `interval` seconds)")
     r.add_argument("--once", action="store_true", help="one cycle; exit 0 when every replica ends stable, else 3")
-    r.add_argument("--interval", type=float, help="override [group] interval")
-    r.add_argument("--quiet", "-q", action="store_true")
-    for name, func, help in (("status", cmd_status, "replicas, exports and PCPIs"),
-                             ("history", cmd_history, "one row per finished cycle"),
-                             ("check", cmd_check, "verify invariants I1-I5, I8, I9 on the live group (exit 1 if violated)"),
+    r.add_argument("--interval", type=_positive(), help="override [group] interval")
+    r.add_argument("--quiet", "-q", action="store_true", help="no progress display and no per-cycle line")
+    st = verb("status", cmd_status, "replicas, exports and PCPIs")
+    st.add_argument("--json", action="store_true", help="machine-readable output (docs/schemas/status.schema.json)")
+    st.add_argument("--watch", "-w", action="store_true", help="refresh until Ctrl-C (with --json: one document per line)")
+    st.add_argument("--interval", "-n", type=_positive(), default=2.0, help="seconds between refreshes (default 2)")
+    st.add_argument("--count", type=_positive(int, 1, inclusive=True), help="stop after COUNT refreshes")
+    h = verb("history", cmd_history, "one row per finished cycle: start, end, slowest replica, PCPIs, failures")
+    h.add_argument("--json", action="store_true", help="machine-readable output (docs/schemas/history.schema.json)")
+    h.add_argument("--last", type=_positive(int, 1, inclusive=True), help="only the last N cycles")
+    for name, func, help in (("check", cmd_check, "verify invariants I1-I5, I8, I9 on the live group (exit 1 if violated)"),
                              ("backends", cmd_backends, "installed storage backends (entry points)")):
         sp = verb(name, func, help)
         sp.add_argument("--json", action="store_true", help="machine-readable output")
@@ -267,10 +412,13 @@ def build_parser(pm: Any = None) -> argparse.ArgumentParser:
     g.add_argument("--format", choices=("text", "mermaid", "dot"), default="text")
     g.add_argument("--json", action="store_true")
     d = verb("demo", cmd_demo, "replay the patent's Fig. 7 scenario on the embedded backend")
-    d.add_argument("--backend", default="mem", help="volume backend scheme (default: mem)")
-    d.add_argument("--replicas", type=int, default=3)
-    d.add_argument("--seed", type=int, default=7)
-    d.add_argument("--speed", type=float, default=1.0, help="time scale (2 = twice as fast)")
+    from .demo import DEFAULT_BACKEND
+
+    d.add_argument("--backend", default=DEFAULT_BACKEND, help=f"volume backend scheme (default: {DEFAULT_BACKEND})")
+    d.add_argument("--replicas", type=_positive(int, 1, inclusive=True), default=3, help="qtrees (default 3: A, B, C)")
+    d.add_argument("--seed", type=int, default=7, help="seed of the random source changes")
+    d.add_argument("--speed", type=_positive(), default=1.0, help="time scale (2 = twice as fast)")
+    d.add_argument("--plain", action="store_true", help="plain lines even on a terminal (the default when piped)")
     dbg = sub.add_parser("debug", help="developer tools")
     dsub = dbg.add_subparsers(dest="debug_verb", metavar="TOOL")
     dsub.required = True
@@ -300,6 +448,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise
         parser = build_parser(pm)
         args = parser.parse_args(argv)
+        if getattr(args, "metrics_file", None):
+            os.environ["COALESCE_METRICS_FILE"] = os.path.abspath(args.metrics_file)
         return int(args.func(args) or 0)
     except CoalesceError as exc:
         if debug:

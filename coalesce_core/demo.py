@@ -6,7 +6,12 @@ patent's story (here 0.1 s, 0.4 s and 1.5 s, divided by ``--speed``).  Cycle
 until C completes, then all three switching at once; cycle 3 injects a
 transfer failure (rollback, Fig. 9); cycle 4 a failed rollback (C leaves the
 cycle, retries with backoff, rejoins).  It ends with the invariant report of
-``coalesce check``.  Plain lines only: the live rich view is issue 6's.
+``coalesce check``.
+
+On a terminal it draws a live view (views.dashboard: one row per replica
+with its transfer's progress, the PCPI budget, the agent's phase, an event
+log); otherwise, or with ``--plain``, it prints one plain line per event so
+it reads well in CI logs and pipes.
 """
 
 from __future__ import annotations
@@ -20,12 +25,15 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .config import parse_config
+from .errors import CoalesceError
 from .faults import Rule
 from .hookspecs import hookimpl
 from .testing.harness import Harness
 from .testing.workload import fill
 
 FIG7_SECONDS = {"A": 10, "B": 120, "C": 2700}
+FIG7_DEMO = {"A": 0.1, "B": 0.4, "C": 1.5}
+DEFAULT_BACKEND = "sim"
 
 
 class Throttle:
@@ -33,12 +41,18 @@ class Throttle:
 
     def __init__(self, seconds: dict[str, float]) -> None:
         self.seconds = seconds
+        self.dest: Any = None  # the destination volume's handle, set once the harness opened it
+
+    def _is_dest(self, volume: Any) -> bool:
+        if self.dest is not None:
+            return volume is self.dest
+        return "dst" in str(getattr(volume, "url", volume))
 
     @hookimpl(wrapper=True)
     def coalesce_apply(self, volume: Any, qtree: str, records: Any):
         t0 = time.monotonic()
         result = yield
-        if "dst" in str(getattr(volume, "url", volume)):
+        if self._is_dest(volume):
             left = self.seconds.get(qtree, 0.0) - (time.monotonic() - t0)
             if left > 0:
                 time.sleep(left)
@@ -57,6 +71,12 @@ class Narrator:
         with self.lock:
             self.out(f"[{time.monotonic() - self.t0:6.2f}s] {text}")
 
+    def chapter(self, text: str) -> None:
+        self.out("\n== " + text)
+
+    def note(self, text: str) -> None:
+        self.out(text)
+
     @hookimpl
     def coalesce_state_changed(self, group: str, replica: str, trigger: str, source: str, dest: str) -> None:
         self.say(f"replica {replica}: {source} -> {dest} ({trigger})")
@@ -73,65 +93,155 @@ class Narrator:
     def coalesce_pcpi_released(self, group: str, volume: str, name: str) -> None:
         self.say(f"PCPI released {name}")
 
+    @hookimpl
+    def coalesce_cycle_finished(self, group: str, report: Any) -> None:
+        self.say(f"cycle {report.get('cycle')} finished in {report.get('seconds', 0):.2f}s: slowest "
+                 f"{report.get('slowest') or '-'} ({report.get('slowest_seconds', 0):.2f}s), "
+                 f"{len(report.get('pcpis_taken') or [])} PCPIs taken, {len(report.get('pcpis_released') or [])} "
+                 f"released, {report.get('failures', 0)} failures")
 
-def run_demo(backend: str = "mem", replicas: int = 3, seed: int = 7, speed: float = 1.0,
-             out: Callable[[str], None] | None = None) -> int:
-    """Run the demo; returns 0 when every invariant holds at the end."""
+
+class LiveNarrator:
+    """The same narration for the live view: into the tracker's event log and header."""
+
+    def __init__(self, tracker: Any) -> None:
+        self.tracker = tracker
+        self.chapter_text = ""
+
+    def say(self, text: str) -> None:
+        self.tracker.log(text.strip(), "italic")
+
+    def chapter(self, text: str) -> None:
+        self.chapter_text = text
+        self.tracker.log("== " + text, "bold cyan")
+
+    def note(self, text: str) -> None:
+        self.tracker.log(text.strip(), "italic")
+
+
+def _names(replicas: int) -> list[str]:
+    return [chr(ord("A") + i) if i < 26 else f"Z{i - 25:02d}" for i in range(replicas)]
+
+
+def run_demo(backend: str = DEFAULT_BACKEND, replicas: int = 3, seed: int = 7, speed: float = 1.0,
+             out: Callable[[str], None] | None = None, live: bool = False, console: Any = None) -> int:
+    """Run the demo; returns 0 when every replica ends stable and every invariant holds.
+
+    ``live=True`` draws the rich live view on ``console`` (a terminal);
+    otherwise plain lines go to ``out``."""
     out = out or (lambda s: print(s, flush=True))
     if replicas < 1:
         out("error: --replicas must be at least 1")
         return 2
-    names = [chr(ord("A") + i) if i < 26 else f"Q{i}" for i in range(replicas)]
+    names = _names(replicas)
     scale = 1.0 / max(speed, 0.01)
-    fig7 = {"A": 0.1, "B": 0.4, "C": 1.5}
-    seconds = {n: fig7.get(n, 0.05 + 0.02 * i) * scale for i, n in enumerate(names)}
+    seconds = {n: FIG7_DEMO.get(n, 0.05 + 0.02 * i) * scale for i, n in enumerate(names)}
     with tempfile.TemporaryDirectory(prefix="coalesce-demo-") as tmp:
         if backend == "mem":
             src, dst = f"mem://demo-src-{Path(tmp).name}", f"mem://demo-dst-{Path(tmp).name}"
         else:
-            src, dst = f"{backend}://{tmp}/source", f"{backend}://{tmp}/destination"
+            src, dst = f"{backend}://{tmp}/src", f"{backend}://{tmp}/dst"
         text = (f'[group]\nname = "demo"\nsource = "{src}"\ndestination = "{dst}"\nparallel = {max(3, replicas)}\n'
                 f'metadata = "{tmp}/metadata"\n[group.retry]\ninitial = {0.2 * scale}\nfactor = 2\nmaximum = 5\n'
                 + "".join(f'[[replica]]\nname = "{n}"\n' for n in names))
         config = parse_config(text, f"{tmp}/demo.toml")
         t0 = time.monotonic()
-        narrator = Narrator(out, t0)
-        h = Harness(config, plugins=[Throttle(seconds), narrator], clock=time.time)
-        rng = random.Random(seed)
-        out(f"coalesce demo: {replicas} qtrees on the {backend} backend in {tmp}")
-        out("Fig. 7: updates take " + ", ".join(f"{n} {FIG7_SECONDS.get(n, '?')}s" for n in names[:3])
-            + f" in the patent; here {', '.join(f'{n} {seconds[n]:.2f}s' for n in names[:3])}")
+        throttle = Throttle(seconds)
+        intro = [f"coalesce demo: {replicas} qtrees on the {backend} backend in {tmp}",
+                 "Fig. 7: updates take " + ", ".join(f"{n} {FIG7_SECONDS.get(n, '?')}s" for n in names[:3])
+                 + f" in the patent; here {', '.join(f'{n} {seconds[n]:.2f}s' for n in names[:3])}"]
+        if not live:
+            narrator: Any = Narrator(out, t0)
+            h = _harness(config, [throttle, narrator], backend)
+            throttle.dest = h.agent.dest.handle
+            for line in intro:
+                out(line)
+            ok, _findings = _scenario(h, narrator, names, seed, scale, out)
+            return 0 if ok else 1
+        from rich.live import Live
+
+        from . import views
+
+        tracker = views.Tracker()
+        for n in names:
+            tracker.expect(n, seconds[n])
+        tracker.replica_of = lambda volume, qtree: qtree if qtree in seconds else None
+        narrator = LiveNarrator(tracker)
+        h = _harness(config, [throttle, tracker], backend)
+        throttle.dest = h.agent.dest.handle
+        for line in intro:
+            tracker.log(line, "bold")
+        width, height = console.size
+        # header, chapter, table head, budget, PCPI table (tall terminals only), panel borders, air
+        room = height - (20 if height >= 40 else 13)
+        log_lines = max(3, min(14, room - len(names)))
+        max_rows = max(3, room - log_lines)
+        title = f"coalesce demo · {backend} backend · speed {speed:g}"
+        if console.size.width < 110:
+            title = f"demo · {backend}"
+
+        def frame() -> Any:
+            return views.dashboard(h.agent.state, tracker, title=title, chapter=narrator.chapter_text,
+                                   log_lines=log_lines, max_rows=max_rows, width=width, height=height)
+
+        lines: list[str] = []
+        with Live(get_renderable=frame, console=console, refresh_per_second=10, transient=False,
+                  vertical_overflow="crop") as lv:
+            ok, findings = _scenario(h, narrator, names, seed, scale, lines.append, report=False)
+            narrator.chapter("finished: the invariant report of `coalesce check` follows")
+            lv.refresh()
+        console.print(views.check_table(findings))
+        for line in lines:
+            console.print(line, highlight=False, markup=False)
+        return 0 if ok else 1
+
+
+def _harness(config: Any, plugins: list[object], backend: str) -> Harness:
+    try:
+        return Harness(config, plugins=plugins, clock=time.time)
+    except CoalesceError as exc:
+        if backend not in ("sim", "mem"):
+            exc.hint = (exc.hint + "; " if exc.hint else "") + (
+                f"the demo makes its volumes in a temporary directory, which {backend} cannot use: "
+                "run it with --backend sim (the default) or --backend mem")
+        raise
+
+
+def _scenario(h: Harness, ui: Any, names: list[str], seed: int, scale: float,
+              out: Callable[[str], None], report: bool = True) -> tuple[bool, list[Any]]:
+    rng = random.Random(seed)
+    try:
         fill(h.writer, names, files=4, size=2048, seed=seed)
 
-        out("\n== cycle 1: baseline transfers (uninitialized -> baseline -> done -> stable)")
+        ui.chapter("cycle 1: baseline transfers (uninitialized -> baseline -> done -> stable)")
         h.cycle()
 
-        out("\n== cycle 2: Fig. 7 — readers see the old images until the slowest qtree (C) completes")
+        ui.chapter("cycle 2: Fig. 7 — readers see the old images until the slowest qtree (C) completes")
         for n in names:
             h.writer.random_changes(rng, n, 3)
         before = h.exported_fingerprints()
-        watcher = threading.Thread(target=_watch, args=(h, before, narrator), daemon=True)
+        watcher = threading.Thread(target=_watch, args=(h, before, ui), daemon=True)
         watcher.start()
         h.cycle()
         watcher.join(5)
         after = h.exported_fingerprints()
-        out(f"   all {sum(1 for n in names if after[n] != before[n])} changed replicas switched in one export")
+        ui.note(f"   all {sum(1 for n in names if after[n] != before[n])} changed replicas switched in one export")
 
-        out("\n== cycle 3: B's transfer fails mid-stream -> rollback (Fig. 9) with ONE rollback PCPI")
+        victim = names[1] if len(names) > 1 else names[0]
+        ui.chapter(f"cycle 3: {victim}'s transfer fails mid-stream -> rollback (Fig. 9) with ONE rollback PCPI")
         for n in names:
             h.writer.random_changes(rng, n, 2)
-        victim = names[1] if len(names) > 1 else names[0]
         h.faults.add(Rule(hook="coalesce_diff", qtree=victim, record=2, times=1, volume="src", message="link dropped"))
         h.cycle()
 
-        out("\n== cycle 4: C's rollback fails -> unstable_uncoalesced (its own PCPI), retry, rejoin")
         slow = names[2] if len(names) > 2 else names[-1]
+        ui.chapter(f"cycle 4: {slow}'s rollback fails -> unstable_uncoalesced (its own PCPI), retry, rejoin")
         h.writer.random_changes(rng, slow, 2)
         h.faults.add(Rule(hook="coalesce_diff", qtree=slow, record=2, times=1, volume="src", message="source error"))
         h.faults.add(Rule(hook="coalesce_rollback", qtree=slow, times=1, message="disk full"))
         h.cycle()
         r = h.agent.state.replicas[slow]
-        out(f"   {slow} is {r.state}, exporting its individual PCPI {r.exported}")
+        ui.note(f"   {slow} is {r.state}, exporting its individual PCPI {r.exported}")
         for _ in range(50):
             if h.agent.state.replicas[slow].state != "unstable_uncoalesced":
                 break
@@ -140,20 +250,22 @@ def run_demo(backend: str = "mem", replicas: int = 3, seed: int = 7, speed: floa
         h.cycle()
         h.cycle()
 
-        out("\n== coalesce check")
         findings = h.findings()
-        for f in findings:
-            out(f"   {f.invariant:15} {'ok' if f.ok else 'VIOLATED':8} {f.detail}")
         states = h.states()
+        if report:
+            out("\n== coalesce check")
+            for f in findings:
+                out(f"   {f.invariant:15} {'ok' if f.ok else 'VIOLATED':8} {f.detail}")
         out(f"\nfinal states: {', '.join(f'{k}={v}' for k, v in sorted(states.items()))}")
         out(f"PCPIs on the destination: {len(h.agent.dest.snapshot_list())} (coalesced base only)")
         ok = all(f.ok for f in findings) and set(states.values()) == {"stable"}
         out("demo finished: all replicas stable, every invariant holds" if ok else "demo FAILED")
+        return ok, findings
+    finally:
         h.agent.close()
-        return 0 if ok else 1
 
 
-def _watch(h: Harness, before: dict[str, Any], narrator: Narrator) -> None:
+def _watch(h: Harness, before: dict[str, Any], ui: Any) -> None:
     """Report, once, that finished replicas still export their old image."""
     for _ in range(400):
         st = h.agent.state
@@ -161,8 +273,8 @@ def _watch(h: Harness, before: dict[str, Any], narrator: Narrator) -> None:
         busy = [r.name for r in st.replicas.values() if r.state == "update"]
         if done and busy:
             same = all(h.exported_fingerprints().get(n) == before.get(n) for n in done)
-            narrator.say(f"   {', '.join(sorted(done))} done but still exporting the old image "
-                         f"({'verified' if same else 'NOT the old image!'}); waiting for {', '.join(sorted(busy))}")
+            ui.say(f"   {', '.join(sorted(done))} done but still exporting the old image "
+                   f"({'verified' if same else 'NOT the old image!'}); waiting for {', '.join(sorted(busy))}")
             return
         time.sleep(0.02)
 

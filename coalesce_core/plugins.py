@@ -50,8 +50,9 @@ def plugin_manager(extra: Iterable[object] = ()) -> pluggy.PluginManager:
             ) from exc
         pm.register(plugin, name=ep.name)
     for modname in filter(None, (m.strip() for m in os.environ.get("COALESCE_PLUGINS", "").split(","))):
-        if pm.get_plugin(modname) is None:
-            pm.register(importlib.import_module(modname), name=modname)
+        module = importlib.import_module(modname)
+        if pm.get_plugin(modname) is None and not pm.is_registered(module):
+            pm.register(module, name=modname)
     if os.environ.get("COALESCE_FAULTS"):
         from .faults import FaultInjector, parse_rules
 
