@@ -48,7 +48,6 @@ def _tmux(sock: str, *args: str) -> str:
     return subprocess.run(["tmux", "-L", sock, *args], capture_output=True, text=True, check=True, timeout=30).stdout
 
 
-@pytest.mark.skipif(shutil.which("tmux") is None, reason="needs tmux")
 def test_demo_live_view_in_tmux(tmp_path):
     """Type `coalesce demo` into a 200x60 terminal, wait, read the final screen."""
     sock = f"coalesce-test-{uuid.uuid4().hex[:8]}"

@@ -14,7 +14,7 @@ from coalesce_core.spec import load_spec
 from coalesce_core.testing.harness import Harness
 from coalesce_core.testing.workload import fill
 
-parser = pytest.importorskip("prometheus_client.parser")
+from prometheus_client import parser  # noqa: E402  (pinned in the test extra)
 PLUGINS = Path(__file__).resolve().parents[2] / "plugins"
 
 
