@@ -231,14 +231,17 @@ class Agent:
         t0 = self.clock()
         if isinstance(eff, fx.Transfer):
             point = "mid_baseline" if eff.base is None else "mid_apply"
+            source = None
             try:
                 if eff.base is None:
                     self.dest.remove_qtree(eff.replica)  # a baseline starts from nothing
-                stream = codec.roundtrip(self.source.diff(eff.source_qtree, eff.base, eff.target))
+                source = self.source.diff(eff.source_qtree, eff.base, eff.target)
+                stream = codec.roundtrip(source)
                 stats = self.dest.apply(eff.replica, self._records(stream, eff.replica, point), use_purgatory=True)
             except Exception as exc:
                 return ev.TransferDone(replica=eff.replica, ok=False, now=self.clock(), error=_describe(exc))
             finally:
+                _close(source)  # a diff cut short must release what it holds (clones, pipes) now
                 if self._stats is not None:
                     self._stats.seconds[eff.replica] = self.clock() - t0
             if self._stats is not None:
@@ -323,6 +326,15 @@ def _count_states(s: GroupState) -> dict[str, int]:
     for r in s.replicas.values():
         out[r.state] = out.get(r.state, 0) + 1
     return out
+
+
+def _close(iterator: object) -> None:
+    close = getattr(iterator, "close", None)
+    if close is not None:
+        try:
+            close()
+        except Exception:
+            pass
 
 
 def _describe(exc: BaseException) -> str:

@@ -32,8 +32,14 @@ class GenericRollback:
         records = hook.coalesce_diff(volume=volume, qtree=qtree, base=rollback_pcpi, target=to_pcpi)
         if records is None:
             return None
+        source = records
         point = crashpoints.current()
         if point is not None:
             records = crashpoints.through(records, point)
-        hook.coalesce_apply(volume=volume, qtree=qtree, records=records, use_purgatory=True)
+        try:
+            hook.coalesce_apply(volume=volume, qtree=qtree, records=records, use_purgatory=True)
+        finally:
+            close = getattr(source, "close", None)  # release what a diff cut short holds
+            if close is not None:
+                close()
         return True

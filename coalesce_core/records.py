@@ -217,3 +217,32 @@ def framed(qtree: str, base: str | None, target: str, changes: Iterable[object])
         n += 1
         yield c
     yield End(records=n)
+
+
+def changes_only(stream: Iterable[object]) -> Iterator[object]:
+    """Strip Begin/End from a stream, checking that End's count matches.
+
+    Raises TruncatedStream if End is missing and CorruptStream on a bad count.
+    """
+    from .errors import CorruptStream, TruncatedStream
+
+    n = 0
+    began = False
+    for rec in stream:
+        if isinstance(rec, Begin):
+            if began:
+                raise CorruptStream("a second Begin record inside one stream")
+            began = True
+            continue
+        if not began:
+            raise CorruptStream("the stream does not start with a Begin record")
+        if isinstance(rec, End):
+            if rec.records != n:
+                raise CorruptStream(f"End says {rec.records} records, the stream carried {n}")
+            return
+        n += 1
+        yield rec
+    raise TruncatedStream(
+        f"the change stream ended after {n} records without its End record",
+        hint="the source or the link failed mid-transfer; the update is rolled back and retried next cycle",
+    )

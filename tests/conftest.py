@@ -12,6 +12,8 @@ from hypothesis import HealthCheck, settings
 
 from coalesce_core import crashpoints
 
+pytest_plugins = ["realfs"]  # tests/realfs.py: the one place that builds real volumes
+
 # The sim backend's fsyncs make tests slow on shared VMs; durability itself is
 # tested in tests/plugins/sim with explicit crash points, not by timing.
 os.environ.setdefault("COALESCE_SIM_FSYNC", "0")

@@ -1,8 +1,440 @@
-"""The `zfs` backend (under construction)."""
+"""The ``zfs`` backend: a volume is a ZFS dataset (OpenZFS or zfs-fuse).
 
+URL ``zfs://POOL/DATASET`` (``zfs://POOL`` for the pool's root dataset).
+
+* qtrees are the top-level directories of the dataset's mountpoint
+  (``zfs get mountpoint``); the purgatory is ``<mountpoint>/.coalesce-purgatory/<qtree>``;
+* a PCPI is the snapshot ``DATASET@<pcpi>`` (``zfs snapshot``, ``zfs destroy``,
+  listed with ``zfs list -t snapshot``: only direct snapshots of the dataset);
+* per-volume state lives OUTSIDE the dataset, in
+  ``$COALESCE_ZFS_STATE_DIR/<pool>/<dataset path with '/' as '%'>/`` (default
+  ``/var/lib/coalesce/zfs``): ``meta/`` is the metadata dir, ``exports/`` the
+  export table (coalesce_posix.exports), ``views/<pcpi>`` and ``tmp/`` the
+  mountpoints of read-only clones;
+* reading a PCPI: OpenZFS serves ``<mountpoint>/.zfs/snapshot/<pcpi>``
+  directly; zfs-fuse has no browsable ``.zfs``, so the PCPI is cloned
+  read-only (``zfs clone -o readonly=on -o mountpoint=...``) under the name
+  ``<pool>/czclone-<flat dataset>-<tag>`` and the clone is destroyed after
+  use (always, also on error); an exported PCPI keeps one clone (``x-`` tag)
+  while it is exported;
+* diff: the tree compare of coalesce_posix.walk between the two images
+  (inode numbers, sizes, mtimes and ctimes equal means unchanged, as both are
+  images of one dataset); on OpenZFS the walk is pruned to the directories
+  that ``zfs diff -H`` names, so its cost follows the change.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import itertools
+import os
+import re
+import threading
+import time
+from typing import Any, Iterator
+
+from coalesce_core.errors import BackendError
 from coalesce_core.hookspecs import hookimpl
+from coalesce_core.records import framed
+from coalesce_posix import PosixVolume, check_qtree, posix_hooks, walk
+from coalesce_posix.run import run, which
+
+SCHEME = "zfs"
+ZFS_HINT = "is ZFS running (zfs-fuse daemon or the OpenZFS module) and are you root?"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,120}$")
+_DS = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:/-]*$")
+STATE_ROOT = "/var/lib/coalesce/zfs"
+
+
+def _zfs() -> str:
+    return which("zfs", package="zfs-fuse (or zfsutils-linux for OpenZFS)")
+
+
+_CMD_LOCK = threading.RLock()
+_DEPTH = threading.local()
+
+
+@contextlib.contextmanager
+def _serialized() -> Iterator[None]:
+    """One zfs command at a time: zfs-fuse wedges (create/clone hang forever) when
+    clones are created, mounted and destroyed concurrently.  A re-entrant thread
+    lock within the process plus an flock across processes sharing the state
+    directory (taken once per thread: a nested command, e.g. a clone destroyed
+    by a generator finalized during another command, must not flock again)."""
+    with _CMD_LOCK:
+        depth = getattr(_DEPTH, "n", 0)
+        _DEPTH.n = depth + 1
+        fd = None
+        try:
+            if depth == 0:
+                root = os.environ.get("COALESCE_ZFS_STATE_DIR", STATE_ROOT)
+                os.makedirs(root, 0o755, exist_ok=True)
+                fd = os.open(os.path.join(root, ".zfs-commands.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            _DEPTH.n = depth
+            if fd is not None:
+                os.close(fd)
+
+
+def zfs(*args: str, hint: str = ZFS_HINT, check: bool = True):
+    with _serialized():
+        return run([_zfs(), *args], hint=hint, check=check, timeout=300)
+
+
+def zfs_out(*args: str) -> str:
+    return zfs(*args).stdout.decode("utf-8", "surrogateescape")
+
+
+def check_pcpi(name: str) -> str:
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise BackendError(f"{name!r} is not a valid PCPI name for ZFS",
+                           hint="use letters, digits and ._:- (no '/' or '@')")
+    return name
+
+
+_HAS_DIFF: bool | None = None
+
+
+def has_zfs_diff() -> bool:
+    global _HAS_DIFF
+    if _HAS_DIFF is None:
+        p = zfs("diff", check=False)
+        text = (p.stdout + p.stderr).decode("utf-8", "replace")
+        _HAS_DIFF = "unrecognized command" not in text
+    return _HAS_DIFF
+
+
+def parse_zfs_diff(text: str, mountpoint: str) -> set[str] | None:
+    """Paths (relative to the dataset) that ``zfs diff -H`` output names, or None if unparsable.
+
+    Lines are ``<change>\\t<path>`` or ``R\\t<old>\\t<new>``; special characters
+    in paths are escaped as ``\\NNN`` (octal).
+    """
+    out: set[str] = set()
+    pre = mountpoint.rstrip("/") + "/"
+
+    def unescape(p: str) -> str:
+        return os.fsdecode(re.sub(rb"\\([0-7]{3,4})", lambda m: bytes([int(m.group(1), 8) & 0xFF]),
+                                  os.fsencode(p)))
+
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        parts = line.split("\t")
+        if parts[0] not in ("-", "+", "M", "R") or len(parts) < 2:
+            return None
+        for p in parts[1:]:
+            p = unescape(p)
+            if p.rstrip("/") == mountpoint.rstrip("/"):
+                continue
+            if not p.startswith(pre):
+                return None
+            out.add(p[len(pre):])
+    return out
+
+
+class ZfsVolume(PosixVolume):
+    scheme = SCHEME
+    _seq = itertools.count()
+    _lock = threading.Lock()
+    _views: dict = {}          # (dataset, pcpi) -> shared temporary clone (zfs-fuse)
+
+    def __init__(self, url: Any, dataset: str, mountpoint: str) -> None:
+        self.dataset = dataset
+        self.pool = dataset.split("/", 1)[0]
+        flat = dataset.replace("/", "%")
+        root = os.environ.get("COALESCE_ZFS_STATE_DIR", STATE_ROOT)
+        self.state = os.path.join(root, self.pool, flat)
+        self.metadir = os.path.join(self.state, "meta")
+        self.viewdir = os.path.join(self.state, "views")
+        self.tmpdir = os.path.join(self.state, "tmp")
+        self.clone_prefix = f"{self.pool}/czclone-{flat.replace('%', '-')}-"
+        super().__init__(url, mountpoint, os.path.join(self.state, "exports"))
+
+    # -- opening --------------------------------------------------------------
+    @classmethod
+    def open(cls, url: Any, create: bool) -> "ZfsVolume":
+        ds = url.location.strip("/")
+        if not ds or not _DS.match(ds) or "//" in ds or "@" in ds:
+            raise BackendError(f"{url} does not name a ZFS dataset", hint="write zfs://pool/dataset")
+        p = zfs("list", "-H", "-o", "name", ds, check=False)
+        if p.returncode != 0:
+            err = p.stderr.decode("utf-8", "replace").strip()
+            if "does not exist" not in err:
+                raise BackendError(f"`zfs list {ds}` failed: {err}", hint=ZFS_HINT)
+            if not create:
+                raise BackendError(f"ZFS dataset {ds} does not exist",
+                                   hint=f"create it: zfs create {ds} (or open with create=True)")
+            zfs("create", "-p", ds, hint="does the pool exist and have space? " + ZFS_HINT)
+        mp = zfs_out("get", "-H", "-o", "value", "mountpoint", ds).strip()
+        if not mp.startswith("/"):
+            raise BackendError(f"ZFS dataset {ds} has mountpoint {mp!r}",
+                               hint=f"give it a path: zfs set mountpoint=/srv/{ds} {ds}")
+        if zfs_out("get", "-H", "-o", "value", "mounted", ds).strip() != "yes":
+            zfs("mount", ds, hint=f"mount the dataset: zfs mount {ds}")
+        vol = cls(url, ds, mp)
+        for d in (vol.metadir, vol.viewdir, vol.tmpdir):
+            os.makedirs(d, 0o755, exist_ok=True)
+        vol._reap_stale_clones()
+        return vol
+
+    def browsable(self) -> bool:
+        return os.path.isdir(os.path.join(self.root, ".zfs", "snapshot"))
+
+    # -- PCPIs ----------------------------------------------------------------
+    def snapshot_list(self) -> list[str]:
+        out = zfs_out("list", "-H", "-t", "snapshot", "-o", "name", "-r", self.dataset)
+        pre = self.dataset + "@"
+        return sorted(line[len(pre):] for line in out.splitlines() if line.startswith(pre))
+
+    def snapshot_create(self, name: str) -> str:
+        check_pcpi(name)
+        if name in self.snapshot_list():
+            return name
+        zfs("snapshot", f"{self.dataset}@{name}", hint="is the pool full? " + ZFS_HINT)
+        return name
+
+    def snapshot_delete(self, name: str) -> bool:
+        check_pcpi(name)
+        if name not in self.snapshot_list():
+            return False
+        for clone in self._clones_of(name):
+            self._destroy(clone, force=True)
+        self._destroy(f"{self.dataset}@{name}", force=False)
+        return True
+
+    def _require(self, pcpi: str) -> None:
+        check_pcpi(pcpi)
+        if pcpi not in self.snapshot_list():
+            raise BackendError(f"PCPI {pcpi!r} does not exist on {self.url}",
+                               hint=f"existing PCPIs: {', '.join(self.snapshot_list()) or 'none'}")
+
+    # -- clones ---------------------------------------------------------------
+    def _clones_of(self, pcpi: str) -> list[str]:
+        out = zfs_out("list", "-H", "-o", "name,origin", "-t", "filesystem", "-r", self.pool)
+        origin = f"{self.dataset}@{pcpi}"
+        return [line.split("\t")[0] for line in out.splitlines()
+                if line.split("\t")[-1] == origin and line.startswith(self.clone_prefix)]
+
+    def _all_clones(self) -> list[str]:
+        out = zfs_out("list", "-H", "-o", "name", "-t", "filesystem", "-r", self.pool)
+        return [n for n in out.split("\n") if n.startswith(self.clone_prefix)]
+
+    def _reap_stale_clones(self) -> None:
+        """Destroy temporary clones left by a process that died (tag t<pid>x<n>)."""
+        for name in self._all_clones():
+            m = re.match(r"t(\d+)x\d+-", name[len(self.clone_prefix):])
+            if m and not os.path.exists(f"/proc/{m.group(1)}"):
+                self._destroy(name, force=True)
+
+    def _destroy(self, name: str, *, force: bool, tries: int = 8) -> bool:
+        last = None
+        for i in range(tries):
+            p = zfs("destroy", name, check=False)
+            if p.returncode == 0:
+                return True
+            err = p.stderr.decode("utf-8", "replace")
+            if "does not exist" in err or "could not find" in err:
+                return False
+            last = err
+            time.sleep(0.1 * (i + 1))
+        if force:
+            p = zfs("destroy", "-f", name, check=False)
+            if p.returncode == 0:
+                return True
+            last = p.stderr.decode("utf-8", "replace")
+        raise BackendError(f"`zfs destroy {name}` failed: {last.strip() if last else '?'}",
+                           hint="a process may hold files open in it (fuser -m); " + ZFS_HINT)
+
+    def _clone(self, pcpi: str, name: str, mountpoint: str) -> str:
+        os.makedirs(mountpoint, 0o755, exist_ok=True)
+        zfs("clone", "-o", "readonly=on", "-o", f"mountpoint={mountpoint}", f"{self.dataset}@{pcpi}", name,
+            hint="cloning a PCPI to read it (zfs-fuse has no .zfs/snapshot); " + ZFS_HINT)
+        if zfs_out("get", "-H", "-o", "value", "mounted", name).strip() != "yes":
+            zfs("mount", name)
+        return mountpoint
+
+    @contextlib.contextmanager
+    def image(self, snapshot: str | None) -> Iterator[str]:
+        if snapshot is None:
+            yield self.root
+            return
+        self._require(snapshot)
+        if self.browsable():
+            yield os.path.join(self.root, ".zfs", "snapshot", snapshot)
+            return
+        view = os.path.join(self.viewdir, snapshot)
+        if os.path.ismount(view):                      # an export clone already shows it
+            yield view
+            return
+        key = (self.dataset, snapshot)
+        with self._lock:
+            entry = self._views.get(key)
+            if entry is None:
+                tag = f"t{os.getpid()}x{next(self._seq)}"
+                entry = self._views[key] = {"name": f"{self.clone_prefix}{tag}-{snapshot}",
+                                            "mp": os.path.join(self.tmpdir, tag), "refs": 0,
+                                            "ready": threading.Event(), "error": None}
+                creator = True
+            else:
+                creator = False
+            entry["refs"] += 1
+        try:
+            if creator:
+                try:
+                    self._clone(snapshot, entry["name"], entry["mp"])
+                except BaseException as exc:
+                    entry["error"] = exc
+                    raise
+                finally:
+                    entry["ready"].set()
+            else:
+                entry["ready"].wait()
+                if entry["error"] is not None:
+                    raise BackendError(f"cloning PCPI {snapshot!r} to read it failed: {entry['error']}")
+            yield entry["mp"]
+        finally:
+            with self._lock:
+                entry["refs"] -= 1
+                last = entry["refs"] == 0
+                if last:
+                    del self._views[key]
+            if last:
+                # one read-only clone serves every concurrent reader of a PCPI; the last one destroys it
+                self._destroy(entry["name"], force=True)
+                try:
+                    os.rmdir(entry["mp"])
+                except OSError:
+                    pass
+
+    # -- exports ----------------------------------------------------------------
+    def export_image_prefix(self) -> str:
+        return os.path.join(self.root, ".zfs", "snapshot") if self.browsable() else self.viewdir
+
+    def export_image_path(self, replica: str, pcpi: str) -> str:
+        return os.path.join(self.export_image_prefix(), check_pcpi(pcpi), replica)
+
+    def prepare_export(self, pcpis: set[str]) -> None:
+        if self.browsable():
+            return
+        for pcpi in sorted(pcpis):
+            self._require(pcpi)
+            view = os.path.join(self.viewdir, pcpi)
+            if not os.path.ismount(view):
+                self._clone(pcpi, f"{self.clone_prefix}x-{pcpi}", view)
+
+    def after_export(self, pcpis: set[str]) -> None:
+        """Release export clones of PCPIs no longer exported (busy ones are kept for their readers)."""
+        if self.browsable():
+            return
+        for name in self._all_clones():
+            tail = name[len(self.clone_prefix):]
+            if tail.startswith("x-") and tail[2:] not in pcpis:
+                try:
+                    self._destroy(name, force=False, tries=2)
+                except BackendError:
+                    pass
+                try:
+                    os.rmdir(os.path.join(self.viewdir, tail[2:]))
+                except OSError:
+                    pass
+
+    # -- diff -----------------------------------------------------------------
+    def diff(self, qtree: str, base: str | None, target: str) -> Iterator[object]:
+        check_qtree(qtree)
+        self._require(target)
+        if base is not None:
+            self._require(base)
+        return self._diff_gen(qtree, base, target)
+
+    def _diff_gen(self, qtree: str, base: str | None, target: str) -> Iterator[object]:
+        with contextlib.ExitStack() as stack:
+            troot = stack.enter_context(self.image(target))
+            tq = os.path.join(troot, qtree)
+            if not os.path.isdir(tq) or os.path.islink(tq):
+                raise BackendError(f"qtree {qtree!r} does not exist in PCPI {target!r} of {self.url}",
+                                   hint="diff only qtrees that qtree_list(target) shows")
+            if base is None:
+                yield from framed(qtree, None, target, walk.baseline_records(os.path.join(troot, qtree)))
+                return
+            broot = stack.enter_context(self.image(base))
+            prune = None
+            if self.browsable() and has_zfs_diff():
+                p = zfs("diff", "-H", f"{self.dataset}@{base}", f"{self.dataset}@{target}", check=False)
+                if p.returncode == 0:
+                    changed = parse_zfs_diff(p.stdout.decode("utf-8", "surrogateescape"), self.root)
+                    if changed is not None:
+                        prune = _dirs_with_changes(changed, qtree)
+            created = int(zfs_out("get", "-Hp", "-o", "value", "creation", f"{self.dataset}@{base}").strip())
+            yield from framed(qtree, base, target,
+                              walk.tree_diff(os.path.join(broot, qtree), os.path.join(troot, qtree),
+                                             prune=prune, quick_before_ns=created * 1_000_000_000))
+
+
+def _dirs_with_changes(changed: set[str], qtree: str) -> set[str]:
+    """Qtree-relative directories at or above a changed path ("" is the qtree root)."""
+    out = {""}
+    pre = qtree + "/"
+    for p in changed:
+        if not p.startswith(pre):
+            continue
+        rel = p[len(pre):]
+        parts = rel.split("/")
+        for i in range(len(parts) + 1):
+            out.add("/".join(parts[:i]))
+    return out
+
+
+# ---------------------------------------------------------------------------
+# hooks
+# ---------------------------------------------------------------------------
+def _mine(volume: Any) -> bool:
+    return isinstance(volume, ZfsVolume)
 
 
 @hookimpl
 def coalesce_backend_info():
-    return {"scheme": "zfs", "description": "zfs backend (under construction)"}
+    return {"scheme": SCHEME, "description": "ZFS (OpenZFS or zfs-fuse): a dataset; PCPIs are dataset snapshots"}
+
+
+@hookimpl
+def coalesce_open_volume(url, create):
+    if getattr(url, "scheme", None) != SCHEME:
+        return None
+    return ZfsVolume.open(url, create)
+
+
+@hookimpl
+def coalesce_close_volume(volume):
+    return True if _mine(volume) else None
+
+
+@hookimpl
+def coalesce_metadata_dir(volume):
+    return volume.metadir if _mine(volume) else None
+
+
+@hookimpl
+def coalesce_snapshot_create(volume, name):
+    return volume.snapshot_create(name) if _mine(volume) else None
+
+
+@hookimpl
+def coalesce_snapshot_delete(volume, name):
+    return volume.snapshot_delete(name) if _mine(volume) else None
+
+
+@hookimpl
+def coalesce_snapshot_list(volume):
+    return volume.snapshot_list() if _mine(volume) else None
+
+
+@hookimpl
+def coalesce_diff(volume, qtree, base, target):
+    return volume.diff(qtree, base, target) if _mine(volume) else None
+
+
+globals().update(posix_hooks(ZfsVolume))

@@ -3,20 +3,10 @@ destination: the same Fig. 7-9 scenarios, only ``group_config`` builds ``sim://`
 
 from __future__ import annotations
 
-import importlib.util
-import pathlib
-
 import pytest
+from reuse import adopt
 
-_path = pathlib.Path(__file__).parents[2] / "core" / "test_scenarios.py"
-if not _path.exists():  # pragma: no cover - the core suite is being written concurrently
-    pytest.skip("tests/core/test_scenarios.py is not there", allow_module_level=True)
-_spec = importlib.util.spec_from_file_location("core_scenarios_for_sim", _path)
-_mod = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_mod)
-
-globals().update({k: v for k, v in vars(_mod).items()
-                  if k.startswith("test_") or k in ("harness", "Gate")})
+adopt(globals(), "sim", "core/test_scenarios.py")
 
 
 @pytest.fixture

@@ -1,0 +1,464 @@
+"""The POSIX applier: change records into a qtree of a mounted file system (I10).
+
+Every path is resolved relative to an open directory descriptor of the qtree
+root, one component at a time, with ``O_NOFOLLOW | O_DIRECTORY``: an existing
+symlink (or any non-directory) on the way raises HostilePath before anything
+is written for that record; ``..`` and absolute paths never reach the file
+system (``check_path`` refuses them, again here, whatever the record's
+constructor did).  The final component is operated on with ``*at`` calls
+(``dir_fd``, ``follow_symlinks=False``, ``O_NOFOLLOW``), so a symlink in the
+qtree is stored and changed, never followed.
+
+Deleted or replaced entries go to the qtree's purgatory, a directory of the
+same file system outside the qtree (``rename`` is atomic and cheap there);
+``coalesce_purge_purgatory`` deletes it at jump-ahead.
+
+Failures raise BackendError subclasses (ENOSPC -> :class:`NoSpace`) or the
+StreamError of the record, and leave a partial qtree for the rollback path;
+the applier never touches a PCPI (they are read-only snapshots anyway).
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import os
+import shutil
+import stat
+import time
+from collections import OrderedDict
+from typing import Any, Iterable, Iterator
+
+from coalesce_core.errors import BackendError, CorruptStream, HostilePath, TruncatedStream
+from coalesce_core.records import (
+    changes_only,
+    Begin, End, HardLink, MkDir, MkFile, Rename, RmDir, SetAttr, SetXattr, Symlink, Truncate, Unlink, Write,
+    check_path,
+)
+
+O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_NOFOLLOW_ERRNOS = (errno.ELOOP, errno.ENOTDIR)
+
+
+class ApplyFailed(BackendError):
+    """Applying a change stream failed part-way; the qtree is partial and takes the rollback path."""
+
+
+class NoSpace(ApplyFailed):
+    """The destination file system is full (ENOSPC / EDQUOT) mid-apply."""
+
+
+def _fs(path: str) -> bytes:
+    return os.fsencode(path)
+
+
+class Applier:
+    """Applies one change stream to ``<volume_root>/<qtree>``.
+
+    ``purgatory`` is the directory (same file system, outside the qtree) that
+    receives deleted and replaced entries, or None to delete them at once.
+    """
+
+    def __init__(self, volume_root: str, qtree: str, purgatory: str | None) -> None:
+        check_path(qtree, what="qtree")
+        if "/" in qtree:
+            raise HostilePath(f"qtree name {qtree!r} must be one directory name")
+        self.volume_root = volume_root
+        self.qtree = qtree
+        self.purgatory = purgatory
+        self._purg_fd: int | None = None
+        self._root_fd: int | None = None
+        self._dirs: OrderedDict[str, int] = OrderedDict()   # parent path -> fd (LRU)
+        self._file: tuple[str, int] | None = None           # last written file
+        self._seq = itertools.count()
+        self.records = 0
+        self.bytes = 0
+        self.released: str | None = None
+
+    # -- descriptors --------------------------------------------------------
+    def _open_root(self) -> int:
+        if self._root_fd is None:
+            vfd = os.open(self.volume_root, O_DIR)
+            try:
+                try:
+                    os.mkdir(self.qtree, 0o755, dir_fd=vfd)
+                except FileExistsError:
+                    pass
+                try:
+                    self._root_fd = os.open(self.qtree, O_DIR, dir_fd=vfd)
+                except OSError as exc:
+                    if exc.errno in _NOFOLLOW_ERRNOS:
+                        raise HostilePath(
+                            f"qtree {self.qtree!r} in {self.volume_root} is not a directory (a symlink?)",
+                            hint="remove the impostor entry; the qtree must be a real directory") from exc
+                    raise
+            finally:
+                os.close(vfd)
+        return self._root_fd
+
+    def _purgatory_fd(self) -> int:
+        if self._purg_fd is None:
+            assert self.purgatory is not None
+            os.makedirs(self.purgatory, 0o700, exist_ok=True)
+            self._purg_fd = os.open(self.purgatory, O_DIR)
+        return self._purg_fd
+
+    def _forget(self) -> None:
+        """Drop cached descriptors (after a rename or removal changed the namespace)."""
+        for fd in self._dirs.values():
+            os.close(fd)
+        self._dirs.clear()
+        self._close_file()
+
+    def _close_file(self) -> None:
+        if self._file is not None:
+            os.close(self._file[1])
+            self._file = None
+
+    def close(self) -> None:
+        self._forget()
+        for attr in ("_root_fd", "_purg_fd"):
+            fd = getattr(self, attr)
+            if fd is not None:
+                os.close(fd)
+                setattr(self, attr, None)
+
+    def _parent(self, path: str) -> tuple[int, str]:
+        """(fd of the parent directory, final name) of qtree-relative ``path``."""
+        check_path(path)
+        parent, _, name = path.rpartition("/")
+        if not parent:
+            return self._open_root(), name
+        fd = self._dirs.get(parent)
+        if fd is not None:
+            self._dirs.move_to_end(parent)
+            return fd, name
+        cur = self._open_root()
+        walked = []
+        opened: list[int] = []
+        try:
+            for comp in parent.split("/"):
+                walked.append(comp)
+                try:
+                    nfd = os.open(comp, O_DIR, dir_fd=cur)
+                except OSError as exc:
+                    if exc.errno in _NOFOLLOW_ERRNOS:
+                        where = "/".join(walked)
+                        try:
+                            st = os.lstat(comp, dir_fd=cur)
+                            what = "a symlink" if stat.S_ISLNK(st.st_mode) else "not a directory"
+                        except OSError:
+                            what = "not a directory"
+                        if what == "a symlink":
+                            raise HostilePath(
+                                f"{path!r}: {where!r} in qtree {self.qtree!r} is a symlink; the applier never follows one",
+                                hint="the stream tries to write through a symlink (I10); the update is rolled back") from exc
+                        raise CorruptStream(f"{path!r}: {where!r} in qtree {self.qtree!r} is {what}",
+                                            hint="the stream does not match the replica; the update is rolled back") from exc
+                    if exc.errno == errno.ENOENT:
+                        raise CorruptStream(f"{path!r}: directory {'/'.join(walked)!r} does not exist in qtree {self.qtree!r}",
+                                            hint="the stream does not match the replica (order contract); it is rolled back") from exc
+                    raise
+                opened.append(nfd)
+                cur = nfd
+        except BaseException:
+            for f in opened:
+                os.close(f)
+            raise
+        for f in opened[:-1]:
+            os.close(f)
+        self._dirs[parent] = cur
+        if len(self._dirs) > 64:
+            _, old = self._dirs.popitem(last=False)
+            os.close(old)
+        return cur, name
+
+    @staticmethod
+    def _lstat(dfd: int, name: str) -> os.stat_result | None:
+        try:
+            return os.lstat(name, dir_fd=dfd)
+        except FileNotFoundError:
+            return None
+
+    # -- purgatory ------------------------------------------------------------
+    def _discard(self, dfd: int, name: str, st: os.stat_result) -> None:
+        """Move an entry to purgatory (or delete it when there is none)."""
+        self._close_file()
+        if self.purgatory is not None:
+            pname = f"{time.time_ns():x}.{next(self._seq)}.{name[:200]}"
+            os.rename(name, pname, src_dir_fd=dfd, dst_dir_fd=self._purgatory_fd())
+        elif stat.S_ISDIR(st.st_mode):
+            fd = os.open(name, O_DIR, dir_fd=dfd)
+            try:
+                _rmtree_fd(fd)
+            finally:
+                os.close(fd)
+            os.rmdir(name, dir_fd=dfd)
+        else:
+            os.unlink(name, dir_fd=dfd)
+        self._forget()
+
+    # -- records --------------------------------------------------------------
+    def apply(self, records: Iterable[Any]) -> dict[str, int]:
+        it = iter(records)
+        try:
+            first = next(it)
+        except StopIteration:
+            self._open_root()
+            self.close()
+            return {"records": 0, "bytes": 0}
+        if isinstance(first, Begin):
+            # Begin names the *source* qtree, which may differ from the replica's
+            stream = changes_only(itertools.chain([first], it))
+        else:
+            stream = itertools.chain([first], it)
+        self._open_root()
+        try:
+            for rec in stream:
+                if isinstance(rec, (Begin, End)):
+                    raise CorruptStream(f"unexpected {type(rec).__name__} record inside the stream")
+                try:
+                    self.one(rec)
+                except OSError as exc:
+                    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                        self._release_partial_file()
+                    raise self._os_error(rec, exc) from exc
+                self.records += 1
+        finally:
+            self.close()
+        return {"records": self.records, "bytes": self.bytes}
+
+    def _release_partial_file(self) -> None:
+        """On ENOSPC, release the file being written (best effort): the update has
+        failed anyway and its rollback restores the file, but the rollback needs
+        space for its PCPI.  Truncate it; where even that needs space (btrfs
+        copy-on-write metadata), unlink it (deletions use the reserve)."""
+        if self._file is None:
+            return
+        path, fd = self._file
+        try:
+            os.ftruncate(fd, 0)
+        except OSError:
+            self._close_file()
+            try:
+                dfd, name = self._parent(path)
+                os.unlink(name, dir_fd=dfd)
+            except (OSError, CorruptStream, HostilePath):
+                return
+        os.sync()      # commit, so that copy-on-write file systems unpin the freed extents
+        self.released = path
+
+    def _os_error(self, rec: object, exc: OSError) -> BackendError:
+        where = os.path.join(self.volume_root, self.qtree)
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            released = f"; the partial file {self.released!r} was released to make room for the rollback" if self.released else ""
+            return NoSpace(
+                f"no space left on the destination file system while applying {type(rec).__name__} "
+                f"to {getattr(rec, 'path', getattr(rec, 'old', '?'))!r} in {where}: {exc.strerror}{released}",
+                hint="the update fails and the replica rolls back; free space or grow the volume "
+                     "(PCPIs and exported images are untouched)")
+        if exc.errno in (errno.ENOTSUP, errno.EOPNOTSUPP) and isinstance(rec, SetXattr):
+            return ApplyFailed(
+                f"the file system under {where} does not support extended attributes ({rec.name!r} on {rec.path!r})",
+                hint="enable xattrs on the destination (zfs-fuse has none; OpenZFS: xattr=sa) or use a source without them")
+        return ApplyFailed(f"applying {rec!r:.200} to {where} failed: {exc}",
+                           hint="the update fails and the replica takes the rollback path")
+
+    def one(self, rec: Any) -> None:
+        if isinstance(rec, Write):
+            fd = self._file_fd(rec.path)
+            view = memoryview(rec.data)
+            off = rec.offset
+            while view:
+                n = os.pwrite(fd, view, off)
+                view = view[n:]
+                off += n
+            self.bytes += len(rec.data)
+        elif isinstance(rec, Truncate):
+            os.ftruncate(self._file_fd(rec.path), rec.size)
+        elif isinstance(rec, MkFile):
+            dfd, name = self._parent(rec.path)
+            st = self._lstat(dfd, name)
+            if st is not None:
+                self._discard(dfd, name, st)
+                dfd, name = self._parent(rec.path)
+            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, rec.mode & 0o7777,
+                         dir_fd=dfd)
+            os.fchmod(fd, rec.mode & 0o7777)       # umask-free
+            self._close_file()
+            self._file = (rec.path, fd)
+        elif isinstance(rec, MkDir):
+            dfd, name = self._parent(rec.path)
+            st = self._lstat(dfd, name)
+            if st is not None and stat.S_ISDIR(st.st_mode):
+                return                              # idempotent replay
+            if st is not None:
+                self._discard(dfd, name, st)
+                dfd, name = self._parent(rec.path)
+            os.mkdir(name, rec.mode & 0o7777, dir_fd=dfd)
+            fd = os.open(name, O_DIR, dir_fd=dfd)
+            try:
+                os.fchmod(fd, rec.mode & 0o7777)
+            finally:
+                os.close(fd)
+        elif isinstance(rec, Symlink):
+            dfd, name = self._parent(rec.path)
+            st = self._lstat(dfd, name)
+            if st is not None:
+                if stat.S_ISLNK(st.st_mode) and os.readlink(name, dir_fd=dfd) == _fs(rec.target):
+                    return
+                self._discard(dfd, name, st)
+                dfd, name = self._parent(rec.path)
+            os.symlink(_fs(rec.target), name, dir_fd=dfd)
+        elif isinstance(rec, HardLink):
+            check_path(rec.existing, what="hard link source")
+            sfd, sname = self._parent(rec.existing)
+            sst = self._lstat(sfd, sname)
+            if sst is None:
+                raise CorruptStream(f"hard link {rec.path!r}: source {rec.existing!r} does not exist in qtree {self.qtree!r}")
+            if stat.S_ISDIR(sst.st_mode):
+                raise CorruptStream(f"hard link {rec.path!r}: source {rec.existing!r} is a directory")
+            dfd, name = self._parent(rec.path)
+            st = self._lstat(dfd, name)
+            if st is not None:
+                if (st.st_dev, st.st_ino) == (sst.st_dev, sst.st_ino):
+                    return
+                self._discard(dfd, name, st)
+                sfd, sname = self._parent(rec.existing)
+                dfd, name = self._parent(rec.path)
+            os.link(sname, name, src_dir_fd=sfd, dst_dir_fd=dfd, follow_symlinks=False)
+        elif isinstance(rec, Rename):
+            check_path(rec.new, what="rename target")
+            sfd, sname = self._parent(rec.old)
+            sst = self._lstat(sfd, sname)
+            dfd, dname = self._parent(rec.new)
+            dst = self._lstat(dfd, dname)
+            if sst is None:
+                if dst is not None:
+                    return                          # replay: already renamed
+                raise CorruptStream(f"rename {rec.old!r} -> {rec.new!r}: {rec.old!r} does not exist in qtree {self.qtree!r}")
+            if dst is not None:
+                if (dst.st_dev, dst.st_ino) == (sst.st_dev, sst.st_ino):
+                    return
+                self._discard(dfd, dname, dst)
+                sfd, sname = self._parent(rec.old)
+                dfd, dname = self._parent(rec.new)
+            self._close_file()
+            os.rename(sname, dname, src_dir_fd=sfd, dst_dir_fd=dfd)
+            self._forget()
+        elif isinstance(rec, Unlink):
+            dfd, name = self._parent(rec.path)
+            st = self._lstat(dfd, name)
+            if st is None:
+                return
+            if stat.S_ISDIR(st.st_mode):
+                raise CorruptStream(f"unlink {rec.path!r}: it is a directory in qtree {self.qtree!r}")
+            self._discard(dfd, name, st)
+        elif isinstance(rec, RmDir):
+            dfd, name = self._parent(rec.path)
+            st = self._lstat(dfd, name)
+            if st is None:
+                return
+            if not stat.S_ISDIR(st.st_mode):
+                raise CorruptStream(f"rmdir {rec.path!r}: not a directory in qtree {self.qtree!r}")
+            try:
+                os.rmdir(name, dir_fd=dfd)
+            except OSError as exc:
+                if exc.errno != errno.ENOTEMPTY:
+                    raise
+                raise CorruptStream(f"rmdir {rec.path!r}: directory not empty in qtree {self.qtree!r}",
+                                    hint="the stream does not match the replica; it is rolled back") from exc
+            self._forget()
+        elif isinstance(rec, SetAttr):
+            self._setattr(rec)
+        elif isinstance(rec, SetXattr):
+            dfd, name = self._parent(rec.path)
+            try:
+                fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dfd)
+            except OSError as exc:
+                if exc.errno == errno.ELOOP:
+                    raise ApplyFailed(f"xattr {rec.name!r} on symlink {rec.path!r}: not supported by the POSIX applier",
+                                      hint="Linux keeps no user xattrs on symlinks") from exc
+                raise
+            try:
+                if rec.value is None:
+                    try:
+                        os.removexattr(fd, rec.name)
+                    except OSError as exc:
+                        if exc.errno != errno.ENODATA:
+                            raise
+                else:
+                    os.setxattr(fd, rec.name, rec.value)
+            finally:
+                os.close(fd)
+        else:
+            raise CorruptStream(f"unknown change record {rec!r:.200}")
+
+    def _file_fd(self, path: str) -> int:
+        if self._file is not None and self._file[0] == path:
+            return self._file[1]
+        self._close_file()
+        dfd, name = self._parent(path)
+        try:
+            fd = os.open(name, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+        except FileNotFoundError as exc:
+            raise CorruptStream(f"write to {path!r}: no such file in qtree {self.qtree!r}",
+                                hint="the stream does not match the replica; it is rolled back") from exc
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise HostilePath(f"write to {path!r}: it is a symlink in qtree {self.qtree!r}; never followed") from exc
+            if exc.errno == errno.EISDIR:
+                raise CorruptStream(f"write to {path!r}: it is a directory") from exc
+            raise
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise CorruptStream(f"write to {path!r}: not a regular file")
+        self._file = (path, fd)
+        return fd
+
+    def _setattr(self, rec: SetAttr) -> None:
+        dfd, name = self._parent(rec.path)
+        st = self._lstat(dfd, name)
+        if st is None:
+            raise CorruptStream(f"setattr {rec.path!r}: no such entry in qtree {self.qtree!r}")
+        if rec.uid is not None or rec.gid is not None:
+            os.chown(name, -1 if rec.uid is None else rec.uid, -1 if rec.gid is None else rec.gid,
+                     dir_fd=dfd, follow_symlinks=False)
+        if rec.mode is not None and not stat.S_ISLNK(st.st_mode):
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dfd)
+            try:
+                os.fchmod(fd, rec.mode & 0o7777)
+            finally:
+                os.close(fd)
+        if rec.mtime_ns is not None:
+            if self._file is not None and self._file[0] == rec.path:
+                self._close_file()
+            os.utime(name, ns=(rec.mtime_ns, rec.mtime_ns), dir_fd=dfd, follow_symlinks=False)
+
+
+def _rmtree_fd(dfd: int) -> None:
+    """Remove everything inside the open directory ``dfd`` without following symlinks."""
+    for name in os.listdir(dfd):
+        st = os.lstat(name, dir_fd=dfd)
+        if stat.S_ISDIR(st.st_mode):
+            cfd = os.open(name, O_DIR, dir_fd=dfd)
+            try:
+                _rmtree_fd(cfd)
+            finally:
+                os.close(cfd)
+            os.rmdir(name, dir_fd=dfd)
+        else:
+            os.unlink(name, dir_fd=dfd)
+
+
+def rmtree(path: str) -> bool:
+    """Remove ``path`` recursively without following symlinks; False if it was absent."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    if not stat.S_ISDIR(st.st_mode):
+        os.unlink(path)
+        return True
+    shutil.rmtree(path)     # rmtree uses the fd-based, symlink-safe walk on Linux
+    return True

@@ -1,0 +1,404 @@
+"""Reading POSIX trees: the canonical fingerprint, full-create records
+(baselines, cross-qtree moves) and the tree-compare diff.
+
+The reading side works on read-only images (btrfs snapshots, ZFS snapshot
+directories or read-only clones) and on the live qtree for fingerprints.
+It never follows a symlink: entries are examined with ``lstat`` and only
+directories found by the walk itself are descended into.  Special files
+(devices, FIFOs, sockets) have no change record and no fingerprint kind;
+they are skipped (docs/real-backends.md).
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import stat
+from typing import Callable, Iterable, Iterator
+
+from coalesce_core import fingerprint as fp
+from coalesce_core.records import (
+    MAX_DATA, HardLink, MkDir, MkFile, RmDir, SetAttr, SetXattr, Symlink, Truncate, Unlink, Write,
+)
+
+CHUNK = MAX_DATA
+_HAVE_SEEK = hasattr(os, "SEEK_DATA")
+
+
+def join(rel: str, name: str) -> str:
+    return f"{rel}/{name}" if rel else name
+
+
+def kind_of(st: os.stat_result) -> str | None:
+    if stat.S_ISDIR(st.st_mode):
+        return "d"
+    if stat.S_ISREG(st.st_mode):
+        return "f"
+    if stat.S_ISLNK(st.st_mode):
+        return "l"
+    return None
+
+
+def lstat_or_none(path: str) -> os.stat_result | None:
+    try:
+        return os.lstat(path)
+    except FileNotFoundError:
+        return None
+    except NotADirectoryError:
+        return None
+
+
+def listdir_sorted(path: str) -> list[str]:
+    try:
+        names = os.listdir(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    return sorted(names, key=lambda n: n.encode("utf-8", "surrogateescape"))
+
+
+def iter_tree(root: str, rel: str = "") -> Iterator[tuple[str, os.stat_result]]:
+    """(relative path, lstat) of every entry below ``root/rel`` in pre-order, sorted by name."""
+    base = os.path.join(root, rel) if rel else root
+    for name in listdir_sorted(base):
+        r = join(rel, name)
+        st = lstat_or_none(os.path.join(root, r))
+        if st is None:
+            continue
+        yield r, st
+        if stat.S_ISDIR(st.st_mode):
+            yield from iter_tree(root, r)
+
+
+# ---------------------------------------------------------------------------
+# fingerprint
+# ---------------------------------------------------------------------------
+def file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        while True:
+            b = os.read(fd, CHUNK)
+            if not b:
+                break
+            h.update(b)
+    finally:
+        os.close(fd)
+    return h.hexdigest()
+
+
+def entries(root: str) -> Iterator[fp.Entry]:
+    """Fingerprint entries of the tree below ``root`` (``root`` itself excluded)."""
+    for rel, st in iter_tree(root):
+        k = kind_of(st)
+        full = os.path.join(root, rel)
+        if k == "d":
+            yield fp.Entry(path=rel, kind="d", mode=st.st_mode & 0o7777)
+        elif k == "f":
+            yield fp.Entry(path=rel, kind="f", mode=st.st_mode & 0o7777, size=st.st_size,
+                           content_sha256=file_sha256(full))
+        elif k == "l":
+            # Linux symlinks have no settable permission bits: canonical mode 0.
+            yield fp.Entry(path=rel, kind="l", mode=0, target=os.fsdecode(os.readlink(full)))
+
+
+def fingerprint(root: str | None) -> str:
+    """Canonical digest of the tree below ``root``; a missing root digests as the empty tree."""
+    if root is None or not os.path.isdir(root) or os.path.islink(root):
+        return fp.digest(())
+    return fp.digest(entries(root))
+
+
+# ---------------------------------------------------------------------------
+# data and attributes of one entry, as records
+# ---------------------------------------------------------------------------
+def data_segments(fd: int, start: int, end: int) -> Iterator[tuple[int, int]]:
+    """(offset, length) of the data (non-hole) parts of ``[start, end)`` of an open file."""
+    if start >= end:
+        return
+    if not _HAVE_SEEK:
+        yield start, end - start
+        return
+    pos = start
+    while pos < end:
+        try:
+            d = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:      # only a hole up to EOF
+                return
+            if exc.errno in (errno.EINVAL, errno.EOPNOTSUPP):
+                yield pos, end - pos
+                return
+            raise
+        if d >= end:
+            return
+        try:
+            h = os.lseek(fd, d, os.SEEK_HOLE)
+        except OSError:
+            h = end
+        h = min(h, end)
+        if h <= d:
+            h = end
+        yield d, h - d
+        pos = h
+
+
+def write_records(path_rel: str, fd: int, start: int, end: int, *, skip_zero: bool) -> Iterator[Write]:
+    """Write records carrying bytes ``[start, end)`` of the open file ``fd`` (holes skipped)."""
+    for off, length in list(data_segments(fd, start, end)):
+        pos, stop = off, off + length
+        while pos < stop:
+            n = min(CHUNK, stop - pos)
+            data = os.pread(fd, n, pos)
+            if not data:
+                break
+            if not (skip_zero and data.count(0) == len(data)):
+                yield Write(path=path_rel, offset=pos, data=data)
+            pos += len(data)
+
+
+def read_xattrs(path: str) -> dict[str, bytes]:
+    """xattrs of a file or directory (never of a symlink: Linux has no user xattrs on them)."""
+    try:
+        names = os.listxattr(path, follow_symlinks=False)
+    except OSError as exc:
+        if exc.errno in (errno.ENOTSUP, errno.EOPNOTSUPP):
+            return {}
+        raise
+    out = {}
+    for n in sorted(names):
+        try:
+            out[n] = os.getxattr(path, n, follow_symlinks=False)
+        except OSError as exc:
+            if exc.errno in (errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP):
+                continue
+            raise
+    return out
+
+
+def xattr_records(rel: str, base: dict[str, bytes], target: dict[str, bytes]) -> Iterator[SetXattr]:
+    for n in sorted(set(base) | set(target)):
+        if n not in target:
+            yield SetXattr(path=rel, name=n, value=None)
+        elif base.get(n) != target[n]:
+            yield SetXattr(path=rel, name=n, value=target[n])
+
+
+def setattr_record(rel: str, st: os.stat_result) -> SetAttr:
+    mode = None if stat.S_ISLNK(st.st_mode) else st.st_mode & 0o7777
+    return SetAttr(path=rel, mode=mode, uid=st.st_uid, gid=st.st_gid, mtime_ns=st.st_mtime_ns)
+
+
+def attrs_differ(a: os.stat_result, b: os.stat_result) -> bool:
+    return ((a.st_mode & 0o7777) != (b.st_mode & 0o7777) or a.st_uid != b.st_uid or a.st_gid != b.st_gid
+            or a.st_mtime_ns != b.st_mtime_ns)
+
+
+def file_create_records(root: str, rel: str, st: os.stat_result, dest_rel: str | None = None) -> Iterator[object]:
+    """MkFile + data + Truncate + xattrs for the regular file ``root/rel`` (created at ``dest_rel``)."""
+    dest = dest_rel or rel
+    full = os.path.join(root, rel)
+    yield MkFile(path=dest, mode=st.st_mode & 0o7777)
+    fd = os.open(full, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        size = os.fstat(fd).st_size
+        yield from write_records(dest, fd, 0, size, skip_zero=True)
+    finally:
+        os.close(fd)
+    if size:
+        yield Truncate(path=dest, size=size)
+    yield from xattr_records(dest, {}, read_xattrs(full))
+
+
+def create_records(root: str, rel: str, *, dest_rel: str | None = None, links: dict | None = None,
+                   skip: Callable[[str], bool] | None = None, attrs_out: list | None = None) -> Iterator[object]:
+    """Records that create the entry ``root/rel`` (and, for a directory, everything
+    below it) at ``dest_rel`` (default ``rel``) in a qtree.
+
+    ``links`` maps (st_dev, st_ino) -> destination path of a file already created
+    in this stream, so that hard links stay hard links.  ``skip(rel)`` leaves
+    out an entry (and its subtree) that the caller handles itself.  SetAttr
+    records are appended to ``attrs_out`` (the caller emits them at the end,
+    deepest first, so directory times survive) or yielded last.
+    """
+    own_attrs = attrs_out is None
+    attrs_list: list = [] if own_attrs else attrs_out
+    links = {} if links is None else links
+    dest = dest_rel or rel
+    st = lstat_or_none(os.path.join(root, rel))
+    if st is None:
+        return
+    yield from _create_one(root, rel, dest, st, links, skip, attrs_list)
+    if own_attrs:
+        yield from sorted_attrs(attrs_list)
+
+
+def _create_one(root, rel, dest, st, links, skip, attrs_list):
+    k = kind_of(st)
+    full = os.path.join(root, rel)
+    if k == "d":
+        yield MkDir(path=dest, mode=st.st_mode & 0o7777)
+        yield from xattr_records(dest, {}, read_xattrs(full))
+        for name in listdir_sorted(full):
+            crel = join(rel, name)
+            if skip is not None and skip(crel):
+                continue
+            cst = lstat_or_none(os.path.join(root, crel))
+            if cst is not None:
+                yield from _create_one(root, crel, join(dest, name), cst, links, skip, attrs_list)
+    elif k == "f":
+        key = (st.st_dev, st.st_ino)
+        if st.st_nlink > 1 and key in links:
+            yield HardLink(path=dest, existing=links[key])
+            return
+        if st.st_nlink > 1:
+            links[key] = dest
+        yield from file_create_records(root, rel, st, dest)
+    elif k == "l":
+        yield Symlink(path=dest, target=os.fsdecode(os.readlink(full)))
+    else:
+        return
+    attrs_list.append(setattr_record(dest, st))
+
+
+def sorted_attrs(attrs_list: Iterable[SetAttr]) -> list[SetAttr]:
+    """SetAttr records deepest first, so a directory's come after its contents'."""
+    return sorted(attrs_list, key=lambda r: (-r.path.count("/"), r.path))
+
+
+def baseline_records(root: str) -> Iterator[object]:
+    """Every entry below ``root`` as create records (a baseline); ``root`` may be missing."""
+    attrs_list: list = []
+    links: dict = {}
+    for name in listdir_sorted(root):
+        yield from create_records(root, name, links=links, attrs_out=attrs_list)
+    yield from sorted_attrs(attrs_list)
+
+
+# ---------------------------------------------------------------------------
+# the tree-compare diff
+# ---------------------------------------------------------------------------
+def tree_diff(base: str | None, target: str, *, same_lineage: bool = True,
+              prune: set[str] | None = None, quick_before_ns: int | None = None) -> Iterator[object]:
+    """Change records that turn the tree below ``base`` into the tree below ``target``.
+
+    ``same_lineage``: both trees are images of the same file system (a
+    snapshot and a later snapshot, or clones of them), so an inode number
+    names the same file in both; an entry whose inode changed was replaced
+    and is recreated, an entry whose inode, size, mtime and ctime are equal
+    and whose ctime is older than ``quick_before_ns`` (the creation time of
+    the base image: a change after it would have moved the ctime, which no
+    user can set, past it -- this holds with zfs-fuse's one-second
+    timestamps too) is unchanged without reading it.  Otherwise files are
+    compared by content (every chunk read on both sides).
+
+    ``prune``: when given, the set of qtree-relative directories that may
+    contain a change ("" is the root; from ``zfs diff``): an unchanged
+    directory outside it is not descended into, so the cost follows the change.
+
+    Order: removals (deepest first), then creations and updates in pre-order,
+    then SetAttr deepest first; renames are not detected (a rename is a
+    removal plus a creation), so this is the fallback, not the fast path.
+    """
+    base = base if base and os.path.isdir(base) else None
+    yield from _removals(base, target, "", same_lineage, prune)
+    attrs_list: list = []
+    links: dict = {}
+    quick = quick_before_ns if same_lineage else None
+    yield from _updates(base, target, "", quick, links, attrs_list, prune, same_lineage)
+    yield from sorted_attrs(attrs_list)
+
+
+def _replaced(b: os.stat_result, t: os.stat_result, same_lineage: bool) -> bool:
+    if kind_of(b) != kind_of(t):
+        return True
+    if same_lineage and kind_of(t) != "d" and b.st_ino != t.st_ino:
+        return True
+    return False
+
+
+def _removals(base, target, rel, same_lineage, prune=None):
+    if base is None:
+        return
+    for name in listdir_sorted(os.path.join(base, rel) if rel else base):
+        r = join(rel, name)
+        b = lstat_or_none(os.path.join(base, r))
+        if b is None or kind_of(b) is None:
+            continue
+        t = lstat_or_none(os.path.join(target, r))
+        if t is None or kind_of(t) is None or _replaced(b, t, same_lineage):
+            yield from _remove_subtree(base, r, b)
+        elif kind_of(b) == "d" and (prune is None or r in prune):
+            yield from _removals(base, target, r, same_lineage, prune)
+
+
+def _remove_subtree(base, rel, st):
+    if stat.S_ISDIR(st.st_mode):
+        for name in listdir_sorted(os.path.join(base, rel)):
+            r = join(rel, name)
+            c = lstat_or_none(os.path.join(base, r))
+            if c is not None and kind_of(c) is not None:
+                yield from _remove_subtree(base, r, c)
+        yield RmDir(path=rel)
+    else:
+        yield Unlink(path=rel)
+
+
+def _updates(base, target, rel, quick, links, attrs_list, prune, same_lineage):
+    for name in listdir_sorted(os.path.join(target, rel) if rel else target):
+        r = join(rel, name)
+        t = lstat_or_none(os.path.join(target, r))
+        if t is None or kind_of(t) is None:
+            continue
+        b = lstat_or_none(os.path.join(base, r)) if base else None
+        if b is not None and kind_of(b) is None:
+            b = None
+        if b is None or _replaced(b, t, same_lineage):
+            yield from _create_one(target, r, r, t, links, None, attrs_list)
+            continue
+        k = kind_of(t)
+        if k == "d":
+            yield from xattr_records(r, read_xattrs(os.path.join(base, r)), read_xattrs(os.path.join(target, r)))
+            if prune is None or r in prune:
+                yield from _updates(base, target, r, quick, links, attrs_list, prune, same_lineage)
+        elif k == "l":
+            bt, tt = os.readlink(os.path.join(base, r)), os.readlink(os.path.join(target, r))
+            if bt != tt:
+                yield Unlink(path=r)
+                yield Symlink(path=r, target=os.fsdecode(tt))
+                attrs_list.append(setattr_record(r, t))
+                continue
+        else:
+            if t.st_nlink > 1:
+                links.setdefault((t.st_dev, t.st_ino), r)
+            quick_same = (quick is not None and b.st_ino == t.st_ino and b.st_size == t.st_size
+                          and b.st_mtime_ns == t.st_mtime_ns and b.st_ctime_ns == t.st_ctime_ns
+                          and b.st_ctime_ns < quick)
+            if not quick_same:
+                yield from _file_update(os.path.join(base, r), os.path.join(target, r), r, b.st_size, t.st_size)
+                yield from xattr_records(r, read_xattrs(os.path.join(base, r)), read_xattrs(os.path.join(target, r)))
+        if attrs_differ(b, t):
+            attrs_list.append(setattr_record(r, t))
+
+
+def _file_update(bpath: str, tpath: str, rel: str, bsize: int, tsize: int) -> Iterator[object]:
+    """Writes for the chunks that differ, then the size."""
+    bfd = os.open(bpath, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    tfd = os.open(tpath, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        if tsize < bsize:
+            yield Truncate(path=rel, size=tsize)
+        pos = 0
+        while pos < tsize:
+            n = min(CHUNK, tsize - pos)
+            tb = os.pread(tfd, n, pos)
+            bb = os.pread(bfd, n, pos) if pos < bsize else b""
+            if tb != bb:
+                if not (pos >= bsize and tb.count(0) == len(tb)):
+                    yield Write(path=rel, offset=pos, data=tb)
+            pos += n
+        if tsize > bsize:
+            yield Truncate(path=rel, size=tsize)
+    finally:
+        os.close(bfd)
+        os.close(tfd)

@@ -1,0 +1,306 @@
+"""The POSIX applier, tree walker, tree diff and export table (coalesce_posix), on the local disk."""
+
+from __future__ import annotations
+
+import os
+import stat
+import threading
+
+import pytest
+
+from coalesce_core.errors import CorruptStream, HostilePath, StreamError
+from coalesce_core.hookspecs import ACTIVE
+from coalesce_core.records import (
+    HardLink, MkDir, MkFile, Rename, RmDir, SetAttr, SetXattr, Symlink, Truncate, Unlink, Write, framed,
+)
+from coalesce_posix import Applier, ExportTable, walk
+from coalesce_posix.exports import parse_under
+
+
+def raw(cls, **fields):
+    """A record that bypasses its validators, as a hostile producer would send it."""
+    obj = object.__new__(cls)
+    for k, v in fields.items():
+        object.__setattr__(obj, k, v)
+    return obj
+
+
+@pytest.fixture
+def vol(tmp_path):
+    root = tmp_path / "vol"
+    root.mkdir()
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret").write_text("do not touch")
+    return root, outside
+
+
+def apply(root, records, qtree="q", purgatory=None):
+    return Applier(str(root), qtree, str(purgatory) if purgatory else None).apply(framed(qtree, None, "t", records))
+
+
+def snapshot_of(path):
+    """Everything under ``path`` (names, types, bytes, link targets) for before/after comparisons."""
+    out = {}
+    for rel, st in walk.iter_tree(str(path)):
+        full = os.path.join(path, rel)
+        if stat.S_ISREG(st.st_mode):
+            out[rel] = ("f", open(full, "rb").read(), st.st_mode)
+        elif stat.S_ISLNK(st.st_mode):
+            out[rel] = ("l", os.readlink(full))
+        else:
+            out[rel] = ("d", st.st_mode)
+    return out
+
+
+# ---------------------------------------------------------------------------
+# hostile paths (I10)
+# ---------------------------------------------------------------------------
+HOSTILE = [
+    ("dotdot", raw(MkFile, path="../evil", mode=0o644)),
+    ("dotdot-inner", raw(MkDir, path="d/../../evil", mode=0o755)),
+    ("absolute", raw(MkFile, path="/tmp/coalesce-evil", mode=0o644)),
+    ("write-through-symlink-dir", Write(path="evil/secret", offset=0, data=b"pwned")),
+    ("create-through-symlink-dir", MkFile(path="evil/new")),
+    ("mkdir-through-symlink-dir", MkDir(path="evil/newdir")),
+    ("symlink-through-symlink-dir", Symlink(path="evil/ln", target="x")),
+    ("truncate-through-symlink-dir", Truncate(path="evil/secret", size=0)),
+    ("unlink-through-symlink-dir", Unlink(path="evil/secret")),
+    ("chmod-through-symlink-dir", SetAttr(path="evil/secret", mode=0o777)),
+    ("xattr-through-symlink-dir", SetXattr(path="evil/secret", name="user.x", value=b"1")),
+    ("rename-into-symlink-dir", Rename(old="f", new="evil/stolen")),
+    ("rename-out-of-symlink-dir", Rename(old="evil/secret", new="stolen")),
+    ("hardlink-out-of-qtree", raw(HardLink, path="hl", existing="../outside/secret")),
+    ("hardlink-absolute", raw(HardLink, path="hl", existing="/etc/passwd")),
+    ("hardlink-through-symlink-dir", HardLink(path="hl", existing="evil/secret")),
+    ("write-to-symlink-file", Write(path="evilf", offset=0, data=b"pwned")),
+    ("truncate-symlink-file", Truncate(path="evilf", size=0)),
+]
+
+
+@pytest.mark.parametrize("label,rec", HOSTILE, ids=[h[0] for h in HOSTILE])
+@pytest.mark.parametrize("purg", [False, True])
+def test_hostile_records_are_refused_and_write_nothing(vol, label, rec, purg, tmp_path):
+    root, outside = vol
+    apply(root, [MkFile(path="f"), Write(path="f", offset=0, data=b"mine"), MkDir(path="d"),
+                 Symlink(path="evil", target=str(outside)), Symlink(path="evilf", target=str(outside / "secret"))])
+    before_q, before_out = snapshot_of(root), snapshot_of(outside)
+    accepted = (HostilePath,) if not label.startswith(("write-to", "truncate-symlink")) else (StreamError,)
+    with pytest.raises(accepted):
+        apply(root, [rec], purgatory=tmp_path / "purg" if purg else None)
+    assert snapshot_of(outside) == before_out, "something outside the qtree changed"
+    assert snapshot_of(root) == before_q, "the hostile record changed the qtree"
+    assert not os.path.exists("/tmp/coalesce-evil")
+
+
+def test_qtree_that_is_a_symlink_is_refused(vol):
+    root, outside = vol
+    os.symlink(str(outside), root / "q")
+    with pytest.raises(HostilePath):
+        apply(root, [MkFile(path="new")])
+    assert sorted(os.listdir(outside)) == ["secret"]
+
+
+def test_hostile_qtree_names(vol):
+    root, _ = vol
+    for q in ("..", "a/b", "/abs", ""):
+        with pytest.raises(HostilePath):
+            Applier(str(root), q, None)
+
+
+# ---------------------------------------------------------------------------
+# what the applier preserves
+# ---------------------------------------------------------------------------
+def test_sparse_files_keep_their_holes(vol):
+    root, _ = vol
+    size = 64 << 20
+    apply(root, [MkFile(path="sparse"), Truncate(path="sparse", size=size),
+                 Write(path="sparse", offset=32 << 20, data=b"middle"), Write(path="sparse", offset=size - 3, data=b"end")])
+    p = root / "q" / "sparse"
+    st = os.stat(p)
+    assert st.st_size == size
+    assert st.st_blocks * 512 < 1 << 20, "the holes were filled"
+    data = open(p, "rb").read()
+    assert data[32 << 20:(32 << 20) + 6] == b"middle" and data.endswith(b"end") and data.count(0) == size - 9
+    # and a baseline read of it keeps the holes too (no Write of zeros)
+    recs = list(walk.baseline_records(str(root / "q")))
+    assert sum(len(r.data) for r in recs if isinstance(r, Write)) < 2 << 20
+
+
+def test_modes_owners_times_xattrs(vol):
+    root, _ = vol
+    apply(root, [MkDir(path="d", mode=0o700), MkFile(path="d/f", mode=0o600), Write(path="d/f", offset=0, data=b"x"),
+                 Symlink(path="ln", target="d/f"),
+                 SetXattr(path="d/f", name="user.k", value=b"v"), SetXattr(path="d", name="user.dir", value=b"1"),
+                 SetAttr(path="d/f", mode=0o4751, uid=1234, gid=5678, mtime_ns=1_000_000_123),
+                 SetAttr(path="ln", uid=4321, gid=8765, mtime_ns=2_000_000_000),
+                 SetAttr(path="d", mode=0o751, mtime_ns=3_000_000_000)])
+    q = root / "q"
+    st = os.lstat(q / "d" / "f")
+    assert stat.S_IMODE(st.st_mode) == 0o4751 and (st.st_uid, st.st_gid) == (1234, 5678)
+    assert st.st_mtime_ns == 1_000_000_123
+    lst = os.lstat(q / "ln")
+    assert (lst.st_uid, lst.st_gid, lst.st_mtime_ns) == (4321, 8765, 2_000_000_000)
+    assert os.stat(q / "d" / "f").st_uid == 1234      # the target was not changed through the link
+    assert os.getxattr(q / "d" / "f", "user.k") == b"v" and os.getxattr(q / "d", "user.dir") == b"1"
+    d = os.lstat(q / "d")
+    assert stat.S_IMODE(d.st_mode) == 0o751 and d.st_mtime_ns == 3_000_000_000
+    apply(root, [SetXattr(path="d/f", name="user.k", value=None), SetXattr(path="d/f", name="user.k", value=None)])
+    assert "user.k" not in os.listxattr(q / "d" / "f")
+
+
+def test_hard_links_and_renames(vol):
+    root, _ = vol
+    apply(root, [MkFile(path="a"), Write(path="a", offset=0, data=b"1"), MkDir(path="d"),
+                 HardLink(path="d/b", existing="a"), Rename(old="d", new="e"), Rename(old="a", new="e/a")])
+    q = root / "q"
+    assert os.stat(q / "e" / "a").st_ino == os.stat(q / "e" / "b").st_ino
+    assert not os.path.exists(q / "a") and not os.path.exists(q / "d")
+
+
+def test_purgatory_receives_deleted_and_replaced_entries(vol, tmp_path):
+    root, _ = vol
+    purg = root / ".coalesce-purgatory" / "q"
+    apply(root, [MkFile(path="gone"), MkFile(path="replaced"), Write(path="replaced", offset=0, data=b"old"),
+                 MkDir(path="dir")])
+    apply(root, [Unlink(path="gone"), MkFile(path="replaced"), Write(path="replaced", offset=0, data=b"new"),
+                 RmDir(path="dir")], purgatory=purg)
+    kept = sorted(n.split(".", 2)[2] for n in os.listdir(purg))
+    assert kept == ["gone", "replaced"]
+    assert sorted(os.listdir(root / "q")) == ["replaced"]
+    assert open(root / "q" / "replaced", "rb").read() == b"new"
+
+
+def test_replay_is_idempotent(vol):
+    root, _ = vol
+    recs = [MkDir(path="d"), MkFile(path="d/f"), Write(path="d/f", offset=0, data=b"abc"), Symlink(path="l", target="x"),
+            HardLink(path="h", existing="d/f"), Rename(old="d/f", new="g"), Unlink(path="missing"),
+            RmDir(path="missing-dir"), SetAttr(path="g", mode=0o600)]
+    apply(root, recs)
+    first = walk.fingerprint(str(root / "q"))
+    apply(root, recs[5:])          # replay of the tail after a crash
+    assert walk.fingerprint(str(root / "q")) == first
+
+
+def test_mismatching_stream_is_a_stream_error(vol):
+    root, _ = vol
+    with pytest.raises(CorruptStream):
+        apply(root, [Write(path="nope", offset=0, data=b"x")])
+    with pytest.raises(CorruptStream):
+        apply(root, [MkFile(path="missing-dir/f")])
+    apply(root, [MkDir(path="d"), MkFile(path="d/f")])
+    with pytest.raises(CorruptStream):
+        apply(root, [RmDir(path="d")])
+
+
+# ---------------------------------------------------------------------------
+# walker and tree diff
+# ---------------------------------------------------------------------------
+def _build(root):
+    apply(root, [MkDir(path="a"), MkDir(path="a/b"), MkFile(path="a/b/f", mode=0o640),
+                 Write(path="a/b/f", offset=0, data=b"hello" * 1000), Symlink(path="a/l", target="b/f"),
+                 MkFile(path="big"), Truncate(path="big", size=3 << 20), Write(path="big", offset=5, data=b"z"),
+                 HardLink(path="a/h", existing="big"), SetXattr(path="big", name="user.x", value=b"y")], qtree="src")
+
+
+def test_baseline_and_tree_diff_reproduce_the_tree(vol, tmp_path):
+    root, _ = vol
+    _build(root)
+    src = str(root / "src")
+    Applier(str(root), "copy", None).apply(framed("copy", None, "t", walk.baseline_records(src)))
+    assert walk.fingerprint(str(root / "copy")) == walk.fingerprint(src)
+    assert os.getxattr(root / "copy" / "big", "user.x") == b"y"
+    assert os.stat(root / "copy" / "big").st_ino == os.stat(root / "copy" / "a" / "h").st_ino
+    # change src, keep a frozen copy of the old state as the "base" image
+    import shutil
+    shutil.copytree(src, tmp_path / "base", symlinks=True)
+    apply(root, [Unlink(path="a/l"), Symlink(path="a/l", target="elsewhere"), Rename(old="a/b", new="c"),
+                 Write(path="big", offset=2 << 20, data=b"new"), Truncate(path="c/f", size=3),
+                 MkDir(path="n"), MkFile(path="n/x"), SetAttr(path="a", mode=0o700),
+                 SetXattr(path="big", name="user.x", value=None)], qtree="src")
+    recs = list(walk.tree_diff(str(tmp_path / "base"), src, same_lineage=False))
+    Applier(str(root), "copy", None).apply(framed("copy", None, "t", recs))
+    assert walk.fingerprint(str(root / "copy")) == walk.fingerprint(src)
+    assert "user.x" not in os.listxattr(root / "copy" / "big")
+
+
+def test_fingerprint_of_missing_and_empty_trees(tmp_path):
+    (tmp_path / "empty").mkdir()
+    assert walk.fingerprint(str(tmp_path / "missing")) == walk.fingerprint(str(tmp_path / "empty"))
+
+
+# ---------------------------------------------------------------------------
+# exports
+# ---------------------------------------------------------------------------
+def _images(tmp_path, gens, replicas):
+    for g in gens:
+        for r in replicas:
+            d = tmp_path / "snaps" / f"s{g}" / r
+            d.mkdir(parents=True, exist_ok=True)
+            (d / "gen").write_text(str(g))
+
+
+def _table(tmp_path):
+    snaps = str(tmp_path / "snaps")
+    live = str(tmp_path / "live")
+    return ExportTable(str(tmp_path / "exp"),
+                       lambda r, p: os.path.join(live, r) if p == ACTIVE else os.path.join(snaps, p, r),
+                       lambda r, t: parse_under(snaps, r, t, os.path.join(live, r)))
+
+
+def test_export_switch_is_one_rename_and_reads_back(tmp_path, monkeypatch):
+    replicas = [f"r{i}" for i in range(5)]
+    _images(tmp_path, [1, 2], replicas)
+    table = _table(tmp_path)
+    table.switch({r: "s1" for r in replicas})
+    assert table.read() == {r: "s1" for r in replicas}
+    import coalesce_posix.exports as ex
+    calls = []
+    real_rename = os.rename
+    monkeypatch.setattr(ex.os, "rename", lambda a, b, **kw: (calls.append((a, b)), real_rename(a, b, **kw))[1])
+    table.switch({**{r: "s2" for r in replicas}, "r0": ACTIVE, "r1": None})
+    visible = [c for c in calls if c[1] == table.link]
+    assert len(visible) == 1, f"the switch must be one rename of the 'exports' link, got {calls}"
+    assert table.read() == {**{r: "s2" for r in replicas[2:]}, "r0": ACTIVE}
+    assert os.path.islink(table.link)
+    assert table.switch(table.read())          # idempotent
+
+
+def test_export_switch_is_atomic_for_readers_and_open_files_survive(tmp_path):
+    replicas = [f"r{i}" for i in range(8)]
+    gens = list(range(1, 41))
+    _images(tmp_path, gens, replicas)
+    table = _table(tmp_path)
+    table.switch({r: "s1" for r in replicas})
+    held = open(os.path.join(table.path("r3"), "gen"))
+    errors: list[str] = []
+    stop = threading.Event()
+
+    def reader():
+        while not stop.is_set():
+            # one resolution of the link gives one generation for every replica
+            target = os.readlink(table.link)
+            base = os.path.join(table.root, target)
+            try:
+                seen = {open(os.path.join(base, r, "gen")).read() for r in replicas}
+            except FileNotFoundError:
+                continue      # an old generation directory was removed after we resolved it
+            if len(seen) != 1:
+                errors.append(f"mixed generations {seen}")
+            for r in replicas:
+                if not os.path.exists(table.path(r)):
+                    errors.append(f"{r} vanished during a switch")
+
+    t = threading.Thread(target=reader)
+    t.start()
+    try:
+        for g in gens[1:]:
+            table.switch({r: f"s{g}" for r in replicas})
+    finally:
+        stop.set()
+        t.join()
+    assert not errors, errors[:5]
+    assert held.read() == "1", "a reader holding a file open in the old image must keep reading it"
+    held.close()
+    assert open(os.path.join(table.path("r3"), "gen")).read() == str(gens[-1])
+    assert sorted(n for n in os.listdir(table.root) if n.startswith("exports.")) == [f"exports.{len(gens)}"]

@@ -1,0 +1,169 @@
+"""pytest plugin: real btrfs and zfs-fuse volumes for the backend tests.
+
+Loaded as ``-p realfs`` with ``tests`` on the Python path (pyproject:
+``pythonpath = ["tests"]`` and ``pytest_plugins = ["realfs"]`` in
+tests/conftest.py).  Fixtures:
+
+* ``realfs`` (session): brings up the btrfs loop file systems and the
+  zfs-fuse pool with tools/realfs.py, and tears them down at the end of the
+  session, also when tests failed (unless they were up before the session,
+  or ``COALESCE_REALFS_KEEP=1``).  A failing set-up FAILS the tests that need
+  it, with the reason; nothing is skipped (CI runs as root).
+* ``btrfs_url`` / ``zfs_url`` (function): the URL of a fresh, not yet
+  created volume (a subvolume / a dataset); removed with its snapshots,
+  clones and state after the test.
+* ``btrfs_urls`` / ``zfs_urls`` (function): factories of fresh URLs (for the
+  conformance suite), all removed after the test; ``.cleanup(url)`` removes
+  one early.
+* ``btrfs_small_url`` (function): a fresh subvolume on the 256 MiB file system (ENOSPC tests).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import itertools
+import os
+import shutil
+import subprocess
+
+import pytest
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_TOOL = os.path.join(os.path.dirname(_HERE), "tools", "realfs.py")
+_COUNTER = itertools.count()
+
+
+def _tool():
+    spec = importlib.util.spec_from_file_location("coalesce_tools_realfs", _TOOL)
+    mod = importlib.util.module_from_spec(spec)
+    assert spec.loader is not None
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _quiet(argv: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run(argv, capture_output=True, text=True)
+
+
+@pytest.fixture(scope="session")
+def realfs():
+    tool = _tool()
+    before = tool.status()
+    was_up = before["btrfs"] and before["btrfs_small"] and before["pool"] is not None
+    try:
+        info = tool.up()
+    except Exception as exc:  # set-up failure: fail (not skip) every test that needs it
+        try:
+            tool.down()
+        finally:
+            pytest.fail(f"tools/realfs.py up failed: {exc}", pytrace=False)
+    state_dir = os.path.join(info["state"], "zfs-state")
+    old = os.environ.get("COALESCE_ZFS_STATE_DIR")
+    os.environ["COALESCE_ZFS_STATE_DIR"] = state_dir
+    try:
+        yield info
+    finally:
+        if old is None:
+            os.environ.pop("COALESCE_ZFS_STATE_DIR", None)
+        else:
+            os.environ["COALESCE_ZFS_STATE_DIR"] = old
+        if not was_up and os.environ.get("COALESCE_REALFS_KEEP") != "1":
+            tool.down()
+
+
+# ---------------------------------------------------------------------------
+# btrfs
+# ---------------------------------------------------------------------------
+def cleanup_btrfs(url: str) -> None:
+    """Remove a test subvolume, its snapshots, metadata and exports (idempotent)."""
+    path = url.split("://", 1)[1]
+    parent, name = os.path.split(path)
+    snapdir = os.path.join(parent, ".coalesce-snapshots", name)
+    if os.path.isdir(snapdir):
+        for s in os.listdir(snapdir):
+            _quiet(["btrfs", "subvolume", "delete", os.path.join(snapdir, s)])
+        shutil.rmtree(snapdir, ignore_errors=True)
+    for d in (os.path.join(parent, ".coalesce", name), os.path.join(parent, ".coalesce-exports", name)):
+        shutil.rmtree(d, ignore_errors=True)
+    if os.path.isdir(path):
+        p = _quiet(["btrfs", "subvolume", "delete", path])
+        if p.returncode != 0:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+class UrlFactory:
+    def __init__(self, make, cleanup) -> None:
+        self._make = make
+        self._cleanup = cleanup
+        self.made: list[str] = []
+
+    def __call__(self, tag: str = "") -> str:
+        url = self._make() + (f"-{tag}" if tag else "")
+        self.made.append(url)
+        return url
+
+    def cleanup(self, url: str) -> None:
+        self._cleanup(url)
+
+    def cleanup_all(self) -> None:
+        for url in self.made:
+            self._cleanup(url)
+
+
+def _btrfs_factory(mount: str) -> UrlFactory:
+    return UrlFactory(lambda: f"btrfs://{mount}/t{os.getpid()}-{next(_COUNTER)}", cleanup_btrfs)
+
+
+@pytest.fixture
+def btrfs_urls(realfs):
+    f = _btrfs_factory(realfs["btrfs"])
+    yield f
+    f.cleanup_all()
+
+
+@pytest.fixture
+def btrfs_url(btrfs_urls):
+    return btrfs_urls()
+
+
+@pytest.fixture
+def btrfs_small_url(realfs):
+    mount = realfs["btrfs_small"]
+    _quiet(["btrfs", "subvolume", "sync", mount])      # space of deleted subvolumes is freed lazily
+    f = _btrfs_factory(mount)
+    yield f()
+    f.cleanup_all()
+    _quiet(["btrfs", "subvolume", "sync", mount])
+
+
+# ---------------------------------------------------------------------------
+# zfs
+# ---------------------------------------------------------------------------
+def cleanup_zfs(url: str) -> None:
+    """Destroy a test dataset with its snapshots and clones, and its state directory."""
+    ds = url.split("://", 1)[1].strip("/")
+    pool = ds.split("/", 1)[0]
+    flat = ds.replace("/", "%")
+    prefix = f"{pool}/czclone-{flat.replace('%', '-')}-"
+    names = _quiet(["zfs", "list", "-H", "-o", "name", "-t", "filesystem", "-r", pool]).stdout.split("\n")
+    for n in names:
+        if n.startswith(prefix):
+            _quiet(["zfs", "destroy", "-f", n])
+    if ds in names:
+        if _quiet(["zfs", "destroy", "-r", "-f", ds]).returncode != 0:
+            _quiet(["zfs", "destroy", "-r", "-f", ds])
+    state = os.environ.get("COALESCE_ZFS_STATE_DIR", "/var/lib/coalesce/zfs")
+    shutil.rmtree(os.path.join(state, pool, flat), ignore_errors=True)
+
+
+@pytest.fixture
+def zfs_urls(realfs):
+    pool = realfs["zfs"]["pool"]
+    f = UrlFactory(lambda: f"zfs://{pool}/t{os.getpid()}-{next(_COUNTER)}", cleanup_zfs)
+    yield f
+    f.cleanup_all()
+
+
+@pytest.fixture
+def zfs_url(zfs_urls):
+    return zfs_urls()
