@@ -21,10 +21,19 @@ def no_transfer_in_flight(state: GroupState) -> bool:
     return not any(r.state in ("update", "baseline") for r in state.replicas.values())
 
 
+def flight_free(states: tuple[str, ...]) -> bool:
+    """No state of ``states`` is in flight (update, rollback, baseline): jump-ahead may happen.
+
+    post: implies(__return__, all(s not in ("update", "rollback", "baseline") for s in states))
+    post: implies(not __return__, any(s in ("update", "rollback", "baseline") for s in states))
+    """
+    flight = _in_flight()
+    return not any(s in flight for s in states)
+
+
 def nothing_in_flight(state: GroupState) -> bool:
     """No replica is in update, rollback or baseline (the jump-ahead guard, I8)."""
-    flight = _in_flight()
-    return not any(r.state in flight for r in state.replicas.values())
+    return flight_free(tuple(r.state for r in state.replicas.values()))
 
 
 def some_replica_in_rollback(state: GroupState) -> bool:

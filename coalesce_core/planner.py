@@ -234,6 +234,28 @@ def needed_source_pcpis(state: GroupState) -> frozenset[str]:
     return frozenset(out)  # type: ignore[arg-type]
 
 
+def release_action(role: str, is_base: bool, releasing: bool, pinned: bool, taken: bool) -> str:
+    """What the release step (after a jump-ahead or an aborted cycle) does with one PCPI.
+
+    "keep" it (the coalesced base, or a release already under way), make it the
+    "individual" PCPI of the replicas that pin it, "release" it, or "forget" a
+    record whose PCPI was never taken.  A pinned PCPI is never released.
+
+    post: __return__ in ("keep", "individual", "release", "forget")
+    post: implies(pinned, __return__ in ("keep", "individual"))
+    post: implies(is_base, __return__ == "keep")
+    post: implies(not is_base and not releasing and not pinned and taken, __return__ == "release")
+    post: implies(__return__ == "release", taken and not pinned and not is_base)
+    """
+    if is_base or releasing:
+        return "keep"
+    if pinned:
+        return "individual"
+    if taken:
+        return "release"
+    return "forget"
+
+
 def _release(p: _Plan) -> None:
     """Keep the coalesced base and every pinned PCPI; release everything else."""
     new_base = p.role("new_base")
@@ -243,11 +265,13 @@ def _release(p: _Plan) -> None:
         p.pcpis[new_base.name] = attrs.evolve(new_base, role="base")
     refs = needed_pcpis(p.state())
     for name, pcpi in sorted(p.pcpis.items()):
-        if base is not None and name == base.name or pcpi.releasing:
+        action = release_action(pcpi.role, base is not None and name == base.name, pcpi.releasing,
+                                name in refs, pcpi.taken)
+        if action == "keep":
             continue
-        if name in refs:
+        if action == "individual":
             p.pcpis[name] = attrs.evolve(pcpi, role="individual", owners=refs[name])
-        elif pcpi.taken:
+        elif action == "release":
             p.release(name)
         else:
             del p.pcpis[name]
@@ -445,6 +469,54 @@ def _add(p: _Plan, e: ev.AddReplica) -> None:
     p.replicas[e.name] = Replica(name=e.name, source_qtree=e.source_qtree)
 
 
+def recover_replica(state: str, has_scratch: bool) -> str:
+    """What recovery does with a replica found in ``state`` after a crash (DESIGN §2).
+
+    update -> "rollback" (update_failed), baseline -> "remove" (partial data removed,
+    then baseline_failed), an interrupted retry/resync -> "abandon_retry" (its scratch
+    PCPI is released, it exports its last good image again); every other state is kept.
+
+    post: implies(state == "update", __return__ == "rollback")
+    post: implies(state == "baseline", __return__ == "remove")
+    post: implies(state == "unstable_uncoalesced" and has_scratch, __return__ == "abandon_retry")
+    post: implies(state in ("stable", "done", "rollback", "stable_uncoalesced", "broken", "uninitialized"), __return__ == "keep")
+    """
+    if state == "update":
+        return "rollback"
+    if state == "baseline":
+        return "remove"
+    if state == "unstable_uncoalesced" and has_scratch:
+        return "abandon_retry"
+    return "keep"
+
+
+def recover_phase(phase: str, has_pcpi: bool, rollbacks_left: bool) -> str:
+    """What recovery does for the agent phase it finds persisted (DESIGN §2 Recovery).
+
+    ``has_pcpi``: the phase's own PCPI (rollback, jump_ahead, new_base) is recorded and
+    not being released.  An unfinished jump-ahead is always rolled FORWARD.
+
+    post: implies(phase == "idle", __return__ == "nothing")
+    post: implies(phase == "updating", __return__ == "advance")
+    post: implies(phase == "rolling_back" and rollbacks_left, __return__ == "retake_rollback")
+    post: implies(phase == "rolling_back" and not rollbacks_left, __return__ == "advance")
+    post: implies(phase == "jump_ahead_1", __return__ == ("purge" if has_pcpi else "take_jump_ahead"))
+    post: implies(phase == "jump_ahead_2", __return__ == ("roll_forward" if has_pcpi else "take_new_base"))
+    post: implies(phase == "releasing", __return__ == "release")
+    """
+    if phase == "updating":
+        return "advance"
+    if phase == "rolling_back":
+        return "retake_rollback" if rollbacks_left else "advance"
+    if phase == "jump_ahead_1":
+        return "purge" if has_pcpi else "take_jump_ahead"
+    if phase == "jump_ahead_2":
+        return "roll_forward" if has_pcpi else "take_new_base"
+    if phase == "releasing":
+        return "release"
+    return "nothing"
+
+
 def _recover(p: _Plan, e: ev.Recover) -> None:
     """Restart after a crash (DESIGN §2 Recovery), in four steps.
 
@@ -484,13 +556,14 @@ def _recover(p: _Plan, e: ev.Recover) -> None:
     # 2. replicas: update -> rollback, baseline -> remove partial data, retries abandoned
     scratches = []
     for r in p.in_state("update", "baseline", "unstable_uncoalesced"):
-        if r.state == "update":
+        action = recover_replica(r.state, r.scratch is not None)
+        if action == "rollback":
             p.fire(r, "update_failed", target=None, error="interrupted by a restart")
             p.set(cycle_failures=p.get("cycle_failures") + 1)
-        elif r.state == "baseline":
+        elif action == "remove":
             p.update(r, error="interrupted by a restart")
             p.emit(fx.RemoveQtree(replica=r.name))
-        elif r.scratch is not None:
+        elif action == "abandon_retry":
             scratches.append(r.scratch)
             p.update(r, scratch=None, exported=r.last_good)
     # 3. the export table is re-applied (idempotent) so an interrupted switch is healed,
@@ -502,6 +575,8 @@ def _recover(p: _Plan, e: ev.Recover) -> None:
             p.release(scratch)
     # 4. finish or undo what the agent was doing
     phase = p.get("phase")
+    own = {"rolling_back": "rollback", "jump_ahead_1": "jump_ahead", "jump_ahead_2": "new_base"}.get(phase)
+    action = recover_phase(phase, own is not None and p.role(own) is not None, bool(p.in_state("rollback")))
     if phase == "updating":
         src = p.source_pcpis.get(p.get("cycle_target") or "")
         if src is not None and src.taken:
@@ -513,23 +588,19 @@ def _recover(p: _Plan, e: ev.Recover) -> None:
         for pcpi in list(p.pcpis.values()):
             if pcpi.role == "rollback" and not pcpi.releasing:
                 p.release(pcpi.name)  # the active FS may be half rolled back: take a fresh one
-        if p.in_state("rollback"):
+        if action == "retake_rollback":
             p.take("rollback")
         else:
             _advance(p)
-    elif phase == "jump_ahead_1":
-        j = p.role("jump_ahead")
-        if j is None:
-            p.take("jump_ahead")
-        else:
-            p.emit(fx.PurgePurgatory(qtrees=tuple(r.name for r in _participants(p))))
-    elif phase == "jump_ahead_2":
-        n = p.role("new_base")
-        if n is None:
-            p.take("new_base")
-        else:
-            _jump_to(p, n.name)  # roll the unfinished jump-ahead forward
-    elif phase == "releasing":
+    elif action == "take_jump_ahead":
+        p.take("jump_ahead")
+    elif action == "purge":
+        p.emit(fx.PurgePurgatory(qtrees=tuple(r.name for r in _participants(p))))
+    elif action == "take_new_base":
+        p.take("new_base")
+    elif action == "roll_forward":
+        _jump_to(p, p.role("new_base").name)  # roll the unfinished jump-ahead forward
+    elif action == "release":
         _release(p)
 
 

@@ -1,0 +1,385 @@
+"""The hypothesis state machine of issue 3 (I1-I10 after every step).
+
+It drives the REAL agent (coalesce_core.testing.harness.Harness) on a real
+backend: source writes, cycles, transfers cut at a random record, failing
+rollbacks, crashes at any named crash point (n-th pass) followed by a restart
+from the ledger, new replicas (baseline), break and resync, the retry timer,
+and hostile change records fed to the applier.  After every step it checks
+the invariants against the volumes and against the SourceWriter's own record
+of every source PCPI (never the agent's beliefs alone); I6 after every
+restart; I7 in a final "faults stop" phase (``teardown``).
+
+Used by tests/formal/test_stateful.py, tools/mutants.py and tools/check.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+
+import attrs
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+from coalesce_core import records as R
+from coalesce_core.config import parse_config
+from coalesce_core.crashpoints import CRASH_POINTS
+from coalesce_core.errors import CoalesceError, HostilePath
+from coalesce_core.faults import Rule
+from coalesce_core.hookspecs import ACTIVE, hookimpl
+from coalesce_core.spec import load_spec
+from coalesce_core.testing.harness import Harness
+from coalesce_core.testing.workload import fill
+
+SPEC = load_spec()
+IN_FLIGHT = SPEC.in_flight_states
+OUTSIDE = frozenset(SPEC.states_in_field("outside")) - {"uninitialized", "baseline"}
+INITIAL = ("A", "B", "C")
+EXTRA = ("D", "E")
+QTREES = INITIAL + EXTRA
+#: I7: once faults stop, every replica is stable at the newest source point within this many cycles
+SETTLE_CYCLES = 4
+_ids = itertools.count()
+
+#: counters read by tools/check (steps and examples run in this process)
+STATS = {"examples": 0, "steps": 0, "crashes": 0, "restarts": 0, "hostile": 0}
+
+
+def backend_works(scheme: str) -> bool:
+    """True if ``scheme`` serves volumes well enough for one whole cycle."""
+    if scheme == "mem":
+        return True
+    tmp = tempfile.mkdtemp(prefix="coalesce-probe-")
+    try:
+        h = Harness(make_config(scheme, Path(tmp)))
+        fill(h.writer, INITIAL, files=2, size=100)
+        h.cycle()
+        h.assert_invariants()
+        return set(h.states().values()) == {"stable"}
+    except Exception:
+        return False
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def make_config(scheme: str, tmp: Path, parallel: int = 1):
+    n = next(_ids)
+    if scheme == "mem":
+        src, dst = f"mem://fsrc-{os.getpid()}-{n}", f"mem://fdst-{os.getpid()}-{n}"
+    else:
+        src, dst = f"{scheme}://{tmp}/src{n}", f"{scheme}://{tmp}/dst{n}"
+    lines = ["[group]", 'name = "g"', f'source = "{src}"', f'destination = "{dst}"',
+             f"parallel = {parallel}", f'metadata = "{tmp}/meta{n}"',
+             "[group.retry]", "initial = 5", "factor = 2", "maximum = 60"]
+    for r in INITIAL:
+        lines += ["[[replica]]", f'name = "{r}"']
+    return parse_config("\n".join(lines) + "\n", str(tmp / f"g{n}.toml"))
+
+
+def hostile_records(kind: int) -> list[object]:
+    """Change records a hostile source could send, built with validators off."""
+    with attrs.validators.disabled():
+        return [
+            [R.MkFile(path="../evil", mode=0o644)],
+            [R.MkDir(path="a", mode=0o755), R.MkFile(path="a/../../evil", mode=0o644)],
+            [R.MkFile(path="/etc/evil", mode=0o644)],
+            [R.Symlink(path="ln", target=".."), R.MkFile(path="ln/evil", mode=0o644)],
+            [R.MkFile(path="f", mode=0o644), R.Rename(old="f", new="../evil")],
+            [R.MkDir(path="..", mode=0o755)],
+            [R.Write(path="../A/x", offset=0, data=b"evil")],
+        ][kind]
+
+
+class ExportWatch:
+    """Observer plugin: I4 at the instant of every export switch the volume performs.
+
+    The switch must be one call that moves every replica of the cycle at once: at no
+    moment may two replicas in cycle states (per the committed ledger) export different
+    PCPIs on the volume."""
+
+    CYCLE = frozenset(SPEC.states_in_field("cycle"))
+
+    def __init__(self) -> None:
+        self.machine: "CoalescingMachine | None" = None
+        self.violations: list[str] = []
+
+    @hookimpl(wrapper=True)
+    def coalesce_export(self, volume, mapping):
+        result = yield
+        m = self.machine
+        if m is not None and "dst" in str(getattr(volume, "url", volume)):  # the destination volume
+            states = {r.name: r.state for r in m.h.agent.state.replicas.values()}
+            seen = {mapping.get(n) for n, st in states.items()
+                    if st in self.CYCLE and mapping.get(n) not in (None, ACTIVE)}
+            if len(seen) > 1:
+                self.violations.append(f"I4: one export switch left cycle replicas on {sorted(seen)}")
+        return result
+
+
+class CoalescingMachine(RuleBasedStateMachine):
+    """Drives one group of 3 (up to 5) replicas; see the module docstring."""
+
+    scheme = "mem"
+
+    def __init__(self) -> None:
+        super().__init__()
+        STATS["examples"] += 1
+        self.tmp = Path(tempfile.mkdtemp(prefix="coalesce-stateful-"))
+        self.watch = ExportWatch()
+        self.h = Harness(make_config(self.scheme, self.tmp), plugins=[self.watch])
+        self.watch.machine = self
+        self.rng = random.Random(0)
+        self.replay: dict[str, str] = {}
+        self.seen = 0
+        self.newest_source: str | None = None
+
+    # -- helpers --------------------------------------------------------------
+    @property
+    def agent(self):
+        return self.h.agent
+
+    def _sync_replay(self) -> None:
+        self.replay = {r.name: r.state for r in self.agent.state.replicas.values()}
+        self.seen = len(self.h.recorder.transitions)
+
+    def _run(self, step) -> None:
+        try:
+            step()
+        finally:
+            self.h.faults.clear()
+
+    def _exported_images(self) -> dict[str, str | None]:
+        return self.h.exported_fingerprints()
+
+    # -- setup ----------------------------------------------------------------
+    @initialize(seed=st.integers(0, 2**16))
+    def setup(self, seed: int) -> None:
+        self.rng = random.Random(seed)
+        fill(self.h.writer, QTREES, files=3, size=300, seed=seed)
+        self._sync_replay()
+
+    # -- rules ----------------------------------------------------------------
+    @rule(q=st.sampled_from(QTREES), n=st.integers(1, 4))
+    def source_changes(self, q: str, n: int) -> None:
+        """Writes, renames and deletes in a source qtree."""
+        self.h.writer.random_changes(self.rng, q, n)
+
+    @rule()
+    def cycle(self) -> None:
+        self._run(self.h.cycle)
+
+    @rule(q=st.sampled_from(QTREES), record=st.integers(0, 6))
+    def transfer_fails(self, q: str, record: int) -> None:
+        """A cycle in which q's transfer is cut after ``record`` records."""
+        self.h.writer.random_changes(self.rng, q, 2)
+        self.h.faults.add(Rule(hook="coalesce_diff", qtree=q, record=record, times=1, volume="src"))
+        self._run(self.h.cycle)
+
+    @rule(q=st.sampled_from(QTREES), record=st.integers(0, 4), times=st.integers(1, 3))
+    def rollback_fails(self, q: str, record: int, times: int) -> None:
+        """q's transfer fails and so does its rollback (and maybe retries): leaves the cycle."""
+        self.h.writer.random_changes(self.rng, q, 2)
+        self.h.faults.add(Rule(hook="coalesce_diff", qtree=q, record=record, times=1, volume="src"))
+        self.h.faults.add(Rule(hook="coalesce_rollback", qtree=q, times=times))
+        self._run(self.h.cycle)
+        self.h.faults.clear()
+
+    @rule(seconds=st.sampled_from([1.0, 6.0, 30.0, 100.0]))
+    def retry_timer(self, seconds: float) -> None:
+        self.h.clock.advance(seconds)
+        self._run(self.agent.tick)
+
+    @rule(seconds=st.sampled_from([6.0, 100.0]), q=st.sampled_from(QTREES))
+    def retry_fails(self, seconds: float, q: str) -> None:
+        self.h.clock.advance(seconds)
+        self.h.faults.add(Rule(hook="coalesce_rollback", qtree=q, times=1))
+        self._run(self.agent.tick)
+
+    @precondition(lambda self: len(self.agent.state.replicas) < len(QTREES))
+    @rule()
+    def add_replica(self) -> None:
+        name = next(q for q in QTREES if q not in self.agent.state.replicas)
+        self.agent.add_replica(name)
+        self.replay[name] = "uninitialized"
+
+    @rule(q=st.sampled_from(QTREES), data=st.binary(max_size=64))
+    def break_mirror(self, q: str, data: bytes) -> None:
+        r = self.agent.state.replicas.get(q)
+        if r is None or r.state not in ("stable", "stable_uncoalesced"):
+            return
+        self.agent.break_mirror(q)
+        # the administrator writes into the now-writable replica
+        with attrs.validators.disabled():
+            self.agent.dest.apply(q, R.framed(q, None, "admin", [R.MkFile(path="admin-file", mode=0o644),
+                                                                   R.Write(path="admin-file", offset=0, data=data)]),
+                                  use_purgatory=False)
+
+    @rule(q=st.sampled_from(QTREES))
+    def resync(self, q: str) -> None:
+        r = self.agent.state.replicas.get(q)
+        if r is None or r.state != "broken":
+            return
+        self._run(lambda: self.agent.resync(q))
+
+    @rule(point=st.sampled_from(sorted(CRASH_POINTS)), nth=st.integers(1, 3),
+          what=st.sampled_from(["cycle", "failing_cycle", "tick", "resync"]), q=st.sampled_from(INITIAL))
+    def crash_and_restart(self, point: str, nth: int, what: str, q: str) -> None:
+        """A crash at the n-th pass through a named point, then a new agent from the ledger (I6)."""
+        before = self._exported_images()
+        if what == "failing_cycle":
+            self.h.writer.random_changes(self.rng, q, 2)
+            self.h.faults.add(Rule(hook="coalesce_diff", qtree=q, record=1, times=1, volume="src"))
+            step = self.h.cycle
+        elif what == "cycle":
+            self.h.writer.random_changes(self.rng, q, 1)
+            step = self.h.cycle
+        elif what == "tick":
+            self.h.clock.advance(100)
+            step = self.agent.tick
+        else:
+            r = self.agent.state.replicas.get(q)
+            if r is None or r.state != "broken":
+                return
+            step = lambda: self.agent.resync(q)  # noqa: E731
+        try:
+            crashed = self.h.crash(f"{point}:{nth}", step)
+        finally:
+            self.h.faults.clear()
+        STATS["restarts"] += 1
+        STATS["crashes"] += int(crashed)
+        self._check_i6(before)
+        self._sync_replay()
+
+    @rule(kind=st.integers(0, 6))
+    def hostile_stream(self, kind: int) -> None:
+        """I10: hostile records are refused with HostilePath and change nothing outside the qtree."""
+        STATS["hostile"] += 1
+        dest = self.agent.dest
+        qtrees = sorted(self.agent.state.replicas)
+        before = {q: dest.fingerprint(q, None) for q in qtrees}
+        before_list = sorted(dest.qtree_list(None))
+        try:
+            dest.apply("hostile", R.framed("hostile", None, "evil", hostile_records(kind)), use_purgatory=False)
+        except HostilePath:
+            pass
+        except CoalesceError as exc:
+            raise AssertionError(f"I10: hostile stream {kind} refused with {type(exc).__name__}, not HostilePath: {exc}")
+        else:
+            raise AssertionError(f"I10: hostile stream {kind} was applied without HostilePath")
+        after = {q: dest.fingerprint(q, None) for q in qtrees}
+        assert after == before, f"I10: a hostile stream into 'hostile' changed other qtrees: {before} -> {after}"
+        assert sorted(q for q in dest.qtree_list(None) if q != "hostile") == [q for q in before_list if q != "hostile"]
+
+    # -- invariants (after every step) ------------------------------------------
+    @invariant()
+    def i1_to_i5_i8_i9(self) -> None:
+        STATS["steps"] += 1
+        bad = [f for f in self.h.findings() if not f.ok]
+        assert not bad, "; ".join(f"{f.invariant}: {f.detail}" for f in bad)
+
+    @invariant()
+    def i4_every_export_switch(self) -> None:
+        assert not self.watch.violations, self.watch.violations[0]
+
+    @invariant()
+    def at_rest_budget(self) -> None:
+        """I1/I2 read from the volume alone: at rest, 1 base + at most 2 per replica outside."""
+        s = self.agent.state
+        if s.phase != "idle":
+            return
+        held = [n for n in self.agent.dest.snapshot_list() if n.startswith("co-g-")]
+        k = sum(1 for r in s.replicas.values() if r.state in OUTSIDE)
+        initialized = any(r.exported not in (None,) for r in s.replicas.values())
+        assert len(held) <= int(initialized) + 2 * k, f"I1/I2: volume holds {held} with {k} replicas outside"
+        exported = self.agent.dest.exported()
+        cycle_exports = {exported.get(r.name) for r in s.replicas.values()
+                         if r.state in ("stable", "done") and exported.get(r.name)}
+        assert len(cycle_exports) <= 1, f"I4: in-cycle replicas export {cycle_exports} on the volume"
+
+    @invariant()
+    def i8_replayed_transitions(self) -> None:
+        """I8 from the observer's stream: each change starts where the last ended, is an edge of
+        the spec, and jump_ahead never fires while a replica is in update, rollback or baseline."""
+        edges = SPEC.replica.edges()
+        trans = self.h.recorder.transitions[self.seen:]
+        for i, (replica, trigger, source, dest) in enumerate(trans):
+            assert (trigger, source, dest) in edges, f"I8: {replica} {trigger} {source}->{dest} not in the spec"
+            assert self.replay.get(replica, source) == source, \
+                f"I8: {replica} moved from {source} but was in {self.replay.get(replica)}"
+            if trigger == "jump_ahead":
+                flying = {n: s for n, s in self.replay.items() if s in IN_FLIGHT}
+                assert not flying, f"I8: jump_ahead of {replica} while {flying} in flight"
+            self.replay[replica] = dest
+        self.seen += len(trans)
+
+    @invariant()
+    def i9_stable_means_equal(self) -> None:
+        """Independent I9: a stable replica's active FS equals what the volume exports for it."""
+        dest = self.agent.dest
+        exported = dest.exported()
+        for r in self.agent.state.replicas.values():
+            snap = exported.get(r.name)
+            if r.state in ("stable", "stable_uncoalesced") and snap not in (None, ACTIVE):
+                assert dest.fingerprint(r.name, None) == dest.fingerprint(r.name, snap), f"I9: {r.name}"
+
+    # -- I6 / I7 ------------------------------------------------------------------
+    def _check_i6(self, before: dict[str, str | None]) -> None:
+        s = self.agent.state
+        assert s.phase == "idle", f"I6: after restart the agent is still in phase {s.phase}"
+        flying = [r.name for r in s.replicas.values() if r.state in IN_FLIGHT]
+        assert not flying, f"I6: after restart {flying} are still in flight"
+        after = self._exported_images()
+        lost = [n for n, f in before.items() if f is not None and after.get(n) is None
+                and s.replicas[n].state != "broken"]
+        assert not lost, f"I6: exported images lost by the crash: {lost}"
+        bad = [f for f in self.h.findings() if not f.ok]
+        assert not bad, "I6: " + "; ".join(f"{f.invariant}: {f.detail}" for f in bad)
+
+    def settle(self) -> None:
+        """I7: faults stop (the administrator resyncs broken replicas); within SETTLE_CYCLES
+        cycles every replica is stable and exports the newest source PCPI's image."""
+        self.h.faults.clear()
+        for r in list(self.agent.state.replicas.values()):
+            if r.state == "broken":
+                self.agent.resync(r.name)
+        for q in self.agent.state.replicas:
+            self.h.writer.random_changes(self.rng, q, 1)
+        for _ in range(SETTLE_CYCLES):
+            self.h.clock.advance(1000)
+            self.h.cycle()
+            self.i1_to_i5_i8_i9()
+            s = self.agent.state
+            newest = max(self.h.writer.snapshots, key=lambda n: n.rsplit("-", 1)[-1])
+            if all(r.state == "stable" and r.source_point == newest for r in s.replicas.values()):
+                break
+        s = self.agent.state
+        newest = max(self.h.writer.snapshots, key=lambda n: n.rsplit("-", 1)[-1])
+        assert all(r.state == "stable" for r in s.replicas.values()), f"I7: not all stable: {self.h.states()}"
+        points = {r.name: r.source_point for r in s.replicas.values()}
+        assert all(p == newest for p in points.values()), f"I7: not at the newest source point {newest}: {points}"
+        fps = self.h.exported_fingerprints()
+        for r in s.replicas.values():
+            want = self.h.writer.snapshots[newest][r.source_qtree]
+            assert fps[r.name] == want, f"I7/I3: {r.name} does not export the image of {newest}"
+
+    def teardown(self) -> None:
+        try:
+            self.settle()
+        finally:
+            try:
+                self.agent.close()
+            except Exception:
+                pass
+            if self.scheme == "mem":
+                import coalesce_mem
+                coalesce_mem.forget(self.h.config.source)
+                coalesce_mem.forget(self.h.config.destination)
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+class SimCoalescingMachine(CoalescingMachine):
+    scheme = "sim"

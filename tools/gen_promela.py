@@ -1,0 +1,624 @@
+#!/usr/bin/env python3
+"""Generate spec/coalescing.pml (the SPIN model) from spec/coalescing.toml.
+
+The state names, the replica transitions (one ``T_<trigger>`` inline per
+trigger, asserting its source states and setting its destination), the agent
+phases and phase transitions (asserting their named guards) and the I8
+legality monitor all come from the TOML file; only the group procedures
+(cycle start, rollback, two-step jump-ahead, release, retry, break/resync,
+crash + recovery), which mirror coalesce_core/planner.py, are written here.
+The procedures reach the spec only through the generated names, so a spec
+change that the procedures do not cover fails generation (every trigger of
+both machines must be used) or the model check.
+
+Usage:
+    tools/gen_promela.py                 write spec/coalescing.pml
+    tools/gen_promela.py --check         exit 1 if spec/coalescing.pml is stale
+    tools/gen_promela.py --mutant NAME   print a deliberately broken model (tools/mutants.py)
+    tools/gen_promela.py --stdout        print the model
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SPEC = ROOT / "spec" / "coalescing.toml"
+OUT = ROOT / "spec" / "coalescing.pml"
+
+N_REPLICAS = 3
+N_SLOTS = 8        # PCPI slots: 4 cycle roles + individuals; running out is an assertion failure
+MAXP = 2           # source points are renormalised at every finished cycle and capped here
+
+#: Promela text of each named guard of spec/coalescing.toml (over the generated state names).
+#: A guard the spec names but this table lacks fails generation.
+GUARD_TEXT = {
+    "no_transfer_in_flight": "!(@ANY(R_update) || @ANY(R_baseline))",
+    "nothing_in_flight": "!(@INFLIGHT)",
+    "some_replica_in_rollback": "(@ANY(R_rollback))",
+    "some_participant": "(@PARTICIPANT)",
+    "purgatory_purged": "(purged)",
+}
+
+#: Deliberate faults for tools/mutants.py: name -> {marker: replacement}.
+MUTANTS = {
+    "jump_ahead_during_update": {"@MUT_WAIT_TRANSFERS@": "true", "@MUT_FLIGHT_EXCLUDE@": "update"},
+    "rollback_pcpi_never_released": {"@MUT_KEEP_ROLLBACK@": "|| role[s] == P_rollback"},
+    "rolled_back_to_stable": {"@MUT_ROLLBACK_OK@": "rs[i] = R_stable"},
+    "recovery_skips_jump_ahead": {"@MUT_RECOVER_JA@": "false"},
+    "export_replica_by_replica": {"@MUT_EXPORT_ONE@": "true"},
+}
+DEFAULTS = {
+    "@MUT_WAIT_TRANSFERS@": "G_no_transfer_in_flight",
+    "@MUT_FLIGHT_EXCLUDE@": "",
+    "@MUT_KEEP_ROLLBACK@": "",
+    "@MUT_ROLLBACK_OK@": "T_rollback_succeeded(i)",
+    "@MUT_RECOVER_JA@": "true",
+    "@MUT_EXPORT_ONE@": "false",
+}
+
+# Triggers of the replica machine the procedures below use (all of them must be).
+TEMPLATE = r"""
+/* ---------------------------------------------------------------------------
+ * Persisted state (the ledger) and what the volumes hold.  A crash keeps all
+ * of it and loses only the volatile "pending effect" flags.
+ * ------------------------------------------------------------------------- */
+byte rs[N];          /* replica state */
+byte ex[N];          /* ledger: exported PCPI slot, NONE or ACTIVE */
+byte vx[N];          /* volume: what readers really see (the export table) */
+byte lg[N];          /* last good PCPI (outside the cycle) */
+byte sc[N];          /* scratch PCPI of a retry/resync */
+byte sp[N];          /* source point of the exported image */
+byte ap[N];          /* source point the active FS holds (PART / WRIT / NONE) */
+byte role[S];        /* PCPI slot role (P_free: no PCPI) */
+bool rel[S];         /* release decided, not yet done */
+byte ph = A_idle;    /* the agent's phase */
+byte tgt;            /* the cycle's source point */
+byte newest;         /* newest source point */
+bool purged;
+/* volatile: effects decided but not yet run (lost by a crash) */
+bool purge_pend, jump_pend, export_pend;
+byte take_pend;     /* a PCPI recovery decided to take (after its releases ran) */
+/* ghosts for the property checks */
+byte prev[N];        /* I8: state at the previous check */
+byte lastsp[N];      /* I5: source point at the previous check */
+bool faults = true;  /* the environment may still inject faults and crashes */
+/* temporaries: zero at the end of every step (not `hidden`: pan does not restore hidden
+   variables when it backtracks inside an atomic sequence) */
+byte i, j, s, got, kn, kn2, m, b, t;
+byte kk[S];
+
+#define INITIALIZED (sp[0] != NONE || sp[1] != NONE || sp[2] != NONE)
+#define VISIBLE(x) ((x) < S)
+
+inline any_state(st) { /* kn = number of replicas in st */
+  kn = 0; for (j : 0 .. N-1) { if :: rs[j] == st -> kn++ :: else -> skip fi }
+}
+
+inline take(r, out) { /* a PCPI of the whole destination volume in role r */
+  got = NONE;
+  for (s : 0 .. S-1) { if :: got == NONE && role[s] == P_free -> got = s :: else -> skip fi };
+  assert(got != NONE);   /* out of PCPI slots: the budget (I1/I2) is broken */
+  role[got] = r; rel[got] = false;
+  out = got;
+  got = 0; s = 0; j = 0
+}
+
+inline find(r, out) { /* the live (not releasing) PCPI in role r, or NONE */
+  out = NONE;
+  for (s : 0 .. S-1) { if :: out == NONE && role[s] == r && !rel[s] -> out = s :: else -> skip fi };
+  s = 0
+}
+
+inline pinned(x, out) { /* some replica's ledger entry needs PCPI x */
+  out = false;
+  for (j : 0 .. N-1) { if :: ex[j] == x || lg[j] == x || sc[j] == x -> out = true :: else -> skip fi };
+  j = 0
+}
+
+inline renormalise() { /* shift every source point down by the oldest one still held */
+  m = newest;
+  for (i : 0 .. N-1) {
+    if :: sp[i] < m -> m = sp[i] :: else -> skip fi;
+    if :: ap[i] < m -> m = ap[i] :: else -> skip fi;
+    if :: lastsp[i] < m -> m = lastsp[i] :: else -> skip fi
+  };
+  if
+  :: m > 0 ->
+     for (i : 0 .. N-1) {
+       if :: sp[i] <= MAXP -> sp[i] = sp[i] - m :: else -> skip fi;
+       if :: ap[i] <= MAXP -> ap[i] = ap[i] - m :: else -> skip fi;
+       if :: lastsp[i] <= MAXP -> lastsp[i] = lastsp[i] - m :: else -> skip fi
+     };
+     newest = newest - m
+  :: else -> skip
+  fi;
+  tgt = 0; i = 0; m = 0
+}
+
+inline swap_slots(x, y) { /* exchange PCPI slots x and y and every reference to them */
+  b = role[x]; role[x] = role[y]; role[y] = b;
+  got = rel[x]; rel[x] = rel[y]; rel[y] = got;
+  for (j : 0 .. N-1) {
+    if :: ex[j] == x -> ex[j] = y :: ex[j] == y -> ex[j] = x :: else -> skip fi;
+    if :: vx[j] == x -> vx[j] = y :: vx[j] == y -> vx[j] = x :: else -> skip fi;
+    if :: lg[j] == x -> lg[j] = y :: lg[j] == y -> lg[j] = x :: else -> skip fi;
+    if :: sc[j] == x -> sc[j] = y :: sc[j] == y -> sc[j] = x :: else -> skip fi
+  };
+  b = 0; got = 0; j = 0
+}
+
+inline canon() { /* sort the slots by (role, releasing, first reference): PCPI names carry no
+                    meaning, so states that differ only in slot numbering are one state (exact) */
+  for (t : 0 .. S-1) {
+    kk[t] = 12;
+    for (j : 0 .. N-1) {
+      if
+      :: kk[t] == 12 && ex[N-1-j] == t -> kk[t] = (N-1-j) * 4
+      :: kk[t] == 12 && lg[N-1-j] == t -> kk[t] = (N-1-j) * 4 + 1
+      :: kk[t] == 12 && sc[N-1-j] == t -> kk[t] = (N-1-j) * 4 + 2
+      :: kk[t] == 12 && vx[N-1-j] == t -> kk[t] = (N-1-j) * 4 + 3
+      :: else -> skip
+      fi
+    };
+    kk[t] = (role[t] == P_free -> 255 : role[t] * 32 + rel[t] * 16 + kk[t])
+  };
+  for (m : 1 .. S-1) {
+    for (t : 0 .. S-2) {
+      if
+      :: kk[t] > kk[t+1] -> swap_slots(t, t+1); kn = kk[t]; kk[t] = kk[t+1]; kk[t+1] = kn
+      :: else -> skip
+      fi
+    }
+  };
+  for (t : 0 .. S-1) { kk[t] = 0 };
+  m = 0; t = 0; kn = 0; j = 0
+}
+
+inline maybe_finish() {
+  if
+  :: ph == A_releasing ->
+     kn = 0; for (s : 0 .. S-1) { if :: rel[s] -> kn++ :: else -> skip fi }; s = 0;
+     if :: kn == 0 -> PH_finish_cycle(); purged = false; renormalise() :: else -> skip fi
+  :: else -> skip
+  fi
+}
+
+inline release_all() { /* planner._release: keep the coalesced base and every pinned PCPI */
+  find(P_new_base, b);
+  if
+  :: b != NONE -> role[b] = P_base
+  :: else -> find(P_base, b)
+  fi;
+  for (t : 0 .. S-1) {
+    if
+    :: role[t] != P_free && t != b && !rel[t] ->
+       pinned(t, got);
+       if
+       :: got -> role[t] = P_individual
+       :: else ->
+          s = t;
+          if :: false @MUT_KEEP_ROLLBACK@ -> skip :: else -> rel[t] = true fi
+       fi
+    :: else -> skip
+    fi
+  };
+  t = 0; b = 0; got = 0; s = 0;
+  maybe_finish()
+}
+
+inline after_flight() {
+  if
+  :: G_nothing_in_flight && G_some_participant ->
+     PH_start_jump_ahead(); purged = false; take(P_jump_ahead, t); t = 0; purge_pend = true
+  :: else -> PH_start_release(); release_all()
+  fi
+}
+
+inline advance() { /* planner._advance: after a transfer, rollback or removal ended */
+  if
+  :: ph == A_updating ->
+     if
+     :: @MUT_WAIT_TRANSFERS@ ->
+        if
+        :: G_some_replica_in_rollback -> PH_start_rollback(); take(P_rollback, t); t = 0
+        :: else -> after_flight()
+        fi
+     :: else -> skip
+     fi
+  :: ph == A_rolling_back && G_nothing_in_flight -> after_flight()
+  :: else -> skip
+  fi
+}
+
+inline jump_to() { /* branch 1032: every participant exports the new base, in one switch */
+  find(P_new_base, b);
+  assert(b != NONE);
+  assert(!(@INFLIGHT_LITERAL));   /* I8: no replica in update, rollback or baseline */
+  for (i : 0 .. N-1) {
+    if
+    :: @PARTICIPANT_I -> T_jump_ahead(i); ex[i] = b; sp[i] = ap[i]; lg[i] = NONE; sc[i] = NONE
+    :: else -> skip
+    fi
+  };
+  i = 0; b = 0;
+  export_pend = true
+}
+
+inline recover() { /* planner._recover, after a crash at any step */
+  purge_pend = false; jump_pend = false; export_pend = false; take_pend = P_free;
+  /* 1. releases decided before the crash are re-run (rel[] is persisted) */
+  /* 2. replicas */
+  for (i : 0 .. N-1) {
+    if
+    :: rs[i] == R_update -> T_update_failed(i)
+    :: rs[i] == R_baseline -> T_baseline_failed(i); ap[i] = NONE; sp[i] = NONE
+    :: rs[i] == R_unstable_uncoalesced && sc[i] != NONE ->
+       rel[sc[i]] = true; sc[i] = NONE; ex[i] = lg[i]
+    :: else -> skip
+    fi
+  };
+  /* 3. the export table is re-applied before anything is released */
+  for (i : 0 .. N-1) { vx[i] = ex[i] };
+  i = 0;
+  /* 4. finish or undo what the agent was doing */
+  if
+  :: ph == A_updating -> advance()
+  :: ph == A_rolling_back ->
+     find(P_rollback, t);
+     if :: t != NONE -> rel[t] = true :: else -> skip fi;
+     any_state(R_rollback);
+     if :: kn > 0 -> take_pend = P_rollback :: else -> advance() fi;
+     t = 0
+  :: ph == A_jump_ahead_1 && @MUT_RECOVER_JA@ ->
+     find(P_jump_ahead, t);
+     if :: t == NONE -> take_pend = P_jump_ahead :: else -> purge_pend = true fi;
+     t = 0
+  :: ph == A_jump_ahead_2 && @MUT_RECOVER_JA@ ->
+     find(P_new_base, t);
+     if :: t == NONE -> take_pend = P_new_base :: else -> jump_to() fi;
+     t = 0
+  :: ph == A_releasing -> release_all()
+  :: else -> skip
+  fi
+}
+
+/* ---------------------------------------------------------------------------
+ * The invariants, checked at the end of every atomic step
+ * ------------------------------------------------------------------------- */
+inline check() {
+  canon();
+  printf("STEP ph=%d faults=%d rs=%d,%d,%d ex=%d,%d,%d vx=%d,%d,%d lg=%d,%d,%d sc=%d,%d,%d sp=%d,%d,%d ap=%d,%d,%d role=%d%d%d%d%d%d%d%d rel=%d%d%d%d%d%d%d%d pend=%d%d%d%d\n",
+    ph, faults, rs[0], rs[1], rs[2], ex[0], ex[1], ex[2], vx[0], vx[1], vx[2], lg[0], lg[1], lg[2],
+    sc[0], sc[1], sc[2], sp[0], sp[1], sp[2], ap[0], ap[1], ap[2],
+    role[0], role[1], role[2], role[3], role[4], role[5], role[6], role[7],
+    rel[0], rel[1], rel[2], rel[3], rel[4], rel[5], rel[6], rel[7], purge_pend, jump_pend, export_pend, take_pend);
+  /* I8: every replica state change is an edge of spec/coalescing.toml */
+  for (i : 0 .. N-1) {
+    if :: prev[i] != rs[i] -> assert(@LEGAL(prev[i], rs[i])); prev[i] = rs[i] :: else -> skip fi
+  };
+  /* I1: at most 4 PCPIs in cycle roles; exactly 1 at rest once initialised */
+  kn = 0; kn2 = 0;
+  for (s : 0 .. S-1) {
+    if
+    :: role[s] == P_base || role[s] == P_rollback || role[s] == P_jump_ahead || role[s] == P_new_base -> kn++
+    :: role[s] == P_individual -> kn2++
+    :: else -> skip
+    fi
+  };
+  assert(kn <= 4);
+  assert(ph != A_idle || !INITIALIZED || kn == 1);
+  /* I2: individual PCPIs <= 2 x replicas outside the cycle (at rest) */
+  t = 0;
+  for (i : 0 .. N-1) { if :: @OUTSIDE_I -> t++ :: else -> skip fi };
+  assert(kn2 <= 2 * N);
+  assert(ph != A_idle || kn2 <= 2 * t);
+  /* I3 (partly; the hypothesis test compares contents): an exported PCPI exists and carries a source point */
+  for (i : 0 .. N-1) {
+    if
+    :: VISIBLE(ex[i]) -> assert(role[ex[i]] != P_free && (ex[i] == sc[i] || sp[i] <= MAXP))
+    :: else -> skip
+    fi;
+    if
+    :: VISIBLE(vx[i]) -> assert(role[vx[i]] != P_free)
+    :: else -> skip
+    fi
+  };
+  /* I4: every replica in the cycle exports the same base (ledger; volume for cycle-role PCPIs) */
+  b = NONE; got = NONE;
+  for (i : 0 .. N-1) {
+    if
+    :: @INCYCLE_I && ex[i] != NONE ->   /* a freshly baselined replica (done) exports nothing yet */
+       if :: b == NONE -> b = ex[i] :: else -> assert(ex[i] == b) fi;
+       if
+       :: VISIBLE(vx[i]) && role[vx[i]] != P_individual ->
+          if :: got == NONE -> got = vx[i] :: else -> assert(vx[i] == got) fi
+       :: else -> skip
+       fi
+    :: else -> skip
+    fi
+  };
+  /* I5: a replica's exported source point never moves back */
+  for (i : 0 .. N-1) {
+    if
+    :: rs[i] != R_broken && lastsp[i] <= MAXP && sp[i] <= MAXP -> assert(sp[i] >= lastsp[i])
+    :: else -> skip
+    fi;
+    lastsp[i] = sp[i]
+  };
+  i = 0; s = 0; t = 0; b = 0; got = 0; kn = 0; kn2 = 0
+}
+
+/* ---------------------------------------------------------------------------
+ * The agent: one atomic step per decision + effect of the executor
+ * ------------------------------------------------------------------------- */
+/* The executor runs the inline effects of a decision in order before it handles the next
+   result: a release decided earlier is done before anything that follows it. */
+#define NOREL (!rel[0] && !rel[1] && !rel[2] && !rel[3] && !rel[4] && !rel[5] && !rel[6] && !rel[7])
+#define QUIET (NOREL \
+               && vx[0] == ex[0] && vx[1] == ex[1] && vx[2] == ex[2] \
+               && sc[0] == NONE && sc[1] == NONE && sc[2] == NONE)
+#define ROLLBACK_TAKEN (role[0] == P_rollback && !rel[0] || role[1] == P_rollback && !rel[1] \
+    || role[2] == P_rollback && !rel[2] || role[3] == P_rollback && !rel[3] || role[4] == P_rollback && !rel[4] \
+    || role[5] == P_rollback && !rel[5] || role[6] == P_rollback && !rel[6] || role[7] == P_rollback && !rel[7])
+#define READY_FOR_CYCLE (faults || (!@ANY(R_broken) && !@ANY(R_unstable_uncoalesced)))
+
+proctype agent() {
+  byte r;
+  do   /* no end label: an agent with nothing to do is a deadlock (invalid end state) */
+  /* --- requests (only when every effect of the previous one has run) --- */
+  :: d_step { ph == A_idle && QUIET && READY_FOR_CYCLE ->
+       PH_start_cycle();
+       if :: newest < MAXP -> newest++ :: else -> skip fi;   /* the cycle's source PCPI */
+       tgt = newest;
+       for (i : 0 .. N-1) {
+         if
+         :: rs[i] == R_stable -> T_start_update(i); ap[i] = PART
+         :: rs[i] == R_uninitialized -> T_start_baseline(i); ap[i] = PART
+         :: else -> skip
+         fi
+       };
+       i = 0;
+       advance(); check() }
+  :: d_step { ph == A_idle && QUIET && (@DUE(0) || @DUE(1) || @DUE(2)) ->
+       /* the retry timer (loop 1026): for each due replica a scratch PCPI of its damaged
+          active FS, then a retry rollback */
+       for (r : 0 .. N-1) {
+         if :: @DUE(r) -> take(P_individual, t); sc[r] = t; t = 0 :: else -> skip fi
+       };
+       r = 0; check() }
+@EACH
+  /* --- replica @r --- */
+  :: d_step { ph == A_idle && QUIET && faults && (rs[@r] == R_stable || rs[@r] == R_stable_uncoalesced) ->
+       /* administrator failover */
+       T_break_mirror(@r); lg[@r] = ex[@r]; ex[@r] = ACTIVE; vx[@r] = ACTIVE; ap[@r] = WRIT; check() }
+  :: d_step { ph == A_idle && QUIET && rs[@r] == R_broken ->
+       /* resync: "creating a PCPI and exporting it", then the rollback procedure */
+       T_resync(@r); take(P_individual, t); sc[@r] = t; ex[@r] = t; vx[@r] = t; t = 0; check() }
+  :: d_step { ph == A_updating && NOREL && rs[@r] == R_update ->
+       T_update_succeeded(@r); ap[@r] = tgt; advance(); check() }
+  :: d_step { ph == A_updating && NOREL && rs[@r] == R_update && faults ->
+       T_update_failed(@r); advance(); check() }
+  :: d_step { ph == A_updating && NOREL && rs[@r] == R_baseline ->
+       T_baseline_succeeded(@r); ap[@r] = tgt; advance(); check() }
+  :: d_step { ph == A_updating && NOREL && rs[@r] == R_baseline && faults ->
+       T_baseline_failed(@r); ap[@r] = NONE; sp[@r] = NONE; advance(); check() }
+  :: d_step { ph == A_rolling_back && NOREL && rs[@r] == R_rollback && ROLLBACK_TAKEN ->
+       i = @r; @MUT_ROLLBACK_OK@; ap[i] = sp[i]; i = 0; advance(); check() }
+  :: d_step { ph == A_rolling_back && NOREL && rs[@r] == R_rollback && ROLLBACK_TAKEN && faults ->
+       T_rollback_failed(@r); lg[@r] = ex[@r]; advance(); check() }
+  :: d_step { ph == A_idle && NOREL && sc[@r] != NONE ->
+       /* the retry / resync rollback succeeded */
+       T_retry_succeeded(@r); ex[@r] = lg[@r]; ap[@r] = sp[@r];
+       vx[@r] = ex[@r]; rel[sc[@r]] = true; sc[@r] = NONE; check() }
+  :: d_step { ph == A_idle && NOREL && sc[@r] != NONE && faults ->
+       /* the retry / resync rollback failed */
+       T_retry_failed(@r); ex[@r] = lg[@r];
+       vx[@r] = ex[@r]; rel[sc[@r]] = true; sc[@r] = NONE; check() }
+@END
+  :: d_step { take_pend != P_free && NOREL -> /* a PCPI recovery decided to take */
+       take(take_pend, t); t = 0;
+       if
+       :: take_pend == P_jump_ahead -> purge_pend = true
+       :: take_pend == P_new_base -> jump_pend = true
+       :: else -> skip
+       fi;
+       take_pend = P_free; check() }
+  :: d_step { ph == A_jump_ahead_1 && NOREL && purge_pend -> /* purgatory purged; step 2 takes the new base */
+       purge_pend = false; purged = true; PH_take_new_base(); take(P_new_base, t); t = 0; jump_pend = true; check() }
+  :: d_step { ph == A_jump_ahead_2 && NOREL && jump_pend -> jump_pend = false; jump_to(); check() }
+  :: d_step { export_pend && NOREL -> /* the atomic export switch */
+       if
+       :: @MUT_EXPORT_ONE@ ->
+          got = NONE;
+          for (i : 0 .. N-1) { if :: got == NONE && vx[i] != ex[i] -> got = i :: else -> skip fi };
+          if :: got != NONE -> vx[got] = ex[got] :: else -> skip fi;
+          export_pend = (vx[0] != ex[0] || vx[1] != ex[1] || vx[2] != ex[2]);
+          got = 0
+       :: else -> for (i : 0 .. N-1) { vx[i] = ex[i] }; export_pend = false
+       fi;
+       i = 0;
+       if :: !export_pend && ph == A_jump_ahead_2 -> PH_start_release(); release_all() :: else -> skip fi;
+       check() }
+  :: d_step { !NOREL && !export_pend -> /* one release effect */
+       got = NONE;
+       for (s : 0 .. S-1) { if :: got == NONE && rel[s] -> got = s :: else -> skip fi };
+       for (i : 0 .. N-1) { assert(vx[i] != got && ex[i] != got && lg[i] != got && sc[i] != got) };  /* I6: no exported image lost */
+       role[got] = P_free; rel[got] = false;
+       got = 0; s = 0; i = 0;
+       maybe_finish(); check() }
+  /* --- a crash at any step, then a restart from the ledger (I6) --- */
+  :: d_step { faults -> recover(); check() }
+  od
+}
+
+active proctype environment() {
+  /* faults (failed transfers and rollbacks, break, crashes) may stop at any time */
+  faults = false
+}
+
+init {
+  atomic {
+    for (i : 0 .. N-1) {
+      rs[i] = R_@INITIAL@; prev[i] = rs[i]; ex[i] = NONE; vx[i] = NONE; lg[i] = NONE;
+      sc[i] = NONE; sp[i] = NONE; ap[i] = NONE; lastsp[i] = NONE
+    };
+    i = 0;
+    run agent()
+  }
+}
+
+/* I7: once faults stop, every replica reaches stable at the newest source point */
+#define SETTLED (ph == A_idle && rs[0] == R_stable && rs[1] == R_stable && rs[2] == R_stable \
+                 && sp[0] == newest && sp[1] == newest && sp[2] == newest)
+ltl i7 { [] (!faults -> <> SETTLED) }
+"""
+
+
+def load(path: Path = SPEC) -> dict:
+    return tomllib.loads(path.read_text(encoding="utf-8"))
+
+
+def edges(machine: dict) -> list[tuple[str, str, str]]:
+    return [(t["trigger"], s, t["dest"]) for t in machine["transitions"]
+            for s in ([t["source"]] if isinstance(t["source"], str) else t["source"])]
+
+
+def generate(spec_path: Path = SPEC, mutant: str | None = None) -> str:
+    data = load(spec_path)
+    rep, agt = data["replica"], data["agent"]
+    rstates = list(rep["states"])
+    phases = list(agt["states"])
+    roles = ["free", *data["meta"]["cycle_pcpi_roles"], data["meta"]["individual_pcpi_role"]]
+    in_flight = [s for s, a in rep["states"].items() if a.get("in_flight")]
+    in_cycle = [s for s, a in rep["states"].items() if a.get("field") == "cycle"]
+    outside = [s for s, a in rep["states"].items()
+               if a.get("field") == "outside" and s not in ("uninitialized", "baseline")]
+    participants = sorted({s for (trig, s, _d) in edges(rep) if trig == "jump_ahead"})
+    subst = dict(DEFAULTS)
+    if mutant is not None:
+        if mutant not in MUTANTS:
+            raise SystemExit(f"unknown mutant {mutant!r}; known: {', '.join(MUTANTS)}")
+        subst.update(MUTANTS[mutant])
+
+    def any_of(states: list[str], var: str = "rs[j]") -> str:
+        return " || ".join(f"{var} == R_{s}" for s in states) or "false"
+
+    def any_replica(states: list[str]) -> str:
+        return "(" + " || ".join(f"({any_of(states, f'rs[{k}]')})" for k in range(N_REPLICAS)) + ")"
+
+    flight_for_guard = [s for s in in_flight if s != subst["@MUT_FLIGHT_EXCLUDE@"]]
+    out: list[str] = []
+    w = out.append
+    w("/* GENERATED by tools/gen_promela.py from spec/coalescing.toml -- do not edit.")
+    w(" * Regenerate with `python tools/gen_promela.py`; tests/formal/test_conformance_models.py")
+    w(" * fails when this file is stale.  Checked by `python tools/spin.py` (exhaustive).")
+    if mutant:
+        w(f" * MUTANT {mutant}: a deliberately broken model (tools/mutants.py).")
+    w(" */")
+    w(f"#define N {N_REPLICAS}\n#define S {N_SLOTS}\n#define SN {N_REPLICAS * N_SLOTS}\n#define MAXP {MAXP}")
+    w("#define NONE 255\n#define ACTIVE 254\n#define PART 253   /* an unfinished (partial) image */"
+      "\n#define WRIT 252   /* data written into a broken (writable) replica */")
+    w("\n/* replica states (spec order) */")
+    for k, s in enumerate(rstates):
+        w(f"#define R_{s} {k}   /* ref {rep['states'][s].get('ref', '')} field={rep['states'][s].get('field', '')} */")
+    w("\n/* agent phases */")
+    for k, s in enumerate(phases):
+        w(f"#define A_{s} {k}")
+    w("\n/* PCPI roles */")
+    for k, s in enumerate(roles):
+        w(f"#define P_{s} {k}")
+    w("\n/* named guards of the agent machine */")
+    for t in agt["transitions"]:
+        for c in t.get("conditions", []):
+            if c not in GUARD_TEXT:
+                raise SystemExit(f"spec guard {c!r} has no Promela text in tools/gen_promela.py GUARD_TEXT")
+    for name, text in GUARD_TEXT.items():
+        text = text.replace("@INFLIGHT", any_replica(flight_for_guard)).replace("@PARTICIPANT", any_replica(participants))
+        text = re.sub(r"@ANY\(R_(\w+)\)", lambda mm: any_replica([mm.group(1)]), text)
+        w(f"#define G_{name} {text}")
+    w("\n/* replica transitions: one inline per trigger (I8 by construction; the monitor in check() re-checks) */")
+    for t in rep["transitions"]:
+        srcs = [t["source"]] if isinstance(t["source"], str) else t["source"]
+        for s in srcs:
+            w(f"/* @edge replica {t['trigger']} {s} {t['dest']} */")
+        cond = " || ".join(f"rs[x] == R_{s}" for s in srcs)
+        w(f"inline T_{t['trigger']}(x) {{ assert({cond}); rs[x] = R_{t['dest']} }}   /* ref {t.get('ref', '')} */")
+    w("\n/* agent phase transitions, asserting their named guards (spec `conditions`) */")
+    for t in agt["transitions"]:
+        srcs = [t["source"]] if isinstance(t["source"], str) else t["source"]
+        for s in srcs:
+            w(f"/* @edge agent {t['trigger']} {s} {t['dest']} */")
+        cond = " || ".join(f"ph == A_{s}" for s in srcs)
+        guards = "".join(f"; assert(G_{c})" for c in t.get("conditions", []))
+        w(f"inline PH_{t['trigger']}() {{ assert({cond}){guards}; ph = A_{t['dest']} }}")
+    legal = " || ".join(f"((a) == R_{s} && (b) == R_{d})" for (_t, s, d) in sorted(set(edges(rep))))
+    w(f"\n#define LEGAL_EDGE(a, b) ({legal})")
+    body = TEMPLATE
+    for k, v in subst.items():
+        body = body.replace(k, v)
+    body = body.replace("@INFLIGHT_LITERAL", any_replica(in_flight))
+    body = body.replace("@PARTICIPANT_I", "(" + any_of(participants, "rs[i]") + ")")
+    body = body.replace("@INCYCLE_I", "(" + any_of(in_cycle, "rs[i]") + ")")
+    body = body.replace("@OUTSIDE_I", "(" + any_of(outside, "rs[i]") + ")")
+    body = body.replace("@LEGAL(", "LEGAL_EDGE(")
+    body = body.replace("@INITIAL@", rep["initial"])
+    body = re.sub(r"@DUE\((\w)\)", lambda mm: f"(rs[{mm.group(1)}] == R_unstable_uncoalesced && lg[{mm.group(1)}] != NONE)", body)
+    body = re.sub(r"@EACH\n(.*?)@END\n", lambda mm: "".join(mm.group(1).replace("@r", str(k))
+                                                             for k in range(N_REPLICAS)), body, flags=re.S)
+    body = re.sub(r"@ANY\(R_(\w+)\)", lambda mm: any_replica([mm.group(1)]), body)
+    assert "@" not in body.replace("@edge", ""), re.findall(r"@\w+", body)
+    # every trigger of both machines must be used by the procedures
+    used_r = set(re.findall(r"\bT_(\w+)\(", body))
+    used_a = set(re.findall(r"\bPH_(\w+)\(", body))
+    missing = [t["trigger"] for t in rep["transitions"] if t["trigger"] not in used_r]
+    missing += [t["trigger"] for t in agt["transitions"] if t["trigger"] not in used_a]
+    if missing and mutant is None:
+        raise SystemExit(f"the model's procedures never fire spec trigger(s) {missing}; update tools/gen_promela.py")
+    unknown = sorted((used_r - {t["trigger"] for t in rep["transitions"]}) | (used_a - {t["trigger"] for t in agt["transitions"]}))
+    if unknown:
+        raise SystemExit(f"the model's procedures fire trigger(s) {unknown} that spec/coalescing.toml lacks")
+    return "\n".join(out) + "\n" + body
+
+
+def model_edges(pml: str) -> dict[str, set[tuple[str, str, str]]]:
+    """The (trigger, source, dest) edges a generated model declares, per machine."""
+    out: dict[str, set[tuple[str, str, str]]] = {"replica": set(), "agent": set()}
+    for m in re.finditer(r"/\* @edge (replica|agent) (\w+) (\w+) (\w+) \*/", pml):
+        out[m.group(1)].add((m.group(2), m.group(3), m.group(4)))
+    return out
+
+
+def model_states(pml: str) -> dict[str, list[str]]:
+    return {"replica": re.findall(r"^#define R_(\w+) \d+", pml, re.M),
+            "agent": re.findall(r"^#define A_(\w+) \d+", pml, re.M)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--check", action="store_true", help="exit 1 if spec/coalescing.pml is not up to date")
+    ap.add_argument("--stdout", action="store_true")
+    ap.add_argument("--mutant", choices=sorted(MUTANTS))
+    ap.add_argument("--spec", type=Path, default=SPEC)
+    args = ap.parse_args(argv)
+    text = generate(args.spec, args.mutant)
+    if args.check:
+        if not OUT.is_file() or OUT.read_text(encoding="utf-8") != text:
+            print(f"{OUT.relative_to(ROOT)} is stale: run `python tools/gen_promela.py`", file=sys.stderr)
+            return 1
+        print(f"{OUT.relative_to(ROOT)} is up to date")
+        return 0
+    if args.stdout or args.mutant:
+        sys.stdout.write(text)
+        return 0
+    OUT.write_text(text, encoding="utf-8")
+    print(f"wrote {OUT.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

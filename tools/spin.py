@@ -1,0 +1,152 @@
+#!/usr/bin/env python3
+"""Run SPIN on spec/coalescing.pml: an exhaustive safety search and the I7 liveness search.
+
+    spin -a coalescing.pml
+    gcc -O1 -DSAFETY -DNOCLAIM  -> ./pan -m<depth> -w<hash>        (asserts I1 I2 I3 I4 I5 I8, deadlocks)
+    gcc -O1 -DNFAIR=3           -> ./pan -m<depth> -w<hash> -a -f   (ltl i7 under weak fairness)
+
+Everything runs in a temporary directory (no pan* files in the repository).
+No -DBITSTATE, -DHC or -DCOLLAPSE: the search is exhaustive and lossless.  The
+run FAILS on any error, on "max search depth too small", on a search that
+did not complete, or when pan's hash table overflowed its memory bound.
+
+Usage: tools/spin.py [--model FILE | --mutant NAME] [--json] [--keep DIR]
+Exit status 0 when both searches pass.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL = ROOT / "spec" / "coalescing.pml"
+DEPTH = 1_000_000
+HASH = 26          # -w26: 2^26 slots (512 MiB table)
+MEMLIM = 4096      # MiB (-DMEMLIM): fail rather than thrash
+
+#: gcc -O1: pan.c of this model takes ~20 s to compile at -O2 and the search then saves ~1 s
+OPT = "-O1"
+RUNS = (
+    ("safety", ["-DSAFETY", "-DNOCLAIM", f"-DMEMLIM={MEMLIM}"], []),
+    ("liveness-i7", ["-DNFAIR=3", f"-DMEMLIM={MEMLIM}"], ["-a", "-f"]),
+)
+
+
+def parse(out: str) -> dict:
+    def num(pat: str) -> float | None:
+        m = re.search(pat, out)
+        return float(m.group(1)) if m else None
+
+    errors = num(r"errors:\s*(\d+)")
+    res = {
+        "errors": int(errors) if errors is not None else None,
+        "states": int(num(r"([\d.e+]+) states, stored") or 0),
+        "transitions": int(num(r"([\d.e+]+) transitions") or 0),
+        "depth": int(num(r"depth reached (\d+)") or 0),
+        "state_vector": int(num(r"State-vector (\d+) byte") or 0),
+        "memory_mb": num(r"([\d.]+)\s+total actual memory usage"),
+        "problems": [],
+    }
+    if res["errors"] is None:
+        res["problems"].append("pan printed no summary (crashed or killed)")
+    elif res["errors"]:
+        first = re.search(r"pan:\d+: (.*)", out)
+        res["problems"].append(f"{res['errors']} error(s): {first.group(1) if first else '?'}")
+    if "max search depth too small" in out:
+        res["problems"].append("max search depth too small")
+    if "Search not completed" in out:
+        res["problems"].append("search not completed")
+    if "out of memory" in out.lower() or "memory limit" in out.lower():
+        res["problems"].append("pan ran out of memory")
+    if "Full statespace search" not in out:
+        res["problems"].append("not a full state-space search")
+    return res
+
+
+def trail(workdir: Path, model: str) -> str:
+    """The counterexample as one line per step (the model prints STEP lines)."""
+    p = subprocess.run(["spin", "-t", model], cwd=workdir, capture_output=True, text=True)
+    steps = [ln.strip() for ln in p.stdout.splitlines() if ln.strip().startswith("STEP")]
+    return "\n".join(steps[-25:])
+
+
+def run(model_text: str, keep: Path | None = None, opt: str = OPT, only: str | None = None) -> list[dict]:
+    if not shutil.which("spin") or not shutil.which("gcc"):
+        raise SystemExit("spin and gcc are needed (Debian/Ubuntu: apt-get install spin gcc)")
+    results = []
+    with tempfile.TemporaryDirectory(prefix="coalesce-spin-") as tmp:
+        work = Path(tmp)
+        (work / "coalescing.pml").write_text(model_text, encoding="utf-8")
+        t0 = time.perf_counter()
+        p = subprocess.run(["spin", "-a", "coalescing.pml"], cwd=work, capture_output=True, text=True)
+        if p.returncode != 0 or not (work / "pan.c").exists():
+            raise SystemExit(f"spin -a failed:\n{p.stdout}\n{p.stderr}")
+        for name, cflags, flags in RUNS:
+            if only and not name.startswith(only):
+                continue
+            cflags = [opt, *cflags]
+            t1 = time.perf_counter()
+            exe = f"pan_{name.split('-')[0]}"
+            c = subprocess.run(["gcc", *cflags, "-w", "-o", exe, "pan.c"], cwd=work, capture_output=True, text=True)
+            if c.returncode != 0:
+                raise SystemExit(f"gcc failed:\n{c.stderr}")
+            cmd = [f"./{exe}", f"-m{DEPTH}", f"-w{HASH}", *flags]
+            r = subprocess.run(cmd, cwd=work, capture_output=True, text=True)
+            res = parse(r.stdout + r.stderr)
+            res.update(name=name, seconds=round(time.perf_counter() - t1, 2),
+                       command=f"gcc {' '.join(cflags)} -o pan pan.c && ./pan {' '.join(cmd[1:])}")
+            if res["problems"] and (work / "coalescing.pml.trail").exists():
+                res["trail"] = trail(work, "coalescing.pml")
+                (work / "coalescing.pml.trail").unlink()
+            results.append(res)
+        if keep:
+            keep.mkdir(parents=True, exist_ok=True)
+            for f in work.iterdir():
+                shutil.copy(f, keep / f.name)
+        results.append({"name": "total", "seconds": round(time.perf_counter() - t0, 2)})
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", type=Path, default=MODEL)
+    ap.add_argument("--mutant", help="check a deliberately broken model (tools/gen_promela.py --mutant)")
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--opt", default=OPT, help="gcc optimisation flag (default %(default)s)")
+    ap.add_argument("--only", choices=["safety", "liveness"], help="run one of the two searches")
+    ap.add_argument("--keep", type=Path, help="copy the work directory (pan.c, trail) here")
+    args = ap.parse_args(argv)
+    if args.mutant:
+        sys.path.insert(0, str(ROOT / "tools"))
+        import gen_promela
+        text = gen_promela.generate(mutant=args.mutant)
+    else:
+        text = args.model.read_text(encoding="utf-8")
+    results = run(text, args.keep, args.opt, args.only)
+    ok = all(not r.get("problems") for r in results if r["name"] != "total")
+    if args.json:
+        print(json.dumps({"ok": ok, "runs": results}, indent=2))
+    else:
+        for r in results:
+            if r["name"] == "total":
+                print(f"total {r['seconds']}s")
+                continue
+            status = "PASS" if not r["problems"] else "FAIL: " + "; ".join(r["problems"])
+            print(f"{r['name']:12} {r['states']:>10,} states  {r['transitions']:>10,} transitions  "
+                  f"depth {r['depth']:>7}  {r['seconds']:>6}s  {status}")
+            print(f"             {r['command']}")
+            if r.get("trail"):
+                print(r["trail"])
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
