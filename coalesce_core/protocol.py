@@ -1,0 +1,521 @@
+"""The wire protocol between a destination agent and a source service (docs/protocol.md).
+
+One connection carries, in order::
+
+    both sides   preamble   b"COALPROT" u8 protocol-version
+    client       HELLO      {"protocol", "volume", "capabilities", "client", "bandwidth"}
+    server       WELCOME    {"protocol", "identity", "volume", "capabilities", "compression", ...}  or ERROR
+    client       REQUEST    {"op", "args"}         (request id n)
+    server       REPLY      {"result"}             (request id n)  or ERROR
+                 or, for op "diff": DATA* then END {"records", "bytes"} or ERROR
+
+Every message is one frame::
+
+    u32 length | u8 kind | u32 request-id | body | u32 crc32
+
+``length`` counts the bytes after the length field (kind, id, body, crc).
+The crc covers every byte before it, the length field included.  All
+integers are big-endian.  Control bodies (HELLO, WELCOME, REQUEST, REPLY,
+ERROR, END) are UTF-8 JSON objects of at most :data:`MAX_CONTROL` bytes;
+DATA bodies carry a piece of a change stream in the core's framed,
+checksummed codec format (coalesce_core.codec), compressed when the
+handshake negotiated it, at most :data:`MAX_DATA_MESSAGE` bytes on the wire
+and at most :data:`MAX_DATA_PLAIN` bytes once decompressed.
+
+A peer that breaks any rule (bad magic, version, length, crc, kind, JSON,
+field type or size) gets a :class:`ProtocolError`: the connection is closed
+and nothing it sent is acted upon.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import select
+import socket
+import struct
+import threading
+import time
+import zlib
+from typing import Any, Iterator
+
+from .errors import BackendError, CoalesceError
+
+MAGIC = b"COALPROT"
+PROTOCOL_VERSION = 1
+PREAMBLE = MAGIC + bytes((PROTOCOL_VERSION,))
+
+# message kinds
+HELLO, WELCOME, REQUEST, REPLY, ERROR, DATA, END, PING, PONG = 1, 2, 3, 4, 5, 6, 7, 8, 9
+KIND_NAMES = {HELLO: "HELLO", WELCOME: "WELCOME", REQUEST: "REQUEST", REPLY: "REPLY", ERROR: "ERROR",
+              DATA: "DATA", END: "END", PING: "PING", PONG: "PONG"}
+CONTROL_KINDS = frozenset({HELLO, WELCOME, REQUEST, REPLY, ERROR, END})
+
+#: Largest JSON body of a control message.
+MAX_CONTROL = 64 << 10
+#: Largest (compressed) DATA body on the wire.
+MAX_DATA_MESSAGE = (1 << 20) + (64 << 10)
+#: Largest DATA body after decompression (a decompression bomb is refused).
+MAX_DATA_PLAIN = 2 << 20
+#: What a sender puts in one DATA message (before compression).
+DATA_CHUNK = 256 << 10
+#: Largest name (volume, qtree, PCPI, identity) in a control message.
+MAX_NAME = 255
+#: Largest volume reference (a name or a volume URL) in HELLO.
+MAX_VOLUME_REF = 4096
+#: Largest list in a reply (PCPI and qtree lists).
+MAX_LIST = 100_000
+
+_HEAD = struct.Struct(">IBI")
+_U32 = struct.Struct(">I")
+_MIN_LENGTH = 1 + 4 + 4
+
+try:  # optional: zstd when the zstandard package is installed
+    import zstandard as _zstd  # type: ignore[import-not-found]
+except ImportError:  # pragma: no cover - depends on the installation
+    _zstd = None
+
+#: Compression methods this side can speak, best first (negotiated in the handshake).
+COMPRESSIONS: tuple[str, ...] = ("zstd", "zlib") if _zstd is not None else ("zlib",)
+CAPABILITIES: tuple[str, ...] = ("resume", *COMPRESSIONS)
+
+_NAME_RE = re.compile(r"[A-Za-z0-9_.][A-Za-z0-9_.@+=:,-]*")
+
+
+class ProtocolError(CoalesceError):
+    """The peer broke the protocol (or is not a coalesce peer at all); the connection is closed."""
+
+    exit_code = 7
+
+
+class ConnectionLost(BackendError):
+    """The transport failed: EOF, reset, timeout.  Retried (resumed) by the client."""
+
+
+class RemoteError(BackendError):
+    """The source service answered a request with an error (refusal, backend failure)."""
+
+    def __init__(self, message: str, *, code: str = "error", hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.code = code
+
+
+class Refused(RemoteError):
+    """The server's authorization refused the request."""
+
+
+# --------------------------------------------------------------------------- channels
+class Channel:
+    """A byte pipe with exact reads, timeouts and an optional bandwidth limit."""
+
+    timeout: float | None = 30.0
+    limiter: "RateLimiter | None" = None
+    peer: str = "?"
+
+    def read_some(self, n: int) -> bytes:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def write_all(self, data: bytes) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def close(self) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def read_exact(self, n: int) -> bytes:
+        buf = bytearray()
+        while len(buf) < n:
+            chunk = self.read_some(n - len(buf))
+            if not chunk:
+                if not buf:
+                    raise ConnectionLost(f"the connection to {self.peer} was closed",
+                                         hint="the peer went away; a transfer resumes on reconnect")
+                raise ConnectionLost(f"the connection to {self.peer} was closed mid-message "
+                                     f"({len(buf)} of {n} bytes)", hint="the link or the peer failed")
+            buf += chunk
+        return bytes(buf)
+
+    def send(self, data: bytes) -> None:
+        if self.limiter is not None:
+            view = memoryview(data)
+            step = max(1024, min(64 << 10, int(self.limiter.rate // 20) or 1024))
+            for i in range(0, len(view), step):
+                piece = view[i:i + step]
+                self.limiter.consume(len(piece))
+                self.write_all(piece)
+        else:
+            self.write_all(data)
+
+
+class SocketChannel(Channel):
+    def __init__(self, sock: socket.socket, peer: str, timeout: float | None = 30.0) -> None:
+        self.sock = sock
+        self.peer = peer
+        self._closed = False
+        self.timeout = timeout
+
+    @property  # type: ignore[override]
+    def timeout(self) -> float | None:
+        return self._timeout
+
+    @timeout.setter
+    def timeout(self, value: float | None) -> None:
+        self._timeout = value
+        try:
+            self.sock.settimeout(value)
+        except OSError:
+            pass
+
+    def read_some(self, n: int) -> bytes:
+        try:
+            return self.sock.recv(min(n, 1 << 20))
+        except socket.timeout:
+            raise ConnectionLost(f"no data from {self.peer} for {self.timeout} s",
+                                 hint="the peer or the link is dead (timeout)") from None
+        except OSError as exc:
+            raise ConnectionLost(f"reading from {self.peer}: {exc}") from exc
+
+    def write_all(self, data: Any) -> None:
+        try:
+            self.sock.sendall(data)
+        except socket.timeout:
+            raise ConnectionLost(f"{self.peer} accepted no data for {self.timeout} s",
+                                 hint="the peer or the link is dead (timeout)") from None
+        except OSError as exc:
+            raise ConnectionLost(f"writing to {self.peer}: {exc}") from exc
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+class FdChannel(Channel):
+    """Two file descriptors (a pipe pair: ssh's stdout/stdin, or our own stdin/stdout)."""
+
+    def __init__(self, rfd: int, wfd: int, peer: str, timeout: float | None = 30.0, on_close: Any = None) -> None:
+        self.rfd, self.wfd = rfd, wfd
+        self.peer = peer
+        self.timeout = timeout
+        self._on_close = on_close
+        self._closed = False
+        self._wlock = threading.Lock()
+
+    def read_some(self, n: int) -> bytes:
+        if self._closed:
+            raise ConnectionLost(f"the connection to {self.peer} is closed")
+        if self.timeout is not None:
+            ready, _, _ = select.select([self.rfd], [], [], self.timeout)
+            if not ready:
+                raise ConnectionLost(f"no data from {self.peer} for {self.timeout} s",
+                                     hint="the peer or the link is dead (timeout)")
+        try:
+            import os
+
+            return os.read(self.rfd, min(n, 1 << 20))
+        except OSError as exc:
+            raise ConnectionLost(f"reading from {self.peer}: {exc}") from exc
+
+    def write_all(self, data: Any) -> None:
+        import os
+
+        view = memoryview(data).cast("B")
+        with self._wlock:
+            while view:
+                if self.timeout is not None:
+                    _, ready, _ = select.select([], [self.wfd], [], self.timeout)
+                    if not ready:
+                        raise ConnectionLost(f"{self.peer} accepted no data for {self.timeout} s",
+                                             hint="the peer or the link is dead (timeout)")
+                try:
+                    n = os.write(self.wfd, view)
+                except OSError as exc:
+                    raise ConnectionLost(f"writing to {self.peer}: {exc}") from exc
+                view = view[n:]
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._on_close is not None:
+            self._on_close()
+
+
+# --------------------------------------------------------------------------- rate limit
+_RATE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([KMGT]?)(i?)(B|bit)?(?:/s)?\s*$", re.I)
+
+
+def parse_rate(text: str | int | float | None) -> float | None:
+    """``"20MiB/s"`` -> bytes per second; ``"100Mbit/s"``; a bare number is bytes/s; None/0/"" -> None."""
+    if text is None or text == "" or text == 0:
+        return None
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        if text < 0:
+            raise ValueError(f"a bandwidth cannot be negative: {text}")
+        return float(text)
+    if not isinstance(text, str):
+        raise ValueError(f"not a bandwidth: {text!r}")
+    m = _RATE_RE.match(text)
+    if not m:
+        raise ValueError(f"not a bandwidth: {text!r} (write e.g. 20MiB/s, 500KB/s, 100Mbit/s)")
+    value, prefix, binary, unit = float(m.group(1)), m.group(2).upper(), m.group(3), (m.group(4) or "B")
+    power = "KMGT".find(prefix) + 1 if prefix else 0
+    mult = (1024 if binary else 1000) ** power
+    rate = value * mult
+    if unit.lower() == "bit":
+        rate /= 8
+    return rate or None
+
+
+class RateLimiter:
+    """A token bucket: at most ``rate`` bytes per second, bursts of ``rate / 10``."""
+
+    def __init__(self, rate: float) -> None:
+        self.rate = float(rate)
+        self.burst = max(4096.0, self.rate / 10)
+        self.tokens = self.burst
+        self.last = time.monotonic()
+        self.lock = threading.Lock()
+
+    def consume(self, n: int) -> None:
+        with self.lock:
+            while True:
+                now = time.monotonic()
+                self.tokens = min(self.burst, self.tokens + (now - self.last) * self.rate)
+                self.last = now
+                if self.tokens >= n or (self.tokens >= self.burst and n > self.burst):
+                    self.tokens -= n
+                    return
+                time.sleep(min(1.0, (min(n, self.burst) - self.tokens) / self.rate))
+
+
+# --------------------------------------------------------------------------- compression
+class Compressor:
+    def __init__(self, method: str | None) -> None:
+        self.method = method
+        if method == "zlib":
+            self._c = zlib.compressobj(3)
+        elif method == "zstd":
+            self._c = _zstd.ZstdCompressor(level=3).compressobj()
+        else:
+            self._c = None
+
+    def compress(self, data: bytes) -> bytes:
+        if self._c is None:
+            return data
+        if self.method == "zlib":
+            return self._c.compress(data) + self._c.flush(zlib.Z_SYNC_FLUSH)
+        return self._c.compress(data) + self._c.flush(_zstd.COMPRESSOBJ_FLUSH_BLOCK)
+
+
+class Decompressor:
+    def __init__(self, method: str | None) -> None:
+        self.method = method
+        if method == "zlib":
+            self._d = zlib.decompressobj()
+        elif method == "zstd":
+            self._d = _zstd.ZstdDecompressor().decompressobj()
+        else:
+            self._d = None
+
+    def decompress(self, data: bytes) -> bytes:
+        if self._d is None:
+            return data
+        try:
+            if self.method == "zlib":
+                out = self._d.decompress(data, MAX_DATA_PLAIN)
+                if self._d.unconsumed_tail:
+                    raise ProtocolError(f"a DATA message decompresses to more than {MAX_DATA_PLAIN} bytes",
+                                        hint="the peer is broken or hostile (a decompression bomb)")
+                return out
+            out = self._d.decompress(data)
+        except zlib.error as exc:
+            raise ProtocolError(f"a DATA message does not decompress: {exc}", hint="the peer is broken or hostile") from None
+        except ProtocolError:
+            raise
+        except Exception as exc:  # zstd errors
+            raise ProtocolError(f"a DATA message does not decompress: {exc}", hint="the peer is broken or hostile") from None
+        if len(out) > MAX_DATA_PLAIN:
+            raise ProtocolError(f"a DATA message decompresses to more than {MAX_DATA_PLAIN} bytes",
+                                hint="the peer is broken or hostile (a decompression bomb)")
+        return out
+
+
+# --------------------------------------------------------------------------- messages
+def encode_message(kind: int, reqid: int, body: bytes) -> bytes:
+    length = 1 + 4 + len(body) + 4
+    head = _HEAD.pack(length, kind, reqid)
+    crc = zlib.crc32(body, zlib.crc32(head))
+    return head + body + _U32.pack(crc)
+
+
+def max_body(kind: int) -> int:
+    return MAX_DATA_MESSAGE if kind == DATA else MAX_CONTROL
+
+
+def parse_message(raw_len: bytes, rest: bytes) -> tuple[int, int, bytes]:
+    """Check one frame (its 4-byte length field and the ``length`` bytes after it)."""
+    (length,) = _U32.unpack(raw_len)
+    kind, reqid = struct.unpack_from(">BI", rest, 0)
+    (want,) = _U32.unpack_from(rest, length - 4)
+    got = zlib.crc32(rest[: length - 4], zlib.crc32(raw_len))
+    if got != want:
+        raise ProtocolError(f"a {KIND_NAMES.get(kind, kind)} message fails its checksum "
+                            f"(crc32 {got:#010x}, frame says {want:#010x})",
+                            hint="the link damaged the data or the peer is broken")
+    return kind, reqid, rest[5: length - 4]
+
+
+def check_length(length: int) -> None:
+    if length < _MIN_LENGTH or length > 4 + max(MAX_DATA_MESSAGE, MAX_CONTROL) + 4 + 1:
+        raise ProtocolError(f"a message claims a length of {length} bytes; a message is {_MIN_LENGTH} to "
+                            f"{MAX_DATA_MESSAGE + 9} bytes", hint="the peer is broken or hostile")
+
+
+def decode_json(kind: int, body: bytes) -> dict[str, Any]:
+    if len(body) > MAX_CONTROL:
+        raise ProtocolError(f"a {KIND_NAMES[kind]} body of {len(body)} bytes exceeds {MAX_CONTROL}")
+    try:
+        obj = json.loads(body.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise ProtocolError(f"a {KIND_NAMES[kind]} message is not valid UTF-8 JSON: {str(exc)[:200]}",
+                            hint="the peer is broken or hostile") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError(f"a {KIND_NAMES[kind]} message is not a JSON object", hint="the peer is broken or hostile")
+    return obj
+
+
+class Connection:
+    """Message I/O over a :class:`Channel` (both sides use it)."""
+
+    def __init__(self, channel: Channel) -> None:
+        self.channel = channel
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self._send_lock = threading.Lock()
+
+    @property
+    def peer(self) -> str:
+        return self.channel.peer
+
+    def close(self) -> None:
+        self.channel.close()
+
+    # -- preamble
+    def send_preamble(self) -> None:
+        self.channel.send(PREAMBLE)
+
+    def read_preamble(self) -> None:
+        head = self.channel.read_exact(len(PREAMBLE))
+        if head[:8] != MAGIC:
+            raise ProtocolError(
+                f"{self.peer} is not a coalesce source service or client: it sent {head!r} instead of {MAGIC!r}",
+                hint="check the URL/port; over ssh, a login banner or shell output on stdout breaks the protocol: "
+                     "use the forced command of docs/network.md",
+            )
+        if head[8] != PROTOCOL_VERSION:
+            raise ProtocolError(f"{self.peer} speaks protocol version {head[8]}; this coalesce speaks "
+                                f"{PROTOCOL_VERSION}", hint="run the same coalesce version on both hosts")
+
+    # -- messages
+    def send(self, kind: int, reqid: int, body: bytes) -> None:
+        if len(body) > max_body(kind):
+            raise ProtocolError(f"refusing to send a {KIND_NAMES[kind]} body of {len(body)} bytes (limit {max_body(kind)})")
+        data = encode_message(kind, reqid, body)
+        with self._send_lock:
+            self.channel.send(data)
+            self.bytes_out += len(data)
+
+    def send_json(self, kind: int, reqid: int, obj: dict[str, Any]) -> None:
+        self.send(kind, reqid, json.dumps(obj, separators=(",", ":")).encode("utf-8"))
+
+    def send_error(self, reqid: int, exc: BaseException, code: str | None = None) -> None:
+        code = code or ("refused" if isinstance(exc, Refused) else getattr(exc, "code", None)
+                        or ("protocol" if isinstance(exc, ProtocolError) else "error"))
+        msg = str(getattr(exc, "message", exc))[:4000]
+        hint = str(getattr(exc, "hint", "") or "")[:4000]
+        self.send_json(ERROR, reqid, {"error": code, "type": type(exc).__name__[:100], "message": msg, "hint": hint})
+
+    def recv(self) -> tuple[int, int, bytes]:
+        raw_len = self.channel.read_exact(4)
+        (length,) = _U32.unpack(raw_len)
+        check_length(length)
+        # peek the kind before reading a large body
+        first = self.channel.read_exact(min(length, 5))
+        kind = first[0]
+        if kind not in KIND_NAMES:
+            raise ProtocolError(f"{self.peer} sent a message of unknown kind {kind}", hint="the peer is broken or hostile")
+        if length - 9 > max_body(kind):
+            raise ProtocolError(f"{self.peer} sent a {KIND_NAMES[kind]} body of {length - 9} bytes; the limit "
+                                f"is {max_body(kind)}", hint="the peer is broken or hostile")
+        rest = first + self.channel.read_exact(length - len(first))
+        self.bytes_in += 4 + length
+        return parse_message(raw_len, rest)
+
+    def recv_json(self, expect: tuple[int, ...]) -> tuple[int, int, dict[str, Any]]:
+        kind, reqid, body = self.recv()
+        if kind not in expect:
+            raise ProtocolError(f"{self.peer} sent {KIND_NAMES[kind]} where {'/'.join(KIND_NAMES[k] for k in expect)} "
+                                "was expected", hint="the peer is broken or hostile")
+        if kind == ERROR:
+            raise error_from(decode_json(kind, body))
+        return kind, reqid, decode_json(kind, body)
+
+
+def error_from(obj: dict[str, Any]) -> RemoteError:
+    code = str(obj.get("error", "error"))[:100]
+    msg = str(obj.get("message", "the source service refused the request"))[:4000]
+    hint = str(obj.get("hint", ""))[:4000] or None
+    cls = Refused if code == "refused" else RemoteError
+    return cls(f"source service: {msg}", code=code, hint=hint)
+
+
+# --------------------------------------------------------------------------- field checks
+def want_str(obj: dict[str, Any], key: str, *, limit: int = MAX_NAME, optional: bool = False,
+             pattern: re.Pattern[str] | None = None) -> str | None:
+    value = obj.get(key)
+    if value is None:
+        if optional:
+            return None
+        raise ProtocolError(f"field {key!r} is missing", hint="the peer is broken or hostile")
+    if not isinstance(value, str) or not value or len(value.encode("utf-8", "surrogatepass")) > limit \
+            or "\x00" in value:
+        raise ProtocolError(f"field {key!r} must be a non-empty string of at most {limit} bytes",
+                            hint="the peer is broken or hostile")
+    if pattern is not None and not pattern.fullmatch(value):
+        raise ProtocolError(f"field {key!r} = {value[:80]!r} has characters that are not allowed",
+                            hint="names are letters, digits and _ . - @ + = : ,")
+    return value
+
+
+def want_int(obj: dict[str, Any], key: str, *, lo: int = 0, hi: int = 2**62, optional: bool = False) -> int | None:
+    value = obj.get(key)
+    if value is None and optional:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+        raise ProtocolError(f"field {key!r} must be an integer from {lo} to {hi}", hint="the peer is broken or hostile")
+    return value
+
+
+def want_list_of_names(obj: dict[str, Any], key: str, *, limit: int = 64) -> list[str]:
+    value = obj.get(key, [])
+    if not isinstance(value, list) or len(value) > limit or not all(
+            isinstance(v, str) and 0 < len(v) <= MAX_NAME for v in value):
+        raise ProtocolError(f"field {key!r} must be a list of at most {limit} short strings",
+                            hint="the peer is broken or hostile")
+    return value
+
+
+NAME_RE = _NAME_RE
+
+
+def iter_chunks(data: bytes, size: int = DATA_CHUNK) -> Iterator[bytes]:
+    for i in range(0, len(data), size):
+        yield data[i:i + size]

@@ -1,0 +1,752 @@
+"""The source service: ``coalesce serve`` (docs/network.md, docs/protocol.md).
+
+The destination agent decides; the source service only answers.  It offers,
+for one volume per connection, exactly what an agent needs from a source
+volume: list, take and release source PCPIs, list qtrees, stream one qtree's
+change records between two source PCPIs (or a baseline) in the core's framed
+change-stream format, and fingerprint a qtree.  It keeps no coalescing state.
+
+Two listeners share one protocol implementation (:class:`SourceService`):
+
+* ``--stdio``: one connection on stdin/stdout, for ssh's forced command
+  (``command="coalesce serve --stdio --config F --identity NAME"``);
+* ``--listen HOST:PORT``: mutual TLS 1.3 (a client certificate signed by the
+  configured CA is required; the client's identity is its subject CN), a
+  thread per connection.
+
+Authorization is the server's own TOML config (``[clients.<identity>]``):
+which volumes, which qtrees, whether PCPIs may be taken and released and
+under which group names.  Every refusal is logged with the identity and the
+peer and answered with a clear error; a protocol violation closes the
+connection; other connections are not affected.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import logging
+import os
+import socket
+import ssl
+import sys
+import threading
+import time
+import tomllib
+from typing import Any, Iterator
+
+import attrs
+
+from . import codec, protocol as P
+from .errors import CoalesceError, ConfigError
+from .planner import is_group_source_pcpi
+from .records import Begin, End
+
+log = logging.getLogger("coalesce.serve")
+
+DEFAULT_PORT = 7450
+
+
+# --------------------------------------------------------------------------- config
+@attrs.frozen
+class Grant:
+    """What one client identity may do."""
+
+    volumes: tuple[str, ...] = ()
+    qtrees: tuple[str, ...] = ("*",)          # fnmatch patterns, for every granted volume
+    volume_qtrees: dict = attrs.field(factory=dict)  # volume -> tuple of patterns (overrides qtrees)
+    take: bool = False
+    release: bool = False
+    groups: tuple[str, ...] = ("*",)          # group names whose co-<group>-src-NNNNNN PCPIs it may use
+
+    def may_read_volume(self, name: str) -> bool:
+        return name in self.volumes or "*" in self.volumes
+
+    def may_read_qtree(self, volume: str, qtree: str) -> bool:
+        pats = self.volume_qtrees.get(volume, self.qtrees)
+        return any(fnmatch.fnmatchcase(qtree, p) for p in pats)
+
+    def may_use_pcpi(self, name: str) -> bool:
+        if not name.startswith("co-") or "-src-" not in name:
+            return False
+        for g in self.groups:
+            if g == "*":
+                group = name[3:name.rfind("-src-")]
+                if group and is_group_source_pcpi(group, name):
+                    return True
+            elif is_group_source_pcpi(g, name):
+                return True
+        return False
+
+
+@attrs.frozen
+class ServerConfig:
+    volumes: dict = attrs.field(factory=dict)   # name -> volume URL
+    clients: dict = attrs.field(factory=dict)   # identity -> Grant
+    listen: str | None = None
+    cert: str | None = None
+    key: str | None = None
+    ca: str | None = None
+    bandwidth: float | None = None              # bytes/s per connection
+    compression: bool = True
+    timeout: float = 60.0                       # no data from a peer for this long: it is dead
+    idle_timeout: float = 600.0                 # an idle connection between requests
+    handshake_timeout: float = 15.0
+    keepalive: float = 15.0                     # TCP keep-alive idle seconds
+    max_connections: int = 64
+    log: str | None = None
+    path: str | None = None
+
+    def volume_name(self, ref: str) -> str | None:
+        """A HELLO's volume reference (a configured name, or the URL one maps to) -> the name."""
+        if ref in self.volumes:
+            return ref
+        for name, url in self.volumes.items():
+            if url == ref:
+                return name
+        return None
+
+
+def _bool(t: dict, key: str, where: str, default: bool) -> bool:
+    v = t.get(key, default)
+    if not isinstance(v, bool):
+        raise ConfigError(f"{where}: `{key}` must be true or false")
+    return v
+
+
+def _strs(t: dict, key: str, where: str, default: tuple[str, ...]) -> tuple[str, ...]:
+    v = t.get(key, list(default))
+    if isinstance(v, str):
+        v = [v]
+    if not isinstance(v, list) or not all(isinstance(x, str) and x for x in v):
+        raise ConfigError(f"{where}: `{key}` must be a list of strings")
+    return tuple(v)
+
+
+def _num(t: dict, key: str, where: str, default: float) -> float:
+    v = t.get(key, default)
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0:
+        raise ConfigError(f"{where}: `{key}` must be a positive number of seconds")
+    return float(v)
+
+
+def parse_server_config(text: str, path: str = "<server config>") -> ServerConfig:
+    """Parse the server's TOML config; every problem is a ConfigError naming the key (docs/network.md)."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    unknown = set(data) - {"server", "volumes", "clients"}
+    if unknown:
+        raise ConfigError(f"{path}: unknown table(s) {sorted(unknown)}", hint="only [server], [volumes], [clients.*]")
+    server = data.get("server", {})
+    where = f"{path} [server]"
+    known = {"listen", "cert", "key", "ca", "bandwidth", "compression", "timeout", "idle_timeout",
+             "handshake_timeout", "keepalive", "max_connections", "log"}
+    if not isinstance(server, dict) or set(server) - known:
+        raise ConfigError(f"{where}: unknown key(s) {sorted(set(server) - known)}", hint=f"known keys: {sorted(known)}")
+    for k in ("listen", "cert", "key", "ca", "log"):
+        if k in server and not isinstance(server[k], str):
+            raise ConfigError(f"{where}: `{k}` must be a string")
+    try:
+        bandwidth = P.parse_rate(server.get("bandwidth"))
+    except ValueError as exc:
+        raise ConfigError(f"{where}: `bandwidth`: {exc}") from None
+    maxc = server.get("max_connections", 64)
+    if not isinstance(maxc, int) or isinstance(maxc, bool) or not 1 <= maxc <= 10000:
+        raise ConfigError(f"{where}: `max_connections` must be an integer from 1 to 10000")
+    volumes = data.get("volumes", {})
+    if not isinstance(volumes, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in volumes.items()):
+        raise ConfigError(f"{path} [volumes]: must map names to volume URLs (name = \"scheme://...\")")
+    from .volume import VolumeURL
+
+    for name, url in volumes.items():
+        if not P.NAME_RE.fullmatch(name):
+            raise ConfigError(f"{path} [volumes]: {name!r} is not a valid name")
+        try:
+            VolumeURL.parse(url)
+        except ConfigError as exc:
+            raise ConfigError(f"{path} [volumes] {name}: {exc.message}", hint=exc.hint) from None
+    clients = {}
+    raw_clients = data.get("clients", {})
+    if not isinstance(raw_clients, dict):
+        raise ConfigError(f"{path}: [clients] must be tables [clients.<identity>]")
+    for ident, t in raw_clients.items():
+        w = f"{path} [clients.{ident}]"
+        if not isinstance(t, dict):
+            raise ConfigError(f"{w}: must be a table")
+        ck = {"volumes", "qtrees", "take", "release", "groups"}
+        if set(t) - ck:
+            raise ConfigError(f"{w}: unknown key(s) {sorted(set(t) - ck)}", hint=f"known keys: {sorted(ck)}")
+        vols = _strs(t, "volumes", w, ())
+        for v in vols:
+            if v != "*" and v not in volumes:
+                raise ConfigError(f"{w}: volume {v!r} is not in [volumes]")
+        qt = t.get("qtrees", ["*"])
+        per_volume: dict[str, tuple[str, ...]] = {}
+        if isinstance(qt, dict):
+            for v, pats in qt.items():
+                per_volume[v] = _strs(qt, v, f"{w} qtrees", ())
+            qtrees: tuple[str, ...] = ()
+        else:
+            qtrees = _strs(t, "qtrees", w, ("*",))
+        clients[ident] = Grant(volumes=vols, qtrees=qtrees, volume_qtrees=per_volume,
+                               take=_bool(t, "take", w, False), release=_bool(t, "release", w, False),
+                               groups=_strs(t, "groups", w, ("*",)))
+    return ServerConfig(
+        volumes=dict(volumes), clients=clients, listen=server.get("listen"), cert=server.get("cert"),
+        key=server.get("key"), ca=server.get("ca"), bandwidth=bandwidth,
+        compression=_bool(server, "compression", where, True), timeout=_num(server, "timeout", where, 60.0),
+        idle_timeout=_num(server, "idle_timeout", where, 600.0),
+        handshake_timeout=_num(server, "handshake_timeout", where, 15.0),
+        keepalive=_num(server, "keepalive", where, 15.0), max_connections=maxc, log=server.get("log"), path=path,
+    )
+
+
+def load_server_config(path: str) -> ServerConfig:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            text = fh.read()
+    except OSError as exc:
+        raise ConfigError(f"cannot read the server config {path}: {exc.strerror}",
+                          hint="pass --config FILE (docs/network.md has an example)") from None
+    return parse_server_config(text, path)
+
+
+# --------------------------------------------------------------------------- the service
+class SourceService:
+    """The protocol server for one configuration; thread-safe, one call of
+    :meth:`serve_connection` per connection."""
+
+    def __init__(self, config: ServerConfig, pm: Any = None, *, bandwidth: float | None = None) -> None:
+        from .plugins import plugin_manager
+
+        self.config = config
+        self.pm = pm or plugin_manager()
+        self.bandwidth = bandwidth if bandwidth is not None else config.bandwidth
+        self._volumes: dict[str, Any] = {}
+        self._lock = threading.Lock()
+        self.stats = {"connections": 0, "refused": 0, "protocol_errors": 0, "bytes_out": 0, "records_out": 0}
+
+    def _volume(self, name: str) -> Any:
+        from .plugins import Volume
+
+        with self._lock:
+            vol = self._volumes.get(name)
+            if vol is None:
+                vol = self._volumes[name] = Volume.open(self.pm, self.config.volumes[name], create=False)
+            return vol
+
+    def _refuse(self, ident: str, peer: str, what: str, hint: str = "") -> P.Refused:
+        with self._lock:
+            self.stats["refused"] += 1
+        log.warning("refused %s from %s: %s", ident, peer, what)
+        return P.Refused(what, code="refused", hint=hint or "the source's server config does not allow it")
+
+    # -- one connection ---------------------------------------------------------------
+    def serve_connection(self, conn: P.Connection, identity: str) -> None:
+        peer = conn.peer
+        with self._lock:
+            self.stats["connections"] += 1
+        log.info("connection from %s (identity %r)", peer, identity)
+        try:
+            conn.send_preamble()
+            conn.channel.timeout = self.config.handshake_timeout
+            conn.read_preamble()
+            _, _, hello = conn.recv_json((P.HELLO,))
+            grant, vname, method = self._handshake(conn, identity, hello)
+            if grant is None:
+                return
+            self._loop(conn, identity, grant, vname, method)
+        except P.ProtocolError as exc:
+            with self._lock:
+                self.stats["protocol_errors"] += 1
+            log.warning("protocol error from %s (identity %r): %s; closing the connection", peer, identity, exc)
+            try:
+                conn.send_error(0, exc, "protocol")
+            except Exception:
+                pass
+        except P.ConnectionLost as exc:
+            log.info("connection from %s (identity %r) ended: %s", peer, identity, exc)
+        except Exception:  # never let one connection take the server down
+            log.exception("internal error serving %s (identity %r)", peer, identity)
+        finally:
+            conn.close()
+
+    def _handshake(self, conn: P.Connection, ident: str, hello: dict[str, Any]):
+        proto = P.want_int(hello, "protocol", lo=0, hi=255)
+        ref = P.want_str(hello, "volume", limit=P.MAX_VOLUME_REF)
+        caps = P.want_list_of_names(hello, "capabilities")
+        rate = hello.get("bandwidth")
+        if rate is not None and (not isinstance(rate, (int, float)) or isinstance(rate, bool) or rate <= 0):
+            raise P.ProtocolError("field 'bandwidth' must be a positive number or null")
+        if proto != P.PROTOCOL_VERSION:
+            conn.send_error(0, P.ProtocolError(f"protocol version {proto} is not supported; this server speaks "
+                                               f"{P.PROTOCOL_VERSION}", hint="run the same coalesce version"), "version")
+            return None, None, None
+        grant = self.config.clients.get(ident)
+        vname = self.config.volume_name(ref)
+        if grant is None:
+            conn.send_error(0, self._refuse(ident, conn.peer, f"client identity {ident!r} is not configured",
+                                            f"add [clients.{ident}] to the server config"))
+            return None, None, None
+        if vname is None or not grant.may_read_volume(vname):
+            conn.send_error(0, self._refuse(ident, conn.peer, f"identity {ident!r} may not read volume {ref[:200]!r}",
+                                            "the server config's [clients] table names the volumes it may read"))
+            return None, None, None
+        method = None
+        if self.config.compression:
+            method = next((m for m in P.COMPRESSIONS if m in caps), None)
+        limits = {"control": P.MAX_CONTROL, "data": P.MAX_DATA_MESSAGE}
+        rates = [r for r in (self.bandwidth, rate) if r]
+        bw = min(rates) if rates else None
+        if bw:
+            conn.channel.limiter = P.RateLimiter(bw)
+        conn.send_json(P.WELCOME, 0, {
+            "protocol": P.PROTOCOL_VERSION, "identity": ident, "volume": vname,
+            "capabilities": [c for c in P.CAPABILITIES if c in caps], "compression": method,
+            "bandwidth": bw, "limits": limits, "take": grant.take, "release": grant.release,
+            "server": "coalesce-serve",
+        })
+        log.info("%s (identity %r) opened volume %s (compression %s, bandwidth %s)", conn.peer, ident, vname,
+                 method, bw)
+        return grant, vname, method
+
+    def _loop(self, conn: P.Connection, ident: str, grant: Grant, vname: str, method: str | None) -> None:
+        while True:
+            conn.channel.timeout = self.config.idle_timeout
+            kind, reqid, body = conn.recv()
+            conn.channel.timeout = self.config.timeout
+            if kind == P.PING:
+                conn.send(P.PONG, reqid, b"")
+                continue
+            if kind != P.REQUEST:
+                raise P.ProtocolError(f"{conn.peer} sent {P.KIND_NAMES[kind]} where REQUEST was expected")
+            req = P.decode_json(kind, body)
+            op = P.want_str(req, "op", limit=32)
+            args = req.get("args", {})
+            if not isinstance(args, dict):
+                raise P.ProtocolError("field 'args' must be an object")
+            if op == "bye":
+                conn.send_json(P.REPLY, reqid, {"result": True})
+                return
+            try:
+                if op == "diff":
+                    self._diff(conn, reqid, ident, grant, vname, method, args)
+                else:
+                    result = self._op(conn, ident, grant, vname, op, args)
+                    conn.send_json(P.REPLY, reqid, {"result": result})
+            except (P.ProtocolError, P.ConnectionLost):
+                raise
+            except P.Refused as exc:
+                conn.send_error(reqid, exc)
+            except CoalesceError as exc:
+                log.warning("request %s of %r on %s failed: %s", op, ident, vname, exc)
+                conn.send_error(reqid, exc, "backend")
+            except Exception as exc:
+                log.exception("request %s of %r on %s: internal error", op, ident, vname)
+                conn.send_error(reqid, exc, "internal")
+
+    # -- checks
+    def _pcpi(self, conn: P.Connection, ident: str, grant: Grant, args: dict, key: str, optional: bool = False):
+        name = P.want_str(args, key, optional=optional, pattern=P.NAME_RE)
+        if name is not None and not grant.may_use_pcpi(name):
+            raise self._refuse(ident, conn.peer, f"identity {ident!r} may not use PCPI {name!r}",
+                               f"allowed: co-<group>-src-NNNNNN for groups {list(grant.groups)}")
+        return name
+
+    def _qtree(self, conn: P.Connection, ident: str, grant: Grant, vname: str, args: dict) -> str:
+        q = P.want_str(args, "qtree", pattern=P.NAME_RE)
+        if q in (".", "..") or not grant.may_read_qtree(vname, q):
+            raise self._refuse(ident, conn.peer, f"identity {ident!r} may not read qtree {q!r} of volume {vname}",
+                               "the server config's [clients] table names the qtrees it may read")
+        return q
+
+    def _op(self, conn: P.Connection, ident: str, grant: Grant, vname: str, op: str, args: dict) -> Any:
+        vol = self._volume(vname)
+        if op == "snapshots":
+            return [n for n in vol.snapshot_list() if grant.may_use_pcpi(n)]
+        if op == "take":
+            if not grant.take:
+                raise self._refuse(ident, conn.peer, f"identity {ident!r} may not take PCPIs on {vname}",
+                                   "set take = true for it in the server config")
+            name = self._pcpi(conn, ident, grant, args, "name")
+            log.info("%r takes PCPI %s on %s", ident, name, vname)
+            return vol.snapshot_create(name)
+        if op == "release":
+            if not grant.release:
+                raise self._refuse(ident, conn.peer, f"identity {ident!r} may not release PCPIs on {vname}",
+                                   "set release = true for it in the server config")
+            name = self._pcpi(conn, ident, grant, args, "name")
+            log.info("%r releases PCPI %s on %s", ident, name, vname)
+            return vol.snapshot_delete(name)
+        if op == "qtrees":
+            snap = self._pcpi(conn, ident, grant, args, "snapshot", optional=True)
+            return [q for q in vol.qtree_list(snap) if grant.may_read_qtree(vname, q)]
+        if op == "fingerprint":
+            q = self._qtree(conn, ident, grant, vname, args)
+            snap = self._pcpi(conn, ident, grant, args, "snapshot", optional=True)
+            return vol.fingerprint(q, snap)
+        raise self._refuse(ident, conn.peer, f"unknown request {op!r}",
+                           "the service offers snapshots, take, release, qtrees, fingerprint, diff")
+
+    def _diff(self, conn: P.Connection, reqid: int, ident: str, grant: Grant, vname: str, method: str | None,
+              args: dict) -> None:
+        q = self._qtree(conn, ident, grant, vname, args)
+        base = self._pcpi(conn, ident, grant, args, "base", optional=True)
+        target = self._pcpi(conn, ident, grant, args, "target")
+        skip = P.want_int(args, "skip", lo=0, hi=2**62, optional=True) or 0
+        vol = self._volume(vname)
+        records = vol.diff(q, base, target)
+        counter = {"n": 0}
+        stream = codec.encode(_segment(records, q, base, target, skip, counter))
+        comp = P.Compressor(method)
+        buf = bytearray()
+        sent = 0
+        for chunk in _with_keepalive(stream, self.config.keepalive):
+            if chunk is None:  # the backend is slow: an empty DATA message tells the client we are alive
+                conn.send(P.DATA, reqid, b"")
+                continue
+            buf += chunk
+            while len(buf) >= P.DATA_CHUNK:
+                piece = bytes(buf[:P.DATA_CHUNK])
+                del buf[:P.DATA_CHUNK]
+                conn.send(P.DATA, reqid, comp.compress(piece))
+                sent += len(piece)
+        if buf:
+            conn.send(P.DATA, reqid, comp.compress(bytes(buf)))
+            sent += len(buf)
+        conn.send_json(P.END, reqid, {"records": counter["n"], "bytes": sent, "skipped": skip})
+        with self._lock:
+            self.stats["bytes_out"] += sent
+            self.stats["records_out"] += counter["n"]
+        log.info("%r: streamed %s %s..%s of %s (%d records from %d, %d bytes)", ident, q, base, target, vname,
+                 counter["n"], skip, sent)
+
+
+def _with_keepalive(chunks: Iterator[Any], interval: float) -> Iterator[Any]:
+    """Yield ``chunks`` as they come, and None whenever none came for ``interval`` seconds.
+
+    The producer runs in a thread (a slow backend diff must not look like a
+    dead server to the client); it stops when the consumer goes away."""
+    import queue
+
+    q: "queue.Queue[tuple[str, Any]]" = queue.Queue(maxsize=16)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for c in chunks:
+                item = ("chunk", bytes(c))
+                while not stop.is_set():
+                    try:
+                        q.put(item, timeout=0.5)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            final: tuple[str, Any] = ("end", None)
+        except BaseException as exc:  # handed to the consumer, which raises it
+            final = ("error", exc)
+        try:
+            while not stop.is_set():
+                try:
+                    q.put(final, timeout=0.5)
+                    break
+                except queue.Full:
+                    continue
+        finally:
+            close = getattr(chunks, "close", None)
+            if close is not None:
+                try:
+                    close()
+                except Exception:
+                    pass
+
+    t = threading.Thread(target=produce, name="coalesce-serve-diff", daemon=True)
+    t.start()
+    try:
+        while True:
+            try:
+                kind, value = q.get(timeout=interval)
+            except queue.Empty:
+                yield None
+                continue
+            if kind == "chunk":
+                yield value
+            elif kind == "end":
+                return
+            else:
+                raise value
+    finally:
+        stop.set()
+
+
+def _segment(records: Iterator[Any], qtree: str, base: str | None, target: str, skip: int,
+             counter: dict) -> Iterator[Any]:
+    """The stream from change record ``skip`` on: Begin, changes[skip:], End(count): a valid stream itself."""
+    it = iter(records)
+    first = next(it, None)
+    if type(first) is not Begin:
+        raise CoalesceError(f"the source backend's diff of {qtree} did not start with Begin")
+    yield Begin(qtree=first.qtree, base=base, target=target)
+    skipped = n = 0
+    for rec in it:
+        if type(rec) is End:
+            if skipped < skip:
+                raise P.RemoteError(f"cannot resume {qtree} {base}..{target} at record {skip}: the stream has only "
+                                    f"{skipped} change records", code="bad-request")
+            counter["n"] = n
+            yield End(records=n)
+            return
+        if skipped < skip:
+            skipped += 1
+            continue
+        n += 1
+        yield rec
+    raise CoalesceError(f"the source backend's diff of {qtree} ended without End")
+
+
+# --------------------------------------------------------------------------- listeners
+def serve_stdio(service: SourceService, identity: str, rfd: int = 0, wfd: int = 1) -> None:
+    """Serve one connection on file descriptors (ssh's forced command)."""
+    chan = P.FdChannel(rfd, wfd, peer=f"ssh:{os.environ.get('SSH_CLIENT', 'stdio').split(' ')[0]}",
+                       timeout=service.config.timeout)
+    service.serve_connection(P.Connection(chan), identity)
+
+
+def tls_server_context(cert: str, key: str, ca: str) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_3
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    try:
+        ctx.load_cert_chain(cert, key)
+        ctx.load_verify_locations(cafile=ca)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"cannot load the server certificate/key/CA ({cert}, {key}, {ca}): {exc}",
+                          hint="see docs/network.md for making them with openssl") from None
+    return ctx
+
+
+def identity_of(cert: dict | None) -> str | None:
+    """The client identity: the subject CN of its (verified) certificate."""
+    if not cert:
+        return None
+    for rdn in cert.get("subject", ()):
+        for key, value in rdn:
+            if key == "commonName":
+                return value
+    return None
+
+
+class TLSServer:
+    """``coalesce serve --listen``: mutual TLS 1.3, a thread per connection."""
+
+    def __init__(self, service: SourceService, host: str, port: int, ctx: ssl.SSLContext) -> None:
+        self.service = service
+        self.ctx = ctx
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.sock = socket.socket(family, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((host, port))
+        self.sock.listen(128)
+        self.sock.settimeout(0.5)  # so that stop() is noticed
+        self.address = self.sock.getsockname()[:2]
+        self._stop = threading.Event()
+        self._conns: set[socket.socket] = set()
+        self._threads: set[threading.Thread] = set()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def port(self) -> int:
+        return self.address[1]
+
+    def start(self) -> "TLSServer":
+        self._thread = threading.Thread(target=self.serve_forever, name="coalesce-serve-accept", daemon=True)
+        self._thread.start()
+        return self
+
+    def serve_forever(self) -> None:
+        log.info("listening on %s:%d (mutual TLS 1.3)", *self.address)
+        while not self._stop.is_set():
+            try:
+                raw, addr = self.sock.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                if self._stop.is_set():
+                    return
+                time.sleep(0.05)
+                continue
+            with self._lock:
+                if len(self._conns) >= self.service.config.max_connections:
+                    log.warning("refused %s:%s: %d connections already", addr[0], addr[1], len(self._conns))
+                    raw.close()
+                    continue
+                self._conns.add(raw)
+            t = threading.Thread(target=self._handle, args=(raw, addr), name=f"coalesce-serve-{addr[0]}:{addr[1]}",
+                                 daemon=True)
+            with self._lock:
+                self._threads.add(t)
+            t.start()
+
+    def _handle(self, raw: socket.socket, addr: Any) -> None:
+        peer = f"{addr[0]}:{addr[1]}"
+        cfg = self.service.config
+        try:
+            raw.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            _tcp_keepalive(raw, cfg.keepalive)
+            raw.settimeout(cfg.handshake_timeout)
+            try:
+                tls = self.ctx.wrap_socket(raw, server_side=True)
+            except (ssl.SSLError, OSError) as exc:
+                with self.service._lock:
+                    self.service.stats["refused"] += 1
+                log.warning("refused %s: TLS handshake failed: %s", peer, exc)
+                return
+            with self._lock:
+                self._conns.discard(raw)
+                self._conns.add(tls)
+            ident = identity_of(tls.getpeercert())
+            if not ident:
+                log.warning("refused %s: its certificate has no subject CN", peer)
+                tls.close()
+                return
+            self.service.serve_connection(P.Connection(P.SocketChannel(tls, peer, cfg.timeout)), ident)
+        except Exception:
+            log.exception("connection %s", peer)
+        finally:
+            with self._lock:
+                self._conns = {c for c in self._conns if c.fileno() != -1}
+                self._threads.discard(threading.current_thread())
+            try:
+                raw.close()
+            except OSError:
+                pass
+
+    def stop(self) -> None:
+        self._stop.set()
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+        with self._lock:
+            conns = list(self._conns)
+            threads = list(self._threads)
+        for c in conns:
+            try:
+                c.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            try:
+                c.close()
+            except OSError:
+                pass
+        for t in threads:
+            t.join(5)
+        if self._thread is not None:
+            self._thread.join(5)
+
+
+def _tcp_keepalive(sock: socket.socket, idle: float) -> None:
+    for opt, val in (("TCP_KEEPIDLE", max(1, int(idle))), ("TCP_KEEPINTVL", max(1, int(idle) // 3)),
+                     ("TCP_KEEPCNT", 3)):
+        if hasattr(socket, opt):
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, opt), val)
+            except OSError:
+                pass
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        host, port = text, str(DEFAULT_PORT)
+    host = host.strip("[]") or "0.0.0.0"
+    if not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"--listen {text!r}: not HOST:PORT")
+    return host, int(port)
+
+
+# --------------------------------------------------------------------------- CLI
+def add_serve_command(subparsers: Any) -> argparse.ArgumentParser:
+    """Add ``coalesce serve`` to the CLI's sub-parsers (coalesce_core.cli wires it)."""
+    p = subparsers.add_parser("serve", help="serve source volumes to destination agents (ssh or mutual TLS)",
+                              description="The source service (docs/network.md).")
+    _serve_arguments(p)
+    p.set_defaults(func=run_serve)
+    return p
+
+
+def _serve_arguments(p: argparse.ArgumentParser) -> None:
+    mode = p.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--stdio", action="store_true", help="one connection on stdin/stdout (ssh forced command)")
+    mode.add_argument("--listen", metavar="HOST:PORT", nargs="?", const="", help="mutual TLS 1.3 listener")
+    p.add_argument("--config", required=True, metavar="FILE", help="the server's TOML config")
+    p.add_argument("--identity", metavar="NAME",
+                   help="--stdio: the client identity (set it in the authorized_keys forced command)")
+    p.add_argument("--bandwidth", metavar="RATE", help='per-connection limit, e.g. "20MiB/s" (overrides the config)')
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    config = load_server_config(args.config)
+    handler: logging.Handler = logging.FileHandler(config.log) if config.log else logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s coalesce-serve[%(process)d] %(levelname)s %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(args.log_level)
+    try:
+        bw = P.parse_rate(args.bandwidth) if args.bandwidth else None
+    except ValueError as exc:
+        raise ConfigError(f"--bandwidth: {exc}") from None
+    service = SourceService(config, bandwidth=bw)
+    if args.stdio:
+        ident = args.identity or os.environ.get("COALESCE_IDENTITY")
+        if not ident:
+            raise ConfigError("--stdio needs --identity NAME (the forced command of the client's ssh key sets it)",
+                              hint="see docs/network.md, 'SSH'")
+        # Nothing but the protocol may reach stdout: move our stdout out of the way.
+        wfd = os.dup(1)
+        os.dup2(2, 1)
+        sys.stdout = sys.stderr
+        serve_stdio(service, ident, 0, wfd)
+        return 0
+    listen = args.listen or config.listen
+    if not listen:
+        raise ConfigError("--listen needs HOST:PORT (or `listen` in [server])")
+    if not (config.cert and config.key and config.ca):
+        raise ConfigError("--listen needs cert, key and ca in [server]", hint="mutual TLS needs all three")
+    host, port = parse_listen(listen)
+    server = TLSServer(service, host, port, tls_server_context(config.cert, config.key, config.ca))
+    print(f"coalesce serve: listening on {server.address[0]}:{server.port}", file=sys.stderr, flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="coalesce serve", description="The coalesce source service.")
+    _serve_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return run_serve(args)
+    except CoalesceError as exc:
+        print(f"coalesce serve: error: {exc.message}", file=sys.stderr)
+        if exc.hint:
+            print(f"hint: {exc.hint}", file=sys.stderr)
+        return exc.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

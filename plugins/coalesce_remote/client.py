@@ -1,0 +1,514 @@
+"""The client side: a volume handle that is a proxy to a source service.
+
+``RemoteVolume`` answers the source-volume primitives an agent needs
+(snapshot create/delete/list, qtree list, diff, fingerprint) by asking the
+source service (coalesce_core.serve) over ssh or mutual TLS.  Everything a
+destination writes stays local; the remote side is only read (and asked to
+take and release source PCPIs).
+
+Control requests share one connection (reopened transparently when it
+drops: every request is idempotent).  Each diff stream gets a connection of
+its own, so transfers run in parallel, and **resumes**: the client counts
+the change records it has delivered; when the connection drops it
+reconnects and asks for the same (qtree, base, target) from that record,
+and the server regenerates the deterministic stream and skips to it.  Only
+after ``retries`` failed attempts in a row does the iterator raise (the
+agent then takes the rollback path).
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import shlex
+import socket
+import ssl
+import subprocess
+import threading
+import time
+import tomllib
+import weakref
+from collections import deque
+from typing import Any, Iterator
+
+import attrs
+
+from coalesce_core import codec, protocol as P
+from coalesce_core.errors import BackendError, ConfigError, CorruptStream, HostilePath, StreamError
+from coalesce_core.records import Begin, End
+from coalesce_core.volume import VolumeURL
+
+_OPEN: "weakref.WeakSet[RemoteVolume]" = weakref.WeakSet()
+
+
+# --------------------------------------------------------------------------- settings
+@attrs.frozen
+class ClientSettings:
+    cert: str | None = None
+    key: str | None = None
+    ca: str | None = None
+    server_name: str | None = None
+    compression: str = "auto"       # auto | zlib | zstd | none
+    bandwidth: float | None = None  # bytes/s asked of the server (it applies the smaller of both limits)
+    retries: int = 3
+    retry_delay: float = 1.0
+    timeout: float = 30.0           # no data for this long: the peer or the link is dead
+    keepalive: float = 15.0
+    ssh: tuple[str, ...] = ("ssh",)
+    ssh_remote_command: str = "coalesce serve --stdio"
+
+
+def load_settings(env: dict[str, str] | None = None) -> ClientSettings:
+    """Client settings: the TOML file ``COALESCE_CLIENT_CONFIG`` (if set), then ``COALESCE_*`` variables."""
+    env = dict(os.environ if env is None else env)
+    kw: dict[str, Any] = {}
+    path = env.get("COALESCE_CLIENT_CONFIG")
+    if path:
+        try:
+            with open(path, "rb") as fh:
+                data = tomllib.load(fh)
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"cannot read the client config {path}: {exc}", hint="see docs/network.md") from None
+        unknown = set(data) - {"tls", "transfer", "ssh"}
+        if unknown:
+            raise ConfigError(f"{path}: unknown table(s) {sorted(unknown)}", hint="[tls], [transfer], [ssh]")
+        tls = data.get("tls", {})
+        for k in ("cert", "key", "ca", "server_name"):
+            if k in tls:
+                kw[k] = str(tls[k])
+        tr = data.get("transfer", {})
+        for k in ("compression", "bandwidth", "retries", "retry_delay", "timeout", "keepalive"):
+            if k in tr:
+                kw[k] = tr[k]
+        sh = data.get("ssh", {})
+        if "command" in sh:
+            kw["ssh"] = sh["command"]
+        if "remote_command" in sh:
+            kw["ssh_remote_command"] = str(sh["remote_command"])
+    for var, k in (("COALESCE_TLS_CERT", "cert"), ("COALESCE_TLS_KEY", "key"), ("COALESCE_TLS_CA", "ca"),
+                   ("COALESCE_TLS_SERVER_NAME", "server_name"), ("COALESCE_COMPRESSION", "compression"),
+                   ("COALESCE_BANDWIDTH", "bandwidth"), ("COALESCE_RETRIES", "retries"),
+                   ("COALESCE_RETRY_DELAY", "retry_delay"), ("COALESCE_TIMEOUT", "timeout"),
+                   ("COALESCE_SSH", "ssh"), ("COALESCE_SSH_REMOTE_COMMAND", "ssh_remote_command")):
+        if env.get(var):
+            kw[k] = env[var]
+    try:
+        if "ssh" in kw:
+            kw["ssh"] = tuple(shlex.split(kw["ssh"]) if isinstance(kw["ssh"], str) else map(str, kw["ssh"]))
+        if "bandwidth" in kw:
+            kw["bandwidth"] = P.parse_rate(kw["bandwidth"])
+        for k in ("retries",):
+            if k in kw:
+                kw[k] = int(kw[k])
+        for k in ("retry_delay", "timeout", "keepalive"):
+            if k in kw:
+                kw[k] = float(kw[k])
+    except ValueError as exc:
+        raise ConfigError(f"client settings: {exc}", hint="see docs/network.md, 'Client settings'") from None
+    comp = str(kw.get("compression", "auto")).lower()
+    if comp not in ("auto", "none", *P.COMPRESSIONS):
+        raise ConfigError(f"client settings: compression {comp!r} is not one of auto, none, "
+                          f"{', '.join(P.COMPRESSIONS)}")
+    kw["compression"] = comp
+    if kw.get("retries", 3) < 0 or kw.get("timeout", 30.0) <= 0:
+        raise ConfigError("client settings: retries must be >= 0 and timeout > 0")
+    return ClientSettings(**kw)
+
+
+# --------------------------------------------------------------------------- URLs
+@attrs.frozen
+class Target:
+    scheme: str
+    host: str
+    port: int | None
+    user: str | None
+    volume: str
+
+    @classmethod
+    def parse(cls, url: VolumeURL) -> "Target":
+        loc = url.location
+        authority, sep, volume = loc.partition("/")
+        if not sep or not volume or not authority:
+            want = ("ssh://[user@]host[:port]/<volume URL>" if url.scheme == "ssh"
+                    else "tls://host:port/<volume name>")
+            raise ConfigError(f"{url} is not a remote volume URL", hint=f"write {want}")
+        user = None
+        if "@" in authority:
+            user, authority = authority.rsplit("@", 1)
+        if authority.startswith("["):
+            host, _, rest = authority[1:].partition("]")
+            port_s = rest[1:] if rest.startswith(":") else ""
+        else:
+            host, _, port_s = authority.partition(":")
+        port = None
+        if port_s:
+            if not port_s.isdigit() or not 0 < int(port_s) < 65536:
+                raise ConfigError(f"{url}: port {port_s!r} is not a port number")
+            port = int(port_s)
+        if not host:
+            raise ConfigError(f"{url}: no host")
+        if url.scheme == "tls" and port is None:
+            from coalesce_core.serve import DEFAULT_PORT
+
+            port = DEFAULT_PORT
+        return cls(url.scheme, host, port, user, volume)
+
+
+# --------------------------------------------------------------------------- sessions
+class TLSRefused(BackendError):
+    """The TLS handshake failed (certificate refused, unknown CA, expired...); not retried."""
+
+
+class Session:
+    """One open connection after the handshake."""
+
+    def __init__(self, conn: P.Connection, welcome: dict[str, Any], proc: subprocess.Popen | None = None) -> None:
+        self.conn = conn
+        self.welcome = welcome
+        self.proc = proc
+        self._ids = 0
+        self.last_used = time.monotonic()
+
+    def next_id(self) -> int:
+        self._ids = (self._ids + 1) % (1 << 32) or 1
+        return self._ids
+
+    def call(self, op: str, args: dict[str, Any]) -> Any:
+        rid = self.next_id()
+        self.conn.send_json(P.REQUEST, rid, {"op": op, "args": args})
+        _, got, reply = self.conn.recv_json((P.REPLY, P.ERROR))
+        if got != rid:
+            raise P.ProtocolError(f"reply for request {got}, expected {rid}")
+        self.last_used = time.monotonic()
+        return reply.get("result")
+
+    def ping(self) -> None:
+        rid = self.next_id()
+        self.conn.send(P.PING, rid, b"")
+        kind, got, _ = self.conn.recv()
+        if kind != P.PONG or got != rid:
+            raise P.ProtocolError("the server did not answer PING with PONG")
+        self.last_used = time.monotonic()
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+class _Stderr:
+    """Keeps the last lines an ssh process wrote to stderr (for error messages)."""
+
+    def __init__(self, stream: Any) -> None:
+        self.lines: deque[str] = deque(maxlen=20)
+        self.t = threading.Thread(target=self._run, args=(stream,), daemon=True)
+        self.t.start()
+
+    def _run(self, stream: Any) -> None:
+        for line in iter(stream.readline, b""):
+            self.lines.append(line.decode("utf-8", "replace").rstrip())
+        stream.close()
+
+    def text(self) -> str:
+        return " | ".join(self.lines)
+
+
+class RemoteVolume:
+    """A source volume behind a source service (the ``ssh`` and ``tls`` backends' handle)."""
+
+    def __init__(self, url: VolumeURL, settings: ClientSettings | None = None) -> None:
+        self.url = str(url)
+        self.target = Target.parse(url)
+        self.settings = settings or load_settings()
+        self._ctl: Session | None = None
+        self._lock = threading.Lock()
+        self._sessions: set[Session] = set()
+        self._slock = threading.Lock()
+        self.stats = {"connections": 0, "resumes": 0, "bytes_in": 0, "records": 0}
+        self.welcome: dict[str, Any] = {}
+        _OPEN.add(self)
+
+    def __repr__(self) -> str:
+        return f"RemoteVolume({self.url})"
+
+    # -- connecting
+    def _connect(self) -> Session:
+        t = self.target
+        s = self.settings
+        if t.scheme == "tls":
+            chan, proc, stderr = self._tls_channel(), None, None
+        else:
+            chan, proc, stderr = self._ssh_channel()
+        conn = P.Connection(chan)
+        try:
+            conn.send_preamble()
+            conn.read_preamble()
+            caps = ["resume"] + ([c for c in P.COMPRESSIONS] if s.compression == "auto"
+                                 else [] if s.compression == "none" else [s.compression])
+            conn.send_json(P.HELLO, 0, {"protocol": P.PROTOCOL_VERSION, "volume": t.volume, "capabilities": caps,
+                                        "client": "coalesce", "bandwidth": s.bandwidth})
+            _, _, welcome = conn.recv_json((P.WELCOME, P.ERROR))
+            if welcome.get("protocol") != P.PROTOCOL_VERSION:
+                raise P.ProtocolError(f"the server answered with protocol {welcome.get('protocol')!r}")
+            comp = welcome.get("compression")
+            if comp is not None and comp not in caps:
+                raise P.ProtocolError(f"the server chose compression {comp!r}, which this client did not offer")
+        except P.ConnectionLost as exc:
+            conn.close()
+            extra = f" (ssh: {stderr.text()})" if stderr is not None and stderr.text() else ""
+            if isinstance(exc.__cause__, ssl.SSLError):
+                raise TLSRefused(f"{self.url}: the server refused the TLS connection: {exc.__cause__}",
+                                 hint="check the client certificate, its CA and its dates (docs/network.md)") from None
+            raise P.ConnectionLost(f"{self.url}: {exc.message}{extra}", hint=exc.hint) from None
+        except BaseException:
+            conn.close()
+            raise
+        sess = Session(conn, welcome, proc)
+        self.welcome = welcome
+        self.stats["connections"] += 1
+        with self._slock:
+            self._sessions.add(sess)
+        return sess
+
+    def _tls_channel(self) -> P.Channel:
+        t, s = self.target, self.settings
+        if not (s.cert and s.key and s.ca):
+            raise ConfigError(f"{self.url}: a tls:// source needs a client certificate, key and CA",
+                              hint="set COALESCE_TLS_CERT, COALESCE_TLS_KEY, COALESCE_TLS_CA or [tls] in the "
+                                   "client config (COALESCE_CLIENT_CONFIG); docs/network.md")
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+        ctx.maximum_version = ssl.TLSVersion.TLSv1_3
+        try:
+            ctx.load_cert_chain(s.cert, s.key)
+            ctx.load_verify_locations(cafile=s.ca)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"cannot load the client certificate/key/CA: {exc}", hint="docs/network.md") from None
+        peer = f"{t.host}:{t.port}"
+        try:
+            raw = socket.create_connection((t.host, t.port), timeout=s.timeout)
+        except OSError as exc:
+            raise P.ConnectionLost(f"{self.url}: cannot connect to {peer}: {exc}",
+                                   hint="is `coalesce serve --listen` running there, and the port open?") from None
+        try:
+            raw.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            from coalesce_core.serve import _tcp_keepalive
+
+            _tcp_keepalive(raw, s.keepalive)
+            tls = ctx.wrap_socket(raw, server_hostname=s.server_name or t.host)
+        except ssl.SSLCertVerificationError as exc:
+            raw.close()
+            raise TLSRefused(f"{self.url}: the server's certificate is not trusted: {exc.verify_message}",
+                             hint="COALESCE_TLS_CA must be the CA that signed the server's certificate, and the "
+                                  "certificate must name the host of the URL (or set COALESCE_TLS_SERVER_NAME)") from None
+        except ssl.SSLError as exc:
+            raw.close()
+            raise TLSRefused(f"{self.url}: TLS handshake failed: {exc}", hint="docs/network.md") from None
+        except OSError as exc:
+            raw.close()
+            raise P.ConnectionLost(f"{self.url}: TLS handshake with {peer} failed: {exc}") from None
+        return P.SocketChannel(tls, peer, s.timeout)
+
+    def _ssh_channel(self) -> tuple[P.Channel, subprocess.Popen, _Stderr]:
+        t, s = self.target, self.settings
+        cmd = list(s.ssh) + ["-o", "BatchMode=yes", "-o", f"ServerAliveInterval={max(1, int(s.keepalive))}",
+                             "-o", "ServerAliveCountMax=3", "-T"]
+        if t.port:
+            cmd += ["-p", str(t.port)]
+        if t.user:
+            cmd += ["-l", t.user]
+        cmd += [t.host, "--", s.ssh_remote_command]
+        try:
+            proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    start_new_session=True, bufsize=0)
+        except OSError as exc:
+            raise BackendError(f"{self.url}: cannot run {cmd[0]!r}: {exc}",
+                               hint="install an ssh client or set COALESCE_SSH") from None
+        err = _Stderr(proc.stderr)
+
+        def close() -> None:
+            for f in (proc.stdin, proc.stdout):
+                try:
+                    f.close()
+                except OSError:
+                    pass
+            try:
+                proc.wait(2)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+        chan = P.FdChannel(proc.stdout.fileno(), proc.stdin.fileno(), peer=f"ssh {t.host}", timeout=s.timeout,
+                           on_close=close)
+        return chan, proc, err
+
+    def _forget(self, sess: Session | None) -> None:
+        if sess is None:
+            return
+        with self._slock:
+            self._sessions.discard(sess)
+        try:
+            sess.close()
+        except Exception:
+            pass
+
+    def _backoff(self, attempt: int) -> None:
+        time.sleep(min(10.0, self.settings.retry_delay * (2 ** attempt)))
+
+    def connect(self) -> None:
+        """Open the control connection now (open_volume calls it so errors surface early)."""
+        self.call("snapshots")
+
+    def call(self, op: str, **args: Any) -> Any:
+        """One idempotent request on the control connection, reconnecting up to ``retries`` times."""
+        last: Exception | None = None
+        with self._lock:
+            for attempt in range(self.settings.retries + 1):
+                try:
+                    if self._ctl is None:
+                        self._ctl = self._connect()
+                    elif time.monotonic() - self._ctl.last_used > self.settings.keepalive:
+                        self._ctl.ping()
+                    return self._ctl.call(op, args)
+                except P.ConnectionLost as exc:
+                    last = exc
+                    self._forget(self._ctl)
+                    self._ctl = None
+                    if attempt < self.settings.retries:
+                        self._backoff(attempt)
+                except P.ProtocolError:
+                    self._forget(self._ctl)
+                    self._ctl = None
+                    raise
+        raise BackendError(f"{self.url}: {op} failed after {self.settings.retries + 1} attempts: {last}",
+                           hint=getattr(last, "hint", "") or "check the link and the source service")
+
+    # -- the primitives
+    def snapshot_list(self) -> list[str]:
+        return _names(self.call("snapshots"))
+
+    def snapshot_create(self, name: str) -> str:
+        got = self.call("take", name=name)
+        if got != name:
+            raise P.ProtocolError(f"the server answered take({name!r}) with {str(got)[:80]!r}")
+        return name
+
+    def snapshot_delete(self, name: str) -> bool:
+        return bool(self.call("release", name=name))
+
+    def qtree_list(self, snapshot: str | None) -> list[str]:
+        return _names(self.call("qtrees", snapshot=snapshot))
+
+    def fingerprint(self, qtree: str, snapshot: str | None) -> str:
+        got = self.call("fingerprint", qtree=qtree, snapshot=snapshot)
+        if not isinstance(got, str) or len(got) > 256:
+            raise P.ProtocolError("the server's fingerprint is not a short string")
+        return got
+
+    def diff(self, qtree: str, base: str | None, target: str) -> Iterator[Any]:
+        return self._diff(qtree, base, target)
+
+    def _diff(self, qtree: str, base: str | None, target: str) -> Iterator[Any]:
+        delivered = 0
+        failures = 0          # failed attempts in a row that delivered no new record
+        resumes = 0           # every resume of this transfer (bounded: a hostile server cannot loop us)
+        max_resumes = 4 * max(1, self.settings.retries)
+        begun = False
+        while True:
+            sess: Session | None = None
+            try:
+                sess = self._connect()
+                rid = sess.next_id()
+                sess.conn.send_json(P.REQUEST, rid, {"op": "diff", "args": {
+                    "qtree": qtree, "base": base, "target": target, "skip": delivered}})
+                chunks = self._chunks(sess, rid)
+                seg = 0
+                for rec in codec.decode(chunks):
+                    t = type(rec)
+                    if t is Begin:
+                        if (rec.base, rec.target) != (base, target):
+                            raise CorruptStream(f"the source sent the stream {rec.base}..{rec.target}, "
+                                                f"not the requested {base}..{target}")
+                        if not begun:
+                            begun = True
+                            yield rec
+                        continue
+                    if t is End:
+                        if rec.records != seg:
+                            raise CorruptStream("the End record does not count the records received")
+                        self._forget(sess)
+                        sess = None
+                        yield End(records=delivered)
+                        return
+                    seg += 1
+                    delivered += 1
+                    self.stats["records"] += 1
+                    failures = 0  # progress was made: the retry budget is per stall, not per transfer
+                    yield rec
+            except (P.ConnectionLost, StreamError) as exc:
+                if isinstance(exc, HostilePath):
+                    raise
+                self._forget(sess)
+                failures += 1
+                resumes += 1
+                if failures > self.settings.retries or resumes > max_resumes:
+                    raise BackendError(
+                        f"{self.url}: transfer of {qtree} {base}..{target} failed after {resumes} attempts "
+                        f"({delivered} records delivered): {exc}",
+                        hint="the update takes the rollback path and is retried next cycle") from exc
+                self.stats["resumes"] += 1
+                self._backoff(failures - 1)
+            finally:
+                if sess is not None:
+                    self._forget(sess)
+
+    def _chunks(self, sess: Session, rid: int) -> Iterator[bytes]:
+        dec = P.Decompressor(sess.welcome.get("compression"))
+        while True:
+            kind, got, body = sess.conn.recv()
+            if got != rid:
+                raise P.ProtocolError(f"a message for request {got} arrived during request {rid}")
+            if kind == P.DATA:
+                self.stats["bytes_in"] += len(body)
+                yield dec.decompress(body)
+            elif kind == P.END:
+                P.decode_json(kind, body)
+                return
+            elif kind == P.ERROR:
+                raise P.error_from(P.decode_json(kind, body))
+            else:
+                raise P.ProtocolError(f"{P.KIND_NAMES[kind]} arrived inside a change stream")
+
+    def close(self) -> None:
+        with self._lock:
+            if self._ctl is not None:
+                try:
+                    self._ctl.call("bye", {})
+                except Exception:
+                    pass
+            self._ctl = None
+        with self._slock:
+            sessions = list(self._sessions)
+            self._sessions.clear()
+        for s in sessions:
+            try:
+                s.close()
+            except Exception:
+                pass
+
+
+def _names(value: Any) -> list[str]:
+    if not isinstance(value, list) or len(value) > P.MAX_LIST or not all(
+            isinstance(v, str) and 0 < len(v) <= P.MAX_NAME for v in value):
+        raise P.ProtocolError("the server's answer is not a list of names")
+    return list(value)
+
+
+def close_all() -> None:
+    """Close every open remote volume of this process (tests, atexit)."""
+    for v in list(_OPEN):
+        try:
+            v.close()
+        except Exception:
+            pass
+
+
+atexit.register(close_all)

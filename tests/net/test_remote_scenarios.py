@@ -1,0 +1,90 @@
+"""The core's scenario and crash tests with the source behind TLS and behind SSH.
+
+The test functions of tests/core/test_scenarios.py and test_crash_recovery.py
+run unchanged; only their Harness is swapped for one whose agent reaches the
+source through a source service (a thread of this process for TLS, a real
+sshd running `coalesce serve --stdio` as a forced command for SSH), and
+their group configs point the source at the remote URL.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from coalesce_core.crashpoints import CRASH_POINTS
+from coalesce_core.testing.workload import fill
+
+from net.netkit import RemoteHarness
+
+CORE = Path(__file__).resolve().parents[1] / "core"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"_net_reuse_{name}", CORE / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+S = _load("test_scenarios")
+C = _load("test_crash_recovery")
+
+
+@pytest.fixture
+def remote_harness(remote_config, monkeypatch):
+    monkeypatch.setattr(S, "Harness", RemoteHarness)
+    monkeypatch.setattr(C, "Harness", RemoteHarness)
+
+    def make(**kw):
+        h = RemoteHarness(remote_config(**kw))
+        fill(h.writer, [r.source for r in h.config.replicas])
+        return h
+
+    return make
+
+
+HARNESS_SCENARIOS = [
+    "test_first_cycle_baselines_every_replica_and_exports_one_base",
+    "test_failed_update_rolls_back_with_one_rollback_pcpi",
+    "test_all_failed_updates_share_one_rollback_pcpi",
+    "test_failed_rollback_leaves_the_cycle_retries_and_rejoins",
+    "test_new_replica_baseline_joins_at_the_next_jump_ahead",
+    "test_failed_baseline_removes_partial_data_and_retries_next_cycle",
+    "test_break_and_resync",
+    "test_illegal_requests_are_clear_errors",
+]
+
+
+@pytest.mark.parametrize("name", HARNESS_SCENARIOS)
+def test_scenario(name, remote_harness):
+    getattr(S, name)(remote_harness)
+
+
+def test_fig7(remote_config, remote_harness):
+    S.test_fig7_readers_see_old_images_until_the_slowest_completes(remote_config)
+
+
+def test_many_replicas(remote_config, remote_harness):
+    S.test_many_replicas_never_more_than_four_cycle_pcpis(remote_config, 24)
+
+
+CYCLE_POINTS = C.CYCLE_POINTS
+
+
+@pytest.mark.parametrize("nth", [1, 2])
+@pytest.mark.parametrize("point", CYCLE_POINTS)
+def test_crash_in_a_cycle_then_restart(point, nth, remote_config, remote_harness):
+    C.test_crash_in_a_cycle_then_restart(remote_config, point, nth)
+
+
+@pytest.mark.parametrize("name", ["test_crash_mid_baseline", "test_crash_mid_retry", "test_crash_during_resync",
+                                  "test_unknown_pcpis_are_reconciled_on_restart"])
+def test_crash_other(name, remote_config, remote_harness):
+    getattr(C, name)(remote_config)
+
+
+def test_every_crash_point_is_covered():
+    assert set(CYCLE_POINTS) | {"mid_baseline", "mid_retry"} == set(CRASH_POINTS)

@@ -1,0 +1,174 @@
+"""Mutual TLS 1.3 and per-client authorization of the source service.
+
+No certificate, a certificate from another CA, an expired one, an identity
+the server does not know, a client that only speaks TLS 1.2, and a valid
+identity asking for a qtree, a PCPI or an operation it is not allowed: all
+refused with a clear error, logged on the server, and nothing read.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import ssl
+
+import pytest
+
+import coalesce_mem
+from coalesce_core.errors import BackendError
+from coalesce_core.plugins import Volume, plugin_manager
+from coalesce_core.protocol import Refused
+from coalesce_remote.client import TLSRefused
+
+from net.netkit import client_env, remote_plugins
+
+
+@pytest.fixture
+def served(tls_service):
+    local = "mem://tlssec-src"
+    coalesce_mem.forget(local)
+    vol = coalesce_mem.volume_for(local)
+    vol.write_file("A/a.txt", b"alpha")
+    vol.write_file("B/secret.txt", b"bravo secret")
+    vol.snapshot_create("co-g-src-000001")
+    vol.snapshot_create("private-snapshot")
+    url = tls_service.expose(local, name="src")
+    yield tls_service, url
+    coalesce_mem.forget(local)
+
+
+def _pm():
+    return plugin_manager(remote_plugins())
+
+
+def _refusals(caplog):
+    return [r.getMessage() for r in caplog.records if r.name == "coalesce.serve" and r.levelno >= logging.WARNING]
+
+
+def test_valid_client_reads(served):
+    svc, url = served
+    v = Volume.open(_pm(), url)
+    assert v.snapshot_list() == ["co-g-src-000001"]  # only names of the groups it may use
+    assert sorted(v.qtree_list(None)) == ["A", "B"]
+    assert [type(r).__name__ for r in v.diff("A", None, "co-g-src-000001")][0] == "Begin"
+    assert v.handle.welcome["identity"] == "backup1"
+    v.close()
+
+
+def test_no_client_certificate_is_refused(served, caplog):
+    svc, _url = served
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.load_verify_locations(svc.certs.ca)
+    with caplog.at_level(logging.INFO, logger="coalesce.serve"):
+        raw = socket.create_connection(("127.0.0.1", svc.port), timeout=5)
+        with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
+            tls = ctx.wrap_socket(raw, server_hostname="127.0.0.1")
+            tls.sendall(b"COALPROT\x01")
+            assert tls.recv(100) == b""  # the server closed without a word of the protocol
+            raise ConnectionError("closed")
+        _wait(lambda: any("TLS handshake failed" in m for m in _refusals(caplog)))
+    assert svc.recorder.calls == []
+
+
+@pytest.mark.parametrize("which", ["other_ca", "expired"])
+def test_bad_client_certificates_are_refused(served, which, monkeypatch, caplog):
+    svc, url = served
+    client_env(monkeypatch, svc.certs, which, COALESCE_RETRIES="0")
+    with caplog.at_level(logging.INFO, logger="coalesce.serve"):
+        with pytest.raises(TLSRefused, match="refused the TLS connection"):
+            Volume.open(_pm(), url)
+        _wait(lambda: any("TLS handshake failed" in m for m in _refusals(caplog)))
+    text = " ".join(_refusals(caplog))
+    assert ("unknown ca" in text.lower() or "certificate verify failed" in text.lower()) if which == "other_ca" \
+        else "expired" in text.lower()
+    assert svc.recorder.calls == []
+
+
+def test_server_certificate_from_another_ca_is_refused_by_the_client(served, monkeypatch, tmp_path):
+    svc, url = served
+    from net.netkit import CA
+
+    rogue = CA(tmp_path, "client-trusts-this-ca-only")
+    monkeypatch.setenv("COALESCE_TLS_CA", rogue.path)
+    with pytest.raises(TLSRefused, match="not trusted"):
+        Volume.open(_pm(), url)
+
+
+def test_tls12_only_client_is_refused(served):
+    svc, _url = served
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_verify_locations(svc.certs.ca)
+    ctx.load_cert_chain(*svc.certs.client)
+    raw = socket.create_connection(("127.0.0.1", svc.port), timeout=5)
+    with pytest.raises(ssl.SSLError):
+        ctx.wrap_socket(raw, server_hostname="127.0.0.1")
+    raw.close()
+
+
+def test_unknown_identity_is_refused(served, monkeypatch, caplog):
+    svc, url = served
+    client_env(monkeypatch, svc.certs, "stranger")
+    with caplog.at_level(logging.INFO, logger="coalesce.serve"):
+        with pytest.raises(Refused, match="'stranger' is not configured"):
+            Volume.open(_pm(), url)
+    assert any("refused stranger" in m for m in _refusals(caplog))
+    assert svc.recorder.calls == []
+
+
+def test_volume_not_granted_is_refused(served, monkeypatch):
+    svc, _url = served
+    with pytest.raises(Refused, match="may not read volume"):
+        Volume.open(_pm(), f"tls://127.0.0.1:{svc.port}/no-such-volume")
+
+
+def test_reader_may_only_read_its_qtree(served, monkeypatch, caplog):
+    svc, url = served
+    client_env(monkeypatch, svc.certs, "reader")
+    v = Volume.open(_pm(), url)
+    with caplog.at_level(logging.INFO, logger="coalesce.serve"):
+        assert v.qtree_list(None) == ["A"]
+        assert list(v.diff("A", None, "co-g-src-000001"))
+        n_calls = len(svc.recorder.calls)
+        with pytest.raises(Refused, match="may not read qtree 'B'"):
+            list(v.diff("B", None, "co-g-src-000001"))
+        with pytest.raises(Refused, match="may not read qtree 'B'"):
+            v.fingerprint("B", None)
+        with pytest.raises(Refused, match="may not take"):
+            v.snapshot_create("co-g-src-000002")
+        with pytest.raises(Refused, match="may not release"):
+            v.snapshot_delete("co-g-src-000001")
+        with pytest.raises(Refused, match="may not use PCPI 'private-snapshot'"):
+            list(v.diff("A", None, "private-snapshot"))
+        for hostile in ("..", "A/../B", "/etc"):
+            with pytest.raises((Refused, BackendError, Exception)):
+                list(v.diff(hostile, None, "co-g-src-000001"))
+        # the connection survives refusals
+        assert v.qtree_list(None) == ["A"]
+    assert svc.recorder.calls[n_calls:] == []  # nothing was read or taken for the refused requests
+    logged = _refusals(caplog)
+    assert sum("refused reader" in m for m in logged) >= 5
+    assert "co-g-src-000002" not in coalesce_mem.volume_for("mem://tlssec-src").snapshot_list()
+    v.close()
+
+
+def test_take_and_release_limited_to_group_names(served):
+    svc, url = served
+    v = Volume.open(_pm(), url)
+    assert v.snapshot_create("co-g-src-000007") == "co-g-src-000007"
+    assert v.snapshot_delete("co-g-src-000007") is True
+    with pytest.raises(Refused, match="may not use PCPI"):
+        v.snapshot_create("anything-else")
+    with pytest.raises(Refused, match="may not use PCPI"):
+        v.snapshot_delete("private-snapshot")
+    assert "private-snapshot" in coalesce_mem.volume_for("mem://tlssec-src").snapshot_list()
+    v.close()
+
+
+def _wait(cond, limit: float = 5.0) -> None:
+    import time
+
+    deadline = time.monotonic() + limit
+    while not cond():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.02)
