@@ -1,0 +1,47 @@
+"""`python tools/bench [--quick] [NAME ...]`: run the benchmarks, print markdown.
+
+NAME is one of scale, sim, realfs (default: all).  Results go to
+docs/benchmarks.md by hand, with the command printed above each table.
+`--quick` runs every benchmark at toy sizes: the smoke test CI runs
+(tests/tools/test_bench_smoke.py) to prove the scripts still work.  Nothing
+here is a timed assertion.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+BENCHES = {
+    "scale": "bench_scale.py",   # PCPIs and cycle cost vs number of replicas (mem, sim)
+    "sim": "bench_sim.py",       # PCPI create/delete, diff cost, apply, rollback on sim
+    "realfs": "bench_realfs.py",  # btrfs (root): one update vs btrfs send | receive
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="tools/bench", description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="toy sizes (CI smoke test)")
+    ap.add_argument("names", nargs="*", metavar="NAME", help=f"one of {', '.join(BENCHES)} (default: all)")
+    args = ap.parse_args(argv)
+    names = args.names or list(BENCHES)
+    unknown = [n for n in names if n not in BENCHES]
+    if unknown:
+        ap.error(f"unknown benchmark(s) {unknown}; choose from {list(BENCHES)}")
+    if "realfs" in names and os.geteuid() != 0:
+        print("tools/bench: skipping realfs (needs root for a loop btrfs)", file=sys.stderr)
+        names.remove("realfs")
+    rc = 0
+    for name in names:
+        cmd = [sys.executable, str(HERE / BENCHES[name])] + (["--quick"] if args.quick else [])
+        print(f"\n### {name}: {' '.join(cmd[1:])}\n", flush=True)
+        rc |= subprocess.run(cmd).returncode
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())
