@@ -87,11 +87,59 @@ def _depth(p: str) -> int:
     return p.count("/")
 
 
+class _PathDict(dict):
+    """A dict keyed by paths that lists a path's subtree without scanning every key.
+
+    ``under[p]`` holds every key strictly below ``p`` (ancestors need not be
+    keys themselves).  A send stream renames each new file into place, so a
+    full scan per RENAME made a stream of N new files cost O(N^2)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.under: dict[str, set[str]] = {}
+
+    def __setitem__(self, key: str, value: Node) -> None:
+        if key not in self:
+            p = key
+            while "/" in p:
+                p = p.rpartition("/")[0]
+                self.under.setdefault(p, set()).add(key)
+        super().__setitem__(key, value)
+
+    def __delitem__(self, key: str) -> None:
+        super().__delitem__(key)
+        p = key
+        while "/" in p:
+            p = p.rpartition("/")[0]
+            below = self.under.get(p)
+            if below is not None:
+                below.discard(key)
+                if not below:
+                    del self.under[p]
+
+    def pop(self, key: str, *default: Node) -> Node:  # type: ignore[override]
+        if key in self:
+            value = dict.__getitem__(self, key)
+            del self[key]
+            return value
+        if default:
+            return default[0]
+        raise KeyError(key)
+
+    def subtree(self, path: str) -> list[str]:
+        """``path`` (if it is a key) and every key below it, parents first."""
+        keys = list(self.under.get(path, ()))
+        if path in self:
+            keys.append(path)
+        keys.sort(key=lambda k: (_depth(k), k))
+        return keys
+
+
 class StreamState:
     """The namespace replay of one send stream (shared by every qtree of the volume)."""
 
     def __init__(self, commands: Iterable[Command]) -> None:
-        self.cur: dict[str, Node] = {}
+        self.cur: _PathDict = _PathDict()
         self.nodes: list[Node] = []
         self.by_base: dict[str, Node] = {}
         self.commands = 0
@@ -129,8 +177,7 @@ class StreamState:
         return n
 
     def _subtree_keys(self, path: str) -> list[str]:
-        pre = path + "/"
-        return [k for k in self.cur if k == path or k.startswith(pre)]
+        return self.cur.subtree(path)
 
     def _one(self, c: Command) -> None:
         name = c.name
