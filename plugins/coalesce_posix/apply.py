@@ -187,15 +187,8 @@ class Applier:
         if self.purgatory is not None:
             pname = f"{time.time_ns():x}.{next(self._seq)}.{name[:200]}"
             os.rename(name, pname, src_dir_fd=dfd, dst_dir_fd=self._purgatory_fd())
-        elif stat.S_ISDIR(st.st_mode):
-            fd = os.open(name, O_DIR, dir_fd=dfd)
-            try:
-                _rmtree_fd(fd)
-            finally:
-                os.close(fd)
-            os.rmdir(name, dir_fd=dfd)
         else:
-            os.unlink(name, dir_fd=dfd)
+            _remove_entry(dfd, name, st)
         self._forget()
 
     # -- records --------------------------------------------------------------
@@ -439,16 +432,20 @@ class Applier:
 def _rmtree_fd(dfd: int) -> None:
     """Remove everything inside the open directory ``dfd`` without following symlinks."""
     for name in os.listdir(dfd):
-        st = os.lstat(name, dir_fd=dfd)
-        if stat.S_ISDIR(st.st_mode):
-            cfd = os.open(name, O_DIR, dir_fd=dfd)
-            try:
-                _rmtree_fd(cfd)
-            finally:
-                os.close(cfd)
-            os.rmdir(name, dir_fd=dfd)
-        else:
-            os.unlink(name, dir_fd=dfd)
+        _remove_entry(dfd, name, os.lstat(name, dir_fd=dfd))
+
+
+def _remove_entry(dfd: int, name: str, st: os.stat_result) -> None:
+    """Remove entry ``name`` of the open directory ``dfd`` (a whole subtree for a directory)."""
+    if stat.S_ISDIR(st.st_mode):
+        cfd = os.open(name, O_DIR, dir_fd=dfd)
+        try:
+            _rmtree_fd(cfd)
+        finally:
+            os.close(cfd)
+        os.rmdir(name, dir_fd=dfd)
+    else:
+        os.unlink(name, dir_fd=dfd)
 
 
 def rmtree(path: str) -> bool:
