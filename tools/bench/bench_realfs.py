@@ -100,6 +100,19 @@ def cpu() -> float:
 # ---------------------------------------------------------------------------
 # our own loop file system
 # ---------------------------------------------------------------------------
+
+def pipeline(send_argv: list[str], recv_argv: list[str], what: str, env: dict[str, str] | None = None) -> None:
+    """Run ``send | receive`` (no shell); raise with both stderrs if either side fails."""
+    send = subprocess.Popen(send_argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    recv = subprocess.Popen(recv_argv, stdin=send.stdout, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    assert send.stdout is not None
+    send.stdout.close()
+    _, rerr = recv.communicate()
+    serr = send.stderr.read() if send.stderr else b""
+    send.wait()
+    if send.returncode or recv.returncode:
+        raise RuntimeError(f"{what} failed: send {send.returncode} {serr!r}, receive {recv.returncode} {rerr!r}")
+
 class LoopFS:
     def __init__(self, size: int) -> None:
         base = os.environ.get("COALESCE_BENCH_DIR", "/var/tmp")
@@ -264,17 +277,7 @@ class Native:
         run(["btrfs", "subvolume", "snapshot", "-r", self.src, new])
         t1 = time.perf_counter()
         argv = ["btrfs", "send", "-q"] + (["-p", os.path.join(self.snaps, self.prev)] if self.prev else []) + [new]
-        send = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        recv = subprocess.Popen(["btrfs", "receive", "-q", self.dst], stdin=send.stdout,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        assert send.stdout is not None
-        send.stdout.close()
-        _, rerr = recv.communicate()
-        serr = send.stderr.read() if send.stderr else b""
-        send.wait()
-        if send.returncode or recv.returncode:
-            raise RuntimeError(f"native pipeline failed: send {send.returncode} {serr!r}, "
-                               f"receive {recv.returncode} {rerr!r}")
+        pipeline(argv, ["btrfs", "receive", "-q", self.dst], "native pipeline")
         t2 = time.perf_counter()
         run(["btrfs", "filesystem", "sync", self.dst])
         t3 = time.perf_counter()
@@ -418,17 +421,7 @@ class NativeZfs:
         t1 = time.perf_counter()
         argv = ["zfs", "send"] + (["-i", f"{self.src_ds}@{self.prev}"] if self.prev else []) + [f"{self.src_ds}@{name}"]
         env = dict(os.environ, PATH=os.environ.get("PATH", "") + ":" + SBIN_PATH)
-        send = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
-        recv = subprocess.Popen(["zfs", "receive", "-F", self.dst_ds], stdin=send.stdout,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
-        assert send.stdout is not None
-        send.stdout.close()
-        _, rerr = recv.communicate()
-        serr = send.stderr.read() if send.stderr else b""
-        send.wait()
-        if send.returncode or recv.returncode:
-            raise RuntimeError(f"native zfs pipeline failed: send {send.returncode} {serr!r}, "
-                               f"receive {recv.returncode} {rerr!r}")
+        pipeline(argv, ["zfs", "receive", "-F", self.dst_ds], "native zfs pipeline", env=env)
         t2 = time.perf_counter()
         # untimed: the FUSE mount of the received dataset keeps stale cached pages after a
         # receive; remount it so that the check below reads what was received
