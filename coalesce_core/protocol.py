@@ -303,7 +303,7 @@ class Compressor:
         if method == "zlib":
             self._c = zlib.compressobj(3)
         elif method == "zstd":
-            self._c = _zstd.ZstdCompressor(level=3).compressobj()
+            self._c = _zstd.ZstdCompressor(level=3, write_content_size=True)
         else:
             self._c = None
 
@@ -312,7 +312,8 @@ class Compressor:
             return data
         if self.method == "zlib":
             return self._c.compress(data) + self._c.flush(zlib.Z_SYNC_FLUSH)
-        return self._c.compress(data) + self._c.flush(_zstd.COMPRESSOBJ_FLUSH_BLOCK)
+        # one zstd frame per message, with its size in the header, so the reader can bound it before it inflates
+        return self._c.compress(data)
 
 
 class Decompressor:
@@ -321,12 +322,12 @@ class Decompressor:
         if method == "zlib":
             self._d = zlib.decompressobj()
         elif method == "zstd":
-            self._d = _zstd.ZstdDecompressor().decompressobj()
+            self._d = _zstd.ZstdDecompressor()
         else:
             self._d = None
 
     def decompress(self, data: bytes) -> bytes:
-        if self._d is None:
+        if self._d is None or not data:  # an empty DATA message is a keep-alive
             return data
         try:
             if self.method == "zlib":
@@ -335,7 +336,17 @@ class Decompressor:
                     raise ProtocolError(f"a DATA message decompresses to more than {MAX_DATA_PLAIN} bytes",
                                         hint="the peer is broken or hostile (a decompression bomb)")
                 return out
-            out = self._d.decompress(data)
+            try:
+                size = _zstd.frame_content_size(data)
+            except _zstd.ZstdError:
+                size = -1
+            if size < 0:
+                raise ProtocolError("a DATA message is not one zstd frame that states its size",
+                                    hint="the peer is broken or hostile")
+            if size > MAX_DATA_PLAIN:
+                raise ProtocolError(f"a DATA message decompresses to more than {MAX_DATA_PLAIN} bytes",
+                                    hint="the peer is broken or hostile (a decompression bomb)")
+            out = self._d.decompress(data, max_output_size=MAX_DATA_PLAIN)
         except zlib.error as exc:
             raise ProtocolError(f"a DATA message does not decompress: {exc}", hint="the peer is broken or hostile") from None
         except ProtocolError:

@@ -257,6 +257,27 @@ def test_decompression_bomb_is_refused():
         d.decompress(bomb)
 
 
+def test_zstd_frames_round_trip_and_bombs_are_refused_from_the_header():
+    import zstandard
+
+    c, d = P.Compressor("zstd"), P.Decompressor("zstd")
+    for chunk in (b"", b"x" * 100_000, bytes(range(256)) * 1000):
+        assert d.decompress(c.compress(chunk)) == chunk
+    bomb = zstandard.ZstdCompressor(write_content_size=True).compress(b"\0" * (P.MAX_DATA_PLAIN * 4))
+    with pytest.raises(P.ProtocolError, match="decompresses to more than"):
+        d.decompress(bomb)
+    # a frame that hides its size (streaming) could inflate without bound: refused unread
+    hidden = zstandard.ZstdCompressor(write_content_size=False).compressobj()
+    sizeless = hidden.compress(b"\0" * 1000) + hidden.flush()
+    with pytest.raises(P.ProtocolError, match="states its size"):
+        d.decompress(sizeless)
+    with pytest.raises(P.ProtocolError, match="states its size"):
+        d.decompress(b"not zstd at all")
+    good = c.compress(b"y" * 5000)
+    with pytest.raises(P.ProtocolError):
+        d.decompress(good[:-3])  # truncated frame
+
+
 def test_server_config_errors_name_the_key(tmp_path):
     from coalesce_core.errors import ConfigError
 

@@ -125,15 +125,18 @@ def test_compression_is_negotiated_and_shrinks_compressible_data(tls_service, mo
     tls_service.expose(local, name="src-comp")
     url = f"tls://127.0.0.1:{tls_service.port}/src-comp"
     out = {}
-    for mode in ("none", "auto"):
+    for mode in ("none", "auto", "zstd", "zlib"):
         monkeypatch.setenv("COALESCE_COMPRESSION", mode)
         v = Volume.open(plugin_manager(remote_plugins()), url)
         recs = list(v.diff("A", None, SNAP))
         out[mode] = (v.handle.welcome["compression"], v.handle.stats["bytes_in"], recs)
         v.close()
-    assert out["none"][0] is None and out["auto"][0] in ("zlib", "zstd")
-    assert out["none"][2] == out["auto"][2]
-    assert out["auto"][1] * 5 < out["none"][1]
+    assert out["none"][0] is None
+    assert out["auto"][0] == "zstd"  # zstd is preferred when both sides have it (a pinned dependency)
+    assert (out["zstd"][0], out["zlib"][0]) == ("zstd", "zlib")
+    for mode in ("auto", "zstd", "zlib"):
+        assert out[mode][2] == out["none"][2], mode
+        assert out[mode][1] * 5 < out["none"][1], mode
 
 
 def test_bandwidth_limit(tls_service, monkeypatch):
