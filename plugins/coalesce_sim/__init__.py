@@ -171,13 +171,32 @@ def coalesce_diff(volume: Any, qtree: str, base: str | None, target: str):
 
 
 def _mutate(fs: SimFS, fn, *args):
+    """Run one primitive on the overlay, then return only once its changes are on disk (also
+    when it fails part-way: the partial state stays, as the hookspec asks).
+
+    Group commit: the CP is shared with the primitives that other threads run meanwhile
+    (:meth:`SimFS.wait_durable`), so N concurrent applies cost fewer than N CPs; each still
+    returns only after a CP covering its changes is complete."""
     with fs.lock:
         fs.check()
+        failures = fs.cp_failures
         try:
-            return fn(fs, *args)
-        finally:
-            if fs.broken is None:
-                fs.commit()
+            result = fn(fs, *args)
+        except BaseException as exc:
+            err: BaseException | None = exc
+        else:
+            err = None
+        need = fs.durable_target()
+    try:
+        if fs.broken is None:
+            fs.wait_durable(need, failures)
+    except BaseException as exc:
+        if err is not None:
+            raise exc from err
+        raise
+    if err is not None:
+        raise err
+    return result
 
 
 @hookimpl

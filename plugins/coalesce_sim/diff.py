@@ -3,8 +3,11 @@
 The diff walks the two inode files in parallel and skips every subtree whose
 block pointer is equal on both sides (:func:`.ops.changed_inodes`); the inodes
 that differ and carry the qtree's id (a field test, no path walk) are the
-change.  For those it compares directory entries and file buffer trees (again
-skipping equal pointers), so the cost follows the change, not the qtree.
+change.  The walk is done once per pair of images and indexed by qtree id
+(:func:`.ops.change_index`), so the diffs of many qtrees between the same two
+PCPIs cost their own change each, not the whole volume's.  For those it
+compares directory entries and file buffer trees (again skipping equal
+pointers), so the cost follows the change, not the qtree.
 
 Records come out in the order contract of coalesce_core.records:
 
@@ -30,7 +33,7 @@ from coalesce_core import fingerprint as FP
 from coalesce_core import records as R
 
 from .fs import BS, DIR, LNK, REG, ZERO, Inode, SimFS, View, nblocks
-from .ops import changed_inodes, pair_walk
+from .ops import changed_inodes_of, pair_walk
 
 CHUNK_BLOCKS = R.MAX_DATA // BS
 
@@ -231,7 +234,7 @@ class Differ:
         removed: list[tuple[str, int]] = []
         added: list[tuple[str, int]] = []
         modified: list[tuple[int, str, Inode, Inode]] = []
-        for ino, rb, rt in changed_inodes(self.fs, B.root, T.root):
+        for ino, rb, rt in changed_inodes_of(self.fs, B.root, T.root, q):
             rb = rb if rb is not None and rb.qtree == q else None
             rt = rt if rt is not None and rt.qtree == q else None
             pb = nsB.path(ino) if rb is not None else None

@@ -58,6 +58,9 @@ FREE, REG, DIR, LNK, ROOTK, METAK = 0, 1, 2, 3, 4, 5
 KIND_NAMES = {REG: "file", DIR: "dir", LNK: "symlink"}
 
 _INODE = struct.Struct("<4B8I2Q2q2Q")
+QTREE_OFF = 24                   # offset of the qtree id in a packed inode (after 4 B and 5 I fields)
+_QID = struct.Struct("<I")
+_TREES = struct.Struct("<BBB65xQQ")  # kind, height, xheight, ..., top, xtop of a packed inode (no full decode)
 _SB = struct.Struct("<8sIIIQQQ")
 _PTRS = struct.Struct(f"<{PPB}Q")
 
@@ -225,9 +228,16 @@ class SimFS:
         self.lock = threading.RLock()
         self.broken: BaseException | None = None
         self.closed = False
-        self.stats = {"block_reads": 0, "cache_misses": 0}
+        self.stats = {"block_reads": 0, "cache_misses": 0, "change_index_builds": 0, "change_index_hits": 0,
+                      "cps": 0}
         self.cache: dict[int, bytes] = {}
         self.dircache: dict[int, tuple] = {}   # dir top vbn -> ((height, size), entries)
+        self.cp_cond = threading.Condition(self.lock)
+        self.cp_failures = 0            # CPs that failed (volume remounted): wait_durable's callers lost changes
+        self.cp_error = ""
+        self.idx_lock = threading.Lock()
+        self.change_idx: dict[tuple, dict] = {}        # (root a, root b) -> ops.change_index
+        self.idx_tops: dict[int, set[tuple]] = {}      # top vbn -> keys of change_idx naming it
         self._mount()
 
     def __repr__(self) -> str:
@@ -298,8 +308,13 @@ class SimFS:
 
     def _mount(self) -> None:
         self.cp, self.hwm, self.max_stripes, self.root, self.meta_rec = self._read_superblock()
+        self.cp_built = self.cp        # CPs built (== self.cp, the CPs on disk, unless one is flushing)
+        self.flushing = False
         self.cache.clear()
         self.dircache.clear()
+        with self.idx_lock:
+            self.change_idx.clear()
+            self.idx_tops.clear()
         self.meta = json.loads(self.read_tree(self.meta_rec.top, self.meta_rec.height, self.meta_rec.size) or b"{}")
         self.meta.setdefault("pcpis", [])
         self.meta.setdefault("exports", {})
@@ -363,13 +378,13 @@ class SimFS:
                     yield c, k, lv - 1
         elif k == "i":
             blk = self.read(p)
-            for s in range(IPB):
-                rec = Inode.unpack(blk, s * ISZ)
-                if rec.kind:
-                    if rec.top:
-                        yield rec.top, "f", rec.height - 1
-                    if rec.xtop:
-                        yield rec.xtop, "f", rec.xheight - 1
+            for o in range(0, BS, ISZ):
+                if blk[o]:
+                    _kind, h, xh, top, xtop = _TREES.unpack_from(blk, o)
+                    if top:
+                        yield top, "f", h - 1
+                    if xtop:
+                        yield xtop, "f", xh - 1
 
     # ---------------------------------------------------------------- blocks
     def check(self) -> None:
@@ -438,6 +453,32 @@ class SimFS:
                                hint=f"PCPIs: {', '.join(sorted(roots)) or 'none'}")
         return View(self, roots[snapshot])
 
+    # ---------------------------------------------------------------- change index memo (ops.change_index)
+    CHANGE_INDEXES = 8
+
+    def remember_change_index(self, key: tuple, idx: dict) -> None:
+        """Keep ``idx`` for the image pair ``key`` (caller holds idx_lock); the oldest goes past 8."""
+        while len(self.change_idx) >= self.CHANGE_INDEXES:
+            self._forget_change_index(next(iter(self.change_idx)))
+        self.change_idx[key] = idx
+        for top in (key[0], key[3]):
+            self.idx_tops.setdefault(top, set()).add(key)
+
+    def _forget_change_index(self, key: tuple) -> None:
+        self.change_idx.pop(key, None)
+        for top in (key[0], key[3]):
+            keys = self.idx_tops.get(top)
+            if keys is not None:
+                keys.discard(key)
+                if not keys:
+                    del self.idx_tops[top]
+
+    def _freed_top(self, p: int) -> None:
+        """Block ``p`` is no longer allocated: drop the change indexes of images it was the top of."""
+        with self.idx_lock:
+            for key in list(self.idx_tops.get(p, ())):
+                self._forget_change_index(key)
+
     # ---------------------------------------------------------------- block map
     def _incref(self, p: int) -> None:
         self.rc[p] += 1
@@ -453,6 +494,8 @@ class SimFS:
             kids = list(self._children(p, k, lv))
             del self.rc[p]
             self.pending.add(p)
+            if p in self.idx_tops:
+                self._freed_top(p)
             stack.extend(kids)
 
     def _take_stripe(self) -> int:
@@ -486,10 +529,10 @@ class SimFS:
     def _alloc_leaf(self, k: str, data: bytes) -> int:
         vbn = self._alloc(data)
         if k == "i":
-            for s in range(IPB):
-                rec = Inode.unpack(data, s * ISZ)
-                if rec.kind:
-                    for p in (rec.top, rec.xtop):
+            for o in range(0, BS, ISZ):
+                if data[o]:
+                    _kind, _h, _xh, top, xtop = _TREES.unpack_from(data, o)
+                    for p in (top, xtop):
                         if p and p not in self.new_blocks:
                             self._incref(p)
         return vbn
@@ -688,26 +731,78 @@ class SimFS:
         return bool(self.dirty or self.meta_dirty)
 
     def commit(self) -> bool:
-        """Write one consistency point; False if nothing was dirty."""
-        self.check()
-        if not self.is_dirty():
-            return False
-        try:
-            self._commit()
-        except SimCrash as exc:
-            self.broken = exc
-            self.raid.close()
-            raise
-        except OSError as exc:
-            self._mount()
-            raise BackendError(f"I/O error writing a consistency point of {self.path}: {exc}",
-                               hint="the volume is back at its last complete consistency point") from exc
-        except BaseException:
-            self._mount()
-            raise
-        return True
+        """Write one consistency point now, covering every change made so far (durable when this
+        returns); False if nothing was dirty.  A group CP in flight (:meth:`wait_durable`) is
+        waited for first: one CP's I/O at a time."""
+        with self.lock:
+            while self.flushing:
+                self.cp_cond.wait()
+            self.check()
+            if not self.is_dirty():
+                return False
+            job = self._cp_guard(self._cp_begin)
+            self._cp_guard(self._cp_flush, job)
+            self._cp_finish(job)
+            return True
 
-    def _commit(self) -> None:
+    def durable_target(self) -> int:
+        """The CP number that makes everything this thread has seen and changed durable (call
+        with the lock held, at the end of a primitive): the CP being written if the overlay is
+        clean, else the next one."""
+        return self.cp_built + (1 if self.is_dirty() else 0)
+
+    def wait_durable(self, need: int, failures: int) -> None:
+        """Group commit: return once CP ``need`` is on disk (see :meth:`durable_target`).
+
+        Concurrent primitives share CPs: if a CP is being flushed, wait for it (the changes made
+        meanwhile are in the overlay and go into the next one); otherwise become the leader and
+        write the next CP, covering every change made so far by any thread.  The leader builds the
+        CP and writes its stripes under the lock, but flushes (fdatasync, superblock,
+        fdatasync) *outside* it, so other primitives keep changing the overlay (on top of the new
+        in-memory image) in the meantime.  ``failures`` is :attr:`cp_failures` as read when the
+        caller's primitive began: if a CP failed since, the volume was remounted at its last
+        complete CP and the caller's changes are gone, so this raises ``BackendError``."""
+        while True:
+            with self.lock:
+                if self.cp_failures != failures:
+                    raise BackendError(f"a consistency point of {self.path} failed ({self.cp_error}); "
+                                       "these changes were lost",
+                                       hint="the volume is back at its last complete consistency point; retry")
+                self.check()
+                if self.cp >= need:
+                    return
+                if self.flushing:
+                    self.cp_cond.wait()
+                    continue
+                job = self._cp_guard(self._cp_begin)
+            self._cp_guard(self._cp_flush, job)
+            with self.lock:
+                self._cp_finish(job)
+
+    def _cp_guard(self, fn, *args):
+        try:
+            return fn(*args)
+        except BaseException as exc:
+            with self.lock:
+                self.cp_failures += 1
+                self.cp_error = str(exc) or type(exc).__name__
+                self.flushing = False
+                try:
+                    if isinstance(exc, SimCrash):
+                        self.broken = exc
+                        self.raid.close()
+                    else:
+                        self._mount()
+                finally:
+                    self.cp_cond.notify_all()
+            if isinstance(exc, OSError):
+                raise BackendError(f"I/O error writing a consistency point of {self.path}: {exc}",
+                                   hint="the volume is back at its last complete consistency point") from exc
+            raise
+
+    def _cp_begin(self) -> tuple[int, bytes, set[int]]:
+        """Build the CP (lock held): new blocks to free stripes, written (not yet flushed); the
+        in-memory image switches to it and the overlay starts empty on top of it."""
         self.new_blocks: set[int] = set()
         self.fill = None
         self.fill_idx = 0
@@ -754,18 +849,32 @@ class SimFS:
                 self._incref(new.top)
             if old.top and old.top != new.top:
                 self._decref(old.top, k, old.height - 1)
-        # write the new blocks (full stripes, never a live block), then the root switch
+        # write the new blocks (full stripes, never a live block); the root switch is _cp_flush's
         for s in sorted(self.cp_stripes):
             self.raid.write_stripe(s, self.cp_stripes[s])
-        self.raid.sync()
-        cp = self.cp + 1
+        cp = self.cp_built + 1
         sb = self._sb_bytes(cp, self.raid.ndata, self.cp_hwm, self.max_stripes, root, meta)
+        self.hwm, self.root, self.meta_rec = self.cp_hwm, root, meta
+        self.cp_built = cp
+        freed, self.pending = self.pending, set()
+        self.flushing = True
+        self._reset_overlay()
+        return cp, sb, freed
+
+    def _cp_flush(self, job: tuple[int, bytes, set[int]]) -> None:
+        """Make CP ``job`` durable: flush its blocks, then write the superblock copy and flush."""
+        cp, sb, _freed = job
+        self.raid.sync()
         self.raid.write_stripe(cp % SB_STRIPES, [sb] * self.raid.ndata)
         self.raid.sync()
-        # committed: the old image's unreferenced blocks become free
-        self.cp, self.hwm, self.root, self.meta_rec = cp, self.cp_hwm, root, meta
+
+    def _cp_finish(self, job: tuple[int, bytes, set[int]]) -> None:
+        """CP ``job`` is on disk (lock held): the blocks the old image alone referenced become free."""
+        cp, _sb, freed = job
+        self.cp = cp
+        self.stats["cps"] += 1
         n = self.raid.ndata
-        for vbn in self.pending:
+        for vbn in freed:
             s = vbn // n
             left = self.suse[s] - 1
             if left:
@@ -774,8 +883,8 @@ class SimFS:
                 del self.suse[s]
                 heapq.heappush(self.free_stripes, s)
             self.cache.pop(vbn, None)
-        self.pending.clear()
-        self._reset_overlay()
+        self.flushing = False
+        self.cp_cond.notify_all()
 
     # ---------------------------------------------------------------- PCPIs and exports
     def pcpi_names(self) -> list[str]:
@@ -946,6 +1055,8 @@ class SimFS:
         with self.lock:
             if self.closed:
                 return
+            while self.flushing:
+                self.cp_cond.wait()
             if self.broken is None and self.is_dirty():
                 self.commit()
             self.raid.close()

@@ -12,7 +12,7 @@ from typing import Iterable, Iterator
 from coalesce_core import records as R
 from coalesce_core.errors import HostilePath, StreamError
 
-from .fs import DIR, IPB, ISZ, LNK, PPB, REG, ROOT_INO, ZERO, Inode, SimFS, fsname, nblocks
+from .fs import _QID, DIR, IPB, ISZ, LNK, PPB, QTREE_OFF, REG, ROOT_INO, ZERO, Inode, SimFS, fsname, nblocks
 
 
 def check_qtree_name(qtree: str) -> str:
@@ -63,17 +63,70 @@ def pair_walk(fs: SimFS, a: tuple[int, int], b: tuple[int, int], limit: int) -> 
                 stack.append((ka[i], kb[i], level - 1, base + i * span))
 
 
-def changed_inodes(fs: SimFS, ra: Inode, rb: Inode) -> Iterator[tuple[int, Inode | None, Inode | None]]:
-    """Inodes whose 128-byte records differ between two root inodes (cost follows the change)."""
+def _changed_blocks(fs: SimFS, ra: Inode, rb: Inode) -> list[tuple[int, int, int]]:
     limit = max(nblocks(ra.size * ISZ), nblocks(rb.size * ISZ))
-    for bi, pa, pb in sorted(pair_walk(fs, (ra.top, ra.height), (rb.top, rb.height), limit)):
+    return sorted(pair_walk(fs, (ra.top, ra.height), (rb.top, rb.height), limit))
+
+
+def _slots(fs: SimFS, blocks: Iterable[tuple[int, int, int]],
+           q: int | None = None) -> Iterator[tuple[int, Inode | None, Inode | None]]:
+    for bi, pa, pb in blocks:
         ba = fs.read(pa) if pa else ZERO
         bb = fs.read(pb) if pb else ZERO
         for s in range(IPB):
-            sa, sb = ba[s * ISZ:(s + 1) * ISZ], bb[s * ISZ:(s + 1) * ISZ]
+            o = s * ISZ
+            sa, sb = ba[o:o + ISZ], bb[o:o + ISZ]
             if sa != sb:
+                if q is not None and not ((sa[0] and _QID.unpack_from(sa, QTREE_OFF)[0] == q)
+                                          or (sb[0] and _QID.unpack_from(sb, QTREE_OFF)[0] == q)):
+                    continue
                 ia, ib = Inode.unpack(sa), Inode.unpack(sb)
                 yield bi * IPB + s, (ia if ia.kind else None), (ib if ib.kind else None)
+
+
+def changed_inodes(fs: SimFS, ra: Inode, rb: Inode) -> Iterator[tuple[int, Inode | None, Inode | None]]:
+    """Inodes whose 128-byte records differ between two root inodes (cost follows the change)."""
+    yield from _slots(fs, _changed_blocks(fs, ra, rb))
+
+
+def change_index(fs: SimFS, ra: Inode, rb: Inode) -> dict[int, list[tuple[int, int, int]]]:
+    """qtree id -> the inode-file blocks ``(bi, ptr_a, ptr_b)`` where that qtree's inodes differ
+    between two images: one walk of the whole change, memoised on the volume for the pair.
+
+    The transfers of one cycle diff every qtree between the same two PCPIs; without the
+    index each diff walked (and decoded) the change of *all* qtrees to keep its own, so a
+    cycle where N qtrees changed cost O(N^2).  A memoised index stays valid while both top
+    blocks are allocated (a live block never changes); :meth:`.fs.SimFS._decref` drops it
+    when either top is freed."""
+    key = (ra.top, ra.height, ra.size, rb.top, rb.height, rb.size)
+    with fs.idx_lock:
+        idx = fs.change_idx.get(key)
+        if idx is not None:
+            fs.stats["change_index_hits"] += 1
+            return idx
+        fs.stats["change_index_builds"] += 1
+        idx = {}
+        for bi, pa, pb in _changed_blocks(fs, ra, rb):
+            ba = fs.read(pa) if pa else ZERO
+            bb = fs.read(pb) if pb else ZERO
+            qs: set[int] = set()
+            for s in range(IPB):
+                o = s * ISZ
+                if ba[o:o + ISZ] != bb[o:o + ISZ]:
+                    if ba[o]:
+                        qs.add(_QID.unpack_from(ba, o + QTREE_OFF)[0])
+                    if bb[o]:
+                        qs.add(_QID.unpack_from(bb, o + QTREE_OFF)[0])
+            for q in qs:
+                idx.setdefault(q, []).append((bi, pa, pb))
+        fs.remember_change_index(key, idx)
+        return idx
+
+
+def changed_inodes_of(fs: SimFS, ra: Inode, rb: Inode, q: int) -> Iterator[tuple[int, Inode | None, Inode | None]]:
+    """:func:`changed_inodes` restricted to inodes of qtree ``q`` on either side (cost follows
+    that qtree's change once the pair's :func:`change_index` exists)."""
+    yield from _slots(fs, change_index(fs, ra, rb).get(q, ()), q)
 
 
 # ------------------------------------------------------------------ apply
