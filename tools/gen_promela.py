@@ -16,6 +16,9 @@ Usage:
     tools/gen_promela.py --check         exit 1 if spec/coalescing.pml is stale
     tools/gen_promela.py --mutant NAME   print a deliberately broken model (tools/mutants.py)
     tools/gen_promela.py --stdout        print the model
+    tools/gen_promela.py --replicas 4 [--slots 8] --out FILE
+                                         a model of another size (the committed one has 3
+                                         replicas and 8 PCPI slots; tools/bench/bench_formal.py)
 """
 
 from __future__ import annotations
@@ -92,7 +95,7 @@ bool faults = true;  /* the environment may still inject faults and crashes */
 byte i, j, s, got, kn, kn2, m, b, t;
 byte kk[S];
 
-#define INITIALIZED (sp[0] != NONE || sp[1] != NONE || sp[2] != NONE)
+#define INITIALIZED (@INITIALIZED@)
 #define VISIBLE(x) ((x) < S)
 
 inline any_state(st) { /* kn = number of replicas in st */
@@ -155,17 +158,17 @@ inline swap_slots(x, y) { /* exchange PCPI slots x and y and every reference to 
 inline canon() { /* sort the slots by (role, releasing, first reference): PCPI names carry no
                     meaning, so states that differ only in slot numbering are one state (exact) */
   for (t : 0 .. S-1) {
-    kk[t] = 12;
+    kk[t] = @KK_NONE@;
     for (j : 0 .. N-1) {
       if
-      :: kk[t] == 12 && ex[N-1-j] == t -> kk[t] = (N-1-j) * 4
-      :: kk[t] == 12 && lg[N-1-j] == t -> kk[t] = (N-1-j) * 4 + 1
-      :: kk[t] == 12 && sc[N-1-j] == t -> kk[t] = (N-1-j) * 4 + 2
-      :: kk[t] == 12 && vx[N-1-j] == t -> kk[t] = (N-1-j) * 4 + 3
+      :: kk[t] == @KK_NONE@ && ex[N-1-j] == t -> kk[t] = (N-1-j) * 4
+      :: kk[t] == @KK_NONE@ && lg[N-1-j] == t -> kk[t] = (N-1-j) * 4 + 1
+      :: kk[t] == @KK_NONE@ && sc[N-1-j] == t -> kk[t] = (N-1-j) * 4 + 2
+      :: kk[t] == @KK_NONE@ && vx[N-1-j] == t -> kk[t] = (N-1-j) * 4 + 3
       :: else -> skip
       fi
     };
-    kk[t] = (role[t] == P_free -> 255 : role[t] * 32 + rel[t] * 16 + kk[t])
+    kk[t] = (role[t] == P_free -> 255 : role[t] * @KK_ROLE@ + rel[t] * @KK_REL@ + kk[t])
   };
   for (m : 1 .. S-1) {
     for (t : 0 .. S-2) {
@@ -292,11 +295,11 @@ inline recover() { /* planner._recover, after a crash at any step */
  * ------------------------------------------------------------------------- */
 inline check() {
   canon();
-  printf("STEP ph=%d faults=%d rs=%d,%d,%d ex=%d,%d,%d vx=%d,%d,%d lg=%d,%d,%d sc=%d,%d,%d sp=%d,%d,%d ap=%d,%d,%d role=%d%d%d%d%d%d%d%d rel=%d%d%d%d%d%d%d%d pend=%d%d%d%d\n",
-    ph, faults, rs[0], rs[1], rs[2], ex[0], ex[1], ex[2], vx[0], vx[1], vx[2], lg[0], lg[1], lg[2],
-    sc[0], sc[1], sc[2], sp[0], sp[1], sp[2], ap[0], ap[1], ap[2],
-    role[0], role[1], role[2], role[3], role[4], role[5], role[6], role[7],
-    rel[0], rel[1], rel[2], rel[3], rel[4], rel[5], rel[6], rel[7], purge_pend, jump_pend, export_pend, take_pend);
+  printf("STEP ph=%d faults=%d @STEP_FMT@ pend=%d%d%d%d\n",
+    ph, faults, @STEP_ARGS1@,
+    @STEP_ARGS2@,
+    @STEP_ROLE@,
+    @STEP_REL@, purge_pend, jump_pend, export_pend, take_pend);
   /* I8: every replica state change is an edge of spec/coalescing.toml */
   for (i : 0 .. N-1) {
     if :: prev[i] != rs[i] -> assert(@LEGAL(prev[i], rs[i])); prev[i] = rs[i] :: else -> skip fi
@@ -358,13 +361,11 @@ inline check() {
  * ------------------------------------------------------------------------- */
 /* The executor runs the inline effects of a decision in order before it handles the next
    result: a release decided earlier is done before anything that follows it. */
-#define NOREL (!rel[0] && !rel[1] && !rel[2] && !rel[3] && !rel[4] && !rel[5] && !rel[6] && !rel[7])
+#define NOREL (@NOREL@)
 #define QUIET (NOREL \
-               && vx[0] == ex[0] && vx[1] == ex[1] && vx[2] == ex[2] \
-               && sc[0] == NONE && sc[1] == NONE && sc[2] == NONE)
-#define ROLLBACK_TAKEN (role[0] == P_rollback && !rel[0] || role[1] == P_rollback && !rel[1] \
-    || role[2] == P_rollback && !rel[2] || role[3] == P_rollback && !rel[3] || role[4] == P_rollback && !rel[4] \
-    || role[5] == P_rollback && !rel[5] || role[6] == P_rollback && !rel[6] || role[7] == P_rollback && !rel[7])
+               && @VX_IS_EX@ \
+               && @SC_NONE@)
+#define ROLLBACK_TAKEN (@ROLLBACK_TAKEN@)
 #define READY_FOR_CYCLE (faults || (!@ANY(R_broken) && !@ANY(R_unstable_uncoalesced)))
 
 proctype agent() {
@@ -384,7 +385,7 @@ proctype agent() {
        };
        i = 0;
        advance(); check() }
-  :: d_step { ph == A_idle && QUIET && (@DUE(0) || @DUE(1) || @DUE(2)) ->
+  :: d_step { ph == A_idle && QUIET && (@DUE_ANY@) ->
        /* the retry timer (loop 1026): for each due replica a scratch PCPI of its damaged
           active FS, then a retry rollback */
        for (r : 0 .. N-1) {
@@ -437,7 +438,7 @@ proctype agent() {
           got = NONE;
           for (i : 0 .. N-1) { if :: got == NONE && vx[i] != ex[i] -> got = i :: else -> skip fi };
           if :: got != NONE -> vx[got] = ex[got] :: else -> skip fi;
-          export_pend = (vx[0] != ex[0] || vx[1] != ex[1] || vx[2] != ex[2]);
+          export_pend = (@VX_NOT_EX@);
           got = 0
        :: else -> for (i : 0 .. N-1) { vx[i] = ex[i] }; export_pend = false
        fi;
@@ -473,8 +474,8 @@ init {
 }
 
 /* I7: once faults stop, every replica reaches stable at the newest source point */
-#define SETTLED (ph == A_idle && rs[0] == R_stable && rs[1] == R_stable && rs[2] == R_stable \
-                 && sp[0] == newest && sp[1] == newest && sp[2] == newest)
+#define SETTLED (ph == A_idle && @ALL_STABLE@ \
+                 && @ALL_NEWEST@)
 ltl i7 { [] (!faults -> <> SETTLED) }
 """
 
@@ -488,12 +489,50 @@ def edges(machine: dict) -> list[tuple[str, str, str]]:
             for s in ([t["source"]] if isinstance(t["source"], str) else t["source"])]
 
 
-def generate(spec_path: Path = SPEC, mutant: str | None = None) -> str:
+def size_text(replicas: int, slots: int) -> dict[str, str]:
+    """The template's size-dependent text for ``replicas`` replicas and ``slots`` PCPI slots."""
+    n, S = range(replicas), range(slots)
+    rel_w = max(16, 4 * replicas + 1)  # canon's sort key: kk (0 .. 4N) < rel weight; the key fits a byte
+    taken = [f"role[{k}] == P_rollback && !rel[{k}]" for k in S]
+    lines = [taken[:2]] + [taken[k:k + 3] for k in range(2, slots, 3)]
+    return {
+        "@INITIALIZED@": " || ".join(f"sp[{k}] != NONE" for k in n),
+        "@KK_NONE@": str(4 * replicas),
+        "@KK_REL@": str(rel_w),
+        "@KK_ROLE@": str(2 * rel_w),
+        "@STEP_FMT@": " ".join(f"{v}=" + ",".join(["%d"] * replicas) for v in ("rs", "ex", "vx", "lg", "sc", "sp", "ap"))
+                      + " role=" + "%d" * slots + " rel=" + "%d" * slots,
+        "@STEP_ARGS1@": ", ".join(f"{v}[{k}]" for v in ("rs", "ex", "vx", "lg") for k in n),
+        "@STEP_ARGS2@": ", ".join(f"{v}[{k}]" for v in ("sc", "sp", "ap") for k in n),
+        "@STEP_ROLE@": ", ".join(f"role[{k}]" for k in S),
+        "@STEP_REL@": ", ".join(f"rel[{k}]" for k in S),
+        "@NOREL@": " && ".join(f"!rel[{k}]" for k in S),
+        "@VX_IS_EX@": " && ".join(f"vx[{k}] == ex[{k}]" for k in n),
+        "@SC_NONE@": " && ".join(f"sc[{k}] == NONE" for k in n),
+        "@ROLLBACK_TAKEN@": " \\\n    || ".join(" || ".join(line) for line in lines if line),
+        "@DUE_ANY@": " || ".join(f"@DUE({k})" for k in n),
+        "@VX_NOT_EX@": " || ".join(f"vx[{k}] != ex[{k}]" for k in n),
+        "@ALL_STABLE@": " && ".join(f"rs[{k}] == R_stable" for k in n),
+        "@ALL_NEWEST@": " && ".join(f"sp[{k}] == newest" for k in n),
+    }
+
+
+def generate(spec_path: Path = SPEC, mutant: str | None = None, replicas: int = N_REPLICAS,
+             slots: int = N_SLOTS) -> str:
+    """The model text; ``replicas`` (2..5) and ``slots`` other than the defaults are for
+    measuring how the state space grows (tools/bench/bench_formal.py), not the committed model."""
+    if not 2 <= replicas <= 5:
+        raise SystemExit(f"--replicas {replicas}: the model supports 2 to 5 replicas")
+    if slots < 4:
+        raise SystemExit(f"--slots {slots}: the cycle alone needs 4 PCPI slots")
     data = load(spec_path)
     rep, agt = data["replica"], data["agent"]
     rstates = list(rep["states"])
     phases = list(agt["states"])
     roles = ["free", *data["meta"]["cycle_pcpi_roles"], data["meta"]["individual_pcpi_role"]]
+    sizes = size_text(replicas, slots)
+    if (len(roles) - 1) * int(sizes["@KK_ROLE@"]) + int(sizes["@KK_REL@"]) + 4 * replicas >= 255:
+        raise SystemExit(f"{replicas} replicas: canon()'s slot sort key no longer fits a byte")
     in_flight = [s for s, a in rep["states"].items() if a.get("in_flight")]
     in_cycle = [s for s, a in rep["states"].items() if a.get("field") == "cycle"]
     outside = [s for s, a in rep["states"].items()
@@ -509,7 +548,7 @@ def generate(spec_path: Path = SPEC, mutant: str | None = None) -> str:
         return " || ".join(f"{var} == R_{s}" for s in states) or "false"
 
     def any_replica(states: list[str]) -> str:
-        return "(" + " || ".join(f"({any_of(states, f'rs[{k}]')})" for k in range(N_REPLICAS)) + ")"
+        return "(" + " || ".join(f"({any_of(states, f'rs[{k}]')})" for k in range(replicas)) + ")"
 
     flight_for_guard = [s for s in in_flight if s != subst["@MUT_FLIGHT_EXCLUDE@"]]
     out: list[str] = []
@@ -520,7 +559,7 @@ def generate(spec_path: Path = SPEC, mutant: str | None = None) -> str:
     if mutant:
         w(f" * MUTANT {mutant}: a deliberately broken model (tools/mutants.py).")
     w(" */")
-    w(f"#define N {N_REPLICAS}\n#define S {N_SLOTS}\n#define SN {N_REPLICAS * N_SLOTS}\n#define MAXP {MAXP}")
+    w(f"#define N {replicas}\n#define S {slots}\n#define SN {replicas * slots}\n#define MAXP {MAXP}")
     w("#define NONE 255\n#define ACTIVE 254\n#define PART 253   /* an unfinished (partial) image */"
       "\n#define WRIT 252   /* data written into a broken (writable) replica */")
     w("\n/* replica states (spec order) */")
@@ -561,6 +600,8 @@ def generate(spec_path: Path = SPEC, mutant: str | None = None) -> str:
     body = TEMPLATE
     for k, v in subst.items():
         body = body.replace(k, v)
+    for k, v in sizes.items():
+        body = body.replace(k, v)
     body = body.replace("@INFLIGHT_LITERAL", any_replica(in_flight))
     body = body.replace("@PARTICIPANT_I", "(" + any_of(participants, "rs[i]") + ")")
     body = body.replace("@INCYCLE_I", "(" + any_of(in_cycle, "rs[i]") + ")")
@@ -569,7 +610,7 @@ def generate(spec_path: Path = SPEC, mutant: str | None = None) -> str:
     body = body.replace("@INITIAL@", rep["initial"])
     body = re.sub(r"@DUE\((\w)\)", lambda mm: f"(rs[{mm.group(1)}] == R_unstable_uncoalesced && lg[{mm.group(1)}] != NONE)", body)
     body = re.sub(r"@EACH\n(.*?)@END\n", lambda mm: "".join(mm.group(1).replace("@r", str(k))
-                                                             for k in range(N_REPLICAS)), body, flags=re.S)
+                                                             for k in range(replicas)), body, flags=re.S)
     body = re.sub(r"@ANY\(R_(\w+)\)", lambda mm: any_replica([mm.group(1)]), body)
     assert "@" not in body.replace("@edge", ""), re.findall(r"@\w+", body)
     # every trigger of both machines must be used by the procedures
@@ -604,8 +645,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stdout", action="store_true")
     ap.add_argument("--mutant", choices=sorted(MUTANTS))
     ap.add_argument("--spec", type=Path, default=SPEC)
+    ap.add_argument("--replicas", type=int, default=N_REPLICAS,
+                    help="replicas in the model (2..5; default %(default)s, the committed model)")
+    ap.add_argument("--slots", type=int, default=N_SLOTS, help="PCPI slots (default %(default)s)")
+    ap.add_argument("--out", type=Path, help="write the model here instead of spec/coalescing.pml")
     args = ap.parse_args(argv)
-    text = generate(args.spec, args.mutant)
+    resized = (args.replicas, args.slots) != (N_REPLICAS, N_SLOTS)
+    if resized and args.check:
+        ap.error("--check compares the committed model (3 replicas, 8 slots); drop --replicas/--slots")
+    if resized and not (args.stdout or args.mutant or args.out):
+        ap.error("a model of another size goes to --out FILE or --stdout, never over spec/coalescing.pml")
+    text = generate(args.spec, args.mutant, args.replicas, args.slots)
+    if args.out:
+        args.out.write_text(text, encoding="utf-8")
+        print(f"wrote {args.out}")
+        return 0
     if args.check:
         if not OUT.is_file() or OUT.read_text(encoding="utf-8") != text:
             print(f"{OUT.relative_to(ROOT)} is stale: run `python tools/gen_promela.py`", file=sys.stderr)

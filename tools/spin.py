@@ -10,8 +10,10 @@ No -DBITSTATE, -DHC or -DCOLLAPSE: the search is exhaustive and lossless.  The
 run FAILS on any error, on "max search depth too small", on a search that
 did not complete, or when pan's hash table overflowed its memory bound.
 
-Usage: tools/spin.py [--model FILE | --mutant NAME] [--json] [--keep DIR]
-Exit status 0 when both searches pass.
+Usage: tools/spin.py [--model FILE | --mutant NAME | --replicas N] [--json] [--keep DIR]
+Exit status 0 when both searches pass.  ``--replicas N`` checks a model of N
+replicas generated on the fly (tools/gen_promela.py --replicas; the committed
+model has 3); tools/bench/bench_formal.py measures how the search grows with N.
 """
 
 from __future__ import annotations
@@ -53,6 +55,8 @@ def parse(out: str) -> dict:
         "depth": int(num(r"depth reached (\d+)") or 0),
         "state_vector": int(num(r"State-vector (\d+) byte") or 0),
         "memory_mb": num(r"([\d.]+)\s+total actual memory usage"),
+        "matched": int(num(r"([\d.e+]+) states, matched") or 0),
+        "elapsed_s": num(r"pan: elapsed time ([\d.e+]+) seconds"),
         "problems": [],
     }
     if res["errors"] is None:
@@ -78,7 +82,12 @@ def trail(workdir: Path, model: str) -> str:
     return "\n".join(steps[-25:])
 
 
-def run(model_text: str, keep: Path | None = None, opt: str = OPT, only: str | None = None) -> list[dict]:
+def run(model_text: str, keep: Path | None = None, opt: str = OPT, only: str | None = None, *,
+        extra_cflags: tuple[str, ...] = (), memlim: int = MEMLIM, hash_bits: int = HASH,
+        timeout: float | None = None) -> list[dict]:
+    """Both searches (or ``only`` one).  The keyword arguments are for tools/bench/bench_formal.py:
+    ``extra_cflags`` such as -DCOLLAPSE, -DHC4 or -DBITSTATE make the search lossy or compressed
+    (then "not a full state-space search" may be reported as a problem for bit-state runs)."""
     if not shutil.which("spin") or not shutil.which("gcc"):
         raise SystemExit("spin and gcc are needed (Debian/Ubuntu: apt-get install spin gcc)")
     results = []
@@ -92,15 +101,23 @@ def run(model_text: str, keep: Path | None = None, opt: str = OPT, only: str | N
         for name, cflags, flags in RUNS:
             if only and not name.startswith(only):
                 continue
-            cflags = [opt, *cflags]
+            cflags = [opt, *(c if not c.startswith("-DMEMLIM=") else f"-DMEMLIM={memlim}" for c in cflags),
+                      *extra_cflags]
             t1 = time.perf_counter()
             exe = f"pan_{name.split('-')[0]}"
             c = subprocess.run(["gcc", *cflags, "-w", "-o", exe, "pan.c"], cwd=work, capture_output=True, text=True)
             if c.returncode != 0:
                 raise SystemExit(f"gcc failed:\n{c.stderr}")
-            cmd = [f"./{exe}", f"-m{DEPTH}", f"-w{HASH}", *flags]
-            r = subprocess.run(cmd, cwd=work, capture_output=True, text=True)
-            res = parse(r.stdout + r.stderr)
+            cmd = [f"./{exe}", f"-m{DEPTH}", f"-w{hash_bits}", *flags]
+            try:
+                r = subprocess.run(cmd, cwd=work, capture_output=True, text=True, timeout=timeout)
+                out = r.stdout + r.stderr
+            except subprocess.TimeoutExpired as exc:
+                out = (exc.stdout or b"").decode(errors="replace") if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+                out += f"\ntimeout: killed after {timeout} s\n"
+            res = parse(out)
+            if "timeout: killed" in out:
+                res["problems"].append(f"killed after {timeout} s")
             res.update(name=name, seconds=round(time.perf_counter() - t1, 2),
                        command=f"gcc {' '.join(cflags)} -o pan pan.c && ./pan {' '.join(cmd[1:])}")
             if res["problems"] and (work / "coalescing.pml.trail").exists():
@@ -119,15 +136,16 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, default=MODEL)
     ap.add_argument("--mutant", help="check a deliberately broken model (tools/gen_promela.py --mutant)")
+    ap.add_argument("--replicas", type=int, help="check a model of N replicas generated on the fly (2..5)")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--opt", default=OPT, help="gcc optimisation flag (default %(default)s)")
     ap.add_argument("--only", choices=["safety", "liveness"], help="run one of the two searches")
     ap.add_argument("--keep", type=Path, help="copy the work directory (pan.c, trail) here")
     args = ap.parse_args(argv)
-    if args.mutant:
+    if args.mutant or args.replicas:
         sys.path.insert(0, str(ROOT / "tools"))
         import gen_promela
-        text = gen_promela.generate(mutant=args.mutant)
+        text = gen_promela.generate(mutant=args.mutant, replicas=args.replicas or gen_promela.N_REPLICAS)
     else:
         text = args.model.read_text(encoding="utf-8")
     results = run(text, args.keep, args.opt, args.only)

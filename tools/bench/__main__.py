@@ -1,7 +1,9 @@
 """`python tools/bench [--quick] [NAME ...]`: run the benchmarks, print markdown.
 
-NAME is one of scale, sim, realfs (default: all).  Results go to
+NAME is one of the keys of BENCHES below (default: all).  Results go to
 docs/benchmarks.md by hand, with the command printed above each table.
+realfs, diffcost and net need root (loop btrfs, network namespaces) and are
+skipped without it; snapshots then runs only its sim part.
 `--quick` runs every benchmark at toy sizes: the smoke test CI runs
 (tests/tools/test_bench_smoke.py) to prove the scripts still work.  Nothing
 here is a timed assertion.
@@ -20,7 +22,13 @@ BENCHES = {
     "scale": "bench_scale.py",   # PCPIs and cycle cost vs number of replicas (mem, sim)
     "sim": "bench_sim.py",       # PCPI create/delete, diff cost, apply, rollback on sim
     "realfs": "bench_realfs.py",  # btrfs (root): one update vs btrfs send | receive
+    "snapshots": "bench_snapshots.py",  # snapshots vs N: coalesce (sim, btrfs) vs btrbk (root for btrfs)
+    "diffcost": "bench_diffcost.py",  # btrfs (root): diff cost vs qtree size for the same change
+    "recovery": "bench_recovery.py",  # SIGKILL at each crash point, then time to a consistent group
+    "formal": "bench_formal.py",  # SPIN states/time at 2-4 replicas; hypothesis steps/s
+    "net": "bench_net.py",  # (root) one update over an emulated link: coalesce ssh/tls vs btrfs send | ssh | receive
 }
+ROOT_ONLY = {"realfs", "diffcost", "net"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,9 +40,10 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [n for n in names if n not in BENCHES]
     if unknown:
         ap.error(f"unknown benchmark(s) {unknown}; choose from {list(BENCHES)}")
-    if "realfs" in names and os.geteuid() != 0:
-        print("tools/bench: skipping realfs (needs root for a loop btrfs)", file=sys.stderr)
-        names.remove("realfs")
+    if os.geteuid() != 0:
+        for name in [n for n in names if n in ROOT_ONLY]:
+            print(f"tools/bench: skipping {name} (needs root: loop btrfs, network namespaces)", file=sys.stderr)
+            names.remove(name)
     rc = 0
     for name in names:
         cmd = [sys.executable, str(HERE / BENCHES[name])] + (["--quick"] if args.quick else [])

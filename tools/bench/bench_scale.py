@@ -1,22 +1,40 @@
 #!/usr/bin/env python3
 """Scale of one group: PCPIs at peak and at rest, wall/CPU time of a no-change cycle.
 
-    python tools/bench/bench_scale.py [--backend mem] [--replicas 300 1000] [--cycles 3]
+    python tools/bench/bench_scale.py [--backend mem] [--replicas 300 1000] [--cycles 3] [--no-strace]
 
 For each N: baseline cycle, then ``--cycles`` cycles with random transfer
 failures (1% of replicas) counting the destination's PCPIs after every PCPI
 event (read from the volume), then one no-change cycle and one cycle with one
 small change per replica, timed.  Prints a markdown table.  Nothing here is a
 test: figures go to docs/benchmarks.md with the command that produced them.
+
+fsyncs and metadata writes per cycle: right after each timed cycle, ONE more
+cycle of the same kind (no change; one new small change per replica) runs
+under ``strace -f -y -p <this process>`` (attached for that cycle only, so
+the timed figures carry no ptrace overhead), tracing fsync, fdatasync,
+sync_file_range, syncfs, sync, msync and the write family (write, pwrite64,
+writev, pwritev, pwritev2).  ``-y`` names each call's file, so the calls are
+split exactly: *ledger* = the group's metadata directory (the SQLite file and
+its -wal/-shm/-journal), *volume* = the backend's files (sim: the disk images
+and raid.json of source and destination; mem has none).  SQLite's fsyncs
+happen in C, which is why they are counted at the system-call level.  Without
+strace (or when attaching is refused) those columns say n/a and the rest runs.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
 import os
 import platform
 import random
+import re
 import resource
+import shutil
+import sqlite3
+import subprocess
 import sys
 import tempfile
 import time
@@ -45,13 +63,136 @@ class PeakCounter:
         self.peak_all = max(self.peak_all, len(mine))
 
 
+SYNC_CALLS = ("fsync", "fdatasync", "sync_file_range", "syncfs", "sync", "msync")
+WRITE_CALLS = ("write", "pwrite64", "writev", "pwritev", "pwritev2")
+_LINE = re.compile(r"^\d+\s+(?:<\.\.\. )?(\w+)\((?:(-?\d+)(?:<([^>]*)>)?)?")
+
+
+class Strace:
+    """``strace -f -y`` attached to THIS process for the duration of a ``with`` block.
+
+    ``counts`` maps (kind, where) -> calls, kind "sync" or "write", where "ledger",
+    "volume" or "other" (by the path strace prints for the file descriptor)."""
+
+    path = shutil.which("strace")
+
+    def __init__(self, ledger_dir: str, volume_dirs: list[str]) -> None:
+        self.ledger_dir = os.path.realpath(ledger_dir) + "/"
+        self.volume_dirs = [os.path.realpath(d) + "/" for d in volume_dirs]
+        self.counts: dict[tuple[str, str], int] = {}
+        self.proc: subprocess.Popen | None = None
+        self.out = ""
+
+    @classmethod
+    def unavailable(cls) -> str | None:
+        """Why the fsync columns cannot be filled, or None."""
+        if cls.path is None:
+            return "strace not found (apt-get install strace)"
+        return None
+
+    def __enter__(self) -> "Strace":
+        # Yama (ptrace_scope=1) lets a process trace only its descendants: allow any tracer
+        with_libc = ctypes.CDLL(None, use_errno=True)
+        with_libc.prctl(0x59616D61, ctypes.c_ulong(-1 & 0xFFFFFFFFFFFFFFFF), 0, 0, 0)  # PR_SET_PTRACER, ANY
+        fd, self.out = tempfile.mkstemp(prefix="coalesce-bench-strace-")
+        os.close(fd)
+        calls = ",".join(SYNC_CALLS + WRITE_CALLS)
+        self.proc = subprocess.Popen([self.path, "-f", "-qq", "-y", "-e", f"trace={calls}", "-e", "signal=none",
+                                      "-o", self.out, "-p", str(os.getpid())],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 10
+        while not self._attached():                  # every thread of this process is traced
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                err = self.proc.stderr.read().decode(errors="replace").strip() if self.proc.poll() is not None else ""
+                self._stop()
+                raise RuntimeError(f"strace could not attach: {err or 'timeout'}")
+            time.sleep(0.01)
+        return self
+
+    def _attached(self) -> bool:
+        assert self.proc is not None
+        for tid in os.listdir("/proc/self/task"):
+            try:
+                with open(f"/proc/self/task/{tid}/status") as f:
+                    tracer = next(int(x.split()[1]) for x in f if x.startswith("TracerPid:"))
+            except (OSError, StopIteration):
+                continue
+            if tracer != self.proc.pid:
+                return False
+        return True
+
+    def _stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()                    # strace detaches and flushes its output
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.proc is not None and self.proc.stderr is not None:
+            self.proc.stderr.close()
+
+    def __exit__(self, *exc) -> None:
+        self._stop()
+        try:
+            with open(self.out, errors="replace") as f:
+                for line in f:
+                    m = _LINE.match(line)
+                    if not m or "resumed>" in line.split("(", 1)[0]:
+                        continue                     # the "<... resumed>" half of a split call
+                    name, path = m.group(1), os.path.realpath(m.group(3) or "")
+                    kind = "sync" if name in SYNC_CALLS else "write" if name in WRITE_CALLS else None
+                    if kind is None:
+                        continue
+                    where = ("ledger" if path.startswith(self.ledger_dir) else
+                             "volume" if any(path.startswith(d) for d in self.volume_dirs) else "other")
+                    self.counts[(kind, where)] = self.counts.get((kind, where), 0) + 1
+        finally:
+            os.unlink(self.out)
+
+    def get(self, kind: str, where: str) -> int:
+        return self.counts.get((kind, where), 0)
+
+
+def traced_cycle(h: Harness, meta: str, volume_dirs: list[str], why_not: list[str]) -> dict | None:
+    """One cycle under strace: {"sync": (ledger, volume), "write": (ledger, volume), "commits": n}."""
+    if why_not:
+        h.cycle()
+        return None
+    c0 = h.agent.ledger.commits
+    st = Strace(meta, volume_dirs)
+    try:
+        st.__enter__()
+    except RuntimeError as exc:                  # e.g. ptrace refused in a container: run untraced
+        why_not.append(str(exc))
+        h.cycle()
+        return None
+    try:
+        h.cycle()
+    finally:
+        st.__exit__(None, None, None)
+    other = st.get("sync", "other")
+    if other:
+        print(f"bench_scale: {other} fsync-family calls on other files", file=sys.stderr)
+    return {"sync": (st.get("sync", "ledger"), st.get("sync", "volume")),
+            "write": (st.get("write", "ledger"), st.get("write", "volume")),
+            "commits": h.agent.ledger.commits - c0}
+
+
 def cpu() -> float:
     r = resource.getrusage(resource.RUSAGE_SELF)
     return r.ru_utime + r.ru_stime
 
 
-def one(backend: str, n: int, cycles: int, seed: int) -> dict:
+def one(backend: str, n: int, cycles: int, seed: int, why_not: list[str]) -> dict:
     tmp = tempfile.mkdtemp(prefix="coalesce-bench-")
+    try:
+        return _one(tmp, backend, n, cycles, seed, why_not)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _one(tmp: str, backend: str, n: int, cycles: int, seed: int, why_not: list[str]) -> dict:
     names = [f"q{i:04d}" for i in range(n)]
     if backend == "mem":
         src, dst = f"mem://bench-src-{n}-{seed}", f"mem://bench-dst-{n}-{seed}"
@@ -82,16 +223,33 @@ def one(backend: str, n: int, cycles: int, seed: int) -> dict:
     h.cycle()
     nochange_s, nochange_cpu = time.perf_counter() - t0, cpu() - c0
     commits = h.agent.ledger.commits - commits0
+    vdirs = [f"{tmp}/src", f"{tmp}/dst"] if backend != "mem" else []
+    nochange_io = traced_cycle(h, f"{tmp}/meta", vdirs, why_not)   # the same cycle again, under strace
     for q in names:
         h.writer.write(q, "f", rng.randbytes(64))
+    commits0 = h.agent.ledger.commits
     t0, c0 = time.perf_counter(), cpu()
     h.cycle()
     small_s, small_cpu = time.perf_counter() - t0, cpu() - c0
+    small_commits = h.agent.ledger.commits - commits0
+    for q in names:
+        h.writer.write(q, "f", rng.randbytes(64))
+    small_io = traced_cycle(h, f"{tmp}/meta", vdirs, why_not)
     h.assert_invariants()
+    with contextlib.suppress(Exception):
+        h.agent.close()
+    with contextlib.suppress(Exception):
+        h.agent.ledger.close()
     return {"backend": backend, "n": n, "peak_cycle": counter.peak_cycle, "peak_all": counter.peak_all,
             "at_rest": at_rest, "injected_failures": failures, "baseline_s": baseline_s,
             "nochange_s": nochange_s, "nochange_cpu": nochange_cpu, "small_s": small_s, "small_cpu": small_cpu,
-            "commits": commits}
+            "commits": commits, "small_commits": small_commits, "nochange_io": nochange_io, "small_io": small_io}
+
+
+def io_cells(io: dict | None) -> str:
+    if io is None:
+        return "n/a | n/a"
+    return f"{io['sync'][0]} / {io['sync'][1]} | {io['write'][0]} / {io['write'][1]}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -101,18 +259,35 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cycles", type=int, default=3)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--quick", action="store_true", help="N=10 and 50 only")
+    ap.add_argument("--no-strace", action="store_true", help="skip the fsync / metadata-write counts")
     args = ap.parse_args(argv)
     sizes = [10, 50] if args.quick else args.replicas
-    print(f"<!-- {platform.node()} {platform.machine()} python {platform.python_version()} "
-          f"cpus {os.cpu_count()}; command: python tools/bench/bench_scale.py {' '.join(argv or sys.argv[1:])} -->")
+    why_not: list[str] = []
+    if args.no_strace:
+        why_not.append("--no-strace")
+    elif Strace.unavailable():
+        why_not.append(Strace.unavailable())
+    if why_not:
+        print(f"bench_scale: fsync/write columns n/a: {why_not[0]}", file=sys.stderr)
+    strace_v = "" if Strace.path is None else subprocess.run([Strace.path, "-V"], capture_output=True,
+                                                             text=True).stdout.split("\n")[0]
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    print(f"<!-- {platform.node()} {platform.machine()} python {platform.python_version()} sqlite {sqlite3.sqlite_version} "
+          f"{strace_v or 'no strace'} cpus {os.cpu_count()} loadavg {load}; "
+          f"command: python tools/bench/bench_scale.py {' '.join(argv or sys.argv[1:])} -->")
     print("| backend | replicas | cycle-role PCPIs at peak | all group PCPIs at peak | at rest | injected failures "
-          "| baseline cycle (s) | no-change cycle wall (s) | CPU (s) | ledger commits | one change per replica wall (s) | CPU (s) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| baseline cycle (s) | no-change cycle wall (s) | CPU (s) | ledger commits | one change per replica wall (s) | CPU (s) "
+          "| ledger commits | no-change fsyncs ledger / volume | writes ledger / volume "
+          "| one-change fsyncs ledger / volume | writes ledger / volume |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for n in sizes:
-        r = one(args.backend, n, args.cycles, args.seed)
+        r = one(args.backend, n, args.cycles, args.seed, why_not)
         print(f"| {r['backend']} | {r['n']} | {r['peak_cycle']} | {r['peak_all']} | {r['at_rest']} | {r['injected_failures']} "
               f"| {r['baseline_s']:.2f} | {r['nochange_s']:.2f} | {r['nochange_cpu']:.2f} | {r['commits']} "
-              f"| {r['small_s']:.2f} | {r['small_cpu']:.2f} |", flush=True)
+              f"| {r['small_s']:.2f} | {r['small_cpu']:.2f} | {r['small_commits']} "
+              f"| {io_cells(r['nochange_io'])} | {io_cells(r['small_io'])} |", flush=True)
+    if why_not:
+        print(f"\n<!-- fsync/write columns n/a: {why_not[0]} -->")
     return 0
 
 

@@ -1,0 +1,55 @@
+"""Models of other sizes (`tools/gen_promela.py --replicas N`, `tools/spin.py --replicas N`):
+the committed 3-replica model is unchanged, every size generates, and a 2-replica model
+passes the exhaustive safety search (tools/bench/bench_formal.py measures 2, 3 and 4)."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+
+import pytest
+
+from ._tools import ROOT, tool
+
+gen = tool("gen_promela")
+spin = tool("spin")
+
+needs_spin = pytest.mark.skipif(
+    not (shutil.which("spin") and shutil.which("gcc")) and os.environ.get("COALESCE_REQUIRE_SPIN") != "1",
+    reason="spin and gcc are not installed (apt-get install spin gcc)",
+)
+
+
+def test_default_size_is_the_committed_model():
+    committed = (ROOT / "spec" / "coalescing.pml").read_text(encoding="utf-8")
+    assert gen.generate(replicas=3, slots=8) == committed
+
+
+@pytest.mark.parametrize("n", [2, 4, 5])
+def test_every_size_generates(n):
+    text = gen.generate(replicas=n)
+    assert f"#define N {n}\n" in text
+    assert "@" not in text.replace("@edge", "")
+    # every per-replica expansion covers exactly replicas 0 .. n-1
+    assert f"rs[{n - 1}] == R_stable" in text and f"rs[{n}]" not in text
+    assert len(re.findall(r"/\* --- replica \d+ --- \*/", text)) == n
+
+
+def test_sizes_out_of_range_and_stale_check_are_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        gen.generate(replicas=6)
+    with pytest.raises(SystemExit):  # never over the committed model
+        gen.main(["--replicas", "2"])
+    with pytest.raises(SystemExit):
+        gen.main(["--replicas", "2", "--check"])
+    assert gen.main(["--replicas", "2", "--out", str(tmp_path / "m2.pml")]) == 0
+    assert (tmp_path / "m2.pml").read_text(encoding="utf-8") == gen.generate(replicas=2)
+
+
+@needs_spin
+def test_two_replica_model_passes_safety():
+    results = spin.run(gen.generate(replicas=2), opt="-O0", only="safety", hash_bits=20)
+    (r,) = [r for r in results if r["name"] != "total"]
+    assert not r["problems"], f"{r['problems']}\n{r.get('trail', '')}"
+    assert r["states"] > 1_000 and r["elapsed_s"] is not None
