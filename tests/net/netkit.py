@@ -218,13 +218,17 @@ def tls_service(certs, monkeypatch):
 
 # --------------------------------------------------------------------------- sshd
 class SSHD:
-    """Debian's sshd on a loopback port, fresh host and client keys, a forced command."""
+    """Debian's sshd on a loopback port, fresh host and client keys, a forced command.
 
-    def __init__(self, d: Path) -> None:
+    ``host``/``port``/``netns``: listen on an address of a network namespace the caller made
+    (tests/net/linkemu.py) instead; sshd then runs inside it (``ip netns exec``)."""
+
+    def __init__(self, d: Path, host: str = "127.0.0.1", port: int | None = None, netns: str | None = None) -> None:
         if not shutil.which("sshd") and not os.path.exists("/usr/sbin/sshd"):
             pytest.fail("openssh-server is not installed (tools/test installs it: apt-get install openssh-server)")
         self.d = d
-        self.port = free_port()
+        self.host = host
+        self.port = port or free_port()
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / "host_key")], check=True)
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / "client_key")], check=True)
         self.server_config = d / "serve.toml"
@@ -236,22 +240,23 @@ class SSHD:
         pub = (d / "client_key.pub").read_text().strip()
         (d / "authorized_keys").write_text(f'command="{forced}",restrict {pub}\n')
         host_pub = (d / "host_key.pub").read_text().split()
-        (d / "known_hosts").write_text(f"[127.0.0.1]:{self.port} {host_pub[0]} {host_pub[1]}\n")
+        (d / "known_hosts").write_text(f"[{host}]:{self.port} {host_pub[0]} {host_pub[1]}\n")
         (d / "sshd_config").write_text("\n".join([
-            f"Port {self.port}", "ListenAddress 127.0.0.1", f"HostKey {d / 'host_key'}",
+            f"Port {self.port}", f"ListenAddress {host}", f"HostKey {d / 'host_key'}",
             f"PidFile {d / 'sshd.pid'}", f"AuthorizedKeysFile {d / 'authorized_keys'}", "StrictModes no",
             "PasswordAuthentication no", "KbdInteractiveAuthentication no", "UsePAM no",
             "PermitRootLogin forced-commands-only", "PubkeyAuthentication yes", "LogLevel ERROR",
             "MaxStartups 200:30:400", "MaxSessions 200", "PrintMotd no", "Subsystem sftp /bin/false",
         ]) + "\n")
         os.makedirs("/run/sshd", exist_ok=True)
-        self.proc = subprocess.Popen(["/usr/sbin/sshd", "-D", "-e", "-f", str(d / "sshd_config")],
+        self.proc = subprocess.Popen([*(["ip", "netns", "exec", netns] if netns else []),
+                                      "/usr/sbin/sshd", "-D", "-e", "-f", str(d / "sshd_config")],
                                      stdout=subprocess.DEVNULL, stderr=open(d / "sshd.log", "wb"),
                                      start_new_session=True)
         deadline = time.monotonic() + 10
         while True:
             try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                socket.create_connection((host, self.port), timeout=1).close()
                 break
             except OSError:
                 if self.proc.poll() is not None or time.monotonic() > deadline:
@@ -271,7 +276,7 @@ class SSHD:
     def expose(self, local_url: str) -> str:
         self.volumes[f"src{next(_ids)}"] = local_url
         self.write_server_config()
-        return f"ssh://root@127.0.0.1:{self.port}/{local_url}"
+        return f"ssh://root@{self.host}:{self.port}/{local_url}"
 
     def children(self) -> list[int]:
         """PIDs of the per-connection processes this sshd forked (and theirs)."""
@@ -436,6 +441,12 @@ class FlakyProxy:
                 return False
             self.cut_count += 1
             return True
+
+    def drop_all(self) -> None:
+        """Reset every connection relayed so far (as a NAT or firewall forgetting idle flows does)."""
+        with self._lock:
+            socks, self._socks = list(self._socks), []
+        self._reset(*socks)
 
     @staticmethod
     def _reset(*socks: socket.socket) -> None:
