@@ -22,7 +22,7 @@ from rich.markup import escape
 
 from . import __version__, crashpoints, views
 from .config import GroupConfig, load_config, replica_block
-from .errors import CoalesceError, ConfigError
+from .errors import BackendError, CoalesceError, ConfigError
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -115,11 +115,29 @@ def cmd_run(args: argparse.Namespace) -> int:
         _map_transfers(tracker, agent)
     out = _console()
     try:
+        failed = False
         while True:
-            if tracker is not None:
-                report = _run_with_progress(agent, tracker, console)
-            else:
-                report = agent.run_once()
+            try:
+                if failed:
+                    agent.recover()  # what the failed cycle left in flight, as after a restart
+                    failed = False
+                if tracker is not None:
+                    report = _run_with_progress(agent, tracker, console)
+                else:
+                    report = agent.run_once()
+            except BackendError as exc:
+                if args.once:
+                    raise
+                # a volume or the link failed outside a transfer (a PCPI take/release, an export):
+                # the ledger holds the last decision, so recover and try again next interval
+                failed = True
+                wait = args.interval or agent.config.interval
+                err = Console(stderr=True, highlight=False, soft_wrap=True)
+                err.print(f"[bold red]cycle failed:[/] {escape(exc.message)}", markup=True)
+                err.print(f"[bold]next:[/] recovering and retrying in {wait:g} s"
+                          + (f"; {escape(exc.hint)}" if exc.hint else ""), markup=True)
+                time.sleep(wait)
+                continue
             if not args.quiet:
                 out.print(f"cycle {report.get('cycle')}: {report.get('seconds', 0):.3f}s, "
                           f"slowest {report.get('slowest')}, failures {report.get('failures')}, "

@@ -197,6 +197,9 @@ class SocketChannel(Channel):
             pass
 
 
+PIPE_SIZE = 1 << 20
+
+
 class FdChannel(Channel):
     """Two file descriptors (a pipe pair: ssh's stdout/stdin, or our own stdin/stdout)."""
 
@@ -207,6 +210,13 @@ class FdChannel(Channel):
         self._on_close = on_close
         self._closed = False
         self._wlock = threading.Lock()
+        for fd in (rfd, wfd):  # 64 KiB pipes cost a wake-up per 64 KiB; messages are up to 256 KiB
+            try:
+                import fcntl
+
+                fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+            except (OSError, AttributeError, ValueError):
+                pass  # not a pipe, or above /proc/sys/fs/pipe-max-size: keep the default
 
     def read_some(self, n: int) -> bytes:
         if self._closed:

@@ -214,6 +214,10 @@ class _Stderr:
 class RemoteVolume:
     """A source volume behind a source service (the ``ssh`` and ``tls`` backends' handle)."""
 
+    #: diff yields records the codec has already decoded and checked (frame checksums, trailer
+    #: digest, paths), so the agent does not encode and decode them a second time
+    records_decoded = True
+
     def __init__(self, url: VolumeURL, settings: ClientSettings | None = None) -> None:
         self.url = str(url)
         self.target = Target.parse(url)
@@ -361,7 +365,9 @@ class RemoteVolume:
         """One idempotent request on the control connection, reconnecting up to ``retries`` times."""
         last: Exception | None = None
         with self._lock:
-            for attempt in range(self.settings.retries + 1):
+            attempt = 0
+            while attempt <= self.settings.retries:
+                reused = self._ctl is not None
                 try:
                     if self._ctl is None:
                         self._ctl = self._connect()
@@ -372,8 +378,11 @@ class RemoteVolume:
                     last = exc
                     self._forget(self._ctl)
                     self._ctl = None
+                    if reused:
+                        continue  # a connection that died while idle costs no attempt: reconnect now
                     if attempt < self.settings.retries:
                         self._backoff(attempt)
+                    attempt += 1
                 except P.ProtocolError:
                     self._forget(self._ctl)
                     self._ctl = None

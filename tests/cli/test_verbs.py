@@ -129,3 +129,29 @@ def test_demo_on_other_backends_says_what_to_use(monkeypatch):
     if p.returncode == 0:  # a btrfs /tmp: the demo simply works there
         return
     assert "--backend sim" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_run_survives_a_failed_pcpi_release_and_recovers(group, cli, monkeypatch):
+    """`coalesce run` (no --once) reports a backend failure outside a transfer, recovers, goes on."""
+    tmp, writer = group
+    assert cli("init")[0] == 0
+    monkeypatch.setenv("COALESCE_FAULTS", "coalesce_snapshot_delete:volume=src.vol:times=1:message=link down")
+    sleeps: list[float] = []
+
+    def fake_sleep(seconds: float) -> None:
+        sleeps.append(seconds)
+        writer.write("A", "dir0/file0", f"change {len(sleeps)}".encode())
+        if len(sleeps) == 4:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli_mod.time, "sleep", fake_sleep)
+    rc, out, err = cli("run", "--interval", "7")
+    assert rc == cli_mod.EXIT_INTERRUPTED
+    assert "cycle failed:" in err and "link down" in err and "recovering and retrying in 7 s" in err
+    assert sleeps == [7, 7, 7, 7]
+    assert out.count("cycle ") >= 3  # cycles before and after the failure
+    monkeypatch.delenv("COALESCE_FAULTS")
+    rc, out, err = cli("check")
+    assert rc == 0, out + err
+    rc, out, err = cli("run", "--once", "-q")
+    assert rc == 0

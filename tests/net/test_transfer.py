@@ -231,3 +231,26 @@ def test_server_keepalives_during_a_slow_diff(certs, monkeypatch):
         v.close()
     finally:
         svc.stop()
+
+
+def test_a_control_connection_that_died_while_idle_is_reopened_without_spending_a_retry(tls_service, monkeypatch):
+    local = _source("idle", files=1, size=100)
+    tls_service.expose(local, name="src-idle")
+    proxy = FlakyProxy("127.0.0.1", tls_service.port)
+    try:
+        monkeypatch.setenv("COALESCE_RETRIES", "0")  # no retry budget at all
+        v = Volume.open(plugin_manager(remote_plugins()), f"tls://127.0.0.1:{proxy.port}/src-idle")
+        before = v.snapshot_list()
+        proxy.drop_all()  # the idle control connection is gone; the client does not know yet
+        assert v.snapshot_list() == before
+        assert v.handle.stats["connections"] == 2
+        proxy.drop_all()
+        proxy.stop()  # now the server is unreachable: the one free reconnect fails, and that is an error
+        from coalesce_core.errors import BackendError
+
+        with pytest.raises(BackendError, match="failed after 1 attempts"):
+            v.snapshot_list()
+        v.close()
+    finally:
+        proxy.stop()
+
