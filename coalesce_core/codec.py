@@ -228,6 +228,14 @@ class StreamEncoder:
                 hint=_HINT_PRODUCER,
             )
         head = _HEAD.pack(length, plan.code, self.seq)
+        self.seq += 1
+        self.bytes_out += 4 + length
+        if length < _BIG:
+            # a small frame is one chunk: one crc32 call, one digest update
+            body = b"".join([head, *parts])
+            frame = body + _U32.pack(zlib.crc32(body))
+            self._sha.update(frame)
+            return [frame]
         # Join runs of small pieces; pass large bytes fields through as their own chunk.
         chunks: list[Any] = []
         small: list[Any] = [head]
@@ -252,8 +260,6 @@ class StreamEncoder:
             chunks[-1] = chunks[-1] + crc_raw
         else:
             chunks.append(crc_raw)
-        self.seq += 1
-        self.bytes_out += 4 + length
         return chunks
 
     def trailer(self) -> bytes:
@@ -422,6 +428,24 @@ class _ChunkReader:
     def at_eof(self) -> bool:
         return self._pos >= len(self._mv) and self._pull() is None
 
+    def whole_frame(self) -> memoryview | None:
+        """The next frame (length field included) when the current chunk holds all of it
+        and its length is within bounds, else None (nothing consumed; use :meth:`read`)."""
+        mv, pos = self._mv, self._pos
+        if pos >= len(mv):
+            nxt = self._pull()
+            if nxt is None:
+                return None
+            self._mv, self._pos = mv, pos = nxt, 0
+        if pos + 4 > len(mv):
+            return None
+        (length,) = _U32.unpack_from(mv, pos)
+        end = pos + 4 + length
+        if end > len(mv) or length < _MIN_LENGTH or length > MAX_FRAME:
+            return None
+        self._pos = end
+        return mv[pos:end]
+
 
 def _reader_for(source: Any) -> _FileReader | _ChunkReader:
     if isinstance(source, (bytes, bytearray, memoryview)):
@@ -473,44 +497,28 @@ def _decode(reader: _FileReader | _ChunkReader) -> Iterator[Record]:
     seq = 0
     changes = 0
     crc32 = zlib.crc32
+    whole_frame = getattr(reader, "whole_frame", None)
     while True:
         frame_at = offset
-        raw_len = read(4)
-        if len(raw_len) < 4:
-            if not raw_len:
-                what = (f"without its End record (frame {seq} at byte offset {frame_at} is missing)")
-            else:
-                what = (f"inside the length field of frame {seq} at byte offset {frame_at} "
-                        f"({len(raw_len)} of 4 bytes)")
-            raise TruncatedStream(
-                f"the change stream ended after {changes} change records, {what}", hint=_HINT_TRUNCATED
-            )
-        (length,) = _U32.unpack(raw_len)
-        if length < _MIN_LENGTH or length > MAX_FRAME:
-            raise CorruptStream(
-                f"frame {seq} at byte offset {frame_at} claims a length of {length} bytes; "
-                f"a frame is {_MIN_LENGTH} to {MAX_FRAME} bytes",
-                hint=_HINT_CORRUPT,
-            )
-        body = read(length)
-        if len(body) < length:
-            raise TruncatedStream(
-                f"the change stream ended after {changes} change records, inside frame {seq} at byte offset "
-                f"{frame_at} ({4 + len(body)} of its {4 + length} bytes arrived)",
-                hint=_HINT_TRUNCATED,
-            )
-        offset += 4 + length
-        mv = memoryview(body)
-        (want,) = _U32.unpack_from(mv, length - 4)
-        got = crc32(mv[: length - 4], crc32(raw_len))
-        if got != want:
-            raise CorruptStream(
-                f"frame {seq} at byte offset {frame_at} ({4 + length} bytes) fails its checksum "
-                f"(crc32 {got:#010x}, frame says {want:#010x})",
-                hint=_HINT_CORRUPT,
-            )
-        sha.update(raw_len)
-        sha.update(mv)
+        whole = whole_frame() if whole_frame is not None else None
+        if whole is not None:
+            # the frame lies in one chunk (every small frame the encoder makes): one crc32
+            # call over it and one digest update
+            length = len(whole) - 4
+            offset += 4 + length
+            mv = whole[4:]
+            (want,) = _U32.unpack_from(whole, length)
+            got = crc32(whole[:length])
+            if got != want:
+                raise CorruptStream(
+                    f"frame {seq} at byte offset {frame_at} ({4 + length} bytes) fails its checksum "
+                    f"(crc32 {got:#010x}, frame says {want:#010x})",
+                    hint=_HINT_CORRUPT,
+                )
+            sha.update(whole)
+        else:
+            length, mv = _read_frame(read, seq, frame_at, changes, sha)
+            offset += 4 + length
         code, fseq = _TYPESEQ.unpack_from(mv, 0)
         if fseq != seq:
             raise CorruptStream(
@@ -551,6 +559,48 @@ def _decode(reader: _FileReader | _ChunkReader) -> Iterator[Record]:
             changes += 1
         seq += 1
         yield record
+
+
+def _read_frame(read: Any, seq: int, frame_at: int, changes: int, sha: Any) -> tuple[int, memoryview]:
+    """Read and check one frame through ``read`` (a frame split across chunks, or any frame of
+    a file object): its length field and a memoryview of the bytes after it."""
+    crc32 = zlib.crc32
+    raw_len = read(4)
+    if len(raw_len) < 4:
+        if not raw_len:
+            what = (f"without its End record (frame {seq} at byte offset {frame_at} is missing)")
+        else:
+            what = (f"inside the length field of frame {seq} at byte offset {frame_at} "
+                    f"({len(raw_len)} of 4 bytes)")
+        raise TruncatedStream(
+            f"the change stream ended after {changes} change records, {what}", hint=_HINT_TRUNCATED
+        )
+    (length,) = _U32.unpack(raw_len)
+    if length < _MIN_LENGTH or length > MAX_FRAME:
+        raise CorruptStream(
+            f"frame {seq} at byte offset {frame_at} claims a length of {length} bytes; "
+            f"a frame is {_MIN_LENGTH} to {MAX_FRAME} bytes",
+            hint=_HINT_CORRUPT,
+        )
+    body = read(length)
+    if len(body) < length:
+        raise TruncatedStream(
+            f"the change stream ended after {changes} change records, inside frame {seq} at byte offset "
+            f"{frame_at} ({4 + len(body)} of its {4 + length} bytes arrived)",
+            hint=_HINT_TRUNCATED,
+        )
+    mv = memoryview(body)
+    (want,) = _U32.unpack_from(mv, length - 4)
+    got = crc32(mv[: length - 4], crc32(raw_len))
+    if got != want:
+        raise CorruptStream(
+            f"frame {seq} at byte offset {frame_at} ({4 + length} bytes) fails its checksum "
+            f"(crc32 {got:#010x}, frame says {want:#010x})",
+            hint=_HINT_CORRUPT,
+        )
+    sha.update(raw_len)
+    sha.update(mv)
+    return length, mv
 
 
 def _check_trailer(reader: _FileReader | _ChunkReader, digest: bytes, changes: int, offset: int) -> None:

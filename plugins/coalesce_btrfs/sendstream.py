@@ -94,36 +94,49 @@ def read_header(f: BinaryIO) -> int:
     return version
 
 
+_U16 = struct.Struct("<H")
+_Q = struct.Struct("<Q")
+_I = struct.Struct("<I")
+_QI = struct.Struct("<QI")
+_DATA = A["DATA"]
+# attribute type -> (name, how its value is decoded): 8 u64, 4 u32, 12 (sec, nsec), 0 raw bytes
+_ATTRS = {t: (n, 8 if t in _U64 else 4 if t in _U32 else 12 if t in _TIMES else 0) for n, t in A.items()}
+_STRUCTS = {8: _Q, 4: _I}
+
+
 def decode(payload: bytes, cmd: int, version: int) -> Command:
     out: dict = {}
     pos, end = 0, len(payload)
     mv = memoryview(payload)
+    tlv = _TLV.unpack_from
+    attrs_ = _ATTRS
     while pos < end:
         if end - pos < 2:
             raise CorruptStream("a btrfs send TLV header is cut short")
-        (t,) = struct.unpack_from("<H", payload, pos)
-        if version >= 2 and t == A["DATA"]:
+        if version >= 2 and _U16.unpack_from(payload, pos)[0] == _DATA:
             out["DATA"] = mv[pos + 2:]
             break
         if end - pos < 4:
             raise CorruptStream("a btrfs send TLV header is cut short")
-        t, ln = _TLV.unpack_from(payload, pos)
+        t, ln = tlv(payload, pos)
         pos += 4
         if pos + ln > end:
             raise CorruptStream(f"a btrfs send attribute ({ATTR_NAMES.get(t, t)}) overruns its command")
-        val = mv[pos:pos + ln]
-        pos += ln
-        name = ATTR_NAMES.get(t, f"A{t}")
-        if t in _U64 and ln == 8:
-            out[name] = struct.unpack("<Q", val)[0]
-        elif t in _U32 and ln == 4:
-            out[name] = struct.unpack("<I", val)[0]
-        elif t in _TIMES and ln == 12:
-            out[name] = struct.unpack("<QI", val)
-        elif t == A["DATA"]:
-            out[name] = val
+        info = attrs_.get(t)
+        if info is None:
+            out[f"A{t}"] = bytes(mv[pos:pos + ln])
         else:
-            out[name] = bytes(val)
+            name, kind = info
+            if kind == ln and kind:
+                if kind == 12:
+                    out[name] = _QI.unpack_from(payload, pos)
+                else:
+                    out[name] = _STRUCTS[kind].unpack_from(payload, pos)[0]
+            elif t == _DATA:
+                out[name] = mv[pos:pos + ln]
+            else:
+                out[name] = bytes(mv[pos:pos + ln])
+        pos += ln
     return Command(name=CMD_NAMES.get(cmd, f"C{cmd}"), attrs=out)
 
 

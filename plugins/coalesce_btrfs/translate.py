@@ -52,6 +52,8 @@ from .sendstream import Command
 
 _KIND = {"MKFILE": "f", "MKDIR": "d", "SYMLINK": "l", "MKNOD": None, "MKFIFO": None, "MKSOCK": None}
 _DATA_CMDS = ("WRITE", "UPDATE_EXTENT", "CLONE", "ENCODED_WRITE", "FALLOCATE")
+#: the largest changed tail of a file that is overwritten in place instead of truncated first
+_OVERWRITE_MAX = walk.CHUNK
 
 
 class Node:
@@ -348,46 +350,64 @@ class _Emitter:
         # 3. arrivals and parked objects, shallowest final path first
         cur_final = set(p for p in st.cur if self.inq(p))
         placed: list[tuple[str, object]] = [(f, ("move", n)) for n, f in moves] + [(f, ("new", n)) for n, f in arrives]
-        for final, (how, n) in sorted(placed, key=lambda t: (_depth(t[0]), t[0])):
-            frel = self.rel(final)
-            if how == "move":
-                yield Rename(old=parked[n.seq], new=frel)
-                continue
-            tst = self.tstat(final)
-            if tst is None or walk.kind_of(tst) is None:
-                continue
-            if n.new and walk.kind_of(tst) == "d":
-                yield MkDir(path=frel, mode=tst.st_mode & 0o7777)
-                yield from walk.xattr_records(frel, {}, walk.read_xattrs(os.path.join(self.target_root, final)))
-                self.attrs.append(walk.setattr_record(frel, tst))
-            else:
-                yield from walk.create_records(
-                    self.target_root, final, dest_rel=frel, links=self.links, attrs_out=self.attrs,
-                    skip=lambda p: p in cur_final)
+        placed.sort(key=lambda t: (_depth(t[0]), t[0]))
+        # the data of new regular files is read from the target snapshot: ask for it ahead
+        ahead = walk.ReadAhead([(os.path.join(self.target_root, f), 0) for f, (how, n) in placed
+                                if how == "new" and n.kind == "f"])
+        try:
+            for final, (how, n) in placed:
+                frel = self.rel(final)
+                if how == "new" and n.kind == "f":
+                    ahead.next()
+                if how == "move":
+                    yield Rename(old=parked[n.seq], new=frel)
+                    continue
+                tst = self.tstat(final)
+                if tst is None or walk.kind_of(tst) is None:
+                    continue
+                if n.new and walk.kind_of(tst) == "d":
+                    yield MkDir(path=frel, mode=tst.st_mode & 0o7777)
+                    yield from walk.xattr_records(frel, {}, walk.read_xattrs(os.path.join(self.target_root, final)))
+                    self.attrs.append(walk.setattr_record(frel, tst))
+                else:
+                    yield from walk.create_records(
+                        self.target_root, final, dest_rel=frel, links=self.links, attrs_out=self.attrs,
+                        skip=lambda p: p in cur_final, st=tst)
+        finally:
+            ahead.close()
 
         # 4. extra names of the same object
         for f, primary in sorted(extra, key=lambda t: t[0]):
             yield HardLink(path=self.rel(f), existing=self.rel(primary))
 
         # 5. data, xattrs and attributes of objects that stayed or moved
-        for n, final in stays + moves:
-            frel = self.rel(final)
-            tst = self.tstat(final)
-            bst = self.bstat(n.base_path)
-            if tst is None or bst is None:
-                continue
-            if n.data_dirty and stat.S_ISREG(tst.st_mode):
-                yield from self._data(final, frel, n, bst.st_size, tst.st_size)
-            if n.xattr_dirty and walk.kind_of(tst) != "l":
-                yield from walk.xattr_records(frel, walk.read_xattrs(os.path.join(self.base_root, n.base_path)),
-                                              walk.read_xattrs(os.path.join(self.target_root, final)))
-            if stat.S_ISLNK(tst.st_mode) and os.readlink(os.path.join(self.base_root, n.base_path)) != \
-                    os.readlink(os.path.join(self.target_root, final)):
-                yield Unlink(path=frel)
-                yield Symlink(path=frel, target=os.fsdecode(os.readlink(os.path.join(self.target_root, final))))
-                self.attrs.append(walk.setattr_record(frel, tst))
-            elif walk.attrs_differ(bst, tst):      # UTIMES also comes for atime-only changes
-                self.attrs.append(walk.setattr_record(frel, tst))
+        changed = stays + moves
+        # data commands change regular files only
+        ahead = walk.ReadAhead([(os.path.join(self.target_root, f), min(n.ranges)[0] if n.ranges else 0)
+                                for n, f in changed if n.data_dirty])
+        try:
+            for n, final in changed:
+                if n.data_dirty:
+                    ahead.next()
+                frel = self.rel(final)
+                tst = self.tstat(final)
+                bst = self.bstat(n.base_path)
+                if tst is None or bst is None:
+                    continue
+                if n.data_dirty and stat.S_ISREG(tst.st_mode):
+                    yield from self._data(final, frel, n, bst.st_size, tst.st_size)
+                if n.xattr_dirty and walk.kind_of(tst) != "l":
+                    yield from walk.xattr_records(frel, walk.read_xattrs(os.path.join(self.base_root, n.base_path)),
+                                                  walk.read_xattrs(os.path.join(self.target_root, final)))
+                if stat.S_ISLNK(tst.st_mode) and os.readlink(os.path.join(self.base_root, n.base_path)) != \
+                        os.readlink(os.path.join(self.target_root, final)):
+                    yield Unlink(path=frel)
+                    yield Symlink(path=frel, target=os.fsdecode(os.readlink(os.path.join(self.target_root, final))))
+                    self.attrs.append(walk.setattr_record(frel, tst))
+                elif walk.attrs_differ(bst, tst):      # UTIMES also comes for atime-only changes
+                    self.attrs.append(walk.setattr_record(frel, tst))
+        finally:
+            ahead.close()
 
         yield from walk.sorted_attrs(self.attrs)
 
@@ -415,7 +435,16 @@ class _Emitter:
         Records cannot punch a hole, so a dirty range that reaches the old end
         of file is replaced by a Truncate to its start followed by the data
         segments only (holes stay holes); a dirty range inside the old file is
-        overwritten byte for byte (zeros included).
+        overwritten byte for byte (zeros included).  So is a last range of at
+        most one Write (:data:`_OVERWRITE_MAX`) that holds no hole, the
+        rewritten small file: its Truncate to 0 cost a record, a system call and
+        a flush of the file when the applier closes it (btrfs flushes a file
+        truncated to 0 at close); opening, truncating, writing and closing
+        10,000 4 KiB files took 0.40-0.44 s of CPU, 0.18-0.19 s without the
+        truncation (issue 7.4).  For a large file both ways measured the same (the flush
+        only moves from the close to the destination snapshot), so larger
+        ranges keep the Truncate.  The final Truncate comes only when the size
+        the records leave differs from the target's.
         """
         mt = n.min_trunc
         cur_size = mt if mt is not None and mt < bsize else bsize
@@ -431,12 +460,17 @@ class _Emitter:
                 merged[-1][1] = max(merged[-1][1], end)
             else:
                 merged.append([off, end])
-        if merged and merged[-1][1] >= cur_size and merged[-1][0] < cur_size:
-            cur_size = merged[-1][0]
-        if cur_size < bsize:
-            yield Truncate(path=frel, size=cur_size)
         fd = os.open(os.path.join(self.target_root, final), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
+            if merged and merged[-1][1] >= cur_size and merged[-1][0] < cur_size:
+                start = merged[-1][0]
+                # [start, cur_size) is overwritten in place when it is small and holds no hole
+                if cur_size - start > _OVERWRITE_MAX or \
+                        list(walk.data_segments(fd, start, cur_size))[:1] != [(start, cur_size - start)]:
+                    cur_size = start
+            if cur_size < bsize:
+                yield Truncate(path=frel, size=cur_size)
+            size = cur_size                        # the file's size after the records so far
             for start, end in merged:
                 overwrite_end = min(end, cur_size)
                 pos = start
@@ -448,8 +482,10 @@ class _Emitter:
                     yield Write(path=frel, offset=pos, data=data)
                     pos += len(data)
                 if end > max(start, cur_size):
-                    yield from walk.write_records(frel, fd, max(start, cur_size), end, skip_zero=False)
+                    for w in walk.write_records(frel, fd, max(start, cur_size), end, skip_zero=False):
+                        size = max(size, w.offset + len(w.data))
+                        yield w
         finally:
             os.close(fd)
-        if tsize != cur_size or mt is not None or merged:
+        if size != tsize:
             yield Truncate(path=frel, size=tsize)

@@ -7,7 +7,14 @@ is written for that record; ``..`` and absolute paths never reach the file
 system (``check_path`` refuses them, again here, whatever the record's
 constructor did).  The final component is operated on with ``*at`` calls
 (``dir_fd``, ``follow_symlinks=False``, ``O_NOFOLLOW``), so a symlink in the
-qtree is stored and changed, never followed.
+qtree is stored and changed, never followed.  Resolved directories are kept
+open by path for the rest of the stream (at most 64); when the stream
+renames, discards or removes a directory, its entry and those below it are
+dropped, so a kept descriptor never stands for a path that now names
+something else (a symlink put there included).  Records are applied one at a
+time in stream order; a large Write, and what comes while it is written, is
+applied by a writer thread while the next records are pulled
+(:meth:`Applier._apply_stream`).
 
 Deleted or replaced entries go to the qtree's purgatory, a directory of the
 same file system outside the qtree (``rename`` is atomic and cheap there);
@@ -23,8 +30,10 @@ from __future__ import annotations
 import errno
 import itertools
 import os
+import queue
 import shutil
 import stat
+import threading
 import time
 from collections import OrderedDict
 from typing import Any, Iterable, Iterator
@@ -37,7 +46,12 @@ from coalesce_core.records import (
 )
 
 O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_O_NEWFILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _NOFOLLOW_ERRNOS = (errno.ELOOP, errno.ENOTDIR)
+# Applier._apply_stream: a Write of at least _PIPE_MIN bytes goes to the writer thread, where
+# at most _PIPE_DEPTH records wait (memory: a few MiB)
+_PIPE_MIN = 256 << 10
+_PIPE_DEPTH = 4
 
 
 class ApplyFailed(BackendError):
@@ -104,11 +118,22 @@ class Applier:
         return self._purg_fd
 
     def _forget(self) -> None:
-        """Drop cached descriptors (after a rename or removal changed the namespace)."""
+        """Drop every cached descriptor."""
         for fd in self._dirs.values():
             os.close(fd)
         self._dirs.clear()
         self._close_file()
+
+    def _forget_dir(self, path: str) -> None:
+        """Drop the cached descriptors of directory ``path`` and of every directory below it.
+
+        Called when the directory at ``path`` is renamed, moved to purgatory or
+        removed: a cached descriptor follows the directory it was opened on, so
+        it no longer names what ``path`` names.  A rename or removal of anything
+        else leaves every cached directory where it was."""
+        below = path + "/"
+        for key in [k for k in self._dirs if k == path or k.startswith(below)]:
+            os.close(self._dirs.pop(key))
 
     def _close_file(self) -> None:
         if self._file is not None:
@@ -181,15 +206,16 @@ class Applier:
             return None
 
     # -- purgatory ------------------------------------------------------------
-    def _discard(self, dfd: int, name: str, st: os.stat_result) -> None:
-        """Move an entry to purgatory (or delete it when there is none)."""
+    def _discard(self, path: str, dfd: int, name: str, st: os.stat_result) -> None:
+        """Move the entry ``path`` (``name`` in ``dfd``) to purgatory (or delete it when there is none)."""
         self._close_file()
         if self.purgatory is not None:
             pname = f"{time.time_ns():x}.{next(self._seq)}.{name[:200]}"
             os.rename(name, pname, src_dir_fd=dfd, dst_dir_fd=self._purgatory_fd())
         else:
             _remove_entry(dfd, name, st)
-        self._forget()
+        if stat.S_ISDIR(st.st_mode):
+            self._forget_dir(path)
 
     # -- records --------------------------------------------------------------
     def apply(self, records: Iterable[Any]) -> dict[str, int]:
@@ -207,19 +233,65 @@ class Applier:
             stream = itertools.chain([first], it)
         self._open_root()
         try:
-            for rec in stream:
-                if isinstance(rec, (Begin, End)):
-                    raise CorruptStream(f"unexpected {type(rec).__name__} record inside the stream")
-                try:
-                    self.one(rec)
-                except OSError as exc:
-                    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                        self._release_partial_file()
-                    raise self._os_error(rec, exc) from exc
-                self.records += 1
+            self._apply_stream(stream)
         finally:
             self.close()
         return {"records": self.records, "bytes": self.bytes}
+
+    def _apply_stream(self, stream: Iterable[Any]) -> None:
+        """Apply the records in order; large Writes (and what follows them while they
+        are written) in a writer thread.
+
+        Pulling a record runs the diff (reading the source PCPI) and the codec
+        (checksums), applying a Write is a ``pwrite``: both release the GIL on
+        large buffers, so a Write of at least ``_PIPE_MIN`` bytes is handed to
+        a writer thread while this thread pulls the next records, as ``btrfs
+        send`` and ``btrfs receive`` overlap in two processes.  Records that
+        come while the writer has work queue behind it; others are applied
+        here at once (for small records both threads would mostly run Python
+        and only contend for the GIL).  Only this thread touches the records
+        iterator (the caller may close it as soon as apply returns).  Every
+        record pulled is applied before apply returns or raises, as when
+        records were applied one at a time, and an apply error comes before
+        anything the source raises later (it concerns an earlier record)."""
+        writer: _Writer | None = None
+        it = iter(stream)
+        try:
+            while True:
+                try:
+                    rec = next(it)
+                except StopIteration:
+                    break
+                except BaseException:
+                    if writer is not None:
+                        writer.drain()
+                    raise
+                if writer is not None and writer.busy():
+                    writer.put(rec)
+                elif type(rec) is Write and len(rec.data) >= _PIPE_MIN:
+                    if writer is None:
+                        writer = _Writer(self)
+                    writer.put(rec)
+                else:
+                    if writer is not None:
+                        writer.drain()              # idle: raises its failure, if its last record failed
+                    self._apply_one(rec)
+            if writer is not None:
+                writer.drain()
+        finally:
+            if writer is not None:
+                writer.stop()
+
+    def _apply_one(self, rec: Any) -> None:
+        if isinstance(rec, (Begin, End)):
+            raise CorruptStream(f"unexpected {type(rec).__name__} record inside the stream")
+        try:
+            self.one(rec)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                self._release_partial_file()
+            raise self._os_error(rec, exc) from exc
+        self.records += 1
 
     def _release_partial_file(self) -> None:
         """On ENOSPC, release the file being written (best effort): the update has
@@ -270,37 +342,48 @@ class Applier:
         elif isinstance(rec, Truncate):
             os.ftruncate(self._file_fd(rec.path), rec.size)
         elif isinstance(rec, MkFile):
+            mode = rec.mode & 0o7777
             dfd, name = self._parent(rec.path)
-            st = self._lstat(dfd, name)
-            if st is not None:
-                self._discard(dfd, name, st)
-                dfd, name = self._parent(rec.path)
-            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, rec.mode & 0o7777,
-                         dir_fd=dfd)
-            os.fchmod(fd, rec.mode & 0o7777)       # umask-free
             self._close_file()
-            self._file = (rec.path, fd)
-        elif isinstance(rec, MkDir):
-            dfd, name = self._parent(rec.path)
-            st = self._lstat(dfd, name)
-            if st is not None and stat.S_ISDIR(st.st_mode):
-                return                              # idempotent replay
-            if st is not None:
-                self._discard(dfd, name, st)
-                dfd, name = self._parent(rec.path)
-            os.mkdir(name, rec.mode & 0o7777, dir_fd=dfd)
-            fd = os.open(name, O_DIR, dir_fd=dfd)
             try:
-                os.fchmod(fd, rec.mode & 0o7777)
-            finally:
-                os.close(fd)
+                # O_EXCL: an existing entry, a symlink included, fails with EEXIST (never followed)
+                fd = os.open(name, _O_NEWFILE, mode, dir_fd=dfd)
+            except FileExistsError:
+                st = self._lstat(dfd, name)
+                if st is not None:
+                    self._discard(rec.path, dfd, name, st)
+                    dfd, name = self._parent(rec.path)
+                fd = os.open(name, _O_NEWFILE, mode, dir_fd=dfd)
+            self._file = (rec.path, fd)
+            if stat.S_IMODE(os.fstat(fd).st_mode) != mode:
+                os.fchmod(fd, mode)                 # the umask took bits away
+        elif isinstance(rec, MkDir):
+            mode = rec.mode & 0o7777
+            dfd, name = self._parent(rec.path)
+            try:
+                os.mkdir(name, mode, dir_fd=dfd)
+            except FileExistsError:
+                st = self._lstat(dfd, name)
+                if st is not None and stat.S_ISDIR(st.st_mode):
+                    return                          # idempotent replay
+                if st is not None:
+                    self._discard(rec.path, dfd, name, st)
+                    dfd, name = self._parent(rec.path)
+                os.mkdir(name, mode, dir_fd=dfd)
+            st = os.lstat(name, dir_fd=dfd)
+            if stat.S_IMODE(st.st_mode) != mode:    # the umask took bits away
+                fd = os.open(name, O_DIR, dir_fd=dfd)
+                try:
+                    os.fchmod(fd, mode)
+                finally:
+                    os.close(fd)
         elif isinstance(rec, Symlink):
             dfd, name = self._parent(rec.path)
             st = self._lstat(dfd, name)
             if st is not None:
                 if stat.S_ISLNK(st.st_mode) and os.readlink(name, dir_fd=dfd) == _fs(rec.target):
                     return
-                self._discard(dfd, name, st)
+                self._discard(rec.path, dfd, name, st)
                 dfd, name = self._parent(rec.path)
             os.symlink(_fs(rec.target), name, dir_fd=dfd)
         elif isinstance(rec, HardLink):
@@ -316,7 +399,7 @@ class Applier:
             if st is not None:
                 if (st.st_dev, st.st_ino) == (sst.st_dev, sst.st_ino):
                     return
-                self._discard(dfd, name, st)
+                self._discard(rec.path, dfd, name, st)
                 sfd, sname = self._parent(rec.existing)
                 dfd, name = self._parent(rec.path)
             os.link(sname, name, src_dir_fd=sfd, dst_dir_fd=dfd, follow_symlinks=False)
@@ -333,12 +416,13 @@ class Applier:
             if dst is not None:
                 if (dst.st_dev, dst.st_ino) == (sst.st_dev, sst.st_ino):
                     return
-                self._discard(dfd, dname, dst)
+                self._discard(rec.new, dfd, dname, dst)
                 sfd, sname = self._parent(rec.old)
                 dfd, dname = self._parent(rec.new)
             self._close_file()
             os.rename(sname, dname, src_dir_fd=sfd, dst_dir_fd=dfd)
-            self._forget()
+            if stat.S_ISDIR(sst.st_mode):
+                self._forget_dir(rec.old)
         elif isinstance(rec, Unlink):
             dfd, name = self._parent(rec.path)
             st = self._lstat(dfd, name)
@@ -346,7 +430,7 @@ class Applier:
                 return
             if stat.S_ISDIR(st.st_mode):
                 raise CorruptStream(f"unlink {rec.path!r}: it is a directory in qtree {self.qtree!r}")
-            self._discard(dfd, name, st)
+            self._discard(rec.path, dfd, name, st)
         elif isinstance(rec, RmDir):
             dfd, name = self._parent(rec.path)
             st = self._lstat(dfd, name)
@@ -361,7 +445,7 @@ class Applier:
                     raise
                 raise CorruptStream(f"rmdir {rec.path!r}: directory not empty in qtree {self.qtree!r}",
                                     hint="the stream does not match the replica; it is rolled back") from exc
-            self._forget()
+            self._forget_dir(rec.path)
         elif isinstance(rec, SetAttr):
             self._setattr(rec)
         elif isinstance(rec, SetXattr):
@@ -414,10 +498,14 @@ class Applier:
         st = self._lstat(dfd, name)
         if st is None:
             raise CorruptStream(f"setattr {rec.path!r}: no such entry in qtree {self.qtree!r}")
-        if rec.uid is not None or rec.gid is not None:
+        # what already holds is not set again (the same owner, mode, times): a chown
+        # or chmod costs a metadata update each, and most SetAttr records only move mtime
+        chowned = ((rec.uid is not None and rec.uid != st.st_uid) or (rec.gid is not None and rec.gid != st.st_gid))
+        if chowned:
             os.chown(name, -1 if rec.uid is None else rec.uid, -1 if rec.gid is None else rec.gid,
                      dir_fd=dfd, follow_symlinks=False)
-        if rec.mode is not None and not stat.S_ISLNK(st.st_mode):
+        # chown clears the set-id bits, so after one the mode is always set again
+        if rec.mode is not None and not stat.S_ISLNK(st.st_mode) and (chowned or stat.S_IMODE(st.st_mode) != rec.mode & 0o7777):
             fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dfd)
             try:
                 os.fchmod(fd, rec.mode & 0o7777)
@@ -426,7 +514,53 @@ class Applier:
         if rec.mtime_ns is not None:
             if self._file is not None and self._file[0] == rec.path:
                 self._close_file()
-            os.utime(name, ns=(rec.mtime_ns, rec.mtime_ns), dir_fd=dfd, follow_symlinks=False)
+                st = None                           # a FUSE file system may set the times at close
+            if st is None or st.st_mtime_ns != rec.mtime_ns or st.st_atime_ns != rec.mtime_ns:
+                os.utime(name, ns=(rec.mtime_ns, rec.mtime_ns), dir_fd=dfd, follow_symlinks=False)
+
+
+class _Writer:
+    """The writer thread of :meth:`Applier._apply_stream`: applies the records it is handed, in order."""
+
+    def __init__(self, applier: Applier) -> None:
+        self._queue: queue.Queue = queue.Queue(maxsize=_PIPE_DEPTH)
+        self._failed: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(applier,), name=f"coalesce-apply-{applier.qtree}",
+                                        daemon=True)
+        self._thread.start()
+
+    def _run(self, applier: Applier) -> None:
+        while True:
+            rec = self._queue.get()
+            try:
+                if rec is None:
+                    return
+                if self._failed is None:            # after a failure: drain, so that put() never blocks
+                    applier._apply_one(rec)
+            except BaseException as exc:            # noqa: BLE001 -- raised in the puller's thread
+                self._failed = exc
+            finally:
+                self._queue.task_done()
+
+    def busy(self) -> bool:
+        """True while a record handed over is not applied yet (0 is read only once all are)."""
+        return self._queue.unfinished_tasks > 0
+
+    def put(self, rec: Any) -> None:
+        if self._failed is not None:
+            raise self._failed
+        self._queue.put(rec)
+
+    def drain(self) -> None:
+        """Wait until every record handed over is applied; raise the writer's error."""
+        self._queue.join()
+        if self._failed is not None:
+            raise self._failed
+
+    def stop(self) -> None:
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
 
 
 def _rmtree_fd(dfd: int) -> None:

@@ -15,6 +15,8 @@ import errno
 import hashlib
 import os
 import stat
+import threading
+import weakref
 from typing import Callable, Iterable, Iterator
 
 from coalesce_core import fingerprint as fp
@@ -24,6 +26,7 @@ from coalesce_core.records import (
 
 CHUNK = MAX_DATA
 _HAVE_SEEK = hasattr(os, "SEEK_DATA")
+_HAVE_FADVISE = hasattr(os, "posix_fadvise")
 
 
 def join(rel: str, name: str) -> str:
@@ -143,6 +146,74 @@ def data_segments(fd: int, start: int, end: int) -> Iterator[tuple[int, int]]:
         pos = h
 
 
+class ReadAhead:
+    """Start the kernel's reads of files a little before they are read.
+
+    A file of a fresh snapshot is cold, and reading many small ones one after
+    the other waits for each read in turn (about 70 us per 4 KiB file on a
+    loop device, a large part of what a new small file costs).  A helper
+    thread opens the files of ``files`` ((path, offset) pairs, in reading
+    order) and asks the kernel for their data (``posix_fadvise WILLNEED`` of
+    ``CHUNK`` bytes from the offset), at most ``ahead`` files ahead of the
+    reader, who calls :meth:`next` before reading each file and
+    :meth:`close` when done.  The asking blocks too (about 60 us a file on
+    btrfs), so it runs in its own thread, never in the reader's.  Give it
+    regular files of a read-only image only (opening a device node may act on
+    the device).  Advisory: a file that cannot be opened is skipped, nothing
+    is followed (``O_NOFOLLOW``), nothing is written, and the thread ends at
+    :meth:`close`, when the reader is collected, or after the last file."""
+
+    def __init__(self, files: list[tuple[str, int]], ahead: int = 128) -> None:
+        self._state = _ReadAheadState(ahead)
+        if files and _HAVE_FADVISE:
+            threading.Thread(target=_read_ahead, args=(files, self._state), name="coalesce-readahead",
+                             daemon=True).start()
+        weakref.finalize(self, self._state.stop)
+
+    def next(self) -> None:
+        self._state.advance()
+
+    def close(self) -> None:
+        self._state.stop()
+
+
+class _ReadAheadState:
+    def __init__(self, ahead: int) -> None:
+        self.cond = threading.Condition()
+        self.ahead = ahead
+        self.pos = 0                # files the reader has started on
+        self.stopped = False
+
+    def advance(self) -> None:
+        with self.cond:
+            self.pos += 1
+            self.cond.notify()
+
+    def stop(self) -> None:
+        with self.cond:
+            self.stopped = True
+            self.cond.notify()
+
+
+def _read_ahead(files: list[tuple[str, int]], state: _ReadAheadState) -> None:
+    for i, (path, offset) in enumerate(files):
+        with state.cond:
+            while not state.stopped and i >= state.pos + state.ahead:
+                state.cond.wait()
+            if state.stopped:
+                return
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            os.posix_fadvise(fd, offset, CHUNK, os.POSIX_FADV_WILLNEED)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
+
 def write_records(path_rel: str, fd: int, start: int, end: int, *, skip_zero: bool) -> Iterator[Write]:
     """Write records carrying bytes ``[start, end)`` of the open file ``fd`` (holes skipped)."""
     for off, length in list(data_segments(fd, start, end)):
@@ -195,23 +266,28 @@ def attrs_differ(a: os.stat_result, b: os.stat_result) -> bool:
 
 
 def file_create_records(root: str, rel: str, st: os.stat_result, dest_rel: str | None = None) -> Iterator[object]:
-    """MkFile + data + Truncate + xattrs for the regular file ``root/rel`` (created at ``dest_rel``)."""
+    """MkFile + data (+ Truncate when the data ends before the size) + xattrs for the regular file ``root/rel``
+    (created at ``dest_rel``)."""
     dest = dest_rel or rel
     full = os.path.join(root, rel)
     yield MkFile(path=dest, mode=st.st_mode & 0o7777)
     fd = os.open(full, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    written = 0                     # the size the records give the new file
     try:
         size = os.fstat(fd).st_size
-        yield from write_records(dest, fd, 0, size, skip_zero=True)
+        for w in write_records(dest, fd, 0, size, skip_zero=True):
+            written = w.offset + len(w.data)
+            yield w
     finally:
         os.close(fd)
-    if size:
+    if written != size:             # a hole (or zeros) at the end
         yield Truncate(path=dest, size=size)
     yield from xattr_records(dest, {}, read_xattrs(full))
 
 
 def create_records(root: str, rel: str, *, dest_rel: str | None = None, links: dict | None = None,
-                   skip: Callable[[str], bool] | None = None, attrs_out: list | None = None) -> Iterator[object]:
+                   skip: Callable[[str], bool] | None = None, attrs_out: list | None = None,
+                   st: os.stat_result | None = None) -> Iterator[object]:
     """Records that create the entry ``root/rel`` (and, for a directory, everything
     below it) at ``dest_rel`` (default ``rel``) in a qtree.
 
@@ -219,13 +295,15 @@ def create_records(root: str, rel: str, *, dest_rel: str | None = None, links: d
     in this stream, so that hard links stay hard links.  ``skip(rel)`` leaves
     out an entry (and its subtree) that the caller handles itself.  SetAttr
     records are appended to ``attrs_out`` (the caller emits them at the end,
-    deepest first, so directory times survive) or yielded last.
+    deepest first, so directory times survive) or yielded last.  ``st``: the
+    caller's ``lstat`` of the entry (of a read-only image), if it has one.
     """
     own_attrs = attrs_out is None
     attrs_list: list = [] if own_attrs else attrs_out
     links = {} if links is None else links
     dest = dest_rel or rel
-    st = lstat_or_none(os.path.join(root, rel))
+    if st is None:
+        st = lstat_or_none(os.path.join(root, rel))
     if st is None:
         return
     yield from _create_one(root, rel, dest, st, links, skip, attrs_list)

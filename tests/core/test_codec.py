@@ -38,6 +38,8 @@ from coalesce_core.records import (
     Truncate,
     Unlink,
     Write,
+    check_path,
+    check_path_fully,
     framed,
 )
 
@@ -478,6 +480,24 @@ def test_hostile_path_with_a_correct_crc(path):
     assert isinstance(ei.value, StreamError)
     assert f"frame 1 at byte offset {F1} (MkFile)" in ei.value.message
     assert ei.value.hint
+
+
+def _verdict(check, path):
+    try:
+        return check(path)
+    except HostilePath:
+        return "refused"
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.one_of(
+    st.text(alphabet=st.sampled_from(["a", "b", ".", "/", "\x00", "é", "\udcff", " "]), max_size=12),
+    st.lists(st.sampled_from(["", ".", "..", "...", "a", "é", "a" * 200, "b" * 255, "c" * 256]), max_size=4)
+      .map("/".join),
+))
+def test_check_path_fast_path_agrees_with_the_full_check(path):
+    """check_path's fast path (ASCII, at most MAX_NAME characters) accepts exactly what the full check accepts."""
+    assert _verdict(check_path, path) == _verdict(check_path_fully, path)
 
 
 def test_hostile_rename_target_and_qtree():

@@ -2,6 +2,7 @@
 """One update on a real btrfs, coalesce versus the native `btrfs send -p | btrfs receive`.
 
     python tools/bench/bench_realfs.py [--quick] [--size-mib 1024] [--small-files 20000] [--fs-gib N]
+                                       [--profile DIR]
 
 Needs root.  Creates its OWN btrfs file system on a sparse loop file under
 ``$COALESCE_BENCH_DIR`` (default ``/var/tmp``; separate from tools/realfs.py's
@@ -42,17 +43,21 @@ appeared on the daemon we started, it is left running (and reported).
 Every coalesce image and native received snapshot is checked against the
 source (names, sizes and sampled bytes) before it counts.  Prints markdown.
 ``--quick``: 8 MiB and 200 small files, for CI smoke tests (seconds).
+``--profile DIR``: cProfile of each timed btrfs update's diff and apply calls
+(``DIR/<n>-<change>.prof`` and ``.txt``); profiled figures are not benchmark figures.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import cProfile
 import datetime
 import hashlib
 import importlib.util
 import os
 import platform
+import pstats
 import random
 import resource
 import shutil
@@ -157,10 +162,14 @@ class LoopFS:
 # timing plugin
 # ---------------------------------------------------------------------------
 class Timer:
-    """Wall time per primitive hook (the wrapper includes every implementation, generic ones too)."""
+    """Wall time per primitive hook (the wrapper includes every implementation, generic ones too).
+
+    With ``profile`` set (a ``cProfile.Profile``), the diff and apply calls are profiled: they run
+    in the agent's transfer thread, which cProfile started from the main thread would not see."""
 
     def __init__(self) -> None:
         self.t: dict[str, list[float]] = {}
+        self.profile = None
 
     def reset(self) -> None:
         self.t = {}
@@ -173,11 +182,16 @@ class Timer:
 
     @contextlib.contextmanager
     def _timed(self, hook: str):
+        prof = self.profile if hook in ("diff", "apply") else None
+        if prof is not None:
+            prof.enable()
         t0 = time.perf_counter()
         try:
             yield
         finally:
             self._add(hook, time.perf_counter() - t0)
+            if prof is not None:
+                prof.disable()
 
     @hookimpl(wrapper=True)
     def coalesce_rollback(self, volume, qtree, rollback_pcpi, to_pcpi):
@@ -198,6 +212,18 @@ class Timer:
     def coalesce_snapshot_create(self, volume, name):
         with self._timed("snapshot"):
             return (yield)
+
+
+def save_profile(prof, out_dir: str, n: int, label: str, log) -> None:
+    """``<n>-<label>.prof`` (pstats) and ``.txt`` (top entries by own time and by cumulative time)."""
+    os.makedirs(out_dir, exist_ok=True)
+    slug = "".join(c if c.isalnum() else "-" for c in label.lower()).strip("-")[:40].rstrip("-")
+    base = os.path.join(out_dir, f"{n}-{slug}")
+    prof.dump_stats(base + ".prof")
+    with open(base + ".txt", "w") as f:
+        for key in ("tottime", "cumulative"):
+            pstats.Stats(prof, stream=f).strip_dirs().sort_stats(key).print_stats(30)
+    log(f"profile of the diff and apply calls: {base}.prof / .txt")
 
 
 # ---------------------------------------------------------------------------
@@ -292,7 +318,7 @@ class Native:
 # ---------------------------------------------------------------------------
 # the benchmark
 # ---------------------------------------------------------------------------
-def bench(mnt: str, work: str, size_mib: int, small: int, seed: int, log) -> dict:
+def bench(mnt: str, work: str, size_mib: int, small: int, seed: int, log, profile_dir: str | None = None) -> dict:
     rnd = random.Random(seed)
     src_path, dst_path = os.path.join(mnt, "src"), os.path.join(mnt, "dst")
     text = (f'[group]\nname="rb"\nsource="btrfs://{src_path}"\ndestination="btrfs://{dst_path}"\n'
@@ -305,7 +331,8 @@ def bench(mnt: str, work: str, size_mib: int, small: int, seed: int, log) -> dic
     try:
         qdir = os.path.join(src_path, QTREE)
         os.makedirs(qdir)
-        return _bench(h, timer, Native(mnt, src_path), qdir, size_mib, small, rnd, log, rollback=True)
+        return _bench(h, timer, Native(mnt, src_path), qdir, size_mib, small, rnd, log, rollback=True,
+                      profile_dir=profile_dir)
     finally:
         with contextlib.suppress(Exception):
             h.agent.close()
@@ -313,7 +340,7 @@ def bench(mnt: str, work: str, size_mib: int, small: int, seed: int, log) -> dic
             h.agent.ledger.close()
 
 
-def _bench(h, timer, native, qdir, size_mib, small, rnd, log, rollback: bool) -> dict:
+def _bench(h, timer, native, qdir, size_mib, small, rnd, log, rollback: bool, profile_dir: str | None = None) -> dict:
     a = h.agent
     rows = []
     rb: list[dict] = []
@@ -329,9 +356,14 @@ def _bench(h, timer, native, qdir, size_mib, small, rnd, log, rollback: bool) ->
     def measure(label, nbytes, files):
         os.sync()
         timer.reset()
+        if profile_dir:
+            timer.profile = cProfile.Profile()
         c0, t0 = cpu(), time.perf_counter()
         rep = a.run_cycle()
         wall, cpus = time.perf_counter() - t0, cpu() - c0
+        if profile_dir:
+            save_profile(timer.profile, profile_dir, len(rows), label, log)
+            timer.profile = None
         if rep.get("failures"):
             raise RuntimeError(f"{label}: the cycle had failures: {rep}")
         check_coalesce(label)
@@ -539,6 +571,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--zfs-size-mib", type=int, default=128)
     ap.add_argument("--zfs-small-files", type=int, default=2000)
     ap.add_argument("--verbose", "-v", action="store_true", help="progress on stderr")
+    ap.add_argument("--profile", metavar="DIR", default=None,
+                    help="cProfile the diff and apply calls of each timed btrfs update (in the transfer thread) "
+                         "into DIR/<n>-<change>.prof and .txt; the profiler slows Python code, so the figures "
+                         "of a profiled run are not the benchmark's")
     args = ap.parse_args(argv)
     if args.quick:
         args.size_mib, args.small_files = 8, 200
@@ -561,7 +597,7 @@ def main(argv: list[str] | None = None) -> int:
         log(f"btrfs {fs_gib:.1f} GiB on {fs.loop} at {mnt}")
         work = os.path.join(fs.dir, "work")
         os.makedirs(work)
-        res = bench(mnt, work, args.size_mib, args.small_files, args.seed, log)
+        res = bench(mnt, work, args.size_mib, args.small_files, args.seed, log, profile_dir=args.profile)
     finally:
         problems = fs.down()
         for p in problems:

@@ -15,7 +15,7 @@ from coalesce_btrfs import sendstream
 from coalesce_core.errors import BackendError, StreamError, TruncatedStream
 from coalesce_core.hookspecs import ACTIVE
 from coalesce_core.plugins import Volume, plugin_manager
-from coalesce_core.records import HardLink, MkFile, Rename, Unlink, Write
+from coalesce_core.records import HardLink, MkFile, Rename, Truncate, Unlink, Write
 
 pytestmark = pytest.mark.btrfs
 
@@ -229,6 +229,42 @@ def test_translation_of_real_streams(pm, btrfs_urls, monkeypatch, send_data):
         else:
             dst.remove_qtree(q)
         assert dst.fingerprint(q) == src.fingerprint(q, "s1")
+
+
+def test_rewritten_files_records_and_holes(pm, btrfs_urls):
+    """A small file rewritten whole is overwritten in place (no Truncate); a large one is truncated
+    first (overwriting a large file in place splits extents its snapshots share); a rewrite that
+    leaves a hole keeps it; no Truncate to the size the file already has (issue 7.4)."""
+    src = open_vol(pm, btrfs_urls())
+    dst = open_vol(pm, btrfs_urls())
+    q = f"{src.handle.root}/Q"
+    os.makedirs(q)
+    _write(f"{q}/small", os.urandom(4096))
+    _write(f"{q}/big", os.urandom(3 << 20))
+    _write(f"{q}/holey", os.urandom(64 << 10))
+    _write(f"{q}/grows", os.urandom(1000))
+    src.snapshot_create("r1")
+    copy_to(src, dst, "Q", None, "r1")
+    _write(f"{q}/small", os.urandom(4096))
+    _write(f"{q}/big", os.urandom(3 << 20))
+    with open(f"{q}/holey", "r+b") as f:             # the same size, but a hole where data was
+        f.truncate(0)
+        f.truncate(64 << 10)
+        f.seek(60 << 10)
+        f.write(os.urandom(4 << 10))
+    _write(f"{q}/grows", os.urandom(5000))
+    src.snapshot_create("r2")
+    recs = list(src.diff("Q", "r1", "r2"))
+    by = {p: [r for r in recs if getattr(r, "path", None) == p and not type(r).__name__ == "SetAttr"]
+          for p in ("small", "big", "holey", "grows")}
+    assert [type(r).__name__ for r in by["small"]] == ["Write"]
+    assert [type(r).__name__ for r in by["big"]] == ["Truncate", "Write", "Write", "Write"]
+    assert by["big"][0].size == 0
+    assert {type(r).__name__ for r in by["grows"]} == {"Write"} and sum(len(r.data) for r in by["grows"]) == 5000
+    assert any(isinstance(r, Truncate) for r in by["holey"])
+    dst.apply("Q", iter(recs))
+    assert dst.fingerprint("Q") == src.fingerprint("Q", "r2")
+    assert os.stat(f"{dst.handle.root}/Q/holey").st_blocks * 512 <= 8 << 10, "the hole was filled"
 
 
 def test_hardlink_records_stay_inside_the_qtree(pm, btrfs_urls):

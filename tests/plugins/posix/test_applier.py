@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import stat
 import threading
+import time
 
 import pytest
 
@@ -191,6 +192,218 @@ def test_mismatching_stream_is_a_stream_error(vol):
     apply(root, [MkDir(path="d"), MkFile(path="d/f")])
     with pytest.raises(CorruptStream):
         apply(root, [RmDir(path="d")])
+
+
+# ---------------------------------------------------------------------------
+# the directory-descriptor cache (issue 7.4)
+# ---------------------------------------------------------------------------
+def test_descriptor_cache_follows_directory_renames(vol, tmp_path):
+    root, _ = vol
+    apply(root, [MkDir(path="p"), MkDir(path="p/c"), MkFile(path="p/c/f"),   # p and p/c are cached now
+                 Rename(old="p", new="moved"),                               # ... and moved, with p/c
+                 MkDir(path="p"), MkDir(path="p/c"), MkFile(path="p/c/g"),   # the new p/c, not the cached one
+                 MkFile(path="moved/c/h"),
+                 Unlink(path="p/c/g"), Rename(old="moved/c/h", new="moved/c/h2"),   # files: the cache stays
+                 MkFile(path="p/c/i"), MkFile(path="moved/c/j")],
+          purgatory=tmp_path / "purg")
+    q = root / "q"
+    assert sorted(os.listdir(q / "moved" / "c")) == ["f", "h2", "j"]
+    assert sorted(os.listdir(q / "p" / "c")) == ["i"]
+
+
+def test_descriptor_cache_forgets_replaced_and_removed_directories(vol, tmp_path):
+    root, outside = vol
+    before = snapshot_of(outside)
+    # a directory replaced by a symlink (to purgatory, or removed without one): its cached
+    # descriptor and those below it are dropped, and the symlink is not followed
+    for purg in (tmp_path / "purg", None):
+        with pytest.raises(HostilePath):
+            apply(root, [MkDir(path="d"), MkDir(path="d/e"), MkFile(path="d/e/f"),
+                         Symlink(path="d", target=str(outside)), MkFile(path="d/e/x")], purgatory=purg)
+        assert os.path.islink(root / "q" / "d")
+        os.unlink(root / "q" / "d")
+    # a removed directory is not written into through its cached descriptor
+    with pytest.raises(CorruptStream, match="does not exist"):
+        apply(root, [MkDir(path="r"), MkDir(path="r/s"), MkFile(path="r/s/f"), Unlink(path="r/s/f"),
+                     RmDir(path="r/s"), MkFile(path="r/s/g")])
+    assert snapshot_of(outside) == before
+
+
+def test_symlink_put_in_place_of_a_cached_directory_is_not_followed(vol):
+    root, outside = vol
+    before = snapshot_of(outside)
+    with pytest.raises(HostilePath):
+        apply(root, [MkDir(path="d"), MkFile(path="d/a"), Write(path="d/a", offset=0, data=b"1"),
+                     Rename(old="d", new="d-moved"), Symlink(path="d", target=str(outside)),
+                     MkFile(path="d/b"), Write(path="d/b", offset=0, data=b"pwned")])
+    assert snapshot_of(outside) == before
+    assert os.listdir(root / "q" / "d-moved") == ["a"]
+
+
+def test_symlink_swapped_in_by_someone_else_between_records_is_not_followed(vol):
+    """Outside the stream's knowledge: between two records, another process moves a directory the
+    applier has cached and puts a symlink out of the qtree in its place.  The cached descriptor
+    names the directory it was opened on, so the next file lands there, never behind the symlink."""
+    root, outside = vol
+    before = snapshot_of(outside)
+    q = root / "q"
+
+    def records():
+        yield MkDir(path="d")
+        yield MkFile(path="d/a")
+        yield Write(path="d/a", offset=0, data=b"1")
+        os.rename(q / "d", q / "d-away")
+        os.symlink(str(outside), q / "d")
+        yield MkFile(path="d/b")
+        yield Write(path="d/b", offset=0, data=b"not through the link")
+
+    Applier(str(root), "q", None).apply(records())
+    assert snapshot_of(outside) == before
+    assert os.path.islink(q / "d")
+    assert sorted(os.listdir(q / "d-away")) == ["a", "b"]
+
+
+def test_records_pulled_before_a_source_error_are_applied(vol):
+    root, _ = vol
+
+    def records():
+        yield MkFile(path="a")
+        yield Write(path="a", offset=0, data=b"first")
+        raise RuntimeError("the source died")
+
+    with pytest.raises(RuntimeError, match="the source died"):
+        Applier(str(root), "q", None).apply(records())
+    assert open(root / "q" / "a", "rb").read() == b"first"
+
+
+def test_an_apply_error_comes_before_a_later_source_error(vol):
+    root, _ = vol
+    pulled = []
+
+    def records():
+        for rec in (MkFile(path="a"), Write(path="nope", offset=0, data=b"x"), MkFile(path="b")):
+            pulled.append(rec)
+            yield rec
+        raise RuntimeError("later")
+
+    with pytest.raises(CorruptStream, match="nope"):
+        Applier(str(root), "q", None).apply(records())
+    assert os.listdir(root / "q") == ["a"], "nothing after the failed record is applied"
+    assert len(pulled) == 2, "no record is pulled after a failed one"
+
+
+BIG = 1 << 20        # a Write this large goes to the applier's writer thread
+
+
+def test_large_writes_and_the_records_around_them_apply_in_order(vol):
+    root, _ = vol
+    recs = [MkDir(path="d"), MkFile(path="d/a"), Write(path="d/a", offset=0, data=b"A" * BIG),
+            Truncate(path="d/a", size=10),                       # queued behind the large Write
+            Write(path="d/a", offset=0, data=b"B" * (BIG // 2)), Write(path="d/a", offset=5, data=b"x"),
+            MkFile(path="d/b"), Write(path="d/b", offset=0, data=b"small"), Rename(old="d/b", new="d/c"),
+            Write(path="d/a", offset=BIG, data=b"C" * BIG), SetAttr(path="d/a", mode=0o600, mtime_ns=7_000_000_000)]
+    apply(root, recs)
+    q = root / "q" / "d"
+    assert open(q / "a", "rb").read() == b"BBBBBx" + b"B" * (BIG // 2 - 6) + b"\0" * (BIG // 2) + b"C" * BIG
+    st = os.stat(q / "a")
+    assert stat.S_IMODE(st.st_mode) == 0o600 and st.st_mtime_ns == 7_000_000_000
+    assert sorted(os.listdir(q)) == ["a", "c"] and open(q / "c", "rb").read() == b"small"
+
+
+@pytest.mark.parametrize("big", [False, True], ids=["small", "large-writes"])
+def test_records_pulled_before_a_source_error_are_applied_also_by_the_writer(vol, big):
+    root, _ = vol
+    data = b"y" * (BIG if big else 10)
+
+    def records():
+        yield MkFile(path="a")
+        for i in range(6):
+            yield Write(path="a", offset=i * len(data), data=data)
+        raise RuntimeError("the source died")
+
+    with pytest.raises(RuntimeError, match="the source died"):
+        Applier(str(root), "q", None).apply(records())
+    assert os.path.getsize(root / "q" / "a") == 6 * len(data)
+    assert not [t for t in threading.enumerate() if t.name.startswith("coalesce-apply")]
+
+
+@pytest.mark.parametrize("then", ["source-error", "pause-then-records", "records"])
+def test_an_error_of_the_writer_comes_first_and_stops_the_stream(vol, then):
+    root, _ = vol
+
+    def records():
+        yield MkFile(path="a")
+        yield Write(path="a", offset=0, data=b"1" * BIG)
+        yield Write(path="nope", offset=0, data=b"2" * BIG)          # fails in the writer thread
+        if then == "pause-then-records":
+            time.sleep(0.3)                                          # the writer is idle again by now
+        if then != "source-error":
+            for i in range(20):
+                yield MkFile(path=f"later{i}")
+        raise RuntimeError("later")
+
+    with pytest.raises(CorruptStream, match="nope"):
+        Applier(str(root), "q", None).apply(records())
+    assert os.listdir(root / "q") == ["a"], "a record after the failed one was applied"
+    assert not [t for t in threading.enumerate() if t.name.startswith("coalesce-apply")]
+
+
+def _until(cond, what, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.01)
+
+
+def test_read_ahead_asks_a_few_files_ahead_and_skips_what_it_cannot_open(tmp_path, monkeypatch):
+    asked = []
+    monkeypatch.setattr(os, "posix_fadvise", lambda fd, off, ln, advice: asked.append(os.readlink(f"/proc/self/fd/{fd}")))
+    for n in "abcde":
+        (tmp_path / n).write_bytes(b"x")
+    os.symlink(tmp_path / "a", tmp_path / "link")
+    files = [(str(tmp_path / n), 0) for n in ("a", "missing", "link", "b", "c", "d", "e")]
+    ra = walk.ReadAhead(files, ahead=3)
+    _until(lambda: asked, "nothing was read ahead")
+    time.sleep(0.2)
+    assert asked == [str(tmp_path / "a")], "more than 3 entries ahead, or the missing file or the symlink"
+    ra.next()                                   # the reader starts on "a": one more entry may go
+    _until(lambda: len(asked) == 2, "the read-ahead did not follow the reader")
+    assert asked[1] == str(tmp_path / "b")
+    for _ in range(5):
+        ra.next()
+    _until(lambda: len(asked) == 5, "the read-ahead did not reach the end")
+    assert asked == [str(tmp_path / n) for n in "abcde"]
+    _until(lambda: not [t for t in threading.enumerate() if t.name == "coalesce-readahead"],
+           "the read-ahead thread did not end after its last file")
+
+
+def test_read_ahead_thread_ends_at_close_or_when_the_reader_is_gone(tmp_path):
+    (tmp_path / "f").write_bytes(b"x")
+    for drop in ("close", "collect"):
+        ra = walk.ReadAhead([(str(tmp_path / "f"), 0)] * 100, ahead=2)
+        if drop == "close":
+            ra.close()
+        else:
+            del ra
+        _until(lambda: not [t for t in threading.enumerate() if t.name == "coalesce-readahead"],
+               f"the read-ahead thread outlived its reader ({drop})")
+
+
+def test_new_files_get_no_redundant_truncate(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "full").write_bytes(b"x" * 5000)
+    with open(src / "tail-hole", "wb") as f:
+        f.write(b"y" * 10)
+        f.truncate(3 << 20)
+    (src / "empty").write_bytes(b"")
+    recs = list(walk.baseline_records(str(src)))
+    truncs = {r.path: r.size for r in recs if isinstance(r, Truncate)}
+    assert truncs == {"tail-hole": 3 << 20}
+    dst = tmp_path / "dst"
+    dst.mkdir()
+    Applier(str(dst), "q", None).apply(recs)
+    assert walk.fingerprint(str(dst / "q")) == walk.fingerprint(str(src))
 
 
 # ---------------------------------------------------------------------------
