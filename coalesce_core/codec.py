@@ -510,11 +510,7 @@ def _decode(reader: _FileReader | _ChunkReader) -> Iterator[Record]:
             (want,) = _U32.unpack_from(whole, length)
             got = crc32(whole[:length])
             if got != want:
-                raise CorruptStream(
-                    f"frame {seq} at byte offset {frame_at} ({4 + length} bytes) fails its checksum "
-                    f"(crc32 {got:#010x}, frame says {want:#010x})",
-                    hint=_HINT_CORRUPT,
-                )
+                raise _checksum_error(seq, frame_at, length, got, want)
             sha.update(whole)
         else:
             length, mv = _read_frame(read, seq, frame_at, changes, sha)
@@ -561,6 +557,14 @@ def _decode(reader: _FileReader | _ChunkReader) -> Iterator[Record]:
         yield record
 
 
+def _checksum_error(seq: int, frame_at: int, length: int, got: int, want: int) -> CorruptStream:
+    return CorruptStream(
+        f"frame {seq} at byte offset {frame_at} ({4 + length} bytes) fails its checksum "
+        f"(crc32 {got:#010x}, frame says {want:#010x})",
+        hint=_HINT_CORRUPT,
+    )
+
+
 def _read_frame(read: Any, seq: int, frame_at: int, changes: int, sha: Any) -> tuple[int, memoryview]:
     """Read and check one frame through ``read`` (a frame split across chunks, or any frame of
     a file object): its length field and a memoryview of the bytes after it."""
@@ -593,11 +597,7 @@ def _read_frame(read: Any, seq: int, frame_at: int, changes: int, sha: Any) -> t
     (want,) = _U32.unpack_from(mv, length - 4)
     got = crc32(mv[: length - 4], crc32(raw_len))
     if got != want:
-        raise CorruptStream(
-            f"frame {seq} at byte offset {frame_at} ({4 + length} bytes) fails its checksum "
-            f"(crc32 {got:#010x}, frame says {want:#010x})",
-            hint=_HINT_CORRUPT,
-        )
+        raise _checksum_error(seq, frame_at, length, got, want)
     sha.update(raw_len)
     sha.update(mv)
     return length, mv

@@ -55,13 +55,11 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parents[1]))
 
-from bench_realfs import LoopFS, Timer, cpu, run, same_tree, save_profile, _realfs_tool  # noqa: E402
+from bench_realfs import QTREE, LoopFS, Timer, cpu, group_config, run, same_tree, save_profile, _realfs_tool  # noqa: E402
 
-from coalesce_core.config import parse_config  # noqa: E402
 from coalesce_core.hookspecs import hookimpl  # noqa: E402
 from coalesce_core.testing.harness import Harness  # noqa: E402
 
-QTREE = "q"
 FILE_SIZE = 4096
 FANOUT = 8
 N_CHANGED = 100
@@ -142,13 +140,8 @@ def one_size(n: int, fs_bytes: int, reps: int, seed: int, log, profile_dir: str 
         work = os.path.join(fs.dir, "work")
         os.makedirs(work)
         src, dst = os.path.join(mnt, "src"), os.path.join(mnt, "dst")
-        text = (f'[group]\nname="dc"\nsource="btrfs://{src}"\ndestination="btrfs://{dst}"\n'
-                f'parallel=4\nmetadata="{work}/meta"\n[group.retry]\ninitial=0.0\nfactor=2\nmaximum=60\n'
-                f'[[replica]]\nname="{QTREE}"\n')
-        cfg = os.path.join(work, "group.toml")
-        Path(cfg).write_text(text)
         timer = CycleTimer()
-        h = Harness(parse_config(text, cfg), plugins=[timer])
+        h = Harness(group_config(work, "dc", f"btrfs://{src}", f"btrfs://{dst}"), plugins=[timer])
         a = h.agent
         qdir = os.path.join(src, QTREE)
         os.makedirs(qdir)

@@ -65,14 +65,12 @@ for p in (str(ROOT), str(HERE), str(ROOT / "tests")):
     if p not in sys.path:
         sys.path.insert(0, p)
 
-from bench_realfs import MiB, N_BIG, LoopFS, _realfs_tool, pipeline, run, same_tree, write_big  # noqa: E402
+from bench_realfs import QTREE, MiB, N_BIG, LoopFS, _realfs_tool, group_config, pipeline, run, same_tree, write_big  # noqa: E402
 
-from coalesce_core.config import parse_config  # noqa: E402
 from coalesce_core.errors import CoalesceError  # noqa: E402
 from coalesce_core.plugins import Volume, plugin_manager  # noqa: E402
 from coalesce_core.testing.harness import Harness  # noqa: E402
 
-QTREE = "q"
 TLS_PORT, SSH_PORT = 7450, 2222
 SHAPES = [("1gbit", 10.0), ("100mbit", 10.0)]      # rate, one-way delay (ms): a 20 ms round trip
 
@@ -196,11 +194,7 @@ class Coalesce:
         self.plugins = remote_plugins()
         d = work / f"group-{kind}"
         d.mkdir()
-        text = (f'[group]\nname="n{kind}"\nsource="{url}"\ndestination="btrfs://{mnt}/d{kind}"\n'
-                f'parallel=4\nmetadata="{d}/meta"\n[group.retry]\ninitial=0.0\nfactor=2\nmaximum=60\n'
-                f'[[replica]]\nname="{QTREE}"\n')
-        (d / "group.toml").write_text(text)
-        self.h = Harness(parse_config(text, str(d / "group.toml")), plugins=self.plugins)
+        self.h = Harness(group_config(str(d), f"n{kind}", url, f"btrfs://{mnt}/d{kind}"), plugins=self.plugins)
 
     def reopen(self) -> None:
         """A new agent on the same group: the client settings (COALESCE_*) are read again."""
@@ -428,24 +422,35 @@ def _frame(f: str) -> str:
     return f"{name} ({where.split(':')[0].split('/')[-1].rstrip(')')})" if where else name
 
 
+def _samples(path: Path) -> list[tuple[list[str], int]]:
+    """The collapsed stacks of a ``py-spy --format raw`` file: (frames outermost first, sample count)."""
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return []
+    out = []
+    for line in lines:
+        stack, _, c = line.rpartition(" ")
+        if c.isdigit():
+            out.append((stack.split(";"), int(c)))
+    return out
+
+
+def _shares(counts: dict[str, int], total: int, n: int | None = None) -> list[tuple[str, float]]:
+    return [(k, v / total) for k, v in sorted(counts.items(), key=lambda kv: -kv[1])[:n]] if total else []
+
+
 def top_frames(path: Path, n: int = 12, inclusive: bool = False) -> list[tuple[str, float]]:
     """Share of the samples (collapsed stacks of ``py-spy --format raw``) whose innermost frame is each
     function, or (``inclusive``) that have the function anywhere on the stack."""
     counts: dict[str, int] = {}
     total = 0
-    try:
-        lines = path.read_text().splitlines()
-    except OSError:
-        return []
-    for line in lines:
-        stack, _, c = line.rpartition(" ")
-        if not c.isdigit():
-            continue
-        frames = [_frame(f) for f in stack.split(";")]
+    for stack, c in _samples(path):
+        frames = [_frame(f) for f in stack]
         for f in (set(frames) if inclusive else frames[-1:]):
-            counts[f] = counts.get(f, 0) + int(c)
-        total += int(c)
-    return [(k, v / total) for k, v in sorted(counts.items(), key=lambda kv: -kv[1])[:n]] if total else []
+            counts[f] = counts.get(f, 0) + c
+        total += c
+    return _shares(counts, total, n)
 
 
 #: (marker frame, stage) from the innermost outwards: the first marker found on a stack names its stage
@@ -465,18 +470,11 @@ def stages(path: Path) -> list[tuple[str, float]]:
     the network stream (which runs inside ``RemoteVolume._diff``)."""
     counts: dict[str, int] = {}
     total = 0
-    try:
-        lines = path.read_text().splitlines()
-    except OSError:
-        return []
-    for line in lines:
-        stack, _, c = line.rpartition(" ")
-        if not c.isdigit():
-            continue
-        frames = [f.split(" (")[0] for f in stack.split(";")]
-        total += int(c)
+    for stack, c in _samples(path):
+        frames = [f.split(" (")[0] for f in stack]
+        total += c
         if frames[-1].startswith(_WAIT) or "Spy._follow" in frames:
-            counts["(waiting)"] = counts.get("(waiting)", 0) + int(c)
+            counts["(waiting)"] = counts.get("(waiting)", 0) + c
             continue
         stage = "other"
         for i in range(len(frames) - 1, -1, -1):
@@ -488,8 +486,8 @@ def stages(path: Path) -> list[tuple[str, float]]:
                     hit = "agent round trip: " + hit
                 stage = hit
                 break
-        counts[stage] = counts.get(stage, 0) + int(c)
-    return [(k, v / total) for k, v in sorted(counts.items(), key=lambda kv: -kv[1])] if total else []
+        counts[stage] = counts.get(stage, 0) + c
+    return _shares(counts, total)
 
 
 def write_profile_report(path: Path) -> None:

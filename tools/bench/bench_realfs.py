@@ -81,6 +81,17 @@ QTREE = "q"
 N_BIG = 8
 
 
+
+def group_config(work: str, name: str, source: str, destination: str):
+    """Write ``work/group.toml`` for a one-replica group (qtree QTREE, 4 workers, metadata in
+    ``work/meta``, retries at once) and return it parsed."""
+    text = (f'[group]\nname="{name}"\nsource="{source}"\ndestination="{destination}"\n'
+            f'parallel=4\nmetadata="{work}/meta"\n[group.retry]\ninitial=0.0\nfactor=2\nmaximum=60\n'
+            f'[[replica]]\nname="{QTREE}"\n')
+    path = os.path.join(work, "group.toml")
+    Path(path).write_text(text)
+    return parse_config(text, path)
+
 def _realfs_tool():
     spec = importlib.util.spec_from_file_location("coalesce_tools_realfs", ROOT / "tools" / "realfs.py")
     mod = importlib.util.module_from_spec(spec)
@@ -321,13 +332,8 @@ class Native:
 def bench(mnt: str, work: str, size_mib: int, small: int, seed: int, log, profile_dir: str | None = None) -> dict:
     rnd = random.Random(seed)
     src_path, dst_path = os.path.join(mnt, "src"), os.path.join(mnt, "dst")
-    text = (f'[group]\nname="rb"\nsource="btrfs://{src_path}"\ndestination="btrfs://{dst_path}"\n'
-            f'parallel=4\nmetadata="{work}/meta"\n[group.retry]\ninitial=0.0\nfactor=2\nmaximum=60\n'
-            f'[[replica]]\nname="{QTREE}"\n')
-    cfg_path = os.path.join(work, "group.toml")
-    Path(cfg_path).write_text(text)
     timer = Timer()
-    h = Harness(parse_config(text, cfg_path), plugins=[timer])
+    h = Harness(group_config(work, "rb", f"btrfs://{src_path}", f"btrfs://{dst_path}"), plugins=[timer])
     try:
         qdir = os.path.join(src_path, QTREE)
         os.makedirs(qdir)
@@ -488,13 +494,8 @@ def bench_zfs(size_mib: int, small: int, seed: int, log) -> tuple[dict, list[str
         log(f"zfs-fuse pool {pool} at {mp} (daemon started by us: {os.path.exists(os.path.join(state, 'zfs-fuse.pid'))})")
         work = os.path.join(state, "work")
         os.makedirs(work)
-        text = (f'[group]\nname="rz"\nsource="zfs://{pool}/src"\ndestination="zfs://{pool}/dst"\n'
-                f'parallel=4\nmetadata="{work}/meta"\n[group.retry]\ninitial=0.0\nfactor=2\nmaximum=60\n'
-                f'[[replica]]\nname="{QTREE}"\n')
-        cfg = os.path.join(work, "group.toml")
-        Path(cfg).write_text(text)
         timer = Timer()
-        h = Harness(parse_config(text, cfg), plugins=[timer])
+        h = Harness(group_config(work, "rz", f"zfs://{pool}/src", f"zfs://{pool}/dst"), plugins=[timer])
         src_mp = run(["zfs", "get", "-H", "-o", "value", "mountpoint", f"{pool}/src"]).stdout.strip()
         qdir = os.path.join(src_mp, QTREE)
         os.makedirs(qdir)
