@@ -244,10 +244,17 @@ class ZfsVolume(PosixVolume):
             last = err
             time.sleep(0.1 * (i + 1))
         if force:
-            p = zfs("destroy", "-f", name, check=False)
-            if p.returncode == 0:
-                return True
-            last = p.stderr.decode("utf-8", "replace")
+            # zfs-fuse can hold a clone "busy" for seconds after its last file closed: unmount it
+            # by force, then destroy it by force, with a growing pause (about 5 s in all)
+            for i in range(4):
+                zfs("unmount", "-f", name, check=False)
+                p = zfs("destroy", "-f", name, check=False)
+                if p.returncode == 0:
+                    return True
+                last = p.stderr.decode("utf-8", "replace")
+                if "does not exist" in last or "could not find" in last:
+                    return False
+                time.sleep(0.5 * (i + 1))
         raise BackendError(f"`zfs destroy {name}` failed: {last.strip() if last else '?'}",
                            hint="a process may hold files open in it (fuser -m); " + ZFS_HINT)
 
