@@ -29,6 +29,8 @@ from .errors import CoalesceError, MetadataError
 from .ledger import Ledger
 from .planner import Decision, decide, is_group_pcpi, is_group_source_pcpi
 from .plugins import Volume, plugin_manager
+from .records import Begin
+from .spool import Spool, skip_changes
 from .state import GroupState, Replica
 
 PROGRESS_EVERY = 256
@@ -58,6 +60,10 @@ class Agent:
         self.state: GroupState = ledger.load()
         self._stats: _CycleStats | None = None
         self._abort = threading.Event()
+        remote = bool(getattr(source.handle, "resumable_diff", False))
+        self.spool: Spool | None = None
+        if config.spool if config.spool is not None else remote:
+            self.spool = Spool(config.spool_dir(dest.metadata_dir()))
 
     # -- construction ---------------------------------------------------------
     @staticmethod
@@ -231,20 +237,47 @@ class Agent:
         t0 = self.clock()
         if isinstance(eff, fx.Transfer):
             point = "mid_baseline" if eff.base is None else "mid_apply"
-            source = None
+            sources: list[object] = []
+
+            def diff(skip: int = 0) -> Iterator[object]:
+                """The source's stream after its first ``skip`` change records."""
+                if getattr(self.source.handle, "records_decoded", False):
+                    # a remote source's records were decoded and checked by the codec on arrival;
+                    # the server skips
+                    source = self.source.diff(eff.source_qtree, eff.base, eff.target, skip=skip)
+                    sources.append(source)
+                    return source
+                source = self.source.diff(eff.source_qtree, eff.base, eff.target)
+                sources.append(source)
+                stream = codec.roundtrip(source)  # the whole stream is checked, then skipped
+                return skip_changes(stream, skip) if skip else stream
+
+            spool = self.spool if eff.base is not None else None
+            stream: Iterator[object] | None = None
             try:
                 if eff.base is None:
                     self.dest.remove_qtree(eff.replica)  # a baseline starts from nothing
-                source = self.source.diff(eff.source_qtree, eff.base, eff.target)
-                # a remote source's records were decoded and checked by the codec on arrival
-                stream = source if getattr(self.source.handle, "records_decoded", False) else codec.roundtrip(source)
+                if spool is None:
+                    stream = diff()
+                else:
+                    begin = Begin(qtree=eff.source_qtree, base=eff.base, target=eff.target)
+                    if eff.resume and spool.holds(eff.replica, begin):
+                        stream = spool.resume(eff.replica, begin, diff)
+                    else:
+                        stream = spool.record(eff.replica, diff())
                 stats = self.dest.apply(eff.replica, self._records(stream, eff.replica, point), use_purgatory=True)
             except Exception as exc:
+                if spool is not None:
+                    _close(stream)
+                    spool.discard(eff.replica)  # a failed update is not resumed: it is rolled back
                 return ev.TransferDone(replica=eff.replica, ok=False, now=self.clock(), error=_describe(exc))
             finally:
-                _close(source)  # a diff cut short must release what it holds (clones, pipes) now
+                for source in sources:
+                    _close(source)  # a diff cut short must release what it holds (clones, pipes) now
                 if self._stats is not None:
                     self._stats.seconds[eff.replica] = self.clock() - t0
+            if spool is not None:
+                spool.discard(eff.replica)  # applied and about to be committed: nothing left to resume
             if self._stats is not None:
                 self._stats.records += int(stats.get("records", 0))
                 self._stats.nbytes += int(stats.get("bytes", 0))
@@ -288,7 +321,22 @@ class Agent:
         group = self.state.name
         dest = frozenset(n for n in self.dest.snapshot_list() if is_group_pcpi(group, n))
         src = frozenset(n for n in self.source.snapshot_list() if is_group_source_pcpi(group, n))
-        self.handle(ev.Recover(now=self.clock(), destination_pcpis=dest, source_pcpis=src))
+        self.handle(ev.Recover(now=self.clock(), destination_pcpis=dest, source_pcpis=src, spooled=self._spooled()))
+
+    def _spooled(self) -> frozenset[str]:
+        """Replicas in update whose spool holds their running update; other spools are stale."""
+        if self.spool is None:
+            return frozenset()
+        out = set()
+        for r in self.state.replicas.values():
+            if r.state == "update" and r.active_point is not None and r.target is not None and self.spool.holds(
+                    r.name, Begin(qtree=r.source_qtree, base=r.active_point, target=r.target)):
+                out.add(r.name)
+        keep = out | {r.name for r in self.state.replicas.values() if r.resume}
+        for name in self.spool.replicas():
+            if name not in keep:
+                self.spool.discard(name)
+        return frozenset(out)
 
     def tick(self) -> None:
         """Run the rollback retries that are due (loop 1026)."""

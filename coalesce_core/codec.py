@@ -158,6 +158,14 @@ def _plan_for_code(code: int) -> _Plan | None:
 # --------------------------------------------------------------------------- encode
 
 
+class _NoDigest:
+    def update(self, _data: Any) -> None:
+        pass
+
+    def digest(self) -> bytes:
+        raise StreamError("this encoder keeps no digest: it cannot write a trailer")
+
+
 class StreamEncoder:
     """Low-level frame writer: ``header()``, ``frame(record)`` per record, ``trailer()``.
 
@@ -166,10 +174,11 @@ class StreamEncoder:
     caller's own bytes-like object for a large bytes field.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, digest: bool = True) -> None:
         self.seq = 0
         self.bytes_out = 0
-        self._sha = hashlib.sha256()
+        # digest=False: frames only (the spool, which is never read past its last whole frame)
+        self._sha: Any = hashlib.sha256() if digest else _NoDigest()
 
     def header(self) -> bytes:
         head = MAGIC + bytes((FORMAT_VERSION,))

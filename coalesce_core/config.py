@@ -7,6 +7,8 @@
     parallel = 4                       # concurrent transfers
     interval = 300                     # seconds between cycles of `coalesce run`
     metadata = "/var/lib/coalesce"     # optional: where the ledger lives
+    spool = true                       # optional: resume an update after a restart
+                                       # (default: on for a remote source)
 
     [group.retry]                      # rollback retry of unstable_uncoalesced
     initial = 30
@@ -49,6 +51,13 @@ class GroupConfig:
     retry: RetryPolicy = RetryPolicy()
     replicas: tuple[ReplicaConfig, ...] = ()
     path: str | None = None
+    #: spool received change records so an update a restart interrupts resumes
+    #: (coalesce_core.spool); None: on for a remote source, off for a local one
+    spool: bool | None = None
+
+    def spool_dir(self, metadata_dir: str | None) -> Path:
+        """Where the spools of this group's updates live (next to the ledger)."""
+        return self.ledger_path(metadata_dir).with_name(f"{self.name}.spool")
 
     def ledger_path(self, metadata_dir: str | None) -> Path:
         where = self.metadata or metadata_dir
@@ -89,7 +98,7 @@ def parse_config(text: str, path: str = "<config>") -> GroupConfig:
     if not isinstance(group, dict):
         raise ConfigError(f"{path}: missing [group] table", hint="see docs/config.md for an example")
     where = f"{path} [group]"
-    known = {"name", "source", "destination", "parallel", "interval", "metadata", "retry"}
+    known = {"name", "source", "destination", "parallel", "interval", "metadata", "retry", "spool"}
     if set(group) - known:
         raise ConfigError(f"{where}: unknown key(s) {sorted(set(group) - known)}", hint=f"known keys: {sorted(known)}")
     name = _name(_need(group, "name", str, where), where)
@@ -111,6 +120,10 @@ def parse_config(text: str, path: str = "<config>") -> GroupConfig:
     metadata = group.get("metadata")
     if metadata is not None and not isinstance(metadata, str):
         raise ConfigError(f"{where}: `metadata` must be a directory path")
+    spool = group.get("spool")
+    if spool is not None and not isinstance(spool, bool):
+        raise ConfigError(f"{where}: `spool` must be true or false", hint="leave it out for the default "
+                          "(on for a remote source)")
     retry_t = group.get("retry", {})
     if not isinstance(retry_t, dict) or set(retry_t) - {"initial", "factor", "maximum"}:
         raise ConfigError(f"{where}: [group.retry] takes initial, factor, maximum")
@@ -139,7 +152,7 @@ def parse_config(text: str, path: str = "<config>") -> GroupConfig:
         replicas.append(ReplicaConfig(name=rname, source=rsource))
     return GroupConfig(name=name, source=source, destination=destination, parallel=parallel,
                        interval=float(interval), metadata=metadata, retry=retry,
-                       replicas=tuple(replicas), path=path)
+                       replicas=tuple(replicas), path=path, spool=spool)
 
 
 def load_config(path: str | Path) -> GroupConfig:

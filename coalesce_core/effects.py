@@ -43,6 +43,8 @@ class Transfer:
     source_qtree: str
     base: str | None
     target: str
+    #: replay the replica's spool first, then ask the source for the records after it
+    resume: bool = False
 
 
 @attrs.frozen

@@ -48,6 +48,8 @@ class Recover:
     now: float
     destination_pcpis: frozenset[str]
     source_pcpis: frozenset[str]
+    #: replicas in update whose spool holds change records of their running update
+    spooled: frozenset[str] = frozenset()
 
 
 @attrs.frozen

@@ -40,6 +40,11 @@ def some_replica_in_rollback(state: GroupState) -> bool:
     return any(r.state == "rollback" for r in state.replicas.values())
 
 
+def some_replica_resumable(state: GroupState) -> bool:
+    """A rolled-back replica (done) has a spooled update that a restart interrupted."""
+    return any(r.resume and r.state == "done" for r in state.replicas.values())
+
+
 def some_participant(state: GroupState) -> bool:
     """Some replica would take part in a jump-ahead (stable, done, stable_uncoalesced)."""
     sources = load_spec().jump_ahead_sources
@@ -54,6 +59,7 @@ GUARDS = {
     "no_transfer_in_flight": no_transfer_in_flight,
     "nothing_in_flight": nothing_in_flight,
     "some_replica_in_rollback": some_replica_in_rollback,
+    "some_replica_resumable": some_replica_resumable,
     "some_participant": some_participant,
     "purgatory_purged": purgatory_purged,
 }

@@ -20,7 +20,9 @@ The group procedures, in the patent's words:
   replica's individual PCPI; retries with backoff take a scratch PCPI of
   the damaged active FS and roll back from it;
 * recovery: ``Recover`` reconciles the ledger with the PCPIs the volumes
-  really hold and finishes or undoes what was in flight (DESIGN §2).
+  really hold and finishes or undoes what was in flight (DESIGN §2); an
+  update with a spool of received records is rolled back, then restarts in
+  the same cycle from the spool (``resume_updates``).
 """
 
 # crosshair: on
@@ -190,7 +192,28 @@ def _advance(p: _Plan) -> None:
             return
         _after_flight(p)
     elif phase == "rolling_back" and guards.nothing_in_flight(p.state()):
-        _after_flight(p)
+        if p.may("resume_updates"):
+            _resume_updates(p)
+        else:
+            _after_flight(p)
+
+
+def _resume_updates(p: _Plan) -> None:
+    """Updates a restart interrupted restart from their spools, in the same cycle.
+
+    Every rollback has ended, so the rollback PCPI is released first: a resumed
+    update that fails again gets a fresh one (at most 4 cycle PCPIs, I1).
+    """
+    p.phase("resume_updates")
+    for pcpi in list(p.pcpis.values()):
+        if pcpi.role == "rollback" and not pcpi.releasing:
+            p.release(pcpi.name)
+    target = p.get("cycle_target")
+    for r in p.in_state("done"):
+        if r.resume:
+            r = p.fire(r, "resume_update", target=target, resume=False, error="")
+            p.emit(fx.Transfer(replica=r.name, source_qtree=r.source_qtree, base=r.active_point, target=target,
+                               resume=True))
 
 
 def _after_flight(p: _Plan) -> None:
@@ -211,7 +234,7 @@ def _jump_to(p: _Plan, new_base: str) -> None:
     """Branch 1032: every participant exports the new base, in one switch."""
     for r in _participants(p):
         p.fire(r, "jump_ahead", exported=new_base, source_point=r.active_point,
-               last_good=None, scratch=None, retries=0, next_retry=0.0, error="")
+               last_good=None, scratch=None, retries=0, next_retry=0.0, error="", resume=False)
     p.export(jump=True)
 
 
@@ -389,7 +412,7 @@ def _rollback_done(p: _Plan, e: ev.RollbackDone) -> None:
             p.fire(r, "rollback_succeeded", active_point=r.source_point, error="")
         else:
             p.fire(r, "rollback_failed", last_good=r.exported, retries=0,
-                   next_retry=e.now + p.base_state.retry.delay(0), error=e.error)
+                   next_retry=e.now + p.base_state.retry.delay(0), error=e.error, resume=False)
         _advance(p)
     elif r.state == "unstable_uncoalesced" and r.scratch is not None:
         scratch = r.scratch
@@ -558,7 +581,7 @@ def _recover(p: _Plan, e: ev.Recover) -> None:
     for r in p.in_state("update", "baseline", "unstable_uncoalesced"):
         action = recover_replica(r.state, r.scratch is not None)
         if action == "rollback":
-            p.fire(r, "update_failed", target=None, error="interrupted by a restart")
+            p.fire(r, "update_failed", target=None, error="interrupted by a restart", resume=r.name in e.spooled)
             p.set(cycle_failures=p.get("cycle_failures") + 1)
         elif action == "remove":
             p.update(r, error="interrupted by a restart")

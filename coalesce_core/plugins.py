@@ -24,6 +24,7 @@ import pluggy
 
 from . import hookspecs
 from .generic import GenericRollback
+from .spool import skip_changes
 from .errors import BackendError, UnknownBackend
 from .volume import VolumeURL
 
@@ -126,8 +127,15 @@ class Volume:
     def qtree_list(self, snapshot: str | None = None) -> list[str]:
         return list(self._call("coalesce_qtree_list", snapshot=snapshot))
 
-    def diff(self, qtree: str, base: str | None, target: str) -> Iterator[Any]:
-        return iter(self._call("coalesce_diff", qtree=qtree, base=base, target=target))
+    def diff(self, qtree: str, base: str | None, target: str, *, skip: int = 0) -> Iterator[Any]:
+        """Begin, the change records (after the first ``skip``), End.
+
+        A handle that resumes by itself (a remote source: the server skips) is asked
+        directly; any other backend's full stream is skipped here."""
+        if skip and getattr(self.handle, "resumable_diff", False):
+            return iter(self.handle.diff(qtree, base, target, skip=skip))
+        records = iter(self._call("coalesce_diff", qtree=qtree, base=base, target=target))
+        return skip_changes(records, skip) if skip else records
 
     def apply(self, qtree: str, records: Iterable[Any], *, use_purgatory: bool = True) -> dict[str, int]:
         return self._call("coalesce_apply", qtree=qtree, records=records, use_purgatory=use_purgatory)

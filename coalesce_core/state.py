@@ -72,6 +72,9 @@ class Replica:
     last_good     outside the cycle: the PCPI pinned as its last good image
     scratch       outside the cycle: a PCPI of the damaged active FS that a
                   retry (or resync) rolls back from
+    resume        a restart interrupted its update and the spool holds what
+                  had arrived: after its rollback the update restarts in the
+                  same cycle (resume_update) from the spool
     """
 
     name: str = attrs.field(validator=_name)
@@ -88,6 +91,7 @@ class Replica:
     error: str = ""
     records: int = 0
     nbytes: int = 0
+    resume: bool = False
 
     def pinned(self) -> tuple[str, ...]:
         """Destination PCPIs this replica needs kept."""

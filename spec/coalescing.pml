@@ -42,6 +42,7 @@
 #define G_no_transfer_in_flight !(((rs[0] == R_update) || (rs[1] == R_update) || (rs[2] == R_update)) || ((rs[0] == R_baseline) || (rs[1] == R_baseline) || (rs[2] == R_baseline)))
 #define G_nothing_in_flight !(((rs[0] == R_baseline || rs[0] == R_update || rs[0] == R_rollback) || (rs[1] == R_baseline || rs[1] == R_update || rs[1] == R_rollback) || (rs[2] == R_baseline || rs[2] == R_update || rs[2] == R_rollback)))
 #define G_some_replica_in_rollback (((rs[0] == R_rollback) || (rs[1] == R_rollback) || (rs[2] == R_rollback)))
+#define G_some_replica_resumable ((rz[0] && rs[0] == R_done) || (rz[1] && rs[1] == R_done) || (rz[2] && rs[2] == R_done))
 #define G_some_participant (((rs[0] == R_done || rs[0] == R_stable || rs[0] == R_stable_uncoalesced) || (rs[1] == R_done || rs[1] == R_stable || rs[1] == R_stable_uncoalesced) || (rs[2] == R_done || rs[2] == R_stable || rs[2] == R_stable_uncoalesced)))
 #define G_purgatory_purged (purged)
 
@@ -60,6 +61,8 @@ inline T_update_succeeded(x) { assert(rs[x] == R_update); rs[x] = R_done }   /* 
 inline T_update_failed(x) { assert(rs[x] == R_update); rs[x] = R_rollback }   /* ref 1016 */
 /* @edge replica rollback_succeeded rollback done */
 inline T_rollback_succeeded(x) { assert(rs[x] == R_rollback); rs[x] = R_done }   /* ref 1020 */
+/* @edge replica resume_update done update */
+inline T_resume_update(x) { assert(rs[x] == R_done); rs[x] = R_update }   /* ref  */
 /* @edge replica rollback_failed rollback unstable_uncoalesced */
 inline T_rollback_failed(x) { assert(rs[x] == R_rollback); rs[x] = R_unstable_uncoalesced }   /* ref 1022 */
 /* @edge replica retry_failed unstable_uncoalesced unstable_uncoalesced */
@@ -81,6 +84,8 @@ inline T_resync(x) { assert(rs[x] == R_broken); rs[x] = R_unstable_uncoalesced }
 inline PH_start_cycle() { assert(ph == A_idle); ph = A_updating }
 /* @edge agent start_rollback updating rolling_back */
 inline PH_start_rollback() { assert(ph == A_updating); assert(G_no_transfer_in_flight); assert(G_some_replica_in_rollback); ph = A_rolling_back }
+/* @edge agent resume_updates rolling_back updating */
+inline PH_resume_updates() { assert(ph == A_rolling_back); assert(G_nothing_in_flight); assert(G_some_replica_resumable); ph = A_updating }
 /* @edge agent start_jump_ahead updating jump_ahead_1 */
 /* @edge agent start_jump_ahead rolling_back jump_ahead_1 */
 inline PH_start_jump_ahead() { assert(ph == A_updating || ph == A_rolling_back); assert(G_nothing_in_flight); assert(G_some_participant); ph = A_jump_ahead_1 }
@@ -93,7 +98,7 @@ inline PH_start_release() { assert(ph == A_updating || ph == A_rolling_back || p
 /* @edge agent finish_cycle releasing idle */
 inline PH_finish_cycle() { assert(ph == A_releasing); ph = A_idle }
 
-#define LEGAL_EDGE(a, b) (((a) == R_baseline && (b) == R_uninitialized) || ((a) == R_baseline && (b) == R_done) || ((a) == R_stable && (b) == R_broken) || ((a) == R_stable_uncoalesced && (b) == R_broken) || ((a) == R_done && (b) == R_stable) || ((a) == R_stable && (b) == R_stable) || ((a) == R_stable_uncoalesced && (b) == R_stable) || ((a) == R_broken && (b) == R_unstable_uncoalesced) || ((a) == R_unstable_uncoalesced && (b) == R_unstable_uncoalesced) || ((a) == R_unstable_uncoalesced && (b) == R_stable_uncoalesced) || ((a) == R_rollback && (b) == R_unstable_uncoalesced) || ((a) == R_rollback && (b) == R_done) || ((a) == R_uninitialized && (b) == R_baseline) || ((a) == R_stable && (b) == R_update) || ((a) == R_update && (b) == R_rollback) || ((a) == R_update && (b) == R_done))
+#define LEGAL_EDGE(a, b) (((a) == R_baseline && (b) == R_uninitialized) || ((a) == R_baseline && (b) == R_done) || ((a) == R_stable && (b) == R_broken) || ((a) == R_stable_uncoalesced && (b) == R_broken) || ((a) == R_done && (b) == R_stable) || ((a) == R_stable && (b) == R_stable) || ((a) == R_stable_uncoalesced && (b) == R_stable) || ((a) == R_done && (b) == R_update) || ((a) == R_broken && (b) == R_unstable_uncoalesced) || ((a) == R_unstable_uncoalesced && (b) == R_unstable_uncoalesced) || ((a) == R_unstable_uncoalesced && (b) == R_stable_uncoalesced) || ((a) == R_rollback && (b) == R_unstable_uncoalesced) || ((a) == R_rollback && (b) == R_done) || ((a) == R_uninitialized && (b) == R_baseline) || ((a) == R_stable && (b) == R_update) || ((a) == R_update && (b) == R_rollback) || ((a) == R_update && (b) == R_done))
 
 /* ---------------------------------------------------------------------------
  * Persisted state (the ledger) and what the volumes hold.  A crash keeps all
@@ -106,6 +111,7 @@ byte lg[N];          /* last good PCPI (outside the cycle) */
 byte sc[N];          /* scratch PCPI of a retry/resync */
 byte sp[N];          /* source point of the exported image */
 byte ap[N];          /* source point the active FS holds (PART / WRIT / NONE) */
+bool rz[N];          /* resume: a restart interrupted its spooled update */
 byte role[S];        /* PCPI slot role (P_free: no PCPI) */
 bool rel[S];         /* release decided, not yet done */
 byte ph = A_idle;    /* the agent's phase */
@@ -114,11 +120,15 @@ byte newest;         /* newest source point */
 bool purged;
 /* volatile: effects decided but not yet run (lost by a crash) */
 bool purge_pend, jump_pend, export_pend;
+bool resume_pend;   /* the planner restarts spooled updates in the same decision; the model in a
+                       step of its own, so the I8 monitor sees done -> update, and a crash may fall
+                       in between */
 byte take_pend;     /* a PCPI recovery decided to take (after its releases ran) */
 /* ghosts for the property checks */
 byte prev[N];        /* I8: state at the previous check */
 byte lastsp[N];      /* I5: source point at the previous check */
 bool faults = true;  /* the environment may still inject faults and crashes */
+bool spooled;        /* at a crash: the interrupted updates' spools hold records (or not) */
 /* temporaries: zero at the end of every step (not `hidden`: pan does not restore hidden
    variables when it backtracks inside an atomic sequence) */
 byte i, j, s, got, kn, kn2, m, b, t;
@@ -251,6 +261,20 @@ inline after_flight() {
   fi
 }
 
+inline resume_updates() { /* planner._resume_updates: spooled updates restart in the same cycle */
+  PH_resume_updates();
+  find(P_rollback, t);
+  if :: t != NONE -> rel[t] = true :: else -> skip fi;
+  t = 0;
+  for (i : 0 .. N-1) {
+    if
+    :: rz[i] && rs[i] == R_done -> T_resume_update(i); rz[i] = false; ap[i] = PART
+    :: else -> skip
+    fi
+  };
+  i = 0
+}
+
 inline advance() { /* planner._advance: after a transfer, rollback or removal ended */
   if
   :: ph == A_updating ->
@@ -262,7 +286,11 @@ inline advance() { /* planner._advance: after a transfer, rollback or removal en
         fi
      :: else -> skip
      fi
-  :: ph == A_rolling_back && G_nothing_in_flight -> after_flight()
+  :: ph == A_rolling_back && G_nothing_in_flight ->
+     if
+     :: G_some_replica_resumable -> resume_pend = true
+     :: else -> after_flight()
+     fi
   :: else -> skip
   fi
 }
@@ -273,7 +301,7 @@ inline jump_to() { /* branch 1032: every participant exports the new base, in on
   assert(!(((rs[0] == R_baseline || rs[0] == R_update || rs[0] == R_rollback) || (rs[1] == R_baseline || rs[1] == R_update || rs[1] == R_rollback) || (rs[2] == R_baseline || rs[2] == R_update || rs[2] == R_rollback))));   /* I8: no replica in update, rollback or baseline */
   for (i : 0 .. N-1) {
     if
-    :: (rs[i] == R_done || rs[i] == R_stable || rs[i] == R_stable_uncoalesced) -> T_jump_ahead(i); ex[i] = b; sp[i] = ap[i]; lg[i] = NONE; sc[i] = NONE
+    :: (rs[i] == R_done || rs[i] == R_stable || rs[i] == R_stable_uncoalesced) -> T_jump_ahead(i); ex[i] = b; sp[i] = ap[i]; lg[i] = NONE; sc[i] = NONE; rz[i] = false
     :: else -> skip
     fi
   };
@@ -282,12 +310,12 @@ inline jump_to() { /* branch 1032: every participant exports the new base, in on
 }
 
 inline recover() { /* planner._recover, after a crash at any step */
-  purge_pend = false; jump_pend = false; export_pend = false; take_pend = P_free;
+  purge_pend = false; jump_pend = false; export_pend = false; take_pend = P_free; resume_pend = false;
   /* 1. releases decided before the crash are re-run (rel[] is persisted) */
   /* 2. replicas */
   for (i : 0 .. N-1) {
     if
-    :: rs[i] == R_update -> T_update_failed(i)
+    :: rs[i] == R_update -> T_update_failed(i); rz[i] = spooled
     :: rs[i] == R_baseline -> T_baseline_failed(i); ap[i] = NONE; sp[i] = NONE
     :: rs[i] == R_unstable_uncoalesced && sc[i] != NONE ->
        rel[sc[i]] = true; sc[i] = NONE; ex[i] = lg[i]
@@ -324,11 +352,11 @@ inline recover() { /* planner._recover, after a crash at any step */
  * ------------------------------------------------------------------------- */
 inline check() {
   canon();
-  printf("STEP ph=%d faults=%d rs=%d,%d,%d ex=%d,%d,%d vx=%d,%d,%d lg=%d,%d,%d sc=%d,%d,%d sp=%d,%d,%d ap=%d,%d,%d role=%d%d%d%d%d%d%d%d rel=%d%d%d%d%d%d%d%d pend=%d%d%d%d\n",
+  printf("STEP ph=%d faults=%d rs=%d,%d,%d ex=%d,%d,%d vx=%d,%d,%d lg=%d,%d,%d sc=%d,%d,%d sp=%d,%d,%d ap=%d,%d,%d role=%d%d%d%d%d%d%d%d rel=%d%d%d%d%d%d%d%d pend=%d%d%d%d%d\n",
     ph, faults, rs[0], rs[1], rs[2], ex[0], ex[1], ex[2], vx[0], vx[1], vx[2], lg[0], lg[1], lg[2],
     sc[0], sc[1], sc[2], sp[0], sp[1], sp[2], ap[0], ap[1], ap[2],
     role[0], role[1], role[2], role[3], role[4], role[5], role[6], role[7],
-    rel[0], rel[1], rel[2], rel[3], rel[4], rel[5], rel[6], rel[7], purge_pend, jump_pend, export_pend, take_pend);
+    rel[0], rel[1], rel[2], rel[3], rel[4], rel[5], rel[6], rel[7], purge_pend, jump_pend, export_pend, take_pend, resume_pend);
   /* I8: every replica state change is an edge of spec/coalescing.toml */
   for (i : 0 .. N-1) {
     if :: prev[i] != rs[i] -> assert(LEGAL_EDGE(prev[i], rs[i])); prev[i] = rs[i] :: else -> skip fi
@@ -441,7 +469,7 @@ proctype agent() {
   :: d_step { ph == A_rolling_back && NOREL && rs[0] == R_rollback && ROLLBACK_TAKEN ->
        i = 0; T_rollback_succeeded(i); ap[i] = sp[i]; i = 0; advance(); check() }
   :: d_step { ph == A_rolling_back && NOREL && rs[0] == R_rollback && ROLLBACK_TAKEN && faults ->
-       T_rollback_failed(0); lg[0] = ex[0]; advance(); check() }
+       T_rollback_failed(0); lg[0] = ex[0]; rz[0] = false; advance(); check() }
   :: d_step { ph == A_idle && NOREL && sc[0] != NONE ->
        /* the retry / resync rollback succeeded */
        T_retry_succeeded(0); ex[0] = lg[0]; ap[0] = sp[0];
@@ -468,7 +496,7 @@ proctype agent() {
   :: d_step { ph == A_rolling_back && NOREL && rs[1] == R_rollback && ROLLBACK_TAKEN ->
        i = 1; T_rollback_succeeded(i); ap[i] = sp[i]; i = 0; advance(); check() }
   :: d_step { ph == A_rolling_back && NOREL && rs[1] == R_rollback && ROLLBACK_TAKEN && faults ->
-       T_rollback_failed(1); lg[1] = ex[1]; advance(); check() }
+       T_rollback_failed(1); lg[1] = ex[1]; rz[1] = false; advance(); check() }
   :: d_step { ph == A_idle && NOREL && sc[1] != NONE ->
        /* the retry / resync rollback succeeded */
        T_retry_succeeded(1); ex[1] = lg[1]; ap[1] = sp[1];
@@ -495,7 +523,7 @@ proctype agent() {
   :: d_step { ph == A_rolling_back && NOREL && rs[2] == R_rollback && ROLLBACK_TAKEN ->
        i = 2; T_rollback_succeeded(i); ap[i] = sp[i]; i = 0; advance(); check() }
   :: d_step { ph == A_rolling_back && NOREL && rs[2] == R_rollback && ROLLBACK_TAKEN && faults ->
-       T_rollback_failed(2); lg[2] = ex[2]; advance(); check() }
+       T_rollback_failed(2); lg[2] = ex[2]; rz[2] = false; advance(); check() }
   :: d_step { ph == A_idle && NOREL && sc[2] != NONE ->
        /* the retry / resync rollback succeeded */
        T_retry_succeeded(2); ex[2] = lg[2]; ap[2] = sp[2];
@@ -515,6 +543,7 @@ proctype agent() {
   :: d_step { ph == A_jump_ahead_1 && NOREL && purge_pend -> /* purgatory purged; step 2 takes the new base */
        purge_pend = false; purged = true; PH_take_new_base(); take(P_new_base, t); t = 0; jump_pend = true; check() }
   :: d_step { ph == A_jump_ahead_2 && NOREL && jump_pend -> jump_pend = false; jump_to(); check() }
+  :: d_step { ph == A_rolling_back && NOREL && resume_pend -> resume_pend = false; resume_updates(); check() }
   :: d_step { export_pend && NOREL -> /* the atomic export switch */
        if
        :: false ->
@@ -536,7 +565,8 @@ proctype agent() {
        got = 0; s = 0; i = 0;
        maybe_finish(); check() }
   /* --- a crash at any step, then a restart from the ledger (I6) --- */
-  :: d_step { faults -> recover(); check() }
+  :: d_step { faults -> spooled = false; recover(); check() }
+  :: d_step { faults -> spooled = true; recover(); spooled = false; check() }
   od
 }
 
@@ -549,7 +579,7 @@ init {
   atomic {
     for (i : 0 .. N-1) {
       rs[i] = R_uninitialized; prev[i] = rs[i]; ex[i] = NONE; vx[i] = NONE; lg[i] = NONE;
-      sc[i] = NONE; sp[i] = NONE; ap[i] = NONE; lastsp[i] = NONE
+      sc[i] = NONE; sp[i] = NONE; ap[i] = NONE; lastsp[i] = NONE; rz[i] = false
     };
     i = 0;
     run agent()

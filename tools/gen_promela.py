@@ -43,6 +43,7 @@ GUARD_TEXT = {
     "no_transfer_in_flight": "!(@ANY(R_update) || @ANY(R_baseline))",
     "nothing_in_flight": "!(@INFLIGHT)",
     "some_replica_in_rollback": "(@ANY(R_rollback))",
+    "some_replica_resumable": "(@RESUMABLE)",
     "some_participant": "(@PARTICIPANT)",
     "purgatory_purged": "(purged)",
 }
@@ -77,6 +78,7 @@ byte lg[N];          /* last good PCPI (outside the cycle) */
 byte sc[N];          /* scratch PCPI of a retry/resync */
 byte sp[N];          /* source point of the exported image */
 byte ap[N];          /* source point the active FS holds (PART / WRIT / NONE) */
+bool rz[N];          /* resume: a restart interrupted its spooled update */
 byte role[S];        /* PCPI slot role (P_free: no PCPI) */
 bool rel[S];         /* release decided, not yet done */
 byte ph = A_idle;    /* the agent's phase */
@@ -85,11 +87,15 @@ byte newest;         /* newest source point */
 bool purged;
 /* volatile: effects decided but not yet run (lost by a crash) */
 bool purge_pend, jump_pend, export_pend;
+bool resume_pend;   /* the planner restarts spooled updates in the same decision; the model in a
+                       step of its own, so the I8 monitor sees done -> update, and a crash may fall
+                       in between */
 byte take_pend;     /* a PCPI recovery decided to take (after its releases ran) */
 /* ghosts for the property checks */
 byte prev[N];        /* I8: state at the previous check */
 byte lastsp[N];      /* I5: source point at the previous check */
 bool faults = true;  /* the environment may still inject faults and crashes */
+bool spooled;        /* at a crash: the interrupted updates' spools hold records (or not) */
 /* temporaries: zero at the end of every step (not `hidden`: pan does not restore hidden
    variables when it backtracks inside an atomic sequence) */
 byte i, j, s, got, kn, kn2, m, b, t;
@@ -222,6 +228,20 @@ inline after_flight() {
   fi
 }
 
+inline resume_updates() { /* planner._resume_updates: spooled updates restart in the same cycle */
+  PH_resume_updates();
+  find(P_rollback, t);
+  if :: t != NONE -> rel[t] = true :: else -> skip fi;
+  t = 0;
+  for (i : 0 .. N-1) {
+    if
+    :: rz[i] && rs[i] == R_done -> T_resume_update(i); rz[i] = false; ap[i] = PART
+    :: else -> skip
+    fi
+  };
+  i = 0
+}
+
 inline advance() { /* planner._advance: after a transfer, rollback or removal ended */
   if
   :: ph == A_updating ->
@@ -233,7 +253,11 @@ inline advance() { /* planner._advance: after a transfer, rollback or removal en
         fi
      :: else -> skip
      fi
-  :: ph == A_rolling_back && G_nothing_in_flight -> after_flight()
+  :: ph == A_rolling_back && G_nothing_in_flight ->
+     if
+     :: G_some_replica_resumable -> resume_pend = true
+     :: else -> after_flight()
+     fi
   :: else -> skip
   fi
 }
@@ -244,7 +268,7 @@ inline jump_to() { /* branch 1032: every participant exports the new base, in on
   assert(!(@INFLIGHT_LITERAL));   /* I8: no replica in update, rollback or baseline */
   for (i : 0 .. N-1) {
     if
-    :: @PARTICIPANT_I -> T_jump_ahead(i); ex[i] = b; sp[i] = ap[i]; lg[i] = NONE; sc[i] = NONE
+    :: @PARTICIPANT_I -> T_jump_ahead(i); ex[i] = b; sp[i] = ap[i]; lg[i] = NONE; sc[i] = NONE; rz[i] = false
     :: else -> skip
     fi
   };
@@ -253,12 +277,12 @@ inline jump_to() { /* branch 1032: every participant exports the new base, in on
 }
 
 inline recover() { /* planner._recover, after a crash at any step */
-  purge_pend = false; jump_pend = false; export_pend = false; take_pend = P_free;
+  purge_pend = false; jump_pend = false; export_pend = false; take_pend = P_free; resume_pend = false;
   /* 1. releases decided before the crash are re-run (rel[] is persisted) */
   /* 2. replicas */
   for (i : 0 .. N-1) {
     if
-    :: rs[i] == R_update -> T_update_failed(i)
+    :: rs[i] == R_update -> T_update_failed(i); rz[i] = spooled
     :: rs[i] == R_baseline -> T_baseline_failed(i); ap[i] = NONE; sp[i] = NONE
     :: rs[i] == R_unstable_uncoalesced && sc[i] != NONE ->
        rel[sc[i]] = true; sc[i] = NONE; ex[i] = lg[i]
@@ -295,11 +319,11 @@ inline recover() { /* planner._recover, after a crash at any step */
  * ------------------------------------------------------------------------- */
 inline check() {
   canon();
-  printf("STEP ph=%d faults=%d @STEP_FMT@ pend=%d%d%d%d\n",
+  printf("STEP ph=%d faults=%d @STEP_FMT@ pend=%d%d%d%d%d\n",
     ph, faults, @STEP_ARGS1@,
     @STEP_ARGS2@,
     @STEP_ROLE@,
-    @STEP_REL@, purge_pend, jump_pend, export_pend, take_pend);
+    @STEP_REL@, purge_pend, jump_pend, export_pend, take_pend, resume_pend);
   /* I8: every replica state change is an edge of spec/coalescing.toml */
   for (i : 0 .. N-1) {
     if :: prev[i] != rs[i] -> assert(@LEGAL(prev[i], rs[i])); prev[i] = rs[i] :: else -> skip fi
@@ -411,7 +435,7 @@ proctype agent() {
   :: d_step { ph == A_rolling_back && NOREL && rs[@r] == R_rollback && ROLLBACK_TAKEN ->
        i = @r; @MUT_ROLLBACK_OK@; ap[i] = sp[i]; i = 0; advance(); check() }
   :: d_step { ph == A_rolling_back && NOREL && rs[@r] == R_rollback && ROLLBACK_TAKEN && faults ->
-       T_rollback_failed(@r); lg[@r] = ex[@r]; advance(); check() }
+       T_rollback_failed(@r); lg[@r] = ex[@r]; rz[@r] = false; advance(); check() }
   :: d_step { ph == A_idle && NOREL && sc[@r] != NONE ->
        /* the retry / resync rollback succeeded */
        T_retry_succeeded(@r); ex[@r] = lg[@r]; ap[@r] = sp[@r];
@@ -432,6 +456,7 @@ proctype agent() {
   :: d_step { ph == A_jump_ahead_1 && NOREL && purge_pend -> /* purgatory purged; step 2 takes the new base */
        purge_pend = false; purged = true; PH_take_new_base(); take(P_new_base, t); t = 0; jump_pend = true; check() }
   :: d_step { ph == A_jump_ahead_2 && NOREL && jump_pend -> jump_pend = false; jump_to(); check() }
+  :: d_step { ph == A_rolling_back && NOREL && resume_pend -> resume_pend = false; resume_updates(); check() }
   :: d_step { export_pend && NOREL -> /* the atomic export switch */
        if
        :: @MUT_EXPORT_ONE@ ->
@@ -453,7 +478,8 @@ proctype agent() {
        got = 0; s = 0; i = 0;
        maybe_finish(); check() }
   /* --- a crash at any step, then a restart from the ledger (I6) --- */
-  :: d_step { faults -> recover(); check() }
+  :: d_step { faults -> spooled = false; recover(); check() }
+  :: d_step { faults -> spooled = true; recover(); spooled = false; check() }
   od
 }
 
@@ -466,7 +492,7 @@ init {
   atomic {
     for (i : 0 .. N-1) {
       rs[i] = R_@INITIAL@; prev[i] = rs[i]; ex[i] = NONE; vx[i] = NONE; lg[i] = NONE;
-      sc[i] = NONE; sp[i] = NONE; ap[i] = NONE; lastsp[i] = NONE
+      sc[i] = NONE; sp[i] = NONE; ap[i] = NONE; lastsp[i] = NONE; rz[i] = false
     };
     i = 0;
     run agent()
@@ -578,6 +604,7 @@ def generate(spec_path: Path = SPEC, mutant: str | None = None, replicas: int = 
                 raise SystemExit(f"spec guard {c!r} has no Promela text in tools/gen_promela.py GUARD_TEXT")
     for name, text in GUARD_TEXT.items():
         text = text.replace("@INFLIGHT", any_replica(flight_for_guard)).replace("@PARTICIPANT", any_replica(participants))
+        text = text.replace("@RESUMABLE", " || ".join(f"(rz[{k}] && rs[{k}] == R_done)" for k in range(replicas)))
         text = re.sub(r"@ANY\(R_(\w+)\)", lambda mm: any_replica([mm.group(1)]), text)
         w(f"#define G_{name} {text}")
     w("\n/* replica transitions: one inline per trigger (I8 by construction; the monitor in check() re-checks) */")

@@ -65,8 +65,8 @@ MUTANTS: dict[str, dict] = {
     "export_replica_by_replica": {
         "doc": "the export switch is done replica by replica instead of at once",
         "edits": [("planner.py",
-                   "               last_good=None, scratch=None, retries=0, next_retry=0.0, error=\"\")\n    p.export(jump=True)",
-                   "               last_good=None, scratch=None, retries=0, next_retry=0.0, error=\"\")\n        p.export(jump=True)")],
+                   "               last_good=None, scratch=None, retries=0, next_retry=0.0, error=\"\", resume=False)\n    p.export(jump=True)",
+                   "               last_good=None, scratch=None, retries=0, next_retry=0.0, error=\"\", resume=False)\n        p.export(jump=True)")],
         "spin": "export_replica_by_replica",
     },
     "dotdot_not_checked": {

@@ -33,8 +33,8 @@ def _settle(h: Harness) -> None:
     h.assert_invariants()
 
 
-def _prepared(group_config) -> Harness:
-    h = Harness(group_config())
+def _prepared(group_config, **kw) -> Harness:
+    h = Harness(group_config(**kw))
     fill(h.writer, "ABC")
     h.cycle()
     for q in "ABC":
@@ -59,6 +59,19 @@ def test_crash_in_a_cycle_then_restart(group_config, point, nth):
         assert f is not None
     assert set(after) == set(before)
     _settle(h)
+
+
+@pytest.mark.parametrize("point", CYCLE_POINTS)
+def test_crash_in_a_cycle_with_spools_then_restart(group_config, point):
+    """The same with spooled updates: an interrupted update resumes in the same cycle."""
+    h = _prepared(group_config, spool=True)
+    before = h.exported_fingerprints()
+    assert h.crash(point, h.cycle), f"the scenario never reached {point}"
+    h.assert_invariants()
+    assert set(h.exported_fingerprints()) == set(before)
+    assert h.agent.spool.replicas() == [] or h.agent.state.phase != "idle"
+    _settle(h)
+    assert h.agent.spool.replicas() == []
 
 
 def test_crash_mid_baseline(group_config):

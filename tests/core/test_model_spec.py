@@ -52,6 +52,9 @@ DESIGN_EDGES = {
     ("break_mirror", "stable", "broken"),
     ("break_mirror", "stable_uncoalesced", "broken"),
     ("resync", "broken", "unstable_uncoalesced"),
+    # an addition to DESIGN §2 (docs/decisions.md, "An update a restart interrupted resumes
+    # from its spool"): a rolled-back, spooled update restarts in the same cycle
+    ("resume_update", "done", "update"),
 }
 DESIGN_REFS = {
     "baseline_succeeded": "1042", "update_succeeded": "1012", "update_failed": "1016",

@@ -341,6 +341,12 @@ def _scn_rollback_failed():
     return _rolling_back(rep("A", "rollback"), rep("B", "rollback")), [ev.RollbackDone(replica="A", ok=False)]
 
 
+def _scn_resume_update():
+    """A restart interrupted A's spooled update: rolled back, it restarts in the same cycle."""
+    st = _rolling_back(rep("A", "done", resume=True), rep("B", "rollback"))
+    return st, [ev.RollbackDone(replica="B", ok=True)]
+
+
 def _retrying(retries: int = 0, **kw) -> GroupState:
     a = rep("A", "unstable_uncoalesced", scratch=SCR, retries=retries, **kw)
     st = group(a, rep("B"))
@@ -386,6 +392,7 @@ REPLICA_SCENARIOS: dict[tuple[str, str, str], tuple[str, Callable]] = {
     ("update_failed", "update", "rollback"): ("A", _scn_update_failed),
     ("rollback_succeeded", "rollback", "done"): ("A", _scn_rollback_succeeded),
     ("rollback_failed", "rollback", "unstable_uncoalesced"): ("A", _scn_rollback_failed),
+    ("resume_update", "done", "update"): ("A", _scn_resume_update),
     ("retry_failed", "unstable_uncoalesced", "unstable_uncoalesced"): ("A", _scn_retry_failed),
     ("retry_succeeded", "unstable_uncoalesced", "stable_uncoalesced"): ("A", _scn_retry_succeeded),
     ("jump_ahead", "stable", "stable"): ("S", _jump_2),
@@ -684,6 +691,10 @@ def _agent_jump_from_rolling_back():
     return _rolling_back(rep("A", "rollback")), [ev.RollbackDone(replica="A", ok=True)]
 
 
+def _agent_resume_updates():
+    return _scn_resume_update()
+
+
 def _agent_take_new_base():
     st = updating(rep("A", "done", active_point=S2), phase="jump_ahead_1").with_pcpi(pcpi(JA, "jump_ahead"))
     return st, [ev.PurgatoryPurged()]
@@ -716,6 +727,7 @@ AGENT_SCENARIOS = {
     ("start_jump_ahead", "updating", "jump_ahead_1"): _agent_jump_from_updating,
     ("start_jump_ahead", "rolling_back", "jump_ahead_1"): _agent_jump_from_rolling_back,
     ("take_new_base", "jump_ahead_1", "jump_ahead_2"): _agent_take_new_base,
+    ("resume_updates", "rolling_back", "updating"): _agent_resume_updates,
     ("start_release", "updating", "releasing"): _agent_release_from_updating,
     ("start_release", "rolling_back", "releasing"): _agent_release_from_rolling_back,
     ("start_release", "jump_ahead_2", "releasing"): _agent_release_from_jump_2,
@@ -1407,3 +1419,51 @@ def test_only_the_jump_ahead_export_is_marked_jump():
     plain = decide(rec.state, ev.Exported(jump=False))
     assert plain.state.phase == "jump_ahead_2" and plain.effects == () and plain.log == ()
     assert decide(rec.state, ev.Exported(jump=True)).state.phase == "releasing"
+
+
+# ---------------------------------------------------------------------------
+# resume after a restart (docs/decisions.md)
+# ---------------------------------------------------------------------------
+def test_recover_marks_only_spooled_updates_resumable():
+    st = updating(rep("A", "update"), rep("B", "update"), rep("C", "done", active_point=S2))
+    d = decide(st, ev.Recover(now=1.0, destination_pcpis=frozenset({BASE}), source_pcpis=frozenset({S1, S2}),
+                              spooled=frozenset({"A", "C"})))
+    a, b, c = (d.state.replicas[n] for n in "ABC")
+    assert (a.state, a.resume) == ("rollback", True)
+    assert (b.state, b.resume) == ("rollback", False)
+    assert (c.state, c.resume) == ("done", False)   # not in update: a spool name alone changes nothing
+    assert d.state.phase == "rolling_back"
+
+
+def test_resumed_update_restarts_from_the_base_to_the_cycle_target_and_releases_the_rollback_pcpi_I1():
+    st = _rolling_back(rep("A", "rollback", resume=True), rep("B", "rollback"), rep("C", "done", active_point=S2))
+    d = decide(st, ev.RollbackDone(replica="A", ok=True))
+    assert d.state.phase == "rolling_back" and d.effects == ()      # B's rollback is still running
+    d = decide(d.state, ev.RollbackDone(replica="B", ok=True))
+    assert d.state.phase == "updating"
+    assert d.effects == (fx.ReleasePcpi(name=RB),
+                         fx.Transfer(replica="A", source_qtree="A", base=S1, target=S2, resume=True))
+    a, b = d.state.replicas["A"], d.state.replicas["B"]
+    assert (a.state, a.target, a.resume) == ("update", S2, False)
+    assert b.state == "done"
+    st2 = d.state
+    # the rollback PCPI is gone before a second failure takes a fresh one (at most 4, I1)
+    st2 = decide(st2, ev.PcpiReleased(name=RB)).state
+    d = decide(st2, ev.TransferDone(replica="A", ok=False, error="again"))
+    assert d.state.phase == "rolling_back"
+    (take,) = d.effects
+    assert take.role == "rollback" and take.name != RB
+    assert len([p for p in d.state.pcpis.values() if p.role in ("base", "rollback")]) == 2
+    check_i1(d.state)
+    # or the resumed update succeeds and the cycle jumps ahead with A at the target
+    d = decide(st2, ev.TransferDone(replica="A", ok=True))
+    assert d.state.phase == "jump_ahead_1"
+    assert d.state.replicas["A"].active_point == S2
+
+
+def test_a_resumable_replica_whose_rollback_fails_leaves_the_cycle_without_resuming():
+    st = _rolling_back(rep("A", "rollback", resume=True))
+    d = decide(st, ev.RollbackDone(replica="A", ok=False))
+    a = d.state.replicas["A"]
+    assert (a.state, a.resume) == ("unstable_uncoalesced", False)
+    assert not any(isinstance(e, fx.Transfer) for e in d.effects)

@@ -46,7 +46,7 @@ SETTLE_CYCLES = 4
 _ids = itertools.count()
 
 #: counters read by tools/check (steps and examples run in this process)
-STATS = {"examples": 0, "steps": 0, "crashes": 0, "restarts": 0, "hostile": 0}
+STATS = {"examples": 0, "steps": 0, "crashes": 0, "restarts": 0, "hostile": 0, "resumes": 0}
 
 
 def backend_works(scheme: str) -> bool:
@@ -74,6 +74,8 @@ def make_config(scheme: str, tmp: Path, parallel: int = 1):
         src, dst = f"{scheme}://{tmp}/src{n}", f"{scheme}://{tmp}/dst{n}"
     lines = ["[group]", 'name = "g"', f'source = "{src}"', f'destination = "{dst}"',
              f"parallel = {parallel}", f'metadata = "{tmp}/meta{n}"',
+             # every other example spools its updates, so a crash mid-update resumes (resume_updates)
+             f"spool = {'true' if n % 2 else 'false'}",
              "[group.retry]", "initial = 5", "factor = 2", "maximum = 60"]
     for r in INITIAL:
         lines += ["[[replica]]", f'name = "{r}"']
@@ -251,6 +253,7 @@ class CoalescingMachine(RuleBasedStateMachine):
             self.h.faults.clear()
         STATS["restarts"] += 1
         STATS["crashes"] += int(crashed)
+        STATS["resumes"] += sum(1 for t in self.h.recorder.transitions[self.seen:] if t[1] == "resume_update")
         self._check_i6(before)
         self._sync_replay()
 

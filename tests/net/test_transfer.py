@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import random
+import re
 import socket
 import threading
 import time
@@ -90,6 +92,33 @@ def test_agent_update_resumes_instead_of_failing(tls_service, group_config):
         assert report["failures"] == 0  # resumed, not rolled back
         assert set(h.states().values()) == {"stable"}
         h.assert_invariants()  # I3: the exported images equal the source PCPI, byte for byte
+    finally:
+        for p in proxies:
+            p.stop()
+
+
+def test_after_a_restart_an_update_resumes_and_fetches_only_the_rest_I3(tls_service, group_config, caplog):
+    """Issue 9's resume across a crash of the agent: the records that had arrived are
+    replayed from the spool and the server is asked for the stream from the next one."""
+    proxies: list = []
+    try:
+        h, proxy = _proxied_harness(tls_service, group_config, proxies, replicas=("A", "B"))
+        h.cycle()
+        rng = random.Random(9)
+        for i in range(30):
+            h.writer.write("A", f"new/f{i}", rng.randbytes(100_000))
+        cycle = h.agent.state.cycle
+        with caplog.at_level(logging.INFO, logger="coalesce.spool"):
+            assert h.crash("mid_apply:50", h.cycle)
+        replayed = [int(n) for n in re.findall(r"replica A: (\d+) change records replayed", caplog.text)]
+        assert replayed and replayed[0] > 0
+        received = h.agent.source.handle.stats["records"]  # the reopened agent's connection only
+        a = h.agent.state.replicas["A"]
+        assert received + replayed[0] == a.records          # nothing fetched twice, nothing missing
+        assert ("A", "resume_update", "done", "update") in h.recorder.transitions
+        assert h.agent.state.cycle == cycle + 1 and h.agent.state.phase == "idle"
+        assert set(h.states().values()) == {"stable"}
+        h.assert_invariants()  # I3: byte for byte the image of the source PCPI
     finally:
         for p in proxies:
             p.stop()

@@ -26,6 +26,7 @@ BENCHES = {
     "diffcost": "bench_diffcost.py",  # btrfs (root): diff cost vs qtree size for the same change
     "recovery": "bench_recovery.py",  # SIGKILL at each crash point, then time to a consistent group
     "formal": "bench_formal.py",  # SPIN states/time at 2-4 replicas; hypothesis steps/s
+    "spool": "bench_spool.py",  # the spool's cost, and the time a SIGKILL mid-update loses with and without it
     "net": "bench_net.py",  # (root) one update over an emulated link: coalesce ssh/tls vs btrfs send | ssh | receive
 }
 ROOT_ONLY = {"realfs", "diffcost", "net"}

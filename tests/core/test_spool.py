@@ -1,0 +1,189 @@
+"""The spool (coalesce_core.spool) and resume after a restart (spec: resume_updates).
+
+An update a restart interrupts is rolled back (Fig. 9) and restarts in the same
+cycle: the change records that had arrived are replayed from the spool, the
+source is asked only for the rest, and the result is exactly the image an
+uninterrupted update leaves (I3).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import re
+
+import pytest
+
+from coalesce_core import codec
+from coalesce_core.errors import CorruptStream
+from coalesce_core.records import Begin, End, MkFile, Write
+from coalesce_core.spool import Spool, skip_changes
+from coalesce_core.testing.harness import Harness
+from coalesce_core.testing.workload import fill
+
+BEGIN = Begin(qtree="A", base="s1", target="s2")
+
+
+def _stream(n: int) -> list:
+    recs: list = [BEGIN]
+    for i in range(n):
+        recs += [MkFile(path=f"f{i}"), Write(path=f"f{i}", offset=0, data=bytes([i % 256]) * 100)]
+    return [*recs, End(records=2 * n)]
+
+
+def test_record_passes_every_record_through_and_spools_the_changes(tmp_path):
+    sp = Spool(tmp_path / "g.spool")
+    recs = _stream(5)
+    assert list(sp.record("A", iter(recs))) == recs
+    assert sp.holds("A", BEGIN)
+    assert sp.count("A") == 10
+    assert sp.replicas() == ["A"]
+    assert not sp.holds("A", Begin(qtree="A", base="s1", target="s3"))  # another stream
+    assert not sp.holds("B", BEGIN)
+    sp.discard("A")
+    assert sp.replicas() == [] and not sp.holds("A", BEGIN)
+
+
+@pytest.mark.parametrize("damage", ["torn", "flipped"])
+def test_a_torn_or_damaged_tail_is_cut_at_the_last_whole_frame(tmp_path, damage):
+    sp = Spool(tmp_path)
+    list(sp.record("A", iter(_stream(6))))
+    path = sp.path("A")
+    raw = bytearray(path.read_bytes())
+    if damage == "torn":
+        raw = raw[:-50]          # inside the last Write frame
+    else:
+        raw[-50] ^= 0xFF         # its crc no longer matches
+    path.write_bytes(bytes(raw))
+    assert sp.holds("A", BEGIN)
+    assert sp.count("A") == 11   # every whole, checksummed frame before the damage
+
+
+def test_resume_replays_the_spool_then_asks_the_source_for_the_rest(tmp_path):
+    sp = Spool(tmp_path)
+    full = _stream(8)
+    it = sp.record("A", iter(full))
+    for _ in range(1 + 7):       # Begin and 7 change records arrived, then the agent was killed
+        next(it)
+    del it                       # abandoned, as by a SIGKILL: the spool is written through, nothing is lost
+    asked: list[int] = []
+
+    def rest(k: int):
+        asked.append(k)
+        return skip_changes(iter(full), k)
+
+    got = list(sp.resume("A", BEGIN, rest))
+    assert got == full           # record for record: what an uninterrupted transfer delivers
+    assert asked == [7]
+    assert sp.count("A") == 16   # the spool was rewritten as the resumed update went on
+
+
+def test_resume_refuses_a_source_that_answers_with_another_stream(tmp_path):
+    sp = Spool(tmp_path)
+    list(sp.record("A", iter(_stream(2))))
+    other = [Begin(qtree="A", base="s1", target="s9"), End(records=0)]
+    with pytest.raises(CorruptStream, match="not s1..s2"):
+        list(sp.resume("A", BEGIN, lambda k: iter(other)))
+
+
+def test_a_spool_that_cannot_be_written_is_dropped_and_the_records_still_flow(tmp_path, caplog):
+    (tmp_path / "file").write_text("not a directory")
+    sp = Spool(tmp_path / "file" / "g.spool")
+    recs = _stream(3)
+    with caplog.at_level(logging.WARNING, logger="coalesce.spool"):
+        assert list(sp.record("A", iter(recs))) == recs
+    assert "goes on without it" in caplog.text
+    assert not sp.holds("A", BEGIN)
+
+
+def test_skip_changes_keeps_begin_and_end_and_refuses_a_short_stream():
+    full = _stream(3)
+    assert list(skip_changes(iter(full), 4)) == [BEGIN, *full[5:]]
+    assert list(skip_changes(iter(full), 0)) == full
+    with pytest.raises(CorruptStream, match="has only 6"):
+        list(skip_changes(iter(full), 7))
+
+
+def test_skip_changes_close_closes_the_wrapped_diff_even_unstarted():
+    closed = []
+
+    def diff():
+        try:
+            yield from _stream(2)
+        finally:
+            closed.append(True)
+
+    g = diff()
+    next(g)                      # a started diff (holding, say, a clone)
+    skip_changes(g, 1).close()
+    assert closed == [True]
+
+
+def test_the_spool_is_the_codec_format_without_a_trailer(tmp_path):
+    sp = Spool(tmp_path)
+    list(sp.record("A", iter(_stream(2))))
+    data = sp.path("A").read_bytes()
+    assert data.startswith(codec.MAGIC)
+    assert not data.endswith(codec.END_MAGIC)
+
+
+# ---------------------------------------------------------------------------
+# the agent
+# ---------------------------------------------------------------------------
+def _big_update(h: Harness, files: int = 40, size: int = 100_000) -> None:
+    rng = random.Random(3)
+    for i in range(files):
+        h.writer.write("A", f"new/f{i}", rng.randbytes(size))
+
+
+def test_an_update_a_restart_interrupts_resumes_from_the_spool_in_the_same_cycle_I3(group_config, caplog):
+    h = Harness(group_config(replicas=("A", "B"), spool=True))
+    fill(h.writer, "AB")
+    h.cycle()
+    _big_update(h)
+    before = h.agent.state.cycle
+    with caplog.at_level(logging.INFO, logger="coalesce.spool"):
+        assert h.crash("mid_apply:70", h.cycle)  # Harness.crash reopens the agent: recover() runs
+    assert h.agent.state.cycle == before + 1     # finished in the cycle the crash interrupted
+    assert h.agent.state.phase == "idle"
+    trans = h.recorder.transitions
+    assert ("A", "update_failed", "update", "rollback") in trans
+    assert ("A", "rollback_succeeded", "rollback", "done") in trans
+    assert ("A", "resume_update", "done", "update") in trans
+    assert ("A", "update_succeeded", "update", "done") in trans
+    replayed = [int(n) for n in re.findall(r"replica A: (\d+) change records replayed", caplog.text)]
+    assert replayed and replayed[0] > 0
+    assert h.states() == {"A": "stable", "B": "stable"}
+    assert h.agent.spool.replicas() == []        # every spool is gone once its update ended
+    assert h.agent.state.replicas["A"].source_point == h.agent.state.replicas["B"].source_point
+    h.assert_invariants()                         # I3: A exports exactly the source PCPI's image
+
+
+def test_without_a_spool_the_interrupted_update_waits_for_the_next_cycle(group_config):
+    h = Harness(group_config(replicas=("A", "B"), spool=False))
+    fill(h.writer, "AB")
+    h.cycle()
+    _big_update(h, files=10, size=1000)
+    old_point = h.agent.state.replicas["A"].source_point
+    assert h.crash("mid_apply:5", h.cycle)
+    assert ("A", "resume_update", "done", "update") not in h.recorder.transitions
+    assert h.agent.state.phase == "idle"
+    a = h.agent.state.replicas["A"]
+    assert (a.state, a.source_point) == ("stable", old_point)  # rolled back: the old image, complete
+    h.assert_invariants()
+    h.cycle()
+    a = h.agent.state.replicas["A"]
+    assert a.state == "stable" and a.source_point != old_point
+    h.assert_invariants()
+
+
+def test_a_stale_spool_is_removed_at_recovery(group_config):
+    h = Harness(group_config(replicas=("A",), spool=True))
+    fill(h.writer, "A")
+    h.cycle()
+    stale = h.agent.spool.path("A")
+    stale.parent.mkdir(exist_ok=True)
+    stale.write_bytes(b"left over by a crash of another version")
+    h.restart()
+    assert not stale.exists()
+
