@@ -217,6 +217,8 @@ class RemoteVolume:
     #: diff yields records the codec has already decoded and checked (frame checksums, trailer
     #: digest, paths), so the agent does not encode and decode them a second time
     records_decoded = True
+    #: ``diff(..., skip=k)``: the server regenerates the stream and skips its first k change records
+    resumable_diff = True
 
     def __init__(self, url: VolumeURL, settings: ClientSettings | None = None) -> None:
         self.url = str(url)
@@ -412,11 +414,14 @@ class RemoteVolume:
             raise P.ProtocolError("the server's fingerprint is not a short string")
         return got
 
-    def diff(self, qtree: str, base: str | None, target: str) -> Iterator[Any]:
-        return self._diff(qtree, base, target)
+    def diff(self, qtree: str, base: str | None, target: str, skip: int = 0) -> Iterator[Any]:
+        """Begin, the change records after the first ``skip``, End (whose count includes the skipped)."""
+        if not isinstance(skip, int) or skip < 0:
+            raise ValueError(f"skip must be a non-negative int, not {skip!r}")
+        return self._diff(qtree, base, target, skip)
 
-    def _diff(self, qtree: str, base: str | None, target: str) -> Iterator[Any]:
-        delivered = 0
+    def _diff(self, qtree: str, base: str | None, target: str, skip: int = 0) -> Iterator[Any]:
+        delivered = skip
         failures = 0          # failed attempts in a row that delivered no new record
         resumes = 0           # every resume of this transfer (bounded: a hostile server cannot loop us)
         max_resumes = 4 * max(1, self.settings.retries)
