@@ -1,20 +1,21 @@
 """The spool: a local copy of the change records an update has received.
 
-While an update is applied, every change record is appended to
-``<metadata>/<group>.spool/<replica>.stream`` before the applier gets it
-(write-ahead), in the codec's framed, checksummed format (coalesce_core.codec,
-without the trailer).  Its length in whole frames is the update's persisted
-position.  After a restart, recovery rolls the replica back (Fig. 9) and the
-update restarts in the same cycle (spec: ``resume_updates``): the spooled
+While an update is applied, every change record is handed to the spool
+before the applier gets it, and appended to
+``<metadata>/<group>.spool/<replica>.stream`` by a writer thread, in the
+codec's framed, checksummed format (coalesce_core.codec, without the
+trailer).  Its length in whole frames is the update's persisted position.
+After a restart, recovery rolls the replica back (Fig. 9) and the update
+restarts in the same cycle (spec: ``resume_updates``): the spooled
 records are replayed from local disk and the source is asked only for the
 records after them (it regenerates the same deterministic stream and skips).
 
 Correctness never rests on the spool: the replica is always rolled back to
 the coalesced base before the replay, so any valid prefix of the stream is
-as good as another.  That is why the spool is written through to the page
-cache (a killed agent loses none of it) but not fsynced (a power loss may
-tear its tail); a torn or damaged tail is cut at the last whole, checksummed
-frame, and a spool of another
+as good as another.  That is why the spool may lag the apply (a killed agent
+loses what was still queued, at most a few MiB, which the source sends again)
+and is not fsynced (a power loss may tear its tail); a torn or damaged tail is
+cut at the last whole, checksummed frame, and a spool of another
 stream (other base, target or qtree) is ignored.  A spool that cannot be
 written (full disk) is dropped and the update goes on without it.  The spool
 is removed when its update ends, either way.
@@ -24,6 +25,8 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
+import threading
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterable, Iterator
 
@@ -182,35 +185,76 @@ class skip_changes:
 
 
 class _Writer:
-    """Appends frames to a spool file; on a write error it drops the spool and goes quiet."""
+    """Appends frames to a spool file from a thread of its own; on a write error it drops the
+    spool and goes quiet.
 
-    def __init__(self, path: Path, f: BinaryIO | None) -> None:
+    Records are handed over in batches (64 records or 1 MiB of data) through a queue of 8, so
+    the spool's encoding and writing overlap the transfer and the apply instead of adding to
+    them; a full queue slows the caller down to the disk's pace."""
+
+    BATCH_RECORDS = 64
+    BATCH_BYTES = 1 << 20
+
+    def __init__(self, path: Path) -> None:
         self.path = path
-        self.f = f
+        self.f: BinaryIO | None = None
         self.enc = codec.StreamEncoder(digest=False)
+        self.failed = False
+        self._batch: list[Any] = []
+        self._bytes = 0
+        self._q: queue.Queue[list[Any] | None] = queue.Queue(maxsize=8)
+        self._thread: threading.Thread | None = None
 
     @classmethod
     def create(cls, path: Path) -> "_Writer":
-        w = cls(path, None)
+        w = cls(path)
         try:
             path.parent.mkdir(mode=0o700, exist_ok=True)
-            # unbuffered: each frame is in the file (the page cache) before the applier gets its
-            # record, so a SIGKILL loses nothing that was applied; one write per small frame
             w.f = open(path, "wb", buffering=0)
             w.f.write(w.enc.header())
         except OSError as exc:
             w._drop(exc)
+            return w
+        w._thread = threading.Thread(target=w._run, name=f"spool-{path.name}", daemon=True)
+        w._thread.start()
         return w
 
     def write(self, rec: Any) -> None:
-        if self.f is None:
+        if self.failed:
             return
-        try:
-            self.f.writelines(self.enc.frame(rec))
-        except OSError as exc:
-            self._drop(exc)
+        self._batch.append(rec)
+        data = getattr(rec, "data", None)
+        if data is not None:
+            self._bytes += len(data)
+        if len(self._batch) >= self.BATCH_RECORDS or self._bytes >= self.BATCH_BYTES:
+            self._hand_over()
+
+    def _hand_over(self) -> None:
+        if self._batch:
+            self._q.put(self._batch)
+            self._batch = []
+            self._bytes = 0
+
+    def _run(self) -> None:
+        while True:
+            batch = self._q.get()
+            if batch is None:
+                return
+            if self.f is None:
+                continue  # dropped: drain the queue so the caller never blocks
+            try:
+                for rec in batch:
+                    self.f.writelines(self.enc.frame(rec))
+            except OSError as exc:
+                self._drop(exc)
 
     def close(self) -> None:
+        if self._thread is not None:
+            if not self.failed:
+                self._hand_over()
+            self._q.put(None)
+            self._thread.join()
+            self._thread = None
         if self.f is not None:
             try:
                 self.f.close()
@@ -221,6 +265,7 @@ class _Writer:
     def _drop(self, exc: OSError) -> None:
         log.warning("cannot write the spool %s (%s): this update goes on without it and cannot resume "
                     "after a restart", self.path, exc)
+        self.failed = True
         if self.f is not None:
             try:
                 self.f.close()
