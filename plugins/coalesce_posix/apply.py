@@ -84,6 +84,11 @@ class Applier:
         self._root_fd: int | None = None
         self._dirs: OrderedDict[str, int] = OrderedDict()   # parent path -> fd (LRU)
         self._file: tuple[str, int] | None = None           # last written file
+        # (uid, gid, permission bits) of the regular files and directories this applier created
+        # or opened for writing, read from the descriptor then: a later SetAttr of the same path
+        # needs no lstat (on FUSE one round trip to the daemon per file).  Valid only while the
+        # namespace does not move: every rename, link, removal or discard clears it.
+        self._known: dict[str, tuple[int, int, int]] = {}
         self._seq = itertools.count()
         self.records = 0
         self.bytes = 0
@@ -209,6 +214,7 @@ class Applier:
     def _discard(self, path: str, dfd: int, name: str, st: os.stat_result) -> None:
         """Move the entry ``path`` (``name`` in ``dfd``) to purgatory (or delete it when there is none)."""
         self._close_file()
+        self._known.clear()
         if self.purgatory is not None:
             pname = f"{time.time_ns():x}.{next(self._seq)}.{name[:200]}"
             os.rename(name, pname, src_dir_fd=dfd, dst_dir_fd=self._purgatory_fd())
@@ -355,8 +361,10 @@ class Applier:
                     dfd, name = self._parent(rec.path)
                 fd = os.open(name, _O_NEWFILE, mode, dir_fd=dfd)
             self._file = (rec.path, fd)
-            if stat.S_IMODE(os.fstat(fd).st_mode) != mode:
+            st = os.fstat(fd)
+            if stat.S_IMODE(st.st_mode) != mode:
                 os.fchmod(fd, mode)                 # the umask took bits away
+            self._remember(rec.path, st, mode)
         elif isinstance(rec, MkDir):
             mode = rec.mode & 0o7777
             dfd, name = self._parent(rec.path)
@@ -377,7 +385,9 @@ class Applier:
                     os.fchmod(fd, mode)
                 finally:
                     os.close(fd)
+            self._remember(rec.path, st, mode)
         elif isinstance(rec, Symlink):
+            self._known.clear()
             dfd, name = self._parent(rec.path)
             st = self._lstat(dfd, name)
             if st is not None:
@@ -387,6 +397,7 @@ class Applier:
                 dfd, name = self._parent(rec.path)
             os.symlink(_fs(rec.target), name, dir_fd=dfd)
         elif isinstance(rec, HardLink):
+            self._known.clear()
             check_path(rec.existing, what="hard link source")
             sfd, sname = self._parent(rec.existing)
             sst = self._lstat(sfd, sname)
@@ -404,6 +415,7 @@ class Applier:
                 dfd, name = self._parent(rec.path)
             os.link(sname, name, src_dir_fd=sfd, dst_dir_fd=dfd, follow_symlinks=False)
         elif isinstance(rec, Rename):
+            self._known.clear()
             check_path(rec.new, what="rename target")
             sfd, sname = self._parent(rec.old)
             sst = self._lstat(sfd, sname)
@@ -424,6 +436,7 @@ class Applier:
             if stat.S_ISDIR(sst.st_mode):
                 self._forget_dir(rec.old)
         elif isinstance(rec, Unlink):
+            self._known.clear()
             dfd, name = self._parent(rec.path)
             st = self._lstat(dfd, name)
             if st is None:
@@ -432,6 +445,7 @@ class Applier:
                 raise CorruptStream(f"unlink {rec.path!r}: it is a directory in qtree {self.qtree!r}")
             self._discard(rec.path, dfd, name, st)
         elif isinstance(rec, RmDir):
+            self._known.clear()
             dfd, name = self._parent(rec.path)
             st = self._lstat(dfd, name)
             if st is None:
@@ -449,6 +463,7 @@ class Applier:
         elif isinstance(rec, SetAttr):
             self._setattr(rec)
         elif isinstance(rec, SetXattr):
+            self._known.pop(rec.path, None)     # a POSIX ACL (system.posix_acl_access) changes the mode
             dfd, name = self._parent(rec.path)
             try:
                 fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dfd)
@@ -487,25 +502,45 @@ class Applier:
             if exc.errno == errno.EISDIR:
                 raise CorruptStream(f"write to {path!r}: it is a directory") from exc
             raise
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
             os.close(fd)
             raise CorruptStream(f"write to {path!r}: not a regular file")
         self._file = (path, fd)
+        self._remember(path, st, stat.S_IMODE(st.st_mode))
         return fd
+
+    def _remember(self, path: str, st: os.stat_result, mode: int) -> None:
+        """Note the owner and permission bits of ``path``, just created or opened by this applier.
+        Not with set-id bits (a write by a process without CAP_FSETID clears them)."""
+        if mode & (stat.S_ISUID | stat.S_ISGID):
+            self._known.pop(path, None)
+            return
+        if len(self._known) >= 200_000:
+            self._known.clear()
+        self._known[path] = (st.st_uid, st.st_gid, mode)
 
     def _setattr(self, rec: SetAttr) -> None:
         dfd, name = self._parent(rec.path)
-        st = self._lstat(dfd, name)
-        if st is None:
-            raise CorruptStream(f"setattr {rec.path!r}: no such entry in qtree {self.qtree!r}")
+        known = self._known.pop(rec.path, None)
+        if known is not None:
+            # created or written by this stream (nothing renamed or removed since): its owner
+            # and mode are known without an lstat, and its times are always set (it was written)
+            st = None
+            uid, gid, imode, link = *known, False
+        else:
+            st = self._lstat(dfd, name)
+            if st is None:
+                raise CorruptStream(f"setattr {rec.path!r}: no such entry in qtree {self.qtree!r}")
+            uid, gid, imode, link = st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode), stat.S_ISLNK(st.st_mode)
         # what already holds is not set again (the same owner, mode, times): a chown
         # or chmod costs a metadata update each, and most SetAttr records only move mtime
-        chowned = ((rec.uid is not None and rec.uid != st.st_uid) or (rec.gid is not None and rec.gid != st.st_gid))
+        chowned = ((rec.uid is not None and rec.uid != uid) or (rec.gid is not None and rec.gid != gid))
         if chowned:
             os.chown(name, -1 if rec.uid is None else rec.uid, -1 if rec.gid is None else rec.gid,
                      dir_fd=dfd, follow_symlinks=False)
         # chown clears the set-id bits, so after one the mode is always set again
-        if rec.mode is not None and not stat.S_ISLNK(st.st_mode) and (chowned or stat.S_IMODE(st.st_mode) != rec.mode & 0o7777):
+        if rec.mode is not None and not link and (chowned or imode != rec.mode & 0o7777):
             fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dfd)
             try:
                 os.fchmod(fd, rec.mode & 0o7777)

@@ -19,6 +19,7 @@ import threading
 import weakref
 from typing import Callable, Iterable, Iterator
 
+from coalesce_core.errors import BackendError
 from coalesce_core import fingerprint as fp
 from coalesce_core.records import (
     MAX_DATA, HardLink, MkDir, MkFile, RmDir, SetAttr, SetXattr, Symlink, Truncate, Unlink, Write,
@@ -228,12 +229,34 @@ def write_records(path_rel: str, fd: int, start: int, end: int, *, skip_zero: bo
             pos += len(data)
 
 
+#: per thread, for the tree_diff running in it: image root -> False once listxattr said the
+#: file system has no xattrs (zfs-fuse's read clones: asked again, the daemon answers each file
+#: with another round trip; the kernel does not remember EOPNOTSUPP)
+_XATTR_ROOTS = threading.local()
+
+
+def _no_xattrs_under(path: str) -> str | None:
+    roots = getattr(_XATTR_ROOTS, "roots", None)
+    if roots:
+        for root, supported in roots.items():
+            if path.startswith(root) and (len(path) == len(root) or path[len(root)] == "/"):
+                return root if supported is False else None
+    return None
+
+
 def read_xattrs(path: str) -> dict[str, bytes]:
     """xattrs of a file or directory (never of a symlink: Linux has no user xattrs on them)."""
+    if _no_xattrs_under(path) is not None:
+        return {}
     try:
         names = os.listxattr(path, follow_symlinks=False)
     except OSError as exc:
         if exc.errno in (errno.ENOTSUP, errno.EOPNOTSUPP):
+            roots = getattr(_XATTR_ROOTS, "roots", None)
+            if roots:
+                for root in roots:
+                    if path.startswith(root) and (len(path) == len(root) or path[len(root)] == "/"):
+                        roots[root] = False
             return {}
         raise
     out = {}
@@ -379,12 +402,17 @@ def tree_diff(base: str | None, target: str, *, same_lineage: bool = True,
     removal plus a creation), so this is the fallback, not the fast path.
     """
     base = base if base and os.path.isdir(base) else None
-    yield from _removals(base, target, "", same_lineage, prune)
-    attrs_list: list = []
-    links: dict = {}
-    quick = quick_before_ns if same_lineage else None
-    yield from _updates(base, target, "", quick, links, attrs_list, prune, same_lineage)
-    yield from sorted_attrs(attrs_list)
+    # a file system without xattrs is asked once per image, not once per file (read_xattrs)
+    _XATTR_ROOTS.roots = {os.path.normpath(r): None for r in (base, target) if r}
+    try:
+        yield from _removals(base, target, "", same_lineage, prune)
+        attrs_list: list = []
+        links: dict = {}
+        quick = quick_before_ns if same_lineage else None
+        yield from _updates(base, target, "", quick, links, attrs_list, prune, same_lineage)
+        yield from sorted_attrs(attrs_list)
+    finally:
+        _XATTR_ROOTS.roots = None
 
 
 def _replaced(b: os.stat_result, t: os.stat_result, same_lineage: bool) -> bool:
@@ -461,6 +489,24 @@ def _updates(base, target, rel, quick, links, attrs_list, prune, same_lineage):
 
 def _file_update(bpath: str, tpath: str, rel: str, bsize: int, tsize: int) -> Iterator[object]:
     """Writes for the chunks that differ, then the size."""
+    if bsize != tsize and bsize <= CHUNK and tsize <= CHUNK:
+        # one chunk on each side, of different lengths, so it differs: the records are those of
+        # the compare below without reading the base copy (on FUSE, zfs-fuse, its open, read and
+        # close are three round trips to the daemon)
+        tfd = os.open(tpath, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            data = os.pread(tfd, tsize, 0) if tsize else b""
+        finally:
+            os.close(tfd)
+        if len(data) != tsize:
+            raise BackendError(f"{tpath}: read {len(data)} of {tsize} bytes from a PCPI (it changed?)")
+        if tsize < bsize:
+            yield Truncate(path=rel, size=tsize)
+        if data and not (bsize == 0 and data.count(0) == len(data)):
+            yield Write(path=rel, offset=0, data=data)
+        if tsize > bsize:
+            yield Truncate(path=rel, size=tsize)
+        return
     bfd = os.open(bpath, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     tfd = os.open(tpath, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:

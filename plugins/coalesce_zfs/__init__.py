@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import gc
 import itertools
 import logging
 import os
@@ -39,7 +40,7 @@ from coalesce_core.errors import BackendError
 from coalesce_core.hookspecs import hookimpl
 from coalesce_core.records import framed
 from coalesce_posix import PosixVolume, check_qtree, posix_hooks, walk
-from coalesce_posix.run import run, which
+from coalesce_posix.run import command_error, run, which
 
 SCHEME = "zfs"
 _log = logging.getLogger("coalesce.zfs")
@@ -141,7 +142,7 @@ def parse_zfs_diff(text: str, mountpoint: str) -> set[str] | None:
 class ZfsVolume(PosixVolume):
     scheme = SCHEME
     _seq = itertools.count()
-    _lock = threading.Lock()
+    _lock = threading.RLock()   # re-entrant: see _image
     _views: dict = {}          # (dataset, pcpi) -> shared temporary clone (zfs-fuse)
 
     def __init__(self, url: Any, dataset: str, mountpoint: str) -> None:
@@ -194,9 +195,12 @@ class ZfsVolume(PosixVolume):
 
     def snapshot_create(self, name: str) -> str:
         check_pcpi(name)
-        if name in self.snapshot_list():
-            return name
-        zfs("snapshot", f"{self.dataset}@{name}", hint="is the pool full? " + ZFS_HINT)
+        # create first, list only when that failed: one zfs command instead of two (each is a
+        # process and a round trip to the daemon); an existing snapshot of that name is success
+        p = zfs("snapshot", f"{self.dataset}@{name}", check=False)
+        if p.returncode != 0 and name not in self.snapshot_list():
+            raise command_error([_zfs(), "snapshot", f"{self.dataset}@{name}"], p.returncode, p.stderr,
+                                hint="is the pool full? " + ZFS_HINT)
         return name
 
     def snapshot_delete(self, name: str) -> bool:
@@ -244,6 +248,9 @@ class ZfsVolume(PosixVolume):
             last = err
             time.sleep(0.1 * (i + 1))
         if force:
+            # a reader that died (an exception or a simulated crash) may still hold files of the clone
+            # open from a diff generator that only the cycle collector will close: collect first
+            gc.collect()
             # zfs-fuse can hold a clone "busy" for seconds after its last file closed: unmount it
             # by force, then destroy it by force, with a growing pause (about 5 s in all)
             for i in range(4):
@@ -266,12 +273,17 @@ class ZfsVolume(PosixVolume):
             zfs("mount", name)
         return mountpoint
 
+    def image(self, snapshot: str | None) -> contextlib.AbstractContextManager[str]:
+        return self._image(snapshot, checked=False)
+
     @contextlib.contextmanager
-    def image(self, snapshot: str | None) -> Iterator[str]:
+    def _image(self, snapshot: str | None, checked: bool) -> Iterator[str]:
+        """``checked``: the caller has just run :meth:`_require` (a `zfs list`) for ``snapshot``."""
         if snapshot is None:
             yield self.root
             return
-        self._require(snapshot)
+        if not checked:
+            self._require(snapshot)
         if self.browsable():
             yield os.path.join(self.root, ".zfs", "snapshot", snapshot)
             return
@@ -280,16 +292,15 @@ class ZfsVolume(PosixVolume):
             yield view
             return
         key = (self.dataset, snapshot)
+        # Every object is made before the lock is taken: an allocation can start the cycle
+        # collector, which may finalize a diff generator someone abandoned, whose cleanup (this
+        # method's `finally`) takes the lock too; under a plain Lock that deadlocked the thread.
+        tag = f"t{os.getpid()}x{next(self._seq)}"
+        fresh = {"name": f"{self.clone_prefix}{tag}-{snapshot}", "mp": os.path.join(self.tmpdir, tag),
+                 "refs": 0, "ready": threading.Event(), "error": None}
         with self._lock:
-            entry = self._views.get(key)
-            if entry is None:
-                tag = f"t{os.getpid()}x{next(self._seq)}"
-                entry = self._views[key] = {"name": f"{self.clone_prefix}{tag}-{snapshot}",
-                                            "mp": os.path.join(self.tmpdir, tag), "refs": 0,
-                                            "ready": threading.Event(), "error": None}
-                creator = True
-            else:
-                creator = False
+            entry = self._views.setdefault(key, fresh)
+            creator = entry is fresh
             entry["refs"] += 1
         try:
             if creator:
@@ -367,7 +378,7 @@ class ZfsVolume(PosixVolume):
 
     def _diff_gen(self, qtree: str, base: str | None, target: str) -> Iterator[object]:
         with contextlib.ExitStack() as stack:
-            troot = stack.enter_context(self.image(target))
+            troot = stack.enter_context(self._image(target, checked=True))
             tq = os.path.join(troot, qtree)
             if not os.path.isdir(tq) or os.path.islink(tq):
                 raise BackendError(f"qtree {qtree!r} does not exist in PCPI {target!r} of {self.url}",
@@ -375,7 +386,7 @@ class ZfsVolume(PosixVolume):
             if base is None:
                 yield from framed(qtree, None, target, walk.baseline_records(os.path.join(troot, qtree)))
                 return
-            broot = stack.enter_context(self.image(base))
+            broot = stack.enter_context(self._image(base, checked=True))
             prune = None
             if self.browsable() and has_zfs_diff():
                 p = zfs("diff", "-H", f"{self.dataset}@{base}", f"{self.dataset}@{target}", check=False)

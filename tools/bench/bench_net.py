@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Replication over an emulated network link: coalesce over SSH and TLS against ``btrfs send | ssh | btrfs receive``.
 
-    python tools/bench/bench_net.py [--quick] [--size-mib 1024] [--comp-mib 256] [--resume-mib 256] [-v]
+    python tools/bench/bench_net.py [--quick] [--size-mib 1024] [--comp-mib 256] [--resume-mib 256] [--zfs] [-v]
 
 Needs root.  Builds, and removes at the end (also on failure or Ctrl-C):
 
@@ -38,8 +38,19 @@ versions, load average and command):
    ``COALESCE_RETRIES=0`` it fails, rolls back and the next cycle starts over;
    the native pipeline starts over.
 
+``--zfs`` adds part 1 on zfs-fuse, in the same run and over the same link: a
+private pool (bench_realfs.py's ``zfs_pool``: its own sparse file and state
+directory; zfs-fuse is started when none runs and stopped at the end, as
+bench_realfs.py --zfs does, so do not run it while the real-FS tests run),
+with a source dataset exposed by the same TLS server and sshd in B, a coalesce
+group per transport whose source AND destination are zfs datasets, and the
+native ``ssh B 'zfs snapshot; zfs send [-i prev] new' | zfs receive -F``
+(zfs-fuse is one daemon for the machine, reached through its unix socket, so
+the processes in namespace B run ``zfs`` too).  Before each timed zfs run the
+source's open transaction group is committed (a snapshot made and destroyed:
+``sync`` does not reach zfs-fuse).
+
 ``--quick``: 8 MiB, the 100 Mbit/s link only (a CI smoke test; seconds).
-zfs: not measured here (zfs-fuse is one daemon shared by the machine; see bench_realfs.py --zfs).
 """
 
 from __future__ import annotations
@@ -65,7 +76,8 @@ for p in (str(ROOT), str(HERE), str(ROOT / "tests")):
     if p not in sys.path:
         sys.path.insert(0, p)
 
-from bench_realfs import QTREE, MiB, N_BIG, LoopFS, _realfs_tool, group_config, pipeline, run, same_tree, write_big  # noqa: E402
+from bench_realfs import (QTREE, MiB, N_BIG, LoopFS, _realfs_tool, group_config, pipeline, run, same_tree,  # noqa: E402
+                          write_big, zfs_pool)
 
 from coalesce_core.errors import CoalesceError  # noqa: E402
 from coalesce_core.plugins import Volume, plugin_manager  # noqa: E402
@@ -81,6 +93,7 @@ def log(msg: str) -> None:
 
 
 VERBOSE = False
+SPOOL: bool | None = None   # --spool: the groups' `spool` (None: the default, on for a remote source)
 
 
 # ---------------------------------------------------------------------------- CPU accounting
@@ -124,7 +137,7 @@ def write_words(qdir: str, total_mib: int, seed: int) -> int:
 class Source:
     """Namespace B's services: coalesce serve --listen (TLS) and sshd (coalesce forced command + native key)."""
 
-    def __init__(self, link: Any, work: Path, mnt: str) -> None:
+    def __init__(self, link: Any, work: Path, mnt: str, zfs_ds: str | None = None) -> None:
         from net.netkit import CA, SSHD
 
         self.link = link
@@ -141,8 +154,14 @@ class Source:
         cfg.write_text("\n".join([
             "[server]", f'cert = "{server[0]}"', f'key = "{server[1]}"', f'ca = "{ca.path}"', "timeout = 30",
             "keepalive = 5", f'log = "{work}/serve.log"', "[volumes]", f'src = "btrfs://{self.src}"',
-            "[clients.backup1]", 'volumes = ["src"]', "take = true", "release = true", ""]))
-        self.tls = link.popen_b([sys.executable, "-m", "coalesce_core.serve", "--listen",
+            *([f'zsrc = "zfs://{zfs_ds}"'] if zfs_ds else []),
+            "[clients.backup1]", 'volumes = ["src", "zsrc"]' if zfs_ds else 'volumes = ["src"]', "take = true",
+            "release = true", ""]))
+        # with a zfs source the services in B run in THIS mount namespace (nsenter), only their network is
+        # B's: `ip netns exec` gives a process its own copy of the mounts, where the clones zfs-fuse mounts
+        # for a diff would not appear and `zfs destroy`'s unmount would not reach the daemon's mount
+        self.enter = ["nsenter", f"--mount=/proc/{os.getpid()}/ns/mnt", "--"] if zfs_ds else []
+        self.tls = link.popen_b([*self.enter, sys.executable, "-m", "coalesce_core.serve", "--listen",
                                  f"{link.b_ip}:{TLS_PORT}", "--config", str(cfg)],
                                 stdout=subprocess.DEVNULL, stderr=open(work / "serve.err", "wb"))
         (work / "sshd").mkdir()
@@ -164,6 +183,9 @@ class Source:
         with open(d / "authorized_keys", "a") as f:
             f.write(f'command="{script}",restrict {pub}\n')
         self.native_ssh = self.sshd.ssh.replace(str(d / "client_key"), str(d / "native_key")).split()
+        self.zfs_ds = zfs_ds
+        if zfs_ds:
+            self._zfs_keys(zfs_ds)
         deadline = time.monotonic() + 20
         import socket
 
@@ -176,6 +198,33 @@ class Source:
                     raise RuntimeError(f"coalesce serve did not start: {(work / 'serve.err').read_text()}")
                 time.sleep(0.1)
 
+    def _zfs_keys(self, ds: str) -> None:
+        """The zfs source: exposed over ssh (and TLS, above); ``coalesce serve --stdio`` runs in this mount
+        namespace (see ``enter``) with this process's COALESCE_ZFS_STATE_DIR (sshd passes no environment),
+        so that every coalesce process shares one state directory and its zfs command lock; a key whose
+        forced command snapshots the dataset and runs ``zfs send``."""
+        d = self.sshd.d
+        self.zfs_ssh_url = self.sshd.expose(f"zfs://{ds}")
+        self.zfs_tls_url = f"tls://{self.link.b_ip}:{TLS_PORT}/zsrc"
+        state = os.environ["COALESCE_ZFS_STATE_DIR"]
+        keys = (d / "authorized_keys").read_text()
+        (d / "authorized_keys").write_text(keys.replace(
+            'command="', f'command="{" ".join(self.enter)} env COALESCE_ZFS_STATE_DIR={state} ', 1))
+        zfs = shutil.which("zfs", path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin") or "zfs"
+        script = d / "native-zfs-send.sh"
+        script.write_text("\n".join([
+            "#!/bin/sh", "set -e", "set -- $SSH_ORIGINAL_COMMAND",
+            'case "$1$2" in *[!A-Za-z0-9_-]*) echo "bad snapshot names" >&2; exit 2;; esac',
+            f'{zfs} list -H -o name "{ds}@$2" >/dev/null 2>&1 || {zfs} snapshot "{ds}@$2"',
+            f'if [ "$1" = "-" ]; then exec {zfs} send "{ds}@$2"; fi',
+            f'exec {zfs} send -i "{ds}@$1" "{ds}@$2"', ""]))
+        script.chmod(0o755)
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / "native_zfs_key")], check=True)
+        pub = (d / "native_zfs_key.pub").read_text().strip()
+        with open(d / "authorized_keys", "a") as f:
+            f.write(f'command="{script}",restrict {pub}\n')
+        self.native_zfs_ssh = self.sshd.ssh.replace(str(d / "client_key"), str(d / "native_zfs_key")).split()
+
     def server_cpu(self) -> float:
         """CPU of every source-side process: the TLS server, sshd and what it ran (reaped)."""
         return _proc_cpu(self.tls.pid, children=True) + _proc_cpu(self.sshd.proc.pid, children=True) + sum(
@@ -187,14 +236,15 @@ class Source:
 
 # ---------------------------------------------------------------------------- the three replications
 class Coalesce:
-    def __init__(self, kind: str, url: str, mnt: str, work: Path) -> None:
+    def __init__(self, kind: str, url: str, mnt: str, work: Path, dest: str | None = None, tag: str = "") -> None:
         from net.netkit import remote_plugins
 
         self.kind = kind
         self.plugins = remote_plugins()
-        d = work / f"group-{kind}"
+        d = work / f"group-{tag}{kind}"
         d.mkdir()
-        self.h = Harness(group_config(str(d), f"n{kind}", url, f"btrfs://{mnt}/d{kind}"), plugins=self.plugins)
+        self.h = Harness(group_config(str(d), f"n{tag}{kind}", url, dest or f"btrfs://{mnt}/d{kind}", spool=SPOOL),
+                         plugins=self.plugins)
 
     def reopen(self) -> None:
         """A new agent on the same group: the client settings (COALESCE_*) are read again."""
@@ -291,18 +341,69 @@ class Native:
         return os.path.join(self.dst, self.prev or "", QTREE)
 
 
+class NativeZfs:
+    """``ssh B 'zfs snapshot; zfs send [-i prev] new' | zfs receive -F dst`` (zfs-fuse).  As in
+    bench_realfs.py's NativeZfs, no sync after it; the received dataset is remounted (untimed) so
+    that the check reads what was received, not pages the FUSE mount cached before."""
+
+    def __init__(self, src: Source, dst_ds: str, dst_mnt: str) -> None:
+        self.src = src
+        self.dst_ds, self.dst_mnt = dst_ds, dst_mnt
+        self.n = 0
+        self.prev: str | None = None
+
+    def _once(self, name: str) -> None:
+        ssh = [*self.src.native_zfs_ssh, "-o", "BatchMode=yes", "-p", str(SSH_PORT),
+               f"root@{self.src.link.b_ip}", "--", self.prev or "-", name]
+        pipeline(ssh, ["zfs", "receive", "-F", self.dst_ds], "native zfs ssh pipeline",
+                 env=dict(os.environ, PATH=os.environ.get("PATH", "") + ":/usr/sbin:/sbin"))
+
+    def update(self, until_stable: bool = False, wait: Callable[[], None] | None = None,
+               done: Callable[[], bool] | None = None) -> dict:
+        name = f"z{self.n}"
+        self.n += 1
+        t0 = time.perf_counter()
+        attempts = 0
+        while True:
+            attempts += 1
+            try:
+                self._once(name)
+                break
+            except RuntimeError:
+                if not until_stable or attempts >= 4:
+                    raise
+                if wait is not None:
+                    wait()
+        wall = time.perf_counter() - t0
+        run(["zfs", "unmount", self.dst_ds], check=False)
+        run(["zfs", "mount", self.dst_ds], check=False)
+        if self.prev:
+            run(["zfs", "destroy", f"{self.dst_ds}@{self.prev}"], check=False)
+            run(["zfs", "destroy", f"{self.src.zfs_ds}@{self.prev}"], check=False)
+        self.prev = name
+        return {"wall": wall, "cycles": attempts, "failures": attempts - 1}
+
+    def image(self) -> str:
+        return os.path.join(self.dst_mnt, QTREE)
+
+
 # ---------------------------------------------------------------------------- measuring one run
 class Bench:
-    def __init__(self, link: Any, source: Source, qdir: str, methods: dict[str, Any]) -> None:
+    def __init__(self, link: Any, source: Source, qdir: str, methods: dict[str, Any], fs: str = "btrfs",
+                 settle: Callable[[], None] | None = None) -> None:
         self.link = link
         self.source = source
         self.qdir = qdir
         self.m = methods
+        self.fs = fs
+        self.settle = settle
         self.rnd = random.Random(5)
 
     def measure(self, name: str, **kw: Any) -> dict:
         m = self.m[name]
         os.sync()
+        if self.settle is not None:
+            self.settle()
         s0, c0, sv0 = self.link.stats(), self_cpu(), self.source.server_cpu()
         res0 = m.stats().get("resumes", 0) if isinstance(m, Coalesce) else 0
         r = m.update(**kw)
@@ -314,7 +415,7 @@ class Bench:
         wire = sum(s1["qdiscs"][d].get("tbf", {}).get("bytes", 0) - s0["qdiscs"][d].get("tbf", {}).get("bytes", 0)
                    for d in ("a_to_b", "b_to_a"))
         drops = sum(s1[d]["dropped"] - s0[d]["dropped"] for d in ("a_to_b", "b_to_a")) if "a_to_b" in s1 else 0
-        r.update(name=name, wire=wire, emu_drops=drops, client_cpu=c1 - c0, server_cpu=sv1 - sv0,
+        r.update(name=name, fs=self.fs, wire=wire, emu_drops=drops, client_cpu=c1 - c0, server_cpu=sv1 - sv0,
                  emu_busy=s1.get("busy_s", 0.0) - s0.get("busy_s", 0.0))
         if isinstance(m, Coalesce):
             r["resumes"] = m.stats().get("resumes", 0) - (res0 if m.stats().get("resumes", 0) >= res0 else 0)
@@ -508,7 +609,7 @@ def part_main(b: Bench, shapes: list[tuple[str, float]], size_mib: int, seed: in
         b.link.shape(delay_ms=delay, rate=rate)
         for i in range(repeat):
             write_big(b.qdir, size_mib, random.Random(seed + len(rows)))
-            order = ["coalesce over SSH", "coalesce over TLS", "native over SSH"]
+            order = list(b.m)                                # coalesce over SSH, over TLS, native
             for name in order[i % 3:] + order[:i % 3]:    # the first method runs with the coldest cache
                 spy = None
                 if profile is not None:
@@ -607,7 +708,8 @@ def t_main(rows: list[dict]) -> str:
     out = ["| link | method | data | wall (s) | MiB/s | MiB on the wire | CPU here / at the source (s) "
            "| native / this (goal >= 0.9) |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        nat = next(x for x in rows if (x["rate"], x["run"]) == (r["rate"], r["run"]) and x["name"].startswith("native"))
+        nat = next(x for x in rows if (x["rate"], x["run"], x.get("fs")) == (r["rate"], r["run"], r.get("fs"))
+                   and x["name"].startswith("native"))
         out.append(f"| {r['rate']}, {r['rtt']:.0f} ms RTT | {r['name']} | {r['mib']} MiB | {r['wall']:.2f} | "
                    f"{r['mib'] / r['wall']:.1f} | {r['wire'] / MiB:.0f} | {r['client_cpu']:.1f} / "
                    f"{r['server_cpu']:.1f} | {nat['wall'] / r['wall']:.2f} |")
@@ -649,7 +751,7 @@ def t_resume(rows: list[dict]) -> str:
 
 # ---------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> int:
-    global VERBOSE
+    global VERBOSE, SPOOL
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="8 MiB, the 100 Mbit/s link only: a smoke test")
     ap.add_argument("--size-mib", type=int, default=1024, help="the update of part 1 (8 large files)")
@@ -661,13 +763,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=1, help="part 1: run each method this many times (alternating)")
     ap.add_argument("--profile", metavar="DIR", help="part 1: py-spy every run (this process and the source "
                     "side), raw stacks to DIR, the top frames as a table")
+    ap.add_argument("--zfs", action="store_true",
+                    help="part 1 also on zfs-fuse (zfs source and destinations; native: zfs send -i | ssh | zfs "
+                         "receive), on a private pool; starts zfs-fuse when none runs and stops it at the end: do "
+                         "not run it while the real-FS tests run")
+    ap.add_argument("--zfs-size-mib", type=int, default=None, help="the zfs update of part 1 (default: --size-mib)")
+    ap.add_argument("--spool", choices=["default", "on", "off"], default="default",
+                    help="the groups' `spool` (default: on, as for every remote source)")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--verbose", "-v", action="store_true")
     args = ap.parse_args(argv)
     VERBOSE = args.verbose
+    SPOOL = {"default": None, "on": True, "off": False}[args.spool]
     shapes = [(r, SHAPES[0][1]) for r in args.rates.split(",")]
     if args.quick:
         args.size_mib = args.comp_mib = args.resume_mib = 8
+        args.zfs_size_mib = 8 if args.zfs_size_mib is None else min(args.zfs_size_mib, 8)
         args.outage = 1.0
         shapes = [SHAPES[1]]
     if os.geteuid() != 0:
@@ -681,8 +792,13 @@ def main(argv: list[str] | None = None) -> int:
     fs_gib = max(2.0, 8 * max(args.size_mib, args.comp_mib, args.resume_mib) / 1024 + 2)
     started = time.perf_counter()
     fs = LoopFS(int(fs_gib * (1 << 30)))
+    if args.zfs_size_mib is None:
+        args.zfs_size_mib = args.size_mib
     link = source = None
+    zstack = contextlib.ExitStack()
+    zfs_info: dict | None = None
     methods: dict[str, Any] = {}
+    zmethods: dict[str, Any] = {}
     out: list[str] = []
     problems: list[str] = []
     saved_env = {k: os.environ.get(k) for k in ("COALESCE_TLS_CERT", "COALESCE_TLS_KEY", "COALESCE_TLS_CA",
@@ -696,9 +812,19 @@ def main(argv: list[str] | None = None) -> int:
         Volume.open(pm, f"btrfs://{mnt}/src", create=True).close()
         qdir = os.path.join(mnt, "src", QTREE)
         os.makedirs(qdir)
+        zq = None
+        if args.zfs and "main" in parts:
+            # before the source services start: they inherit COALESCE_ZFS_STATE_DIR from zfs_pool
+            zfs_info = zstack.enter_context(zfs_pool(max(2 << 30, 10 * args.zfs_size_mib * MiB + (2 << 30)), log,
+                                                     prefix="cnet"))
+            zpool = zfs_info["pool"]
+            Volume.open(pm, f"zfs://{zpool}/src", create=True).close()
+            zq = os.path.join(run(["zfs", "get", "-H", "-o", "value", "mountpoint", f"{zpool}/src"]).stdout.strip(),
+                              QTREE)
+            os.makedirs(zq)
         link = Link(log=str(work / "linkemu.log")).start()
         log(f"btrfs {fs_gib:.1f} GiB at {mnt}; link {link.mode} {link.a_ip} <-> {link.b_ip}, mtu {link.mtu}")
-        source = Source(link, work, mnt)
+        source = Source(link, work, mnt, zfs_ds=f"{zfs_info['pool']}/src" if zfs_info else None)
         os.environ.update(COALESCE_TLS_CERT=source.client[0], COALESCE_TLS_KEY=source.client[1],
                           COALESCE_TLS_CA=source.ca, COALESCE_SSH=source.sshd.ssh, COALESCE_RETRIES="6",
                           COALESCE_RETRY_DELAY="0.5", COALESCE_TIMEOUT="10", COALESCE_COMPRESSION="auto")
@@ -710,6 +836,24 @@ def main(argv: list[str] | None = None) -> int:
         write_big(qdir, min(args.size_mib, 64), random.Random(args.seed))
         for name in methods:
             b.measure(name)
+        zb = None
+        if zfs_info is not None:
+            zpool = zfs_info["pool"]
+            zmethods = {"coalesce over SSH, zfs": Coalesce("ssh", source.zfs_ssh_url, mnt, work,
+                                                           dest=f"zfs://{zpool}/dssh", tag="z"),
+                        "coalesce over TLS, zfs": Coalesce("tls", source.zfs_tls_url, mnt, work,
+                                                           dest=f"zfs://{zpool}/dtls", tag="z"),
+                        "native zfs over SSH": NativeZfs(source, f"{zpool}/nzdst",
+                                                         os.path.join(zfs_info["mountpoint"], "nzdst"))}
+
+            def settle(ds: str = f"{zpool}/src") -> None:
+                run(["zfs", "snapshot", f"{ds}@settle"])
+                run(["zfs", "destroy", f"{ds}@settle"])
+
+            zb = Bench(link, source, zq, zmethods, fs="zfs-fuse", settle=settle)
+            write_big(zq, min(args.zfs_size_mib, 64), random.Random(args.seed))
+            for name in zmethods:
+                zb.measure(name)
         emu = (f"link: {link.mode} emulator (tests/net/linkemu.py), MTU {link.mtu}, tbf rate limit, "
                f"delay {SHAPES[1][1]:.0f} ms each way")
         if "main" in parts:
@@ -719,6 +863,16 @@ def main(argv: list[str] | None = None) -> int:
             print("\n".join(out[-3:]), flush=True)
             if args.profile:
                 print(t_profile(rows) + "\n", flush=True)
+            if zb is not None:
+                zrows = part_main(zb, shapes, args.zfs_size_mib, args.seed + 10, args.repeat,
+                                  Path(args.profile) if args.profile else None)
+                zv = subprocess.run(["dpkg-query", "-W", "-f", "${Version}", "zfs-fuse"], capture_output=True,
+                                    text=True).stdout.strip() or "?"
+                out += [header(cmd, emu + f"; default compression (auto); zfs-fuse {zv}, one pool on a sparse "
+                               f"file; zfs source and destinations"), t_main(zrows), ""]
+                print("\n".join(out[-3:]), flush=True)
+                if args.profile:
+                    print(t_profile(zrows) + "\n", flush=True)
         rate, delay = SHAPES[1]
         if "compression" in parts:
             rows = part_compression(b, rate, delay, args.comp_mib, args.seed + 100, args.quick)
@@ -730,7 +884,7 @@ def main(argv: list[str] | None = None) -> int:
                     t_resume(rows), ""]
             print("\n".join(out[-3:]), flush=True)
     finally:
-        for m in methods.values():
+        for m in [*methods.values(), *zmethods.values()]:
             if isinstance(m, Coalesce):
                 m.close()
         with contextlib.suppress(Exception):
@@ -742,6 +896,12 @@ def main(argv: list[str] | None = None) -> int:
                 source.close()
         if link is not None:
             problems += link.close()
+        try:
+            zstack.close()                        # the zfs pool (and the daemon, if we started it)
+        except Exception as exc:                  # noqa: BLE001 -- keep tearing down
+            problems.append(f"zfs teardown: {exc}")
+        if zfs_info is not None:
+            problems += zfs_info["problems"]
         problems += fs.down()
         for k, v in saved_env.items():
             if v is None:

@@ -36,15 +36,24 @@ after (c), when it also holds the small files (the native rollback's cost
 follows the qtree's entry count, the generic one's follows the change).
 
 ``--zfs`` adds the zfs-fuse equivalent on a private pool (tools/realfs.py
-functions with their own state directory).  zfs-fuse is ONE daemon per
-machine: do not run ``--zfs`` while the real-FS tests run; if another pool
-appeared on the daemon we started, it is left running (and reported).
+functions with their own state directory; :func:`zfs_pool`).  zfs-fuse is ONE
+daemon per machine: do not run ``--zfs`` while the real-FS tests run; if
+another pool appeared on the daemon we started, it is left running (and
+reported).  ``sync`` does not reach zfs-fuse, so before each timed zfs part the
+pool's open transaction group is committed (a snapshot of the source made and
+destroyed): neither side pays for committing what was written before it.
 
 Every coalesce image and native received snapshot is checked against the
 source (names, sizes and sampled bytes) before it counts.  Prints markdown.
 ``--quick``: 8 MiB and 200 small files, for CI smoke tests (seconds).
 ``--profile DIR``: cProfile of each timed btrfs update's diff and apply calls
 (``DIR/<n>-<change>.prof`` and ``.txt``); profiled figures are not benchmark figures.
+``--attach CMD`` (repeatable) with ``--attach-dir DIR``: run CMD in the background
+during each timed coalesce update and each native pipeline run, SIGINT it after;
+``{pid}`` is this process, ``{zfs_pid}`` the zfs-fuse daemon (0 if none), ``{out}``
+a file prefix under DIR naming the run, e.g. ``--attach 'strace -f -c -o {out}.strace
+-p {pid}'``, ``--attach 'perf record -g -o {out}.perf -p {zfs_pid}'``; traced
+figures are not benchmark figures.  ``--no-btrfs`` runs only the ``--zfs`` part.
 """
 
 from __future__ import annotations
@@ -60,7 +69,9 @@ import platform
 import pstats
 import random
 import resource
+import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -82,12 +93,12 @@ N_BIG = 8
 
 
 
-def group_config(work: str, name: str, source: str, destination: str):
+def group_config(work: str, name: str, source: str, destination: str, spool: bool | None = None):
     """Write ``work/group.toml`` for a one-replica group (qtree QTREE, 4 workers, metadata in
-    ``work/meta``, retries at once) and return it parsed."""
+    ``work/meta``, retries at once; ``spool`` None: the default) and return it parsed."""
     text = (f'[group]\nname="{name}"\nsource="{source}"\ndestination="{destination}"\n'
-            f'parallel=4\nmetadata="{work}/meta"\n[group.retry]\ninitial=0.0\nfactor=2\nmaximum=60\n'
-            f'[[replica]]\nname="{QTREE}"\n')
+            f'parallel=4\nmetadata="{work}/meta"\n' + ("" if spool is None else f"spool={str(spool).lower()}\n")
+            + f'[group.retry]\ninitial=0.0\nfactor=2\nmaximum=60\n[[replica]]\nname="{QTREE}"\n')
     path = os.path.join(work, "group.toml")
     Path(path).write_text(text)
     return parse_config(text, path)
@@ -106,6 +117,41 @@ def run(argv: list[str], check: bool = True) -> subprocess.CompletedProcess:
     if check and p.returncode != 0:
         raise RuntimeError(f"`{' '.join(argv)}` failed ({p.returncode}): {p.stderr.strip()}")
     return p
+
+
+ATTACH: list[str] = []          # --attach command templates
+ATTACH_DIR = "."
+_ATTACH_SEQ = [0]
+
+
+@contextlib.contextmanager
+def attached(label: str):
+    """Run the --attach commands (profilers, tracers) while the block runs; SIGINT them after."""
+    if not ATTACH:
+        yield
+        return
+    _ATTACH_SEQ[0] += 1
+    slug = "".join(c if c.isalnum() else "-" for c in label.lower()).strip("-")[:48].rstrip("-")
+    zpid = (_realfs_tool()._zfs_fuse_pids() or [0])[0]
+    os.makedirs(ATTACH_DIR, exist_ok=True)
+    procs = []
+    for i, tmpl in enumerate(ATTACH):
+        out = os.path.join(ATTACH_DIR, f"{_ATTACH_SEQ[0]:02d}-{slug}-{i}")
+        argv = shlex.split(tmpl.format(pid=os.getpid(), zfs_pid=zpid, out=out))
+        procs.append(subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=open(out + ".err", "wb")))
+    time.sleep(1.0)                                  # attached before the timed part starts
+    try:
+        yield
+    finally:
+        for p in procs:
+            with contextlib.suppress(ProcessLookupError):
+                p.send_signal(signal.SIGINT)
+        for p in procs:
+            try:
+                p.wait(120)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
 
 
 def cpu() -> float:
@@ -266,7 +312,8 @@ def write_small(qdir: str, count: int, rnd: random.Random) -> int:
 
 
 def same_tree(a: str, b: str, rnd: random.Random) -> str | None:
-    """Names, types and sizes of every entry, plus sampled bytes of up to 200 files; None if equal."""
+    """Names, types and sizes of every entry, plus sampled bytes of every file over 64 KiB and of
+    up to 200 others; None if equal."""
     def listing(top):
         out = {}
         for dp, dns, fns in os.walk(top):
@@ -279,7 +326,11 @@ def same_tree(a: str, b: str, rnd: random.Random) -> str | None:
     if la != lb:
         diff = sorted(set(la.items()) ^ set(lb.items()))[:5]
         return f"listings differ ({len(la)} vs {len(lb)} files): {diff}"
-    for rel in rnd.sample(sorted(la), min(200, len(la))):
+    # every large file, and a sample of 200 of the others (a sample of all of them could miss
+    # the 8 large files among 20,000 small ones)
+    large = sorted(r for r, size in la.items() if size > 65536)
+    rest = sorted(r for r, size in la.items() if size <= 65536)
+    for rel in large + rnd.sample(rest, min(200, len(rest))):
         size = la[rel]
         offs = [0] if size <= 65536 else [0, rnd.randrange(size - 65536), size - 65536]
         for off in offs:
@@ -346,7 +397,8 @@ def bench(mnt: str, work: str, size_mib: int, small: int, seed: int, log, profil
             h.agent.ledger.close()
 
 
-def _bench(h, timer, native, qdir, size_mib, small, rnd, log, rollback: bool, profile_dir: str | None = None) -> dict:
+def _bench(h, timer, native, qdir, size_mib, small, rnd, log, rollback: bool, profile_dir: str | None = None,
+           settle=None) -> dict:
     a = h.agent
     rows = []
     rb: list[dict] = []
@@ -361,19 +413,23 @@ def _bench(h, timer, native, qdir, size_mib, small, rnd, log, rollback: bool, pr
 
     def measure(label, nbytes, files):
         os.sync()
+        if settle is not None:
+            settle()
         timer.reset()
         if profile_dir:
             timer.profile = cProfile.Profile()
-        c0, t0 = cpu(), time.perf_counter()
-        rep = a.run_cycle()
-        wall, cpus = time.perf_counter() - t0, cpu() - c0
+        with attached(f"{label} coalesce"):
+            c0, t0 = cpu(), time.perf_counter()
+            rep = a.run_cycle()
+            wall, cpus = time.perf_counter() - t0, cpu() - c0
         if profile_dir:
             save_profile(timer.profile, profile_dir, len(rows), label, log)
             timer.profile = None
         if rep.get("failures"):
             raise RuntimeError(f"{label}: the cycle had failures: {rep}")
         check_coalesce(label)
-        nat = native.step()
+        with attached(f"{label} native"):
+            nat = native.step()
         bad = same_tree(qdir, nat["image"], rnd)
         if bad:
             raise RuntimeError(f"{label}: native received snapshot differs from the source: {bad}")
@@ -450,10 +506,18 @@ class NativeZfs:
         self.n = 0
         self.prev: str | None = None
 
+    def settle(self) -> None:
+        """Commit what was written to the source before a timed part: ``sync`` does not reach
+        zfs-fuse's open transaction group (FUSE has no syncfs), a snapshot does.  Without this the
+        first of the two timed runs (coalesce) paid the commit of the change in its PCPI."""
+        run(["zfs", "snapshot", f"{self.src_ds}@settle"])
+        run(["zfs", "destroy", f"{self.src_ds}@settle"])
+
     def step(self) -> dict:
         name = f"n{self.n}"
         self.n += 1
         os.sync()
+        self.settle()
         t0 = time.perf_counter()
         run(["zfs", "snapshot", f"{self.src_ds}@{name}"])
         t1 = time.perf_counter()
@@ -473,40 +537,32 @@ class NativeZfs:
                 "image": os.path.join(self.dst_mnt, QTREE)}
 
 
-def bench_zfs(size_mib: int, small: int, seed: int, log) -> tuple[dict, list[str]]:
-    """A private zfs-fuse pool through tools/realfs.py (own state dir and pool name), torn down after."""
-    rnd = random.Random(seed)
+@contextlib.contextmanager
+def zfs_pool(size: int, log, prefix: str = "cbench"):
+    """A private zfs-fuse pool through tools/realfs.py (own state dir, pool ``<prefix><pid>`` on a
+    sparse file of ``size`` bytes), torn down after, also on failure.  Yields a dict: ``tool`` (the
+    tools/realfs.py module), ``pool``, ``mountpoint``, ``state`` (its directory; coalesce's zfs
+    state, COALESCE_ZFS_STATE_DIR, is ``state/zfs-state`` meanwhile) and ``problems`` (filled in by
+    the teardown: what could not be cleaned up)."""
     base = os.environ.get("COALESCE_BENCH_DIR", "/var/tmp")
     state = tempfile.mkdtemp(prefix="coalesce-bench-zfs-", dir=base)
     saved = {k: os.environ.get(k) for k in ("COALESCE_REALFS_DIR", "COALESCE_REALFS_POOL", "COALESCE_ZFS_STATE_DIR")}
-    pool = f"cbench{os.getpid()}"
+    pool = f"{prefix}{os.getpid()}"
     os.environ["COALESCE_REALFS_DIR"] = state          # read when the tool module is loaded
     os.environ["COALESCE_REALFS_POOL"] = pool
     os.environ["COALESCE_ZFS_STATE_DIR"] = os.path.join(state, "zfs-state")
     tool = _realfs_tool()
-    tool.ZFS_SIZE = max(1 << 30, 6 * size_mib * MiB + (1 << 30))
-    problems: list[str] = []
-    h = None
+    tool.ZFS_SIZE = size
+    res: dict = {"tool": tool, "pool": pool, "state": state, "problems": []}
+    problems = res["problems"]
     try:
         tool.ensure_tools(btrfs=False, zfs=True)
         info = tool.zfs_up(pool)
-        mp = info["mountpoint"]
-        log(f"zfs-fuse pool {pool} at {mp} (daemon started by us: {os.path.exists(os.path.join(state, 'zfs-fuse.pid'))})")
-        work = os.path.join(state, "work")
-        os.makedirs(work)
-        timer = Timer()
-        h = Harness(group_config(work, "rz", f"zfs://{pool}/src", f"zfs://{pool}/dst"), plugins=[timer])
-        src_mp = run(["zfs", "get", "-H", "-o", "value", "mountpoint", f"{pool}/src"]).stdout.strip()
-        qdir = os.path.join(src_mp, QTREE)
-        os.makedirs(qdir)
-        native = NativeZfs(f"{pool}/src", f"{pool}/ndst", os.path.join(mp, "ndst"))
-        return _bench(h, timer, native, qdir, size_mib, small, rnd, log, rollback=False), problems
+        res["mountpoint"] = info["mountpoint"]
+        log(f"zfs-fuse pool {pool} at {info['mountpoint']} (daemon started by us: "
+            f"{os.path.exists(os.path.join(state, 'zfs-fuse.pid'))})")
+        yield res
     finally:
-        if h is not None:
-            with contextlib.suppress(Exception):
-                h.agent.close()
-            with contextlib.suppress(Exception):
-                h.agent.ledger.close()
         try:
             # zfs-fuse is one daemon per machine: a tools/realfs.py `up` (the real-FS tests) that ran
             # while ours was up put its pool on OUR daemon without recording a PID.  Stopping the
@@ -534,6 +590,33 @@ def bench_zfs(size_mib: int, small: int, seed: int, log) -> tuple[dict, list[str
             shutil.rmtree(state, ignore_errors=True)
         if os.path.exists(state):
             problems.append(f"{state} not removed")
+
+
+def bench_zfs(size_mib: int, small: int, seed: int, log) -> tuple[dict, list[str]]:
+    """The zfs-fuse part on a private pool (:func:`zfs_pool`), torn down after."""
+    rnd = random.Random(seed)
+    problems: list[str] = []
+    with zfs_pool(max(1 << 30, 6 * size_mib * MiB + (1 << 30)), log) as z:
+        problems = z["problems"]
+        pool, mp, state = z["pool"], z["mountpoint"], z["state"]
+        h = None
+        try:
+            work = os.path.join(state, "work")
+            os.makedirs(work)
+            timer = Timer()
+            h = Harness(group_config(work, "rz", f"zfs://{pool}/src", f"zfs://{pool}/dst"), plugins=[timer])
+            src_mp = run(["zfs", "get", "-H", "-o", "value", "mountpoint", f"{pool}/src"]).stdout.strip()
+            qdir = os.path.join(src_mp, QTREE)
+            os.makedirs(qdir)
+            native = NativeZfs(f"{pool}/src", f"{pool}/ndst", os.path.join(mp, "ndst"))
+            res = _bench(h, timer, native, qdir, size_mib, small, rnd, log, rollback=False, settle=native.settle)
+        finally:
+            if h is not None:
+                with contextlib.suppress(Exception):
+                    h.agent.close()
+                with contextlib.suppress(Exception):
+                    h.agent.ledger.close()
+    return res, problems
 
 
 def table(res: dict, fs: str = "btrfs") -> str:
@@ -576,7 +659,18 @@ def main(argv: list[str] | None = None) -> int:
                     help="cProfile the diff and apply calls of each timed btrfs update (in the transfer thread) "
                          "into DIR/<n>-<change>.prof and .txt; the profiler slows Python code, so the figures "
                          "of a profiled run are not the benchmark's")
+    ap.add_argument("--attach", action="append", default=[], metavar="CMD",
+                    help="run CMD during each timed coalesce update and native run, SIGINT it after; {pid} = "
+                         "this process, {zfs_pid} = the zfs-fuse daemon, {out} = a file prefix in --attach-dir "
+                         "(e.g. 'strace -f -c -o {out}.strace -p {pid}'); traced figures are not benchmark figures")
+    ap.add_argument("--attach-dir", default=".", metavar="DIR", help="where {out} of --attach points")
+    ap.add_argument("--no-btrfs", action="store_true", help="only the --zfs part")
     args = ap.parse_args(argv)
+    ATTACH[:] = args.attach
+    global ATTACH_DIR
+    ATTACH_DIR = args.attach_dir
+    if args.no_btrfs and not args.zfs:
+        ap.error("--no-btrfs needs --zfs")
     if args.quick:
         args.size_mib, args.small_files = 8, 200
         args.zfs_size_mib, args.zfs_small_files = 4, 100
@@ -589,27 +683,30 @@ def main(argv: list[str] | None = None) -> int:
     fs_gib = args.fs_gib or max(2.0, 12 * args.size_mib / 1024 + 4)
     log = (lambda m: print(f"[{time.strftime('%H:%M:%S')}] {m}", file=sys.stderr, flush=True)) if args.verbose \
         else (lambda m: None)
-    fs = LoopFS(int(fs_gib * (1 << 30)))
     started = time.perf_counter()
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     problems: list[str] = []
-    try:
-        mnt = fs.up()
-        log(f"btrfs {fs_gib:.1f} GiB on {fs.loop} at {mnt}")
-        work = os.path.join(fs.dir, "work")
-        os.makedirs(work)
-        res = bench(mnt, work, args.size_mib, args.small_files, args.seed, log, profile_dir=args.profile)
-    finally:
-        problems = fs.down()
-        for p in problems:
-            print(f"cleanup: {p}", file=sys.stderr)
-    total = time.perf_counter() - started
+    load0 = " ".join(f"{x:.2f}" for x in os.getloadavg())
     cmd = "python tools/bench/bench_realfs.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    btrfs_v = run(["btrfs", "--version"], check=False).stdout.strip()
-    print(f"<!-- {when}; {platform.machine()} cpus {os.cpu_count()} python {platform.python_version()} "
-          f"kernel {platform.release()} {btrfs_v}; {fs_gib:.1f} GiB btrfs on a loop file under "
-          f"{os.environ.get('COALESCE_BENCH_DIR', '/var/tmp')}; command: {cmd.strip()}; script ran {total:.0f} s -->")
-    print(table(res))
+    if not args.no_btrfs:
+        fs = LoopFS(int(fs_gib * (1 << 30)))
+        try:
+            mnt = fs.up()
+            log(f"btrfs {fs_gib:.1f} GiB on {fs.loop} at {mnt}")
+            work = os.path.join(fs.dir, "work")
+            os.makedirs(work)
+            res = bench(mnt, work, args.size_mib, args.small_files, args.seed, log, profile_dir=args.profile)
+        finally:
+            problems = fs.down()
+            for p in problems:
+                print(f"cleanup: {p}", file=sys.stderr)
+        total = time.perf_counter() - started
+        btrfs_v = run(["btrfs", "--version"], check=False).stdout.strip()
+        print(f"<!-- {when}; {platform.machine()} cpus {os.cpu_count()} python {platform.python_version()} "
+              f"kernel {platform.release()} {btrfs_v}; {fs_gib:.1f} GiB btrfs on a loop file under "
+              f"{os.environ.get('COALESCE_BENCH_DIR', '/var/tmp')}; command: {cmd.strip()}; script ran {total:.0f} s; "
+              f"load average {load0} before, {' '.join(f'{x:.2f}' for x in os.getloadavg())} after -->")
+        print(table(res))
     if args.zfs:
         t0 = time.perf_counter()
         zres, zproblems = None, []
@@ -620,7 +717,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"cleanup: {p}", file=sys.stderr)
         problems += zproblems
         print(f"\n<!-- zfs-fuse part: {args.zfs_size_mib} MiB, {args.zfs_small_files} small files; "
-              f"ran {time.perf_counter() - t0:.0f} s -->")
+              f"ran {time.perf_counter() - t0:.0f} s; load average {' '.join(f'{x:.2f}' for x in os.getloadavg())} "
+              f"after{'' if not args.no_btrfs else f', {load0} before'}; command: {cmd.strip()} -->")
         print(table(zres, "zfs-fuse"))
     return 1 if problems else 0
 

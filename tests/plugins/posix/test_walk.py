@@ -1,0 +1,89 @@
+"""coalesce_posix.walk: the tree compare that zfs (and the generic rollback) diff with."""
+
+from __future__ import annotations
+
+import errno
+import os
+
+from coalesce_core.records import Write, framed
+from coalesce_posix import walk
+
+
+def _tree(root, files):
+    for rel, data in files.items():
+        p = os.path.join(root, rel)
+        os.makedirs(os.path.dirname(p), exist_ok=True)
+        with open(p, "wb") as f:
+            f.write(data)
+
+
+def test_a_file_system_without_xattrs_is_asked_once_per_image(tmp_path, monkeypatch):
+    """zfs-fuse's read clones answer listxattr with EOPNOTSUPP, each time (a FUSE round trip)."""
+    base, target = tmp_path / "b", tmp_path / "t"
+    files = {f"d{i % 3}/f{i}": b"x" * 10 for i in range(30)}
+    _tree(base, files)
+    _tree(target, {k: b"y" * 10 for k in files})
+    asked: list[str] = []
+
+    def listxattr(path, follow_symlinks=True):
+        asked.append(str(path))
+        raise OSError(errno.EOPNOTSUPP, "Operation not supported", str(path))
+
+    monkeypatch.setattr(os, "listxattr", listxattr)
+    recs = list(walk.tree_diff(str(base), str(target), same_lineage=False))
+    assert sum(1 for r in recs if type(r) is Write) == 30          # every file's new data
+    from_base = [p for p in asked if p.startswith(str(base))]
+    from_target = [p for p in asked if p.startswith(str(target))]
+    assert len(from_base) == 1 and len(from_target) == 1            # was once per file and directory
+
+
+def test_outside_a_diff_and_on_file_systems_with_xattrs_nothing_is_cached(tmp_path, monkeypatch):
+    _tree(tmp_path / "b", {"f": b"1"})
+    _tree(tmp_path / "t", {"f": b"2"})
+    calls: list[str] = []
+    real = os.listxattr
+
+    def listxattr(path, follow_symlinks=True):
+        calls.append(str(path))
+        return real(path, follow_symlinks=follow_symlinks)
+
+    monkeypatch.setattr(os, "listxattr", listxattr)
+    list(walk.tree_diff(str(tmp_path / "b"), str(tmp_path / "t"), same_lineage=False))
+    n = len(calls)
+    assert n >= 2                      # both copies of the changed file were asked
+    walk.read_xattrs(str(tmp_path / "t" / "f"))
+    assert len(calls) == n + 1         # after the diff ended, a read asks the file system again
+
+
+def test_a_one_chunk_file_whose_size_changed_is_sent_without_reading_its_base_copy(tmp_path, monkeypatch):
+    base, target = tmp_path / "b", tmp_path / "t"
+    _tree(base, {"grow": b"a" * 100, "shrink": b"b" * 5000, "same_size": b"c" * 300, "same": b"s" * 10,
+                 "big": b"d" * 2_000_000, "empty": b""})
+    _tree(target, {"grow": b"a" * 100 + b"e" * 50, "shrink": b"f" * 10, "same_size": b"c" * 299 + b"g",
+                   "same": b"s" * 10, "big": b"d" * 1_000_000 + b"h" + b"d" * 999_999, "empty": b"\0" * 100})
+    opened: list[str] = []
+    real_open = os.open
+
+    def spy(path, *a, **kw):
+        opened.append(str(path))
+        return real_open(path, *a, **kw)
+
+    monkeypatch.setattr(os, "open", spy)
+    recs = list(walk.tree_diff(str(base), str(target), same_lineage=False))
+    monkeypatch.undo()
+    base_reads = sorted(os.path.basename(p) for p in opened if p.startswith(str(base) + "/"))
+    # equal sizes (or more than one chunk) are compared chunk by chunk; other sizes need no compare
+    assert base_reads == ["big", "same", "same_size"]
+    assert not [r for r in recs if getattr(r, "path", None) == "same" and type(r).__name__ != "SetAttr"]
+    # and applied to the base copy, the records give the target exactly
+    import coalesce_mem
+
+    url = f"mem://walk-{os.getpid()}"
+    v = coalesce_mem.volume_for(url)
+    try:
+        v.apply("q", framed("q", None, "s1", walk.baseline_records(str(base))), False)
+        v.apply("q", framed("q", "s1", "s2", iter(recs)), False)
+        for name in ("grow", "shrink", "same_size", "same", "big", "empty"):
+            assert v.read_file(f"q/{name}") == (target / name).read_bytes(), name
+    finally:
+        coalesce_mem.forget(url)
