@@ -241,15 +241,14 @@ class Agent:
 
             def diff(skip: int = 0) -> Iterator[object]:
                 """The source's stream after its first ``skip`` change records."""
-                if getattr(self.source.handle, "records_decoded", False):
-                    # a remote source's records were decoded and checked by the codec on arrival;
-                    # the server skips
-                    source = self.source.diff(eff.source_qtree, eff.base, eff.target, skip=skip)
-                    sources.append(source)
-                    return source
-                source = self.source.diff(eff.source_qtree, eff.base, eff.target)
+                # a remote source's records were decoded and checked by the codec on arrival, and
+                # its server skips; a local stream is checked whole by the codec, then skipped
+                remote = getattr(self.source.handle, "records_decoded", False)
+                source = self.source.diff(eff.source_qtree, eff.base, eff.target, skip=skip if remote else 0)
                 sources.append(source)
-                stream = codec.roundtrip(source)  # the whole stream is checked, then skipped
+                if remote:
+                    return source
+                stream = codec.roundtrip(source)
                 return skip_changes(stream, skip) if skip else stream
 
             spool = self.spool if eff.base is not None else None

@@ -24,7 +24,6 @@ import pluggy
 
 from . import hookspecs
 from .generic import GenericRollback
-from .spool import skip_changes
 from .errors import BackendError, UnknownBackend
 from .volume import VolumeURL
 
@@ -130,12 +129,14 @@ class Volume:
     def diff(self, qtree: str, base: str | None, target: str, *, skip: int = 0) -> Iterator[Any]:
         """Begin, the change records (after the first ``skip``), End.
 
-        A handle that resumes by itself (a remote source: the server skips) is asked
-        directly; any other backend's full stream is skipped here."""
-        if skip and getattr(self.handle, "resumable_diff", False):
+        ``skip`` needs a handle that resumes by itself (a remote source: its server skips);
+        a local stream is skipped by the caller after the codec checked it whole
+        (coalesce_core.spool.skip_changes), since its End counts every record."""
+        if skip:
+            if not getattr(self.handle, "resumable_diff", False):
+                raise ValueError(f"{self.url}: this backend's diff cannot skip records")
             return iter(self.handle.diff(qtree, base, target, skip=skip))
-        records = iter(self._call("coalesce_diff", qtree=qtree, base=base, target=target))
-        return skip_changes(records, skip) if skip else records
+        return iter(self._call("coalesce_diff", qtree=qtree, base=base, target=target))
 
     def apply(self, qtree: str, records: Iterable[Any], *, use_purgatory: bool = True) -> dict[str, int]:
         return self._call("coalesce_apply", qtree=qtree, records=records, use_purgatory=use_purgatory)

@@ -235,28 +235,25 @@ def write_records(path_rel: str, fd: int, start: int, end: int, *, skip_zero: bo
 _XATTR_ROOTS = threading.local()
 
 
-def _no_xattrs_under(path: str) -> str | None:
-    roots = getattr(_XATTR_ROOTS, "roots", None)
-    if roots:
-        for root, supported in roots.items():
-            if path.startswith(root) and (len(path) == len(root) or path[len(root)] == "/"):
-                return root if supported is False else None
+def _diff_root(path: str) -> str | None:
+    """The image root of the tree_diff running in this thread that holds ``path``, if any."""
+    for root in getattr(_XATTR_ROOTS, "roots", None) or ():
+        if path.startswith(root) and (len(path) == len(root) or path[len(root)] == "/"):
+            return root
     return None
 
 
 def read_xattrs(path: str) -> dict[str, bytes]:
     """xattrs of a file or directory (never of a symlink: Linux has no user xattrs on them)."""
-    if _no_xattrs_under(path) is not None:
+    root = _diff_root(path)
+    if root is not None and _XATTR_ROOTS.roots[root] is False:
         return {}
     try:
         names = os.listxattr(path, follow_symlinks=False)
     except OSError as exc:
         if exc.errno in (errno.ENOTSUP, errno.EOPNOTSUPP):
-            roots = getattr(_XATTR_ROOTS, "roots", None)
-            if roots:
-                for root in roots:
-                    if path.startswith(root) and (len(path) == len(root) or path[len(root)] == "/"):
-                        roots[root] = False
+            if root is not None:
+                _XATTR_ROOTS.roots[root] = False
             return {}
         raise
     out = {}

@@ -187,3 +187,14 @@ def test_a_stale_spool_is_removed_at_recovery(group_config):
     h.restart()
     assert not stale.exists()
 
+
+
+def test_only_a_resumable_source_is_asked_to_skip(group_config):
+    """A local stream's End counts every record, so the agent skips it after the codec check;
+    Volume.diff refuses to skip for a backend that cannot."""
+    h = Harness(group_config(replicas=("A",)))
+    fill(h.writer, "A")
+    h.cycle()
+    target = h.agent.state.replicas["A"].source_point
+    with pytest.raises(ValueError, match="cannot skip"):
+        h.agent.source.diff("A", None, target, skip=1)

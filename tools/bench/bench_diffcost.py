@@ -38,7 +38,6 @@ untimed update cycle after a second change of the same kind
 from __future__ import annotations
 
 import argparse
-import contextlib
 import cProfile
 import datetime
 import os
@@ -55,7 +54,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parents[1]))
 
-from bench_realfs import QTREE, LoopFS, Timer, cpu, group_config, run, same_tree, save_profile, _realfs_tool  # noqa: E402
+from bench_realfs import QTREE, LoopFS, Timer, close_harness, cpu, group_config, run, same_tree, save_profile, _realfs_tool  # noqa: E402
 
 from coalesce_core.hookspecs import hookimpl  # noqa: E402
 from coalesce_core.testing.harness import Harness  # noqa: E402
@@ -252,11 +251,7 @@ def one_size(n: int, fs_bytes: int, reps: int, seed: int, log, profile_dir: str 
                 "t_diff": hooks["diff"], "t_apply": hooks["apply"], "t_snap": hooks["snapshot"],
                 "t_del": hooks["snapshot_delete"], "t_other": cycle_s - sum(hooks.values())}
     finally:
-        if h is not None:
-            with contextlib.suppress(Exception):
-                h.agent.close()
-            with contextlib.suppress(Exception):
-                h.agent.ledger.close()
+        close_harness(h)
         for p in fs.down():
             print(f"cleanup: {p}", file=sys.stderr)
 

@@ -76,7 +76,7 @@ for p in (str(ROOT), str(HERE), str(ROOT / "tests")):
     if p not in sys.path:
         sys.path.insert(0, p)
 
-from bench_realfs import (QTREE, MiB, N_BIG, LoopFS, _realfs_tool, group_config, pipeline, run, same_tree,  # noqa: E402
+from bench_realfs import (QTREE, MiB, N_BIG, LoopFS, _realfs_tool, group_config, pipeline, run, same_tree, zfs_received,  # noqa: E402
                           write_big, zfs_pool)
 
 from coalesce_core.errors import CoalesceError  # noqa: E402
@@ -315,20 +315,13 @@ class Native:
         name = f"n{self.n}"
         self.n += 1
         t0 = time.perf_counter()
-        attempts = 0
-        while True:
-            attempts += 1
-            try:
-                self._once(name)
-                break
-            except RuntimeError:
-                if not until_stable or attempts >= 4:
-                    raise
-                if wait is not None:
-                    wait()                       # the link is back
-                partial = os.path.join(self.dst, name)
-                if os.path.exists(partial):      # a partial receive: delete it and start over
-                    run(["btrfs", "subvolume", "delete", partial], check=False)
+
+        def discard_partial() -> None:
+            partial = os.path.join(self.dst, name)
+            if os.path.exists(partial):          # a partial receive: delete it and start over
+                run(["btrfs", "subvolume", "delete", partial], check=False)
+
+        attempts = _retried(lambda: self._once(name), until_stable, wait, discard_partial)
         run(["btrfs", "filesystem", "sync", self.dst])
         wall = time.perf_counter() - t0
         if self.prev:
@@ -339,6 +332,25 @@ class Native:
 
     def image(self) -> str:
         return os.path.join(self.dst, self.prev or "", QTREE)
+
+
+def _retried(once: Callable[[], None], until_stable: bool, wait: Callable[[], None] | None,
+             after_failure: Callable[[], None] | None = None) -> int:
+    """Run a native pipeline; ``until_stable``: after a failure (a link drop) wait for the link,
+    clean up, and run it again from the start, at most 4 times.  Returns the attempts made."""
+    attempts = 0
+    while True:
+        attempts += 1
+        try:
+            once()
+            return attempts
+        except RuntimeError:
+            if not until_stable or attempts >= 4:
+                raise
+            if wait is not None:
+                wait()                           # the link is back
+            if after_failure is not None:
+                after_failure()
 
 
 class NativeZfs:
@@ -363,23 +375,9 @@ class NativeZfs:
         name = f"z{self.n}"
         self.n += 1
         t0 = time.perf_counter()
-        attempts = 0
-        while True:
-            attempts += 1
-            try:
-                self._once(name)
-                break
-            except RuntimeError:
-                if not until_stable or attempts >= 4:
-                    raise
-                if wait is not None:
-                    wait()
+        attempts = _retried(lambda: self._once(name), until_stable, wait)
         wall = time.perf_counter() - t0
-        run(["zfs", "unmount", self.dst_ds], check=False)
-        run(["zfs", "mount", self.dst_ds], check=False)
-        if self.prev:
-            run(["zfs", "destroy", f"{self.dst_ds}@{self.prev}"], check=False)
-            run(["zfs", "destroy", f"{self.src.zfs_ds}@{self.prev}"], check=False)
+        zfs_received(self.dst_ds, self.src.zfs_ds, self.prev)
         self.prev = name
         return {"wall": wall, "cycles": attempts, "failures": attempts - 1}
 

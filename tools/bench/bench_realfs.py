@@ -103,6 +103,27 @@ def group_config(work: str, name: str, source: str, destination: str, spool: boo
     Path(path).write_text(text)
     return parse_config(text, path)
 
+def close_harness(h) -> None:
+    """Close a benchmark group's agent and ledger, whatever state a failed run left them in."""
+    if h is None:
+        return
+    with contextlib.suppress(Exception):
+        h.agent.close()
+    with contextlib.suppress(Exception):
+        h.agent.ledger.close()
+
+
+def zfs_received(dst_ds: str, src_ds: str, prev: str | None) -> None:
+    """After a native ``zfs receive`` into ``dst_ds`` (untimed): remount it, because its FUSE
+    mount keeps stale cached pages after a receive and the check must read what was received,
+    and destroy the previous snapshot pair, no longer the base of anything."""
+    run(["zfs", "unmount", dst_ds], check=False)
+    run(["zfs", "mount", dst_ds], check=False)
+    if prev:
+        run(["zfs", "destroy", f"{src_ds}@{prev}"], check=False)
+        run(["zfs", "destroy", f"{dst_ds}@{prev}"], check=False)
+
+
 def _realfs_tool():
     spec = importlib.util.spec_from_file_location("coalesce_tools_realfs", ROOT / "tools" / "realfs.py")
     mod = importlib.util.module_from_spec(spec)
@@ -391,10 +412,7 @@ def bench(mnt: str, work: str, size_mib: int, small: int, seed: int, log, profil
         return _bench(h, timer, Native(mnt, src_path), qdir, size_mib, small, rnd, log, rollback=True,
                       profile_dir=profile_dir)
     finally:
-        with contextlib.suppress(Exception):
-            h.agent.close()
-        with contextlib.suppress(Exception):
-            h.agent.ledger.close()
+        close_harness(h)
 
 
 def _bench(h, timer, native, qdir, size_mib, small, rnd, log, rollback: bool, profile_dir: str | None = None,
@@ -525,13 +543,7 @@ class NativeZfs:
         env = dict(os.environ, PATH=os.environ.get("PATH", "") + ":" + SBIN_PATH)
         pipeline(argv, ["zfs", "receive", "-F", self.dst_ds], "native zfs pipeline", env=env)
         t2 = time.perf_counter()
-        # untimed: the FUSE mount of the received dataset keeps stale cached pages after a
-        # receive; remount it so that the check below reads what was received
-        run(["zfs", "unmount", self.dst_ds], check=False)
-        run(["zfs", "mount", self.dst_ds], check=False)
-        if self.prev:
-            run(["zfs", "destroy", f"{self.src_ds}@{self.prev}"], check=False)
-            run(["zfs", "destroy", f"{self.dst_ds}@{self.prev}"], check=False)
+        zfs_received(self.dst_ds, self.src_ds, self.prev)
         self.prev = name
         return {"wall": t2 - t0, "snapshot": t1 - t0, "send_receive": t2 - t1, "sync": 0.0,
                 "image": os.path.join(self.dst_mnt, QTREE)}
@@ -611,11 +623,7 @@ def bench_zfs(size_mib: int, small: int, seed: int, log) -> tuple[dict, list[str
             native = NativeZfs(f"{pool}/src", f"{pool}/ndst", os.path.join(mp, "ndst"))
             res = _bench(h, timer, native, qdir, size_mib, small, rnd, log, rollback=False, settle=native.settle)
         finally:
-            if h is not None:
-                with contextlib.suppress(Exception):
-                    h.agent.close()
-                with contextlib.suppress(Exception):
-                    h.agent.ledger.close()
+            close_harness(h)
     return res, problems
 
 

@@ -45,7 +45,6 @@ btrbk; without root only the sim part runs.  ``--quick``: N = 1 and 3.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import os
 import platform
@@ -63,7 +62,7 @@ ROOT = HERE.parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
 
-from bench_realfs import SBIN_PATH, LoopFS, run  # noqa: E402
+from bench_realfs import SBIN_PATH, LoopFS, close_harness, run  # noqa: E402
 
 from coalesce_core.config import parse_config  # noqa: E402
 from coalesce_core.faults import Rule  # noqa: E402
@@ -186,10 +185,7 @@ def coalesce_run(backend: str, n: int, cycles: int, seed: int, where: str, mnt: 
         # every snapshot-count event happened inside a timed cycle: take the counting out
         wall -= counter.count_s
     finally:
-        with contextlib.suppress(Exception):
-            h.agent.close()
-        with contextlib.suppress(Exception):
-            h.agent.ledger.close()
+        close_harness(h)
     return {"tool": backend, "n": n, "peak_dst": counter.peak_dst, "rest_dst": rest_dst,
             "peak_src": counter.peak_src, "rest_src": rest_src, "peak_sum": counter.peak_sum,
             "failures": len(rules), "fired": fired, "events": counter.events, "wall": wall}
