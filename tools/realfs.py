@@ -37,6 +37,7 @@ POOL = os.environ.get("COALESCE_REALFS_POOL", "coalescert")
 BTRFS_SIZE = 1 << 30
 SMALL_SIZE = 256 << 20
 ZFS_SIZE = 1 << 30
+ZFS_PREALLOCATE = False     # allocate the vdev file's blocks up front (benchmarks), else a sparse file
 TOOLS = {"mkfs.btrfs": "btrfs-progs", "btrfs": "btrfs-progs", "zfs-fuse": "zfs-fuse", "zpool": "zfs-fuse",
          "zfs": "zfs-fuse", "setfattr": "attr", "losetup": "mount"}
 SBIN_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -222,7 +223,10 @@ def zfs_up(pool: str = POOL) -> dict:
                 os.unlink(img)
         if pool not in _run(["zpool", "list", "-H", "-o", "name"]).stdout.split():
             with open(img, "wb") as f:
-                f.truncate(ZFS_SIZE)
+                if ZFS_PREALLOCATE:
+                    os.posix_fallocate(f.fileno(), 0, ZFS_SIZE)
+                else:
+                    f.truncate(ZFS_SIZE)
             os.makedirs(mnt, exist_ok=True)
             _run(["zpool", "create", "-f", "-m", mnt, pool, img])
     mp = _run(["zfs", "get", "-H", "-o", "value", "mountpoint", pool]).stdout.strip()

@@ -31,7 +31,6 @@ import ctypes.util
 import errno
 import os
 import re
-import subprocess
 import threading
 import time
 from collections import OrderedDict
@@ -42,7 +41,7 @@ from coalesce_core.errors import BackendError, StreamError
 from coalesce_core.hookspecs import hookimpl
 from coalesce_core.records import framed
 from coalesce_posix import PosixVolume, check_qtree, posix_hooks, rmtree, walk
-from coalesce_posix.run import command_error, run, which
+from coalesce_posix.run import StreamingCommand, command_error, run, which
 
 from . import sendstream
 from .translate import StreamState
@@ -244,31 +243,9 @@ class BtrfsVolume(PosixVolume):
         if _PROTO >= 2:
             argv += ["--proto", str(_PROTO)]
         argv += ["-p", self.snap_path(base), self.snap_path(target)]
-        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=1 << 20)
-        self.last_send_pid = proc.pid
-        err = b""
-        try:
-            try:
-                state = StreamState(sendstream.commands(proc.stdout))
-            except StreamError as exc:
-                proc.kill()
-                proc.wait()
-                err = proc.stderr.read()
-                raise type(exc)(f"{exc.message}; `{' '.join(argv)}` exit status {proc.returncode}: "
-                                f"{err.decode('utf-8', 'replace').strip()}", hint=exc.hint) from exc
-            rest = proc.stdout.read()
-            err = proc.stderr.read()
-            rc = proc.wait()
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-            proc.stdout.close()
-            proc.stderr.close()
-        if rc != 0:
-            raise command_error(argv, rc, err, hint="the update fails and is retried; " + BTRFS_HINT)
-        if rest:
-            raise BackendError(f"`{' '.join(argv)}` wrote {len(rest)} bytes after its END command")
+        with StreamingCommand(argv, hint="the update fails and is retried; " + BTRFS_HINT) as send:
+            self.last_send_pid = send.pid
+            state = StreamState(sendstream.commands(send.stdout))
         return state
 
     def diff(self, qtree: str, base: str | None, target: str) -> Iterator[object]:

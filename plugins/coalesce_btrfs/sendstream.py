@@ -18,7 +18,8 @@ from typing import BinaryIO, Iterator
 
 import attrs
 
-from coalesce_core.errors import CorruptStream, TruncatedStream
+from coalesce_core.errors import CorruptStream
+from coalesce_posix.run import read_exact
 
 MAGIC = b"btrfs-stream\0"
 
@@ -69,19 +70,7 @@ class Command:
 
 
 def _read_exact(f: BinaryIO, n: int, what: str) -> bytes:
-    buf = f.read(n)
-    if buf is None or len(buf) < n:
-        parts = [buf or b""]
-        got = len(parts[0])
-        while got < n:
-            more = f.read(n - got)
-            if not more:
-                raise TruncatedStream(f"the btrfs send stream ended inside {what} ({got} of {n} bytes)",
-                                      hint="`btrfs send` died or was killed; the update fails and rolls back")
-            parts.append(more)
-            got += len(more)
-        buf = b"".join(parts)
-    return buf
+    return read_exact(f, n, what, "btrfs send")
 
 
 def read_header(f: BinaryIO) -> int:

@@ -9,9 +9,9 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-from typing import Sequence
+from typing import BinaryIO, Sequence
 
-from coalesce_core.errors import BackendError
+from coalesce_core.errors import BackendError, StreamError, TruncatedStream
 
 
 def which(tool: str, *, package: str) -> str:
@@ -50,3 +50,81 @@ def command_error(argv: Sequence[str], rc: int, stderr: bytes | str, *, hint: st
 def out(argv: Sequence[str], *, hint: str = "") -> str:
     """stdout of a successful command as text."""
     return run(argv, hint=hint).stdout.decode("utf-8", "surrogateescape")
+
+
+def read_exact(f: BinaryIO, n: int, what: str, tool: str) -> bytes:
+    """``n`` bytes of the output stream ``f`` of ``tool`` (e.g. "btrfs send"), or TruncatedStream
+    saying where the stream ended (``what``)."""
+    buf = f.read(n)
+    if buf is not None and len(buf) == n:
+        return buf
+    parts = [buf or b""]
+    got = len(parts[0])
+    while got < n:
+        more = f.read(n - got)
+        if not more:
+            raise TruncatedStream(f"the {tool} stream ended inside {what} ({got} of {n} bytes)",
+                                  hint=f"`{tool}` died or was killed; the update fails and rolls back")
+        parts.append(more)
+        got += len(more)
+    return b"".join(parts)
+
+
+class StreamingCommand:
+    """``argv`` as a child process whose stdout is a stream the caller reads (``.stdout``), as a
+    context manager: ``btrfs send``, ``zfs send``.
+
+    Leaving the ``with`` normally checks that nothing follows what the caller read and that the
+    command exited 0, else BackendError with its stderr and ``hint``.  Leaving it by an exception
+    kills the command; a StreamError (the caller found the stream truncated or malformed) is raised
+    again with the command's exit status and stderr added to its message."""
+
+    def __init__(self, argv: Sequence[str], hint: str = "") -> None:
+        self.argv = [os.fspath(a) for a in argv]
+        self.hint = hint
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    @property
+    def stdout(self) -> BinaryIO:
+        assert self.proc is not None and self.proc.stdout is not None
+        return self.proc.stdout
+
+    def __enter__(self) -> "StreamingCommand":
+        try:
+            self.proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                         stdin=subprocess.DEVNULL, bufsize=1 << 20)
+        except OSError as exc:
+            raise BackendError(f"cannot run {self.argv[0]!r}: {exc}", hint=self.hint) from None
+        return self
+
+    def __exit__(self, et, ev, tb) -> None:
+        proc = self.proc
+        assert proc is not None and proc.stdout is not None and proc.stderr is not None
+        try:
+            if et is not None:
+                proc.kill()
+                proc.wait()
+                if isinstance(ev, StreamError):
+                    err = proc.stderr.read().decode("utf-8", "replace").strip()
+                    raise type(ev)(f"{ev.message}; `{' '.join(self.argv)}` exit status {proc.returncode}: "
+                                   f"{err or '(no error output)'}", hint=ev.hint) from ev
+                return
+            rest = proc.stdout.read()
+            err = proc.stderr.read()
+            rc = proc.wait()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            proc.stdout.close()
+            proc.stderr.close()
+        if rc != 0:
+            raise command_error(self.argv, rc, err, hint=self.hint)
+        if rest:
+            raise BackendError(f"`{' '.join(self.argv)}` wrote {len(rest)} bytes after the end of its stream",
+                               hint=self.hint)

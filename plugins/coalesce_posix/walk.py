@@ -305,6 +305,41 @@ def file_create_records(root: str, rel: str, st: os.stat_result, dest_rel: str |
     yield from xattr_records(dest, {}, read_xattrs(full))
 
 
+class FileData:
+    """Where :func:`tree_diff` takes the data of a changed regular file from.
+
+    This class reads both images (a new file whole, a changed one chunk by
+    chunk against its base copy).  A backend that knows more about what
+    changed subclasses it (coalesce_zfs.senddata takes the data from ``zfs
+    send``); a subclass may hold a file's records back and yield them from
+    :meth:`finish`, which tree_diff calls after the walk and before the
+    SetAttr records.  Whatever it does, the records it yields must turn the
+    base copy into the target copy byte for byte.
+    """
+
+    def created(self, root: str, rel: str, dest: str, st: os.stat_result) -> Iterator[object]:
+        """Records that create the regular file ``root/rel`` at ``dest`` (MkFile, data, xattrs)."""
+        return file_create_records(root, rel, st, dest)
+
+    def linked(self, dest: str, existing: str) -> Iterator[object]:
+        """Records for ``dest``, a further name of the file created at ``existing`` in this stream."""
+        yield HardLink(path=dest, existing=existing)
+
+    def updated(self, base: str, target: str, rel: str, b: os.stat_result, t: os.stat_result) -> Iterator[object]:
+        """Records that turn the file ``base/rel`` into ``target/rel`` (same inode): data and xattrs."""
+        bpath, tpath = os.path.join(base, rel), os.path.join(target, rel)
+        yield from file_update_records(bpath, tpath, rel, b.st_size, t.st_size)
+        yield from xattr_records(rel, read_xattrs(bpath), read_xattrs(tpath))
+
+    def finish(self) -> Iterator[object]:
+        """Records held back by :meth:`created`, :meth:`linked` or :meth:`updated`."""
+        return iter(())
+
+
+#: the default: data read from the images
+READ = FileData()
+
+
 def create_records(root: str, rel: str, *, dest_rel: str | None = None, links: dict | None = None,
                    skip: Callable[[str], bool] | None = None, attrs_out: list | None = None,
                    st: os.stat_result | None = None) -> Iterator[object]:
@@ -331,7 +366,7 @@ def create_records(root: str, rel: str, *, dest_rel: str | None = None, links: d
         yield from sorted_attrs(attrs_list)
 
 
-def _create_one(root, rel, dest, st, links, skip, attrs_list):
+def _create_one(root, rel, dest, st, links, skip, attrs_list, data=READ):
     k = kind_of(st)
     full = os.path.join(root, rel)
     if k == "d":
@@ -343,15 +378,15 @@ def _create_one(root, rel, dest, st, links, skip, attrs_list):
                 continue
             cst = lstat_or_none(os.path.join(root, crel))
             if cst is not None:
-                yield from _create_one(root, crel, join(dest, name), cst, links, skip, attrs_list)
+                yield from _create_one(root, crel, join(dest, name), cst, links, skip, attrs_list, data)
     elif k == "f":
         key = (st.st_dev, st.st_ino)
         if st.st_nlink > 1 and key in links:
-            yield HardLink(path=dest, existing=links[key])
+            yield from data.linked(dest, links[key])
             return
         if st.st_nlink > 1:
             links[key] = dest
-        yield from file_create_records(root, rel, st, dest)
+        yield from data.created(root, rel, dest, st)
     elif k == "l":
         yield Symlink(path=dest, target=os.fsdecode(os.readlink(full)))
     else:
@@ -377,7 +412,8 @@ def baseline_records(root: str) -> Iterator[object]:
 # the tree-compare diff
 # ---------------------------------------------------------------------------
 def tree_diff(base: str | None, target: str, *, same_lineage: bool = True,
-              prune: set[str] | None = None, quick_before_ns: int | None = None) -> Iterator[object]:
+              prune: set[str] | None = None, quick_before_ns: int | None = None,
+              data: FileData = READ) -> Iterator[object]:
     """Change records that turn the tree below ``base`` into the tree below ``target``.
 
     ``same_lineage``: both trees are images of the same file system (a
@@ -394,9 +430,12 @@ def tree_diff(base: str | None, target: str, *, same_lineage: bool = True,
     contain a change ("" is the root; from ``zfs diff``): an unchanged
     directory outside it is not descended into, so the cost follows the change.
 
+    ``data``: where the data of changed regular files come from (:class:`FileData`).
+
     Order: removals (deepest first), then creations and updates in pre-order,
-    then SetAttr deepest first; renames are not detected (a rename is a
-    removal plus a creation), so this is the fallback, not the fast path.
+    then what ``data`` held back, then SetAttr deepest first; renames are not
+    detected (a rename is a removal plus a creation), so this is the
+    fallback, not the fast path.
     """
     base = base if base and os.path.isdir(base) else None
     # a file system without xattrs is asked once per image, not once per file (read_xattrs)
@@ -406,7 +445,8 @@ def tree_diff(base: str | None, target: str, *, same_lineage: bool = True,
         attrs_list: list = []
         links: dict = {}
         quick = quick_before_ns if same_lineage else None
-        yield from _updates(base, target, "", quick, links, attrs_list, prune, same_lineage)
+        yield from _updates(base, target, "", quick, links, attrs_list, prune, same_lineage, data)
+        yield from data.finish()
         yield from sorted_attrs(attrs_list)
     finally:
         _XATTR_ROOTS.roots = None
@@ -447,7 +487,7 @@ def _remove_subtree(base, rel, st):
         yield Unlink(path=rel)
 
 
-def _updates(base, target, rel, quick, links, attrs_list, prune, same_lineage):
+def _updates(base, target, rel, quick, links, attrs_list, prune, same_lineage, data):
     for name in listdir_sorted(os.path.join(target, rel) if rel else target):
         r = join(rel, name)
         t = lstat_or_none(os.path.join(target, r))
@@ -457,13 +497,13 @@ def _updates(base, target, rel, quick, links, attrs_list, prune, same_lineage):
         if b is not None and kind_of(b) is None:
             b = None
         if b is None or _replaced(b, t, same_lineage):
-            yield from _create_one(target, r, r, t, links, None, attrs_list)
+            yield from _create_one(target, r, r, t, links, None, attrs_list, data)
             continue
         k = kind_of(t)
         if k == "d":
             yield from xattr_records(r, read_xattrs(os.path.join(base, r)), read_xattrs(os.path.join(target, r)))
             if prune is None or r in prune:
-                yield from _updates(base, target, r, quick, links, attrs_list, prune, same_lineage)
+                yield from _updates(base, target, r, quick, links, attrs_list, prune, same_lineage, data)
         elif k == "l":
             bt, tt = os.readlink(os.path.join(base, r)), os.readlink(os.path.join(target, r))
             if bt != tt:
@@ -478,14 +518,13 @@ def _updates(base, target, rel, quick, links, attrs_list, prune, same_lineage):
                           and b.st_mtime_ns == t.st_mtime_ns and b.st_ctime_ns == t.st_ctime_ns
                           and b.st_ctime_ns < quick)
             if not quick_same:
-                yield from _file_update(os.path.join(base, r), os.path.join(target, r), r, b.st_size, t.st_size)
-                yield from xattr_records(r, read_xattrs(os.path.join(base, r)), read_xattrs(os.path.join(target, r)))
+                yield from data.updated(base, target, r, b, t)
         if attrs_differ(b, t):
             attrs_list.append(setattr_record(r, t))
 
 
-def _file_update(bpath: str, tpath: str, rel: str, bsize: int, tsize: int) -> Iterator[object]:
-    """Writes for the chunks that differ, then the size."""
+def file_update_records(bpath: str, tpath: str, rel: str, bsize: int, tsize: int) -> Iterator[object]:
+    """Records that turn the file ``bpath`` into ``tpath``: Writes for the chunks that differ, and the size."""
     if bsize != tsize and bsize <= CHUNK and tsize <= CHUNK:
         # one chunk on each side, of different lengths, so it differs: the records are those of
         # the compare below without reading the base copy (on FUSE, zfs-fuse, its open, read and
@@ -509,17 +548,23 @@ def _file_update(bpath: str, tpath: str, rel: str, bsize: int, tsize: int) -> It
     try:
         if tsize < bsize:
             yield Truncate(path=rel, size=tsize)
-        pos = 0
-        while pos < tsize:
-            n = min(CHUNK, tsize - pos)
-            tb = os.pread(tfd, n, pos)
-            bb = os.pread(bfd, n, pos) if pos < bsize else b""
-            if tb != bb:
-                if not (pos >= bsize and tb.count(0) == len(tb)):
-                    yield Write(path=rel, offset=pos, data=tb)
-            pos += n
+        yield from compare_range(bfd, tfd, rel, bsize, 0, tsize)
         if tsize > bsize:
             yield Truncate(path=rel, size=tsize)
     finally:
         os.close(bfd)
         os.close(tfd)
+
+
+def compare_range(bfd: int, tfd: int, rel: str, bsize: int, start: int, end: int) -> Iterator[Write]:
+    """Writes for the chunks of ``[start, end)`` in which the target file ``tfd`` differs from its base
+    copy ``bfd`` of ``bsize`` bytes (past ``bsize`` the copy being changed holds zeros)."""
+    pos = start
+    while pos < end:
+        n = min(CHUNK, end - pos)
+        tb = os.pread(tfd, n, pos)
+        bb = os.pread(bfd, n, pos) if pos < bsize else b""
+        if tb != bb:
+            if not (pos >= bsize and tb.count(0) == len(tb)):
+                yield Write(path=rel, offset=pos, data=tb)
+        pos += n

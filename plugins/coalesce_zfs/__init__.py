@@ -20,7 +20,11 @@ URL ``zfs://POOL/DATASET`` (``zfs://POOL`` for the pool's root dataset).
 * diff: the tree compare of coalesce_posix.walk between the two images
   (inode numbers, sizes, mtimes and ctimes equal means unchanged, as both are
   images of one dataset); on OpenZFS the walk is pruned to the directories
-  that ``zfs diff -H`` names, so its cost follows the change.
+  that ``zfs diff -H`` names, so its cost follows the change.  On zfs-fuse
+  the data of the changed files come from ``zfs send -i`` (coalesce_zfs.senddata:
+  every read of a clone is a FUSE round trip to the daemon, and the stream
+  names the changed blocks, so no base copy is read);
+  ``COALESCE_ZFS_DIFF=walk`` reads them from the images instead.
 """
 
 from __future__ import annotations
@@ -41,6 +45,8 @@ from coalesce_core.hookspecs import hookimpl
 from coalesce_core.records import framed
 from coalesce_posix import PosixVolume, check_qtree, posix_hooks, walk
 from coalesce_posix.run import command_error, run, which
+
+from .senddata import SendData
 
 SCHEME = "zfs"
 _log = logging.getLogger("coalesce.zfs")
@@ -155,6 +161,7 @@ class ZfsVolume(PosixVolume):
         self.viewdir = os.path.join(self.state, "views")
         self.tmpdir = os.path.join(self.state, "tmp")
         self.clone_prefix = f"{self.pool}/czclone-{flat.replace('%', '-')}-"
+        self.last_send_data: SendData | None = None    # the last diff's, for tests and benchmarks
         super().__init__(url, mountpoint, os.path.join(self.state, "exports"))
 
     # -- opening --------------------------------------------------------------
@@ -376,6 +383,16 @@ class ZfsVolume(PosixVolume):
             self._require(base)
         return self._diff_gen(qtree, base, target)
 
+    def _props(self, pcpis: tuple[str, ...], *names: str) -> dict[str, dict[str, int]]:
+        """Numeric properties of PCPIs, in one ``zfs get``: {pcpi: {property: value}}."""
+        out: dict[str, dict[str, int]] = {p: {} for p in pcpis}
+        text = zfs_out("get", "-Hp", "-o", "name,property,value", ",".join(names),
+                       *(f"{self.dataset}@{p}" for p in pcpis))
+        for line in text.splitlines():
+            name, prop, value = line.split("\t")
+            out[name.split("@", 1)[1]][prop] = int(value)
+        return out
+
     def _diff_gen(self, qtree: str, base: str | None, target: str) -> Iterator[object]:
         with contextlib.ExitStack() as stack:
             troot = stack.enter_context(self._image(target, checked=True))
@@ -384,7 +401,7 @@ class ZfsVolume(PosixVolume):
                 raise BackendError(f"qtree {qtree!r} does not exist in PCPI {target!r} of {self.url}",
                                    hint="diff only qtrees that qtree_list(target) shows")
             if base is None:
-                yield from framed(qtree, None, target, walk.baseline_records(os.path.join(troot, qtree)))
+                yield from framed(qtree, None, target, walk.baseline_records(tq))
                 return
             broot = stack.enter_context(self._image(base, checked=True))
             prune = None
@@ -394,10 +411,18 @@ class ZfsVolume(PosixVolume):
                     changed = parse_zfs_diff(p.stdout.decode("utf-8", "surrogateescape"), self.root)
                     if changed is not None:
                         prune = _dirs_with_changes(changed, qtree)
-            created = int(zfs_out("get", "-Hp", "-o", "value", "creation", f"{self.dataset}@{base}").strip())
+            props = self._props((base, target), "creation", "createtxg")
+            created = props[base]["creation"]
+            bq = os.path.join(broot, qtree)
+            data = walk.READ
+            # `zfs send -i` goes forward only: a rollback diffs a later PCPI back to an earlier one
+            if (not self.browsable() and props[base]["createtxg"] < props[target]["createtxg"]
+                    and os.environ.get("COALESCE_ZFS_DIFF", "send") != "walk"):
+                data = self.last_send_data = SendData(
+                    [_zfs(), "send", "-i", f"{self.dataset}@{base}", f"{self.dataset}@{target}"],
+                    f"{self.dataset}@{target}", bq, tq)
             yield from framed(qtree, base, target,
-                              walk.tree_diff(os.path.join(broot, qtree), os.path.join(troot, qtree),
-                                             prune=prune, quick_before_ns=created * 1_000_000_000))
+                              walk.tree_diff(bq, tq, prune=prune, quick_before_ns=created * 1_000_000_000, data=data))
 
 
 def _dirs_with_changes(changed: set[str], qtree: str) -> set[str]:

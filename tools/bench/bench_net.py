@@ -76,8 +76,8 @@ for p in (str(ROOT), str(HERE), str(ROOT / "tests")):
     if p not in sys.path:
         sys.path.insert(0, p)
 
-from bench_realfs import (QTREE, MiB, N_BIG, LoopFS, _realfs_tool, group_config, pipeline, run, same_tree, zfs_received,  # noqa: E402
-                          write_big, zfs_pool)
+from bench_realfs import (QTREE, MiB, N_BIG, LoopFS, _realfs_tool, group_config, pipeline, run, same_tree,  # noqa: E402
+                          write_big, zfs_pool, zfs_received)
 
 from coalesce_core.errors import CoalesceError  # noqa: E402
 from coalesce_core.plugins import Volume, plugin_manager  # noqa: E402
@@ -105,6 +105,12 @@ def _proc_cpu(pid: int, children: bool = False) -> float:
         return 0.0
     ticks = int(f[11]) + int(f[12]) + ((int(f[13]) + int(f[14])) if children else 0)
     return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def zfs_fuse_cpu() -> float:
+    """CPU of the zfs-fuse daemon(s) (0 where none runs): it serves both ends of a zfs run and is in
+    neither process column."""
+    return sum(_proc_cpu(pid) for pid in _realfs_tool()._zfs_fuse_pids())
 
 
 def self_cpu() -> float:
@@ -402,10 +408,10 @@ class Bench:
         os.sync()
         if self.settle is not None:
             self.settle()
-        s0, c0, sv0 = self.link.stats(), self_cpu(), self.source.server_cpu()
+        s0, c0, sv0, z0 = self.link.stats(), self_cpu(), self.source.server_cpu(), zfs_fuse_cpu()
         res0 = m.stats().get("resumes", 0) if isinstance(m, Coalesce) else 0
         r = m.update(**kw)
-        s1, c1, sv1 = self.link.stats(), self_cpu(), self.source.server_cpu()
+        s1, c1, sv1, z1 = self.link.stats(), self_cpu(), self.source.server_cpu(), zfs_fuse_cpu()
         bad = same_tree(self.qdir, m.image(), self.rnd)
         if bad:
             raise RuntimeError(f"{name}: the replica differs from the source: {bad}")
@@ -414,11 +420,12 @@ class Bench:
                    for d in ("a_to_b", "b_to_a"))
         drops = sum(s1[d]["dropped"] - s0[d]["dropped"] for d in ("a_to_b", "b_to_a")) if "a_to_b" in s1 else 0
         r.update(name=name, fs=self.fs, wire=wire, emu_drops=drops, client_cpu=c1 - c0, server_cpu=sv1 - sv0,
+                 zfs_cpu=z1 - z0,
                  emu_busy=s1.get("busy_s", 0.0) - s0.get("busy_s", 0.0))
         if isinstance(m, Coalesce):
             r["resumes"] = m.stats().get("resumes", 0) - (res0 if m.stats().get("resumes", 0) >= res0 else 0)
         log(f"{name}: {r['wall']:.2f} s, {wire / MiB:.1f} MiB on the wire, cpu client {r['client_cpu']:.2f} "
-            f"server {r['server_cpu']:.2f}, cycles {r['cycles']}, failures {r['failures']}")
+            f"server {r['server_cpu']:.2f} zfs-fuse {r['zfs_cpu']:.2f}, cycles {r['cycles']}, failures {r['failures']}")
         return r
 
 
@@ -600,11 +607,28 @@ def write_profile_report(path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------- the parts
+def baselines(b: Bench, size_mib: int, seed: int) -> None:
+    """Untimed, on the unshaped link: a baseline of min(size, 64 MiB) for every method, so that all
+    hold the same first image."""
+    write_big(b.qdir, min(size_mib, 64), random.Random(seed))
+    for name in b.m:
+        b.measure(name)
+
+
 def part_main(b: Bench, shapes: list[tuple[str, float]], size_mib: int, seed: int, repeat: int = 1,
-              profile: Path | None = None) -> list[dict]:
+              profile: Path | None = None, warmup: bool = True) -> list[dict]:
+    """Part 1.  With ``warmup``, each link shape first gets one untimed update of the full size by every
+    method, so that the timed ones rewrite files of their final size over a link that carried the
+    same load just before (the first update after the baselines, which makes the files grow, and the
+    first over a newly shaped link, ran up to 20 % slower, for whichever method came first)."""
     rows = []
     for rate, delay in shapes:
         b.link.shape(delay_ms=delay, rate=rate)
+        if warmup:
+            write_big(b.qdir, size_mib, random.Random(seed - 1))
+            for name in b.m:
+                log(f"warm-up on {rate}:")
+                b.measure(name)
         for i in range(repeat):
             write_big(b.qdir, size_mib, random.Random(seed + len(rows)))
             order = list(b.m)                                # coalesce over SSH, over TLS, native
@@ -703,14 +727,18 @@ def part_resume(b: Bench, rate: str, delay: float, mib: int, outage: float, seed
 
 # ---------------------------------------------------------------------------- tables
 def t_main(rows: list[dict]) -> str:
+    """Part 1's table; rows on zfs-fuse get a column for the daemon's CPU (it serves both ends)."""
+    zfs = any(r.get("fs") == "zfs-fuse" for r in rows)
     out = ["| link | method | data | wall (s) | MiB/s | MiB on the wire | CPU here / at the source (s) "
-           "| native / this (goal >= 0.9) |", "|---|---|---|---|---|---|---|---|"]
+           + ("| zfs-fuse daemon CPU (s) " if zfs else "") + "| native / this (goal >= 0.9) |",
+           "|---|---|---|---|---|---|---|---|" + ("---|" if zfs else "")]
     for r in rows:
         nat = next(x for x in rows if (x["rate"], x["run"], x.get("fs")) == (r["rate"], r["run"], r.get("fs"))
                    and x["name"].startswith("native"))
         out.append(f"| {r['rate']}, {r['rtt']:.0f} ms RTT | {r['name']} | {r['mib']} MiB | {r['wall']:.2f} | "
                    f"{r['mib'] / r['wall']:.1f} | {r['wire'] / MiB:.0f} | {r['client_cpu']:.1f} / "
-                   f"{r['server_cpu']:.1f} | {nat['wall'] / r['wall']:.2f} |")
+                   f"{r['server_cpu']:.1f} | " + (f"{r['zfs_cpu']:.1f} | " if zfs else "")
+                   + f"{nat['wall'] / r['wall']:.2f} |")
     return "\n".join(out)
 
 
@@ -765,15 +793,23 @@ def main(argv: list[str] | None = None) -> int:
                     help="part 1 also on zfs-fuse (zfs source and destinations; native: zfs send -i | ssh | zfs "
                          "receive), on a private pool; starts zfs-fuse when none runs and stops it at the end: do "
                          "not run it while the real-FS tests run")
+    ap.add_argument("--no-btrfs", action="store_true", help="part 1 on zfs-fuse only (needs --zfs and --parts main)")
     ap.add_argument("--zfs-size-mib", type=int, default=None, help="the zfs update of part 1 (default: --size-mib)")
     ap.add_argument("--spool", choices=["default", "on", "off"], default="default",
                     help="the groups' `spool` (default: on, as for every remote source)")
+    ap.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
+                    help="part 1: one untimed update of the full size per link shape before the timed ones (default: on)")
+    ap.add_argument("--zfs-pool", choices=["ram", "disk"], default="ram",
+                    help="--zfs: the pool's file in a tmpfs, allocated up front (default), or a sparse file on "
+                         "disk (bench_realfs.zfs_pool)")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--verbose", "-v", action="store_true")
     args = ap.parse_args(argv)
     VERBOSE = args.verbose
     SPOOL = {"default": None, "on": True, "off": False}[args.spool]
     shapes = [(r, SHAPES[0][1]) for r in args.rates.split(",")]
+    if args.no_btrfs and (not args.zfs or args.parts != "main"):
+        ap.error("--no-btrfs needs --zfs and --parts main (compression and resume run on btrfs)")
     if args.quick:
         args.size_mib = args.comp_mib = args.resume_mib = 8
         args.zfs_size_mib = 8 if args.zfs_size_mib is None else min(args.zfs_size_mib, 8)
@@ -814,7 +850,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.zfs and "main" in parts:
             # before the source services start: they inherit COALESCE_ZFS_STATE_DIR from zfs_pool
             zfs_info = zstack.enter_context(zfs_pool(max(2 << 30, 10 * args.zfs_size_mib * MiB + (2 << 30)), log,
-                                                     prefix="cnet"))
+                                                     prefix="cnet", in_ram=args.zfs_pool == "ram"))
             zpool = zfs_info["pool"]
             Volume.open(pm, f"zfs://{zpool}/src", create=True).close()
             zq = os.path.join(run(["zfs", "get", "-H", "-o", "value", "mountpoint", f"{zpool}/src"]).stdout.strip(),
@@ -831,9 +867,8 @@ def main(argv: list[str] | None = None) -> int:
                    "native over SSH": Native(source, mnt)}
         b = Bench(link, source, qdir, methods)
         # baselines on the unshaped link (not reported): every method holds the same first image
-        write_big(qdir, min(args.size_mib, 64), random.Random(args.seed))
-        for name in methods:
-            b.measure(name)
+        if not args.no_btrfs:
+            baselines(b, args.size_mib, args.seed)
         zb = None
         if zfs_info is not None:
             zpool = zfs_info["pool"]
@@ -849,25 +884,25 @@ def main(argv: list[str] | None = None) -> int:
                 run(["zfs", "destroy", f"{ds}@settle"])
 
             zb = Bench(link, source, zq, zmethods, fs="zfs-fuse", settle=settle)
-            write_big(zq, min(args.zfs_size_mib, 64), random.Random(args.seed))
-            for name in zmethods:
-                zb.measure(name)
+            baselines(zb, args.zfs_size_mib, args.seed)
         emu = (f"link: {link.mode} emulator (tests/net/linkemu.py), MTU {link.mtu}, tbf rate limit, "
                f"delay {SHAPES[1][1]:.0f} ms each way")
-        if "main" in parts:
+        if "main" in parts and not args.no_btrfs:
             rows = part_main(b, shapes, args.size_mib, args.seed + 10, args.repeat,
-                             Path(args.profile) if args.profile else None)
+                             Path(args.profile) if args.profile else None, args.warmup)
             out += [header(cmd, emu + "; default compression (auto)"), t_main(rows), ""]
             print("\n".join(out[-3:]), flush=True)
             if args.profile:
                 print(t_profile(rows) + "\n", flush=True)
+        if "main" in parts:
             if zb is not None:
                 zrows = part_main(zb, shapes, args.zfs_size_mib, args.seed + 10, args.repeat,
-                                  Path(args.profile) if args.profile else None)
+                                  Path(args.profile) if args.profile else None, args.warmup)
                 zv = subprocess.run(["dpkg-query", "-W", "-f", "${Version}", "zfs-fuse"], capture_output=True,
                                     text=True).stdout.strip() or "?"
-                out += [header(cmd, emu + f"; default compression (auto); zfs-fuse {zv}, one pool on a sparse "
-                               f"file; zfs source and destinations"), t_main(zrows), ""]
+                out += [header(cmd, emu + f"; default compression (auto); zfs-fuse {zv}, one pool on "
+                               + ("a file in a tmpfs, allocated up front" if args.zfs_pool == "ram" else
+                                  "a sparse file on disk") + "; zfs source and destinations"), t_main(zrows), ""]
                 print("\n".join(out[-3:]), flush=True)
                 if args.profile:
                     print(t_profile(zrows) + "\n", flush=True)

@@ -550,12 +550,18 @@ class NativeZfs:
 
 
 @contextlib.contextmanager
-def zfs_pool(size: int, log, prefix: str = "cbench"):
+def zfs_pool(size: int, log, prefix: str = "cbench", in_ram: bool = False):
     """A private zfs-fuse pool through tools/realfs.py (own state dir, pool ``<prefix><pid>`` on a
     sparse file of ``size`` bytes), torn down after, also on failure.  Yields a dict: ``tool`` (the
     tools/realfs.py module), ``pool``, ``mountpoint``, ``state`` (its directory; coalesce's zfs
     state, COALESCE_ZFS_STATE_DIR, is ``state/zfs-state`` meanwhile) and ``problems`` (filled in by
-    the teardown: what could not be cleaned up)."""
+    the teardown: what could not be cleaned up).
+
+    ``in_ram``: the state directory, the pool's file included, is a tmpfs of its own and the file is
+    allocated whole at once.  zfs-fuse writes its file vdev through the page cache; on a file system
+    on disk, the first write to a region of it whose pages are not cached took several seconds of
+    the daemon's CPU per GiB on this VM (docs/benchmarks.md), which fell on whichever method wrote
+    there first.  In RAM every page exists from the start, so the methods compare on equal terms."""
     base = os.environ.get("COALESCE_BENCH_DIR", "/var/tmp")
     state = tempfile.mkdtemp(prefix="coalesce-bench-zfs-", dir=base)
     saved = {k: os.environ.get(k) for k in ("COALESCE_REALFS_DIR", "COALESCE_REALFS_POOL", "COALESCE_ZFS_STATE_DIR")}
@@ -565,9 +571,12 @@ def zfs_pool(size: int, log, prefix: str = "cbench"):
     os.environ["COALESCE_ZFS_STATE_DIR"] = os.path.join(state, "zfs-state")
     tool = _realfs_tool()
     tool.ZFS_SIZE = size
+    tool.ZFS_PREALLOCATE = in_ram
     res: dict = {"tool": tool, "pool": pool, "state": state, "problems": []}
     problems = res["problems"]
     try:
+        if in_ram:
+            run(["mount", "-t", "tmpfs", "-o", f"size={size + (256 << 20)},mode=0755", "coalesce-bench-zfs", state])
         tool.ensure_tools(btrfs=False, zfs=True)
         info = tool.zfs_up(pool)
         res["mountpoint"] = info["mountpoint"]
@@ -598,6 +607,9 @@ def zfs_pool(size: int, log, prefix: str = "cbench"):
                 os.environ[k] = v
         for mp_ in tool._zfs_mounts_under(state):
             problems.append(f"FUSE mount left: {mp_}")
+        if in_ram and not tool._zfs_mounts_under(state):
+            if run(["umount", state], check=False).returncode != 0:
+                problems.append(f"tmpfs left mounted at {state}")
         if not tool._zfs_mounts_under(state):
             shutil.rmtree(state, ignore_errors=True)
         if os.path.exists(state):
