@@ -37,7 +37,7 @@ import struct
 import threading
 import time
 import zlib
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 from .errors import BackendError, CoalesceError
 
@@ -122,15 +122,20 @@ class Channel:
         raise NotImplementedError
 
     def read_exact(self, n: int) -> bytes:
-        buf = bytearray()
+        if n <= 0:
+            return b""
+        chunk = self.read_some(n)
+        if len(chunk) == n:              # the usual case: no copy
+            return chunk
+        buf = bytearray(chunk)
         while len(buf) < n:
-            chunk = self.read_some(n - len(buf))
             if not chunk:
                 if not buf:
                     raise ConnectionLost(f"the connection to {self.peer} was closed",
                                          hint="the peer went away; a transfer resumes on reconnect")
                 raise ConnectionLost(f"the connection to {self.peer} was closed mid-message "
                                      f"({len(buf)} of {n} bytes)", hint="the link or the peer failed")
+            chunk = self.read_some(n - len(buf))
             buf += chunk
         return bytes(buf)
 
@@ -384,14 +389,19 @@ def max_body(kind: int) -> int:
 def parse_message(raw_len: bytes, rest: bytes) -> tuple[int, int, bytes]:
     """Check one frame (its 4-byte length field and the ``length`` bytes after it)."""
     (length,) = _U32.unpack(raw_len)
-    kind, reqid = struct.unpack_from(">BI", rest, 0)
-    (want,) = _U32.unpack_from(rest, length - 4)
-    got = zlib.crc32(rest[: length - 4], zlib.crc32(raw_len))
+    return check_message(raw_len, rest[:5], rest[5: length - 4], rest[length - 4: length])
+
+
+def check_message(raw_len: bytes, head: bytes, body: bytes, crc: bytes) -> tuple[int, int, bytes]:
+    """Check one frame read in its four parts (length, kind + request id, body, crc32): (kind, reqid, body)."""
+    kind, reqid = struct.unpack(">BI", head)
+    (want,) = _U32.unpack(crc)
+    got = zlib.crc32(body, zlib.crc32(head, zlib.crc32(raw_len)))
     if got != want:
         raise ProtocolError(f"a {KIND_NAMES.get(kind, kind)} message fails its checksum "
                             f"(crc32 {got:#010x}, frame says {want:#010x})",
                             hint="the link damaged the data or the peer is broken")
-    return kind, reqid, rest[5: length - 4]
+    return kind, reqid, body
 
 
 def check_length(length: int) -> None:
@@ -468,17 +478,18 @@ class Connection:
         raw_len = self.channel.read_exact(4)
         (length,) = _U32.unpack(raw_len)
         check_length(length)
-        # peek the kind before reading a large body
-        first = self.channel.read_exact(min(length, 5))
-        kind = first[0]
+        # peek the kind before reading a large body; the body is read on its own (no copy to split it)
+        head = self.channel.read_exact(5)
+        kind = head[0]
         if kind not in KIND_NAMES:
             raise ProtocolError(f"{self.peer} sent a message of unknown kind {kind}", hint="the peer is broken or hostile")
         if length - 9 > max_body(kind):
             raise ProtocolError(f"{self.peer} sent a {KIND_NAMES[kind]} body of {length - 9} bytes; the limit "
                                 f"is {max_body(kind)}", hint="the peer is broken or hostile")
-        rest = first + self.channel.read_exact(length - len(first))
+        body = self.channel.read_exact(length - 9)
+        crc = self.channel.read_exact(4)
         self.bytes_in += 4 + length
-        return parse_message(raw_len, rest)
+        return check_message(raw_len, head, body, crc)
 
     def recv_json(self, expect: tuple[int, ...]) -> tuple[int, int, dict[str, Any]]:
         kind, reqid, body = self.recv()
@@ -537,6 +548,21 @@ def want_list_of_names(obj: dict[str, Any], key: str, *, limit: int = 64) -> lis
 NAME_RE = _NAME_RE
 
 
-def iter_chunks(data: bytes, size: int = DATA_CHUNK) -> Iterator[bytes]:
-    for i in range(0, len(data), size):
-        yield data[i:i + size]
+def pieces(chunks: Iterable[Any], size: int = DATA_CHUNK) -> Iterator[bytes]:
+    """The bytes of ``chunks`` (bytes-like) regrouped into pieces of ``size`` bytes, the last one shorter.
+
+    Each piece is built by one join of memoryview slices, so a byte is copied once here."""
+    parts: list[Any] = []
+    have = 0
+    for chunk in chunks:
+        view = memoryview(chunk).cast("B")
+        while view:
+            take = min(len(view), size - have)
+            parts.append(view[:take])
+            have += take
+            view = view[take:]
+            if have == size:
+                yield b"".join(parts)
+                parts, have = [], 0
+    if parts:
+        yield b"".join(parts)

@@ -401,21 +401,13 @@ class SourceService:
         counter = {"n": 0}
         stream = codec.encode(_segment(records, q, base, target, skip, counter))
         comp = P.Compressor(method)
-        buf = bytearray()
         sent = 0
-        for chunk in _with_keepalive(stream, self.config.keepalive):
+        for chunk in _with_keepalive(P.pieces(stream, P.DATA_CHUNK), self.config.keepalive):
             if chunk is None:  # the backend is slow: an empty DATA message tells the client we are alive
                 conn.send(P.DATA, reqid, b"")
                 continue
-            buf += chunk
-            while len(buf) >= P.DATA_CHUNK:
-                piece = bytes(buf[:P.DATA_CHUNK])
-                del buf[:P.DATA_CHUNK]
-                conn.send(P.DATA, reqid, comp.compress(piece))
-                sent += len(piece)
-        if buf:
-            conn.send(P.DATA, reqid, comp.compress(bytes(buf)))
-            sent += len(buf)
+            conn.send(P.DATA, reqid, comp.compress(chunk))
+            sent += len(chunk)
         conn.send_json(P.END, reqid, {"records": counter["n"], "bytes": sent, "skipped": skip})
         with self._lock:
             self.stats["bytes_out"] += sent

@@ -4,7 +4,9 @@ While an update is applied, every change record is handed to the spool
 before the applier gets it, and appended to
 ``<metadata>/<group>.spool/<replica>.stream`` by a writer thread, in the
 codec's framed, checksummed format (coalesce_core.codec, without the
-trailer).  Its length in whole frames is the update's persisted position.
+trailer), with ``O_DIRECT`` in 1 MiB blocks where the file system takes it
+(the spool is read only after a crash: it should not fill the page cache).
+Its length in whole frames is the update's persisted position.
 After a restart, recovery rolls the replica back (Fig. 9) and the update
 restarts in the same cycle (spec: ``resume_updates``): the spooled
 records are replayed from local disk and the source is asked only for the
@@ -13,7 +15,7 @@ records after them (it regenerates the same deterministic stream and skips).
 Correctness never rests on the spool: the replica is always rolled back to
 the coalesced base before the replay, so any valid prefix of the stream is
 as good as another.  That is why the spool may lag the apply (a killed agent
-loses what was still queued, at most a few MiB, which the source sends again)
+loses what was still queued and the last unwritten block, at most a few MiB, which the source sends again)
 and is not fsynced (a power loss may tear its tail); a torn or damaged tail is
 cut at the last whole, checksummed frame, and a spool of another
 stream (other base, target or qtree) is ignored.  A spool that cannot be
@@ -23,12 +25,14 @@ is removed when its update ends, either way.
 
 from __future__ import annotations
 
+import errno
 import logging
+import mmap
 import os
 import queue
 import threading
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from . import codec
 from .errors import CorruptStream, StreamError
@@ -190,16 +194,28 @@ class _Writer:
 
     Records are handed over in batches (64 records or 1 MiB of data) through a queue of 8, so
     the spool's encoding and writing overlap the transfer and the apply instead of adding to
-    them; a full queue slows the caller down to the disk's pace."""
+    them; a full queue slows the caller down to the disk's pace.
+
+    The file is written with ``O_DIRECT`` in 1 MiB blocks from one reused buffer where the file
+    system allows it (else through the page cache): a spool is written once and read only after
+    a crash, so it should neither evict the host's cached data nor cost a copy into new cache
+    pages (docs/decisions.md).  The last partial block is written at close, padded to 4 KiB, and
+    the file cut to its length; a crash before that loses at most that block, which the source
+    sends again."""
 
     BATCH_RECORDS = 64
     BATCH_BYTES = 1 << 20
+    BLOCK = 1 << 20
+    ALIGN = 4096
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.f: BinaryIO | None = None
+        self.fd: int | None = None
         self.enc = codec.StreamEncoder(digest=False)
         self.failed = False
+        self.direct: mmap.mmap | None = None      # the block buffer when the file is O_DIRECT
+        self.fill = 0                             # bytes of it not yet written
+        self.size = 0                             # the spool's length in bytes
         self._batch: list[Any] = []
         self._bytes = 0
         self._q: queue.Queue[list[Any] | None] = queue.Queue(maxsize=8)
@@ -210,14 +226,39 @@ class _Writer:
         w = cls(path)
         try:
             path.parent.mkdir(mode=0o700, exist_ok=True)
-            w.f = open(path, "wb", buffering=0)
-            w.f.write(w.enc.header())
+            w._open()
+            w._put(w.enc.header())
         except OSError as exc:
             w._drop(exc)
             return w
         w._thread = threading.Thread(target=w._run, name=f"spool-{path.name}", daemon=True)
         w._thread.start()
         return w
+
+    def _open(self) -> None:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
+        try:
+            self.fd = os.open(self.path, flags | getattr(os, "O_DIRECT", 0), 0o600)
+            self.direct = mmap.mmap(-1, self.BLOCK) if hasattr(os, "O_DIRECT") else None
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:       # EINVAL: the file system takes no O_DIRECT (tmpfs)
+                raise
+            self.fd = os.open(self.path, flags, 0o600)
+
+    def _put(self, chunk: Any) -> None:
+        view = memoryview(chunk).cast("B")
+        self.size += len(view)
+        if self.direct is None:
+            _write_all(self.fd, view)
+            return
+        while view:
+            n = min(len(view), self.BLOCK - self.fill)
+            self.direct[self.fill:self.fill + n] = view[:n]
+            self.fill += n
+            view = view[n:]
+            if self.fill == self.BLOCK:
+                _write_all(self.fd, memoryview(self.direct))
+                self.fill = 0
 
     def write(self, rec: Any) -> None:
         if self.failed:
@@ -240,11 +281,12 @@ class _Writer:
             batch = self._q.get()
             if batch is None:
                 return
-            if self.f is None:
+            if self.fd is None:
                 continue  # dropped: drain the queue so the caller never blocks
             try:
                 for rec in batch:
-                    self.f.writelines(self.enc.frame(rec))
+                    for chunk in self.enc.frame(rec):
+                        self._put(chunk)
             except OSError as exc:
                 self._drop(exc)
 
@@ -255,24 +297,39 @@ class _Writer:
             self._q.put(None)
             self._thread.join()
             self._thread = None
-        if self.f is not None:
+        if self.fd is not None:
             try:
-                self.f.close()
+                if self.direct is not None and self.fill:
+                    end = -(-self.fill // self.ALIGN) * self.ALIGN
+                    self.direct[self.fill:end] = bytes(end - self.fill)
+                    _write_all(self.fd, memoryview(self.direct)[:end])
+                    os.ftruncate(self.fd, self.size)
+                os.close(self.fd)
             except OSError as exc:
                 self._drop(exc)
-            self.f = None
+            self.fd = None
+        if self.direct is not None:
+            self.direct.close()
+            self.direct = None
 
     def _drop(self, exc: OSError) -> None:
         log.warning("cannot write the spool %s (%s): this update goes on without it and cannot resume "
                     "after a restart", self.path, exc)
         self.failed = True
-        if self.f is not None:
+        if self.fd is not None:
             try:
-                self.f.close()
+                os.close(self.fd)
             except OSError:
                 pass
-            self.f = None
+            self.fd = None
         try:
             self.path.unlink()
         except OSError:
             pass
+
+
+def _write_all(fd: int | None, view: memoryview) -> None:
+    assert fd is not None
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]

@@ -9,6 +9,7 @@ uninterrupted update leaves (I3).
 from __future__ import annotations
 
 import logging
+import os
 import random
 import re
 
@@ -94,6 +95,50 @@ def test_a_spool_that_cannot_be_written_is_dropped_and_the_records_still_flow(tm
         assert list(sp.record("A", iter(recs))) == recs
     assert "goes on without it" in caplog.text
     assert not sp.holds("A", BEGIN)
+
+
+def _big_stream(mib: int) -> list:
+    recs: list = [BEGIN]
+    for i in range(mib):
+        recs += [Write(path="big", offset=i << 20, data=bytes([i % 251]) * (1 << 20))]
+    return [*recs, End(records=mib)]
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["O_DIRECT", "page cache"])
+def test_the_spool_file_is_exact_written_directly_or_through_the_page_cache(tmp_path, monkeypatch, direct):
+    """Blocks of 1 MiB with O_DIRECT, the last one padded, then the file is cut to its length: the
+    same bytes as a spool written through the page cache (where O_DIRECT is refused, as on tmpfs)."""
+    if not direct:
+        monkeypatch.delattr(os, "O_DIRECT")
+    sp = Spool(tmp_path)
+    recs = [*_big_stream(3)[:-1], *_stream(4)[1:-1], End(records=11)]
+    assert list(sp.record("A", iter(recs))) == recs
+    raw = sp.path("A").read_bytes()
+    enc = codec.StreamEncoder(digest=False)
+    assert raw == enc.header() + b"".join(b"".join(bytes(c) for c in enc.frame(r)) for r in recs[:-1])
+    assert sp.count("A") == 11
+
+
+def test_a_spool_cut_short_by_a_crash_holds_its_whole_blocks(tmp_path):
+    """A writer that stops without close (the agent was killed) leaves the 1 MiB blocks it wrote: a
+    valid prefix of the stream, which a resume replays; the source sends the rest."""
+    from coalesce_core.spool import _Writer
+
+    w = _Writer.create(tmp_path / "A.stream")
+    for rec in _big_stream(5)[:-1]:
+        w.write(rec)
+    w._hand_over()
+    w._q.put(None)                   # the writer thread ends; nothing flushes the partial block
+    w._thread.join()
+    size = (tmp_path / "A.stream").stat().st_size
+    enc = codec.StreamEncoder(digest=False)
+    ends, pos = [], len(enc.header())
+    for rec in _big_stream(5)[:-1]:
+        pos += sum(len(c) for c in enc.frame(rec))
+        ends.append(pos)
+    assert size == (ends[-1] // (1 << 20)) * (1 << 20) == 5 << 20
+    whole_changes = sum(1 for e in ends[1:] if e <= size)      # ends[0] is Begin's
+    assert whole_changes == 4 and Spool(tmp_path).count("A") == whole_changes
 
 
 def test_skip_changes_keeps_begin_and_end_and_refuses_a_short_stream():
