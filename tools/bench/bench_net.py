@@ -39,9 +39,11 @@ versions, load average and command):
    the native pipeline starts over.
 
 ``--zfs`` adds part 1 on zfs-fuse, in the same run and over the same link: a
-private pool (bench_realfs.py's ``zfs_pool``: its own sparse file and state
-directory; zfs-fuse is started when none runs and stopped at the end, as
-bench_realfs.py --zfs does, so do not run it while the real-FS tests run),
+private pool (bench_realfs.py's ``zfs_pool``: its own state directory and
+pool file, by default in a tmpfs and allocated up front, ``--zfs-pool disk``
+for a sparse file on disk; zfs-fuse is started when none runs and stopped at
+the end, as bench_realfs.py --zfs does, so do not run it while the real-FS
+tests run),
 with a source dataset exposed by the same TLS server and sshd in B, a coalesce
 group per transport whose source AND destination are zfs datasets, and the
 native ``ssh B 'zfs snapshot; zfs send [-i prev] new' | zfs receive -F``
@@ -49,6 +51,11 @@ native ``ssh B 'zfs snapshot; zfs send [-i prev] new' | zfs receive -F``
 the processes in namespace B run ``zfs`` too).  Before each timed zfs run the
 source's open transaction group is committed (a snapshot made and destroyed:
 ``sync`` does not reach zfs-fuse).
+
+The zfs table has a column for the zfs-fuse daemon's own CPU (it serves both
+ends of every method).  ``--no-btrfs`` runs part 1 on zfs-fuse only.  Part 1
+first gives each link shape one untimed update of the full size by every
+method (``--no-warmup`` to skip it).
 
 ``--quick``: 8 MiB, the 100 Mbit/s link only (a CI smoke test; seconds).
 """
