@@ -26,6 +26,7 @@ is removed when its update ends, either way.
 from __future__ import annotations
 
 import errno
+import fcntl
 import logging
 import mmap
 import os
@@ -197,9 +198,9 @@ class _Writer:
     them; a full queue slows the caller down to the disk's pace.
 
     The file is written with ``O_DIRECT`` in 1 MiB blocks from one reused buffer where the file
-    system allows it (else through the page cache): a spool is written once and read only after
-    a crash, so it should neither evict the host's cached data nor cost a copy into new cache
-    pages (docs/decisions.md).  The last partial block is written at close, padded to 4 KiB, and
+    system allows it (else through the page cache: its open or its first write fails with EINVAL):
+    a spool is written once and read only after a crash, so it should neither evict the host's
+    cached data nor cost a copy into new cache pages (docs/decisions.md).  The last partial block is written at close, padded to 4 KiB, and
     the file cut to its length; a crash before that loses at most that block, which the source
     sends again."""
 
@@ -249,7 +250,7 @@ class _Writer:
         view = memoryview(chunk).cast("B")
         self.size += len(view)
         if self.direct is None:
-            _write_all(self.fd, view)
+            self._write(view)
             return
         while view:
             n = min(len(view), self.BLOCK - self.fill)
@@ -257,8 +258,24 @@ class _Writer:
             self.fill += n
             view = view[n:]
             if self.fill == self.BLOCK:
-                _write_all(self.fd, memoryview(self.direct))
+                self._write(memoryview(self.direct))
                 self.fill = 0
+
+    def _write(self, view: memoryview) -> None:
+        assert self.fd is not None
+        while view:
+            try:
+                n = os.write(self.fd, view)
+            except OSError as exc:
+                flags = fcntl.fcntl(self.fd, fcntl.F_GETFL)
+                o_direct = getattr(os, "O_DIRECT", 0)
+                if exc.errno != errno.EINVAL or not flags & o_direct:
+                    raise
+                # the file system took O_DIRECT at open but refuses the writes (some FUSE ones):
+                # the rest goes through the page cache
+                fcntl.fcntl(self.fd, fcntl.F_SETFL, flags & ~o_direct)
+                continue
+            view = view[n:]
 
     def write(self, rec: Any) -> None:
         if self.failed:
@@ -302,7 +319,7 @@ class _Writer:
                 if self.direct is not None and self.fill:
                     end = -(-self.fill // self.ALIGN) * self.ALIGN
                     self.direct[self.fill:end] = bytes(end - self.fill)
-                    _write_all(self.fd, memoryview(self.direct)[:end])
+                    self._write(memoryview(self.direct)[:end])
                     os.ftruncate(self.fd, self.size)
                 os.close(self.fd)
             except OSError as exc:
@@ -326,10 +343,3 @@ class _Writer:
             self.path.unlink()
         except OSError:
             pass
-
-
-def _write_all(fd: int | None, view: memoryview) -> None:
-    assert fd is not None
-    while view:
-        n = os.write(fd, view)
-        view = view[n:]

@@ -9,6 +9,7 @@ uninterrupted update leaves (I3).
 from __future__ import annotations
 
 import logging
+import errno
 import os
 import random
 import re
@@ -117,6 +118,34 @@ def test_the_spool_file_is_exact_written_directly_or_through_the_page_cache(tmp_
     enc = codec.StreamEncoder(digest=False)
     assert raw == enc.header() + b"".join(b"".join(bytes(c) for c in enc.frame(r)) for r in recs[:-1])
     assert sp.count("A") == 11
+
+
+def test_a_file_system_that_opens_with_o_direct_but_refuses_its_writes_gets_the_page_cache(tmp_path, monkeypatch):
+    """Some file systems (FUSE ones) take O_DIRECT at open and fail the writes with EINVAL: the
+    writer clears O_DIRECT on the file and goes on, the spool is whole and exact."""
+    import fcntl
+
+    from coalesce_core import spool as spool_mod
+
+    refused = []
+    real_write = os.write
+
+    def write(fd, data):
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            refused.append(len(data))
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(spool_mod.os, "write", write)
+    sp = Spool(tmp_path)
+    recs = [*_big_stream(2)[:-1], *_stream(3)[1:-1], End(records=8)]
+    assert list(sp.record("A", iter(recs))) == recs
+    monkeypatch.setattr(spool_mod.os, "write", real_write)
+    enc = codec.StreamEncoder(digest=False)
+    assert refused == [1 << 20]
+    assert sp.path("A").read_bytes() == enc.header() + b"".join(
+        b"".join(bytes(c) for c in enc.frame(r)) for r in recs[:-1])
+    assert sp.count("A") == 8
 
 
 def test_a_spool_cut_short_by_a_crash_holds_its_whole_blocks(tmp_path):
