@@ -23,7 +23,8 @@ URL ``zfs://POOL/DATASET`` (``zfs://POOL`` for the pool's root dataset).
   that ``zfs diff -H`` names, so its cost follows the change.  On zfs-fuse
   the data of the changed files come from ``zfs send -i`` (coalesce_zfs.senddata:
   every read of a clone is a FUSE round trip to the daemon, and the stream
-  names the changed blocks, so no base copy is read);
+  names the changed blocks, so no base copy is read; one stream's block map
+  serves the diffs of the dataset's other qtrees between the same PCPIs);
   ``COALESCE_ZFS_DIFF=walk`` reads them from the images instead.
 """
 
@@ -46,7 +47,7 @@ from coalesce_core.records import framed
 from coalesce_posix import PosixVolume, check_qtree, posix_hooks, walk
 from coalesce_posix.run import command_error, run, which
 
-from .senddata import SendData
+from .senddata import BlockMaps, SendData
 
 SCHEME = "zfs"
 _log = logging.getLogger("coalesce.zfs")
@@ -150,6 +151,7 @@ class ZfsVolume(PosixVolume):
     _seq = itertools.count()
     _lock = threading.RLock()   # re-entrant: see _image
     _views: dict = {}          # (dataset, pcpi) -> shared temporary clone (zfs-fuse)
+    _block_maps = BlockMaps()  # what each `zfs send -i` read to its end wrote, for the other qtrees' diffs
 
     def __init__(self, url: Any, dataset: str, mountpoint: str) -> None:
         self.dataset = dataset
@@ -411,7 +413,7 @@ class ZfsVolume(PosixVolume):
                     changed = parse_zfs_diff(p.stdout.decode("utf-8", "surrogateescape"), self.root)
                     if changed is not None:
                         prune = _dirs_with_changes(changed, qtree)
-            props = self._props((base, target), "creation", "createtxg")
+            props = self._props((base, target), "creation", "createtxg", "guid")
             created = props[base]["creation"]
             bq = os.path.join(broot, qtree)
             data = walk.READ
@@ -420,7 +422,8 @@ class ZfsVolume(PosixVolume):
                     and os.environ.get("COALESCE_ZFS_DIFF", "send") != "walk"):
                 data = self.last_send_data = SendData(
                     [_zfs(), "send", "-i", f"{self.dataset}@{base}", f"{self.dataset}@{target}"],
-                    f"{self.dataset}@{target}", bq, tq)
+                    f"{self.dataset}@{target}", bq, tq, maps=self._block_maps,
+                    key=(self.dataset, props[base]["guid"], props[target]["guid"]))
             yield from framed(qtree, base, target,
                               walk.tree_diff(bq, tq, prune=prune, quick_before_ns=created * 1_000_000_000, data=data))
 

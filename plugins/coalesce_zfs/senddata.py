@@ -30,6 +30,17 @@ tree compare would).  Records go out in the stream's object order, so each
 file is opened once by the applier; names and attributes keep the tree
 compare's order (removals first, SetAttr last).
 
+One stream for many qtrees: ``zfs send -i`` covers the whole dataset, so a
+diff of each changed qtree that ran its own send would make the daemon read
+every qtree's changed blocks once per qtree.  While a SendData reads a
+stream to its end it records, for every object, the ranges the stream wrote
+and freed (a :class:`BlockMap`, no data), and publishes it in the volume's
+:class:`BlockMaps` under the two snapshots' GUIDs.  A later diff between the
+same two snapshots that finds the map takes the same records from it, with
+the data of its own files read from the target image (changed blocks only,
+never the base copy), unless its files hold so large a share of the
+stream's data that its own send is cheaper (``READ_COST``).
+
 If ``zfs send`` writes no stream, or one of a format the reader does not
 know (coalesce_zfs.sendstream), nothing of it has been used yet: every
 registered file is read from the images as the tree compare does, with a
@@ -42,9 +53,11 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
+from collections import OrderedDict
 from typing import Iterator
 
-from coalesce_core.errors import CorruptStream, StreamError
+from coalesce_core.errors import BackendError, CorruptStream, StreamError
 from coalesce_core.records import MAX_DATA, HardLink, MkFile, Truncate, Write
 from coalesce_posix import walk
 from coalesce_posix.run import StreamingCommand
@@ -75,21 +88,99 @@ class _File:
         self.end = 0                # the size the records so far give a new file
 
 
+class BlockMap:
+    """The ranges one ``zfs send -i`` stream wrote and freed, per object, without the data.
+
+    ``writes``: object -> merged [start, end) ranges of WRITE records (as the
+    stream sent them: whole blocks); ``frees``: object -> (offset, length) of
+    FREE records; ``types``: the objects whose WRITEs were not a plain file's
+    data; ``data_bytes``: the stream's WRITE data in all."""
+
+    __slots__ = ("writes", "frees", "types", "data_bytes", "ranges")
+
+    def __init__(self) -> None:
+        self.writes: dict[int, list[list[int]]] = {}
+        self.frees: dict[int, list[tuple[int, int]]] = {}
+        self.types: dict[int, int] = {}
+        self.data_bytes = 0
+        self.ranges = 0
+
+    def add(self, rec: S.Record) -> None:
+        if type(rec) is S.Write:
+            n = len(rec.data)
+            self.data_bytes += n
+            if rec.type != S.DMU_OT_PLAIN_FILE_CONTENTS:
+                self.types[rec.object] = rec.type
+            w = self.writes.get(rec.object)
+            if w is not None and w[-1][1] == rec.offset:
+                w[-1][1] = rec.offset + n
+                return
+            self.writes.setdefault(rec.object, []).append([rec.offset, rec.offset + n])
+        elif type(rec) is S.Free:
+            self.frees.setdefault(rec.object, []).append((rec.offset, rec.length))
+        else:
+            return
+        self.ranges += 1
+
+    def bytes_of(self, objects) -> int:
+        """WRITE data of ``objects`` in the stream."""
+        return sum(e - s for o in objects for s, e in self.writes.get(o, ()))
+
+
+class BlockMaps:
+    """The block maps of the last ``size`` streams read to their end, keyed by (dataset, base GUID,
+    target GUID): a snapshot destroyed and taken again under its name has another GUID."""
+
+    MAX_RANGES = 1_000_000      # a stream with more ranges is not kept (about 100 MB of lists)
+
+    def __init__(self, size: int = 4) -> None:
+        self.size = size
+        self._lock = threading.Lock()
+        self._maps: OrderedDict[tuple, BlockMap] = OrderedDict()
+        self.published = 0       # how many maps were kept (tests)
+
+    def get(self, key: tuple) -> BlockMap | None:
+        with self._lock:
+            m = self._maps.get(key)
+            if m is not None:
+                self._maps.move_to_end(key)
+            return m
+
+    def put(self, key: tuple, m: BlockMap) -> None:
+        with self._lock:
+            self._maps[key] = m
+            self._maps.move_to_end(key)
+            self.published += 1
+            while len(self._maps) > self.size:
+                self._maps.popitem(last=False)
+
+
 class SendData(walk.FileData):
     """:class:`walk.FileData` with the data from a ``zfs send -i`` stream (module docstring).
 
     ``argv`` runs ``zfs send -i DS@BASE DS@TARGET`` (its BEGIN record must
     name ``toname``, ``DS@TARGET``); ``base`` and ``target`` are the qtree's
-    directories in the two images.  ``stats`` counts what came from where."""
+    directories in the two images.  With ``maps`` and ``key`` (dataset, base
+    GUID, target GUID), the stream's block map is shared with the other
+    qtrees' diffs (module docstring) and BEGIN must name those GUIDs.
+    ``stats`` counts what came from where (``shared``: from another diff's
+    block map, no send)."""
 
-    def __init__(self, argv: list[str], toname: str, base: str, target: str) -> None:
+    #: a byte read from an image through FUSE costs the daemon about this many times a byte of
+    #: `zfs send` (4.2 s against 1.1-1.8 s per GiB on zfs-fuse, docs/benchmarks.md)
+    READ_COST = 3.0
+
+    def __init__(self, argv: list[str], toname: str, base: str, target: str,
+                 maps: BlockMaps | None = None, key: tuple | None = None) -> None:
         self.argv = argv
         self.toname = toname
         self.base = base
         self.target = target
+        self.maps = maps if key is not None else None
+        self.key = key
         self.files: dict[int, list[_File]] = {}     # object number -> its registered names
         self.by_dest: dict[str, _File] = {}         # new files by path, for HardLink
-        self.stats = {"files": 0, "objects": 0, "stream_bytes": 0, "read_bytes": 0, "fallback": 0}
+        self.stats = {"files": 0, "objects": 0, "stream_bytes": 0, "read_bytes": 0, "fallback": 0, "shared": 0}
 
     # -- the walk registers ------------------------------------------------------------------
     def _register(self, ino: int, f: _File) -> None:
@@ -119,7 +210,14 @@ class SendData(walk.FileData):
     def finish(self) -> Iterator[object]:
         if not self.files:
             return
+        shared = self.maps.get(self.key) if self.maps is not None else None
+        if shared is not None and shared.data_bytes >= self.READ_COST * shared.bytes_of(self.files):
+            self.stats["shared"] = 1
+            yield from self._from_stream(self._from_map(shared), from_map=True)
+            yield from self._tail()
+            return
         begun = False
+        block_map = BlockMap() if self.maps is not None else None
         try:
             with StreamingCommand(self.argv, hint="the update fails and is retried next cycle") as send:
                 records = S.records(send.stdout)
@@ -129,7 +227,12 @@ class SendData(walk.FileData):
                     raise CorruptStream(f"`{' '.join(self.argv)}` sent {begin.toname!r} "
                                         f"({'incremental' if begin.incremental else 'full'}), not an incremental "
                                         f"stream of {self.toname!r}")
-                yield from self._from_stream(records)
+                if self.key is not None and (begin.fromguid, begin.toguid) != tuple(self.key[1:]):
+                    raise CorruptStream(f"`{' '.join(self.argv)}` sent a stream between snapshots of GUIDs "
+                                        f"{begin.fromguid:#x} and {begin.toguid:#x}, not {self.key[1]:#x} and "
+                                        f"{self.key[2]:#x}", hint="a snapshot was destroyed and taken again "
+                                        "during the diff; the update is retried")
+                yield from self._from_stream(records, block_map)
         except StreamError as exc:
             if begun:
                 raise
@@ -140,20 +243,62 @@ class SendData(walk.FileData):
             yield from self._all_from_images()
             return
         # the stream was read to its END and `zfs send` exited 0
+        if block_map is not None and block_map.ranges <= BlockMaps.MAX_RANGES:
+            assert self.maps is not None and self.key is not None
+            self.maps.put(self.key, block_map)
+        yield from self._tail()
+
+    def _tail(self) -> Iterator[object]:
+        """After the last record: the files the stream had no data of, and what is left of the others."""
         for entries in self.files.values():
             for f in entries:
                 if not f.started:
                     yield from self._start(f)
                 yield from self._rest(f)
 
-    def _from_stream(self, records: Iterator[S.Record]) -> Iterator[object]:
+    def _from_map(self, m: BlockMap) -> Iterator[S.Record]:
+        """The records of the registered objects that the stream of ``m`` had, in object order, with
+        the WRITE data read from the target image (up to MAX_DATA per record)."""
+        for obj in sorted(self.files):
+            for off, length in m.frees.get(obj, ()):
+                yield S.Free(object=obj, offset=off, length=length)
+            ranges = m.writes.get(obj)
+            if not ranges:
+                continue
+            if obj in m.types:
+                yield S.Write(object=obj, type=m.types[obj], offset=0, data=b"")
+                continue
+            entries = self.files[obj]
+            tsize = max(f.tsize for f in entries)
+            tpath = os.path.join(self.target, entries[0].rel)
+            fd = os.open(tpath, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:
+                for start, end in ranges:
+                    pos, end = start, min(end, tsize)
+                    while pos < end:
+                        data = os.pread(fd, min(MAX_DATA, end - pos), pos)
+                        if not data:
+                            raise BackendError(f"{tpath} ends at {pos}, before the size {tsize} its PCPI "
+                                               "image gave it", hint="the image changed under the diff; "
+                                               "the update fails and is retried")
+                        self.stats["read_bytes"] += len(data)
+                        yield S.Write(object=obj, type=S.DMU_OT_PLAIN_FILE_CONTENTS, offset=pos, data=data)
+                        pos += len(data)
+            finally:
+                os.close(fd)
+
+    def _from_stream(self, records: Iterator[S.Record], block_map: BlockMap | None = None,
+                     from_map: bool = False) -> Iterator[object]:
         cur: list[_File] = []            # the registered names of the object being written
         cur_obj = -1
         run_off, run_parts, run_len = 0, [], 0   # contiguous WRITE data not yet yielded
         for rec in records:
             t = type(rec)
+            if block_map is not None:
+                block_map.add(rec)
             if t is S.Write:
-                self.stats["stream_bytes"] += len(rec.data)
+                if not from_map:
+                    self.stats["stream_bytes"] += len(rec.data)
                 entries = self.files.get(rec.object)
                 if entries is None:
                     continue

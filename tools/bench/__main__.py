@@ -2,8 +2,8 @@
 
 NAME is one of the keys of BENCHES below (default: all).  Results go to
 docs/benchmarks.md by hand, with the command printed above each table.
-realfs, diffcost and net need root (loop btrfs, network namespaces) and are
-skipped without it; snapshots then runs only its sim part.
+realfs, diffcost, net and zfsqtrees need root (loop btrfs, network
+namespaces, zfs-fuse) and are skipped without it; snapshots then runs only its sim part.
 `--quick` runs every benchmark at toy sizes: the smoke test CI runs
 (tests/tools/test_bench_smoke.py) to prove the scripts still work.  Nothing
 here is a timed assertion.
@@ -28,8 +28,9 @@ BENCHES = {
     "formal": "bench_formal.py",  # SPIN states/time at 2-4 replicas; hypothesis steps/s
     "spool": "bench_spool.py",  # the spool's cost, and the time a SIGKILL mid-update loses with and without it
     "net": "bench_net.py",  # (root) one update over an emulated link: coalesce ssh/tls vs btrfs send | ssh | receive
+    "zfsqtrees": "bench_zfs_qtrees.py",  # (root) many qtrees of one zfs-fuse dataset: one zfs send for all diffs
 }
-ROOT_ONLY = {"realfs", "diffcost", "net"}
+ROOT_ONLY = {"realfs", "diffcost", "net", "zfsqtrees"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"unknown benchmark(s) {unknown}; choose from {list(BENCHES)}")
     if os.geteuid() != 0:
         for name in [n for n in names if n in ROOT_ONLY]:
-            print(f"tools/bench: skipping {name} (needs root: loop btrfs, network namespaces)", file=sys.stderr)
+            print(f"tools/bench: skipping {name} (needs root: loop btrfs, network namespaces, zfs-fuse)", file=sys.stderr)
             names.remove(name)
     rc = 0
     for name in names:

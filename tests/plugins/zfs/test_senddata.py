@@ -25,9 +25,10 @@ from coalesce_core.records import HardLink, MkFile, Truncate, Write
 from coalesce_core.testing import conformance
 from coalesce_posix import walk
 from coalesce_posix.apply import Applier
-from coalesce_zfs.senddata import SendData, _gaps
+from coalesce_zfs.senddata import BlockMaps, SendData, _gaps
 
 NAME = "pool/src@t"
+KEY = ("pool/src", 0x55, Z.GUID)     # dataset, base and target GUIDs (zfsstream's BEGIN)
 BS = 4096
 
 
@@ -49,10 +50,12 @@ class Case:
     def put(self, side: str, name: str, data: bytes) -> None:
         (getattr(self, side) / name).write_bytes(data)
 
-    def send_data(self, stream: bytes | None = None, argv: list[str] | None = None) -> SendData:
+    def send_data(self, stream: bytes | None = None, argv: list[str] | None = None,
+                  maps: BlockMaps | None = None) -> SendData:
         if stream is not None:
             self.stream.write_bytes(stream)
-        return SendData(argv or ["cat", str(self.stream)], NAME, str(self.base), str(self.target))
+        return SendData(argv or ["cat", str(self.stream)], NAME, str(self.base), str(self.target),
+                        maps=maps, key=KEY if maps is not None else None)
 
     def apply(self, records: list) -> None:
         """Apply to a copy of the base (volume ``applied``, qtree ``q``)."""
@@ -199,6 +202,83 @@ def test_failures_after_the_begin_record_raise(case):
         run(argv=["/nonexistent/zfs"])
 
 
+def test_the_block_map_of_one_stream_serves_the_other_qtrees(case):
+    """One qtree's diff reads the stream to its end and keeps its block map; another qtree's diff between
+    the same snapshots takes its records from the map (no send: `false` would fail), reading only the
+    blocks the stream wrote from the target image; a qtree that holds most of the stream's data runs
+    its own send."""
+    base = os.urandom(3 * BS)
+    target = base[:BS] + os.urandom(BS) + base[2 * BS:2 * BS + 100]
+    new, big = os.urandom(BS + 10), os.urandom(16 * BS)
+    for side, name, data in (("base", "f", base), ("target", "f", target), ("target", "n", new), ("target", "o", big)):
+        case.put(side, name, data)
+    stream = (Z.begin(NAME) + Z.obj(4, blksz=BS) + Z.free(4, 3 * BS, Z.TO_END) + Z.write(4, BS, target[BS:2 * BS])
+              + Z.write(4, 2 * BS, target[2 * BS:].ljust(BS, b"\0")) + Z.obj(6, blksz=BS)
+              + Z.write(6, 0, new[:BS]) + Z.write(6, BS, new[BS:].ljust(BS, b"\0"))
+              + b"".join(Z.write(7, i * BS, big[i * BS:(i + 1) * BS]) for i in range(16)) + Z.end())
+    maps = BlockMaps()
+
+    def register_f_and_n(sd):
+        list(sd.updated(str(case.base), str(case.target), "f", fake_stat(4, len(base)), fake_stat(4, len(target))))
+        list(sd.created(str(case.target), "n", "n", fake_stat(6, len(new))))
+
+    first = case.send_data(stream, maps=maps)                      # another qtree: object 7 only
+    list(first.created(str(case.target), "o", "o", fake_stat(7, len(big))))
+    case.apply(list(first.finish()))
+    assert case.applied("o") == big and first.stats["shared"] == 0 and maps.published == 1
+
+    second = case.send_data(argv=["false"], maps=maps)
+    register_f_and_n(second)
+    case.apply(list(second.finish()))
+    assert case.applied("f") == target and case.applied("n") == new
+    assert second.stats["shared"] == 1 and second.stats["stream_bytes"] == 0 and second.stats["fallback"] == 0
+    assert second.stats["read_bytes"] == BS + 100 + len(new)       # its WRITE blocks, clipped; no base copy
+
+    again = case.send_data(stream, maps=maps)                      # the big share: its own send
+    list(again.created(str(case.target), "o", "o", fake_stat(7, len(big))))
+    list(again.finish())
+    assert again.stats["shared"] == 0 and again.stats["stream_bytes"] > 0 and maps.published == 2
+
+    alone = case.send_data(argv=["false"], maps=BlockMaps())      # no map yet: a send, which fails
+    register_f_and_n(alone)
+    list(alone.finish())
+    assert alone.stats["fallback"] == 1
+
+
+def test_a_block_map_is_kept_only_for_a_whole_stream_of_the_named_snapshots(case, monkeypatch):
+    data = os.urandom(3 * BS)
+    case.put("target", "a", data)
+    whole = Z.file_stream({7: data}, blksz=BS)
+    maps = BlockMaps()
+
+    def run(stream, consume=None):
+        sd = case.send_data(stream, maps=maps)
+        list(sd.created(str(case.target), "a", "a", fake_stat(7, len(data))))
+        it = sd.finish()
+        return list(it) if consume is None else [next(it) for _ in range(consume)]
+
+    with pytest.raises(TruncatedStream):
+        run(whole[:-400])
+    run(whole, consume=2)                                          # the consumer stopped early
+    with pytest.raises(CorruptStream, match="GUIDs"):
+        run(Z.file_stream({7: data}, blksz=BS).replace(Z.begin(NAME), Z.begin(NAME, fromguid=0x66), 1))
+    monkeypatch.setattr(BlockMaps, "MAX_RANGES", 1)               # too many ranges (a FREE, a WRITE run)
+    run(whole)
+    assert maps.published == 0 and maps.get(KEY) is None
+    monkeypatch.setattr(BlockMaps, "MAX_RANGES", 10)
+    run(whole)
+    assert maps.published == 1 and maps.get(KEY).bytes_of([7]) == 3 * BS
+
+
+def test_block_maps_keep_the_last_few():
+    from coalesce_zfs.senddata import BlockMap
+
+    maps = BlockMaps(size=2)
+    for i in range(3):
+        maps.put(("ds", i, i + 1), BlockMap())
+    assert maps.get(("ds", 0, 1)) is None and maps.get(("ds", 2, 3)) is not None and maps.published == 3
+
+
 def test_nothing_registered_runs_no_send(case):
     sd = case.send_data(argv=["false"])
     assert list(sd.finish()) == []
@@ -244,6 +324,22 @@ def test_property_any_covering_stream_rebuilds_the_target(tmp_path_factory, data
     list(sd.updated(str(case.base), str(case.target), "f", fake_stat(4, len(base)), fake_stat(4, len(target))))
     list(sd.created(str(case.target), "n", "n", fake_stat(5, len(new))))
     case.apply(list(sd.finish()))
+    assert case.applied("f") == target and case.applied("n") == new
+    # the same from the stream's block map (data read from the target image)
+    maps = BlockMaps()
+    first = case.send_data(maps=maps)
+    list(first.finish())                          # nothing registered: no send, no map
+    assert maps.published == 0
+    first = case.send_data(maps=maps)
+    list(first.created(str(case.target), "n", "n", fake_stat(5, len(new))))
+    list(first.finish())
+    assert maps.published == 1
+    shared = case.send_data(argv=["false"], maps=maps)
+    shared.READ_COST = 0
+    list(shared.updated(str(case.base), str(case.target), "f", fake_stat(4, len(base)), fake_stat(4, len(target))))
+    list(shared.created(str(case.target), "n", "n", fake_stat(5, len(new))))
+    case.apply(list(shared.finish()))
+    assert shared.stats["shared"] == 1
     assert case.applied("f") == target and case.applied("n") == new
 
 
@@ -356,12 +452,40 @@ def test_zfs_a_qtree_without_changed_data_sends_no_data(zvol):
     with open(os.path.join(zvol.handle.root, "other", "g"), "wb") as f:
         f.write(os.urandom(1 << 20))
     zvol.snapshot_create("b")
-    assert _check(zvol, "a", "b") == {"files": 0, "objects": 0, "stream_bytes": 0, "read_bytes": 0, "fallback": 0}
+    assert _check(zvol, "a", "b") == {"files": 0, "objects": 0, "stream_bytes": 0, "read_bytes": 0, "fallback": 0,
+                                      "shared": 0}
     os.chmod(_q(zvol, "f"), 0o600)  # only its attributes: the stream has no block of it
     zvol.snapshot_create("c")
     stats = _check(zvol, "b", "c")
     assert stats["files"] == 1 and stats["read_bytes"] == 0 and stats["fallback"] == 0
     assert not any(isinstance(r, Write) for r in zvol.diff("q", "b", "c"))
+
+
+@pytest.mark.zfs
+def test_zfs_one_send_serves_the_other_qtrees(zvol):
+    """Two qtrees changed between the same PCPIs: the diff of the one with most of the change runs
+    `zfs send -i` and keeps the stream's block map; the other's takes its records from the map (only
+    its changed blocks read from the target image, no send); both are exact."""
+    root = zvol.handle.root
+    os.makedirs(_q(zvol))
+    os.makedirs(os.path.join(root, "big"))
+    with open(_q(zvol, "f"), "wb") as f:
+        f.write(os.urandom(1 << 20))
+    with open(os.path.join(root, "big", "g"), "wb") as f:
+        f.write(os.urandom(4 << 20))
+    zvol.snapshot_create("a")
+    _write_at(_q(zvol, "f"), 300_000, os.urandom(4096))
+    with open(os.path.join(root, "big", "g"), "wb") as f:
+        f.write(os.urandom(4 << 20))
+    zvol.snapshot_create("b")
+    maps = type(zvol.handle)._block_maps
+    published = maps.published
+    conformance.check_diff(zvol, "big", "a", "b", base_model=None, target_fp=zvol.fingerprint("big", "b"))
+    big = dict(zvol.handle.last_send_data.stats)
+    assert big["shared"] == 0 and big["stream_bytes"] >= 4 << 20 and maps.published > published
+    stats = _check(zvol, "a", "b")
+    assert stats["shared"] == 1 and stats["stream_bytes"] == 0 and stats["fallback"] == 0
+    assert 4096 <= stats["read_bytes"] <= 2 * 131072     # the changed record(s) of f, not its 1 MiB
 
 
 def _patched_file(zvol) -> None:
