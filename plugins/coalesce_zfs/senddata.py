@@ -94,18 +94,28 @@ class BlockMap:
     ``writes``: object -> merged [start, end) ranges of WRITE records (as the
     stream sent them: whole blocks); ``frees``: object -> (offset, length) of
     FREE records; ``types``: the objects whose WRITEs were not a plain file's
-    data; ``data_bytes``: the stream's WRITE data in all."""
+    data; ``data_bytes``: the stream's WRITE data in all.  Past ``limit``
+    ranges the map stops growing and drops what it has (``overflow``): it is
+    not kept."""
 
-    __slots__ = ("writes", "frees", "types", "data_bytes", "ranges")
+    __slots__ = ("writes", "frees", "types", "data_bytes", "ranges", "limit", "overflow")
 
-    def __init__(self) -> None:
+    def __init__(self, limit: int = 1_000_000) -> None:
         self.writes: dict[int, list[list[int]]] = {}
         self.frees: dict[int, list[tuple[int, int]]] = {}
         self.types: dict[int, int] = {}
         self.data_bytes = 0
         self.ranges = 0
+        self.limit = limit
+        self.overflow = False
 
     def add(self, rec: S.Record) -> None:
+        if self.overflow:
+            return
+        if self.ranges >= self.limit:
+            self.overflow = True
+            self.writes, self.frees, self.types = {}, {}, {}
+            return
         if type(rec) is S.Write:
             n = len(rec.data)
             self.data_bytes += n
@@ -132,6 +142,9 @@ class BlockMaps:
     target GUID): a snapshot destroyed and taken again under its name has another GUID."""
 
     MAX_RANGES = 1_000_000      # a stream with more ranges is not kept (about 100 MB of lists)
+
+    def new_map(self) -> BlockMap:
+        return BlockMap(self.MAX_RANGES)
 
     def __init__(self, size: int = 4) -> None:
         self.size = size
@@ -217,7 +230,7 @@ class SendData(walk.FileData):
             yield from self._tail()
             return
         begun = False
-        block_map = BlockMap() if self.maps is not None else None
+        block_map = self.maps.new_map() if self.maps is not None else None
         try:
             with StreamingCommand(self.argv, hint="the update fails and is retried next cycle") as send:
                 records = S.records(send.stdout)
@@ -243,7 +256,7 @@ class SendData(walk.FileData):
             yield from self._all_from_images()
             return
         # the stream was read to its END and `zfs send` exited 0
-        if block_map is not None and block_map.ranges <= BlockMaps.MAX_RANGES:
+        if block_map is not None and not block_map.overflow:
             assert self.maps is not None and self.key is not None
             self.maps.put(self.key, block_map)
         yield from self._tail()
