@@ -386,12 +386,6 @@ def max_body(kind: int) -> int:
     return MAX_DATA_MESSAGE if kind == DATA else MAX_CONTROL
 
 
-def parse_message(raw_len: bytes, rest: bytes) -> tuple[int, int, bytes]:
-    """Check one frame (its 4-byte length field and the ``length`` bytes after it)."""
-    (length,) = _U32.unpack(raw_len)
-    return check_message(raw_len, rest[:5], rest[5: length - 4], rest[length - 4: length])
-
-
 def check_message(raw_len: bytes, head: bytes, body: bytes, crc: bytes) -> tuple[int, int, bytes]:
     """Check one frame read in its four parts (length, kind + request id, body, crc32): (kind, reqid, body)."""
     kind, reqid = struct.unpack(">BI", head)

@@ -59,7 +59,8 @@ def _messages(data: bytes) -> list[tuple[int, dict | bytes]]:
     out, pos = [], 9
     while pos + 4 <= len(data):
         (n,) = struct.unpack_from(">I", data, pos)
-        kind, rid, body = P.parse_message(data[pos:pos + 4], data[pos + 4:pos + 4 + n])
+        kind, rid, body = P.check_message(data[pos:pos + 4], data[pos + 4:pos + 9], data[pos + 9:pos + n],
+                                          data[pos + n:pos + 4 + n])
         out.append((kind, P.decode_json(kind, body) if kind in P.CONTROL_KINDS else body))
         pos += 4 + n
     return out

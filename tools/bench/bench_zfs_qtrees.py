@@ -23,8 +23,9 @@ the Write bytes counted), ``--parallel`` at a time (the agent's default
 Each way starts without block maps and with the two PCPIs' read-only clones
 already mounted (one untimed diff of the first qtree).  Wall time, this
 process's CPU with its children (``zfs send``), the zfs-fuse daemon's CPU,
-and the number of ``zfs send`` runs (the bytes of data every diff yielded
-must be K x ``--mib`` MiB in every way, else the bench fails).  Prints
+and the number of ``zfs send`` runs (counted as the block maps kept: each
+send read to its end keeps one); the bytes of data every diff yielded must
+be K x ``--mib`` MiB in every way, else the bench fails.  Prints
 markdown.  ``--quick``: K = 2, 2 MiB (the CI smoke test).
 """
 
@@ -77,30 +78,21 @@ def run_way(vol, way: str, qtrees: list[str], parallel: int) -> dict:
 
     cls = type(vol.handle)
     assert cls is ZfsVolume
-    sends = {"n": 0}
-    real_finish = SendData.finish
-
-    def counted(self):
-        yield from real_finish(self)
-        if self.files and not self.stats["shared"]:
-            sends["n"] += 1
-
+    read_cost = SendData.READ_COST
     os.environ["COALESCE_ZFS_DIFF"] = "walk" if way == "walk" else "send"
-    SendData.READ_COST = float("inf") if way == "send per qtree" else 3.0
-    SendData.finish = counted
+    if way == "send per qtree":
+        SendData.READ_COST = float("inf")
     try:
         cls._block_maps = BlockMaps()
         one_diff(vol, qtrees[0])                     # untimed: mounts the PCPIs' clones
-        cls._block_maps = BlockMaps()
-        sends["n"] = 0
+        cls._block_maps = maps = BlockMaps()         # every send read to its end keeps one map: maps.published
         t0, c0, z0 = time.perf_counter(), self_cpu(), zfs_fuse_cpu()
         with ThreadPoolExecutor(parallel) as pool:
             data = sum(pool.map(lambda q: one_diff(vol, q), qtrees))
         return {"wall": time.perf_counter() - t0, "cpu": self_cpu() - c0, "daemon": zfs_fuse_cpu() - z0,
-                "data": data, "sends": sends["n"] if way != "walk" else 0}
+                "data": data, "sends": maps.published}
     finally:
-        SendData.finish = real_finish
-        SendData.READ_COST = 3.0
+        SendData.READ_COST = read_cost
         os.environ.pop("COALESCE_ZFS_DIFF", None)
 
 
