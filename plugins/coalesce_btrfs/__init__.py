@@ -245,7 +245,7 @@ class BtrfsVolume(PosixVolume):
         argv += ["-p", self.snap_path(base), self.snap_path(target)]
         with StreamingCommand(argv, hint="the update fails and is retried; " + BTRFS_HINT) as send:
             self.last_send_pid = send.pid
-            state = StreamState(sendstream.commands(send.stdout))
+            state = StreamState(sendstream.commands(send.stdout), self.snap_path(base), self.snap_path(target))
         return state
 
     def diff(self, qtree: str, base: str | None, target: str) -> Iterator[object]:
@@ -262,7 +262,7 @@ class BtrfsVolume(PosixVolume):
         key = (base, target, self._uuid(bpath), self._uuid(tpath))
         # run the send now (errors surface at the call, not at the first next())
         state = self.streams.get(key, lambda: self._parse_send(base, target))
-        return framed(qtree, base, target, state.records(qtree, bpath, tpath))
+        return framed(qtree, base, target, state.records(qtree))
 
     @staticmethod
     def _uuid(path: str) -> str:

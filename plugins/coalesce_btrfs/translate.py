@@ -1,83 +1,119 @@
 """Translate a parsed ``btrfs send -p BASE TARGET`` stream into per-qtree change records.
 
 The send stream describes the whole subvolume with paths that are valid at
-the moment of each command: new inodes are born under temporary names at the
-subvolume root (``o<ino>-<gen>-<n>``) and renamed into place, a rename in the
-source may appear as LINK + UNLINK, a displaced entry is parked under a
-temporary name.  Replaying it literally per qtree is impossible (the
-temporary names live outside every qtree), so the translation works on
-*identities*:
+the moment of each command: new inodes are born under temporary (orphan)
+names at the subvolume root (``o<ino>-<gen>-<n>``) and renamed into place, a
+displaced entry is parked under an orphan name, a rename may appear as LINK
++ UNLINK.  Replaying it literally per qtree is impossible (the orphan names
+live outside every qtree), so the translation works on **identities**, never
+on paths: a path names a file-system object only at one moment.
 
-1. **Replay the namespace** (:class:`StreamState`).  ``cur`` maps each path
-   the stream touched to an :class:`Node` (one file-system object).  A path
-   first seen is resolved through its longest known prefix: a base object
-   keeps its base path (``A/d`` renamed to ``A/e`` makes ``A/e/x`` the base
-   object ``A/d/x``); new objects come from MK* commands.  Renames re-key the
-   subtree; LINK adds a name; UNLINK/RMDIR drop one.  Data commands (WRITE,
-   UPDATE_EXTENT of --no-data streams, CLONE, ENCODED_WRITE, FALLOCATE) record
-   dirty byte ranges; TRUNCATE records the lowest size; CHMOD/CHOWN/UTIMES and
-   xattr commands mark attributes dirty.  Memory: one Node per touched object
-   plus its dirty ranges; the file data of the stream is discarded.
+1. **Replay the namespace** (:class:`StreamState`).  Each object the stream
+   touches is one :class:`Node`: a base object is identified by its inode
+   number in the base PCPI (all its hard links are one node), a new object
+   by the MK* command that made it.  ``cur`` maps every path the stream
+   touched to its node; a path first seen is resolved through its longest
+   known prefix to a base path (``A/d`` renamed to ``A/e`` makes ``A/e/x``
+   the base object ``A/d/x``) and that base path to its inode by ``lstat`` of
+   the base PCPI.  Data commands record dirty byte ranges, TRUNCATE the
+   lowest size, CHMOD/CHOWN/UTIMES and xattr commands dirty attributes; the
+   file data of the stream is discarded.  The replay checks itself: an
+   object renamed to an orphan name must carry that name's inode number, and
+   every final name must hold the node's inode in the target PCPI.  Where a
+   check fails, the qtree falls back to the tree-compare diff (correct, only
+   slower) with a warning.
 
-2. **Emit records per qtree** (:meth:`StreamState.records`), each object
-   classified against qtree Q by its base path and final names:
-   *stays* (same path), *moves* (another path in Q), *departs* (no final
-   name in Q: deleted, or moved to another qtree / out of every qtree),
-   *arrives* (new, or from outside Q: created in full from the target
-   snapshot, data included -- the cross-qtree rename of the issue).
-   Order, which meets the order contract of coalesce_core.records:
-   moved objects are first parked under ``.coalesce-mv.<n>`` in the qtree
-   root (deepest first, breaking rename cycles exactly as the kernel's own
-   temporary names do), then departures are removed deepest first (a departed
-   directory's whole base subtree, read from the base snapshot), then arrivals
-   and parked objects are put in place shallowest first, then extra hard
-   links, then data of changed files (the dirty ranges, read from the target
-   snapshot, holes kept), then xattrs, then SetAttr deepest first.
+2. **Emit records per qtree** (:class:`_Emitter`) from *edges*: a name is
+   the pair (parent object, name).  A name whose edge is the same in both
+   PCPIs is kept, whatever happened to the paths of its ancestors (it moves
+   with its parent); every other name of an object is removed or added.  A
+   directory with a changed edge moves; a file keeps its identity through a
+   kept name (or an unmentioned hard link, found with
+   :func:`coalesce_btrfs.inopaths.ino_paths`), else it moves, departs or
+   arrives.  Objects that arrive from outside the qtree (another qtree, or
+   new) are created in full from the target PCPI.  Order, which meets the
+   order contract of coalesce_core.records:
 
-   A change to the qtree root itself (created, deleted, renamed) falls back to
-   the tree-compare diff of the two snapshots for that qtree.
+   1. moved objects are parked under a free ``.coalesce-mv.<n>`` name in the
+      qtree root, deepest base path first (this breaks rename cycles, as the
+      kernel's orphan names do);
+   2. removed names and departed directories' whole base subtrees are
+      removed, deepest first;
+   3. parked objects and arrivals are put in place, shallowest final path
+      first;
+   4. further hard links of placed or kept objects;
+   5. data (dirty ranges read from the target PCPI, holes kept), xattrs and
+      attributes of objects present in both PCPIs;
+   6. SetAttr records deepest first.
+
+   A change to the qtree root itself (created, deleted, replaced, renamed)
+   falls back to the tree-compare diff of the two PCPIs for that qtree.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import stat
+import threading
 from typing import Iterable, Iterator
 
 from coalesce_core.errors import CorruptStream
 from coalesce_core.records import HardLink, MkDir, Rename, RmDir, Symlink, Truncate, Unlink, Write
 from coalesce_posix import walk
 
+from . import inopaths
 from .sendstream import Command
+
+log = logging.getLogger("coalesce.btrfs")
 
 _KIND = {"MKFILE": "f", "MKDIR": "d", "SYMLINK": "l", "MKNOD": None, "MKFIFO": None, "MKSOCK": None}
 _DATA_CMDS = ("WRITE", "UPDATE_EXTENT", "CLONE", "ENCODED_WRITE", "FALLOCATE")
+_ORPHAN = re.compile(r"^o(\d+)-(\d+)-(\d+)$")
 #: the largest changed tail of a file that is overwritten in place instead of truncated first
 _OVERWRITE_MAX = walk.CHUNK
+#: the prefix of the names moved objects are parked under in the qtree root during an update
+PARK_PREFIX = ".coalesce-mv."
+
+
+class _Lost(Exception):
+    """The replay disagrees with a PCPI: it no longer knows which object a path names."""
 
 
 class Node:
-    __slots__ = ("base_path", "new", "kind", "ranges", "min_trunc", "data_dirty", "xattr_dirty", "attr_dirty", "seq")
+    """One file-system object the stream touched."""
 
-    def __init__(self, base_path: str | None, kind: str | None, new: bool, seq: int) -> None:
-        self.base_path = base_path
+    __slots__ = ("seq", "ino", "new", "kind", "base_path", "base_names", "ranges", "min_trunc", "data_dirty",
+                 "xattr_dirty", "attr_dirty", "others")
+
+    def __init__(self, seq: int, ino: int | None, kind: str | None, new: bool, base_path: str | None) -> None:
+        self.seq = seq
+        self.ino = ino                  # inode number (base objects: in the base PCPI; new: the MK command's)
         self.new = new
-        self.kind = kind
+        self.kind = kind                # "d", "f", "l" or None (special files: not replicated)
+        self.base_path = base_path      # the first base name the stream used (a directory has only one)
+        self.base_names: set[str] = set()   # every base name the stream used
         self.ranges: list[tuple[int, int]] = []
         self.min_trunc: int | None = None
         self.data_dirty = False
         self.xattr_dirty = False
         self.attr_dirty = False
-        self.seq = seq
+        self.others: list[str] = []     # names in the target PCPI the stream never used (hard links)
+
+    @property
+    def dirty(self) -> bool:
+        return self.data_dirty or self.xattr_dirty or self.attr_dirty
 
     def __repr__(self) -> str:
-        return f"Node(base={self.base_path!r}, new={self.new}, kind={self.kind})"
+        return f"Node(#{self.seq}, ino={self.ino}, base={self.base_path!r}, new={self.new}, kind={self.kind})"
 
 
 def _dec(p: bytes) -> str:
     s = os.fsdecode(bytes(p))        # "" is the subvolume root itself (e.g. its UTIMES)
-    if s.startswith("/") or "\x00" in s:
-        raise CorruptStream(f"btrfs send stream path {s!r} is not relative to the subvolume")
+    if s.startswith("/") or "\x00" in s or "//" in s or s.endswith("/") or \
+            any(part in (".", "..") for part in s.split("/")):
+        raise CorruptStream(f"btrfs send stream path {s!r} is not a plain path relative to the subvolume")
     return s
 
 
@@ -85,8 +121,16 @@ def _parent(p: str) -> str:
     return p.rpartition("/")[0]
 
 
+def _name(p: str) -> str:
+    return p.rpartition("/")[2]
+
+
 def _depth(p: str) -> int:
     return p.count("/")
+
+
+def _qtree_of(p: str) -> str:
+    return p.partition("/")[0]
 
 
 class _PathDict(dict):
@@ -138,48 +182,98 @@ class _PathDict(dict):
 
 
 class StreamState:
-    """The namespace replay of one send stream (shared by every qtree of the volume)."""
+    """The namespace replay of one send stream (shared by every qtree of the volume).
 
-    def __init__(self, commands: Iterable[Command]) -> None:
+    ``base_root`` and ``target_root`` are the mounted base and target PCPIs.
+    Thread-safe for concurrent :meth:`records` calls (one per qtree)."""
+
+    def __init__(self, commands: Iterable[Command], base_root: str, target_root: str) -> None:
+        self.base_root = base_root
+        self.target_root = target_root
         self.cur: _PathDict = _PathDict()
         self.nodes: list[Node] = []
-        self.by_base: dict[str, Node] = {}
+        self.by_ino: dict[int, Node] = {}           # base objects by their inode number
+        self._bst: dict[str, os.stat_result | None] = {}
+        self._tst: dict[str, os.stat_result | None] = {}
         self.commands = 0
+        self.lost: str | None = None                # why the replay cannot be trusted (whole volume)
+        self.lost_qtrees: dict[str, str] = {}       # qtree -> why its final names disagree with the target
+        self._prepared = False
+        self._lock = threading.Lock()
+        self.finals: dict[int, list[str]] = {}
+        self.index: dict[str, list[Node]] = {}
         for c in commands:
             self.commands += 1
-            self._one(c)
+            if self.lost is None:
+                try:
+                    self._one(c)
+                except _Lost as exc:
+                    self.lost = str(exc)
 
-    # -- replay --------------------------------------------------------------
-    def _new_node(self, base_path: str | None, kind: str | None, new: bool) -> Node:
-        n = Node(base_path, kind, new, len(self.nodes))
+    # -- looking things up in the two PCPIs ------------------------------------
+    def bstat(self, path: str) -> os.stat_result | None:
+        """lstat of volume-relative ``path`` in the base PCPI ("" is its root)."""
+        try:
+            return self._bst[path]
+        except KeyError:
+            st = walk.lstat_or_none(os.path.join(self.base_root, path) if path else self.base_root)
+            self._bst[path] = st
+            return st
+
+    def tstat(self, path: str) -> os.stat_result | None:
+        """lstat of volume-relative ``path`` in the target PCPI."""
+        try:
+            return self._tst[path]
+        except KeyError:
+            st = walk.lstat_or_none(os.path.join(self.target_root, path) if path else self.target_root)
+            self._tst[path] = st
+            return st
+
+    def base_of(self, path: str) -> str | None:
+        """The base path of the object at current path ``path``; None for an object the stream made."""
+        n = self.cur.get(path)
+        if n is not None:
+            return n.base_path
+        p = path
+        while "/" in p:
+            p = _parent(p)
+            anc = self.cur.get(p)
+            if anc is not None:
+                if anc.new or anc.kind != "d" or anc.base_path is None:
+                    raise _Lost(f"{path!r} is named inside {p!r}, which is not a directory of the base PCPI "
+                                "and was not created by the stream before")
+                return anc.base_path + path[len(p):]
+        return path
+
+    # -- replay ----------------------------------------------------------------
+    def _new_node(self, ino: int | None, kind: str | None, new: bool, base_path: str | None) -> Node:
+        n = Node(len(self.nodes), ino, kind, new, base_path)
         self.nodes.append(n)
-        if base_path is not None:
-            self.by_base[base_path] = n
         return n
 
     def lookup(self, path: str) -> Node:
         n = self.cur.get(path)
         if n is not None:
             return n
-        # longest known prefix decides where an untouched descendant came from
-        p = path
-        while "/" in p:
-            p = _parent(p)
-            anc = self.cur.get(p)
-            if anc is not None:
-                if anc.new:
-                    raise CorruptStream(f"btrfs send stream names {path!r} inside a directory created by the stream "
-                                        "before creating it")
-                base = anc.base_path + path[len(p):]
-                break
-        else:
-            base = path
-        n = self.by_base.get(base) or self._new_node(base, None, False)
+        base = self.base_of(path)
+        assert base is not None
+        st = self.bstat(base)
+        if st is None:
+            raise _Lost(f"the stream names {path!r} (base path {base!r}), which is not in the base PCPI")
+        n = self.by_ino.get(st.st_ino)
+        if n is None:
+            n = self._new_node(st.st_ino, walk.kind_of(st), False, base)
+            self.by_ino[st.st_ino] = n
+        n.base_names.add(base)
         self.cur[path] = n
         return n
 
-    def _subtree_keys(self, path: str) -> list[str]:
-        return self.cur.subtree(path)
+    @staticmethod
+    def _check_orphan(path: str, n: Node) -> None:
+        """An orphan name carries its object's inode number: a mismatch means the replay is wrong."""
+        m = _ORPHAN.match(path)
+        if m is not None and n.ino is not None and int(m.group(1)) != n.ino:
+            raise _Lost(f"the stream parks inode {m.group(1)} as {path!r}, but the replay has inode {n.ino} there")
 
     def _one(self, c: Command) -> None:
         name = c.name
@@ -187,22 +281,28 @@ class StreamState:
             return
         if name in _KIND:
             path = _dec(c.path())
-            self.cur[path] = self._new_node(None, _KIND[name], True)
+            ino = c.attrs.get("INO")
+            n = self._new_node(ino if isinstance(ino, int) else None, _KIND[name], True, None)
+            self._check_orphan(path, n)
+            for k in self.cur.subtree(path):
+                del self.cur[k]
+            self.cur[path] = n
         elif name == "RENAME":
             old, new = _dec(c.path()), _dec(c.path("PATH_TO"))
-            self.lookup(old)
-            for k in self._subtree_keys(new):     # a replaced target loses its names
+            n = self.lookup(old)
+            self._check_orphan(new, n)
+            for k in self.cur.subtree(new):     # a replaced target loses its names
                 del self.cur[k]
-            moved = {k: self.cur.pop(k) for k in self._subtree_keys(old)}
-            for k, n in moved.items():
-                self.cur[new + k[len(old):]] = n
+            moved = {k: self.cur.pop(k) for k in self.cur.subtree(old)}
+            for k, m in moved.items():
+                self.cur[new + k[len(old):]] = m
         elif name == "LINK":
             path, existing = _dec(c.path()), _dec(c.path("PATH_LINK"))
             self.cur[path] = self.lookup(existing)
         elif name in ("UNLINK", "RMDIR"):
             path = _dec(c.path())
             self.lookup(path)
-            for k in self._subtree_keys(path):
+            for k in self.cur.subtree(path):
                 del self.cur[k]
         elif name in _DATA_CMDS:
             n = self.lookup(_dec(c.path()))
@@ -233,45 +333,135 @@ class StreamState:
             raise CorruptStream(f"btrfs send command {name} is not understood by this version of coalesce",
                                 hint="a newer send protocol? run with the default protocol or upgrade coalesce")
 
-    # -- per-qtree records ---------------------------------------------------
-    def finals(self) -> dict[int, list[str]]:
-        out: dict[int, list[str]] = {}
-        for path, n in self.cur.items():
-            out.setdefault(n.seq, []).append(path)
-        for v in out.values():
-            v.sort(key=lambda p: (_depth(p), p))
-        return out
+    # -- after the stream --------------------------------------------------------
+    def prepare(self) -> None:
+        """Final names, unmentioned hard links and the per-qtree index (once, on first use)."""
+        with self._lock:
+            if not self._prepared:
+                self._prepare()
+                self._prepared = True
 
-    def root_touched(self, qtree: str, finals: dict[int, list[str]]) -> bool:
+    def _prepare(self) -> None:
+        finals: dict[int, list[str]] = {}
+        for path, n in self.cur.items():
+            finals.setdefault(n.seq, []).append(path)
+        for v in finals.values():
+            v.sort(key=lambda p: (_depth(p), p))
+        self.finals = finals
+        if self.lost is not None:
+            return
+        for n in self.nodes:                   # every final name holds its node's inode
+            for f in finals.get(n.seq, ()):
+                st = self.tstat(f)
+                if st is None or (n.ino is not None and st.st_ino != n.ino) or \
+                        (n.kind is not None and walk.kind_of(st) != n.kind):
+                    q = _qtree_of(f)
+                    self.lost_qtrees.setdefault(q, f"the replay puts {n!r} at {f!r}, which the target PCPI "
+                                                   f"does not hold there")
+        self._find_other_names(finals)
+        index: dict[str, list[Node]] = {}
+        for n in self.nodes:
+            qs = {_qtree_of(p) for p in n.base_names} | {_qtree_of(p) for p in finals.get(n.seq, ())} | \
+                 {_qtree_of(p) for p in n.others}
+            for q in qs:
+                index.setdefault(q, []).append(n)
+        self.index = index
+
+    def _find_other_names(self, finals: dict[int, list[str]]) -> None:
+        """Names of touched files that the stream never used (their other hard links)."""
+        new_inos = {n.ino for n in self.nodes if n.new and n.ino is not None}
+        wanted: list[Node] = []
+        for n in self.nodes:
+            if n.kind not in ("f", "l") or n.ino is None:
+                continue
+            known = finals.get(n.seq, [])
+            if known:
+                st = self.tstat(known[0])
+                more = st is not None and st.st_nlink > len(known)
+            elif n.new or n.ino in new_inos:
+                more = False                    # gone; a new object may hold its inode number now
+            else:
+                bst = self.bstat(n.base_path or "")
+                more = n.dirty and bst is not None and bst.st_nlink > len(n.base_names)
+            if more:
+                wanted.append(n)
+        if not wanted:
+            return
+        try:
+            for n in wanted:
+                known_set = set(finals.get(n.seq, ()))
+                n.others = sorted(p for p in inopaths.ino_paths(self.target_root, n.ino) if p not in known_set)
+        except OSError as exc:
+            log.warning("BTRFS_IOC_INO_PATHS is refused (%s): walking the target PCPI for %d hard-linked "
+                        "files", exc, len(wanted))
+            by_ino = {n.ino: n for n in wanted}
+            found: dict[int, list[str]] = {}
+            for rel, st in walk.iter_tree(self.target_root):
+                if st.st_ino in by_ino and not stat.S_ISDIR(st.st_mode):
+                    found.setdefault(st.st_ino, []).append(rel)
+            for ino, n in by_ino.items():
+                known_set = set(finals.get(n.seq, ()))
+                n.others = sorted(p for p in found.get(ino, ()) if p not in known_set)
+
+    def root_touched(self, qtree: str) -> bool:
+        """True when the qtree's root directory itself was created, removed, replaced or moved."""
         n = self.cur.get(qtree)
         if n is not None and (n.new or n.base_path != qtree):
             return True
-        b = self.by_base.get(qtree)
-        if b is not None and qtree not in finals.get(b.seq, []):
-            return True
+        st = self.bstat(qtree)
+        if st is not None:
+            b = self.by_ino.get(st.st_ino)
+            if b is not None and qtree not in self.finals.get(b.seq, ()):
+                return True
         return False
 
-    def records(self, qtree: str, base_root: str, target_root: str) -> Iterator[object]:
+    def records(self, qtree: str) -> Iterator[object]:
         """The change records of ``qtree`` (without Begin/End)."""
-        finals = self.finals()
-        if self.root_touched(qtree, finals):
-            yield from walk.tree_diff(os.path.join(base_root, qtree), os.path.join(target_root, qtree))
+        self.prepare()
+        why = self.lost or self.lost_qtrees.get(qtree)
+        if why is not None:
+            log.warning("btrfs send stream of qtree %r cannot be translated (%s): comparing the two PCPIs "
+                        "instead", qtree, why)
+        if why is not None or self.root_touched(qtree):
+            yield from walk.tree_diff(os.path.join(self.base_root, qtree), os.path.join(self.target_root, qtree))
             return
-        yield from _Emitter(self, qtree, base_root, target_root, finals).run()
+        yield from _Emitter(self, qtree).run()
+
+
+class _Arriving(walk.FileData):
+    """How files of an arriving subtree are created: a file that already lives in the qtree
+    under another name (a hard link the stream never mentioned) is linked to it, and every
+    hard link is made after the placements (step 4), when its target is in place."""
+
+    def __init__(self, emitter: "_Emitter") -> None:
+        self.e = emitter
+
+    def created(self, root: str, rel: str, dest: str, st: os.stat_result) -> Iterator[object]:
+        if st.st_nlink > 1:
+            present = self.e.present_name(st.st_ino)
+            if present is not None:
+                self.e.links[(st.st_dev, st.st_ino)] = present
+                self.e.later.append((dest, present))
+                return iter(())
+        return super().created(root, rel, dest, st)
+
+    def linked(self, dest: str, existing: str) -> Iterator[object]:
+        self.e.later.append((dest, existing))
+        return iter(())
 
 
 class _Emitter:
-    def __init__(self, st: StreamState, qtree: str, base_root: str, target_root: str,
-                 finals: dict[int, list[str]]) -> None:
+    """The records of one qtree, from the replay (see the module's docstring for the order)."""
+
+    def __init__(self, st: StreamState, qtree: str) -> None:
         self.st = st
         self.q = qtree
         self.pre = qtree + "/"
-        self.base_root = base_root
-        self.target_root = target_root
-        self.finals = finals
-        self.renames: list[tuple[str, str]] = []   # applied (old, new), qtree-relative
-        self.links: dict = {}
         self.attrs: list = []
+        self.parked: dict[str, str] = {}           # base rel path -> park name
+        self.later: list[tuple[str, str]] = []      # (name, existing name) hard links made in step 4
+        self.links: dict = {}                       # (st_dev, st_ino) in the target -> rel path created/kept
+        self.data = _Arriving(self)
 
     def inq(self, p: str | None) -> bool:
         return p is not None and p.startswith(self.pre)
@@ -279,130 +469,208 @@ class _Emitter:
     def rel(self, p: str) -> str:
         return p[len(self.pre):]
 
-    def resolve(self, rel: str) -> str:
-        """Where base entry ``rel`` is now, given the renames emitted so far."""
-        for old, new in self.renames:
-            if rel == old or rel.startswith(old + "/"):
-                rel = new + rel[len(old):]
-        return rel
+    # -- identities -------------------------------------------------------------
+    def ident_base(self, path: str) -> object:
+        """The object at volume-relative ``path`` of the base PCPI."""
+        st = self.st.bstat(path)
+        if st is None:
+            raise CorruptStream(f"btrfs translation: {path!r} is not in the base PCPI")
+        return self.st.by_ino.get(st.st_ino) or ("ino", st.st_ino)
 
-    def bstat(self, p: str) -> os.stat_result | None:
-        return walk.lstat_or_none(os.path.join(self.base_root, p))
+    def ident_final(self, path: str) -> object:
+        """The object at volume-relative ``path`` once the stream is applied."""
+        n = self.st.cur.get(path)
+        if n is not None:
+            return n
+        base = self.st.base_of(path)
+        assert base is not None
+        return self.ident_base(base)
 
-    def tstat(self, p: str) -> os.stat_result | None:
-        return walk.lstat_or_none(os.path.join(self.target_root, p))
+    def edge_base(self, path: str) -> tuple[object, str]:
+        return self.ident_base(_parent(path)), _name(path)
 
-    def carried(self, n: Node, final: str) -> bool:
-        """True when ``n`` only changed path because its parent directory moved."""
-        if os.path.basename(final) != os.path.basename(n.base_path):
-            return False
-        bpar = self.st.by_base.get(_parent(n.base_path))
-        fpar = self.st.cur.get(_parent(final))
-        return bpar is not None and bpar is fpar
+    def edge_final(self, path: str) -> tuple[object, str]:
+        return self.ident_final(_parent(path)), _name(path)
 
+    def present_name(self, ino: int) -> str | None:
+        """A name (qtree-relative) of untouched inode ``ino`` that the qtree held in the base PCPI
+        at the same place, so that it exists in the replica; None if there is none."""
+        try:
+            names = inopaths.ino_paths(self.st.target_root, ino)
+        except OSError:
+            return None
+        for f in sorted(names):
+            if not f.startswith(self.pre) or f in self.st.cur:
+                continue
+            b = self.st.base_of(f)
+            bst = self.st.bstat(b) if b is not None else None
+            if b is not None and b.startswith(self.pre) and bst is not None and bst.st_ino == ino:
+                return self.rel(f)
+        return None
+
+    def _park_name(self, seq: int) -> str:
+        """A name in the qtree root that neither PCPI holds."""
+        k = 0
+        while True:
+            name = f"{PARK_PREFIX}{seq}" + (f".{k}" if k else "")
+            if self.st.bstat(self.pre + name) is None and self.st.tstat(self.pre + name) is None:
+                return name
+            k += 1
+
+    def _resolve(self, brel: str) -> str:
+        """Where base entry ``brel`` (qtree-relative) is after the parking renames."""
+        p = brel
+        while True:
+            t = self.parked.get(p)
+            if t is not None:
+                return t + brel[len(p):]
+            if "/" not in p:
+                return brel
+            p = _parent(p)
+
+    # -- the records ----------------------------------------------------------------
     def run(self) -> Iterator[object]:
         st = self.st
-        stays: list[tuple[Node, str]] = []
-        moves: list[tuple[Node, str]] = []
-        departs: list[Node] = []
-        arrives: list[tuple[Node, str]] = []
-        extra: list[tuple[str, str]] = []
-        for n in st.nodes:
-            fq = [f for f in self.finals.get(n.seq, []) if self.inq(f)]
-            b_in = not n.new and self.inq(n.base_path)
-            if b_in:
-                if not fq:
-                    departs.append(n)
-                    continue
-                if n.base_path in fq:
-                    primary = n.base_path
-                    stays.append((n, primary))
-                elif any(self.carried(n, f) for f in fq):
-                    primary = next(f for f in fq if self.carried(n, f))
-                    stays.append((n, primary))
-                else:
-                    primary = fq[0]
-                    moves.append((n, primary))
-            elif fq:
-                primary = fq[0]
-                arrives.append((n, primary))
+        pre = self.pre
+        park: dict[int, str] = {}                   # node seq -> the base path it is parked from
+        place: list[tuple[str, str, Node]] = []     # (final path, how, node): "parked", "mkdir", "tree", "file"
+        removed: dict[str, str] = {}                # base path -> kind, files' removed names
+        departed: list[str] = []                    # base paths of departed directories
+        changed: list[tuple[Node, str]] = []        # (node, final path) present in both PCPIs
+        extra: list[tuple[str, str]] = []           # (final path, existing final path): step 4
+        handled: set[str] = set()                   # final paths placed one by one (not by a subtree walk)
+        dev = (st.tstat("") or os.lstat(st.target_root)).st_dev
+        for n in st.index.get(self.q, ()):
+            if n.kind not in ("d", "f", "l"):
+                continue                            # special files are not replicated
+            bq = [] if n.new else sorted(b for b in n.base_names if b.startswith(pre))
+            fq = [f for f in st.finals.get(n.seq, ()) if f.startswith(pre)]
+            if n.kind == "d":
+                b = bq[0] if bq else None
+                f = fq[0] if fq else None
+                if b is not None and f is not None:
+                    if self.edge_base(b) != self.edge_final(f):
+                        park[n.seq] = b
+                        place.append((f, "parked", n))
+                        handled.add(f)
+                    changed.append((n, f))
+                elif b is not None:
+                    departed.append(b)
+                elif f is not None:
+                    place.append((f, "mkdir" if n.new else "tree", n))
+                    handled.add(f)
+                continue
+            finals = {self.edge_final(f): f for f in fq}
+            kept_b = set()
+            kept_f = []
+            for b in bq:
+                f = finals.get(self.edge_base(b))
+                if f is not None:
+                    kept_b.add(b)
+                    kept_f.append(f)
+            gone = [b for b in bq if b not in kept_b]
+            added = [f for f in fq if f not in kept_f]
+            # unmentioned names: present before too when their position was in the qtree then
+            others = [u for u in n.others if u.startswith(pre)]
+            stayed = [u for u in others if self.inq(st.base_of(u))]
+            anchor = kept_f[0] if kept_f else (stayed[0] if stayed else None)
+            handled.update(added)
+            if anchor is not None:
+                for b in gone:
+                    removed[b] = n.kind
+                extra.extend((f, anchor) for f in added)
+                changed.append((n, anchor))
+                first = anchor
+            elif gone and added:
+                park[n.seq] = gone[0]
+                for b in gone[1:]:
+                    removed[b] = n.kind
+                place.append((added[0], "parked", n))
+                extra.extend((f, added[0]) for f in added[1:])
+                changed.append((n, added[0]))
+                first = added[0]
+            elif gone:
+                for b in gone:
+                    removed[b] = n.kind
+                continue
+            elif added:
+                place.append((added[0], "file", n))    # its creation registers it in self.links
+                extra.extend((f, added[0]) for f in added[1:])
+                continue
             else:
                 continue
-            extra.extend((f, primary) for f in fq if f != primary)
+            if n.ino is not None:                   # names met in arriving subtrees link to it
+                self.links[(dev, n.ino)] = self.rel(first)
 
-        # 1. park moved objects (deepest base path first)
-        parked: dict[int, str] = {}
-        for i, (n, final) in enumerate(sorted(moves, key=lambda t: (-_depth(t[0].base_path), t[0].base_path))):
-            tmp = f".coalesce-mv.{n.seq}"
-            src = self.resolve(self.rel(n.base_path))
-            yield Rename(old=src, new=tmp)
-            self.renames.append((src, tmp))
-            parked[n.seq] = tmp
+        # 1. park moved objects, deepest base path first
+        for seq, b in sorted(park.items(), key=lambda t: (-_depth(t[1]), t[1])):
+            tmp = self._park_name(seq)
+            yield Rename(old=self.rel(b), new=tmp)
+            self.parked[self.rel(b)] = tmp
 
-        # 2. departures, with the untouched part of departed directories' base subtrees
-        removal: dict[str, str] = {}              # base rel path -> kind
-        for n in departs:
-            self._collect_removal(self.rel(n.base_path), removal)
-        for brel in sorted(removal, key=lambda p: (-_depth(p), p)):
-            cur = self.resolve(brel)
-            yield RmDir(path=cur) if removal[brel] == "d" else Unlink(path=cur)
+        # 2. removed names, and departed directories with their whole base subtrees
+        for b in departed:
+            self._collect_subtree(b, removed)
+        for b in sorted(removed, key=lambda p: (-_depth(p), p)):
+            cur = self._resolve(self.rel(b))
+            yield RmDir(path=cur) if removed[b] == "d" else Unlink(path=cur)
 
-        # 3. arrivals and parked objects, shallowest final path first
-        cur_final = set(p for p in st.cur if self.inq(p))
-        placed: list[tuple[str, object]] = [(f, ("move", n)) for n, f in moves] + [(f, ("new", n)) for n, f in arrives]
-        placed.sort(key=lambda t: (_depth(t[0]), t[0]))
-        # the data of new regular files is read from the target snapshot: ask for it ahead
-        ahead = walk.ReadAhead([(os.path.join(self.target_root, f), 0) for f, (how, n) in placed
-                                if how == "new" and n.kind == "f"])
+        # 3. parked objects and arrivals, shallowest final path first
+        place.sort(key=lambda t: (_depth(t[0]), t[0]))
+        # the data of new regular files is read from the target PCPI: ask for it ahead
+        ahead = walk.ReadAhead([(os.path.join(st.target_root, f), 0) for f, how, n in place
+                                if how == "file" and n.kind == "f"])
         try:
-            for final, (how, n) in placed:
+            for final, how, n in place:
                 frel = self.rel(final)
-                if how == "new" and n.kind == "f":
+                if how == "file" and n.kind == "f":
                     ahead.next()
-                if how == "move":
-                    yield Rename(old=parked[n.seq], new=frel)
+                if how == "parked":
+                    yield Rename(old=self.parked[self.rel(park[n.seq])], new=frel)
                     continue
-                tst = self.tstat(final)
+                tst = st.tstat(final)
                 if tst is None or walk.kind_of(tst) is None:
                     continue
-                if n.new and walk.kind_of(tst) == "d":
+                if how == "mkdir":
                     yield MkDir(path=frel, mode=tst.st_mode & 0o7777)
-                    yield from walk.xattr_records(frel, {}, walk.read_xattrs(os.path.join(self.target_root, final)))
+                    yield from walk.xattr_records(frel, {}, walk.read_xattrs(os.path.join(st.target_root, final)))
                     self.attrs.append(walk.setattr_record(frel, tst))
                 else:
                     yield from walk.create_records(
-                        self.target_root, final, dest_rel=frel, links=self.links, attrs_out=self.attrs,
-                        skip=lambda p: p in cur_final, st=tst)
+                        st.target_root, final, dest_rel=frel, links=self.links, attrs_out=self.attrs,
+                        skip=lambda p: p in handled, st=tst, data=self.data)
         finally:
             ahead.close()
 
-        # 4. extra names of the same object
-        for f, primary in sorted(extra, key=lambda t: t[0]):
-            yield HardLink(path=self.rel(f), existing=self.rel(primary))
+        # 4. further names of placed and kept objects
+        for f, existing in sorted(extra):
+            yield HardLink(path=self.rel(f), existing=self.rel(existing))
+        for f, existing in self.later:              # in the order met: a name links to one made before it
+            yield HardLink(path=f, existing=existing)
 
-        # 5. data, xattrs and attributes of objects that stayed or moved
-        changed = stays + moves
+        # 5. data, xattrs and attributes of objects present in both PCPIs
         # data commands change regular files only
-        ahead = walk.ReadAhead([(os.path.join(self.target_root, f), min(n.ranges)[0] if n.ranges else 0)
+        ahead = walk.ReadAhead([(os.path.join(st.target_root, f), min(n.ranges)[0] if n.ranges else 0)
                                 for n, f in changed if n.data_dirty])
         try:
             for n, final in changed:
                 if n.data_dirty:
                     ahead.next()
                 frel = self.rel(final)
-                tst = self.tstat(final)
-                bst = self.bstat(n.base_path)
+                tst = st.tstat(final)
+                bpath = n.base_path or ""
+                bst = st.bstat(bpath)
                 if tst is None or bst is None:
                     continue
                 if n.data_dirty and stat.S_ISREG(tst.st_mode):
                     yield from self._data(final, frel, n, bst.st_size, tst.st_size)
                 if n.xattr_dirty and walk.kind_of(tst) != "l":
-                    yield from walk.xattr_records(frel, walk.read_xattrs(os.path.join(self.base_root, n.base_path)),
-                                                  walk.read_xattrs(os.path.join(self.target_root, final)))
-                if stat.S_ISLNK(tst.st_mode) and os.readlink(os.path.join(self.base_root, n.base_path)) != \
-                        os.readlink(os.path.join(self.target_root, final)):
+                    yield from walk.xattr_records(frel, walk.read_xattrs(os.path.join(st.base_root, bpath)),
+                                                  walk.read_xattrs(os.path.join(st.target_root, final)))
+                if stat.S_ISLNK(tst.st_mode) and os.readlink(os.path.join(st.base_root, bpath)) != \
+                        os.readlink(os.path.join(st.target_root, final)):
                     yield Unlink(path=frel)
-                    yield Symlink(path=frel, target=os.fsdecode(os.readlink(os.path.join(self.target_root, final))))
+                    yield Symlink(path=frel, target=os.fsdecode(os.readlink(os.path.join(st.target_root, final))))
                     self.attrs.append(walk.setattr_record(frel, tst))
                 elif walk.attrs_differ(bst, tst):      # UTIMES also comes for atime-only changes
                     self.attrs.append(walk.setattr_record(frel, tst))
@@ -411,26 +679,23 @@ class _Emitter:
 
         yield from walk.sorted_attrs(self.attrs)
 
-    def _collect_removal(self, brel: str, out: dict[str, str]) -> None:
-        if brel in out:
-            return
-        full = self.pre + brel
-        bst = self.bstat(full)
-        if bst is None or walk.kind_of(bst) is None:
-            return
-        k = walk.kind_of(bst)
-        out[brel] = k
-        if k != "d":
-            return
-        for name in walk.listdir_sorted(os.path.join(self.base_root, full)):
-            child = walk.join(brel, name)
-            n = self.st.by_base.get(self.pre + child)
-            if n is not None and any(self.inq(f) for f in self.finals.get(n.seq, [])):
-                continue      # it stays in the qtree: parked, or carried... (not a departure)
-            self._collect_removal(child, out)
+    def _collect_subtree(self, top: str, out: dict[str, str]) -> None:
+        """``top`` (a departed directory) and everything below it in the base PCPI, except what was parked."""
+        stack = [top]
+        while stack:
+            b = stack.pop()
+            if self.rel(b) in self.parked or b in out:
+                continue
+            bst = self.st.bstat(b)
+            k = walk.kind_of(bst) if bst is not None else None
+            if k is None:
+                continue
+            out[b] = k
+            if k == "d":
+                stack.extend(walk.join(b, name) for name in walk.listdir_sorted(os.path.join(self.st.base_root, b)))
 
     def _data(self, final: str, frel: str, n: Node, bsize: int, tsize: int) -> Iterator[object]:
-        """The dirty ranges of a changed file, read from the target snapshot (holes kept).
+        """The dirty ranges of a changed file, read from the target PCPI (holes kept).
 
         Records cannot punch a hole, so a dirty range that reaches the old end
         of file is replaced by a Truncate to its start followed by the data
@@ -441,8 +706,8 @@ class _Emitter:
         a flush of the file when the applier closes it (btrfs flushes a file
         truncated to 0 at close); opening, truncating, writing and closing
         10,000 4 KiB files took 0.40-0.44 s of CPU, 0.18-0.19 s without the
-        truncation (issue 7.4).  For a large file both ways measured the same (the flush
-        only moves from the close to the destination snapshot), so larger
+        truncation (docs/benchmarks.md).  For a large file both ways measured the same (the flush
+        only moves from the close to the destination PCPI), so larger
         ranges keep the Truncate.  The final Truncate comes only when the size
         the records leave differs from the target's.
         """
@@ -460,7 +725,7 @@ class _Emitter:
                 merged[-1][1] = max(merged[-1][1], end)
             else:
                 merged.append([off, end])
-        fd = os.open(os.path.join(self.target_root, final), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = os.open(os.path.join(self.st.target_root, final), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
             if merged and merged[-1][1] >= cur_size and merged[-1][0] < cur_size:
                 start = merged[-1][0]

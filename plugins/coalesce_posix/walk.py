@@ -342,7 +342,7 @@ READ = FileData()
 
 def create_records(root: str, rel: str, *, dest_rel: str | None = None, links: dict | None = None,
                    skip: Callable[[str], bool] | None = None, attrs_out: list | None = None,
-                   st: os.stat_result | None = None) -> Iterator[object]:
+                   st: os.stat_result | None = None, data: "FileData | None" = None) -> Iterator[object]:
     """Records that create the entry ``root/rel`` (and, for a directory, everything
     below it) at ``dest_rel`` (default ``rel``) in a qtree.
 
@@ -361,7 +361,7 @@ def create_records(root: str, rel: str, *, dest_rel: str | None = None, links: d
         st = lstat_or_none(os.path.join(root, rel))
     if st is None:
         return
-    yield from _create_one(root, rel, dest, st, links, skip, attrs_list)
+    yield from _create_one(root, rel, dest, st, links, skip, attrs_list, data or READ)
     if own_attrs:
         yield from sorted_attrs(attrs_list)
 
