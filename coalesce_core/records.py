@@ -7,7 +7,8 @@ no leading ``/``, no NUL, bounded length.  Paths are ``str``; bytes that are
 not UTF-8 are carried with ``surrogateescape`` (``os.fsdecode``).
 
 Order contract (what an applier may rely on; every diff must produce it):
-a directory's ``MkDir`` comes before anything created in it; ``Rename`` moves
+a directory's ``MkDir`` comes before anything created in it; ``SetAttr`` and
+``SetXattr`` may name the qtree root itself (path :data:`ROOT`, ``""``); ``Rename`` moves
 an existing entry and replaces nothing (the target was unlinked first);
 ``Write`` and ``Truncate`` address a file created earlier in the stream or
 present at the base; ``SetAttr`` of a directory comes after its contents.
@@ -67,6 +68,21 @@ def check_path_fully(path: str, *, what: str = "path") -> str:
 
 def _path(_inst: object, attribute: attrs.Attribute, value: str) -> None:
     check_path(value, what=attribute.name)
+
+
+#: The path of the qtree root itself; only attribute records (SetAttr, SetXattr) may name it.
+ROOT = ""
+
+
+def check_path_or_root(path: str, *, what: str = "path") -> str:
+    """:func:`check_path`, also accepting :data:`ROOT` (for the records that may address the qtree root)."""
+    if path == ROOT and type(path) is str:
+        return path
+    return check_path(path, what=what)
+
+
+def _path_or_root(_inst: object, attribute: attrs.Attribute, value: str) -> None:
+    check_path_or_root(value, what=attribute.name)
 
 
 def _nonneg(_inst: object, attribute: attrs.Attribute, value: int) -> None:
@@ -166,9 +182,10 @@ class Truncate:
 
 @attrs.frozen
 class SetAttr:
-    """Set mode, owner and modification time of ``path`` (None leaves a field as is)."""
+    """Set mode, owner and modification time of ``path`` (None leaves a field as is);
+    ``path`` may be :data:`ROOT`, the qtree root."""
 
-    path: str = attrs.field(validator=_path)
+    path: str = attrs.field(validator=_path_or_root)
     mode: int | None = None
     uid: int | None = None
     gid: int | None = None
@@ -177,9 +194,10 @@ class SetAttr:
 
 @attrs.frozen
 class SetXattr:
-    """Set extended attribute ``name`` of ``path``; ``value`` None removes it."""
+    """Set extended attribute ``name`` of ``path``; ``value`` None removes it; ``path`` may be
+    :data:`ROOT`, the qtree root."""
 
-    path: str = attrs.field(validator=_path)
+    path: str = attrs.field(validator=_path_or_root)
     name: str = attrs.field()
     value: bytes | None = attrs.field(default=None)
 
@@ -213,7 +231,8 @@ CHANGE_TYPES: tuple[type, ...] = (MkDir, MkFile, Symlink, HardLink, Rename, Unli
 
 
 def paths_of(record: object) -> tuple[str, ...]:
-    """Every qtree-relative path a record touches (for filters and audits)."""
+    """Every qtree-relative path a record touches (for filters and audits); :data:`ROOT` for an
+    attribute record of the qtree root."""
     if isinstance(record, Rename):
         return (record.old, record.new)
     if isinstance(record, HardLink):

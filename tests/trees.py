@@ -80,7 +80,9 @@ def _describe(full: str, st: os.stat_result, times: bool) -> tuple[Any, ...] | N
 
 
 def capture(root: str, *, times: bool = True, root_entry: bool = True) -> Tree:
-    """Everything below ``root`` (iteratively: any depth).  A missing root is the empty tree."""
+    """Everything below ``root`` (iteratively: any depth).  A missing root is the empty tree.
+    ``root`` itself may be a symlink (an export path): it is followed, nothing below it is."""
+    root = os.path.realpath(root)
     entries: dict[str, tuple[Any, ...]] = {}
     inodes: dict[int, list[str]] = {}
     try:

@@ -62,7 +62,7 @@ from ..errors import BackendError, HostilePath, StreamError
 from ..hookspecs import ACTIVE
 from ..plugins import Volume, plugin_manager
 from ..records import (
-    MAX_DATA, Begin, End, HardLink, MkDir, MkFile, Rename, RmDir, SetAttr, SetXattr, Symlink, Truncate, Unlink,
+    MAX_DATA, ROOT, Begin, End, HardLink, MkDir, MkFile, Rename, RmDir, SetAttr, SetXattr, Symlink, Truncate, Unlink,
     Write, framed,
 )
 
@@ -249,6 +249,9 @@ class Model:
                 del data[rec.size:]
             else:
                 data.extend(bytes(rec.size - len(data)))
+        elif isinstance(rec, (SetAttr, SetXattr)) and rec.path == ROOT:
+            if isinstance(rec, SetAttr):
+                self.sealed.add(ROOT)       # the qtree root's entries are final by now
         elif isinstance(rec, (SetAttr, SetXattr)):
             n = self.nodes.get(rec.path)
             if n is None:

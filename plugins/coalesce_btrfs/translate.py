@@ -44,7 +44,7 @@ on paths: a path names a file-system object only at one moment.
    4. further hard links of placed or kept objects;
    5. data (dirty ranges read from the target PCPI, holes kept), xattrs and
       attributes of objects present in both PCPIs;
-   6. SetAttr records deepest first.
+   6. SetAttr records deepest first, then the qtree root's attributes.
 
    A change to the qtree root itself (created, deleted, replaced, renamed)
    falls back to the tree-compare diff of the two PCPIs for that qtree.
@@ -530,6 +530,16 @@ class _Emitter:
 
     # -- the records ----------------------------------------------------------------
     def run(self) -> Iterator[object]:
+        """The records of steps 1-6, then the qtree root's own attributes (its mtime moves in
+        the replica whenever an entry of the root changes, parked names included)."""
+        n = 0
+        for rec in self._changes():
+            n += 1
+            yield rec
+        yield from walk.root_records(os.path.join(self.st.base_root, self.q),
+                                     os.path.join(self.st.target_root, self.q), force=n > 0)
+
+    def _changes(self) -> Iterator[object]:
         st = self.st
         pre = self.pre
         park: dict[int, str] = {}                   # node seq -> the base path it is parked from

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 from coalesce_core.errors import BackendError, CorruptStream, HostilePath
 from coalesce_core.records import (
-    CHANGE_TYPES, HardLink, MkDir, MkFile, Rename, RmDir, SetAttr, SetXattr, Symlink, Truncate, Unlink, Write,
-    check_path, paths_of,
+    CHANGE_TYPES, ROOT, HardLink, MkDir, MkFile, Rename, RmDir, SetAttr, SetXattr, Symlink, Truncate, Unlink, Write,
+    check_path, check_path_or_root, paths_of,
 )
 
 from .tree import Dir, File, Node, QtreeState
@@ -35,8 +35,9 @@ def check_record(rec: object) -> None:
     if not isinstance(rec, CHANGE_TYPES):
         raise CorruptStream(f"not a change record: {type(rec).__name__}",
                             hint="the stream is corrupt; the update is rolled back")
+    check = check_path_or_root if isinstance(rec, (SetAttr, SetXattr)) else check_path
     for i, p in enumerate(paths_of(rec)):
-        check_path(p, what="path" if i == 0 else "second path")
+        check(p, what="path" if i == 0 else "second path")
     if isinstance(rec, Symlink):
         t = rec.target
         if not isinstance(t, str) or not t or "\x00" in t:
@@ -191,7 +192,7 @@ def apply_record(state: QtreeState, rec: object, use_purgatory: bool) -> None:
         else:
             f.data.extend(bytes(rec.size - len(f.data)))
     elif isinstance(rec, SetAttr):
-        node = _lookup(state, rec.path)
+        node = state.root if rec.path == ROOT else _lookup(state, rec.path)
         if node is None:
             raise CorruptStream(f"SetAttr {rec.path!r}: no such entry")
         if rec.mode is not None and not isinstance(node, SymNode):
@@ -203,7 +204,7 @@ def apply_record(state: QtreeState, rec: object, use_purgatory: bool) -> None:
         if rec.mtime_ns is not None:
             node.mtime_ns = rec.mtime_ns
     elif isinstance(rec, SetXattr):
-        node = _lookup(state, rec.path)
+        node = state.root if rec.path == ROOT else _lookup(state, rec.path)
         if node is None:
             raise CorruptStream(f"SetXattr {rec.path!r}: no such entry")
         if rec.value is None:

@@ -17,7 +17,8 @@ that it is easy to check and to copy into another backend:
    symlinks ``Symlink``.  Kept files whose bytes differ get ``Truncate`` (if
    the size changed) and ``Write`` of the differing 64 KiB blocks.
 3. Attributes come after contents: ``SetXattr`` then ``SetAttr`` for a file
-   right after its data, for a directory when the walk leaves it.
+   right after its data, for a directory when the walk leaves it, for the
+   qtree root (path ``ROOT``) last.
 
 No ``Rename`` is ever produced (a rename shows up as delete + create).  When
 base and target share the same frozen state (nothing was written to the
@@ -29,7 +30,7 @@ from __future__ import annotations
 from typing import Iterator
 
 from coalesce_core.records import (
-    MAX_DATA, Begin, End, HardLink, MkDir, MkFile, RmDir, SetAttr, SetXattr, Symlink, Truncate, Unlink, Write,
+    MAX_DATA, ROOT, Begin, End, HardLink, MkDir, MkFile, RmDir, SetAttr, SetXattr, Symlink, Truncate, Unlink, Write,
 )
 
 from .tree import Dir, File, Node, QtreeState, walk, walk_events
@@ -160,6 +161,7 @@ def diff_changes(base: QtreeState | None, target: QtreeState) -> Iterator[object
             else:
                 yield from _delta_records(path, bytes(old.data), bytes(node.data))  # type: ignore[attr-defined]
             yield from _attr_records(path, old, node)
+    yield from _attr_records(ROOT, base.root if base is not None else None, target.root)
 
 
 def diff_stream(qtree: str, base_name: str | None, target_name: str,

@@ -41,7 +41,7 @@ from typing import Any, Iterable, Iterator
 from coalesce_core.errors import BackendError, CorruptStream, HostilePath, TruncatedStream
 from coalesce_core.records import (
     changes_only,
-    Begin, End, HardLink, MkDir, MkFile, Rename, RmDir, SetAttr, SetXattr, Symlink, Truncate, Unlink, Write,
+    ROOT, Begin, End, HardLink, MkDir, MkFile, Rename, RmDir, SetAttr, SetXattr, Symlink, Truncate, Unlink, Write,
     check_path,
 )
 
@@ -82,6 +82,7 @@ class Applier:
         self.purgatory = purgatory
         self._purg_fd: int | None = None
         self._root_fd: int | None = None
+        self._vol_fd: int | None = None                     # the volume root, for the qtree root's attributes
         self._dirs: OrderedDict[str, int] = OrderedDict()   # parent path -> fd (LRU)
         self._file: tuple[str, int] | None = None           # last written file
         # (uid, gid, permission bits) of the regular files and directories this applier created
@@ -147,7 +148,7 @@ class Applier:
 
     def close(self) -> None:
         self._forget()
-        for attr in ("_root_fd", "_purg_fd"):
+        for attr in ("_root_fd", "_purg_fd", "_vol_fd"):
             fd = getattr(self, attr)
             if fd is not None:
                 os.close(fd)
@@ -202,6 +203,16 @@ class Applier:
             _, old = self._dirs.popitem(last=False)
             os.close(old)
         return cur, name
+
+    def _attr_target(self, path: str) -> tuple[int, str]:
+        """:meth:`_parent` for the attribute records, which may name the qtree root (:data:`ROOT`):
+        then the volume root and the qtree's name (the root was opened without following a link)."""
+        if path != ROOT:
+            return self._parent(path)
+        if self._vol_fd is None:
+            self._open_root()
+            self._vol_fd = os.open(self.volume_root, O_DIR)
+        return self._vol_fd, self.qtree
 
     @staticmethod
     def _lstat(dfd: int, name: str) -> os.stat_result | None:
@@ -464,7 +475,7 @@ class Applier:
             self._setattr(rec)
         elif isinstance(rec, SetXattr):
             self._known.pop(rec.path, None)     # a POSIX ACL (system.posix_acl_access) changes the mode
-            dfd, name = self._parent(rec.path)
+            dfd, name = self._attr_target(rec.path)
             try:
                 fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dfd)
             except OSError as exc:
@@ -521,7 +532,7 @@ class Applier:
         self._known[path] = (st.st_uid, st.st_gid, mode)
 
     def _setattr(self, rec: SetAttr) -> None:
-        dfd, name = self._parent(rec.path)
+        dfd, name = self._attr_target(rec.path)
         known = self._known.pop(rec.path, None)
         if known is not None:
             # created or written by this stream (nothing renamed or removed since): its owner

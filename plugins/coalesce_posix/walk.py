@@ -22,7 +22,7 @@ from typing import Callable, Iterable, Iterator
 from coalesce_core.errors import BackendError
 from coalesce_core import fingerprint as fp
 from coalesce_core.records import (
-    MAX_DATA, HardLink, MkDir, MkFile, RmDir, SetAttr, SetXattr, Symlink, Truncate, Unlink, Write,
+    MAX_DATA, ROOT, HardLink, MkDir, MkFile, RmDir, SetAttr, SetXattr, Symlink, Truncate, Unlink, Write,
 )
 
 CHUNK = MAX_DATA
@@ -400,12 +400,30 @@ def sorted_attrs(attrs_list: Iterable[SetAttr]) -> list[SetAttr]:
 
 
 def baseline_records(root: str) -> Iterator[object]:
-    """Every entry below ``root`` as create records (a baseline); ``root`` may be missing."""
+    """Every entry below ``root`` as create records (a baseline), then the attributes of ``root``
+    itself (the qtree root); ``root`` may be missing."""
     attrs_list: list = []
     links: dict = {}
     for name in listdir_sorted(root):
         yield from create_records(root, name, links=links, attrs_out=attrs_list)
     yield from sorted_attrs(attrs_list)
+    yield from root_records(None, root, force=True)
+
+
+def root_records(base: str | None, target: str, *, force: bool) -> Iterator[object]:
+    """SetXattr and SetAttr records (path ``ROOT``) that give the qtree root at ``base`` the
+    attributes of the one at ``target``; the SetAttr comes when they differ or with ``force``
+    (the records before it changed the root's entries, which moves its mtime in the replica).
+    Nothing when ``target`` is missing."""
+    t = lstat_or_none(target)
+    if t is None or not stat.S_ISDIR(t.st_mode):
+        return
+    b = lstat_or_none(base) if base else None
+    if b is not None and not stat.S_ISDIR(b.st_mode):
+        b = None
+    yield from xattr_records(ROOT, read_xattrs(base) if b is not None and base else {}, read_xattrs(target))
+    if force or b is None or attrs_differ(b, t):
+        yield setattr_record(ROOT, t)
 
 
 # ---------------------------------------------------------------------------
@@ -448,6 +466,7 @@ def tree_diff(base: str | None, target: str, *, same_lineage: bool = True,
         yield from _updates(base, target, "", quick, links, attrs_list, prune, same_lineage, data)
         yield from data.finish()
         yield from sorted_attrs(attrs_list)
+        yield from root_records(base, target, force=False)
     finally:
         _XATTR_ROOTS.roots = None
 

@@ -227,10 +227,14 @@ class Differ:
                     yield from self.remove(child, name)
             for name, child in sorted(T.dir(T.inode(self.qT)).items()):
                 yield from self.create(child, name)
+            rt = T.inode(self.qT)
+            yield from self._xattrs(R.ROOT, {}, T.xattrs(rt))
+            yield self._attrs(R.ROOT, rt)
             return
         q = self.qT
         nsB, nsT = self.nsB, self.nsT
         assert nsB is not None
+        root: tuple[Inode, Inode] | None = None       # the qtree root's inode, when it changed
         removed: list[tuple[str, int]] = []
         added: list[tuple[str, int]] = []
         modified: list[tuple[int, str, Inode, Inode]] = []
@@ -252,6 +256,8 @@ class Differ:
                             added.append((f"{pt}/{n}" if pt else n, i, ino))
             if ino != q:
                 modified.append((ino, pt, rb, rt))
+            else:
+                root = (rb, rt)
         renames = self._plan_renames(removed, added)
         key = lambda item: tuple(item[0].split("/"))  # noqa: E731
         for path, ino, _d in sorted(removed, key=key):
@@ -285,6 +291,8 @@ class Differ:
             yield from self._attr_delta(path, rb, rt)
         for path, rb, rt in sorted(dirs, key=lambda d: -len(d[0].split("/"))):
             yield from self._attr_delta(path, rb, rt)
+        if root is not None:
+            yield from self._attr_delta(R.ROOT, *root)
 
     def _plan_renames(self, removed: list, added: list) -> dict[int, tuple[str, str]]:
         """Moves that can be sent as one ``Rename`` each: an inode (a directory, or a file or

@@ -294,7 +294,7 @@ class Applier:
         elif isinstance(rec, R.Truncate):
             fs.a_truncate(self.regular(rec.path), rec.size)
         elif isinstance(rec, R.SetAttr):
-            _p, _n, ino = self.resolve(rec.path)
+            ino = self.q if rec.path == R.ROOT else self.resolve(rec.path)[2]
             if ino is None:
                 raise StreamError(f"setattr: {rec.path!r} does not exist")
             r = fs.a_touch(ino)
@@ -307,7 +307,7 @@ class Applier:
             if rec.mtime_ns is not None:
                 r.mtime = rec.mtime_ns
         elif isinstance(rec, R.SetXattr):
-            _p, _n, ino = self.resolve(rec.path)
+            ino = self.q if rec.path == R.ROOT else self.resolve(rec.path)[2]
             if ino is None:
                 raise StreamError(f"setxattr: {rec.path!r} does not exist")
             fs.a_set_xattr(ino, rec.name, rec.value)
