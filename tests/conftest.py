@@ -45,7 +45,7 @@ def group_config(tmp_path: Path) -> Callable[..., "object"]:
 
     def make(replicas=("A", "B", "C"), scheme: str = "mem", parallel: int = 4, retry_initial: float = 0.0,
              name: str = "g", source_url: str | None = None, dest_url: str | None = None, write_file: bool = False,
-             spool: bool | None = None):
+             spool: bool | None = None, reseed_after: int | None = None):
         n = next(_ids)
         if scheme == "mem":
             src = source_url or f"mem://src-{os.getpid()}-{n}-{tmp_path.name}"
@@ -57,6 +57,7 @@ def group_config(tmp_path: Path) -> Callable[..., "object"]:
             "[group]", f'name = "{name}"', f'source = "{src}"', f'destination = "{dst}"',
             f"parallel = {parallel}", f'metadata = "{tmp_path}/meta{n}"',
             *([f"spool = {str(spool).lower()}"] if spool is not None else []),
+            *([f"reseed_after = {reseed_after}"] if reseed_after is not None else []),
             "[group.retry]", f"initial = {retry_initial}", "factor = 2", "maximum = 60",
         ]
         for r in replicas:

@@ -14,7 +14,8 @@ tests/conftest.py).  Fixtures:
   clones and state after the test.
 * ``btrfs_urls`` / ``zfs_urls`` (function): factories of fresh URLs (for the
   conformance suite), all removed after the test; ``.cleanup(url)`` removes
-  one early.
+  one early.  ``zfs_urls_module`` / ``btrfs_urls_module`` (module): the same,
+  removed after the module's last test (volumes that many tests share).
 * ``btrfs_small_url`` (function): a fresh subvolume on the 256 MiB file system (ENOSPC tests).
 """
 
@@ -25,6 +26,7 @@ import itertools
 import os
 import shutil
 import subprocess
+import time
 
 import pytest
 
@@ -121,6 +123,14 @@ def btrfs_urls(realfs):
     f.cleanup_all()
 
 
+@pytest.fixture(scope="module")
+def btrfs_urls_module(realfs):
+    """As ``btrfs_urls``, for volumes shared by the tests of one module (removed after its last test)."""
+    f = _btrfs_factory(realfs["btrfs"])
+    yield f
+    f.cleanup_all()
+
+
 @pytest.fixture
 def btrfs_url(btrfs_urls):
     return btrfs_urls()
@@ -146,9 +156,15 @@ def cleanup_zfs(url: str) -> None:
     flat = ds.replace("/", "%")
     prefix = f"{pool}/czclone-{flat.replace('%', '-')}-"
     names = _quiet(["zfs", "list", "-H", "-o", "name", "-t", "filesystem", "-r", pool]).stdout.split("\n")
+    # zfs-fuse keeps a clone "busy" for seconds after its files were read (a test compared an export):
+    # unmount it by force and try again, with a growing pause (about 6 s in all)
     for n in names:
         if n.startswith(prefix):
-            _quiet(["zfs", "destroy", "-f", n])
+            for i in range(4):
+                if _quiet(["zfs", "destroy", "-f", n]).returncode == 0:
+                    break
+                _quiet(["zfs", "unmount", "-f", n])
+                time.sleep(0.5 * (i + 1))
     if ds in names:
         if _quiet(["zfs", "destroy", "-r", "-f", ds]).returncode != 0:
             _quiet(["zfs", "destroy", "-r", "-f", ds])
@@ -156,10 +172,21 @@ def cleanup_zfs(url: str) -> None:
     shutil.rmtree(os.path.join(state, pool, flat), ignore_errors=True)
 
 
+def _zfs_factory(pool: str) -> UrlFactory:
+    return UrlFactory(lambda: f"zfs://{pool}/t{os.getpid()}-{next(_COUNTER)}", cleanup_zfs)
+
+
 @pytest.fixture
 def zfs_urls(realfs):
-    pool = realfs["zfs"]["pool"]
-    f = UrlFactory(lambda: f"zfs://{pool}/t{os.getpid()}-{next(_COUNTER)}", cleanup_zfs)
+    f = _zfs_factory(realfs["zfs"]["pool"])
+    yield f
+    f.cleanup_all()
+
+
+@pytest.fixture(scope="module")
+def zfs_urls_module(realfs):
+    """As ``zfs_urls``, for volumes shared by the tests of one module (removed after its last test)."""
+    f = _zfs_factory(realfs["zfs"]["pool"])
     yield f
     f.cleanup_all()
 

@@ -29,10 +29,15 @@ def begin(name: str = "pool/src@t", fromguid: int = 0x55, toguid: int = GUID, or
 
 
 def obj(number: int, typ: int = FILE_DATA, blksz: int = 131072, bonus: bytes = b"\x01" * 264,
-        toguid: int = GUID, order: str = "<") -> bytes:
+        toguid: int = GUID, order: str = "<", bonustype: int = 17) -> bytes:
     pad = (len(bonus) + 7) & ~7
-    return _rec(1, struct.pack(order + "QIIIIBB6xQ", number, typ, 17, blksz, len(bonus), 7, 2, toguid), order) \
-        + bonus.ljust(pad, b"\0")
+    return _rec(1, struct.pack(order + "QIIIIBB6xQ", number, typ, bonustype, blksz, len(bonus), 7, 2, toguid),
+                order) + bonus.ljust(pad, b"\0")
+
+
+def znode(gen: int, order: str = "<") -> bytes:
+    """A bonus buffer of bonus type ZNODE (17): a 264-byte znode_phys_t with zp_gen (at 64) set."""
+    return (b"\x01" * 64 + struct.pack(order + "Q", gen)).ljust(264, b"\x02")
 
 
 def freeobjects(first: int, count: int, toguid: int = GUID, order: str = "<") -> bytes:

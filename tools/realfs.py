@@ -156,6 +156,39 @@ def _zfs_ready() -> bool:
         return False
 
 
+ZFS_LOCK = "/var/lock/zfs/zfs_lock"
+ZFS_LOCK_WAIT = float(os.environ.get("COALESCE_ZFS_LOCK_WAIT", "180"))
+
+
+def _zfs_lock_held() -> bool:
+    """True when a zfs-fuse daemon holds its lock file (possibly one in another PID namespace)."""
+    import fcntl
+    try:
+        fd = os.open(ZFS_LOCK, os.O_RDWR)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    else:
+        fcntl.lockf(fd, fcntl.LOCK_UN)
+        return False
+    finally:
+        os.close(fd)
+
+
+def _wait_for_zfs_lock() -> None:
+    # zfs-fuse exits 1 without a word when another daemon holds its lock; a daemon we cannot see
+    # (another PID namespace sharing /var/lock) is waited for, then named in the error.
+    deadline = time.time() + ZFS_LOCK_WAIT
+    while _zfs_lock_held():
+        if time.time() >= deadline:
+            raise RealFSError(f"another zfs-fuse daemon holds {ZFS_LOCK} (not visible in /proc: another PID "
+                              f"namespace?); stop it, or wait for it, then run again")
+        time.sleep(1)
+
+
 def zfs_daemon_up() -> int | None:
     """Start zfs-fuse when none runs; returns the PID we started (recorded) or None."""
     if _zfs_fuse_pids():
@@ -165,6 +198,7 @@ def zfs_daemon_up() -> int | None:
         return None
     os.makedirs(STATE, exist_ok=True)
     pidfile = _p("zfs-fuse.pid")
+    _wait_for_zfs_lock()
     _run(["zfs-fuse", "--pidfile", pidfile, "--no-kstat-mount", "--enable-xattr"])
     deadline = time.time() + 30
     while time.time() < deadline:
