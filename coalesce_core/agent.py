@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterable, Iterator
 import attrs
 import pluggy
 
-from . import codec, crashpoints
+from . import codec, crashpoints, verifier, verify
 from . import effects as fx
 from . import events as ev
 from .config import GroupConfig
@@ -31,9 +31,14 @@ from .planner import Decision, decide, is_group_pcpi, is_group_source_pcpi
 from .plugins import Volume, plugin_manager
 from .records import Begin
 from .spool import Spool, skip_changes
-from .state import GroupState, Replica
+from .state import GroupState
 
 PROGRESS_EVERY = 256
+
+
+#: transitions that record a failed transfer (`run --once` exits EXIT_TRANSFER_FAILED) or rollback
+TRANSFER_FAILURES = ("update_failed", "baseline_failed", "reseed_failed")
+FAILURES = TRANSFER_FAILURES + ("rollback_failed", "retry_failed")
 
 
 class _CycleStats:
@@ -44,6 +49,7 @@ class _CycleStats:
         self.released: list[str] = []
         self.records = 0
         self.nbytes = 0
+        self.failed: dict[str, str] = {}
 
 
 class Agent:
@@ -59,6 +65,10 @@ class Agent:
         self.clock = clock
         self.state: GroupState = ledger.load()
         self._stats: _CycleStats | None = None
+        #: full verifications (baselines, re-seeds) that passed since the last cycle ended
+        self._verified: dict[str, dict[str, Any]] = {}
+        #: failures decided since the last `run_once` began: {"replica", "trigger", "error"}
+        self.failures: list[dict[str, str]] = []
         self._abort = threading.Event()
         remote = bool(getattr(source.handle, "resumable_diff", False))
         self.spool: Spool | None = None
@@ -84,7 +94,7 @@ class Agent:
                 hint="restore the group's .coalesce/ metadata from a backup; coalesce will not guess which image "
                      "each replica exports, and deletes nothing",
             )
-        state = GroupState(name=config.name, retry=config.retry)
+        state = GroupState(name=config.name, retry=config.retry, reseed_after=config.reseed_after)
         Ledger.create(path, state).close()
         return cls.open(config, pm=pm, clock=clock)
 
@@ -96,8 +106,9 @@ class Agent:
         source, dest = cls._volumes(config, pm, create=False)
         ledger = Ledger.open(config.ledger_path(dest.metadata_dir()), group=config.name)
         agent = cls(config, pm, source, dest, ledger, clock)
-        if agent.state.retry != config.retry:  # the config is the source of policy
-            new = attrs.evolve(agent.state, retry=config.retry)
+        if (agent.state.retry, agent.state.reseed_after) != (config.retry, config.reseed_after):
+            # the config is the source of policy
+            new = attrs.evolve(agent.state, retry=config.retry, reseed_after=config.reseed_after)
             ledger.commit(agent.state, new, now=clock())
             agent.state = new
         for rc in config.replicas:
@@ -128,6 +139,11 @@ class Agent:
                                                     source=t.source, dest=t.dest)
             if t.trigger == "start_cycle":
                 self._stats = _CycleStats(self.clock())
+            if t.trigger in FAILURES and t.replica is not None:
+                error = new.replicas[t.replica].last_error
+                self.failures.append({"replica": t.replica, "trigger": t.trigger, "error": error})
+                if self._stats is not None and t.trigger in TRANSFER_FAILURES:
+                    self._stats.failed[t.replica] = error
             if t.trigger == "finish_cycle":
                 self._finish_cycle()
         return [eff for _e, d in batch for eff in d.effects]
@@ -176,9 +192,10 @@ class Agent:
         now = self.clock
         if isinstance(eff, fx.TakeSourcePcpi):
             self.source.snapshot_create(eff.name)
+            taken_at = now()
             self.pm.hook.coalesce_pcpi_taken(group=self.state.name, volume=str(self.source.url), name=eff.name, role="source")
             crashpoints.hit("after_source_pcpi")
-            return ev.SourcePcpiTaken(name=eff.name)
+            return ev.SourcePcpiTaken(name=eff.name, now=taken_at)
         if isinstance(eff, fx.ReleaseSourcePcpi):
             self.source.snapshot_delete(eff.name)
             self.pm.hook.coalesce_pcpi_released(group=self.state.name, volume=str(self.source.url), name=eff.name)
@@ -218,11 +235,14 @@ class Agent:
             return ev.QtreeRemoved(replica=eff.replica)
         raise TypeError(f"not an effect: {eff!r}")
 
-    def _records(self, records: Iterable[object], replica: str, point: str) -> Iterator[object]:
+    def _records(self, records: Iterable[object], replica: str, point: str,
+                 check: verifier.TransferCheck | None = None) -> Iterator[object]:
         n = nbytes = 0
         for rec in records:
             if self._abort.is_set() or crashpoints.fired():
                 raise SimulatedCrash("abort")
+            if check is not None:
+                check.add(rec)  # the paths the check before `done` describes (coalesce_core.verify)
             yield rec
             n += 1
             data = getattr(rec, "data", None)
@@ -236,7 +256,7 @@ class Agent:
     def _run_concurrent(self, eff: object) -> object:
         t0 = self.clock()
         if isinstance(eff, fx.Transfer):
-            point = "mid_baseline" if eff.base is None else "mid_apply"
+            point = "mid_reseed" if eff.reseed else "mid_baseline" if eff.base is None else "mid_apply"
             sources: list[object] = []
 
             def diff(skip: int = 0) -> Iterator[object]:
@@ -264,7 +284,19 @@ class Agent:
                         stream = spool.resume(eff.replica, begin, diff)
                     else:
                         stream = spool.record(eff.replica, diff())
-                stats = self.dest.apply(eff.replica, self._records(stream, eff.replica, point), use_purgatory=True)
+                check = verifier.TransferCheck(self.source, self.dest, replica=eff.replica,
+                                               source_qtree=eff.source_qtree, target=eff.target,
+                                               incremental=eff.base is not None) if self.config.verify else None
+                try:
+                    stats = self.dest.apply(eff.replica, self._records(stream, eff.replica, point, check),
+                                            use_purgatory=True)
+                    if check is not None:  # `done` only once the replica equals the source PCPI where it changed
+                        check.run()
+                        if eff.base is None:
+                            self._verified[eff.replica] = {"at": self.clock(), "ok": True, "error": ""}
+                finally:
+                    if check is not None:
+                        check.close()
             except Exception as exc:
                 if spool is not None:
                     _close(stream)
@@ -306,12 +338,15 @@ class Agent:
             "pcpis_taken": list(st.taken) if st else [],
             "pcpis_released": list(st.released) if st else [],
             "failures": s.cycle_failures,
+            "failed": dict(sorted(st.failed.items())) if st else {},
             "records": st.records if st else 0,
             "bytes": st.nbytes if st else 0,
             "states": _count_states(s),
+            "max_lag_seconds": _max_lag(s, ended),
         }
         self.ledger.record_cycle(report)
-        self.pm.hook.coalesce_cycle_finished(group=s.name, report=report)
+        # observers (metrics) also get every replica's health; the history row stays small
+        self.pm.hook.coalesce_cycle_finished(group=s.name, report={**report, "replicas": replica_health(s, ended)})
         self._stats = None
 
     # -- requests -----------------------------------------------------------------
@@ -345,11 +380,16 @@ class Agent:
         """One whole coalescing cycle; returns its history row."""
         before = self.state.cycle
         self.handle(ev.StartCycle(now=self.clock()))
+        self._background_verification()
         cycles = self.ledger.cycles()
         return cycles[-1] if cycles and cycles[-1]["cycle"] > before else {}
 
     def run_once(self) -> dict[str, Any]:
-        """Due retries, then one cycle (what `coalesce run --once` does)."""
+        """Due retries, then one cycle (what `coalesce run --once` does).
+
+        ``self.failures`` then lists every failure decided meanwhile (a re-seed may
+        end after the cycle's history row was written: it is listed here too)."""
+        self.failures = []
         self.tick()
         return self.run_cycle()
 
@@ -362,11 +402,80 @@ class Agent:
     def resync(self, name: str) -> None:
         self.handle(ev.Resync(replica=name))
 
+    def reseed(self, name: str, reason: str) -> None:
+        """Re-seed replica ``name`` (``coalesce reseed``, the background verification).
+
+        It leaves the cycle at once, keeps exporting its last good image (pinned as its
+        individual PCPI), and the next cycle rebuilds its active FS by a baseline transfer;
+        it rejoins at a jump-ahead after that.  Nothing happens if a re-seed is already
+        under way.  Only between cycles (NotNow otherwise, and for replicas that cannot
+        be re-seeded: uninitialized, broken, mid-retry); ``reason`` is shown in `status`."""
+        self.handle(ev.Reseed(replica=name, reason=reason))
+
+    # -- verification (coalesce_core.verifier) ---------------------------------------
+    def verification_times(self) -> dict[str, dict[str, Any]]:
+        """{replica: {"at", "ok", "error"}}: each replica's last full verification."""
+        return verifier.load_times(self.ledger.conn)
+
+    def _background_verification(self) -> None:
+        """After a cycle: record the baselines verified in it, then, with ``[group] verify_every``,
+        verify the one replica that is due (coalesce_core.verify.due_for_verification) in full;
+        a difference asks for a re-seed of that replica.  A volume error leaves it for a later
+        cycle; nothing here fails the cycle."""
+        pending, self._verified = self._verified, {}
+        names = list(self.state.replicas)
+        every = self.config.verify_every
+        if not every:
+            if pending:
+                verifier.save_times(self.ledger, pending, names)
+            return
+        times = {**self.verification_times(), **pending}
+        candidates = sorted(r.name for r in self.state.replicas.values()
+                            if r.state in ("stable", "stable_uncoalesced") and verifier.verifiable(r))
+        name = verify.due_for_verification({k: v["at"] for k, v in times.items()}, candidates, every, self.clock())
+        if name is None:
+            if pending:
+                verifier.save_times(self.ledger, pending, names)
+            return
+        r = self.state.replicas[name]
+        try:
+            outcome = verifier.verify_export(self.source, self.dest, r, content=True, limit=1)
+        except CoalesceError as exc:
+            pending[name] = {"at": times.get(name, {}).get("at", 0.0), "ok": None,
+                             "error": f"not verified: {_describe(exc)}"}
+            verifier.save_times(self.ledger, pending, names)
+            return
+        error = "" if outcome.ok else outcome.differences[0].explain(r.source_point or "?")
+        pending[name] = {"at": self.clock(), "ok": outcome.ok, "error": error}
+        verifier.save_times(self.ledger, pending, names)
+        if not outcome.ok:
+            try:
+                self.reseed(name, f"background verification: {error}")
+            except CoalesceError:
+                pass  # a replica that cannot be re-seeded now is found again by a later verification
+
     def all_stable(self) -> bool:
         return all(r.state == "stable" for r in self.state.replicas.values())
 
     def export_path(self, replica: str) -> str | None:
         return self.dest.export_path(replica)
+
+
+def replica_health(s: GroupState, now: float) -> dict[str, dict[str, Any]]:
+    """Per replica: state, last error, failures in a row, last success, and the lag (age of the
+    exported source point, None when it is not known)."""
+    out = {}
+    for r in sorted(s.replicas.values(), key=lambda r: r.name):
+        lag = s.lag(r, now)
+        out[r.name] = {"state": r.state, "last_error": r.last_error, "consecutive_failures": r.consecutive_failures,
+                       "last_success": r.last_success, "source_point_time": s.source_point_time(r),
+                       "lag_seconds": None if lag is None else round(lag, 6)}
+    return out
+
+
+def _max_lag(s: GroupState, now: float) -> float | None:
+    lags = [lag for r in s.replicas.values() if (lag := s.lag(r, now)) is not None]
+    return round(max(lags), 6) if lags else None
 
 
 def _count_states(s: GroupState) -> dict[str, int]:

@@ -28,6 +28,7 @@ EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_CONFIG = 2
 EXIT_NOT_STABLE = 3
+EXIT_TRANSFER_FAILED = 8  # `run --once`: an update, baseline or re-seed failed in the run
 EXIT_INTERRUPTED = 130
 
 DEFAULT_CONFIG = "coalesce.toml"
@@ -142,13 +143,32 @@ def cmd_run(args: argparse.Namespace) -> int:
                 out.print(f"cycle {report.get('cycle')}: {report.get('seconds', 0):.3f}s, "
                           f"slowest {report.get('slowest')}, failures {report.get('failures')}, "
                           f"states {report.get('states')}")
+            _print_failures(agent.failures, args)
             if args.once:
+                from .agent import TRANSFER_FAILURES
+
+                if any(f["trigger"] in TRANSFER_FAILURES for f in agent.failures):
+                    return EXIT_TRANSFER_FAILED
                 return EXIT_OK if agent.all_stable() else EXIT_NOT_STABLE
             time.sleep(args.interval or agent.config.interval)
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     finally:
         agent.close()
+
+
+def _print_failures(failures: list[dict[str, str]], args: argparse.Namespace) -> None:
+    """The failures of the run on standard error: every error with --debug, else one line."""
+    if not failures:
+        return
+    err = Console(stderr=True, highlight=False, soft_wrap=True)
+    if args.debug:
+        for f in failures:
+            err.print(f"[bold red]{escape(f['trigger'])}[/] {escape(f['replica'])}: {escape(f['error'])}", markup=True)
+    elif not args.quiet:
+        names = ", ".join(sorted({f["replica"] for f in failures}))
+        err.print(f"[bold red]failed:[/] {escape(names)} (`coalesce status` shows why; --debug prints the errors)",
+                  markup=True)
 
 
 def _agent_with(args: argparse.Namespace, plugins: list[object]):
@@ -167,7 +187,7 @@ def _map_transfers(tracker: "views.Tracker", agent: Any) -> None:
             return qtree if qtree in state.replicas else None
         if volume is src:
             for r in state.replicas.values():
-                if r.source_qtree == qtree and r.state in ("update", "baseline"):
+                if r.source_qtree == qtree and r.state in ("update", "baseline", "reseeding"):
                     return r.name
         return None
 
@@ -197,7 +217,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         paths = {r: agent.export_path(r) for r in agent.state.replicas}
         if not args.watch:
             if args.json:
-                _dump_json(views.status_data(agent.state, paths))
+                _dump_json(views.status_data(agent.state, paths, now=time.time()))
             else:
                 _console().print(_status_view(agent.state, paths))
             return EXIT_OK
@@ -207,7 +227,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def _status_view(state: Any, paths: dict[str, str | None]) -> Any:
-    return views.Group(views.status_table(state, paths), views.budget_table(state))
+    return views.Group(views.status_table(state, paths, now=time.time()), views.budget_table(state))
 
 
 def _watch_status(args: argparse.Namespace, agent: Any, paths: dict[str, str | None]) -> int:
@@ -237,7 +257,7 @@ def _watch_status(args: argparse.Namespace, agent: Any, paths: dict[str, str | N
     try:
         if args.json:
             while True:
-                _dump_json(views.status_data(read(), paths), compact=True)
+                _dump_json(views.status_data(read(), paths, now=time.time()), compact=True)
                 n += 1
                 if args.count and n >= args.count:
                     return EXIT_OK
@@ -279,8 +299,9 @@ def cmd_check(args: argparse.Namespace) -> int:
         marks_row = agent.ledger.conn.execute("SELECT value FROM meta WHERE key='i5_marks'").fetchone()
         previous = json.loads(marks_row[0]) if marks_row else {}
         findings = live_check(agent.state, agent.source, agent.dest, previous,
-                              edges=list(iter_log_edges(agent.ledger.transitions())))
-        if all(f.ok for f in findings):
+                              edges=list(iter_log_edges(agent.ledger.transitions())), now=time.time(),
+                              max_lag=agent.config.max_lag)
+        if all(f.ok for f in findings if f.invariant != "lag"):  # lag is not about I5
             marks = {r.name: r.source_point for r in agent.state.replicas.values()}
             with agent.ledger._tx():
                 agent.ledger.conn.execute("INSERT OR REPLACE INTO meta VALUES ('i5_marks', ?)", (json.dumps(marks),))
@@ -291,6 +312,48 @@ def cmd_check(args: argparse.Namespace) -> int:
     finally:
         agent.close()
     return EXIT_OK if all(f.ok for f in findings) else EXIT_ERROR
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    """Compare exported images with their source PCPIs; read-only (the ledger is opened read-only)."""
+    from .planner import NotNow
+    from .plugins import Volume, plugin_manager
+    from .verifier import read_state, verify_replicas
+
+    cfg = _config(args)
+    pm = plugin_manager()
+    source, dest = Volume.open(pm, cfg.source), Volume.open(pm, cfg.destination)
+    try:
+        state = read_state(cfg, dest)
+        unknown = [n for n in args.names if n not in state.replicas]
+        if unknown:
+            raise NotNow(f"no replica {unknown[0]!r} in group {state.name!r}",
+                         hint=f"replicas: {', '.join(sorted(state.replicas)) or 'none'}")
+        rows = verify_replicas(source, dest, state, args.names or sorted(state.replicas), full=args.full)
+    finally:
+        source.close()
+        dest.close()
+    if args.json:
+        _dump_json(rows)
+    else:
+        console = _console()
+        for row in rows:
+            what = f"{row['checked']} paths" + (", with content" if row["full"] else "")
+            if row["result"] == "ok":
+                console.print(f"[bold]{escape(row['replica'])}[/] [green]ok[/] ({what}; {escape(row['exported_pcpi'])} "
+                              f"= source PCPI {escape(row['source_point'])})")
+            elif row["result"] == "differs":
+                console.print(f"[bold]{escape(row['replica'])}[/] [bold red]differs[/] ({what}; "
+                              f"{escape(row['exported_pcpi'])} against source PCPI {escape(row['source_point'])}):")
+                for d in row["differences"]:
+                    console.print(f"  {escape(d['message'])}")
+            else:
+                console.print(f"[bold]{escape(row['replica'])}[/] [yellow]{row['result']}[/]: {escape(row['detail'] or '')}")
+            if row["not_compared"]:
+                console.print(f"  not compared (the destination does not keep them): {', '.join(row['not_compared'])}")
+    if any(r["result"] == "differs" for r in rows):
+        return EXIT_ERROR
+    return BackendError.exit_code if any(r["result"] == "error" for r in rows) else EXIT_OK
 
 
 def cmd_break(args: argparse.Namespace) -> int:
@@ -310,6 +373,19 @@ def cmd_resync(args: argparse.Namespace) -> int:
         agent.resync(args.name)
         r = agent.state.replicas[args.name]
         _console().print(f"replica [bold]{args.name}[/] is {r.state}; it rejoins the cycle at the next jump-ahead")
+    finally:
+        agent.close()
+    return EXIT_OK
+
+
+def cmd_reseed(args: argparse.Namespace) -> int:
+    agent = _agent(args)
+    try:
+        agent.reseed(args.name, args.reason or "requested by the operator (coalesce reseed)")
+        r = agent.state.replicas[args.name]
+        _console().print(f"replica [bold]{args.name}[/] is {r.state}: outside the cycle, still exporting its last good "
+                         f"image; the next cycle re-seeds it by a baseline transfer, and it rejoins the cycle at the "
+                         f"jump-ahead after that")
     finally:
         agent.close()
     return EXIT_OK
@@ -407,7 +483,8 @@ def build_parser(pm: Any = None) -> argparse.ArgumentParser:
     a.add_argument("name")
     a.add_argument("--source", help="source qtree (default: NAME)")
     r = verb("run", cmd_run, "run coalescing cycles (every `interval` seconds)")
-    r.add_argument("--once", action="store_true", help="one cycle; exit 0 when every replica ends stable, else 3")
+    r.add_argument("--once", action="store_true",
+                   help="one cycle; exit 0 when every replica ends stable, 8 when a transfer failed, else 3")
     r.add_argument("--interval", type=_positive(), help="override [group] interval")
     r.add_argument("--quiet", "-q", action="store_true", help="no progress display and no per-cycle line")
     st = verb("status", cmd_status, "replicas, exports and PCPIs")
@@ -422,10 +499,17 @@ def build_parser(pm: Any = None) -> argparse.ArgumentParser:
                              ("backends", cmd_backends, "installed storage backends (entry points)")):
         sp = verb(name, func, help)
         sp.add_argument("--json", action="store_true", help="machine-readable output")
+    vf = verb("verify", cmd_verify, "compare exported images with their source PCPIs (exit 1 if one differs)")
+    vf.add_argument("names", nargs="*", metavar="NAME", help="replicas (default: all)")
+    vf.add_argument("--full", action="store_true", help="also compare the bytes of every file (content digests)")
+    vf.add_argument("--json", action="store_true", help="machine-readable output (docs/schemas/verify.schema.json)")
     for name, func, help in (("break", cmd_break, "break a replica: writable, exports its active FS"),
                              ("resync", cmd_resync, "resynchronise a broken replica back into the cycle")):
         sp = verb(name, func, help)
         sp.add_argument("name")
+    rs = verb("reseed", cmd_reseed, "rebuild a replica by a baseline transfer (it keeps exporting its last good image)")
+    rs.add_argument("name")
+    rs.add_argument("--reason", help="why (shown by `coalesce status`)")
     g = verb("graph", cmd_graph, "the replica state graph from spec/coalescing.toml")
     g.add_argument("--format", choices=("text", "mermaid", "dot"), default="text")
     g.add_argument("--json", action="store_true")

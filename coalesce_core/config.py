@@ -9,6 +9,10 @@
     metadata = "/var/lib/coalesce"     # optional: where the ledger lives
     spool = true                       # optional: resume an update after a restart
                                        # (default: on for a remote source)
+    reseed_after = 3                   # re-seed a replica after 3 failed updates in a row (0: never)
+    max_lag = "1d"                     # optional: `check` fails for a replica whose image is older
+    verify = true                      # check each update against its source PCPI before `done`
+    verify_every = "7d"                # optional: full background verification, spread over replicas
 
     [group.retry]                      # rollback retry of unstable_uncoalesced
     initial = 30
@@ -54,6 +58,15 @@ class GroupConfig:
     #: spool received change records so an update a restart interrupts resumes
     #: (coalesce_core.spool); None: on for a remote source, off for a local one
     spool: bool | None = None
+    #: re-seed a replica after this many failed updates in a row (0: never)
+    reseed_after: int = 3
+    #: seconds: `coalesce check` fails for a replica whose exported image is older (None: lag is informative)
+    max_lag: float | None = None
+    #: check every update against its source PCPI before it is `done` (coalesce_core.verify)
+    verify: bool = True
+    #: seconds: verify one replica's whole export in the background of a cycle so that each
+    #: one is verified about once per period (None: never)
+    verify_every: float | None = None
 
     def spool_dir(self, metadata_dir: str | None) -> Path:
         """Where the spools of this group's updates live (next to the ledger)."""
@@ -98,7 +111,8 @@ def parse_config(text: str, path: str = "<config>") -> GroupConfig:
     if not isinstance(group, dict):
         raise ConfigError(f"{path}: missing [group] table", hint="see docs/config.md for an example")
     where = f"{path} [group]"
-    known = {"name", "source", "destination", "parallel", "interval", "metadata", "retry", "spool"}
+    known = {"name", "source", "destination", "parallel", "interval", "metadata", "retry", "spool",
+             "reseed_after", "max_lag", "verify", "verify_every"}
     if set(group) - known:
         raise ConfigError(f"{where}: unknown key(s) {sorted(set(group) - known)}", hint=f"known keys: {sorted(known)}")
     name = _name(_need(group, "name", str, where), where)
@@ -124,6 +138,35 @@ def parse_config(text: str, path: str = "<config>") -> GroupConfig:
     if spool is not None and not isinstance(spool, bool):
         raise ConfigError(f"{where}: `spool` must be true or false", hint="leave it out for the default "
                           "(on for a remote source)")
+    reseed_after = group.get("reseed_after", 3)
+    if not isinstance(reseed_after, int) or isinstance(reseed_after, bool) or reseed_after < 0:
+        raise ConfigError(f"{where}: `reseed_after` must be a whole number >= 0",
+                          hint="the failed updates in a row after which a replica is re-seeded; 0 never re-seeds")
+    max_lag = group.get("max_lag")
+    if max_lag is not None:
+        from .durations import DurationError, parse_duration
+
+        try:
+            max_lag = parse_duration(max_lag)
+        except DurationError as exc:
+            raise ConfigError(f"{where}: `max_lag`: {exc}", hint='for example max_lag = "1d"') from None
+        if max_lag <= 0:
+            raise ConfigError(f"{where}: `max_lag` must be longer than 0", hint="leave it out to report lag only")
+    verify = group.get("verify", True)
+    if not isinstance(verify, bool):
+        raise ConfigError(f"{where}: `verify` must be true or false",
+                          hint="true (the default) checks every update against its source PCPI before it is done")
+    verify_every = group.get("verify_every")
+    if verify_every is not None:
+        from .durations import DurationError, parse_duration
+
+        try:
+            verify_every = parse_duration(verify_every)
+        except DurationError as exc:
+            raise ConfigError(f"{where}: `verify_every`: {exc}", hint='for example verify_every = "7d"') from None
+        if verify_every <= 0:
+            raise ConfigError(f"{where}: `verify_every` must be longer than 0",
+                              hint="leave it out for no background verification")
     retry_t = group.get("retry", {})
     if not isinstance(retry_t, dict) or set(retry_t) - {"initial", "factor", "maximum"}:
         raise ConfigError(f"{where}: [group.retry] takes initial, factor, maximum")
@@ -152,7 +195,8 @@ def parse_config(text: str, path: str = "<config>") -> GroupConfig:
         replicas.append(ReplicaConfig(name=rname, source=rsource))
     return GroupConfig(name=name, source=source, destination=destination, parallel=parallel,
                        interval=float(interval), metadata=metadata, retry=retry,
-                       replicas=tuple(replicas), path=path, spool=spool)
+                       replicas=tuple(replicas), path=path, spool=spool, reseed_after=reseed_after,
+                       max_lag=max_lag, verify=verify, verify_every=verify_every)
 
 
 def load_config(path: str | Path) -> GroupConfig:

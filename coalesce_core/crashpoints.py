@@ -31,6 +31,7 @@ CRASH_POINTS: dict[str, str] = {
     "mid_baseline": "inside a baseline transfer, after the n-th record was applied",
     "mid_rollback": "inside a rollback, after the n-th record was applied",
     "mid_retry": "inside a retry/resync rollback outside the cycle, after the n-th record",
+    "mid_reseed": "inside a re-seed (a baseline transfer outside the cycle), after the n-th record was applied",
     "mid_release": "after the first PCPI of a release batch was released",
 }
 

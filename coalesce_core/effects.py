@@ -45,6 +45,8 @@ class Transfer:
     target: str
     #: replay the replica's spool first, then ask the source for the records after it
     resume: bool = False
+    #: a re-seed: a baseline (``base`` None) into a replica outside the cycle
+    reseed: bool = False
 
 
 @attrs.frozen

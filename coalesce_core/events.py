@@ -1,7 +1,7 @@
 """Events: what happened, fed to the planner.
 
 Requests come from people or the clock (StartCycle, Tick, BreakMirror,
-Resync, AddReplica, Recover); results come from the executor after it ran an
+Resync, Reseed, AddReplica, Recover); results come from the executor after it ran an
 effect (SourcePcpiTaken, PcpiTaken, TransferDone, ...).  ``now`` is always
 passed in: the planner never reads a clock.
 """
@@ -42,6 +42,15 @@ class Resync:
 
 
 @attrs.frozen
+class Reseed:
+    """Re-seed ``replica`` (``coalesce reseed``, the background verification):
+    it leaves the cycle and its active FS is rebuilt by a baseline transfer."""
+
+    replica: str
+    reason: str
+
+
+@attrs.frozen
 class Recover:
     """Restart after a crash: what the volumes really hold now."""
 
@@ -55,6 +64,7 @@ class Recover:
 @attrs.frozen
 class SourcePcpiTaken:
     name: str
+    now: float = 0.0
 
 
 @attrs.frozen
@@ -112,7 +122,7 @@ class Exported:
     jump: bool = False
 
 
-Request = Union[StartCycle, Tick, AddReplica, BreakMirror, Resync, Recover]
+Request = Union[StartCycle, Tick, AddReplica, BreakMirror, Resync, Reseed, Recover]
 Result = Union[
     SourcePcpiTaken, SourcePcpiReleased, PcpiTaken, PcpiReleased, TransferDone,
     RollbackDone, QtreeRemoved, PurgatoryPurged, Exported,

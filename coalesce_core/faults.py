@@ -31,6 +31,9 @@ class Rule:
             while the stream is being consumed (a transfer cut mid-way)
     times   how many times the rule may fire (None: unlimited)
     volume  only calls on a volume whose handle's ``url`` string contains this
+    updates_only
+            coalesce_diff only: only incremental diffs (with a base PCPI), not
+            baselines or re-seeds (a stream the destination can never apply)
     """
 
     hook: str = attrs.field(validator=attrs.validators.in_(PRIMITIVE_HOOKS))
@@ -39,13 +42,14 @@ class Rule:
     record: int | None = None
     times: int | None = None
     volume: str | None = None
+    updates_only: bool = False
     message: str = "injected fault"
     calls: int = 0
     fired: int = 0
 
     def __attrs_post_init__(self) -> None:
-        if self.record is not None and self.hook != "coalesce_diff":
-            raise ValueError("Rule.record applies to coalesce_diff only")
+        if (self.record is not None or self.updates_only) and self.hook != "coalesce_diff":
+            raise ValueError("Rule.record and Rule.updates_only apply to coalesce_diff only")
 
 
 def _volume_text(volume: Any) -> str:
@@ -78,6 +82,8 @@ class FaultInjector:
                 if rule.qtree is not None and kwargs.get("qtree") != rule.qtree:
                     continue
                 if rule.volume is not None and rule.volume not in _volume_text(kwargs.get("volume")):
+                    continue
+                if rule.updates_only and kwargs.get("base") is None:
                     continue
                 rule.calls += 1
                 if chosen is not None:
@@ -117,7 +123,7 @@ class FaultInjector:
 
     @hookimpl(wrapper=True)
     def coalesce_diff(self, volume, qtree, base, target):
-        return (yield from self._wrap("coalesce_diff", {"volume": volume, "qtree": qtree}))
+        return (yield from self._wrap("coalesce_diff", {"volume": volume, "qtree": qtree, "base": base}))
 
     @hookimpl(wrapper=True)
     def coalesce_apply(self, volume, qtree, records):
@@ -143,7 +149,8 @@ class FaultInjector:
 def parse_rules(text: str) -> list[Rule]:
     """Rules from ``COALESCE_FAULTS``: ``hook[:key=value]...`` separated by ``;``.
 
-    Example: ``coalesce_diff:qtree=B:record=3:times=1:volume=src;coalesce_rollback:qtree=C``.
+    Example: ``coalesce_diff:qtree=B:record=3:times=1:volume=src;coalesce_rollback:qtree=C``;
+    ``coalesce_diff:qtree=B:updates_only=1`` fails every update of B but not its baselines.
     """
     rules = []
     for part in filter(None, (p.strip() for p in text.split(";"))):
@@ -151,6 +158,9 @@ def parse_rules(text: str) -> list[Rule]:
         kwargs: dict[str, Any] = {}
         for kv in kvs:
             key, _, value = kv.partition("=")
-            kwargs[key] = int(value) if key in ("nth", "record", "times") else value
+            if key == "updates_only":
+                kwargs[key] = value.lower() in ("1", "true", "yes")
+            else:
+                kwargs[key] = int(value) if key in ("nth", "record", "times") else value
         rules.append(Rule(hook=hook if hook.startswith("coalesce_") else f"coalesce_{hook}", **kwargs))
     return rules

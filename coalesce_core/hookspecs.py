@@ -23,7 +23,7 @@ Hooks are always called with keyword arguments.
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import pluggy
 
@@ -181,7 +181,50 @@ def coalesce_fingerprint(volume: Any, qtree: str, snapshot: str | None) -> str |
     """Content digest of ``qtree`` in PCPI ``snapshot`` (None: active FS),
     computed with coalesce_core.fingerprint so that every backend agrees on
     the same tree: names, types, permission bits, sizes, bytes, link targets.
-    A missing qtree digests as the empty tree."""
+    A missing qtree digests as the empty tree.  A file's bytes enter as its
+    content digest (holes read as zeros), which must cost the file's data, not
+    its size; no tree depth or path length may make it fail."""
+
+
+@hookspec(firstresult=True)
+def coalesce_describe(volume: Any, qtree: str, snapshot: str | None,
+                      paths: Sequence[tuple[str, bool]]) -> list[Any] | None:
+    """Describe qtree-relative paths of ``qtree`` in PCPI ``snapshot`` (None: the
+    active FS), for verification: one :class:`coalesce_core.verify.Description`
+    per ``(path, content)`` pair, in the same order (``""`` is the qtree root).
+
+    ``content``: for a regular file, compute its content digest
+    (coalesce_core.fingerprint ``ContentDigest``, at the cost of its data, holes
+    skipped).  Every backend describes the same tree identically (names, kinds,
+    permission bits, owners, sizes, mtimes, link targets,
+    coalesce_core.verify.xattr_digest, a directory's sorted (name, kind)
+    entries, a regular file's identity for hard-link groups).  A path that does
+    not exist -- or whose parent is not a directory, or is reached through a
+    symlink: nothing is followed -- is ``absent``; a missing qtree describes
+    every path as absent.  Reads only.  Raises BackendError if ``snapshot``
+    does not exist, HostilePath for a path that is not qtree-relative.
+    """
+
+
+@hookspec(firstresult=True)
+def coalesce_describe_tree(volume: Any, qtree: str, snapshot: str | None, content: bool) -> Iterator[Any] | None:
+    """Every path of ``qtree`` in PCPI ``snapshot`` (None: the active FS), the qtree
+    root ``""`` first, as coalesce_core.verify.Description in path order (pre-order,
+    names by their bytes, coalesce_core.verify.path_key), with content digests
+    of regular files when ``content``.  Lazy; memory bounded by the current
+    branch, never by the qtree; iterative at any depth; the image stays open
+    until the iterator ends or is closed.  Optional: without it the core walks
+    the tree through ``coalesce_describe``, a directory at a time.  Reads
+    only; raises like ``coalesce_describe``.
+    """
+
+
+@hookspec(firstresult=True)
+def coalesce_describe_holds(volume: Any) -> Any | None:
+    """What the volume keeps of an entry: a :class:`coalesce_core.verify.Holds`
+    (owners, xattrs, the resolution of its mtimes).  Verification compares a
+    field only where the destination holds it and reports the fields it
+    cannot (never silently).  Reads only."""
 
 
 @hookspec
@@ -232,6 +275,7 @@ PRIMITIVE_HOOKS = (
     "coalesce_qtree_list", "coalesce_diff", "coalesce_apply", "coalesce_rollback",
     "coalesce_purge_purgatory", "coalesce_remove_qtree", "coalesce_export",
     "coalesce_exported", "coalesce_export_path", "coalesce_fingerprint",
+    "coalesce_describe", "coalesce_describe_tree", "coalesce_describe_holds",
 )
 OBSERVER_HOOKS = (
     "coalesce_state_changed", "coalesce_phase_changed", "coalesce_pcpi_taken",

@@ -1,4 +1,4 @@
-"""The invariants I1..I10 of spec/invariants.md, as checks.
+"""The invariants I1..I10 of spec/invariants.md, as checks (and the lag of each export).
 
 ``coalesce check``, tools/check and the test suites share this code.  The
 live checks read the volumes themselves (the PCPIs they hold, the export
@@ -12,6 +12,7 @@ from typing import Any, Iterable, Mapping
 
 import attrs
 
+from .errors import CoalesceError
 from .hookspecs import ACTIVE
 from .planner import is_group_pcpi
 from .spec import Spec, load_spec
@@ -104,10 +105,45 @@ def i5_monotone(state: GroupState, previous: Mapping[str, str | None]) -> Findin
     return Finding("I5", not back, "exports never moved back" if not back else "; ".join(back))
 
 
+def lag_finding(state: GroupState, now: float, max_lag: float | None = None) -> Finding:
+    """How old each replica's exported image is (``now`` minus when its source point was taken).
+
+    Informative (ok) unless ``max_lag`` (seconds, ``[group] max_lag``) is given and some
+    replica that replicates (not broken, not uninitialized) exports an older image, or
+    none at all."""
+    from .durations import format_duration
+
+    def age(s: float) -> str:
+        return format_duration(round(s)) if s >= 1 else f"{s:.1f}s"
+
+    late, parts = [], []
+    for r in sorted(state.replicas.values(), key=lambda r: r.name):
+        lag = state.lag(r, now)
+        if r.state in ("uninitialized", "baseline") or r.exported is None:
+            parts.append(f"{r.name}: no image yet")
+            continue
+        text = f"{r.name}: {age(lag)}" if lag is not None else f"{r.name}: age unknown"
+        if r.state == "broken":
+            text += " (broken: not replicating)"
+        elif max_lag is not None and (lag is None or lag > max_lag):
+            late.append(text)
+        parts.append(text)
+    if late:
+        return Finding("lag", False, f"older than max_lag {age(max_lag)}: " + "; ".join(late))
+    head = f"within max_lag {age(max_lag)}" if max_lag is not None else "age of each exported image"
+    return Finding("lag", True, head + (": " + "; ".join(parts) if parts else ""))
+
+
 # -- live checks against the volumes ------------------------------------------
 def live_check(state: GroupState, source: Any, dest: Any, previous_points: Mapping[str, str | None] | None = None,
-               edges: Iterable[tuple[str | None, str, str, str]] = ()) -> list[Finding]:
-    """I1-I5, I8 and I9 on a live group; ``source``/``dest`` are plugins.Volume."""
+               edges: Iterable[tuple[str | None, str, str, str]] = (), now: float | None = None,
+               max_lag: float | None = None) -> list[Finding]:
+    """I1-I5, I8 and I9 on a live group; ``source``/``dest`` are plugins.Volume.
+
+    I3 compares each exported image with the source qtree at the source PCPI the
+    ledger says it shows (``Replica.source_point``), never with some other one; how
+    far behind that point is comes as a separate "lag" finding (with ``now``),
+    a violation only past ``max_lag``."""
     out: list[Finding] = []
     held = set(n for n in dest.snapshot_list() if is_group_pcpi(state.name, n))
     roles = {p.name: p.role for p in state.pcpis.values()}
@@ -134,12 +170,21 @@ def live_check(state: GroupState, source: Any, dest: Any, previous_points: Mappi
         if want not in held:
             bad3.append(f"{r.name}: exports {want}, which the volume does not hold")
             continue
-        got = dest.fingerprint(r.name, want)
-        expect = source.fingerprint(r.source_qtree, r.source_point) if r.source_point else None
-        if got != expect:
+        if not r.source_point:
+            bad3.append(f"{r.name}: exports {want}, but the ledger names no source point for it")
+            continue
+        if r.source_point not in state.source_pcpis:
+            bad3.append(f"{r.name}: its source point {r.source_point} is not a source PCPI the group holds")
+            continue
+        try:
+            expect = source.fingerprint(r.source_qtree, r.source_point)
+        except CoalesceError as exc:
+            bad3.append(f"{r.name}: cannot read source {r.source_qtree}@{r.source_point}: {exc}")
+            continue
+        if dest.fingerprint(r.name, want) != expect:
             bad3.append(f"{r.name}: exported image differs from source {r.source_qtree}@{r.source_point}")
-    out.append(Finding("I3", not bad3, "every exported image equals its source qtree at a source PCPI"
-                       if not bad3 else "; ".join(bad3)))
+    out.append(Finding("I3", not bad3, "every exported image equals its source qtree at the source PCPI the ledger "
+                       "names" if not bad3 else "; ".join(bad3)))
     out.append(i4_one_coalesced_point(state))
     out.append(i5_monotone(state, previous_points or {}))
     if edges:
@@ -151,4 +196,6 @@ def live_check(state: GroupState, source: Any, dest: Any, previous_points: Mappi
                 bad9.append(r.name)
     out.append(Finding("I9", not bad9, "stable replicas' active FS equals their export"
                        if not bad9 else f"active FS differs from export: {bad9}"))
+    if now is not None:
+        out.append(lag_finding(state, now, max_lag))
     return out

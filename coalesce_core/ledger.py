@@ -38,7 +38,14 @@ CREATE TABLE IF NOT EXISTS cycles (
 """
 
 _GROUP_FIELDS = ("phase", "cycle", "seq", "cycle_target", "transfers_started", "purged", "cycle_started",
-                 "cycle_failures")
+                 "cycle_failures", "reseed_after")
+
+
+def _replica(raw: dict[str, Any]) -> Replica:
+    """A replica row; rows written before ``last_error`` existed name it ``error``."""
+    if "error" in raw:
+        raw.setdefault("last_error", raw.pop("error"))
+    return Replica(**raw)
 
 
 def _dump(obj: Any) -> str:
@@ -133,7 +140,7 @@ class Ledger:
         try:
             meta = dict(c.execute("SELECT key, value FROM meta").fetchall())
             fields = {k: json.loads(meta[k]) for k in _GROUP_FIELDS if k in meta}
-            replicas = {n: Replica(**json.loads(d)) for n, d in c.execute("SELECT name, data FROM replicas")}
+            replicas = {n: _replica(json.loads(d)) for n, d in c.execute("SELECT name, data FROM replicas")}
             pcpis = {}
             for n, d in c.execute("SELECT name, data FROM pcpis"):
                 raw = json.loads(d)

@@ -19,6 +19,12 @@ The group procedures, in the patent's words:
 * leaving the cycle: the PCPI holding the last good image is pinned as the
   replica's individual PCPI; retries with backoff take a scratch PCPI of
   the damaged active FS and roll back from it;
+* re-seed: a replica whose updates failed ``reseed_after`` times in a row (or
+  that ``Reseed`` names) leaves the cycle after its rollback, keeps exporting
+  its last good image (pinned), and at a later cycle start its active FS is
+  rebuilt by a baseline transfer from that cycle's source PCPI; the re-seed
+  does not hold the jump-ahead, and the replica rejoins at a jump-ahead after
+  it arrived (docs/decisions.md);
 * recovery: ``Recover`` reconciles the ledger with the PCPIs the volumes
   really hold and finishes or undoes what was in flight (DESIGN §2); an
   update with a spool of received records is rolled back, then restarts in
@@ -211,7 +217,7 @@ def _resume_updates(p: _Plan) -> None:
     target = p.get("cycle_target")
     for r in p.in_state("done"):
         if r.resume:
-            r = p.fire(r, "resume_update", target=target, resume=False, error="")
+            r = p.fire(r, "resume_update", target=target, resume=False)
             p.emit(fx.Transfer(replica=r.name, source_qtree=r.source_qtree, base=r.active_point, target=target,
                                resume=True))
 
@@ -234,7 +240,7 @@ def _jump_to(p: _Plan, new_base: str) -> None:
     """Branch 1032: every participant exports the new base, in one switch."""
     for r in _participants(p):
         p.fire(r, "jump_ahead", exported=new_base, source_point=r.active_point,
-               last_good=None, scratch=None, retries=0, next_retry=0.0, error="", resume=False)
+               last_good=None, scratch=None, retries=0, next_retry=0.0, resume=False, reseed_reason="")
     p.export(jump=True)
 
 
@@ -277,6 +283,26 @@ def release_action(role: str, is_base: bool, releasing: bool, pinned: bool, take
     if taken:
         return "release"
     return "forget"
+
+
+def reseed_due(failures: int, reseed_after: int) -> bool:
+    """True when a replica whose updates failed ``failures`` times in a row is re-seeded
+    instead of being updated again (``reseed_after`` 0: never).
+
+    post: implies(reseed_after <= 0, not __return__)
+    post: implies(reseed_after > 0 and failures >= reseed_after, __return__)
+    post: implies(failures < reseed_after, not __return__)
+    """
+    return reseed_after > 0 and failures >= reseed_after
+
+
+def _leave_for_reseed(p: _Plan, r: Replica, reason: str) -> Replica:
+    """``request_reseed``: out of the cycle, the exported image pinned as the last good one.
+
+    The active FS is discarded (the re-seed empties it), so its source point is
+    forgotten; the exported image and its source point stay (I3, I5)."""
+    return p.fire(r, "request_reseed", last_good=r.last_good or r.exported, active_point=None, target=None,
+                  resume=False, retries=0, next_retry=0.0, reseed_reason=reason)
 
 
 def _release(p: _Plan) -> None:
@@ -331,41 +357,65 @@ def _source_taken(p: _Plan, e: ev.SourcePcpiTaken) -> None:
     sp = p.source_pcpis.get(e.name)
     if sp is None:
         return
-    p.source_pcpis[e.name] = attrs.evolve(sp, taken=True)
+    p.source_pcpis[e.name] = attrs.evolve(sp, taken=True, taken_at=sp.taken_at or e.now)
     if p.get("phase") != "updating" or p.get("cycle_target") != e.name or p.get("transfers_started"):
         return
     _start_transfers(p, e.name)
 
 
 def _start_transfers(p: _Plan, target: str) -> None:
-    """Cycle start proper: every stable replica updates, every uninitialized one baselines."""
+    """Cycle start proper: every stable replica updates, every uninitialized one baselines,
+    every replica waiting for a re-seed whose retry time has come is re-seeded."""
     p.set(transfers_started=True)
-    for r in p.in_state("stable", "uninitialized"):
+    now = p.get("cycle_started")
+    for r in p.in_state("stable", "uninitialized", "reseed_pending"):
         if r.state == "stable":
-            r = p.fire(r, "start_update", target=target, error="")
+            r = p.fire(r, "start_update", target=target)
             p.emit(fx.Transfer(replica=r.name, source_qtree=r.source_qtree, base=r.active_point, target=target))
-        else:
-            r = p.fire(r, "start_baseline", target=target, error="")
+        elif r.state == "uninitialized":
+            r = p.fire(r, "start_baseline", target=target)
             p.emit(fx.Transfer(replica=r.name, source_qtree=r.source_qtree, base=None, target=target))
+        elif r.next_retry <= now:
+            r = p.fire(r, "start_reseed", target=target)
+            p.emit(fx.Transfer(replica=r.name, source_qtree=r.source_qtree, base=None, target=target, reseed=True))
     _advance(p)
+
+
+def _succeeded(e: ev.TransferDone, r: Replica) -> dict[str, object]:
+    """What every successful transfer records: its image, and that the failures are over."""
+    return dict(active_point=r.target, target=None, records=e.records, nbytes=e.nbytes, last_error="",
+                consecutive_failures=0, last_success=e.now)
+
+
+def _failed(p: _Plan, r: Replica, kind: str, error: str) -> dict[str, object]:
+    """What every failed transfer records (kept until a later transfer succeeds)."""
+    p.set(cycle_failures=p.get("cycle_failures") + 1)
+    return dict(last_error=f"{kind} failed: {error}", consecutive_failures=r.consecutive_failures + 1)
 
 
 def _transfer_done(p: _Plan, e: ev.TransferDone) -> None:
     r = p.replica(e.replica)
     if r.state == "update":
         if e.ok:
-            p.fire(r, "update_succeeded", active_point=r.target, target=None, records=e.records, nbytes=e.nbytes)
+            p.fire(r, "update_succeeded", **_succeeded(e, r))
         else:
-            p.fire(r, "update_failed", target=None, error=e.error)
-            p.set(cycle_failures=p.get("cycle_failures") + 1)
+            p.fire(r, "update_failed", target=None, **_failed(p, r, "update", e.error))
     elif r.state == "baseline":
         if e.ok:
-            p.fire(r, "baseline_succeeded", active_point=r.target, target=None, records=e.records, nbytes=e.nbytes)
+            p.fire(r, "baseline_succeeded", **_succeeded(e, r))
         else:
-            p.update(r, error=e.error)
-            p.set(cycle_failures=p.get("cycle_failures") + 1)
+            p.update(r, **_failed(p, r, "baseline", e.error))
             p.emit(fx.RemoveQtree(replica=r.name))
             return
+    elif r.state == "reseeding":
+        # outside the cycle: the agent does not wait for it (no _advance)
+        if e.ok:
+            p.fire(r, "reseed_succeeded", retries=0, next_retry=0.0, **_succeeded(e, r))
+        else:
+            retries = r.retries + 1
+            p.fire(r, "reseed_failed", target=None, active_point=None, retries=retries,
+                   next_retry=e.now + p.base_state.retry.delay(retries - 1), **_failed(p, r, "re-seed", e.error))
+        return
     else:
         return  # a late answer for a transfer recovery already settled
     _advance(p)
@@ -409,20 +459,25 @@ def _rollback_done(p: _Plan, e: ev.RollbackDone) -> None:
     r = p.replica(e.replica)
     if r.state == "rollback":
         if e.ok:
-            p.fire(r, "rollback_succeeded", active_point=r.source_point, error="")
+            r = p.fire(r, "rollback_succeeded", active_point=r.source_point)
         else:
-            p.fire(r, "rollback_failed", last_good=r.exported, retries=0,
-                   next_retry=e.now + p.base_state.retry.delay(0), error=e.error, resume=False)
+            r = p.fire(r, "rollback_failed", last_good=r.exported, retries=0,
+                       next_retry=e.now + p.base_state.retry.delay(0), last_error=f"rollback failed: {e.error}",
+                       resume=False)
+        n = p.get("reseed_after")
+        if reseed_due(r.consecutive_failures, n):  # it cannot apply its stream: re-seed it
+            _leave_for_reseed(p, r, f"{r.consecutive_failures} updates failed in a row (reseed_after = {n})")
         _advance(p)
     elif r.state == "unstable_uncoalesced" and r.scratch is not None:
         scratch = r.scratch
         exported_before = r.exported
         if e.ok:
             r = p.fire(r, "retry_succeeded", exported=r.last_good, scratch=None,
-                       active_point=r.source_point, retries=0, next_retry=0.0, error="")
+                       active_point=r.source_point, retries=0, next_retry=0.0)
         else:
             r = p.fire(r, "retry_failed", exported=r.last_good, scratch=None, retries=r.retries + 1,
-                       next_retry=e.now + p.base_state.retry.delay(r.retries + 1), error=e.error)
+                       next_retry=e.now + p.base_state.retry.delay(r.retries + 1),
+                       last_error=f"retry failed: {e.error}")
         if exported_before != r.exported:
             p.export()
         p.release(scratch)
@@ -477,9 +532,31 @@ def _break(p: _Plan, e: ev.BreakMirror) -> None:
 def _resync(p: _Plan, e: ev.Resync) -> None:
     _require_idle(p, f"resync {e.replica!r}")
     r = p.replica(e.replica)
-    r = p.fire(r, "resync", retries=0, next_retry=0.0, error="")
+    r = p.fire(r, "resync", retries=0, next_retry=0.0)
     name = p.take("individual", owners=(r.name,))
     p.update(r, scratch=name)
+
+
+#: what `Reseed` does in each state: re-seed it, nothing (a re-seed is already under way), or refuse
+_RESEED_FROM = ("stable", "stable_uncoalesced", "unstable_uncoalesced")
+_RESEEDING = ("reseed_pending", "reseeding", "reseeded")
+
+
+def _reseed(p: _Plan, e: ev.Reseed) -> None:
+    """`coalesce reseed NAME`, the background verification: leave the cycle to be re-seeded."""
+    _require_idle(p, f"re-seed {e.replica!r}")
+    r = p.replica(e.replica)
+    if r.state in _RESEEDING:
+        return  # already being re-seeded: one re-seed serves every request
+    if r.state in _RESEED_FROM and r.scratch is None:
+        _leave_for_reseed(p, r, e.reason or "requested")
+        return
+    why = {
+        "uninitialized": ("has no image yet", "its baseline runs in the next cycle (`coalesce run --once`)"),
+        "broken": ("is broken (writable, exporting its active FS)",
+                   "`coalesce resync NAME` brings it back; re-seed it once it has left the broken state"),
+    }.get(r.state, (f"is in state {r.state!r}", "wait until the running transfer or retry ends, then try again"))
+    raise NotNow(f"cannot re-seed replica {e.replica!r}: it {why[0]}", hint=why[1])
 
 
 def _add(p: _Plan, e: ev.AddReplica) -> None:
@@ -497,17 +574,22 @@ def recover_replica(state: str, has_scratch: bool) -> str:
 
     update -> "rollback" (update_failed), baseline -> "remove" (partial data removed,
     then baseline_failed), an interrupted retry/resync -> "abandon_retry" (its scratch
-    PCPI is released, it exports its last good image again); every other state is kept.
+    PCPI is released, it exports its last good image again), an interrupted re-seed ->
+    "reseed_again" (reseed_failed: it waits for the next cycle, still exporting its last
+    good image; the next re-seed empties the qtree first); every other state is kept.
 
     post: implies(state == "update", __return__ == "rollback")
     post: implies(state == "baseline", __return__ == "remove")
+    post: implies(state == "reseeding", __return__ == "reseed_again")
     post: implies(state == "unstable_uncoalesced" and has_scratch, __return__ == "abandon_retry")
-    post: implies(state in ("stable", "done", "rollback", "stable_uncoalesced", "broken", "uninitialized"), __return__ == "keep")
+    post: implies(state in ("stable", "done", "rollback", "stable_uncoalesced", "broken", "uninitialized", "reseed_pending", "reseeded"), __return__ == "keep")
     """
     if state == "update":
         return "rollback"
     if state == "baseline":
         return "remove"
+    if state == "reseeding":
+        return "reseed_again"
     if state == "unstable_uncoalesced" and has_scratch:
         return "abandon_retry"
     return "keep"
@@ -566,7 +648,7 @@ def _recover(p: _Plan, e: ev.Recover) -> None:
     for name, sp in sorted(p.source_pcpis.items()):
         if not sp.taken:
             if name in e.source_pcpis:
-                p.source_pcpis[name] = attrs.evolve(sp, taken=True)
+                p.source_pcpis[name] = attrs.evolve(sp, taken=True, taken_at=sp.taken_at or e.now)
             elif name == p.get("cycle_target") and p.get("phase") == "updating":
                 releases.append(fx.TakeSourcePcpi(name=name))
             else:
@@ -576,16 +658,22 @@ def _recover(p: _Plan, e: ev.Recover) -> None:
     for name in sorted(e.source_pcpis):
         if is_group_source_pcpi(group, name) and name not in p.source_pcpis:
             releases.append(fx.ReleaseSourcePcpi(name=name))
-    # 2. replicas: update -> rollback, baseline -> remove partial data, retries abandoned
+    # 2. replicas: update -> rollback, baseline -> remove partial data, retries abandoned,
+    #    re-seeds wait for the next cycle.  A restart is not the replica's failure: it is
+    #    recorded in last_error but does not count towards reseed_after.
     scratches = []
-    for r in p.in_state("update", "baseline", "unstable_uncoalesced"):
+    for r in p.in_state("update", "baseline", "unstable_uncoalesced", "reseeding"):
         action = recover_replica(r.state, r.scratch is not None)
         if action == "rollback":
-            p.fire(r, "update_failed", target=None, error="interrupted by a restart", resume=r.name in e.spooled)
+            p.fire(r, "update_failed", target=None, last_error="update interrupted by a restart",
+                   resume=r.name in e.spooled)
             p.set(cycle_failures=p.get("cycle_failures") + 1)
         elif action == "remove":
-            p.update(r, error="interrupted by a restart")
+            p.update(r, last_error="baseline interrupted by a restart")
             p.emit(fx.RemoveQtree(replica=r.name))
+        elif action == "reseed_again":
+            p.fire(r, "reseed_failed", target=None, active_point=None, next_retry=0.0,
+                   last_error="re-seed interrupted by a restart")
         elif action == "abandon_retry":
             scratches.append(r.scratch)
             p.update(r, scratch=None, exported=r.last_good)
@@ -641,6 +729,7 @@ _HANDLERS: dict[type, Callable[[_Plan, object], None]] = {
     ev.Tick: _tick,
     ev.BreakMirror: _break,
     ev.Resync: _resync,
+    ev.Reseed: _reseed,
     ev.AddReplica: _add,
     ev.Recover: _recover,
 }

@@ -18,7 +18,7 @@ from __future__ import annotations
 import importlib
 import os
 from importlib import metadata
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import pluggy
 
@@ -161,3 +161,36 @@ class Volume:
 
     def fingerprint(self, qtree: str, snapshot: str | None = None) -> str:
         return self._call("coalesce_fingerprint", qtree=qtree, snapshot=snapshot)
+
+    def describe(self, qtree: str, snapshot: str | None, paths: Sequence[tuple[str, bool]]) -> list[Any]:
+        """One coalesce_core.verify.Description per ``(path, content)``, in order (see the hookspec)."""
+        paths = [(p, bool(c)) for p, c in paths]
+        if not paths:
+            return []
+        got = self.pm.hook.coalesce_describe(volume=self.handle, qtree=qtree, snapshot=snapshot, paths=paths)
+        if got is None:
+            raise BackendError(f"no backend implements coalesce_describe for {self.url}, so its replicas cannot be "
+                               f"checked against their source PCPIs",
+                               hint="implement it (docs/writing-a-backend.md), or set `verify = false` in [group] "
+                                    "to replicate without the check")
+        out = list(got)
+        if len(out) != len(paths) or any(d.path != p for d, (p, _c) in zip(out, paths)):
+            raise BackendError(f"{self.url}: coalesce_describe answered {len(out)} descriptions for "
+                               f"{len(paths)} paths, or not in their order",
+                               hint="the backend is broken; see docs/writing-a-backend.md")
+        return out
+
+    def describe_tree(self, qtree: str, snapshot: str | None, *, content: bool = False) -> Iterator[Any]:
+        """Every path of the qtree, in path order (see the hookspec); walked through
+        :meth:`describe` a directory at a time when the backend has no walk of its own."""
+        it = self.pm.hook.coalesce_describe_tree(volume=self.handle, qtree=qtree, snapshot=snapshot,
+                                                 content=content)
+        if it is None:
+            from .verify import generic_tree
+
+            return generic_tree(lambda batch: self.describe(qtree, snapshot, batch), content)
+        return iter(it)
+
+    def describe_holds(self) -> Any:
+        """What the volume keeps of an entry (coalesce_core.verify.Holds)."""
+        return self._call("coalesce_describe_holds")

@@ -8,6 +8,8 @@ One connection carries, in order::
     client       REQUEST    {"op", "args"}         (request id n)
     server       REPLY      {"result"}             (request id n)  or ERROR
                  or, for op "diff": DATA* then END {"records", "bytes"} or ERROR
+                 or, for op "describe": the client's DATA* (path lines) and END,
+                 then the server's DATA* (description lines) and END {"count"} or ERROR
 
 Every message is one frame::
 
@@ -65,6 +67,12 @@ MAX_NAME = 255
 MAX_VOLUME_REF = 4096
 #: Largest list in a reply (PCPI and qtree lists).
 MAX_LIST = 100_000
+#: Most paths one DESCRIBE request names (a client splits a longer list into several requests).
+MAX_DESCRIBE_PATHS = 1_000_000
+#: Most bytes of path lines one DESCRIBE request sends (before the server has answered anything).
+MAX_DESCRIBE_REQUEST = 256 << 20
+#: Longest line (one description, a directory's entries included) in a DESCRIBE reply.
+MAX_DESCRIPTION_LINE = 64 << 20
 
 _HEAD = struct.Struct(">IBI")
 _U32 = struct.Struct(">I")

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
+import json
 import logging
 import os
 import socket
@@ -333,6 +334,8 @@ class SourceService:
             try:
                 if op == "diff":
                     self._diff(conn, reqid, ident, grant, vname, method, args)
+                elif op == "describe":
+                    self._describe(conn, reqid, ident, grant, vname, method, args)
                 else:
                     result = self._op(conn, ident, grant, vname, op, args)
                     conn.send_json(P.REPLY, reqid, {"result": result})
@@ -342,7 +345,7 @@ class SourceService:
                 conn.send_error(reqid, exc)
             except CoalesceError as exc:
                 log.warning("request %s of %r on %s failed: %s", op, ident, vname, exc)
-                conn.send_error(reqid, exc, "backend")
+                conn.send_error(reqid, exc, exc.code if isinstance(exc, P.RemoteError) else "backend")
             except Exception as exc:
                 log.exception("request %s of %r on %s: internal error", op, ident, vname)
                 conn.send_error(reqid, exc, "internal")
@@ -388,7 +391,7 @@ class SourceService:
             snap = self._pcpi(conn, ident, grant, args, "snapshot", optional=True)
             return vol.fingerprint(q, snap)
         raise self._refuse(ident, conn.peer, f"unknown request {op!r}",
-                           "the service offers snapshots, take, release, qtrees, fingerprint, diff")
+                           "the service offers snapshots, take, release, qtrees, fingerprint, diff, describe")
 
     def _diff(self, conn: P.Connection, reqid: int, ident: str, grant: Grant, vname: str, method: str | None,
               args: dict) -> None:
@@ -414,6 +417,86 @@ class SourceService:
             self.stats["records_out"] += counter["n"]
         log.info("%r: streamed %s %s..%s of %s (%d records from %d, %d bytes)", ident, q, base, target, vname,
                  counter["n"], skip, sent)
+
+
+    def _describe(self, conn: P.Connection, reqid: int, ident: str, grant: Grant, vname: str, method: str | None,
+                  args: dict) -> None:
+        """Descriptions of paths of a qtree in a source PCPI, for verification (docs/protocol.md).
+
+        The same authorization as a diff of that qtree to that PCPI.  Without
+        ``tree``, the client's DATA messages that follow carry the paths (JSON
+        lines ``[path, content]``) up to its END; they are all read before anything
+        is answered (at most MAX_DESCRIBE_PATHS and MAX_DESCRIBE_REQUEST bytes).
+        With ``tree``, every path of the qtree, in path order.  The answer is DATA
+        messages of description lines (coalesce_core.verify.description_to_json),
+        compressed as negotiated, then END {"count"}."""
+        from .records import check_path_or_root
+        from .verify import description_to_json
+
+        paths: list[tuple[str, bool]] = []
+        problem: CoalesceError | None = None
+        tree = args.get("tree", False)
+        content = args.get("content", False)
+        if not isinstance(tree, bool) or not isinstance(content, bool):
+            raise P.ProtocolError("fields 'tree' and 'content' must be true or false")
+        if not tree:
+            size = 0
+            pending = b""
+            while True:
+                kind, got, body = conn.recv()
+                if got != reqid or kind not in (P.DATA, P.END):
+                    raise P.ProtocolError(f"{P.KIND_NAMES[kind]} for request {got} arrived inside the paths of "
+                                          f"DESCRIBE request {reqid}")
+                if kind == P.END:
+                    P.decode_json(kind, body)
+                    if pending:
+                        raise P.ProtocolError("the paths of a DESCRIBE request end inside a line")
+                    break
+                size += len(body)
+                if size > P.MAX_DESCRIBE_REQUEST:
+                    raise P.ProtocolError(f"a DESCRIBE request sends more than {P.MAX_DESCRIBE_REQUEST} bytes of paths")
+                *lines, pending = (pending + body).split(b"\n")
+                for line in lines:
+                    try:
+                        item = json.loads(line.decode("utf-8"))
+                    except (UnicodeDecodeError, ValueError, RecursionError):
+                        raise P.ProtocolError("a DESCRIBE path line is not JSON") from None
+                    if (not isinstance(item, list) or len(item) != 2 or not isinstance(item[0], str)
+                            or not isinstance(item[1], bool)):
+                        raise P.ProtocolError("a DESCRIBE path line is not [path, content]")
+                    if problem is None:
+                        try:
+                            check_path_or_root(item[0])
+                        except CoalesceError as exc:
+                            problem = exc
+                    paths.append((item[0], item[1]))
+                    if len(paths) > P.MAX_DESCRIBE_PATHS:
+                        raise P.ProtocolError(f"a DESCRIBE request names more than {P.MAX_DESCRIBE_PATHS} paths")
+        q = self._qtree(conn, ident, grant, vname, args)
+        snap = self._pcpi(conn, ident, grant, args, "snapshot")
+        if problem is not None:
+            raise P.RemoteError(f"DESCRIBE: {problem}", code="bad-request", hint=problem.hint or None)
+        vol = self._volume(vname)
+        counter = {"n": 0}
+
+        def lines() -> Iterator[bytes]:
+            # runs in _with_keepalive's thread: a slow describe (digests of large files) is not a dead server
+            for d in (vol.describe_tree(q, snap, content=content) if tree else vol.describe(q, snap, paths)):
+                counter["n"] += 1
+                yield (json.dumps(description_to_json(d), separators=(",", ":")) + "\n").encode("ascii")
+
+        comp = P.Compressor(method)
+        sent = 0
+        for chunk in _with_keepalive(P.pieces(lines(), P.DATA_CHUNK), self.config.keepalive):
+            if chunk is None:
+                conn.send(P.DATA, reqid, b"")
+                continue
+            conn.send(P.DATA, reqid, comp.compress(chunk))
+            sent += len(chunk)
+        conn.send_json(P.END, reqid, {"count": counter["n"], "bytes": sent})
+        with self._lock:
+            self.stats["bytes_out"] += sent
+        log.info("%r: described %d paths of %s in %s of %s (%d bytes)", ident, counter["n"], q, snap, vname, sent)
 
 
 def _with_keepalive(chunks: Iterator[Any], interval: float) -> Iterator[Any]:

@@ -52,12 +52,17 @@ class Pcpi:
 
 @attrs.frozen
 class SourcePcpi:
-    """A source PCPI taken by the agent (released when no replica needs it)."""
+    """A source PCPI taken by the agent (released when no replica needs it).
+
+    ``taken_at`` is when the agent took it (its clock): the age of the image a
+    replica exports is measured from the ``taken_at`` of its source point (lag).
+    """
 
     name: str
     cycle: int = 0
     taken: bool = False
     releasing: bool = False
+    taken_at: float = 0.0
 
 
 @attrs.frozen
@@ -75,6 +80,18 @@ class Replica:
     resume        a restart interrupted its update and the spool holds what
                   had arrived: after its rollback the update restarts in the
                   same cycle (resume_update) from the spool
+    retries, next_retry
+                  outside the cycle: failed rollback retries (loop 1026) or
+                  failed re-seeds so far, and when the next one is due
+    last_error    the last failure (update, baseline, re-seed, rollback,
+                  retry), kept until a later transfer of the replica succeeds
+    consecutive_failures
+                  transfers (updates, baselines, re-seeds) failed in a row since
+                  the last one that succeeded; at [group] reseed_after failed
+                  updates the replica is re-seeded
+    last_success  when the last transfer of the replica succeeded (0: never)
+    reseed_reason why the replica is being re-seeded (reseed_pending, reseeding,
+                  reseeded); empty otherwise
     """
 
     name: str = attrs.field(validator=_name)
@@ -88,10 +105,13 @@ class Replica:
     scratch: str | None = None
     retries: int = 0
     next_retry: float = 0.0
-    error: str = ""
+    last_error: str = ""
     records: int = 0
     nbytes: int = 0
     resume: bool = False
+    consecutive_failures: int = 0
+    last_success: float = 0.0
+    reseed_reason: str = ""
 
     def pinned(self) -> tuple[str, ...]:
         """Destination PCPIs this replica needs kept."""
@@ -128,6 +148,8 @@ class GroupState:
     retry: RetryPolicy = RetryPolicy()
     cycle_started: float = 0.0
     cycle_failures: int = 0
+    #: re-seed a replica after this many failed updates in a row (0: never); [group] reseed_after
+    reseed_after: int = attrs.field(default=3, validator=attrs.validators.ge(0))
 
     # -- queries ----------------------------------------------------------
     def base(self) -> Pcpi | None:
@@ -177,6 +199,16 @@ class GroupState:
         sps = dict(self.source_pcpis)
         sps.pop(name, None)
         return attrs.evolve(self, source_pcpis=sps)
+
+    def source_point_time(self, replica: Replica) -> float | None:
+        """When the source PCPI whose image ``replica`` exports was taken (None: unknown)."""
+        sp = self.source_pcpis.get(replica.source_point or "")
+        return sp.taken_at if sp is not None and sp.taken_at else None
+
+    def lag(self, replica: Replica, now: float) -> float | None:
+        """Age at ``now`` of the image ``replica`` exports (None: no image, or its time is unknown)."""
+        taken = self.source_point_time(replica)
+        return max(0.0, now - taken) if taken is not None else None
 
     def export_table(self) -> dict[str, str | None]:
         """The whole export mapping (replica -> PCPI | ACTIVE | None)."""

@@ -39,8 +39,8 @@ CYCLE_BUDGET = len(CYCLE_ROLES)
 
 
 # -- JSON documents (schemas in docs/schemas/, described in docs/cli.md) ---------------
-def status_data(state: GroupState, export_paths: Mapping[str, str | None]) -> dict[str, Any]:
-    """The `status --json` document (docs/schemas/status.schema.json)."""
+def status_data(state: GroupState, export_paths: Mapping[str, str | None], now: float | None = None) -> dict[str, Any]:
+    """The `status --json` document (docs/schemas/status.schema.json); ``now`` gives the lag."""
     owners: dict[str, list[str]] = {}
     for r in state.replicas.values():
         for p in r.pinned():
@@ -58,7 +58,13 @@ def status_data(state: GroupState, export_paths: Mapping[str, str | None]) -> di
                 "exports_active_fs": r.exported == ACTIVE,
                 "source_point": r.source_point,
                 "export_path": export_paths.get(r.name),
-                "error": r.error or None,
+                "error": r.last_error or None,
+                "last_error": r.last_error or None,
+                "consecutive_failures": r.consecutive_failures,
+                "last_success": r.last_success or None,
+                "source_point_time": state.source_point_time(r),
+                "lag_seconds": None if now is None or (lag := state.lag(r, now)) is None else round(lag, 3),
+                "reseed_reason": r.reseed_reason or None,
                 "retries": r.retries,
             }
             for r in sorted(state.replicas.values(), key=lambda r: r.name)
@@ -158,18 +164,28 @@ def _exports(r: Any) -> str:
 
 
 # -- status ------------------------------------------------------------------------------
-def status_table(state: GroupState, export_paths: Mapping[str, str | None]) -> Table:
+def status_table(state: GroupState, export_paths: Mapping[str, str | None], now: float | None = None) -> Table:
+    """One row per replica: state, field, export, source point and its age (lag), failed
+    transfers in a row, last success, and a note (last error, next retry, re-seed reason)."""
     spec = load_spec()
     t = Table(title=f"group {state.name} — cycle {state.cycle}, phase {state.phase}", title_justify="left")
-    for col in ("replica", "state", "field", "exports", "source point", "note"):
-        t.add_column(col)
+    for col in ("replica", "state", "field", "exports", "source point", "lag", "fails", "last success", "note"):
+        t.add_column(col, justify="right" if col in ("lag", "fails") else "left")
     for r in sorted(state.replicas.values(), key=lambda r: r.name):
         st = spec.replica.state(r.state)
-        note = r.error[:60]
-        if r.state == "unstable_uncoalesced" and r.next_retry:
-            note = (note + " " if note else "") + f"retry #{r.retries + 1} at {_clock(r.next_retry)}"
+        notes = []
+        if r.reseed_reason:
+            notes.append(f"re-seed: {r.reseed_reason}")
+        if r.last_error:
+            notes.append(r.last_error[:80])
+        if r.state in ("unstable_uncoalesced", "reseed_pending") and r.next_retry:
+            what = "retry" if r.state == "unstable_uncoalesced" else "re-seed"
+            notes.append(f"{what} #{r.retries + 1} at {_clock(r.next_retry)}")
+        lag = state.lag(r, now) if now is not None else None
+        fails = Text(str(r.consecutive_failures), style="bold red" if r.consecutive_failures else "dim")
         t.add_row(r.name, state_text(r.state, spec), "cycle" if st.field == "cycle" else "outside",
-                  _exports(r), r.source_point or "—", note)
+                  _exports(r), r.source_point or "—", _dur(lag) if lag is not None else "—", fails,
+                  _clock(r.last_success), Text(" · ".join(notes), style="red" if r.last_error else ""))
     return t
 
 
@@ -246,7 +262,8 @@ def _dur(seconds: float | None) -> str:
 
 def history_table(cycles: list[dict[str, Any]], bars: bool = True) -> Table:
     """The timeline of cycles: start, end, duration (with a bar against the longest), slowest
-    replica, PCPIs taken/released, failures, data moved, states after the cycle."""
+    replica, PCPIs taken/released, failures, data moved, states after the cycle and the
+    replicas whose transfer failed in it (✗)."""
     t = Table(title="cycles", title_justify="left", box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False,
               collapse_padding=True,
               caption="PCPIs: +taken −released; slowest: the replica the cycle waited for", caption_justify="left")
@@ -277,20 +294,23 @@ def history_table(cycles: list[dict[str, Any]], bars: bool = True) -> Table:
                 f"+{len(c.get('pcpis_taken') or [])} −{len(c.get('pcpis_released') or [])}",
                 Text(str(fails), style="bold red" if fails else "green"),
                 f"{c.get('records', 0)} rec, {_fmt_bytes(int(c.get('bytes') or 0))}",
-                _states_text(c.get("states") or {})]
+                _states_text(c.get("states") or {}, failed=c.get("failed") or {})]
         t.add_row(*row)
     if not cycles:
         t.caption = "no finished cycle yet: `coalesce run --once` runs one"
     return t
 
 
-def _states_text(states: Mapping[str, int]) -> Text:
+def _states_text(states: Mapping[str, int], failed: Mapping[str, str] | None = None) -> Text:
+    """``stable=2, unstable_uncoalesced=1``, then the replicas whose transfer failed (``✗ B``)."""
     spec = load_spec()
     out = Text()
     for i, (k, v) in enumerate(sorted(states.items())):
         if i:
             out.append(", ")
         out.append(f"{k}={v}", style=_state_style(spec, k))
+    if failed:
+        out.append(" ✗ " + ", ".join(sorted(failed)), style="bold red")
     return out
 
 
@@ -300,7 +320,7 @@ class Transfer:
     """One transfer or rollback in flight (or just finished), as the tracker saw it."""
 
     replica: str
-    kind: str                       # baseline | update | rollback | retry
+    kind: str                       # baseline | update | rollback | retry | reseed
     started: float
     expected: float | None = None   # seconds, when somebody knows (the demo does)
     total_records: int | None = None  # when the backend's diff offers a length hint
@@ -334,7 +354,7 @@ class Transfer:
         return self.nbytes / el if el > 0 else 0.0
 
 
-_KIND_OF = {"baseline": "baseline", "update": "update", "rollback": "rollback"}
+_KIND_OF = {"baseline": "baseline", "update": "update", "rollback": "rollback", "reseeding": "reseed"}
 
 
 class Tracker:
@@ -413,7 +433,8 @@ class Tracker:
                 t.ended, t.ok = now, trigger.endswith("succeeded")
             elif trigger in ("retry_succeeded", "retry_failed"):
                 self.transfers[replica] = Transfer(replica, "retry", now, ended=now, ok=trigger == "retry_succeeded")
-        style = "green" if dest == "stable" else ("red" if "failed" in trigger or dest in ("broken", "unstable_uncoalesced") else "")
+        style = "green" if dest == "stable" else ("red" if "failed" in trigger or dest in ("broken", "unstable_uncoalesced",
+                                                                                            "reseed_pending") else "")
         self.log(f"{replica}: {source} → {dest} ({trigger})", style)
 
     @hookimpl

@@ -21,6 +21,9 @@
 #define R_unstable_uncoalesced 6   /* ref 1024 field=outside */
 #define R_stable_uncoalesced 7   /* ref 1030 field=outside */
 #define R_broken 8   /* ref - field=outside */
+#define R_reseed_pending 9   /* ref 1006* field=outside */
+#define R_reseeding 10   /* ref 1006* field=outside */
+#define R_reseeded 11   /* ref 1006* field=outside */
 
 /* agent phases */
 #define A_idle 0
@@ -43,7 +46,7 @@
 #define G_nothing_in_flight !(((rs[0] == R_baseline || rs[0] == R_update || rs[0] == R_rollback) || (rs[1] == R_baseline || rs[1] == R_update || rs[1] == R_rollback) || (rs[2] == R_baseline || rs[2] == R_update || rs[2] == R_rollback)))
 #define G_some_replica_in_rollback (((rs[0] == R_rollback) || (rs[1] == R_rollback) || (rs[2] == R_rollback)))
 #define G_some_replica_resumable ((rz[0] && rs[0] == R_done) || (rz[1] && rs[1] == R_done) || (rz[2] && rs[2] == R_done))
-#define G_some_participant (((rs[0] == R_done || rs[0] == R_stable || rs[0] == R_stable_uncoalesced) || (rs[1] == R_done || rs[1] == R_stable || rs[1] == R_stable_uncoalesced) || (rs[2] == R_done || rs[2] == R_stable || rs[2] == R_stable_uncoalesced)))
+#define G_some_participant (((rs[0] == R_done || rs[0] == R_reseeded || rs[0] == R_stable || rs[0] == R_stable_uncoalesced) || (rs[1] == R_done || rs[1] == R_reseeded || rs[1] == R_stable || rs[1] == R_stable_uncoalesced) || (rs[2] == R_done || rs[2] == R_reseeded || rs[2] == R_stable || rs[2] == R_stable_uncoalesced)))
 #define G_purgatory_purged (purged)
 
 /* replica transitions: one inline per trigger (I8 by construction; the monitor in check() re-checks) */
@@ -72,12 +75,24 @@ inline T_retry_succeeded(x) { assert(rs[x] == R_unstable_uncoalesced); rs[x] = R
 /* @edge replica jump_ahead stable stable */
 /* @edge replica jump_ahead done stable */
 /* @edge replica jump_ahead stable_uncoalesced stable */
-inline T_jump_ahead(x) { assert(rs[x] == R_stable || rs[x] == R_done || rs[x] == R_stable_uncoalesced); rs[x] = R_stable }   /* ref 1032 */
+/* @edge replica jump_ahead reseeded stable */
+inline T_jump_ahead(x) { assert(rs[x] == R_stable || rs[x] == R_done || rs[x] == R_stable_uncoalesced || rs[x] == R_reseeded); rs[x] = R_stable }   /* ref 1032 */
 /* @edge replica break_mirror stable broken */
 /* @edge replica break_mirror stable_uncoalesced broken */
 inline T_break_mirror(x) { assert(rs[x] == R_stable || rs[x] == R_stable_uncoalesced); rs[x] = R_broken }   /* ref  */
 /* @edge replica resync broken unstable_uncoalesced */
 inline T_resync(x) { assert(rs[x] == R_broken); rs[x] = R_unstable_uncoalesced }   /* ref  */
+/* @edge replica request_reseed stable reseed_pending */
+/* @edge replica request_reseed done reseed_pending */
+/* @edge replica request_reseed stable_uncoalesced reseed_pending */
+/* @edge replica request_reseed unstable_uncoalesced reseed_pending */
+inline T_request_reseed(x) { assert(rs[x] == R_stable || rs[x] == R_done || rs[x] == R_stable_uncoalesced || rs[x] == R_unstable_uncoalesced); rs[x] = R_reseed_pending }   /* ref  */
+/* @edge replica start_reseed reseed_pending reseeding */
+inline T_start_reseed(x) { assert(rs[x] == R_reseed_pending); rs[x] = R_reseeding }   /* ref  */
+/* @edge replica reseed_succeeded reseeding reseeded */
+inline T_reseed_succeeded(x) { assert(rs[x] == R_reseeding); rs[x] = R_reseeded }   /* ref  */
+/* @edge replica reseed_failed reseeding reseed_pending */
+inline T_reseed_failed(x) { assert(rs[x] == R_reseeding); rs[x] = R_reseed_pending }   /* ref  */
 
 /* agent phase transitions, asserting their named guards (spec `conditions`) */
 /* @edge agent start_cycle idle updating */
@@ -98,7 +113,7 @@ inline PH_start_release() { assert(ph == A_updating || ph == A_rolling_back || p
 /* @edge agent finish_cycle releasing idle */
 inline PH_finish_cycle() { assert(ph == A_releasing); ph = A_idle }
 
-#define LEGAL_EDGE(a, b) (((a) == R_baseline && (b) == R_uninitialized) || ((a) == R_baseline && (b) == R_done) || ((a) == R_stable && (b) == R_broken) || ((a) == R_stable_uncoalesced && (b) == R_broken) || ((a) == R_done && (b) == R_stable) || ((a) == R_stable && (b) == R_stable) || ((a) == R_stable_uncoalesced && (b) == R_stable) || ((a) == R_done && (b) == R_update) || ((a) == R_broken && (b) == R_unstable_uncoalesced) || ((a) == R_unstable_uncoalesced && (b) == R_unstable_uncoalesced) || ((a) == R_unstable_uncoalesced && (b) == R_stable_uncoalesced) || ((a) == R_rollback && (b) == R_unstable_uncoalesced) || ((a) == R_rollback && (b) == R_done) || ((a) == R_uninitialized && (b) == R_baseline) || ((a) == R_stable && (b) == R_update) || ((a) == R_update && (b) == R_rollback) || ((a) == R_update && (b) == R_done))
+#define LEGAL_EDGE(a, b) (((a) == R_baseline && (b) == R_uninitialized) || ((a) == R_baseline && (b) == R_done) || ((a) == R_stable && (b) == R_broken) || ((a) == R_stable_uncoalesced && (b) == R_broken) || ((a) == R_done && (b) == R_stable) || ((a) == R_reseeded && (b) == R_stable) || ((a) == R_stable && (b) == R_stable) || ((a) == R_stable_uncoalesced && (b) == R_stable) || ((a) == R_done && (b) == R_reseed_pending) || ((a) == R_stable && (b) == R_reseed_pending) || ((a) == R_stable_uncoalesced && (b) == R_reseed_pending) || ((a) == R_unstable_uncoalesced && (b) == R_reseed_pending) || ((a) == R_reseeding && (b) == R_reseed_pending) || ((a) == R_reseeding && (b) == R_reseeded) || ((a) == R_done && (b) == R_update) || ((a) == R_broken && (b) == R_unstable_uncoalesced) || ((a) == R_unstable_uncoalesced && (b) == R_unstable_uncoalesced) || ((a) == R_unstable_uncoalesced && (b) == R_stable_uncoalesced) || ((a) == R_rollback && (b) == R_unstable_uncoalesced) || ((a) == R_rollback && (b) == R_done) || ((a) == R_uninitialized && (b) == R_baseline) || ((a) == R_reseed_pending && (b) == R_reseeding) || ((a) == R_stable && (b) == R_update) || ((a) == R_update && (b) == R_rollback) || ((a) == R_update && (b) == R_done))
 
 /* ---------------------------------------------------------------------------
  * Persisted state (the ledger) and what the volumes hold.  A crash keeps all
@@ -112,6 +127,7 @@ byte sc[N];          /* scratch PCPI of a retry/resync */
 byte sp[N];          /* source point of the exported image */
 byte ap[N];          /* source point the active FS holds (PART / WRIT / NONE) */
 bool rz[N];          /* resume: a restart interrupted its spooled update */
+byte rt[N];          /* re-seed target: the source point a running re-seed brings (NONE) */
 byte role[S];        /* PCPI slot role (P_free: no PCPI) */
 bool rel[S];         /* release decided, not yet done */
 byte ph = A_idle;    /* the agent's phase */
@@ -167,14 +183,16 @@ inline renormalise() { /* shift every source point down by the oldest one still 
   for (i : 0 .. N-1) {
     if :: sp[i] < m -> m = sp[i] :: else -> skip fi;
     if :: ap[i] < m -> m = ap[i] :: else -> skip fi;
-    if :: lastsp[i] < m -> m = lastsp[i] :: else -> skip fi
+    if :: lastsp[i] < m -> m = lastsp[i] :: else -> skip fi;
+    if :: rt[i] < m -> m = rt[i] :: else -> skip fi
   };
   if
   :: m > 0 ->
      for (i : 0 .. N-1) {
        if :: sp[i] <= MAXP -> sp[i] = sp[i] - m :: else -> skip fi;
        if :: ap[i] <= MAXP -> ap[i] = ap[i] - m :: else -> skip fi;
-       if :: lastsp[i] <= MAXP -> lastsp[i] = lastsp[i] - m :: else -> skip fi
+       if :: lastsp[i] <= MAXP -> lastsp[i] = lastsp[i] - m :: else -> skip fi;
+       if :: rt[i] <= MAXP -> rt[i] = rt[i] - m :: else -> skip fi
      };
      newest = newest - m
   :: else -> skip
@@ -301,7 +319,7 @@ inline jump_to() { /* branch 1032: every participant exports the new base, in on
   assert(!(((rs[0] == R_baseline || rs[0] == R_update || rs[0] == R_rollback) || (rs[1] == R_baseline || rs[1] == R_update || rs[1] == R_rollback) || (rs[2] == R_baseline || rs[2] == R_update || rs[2] == R_rollback))));   /* I8: no replica in update, rollback or baseline */
   for (i : 0 .. N-1) {
     if
-    :: (rs[i] == R_done || rs[i] == R_stable || rs[i] == R_stable_uncoalesced) -> T_jump_ahead(i); ex[i] = b; sp[i] = ap[i]; lg[i] = NONE; sc[i] = NONE; rz[i] = false
+    :: (rs[i] == R_done || rs[i] == R_reseeded || rs[i] == R_stable || rs[i] == R_stable_uncoalesced) -> T_jump_ahead(i); ex[i] = b; sp[i] = ap[i]; lg[i] = NONE; sc[i] = NONE; rz[i] = false
     :: else -> skip
     fi
   };
@@ -317,6 +335,7 @@ inline recover() { /* planner._recover, after a crash at any step */
     if
     :: rs[i] == R_update -> T_update_failed(i); rz[i] = spooled
     :: rs[i] == R_baseline -> T_baseline_failed(i); ap[i] = NONE; sp[i] = NONE
+    :: rs[i] == R_reseeding -> T_reseed_failed(i); ap[i] = NONE; rt[i] = NONE   /* retried next cycle */
     :: rs[i] == R_unstable_uncoalesced && sc[i] != NONE ->
        rel[sc[i]] = true; sc[i] = NONE; ex[i] = lg[i]
     :: else -> skip
@@ -350,11 +369,15 @@ inline recover() { /* planner._recover, after a crash at any step */
 /* ---------------------------------------------------------------------------
  * The invariants, checked at the end of every atomic step
  * ------------------------------------------------------------------------- */
+inline seen(x) { /* I8 monitor for replica x inside a step that makes two transitions in one decision */
+  if :: prev[x] != rs[x] -> assert(LEGAL_EDGE(prev[x], rs[x])); prev[x] = rs[x] :: else -> skip fi
+}
+
 inline check() {
   canon();
-  printf("STEP ph=%d faults=%d rs=%d,%d,%d ex=%d,%d,%d vx=%d,%d,%d lg=%d,%d,%d sc=%d,%d,%d sp=%d,%d,%d ap=%d,%d,%d role=%d%d%d%d%d%d%d%d rel=%d%d%d%d%d%d%d%d pend=%d%d%d%d%d\n",
+  printf("STEP ph=%d faults=%d rs=%d,%d,%d ex=%d,%d,%d vx=%d,%d,%d lg=%d,%d,%d sc=%d,%d,%d sp=%d,%d,%d ap=%d,%d,%d rt=%d,%d,%d role=%d%d%d%d%d%d%d%d rel=%d%d%d%d%d%d%d%d pend=%d%d%d%d%d\n",
     ph, faults, rs[0], rs[1], rs[2], ex[0], ex[1], ex[2], vx[0], vx[1], vx[2], lg[0], lg[1], lg[2],
-    sc[0], sc[1], sc[2], sp[0], sp[1], sp[2], ap[0], ap[1], ap[2],
+    sc[0], sc[1], sc[2], sp[0], sp[1], sp[2], ap[0], ap[1], ap[2], rt[0], rt[1], rt[2],
     role[0], role[1], role[2], role[3], role[4], role[5], role[6], role[7],
     rel[0], rel[1], rel[2], rel[3], rel[4], rel[5], rel[6], rel[7], purge_pend, jump_pend, export_pend, take_pend, resume_pend);
   /* I8: every replica state change is an edge of spec/coalescing.toml */
@@ -374,7 +397,7 @@ inline check() {
   assert(ph != A_idle || !INITIALIZED || kn == 1);
   /* I2: individual PCPIs <= 2 x replicas outside the cycle (at rest) */
   t = 0;
-  for (i : 0 .. N-1) { if :: (rs[i] == R_unstable_uncoalesced || rs[i] == R_stable_uncoalesced || rs[i] == R_broken) -> t++ :: else -> skip fi };
+  for (i : 0 .. N-1) { if :: (rs[i] == R_unstable_uncoalesced || rs[i] == R_stable_uncoalesced || rs[i] == R_broken || rs[i] == R_reseed_pending || rs[i] == R_reseeding || rs[i] == R_reseeded) -> t++ :: else -> skip fi };
   assert(kn2 <= 2 * N);
   assert(ph != A_idle || kn2 <= 2 * t);
   /* I3 (partly; the hypothesis test compares contents): an exported PCPI exists and carries a source point */
@@ -421,7 +444,11 @@ inline check() {
 #define NOREL (!rel[0] && !rel[1] && !rel[2] && !rel[3] && !rel[4] && !rel[5] && !rel[6] && !rel[7])
 #define QUIET (NOREL \
                && vx[0] == ex[0] && vx[1] == ex[1] && vx[2] == ex[2] \
-               && sc[0] == NONE && sc[1] == NONE && sc[2] == NONE)
+               && sc[0] == NONE && sc[1] == NONE && sc[2] == NONE \
+               && !((rs[0] == R_reseeding) || (rs[1] == R_reseeding) || (rs[2] == R_reseeding)))   /* a request waits until every effect of the last one ran */
+/* The executor handles a concurrent result (a re-seed ending, in any phase) only once every
+   inline effect of the decisions before it has run */
+#define INLINE_DONE (NOREL && !purge_pend && !jump_pend && !export_pend && take_pend == P_free && !resume_pend)
 #define ROLLBACK_TAKEN (role[0] == P_rollback && !rel[0] || role[1] == P_rollback && !rel[1] \
     || role[2] == P_rollback && !rel[2] || role[3] == P_rollback && !rel[3] || role[4] == P_rollback && !rel[4] \
     || role[5] == P_rollback && !rel[5] || role[6] == P_rollback && !rel[6] || role[7] == P_rollback && !rel[7])
@@ -439,6 +466,7 @@ proctype agent() {
          if
          :: rs[i] == R_stable -> T_start_update(i); ap[i] = PART
          :: rs[i] == R_uninitialized -> T_start_baseline(i); ap[i] = PART
+         :: rs[i] == R_reseed_pending -> T_start_reseed(i); ap[i] = PART; rt[i] = tgt  /* outside the cycle */
          :: else -> skip
          fi
        };
@@ -458,6 +486,15 @@ proctype agent() {
   :: d_step { ph == A_idle && QUIET && rs[0] == R_broken ->
        /* resync: "creating a PCPI and exporting it", then the rollback procedure */
        T_resync(0); take(P_individual, t); sc[0] = t; ex[0] = t; vx[0] = t; t = 0; check() }
+  :: d_step { ph == A_idle && QUIET && faults && (rs[0] == R_stable || rs[0] == R_stable_uncoalesced || \
+              rs[0] == R_unstable_uncoalesced) ->
+       /* `coalesce reseed` / the background verification: out of the cycle, exported image pinned */
+       T_request_reseed(0); if :: lg[0] == NONE -> lg[0] = ex[0] :: else -> skip fi; ap[0] = NONE; check() }
+  :: d_step { rs[0] == R_reseeding && INLINE_DONE ->
+       /* the re-seed arrived (in any phase: it does not hold the jump-ahead) */
+       T_reseed_succeeded(0); ap[0] = rt[0]; rt[0] = NONE; check() }
+  :: d_step { rs[0] == R_reseeding && INLINE_DONE && faults ->
+       T_reseed_failed(0); ap[0] = NONE; rt[0] = NONE; check() }
   :: d_step { ph == A_updating && NOREL && rs[0] == R_update ->
        T_update_succeeded(0); ap[0] = tgt; advance(); check() }
   :: d_step { ph == A_updating && NOREL && rs[0] == R_update && faults ->
@@ -470,6 +507,13 @@ proctype agent() {
        i = 0; T_rollback_succeeded(i); ap[i] = sp[i]; i = 0; advance(); check() }
   :: d_step { ph == A_rolling_back && NOREL && rs[0] == R_rollback && ROLLBACK_TAKEN && faults ->
        T_rollback_failed(0); lg[0] = ex[0]; rz[0] = false; advance(); check() }
+  /* the reseed_after-th failed update in a row: after its rollback (either way) it leaves to be re-seeded */
+  :: d_step { ph == A_rolling_back && NOREL && rs[0] == R_rollback && ROLLBACK_TAKEN && faults ->
+       T_rollback_succeeded(0); seen(0); T_request_reseed(0); lg[0] = ex[0]; ap[0] = NONE; rz[0] = false;
+       advance(); check() }
+  :: d_step { ph == A_rolling_back && NOREL && rs[0] == R_rollback && ROLLBACK_TAKEN && faults ->
+       T_rollback_failed(0); seen(0); T_request_reseed(0); lg[0] = ex[0]; ap[0] = NONE; rz[0] = false;
+       advance(); check() }
   :: d_step { ph == A_idle && NOREL && sc[0] != NONE ->
        /* the retry / resync rollback succeeded */
        T_retry_succeeded(0); ex[0] = lg[0]; ap[0] = sp[0];
@@ -485,6 +529,15 @@ proctype agent() {
   :: d_step { ph == A_idle && QUIET && rs[1] == R_broken ->
        /* resync: "creating a PCPI and exporting it", then the rollback procedure */
        T_resync(1); take(P_individual, t); sc[1] = t; ex[1] = t; vx[1] = t; t = 0; check() }
+  :: d_step { ph == A_idle && QUIET && faults && (rs[1] == R_stable || rs[1] == R_stable_uncoalesced || \
+              rs[1] == R_unstable_uncoalesced) ->
+       /* `coalesce reseed` / the background verification: out of the cycle, exported image pinned */
+       T_request_reseed(1); if :: lg[1] == NONE -> lg[1] = ex[1] :: else -> skip fi; ap[1] = NONE; check() }
+  :: d_step { rs[1] == R_reseeding && INLINE_DONE ->
+       /* the re-seed arrived (in any phase: it does not hold the jump-ahead) */
+       T_reseed_succeeded(1); ap[1] = rt[1]; rt[1] = NONE; check() }
+  :: d_step { rs[1] == R_reseeding && INLINE_DONE && faults ->
+       T_reseed_failed(1); ap[1] = NONE; rt[1] = NONE; check() }
   :: d_step { ph == A_updating && NOREL && rs[1] == R_update ->
        T_update_succeeded(1); ap[1] = tgt; advance(); check() }
   :: d_step { ph == A_updating && NOREL && rs[1] == R_update && faults ->
@@ -497,6 +550,13 @@ proctype agent() {
        i = 1; T_rollback_succeeded(i); ap[i] = sp[i]; i = 0; advance(); check() }
   :: d_step { ph == A_rolling_back && NOREL && rs[1] == R_rollback && ROLLBACK_TAKEN && faults ->
        T_rollback_failed(1); lg[1] = ex[1]; rz[1] = false; advance(); check() }
+  /* the reseed_after-th failed update in a row: after its rollback (either way) it leaves to be re-seeded */
+  :: d_step { ph == A_rolling_back && NOREL && rs[1] == R_rollback && ROLLBACK_TAKEN && faults ->
+       T_rollback_succeeded(1); seen(1); T_request_reseed(1); lg[1] = ex[1]; ap[1] = NONE; rz[1] = false;
+       advance(); check() }
+  :: d_step { ph == A_rolling_back && NOREL && rs[1] == R_rollback && ROLLBACK_TAKEN && faults ->
+       T_rollback_failed(1); seen(1); T_request_reseed(1); lg[1] = ex[1]; ap[1] = NONE; rz[1] = false;
+       advance(); check() }
   :: d_step { ph == A_idle && NOREL && sc[1] != NONE ->
        /* the retry / resync rollback succeeded */
        T_retry_succeeded(1); ex[1] = lg[1]; ap[1] = sp[1];
@@ -512,6 +572,15 @@ proctype agent() {
   :: d_step { ph == A_idle && QUIET && rs[2] == R_broken ->
        /* resync: "creating a PCPI and exporting it", then the rollback procedure */
        T_resync(2); take(P_individual, t); sc[2] = t; ex[2] = t; vx[2] = t; t = 0; check() }
+  :: d_step { ph == A_idle && QUIET && faults && (rs[2] == R_stable || rs[2] == R_stable_uncoalesced || \
+              rs[2] == R_unstable_uncoalesced) ->
+       /* `coalesce reseed` / the background verification: out of the cycle, exported image pinned */
+       T_request_reseed(2); if :: lg[2] == NONE -> lg[2] = ex[2] :: else -> skip fi; ap[2] = NONE; check() }
+  :: d_step { rs[2] == R_reseeding && INLINE_DONE ->
+       /* the re-seed arrived (in any phase: it does not hold the jump-ahead) */
+       T_reseed_succeeded(2); ap[2] = rt[2]; rt[2] = NONE; check() }
+  :: d_step { rs[2] == R_reseeding && INLINE_DONE && faults ->
+       T_reseed_failed(2); ap[2] = NONE; rt[2] = NONE; check() }
   :: d_step { ph == A_updating && NOREL && rs[2] == R_update ->
        T_update_succeeded(2); ap[2] = tgt; advance(); check() }
   :: d_step { ph == A_updating && NOREL && rs[2] == R_update && faults ->
@@ -524,6 +593,13 @@ proctype agent() {
        i = 2; T_rollback_succeeded(i); ap[i] = sp[i]; i = 0; advance(); check() }
   :: d_step { ph == A_rolling_back && NOREL && rs[2] == R_rollback && ROLLBACK_TAKEN && faults ->
        T_rollback_failed(2); lg[2] = ex[2]; rz[2] = false; advance(); check() }
+  /* the reseed_after-th failed update in a row: after its rollback (either way) it leaves to be re-seeded */
+  :: d_step { ph == A_rolling_back && NOREL && rs[2] == R_rollback && ROLLBACK_TAKEN && faults ->
+       T_rollback_succeeded(2); seen(2); T_request_reseed(2); lg[2] = ex[2]; ap[2] = NONE; rz[2] = false;
+       advance(); check() }
+  :: d_step { ph == A_rolling_back && NOREL && rs[2] == R_rollback && ROLLBACK_TAKEN && faults ->
+       T_rollback_failed(2); seen(2); T_request_reseed(2); lg[2] = ex[2]; ap[2] = NONE; rz[2] = false;
+       advance(); check() }
   :: d_step { ph == A_idle && NOREL && sc[2] != NONE ->
        /* the retry / resync rollback succeeded */
        T_retry_succeeded(2); ex[2] = lg[2]; ap[2] = sp[2];
@@ -579,7 +655,7 @@ init {
   atomic {
     for (i : 0 .. N-1) {
       rs[i] = R_uninitialized; prev[i] = rs[i]; ex[i] = NONE; vx[i] = NONE; lg[i] = NONE;
-      sc[i] = NONE; sp[i] = NONE; ap[i] = NONE; lastsp[i] = NONE; rz[i] = false
+      sc[i] = NONE; sp[i] = NONE; ap[i] = NONE; lastsp[i] = NONE; rz[i] = false; rt[i] = NONE
     };
     i = 0;
     run agent()

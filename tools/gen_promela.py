@@ -6,7 +6,8 @@ trigger, asserting its source states and setting its destination), the agent
 phases and phase transitions (asserting their named guards) and the I8
 legality monitor all come from the TOML file; only the group procedures
 (cycle start, rollback, two-step jump-ahead, release, retry, break/resync,
-crash + recovery), which mirror coalesce_core/planner.py, are written here.
+re-seed, crash + recovery), which mirror coalesce_core/planner.py, are
+written here.
 The procedures reach the spec only through the generated names, so a spec
 change that the procedures do not cover fails generation (every trigger of
 both machines must be used) or the model check.
@@ -79,6 +80,7 @@ byte sc[N];          /* scratch PCPI of a retry/resync */
 byte sp[N];          /* source point of the exported image */
 byte ap[N];          /* source point the active FS holds (PART / WRIT / NONE) */
 bool rz[N];          /* resume: a restart interrupted its spooled update */
+byte rt[N];          /* re-seed target: the source point a running re-seed brings (NONE) */
 byte role[S];        /* PCPI slot role (P_free: no PCPI) */
 bool rel[S];         /* release decided, not yet done */
 byte ph = A_idle;    /* the agent's phase */
@@ -134,14 +136,16 @@ inline renormalise() { /* shift every source point down by the oldest one still 
   for (i : 0 .. N-1) {
     if :: sp[i] < m -> m = sp[i] :: else -> skip fi;
     if :: ap[i] < m -> m = ap[i] :: else -> skip fi;
-    if :: lastsp[i] < m -> m = lastsp[i] :: else -> skip fi
+    if :: lastsp[i] < m -> m = lastsp[i] :: else -> skip fi;
+    if :: rt[i] < m -> m = rt[i] :: else -> skip fi
   };
   if
   :: m > 0 ->
      for (i : 0 .. N-1) {
        if :: sp[i] <= MAXP -> sp[i] = sp[i] - m :: else -> skip fi;
        if :: ap[i] <= MAXP -> ap[i] = ap[i] - m :: else -> skip fi;
-       if :: lastsp[i] <= MAXP -> lastsp[i] = lastsp[i] - m :: else -> skip fi
+       if :: lastsp[i] <= MAXP -> lastsp[i] = lastsp[i] - m :: else -> skip fi;
+       if :: rt[i] <= MAXP -> rt[i] = rt[i] - m :: else -> skip fi
      };
      newest = newest - m
   :: else -> skip
@@ -284,6 +288,7 @@ inline recover() { /* planner._recover, after a crash at any step */
     if
     :: rs[i] == R_update -> T_update_failed(i); rz[i] = spooled
     :: rs[i] == R_baseline -> T_baseline_failed(i); ap[i] = NONE; sp[i] = NONE
+    :: rs[i] == R_reseeding -> T_reseed_failed(i); ap[i] = NONE; rt[i] = NONE   /* retried next cycle */
     :: rs[i] == R_unstable_uncoalesced && sc[i] != NONE ->
        rel[sc[i]] = true; sc[i] = NONE; ex[i] = lg[i]
     :: else -> skip
@@ -317,6 +322,10 @@ inline recover() { /* planner._recover, after a crash at any step */
 /* ---------------------------------------------------------------------------
  * The invariants, checked at the end of every atomic step
  * ------------------------------------------------------------------------- */
+inline seen(x) { /* I8 monitor for replica x inside a step that makes two transitions in one decision */
+  if :: prev[x] != rs[x] -> assert(@LEGAL(prev[x], rs[x])); prev[x] = rs[x] :: else -> skip fi
+}
+
 inline check() {
   canon();
   printf("STEP ph=%d faults=%d @STEP_FMT@ pend=%d%d%d%d%d\n",
@@ -388,7 +397,11 @@ inline check() {
 #define NOREL (@NOREL@)
 #define QUIET (NOREL \
                && @VX_IS_EX@ \
-               && @SC_NONE@)
+               && @SC_NONE@ \
+               && !@ANY(R_reseeding))   /* a request waits until every effect of the last one ran */
+/* The executor handles a concurrent result (a re-seed ending, in any phase) only once every
+   inline effect of the decisions before it has run */
+#define INLINE_DONE (NOREL && !purge_pend && !jump_pend && !export_pend && take_pend == P_free && !resume_pend)
 #define ROLLBACK_TAKEN (@ROLLBACK_TAKEN@)
 #define READY_FOR_CYCLE (faults || (!@ANY(R_broken) && !@ANY(R_unstable_uncoalesced)))
 
@@ -404,6 +417,7 @@ proctype agent() {
          if
          :: rs[i] == R_stable -> T_start_update(i); ap[i] = PART
          :: rs[i] == R_uninitialized -> T_start_baseline(i); ap[i] = PART
+         :: rs[i] == R_reseed_pending -> T_start_reseed(i); ap[i] = PART; rt[i] = tgt  /* outside the cycle */
          :: else -> skip
          fi
        };
@@ -424,6 +438,15 @@ proctype agent() {
   :: d_step { ph == A_idle && QUIET && rs[@r] == R_broken ->
        /* resync: "creating a PCPI and exporting it", then the rollback procedure */
        T_resync(@r); take(P_individual, t); sc[@r] = t; ex[@r] = t; vx[@r] = t; t = 0; check() }
+  :: d_step { ph == A_idle && QUIET && faults && (rs[@r] == R_stable || rs[@r] == R_stable_uncoalesced || \
+              rs[@r] == R_unstable_uncoalesced) ->
+       /* `coalesce reseed` / the background verification: out of the cycle, exported image pinned */
+       T_request_reseed(@r); if :: lg[@r] == NONE -> lg[@r] = ex[@r] :: else -> skip fi; ap[@r] = NONE; check() }
+  :: d_step { rs[@r] == R_reseeding && INLINE_DONE ->
+       /* the re-seed arrived (in any phase: it does not hold the jump-ahead) */
+       T_reseed_succeeded(@r); ap[@r] = rt[@r]; rt[@r] = NONE; check() }
+  :: d_step { rs[@r] == R_reseeding && INLINE_DONE && faults ->
+       T_reseed_failed(@r); ap[@r] = NONE; rt[@r] = NONE; check() }
   :: d_step { ph == A_updating && NOREL && rs[@r] == R_update ->
        T_update_succeeded(@r); ap[@r] = tgt; advance(); check() }
   :: d_step { ph == A_updating && NOREL && rs[@r] == R_update && faults ->
@@ -436,6 +459,13 @@ proctype agent() {
        i = @r; @MUT_ROLLBACK_OK@; ap[i] = sp[i]; i = 0; advance(); check() }
   :: d_step { ph == A_rolling_back && NOREL && rs[@r] == R_rollback && ROLLBACK_TAKEN && faults ->
        T_rollback_failed(@r); lg[@r] = ex[@r]; rz[@r] = false; advance(); check() }
+  /* the reseed_after-th failed update in a row: after its rollback (either way) it leaves to be re-seeded */
+  :: d_step { ph == A_rolling_back && NOREL && rs[@r] == R_rollback && ROLLBACK_TAKEN && faults ->
+       T_rollback_succeeded(@r); seen(@r); T_request_reseed(@r); lg[@r] = ex[@r]; ap[@r] = NONE; rz[@r] = false;
+       advance(); check() }
+  :: d_step { ph == A_rolling_back && NOREL && rs[@r] == R_rollback && ROLLBACK_TAKEN && faults ->
+       T_rollback_failed(@r); seen(@r); T_request_reseed(@r); lg[@r] = ex[@r]; ap[@r] = NONE; rz[@r] = false;
+       advance(); check() }
   :: d_step { ph == A_idle && NOREL && sc[@r] != NONE ->
        /* the retry / resync rollback succeeded */
        T_retry_succeeded(@r); ex[@r] = lg[@r]; ap[@r] = sp[@r];
@@ -492,7 +522,7 @@ init {
   atomic {
     for (i : 0 .. N-1) {
       rs[i] = R_@INITIAL@; prev[i] = rs[i]; ex[i] = NONE; vx[i] = NONE; lg[i] = NONE;
-      sc[i] = NONE; sp[i] = NONE; ap[i] = NONE; lastsp[i] = NONE; rz[i] = false
+      sc[i] = NONE; sp[i] = NONE; ap[i] = NONE; lastsp[i] = NONE; rz[i] = false; rt[i] = NONE
     };
     i = 0;
     run agent()
@@ -526,10 +556,11 @@ def size_text(replicas: int, slots: int) -> dict[str, str]:
         "@KK_NONE@": str(4 * replicas),
         "@KK_REL@": str(rel_w),
         "@KK_ROLE@": str(2 * rel_w),
-        "@STEP_FMT@": " ".join(f"{v}=" + ",".join(["%d"] * replicas) for v in ("rs", "ex", "vx", "lg", "sc", "sp", "ap"))
+        "@STEP_FMT@": " ".join(f"{v}=" + ",".join(["%d"] * replicas)
+                               for v in ("rs", "ex", "vx", "lg", "sc", "sp", "ap", "rt"))
                       + " role=" + "%d" * slots + " rel=" + "%d" * slots,
         "@STEP_ARGS1@": ", ".join(f"{v}[{k}]" for v in ("rs", "ex", "vx", "lg") for k in n),
-        "@STEP_ARGS2@": ", ".join(f"{v}[{k}]" for v in ("sc", "sp", "ap") for k in n),
+        "@STEP_ARGS2@": ", ".join(f"{v}[{k}]" for v in ("sc", "sp", "ap", "rt") for k in n),
         "@STEP_ROLE@": ", ".join(f"role[{k}]" for k in S),
         "@STEP_REL@": ", ".join(f"rel[{k}]" for k in S),
         "@NOREL@": " && ".join(f"!rel[{k}]" for k in S),

@@ -109,9 +109,12 @@ class Harness:
         return sum(1 for n in self.agent.dest.snapshot_list() if roles.get(n) in ("base", "rollback", "jump_ahead", "new_base"))
 
     def findings(self) -> list[Finding]:
-        """I1-I5, I8, I9 from the live volumes, plus I3 against the writer's own record."""
+        """I1-I5, I8, I9 from the live volumes, the lag, plus I3 against the writer's own record:
+        each export must be the image the writer recorded for the source PCPI the ledger says
+        the replica shows (any recorded image only for a source PCPI the writer never saw)."""
         a = self.agent
-        out = live_check(a.state, a.source, a.dest, self.i5_marks, edges=list(iter_log_edges(a.ledger.transitions())))
+        out = live_check(a.state, a.source, a.dest, self.i5_marks, edges=list(iter_log_edges(a.ledger.transitions())),
+                         now=self.clock())
         known = {}
         for snap, fps in self.writer.snapshots.items():
             for q, f in fps.items():
@@ -121,11 +124,12 @@ class Harness:
             r = a.state.replicas.get(name)
             if f is None or r is None:
                 continue
-            if f not in known.get(r.source_qtree, set()):
-                bad.append(name)
+            recorded = self.writer.snapshots.get(r.source_point or "", {}).get(r.source_qtree)
+            if f != recorded if recorded is not None else f not in known.get(r.source_qtree, set()):
+                bad.append(f"{name} (source point {r.source_point})")
         out.append(Finding("I3-independent", not bad,
-                           "every export equals a source PCPI image the writer recorded" if not bad
-                           else f"exports matching no recorded source image: {bad}"))
+                           "every export equals the image the writer recorded at its source point" if not bad
+                           else f"exports differing from the writer's image at their source point: {bad}"))
         if all(x.ok for x in out):
             self.i5_marks = {r.name: r.source_point for r in a.state.replicas.values()}
         return out

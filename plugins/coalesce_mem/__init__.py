@@ -15,7 +15,7 @@ This module is the entry point (``coalesce.backends``: ``mem =
 guard (``_mine``: "is this my volume?" -- else return None so another backend
 answers) around :class:`~coalesce_mem.volume.MemVolume`.  The model lives in
 ``tree.py``, the diff in ``diffing.py``, apply in ``applying.py``, the file
-format in ``persist.py``.  See docs/writing-a-backend.md.
+format in ``persist.py``, the descriptions for verification in ``describing.py``.  See docs/writing-a-backend.md.
 
 Plain API for writing source data (tests, demo)::
 
@@ -146,3 +146,24 @@ def coalesce_export_path(volume: Any, replica: str) -> str | None:
 @hookimpl
 def coalesce_fingerprint(volume: Any, qtree: str, snapshot: str | None) -> str | None:
     return volume.fingerprint(qtree, snapshot) if _mine(volume) else None
+
+
+@hookimpl
+def coalesce_describe(volume: Any, qtree: str, snapshot: str | None, paths: Any) -> list | None:
+    return volume.describe(qtree, snapshot, paths) if _mine(volume) else None
+
+
+@hookimpl
+def coalesce_describe_tree(volume: Any, qtree: str, snapshot: str | None, content: bool) -> Iterator[Any] | None:
+    if not _mine(volume):
+        return None
+    from coalesce_core.verify import generic_tree
+
+    return generic_tree(lambda batch: volume.describe(qtree, snapshot, batch), content)
+
+
+@hookimpl
+def coalesce_describe_holds(volume: Any) -> Any:
+    from .describing import HOLDS
+
+    return HOLDS if _mine(volume) else None

@@ -25,12 +25,22 @@ Metrics (every one labelled ``group``; docs/cli.md lists them):
     coalesce_slowest_transfer_seconds         gauge    the last cycle's slowest transfer
     coalesce_transferred_bytes_total          counter  bytes of change records applied
     coalesce_transferred_records_total        counter  change records applied
-    coalesce_failures_total{kind}             counter  update_failed, baseline_failed, rollback_failed, retry_failed
+    coalesce_failures_total{kind}             counter  update_failed, baseline_failed, reseed_failed,
+                                                       rollback_failed, retry_failed
     coalesce_last_cycle_failures              gauge    failures in the last cycle
+    coalesce_replica_lag_seconds{replica}     gauge    age of the replica's exported image (at the write)
+    coalesce_replica_source_point_timestamp_seconds{replica}
+                                              gauge    when its exported image's source PCPI was taken
+    coalesce_replica_consecutive_failures{replica}
+                                              gauge    its transfers that failed in a row
+    coalesce_replica_last_success_timestamp_seconds{replica}
+                                              gauge    when a transfer of it last succeeded (0: never)
+    coalesce_replica_failing{replica}         gauge    1 while it has a last_error
 
 Replica and PCPI gauges follow the agent's events; they are exact at the end
-of every cycle (the cycle report carries the state counts) and from then on
-as long as every process that drives the group loads this plugin.
+of every cycle (the cycle report carries the state counts and every
+replica's health) and from then on as long as every process that drives the
+group loads this plugin.  The per-replica gauges are those of the last cycle.
 """
 
 from __future__ import annotations
@@ -52,7 +62,7 @@ hookimpl = pluggy.HookimplMarker("coalesce")
 ENV = "COALESCE_METRICS_FILE"
 CYCLE_ROLES = ("base", "rollback", "jump_ahead", "new_base")
 ROLES = CYCLE_ROLES + ("individual",)
-FAILURE_KINDS = ("update_failed", "baseline_failed", "rollback_failed", "retry_failed")
+FAILURE_KINDS = ("update_failed", "baseline_failed", "reseed_failed", "rollback_failed", "retry_failed")
 #: Rewrite the file at most this often for state changes (cycle ends and phase changes always write).
 MIN_INTERVAL = 1.0
 
@@ -83,6 +93,8 @@ class _Group:
         self.records = 0
         self.failures: dict[str, int] = {k: 0 for k in FAILURE_KINDS}
         self.last_failures = 0
+        #: replica -> its health at the end of the last cycle (the report's "replicas")
+        self.replicas: dict[str, dict[str, Any]] = {}
 
     def dump(self) -> dict[str, Any]:
         d = dict(self.__dict__)
@@ -97,6 +109,7 @@ class _Group:
                 setattr(g, k, v)
         g.source_pcpis = set(d.get("source_pcpis", ()))
         g.failures = {k: int(g.failures.get(k, 0)) for k in FAILURE_KINDS}
+        g.replicas = dict(d.get("replicas") or {})
         return g
 
 
@@ -186,6 +199,26 @@ class MetricsObserver:
                [({"group": g.name, "kind": k}, g.failures.get(k, 0)) for g in gs for k in FAILURE_KINDS])
         family("coalesce_last_cycle_failures", "gauge", "Failures in the last cycle.",
                [({"group": g.name}, g.last_failures) for g in gs])
+
+        def per_replica(key: str, conv=float) -> list[tuple[dict[str, str], float]]:
+            return [({"group": g.name, "replica": r}, conv(h[key])) for g in gs for r, h in sorted(g.replicas.items())
+                    if h.get(key) is not None]
+
+        family("coalesce_replica_lag_seconds", "gauge",
+               "Age of the replica's exported image (now minus when its source PCPI was taken) at the last cycle.",
+               per_replica("lag_seconds"))
+        family("coalesce_replica_source_point_timestamp_seconds", "gauge",
+               "Unix time the source PCPI of the replica's exported image was taken.",
+               per_replica("source_point_time"))
+        family("coalesce_replica_consecutive_failures", "gauge",
+               "Transfers of the replica (updates, baselines, re-seeds) that failed in a row.",
+               per_replica("consecutive_failures", int))
+        family("coalesce_replica_last_success_timestamp_seconds", "gauge",
+               "Unix time a transfer of the replica last succeeded (0: never).",
+               per_replica("last_success"))
+        family("coalesce_replica_failing", "gauge", "1 while the replica has a last error (until a transfer succeeds).",
+               [({"group": g.name, "replica": r}, 1 if h.get("last_error") else 0)
+                for g in gs for r, h in sorted(g.replicas.items())])
         return "\n".join(out) + "\n"
 
     # -- writing --------------------------------------------------------------------
@@ -278,6 +311,9 @@ class MetricsObserver:
             states = report.get("states")
             if isinstance(states, Mapping):
                 g.counts = {str(k): int(v) for k, v in states.items()}
+            replicas = report.get("replicas")
+            if isinstance(replicas, Mapping):
+                g.replicas = {str(k): dict(v) for k, v in replicas.items() if isinstance(v, Mapping)}
             g.phase = "idle"
             self._changed(force=True)
 

@@ -3,7 +3,7 @@
 A volume URL ``ssh://[user@]host[:port]/<volume URL>`` or
 ``tls://host:port/<volume name>`` opens a :class:`~coalesce_remote.client.RemoteVolume`,
 a client proxy that answers the source primitives (snapshot create, delete
-and list, qtree list, diff, fingerprint) by asking ``coalesce serve`` on the
+and list, qtree list, diff, fingerprint, describe) by asking ``coalesce serve`` on the
 source host (docs/network.md, docs/protocol.md).  The destination primitives
 (apply, export, ...) are not offered: a remote volume is a source only.
 
@@ -83,6 +83,14 @@ def make_hooks(scheme: str) -> dict[str, Any]:
     @hookimpl
     def coalesce_fingerprint(volume: Any, qtree: str, snapshot: str | None) -> str | None:
         return volume.fingerprint(qtree, snapshot) if _mine(volume) else None
+
+    @hookimpl
+    def coalesce_describe(volume: Any, qtree: str, snapshot: str | None, paths: Any) -> list | None:
+        return volume.describe(qtree, snapshot, paths) if _mine(volume) else None
+
+    @hookimpl
+    def coalesce_describe_tree(volume: Any, qtree: str, snapshot: str | None, content: bool) -> Any:
+        return volume.describe_tree(qtree, snapshot, content) if _mine(volume) else None
 
     return {k: v for k, v in locals().items() if k.startswith("coalesce_")}
 

@@ -1,7 +1,7 @@
 """The client side: a volume handle that is a proxy to a source service.
 
 ``RemoteVolume`` answers the source-volume primitives an agent needs
-(snapshot create/delete/list, qtree list, diff, fingerprint) by asking the
+(snapshot create/delete/list, qtree list, diff, fingerprint, describe) by asking the
 source service (coalesce_core.serve) over ssh or mutual TLS.  Everything a
 destination writes stays local; the remote side is only read (and asked to
 take and release source PCPIs).
@@ -19,6 +19,7 @@ agent then takes the rollback path).
 from __future__ import annotations
 
 import atexit
+import json
 import os
 import shlex
 import socket
@@ -473,6 +474,75 @@ class RemoteVolume:
             finally:
                 if sess is not None:
                     self._forget(sess)
+
+    # -- descriptions (verification; docs/protocol.md, DESCRIBE)
+    def describe(self, qtree: str, snapshot: str | None, paths: Any) -> list[Any]:
+        """One Description per ``(path, content)``, asked in requests of at most MAX_DESCRIBE_PATHS."""
+        paths = [(p, bool(c)) for p, c in paths]
+        out: list[Any] = []
+        for i in range(0, len(paths), P.MAX_DESCRIBE_PATHS):
+            part = paths[i:i + P.MAX_DESCRIBE_PATHS]
+            got = self._retrying(lambda: list(self._describe(qtree, snapshot, part, None)), f"describe {qtree}")
+            if len(got) != len(part) or any(d.path != p for d, (p, _c) in zip(got, part)):
+                raise P.ProtocolError(f"the server described {len(got)} paths for {len(part)} asked, or others")
+            out.extend(got)
+        return out
+
+    def describe_tree(self, qtree: str, snapshot: str | None, content: bool) -> Iterator[Any]:
+        """Every path of the qtree in path order, streamed (not retried: the walk is long and lazy)."""
+        from coalesce_core.verify import path_key
+
+        last: tuple | None = None
+        for d in self._describe(qtree, snapshot, None, content):
+            key = path_key(d.path)
+            if last is not None and key <= last:
+                raise P.ProtocolError("the server's tree descriptions are not in path order")
+            last = key
+            yield d
+
+    def _retrying(self, fn: Any, what: str) -> Any:
+        failures = 0
+        while True:
+            try:
+                return fn()
+            except P.ConnectionLost as exc:
+                failures += 1
+                if failures > self.settings.retries:
+                    raise BackendError(f"{self.url}: {what} failed after {failures} attempts: {exc}",
+                                       hint=exc.hint or "check the link and the source service") from exc
+                self._backoff(failures - 1)
+
+    def _describe(self, qtree: str, snapshot: str | None, paths: list[tuple[str, bool]] | None,
+                  content: bool | None) -> Iterator[Any]:
+        from coalesce_core.verify import description_from_json
+
+        sess = self._connect()
+        try:
+            rid = sess.next_id()
+            args: dict[str, Any] = {"qtree": qtree, "snapshot": snapshot}
+            if paths is None:
+                args.update(tree=True, content=bool(content))
+            sess.conn.send_json(P.REQUEST, rid, {"op": "describe", "args": args})
+            if paths is not None:
+                lines = ((json.dumps([p, c], separators=(",", ":")) + "\n").encode("ascii") for p, c in paths)
+                for piece in P.pieces(lines, P.DATA_CHUNK):
+                    sess.conn.send(P.DATA, rid, piece)
+                sess.conn.send_json(P.END, rid, {"paths": len(paths)})
+            pending = b""
+            for chunk in self._chunks(sess, rid):
+                *lines_in, pending = (pending + chunk).split(b"\n")
+                if len(pending) > P.MAX_DESCRIPTION_LINE:
+                    raise P.ProtocolError(f"a description from the server is longer than {P.MAX_DESCRIPTION_LINE} bytes")
+                for line in lines_in:
+                    try:
+                        yield description_from_json(json.loads(line.decode("utf-8")))
+                    except (UnicodeDecodeError, ValueError, RecursionError, StreamError) as exc:
+                        raise P.ProtocolError(f"the server sent a malformed description: {str(exc)[:200]}",
+                                              hint="the peer is broken or hostile") from None
+            if pending:
+                raise P.ProtocolError("the server's descriptions end inside a line")
+        finally:
+            self._forget(sess)
 
     def _chunks(self, sess: Session, rid: int) -> Iterator[bytes]:
         dec = P.Decompressor(sess.welcome.get("compression"))

@@ -268,6 +268,36 @@ def coalesce_fingerprint(volume: Any, qtree: str, snapshot: str | None):
 
 
 @hookimpl
+def coalesce_describe(volume: Any, qtree: str, snapshot: str | None, paths: Any):
+    fs = _mine(volume)
+    if fs is None:
+        return None
+    from .describe import describe
+
+    with fs.lock:
+        return describe(fs, qtree, snapshot, paths)
+
+
+@hookimpl
+def coalesce_describe_tree(volume: Any, qtree: str, snapshot: str | None, content: bool):
+    """The generic walk, a directory at a time, each batch under the volume's lock."""
+    fs = _mine(volume)
+    if fs is None:
+        return None
+    from coalesce_core.verify import generic_tree
+
+    return generic_tree(lambda batch: coalesce_describe(volume=fs, qtree=qtree, snapshot=snapshot, paths=batch),
+                        content)
+
+
+@hookimpl
+def coalesce_describe_holds(volume: Any):
+    from .describe import HOLDS
+
+    return HOLDS if _mine(volume) is not None else None
+
+
+@hookimpl
 def coalesce_cli_commands(subparsers: Any) -> None:
     from .cli import add_commands
 

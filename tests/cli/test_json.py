@@ -51,7 +51,9 @@ def test_every_read_verb_json_validates(group, cli, validate_json):
     g = json.loads(out)
     validate_json(g, "graph")
     assert g["counts"] == {"stable": 2}
-    assert sum(e["crosses_line_1004"] for e in g["edges"]) == 4
+    # rollback_failed, baseline_succeeded, break_mirror and jump_ahead from stable_uncoalesced;
+    # request_reseed from stable and from done, jump_ahead from reseeded
+    assert sum(e["crosses_line_1004"] for e in g["edges"]) == 7
 
     rc, out, _ = cli("backends", "--json")
     infos = json.loads(out)
@@ -61,6 +63,43 @@ def test_every_read_verb_json_validates(group, cli, validate_json):
     rc, out, _ = cli("debug", "crash-points", "--json")
     validate_json(json.loads(out), "crash-points")
     assert json.loads(out) == CRASH_POINTS
+
+
+def test_failures_lag_and_reseed_in_status_check_and_history_json(group, cli, validate_json, monkeypatch):
+    """A failed update shows in status (last_error, consecutive_failures; kept through the
+    rollback and the jump-ahead), in history (failed) and in `run --once`'s exit code 8; `check`
+    reports the lag (informative without max_lag, a violation past it); `reseed` shows why."""
+    tmp, writer = group
+    assert cli("init")[0] == 0
+    assert cli("run", "--once", "-q")[0] == 0
+    writer.write("qb", "x", b"x" * 100)
+    monkeypatch.setenv("COALESCE_FAULTS", "coalesce_diff:qtree=qb:volume=src:updates_only=1")
+    rc, _out, err = cli("run", "--once", "-q")
+    monkeypatch.delenv("COALESCE_FAULTS")
+    assert rc == 8
+    doc = json.loads(cli("status", "--json")[1])
+    validate_json(doc, "status")
+    b = next(r for r in doc["replicas"] if r["name"] == "B")
+    assert b["state"] == "stable" and b["consecutive_failures"] == 1
+    assert b["last_error"].startswith("update failed: InjectedFault") and b["lag_seconds"] >= 0
+    hist = json.loads(cli("history", "--json")[1])
+    validate_json(hist, "history")
+    assert list(hist[-1]["failed"]) == ["B"] and hist[-1]["max_lag_seconds"] >= 0
+    rc, out, _ = cli("check", "--json")
+    findings = json.loads(out)
+    validate_json(findings, "check")
+    lag = next(f for f in findings if f["invariant"] == "lag")
+    assert rc == 0 and lag["ok"] and "A: " in lag["detail"] and "B: " in lag["detail"]
+    cfg = tmp / "coalesce.toml"
+    cfg.write_text(cfg.read_text().replace("parallel = 2", 'parallel = 2\nmax_lag = "0.2s"'))
+    import time
+    time.sleep(0.3)  # every image is now older than max_lag
+    rc, out, _ = cli("check", "--json")
+    lag = next(f for f in json.loads(out) if f["invariant"] == "lag")
+    assert rc == 1 and not lag["ok"] and "older than max_lag 0.2s" in lag["detail"]
+    assert cli("reseed", "B", "--reason", "base lost")[0] == 0
+    b = next(r for r in json.loads(cli("status", "--json")[1])["replicas"] if r["name"] == "B")
+    assert (b["state"], b["reseed_reason"]) == ("reseed_pending", "base lost")
 
 
 def test_status_watch_json_prints_one_document_per_refresh(group, cli, validate_json):

@@ -7,7 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 from coalesce_core.faults import Rule
 from coalesce_core.spec import load_spec
@@ -80,6 +79,46 @@ def test_metrics_file_follows_the_cycles(group_config, tmp_path, metrics_module)
         assert fams["coalesce_cycles"] == "counter" and fams["coalesce_replicas"] == "gauge"
         # written atomically: no temporary file left behind, and only *.prom is for the collector
         assert sorted(p.name for p in path.parent.iterdir()) == ["coalesce.prom", "coalesce.prom.state.json"]
+    finally:
+        h.agent.close()
+
+
+def test_per_replica_failure_and_lag_gauges(group_config, tmp_path, metrics_module):
+    """A replica whose update fails shows it (failing 1, failures in a row, an older source point
+    and a larger lag than the others) until a later update succeeds; a failed re-seed is counted."""
+    path = tmp_path / "textfile" / "coalesce.prom"
+    obs = metrics_module.MetricsObserver(path, min_interval=0)
+    h = Harness(group_config(replicas=("A", "B")), plugins=[obs])
+    try:
+        fill(h.writer, ["A", "B"], files=2, size=300)
+        h.cycle()
+        for q in "AB":
+            h.writer.write(q, "x", q.encode() * 100)
+        h.faults.add(Rule(hook="coalesce_diff", qtree="B", volume="src", updates_only=True, times=1))
+        h.clock.advance(60)
+        h.cycle()
+        m = parse(path)
+        rep = lambda name, r: m[(name, (("replica", r),))]  # noqa: E731
+        assert (rep("coalesce_replica_failing", "A"), rep("coalesce_replica_failing", "B")) == (0, 1)
+        assert (rep("coalesce_replica_consecutive_failures", "A"),
+                rep("coalesce_replica_consecutive_failures", "B")) == (0, 1)
+        assert rep("coalesce_replica_lag_seconds", "B") == rep("coalesce_replica_lag_seconds", "A") + 60
+        assert rep("coalesce_replica_source_point_timestamp_seconds", "B") + 60 == \
+            rep("coalesce_replica_source_point_timestamp_seconds", "A")
+        assert rep("coalesce_replica_last_success_timestamp_seconds", "A") > \
+            rep("coalesce_replica_last_success_timestamp_seconds", "B") > 0
+        h.clock.advance(60)
+        h.cycle()
+        m = parse(path)
+        assert (rep("coalesce_replica_failing", "B"), rep("coalesce_replica_consecutive_failures", "B")) == (0, 0)
+        assert rep("coalesce_replica_lag_seconds", "B") == rep("coalesce_replica_lag_seconds", "A")
+        h.agent.reseed("A", "test")
+        h.faults.add(Rule(hook="coalesce_diff", qtree="A", volume="src", times=1))
+        h.cycle()
+        m = parse(path)
+        assert m[("coalesce_failures_total", (("kind", "reseed_failed"),))] == 1
+        assert m[("coalesce_replicas", (("state", "reseed_pending"),))] == 1
+        assert rep("coalesce_replica_failing", "A") == 1
     finally:
         h.agent.close()
 

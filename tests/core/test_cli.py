@@ -147,7 +147,7 @@ def test_graph_and_crash_point_listing():
 FAULTS = "coalesce_diff:qtree=qb:record=3:times=1:volume=src.vol"
 
 
-@pytest.mark.parametrize("point", [p for p in CRASH_POINTS if p not in ("mid_baseline", "mid_retry")])
+@pytest.mark.parametrize("point", [p for p in CRASH_POINTS if p not in ("mid_baseline", "mid_retry", "mid_reseed")])
 def test_sigkill_at_every_crash_point_then_restart(group, point):
     """The real thing: the process SIGKILLs itself at the point; a new process recovers (I6)."""
     tmp, writer = group
@@ -175,3 +175,52 @@ def test_sigkill_at_every_crash_point_then_restart(group, point):
     assert len(dst.snapshot_list()) == 1
     for name, q in (("A", "A"), ("B", "qb")):
         assert dst.fingerprint(name, dst.exported()[name]) == new[q]
+
+
+def test_a_failed_update_shows_and_run_once_exits_8(group):
+    """A failed update is rolled back and the replica ends stable, but `run --once` exits 8
+    (docs/cli.md) and says who failed; `--debug` prints the error; status keeps last_error until
+    a later update of that replica succeeds."""
+    tmp, writer = group
+    run(tmp, "init")
+    run(tmp, "run", "--once")
+    reopen(writer).write("qb", "new", b"changed B" * 100)
+    p = run(tmp, "--debug", "run", "--once", env={"COALESCE_FAULTS": FAULTS}, check=8)
+    assert "update_failed B: update failed: InjectedFault" in p.stderr
+    b = next(r for r in status(tmp)["replicas"] if r["name"] == "B")
+    assert b["state"] == "stable" and b["consecutive_failures"] == 1
+    assert b["last_error"].startswith("update failed: InjectedFault") and b["error"] == b["last_error"]
+    assert b["lag_seconds"] is not None and b["lag_seconds"] >= 0 and b["source_point_time"]
+    hist = json.loads(run(tmp, "history", "--json").stdout)
+    assert list(hist[-1]["failed"]) == ["B"] and hist[-1]["failures"] == 1
+    p = run(tmp, "run", "--once", check=0)
+    b = next(r for r in status(tmp)["replicas"] if r["name"] == "B")
+    assert (b["last_error"], b["consecutive_failures"]) == (None, 0) and b["last_success"]
+    assert json.loads(run(tmp, "history", "--json").stdout)[-1]["failed"] == {}
+
+
+def test_reseed_verb_and_a_sigkill_in_the_middle_of_the_reseed(group):
+    """`coalesce reseed B`: B leaves the cycle still exporting its image; the next run re-seeds it;
+    a SIGKILL mid-re-seed leaves readers on the old image, and the runs after it finish the
+    re-seed (I6); `check` holds throughout."""
+    tmp, writer = group
+    run(tmp, "init")
+    run(tmp, "run", "--once")
+    old = writer.expected_fingerprint("qb")
+    out = run(tmp, "reseed", "B", "--reason", "test").stdout
+    assert "reseed_pending" in out
+    b = next(r for r in status(tmp)["replicas"] if r["name"] == "B")
+    assert (b["state"], b["reseed_reason"]) == ("reseed_pending", "test")
+    assert run(tmp, "check").returncode == 0
+    run(tmp, "reseed", "A", "--reason", "x")
+    p = run(tmp, "run", "--once", env={"COALESCE_CRASH_AT": "mid_reseed:2"}, check=None)
+    assert p.returncode == -9, p.stderr
+    dst = Volume.open(plugin_manager(), f"mem://{tmp}/dst.vol")
+    assert dst.fingerprint("B", dst.exported()["B"]) == old
+    run(tmp, "run", "--once", check=3)  # recovery, the re-seeds run: they rejoin at the next jump-ahead
+    run(tmp, "run", "--once")
+    st = status(tmp)
+    assert {r["state"] for r in st["replicas"]} == {"stable"} and [p["role"] for p in st["pcpis"]] == ["base"]
+    assert run(tmp, "check").returncode == 0
+    p = run(tmp, "reseed", "nope", check=6)
+    assert "no replica 'nope'" in p.stderr and "hint:" in p.stderr

@@ -138,6 +138,25 @@ def test_nan_interval():
     assert "`interval`" in str(err(group_with(interval="nan")))
 
 
+def test_reseed_after_and_max_lag():
+    cfg = parse_config(MIN)
+    assert (cfg.reseed_after, cfg.max_lag) == (3, None)
+    cfg = parse_config(group_with(reseed_after="0", max_lag='"15m"'))
+    assert (cfg.reseed_after, cfg.max_lag) == (0, 900.0)
+    assert parse_config(group_with(max_lag="3600")).max_lag == 3600.0
+
+
+@pytest.mark.parametrize("value", ["-1", "1.5", "true", '"3"'])
+def test_bad_reseed_after(value):
+    assert "`reseed_after`" in str(err(group_with(reseed_after=value)))
+
+
+@pytest.mark.parametrize("value", ['"soon"', '"-1h"', '"0s"', "0", "true", '"15 minutes"'])
+def test_bad_max_lag(value):
+    e = err(group_with(max_lag=value))
+    assert "`max_lag`" in str(e) and e.hint
+
+
 def test_bad_metadata_type():
     assert "`metadata`" in str(err(group_with(metadata="3")))
 

@@ -16,7 +16,7 @@ from coalesce_core.faults import Rule
 from coalesce_core.testing.harness import Harness
 from coalesce_core.testing.workload import fill
 
-CYCLE_POINTS = [p for p in CRASH_POINTS if p not in ("mid_baseline", "mid_retry")]
+CYCLE_POINTS = [p for p in CRASH_POINTS if p not in ("mid_baseline", "mid_retry", "mid_reseed")]
 
 
 def _settle(h: Harness) -> None:
@@ -101,6 +101,25 @@ def test_crash_mid_retry(group_config):
     h.agent.tick()
     assert h.states()["C"] == "stable_uncoalesced"
     _settle(h)
+
+
+@pytest.mark.parametrize("nth", [1, 3])
+def test_crash_mid_reseed(group_config, nth):
+    """A crash in the middle of a re-seed: the replica still exports its last good image; after
+    the restart it waits (reseed_pending) and the next cycle re-seeds it from scratch (I6)."""
+    h = Harness(group_config())
+    fill(h.writer, "ABC", files=6)
+    h.cycle()
+    good = h.exported_fingerprints()["B"]
+    h.agent.reseed("B", "test")
+    h.writer.write("B", "x", b"x" * 100)
+    assert h.crash(f"mid_reseed:{nth}", h.cycle)
+    b = h.agent.state.replicas["B"]
+    assert b.state == "reseed_pending" and b.target is None and b.last_error == "re-seed interrupted by a restart"
+    assert h.exported_fingerprints()["B"] == good
+    h.assert_invariants()
+    _settle(h)
+    assert h.agent.state.replicas["B"].last_error == ""
 
 
 def test_crash_during_resync(group_config):

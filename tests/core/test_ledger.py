@@ -34,7 +34,8 @@ def sample_state(n: int = 5) -> GroupState:
                 for i in range(n)}
     replicas["u"] = Replica(name="u", source_qtree="u", state="unstable_uncoalesced", exported="co-g-000001-individual",
                             last_good="co-g-000001-individual", scratch="co-g-000003-individual", retries=3,
-                            next_retry=123.5, error="boom: it broke")
+                            next_retry=123.5, last_error="boom: it broke", consecutive_failures=2,
+                            last_success=99.5, reseed_reason="")
     replicas["k"] = Replica(name="k", source_qtree="k", state="broken", exported=ACTIVE, last_good="co-g-000002-base")
     pcpis = {
         "co-g-000002-base": Pcpi(name="co-g-000002-base", role="base", cycle=1, taken=True),
@@ -43,11 +44,14 @@ def sample_state(n: int = 5) -> GroupState:
         "co-g-000003-individual": Pcpi(name="co-g-000003-individual", role="individual", cycle=1, taken=False,
                                        releasing=False, owners=frozenset({"u"})),
     }
-    sps = {"co-g-src-000001": SourcePcpi(name="co-g-src-000001", cycle=1, taken=True),
+    replicas["p"] = Replica(name="p", source_qtree="p", state="reseed_pending", exported="co-g-000002-base",
+                            last_good="co-g-000002-base", source_point="co-g-src-000001", consecutive_failures=3,
+                            last_error="update failed: ENOSPC", reseed_reason="3 updates failed in a row")
+    sps = {"co-g-src-000001": SourcePcpi(name="co-g-src-000001", cycle=1, taken=True, taken_at=16.5),
            "co-g-src-000000": SourcePcpi(name="co-g-src-000000", cycle=0, taken=True, releasing=True)}
     return GroupState(name="g", phase="updating", cycle=7, seq=42, replicas=replicas, pcpis=pcpis, source_pcpis=sps,
                       cycle_target="co-g-src-000001", purged=True, retry=RetryPolicy(initial=5.0, factor=3.0, maximum=99.0),
-                      cycle_started=17.25, cycle_failures=2)
+                      cycle_started=17.25, cycle_failures=2, reseed_after=5)
 
 
 def digest(path: Path) -> str:
@@ -73,6 +77,25 @@ def test_create_open_load_round_trip_I6(ledger_file):
     assert isinstance(loaded.pcpis["co-g-000001-individual"].owners, frozenset)
     assert loaded.retry == RetryPolicy(initial=5.0, factor=3.0, maximum=99.0)
     assert loaded.replicas["k"].exported == ACTIVE
+
+
+def test_failure_fields_round_trip_and_rows_of_older_ledgers_load(ledger_file):
+    """last_error, consecutive_failures, last_success, reseed_reason, the source PCPI's time and
+    reseed_after survive a reopen; a replica row written before last_error (key ``error``) loads."""
+    led = Ledger.open(ledger_file, group="g")
+    loaded = led.load()
+    u, p = loaded.replicas["u"], loaded.replicas["p"]
+    assert (u.last_error, u.consecutive_failures, u.last_success) == ("boom: it broke", 2, 99.5)
+    assert (p.state, p.reseed_reason) == ("reseed_pending", "3 updates failed in a row")
+    assert loaded.source_pcpis["co-g-src-000001"].taken_at == 16.5 and loaded.reseed_after == 5
+    with led._tx():
+        led.conn.execute("UPDATE replicas SET data = ? WHERE name = 'k'", (json.dumps(
+            {"name": "k", "source_qtree": "k", "state": "broken", "exported": ACTIVE, "error": "old text"}),))
+        led.conn.execute("DELETE FROM meta WHERE key = 'reseed_after'")
+    old = led.load()
+    led.close()
+    assert old.replicas["k"].last_error == "old text" and old.replicas["k"].consecutive_failures == 0
+    assert old.reseed_after == 3  # the default when an older ledger has none
 
 
 def test_open_without_group_check(ledger_file):

@@ -34,6 +34,11 @@ DESIGN_FIELDS = {
     "unstable_uncoalesced": ("outside", "1024"),
     "stable_uncoalesced": ("outside", "1030"),
     "broken": ("outside", None),
+    # additions to DESIGN §2 (docs/decisions.md, "Re-seeding a replica that cannot apply its
+    # stream"): a re-seed happens in the fault-tolerant field 1006, like a baseline
+    "reseed_pending": ("outside", "1006*"),
+    "reseeding": ("outside", "1006*"),
+    "reseeded": ("outside", "1006*"),
 }
 DESIGN_EDGES = {
     ("start_baseline", "uninitialized", "baseline"),
@@ -55,6 +60,15 @@ DESIGN_EDGES = {
     # an addition to DESIGN §2 (docs/decisions.md, "An update a restart interrupted resumes
     # from its spool"): a rolled-back, spooled update restarts in the same cycle
     ("resume_update", "done", "update"),
+    # additions: re-seed (docs/decisions.md)
+    ("request_reseed", "stable", "reseed_pending"),
+    ("request_reseed", "done", "reseed_pending"),
+    ("request_reseed", "stable_uncoalesced", "reseed_pending"),
+    ("request_reseed", "unstable_uncoalesced", "reseed_pending"),
+    ("start_reseed", "reseed_pending", "reseeding"),
+    ("reseed_succeeded", "reseeding", "reseeded"),
+    ("reseed_failed", "reseeding", "reseed_pending"),
+    ("jump_ahead", "reseeded", "stable"),
 }
 DESIGN_REFS = {
     "baseline_succeeded": "1042", "update_succeeded": "1012", "update_failed": "1016",
@@ -128,10 +142,11 @@ def test_replica_spec_matches_design_section_2(spec):
 
 
 def test_per_state_flags_match_design(spec):
-    """in_flight = update, rollback, baseline (the I8 jump-ahead guard); stable = I9 applies."""
+    """in_flight = update, rollback, baseline (the I8 jump-ahead guard; a re-seed does not hold
+    it); stable = I9 applies; a replica whose re-seed arrived joins the jump-ahead."""
     assert spec.in_flight_states == {"update", "rollback", "baseline"}
     assert spec.stable_states == {"stable", "stable_uncoalesced"}
-    assert spec.jump_ahead_sources == {"stable", "done", "stable_uncoalesced"}
+    assert spec.jump_ahead_sources == {"stable", "done", "stable_uncoalesced", "reseeded"}
 
 
 def test_replica_machine_is_deterministic(spec):

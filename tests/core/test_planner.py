@@ -18,6 +18,7 @@ import attrs
 import pytest
 
 from coalesce_core import effects as fx
+from coalesce_core import planner
 from coalesce_core import events as ev
 from coalesce_core.errors import IllegalTransition
 from coalesce_core.hookspecs import ACTIVE
@@ -56,6 +57,12 @@ def rep(name: str, state: str = "stable", **kw) -> Replica:
         defaults = dict(exported=IND, last_good=IND, source_point=S0, active_point=S0)
     if state == "broken":
         defaults = dict(exported=ACTIVE, last_good=BASE, source_point=S1, active_point=S1)
+    if state in ("reseed_pending", "reseeding", "reseeded"):
+        defaults = dict(exported=IND, last_good=IND, source_point=S0, reseed_reason="test")
+    if state == "reseeding":
+        defaults.update(target=S2)
+    if state == "reseeded":
+        defaults.update(active_point=S2)
     defaults.update(kw)
     return Replica(name=name, source_qtree=name, state=state, **defaults)
 
@@ -383,6 +390,43 @@ def _scn_resync():
     return group(rep("K", "broken"), rep("B")), [ev.Resync(replica="K")]
 
 
+def _scn_reseed_stable():
+    return rest("A", "B"), [ev.Reseed(replica="A", reason="operator")]
+
+
+def _scn_reseed_su():
+    return group(rep("A", "stable_uncoalesced"), rep("B")), [ev.Reseed(replica="A", reason="verify")]
+
+
+def _scn_reseed_after_rollback():
+    """The reseed_after-th failed update in a row: after its rollback, A leaves to be re-seeded."""
+    return _rolling_back(rep("A", "rollback", consecutive_failures=3), rep("B", "rollback")), \
+        [ev.RollbackDone(replica="A", ok=True)]
+
+
+def _scn_reseed_after_failed_rollback():
+    return _rolling_back(rep("A", "rollback", consecutive_failures=3), rep("B", "rollback")), \
+        [ev.RollbackDone(replica="A", ok=False, error="io")]
+
+
+def _scn_start_reseed():
+    st, events = _scn_start_baseline()
+    return st.with_replica(rep("P", "reseed_pending")), events
+
+
+def _scn_reseed_succeeded():
+    return group(rep("P", "reseeding"), rep("A")), [ev.TransferDone(replica="P", ok=True, now=70.0)]
+
+
+def _scn_reseed_failed():
+    return group(rep("P", "reseeding"), rep("A")), [ev.TransferDone(replica="P", ok=False, now=70.0, error="x")]
+
+
+def _jump_2_reseeded():
+    st, events = _jump_2()
+    return st.with_replica(rep("RS", "reseeded")), events
+
+
 REPLICA_SCENARIOS: dict[tuple[str, str, str], tuple[str, Callable]] = {
     ("start_baseline", "uninitialized", "baseline"): ("U", _scn_start_baseline),
     ("start_update", "stable", "update"): ("A", _scn_start_update),
@@ -401,7 +445,21 @@ REPLICA_SCENARIOS: dict[tuple[str, str, str], tuple[str, Callable]] = {
     ("break_mirror", "stable", "broken"): ("A", _scn_break_stable),
     ("break_mirror", "stable_uncoalesced", "broken"): ("A", _scn_break_su),
     ("resync", "broken", "unstable_uncoalesced"): ("K", _scn_resync),
+    ("request_reseed", "stable", "reseed_pending"): ("A", _scn_reseed_stable),
+    ("request_reseed", "stable_uncoalesced", "reseed_pending"): ("A", _scn_reseed_su),
+    ("request_reseed", "done", "reseed_pending"): ("A", _scn_reseed_after_rollback),
+    ("request_reseed", "unstable_uncoalesced", "reseed_pending"): ("A", _scn_reseed_after_failed_rollback),
+    ("start_reseed", "reseed_pending", "reseeding"): ("P", _scn_start_reseed),
+    ("reseed_succeeded", "reseeding", "reseeded"): ("P", _scn_reseed_succeeded),
+    ("reseed_failed", "reseeding", "reseed_pending"): ("P", _scn_reseed_failed),
+    ("jump_ahead", "reseeded", "stable"): ("RS", _jump_2_reseeded),
 }
+
+
+#: edges taken in the same decision as the edge that led to their source state (the
+#: reseed_after-th failed update leaves for its re-seed right after its rollback ended)
+CHAINED = {("request_reseed", "done", "reseed_pending"): ("rollback_succeeded", "rollback"),
+           ("request_reseed", "unstable_uncoalesced", "reseed_pending"): ("rollback_failed", "rollback")}
 
 
 def test_every_replica_edge_of_the_spec_has_a_scenario_I8():
@@ -414,7 +472,8 @@ def test_every_replica_edge_is_taken_through_decide_I8(edge):
     trigger, source, dest = edge
     who, scenario = REPLICA_SCENARIOS[edge]
     st, events = scenario()
-    assert st.replicas[who].state == source
+    before = CHAINED.get(edge)
+    assert st.replicas[who].state == (before[1] if before else source)
     logged = set()
     for e in events:
         d = decide(st, e)
@@ -422,6 +481,8 @@ def test_every_replica_edge_is_taken_through_decide_I8(edge):
         st = d.state
         check_i1(st)
     assert (who, trigger, source, dest) in logged
+    if before:
+        assert (who, before[0], before[1], source) in logged
     assert st.replicas[who].state == dest
     legal = load_spec().replica.edges()
     assert all((t, s, de) in legal for (r, t, s, de) in logged if r is not None)
@@ -468,7 +529,7 @@ def test_baseline_failed_removes_partial_data_first():
     st, (fail, removed) = _scn_baseline_failed()
     d = decide(st, fail)
     u = d.state.replicas["U"]
-    assert u.state == "baseline" and u.error == "net"  # still in flight until the data is gone
+    assert u.state == "baseline" and u.last_error == "baseline failed: net"  # in flight until the data is gone
     assert d.effects == (fx.RemoveQtree(replica="U"),)
     assert d.log == () and d.state.cycle_failures == 1
     d = decide(d.state, removed)
@@ -496,7 +557,9 @@ def test_update_failed_goes_to_rollback_and_counts_a_failure():
     st, (e,) = _scn_update_failed()
     d = decide(st, attrs.evolve(e, error="disk full"))
     a = d.state.replicas["A"]
-    assert (a.state, a.target, a.error, a.exported, a.active_point) == ("rollback", None, "disk full", BASE, S1)
+    assert (a.state, a.target, a.last_error, a.exported, a.active_point) == \
+        ("rollback", None, "update failed: disk full", BASE, S1)
+    assert a.consecutive_failures == 1
     assert d.state.cycle_failures == 1
     assert d.effects == ()  # B still updating: no rollback PCPI yet
 
@@ -509,9 +572,11 @@ def test_late_transfer_answer_is_ignored():
 
 def test_rollback_succeeded_returns_to_the_exported_image_and_jumps_ahead():
     st, (e,) = _scn_rollback_succeeded()
+    st = st.with_replica(attrs.evolve(st.replicas["A"], last_error="update failed: x", consecutive_failures=1))
     d = decide(st, e)
     a = d.state.replicas["A"]
-    assert (a.state, a.active_point, a.error, a.exported) == ("done", S1, "", BASE)
+    # the rollback does not clear the update's error: only a later successful transfer does
+    assert (a.state, a.active_point, a.last_error, a.exported) == ("done", S1, "update failed: x", BASE)
     assert d.effects == () and d.state.phase == "rolling_back"  # B still rolling back (I8)
     d = decide(d.state, ev.RollbackDone(replica="B", ok=True))
     assert (None, "start_jump_ahead", "rolling_back", "jump_ahead_1") in edges(d)
@@ -526,7 +591,7 @@ def test_rollback_failed_pins_last_good_as_individual_pcpi_I2():
     d = decide(st, attrs.evolve(e, now=1000.0, error="io"))
     a = d.state.replicas["A"]
     assert a.state == "unstable_uncoalesced"
-    assert (a.last_good, a.exported, a.retries, a.error) == (BASE, BASE, 0, "io")
+    assert (a.last_good, a.exported, a.retries, a.last_error) == (BASE, BASE, 0, "rollback failed: io")
     assert a.next_retry == 1000.0 + RETRY.initial
     sim = Sim(d.state)
     sim.state = d.state
@@ -552,7 +617,7 @@ def test_retry_failed_backs_off_exponentially_up_to_the_maximum(retries):
     n = retries + 1
     assert a.state == "unstable_uncoalesced" and a.retries == n
     assert a.next_retry == 500.0 + min(RETRY.maximum, RETRY.initial * RETRY.factor ** n)
-    assert (a.scratch, a.exported, a.error) == (None, IND, "again")
+    assert (a.scratch, a.exported, a.last_error) == (None, IND, "retry failed: again")
     assert d.effects == (fx.ReleasePcpi(name=SCR),)  # export unchanged: no switch
     assert d.state.pcpis[SCR].releasing
 
@@ -604,7 +669,7 @@ def test_jump_ahead_switches_every_participant_in_one_export():
     for n in ("S", "D", "SU"):
         assert s[n].state == "stable" and s[n].exported == NB
         assert s[n].source_point == st.replicas[n].active_point
-        assert (s[n].last_good, s[n].scratch, s[n].retries, s[n].error) == (None, None, 0, "")
+        assert (s[n].last_good, s[n].scratch, s[n].retries) == (None, None, 0)
     assert s["D"].source_point == S2 and s["SU"].source_point == S0
     assert s["UU"] == st.replicas["UU"] and s["K"] == st.replicas["K"]
     assert d.effects == (fx.Export(mapping={"S": NB, "D": NB, "SU": NB, "UU": "co-g-000000-individual",
@@ -806,13 +871,15 @@ def test_exported_outside_jump_ahead_2_changes_nothing():
 @pytest.mark.parametrize("phase", ["updating", "rolling_back"])
 def test_jump_ahead_guard_over_every_pair_of_replica_states_I8(phase):
     """I8: start_jump_ahead is allowed iff no replica is in update, rollback or baseline
-    and some replica (stable, done, stable_uncoalesced) participates."""
+    (a re-seed does not hold it) and some replica (stable, done, stable_uncoalesced,
+    reseeded) participates."""
     spec = load_spec()
     model = Model()
     states = spec.replica.state_names
     for a, b in itertools.product(states, repeat=2):
         st = GroupState(name=G, phase=phase, replicas={"A": Replica("A", "A", state=a), "B": Replica("B", "B", state=b)})
-        expect = not ({a, b} & {"update", "rollback", "baseline"}) and bool({a, b} & {"stable", "done", "stable_uncoalesced"})
+        expect = not ({a, b} & {"update", "rollback", "baseline"}) and bool(
+            {a, b} & {"stable", "done", "stable_uncoalesced", "reseeded"})
         assert model.agent_may(st, "start_jump_ahead") is expect, (a, b)
 
 
@@ -1034,7 +1101,7 @@ def test_recover_update_becomes_rollback_and_takes_one_rollback_pcpi():
     d = recover(st, dest={BASE})
     assert {("A", "update_failed", "update", "rollback"), ("C", "update_failed", "update", "rollback"),
             (None, "start_rollback", "updating", "rolling_back")} <= edges(d)
-    assert d.state.replicas["A"].error == "interrupted by a restart"
+    assert d.state.replicas["A"].last_error == "update interrupted by a restart"
     assert d.state.cycle_failures == 2
     (take,) = d.effects[1:]
     assert take.role == "rollback"
@@ -1467,3 +1534,207 @@ def test_a_resumable_replica_whose_rollback_fails_leaves_the_cycle_without_resum
     a = d.state.replicas["A"]
     assert (a.state, a.resume) == ("unstable_uncoalesced", False)
     assert not any(isinstance(e, fx.Transfer) for e in d.effects)
+
+
+# ---------------------------------------------------------------------------
+# failures that show; re-seeding a replica that cannot apply its stream
+# (docs/decisions.md "Re-seeding a replica that cannot apply its stream")
+# ---------------------------------------------------------------------------
+class UpdatesFail(Sim):
+    """A Sim in which the incremental updates of ``broken`` fail (a translation bug, a lost
+    base): its baselines and re-seeds (base None) still succeed."""
+
+    def __init__(self, state: GroupState, broken=(), **kw) -> None:
+        super().__init__(state, **kw)
+        self.broken = set(broken)
+
+    def answer(self, e):
+        if isinstance(e, fx.Transfer) and e.replica in self.broken and e.base is not None:
+            return ev.TransferDone(replica=e.replica, ok=False, now=self.now, error="stream cannot be applied")
+        return super().answer(e)
+
+
+def _cycles(sim: Sim, n: int, step: float = 100.0) -> Sim:
+    for _ in range(n):
+        sim.now += step
+        sim.run(ev.StartCycle(now=sim.now))
+        assert sim.state.phase == "idle"
+    return sim
+
+
+def test_a_failed_update_shows_until_a_later_one_succeeds():
+    """last_error and consecutive_failures survive the rollback and the jump-ahead (which
+    used to clear the error); the next successful update clears them and sets last_success."""
+    sim = _cycles(UpdatesFail(rest("A", "B"), broken={"A"}), 1)
+    a, b = sim.state.replicas["A"], sim.state.replicas["B"]
+    assert a.state == "stable" and a.exported == b.exported  # rolled back, jumped ahead with the others
+    assert (a.last_error, a.consecutive_failures, a.last_success) == \
+        ("update failed: stream cannot be applied", 1, 0.0)
+    assert a.source_point == S1 != b.source_point  # A's image did not move; B's did
+    assert (b.last_error, b.consecutive_failures, b.last_success) == ("", 0, sim.now)
+    sim.broken.clear()
+    _cycles(sim, 1)
+    a = sim.state.replicas["A"]
+    assert (a.last_error, a.consecutive_failures, a.last_success) == ("", 0, sim.now)
+    assert a.source_point == sim.state.replicas["B"].source_point
+
+
+def test_rollback_and_jump_ahead_keep_the_error_of_the_update():
+    st, (e,) = _jump_2()
+    st = st.with_replica(attrs.evolve(st.replicas["D"], last_error="update failed: x", consecutive_failures=2))
+    d = decide(st, e)
+    d_ = d.state.replicas["D"]
+    assert (d_.state, d_.last_error, d_.consecutive_failures) == ("stable", "update failed: x", 2)
+
+
+@pytest.mark.parametrize("reseed_after", [1, 3])
+def test_reseed_after_failed_updates_in_a_row_the_replica_leaves_the_cycle(reseed_after):
+    """After reseed_after failed updates in a row the replica leaves the cycle at the end of the
+    last one's rollback (request_reseed), keeps exporting that image pinned as its individual
+    PCPI (I2), the next cycle re-seeds it by a baseline (base None) and it rejoins at a later
+    jump-ahead at the source point of its re-seed."""
+    sim = UpdatesFail(attrs.evolve(rest("A", "B"), reseed_after=reseed_after), broken={"A"})
+    _cycles(sim, reseed_after - 1)
+    assert sim.state.replicas["A"].state == "stable"
+    _cycles(sim, 1)
+    a = sim.state.replicas["A"]
+    assert a.state == "reseed_pending" and a.consecutive_failures == reseed_after
+    assert f"{reseed_after} updates failed in a row" in a.reseed_reason
+    assert a.last_good == a.exported and a.exported != sim.state.base().name
+    assert sim.state.pcpis[a.exported].role == "individual" and sim.state.pcpis[a.exported].owners == {"A"}
+    assert i2_bounded_extras(sim.state).ok and i4_one_coalesced_point(sim.state).ok
+    exported, point = a.exported, a.source_point
+    n = len(sim.effects)
+    _cycles(sim, 1)  # the re-seed: a baseline of A from this cycle's source PCPI
+    (transfer,) = [e for e in of(sim.effects[n:], fx.Transfer) if e.replica == "A"]
+    assert (transfer.base, transfer.reseed, transfer.target) == (None, True, sim.state.replicas["B"].source_point)
+    a = sim.state.replicas["A"]
+    # the re-seed arrived before the jump-ahead here (the Sim answers in order): A rejoined
+    assert (a.state, a.source_point, a.last_error, a.consecutive_failures) == ("stable", transfer.target, "", 0)
+    assert a.exported == sim.state.base().name and exported not in sim.state.pcpis  # the pin was released
+    assert point != a.source_point and not a.reseed_reason
+
+
+def test_reseed_after_zero_never_reseeds():
+    sim = _cycles(UpdatesFail(attrs.evolve(rest("A"), reseed_after=0), broken={"A"}), 5)
+    a = sim.state.replicas["A"]
+    assert (a.state, a.consecutive_failures) == ("stable", 5)
+
+
+def test_reseed_due_rule():
+    assert [planner.reseed_due(n, 3) for n in range(5)] == [False, False, False, True, True]
+    assert not planner.reseed_due(10, 0)
+
+
+def test_reseed_after_a_failed_rollback_leaves_from_unstable_uncoalesced():
+    st, events = _scn_reseed_after_failed_rollback()
+    d = decide(st, events[0])
+    a = d.state.replicas["A"]
+    assert [t.trigger for t in d.log if t.replica == "A"] == ["rollback_failed", "request_reseed"]
+    assert (a.state, a.last_good, a.exported, a.last_error) == ("reseed_pending", BASE, BASE, "rollback failed: io")
+
+
+def test_a_reseed_does_not_hold_the_jump_ahead_I8():
+    """The re-seed is outside the cycle: the others' exports move on while it runs; it ends
+    (in any phase, here idle) as reseeded and joins the next jump-ahead."""
+    st = group(rep("P", "reseed_pending"), rep("B"))
+    d = decide(st, ev.StartCycle(now=500.0))
+    (take,) = d.effects
+    d = decide(d.state, ev.SourcePcpiTaken(name=take.name, now=501.0))
+    target = take.name
+    assert set(d.effects) == {fx.Transfer(replica="P", source_qtree="P", base=None, target=target, reseed=True),
+                              fx.Transfer(replica="B", source_qtree="B", base=S1, target=target)}
+    sim = Sim(d.state)
+    sim.run(ev.TransferDone(replica="B", ok=True, now=502.0))  # B ends: the jump-ahead does not wait for P
+    s = sim.state
+    assert s.phase == "idle" and s.replicas["P"].state == "reseeding"
+    assert s.replicas["B"].source_point == target and s.replicas["P"].exported == IND
+    assert target in s.source_pcpis  # held for the running re-seed
+    assert of(sim.effects, fx.Export) == [fx.Export(mapping={"P": IND, "B": s.base().name}, jump=True)]
+    d = decide(s, ev.TransferDone(replica="P", ok=True, now=900.0))
+    p_ = d.state.replicas["P"]
+    assert (p_.state, p_.active_point, p_.exported, p_.last_success) == ("reseeded", target, IND, 900.0)
+    assert d.effects == () and d.state.phase == "idle"
+    sim = Sim(d.state, now=1000.0).run(ev.StartCycle(now=1000.0))
+    p_ = sim.state.replicas["P"]
+    assert (p_.state, p_.source_point, p_.exported) == ("stable", target, sim.state.base().name)
+    assert IND not in sim.state.pcpis  # its pinned last good image was released
+    assert sim.state.lag(p_, 1000.0) == 499.0  # the age of the re-seed's source PCPI
+
+
+def test_a_failed_reseed_is_retried_with_backoff():
+    st, (e,) = _scn_reseed_failed()
+    d = decide(st, e)
+    p_ = d.state.replicas["P"]
+    assert (p_.state, p_.retries, p_.next_retry, p_.target, p_.active_point) == \
+        ("reseed_pending", 1, 70.0 + RETRY.initial, None, None)
+    assert (p_.last_error, p_.consecutive_failures, p_.exported) == ("re-seed failed: x", 1, IND)
+    d2 = decide(d.state, ev.StartCycle(now=70.0 + RETRY.initial - 1))
+    d2 = decide(d2.state, ev.SourcePcpiTaken(name=d2.effects[0].name))
+    assert d2.state.replicas["P"].state == "reseed_pending"  # not yet due
+    assert not [x for x in d2.effects if isinstance(x, fx.Transfer) and x.replica == "P"]
+    d3 = decide(d.state, ev.StartCycle(now=70.0 + RETRY.initial))
+    d3 = decide(d3.state, ev.SourcePcpiTaken(name=d3.effects[0].name))
+    assert d3.state.replicas["P"].state == "reseeding"
+
+
+def test_reseed_request_pins_the_exported_base_until_it_rejoins_I2():
+    d = decide(rest("A", "B"), ev.Reseed(replica="A", reason="operator"))
+    a = d.state.replicas["A"]
+    assert (a.state, a.exported, a.last_good, a.active_point, a.reseed_reason) == \
+        ("reseed_pending", BASE, BASE, None, "operator")
+    assert d.effects == () and edges(d) == {("A", "request_reseed", "stable", "reseed_pending")}
+    check_i1(d.state)
+    sim = UpdatesFail(d.state, broken=set())
+    sim.fail_transfer = {"A"}  # the re-seed fails too: A keeps exporting BASE, now its individual PCPI
+    sim.run(ev.StartCycle(now=1.0))
+    s = sim.state
+    assert s.replicas["A"].state == "reseed_pending" and s.replicas["A"].exported == BASE
+    assert s.pcpis[BASE].role == "individual" and s.pcpis[BASE].owners == {"A"}
+    assert i2_bounded_extras(s).ok and i4_one_coalesced_point(s).ok
+
+
+@pytest.mark.parametrize("state", ["reseed_pending", "reseeding", "reseeded"])
+def test_reseed_of_a_replica_already_being_reseeded_changes_nothing(state):
+    st = group(rep("A", state), rep("B"))
+    d = decide(st, ev.Reseed(replica="A", reason="again"))
+    assert d.state == st and d.effects == () and d.log == ()
+
+
+@pytest.mark.parametrize("state,text", [("uninitialized", "has no image yet"), ("broken", "is broken"),
+                                        ("unstable_uncoalesced", "is in state")])
+def test_reseed_is_refused_with_a_clear_error(state, text):
+    kw = {"scratch": SCR} if state == "unstable_uncoalesced" else {}
+    st = group(rep("A", state, **kw), rep("B"))
+    with pytest.raises(NotNow, match=text) as ei:
+        decide(st, ev.Reseed(replica="A", reason="x"))
+    assert ei.value.hint and ei.value.exit_code == 6
+    with pytest.raises(NotNow, match="no replica 'Z'"):
+        decide(st, ev.Reseed(replica="Z", reason="x"))
+    with pytest.raises(NotNow, match="phase 'updating'"):
+        decide(attrs.evolve(rest("A"), phase="updating"), ev.Reseed(replica="A", reason="x"))
+
+
+def test_recover_an_interrupted_reseed_waits_for_the_next_cycle_I6():
+    st = group(rep("P", "reseeding", consecutive_failures=2), rep("A"))
+    st = st.with_source_pcpi(SourcePcpi(S2, 2, taken=True))
+    d = recover(st, dest={BASE, IND})
+    p_ = d.state.replicas["P"]
+    assert edges(d) == {("P", "reseed_failed", "reseeding", "reseed_pending")}
+    assert (p_.state, p_.target, p_.next_retry, p_.exported, p_.consecutive_failures) == \
+        ("reseed_pending", None, 0.0, IND, 2)  # a restart is not the replica's failure
+    assert p_.last_error == "re-seed interrupted by a restart"
+    assert d.effects[0] == fx.Export(mapping={"P": IND, "A": BASE})
+
+
+def test_source_pcpi_time_is_recorded_and_gives_the_lag():
+    d = decide(rest("A"), ev.StartCycle(now=100.0))
+    (take,) = d.effects
+    d = decide(d.state, ev.SourcePcpiTaken(name=take.name, now=101.5))
+    assert d.state.source_pcpis[take.name].taken_at == 101.5
+    sim = Sim(d.state)
+    sim.run(ev.TransferDone(replica="A", ok=True, now=102.0))
+    a = sim.state.replicas["A"]
+    assert a.source_point == take.name and sim.state.source_point_time(a) == 101.5
+    assert sim.state.lag(a, 161.5) == 60.0 and sim.state.lag(a, 0.0) == 0.0
+    assert sim.state.lag(rep("U", "uninitialized"), 10.0) is None

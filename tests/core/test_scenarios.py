@@ -233,6 +233,83 @@ def test_illegal_requests_are_clear_errors(harness):
         h.agent.break_mirror("Z")
 
 
+def test_a_replica_that_cannot_apply_its_stream_is_reseeded(harness):
+    """Every update of B fails (a stream the destination can never apply): the failure shows
+    (last_error, consecutive_failures) through the rollback and the jump-ahead; after
+    reseed_after = 2 failed updates in a row B leaves the cycle still exporting its last good
+    image (I3, pinned: I2), a later cycle re-seeds it by a baseline from its source PCPI, and it
+    rejoins exporting that image; A and C are brought up to date every cycle (I7)."""
+    h = harness(reseed_after=2)
+    h.cycle()
+    good = h.exported_fingerprints()["B"]
+    h.faults.add(Rule(hook="coalesce_diff", qtree="B", volume="src", updates_only=True, message="cannot apply"))
+    points = []
+
+    def cycle(i: int) -> None:
+        for q in "ABC":
+            h.writer.write(q, f"round-{i}", f"{q}{i}".encode() * 500)
+        h.cycle()
+        h.assert_invariants()  # I3 compares every export with the source point the ledger names
+        s = h.agent.state
+        points.append(max(h.writer.snapshots))
+        for q in "AC":  # the others are unaffected
+            assert s.replicas[q].source_point == points[-1]
+            assert h.exported_fingerprints()[q] == h.writer.snapshots[points[-1]][q]
+
+    cycle(1)
+    b = h.agent.state.replicas["B"]
+    assert (b.state, b.consecutive_failures) == ("stable", 1) and "update failed" in b.last_error
+    assert "cannot apply" in b.last_error and h.exported_fingerprints()["B"] == good
+    cycle(2)
+    b = h.agent.state.replicas["B"]
+    assert (b.state, b.consecutive_failures) == ("reseed_pending", 2) and b.last_error
+    assert h.exported_fingerprints()["B"] == good  # its last good image, pinned as its individual PCPI
+    assert h.agent.state.pcpis[b.exported].role == "individual"
+    assert ("B", "request_reseed", "done", "reseed_pending") in h.recorder.transitions
+    cycle(3)  # the re-seed: a baseline of B from this cycle's source PCPI (updates still fail)
+    b = h.agent.state.replicas["B"]
+    assert b.state in ("reseeded", "stable")  # it rejoins at this jump-ahead if it arrived before it
+    assert (b.last_error, b.consecutive_failures) == ("", 0) and b.last_success
+    cycle(4)
+    b = h.agent.state.replicas["B"]
+    assert b.state == "stable"  # joined here, or joined in cycle 3 and its update failed again
+    assert b.source_point == points[2]  # the image of the re-seed's source PCPI: newer than before
+    assert h.exported_fingerprints()["B"] == h.writer.snapshots[points[2]]["B"] != good
+    h.faults.clear()
+    cycle(5)
+    b = h.agent.state.replicas["B"]
+    assert (b.state, b.source_point, b.last_error) == ("stable", points[-1], "")
+    assert not [p for p in h.agent.state.pcpis.values() if p.role == "individual"]
+
+
+def test_reseed_on_request_keeps_the_last_good_image_exported(harness):
+    """`coalesce reseed` (Agent.reseed): out of the cycle at once, the image it exported stays
+    exported (the base, pinned); a second request while it is pending changes nothing; the next
+    cycle re-seeds it; refused with a clear error for a replica that has no image yet."""
+    from coalesce_core.planner import NotNow
+
+    h = harness()
+    h.cycle()
+    good = h.exported_fingerprints()
+    h.agent.reseed("A", "operator")
+    h.agent.reseed("A", "again")
+    a = h.agent.state.replicas["A"]
+    assert (a.state, a.reseed_reason, a.exported) == ("reseed_pending", "operator", h.agent.state.base().name)
+    h.assert_invariants()
+    h.writer.write("A", "more", b"m" * 100)
+    h.cycle()
+    assert h.exported_fingerprints()["A"] in (good["A"], h.writer.snapshots[max(h.writer.snapshots)]["A"])
+    h.assert_invariants()
+    h.cycle()
+    assert set(h.states().values()) == {"stable"}
+    assert h.exported_fingerprints()["A"] == h.writer.snapshots[max(h.writer.snapshots)]["A"]
+    h.assert_invariants()
+    h.writer.ensure_qtree("D")
+    h.agent.add_replica("D")
+    with pytest.raises(NotNow, match="has no image yet"):
+        h.agent.reseed("D", "x")
+
+
 @pytest.mark.parametrize("n", [300])
 def test_many_replicas_never_more_than_four_cycle_pcpis(group_config, n):
     """I1 for 300 replicas: <= 4 PCPIs in cycle roles at every instant, exactly 1 at rest."""

@@ -2,7 +2,9 @@
 
 It drives the REAL agent (coalesce_core.testing.harness.Harness) on a real
 backend: source writes, cycles, transfers cut at a random record, failing
-rollbacks, crashes at any named crash point (n-th pass) followed by a restart
+rollbacks, updates that keep failing (a stream the destination can never
+apply: the replica is re-seeded after ``reseed_after`` of them), the reseed
+verb, crashes at any named crash point (n-th pass) followed by a restart
 from the ledger, new replicas (baseline), break and resync, the retry timer,
 and hostile change records fed to the applier.  After every step it checks
 the invariants against the volumes and against the SourceWriter's own record
@@ -29,8 +31,9 @@ from coalesce_core import records as R
 from coalesce_core.config import parse_config
 from coalesce_core.crashpoints import CRASH_POINTS
 from coalesce_core.errors import CoalesceError, HostilePath
-from coalesce_core.faults import Rule
+from coalesce_core.faults import FaultInjector, Rule
 from coalesce_core.hookspecs import ACTIVE, hookimpl
+from coalesce_core.planner import NotNow
 from coalesce_core.spec import load_spec
 from coalesce_core.testing.harness import Harness
 from coalesce_core.testing.workload import fill
@@ -43,10 +46,13 @@ EXTRA = ("D", "E")
 QTREES = INITIAL + EXTRA
 #: I7: once faults stop, every replica is stable at the newest source point within this many cycles
 SETTLE_CYCLES = 4
+#: [group] reseed_after of the machine's group
+RESEED_AFTER = 2
+RESEEDING = ("reseed_pending", "reseeding", "reseeded")
 _ids = itertools.count()
 
 #: counters read by tools/check (steps and examples run in this process)
-STATS = {"examples": 0, "steps": 0, "crashes": 0, "restarts": 0, "hostile": 0, "resumes": 0}
+STATS = {"examples": 0, "steps": 0, "crashes": 0, "restarts": 0, "hostile": 0, "resumes": 0, "reseeds": 0}
 
 
 def backend_works(scheme: str) -> bool:
@@ -75,7 +81,7 @@ def make_config(scheme: str, tmp: Path, parallel: int = 1):
     lines = ["[group]", 'name = "g"', f'source = "{src}"', f'destination = "{dst}"',
              f"parallel = {parallel}", f'metadata = "{tmp}/meta{n}"',
              # every other example spools its updates, so a crash mid-update resumes (resume_updates)
-             f"spool = {'true' if n % 2 else 'false'}",
+             f"spool = {'true' if n % 2 else 'false'}", f"reseed_after = {RESEED_AFTER}",
              "[group.retry]", "initial = 5", "factor = 2", "maximum = 60"]
     for r in INITIAL:
         lines += ["[[replica]]", f'name = "{r}"']
@@ -132,7 +138,9 @@ class CoalescingMachine(RuleBasedStateMachine):
         STATS["examples"] += 1
         self.tmp = Path(tempfile.mkdtemp(prefix="coalesce-stateful-"))
         self.watch = ExportWatch()
-        self.h = Harness(make_config(self.scheme, self.tmp), plugins=[self.watch])
+        #: streams that can never be applied (every update of the qtree fails; baselines work)
+        self.stream_bugs = FaultInjector()
+        self.h = Harness(make_config(self.scheme, self.tmp), plugins=[self.watch, self.stream_bugs])
         self.watch.machine = self
         self.rng = random.Random(0)
         self.replay: dict[str, str] = {}
@@ -190,6 +198,42 @@ class CoalescingMachine(RuleBasedStateMachine):
         self._run(self.h.cycle)
         self.h.faults.clear()
 
+    @rule(q=st.sampled_from(QTREES), heal=st.booleans())
+    def update_keeps_failing(self, q: str, heal: bool) -> None:
+        """q's stream can no longer be applied (a translation bug, a lost base): every update of q
+        fails for reseed_after cycles with changes in q, so a replica of q in the cycle is
+        re-seeded (its baseline still works); then the stream heals, or stays broken (a re-seeded
+        replica that rejoins fails again) until ``heal`` or the teardown."""
+        self.stream_bugs.rules[:] = [r for r in self.stream_bugs.rules if r.qtree != q]
+        self.stream_bugs.add(Rule(hook="coalesce_diff", qtree=q, volume="src", updates_only=True,
+                                  message="stream cannot be applied"))
+        for _ in range(RESEED_AFTER):
+            self.h.writer.random_changes(self.rng, q, 2)
+            self._run(self.h.cycle)
+        if heal:
+            self.stream_bugs.rules[:] = [r for r in self.stream_bugs.rules if r.qtree != q]
+
+    @rule(q=st.sampled_from(QTREES))
+    def reseed_verb(self, q: str) -> None:
+        """`coalesce reseed q`: legal from stable, stable_uncoalesced, unstable_uncoalesced (no
+        retry running), a no-op while a re-seed is under way, a clear NotNow otherwise."""
+        r = self.agent.state.replicas.get(q)
+        if r is None:
+            return
+        legal = r.state in ("stable", "stable_uncoalesced", "unstable_uncoalesced") and r.scratch is None
+        try:
+            self.agent.reseed(q, "stateful test")
+        except NotNow as exc:
+            assert not legal and r.state not in RESEEDING, f"reseed of {q} in {r.state} refused: {exc}"
+            assert self.agent.state.replicas[q] == r and exc.hint
+            return
+        after = self.agent.state.replicas[q]
+        if legal:
+            assert (after.state, after.exported, after.source_point) == ("reseed_pending", r.exported, r.source_point)
+            assert after.last_good == (r.last_good or r.exported)
+        else:
+            assert r.state in RESEEDING and after == r, f"reseed of {q} in {r.state} was accepted"
+
     @rule(seconds=st.sampled_from([1.0, 6.0, 30.0, 100.0]))
     def retry_timer(self, seconds: float) -> None:
         self.h.clock.advance(seconds)
@@ -228,7 +272,7 @@ class CoalescingMachine(RuleBasedStateMachine):
         self._run(lambda: self.agent.resync(q))
 
     @rule(point=st.sampled_from(sorted(CRASH_POINTS)), nth=st.integers(1, 3),
-          what=st.sampled_from(["cycle", "failing_cycle", "tick", "resync"]), q=st.sampled_from(INITIAL))
+          what=st.sampled_from(["cycle", "failing_cycle", "tick", "resync", "reseed"]), q=st.sampled_from(INITIAL))
     def crash_and_restart(self, point: str, nth: int, what: str, q: str) -> None:
         """A crash at the n-th pass through a named point, then a new agent from the ledger (I6)."""
         before = self._exported_images()
@@ -242,6 +286,12 @@ class CoalescingMachine(RuleBasedStateMachine):
         elif what == "tick":
             self.h.clock.advance(100)
             step = self.agent.tick
+        elif what == "reseed":  # a cycle that re-seeds q, when q can be re-seeded
+            r = self.agent.state.replicas.get(q)
+            if r is not None and r.state in ("stable", "stable_uncoalesced"):
+                self.agent.reseed(q, "crash test")
+            self.h.writer.random_changes(self.rng, q, 1)
+            step = self.h.cycle
         else:
             r = self.agent.state.replicas.get(q)
             if r is None or r.state != "broken":
@@ -285,6 +335,22 @@ class CoalescingMachine(RuleBasedStateMachine):
         assert not bad, "; ".join(f"{f.invariant}: {f.detail}" for f in bad)
 
     @invariant()
+    def failures_show(self) -> None:
+        """At rest a failed transfer shows (last_error) until a later one of the replica succeeds,
+        and a replica whose updates failed reseed_after times in a row is being re-seeded,
+        not left in (or back in) the cycle to fail for ever."""
+        s = self.agent.state
+        if s.phase != "idle":
+            return
+        for r in s.replicas.values():
+            if r.consecutive_failures:
+                assert r.last_error, f"{r.name}: {r.consecutive_failures} failed transfers but no last_error"
+            if r.consecutive_failures >= s.reseed_after > 0 and r.state != "uninitialized":
+                assert r.state in RESEEDING, \
+                    f"{r.name}: {r.consecutive_failures} failed updates in a row, still {r.state} (reseed_after)"
+            assert bool(r.reseed_reason) == (r.state in RESEEDING), f"{r.name}: reseed_reason in {r.state}"
+
+    @invariant()
     def i4_every_export_switch(self) -> None:
         assert not self.watch.violations, self.watch.violations[0]
 
@@ -313,6 +379,7 @@ class CoalescingMachine(RuleBasedStateMachine):
             assert (trigger, source, dest) in edges, f"I8: {replica} {trigger} {source}->{dest} not in the spec"
             assert self.replay.get(replica, source) == source, \
                 f"I8: {replica} moved from {source} but was in {self.replay.get(replica)}"
+            STATS["reseeds"] += trigger == "start_reseed"
             if trigger == "jump_ahead":
                 flying = {n: s for n, s in self.replay.items() if s in IN_FLIGHT}
                 assert not flying, f"I8: jump_ahead of {replica} while {flying} in flight"
@@ -346,6 +413,7 @@ class CoalescingMachine(RuleBasedStateMachine):
         """I7: faults stop (the administrator resyncs broken replicas); within SETTLE_CYCLES
         cycles every replica is stable and exports the newest source PCPI's image."""
         self.h.faults.clear()
+        self.stream_bugs.clear()
         for r in list(self.agent.state.replicas.values()):
             if r.state == "broken":
                 self.agent.resync(r.name)

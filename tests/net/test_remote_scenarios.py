@@ -55,6 +55,7 @@ HARNESS_SCENARIOS = [
     "test_failed_baseline_removes_partial_data_and_retries_next_cycle",
     "test_break_and_resync",
     "test_illegal_requests_are_clear_errors",
+    "test_a_replica_that_cannot_apply_its_stream_is_reseeded",
 ]
 
 
@@ -86,5 +87,9 @@ def test_crash_other(name, remote_config, remote_harness):
     getattr(C, name)(remote_config)
 
 
+def test_crash_mid_reseed(remote_config, remote_harness):
+    C.test_crash_mid_reseed(remote_config, 1)
+
+
 def test_every_crash_point_is_covered():
-    assert set(CYCLE_POINTS) | {"mid_baseline", "mid_retry"} == set(CRASH_POINTS)
+    assert set(CYCLE_POINTS) | {"mid_baseline", "mid_retry", "mid_reseed"} == set(CRASH_POINTS)

@@ -1,0 +1,361 @@
+"""Running verifications on volumes (the executor side of coalesce_core.verify).
+
+* :class:`TransferCheck` -- the check before ``done``: after an update's
+  records were applied, the paths they touched (an incremental update) or the
+  whole qtree (a baseline or re-seed: every path was created) are described
+  in the source PCPI and in the replica's active FS and compared; the first
+  difference raises :class:`~coalesce_core.errors.VerificationFailed`.
+* :func:`verify_export` -- a whole exported image against the source PCPI the
+  ledger says it shows (``coalesce verify``, ``[group] verify_every``).
+* :func:`load_times` / :func:`save_times` -- the time of each replica's last
+  full verification, kept in the ledger's ``meta`` table.
+
+Both sides are described at the same time: the source side in a helper
+thread (its reads and digests release the GIL), the replica side in the
+caller's.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import threading
+from typing import Any, Iterable, Iterator, Mapping, Sequence
+
+import attrs
+
+from . import verify as V
+from .errors import VerificationFailed
+from .hookspecs import ACTIVE
+from .records import paths_of
+
+#: paths described per call in the check of an update (bounds the descriptions held at once)
+BATCH = 16384
+#: the ledger's meta key holding the last full verification of each replica
+META_KEY = "verified"
+
+
+class _Side:
+    """Runs a function in a helper thread; :meth:`result` waits for it and re-raises its error."""
+
+    def __init__(self) -> None:
+        self.t: threading.Thread | None = None
+        self.box: dict[str, Any] = {}
+
+    def start(self, fn: Any, *args: Any) -> None:
+        box = self.box
+
+        def run() -> None:
+            try:
+                box["value"] = fn(*args)
+            except BaseException as exc:  # handed to the caller of result()
+                box["error"] = exc
+
+        self.t = threading.Thread(target=run, name="coalesce-verify", daemon=True)
+        self.t.start()
+
+    def result(self) -> Any:
+        assert self.t is not None
+        self.t.join()
+        if "error" in self.box:
+            raise self.box["error"]
+        return self.box["value"]
+
+
+def _both(source: Any, src_qtree: str, src_snap: str | None, dest: Any, dst_qtree: str, dst_snap: str | None,
+          cache: Mapping[str, V.Description] | None = None):
+    """``describe_both`` for compare_paths: the source side in a helper thread, the replica side
+    in the caller's; source descriptions already in ``cache`` (taken with content) are reused,
+    and when the cache holds most of the source side, the helper also takes half of the replica
+    side."""
+    cache = cache or {}
+
+    def usable(p: str, content: bool) -> bool:
+        d = cache.get(p)
+        return d is not None and (not content or d.kind != "f" or d.content is not None)
+
+    def describe_both(chunk: Sequence[tuple[str, bool]]):
+        chunk = list(chunk)
+        need = [(p, c) for p, c in chunk if not usable(p, c)]
+        half = len(chunk) // 2 if len(need) * 4 <= len(chunk) else len(chunk)
+
+        def helper() -> tuple[list, list]:
+            got = source.describe(src_qtree, src_snap, need) if need else []
+            return got, dest.describe(dst_qtree, dst_snap, chunk[half:]) if half < len(chunk) else []
+
+        side = _Side()
+        side.start(helper)
+        try:
+            first = dest.describe(dst_qtree, dst_snap, chunk[:half])
+        finally:
+            got, rest = side.result()
+        mine = first + rest
+        found = {d.path: d for d in got}
+        theirs = [cache[p] if usable(p, c) else found[p] for p, c in chunk]
+        return theirs, mine
+
+    return describe_both
+
+
+def _prefetched(it: Iterator[V.Description], depth: int = 4096) -> Iterator[V.Description]:
+    """``it`` read ahead by a helper thread (at most ``depth`` items); closed with the result."""
+    q: "queue.Queue[tuple[str, Any]]" = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for d in it:
+                while not stop.is_set():
+                    try:
+                        q.put(("item", d), timeout=0.2)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            final: tuple[str, Any] = ("end", None)
+        except BaseException as exc:
+            final = ("error", exc)
+        finally:
+            close = getattr(it, "close", None)
+            if close is not None and stop.is_set():
+                try:
+                    close()
+                except Exception:
+                    pass
+        while not stop.is_set():
+            try:
+                q.put(final, timeout=0.2)
+                return
+            except queue.Full:
+                continue
+
+    t = threading.Thread(target=produce, name="coalesce-verify-walk", daemon=True)
+    t.start()
+    try:
+        while True:
+            kind, value = q.get()
+            if kind == "item":
+                yield value
+            elif kind == "end":
+                return
+            else:
+                raise value
+    finally:
+        stop.set()
+        t.join()
+
+
+def compare_trees(source: Any, src_qtree: str, src_snap: str | None, dest: Any, dst_qtree: str,
+                  dst_snap: str | None, *, content: bool, holds: V.Holds, limit: int) -> V.Outcome:
+    """Two whole qtrees, each walked once (``describe_tree``), the source's in a helper thread."""
+    src = _prefetched(iter(source.describe_tree(src_qtree, src_snap, content=content)))
+    dst = iter(dest.describe_tree(dst_qtree, dst_snap, content=content))
+    try:
+        return V.tree_compare(src, dst, holds, limit=limit)
+    finally:
+        for it in (src, dst):
+            close = getattr(it, "close", None)
+            if close is not None:
+                close()
+
+
+class _Prefetch:
+    """Describes, in a helper thread and while the update is still being applied, the source
+    side of the paths the records name (the source PCPI does not change, so its descriptions
+    can be taken at any time): the check after the apply then mostly reads the replica.
+
+    Paths are handed over in batches of PREFETCH_PATHS paths or PREFETCH_BYTES of written data,
+    so a backend whose describe call costs something by itself (a read clone of zfs-fuse) pays it
+    per batch; what is left when the stream ends is described with the rest.  Best effort: a
+    failed batch is simply described again by the check."""
+
+    def __init__(self, source: Any, qtree: str, target: str) -> None:
+        self.source, self.qtree, self.target = source, qtree, target
+        self.cache: dict[str, V.Description] = {}
+        self.seen: set[str] = set()
+        self.pending: list[tuple[str, bool]] = []
+        self.pending_bytes = 0
+        self.q: "queue.Queue[list[tuple[str, bool]] | None]" = queue.Queue()
+        self.t = threading.Thread(target=self._run, name="coalesce-verify-prefetch", daemon=True)
+        self.t.start()
+
+    def _run(self) -> None:
+        while True:
+            batch = self.q.get()
+            if batch is None:
+                return
+            try:
+                for d in self.source.describe(self.qtree, self.target, batch):
+                    self.cache[d.path] = d
+            except Exception:
+                pass  # described again by the check
+
+    def offer(self, path: str, nbytes: int) -> None:
+        if path not in self.seen:
+            self.seen.add(path)
+            self.pending.append((path, True))
+        self.pending_bytes += nbytes
+        if len(self.pending) >= PREFETCH_PATHS or (self.pending and self.pending_bytes >= PREFETCH_BYTES):
+            self.q.put(self.pending)
+            self.pending, self.pending_bytes = [], 0
+
+    def finish(self) -> dict[str, V.Description]:
+        """Wait for the batches handed over; the descriptions taken (the pending rest is not)."""
+        self.close()
+        return self.cache
+
+    def close(self) -> None:
+        if self.t.is_alive():
+            self.q.put(None)
+            self.t.join()
+
+
+#: a prefetch batch: this many paths, or paths whose records wrote this many bytes
+PREFETCH_PATHS = 4096
+PREFETCH_BYTES = 256 << 20
+
+
+class TransferCheck:
+    """The check before ``done`` of one transfer (:meth:`run` raises VerificationFailed naming
+    the first difference between the replica's active FS and ``source_qtree`` in source PCPI
+    ``target``).
+
+    Incremental (an update): :meth:`add` sees every record on its way to the applier
+    (coalesce_core.verify.Touched collects the paths; the source side of those it names is
+    described meanwhile, :class:`_Prefetch`, for a local source), and :meth:`run` compares the
+    touched paths, then every path below the entries the records renamed, without content
+    (coalesce_core.verify.compare_subtrees).  Otherwise (a baseline or re-seed: every path was created) :meth:`run`
+    compares the whole qtree, bytes included.  :meth:`close` in every case."""
+
+    def __init__(self, source: Any, dest: Any, *, replica: str, source_qtree: str, target: str,
+                 incremental: bool) -> None:
+        self.source, self.dest = source, dest
+        self.replica, self.source_qtree, self.target = replica, source_qtree, target
+        self.touched = V.Touched() if incremental else None
+        local = not getattr(source.handle, "records_decoded", False)
+        self.prefetch = _Prefetch(source, source_qtree, target) if incremental and local else None
+
+    def add(self, rec: Any) -> None:
+        if self.touched is None:
+            return
+        self.touched.add(rec)
+        if self.prefetch is not None:
+            data = getattr(rec, "data", None)
+            for p in paths_of(rec):
+                self.prefetch.offer(p, len(data) if data is not None else 0)
+
+    def run(self) -> V.Outcome:
+        holds = self.dest.describe_holds()
+        if self.touched is None:
+            outcome = compare_trees(self.source, self.source_qtree, self.target, self.dest, self.replica, None,
+                                    content=True, holds=holds, limit=1)
+        else:
+            cache = self.prefetch.finish() if self.prefetch is not None else {}
+            both = _both(self.source, self.source_qtree, self.target, self.dest, self.replica, None, cache)
+            outcome = V.compare_paths(self.touched.paths(), both, holds, batch=BATCH, limit=1)
+            moved = self.touched.moved()
+            if outcome.ok and moved:
+                below = V.compare_subtrees(moved, both, holds, batch=BATCH, limit=1)
+                outcome = attrs.evolve(outcome, differences=below.differences,
+                                       checked=outcome.checked + below.checked)
+        if not outcome.ok:
+            raise VerificationFailed("verification failed: " + outcome.differences[0].explain(self.target))
+        return outcome
+
+    def close(self) -> None:
+        if self.prefetch is not None:
+            self.prefetch.close()
+
+
+def verifiable(replica: Any) -> bool:
+    """Whether ``replica`` exports an image of a known source PCPI (what `coalesce verify` checks)."""
+    return (replica.exported not in (None, ACTIVE)) and replica.source_point is not None
+
+
+def verify_export(source: Any, dest: Any, replica: Any, *, content: bool, limit: int = 10) -> V.Outcome:
+    """The whole image ``replica`` exports against its source qtree in the source PCPI
+    the ledger says it shows (``Replica.source_point``)."""
+    if not verifiable(replica):
+        raise ValueError(f"replica {replica.name!r} exports no image of a source PCPI")
+    return compare_trees(source, replica.source_qtree, replica.source_point, dest, replica.name, replica.exported,
+                         content=content, holds=dest.describe_holds(), limit=limit)
+
+
+# ---------------------------------------------------------------------------
+# the ledger's record of full verifications
+# ---------------------------------------------------------------------------
+def load_times(conn: Any) -> dict[str, dict[str, Any]]:
+    """{replica: {"at": time, "ok": bool, "error": str}} of the last full verifications."""
+    row = conn.execute("SELECT value FROM meta WHERE key = ?", (META_KEY,)).fetchone()
+    if not row:
+        return {}
+    try:
+        data = json.loads(row[0])
+    except ValueError:
+        return {}
+    return {k: v for k, v in data.items() if isinstance(v, dict) and isinstance(v.get("at"), (int, float))} \
+        if isinstance(data, dict) else {}
+
+
+def save_times(ledger: Any, updates: Mapping[str, Mapping[str, Any]], keep: Iterable[str]) -> None:
+    """Merge ``updates`` into the record, dropping replicas not in ``keep`` (one durable commit)."""
+    with ledger._tx():
+        times = load_times(ledger.conn)
+        times.update({k: dict(v) for k, v in updates.items()})
+        keep = set(keep)
+        times = {k: v for k, v in sorted(times.items()) if k in keep}
+        ledger.conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (META_KEY, json.dumps(times, sort_keys=True)))
+
+
+# ---------------------------------------------------------------------------
+# `coalesce verify`
+# ---------------------------------------------------------------------------
+def read_state(config: Any, dest: Any) -> Any:
+    """The group's state from its ledger, opened read-only (nothing is recovered or written)."""
+    import sqlite3
+
+    from .errors import MetadataError
+    from .ledger import Ledger
+
+    path = config.ledger_path(dest.metadata_dir())
+    if not path.exists():
+        raise MetadataError(f"no metadata file at {path}", hint="run `coalesce init` and a cycle first")
+    Ledger._validate(path, config.name)
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30, check_same_thread=False)
+    except sqlite3.Error as exc:
+        raise MetadataError(f"metadata file {path} cannot be opened read-only: {exc}") from None
+    try:
+        return Ledger(path, conn).load()
+    finally:
+        conn.close()
+
+
+def verify_replicas(source: Any, dest: Any, state: Any, names: Sequence[str], *, full: bool,
+                    limit: int = 10) -> list[dict[str, Any]]:
+    """`coalesce verify`: one result per replica (docs/schemas/verify.schema.json)."""
+    from .errors import CoalesceError
+
+    out = []
+    for name in names:
+        r = state.replicas[name]
+        row: dict[str, Any] = {"replica": name, "state": r.state, "exported_pcpi": r.exported,
+                               "source_point": r.source_point, "full": full, "checked": 0, "differences": [],
+                               "not_compared": [], "detail": None}
+        if not verifiable(r):
+            row.update(result="skipped", detail="exports nothing" if r.exported is None else
+                       "exports its active file system (broken)" if r.exported == ACTIVE else "no source point")
+            out.append(row)
+            continue
+        try:
+            outcome = verify_export(source, dest, r, content=full, limit=limit)
+        except CoalesceError as exc:
+            row.update(result="error", detail=f"{exc.message}" + (f" ({exc.hint})" if exc.hint else ""))
+            out.append(row)
+            continue
+        row.update(result="ok" if outcome.ok else "differs", checked=outcome.checked,
+                   not_compared=list(outcome.not_compared),
+                   differences=[{**d.as_dict(), "message": d.explain(r.source_point)} for d in outcome.differences])
+        out.append(row)
+    return out

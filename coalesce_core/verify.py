@@ -1,0 +1,657 @@
+"""Verification of a replica against its source PCPI (docs/verification.md): pure, no I/O.
+
+* :class:`Description` -- what a volume says about one qtree-relative path
+  (the ``coalesce_describe`` hook); :class:`Holds` -- what a destination
+  keeps of an entry (``coalesce_describe_holds``), so that a field is
+  compared only where the destination can hold it.
+* :class:`Touched` -- the paths an update may have changed, collected from
+  its change records on their way to the applier.
+* :class:`Comparer` -- compares descriptions of the same paths on both sides
+  (every field, hard-link groups) and keeps the first differences in path
+  order; :func:`compare_paths` checks a list of paths in batches,
+  :func:`tree_compare` two whole images (merged streams in path order).
+* :func:`due_for_verification` -- which replica the background verification
+  (``[group] verify_every``) checks next.
+
+Paths are ordered component by component, by the bytes of each name, so a
+directory comes before everything below it (:func:`path_key`).
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import math
+from typing import Callable, Iterable, Iterator, Mapping, Sequence
+
+import attrs
+
+from .records import (
+    Begin, End, HardLink, MkDir, MkFile, Rename, RmDir, SetAttr, SetXattr, Symlink, Truncate, Unlink, Write,
+)
+
+ABSENT = "absent"
+KINDS = (ABSENT, "d", "f", "l")
+KIND_WORDS = {ABSENT: "absent", "d": "a directory", "f": "a regular file", "l": "a symlink"}
+
+#: The fields compared, in the order a difference is looked for (the first one that differs is reported).
+FIELDS = ("kind", "target", "size", "content", "mode", "uid", "gid", "mtime_ns", "xattrs", "link")
+
+_XATTR_TAG = b"coalesce-xattrs-v1\n"
+
+
+def path_key(path: str) -> tuple[bytes, ...]:
+    """Sort key: a directory before its contents, names compared by their bytes."""
+    return tuple(c.encode("utf-8", "surrogateescape") for c in path.split("/")) if path else ()
+
+
+def parent_of(path: str) -> str:
+    return path.rpartition("/")[0]
+
+
+def join(parent: str, name: str) -> str:
+    return f"{parent}/{name}" if parent else name
+
+
+def xattr_digest(xattrs: Mapping[str, bytes]) -> str:
+    """The digest of an entry's extended attributes (every backend computes it the same way)."""
+    h = hashlib.sha256(_XATTR_TAG)
+    for name in sorted(xattrs, key=lambda n: n.encode("utf-8", "surrogateescape")):
+        nb, value = name.encode("utf-8", "surrogateescape"), bytes(xattrs[name])
+        h.update(len(nb).to_bytes(4, "big") + nb + len(value).to_bytes(4, "big"))
+        h.update(value)
+    return h.hexdigest()
+
+
+def _kind(_inst: object, _a: attrs.Attribute, value: str) -> None:
+    if value not in KINDS:
+        raise ValueError(f"a description's kind is one of {KINDS}, not {value!r}")
+
+
+@attrs.frozen
+class Description:
+    """One qtree-relative path ("" is the qtree root) as a volume holds it.
+
+    kind      ``absent``, ``d``, ``f`` or ``l`` (special files describe as absent:
+              no change record carries them)
+    mode      permission bits (``mode & 0o7777``) of a directory or regular file
+    uid, gid  owner of any entry
+    size      of a regular file
+    mtime_ns  modification time of any entry
+    target    of a symlink
+    xattrs    :func:`xattr_digest` of a directory's or regular file's extended
+              attributes (None for a symlink: Linux keeps no user xattrs there)
+    content   a regular file's content digest (coalesce_core.fingerprint
+              ``ContentDigest``: holes read as zeros), only when asked for
+    entries   a directory's entries: sorted (name, kind) pairs
+    ident     a regular file's identity (an inode number), compared only as
+              "which described paths share it" (hard-link groups)
+    nlink     a regular file's link count (0: the backend does not count
+              links): bounds the hard-link bookkeeping of a whole-image walk;
+              never compared (a replica's purgatory holds links of its own
+              until the next jump-ahead)
+    """
+
+    path: str
+    kind: str = attrs.field(validator=_kind)
+    mode: int | None = None
+    uid: int | None = None
+    gid: int | None = None
+    size: int | None = None
+    mtime_ns: int | None = None
+    target: str | None = None
+    xattrs: str | None = None
+    content: str | None = None
+    entries: tuple[tuple[str, str], ...] | None = None
+    ident: int | None = None
+    nlink: int = 1
+
+    @classmethod
+    def absent(cls, path: str) -> "Description":
+        return cls(path=path, kind=ABSENT)
+
+
+@attrs.frozen
+class Holds:
+    """What a destination volume keeps of an entry, declared by its backend.
+
+    owners       uid and gid are kept (and compared)
+    xattrs       extended attributes are kept (and compared)
+    mtime_ns     the resolution of the modification times it keeps, in ns (1:
+                 exact; 10**9: whole seconds, as zfs-fuse); 0: none kept
+    """
+
+    owners: bool = True
+    xattrs: bool = True
+    mtime_ns: int = attrs.field(default=1, validator=attrs.validators.ge(0))
+
+    def not_compared(self) -> tuple[str, ...]:
+        """The fields this destination cannot hold (reported, never silently dropped)."""
+        out = []
+        if not self.owners:
+            out += ["uid", "gid"]
+        if not self.xattrs:
+            out.append("xattrs")
+        if not self.mtime_ns:
+            out.append("mtime_ns")
+        return tuple(out)
+
+
+@attrs.frozen
+class Difference:
+    """The first field of ``path`` that differs, its value in the source PCPI and in the replica.
+    ``field`` "link": the path is a hard link of ``source`` in the source and of ``replica`` in the replica."""
+
+    path: str
+    field: str
+    source: object
+    replica: object
+
+    def explain(self, source_pcpi: str) -> str:
+        """``'d1/p/c' is absent in the replica but a directory in source PCPI co-g-src-000004``."""
+        where = _show(self.path)
+        src = f"source PCPI {source_pcpi}"
+        if self.field == "kind":
+            return f"{where} is {KIND_WORDS[str(self.replica)]} in the replica but {KIND_WORDS[str(self.source)]} in {src}"
+        if self.field == "link":
+            return (f"{where} is a hard link of {_show(str(self.replica))} in the replica but of "
+                    f"{_show(str(self.source))} in {src}")
+        return f"{where}: {self.field} is {_value(self.field, self.replica)} in the replica but " \
+               f"{_value(self.field, self.source)} in {src}"
+
+    def as_dict(self) -> dict[str, object]:
+        return {"path": self.path, "field": self.field, "source": self.source, "replica": self.replica}
+
+
+def _show(path: str) -> str:
+    return repr(path) if path else "the qtree root"
+
+
+def _value(field: str, value: object) -> str:
+    if value is None:
+        return "unknown"
+    if field == "mode":
+        return oct(int(value))  # type: ignore[call-overload]
+    if field in ("content", "xattrs"):
+        return f"digest {str(value)[:12]}"
+    return repr(value)
+
+
+def _differ(a: Description, b: Description, holds: Holds) -> Difference | None:
+    """The first field in which ``b`` (replica) differs from ``a`` (source), or None."""
+    p = a.path
+    if a.kind != b.kind:
+        return Difference(p, "kind", a.kind, b.kind)
+    if a.kind == ABSENT:
+        return None
+    if a.target != b.target:
+        return Difference(p, "target", a.target, b.target)
+    if a.size != b.size:
+        return Difference(p, "size", a.size, b.size)
+    if a.content is not None and b.content is not None and a.content != b.content:
+        return Difference(p, "content", a.content, b.content)
+    if a.mode != b.mode:
+        return Difference(p, "mode", a.mode, b.mode)
+    if holds.owners:
+        if a.uid != b.uid:
+            return Difference(p, "uid", a.uid, b.uid)
+        if a.gid != b.gid:
+            return Difference(p, "gid", a.gid, b.gid)
+    r = holds.mtime_ns
+    if r and a.mtime_ns is not None and b.mtime_ns is not None and a.mtime_ns // r != b.mtime_ns // r:
+        return Difference(p, "mtime_ns", a.mtime_ns, b.mtime_ns)
+    if holds.xattrs and a.xattrs is not None and b.xattrs is not None and a.xattrs != b.xattrs:
+        return Difference(p, "xattrs", a.xattrs, b.xattrs)
+    return None
+
+
+def _entry_differences(parent: str, a: Description, b: Description) -> Iterator[Difference]:
+    """Entries of a directory present on one side only, or of another kind: as kind differences
+    of the child paths (the child is the first path that differs)."""
+    sa, sb = dict(a.entries or ()), dict(b.entries or ())
+    if sa == sb:
+        return
+    for name in sorted(set(sa) | set(sb), key=lambda n: n.encode("utf-8", "surrogateescape")):
+        ka, kb = sa.get(name, ABSENT), sb.get(name, ABSENT)
+        if ka != kb:
+            yield Difference(join(parent, name), "kind", ka, kb)
+
+
+class Comparer:
+    """Compares the descriptions of the same paths on both sides, batch after batch.
+
+    Batches may come in any order; :attr:`differences` keeps the ``limit``
+    first differences in path order (one per path: its first differing
+    field, :data:`FIELDS`).  Hard-link groups: two described regular files
+    that share an identity on one side must share it on the other; the
+    bookkeeping keeps only files with more than one link (or an unknown
+    count) on either side, so it grows with the hard-linked files, not the
+    image."""
+
+    def __init__(self, holds: Holds = Holds(), limit: int = 10) -> None:
+        self.holds = holds
+        self.limit = limit
+        self.differences: list[Difference] = []
+        self._keys: list[tuple[bytes, ...]] = []
+        self._seen: set[str] = set()
+        self.checked = 0
+        self._lead_src: dict[int, str] = {}
+        self._lead_dst: dict[int, str] = {}
+        self._linked: list[tuple[str, int, int]] = []   # (path, src ident, dst ident), resolved at the end
+
+    def add(self, diff: Difference) -> None:
+        if diff.path in self._seen:
+            return
+        key = path_key(diff.path)
+        if len(self.differences) >= self.limit and key >= self._keys[-1]:
+            return
+        self._seen.add(diff.path)
+        i = bisect.bisect(self._keys, key)
+        self._keys.insert(i, key)
+        self.differences.insert(i, diff)
+        if len(self.differences) > self.limit:
+            self._keys.pop()
+            self.differences.pop()
+
+    def feed(self, src: Sequence[Description], dst: Sequence[Description], *, entries: bool = True) -> None:
+        """Compare one batch: the same paths, in the same order, on both sides (``entries``:
+        also the entries of directories, as differences of the child paths)."""
+        if len(src) != len(dst):
+            raise ValueError(f"{len(src)} source descriptions for {len(dst)} replica descriptions")
+        for a, b in zip(src, dst):
+            if a.path != b.path:
+                raise ValueError(f"description of {a.path!r} paired with one of {b.path!r}")
+            self.checked += 1
+            d = _differ(a, b, self.holds)
+            if d is not None:
+                self.add(d)
+                continue
+            if a.kind == "d" and entries:
+                for e in _entry_differences(a.path, a, b):
+                    self.add(e)
+            elif a.kind == "f" and a.ident is not None and b.ident is not None and (a.nlink != 1 or b.nlink != 1):
+                self._linked.append((a.path, a.ident, b.ident))
+
+    def finish(self) -> list[Difference]:
+        """Resolve the hard-link groups (in path order) and return the differences."""
+        for path, si, di in sorted(self._linked, key=lambda t: path_key(t[0])):
+            ls = self._lead_src.setdefault(si, path)
+            ld = self._lead_dst.setdefault(di, path)
+            if ls != ld:
+                self.add(Difference(path, "link", ls, ld))
+        self._linked.clear()
+        return list(self.differences)
+
+
+def compare(src: Sequence[Description], dst: Sequence[Description], holds: Holds = Holds(),
+            limit: int = 10) -> list[Difference]:
+    """The first ``limit`` differences, in path order, between two descriptions of the same paths."""
+    c = Comparer(holds, limit)
+    c.feed(src, dst)
+    return c.finish()
+
+
+# ---------------------------------------------------------------------------
+# the wire form (the DESCRIBE request of docs/protocol.md)
+# ---------------------------------------------------------------------------
+_WIRE = (("m", "mode"), ("u", "uid"), ("g", "gid"), ("s", "size"), ("t", "mtime_ns"), ("l", "target"),
+         ("x", "xattrs"), ("c", "content"), ("i", "ident"))
+_MAX_INT = 1 << 64
+_MAX_ENTRIES = 10_000_000
+
+
+def description_to_json(d: Description) -> dict[str, object]:
+    """A compact JSON object of a Description (fields that are None are left out)."""
+    out: dict[str, object] = {"p": d.path, "k": d.kind}
+    for key, field in _WIRE:
+        value = getattr(d, field)
+        if value is not None:
+            out[key] = value
+    if d.entries is not None:
+        out["e"] = [list(e) for e in d.entries]
+    if d.nlink != 1:
+        out["n"] = d.nlink
+    return out
+
+
+def description_from_json(obj: object) -> Description:
+    """The Description of a JSON object from a peer; ValueError for anything malformed."""
+    from .records import MAX_NAME, MAX_PATH, check_path_or_root
+
+    if not isinstance(obj, dict) or set(obj) - {"p", "k", "e", "n", *(k for k, _f in _WIRE)}:
+        raise ValueError("a description is an object with the keys of docs/protocol.md")
+    path, kind = obj.get("p"), obj.get("k")
+    if not isinstance(path, str) or kind not in KINDS:
+        raise ValueError("a description needs a path and a kind")
+    check_path_or_root(path)
+    kw: dict[str, object] = {}
+    for key, field in _WIRE:
+        value = obj.get(key)
+        if value is None:
+            continue
+        if field in ("target", "xattrs", "content"):
+            limit = MAX_PATH if field == "target" else 128
+            if not isinstance(value, str) or not value or "\x00" in value or len(value) > limit:
+                raise ValueError(f"a description's {field} is not a short string")
+        elif not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < _MAX_INT:
+            raise ValueError(f"a description's {field} is not an integer from 0 to 2**64")
+        kw[field] = value
+    nlink = obj.get("n", 1)
+    if not isinstance(nlink, int) or isinstance(nlink, bool) or not 0 <= nlink < _MAX_INT:
+        raise ValueError("a description's nlink is not an integer from 0 to 2**64")
+    entries = obj.get("e")
+    if entries is not None:
+        if not isinstance(entries, list) or len(entries) > _MAX_ENTRIES:
+            raise ValueError("a description's entries are not a list")
+        out = []
+        for e in entries:
+            if (not isinstance(e, list) or len(e) != 2 or not isinstance(e[0], str) or not e[0]
+                    or e[1] not in ("d", "f", "l") or "/" in e[0] or "\x00" in e[0] or e[0] in (".", "..")
+                    or len(e[0].encode("utf-8", "surrogateescape")) > MAX_NAME):
+                raise ValueError("a directory entry is not a [name, kind] pair")
+            out.append((e[0], e[1]))
+        kw["entries"] = tuple(out)
+    return Description(path=path, kind=kind, nlink=nlink, **kw)  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------------------
+# the paths an update may have changed
+# ---------------------------------------------------------------------------
+_NONE, _ENTRIES, _CONTENT = -1, 0, 1
+
+
+class _Node:
+    __slots__ = ("children", "want", "moved")
+
+    def __init__(self) -> None:
+        self.children: dict[str, _Node] = {}
+        self.want = _NONE
+        self.moved = False
+
+
+class Touched:
+    """The qtree-relative paths an update may have changed, from its records.
+
+    Every path a record names is described after the update, with its
+    content digest when it is a regular file; the parent of every path whose
+    entry was created, removed or renamed is described for its entries; the
+    qtree root always.  A ``Rename`` of a directory carries the touched paths
+    below it to their new place (and both ends are described: the old one
+    must hold what the source holds there now, often nothing); the new place
+    is also one of the :meth:`moved` subtrees, whose every path is compared
+    (:func:`compare_subtrees`): a directory moved whole to a wrong place
+    names none of the paths below it.  Memory is one
+    small node per path the records name and per ancestor of one: it follows
+    the size of the change, not of the qtree."""
+
+    def __init__(self) -> None:
+        self._root = _Node()
+        self._root.want = _ENTRIES
+        self.records = 0
+
+    def _node(self, path: str) -> _Node:
+        node = self._root
+        if path:
+            for part in path.split("/"):
+                child = node.children.get(part)
+                if child is None:
+                    child = node.children[part] = _Node()
+                node = child
+        return node
+
+    def _mark(self, path: str, want: int) -> None:
+        node = self._node(path)
+        if node.want < want:
+            node.want = want
+
+    def _changed_entry(self, path: str) -> None:
+        self._mark(path, _CONTENT)
+        self._mark(parent_of(path), _ENTRIES)
+
+    def add(self, rec: object) -> None:
+        """Account for one record (Begin and End are ignored)."""
+        t = type(rec)
+        if t is Write or t is Truncate or t is SetAttr or t is SetXattr:
+            self._mark(rec.path, _CONTENT)  # type: ignore[attr-defined]
+        elif t is MkFile or t is MkDir or t is Symlink or t is Unlink or t is RmDir:
+            self._changed_entry(rec.path)  # type: ignore[attr-defined]
+        elif t is HardLink:
+            self._changed_entry(rec.path)  # type: ignore[attr-defined]
+            self._mark(rec.existing, _CONTENT)  # type: ignore[attr-defined]
+        elif t is Rename:
+            self._rename(rec.old, rec.new)  # type: ignore[attr-defined]
+        elif t is Begin or t is End:
+            return
+        else:
+            raise TypeError(f"not a change record: {rec!r}")
+        self.records += 1
+
+    def _rename(self, old: str, new: str) -> None:
+        op, _, oname = old.rpartition("/")
+        parent = self._root
+        for part in op.split("/") if op else ():
+            parent = parent.children.get(part)  # type: ignore[assignment]
+            if parent is None:
+                break
+        moved = parent.children.pop(oname, None) if parent is not None else None
+        if moved is not None:
+            target = self._node(parent_of(new))
+            name = new.rpartition("/")[2]
+            there = target.children.get(name)
+            if there is None:
+                target.children[name] = moved
+            else:
+                _merge(there, moved)
+        self._changed_entry(old)
+        self._changed_entry(new)
+        self._node(new).moved = True
+
+    def paths(self) -> list[tuple[str, bool]]:
+        """(path, content wanted) of every path to describe, in path order."""
+        out: list[tuple[str, bool]] = []
+        stack: list[tuple[str, _Node]] = [("", self._root)]
+        while stack:
+            path, node = stack.pop()
+            if node.want != _NONE:
+                out.append((path, node.want == _CONTENT))
+            for name in sorted(node.children, key=lambda n: n.encode("utf-8", "surrogateescape"), reverse=True):
+                stack.append((join(path, name), node.children[name]))
+        return out
+
+    def moved(self) -> list[str]:
+        """The places, in path order, of the entries the records renamed (after every later
+        rename), leaving out those below another one: each is the top of a subtree whose
+        every path the check before ``done`` compares."""
+        out: list[str] = []
+        stack: list[tuple[str, _Node]] = [("", self._root)]
+        while stack:
+            path, node = stack.pop()
+            if node.moved:
+                out.append(path)
+                continue
+            for name in sorted(node.children, key=lambda n: n.encode("utf-8", "surrogateescape"), reverse=True):
+                stack.append((join(path, name), node.children[name]))
+        return out
+
+    def __len__(self) -> int:
+        n = 0
+        stack = [self._root]
+        while stack:
+            node = stack.pop()
+            n += node.want != _NONE
+            stack.extend(node.children.values())
+        return n
+
+
+def _merge(into: _Node, node: _Node) -> None:
+    stack = [(into, node)]
+    while stack:
+        a, b = stack.pop()
+        a.want = max(a.want, b.want)
+        a.moved = a.moved or b.moved
+        for name, child in b.children.items():
+            there = a.children.get(name)
+            if there is None:
+                a.children[name] = child
+            else:
+                stack.append((there, child))
+
+
+# ---------------------------------------------------------------------------
+# whole images
+# ---------------------------------------------------------------------------
+Describe = Callable[[Sequence[tuple[str, bool]]], Sequence[Description]]
+DescribeBoth = Callable[[Sequence[tuple[str, bool]]], tuple[Sequence[Description], Sequence[Description]]]
+
+
+@attrs.frozen
+class Outcome:
+    """What a verification found: the first differences in path order, how many paths were
+    compared, and the fields the destination cannot hold (not compared)."""
+
+    differences: tuple[Difference, ...]
+    checked: int
+    not_compared: tuple[str, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        return not self.differences
+
+
+def compare_paths(paths: Iterable[tuple[str, bool]], describe_both: DescribeBoth, holds: Holds = Holds(), *,
+                  batch: int = 1024, limit: int = 1, stop_early: bool = True) -> Outcome:
+    """Describe ``paths`` (in path order) on both sides, ``batch`` at a time
+    (``describe_both(chunk) -> (source descriptions, replica descriptions)``), and compare them.
+
+    ``stop_early``: stop after the first batch with a difference; since the
+    batches follow path order, the first difference found is the first of all."""
+    c = Comparer(holds, limit)
+    chunk: list[tuple[str, bool]] = []
+
+    def run() -> bool:
+        c.feed(*describe_both(chunk))
+        chunk.clear()
+        return stop_early and bool(c.finish())
+
+    for item in paths:
+        chunk.append(item)
+        if len(chunk) >= batch and run():
+            break
+    else:
+        if chunk:
+            run()
+    return Outcome(tuple(c.finish()), c.checked, holds.not_compared())
+
+
+def compare_subtrees(tops: Iterable[str], describe_both: DescribeBoth, holds: Holds = Holds(), *,
+                     batch: int = 1024, limit: int = 1) -> Outcome:
+    """Every path at and below each of ``tops`` on both sides, without content digests: a
+    directory a level at a time, its children being the union of its entries on both sides
+    (a name on one side only is described as absent on the other).  Stops at the first
+    batch with a difference.  Memory: one level of the widest subtree."""
+    c = Comparer(holds, limit)
+    level = list(tops)
+    while level:
+        below: list[str] = []
+        for i in range(0, len(level), batch):
+            theirs, mine = describe_both([(p, False) for p in level[i:i + batch]])
+            c.feed(theirs, mine)
+            if c.finish():
+                return Outcome(tuple(c.differences), c.checked, holds.not_compared())
+            for a, b in zip(theirs, mine):
+                if a.kind == "d" and b.kind == "d":
+                    names = {n for n, _k in a.entries or ()} | {n for n, _k in b.entries or ()}
+                    below.extend(join(a.path, n) for n in sorted(names))
+        level = below
+    return Outcome(tuple(c.finish()), c.checked, holds.not_compared())
+
+
+def _under(key: tuple[bytes, ...], top: tuple[bytes, ...]) -> bool:
+    return len(key) > len(top) and key[:len(top)] == top
+
+
+def tree_compare(src: Iterable[Description], dst: Iterable[Description], holds: Holds = Holds(), *,
+                 limit: int = 10) -> Outcome:
+    """Compare two whole images given as descriptions in path order (``coalesce_describe_tree``):
+    a merge of the two streams.  A path on one side only, or of another kind, is one
+    difference; what lies below it is not reported again.  Memory: the hard-link
+    bookkeeping of :class:`Comparer` (files with more than one link)."""
+    c = Comparer(holds, limit)
+    si, di = iter(src), iter(dst)
+    a, b = next(si, None), next(di, None)
+    skip: tuple[bytes, ...] | None = None
+    while a is not None or b is not None:
+        ka = path_key(a.path) if a is not None else None
+        kb = path_key(b.path) if b is not None else None
+        if skip is not None:
+            if ka is not None and _under(ka, skip):
+                a = next(si, None)
+                continue
+            if kb is not None and _under(kb, skip):
+                b = next(di, None)
+                continue
+            skip = None
+        if kb is None or (ka is not None and ka < kb):
+            assert a is not None and ka is not None
+            c.checked += 1
+            c.add(Difference(a.path, "kind", a.kind, ABSENT))
+            skip, a = ka, next(si, None)
+            continue
+        if ka is None or kb < ka:
+            assert b is not None
+            c.checked += 1
+            c.add(Difference(b.path, "kind", ABSENT, b.kind))
+            skip, b = kb, next(di, None)
+            continue
+        assert a is not None and b is not None
+        c.feed([a], [b], entries=False)
+        if a.kind != b.kind:
+            skip = ka
+        a, b = next(si, None), next(di, None)
+    return Outcome(tuple(c.finish()), c.checked, holds.not_compared())
+
+
+def generic_tree(describe: Describe, content: bool, batch: int = 1024) -> Iterator[Description]:
+    """``coalesce_describe_tree`` for a backend without one: a walk in path order through
+    ``describe``, the entries of one directory ``batch`` at a time."""
+    def children(d: Description) -> Iterator[Description]:
+        entries = d.entries or ()
+        for i in range(0, len(entries), batch):
+            yield from describe([(join(d.path, n), content) for n, _k in entries[i:i + batch]])
+
+    root = describe([("", content)])[0]
+    yield root
+    stack = [children(root)] if root.kind == "d" else []
+    while stack:
+        d = next(stack[-1], None)
+        if d is None:
+            stack.pop()
+            continue
+        yield d
+        if d.kind == "d" and d.entries:
+            stack.append(children(d))
+
+
+# ---------------------------------------------------------------------------
+# the background verification
+# ---------------------------------------------------------------------------
+def due_for_verification(last: Mapping[str, float], candidates: Sequence[str], every: float,
+                         now: float) -> str | None:
+    """The replica the background verification checks now, or None.
+
+    ``last``: the time of each replica's last full verification (missing:
+    never).  Verifications are spread over the replicas: one is due when the
+    latest verification of any candidate is at least ``every / n`` old (n
+    candidates), and then it is the candidate verified longest ago, if that
+    one too is at least ``every / n`` old; ties by name.  In the steady
+    state every replica is verified once per ``every``."""
+    if not candidates or not every or every <= 0 or not math.isfinite(every):
+        return None
+    gap = every / len(candidates)
+    times = [last[c] for c in candidates if c in last]
+    if times and now - max(times) < gap:
+        return None
+    oldest = min(candidates, key=lambda c: (last.get(c, -math.inf), c))
+    if now - last.get(oldest, -math.inf) < gap:
+        return None
+    return oldest

@@ -1,0 +1,57 @@
+"""Descriptions of qtree paths for verification (the ``coalesce_describe`` hook; coalesce_core.verify).
+
+A path is looked up from the qtree root one component at a time; a missing
+component, or one that is not a directory (a symlink is never followed), makes
+the path absent.  The identity of a regular file is the identity of its
+:class:`~coalesce_mem.tree.File` object (a hard link is the same object under
+two names); mem counts no links (``nlink`` 0: unknown).  A mem volume keeps everything a record carries: permission bits,
+owners, nanosecond mtimes and xattrs of every node (:data:`HOLDS`).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from coalesce_core.records import check_path_or_root
+from coalesce_core.verify import Description, Holds, xattr_digest
+
+from .tree import Dir, File, Node, QtreeState, sort_key
+
+HOLDS = Holds(owners=True, xattrs=True, mtime_ns=1)
+
+
+def _lookup(root: Dir, path: str) -> Node | None:
+    node: Node | None = root
+    if path:
+        for part in path.split("/"):
+            node = node.children.get(part) if isinstance(node, Dir) else None
+            if node is None:
+                return None
+    return node
+
+
+def describe_node(path: str, node: Node | None, content: bool) -> Description:
+    """The Description of ``node`` found at ``path`` (None: absent)."""
+    if node is None:
+        return Description.absent(path)
+    common = dict(uid=node.uid, gid=node.gid, mtime_ns=node.mtime_ns)
+    if isinstance(node, Dir):
+        entries = tuple((n, node.children[n].kind) for n in sorted(node.children, key=sort_key))
+        return Description(path=path, kind="d", mode=node.mode, xattrs=xattr_digest(node.xattrs), entries=entries,
+                           **common)
+    if isinstance(node, File):
+        from .tree import entry_of
+
+        digest = entry_of(path or ".", node).content_sha256 if content else None
+        return Description(path=path, kind="f", mode=node.mode, size=len(node.data), xattrs=xattr_digest(node.xattrs),
+                           content=digest, ident=id(node), nlink=0, **common)
+    return Description(path=path, kind="l", target=node.target, **common)  # type: ignore[attr-defined]
+
+
+def describe(state: QtreeState | None, paths: Sequence[tuple[str, bool]]) -> list[Description]:
+    """One Description per ``(path, content)`` of a qtree state (None: a missing qtree)."""
+    for p, _c in paths:
+        check_path_or_root(p)
+    if state is None:
+        return [Description.absent(p) for p, _c in paths]
+    return [describe_node(p, _lookup(state.root, p), c) for p, c in paths]

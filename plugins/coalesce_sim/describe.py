@@ -1,0 +1,81 @@
+"""Descriptions of qtree paths for verification (the ``coalesce_describe`` hook; coalesce_core.verify).
+
+A path is resolved from the qtree's root inode through directory entries,
+one component at a time (a symlink is never followed; a missing component or
+a non-directory on the way makes the path absent).  A regular file's content
+digest is fed its data blocks only, so holes cost nothing; its identity is
+its inode number.  A sim volume keeps permission bits, owners, nanosecond
+mtimes and xattrs of every inode (:data:`HOLDS`).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from coalesce_core.fingerprint import content_digest_of_pieces
+from coalesce_core.records import check_path_or_root
+from coalesce_core.verify import Description, Holds, parent_of, xattr_digest
+
+from .fs import BS, DIR, LNK, REG, SimFS, View, fsname, nblocks
+from .ops import check_qtree_name
+
+HOLDS = Holds(owners=True, xattrs=True, mtime_ns=1)
+_KIND = {DIR: "d", REG: "f", LNK: "l"}
+
+
+def _content(fs: SimFS, rec) -> str:
+    limit = nblocks(rec.size)
+    pieces = ((f * BS, fs.read(vbn)) for f, vbn in fs.leaves(rec.top, rec.height) if f < limit)
+    return content_digest_of_pieces(rec.size, pieces)
+
+
+def _describe(fs: SimFS, view: View, path: str, ino: int | None, content: bool) -> Description:
+    rec = view.inode(ino) if ino else None
+    if rec is None or rec.kind not in _KIND:
+        return Description.absent(path)
+    common = dict(uid=rec.uid, gid=rec.gid, mtime_ns=rec.mtime)
+    if rec.kind == DIR:
+        entries = []
+        for name, child in sorted(view.dir(rec).items(), key=lambda kv: fsname(kv[0])):
+            crec = view.inode(child)
+            if crec is not None and crec.kind in _KIND:
+                entries.append((name, _KIND[crec.kind]))
+        return Description(path=path, kind="d", mode=rec.mode & 0o7777, xattrs=xattr_digest(view.xattrs(rec)),
+                           entries=tuple(entries), **common)
+    if rec.kind == LNK:
+        return Description(path=path, kind="l", target=view.data(rec).decode("utf-8", "surrogateescape"), **common)
+    return Description(path=path, kind="f", mode=rec.mode & 0o7777, size=rec.size,
+                       xattrs=xattr_digest(view.xattrs(rec)), content=_content(fs, rec) if content else None,
+                       ident=ino, nlink=rec.nlink, **common)
+
+
+def describe(fs: SimFS, qtree: str, snapshot: str | None, paths: Sequence[tuple[str, bool]]) -> list[Description]:
+    """One Description per ``(path, content)`` of ``qtree`` in ``snapshot`` (None: the active FS).
+    The caller holds ``fs.lock``."""
+    check_qtree_name(qtree)
+    for p, _c in paths:
+        check_path_or_root(p)
+    view = fs.view(snapshot)
+    q = view.qtree_root(qtree)
+    resolved: dict[str, int | None] = {"": q}
+
+    def resolve(path: str) -> int | None:
+        if path in resolved:
+            return resolved[path]
+        todo = []
+        p = path
+        while p not in resolved:
+            todo.append(p)
+            p = parent_of(p)
+        ino = resolved[p]
+        for p in reversed(todo):
+            rec = view.inode(ino) if ino else None
+            ino = view.dir(rec).get(p.rpartition("/")[2]) if rec is not None and rec.kind == DIR else None
+            resolved[p] = ino
+        if len(resolved) > 4096:              # a bound on the memo: keep only the qtree root
+            resolved.clear()
+            resolved[""] = q
+            resolved[path] = ino
+        return ino
+
+    return [_describe(fs, view, p, resolve(p), c) for p, c in paths]

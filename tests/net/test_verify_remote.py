@@ -1,0 +1,112 @@
+"""DESCRIBE over the wire (docs/protocol.md): what a remote source says about its paths equals
+what the local volume says, in bounded messages, under the authorization of a diff; and the
+check before `done` fails an update that lost a record with the source behind TLS and SSH."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+import coalesce_mem
+from coalesce_core import protocol as P
+from coalesce_core import records as R
+from coalesce_core.plugins import Volume, plugin_manager
+
+from dropper import DropRecord, of_type
+from net.netkit import RemoteHarness, client_env, remote_plugins
+
+SNAP = "co-g-src-000001"
+SEC = 10**9
+
+TREE = [
+    R.MkDir(path="d", mode=0o750), R.MkFile(path="d/f", mode=0o640),
+    R.Write(path="d/f", offset=0, data=b"remote bytes " * 5000), R.Truncate(path="d/f", size=3 << 20),
+    R.HardLink(path="h", existing="d/f"), R.Symlink(path="l", target="d/\udcfff"),
+    R.MkFile(path="na\u00efve"), R.SetXattr(path="d/f", name="user.k", value=b"v"),
+    R.SetAttr(path="d/f", mode=0o640, uid=3, gid=4, mtime_ns=7 * SEC), R.SetAttr(path="d", mtime_ns=8 * SEC),
+]
+
+
+def _local(name: str) -> str:
+    url = f"mem://{name}-{os.getpid()}-{time.monotonic_ns()}"
+    vol = coalesce_mem.volume_for(url)
+    vol.apply("A", R.framed("A", None, "t", TREE), False)
+    vol.apply("B", R.framed("B", None, "t", [R.MkFile(path="secret")]), False)
+    vol.snapshot_create(SNAP)
+    return url
+
+
+def _open(url: str) -> Volume:
+    return Volume.open(plugin_manager(remote_plugins()), url)
+
+
+def test_remote_descriptions_equal_the_local_ones(tls_service):
+    local = _local("describe")
+    remote = _open(tls_service.expose(local))
+    here = Volume.open(plugin_manager(), local)
+    # more paths than one DATA message holds (256 KiB of path lines): most of them absent
+    paths = [("", True), ("d", True), ("d/f", True), ("h", False), ("l", True), ("na\u00efve", True)]
+    paths += [(f"nope/{i:06d}/" + "x" * 40, i % 2 == 0) for i in range(8000)]
+    got = remote.describe("A", SNAP, paths)
+    assert got == here.describe("A", SNAP, paths)
+    assert got[2].content and got[2].size == 3 << 20 and got[5].path == "na\u00efve"
+    assert list(remote.describe_tree("A", SNAP, content=True)) == list(here.describe_tree("A", SNAP, content=True))
+    assert remote.describe("A", SNAP, []) == []
+    remote.close()
+
+
+def test_describe_needs_the_authorization_of_a_diff(tls_service, certs, monkeypatch):
+    local = _local("authz")
+    url = tls_service.expose(local)
+    client_env(monkeypatch, certs, which="reader")          # may read qtree A only
+    remote = _open(url)
+    assert [d.kind for d in remote.describe("A", SNAP, [("d/f", False)])] == ["f"]
+    with pytest.raises(P.Refused, match="may not read qtree 'B'"):
+        remote.describe("B", SNAP, [("secret", True)])
+    with pytest.raises(P.Refused, match="may not read qtree 'B'"):
+        list(remote.describe_tree("B", SNAP, content=True))
+    with pytest.raises(P.Refused, match="may not use PCPI"):
+        remote.describe("A", "not-a-group-pcpi", [("", False)])
+    with pytest.raises(P.ProtocolError):
+        remote.describe("A", None, [("", False)])          # never the source's active file system
+    remote.close()
+
+
+def test_a_path_outside_the_qtree_is_refused_and_the_connection_stays_usable(tls_service):
+    local = _local("hostile")
+    remote = _open(tls_service.expose(local))
+    for bad in ("../B/secret", "/etc/passwd", "a//b"):
+        with pytest.raises(P.RemoteError) as info:
+            remote.describe("A", SNAP, [("d", False), (bad, True)])
+        assert info.value.code == "bad-request"
+    assert remote.describe("A", SNAP, [("d", False)])[0].kind == "d"
+    remote.close()
+
+
+def test_the_check_fails_an_update_that_lost_a_record_over_tls_and_ssh(remote_config):
+    drop = DropRecord(of_type(R.Write, "a/f"))
+    h = RemoteHarness(remote_config(replicas=("A",)), plugins=[drop])
+    src = h.local_source
+
+    def write(recs):
+        src.apply("A", R.framed("A", None, "t", recs), use_purgatory=False)
+
+    write([R.MkDir(path="a"), R.MkFile(path="a/f"), R.Write(path="a/f", offset=0, data=b"old" * 100),
+           R.SetAttr(path="a/f", mtime_ns=1 * SEC)])
+    h.cycle()
+    before = h.agent.state.replicas["A"].source_point
+    write([R.Write(path="a/f", offset=0, data=b"new" * 100), R.SetAttr(path="a/f", mtime_ns=2 * SEC)])
+    drop.armed = True
+    h.cycle()
+    assert len(drop.dropped) == 1
+    (failure,) = h.agent.failures
+    assert "VerificationFailed: verification failed: 'a/f': content is digest" in failure["error"]
+    r = h.agent.state.replicas["A"]
+    assert r.state == "stable" and r.source_point == before
+    assert h.agent.dest.fingerprint("A", r.exported) == src.fingerprint("A", before)
+    drop.armed = False
+    h.cycle()
+    r = h.agent.state.replicas["A"]
+    assert r.source_point != before and h.agent.dest.fingerprint("A", r.exported) == src.fingerprint("A", r.source_point)
