@@ -55,9 +55,10 @@ __all__ = [
 MAGIC = b"COALSTRM"
 END_MAGIC = b"COALEND!"
 FORMAT_VERSION = 1
-#: Largest value of a frame's length field (type + seq + payload + crc).
-MAX_FRAME = MAX_DATA + (64 << 10)
-#: Largest encoded ``str`` field (bytes); paths and symlink targets are capped at MAX_PATH.
+#: Largest value of a frame's length field (type + seq + payload + crc): the largest record
+#: carries two paths (Rename, HardLink) or a path and a Write's data, plus small fields.
+MAX_FRAME = MAX_DATA + 2 * MAX_PATH + (64 << 10)
+#: Largest encoded ``str`` field (bytes); paths are capped at MAX_PATH, symlink targets at MAX_TARGET.
 MAX_STR = MAX_PATH
 #: Largest ``bytes`` field; a Write carries at most MAX_DATA.
 MAX_BYTES = MAX_DATA

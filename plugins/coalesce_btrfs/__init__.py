@@ -41,7 +41,7 @@ from coalesce_core.errors import BackendError, StreamError
 from coalesce_core.hookspecs import hookimpl
 from coalesce_core.records import framed
 from coalesce_posix import PosixVolume, check_qtree, posix_hooks, rmtree, walk
-from coalesce_posix.run import StreamingCommand, command_error, run, which
+from coalesce_posix.run import StreamingCommand, run, which
 
 from . import sendstream
 from .translate import StreamState
@@ -243,9 +243,16 @@ class BtrfsVolume(PosixVolume):
         if _PROTO >= 2:
             argv += ["--proto", str(_PROTO)]
         argv += ["-p", self.snap_path(base), self.snap_path(target)]
-        with StreamingCommand(argv, hint="the update fails and is retried; " + BTRFS_HINT) as send:
-            self.last_send_pid = send.pid
-            state = StreamState(sendstream.commands(send.stdout), self.snap_path(base), self.snap_path(target))
+        try:
+            with StreamingCommand(argv, hint="the update fails and is retried; " + BTRFS_HINT) as send:
+                self.last_send_pid = send.pid
+                state = StreamState(sendstream.commands(send.stdout), self.snap_path(base), self.snap_path(target))
+        except (StreamError, BackendError) as exc:
+            if os.strerror(errno.ENAMETOOLONG) not in str(exc):
+                raise
+            # btrfs send builds every path whole and refuses one of PATH_MAX bytes or more, which
+            # a deep tree has (docs/real-backends.md): compare the two PCPIs instead
+            return _TreeCompare(self.snap_path(base), self.snap_path(target))
         return state
 
     def diff(self, qtree: str, base: str | None, target: str) -> Iterator[object]:
@@ -286,8 +293,14 @@ class BtrfsVolume(PosixVolume):
         purg = self.purgatory_dir(qtree)
         os.makedirs(purg, 0o700, exist_ok=True)
         stage = os.path.join(purg, f"rollback.{time.time_ns():x}")
-        run(["cp", "-a", "--reflink=always", "--no-target-directory", src, stage],
-            hint="reflink copies need the staging directory on the same btrfs file system")
+        try:
+            run(["cp", "-a", "--reflink=always", "--no-target-directory", src, stage],
+                hint="reflink copies need the staging directory on the same btrfs file system")
+        except BackendError as exc:
+            if os.strerror(errno.ENAMETOOLONG) not in str(exc):
+                raise
+            rmtree(stage)                   # cp names files by whole paths: a deep tree is left to
+            return None                     # the generic rollback (diff and apply), which walks by fds
         point = crashpoints.current()       # the agent's mid_rollback / mid_retry crash points
         if point is not None:
             crashpoints.hit(point)
@@ -299,6 +312,18 @@ class BtrfsVolume(PosixVolume):
         if point is not None:
             crashpoints.hit(point)
         return True
+
+
+class _TreeCompare:
+    """Stands for the parsed stream of a PCPI pair that ``btrfs send`` refused (a path too long):
+    every qtree's records come from the tree compare of the two PCPIs."""
+
+    def __init__(self, base_root: str, target_root: str) -> None:
+        self.base_root = base_root
+        self.target_root = target_root
+
+    def records(self, qtree: str) -> Iterator[object]:
+        return walk.tree_diff(os.path.join(self.base_root, qtree), os.path.join(self.target_root, qtree))
 
 
 _libc = None

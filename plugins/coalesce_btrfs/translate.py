@@ -677,12 +677,16 @@ class _Emitter:
                 if n.xattr_dirty and walk.kind_of(tst) != "l":
                     yield from walk.xattr_records(frel, walk.read_xattrs(os.path.join(st.base_root, bpath)),
                                                   walk.read_xattrs(os.path.join(st.target_root, final)))
-                if stat.S_ISLNK(tst.st_mode) and os.readlink(os.path.join(st.base_root, bpath)) != \
-                        os.readlink(os.path.join(st.target_root, final)):
+                if stat.S_ISLNK(tst.st_mode) and walk.readlink_path(os.path.join(st.base_root, bpath)) != \
+                        walk.readlink_path(os.path.join(st.target_root, final)):
                     yield Unlink(path=frel)
-                    yield Symlink(path=frel, target=os.fsdecode(os.readlink(os.path.join(st.target_root, final))))
+                    target = walk.readlink_path(os.path.join(st.target_root, final))
+                    yield Symlink(path=frel, target=os.fsdecode(target))
                     self.attrs.append(walk.setattr_record(frel, tst))
-                elif walk.attrs_differ(bst, tst):      # UTIMES also comes for atime-only changes
+                elif n.data_dirty or (n.attr_dirty and stat.S_ISDIR(tst.st_mode)) or walk.attrs_differ(bst, tst):
+                    # data written or entries changed in the replica move its mtime there, even where
+                    # the source's mtime ends where it began (set back, or the same clock tick); a file
+                    # whose inode only changed elsewhere (a link removed outside the qtree) has none
                     self.attrs.append(walk.setattr_record(frel, tst))
         finally:
             ahead.close()
@@ -707,10 +711,12 @@ class _Emitter:
     def _data(self, final: str, frel: str, n: Node, bsize: int, tsize: int) -> Iterator[object]:
         """The dirty ranges of a changed file, read from the target PCPI (holes kept).
 
-        Records cannot punch a hole, so a dirty range that reaches the old end
-        of file is replaced by a Truncate to its start followed by the data
-        segments only (holes stay holes); a dirty range inside the old file is
-        overwritten byte for byte (zeros included).  So is a last range of at
+        Records cannot punch a hole: a hole inside the old file is kept by a
+        Truncate below it followed by the target's data segments only, from
+        there to the end of file (the Truncate drops every later byte, changed
+        or not).  Where to truncate, if anywhere, is :func:`_cut`'s choice; the
+        dirty ranges below it are overwritten byte for byte (zeros included).
+        A last range that reaches the old end of file is cut, except one of at
         most one Write (:data:`_OVERWRITE_MAX`) that holds no hole, the
         rewritten small file: its Truncate to 0 cost a record, a system call and
         a flush of the file when the applier closes it (btrfs flushes a file
@@ -726,27 +732,26 @@ class _Emitter:
         ranges = list(n.ranges)
         if mt is not None and tsize > mt:
             ranges.append((mt, tsize - mt))
-        merged: list[list[int]] = []
+        merged: list[tuple[int, int]] = []
         for off, ln in sorted(ranges):
             end = min(off + ln, tsize)
             if end <= off:
                 continue
             if merged and off <= merged[-1][1]:
-                merged[-1][1] = max(merged[-1][1], end)
+                merged[-1] = (merged[-1][0], max(merged[-1][1], end))
             else:
-                merged.append([off, end])
-        fd = os.open(os.path.join(self.st.target_root, final), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+                merged.append((off, end))
+        fd = walk.open_path(os.path.join(self.st.target_root, final))
         try:
-            if merged and merged[-1][1] >= cur_size and merged[-1][0] < cur_size:
-                start = merged[-1][0]
-                # [start, cur_size) is overwritten in place when it is small and holds no hole
-                if cur_size - start > _OVERWRITE_MAX or \
-                        list(walk.data_segments(fd, start, cur_size))[:1] != [(start, cur_size - start)]:
-                    cur_size = start
+            cut = _cut(fd, merged, cur_size, tsize)
+            if cut is not None:
+                cur_size = cut
             if cur_size < bsize:
                 yield Truncate(path=frel, size=cur_size)
             size = cur_size                        # the file's size after the records so far
             for start, end in merged:
+                if cut is not None and start >= cut:
+                    break
                 overwrite_end = min(end, cur_size)
                 pos = start
                 while pos < overwrite_end:
@@ -760,7 +765,57 @@ class _Emitter:
                     for w in walk.write_records(frel, fd, max(start, cur_size), end, skip_zero=False):
                         size = max(size, w.offset + len(w.data))
                         yield w
+            if cut is not None:
+                for w in walk.write_records(frel, fd, cut, tsize, skip_zero=False):
+                    size = max(size, w.offset + len(w.data))
+                    yield w
         finally:
             os.close(fd)
         if size != tsize:
             yield Truncate(path=frel, size=tsize)
+
+
+def _data_bytes(fd: int, start: int, end: int, limit: int) -> int:
+    """Bytes of data (not hole) in ``[start, end)`` of ``fd``, counted until they pass ``limit``."""
+    total = 0
+    for _, length in walk.data_segments(fd, start, end):
+        total += length
+        if total > limit:
+            break
+    return total
+
+
+def _cut(fd: int, merged: list[tuple[int, int]], cur_size: int, tsize: int) -> int | None:
+    """Where :meth:`_Emitter._data` truncates the old file (of ``cur_size`` bytes) before writing the
+    target ``fd`` (of ``tsize`` bytes, dirty ranges ``merged``, sorted and disjoint); None: nowhere.
+
+    The start of a dirty range that holds holes below ``cur_size``, when truncating there writes fewer
+    bytes than overwriting: the zeros the overwrites of this range and the later ones would write
+    against the unchanged data after its start, which the rewrite must write too (a sparse file
+    rewritten with its data elsewhere: the no-data stream names its whole hole as changed, and a
+    1 TiB one would fill the destination with zeros).  Else the start of a last range that reaches
+    ``cur_size`` and is larger than :data:`_OVERWRITE_MAX` or holds a hole (see ``_data``)."""
+    inside = [(s, min(e, cur_size)) for s, e in merged if s < cur_size]
+    holes = [e - s - _data_bytes(fd, s, e, e - s) for s, e in inside]
+    cut = None
+    if merged and merged[-1][0] < cur_size <= merged[-1][1]:
+        s, e = inside[-1]
+        if e - s > _OVERWRITE_MAX or holes[-1]:
+            cut = s
+    zeros = sum(holes)
+    if not zeros:
+        return cut
+    unchanged = 0                   # data outside the dirty ranges from range k's start to the end of file
+    in_holes = 0                    # hole bytes the overwrites of range k and later ones would write
+    best = 0
+    for k in range(len(merged) - 1, -1, -1):
+        gap_end = merged[k + 1][0] if k + 1 < len(merged) else tsize
+        unchanged += _data_bytes(fd, merged[k][1], gap_end, zeros - unchanged)
+        if unchanged >= zeros:
+            break                   # no earlier range saves bytes either
+        if k < len(inside):
+            in_holes += holes[k]
+            if unchanged - in_holes < best:
+                best = unchanged - in_holes
+                cut = merged[k][0] if cut is None else min(cut, merged[k][0])
+    return cut

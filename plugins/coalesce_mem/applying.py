@@ -26,8 +26,9 @@ from coalesce_core.records import (
 from .tree import Dir, File, Node, QtreeState
 from .tree import Symlink as SymNode
 
-#: The largest file the mem backend holds (it keeps bytes in RAM).
-MAX_FILE = 1 << 32
+#: The largest file the mem backend holds: what a POSIX file system allows (off_t); only its
+#: data are kept in RAM (tree.Blocks), not its holes.
+MAX_FILE = (1 << 63) - 1
 
 
 def check_record(rec: object) -> None:
@@ -56,13 +57,13 @@ def check_record(rec: object) -> None:
             raise CorruptStream(f"bad Write record for {rec.path!r}")
         if rec.offset + len(rec.data) > MAX_FILE:
             raise BackendError(f"Write beyond {MAX_FILE} bytes into {rec.path!r}",
-                               hint="the mem backend keeps files in RAM; use sim, btrfs or zfs for large files")
+                               hint="no file system holds a file larger than 2^63 - 1 bytes")
     if isinstance(rec, Truncate):
         if not isinstance(rec.size, int) or rec.size < 0:
             raise CorruptStream(f"bad Truncate record for {rec.path!r}")
         if rec.size > MAX_FILE:
             raise BackendError(f"Truncate beyond {MAX_FILE} bytes of {rec.path!r}",
-                               hint="the mem backend keeps files in RAM; use sim, btrfs or zfs for large files")
+                               hint="no file system holds a file larger than 2^63 - 1 bytes")
 
 
 def _parent(state: QtreeState, path: str) -> tuple[Dir, str]:
@@ -181,16 +182,9 @@ def apply_record(state: QtreeState, rec: object, use_purgatory: bool) -> None:
         del d.children[name]
         _discard(state, node, use_purgatory)
     elif isinstance(rec, Write):
-        f = _file(state, rec.path)
-        if rec.offset > len(f.data):
-            f.data.extend(bytes(rec.offset - len(f.data)))
-        f.data[rec.offset:rec.offset + len(rec.data)] = rec.data
+        _file(state, rec.path).data.write(rec.offset, rec.data)
     elif isinstance(rec, Truncate):
-        f = _file(state, rec.path)
-        if rec.size < len(f.data):
-            del f.data[rec.size:]
-        else:
-            f.data.extend(bytes(rec.size - len(f.data)))
+        _file(state, rec.path).data.truncate(rec.size)
     elif isinstance(rec, SetAttr):
         node = state.root if rec.path == ROOT else _lookup(state, rec.path)
         if node is None:

@@ -33,10 +33,10 @@ from coalesce_core.records import (
     MAX_DATA, ROOT, Begin, End, HardLink, MkDir, MkFile, RmDir, SetAttr, SetXattr, Symlink, Truncate, Unlink, Write,
 )
 
-from .tree import Dir, File, Node, QtreeState, walk, walk_events
+from .tree import Blocks, Dir, File, Node, QtreeState, walk, walk_events
 from .tree import Symlink as SymNode
 
-BLOCK = 64 << 10
+BLOCK = Blocks.BLOCK
 
 
 def _groups(pairs: list[tuple[str, Node]]) -> dict[int, tuple[str, ...]]:
@@ -48,39 +48,54 @@ def _groups(pairs: list[tuple[str, Node]]) -> dict[int, tuple[str, ...]]:
     return {k: tuple(v) for k, v in names.items()}
 
 
-def _data_records(path: str, data: bytes) -> Iterator[object]:
-    """Writes for a new file: non-zero chunks, then Truncate if a hole is at the end."""
-    end = 0
-    for off in range(0, len(data), MAX_DATA):
-        chunk = data[off:off + MAX_DATA]
-        if chunk.count(0) == len(chunk):
-            continue
-        yield Write(path=path, offset=off, data=bytes(chunk))
-        end = off + len(chunk)
-    if end < len(data):
-        yield Truncate(path=path, size=len(data))
+def _runs(path: str, new: Blocks, indexes: Iterator[int]) -> Iterator[Write]:
+    """Writes of ``new``'s blocks at ``indexes`` (increasing), consecutive ones joined up to
+    MAX_DATA bytes; a hole is written as zeros, bytes past the size are left out."""
+    run: list[int] = []
+
+    def flush() -> Iterator[Write]:
+        if run:
+            start = run[0] * BLOCK
+            data = b"".join(new.block(i) or bytes(BLOCK) for i in run)[:new.size - start]
+            yield Write(path=path, offset=start, data=data)
+            run.clear()
+
+    for i in indexes:
+        if run and (i != run[-1] + 1 or (len(run) + 1) * BLOCK > MAX_DATA):
+            yield from flush()
+        run.append(i)
+    yield from flush()
 
 
-def _delta_records(path: str, old: bytes, new: bytes) -> Iterator[object]:
-    """Truncate/Write turning ``old`` into ``new`` (differing 64 KiB blocks only)."""
+def _data_records(path: str, data: Blocks) -> Iterator[object]:
+    """Writes for a new file: its data blocks (holes are not written), then Truncate when the
+    data end before the size."""
+    indexes = sorted(data.blocks)
+    yield from _runs(path, data, iter(indexes))
+    end = min((indexes[-1] + 1) * BLOCK, data.size) if indexes else 0
+    if end < data.size:
+        yield Truncate(path=path, size=data.size)
+
+
+def _delta_records(path: str, old: Blocks, new: Blocks) -> Iterator[object]:
+    """Truncate/Write turning ``old`` into ``new`` (differing 64 KiB blocks only; blocks that are
+    holes on both sides are never looked at)."""
     if old == new:
         return
-    if len(old) != len(new):
-        yield Truncate(path=path, size=len(new))
-    cur = old[:len(new)].ljust(len(new), b"\0")  # what the file holds after the Truncate
-    run_start = run_end = -1
-    for off in range(0, len(new), BLOCK):
-        end = min(off + BLOCK, len(new))
-        if new[off:end] == cur[off:end]:
-            continue
-        if run_start >= 0 and off == run_end and end - run_start <= MAX_DATA:
-            run_end = end
-            continue
-        if run_start >= 0:
-            yield Write(path=path, offset=run_start, data=bytes(new[run_start:run_end]))
-        run_start, run_end = off, end
-    if run_start >= 0:
-        yield Write(path=path, offset=run_start, data=bytes(new[run_start:run_end]))
+    if old.size != new.size:
+        yield Truncate(path=path, size=new.size)
+    cut, inner = divmod(new.size, BLOCK)      # after the Truncate, bytes from new.size on are zeros
+
+    def cur(i: int) -> bytes | None:
+        blk = old.block(i)
+        if blk is not None and i == cut and inner:
+            blk = blk[:inner] + bytes(BLOCK - inner)
+            return None if blk.count(0) == BLOCK else blk
+        return blk if i * BLOCK < new.size else None
+
+    differ = (i for i in sorted(set(old.blocks) | set(new.blocks))
+              if i * BLOCK < new.size and cur(i) != new.block(i))
+    yield from _runs(path, new, differ)
 
 
 def _attr_records(path: str, old: Node | None, new: Node) -> Iterator[object]:
@@ -157,9 +172,9 @@ def diff_changes(base: QtreeState | None, target: QtreeState) -> Iterator[object
             first_name[id(node)] = path
             if old is None:
                 yield MkFile(path=path, mode=node.mode | 0o600)
-                yield from _data_records(path, bytes(node.data))
+                yield from _data_records(path, node.data)
             else:
-                yield from _delta_records(path, bytes(old.data), bytes(node.data))  # type: ignore[attr-defined]
+                yield from _delta_records(path, old.data, node.data)  # type: ignore[attr-defined]
             yield from _attr_records(path, old, node)
     yield from _attr_records(ROOT, base.root if base is not None else None, target.root)
 

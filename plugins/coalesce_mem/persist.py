@@ -2,14 +2,15 @@
 
 The file is two lines of JSON::
 
-    {"format": "coalesce-mem", "version": 1, "sha256": "<hex of line 2>", "bytes": N}
+    {"format": "coalesce-mem", "version": 2, "sha256": "<hex of line 2>", "bytes": N}
     {"scheme": ..., "states": [...], "active": {...}, "snapshots": [...], "exports": {...}, ...}
 
 ``states`` lists every distinct :class:`~coalesce_mem.tree.QtreeState` once;
 the active FS and every PCPI refer to them by index, so structural sharing
 survives a restart and the file grows with the data, not with the number of
 PCPIs.  Inside a state, ``nodes`` is an inode table (a hard link is one index
-under two names); bytes are base64; names are JSON strings (lone surrogates
+under two names); a file is its size and its data blocks (``[index, base64]``
+of 64 KiB, the last one cut at the end of file, holes left out; version 1 kept its whole bytes, still read); names are JSON strings (lone surrogates
 of non-UTF-8 names are escaped by ``json`` and come back intact).
 
 It is written to a temporary file in the same directory, fsync'ed, renamed
@@ -30,11 +31,13 @@ from typing import Any
 
 from coalesce_core.errors import BackendError
 
-from .tree import Dir, File, Node, QtreeState
+from .tree import Blocks, Dir, File, Node, QtreeState
 from .tree import Symlink as SymNode
 
 FORMAT = "coalesce-mem"
-VERSION = 1
+VERSION = 2
+#: versions this code reads (1 kept a file's bytes whole, 2 keeps its size and data blocks)
+READS = (1, 2)
 
 
 def _b64(data: bytes) -> str:
@@ -67,7 +70,10 @@ def encode_state(state: QtreeState) -> str:
             stack.append((node, rec))
         elif isinstance(node, File):
             rec["k"] = "f"
-            rec["d"] = _b64(bytes(node.data))
+            rec["z"] = node.data.size
+            # a block is cut at the end of file (a small file's block is mostly zeros past its size)
+            size, B = node.data.size, Blocks.BLOCK
+            rec["b"] = [[i, _b64(node.data.blocks[i][:size - i * B])] for i in sorted(node.data.blocks)]
         else:
             rec["k"] = "l"
             rec["l"] = node.target  # type: ignore[attr-defined]
@@ -159,7 +165,7 @@ def _decode_state(obj: Any) -> QtreeState:
         if kind == "d":
             nodes.append(Dir(int(r["m"]), **meta))
         elif kind == "f":
-            nodes.append(File(int(r["m"]), base64.b64decode(r["d"], validate=True), **meta))
+            nodes.append(File(int(r["m"]), _file_data(r), **meta))
         elif kind == "l":
             if not isinstance(r["l"], str):
                 raise Damaged("a symlink target is not a string")
@@ -186,6 +192,22 @@ def _decode_state(obj: Any) -> QtreeState:
     return QtreeState(root, purg, int(obj["seq"]))
 
 
+def _file_data(r: dict[str, Any]) -> bytes | Blocks:
+    """A file's bytes: ``"d"`` (version 1: all of them) or ``"z"`` and ``"b"`` (version 2: the size
+    and the data blocks, [index, base64] in index order)."""
+    if "d" in r:
+        return base64.b64decode(r["d"], validate=True)
+    data = Blocks()
+    data.size = int(r["z"])
+    for i, b64 in r["b"]:
+        blk = base64.b64decode(b64, validate=True)
+        if (not isinstance(i, int) or i < 0 or not 0 < len(blk) <= Blocks.BLOCK
+                or i * Blocks.BLOCK + len(blk) > data.size):
+            raise Damaged("a file's data block is out of place")
+        data.blocks[i] = blk + bytes(Blocks.BLOCK - len(blk))
+    return data
+
+
 def decode_volume(path: str, data: bytes) -> dict[str, Any]:
     """Parse and check a volume file; raises BackendError with a hint if damaged."""
     hint = (f"{path} is not a complete mem volume file (truncated, edited or from another program). "
@@ -196,8 +218,8 @@ def decode_volume(path: str, data: bytes) -> dict[str, Any]:
         header = json.loads(header_line)
         if not isinstance(header, dict) or header.get("format") != FORMAT:
             raise Damaged("it does not start with a coalesce-mem header")
-        if header.get("version") != VERSION:
-            raise Damaged(f"it has format version {header.get('version')!r}, this coalesce reads {VERSION}")
+        if header.get("version") not in READS:
+            raise Damaged(f"it has format version {header.get('version')!r}, this coalesce reads {READS}")
         body = rest[:-1] if rest.endswith(b"\n") else rest
         if len(body) != header.get("bytes") or hashlib.sha256(body).hexdigest() != header.get("sha256"):
             raise Damaged("its checksum does not match (truncated or corrupted)")

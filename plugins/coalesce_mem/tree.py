@@ -13,7 +13,9 @@ active file system replaces it by a deep clone (:meth:`QtreeState.thaw`).
 Taking a PCPI therefore costs O(number of qtrees), not O(data), and a
 qtree that is not written between two PCPIs is shared by both.
 
-All walks are iterative (a path may have ~2000 components).
+All walks are iterative (a path may have ~2000 components).  A file's bytes
+are a :class:`Blocks` map (holes are not stored), so a sparse file of any
+size costs its data.
 """
 
 from __future__ import annotations
@@ -56,13 +58,109 @@ class Dir(Node):
         self.children: dict[str, Node] = {}
 
 
+class Blocks:
+    """The bytes of a regular file as a map of :data:`BLOCK`-byte blocks (index -> bytes).
+
+    A block that is not in the map is a hole and reads as zeros; a block of
+    zeros is never kept, and the bytes of the last block past ``size`` are
+    zeros, so two files with the same bytes have equal maps.  A file of any
+    size up to 2^63 - 1 bytes costs its data, not its size.  ``len()`` is the
+    size; ``bytes()`` the whole content (small files only)."""
+
+    __slots__ = ("size", "blocks")
+    BLOCK = fingerprint.BLOCK
+
+    def __init__(self, data: bytes = b"") -> None:
+        self.size = 0
+        self.blocks: dict[int, bytes] = {}
+        if data:
+            self.write(0, data)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Blocks) and self.size == other.size and self.blocks == other.blocks
+
+    def __bytes__(self) -> bytes:
+        out = bytearray(self.size)
+        for i, blk in self.blocks.items():
+            out[i * self.BLOCK:(i + 1) * self.BLOCK] = blk
+        del out[self.size:]
+        return bytes(out)
+
+    def __getitem__(self, offset: int) -> int:
+        """The byte at ``offset`` (as a bytearray gives it)."""
+        if not 0 <= offset < self.size:
+            raise IndexError(offset)
+        blk = self.blocks.get(offset // self.BLOCK)
+        return blk[offset % self.BLOCK] if blk is not None else 0
+
+    def __setitem__(self, offset: int, value: int) -> None:
+        """Set the byte at ``offset`` (inside the file)."""
+        if not 0 <= offset < self.size:
+            raise IndexError(offset)
+        self.write(offset, bytes((value,)))
+
+    def copy(self) -> "Blocks":
+        new = Blocks()
+        new.size = self.size
+        new.blocks = dict(self.blocks)       # the blocks themselves are immutable bytes
+        return new
+
+    def block(self, i: int) -> bytes | None:
+        """Block ``i`` (:data:`BLOCK` bytes), or None for a hole."""
+        return self.blocks.get(i)
+
+    def pieces(self) -> Iterator[tuple[int, bytes]]:
+        """(offset, bytes) of the data blocks in offset order (the last one may reach past the size)."""
+        for i in sorted(self.blocks):
+            yield i * self.BLOCK, self.blocks[i]
+
+    def _put(self, i: int, blk: bytes | bytearray) -> None:
+        if blk.count(0) == len(blk):
+            self.blocks.pop(i, None)
+        else:
+            self.blocks[i] = bytes(blk)
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        B = self.BLOCK
+        view = memoryview(data).cast("B")
+        pos, end = offset, offset + len(view)
+        while pos < end:
+            i, inner = divmod(pos, B)
+            take = min(B - inner, end - pos)
+            piece = view[pos - offset:pos - offset + take]
+            if take == B:
+                self._put(i, piece.tobytes())
+            else:
+                blk = bytearray(self.blocks.get(i) or bytes(B))
+                blk[inner:inner + take] = piece
+                self._put(i, blk)
+            pos += take
+        self.size = max(self.size, end)
+
+    def truncate(self, size: int) -> None:
+        if size < self.size:
+            B = self.BLOCK
+            keep, inner = divmod(size, B)
+            for i in [i for i in self.blocks if i >= keep]:
+                if i > keep or inner == 0:
+                    del self.blocks[i]
+            if inner and keep in self.blocks:
+                blk = bytearray(self.blocks[keep])
+                blk[inner:] = bytes(B - inner)
+                self._put(keep, blk)
+        self.size = size
+
+
 class File(Node):
     __slots__ = ("data",)
     kind = "f"
 
-    def __init__(self, mode: int = 0o644, data: bytes = b"", **kw) -> None:
+    def __init__(self, mode: int = 0o644, data: "bytes | Blocks" = b"", **kw) -> None:
         super().__init__(mode, **kw)
-        self.data = bytearray(data)
+        self.data = data.copy() if isinstance(data, Blocks) else Blocks(data)
 
 
 class Symlink(Node):
@@ -171,7 +269,7 @@ def entry_of(path: str, node: Node) -> fingerprint.Entry:
     if isinstance(node, Dir):
         return fingerprint.Entry(path=path, kind="d", mode=node.mode)
     if isinstance(node, File):
-        return fingerprint.file_entry(path, node.mode, bytes(node.data))
+        return fingerprint.sparse_file_entry(path, node.mode, node.data.size, node.data.pieces())
     return fingerprint.Entry(path=path, kind="l", target=node.target)  # type: ignore[attr-defined]
 
 

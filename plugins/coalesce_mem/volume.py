@@ -23,14 +23,14 @@ from __future__ import annotations
 
 import os
 import threading
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Sequence
 
 from coalesce_core.errors import BackendError, CorruptStream, HostilePath, TruncatedStream
 from coalesce_core.hookspecs import ACTIVE
 from coalesce_core.records import MAX_DATA, Begin, End, MkDir, MkFile, Rename, RmDir, SetAttr, SetXattr, Symlink
 from coalesce_core.records import HardLink, Truncate, Unlink, Write, check_path
 
-from . import persist
+from . import describing, persist
 from .applying import apply_record, check_record
 from .diffing import diff_stream
 from .tree import Dir, File, QtreeState, entries_of, walk
@@ -298,6 +298,12 @@ class MemVolume:
             entries = entries_of(root)
         from coalesce_core.fingerprint import digest
         return digest(entries)
+
+    def describe(self, qtree: str, snapshot: str | None, paths: Sequence[tuple[str, bool]]) -> list:
+        _check_qtree(qtree)
+        with self.lock:
+            self._sync()
+            return describing.describe(self._state(qtree, snapshot), paths)
 
     # ------------------------------------------------- source-writing API
     # Paths are "QTREE/rel/path"; every call is one apply() of generated

@@ -31,14 +31,13 @@ import errno
 import itertools
 import os
 import queue
-import shutil
 import stat
 import threading
 import time
 from collections import OrderedDict
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable
 
-from coalesce_core.errors import BackendError, CorruptStream, HostilePath, TruncatedStream
+from coalesce_core.errors import BackendError, CorruptStream, HostilePath
 from coalesce_core.records import (
     changes_only,
     ROOT, Begin, End, HardLink, MkDir, MkFile, Rename, RmDir, SetAttr, SetXattr, Symlink, Truncate, Unlink, Write,
@@ -164,11 +163,25 @@ class Applier:
         if fd is not None:
             self._dirs.move_to_end(parent)
             return fd, name
-        cur = self._open_root()
-        walked = []
+        below = parent + "/"
+        for key in reversed(self._dirs):
+            if key.startswith(below) and "/" not in key[len(below):]:
+                # a directory just below it is open (a tree removed deepest first): its "..",
+                # which is the directory at ``parent`` (a kept descriptor never outlives its path)
+                cur = os.open("..", O_DIR, dir_fd=self._dirs[key])
+                return self._keep_dir(parent, cur), name
+        # from the deepest directory of the path already open (a deep tree is created one level
+        # at a time: its next parent is the last one's child), else from the root
+        known = parent
+        while True:
+            known = known.rpartition("/")[0]
+            if not known or known in self._dirs:
+                break
+        cur = self._dirs[known] if known else self._open_root()
+        walked = [known] if known else []
         opened: list[int] = []
         try:
-            for comp in parent.split("/"):
+            for comp in (parent[len(known) + 1:] if known else parent).split("/"):
                 walked.append(comp)
                 try:
                     nfd = os.open(comp, O_DIR, dir_fd=cur)
@@ -198,11 +211,15 @@ class Applier:
             raise
         for f in opened[:-1]:
             os.close(f)
-        self._dirs[parent] = cur
+        return self._keep_dir(parent, cur), name
+
+    def _keep_dir(self, path: str, fd: int) -> int:
+        """Keep ``fd``, the directory at ``path``, for the rest of the stream (at most 64, LRU)."""
+        self._dirs[path] = fd
         if len(self._dirs) > 64:
             _, old = self._dirs.popitem(last=False)
             os.close(old)
-        return cur, name
+        return fd
 
     def _attr_target(self, path: str) -> tuple[int, str]:
         """:meth:`_parent` for the attribute records, which may name the qtree root (:data:`ROOT`):
@@ -227,7 +244,7 @@ class Applier:
         self._close_file()
         self._known.clear()
         if self.purgatory is not None:
-            pname = f"{time.time_ns():x}.{next(self._seq)}.{name[:200]}"
+            pname = purgatory_name(next(self._seq), name)
             os.rename(name, pname, src_dir_fd=dfd, dst_dir_fd=self._purgatory_fd())
         else:
             _remove_entry(dfd, name, st)
@@ -609,33 +626,88 @@ class _Writer:
             self._thread.join()
 
 
-def _rmtree_fd(dfd: int) -> None:
-    """Remove everything inside the open directory ``dfd`` without following symlinks."""
-    for name in os.listdir(dfd):
-        _remove_entry(dfd, name, os.lstat(name, dir_fd=dfd))
+def purgatory_name(seq: int, name: str) -> str:
+    """The name under which the entry ``name`` waits in the purgatory: unique (the time and
+    ``seq``), then the start of ``name`` for whoever looks, cut to keep the whole within a
+    file name's 255 bytes whatever ``name`` holds (255 bytes of multi-byte UTF-8 included)."""
+    raw = os.fsencode(name)[:PURGATORY_NAME_KEEP]
+    if len(raw) == PURGATORY_NAME_KEEP:
+        while raw and raw[-1] & 0xC0 == 0x80:   # do not cut a UTF-8 character in two
+            raw = raw[:-1]
+        if raw and raw[-1] & 0xC0 == 0xC0:
+            raw = raw[:-1]
+    return f"{time.time_ns():x}.{seq}." + os.fsdecode(raw)
+
+
+#: bytes of an entry's own name kept in its purgatory name (the prefix takes at most 37)
+PURGATORY_NAME_KEEP = 200
+
+#: directories :func:`_remove_entry` keeps open at once, whatever the depth of the tree
+_REMOVE_KEEP = 32
 
 
 def _remove_entry(dfd: int, name: str, st: os.stat_result) -> None:
-    """Remove entry ``name`` of the open directory ``dfd`` (a whole subtree for a directory)."""
-    if stat.S_ISDIR(st.st_mode):
-        cfd = os.open(name, O_DIR, dir_fd=dfd)
-        try:
-            _rmtree_fd(cfd)
-        finally:
-            os.close(cfd)
-        os.rmdir(name, dir_fd=dfd)
-    else:
+    """Remove entry ``name`` of the open directory ``dfd`` (a whole subtree for a directory),
+    without following symlinks, iteratively (any depth) and with at most ``_REMOVE_KEEP``
+    descriptors open: a directory whose descriptor was closed on the way down is reopened as
+    ``..`` of its child on the way up, and must be the same directory (device and inode)."""
+    if not stat.S_ISDIR(st.st_mode):
         os.unlink(name, dir_fd=dfd)
+        return
+    # one frame per directory being emptied: [fd or None, (st_dev, st_ino), name in its parent, names left]
+    frames: list[list] = []
+
+    def enter(parent_fd: int, child: str) -> None:
+        fd = os.open(child, O_DIR, dir_fd=parent_fd)
+        try:
+            fst = os.fstat(fd)
+            frames.append([fd, (fst.st_dev, fst.st_ino), child, iter(os.listdir(fd))])
+        except BaseException:
+            os.close(fd)
+            raise
+        if len(frames) > _REMOVE_KEEP and frames[-_REMOVE_KEEP - 1][0] is not None:
+            os.close(frames[-_REMOVE_KEEP - 1][0])
+            frames[-_REMOVE_KEEP - 1][0] = None
+
+    try:
+        enter(dfd, name)
+        while frames:
+            top = frames[-1]
+            child = next(top[3], None)
+            if child is not None:
+                cst = os.lstat(child, dir_fd=top[0])
+                if stat.S_ISDIR(cst.st_mode):
+                    enter(top[0], child)
+                else:
+                    os.unlink(child, dir_fd=top[0])
+                continue
+            frames.pop()
+            try:
+                if frames and frames[-1][0] is None:
+                    pfd = os.open("..", O_DIR, dir_fd=top[0])
+                    pst = os.fstat(pfd)
+                    frames[-1][0] = pfd
+                    if (pst.st_dev, pst.st_ino) != frames[-1][1]:
+                        raise OSError(errno.ESTALE, f"the tree under {name!r} moved while it was removed")
+            finally:
+                os.close(top[0])
+            os.rmdir(top[2], dir_fd=frames[-1][0] if frames else dfd)
+    finally:
+        for frame in frames:
+            if frame[0] is not None:
+                os.close(frame[0])
 
 
 def rmtree(path: str) -> bool:
-    """Remove ``path`` recursively without following symlinks; False if it was absent."""
+    """Remove ``path`` recursively (any depth) without following symlinks; False if it was absent."""
     try:
         st = os.lstat(path)
     except FileNotFoundError:
         return False
-    if not stat.S_ISDIR(st.st_mode):
-        os.unlink(path)
-        return True
-    shutil.rmtree(path)     # rmtree uses the fd-based, symlink-safe walk on Linux
+    parent, name = os.path.split(os.path.normpath(path))
+    pfd = os.open(parent or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)   # as lstat: only the last is not followed
+    try:
+        _remove_entry(pfd, name, st)
+    finally:
+        os.close(pfd)
     return True

@@ -70,13 +70,18 @@ def read_exact(f: BinaryIO, n: int, what: str, tool: str) -> bytes:
     return b"".join(parts)
 
 
+#: how long a command whose stream ended early is given to exit by itself (StreamingCommand)
+EXIT_WAIT = 10.0
+
+
 class StreamingCommand:
     """``argv`` as a child process whose stdout is a stream the caller reads (``.stdout``), as a
     context manager: ``btrfs send``, ``zfs send``.
 
     Leaving the ``with`` normally checks that nothing follows what the caller read and that the
     command exited 0, else BackendError with its stderr and ``hint``.  Leaving it by an exception
-    kills the command; a StreamError (the caller found the stream truncated or malformed) is raised
+    kills the command (one whose stream ended, TruncatedStream, first gets ``EXIT_WAIT`` seconds to
+    exit by itself); a StreamError (the caller found the stream truncated or malformed) is raised
     again with the command's exit status and stderr added to its message."""
 
     def __init__(self, argv: Sequence[str], hint: str = "") -> None:
@@ -107,6 +112,13 @@ class StreamingCommand:
         assert proc is not None and proc.stdout is not None and proc.stderr is not None
         try:
             if et is not None:
+                if isinstance(ev, TruncatedStream):
+                    # the command closed its output, so it is exiting: its own exit status and
+                    # message say why the stream ended (killed now, it would report SIGKILL)
+                    try:
+                        proc.wait(timeout=EXIT_WAIT)
+                    except subprocess.TimeoutExpired:
+                        pass
                 proc.kill()
                 proc.wait()
                 if isinstance(ev, StreamError):

@@ -2,7 +2,7 @@
 
 :class:`PosixVolume` is the base of both backends' handles; :func:`posix_hooks`
 builds the hook implementations that only need that tree (apply, purgatory,
-qtree removal, qtree list, fingerprint, exports), each answering only for
+qtree removal, qtree list, fingerprint, describe, exports), each answering only for
 handles of the given class (firstresult: None for anybody else's volume).
 
 Reserved names: entries of the volume root whose name starts with
@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 from coalesce_core.errors import BackendError
 from coalesce_core.hookspecs import ACTIVE, hookimpl
 from coalesce_core.records import check_path
 
-from . import walk
+from . import describe, walk
 from .apply import Applier, rmtree
 from .exports import ExportTable, parse_under
 
@@ -116,6 +116,19 @@ class PosixVolume:
         with self.image(snapshot) as root:
             return walk.fingerprint(os.path.join(root, qtree))
 
+    def describe(self, qtree: str, snapshot: str | None, paths: Sequence[tuple[str, bool]]) -> list:
+        check_qtree(qtree)
+        with self.image(snapshot) as root:
+            return describe.describe_paths(os.path.join(root, qtree), paths)
+
+    def describe_tree(self, qtree: str, snapshot: str | None, content: bool) -> Iterator:
+        check_qtree(qtree)
+        with self.image(snapshot) as root:
+            yield from describe.describe_tree(os.path.join(root, qtree), content)
+
+    def describe_holds(self) -> object:
+        return describe.holds_of(self.root)
+
     def export(self, mapping: Mapping[str, str | None]) -> bool:
         pcpis = {v for v in mapping.values() if v is not None and v != ACTIVE}
         for r in mapping:
@@ -163,6 +176,18 @@ def posix_hooks(cls: type) -> dict[str, Callable]:
         return volume.fingerprint(qtree, snapshot) if mine(volume) else None
 
     @hookimpl
+    def coalesce_describe(volume, qtree, snapshot, paths):
+        return volume.describe(qtree, snapshot, paths) if mine(volume) else None
+
+    @hookimpl
+    def coalesce_describe_tree(volume, qtree, snapshot, content):
+        return volume.describe_tree(qtree, snapshot, content) if mine(volume) else None
+
+    @hookimpl
+    def coalesce_describe_holds(volume):
+        return volume.describe_holds() if mine(volume) else None
+
+    @hookimpl
     def coalesce_export(volume, mapping):
         return volume.export(mapping) if mine(volume) else None
 
@@ -176,4 +201,5 @@ def posix_hooks(cls: type) -> dict[str, Callable]:
 
     return {f.__name__: f for f in (coalesce_apply, coalesce_purge_purgatory, coalesce_remove_qtree,
                                     coalesce_qtree_list, coalesce_fingerprint, coalesce_export,
-                                    coalesce_exported, coalesce_export_path)}
+                                    coalesce_exported, coalesce_export_path, coalesce_describe,
+                                    coalesce_describe_tree, coalesce_describe_holds)}

@@ -6,17 +6,21 @@ directories or read-only clones) and on the live qtree for fingerprints.
 It never follows a symlink: entries are examined with ``lstat`` and only
 directories found by the walk itself are descended into.  Special files
 (devices, FIFOs, sockets) have no change record and no fingerprint kind;
-they are skipped (docs/real-backends.md).
+they are skipped (docs/real-backends.md).  Every walk keeps its own stack (a
+tree of any depth), paths longer than PATH_MAX are reached from an open
+directory (:class:`Reader`), and file contents are read only where the file
+has data (SEEK_DATA/SEEK_HOLE): a sparse file costs its data, not its size.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
-import hashlib
 import os
 import stat
 import threading
 import weakref
+from collections import OrderedDict
 from typing import Callable, Iterable, Iterator
 
 from coalesce_core.errors import BackendError
@@ -28,6 +32,10 @@ from coalesce_core.records import (
 CHUNK = MAX_DATA
 _HAVE_SEEK = hasattr(os, "SEEK_DATA")
 _HAVE_FADVISE = hasattr(os, "posix_fadvise")
+#: Linux's PATH_MAX: a path argument of this many bytes or more (its NUL included) is ENAMETOOLONG
+PATH_MAX = 4096
+_O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_O_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 def join(rel: str, name: str) -> str:
@@ -45,6 +53,10 @@ def kind_of(st: os.stat_result) -> str | None:
 
 
 def lstat_or_none(path: str) -> os.stat_result | None:
+    """``lstat`` of ``path`` (of any length); None when it is missing."""
+    if not fits(path):
+        with _long(path) as (rd, rel):
+            return rd.lstat(rel)
     try:
         return os.lstat(path)
     except FileNotFoundError:
@@ -54,6 +66,10 @@ def lstat_or_none(path: str) -> os.stat_result | None:
 
 
 def listdir_sorted(path: str) -> list[str]:
+    """The names in directory ``path`` (of any length), sorted by bytes; [] when it is missing."""
+    if not fits(path):
+        with _long(path) as (rd, rel):
+            return rd.listdir(rel)
     try:
         names = os.listdir(path)
     except (FileNotFoundError, NotADirectoryError):
@@ -61,49 +77,218 @@ def listdir_sorted(path: str) -> list[str]:
     return sorted(names, key=lambda n: n.encode("utf-8", "surrogateescape"))
 
 
+def fits(path: str) -> bool:
+    """True when ``path`` can be handed to a system call as it is (shorter than PATH_MAX bytes)."""
+    return len(path) < PATH_MAX // 4 or len(os.fsencode(path)) < PATH_MAX
+
+
+class Reader:
+    """Reads the tree below ``root`` by relative paths of any length.
+
+    A file system bounds a name (255 bytes), not a path: a deep tree has paths
+    longer than PATH_MAX, which only the system calls that take a whole path
+    refuse.  A path that fits is used as it is; a longer one is reached from
+    the deepest of its directories already open here (else from the deepest
+    one whose path fits), one component at a time with ``O_NOFOLLOW |
+    O_DIRECTORY``, so no symlink is followed on the way.  The ``keep`` most
+    recently used directories stay open, so a walk in pre-order opens each
+    deep directory about once.  A ``(dir_fd, name)`` pair from :meth:`at` is
+    valid until the next call.  Close it (or use it as a context manager)."""
+
+    def __init__(self, root: str, keep: int = 16) -> None:
+        self.root = root
+        self._keep = keep
+        self._dirs: OrderedDict[str, int] = OrderedDict()
+
+    def __enter__(self) -> "Reader":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for fd in self._dirs.values():
+            os.close(fd)
+        self._dirs.clear()
+
+    def path(self, rel: str) -> str:
+        return os.path.join(self.root, rel) if rel else self.root
+
+    def at(self, rel: str) -> tuple[int | None, str]:
+        """``(dir_fd, name)`` for an ``*at`` call on ``rel``: ``(None, whole path)`` when it fits."""
+        full = self.path(rel)
+        if fits(full):
+            return None, full
+        parent, _, name = rel.rpartition("/")
+        return self._dir(parent), name
+
+    def _dir(self, rel: str) -> int:
+        """An open descriptor of directory ``rel`` (kept: never close it)."""
+        fd = self._dirs.get(rel)
+        if fd is not None:
+            self._dirs.move_to_end(rel)
+            return fd
+        known = rel
+        while True:
+            known = known.rpartition("/")[0]
+            if not known or known in self._dirs:
+                break
+        if known:
+            cur = self._dirs[known]
+        else:
+            known = rel
+            while not fits(self.path(known)):
+                known = known.rpartition("/")[0]
+            cur = self._keep_fd(known, os.open(self.path(known), _O_DIR))
+            if known == rel:
+                return cur
+        for comp in rel[len(known) + 1:].split("/") if known else rel.split("/"):
+            known = f"{known}/{comp}" if known else comp
+            cur = self._keep_fd(known, os.open(comp, _O_DIR, dir_fd=cur))
+        return cur
+
+    def _keep_fd(self, rel: str, fd: int) -> int:
+        self._dirs[rel] = fd
+        if len(self._dirs) > self._keep:
+            _, old = self._dirs.popitem(last=False)
+            os.close(old)
+        return fd
+
+    def lstat(self, rel: str) -> os.stat_result | None:
+        """``lstat`` of ``rel``; None when it (or a directory on its way) is missing."""
+        try:
+            dfd, name = self.at(rel)
+            return os.lstat(name, dir_fd=dfd)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+
+    def listdir(self, rel: str) -> list[str]:
+        """The names in directory ``rel``, sorted by bytes; [] when it is missing."""
+        full = self.path(rel)
+        if fits(full):
+            return listdir_sorted(full)
+        try:
+            names = os.listdir(self._dir(rel))
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        return sorted(names, key=lambda n: n.encode("utf-8", "surrogateescape"))
+
+    def open(self, rel: str, flags: int = _O_READ) -> int:
+        """A new descriptor of ``rel`` (``O_NOFOLLOW`` in ``flags``: a symlink is not opened)."""
+        dfd, name = self.at(rel)
+        return os.open(name, flags, dir_fd=dfd)
+
+    def readlink(self, rel: str) -> str:
+        dfd, name = self.at(rel)
+        return os.readlink(name, dir_fd=dfd)
+
+    def xattrs(self, rel: str) -> dict[str, bytes]:
+        """:func:`read_xattrs` of ``rel`` (a file or directory)."""
+        full = self.path(rel)
+        if fits(full):
+            return read_xattrs(full)
+        fd = self.open(rel, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            return _read_xattrs(fd, _diff_root(self.root))
+        finally:
+            os.close(fd)
+
+    def walk(self, rel: str = "") -> Iterator[tuple[str, os.stat_result]]:
+        """(relative path, lstat) of every entry below ``rel`` in pre-order, sorted by name
+        (iterative: any depth)."""
+        pending = [join(rel, n) for n in reversed(self.listdir(rel))]
+        while pending:
+            r = pending.pop()
+            st = self.lstat(r)
+            if st is None:
+                continue
+            yield r, st
+            if stat.S_ISDIR(st.st_mode):
+                pending.extend(join(r, n) for n in reversed(self.listdir(r)))
+
+
+@contextlib.contextmanager
+def _long(path: str) -> Iterator[tuple["Reader", str]]:
+    """A :class:`Reader` and the relative path by which it reaches ``path`` (of any length)."""
+    parts = "/".join(p for p in path.split("/") if p)
+    with Reader("/" if path.startswith("/") else ".", keep=1) as rd:
+        yield rd, parts
+
+
+def open_path(path: str, flags: int = _O_READ) -> int:
+    """``os.open(path, flags)`` for a ``path`` of any length (no symlink followed on the way when it is long)."""
+    if fits(path):
+        return os.open(path, flags)
+    with _long(path) as (rd, rel):
+        return rd.open(rel, flags)
+
+
+def readlink_path(path: str) -> str:
+    """``os.readlink(path)`` for a ``path`` of any length."""
+    if fits(path):
+        return os.readlink(path)
+    with _long(path) as (rd, rel):
+        return rd.readlink(rel)
+
+
 def iter_tree(root: str, rel: str = "") -> Iterator[tuple[str, os.stat_result]]:
     """(relative path, lstat) of every entry below ``root/rel`` in pre-order, sorted by name."""
-    base = os.path.join(root, rel) if rel else root
-    for name in listdir_sorted(base):
-        r = join(rel, name)
-        st = lstat_or_none(os.path.join(root, r))
-        if st is None:
-            continue
-        yield r, st
-        if stat.S_ISDIR(st.st_mode):
-            yield from iter_tree(root, r)
+    with Reader(root) as rd:
+        yield from rd.walk(rel)
+
+
+def open_under(root: str, rel: str, flags: int = _O_READ) -> int:
+    """A new descriptor of ``root/rel``, whatever the length of the path (:class:`Reader`)."""
+    with Reader(root, keep=1) as rd:
+        return rd.open(rel, flags)
+
+
+def xattrs_under(root: str, rel: str) -> dict[str, bytes]:
+    """:func:`read_xattrs` of ``root/rel``, whatever the length of the path."""
+    with Reader(root, keep=1) as rd:
+        return rd.xattrs(rel)
 
 
 # ---------------------------------------------------------------------------
 # fingerprint
 # ---------------------------------------------------------------------------
-def file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    try:
-        while True:
-            b = os.read(fd, CHUNK)
-            if not b:
-                break
-            h.update(b)
-    finally:
-        os.close(fd)
-    return h.hexdigest()
+def content_digest_fd(fd: int, size: int | None = None) -> str:
+    """The content digest (:class:`coalesce_core.fingerprint.ContentDigest`) of the open regular
+    file ``fd`` of ``size`` bytes (default: its size now), reading only its data: holes are found
+    with SEEK_DATA/SEEK_HOLE and read as zeros, so a 1 TiB sparse file costs its data.  A file
+    system that reports no holes (zfs-fuse) has its zeros read."""
+    if size is None:
+        size = os.fstat(fd).st_size
+    digest = fp.ContentDigest(size)
+    for off, length in data_segments(fd, 0, size):
+        pos, end = off, off + length
+        while pos < end:
+            data = os.pread(fd, min(CHUNK, end - pos), pos)
+            if not data:
+                break                       # shorter than it was: the rest reads as zeros
+            digest.update(pos, data)
+            pos += len(data)
+    return digest.hexdigest()
 
 
 def entries(root: str) -> Iterator[fp.Entry]:
     """Fingerprint entries of the tree below ``root`` (``root`` itself excluded)."""
-    for rel, st in iter_tree(root):
-        k = kind_of(st)
-        full = os.path.join(root, rel)
-        if k == "d":
-            yield fp.Entry(path=rel, kind="d", mode=st.st_mode & 0o7777)
-        elif k == "f":
-            yield fp.Entry(path=rel, kind="f", mode=st.st_mode & 0o7777, size=st.st_size,
-                           content_sha256=file_sha256(full))
-        elif k == "l":
-            # Linux symlinks have no settable permission bits: canonical mode 0.
-            yield fp.Entry(path=rel, kind="l", mode=0, target=os.fsdecode(os.readlink(full)))
+    with Reader(root) as rd:
+        for rel, st in rd.walk():
+            k = kind_of(st)
+            if k == "d":
+                yield fp.Entry(path=rel, kind="d", mode=st.st_mode & 0o7777)
+            elif k == "f":
+                fd = rd.open(rel)
+                try:
+                    digest = content_digest_fd(fd, st.st_size)
+                finally:
+                    os.close(fd)
+                yield fp.Entry(path=rel, kind="f", mode=st.st_mode & 0o7777, size=st.st_size,
+                               content_sha256=digest)
+            elif k == "l":
+                # Linux symlinks have no settable permission bits: canonical mode 0.
+                yield fp.Entry(path=rel, kind="l", mode=0, target=os.fsdecode(rd.readlink(rel)))
 
 
 def fingerprint(root: str | None) -> str:
@@ -244,12 +429,25 @@ def _diff_root(path: str) -> str | None:
 
 
 def read_xattrs(path: str) -> dict[str, bytes]:
-    """xattrs of a file or directory (never of a symlink: Linux has no user xattrs on them)."""
-    root = _diff_root(path)
+    """xattrs of a file or directory (never of a symlink: Linux has no user xattrs on them); ``path``
+    of any length."""
+    if not fits(path):
+        with _long(path) as (rd, rel):
+            fd = rd.open(rel, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            return _read_xattrs(fd, _diff_root(path))
+        finally:
+            os.close(fd)
+    return _read_xattrs(path, _diff_root(path))
+
+
+def _read_xattrs(path: str | int, root: str | None) -> dict[str, bytes]:
+    """:func:`read_xattrs` of a path or an open descriptor, in the tree_diff image ``root`` (if any)."""
     if root is not None and _XATTR_ROOTS.roots[root] is False:
         return {}
+    follow = isinstance(path, int)          # a descriptor: no symlink to follow
     try:
-        names = os.listxattr(path, follow_symlinks=False)
+        names = os.listxattr(path, follow_symlinks=follow)
     except OSError as exc:
         if exc.errno in (errno.ENOTSUP, errno.EOPNOTSUPP):
             if root is not None:
@@ -259,7 +457,7 @@ def read_xattrs(path: str) -> dict[str, bytes]:
     out = {}
     for n in sorted(names):
         try:
-            out[n] = os.getxattr(path, n, follow_symlinks=False)
+            out[n] = os.getxattr(path, n, follow_symlinks=follow)
         except OSError as exc:
             if exc.errno in (errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP):
                 continue
@@ -289,9 +487,8 @@ def file_create_records(root: str, rel: str, st: os.stat_result, dest_rel: str |
     """MkFile + data (+ Truncate when the data ends before the size) + xattrs for the regular file ``root/rel``
     (created at ``dest_rel``)."""
     dest = dest_rel or rel
-    full = os.path.join(root, rel)
     yield MkFile(path=dest, mode=st.st_mode & 0o7777)
-    fd = os.open(full, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    fd = open_under(root, rel)
     written = 0                     # the size the records give the new file
     try:
         size = os.fstat(fd).st_size
@@ -302,7 +499,7 @@ def file_create_records(root: str, rel: str, st: os.stat_result, dest_rel: str |
         os.close(fd)
     if written != size:             # a hole (or zeros) at the end
         yield Truncate(path=dest, size=size)
-    yield from xattr_records(dest, {}, read_xattrs(full))
+    yield from xattr_records(dest, {}, xattrs_under(root, rel))
 
 
 class FileData:
@@ -329,7 +526,7 @@ class FileData:
         """Records that turn the file ``base/rel`` into ``target/rel`` (same inode): data and xattrs."""
         bpath, tpath = os.path.join(base, rel), os.path.join(target, rel)
         yield from file_update_records(bpath, tpath, rel, b.st_size, t.st_size)
-        yield from xattr_records(rel, read_xattrs(bpath), read_xattrs(tpath))
+        yield from xattr_records(rel, xattrs_under(base, rel), xattrs_under(target, rel))
 
     def finish(self) -> Iterator[object]:
         """Records held back by :meth:`created`, :meth:`linked` or :meth:`updated`."""
@@ -357,41 +554,57 @@ def create_records(root: str, rel: str, *, dest_rel: str | None = None, links: d
     attrs_list: list = [] if own_attrs else attrs_out
     links = {} if links is None else links
     dest = dest_rel or rel
-    if st is None:
-        st = lstat_or_none(os.path.join(root, rel))
-    if st is None:
-        return
-    yield from _create_one(root, rel, dest, st, links, skip, attrs_list, data or READ)
+    with Reader(root) as rd:
+        if st is None:
+            st = rd.lstat(rel)
+        if st is None:
+            return
+        yield from _create_one(rd, rel, dest, st, links, skip, attrs_list, data or READ)
     if own_attrs:
         yield from sorted_attrs(attrs_list)
 
 
-def _create_one(root, rel, dest, st, links, skip, attrs_list, data=READ):
-    k = kind_of(st)
-    full = os.path.join(root, rel)
-    if k == "d":
-        yield MkDir(path=dest, mode=st.st_mode & 0o7777)
-        yield from xattr_records(dest, {}, read_xattrs(full))
-        for name in listdir_sorted(full):
-            crel = join(rel, name)
+def _create_one(rd: Reader, rel: str, dest: str, st: os.stat_result, links: dict,
+                skip: Callable[[str], bool] | None, attrs_list: list, data: FileData) -> Iterator[object]:
+    """:func:`create_records` of one entry of ``rd``'s tree, in pre-order (iterative: any depth);
+    a directory's SetAttr is appended after its contents'."""
+    dirs: list[tuple[str, str, os.stat_result, Iterator[str]]] = []   # directories being created
+    item: tuple[str, str, os.stat_result] | None = (rel, dest, st)
+    while True:
+        if item is not None:
+            r, d, s = item
+            k = kind_of(s)
+            if k == "d":
+                yield MkDir(path=d, mode=s.st_mode & 0o7777)
+                yield from xattr_records(d, {}, rd.xattrs(r))
+                dirs.append((r, d, s, iter(rd.listdir(r))))
+            elif k == "f":
+                key = (s.st_dev, s.st_ino)
+                if s.st_nlink > 1 and key in links:
+                    yield from data.linked(d, links[key])
+                else:
+                    if s.st_nlink > 1:
+                        links[key] = d
+                    yield from data.created(rd.root, r, d, s)
+                    attrs_list.append(setattr_record(d, s))
+            elif k == "l":
+                yield Symlink(path=d, target=os.fsdecode(rd.readlink(r)))
+                attrs_list.append(setattr_record(d, s))
+            item = None
+        if not dirs:
+            return
+        r, d, s, names = dirs[-1]
+        for name in names:
+            crel = join(r, name)
             if skip is not None and skip(crel):
                 continue
-            cst = lstat_or_none(os.path.join(root, crel))
+            cst = rd.lstat(crel)
             if cst is not None:
-                yield from _create_one(root, crel, join(dest, name), cst, links, skip, attrs_list, data)
-    elif k == "f":
-        key = (st.st_dev, st.st_ino)
-        if st.st_nlink > 1 and key in links:
-            yield from data.linked(dest, links[key])
-            return
-        if st.st_nlink > 1:
-            links[key] = dest
-        yield from data.created(root, rel, dest, st)
-    elif k == "l":
-        yield Symlink(path=dest, target=os.fsdecode(os.readlink(full)))
-    else:
-        return
-    attrs_list.append(setattr_record(dest, st))
+                item = (crel, join(d, name), cst)
+                break
+        else:
+            dirs.pop()
+            attrs_list.append(setattr_record(d, s))
 
 
 def sorted_attrs(attrs_list: Iterable[SetAttr]) -> list[SetAttr]:
@@ -453,22 +666,47 @@ def tree_diff(base: str | None, target: str, *, same_lineage: bool = True,
     Order: removals (deepest first), then creations and updates in pre-order,
     then what ``data`` held back, then SetAttr deepest first; renames are not
     detected (a rename is a removal plus a creation), so this is the
-    fallback, not the fast path.
+    fallback, not the fast path.  The root's SetAttr comes last, and always
+    when a record came before it or the root is another directory than the
+    base's (a replaced or swapped qtree root): the applier's changes move the
+    replica root's mtime even where the two roots' attributes are equal.
     """
     base = base if base and os.path.isdir(base) else None
     # a file system without xattrs is asked once per image, not once per file (read_xattrs)
     _XATTR_ROOTS.roots = {os.path.normpath(r): None for r in (base, target) if r}
+    rb = Reader(base) if base is not None else None
+    rt = Reader(target)
     try:
-        yield from _removals(base, target, "", same_lineage, prune)
+        n = 0
+        if rb is not None:
+            for rec in _removals(rb, rt, same_lineage, prune):
+                n += 1
+                yield rec
         attrs_list: list = []
         links: dict = {}
         quick = quick_before_ns if same_lineage else None
-        yield from _updates(base, target, "", quick, links, attrs_list, prune, same_lineage, data)
-        yield from data.finish()
-        yield from sorted_attrs(attrs_list)
-        yield from root_records(base, target, force=False)
+        for rec in _updates(rb, rt, quick, links, attrs_list, prune, same_lineage, data):
+            n += 1
+            yield rec
+        for rec in data.finish():
+            n += 1
+            yield rec
+        attrs_list = sorted_attrs(attrs_list)
+        yield from attrs_list
+        yield from root_records(base, target, force=n + len(attrs_list) > 0 or _root_replaced(rb, rt, same_lineage))
     finally:
         _XATTR_ROOTS.roots = None
+        rt.close()
+        if rb is not None:
+            rb.close()
+
+
+def _root_replaced(rb: Reader | None, rt: Reader, same_lineage: bool) -> bool:
+    """True when the target's root is another directory than the base's (same lineage only)."""
+    if rb is None or not same_lineage:
+        return False
+    b, t = rb.lstat(""), rt.lstat("")
+    return b is not None and t is not None and b.st_ino != t.st_ino
 
 
 def _replaced(b: os.stat_result, t: os.stat_result, same_lineage: bool) -> bool:
@@ -479,52 +717,83 @@ def _replaced(b: os.stat_result, t: os.stat_result, same_lineage: bool) -> bool:
     return False
 
 
-def _removals(base, target, rel, same_lineage, prune=None):
-    if base is None:
-        return
-    for name in listdir_sorted(os.path.join(base, rel) if rel else base):
+def _removals(rb: Reader, rt: Reader, same_lineage: bool, prune: set[str] | None) -> Iterator[object]:
+    """Removal records of the base entries the target lacks or replaced, in pre-order of the
+    base, each removed subtree deepest first (iterative: any depth)."""
+    dirs: list[tuple[str, Iterator[str]]] = [("", iter(rb.listdir("")))]
+    while dirs:
+        rel, names = dirs[-1]
+        name = next(names, None)
+        if name is None:
+            dirs.pop()
+            continue
         r = join(rel, name)
-        b = lstat_or_none(os.path.join(base, r))
+        b = rb.lstat(r)
         if b is None or kind_of(b) is None:
             continue
-        t = lstat_or_none(os.path.join(target, r))
+        t = rt.lstat(r)
         if t is None or kind_of(t) is None or _replaced(b, t, same_lineage):
-            yield from _remove_subtree(base, r, b)
+            yield from _remove_subtree(rb, r, b)
         elif kind_of(b) == "d" and (prune is None or r in prune):
-            yield from _removals(base, target, r, same_lineage, prune)
+            dirs.append((r, iter(rb.listdir(r))))
 
 
-def _remove_subtree(base, rel, st):
-    if stat.S_ISDIR(st.st_mode):
-        for name in listdir_sorted(os.path.join(base, rel)):
-            r = join(rel, name)
-            c = lstat_or_none(os.path.join(base, r))
-            if c is not None and kind_of(c) is not None:
-                yield from _remove_subtree(base, r, c)
-        yield RmDir(path=rel)
-    else:
+def _remove_subtree(rd: Reader, rel: str, st: os.stat_result) -> Iterator[object]:
+    """Unlink/RmDir records of ``rel`` and everything below it, children before parents."""
+    if not stat.S_ISDIR(st.st_mode):
         yield Unlink(path=rel)
+        return
+    dirs: list[tuple[str, Iterator[str]]] = [(rel, iter(rd.listdir(rel)))]
+    while dirs:
+        d, names = dirs[-1]
+        name = next(names, None)
+        if name is None:
+            dirs.pop()
+            yield RmDir(path=d)
+            continue
+        r = join(d, name)
+        c = rd.lstat(r)
+        if c is None or kind_of(c) is None:
+            continue
+        if stat.S_ISDIR(c.st_mode):
+            dirs.append((r, iter(rd.listdir(r))))
+        else:
+            yield Unlink(path=r)
 
 
-def _updates(base, target, rel, quick, links, attrs_list, prune, same_lineage, data):
-    for name in listdir_sorted(os.path.join(target, rel) if rel else target):
+def _updates(rb: Reader | None, rt: Reader, quick: int | None, links: dict, attrs_list: list,
+             prune: set[str] | None, same_lineage: bool, data: FileData) -> Iterator[object]:
+    """Creation and update records of the target's entries in pre-order (iterative: any depth);
+    a kept directory's SetAttr is appended after its contents'."""
+    dirs: list[tuple[str, Iterator[str], os.stat_result | None, os.stat_result | None]] = [
+        ("", iter(rt.listdir("")), None, None)]
+    while dirs:
+        rel, names, db, dt = dirs[-1]
+        name = next(names, None)
+        if name is None:
+            dirs.pop()
+            if db is not None and dt is not None and attrs_differ(db, dt):
+                attrs_list.append(setattr_record(rel, dt))
+            continue
         r = join(rel, name)
-        t = lstat_or_none(os.path.join(target, r))
+        t = rt.lstat(r)
         if t is None or kind_of(t) is None:
             continue
-        b = lstat_or_none(os.path.join(base, r)) if base else None
+        b = rb.lstat(r) if rb is not None else None
         if b is not None and kind_of(b) is None:
             b = None
         if b is None or _replaced(b, t, same_lineage):
-            yield from _create_one(target, r, r, t, links, None, attrs_list, data)
+            yield from _create_one(rt, r, r, t, links, None, attrs_list, data)
             continue
+        assert rb is not None
         k = kind_of(t)
         if k == "d":
-            yield from xattr_records(r, read_xattrs(os.path.join(base, r)), read_xattrs(os.path.join(target, r)))
+            yield from xattr_records(r, rb.xattrs(r), rt.xattrs(r))
             if prune is None or r in prune:
-                yield from _updates(base, target, r, quick, links, attrs_list, prune, same_lineage, data)
+                dirs.append((r, iter(rt.listdir(r)), b, t))
+                continue
         elif k == "l":
-            bt, tt = os.readlink(os.path.join(base, r)), os.readlink(os.path.join(target, r))
+            bt, tt = rb.readlink(r), rt.readlink(r)
             if bt != tt:
                 yield Unlink(path=r)
                 yield Symlink(path=r, target=os.fsdecode(tt))
@@ -537,7 +806,7 @@ def _updates(base, target, rel, quick, links, attrs_list, prune, same_lineage, d
                           and b.st_mtime_ns == t.st_mtime_ns and b.st_ctime_ns == t.st_ctime_ns
                           and b.st_ctime_ns < quick)
             if not quick_same:
-                yield from data.updated(base, target, r, b, t)
+                yield from data.updated(rb.root, rt.root, r, b, t)
         if attrs_differ(b, t):
             attrs_list.append(setattr_record(r, t))
 
@@ -548,7 +817,7 @@ def file_update_records(bpath: str, tpath: str, rel: str, bsize: int, tsize: int
         # one chunk on each side, of different lengths, so it differs: the records are those of
         # the compare below without reading the base copy (on FUSE, zfs-fuse, its open, read and
         # close are three round trips to the daemon)
-        tfd = os.open(tpath, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        tfd = open_path(tpath)
         try:
             data = os.pread(tfd, tsize, 0) if tsize else b""
         finally:
@@ -562,8 +831,12 @@ def file_update_records(bpath: str, tpath: str, rel: str, bsize: int, tsize: int
         if tsize > bsize:
             yield Truncate(path=rel, size=tsize)
         return
-    bfd = os.open(bpath, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    tfd = os.open(tpath, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    bfd = open_path(bpath)
+    try:
+        tfd = open_path(tpath)
+    except BaseException:
+        os.close(bfd)
+        raise
     try:
         if tsize < bsize:
             yield Truncate(path=rel, size=tsize)
@@ -577,13 +850,22 @@ def file_update_records(bpath: str, tpath: str, rel: str, bsize: int, tsize: int
 
 def compare_range(bfd: int, tfd: int, rel: str, bsize: int, start: int, end: int) -> Iterator[Write]:
     """Writes for the chunks of ``[start, end)`` in which the target file ``tfd`` differs from its base
-    copy ``bfd`` of ``bsize`` bytes (past ``bsize`` the copy being changed holds zeros)."""
-    pos = start
-    while pos < end:
-        n = min(CHUNK, end - pos)
-        tb = os.pread(tfd, n, pos)
-        bb = os.pread(bfd, n, pos) if pos < bsize else b""
-        if tb != bb:
-            if not (pos >= bsize and tb.count(0) == len(tb)):
-                yield Write(path=rel, offset=pos, data=tb)
-        pos += n
+    copy ``bfd`` of ``bsize`` bytes (past ``bsize`` the copy being changed holds zeros).  Only the
+    parts where either copy has data are read: where both have a hole, both hold zeros."""
+    segments = sorted([*data_segments(tfd, start, end), *data_segments(bfd, start, min(end, bsize))])
+    merged: list[list[int]] = []
+    for off, length in segments:
+        if merged and off <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], off + length)
+        else:
+            merged.append([off, off + length])
+    for seg_start, seg_end in merged:
+        pos = seg_start
+        while pos < seg_end:
+            n = min(CHUNK, seg_end - pos)
+            tb = os.pread(tfd, n, pos)
+            bb = os.pread(bfd, n, pos) if pos < bsize else b""
+            if tb != bb:
+                if not (pos >= bsize and tb.count(0) == len(tb)):
+                    yield Write(path=rel, offset=pos, data=tb)
+            pos += n

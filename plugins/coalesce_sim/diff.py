@@ -26,7 +26,6 @@ other moves fall back to removal + creation (always correct; docs/sim.md).
 
 from __future__ import annotations
 
-import hashlib
 from typing import Iterator
 
 from coalesce_core import fingerprint as FP
@@ -64,23 +63,35 @@ class Namespace:
         return r.get(ino)
 
     def path(self, ino: int) -> str | None:
-        """Path of ``ino`` in the qtree's namespace ('' = qtree root), None if not reachable."""
+        """Path of ``ino`` in the qtree's namespace ('' = qtree root), None if not reachable.
+
+        Iterative (a tree of any depth): climbs the primary parents up to the qtree root or an
+        inode whose path is known, then names the way down."""
         if ino == self.q:
             return ""
         if ino in self.paths:
             return self.paths[ino]
-        self.paths[ino] = None  # cycle guard
-        rec = self.inode(ino)
-        out = None
-        if rec is not None and rec.parent:
-            name = self.name_in(rec.parent, ino)
-            pp = self.path(rec.parent) if name is not None else None
-            if pp is not None:
-                out = f"{pp}/{name}" if pp else name
-            elif rec.kind != DIR and rec.nlink > 1:
-                out = next(iter(self.all_paths(ino)), None)
-        self.paths[ino] = out
-        return out
+        chain: list[int] = []
+        cur = ino
+        while cur != self.q and cur not in self.paths:
+            self.paths[cur] = None  # cycle guard
+            chain.append(cur)
+            rec = self.inode(cur)
+            if rec is None or not rec.parent or self.name_in(rec.parent, cur) is None:
+                break
+            cur = rec.parent
+        for c in reversed(chain):
+            rec = self.inode(c)
+            out = None
+            if rec is not None and rec.parent:
+                name = self.name_in(rec.parent, c)
+                pp = ("" if rec.parent == self.q else self.paths.get(rec.parent)) if name is not None else None
+                if pp is not None:
+                    out = f"{pp}/{name}" if pp else name
+                elif rec.kind != DIR and rec.nlink > 1:
+                    out = next(iter(self.all_paths(c)), None)
+            self.paths[c] = out
+        return self.paths[ino]
 
     def all_paths(self, ino: int) -> list[str]:
         """Every name of ``ino`` in the namespace (a walk of the qtree: hard links only)."""
@@ -156,20 +167,33 @@ class Differ:
 
     # -- creation / removal of whole subtrees
     def create(self, ino: int, path: str) -> Iterator[object]:
+        """Records that create ``ino`` at ``path`` and, for a directory, everything below it in
+        pre-order, a directory's attributes after its contents (iterative: any depth)."""
         T = self.T
-        rec = T.inode(ino)
-        if rec is None:
-            return
-        self.created.add(path)
-        if rec.kind != REG or rec.nlink == 1:
-            self.full.add(ino)
-        if rec.kind == DIR:
-            yield R.MkDir(path=path, mode=rec.mode)
-            for name, child in sorted(T.dir(rec).items()):
-                yield from self.create(child, f"{path}/{name}")
-            yield from self._xattrs(path, {}, T.xattrs(rec))
-            yield self._attrs(path, rec)
-            return
+        stack: list[tuple[int, str, Inode | None]] = [(ino, path, None)]
+        while stack:
+            ino, path, created_dir = stack.pop()
+            if created_dir is not None:         # its contents are created
+                yield from self._xattrs(path, {}, T.xattrs(created_dir))
+                yield self._attrs(path, created_dir)
+                continue
+            rec = T.inode(ino)
+            if rec is None:
+                continue
+            self.created.add(path)
+            if rec.kind != REG or rec.nlink == 1:
+                self.full.add(ino)
+            if rec.kind == DIR:
+                yield R.MkDir(path=path, mode=rec.mode)
+                stack.append((ino, path, rec))
+                for name, child in sorted(T.dir(rec).items(), reverse=True):
+                    stack.append((child, f"{path}/{name}", None))
+                continue
+            yield from self._create_leaf(ino, path, rec)
+
+    def _create_leaf(self, ino: int, path: str, rec: Inode) -> Iterator[object]:
+        """Records that create the file or symlink ``ino`` at ``path``."""
+        T = self.T
         if rec.kind == LNK:
             yield R.Symlink(path=path, target=T.data(rec).decode("utf-8", "surrogateescape"))
             yield self._attrs(path, rec)
@@ -206,15 +230,22 @@ class Differ:
         return None
 
     def remove(self, ino: int, path: str) -> Iterator[object]:
+        """Records that remove ``path`` and everything below it, children first (iterative: any depth)."""
         assert self.B is not None
-        self.removed.add(path)
-        rec = self.B.inode(ino)
-        if rec is not None and rec.kind == DIR:
-            for name, child in sorted(self.B.dir(rec).items()):
-                yield from self.remove(child, f"{path}/{name}")
-            yield R.RmDir(path=path)
-        else:
-            yield R.Unlink(path=path)
+        stack: list[tuple[int, str, bool]] = [(ino, path, False)]
+        while stack:
+            ino, path, emptied = stack.pop()
+            if emptied:
+                yield R.RmDir(path=path)
+                continue
+            self.removed.add(path)
+            rec = self.B.inode(ino)
+            if rec is not None and rec.kind == DIR:
+                stack.append((ino, path, True))
+                for name, child in sorted(self.B.dir(rec).items(), reverse=True):
+                    stack.append((child, f"{path}/{name}", False))
+            else:
+                yield R.Unlink(path=path)
 
     # -- the stream
     def changes(self) -> Iterator[object]:
@@ -373,13 +404,19 @@ def entries(fs: SimFS, view: View, q: int) -> Iterator[FP.Entry]:
             elif rec.kind == LNK:
                 yield FP.Entry(path=path, kind="l", mode=0, target=view.data(rec).decode("utf-8", "surrogateescape"))
             else:
-                h = hashlib.sha256()
-                leaves = dict(fs.leaves(rec.top, rec.height))
-                nb = nblocks(rec.size)
-                for f in range(nb):
-                    blk = fs.read(leaves[f]) if f in leaves else ZERO
-                    h.update(blk if f < nb - 1 else blk[: rec.size - f * BS])
-                yield FP.Entry(path=path, kind="f", mode=rec.mode, size=rec.size, content_sha256=h.hexdigest())
+                yield FP.Entry(path=path, kind="f", mode=rec.mode, size=rec.size,
+                               content_sha256=content_digest(fs, rec))
+
+
+def content_digest(fs: SimFS, rec: Inode) -> str:
+    """The content digest (coalesce_core.fingerprint) of a regular file, from the data blocks of its
+    buffer tree: holes are never read, so it costs the file's data, not its size."""
+    digest = FP.ContentDigest(rec.size)
+    for fbn, vbn in fs.leaves(rec.top, rec.height):
+        if fbn * BS >= rec.size:
+            break
+        digest.update(fbn * BS, fs.read(vbn))
+    return digest.hexdigest()
 
 
 def fingerprint(fs: SimFS, qtree: str, snapshot: str | None) -> str:

@@ -137,25 +137,66 @@ class Applier:
         self.q = qtree_root(fs, check_qtree_name(qtree), create=True)
         self.nrec = 0
         self.nbytes = 0
+        # directory path -> inode of the directories resolved by this applier (and back); an entry
+        # goes when its directory leaves its name (rename, removal), so it never names another one
+        self._dirs: dict[str, int] = {}
+        self._paths: dict[int, str] = {}
 
     # -- helpers
     def resolve(self, path: str) -> tuple[int, str, int | None]:
+        """(parent directory inode, final name, inode at the name or None), never through a symlink.
+        Starts from the deepest directory of the path resolved before (a deep tree is created one
+        level at a time), so a record costs the components it adds, not the depth."""
         fs = self.fs
-        parts = R.check_path(path).split("/")
-        cur = self.q
-        for i, p in enumerate(parts[:-1]):
+        parent, _, name = R.check_path(path).rpartition("/")
+        cur = self.q if not parent else self._dirs.get(parent)
+        if cur is not None:
+            return cur, name, fs.a_dir(cur).get(name)
+        known = parent
+        while True:
+            known = known.rpartition("/")[0]
+            if not known or known in self._dirs:
+                break
+        cur = self._dirs[known] if known else self.q
+        parts = parent.split("/")
+        first = known.count("/") + 1 if known else 0
+        if len(self._dirs) + len(parts) - first > 4096:
+            self._dirs.clear()
+            self._paths.clear()
+        sofar = known
+        for i in range(first, len(parts)):
+            p = parts[i]
             ino = fs.a_dir(cur).get(p)
-            sub = "/".join(parts[: i + 1])
-            if ino is None:
-                raise StreamError(f"{path!r}: directory {sub!r} does not exist",
-                                  hint="the stream violates the order contract or does not match this replica")
-            rec = fs.a_inode(ino)
-            if rec.kind == LNK:
-                raise HostilePath(f"{path!r} goes through the symlink {sub!r}; appliers never follow symlinks (I10)")
-            if rec.kind != DIR:
-                raise StreamError(f"{path!r}: {sub!r} is not a directory")
+            rec = fs.a_inode(ino) if ino is not None else None
+            if rec is None or rec.kind != DIR:
+                sub = "/".join(parts[: i + 1])      # only for the message: a deep path has thousands of parts
+                if rec is None:
+                    raise StreamError(f"{path!r:.300}: directory {sub!r:.300} does not exist",
+                                      hint="the stream violates the order contract or does not match this replica")
+                if rec.kind == LNK:
+                    raise HostilePath(f"{path!r:.300} goes through the symlink {sub!r:.300}; "
+                                      "appliers never follow symlinks (I10)")
+                raise StreamError(f"{path!r:.300}: {sub!r:.300} is not a directory")
             cur = ino
-        return cur, parts[-1], fs.a_dir(cur).get(parts[-1])
+            sofar = f"{sofar}/{p}" if sofar else p
+            self._dirs[sofar] = cur             # every directory on the way: the next record may
+            self._paths[cur] = sofar            # name one of them (a tree removed deepest first)
+        return cur, name, fs.a_dir(cur).get(name)
+
+    def _forget_dir(self, ino: int, path: str | None = None) -> None:
+        """Directory ``ino`` (at ``path``, if known) leaves its name: drop it and what is below it."""
+        known = self._paths.pop(ino, None)
+        if known is not None:
+            del self._dirs[known]
+        if not self.fs.a_dir(ino):
+            return                      # empty: nothing below it
+        for p in filter(None, (known, path)):
+            below = [k for k in self._dirs if k.startswith(p + "/")]
+            for k in below:
+                del self._paths[self._dirs.pop(k)]
+        if known is None and path is None:
+            self._dirs.clear()          # a non-empty directory of unknown path: anything may be below it
+            self._paths.clear()
 
     def purgatory(self) -> int:
         qrec = self.fs.a_touch(self.q)
@@ -177,6 +218,7 @@ class Applier:
         fs.a_dir_set(dino, name, None)
         if rec.kind == DIR:
             fs.a_touch(dino).nlink -= 1
+            self._forget_dir(ino)
         if rec.kind != DIR and rec.nlink > 1:
             rec.nlink -= 1
             self.fix_parent(ino, dino)
@@ -269,6 +311,7 @@ class Applier:
             fs.a_dir_set(np_, nn, oino)
             fs.a_touch(oino).parent = np_
             if orec.kind == DIR:
+                self._forget_dir(oino, rec.old)
                 fs.a_touch(op).nlink -= 1
                 fs.a_touch(np_).nlink += 1
         elif isinstance(rec, R.Unlink):

@@ -20,7 +20,8 @@ URL ``zfs://POOL/DATASET`` (``zfs://POOL`` for the pool's root dataset).
 * diff: the tree compare of coalesce_posix.walk between the two images
   (inode numbers, sizes, mtimes and ctimes equal means unchanged, as both are
   images of one dataset); on OpenZFS the walk is pruned to the directories
-  that ``zfs diff -H`` names, so its cost follows the change.  On zfs-fuse
+  that ``zfs diff -H`` names, so its cost follows the change; coalesce_zfs.identity
+  keeps objects apart where the walk goes by path (pruning, hard links, times).  On zfs-fuse
   the data of the changed files come from ``zfs send -i`` (coalesce_zfs.senddata:
   every read of a clone is a FUSE round trip to the daemon, and the stream
   names the changed blocks, so no base copy is read; one stream's block map
@@ -47,6 +48,7 @@ from coalesce_core.records import framed
 from coalesce_posix import PosixVolume, check_qtree, posix_hooks, walk
 from coalesce_posix.run import command_error, run, which
 
+from . import identity
 from .senddata import BlockMaps, SendData
 
 SCHEME = "zfs"
@@ -406,13 +408,8 @@ class ZfsVolume(PosixVolume):
                 yield from framed(qtree, None, target, walk.baseline_records(tq))
                 return
             broot = stack.enter_context(self._image(base, checked=True))
-            prune = None
-            if self.browsable() and has_zfs_diff():
-                p = zfs("diff", "-H", f"{self.dataset}@{base}", f"{self.dataset}@{target}", check=False)
-                if p.returncode == 0:
-                    changed = parse_zfs_diff(p.stdout.decode("utf-8", "surrogateescape"), self.root)
-                    if changed is not None:
-                        prune = _dirs_with_changes(changed, qtree)
+            changed = self._zfs_diff(base, target)
+            prune = None if changed is None else identity.prune_for(changed, qtree, broot, troot)
             props = self._props((base, target), "creation", "createtxg", "guid")
             created = props[base]["creation"]
             bq = os.path.join(broot, qtree)
@@ -423,23 +420,21 @@ class ZfsVolume(PosixVolume):
                 data = self.last_send_data = SendData(
                     [_zfs(), "send", "-i", f"{self.dataset}@{base}", f"{self.dataset}@{target}"],
                     f"{self.dataset}@{target}", bq, tq, maps=self._block_maps,
-                    key=(self.dataset, props[base]["guid"], props[target]["guid"]))
-            yield from framed(qtree, base, target,
-                              walk.tree_diff(bq, tq, prune=prune, quick_before_ns=created * 1_000_000_000, data=data))
+                    key=(self.dataset, props[base]["guid"], props[target]["guid"]),
+                    base_txg=props[base]["createtxg"])
+            records = walk.tree_diff(bq, tq, prune=prune, quick_before_ns=created * 1_000_000_000,
+                                     data=identity.KeptLinks(data))
+            yield from framed(qtree, base, target, identity.stamped(records, tq))
 
-
-def _dirs_with_changes(changed: set[str], qtree: str) -> set[str]:
-    """Qtree-relative directories at or above a changed path ("" is the qtree root)."""
-    out = {""}
-    pre = qtree + "/"
-    for p in changed:
-        if not p.startswith(pre):
-            continue
-        rel = p[len(pre):]
-        parts = rel.split("/")
-        for i in range(len(parts) + 1):
-            out.add("/".join(parts[:i]))
-    return out
+    def _zfs_diff(self, base: str, target: str) -> set[str] | None:
+        """The dataset-relative paths ``zfs diff -H`` names between two PCPIs; None where there is no
+        ``zfs diff`` (zfs-fuse) or it failed or printed what :func:`parse_zfs_diff` cannot read."""
+        if not (self.browsable() and has_zfs_diff()):
+            return None
+        p = zfs("diff", "-H", f"{self.dataset}@{base}", f"{self.dataset}@{target}", check=False)
+        if p.returncode != 0:
+            return None
+        return parse_zfs_diff(p.stdout.decode("utf-8", "surrogateescape"), self.root)
 
 
 # ---------------------------------------------------------------------------

@@ -30,12 +30,22 @@ tree compare would).  Records go out in the stream's object order, so each
 file is opened once by the applier; names and attributes keep the tree
 compare's order (removals first, SetAttr last).
 
+An object number is not an identity on its own: ZFS gives a freed number to
+a later object, and the walk then finds "the same inode" at a name whose
+base copy is another object's.  The stream's OBJECT record carries the
+object's generation (``zp_gen``, the txg that created it): a changed file
+whose object was born after the base PCPI (``base_txg``) is *reborn*, and
+every range of it that no WRITE covered is compared with the base copy, so
+nothing of the old object's bytes is trusted to be the new one's (the
+stream sends a new object's blocks in full, so this normally reads only its
+holes).
+
 One stream for many qtrees: ``zfs send -i`` covers the whole dataset, so a
 diff of each changed qtree that ran its own send would make the daemon read
 every qtree's changed blocks once per qtree.  While a SendData reads a
 stream to its end it records, for every object, the ranges the stream wrote
-and freed (a :class:`BlockMap`, no data), and publishes it in the volume's
-:class:`BlockMaps` under the two snapshots' GUIDs.  A later diff between the
+and freed and the object's generation (a :class:`BlockMap`, no data), and
+publishes it in the volume's :class:`BlockMaps` under the two snapshots' GUIDs.  A later diff between the
 same two snapshots that finds the map takes the same records from it, with
 the data of its own files read from the target image (changed blocks only,
 never the base copy), unless its files hold so large a share of the
@@ -71,7 +81,7 @@ class _File:
     """One registered name of a changed regular file, and what the stream has covered of it."""
 
     __slots__ = ("dest", "rel", "new", "bsize", "tsize", "mode", "links", "started", "finished", "written",
-                 "holes", "end")
+                 "holes", "end", "reborn")
 
     def __init__(self, dest: str, rel: str, new: bool, bsize: int, tsize: int, mode: int) -> None:
         self.dest = dest            # its path in the change stream
@@ -86,6 +96,7 @@ class _File:
         self.written: list[list[int]] = []      # merged [start, end) ranges of WRITE data
         self.holes: list[tuple[int, int]] = []  # [start, end) ranges the stream FREEs, not yet handled
         self.end = 0                # the size the records so far give a new file
+        self.reborn = False         # not new here, but its object was born after the base PCPI
 
 
 class BlockMap:
@@ -94,16 +105,18 @@ class BlockMap:
     ``writes``: object -> merged [start, end) ranges of WRITE records (as the
     stream sent them: whole blocks); ``frees``: object -> (offset, length) of
     FREE records; ``types``: the objects whose WRITEs were not a plain file's
-    data; ``data_bytes``: the stream's WRITE data in all.  Past ``limit``
+    data; ``gens``: object -> generation of its OBJECT record (files and
+    directories); ``data_bytes``: the stream's WRITE data in all.  Past ``limit``
     ranges the map stops growing and drops what it has (``overflow``): it is
     not kept."""
 
-    __slots__ = ("writes", "frees", "types", "data_bytes", "ranges", "limit", "overflow")
+    __slots__ = ("writes", "frees", "types", "gens", "data_bytes", "ranges", "limit", "overflow")
 
     def __init__(self, limit: int = 1_000_000) -> None:
         self.writes: dict[int, list[list[int]]] = {}
         self.frees: dict[int, list[tuple[int, int]]] = {}
         self.types: dict[int, int] = {}
+        self.gens: dict[int, int] = {}
         self.data_bytes = 0
         self.ranges = 0
         self.limit = limit
@@ -114,7 +127,7 @@ class BlockMap:
             return
         if self.ranges >= self.limit:
             self.overflow = True
-            self.writes, self.frees, self.types = {}, {}, {}
+            self.writes, self.frees, self.types, self.gens = {}, {}, {}, {}
             return
         if type(rec) is S.Write:
             n = len(rec.data)
@@ -128,6 +141,8 @@ class BlockMap:
             self.writes.setdefault(rec.object, []).append([rec.offset, rec.offset + n])
         elif type(rec) is S.Free:
             self.frees.setdefault(rec.object, []).append((rec.offset, rec.length))
+        elif type(rec) is S.Object and rec.gen is not None:
+            self.gens[rec.object] = rec.gen
         else:
             return
         self.ranges += 1
@@ -173,8 +188,9 @@ class SendData(walk.FileData):
 
     ``argv`` runs ``zfs send -i DS@BASE DS@TARGET`` (its BEGIN record must
     name ``toname``, ``DS@TARGET``); ``base`` and ``target`` are the qtree's
-    directories in the two images.  With ``maps`` and ``key`` (dataset, base
-    GUID, target GUID), the stream's block map is shared with the other
+    directories in the two images; ``base_txg``, the base PCPI's createtxg,
+    tells a reborn object (module docstring).  With ``maps`` and ``key``
+    (dataset, base GUID, target GUID), the stream's block map is shared with the other
     qtrees' diffs (module docstring) and BEGIN must name those GUIDs.
     ``stats`` counts what came from where (``shared``: from another diff's
     block map, no send)."""
@@ -184,8 +200,9 @@ class SendData(walk.FileData):
     READ_COST = 3.0
 
     def __init__(self, argv: list[str], toname: str, base: str, target: str,
-                 maps: BlockMaps | None = None, key: tuple | None = None) -> None:
+                 maps: BlockMaps | None = None, key: tuple | None = None, base_txg: int | None = None) -> None:
         self.argv = argv
+        self.base_txg = base_txg
         self.toname = toname
         self.base = base
         self.target = target
@@ -273,6 +290,8 @@ class SendData(walk.FileData):
         """The records of the registered objects that the stream of ``m`` had, in object order, with
         the WRITE data read from the target image (up to MAX_DATA per record)."""
         for obj in sorted(self.files):
+            if obj in m.gens:
+                yield S.Object(object=obj, type=S.DMU_OT_PLAIN_FILE_CONTENTS, blksz=0, gen=m.gens[obj])
             for off, length in m.frees.get(obj, ()):
                 yield S.Free(object=obj, offset=off, length=length)
             ranges = m.writes.get(obj)
@@ -284,7 +303,7 @@ class SendData(walk.FileData):
             entries = self.files[obj]
             tsize = max(f.tsize for f in entries)
             tpath = os.path.join(self.target, entries[0].rel)
-            fd = os.open(tpath, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            fd = walk.open_path(tpath)
             try:
                 for start, end in ranges:
                     pos, end = start, min(end, tsize)
@@ -345,6 +364,9 @@ class SendData(walk.FileData):
                     end = f.tsize if rec.length == S.TO_END else min(f.tsize, rec.offset + rec.length)
                     if rec.offset < end:
                         f.holes.append((rec.offset, end))
+            elif t is S.Object and rec.gen is not None and self.base_txg is not None and rec.gen > self.base_txg:
+                for f in self.files.get(rec.object, ()):
+                    f.reborn = not f.new
         yield from self._flush(cur, run_off, run_parts)
         for f in cur:
             yield from self._rest(f)
@@ -379,13 +401,14 @@ class SendData(walk.FileData):
 
     def _rest(self, f: _File) -> Iterator[object]:
         """What the stream's data of ``f`` leave to do: a new file's gaps (read from the target image),
-        size, xattrs and further names, once; a changed file's FREEd ranges, compared with its base copy."""
+        size, xattrs and further names, once; a changed file's FREEd ranges (a reborn one's ranges that
+        no WRITE covered), compared with its base copy."""
         tpath = os.path.join(self.target, f.rel)
         if f.new and not f.finished:
             f.finished = True
             gaps = _gaps([(s, e) for s, e in f.written] + f.holes, f.tsize)
             if gaps:
-                fd = os.open(tpath, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+                fd = walk.open_path(tpath)
                 try:
                     for start, end in gaps:
                         for w in walk.write_records(f.dest, fd, start, end, skip_zero=True):
@@ -399,12 +422,14 @@ class SendData(walk.FileData):
             yield from walk.xattr_records(f.dest, {}, walk.read_xattrs(tpath))
             for name in f.links:
                 yield HardLink(path=name, existing=f.dest)
-        elif not f.new and f.holes:
-            bfd = os.open(os.path.join(self.base, f.rel), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        elif not f.new and (f.holes or f.reborn):
+            ranges = _gaps([(s, e) for s, e in f.written], f.tsize) if f.reborn else _merge(sorted(f.holes))
+            f.reborn = False
+            bfd = walk.open_path(os.path.join(self.base, f.rel))
             try:
-                tfd = os.open(tpath, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+                tfd = walk.open_path(tpath)
                 try:
-                    for start, end in _merge(sorted(f.holes)):
+                    for start, end in ranges:
                         for w in walk.compare_range(bfd, tfd, f.dest, f.bsize, start, end):
                             self.stats["read_bytes"] += len(w.data)
                             yield w
@@ -421,7 +446,7 @@ class SendData(walk.FileData):
                 f.started = f.finished = True
                 tpath = os.path.join(self.target, f.rel)
                 if f.new:
-                    yield from walk.file_create_records(self.target, f.rel, os.lstat(tpath), f.dest)
+                    yield from walk.file_create_records(self.target, f.rel, walk.lstat_or_none(tpath), f.dest)
                     for name in f.links:
                         yield HardLink(path=name, existing=f.dest)
                 else:

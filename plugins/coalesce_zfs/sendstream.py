@@ -6,7 +6,10 @@ A stream is a sequence of fixed 312-byte records in the sender's byte order
 
 * BEGIN (magic, version info, GUIDs of the two snapshots, the target's name);
 * OBJECT (object number, types, block size, bonus length), then the bonus
-  buffer padded to 8 bytes;
+  buffer padded to 8 bytes: for a file or directory (bonus type ZNODE) the
+  ``znode_phys_t``, whose ``zp_gen`` at offset 64 is the object's generation,
+  the txg that created it (:attr:`Object.gen`; an object number freed and
+  used again gets a new one);
 * FREEOBJECTS (a range of object numbers that are free in the target);
 * WRITE (object, offset, length), then ``length`` bytes of the block's
   logical (uncompressed) data;
@@ -43,7 +46,9 @@ SUBSTREAM = 1                     # DMU_SUBSTREAM: one dataset's stream (not a `
 TO_END = (1 << 64) - 1            # a FREE of this length runs to the end of the object
 MAX_BLOCK = 16 << 20              # the largest block any ZFS writes (large_blocks); v23: 128 KiB
 MAX_BONUS = 320                   # DN_MAX_BONUSLEN
+DMU_OT_ZNODE = 17                 # the bonus type of a ZPL file or directory: znode_phys_t
 DMU_OT_PLAIN_FILE_CONTENTS = 19
+ZP_GEN = 64                       # offset of zp_gen in znode_phys_t
 
 
 @attrs.frozen
@@ -59,6 +64,7 @@ class Object:
     object: int
     type: int
     blksz: int
+    gen: int | None = None      # zp_gen of a file's or directory's znode (None for other objects)
 
 
 @attrs.frozen
@@ -101,6 +107,7 @@ class _Layout:
         self.head = struct.Struct(order + "II")
         self.begin = struct.Struct(order + "QQQIIQQ256s")            # at 8
         self.object = struct.Struct(order + "QIIIIBB6xQ")             # at 8
+        self.u64 = struct.Struct(order + "Q")
         self.freeobjects = struct.Struct(order + "QQQ")               # at 8
         self.write = struct.Struct(order + "QIIQQQ")                  # at 8
         self.free = struct.Struct(order + "QQQQ")                     # at 8
@@ -149,12 +156,14 @@ def records(f: BinaryIO) -> Iterator[Record]:
             obj, off, length, guid = lay.free.unpack_from(rec, 8)
             out = Free(object=obj, offset=off, length=length)
         elif kind == DRR_OBJECT:
-            obj, typ, _bt, blksz, bonuslen, _ck, _comp, guid = lay.object.unpack_from(rec, 8)
+            obj, typ, bonustype, blksz, bonuslen, _ck, _comp, guid = lay.object.unpack_from(rec, 8)
             if bonuslen > MAX_BONUS or blksz > MAX_BLOCK:
                 raise CorruptStream(f"ZFS send stream: OBJECT {obj} with a bonus of {bonuslen} bytes, "
                                     f"blocks of {blksz}")
-            _read_exact(f, (bonuslen + 7) & ~7, f"the bonus buffer of record {count}")
-            out = Object(object=obj, type=typ, blksz=blksz)
+            bonus = _read_exact(f, (bonuslen + 7) & ~7, f"the bonus buffer of record {count}")
+            gen = (lay.u64.unpack_from(bonus, ZP_GEN)[0]
+                   if bonustype == DMU_OT_ZNODE and bonuslen >= ZP_GEN + 8 else None)
+            out = Object(object=obj, type=typ, blksz=blksz, gen=gen)
         elif kind == DRR_FREEOBJECTS:
             first, n, guid = lay.freeobjects.unpack_from(rec, 8)
             out = FreeObjects(first=first, count=n)

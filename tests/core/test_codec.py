@@ -547,8 +547,9 @@ def test_oversize_field_length_with_a_correct_crc():
     finally:
         tracemalloc.stop()
     assert peak < 1 << 20
-    path = ref_frame(CODE[MkDir], 1, struct.pack(">I", 5000) + b"a" * 5000 + ref_i64(0))
-    with pytest.raises(CorruptStream, match="'path'.*length 5000 exceeds the limit of 4096"):
+    n = codec.MAX_STR + 1
+    path = ref_frame(CODE[MkDir], 1, struct.pack(">I", n) + b"a" * n + ref_i64(0))
+    with pytest.raises(CorruptStream, match=f"'path'.*length {n} exceeds the limit of {codec.MAX_STR}"):
         decode_all(ref_stream(ref_begin(0), path, ref_end(2, 1)))
     past = ref_frame(CODE[MkDir], 1, struct.pack(">I", 100) + b"a" + ref_i64(0))
     with pytest.raises(CorruptStream, match="'path'.*runs past the end"):
@@ -614,7 +615,7 @@ def test_roundtrip_is_lazy_and_producer_errors_propagate():
         ([Begin("q", None, "t"), MkDir("\udcc3\udca9"), End(1)], StreamError, "survives os.fsencode"),
         ([Begin("q", None, "\ud800"), End(0)], StreamError, "surrogates"),  # MkDir("\ud800") fails in check_path
         ([Begin("q", None, 7), End(0)], StreamError, "needs a str"),  # type: ignore[arg-type]
-        ([Begin("q", None, "t" * 5000), End(0)], StreamError, "at most 4096 bytes"),
+        ([Begin("q", None, "t" * ((1 << 20) + 1)), End(0)], StreamError, f"at most {1 << 20} bytes"),
         ([Begin("q", None, "t"), "not a record", End(1)], StreamError, "no wire code"),
     ],
 )

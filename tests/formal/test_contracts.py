@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import time
@@ -68,6 +67,16 @@ def _recover_props(phase, has_pcpi, rollbacks_left):
         assert a == "nothing"
 
 
+def _reseed_props(failures, reseed_after):
+    due = planner.reseed_due(failures, reseed_after)
+    if reseed_after <= 0:
+        assert not due, "reseed_after 0 never re-seeds"
+    elif failures >= reseed_after:
+        assert due, "a replica that failed reseed_after updates in a row is re-seeded, not updated for ever"
+    else:
+        assert not due
+
+
 def _flight_props(states):
     if flight_free(tuple(states)):
         assert not set(states) & {"update", "rollback", "baseline"}, "I8: jump-ahead while in flight"
@@ -76,6 +85,7 @@ def _flight_props(states):
 release_args = (st.sampled_from(ROLES), st.booleans(), st.booleans(), st.booleans(), st.booleans())
 recover_args = (st.sampled_from(PHASES), st.booleans(), st.booleans())
 flight_args = st.lists(st.sampled_from(RSTATES), max_size=5)
+reseed_args = (st.integers(0, 1000), st.integers(-1, 1000))
 
 
 @given(*release_args)
@@ -93,6 +103,11 @@ def test_jump_ahead_guard(states):
     _flight_props(states)
 
 
+@given(*reseed_args)
+def test_reseed_after_failed_updates_in_a_row(failures, reseed_after):
+    _reseed_props(failures, reseed_after)
+
+
 @given(st.sampled_from(RSTATES), st.booleans())
 def test_recovery_of_each_replica_state_is_a_legal_transition(state, has_scratch):
     a = planner.recover_replica(state, has_scratch)
@@ -102,8 +117,10 @@ def test_recovery_of_each_replica_state_is_a_legal_transition(state, has_scratch
         assert SPEC.replica.next_state(state, "baseline_failed") == "uninitialized"
     if a == "abandon_retry":
         assert state == "unstable_uncoalesced"
-    if state in SPEC.in_flight_states - {"rollback"}:
-        assert a != "keep", "recovery must finish or undo every transfer in flight (I6)"
+    if a == "reseed_again":
+        assert SPEC.replica.next_state(state, "reseed_failed") == "reseed_pending"
+    if state in (SPEC.in_flight_states - {"rollback"}) | {"reseeding"}:
+        assert a != "keep", "recovery must finish or undo every transfer in flight, a re-seed included (I6)"
 
 
 _crosshair = settings(backend="crosshair", max_examples=20, deadline=None,
@@ -113,7 +130,8 @@ _crosshair = settings(backend="crosshair", max_examples=20, deadline=None,
 @pytest.mark.skipif(not HAVE_BACKEND, reason="hypothesis-crosshair is not installed")
 def test_properties_under_the_crosshair_backend():
     """The same properties with hypothesis-crosshair: CrossHair drives the inputs symbolically."""
-    for test, args in ((_release_action_props, release_args), (_recover_props, recover_args)):
+    for test, args in ((_release_action_props, release_args), (_recover_props, recover_args),
+                       (_reseed_props, reseed_args)):
         _crosshair(given(*args)(test))()
     _crosshair(given(flight_args)(_flight_props))()
 

@@ -168,6 +168,21 @@ def test_persisted_volume_is_seen_by_another_process(pm, tmp_path):
     assert vol.snapshot_list() == ["s1", "s2"] and vol.qtree_list() == []
 
 
+def test_a_file_costs_its_size_in_the_volume_file(pm, tmp_path):
+    """The last block of a file is kept up to the end of file only: 1,000 files of 300 bytes
+    make a file of a few hundred KiB, not 1,000 blocks of 64 KiB; they come back byte for byte."""
+    url = f"mem://{tmp_path}/v"
+    mv = coalesce_mem.volume_for(url, create=True)
+    for i in range(1000):
+        mv.write_file(f"q/f{i}", bytes([1 + i % 200]) * 300)
+    mv.write_file("q/big", bytes(range(256)) * 1000)       # 3 full blocks and a cut one
+    assert os.path.getsize(tmp_path / "v") < 1000 * 1024
+    coalesce_mem.forget(url)
+    again = coalesce_mem.volume_for(url, create=False)
+    assert all(again.read_file(f"q/f{i}") == bytes([1 + i % 200]) * 300 for i in range(1000))
+    assert again.read_file("q/big") == bytes(range(256)) * 1000
+
+
 def test_every_mutating_primitive_is_persisted(pm, tmp_path):
     url = f"mem://{tmp_path}/v"
     vol = _vol(pm, url)

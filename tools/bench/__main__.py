@@ -29,6 +29,7 @@ BENCHES = {
     "spool": "bench_spool.py",  # the spool's cost, and the time a SIGKILL mid-update loses with and without it
     "net": "bench_net.py",  # (root) one update over an emulated link: coalesce ssh/tls vs btrfs send | ssh | receive
     "zfsqtrees": "bench_zfs_qtrees.py",  # (root) many qtrees of one zfs-fuse dataset: one zfs send for all diffs
+    "verify": "bench_verify.py",  # cost of the check before `done`: verify = true vs false (sim; btrfs, zfs: root)
 }
 ROOT_ONLY = {"realfs", "diffcost", "net", "zfsqtrees"}
 

@@ -54,6 +54,9 @@ during each timed coalesce update and each native pipeline run, SIGINT it after;
 a file prefix under DIR naming the run, e.g. ``--attach 'strace -f -c -o {out}.strace
 -p {pid}'``, ``--attach 'perf record -g -o {out}.perf -p {zfs_pid}'``; traced
 figures are not benchmark figures.  ``--no-btrfs`` runs only the ``--zfs`` part.
+The column "check before done" is the wall time of the check of each update against its
+source PCPI (coalesce_core.verifier, ``[group] verify``), part of the coalesce wall time;
+``--no-verify`` runs the groups with ``verify = false``, to compare.
 """
 
 from __future__ import annotations
@@ -93,11 +96,17 @@ N_BIG = 8
 
 
 
+#: ``[group] verify`` of the benchmark groups (--no-verify: false)
+VERIFY = [True]
+
+
 def group_config(work: str, name: str, source: str, destination: str, spool: bool | None = None):
     """Write ``work/group.toml`` for a one-replica group (qtree QTREE, 4 workers, metadata in
-    ``work/meta``, retries at once; ``spool`` None: the default) and return it parsed."""
+    ``work/meta``, retries at once; ``spool`` None: the default; ``verify`` as VERIFY says) and
+    return it parsed."""
     text = (f'[group]\nname="{name}"\nsource="{source}"\ndestination="{destination}"\n'
-            f'parallel=4\nmetadata="{work}/meta"\n' + ("" if spool is None else f"spool={str(spool).lower()}\n")
+            f'parallel=4\nmetadata="{work}/meta"\nverify={str(VERIFY[0]).lower()}\n'
+            + ("" if spool is None else f"spool={str(spool).lower()}\n")
             + f'[group.retry]\ninitial=0.0\nfactor=2\nmaximum=60\n[[replica]]\nname="{QTREE}"\n')
     path = os.path.join(work, "group.toml")
     Path(path).write_text(text)
@@ -271,6 +280,24 @@ class Timer:
             if prof is not None:
                 prof.disable()
 
+    @contextlib.contextmanager
+    def verify_timed(self):
+        """Time the check before `done` after the apply (coalesce_core.verifier.TransferCheck.run) while
+        the block runs (its source side described during the apply is not in it: that overlaps)."""
+        from coalesce_core import verifier
+
+        real = verifier.TransferCheck.run
+
+        def timed(check):
+            with self._timed("verify"):
+                return real(check)
+
+        verifier.TransferCheck.run = timed
+        try:
+            yield
+        finally:
+            verifier.TransferCheck.run = real
+
     @hookimpl(wrapper=True)
     def coalesce_rollback(self, volume, qtree, rollback_pcpi, to_pcpi):
         with self._timed("rollback"):
@@ -436,7 +463,7 @@ def _bench(h, timer, native, qdir, size_mib, small, rnd, log, rollback: bool, pr
         timer.reset()
         if profile_dir:
             timer.profile = cProfile.Profile()
-        with attached(f"{label} coalesce"):
+        with attached(f"{label} coalesce"), timer.verify_timed():
             c0, t0 = cpu(), time.perf_counter()
             rep = a.run_cycle()
             wall, cpus = time.perf_counter() - t0, cpu() - c0
@@ -453,9 +480,11 @@ def _bench(h, timer, native, qdir, size_mib, small, rnd, log, rollback: bool, pr
             raise RuntimeError(f"{label}: native received snapshot differs from the source: {bad}")
         row = {"label": label, "mib": nbytes / MiB, "files": files, "wall": wall, "cpu": cpus,
                "diff": timer.total("diff"), "apply": timer.total("apply"), "snap": timer.total("snapshot"),
+               "verify": timer.total("verify"),
                "records": rep.get("records", 0), "native": nat}
         rows.append(row)
-        log(f"{label}: coalesce {wall:.2f} s (cpu {cpus:.2f}, diff {row['diff']:.2f}, apply {row['apply']:.2f}), "
+        log(f"{label}: coalesce {wall:.2f} s (cpu {cpus:.2f}, diff {row['diff']:.2f}, apply {row['apply']:.2f}, "
+            f"verify {row['verify']:.2f}), "
             f"native {nat['wall']:.2f} s")
         return row
 
@@ -642,12 +671,13 @@ def bench_zfs(size_mib: int, small: int, seed: int, log) -> tuple[dict, list[str
 def table(res: dict, fs: str = "btrfs") -> str:
     nat = "snapshot / send\\|receive / sync" if fs == "btrfs" else "snapshot / send\\|receive"
     out = [f"| {fs}: change | data | coalesce wall (s) | coalesce MiB/s | files/s | CPU (s) | of which diff / apply / snapshots (s) "
-           f"| native wall (s) | native MiB/s | of which {nat} (s) | coalesce / native |",
-           "|---|---|---|---|---|---|---|---|---|---|---|"]
+           f"| check before done (s) | native wall (s) | native MiB/s | of which {nat} (s) | coalesce / native |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in res["rows"]:
         n = r["native"]
         out.append(f"| {r['label']} | {r['mib']:.{0 if r['mib'] >= 10 else 1}f} MiB | {r['wall']:.2f} | {r['mib'] / r['wall']:.1f} | "
                    f"{r['files'] / r['wall']:.0f} | {r['cpu']:.2f} | {r['diff']:.2f} / {r['apply']:.2f} / {r['snap']:.2f} | "
+                   + (f"{r['verify']:.2f} ({100 * r['verify'] / r['wall']:.0f} %)" if VERIFY[0] else "off") + " | "
                    f"{n['wall']:.2f} | {r['mib'] / n['wall']:.1f} | {n['snapshot']:.2f} / {n['send_receive']:.2f}"
                    + (f" / {n['sync']:.2f}" if fs == "btrfs" else "") + f" | {r['wall'] / n['wall']:.1f}x |")
     if not res["rollback"]:
@@ -685,7 +715,10 @@ def main(argv: list[str] | None = None) -> int:
                          "(e.g. 'strace -f -c -o {out}.strace -p {pid}'); traced figures are not benchmark figures")
     ap.add_argument("--attach-dir", default=".", metavar="DIR", help="where {out} of --attach points")
     ap.add_argument("--no-btrfs", action="store_true", help="only the --zfs part")
+    ap.add_argument("--no-verify", action="store_true",
+                    help="[group] verify = false: no check of each update before `done` (to measure what it costs)")
     args = ap.parse_args(argv)
+    VERIFY[0] = not args.no_verify
     ATTACH[:] = args.attach
     global ATTACH_DIR
     ATTACH_DIR = args.attach_dir

@@ -26,7 +26,7 @@ from coalesce_posix import walk
 pytestmark = pytest.mark.btrfs
 
 EXE = [sys.executable, "-m", "coalesce_core.cli"]
-POINTS = [p for p in CRASH_POINTS if p not in ("mid_baseline", "mid_retry")]
+POINTS = [p for p in CRASH_POINTS if p not in ("mid_baseline", "mid_retry", "mid_reseed")]
 # the diff of qtree "qb" fails once, so that the killed cycle also holds a rollback
 FAULTS = "coalesce_diff:qtree=qb:record=3:times=1:volume=-src"
 

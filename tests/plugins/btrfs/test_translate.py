@@ -15,11 +15,12 @@ import os
 import subprocess
 
 import pytest
+from differential import PunchHole
 from trees import assert_same
 
 from coalesce_btrfs import inopaths, sendstream, translate
 from coalesce_core.plugins import Volume, plugin_manager
-from coalesce_core.records import HardLink, Rename
+from coalesce_core.records import HardLink, Rename, Truncate, Write
 
 pytestmark = pytest.mark.btrfs
 
@@ -261,3 +262,59 @@ def test_the_qtree_root_attributes_arrive(pm, btrfs_urls):
     pair.change(change)
     pair.apply("Q", pair.src.diff("Q", "s1", "s2"))
     pair.assert_replicas()
+
+
+MiB = 1 << 20
+
+
+def _sparse(path, size, islands):
+    """``path`` made anew as a sparse file of ``size`` bytes holding ``islands`` ((offset, bytes), ...)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.ftruncate(fd, size)
+        for off, data in islands:
+            os.pwrite(fd, data, off)
+    finally:
+        os.close(fd)
+
+
+def _allocated(path):
+    return os.lstat(path).st_blocks * 512
+
+
+def test_holes_of_a_rewritten_sparse_file_stay_holes(pm, btrfs_urls):
+    """A 16 MiB sparse file rewritten with its only data moved to the end: the no-data stream names the
+    whole hole as changed; the replica gets the same bytes and allocates no more than the source + 1 MiB."""
+    size = 16 * MiB
+    pair = Pair(pm, btrfs_urls, ["Q"], lambda r: _sparse(f"{r}/Q/c", size, [(0, b"a" * 4096)]))
+    pair.change(lambda r: _sparse(f"{r}/Q/c", size, [(size - 70_000, b"z")]))
+    recs = pair.apply("Q", pair.src.diff("Q", "s1", "s2"))
+    pair.assert_replicas()
+    src = os.path.join(pair.src.handle.snap_path("s2"), "Q/c")
+    assert _allocated(os.path.join(pair.dst.handle.root, "Q/c")) <= _allocated(src) + MiB
+    assert sum(len(r.data) for r in recs if isinstance(r, Write)) <= MiB
+
+
+def test_a_punched_hole_is_kept_and_the_unchanged_data_after_it_rewritten(pm, btrfs_urls):
+    """A hole punched at the start of a file whose later data is unchanged: truncating below the hole
+    drops that data too, so it must come back with the tail."""
+    size = 16 * MiB
+    pair = Pair(pm, btrfs_urls, ["Q"], lambda r: _sparse(f"{r}/Q/c", size, [
+        (0, b"a" * (4 * MiB)), (8 * MiB, b"k" * 65536), (size - 4096, b"e" * 4096)]))
+    pair.change(PunchHole("Q/c", 0, 4 * MiB))
+    recs = pair.apply("Q", pair.src.diff("Q", "s1", "s2"))
+    pair.assert_replicas()
+    assert Truncate(path="c", size=0) in recs
+    assert _allocated(os.path.join(pair.dst.handle.root, "Q/c")) <= 2 * MiB
+
+
+def test_a_small_hole_before_much_unchanged_data_is_overwritten(pm, btrfs_urls):
+    """A 4 KiB hole punched before 4 MiB of unchanged data: writing its zeros is cheaper than
+    rewriting the tail, so no Truncate comes."""
+    pair = Pair(pm, btrfs_urls, ["Q"], lambda r: _sparse(f"{r}/Q/c", 8 * MiB, [(0, b"a" * (8 * MiB))]))
+    pair.change(PunchHole("Q/c", 4096, 4096))
+    recs = pair.apply("Q", pair.src.diff("Q", "s1", "s2"))
+    pair.assert_replicas()
+    assert not any(isinstance(r, Truncate) for r in recs)
+    assert sum(len(r.data) for r in recs if isinstance(r, Write)) <= 2 * 65536
+

@@ -23,7 +23,6 @@ from hypothesis import given, settings, strategies as st
 from coalesce_core.errors import BackendError, CorruptStream, TruncatedStream
 from coalesce_core.records import HardLink, MkFile, Truncate, Write
 from coalesce_core.testing import conformance
-from coalesce_posix import walk
 from coalesce_posix.apply import Applier
 from coalesce_zfs.senddata import BlockMaps, SendData, _gaps
 
@@ -51,11 +50,11 @@ class Case:
         (getattr(self, side) / name).write_bytes(data)
 
     def send_data(self, stream: bytes | None = None, argv: list[str] | None = None,
-                  maps: BlockMaps | None = None) -> SendData:
+                  maps: BlockMaps | None = None, base_txg: int | None = None) -> SendData:
         if stream is not None:
             self.stream.write_bytes(stream)
         return SendData(argv or ["cat", str(self.stream)], NAME, str(self.base), str(self.target),
-                        maps=maps, key=KEY if maps is not None else None)
+                        maps=maps, key=KEY if maps is not None else None, base_txg=base_txg)
 
     def apply(self, records: list) -> None:
         """Apply to a copy of the base (volume ``applied``, qtree ``q``)."""
@@ -126,6 +125,41 @@ def test_a_range_the_stream_frees_is_compared_with_the_base(case):
     assert case.applied("f") == target and sd.stats["read_bytes"] == 2 * BS
 
 
+@pytest.mark.parametrize("shared", [False, True], ids=["stream", "block-map"])
+def test_a_reborn_object_is_compared_wherever_the_stream_did_not_write(case, shared):
+    """The file at f has the object number of the base's f but was born after the base PCPI (its
+    OBJECT record's generation is past the base's txg): another object.  Nothing of the base copy
+    is trusted where the stream wrote nothing, even if the stream (here, on purpose) left blocks out;
+    the same stream for the same object (an older generation) is trusted and nothing is read."""
+    base = os.urandom(3 * BS)
+    target = os.urandom(BS) + bytes(BS) + os.urandom(BS)
+    case.put("base", "f", base)
+    case.put("target", "f", target)
+    case.put("target", "o", b"other")
+
+    def stream(gen):
+        return (Z.begin(NAME) + Z.obj(4, blksz=BS, bonus=Z.znode(gen)) + Z.write(4, 0, target[:BS])
+                + Z.obj(5, bonus=Z.znode(gen)) + Z.write(5, 0, b"other".ljust(512, b"\0")) + Z.end())
+
+    for gen, reborn in ((1001, True), (1000, False)):
+        maps = BlockMaps() if shared else None
+        if shared:                                   # another qtree's diff reads the stream and keeps its map
+            first = case.send_data(stream(gen), maps=maps, base_txg=1000)
+            list(first.created(str(case.target), "o", "o", fake_stat(5, 5)))
+            list(first.finish())
+        sd = case.send_data(stream(gen) if not shared else None, argv=["false"] if shared else None,
+                            maps=maps, base_txg=1000)
+        if shared:
+            sd.READ_COST = 0
+        list(sd.updated(str(case.base), str(case.target), "f", fake_stat(4, len(base)), fake_stat(4, len(target))))
+        case.apply(list(sd.finish()))
+        assert sd.stats["shared"] == int(shared)
+        if reborn:
+            assert case.applied("f") == target and sd.stats["read_bytes"] >= 2 * BS
+        else:
+            assert sd.stats["read_bytes"] == (BS if shared else 0)    # the map's WRITE block is read
+
+
 def test_late_records_of_an_object_still_count(case):
     """Records of an object that come after another object's (not how zfs orders them) are still applied."""
     base = os.urandom(2 * BS)
@@ -190,6 +224,8 @@ def test_failures_after_the_begin_record_raise(case):
     with pytest.raises(BackendError, match="1 bytes after the end of its stream"):
         run(stream=whole + b"x")
     case.stream.write_bytes(whole)
+    with pytest.raises(TruncatedStream, match="exit status 4: died"):  # not the SIGKILL of a hasty kill
+        run(argv=["sh", "-c", 'head -c 700 "$0"; echo died >&2; exit 4', str(case.stream)])
     with pytest.raises(BackendError, match="broken"):
         run(argv=["sh", "-c", 'cat "$0"; echo broken >&2; exit 3', str(case.stream)])
     with pytest.raises(CorruptStream, match="not an incremental stream of"):

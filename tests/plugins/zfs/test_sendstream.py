@@ -22,20 +22,27 @@ def parse(data: bytes) -> list:
 @pytest.mark.parametrize("order", ["<", ">"])
 def test_reads_every_record_in_either_byte_order(order):
     data = b"".join([
-        Z.begin("tank/src@b", fromguid=7, order=order), Z.obj(12, blksz=4096, order=order),
+        Z.begin("tank/src@b", fromguid=7, order=order), Z.obj(12, blksz=4096, bonus=Z.znode(9, order), order=order),
         Z.free(12, 8192, Z.TO_END, order=order), Z.write(12, 0, b"a" * 4096, order=order),
         Z.freeobjects(40, 8, order=order), Z.write(12, 4096, b"b" * 4096, order=order),
         Z.free(12, 100, 50, order=order), Z.end(order=order)])
     recs = parse(data)
     assert recs == [
         S.Begin(toguid=Z.GUID, fromguid=7, toname="tank/src@b", incremental=True),
-        S.Object(object=12, type=Z.FILE_DATA, blksz=4096),
+        S.Object(object=12, type=Z.FILE_DATA, blksz=4096, gen=9),
         S.Free(object=12, offset=8192, length=S.TO_END),
         S.Write(object=12, type=Z.FILE_DATA, offset=0, data=b"a" * 4096),
         S.FreeObjects(first=40, count=8),
         S.Write(object=12, type=Z.FILE_DATA, offset=4096, data=b"b" * 4096),
         S.Free(object=12, offset=100, length=50),
         S.End(toguid=Z.GUID)]
+
+
+def test_only_a_znode_bonus_gives_a_generation():
+    """zp_gen is read from a ZNODE bonus (bonus type 17) long enough to hold it, nothing else."""
+    recs = parse(Z.begin() + Z.obj(3, bonus=Z.znode(77)) + Z.obj(4, bonus=Z.znode(77), bonustype=44)
+                 + Z.obj(5, bonus=b"\x05" * 40) + Z.obj(6, bonus=b"") + Z.end())
+    assert [r.gen for r in recs[1:-1]] == [77, None, None, None]
 
 
 def test_a_full_stream_is_not_incremental():

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 
 import pytest
@@ -12,7 +11,7 @@ import coalesce_zfs
 from coalesce_core.errors import BackendError
 from coalesce_core.hookspecs import ACTIVE
 from coalesce_core.plugins import Volume, plugin_manager
-from coalesce_core.records import MkFile, Write, framed
+from coalesce_core.records import MkFile, framed
 
 pytestmark = pytest.mark.zfs
 
@@ -156,7 +155,7 @@ def test_parse_zfs_diff_output():
             "R\t/tank/ds/A/x\t/tank/ds/C/x\nM\t/tank/ds/\n")
     assert coalesce_zfs.parse_zfs_diff(text, "/tank/ds") == {"A", "A/new file", "B/old", "A/x", "C/x"}
     assert coalesce_zfs.parse_zfs_diff("?\tgarbage\n", "/tank/ds") is None
-    assert coalesce_zfs._dirs_with_changes({"A/d/e/f", "B/x"}, "A") == {"", "d", "d/e", "d/e/f"}
+    assert coalesce_zfs.identity.dirs_with_changes({"A/d/e/f", "B/x"}, "A") == {"", "d", "d/e", "d/e/f"}
 
 
 def test_apply_reports_missing_xattr_support_clearly(pm, zfs_url, monkeypatch):

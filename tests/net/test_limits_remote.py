@@ -1,0 +1,49 @@
+"""The limits tests (tests/core/test_limits.py) with the source behind TLS and behind SSH.
+
+Long names and paths, a 1,500-level tree and a 1 TiB sparse file travel through the
+source service's protocol (diff streams in DATA messages, fingerprints in replies):
+the test functions run unchanged with a Harness whose agent reaches a mem source
+through a source service (tests/net/netkit.py).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from net.netkit import RemoteHarness
+
+CORE = Path(__file__).resolve().parents[1] / "core"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"_net_reuse_{name}", CORE / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+L = _load("test_limits")
+
+
+@pytest.fixture
+def harness(remote_config):
+    def make(replicas=("A", "B")):
+        return RemoteHarness(remote_config(replicas=replicas))
+
+    return make
+
+
+@pytest.mark.parametrize("name", [
+    "test_names_are_255_bytes_of_multibyte_utf8",
+    "test_a_tree_of_1500_levels",
+    "test_paths_longer_than_4096_bytes",
+])
+def test_limits_through_the_source_service(name, harness):
+    getattr(L, name)(harness)
+
+
+def test_a_sparse_file_of_1_tib_through_the_source_service(harness):
+    L.test_a_sparse_file_of_1_tib(harness, "mem")

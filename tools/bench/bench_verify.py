@@ -1,0 +1,414 @@
+#!/usr/bin/env python3
+"""What the check of each update before `done` costs: the same update cycles with ``verify = true`` and false.
+
+    python tools/bench/bench_verify.py [--quick] [--backends sim,btrfs,zfs] [--repeats 3] [-v]
+
+The check (docs/verification.md, "Replicas checked against their source PCPIs"; ``[group] verify``,
+docs/config.md) describes every path an update's records name, with content digests of the regular
+files, in the source PCPI and in the replica, after the apply (coalesce_core/verifier.py).
+
+For each backend, each repeat makes two one-replica groups side by side (same volume kind, own
+source and destination), one with ``verify = true`` and one with ``verify = false``, writes the
+same changes into both sources and times ONE update cycle (``agent.run_cycle()``) of each, the
+order of the two alternating between repeats.  Changes, after the baseline (the workloads of
+bench_realfs.py, plus three):
+
+  baseline: ``--size-mib`` in 8 large files and ``--base-files`` 4 KiB files (a full copy);
+  (a) the 8 large files rewritten whole (random data);
+  (b) ``--small-files`` new 4 KiB files in 20 directories;
+  (c) the same small files rewritten;
+  (d) one large file (``big/f0.bin``, 1/8 of ``--size-mib``) rewritten in part (``--patch-mib``);
+  (e) the small files of (b) renamed, each into the next directory.
+
+btrfs: a loop btrfs of its own per repeat (bench_realfs.LoopFS); zfs: a private zfs-fuse pool on
+a file in a tmpfs per repeat (bench_realfs.zfs_pool, as bench_zfs_qtrees.py; an already running
+daemon is shared, not stopped); sim: ``sim://`` volumes (fsync on) in a temporary directory.
+btrfs and zfs need root and are skipped without it.  Page cache warm (the change was just written;
+``sync``, and on zfs a snapshot of each source made and destroyed, before each timed cycle).
+
+Per change: the cycle's wall and CPU (this process; on zfs plus the zfs-fuse daemon, which also
+serves any other pool on it) with and without the check, medians and ranges over the repeats, the
+overhead (with - without) / without of the medians and the range of the per-repeat overheads, and
+the time of the check after the apply (``TransferCheck.run``; the source side of an update is
+described while it is applied, in a helper thread, which this column does not include).  Every
+export is compared with its source (sampled bytes; sim: fingerprints) before it counts.  Prints
+markdown.  ``--quick``: toy sizes, one repeat (the CI smoke test).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import os
+import platform
+import random
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(HERE))
+
+from bench_net import self_cpu, zfs_fuse_cpu  # noqa: E402
+from bench_realfs import N_BIG, LoopFS, MiB, close_harness, run, same_tree, zfs_pool  # noqa: E402
+
+from coalesce_core import verifier  # noqa: E402
+from coalesce_core.config import parse_config  # noqa: E402
+from coalesce_core.records import MkDir, MkFile, Rename, Write, framed  # noqa: E402
+from coalesce_core.testing.harness import Harness  # noqa: E402
+
+QTREE = "q"
+NDIRS = 20
+SIZES = {  # backend: (size_mib, base_files, small_files, patch_mib)
+    "sim": (128, 1000, 2000, 1),
+    "btrfs": (1024, 5000, 20000, 1),
+    "zfs": (128, 1000, 2000, 1),
+}
+QUICK = (8, 50, 100, 1)
+
+
+# ---------------------------------------------------------------------------
+# writing the changes: plain file I/O (btrfs, zfs) or change records (sim)
+# ---------------------------------------------------------------------------
+class PosixSource:
+    """Writes into a mounted source qtree directory."""
+
+    def __init__(self, qdir: str) -> None:
+        self.qdir = qdir
+        os.makedirs(qdir, exist_ok=True)
+
+    def files(self, items: list[tuple[str, bytes]]) -> None:
+        for rel, data in items:
+            p = os.path.join(self.qdir, rel)
+            os.makedirs(os.path.dirname(p), exist_ok=True)
+            with open(p, "wb") as f:
+                f.write(data)
+
+    def patch(self, rel: str, offset: int, data: bytes) -> None:
+        with open(os.path.join(self.qdir, rel), "r+b") as f:
+            f.seek(offset)
+            f.write(data)
+
+    def renames(self, pairs: list[tuple[str, str]]) -> None:
+        for old, new in pairs:
+            os.rename(os.path.join(self.qdir, old), os.path.join(self.qdir, new))
+
+
+class SimSource:
+    """Writes into a sim source qtree with one stream of change records per change."""
+
+    def __init__(self, h: Harness) -> None:
+        self.vol = h.agent.source
+        self.dirs: set[str] = set()
+        self.known: set[str] = set()
+        h.writer.ensure_qtree(QTREE)
+
+    def _apply(self, changes: list) -> None:
+        self.vol.apply(QTREE, framed(QTREE, None, "workload", changes), use_purgatory=False)
+
+    def files(self, items: list[tuple[str, bytes]]) -> None:
+        changes: list = []
+        for rel, data in items:
+            parts = rel.split("/")[:-1]
+            for i in range(1, len(parts) + 1):
+                d = "/".join(parts[:i])
+                if d not in self.dirs:
+                    self.dirs.add(d)
+                    changes.append(MkDir(path=d))
+            if rel not in self.known:          # rewritten files keep their size: Writes over them
+                self.known.add(rel)
+                changes.append(MkFile(path=rel))
+            changes += [Write(path=rel, offset=o, data=data[o:o + MiB]) for o in range(0, len(data), MiB)]
+        self._apply(changes)
+
+    def patch(self, rel: str, offset: int, data: bytes) -> None:
+        self._apply([Write(path=rel, offset=offset + o, data=data[o:o + MiB]) for o in range(0, len(data), MiB)])
+
+    def renames(self, pairs: list[tuple[str, str]]) -> None:
+        self._apply([Rename(old=o, new=n) for o, n in pairs])
+        for o, n in pairs:
+            self.known.discard(o)
+            self.known.add(n)
+
+
+def big_files(size_mib: int, rnd: random.Random) -> list[tuple[str, bytes]]:
+    per = max(1, size_mib // N_BIG) * MiB
+    return [(f"big/f{i}.bin", rnd.randbytes(per)) for i in range(N_BIG)]
+
+
+def small_files(top: str, count: int, rnd: random.Random) -> list[tuple[str, bytes]]:
+    return [(f"{top}/d{i % NDIRS:02d}/f{i:06d}", rnd.randbytes(4096)) for i in range(count)]
+
+
+def changes(size_mib: int, base: int, small: int, patch_mib: int) -> list[tuple[str, object, int, int]]:
+    """(label, change, MiB written, entries changed) in order; a change is called with (source, rnd)."""
+    per = max(1, size_mib // N_BIG)
+    patch_mib = min(patch_mib, per)
+
+    def baseline(s, rnd):
+        s.files(big_files(size_mib, rnd))
+        s.files(small_files("base", base, rnd))
+
+    def patch(s, rnd):
+        s.patch("big/f0.bin", (per - patch_mib) * MiB // 2, rnd.randbytes(patch_mib * MiB))
+
+    def rename(s, rnd):
+        s.renames([(f"small/d{i % NDIRS:02d}/f{i:06d}", f"small/d{(i + 1) % NDIRS:02d}/r{i:06d}")
+                   for i in range(small)])
+
+    return [
+        (f"baseline: {N_BIG} large + {base} small files", baseline, N_BIG * per + base * 4 / 1024, N_BIG + base),
+        (f"(a) {N_BIG * per} MiB rewritten in {N_BIG} large files", lambda s, r: s.files(big_files(size_mib, r)),
+         N_BIG * per, N_BIG),
+        (f"(b) {small} small files (4 KiB) created", lambda s, r: s.files(small_files("small", small, r)),
+         small * 4 / 1024, small),
+        (f"(c) {small} small files (4 KiB) rewritten", lambda s, r: s.files(small_files("small", small, r)),
+         small * 4 / 1024, small),
+        (f"(d) {patch_mib} MiB rewritten in one {per} MiB file", patch, patch_mib, 1),
+        (f"(e) {small} small files renamed", rename, 0, small),
+    ]
+
+
+# ---------------------------------------------------------------------------
+# one group
+# ---------------------------------------------------------------------------
+class CheckTimer:
+    """Wall time of TransferCheck.run (the check after the apply) while installed."""
+
+    def __init__(self) -> None:
+        self.total = 0.0
+        self.real = verifier.TransferCheck.run
+
+    def __enter__(self) -> CheckTimer:
+        real, me = self.real, self
+
+        def timed(check):
+            t0 = time.perf_counter()
+            try:
+                return real(check)
+            finally:
+                me.total += time.perf_counter() - t0
+
+        verifier.TransferCheck.run = timed
+        return self
+
+    def __exit__(self, *exc) -> None:
+        verifier.TransferCheck.run = self.real
+
+
+def make_group(work: str, name: str, source: str, destination: str, verify: bool) -> Harness:
+    os.makedirs(work, exist_ok=True)
+    text = (f'[group]\nname="{name}"\nsource="{source}"\ndestination="{destination}"\nparallel=4\n'
+            f'metadata="{work}/meta"\nverify={str(verify).lower()}\n'
+            f'[group.retry]\ninitial=0.0\nfactor=2\nmaximum=60\n[[replica]]\nname="{QTREE}"\n')
+    path = os.path.join(work, "group.toml")
+    Path(path).write_text(text)
+    return Harness(parse_config(text, path))
+
+
+class Group:
+    """One group of a repeat: its harness, source writer, settle step and export check."""
+
+    def __init__(self, h: Harness, src, verify: bool, settle, qdir: str | None) -> None:
+        self.h, self.src, self.verify, self.settle, self.qdir = h, src, verify, settle, qdir
+
+    def check(self, label: str, rnd: random.Random) -> None:
+        a = self.h.agent
+        if not a.all_stable():
+            raise RuntimeError(f"{label}: replica not stable after the cycle: {self.h.states()}")
+        if self.qdir is not None:
+            bad = same_tree(self.qdir, a.export_path(QTREE), rnd)
+        else:
+            r = a.state.replicas[QTREE]
+            want = a.source.fingerprint(QTREE, r.source_point)
+            bad = None if a.dest.fingerprint(QTREE, r.exported) == want else "fingerprints differ"
+        if bad:
+            raise RuntimeError(f"{label} (verify={self.verify}): export differs from the source: {bad}")
+
+    def cycle(self, label: str, zfs: bool) -> dict:
+        os.sync()
+        if self.settle is not None:
+            self.settle()
+        with CheckTimer() as ct:
+            c0, z0, t0 = self_cpu(), zfs_fuse_cpu() if zfs else 0.0, time.perf_counter()
+            rep = self.h.agent.run_cycle()
+            wall = time.perf_counter() - t0
+            cpu = self_cpu() - c0 + ((zfs_fuse_cpu() - z0) if zfs else 0.0)
+        if rep.get("failures"):
+            raise RuntimeError(f"{label} (verify={self.verify}): the cycle had failures: {rep}")
+        return {"wall": wall, "cpu": cpu, "check": ct.total, "records": rep.get("records", 0)}
+
+
+@contextlib.contextmanager
+def volumes(backend: str, rep: int, size_mib: int, log):
+    """Yields make(verify) -> Group on fresh volumes of ``backend``, torn down after."""
+    harnesses: list[Harness] = []
+    problems: list[str] = []
+    base = os.environ.get("COALESCE_BENCH_DIR", "/var/tmp")
+    try:
+        if backend == "sim":
+            d = tempfile.mkdtemp(prefix="coalesce-bench-verify-", dir=base)
+            try:
+                def make(verify: bool) -> Group:
+                    tag = "on" if verify else "off"
+                    h = make_group(f"{d}/work-{tag}", f"v{tag}", f"sim://{d}/src-{tag}", f"sim://{d}/dst-{tag}",
+                                   verify)
+                    harnesses.append(h)
+                    return Group(h, SimSource(h), verify, None, None)
+                yield make, problems
+            finally:
+                for h in harnesses:
+                    close_harness(h)
+                shutil.rmtree(d, ignore_errors=True)
+        elif backend == "btrfs":
+            fs = LoopFS(int(max(4.0, 2 * (12 * size_mib / 1024 + 2)) * (1 << 30)))
+            try:
+                mnt = fs.up()
+                log(f"repeat {rep}: btrfs on {fs.loop} at {mnt}")
+
+                def make(verify: bool) -> Group:
+                    tag = "on" if verify else "off"
+                    src = os.path.join(mnt, f"src-{tag}")
+                    h = make_group(os.path.join(fs.dir, f"work-{tag}"), f"v{tag}", f"btrfs://{src}",
+                                   f"btrfs://{mnt}/dst-{tag}", verify)
+                    harnesses.append(h)
+                    qdir = os.path.join(src, QTREE)
+                    return Group(h, PosixSource(qdir), verify, None, qdir)
+                yield make, problems
+            finally:
+                for h in harnesses:
+                    close_harness(h)
+                problems += fs.down()
+        else:
+            with zfs_pool(max(1 << 30, 10 * size_mib * MiB + (1 << 30)), log, prefix="cverify", in_ram=True) as z:
+                pool = z["pool"]
+                try:
+                    def make(verify: bool) -> Group:
+                        tag = "on" if verify else "off"
+                        h = make_group(os.path.join(z["state"], f"work-{tag}"), f"v{tag}", f"zfs://{pool}/src{tag}",
+                                       f"zfs://{pool}/dst{tag}", verify)
+                        harnesses.append(h)
+                        mp = run(["zfs", "get", "-H", "-o", "value", "mountpoint", f"{pool}/src{tag}"]).stdout.strip()
+
+                        def settle() -> None:
+                            run(["zfs", "snapshot", f"{pool}/src{tag}@settle"])
+                            run(["zfs", "destroy", f"{pool}/src{tag}@settle"])
+                        qdir = os.path.join(mp, QTREE)
+                        return Group(h, PosixSource(qdir), verify, settle, qdir)
+                    yield make, problems
+                finally:
+                    for h in harnesses:
+                        close_harness(h)
+            problems += z["problems"]
+    finally:
+        for p in problems:
+            print(f"bench_verify: cleanup: {p}", file=sys.stderr)
+
+
+def bench_backend(backend: str, sizes: tuple[int, int, int, int], repeats: int, seed: int, log) -> list[dict]:
+    """Rows: one per change with the samples of each setting."""
+    steps = changes(*sizes)
+    rows = [{"backend": backend, "label": lab, "mib": mib, "entries": n, True: [], False: []}
+            for lab, _f, mib, n in steps]
+    for rep in range(repeats):
+        order = (True, False) if rep % 2 == 0 else (False, True)
+        with volumes(backend, rep, sizes[0], log) as (make, _problems):
+            groups = {v: make(v) for v in (True, False)}
+            for row, (label, change, _mib, _n) in zip(rows, steps):
+                for v in (True, False):                  # the same data into both sources
+                    change(groups[v].src, random.Random(f"{seed}-{rep}-{label}"))
+                for v in order:
+                    s = groups[v].cycle(label, backend == "zfs")
+                    row[v].append(s)
+                    log(f"{backend} #{rep} verify={v} {label}: {s['wall']:.2f} s wall, {s['cpu']:.2f} s CPU, "
+                        f"check {s['check']:.2f} s")
+                chk = random.Random(rep)
+                for v in (True, False):
+                    groups[v].check(label, chk)
+    return rows
+
+
+# ---------------------------------------------------------------------------
+# output
+# ---------------------------------------------------------------------------
+def _mr(xs: list[float]) -> str:
+    return f"{statistics.median(xs):.2f} ({min(xs):.2f}-{max(xs):.2f})" if len(xs) > 1 else f"{xs[0]:.2f}"
+
+
+def _over(on: list[float], off: list[float]) -> str:
+    mon, moff = statistics.median(on), statistics.median(off)
+    main = f"{100 * (mon - moff) / moff:+.0f} %" if moff > 0 else "-"
+    if len(on) < 2:
+        return main
+    paired = [100 * (a - b) / b for a, b in zip(on, off) if b > 0]
+    return f"{main} ({min(paired):+.0f} to {max(paired):+.0f})"
+
+
+def table(rows: list[dict]) -> str:
+    out = [("| backend | change | data | wall, verify off (s) | wall, verify on (s) | wall overhead "
+            "| check after apply (s) | CPU off (s) | CPU on (s) | CPU overhead |"),
+           "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        on, off = r[True], r[False]
+        w_on, w_off = [s["wall"] for s in on], [s["wall"] for s in off]
+        c_on, c_off = [s["cpu"] for s in on], [s["cpu"] for s in off]
+        out.append(f"| {r['backend']} | {r['label']} | {r['mib']:.{0 if r['mib'] >= 10 or not r['mib'] else 1}f} MiB, "
+                   f"{r['entries']} files | {_mr(w_off)} | "
+                   f"{_mr(w_on)} | {_over(w_on, w_off)} | {_mr([s['check'] for s in on])} | {_mr(c_off)} | "
+                   f"{_mr(c_on)} | {_over(c_on, c_off)} |")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="toy sizes, one repeat: a smoke test")
+    ap.add_argument("--backends", default="sim,btrfs,zfs", help="comma-separated, of sim, btrfs, zfs")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--size-mib", type=int, default=None, help="the 8 large files (default per backend)")
+    ap.add_argument("--base-files", type=int, default=None, help="4 KiB files of the baseline")
+    ap.add_argument("--small-files", type=int, default=None, help="4 KiB files of (b), (c), (e)")
+    ap.add_argument("--patch-mib", type=int, default=None, help="data rewritten in one large file in (d)")
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--verbose", "-v", action="store_true", help="progress on stderr")
+    args = ap.parse_args(argv)
+    backends = [b for b in args.backends.split(",") if b]
+    bad = [b for b in backends if b not in SIZES]
+    if bad:
+        ap.error(f"unknown backend(s) {bad}")
+    if os.geteuid() != 0:
+        for b in [b for b in backends if b != "sim"]:
+            print(f"bench_verify: skipping {b} (needs root)", file=sys.stderr)
+            backends.remove(b)
+    repeats = 1 if args.quick else args.repeats
+    log = (lambda m: print(f"[{time.strftime('%H:%M:%S')}] {m}", file=sys.stderr, flush=True)) if args.verbose \
+        else (lambda m: None)
+    started = time.perf_counter()
+    when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    load0 = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    rows: list[dict] = []
+    used = {}
+    for b in backends:
+        sizes = QUICK if args.quick else SIZES[b]
+        sizes = tuple(o if o is not None else d for o, d in
+                      zip((args.size_mib, args.base_files, args.small_files, args.patch_mib), sizes))
+        used[b] = sizes
+        rows += bench_backend(b, sizes, repeats, args.seed, log)
+    cmd = "python tools/bench/bench_verify.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    btrfs_v = run(["btrfs", "--version"], check=False).stdout.strip() if "btrfs" in backends else ""
+    print(f"<!-- {when}; {platform.machine()} cpus {os.cpu_count()} python {platform.python_version()} "
+          f"kernel {platform.release()} {btrfs_v}; backends {', '.join(backends)} (size MiB, base files, small "
+          f"files, patch MiB: {used}); {repeats} repeat(s); command: {cmd.strip()}; script ran "
+          f"{time.perf_counter() - started:.0f} s; load average {load0} before, "
+          f"{' '.join(f'{x:.2f}' for x in os.getloadavg())} after -->")
+    print(table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
