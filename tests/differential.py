@@ -51,7 +51,7 @@ import time
 from typing import Any, Callable, Iterator, Sequence
 
 import attrs
-from hypothesis import HealthCheck, event, note, settings as Settings, strategies as st
+from hypothesis import HealthCheck, Phase, event, note, settings as Settings, strategies as st
 from hypothesis.control import currently_in_test_context
 from hypothesis.stateful import RuleBasedStateMachine, initialize, precondition, rule, run_state_machine_as_test
 
@@ -93,6 +93,10 @@ class Backend:
                   through FUSE and the size must stay small there
     xattr_max     the largest xattr value the file system keeps as written (zfs-fuse
                   keeps a value over 128 bytes as 8 other bytes)
+    root_xattrs   xattrs are drawn on qtree roots; on zfs-fuse, after a long history
+                  (docs/verification.md, "Found so far"), the view of a source PCPI once
+                  lacked a qtree root's xattr that the native control received from the
+                  same snapshot: not drawn there until that is understood
     known_gaps    differences the comparison of coalesce's exports masks because a
                   strict-xfail test of the backend's module shows them, so that random
                   runs look for other bugs; never masked for the control:
@@ -109,6 +113,7 @@ class Backend:
     punch_hole: bool = False
     sparse_size: int = 16 * MiB
     xattr_max: int = 3000
+    root_xattrs: bool = True
     known_gaps: frozenset[str] = frozenset()
 
 
@@ -1111,6 +1116,8 @@ class DifferentialMachine(RuleBasedStateMachine):
     def xattr(self, data):
         def go():
             path = self._any(data, "df")
+            if path in self.d.qtrees and not self.d.backend.root_xattrs:
+                return
             name = data.draw(st.sampled_from(XATTR_NAMES))
             if data.draw(st.integers(0, 3)) == 0:
                 self.d.do(RemoveXattr(path, name))
@@ -1181,7 +1188,10 @@ def differential_settings(backend: Backend) -> Settings:
     examples, steps = PROFILES[profile][backend.name]
     if os.environ.get("COALESCE_DIFFERENTIAL_EXAMPLES"):
         examples = int(os.environ["COALESCE_DIFFERENTIAL_EXAMPLES"])
-    return Settings(max_examples=examples, stateful_step_count=steps, deadline=None,
+    # CI does not shrink: an example on a real file system costs seconds, shrinking one costs
+    # hundreds of them, and the failing sequence is printed whole (note()) for replay()
+    phases = [Phase.explicit, Phase.reuse, Phase.generate] if profile == "ci" else list(Phase)
+    return Settings(max_examples=examples, stateful_step_count=steps, deadline=None, phases=phases,
                     derandomize=profile == "ci", database=None if profile == "ci" else Settings.default.database,
                     suppress_health_check=list(HealthCheck), print_blob=profile != "ci")
 

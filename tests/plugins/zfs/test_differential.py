@@ -12,7 +12,8 @@ pytestmark = pytest.mark.zfs
 # zfs-fuse: no reflinks, no RENAME_EXCHANGE (EINVAL), no hole punching (EOPNOTSUPP), no SEEK_DATA/SEEK_HOLE
 # (a reader of a hole reads zeros through FUSE, so the sparse file stays at 16 MiB), xattr values over 128
 # bytes are kept as 8 other bytes
-ZFS = dt.Backend("zfs", reflink=False, exchange=False, punch_hole=False, sparse_size=16 * dt.MiB, xattr_max=128)
+ZFS = dt.Backend("zfs", reflink=False, exchange=False, punch_hole=False, sparse_size=16 * dt.MiB, xattr_max=128,
+                 root_xattrs=False)
 
 
 def test_differential(zfs_urls, group_config):
