@@ -98,6 +98,22 @@ def _name(value: str, where: str) -> str:
     return value
 
 
+def _optional_duration(table: dict[str, Any], key: str, where: str, *, example: str, unset: str) -> float | None:
+    """Seconds of the optional duration ``table[key]`` (coalesce_core.durations), longer than 0; None if absent."""
+    value = table.get(key)
+    if value is None:
+        return None
+    from .durations import DurationError, parse_duration
+
+    try:
+        seconds = parse_duration(value)
+    except DurationError as exc:
+        raise ConfigError(f"{where}: `{key}`: {exc}", hint=f"for example {key} = {example}") from None
+    if seconds <= 0:
+        raise ConfigError(f"{where}: `{key}` must be longer than 0", hint=unset)
+    return seconds
+
+
 def parse_config(text: str, path: str = "<config>") -> GroupConfig:
     """Parse and validate config text; every problem is a ConfigError naming the key."""
     try:
@@ -142,31 +158,13 @@ def parse_config(text: str, path: str = "<config>") -> GroupConfig:
     if not isinstance(reseed_after, int) or isinstance(reseed_after, bool) or reseed_after < 0:
         raise ConfigError(f"{where}: `reseed_after` must be a whole number >= 0",
                           hint="the failed updates in a row after which a replica is re-seeded; 0 never re-seeds")
-    max_lag = group.get("max_lag")
-    if max_lag is not None:
-        from .durations import DurationError, parse_duration
-
-        try:
-            max_lag = parse_duration(max_lag)
-        except DurationError as exc:
-            raise ConfigError(f"{where}: `max_lag`: {exc}", hint='for example max_lag = "1d"') from None
-        if max_lag <= 0:
-            raise ConfigError(f"{where}: `max_lag` must be longer than 0", hint="leave it out to report lag only")
+    max_lag = _optional_duration(group, "max_lag", where, example='"1d"', unset="leave it out to report lag only")
     verify = group.get("verify", True)
     if not isinstance(verify, bool):
         raise ConfigError(f"{where}: `verify` must be true or false",
                           hint="true (the default) checks every update against its source PCPI before it is done")
-    verify_every = group.get("verify_every")
-    if verify_every is not None:
-        from .durations import DurationError, parse_duration
-
-        try:
-            verify_every = parse_duration(verify_every)
-        except DurationError as exc:
-            raise ConfigError(f"{where}: `verify_every`: {exc}", hint='for example verify_every = "7d"') from None
-        if verify_every <= 0:
-            raise ConfigError(f"{where}: `verify_every` must be longer than 0",
-                              hint="leave it out for no background verification")
+    verify_every = _optional_duration(group, "verify_every", where, example='"7d"',
+                                      unset="leave it out for no background verification")
     retry_t = group.get("retry", {})
     if not isinstance(retry_t, dict) or set(retry_t) - {"initial", "factor", "maximum"}:
         raise ConfigError(f"{where}: [group.retry] takes initial, factor, maximum")
