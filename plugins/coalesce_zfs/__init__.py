@@ -37,6 +37,7 @@ import gc
 import itertools
 import logging
 import os
+import queue
 import re
 import threading
 import time
@@ -89,6 +90,23 @@ def _serialized() -> Iterator[None]:
             _DEPTH.n = depth
             if fd is not None:
                 os.close(fd)
+
+
+# A diff generator abandoned by a failed or crashed reader is finalized by the cycle collector, at
+# any allocation, in any thread, possibly in the middle of a zfs command. Its read clone must not be
+# destroyed there: the collector has not yet closed the other files of that garbage (the clone is
+# "busy"), and the destroy's retries held the collector, and every zfs command, for seconds; zfs-fuse
+# then wedged. Such clones are queued (SimpleQueue.put is re-entrant) and destroyed by the next
+# reader of a PCPI, PCPI delete or volume open, outside the collector.
+_COLLECTING = [False]
+_DEFERRED: "queue.SimpleQueue[tuple[str, str]]" = queue.SimpleQueue()
+
+
+def _gc_phase(phase: str, info: dict) -> None:
+    _COLLECTING[0] = phase == "start"
+
+
+gc.callbacks.append(_gc_phase)
 
 
 def zfs(*args: str, hint: str = ZFS_HINT, check: bool = True):
@@ -216,6 +234,7 @@ class ZfsVolume(PosixVolume):
 
     def snapshot_delete(self, name: str) -> bool:
         check_pcpi(name)
+        self._reap_deferred()
         if name not in self.snapshot_list():
             return False
         for clone in self._clones_of(name):
@@ -240,8 +259,25 @@ class ZfsVolume(PosixVolume):
         out = zfs_out("list", "-H", "-o", "name", "-t", "filesystem", "-r", self.pool)
         return [n for n in out.split("\n") if n.startswith(self.clone_prefix)]
 
+    def _reap_deferred(self) -> None:
+        """Destroy the read clones whose last reader was finalized by the cycle collector."""
+        if _COLLECTING[0]:
+            return
+        while True:
+            try:
+                name, mp = _DEFERRED.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                self._destroy(name, force=True)
+            except BackendError as exc:
+                _log.warning("leaving read clone %s for later: %s", name, exc)
+            with contextlib.suppress(OSError):
+                os.rmdir(mp)
+
     def _reap_stale_clones(self) -> None:
         """Destroy temporary clones left by a process that died (tag t<pid>x<n>)."""
+        self._reap_deferred()
         for name in self._all_clones():
             m = re.match(r"t(\d+)x\d+-", name[len(self.clone_prefix):])
             if m and not os.path.exists(f"/proc/{m.group(1)}"):
@@ -295,6 +331,7 @@ class ZfsVolume(PosixVolume):
             return
         if not checked:
             self._require(snapshot)
+        self._reap_deferred()
         if self.browsable():
             yield os.path.join(self.root, ".zfs", "snapshot", snapshot)
             return
@@ -333,11 +370,14 @@ class ZfsVolume(PosixVolume):
                 last = entry["refs"] == 0
                 if last:
                     del self._views[key]
-            if last:
+            if last and _COLLECTING[0]:
+                _DEFERRED.put((entry["name"], entry["mp"]))
+            elif last:
                 # one read-only clone serves every concurrent reader of a PCPI; the last one destroys it.
                 # zfs-fuse can report "busy" for a while after the last file was closed: a read clone
                 # that will not go now must not fail the read; snapshot_delete destroys the clones of
                 # a PCPI before the PCPI itself, so a leftover one is removed with its PCPI.
+                self._reap_deferred()
                 try:
                     self._destroy(entry["name"], force=True)
                 except BackendError as exc:

@@ -89,6 +89,47 @@ def test_clones_are_always_destroyed(pm, zfs_url):
     assert clones_of(vol) == []
 
 
+def test_no_zfs_command_runs_inside_the_cycle_collector(pm, zfs_url, monkeypatch):
+    """A diff abandoned in a reference cycle (a reader that failed or crashed) is finalized by the
+    cycle collector; its read clone is destroyed afterwards, by the next reader, not inside the
+    collector (where its files were still open: "busy", and seconds of retries wedged zfs-fuse)."""
+    import gc
+
+    import coalesce_zfs
+
+    vol = Volume.open(pm, zfs_url, create=True)
+    vol.apply("q", [MkFile(path=f"f{i}") for i in range(5)])
+    vol.snapshot_create("a")
+    vol.apply("q", [MkFile(path="g")])
+    vol.snapshot_create("b")
+    collecting, inside = [False], []
+    real_run = coalesce_zfs.run
+
+    def run(argv, **kw):
+        if collecting[0]:
+            inside.append(argv)
+        return real_run(argv, **kw)
+
+    def phase(p, info):
+        collecting[0] = p == "start"
+
+    monkeypatch.setattr(coalesce_zfs, "run", run)
+    gc.callbacks.append(phase)
+    try:
+        it = vol.diff("q", "a", "b")
+        next(it)
+        cycle = [it]
+        cycle.append(cycle)
+        del it, cycle
+        assert clones_of(vol)        # the diff holds read clones of both PCPIs
+        gc.collect()
+    finally:
+        gc.callbacks.remove(phase)
+    assert inside == []
+    assert len(list(vol.diff("q", "a", "b"))) > 1
+    assert clones_of(vol) == []
+
+
 def test_tree_diff_across_qtrees(pm, zfs_urls):
     src = Volume.open(pm, zfs_urls(), create=True)
     dst = Volume.open(pm, zfs_urls(), create=True)
