@@ -51,7 +51,10 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         cmd = [sys.executable, str(HERE / BENCHES[name])] + (["--quick"] if args.quick else [])
         print(f"\n### {name}: {' '.join(cmd[1:])}\n", flush=True)
-        rc |= subprocess.run(cmd).returncode
+        code = subprocess.run(cmd).returncode
+        if code:
+            print(f"tools/bench: {name} exited {code}", file=sys.stderr, flush=True)
+        rc |= code
     return rc
 
 
