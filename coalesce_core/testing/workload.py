@@ -5,7 +5,7 @@ the one write primitive every backend has (``coalesce_apply`` with
 ``use_purgatory=False``), so they run unchanged on mem, sim, btrfs and zfs.
 :class:`SourceWriter` also keeps its own model of every qtree (path -> kind,
 bytes), so tests can compute the expected image of a source PCPI without
-asking the agent (the independence issue 3 requires).
+asking the agent (the independence the stateful test needs: docs/verification.md).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Fixtures of the terminal-experience tests (issue 6)."""
+"""Fixtures of the terminal-experience tests (docs/terminal.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Scenario tests of the whole agent on the mem backend (issue 2, point 9).
+"""Scenario tests of the whole agent on the mem backend.
 
 Each test names the invariants it checks (spec/invariants.md).  The same
 scenarios run on sim, btrfs and zfs from their own test packages through

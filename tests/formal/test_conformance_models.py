@@ -1,4 +1,4 @@
-"""The spec, the `transitions` machines and the SPIN model agree (issue 3, part 3).
+"""The spec, the `transitions` machines and the SPIN model agree.
 
 spec/coalescing.toml is the truth; coalesce_core.model builds the transitions
 machines from it and tools/gen_promela.py generates spec/coalescing.pml from

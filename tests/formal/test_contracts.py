@@ -1,4 +1,4 @@
-"""The planner's PEP 316 contracts (issue 3, part 2).
+"""The planner's PEP 316 contracts.
 
 1. ``crosshair check --analysis_kind=PEP316`` over the contract-carrying modules
    must report no counterexample (bounded: a few seconds per condition).

@@ -1,4 +1,4 @@
-"""Progress of remote transfers reaches the terminal views (issue 9: progress in bytes and records)."""
+"""Progress of remote transfers reaches the terminal views (docs/terminal.md: progress in bytes and records)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Resume across a real SIGKILL of the agent (issue 9, "Resume"; spec: resume_updates).
+"""Resume across a real SIGKILL of the agent (docs/network.md; spec: resume_updates).
 
 The agent is a separate `coalesce` process talking mutual TLS to a source
 service (a thread of this test, over loopback).  It SIGKILLs itself in the

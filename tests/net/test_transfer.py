@@ -98,7 +98,7 @@ def test_agent_update_resumes_instead_of_failing(tls_service, group_config):
 
 
 def test_after_a_restart_an_update_resumes_and_fetches_only_the_rest_I3(tls_service, group_config, caplog):
-    """Issue 9's resume across a crash of the agent: the records that had arrived are
+    """Resume across a crash of the agent (docs/network.md): the records that had arrived are
     replayed from the spool and the server is asked for the stream from the next one."""
     proxies: list = []
     try:

@@ -28,7 +28,7 @@ versions, load average and command):
 1. one update with ``--size-mib`` rewritten in 8 large files (random data), on
    a link of 1 Gbit/s and of 100 Mbit/s, 20 ms round trip; each method's wall
    time, bytes on the wire (counted by the emulator) and CPU, and the ratio
-   native time / coalesce time (the goal of issue 9: at least 0.9);
+   native time / coalesce time (the goal: at least 0.9);
 2. compression: ``--comp-mib`` of compressible data (words) on the 100 Mbit/s
    link, coalesce with each compression the protocol offers
    (``COALESCE_COMPRESSION``) and none, next to native with and without ``ssh -C``;

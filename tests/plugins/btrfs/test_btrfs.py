@@ -234,7 +234,7 @@ def test_translation_of_real_streams(pm, btrfs_urls, monkeypatch, send_data):
 def test_rewritten_files_records_and_holes(pm, btrfs_urls):
     """A small file rewritten whole is overwritten in place (no Truncate); a large one is truncated
     first (overwriting a large file in place splits extents its snapshots share); a rewrite that
-    leaves a hole keeps it; no Truncate to the size the file already has (issue 7.4)."""
+    leaves a hole keeps it; no Truncate to the size the file already has."""
     src = open_vol(pm, btrfs_urls())
     dst = open_vol(pm, btrfs_urls())
     q = f"{src.handle.root}/Q"

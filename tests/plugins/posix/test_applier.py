@@ -195,7 +195,7 @@ def test_mismatching_stream_is_a_stream_error(vol):
 
 
 # ---------------------------------------------------------------------------
-# the directory-descriptor cache (issue 7.4)
+# the directory-descriptor cache
 # ---------------------------------------------------------------------------
 def test_descriptor_cache_follows_directory_renames(vol, tmp_path):
     root, _ = vol

@@ -1,4 +1,4 @@
-"""Cost per qtree stays constant as the volume holds more qtrees (issue 7.2), and group commit.
+"""Cost per qtree stays constant as the volume holds more qtrees (docs/sim.md), and group commit.
 
 Costs are asserted as exact block counts (the sim counts every block read and write), never times.
 """
