@@ -521,9 +521,6 @@ def build_parser(pm: Any = None) -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=7, help="seed of the random source changes")
     d.add_argument("--speed", type=_positive(), default=1.0, help="time scale (2 = twice as fast)")
     d.add_argument("--plain", action="store_true", help="plain lines even on a terminal (the default when piped)")
-    from .serve import add_serve_command
-
-    add_serve_command(sub)  # `coalesce serve`: the source service (docs/network.md)
     dbg = sub.add_parser("debug", help="developer tools")
     dsub = dbg.add_subparsers(dest="debug_verb", metavar="TOOL")
     dsub.required = True

@@ -29,6 +29,7 @@ from .volume import VolumeURL
 
 ENTRY_POINT_GROUP = "coalesce.backends"
 OBSERVER_GROUP = "coalesce.observers"
+COMMANDS_GROUP = "coalesce.commands"   # plugins that add verbs only (`coalesce serve`)
 PROJECT = "coalesce"
 
 
@@ -37,7 +38,7 @@ def plugin_manager(extra: Iterable[object] = ()) -> pluggy.PluginManager:
     pm = pluggy.PluginManager(PROJECT)
     pm.add_hookspecs(hookspecs)
     pm.register(GenericRollback(pm), name="coalesce.generic")
-    eps = [*metadata.entry_points(group=ENTRY_POINT_GROUP), *metadata.entry_points(group=OBSERVER_GROUP)]
+    eps = [ep for g in (ENTRY_POINT_GROUP, OBSERVER_GROUP, COMMANDS_GROUP) for ep in metadata.entry_points(group=g)]
     for ep in eps:
         if pm.get_plugin(ep.name) is not None or pm.is_blocked(ep.name):
             continue

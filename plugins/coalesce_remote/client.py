@@ -2,7 +2,7 @@
 
 ``RemoteVolume`` answers the source-volume primitives an agent needs
 (snapshot create/delete/list, qtree list, diff, fingerprint, describe) by asking the
-source service (coalesce_core.serve) over ssh or mutual TLS.  Everything a
+source service (coalesce_remote.serve) over ssh or mutual TLS.  Everything a
 destination writes stays local; the remote side is only read (and asked to
 take and release source PCPIs).
 
@@ -34,10 +34,12 @@ from typing import Any, Iterator
 
 import attrs
 
-from coalesce_core import codec, protocol as P
+from coalesce_core import codec
 from coalesce_core.errors import BackendError, ConfigError, CorruptStream, HostilePath, StreamError
 from coalesce_core.records import Begin, End
 from coalesce_core.volume import VolumeURL
+
+from . import protocol as P
 
 _OPEN: "weakref.WeakSet[RemoteVolume]" = weakref.WeakSet()
 
@@ -149,9 +151,7 @@ class Target:
         if not host:
             raise ConfigError(f"{url}: no host")
         if url.scheme == "tls" and port is None:
-            from coalesce_core.serve import DEFAULT_PORT
-
-            port = DEFAULT_PORT
+            port = P.DEFAULT_PORT
         return cls(url.scheme, host, port, user, volume)
 
 
@@ -297,9 +297,7 @@ class RemoteVolume:
                                    hint="is `coalesce serve --listen` running there, and the port open?") from None
         try:
             raw.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-            from coalesce_core.serve import _tcp_keepalive
-
-            _tcp_keepalive(raw, s.keepalive)
+            P.tcp_keepalive(raw, s.keepalive)
             tls = ctx.wrap_socket(raw, server_hostname=s.server_name or t.host)
         except ssl.SSLCertVerificationError as exc:
             raw.close()

@@ -41,7 +41,7 @@ import time
 import zlib
 from typing import Any, Iterable, Iterator
 
-from .errors import BackendError, CoalesceError
+from coalesce_core.errors import BackendError, CoalesceError
 
 MAGIC = b"COALPROT"
 PROTOCOL_VERSION = 1
@@ -88,6 +88,19 @@ COMPRESSIONS: tuple[str, ...] = ("zstd", "zlib") if _zstd is not None else ("zli
 CAPABILITIES: tuple[str, ...] = ("resume", *COMPRESSIONS)
 
 _NAME_RE = re.compile(r"[A-Za-z0-9_.][A-Za-z0-9_.@+=:,-]*")
+
+DEFAULT_PORT = 7450  # `coalesce serve --listen` and tls:// URLs without a port
+
+
+def tcp_keepalive(sock: socket.socket, idle: float) -> None:
+    """Probe an idle TCP connection after ``idle`` seconds (both ends use it: a dead peer is noticed)."""
+    for opt, val in (("TCP_KEEPIDLE", max(1, int(idle))), ("TCP_KEEPINTVL", max(1, int(idle) // 3)),
+                     ("TCP_KEEPCNT", 3)):
+        if hasattr(socket, opt):
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, opt), val)
+            except OSError:
+                pass
 
 
 class ProtocolError(CoalesceError):

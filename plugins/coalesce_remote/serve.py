@@ -38,14 +38,17 @@ from typing import Any, Iterator
 
 import attrs
 
-from . import codec, protocol as P
-from .errors import CoalesceError, ConfigError
-from .planner import is_group_source_pcpi
-from .records import Begin, End
+from coalesce_core import codec
+from coalesce_core.errors import CoalesceError, ConfigError
+from coalesce_core.hookspecs import hookimpl
+from coalesce_core.planner import is_group_source_pcpi
+from coalesce_core.records import Begin, End
+
+from . import protocol as P
 
 log = logging.getLogger("coalesce.serve")
 
-DEFAULT_PORT = 7450
+DEFAULT_PORT = P.DEFAULT_PORT
 
 
 # --------------------------------------------------------------------------- config
@@ -159,7 +162,7 @@ def parse_server_config(text: str, path: str = "<server config>") -> ServerConfi
     volumes = data.get("volumes", {})
     if not isinstance(volumes, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in volumes.items()):
         raise ConfigError(f"{path} [volumes]: must map names to volume URLs (name = \"scheme://...\")")
-    from .volume import VolumeURL
+    from coalesce_core.volume import VolumeURL
 
     for name, url in volumes.items():
         if not P.NAME_RE.fullmatch(name):
@@ -220,7 +223,7 @@ class SourceService:
     :meth:`serve_connection` per connection."""
 
     def __init__(self, config: ServerConfig, pm: Any = None, *, bandwidth: float | None = None) -> None:
-        from .plugins import plugin_manager
+        from coalesce_core.plugins import plugin_manager
 
         self.config = config
         self.pm = pm or plugin_manager()
@@ -230,7 +233,7 @@ class SourceService:
         self.stats = {"connections": 0, "refused": 0, "protocol_errors": 0, "bytes_out": 0, "records_out": 0}
 
     def _volume(self, name: str) -> Any:
-        from .plugins import Volume
+        from coalesce_core.plugins import Volume
 
         with self._lock:
             vol = self._volumes.get(name)
@@ -430,8 +433,8 @@ class SourceService:
         With ``tree``, every path of the qtree, in path order.  The answer is DATA
         messages of description lines (coalesce_core.verify.description_to_json),
         compressed as negotiated, then END {"count"}."""
-        from .records import check_path_or_root
-        from .verify import description_to_json
+        from coalesce_core.records import check_path_or_root
+        from coalesce_core.verify import description_to_json
 
         paths: list[tuple[str, bool]] = []
         problem: CoalesceError | None = None
@@ -673,7 +676,7 @@ class TLSServer:
         cfg = self.service.config
         try:
             raw.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-            _tcp_keepalive(raw, cfg.keepalive)
+            P.tcp_keepalive(raw, cfg.keepalive)
             raw.settimeout(cfg.handshake_timeout)
             try:
                 tls = self.ctx.wrap_socket(raw, server_side=True)
@@ -730,16 +733,6 @@ class TLSServer:
             self._thread.join(5)
 
 
-def _tcp_keepalive(sock: socket.socket, idle: float) -> None:
-    for opt, val in (("TCP_KEEPIDLE", max(1, int(idle))), ("TCP_KEEPINTVL", max(1, int(idle) // 3)),
-                     ("TCP_KEEPCNT", 3)):
-        if hasattr(socket, opt):
-            try:
-                sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, opt), val)
-            except OSError:
-                pass
-
-
 def parse_listen(text: str) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
     if not sep:
@@ -751,8 +744,13 @@ def parse_listen(text: str) -> tuple[str, int]:
 
 
 # --------------------------------------------------------------------------- CLI
+@hookimpl
+def coalesce_cli_commands(subparsers: Any) -> None:
+    add_serve_command(subparsers)
+
+
 def add_serve_command(subparsers: Any) -> argparse.ArgumentParser:
-    """Add ``coalesce serve`` to the CLI's sub-parsers (coalesce_core.cli wires it)."""
+    """Add ``coalesce serve`` to the CLI's sub-parsers."""
     p = subparsers.add_parser("serve", help="serve source volumes to destination agents (ssh or mutual TLS)",
                               description="The source service (docs/network.md).")
     _serve_arguments(p)

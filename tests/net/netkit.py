@@ -31,7 +31,7 @@ if str(PLUGINS_DIR) not in sys.path:
 
 import coalesce_remote  # noqa: E402
 from coalesce_core.plugins import Volume, plugin_manager  # noqa: E402
-from coalesce_core.serve import Grant, ServerConfig, SourceService, TLSServer, tls_server_context  # noqa: E402
+from coalesce_remote.serve import Grant, ServerConfig, SourceService, TLSServer, tls_server_context  # noqa: E402
 from coalesce_core.testing.harness import Harness  # noqa: E402
 from coalesce_core.testing.workload import SourceWriter  # noqa: E402
 
@@ -235,7 +235,7 @@ class SSHD:
         self.log = d / "serve.log"
         self.volumes: dict[str, str] = {}
         self.write_server_config()
-        forced = (f"{sys.executable} -m coalesce_core.serve --stdio --config {self.server_config} "
+        forced = (f"{sys.executable} -m coalesce_remote.serve --stdio --config {self.server_config} "
                   f"--identity backup1")
         pub = (d / "client_key.pub").read_text().strip()
         (d / "authorized_keys").write_text(f'command="{forced}",restrict {pub}\n')
@@ -502,7 +502,7 @@ class FlakyProxy:
 # --------------------------------------------------------------------------- a bare connection to the service
 def serve_pair(service: SourceService, identity: str = "backup1", timeout: float = 5.0):
     """A connected socket pair: the service serves one end in a thread; returns (client socket, thread)."""
-    from coalesce_core import protocol as P
+    from coalesce_remote import protocol as P
 
     a, b = socket.socketpair()
     t = threading.Thread(target=service.serve_connection,

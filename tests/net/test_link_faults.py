@@ -47,7 +47,7 @@ def link(certs, tmp_path_factory):
     sshd = None
     try:
         lk.start()
-        tls = lk.popen_b([sys.executable, "-m", "coalesce_core.serve", "--listen", f"{lk.b_ip}:{TLS_PORT}",
+        tls = lk.popen_b([sys.executable, "-m", "coalesce_remote.serve", "--listen", f"{lk.b_ip}:{TLS_PORT}",
                           "--config", str(d / "serve.toml")], stdout=subprocess.DEVNULL,
                          stderr=open(d / "serve.err", "wb"))
         (d / "sshd").mkdir()

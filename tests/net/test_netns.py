@@ -69,7 +69,7 @@ def link(certs, tmp_path, monkeypatch):
             f'ca = "{certs.ca}"', "timeout = 3", "keepalive = 2", f'log = "{tmp_path}/serve.log"',
             "[volumes]", f'src = "{local}"',
             "[clients.backup1]", 'volumes = ["src"]', "take = true", "release = true", ""]))
-        proc = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-m", "coalesce_core.serve", "--listen",
+        proc = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-m", "coalesce_remote.serve", "--listen",
                                  "--config", str(cfg)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                 start_new_session=True)
         deadline = time.monotonic() + 15

@@ -6,7 +6,7 @@ import argparse
 import subprocess
 import sys
 
-from coalesce_core import serve
+from coalesce_remote import serve
 
 
 def test_add_serve_command_builds_the_verb():
@@ -22,7 +22,7 @@ def test_add_serve_command_builds_the_verb():
 
 
 def _run(*argv: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "coalesce_core.serve", *argv], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "coalesce_remote.serve", *argv], capture_output=True, text=True,
                           timeout=60, stdin=subprocess.DEVNULL)
 
 
@@ -40,7 +40,7 @@ def test_clear_errors(tmp_path):
 def test_stdio_speaks_only_the_protocol_on_stdout(tmp_path):
     cfg = tmp_path / "s.toml"
     cfg.write_text('[volumes]\nsrc = "mem://x"\n[clients.a]\nvolumes = ["src"]\n')
-    r = subprocess.run([sys.executable, "-m", "coalesce_core.serve", "--stdio", "--config", str(cfg),
+    r = subprocess.run([sys.executable, "-m", "coalesce_remote.serve", "--stdio", "--config", str(cfg),
                         "--identity", "a"], input=b"", capture_output=True, timeout=60)
     assert r.stdout == b"COALPROT\x01"  # the preamble, then EOF from us: nothing else on stdout
     assert r.returncode == 0

@@ -62,7 +62,7 @@ def _serve_pids(sshd) -> list[int]:
             cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
         except OSError:
             continue
-        if b"coalesce_core.serve" in cmd:
+        if b"coalesce_remote.serve" in cmd:
             out.append(pid)
     return out
 

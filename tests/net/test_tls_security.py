@@ -17,7 +17,7 @@ import pytest
 import coalesce_mem
 from coalesce_core.errors import BackendError
 from coalesce_core.plugins import Volume, plugin_manager
-from coalesce_core.protocol import Refused
+from coalesce_remote.protocol import Refused
 from coalesce_remote.client import TLSRefused
 
 from net.netkit import client_env, remote_plugins

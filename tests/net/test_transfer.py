@@ -203,7 +203,7 @@ def test_server_timeout_drops_a_stalled_client(tls_service):
     """The server side notices a client that stopped reading: its send times out, the thread ends."""
     import json
 
-    from coalesce_core import protocol as P
+    from coalesce_remote import protocol as P
     from net.netkit import serve_pair
 
     local = _source("stall", files=2, size=100)

@@ -10,7 +10,7 @@ import time
 import pytest
 
 import coalesce_mem
-from coalesce_core import protocol as P
+from coalesce_remote import protocol as P
 from coalesce_core import records as R
 from coalesce_core.plugins import Volume, plugin_manager
 

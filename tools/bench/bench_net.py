@@ -174,7 +174,7 @@ class Source:
         # B's: `ip netns exec` gives a process its own copy of the mounts, where the clones zfs-fuse mounts
         # for a diff would not appear and `zfs destroy`'s unmount would not reach the daemon's mount
         self.enter = ["nsenter", f"--mount=/proc/{os.getpid()}/ns/mnt", "--"] if zfs_ds else []
-        self.tls = link.popen_b([*self.enter, sys.executable, "-m", "coalesce_core.serve", "--listen",
+        self.tls = link.popen_b([*self.enter, sys.executable, "-m", "coalesce_remote.serve", "--listen",
                                  f"{link.b_ip}:{TLS_PORT}", "--config", str(cfg)],
                                 stdout=subprocess.DEVNULL, stderr=open(work / "serve.err", "wb"))
         (work / "sshd").mkdir()
@@ -497,7 +497,7 @@ class Spy:
                     continue
                 seen.add(pid)
                 try:
-                    if b"coalesce_core.serve" not in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    if b"coalesce_remote.serve" not in Path(f"/proc/{pid}/cmdline").read_bytes():
                         continue
                 except OSError:
                     continue
@@ -655,7 +655,7 @@ def part_main(b: Bench, shapes: list[tuple[str, float]], size_mib: int, seed: in
 
 
 def part_compression(b: Bench, rate: str, delay: float, mib: int, seed: int, quick: bool = False) -> list[dict]:
-    from coalesce_core import protocol as P
+    from coalesce_remote import protocol as P
 
     b.link.shape(delay_ms=delay, rate=rate)
     rows = []
