@@ -415,7 +415,7 @@ class Agent:
     # -- verification (coalesce_core.verifier) ---------------------------------------
     def verification_times(self) -> dict[str, dict[str, Any]]:
         """{replica: {"at", "ok", "error"}}: each replica's last full verification."""
-        return verifier.load_times(self.ledger.conn)
+        return verifier.load_times(self.ledger)
 
     def _background_verification(self) -> None:
         """After a cycle: record the baselines verified in it, then, with ``[group] verify_every``,

@@ -240,13 +240,8 @@ def _watch_status(args: argparse.Namespace, agent: Any, paths: dict[str, str | N
     def read() -> Any:
         """One consistent snapshot of the ledger (a read transaction; WAL lets the agent go on writing).
         A failed re-read keeps showing the last good state instead of ending the watch."""
-        conn = agent.ledger.conn
         try:
-            conn.execute("BEGIN")
-            try:
-                state = agent.ledger.load()
-            finally:
-                conn.execute("COMMIT")
+            state = agent.ledger.load_consistent()
         except (CoalesceError, sqlite3.Error):
             if not last:
                 raise
@@ -296,15 +291,13 @@ def cmd_check(args: argparse.Namespace) -> int:
 
     agent = _agent(args, recover=False)
     try:
-        marks_row = agent.ledger.conn.execute("SELECT value FROM meta WHERE key='i5_marks'").fetchone()
-        previous = json.loads(marks_row[0]) if marks_row else {}
+        previous = agent.ledger.note("i5_marks") or {}
         findings = live_check(agent.state, agent.source, agent.dest, previous,
                               edges=list(iter_log_edges(agent.ledger.transitions())), now=time.time(),
                               max_lag=agent.config.max_lag)
         if all(f.ok for f in findings if f.invariant != "lag"):  # lag is not about I5
             marks = {r.name: r.source_point for r in agent.state.replicas.values()}
-            with agent.ledger._tx():
-                agent.ledger.conn.execute("INSERT OR REPLACE INTO meta VALUES ('i5_marks', ?)", (json.dumps(marks),))
+            agent.ledger.update_note("i5_marks", lambda _old: marks)
         if args.json:
             _dump_json(views.check_data(findings))
         else:

@@ -16,7 +16,7 @@ import os
 import sqlite3
 import time
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import attrs
 
@@ -39,6 +39,10 @@ CREATE TABLE IF NOT EXISTS cycles (
 
 _GROUP_FIELDS = ("phase", "cycle", "seq", "cycle_target", "transfers_started", "purged", "cycle_started",
                  "cycle_failures", "reseed_after")
+
+# Advisory records kept in the meta table beside the state: the source points at the last passing
+# `coalesce check` (I5) and the time of each replica's last full verification.
+NOTES = frozenset({"i5_marks", "verified"})
 
 
 def _replica(raw: dict[str, Any]) -> Replica:
@@ -153,6 +157,31 @@ class Ledger:
             raise MetadataError(f"metadata file {self.path} has unreadable content: {exc!r}",
                                 hint="restore it from a backup; nothing was changed") from None
 
+    def load_consistent(self) -> GroupState:
+        """:meth:`load` inside one read transaction: a consistent state while another process
+        (a running agent) goes on committing (WAL)."""
+        self.conn.execute("BEGIN")
+        try:
+            return self.load()
+        finally:
+            self.conn.execute("COMMIT")
+
+    def note(self, key: str) -> Any:
+        """The JSON value kept beside the state under ``key`` (one of :data:`NOTES`); None when absent
+        or unreadable (a note is advisory: losing one never loses state)."""
+        row = self.conn.execute("SELECT value FROM meta WHERE key = ?", (_note_key(key),)).fetchone()
+        try:
+            return json.loads(row[0]) if row else None
+        except ValueError:
+            return None
+
+    def update_note(self, key: str, change: Callable[[Any], Any]) -> None:
+        """Replace the note ``key`` by ``change(current value)`` in one durable transaction."""
+        with self._tx():
+            value = change(self.note(key))
+            self.conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)",
+                              (_note_key(key), json.dumps(value, sort_keys=True)))
+
     def transitions(self, limit: int | None = None) -> list[dict[str, Any]]:
         q = "SELECT ts, cycle, replica, trigger, source, dest FROM transitions ORDER BY id"
         rows = self.conn.execute(q).fetchall()
@@ -221,6 +250,12 @@ class Ledger:
         with self._tx():
             self.conn.execute("INSERT OR REPLACE INTO cycles VALUES (?, ?, ?, ?)",
                               (report["cycle"], report.get("started"), report.get("ended"), json.dumps(report)))
+
+
+def _note_key(key: str) -> str:
+    if key not in NOTES:
+        raise ValueError(f"{key!r} is not a ledger note (one of {sorted(NOTES)})")
+    return key
 
 
 def iter_log_edges(rows: Iterable[dict[str, Any]]) -> Iterable[tuple[str | None, str, str, str]]:

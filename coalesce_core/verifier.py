@@ -17,7 +17,6 @@ caller's.
 
 from __future__ import annotations
 
-import json
 import queue
 import threading
 from typing import Any, Iterable, Iterator, Mapping, Sequence
@@ -285,27 +284,27 @@ def verify_export(source: Any, dest: Any, replica: Any, *, content: bool, limit:
 # ---------------------------------------------------------------------------
 # the ledger's record of full verifications
 # ---------------------------------------------------------------------------
-def load_times(conn: Any) -> dict[str, dict[str, Any]]:
+def load_times(ledger: Any) -> dict[str, dict[str, Any]]:
     """{replica: {"at": time, "ok": bool, "error": str}} of the last full verifications."""
-    row = conn.execute("SELECT value FROM meta WHERE key = ?", (META_KEY,)).fetchone()
-    if not row:
+    return _valid_times(ledger.note(META_KEY))
+
+
+def _valid_times(data: Any) -> dict[str, dict[str, Any]]:
+    if not isinstance(data, dict):
         return {}
-    try:
-        data = json.loads(row[0])
-    except ValueError:
-        return {}
-    return {k: v for k, v in data.items() if isinstance(v, dict) and isinstance(v.get("at"), (int, float))} \
-        if isinstance(data, dict) else {}
+    return {k: v for k, v in data.items() if isinstance(v, dict) and isinstance(v.get("at"), (int, float))}
 
 
 def save_times(ledger: Any, updates: Mapping[str, Mapping[str, Any]], keep: Iterable[str]) -> None:
     """Merge ``updates`` into the record, dropping replicas not in ``keep`` (one durable commit)."""
-    with ledger._tx():
-        times = load_times(ledger.conn)
+    kept = set(keep)
+
+    def change(old: Any) -> dict[str, dict[str, Any]]:
+        times = _valid_times(old)
         times.update({k: dict(v) for k, v in updates.items()})
-        keep = set(keep)
-        times = {k: v for k, v in sorted(times.items()) if k in keep}
-        ledger.conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (META_KEY, json.dumps(times, sort_keys=True)))
+        return {k: v for k, v in sorted(times.items()) if k in kept}
+
+    ledger.update_note(META_KEY, change)
 
 
 # ---------------------------------------------------------------------------

@@ -397,3 +397,31 @@ def test_commit_persists_a_changed_retry_policy(ledger_file):
     led = Ledger.open(ledger_file, group="g")
     assert led.load().retry == RetryPolicy(initial=1.0, factor=4.0, maximum=7.0)
     led.close()
+
+
+def test_notes_beside_the_state(tmp_path):
+    """Advisory notes (I5 marks, last full verifications): JSON under a known key, replaced in one
+    durable transaction, never mixed with the state; an unknown key is refused, an unreadable note
+    reads as absent."""
+    led = Ledger.create(tmp_path / "m.db", sample_state())
+    assert led.note("i5_marks") is None
+    led.update_note("i5_marks", lambda old: {"r1": "co-g-src-000001", "seen": old})
+    led.update_note("verified", lambda old: {"r2": {"at": 5.0, "ok": True}})
+    led.close()
+    led = Ledger.open(tmp_path / "m.db")
+    assert led.note("i5_marks") == {"r1": "co-g-src-000001", "seen": None}
+    assert led.note("verified") == {"r2": {"at": 5.0, "ok": True}}
+    assert led.load() == sample_state()
+    with pytest.raises(ValueError, match="not a ledger note"):
+        led.note("group")
+    with pytest.raises(ValueError, match="not a ledger note"):
+        led.update_note("retry", lambda old: 1)
+
+    def fail(old):
+        raise RuntimeError("no")
+
+    with pytest.raises(RuntimeError):
+        led.update_note("verified", fail)
+    assert led.note("verified") == {"r2": {"at": 5.0, "ok": True}}      # rolled back whole
+    led.conn.execute("UPDATE meta SET value = 'not json' WHERE key = 'verified'")
+    assert led.note("verified") is None
