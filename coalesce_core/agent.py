@@ -25,7 +25,7 @@ from . import effects as fx
 from . import events as ev
 from .config import GroupConfig
 from .crashpoints import SimulatedCrash
-from .errors import CoalesceError, MetadataError
+from .errors import BackendError, CoalesceError, MetadataError
 from .ledger import Ledger
 from .planner import Decision, decide, is_group_pcpi, is_group_source_pcpi
 from .plugins import Volume, plugin_manager
@@ -392,6 +392,31 @@ class Agent:
         self.failures = []
         self.tick()
         return self.run_cycle()
+
+    def run_forever(self, interval: float, *, cycle: Callable[[], dict[str, Any]] | None = None,
+                    on_cycle: Callable[[dict[str, Any]], None] = lambda report: None,
+                    on_error: Callable[[BackendError, float], None] = lambda exc, wait: None,
+                    sleep: Callable[[float], None] | None = None) -> None:
+        """`coalesce run`: ``cycle`` (default :meth:`run_once`) every ``interval`` seconds until
+        interrupted. A BackendError outside a transfer (a PCPI take or release, an export, the link)
+        does not end the run: ``on_error(exc, interval)``, and the next attempt first recovers what
+        the failed cycle left in flight, exactly as after a restart (the ledger holds the last
+        decision). Returns only when ``sleep`` or a callback raises."""
+        run = cycle or self.run_once
+        pause = sleep or time.sleep
+        failed = False
+        while True:
+            try:
+                if failed:
+                    self.recover()
+                    failed = False
+                report = run()
+            except BackendError as exc:
+                failed = True
+                on_error(exc, interval)
+            else:
+                on_cycle(report)
+            pause(interval)
 
     def add_replica(self, name: str, source_qtree: str | None = None) -> None:
         self.handle(ev.AddReplica(name=name, source_qtree=source_qtree or name))

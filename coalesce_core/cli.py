@@ -115,42 +115,33 @@ def cmd_run(args: argparse.Namespace) -> int:
     if tracker is not None:
         _map_transfers(tracker, agent)
     out = _console()
-    try:
-        failed = False
-        while True:
-            try:
-                if failed:
-                    agent.recover()  # what the failed cycle left in flight, as after a restart
-                    failed = False
-                if tracker is not None:
-                    report = _run_with_progress(agent, tracker, console)
-                else:
-                    report = agent.run_once()
-            except BackendError as exc:
-                if args.once:
-                    raise
-                # a volume or the link failed outside a transfer (a PCPI take/release, an export):
-                # the ledger holds the last decision, so recover and try again next interval
-                failed = True
-                wait = args.interval or agent.config.interval
-                err = Console(stderr=True, highlight=False, soft_wrap=True)
-                err.print(f"[bold red]cycle failed:[/] {escape(exc.message)}", markup=True)
-                err.print(f"[bold]next:[/] recovering and retrying in {wait:g} s"
-                          + (f"; {escape(exc.hint)}" if exc.hint else ""), markup=True)
-                time.sleep(wait)
-                continue
-            if not args.quiet:
-                out.print(f"cycle {report.get('cycle')}: {report.get('seconds', 0):.3f}s, "
-                          f"slowest {report.get('slowest')}, failures {report.get('failures')}, "
-                          f"states {report.get('states')}")
-            _print_failures(agent.failures, args)
-            if args.once:
-                from .agent import TRANSFER_FAILURES
 
-                if any(f["trigger"] in TRANSFER_FAILURES for f in agent.failures):
-                    return EXIT_TRANSFER_FAILED
-                return EXIT_OK if agent.all_stable() else EXIT_NOT_STABLE
-            time.sleep(args.interval or agent.config.interval)
+    def cycle() -> dict[str, Any]:
+        return _run_with_progress(agent, tracker, console) if tracker is not None else agent.run_once()
+
+    def on_cycle(report: dict[str, Any]) -> None:
+        if not args.quiet:
+            out.print(f"cycle {report.get('cycle')}: {report.get('seconds', 0):.3f}s, "
+                      f"slowest {report.get('slowest')}, failures {report.get('failures')}, "
+                      f"states {report.get('states')}")
+        _print_failures(agent.failures, args)
+
+    def on_error(exc: BackendError, wait: float) -> None:
+        err = Console(stderr=True, highlight=False, soft_wrap=True)
+        err.print(f"[bold red]cycle failed:[/] {escape(exc.message)}", markup=True)
+        err.print(f"[bold]next:[/] recovering and retrying in {wait:g} s"
+                  + (f"; {escape(exc.hint)}" if exc.hint else ""), markup=True)
+
+    try:
+        if args.once:
+            from .agent import TRANSFER_FAILURES
+
+            on_cycle(cycle())
+            if any(f["trigger"] in TRANSFER_FAILURES for f in agent.failures):
+                return EXIT_TRANSFER_FAILED
+            return EXIT_OK if agent.all_stable() else EXIT_NOT_STABLE
+        agent.run_forever(args.interval or agent.config.interval, cycle=cycle, on_cycle=on_cycle, on_error=on_error)
+        return EXIT_OK
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     finally:
