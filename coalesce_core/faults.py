@@ -98,19 +98,10 @@ class FaultInjector:
 
     @staticmethod
     def _cut(records: Any, rule: Rule) -> Iterator[Any]:
-        """The stream, failing after ``rule.record`` records. The source's stream is closed when the
-        cut fires (or this one is closed): the traceback of the fault keeps this frame, and with it
-        the source's open files and clones, alive until the cycle collector runs."""
-        it = iter(records)
-        try:
-            for i, rec in enumerate(it, 1):
-                if i > (rule.record or 0):
-                    raise InjectedFault(f"{rule.message} ({rule.hook} at record {i})")
-                yield rec
-        finally:
-            close = getattr(it, "close", None)
-            if close is not None:
-                close()
+        for i, rec in enumerate(records, 1):
+            if i > (rule.record or 0):
+                raise InjectedFault(f"{rule.message} ({rule.hook} at record {i})")
+            yield rec
 
     def _wrap(self, hook: str, kwargs: dict[str, Any]):
         rule = self._match(hook, kwargs)

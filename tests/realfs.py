@@ -43,8 +43,25 @@ def _tool():
     return mod
 
 
+#: set once a zfs command got no answer: zfs-fuse is wedged, and every later zfs test fails at once
+#: (with this reason) instead of waiting for its own commands to time out
+_ZFS_WEDGED: list[str] = []
+ZFS_ANSWER_TIMEOUT = 120
+
+
 def _quiet(argv: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run(argv, capture_output=True, text=True)
+    try:
+        return subprocess.run(argv, capture_output=True, text=True,
+                              timeout=ZFS_ANSWER_TIMEOUT if argv[0] in ("zfs", "zpool") else None)
+    except subprocess.TimeoutExpired:
+        _ZFS_WEDGED.append(f"`{' '.join(argv)}` got no answer in {ZFS_ANSWER_TIMEOUT} s")
+        pytest.fail(f"zfs-fuse is wedged: {_ZFS_WEDGED[0]}")
+
+
+def _zfs_answers() -> None:
+    if _ZFS_WEDGED:
+        pytest.fail(f"zfs-fuse is wedged since an earlier test ({_ZFS_WEDGED[0]})")
+    _quiet(["zpool", "list", "-H", "-o", "name"])
 
 
 @pytest.fixture(scope="session")
@@ -178,6 +195,7 @@ def _zfs_factory(pool: str) -> UrlFactory:
 
 @pytest.fixture
 def zfs_urls(realfs):
+    _zfs_answers()
     f = _zfs_factory(realfs["zfs"]["pool"])
     yield f
     f.cleanup_all()
@@ -186,6 +204,7 @@ def zfs_urls(realfs):
 @pytest.fixture(scope="module")
 def zfs_urls_module(realfs):
     """As ``zfs_urls``, for volumes shared by the tests of one module (removed after its last test)."""
+    _zfs_answers()
     f = _zfs_factory(realfs["zfs"]["pool"])
     yield f
     f.cleanup_all()
