@@ -24,6 +24,7 @@ import pluggy
 
 from . import hookspecs
 from .generic import GenericRollback
+from .handles import HandleHooks
 from .errors import BackendError, UnknownBackend
 from .volume import VolumeURL
 
@@ -38,6 +39,7 @@ def plugin_manager(extra: Iterable[object] = ()) -> pluggy.PluginManager:
     pm = pluggy.PluginManager(PROJECT)
     pm.add_hookspecs(hookspecs)
     pm.register(GenericRollback(pm), name="coalesce.generic")
+    pm.register(HandleHooks(), name="coalesce.handles")   # after the generic rollback: tried before it
     eps = [ep for g in (ENTRY_POINT_GROUP, OBSERVER_GROUP, COMMANDS_GROUP) for ep in metadata.entry_points(group=g)]
     for ep in eps:
         if pm.get_plugin(ep.name) is not None or pm.is_blocked(ep.name):

@@ -40,7 +40,7 @@ from coalesce_core import crashpoints
 from coalesce_core.errors import BackendError, StreamError
 from coalesce_core.hookspecs import hookimpl
 from coalesce_core.records import framed
-from coalesce_posix import PosixVolume, check_qtree, posix_hooks, rmtree, walk
+from coalesce_posix import PosixVolume, check_qtree, rmtree, walk
 from coalesce_posix.run import StreamingCommand, run, which
 
 from . import sendstream
@@ -350,10 +350,6 @@ def _exchange(a: str, b: str) -> None:
 # ---------------------------------------------------------------------------
 # hooks
 # ---------------------------------------------------------------------------
-def _mine(volume: Any) -> bool:
-    return isinstance(volume, BtrfsVolume)
-
-
 @hookimpl
 def coalesce_backend_info():
     return {"scheme": SCHEME, "description": "btrfs: a subvolume; PCPIs are read-only snapshots; diff parses `btrfs send -p`"}
@@ -364,41 +360,3 @@ def coalesce_open_volume(url, create):
     if getattr(url, "scheme", None) != SCHEME:
         return None
     return BtrfsVolume.open(url, create)
-
-
-@hookimpl
-def coalesce_close_volume(volume):
-    return True if _mine(volume) else None
-
-
-@hookimpl
-def coalesce_metadata_dir(volume):
-    return volume.metadir if _mine(volume) else None
-
-
-@hookimpl
-def coalesce_snapshot_create(volume, name):
-    return volume.snapshot_create(name) if _mine(volume) else None
-
-
-@hookimpl
-def coalesce_snapshot_delete(volume, name):
-    return volume.snapshot_delete(name) if _mine(volume) else None
-
-
-@hookimpl
-def coalesce_snapshot_list(volume):
-    return volume.snapshot_list() if _mine(volume) else None
-
-
-@hookimpl
-def coalesce_diff(volume, qtree, base, target):
-    return volume.diff(qtree, base, target) if _mine(volume) else None
-
-
-@hookimpl
-def coalesce_rollback(volume, qtree, rollback_pcpi, to_pcpi):
-    return volume.rollback(qtree, rollback_pcpi, to_pcpi) if _mine(volume) else None
-
-
-globals().update(posix_hooks(BtrfsVolume))

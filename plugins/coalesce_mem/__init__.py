@@ -11,9 +11,10 @@ URL forms:
   metadata goes to ``PATH.coalesce/``.
 
 This module is the entry point (``coalesce.backends``: ``mem =
-"coalesce_mem"``): it holds only the ``@hookimpl`` functions, each a thin
-guard (``_mine``: "is this my volume?" -- else return None so another backend
-answers) around :class:`~coalesce_mem.volume.MemVolume`.  The model lives in
+"coalesce_mem"``): it holds only the two hooks a backend writes,
+``coalesce_backend_info`` and ``coalesce_open_volume``; the primitives are the
+methods of the handle :class:`~coalesce_mem.volume.MemVolume`, which the core's
+default hooks call (coalesce_core.handles).  The model lives in
 ``tree.py``, the diff in ``diffing.py``, apply in ``applying.py``, the file
 format in ``persist.py``, the descriptions for verification in ``describing.py``.  See docs/writing-a-backend.md.
 
@@ -29,8 +30,6 @@ Plain API for writing source data (tests, demo)::
 """
 
 from __future__ import annotations
-
-from typing import Any, Iterable, Iterator, Mapping
 
 from coalesce_core.hookspecs import hookimpl
 from coalesce_core.volume import VolumeURL
@@ -57,10 +56,6 @@ def forget(url: str | None = None) -> None:
     _forget(SCHEME, None if url is None else VolumeURL.parse(url).location)
 
 
-def _mine(volume: Any) -> bool:
-    return isinstance(volume, MemVolume) and volume.scheme == SCHEME
-
-
 # ----------------------------------------------------------------- hooks
 @hookimpl
 def coalesce_backend_info() -> dict[str, str]:
@@ -74,96 +69,3 @@ def coalesce_open_volume(url: VolumeURL, create: bool) -> MemVolume | None:
     if url.scheme != SCHEME:
         return None
     return _open_volume(SCHEME, url.location, create)
-
-
-@hookimpl
-def coalesce_close_volume(volume: Any) -> bool | None:
-    if not _mine(volume):
-        return None
-    return True  # the registry keeps the volume (its "disks") for the next open
-
-
-@hookimpl
-def coalesce_metadata_dir(volume: Any) -> str | None:
-    return volume.metadata_dir() if _mine(volume) else None
-
-
-@hookimpl
-def coalesce_snapshot_create(volume: Any, name: str) -> str | None:
-    return volume.snapshot_create(name) if _mine(volume) else None
-
-
-@hookimpl
-def coalesce_snapshot_delete(volume: Any, name: str) -> bool | None:
-    return volume.snapshot_delete(name) if _mine(volume) else None
-
-
-@hookimpl
-def coalesce_snapshot_list(volume: Any) -> list[str] | None:
-    return volume.snapshot_list() if _mine(volume) else None
-
-
-@hookimpl
-def coalesce_qtree_list(volume: Any, snapshot: str | None) -> list[str] | None:
-    return volume.qtree_list(snapshot) if _mine(volume) else None
-
-
-@hookimpl
-def coalesce_diff(volume: Any, qtree: str, base: str | None, target: str) -> Iterator[Any] | None:
-    return volume.diff(qtree, base, target) if _mine(volume) else None
-
-
-@hookimpl
-def coalesce_apply(volume: Any, qtree: str, records: Iterable[Any], use_purgatory: bool) -> dict[str, int] | None:
-    return volume.apply(qtree, records, use_purgatory) if _mine(volume) else None
-
-
-@hookimpl
-def coalesce_purge_purgatory(volume: Any, qtrees: list[str]) -> bool | None:
-    return volume.purge_purgatory(list(qtrees)) if _mine(volume) else None
-
-
-@hookimpl
-def coalesce_remove_qtree(volume: Any, qtree: str) -> bool | None:
-    return volume.remove_qtree(qtree) if _mine(volume) else None
-
-
-@hookimpl
-def coalesce_export(volume: Any, mapping: Mapping[str, str | None]) -> bool | None:
-    return volume.export(dict(mapping)) if _mine(volume) else None
-
-
-@hookimpl
-def coalesce_exported(volume: Any) -> dict[str, str | None] | None:
-    return volume.exported() if _mine(volume) else None
-
-
-@hookimpl
-def coalesce_export_path(volume: Any, replica: str) -> str | None:
-    return None  # mem images have no file-system path
-
-
-@hookimpl
-def coalesce_fingerprint(volume: Any, qtree: str, snapshot: str | None) -> str | None:
-    return volume.fingerprint(qtree, snapshot) if _mine(volume) else None
-
-
-@hookimpl
-def coalesce_describe(volume: Any, qtree: str, snapshot: str | None, paths: Any) -> list | None:
-    return volume.describe(qtree, snapshot, paths) if _mine(volume) else None
-
-
-@hookimpl
-def coalesce_describe_tree(volume: Any, qtree: str, snapshot: str | None, content: bool) -> Iterator[Any] | None:
-    if not _mine(volume):
-        return None
-    from coalesce_core.verify import generic_tree
-
-    return generic_tree(lambda batch: volume.describe(qtree, snapshot, batch), content)
-
-
-@hookimpl
-def coalesce_describe_holds(volume: Any) -> Any:
-    from .describing import HOLDS
-
-    return HOLDS if _mine(volume) else None

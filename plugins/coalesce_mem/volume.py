@@ -26,6 +26,7 @@ import threading
 from typing import Any, Iterable, Iterator, Sequence
 
 from coalesce_core.errors import BackendError, CorruptStream, HostilePath, TruncatedStream
+from coalesce_core.handles import VolumeHandle
 from coalesce_core.hookspecs import ACTIVE
 from coalesce_core.records import MAX_DATA, Begin, End, MkDir, MkFile, Rename, RmDir, SetAttr, SetXattr, Symlink
 from coalesce_core.records import HardLink, Truncate, Unlink, Write, check_path
@@ -50,7 +51,7 @@ def _check_qtree(qtree: str) -> str:
     return qtree
 
 
-class MemVolume:
+class MemVolume(VolumeHandle):
     """One in-memory volume (the backend's volume handle)."""
 
     def __init__(self, scheme: str, location: str) -> None:
@@ -304,6 +305,18 @@ class MemVolume:
         with self.lock:
             self._sync()
             return describing.describe(self._state(qtree, snapshot), paths)
+
+    def describe_tree(self, qtree: str, snapshot: str | None, content: bool) -> Iterator[Any]:
+        from coalesce_core.verify import generic_tree
+
+        return generic_tree(lambda batch: self.describe(qtree, snapshot, batch), content)
+
+    def describe_holds(self) -> Any:
+        return describing.HOLDS
+
+    def export_path(self, replica: str) -> None:
+        """mem images have no file-system path."""
+        return None
 
     # ------------------------------------------------- source-writing API
     # Paths are "QTREE/rel/path"; every call is one apply() of generated

@@ -13,7 +13,7 @@ This package is not a backend itself (it registers no entry point).
 
 from .apply import Applier, ApplyFailed, NoSpace, rmtree
 from .exports import ExportTable
-from .volume import PURGATORY, RESERVED_PREFIX, PosixVolume, check_qtree, posix_hooks
+from .volume import PURGATORY, RESERVED_PREFIX, PosixVolume, check_qtree
 
 __all__ = ["Applier", "ApplyFailed", "NoSpace", "rmtree", "ExportTable", "PURGATORY", "RESERVED_PREFIX",
-           "PosixVolume", "check_qtree", "posix_hooks"]
+           "PosixVolume", "check_qtree"]

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 from coalesce_core.errors import BackendError
-from coalesce_core.hookspecs import ACTIVE, hookimpl
+from coalesce_core.handles import VolumeHandle
+from coalesce_core.hookspecs import ACTIVE
 from coalesce_core.records import check_path
 
 from . import describe, walk
@@ -35,15 +36,19 @@ def check_qtree(qtree: str) -> str:
     return qtree
 
 
-class PosixVolume:
+class PosixVolume(VolumeHandle):
     """A volume whose active file system is the directory ``root``."""
 
     scheme = "posix"
+    metadir: str | None = None     # set by the backend: the ledger's directory kept with the volume
 
     def __init__(self, url: Any, root: str, export_root: str) -> None:
         self.url = url
         self.root = root
         self.export_root = export_root
+
+    def metadata_dir(self) -> str | None:
+        return self.metadir
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.url} at {self.root}>"
@@ -95,7 +100,7 @@ class PosixVolume:
         purg = self.purgatory_dir(qtree) if use_purgatory else None
         return Applier(self.root, qtree, purg).apply(records)
 
-    def purge(self, qtrees: list[str]) -> bool:
+    def purge_purgatory(self, qtrees: list[str]) -> bool:
         for q in qtrees:
             rmtree(self.purgatory_dir(check_qtree(q)))
         return True
@@ -147,59 +152,3 @@ class PosixVolume:
 
     def export_path(self, replica: str) -> str:
         return self.exports().path(check_qtree(replica))
-
-
-def posix_hooks(cls: type) -> dict[str, Callable]:
-    """Hook implementations serving handles of ``cls`` (put them in the backend module's globals)."""
-
-    def mine(volume: Any) -> bool:
-        return isinstance(volume, cls)
-
-    @hookimpl
-    def coalesce_apply(volume, qtree, records, use_purgatory):
-        return volume.apply(qtree, records, use_purgatory) if mine(volume) else None
-
-    @hookimpl
-    def coalesce_purge_purgatory(volume, qtrees):
-        return volume.purge(qtrees) if mine(volume) else None
-
-    @hookimpl
-    def coalesce_remove_qtree(volume, qtree):
-        return volume.remove_qtree(qtree) if mine(volume) else None
-
-    @hookimpl
-    def coalesce_qtree_list(volume, snapshot):
-        return volume.qtree_list(snapshot) if mine(volume) else None
-
-    @hookimpl
-    def coalesce_fingerprint(volume, qtree, snapshot):
-        return volume.fingerprint(qtree, snapshot) if mine(volume) else None
-
-    @hookimpl
-    def coalesce_describe(volume, qtree, snapshot, paths):
-        return volume.describe(qtree, snapshot, paths) if mine(volume) else None
-
-    @hookimpl
-    def coalesce_describe_tree(volume, qtree, snapshot, content):
-        return volume.describe_tree(qtree, snapshot, content) if mine(volume) else None
-
-    @hookimpl
-    def coalesce_describe_holds(volume):
-        return volume.describe_holds() if mine(volume) else None
-
-    @hookimpl
-    def coalesce_export(volume, mapping):
-        return volume.export(mapping) if mine(volume) else None
-
-    @hookimpl
-    def coalesce_exported(volume):
-        return volume.exported() if mine(volume) else None
-
-    @hookimpl
-    def coalesce_export_path(volume, replica):
-        return volume.export_path(replica) if mine(volume) else None
-
-    return {f.__name__: f for f in (coalesce_apply, coalesce_purge_purgatory, coalesce_remove_qtree,
-                                    coalesce_qtree_list, coalesce_fingerprint, coalesce_export,
-                                    coalesce_exported, coalesce_export_path, coalesce_describe,
-                                    coalesce_describe_tree, coalesce_describe_holds)}

@@ -15,14 +15,13 @@ points: ``COALESCE_PLUGINS=coalesce_remote.ssh,coalesce_remote.tls``.
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from typing import Any
 
-from coalesce_core.hookspecs import hookimpl
 from coalesce_core.volume import VolumeURL
 
 from .client import ClientSettings, RemoteVolume, close_all, load_settings
 
-__all__ = ["RemoteVolume", "ClientSettings", "load_settings", "close_all", "make_hooks", "plugins"]
+__all__ = ["RemoteVolume", "ClientSettings", "load_settings", "close_all", "backend_info", "open_volume", "plugins"]
 
 _DESCRIPTIONS = {
     "ssh": "a source volume on another host, through ssh and `coalesce serve --stdio` "
@@ -31,68 +30,18 @@ _DESCRIPTIONS = {
 }
 
 
-def make_hooks(scheme: str) -> dict[str, Any]:
-    """The @hookimpl functions of the backend for ``scheme`` (each module calls this once)."""
+def backend_info(scheme: str) -> dict[str, str]:
+    return {"scheme": scheme, "description": _DESCRIPTIONS[scheme]}
 
-    def _mine(volume: Any) -> bool:
-        return isinstance(volume, RemoteVolume) and volume.target.scheme == scheme
 
-    @hookimpl
-    def coalesce_backend_info() -> dict[str, str]:
-        return {"scheme": scheme, "description": _DESCRIPTIONS[scheme]}
-
-    @hookimpl
-    def coalesce_open_volume(url: VolumeURL, create: bool) -> RemoteVolume | None:
-        if url.scheme != scheme:
-            return None
-        vol = RemoteVolume(url, load_settings())
-        vol.connect()  # refusals and unreachable servers surface here, with their hint
-        return vol
-
-    @hookimpl
-    def coalesce_close_volume(volume: Any) -> bool | None:
-        if not _mine(volume):
-            return None
-        volume.close()
-        return True
-
-    @hookimpl
-    def coalesce_metadata_dir(volume: Any) -> str | None:
+def open_volume(scheme: str, url: VolumeURL) -> RemoteVolume | None:
+    """A connected handle for ``url`` when it is a ``scheme`` URL; the primitives are the handle's
+    methods (coalesce_core.handles)."""
+    if url.scheme != scheme:
         return None
-
-    @hookimpl
-    def coalesce_snapshot_create(volume: Any, name: str) -> str | None:
-        return volume.snapshot_create(name) if _mine(volume) else None
-
-    @hookimpl
-    def coalesce_snapshot_delete(volume: Any, name: str) -> bool | None:
-        return volume.snapshot_delete(name) if _mine(volume) else None
-
-    @hookimpl
-    def coalesce_snapshot_list(volume: Any) -> list[str] | None:
-        return volume.snapshot_list() if _mine(volume) else None
-
-    @hookimpl
-    def coalesce_qtree_list(volume: Any, snapshot: str | None) -> list[str] | None:
-        return volume.qtree_list(snapshot) if _mine(volume) else None
-
-    @hookimpl
-    def coalesce_diff(volume: Any, qtree: str, base: str | None, target: str) -> Iterator[Any] | None:
-        return volume.diff(qtree, base, target) if _mine(volume) else None
-
-    @hookimpl
-    def coalesce_fingerprint(volume: Any, qtree: str, snapshot: str | None) -> str | None:
-        return volume.fingerprint(qtree, snapshot) if _mine(volume) else None
-
-    @hookimpl
-    def coalesce_describe(volume: Any, qtree: str, snapshot: str | None, paths: Any) -> list | None:
-        return volume.describe(qtree, snapshot, paths) if _mine(volume) else None
-
-    @hookimpl
-    def coalesce_describe_tree(volume: Any, qtree: str, snapshot: str | None, content: bool) -> Any:
-        return volume.describe_tree(qtree, snapshot, content) if _mine(volume) else None
-
-    return {k: v for k, v in locals().items() if k.startswith("coalesce_")}
+    vol = RemoteVolume(url, load_settings())
+    vol.connect()  # refusals and unreachable servers surface here, with their hint
+    return vol
 
 
 def plugins() -> list[Any]:

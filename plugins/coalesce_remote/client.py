@@ -36,6 +36,7 @@ import attrs
 
 from coalesce_core import codec
 from coalesce_core.errors import BackendError, ConfigError, CorruptStream, HostilePath, StreamError
+from coalesce_core.handles import VolumeHandle
 from coalesce_core.records import Begin, End
 from coalesce_core.volume import VolumeURL
 
@@ -212,7 +213,7 @@ class _Stderr:
         return " | ".join(self.lines)
 
 
-class RemoteVolume:
+class RemoteVolume(VolumeHandle):
     """A source volume behind a source service (the ``ssh`` and ``tls`` backends' handle)."""
 
     #: diff yields records the codec has already decoded and checked (frame checksums, trailer

@@ -1,5 +1,17 @@
 """The ``ssh`` backend (entry point ``ssh = "coalesce_remote.ssh"``); see coalesce_remote."""
 
-from . import make_hooks
+from coalesce_core.hookspecs import hookimpl
 
-globals().update(make_hooks("ssh"))
+from . import backend_info, open_volume
+
+SCHEME = "ssh"
+
+
+@hookimpl
+def coalesce_backend_info():
+    return backend_info(SCHEME)
+
+
+@hookimpl
+def coalesce_open_volume(url, create):
+    return open_volume(SCHEME, url)

@@ -46,7 +46,7 @@ from typing import Any, Iterator
 from coalesce_core.errors import BackendError
 from coalesce_core.hookspecs import hookimpl
 from coalesce_core.records import framed
-from coalesce_posix import PosixVolume, check_qtree, posix_hooks, walk
+from coalesce_posix import PosixVolume, check_qtree, walk
 from coalesce_posix.run import command_error, run, which
 
 from . import identity
@@ -480,10 +480,6 @@ class ZfsVolume(PosixVolume):
 # ---------------------------------------------------------------------------
 # hooks
 # ---------------------------------------------------------------------------
-def _mine(volume: Any) -> bool:
-    return isinstance(volume, ZfsVolume)
-
-
 @hookimpl
 def coalesce_backend_info():
     return {"scheme": SCHEME, "description": "ZFS (OpenZFS or zfs-fuse): a dataset; PCPIs are dataset snapshots"}
@@ -494,36 +490,3 @@ def coalesce_open_volume(url, create):
     if getattr(url, "scheme", None) != SCHEME:
         return None
     return ZfsVolume.open(url, create)
-
-
-@hookimpl
-def coalesce_close_volume(volume):
-    return True if _mine(volume) else None
-
-
-@hookimpl
-def coalesce_metadata_dir(volume):
-    return volume.metadir if _mine(volume) else None
-
-
-@hookimpl
-def coalesce_snapshot_create(volume, name):
-    return volume.snapshot_create(name) if _mine(volume) else None
-
-
-@hookimpl
-def coalesce_snapshot_delete(volume, name):
-    return volume.snapshot_delete(name) if _mine(volume) else None
-
-
-@hookimpl
-def coalesce_snapshot_list(volume):
-    return volume.snapshot_list() if _mine(volume) else None
-
-
-@hookimpl
-def coalesce_diff(volume, qtree, base, target):
-    return volume.diff(qtree, base, target) if _mine(volume) else None
-
-
-globals().update(posix_hooks(ZfsVolume))

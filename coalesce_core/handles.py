@@ -1,0 +1,124 @@
+"""The backend seam: a volume handle class whose methods are the primitives.
+
+A backend supplies a subclass of :class:`VolumeHandle` and two hooks,
+``coalesce_backend_info`` and ``coalesce_open_volume`` (which returns a handle);
+:class:`HandleHooks`, registered by the plugin manager, implements every other
+primitive hook by calling the handle's method of the same name (``hook
+coalesce_snapshot_create(volume, name)`` -> ``volume.snapshot_create(name)``), the
+way pytest's default ``pytest_runtest_call`` calls ``item.runtest()``.  A
+handle that lacks a method leaves that hook to the next implementation (for
+``coalesce_rollback``: the Fig. 9 generic rollback, coalesce_core.generic).
+A backend implements a primitive hook itself only to replace or wrap the
+method.  Every call goes through the hook chain, so fault injection, tracking
+and throttling plugins see it.  docs/writing-a-backend.md.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Iterator, Mapping
+
+from .hookspecs import hookimpl
+
+
+class VolumeHandle:
+    """Base of the handles the default hooks serve.  Capabilities are class attributes."""
+
+    #: ``diff`` yields records its transport's codec has already decoded and checked, so the agent
+    #: does not encode and decode them a second time (coalesce_core.codec)
+    records_decoded: bool = False
+    #: ``diff(..., skip=k)`` regenerates the stream and skips its first k change records itself
+    resumable_diff: bool = False
+
+    def metadata_dir(self) -> str | None:
+        """The directory for the group's ledger kept with the volume; None: the config names one."""
+        return None
+
+    def close(self) -> None:
+        """Release what the handle holds (idempotent)."""
+
+
+def _call(volume: Any, method: str, *args: Any) -> Any:
+    if not isinstance(volume, VolumeHandle):
+        return None
+    fn = getattr(volume, method, None)
+    return None if fn is None else fn(*args)
+
+
+class HandleHooks:
+    """The default implementation of every primitive hook (tried last, before the generic rollback)."""
+
+    @hookimpl(trylast=True)
+    def coalesce_close_volume(self, volume: Any) -> bool | None:
+        if not isinstance(volume, VolumeHandle):
+            return None
+        volume.close()
+        return True
+
+    @hookimpl(trylast=True)
+    def coalesce_metadata_dir(self, volume: Any) -> str | None:
+        return _call(volume, "metadata_dir")
+
+    @hookimpl(trylast=True)
+    def coalesce_snapshot_create(self, volume: Any, name: str) -> str | None:
+        return _call(volume, "snapshot_create", name)
+
+    @hookimpl(trylast=True)
+    def coalesce_snapshot_delete(self, volume: Any, name: str) -> bool | None:
+        return _call(volume, "snapshot_delete", name)
+
+    @hookimpl(trylast=True)
+    def coalesce_snapshot_list(self, volume: Any) -> list[str] | None:
+        return _call(volume, "snapshot_list")
+
+    @hookimpl(trylast=True)
+    def coalesce_qtree_list(self, volume: Any, snapshot: str | None) -> list[str] | None:
+        return _call(volume, "qtree_list", snapshot)
+
+    @hookimpl(trylast=True)
+    def coalesce_diff(self, volume: Any, qtree: str, base: str | None, target: str) -> Iterator[Any] | None:
+        return _call(volume, "diff", qtree, base, target)
+
+    @hookimpl(trylast=True)
+    def coalesce_apply(self, volume: Any, qtree: str, records: Iterable[Any],
+                       use_purgatory: bool) -> dict[str, int] | None:
+        return _call(volume, "apply", qtree, records, use_purgatory)
+
+    @hookimpl(trylast=True)
+    def coalesce_rollback(self, volume: Any, qtree: str, rollback_pcpi: str, to_pcpi: str | None) -> bool | None:
+        return _call(volume, "rollback", qtree, rollback_pcpi, to_pcpi)
+
+    @hookimpl(trylast=True)
+    def coalesce_purge_purgatory(self, volume: Any, qtrees: list[str]) -> bool | None:
+        return _call(volume, "purge_purgatory", list(qtrees))
+
+    @hookimpl(trylast=True)
+    def coalesce_remove_qtree(self, volume: Any, qtree: str) -> bool | None:
+        return _call(volume, "remove_qtree", qtree)
+
+    @hookimpl(trylast=True)
+    def coalesce_export(self, volume: Any, mapping: Mapping[str, str | None]) -> bool | None:
+        return _call(volume, "export", mapping)
+
+    @hookimpl(trylast=True)
+    def coalesce_exported(self, volume: Any) -> dict[str, str | None] | None:
+        return _call(volume, "exported")
+
+    @hookimpl(trylast=True)
+    def coalesce_export_path(self, volume: Any, replica: str) -> str | None:
+        return _call(volume, "export_path", replica)
+
+    @hookimpl(trylast=True)
+    def coalesce_fingerprint(self, volume: Any, qtree: str, snapshot: str | None) -> str | None:
+        return _call(volume, "fingerprint", qtree, snapshot)
+
+    @hookimpl(trylast=True)
+    def coalesce_describe(self, volume: Any, qtree: str, snapshot: str | None, paths: Any) -> Any:
+        return _call(volume, "describe", qtree, snapshot, paths)
+
+    @hookimpl(trylast=True)
+    def coalesce_describe_tree(self, volume: Any, qtree: str, snapshot: str | None, content: bool) -> Any:
+        return _call(volume, "describe_tree", qtree, snapshot, content)
+
+    @hookimpl(trylast=True)
+    def coalesce_describe_holds(self, volume: Any) -> Any:
+        return _call(volume, "describe_holds")
