@@ -9,8 +9,10 @@ way pytest's default ``pytest_runtest_call`` calls ``item.runtest()``.  A
 handle that lacks a method leaves that hook to the next implementation (for
 ``coalesce_rollback``: the Fig. 9 generic rollback, coalesce_core.generic).
 A backend implements a primitive hook itself only to replace or wrap the
-method.  Every call goes through the hook chain, so fault injection, tracking
-and throttling plugins see it.  docs/writing-a-backend.md.
+method.  Calls go through the hook chain, so fault injection, tracking and
+throttling plugins see them; the one exception left is a resumed diff
+(``Volume.diff(skip=k)``), which calls the handle's ``diff`` directly.
+docs/writing-a-backend.md.
 """
 
 from __future__ import annotations
