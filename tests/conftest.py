@@ -68,3 +68,25 @@ def group_config(tmp_path: Path) -> Callable[..., "object"]:
         return parse_config(text, str(path))
 
     return make
+
+
+#: modules whose tests share a host-wide resource besides the real volumes: network namespaces and the
+#: test subnets (tests/net), loop file systems and the zfs-fuse daemon (the benchmark smoke test)
+_SHARED = {"net": ("tests/net/",), "realfs": ("tests/tools/", "tests/formal/test_mutants.py")}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (``--dist loadgroup``, tools/test), tests that use one host-wide resource run in
+    one worker, one after another: every test of the real btrfs file systems and the zfs-fuse pool in
+    one, every network-namespace test in another; the rest spread over the workers."""
+    root = str(config.rootpath)
+    for item in items:
+        rel = os.path.relpath(str(item.path), root)
+        group = None
+        if "realfs" in getattr(item, "fixturenames", ()) or item.get_closest_marker("btrfs") \
+                or item.get_closest_marker("zfs"):
+            group = "realfs"
+        else:
+            group = next((g for g, prefixes in _SHARED.items() if rel.startswith(prefixes)), None)
+        if group is not None:
+            item.add_marker(pytest.mark.xdist_group(group))
