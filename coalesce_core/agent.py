@@ -20,18 +20,19 @@ from typing import Any, Callable, Iterable, Iterator
 import attrs
 import pluggy
 
-from . import codec, crashpoints, verifier, verify
-from . import effects as fx
-from . import events as ev
-from .config import GroupConfig
-from .crashpoints import SimulatedCrash
-from .errors import BackendError, CoalesceError, MetadataError
-from .ledger import Ledger
-from .planner import Decision, decide, is_group_pcpi, is_group_source_pcpi
-from .plugins import Volume, plugin_manager
-from .records import Begin
-from .spool import Spool, skip_changes
-from .state import GroupState
+from coalesce_core import crashpoints, verifier, verify
+from coalesce_core.stream import codec
+from coalesce_core.cycle import effects as fx
+from coalesce_core.cycle import events as ev
+from coalesce_core.config import GroupConfig
+from coalesce_core.crashpoints import SimulatedCrash
+from coalesce_core.errors import BackendError, CoalesceError, MetadataError
+from coalesce_core.ledger import Ledger
+from coalesce_core.cycle.planner import Decision, decide, is_group_pcpi, is_group_source_pcpi
+from coalesce_core.backend.volume import Volume, plugin_manager
+from coalesce_core.stream.records import Begin
+from coalesce_core.stream.spool import Spool, skip_changes
+from coalesce_core.cycle.state import GroupState
 
 PROGRESS_EVERY = 256
 

@@ -33,9 +33,9 @@ from typing import Any
 
 import attrs
 
-from .errors import ConfigError
-from .state import NAME_RE, RetryPolicy
-from .volume import VolumeURL
+from coalesce_core.errors import ConfigError
+from coalesce_core.cycle.state import NAME_RE, RetryPolicy
+from coalesce_core.backend.urls import VolumeURL
 
 
 @attrs.frozen
@@ -56,7 +56,7 @@ class GroupConfig:
     replicas: tuple[ReplicaConfig, ...] = ()
     path: str | None = None
     #: spool received change records so an update a restart interrupts resumes
-    #: (coalesce_core.spool); None: on for a remote source, off for a local one
+    #: (coalesce_core.stream.spool); None: on for a remote source, off for a local one
     spool: bool | None = None
     #: re-seed a replica after this many failed updates in a row (0: never)
     reseed_after: int = 3
@@ -103,7 +103,7 @@ def _optional_duration(table: dict[str, Any], key: str, where: str, *, example: 
     value = table.get(key)
     if value is None:
         return None
-    from .durations import DurationError, parse_duration
+    from coalesce_core.durations import DurationError, parse_duration
 
     try:
         seconds = parse_duration(value)

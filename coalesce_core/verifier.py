@@ -23,10 +23,10 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import attrs
 
-from . import verify as V
-from .errors import VerificationFailed
-from .hookspecs import ACTIVE
-from .records import paths_of
+from coalesce_core import verify as V
+from coalesce_core.errors import VerificationFailed
+from coalesce_core.backend.hookspecs import ACTIVE
+from coalesce_core.stream.records import paths_of
 
 #: paths described per call in the check of an update (bounds the descriptions held at once)
 BATCH = 16384
@@ -314,8 +314,8 @@ def read_state(config: Any, dest: Any) -> Any:
     """The group's state from its ledger, opened read-only (nothing is recovered or written)."""
     import sqlite3
 
-    from .errors import MetadataError
-    from .ledger import Ledger
+    from coalesce_core.errors import MetadataError
+    from coalesce_core.ledger import Ledger
 
     path = config.ledger_path(dest.metadata_dir())
     if not path.exists():
@@ -334,7 +334,7 @@ def read_state(config: Any, dest: Any) -> Any:
 def verify_replicas(source: Any, dest: Any, state: Any, names: Sequence[str], *, full: bool,
                     limit: int = 10) -> list[dict[str, Any]]:
     """`coalesce verify`: one result per replica (docs/schemas/verify.schema.json)."""
-    from .errors import CoalesceError
+    from coalesce_core.errors import CoalesceError
 
     out = []
     for name in names:

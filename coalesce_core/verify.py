@@ -26,7 +26,7 @@ from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 import attrs
 
-from .records import (
+from coalesce_core.stream.records import (
     Begin, End, HardLink, MkDir, MkFile, Rename, RmDir, SetAttr, SetXattr, Symlink, Truncate, Unlink, Write,
 )
 
@@ -81,7 +81,7 @@ class Description:
     target    of a symlink
     xattrs    :func:`xattr_digest` of a directory's or regular file's extended
               attributes (None for a symlink: Linux keeps no user xattrs there)
-    content   a regular file's content digest (coalesce_core.fingerprint
+    content   a regular file's content digest (coalesce_core.stream.fingerprint
               ``ContentDigest``: holes read as zeros), only when asked for
     entries   a directory's entries: sorted (name, kind) pairs
     ident     a regular file's identity (an inode number), compared only as
@@ -316,7 +316,7 @@ def description_to_json(d: Description) -> dict[str, object]:
 
 def description_from_json(obj: object) -> Description:
     """The Description of a JSON object from a peer; ValueError for anything malformed."""
-    from .records import MAX_NAME, MAX_PATH, check_path_or_root
+    from coalesce_core.stream.records import MAX_NAME, MAX_PATH, check_path_or_root
 
     if not isinstance(obj, dict) or set(obj) - {"p", "k", "e", "n", *(k for k, _f in _WIRE)}:
         raise ValueError("a description is an object with the keys of docs/protocol.md")

@@ -56,8 +56,8 @@ from hypothesis.control import currently_in_test_context
 from hypothesis.stateful import RuleBasedStateMachine, initialize, precondition, rule, run_state_machine_as_test
 
 import trees
-from coalesce_core.faults import Rule
-from coalesce_core.hookspecs import hookimpl
+from coalesce_core.backend.faults import Rule
+from coalesce_core.backend.hookspecs import hookimpl
 from coalesce_core.testing.harness import Harness
 
 MiB, TiB = 1 << 20, 1 << 40

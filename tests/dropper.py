@@ -1,6 +1,6 @@
 """A test plugin that loses one change record of a diff, as a buggy translation would.
 
-:class:`DropRecord` wraps ``coalesce_diff`` (like coalesce_core.faults): while
+:class:`DropRecord` wraps ``coalesce_diff`` (like coalesce_core.backend.faults): while
 armed, the first record of the source's stream that ``match`` accepts is left
 out (End's count follows, so the stream stays well-formed and only its
 meaning is wrong).  Used to show that the check before ``done`` catches a
@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from coalesce_core import records as R
-from coalesce_core.hookspecs import hookimpl
+from coalesce_core.stream import records as R
+from coalesce_core.backend.hookspecs import hookimpl
 
 
 class DropRecord:

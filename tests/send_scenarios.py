@@ -33,7 +33,7 @@ from typing import Any, Callable, Mapping
 
 import attrs
 
-from coalesce_core.hookspecs import hookimpl
+from coalesce_core.backend.hookspecs import hookimpl
 
 NEEDS = {
     "reflink": "sharing extents between or within files (FICLONE, FICLONERANGE)",

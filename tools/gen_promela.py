@@ -6,7 +6,7 @@ trigger, asserting its source states and setting its destination), the agent
 phases and phase transitions (asserting their named guards) and the I8
 legality monitor all come from the TOML file; only the group procedures
 (cycle start, rollback, two-step jump-ahead, release, retry, break/resync,
-re-seed, crash + recovery), which mirror coalesce_core/planner.py, are
+re-seed, crash + recovery), which mirror coalesce_core/cycle/planner.py, are
 written here.
 The procedures reach the spec only through the generated names, so a spec
 change that the procedures do not cover fails generation (every trigger of

@@ -2,8 +2,8 @@
 """Deliberate faults in a COPY of the code, and which checker catches each one.
 
 Each mutant is a list of exact text replacements (each must match exactly
-once) in coalesce_core/*.py (a bare file name) or in a file under
-coalesce_core/ or plugins/ (a path from the repository root).  coalesce_core,
+once) in a file under coalesce_core/ or plugins/ (a path from the repository
+root).  coalesce_core,
 spec/ and plugins/ are copied to a temporary directory whose root and
 ``plugins/`` are put first on PYTHONPATH of the checker subprocesses (the
 backends are imported as top-level packages, pyproject.toml's package-dir), so
@@ -53,28 +53,28 @@ MUTANTS: dict[str, dict] = {
     "jump_ahead_during_update": {
         "doc": "jump-ahead allowed while a replica is in update",
         "edits": [
-            ("guards.py", "    flight = _in_flight()\n    return not any(s in flight for s in states)",
+            ("coalesce_core/cycle/guards.py", "    flight = _in_flight()\n    return not any(s in flight for s in states)",
              "    flight = _in_flight() - {\"update\"}\n    return not any(s in flight for s in states)"),
-            ("planner.py", "        if not guards.no_transfer_in_flight(state):\n            return",
+            ("coalesce_core/cycle/planner.py", "        if not guards.no_transfer_in_flight(state):\n            return",
              "        if not guards.nothing_in_flight(state):\n            return"),
         ],
         "spin": "jump_ahead_during_update",
     },
     "rollback_pcpi_never_released": {
         "doc": "the rollback PCPI is never released",
-        "edits": [("planner.py", "    if is_base or releasing:\n        return \"keep\"",
+        "edits": [("coalesce_core/cycle/planner.py", "    if is_base or releasing:\n        return \"keep\"",
                    "    if is_base or releasing or role == \"rollback\":\n        return \"keep\"")],
         "spin": "rollback_pcpi_never_released",
     },
     "rolled_back_to_stable": {
         "doc": "a rolled-back replica is sent to stable instead of done",
-        "edits": [("planner.py", 'r = p.fire(r, "rollback_succeeded", active_point=r.source_point)',
+        "edits": [("coalesce_core/cycle/planner.py", 'r = p.fire(r, "rollback_succeeded", active_point=r.source_point)',
                    'r = p.update(r, state="stable", active_point=r.source_point)')],
         "spin": "rolled_back_to_stable",
     },
     "recovery_skips_jump_ahead": {
         "doc": "recovery skips the unfinished jump-ahead",
-        "edits": [("planner.py",
+        "edits": [("coalesce_core/cycle/planner.py",
                    ("    if phase == \"jump_ahead_1\":\n        return \"purge\" if has_pcpi else \"take_jump_ahead\"\n"
                     "    if phase == \"jump_ahead_2\":\n"
                     "        return \"roll_forward\" if has_pcpi else \"take_new_base\"\n"),
@@ -83,28 +83,28 @@ MUTANTS: dict[str, dict] = {
     },
     "export_replica_by_replica": {
         "doc": "the export switch is done replica by replica instead of at once",
-        "edits": [("planner.py",
+        "edits": [("coalesce_core/cycle/planner.py",
                    "resume=False, reseed_reason=\"\")\n    p.export(jump=True)",
                    "resume=False, reseed_reason=\"\")\n        p.export(jump=True)")],
         "spin": "export_replica_by_replica",
     },
     "clear_last_error_at_jump_ahead": {
         "doc": "the jump-ahead clears last_error (a failed update shows as a healthy stable replica)",
-        "edits": [("planner.py", "resume=False, reseed_reason=\"\")\n    p.export(jump=True)",
+        "edits": [("coalesce_core/cycle/planner.py", "resume=False, reseed_reason=\"\")\n    p.export(jump=True)",
                    "resume=False, reseed_reason=\"\", last_error=\"\")\n    p.export(jump=True)")],
         "spin": None,
         "why_not_spin": "not modelled (error texts are below the model's abstraction)",
     },
     "skip_reseed_after_failures": {
         "doc": "a replica is not re-seeded after reseed_after failed updates in a row (it fails for ever)",
-        "edits": [("planner.py", "    return reseed_after > 0 and failures >= reseed_after",
+        "edits": [("coalesce_core/cycle/planner.py", "    return reseed_after > 0 and failures >= reseed_after",
                    "    return False")],
         "spin": None,
         "why_not_spin": "not modelled (the model re-seeds after any failed update, nondeterministically)",
     },
     "dotdot_not_checked": {
         "doc": "a stream path is not checked for '..' (records.check_path)",
-        "edits": [("records.py", '        if part in ("", ".", ".."):', '        if part in ("", "."):')],
+        "edits": [("coalesce_core/stream/records.py", '        if part in ("", ".", ".."):', '        if part in ("", "."):')],
         "spin": None,
         "why_not_spin": "not modelled (stream paths are below the model's abstraction)",
     },
@@ -121,7 +121,7 @@ MUTANTS: dict[str, dict] = {
     },
     "skip_update_verification": {
         "doc": "the check before `done` compares nothing (verifier.TransferCheck.run)",
-        "edits": [("verifier.py", "    def run(self) -> V.Outcome:\n",
+        "edits": [("coalesce_core/verifier.py", "    def run(self) -> V.Outcome:\n",
                    "    def run(self) -> V.Outcome:\n        return V.Outcome(differences=(), checked=0)\n")],
         "spin": None,
         "why_not_spin": "not modelled (the model's transfers are atomic and correct)",
@@ -139,7 +139,7 @@ MUTANTS["drop_inode_identity+skip_update_verification"] = {
 }
 
 CHECKERS = ("hypothesis", "crosshair", "spin", "pytest")
-CROSSHAIR_TARGETS = ["coalesce_core/planner.py", "coalesce_core/guards.py", "tests/formal/contracts_records.py"]
+CROSSHAIR_TARGETS = ["coalesce_core/cycle/planner.py", "coalesce_core/cycle/guards.py", "tests/formal/contracts_records.py"]
 
 
 def edits_of(name: str) -> list[tuple[str, str, str]]:
@@ -158,7 +158,7 @@ def mutated_copy(name: str | None, dest: Path) -> Path:
     shutil.copytree(ROOT / "plugins", dest / "plugins", ignore=skip)
     if name:
         for fname, old, new in edits_of(name):
-            rel = fname if "/" in fname else f"coalesce_core/{fname}"
+            rel = fname
             if not rel.startswith(("coalesce_core/", "plugins/")):
                 raise SystemExit(f"mutant {name}: {fname} is neither in coalesce_core/ nor in plugins/")
             f = dest / rel

@@ -2,7 +2,7 @@
 
 Modelled on hypothesis's provider conformance kit.  A backend's own tests
 call it with a factory of fresh volume URLs; it works only through
-:func:`coalesce_core.plugins.plugin_manager` and :class:`Volume` (it never
+:func:`coalesce_core.backend.volume.plugin_manager` and :class:`Volume` (it never
 imports a backend), so a third-party backend is tested exactly like a bundled
 one::
 
@@ -27,7 +27,7 @@ What is checked (section numbers refer to docs/writing-a-backend.md):
   empty/small/multi-MiB files with holes, symlinks, hard links, modes,
   xattrs, type changes) survives diff + apply for every pair of PCPIs,
   checked against a reference model that also enforces the order contract of
-  coalesce_core.records; apply's counts; a failing record stream propagates
+  coalesce_core.stream.records; apply's counts; a failing record stream propagates
   and the generic rollback (Fig. 9) restores the base; the purgatory is
   invisible to fingerprint and diff and purge is idempotent; export is
   idempotent, read back by ``exported()``, and a bad mapping changes
@@ -57,11 +57,11 @@ from hypothesis import HealthCheck, note, settings as Settings, strategies as st
 from hypothesis.errors import InvalidArgument
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule, run_state_machine_as_test
 
-from .. import fingerprint
-from ..errors import BackendError, HostilePath, StreamError
-from ..hookspecs import ACTIVE
-from ..plugins import Volume, plugin_manager
-from ..records import (
+from coalesce_core.stream import fingerprint
+from coalesce_core.errors import BackendError, HostilePath, StreamError
+from coalesce_core.backend.hookspecs import ACTIVE
+from coalesce_core.backend.volume import Volume, plugin_manager
+from coalesce_core.stream.records import (
     MAX_DATA, ROOT, Begin, End, HardLink, MkDir, MkFile, Rename, RmDir, SetAttr, SetXattr, Symlink, Truncate, Unlink,
     Write, framed,
 )
@@ -136,7 +136,7 @@ def _parent(path: str) -> str:
 
 class Model:
     """A plain-Python model of one qtree that applies change records *strictly*
-    (the order contract of coalesce_core.records is checked) and digests
+    (the order contract of coalesce_core.stream.records is checked) and digests
     itself the canonical way.  Nodes: path -> {"k": "d", "mode"} |
     {"k": "f", "ino"} | {"k": "l", "target"}; inodes: ino -> {"mode", "data"}."""
 

@@ -9,15 +9,15 @@ from __future__ import annotations
 
 from typing import Any, Callable, Iterable
 
-from .. import crashpoints
-from ..agent import Agent
-from ..config import GroupConfig
-from ..faults import FaultInjector
-from ..hookspecs import ACTIVE, hookimpl
-from ..invariants import Finding, live_check
-from ..ledger import iter_log_edges
-from ..plugins import plugin_manager
-from .workload import SourceWriter
+from coalesce_core import crashpoints
+from coalesce_core.agent import Agent
+from coalesce_core.config import GroupConfig
+from coalesce_core.backend.faults import FaultInjector
+from coalesce_core.backend.hookspecs import ACTIVE, hookimpl
+from coalesce_core.cycle.invariants import Finding, live_check
+from coalesce_core.ledger import iter_log_edges
+from coalesce_core.backend.volume import plugin_manager
+from coalesce_core.testing.workload import SourceWriter
 
 
 class FakeClock:

@@ -32,7 +32,7 @@ on paths: a path names a file-system object only at one moment.
    :func:`coalesce_btrfs.inopaths.ino_paths`), else it moves, departs or
    arrives.  Objects that arrive from outside the qtree (another qtree, or
    new) are created in full from the target PCPI.  Order, which meets the
-   order contract of coalesce_core.records:
+   order contract of coalesce_core.stream.records:
 
    1. moved objects are parked under a free ``.coalesce-mv.<n>`` name in the
       qtree root, deepest base path first (this breaks rename cycles, as the
@@ -60,7 +60,7 @@ import threading
 from typing import Iterable, Iterator
 
 from coalesce_core.errors import CorruptStream
-from coalesce_core.records import HardLink, MkDir, Rename, RmDir, Symlink, Truncate, Unlink, Write
+from coalesce_core.stream.records import HardLink, MkDir, Rename, RmDir, Symlink, Truncate, Unlink, Write
 from coalesce_posix import walk
 
 from . import inopaths

@@ -14,7 +14,7 @@ This module is the entry point (``coalesce.backends``: ``mem =
 "coalesce_mem"``): it holds only the two hooks a backend writes,
 ``coalesce_backend_info`` and ``coalesce_open_volume``; the primitives are the
 methods of the handle :class:`~coalesce_mem.volume.MemVolume`, which the core's
-default hooks call (coalesce_core.handles).  The model lives in
+default hooks call (coalesce_core.backend.handles).  The model lives in
 ``tree.py``, the diff in ``diffing.py``, apply in ``applying.py``, the file
 format in ``persist.py``, the descriptions for verification in ``describing.py``.  See docs/writing-a-backend.md.
 
@@ -31,8 +31,8 @@ Plain API for writing source data (tests, demo)::
 
 from __future__ import annotations
 
-from coalesce_core.hookspecs import hookimpl
-from coalesce_core.volume import VolumeURL
+from coalesce_core.backend.hookspecs import hookimpl
+from coalesce_core.backend.urls import VolumeURL
 
 from .volume import MAX_PCPIS, MemVolume, forget as _forget, open_volume as _open_volume
 

@@ -1,6 +1,6 @@
 """Applying one change record to a writable qtree state (I10 enforced here).
 
-Every path is checked with :func:`coalesce_core.records.check_path` (the
+Every path is checked with :func:`coalesce_core.stream.records.check_path` (the
 records' own validators may have been bypassed by a hostile producer) and is
 resolved component by component from the qtree root without following any
 symlink: a symlink in a non-final component is a :class:`HostilePath`, as is
@@ -18,7 +18,7 @@ whose source is gone and whose target exists, ``HardLink`` that exists).
 from __future__ import annotations
 
 from coalesce_core.errors import BackendError, CorruptStream, HostilePath
-from coalesce_core.records import (
+from coalesce_core.stream.records import (
     CHANGE_TYPES, ROOT, HardLink, MkDir, MkFile, Rename, RmDir, SetAttr, SetXattr, Symlink, Truncate, Unlink, Write,
     check_path, check_path_or_root, paths_of,
 )

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from coalesce_core.records import check_path_or_root
+from coalesce_core.stream.records import check_path_or_root
 from coalesce_core.verify import Description, Holds, xattr_digest
 
 from .tree import Dir, File, Node, QtreeState, sort_key

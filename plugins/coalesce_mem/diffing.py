@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from typing import Iterator
 
-from coalesce_core.records import (
+from coalesce_core.stream.records import (
     MAX_DATA, ROOT, Begin, End, HardLink, MkDir, MkFile, RmDir, SetAttr, SetXattr, Symlink, Truncate, Unlink, Write,
 )
 

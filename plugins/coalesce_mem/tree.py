@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from typing import Iterator
 
-from coalesce_core import fingerprint
+from coalesce_core.stream import fingerprint
 
 
 def sort_key(name: str) -> bytes:

@@ -26,10 +26,10 @@ import threading
 from typing import Any, Iterable, Iterator, Sequence
 
 from coalesce_core.errors import BackendError, CorruptStream, HostilePath, TruncatedStream
-from coalesce_core.handles import VolumeHandle
-from coalesce_core.hookspecs import ACTIVE
-from coalesce_core.records import MAX_DATA, Begin, End, MkDir, MkFile, Rename, RmDir, SetAttr, SetXattr, Symlink
-from coalesce_core.records import HardLink, Truncate, Unlink, Write, check_path
+from coalesce_core.backend.handles import VolumeHandle
+from coalesce_core.backend.hookspecs import ACTIVE
+from coalesce_core.stream.records import MAX_DATA, Begin, End, MkDir, MkFile, Rename, RmDir, SetAttr, SetXattr, Symlink
+from coalesce_core.stream.records import HardLink, Truncate, Unlink, Write, check_path
 
 from . import describing, persist
 from .applying import apply_record, check_record
@@ -297,7 +297,7 @@ class MemVolume(VolumeHandle):
             st = self._state(qtree, snapshot)
             root = st.root if st is not None else Dir()
             entries = entries_of(root)
-        from coalesce_core.fingerprint import digest
+        from coalesce_core.stream.fingerprint import digest
         return digest(entries)
 
     def describe(self, qtree: str, snapshot: str | None, paths: Sequence[tuple[str, bool]]) -> list:

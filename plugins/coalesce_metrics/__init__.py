@@ -69,7 +69,7 @@ MIN_INTERVAL = 1.0
 
 def _spec_names() -> tuple[list[str], list[str]]:
     try:
-        from coalesce_core.spec import load_spec
+        from coalesce_core.cycle.spec import load_spec
 
         spec = load_spec()
         return [s.name for s in spec.replica.states], [s.name for s in spec.agent.states]

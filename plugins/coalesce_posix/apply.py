@@ -38,7 +38,7 @@ from collections import OrderedDict
 from typing import Any, Iterable
 
 from coalesce_core.errors import BackendError, CorruptStream, HostilePath
-from coalesce_core.records import (
+from coalesce_core.stream.records import (
     changes_only,
     ROOT, Begin, End, HardLink, MkDir, MkFile, Rename, RmDir, SetAttr, SetXattr, Symlink, Truncate, Unlink, Write,
     check_path,

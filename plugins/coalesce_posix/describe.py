@@ -28,9 +28,9 @@ import stat
 from collections import OrderedDict
 from typing import Iterator, Sequence
 
-from coalesce_core import fingerprint
-from coalesce_core.fingerprint import BLOCK
-from coalesce_core.records import check_path_or_root
+from coalesce_core.stream import fingerprint
+from coalesce_core.stream.fingerprint import BLOCK
+from coalesce_core.stream.records import check_path_or_root
 from coalesce_core.verify import Description, Holds, join, parent_of, xattr_digest
 
 from .walk import content_digest_fd

@@ -25,8 +25,8 @@ import re
 from typing import Callable, Mapping
 
 from coalesce_core.errors import BackendError
-from coalesce_core.hookspecs import ACTIVE
-from coalesce_core.records import check_path
+from coalesce_core.backend.hookspecs import ACTIVE
+from coalesce_core.stream.records import check_path
 
 from .apply import rmtree
 

@@ -24,8 +24,8 @@ from collections import OrderedDict
 from typing import Callable, Iterable, Iterator
 
 from coalesce_core.errors import BackendError
-from coalesce_core import fingerprint as fp
-from coalesce_core.records import (
+from coalesce_core.stream import fingerprint as fp
+from coalesce_core.stream.records import (
     MAX_DATA, ROOT, HardLink, MkDir, MkFile, RmDir, SetAttr, SetXattr, Symlink, Truncate, Unlink, Write,
 )
 
@@ -253,7 +253,7 @@ def xattrs_under(root: str, rel: str) -> dict[str, bytes]:
 # fingerprint
 # ---------------------------------------------------------------------------
 def content_digest_fd(fd: int, size: int | None = None) -> str:
-    """The content digest (:class:`coalesce_core.fingerprint.ContentDigest`) of the open regular
+    """The content digest (:class:`coalesce_core.stream.fingerprint.ContentDigest`) of the open regular
     file ``fd`` of ``size`` bytes (default: its size now), reading only its data: holes are found
     with SEEK_DATA/SEEK_HOLE and read as zeros, so a 1 TiB sparse file costs its data.  A file
     system that reports no holes (zfs-fuse) has its zeros read."""

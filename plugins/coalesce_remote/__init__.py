@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from coalesce_core.volume import VolumeURL
+from coalesce_core.backend.urls import VolumeURL
 
 from .client import ClientSettings, RemoteVolume, close_all, load_settings
 
@@ -36,7 +36,7 @@ def backend_info(scheme: str) -> dict[str, str]:
 
 def open_volume(scheme: str, url: VolumeURL) -> RemoteVolume | None:
     """A connected handle for ``url`` when it is a ``scheme`` URL; the primitives are the handle's
-    methods (coalesce_core.handles)."""
+    methods (coalesce_core.backend.handles)."""
     if url.scheme != scheme:
         return None
     vol = RemoteVolume(url, load_settings())

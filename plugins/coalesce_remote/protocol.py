@@ -20,7 +20,7 @@ The crc covers every byte before it, the length field included.  All
 integers are big-endian.  Control bodies (HELLO, WELCOME, REQUEST, REPLY,
 ERROR, END) are UTF-8 JSON objects of at most :data:`MAX_CONTROL` bytes;
 DATA bodies carry a piece of a change stream in the core's framed,
-checksummed codec format (coalesce_core.codec), compressed when the
+checksummed codec format (coalesce_core.stream.codec), compressed when the
 handshake negotiated it, at most :data:`MAX_DATA_MESSAGE` bytes on the wire
 and at most :data:`MAX_DATA_PLAIN` bytes once decompressed.
 

@@ -38,11 +38,11 @@ from typing import Any, Iterator
 
 import attrs
 
-from coalesce_core import codec
+from coalesce_core.stream import codec
 from coalesce_core.errors import CoalesceError, ConfigError
-from coalesce_core.hookspecs import hookimpl
-from coalesce_core.planner import is_group_source_pcpi
-from coalesce_core.records import Begin, End
+from coalesce_core.backend.hookspecs import hookimpl
+from coalesce_core.cycle.planner import is_group_source_pcpi
+from coalesce_core.stream.records import Begin, End
 
 from . import protocol as P
 
@@ -162,7 +162,7 @@ def parse_server_config(text: str, path: str = "<server config>") -> ServerConfi
     volumes = data.get("volumes", {})
     if not isinstance(volumes, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in volumes.items()):
         raise ConfigError(f"{path} [volumes]: must map names to volume URLs (name = \"scheme://...\")")
-    from coalesce_core.volume import VolumeURL
+    from coalesce_core.backend.urls import VolumeURL
 
     for name, url in volumes.items():
         if not P.NAME_RE.fullmatch(name):
@@ -223,7 +223,7 @@ class SourceService:
     :meth:`serve_connection` per connection."""
 
     def __init__(self, config: ServerConfig, pm: Any = None, *, bandwidth: float | None = None) -> None:
-        from coalesce_core.plugins import plugin_manager
+        from coalesce_core.backend.volume import plugin_manager
 
         self.config = config
         self.pm = pm or plugin_manager()
@@ -233,7 +233,7 @@ class SourceService:
         self.stats = {"connections": 0, "refused": 0, "protocol_errors": 0, "bytes_out": 0, "records_out": 0}
 
     def _volume(self, name: str) -> Any:
-        from coalesce_core.plugins import Volume
+        from coalesce_core.backend.volume import Volume
 
         with self._lock:
             vol = self._volumes.get(name)
@@ -433,7 +433,7 @@ class SourceService:
         With ``tree``, every path of the qtree, in path order.  The answer is DATA
         messages of description lines (coalesce_core.verify.description_to_json),
         compressed as negotiated, then END {"count"}."""
-        from coalesce_core.records import check_path_or_root
+        from coalesce_core.stream.records import check_path_or_root
         from coalesce_core.verify import description_to_json
 
         paths: list[tuple[str, bool]] = []

@@ -1,6 +1,6 @@
 """The ``ssh`` backend (entry point ``ssh = "coalesce_remote.ssh"``); see coalesce_remote."""
 
-from coalesce_core.hookspecs import hookimpl
+from coalesce_core.backend.hookspecs import hookimpl
 
 from . import backend_info, open_volume
 

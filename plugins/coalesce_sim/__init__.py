@@ -18,7 +18,7 @@ from typing import Any, Iterable, Mapping
 from urllib.parse import parse_qs
 
 from coalesce_core.errors import BackendError
-from coalesce_core.hookspecs import ACTIVE, hookimpl
+from coalesce_core.backend.hookspecs import ACTIVE, hookimpl
 
 from . import diff as _diff
 from . import ops as _ops

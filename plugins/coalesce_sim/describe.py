@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from coalesce_core.fingerprint import content_digest_of_pieces
-from coalesce_core.records import check_path_or_root
+from coalesce_core.stream.fingerprint import content_digest_of_pieces
+from coalesce_core.stream.records import check_path_or_root
 from coalesce_core.verify import Description, Holds, parent_of, xattr_digest
 
 from .fs import BS, DIR, LNK, REG, SimFS, View, fsname, nblocks

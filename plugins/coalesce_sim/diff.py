@@ -9,7 +9,7 @@ PCPIs cost their own change each, not the whole volume's.  For those it
 compares directory entries and file buffer trees (again skipping equal
 pointers), so the cost follows the change, not the qtree.
 
-Records come out in the order contract of coalesce_core.records:
+Records come out in the order contract of coalesce_core.stream.records:
 
 1. removals (entries of kept directories that vanished or now name another
    inode), each removed subtree depth-first; then the renames;
@@ -28,8 +28,8 @@ from __future__ import annotations
 
 from typing import Iterator
 
-from coalesce_core import fingerprint as FP
-from coalesce_core import records as R
+from coalesce_core.stream import fingerprint as FP
+from coalesce_core.stream import records as R
 
 from .fs import BS, DIR, LNK, REG, ZERO, Inode, SimFS, View, nblocks
 from .ops import changed_inodes_of, pair_walk
@@ -409,7 +409,7 @@ def entries(fs: SimFS, view: View, q: int) -> Iterator[FP.Entry]:
 
 
 def content_digest(fs: SimFS, rec: Inode) -> str:
-    """The content digest (coalesce_core.fingerprint) of a regular file, from the data blocks of its
+    """The content digest (coalesce_core.stream.fingerprint) of a regular file, from the data blocks of its
     buffer tree: holes are never read, so it costs the file's data, not its size."""
     digest = FP.ContentDigest(rec.size)
     for fbn, vbn in fs.leaves(rec.top, rec.height):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from coalesce_core import records as R
+from coalesce_core.stream import records as R
 from coalesce_sim import SimFS, open_sim
 
 

@@ -33,7 +33,7 @@ import os
 import stat
 from typing import Iterable, Iterator
 
-from coalesce_core.records import (
+from coalesce_core.stream.records import (
     ROOT, HardLink, MkDir, MkFile, Rename, RmDir, SetAttr, Symlink, Truncate, Unlink, Write,
 )
 from coalesce_posix import walk

@@ -68,7 +68,7 @@ from collections import OrderedDict
 from typing import Iterator
 
 from coalesce_core.errors import BackendError, CorruptStream, StreamError
-from coalesce_core.records import MAX_DATA, HardLink, MkFile, Truncate, Write
+from coalesce_core.stream.records import MAX_DATA, HardLink, MkFile, Truncate, Write
 from coalesce_posix import walk
 from coalesce_posix.run import StreamingCommand
 

@@ -39,7 +39,7 @@ def validate(doc: Any, name: str) -> None:
 @pytest.fixture
 def group(tmp_path: Path, monkeypatch):
     """A two-replica group on file-backed mem volumes, source filled, config at ./coalesce.toml."""
-    from coalesce_core.plugins import Volume, plugin_manager
+    from coalesce_core.backend.volume import Volume, plugin_manager
     from coalesce_core.testing.workload import SourceWriter, fill
 
     monkeypatch.chdir(tmp_path)
@@ -61,7 +61,7 @@ def group(tmp_path: Path, monkeypatch):
 @pytest.fixture
 def cli(capsys) -> Callable[..., tuple[int, str, str]]:
     """Run `coalesce ARGS` in this process; returns (exit code, stdout, stderr)."""
-    from coalesce_core import cli as cli_mod
+    from coalesce_core.ui import cli as cli_mod
 
     def run(*args: str) -> tuple[int, str, str]:
         capsys.readouterr()

@@ -12,9 +12,9 @@ import uuid
 
 import pytest
 
-from coalesce_core.demo import DEFAULT_BACKEND
+from coalesce_core.ui.demo import DEFAULT_BACKEND
 
-EXE = [sys.executable, "-m", "coalesce_core.cli"]
+EXE = [sys.executable, "-m", "coalesce_core.ui.cli"]
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 

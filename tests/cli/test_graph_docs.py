@@ -7,13 +7,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-from coalesce_core.spec import load_spec
+from coalesce_core.cycle.spec import load_spec
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "state-graph.md"
 
 
 def generated() -> str:
-    p = subprocess.run([sys.executable, "-m", "coalesce_core.cli", "graph", "--format", "mermaid"],
+    p = subprocess.run([sys.executable, "-m", "coalesce_core.ui.cli", "graph", "--format", "mermaid"],
                        capture_output=True, text=True, check=True, timeout=60)
     return p.stdout
 
@@ -35,7 +35,7 @@ def test_state_graph_doc_table_lists_every_state():
 
 
 def test_dot_has_both_fields_as_clusters():
-    p = subprocess.run([sys.executable, "-m", "coalesce_core.cli", "graph", "--format", "dot"],
+    p = subprocess.run([sys.executable, "-m", "coalesce_core.ui.cli", "graph", "--format", "dot"],
                        capture_output=True, text=True, check=True, timeout=60)
     assert "subgraph cluster_cycle" in p.stdout and "subgraph cluster_outside" in p.stdout
     assert 'rollback -> unstable_uncoalesced [label="rollback_failed 1022"]' in p.stdout

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from coalesce_core.crashpoints import CRASH_POINTS
-from coalesce_core.spec import load_spec
+from coalesce_core.cycle.spec import load_spec
 
 SCHEMAS = Path(__file__).resolve().parents[2] / "docs" / "schemas"
 

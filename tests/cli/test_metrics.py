@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 
 
-from coalesce_core.faults import Rule
-from coalesce_core.spec import load_spec
+from coalesce_core.backend.faults import Rule
+from coalesce_core.cycle.spec import load_spec
 from coalesce_core.testing.harness import Harness
 from coalesce_core.testing.workload import fill
 
@@ -149,7 +149,7 @@ def test_cli_metrics_file_counters_survive_processes(group, tmp_path):
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PLUGINS), os.environ.get("PYTHONPATH")]))
 
     def run(*args: str) -> None:
-        p = subprocess.run([sys.executable, "-m", "coalesce_core.cli", "--config", str(tmp / "coalesce.toml"),
+        p = subprocess.run([sys.executable, "-m", "coalesce_core.ui.cli", "--config", str(tmp / "coalesce.toml"),
                             "--metrics-file", str(prom), *args], capture_output=True, text=True, env=env, timeout=120)
         assert p.returncode == 0, p.stderr
 

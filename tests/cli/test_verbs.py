@@ -9,10 +9,10 @@ import time
 
 from rich.console import Console
 
-from coalesce_core import cli as cli_mod
-from coalesce_core.hookspecs import hookimpl
+from coalesce_core.ui import cli as cli_mod
+from coalesce_core.backend.hookspecs import hookimpl
 
-EXE = [sys.executable, "-m", "coalesce_core.cli"]
+EXE = [sys.executable, "-m", "coalesce_core.ui.cli"]
 
 
 class SlowApply:

@@ -9,10 +9,10 @@ import time
 import pytest
 from rich.console import Console
 
-from coalesce_core import views
-from coalesce_core.faults import Rule
-from coalesce_core.invariants import Finding
-from coalesce_core.spec import load_spec
+from coalesce_core.ui import views
+from coalesce_core.backend.faults import Rule
+from coalesce_core.cycle.invariants import Finding
+from coalesce_core.cycle.spec import load_spec
 from coalesce_core.testing.harness import Harness
 from coalesce_core.testing.workload import fill
 
@@ -80,7 +80,7 @@ def test_dashboard_during_a_rollback_cycle(harness):
     frames: list[str] = []
 
     class Snap:
-        from coalesce_core.hookspecs import hookimpl
+        from coalesce_core.backend.hookspecs import hookimpl
 
         @hookimpl
         def coalesce_phase_changed(self, group, trigger, source, dest):

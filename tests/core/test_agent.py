@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from coalesce_core.faults import Rule
+from coalesce_core.backend.faults import Rule
 from coalesce_core.testing.harness import Harness
 from coalesce_core.testing.workload import fill
 

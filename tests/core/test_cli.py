@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 
 from coalesce_core.crashpoints import CRASH_POINTS
-from coalesce_core.plugins import Volume, plugin_manager
+from coalesce_core.backend.volume import Volume, plugin_manager
 from coalesce_core.testing.workload import SourceWriter, fill
 
-EXE = [sys.executable, "-m", "coalesce_core.cli"]
+EXE = [sys.executable, "-m", "coalesce_core.ui.cli"]
 
 
 def run(tmp: Path, *args: str, env: dict[str, str] | None = None, check: int | None = 0) -> subprocess.CompletedProcess:

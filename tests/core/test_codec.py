@@ -1,4 +1,4 @@
-"""Tests of the change-stream codec (coalesce_core/codec.py, docs/stream-format.md).
+"""Tests of the change-stream codec (coalesce_core/stream/codec.py, docs/stream-format.md).
 
 The helpers ``ref_*`` build streams byte by byte from the documented layout,
 independently of the codec, so the layout itself is under test and hostile
@@ -19,9 +19,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from coalesce_core import codec
+from coalesce_core.stream import codec
 from coalesce_core.errors import CorruptStream, HostilePath, StreamError, TruncatedStream
-from coalesce_core.records import (
+from coalesce_core.stream.records import (
     CHANGE_TYPES,
     MAX_DATA,
     RECORD_TYPES,

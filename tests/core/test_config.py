@@ -10,7 +10,7 @@ import pytest
 
 from coalesce_core.config import GroupConfig, ReplicaConfig, load_config, parse_config, replica_block
 from coalesce_core.errors import ConfigError
-from coalesce_core.state import RetryPolicy
+from coalesce_core.cycle.state import RetryPolicy
 
 FULL = """\
 # a complete group

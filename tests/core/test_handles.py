@@ -1,14 +1,14 @@
-"""The backend seam (coalesce_core.handles): a handle's methods are the primitives."""
+"""The backend seam (coalesce_core.backend.handles): a handle's methods are the primitives."""
 
 from __future__ import annotations
 
 import pytest
 
 from coalesce_core.errors import BackendError
-from coalesce_core.faults import FaultInjector, InjectedFault, Rule
-from coalesce_core.handles import VolumeHandle
-from coalesce_core.hookspecs import hookimpl
-from coalesce_core.plugins import Volume, plugin_manager
+from coalesce_core.backend.faults import FaultInjector, InjectedFault, Rule
+from coalesce_core.backend.handles import VolumeHandle
+from coalesce_core.backend.hookspecs import hookimpl
+from coalesce_core.backend.volume import Volume, plugin_manager
 
 
 class Tiny(VolumeHandle):

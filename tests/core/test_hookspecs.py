@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pluggy
 
-from coalesce_core import hookspecs
-from coalesce_core.plugins import plugin_manager
+from coalesce_core.backend import hookspecs
+from coalesce_core.backend.volume import plugin_manager
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "writing-a-backend.md"
 
@@ -41,12 +41,12 @@ def test_every_hook_is_documented_for_backend_writers():
 
 def test_every_primitive_is_served_by_each_bundled_backend():
     """A backend serves a primitive by a hook of its own or by its handle's method of the same
-    name, which the core's default hooks call (coalesce_core.handles)."""
+    name, which the core's default hooks call (coalesce_core.backend.handles)."""
     import coalesce_btrfs
     import coalesce_mem
     import coalesce_zfs
 
-    from coalesce_core.handles import HandleHooks, VolumeHandle
+    from coalesce_core.backend.handles import HandleHooks, VolumeHandle
 
     handles = {"mem": coalesce_mem.MemVolume, "btrfs": coalesce_btrfs.BtrfsVolume, "zfs": coalesce_zfs.ZfsVolume}
     pm = plugin_manager()

@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 
 import coalesce_core
-from coalesce_core import guards
+from coalesce_core.cycle import guards
 from coalesce_core.errors import ConfigError, IllegalTransition
-from coalesce_core.model import Model, default_model
-from coalesce_core.spec import Spec, load_spec, parse_spec, spec_path
+from coalesce_core.cycle.machines import Model, default_model
+from coalesce_core.cycle.spec import Spec, load_spec, parse_spec, spec_path
 
 REPO = Path(__file__).resolve().parents[2]
 SPEC_TEXT = (REPO / "spec" / "coalescing.toml").read_text(encoding="utf-8")
@@ -101,8 +101,8 @@ def test_spec_parses_with_both_machines(spec):
 
 
 def test_the_packaged_copy_is_the_repository_spec():
-    """The installed fallback (coalesce_core/coalescing.toml) must not drift from spec/."""
-    packaged = Path(coalesce_core.__file__).parent / "coalescing.toml"
+    """The installed fallback (coalesce_core/cycle/coalescing.toml) must not drift from spec/."""
+    packaged = Path(coalesce_core.__file__).parent / "cycle" / "coalescing.toml"
     assert packaged.read_text(encoding="utf-8") == SPEC_TEXT
     assert spec_path().resolve() == (REPO / "spec" / "coalescing.toml").resolve()
 

@@ -11,8 +11,8 @@ import threading
 
 import pytest
 
-from coalesce_core.faults import Rule
-from coalesce_core.hookspecs import ACTIVE, hookimpl
+from coalesce_core.backend.faults import Rule
+from coalesce_core.backend.hookspecs import ACTIVE, hookimpl
 from coalesce_core.testing.harness import Harness
 from coalesce_core.testing.workload import fill
 
@@ -286,7 +286,7 @@ def test_reseed_on_request_keeps_the_last_good_image_exported(harness):
     """`coalesce reseed` (Agent.reseed): out of the cycle at once, the image it exported stays
     exported (the base, pinned); a second request while it is pending changes nothing; the next
     cycle re-seeds it; refused with a clear error for a replica that has no image yet."""
-    from coalesce_core.planner import NotNow
+    from coalesce_core.cycle.planner import NotNow
 
     h = harness()
     h.cycle()

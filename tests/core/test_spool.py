@@ -1,4 +1,4 @@
-"""The spool (coalesce_core.spool) and resume after a restart (spec: resume_updates).
+"""The spool (coalesce_core.stream.spool) and resume after a restart (spec: resume_updates).
 
 An update a restart interrupts is rolled back (Fig. 9) and restarts in the same
 cycle: the change records that had arrived are replayed from the spool, the
@@ -16,10 +16,10 @@ import re
 
 import pytest
 
-from coalesce_core import codec
+from coalesce_core.stream import codec
 from coalesce_core.errors import CorruptStream
-from coalesce_core.records import Begin, End, MkFile, Write
-from coalesce_core.spool import Spool, skip_changes
+from coalesce_core.stream.records import Begin, End, MkFile, Write
+from coalesce_core.stream.spool import Spool, skip_changes
 from coalesce_core.testing.harness import Harness
 from coalesce_core.testing.workload import fill
 
@@ -125,7 +125,7 @@ def test_a_file_system_that_opens_with_o_direct_but_refuses_its_writes_gets_the_
     writer clears O_DIRECT on the file and goes on, the spool is whole and exact."""
     import fcntl
 
-    from coalesce_core import spool as spool_mod
+    from coalesce_core.stream import spool as spool_mod
 
     refused = []
     real_write = os.write
@@ -151,7 +151,7 @@ def test_a_file_system_that_opens_with_o_direct_but_refuses_its_writes_gets_the_
 def test_a_spool_cut_short_by_a_crash_holds_its_whole_blocks(tmp_path):
     """A writer that stops without close (the agent was killed) leaves the 1 MiB blocks it wrote: a
     valid prefix of the stream, which a resume replays; the source sends the rest."""
-    from coalesce_core.spool import _Writer
+    from coalesce_core.stream.spool import _Writer
 
     w = _Writer.create(tmp_path / "A.stream")
     for rec in _big_stream(5)[:-1]:

@@ -7,7 +7,7 @@ import attrs
 import pytest
 from hypothesis import given, strategies as st
 
-from coalesce_core import records as R
+from coalesce_core.stream import records as R
 from coalesce_core.verify import (
     ABSENT, FIELDS, Comparer, Description, Difference, Holds, Touched, compare, compare_paths, compare_subtrees,
     due_for_verification, generic_tree, path_key, tree_compare, xattr_digest,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import attrs
 import pytest
 
-from coalesce_core import records as R
+from coalesce_core.stream import records as R
 from coalesce_core import verifier
 from coalesce_core.testing.harness import FakeClock, Harness
 
@@ -111,7 +111,7 @@ def test_the_touched_paths_are_described_not_the_qtree(group_config):
     asked: list[str] = []
 
     class Spy:
-        from coalesce_core.hookspecs import hookimpl
+        from coalesce_core.backend.hookspecs import hookimpl
 
         @hookimpl(wrapper=True)
         def coalesce_describe(self, volume, qtree, snapshot, paths):

@@ -1,6 +1,6 @@
 """PEP 316 contracts on the change-stream path check (I10), for CrossHair.
 
-coalesce_core.records.check_path is the single gate every applier calls; a
+coalesce_core.stream.records.check_path is the single gate every applier calls; a
 path it accepts must stay inside the qtree.  CrossHair searches for a path
 that passes the check but has a ``..``, ``.`` or empty component or is
 absolute.
@@ -11,7 +11,7 @@ absolute.
 from __future__ import annotations
 
 from coalesce_core.errors import HostilePath
-from coalesce_core.records import check_path
+from coalesce_core.stream.records import check_path
 
 
 def accepted(path: str) -> bool:

@@ -1,6 +1,6 @@
 """The spec, the `transitions` machines and the SPIN model agree.
 
-spec/coalescing.toml is the truth; coalesce_core.model builds the transitions
+spec/coalescing.toml is the truth; coalesce_core.cycle.machines builds the transitions
 machines from it and tools/gen_promela.py generates spec/coalescing.pml from
 it.  These tests fail when any of the three drifts, including when the
 committed .pml is not a fresh generation.
@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import pytest
 
-from coalesce_core.model import Model
-from coalesce_core.spec import load_spec
+from coalesce_core.cycle.machines import Model
+from coalesce_core.cycle.spec import load_spec
 
 from ._tools import ROOT, tool
 

@@ -19,9 +19,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from coalesce_core import planner
-from coalesce_core.guards import flight_free
-from coalesce_core.spec import load_spec
+from coalesce_core.cycle import planner
+from coalesce_core.cycle.guards import flight_free
+from coalesce_core.cycle.spec import load_spec
 
 from ._tools import ROOT
 
@@ -29,7 +29,7 @@ SPEC = load_spec()
 RSTATES = list(SPEC.replica.state_names)
 PHASES = list(SPEC.agent.state_names)
 ROLES = ["base", "rollback", "jump_ahead", "new_base", "individual"]
-TARGETS = ["coalesce_core/planner.py", "coalesce_core/guards.py", "tests/formal/contracts_records.py"]
+TARGETS = ["coalesce_core/cycle/planner.py", "coalesce_core/cycle/guards.py", "tests/formal/contracts_records.py"]
 CROSSHAIR_CMD = ["crosshair", "check", "--analysis_kind=PEP316", "--per_condition_timeout=4", "--per_path_timeout=2"]
 
 try:
@@ -140,8 +140,8 @@ def test_properties_under_the_crosshair_backend():
 def test_budget_of_every_phase_of_a_real_cycle(group_config):
     """Drive a real cycle with a failing transfer; after every decision the cycle-role PCPIs
     stay within 4 and are exactly 1 at rest."""
-    from coalesce_core.faults import Rule
-    from coalesce_core.invariants import cycle_pcpis
+    from coalesce_core.backend.faults import Rule
+    from coalesce_core.cycle.invariants import cycle_pcpis
     from coalesce_core.testing.harness import Harness
     from coalesce_core.testing.workload import fill
 

@@ -30,7 +30,7 @@ if str(PLUGINS_DIR) not in sys.path:
     sys.path.insert(0, str(PLUGINS_DIR))
 
 import coalesce_remote  # noqa: E402
-from coalesce_core.plugins import Volume, plugin_manager  # noqa: E402
+from coalesce_core.backend.volume import Volume, plugin_manager  # noqa: E402
 from coalesce_remote.serve import Grant, ServerConfig, SourceService, TLSServer, tls_server_context  # noqa: E402
 from coalesce_core.testing.harness import Harness  # noqa: E402
 from coalesce_core.testing.workload import SourceWriter  # noqa: E402
@@ -144,7 +144,7 @@ def certs(tmp_path_factory) -> Certs:
 class ServerRecorder:
     """A plugin of the SERVER's plugin manager: records every primitive the service runs."""
 
-    from coalesce_core.hookspecs import hookimpl as _h
+    from coalesce_core.backend.hookspecs import hookimpl as _h
 
     def __init__(self) -> None:
         self.calls: list[tuple[str, str]] = []

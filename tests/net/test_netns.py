@@ -22,7 +22,7 @@ import time
 import pytest
 
 import coalesce_mem
-from coalesce_core.plugins import Volume, plugin_manager
+from coalesce_core.backend.volume import Volume, plugin_manager
 
 from net.netkit import client_env, remote_plugins
 

@@ -15,13 +15,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import coalesce_mem
-from coalesce_core import codec
+from coalesce_core.stream import codec
 from coalesce_remote import protocol as P
 from coalesce_core.errors import CoalesceError
-from coalesce_core.plugins import plugin_manager
+from coalesce_core.backend.volume import plugin_manager
 from coalesce_remote.serve import Grant, ServerConfig, SourceService, parse_server_config
 from coalesce_remote.client import ClientSettings, RemoteVolume
-from coalesce_core.volume import VolumeURL
+from coalesce_core.backend.urls import VolumeURL
 
 from net.netkit import ServerRecorder, recv_all, serve_pair
 

@@ -7,7 +7,7 @@ import time
 
 from rich.console import Console
 
-from coalesce_core import views
+from coalesce_core.ui import views
 from coalesce_core.testing.workload import fill
 
 from net.netkit import RemoteHarness

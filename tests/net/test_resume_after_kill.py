@@ -21,11 +21,11 @@ import time
 from pathlib import Path
 
 import coalesce_mem
-from coalesce_core.plugins import Volume, plugin_manager
-from coalesce_core.spool import Spool
+from coalesce_core.backend.volume import Volume, plugin_manager
+from coalesce_core.stream.spool import Spool
 from coalesce_core.testing.workload import SourceWriter, fill
 
-EXE = [sys.executable, "-m", "coalesce_core.cli"]
+EXE = [sys.executable, "-m", "coalesce_core.ui.cli"]
 
 
 def _run(cfg: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:

@@ -50,7 +50,7 @@ def test_remote_urls_and_client_settings(tmp_path):
     import pytest
 
     from coalesce_core.errors import ConfigError
-    from coalesce_core.volume import VolumeURL
+    from coalesce_core.backend.urls import VolumeURL
     from coalesce_remote.client import Target, load_settings
 
     t = Target.parse(VolumeURL.parse("ssh://backup@src1:2222/btrfs:///mnt/pool/home"))

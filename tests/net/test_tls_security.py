@@ -16,7 +16,7 @@ import pytest
 
 import coalesce_mem
 from coalesce_core.errors import BackendError
-from coalesce_core.plugins import Volume, plugin_manager
+from coalesce_core.backend.volume import Volume, plugin_manager
 from coalesce_remote.protocol import Refused
 from coalesce_remote.client import TLSRefused
 

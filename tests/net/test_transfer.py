@@ -12,8 +12,8 @@ import time
 import pytest
 
 import coalesce_mem
-from coalesce_core.faults import Rule  # noqa: F401
-from coalesce_core.plugins import Volume, plugin_manager
+from coalesce_core.backend.faults import Rule  # noqa: F401
+from coalesce_core.backend.volume import Volume, plugin_manager
 from coalesce_core.testing.workload import fill
 
 from net.netkit import LOCAL_OF, FlakyProxy, RemoteHarness, remote_plugins
@@ -226,7 +226,7 @@ def test_server_timeout_drops_a_stalled_client(tls_service):
 class _SlowDiff:
     """Server-side plugin: the backend's diff thinks for a while before its first record."""
 
-    from coalesce_core.hookspecs import hookimpl as _h
+    from coalesce_core.backend.hookspecs import hookimpl as _h
 
     def __init__(self, seconds: float) -> None:
         self.seconds = seconds

@@ -12,10 +12,10 @@ import pytest
 from hypothesis import Phase, settings as Settings
 from hypothesis.stateful import run_state_machine_as_test
 
-from coalesce_core import hookspecs
+from coalesce_core.backend import hookspecs
 from coalesce_core.errors import CoalesceError, HostilePath
-from coalesce_core.hookspecs import hookimpl
-from coalesce_core.records import Begin, End, MkDir, MkFile, RmDir, SetAttr, Unlink, Write
+from coalesce_core.backend.hookspecs import hookimpl
+from coalesce_core.stream.records import Begin, End, MkDir, MkFile, RmDir, SetAttr, Unlink, Write
 from coalesce_core.testing import conformance
 from coalesce_mem.tree import entries_of
 from coalesce_mem.volume import MemVolume
@@ -72,7 +72,7 @@ class BuggyVolume(MemVolume):
             with self.lock:
                 st = self._state(qtree, snapshot)
                 if st is not None and st.purgatory.children:
-                    from coalesce_core.fingerprint import digest
+                    from coalesce_core.stream.fingerprint import digest
 
                     return digest(entries_of(st.root) + entries_of(st.purgatory))
         return super().fingerprint(qtree, snapshot)

@@ -18,10 +18,10 @@ import pytest
 
 import coalesce_mem
 from coalesce_core.errors import BackendError, CorruptStream, HostilePath, TruncatedStream
-from coalesce_core.fingerprint import EMPTY, digest
-from coalesce_core.hookspecs import ACTIVE
-from coalesce_core.plugins import Volume, backend_infos, plugin_manager
-from coalesce_core.records import Begin, End, HardLink, MkDir, MkFile, Rename, SetAttr, Write, framed
+from coalesce_core.stream.fingerprint import EMPTY, digest
+from coalesce_core.backend.hookspecs import ACTIVE
+from coalesce_core.backend.volume import Volume, backend_infos, plugin_manager
+from coalesce_core.stream.records import Begin, End, HardLink, MkDir, MkFile, Rename, SetAttr, Write, framed
 from coalesce_core.testing import conformance
 
 _ids = itertools.count()
@@ -83,7 +83,7 @@ def test_backend_is_registered_through_its_entry_point(pm):
 
 
 def test_other_schemes_are_not_mine(pm):
-    from coalesce_core.volume import VolumeURL
+    from coalesce_core.backend.urls import VolumeURL
 
     assert coalesce_mem.coalesce_open_volume(url=VolumeURL.parse("zfs://pool/ds"), create=True) is None
     assert pm.hook.coalesce_snapshot_list(volume=object()) is None      # not a handle: nobody serves it

@@ -56,7 +56,7 @@ sys.path.insert(0, str(HERE.parents[1]))
 
 from bench_realfs import QTREE, LoopFS, Timer, close_harness, cpu, group_config, run, same_tree, save_profile, _realfs_tool  # noqa: E402
 
-from coalesce_core.hookspecs import hookimpl  # noqa: E402
+from coalesce_core.backend.hookspecs import hookimpl  # noqa: E402
 from coalesce_core.testing.harness import Harness  # noqa: E402
 
 FILE_SIZE = 4096

@@ -86,8 +86,8 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from coalesce_core.config import parse_config  # noqa: E402
-from coalesce_core.faults import Rule  # noqa: E402
-from coalesce_core.hookspecs import hookimpl  # noqa: E402
+from coalesce_core.backend.faults import Rule  # noqa: E402
+from coalesce_core.backend.hookspecs import hookimpl  # noqa: E402
 from coalesce_core.testing.harness import Harness  # noqa: E402
 
 SBIN_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"

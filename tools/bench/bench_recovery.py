@@ -50,7 +50,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from coalesce_core.crashpoints import CRASH_POINTS  # noqa: E402
-from coalesce_core.hookspecs import hookimpl  # noqa: E402
+from coalesce_core.backend.hookspecs import hookimpl  # noqa: E402
 
 SCENARIO = {"mid_baseline": "baseline", "mid_retry": "retry"}
 QUICK_POINTS = ["after_commit", "after_rollback_pcpi", "mid_apply", "mid_release", "mid_retry"]
@@ -85,7 +85,7 @@ def child_setup(backend: str, d: Path, n: int, scenario: str) -> dict:
     import random
 
     from coalesce_core.config import parse_config
-    from coalesce_core.faults import Rule
+    from coalesce_core.backend.faults import Rule
     from coalesce_core.testing.harness import Harness
 
     rng = random.Random(n)
@@ -162,10 +162,10 @@ def child_recover(cfg_path: Path) -> dict:
     """A fresh process: open + recover (timed), check, then cycles until the group is at rest."""
     from coalesce_core.agent import Agent
     from coalesce_core.config import load_config
-    from coalesce_core.invariants import live_check
+    from coalesce_core.cycle.invariants import live_check
     from coalesce_core.ledger import iter_log_edges
-    from coalesce_core.planner import is_group_pcpi
-    from coalesce_core.spec import load_spec
+    from coalesce_core.cycle.planner import is_group_pcpi
+    from coalesce_core.cycle.spec import load_spec
 
     imports_s = time.perf_counter() - _T_START
     in_flight = load_spec().in_flight_states
@@ -251,7 +251,7 @@ def one_point(backend: str, n: int, point: str, work: Path, template: Path, extr
     if SCENARIO.get(point) is None:
         env["COALESCE_FAULTS"] = f"coalesce_diff:qtree={CUT}:record=3:times=1:volume={work}/src"
     t0 = time.perf_counter()
-    p = _child("-m", "coalesce_core.cli", "--config", str(cfg), "run", "--once", "--quiet", env=env)
+    p = _child("-m", "coalesce_core.ui.cli", "--config", str(cfg), "run", "--once", "--quiet", env=env)
     row = {"backend": backend, "n": n, "point": point, "rc": p.returncode, "crash_run_s": time.perf_counter() - t0}
     if p.returncode != -9:
         row["not_reached"] = True

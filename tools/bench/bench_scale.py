@@ -43,8 +43,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from coalesce_core.config import parse_config  # noqa: E402
-from coalesce_core.faults import Rule  # noqa: E402
-from coalesce_core.hookspecs import hookimpl  # noqa: E402
+from coalesce_core.backend.faults import Rule  # noqa: E402
+from coalesce_core.backend.hookspecs import hookimpl  # noqa: E402
 from coalesce_core.testing.harness import Harness  # noqa: E402
 
 

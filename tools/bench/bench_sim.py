@@ -29,7 +29,7 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
-from coalesce_core import records as R  # noqa: E402
+from coalesce_core.stream import records as R  # noqa: E402
 from coalesce_sim import close_sim, coalesce_apply, coalesce_rollback, open_sim  # noqa: E402
 from coalesce_sim import diff as D  # noqa: E402
 from coalesce_sim.raid import BS  # noqa: E402

@@ -65,8 +65,8 @@ sys.path.insert(0, str(HERE))
 from bench_realfs import SBIN_PATH, LoopFS, close_harness, run  # noqa: E402
 
 from coalesce_core.config import parse_config  # noqa: E402
-from coalesce_core.faults import Rule  # noqa: E402
-from coalesce_core.hookspecs import hookimpl  # noqa: E402
+from coalesce_core.backend.faults import Rule  # noqa: E402
+from coalesce_core.backend.hookspecs import hookimpl  # noqa: E402
 from coalesce_core.testing.harness import Harness  # noqa: E402
 
 DEFAULT_PLOT = ROOT / "docs" / "img" / "snapshot-consumption.png"

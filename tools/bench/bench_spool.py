@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""The spool (coalesce_core/spool.py): what it costs, and what it saves when the agent is killed.
+"""The spool (coalesce_core/stream/spool.py): what it costs, and what it saves when the agent is killed.
 
     python tools/bench/bench_spool.py [--quick] [--mib 128] [--rate 8MiB/s] [--dir /var/tmp]
 
@@ -44,11 +44,11 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from coalesce_core.records import Begin, End, MkFile, SetAttr, Write  # noqa: E402
-from coalesce_core.spool import Spool  # noqa: E402
+from coalesce_core.stream.records import Begin, End, MkFile, SetAttr, Write  # noqa: E402
+from coalesce_core.stream.spool import Spool  # noqa: E402
 
 MiB = 1 << 20
-EXE = [sys.executable, "-m", "coalesce_core.cli"]
+EXE = [sys.executable, "-m", "coalesce_core.ui.cli"]
 
 
 def cpu() -> float:
@@ -117,7 +117,7 @@ def run(cfg: Path, env: dict, *args: str) -> subprocess.CompletedProcess:
 
 
 def kill_test(mib: int, rate: str, work: Path) -> list[dict]:
-    from coalesce_core.plugins import Volume, plugin_manager
+    from coalesce_core.backend.volume import Volume, plugin_manager
     from coalesce_core.testing.workload import SourceWriter
     from net.netkit import TLSService
 

@@ -60,7 +60,7 @@ from bench_realfs import N_BIG, LoopFS, MiB, close_harness, run, same_tree, zfs_
 
 from coalesce_core import verifier  # noqa: E402
 from coalesce_core.config import parse_config  # noqa: E402
-from coalesce_core.records import MkDir, MkFile, Rename, Write, framed  # noqa: E402
+from coalesce_core.stream.records import MkDir, MkFile, Rename, Write, framed  # noqa: E402
 from coalesce_core.testing.harness import Harness  # noqa: E402
 
 QTREE = "q"

@@ -13,9 +13,9 @@ import pytest
 import coalesce_btrfs
 from coalesce_btrfs import sendstream
 from coalesce_core.errors import BackendError, StreamError, TruncatedStream
-from coalesce_core.hookspecs import ACTIVE
-from coalesce_core.plugins import Volume, plugin_manager
-from coalesce_core.records import HardLink, MkFile, Rename, Truncate, Unlink, Write
+from coalesce_core.backend.hookspecs import ACTIVE
+from coalesce_core.backend.volume import Volume, plugin_manager
+from coalesce_core.stream.records import HardLink, MkFile, Rename, Truncate, Unlink, Write
 
 pytestmark = pytest.mark.btrfs
 

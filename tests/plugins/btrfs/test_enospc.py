@@ -7,8 +7,8 @@ import os
 import pytest
 
 from coalesce_core.errors import BackendError
-from coalesce_core.plugins import Volume, plugin_manager
-from coalesce_core.records import MkDir, MkFile, Write, framed
+from coalesce_core.backend.volume import Volume, plugin_manager
+from coalesce_core.stream.records import MkDir, MkFile, Write, framed
 from coalesce_posix import NoSpace
 
 pytestmark = pytest.mark.btrfs

@@ -18,12 +18,12 @@ import sys
 
 import pytest
 
-from coalesce_core.plugins import Volume, plugin_manager
+from coalesce_core.backend.volume import Volume, plugin_manager
 from coalesce_posix import walk
 
 pytestmark = pytest.mark.btrfs
 
-EXE = [sys.executable, "-m", "coalesce_core.cli"]
+EXE = [sys.executable, "-m", "coalesce_core.ui.cli"]
 # every update of qtree "qb" (replica B) fails; its baselines (base None) do not
 BROKEN_STREAM = "coalesce_diff:qtree=qb:volume=-src:updates_only=1"
 

@@ -20,12 +20,12 @@ import time
 import pytest
 
 from coalesce_core.crashpoints import CRASH_POINTS
-from coalesce_core.plugins import Volume, plugin_manager
+from coalesce_core.backend.volume import Volume, plugin_manager
 from coalesce_posix import walk
 
 pytestmark = pytest.mark.btrfs
 
-EXE = [sys.executable, "-m", "coalesce_core.cli"]
+EXE = [sys.executable, "-m", "coalesce_core.ui.cli"]
 POINTS = [p for p in CRASH_POINTS if p not in ("mid_baseline", "mid_retry", "mid_reseed")]
 # the diff of qtree "qb" fails once, so that the killed cycle also holds a rollback
 FAULTS = "coalesce_diff:qtree=qb:record=3:times=1:volume=-src"

@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 
-from coalesce_core import records as R
+from coalesce_core.stream import records as R
 from coalesce_core import verifier
 from coalesce_core.testing.harness import Harness
 

@@ -10,8 +10,8 @@ import time
 import pytest
 
 from coalesce_core.errors import CorruptStream, HostilePath, StreamError
-from coalesce_core.hookspecs import ACTIVE
-from coalesce_core.records import (
+from coalesce_core.backend.hookspecs import ACTIVE
+from coalesce_core.stream.records import (
     HardLink, MkDir, MkFile, Rename, RmDir, SetAttr, SetXattr, Symlink, Truncate, Unlink, Write, framed,
 )
 from coalesce_posix import Applier, ExportTable, walk

@@ -8,8 +8,8 @@ import resource
 
 import pytest
 
-from coalesce_core import fingerprint as fp
-from coalesce_core.records import MkDir, MkFile, Rename, RmDir, Unlink, Write, framed
+from coalesce_core.stream import fingerprint as fp
+from coalesce_core.stream.records import MkDir, MkFile, Rename, RmDir, Unlink, Write, framed
 from coalesce_posix import Applier, apply, rmtree, walk
 
 NAME_3 = "名" * 85                    # 255 bytes of 3-byte UTF-8

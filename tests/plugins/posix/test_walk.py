@@ -5,7 +5,7 @@ from __future__ import annotations
 import errno
 import os
 
-from coalesce_core.records import Write, framed
+from coalesce_core.stream.records import Write, framed
 from coalesce_posix import walk
 
 

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from coalesce_core import records as R
+from coalesce_core.stream import records as R
 from coalesce_core.errors import BackendError
 from coalesce_sim import SimCrash, open_sim
 from coalesce_sim import diff as D

@@ -8,11 +8,11 @@ import os
 
 import pytest
 
-from coalesce_core import records as R
+from coalesce_core.stream import records as R
 from coalesce_core.errors import BackendError
-from coalesce_core.hookspecs import ACTIVE, PRIMITIVE_HOOKS
-from coalesce_core.plugins import Volume, backend_infos, plugin_manager
-from coalesce_core.volume import VolumeURL
+from coalesce_core.backend.hookspecs import ACTIVE, PRIMITIVE_HOOKS
+from coalesce_core.backend.volume import Volume, backend_infos, plugin_manager
+from coalesce_core.backend.urls import VolumeURL
 import coalesce_sim
 from coalesce_sim import cli, parse_location
 

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from coalesce_core import records as R
+from coalesce_core.stream import records as R
 from coalesce_core.errors import BackendError
 from coalesce_sim import diff as D
 from coalesce_sim.raid import BS, xor_blocks

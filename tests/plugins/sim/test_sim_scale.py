@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from coalesce_core import records as R
+from coalesce_core.stream import records as R
 from coalesce_core.errors import BackendError
 from coalesce_sim import diff as D
 from coalesce_sim.fs import ROOT_INO

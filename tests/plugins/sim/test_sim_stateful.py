@@ -10,7 +10,7 @@ import tempfile
 from hypothesis import HealthCheck, settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from coalesce_core import records as R
+from coalesce_core.stream import records as R
 from coalesce_sim import SimCrash, close_sim, open_sim
 from coalesce_sim import diff as D
 from coalesce_sim.raid import BS

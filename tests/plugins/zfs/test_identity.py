@@ -30,7 +30,7 @@ from trees import assert_same
 import coalesce_zfs
 from coalesce_core.agent import Agent
 from coalesce_core.config import parse_config
-from coalesce_core.records import ROOT, HardLink, MkFile, SetAttr, Truncate, Unlink, Write, framed
+from coalesce_core.stream.records import ROOT, HardLink, MkFile, SetAttr, Truncate, Unlink, Write, framed
 from coalesce_posix import walk
 from coalesce_posix.apply import Applier
 from coalesce_zfs import identity

@@ -21,7 +21,7 @@ import zfsstream as Z
 from hypothesis import given, settings, strategies as st
 
 from coalesce_core.errors import BackendError, CorruptStream, TruncatedStream
-from coalesce_core.records import HardLink, MkFile, Truncate, Write
+from coalesce_core.stream.records import HardLink, MkFile, Truncate, Write
 from coalesce_core.testing import conformance
 from coalesce_posix.apply import Applier
 from coalesce_zfs.senddata import BlockMaps, SendData, _gaps
@@ -384,7 +384,7 @@ def test_property_any_covering_stream_rebuilds_the_target(tmp_path_factory, data
 # ---------------------------------------------------------------------------------------------------
 @pytest.fixture
 def zvol(zfs_url):
-    from coalesce_core.plugins import Volume, plugin_manager
+    from coalesce_core.backend.volume import Volume, plugin_manager
 
     vol = Volume.open(plugin_manager(), zfs_url, create=True)
     yield vol

@@ -9,9 +9,9 @@ import pytest
 
 import coalesce_zfs
 from coalesce_core.errors import BackendError
-from coalesce_core.hookspecs import ACTIVE
-from coalesce_core.plugins import Volume, plugin_manager
-from coalesce_core.records import MkFile, framed
+from coalesce_core.backend.hookspecs import ACTIVE
+from coalesce_core.backend.volume import Volume, plugin_manager
+from coalesce_core.stream.records import MkFile, framed
 
 pytestmark = pytest.mark.zfs
 
@@ -203,7 +203,7 @@ def test_apply_reports_missing_xattr_support_clearly(pm, zfs_url, monkeypatch):
     """zfs-fuse without --enable-xattr refuses xattrs: the applier says so (simulated here)."""
     import errno
 
-    from coalesce_core.records import SetXattr
+    from coalesce_core.stream.records import SetXattr
 
     vol = Volume.open(pm, zfs_url, create=True)
     real = os.setxattr

@@ -11,7 +11,7 @@ after the length field (type, seq, payload and crc, so at least 13); the crc
 covers every byte of the frame before it, the length field included.  The
 payload is the record's attrs fields in declaration order, typed from the
 class annotations, so a new record type needs only an entry in
-:data:`coalesce_core.records.RECORD_TYPES`:
+:data:`coalesce_core.stream.records.RECORD_TYPES`:
 
 =========  ==================================================
 ``str``    u32 byte length + UTF-8 (``surrogateescape``)
@@ -43,8 +43,8 @@ from typing import Any, Iterable, Iterator, NamedTuple
 
 import attrs
 
-from .errors import CorruptStream, HostilePath, StreamError, TruncatedStream
-from .records import MAX_DATA, MAX_PATH, RECORD_TYPES, Begin, End, Record
+from coalesce_core.errors import CorruptStream, HostilePath, StreamError, TruncatedStream
+from coalesce_core.stream.records import MAX_DATA, MAX_PATH, RECORD_TYPES, Begin, End, Record
 
 __all__ = [
     "MAGIC", "END_MAGIC", "FORMAT_VERSION", "MAX_FRAME", "MAX_STR", "MAX_BYTES",

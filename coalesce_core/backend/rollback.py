@@ -1,6 +1,6 @@
 """The core's own plugin: the generic rollback of Fig. 9 (steps 1130-1140).
 
-Registered by coalesce_core.plugins before any backend and marked
+Registered by coalesce_core.backend.volume before any backend and marked
 ``trylast``, so a backend's native rollback (if it returns non-None) wins.
 """
 
@@ -10,8 +10,8 @@ from typing import Any
 
 import pluggy
 
-from . import crashpoints
-from .hookspecs import hookimpl
+from coalesce_core import crashpoints
+from coalesce_core.backend.hookspecs import hookimpl
 
 
 class GenericRollback:

@@ -7,7 +7,7 @@ primitive hook by calling the handle's method of the same name (``hook
 coalesce_snapshot_create(volume, name)`` -> ``volume.snapshot_create(name)``), the
 way pytest's default ``pytest_runtest_call`` calls ``item.runtest()``.  A
 handle that lacks a method leaves that hook to the next implementation (for
-``coalesce_rollback``: the Fig. 9 generic rollback, coalesce_core.generic).
+``coalesce_rollback``: the Fig. 9 generic rollback, coalesce_core.backend.rollback).
 A backend implements a primitive hook itself only to replace or wrap the
 method.  Calls go through the hook chain, so fault injection, tracking and
 throttling plugins see them; the one exception left is a resumed diff
@@ -19,14 +19,14 @@ from __future__ import annotations
 
 from typing import Any, Iterable, Iterator, Mapping
 
-from .hookspecs import hookimpl
+from coalesce_core.backend.hookspecs import hookimpl
 
 
 class VolumeHandle:
     """Base of the handles the default hooks serve.  Capabilities are class attributes."""
 
     #: ``diff`` yields records its transport's codec has already decoded and checked, so the agent
-    #: does not encode and decode them a second time (coalesce_core.codec)
+    #: does not encode and decode them a second time (coalesce_core.stream.codec)
     records_decoded: bool = False
     #: ``diff(..., skip=k)`` regenerates the stream and skips its first k change records itself
     resumable_diff: bool = False

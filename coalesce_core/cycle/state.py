@@ -13,7 +13,7 @@ from typing import Iterable, Mapping
 
 import attrs
 
-from .hookspecs import ACTIVE
+from coalesce_core.backend.hookspecs import ACTIVE
 
 #: Characters allowed in group and replica names: they become parts of PCPI
 #: names (btrfs, ZFS) and of directory names.

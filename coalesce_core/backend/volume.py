@@ -22,11 +22,11 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import pluggy
 
-from . import hookspecs
-from .generic import GenericRollback
-from .handles import HandleHooks
-from .errors import BackendError, UnknownBackend
-from .volume import VolumeURL
+from coalesce_core.backend import hookspecs
+from coalesce_core.backend.rollback import GenericRollback
+from coalesce_core.backend.handles import HandleHooks
+from coalesce_core.errors import BackendError, UnknownBackend
+from coalesce_core.backend.urls import VolumeURL
 
 ENTRY_POINT_GROUP = "coalesce.backends"
 OBSERVER_GROUP = "coalesce.observers"
@@ -57,7 +57,7 @@ def plugin_manager(extra: Iterable[object] = ()) -> pluggy.PluginManager:
         if pm.get_plugin(modname) is None and not pm.is_registered(module):
             pm.register(module, name=modname)
     if os.environ.get("COALESCE_FAULTS"):
-        from .faults import FaultInjector, parse_rules
+        from coalesce_core.backend.faults import FaultInjector, parse_rules
 
         pm.register(FaultInjector(*parse_rules(os.environ["COALESCE_FAULTS"])), name="coalesce.env-faults")
     for plugin in extra:
@@ -134,7 +134,7 @@ class Volume:
 
         ``skip`` needs a handle that resumes by itself (a remote source: its server skips);
         a local stream is skipped by the caller after the codec checked it whole
-        (coalesce_core.spool.skip_changes), since its End counts every record."""
+        (coalesce_core.stream.spool.skip_changes), since its End counts every record."""
         if skip:
             if not getattr(self.handle, "resumable_diff", False):
                 raise ValueError(f"{self.url}: this backend's diff cannot skip records")
@@ -189,7 +189,7 @@ class Volume:
         it = self.pm.hook.coalesce_describe_tree(volume=self.handle, qtree=qtree, snapshot=snapshot,
                                                  content=content)
         if it is None:
-            from .verify import generic_tree
+            from coalesce_core.verify import generic_tree
 
             return generic_tree(lambda batch: self.describe(qtree, snapshot, batch), content)
         return iter(it)

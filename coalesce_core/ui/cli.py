@@ -20,9 +20,10 @@ from typing import Any, Callable
 from rich.console import Console
 from rich.markup import escape
 
-from . import __version__, crashpoints, views
-from .config import GroupConfig, load_config, replica_block
-from .errors import BackendError, CoalesceError, ConfigError
+from coalesce_core import __version__, crashpoints
+from coalesce_core.ui import views
+from coalesce_core.config import GroupConfig, load_config, replica_block
+from coalesce_core.errors import BackendError, CoalesceError, ConfigError
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -48,7 +49,7 @@ def _config(args: argparse.Namespace) -> GroupConfig:
 
 
 def _agent(args: argparse.Namespace, recover: bool = True):
-    from .agent import Agent
+    from coalesce_core.agent import Agent
 
     return Agent.open(_config(args), recover=recover)
 
@@ -76,7 +77,7 @@ def _positive(kind: type = float, minimum: float = 0.0, inclusive: bool = False)
 
 # -- verbs -----------------------------------------------------------------------
 def cmd_init(args: argparse.Namespace) -> int:
-    from .agent import Agent
+    from coalesce_core.agent import Agent
 
     agent = Agent.init(_config(args))
     try:
@@ -93,7 +94,7 @@ def cmd_add(args: argparse.Namespace) -> int:
     if any(r.name == args.name for r in cfg.replicas):
         raise ConfigError(f"replica {args.name!r} is already in {cfg.path}", hint="choose another name")
     block = replica_block(args.name, source)
-    from .config import parse_config
+    from coalesce_core.config import parse_config
 
     parse_config(Path(cfg.path).read_text(encoding="utf-8") + block, cfg.path)  # validate before writing
     agent = _agent(args)
@@ -134,7 +135,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     try:
         if args.once:
-            from .agent import TRANSFER_FAILURES
+            from coalesce_core.agent import TRANSFER_FAILURES
 
             on_cycle(cycle())
             if any(f["trigger"] in TRANSFER_FAILURES for f in agent.failures):
@@ -163,7 +164,7 @@ def _print_failures(failures: list[dict[str, str]], args: argparse.Namespace) ->
 
 
 def _agent_with(args: argparse.Namespace, plugins: list[object]):
-    from .agent import Agent
+    from coalesce_core.agent import Agent
 
     return Agent.open(_config(args), plugins=plugins)
 
@@ -277,8 +278,8 @@ def _watch_status(args: argparse.Namespace, agent: Any, paths: dict[str, str | N
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from .invariants import live_check
-    from .ledger import iter_log_edges
+    from coalesce_core.cycle.invariants import live_check
+    from coalesce_core.ledger import iter_log_edges
 
     agent = _agent(args, recover=False)
     try:
@@ -300,9 +301,9 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     """Compare exported images with their source PCPIs; read-only (the ledger is opened read-only)."""
-    from .planner import NotNow
-    from .plugins import Volume, plugin_manager
-    from .verifier import read_state, verify_replicas
+    from coalesce_core.cycle.planner import NotNow
+    from coalesce_core.backend.volume import Volume, plugin_manager
+    from coalesce_core.verifier import read_state, verify_replicas
 
     cfg = _config(args)
     pm = plugin_manager()
@@ -376,7 +377,7 @@ def cmd_reseed(args: argparse.Namespace) -> int:
 
 
 def cmd_backends(args: argparse.Namespace) -> int:
-    from .plugins import backend_infos, plugin_manager
+    from coalesce_core.backend.volume import backend_infos, plugin_manager
 
     infos = backend_infos(plugin_manager())
     if args.json:
@@ -429,7 +430,7 @@ def cmd_graph(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from coalesce_core.ui.demo import run_demo
 
     console = _live_console()
     live = console.is_interactive and not args.plain
@@ -498,7 +499,7 @@ def build_parser(pm: Any = None) -> argparse.ArgumentParser:
     g.add_argument("--format", choices=("text", "mermaid", "dot"), default="text")
     g.add_argument("--json", action="store_true")
     d = verb("demo", cmd_demo, "replay the patent's Fig. 7 scenario on the embedded backend")
-    from .demo import DEFAULT_BACKEND
+    from coalesce_core.ui.demo import DEFAULT_BACKEND
 
     d.add_argument("--backend", default=DEFAULT_BACKEND, help=f"volume backend scheme (default: {DEFAULT_BACKEND})")
     d.add_argument("--replicas", type=_positive(int, 1, inclusive=True), default=3, help="qtrees (default 3: A, B, C)")
@@ -524,7 +525,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     try:
-        from .plugins import plugin_manager
+        from coalesce_core.backend.volume import plugin_manager
 
         try:
             pm = plugin_manager()

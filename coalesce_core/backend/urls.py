@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import attrs
 
-from .errors import ConfigError
+from coalesce_core.errors import ConfigError
 
 
 @attrs.frozen

@@ -3,7 +3,7 @@
 While an update is applied, every change record is handed to the spool
 before the applier gets it, and appended to
 ``<metadata>/<group>.spool/<replica>.stream`` by a writer thread, in the
-codec's framed, checksummed format (coalesce_core.codec, without the
+codec's framed, checksummed format (coalesce_core.stream.codec, without the
 trailer), with ``O_DIRECT`` in 1 MiB blocks where the file system takes it
 (the spool is read only after a crash: it should not fill the page cache).
 Its length in whole frames is the update's persisted position.
@@ -35,9 +35,9 @@ import threading
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-from . import codec
-from .errors import CorruptStream, StreamError
-from .records import Begin, End
+from coalesce_core.stream import codec
+from coalesce_core.errors import CorruptStream, StreamError
+from coalesce_core.stream.records import Begin, End
 
 log = logging.getLogger("coalesce.spool")
 

@@ -47,7 +47,7 @@ def coalesce_backend_info() -> dict[str, str] | None:
 
 @hookspec(firstresult=True)
 def coalesce_open_volume(url: Any, create: bool) -> Any | None:
-    """Open the volume named by ``url`` (a :class:`coalesce_core.volume.VolumeURL`).
+    """Open the volume named by ``url`` (a :class:`coalesce_core.backend.urls.VolumeURL`).
 
     Return a backend-specific volume handle if ``url.scheme`` is yours, else
     None.  With ``create=True`` an absent volume is created (idempotent); with
@@ -103,12 +103,12 @@ def coalesce_qtree_list(volume: Any, snapshot: str | None) -> list[str] | None:
 # ---------------------------------------------------------------------------
 @hookspec(firstresult=True)
 def coalesce_diff(volume: Any, qtree: str, base: str | None, target: str) -> Iterator[Any] | None:
-    """Yield the change records (coalesce_core.records) that turn ``qtree`` as
+    """Yield the change records (coalesce_core.stream.records) that turn ``qtree`` as
     it is in PCPI ``base`` into ``qtree`` as it is in PCPI ``target``;
     ``base=None`` is a baseline (everything in ``target``).
 
     The stream starts with ``Begin`` and ends with ``End`` and obeys the
-    order contract of coalesce_core.records.  Reads only; deterministic for the
+    order contract of coalesce_core.stream.records.  Reads only; deterministic for the
     same (base, target).  Its cost should follow the change, not the qtree.
     Raises BackendError if a PCPI or the qtree does not exist.
     """
@@ -137,7 +137,7 @@ def coalesce_rollback(volume: Any, qtree: str, rollback_pcpi: str, to_pcpi: str 
 
     Backends may offer a faster native rollback; return None to let the
     generic one (diff ``rollback_pcpi`` -> ``to_pcpi``, then apply, in
-    coalesce_core.generic) run.  Raises on failure, leaving a partial qtree.
+    coalesce_core.backend.rollback) run.  Raises on failure, leaving a partial qtree.
     """
 
 
@@ -179,7 +179,7 @@ def coalesce_export_path(volume: Any, replica: str) -> str | None:
 @hookspec(firstresult=True)
 def coalesce_fingerprint(volume: Any, qtree: str, snapshot: str | None) -> str | None:
     """Content digest of ``qtree`` in PCPI ``snapshot`` (None: active FS),
-    computed with coalesce_core.fingerprint so that every backend agrees on
+    computed with coalesce_core.stream.fingerprint so that every backend agrees on
     the same tree: names, types, permission bits, sizes, bytes, link targets.
     A missing qtree digests as the empty tree.  A file's bytes enter as its
     content digest (holes read as zeros), which must cost the file's data, not
@@ -194,7 +194,7 @@ def coalesce_describe(volume: Any, qtree: str, snapshot: str | None,
     per ``(path, content)`` pair, in the same order (``""`` is the qtree root).
 
     ``content``: for a regular file, compute its content digest
-    (coalesce_core.fingerprint ``ContentDigest``, at the cost of its data, holes
+    (coalesce_core.stream.fingerprint ``ContentDigest``, at the cost of its data, holes
     skipped).  Every backend describes the same tree identically (names, kinds,
     permission bits, owners, sizes, mtimes, link targets,
     coalesce_core.verify.xattr_digest, a directory's sorted (name, kind)

@@ -12,11 +12,11 @@ from typing import Any, Iterable, Mapping
 
 import attrs
 
-from .errors import CoalesceError
-from .hookspecs import ACTIVE
-from .planner import is_group_pcpi
-from .spec import Spec, load_spec
-from .state import CYCLE_ROLES, INDIVIDUAL, GroupState
+from coalesce_core.errors import CoalesceError
+from coalesce_core.backend.hookspecs import ACTIVE
+from coalesce_core.cycle.planner import is_group_pcpi
+from coalesce_core.cycle.spec import Spec, load_spec
+from coalesce_core.cycle.state import CYCLE_ROLES, INDIVIDUAL, GroupState
 
 
 @attrs.frozen
@@ -111,7 +111,7 @@ def lag_finding(state: GroupState, now: float, max_lag: float | None = None) -> 
     Informative (ok) unless ``max_lag`` (seconds, ``[group] max_lag``) is given and some
     replica that replicates (not broken, not uninitialized) exports an older image, or
     none at all."""
-    from .durations import format_duration
+    from coalesce_core.durations import format_duration
 
     def age(s: float) -> str:
         return format_duration(round(s)) if s >= 1 else f"{s:.1f}s"

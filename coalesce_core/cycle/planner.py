@@ -4,7 +4,7 @@ Sans-I/O: no clock, no disk, no backend.  The management agent (the
 executor) persists ``Decision.state`` before it runs ``Decision.effects``
 (write-ahead) and feeds each effect's result back as an event.  Every
 replica state change goes through the spec-built machine
-(coalesce_core.model), so an illegal one raises IllegalTransition (I8).
+(coalesce_core.cycle.machines), so an illegal one raises IllegalTransition (I8).
 
 The group procedures, in the patent's words:
 
@@ -40,13 +40,13 @@ from typing import Callable, Iterable
 
 import attrs
 
-from . import effects as fx
-from . import events as ev
-from . import guards
-from .errors import CoalesceError
-from .hookspecs import ACTIVE
-from .model import Model, default_model
-from .state import GroupState, Pcpi, Replica, SourcePcpi
+from coalesce_core.cycle import effects as fx
+from coalesce_core.cycle import events as ev
+from coalesce_core.cycle import guards
+from coalesce_core.errors import CoalesceError
+from coalesce_core.backend.hookspecs import ACTIVE
+from coalesce_core.cycle.machines import Model, default_model
+from coalesce_core.cycle.state import GroupState, Pcpi, Replica, SourcePcpi
 
 
 @attrs.frozen

@@ -15,7 +15,7 @@ from typing import Any
 
 import attrs
 
-from .errors import ConfigError
+from coalesce_core.errors import ConfigError
 
 _FIELDS = ("cycle", "outside")
 
@@ -173,10 +173,10 @@ def parse_spec(text: str, where: str = "<spec>") -> Spec:
 
 def spec_path() -> Path:
     """Where the spec is read from: the repository's spec/ when present, else the installed copy."""
-    repo = Path(__file__).resolve().parent.parent / "spec" / "coalescing.toml"
+    repo = Path(__file__).resolve().parents[2] / "spec" / "coalescing.toml"
     if repo.is_file():
         return repo
-    return Path(str(resources.files("coalesce_core") / "coalescing.toml"))
+    return Path(str(resources.files("coalesce_core.cycle") / "coalescing.toml"))
 
 
 @functools.cache

@@ -15,10 +15,10 @@ from typing import Any
 
 from transitions import Machine, MachineError
 
-from . import guards
-from .errors import ConfigError, IllegalTransition
-from .spec import MachineSpec, Spec, load_spec
-from .state import GroupState
+from coalesce_core.cycle import guards
+from coalesce_core.errors import ConfigError, IllegalTransition
+from coalesce_core.cycle.spec import MachineSpec, Spec, load_spec
+from coalesce_core.cycle.state import GroupState
 
 
 class _Probe:
@@ -36,7 +36,7 @@ def _build(ms: MachineSpec, with_conditions: bool) -> Machine:
             missing = [c for c in t.conditions if c not in guards.GUARDS]
             if missing:
                 raise ConfigError(f"spec names unknown guard(s) {missing} on {t.trigger!r}",
-                                  hint="add them to coalesce_core/guards.py or fix the spec")
+                                  hint="add them to coalesce_core/cycle/guards.py or fix the spec")
             d["conditions"] = [functools.partial(_guard, c) for c in t.conditions]
         transitions.append(d)
     return Machine(

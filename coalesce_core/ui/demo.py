@@ -24,12 +24,12 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from .config import parse_config
-from .errors import CoalesceError
-from .faults import Rule
-from .hookspecs import hookimpl
-from .testing.harness import Harness
-from .testing.workload import fill
+from coalesce_core.config import parse_config
+from coalesce_core.errors import CoalesceError
+from coalesce_core.backend.faults import Rule
+from coalesce_core.backend.hookspecs import hookimpl
+from coalesce_core.testing.harness import Harness
+from coalesce_core.testing.workload import fill
 
 FIG7_SECONDS = {"A": 10, "B": 120, "C": 2700}
 FIG7_DEMO = {"A": 0.1, "B": 0.4, "C": 1.5}
@@ -160,7 +160,7 @@ def run_demo(backend: str = DEFAULT_BACKEND, replicas: int = 3, seed: int = 7, s
             return 0 if ok else 1
         from rich.live import Live
 
-        from . import views
+        from coalesce_core.ui import views
 
         tracker = views.Tracker()
         for n in names:

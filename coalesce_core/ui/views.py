@@ -29,10 +29,10 @@ from rich.rule import Rule
 from rich.table import Table
 from rich.text import Text
 
-from .hookspecs import ACTIVE, hookimpl
-from .invariants import Finding
-from .spec import Spec, load_spec
-from .state import CYCLE_ROLES, INDIVIDUAL, GroupState
+from coalesce_core.backend.hookspecs import ACTIVE, hookimpl
+from coalesce_core.cycle.invariants import Finding
+from coalesce_core.cycle.spec import Spec, load_spec
+from coalesce_core.cycle.state import CYCLE_ROLES, INDIVIDUAL, GroupState
 
 #: PCPIs a cycle may hold at once (I1), whatever the number of replicas.
 CYCLE_BUDGET = len(CYCLE_ROLES)

@@ -1,6 +1,6 @@
 """Named guards of the agent machine: pure predicates over the group state.
 
-spec/coalescing.toml names them in ``conditions``; coalesce_core.model
+spec/coalescing.toml names them in ``conditions``; coalesce_core.cycle.machines
 checks at build time that every name has a function here.
 """
 
@@ -8,8 +8,8 @@ checks at build time that every name has a function here.
 
 from __future__ import annotations
 
-from .spec import load_spec
-from .state import GroupState
+from coalesce_core.cycle.spec import load_spec
+from coalesce_core.cycle.state import GroupState
 
 
 def _in_flight() -> frozenset[str]:

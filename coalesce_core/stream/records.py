@@ -23,7 +23,7 @@ from typing import Iterable, Iterator, Union
 
 import attrs
 
-from .errors import HostilePath
+from coalesce_core.errors import HostilePath
 
 #: A path inside a qtree: as long as the file system allows (none bounds a path, only a name:
 #: a deep tree has paths longer than PATH_MAX), bounded for hostile streams (docs/stream-format.md).
@@ -266,7 +266,7 @@ def changes_only(stream: Iterable[object]) -> Iterator[object]:
 
     Raises TruncatedStream if End is missing and CorruptStream on a bad count.
     """
-    from .errors import CorruptStream, TruncatedStream
+    from coalesce_core.errors import CorruptStream, TruncatedStream
 
     n = 0
     began = False

@@ -1,0 +1,1 @@
+"""The user interface: the command line, reports and terminal views, the demo."""
