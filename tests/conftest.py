@@ -75,6 +75,7 @@ def group_config(tmp_path: Path) -> Callable[..., "object"]:
 _SHARED = {"net": ("tests/net/",), "realfs": ("tests/tools/", "tests/formal/test_mutants.py")}
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
 def pytest_collection_modifyitems(config, items):
     """Under pytest-xdist (``--dist loadgroup``, tools/test), tests that use one host-wide resource run in
     one worker, one after another: every test of the real btrfs file systems and the zfs-fuse pool in
