@@ -27,11 +27,10 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import pluggy
 
+from coalesce_core.cycle.state import ACTIVE as ACTIVE  # the export-mapping value backends are handed
+
 hookspec = pluggy.HookspecMarker("coalesce")
 hookimpl = pluggy.HookimplMarker("coalesce")
-
-#: Export-mapping value meaning "export the live active file system" (broken replicas).
-ACTIVE = "@active"
 
 
 # ---------------------------------------------------------------------------

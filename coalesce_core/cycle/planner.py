@@ -44,7 +44,7 @@ from coalesce_core.cycle import effects as fx
 from coalesce_core.cycle import events as ev
 from coalesce_core.cycle import guards
 from coalesce_core.errors import CoalesceError
-from coalesce_core.backend.hookspecs import ACTIVE
+from coalesce_core.cycle.state import ACTIVE
 from coalesce_core.cycle.machines import Model, default_model
 from coalesce_core.cycle.state import GroupState, Pcpi, Replica, SourcePcpi
 

@@ -13,7 +13,6 @@ from typing import Iterable, Mapping
 
 import attrs
 
-from coalesce_core.backend.hookspecs import ACTIVE
 
 #: Characters allowed in group and replica names: they become parts of PCPI
 #: names (btrfs, ZFS) and of directory names.
@@ -21,6 +20,8 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 CYCLE_ROLES = ("base", "rollback", "jump_ahead", "new_base")
 INDIVIDUAL = "individual"
+#: Export-mapping value meaning "export the live active file system" (broken replicas).
+ACTIVE = "@active"
 ROLES = CYCLE_ROLES + (INDIVIDUAL,)
 
 

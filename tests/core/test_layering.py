@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import sys
 from pathlib import Path
 
 import pytest
@@ -33,3 +34,27 @@ def test_the_core_opens_no_socket(forbidden):
     offenders = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "coalesce_core").rglob("*.py")
                        if any(m == forbidden or m.startswith(forbidden + ".") for m in imported_modules(p)))
     assert offenders == []
+
+
+#: what the pure cycle (coalesce_core/cycle/) may import besides the standard library
+CYCLE_MAY_IMPORT = ("attrs", "transitions", "coalesce_core.cycle", "coalesce_core.errors", "coalesce_core.durations")
+
+
+def _allowed_in_cycle(module: str) -> bool:
+    top = module.split(".")[0]
+    if top in sys.stdlib_module_names or top == "__future__":
+        return True
+    return any(module == m or module.startswith(m + ".") for m in CYCLE_MAY_IMPORT)
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "coalesce_core" / "cycle").glob("*.py")), ids=lambda p: p.name)
+def test_the_cycle_is_pure(path):
+    """The spec, machines, guards, state, events, effects, planner and invariants decide; they never reach the
+    agent, the ledger, a backend, the stream, the terminal (rich) or the plugin manager (pluggy)."""
+    assert sorted(m for m in imported_modules(path) if not _allowed_in_cycle(m)) == []
+
+
+def test_the_purity_check_can_fail(tmp_path):
+    f = tmp_path / "m.py"
+    f.write_text("import attrs\nfrom coalesce_core.agent import Agent\nimport rich\n")
+    assert sorted(m for m in imported_modules(f) if not _allowed_in_cycle(m)) == ["coalesce_core.agent", "rich"]
