@@ -26,7 +26,7 @@ import hashlib
 import os
 import stat
 from collections import OrderedDict
-from typing import Iterator, Sequence
+from typing import Iterator, Sequence, TypedDict
 
 from coalesce_core.stream import fingerprint
 from coalesce_core.stream.fingerprint import BLOCK
@@ -182,6 +182,13 @@ def _entries(fd: int) -> tuple[tuple[str, str], ...]:
     return tuple(out)
 
 
+class _Common(TypedDict):
+    """The Description fields every kind of entry has."""
+    uid: int
+    gid: int
+    mtime_ns: int
+
+
 def _describe(dirs: _Dirs, path: str, content: bool) -> Description:
     if path == "":
         pfd, name = None, ""
@@ -196,7 +203,7 @@ def _describe(dirs: _Dirs, path: str, content: bool) -> Description:
         except FileNotFoundError:
             return Description.absent(path)
     mode = st.st_mode
-    common = dict(uid=st.st_uid, gid=st.st_gid, mtime_ns=st.st_mtime_ns)
+    common = _Common(uid=st.st_uid, gid=st.st_gid, mtime_ns=st.st_mtime_ns)
     if stat.S_ISLNK(mode):
         return Description(path=path, kind="l", target=os.fsdecode(os.readlink(name, dir_fd=pfd)), **common)
     if stat.S_ISDIR(mode):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-from typing import BinaryIO, Sequence
+from typing import BinaryIO, Sequence, cast
 
 from coalesce_core.errors import BackendError, StreamError, TruncatedStream
 
@@ -87,7 +87,7 @@ class StreamingCommand:
     def __init__(self, argv: Sequence[str], hint: str = "") -> None:
         self.argv = [os.fspath(a) for a in argv]
         self.hint = hint
-        self.proc: subprocess.Popen | None = None
+        self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def pid(self) -> int:
@@ -97,7 +97,7 @@ class StreamingCommand:
     @property
     def stdout(self) -> BinaryIO:
         assert self.proc is not None and self.proc.stdout is not None
-        return self.proc.stdout
+        return cast(BinaryIO, self.proc.stdout)    # __enter__ opens it binary and buffered: an io.BufferedReader
 
     def __enter__(self) -> "StreamingCommand":
         try:
@@ -122,9 +122,9 @@ class StreamingCommand:
                 proc.kill()
                 proc.wait()
                 if isinstance(ev, StreamError):
-                    err = proc.stderr.read().decode("utf-8", "replace").strip()
+                    msg = proc.stderr.read().decode("utf-8", "replace").strip()
                     raise type(ev)(f"{ev.message}; `{' '.join(self.argv)}` exit status {proc.returncode}: "
-                                   f"{err or '(no error output)'}", hint=ev.hint) from ev
+                                   f"{msg or '(no error output)'}", hint=ev.hint) from ev
                 return
             rest = proc.stdout.read()
             err = proc.stderr.read()

@@ -54,9 +54,12 @@ class PosixVolume(VolumeHandle):
         return f"<{type(self).__name__} {self.url} at {self.root}>"
 
     # -- to be provided by the backend ---------------------------------------
-    @contextlib.contextmanager
-    def image(self, snapshot: str | None) -> Iterator[str]:
+    def image(self, snapshot: str | None) -> contextlib.AbstractContextManager[str]:
         """The root directory of the whole volume as PCPI ``snapshot`` holds it (None: active)."""
+        return self._active_image(snapshot)
+
+    @contextlib.contextmanager
+    def _active_image(self, snapshot: str | None) -> Iterator[str]:
         if snapshot is None:
             yield self.root
             return

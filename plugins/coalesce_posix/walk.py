@@ -551,7 +551,7 @@ def create_records(root: str, rel: str, *, dest_rel: str | None = None, links: d
     caller's ``lstat`` of the entry (of a read-only image), if it has one.
     """
     own_attrs = attrs_out is None
-    attrs_list: list = [] if own_attrs else attrs_out
+    attrs_list: list = [] if attrs_out is None else attrs_out
     links = {} if links is None else links
     dest = dest_rel or rel
     with Reader(root) as rd:
