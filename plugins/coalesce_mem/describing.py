@@ -10,7 +10,7 @@ owners, nanosecond mtimes and xattrs of every node (:data:`HOLDS`).
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Sequence, TypedDict
 
 from coalesce_core.stream.records import check_path_or_root
 from coalesce_core.verify import Description, Holds, xattr_digest
@@ -18,6 +18,13 @@ from coalesce_core.verify import Description, Holds, xattr_digest
 from .tree import Dir, File, Node, QtreeState, sort_key
 
 HOLDS = Holds(owners=True, xattrs=True, mtime_ns=1)
+
+
+class _Common(TypedDict):
+    """The Description fields every kind of node has."""
+    uid: int
+    gid: int
+    mtime_ns: int
 
 
 def _lookup(root: Dir, path: str) -> Node | None:
@@ -34,7 +41,7 @@ def describe_node(path: str, node: Node | None, content: bool) -> Description:
     """The Description of ``node`` found at ``path`` (None: absent)."""
     if node is None:
         return Description.absent(path)
-    common = dict(uid=node.uid, gid=node.gid, mtime_ns=node.mtime_ns)
+    common = _Common(uid=node.uid, gid=node.gid, mtime_ns=node.mtime_ns)
     if isinstance(node, Dir):
         entries = tuple((n, node.children[n].kind) for n in sorted(node.children, key=sort_key))
         return Description(path=path, kind="d", mode=node.mode, xattrs=xattr_digest(node.xattrs), entries=entries,

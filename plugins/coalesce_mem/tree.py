@@ -20,7 +20,7 @@ size costs its data.
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Iterator, cast
 
 from coalesce_core.stream import fingerprint
 
@@ -224,7 +224,7 @@ def clone_nodes(roots: list[Dir]) -> list[Dir]:
 
     out = []
     for root in roots:
-        new_root = copy(root)
+        new_root = cast(Dir, copy(root))       # copy() of a Dir is a Dir
         stack = [(root, new_root)]
         while stack:
             old, new = stack.pop()
@@ -232,7 +232,7 @@ def clone_nodes(roots: list[Dir]) -> list[Dir]:
                 c = copy(child)
                 new.children[name] = c
                 if isinstance(child, Dir):
-                    stack.append((child, c))
+                    stack.append((child, cast(Dir, c)))     # copy() of a Dir is a Dir
         out.append(new_root)
     return out
 

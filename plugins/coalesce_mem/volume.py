@@ -34,7 +34,7 @@ from coalesce_core.stream.records import HardLink, Truncate, Unlink, Write, chec
 from . import describing, persist
 from .applying import apply_record, check_record
 from .diffing import diff_stream
-from .tree import Dir, File, QtreeState, entries_of, walk
+from .tree import Dir, File, Node, QtreeState, entries_of, walk
 from .tree import Symlink as SymNode
 
 #: Like WAFL: a volume holds at most 255 PCPIs (settable per volume: ``vol.max_pcpis``).
@@ -335,7 +335,7 @@ class MemVolume(VolumeHandle):
         with self.lock:
             self._sync()
             st = self.active.get(qtree)
-            node = st.root if st else None
+            node: Node | None = st.root if st else None
             for i in range(len(parts)):
                 nxt = node.children.get(parts[i]) if isinstance(node, Dir) else None
                 if nxt is None:
@@ -487,6 +487,7 @@ class MemVolume(VolumeHandle):
                 elif isinstance(node, File):
                     out[p] = ("f", node.mode, bytes(node.data))
                 else:
+                    assert isinstance(node, SymNode)    # a Node is a Dir, a File or a Symlink
                     out[p] = ("l", node.target)
             return out
 
