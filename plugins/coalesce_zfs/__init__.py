@@ -172,6 +172,7 @@ class ZfsVolume(PosixVolume):
     _lock = threading.RLock()   # re-entrant: see _image
     _views: dict = {}          # (dataset, pcpi) -> shared temporary clone (zfs-fuse)
     _block_maps = BlockMaps()  # what each `zfs send -i` read to its end wrote, for the other qtrees' diffs
+    metadir: str               # set by __init__
 
     def __init__(self, url: Any, dataset: str, mountpoint: str) -> None:
         self.dataset = dataset

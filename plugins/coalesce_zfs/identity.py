@@ -156,14 +156,13 @@ def stamped(records: Iterable[object], target: str) -> Iterator[object]:
     done: set[str] = set()
     for rec in records:
         yield rec
-        t = type(rec)
-        if t is Write or t is Truncate:
+        if isinstance(rec, (Write, Truncate)):
             moved.add(rec.path)
-        elif t is SetAttr:
+        elif isinstance(rec, SetAttr):
             done.add(rec.path)
-        elif t in (MkDir, MkFile, Symlink, HardLink, Unlink, RmDir):
+        elif isinstance(rec, (MkDir, MkFile, Symlink, HardLink, Unlink, RmDir)):
             moved.add(_parent(rec.path))
-        elif t is Rename:
+        elif isinstance(rec, Rename):
             moved.update((_parent(rec.old), _parent(rec.new)))
     for path in sorted(moved - done, key=lambda p: (-p.count("/"), p == ROOT, p)):
         st = walk.lstat_or_none(os.path.join(target, path) if path else target)

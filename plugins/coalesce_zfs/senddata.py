@@ -240,7 +240,10 @@ class SendData(walk.FileData):
     def finish(self) -> Iterator[object]:
         if not self.files:
             return
-        shared = self.maps.get(self.key) if self.maps is not None else None
+        shared = None
+        if self.maps is not None:
+            assert self.key is not None     # __init__ keeps maps only with a key
+            shared = self.maps.get(self.key)
         if shared is not None and shared.data_bytes >= self.READ_COST * shared.bytes_of(self.files):
             self.stats["shared"] = 1
             yield from self._from_stream(self._from_map(shared), from_map=True)
@@ -253,6 +256,7 @@ class SendData(walk.FileData):
                 records = S.records(send.stdout)
                 begin = next(records)
                 begun = True
+                assert isinstance(begin, S.Begin)   # S.records yields BEGIN first or raises
                 if not begin.incremental or begin.toname != self.toname:
                     raise CorruptStream(f"`{' '.join(self.argv)}` sent {begin.toname!r} "
                                         f"({'incremental' if begin.incremental else 'full'}), not an incremental "
@@ -323,12 +327,12 @@ class SendData(walk.FileData):
                      from_map: bool = False) -> Iterator[object]:
         cur: list[_File] = []            # the registered names of the object being written
         cur_obj = -1
-        run_off, run_parts, run_len = 0, [], 0   # contiguous WRITE data not yet yielded
+        run_off, run_len = 0, 0                  # contiguous WRITE data not yet yielded
+        run_parts: list[bytes] = []
         for rec in records:
-            t = type(rec)
             if block_map is not None:
                 block_map.add(rec)
-            if t is S.Write:
+            if type(rec) is S.Write:
                 if not from_map:
                     self.stats["stream_bytes"] += len(rec.data)
                 entries = self.files.get(rec.object)
@@ -359,12 +363,12 @@ class SendData(walk.FileData):
                     run_off = rec.offset
                 run_parts.append(data)
                 run_len += len(data)
-            elif t is S.Free:
+            elif type(rec) is S.Free:
                 for f in self.files.get(rec.object, ()):
                     end = f.tsize if rec.length == S.TO_END else min(f.tsize, rec.offset + rec.length)
                     if rec.offset < end:
                         f.holes.append((rec.offset, end))
-            elif t is S.Object and rec.gen is not None and self.base_txg is not None and rec.gen > self.base_txg:
+            elif type(rec) is S.Object and rec.gen is not None and self.base_txg is not None and rec.gen > self.base_txg:
                 for f in self.files.get(rec.object, ()):
                     f.reborn = not f.new
         yield from self._flush(cur, run_off, run_parts)
@@ -446,7 +450,9 @@ class SendData(walk.FileData):
                 f.started = f.finished = True
                 tpath = os.path.join(self.target, f.rel)
                 if f.new:
-                    yield from walk.file_create_records(self.target, f.rel, walk.lstat_or_none(tpath), f.dest)
+                    st = walk.lstat_or_none(tpath)
+                    assert st is not None   # the walk found f.rel in the target image, a read-only PCPI
+                    yield from walk.file_create_records(self.target, f.rel, st, f.dest)
                     for name in f.links:
                         yield HardLink(path=name, existing=f.dest)
                 else:
