@@ -90,11 +90,11 @@ class StreamCache:
     def __init__(self, size: int = 4) -> None:
         self.size = size
         self._lock = threading.Lock()
-        self._entries: OrderedDict[tuple[str, str], StreamState] = OrderedDict()
-        self._key_locks: dict[tuple[str, str], threading.Lock] = {}
+        self._entries: OrderedDict[tuple[str, str, str, str], StreamState | _TreeCompare] = OrderedDict()
+        self._key_locks: dict[tuple[str, str, str, str], threading.Lock] = {}
         self.sends = 0          # how many `btrfs send` ran (tests check the sharing)
 
-    def get(self, key: tuple[str, str], produce) -> StreamState:
+    def get(self, key: tuple[str, str, str, str], produce) -> StreamState | _TreeCompare:
         with self._lock:
             if key in self._entries:
                 self._entries.move_to_end(key)
@@ -138,6 +138,7 @@ _PROTO: int | None = None
 
 class BtrfsVolume(PosixVolume):
     scheme = SCHEME
+    metadir: str               # set by __init__
 
     def __init__(self, url: Any, root: str) -> None:
         parent, name = os.path.split(root.rstrip("/"))
@@ -233,7 +234,7 @@ class BtrfsVolume(PosixVolume):
         return self.snapdir
 
     # -- diff -----------------------------------------------------------------
-    def _parse_send(self, base: str, target: str) -> StreamState:
+    def _parse_send(self, base: str, target: str) -> StreamState | _TreeCompare:
         global _PROTO
         if _PROTO is None:
             _PROTO = _send_proto()

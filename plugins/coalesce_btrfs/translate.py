@@ -57,7 +57,7 @@ import os
 import re
 import stat
 import threading
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, cast
 
 from coalesce_core.errors import CorruptStream
 from coalesce_core.stream.records import HardLink, MkDir, Rename, RmDir, Symlink, Truncate, Unlink, Write
@@ -389,12 +389,13 @@ class StreamState:
             return
         try:
             for n in wanted:
+                assert n.ino is not None        # wanted holds only nodes with an inode number (above)
                 known_set = set(finals.get(n.seq, ()))
                 n.others = sorted(p for p in inopaths.ino_paths(self.target_root, n.ino) if p not in known_set)
         except OSError as exc:
             log.warning("BTRFS_IOC_INO_PATHS is refused (%s): walking the target PCPI for %d hard-linked "
                         "files", exc, len(wanted))
-            by_ino = {n.ino: n for n in wanted}
+            by_ino = {cast(int, n.ino): n for n in wanted}     # wanted: only nodes with an inode number
             found: dict[int, list[str]] = {}
             for rel, st in walk.iter_tree(self.target_root):
                 if st.st_ino in by_ino and not stat.S_ISDIR(st.st_mode):
