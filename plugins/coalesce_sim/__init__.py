@@ -48,8 +48,8 @@ def parse_location(location: str) -> tuple[str, dict[str, Any]]:
     if not path.startswith("/"):
         raise BackendError(f"sim volume path {path!r} is not absolute", hint="write sim:///absolute/dir")
     opts: dict[str, Any] = {}
-    for k, v in parse_qs(query).items():
-        v = v[-1]
+    for k, vs in parse_qs(query).items():
+        v = vs[-1]
         if k == "disks":
             opts["ndata"] = int(v)
         elif k == "size":

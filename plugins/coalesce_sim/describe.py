@@ -10,7 +10,7 @@ mtimes and xattrs of every inode (:data:`HOLDS`).
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Sequence, TypedDict
 
 from coalesce_core.stream.fingerprint import content_digest_of_pieces
 from coalesce_core.stream.records import check_path_or_root
@@ -23,6 +23,13 @@ HOLDS = Holds(owners=True, xattrs=True, mtime_ns=1)
 _KIND = {DIR: "d", REG: "f", LNK: "l"}
 
 
+class _Common(TypedDict):
+    """The Description fields every kind of inode has."""
+    uid: int
+    gid: int
+    mtime_ns: int
+
+
 def _content(fs: SimFS, rec) -> str:
     limit = nblocks(rec.size)
     pieces = ((f * BS, fs.read(vbn)) for f, vbn in fs.leaves(rec.top, rec.height) if f < limit)
@@ -33,7 +40,7 @@ def _describe(fs: SimFS, view: View, path: str, ino: int | None, content: bool) 
     rec = view.inode(ino) if ino else None
     if rec is None or rec.kind not in _KIND:
         return Description.absent(path)
-    common = dict(uid=rec.uid, gid=rec.gid, mtime_ns=rec.mtime)
+    common = _Common(uid=rec.uid, gid=rec.gid, mtime_ns=rec.mtime)
     if rec.kind == DIR:
         entries = []
         for name, child in sorted(view.dir(rec).items(), key=lambda kv: fsname(kv[0])):

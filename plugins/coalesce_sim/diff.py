@@ -26,7 +26,7 @@ other moves fall back to removal + creation (always correct; docs/sim.md).
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Iterator, Sequence
 
 from coalesce_core.stream import fingerprint as FP
 from coalesce_core.stream import records as R
@@ -95,13 +95,13 @@ class Namespace:
 
     def all_paths(self, ino: int) -> list[str]:
         """Every name of ``ino`` in the namespace (a walk of the qtree: hard links only)."""
-        out = []
+        out: list[str] = []
         if self.q is None:
             return out
         stack = [(self.q, "")]
         while stack:
             d, p = stack.pop()
-            drec = self.v.inode(d)
+            drec = self.v.existing(d)
             for n, i in self.v.dir(drec).items():
                 cp = f"{p}/{n}" if p else n
                 if i == ino:
@@ -221,7 +221,7 @@ class Differ:
         """A name of ``ino`` that the applier already has (unchanged since the base)."""
         if self.nsB is None or self.nsB.inode(ino) is None or self.nsB.path(ino) is None:
             return None
-        cands = [self.nsT.path(ino)]
+        cands: Sequence[str | None] = [self.nsT.path(ino)]
         if cands[0] is None or cands[0] == path or _under(cands[0], self.added_paths):
             cands = self.nsT.all_paths(ino)
         for c in cands:
@@ -254,11 +254,12 @@ class Differ:
             return
         if B is None or self.qB != self.qT:
             if B is not None and self.qB is not None:
-                for name, child in sorted(B.dir(B.inode(self.qB)).items()):
+                for name, child in sorted(B.dir(B.existing(self.qB)).items()):
                     yield from self.remove(child, name)
-            for name, child in sorted(T.dir(T.inode(self.qT)).items()):
+            for name, child in sorted(T.dir(T.existing(self.qT)).items()):
                 yield from self.create(child, name)
             rt = T.inode(self.qT)
+            assert rt is not None       # the qtree root (qtree_root found it)
             yield from self._xattrs(R.ROOT, {}, T.xattrs(rt))
             yield self._attrs(R.ROOT, rt)
             return
@@ -266,15 +267,18 @@ class Differ:
         nsB, nsT = self.nsB, self.nsT
         assert nsB is not None
         root: tuple[Inode, Inode] | None = None       # the qtree root's inode, when it changed
-        removed: list[tuple[str, int]] = []
-        added: list[tuple[str, int]] = []
+        removed: list[tuple[str, int, int]] = []      # (path, inode, directory it left)
+        added: list[tuple[str, int, int]] = []        # (path, inode, directory it entered)
         modified: list[tuple[int, str, Inode, Inode]] = []
         for ino, rb, rt in changed_inodes_of(self.fs, B.root, T.root, q):
             rb = rb if rb is not None and rb.qtree == q else None
             rt = rt if rt is not None and rt.qtree == q else None
             pb = nsB.path(ino) if rb is not None else None
             pt = nsT.path(ino) if rt is not None else None
-            if pb is None or pt is None or rb.kind != rt.kind:
+            if pb is None or pt is None:
+                continue
+            assert rb is not None and rt is not None    # pb and pt are None without them
+            if rb.kind != rt.kind:
                 continue
             if rb.kind == DIR:
                 eb, et = B.dir(rb), T.dir(rt)
@@ -393,7 +397,7 @@ def entries(fs: SimFS, view: View, q: int) -> Iterator[FP.Entry]:
     stack = [(q, "")]
     while stack:
         d, p = stack.pop()
-        for name, ino in view.dir(view.inode(d)).items():
+        for name, ino in view.dir(view.existing(d)).items():
             path = f"{p}/{name}" if p else name
             rec = view.inode(ino)
             if rec is None:
@@ -437,9 +441,9 @@ def tree_dict(fs: SimFS, qtree: str, snapshot: str | None = None) -> dict[str, o
     stack = [(q, "")]
     while stack:
         d, p = stack.pop()
-        for name, ino in view.dir(view.inode(d)).items():
+        for name, ino in view.dir(view.existing(d)).items():
             path = f"{p}/{name}" if p else name
-            rec = view.inode(ino)
+            rec = view.existing(ino)
             if rec.kind == DIR:
                 out[path] = ("d", rec.mode)
                 stack.append((ino, path))

@@ -68,6 +68,25 @@ _PTRS = struct.Struct(f"<{PPB}Q")
 class Inode:
     __slots__ = ("kind", "height", "xheight", "flags", "mode", "uid", "gid", "nlink", "gen", "qtree",
                  "parent", "purg", "size", "xsize", "mtime", "ctime", "top", "xtop")
+    # the fields of a packed inode (_INODE), all integers; set by __init__ and unpack through __slots__
+    kind: int
+    height: int
+    xheight: int
+    flags: int
+    mode: int
+    uid: int
+    gid: int
+    nlink: int
+    gen: int
+    qtree: int
+    parent: int
+    purg: int
+    size: int
+    xsize: int
+    mtime: int
+    ctime: int
+    top: int
+    xtop: int
 
     def __init__(self, kind: int = FREE, **kw: int) -> None:
         self.kind = kind
@@ -179,6 +198,12 @@ class View:
         rec = Inode.unpack(self.fs.read(p), slot * ISZ)
         return rec if rec.kind else None
 
+    def existing(self, ino: int) -> Inode:
+        """:meth:`inode` of an inode the caller knows is in use (a directory entry or a qtree root)."""
+        rec = self.inode(ino)
+        assert rec is not None, ino
+        return rec
+
     def data(self, rec: Inode) -> bytes:
         return self.fs.read_tree(rec.top, rec.height, rec.size)
 
@@ -221,6 +246,9 @@ class SimFS:
 
     CACHE_BLOCKS = 8192                 # 32 MiB of cached blocks per open volume
     DIRTY_LIMIT = 64 << 20              # an apply writes an extra CP when this much data is dirty
+    opens: int                          # handles open_sim gave out (set and counted there)
+    fill: int | None                    # the stripe a CP is filling (set by _cp_begin)
+    fill_idx: int
 
     def __init__(self, path: str, *, fsync: bool = True) -> None:
         self.path = os.path.abspath(path)
@@ -543,7 +571,8 @@ class SimFS:
         new_h = height_for(nb)
         if new_h == 0:
             return 0, 0
-        old: int | list = old_top if old_h else 0
+        old: int | list
+        old = old_top if old_h else 0
         if old and old_h > new_h:
             for _ in range(old_h - new_h):
                 old = self.ptrs(old)[0] if old else 0
@@ -602,6 +631,13 @@ class SimFS:
             return self.ov_inodes[ino]
         rec = self.view().inode(ino)
         self.ov_inodes[ino] = rec
+        return rec
+
+    def a_existing(self, ino: int) -> Inode:
+        """:meth:`a_inode` of an inode the caller knows is in use (a directory entry, a qtree root
+        or its purgatory); unlike :meth:`a_touch` it does not mark it dirty."""
+        rec = self.a_inode(ino)
+        assert rec is not None, ino
         return rec
 
     def _a_put(self, ino: int, rec: Inode | None) -> None:

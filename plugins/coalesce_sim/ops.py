@@ -26,7 +26,7 @@ def qtree_root(fs: SimFS, name: str, *, create: bool) -> int | None:
     ino = fs.a_dir(ROOT_INO).get(name)
     if ino is None and create:
         ino = fs.a_new(DIR, 0o755, 0, ROOT_INO)
-        fs.a_inode(ino).qtree = ino
+        fs.a_existing(ino).qtree = ino
         fs.a_dir_set(ROOT_INO, name, ino)
         fs.a_touch(ROOT_INO).nlink += 1
     return ino
@@ -134,7 +134,9 @@ class Applier:
     def __init__(self, fs: SimFS, qtree: str, use_purgatory: bool) -> None:
         self.fs = fs
         self.use_purgatory = use_purgatory
-        self.q = qtree_root(fs, check_qtree_name(qtree), create=True)
+        q = qtree_root(fs, check_qtree_name(qtree), create=True)
+        assert q is not None            # create=True makes it
+        self.q = q
         self.nrec = 0
         self.nbytes = 0
         # directory path -> inode of the directories resolved by this applier (and back); an entry
@@ -177,6 +179,7 @@ class Applier:
                     raise HostilePath(f"{path!r:.300} goes through the symlink {sub!r:.300}; "
                                       "appliers never follow symlinks (I10)")
                 raise StreamError(f"{path!r:.300}: {sub!r:.300} is not a directory")
+            assert ino is not None      # rec is its inode
             cur = ino
             sofar = f"{sofar}/{p}" if sofar else p
             self._dirs[sofar] = cur             # every directory on the way: the next record may
@@ -245,7 +248,7 @@ class Applier:
         _p, _n, ino = self.resolve(path)
         if ino is None:
             raise StreamError(f"{path!r} does not exist", hint="Write/Truncate must address an existing file")
-        rec = self.fs.a_inode(ino)
+        rec = self.fs.a_existing(ino)
         if rec.kind == LNK:
             raise HostilePath(f"{path!r} is a symlink; writing through it could leave the qtree (I10)")
         if rec.kind != REG:
@@ -255,15 +258,16 @@ class Applier:
     # -- records
     def apply(self, rec: object) -> None:
         fs = self.fs
+        ino: int | None                 # the inode a record names (None: no such entry)
         if isinstance(rec, R.MkDir):
             parent, name, ex = self.resolve(rec.path)
-            if ex is not None and fs.a_inode(ex).kind == DIR:
+            if ex is not None and fs.a_existing(ex).kind == DIR:
                 fs.a_touch(ex).mode = rec.mode & 0o7777
                 return
             self.make(rec.path, DIR, rec.mode)
         elif isinstance(rec, R.MkFile):
             parent, name, ex = self.resolve(rec.path)
-            if ex is not None and fs.a_inode(ex).kind == REG and fs.a_inode(ex).nlink == 1:
+            if ex is not None and fs.a_existing(ex).kind == REG and fs.a_existing(ex).nlink == 1:
                 fs.a_truncate(ex, 0)
                 fs.a_touch(ex).mode = rec.mode & 0o7777
                 return
@@ -271,7 +275,7 @@ class Applier:
         elif isinstance(rec, R.Symlink):
             parent, name, ex = self.resolve(rec.path)
             if ex is not None:
-                er = fs.a_inode(ex)
+                er = fs.a_existing(ex)
                 if er.kind == LNK and fs.a_read(ex, 0, er.size) == fsname(rec.target):
                     return
             ino = self.make(rec.path, LNK, 0o777)
@@ -280,7 +284,7 @@ class Applier:
             _ep, _en, eino = self.resolve(rec.existing)
             if eino is None:
                 raise StreamError(f"hard link {rec.path!r}: {rec.existing!r} does not exist")
-            if fs.a_inode(eino).kind == DIR:
+            if fs.a_existing(eino).kind == DIR:
                 raise StreamError(f"hard link {rec.path!r}: {rec.existing!r} is a directory")
             parent, name, ex = self.resolve(rec.path)
             if ex == eino:
@@ -298,13 +302,13 @@ class Applier:
                 raise StreamError(f"rename: {rec.old!r} does not exist")
             if nino == oino:
                 return
-            orec = fs.a_inode(oino)
+            orec = fs.a_existing(oino)
             if orec.kind == DIR:
                 p = np_
                 while p != self.q:
                     if p == oino:
                         raise StreamError(f"rename: cannot move {rec.old!r} into itself ({rec.new!r})")
-                    p = fs.a_inode(p).parent
+                    p = fs.a_existing(p).parent
             if nino is not None:
                 self.remove_entry(np_, nn, nino)
             fs.a_dir_set(op, on, None)
@@ -318,14 +322,14 @@ class Applier:
             parent, name, ex = self.resolve(rec.path)
             if ex is None:
                 return
-            if fs.a_inode(ex).kind == DIR:
+            if fs.a_existing(ex).kind == DIR:
                 raise StreamError(f"unlink: {rec.path!r} is a directory")
             self.remove_entry(parent, name, ex)
         elif isinstance(rec, R.RmDir):
             parent, name, ex = self.resolve(rec.path)
             if ex is None:
                 return
-            if fs.a_inode(ex).kind != DIR:
+            if fs.a_existing(ex).kind != DIR:
                 raise StreamError(f"rmdir: {rec.path!r} is not a directory")
             if fs.a_dir(ex):
                 raise StreamError(f"rmdir: {rec.path!r} is not empty")
@@ -418,7 +422,7 @@ def remove_qtree(fs: SimFS, qtree: str) -> bool:
     q = fs.a_dir(ROOT_INO).get(check_qtree_name(qtree))
     if q is None:
         return False
-    purg = fs.a_inode(q).purg
+    purg = fs.a_existing(q).purg
     inos = subtree(fs, q) + (subtree(fs, purg) if purg else [])
     for i in set(inos):
         fs.a_free(i)
@@ -431,7 +435,7 @@ def purge_purgatory(fs: SimFS, qtree: str) -> bool:
     q = fs.a_dir(ROOT_INO).get(check_qtree_name(qtree))
     if q is None:
         return False
-    qrec = fs.a_inode(q)
+    qrec = fs.a_existing(q)
     if not qrec.purg:
         return False
     purg = qrec.purg
