@@ -129,6 +129,7 @@ def lag_finding(state: GroupState, now: float, max_lag: float | None = None) -> 
             late.append(text)
         parts.append(text)
     if late:
+        assert max_lag is not None  # a replica is late only against a configured max_lag
         return Finding("lag", False, f"older than max_lag {age(max_lag)}: " + "; ".join(late))
     head = f"within max_lag {age(max_lag)}" if max_lag is not None else "age of each exported image"
     return Finding("lag", True, head + (": " + "; ".join(parts) if parts else ""))

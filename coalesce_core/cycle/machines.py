@@ -11,7 +11,7 @@ construction.
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, Callable
 
 from transitions import Machine, MachineError
 
@@ -23,6 +23,10 @@ from coalesce_core.cycle.state import GroupState
 
 class _Probe:
     """A throwaway model: the machine moves it, the planner reads ``state``."""
+
+    #: set by the machine (transitions adds the state attribute and one method per trigger)
+    state: str
+    trigger: Callable[..., bool]
 
     def __init__(self, group: GroupState | None = None) -> None:
         self.group = group

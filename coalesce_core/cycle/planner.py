@@ -36,7 +36,7 @@ The group procedures, in the patent's words:
 from __future__ import annotations
 
 import re
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import attrs
 
@@ -102,7 +102,7 @@ class _Plan:
         self.replicas = dict(state.replicas)
         self.pcpis = dict(state.pcpis)
         self.source_pcpis = dict(state.source_pcpis)
-        self.fields: dict[str, object] = {}
+        self.fields: dict[str, Any] = {}
         self.effects: list = []
         self.log: list[Transition] = []
 
@@ -131,10 +131,10 @@ class _Plan:
         return None
 
     # -- changing -----------------------------------------------------------
-    def set(self, **fields: object) -> None:
+    def set(self, **fields: Any) -> None:
         self.fields.update(fields)
 
-    def update(self, r: Replica, **changes: object) -> Replica:
+    def update(self, r: Replica, **changes: Any) -> Replica:
         new = attrs.evolve(r, **changes)
         self.replicas[r.name] = new
         return new
@@ -437,6 +437,7 @@ def _pcpi_taken(p: _Plan, e: ev.PcpiTaken) -> None:
     if pcpi.role == "rollback" and phase == "rolling_back":
         todo = p.in_state("rollback")
         for r in todo:
+            assert r.exported is not None  # a replica in rollback exports its last good image (I2)
             p.emit(fx.Rollback(replica=r.name, from_pcpi=e.name, to_pcpi=r.exported))
         if not todo:
             _advance(p)
@@ -446,13 +447,14 @@ def _pcpi_taken(p: _Plan, e: ev.PcpiTaken) -> None:
         _jump_to(p, e.name)
     elif pcpi.role == "individual":
         for owner in sorted(pcpi.owners):
-            r = p.replicas.get(owner)
-            if r is None or r.scratch != e.name or r.state != "unstable_uncoalesced":
+            o = p.replicas.get(owner)
+            if o is None or o.scratch != e.name or o.state != "unstable_uncoalesced":
                 continue
-            if r.exported == ACTIVE:  # resync: "creating a PCPI and exporting it"
-                r = p.update(r, exported=e.name)
+            if o.exported == ACTIVE:  # resync: "creating a PCPI and exporting it"
+                o = p.update(o, exported=e.name)
                 p.export()
-            p.emit(fx.Rollback(replica=r.name, from_pcpi=e.name, to_pcpi=r.last_good, retry=True))
+            assert o.last_good is not None  # an uncoalesced replica keeps the PCPI it rolls back to
+            p.emit(fx.Rollback(replica=o.name, from_pcpi=e.name, to_pcpi=o.last_good, retry=True))
 
 
 def _rollback_done(p: _Plan, e: ev.RollbackDone) -> None:
@@ -710,12 +712,14 @@ def _recover(p: _Plan, e: ev.Recover) -> None:
     elif action == "take_new_base":
         p.take("new_base")
     elif action == "roll_forward":
-        _jump_to(p, p.role("new_base").name)  # roll the unfinished jump-ahead forward
+        new_base = p.role("new_base")
+        assert new_base is not None  # recovery rolls forward only when the new base PCPI exists
+        _jump_to(p, new_base.name)  # roll the unfinished jump-ahead forward
     elif action == "release":
         _release(p)
 
 
-_HANDLERS: dict[type, Callable[[_Plan, object], None]] = {
+_HANDLERS: dict[type, Callable[[_Plan, Any], None]] = {
     ev.StartCycle: _start_cycle,
     ev.SourcePcpiTaken: _source_taken,
     ev.TransferDone: _transfer_done,

@@ -148,9 +148,9 @@ def _machine(name: str, table: dict[str, Any], where: str) -> MachineSpec:
             if s not in names:
                 raise ConfigError(f"{where}: [{name}] transition #{i} {tr.trigger!r} names unknown state {s!r}")
         transitions.append(tr)
-    for s in states:
-        if s.field and s.field not in _FIELDS:
-            raise ConfigError(f"{where}: state {s.name!r} has field {s.field!r}, expected one of {_FIELDS}")
+    for st in states:
+        if st.field and st.field not in _FIELDS:
+            raise ConfigError(f"{where}: state {st.name!r} has field {st.field!r}, expected one of {_FIELDS}")
     return MachineSpec(name=name, initial=initial, states=states, transitions=tuple(transitions))
 
 

@@ -552,9 +552,10 @@ def _decode(reader: _FileReader | _ChunkReader) -> Iterator[Record]:
                 f"a second Begin record in frame {seq} at byte offset {frame_at}", hint=_HINT_CORRUPT
             )
         elif cls is End:
-            if record.records != changes:  # type: ignore[attr-defined]
+            assert isinstance(record, End)
+            if record.records != changes:
                 raise CorruptStream(
-                    f"the End record (frame {seq} at byte offset {frame_at}) says {record.records} change "  # type: ignore[attr-defined]
+                    f"the End record (frame {seq} at byte offset {frame_at}) says {record.records} change "
                     f"records; the stream carried {changes}",
                     hint=_HINT_CORRUPT,
                 )
@@ -647,7 +648,7 @@ def _bad_field(plan: _Plan, seq: int, frame_at: int, fld: _Field, pos: int, what
     )
 
 
-def _decode_record(plan: _Plan, mv: memoryview, end: int, seq: int, frame_at: int) -> object:
+def _decode_record(plan: _Plan, mv: memoryview, end: int, seq: int, frame_at: int) -> Record:
     pos = 9  # after type code and sequence number
     kwargs: dict[str, Any] = {}
     name = plan.cls.__name__

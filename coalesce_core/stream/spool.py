@@ -33,7 +33,7 @@ import os
 import queue
 import threading
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Generator, Iterable, Iterator
 
 from coalesce_core.stream import codec
 from coalesce_core.errors import CorruptStream, StreamError
@@ -161,7 +161,7 @@ class skip_changes:
         self._gen = self._run(self._inner, k)
 
     @staticmethod
-    def _run(it: Iterator[Any], k: int) -> Iterator[Any]:
+    def _run(it: Iterator[Any], k: int) -> Generator[Any, None, None]:
         skipped = 0
         for rec in it:
             t = type(rec)
