@@ -10,7 +10,7 @@ import pluggy
 from coalesce_core.backend import hookspecs
 from coalesce_core.backend.volume import plugin_manager
 
-DOC = Path(__file__).resolve().parents[2] / "docs" / "writing-a-backend.md"
+DOC = Path(__file__).resolve().parents[3] / "docs" / "writing-a-backend.md"
 
 
 def _specs():

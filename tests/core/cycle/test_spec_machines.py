@@ -20,7 +20,7 @@ from coalesce_core.errors import ConfigError, IllegalTransition
 from coalesce_core.cycle.machines import Model, default_model
 from coalesce_core.cycle.spec import Spec, load_spec, parse_spec, spec_path
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 SPEC_TEXT = (REPO / "spec" / "coalescing.toml").read_text(encoding="utf-8")
 
 # DESIGN §2, transcribed by hand (the independent oracle for the spec file)

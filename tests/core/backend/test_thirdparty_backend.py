@@ -22,7 +22,7 @@ import pytest
 
 from coalesce_core.backend.volume import backend_infos, plugin_manager
 
-FIXTURE = Path(__file__).resolve().parent.parent / "fixtures" / "tiny_backend"
+FIXTURE = Path(__file__).resolve().parents[2] / "fixtures" / "tiny_backend"
 
 
 def _can_build_wheels() -> bool:
