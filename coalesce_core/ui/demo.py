@@ -8,7 +8,7 @@ transfer failure (rollback, Fig. 9); cycle 4 a failed rollback (C leaves the
 cycle, retries with backoff, rejoins).  It ends with the invariant report of
 ``coalesce check``.
 
-On a terminal it draws a live view (views.dashboard: one row per replica
+On a terminal it draws a live view (render.dashboard: one row per replica
 with its transfer's progress, the PCPI budget, the agent's phase, an event
 log); otherwise, or with ``--plain``, it prints one plain line per event so
 it reads well in CI logs and pipes.
@@ -160,9 +160,9 @@ def run_demo(backend: str = DEFAULT_BACKEND, replicas: int = 3, seed: int = 7, s
             return 0 if ok else 1
         from rich.live import Live
 
-        from coalesce_core.ui import views
+        from coalesce_core.ui import render
 
-        tracker = views.Tracker()
+        tracker = render.Tracker()
         for n in names:
             tracker.expect(n, seconds[n])
         tracker.replica_of = lambda volume, qtree: qtree if qtree in seconds else None
@@ -181,7 +181,7 @@ def run_demo(backend: str = DEFAULT_BACKEND, replicas: int = 3, seed: int = 7, s
             title = f"demo · {backend}"
 
         def frame() -> Any:
-            return views.dashboard(h.agent.state, tracker, title=title, chapter=narrator.chapter_text,
+            return render.dashboard(h.agent.state, tracker, title=title, chapter=narrator.chapter_text,
                                    log_lines=log_lines, max_rows=max_rows, width=width, height=height)
 
         lines: list[str] = []
@@ -190,7 +190,7 @@ def run_demo(backend: str = DEFAULT_BACKEND, replicas: int = 3, seed: int = 7, s
             ok, findings = _scenario(h, narrator, names, seed, scale, lines.append, report=False)
             narrator.chapter("finished: the invariant report of `coalesce check` follows")
             lv.refresh()
-        console.print(views.check_table(findings))
+        console.print(render.check_table(findings))
         for line in lines:
             console.print(line, highlight=False, markup=False)
         return 0 if ok else 1

@@ -9,7 +9,7 @@ import time
 import pytest
 from rich.console import Console
 
-from coalesce_core.ui import views
+from coalesce_core.ui import render
 from coalesce_core.backend.faults import Rule
 from coalesce_core.cycle.invariants import Finding
 from coalesce_core.cycle.spec import load_spec
@@ -17,7 +17,7 @@ from coalesce_core.testing.harness import Harness
 from coalesce_core.testing.workload import fill
 
 
-def render(renderable, width: int = 160) -> str:
+def text_of(renderable, width: int = 160) -> str:
     c = Console(record=True, width=width, color_system="truecolor", force_terminal=True, file=io.StringIO())
     c.print(renderable)
     return c.export_text()
@@ -33,7 +33,7 @@ def styles_of(renderable, word: str, width: int = 160) -> set[str]:
 
 @pytest.fixture
 def harness(group_config):
-    tracker = views.Tracker()
+    tracker = render.Tracker()
     h = Harness(group_config(replicas=("A", "B", "C")), plugins=[tracker])
     tracker.replica_of = lambda volume, qtree: qtree if qtree in ("A", "B", "C") else None
     fill(h.writer, ["A", "B", "C"], files=3, size=1000)
@@ -44,7 +44,7 @@ def harness(group_config):
 def test_graph_view_two_fields_every_transition_and_live_counts():
     spec = load_spec()
     counts = {"stable": 2, "unstable_uncoalesced": 1}
-    text = render(views.graph_view(counts=counts, group="home"), width=140)
+    text = text_of(render.graph_view(counts=counts, group="home"), width=140)
     cyc = text.index("coalescing cycle — field 1002, below line 1004")
     fault = text.index("fault-tolerant field 1006 — above line 1004")
     line = text.index("line 1004")
@@ -60,14 +60,14 @@ def test_graph_view_two_fields_every_transition_and_live_counts():
         assert s.ref in text[at:at + 120]
     assert "●● 2" in text and "● 1" in text and "group home" in text
     # colours: stable green, unstable (outside) red, in flight yellow
-    view = views.graph_view(counts=counts)
+    view = render.graph_view(counts=counts)
     assert "green" in styles_of(view, "stable")
     assert "red" in styles_of(view, "unstable_uncoalesced")
     assert "yellow" in styles_of(view, "update")
 
 
 def test_graph_view_without_group_has_no_counts_column():
-    text = render(views.graph_view(), width=120)
+    text = text_of(render.graph_view(), width=120)
     assert "replicas" not in text.split("exports")[0].split("state")[-1]
     assert "per state now" not in text
 
@@ -85,7 +85,7 @@ def test_dashboard_during_a_rollback_cycle(harness):
         @hookimpl
         def coalesce_phase_changed(self, group, trigger, source, dest):
             if dest == "rolling_back":
-                frames.append(render(views.dashboard(h.agent.state, tracker, title="t")))
+                frames.append(text_of(render.dashboard(h.agent.state, tracker, title="t")))
 
     h.pm.register(Snap())
     h.cycle()
@@ -93,7 +93,7 @@ def test_dashboard_during_a_rollback_cycle(harness):
     mid = frames[0]
     assert "agent phase rolling_back" in mid
     assert "rollback" in mid and "PCPI budget" in mid
-    final = render(views.dashboard(h.agent.state, tracker, title="demo", chapter="the end"))
+    final = text_of(render.dashboard(h.agent.state, tracker, title="demo", chapter="the end"))
     for name in ("A", "B", "C"):
         assert any(line.split()[:2] == [name, "stable"] for line in final.splitlines()), final
     assert "1 of 4 cycle PCPIs" in final and "individual 0" in final
@@ -108,22 +108,22 @@ def test_transfer_progress_counts_records_and_bytes(harness):
     h.cycle()
     t = tracker.transfers["A"]
     assert t.kind == "baseline" and t.ok and t.records > 0 and t.nbytes >= 3 * 1000
-    text = render(views.transfers_table(tracker.transfers, time.monotonic()))
+    text = text_of(render.transfers_table(tracker.transfers, time.monotonic()))
     for col in ("replica", "records", "bytes", "rate", "left"):
         assert col in text
     assert "done" in text and "kB" in text
 
 
 def test_transfer_bar_with_expected_time_shows_time_left():
-    t = views.Transfer("C", "update", started=100.0, expected=10.0, records=5, nbytes=2048)
+    t = render.Transfer("C", "update", started=100.0, expected=10.0, records=5, nbytes=2048)
     assert t.fraction(104.0) == pytest.approx(0.4)
     assert t.remaining(104.0) == pytest.approx(6.0)
-    text = render(views.transfers_table({"C": t}, now=104.0))
+    text = text_of(render.transfers_table({"C": t}, now=104.0))
     assert "C" in text and "update" in text and "6.0 s" in text and "2.0 kB" in text
-    unknown = views.Transfer("D", "baseline", started=100.0)
+    unknown = render.Transfer("D", "baseline", started=100.0)
     assert unknown.fraction(101.0) is None and unknown.remaining(101.0) is None
-    assert "?" in render(views.transfers_table({"D": unknown}, now=101.0))
-    hinted = views.Transfer("E", "update", started=0.0, total_records=200, records=50)
+    assert "?" in text_of(render.transfers_table({"D": unknown}, now=101.0))
+    hinted = render.Transfer("E", "update", started=0.0, total_records=200, records=50)
     assert hinted.fraction(1.0) == 0.25 and hinted.remaining(1.0) == pytest.approx(3.0)
 
 
@@ -136,11 +136,11 @@ def test_status_and_budget_with_a_replica_outside_the_cycle(harness):
     h.cycle()
     st = h.agent.state
     assert st.replicas["C"].state == "unstable_uncoalesced"
-    text = render(views.Group(views.status_table(st, {}), views.budget_table(st)))
+    text = text_of(render.Group(render.status_table(st, {}), render.budget_table(st)))
     assert "unstable_uncoalesced" in text and "outside" in text and "retry #1" in text
     assert "individual 1" in text and "(C: " in text
-    assert "red" in styles_of(views.status_table(st, {}), "unstable_uncoalesced")
-    data = views.status_data(st, {})
+    assert "red" in styles_of(render.status_table(st, {}), "unstable_uncoalesced")
+    data = render.status_data(st, {})
     assert {r["name"]: r["state"] for r in data["replicas"]}["C"] == "unstable_uncoalesced"
 
 
@@ -151,35 +151,35 @@ def test_history_timeline(harness):
     h.faults.add(Rule(hook="coalesce_diff", qtree="A", record=2, times=1, volume="src"))
     h.cycle()
     cycles = h.agent.ledger.cycles()
-    text = render(views.history_table(cycles), width=200)
+    text = text_of(render.history_table(cycles), width=200)
     for col in ("cycle", "start", "end", "took", "slowest", "PCPIs", "fail", "states after", "+taken −released"):
         assert col in text
     rows = [line for line in text.splitlines() if re.match(r"^\s+[12]\s+\d\d:\d\d:\d\d\s+\d\d:\d\d:\d\d\s", line)]
     assert len(rows) == 2, text
     assert "stable=3" in text and re.search(r" [ABC] \(\d+ ms\)", text)
     assert re.search(r"\s\+2 −1\s+0\s", rows[0]) and re.search(r"\s1\s+0 rec", rows[1]), rows
-    narrow = render(views.history_table(cycles, bars=False), width=80)
+    narrow = text_of(render.history_table(cycles, bars=False), width=80)
     assert all(len(line) <= 80 for line in narrow.splitlines()) and "━" not in narrow
     assert "stable=3" in narrow and " rec" in narrow  # nothing dropped at 80 columns
-    empty = render(views.history_table([]))
+    empty = text_of(render.history_table([]))
     assert "no finished cycle yet" in empty
 
 
 def test_check_table():
-    text = render(views.check_table([Finding("I1", True, "fine"), Finding("I4", False, "two bases")]))
+    text = text_of(render.check_table([Finding("I1", True, "fine"), Finding("I4", False, "two bases")]))
     assert "I1" in text and "ok" in text and "VIOLATED" in text and "two bases" in text
 
 
 def test_event_panel_keeps_the_last_lines():
     events = [(float(i), f"event {i}", "") for i in range(30)]
-    text = render(views.event_panel(events, lines=5))
+    text = text_of(render.event_panel(events, lines=5))
     assert "event 29" in text and "event 25" in text and "event 24" not in text
 
 
 def test_dashboard_fits_an_80x24_terminal(harness):
     h, tracker = harness
     h.cycle()
-    text = render(views.dashboard(h.agent.state, tracker, title="demo · sim", width=80, height=24,
+    text = text_of(render.dashboard(h.agent.state, tracker, title="demo · sim", width=80, height=24,
                                   log_lines=4), width=80)
     lines = text.splitlines()
     assert all(len(line) <= 80 for line in lines)
@@ -187,5 +187,5 @@ def test_dashboard_fits_an_80x24_terminal(harness):
     for name in ("A", "B", "C"):  # no column of the replica table was dropped
         assert re.search(rf"^ {name}\s+stable\s+\d+-new_base\s+src-\d+\s", text, re.M), text
     assert "1 of 4 cycle PCPIs" in text
-    assert views.short_pcpi("co-g-000014-new_base", "g") == "14-new_base"
-    assert views.short_pcpi("co-g-src-000011", "g") == "src-11"
+    assert render.short_pcpi("co-g-000014-new_base", "g") == "14-new_base"
+    assert render.short_pcpi("co-g-src-000011", "g") == "src-11"

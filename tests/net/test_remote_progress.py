@@ -7,18 +7,18 @@ import time
 
 from rich.console import Console
 
-from coalesce_core.ui import views
+from coalesce_core.ui import render
 from coalesce_core.testing.workload import fill
 
 from net.netkit import RemoteHarness
 
 
 def test_remote_transfer_progress_feeds_the_live_views(remote_config):
-    tracker = views.Tracker()
+    tracker = render.Tracker()
     progress: list[tuple[str, int, int]] = []
 
     class Progress:
-        @views.hookimpl
+        @render.hookimpl
         def coalesce_transfer_progress(self, group, replica, records, nbytes):
             progress.append((replica, records, nbytes))
 
@@ -35,6 +35,6 @@ def test_remote_transfer_progress_feeds_the_live_views(remote_config):
     assert counts == sorted(counts) and counts[-1] >= 512
     assert progress[-1][2] > 0
     c = Console(record=True, width=160, file=io.StringIO())
-    c.print(views.transfers_table(tracker.transfers, time.monotonic()))
+    c.print(render.transfers_table(tracker.transfers, time.monotonic()))
     text = c.export_text()
     assert "baseline" in text and "done" in text and "kB" in text
