@@ -17,13 +17,15 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable
 
-from rich.console import Console
+from rich.console import Console, Group
 from rich.markup import escape
+from rich.text import Text
 
 from coalesce_core import __version__, crashpoints
-from coalesce_core.ui import render
 from coalesce_core.config import GroupConfig, load_config, replica_block
 from coalesce_core.errors import BackendError, CoalesceError, ConfigError
+from coalesce_core.ui import graphs, render, reports
+from coalesce_core.ui.tracker import Tracker
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -111,7 +113,7 @@ def cmd_add(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     console = _live_console()
     progress = not args.quiet and console.is_interactive
-    tracker = render.Tracker() if progress else None
+    tracker = Tracker() if progress else None
     agent = _agent(args) if tracker is None else _agent_with(args, [tracker])
     if tracker is not None:
         _map_transfers(tracker, agent)
@@ -169,7 +171,7 @@ def _agent_with(args: argparse.Namespace, plugins: list[object]):
     return Agent.open(_config(args), plugins=plugins)
 
 
-def _map_transfers(tracker: "render.Tracker", agent: Any) -> None:
+def _map_transfers(tracker: Tracker, agent: Any) -> None:
     """Tell the tracker which diff belongs to which replica (source qtree or destination qtree)."""
     src, dst = agent.source.handle, agent.dest.handle
 
@@ -186,7 +188,7 @@ def _map_transfers(tracker: "render.Tracker", agent: Any) -> None:
     tracker.replica_of = replica_of
 
 
-def _run_with_progress(agent: Any, tracker: "render.Tracker", console: Console) -> dict[str, Any]:
+def _run_with_progress(agent: Any, tracker: Tracker, console: Console) -> dict[str, Any]:
     """One `run_once` under a transient live display of the transfers (bytes, records, rate, time left)."""
     from rich.live import Live
 
@@ -194,9 +196,9 @@ def _run_with_progress(agent: Any, tracker: "render.Tracker", console: Console) 
         now = tracker.clock()
         _events, transfers = tracker.snapshot()
         st = agent.state
-        head = render.Text.assemble(("coalesce run ", "bold"), f"group {st.name} · cycle {st.cycle} · phase ",
-                                    (st.phase, "bold yellow"), "  ", render.budget_text(st))
-        return render.Group(head, render.transfers_table(transfers, now))
+        head = Text.assemble(("coalesce run ", "bold"), f"group {st.name} · cycle {st.cycle} · phase ",
+                             (st.phase, "bold yellow"), "  ", render.budget_text(st))
+        return Group(head, render.transfers_table(transfers, now))
 
     tracker.reset_transfers()
     with Live(get_renderable=frame, console=console, refresh_per_second=8, transient=True):
@@ -209,7 +211,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         paths = {r: agent.export_path(r) for r in agent.state.replicas}
         if not args.watch:
             if args.json:
-                _dump_json(render.status_data(agent.state, paths, now=time.time()))
+                _dump_json(reports.status_data(agent.state, paths, now=time.time()))
             else:
                 _console().print(_status_view(agent.state, paths))
             return EXIT_OK
@@ -219,7 +221,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def _status_view(state: Any, paths: dict[str, str | None]) -> Any:
-    return render.Group(render.status_table(state, paths, now=time.time()), render.budget_table(state))
+    return Group(render.status_table(state, paths, now=time.time()), render.budget_table(state))
 
 
 def _watch_status(args: argparse.Namespace, agent: Any, paths: dict[str, str | None]) -> int:
@@ -244,7 +246,7 @@ def _watch_status(args: argparse.Namespace, agent: Any, paths: dict[str, str | N
     try:
         if args.json:
             while True:
-                _dump_json(render.status_data(read(), paths, now=time.time()), compact=True)
+                _dump_json(reports.status_data(read(), paths, now=time.time()), compact=True)
                 n += 1
                 if args.count and n >= args.count:
                     return EXIT_OK
@@ -263,8 +265,8 @@ def _watch_status(args: argparse.Namespace, agent: Any, paths: dict[str, str | N
         from rich.live import Live
 
         def frame() -> Any:
-            return render.Group(render.Text(f"every {interval:g}s · {time.strftime('%H:%M:%S')} · Ctrl-C to stop",
-                                           style="dim"), _status_view(read(), paths))
+            return Group(Text(f"every {interval:g}s · {time.strftime('%H:%M:%S')} · Ctrl-C to stop",
+                                style="dim"), _status_view(read(), paths))
 
         with Live(frame(), console=console, auto_refresh=False, transient=False) as live:
             while True:
@@ -291,7 +293,7 @@ def cmd_check(args: argparse.Namespace) -> int:
             marks = {r.name: r.source_point for r in agent.state.replicas.values()}
             agent.ledger.update_note("i5_marks", lambda _old: marks)
         if args.json:
-            _dump_json(render.check_data(findings))
+            _dump_json(reports.check_data(findings))
         else:
             _console().print(render.check_table(findings))
     finally:
@@ -408,24 +410,24 @@ def cmd_history(args: argparse.Namespace) -> int:
 
 def cmd_graph(args: argparse.Namespace) -> int:
     if args.format == "mermaid":
-        sys.stdout.write(render.graph_mermaid())
+        sys.stdout.write(graphs.graph_mermaid())
         return EXIT_OK
     if args.format == "dot":
-        sys.stdout.write(render.graph_dot())
+        sys.stdout.write(graphs.graph_dot())
         return EXIT_OK
     counts = None
     group = None
     if args.config or os.environ.get("COALESCE_CONFIG") or Path(DEFAULT_CONFIG).exists():
         agent = _agent(args, recover=False)
         try:
-            counts = render.count_states(agent.state)
+            counts = reports.count_states(agent.state)
             group = agent.state.name
         finally:
             agent.close()
     if args.json:
-        _dump_json(render.graph_data(counts=counts))
+        _dump_json(reports.graph_data(counts=counts))
         return EXIT_OK
-    _console().print(render.graph_view(counts=counts, group=group))
+    _console().print(graphs.graph_view(counts=counts, group=group))
     return EXIT_OK
 
 

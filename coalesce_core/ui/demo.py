@@ -161,8 +161,9 @@ def run_demo(backend: str = DEFAULT_BACKEND, replicas: int = 3, seed: int = 7, s
         from rich.live import Live
 
         from coalesce_core.ui import render
+        from coalesce_core.ui.tracker import Tracker
 
-        tracker = render.Tracker()
+        tracker = Tracker()
         for n in names:
             tracker.expect(n, seconds[n])
         tracker.replica_of = lambda volume, qtree: qtree if qtree in seconds else None

@@ -7,14 +7,16 @@ import re
 import time
 
 import pytest
-from rich.console import Console
+from rich.console import Console, Group
 
-from coalesce_core.ui import render
 from coalesce_core.backend.faults import Rule
 from coalesce_core.cycle.invariants import Finding
 from coalesce_core.cycle.spec import load_spec
 from coalesce_core.testing.harness import Harness
 from coalesce_core.testing.workload import fill
+from coalesce_core.ui import graphs, render, reports
+from coalesce_core.ui.formatting import short_pcpi
+from coalesce_core.ui.tracker import Tracker, TransferProgress
 
 
 def text_of(renderable, width: int = 160) -> str:
@@ -33,7 +35,7 @@ def styles_of(renderable, word: str, width: int = 160) -> set[str]:
 
 @pytest.fixture
 def harness(group_config):
-    tracker = render.Tracker()
+    tracker = Tracker()
     h = Harness(group_config(replicas=("A", "B", "C")), plugins=[tracker])
     tracker.replica_of = lambda volume, qtree: qtree if qtree in ("A", "B", "C") else None
     fill(h.writer, ["A", "B", "C"], files=3, size=1000)
@@ -44,7 +46,7 @@ def harness(group_config):
 def test_graph_view_two_fields_every_transition_and_live_counts():
     spec = load_spec()
     counts = {"stable": 2, "unstable_uncoalesced": 1}
-    text = text_of(render.graph_view(counts=counts, group="home"), width=140)
+    text = text_of(graphs.graph_view(counts=counts, group="home"), width=140)
     cyc = text.index("coalescing cycle — field 1002, below line 1004")
     fault = text.index("fault-tolerant field 1006 — above line 1004")
     line = text.index("line 1004")
@@ -60,14 +62,14 @@ def test_graph_view_two_fields_every_transition_and_live_counts():
         assert s.ref in text[at:at + 120]
     assert "●● 2" in text and "● 1" in text and "group home" in text
     # colours: stable green, unstable (outside) red, in flight yellow
-    view = render.graph_view(counts=counts)
+    view = graphs.graph_view(counts=counts)
     assert "green" in styles_of(view, "stable")
     assert "red" in styles_of(view, "unstable_uncoalesced")
     assert "yellow" in styles_of(view, "update")
 
 
 def test_graph_view_without_group_has_no_counts_column():
-    text = text_of(render.graph_view(), width=120)
+    text = text_of(graphs.graph_view(), width=120)
     assert "replicas" not in text.split("exports")[0].split("state")[-1]
     assert "per state now" not in text
 
@@ -115,15 +117,15 @@ def test_transfer_progress_counts_records_and_bytes(harness):
 
 
 def test_transfer_bar_with_expected_time_shows_time_left():
-    t = render.Transfer("C", "update", started=100.0, expected=10.0, records=5, nbytes=2048)
+    t = TransferProgress("C", "update", started=100.0, expected=10.0, records=5, nbytes=2048)
     assert t.fraction(104.0) == pytest.approx(0.4)
     assert t.remaining(104.0) == pytest.approx(6.0)
     text = text_of(render.transfers_table({"C": t}, now=104.0))
     assert "C" in text and "update" in text and "6.0 s" in text and "2.0 kB" in text
-    unknown = render.Transfer("D", "baseline", started=100.0)
+    unknown = TransferProgress("D", "baseline", started=100.0)
     assert unknown.fraction(101.0) is None and unknown.remaining(101.0) is None
     assert "?" in text_of(render.transfers_table({"D": unknown}, now=101.0))
-    hinted = render.Transfer("E", "update", started=0.0, total_records=200, records=50)
+    hinted = TransferProgress("E", "update", started=0.0, total_records=200, records=50)
     assert hinted.fraction(1.0) == 0.25 and hinted.remaining(1.0) == pytest.approx(3.0)
 
 
@@ -136,11 +138,11 @@ def test_status_and_budget_with_a_replica_outside_the_cycle(harness):
     h.cycle()
     st = h.agent.state
     assert st.replicas["C"].state == "unstable_uncoalesced"
-    text = text_of(render.Group(render.status_table(st, {}), render.budget_table(st)))
+    text = text_of(Group(render.status_table(st, {}), render.budget_table(st)))
     assert "unstable_uncoalesced" in text and "outside" in text and "retry #1" in text
     assert "individual 1" in text and "(C: " in text
     assert "red" in styles_of(render.status_table(st, {}), "unstable_uncoalesced")
-    data = render.status_data(st, {})
+    data = reports.status_data(st, {})
     assert {r["name"]: r["state"] for r in data["replicas"]}["C"] == "unstable_uncoalesced"
 
 
@@ -187,5 +189,5 @@ def test_dashboard_fits_an_80x24_terminal(harness):
     for name in ("A", "B", "C"):  # no column of the replica table was dropped
         assert re.search(rf"^ {name}\s+stable\s+\d+-new_base\s+src-\d+\s", text, re.M), text
     assert "1 of 4 cycle PCPIs" in text
-    assert render.short_pcpi("co-g-000014-new_base", "g") == "14-new_base"
-    assert render.short_pcpi("co-g-src-000011", "g") == "src-11"
+    assert short_pcpi("co-g-000014-new_base", "g") == "14-new_base"
+    assert short_pcpi("co-g-src-000011", "g") == "src-11"

@@ -7,18 +7,20 @@ import time
 
 from rich.console import Console
 
-from coalesce_core.ui import render
+from coalesce_core.backend.hookspecs import hookimpl
 from coalesce_core.testing.workload import fill
+from coalesce_core.ui import render
+from coalesce_core.ui.tracker import Tracker
 
 from net.netkit import RemoteHarness
 
 
 def test_remote_transfer_progress_feeds_the_live_views(remote_config):
-    tracker = render.Tracker()
+    tracker = Tracker()
     progress: list[tuple[str, int, int]] = []
 
     class Progress:
-        @render.hookimpl
+        @hookimpl
         def coalesce_transfer_progress(self, group, replica, records, nbytes):
             progress.append((replica, records, nbytes))
 

@@ -1,0 +1,94 @@
+"""The JSON documents of ``status``, ``check`` and ``graph`` (``--json``): plain data, no rich.
+
+State in, JSON-able dicts and lists out; no I/O.  The schemas are in
+docs/schemas/, the fields are described in docs/cli.md.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+from coalesce_core.backend.hookspecs import ACTIVE
+from coalesce_core.cycle.invariants import Finding
+from coalesce_core.cycle.spec import Spec, load_spec
+from coalesce_core.cycle.state import GroupState
+
+
+def status_data(state: GroupState, export_paths: Mapping[str, str | None], now: float | None = None) -> dict[str, Any]:
+    """The `status --json` document (docs/schemas/status.schema.json); ``now`` gives the lag."""
+    owners: dict[str, list[str]] = {}
+    for r in state.replicas.values():
+        for p in r.pinned():
+            owners.setdefault(p, []).append(r.name)
+    return {
+        "group": state.name,
+        "phase": state.phase,
+        "cycle": state.cycle,
+        "replicas": [
+            {
+                "name": r.name,
+                "source": r.source_qtree,
+                "state": r.state,
+                "exported_pcpi": r.exported if r.exported != ACTIVE else None,
+                "exports_active_fs": r.exported == ACTIVE,
+                "source_point": r.source_point,
+                "export_path": export_paths.get(r.name),
+                "error": r.last_error or None,
+                "last_error": r.last_error or None,
+                "consecutive_failures": r.consecutive_failures,
+                "last_success": r.last_success or None,
+                "source_point_time": state.source_point_time(r),
+                "lag_seconds": None if now is None or (lag := state.lag(r, now)) is None else round(lag, 3),
+                "reseed_reason": r.reseed_reason or None,
+                "retries": r.retries,
+            }
+            for r in sorted(state.replicas.values(), key=lambda r: r.name)
+        ],
+        "pcpis": [
+            {
+                "name": p.name,
+                "role": p.role,
+                "owner": sorted(p.owners)[0] if len(p.owners) == 1 else (sorted(p.owners) or None),
+                "taken": p.taken,
+                "releasing": p.releasing,
+                "exported_by": sorted(owners.get(p.name, [])),
+            }
+            for p in sorted(state.pcpis.values(), key=lambda p: p.name)
+        ],
+        "source_pcpis": sorted(state.source_pcpis),
+    }
+
+
+def check_data(findings: Sequence[Finding]) -> list[dict[str, Any]]:
+    """The `check --json` document (docs/schemas/check.schema.json)."""
+    return [{"invariant": f.invariant, "ok": f.ok, "detail": f.detail} for f in findings]
+
+
+def count_states(state: GroupState) -> dict[str, int]:
+    """How many replicas sit in each state (the live counts of `coalesce graph`)."""
+    out: dict[str, int] = {}
+    for r in state.replicas.values():
+        out[r.state] = out.get(r.state, 0) + 1
+    return out
+
+
+def graph_data(spec: Spec | None = None, counts: Mapping[str, int] | None = None) -> dict[str, Any]:
+    """The `graph --json` document (docs/schemas/graph.schema.json).
+
+    ``states``/``transitions``/``counts`` keep their original shape; ``fields``
+    and ``edges`` add the per-state attributes and one row per edge."""
+    spec = spec or load_spec()
+    return {
+        "states": [s.name for s in spec.replica.states],
+        "transitions": [{"trigger": t.trigger, "source": list(t.source), "dest": t.dest, "ref": t.ref}
+                        for t in spec.replica.transitions],
+        "counts": dict(counts) if counts is not None else None,
+        "fields": {
+            s.name: {"field": s.field, "ref": s.ref, "stable": s.stable, "in_flight": s.in_flight,
+                     "exports": s.exports}
+            for s in spec.replica.states
+        },
+        "edges": [{"trigger": t.trigger, "source": src, "dest": t.dest, "ref": t.ref or None,
+                   "crosses_line_1004": spec.replica.state(src).field != spec.replica.state(t.dest).field}
+                  for t in spec.replica.transitions for src in t.source],
+    }
