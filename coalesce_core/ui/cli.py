@@ -1,8 +1,8 @@
 """The ``coalesce`` command line (docs/cli.md documents verbs and exit codes).
 
 I/O lives here: reading the config, printing views, exit codes.  Errors a
-user can cause print one message and a hint (no traceback unless
-``--debug``).
+user can cause print one message and a hint (coalesce_core/ui/errors.py; no
+traceback unless ``--debug``).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from coalesce_core import __version__, crashpoints
 from coalesce_core.config import GroupConfig, load_config, replica_block
 from coalesce_core.errors import BackendError, CoalesceError, ConfigError
 from coalesce_core.ui import graphs, render, reports
+from coalesce_core.ui.errors import report_error
 from coalesce_core.ui.tracker import Tracker
 
 EXIT_OK = 0
@@ -543,19 +544,13 @@ def main(argv: list[str] | None = None) -> int:
     except CoalesceError as exc:
         if debug:
             traceback.print_exc()
-        err = Console(stderr=True, highlight=False, soft_wrap=True)
-        err.print(f"[bold red]error:[/] {escape(exc.message)}", markup=True)
-        if exc.hint:
-            err.print(f"[bold]hint:[/] {escape(exc.hint)}", markup=True)
-        return exc.exit_code
+        return report_error(exc)
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     except Exception as exc:
         if debug:
             raise
-        sys.stderr.write(f"internal error: {type(exc).__name__}: {exc}\n"
-                         "hint: run again with --debug for the traceback and report it\n")
-        return EXIT_ERROR
+        return report_error(exc)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -43,6 +43,7 @@ from coalesce_core.errors import CoalesceError, ConfigError
 from coalesce_core.backend.hookspecs import hookimpl
 from coalesce_core.cycle.planner import is_group_source_pcpi
 from coalesce_core.stream.records import Begin, End
+from coalesce_core.ui.errors import report_error
 
 from . import protocol as P
 
@@ -815,10 +816,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run_serve(args)
     except CoalesceError as exc:
-        print(f"coalesce serve: error: {exc.message}", file=sys.stderr)
-        if exc.hint:
-            print(f"hint: {exc.hint}", file=sys.stderr)
-        return exc.exit_code
+        return report_error(exc, styled=False, prog="coalesce serve")
 
 
 if __name__ == "__main__":

@@ -10,10 +10,10 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import sys
 from typing import Any
 
 from coalesce_core.errors import BackendError
+from coalesce_core.ui.errors import report_error
 
 
 def _location(text: str) -> str:
@@ -140,14 +140,13 @@ def cmd_scrub(args: argparse.Namespace) -> int:
 
 
 def _wrap(func):
+    """A verb whose BackendError prints ``error:`` and ``hint:`` plainly and exits with its code
+    (coalesce_core/ui/errors.py); any other error goes on to the command line's handler."""
     def run(args: argparse.Namespace) -> int:
         try:
             return func(args)
         except BackendError as exc:
-            print(f"error: {exc.message}", file=sys.stderr)
-            if exc.hint:
-                print(f"hint: {exc.hint}", file=sys.stderr)
-            return exc.exit_code
+            return report_error(exc, styled=False)
     return run
 
 
