@@ -58,7 +58,7 @@ class _Recorder:
 
 
 class Harness:
-    def __init__(self, config: GroupConfig, plugins: Iterable[object] = (), clock: FakeClock | None = None,
+    def __init__(self, config: GroupConfig, plugins: Iterable[object] = (), clock: Callable[[], float] | None = None,
                  create: bool = True) -> None:
         self.config = config
         self.clock = clock or FakeClock()
@@ -115,17 +115,17 @@ class Harness:
         a = self.agent
         out = live_check(a.state, a.source, a.dest, self.i5_marks, edges=list(iter_log_edges(a.ledger.transitions())),
                          now=self.clock())
-        known = {}
+        known: dict[str, set[str]] = {}
         for snap, fps in self.writer.snapshots.items():
             for q, f in fps.items():
                 known.setdefault(q, set()).add(f)
         bad = []
-        for name, f in self.exported_fingerprints().items():
+        for name, fp in self.exported_fingerprints().items():
             r = a.state.replicas.get(name)
-            if f is None or r is None:
+            if fp is None or r is None:
                 continue
             recorded = self.writer.snapshots.get(r.source_point or "", {}).get(r.source_qtree)
-            if f != recorded if recorded is not None else f not in known.get(r.source_qtree, set()):
+            if fp != recorded if recorded is not None else fp not in known.get(r.source_qtree, set()):
                 bad.append(f"{name} (source point {r.source_point})")
         out.append(Finding("I3-independent", not bad,
                            "every export equals the image the writer recorded at its source point" if not bad

@@ -99,6 +99,8 @@ def cmd_add(args: argparse.Namespace) -> int:
     block = replica_block(args.name, source)
     from coalesce_core.config import parse_config
 
+    assert cfg.path is not None  # a configuration loaded from its file
+
     parse_config(Path(cfg.path).read_text(encoding="utf-8") + block, cfg.path)  # validate before writing
     agent = _agent(args)
     try:

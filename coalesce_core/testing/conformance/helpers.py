@@ -41,7 +41,7 @@ def _fps(vol: Volume, snapshot: str | None = None) -> dict[str, str]:
     return {q: vol.fingerprint(q, snapshot) for q in vol.qtree_list(snapshot)}
 
 
-def _expect(exc_types: tuple[type, ...], fn: Callable[[], Any], what: str) -> BaseException:
+def _expect(exc_types: tuple[type[BaseException], ...], fn: Callable[[], Any], what: str) -> BaseException:
     try:
         fn()
     except exc_types as exc:

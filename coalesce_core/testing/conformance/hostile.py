@@ -15,7 +15,7 @@ from coalesce_core.testing.conformance.helpers import _apply, _Ctx, _expect, _fp
 
 def _raw(cls: type, **fields: Any) -> Any:
     """A record that bypasses its validators, as a hostile producer would send it."""
-    obj = object.__new__(cls)
+    obj: Any = object.__new__(cls)
     for k, v in fields.items():
         object.__setattr__(obj, k, v)
     return obj

@@ -27,14 +27,14 @@ def conformance_machine(make_volume_url: Callable[[], str], *, plugins: Iterable
     """A RuleBasedStateMachine class over the primitives of the backend that
     serves ``make_volume_url()`` (a fresh volume per example).  Its
     ``.TestCase`` is a unittest class pytest collects."""
-    plugins = tuple(plugins)
-    gen = dict(names=names, xattrs=xattrs, big_files=big_files)
+    plugs = tuple(plugins)
+    gen: dict[str, Any] = dict(names=names, xattrs=xattrs, big_files=big_files)
 
     class BackendConformance(RuleBasedStateMachine):
         def __init__(self) -> None:
             super().__init__()
             self.url = make_volume_url()
-            self.vol = Volume.open(_pm(plugins), self.url, create=True)
+            self.vol = Volume.open(_pm(plugs), self.url, create=True)
             self.model = Model()                          # the "src" qtree
             self.snaps: dict[str, dict[str, Any]] = {}    # name -> {"fps", "model"}
             self.exports: dict[str, str | None] = {}

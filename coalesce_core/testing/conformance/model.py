@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from typing import Any, Iterable
+from typing import Any, Iterable, NoReturn
 
 from coalesce_core.stream import fingerprint
 from coalesce_core.stream.records import (
@@ -65,7 +65,7 @@ class Model:
         return fingerprint.digest(self.entries())
 
     # --- strict application
-    def _fail(self, rec: object, why: str) -> None:
+    def _fail(self, rec: object, why: str) -> NoReturn:
         raise ConformanceError(f"record {rec!r} breaks the order contract: {why}")
 
     def _new(self, rec: object, path: str) -> None:
@@ -108,8 +108,8 @@ class Model:
             moved = {p: n for p, n in self.nodes.items() if p == rec.old or p.startswith(rec.old + "/")}
             for p in moved:
                 del self.nodes[p]
-            for p, n in moved.items():
-                self.nodes[rec.new + p[len(rec.old):]] = n
+            for p, node in moved.items():
+                self.nodes[rec.new + p[len(rec.old):]] = node
         elif isinstance(rec, Unlink):
             n = self.nodes.get(rec.path)
             if n is None or n["k"] == "d":

@@ -12,7 +12,7 @@ from hypothesis.errors import InvalidArgument
 DEFAULT_MAX_EXAMPLES = 20
 DEFAULT_STATEFUL_STEPS = 25
 #: Used when HYPOTHESIS_PROFILE names a profile the project did not register.
-FALLBACK_PROFILES = {
+FALLBACK_PROFILES: dict[str, dict[str, Any]] = {
     "dev": dict(max_examples=10, stateful_step_count=15),
     "ci": dict(max_examples=DEFAULT_MAX_EXAMPLES, stateful_step_count=DEFAULT_STATEFUL_STEPS),
     "long": dict(max_examples=300, stateful_step_count=60),
