@@ -15,27 +15,23 @@ import collections
 import concurrent.futures as cf
 import threading
 import time
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable
 
 import attrs
 import pluggy
 
 from coalesce_core import crashpoints, verifier, verify
-from coalesce_core.stream import codec
 from coalesce_core.cycle import effects as fx
 from coalesce_core.cycle import events as ev
 from coalesce_core.config import GroupConfig
-from coalesce_core.crashpoints import SimulatedCrash
 from coalesce_core.errors import BackendError, CoalesceError, MetadataError
 from coalesce_core.ledger import Ledger
 from coalesce_core.cycle.planner import Decision, decide, is_group_pcpi, is_group_source_pcpi
 from coalesce_core.backend.volume import Volume, plugin_manager
 from coalesce_core.stream.records import Begin
-from coalesce_core.stream.spool import Spool, skip_changes
+from coalesce_core.stream.spool import Spool
 from coalesce_core.cycle.state import GroupState
-
-PROGRESS_EVERY = 256
-
+from coalesce_core.transfer import run_transfer
 
 #: transitions that record a failed transfer (`run --once` exits EXIT_TRANSFER_FAILED) or rollback
 TRANSFER_FAILURES = ("update_failed", "baseline_failed", "reseed_failed")
@@ -236,85 +232,28 @@ class Agent:
             return ev.QtreeRemoved(replica=eff.replica)
         raise TypeError(f"not an effect: {eff!r}")
 
-    def _records(self, records: Iterable[object], replica: str, point: str,
-                 check: verifier.TransferCheck | None = None) -> Iterator[object]:
-        n = nbytes = 0
-        for rec in records:
-            if self._abort.is_set() or crashpoints.fired():
-                raise SimulatedCrash("abort")
-            if check is not None:
-                check.add(rec)  # the paths the check before `done` describes (coalesce_core.verify)
-            yield rec
-            n += 1
-            data = getattr(rec, "data", None)
-            if data is not None:
-                nbytes += len(data)
-            crashpoints.hit(point)
-            if n % PROGRESS_EVERY == 0:
-                self.pm.hook.coalesce_transfer_progress(group=self.state.name, replica=replica, records=n,
-                                                        nbytes=nbytes)
-
     def _run_concurrent(self, eff: object) -> object:
         t0 = self.clock()
         if isinstance(eff, fx.Transfer):
-            point = "mid_reseed" if eff.reseed else "mid_baseline" if eff.base is None else "mid_apply"
-            sources: list[object] = []
+            def progress(records: int, nbytes: int) -> None:
+                self.pm.hook.coalesce_transfer_progress(group=self.state.name, replica=eff.replica,
+                                                        records=records, nbytes=nbytes)
 
-            def diff(skip: int = 0) -> Iterator[object]:
-                """The source's stream after its first ``skip`` change records."""
-                # a remote source's records were decoded and checked by the codec on arrival, and
-                # its server skips; a local stream is checked whole by the codec, then skipped
-                remote = getattr(self.source.handle, "records_decoded", False)
-                source = self.source.diff(eff.source_qtree, eff.base, eff.target, skip=skip if remote else 0)
-                sources.append(source)
-                if remote:
-                    return source
-                stream = codec.roundtrip(source)
-                return skip_changes(stream, skip) if skip else stream
-
-            spool = self.spool if eff.base is not None else None
-            stream: Iterator[object] | None = None
             try:
-                if eff.base is None:
-                    self.dest.remove_qtree(eff.replica)  # a baseline starts from nothing
-                if spool is None:
-                    stream = diff()
-                else:
-                    begin = Begin(qtree=eff.source_qtree, base=eff.base, target=eff.target)
-                    if eff.resume and spool.holds(eff.replica, begin):
-                        stream = spool.resume(eff.replica, begin, diff)
-                    else:
-                        stream = spool.record(eff.replica, diff())
-                check = verifier.TransferCheck(self.source, self.dest, replica=eff.replica,
-                                               source_qtree=eff.source_qtree, target=eff.target,
-                                               incremental=eff.base is not None) if self.config.verify else None
-                try:
-                    stats = self.dest.apply(eff.replica, self._records(stream, eff.replica, point, check),
-                                            use_purgatory=True)
-                    if check is not None:  # `done` only once the replica equals the source PCPI where it changed
-                        check.run()
-                        if eff.base is None:
-                            self._verified[eff.replica] = {"at": self.clock(), "ok": True, "error": ""}
-                finally:
-                    if check is not None:
-                        check.close()
+                moved = run_transfer(eff, self.source, self.dest, spool=self.spool, verify=self.config.verify,
+                                     progress=progress, aborted=self._abort.is_set)
+                if moved.verified and eff.base is None:
+                    self._verified[eff.replica] = {"at": self.clock(), "ok": True, "error": ""}
             except Exception as exc:
-                if spool is not None:
-                    _close(stream)
-                    spool.discard(eff.replica)  # a failed update is not resumed: it is rolled back
                 return ev.TransferDone(replica=eff.replica, ok=False, now=self.clock(), error=_describe(exc))
             finally:
-                for source in sources:
-                    _close(source)  # a diff cut short must release what it holds (clones, pipes) now
                 if self._stats is not None:
                     self._stats.seconds[eff.replica] = self.clock() - t0
-            if spool is not None:
-                spool.discard(eff.replica)  # applied and about to be committed: nothing left to resume
             if self._stats is not None:
-                self._stats.records += int(stats.get("records", 0))
-                self._stats.nbytes += int(stats.get("bytes", 0))
+                self._stats.records += moved.records
+                self._stats.nbytes += moved.nbytes
             return ev.TransferDone(replica=eff.replica, ok=True, now=self.clock(),
-                                   records=int(stats.get("records", 0)), nbytes=int(stats.get("bytes", 0)))
+                                   records=moved.records, nbytes=moved.nbytes)
         if isinstance(eff, fx.Rollback):
             try:
                 with crashpoints.during("mid_retry" if eff.retry else "mid_rollback"):
@@ -509,15 +448,6 @@ def _count_states(s: GroupState) -> dict[str, int]:
     for r in s.replicas.values():
         out[r.state] = out.get(r.state, 0) + 1
     return out
-
-
-def _close(iterator: object) -> None:
-    close = getattr(iterator, "close", None)
-    if close is not None:
-        try:
-            close()
-        except Exception:
-            pass
 
 
 def _describe(exc: BaseException) -> str:

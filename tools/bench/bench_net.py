@@ -595,7 +595,7 @@ def stages(path: Path) -> list[tuple[str, float]]:
             if hit:
                 if hit.startswith("codec") and "RemoteVolume._diff" in frames[:i]:
                     hit = "network: " + hit
-                elif hit.startswith("codec") and "Agent._run_concurrent" in frames[:i]:
+                elif hit.startswith("codec") and "run_transfer" in frames[:i]:
                     hit = "agent round trip: " + hit
                 stage = hit
                 break
