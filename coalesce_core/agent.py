@@ -67,9 +67,8 @@ class Agent:
         #: failures decided since the last `run_once` began: {"replica", "trigger", "error"}
         self.failures: list[dict[str, str]] = []
         self._abort = threading.Event()
-        remote = bool(getattr(source.handle, "resumable_diff", False))
         self.spool: Spool | None = None
-        if config.spool if config.spool is not None else remote:
+        if config.spool if config.spool is not None else source.resumable_diff:
             self.spool = Spool(config.spool_dir(dest.metadata_dir()))
 
     # -- construction ---------------------------------------------------------

@@ -86,7 +86,7 @@ def run_transfer(eff: fx.Transfer, source: Volume, dest: Volume, *, spool: Spool
         """The source's stream after its first ``skip`` change records."""
         # a remote source's records were decoded and checked by the codec on arrival, and
         # its server skips; a local stream is checked whole by the codec, then skipped
-        remote = getattr(source.handle, "records_decoded", False)
+        remote = source.records_decoded
         opened = source.diff(eff.source_qtree, eff.base, eff.target, skip=skip if remote else 0)
         sources.append(opened)
         if remote:

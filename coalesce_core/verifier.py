@@ -232,7 +232,7 @@ class TransferCheck:
         self.source, self.dest = source, dest
         self.replica, self.source_qtree, self.target = replica, source_qtree, target
         self.touched = V.Touched() if incremental else None
-        local = not getattr(source.handle, "records_decoded", False)
+        local = not source.records_decoded
         self.prefetch = _Prefetch(source, source_qtree, target) if incremental and local else None
 
     def add(self, rec: Any) -> None:

@@ -23,7 +23,8 @@ from coalesce_core.backend.hookspecs import hookimpl
 
 
 class VolumeHandle:
-    """Base of the handles the default hooks serve.  Capabilities are class attributes."""
+    """Base of the handles the default hooks serve.  Capabilities are class attributes, read
+    through the facade (coalesce_core.backend.volume.Volume.records_decoded, .resumable_diff)."""
 
     #: ``diff`` yields records its transport's codec has already decoded and checked, so the agent
     #: does not encode and decode them a second time (coalesce_core.stream.codec)

@@ -24,7 +24,7 @@ import pluggy
 
 from coalesce_core.backend import hookspecs
 from coalesce_core.backend.rollback import GenericRollback
-from coalesce_core.backend.handles import HandleHooks
+from coalesce_core.backend.handles import HandleHooks, VolumeHandle
 from coalesce_core.errors import BackendError, UnknownBackend
 from coalesce_core.backend.urls import VolumeURL
 
@@ -102,6 +102,19 @@ class Volume:
     def __repr__(self) -> str:
         return f"Volume({self.url})"
 
+    # A handle that is not a VolumeHandle (a backend that writes its own primitive hooks) has neither.
+    @property
+    def records_decoded(self) -> bool:
+        """:meth:`diff` yields records its transport's codec already decoded and checked
+        (VolumeHandle.records_decoded): the agent does not encode and decode them again."""
+        return isinstance(self.handle, VolumeHandle) and bool(self.handle.records_decoded)
+
+    @property
+    def resumable_diff(self) -> bool:
+        """:meth:`diff` takes ``skip`` (VolumeHandle.resumable_diff): the source regenerates the
+        stream and leaves out the records the destination already has."""
+        return isinstance(self.handle, VolumeHandle) and bool(self.handle.resumable_diff)
+
     def _call(self, hook: str, **kwargs: Any) -> Any:
         result = getattr(self.pm.hook, hook)(volume=self.handle, **kwargs)
         if result is None:
@@ -136,7 +149,7 @@ class Volume:
         a local stream is skipped by the caller after the codec checked it whole
         (coalesce_core.stream.spool.skip_changes), since its End counts every record."""
         if skip:
-            if not getattr(self.handle, "resumable_diff", False):
+            if not self.resumable_diff:
                 raise ValueError(f"{self.url}: this backend's diff cannot skip records")
             return iter(self.handle.diff(qtree, base, target, skip=skip))
         return iter(self._call("coalesce_diff", qtree=qtree, base=base, target=target))

@@ -79,3 +79,20 @@ def test_objects_that_are_not_handles_are_not_served():
     vol = Volume.open(plugin_manager([Backend(NotAHandle())]), "tiny-handle://y")
     with pytest.raises(BackendError, match="no backend implements coalesce_snapshot_list"):
         vol.snapshot_list()
+
+
+def test_the_facade_reads_a_handles_capabilities():
+    class Remote(Tiny):
+        records_decoded = True
+        resumable_diff = True
+
+    class Duck:  # capabilities belong to VolumeHandle: an object that only looks like one has none
+        url = "tiny-handle://z"
+        records_decoded = True
+        resumable_diff = True
+
+    plain, remote, duck = (Volume.open(plugin_manager([Backend(h)]), "tiny-handle://x")
+                           for h in (Tiny(), Remote(), Duck()))
+    assert (plain.records_decoded, plain.resumable_diff) == (False, False)
+    assert (remote.records_decoded, remote.resumable_diff) == (True, True)
+    assert (duck.records_decoded, duck.resumable_diff) == (False, False)
