@@ -9,9 +9,9 @@ way pytest's default ``pytest_runtest_call`` calls ``item.runtest()``.  A
 handle that lacks a method leaves that hook to the next implementation (for
 ``coalesce_rollback``: the Fig. 9 generic rollback, coalesce_core.backend.rollback).
 A backend implements a primitive hook itself only to replace or wrap the
-method.  Calls go through the hook chain, so fault injection, tracking and
-throttling plugins see them; the one exception left is a resumed diff
-(``Volume.diff(skip=k)``), which calls the handle's ``diff`` directly.
+method.  Every call goes through the hook chain, a resumed diff
+(``Volume.diff(skip=k)``: ``diff(..., skip=k)`` of a ``resumable_diff`` handle)
+included, so fault injection, tracking and throttling plugins see them.
 docs/writing-a-backend.md.
 """
 
@@ -78,7 +78,9 @@ class HandleHooks:
         return _call(volume, "qtree_list", snapshot)
 
     @hookimpl(trylast=True)
-    def coalesce_diff(self, volume: Any, qtree: str, base: str | None, target: str) -> Iterator[Any] | None:
+    def coalesce_diff(self, volume: Any, qtree: str, base: str | None, target: str, skip: int) -> Iterator[Any] | None:
+        if skip and isinstance(volume, VolumeHandle):  # a resumable_diff handle (Volume.diff checked)
+            return volume.diff(qtree, base, target, skip=skip)
         return _call(volume, "diff", qtree, base, target)
 
     @hookimpl(trylast=True)

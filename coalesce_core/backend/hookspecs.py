@@ -101,7 +101,7 @@ def coalesce_qtree_list(volume: Any, snapshot: str | None) -> list[str] | None:
 # changes
 # ---------------------------------------------------------------------------
 @hookspec(firstresult=True)
-def coalesce_diff(volume: Any, qtree: str, base: str | None, target: str) -> Iterator[Any] | None:
+def coalesce_diff(volume: Any, qtree: str, base: str | None, target: str, skip: int) -> Iterator[Any] | None:
     """Yield the change records (coalesce_core.stream.records) that turn ``qtree`` as
     it is in PCPI ``base`` into ``qtree`` as it is in PCPI ``target``;
     ``base=None`` is a baseline (everything in ``target``).
@@ -110,6 +110,13 @@ def coalesce_diff(volume: Any, qtree: str, base: str | None, target: str) -> Ite
     order contract of coalesce_core.stream.records.  Reads only; deterministic for the
     same (base, target).  Its cost should follow the change, not the qtree.
     Raises BackendError if a PCPI or the qtree does not exist.
+
+    ``skip`` > 0 resumes a transfer: Begin, the change records after the first
+    ``skip``, End (still counting every record).  Only a volume whose handle
+    declares ``resumable_diff`` is asked to skip (the facade refuses the others);
+    every other call passes 0.  An implementation that serves such a volume must
+    name ``skip``; the others, and wrappers, may leave it out (pluggy passes an
+    implementation only the arguments it names).
     """
 
 

@@ -29,7 +29,7 @@ class GenericRollback:
         hook = self.pm.hook
         if to_pcpi is None:
             return hook.coalesce_remove_qtree(volume=volume, qtree=qtree)
-        records = hook.coalesce_diff(volume=volume, qtree=qtree, base=rollback_pcpi, target=to_pcpi)
+        records = hook.coalesce_diff(volume=volume, qtree=qtree, base=rollback_pcpi, target=to_pcpi, skip=0)
         if records is None:
             return None
         source = records

@@ -147,12 +147,11 @@ class Volume:
 
         ``skip`` needs a handle that resumes by itself (a remote source: its server skips);
         a local stream is skipped by the caller after the codec checked it whole
-        (coalesce_core.stream.spool.skip_changes), since its End counts every record."""
-        if skip:
-            if not self.resumable_diff:
-                raise ValueError(f"{self.url}: this backend's diff cannot skip records")
-            return iter(self.handle.diff(qtree, base, target, skip=skip))
-        return iter(self._call("coalesce_diff", qtree=qtree, base=base, target=target))
+        (coalesce_core.stream.spool.skip_changes), since its End counts every record.
+        A resumed diff goes through the hook chain like any other."""
+        if skip and not self.resumable_diff:
+            raise ValueError(f"{self.url}: this backend's diff cannot skip records")
+        return iter(self._call("coalesce_diff", qtree=qtree, base=base, target=target, skip=skip))
 
     def apply(self, qtree: str, records: Iterable[Any], *, use_purgatory: bool = True) -> dict[str, int]:
         return self._call("coalesce_apply", qtree=qtree, records=records, use_purgatory=use_purgatory)

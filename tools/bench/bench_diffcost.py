@@ -169,7 +169,7 @@ def one_size(n: int, fs_bytes: int, reps: int, seed: int, log, profile_dir: str 
         def diff_once() -> tuple[float, float, list]:
             vol.streams = cb.StreamCache()       # no parse reused from an earlier run
             t0 = time.perf_counter()
-            it = h.pm.hook.coalesce_diff(volume=vol, qtree=QTREE, base="bench-a", target="bench-b")
+            it = h.pm.hook.coalesce_diff(volume=vol, qtree=QTREE, base="bench-a", target="bench-b", skip=0)
             t1 = time.perf_counter()
             recs = list(it)
             return t1 - t0, time.perf_counter() - t1, recs

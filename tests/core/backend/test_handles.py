@@ -9,6 +9,7 @@ from coalesce_core.backend.faults import FaultInjector, InjectedFault, Rule
 from coalesce_core.backend.handles import VolumeHandle
 from coalesce_core.backend.hookspecs import hookimpl
 from coalesce_core.backend.volume import Volume, plugin_manager
+from coalesce_core.stream.records import Begin, End, MkDir
 
 
 class Tiny(VolumeHandle):
@@ -96,3 +97,58 @@ def test_the_facade_reads_a_handles_capabilities():
     assert (plain.records_decoded, plain.resumable_diff) == (False, False)
     assert (remote.records_decoded, remote.resumable_diff) == (True, True)
     assert (duck.records_decoded, duck.resumable_diff) == (False, False)
+
+
+class Resumable(Tiny):
+    """A source whose diff resumes by itself (as the remote client's does)."""
+
+    resumable_diff = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.asked: list[tuple[str, int]] = []
+
+    def diff(self, qtree: str, base: str | None, target: str, skip: int = 0):
+        self.asked.append((qtree, skip))
+        changes = [MkDir(path=f"d{i}") for i in range(5)]
+        return iter([Begin(qtree=qtree, base=base, target=target), *changes[skip:], End(records=len(changes))])
+
+
+class SeesSkip:
+    """A wrapper that names ``skip`` (a tracking or throttling plugin)."""
+
+    def __init__(self) -> None:
+        self.skips: list[int] = []
+
+    @hookimpl(wrapper=True)
+    def coalesce_diff(self, volume, qtree, skip):
+        self.skips.append(skip)
+        return (yield)
+
+
+def test_a_resumed_diff_goes_through_the_hook_chain():
+    """Volume.diff(skip=k) reaches the handle through coalesce_diff: a fault rule on diff fires for
+    it, and wrappers that name ``skip`` see it (those that do not, like the fault injector, still run)."""
+    faults = FaultInjector(Rule(hook="coalesce_diff", qtree="q", times=1, message="link dropped"))
+    seen = SeesSkip()
+    h = Resumable()
+    vol = Volume.open(plugin_manager([Backend(h), faults, seen]), "tiny-handle://x")
+    with pytest.raises(InjectedFault, match="link dropped"):
+        vol.diff("q", "a", "b", skip=2)
+    assert h.asked == []                               # refused before the handle was asked
+    got = list(vol.diff("q", "a", "b", skip=2))
+    assert got == [Begin(qtree="q", base="a", target="b"), MkDir(path="d2"), MkDir(path="d3"), MkDir(path="d4"),
+                   End(records=5)]
+    assert h.asked == [("q", 2)] and seen.skips == [2, 2]
+    assert len(list(vol.diff("q", "a", "b"))) == 7 and h.asked[-1] == ("q", 0) and seen.skips[-1] == 0
+
+
+def test_a_diff_that_cannot_resume_is_not_asked_to_skip():
+    class Plain(Tiny):
+        def diff(self, qtree, base, target):   # no skip: the default hook calls it without one
+            return iter([Begin(qtree=qtree, base=base, target=target), End(records=0)])
+
+    vol = Volume.open(plugin_manager([Backend(Plain())]), "tiny-handle://x")
+    assert len(list(vol.diff("q", None, "b"))) == 2
+    with pytest.raises(ValueError, match="cannot skip"):
+        vol.diff("q", None, "b", skip=1)

@@ -64,3 +64,21 @@ def test_every_primitive_is_served_by_each_bundled_backend():
 
         missing = [h for h in hookspecs.PRIMITIVE_HOOKS if h != "coalesce_rollback" and not served(h)]
         assert not missing, f"{backend} lacks {missing}"
+
+
+def test_the_diff_implementations_fit_the_spec_and_skip_is_never_hidden():
+    """``skip`` is a spec argument without a default (a default would hide it from every
+    implementation); the bundled backends and the core's wrappers register against it, and an
+    implementation that names ``skip`` names it without a default (pluggy would not pass it)."""
+    from coalesce_core.backend.faults import FaultInjector
+    from coalesce_core.ui.views import Tracker
+    from dropper import DropRecord
+
+    pm = plugin_manager([FaultInjector(), Tracker(), DropRecord(lambda rec: False)])
+    caller = pm.hook.coalesce_diff
+    assert caller.spec.argnames == ("volume", "qtree", "base", "target", "skip") and not caller.spec.kwargnames
+    impls = caller.get_hookimpls()
+    assert {i.plugin_name for i in impls} >= {"coalesce.handles", "sim"} and len(impls) >= 5
+    for impl in impls:
+        assert set(impl.argnames) <= set(caller.spec.argnames) and "skip" not in impl.kwargnames, impl.plugin_name
+    assert "skip" in next(i for i in impls if i.plugin_name == "coalesce.handles").argnames  # resumable handles
