@@ -304,3 +304,20 @@ def test_a_spool_of_another_stream_is_not_replayed(pairs, tmp_path, caplog):
         run_transfer(update(resume=True), p.src, p.dst, spool=spool)
     assert "replayed" not in caplog.text
     assert p.same("s2") and not p.dwriter.exists("R/stale") and spool.replicas() == []
+
+
+def test_a_fault_on_the_resumed_diff_of_a_resumable_source_fails_the_update_cleanly(pairs, tmp_path):
+    """The resumed diff goes through the hook chain like any other: a fault rule cuts it."""
+    faults = FaultInjector()
+    p = pairs(ResumableBackend(), faults, source_scheme="rmem")
+    _seed(p)
+    _change(p, files=150)
+    spool = Spool(tmp_path / "spool")
+    _crash(p, update(), spool, after=200)
+    p.dst.snapshot_create("rb")
+    p.dst.rollback("R", "rb", "d1")
+    rule = faults.add(Rule(hook="coalesce_diff", qtree="A", volume="tr-src", record=3, times=1))
+    with pytest.raises(InjectedFault, match="at record 4"):
+        run_transfer(update(resume=True), p.src, p.dst, spool=spool)
+    assert rule.fired == 1 and p.src.handle.skips[-1] > 0   # it fired for the diff asked to skip
+    assert spool.replicas() == []
