@@ -3,8 +3,8 @@
 It holds no policy.  For each event it asks the planner for a decision,
 persists the decision's state (write-ahead, one durable commit per batch),
 tells the observers, and runs the effects through the backend hooks:
-PCPI takes, releases and export switches inline; transfers and rollbacks
-concurrently in a pool of ``parallel`` workers.  Every effect's result goes
+PCPI takes, releases and export switches inline; transfers (the data path is
+coalesce_core.transfer) and rollbacks concurrently in a pool of ``parallel`` workers.  Every effect's result goes
 back to the planner as an event.  Named crash points (coalesce_core.
 crashpoints) sit between every two steps so tests can kill it anywhere.
 """
