@@ -27,7 +27,8 @@ from coalesce_core.config import GroupConfig
 from coalesce_core.errors import BackendError, CoalesceError, MetadataError
 from coalesce_core.ledger import Ledger
 from coalesce_core.cycle.planner import Decision, decide, is_group_pcpi, is_group_source_pcpi
-from coalesce_core.backend.volume import Volume, plugin_manager
+from coalesce_core.backend.manager import plugin_manager
+from coalesce_core.backend.volume import Volume
 from coalesce_core.stream.records import Begin
 from coalesce_core.stream.spool import Spool
 from coalesce_core.cycle.state import GroupState

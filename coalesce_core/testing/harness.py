@@ -16,7 +16,7 @@ from coalesce_core.backend.faults import FaultInjector
 from coalesce_core.backend.hookspecs import ACTIVE, hookimpl
 from coalesce_core.cycle.invariants import Finding, live_check
 from coalesce_core.ledger import iter_log_edges
-from coalesce_core.backend.volume import plugin_manager
+from coalesce_core.backend.manager import plugin_manager
 from coalesce_core.testing.workload import SourceWriter
 
 

@@ -307,7 +307,8 @@ def cmd_check(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     """Compare exported images with their source PCPIs; read-only (the ledger is opened read-only)."""
     from coalesce_core.cycle.planner import NotNow
-    from coalesce_core.backend.volume import Volume, plugin_manager
+    from coalesce_core.backend.manager import plugin_manager
+    from coalesce_core.backend.volume import Volume
     from coalesce_core.verifier import read_state, verify_replicas
 
     cfg = _config(args)
@@ -382,7 +383,7 @@ def cmd_reseed(args: argparse.Namespace) -> int:
 
 
 def cmd_backends(args: argparse.Namespace) -> int:
-    from coalesce_core.backend.volume import backend_infos, plugin_manager
+    from coalesce_core.backend.manager import backend_infos, plugin_manager
 
     infos = backend_infos(plugin_manager())
     if args.json:
@@ -530,7 +531,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     try:
-        from coalesce_core.backend.volume import plugin_manager
+        from coalesce_core.backend.manager import plugin_manager
 
         try:
             pm = plugin_manager()

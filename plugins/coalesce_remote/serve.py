@@ -224,7 +224,7 @@ class SourceService:
     :meth:`serve_connection` per connection."""
 
     def __init__(self, config: ServerConfig, pm: Any = None, *, bandwidth: float | None = None) -> None:
-        from coalesce_core.backend.volume import plugin_manager
+        from coalesce_core.backend.manager import plugin_manager
 
         self.config = config
         self.pm = pm or plugin_manager()

@@ -39,7 +39,8 @@ def validate(doc: Any, name: str) -> None:
 @pytest.fixture
 def group(tmp_path: Path, monkeypatch):
     """A two-replica group on file-backed mem volumes, source filled, config at ./coalesce.toml."""
-    from coalesce_core.backend.volume import Volume, plugin_manager
+    from coalesce_core.backend.manager import plugin_manager
+    from coalesce_core.backend.volume import Volume
     from coalesce_core.testing.workload import SourceWriter, fill
 
     monkeypatch.chdir(tmp_path)

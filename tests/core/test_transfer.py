@@ -18,7 +18,8 @@ import coalesce_mem
 from coalesce_core.backend.faults import FaultInjector, InjectedFault, Rule
 from coalesce_core.backend.handles import VolumeHandle
 from coalesce_core.backend.hookspecs import hookimpl
-from coalesce_core.backend.volume import Volume, plugin_manager
+from coalesce_core.backend.manager import plugin_manager
+from coalesce_core.backend.volume import Volume
 from coalesce_core.crashpoints import SimulatedCrash
 from coalesce_core.cycle.effects import Transfer
 from coalesce_core.errors import VerificationFailed

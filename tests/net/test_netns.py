@@ -22,7 +22,8 @@ import time
 import pytest
 
 import coalesce_mem
-from coalesce_core.backend.volume import Volume, plugin_manager
+from coalesce_core.backend.manager import plugin_manager
+from coalesce_core.backend.volume import Volume
 
 from net.netkit import client_env, remote_plugins
 

@@ -18,7 +18,7 @@ import coalesce_mem
 from coalesce_core.stream import codec
 from coalesce_remote import protocol as P
 from coalesce_core.errors import CoalesceError
-from coalesce_core.backend.volume import plugin_manager
+from coalesce_core.backend.manager import plugin_manager
 from coalesce_remote.serve import Grant, ServerConfig, SourceService, parse_server_config
 from coalesce_remote.client import ClientSettings, RemoteVolume
 from coalesce_core.backend.urls import VolumeURL

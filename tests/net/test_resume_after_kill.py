@@ -21,7 +21,8 @@ import time
 from pathlib import Path
 
 import coalesce_mem
-from coalesce_core.backend.volume import Volume, plugin_manager
+from coalesce_core.backend.manager import plugin_manager
+from coalesce_core.backend.volume import Volume
 from coalesce_core.stream.spool import Spool
 from coalesce_core.testing.workload import SourceWriter, fill
 

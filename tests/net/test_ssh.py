@@ -14,7 +14,8 @@ import pytest
 
 import coalesce_mem
 from coalesce_core.errors import BackendError
-from coalesce_core.backend.volume import Volume, plugin_manager
+from coalesce_core.backend.manager import plugin_manager
+from coalesce_core.backend.volume import Volume
 
 from net.netkit import remote_plugins
 

@@ -13,7 +13,8 @@ import pytest
 
 import coalesce_mem
 from coalesce_core.backend.faults import Rule  # noqa: F401
-from coalesce_core.backend.volume import Volume, plugin_manager
+from coalesce_core.backend.manager import plugin_manager
+from coalesce_core.backend.volume import Volume
 from coalesce_core.testing.workload import fill
 
 from net.netkit import LOCAL_OF, FlakyProxy, RemoteHarness, remote_plugins

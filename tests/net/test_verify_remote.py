@@ -12,7 +12,8 @@ import pytest
 import coalesce_mem
 from coalesce_remote import protocol as P
 from coalesce_core.stream import records as R
-from coalesce_core.backend.volume import Volume, plugin_manager
+from coalesce_core.backend.manager import plugin_manager
+from coalesce_core.backend.volume import Volume
 
 from dropper import DropRecord, of_type
 from net.netkit import RemoteHarness, client_env, remote_plugins

@@ -87,7 +87,8 @@ from bench_realfs import (QTREE, MiB, N_BIG, LoopFS, _realfs_tool, group_config,
                           write_big, zfs_pool, zfs_received)
 
 from coalesce_core.errors import CoalesceError  # noqa: E402
-from coalesce_core.backend.volume import Volume, plugin_manager  # noqa: E402
+from coalesce_core.backend.manager import plugin_manager  # noqa: E402
+from coalesce_core.backend.volume import Volume  # noqa: E402
 from coalesce_core.testing.harness import Harness  # noqa: E402
 
 TLS_PORT, SSH_PORT = 7450, 2222

@@ -117,7 +117,8 @@ def run(cfg: Path, env: dict, *args: str) -> subprocess.CompletedProcess:
 
 
 def kill_test(mib: int, rate: str, work: Path) -> list[dict]:
-    from coalesce_core.backend.volume import Volume, plugin_manager
+    from coalesce_core.backend.manager import plugin_manager
+    from coalesce_core.backend.volume import Volume
     from coalesce_core.testing.workload import SourceWriter
     from net.netkit import TLSService
 

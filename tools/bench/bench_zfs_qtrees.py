@@ -50,7 +50,8 @@ for p in (str(HERE), str(HERE.parents[1])):
 from bench_net import self_cpu, zfs_fuse_cpu  # noqa: E402
 from bench_realfs import MiB, zfs_pool  # noqa: E402
 
-from coalesce_core.backend.volume import Volume, plugin_manager  # noqa: E402
+from coalesce_core.backend.manager import plugin_manager  # noqa: E402
+from coalesce_core.backend.volume import Volume  # noqa: E402
 from coalesce_core.stream.records import Write  # noqa: E402
 
 WAYS = ("walk", "send per qtree", "shared map")

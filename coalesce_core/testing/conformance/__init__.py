@@ -2,7 +2,7 @@
 
 Modelled on hypothesis's provider conformance kit.  A backend's own tests
 call it with a factory of fresh volume URLs; it works only through
-:func:`coalesce_core.backend.volume.plugin_manager` and :class:`Volume` (it never
+:func:`coalesce_core.backend.manager.plugin_manager` and :class:`Volume` (it never
 imports a backend), so a third-party backend is tested exactly like a bundled
 one::
 

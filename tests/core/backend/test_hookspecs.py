@@ -8,7 +8,7 @@ from pathlib import Path
 import pluggy
 
 from coalesce_core.backend import hookspecs
-from coalesce_core.backend.volume import plugin_manager
+from coalesce_core.backend.manager import plugin_manager
 
 DOC = Path(__file__).resolve().parents[3] / "docs" / "writing-a-backend.md"
 
@@ -71,7 +71,7 @@ def test_the_diff_implementations_fit_the_spec_and_skip_is_never_hidden():
     implementation); the bundled backends and the core's wrappers register against it, and an
     implementation that names ``skip`` names it without a default (pluggy would not pass it)."""
     from coalesce_core.backend.faults import FaultInjector
-    from coalesce_core.ui.views import Tracker
+    from coalesce_core.ui.tracker import Tracker
     from dropper import DropRecord
 
     pm = plugin_manager([FaultInjector(), Tracker(), DropRecord(lambda rec: False)])

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from coalesce_core.backend.volume import backend_infos, plugin_manager
+from coalesce_core.backend.manager import backend_infos, plugin_manager
 
 FIXTURE = Path(__file__).resolve().parents[2] / "fixtures" / "tiny_backend"
 
@@ -76,7 +76,7 @@ def test_installed_distribution_is_discovered_through_its_entry_point(tiny_site)
     res = _python(tiny_site, """
         import json
         from importlib import metadata
-        from coalesce_core.backend.volume import plugin_manager, backend_infos
+        from coalesce_core.backend.manager import backend_infos, plugin_manager
         pm = plugin_manager()
         eps = {ep.name: ep.value for ep in metadata.entry_points(group="coalesce.backends")}
         print(json.dumps({"infos": backend_infos(pm), "eps": eps,
@@ -95,7 +95,8 @@ def test_tiny_passes_the_conformance_suite(tiny_site, tmp_path):
     res = _python(tiny_site, f"""
         import itertools
         from coalesce_core.testing.conformance import run_conformance, run_basic_check
-        from coalesce_core.backend.volume import Volume, plugin_manager
+        from coalesce_core.backend.manager import plugin_manager
+        from coalesce_core.backend.volume import Volume
         n = itertools.count()
         run_conformance(lambda: f"tiny://cf-{{next(n)}}", max_examples=5, stateful_steps=10)
         run_basic_check("open", lambda: f"tiny://{tmp_path}/vol{{next(n)}}")

@@ -18,7 +18,8 @@ import sys
 
 import pytest
 
-from coalesce_core.backend.volume import Volume, plugin_manager
+from coalesce_core.backend.manager import plugin_manager
+from coalesce_core.backend.volume import Volume
 from coalesce_posix import walk
 
 pytestmark = pytest.mark.btrfs

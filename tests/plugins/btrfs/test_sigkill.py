@@ -20,7 +20,8 @@ import time
 import pytest
 
 from coalesce_core.crashpoints import CRASH_POINTS
-from coalesce_core.backend.volume import Volume, plugin_manager
+from coalesce_core.backend.manager import plugin_manager
+from coalesce_core.backend.volume import Volume
 from coalesce_posix import walk
 
 pytestmark = pytest.mark.btrfs

@@ -19,7 +19,8 @@ from differential import PunchHole
 from trees import assert_same
 
 from coalesce_btrfs import inopaths, sendstream, translate
-from coalesce_core.backend.volume import Volume, plugin_manager
+from coalesce_core.backend.manager import plugin_manager
+from coalesce_core.backend.volume import Volume
 from coalesce_core.stream.records import HardLink, Rename, Truncate, Write
 
 pytestmark = pytest.mark.btrfs

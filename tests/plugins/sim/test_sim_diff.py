@@ -10,7 +10,8 @@ from hypothesis import given, settings, strategies as st, HealthCheck
 
 from coalesce_core.stream import records as R
 from coalesce_core.errors import BackendError, HostilePath, StreamError, TruncatedStream
-from coalesce_core.backend.volume import Volume, plugin_manager
+from coalesce_core.backend.manager import plugin_manager
+from coalesce_core.backend.volume import Volume
 from coalesce_sim import diff as D
 from coalesce_sim.raid import BS
 

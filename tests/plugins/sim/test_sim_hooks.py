@@ -11,7 +11,8 @@ import pytest
 from coalesce_core.stream import records as R
 from coalesce_core.errors import BackendError
 from coalesce_core.backend.hookspecs import ACTIVE, PRIMITIVE_HOOKS
-from coalesce_core.backend.volume import Volume, backend_infos, plugin_manager
+from coalesce_core.backend.manager import backend_infos, plugin_manager
+from coalesce_core.backend.volume import Volume
 from coalesce_core.backend.urls import VolumeURL
 import coalesce_sim
 from coalesce_sim import cli, parse_location

@@ -31,7 +31,8 @@ def test_zfs_fuse_cannot_do_what_is_not_declared(zfs_url):
     import fcntl
     import os
 
-    from coalesce_core.backend.volume import Volume, plugin_manager
+    from coalesce_core.backend.manager import plugin_manager
+    from coalesce_core.backend.volume import Volume
 
     vol = Volume.open(plugin_manager(), zfs_url, create=True)
     root = vol.handle.root

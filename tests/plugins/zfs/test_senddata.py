@@ -384,7 +384,8 @@ def test_property_any_covering_stream_rebuilds_the_target(tmp_path_factory, data
 # ---------------------------------------------------------------------------------------------------
 @pytest.fixture
 def zvol(zfs_url):
-    from coalesce_core.backend.volume import Volume, plugin_manager
+    from coalesce_core.backend.manager import plugin_manager
+    from coalesce_core.backend.volume import Volume
 
     vol = Volume.open(plugin_manager(), zfs_url, create=True)
     yield vol
