@@ -1,12 +1,14 @@
-"""`python tools/bench [--quick] [NAME ...]`: run the benchmarks, print markdown.
+"""`python3 -m tools.bench [--quick] [NAME ...]`: run the benchmarks, print markdown.
 
-NAME is one of the keys of BENCHES below (default: all).  Results go to
-docs/benchmarks.md by hand, with the command printed above each table.
-realfs, diffcost, net and zfsqtrees need root (loop btrfs, network
-namespaces, zfs-fuse) and are skipped without it; snapshots then runs only its sim part.
-`--quick` runs every benchmark at toy sizes: the smoke test CI runs
-(tests/tools/test_bench_smoke.py) to prove the scripts still work.  Nothing
-here is a timed assertion.
+Also `python3 tools/bench [--quick] [NAME ...]`, from any directory.  NAME is one of the keys of
+BENCHES below (default: all).  Each runs as `python3 -m tools.bench.bench_<name> [--quick]` from
+the repository root, the command printed above its output; a benchmark with options of its own
+is run that way directly (docs/benchmarks.md gives the command of every figure).  Results go to
+docs/benchmarks.md by hand.  realfs, diffcost, net and zfsqtrees need root (loop btrfs, network
+namespaces, zfs-fuse) and are skipped without it; snapshots then runs only its sim part, verify
+only its sim backend.  `--quick` runs every benchmark at toy sizes: the smoke test CI runs
+(tests/tools/test_bench_smoke.py) to prove the scripts still work.  Nothing here is a timed
+assertion.
 """
 
 from __future__ import annotations
@@ -17,25 +19,25 @@ import subprocess
 import sys
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[2]
 BENCHES = {
-    "scale": "bench_scale.py",   # PCPIs and cycle cost vs number of replicas (mem, sim)
-    "sim": "bench_sim.py",       # PCPI create/delete, diff cost, apply, rollback on sim
-    "realfs": "bench_realfs.py",  # btrfs (root): one update vs btrfs send | receive
-    "snapshots": "bench_snapshots.py",  # snapshots vs N: coalesce (sim, btrfs) vs btrbk (root for btrfs)
-    "diffcost": "bench_diffcost.py",  # btrfs (root): diff cost vs qtree size for the same change
-    "recovery": "bench_recovery.py",  # SIGKILL at each crash point, then time to a consistent group
-    "formal": "bench_formal.py",  # SPIN states/time at 2-4 replicas; hypothesis steps/s
-    "spool": "bench_spool.py",  # the spool's cost, and the time a SIGKILL mid-update loses with and without it
-    "net": "bench_net.py",  # (root) one update over an emulated link: coalesce ssh/tls vs btrfs send | ssh | receive
-    "zfsqtrees": "bench_zfs_qtrees.py",  # (root) many qtrees of one zfs-fuse dataset: one zfs send for all diffs
-    "verify": "bench_verify.py",  # cost of the check before `done`: verify = true vs false (sim; btrfs, zfs: root)
+    "scale": "bench_scale",   # PCPIs and cycle cost vs number of replicas (mem, sim)
+    "sim": "bench_sim",       # PCPI create/delete, diff cost, apply, rollback on sim
+    "realfs": "bench_realfs",  # btrfs (root): one update vs btrfs send | receive
+    "snapshots": "bench_snapshots",  # snapshots vs N: coalesce (sim, btrfs) vs btrbk (root for btrfs)
+    "diffcost": "bench_diffcost",  # btrfs (root): diff cost vs qtree size for the same change
+    "recovery": "bench_recovery",  # SIGKILL at each crash point, then time to a consistent group
+    "formal": "bench_formal",  # SPIN states/time at 2-4 replicas; hypothesis steps/s
+    "spool": "bench_spool",  # the spool's cost, and the time a SIGKILL mid-update loses with and without it
+    "net": "bench_net",  # (root) one update over an emulated link: coalesce ssh/tls vs btrfs send | ssh | receive
+    "zfsqtrees": "bench_zfs_qtrees",  # (root) many qtrees of one zfs-fuse dataset: one zfs send for all diffs
+    "verify": "bench_verify",  # cost of the check before `done`: verify = true vs false (sim; btrfs, zfs: root)
 }
 ROOT_ONLY = {"realfs", "diffcost", "net", "zfsqtrees"}
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="tools/bench", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python3 -m tools.bench", description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="toy sizes (CI smoke test)")
     ap.add_argument("names", nargs="*", metavar="NAME", help=f"one of {', '.join(BENCHES)} (default: all)")
     args = ap.parse_args(argv)
@@ -49,9 +51,10 @@ def main(argv: list[str] | None = None) -> int:
             names.remove(name)
     rc = 0
     for name in names:
-        cmd = [sys.executable, str(HERE / BENCHES[name])] + (["--quick"] if args.quick else [])
-        print(f"\n### {name}: {' '.join(cmd[1:])}\n", flush=True)
-        code = subprocess.run(cmd).returncode
+        cmd = ["-m", f"tools.bench.{BENCHES[name]}"] + (["--quick"] if args.quick else [])
+        print(f"\n### {name}: python3 {' '.join(cmd)}\n", flush=True)
+        # from the repository root, where the package `tools` is
+        code = subprocess.run([sys.executable, *cmd], cwd=ROOT).returncode
         if code:
             print(f"tools/bench: {name} exited {code}", file=sys.stderr, flush=True)
         rc |= code

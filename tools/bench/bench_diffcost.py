@@ -1,10 +1,11 @@
-#!/usr/bin/env python3
 """Diff cost follows the change, on btrfs: the same 100 changed files in qtrees of 1k, 10k and 100k files.
 
-    python tools/bench/bench_diffcost.py [--quick] [--sizes 1000 10000 100000] [--reps 3] [--profile DIR] [-v]
+    python3 -m tools.bench.bench_diffcost [--quick] [--sizes 1000 10000 100000] [--reps 3] [--profile DIR] [-v]
+
+from the repository root (the benchmarks are modules of the package ``tools.bench``; docs/benchmarks.md).
 
 Needs root.  For each size, a FRESH btrfs on a sparse loop file under
-``$COALESCE_BENCH_DIR`` (default ``/var/tmp``; bench_realfs.LoopFS), removed
+``$COALESCE_BENCH_DIR`` (default ``/var/tmp``; common.LoopFS), removed
 after that size (also on failure or Ctrl-C), so every size starts from the
 same empty file system.  On it: a one-replica group (Harness, btrfs:// source
 and destination, qtree ``q``), the qtree filled with N small files (4 KiB of
@@ -39,9 +40,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
-import datetime
 import os
-import platform
 import random
 import statistics
 import subprocess
@@ -50,14 +49,12 @@ import time
 from collections import Counter
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parents[1]))
+from tools.bench.common import (QTREE, LoopFS, Timer, bench_dir, close_harness, command, cpu, git_commit,
+                                group_config, host, loads, progress, provenance, realfs_tool, run, same_tree,
+                                save_profile, utc_now)
 
-from bench_realfs import QTREE, LoopFS, Timer, close_harness, cpu, group_config, run, same_tree, save_profile, _realfs_tool  # noqa: E402
-
-from coalesce_core.backend.hookspecs import hookimpl  # noqa: E402
-from coalesce_core.testing.harness import Harness  # noqa: E402
+from coalesce_core.backend.hookspecs import hookimpl
+from coalesce_core.testing.harness import Harness
 
 FILE_SIZE = 4096
 FANOUT = 8
@@ -68,7 +65,7 @@ POOL = 1000                     # changed files are chosen among the first 1,000
 
 
 class CycleTimer(Timer):
-    """bench_realfs.Timer plus the other primitive hooks a cycle calls."""
+    """common.Timer plus the other primitive hooks a cycle calls."""
 
     @hookimpl(wrapper=True)
     def coalesce_snapshot_delete(self, volume, name):
@@ -271,10 +268,9 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         print("bench_diffcost.py needs root (loop devices, mount, btrfs)", file=sys.stderr)
         return 2
-    _realfs_tool().ensure_tools(btrfs=True, zfs=False)
-    log = (lambda m: print(f"[{time.strftime('%H:%M:%S')}] {m}", file=sys.stderr, flush=True)) if args.verbose \
-        else (lambda m: None)
-    when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    realfs_tool().ensure_tools(btrfs=True, zfs=False)
+    log = progress(args.verbose)
+    when = utc_now()
     load0 = os.getloadavg()
     started = time.perf_counter()
     rows = []
@@ -284,15 +280,12 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(one_size(n, fs_bytes, args.reps, args.seed, log, args.profile))
     total = time.perf_counter() - started
     load1 = os.getloadavg()
-    cmd = "python tools/bench/bench_diffcost.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    cmd = command("bench_diffcost", argv)
     btrfs_v = run(["btrfs", "--version"], check=False).stdout.strip()
-    git = run(["git", "-C", str(HERE), "rev-parse", "--short", "HEAD"], check=False).stdout.strip()
-    if git and run(["git", "-C", str(HERE), "status", "--porcelain", "--untracked-files=no"], check=False).stdout.strip():
-        git += "+dirty"
-    print(f"<!-- {when}; git {git or '?'}; {platform.node()} {platform.machine()} cpus {os.cpu_count()} python {platform.python_version()} "
-          f"kernel {platform.release()} {btrfs_v}; fresh btrfs per size on a loop file under "
-          f"{os.environ.get('COALESCE_BENCH_DIR', '/var/tmp')}; loadavg at start {' '.join(f'{x:.2f}' for x in load0)}, "
-          f"at end {' '.join(f'{x:.2f}' for x in load1)}; command: {cmd.strip()}; script ran {total:.0f} s -->")
+    print(provenance(when, f"git {git_commit()}", f"{host(node=True)} {btrfs_v}",
+                     f"fresh btrfs per size on a loop file under {bench_dir()}",
+                     f"loadavg at start {loads(load0)}, at end {loads(load1)}", f"command: {cmd}",
+                     f"script ran {total:.0f} s"))
     print(f"| files in the qtree | written in (s) | baseline cycle (s) | changed files | diff records "
           f"| send commands | coalesce_diff (s), median of {args.reps} | of which hook call / iteration (s) "
           f"| send + replay alone (s) | native `send --no-data -p` (s) | stream bytes "
@@ -304,10 +297,11 @@ def main(argv: list[str] | None = None) -> int:
               f"| {r['native']:.3f} | {r['stream_bytes']} | {r['cycle']:.2f} | {r['cycle_cpu']:.2f} "
               f"| {r['t_diff']:.2f} / {r['t_apply']:.2f} / {r['t_snap']:.2f} / {r['t_del']:.2f} / {r['t_other']:.2f} |")
     first, last = rows[0], rows[-1]
-    print(f"\n<!-- records by kind at {last['n']} files: "
-          + ", ".join(f"{k} {v}" for k, v in sorted(last["kinds"].items()))
-          + f"; diff {last['n']} / {first['n']} files: {last['diff'] / first['diff']:.2f}x, "
-          f"native {last['native'] / first['native']:.2f}x, cycle {last['cycle'] / first['cycle']:.2f}x -->")
+    print("\n" + provenance(f"records by kind at {last['n']} files: "
+                            + ", ".join(f"{k} {v}" for k, v in sorted(last["kinds"].items())),
+                            f"diff {last['n']} / {first['n']} files: {last['diff'] / first['diff']:.2f}x, "
+                            f"native {last['native'] / first['native']:.2f}x, "
+                            f"cycle {last['cycle'] / first['cycle']:.2f}x"))
     return 0
 
 

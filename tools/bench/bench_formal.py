@@ -1,7 +1,8 @@
-#!/usr/bin/env python3
 """Model checking figures: the SPIN model at 2, 3 and 4 replicas; hypothesis stateful steps per second.
 
-    python tools/bench/bench_formal.py [--replicas 2 3 4] [--examples 30] [--steps 30] [--skip-spin | --skip-hypothesis]
+    python3 -m tools.bench.bench_formal [--replicas 2 3 4] [--examples 30] [--steps 30] [--skip-spin | --skip-hypothesis]
+
+from the repository root (the benchmarks are modules of the package ``tools.bench``; docs/benchmarks.md).
 
 SPIN: for each N the model is generated with ``tools/gen_promela.py
 --replicas N`` (the committed spec/coalescing.pml is N=3) and both searches
@@ -28,19 +29,13 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import resource
 import shutil
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tools"))
-
-import gen_promela  # noqa: E402
-import spin  # noqa: E402
+from tools import gen_promela, spin
+from tools.bench.common import children_cpu, command, cpu, loads, provenance, utc_now
 
 MODES = (
     ("exhaustive", ()),
@@ -49,11 +44,6 @@ MODES = (
     ("BITSTATE", ("-DBITSTATE",)),
 )
 LOSSY = {"HC4", "BITSTATE"}
-
-
-def cpu_children() -> float:
-    r = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return r.ru_utime + r.ru_stime
 
 
 def versions() -> str:
@@ -67,9 +57,8 @@ def versions() -> str:
 
 
 def header(argv: list[str], what: str) -> str:
-    return (f"<!-- {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {what}; {platform.node()} {platform.machine()} "
-            f"cpus {os.cpu_count()}; {versions()}; load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}; "
-            f"command: python tools/bench/bench_formal.py {' '.join(argv)} -->")
+    return provenance(utc_now(), what, f"{platform.node()} {platform.machine()} cpus {os.cpu_count()}", versions(),
+                      f"load average {loads()}", f"command: {command('bench_formal', argv)}")
 
 
 # -- SPIN ----------------------------------------------------------------------------
@@ -115,10 +104,9 @@ SPIN_HEAD = ("| replicas | search | mode | states stored | states matched | tran
 # -- hypothesis ----------------------------------------------------------------------
 def hypothesis_rows(backends: list[str], examples: int, steps: int) -> list[dict]:
     os.environ.setdefault("COALESCE_SIM_FSYNC", "0")  # as tests/conftest.py
-    sys.path.insert(0, str(ROOT / "tests"))
     from hypothesis import HealthCheck, Phase, settings
 
-    from formal.stateful_machine import STATS, CoalescingMachine, SimCoalescingMachine
+    from tests.formal.stateful_machine import STATS, CoalescingMachine, SimCoalescingMachine
 
     rows = []
     for backend in backends:
@@ -128,15 +116,15 @@ def hypothesis_rows(backends: list[str], examples: int, steps: int) -> list[dict
                                  derandomize=True, phases=[Phase.explicit, Phase.generate],
                                  suppress_health_check=list(HealthCheck))
         before = dict(STATS)
-        r0 = resource.getrusage(resource.RUSAGE_SELF)
+        c0 = cpu()
         t0 = time.perf_counter()
         test("runTest").runTest()
         wall = time.perf_counter() - t0
-        r1 = resource.getrusage(resource.RUSAGE_SELF)
+        c1 = cpu()
         d = {k: STATS[k] - before.get(k, 0) for k in STATS}
         rules = d["steps"] - d["examples"]  # the invariants run once before the first rule, then after each
         row = {"backend": backend, "examples": d["examples"], "rules": rules, "wall": wall,
-               "cpu": (r1.ru_utime + r1.ru_stime) - (r0.ru_utime + r0.ru_stime), "crashes": d["crashes"],
+               "cpu": c1 - c0, "crashes": d["crashes"],
                "restarts": d["restarts"], "steps_per_example": steps}
         rows.append(row)
         print(hyp_row(row), flush=True)
@@ -183,12 +171,12 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(header(argv, "SPIN, one pan run at a time"))
             print(SPIN_HEAD, flush=True)
-            c0 = cpu_children()
+            c0 = children_cpu()
             rows = spin_rows(args.replicas, args.memlim, args.timeout, args.modes, args.opt, args.hash,
                              tuple(args.searches))
             errors = [r for r in rows if r.get("errors")]
             rc |= int(bool(errors))
-            print(f"\n<!-- SPIN part: {time.perf_counter() - t0:.0f} s wall, {cpu_children() - c0:.0f} s CPU (gcc + pan) -->\n")
+            print(f"\n<!-- SPIN part: {time.perf_counter() - t0:.0f} s wall, {children_cpu() - c0:.0f} s CPU (gcc + pan) -->\n")
     if not args.skip_hypothesis:
         t1 = time.perf_counter()
         print(header(argv, "hypothesis stateful test, tests/formal/stateful_machine.py"))

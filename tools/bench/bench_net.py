@@ -1,11 +1,12 @@
-#!/usr/bin/env python3
 """Replication over an emulated network link: coalesce over SSH and TLS against ``btrfs send | ssh | btrfs receive``.
 
-    python tools/bench/bench_net.py [--quick] [--size-mib 1024] [--comp-mib 256] [--resume-mib 256] [--zfs] [-v]
+    python3 -m tools.bench.bench_net [--quick] [--size-mib 1024] [--comp-mib 256] [--resume-mib 256] [--zfs] [-v]
+
+from the repository root (the benchmarks are modules of the package ``tools.bench``; docs/benchmarks.md).
 
 Needs root.  Builds, and removes at the end (also on failure or Ctrl-C):
 
-* its own btrfs on a sparse loop file (``LoopFS`` of bench_realfs.py), with a
+* its own btrfs on a sparse loop file (``LoopFS`` of common.py), with a
   source subvolume ``src`` holding one qtree ``q``;
 * a link between this namespace (the destination) and a namespace B (the
   source host), through a router namespace that delays, drops and rate-limits
@@ -39,7 +40,7 @@ versions, load average and command):
    the native pipeline starts over.
 
 ``--zfs`` adds part 1 on zfs-fuse, in the same run and over the same link: a
-private pool (bench_realfs.py's ``zfs_pool``: its own state directory and
+private pool (common.py's ``zfs_pool``: its own state directory and
 pool file, by default in a tmpfs and allocated up front, ``--zfs-pool disk``
 for a sparse file on disk; zfs-fuse is started when none runs and stopped at
 the end, as bench_realfs.py --zfs does, so do not run it while the real-FS
@@ -64,11 +65,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import os
 import platform
 import random
-import resource
 import shutil
 import subprocess
 import sys
@@ -77,19 +76,14 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parents[1]
-for p in (str(ROOT), str(HERE), str(ROOT / "tests")):
-    if p not in sys.path:
-        sys.path.insert(0, p)
+from tools.bench.common import (QTREE, MiB, N_BIG, LoopFS, command, group_config, loads, pipeline, proc_cpu,
+                                provenance, realfs_tool, run, same_tree, say, self_cpu, utc_now, write_big,
+                                zfs_fuse_cpu, zfs_mountpoint, zfs_pool, zfs_received, zfs_settle)
 
-from bench_realfs import (QTREE, MiB, N_BIG, LoopFS, _realfs_tool, group_config, pipeline, run, same_tree,  # noqa: E402
-                          write_big, zfs_pool, zfs_received)
-
-from coalesce_core.errors import CoalesceError  # noqa: E402
-from coalesce_core.backend.manager import plugin_manager  # noqa: E402
-from coalesce_core.backend.volume import Volume  # noqa: E402
-from coalesce_core.testing.harness import Harness  # noqa: E402
+from coalesce_core.errors import CoalesceError
+from coalesce_core.backend.manager import plugin_manager
+from coalesce_core.backend.volume import Volume
+from coalesce_core.testing.harness import Harness
 
 TLS_PORT, SSH_PORT = 7450, 2222
 SHAPES = [("1gbit", 10.0), ("100mbit", 10.0)]      # rate, one-way delay (ms): a 20 ms round trip
@@ -97,33 +91,11 @@ SHAPES = [("1gbit", 10.0), ("100mbit", 10.0)]      # rate, one-way delay (ms): a
 
 def log(msg: str) -> None:
     if VERBOSE:
-        print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+        say(msg)
 
 
 VERBOSE = False
 SPOOL: bool | None = None   # --spool: the groups' `spool` (None: the default, on for a remote source)
-
-
-# ---------------------------------------------------------------------------- CPU accounting
-def _proc_cpu(pid: int, children: bool = False) -> float:
-    """utime+stime (and the reaped children's with ``children``) of a process, in seconds."""
-    try:
-        f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    ticks = int(f[11]) + int(f[12]) + ((int(f[13]) + int(f[14])) if children else 0)
-    return ticks / os.sysconf("SC_CLK_TCK")
-
-
-def zfs_fuse_cpu() -> float:
-    """CPU of the zfs-fuse daemon(s) (0 where none runs): it serves both ends of a zfs run and is in
-    neither process column."""
-    return sum(_proc_cpu(pid) for pid in _realfs_tool()._zfs_fuse_pids())
-
-
-def self_cpu() -> float:
-    a, b = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return a.ru_utime + a.ru_stime + b.ru_utime + b.ru_stime
 
 
 # ---------------------------------------------------------------------------- data
@@ -152,7 +124,7 @@ class Source:
     """Namespace B's services: coalesce serve --listen (TLS) and sshd (coalesce forced command + native key)."""
 
     def __init__(self, link: Any, work: Path, mnt: str, zfs_ds: str | None = None) -> None:
-        from net.netkit import CA, SSHD
+        from tests.net.netkit import CA, SSHD
 
         self.link = link
         self.src = os.path.join(mnt, "src")
@@ -241,8 +213,8 @@ class Source:
 
     def server_cpu(self) -> float:
         """CPU of every source-side process: the TLS server, sshd and what it ran (reaped)."""
-        return _proc_cpu(self.tls.pid, children=True) + _proc_cpu(self.sshd.proc.pid, children=True) + sum(
-            _proc_cpu(p, children=True) for p in self.sshd.children())
+        return proc_cpu(self.tls.pid, children=True) + proc_cpu(self.sshd.proc.pid, children=True) + sum(
+            proc_cpu(p, children=True) for p in self.sshd.children())
 
     def close(self) -> None:
         self.sshd.stop()
@@ -251,7 +223,7 @@ class Source:
 # ---------------------------------------------------------------------------- the three replications
 class Coalesce:
     def __init__(self, kind: str, url: str, mnt: str, work: Path, dest: str | None = None, tag: str = "") -> None:
-        from net.netkit import remote_plugins
+        from tests.net.netkit import remote_plugins
 
         self.kind = kind
         self.plugins = remote_plugins()
@@ -450,12 +422,10 @@ def header(cmd: str, extra: str) -> str:
         zv = zstandard.__version__
     except ImportError:
         zv = "absent"
-    when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    return (f"<!-- {when}; {platform.machine()} {platform.processor() or ''} cpus {os.cpu_count()} python "
-            f"{platform.python_version()} kernel {platform.release()} {v(['btrfs', '--version'])}; "
-            f"{v(['ssh', '-V'])}; {ssl.OPENSSL_VERSION}; zstandard {zv}; load average {load}; {extra}; "
-            f"command: {cmd} -->")
+    return provenance(utc_now(), f"{platform.machine()} {platform.processor() or ''} cpus {os.cpu_count()} python "
+                      f"{platform.python_version()} kernel {platform.release()} {v(['btrfs', '--version'])}",
+                      v(["ssh", "-V"]), ssl.OPENSSL_VERSION, f"zstandard {zv}", f"load average {loads()}", extra,
+                      f"command: {cmd}")
 
 
 # ---------------------------------------------------------------------------- profiling
@@ -809,7 +779,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="part 1: one untimed update of the full size per link shape before the timed ones (default: on)")
     ap.add_argument("--zfs-pool", choices=["ram", "disk"], default="ram",
                     help="--zfs: the pool's file in a tmpfs, allocated up front (default), or a sparse file on "
-                         "disk (bench_realfs.zfs_pool)")
+                         "disk (common.zfs_pool)")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--verbose", "-v", action="store_true")
     args = ap.parse_args(argv)
@@ -826,11 +796,11 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         print("bench_net.py needs root (network namespaces, a TUN device, a loop btrfs, sshd)", file=sys.stderr)
         return 2
-    _realfs_tool().ensure_tools(btrfs=True, zfs=False)
-    from net.linkemu import Link
+    realfs_tool().ensure_tools(btrfs=True, zfs=False)
+    from tests.net.linkemu import Link
 
     parts = set(args.parts.split(","))
-    cmd = "python tools/bench/bench_net.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    cmd = command("bench_net", argv)
     fs_gib = max(2.0, 8 * max(args.size_mib, args.comp_mib, args.resume_mib) / 1024 + 2)
     started = time.perf_counter()
     fs = LoopFS(int(fs_gib * (1 << 30)))
@@ -861,8 +831,7 @@ def main(argv: list[str] | None = None) -> int:
                                                      prefix="cnet", in_ram=args.zfs_pool == "ram"))
             zpool = zfs_info["pool"]
             Volume.open(pm, f"zfs://{zpool}/src", create=True).close()
-            zq = os.path.join(run(["zfs", "get", "-H", "-o", "value", "mountpoint", f"{zpool}/src"]).stdout.strip(),
-                              QTREE)
+            zq = os.path.join(zfs_mountpoint(f"{zpool}/src"), QTREE)
             os.makedirs(zq)
         link = Link(log=str(work / "linkemu.log")).start()
         log(f"btrfs {fs_gib:.1f} GiB at {mnt}; link {link.mode} {link.a_ip} <-> {link.b_ip}, mtu {link.mtu}")
@@ -888,8 +857,7 @@ def main(argv: list[str] | None = None) -> int:
                                                          os.path.join(zfs_info["mountpoint"], "nzdst"))}
 
             def settle(ds: str = f"{zpool}/src") -> None:
-                run(["zfs", "snapshot", f"{ds}@settle"])
-                run(["zfs", "destroy", f"{ds}@settle"])
+                zfs_settle(ds)
 
             zb = Bench(link, source, zq, zmethods, fs="zfs-fuse", settle=settle)
             baselines(zb, args.zfs_size_mib, args.seed)

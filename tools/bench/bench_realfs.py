@@ -1,8 +1,9 @@
-#!/usr/bin/env python3
 """One update on a real btrfs, coalesce versus the native `btrfs send -p | btrfs receive`.
 
-    python tools/bench/bench_realfs.py [--quick] [--size-mib 1024] [--small-files 20000] [--fs-gib N]
-                                       [--profile DIR]
+    python3 -m tools.bench.bench_realfs [--quick] [--size-mib 1024] [--small-files 20000] [--fs-gib N]
+                                        [--profile DIR]
+
+from the repository root (the benchmarks are modules of the package ``tools.bench``; docs/benchmarks.md).
 
 Needs root.  Creates its OWN btrfs file system on a sparse loop file under
 ``$COALESCE_BENCH_DIR`` (default ``/var/tmp``; separate from tools/realfs.py's
@@ -64,90 +65,24 @@ from __future__ import annotations
 import argparse
 import contextlib
 import cProfile
-import datetime
-import hashlib
-import importlib.util
-import gc
 import os
-import platform
-import pstats
 import random
-import resource
 import shlex
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
+from tools.bench.common import (SBIN_PATH, MiB, N_BIG, QTREE, LoopFS, Timer, bench_dir, close_harness, command, cpu,
+                                group_config, host, loads, pipeline, progress, provenance, realfs_tool, run, same_tree,
+                                save_profile, utc_now, write_big, zfs_mountpoint, zfs_pool, zfs_received, zfs_settle)
 
-from coalesce_core.config import parse_config  # noqa: E402
-from coalesce_core.backend.faults import Rule  # noqa: E402
-from coalesce_core.backend.hookspecs import hookimpl  # noqa: E402
-from coalesce_core.testing.harness import Harness  # noqa: E402
-
-SBIN_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-MiB = 1 << 20
-QTREE = "q"
-N_BIG = 8
-
+from coalesce_core.backend.faults import Rule
+from coalesce_core.testing.harness import Harness
 
 
 #: ``[group] verify`` of the benchmark groups (--no-verify: false)
 VERIFY = [True]
-
-
-def group_config(work: str, name: str, source: str, destination: str, spool: bool | None = None):
-    """Write ``work/group.toml`` for a one-replica group (qtree QTREE, 4 workers, metadata in
-    ``work/meta``, retries at once; ``spool`` None: the default; ``verify`` as VERIFY says) and
-    return it parsed."""
-    text = (f'[group]\nname="{name}"\nsource="{source}"\ndestination="{destination}"\n'
-            f'parallel=4\nmetadata="{work}/meta"\nverify={str(VERIFY[0]).lower()}\n'
-            + ("" if spool is None else f"spool={str(spool).lower()}\n")
-            + f'[group.retry]\ninitial=0.0\nfactor=2\nmaximum=60\n[[replica]]\nname="{QTREE}"\n')
-    path = os.path.join(work, "group.toml")
-    Path(path).write_text(text)
-    return parse_config(text, path)
-
-def close_harness(h) -> None:
-    """Close a benchmark group's agent and ledger, whatever state a failed run left them in."""
-    if h is None:
-        return
-    with contextlib.suppress(Exception):
-        h.agent.close()
-    with contextlib.suppress(Exception):
-        h.agent.ledger.close()
-
-
-def zfs_received(dst_ds: str, src_ds: str, prev: str | None) -> None:
-    """After a native ``zfs receive`` into ``dst_ds`` (untimed): remount it, because its FUSE
-    mount keeps stale cached pages after a receive and the check must read what was received,
-    and destroy the previous snapshot pair, no longer the base of anything."""
-    run(["zfs", "unmount", dst_ds], check=False)
-    run(["zfs", "mount", dst_ds], check=False)
-    if prev:
-        run(["zfs", "destroy", f"{src_ds}@{prev}"], check=False)
-        run(["zfs", "destroy", f"{dst_ds}@{prev}"], check=False)
-
-
-def _realfs_tool():
-    spec = importlib.util.spec_from_file_location("coalesce_tools_realfs", ROOT / "tools" / "realfs.py")
-    mod = importlib.util.module_from_spec(spec)
-    assert spec.loader is not None
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def run(argv: list[str], check: bool = True) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PATH=os.environ.get("PATH", "") + ":" + SBIN_PATH)
-    p = subprocess.run(argv, capture_output=True, text=True, env=env)
-    if check and p.returncode != 0:
-        raise RuntimeError(f"`{' '.join(argv)}` failed ({p.returncode}): {p.stderr.strip()}")
-    return p
 
 
 ATTACH: list[str] = []          # --attach command templates
@@ -163,7 +98,7 @@ def attached(label: str):
         return
     _ATTACH_SEQ[0] += 1
     slug = "".join(c if c.isalnum() else "-" for c in label.lower()).strip("-")[:48].rstrip("-")
-    zpid = (_realfs_tool()._zfs_fuse_pids() or [0])[0]
+    zpid = (realfs_tool()._zfs_fuse_pids() or [0])[0]
     os.makedirs(ATTACH_DIR, exist_ok=True)
     procs = []
     for i, tmpl in enumerate(ATTACH):
@@ -185,173 +120,6 @@ def attached(label: str):
                 p.wait()
 
 
-def cpu() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
-
-
-# ---------------------------------------------------------------------------
-# our own loop file system
-# ---------------------------------------------------------------------------
-
-def pipeline(send_argv: list[str], recv_argv: list[str], what: str, env: dict[str, str] | None = None) -> None:
-    """Run ``send | receive`` (no shell); raise with both stderrs if either side fails."""
-    send = subprocess.Popen(send_argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
-    recv = subprocess.Popen(recv_argv, stdin=send.stdout, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
-    assert send.stdout is not None
-    send.stdout.close()
-    _, rerr = recv.communicate()
-    serr = send.stderr.read() if send.stderr else b""
-    send.wait()
-    if send.returncode or recv.returncode:
-        raise RuntimeError(f"{what} failed: send {send.returncode} {serr!r}, receive {recv.returncode} {rerr!r}")
-
-class LoopFS:
-    def __init__(self, size: int) -> None:
-        base = os.environ.get("COALESCE_BENCH_DIR", "/var/tmp")
-        self.dir = tempfile.mkdtemp(prefix="coalesce-bench-realfs-", dir=base)
-        self.img = os.path.join(self.dir, "btrfs.img")
-        self.mnt = os.path.join(self.dir, "mnt")
-        self.size = size
-        self.loop: str | None = None
-        self.mounted = False
-
-    def up(self) -> str:
-        os.makedirs(self.mnt)
-        with open(self.img, "wb") as f:
-            f.truncate(self.size)
-        self.loop = run(["losetup", "-f", "--show", self.img]).stdout.strip()
-        run(["mkfs.btrfs", "-q", "-f", self.loop])
-        run(["mount", "-t", "btrfs", self.loop, self.mnt])
-        self.mounted = True
-        return self.mnt
-
-    def down(self) -> list[str]:
-        problems = []
-        # a transfer cut by an injected fault (the rollback rows) leaves its source stream, and an
-        # open file of a source PCPI, in the fault's traceback until the cycle collector runs
-        gc.collect()
-        if self.mounted:
-            if run(["umount", self.mnt], check=False).returncode != 0:
-                time.sleep(1)
-                if run(["umount", self.mnt], check=False).returncode != 0:
-                    p = run(["umount", "-l", self.mnt], check=False)
-                    problems.append(f"lazy unmount of {self.mnt} (rc {p.returncode})")
-            self.mounted = False
-        if self.loop:
-            p = run(["losetup", "-d", self.loop], check=False)
-            if p.returncode != 0:
-                problems.append(f"losetup -d {self.loop}: {p.stderr.strip()}")
-            self.loop = None
-        shutil.rmtree(self.dir, ignore_errors=True)
-        if os.path.exists(self.dir):
-            problems.append(f"{self.dir} not removed")
-        return problems
-
-
-# ---------------------------------------------------------------------------
-# timing plugin
-# ---------------------------------------------------------------------------
-class Timer:
-    """Wall time per primitive hook (the wrapper includes every implementation, generic ones too).
-
-    With ``profile`` set (a ``cProfile.Profile``), the diff and apply calls are profiled: they run
-    in the agent's transfer thread, which cProfile started from the main thread would not see."""
-
-    def __init__(self) -> None:
-        self.t: dict[str, list[float]] = {}
-        self.profile = None
-
-    def reset(self) -> None:
-        self.t = {}
-
-    def _add(self, hook: str, dt: float) -> None:
-        self.t.setdefault(hook, []).append(dt)
-
-    def total(self, hook: str) -> float:
-        return sum(self.t.get(hook, []))
-
-    @contextlib.contextmanager
-    def _timed(self, hook: str):
-        prof = self.profile if hook in ("diff", "apply") else None
-        if prof is not None:
-            prof.enable()
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            self._add(hook, time.perf_counter() - t0)
-            if prof is not None:
-                prof.disable()
-
-    @contextlib.contextmanager
-    def verify_timed(self):
-        """Time the check before `done` after the apply (coalesce_core.verifier.TransferCheck.run) while
-        the block runs (its source side described during the apply is not in it: that overlaps)."""
-        from coalesce_core import verifier
-
-        real = verifier.TransferCheck.run
-
-        def timed(check):
-            with self._timed("verify"):
-                return real(check)
-
-        verifier.TransferCheck.run = timed
-        try:
-            yield
-        finally:
-            verifier.TransferCheck.run = real
-
-    @hookimpl(wrapper=True)
-    def coalesce_rollback(self, volume, qtree, rollback_pcpi, to_pcpi):
-        with self._timed("rollback"):
-            return (yield)
-
-    @hookimpl(wrapper=True)
-    def coalesce_apply(self, volume, qtree, records, use_purgatory):
-        with self._timed("apply"):          # consumes the diff's records: read source + write dest
-            return (yield)
-
-    @hookimpl(wrapper=True)
-    def coalesce_diff(self, volume, qtree, base, target):
-        with self._timed("diff"):           # btrfs: the `btrfs send --no-data` run and its parse
-            return (yield)
-
-    @hookimpl(wrapper=True)
-    def coalesce_snapshot_create(self, volume, name):
-        with self._timed("snapshot"):
-            return (yield)
-
-
-def save_profile(prof, out_dir: str, n: int, label: str, log) -> None:
-    """``<n>-<label>.prof`` (pstats) and ``.txt`` (top entries by own time and by cumulative time)."""
-    os.makedirs(out_dir, exist_ok=True)
-    slug = "".join(c if c.isalnum() else "-" for c in label.lower()).strip("-")[:40].rstrip("-")
-    base = os.path.join(out_dir, f"{n}-{slug}")
-    prof.dump_stats(base + ".prof")
-    with open(base + ".txt", "w") as f:
-        for key in ("tottime", "cumulative"):
-            pstats.Stats(prof, stream=f).strip_dirs().sort_stats(key).print_stats(30)
-    log(f"profile of the diff and apply calls: {base}.prof / .txt")
-
-
-# ---------------------------------------------------------------------------
-# workload
-# ---------------------------------------------------------------------------
-def write_big(qdir: str, total_mib: int, rnd: random.Random) -> int:
-    d = os.path.join(qdir, "big")
-    os.makedirs(d, exist_ok=True)
-    per = max(1, total_mib // N_BIG) * MiB
-    for i in range(N_BIG):
-        with open(os.path.join(d, f"f{i}.bin"), "wb") as f:  # rewritten from offset 0, same size
-            left = per
-            while left:
-                n = min(left, 16 * MiB)
-                f.write(rnd.randbytes(n))
-                left -= n
-    return N_BIG * per
-
-
 def write_small(qdir: str, count: int, rnd: random.Random) -> int:
     d = os.path.join(qdir, "small")
     for i in range(count):
@@ -361,37 +129,6 @@ def write_small(qdir: str, count: int, rnd: random.Random) -> int:
         with open(os.path.join(sub, f"f{i:06d}"), "wb") as f:
             f.write(rnd.randbytes(4096))
     return count * 4096
-
-
-def same_tree(a: str, b: str, rnd: random.Random) -> str | None:
-    """Names, types and sizes of every entry, plus sampled bytes of every file over 64 KiB and of
-    up to 200 others; None if equal."""
-    def listing(top):
-        out = {}
-        for dp, dns, fns in os.walk(top):
-            dns[:] = [x for x in dns if not x.startswith(".coalesce")]
-            for n in fns:
-                p = os.path.join(dp, n)
-                out[os.path.relpath(p, top)] = os.lstat(p).st_size
-        return out
-    la, lb = listing(a), listing(b)
-    if la != lb:
-        diff = sorted(set(la.items()) ^ set(lb.items()))[:5]
-        return f"listings differ ({len(la)} vs {len(lb)} files): {diff}"
-    # every large file, and a sample of 200 of the others (a sample of all of them could miss
-    # the 8 large files among 20,000 small ones)
-    large = sorted(r for r, size in la.items() if size > 65536)
-    rest = sorted(r for r, size in la.items() if size <= 65536)
-    for rel in large + rnd.sample(rest, min(200, len(rest))):
-        size = la[rel]
-        offs = [0] if size <= 65536 else [0, rnd.randrange(size - 65536), size - 65536]
-        for off in offs:
-            with open(os.path.join(a, rel), "rb") as fa, open(os.path.join(b, rel), "rb") as fb:
-                fa.seek(off)
-                fb.seek(off)
-                if hashlib.sha256(fa.read(65536)).digest() != hashlib.sha256(fb.read(65536)).digest():
-                    return f"{rel} differs at {off}"
-    return None
 
 
 # ---------------------------------------------------------------------------
@@ -436,7 +173,8 @@ def bench(mnt: str, work: str, size_mib: int, small: int, seed: int, log, profil
     rnd = random.Random(seed)
     src_path, dst_path = os.path.join(mnt, "src"), os.path.join(mnt, "dst")
     timer = Timer()
-    h = Harness(group_config(work, "rb", f"btrfs://{src_path}", f"btrfs://{dst_path}"), plugins=[timer])
+    h = Harness(group_config(work, "rb", f"btrfs://{src_path}", f"btrfs://{dst_path}", verify=VERIFY[0]),
+                plugins=[timer])
     try:
         qdir = os.path.join(src_path, QTREE)
         os.makedirs(qdir)
@@ -561,8 +299,7 @@ class NativeZfs:
         """Commit what was written to the source before a timed part: ``sync`` does not reach
         zfs-fuse's open transaction group (FUSE has no syncfs), a snapshot does.  Without this the
         first of the two timed runs (coalesce) paid the commit of the change in its PCPI."""
-        run(["zfs", "snapshot", f"{self.src_ds}@settle"])
-        run(["zfs", "destroy", f"{self.src_ds}@settle"])
+        zfs_settle(self.src_ds)
 
     def step(self) -> dict:
         name = f"n{self.n}"
@@ -582,73 +319,6 @@ class NativeZfs:
                 "image": os.path.join(self.dst_mnt, QTREE)}
 
 
-@contextlib.contextmanager
-def zfs_pool(size: int, log, prefix: str = "cbench", in_ram: bool = False):
-    """A private zfs-fuse pool through tools/realfs.py (own state dir, pool ``<prefix><pid>`` on a
-    sparse file of ``size`` bytes), torn down after, also on failure.  Yields a dict: ``tool`` (the
-    tools/realfs.py module), ``pool``, ``mountpoint``, ``state`` (its directory; coalesce's zfs
-    state, COALESCE_ZFS_STATE_DIR, is ``state/zfs-state`` meanwhile) and ``problems`` (filled in by
-    the teardown: what could not be cleaned up).
-
-    ``in_ram``: the state directory, the pool's file included, is a tmpfs of its own and the file is
-    allocated whole at once.  zfs-fuse writes its file vdev through the page cache; on a file system
-    on disk, the first write to a region of it whose pages are not cached took several seconds of
-    the daemon's CPU per GiB on this VM (docs/benchmarks.md), which fell on whichever method wrote
-    there first.  In RAM every page exists from the start, so the methods compare on equal terms."""
-    base = os.environ.get("COALESCE_BENCH_DIR", "/var/tmp")
-    state = tempfile.mkdtemp(prefix="coalesce-bench-zfs-", dir=base)
-    saved = {k: os.environ.get(k) for k in ("COALESCE_REALFS_DIR", "COALESCE_REALFS_POOL", "COALESCE_ZFS_STATE_DIR")}
-    pool = f"{prefix}{os.getpid()}"
-    os.environ["COALESCE_REALFS_DIR"] = state          # read when the tool module is loaded
-    os.environ["COALESCE_REALFS_POOL"] = pool
-    os.environ["COALESCE_ZFS_STATE_DIR"] = os.path.join(state, "zfs-state")
-    tool = _realfs_tool()
-    tool.ZFS_SIZE = size
-    tool.ZFS_PREALLOCATE = in_ram
-    res: dict = {"tool": tool, "pool": pool, "state": state, "problems": []}
-    problems = res["problems"]
-    try:
-        if in_ram:
-            run(["mount", "-t", "tmpfs", "-o", f"size={size + (256 << 20)},mode=0755", "coalesce-bench-zfs", state])
-        tool.ensure_tools(btrfs=False, zfs=True)
-        info = tool.zfs_up(pool)
-        res["mountpoint"] = info["mountpoint"]
-        log(f"zfs-fuse pool {pool} at {info['mountpoint']} (daemon started by us: "
-            f"{os.path.exists(os.path.join(state, 'zfs-fuse.pid'))})")
-        yield res
-    finally:
-        try:
-            # zfs-fuse is one daemon per machine: a tools/realfs.py `up` (the real-FS tests) that ran
-            # while ours was up put its pool on OUR daemon without recording a PID.  Stopping the
-            # daemon then would take that pool away, so leave it running and say so.
-            others = [] if not tool._zfs_fuse_pids() else [
-                n for n in run(["zpool", "list", "-H", "-o", "name"], check=False).stdout.split() if n != pool]
-            pidfile = os.path.join(state, "zfs-fuse.pid")
-            if others and os.path.exists(pidfile):
-                run(["zpool", "destroy", "-f", pool], check=False)
-                pid = Path(pidfile).read_text().strip()
-                problems.append(f"left the zfs-fuse daemon we started (PID {pid}) running: pools {others} of "
-                                f"others use it; stop it with `kill {pid}` when they are done")
-            else:
-                tool.zfs_down(pool)        # destroys the pool; stops the daemon only if we started it
-        except Exception as exc:
-            problems.append(f"zfs_down: {exc}")
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        for mp_ in tool._zfs_mounts_under(state):
-            problems.append(f"FUSE mount left: {mp_}")
-        if in_ram and not tool._zfs_mounts_under(state):
-            if run(["umount", state], check=False).returncode != 0:
-                problems.append(f"tmpfs left mounted at {state}")
-        if not tool._zfs_mounts_under(state):
-            shutil.rmtree(state, ignore_errors=True)
-        if os.path.exists(state):
-            problems.append(f"{state} not removed")
-
-
 def bench_zfs(size_mib: int, small: int, seed: int, log) -> tuple[dict, list[str]]:
     """The zfs-fuse part on a private pool (:func:`zfs_pool`), torn down after."""
     rnd = random.Random(seed)
@@ -661,8 +331,9 @@ def bench_zfs(size_mib: int, small: int, seed: int, log) -> tuple[dict, list[str
             work = os.path.join(state, "work")
             os.makedirs(work)
             timer = Timer()
-            h = Harness(group_config(work, "rz", f"zfs://{pool}/src", f"zfs://{pool}/dst"), plugins=[timer])
-            src_mp = run(["zfs", "get", "-H", "-o", "value", "mountpoint", f"{pool}/src"]).stdout.strip()
+            h = Harness(group_config(work, "rz", f"zfs://{pool}/src", f"zfs://{pool}/dst", verify=VERIFY[0]),
+                        plugins=[timer])
+            src_mp = zfs_mountpoint(f"{pool}/src")
             qdir = os.path.join(src_mp, QTREE)
             os.makedirs(qdir)
             native = NativeZfs(f"{pool}/src", f"{pool}/ndst", os.path.join(mp, "ndst"))
@@ -734,17 +405,16 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         print("bench_realfs.py needs root (loop devices, mount, btrfs)", file=sys.stderr)
         return 2
-    _realfs_tool().ensure_tools(btrfs=True, zfs=False)
+    realfs_tool().ensure_tools(btrfs=True, zfs=False)
     # source: base+target of the big files; coalesce dest: image + base PCPI; native dest: 2 snapshots;
     # rollbacks leave 1-2 more copies in purgatory/snapshots; x12 plus 4 GiB (sparse): x6 ran out
     fs_gib = args.fs_gib or max(2.0, 12 * args.size_mib / 1024 + 4)
-    log = (lambda m: print(f"[{time.strftime('%H:%M:%S')}] {m}", file=sys.stderr, flush=True)) if args.verbose \
-        else (lambda m: None)
+    log = progress(args.verbose)
     started = time.perf_counter()
-    when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    when = utc_now()
     problems: list[str] = []
-    load0 = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    cmd = "python tools/bench/bench_realfs.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    load0 = loads()
+    cmd = command("bench_realfs", argv)
     if not args.no_btrfs:
         fs = LoopFS(int(fs_gib * (1 << 30)))
         try:
@@ -759,10 +429,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"cleanup: {p}", file=sys.stderr)
         total = time.perf_counter() - started
         btrfs_v = run(["btrfs", "--version"], check=False).stdout.strip()
-        print(f"<!-- {when}; {platform.machine()} cpus {os.cpu_count()} python {platform.python_version()} "
-              f"kernel {platform.release()} {btrfs_v}; {fs_gib:.1f} GiB btrfs on a loop file under "
-              f"{os.environ.get('COALESCE_BENCH_DIR', '/var/tmp')}; command: {cmd.strip()}; script ran {total:.0f} s; "
-              f"load average {load0} before, {' '.join(f'{x:.2f}' for x in os.getloadavg())} after -->")
+        print(provenance(when, f"{host()} {btrfs_v}", f"{fs_gib:.1f} GiB btrfs on a loop file under "
+                         f"{bench_dir()}", f"command: {cmd}",
+                         f"script ran {total:.0f} s", f"load average {load0} before, {loads()} after"))
         print(table(res))
     if args.zfs:
         t0 = time.perf_counter()
@@ -773,9 +442,10 @@ def main(argv: list[str] | None = None) -> int:
             for p in zproblems:
                 print(f"cleanup: {p}", file=sys.stderr)
         problems += zproblems
-        print(f"\n<!-- zfs-fuse part: {args.zfs_size_mib} MiB, {args.zfs_small_files} small files; "
-              f"ran {time.perf_counter() - t0:.0f} s; load average {' '.join(f'{x:.2f}' for x in os.getloadavg())} "
-              f"after{'' if not args.no_btrfs else f', {load0} before'}; command: {cmd.strip()} -->")
+        print("\n" + provenance(f"zfs-fuse part: {args.zfs_size_mib} MiB, {args.zfs_small_files} small files",
+                                f"ran {time.perf_counter() - t0:.0f} s",
+                                f"load average {loads()} after{'' if not args.no_btrfs else f', {load0} before'}",
+                                f"command: {cmd}"))
         print(table(zres, "zfs-fuse"))
     return 1 if problems else 0
 

@@ -1,7 +1,8 @@
-#!/usr/bin/env python3
 """Recovery after a real SIGKILL at each named crash point: time from restart to a consistent group.
 
-    python tools/bench/bench_recovery.py [--backend sim mem] [--replicas 10 1000] [--points NAME ...]
+    python3 -m tools.bench.bench_recovery [--backend sim mem] [--replicas 10 1000] [--points NAME ...]
+
+from the repository root (the benchmarks are modules of the package ``tools.bench``; docs/benchmarks.md).
 
 For each backend and N, one group is set up once in a subprocess (N replicas,
 baseline done, then changes in a tenth of the replicas, one of whose transfers
@@ -38,16 +39,13 @@ _T_START = time.perf_counter()
 import argparse  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
-import platform  # noqa: E402
-import resource  # noqa: E402
 import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
+from tools.bench.common import ROOT, command, cpu, host, loads, provenance, qtree_names, utc_now  # noqa: E402
 
 from coalesce_core.crashpoints import CRASH_POINTS  # noqa: E402
 from coalesce_core.backend.hookspecs import hookimpl  # noqa: E402
@@ -56,15 +54,6 @@ SCENARIO = {"mid_baseline": "baseline", "mid_retry": "retry"}
 QUICK_POINTS = ["after_commit", "after_rollback_pcpi", "mid_apply", "mid_release", "mid_retry"]
 GENERIC_SIM = {"COALESCE_SIM_NATIVE_ROLLBACK": "0"}
 CUT = "q0001"  # the replica whose transfer the crashing cycle cuts (rollback)
-
-
-def cpu() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
-
-
-def names(n: int) -> list[str]:
-    return [f"q{i:04d}" for i in range(n)]
 
 
 def urls(backend: str, d: Path) -> tuple[str, str]:
@@ -89,7 +78,7 @@ def child_setup(backend: str, d: Path, n: int, scenario: str) -> dict:
     from coalesce_core.testing.harness import Harness
 
     rng = random.Random(n)
-    qs = names(n)
+    qs = qtree_names(n)
     cfg_path = d / "coalesce.toml"
     text = config_text(backend, d, qs)
     cfg_path.write_text(text, encoding="utf-8")
@@ -232,7 +221,7 @@ def _child(*args: str, env: dict | None = None, timeout: int = 3600) -> subproce
 
 
 def _json_child(*args: str, env: dict | None = None) -> dict:
-    p = _child(__file__, *args, env=env)
+    p = _child("-m", "tools.bench.bench_recovery", *args, env=env)  # this module, in a fresh process
     if p.returncode != 0:
         raise SystemExit(f"{' '.join(args)} failed (rc {p.returncode}):\n{p.stdout[-2000:]}\n{p.stderr[-4000:]}")
     return json.loads(p.stdout.strip().splitlines()[-1])
@@ -276,10 +265,8 @@ def fmt(r: dict) -> str:
 
 
 def header(argv: list[str]) -> str:
-    return (f"<!-- {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {platform.node()} {platform.machine()} "
-            f"cpus {os.cpu_count()} python {platform.python_version()} kernel {platform.release()}; "
-            f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}; "
-            f"command: python tools/bench/bench_recovery.py {' '.join(argv)} -->\n"
+    return (provenance(utc_now(), host(node=True), f"load average {loads()}",
+                       f"command: {command('bench_recovery', argv)}") + "\n"
             "| backend | N | crash point | exit | open (s) | recover (s) | recovery wall (s) | CPU (s) "
             "| what recovery did | consistent after recover | cycles / wall (s) to rest | at rest, consistent |\n"
             "|---|---|---|---|---|---|---|---|---|---|---|---|")

@@ -1,7 +1,8 @@
-#!/usr/bin/env python3
 """Scale of one group: PCPIs at peak and at rest, wall/CPU time of a no-change cycle.
 
-    python tools/bench/bench_scale.py [--backend mem] [--replicas 300 1000] [--cycles 3] [--no-strace]
+    python3 -m tools.bench.bench_scale [--backend mem] [--replicas 300 1000] [--cycles 3] [--no-strace]
+
+from the repository root (the benchmarks are modules of the package ``tools.bench``; docs/benchmarks.md).
 
 For each N: baseline cycle, then ``--cycles`` cycles with random transfer
 failures (1% of replicas) counting the destination's PCPIs after every PCPI
@@ -25,27 +26,24 @@ strace (or when attaching is refused) those columns say n/a and the rest runs.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import ctypes
 import os
 import platform
 import random
 import re
-import resource
 import shutil
 import sqlite3
 import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from tools.bench.common import close_harness, command, cpu, loads, provenance, qtree_names, replicas_config
 
-from coalesce_core.config import parse_config  # noqa: E402
-from coalesce_core.backend.faults import Rule  # noqa: E402
-from coalesce_core.backend.hookspecs import hookimpl  # noqa: E402
-from coalesce_core.testing.harness import Harness  # noqa: E402
+from coalesce_core.config import parse_config
+from coalesce_core.backend.faults import Rule
+from coalesce_core.backend.hookspecs import hookimpl
+from coalesce_core.testing.harness import Harness
 
 
 class PeakCounter:
@@ -179,11 +177,6 @@ def traced_cycle(h: Harness, meta: str, volume_dirs: list[str], why_not: list[st
             "commits": h.agent.ledger.commits - c0}
 
 
-def cpu() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
-
-
 def one(backend: str, n: int, cycles: int, seed: int, why_not: list[str]) -> dict:
     tmp = tempfile.mkdtemp(prefix="coalesce-bench-")
     try:
@@ -193,13 +186,12 @@ def one(backend: str, n: int, cycles: int, seed: int, why_not: list[str]) -> dic
 
 
 def _one(tmp: str, backend: str, n: int, cycles: int, seed: int, why_not: list[str]) -> dict:
-    names = [f"q{i:04d}" for i in range(n)]
+    names = qtree_names(n)
     if backend == "mem":
         src, dst = f"mem://bench-src-{n}-{seed}", f"mem://bench-dst-{n}-{seed}"
     else:
         src, dst = f"{backend}://{tmp}/src", f"{backend}://{tmp}/dst"
-    text = (f'[group]\nname="b"\nsource="{src}"\ndestination="{dst}"\nparallel=8\nmetadata="{tmp}/meta"\n'
-            "[group.retry]\ninitial=0\n" + "".join(f'[[replica]]\nname="{q}"\n' for q in names))
+    text = replicas_config("b", src, dst, f"{tmp}/meta", names)
     counter = PeakCounter()
     h = Harness(parse_config(text), plugins=[counter])
     counter.h = h
@@ -236,10 +228,7 @@ def _one(tmp: str, backend: str, n: int, cycles: int, seed: int, why_not: list[s
         h.writer.write(q, "f", rng.randbytes(64))
     small_io = traced_cycle(h, f"{tmp}/meta", vdirs, why_not)
     h.assert_invariants()
-    with contextlib.suppress(Exception):
-        h.agent.close()
-    with contextlib.suppress(Exception):
-        h.agent.ledger.close()
+    close_harness(h)
     return {"backend": backend, "n": n, "peak_cycle": counter.peak_cycle, "peak_all": counter.peak_all,
             "at_rest": at_rest, "injected_failures": failures, "baseline_s": baseline_s,
             "nochange_s": nochange_s, "nochange_cpu": nochange_cpu, "small_s": small_s, "small_cpu": small_cpu,
@@ -271,10 +260,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench_scale: fsync/write columns n/a: {why_not[0]}", file=sys.stderr)
     strace_v = "" if Strace.path is None else subprocess.run([Strace.path, "-V"], capture_output=True,
                                                              text=True).stdout.split("\n")[0]
-    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    print(f"<!-- {platform.node()} {platform.machine()} python {platform.python_version()} sqlite {sqlite3.sqlite_version} "
-          f"{strace_v or 'no strace'} cpus {os.cpu_count()} loadavg {load}; "
-          f"command: python tools/bench/bench_scale.py {' '.join(argv or sys.argv[1:])} -->")
+    print(provenance(f"{platform.node()} {platform.machine()} python {platform.python_version()} sqlite "
+                     f"{sqlite3.sqlite_version} {strace_v or 'no strace'} cpus {os.cpu_count()} loadavg {loads()}",
+                     f"command: {command('bench_scale', argv or None)}"))
     print("| backend | replicas | cycle-role PCPIs at peak | all group PCPIs at peak | at rest | injected failures "
           "| baseline cycle (s) | no-change cycle wall (s) | CPU (s) | ledger commits | one change per replica wall (s) | CPU (s) "
           "| ledger commits | no-change fsyncs ledger / volume | writes ledger / volume "

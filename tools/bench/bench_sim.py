@@ -1,7 +1,8 @@
-#!/usr/bin/env python3
 """Benchmarks of the sim backend (docs/sim.md, docs/benchmarks.md).
 
-    python tools/bench/bench_sim.py [--quick]
+    python3 -m tools.bench.bench_sim [--quick]
+
+from the repository root (the benchmarks are modules of the package ``tools.bench``; docs/benchmarks.md).
 
 Prints one markdown table and writes nothing else (volumes live in a temporary
 directory that is removed).  Measures:
@@ -20,21 +21,18 @@ Volumes are created with fsync on (the default), as a user would run them.
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import statistics
 import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+from tools.bench.common import MiB
 
-from coalesce_core.stream import records as R  # noqa: E402
-from coalesce_sim import close_sim, coalesce_apply, coalesce_rollback, open_sim  # noqa: E402
-from coalesce_sim import diff as D  # noqa: E402
-from coalesce_sim.raid import BS  # noqa: E402
-
-MiB = 1 << 20
+from coalesce_core.stream import records as R
+from coalesce_sim import close_sim, coalesce_apply, coalesce_rollback, open_sim
+from coalesce_sim import diff as D
+from coalesce_sim.raid import BS
 
 
 def fill(fs, qtree: str, nbytes: int, file_bytes: int = 16 * MiB) -> float:

@@ -1,8 +1,9 @@
-#!/usr/bin/env python3
 """Snapshot consumption vs number of replicas: coalesce (sim, btrfs) against btrbk on the same btrfs.
 
-    python tools/bench/bench_snapshots.py [--quick] [--replicas 1 10 100 255 1000] [--cycles 3]
-                                          [--tools sim btrfs btrbk] [--plot PATH] [-v]
+    python3 -m tools.bench.bench_snapshots [--quick] [--replicas 1 10 100 255 1000] [--cycles 3]
+                                           [--tools sim btrfs btrbk] [--plot PATH] [-v]
+
+from the repository root (the benchmarks are modules of the package ``tools.bench``; docs/benchmarks.md).
 
 For each N, the same workload for every tool: N replicas ("qtrees") get a
 64-byte file each, a baseline cycle copies them, then ``--cycles`` cycles
@@ -19,7 +20,7 @@ bench_scale.py).
   ``Rule(hook="coalesce_diff", qtree=q, record=1, times=1, volume="src")``,
   as in bench_scale.py.
 * ``coalesce btrfs``: the same group with btrfs:// source and destination on
-  the bench's own loop btrfs (bench_realfs.LoopFS), counted with ``btrfs
+  the bench's own loop btrfs (common.LoopFS), counted with ``btrfs
   subvolume list`` after every snapshot create / delete (the time spent
   counting is subtracted from the wall time).
 * ``btrbk``: btrbk (Debian's package) with its DEFAULT retention
@@ -45,9 +46,7 @@ btrbk; without root only the sim part runs.  ``--quick``: N = 1 and 3.
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
-import platform
 import random
 import shutil
 import subprocess
@@ -57,17 +56,13 @@ import threading
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(HERE))
+from tools.bench.common import (ROOT, SBIN_PATH, LoopFS, bench_dir, close_harness, command, host, loads, progress,
+                                provenance, qtree_names, replicas_config, run, utc_now)
 
-from bench_realfs import SBIN_PATH, LoopFS, close_harness, run  # noqa: E402
-
-from coalesce_core.config import parse_config  # noqa: E402
-from coalesce_core.backend.faults import Rule  # noqa: E402
-from coalesce_core.backend.hookspecs import hookimpl  # noqa: E402
-from coalesce_core.testing.harness import Harness  # noqa: E402
+from coalesce_core.config import parse_config
+from coalesce_core.backend.faults import Rule
+from coalesce_core.backend.hookspecs import hookimpl
+from coalesce_core.testing.harness import Harness
 
 DEFAULT_PLOT = ROOT / "docs" / "img" / "snapshot-consumption.png"
 TOOLS = ("sim", "btrfs", "btrbk")
@@ -80,17 +75,13 @@ LABEL = {"sim": "coalesce (sim)", "btrfs": "coalesce (btrfs)", "btrbk": "btrbk 0
 def plan(n: int, cycles: int, seed: int) -> list[tuple[list[str], list[str]]]:
     """Per update cycle: (replicas changed, replicas whose transfer is cut), from one seeded RNG."""
     rng = random.Random(seed)
-    names = qnames(n)
+    names = qtree_names(n)
     out = []
     for _ in range(cycles):
         changed = sorted(rng.sample(names, max(1, n // 10)))
         failed = sorted(rng.sample(changed, max(1, n // 100)))
         out.append((changed, failed))
     return out
-
-
-def qnames(n: int) -> list[str]:
-    return [f"q{i:04d}" for i in range(n)]
 
 
 # ---------------------------------------------------------------------------
@@ -138,11 +129,10 @@ def btrfs_list(mnt: str) -> list[str]:
 
 def coalesce_run(backend: str, n: int, cycles: int, seed: int, where: str, mnt: str | None) -> dict:
     """``where``: a fresh directory (sim volumes, or under the btrfs mount for btrfs)."""
-    names = qnames(n)
+    names = qtree_names(n)
     src, dst = f"{backend}://{where}/src", f"{backend}://{where}/dst"
     meta = os.path.join(where, "meta")
-    text = (f'[group]\nname="snap"\nsource="{src}"\ndestination="{dst}"\nparallel=8\nmetadata="{meta}"\n'
-            "[group.retry]\ninitial=0\n" + "".join(f'[[replica]]\nname="{q}"\n' for q in names))
+    text = replicas_config("snap", src, dst, meta, names)
     holder: dict = {}
     if backend == "btrfs":
         rel = os.path.relpath(where, mnt)
@@ -244,7 +234,7 @@ def btrbk_version() -> str:
 
 
 def btrbk_run(n: int, cycles: int, seed: int, where: str, mnt: str, log) -> dict:
-    names = qnames(n)
+    names = qtree_names(n)
     srcvol, tgt = os.path.join(where, "src"), os.path.join(where, "target")
     snapdir = os.path.join(srcvol, "btrbk_snapshots")
     bindir, faildir = os.path.join(where, "bin"), os.path.join(where, "fail")
@@ -414,8 +404,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--verbose", "-v", action="store_true", help="progress on stderr")
     args = ap.parse_args(argv)
     sizes = [1, 3] if args.quick else args.replicas
-    log = (lambda m: print(f"[{time.strftime('%H:%M:%S')}] {m}", file=sys.stderr, flush=True)) if args.verbose \
-        else (lambda m: None)
+    log = progress(args.verbose)
     try:
         import matplotlib
     except ImportError:
@@ -430,14 +419,14 @@ def main(argv: list[str] | None = None) -> int:
         print("bench_snapshots.py: btrbk is not installed (apt-get install btrbk)", file=sys.stderr)
         return 2
     started = time.perf_counter()
-    when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    when = utc_now()
     load0 = os.getloadavg()
     rows: list[dict] = []
     problems: list[str] = []
     for n in sizes:
         if "sim" in tools:
             tmp = tempfile.mkdtemp(prefix="coalesce-bench-snap-",
-                                   dir=os.environ.get("COALESCE_BENCH_DIR", "/var/tmp"))
+                                   dir=bench_dir())
             try:
                 r = coalesce_run("sim", n, args.cycles, args.seed, tmp, None)
             finally:
@@ -468,15 +457,13 @@ def main(argv: list[str] | None = None) -> int:
     load1 = os.getloadavg()
     order = {t: i for i, t in enumerate(TOOLS)}
     rows.sort(key=lambda r: (order[r["tool"]], r["n"]))
-    cmd = "python tools/bench/bench_snapshots.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    cmd = command("bench_snapshots", argv)
     versions = (f"btrfs-progs {run(['btrfs', '--version'], check=False).stdout.strip().split()[-1]} "
                 f"btrbk {btrbk_version()} " if os.geteuid() == 0 else "")
-    print(f"<!-- {when}; {platform.node()} {platform.machine()} cpus {os.cpu_count()} python "
-          f"{platform.python_version()} kernel {platform.release()} {versions}matplotlib {matplotlib.__version__}; "
-          f"load average {load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f} at start, {load1[0]:.2f} {load1[1]:.2f} "
-          f"{load1[2]:.2f} at end; {args.fs_gib:g} GiB btrfs on a loop file under "
-          f"{os.environ.get('COALESCE_BENCH_DIR', '/var/tmp')} per N; command: {cmd.strip()}; "
-          f"script ran {total:.0f} s -->")
+    print(provenance(when, f"{host(node=True)} {versions}matplotlib {matplotlib.__version__}",
+                     f"load average {loads(load0)} at start, {loads(load1)} at end",
+                     f"{args.fs_gib:g} GiB btrfs on a loop file under {bench_dir()}"
+                     " per N", f"command: {cmd}", f"script ran {total:.0f} s"))
     print(table(rows))
     btr = [r for r in rows if r["tool"] == "btrbk"]
     for r in btr:

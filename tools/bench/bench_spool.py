@@ -1,7 +1,8 @@
-#!/usr/bin/env python3
 """The spool (coalesce_core/stream/spool.py): what it costs, and what it saves when the agent is killed.
 
-    python tools/bench/bench_spool.py [--quick] [--mib 128] [--rate 8MiB/s] [--dir /var/tmp]
+    python3 -m tools.bench.bench_spool [--quick] [--mib 128] [--rate 8MiB/s] [--dir /var/tmp]
+
+from the repository root (the benchmarks are modules of the package ``tools.bench``; docs/benchmarks.md).
 
 1. **Cost.**  The same change records pass through ``Spool.record`` (written
    through to a file in ``--dir``) and, for comparison, through a plain loop:
@@ -30,7 +31,6 @@ import json
 import os
 import platform
 import random
-import resource
 import shutil
 import signal
 import subprocess
@@ -40,25 +40,12 @@ import time
 import types
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
+from tools.bench.common import MiB, children_cpu, command, cpu, utc_now
 
-from coalesce_core.stream.records import Begin, End, MkFile, SetAttr, Write  # noqa: E402
-from coalesce_core.stream.spool import Spool  # noqa: E402
+from coalesce_core.stream.records import Begin, End, MkFile, SetAttr, Write
+from coalesce_core.stream.spool import Spool
 
-MiB = 1 << 20
 EXE = [sys.executable, "-m", "coalesce_core.ui.cli"]
-
-
-def cpu() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
-
-
-def children_cpu() -> float:
-    r = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return r.ru_utime + r.ru_stime
 
 
 # --------------------------------------------------------------------------- 1. cost
@@ -104,7 +91,7 @@ def cost(name: str, recs: list, where: Path) -> dict:
 
 # --------------------------------------------------------------------------- 2. SIGKILL
 def certs(d: Path) -> types.SimpleNamespace:
-    from net.netkit import CA
+    from tests.net.netkit import CA
 
     d.mkdir(parents=True, exist_ok=True)
     ca = CA(d, "bench-spool-ca")
@@ -120,7 +107,7 @@ def kill_test(mib: int, rate: str, work: Path) -> list[dict]:
     from coalesce_core.backend.manager import plugin_manager
     from coalesce_core.backend.volume import Volume
     from coalesce_core.testing.workload import SourceWriter
-    from net.netkit import TLSService
+    from tests.net.netkit import TLSService
 
     c = certs(work / "certs")
     svc = TLSService(c)
@@ -204,9 +191,8 @@ def main(argv: list[str] | None = None) -> int:
         args.mib, args.cost_mib, args.files, args.rate = 8, 16, 500, "4MiB/s"
     work = Path(tempfile.mkdtemp(prefix="bench-spool-", dir=args.dir))
     try:
-        print(f"`python tools/bench/bench_spool.py {' '.join(argv if argv is not None else sys.argv[1:])}` "
-              f"on {platform.node()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
-              f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, load {os.getloadavg()[0]:.2f}\n")
+        print(f"`{command('bench_spool', argv)}` on {platform.node()}, {os.cpu_count()} CPUs, "
+              f"Python {platform.python_version()}, {utc_now()}, load {os.getloadavg()[0]:.2f}\n")
         print("| records | change records | data (MiB) | spool file (MiB) | plain loop wall / CPU (s) "
               "| through the spool wall / CPU (s) | spool MiB/s | replay wall / CPU (s) |")
         print("|---|---|---|---|---|---|---|---|")

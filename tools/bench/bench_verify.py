@@ -1,7 +1,8 @@
-#!/usr/bin/env python3
 """What the check of each update before `done` costs: the same update cycles with ``verify = true`` and false.
 
-    python tools/bench/bench_verify.py [--quick] [--backends sim,btrfs,zfs] [--repeats 3] [-v]
+    python3 -m tools.bench.bench_verify [--quick] [--backends sim,btrfs,zfs] [--repeats 3] [-v]
+
+from the repository root (the benchmarks are modules of the package ``tools.bench``; docs/benchmarks.md).
 
 The check (docs/verification.md, "Replicas checked against their source PCPIs"; ``[group] verify``,
 docs/config.md) describes every path an update's records name, with content digests of the regular
@@ -20,8 +21,8 @@ bench_realfs.py, plus three):
   (d) one large file (``big/f0.bin``, 1/8 of ``--size-mib``) rewritten in part (``--patch-mib``);
   (e) the small files of (b) renamed, each into the next directory.
 
-btrfs: a loop btrfs of its own per repeat (bench_realfs.LoopFS); zfs: a private zfs-fuse pool on
-a file in a tmpfs per repeat (bench_realfs.zfs_pool, as bench_zfs_qtrees.py; an already running
+btrfs: a loop btrfs of its own per repeat (common.LoopFS); zfs: a private zfs-fuse pool on
+a file in a tmpfs per repeat (common.zfs_pool, as bench_zfs_qtrees.py; an already running
 daemon is shared, not stopped); sim: ``sim://`` volumes (fsync on) in a temporary directory.
 btrfs and zfs need root and are skipped without it.  Page cache warm (the change was just written;
 ``sync``, and on zfs a snapshot of each source made and destroyed, before each timed cycle).
@@ -39,31 +40,22 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import os
-import platform
 import random
 import shutil
 import statistics
 import sys
 import tempfile
 import time
-from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(HERE))
+from tools.bench.common import (N_BIG, QTREE, LoopFS, MiB, bench_dir, close_harness, command, group_config, host, loads,
+                                progress, provenance, run, same_tree, self_cpu, utc_now, zfs_fuse_cpu, zfs_mountpoint,
+                                zfs_pool, zfs_settle)
 
-from bench_net import self_cpu, zfs_fuse_cpu  # noqa: E402
-from bench_realfs import N_BIG, LoopFS, MiB, close_harness, run, same_tree, zfs_pool  # noqa: E402
+from coalesce_core import verifier
+from coalesce_core.stream.records import MkDir, MkFile, Rename, Write, framed
+from coalesce_core.testing.harness import Harness
 
-from coalesce_core import verifier  # noqa: E402
-from coalesce_core.config import parse_config  # noqa: E402
-from coalesce_core.stream.records import MkDir, MkFile, Rename, Write, framed  # noqa: E402
-from coalesce_core.testing.harness import Harness  # noqa: E402
-
-QTREE = "q"
 NDIRS = 20
 SIZES = {  # backend: (size_mib, base_files, small_files, patch_mib)
     "sim": (128, 1000, 2000, 1),
@@ -204,12 +196,7 @@ class CheckTimer:
 
 def make_group(work: str, name: str, source: str, destination: str, verify: bool) -> Harness:
     os.makedirs(work, exist_ok=True)
-    text = (f'[group]\nname="{name}"\nsource="{source}"\ndestination="{destination}"\nparallel=4\n'
-            f'metadata="{work}/meta"\nverify={str(verify).lower()}\n'
-            f'[group.retry]\ninitial=0.0\nfactor=2\nmaximum=60\n[[replica]]\nname="{QTREE}"\n')
-    path = os.path.join(work, "group.toml")
-    Path(path).write_text(text)
-    return Harness(parse_config(text, path))
+    return Harness(group_config(work, name, source, destination, verify=verify))
 
 
 class Group:
@@ -250,10 +237,9 @@ def volumes(backend: str, rep: int, size_mib: int, log):
     """Yields make(verify) -> Group on fresh volumes of ``backend``, torn down after."""
     harnesses: list[Harness] = []
     problems: list[str] = []
-    base = os.environ.get("COALESCE_BENCH_DIR", "/var/tmp")
     try:
         if backend == "sim":
-            d = tempfile.mkdtemp(prefix="coalesce-bench-verify-", dir=base)
+            d = tempfile.mkdtemp(prefix="coalesce-bench-verify-", dir=bench_dir())
             try:
                 def make(verify: bool) -> Group:
                     tag = "on" if verify else "off"
@@ -294,11 +280,10 @@ def volumes(backend: str, rep: int, size_mib: int, log):
                         h = make_group(os.path.join(z["state"], f"work-{tag}"), f"v{tag}", f"zfs://{pool}/src{tag}",
                                        f"zfs://{pool}/dst{tag}", verify)
                         harnesses.append(h)
-                        mp = run(["zfs", "get", "-H", "-o", "value", "mountpoint", f"{pool}/src{tag}"]).stdout.strip()
+                        mp = zfs_mountpoint(f"{pool}/src{tag}")
 
                         def settle() -> None:
-                            run(["zfs", "snapshot", f"{pool}/src{tag}@settle"])
-                            run(["zfs", "destroy", f"{pool}/src{tag}@settle"])
+                            zfs_settle(f"{pool}/src{tag}")
                         qdir = os.path.join(mp, QTREE)
                         return Group(h, PosixSource(qdir), verify, settle, qdir)
                     yield make, problems
@@ -386,11 +371,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"bench_verify: skipping {b} (needs root)", file=sys.stderr)
             backends.remove(b)
     repeats = 1 if args.quick else args.repeats
-    log = (lambda m: print(f"[{time.strftime('%H:%M:%S')}] {m}", file=sys.stderr, flush=True)) if args.verbose \
-        else (lambda m: None)
+    log = progress(args.verbose)
     started = time.perf_counter()
-    when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    load0 = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    when = utc_now()
+    load0 = loads()
     rows: list[dict] = []
     used = {}
     for b in backends:
@@ -399,13 +383,12 @@ def main(argv: list[str] | None = None) -> int:
                       zip((args.size_mib, args.base_files, args.small_files, args.patch_mib), sizes))
         used[b] = sizes
         rows += bench_backend(b, sizes, repeats, args.seed, log)
-    cmd = "python tools/bench/bench_verify.py " + " ".join(argv if argv is not None else sys.argv[1:])
     btrfs_v = run(["btrfs", "--version"], check=False).stdout.strip() if "btrfs" in backends else ""
-    print(f"<!-- {when}; {platform.machine()} cpus {os.cpu_count()} python {platform.python_version()} "
-          f"kernel {platform.release()} {btrfs_v}; backends {', '.join(backends)} (size MiB, base files, small "
-          f"files, patch MiB: {used}); {repeats} repeat(s); command: {cmd.strip()}; script ran "
-          f"{time.perf_counter() - started:.0f} s; load average {load0} before, "
-          f"{' '.join(f'{x:.2f}' for x in os.getloadavg())} after -->")
+    print(provenance(when, f"{host()} {btrfs_v}",
+                     f"backends {', '.join(backends)} (size MiB, base files, small files, patch MiB: {used})",
+                     f"{repeats} repeat(s)", f"command: {command('bench_verify', argv)}",
+                     f"script ran {time.perf_counter() - started:.0f} s",
+                     f"load average {load0} before, {loads()} after"))
     print(table(rows))
     return 0
 

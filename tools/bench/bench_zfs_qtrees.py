@@ -1,9 +1,10 @@
-#!/usr/bin/env python3
 """Many qtrees of one zfs-fuse dataset changed between the same two PCPIs: the source's diffs.
 
-    python tools/bench/bench_zfs_qtrees.py [--quick] [--qtrees 1 4 16] [--mib 32] [--parallel 1 4] [-v]
+    python3 -m tools.bench.bench_zfs_qtrees [--quick] [--qtrees 1 4 16] [--mib 32] [--parallel 1 4] [-v]
 
-Needs root.  A private zfs-fuse pool (bench_realfs.py's ``zfs_pool``, its file
+from the repository root (the benchmarks are modules of the package ``tools.bench``; docs/benchmarks.md).
+
+Needs root.  A private zfs-fuse pool (common.py's ``zfs_pool``, its file
 in a tmpfs; zfs-fuse is started when none runs and stopped at the end, so do not
 run it while the real-FS tests run).  For each K of ``--qtrees``, a fresh
 dataset with K qtrees holding one file of ``--mib`` MiB each; PCPI ``a``; every
@@ -32,27 +33,18 @@ markdown.  ``--quick``: K = 2, 2 MiB (the CI smoke test).
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
-import platform
 import random
 import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-for p in (str(HERE), str(HERE.parents[1])):
-    if p not in sys.path:
-        sys.path.insert(0, p)
+from tools.bench.common import MiB, command, host, loads, provenance, self_cpu, utc_now, zfs_fuse_cpu, zfs_pool
 
-from bench_net import self_cpu, zfs_fuse_cpu  # noqa: E402
-from bench_realfs import MiB, zfs_pool  # noqa: E402
-
-from coalesce_core.backend.manager import plugin_manager  # noqa: E402
-from coalesce_core.backend.volume import Volume  # noqa: E402
-from coalesce_core.stream.records import Write  # noqa: E402
+from coalesce_core.backend.manager import plugin_manager
+from coalesce_core.backend.volume import Volume
+from coalesce_core.stream.records import Write
 
 WAYS = ("walk", "send per qtree", "shared map")
 VERBOSE = False
@@ -160,12 +152,9 @@ def main(argv: list[str] | None = None) -> int:
         for k in args.qtrees:
             rows += bench_k(z["pool"], k, args.mib, args.parallel, rnd)
     problems = z["problems"]
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    cmd = " ".join(["python", "tools/bench/bench_zfs_qtrees.py", *(argv if argv is not None else sys.argv[1:])])
-    print(f"<!-- {stamp}; {platform.machine()} cpus {os.cpu_count()} python {platform.python_version()}; zfs-fuse, "
-          f"one pool on a file in a tmpfs; load average {' '.join(f'{x:.2f}' for x in load0)} at the start, "
-          f"{' '.join(f'{x:.2f}' for x in os.getloadavg())} at the end; ran {time.perf_counter() - started:.0f} s; "
-          f"command: {cmd} -->")
+    print(provenance(utc_now(), host(kernel=False), "zfs-fuse, one pool on a file in a tmpfs",
+                     f"load average {loads(load0)} at the start, {loads()} at the end",
+                     f"ran {time.perf_counter() - started:.0f} s", f"command: {command('bench_zfs_qtrees', argv)}"))
     print(table(rows, args.mib))
     for p in problems:
         print(f"bench_zfs_qtrees: {p}", file=sys.stderr)
