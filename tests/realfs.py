@@ -21,7 +21,6 @@ tests/conftest.py).  Fixtures:
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import os
 import shutil
@@ -30,17 +29,14 @@ import time
 
 import pytest
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-_TOOL = os.path.join(os.path.dirname(_HERE), "tools", "realfs.py")
 _COUNTER = itertools.count()
 
 
 def _tool():
-    spec = importlib.util.spec_from_file_location("coalesce_tools_realfs", _TOOL)
-    mod = importlib.util.module_from_spec(spec)
-    assert spec.loader is not None
-    spec.loader.exec_module(mod)
-    return mod
+    """tools/realfs.py (the test command runs from the repository root, which is on sys.path)."""
+    from tools import realfs
+
+    return realfs
 
 
 #: set once a zfs command got no answer: zfs-fuse is wedged, and every later zfs test fails at once

@@ -143,8 +143,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--keep", type=Path, help="copy the work directory (pan.c, trail) here")
     args = ap.parse_args(argv)
     if args.mutant or args.replicas:
-        sys.path.insert(0, str(ROOT / "tools"))
-        import gen_promela
+        if __package__:                  # imported as tools.spin
+            from tools import gen_promela
+        else:                            # `python3 tools/spin.py`: tools/ is the first entry of sys.path
+            import gen_promela
         text = gen_promela.generate(mutant=args.mutant, replicas=args.replicas or gen_promela.N_REPLICAS)
     else:
         text = args.model.read_text(encoding="utf-8")

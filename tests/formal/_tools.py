@@ -1,19 +1,13 @@
-"""Import tools/*.py (not a package) from the tests."""
+"""The tools/*.py modules (the package ``tools`` at the repository root) for the tests."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
+import importlib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def tool(name: str):
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    """``tools.<name>`` (the test command runs from the repository root, which is on sys.path)."""
+    return importlib.import_module(f"tools.{name}")
