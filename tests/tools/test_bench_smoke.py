@@ -1,4 +1,5 @@
-"""The benchmarks still run (`python tools/bench --quick`): a smoke test, never a timed assertion."""
+"""The benchmarks still run (`python3 tools/bench --quick`, each as `python3 -m tools.bench.bench_<name> --quick`):
+a smoke test, never a timed assertion."""
 
 from __future__ import annotations
 
