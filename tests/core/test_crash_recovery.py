@@ -1,7 +1,7 @@
-"""A crash at every named crash point, then a restart from the ledger (I6).
+"""A crash at every named crash point, then a restart from the ledger (I6), on mem, btrfs and zfs volumes.
 
 In-process: the armed point raises SimulatedCrash, the agent is abandoned and
-a new one is opened on the same mem volumes.  After the restart, and again
+a new one is opened on the same volumes.  After the restart, and again
 after the group is driven to rest, I1-I5, I8 and I9 hold (checked against the
 volumes and the writer's own record of the source), no exported image was
 lost, and no PCPI leaked.
@@ -10,6 +10,7 @@ lost, and no PCPI leaked.
 from __future__ import annotations
 
 import pytest
+from backends import config_on, on_backend
 
 from coalesce_core.crashpoints import CRASH_POINTS
 from coalesce_core.backend.faults import Rule
@@ -17,6 +18,16 @@ from coalesce_core.testing.harness import Harness
 from coalesce_core.testing.workload import fill
 
 CYCLE_POINTS = [p for p in CRASH_POINTS if p not in ("mid_baseline", "mid_retry", "mid_reseed")]
+
+
+@pytest.fixture(params=[on_backend(b) for b in ("mem", "btrfs", "zfs")])
+def backend(request):
+    return request.param
+
+
+@pytest.fixture
+def group_config(group_config, backend, request, monkeypatch):
+    return config_on(backend, group_config, request, monkeypatch)
 
 
 def _settle(h: Harness) -> None:
@@ -45,9 +56,11 @@ def _prepared(group_config, **kw) -> Harness:
     return h
 
 
-@pytest.mark.parametrize("nth", [1, 2])
+@pytest.mark.parametrize(("backend", "nth"), [on_backend("mem", 1), on_backend("mem", 2), on_backend("btrfs", 1),
+                                              on_backend("btrfs", 2), on_backend("zfs", 1)], indirect=["backend"])
 @pytest.mark.parametrize("point", CYCLE_POINTS)
 def test_crash_in_a_cycle_then_restart(group_config, point, nth):
+    """Each crash point at its first pass, and at its second on mem and btrfs (zfs-fuse is slow)."""
     h = _prepared(group_config)
     before = h.exported_fingerprints()
     crashed = h.crash(f"{point}:{nth}", h.cycle)

@@ -1,10 +1,12 @@
-"""`coalesce run` SIGKILLed at every named crash point and at random moments, on real volumes.
+"""`coalesce run` SIGKILLed at every named crash point and at random moments, on real btrfs and zfs volumes.
 
 After each kill, whatever readers see at the stable export paths is a complete
 image of the source qtree at some source PCPI (compared by READING the files
 under the export paths, not by trusting the ledger); after a restart the group
 recovers, every replica is stable at the newest source point and the
 destination holds exactly one PCPI (counted by the file system's own tools).
+zfs-fuse is slow, so a representative subset of the crash points runs on it
+(all of them run in-process on zfs in tests/core/test_crash_recovery.py).
 """
 
 from __future__ import annotations
@@ -22,9 +24,8 @@ import pytest
 from coalesce_core.crashpoints import CRASH_POINTS
 from coalesce_core.backend.manager import plugin_manager
 from coalesce_core.backend.volume import Volume
+from backends import on_backend
 from coalesce_posix import walk
-
-pytestmark = pytest.mark.btrfs
 
 EXE = [sys.executable, "-m", "coalesce_core.ui.cli"]
 POINTS = [p for p in CRASH_POINTS if p not in ("mid_baseline", "mid_retry", "mid_reseed")]
@@ -109,13 +110,26 @@ def btrfs_pcpis(url):
     return sum(1 for line in out.splitlines() if f".coalesce-snapshots/{vol.handle.name}/" in line)
 
 
-@pytest.mark.parametrize("point", POINTS)
-def test_sigkill_at_every_crash_point(tmp_path, btrfs_urls, point):
-    g = Group(tmp_path, btrfs_urls("src"), btrfs_urls("dst"))
+def zfs_pcpis(url):
+    ds = url.split("://", 1)[1]
+    out = subprocess.run(["zfs", "list", "-H", "-t", "snapshot", "-o", "name", "-r", ds], capture_output=True,
+                         text=True, check=True).stdout.split()
+    return sum(1 for n in out if n.startswith(ds + "@"))
+
+
+COUNT_PCPIS = {"btrfs": btrfs_pcpis, "zfs": zfs_pcpis}
+ZFS_POINTS = ["between_jump_ahead_pcpis", "mid_apply", "mid_rollback"]
+
+
+@pytest.mark.parametrize(("backend", "point"), [on_backend("btrfs", p) for p in POINTS]
+                         + [on_backend("zfs", p) for p in ZFS_POINTS])
+def test_sigkill_at_every_crash_point(tmp_path, request, backend, point):
+    urls = request.getfixturevalue(f"{backend}_urls")
+    g = Group(tmp_path, urls("src"), urls("dst"))
     old, new = g.prepared()
     p = g.run("run", "--once", env={"COALESCE_CRASH_AT": point, "COALESCE_FAULTS": FAULTS}, check=None)
     assert p.returncode == -signal.SIGKILL, f"{point} was not reached: rc={p.returncode}\n{p.stderr}"
-    g.recovered(old, new, btrfs_pcpis)
+    g.recovered(old, new, COUNT_PCPIS[backend])
 
 
 def random_kills(tmp_path, urls, count_pcpis, seeds):
@@ -138,5 +152,6 @@ def random_kills(tmp_path, urls, count_pcpis, seeds):
     assert killed_mid_run, "no kill landed while `coalesce run` was running; raise the update size"
 
 
-def test_sigkill_at_random_moments(tmp_path, btrfs_urls):
-    random_kills(tmp_path, btrfs_urls, btrfs_pcpis, seeds=[1, 2, 3])
+@pytest.mark.parametrize(("backend", "seeds"), [on_backend("btrfs", (1, 2, 3)), on_backend("zfs", (7,))])
+def test_sigkill_at_random_moments(tmp_path, request, backend, seeds):
+    random_kills(tmp_path, request.getfixturevalue(f"{backend}_urls"), COUNT_PCPIS[backend], seeds=seeds)

@@ -1,0 +1,45 @@
+"""Running one test on the volumes of several backends: the ``backend`` parameter and ``group_config`` on it.
+
+A test module written against ``group_config`` (tests/conftest.py: mem volumes) runs on other backends by
+declaring a parametrized ``backend`` fixture and overriding ``group_config`` with :func:`config_on`::
+
+    @pytest.fixture(params=[on_backend(b) for b in ("mem", "sim", "btrfs", "zfs")])
+    def backend(request):
+        return request.param
+
+    @pytest.fixture
+    def group_config(group_config, backend, request, monkeypatch):
+        return config_on(backend, group_config, request, monkeypatch)
+"""
+
+from __future__ import annotations
+
+import pytest
+
+#: the marks of the backends whose volumes are real file systems (tests/realfs.py builds them)
+_BACKEND_MARKS = {"btrfs": pytest.mark.btrfs, "zfs": pytest.mark.zfs}
+
+
+def on_backend(name: str, *values: object):
+    """One parameter set for a test that runs on the volumes of backend ``name`` (with that backend's mark):
+    ``pytest.param(name, *values)``, for a ``backend`` fixture parametrized directly or indirectly."""
+    return pytest.param(name, *values, marks=_BACKEND_MARKS.get(name, ()), id="-".join(map(str, (name, *values))))
+
+
+def config_on(backend: str, group_config, request, monkeypatch):
+    """``group_config`` whose source and destination are fresh volumes of ``backend``: mem (the default
+    fixture), sim (in tmp_path), btrfs subvolumes or zfs datasets (tests/realfs.py, removed after the test).
+    Tests written once against ``group_config`` run on every backend by overriding it with this."""
+    if backend == "mem":
+        return group_config
+    if backend == "sim":
+        monkeypatch.setenv("COALESCE_SIM_FSYNC", "0")
+        return lambda *a, **kw: group_config(*a, **{**kw, "scheme": "sim"})
+    urls = request.getfixturevalue(f"{backend}_urls")
+
+    def make(**kw):
+        kw.setdefault("source_url", urls("src"))
+        kw.setdefault("dest_url", urls("dst"))
+        return group_config(**kw)
+
+    return make
