@@ -17,7 +17,7 @@ docs/writing-a-backend.md.
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Iterable, Iterator, Mapping, Protocol, cast
 
 from coalesce_core.backend.hookspecs import hookimpl
 
@@ -38,6 +38,12 @@ class VolumeHandle:
 
     def close(self) -> None:
         """Release what the handle holds (idempotent)."""
+
+
+class _ResumableDiff(Protocol):
+    """A handle that declares ``resumable_diff``: its ``diff`` takes ``skip``."""
+
+    def diff(self, qtree: str, base: str | None, target: str, *, skip: int) -> Iterator[Any]: ...
 
 
 def _call(volume: Any, method: str, *args: Any) -> Any:
@@ -80,7 +86,7 @@ class HandleHooks:
     @hookimpl(trylast=True)
     def coalesce_diff(self, volume: Any, qtree: str, base: str | None, target: str, skip: int) -> Iterator[Any] | None:
         if skip and isinstance(volume, VolumeHandle):  # a resumable_diff handle (Volume.diff checked)
-            return volume.diff(qtree, base, target, skip=skip)
+            return cast(_ResumableDiff, volume).diff(qtree, base, target, skip=skip)
         return _call(volume, "diff", qtree, base, target)
 
     @hookimpl(trylast=True)
