@@ -39,7 +39,8 @@ import struct
 import threading
 import time
 import zlib
-from typing import Any, Iterable, Iterator
+from types import ModuleType
+from typing import Any, Iterable, Iterator, Protocol, cast
 
 from coalesce_core.errors import BackendError, CoalesceError
 
@@ -78,6 +79,7 @@ _HEAD = struct.Struct(">IBI")
 _U32 = struct.Struct(">I")
 _MIN_LENGTH = 1 + 4 + 4
 
+_zstd: ModuleType | None
 try:  # optional: zstd when the zstandard package is installed
     import zstandard as _zstd  # type: ignore[import-not-found]
 except ImportError:  # pragma: no cover - depends on the installation
@@ -136,7 +138,7 @@ class Channel:
     def read_some(self, n: int) -> bytes:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def write_all(self, data: bytes) -> None:  # pragma: no cover - abstract
+    def write_all(self, data: bytes | memoryview) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def close(self) -> None:  # pragma: no cover - abstract
@@ -333,12 +335,43 @@ class RateLimiter:
 
 
 # --------------------------------------------------------------------------- compression
+class _ZlibCompress(Protocol):
+    """What Compressor uses of zlib.compressobj()."""
+
+    def compress(self, data: bytes, /) -> bytes: ...
+
+    def flush(self, mode: int, /) -> bytes: ...
+
+
+class _ZstdCompress(Protocol):
+    """What Compressor uses of zstandard.ZstdCompressor."""
+
+    def compress(self, data: bytes, /) -> bytes: ...
+
+
+class _ZlibDecompress(Protocol):
+    """What Decompressor uses of zlib.decompressobj()."""
+
+    @property
+    def unconsumed_tail(self) -> bytes: ...
+
+    def decompress(self, data: bytes, max_length: int, /) -> bytes: ...
+
+
+class _ZstdDecompress(Protocol):
+    """What Decompressor uses of zstandard.ZstdDecompressor."""
+
+    def decompress(self, data: bytes, *, max_output_size: int) -> bytes: ...
+
+
 class Compressor:
     def __init__(self, method: str | None) -> None:
         self.method = method
+        self._c: _ZlibCompress | _ZstdCompress | None
         if method == "zlib":
             self._c = zlib.compressobj(3)
         elif method == "zstd":
+            assert _zstd is not None  # "zstd" is only negotiated from COMPRESSIONS, which offers it with zstandard
             self._c = _zstd.ZstdCompressor(level=3, write_content_size=True)
         else:
             self._c = None
@@ -347,7 +380,8 @@ class Compressor:
         if self._c is None:
             return data
         if self.method == "zlib":
-            return self._c.compress(data) + self._c.flush(zlib.Z_SYNC_FLUSH)
+            c = cast(_ZlibCompress, self._c)  # __init__ made it for "zlib"
+            return c.compress(data) + c.flush(zlib.Z_SYNC_FLUSH)
         # one zstd frame per message, with its size in the header, so the reader can bound it before it inflates
         return self._c.compress(data)
 
@@ -355,9 +389,11 @@ class Compressor:
 class Decompressor:
     def __init__(self, method: str | None) -> None:
         self.method = method
+        self._d: _ZlibDecompress | _ZstdDecompress | None
         if method == "zlib":
             self._d = zlib.decompressobj()
         elif method == "zstd":
+            assert _zstd is not None  # "zstd" is only negotiated from COMPRESSIONS, which offers it with zstandard
             self._d = _zstd.ZstdDecompressor()
         else:
             self._d = None
@@ -367,11 +403,13 @@ class Decompressor:
             return data
         try:
             if self.method == "zlib":
-                out = self._d.decompress(data, MAX_DATA_PLAIN)
-                if self._d.unconsumed_tail:
+                zd = cast(_ZlibDecompress, self._d)  # __init__ made it for "zlib"
+                out = zd.decompress(data, MAX_DATA_PLAIN)
+                if zd.unconsumed_tail:
                     raise ProtocolError(f"a DATA message decompresses to more than {MAX_DATA_PLAIN} bytes",
                                         hint="the peer is broken or hostile (a decompression bomb)")
                 return out
+            assert _zstd is not None  # as in __init__: "zstd" is negotiated only with zstandard
             try:
                 size = _zstd.frame_content_size(data)
             except _zstd.ZstdError:
@@ -382,7 +420,7 @@ class Decompressor:
             if size > MAX_DATA_PLAIN:
                 raise ProtocolError(f"a DATA message decompresses to more than {MAX_DATA_PLAIN} bytes",
                                     hint="the peer is broken or hostile (a decompression bomb)")
-            out = self._d.decompress(data, max_output_size=MAX_DATA_PLAIN)
+            out = cast(_ZstdDecompress, self._d).decompress(data, max_output_size=MAX_DATA_PLAIN)  # __init__: "zstd"
         except zlib.error as exc:
             raise ProtocolError(f"a DATA message does not decompress: {exc}", hint="the peer is broken or hostile") from None
         except ProtocolError:
