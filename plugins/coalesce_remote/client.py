@@ -328,10 +328,12 @@ class RemoteVolume(VolumeHandle):
         except OSError as exc:
             raise BackendError(f"{self.url}: cannot run {cmd[0]!r}: {exc}",
                                hint="install an ssh client or set COALESCE_SSH") from None
+        stdin, stdout = proc.stdin, proc.stdout
+        assert stdin is not None and stdout is not None  # stdin=, stdout=PIPE: Popen made them
         err = _Stderr(proc.stderr)
 
         def close() -> None:
-            for f in (proc.stdin, proc.stdout):
+            for f in (stdin, stdout):
                 try:
                     f.close()
                 except OSError:
@@ -342,7 +344,7 @@ class RemoteVolume(VolumeHandle):
                 proc.kill()
                 proc.wait()
 
-        chan = P.FdChannel(proc.stdout.fileno(), proc.stdin.fileno(), peer=f"ssh {t.host}", timeout=s.timeout,
+        chan = P.FdChannel(stdout.fileno(), stdin.fileno(), peer=f"ssh {t.host}", timeout=s.timeout,
                            on_close=close)
         return chan, proc, err
 
@@ -436,8 +438,7 @@ class RemoteVolume(VolumeHandle):
                 chunks = self._chunks(sess, rid)
                 seg = 0
                 for rec in codec.decode(chunks):
-                    t = type(rec)
-                    if t is Begin:
+                    if isinstance(rec, Begin):
                         if (rec.base, rec.target) != (base, target):
                             raise CorruptStream(f"the source sent the stream {rec.base}..{rec.target}, "
                                                 f"not the requested {base}..{target}")
@@ -445,7 +446,7 @@ class RemoteVolume(VolumeHandle):
                             begun = True
                             yield rec
                         continue
-                    if t is End:
+                    if isinstance(rec, End):
                         if rec.records != seg:
                             raise CorruptStream("the End record does not count the records received")
                         self._forget(sess)
