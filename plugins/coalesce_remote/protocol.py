@@ -40,7 +40,7 @@ import threading
 import time
 import zlib
 from types import ModuleType
-from typing import Any, Iterable, Iterator, Protocol, cast
+from typing import Any, Iterable, Iterator, Literal, Protocol, cast, overload
 
 from coalesce_core.errors import BackendError, CoalesceError
 
@@ -563,6 +563,16 @@ def error_from(obj: dict[str, Any]) -> RemoteError:
 
 
 # --------------------------------------------------------------------------- field checks
+@overload
+def want_str(obj: dict[str, Any], key: str, *, limit: int = ..., optional: Literal[False] = ...,
+             pattern: re.Pattern[str] | None = ...) -> str: ...
+
+
+@overload
+def want_str(obj: dict[str, Any], key: str, *, limit: int = ..., optional: bool = ...,
+             pattern: re.Pattern[str] | None = ...) -> str | None: ...
+
+
 def want_str(obj: dict[str, Any], key: str, *, limit: int = MAX_NAME, optional: bool = False,
              pattern: re.Pattern[str] | None = None) -> str | None:
     value = obj.get(key)
