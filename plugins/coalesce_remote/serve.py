@@ -483,7 +483,7 @@ class SourceService:
         vol = self._volume(vname)
         counter = {"n": 0}
 
-        def lines() -> Iterator[bytes]:
+        def description_lines() -> Iterator[bytes]:
             # runs in _with_keepalive's thread: a slow describe (digests of large files) is not a dead server
             for d in (vol.describe_tree(q, snap, content=content) if tree else vol.describe(q, snap, paths)):
                 counter["n"] += 1
@@ -491,7 +491,7 @@ class SourceService:
 
         comp = P.Compressor(method)
         sent = 0
-        for chunk in _with_keepalive(P.pieces(lines(), P.DATA_CHUNK), self.config.keepalive):
+        for chunk in _with_keepalive(P.pieces(description_lines(), P.DATA_CHUNK), self.config.keepalive):
             if chunk is None:
                 conn.send(P.DATA, reqid, b"")
                 continue
