@@ -21,17 +21,17 @@ import attrs
 import pluggy
 
 from coalesce_core import crashpoints, verifier, verify
-from coalesce_core.cycle import effects as fx
-from coalesce_core.cycle import events as ev
-from coalesce_core.config import GroupConfig
-from coalesce_core.errors import BackendError, CoalesceError, MetadataError
-from coalesce_core.ledger import Ledger
-from coalesce_core.cycle.planner import Decision, decide, is_group_pcpi, is_group_source_pcpi
 from coalesce_core.backend.manager import plugin_manager
 from coalesce_core.backend.volume import Volume
+from coalesce_core.config import GroupConfig
+from coalesce_core.cycle import effects as fx
+from coalesce_core.cycle import events as ev
+from coalesce_core.cycle.planner import Decision, decide, is_group_pcpi, is_group_source_pcpi
+from coalesce_core.cycle.state import GroupState
+from coalesce_core.errors import BackendError, CoalesceError, MetadataError
+from coalesce_core.ledger import Ledger
 from coalesce_core.stream.records import Begin
 from coalesce_core.stream.spool import Spool
-from coalesce_core.cycle.state import GroupState
 from coalesce_core.transfer import run_transfer
 
 #: transitions that record a failed transfer (`run --once` exits EXIT_TRANSFER_FAILED) or rollback

@@ -33,9 +33,9 @@ from typing import Any
 
 import attrs
 
-from coalesce_core.errors import ConfigError
-from coalesce_core.cycle.state import NAME_RE, RetryPolicy
 from coalesce_core.backend.urls import VolumeURL
+from coalesce_core.cycle.state import NAME_RE, RetryPolicy
+from coalesce_core.errors import ConfigError
 
 
 @attrs.frozen

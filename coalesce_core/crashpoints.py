@@ -10,9 +10,9 @@ while the backend's volumes survive, as disks would.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
-import contextlib
 import threading
 from typing import Iterable, Iterator
 

@@ -20,8 +20,8 @@ from typing import Any, Callable, Iterable, Sequence
 
 import attrs
 
-from coalesce_core.errors import MetadataError
 from coalesce_core.cycle.state import GroupState, Pcpi, Replica, RetryPolicy, SourcePcpi
+from coalesce_core.errors import MetadataError
 
 SCHEMA_VERSION = 1
 

@@ -24,8 +24,8 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 import attrs
 
 from coalesce_core import verify as V
-from coalesce_core.errors import VerificationFailed
 from coalesce_core.backend.hookspecs import ACTIVE
+from coalesce_core.errors import VerificationFailed
 from coalesce_core.stream.records import paths_of
 
 #: paths described per call in the check of an update (bounds the descriptions held at once)

@@ -27,7 +27,19 @@ from typing import Callable, Iterable, Iterator, Mapping, Sequence
 import attrs
 
 from coalesce_core.stream.records import (
-    Begin, End, HardLink, MkDir, MkFile, Rename, RmDir, SetAttr, SetXattr, Symlink, Truncate, Unlink, Write,
+    Begin,
+    End,
+    HardLink,
+    MkDir,
+    MkFile,
+    Rename,
+    RmDir,
+    SetAttr,
+    SetXattr,
+    Symlink,
+    Truncate,
+    Unlink,
+    Write,
 )
 
 ABSENT = "absent"

@@ -51,11 +51,13 @@ import time
 from typing import Any, Callable, Iterator, Sequence
 
 import attrs
-from hypothesis import HealthCheck, Phase, event, note, settings as Settings, strategies as st
+import trees
+from hypothesis import HealthCheck, Phase, event, note
+from hypothesis import settings as Settings
+from hypothesis import strategies as st
 from hypothesis.control import currently_in_test_context
 from hypothesis.stateful import RuleBasedStateMachine, initialize, precondition, rule, run_state_machine_as_test
 
-import trees
 from coalesce_core.backend.faults import Rule
 from coalesce_core.backend.hookspecs import hookimpl
 from coalesce_core.testing.harness import Harness

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from coalesce_core.stream import records as R
 from coalesce_core.backend.hookspecs import hookimpl
+from coalesce_core.stream import records as R
 
 
 class DropRecord:

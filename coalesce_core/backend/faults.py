@@ -13,8 +13,8 @@ from typing import Any, Iterator
 
 import attrs
 
-from coalesce_core.errors import BackendError
 from coalesce_core.backend.hookspecs import PRIMITIVE_HOOKS, hookimpl
+from coalesce_core.errors import BackendError
 
 
 class InjectedFault(BackendError):

@@ -12,11 +12,10 @@ from typing import Any, Iterable, Mapping
 
 import attrs
 
-from coalesce_core.errors import CoalesceError
-from coalesce_core.cycle.state import ACTIVE
 from coalesce_core.cycle.planner import is_group_pcpi
 from coalesce_core.cycle.spec import Spec, load_spec
-from coalesce_core.cycle.state import CYCLE_ROLES, INDIVIDUAL, GroupState
+from coalesce_core.cycle.state import ACTIVE, CYCLE_ROLES, INDIVIDUAL, GroupState
+from coalesce_core.errors import CoalesceError
 
 
 @attrs.frozen

@@ -16,9 +16,9 @@ from typing import Any, Callable
 from transitions import Machine, MachineError
 
 from coalesce_core.cycle import guards
-from coalesce_core.errors import ConfigError, IllegalTransition
 from coalesce_core.cycle.spec import MachineSpec, Spec, load_spec
 from coalesce_core.cycle.state import GroupState
+from coalesce_core.errors import ConfigError, IllegalTransition
 
 
 class _Probe:

@@ -43,10 +43,9 @@ import attrs
 from coalesce_core.cycle import effects as fx
 from coalesce_core.cycle import events as ev
 from coalesce_core.cycle import guards
-from coalesce_core.errors import CoalesceError
-from coalesce_core.cycle.state import ACTIVE
 from coalesce_core.cycle.machines import Model, default_model
-from coalesce_core.cycle.state import GroupState, Pcpi, Replica, SourcePcpi
+from coalesce_core.cycle.state import ACTIVE, GroupState, Pcpi, Replica, SourcePcpi
+from coalesce_core.errors import CoalesceError
 
 
 @attrs.frozen

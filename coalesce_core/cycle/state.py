@@ -13,7 +13,6 @@ from typing import Iterable, Mapping
 
 import attrs
 
-
 #: Characters allowed in group and replica names: they become parts of PCPI
 #: names (btrfs, ZFS) and of directory names.
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")

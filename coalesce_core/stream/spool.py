@@ -35,8 +35,8 @@ import threading
 from pathlib import Path
 from typing import Any, Callable, Generator, Iterable, Iterator
 
-from coalesce_core.stream import codec
 from coalesce_core.errors import CorruptStream, StreamError
+from coalesce_core.stream import codec
 from coalesce_core.stream.records import Begin, End
 
 log = logging.getLogger("coalesce.spool")

@@ -11,12 +11,12 @@ from typing import Any, Callable, Iterable
 
 from coalesce_core import crashpoints
 from coalesce_core.agent import Agent
-from coalesce_core.config import GroupConfig
 from coalesce_core.backend.faults import FaultInjector
 from coalesce_core.backend.hookspecs import ACTIVE, hookimpl
+from coalesce_core.backend.manager import plugin_manager
+from coalesce_core.config import GroupConfig
 from coalesce_core.cycle.invariants import Finding, live_check
 from coalesce_core.ledger import iter_log_edges
-from coalesce_core.backend.manager import plugin_manager
 from coalesce_core.testing.workload import SourceWriter
 
 

@@ -14,7 +14,7 @@ import random
 from typing import Any, Iterable
 
 from coalesce_core.stream import fingerprint as fp
-from coalesce_core.stream.records import MkDir, MkFile, RmDir, Rename, Symlink, Unlink, Write, framed
+from coalesce_core.stream.records import MkDir, MkFile, Rename, RmDir, Symlink, Unlink, Write, framed
 
 Tree = dict[str, tuple[str, Any]]  # path -> ("d", None) | ("f", bytes) | ("l", target)
 

@@ -306,9 +306,9 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     """Compare exported images with their source PCPIs; read-only (the ledger is opened read-only)."""
-    from coalesce_core.cycle.planner import NotNow
     from coalesce_core.backend.manager import plugin_manager
     from coalesce_core.backend.volume import Volume
+    from coalesce_core.cycle.planner import NotNow
     from coalesce_core.verifier import read_state, verify_replicas
 
     cfg = _config(args)

@@ -24,10 +24,10 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from coalesce_core.config import parse_config
-from coalesce_core.errors import CoalesceError
 from coalesce_core.backend.faults import Rule
 from coalesce_core.backend.hookspecs import hookimpl
+from coalesce_core.config import parse_config
+from coalesce_core.errors import CoalesceError
 from coalesce_core.testing.harness import Harness
 from coalesce_core.testing.workload import fill
 

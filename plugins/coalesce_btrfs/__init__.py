@@ -37,8 +37,8 @@ from collections import OrderedDict
 from typing import Any, Iterator
 
 from coalesce_core import crashpoints
-from coalesce_core.errors import BackendError, StreamError
 from coalesce_core.backend.hookspecs import hookimpl
+from coalesce_core.errors import BackendError, StreamError
 from coalesce_core.stream.records import framed
 from coalesce_posix import PosixVolume, check_qtree, rmtree, walk
 from coalesce_posix.run import StreamingCommand, run, which

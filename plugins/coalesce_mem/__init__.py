@@ -34,7 +34,9 @@ from __future__ import annotations
 from coalesce_core.backend.hookspecs import hookimpl
 from coalesce_core.backend.urls import VolumeURL
 
-from .volume import MAX_PCPIS, MemVolume, forget as _forget, open_volume as _open_volume
+from .volume import MAX_PCPIS, MemVolume
+from .volume import forget as _forget
+from .volume import open_volume as _open_volume
 
 SCHEME = "mem"
 

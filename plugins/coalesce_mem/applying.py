@@ -19,8 +19,22 @@ from __future__ import annotations
 
 from coalesce_core.errors import BackendError, CorruptStream, HostilePath
 from coalesce_core.stream.records import (
-    CHANGE_TYPES, ROOT, HardLink, MkDir, MkFile, Rename, RmDir, SetAttr, SetXattr, Symlink, Truncate, Unlink, Write,
-    check_path, check_path_or_root, paths_of,
+    CHANGE_TYPES,
+    ROOT,
+    HardLink,
+    MkDir,
+    MkFile,
+    Rename,
+    RmDir,
+    SetAttr,
+    SetXattr,
+    Symlink,
+    Truncate,
+    Unlink,
+    Write,
+    check_path,
+    check_path_or_root,
+    paths_of,
 )
 
 from .tree import Dir, File, Node, QtreeState

@@ -30,7 +30,20 @@ from __future__ import annotations
 from typing import Iterator
 
 from coalesce_core.stream.records import (
-    MAX_DATA, ROOT, Begin, End, HardLink, MkDir, MkFile, RmDir, SetAttr, SetXattr, Symlink, Truncate, Unlink, Write,
+    MAX_DATA,
+    ROOT,
+    Begin,
+    End,
+    HardLink,
+    MkDir,
+    MkFile,
+    RmDir,
+    SetAttr,
+    SetXattr,
+    Symlink,
+    Truncate,
+    Unlink,
+    Write,
 )
 
 from .tree import Blocks, Dir, File, Node, QtreeState, walk, walk_events

@@ -25,11 +25,26 @@ import os
 import threading
 from typing import Any, Iterable, Iterator, Sequence
 
-from coalesce_core.errors import BackendError, CorruptStream, HostilePath, TruncatedStream
 from coalesce_core.backend.handles import VolumeHandle
 from coalesce_core.backend.hookspecs import ACTIVE
-from coalesce_core.stream.records import MAX_DATA, Begin, End, MkDir, MkFile, Rename, RmDir, SetAttr, SetXattr, Symlink
-from coalesce_core.stream.records import HardLink, Truncate, Unlink, Write, check_path
+from coalesce_core.errors import BackendError, CorruptStream, HostilePath, TruncatedStream
+from coalesce_core.stream.records import (
+    MAX_DATA,
+    Begin,
+    End,
+    HardLink,
+    MkDir,
+    MkFile,
+    Rename,
+    RmDir,
+    SetAttr,
+    SetXattr,
+    Symlink,
+    Truncate,
+    Unlink,
+    Write,
+    check_path,
+)
 
 from . import describing, persist
 from .applying import apply_record, check_record

@@ -39,8 +39,21 @@ from typing import Any, Iterable
 
 from coalesce_core.errors import BackendError, CorruptStream, HostilePath
 from coalesce_core.stream.records import (
+    ROOT,
+    Begin,
+    End,
+    HardLink,
+    MkDir,
+    MkFile,
+    Rename,
+    RmDir,
+    SetAttr,
+    SetXattr,
+    Symlink,
+    Truncate,
+    Unlink,
+    Write,
     changes_only,
-    ROOT, Begin, End, HardLink, MkDir, MkFile, Rename, RmDir, SetAttr, SetXattr, Symlink, Truncate, Unlink, Write,
     check_path,
 )
 

@@ -24,8 +24,8 @@ import os
 import re
 from typing import Callable, Mapping
 
-from coalesce_core.errors import BackendError
 from coalesce_core.backend.hookspecs import ACTIVE
+from coalesce_core.errors import BackendError
 from coalesce_core.stream.records import check_path
 
 from .apply import rmtree

@@ -15,9 +15,9 @@ import contextlib
 import os
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
-from coalesce_core.errors import BackendError
 from coalesce_core.backend.handles import VolumeHandle
 from coalesce_core.backend.hookspecs import ACTIVE
+from coalesce_core.errors import BackendError
 from coalesce_core.stream.records import check_path
 
 from . import describe, walk

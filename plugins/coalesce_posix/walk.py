@@ -26,7 +26,18 @@ from typing import Callable, Iterable, Iterator
 from coalesce_core.errors import BackendError
 from coalesce_core.stream import fingerprint as fp
 from coalesce_core.stream.records import (
-    MAX_DATA, ROOT, HardLink, MkDir, MkFile, RmDir, SetAttr, SetXattr, Symlink, Truncate, Unlink, Write,
+    MAX_DATA,
+    ROOT,
+    HardLink,
+    MkDir,
+    MkFile,
+    RmDir,
+    SetAttr,
+    SetXattr,
+    Symlink,
+    Truncate,
+    Unlink,
+    Write,
 )
 
 CHUNK = MAX_DATA

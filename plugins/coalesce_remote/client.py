@@ -34,11 +34,11 @@ from typing import Any, Iterator
 
 import attrs
 
-from coalesce_core.stream import codec
-from coalesce_core.errors import BackendError, ConfigError, CorruptStream, HostilePath, StreamError
 from coalesce_core.backend.handles import VolumeHandle
-from coalesce_core.stream.records import Begin, End
 from coalesce_core.backend.urls import VolumeURL
+from coalesce_core.errors import BackendError, ConfigError, CorruptStream, HostilePath, StreamError
+from coalesce_core.stream import codec
+from coalesce_core.stream.records import Begin, End
 
 from . import protocol as P
 

@@ -38,10 +38,10 @@ from typing import Any, Iterator
 
 import attrs
 
-from coalesce_core.stream import codec
-from coalesce_core.errors import CoalesceError, ConfigError
 from coalesce_core.backend.hookspecs import hookimpl
 from coalesce_core.cycle.planner import is_group_source_pcpi
+from coalesce_core.errors import CoalesceError, ConfigError
+from coalesce_core.stream import codec
 from coalesce_core.stream.records import Begin, End
 from coalesce_core.ui.errors import report_error
 

@@ -17,8 +17,8 @@ import threading
 from typing import Any, Iterable, Mapping
 from urllib.parse import parse_qs
 
-from coalesce_core.errors import BackendError
 from coalesce_core.backend.hookspecs import ACTIVE, hookimpl
+from coalesce_core.errors import BackendError
 
 from . import diff as _diff
 from . import ops as _ops

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from typing import Iterable, Iterator
 
-from coalesce_core.stream import records as R
 from coalesce_core.errors import HostilePath, StreamError
+from coalesce_core.stream import records as R
 
 from .fs import _QID, DIR, IPB, ISZ, LNK, PPB, QTREE_OFF, REG, ROOT_INO, ZERO, Inode, SimFS, fsname, nblocks
 

@@ -43,8 +43,8 @@ import threading
 import time
 from typing import Any, Iterator
 
-from coalesce_core.errors import BackendError
 from coalesce_core.backend.hookspecs import hookimpl
+from coalesce_core.errors import BackendError
 from coalesce_core.stream.records import framed
 from coalesce_posix import PosixVolume, check_qtree, walk
 from coalesce_posix.run import command_error, run, which

@@ -34,7 +34,17 @@ import stat
 from typing import Iterable, Iterator
 
 from coalesce_core.stream.records import (
-    ROOT, HardLink, MkDir, MkFile, Rename, RmDir, SetAttr, Symlink, Truncate, Unlink, Write,
+    ROOT,
+    HardLink,
+    MkDir,
+    MkFile,
+    Rename,
+    RmDir,
+    SetAttr,
+    Symlink,
+    Truncate,
+    Unlink,
+    Write,
 )
 from coalesce_posix import walk
 

@@ -7,13 +7,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+from prometheus_client import parser  # noqa: E402  (pinned in the test extra)
 
 from coalesce_core.backend.faults import Rule
 from coalesce_core.cycle.spec import load_spec
 from coalesce_core.testing.harness import Harness
 from coalesce_core.testing.workload import fill
 
-from prometheus_client import parser  # noqa: E402  (pinned in the test extra)
 PLUGINS = Path(__file__).resolve().parents[2] / "plugins"
 
 

@@ -9,8 +9,8 @@ import time
 
 from rich.console import Console
 
-from coalesce_core.ui import cli as cli_mod
 from coalesce_core.backend.hookspecs import hookimpl
+from coalesce_core.ui import cli as cli_mod
 
 EXE = [sys.executable, "-m", "coalesce_core.ui.cli"]
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 import pytest
 
 from coalesce_core.config import GroupConfig, ReplicaConfig, load_config, parse_config, replica_block
-from coalesce_core.errors import ConfigError
 from coalesce_core.cycle.state import RetryPolicy
+from coalesce_core.errors import ConfigError
 
 FULL = """\
 # a complete group

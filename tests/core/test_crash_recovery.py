@@ -12,8 +12,8 @@ from __future__ import annotations
 import pytest
 from backends import config_on, on_backend
 
-from coalesce_core.crashpoints import CRASH_POINTS
 from coalesce_core.backend.faults import Rule
+from coalesce_core.crashpoints import CRASH_POINTS
 from coalesce_core.testing.harness import Harness
 from coalesce_core.testing.workload import fill
 

@@ -20,12 +20,12 @@ from pathlib import Path
 import attrs
 import pytest
 
-from coalesce_core.cycle import events as ev
-from coalesce_core.errors import MetadataError
 from coalesce_core.backend.hookspecs import ACTIVE
-from coalesce_core.ledger import SCHEMA_VERSION, Ledger, iter_log_edges
+from coalesce_core.cycle import events as ev
 from coalesce_core.cycle.planner import Transition, decide
 from coalesce_core.cycle.state import GroupState, Pcpi, Replica, RetryPolicy, SourcePcpi
+from coalesce_core.errors import MetadataError
+from coalesce_core.ledger import SCHEMA_VERSION, Ledger, iter_log_edges
 
 
 def sample_state(n: int = 5) -> GroupState:

@@ -17,10 +17,19 @@ import sys
 
 import pytest
 
-from coalesce_core.stream import fingerprint as fp
 from coalesce_core.backend.faults import Rule
+from coalesce_core.stream import fingerprint as fp
 from coalesce_core.stream.records import (
-    HardLink, MkDir, MkFile, Rename, RmDir, Symlink, Truncate, Unlink, Write, framed,
+    HardLink,
+    MkDir,
+    MkFile,
+    Rename,
+    RmDir,
+    Symlink,
+    Truncate,
+    Unlink,
+    Write,
+    framed,
 )
 from coalesce_core.testing.harness import Harness
 

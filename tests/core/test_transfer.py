@@ -13,6 +13,7 @@ import re
 from typing import Any, Iterator
 
 import pytest
+from dropper import DropRecord, of_type
 
 import coalesce_mem
 from coalesce_core.backend.faults import FaultInjector, InjectedFault, Rule
@@ -26,7 +27,6 @@ from coalesce_core.errors import VerificationFailed
 from coalesce_core.stream.records import Begin, MkFile, Unlink, Write
 from coalesce_core.stream.spool import Spool, skip_changes
 from coalesce_core.transfer import PROGRESS_EVERY, Transferred, crash_point, run_transfer
-from dropper import DropRecord, of_type
 
 _ids = itertools.count()
 

@@ -5,12 +5,26 @@ from __future__ import annotations
 
 import attrs
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from coalesce_core.stream import records as R
 from coalesce_core.verify import (
-    ABSENT, FIELDS, Comparer, Description, Difference, Holds, Touched, compare, compare_paths, compare_subtrees,
-    due_for_verification, generic_tree, path_key, tree_compare, xattr_digest,
+    ABSENT,
+    FIELDS,
+    Comparer,
+    Description,
+    Difference,
+    Holds,
+    Touched,
+    compare,
+    compare_paths,
+    compare_subtrees,
+    due_for_verification,
+    generic_tree,
+    path_key,
+    tree_compare,
+    xattr_digest,
 )
 
 F = Description(path="a/f", kind="f", mode=0o644, uid=1, gid=2, size=3, mtime_ns=10, xattrs=xattr_digest({}),

@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import attrs
 import pytest
-
-from coalesce_core.stream import records as R
-from coalesce_core import verifier
-from coalesce_core.testing.harness import FakeClock, Harness
-
 from dropper import DropRecord, of_type
+
+from coalesce_core import verifier
+from coalesce_core.stream import records as R
+from coalesce_core.testing.harness import FakeClock, Harness
 
 SEC = 10**9
 

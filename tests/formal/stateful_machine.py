@@ -27,14 +27,14 @@ import attrs
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from coalesce_core.stream import records as R
-from coalesce_core.config import parse_config
-from coalesce_core.crashpoints import CRASH_POINTS
-from coalesce_core.errors import CoalesceError, HostilePath
 from coalesce_core.backend.faults import FaultInjector, Rule
 from coalesce_core.backend.hookspecs import ACTIVE, hookimpl
+from coalesce_core.config import parse_config
+from coalesce_core.crashpoints import CRASH_POINTS
 from coalesce_core.cycle.planner import NotNow
 from coalesce_core.cycle.spec import load_spec
+from coalesce_core.errors import CoalesceError, HostilePath
+from coalesce_core.stream import records as R
 from coalesce_core.testing.harness import Harness
 from coalesce_core.testing.workload import fill
 

@@ -32,9 +32,9 @@ if str(PLUGINS_DIR) not in sys.path:
 import coalesce_remote  # noqa: E402
 from coalesce_core.backend.manager import plugin_manager  # noqa: E402
 from coalesce_core.backend.volume import Volume  # noqa: E402
-from coalesce_remote.serve import Grant, ServerConfig, SourceService, TLSServer, tls_server_context  # noqa: E402
 from coalesce_core.testing.harness import Harness  # noqa: E402
 from coalesce_core.testing.workload import SourceWriter  # noqa: E402
+from coalesce_remote.serve import Grant, ServerConfig, SourceService, TLSServer, tls_server_context  # noqa: E402
 
 _ids = itertools.count()
 

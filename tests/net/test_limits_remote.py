@@ -12,7 +12,6 @@ import importlib.util
 from pathlib import Path
 
 import pytest
-
 from net.netkit import RemoteHarness
 
 CORE = Path(__file__).resolve().parents[1] / "core"

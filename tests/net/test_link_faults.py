@@ -22,11 +22,10 @@ import time
 
 import attrs
 import pytest
-
-import coalesce_mem
-
 from net.linkemu import Link
 from net.netkit import LOCAL_OF, SSHD, RemoteHarness, client_env
+
+import coalesce_mem
 
 TLS_PORT, SSH_PORT, SINK_PORT = 7450, 2222, 5001
 

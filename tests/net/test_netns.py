@@ -20,12 +20,11 @@ import threading
 import time
 
 import pytest
+from net.netkit import client_env, remote_plugins
 
 import coalesce_mem
 from coalesce_core.backend.manager import plugin_manager
 from coalesce_core.backend.volume import Volume
-
-from net.netkit import client_env, remote_plugins
 
 SNAP = "co-g-src-000001"
 HOST_IP, NS_IP = "10.213.0.1", "10.213.0.2"

@@ -12,18 +12,18 @@ import time
 import zlib
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from net.netkit import ServerRecorder, recv_all, serve_pair
 
 import coalesce_mem
+from coalesce_core.backend.manager import plugin_manager
+from coalesce_core.backend.urls import VolumeURL
+from coalesce_core.errors import CoalesceError
 from coalesce_core.stream import codec
 from coalesce_remote import protocol as P
-from coalesce_core.errors import CoalesceError
-from coalesce_core.backend.manager import plugin_manager
-from coalesce_remote.serve import Grant, ServerConfig, SourceService, parse_server_config
 from coalesce_remote.client import ClientSettings, RemoteVolume
-from coalesce_core.backend.urls import VolumeURL
-
-from net.netkit import ServerRecorder, recv_all, serve_pair
+from coalesce_remote.serve import Grant, ServerConfig, SourceService, parse_server_config
 
 SRC = "mem://proto-src"
 

@@ -5,14 +5,13 @@ from __future__ import annotations
 import io
 import time
 
+from net.netkit import RemoteHarness
 from rich.console import Console
 
 from coalesce_core.backend.hookspecs import hookimpl
 from coalesce_core.testing.workload import fill
 from coalesce_core.ui import render
 from coalesce_core.ui.tracker import Tracker
-
-from net.netkit import RemoteHarness
 
 
 def test_remote_transfer_progress_feeds_the_live_views(remote_config):

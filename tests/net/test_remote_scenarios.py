@@ -13,11 +13,10 @@ import importlib.util
 from pathlib import Path
 
 import pytest
+from net.netkit import RemoteHarness
 
 from coalesce_core.crashpoints import CRASH_POINTS
 from coalesce_core.testing.workload import fill
-
-from net.netkit import RemoteHarness
 
 CORE = Path(__file__).resolve().parents[1] / "core"
 

@@ -49,8 +49,8 @@ def test_stdio_speaks_only_the_protocol_on_stdout(tmp_path):
 def test_remote_urls_and_client_settings(tmp_path):
     import pytest
 
-    from coalesce_core.errors import ConfigError
     from coalesce_core.backend.urls import VolumeURL
+    from coalesce_core.errors import ConfigError
     from coalesce_remote.client import Target, load_settings
 
     t = Target.parse(VolumeURL.parse("ssh://backup@src1:2222/btrfs:///mnt/pool/home"))

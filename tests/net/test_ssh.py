@@ -11,13 +11,12 @@ import time
 from pathlib import Path
 
 import pytest
+from net.netkit import remote_plugins
 
 import coalesce_mem
-from coalesce_core.errors import BackendError
 from coalesce_core.backend.manager import plugin_manager
 from coalesce_core.backend.volume import Volume
-
-from net.netkit import remote_plugins
+from coalesce_core.errors import BackendError
 
 SNAP = "co-g-src-000001"
 

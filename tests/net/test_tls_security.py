@@ -13,15 +13,14 @@ import socket
 import ssl
 
 import pytest
+from net.netkit import client_env, remote_plugins
 
 import coalesce_mem
-from coalesce_core.errors import BackendError
 from coalesce_core.backend.manager import plugin_manager
 from coalesce_core.backend.volume import Volume
-from coalesce_remote.protocol import Refused
+from coalesce_core.errors import BackendError
 from coalesce_remote.client import TLSRefused
-
-from net.netkit import client_env, remote_plugins
+from coalesce_remote.protocol import Refused
 
 
 @pytest.fixture

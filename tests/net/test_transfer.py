@@ -10,14 +10,13 @@ import socket
 import time
 
 import pytest
+from net.netkit import LOCAL_OF, FlakyProxy, RemoteHarness, remote_plugins
 
 import coalesce_mem
 from coalesce_core.backend.faults import Rule  # noqa: F401
 from coalesce_core.backend.manager import plugin_manager
 from coalesce_core.backend.volume import Volume
 from coalesce_core.testing.workload import fill
-
-from net.netkit import LOCAL_OF, FlakyProxy, RemoteHarness, remote_plugins
 
 SNAP = "co-g-src-000001"
 
@@ -203,8 +202,9 @@ def test_server_timeout_drops_a_stalled_client(tls_service):
     """The server side notices a client that stopped reading: its send times out, the thread ends."""
     import json
 
-    from coalesce_remote import protocol as P
     from net.netkit import serve_pair
+
+    from coalesce_remote import protocol as P
 
     local = _source("stall", files=2, size=100)
     tls_service.config.volumes["stall"] = local

@@ -8,15 +8,14 @@ import os
 import time
 
 import pytest
-
-import coalesce_mem
-from coalesce_remote import protocol as P
-from coalesce_core.stream import records as R
-from coalesce_core.backend.manager import plugin_manager
-from coalesce_core.backend.volume import Volume
-
 from dropper import DropRecord, of_type
 from net.netkit import RemoteHarness, client_env, remote_plugins
+
+import coalesce_mem
+from coalesce_core.backend.manager import plugin_manager
+from coalesce_core.backend.volume import Volume
+from coalesce_core.stream import records as R
+from coalesce_remote import protocol as P
 
 SNAP = "co-g-src-000001"
 SEC = 10**9

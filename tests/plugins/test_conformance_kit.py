@@ -9,12 +9,13 @@ import re
 from pathlib import Path
 
 import pytest
-from hypothesis import Phase, settings as Settings
+from hypothesis import Phase
+from hypothesis import settings as Settings
 from hypothesis.stateful import run_state_machine_as_test
 
 from coalesce_core.backend import hookspecs
-from coalesce_core.errors import CoalesceError, HostilePath
 from coalesce_core.backend.hookspecs import hookimpl
+from coalesce_core.errors import CoalesceError, HostilePath
 from coalesce_core.stream.records import Begin, End, MkDir, MkFile, RmDir, SetAttr, Unlink, Write
 from coalesce_core.testing import conformance
 from coalesce_mem.tree import entries_of

@@ -9,10 +9,10 @@ import time
 import attrs
 import pytest
 
-from coalesce_core.stream import records as R
-from coalesce_core.errors import BackendError, HostilePath
 from coalesce_core.backend.manager import plugin_manager
 from coalesce_core.backend.volume import Volume
+from coalesce_core.errors import BackendError, HostilePath
+from coalesce_core.stream import records as R
 from coalesce_core.verify import Description, Holds, path_key, tree_compare, xattr_digest
 
 SEC = 10**9

@@ -17,11 +17,11 @@ import time
 import pytest
 
 import coalesce_mem
-from coalesce_core.errors import BackendError, CorruptStream, HostilePath, TruncatedStream
-from coalesce_core.stream.fingerprint import EMPTY, digest
 from coalesce_core.backend.hookspecs import ACTIVE
 from coalesce_core.backend.manager import backend_infos, plugin_manager
 from coalesce_core.backend.volume import Volume
+from coalesce_core.errors import BackendError, CorruptStream, HostilePath, TruncatedStream
+from coalesce_core.stream.fingerprint import EMPTY, digest
 from coalesce_core.stream.records import Begin, End, HardLink, MkDir, MkFile, Rename, SetAttr, Write, framed
 from coalesce_core.testing import conformance
 

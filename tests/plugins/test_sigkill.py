@@ -20,11 +20,11 @@ import sys
 import time
 
 import pytest
+from backends import on_backend
 
-from coalesce_core.crashpoints import CRASH_POINTS
 from coalesce_core.backend.manager import plugin_manager
 from coalesce_core.backend.volume import Volume
-from backends import on_backend
+from coalesce_core.crashpoints import CRASH_POINTS
 from coalesce_posix import walk
 
 EXE = [sys.executable, "-m", "coalesce_core.ui.cli"]

@@ -49,12 +49,28 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from tools.bench.common import (QTREE, LoopFS, Timer, bench_dir, close_harness, command, cpu, git_commit,
-                                group_config, host, loads, progress, provenance, realfs_tool, run, same_tree,
-                                save_profile, utc_now)
-
 from coalesce_core.backend.hookspecs import hookimpl
 from coalesce_core.testing.harness import Harness
+from tools.bench.common import (
+    QTREE,
+    LoopFS,
+    Timer,
+    bench_dir,
+    close_harness,
+    command,
+    cpu,
+    git_commit,
+    group_config,
+    host,
+    loads,
+    progress,
+    provenance,
+    realfs_tool,
+    run,
+    same_tree,
+    save_profile,
+    utc_now,
+)
 
 FILE_SIZE = 4096
 FANOUT = 8
@@ -127,7 +143,7 @@ def med(xs: list[float]) -> float:
 
 
 def one_size(n: int, fs_bytes: int, reps: int, seed: int, log, profile_dir: str | None) -> dict:
-    import coalesce_btrfs as cb                  # the installed plugin (entry point); same module the agent uses
+    import coalesce_btrfs as cb  # the installed plugin (entry point); same module the agent uses
 
     fs = LoopFS(fs_bytes)
     h = None

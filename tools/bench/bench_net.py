@@ -76,14 +76,34 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from tools.bench.common import (QTREE, MiB, N_BIG, LoopFS, command, group_config, loads, pipeline, proc_cpu,
-                                provenance, realfs_tool, run, same_tree, say, self_cpu, utc_now, write_big,
-                                zfs_fuse_cpu, zfs_mountpoint, zfs_pool, zfs_received, zfs_settle)
-
-from coalesce_core.errors import CoalesceError
 from coalesce_core.backend.manager import plugin_manager
 from coalesce_core.backend.volume import Volume
+from coalesce_core.errors import CoalesceError
 from coalesce_core.testing.harness import Harness
+from tools.bench.common import (
+    N_BIG,
+    QTREE,
+    LoopFS,
+    MiB,
+    command,
+    group_config,
+    loads,
+    pipeline,
+    proc_cpu,
+    provenance,
+    realfs_tool,
+    run,
+    same_tree,
+    say,
+    self_cpu,
+    utc_now,
+    write_big,
+    zfs_fuse_cpu,
+    zfs_mountpoint,
+    zfs_pool,
+    zfs_received,
+    zfs_settle,
+)
 
 TLS_PORT, SSH_PORT = 7450, 2222
 SHAPES = [("1gbit", 10.0), ("100mbit", 10.0)]      # rate, one-way delay (ms): a 20 ms round trip

@@ -73,13 +73,36 @@ import subprocess
 import sys
 import time
 
-from tools.bench.common import (SBIN_PATH, MiB, N_BIG, QTREE, LoopFS, Timer, bench_dir, close_harness, command, cpu,
-                                group_config, host, loads, pipeline, progress, provenance, realfs_tool, run, same_tree,
-                                save_profile, utc_now, write_big, zfs_mountpoint, zfs_pool, zfs_received, zfs_settle)
-
 from coalesce_core.backend.faults import Rule
 from coalesce_core.testing.harness import Harness
-
+from tools.bench.common import (
+    N_BIG,
+    QTREE,
+    SBIN_PATH,
+    LoopFS,
+    MiB,
+    Timer,
+    bench_dir,
+    close_harness,
+    command,
+    cpu,
+    group_config,
+    host,
+    loads,
+    pipeline,
+    progress,
+    provenance,
+    realfs_tool,
+    run,
+    same_tree,
+    save_profile,
+    utc_now,
+    write_big,
+    zfs_mountpoint,
+    zfs_pool,
+    zfs_received,
+    zfs_settle,
+)
 
 #: ``[group] verify`` of the benchmark groups (--no-verify: false)
 VERIFY = [True]

@@ -45,10 +45,9 @@ import sys  # noqa: E402
 import tempfile  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from tools.bench.common import ROOT, command, cpu, host, loads, provenance, qtree_names, utc_now  # noqa: E402
-
-from coalesce_core.crashpoints import CRASH_POINTS  # noqa: E402
 from coalesce_core.backend.hookspecs import hookimpl  # noqa: E402
+from coalesce_core.crashpoints import CRASH_POINTS  # noqa: E402
+from tools.bench.common import ROOT, command, cpu, host, loads, provenance, qtree_names, utc_now  # noqa: E402
 
 SCENARIO = {"mid_baseline": "baseline", "mid_retry": "retry"}
 QUICK_POINTS = ["after_commit", "after_rollback_pcpi", "mid_apply", "mid_release", "mid_retry"]
@@ -73,8 +72,8 @@ def child_setup(backend: str, d: Path, n: int, scenario: str) -> dict:
     """Build the group in ``d`` (this process then exits: nothing of it survives but the files)."""
     import random
 
-    from coalesce_core.config import parse_config
     from coalesce_core.backend.faults import Rule
+    from coalesce_core.config import parse_config
     from coalesce_core.testing.harness import Harness
 
     rng = random.Random(n)
@@ -152,9 +151,9 @@ def child_recover(cfg_path: Path) -> dict:
     from coalesce_core.agent import Agent
     from coalesce_core.config import load_config
     from coalesce_core.cycle.invariants import live_check
-    from coalesce_core.ledger import iter_log_edges
     from coalesce_core.cycle.planner import is_group_pcpi
     from coalesce_core.cycle.spec import load_spec
+    from coalesce_core.ledger import iter_log_edges
 
     imports_s = time.perf_counter() - _T_START
     in_flight = load_spec().in_flight_states

@@ -38,12 +38,11 @@ import sys
 import tempfile
 import time
 
-from tools.bench.common import close_harness, command, cpu, loads, provenance, qtree_names, replicas_config
-
-from coalesce_core.config import parse_config
 from coalesce_core.backend.faults import Rule
 from coalesce_core.backend.hookspecs import hookimpl
+from coalesce_core.config import parse_config
 from coalesce_core.testing.harness import Harness
+from tools.bench.common import close_harness, command, cpu, loads, provenance, qtree_names, replicas_config
 
 
 class PeakCounter:

@@ -27,12 +27,11 @@ import sys
 import tempfile
 import time
 
-from tools.bench.common import MiB
-
 from coalesce_core.stream import records as R
 from coalesce_sim import close_sim, coalesce_apply, coalesce_rollback, open_sim
 from coalesce_sim import diff as D
 from coalesce_sim.raid import BS
+from tools.bench.common import MiB
 
 
 def fill(fs, qtree: str, nbytes: int, file_bytes: int = 16 * MiB) -> float:

@@ -56,13 +56,26 @@ import threading
 import time
 from pathlib import Path
 
-from tools.bench.common import (ROOT, SBIN_PATH, LoopFS, bench_dir, close_harness, command, host, loads, progress,
-                                provenance, qtree_names, replicas_config, run, utc_now)
-
-from coalesce_core.config import parse_config
 from coalesce_core.backend.faults import Rule
 from coalesce_core.backend.hookspecs import hookimpl
+from coalesce_core.config import parse_config
 from coalesce_core.testing.harness import Harness
+from tools.bench.common import (
+    ROOT,
+    SBIN_PATH,
+    LoopFS,
+    bench_dir,
+    close_harness,
+    command,
+    host,
+    loads,
+    progress,
+    provenance,
+    qtree_names,
+    replicas_config,
+    run,
+    utc_now,
+)
 
 DEFAULT_PLOT = ROOT / "docs" / "img" / "snapshot-consumption.png"
 TOOLS = ("sim", "btrfs", "btrbk")

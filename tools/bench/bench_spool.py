@@ -40,10 +40,9 @@ import time
 import types
 from pathlib import Path
 
-from tools.bench.common import MiB, children_cpu, command, cpu, utc_now
-
 from coalesce_core.stream.records import Begin, End, MkFile, SetAttr, Write
 from coalesce_core.stream.spool import Spool
+from tools.bench.common import MiB, children_cpu, command, cpu, utc_now
 
 EXE = [sys.executable, "-m", "coalesce_core.ui.cli"]
 

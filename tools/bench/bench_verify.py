@@ -48,13 +48,31 @@ import sys
 import tempfile
 import time
 
-from tools.bench.common import (N_BIG, QTREE, LoopFS, MiB, bench_dir, close_harness, command, group_config, host, loads,
-                                progress, provenance, run, same_tree, self_cpu, utc_now, zfs_fuse_cpu, zfs_mountpoint,
-                                zfs_pool, zfs_settle)
-
 from coalesce_core import verifier
 from coalesce_core.stream.records import MkDir, MkFile, Rename, Write, framed
 from coalesce_core.testing.harness import Harness
+from tools.bench.common import (
+    N_BIG,
+    QTREE,
+    LoopFS,
+    MiB,
+    bench_dir,
+    close_harness,
+    command,
+    group_config,
+    host,
+    loads,
+    progress,
+    provenance,
+    run,
+    same_tree,
+    self_cpu,
+    utc_now,
+    zfs_fuse_cpu,
+    zfs_mountpoint,
+    zfs_pool,
+    zfs_settle,
+)
 
 NDIRS = 20
 SIZES = {  # backend: (size_mib, base_files, small_files, patch_mib)

@@ -40,11 +40,10 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from tools.bench.common import MiB, command, host, loads, provenance, self_cpu, utc_now, zfs_fuse_cpu, zfs_pool
-
 from coalesce_core.backend.manager import plugin_manager
 from coalesce_core.backend.volume import Volume
 from coalesce_core.stream.records import Write
+from tools.bench.common import MiB, command, host, loads, provenance, self_cpu, utc_now, zfs_fuse_cpu, zfs_pool
 
 WAYS = ("walk", "send per qtree", "shared map")
 VERBOSE = False

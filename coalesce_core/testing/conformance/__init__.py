@@ -58,7 +58,15 @@ Import from the package; the module names are not an interface.
 from __future__ import annotations
 
 from coalesce_core.testing.conformance.base import (  # noqa: F401  re-exported
-    DIR_MODES, EMPTY, FILE_MODES, NAMES, SNAP_NAMES, SYMLINK_TARGETS, XATTR, ConformanceError, InjectedFault,
+    DIR_MODES,
+    EMPTY,
+    FILE_MODES,
+    NAMES,
+    SNAP_NAMES,
+    SYMLINK_TARGETS,
+    XATTR,
+    ConformanceError,
+    InjectedFault,
 )
 from coalesce_core.testing.conformance.changes import draw_changes  # noqa: F401
 from coalesce_core.testing.conformance.checks import BASIC_CHECKS, run_basic_check, run_basic_checks
@@ -67,11 +75,18 @@ from coalesce_core.testing.conformance.hostile import HOSTILE_SETUP, check_hosti
 from coalesce_core.testing.conformance.machine import conformance_machine, run_conformance
 from coalesce_core.testing.conformance.model import Model
 from coalesce_core.testing.conformance.primitives import (  # noqa: F401
-    check_empty_volume, check_export, check_open, check_remove_qtree, check_snapshots,
+    check_empty_volume,
+    check_export,
+    check_open,
+    check_remove_qtree,
+    check_snapshots,
 )
 from coalesce_core.testing.conformance.rollback import check_apply_failures, check_rollback  # noqa: F401
 from coalesce_core.testing.conformance.settings import (  # noqa: F401
-    DEFAULT_MAX_EXAMPLES, DEFAULT_STATEFUL_STEPS, FALLBACK_PROFILES, conformance_settings,
+    DEFAULT_MAX_EXAMPLES,
+    DEFAULT_STATEFUL_STEPS,
+    FALLBACK_PROFILES,
+    conformance_settings,
 )
 from coalesce_core.testing.conformance.trees import check_purgatory, check_rich_roundtrip  # noqa: F401
 

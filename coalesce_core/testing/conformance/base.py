@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from coalesce_core.stream import fingerprint
 
-
 #: Default entry names: collisions on purpose, one non-ASCII, one non-UTF-8 (surrogateescape) name.
 NAMES = ("a", "b", "c", "dd", "é", "x y", "\udcff")
 SYMLINK_TARGETS = ("a", "../x", "/etc/passwd", "b/c", "../../..", "dd/")

@@ -7,7 +7,18 @@ from typing import Callable
 from hypothesis import strategies as st
 
 from coalesce_core.stream.records import (
-    MAX_DATA, HardLink, MkDir, MkFile, Rename, RmDir, SetAttr, SetXattr, Symlink, Truncate, Unlink, Write,
+    MAX_DATA,
+    HardLink,
+    MkDir,
+    MkFile,
+    Rename,
+    RmDir,
+    SetAttr,
+    SetXattr,
+    Symlink,
+    Truncate,
+    Unlink,
+    Write,
 )
 from coalesce_core.testing.conformance.base import DIR_MODES, FILE_MODES, NAMES, SYMLINK_TARGETS, XATTR
 from coalesce_core.testing.conformance.model import Model

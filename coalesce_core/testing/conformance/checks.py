@@ -8,11 +8,14 @@ from coalesce_core.testing.conformance.base import ConformanceError
 from coalesce_core.testing.conformance.helpers import _Ctx
 from coalesce_core.testing.conformance.hostile import check_hostile
 from coalesce_core.testing.conformance.primitives import (
-    check_empty_volume, check_export, check_open, check_remove_qtree, check_snapshots,
+    check_empty_volume,
+    check_export,
+    check_open,
+    check_remove_qtree,
+    check_snapshots,
 )
 from coalesce_core.testing.conformance.rollback import check_apply_failures
 from coalesce_core.testing.conformance.trees import check_purgatory, check_rich_roundtrip
-
 
 BASIC_CHECKS: dict[str, Callable[[_Ctx], None]] = {
     "open": check_open,

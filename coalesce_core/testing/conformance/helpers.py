@@ -6,13 +6,12 @@ from __future__ import annotations
 import os
 from typing import Any, Callable
 
-from coalesce_core.stream import fingerprint
 from coalesce_core.backend.manager import plugin_manager
 from coalesce_core.backend.volume import Volume
+from coalesce_core.stream import fingerprint
 from coalesce_core.stream.records import MAX_DATA, Begin, End, Write, framed
 from coalesce_core.testing.conformance.base import ConformanceError, _check
 from coalesce_core.testing.conformance.model import Model
-
 
 _PM_CACHE: dict[tuple, Any] = {}
 

@@ -6,7 +6,18 @@ from typing import Any
 
 from coalesce_core.errors import BackendError, HostilePath, StreamError
 from coalesce_core.stream.records import (
-    HardLink, MkDir, MkFile, Rename, RmDir, SetAttr, SetXattr, Symlink, Truncate, Unlink, Write, framed,
+    HardLink,
+    MkDir,
+    MkFile,
+    Rename,
+    RmDir,
+    SetAttr,
+    SetXattr,
+    Symlink,
+    Truncate,
+    Unlink,
+    Write,
+    framed,
 )
 from coalesce_core.testing.conformance.base import XATTR, _check
 from coalesce_core.testing.conformance.changes import _file_records

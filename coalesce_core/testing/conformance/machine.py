@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Any, Callable, Iterable
 
-from hypothesis import note, settings as Settings, strategies as st
+from hypothesis import note
+from hypothesis import settings as Settings
+from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule, run_state_machine_as_test
 
 from coalesce_core.backend.hookspecs import ACTIVE

@@ -7,7 +7,20 @@ from typing import Any, Iterable, NoReturn
 
 from coalesce_core.stream import fingerprint
 from coalesce_core.stream.records import (
-    ROOT, Begin, End, HardLink, MkDir, MkFile, Rename, RmDir, SetAttr, SetXattr, Symlink, Truncate, Unlink, Write,
+    ROOT,
+    Begin,
+    End,
+    HardLink,
+    MkDir,
+    MkFile,
+    Rename,
+    RmDir,
+    SetAttr,
+    SetXattr,
+    Symlink,
+    Truncate,
+    Unlink,
+    Write,
 )
 from coalesce_core.testing.conformance.base import ConformanceError
 

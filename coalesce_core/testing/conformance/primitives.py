@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import os
 
-from coalesce_core.errors import BackendError
 from coalesce_core.backend.hookspecs import ACTIVE
 from coalesce_core.backend.volume import Volume
+from coalesce_core.errors import BackendError
 from coalesce_core.stream.records import MkDir, MkFile, Unlink, Write
 from coalesce_core.testing.conformance.base import EMPTY, _check
 from coalesce_core.testing.conformance.changes import _file_records

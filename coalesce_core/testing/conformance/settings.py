@@ -5,9 +5,9 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from hypothesis import HealthCheck, settings as Settings
+from hypothesis import HealthCheck
+from hypothesis import settings as Settings
 from hypothesis.errors import InvalidArgument
-
 
 DEFAULT_MAX_EXAMPLES = 20
 DEFAULT_STATEFUL_STEPS = 25

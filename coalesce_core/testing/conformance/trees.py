@@ -3,7 +3,17 @@
 from __future__ import annotations
 
 from coalesce_core.stream.records import (
-    MAX_DATA, HardLink, MkDir, Rename, RmDir, SetAttr, SetXattr, Symlink, Truncate, Unlink, Write,
+    MAX_DATA,
+    HardLink,
+    MkDir,
+    Rename,
+    RmDir,
+    SetAttr,
+    SetXattr,
+    Symlink,
+    Truncate,
+    Unlink,
+    Write,
 )
 from coalesce_core.testing.conformance.base import XATTR, _check
 from coalesce_core.testing.conformance.changes import _file_records

@@ -22,12 +22,12 @@ import pytest
 
 import coalesce_core
 from coalesce_core import crashpoints
-from coalesce_core.crashpoints import CRASH_POINTS, SimulatedCrash, UnknownCrashPoint
-from coalesce_core.errors import BackendError
 from coalesce_core.backend.faults import FaultInjector, InjectedFault, Rule
 from coalesce_core.backend.hookspecs import PRIMITIVE_HOOKS
 from coalesce_core.backend.manager import plugin_manager
 from coalesce_core.backend.volume import Volume
+from coalesce_core.crashpoints import CRASH_POINTS, SimulatedCrash, UnknownCrashPoint
+from coalesce_core.errors import BackendError
 from coalesce_core.testing.workload import SourceWriter, fill
 
 

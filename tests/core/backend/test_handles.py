@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from coalesce_core.errors import BackendError
 from coalesce_core.backend.faults import FaultInjector, InjectedFault, Rule
 from coalesce_core.backend.handles import VolumeHandle
 from coalesce_core.backend.hookspecs import hookimpl
 from coalesce_core.backend.manager import plugin_manager
 from coalesce_core.backend.volume import Volume
+from coalesce_core.errors import BackendError
 from coalesce_core.stream.records import Begin, End, MkDir
 
 

@@ -45,7 +45,6 @@ def test_every_primitive_is_served_by_each_bundled_backend():
     import coalesce_btrfs
     import coalesce_mem
     import coalesce_zfs
-
     from coalesce_core.backend.handles import HandleHooks, VolumeHandle
 
     handles = {"mem": coalesce_mem.MemVolume, "btrfs": coalesce_btrfs.BtrfsVolume, "zfs": coalesce_zfs.ZfsVolume}
@@ -70,9 +69,10 @@ def test_the_diff_implementations_fit_the_spec_and_skip_is_never_hidden():
     """``skip`` is a spec argument without a default (a default would hide it from every
     implementation); the bundled backends and the core's wrappers register against it, and an
     implementation that names ``skip`` names it without a default (pluggy would not pass it)."""
+    from dropper import DropRecord
+
     from coalesce_core.backend.faults import FaultInjector
     from coalesce_core.ui.tracker import Tracker
-    from dropper import DropRecord
 
     pm = plugin_manager([FaultInjector(), Tracker(), DropRecord(lambda rec: False)])
     caller = pm.hook.coalesce_diff

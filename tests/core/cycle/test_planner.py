@@ -17,16 +17,16 @@ from typing import Callable
 import attrs
 import pytest
 
-from coalesce_core.cycle import effects as fx
-from coalesce_core.cycle import planner
-from coalesce_core.cycle import events as ev
-from coalesce_core.errors import IllegalTransition
 from coalesce_core.backend.hookspecs import ACTIVE
+from coalesce_core.cycle import effects as fx
+from coalesce_core.cycle import events as ev
+from coalesce_core.cycle import planner
 from coalesce_core.cycle.invariants import i1_fixed_consumption, i2_bounded_extras, i4_one_coalesced_point
 from coalesce_core.cycle.machines import Model, default_model
 from coalesce_core.cycle.planner import Decision, NotNow, Transition, decide, pcpi_prefix, source_prefix
 from coalesce_core.cycle.spec import load_spec
 from coalesce_core.cycle.state import CYCLE_ROLES, GroupState, Pcpi, Replica, RetryPolicy, SourcePcpi
+from coalesce_core.errors import IllegalTransition
 
 G = "g"
 S0 = "co-g-src-000000"

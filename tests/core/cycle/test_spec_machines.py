@@ -16,9 +16,9 @@ import pytest
 
 import coalesce_core
 from coalesce_core.cycle import guards
-from coalesce_core.errors import ConfigError, IllegalTransition
 from coalesce_core.cycle.machines import Model, default_model
 from coalesce_core.cycle.spec import Spec, load_spec, parse_spec, spec_path
+from coalesce_core.errors import ConfigError, IllegalTransition
 
 REPO = Path(__file__).resolve().parents[3]
 SPEC_TEXT = (REPO / "spec" / "coalescing.toml").read_text(encoding="utf-8")

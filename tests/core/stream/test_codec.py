@@ -19,8 +19,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from coalesce_core.stream import codec
 from coalesce_core.errors import CorruptStream, HostilePath, StreamError, TruncatedStream
+from coalesce_core.stream import codec
 from coalesce_core.stream.records import (
     CHANGE_TYPES,
     MAX_DATA,
@@ -30,8 +30,8 @@ from coalesce_core.stream.records import (
     HardLink,
     MkDir,
     MkFile,
-    RmDir,
     Rename,
+    RmDir,
     SetAttr,
     SetXattr,
     Symlink,

@@ -8,16 +8,16 @@ uninterrupted update leaves (I3).
 
 from __future__ import annotations
 
-import logging
 import errno
+import logging
 import os
 import random
 import re
 
 import pytest
 
-from coalesce_core.stream import codec
 from coalesce_core.errors import CorruptStream
+from coalesce_core.stream import codec
 from coalesce_core.stream.records import Begin, End, MkFile, Write
 from coalesce_core.stream.spool import Spool, skip_changes
 from coalesce_core.testing.harness import Harness

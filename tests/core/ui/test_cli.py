@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from coalesce_core.crashpoints import CRASH_POINTS
 from coalesce_core.backend.manager import plugin_manager
 from coalesce_core.backend.volume import Volume
+from coalesce_core.crashpoints import CRASH_POINTS
 from coalesce_core.testing.workload import SourceWriter, fill
 
 EXE = [sys.executable, "-m", "coalesce_core.ui.cli"]

@@ -12,10 +12,10 @@ import pytest
 
 import coalesce_btrfs
 from coalesce_btrfs import sendstream
-from coalesce_core.errors import BackendError, StreamError, TruncatedStream
 from coalesce_core.backend.hookspecs import ACTIVE
 from coalesce_core.backend.manager import plugin_manager
 from coalesce_core.backend.volume import Volume
+from coalesce_core.errors import BackendError, StreamError, TruncatedStream
 from coalesce_core.stream.records import HardLink, MkFile, Rename, Truncate, Unlink, Write
 
 pytestmark = pytest.mark.btrfs

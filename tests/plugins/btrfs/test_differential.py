@@ -3,9 +3,8 @@ and ``btrfs send -p | btrfs receive`` of the same PCPIs is the control (tests/di
 
 from __future__ import annotations
 
-import pytest
-
 import differential as dt
+import pytest
 from differential import CYCLE, Rename, Sparse, Write
 
 pytestmark = pytest.mark.btrfs

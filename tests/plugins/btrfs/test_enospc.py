@@ -6,9 +6,9 @@ import os
 
 import pytest
 
-from coalesce_core.errors import BackendError
 from coalesce_core.backend.manager import plugin_manager
 from coalesce_core.backend.volume import Volume
+from coalesce_core.errors import BackendError
 from coalesce_core.stream.records import MkDir, MkFile, Write, framed
 from coalesce_posix import NoSpace
 

@@ -8,12 +8,11 @@ import os
 import subprocess
 
 import pytest
-
-from coalesce_core.stream import records as R
-from coalesce_core import verifier
-from coalesce_core.testing.harness import Harness
-
 from dropper import DropRecord, of_type
+
+from coalesce_core import verifier
+from coalesce_core.stream import records as R
+from coalesce_core.testing.harness import Harness
 
 pytestmark = pytest.mark.btrfs
 

@@ -9,10 +9,21 @@ import time
 
 import pytest
 
-from coalesce_core.errors import CorruptStream, HostilePath, StreamError
 from coalesce_core.backend.hookspecs import ACTIVE
+from coalesce_core.errors import CorruptStream, HostilePath, StreamError
 from coalesce_core.stream.records import (
-    HardLink, MkDir, MkFile, Rename, RmDir, SetAttr, SetXattr, Symlink, Truncate, Unlink, Write, framed,
+    HardLink,
+    MkDir,
+    MkFile,
+    Rename,
+    RmDir,
+    SetAttr,
+    SetXattr,
+    Symlink,
+    Truncate,
+    Unlink,
+    Write,
+    framed,
 )
 from coalesce_posix import Applier, ExportTable, walk
 from coalesce_posix.exports import parse_under

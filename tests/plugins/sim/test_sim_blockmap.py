@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from coalesce_core.stream import records as R
 from coalesce_core.errors import BackendError
+from coalesce_core.stream import records as R
 from coalesce_sim import diff as D
 from coalesce_sim.fs import MAX_PCPIS, SB_STRIPES
 from coalesce_sim.raid import BS
-
 from coalesce_sim.testing import reopen, sim_apply
 
 

@@ -6,12 +6,11 @@ import shutil
 
 import pytest
 
-from coalesce_core.stream import records as R
 from coalesce_core.errors import BackendError
+from coalesce_core.stream import records as R
 from coalesce_sim import SimCrash, open_sim
 from coalesce_sim import diff as D
 from coalesce_sim.raid import BS
-
 from coalesce_sim.testing import reopen, sim_apply
 
 BASE = [R.MkDir(path="d"), R.MkFile(path="d/a"), R.Write(path="d/a", offset=0, data=b"A" * (5 * BS + 3)),

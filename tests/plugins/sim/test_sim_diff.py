@@ -6,15 +6,15 @@ import itertools
 import os
 
 import pytest
-from hypothesis import given, settings, strategies as st, HealthCheck
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from coalesce_core.stream import records as R
-from coalesce_core.errors import BackendError, HostilePath, StreamError, TruncatedStream
 from coalesce_core.backend.manager import plugin_manager
 from coalesce_core.backend.volume import Volume
+from coalesce_core.errors import BackendError, HostilePath, StreamError, TruncatedStream
+from coalesce_core.stream import records as R
 from coalesce_sim import diff as D
 from coalesce_sim.raid import BS
-
 from coalesce_sim.testing import reopen, sim_apply
 
 

@@ -8,15 +8,14 @@ import os
 
 import pytest
 
-from coalesce_core.stream import records as R
-from coalesce_core.errors import BackendError
+import coalesce_sim
 from coalesce_core.backend.hookspecs import ACTIVE, PRIMITIVE_HOOKS
 from coalesce_core.backend.manager import backend_infos, plugin_manager
-from coalesce_core.backend.volume import Volume
 from coalesce_core.backend.urls import VolumeURL
-import coalesce_sim
+from coalesce_core.backend.volume import Volume
+from coalesce_core.errors import BackendError
+from coalesce_core.stream import records as R
 from coalesce_sim import cli, parse_location
-
 from coalesce_sim.testing import sim_apply
 
 

@@ -6,11 +6,10 @@ import os
 
 import pytest
 
-from coalesce_core.stream import records as R
 from coalesce_core.errors import BackendError
+from coalesce_core.stream import records as R
 from coalesce_sim import diff as D
 from coalesce_sim.raid import BS, xor_blocks
-
 from coalesce_sim.testing import reopen, sim_apply
 
 

@@ -10,11 +10,10 @@ import time
 
 import pytest
 
-from coalesce_core.stream import records as R
 from coalesce_core.errors import BackendError
+from coalesce_core.stream import records as R
 from coalesce_sim import diff as D
 from coalesce_sim.fs import ROOT_INO
-
 from coalesce_sim.testing import reopen, sim_apply
 
 

@@ -7,14 +7,14 @@ import itertools
 import os
 import tempfile
 
-from hypothesis import HealthCheck, settings, strategies as st
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from coalesce_core.stream import records as R
 from coalesce_sim import SimCrash, close_sim, open_sim
 from coalesce_sim import diff as D
 from coalesce_sim.raid import BS
-
 from coalesce_sim.testing import reopen, sim_apply
 
 NAMES = st.sampled_from(["a", "b", "c", "d"])

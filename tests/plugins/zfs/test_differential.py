@@ -3,9 +3,8 @@ and ``zfs send -i | zfs receive`` of the same PCPIs is the control (tests/differ
 
 from __future__ import annotations
 
-import pytest
-
 import differential as dt
+import pytest
 
 pytestmark = pytest.mark.zfs
 

@@ -21,9 +21,9 @@ import send_scenarios as sc_mod
 from send_scenarios import SCENARIOS, KeepSourcePcpis, Outcome, drive
 from trees import assert_same
 
-from coalesce_core.config import parse_config
 from coalesce_core.backend.manager import plugin_manager
 from coalesce_core.backend.volume import Volume
+from coalesce_core.config import parse_config
 from coalesce_core.testing.harness import Harness
 
 pytestmark = pytest.mark.zfs

@@ -18,7 +18,8 @@ import time
 
 import pytest
 import zfsstream as Z
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from coalesce_core.errors import BackendError, CorruptStream, TruncatedStream
 from coalesce_core.stream.records import HardLink, MkFile, Truncate, Write

@@ -9,7 +9,8 @@ import io
 
 import pytest
 import zfsstream as Z
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from coalesce_core.errors import CorruptStream, StreamError, TruncatedStream
 from coalesce_zfs import sendstream as S

@@ -8,10 +8,10 @@ import subprocess
 import pytest
 
 import coalesce_zfs
-from coalesce_core.errors import BackendError
 from coalesce_core.backend.hookspecs import ACTIVE
 from coalesce_core.backend.manager import plugin_manager
 from coalesce_core.backend.volume import Volume
+from coalesce_core.errors import BackendError
 from coalesce_core.stream.records import MkFile, framed
 
 pytestmark = pytest.mark.zfs
