@@ -53,8 +53,15 @@ class _CycleStats:
 class Agent:
     """One group's management agent.  Use :meth:`init` once, then :meth:`open`."""
 
-    def __init__(self, config: GroupConfig, pm: pluggy.PluginManager, source: Volume, dest: Volume,
-                 ledger: Ledger, clock: Callable[[], float]) -> None:
+    def __init__(
+        self,
+        config: GroupConfig,
+        pm: pluggy.PluginManager,
+        source: Volume,
+        dest: Volume,
+        ledger: Ledger,
+        clock: Callable[[], float],
+    ) -> None:
         self.config = config
         self.pm = pm
         self.source = source
@@ -78,8 +85,14 @@ class Agent:
         return (Volume.open(pm, config.source, create=create), Volume.open(pm, config.destination, create=create))
 
     @classmethod
-    def init(cls, config: GroupConfig, *, pm: pluggy.PluginManager | None = None, plugins: Iterable[object] = (),
-             clock: Callable[[], float] = time.time) -> "Agent":
+    def init(
+        cls,
+        config: GroupConfig,
+        *,
+        pm: pluggy.PluginManager | None = None,
+        plugins: Iterable[object] = (),
+        clock: Callable[[], float] = time.time,
+    ) -> "Agent":
         """Create the volumes (if the backend can) and a new ledger for the group."""
         pm = pm or plugin_manager(plugins)
         source, dest = cls._volumes(config, pm, create=True)
@@ -89,15 +102,22 @@ class Agent:
             raise MetadataError(
                 f"the destination already holds {len(ours)} PCPIs of group {config.name!r} but no metadata at {path}",
                 hint="restore the group's .coalesce/ metadata from a backup; coalesce will not guess which image "
-                     "each replica exports, and deletes nothing",
+                "each replica exports, and deletes nothing",
             )
         state = GroupState(name=config.name, retry=config.retry, reseed_after=config.reseed_after)
         Ledger.create(path, state).close()
         return cls.open(config, pm=pm, clock=clock)
 
     @classmethod
-    def open(cls, config: GroupConfig, *, pm: pluggy.PluginManager | None = None, plugins: Iterable[object] = (),
-             clock: Callable[[], float] = time.time, recover: bool = True) -> "Agent":
+    def open(
+        cls,
+        config: GroupConfig,
+        *,
+        pm: pluggy.PluginManager | None = None,
+        plugins: Iterable[object] = (),
+        clock: Callable[[], float] = time.time,
+        recover: bool = True,
+    ) -> "Agent":
         """Open an initialised group and (by default) recover from whatever a crash left."""
         pm = pm or plugin_manager(plugins)
         source, dest = cls._volumes(config, pm, create=False)
@@ -132,8 +152,9 @@ class Agent:
             if t.replica is None:
                 self.pm.hook.coalesce_phase_changed(group=new.name, trigger=t.trigger, source=t.source, dest=t.dest)
             else:
-                self.pm.hook.coalesce_state_changed(group=new.name, replica=t.replica, trigger=t.trigger,
-                                                    source=t.source, dest=t.dest)
+                self.pm.hook.coalesce_state_changed(
+                    group=new.name, replica=t.replica, trigger=t.trigger, source=t.source, dest=t.dest
+                )
             if t.trigger == "start_cycle":
                 self._stats = _CycleStats(self.clock())
             if t.trigger in FAILURES and t.replica is not None:
@@ -190,7 +211,9 @@ class Agent:
         if isinstance(eff, fx.TakeSourcePcpi):
             self.source.snapshot_create(eff.name)
             taken_at = now()
-            self.pm.hook.coalesce_pcpi_taken(group=self.state.name, volume=str(self.source.url), name=eff.name, role="source")
+            self.pm.hook.coalesce_pcpi_taken(
+                group=self.state.name, volume=str(self.source.url), name=eff.name, role="source"
+            )
             crashpoints.hit("after_source_pcpi")
             return ev.SourcePcpiTaken(name=eff.name, now=taken_at)
         if isinstance(eff, fx.ReleaseSourcePcpi):
@@ -201,7 +224,9 @@ class Agent:
             self.dest.snapshot_create(eff.name)
             if self._stats is not None:
                 self._stats.taken.append(eff.name)
-            self.pm.hook.coalesce_pcpi_taken(group=self.state.name, volume=str(self.dest.url), name=eff.name, role=eff.role)
+            self.pm.hook.coalesce_pcpi_taken(
+                group=self.state.name, volume=str(self.dest.url), name=eff.name, role=eff.role
+            )
             crashpoints.hit("after_pcpi_taken")
             if eff.role in ("rollback", "jump_ahead", "new_base"):
                 crashpoints.hit(f"after_{eff.role}_pcpi")
@@ -235,13 +260,22 @@ class Agent:
     def _run_concurrent(self, eff: object) -> object:
         t0 = self.clock()
         if isinstance(eff, fx.Transfer):
+
             def progress(records: int, nbytes: int) -> None:
-                self.pm.hook.coalesce_transfer_progress(group=self.state.name, replica=eff.replica,
-                                                        records=records, nbytes=nbytes)
+                self.pm.hook.coalesce_transfer_progress(
+                    group=self.state.name, replica=eff.replica, records=records, nbytes=nbytes
+                )
 
             try:
-                moved = run_transfer(eff, self.source, self.dest, spool=self.spool, verify=self.config.verify,
-                                     progress=progress, aborted=self._abort.is_set)
+                moved = run_transfer(
+                    eff,
+                    self.source,
+                    self.dest,
+                    spool=self.spool,
+                    verify=self.config.verify,
+                    progress=progress,
+                    aborted=self._abort.is_set,
+                )
                 if moved.verified and eff.base is None:
                     self._verified[eff.replica] = {"at": self.clock(), "ok": True, "error": ""}
             except Exception as exc:
@@ -252,8 +286,9 @@ class Agent:
             if self._stats is not None:
                 self._stats.records += moved.records
                 self._stats.nbytes += moved.nbytes
-            return ev.TransferDone(replica=eff.replica, ok=True, now=self.clock(),
-                                   records=moved.records, nbytes=moved.nbytes)
+            return ev.TransferDone(
+                replica=eff.replica, ok=True, now=self.clock(), records=moved.records, nbytes=moved.nbytes
+            )
         if isinstance(eff, fx.Rollback):
             try:
                 with crashpoints.during("mid_retry" if eff.retry else "mid_rollback"):
@@ -303,8 +338,12 @@ class Agent:
             return frozenset()
         out = set()
         for r in self.state.replicas.values():
-            if r.state == "update" and r.active_point is not None and r.target is not None and self.spool.holds(
-                    r.name, Begin(qtree=r.source_qtree, base=r.active_point, target=r.target)):
+            if (
+                r.state == "update"
+                and r.active_point is not None
+                and r.target is not None
+                and self.spool.holds(r.name, Begin(qtree=r.source_qtree, base=r.active_point, target=r.target))
+            ):
                 out.add(r.name)
         keep = out | {r.name for r in self.state.replicas.values() if r.resume}
         for name in self.spool.replicas():
@@ -333,10 +372,15 @@ class Agent:
         self.tick()
         return self.run_cycle()
 
-    def run_forever(self, interval: float, *, cycle: Callable[[], dict[str, Any]] | None = None,
-                    on_cycle: Callable[[dict[str, Any]], None] = lambda report: None,
-                    on_error: Callable[[BackendError, float], None] = lambda exc, wait: None,
-                    sleep: Callable[[float], None] | None = None) -> None:
+    def run_forever(
+        self,
+        interval: float,
+        *,
+        cycle: Callable[[], dict[str, Any]] | None = None,
+        on_cycle: Callable[[dict[str, Any]], None] = lambda report: None,
+        on_error: Callable[[BackendError, float], None] = lambda exc, wait: None,
+        sleep: Callable[[float], None] | None = None,
+    ) -> None:
         """`coalesce run`: ``cycle`` (default :meth:`run_once`) every ``interval`` seconds until
         interrupted. A BackendError outside a transfer (a PCPI take or release, an export, the link)
         does not end the run: ``on_error(exc, interval)``, and the next attempt first recovers what
@@ -395,8 +439,11 @@ class Agent:
                 verifier.save_times(self.ledger, pending, names)
             return
         times = {**self.verification_times(), **pending}
-        candidates = sorted(r.name for r in self.state.replicas.values()
-                            if r.state in ("stable", "stable_uncoalesced") and verifier.verifiable(r))
+        candidates = sorted(
+            r.name
+            for r in self.state.replicas.values()
+            if r.state in ("stable", "stable_uncoalesced") and verifier.verifiable(r)
+        )
         name = verify.due_for_verification({k: v["at"] for k, v in times.items()}, candidates, every, self.clock())
         if name is None:
             if pending:
@@ -406,8 +453,11 @@ class Agent:
         try:
             outcome = verifier.verify_export(self.source, self.dest, r, content=True, limit=1)
         except CoalesceError as exc:
-            pending[name] = {"at": times.get(name, {}).get("at", 0.0), "ok": None,
-                             "error": f"not verified: {_describe(exc)}"}
+            pending[name] = {
+                "at": times.get(name, {}).get("at", 0.0),
+                "ok": None,
+                "error": f"not verified: {_describe(exc)}",
+            }
             verifier.save_times(self.ledger, pending, names)
             return
         error = "" if outcome.ok else outcome.differences[0].explain(r.source_point or "?")
@@ -432,9 +482,14 @@ def replica_health(s: GroupState, now: float) -> dict[str, dict[str, Any]]:
     out = {}
     for r in sorted(s.replicas.values(), key=lambda r: r.name):
         lag = s.lag(r, now)
-        out[r.name] = {"state": r.state, "last_error": r.last_error, "consecutive_failures": r.consecutive_failures,
-                       "last_success": r.last_success, "source_point_time": s.source_point_time(r),
-                       "lag_seconds": None if lag is None else round(lag, 6)}
+        out[r.name] = {
+            "state": r.state,
+            "last_error": r.last_error,
+            "consecutive_failures": r.consecutive_failures,
+            "last_success": r.last_success,
+            "source_point_time": s.source_point_time(r),
+            "lag_seconds": None if lag is None else round(lag, 6),
+        }
     return out
 
 

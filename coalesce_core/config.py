@@ -1,27 +1,27 @@
 """The group's TOML configuration (docs/config.md documents every key).
 
-    [group]
-    name = "home"                      # letters, digits, _ . - (becomes part of PCPI names)
-    source = "sim:///srv/src"          # the source volume URL
-    destination = "sim:///srv/dst"     # the destination volume URL
-    parallel = 4                       # concurrent transfers
-    interval = 300                     # seconds between cycles of `coalesce run`
-    metadata = "/var/lib/coalesce"     # optional: where the ledger lives
-    spool = true                       # optional: resume an update after a restart
-                                       # (default: on for a remote source)
-    reseed_after = 3                   # re-seed a replica after 3 failed updates in a row (0: never)
-    max_lag = "1d"                     # optional: `check` fails for a replica whose image is older
-    verify = true                      # check each update against its source PCPI before `done`
-    verify_every = "7d"                # optional: full background verification, spread over replicas
+[group]
+name = "home"                      # letters, digits, _ . - (becomes part of PCPI names)
+source = "sim:///srv/src"          # the source volume URL
+destination = "sim:///srv/dst"     # the destination volume URL
+parallel = 4                       # concurrent transfers
+interval = 300                     # seconds between cycles of `coalesce run`
+metadata = "/var/lib/coalesce"     # optional: where the ledger lives
+spool = true                       # optional: resume an update after a restart
+                                   # (default: on for a remote source)
+reseed_after = 3                   # re-seed a replica after 3 failed updates in a row (0: never)
+max_lag = "1d"                     # optional: `check` fails for a replica whose image is older
+verify = true                      # check each update against its source PCPI before `done`
+verify_every = "7d"                # optional: full background verification, spread over replicas
 
-    [group.retry]                      # rollback retry of unstable_uncoalesced
-    initial = 30
-    factor = 2
-    maximum = 3600
+[group.retry]                      # rollback retry of unstable_uncoalesced
+initial = 30
+factor = 2
+maximum = 3600
 
-    [[replica]]
-    name = "A"                         # destination qtree
-    source = "A"                       # source qtree (default: name)
+[[replica]]
+name = "A"                         # destination qtree
+source = "A"                       # source qtree (default: name)
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ class GroupConfig:
         if not where:
             raise ConfigError(
                 f"the destination {self.destination} has no place for metadata",
-                hint="set `metadata = \"/some/dir\"` in [group]",
+                hint='set `metadata = "/some/dir"` in [group]',
             )
         return Path(where) / f"{self.name}.sqlite"
 
@@ -93,8 +93,10 @@ def _need(table: dict[str, Any], key: str, typ: type | tuple[type, ...], where: 
 
 def _name(value: str, where: str) -> str:
     if not NAME_RE.match(value):
-        raise ConfigError(f"{where}: {value!r} is not a valid name",
-                          hint="use 1-64 letters, digits, '_', '.', '-', starting with a letter or digit")
+        raise ConfigError(
+            f"{where}: {value!r} is not a valid name",
+            hint="use 1-64 letters, digits, '_', '.', '-', starting with a letter or digit",
+        )
     return value
 
 
@@ -127,8 +129,20 @@ def parse_config(text: str, path: str = "<config>") -> GroupConfig:
     if not isinstance(group, dict):
         raise ConfigError(f"{path}: missing [group] table", hint="see docs/config.md for an example")
     where = f"{path} [group]"
-    known = {"name", "source", "destination", "parallel", "interval", "metadata", "retry", "spool",
-             "reseed_after", "max_lag", "verify", "verify_every"}
+    known = {
+        "name",
+        "source",
+        "destination",
+        "parallel",
+        "interval",
+        "metadata",
+        "retry",
+        "spool",
+        "reseed_after",
+        "max_lag",
+        "verify",
+        "verify_every",
+    }
     if set(group) - known:
         raise ConfigError(f"{where}: unknown key(s) {sorted(set(group) - known)}", hint=f"known keys: {sorted(known)}")
     name = _name(_need(group, "name", str, where), where)
@@ -145,26 +159,37 @@ def parse_config(text: str, path: str = "<config>") -> GroupConfig:
     if not isinstance(parallel, int) or isinstance(parallel, bool) or not 1 <= parallel <= 256:
         raise ConfigError(f"{where}: `parallel` must be an integer from 1 to 256")
     interval = group.get("interval", 300)
-    if not isinstance(interval, (int, float)) or isinstance(interval, bool) or not math.isfinite(interval) or interval <= 0:
+    if (
+        not isinstance(interval, (int, float))
+        or isinstance(interval, bool)
+        or not math.isfinite(interval)
+        or interval <= 0
+    ):
         raise ConfigError(f"{where}: `interval` must be a positive number of seconds")
     metadata = group.get("metadata")
     if metadata is not None and not isinstance(metadata, str):
         raise ConfigError(f"{where}: `metadata` must be a directory path")
     spool = group.get("spool")
     if spool is not None and not isinstance(spool, bool):
-        raise ConfigError(f"{where}: `spool` must be true or false", hint="leave it out for the default "
-                          "(on for a remote source)")
+        raise ConfigError(
+            f"{where}: `spool` must be true or false", hint="leave it out for the default (on for a remote source)"
+        )
     reseed_after = group.get("reseed_after", 3)
     if not isinstance(reseed_after, int) or isinstance(reseed_after, bool) or reseed_after < 0:
-        raise ConfigError(f"{where}: `reseed_after` must be a whole number >= 0",
-                          hint="the failed updates in a row after which a replica is re-seeded; 0 never re-seeds")
+        raise ConfigError(
+            f"{where}: `reseed_after` must be a whole number >= 0",
+            hint="the failed updates in a row after which a replica is re-seeded; 0 never re-seeds",
+        )
     max_lag = _optional_duration(group, "max_lag", where, example='"1d"', unset="leave it out to report lag only")
     verify = group.get("verify", True)
     if not isinstance(verify, bool):
-        raise ConfigError(f"{where}: `verify` must be true or false",
-                          hint="true (the default) checks every update against its source PCPI before it is done")
-    verify_every = _optional_duration(group, "verify_every", where, example='"7d"',
-                                      unset="leave it out for no background verification")
+        raise ConfigError(
+            f"{where}: `verify` must be true or false",
+            hint="true (the default) checks every update against its source PCPI before it is done",
+        )
+    verify_every = _optional_duration(
+        group, "verify_every", where, example='"7d"', unset="leave it out for no background verification"
+    )
     retry_t = group.get("retry", {})
     if not isinstance(retry_t, dict) or set(retry_t) - {"initial", "factor", "maximum"}:
         raise ConfigError(f"{where}: [group.retry] takes initial, factor, maximum")
@@ -182,7 +207,9 @@ def parse_config(text: str, path: str = "<config>") -> GroupConfig:
         if not isinstance(r, dict):
             raise ConfigError(f"{w}: must be a table ([[replica]] with name = ...)")
         if set(r) - {"name", "source"}:
-            raise ConfigError(f"{w}: unknown key(s) {sorted(set(r) - {'name', 'source'})}", hint="known keys: name, source")
+            raise ConfigError(
+                f"{w}: unknown key(s) {sorted(set(r) - {'name', 'source'})}", hint="known keys: name, source"
+            )
         rname = _name(_need(r, "name", str, w), w)
         rsource = _name(r.get("source", rname), w) if isinstance(r.get("source", rname), str) else None
         if rsource is None:
@@ -191,10 +218,22 @@ def parse_config(text: str, path: str = "<config>") -> GroupConfig:
             raise ConfigError(f"{w}: replica {rname!r} appears twice", hint="replica names are unique in a group")
         seen.add(rname)
         replicas.append(ReplicaConfig(name=rname, source=rsource))
-    return GroupConfig(name=name, source=source, destination=destination, parallel=parallel,
-                       interval=float(interval), metadata=metadata, retry=retry,
-                       replicas=tuple(replicas), path=path, spool=spool, reseed_after=reseed_after,
-                       max_lag=max_lag, verify=verify, verify_every=verify_every)
+    return GroupConfig(
+        name=name,
+        source=source,
+        destination=destination,
+        parallel=parallel,
+        interval=float(interval),
+        metadata=metadata,
+        retry=retry,
+        replicas=tuple(replicas),
+        path=path,
+        spool=spool,
+        reseed_after=reseed_after,
+        max_lag=max_lag,
+        verify=verify,
+        verify_every=verify_every,
+    )
 
 
 def load_config(path: str | Path) -> GroupConfig:

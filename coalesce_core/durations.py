@@ -28,18 +28,20 @@ def parse_duration(text: str | int | float) -> float:
     infinite or unit-less text other than a plain number, an unknown unit,
     several numbers."""
     if isinstance(text, bool):
-        raise DurationError(f"{text!r} is not a duration (write e.g. \"90s\", \"15m\", \"2h\", \"1d\", \"1w\")")
+        raise DurationError(f'{text!r} is not a duration (write e.g. "90s", "15m", "2h", "1d", "1w")')
     if isinstance(text, (int, float)):
         value = float(text)
         if not math.isfinite(value) or value < 0:
             raise DurationError(f"a duration is a finite number of seconds >= 0, not {text!r}")
         return value
     if not isinstance(text, str):
-        raise DurationError(f"{text!r} is not a duration (write e.g. \"90s\", \"15m\", \"2h\", \"1d\", \"1w\")")
+        raise DurationError(f'{text!r} is not a duration (write e.g. "90s", "15m", "2h", "1d", "1w")')
     m = _RE.match(text)
     if m is None:
-        raise DurationError(f"{text!r} is not a duration: write one number and a unit, "
-                            f"s (seconds), m (minutes), h (hours), d (days) or w (weeks), e.g. \"90s\" or \"7d\"")
+        raise DurationError(
+            f"{text!r} is not a duration: write one number and a unit, "
+            f's (seconds), m (minutes), h (hours), d (days) or w (weeks), e.g. "90s" or "7d"'
+        )
     return float(m.group(1)) * UNITS[m.group(2) or "s"]
 
 

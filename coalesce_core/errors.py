@@ -93,5 +93,7 @@ class VerificationFailed(BackendError):
     """After an update the replica's active file system differs from the source PCPI
     (coalesce_core.verify): the update fails and takes the rollback path."""
 
-    hint = ("the update is rolled back and retried; a replica that keeps failing its check is "
-            "re-seeded (docs/verification.md); `coalesce verify --full NAME` compares a whole export")
+    hint = (
+        "the update is rolled back and retried; a replica that keeps failing its check is "
+        "re-seeded (docs/verification.md); `coalesce verify --full NAME` compares a whole export"
+    )

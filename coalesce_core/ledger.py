@@ -37,8 +37,17 @@ CREATE TABLE IF NOT EXISTS cycles (
     cycle INTEGER PRIMARY KEY, started REAL, ended REAL, report TEXT NOT NULL);
 """
 
-_GROUP_FIELDS = ("phase", "cycle", "seq", "cycle_target", "transfers_started", "purged", "cycle_started",
-                 "cycle_failures", "reseed_after")
+_GROUP_FIELDS = (
+    "phase",
+    "cycle",
+    "seq",
+    "cycle_target",
+    "transfers_started",
+    "purged",
+    "cycle_started",
+    "cycle_failures",
+    "reseed_after",
+)
 
 # Advisory records kept in the meta table beside the state: the source points at the last passing
 # `coalesce check` (I5) and the time of each replica's last full verification.
@@ -82,17 +91,21 @@ class Ledger:
         """Create a new ledger holding ``state``; refuses to overwrite an existing one."""
         path = Path(path)
         if path.exists():
-            raise MetadataError(f"metadata file {path} already exists",
-                                hint="the group is already initialised; use `coalesce status`")
+            raise MetadataError(
+                f"metadata file {path} already exists", hint="the group is already initialised; use `coalesce status`"
+            )
         path.parent.mkdir(parents=True, exist_ok=True)
         conn = cls._connect(path)
         conn.executescript(_SCHEMA)
         led = cls(path, conn)
         with led._tx():
-            conn.executemany("INSERT INTO meta VALUES (?, ?)", [
-                ("schema_version", str(SCHEMA_VERSION)),
-                ("group", state.name),
-            ])
+            conn.executemany(
+                "INSERT INTO meta VALUES (?, ?)",
+                [
+                    ("schema_version", str(SCHEMA_VERSION)),
+                    ("group", state.name),
+                ],
+            )
             led._write(None, state)
         return led
 
@@ -100,15 +113,19 @@ class Ledger:
     def open(cls, path: str | os.PathLike[str], group: str | None = None) -> "Ledger":
         path = Path(path)
         if not path.exists():
-            raise MetadataError(f"no metadata file at {path}",
-                                hint="run `coalesce init` for a new group, or restore the .coalesce/ directory from a backup")
+            raise MetadataError(
+                f"no metadata file at {path}",
+                hint="run `coalesce init` for a new group, or restore the .coalesce/ directory from a backup",
+            )
         cls._validate(path, group)  # read-only: a file we cannot use is never written to
         return cls(path, cls._connect(path))
 
     @staticmethod
     def _validate(path: Path, group: str | None) -> None:
-        damaged = ("nothing was changed; restore it from a backup (the volumes and their PCPIs are intact), "
-                   "or move it aside and contact support before re-initialising")
+        damaged = (
+            "nothing was changed; restore it from a backup (the volumes and their PCPIs are intact), "
+            "or move it aside and contact support before re-initialising"
+        )
         if path.stat().st_size == 0:
             raise MetadataError(f"metadata file {path} is empty", hint=damaged)
         try:
@@ -121,19 +138,25 @@ class Ledger:
                 raise sqlite3.DatabaseError(ok)
             meta = dict(ro.execute("SELECT key, value FROM meta").fetchall())
         except sqlite3.DatabaseError as exc:
-            raise MetadataError(f"metadata file {path} is damaged or not a coalesce ledger: {exc}", hint=damaged) from None
+            raise MetadataError(
+                f"metadata file {path} is damaged or not a coalesce ledger: {exc}", hint=damaged
+            ) from None
         finally:
             ro.close()
         version = meta.get("schema_version")
         if version is None or not version.isdigit() or int(version) != SCHEMA_VERSION:
-            raise MetadataError(f"metadata file {path} has schema {version}, expected {SCHEMA_VERSION}",
-                                hint="use the coalesce version that wrote it")
+            raise MetadataError(
+                f"metadata file {path} has schema {version}, expected {SCHEMA_VERSION}",
+                hint="use the coalesce version that wrote it",
+            )
         stored = meta.get("group")
         if stored is None:
             raise MetadataError(f"metadata file {path} names no group", hint=damaged)
         if group is not None and stored != group:
-            raise MetadataError(f"metadata file {path} belongs to group {stored!r}, not {group!r}",
-                                hint="check [group] name and metadata in the config")
+            raise MetadataError(
+                f"metadata file {path} belongs to group {stored!r}, not {group!r}",
+                hint="check [group] name and metadata in the config",
+            )
 
     def close(self) -> None:
         self.conn.close()
@@ -151,11 +174,19 @@ class Ledger:
                 raw["owners"] = frozenset(raw.get("owners", ()))
                 pcpis[n] = Pcpi(**raw)
             sps = {n: SourcePcpi(**json.loads(d)) for n, d in c.execute("SELECT name, data FROM source_pcpis")}
-            return GroupState(name=meta["group"], replicas=replicas, pcpis=pcpis, source_pcpis=sps,
-                              retry=RetryPolicy(**json.loads(meta["retry"])), **fields)
+            return GroupState(
+                name=meta["group"],
+                replicas=replicas,
+                pcpis=pcpis,
+                source_pcpis=sps,
+                retry=RetryPolicy(**json.loads(meta["retry"])),
+                **fields,
+            )
         except (KeyError, TypeError, ValueError, sqlite3.DatabaseError) as exc:
-            raise MetadataError(f"metadata file {self.path} has unreadable content: {exc!r}",
-                                hint="restore it from a backup; nothing was changed") from None
+            raise MetadataError(
+                f"metadata file {self.path} has unreadable content: {exc!r}",
+                hint="restore it from a backup; nothing was changed",
+            ) from None
 
     def load_consistent(self) -> GroupState:
         """:meth:`load` inside one read transaction: a consistent state while another process
@@ -179,8 +210,9 @@ class Ledger:
         """Replace the note ``key`` by ``change(current value)`` in one durable transaction."""
         with self._tx():
             value = change(self.note(key))
-            self.conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)",
-                              (_note_key(key), json.dumps(value, sort_keys=True)))
+            self.conn.execute(
+                "INSERT OR REPLACE INTO meta VALUES (?, ?)", (_note_key(key), json.dumps(value, sort_keys=True))
+            )
 
     def transitions(self, limit: int | None = None) -> list[dict[str, Any]]:
         q = "SELECT ts, cycle, replica, trigger, source, dest FROM transitions ORDER BY id"
@@ -244,12 +276,15 @@ class Ledger:
             if log:
                 self.conn.executemany(
                     "INSERT INTO transitions (ts, cycle, replica, trigger, source, dest) VALUES (?, ?, ?, ?, ?, ?)",
-                    [(ts, new.cycle, t.replica, t.trigger, t.source, t.dest) for t in log])
+                    [(ts, new.cycle, t.replica, t.trigger, t.source, t.dest) for t in log],
+                )
 
     def record_cycle(self, report: dict[str, Any]) -> None:
         with self._tx():
-            self.conn.execute("INSERT OR REPLACE INTO cycles VALUES (?, ?, ?, ?)",
-                              (report["cycle"], report.get("started"), report.get("ended"), json.dumps(report)))
+            self.conn.execute(
+                "INSERT OR REPLACE INTO cycles VALUES (?, ?, ?, ?)",
+                (report["cycle"], report.get("started"), report.get("ended"), json.dumps(report)),
+            )
 
 
 def _note_key(key: str) -> str:

@@ -45,8 +45,13 @@ def crash_point(eff: fx.Transfer) -> str:
     return "mid_reseed" if eff.reseed else "mid_baseline" if eff.base is None else "mid_apply"
 
 
-def _records(records: Iterable[object], point: str, check: verifier.TransferCheck | None,
-             progress: Callable[[int, int], None], aborted: Callable[[], bool]) -> Iterator[object]:
+def _records(
+    records: Iterable[object],
+    point: str,
+    check: verifier.TransferCheck | None,
+    progress: Callable[[int, int], None],
+    aborted: Callable[[], bool],
+) -> Iterator[object]:
     n = nbytes = 0
     for rec in records:
         if aborted() or crashpoints.fired():
@@ -63,9 +68,16 @@ def _records(records: Iterable[object], point: str, check: verifier.TransferChec
             progress(n, nbytes)
 
 
-def run_transfer(eff: fx.Transfer, source: Volume, dest: Volume, *, spool: Spool | None = None,
-                 verify: bool = True, progress: Callable[[int, int], None] = _quiet,
-                 aborted: Callable[[], bool] = _never) -> Transferred:
+def run_transfer(
+    eff: fx.Transfer,
+    source: Volume,
+    dest: Volume,
+    *,
+    spool: Spool | None = None,
+    verify: bool = True,
+    progress: Callable[[int, int], None] = _quiet,
+    aborted: Callable[[], bool] = _never,
+) -> Transferred:
     """Move ``eff``'s records from ``source`` into replica ``eff.replica`` of ``dest``.
 
     A baseline (``eff.base`` None) first removes the replica's qtree.  An update goes
@@ -108,9 +120,18 @@ def run_transfer(eff: fx.Transfer, source: Volume, dest: Volume, *, spool: Spool
                 stream = spool.resume(eff.replica, begin, diff)
             else:
                 stream = spool.record(eff.replica, diff())
-        check = verifier.TransferCheck(source, dest, replica=eff.replica,
-                                       source_qtree=eff.source_qtree, target=eff.target,
-                                       incremental=eff.base is not None) if verify else None
+        check = (
+            verifier.TransferCheck(
+                source,
+                dest,
+                replica=eff.replica,
+                source_qtree=eff.source_qtree,
+                target=eff.target,
+                incremental=eff.base is not None,
+            )
+            if verify
+            else None
+        )
         try:
             stats = dest.apply(eff.replica, _records(stream, point, check, progress, aborted), use_purgatory=True)
             if check is not None:  # `done` only once the replica equals the source PCPI where it changed
@@ -128,8 +149,9 @@ def run_transfer(eff: fx.Transfer, source: Volume, dest: Volume, *, spool: Spool
             _close(opened)  # a diff cut short must release what it holds (clones, pipes) now
     if spool is not None:
         spool.discard(eff.replica)  # applied and about to be committed: nothing left to resume
-    return Transferred(records=int(stats.get("records", 0)), nbytes=int(stats.get("bytes", 0)),
-                       verified=check is not None)
+    return Transferred(
+        records=int(stats.get("records", 0)), nbytes=int(stats.get("bytes", 0)), verified=check is not None
+    )
 
 
 def _close(iterator: object) -> None:

@@ -61,8 +61,15 @@ class _Side:
         return self.box["value"]
 
 
-def _both(source: Any, src_qtree: str, src_snap: str | None, dest: Any, dst_qtree: str, dst_snap: str | None,
-          cache: Mapping[str, V.Description] | None = None):
+def _both(
+    source: Any,
+    src_qtree: str,
+    src_snap: str | None,
+    dest: Any,
+    dst_qtree: str,
+    dst_snap: str | None,
+    cache: Mapping[str, V.Description] | None = None,
+):
     """``describe_both`` for compare_paths: the source side in a helper thread, the replica side
     in the caller's; source descriptions already in ``cache`` (taken with content) are reused,
     and when the cache holds most of the source side, the helper also takes half of the replica
@@ -145,8 +152,18 @@ def _prefetched(it: Iterator[V.Description], depth: int = 4096) -> Iterator[V.De
         t.join()
 
 
-def compare_trees(source: Any, src_qtree: str, src_snap: str | None, dest: Any, dst_qtree: str,
-                  dst_snap: str | None, *, content: bool, holds: V.Holds, limit: int) -> V.Outcome:
+def compare_trees(
+    source: Any,
+    src_qtree: str,
+    src_snap: str | None,
+    dest: Any,
+    dst_qtree: str,
+    dst_snap: str | None,
+    *,
+    content: bool,
+    holds: V.Holds,
+    limit: int,
+) -> V.Outcome:
     """Two whole qtrees, each walked once (``describe_tree``), the source's in a helper thread."""
     src = _prefetched(iter(source.describe_tree(src_qtree, src_snap, content=content)))
     dst = iter(dest.describe_tree(dst_qtree, dst_snap, content=content))
@@ -227,8 +244,9 @@ class TransferCheck:
     (coalesce_core.verify.compare_subtrees).  Otherwise (a baseline or re-seed: every path was created) :meth:`run`
     compares the whole qtree, bytes included.  :meth:`close` in every case."""
 
-    def __init__(self, source: Any, dest: Any, *, replica: str, source_qtree: str, target: str,
-                 incremental: bool) -> None:
+    def __init__(
+        self, source: Any, dest: Any, *, replica: str, source_qtree: str, target: str, incremental: bool
+    ) -> None:
         self.source, self.dest = source, dest
         self.replica, self.source_qtree, self.target = replica, source_qtree, target
         self.touched = V.Touched() if incremental else None
@@ -247,8 +265,17 @@ class TransferCheck:
     def run(self) -> V.Outcome:
         holds = self.dest.describe_holds()
         if self.touched is None:
-            outcome = compare_trees(self.source, self.source_qtree, self.target, self.dest, self.replica, None,
-                                    content=True, holds=holds, limit=1)
+            outcome = compare_trees(
+                self.source,
+                self.source_qtree,
+                self.target,
+                self.dest,
+                self.replica,
+                None,
+                content=True,
+                holds=holds,
+                limit=1,
+            )
         else:
             cache = self.prefetch.finish() if self.prefetch is not None else {}
             both = _both(self.source, self.source_qtree, self.target, self.dest, self.replica, None, cache)
@@ -256,8 +283,7 @@ class TransferCheck:
             moved = self.touched.moved()
             if outcome.ok and moved:
                 below = V.compare_subtrees(moved, both, holds, batch=BATCH, limit=1)
-                outcome = attrs.evolve(outcome, differences=below.differences,
-                                       checked=outcome.checked + below.checked)
+                outcome = attrs.evolve(outcome, differences=below.differences, checked=outcome.checked + below.checked)
         if not outcome.ok:
             raise VerificationFailed("verification failed: " + outcome.differences[0].explain(self.target))
         return outcome
@@ -277,8 +303,17 @@ def verify_export(source: Any, dest: Any, replica: Any, *, content: bool, limit:
     the ledger says it shows (``Replica.source_point``)."""
     if not verifiable(replica):
         raise ValueError(f"replica {replica.name!r} exports no image of a source PCPI")
-    return compare_trees(source, replica.source_qtree, replica.source_point, dest, replica.name, replica.exported,
-                         content=content, holds=dest.describe_holds(), limit=limit)
+    return compare_trees(
+        source,
+        replica.source_qtree,
+        replica.source_point,
+        dest,
+        replica.name,
+        replica.exported,
+        content=content,
+        holds=dest.describe_holds(),
+        limit=limit,
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -331,20 +366,35 @@ def read_state(config: Any, dest: Any) -> Any:
         conn.close()
 
 
-def verify_replicas(source: Any, dest: Any, state: Any, names: Sequence[str], *, full: bool,
-                    limit: int = 10) -> list[dict[str, Any]]:
+def verify_replicas(
+    source: Any, dest: Any, state: Any, names: Sequence[str], *, full: bool, limit: int = 10
+) -> list[dict[str, Any]]:
     """`coalesce verify`: one result per replica (docs/schemas/verify.schema.json)."""
     from coalesce_core.errors import CoalesceError
 
     out = []
     for name in names:
         r = state.replicas[name]
-        row: dict[str, Any] = {"replica": name, "state": r.state, "exported_pcpi": r.exported,
-                               "source_point": r.source_point, "full": full, "checked": 0, "differences": [],
-                               "not_compared": [], "detail": None}
+        row: dict[str, Any] = {
+            "replica": name,
+            "state": r.state,
+            "exported_pcpi": r.exported,
+            "source_point": r.source_point,
+            "full": full,
+            "checked": 0,
+            "differences": [],
+            "not_compared": [],
+            "detail": None,
+        }
         if not verifiable(r):
-            row.update(result="skipped", detail="exports nothing" if r.exported is None else
-                       "exports its active file system (broken)" if r.exported == ACTIVE else "no source point")
+            row.update(
+                result="skipped",
+                detail="exports nothing"
+                if r.exported is None
+                else "exports its active file system (broken)"
+                if r.exported == ACTIVE
+                else "no source point",
+            )
             out.append(row)
             continue
         try:
@@ -353,8 +403,11 @@ def verify_replicas(source: Any, dest: Any, state: Any, names: Sequence[str], *,
             row.update(result="error", detail=f"{exc.message}" + (f" ({exc.hint})" if exc.hint else ""))
             out.append(row)
             continue
-        row.update(result="ok" if outcome.ok else "differs", checked=outcome.checked,
-                   not_compared=list(outcome.not_compared),
-                   differences=[{**d.as_dict(), "message": d.explain(r.source_point)} for d in outcome.differences])
+        row.update(
+            result="ok" if outcome.ok else "differs",
+            checked=outcome.checked,
+            not_compared=list(outcome.not_compared),
+            differences=[{**d.as_dict(), "message": d.explain(r.source_point)} for d in outcome.differences],
+        )
         out.append(row)
     return out

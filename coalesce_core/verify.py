@@ -164,12 +164,18 @@ class Difference:
         where = _show(self.path)
         src = f"source PCPI {source_pcpi}"
         if self.field == "kind":
-            return f"{where} is {KIND_WORDS[str(self.replica)]} in the replica but {KIND_WORDS[str(self.source)]} in {src}"
+            return (
+                f"{where} is {KIND_WORDS[str(self.replica)]} in the replica but {KIND_WORDS[str(self.source)]} in {src}"
+            )
         if self.field == "link":
-            return (f"{where} is a hard link of {_show(str(self.replica))} in the replica but of "
-                    f"{_show(str(self.source))} in {src}")
-        return f"{where}: {self.field} is {_value(self.field, self.replica)} in the replica but " \
-               f"{_value(self.field, self.source)} in {src}"
+            return (
+                f"{where} is a hard link of {_show(str(self.replica))} in the replica but of "
+                f"{_show(str(self.source))} in {src}"
+            )
+        return (
+            f"{where}: {self.field} is {_value(self.field, self.replica)} in the replica but "
+            f"{_value(self.field, self.source)} in {src}"
+        )
 
     def as_dict(self) -> dict[str, object]:
         return {"path": self.path, "field": self.field, "source": self.source, "replica": self.replica}
@@ -249,7 +255,7 @@ class Comparer:
         self.checked = 0
         self._lead_src: dict[int, str] = {}
         self._lead_dst: dict[int, str] = {}
-        self._linked: list[tuple[str, int, int]] = []   # (path, src ident, dst ident), resolved at the end
+        self._linked: list[tuple[str, int, int]] = []  # (path, src ident, dst ident), resolved at the end
 
     def add(self, diff: Difference) -> None:
         if diff.path in self._seen:
@@ -295,8 +301,9 @@ class Comparer:
         return list(self.differences)
 
 
-def compare(src: Sequence[Description], dst: Sequence[Description], holds: Holds = Holds(),
-            limit: int = 10) -> list[Difference]:
+def compare(
+    src: Sequence[Description], dst: Sequence[Description], holds: Holds = Holds(), limit: int = 10
+) -> list[Difference]:
     """The first ``limit`` differences, in path order, between two descriptions of the same paths."""
     c = Comparer(holds, limit)
     c.feed(src, dst)
@@ -306,8 +313,17 @@ def compare(src: Sequence[Description], dst: Sequence[Description], holds: Holds
 # ---------------------------------------------------------------------------
 # the wire form (the DESCRIBE request of docs/protocol.md)
 # ---------------------------------------------------------------------------
-_WIRE = (("m", "mode"), ("u", "uid"), ("g", "gid"), ("s", "size"), ("t", "mtime_ns"), ("l", "target"),
-         ("x", "xattrs"), ("c", "content"), ("i", "ident"))
+_WIRE = (
+    ("m", "mode"),
+    ("u", "uid"),
+    ("g", "gid"),
+    ("s", "size"),
+    ("t", "mtime_ns"),
+    ("l", "target"),
+    ("x", "xattrs"),
+    ("c", "content"),
+    ("i", "ident"),
+)
 _MAX_INT = 1 << 64
 _MAX_ENTRIES = 10_000_000
 
@@ -357,9 +373,17 @@ def description_from_json(obj: object) -> Description:
             raise ValueError("a description's entries are not a list")
         out = []
         for e in entries:
-            if (not isinstance(e, list) or len(e) != 2 or not isinstance(e[0], str) or not e[0]
-                    or e[1] not in ("d", "f", "l") or "/" in e[0] or "\x00" in e[0] or e[0] in (".", "..")
-                    or len(e[0].encode("utf-8", "surrogateescape")) > MAX_NAME):
+            if (
+                not isinstance(e, list)
+                or len(e) != 2
+                or not isinstance(e[0], str)
+                or not e[0]
+                or e[1] not in ("d", "f", "l")
+                or "/" in e[0]
+                or "\x00" in e[0]
+                or e[0] in (".", "..")
+                or len(e[0].encode("utf-8", "surrogateescape")) > MAX_NAME
+            ):
                 raise ValueError("a directory entry is not a [name, kind] pair")
             out.append((e[0], e[1]))
         kw["entries"] = tuple(out)
@@ -530,8 +554,15 @@ class Outcome:
         return not self.differences
 
 
-def compare_paths(paths: Iterable[tuple[str, bool]], describe_both: DescribeBoth, holds: Holds = Holds(), *,
-                  batch: int = 1024, limit: int = 1, stop_early: bool = True) -> Outcome:
+def compare_paths(
+    paths: Iterable[tuple[str, bool]],
+    describe_both: DescribeBoth,
+    holds: Holds = Holds(),
+    *,
+    batch: int = 1024,
+    limit: int = 1,
+    stop_early: bool = True,
+) -> Outcome:
     """Describe ``paths`` (in path order) on both sides, ``batch`` at a time
     (``describe_both(chunk) -> (source descriptions, replica descriptions)``), and compare them.
 
@@ -555,8 +586,9 @@ def compare_paths(paths: Iterable[tuple[str, bool]], describe_both: DescribeBoth
     return Outcome(tuple(c.finish()), c.checked, holds.not_compared())
 
 
-def compare_subtrees(tops: Iterable[str], describe_both: DescribeBoth, holds: Holds = Holds(), *,
-                     batch: int = 1024, limit: int = 1) -> Outcome:
+def compare_subtrees(
+    tops: Iterable[str], describe_both: DescribeBoth, holds: Holds = Holds(), *, batch: int = 1024, limit: int = 1
+) -> Outcome:
     """Every path at and below each of ``tops`` on both sides, without content digests: a
     directory a level at a time, its children being the union of its entries on both sides
     (a name on one side only is described as absent on the other).  Stops at the first
@@ -566,7 +598,7 @@ def compare_subtrees(tops: Iterable[str], describe_both: DescribeBoth, holds: Ho
     while level:
         below: list[str] = []
         for i in range(0, len(level), batch):
-            theirs, mine = describe_both([(p, False) for p in level[i:i + batch]])
+            theirs, mine = describe_both([(p, False) for p in level[i : i + batch]])
             c.feed(theirs, mine)
             if c.finish():
                 return Outcome(tuple(c.differences), c.checked, holds.not_compared())
@@ -579,11 +611,12 @@ def compare_subtrees(tops: Iterable[str], describe_both: DescribeBoth, holds: Ho
 
 
 def _under(key: tuple[bytes, ...], top: tuple[bytes, ...]) -> bool:
-    return len(key) > len(top) and key[:len(top)] == top
+    return len(key) > len(top) and key[: len(top)] == top
 
 
-def tree_compare(src: Iterable[Description], dst: Iterable[Description], holds: Holds = Holds(), *,
-                 limit: int = 10) -> Outcome:
+def tree_compare(
+    src: Iterable[Description], dst: Iterable[Description], holds: Holds = Holds(), *, limit: int = 10
+) -> Outcome:
     """Compare two whole images given as descriptions in path order (``coalesce_describe_tree``):
     a merge of the two streams.  A path on one side only, or of another kind, is one
     difference; what lies below it is not reported again.  Memory: the hard-link
@@ -626,10 +659,11 @@ def tree_compare(src: Iterable[Description], dst: Iterable[Description], holds: 
 def generic_tree(describe: Describe, content: bool, batch: int = 1024) -> Iterator[Description]:
     """``coalesce_describe_tree`` for a backend without one: a walk in path order through
     ``describe``, the entries of one directory ``batch`` at a time."""
+
     def children(d: Description) -> Iterator[Description]:
         entries = d.entries or ()
         for i in range(0, len(entries), batch):
-            yield from describe([(join(d.path, n), content) for n, _k in entries[i:i + batch]])
+            yield from describe([(join(d.path, n), content) for n, _k in entries[i : i + batch]])
 
     root = describe([("", content)])[0]
     yield root
@@ -647,8 +681,7 @@ def generic_tree(describe: Describe, content: bool, batch: int = 1024) -> Iterat
 # ---------------------------------------------------------------------------
 # the background verification
 # ---------------------------------------------------------------------------
-def due_for_verification(last: Mapping[str, float], candidates: Sequence[str], every: float,
-                         now: float) -> str | None:
+def due_for_verification(last: Mapping[str, float], candidates: Sequence[str], every: float, now: float) -> str | None:
     """The replica the background verification checks now, or None.
 
     ``last``: the time of each replica's last full verification (missing:

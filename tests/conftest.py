@@ -18,14 +18,20 @@ pytest_plugins = ["realfs"]  # tests/realfs.py: the one place that builds real v
 # tested in tests/plugins/sim with explicit crash points, not by timing.
 os.environ.setdefault("COALESCE_SIM_FSYNC", "0")
 
-settings.register_profile("dev", max_examples=30, deadline=None,
-                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-settings.register_profile("ci", max_examples=60, deadline=None, derandomize=True,
-                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-settings.register_profile("long", max_examples=2000, deadline=None,
-                          suppress_health_check=list(HealthCheck))
-settings.register_profile("crosshair", backend="crosshair", max_examples=20, deadline=None,
-                          suppress_health_check=list(HealthCheck))
+settings.register_profile(
+    "dev", max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]
+)
+settings.register_profile(
+    "ci",
+    max_examples=60,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.register_profile("long", max_examples=2000, deadline=None, suppress_health_check=list(HealthCheck))
+settings.register_profile(
+    "crosshair", backend="crosshair", max_examples=20, deadline=None, suppress_health_check=list(HealthCheck)
+)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
 
 _ids = itertools.count()
@@ -43,9 +49,18 @@ def group_config(tmp_path: Path) -> Callable[..., "object"]:
     """Build a GroupConfig for a fresh pair of volumes (mem by default)."""
     from coalesce_core.config import parse_config
 
-    def make(replicas=("A", "B", "C"), scheme: str = "mem", parallel: int = 4, retry_initial: float = 0.0,
-             name: str = "g", source_url: str | None = None, dest_url: str | None = None, write_file: bool = False,
-             spool: bool | None = None, reseed_after: int | None = None):
+    def make(
+        replicas=("A", "B", "C"),
+        scheme: str = "mem",
+        parallel: int = 4,
+        retry_initial: float = 0.0,
+        name: str = "g",
+        source_url: str | None = None,
+        dest_url: str | None = None,
+        write_file: bool = False,
+        spool: bool | None = None,
+        reseed_after: int | None = None,
+    ):
         n = next(_ids)
         if scheme == "mem":
             src = source_url or f"mem://src-{os.getpid()}-{n}-{tmp_path.name}"
@@ -54,11 +69,18 @@ def group_config(tmp_path: Path) -> Callable[..., "object"]:
             src = source_url or f"{scheme}://{tmp_path}/src{n}"
             dst = dest_url or f"{scheme}://{tmp_path}/dst{n}"
         lines = [
-            "[group]", f'name = "{name}"', f'source = "{src}"', f'destination = "{dst}"',
-            f"parallel = {parallel}", f'metadata = "{tmp_path}/meta{n}"',
+            "[group]",
+            f'name = "{name}"',
+            f'source = "{src}"',
+            f'destination = "{dst}"',
+            f"parallel = {parallel}",
+            f'metadata = "{tmp_path}/meta{n}"',
             *([f"spool = {str(spool).lower()}"] if spool is not None else []),
             *([f"reseed_after = {reseed_after}"] if reseed_after is not None else []),
-            "[group.retry]", f"initial = {retry_initial}", "factor = 2", "maximum = 60",
+            "[group.retry]",
+            f"initial = {retry_initial}",
+            "factor = 2",
+            "maximum = 60",
         ]
         for r in replicas:
             lines += ["[[replica]]", f'name = "{r}"']
@@ -84,8 +106,11 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         rel = os.path.relpath(str(item.path), root)
         group = None
-        if "realfs" in getattr(item, "fixturenames", ()) or item.get_closest_marker("btrfs") \
-                or item.get_closest_marker("zfs"):
+        if (
+            "realfs" in getattr(item, "fixturenames", ())
+            or item.get_closest_marker("btrfs")
+            or item.get_closest_marker("zfs")
+        ):
             group = "realfs"
         else:
             group = next((g for g, prefixes in _SHARED.items() if rel.startswith(prefixes)), None)

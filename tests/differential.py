@@ -63,7 +63,7 @@ from coalesce_core.backend.hookspecs import hookimpl
 from coalesce_core.testing.harness import Harness
 
 MiB, TiB = 1 << 20, 1 << 40
-OUTSIDE = "_outside"            # a top-level directory of the source that no replica copies
+OUTSIDE = "_outside"  # a top-level directory of the source that no replica copies
 #: names drawn for new entries: collisions make overwrites and swaps likely; odd but legal names
 #: include one that looks like a btrfs orphan name and one like the btrfs translation's parking name
 NAMES = ("a", "b", "c", "d", "p", "s", "f", "ü名", "sp ace", "o257-7-0", ".coalesce-mv.0")
@@ -71,7 +71,7 @@ NAMES = ("a", "b", "c", "d", "p", "s", "f", "ü名", "sp ace", "o257-7-0", ".coa
 TARGETS = ("a", "b/c", "../a", "..", ".", "/nonexistent-coalesce-target/x", "ü名", "d" * 200)
 XATTR_NAMES = ("user.a", "user.b", "user.long-name-of-an-xattr")
 OWNERS = ((0, 0), (1000, 1000), (1000, 0), (65534, 65534), (123456, 7))
-MAX_DEPTH = 5                   # directories below a qtree root that new entries may go into
+MAX_DEPTH = 5  # directories below a qtree root that new entries may go into
 SIZES = (0, 1, 100, 4095, 4096, 5000, 65536, 70000, 300_000)
 #: sparse files must stay sparse: a file of this size or more may not allocate more than its
 #: source plus the slack (holes are compared as zeros by tests/trees.py, so only this sees them)
@@ -130,9 +130,19 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _FICLONE = 0x40049409
 _FICLONERANGE = 0x4020940D
 _RENAME_EXCHANGE = 2
-_PUNCH = 0x02 | 0x01            # FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
-_REFUSED = {errno.EINVAL, errno.ENOTEMPTY, errno.EEXIST, errno.EISDIR, errno.ENOTDIR, errno.ENOENT,
-            errno.ELOOP, errno.EPERM, errno.EXDEV, errno.EBUSY}
+_PUNCH = 0x02 | 0x01  # FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
+_REFUSED = {
+    errno.EINVAL,
+    errno.ENOTEMPTY,
+    errno.EEXIST,
+    errno.EISDIR,
+    errno.ENOTDIR,
+    errno.ENOENT,
+    errno.ELOOP,
+    errno.EPERM,
+    errno.EXDEV,
+    errno.EBUSY,
+}
 
 
 def _data(seed: int, size: int) -> bytes:
@@ -161,6 +171,7 @@ def _open_file(root: str, rel: str, flags: int) -> int:
 @attrs.frozen
 class Write:
     """pwrite ``size`` bytes (from ``seed``) at ``offset``; creates the file; a gap before it is a hole."""
+
     path: str
     offset: int
     size: int
@@ -204,6 +215,7 @@ class Truncate:
 @attrs.frozen
 class Sparse:
     """Make ``path`` a sparse file of ``size`` bytes holding ``islands`` of data ((offset, length, seed), ...)."""
+
     path: str
     size: int
     islands: tuple[tuple[int, int, int], ...]
@@ -221,12 +233,13 @@ class Sparse:
 @attrs.frozen
 class Fallocate:
     """posix_fallocate: preallocated (unwritten) blocks, extending the file when past its end."""
+
     path: str
     offset: int
     length: int
 
     def __call__(self, root: str) -> None:
-        fd = _open_file(root, self.path, os.O_RDWR)     # glibc's emulation (zfs-fuse) reads and writes
+        fd = _open_file(root, self.path, os.O_RDWR)  # glibc's emulation (zfs-fuse) reads and writes
         try:
             os.posix_fallocate(fd, self.offset, self.length)
         finally:
@@ -252,10 +265,11 @@ class PunchHole:
 @attrs.frozen
 class Clone:
     """Reflink: the whole of ``src`` into ``dst`` (FICLONE), or ``length`` bytes (FICLONERANGE, 4 KiB aligned)."""
+
     src: str
     dst: str
     src_offset: int = 0
-    length: int = 0              # 0: the whole file
+    length: int = 0  # 0: the whole file
     dst_offset: int = 0
 
     def __call__(self, root: str) -> None:
@@ -266,8 +280,7 @@ class Clone:
                 if self.length == 0 and self.src_offset == 0 and self.dst_offset == 0:
                     fcntl.ioctl(d, _FICLONE, s)
                 else:
-                    fcntl.ioctl(d, _FICLONERANGE, struct.pack("qQQQ", s, self.src_offset, self.length,
-                                                              self.dst_offset))
+                    fcntl.ioctl(d, _FICLONERANGE, struct.pack("qQQQ", s, self.src_offset, self.length, self.dst_offset))
             finally:
                 os.close(d)
         finally:
@@ -294,6 +307,7 @@ class Symlink:
 @attrs.frozen
 class Link:
     """A hard link ``new`` to the file ``old``."""
+
     old: str
     new: str
 
@@ -316,6 +330,7 @@ class Rename:
 @attrs.frozen
 class Exchange:
     """renameat2(RENAME_EXCHANGE): swap two entries atomically."""
+
     a: str
     b: str
 
@@ -329,6 +344,7 @@ class Exchange:
 @attrs.frozen
 class Remove:
     """unlink a file or symlink, or remove a whole directory tree."""
+
     path: str
 
     def __call__(self, root: str) -> None:
@@ -405,11 +421,12 @@ class Utime:
 @attrs.frozen
 class Cycle:
     """One coalesce cycle, then the checks; ``fault=(replica, n)`` cuts that replica's stream after n records."""
+
     fault: tuple[str, int] | None = None
 
 
 CYCLE = Cycle()
-Op = Any   # one of the records above
+Op = Any  # one of the records above
 
 
 # ---------------------------------------------------------------------------
@@ -425,8 +442,10 @@ def _pipe(send: list[str], receive: list[str]) -> None:
         s.stderr.close()
         rc = s.wait()
     if rc != 0 or r.returncode != 0:
-        raise AssertionError(f"native control failed: {' '.join(send)} ({rc}: {err.decode(errors='replace')}) | "
-                             f"{' '.join(receive)} ({r.returncode}: {r.stderr.decode(errors='replace')})")
+        raise AssertionError(
+            f"native control failed: {' '.join(send)} ({rc}: {err.decode(errors='replace')}) | "
+            f"{' '.join(receive)} ({r.returncode}: {r.stderr.decode(errors='replace')})"
+        )
 
 
 def _note(text: str) -> None:
@@ -458,7 +477,7 @@ class BtrfsControl:
     so a 1 TiB sparse file would be written out in full."""
 
     def __init__(self, source: Any, url: str, count: Callable[[str], None] = lambda what: None) -> None:
-        self.source = source                       # the source BtrfsVolume
+        self.source = source  # the source BtrfsVolume
         self.dir = url.split("://", 1)[1]
         os.mkdir(self.dir)
         self.received: list[str] = []
@@ -466,8 +485,9 @@ class BtrfsControl:
     def receive(self, prev: str | None, cur: str) -> None:
         parent = ["-p", self.source.snap_path(prev)] if prev in self.received else []
         proto = ["--proto", "2"] if btrfs_send_proto() >= 2 else []
-        _pipe(["btrfs", "-q", "send", *proto, *parent, self.source.snap_path(cur)],
-              ["btrfs", "-q", "receive", self.dir])
+        _pipe(
+            ["btrfs", "-q", "send", *proto, *parent, self.source.snap_path(cur)], ["btrfs", "-q", "receive", self.dir]
+        )
         for old in self.received:
             self._delete(old)
         self.received = [cur]
@@ -502,13 +522,13 @@ class ZfsControl:
         import coalesce_zfs
 
         self.zfs = coalesce_zfs
-        self.source = source                       # the source ZfsVolume
+        self.source = source  # the source ZfsVolume
         self.dataset = url.split("://", 1)[1].strip("/")
         self.received: str | None = None
         self.count = count
 
     def _cmd(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-        with self.zfs._serialized():               # zfs-fuse wedges on concurrent clone/mount commands
+        with self.zfs._serialized():  # zfs-fuse wedges on concurrent clone/mount commands
             p = subprocess.run(["zfs", *args], capture_output=True, text=True, timeout=300)
         if check and p.returncode != 0:
             raise AssertionError(f"zfs {' '.join(args)}: {p.stderr.strip()}")
@@ -584,7 +604,7 @@ class Differential:
         self.made: list[str] = []
         self.log: list[Op] = []
         self.taken: list[str] = []
-        self.lagging: set[str] = set()             # replicas the last cycle left at an older source PCPI
+        self.lagging: set[str] = set()  # replicas the last cycle left at an older source PCPI
         self.images: dict[str, tuple[dict[str, trees.Tree], dict[str, dict[str, int]]]] = {}
         self.control_error: BaseException | None = None
         self.control: Any = None
@@ -594,8 +614,9 @@ class Differential:
         for name in ("coalesce.btrfs", "coalesce.zfs"):
             logging.getLogger(name).addHandler(self.warnings)
         src, dst, ctl = self._url("src"), self._url("dst"), self._url("ctl")
-        self.h = Harness(group_config(replicas=self.qtrees, source_url=src, dest_url=dst),
-                         plugins=[_ControlObserver(self)])
+        self.h = Harness(
+            group_config(replicas=self.qtrees, source_url=src, dest_url=dst), plugins=[_ControlObserver(self)]
+        )
         self.root = self.h.agent.source.handle.root
         self.control = CONTROLS[backend.name](self.h.agent.source.handle, ctl, self.count)
         for q in [*self.qtrees, OUTSIDE]:
@@ -612,8 +633,17 @@ class Differential:
     def close(self) -> None:
         if os.environ.get("COALESCE_DIFFERENTIAL_STATS"):
             with open(os.environ["COALESCE_DIFFERENTIAL_STATS"], "a") as f:
-                f.write(json.dumps({"backend": self.backend.name, "qtrees": len(self.qtrees), **self.stats,
-                                    "seconds": round(time.monotonic() - self.started, 2)}) + "\n")
+                f.write(
+                    json.dumps(
+                        {
+                            "backend": self.backend.name,
+                            "qtrees": len(self.qtrees),
+                            **self.stats,
+                            "seconds": round(time.monotonic() - self.started, 2),
+                        }
+                    )
+                    + "\n"
+                )
         for name in ("coalesce.btrfs", "coalesce.zfs"):
             logging.getLogger(name).removeHandler(self.warnings)
         with contextlib.suppress(Exception):
@@ -680,7 +710,7 @@ class Differential:
                 self.count("seconds in the native control", t2 - t)
                 self.images[name] = self._capture_source(name)
                 self.count("seconds reading sources", time.monotonic() - t2)
-            except BaseException as exc:            # raised by the check, not inside the agent
+            except BaseException as exc:  # raised by the check, not inside the agent
                 self.control_error = exc
 
     def _capture_source(self, pcpi: str) -> tuple[dict[str, trees.Tree], dict[str, dict[str, int]]]:
@@ -719,11 +749,17 @@ class Differential:
         t2 = time.monotonic()
 
         with self.control.image(newest) as ctl:
-            bad = {q: d for q in self.qtrees
-                   if (d := trees.differences(want[newest][q], trees.capture(os.path.join(ctl, q)))
-                       + _holes_filled(alloc[newest][q], os.path.join(ctl, q)))}
-        assert not bad, ("the NATIVE CONTROL differs from the source: the scenario or the comparator is wrong, "
-                         f"not coalesce: {bad}")
+            bad = {
+                q: d
+                for q in self.qtrees
+                if (
+                    d := trees.differences(want[newest][q], trees.capture(os.path.join(ctl, q)))
+                    + _holes_filled(alloc[newest][q], os.path.join(ctl, q))
+                )
+            }
+        assert not bad, (
+            f"the NATIVE CONTROL differs from the source: the scenario or the comparator is wrong, not coalesce: {bad}"
+        )
         t3 = time.monotonic()
         self.count("seconds reading the control", t3 - t2)
 
@@ -737,18 +773,23 @@ class Differential:
             if r.source_point != newest:
                 failed.add(q)
                 if fault is None or q != fault[0]:
-                    problems.append(f"{q}: exports source PCPI {r.source_point}, not the cycle's {newest} "
-                                    f"(last error {getattr(r, 'last_error', '')!r})")
+                    problems.append(
+                        f"{q}: exports source PCPI {r.source_point}, not the cycle's {newest} "
+                        f"(last error {getattr(r, 'last_error', '')!r})"
+                    )
             path = self.h.agent.export_path(q)
             got = trees.capture(os.path.realpath(path)) if path else trees.Tree({}, ())
             diff = trees.differences(want[r.source_point][q], got)
             if not diff and path and "holes" not in self.backend.known_gaps:
                 diff = _holes_filled(alloc[r.source_point][q], os.path.realpath(path))
             if diff:
-                problems.append(f"{q}: the export differs from source PCPI {r.source_point}:\n    " + "\n    ".join(diff))
+                problems.append(
+                    f"{q}: the export differs from source PCPI {r.source_point}:\n    " + "\n    ".join(diff)
+                )
         if report.get("failures", 0) != len(failed):
-            problems.append(f"the cycle reports {report.get('failures')} failures, {len(failed)} replicas lag: "
-                            f"{report}")
+            problems.append(
+                f"the cycle reports {report.get('failures')} failures, {len(failed)} replicas lag: {report}"
+            )
         self.count("seconds reading exports", time.monotonic() - t3)
         self.count("cycles")
         self.lagging = failed
@@ -760,8 +801,11 @@ class Differential:
 
 def _allocated(root: str, tree: trees.Tree) -> dict[str, int]:
     """Allocated bytes of the files of at least :data:`HOLES_CHECKED_FROM` bytes."""
-    return {p: os.lstat(os.path.join(root, p)).st_blocks * 512 for p, e in tree.entries.items()
-            if e[0] == "f" and e[4] >= HOLES_CHECKED_FROM}
+    return {
+        p: os.lstat(os.path.join(root, p)).st_blocks * 512
+        for p, e in tree.entries.items()
+        if e[0] == "f" and e[4] >= HOLES_CHECKED_FROM
+    }
 
 
 def _holes_filled(want: dict[str, int], root: str) -> list[str]:
@@ -806,10 +850,11 @@ class DifferentialMachine(RuleBasedStateMachine):
         self.running = True
         note(f"qtrees={n}")
         self.d = Differential(self.backend, self.urls, self.group_config, n)
-        for q in self.d.qtrees:           # a small starting tree in every qtree
+        for q in self.d.qtrees:  # a small starting tree in every qtree
             for _ in range(data.draw(st.integers(0, 4), label=f"entries of {q}")):
-                self._create(data, parents=[q, *[p for p, k in self.d.listing().items()
-                                                  if k == "d" and p.startswith(q + "/")]])
+                self._create(
+                    data, parents=[q, *[p for p, k in self.d.listing().items() if k == "d" and p.startswith(q + "/")]]
+                )
         self.d.do(CYCLE)
         self.running = False
 
@@ -817,7 +862,7 @@ class DifferentialMachine(RuleBasedStateMachine):
         if self.d is None:
             return
         try:
-            if not self.running:           # no rule failed: the operations since the last cycle are checked too
+            if not self.running:  # no rule failed: the operations since the last cycle are checked too
                 self.d.do(CYCLE)
         finally:
             self.d.close()
@@ -860,14 +905,25 @@ class DifferentialMachine(RuleBasedStateMachine):
         def go():
             e = self._entries()
             files = self._movable(e, "f")
-            path = (self._draw(data, files, "file") if files and data.draw(st.booleans(), label="existing")
-                    else self._new_path(data, e))
+            path = (
+                self._draw(data, files, "file")
+                if files and data.draw(st.booleans(), label="existing")
+                else self._new_path(data, e)
+            )
             full = os.path.join(self.d.root, path)
             size = os.lstat(full).st_size if os.path.lexists(full) and e.get(path) == "f" else 0
-            offset = data.draw(st.sampled_from(sorted({0, size, size // 2, 4096, 65536, 1 << 20, size + 100_000})),
-                               label="offset")
-            self.d.do(Write(path, offset, data.draw(st.sampled_from(SIZES), label="size"),
-                            data.draw(st.integers(0, 999), label="seed")))
+            offset = data.draw(
+                st.sampled_from(sorted({0, size, size // 2, 4096, 65536, 1 << 20, size + 100_000})), label="offset"
+            )
+            self.d.do(
+                Write(
+                    path,
+                    offset,
+                    data.draw(st.sampled_from(SIZES), label="size"),
+                    data.draw(st.integers(0, 999), label="seed"),
+                )
+            )
+
         self._run(go)
 
     @rule(data=st.data())
@@ -876,6 +932,7 @@ class DifferentialMachine(RuleBasedStateMachine):
             path = self._draw(data, self._movable(self._entries(), "f"), "file")
             if path:
                 self.d.do(Append(path, data.draw(st.sampled_from(SIZES[1:])), data.draw(st.integers(0, 999))))
+
         self._run(go)
 
     @rule(data=st.data())
@@ -886,24 +943,30 @@ class DifferentialMachine(RuleBasedStateMachine):
                 size = os.lstat(os.path.join(self.d.root, path)).st_size
                 new = data.draw(st.sampled_from(sorted({0, 1, size // 3, size + 1, size + 4096, size + (1 << 20)})))
                 self.d.do(Truncate(path, new))
+
         self._run(go)
 
     @rule(data=st.data())
     def sparse(self, data):
         """A large sparse file with a few data islands (1 TiB where the file system can seek holes)."""
+
         def go():
             e = self._entries()
             files = self._movable(e, "f")
-            path = (self._draw(data, files, "file") if files and data.draw(st.booleans())
-                    else self._new_path(data, e))
+            path = self._draw(data, files, "file") if files and data.draw(st.booleans()) else self._new_path(data, e)
             size = self.d.backend.sparse_size
             if "holes" in self.d.backend.known_gaps:
                 size = min(size, 16 * MiB)
             islands = tuple(
-                (data.draw(st.sampled_from([0, size // 3, size // 2, size - 70_000, size - 1])),
-                 data.draw(st.sampled_from([1, 4096, 70_000])), data.draw(st.integers(0, 999)))
-                for _ in range(data.draw(st.integers(0, 3), label="islands")))
+                (
+                    data.draw(st.sampled_from([0, size // 3, size // 2, size - 70_000, size - 1])),
+                    data.draw(st.sampled_from([1, 4096, 70_000])),
+                    data.draw(st.integers(0, 999)),
+                )
+                for _ in range(data.draw(st.integers(0, 3), label="islands"))
+            )
             self.d.do(Sparse(path, size, islands))
+
         self._run(go)
 
     @rule(data=st.data())
@@ -914,6 +977,7 @@ class DifferentialMachine(RuleBasedStateMachine):
                 size = os.lstat(os.path.join(self.d.root, path)).st_size
                 off = data.draw(st.sampled_from(sorted({0, size // 2, size, size + 8192})))
                 self.d.do(Fallocate(path, off, data.draw(st.sampled_from([1, 4096, 100_000, 1 << 20]))))
+
         self._run(go)
 
     @precondition(lambda self: self.d is not None and self.d.backend.punch_hole)
@@ -925,6 +989,7 @@ class DifferentialMachine(RuleBasedStateMachine):
                 size = os.lstat(os.path.join(self.d.root, path)).st_size
                 off = data.draw(st.sampled_from(sorted({0, 100, 4096, size // 2})))
                 self.d.do(PunchHole(path, off, data.draw(st.sampled_from([1, 4096, 65536, 1 << 20]))))
+
         self._run(go)
 
     @precondition(lambda self: self.d is not None and self.d.backend.reflink)
@@ -936,8 +1001,7 @@ class DifferentialMachine(RuleBasedStateMachine):
             if not src:
                 return
             files = self._movable(e, "f")
-            dst = (self._draw(data, files, "dest file") if data.draw(st.booleans())
-                   else self._new_path(data, e))
+            dst = self._draw(data, files, "dest file") if data.draw(st.booleans()) else self._new_path(data, e)
             if data.draw(st.booleans(), label="whole"):
                 self.d.do(Clone(src, dst))
             else:
@@ -948,6 +1012,7 @@ class DifferentialMachine(RuleBasedStateMachine):
                 s = data.draw(st.integers(0, blocks - 1)) * 4096
                 n = data.draw(st.integers(1, blocks - s // 4096)) * 4096
                 self.d.do(Clone(src, dst, s, n, data.draw(st.sampled_from([0, 4096, 1 << 20]))))
+
         self._run(go)
 
     # -- names -------------------------------------------------------------------------
@@ -956,21 +1021,25 @@ class DifferentialMachine(RuleBasedStateMachine):
         def go():
             e = self._entries()
             self._create(data, self._dirs(e))
+
         self._run(go)
 
     @rule(data=st.data())
     def hardlink(self, data):
         """Within and across qtrees (and from or to the part no replica copies)."""
+
         def go():
             e = self._entries()
             old = self._draw(data, self._movable(e, "f"), "file")
             if old:
                 self.d.do(Link(old, self._new_path(data, e)))
+
         self._run(go)
 
     @rule(data=st.data())
     def rename(self, data):
         """Any entry to a new name or over an existing one, within or across qtrees."""
+
         def go():
             e = self._entries()
             old = self._draw(data, self._movable(e), "old")
@@ -981,11 +1050,13 @@ class DifferentialMachine(RuleBasedStateMachine):
             else:
                 new = self._new_path(data, e)
             self.d.do(Rename(old, new))
+
         self._run(go)
 
     @rule(data=st.data())
     def swap(self, data):
         """Two entries (directories mostly) swap names: by RENAME_EXCHANGE or three renames."""
+
         def go():
             e = self._entries()
             movable = self._movable(e)
@@ -1001,11 +1072,13 @@ class DifferentialMachine(RuleBasedStateMachine):
                 if self.d.do(Rename(a, tmp)):
                     self.d.do(Rename(b, a))
                     self.d.do(Rename(tmp, b))
+
         self._run(go)
 
     @rule(data=st.data())
     def rename_then_move(self, data):
         """A directory is renamed, then entries move into it, out of it, or into a new one made at its old name."""
+
         def go():
             e = self._entries()
             d = self._draw(data, self._movable(e, "d"), "dir")
@@ -1021,26 +1094,35 @@ class DifferentialMachine(RuleBasedStateMachine):
             for _ in range(data.draw(st.integers(1, 3), label="moves")):
                 how = data.draw(st.sampled_from(["out", "in", "to-old"]), label="how")
                 if how == "in":
-                    src = self._draw(data, [p for p in self._movable(e) if not p.startswith(new + "/") and p != new],
-                                     "into")
+                    src = self._draw(
+                        data, [p for p in self._movable(e) if not p.startswith(new + "/") and p != new], "into"
+                    )
                     if src:
                         self.d.do(Rename(src, _join(new, data.draw(st.sampled_from(NAMES)))))
                 elif inside:
                     src = data.draw(st.sampled_from(sorted(inside)), label="out of")
-                    dest = (_join(d, os.path.basename(src)) if how == "to-old"
-                            else self._new_path(data, self._entries(), "out"))
+                    dest = (
+                        _join(d, os.path.basename(src))
+                        if how == "to-old"
+                        else self._new_path(data, self._entries(), "out")
+                    )
                     self.d.do(Rename(src, dest))
                 e = self._entries()
                 inside = [p for p in self._movable(e) if p.startswith(new + "/")]
+
         self._run(go)
 
     @rule(data=st.data())
     def under_old_child(self, data):
         """A parent moved under its old child: ``mv p/c c'; mv p c'/p``."""
+
         def go():
             e = self._entries()
-            pairs = [p for p in self._movable(e, "d") if _depth(p) >= 2 and e.get(os.path.dirname(p)) == "d"
-                     and _depth(os.path.dirname(p)) >= 1]
+            pairs = [
+                p
+                for p in self._movable(e, "d")
+                if _depth(p) >= 2 and e.get(os.path.dirname(p)) == "d" and _depth(os.path.dirname(p)) >= 1
+            ]
             c = self._draw(data, pairs, "child")
             if not c:
                 return
@@ -1048,11 +1130,13 @@ class DifferentialMachine(RuleBasedStateMachine):
             lifted = _join(os.path.dirname(p), data.draw(st.sampled_from(NAMES), label="lifted name"))
             if self.d.do(Rename(c, lifted)):
                 self.d.do(Rename(p, _join(lifted, data.draw(st.sampled_from(NAMES), label="parent's name"))))
+
         self._run(go)
 
     @rule(data=st.data())
     def rmdir_recreate(self, data):
         """A directory's children move out, it is removed, made again with the same name, and children move back."""
+
         def go():
             e = self._entries()
             d = self._draw(data, self._movable(e, "d"), "dir")
@@ -1070,11 +1154,13 @@ class DifferentialMachine(RuleBasedStateMachine):
             for tmp, n in parked:
                 if data.draw(st.booleans(), label=f"move {n} back"):
                     self.d.do(Rename(tmp, _join(d, n)))
+
         self._run(go)
 
     @rule(data=st.data())
     def replace_kind(self, data):
         """A file replaced by a directory (with a child) and back, or a symlink by a file."""
+
         def go():
             e = self._entries()
             path = self._draw(data, self._movable(e), "entry")
@@ -1087,6 +1173,7 @@ class DifferentialMachine(RuleBasedStateMachine):
                     self.d.do(Write(_join(path, "child"), 0, data.draw(st.sampled_from(SIZES)), 7))
             else:
                 self.d.do(Write(path, 0, data.draw(st.sampled_from(SIZES)), data.draw(st.integers(0, 999))))
+
         self._run(go)
 
     @rule(data=st.data())
@@ -1095,18 +1182,21 @@ class DifferentialMachine(RuleBasedStateMachine):
             path = self._draw(data, self._movable(self._entries()), "entry")
             if path:
                 self.d.do(Remove(path))
+
         self._run(go)
 
     @precondition(lambda self: self.d is not None and "qtree-root-swap" not in self.d.backend.known_gaps)
     @rule(data=st.data())
     def swap_qtree_roots(self, data):
         """Two qtree roots swap (each replica's source qtree is now the other's tree)."""
+
         def go():
             a, b = data.draw(st.lists(st.sampled_from(self.d.qtrees), min_size=2, max_size=2, unique=True))
             tmp = _join(OUTSIDE, "qtree-tmp")
             if self.d.do(Rename(a, tmp)):
                 self.d.do(Rename(b, a))
                 self.d.do(Rename(tmp, b))
+
         self._run(go)
 
     # -- attributes --------------------------------------------------------------------
@@ -1126,13 +1216,19 @@ class DifferentialMachine(RuleBasedStateMachine):
             else:
                 values = [v for v in (b"", b"v", b"\x00\xff" * 50, b"x" * 3000) if len(v) <= self.d.backend.xattr_max]
                 self.d.do(SetXattr(path, name, data.draw(st.sampled_from(values))))
+
         self._run(go)
 
     @rule(data=st.data())
     def chmod(self, data):
         def go():
-            self.d.do(Chmod(self._any(data, "df"), data.draw(st.sampled_from(
-                [0o755, 0o700, 0o644, 0o600, 0o000, 0o4755, 0o2711, 0o1777, 0o7777]))))
+            self.d.do(
+                Chmod(
+                    self._any(data, "df"),
+                    data.draw(st.sampled_from([0o755, 0o700, 0o644, 0o600, 0o000, 0o4755, 0o2711, 0o1777, 0o7777])),
+                )
+            )
+
         self._run(go)
 
     @rule(data=st.data())
@@ -1140,13 +1236,23 @@ class DifferentialMachine(RuleBasedStateMachine):
         def go():
             uid, gid = data.draw(st.sampled_from(OWNERS))
             self.d.do(Chown(self._any(data), uid, gid))
+
         self._run(go)
 
     @rule(data=st.data())
     def utime(self, data):
         def go():
-            self.d.do(Utime(self._any(data), data.draw(st.sampled_from(
-                [0, 1, 1_000_000_000_123_456_789, 1_700_000_000_000_000_001, 4_102_444_800_999_999_999]))))
+            self.d.do(
+                Utime(
+                    self._any(data),
+                    data.draw(
+                        st.sampled_from(
+                            [0, 1, 1_000_000_000_123_456_789, 1_700_000_000_000_000_001, 4_102_444_800_999_999_999]
+                        )
+                    ),
+                )
+            )
+
         self._run(go)
 
     # -- cycles -----------------------------------------------------------------------------
@@ -1158,18 +1264,24 @@ class DifferentialMachine(RuleBasedStateMachine):
     def cycle_with_a_cut_transfer(self, data):
         """One replica's change stream is cut after a few records: it rolls back, stays at its older
         source PCPI for this cycle and catches up in the next."""
+
         def go():
             # never two failed updates of a replica in a row: [group] reseed_after would re-seed it
-            q = data.draw(st.sampled_from([q for q in self.d.qtrees if q not in self.d.lagging]),
-                          label="faulted replica")
+            q = data.draw(
+                st.sampled_from([q for q in self.d.qtrees if q not in self.d.lagging]), label="faulted replica"
+            )
             self.d.do(Cycle(fault=(q, data.draw(st.integers(0, 6), label="records let through"))))
+
         self._run(go)
 
 
 def differential_machine(backend: Backend, urls: Any, group_config: Callable[..., Any]) -> type[DifferentialMachine]:
     """The state machine bound to one backend and the test's fixtures."""
-    return type(f"Differential{backend.name.capitalize()}", (DifferentialMachine,),
-                {"backend": backend, "urls": urls, "group_config": staticmethod(group_config)})
+    return type(
+        f"Differential{backend.name.capitalize()}",
+        (DifferentialMachine,),
+        {"backend": backend, "urls": urls, "group_config": staticmethod(group_config)},
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -1193,22 +1305,33 @@ def differential_settings(backend: Backend) -> Settings:
     # CI does not shrink: an example on a real file system costs seconds, shrinking one costs
     # hundreds of them, and the failing sequence is printed whole (note()) for replay()
     phases = [Phase.explicit, Phase.reuse, Phase.generate] if profile == "ci" else list(Phase)
-    return Settings(max_examples=examples, stateful_step_count=steps, deadline=None, phases=phases,
-                    derandomize=profile == "ci", database=None if profile == "ci" else Settings.default.database,
-                    suppress_health_check=list(HealthCheck), print_blob=profile != "ci")
+    return Settings(
+        max_examples=examples,
+        stateful_step_count=steps,
+        deadline=None,
+        phases=phases,
+        derandomize=profile == "ci",
+        database=None if profile == "ci" else Settings.default.database,
+        suppress_health_check=list(HealthCheck),
+        print_blob=profile != "ci",
+    )
 
 
 def run(backend: Backend, urls: Any, group_config: Callable[..., Any]) -> None:
     started = time.monotonic()
-    run_state_machine_as_test(differential_machine(backend, urls, group_config), settings=differential_settings(backend))
+    run_state_machine_as_test(
+        differential_machine(backend, urls, group_config), settings=differential_settings(backend)
+    )
     if os.environ.get("COALESCE_DIFFERENTIAL_TIMES"):
         with open(os.environ["COALESCE_DIFFERENTIAL_TIMES"], "a") as f:
-            f.write(f"{backend.name} {os.environ.get('COALESCE_DIFFERENTIAL', 'ci')} "
-                    f"{time.monotonic() - started:.1f}s\n")
+            f.write(
+                f"{backend.name} {os.environ.get('COALESCE_DIFFERENTIAL', 'ci')} {time.monotonic() - started:.1f}s\n"
+            )
 
 
-def replay(backend: Backend, urls: Any, group_config: Callable[..., Any], qtrees: int,
-           steps: Sequence[Op]) -> dict[str, Any]:
+def replay(
+    backend: Backend, urls: Any, group_config: Callable[..., Any], qtrees: int, steps: Sequence[Op]
+) -> dict[str, Any]:
     """Run a logged sequence again with the same checks (a cycle is added when the log ends with
     operations); returns the counts of what happened."""
     d = Differential(backend, urls, group_config, qtrees)
@@ -1233,37 +1356,86 @@ def _tree(*ops: Op) -> tuple[Op, ...]:
 #: name -> (qtrees, steps); the first cycle of each is the baseline.  The named scenarios of
 #: tests/send_scenarios.py (fstests, M1-M6, hard links) are not repeated here.
 REGRESSIONS: dict[str, tuple[int, tuple[Op, ...]]] = {
-    "a parent moved under its old child": (3, (
-        *_tree(Mkdir("q0/p"), Mkdir("q0/p/c"), Write("q0/p/c/f", 0, 100, 15), Write("q0/p/g", 0, 10, 16)),
-        Rename("q0/p/c", "q0/c"), Rename("q0/p", "q0/c/p"), CYCLE)),
-    "rmdir and re-create with the same name, children moved back": (3, (
-        *_tree(Mkdir("q0/d"), Mkdir("q0/d/e"), Write("q0/d/e/f", 0, 100, 17), Write("q0/d/g", 0, 10, 18)),
-        Rename("q0/d/e", "q0/parked-0"), Rename("q0/d/g", "q0/parked-1"), Rmdir("q0/d"), Mkdir("q0/d"),
-        Rename("q0/parked-0", "q0/d/e"), CYCLE)),
-    "file replaced by a directory and back": (3, (
-        *_tree(Write("q0/x", 0, 5000, 19)),
-        Remove("q0/x"), Mkdir("q0/x"), Write("q0/x/child", 0, 100, 20), CYCLE,
-        Remove("q0/x"), Write("q0/x", 0, 70000, 21), CYCLE)),
-    "qtree roots swapped": (3, (
-        *_tree(Write("q0/a", 0, 100, 22), Mkdir("q1/b"), Chmod("q1", 0o700)),
-        Rename("q0", "_outside/t"), Rename("q1", "q0"), Rename("_outside/t", "q1"), CYCLE)),
-    "a transfer cut mid-way rolls back; the next cycle catches up across two PCPIs": (3, (
-        *_tree(Mkdir("q0/d"), Write("q0/d/f", 0, 70000, 23), Link("q0/d/f", "q0/g")),
-        Rename("q0/d", "q0/e"), Append("q0/g", 5000, 24), Mkdir("q0/d"), Rename("q0/e/f", "q0/d/f"),
-        Cycle(fault=("q0", 3)),
-        Rename("q0/d", "q1/d"), Truncate("q0/g", 100), CYCLE)),
-    "entries leave every qtree and come back": (3, (
-        *_tree(Mkdir("q0/d"), Write("q0/d/f", 0, 5000, 25), Link("q0/d/f", "q1/h")),
-        Rename("q0/d", "_outside/d"), Append("_outside/d/f", 10, 26), CYCLE,
-        Rename("_outside/d", "q2/d"), CYCLE)),
+    "a parent moved under its old child": (
+        3,
+        (
+            *_tree(Mkdir("q0/p"), Mkdir("q0/p/c"), Write("q0/p/c/f", 0, 100, 15), Write("q0/p/g", 0, 10, 16)),
+            Rename("q0/p/c", "q0/c"),
+            Rename("q0/p", "q0/c/p"),
+            CYCLE,
+        ),
+    ),
+    "rmdir and re-create with the same name, children moved back": (
+        3,
+        (
+            *_tree(Mkdir("q0/d"), Mkdir("q0/d/e"), Write("q0/d/e/f", 0, 100, 17), Write("q0/d/g", 0, 10, 18)),
+            Rename("q0/d/e", "q0/parked-0"),
+            Rename("q0/d/g", "q0/parked-1"),
+            Rmdir("q0/d"),
+            Mkdir("q0/d"),
+            Rename("q0/parked-0", "q0/d/e"),
+            CYCLE,
+        ),
+    ),
+    "file replaced by a directory and back": (
+        3,
+        (
+            *_tree(Write("q0/x", 0, 5000, 19)),
+            Remove("q0/x"),
+            Mkdir("q0/x"),
+            Write("q0/x/child", 0, 100, 20),
+            CYCLE,
+            Remove("q0/x"),
+            Write("q0/x", 0, 70000, 21),
+            CYCLE,
+        ),
+    ),
+    "qtree roots swapped": (
+        3,
+        (
+            *_tree(Write("q0/a", 0, 100, 22), Mkdir("q1/b"), Chmod("q1", 0o700)),
+            Rename("q0", "_outside/t"),
+            Rename("q1", "q0"),
+            Rename("_outside/t", "q1"),
+            CYCLE,
+        ),
+    ),
+    "a transfer cut mid-way rolls back; the next cycle catches up across two PCPIs": (
+        3,
+        (
+            *_tree(Mkdir("q0/d"), Write("q0/d/f", 0, 70000, 23), Link("q0/d/f", "q0/g")),
+            Rename("q0/d", "q0/e"),
+            Append("q0/g", 5000, 24),
+            Mkdir("q0/d"),
+            Rename("q0/e/f", "q0/d/f"),
+            Cycle(fault=("q0", 3)),
+            Rename("q0/d", "q1/d"),
+            Truncate("q0/g", 100),
+            CYCLE,
+        ),
+    ),
+    "entries leave every qtree and come back": (
+        3,
+        (
+            *_tree(Mkdir("q0/d"), Write("q0/d/f", 0, 5000, 25), Link("q0/d/f", "q1/h")),
+            Rename("q0/d", "_outside/d"),
+            Append("_outside/d/f", 10, 26),
+            CYCLE,
+            Rename("_outside/d", "q2/d"),
+            CYCLE,
+        ),
+    ),
 }
 
 
 def regressions(backend: Backend) -> list[str]:
     """The names of the regression sequences ``backend`` can replay (by its declared capabilities)."""
     needs = {Exchange: "exchange", Clone: "reflink", PunchHole: "punch_hole"}
-    return [name for name, (_n, steps) in REGRESSIONS.items()
-            if all(getattr(backend, needs[type(op)]) for op in steps if type(op) in needs)]
+    return [
+        name
+        for name, (_n, steps) in REGRESSIONS.items()
+        if all(getattr(backend, needs[type(op)]) for op in steps if type(op) in needs)
+    ]
 
 
 def replay_regression(backend: Backend, name: str, urls: Any, group_config: Callable[..., Any]) -> None:

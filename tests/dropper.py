@@ -26,8 +26,12 @@ class DropRecord:
     @hookimpl(wrapper=True)
     def coalesce_diff(self, volume, qtree, base, target):
         result = yield
-        if (result is None or not self.armed or (self.incremental_only and base is None)
-                or self.volume not in str(getattr(volume, "url", volume))):
+        if (
+            result is None
+            or not self.armed
+            or (self.incremental_only and base is None)
+            or self.volume not in str(getattr(volume, "url", volume))
+        ):
             return result
         return self._drop(result)
 

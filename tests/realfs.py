@@ -47,8 +47,9 @@ ZFS_ANSWER_TIMEOUT = 120
 
 def _quiet(argv: list[str]) -> subprocess.CompletedProcess:
     try:
-        return subprocess.run(argv, capture_output=True, text=True,
-                              timeout=ZFS_ANSWER_TIMEOUT if argv[0] in ("zfs", "zpool") else None)
+        return subprocess.run(
+            argv, capture_output=True, text=True, timeout=ZFS_ANSWER_TIMEOUT if argv[0] in ("zfs", "zpool") else None
+        )
     except subprocess.TimeoutExpired:
         _ZFS_WEDGED.append(f"`{' '.join(argv)}` got no answer in {ZFS_ANSWER_TIMEOUT} s")
         pytest.fail(f"zfs-fuse is wedged: {_ZFS_WEDGED[0]}")
@@ -152,7 +153,7 @@ def btrfs_url(btrfs_urls):
 @pytest.fixture
 def btrfs_small_url(realfs):
     mount = realfs["btrfs_small"]
-    _quiet(["btrfs", "subvolume", "sync", mount])      # space of deleted subvolumes is freed lazily
+    _quiet(["btrfs", "subvolume", "sync", mount])  # space of deleted subvolumes is freed lazily
     f = _btrfs_factory(mount)
     yield f()
     f.cleanup_all()

@@ -81,8 +81,8 @@ class Scenario:
     paths map to them (see :class:`Paths`), ``needs`` keys of :data:`NEEDS`."""
 
     name: str
-    origin: str                     # "fstests btrfs/NNN" or "replication of real sources"
-    about: str                      # one line: the pattern
+    origin: str  # "fstests btrfs/NNN" or "replication of real sources"
+    about: str  # one line: the pattern
     setup: Step
     change: Step
     qtrees: tuple[str, ...]
@@ -106,8 +106,16 @@ def _add(sc: Scenario) -> None:
     SCENARIOS[sc.name] = sc
 
 
-def fstests(number: str, about: str, setup: Step, change: Step, *, cross: Mapping[str, str] | None = None,
-            needs: tuple[str, ...] = (), variant: str = "") -> None:
+def fstests(
+    number: str,
+    about: str,
+    setup: Step,
+    change: Step,
+    *,
+    cross: Mapping[str, str] | None = None,
+    needs: tuple[str, ...] = (),
+    variant: str = "",
+) -> None:
     """Register ``btrfs-NNN`` in one qtree and, with ``cross`` (top-level name -> ``x``/``y``), ``btrfs-NNN-xq``.
 
     ``variant`` names an extension of the fstests pattern (``btrfs-NNN-variant``)."""
@@ -116,8 +124,18 @@ def fstests(number: str, about: str, setup: Step, change: Step, *, cross: Mappin
     _add(Scenario(name, origin, about, setup, change, ("q",), {}, frozenset(needs)))
     if cross is not None:
         assert set(cross.values()) == {"x", "y"}, cross
-        _add(Scenario(f"{name}-xq", f"{origin}, across two qtrees", about, setup, change,
-                      ("x", "y"), dict(cross), frozenset(needs)))
+        _add(
+            Scenario(
+                f"{name}-xq",
+                f"{origin}, across two qtrees",
+                about,
+                setup,
+                change,
+                ("x", "y"),
+                dict(cross),
+                frozenset(needs),
+            )
+        )
 
 
 def ours(name: str, about: str, setup: Step, change: Step, qtrees: tuple[str, ...] = ("q",)) -> None:
@@ -145,7 +163,7 @@ def pwrite(path: str, offset: int, data: bytes, sync: bool = False) -> None:
     try:
         os.pwrite(fd, data, offset)
         if sync:
-            os.fsync(fd)      # one extent per write, as the fstests pattern wants
+            os.fsync(fd)  # one extent per write, as the fstests pattern wants
     finally:
         os.close(fd)
 
@@ -166,7 +184,7 @@ def clone_file(src: str, dst: str) -> None:
 
 
 _libc = ctypes.CDLL(None, use_errno=True)
-KEEP_SIZE, PUNCH_HOLE = 0x01, 0x02          # fallocate modes
+KEEP_SIZE, PUNCH_HOLE = 0x01, 0x02  # fallocate modes
 
 
 def fallocate(path: str, mode: int, offset: int, length: int) -> None:
@@ -223,9 +241,23 @@ def _030_change(p):
     os.rename(p("bar1"), p("k44/bar3/bar2/k11"))
 
 
-fstests("030", "ancestors become descendants; a chain of directories reversed", _030_setup, _030_change,
-        cross={"c": "x", "c3": "x", "www": "x", "foobar.txt": "x", "foo3": "x", "bar1": "x",
-               "c2": "y", "foo1": "y", "k44": "y"})
+fstests(
+    "030",
+    "ancestors become descendants; a chain of directories reversed",
+    _030_setup,
+    _030_change,
+    cross={
+        "c": "x",
+        "c3": "x",
+        "www": "x",
+        "foobar.txt": "x",
+        "foo3": "x",
+        "bar1": "x",
+        "c2": "y",
+        "foo1": "y",
+        "k44": "y",
+    },
+)
 
 
 # btrfs/039: a child directory made before its parent (lower inode), both renamed in place.
@@ -266,8 +298,13 @@ def _040_change(p):
     os.rmdir(p("c"))
 
 
-fstests("040", "a directory with two links of a surviving inode removed", _040_setup, _040_change,
-        cross={"c": "x", "baz.txt": "y"})
+fstests(
+    "040",
+    "a directory with two links of a surviving inode removed",
+    _040_setup,
+    _040_change,
+    cross={"c": "x", "baz.txt": "y"},
+)
 
 
 # btrfs/043: an orphaned directory is removed only once the children moved out of it have gone.
@@ -297,8 +334,9 @@ def _043_change(p):
     os.rmdir(p("b/d1"))
 
 
-fstests("043", "directories emptied by moves, then removed", _043_setup, _043_change,
-        cross={"b": "x", "z": "y", "d44": "y"})
+fstests(
+    "043", "directories emptied by moves, then removed", _043_setup, _043_change, cross={"b": "x", "z": "y", "d44": "y"}
+)
 
 
 # btrfs/044: a delayed directory move must not leave the modes and times of its children behind.
@@ -319,8 +357,13 @@ def _044_change(p):
     os.chmod(p("f2/e2"), 0o700)
 
 
-fstests("044", "renames that delay a directory move, then a chmod of the moved directory",
-        _044_setup, _044_change, cross={"c": "x", "c2": "x", "f2": "y"})
+fstests(
+    "044",
+    "renames that delay a directory move, then a chmod of the moved directory",
+    _044_setup,
+    _044_change,
+    cross={"c": "x", "c2": "x", "f2": "y"},
+)
 
 
 # btrfs/053: xattr values larger than a page, changed and added.
@@ -334,8 +377,7 @@ def _053_change(p):
     os.setxattr(p("foobar"), "user.xattr_name_2", b"U" * 5555)
 
 
-fstests("053", "xattr values larger than 4 KiB replaced and added", _053_setup, _053_change,
-        needs=("large_xattr",))
+fstests("053", "xattr values larger than 4 KiB replaced and added", _053_setup, _053_change, needs=("large_xattr",))
 
 
 # btrfs/077: a directory renamed away and made the child of a new directory that takes its
@@ -359,8 +401,13 @@ def _077_change(p):
     os.rename(p("OSDz"), p("fdm/RCz/OSDz"))
 
 
-fstests("077", "a renamed directory becomes a descendant of a new directory with its old name",
-        _077_setup, _077_change, cross={"merlin": "x", "Z": "x", "OSDz": "x", "fdm": "y", "OSD": "y"})
+fstests(
+    "077",
+    "a renamed directory becomes a descendant of a new directory with its old name",
+    _077_setup,
+    _077_change,
+    cross={"merlin": "x", "Z": "x", "OSDz": "x", "fdm": "y", "OSD": "y"},
+)
 
 
 # btrfs/083: a renamed directory's old name is taken by another directory, and its move must
@@ -381,9 +428,13 @@ def _083_change(p):
     os.rename(p("d"), p("e"))
 
 
-fstests("083", "a directory's old name taken by another while it moves under a renamed one",
-        _083_setup, _083_change,
-        cross={"a": "x", "d": "x", "e": "x", "f2": "x", "b": "y", "c": "y", "x": "y", "f": "y"})
+fstests(
+    "083",
+    "a directory's old name taken by another while it moves under a renamed one",
+    _083_setup,
+    _083_change,
+    cross={"a": "x", "d": "x", "e": "x", "f2": "x", "b": "y", "c": "y", "x": "y", "f": "y"},
+)
 
 
 # btrfs/084: two subtrees with the same path p1/p2 exchange their roots.
@@ -404,8 +455,13 @@ def _084_change(p):
     os.rename(p("n4/p1/n2/p1"), p("p1"))
 
 
-fstests("084", "the roots of two subtrees with the same path swapped", _084_setup, _084_change,
-        cross={"n1": "x", "p1": "x", "n4": "y", "p2": "y"})
+fstests(
+    "084",
+    "the roots of two subtrees with the same path swapped",
+    _084_setup,
+    _084_change,
+    cross={"n1": "x", "p1": "x", "n4": "y", "p2": "y"},
+)
 
 
 # btrfs/092: a deep chain whose ancestry is inverted, with two entries named t7 that are
@@ -439,8 +495,13 @@ def _092_change(p):
     os.rename(p("n1/t2/n2/t7"), p("n1/t2/t7"))
 
 
-fstests("092", "ancestry inverted along a chain, one name pointing to another directory after",
-        _092_setup, _092_change, cross={"t2": "x", "n1": "y"})
+fstests(
+    "092",
+    "ancestry inverted along a chain, one name pointing to another directory after",
+    _092_setup,
+    _092_change,
+    cross={"t2": "x", "n1": "y"},
+)
 
 
 # btrfs/097: parts of a file's extent cloned to lower offsets of the same file.
@@ -453,8 +514,7 @@ def _097_change(p):
     clone_range(p("foo"), (32 + 12) * 4 * K, p("foo"), 4 * 4 * K, 4 * 4 * K)
 
 
-fstests("097", "an extent cloned into lower offsets of its own file", _097_setup, _097_change,
-        needs=("reflink",))
+fstests("097", "an extent cloned into lower offsets of its own file", _097_setup, _097_change, needs=("reflink",))
 
 
 # btrfs/105: a file removed and a new one with other bytes and size made at the same path.
@@ -481,8 +541,8 @@ def _127_case1(p, step):
         put(p("d/p1/in-inner"))
         put(p("p1/in-outer"))
     else:
-        os.rename(p("d/p1"), p("p1/p1"))       # the inner p1 goes below the outer one,
-        os.rename(p("p1"), p("d/p1"))          # which takes its place
+        os.rename(p("d/p1"), p("p1/p1"))  # the inner p1 goes below the outer one,
+        os.rename(p("p1"), p("d/p1"))  # which takes its place
 
 
 def _127_case2(p, step):
@@ -537,19 +597,31 @@ def _127_all(step):
     def run(p):
         for i, case in enumerate(_127, 1):
             case(p.sub(f"case_{i}"), step)
+
     return run
 
 
-fstests("127", "names that point to other inodes after, in four arrangements of delayed renames",
-        _127_all(0), _127_all(1))
-_127_CROSS = ({"d": "x", "p1": "y"},
-              {"a": "x", "d": "x", "c": "y", "f": "y", "e": "y", "ance": "y"},
-              {"d": "x", "a": "x", "waiting_dir": "x", "pre": "y", "c": "y"},
-              {"ance": "x", "pre": "x", "desc": "x", "below_ance": "x", "tmp": "y", "other_dir": "y"})
+fstests(
+    "127", "names that point to other inodes after, in four arrangements of delayed renames", _127_all(0), _127_all(1)
+)
+_127_CROSS = (
+    {"d": "x", "p1": "y"},
+    {"a": "x", "d": "x", "c": "y", "f": "y", "e": "y", "ance": "y"},
+    {"d": "x", "a": "x", "waiting_dir": "x", "pre": "y", "c": "y"},
+    {"ance": "x", "pre": "x", "desc": "x", "below_ance": "x", "tmp": "y", "other_dir": "y"},
+)
 for _i, (_case, _cross) in enumerate(zip(_127, _127_CROSS), 1):
-    _add(Scenario(f"btrfs-127-{_i}-xq", f"fstests btrfs/127 (arrangement {_i}), across two qtrees",
-                  "names that point to other inodes after, the moves crossing qtrees",
-                  lambda p, c=_case: c(p, 0), lambda p, c=_case: c(p, 1), ("x", "y"), _cross))
+    _add(
+        Scenario(
+            f"btrfs-127-{_i}-xq",
+            f"fstests btrfs/127 (arrangement {_i}), across two qtrees",
+            "names that point to other inodes after, the moves crossing qtrees",
+            lambda p, c=_case: c(p, 0),
+            lambda p, c=_case: c(p, 1),
+            ("x", "y"),
+            _cross,
+        )
+    )
 del _i, _case, _cross
 
 
@@ -571,8 +643,13 @@ def _129_change(p):
     os.rmdir(p("del"))
 
 
-fstests("129", "entries moved out of a directory that is then removed", _129_setup, _129_change,
-        cross={"a": "x", "tmp": "x", "del": "y", "c": "y"})
+fstests(
+    "129",
+    "entries moved out of a directory that is then removed",
+    _129_setup,
+    _129_change,
+    cross={"a": "x", "tmp": "x", "del": "y", "c": "y"},
+)
 
 
 # btrfs/134: a directory moved out of its parent, the parent removed and a new entry made
@@ -594,8 +671,13 @@ def _134_change(p):
     os.rename(p("dir257"), p("dir259/dir257"))
 
 
-fstests("134", "a removed parent's name reused by a file, a new directory adopts the child",
-        _134_setup, _134_change, cross={"dir257": "x", "dir258": "x", "dir259": "y"})
+fstests(
+    "134",
+    "a removed parent's name reused by a file, a new directory adopts the child",
+    _134_setup,
+    _134_change,
+    cross={"dir257": "x", "dir258": "x", "dir259": "y"},
+)
 
 
 # btrfs/137: holes kept by a full and an incremental send.
@@ -626,8 +708,13 @@ def _144_change(p):
     os.rename(p("f1"), p("f2"))
 
 
-fstests("144", "names rotated among files, one gaining a hard link", _144_setup, _144_change,
-        cross={"f1": "x", "f3": "x", "f5": "x", "f2": "y", "f4": "y"})
+fstests(
+    "144",
+    "names rotated among files, one gaining a hard link",
+    _144_setup,
+    _144_change,
+    cross={"f1": "x", "f3": "x", "f5": "x", "f2": "y", "f4": "y"},
+)
 
 
 # btrfs/145: a directory renamed, and a file that lived below it takes the directory's old name.
@@ -647,8 +734,13 @@ def _145_change(p):
     os.rename(p("file3/file22"), p("dir3"))
 
 
-fstests("145", "a file takes the old name of the directory it lived in", _145_setup, _145_change,
-        cross={"dir2": "x", "file3": "x", "dir3": "y"})
+fstests(
+    "145",
+    "a file takes the old name of the directory it lived in",
+    _145_setup,
+    _145_change,
+    cross={"dir2": "x", "file3": "x", "dir3": "y"},
+)
 
 
 # btrfs/147: a directory moved, a file renamed to its old name and linked into it.
@@ -666,8 +758,13 @@ def _147_change(p):
     os.rename(p("dir1/dir2/dir3/file1"), p("dir1/dir2/dir3/dir4"))
 
 
-fstests("147", "a file renamed to a moved directory's old name and hard-linked inside it",
-        _147_setup, _147_change, cross={"dir1": "x", "dir5": "y"})
+fstests(
+    "147",
+    "a file renamed to a moved directory's old name and hard-linked inside it",
+    _147_setup,
+    _147_change,
+    cross={"dir1": "x", "dir5": "y"},
+)
 
 
 # btrfs/155: several links of two files renamed, one taking a path another inode had.
@@ -693,8 +790,13 @@ def _155_change(p):
     os.rename(p("a/f2l1/b2/c/d3/f2l2"), p("a/f2l1/b2/c/d3/f2l2_2"))
 
 
-fstests("155", "hard links renamed so one takes the path of a moved directory", _155_setup, _155_change,
-        cross={"a": "x", "d": "y"})
+fstests(
+    "155",
+    "hard links renamed so one takes the path of a moved directory",
+    _155_setup,
+    _155_change,
+    cross={"a": "x", "d": "y"},
+)
 
 
 # btrfs/169: a hole punched into a preallocated range past the end of a file.
@@ -707,8 +809,13 @@ def _169_change(p):
     fallocate(p("foobar"), KEEP_SIZE | PUNCH_HOLE, M, 2 * M)
 
 
-fstests("169", "a hole punched in a preallocated extent beyond EOF", _169_setup, _169_change,
-        needs=("prealloc", "punch_hole"))
+fstests(
+    "169",
+    "a hole punched in a preallocated extent beyond EOF",
+    _169_setup,
+    _169_change,
+    needs=("prealloc", "punch_hole"),
+)
 
 
 # btrfs/178: many directories whose ancestor/descendant relations are all inverted.
@@ -716,6 +823,7 @@ fstests("169", "a hole punched in a preallocated extent beyond EOF", _169_setup,
 def _178_setup(p):
     def mv(a, b):
         os.rename(p(a), p(b))
+
     for d in ("257", "258"):
         os.mkdir(p(d))
     mv("257", "258/257")
@@ -746,6 +854,7 @@ def _178_setup(p):
 def _178_change(p):
     def mv(a, b):
         os.rename(p(a), p(b))
+
     top = "261/271/266"
     mv(f"{top}/272/275", "275")
     mv(f"{top}/274", "275/274")
@@ -768,8 +877,13 @@ def _178_change(p):
     mv(f"{low}/266", f"{low}/268/267/270/272/257/264/263/261/266")
 
 
-fstests("178", "every ancestor/descendant relation among twenty directories inverted",
-        _178_setup, _178_change, cross={"261": "x", "275": "y"})
+fstests(
+    "178",
+    "every ancestor/descendant relation among twenty directories inverted",
+    _178_setup,
+    _178_change,
+    cross={"261": "x", "275": "y"},
+)
 
 
 # btrfs/203: a file grown and given an extent shared with itself across a hole.
@@ -783,8 +897,13 @@ def _203_change(p):
     clone_range(p("foobar"), 448 * K, p("foobar"), 192 * K, 192 * K)
 
 
-fstests("203", "a grown file shares, within itself, a range that starts in a hole", _203_setup, _203_change,
-        needs=("reflink",))
+fstests(
+    "203",
+    "a grown file shares, within itself, a range that starts in a hole",
+    _203_setup,
+    _203_change,
+    needs=("reflink",),
+)
 
 
 # btrfs/221: a file swaps name and place with the directory it lived in, and gains a link
@@ -805,8 +924,13 @@ def _221_change(p):
     os.rename(p("a2"), p("testdir"))
 
 
-fstests("221", "a file takes the name of its old directory and a link with another file's name",
-        _221_setup, _221_change, cross={"testdir": "x", "b": "x", "a": "y", "a2": "y", "b2": "y", "testdir_2": "y"})
+fstests(
+    "221",
+    "a file takes the name of its old directory and a link with another file's name",
+    _221_setup,
+    _221_change,
+    cross={"testdir": "x", "b": "x", "a": "y", "a2": "y", "b2": "y", "testdir_2": "y"},
+)
 
 
 # btrfs/222: one file's two links swap names and places with a directory and its subdirectory.
@@ -827,8 +951,13 @@ def _222_change(p):
     os.rename(p("tmp"), p("f2/f2_link"))
 
 
-fstests("222", "two links of a file swap places with a directory and its child", _222_setup, _222_change,
-        cross={"f1": "x", "d1": "x", "f2": "y", "tmp": "y"})
+fstests(
+    "222",
+    "two links of a file swap places with a directory and its child",
+    _222_setup,
+    _222_change,
+    cross={"f1": "x", "d1": "x", "f2": "y", "tmp": "y"},
+)
 
 
 # btrfs/227: a directory and its files removed, a new file made (fstests also reuses the
@@ -864,8 +993,13 @@ def _241_change(p):
     os.link(p("B/hard_link"), p("A"))
 
 
-fstests("241", "a hard link takes a renamed directory's old name", _241_setup, _241_change,
-        cross={"A": "x", "file3": "x", "file1": "y", "file2": "y", "tmp": "y", "B": "y"})
+fstests(
+    "241",
+    "a hard link takes a renamed directory's old name",
+    _241_setup,
+    _241_change,
+    cross={"A": "x", "file3": "x", "file1": "y", "file2": "y", "tmp": "y", "B": "y"},
+)
 
 
 # btrfs/272: a file with 2000 links (so some are extended refs) loses them all and gets
@@ -898,8 +1032,13 @@ def _322_change(p):
     clone_file(p("foo"), p("bar"))
 
 
-fstests("322", "a truncated file made a clone of one whose size is not block aligned", _322_setup, _322_change,
-        needs=("reflink",))
+fstests(
+    "322",
+    "a truncated file made a clone of one whose size is not block aligned",
+    _322_setup,
+    _322_change,
+    needs=("reflink",),
+)
 
 
 # btrfs/338: two directories holding 1000 links each of one file are removed.
@@ -917,8 +1056,13 @@ def _338_change(p):
     shutil.rmtree(p("b"))
 
 
-fstests("338", "two directories of interleaved hard links (extended refs) removed", _338_setup, _338_change,
-        cross={"a": "x", "b": "y"})
+fstests(
+    "338",
+    "two directories of interleaved hard links (extended refs) removed",
+    _338_setup,
+    _338_change,
+    cross={"a": "x", "b": "y"},
+)
 
 
 # ---------------------------------------------------------------------------
@@ -934,9 +1078,12 @@ def _m1_change(p):
     os.rename(p("q/d1/q/c"), p("q/d1/p/c"))
 
 
-ours("m1-renamed-dir-new-dir-takes-name-child-moves-in",
-     "a directory renamed, a new one made with its old name, its child directory moved into the new one",
-     _m1_setup, _m1_change)
+ours(
+    "m1-renamed-dir-new-dir-takes-name-child-moves-in",
+    "a directory renamed, a new one made with its old name, its child directory moved into the new one",
+    _m1_setup,
+    _m1_change,
+)
 
 
 def _m2_setup(p):
@@ -949,9 +1096,12 @@ def _m2_change(p):
     os.rename(p("q/q/f"), p("q/p/f"))
 
 
-ours("m2-renamed-dir-new-dir-takes-name-file-moves-in",
-     "a directory renamed, a new one made with its old name, its file moved back to the same path",
-     _m2_setup, _m2_change)
+ours(
+    "m2-renamed-dir-new-dir-takes-name-file-moves-in",
+    "a directory renamed, a new one made with its old name, its file moved back to the same path",
+    _m2_setup,
+    _m2_change,
+)
 
 
 def _m3_setup(p):
@@ -960,17 +1110,20 @@ def _m3_setup(p):
 
 
 def _m3_change(p):
-    os.rename(p("q/n/p1"), p("q/t"))             # swap n/p1 and p1
+    os.rename(p("q/n/p1"), p("q/t"))  # swap n/p1 and p1
     os.rename(p("q/p1"), p("q/n/p1"))
     os.rename(p("q/t"), p("q/p1"))
-    os.rename(p("q/n/p1/p2"), p("q/t"))          # then swap their p2 children back
+    os.rename(p("q/n/p1/p2"), p("q/t"))  # then swap their p2 children back
     os.rename(p("q/p1/p2"), p("q/n/p1/p2"))
     os.rename(p("q/t"), p("q/p1/p2"))
 
 
-ours("m3-swapped-dirs-children-swapped-back",
-     "two directories swapped, their same-named children swapped back: paths unchanged, parents changed",
-     _m3_setup, _m3_change)
+ours(
+    "m3-swapped-dirs-children-swapped-back",
+    "two directories swapped, their same-named children swapped back: paths unchanged, parents changed",
+    _m3_setup,
+    _m3_change,
+)
 
 
 def _m5_setup(p):
@@ -984,18 +1137,27 @@ def _m5_change(p):
     os.rename(p("q/d/q/f"), p("q/d/p/f"))
 
 
-ours("m5-renamed-dir-sibling-takes-name-file-moves-in",
-     "a directory renamed, a sibling renamed to its old name, its file moved into the sibling",
-     _m5_setup, _m5_change)
+ours(
+    "m5-renamed-dir-sibling-takes-name-file-moves-in",
+    "a directory renamed, a sibling renamed to its old name, its file moved into the sibling",
+    _m5_setup,
+    _m5_change,
+)
 
 
 def _084r_change(p):
     _084_change(p)
-    os.rmdir(p("n1"))                           # emptied by the moves above
+    os.rmdir(p("n1"))  # emptied by the moves above
 
 
-fstests("084", "the roots of two same-path subtrees swapped, an emptied directory removed",
-        _084_setup, _084r_change, cross={"n1": "x", "p1": "x", "n4": "y", "p2": "y"}, variant="emptied")
+fstests(
+    "084",
+    "the roots of two same-path subtrees swapped, an emptied directory removed",
+    _084_setup,
+    _084r_change,
+    cross={"n1": "x", "p1": "x", "n4": "y", "p2": "y"},
+    variant="emptied",
+)
 
 
 def _m4_setup(p):
@@ -1009,9 +1171,13 @@ def _m4_change(p):
     os.rename(p("b/p/c"), p("a/p/c"))
 
 
-ours("m4-dir-to-other-qtree-new-dir-child-moves-back",
-     "a/p moves to qtree b, a new a/p is made and its old child moves back into it",
-     _m4_setup, _m4_change, qtrees=("a", "b"))
+ours(
+    "m4-dir-to-other-qtree-new-dir-child-moves-back",
+    "a/p moves to qtree b, a new a/p is made and its old child moves back into it",
+    _m4_setup,
+    _m4_change,
+    qtrees=("a", "b"),
+)
 
 
 def _m6_setup(p):
@@ -1020,17 +1186,21 @@ def _m6_setup(p):
 
 
 def _m6_change(p):
-    os.rename(p("a/p"), p("b/t"))               # swap a/p and b/p across the qtrees
+    os.rename(p("a/p"), p("b/t"))  # swap a/p and b/p across the qtrees
     os.rename(p("b/p"), p("a/p"))
     os.rename(p("b/t"), p("b/p"))
-    os.rename(p("a/p/c"), p("b/t"))             # then swap their children back
+    os.rename(p("a/p/c"), p("b/t"))  # then swap their children back
     os.rename(p("b/p/c"), p("a/p/c"))
     os.rename(p("b/t"), p("b/p/c"))
 
 
-ours("m6-dirs-swapped-across-qtrees-children-swapped-back",
-     "a/p and b/p swapped across qtrees, their children swapped back: paths unchanged",
-     _m6_setup, _m6_change, qtrees=("a", "b"))
+ours(
+    "m6-dirs-swapped-across-qtrees-children-swapped-back",
+    "a/p and b/p swapped across qtrees, their children swapped back: paths unchanged",
+    _m6_setup,
+    _m6_change,
+    qtrees=("a", "b"),
+)
 
 
 def _hl1_setup(p):
@@ -1043,8 +1213,12 @@ def _hl1_change(p):
     append(p("q/y/g"), b"appended through the second link\n")
 
 
-ours("hardlink-appended-through-other-link", "a file with two links in one qtree appended through one",
-     _hl1_setup, _hl1_change)
+ours(
+    "hardlink-appended-through-other-link",
+    "a file with two links in one qtree appended through one",
+    _hl1_setup,
+    _hl1_change,
+)
 
 
 def _hl2_setup(p):
@@ -1057,8 +1231,13 @@ def _hl2_change(p):
     append(p("b/g"), b"appended through the link in qtree b\n")
 
 
-ours("hardlink-across-qtrees-appended", "a file linked from two qtrees appended through the link in one",
-     _hl2_setup, _hl2_change, qtrees=("a", "b"))
+ours(
+    "hardlink-across-qtrees-appended",
+    "a file linked from two qtrees appended through the link in one",
+    _hl2_setup,
+    _hl2_change,
+    qtrees=("a", "b"),
+)
 
 
 # 255 bytes each: 2-, 3- and 4-byte UTF-8 characters
@@ -1090,12 +1269,24 @@ def _u_created(p):
     os.symlink(LONG_3, p(f"q/{LONG_4}/{LONG_3}"))
 
 
-ours("utf8-255-byte-names-deleted", "a file and a directory with 255-byte multi-byte UTF-8 names deleted",
-     _u_setup, _u_deleted)
-ours("utf8-255-byte-names-renamed", "255-byte multi-byte UTF-8 names renamed into and as directories",
-     _u_setup, _u_renamed)
-ours("utf8-255-byte-names-created", "a file, a directory and a symlink with 255-byte UTF-8 names created",
-     _u_setup, _u_created)
+ours(
+    "utf8-255-byte-names-deleted",
+    "a file and a directory with 255-byte multi-byte UTF-8 names deleted",
+    _u_setup,
+    _u_deleted,
+)
+ours(
+    "utf8-255-byte-names-renamed",
+    "255-byte multi-byte UTF-8 names renamed into and as directories",
+    _u_setup,
+    _u_renamed,
+)
+ours(
+    "utf8-255-byte-names-created",
+    "a file, a directory and a symlink with 255-byte UTF-8 names created",
+    _u_setup,
+    _u_created,
+)
 
 
 # ---------------------------------------------------------------------------
@@ -1115,9 +1306,9 @@ class KeepSourcePcpis:
 
 @attrs.frozen
 class Outcome:
-    old: str                         # the source PCPI of the baseline
-    new: str                         # the source PCPI of the incremental
-    baseline: dict[str, Any]         # the two cycles' history rows
+    old: str  # the source PCPI of the baseline
+    new: str  # the source PCPI of the incremental
+    baseline: dict[str, Any]  # the two cycles' history rows
     incremental: dict[str, Any]
 
 
@@ -1143,6 +1334,6 @@ def drive(harness: Any, scenarios: Mapping[str, Scenario]) -> Outcome:
 
 
 def _last_source_pcpi(harness: Any) -> str:
-    taken = list(harness.writer.snapshots)      # the harness records every source PCPI as it is taken
+    taken = list(harness.writer.snapshots)  # the harness records every source PCPI as it is taken
     assert taken, "no source PCPI was taken"
     return taken[-1]

@@ -26,7 +26,7 @@ BLOCK = 64 << 10
 @attrs.frozen
 class Tree:
     entries: dict[str, tuple[Any, ...]]
-    links: tuple[tuple[str, ...], ...]      # groups of two or more paths of one inode, sorted
+    links: tuple[tuple[str, ...], ...]  # groups of two or more paths of one inode, sorted
 
 
 def content_digest(path: str) -> str:
@@ -48,7 +48,7 @@ def content_digest(path: str) -> str:
             end = os.lseek(fd, pos, os.SEEK_HOLE)
             while block * BLOCK < end:
                 data = os.pread(fd, BLOCK, block * BLOCK)
-                if data and data != zero[:len(data)]:
+                if data and data != zero[: len(data)]:
                     h.update(block.to_bytes(8, "little"))
                     h.update(data)
                 block += 1
@@ -129,9 +129,9 @@ def differences(want: Tree, got: Tree, limit: int = 20) -> list[str]:
     return out
 
 
-def assert_same(want_root: str, got_root: str, *, times: bool = True, root_entry: bool = True,
-                what: str = "") -> None:
+def assert_same(want_root: str, got_root: str, *, times: bool = True, root_entry: bool = True, what: str = "") -> None:
     """Fail with the first differences when the trees below the two roots differ."""
-    diff = differences(capture(want_root, times=times, root_entry=root_entry),
-                       capture(got_root, times=times, root_entry=root_entry))
+    diff = differences(
+        capture(want_root, times=times, root_entry=root_entry), capture(got_root, times=times, root_entry=root_entry)
+    )
     assert not diff, f"{what or got_root} differs from {want_root}:\n  " + "\n  ".join(diff)

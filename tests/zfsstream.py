@@ -12,7 +12,7 @@ import struct
 MAGIC = 0x2F5BACBAC
 RECORD = 312
 GUID = 0x1234_5678_9ABC_DEF0
-FILE_DATA = 19       # DMU_OT_PLAIN_FILE_CONTENTS
+FILE_DATA = 19  # DMU_OT_PLAIN_FILE_CONTENTS
 TO_END = (1 << 64) - 1
 
 
@@ -22,17 +22,34 @@ def _rec(kind: int, body: bytes, order: str, payloadlen: int = 0) -> bytes:
     return head.ljust(RECORD, b"\0")
 
 
-def begin(name: str = "pool/src@t", fromguid: int = 0x55, toguid: int = GUID, order: str = "<",
-          versioninfo: int = 1, magic: int = MAGIC) -> bytes:
-    return _rec(0, struct.pack(order + "QQQIIQQ256s", magic, versioninfo, 1_700_000_000, 2, 0, toguid, fromguid,
-                               name.encode()), order)
+def begin(
+    name: str = "pool/src@t",
+    fromguid: int = 0x55,
+    toguid: int = GUID,
+    order: str = "<",
+    versioninfo: int = 1,
+    magic: int = MAGIC,
+) -> bytes:
+    return _rec(
+        0,
+        struct.pack(order + "QQQIIQQ256s", magic, versioninfo, 1_700_000_000, 2, 0, toguid, fromguid, name.encode()),
+        order,
+    )
 
 
-def obj(number: int, typ: int = FILE_DATA, blksz: int = 131072, bonus: bytes = b"\x01" * 264,
-        toguid: int = GUID, order: str = "<", bonustype: int = 17) -> bytes:
+def obj(
+    number: int,
+    typ: int = FILE_DATA,
+    blksz: int = 131072,
+    bonus: bytes = b"\x01" * 264,
+    toguid: int = GUID,
+    order: str = "<",
+    bonustype: int = 17,
+) -> bytes:
     pad = (len(bonus) + 7) & ~7
-    return _rec(1, struct.pack(order + "QIIIIBB6xQ", number, typ, bonustype, blksz, len(bonus), 7, 2, toguid),
-                order) + bonus.ljust(pad, b"\0")
+    return _rec(
+        1, struct.pack(order + "QIIIIBB6xQ", number, typ, bonustype, blksz, len(bonus), 7, 2, toguid), order
+    ) + bonus.ljust(pad, b"\0")
 
 
 def znode(gen: int, order: str = "<") -> bytes:
@@ -72,6 +89,6 @@ def file_stream(files: dict[int, bytes], name: str = "pool/src@t", blksz: int = 
         nblocks = max(1, -(-len(data) // bs))
         out += [obj(number, blksz=bs, order=order), free(number, nblocks * bs, TO_END, order=order)]
         for i in range(nblocks):
-            out.append(write(number, i * bs, data[i * bs:(i + 1) * bs].ljust(bs, b"\0"), order=order))
+            out.append(write(number, i * bs, data[i * bs : (i + 1) * bs].ljust(bs, b"\0"), order=order))
     out.append(end(order=order))
     return b"".join(out)

@@ -35,8 +35,8 @@ SPEC = ROOT / "spec" / "coalescing.toml"
 OUT = ROOT / "spec" / "coalescing.pml"
 
 N_REPLICAS = 3
-N_SLOTS = 8        # PCPI slots: 4 cycle roles + individuals; running out is an assertion failure
-MAXP = 2           # source points are renormalised at every finished cycle and capped here
+N_SLOTS = 8  # PCPI slots: 4 cycle roles + individuals; running out is an assertion failure
+MAXP = 2  # source points are renormalised at every finished cycle and capped here
 
 #: Promela text of each named guard of spec/coalescing.toml (over the generated state names).
 #: A guard the spec names but this table lacks fails generation.
@@ -541,8 +541,11 @@ def load(path: Path = SPEC) -> dict:
 
 
 def edges(machine: dict) -> list[tuple[str, str, str]]:
-    return [(t["trigger"], s, t["dest"]) for t in machine["transitions"]
-            for s in ([t["source"]] if isinstance(t["source"], str) else t["source"])]
+    return [
+        (t["trigger"], s, t["dest"])
+        for t in machine["transitions"]
+        for s in ([t["source"]] if isinstance(t["source"], str) else t["source"])
+    ]
 
 
 def size_text(replicas: int, slots: int) -> dict[str, str]:
@@ -550,15 +553,19 @@ def size_text(replicas: int, slots: int) -> dict[str, str]:
     n, S = range(replicas), range(slots)
     rel_w = max(16, 4 * replicas + 1)  # canon's sort key: kk (0 .. 4N) < rel weight; the key fits a byte
     taken = [f"role[{k}] == P_rollback && !rel[{k}]" for k in S]
-    lines = [taken[:2]] + [taken[k:k + 3] for k in range(2, slots, 3)]
+    lines = [taken[:2]] + [taken[k : k + 3] for k in range(2, slots, 3)]
     return {
         "@INITIALIZED@": " || ".join(f"sp[{k}] != NONE" for k in n),
         "@KK_NONE@": str(4 * replicas),
         "@KK_REL@": str(rel_w),
         "@KK_ROLE@": str(2 * rel_w),
-        "@STEP_FMT@": " ".join(f"{v}=" + ",".join(["%d"] * replicas)
-                               for v in ("rs", "ex", "vx", "lg", "sc", "sp", "ap", "rt"))
-                      + " role=" + "%d" * slots + " rel=" + "%d" * slots,
+        "@STEP_FMT@": " ".join(
+            f"{v}=" + ",".join(["%d"] * replicas) for v in ("rs", "ex", "vx", "lg", "sc", "sp", "ap", "rt")
+        )
+        + " role="
+        + "%d" * slots
+        + " rel="
+        + "%d" * slots,
         "@STEP_ARGS1@": ", ".join(f"{v}[{k}]" for v in ("rs", "ex", "vx", "lg") for k in n),
         "@STEP_ARGS2@": ", ".join(f"{v}[{k}]" for v in ("sc", "sp", "ap", "rt") for k in n),
         "@STEP_ROLE@": ", ".join(f"role[{k}]" for k in S),
@@ -574,8 +581,9 @@ def size_text(replicas: int, slots: int) -> dict[str, str]:
     }
 
 
-def generate(spec_path: Path = SPEC, mutant: str | None = None, replicas: int = N_REPLICAS,
-             slots: int = N_SLOTS) -> str:
+def generate(
+    spec_path: Path = SPEC, mutant: str | None = None, replicas: int = N_REPLICAS, slots: int = N_SLOTS
+) -> str:
     """The model text; ``replicas`` (2..5) and ``slots`` other than the defaults are for
     measuring how the state space grows (tools/bench/bench_formal.py), not the committed model."""
     if not 2 <= replicas <= 5:
@@ -592,8 +600,9 @@ def generate(spec_path: Path = SPEC, mutant: str | None = None, replicas: int = 
         raise SystemExit(f"{replicas} replicas: canon()'s slot sort key no longer fits a byte")
     in_flight = [s for s, a in rep["states"].items() if a.get("in_flight")]
     in_cycle = [s for s, a in rep["states"].items() if a.get("field") == "cycle"]
-    outside = [s for s, a in rep["states"].items()
-               if a.get("field") == "outside" and s not in ("uninitialized", "baseline")]
+    outside = [
+        s for s, a in rep["states"].items() if a.get("field") == "outside" and s not in ("uninitialized", "baseline")
+    ]
     participants = sorted({s for (trig, s, _d) in edges(rep) if trig == "jump_ahead"})
     subst = dict(DEFAULTS)
     if mutant is not None:
@@ -617,8 +626,10 @@ def generate(spec_path: Path = SPEC, mutant: str | None = None, replicas: int = 
         w(f" * MUTANT {mutant}: a deliberately broken model (tools/mutants.py).")
     w(" */")
     w(f"#define N {replicas}\n#define S {slots}\n#define SN {replicas * slots}\n#define MAXP {MAXP}")
-    w("#define NONE 255\n#define ACTIVE 254\n#define PART 253   /* an unfinished (partial) image */"
-      "\n#define WRIT 252   /* data written into a broken (writable) replica */")
+    w(
+        "#define NONE 255\n#define ACTIVE 254\n#define PART 253   /* an unfinished (partial) image */"
+        "\n#define WRIT 252   /* data written into a broken (writable) replica */"
+    )
     w("\n/* replica states (spec order) */")
     for k, s in enumerate(rstates):
         w(f"#define R_{s} {k}   /* ref {rep['states'][s].get('ref', '')} field={rep['states'][s].get('field', '')} */")
@@ -634,7 +645,9 @@ def generate(spec_path: Path = SPEC, mutant: str | None = None, replicas: int = 
             if c not in GUARD_TEXT:
                 raise SystemExit(f"spec guard {c!r} has no Promela text in tools/gen_promela.py GUARD_TEXT")
     for name, text in GUARD_TEXT.items():
-        text = text.replace("@INFLIGHT", any_replica(flight_for_guard)).replace("@PARTICIPANT", any_replica(participants))
+        text = text.replace("@INFLIGHT", any_replica(flight_for_guard)).replace(
+            "@PARTICIPANT", any_replica(participants)
+        )
         text = text.replace("@RESUMABLE", " || ".join(f"(rz[{k}] && rs[{k}] == R_done)" for k in range(replicas)))
         text = re.sub(r"@ANY\(R_(\w+)\)", lambda mm: any_replica([mm.group(1)]), text)
         w(f"#define G_{name} {text}")
@@ -666,9 +679,15 @@ def generate(spec_path: Path = SPEC, mutant: str | None = None, replicas: int = 
     body = body.replace("@OUTSIDE_I", "(" + any_of(outside, "rs[i]") + ")")
     body = body.replace("@LEGAL(", "LEGAL_EDGE(")
     body = body.replace("@INITIAL@", rep["initial"])
-    body = re.sub(r"@DUE\((\w)\)", lambda mm: f"(rs[{mm.group(1)}] == R_unstable_uncoalesced && lg[{mm.group(1)}] != NONE)", body)
-    body = re.sub(r"@EACH\n(.*?)@END\n", lambda mm: "".join(mm.group(1).replace("@r", str(k))
-                                                             for k in range(replicas)), body, flags=re.S)
+    body = re.sub(
+        r"@DUE\((\w)\)", lambda mm: f"(rs[{mm.group(1)}] == R_unstable_uncoalesced && lg[{mm.group(1)}] != NONE)", body
+    )
+    body = re.sub(
+        r"@EACH\n(.*?)@END\n",
+        lambda mm: "".join(mm.group(1).replace("@r", str(k)) for k in range(replicas)),
+        body,
+        flags=re.S,
+    )
     body = re.sub(r"@ANY\(R_(\w+)\)", lambda mm: any_replica([mm.group(1)]), body)
     assert "@" not in body.replace("@edge", ""), re.findall(r"@\w+", body)
     # every trigger of both machines must be used by the procedures
@@ -678,7 +697,9 @@ def generate(spec_path: Path = SPEC, mutant: str | None = None, replicas: int = 
     missing += [t["trigger"] for t in agt["transitions"] if t["trigger"] not in used_a]
     if missing and mutant is None:
         raise SystemExit(f"the model's procedures never fire spec trigger(s) {missing}; update tools/gen_promela.py")
-    unknown = sorted((used_r - {t["trigger"] for t in rep["transitions"]}) | (used_a - {t["trigger"] for t in agt["transitions"]}))
+    unknown = sorted(
+        (used_r - {t["trigger"] for t in rep["transitions"]}) | (used_a - {t["trigger"] for t in agt["transitions"]})
+    )
     if unknown:
         raise SystemExit(f"the model's procedures fire trigger(s) {unknown} that spec/coalescing.toml lacks")
     return "\n".join(out) + "\n" + body
@@ -693,8 +714,10 @@ def model_edges(pml: str) -> dict[str, set[tuple[str, str, str]]]:
 
 
 def model_states(pml: str) -> dict[str, list[str]]:
-    return {"replica": re.findall(r"^#define R_(\w+) \d+", pml, re.M),
-            "agent": re.findall(r"^#define A_(\w+) \d+", pml, re.M)}
+    return {
+        "replica": re.findall(r"^#define R_(\w+) \d+", pml, re.M),
+        "agent": re.findall(r"^#define A_(\w+) \d+", pml, re.M),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -703,8 +726,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stdout", action="store_true")
     ap.add_argument("--mutant", choices=sorted(MUTANTS))
     ap.add_argument("--spec", type=Path, default=SPEC)
-    ap.add_argument("--replicas", type=int, default=N_REPLICAS,
-                    help="replicas in the model (2..5; default %(default)s, the committed model)")
+    ap.add_argument(
+        "--replicas",
+        type=int,
+        default=N_REPLICAS,
+        help="replicas in the model (2..5; default %(default)s, the committed model)",
+    )
     ap.add_argument("--slots", type=int, default=N_SLOTS, help="PCPI slots (default %(default)s)")
     ap.add_argument("--out", type=Path, help="write the model here instead of spec/coalescing.pml")
     args = ap.parse_args(argv)

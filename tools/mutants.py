@@ -42,87 +42,140 @@ PY = sys.executable
 
 #: the send scenarios (tests/send_scenarios.py) found by replicating real btrfs sources: paths unchanged or
 #: reused while the objects behind them moved (docs/verification.md, "Named send scenarios")
-SEND_SCENARIOS_M = ["m1-renamed-dir-new-dir-takes-name-child-moves-in",
-                    "m2-renamed-dir-new-dir-takes-name-file-moves-in",
-                    "m3-swapped-dirs-children-swapped-back",
-                    "m4-dir-to-other-qtree-new-dir-child-moves-back",
-                    "m5-renamed-dir-sibling-takes-name-file-moves-in",
-                    "m6-dirs-swapped-across-qtrees-children-swapped-back"]
+SEND_SCENARIOS_M = [
+    "m1-renamed-dir-new-dir-takes-name-child-moves-in",
+    "m2-renamed-dir-new-dir-takes-name-file-moves-in",
+    "m3-swapped-dirs-children-swapped-back",
+    "m4-dir-to-other-qtree-new-dir-child-moves-back",
+    "m5-renamed-dir-sibling-takes-name-file-moves-in",
+    "m6-dirs-swapped-across-qtrees-children-swapped-back",
+]
 
 MUTANTS: dict[str, dict] = {
     "jump_ahead_during_update": {
         "doc": "jump-ahead allowed while a replica is in update",
         "edits": [
-            ("coalesce_core/cycle/guards.py", "    flight = _in_flight()\n    return not any(s in flight for s in states)",
-             "    flight = _in_flight() - {\"update\"}\n    return not any(s in flight for s in states)"),
-            ("coalesce_core/cycle/planner.py", "        if not guards.no_transfer_in_flight(state):\n            return",
-             "        if not guards.nothing_in_flight(state):\n            return"),
+            (
+                "coalesce_core/cycle/guards.py",
+                "    flight = _in_flight()\n    return not any(s in flight for s in states)",
+                '    flight = _in_flight() - {"update"}\n    return not any(s in flight for s in states)',
+            ),
+            (
+                "coalesce_core/cycle/planner.py",
+                "        if not guards.no_transfer_in_flight(state):\n            return",
+                "        if not guards.nothing_in_flight(state):\n            return",
+            ),
         ],
         "spin": "jump_ahead_during_update",
     },
     "rollback_pcpi_never_released": {
         "doc": "the rollback PCPI is never released",
-        "edits": [("coalesce_core/cycle/planner.py", "    if is_base or releasing:\n        return \"keep\"",
-                   "    if is_base or releasing or role == \"rollback\":\n        return \"keep\"")],
+        "edits": [
+            (
+                "coalesce_core/cycle/planner.py",
+                '    if is_base or releasing:\n        return "keep"',
+                '    if is_base or releasing or role == "rollback":\n        return "keep"',
+            )
+        ],
         "spin": "rollback_pcpi_never_released",
     },
     "rolled_back_to_stable": {
         "doc": "a rolled-back replica is sent to stable instead of done",
-        "edits": [("coalesce_core/cycle/planner.py", 'r = p.fire(r, "rollback_succeeded", active_point=r.source_point)',
-                   'r = p.update(r, state="stable", active_point=r.source_point)')],
+        "edits": [
+            (
+                "coalesce_core/cycle/planner.py",
+                'r = p.fire(r, "rollback_succeeded", active_point=r.source_point)',
+                'r = p.update(r, state="stable", active_point=r.source_point)',
+            )
+        ],
         "spin": "rolled_back_to_stable",
     },
     "recovery_skips_jump_ahead": {
         "doc": "recovery skips the unfinished jump-ahead",
-        "edits": [("coalesce_core/cycle/planner.py",
-                   ("    if phase == \"jump_ahead_1\":\n        return \"purge\" if has_pcpi else \"take_jump_ahead\"\n"
-                    "    if phase == \"jump_ahead_2\":\n"
-                    "        return \"roll_forward\" if has_pcpi else \"take_new_base\"\n"),
-                   "")],
+        "edits": [
+            (
+                "coalesce_core/cycle/planner.py",
+                (
+                    '    if phase == "jump_ahead_1":\n        return "purge" if has_pcpi else "take_jump_ahead"\n'
+                    '    if phase == "jump_ahead_2":\n'
+                    '        return "roll_forward" if has_pcpi else "take_new_base"\n'
+                ),
+                "",
+            )
+        ],
         "spin": "recovery_skips_jump_ahead",
     },
     "export_replica_by_replica": {
         "doc": "the export switch is done replica by replica instead of at once",
-        "edits": [("coalesce_core/cycle/planner.py",
-                   "resume=False, reseed_reason=\"\")\n    p.export(jump=True)",
-                   "resume=False, reseed_reason=\"\")\n        p.export(jump=True)")],
+        "edits": [
+            (
+                "coalesce_core/cycle/planner.py",
+                '            reseed_reason="",\n        )\n    p.export(jump=True)',
+                '            reseed_reason="",\n        )\n        p.export(jump=True)',
+            )
+        ],
         "spin": "export_replica_by_replica",
     },
     "clear_last_error_at_jump_ahead": {
         "doc": "the jump-ahead clears last_error (a failed update shows as a healthy stable replica)",
-        "edits": [("coalesce_core/cycle/planner.py", "resume=False, reseed_reason=\"\")\n    p.export(jump=True)",
-                   "resume=False, reseed_reason=\"\", last_error=\"\")\n    p.export(jump=True)")],
+        "edits": [
+            (
+                "coalesce_core/cycle/planner.py",
+                '            reseed_reason="",\n        )\n    p.export(jump=True)',
+                '            reseed_reason="",\n            last_error="",\n        )\n    p.export(jump=True)',
+            )
+        ],
         "spin": None,
         "why_not_spin": "not modelled (error texts are below the model's abstraction)",
     },
     "skip_reseed_after_failures": {
         "doc": "a replica is not re-seeded after reseed_after failed updates in a row (it fails for ever)",
-        "edits": [("coalesce_core/cycle/planner.py", "    return reseed_after > 0 and failures >= reseed_after",
-                   "    return False")],
+        "edits": [
+            (
+                "coalesce_core/cycle/planner.py",
+                "    return reseed_after > 0 and failures >= reseed_after",
+                "    return False",
+            )
+        ],
         "spin": None,
         "why_not_spin": "not modelled (the model re-seeds after any failed update, nondeterministically)",
     },
     "dotdot_not_checked": {
         "doc": "a stream path is not checked for '..' (records.check_path)",
-        "edits": [("coalesce_core/stream/records.py", '        if part in ("", ".", ".."):', '        if part in ("", "."):')],
+        "edits": [
+            ("coalesce_core/stream/records.py", '        if part in ("", ".", ".."):', '        if part in ("", "."):')
+        ],
         "spin": None,
         "why_not_spin": "not modelled (stream paths are below the model's abstraction)",
     },
     "drop_inode_identity": {
         "doc": "the btrfs send-stream translation keeps a name whose path is unchanged, whatever its parent "
-               "object (translate.py edges by path, not by inode identity)",
-        "edits": [("plugins/coalesce_btrfs/translate.py", "        return self.ident_base(_parent(path)), _name(path)",
-                   "        return _parent(path), _name(path)"),
-                  ("plugins/coalesce_btrfs/translate.py", "        return self.ident_final(_parent(path)), _name(path)",
-                   "        return _parent(path), _name(path)")],
+        "object (translate.py edges by path, not by inode identity)",
+        "edits": [
+            (
+                "plugins/coalesce_btrfs/translate.py",
+                "        return self.ident_base(_parent(path)), _name(path)",
+                "        return _parent(path), _name(path)",
+            ),
+            (
+                "plugins/coalesce_btrfs/translate.py",
+                "        return self.ident_final(_parent(path)), _name(path)",
+                "        return _parent(path), _name(path)",
+            ),
+        ],
         "spin": None,
         "why_not_spin": "not modelled (a backend's diff is below the model's abstraction)",
         "pytest": [[f"tests/plugins/btrfs/test_send_scenarios.py::test_scenario[{sc}]" for sc in SEND_SCENARIOS_M]],
     },
     "skip_update_verification": {
         "doc": "the check before `done` compares nothing (verifier.TransferCheck.run)",
-        "edits": [("coalesce_core/verifier.py", "    def run(self) -> V.Outcome:\n",
-                   "    def run(self) -> V.Outcome:\n        return V.Outcome(differences=(), checked=0)\n")],
+        "edits": [
+            (
+                "coalesce_core/verifier.py",
+                "    def run(self) -> V.Outcome:\n",
+                "    def run(self) -> V.Outcome:\n        return V.Outcome(differences=(), checked=0)\n",
+            )
+        ],
         "spin": None,
         "why_not_spin": "not modelled (the model's transfers are atomic and correct)",
         "pytest": [["tests/core/test_verify_update.py"]],
@@ -139,7 +192,11 @@ MUTANTS["drop_inode_identity+skip_update_verification"] = {
 }
 
 CHECKERS = ("hypothesis", "crosshair", "spin", "pytest")
-CROSSHAIR_TARGETS = ["coalesce_core/cycle/planner.py", "coalesce_core/cycle/guards.py", "tests/formal/contracts_records.py"]
+CROSSHAIR_TARGETS = [
+    "coalesce_core/cycle/planner.py",
+    "coalesce_core/cycle/guards.py",
+    "tests/formal/contracts_records.py",
+]
 
 
 def edits_of(name: str) -> list[tuple[str, str, str]]:
@@ -165,8 +222,10 @@ def mutated_copy(name: str | None, dest: Path) -> Path:
             text = f.read_text(encoding="utf-8")
             n = text.count(old)
             if n != 1:
-                raise SystemExit(f"mutant {name}: the text to replace occurs {n} times in {rel} "
-                                 f"(the code changed; update tools/mutants.py): {old[:60]!r}")
+                raise SystemExit(
+                    f"mutant {name}: the text to replace occurs {n} times in {rel} "
+                    f"(the code changed; update tools/mutants.py): {old[:60]!r}"
+                )
             f.write_text(text.replace(old, new), encoding="utf-8")
     return dest
 
@@ -174,8 +233,9 @@ def mutated_copy(name: str | None, dest: Path) -> Path:
 def _env(copy: Path) -> dict:
     env = dict(os.environ)
     # the copy before the editable install's finder (which sys.path entries precede)
-    env["PYTHONPATH"] = os.pathsep.join([str(copy), str(copy / "plugins"), str(ROOT),
-                                         env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(copy), str(copy / "plugins"), str(ROOT), env.get("PYTHONPATH", "")]
+    ).rstrip(os.pathsep)
     env["PYTHONDONTWRITEBYTECODE"] = "1"
     return env
 
@@ -205,13 +265,54 @@ def _imported(copy: Path, env: dict) -> list[str]:
 
 def run_hypothesis(copy: Path, examples: int, steps: int) -> tuple[bool, str]:
     env = _env(copy)
-    env.update(COALESCE_STATEFUL_EXAMPLES=str(examples), COALESCE_STATEFUL_STEPS=str(steps),
-               HYPOTHESIS_PROFILE="ci", COALESCE_STATEFUL_SIM="0", COALESCE_STATEFUL_NOSHRINK="1")
-    cmd = [PY, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-p", "no:randomly",
-           str(ROOT / "tests/formal/test_stateful.py"), "-k", "mem",
-           "--rootdir", str(ROOT), "-o", "addopts=", "--hypothesis-seed=0", "-p", "no:hypothesispytest"] if False else [
-        PY, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", str(ROOT / "tests/formal/test_stateful.py"),
-        "-k", "mem", "--rootdir", str(ROOT), "-o", "addopts=", "--hypothesis-seed=0"]
+    env.update(
+        COALESCE_STATEFUL_EXAMPLES=str(examples),
+        COALESCE_STATEFUL_STEPS=str(steps),
+        HYPOTHESIS_PROFILE="ci",
+        COALESCE_STATEFUL_SIM="0",
+        COALESCE_STATEFUL_NOSHRINK="1",
+    )
+    cmd = (
+        [
+            PY,
+            "-m",
+            "pytest",
+            "-x",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "-p",
+            "no:randomly",
+            str(ROOT / "tests/formal/test_stateful.py"),
+            "-k",
+            "mem",
+            "--rootdir",
+            str(ROOT),
+            "-o",
+            "addopts=",
+            "--hypothesis-seed=0",
+            "-p",
+            "no:hypothesispytest",
+        ]
+        if False
+        else [
+            PY,
+            "-m",
+            "pytest",
+            "-x",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            str(ROOT / "tests/formal/test_stateful.py"),
+            "-k",
+            "mem",
+            "--rootdir",
+            str(ROOT),
+            "-o",
+            "addopts=",
+            "--hypothesis-seed=0",
+        ]
+    )
     p = subprocess.run(cmd, env=env, check=False, capture_output=True, text=True, cwd=copy, timeout=900)
     killed = p.returncode != 0
     detail = ""
@@ -224,8 +325,14 @@ def run_hypothesis(copy: Path, examples: int, steps: int) -> tuple[bool, str]:
 def run_crosshair(copy: Path, timeout: int) -> tuple[bool, str]:
     env = _env(copy)
     targets = [str(copy / t) if t.startswith("coalesce_core") else str(ROOT / t) for t in CROSSHAIR_TARGETS]
-    cmd = ["crosshair", "check", "--analysis_kind=PEP316", f"--per_condition_timeout={timeout}",
-           "--per_path_timeout=2", *targets]
+    cmd = [
+        "crosshair",
+        "check",
+        "--analysis_kind=PEP316",
+        f"--per_condition_timeout={timeout}",
+        "--per_path_timeout=2",
+        *targets,
+    ]
     p = subprocess.run(cmd, env=env, check=False, capture_output=True, text=True, cwd=copy, timeout=600)
     out = (p.stdout + p.stderr).strip()
     killed = p.returncode != 0 and bool(out)
@@ -259,17 +366,28 @@ def run_pytest(copy: Path, argvs: list[list[str]], timeout: int = 900) -> tuple[
     if not argvs:
         return None, "names no tests"
     env = _env(copy)
-    env["COALESCE_REALFS_KEEP"] = "1"   # a checker run must never tear down the shared real file systems
+    env["COALESCE_REALFS_KEEP"] = "1"  # a checker run must never tear down the shared real file systems
     total = failed = errors = 0
     bads: list[str] = []
     for i, argv in enumerate(argvs):
         xml = copy / f"pytest-{i}.xml"
-        cmd = [PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir", str(ROOT),
-               f"--junitxml={xml}", *_pytest_args(argv)]
+        cmd = [
+            PY,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "--rootdir",
+            str(ROOT),
+            f"--junitxml={xml}",
+            *_pytest_args(argv),
+        ]
         p = subprocess.run(cmd, env=env, check=False, capture_output=True, text=True, cwd=copy, timeout=timeout)
         if p.returncode not in (0, 1) or not xml.exists():
-            raise SystemExit(f"pytest checker {argv}: exit code {p.returncode}, no verdict:\n"
-                             f"{(p.stdout + p.stderr)[-1500:]}")
+            raise SystemExit(
+                f"pytest checker {argv}: exit code {p.returncode}, no verdict:\n{(p.stdout + p.stderr)[-1500:]}"
+            )
         for case in ET.parse(xml).getroot().iter("testcase"):
             total += 1
             bad = case.find("failure")
@@ -332,8 +450,9 @@ def main(argv: list[str] | None = None) -> int:
                 row["results"][c] = {"killed": killed, "detail": detail, "seconds": round(time.perf_counter() - t0, 1)}
                 if not args.json:
                     mark = {True: "KILLED", False: "survived", None: "n/a"}[killed]
-                    print(f"  {row['mutant']:32} {c:10} {mark:8} {row['results'][c]['seconds']:6}s  {detail}",
-                          flush=True)
+                    print(
+                        f"  {row['mutant']:32} {c:10} {mark:8} {row['results'][c]['seconds']:6}s  {detail}", flush=True
+                    )
         rows.append(row)
     bad = []
     for row in rows:
@@ -362,17 +481,23 @@ def matrix(rows: list[dict], checkers: list[str], markdown: bool = False) -> str
         for r in rows:
             label = f"`{r['mutant']}`" + (f" ({r['doc']})" if r["doc"] else "")
             base = r["mutant"].startswith("(baseline")
-            cells = [("pass" if base and r["results"][c]["killed"] is False else mark[r["results"][c]["killed"]])
-                     for c in checkers]
+            cells = [
+                ("pass" if base and r["results"][c]["killed"] is False else mark[r["results"][c]["killed"]])
+                for c in checkers
+            ]
             out.append(f"| {label} | " + " | ".join(cells) + " |")
         return "\n".join(out)
     w = max(len(r["mutant"]) for r in rows) + 2
     out = [f"{'mutant':{w}}" + "".join(f"{c:>12}" for c in checkers)]
     for r in rows:
         base = r["mutant"].startswith("(baseline")
-        out.append(f"{r['mutant']:{w}}" + "".join(
-            f"{('pass' if base and r['results'][c]['killed'] is False else mark[r['results'][c]['killed']]):>12}"
-            for c in checkers))
+        out.append(
+            f"{r['mutant']:{w}}"
+            + "".join(
+                f"{('pass' if base and r['results'][c]['killed'] is False else mark[r['results'][c]['killed']]):>12}"
+                for c in checkers
+            )
+        )
     return "\n".join(out)
 
 

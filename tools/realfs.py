@@ -37,9 +37,16 @@ POOL = os.environ.get("COALESCE_REALFS_POOL", "coalescert")
 BTRFS_SIZE = 1 << 30
 SMALL_SIZE = 256 << 20
 ZFS_SIZE = 1 << 30
-ZFS_PREALLOCATE = False     # allocate the vdev file's blocks up front (benchmarks), else a sparse file
-TOOLS = {"mkfs.btrfs": "btrfs-progs", "btrfs": "btrfs-progs", "zfs-fuse": "zfs-fuse", "zpool": "zfs-fuse",
-         "zfs": "zfs-fuse", "setfattr": "attr", "losetup": "mount"}
+ZFS_PREALLOCATE = False  # allocate the vdev file's blocks up front (benchmarks), else a sparse file
+TOOLS = {
+    "mkfs.btrfs": "btrfs-progs",
+    "btrfs": "btrfs-progs",
+    "zfs-fuse": "zfs-fuse",
+    "zpool": "zfs-fuse",
+    "zfs": "zfs-fuse",
+    "setfattr": "attr",
+    "losetup": "mount",
+}
 SBIN_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
@@ -55,7 +62,9 @@ def _run(argv: list[str], *, check: bool = True, timeout: float = 300) -> subpro
     env = dict(os.environ, PATH=os.environ.get("PATH", "") + ":" + SBIN_PATH)
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env)
     if check and proc.returncode != 0:
-        raise RealFSError(f"`{' '.join(argv)}` failed ({proc.returncode}): {proc.stderr.strip() or proc.stdout.strip()}")
+        raise RealFSError(
+            f"`{' '.join(argv)}` failed ({proc.returncode}): {proc.stderr.strip() or proc.stdout.strip()}"
+        )
     return proc
 
 
@@ -70,11 +79,18 @@ def ensure_tools(btrfs: bool = True, zfs: bool = True) -> list[str]:
     if not missing:
         return []
     if os.geteuid() != 0:
-        raise RealFSError(f"missing packages {missing} and not root: install them (apt-get install {' '.join(missing)})")
+        raise RealFSError(
+            f"missing packages {missing} and not root: install them (apt-get install {' '.join(missing)})"
+        )
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     subprocess.run(["apt-get", "update"], check=True, env=env, capture_output=True, timeout=600)
-    subprocess.run(["apt-get", "install", "-y", "--no-install-recommends", *missing], check=True, env=env,
-                   capture_output=True, timeout=900)
+    subprocess.run(
+        ["apt-get", "install", "-y", "--no-install-recommends", *missing],
+        check=True,
+        env=env,
+        capture_output=True,
+        timeout=900,
+    )
     return missing
 
 
@@ -163,6 +179,7 @@ ZFS_LOCK_WAIT = float(os.environ.get("COALESCE_ZFS_LOCK_WAIT", "180"))
 def _zfs_lock_held() -> bool:
     """True when a zfs-fuse daemon holds its lock file (possibly one in another PID namespace)."""
     import fcntl
+
     try:
         fd = os.open(ZFS_LOCK, os.O_RDWR)
     except FileNotFoundError:
@@ -184,8 +201,10 @@ def _wait_for_zfs_lock() -> None:
     deadline = time.time() + ZFS_LOCK_WAIT
     while _zfs_lock_held():
         if time.time() >= deadline:
-            raise RealFSError(f"another zfs-fuse daemon holds {ZFS_LOCK} (not visible in /proc: another PID "
-                              f"namespace?); stop it, or wait for it, then run again")
+            raise RealFSError(
+                f"another zfs-fuse daemon holds {ZFS_LOCK} (not visible in /proc: another PID "
+                f"namespace?); stop it, or wait for it, then run again"
+            )
         time.sleep(1)
 
 
@@ -206,8 +225,9 @@ def zfs_daemon_up() -> int | None:
             break
         time.sleep(0.3)
     else:
-        raise RealFSError("zfs-fuse started but `zpool list` does not answer within 30s "
-                          "(is /dev/fuse usable? see syslog)")
+        raise RealFSError(
+            "zfs-fuse started but `zpool list` does not answer within 30s (is /dev/fuse usable? see syslog)"
+        )
     with open(pidfile) as f:
         return int(f.read().strip())
 
@@ -280,16 +300,18 @@ def _zfs_mounts_under(prefix: str) -> list[str]:
 def zfs_down(pool: str = POOL) -> None:
     if _which("zpool") and _zfs_fuse_pids():
         try:
-            if _zfs_ready() and pool in _run(["zpool", "list", "-H", "-o", "name"], check=False,
-                                             timeout=30).stdout.split():
+            if (
+                _zfs_ready()
+                and pool in _run(["zpool", "list", "-H", "-o", "name"], check=False, timeout=30).stdout.split()
+            ):
                 if _run(["zpool", "destroy", "-f", pool], check=False, timeout=60).returncode != 0:
                     time.sleep(1)
                     _run(["zpool", "destroy", "-f", pool], check=False, timeout=60)
         except subprocess.TimeoutExpired:
-            pass        # a wedged zfs-fuse: stopping our daemon below releases everything
+            pass  # a wedged zfs-fuse: stopping our daemon below releases everything
     zfs_daemon_down()
     if not os.path.exists(_p("zfs-fuse.pid")) and not _zfs_fuse_pids():
-        for mp in _zfs_mounts_under(STATE):        # FUSE mounts left by a daemon that died
+        for mp in _zfs_mounts_under(STATE):  # FUSE mounts left by a daemon that died
             _run(["umount", "-l", mp], check=False)
     img, mnt = _p("zfs.img"), _p("zfs")
     if os.path.exists(img) and not _zfs_fuse_pids():
@@ -349,10 +371,14 @@ def down() -> None:
 
 
 def status() -> dict:
-    st = {"state": STATE,
-          "btrfs": _mounted(_p("btrfs")), "btrfs_small": _mounted(_p("btrfs-small")),
-          "zfs_fuse_pids": _zfs_fuse_pids(), "zfs_fuse_started_by_us": os.path.exists(_p("zfs-fuse.pid")),
-          "pool": None}
+    st = {
+        "state": STATE,
+        "btrfs": _mounted(_p("btrfs")),
+        "btrfs_small": _mounted(_p("btrfs-small")),
+        "zfs_fuse_pids": _zfs_fuse_pids(),
+        "zfs_fuse_started_by_us": os.path.exists(_p("zfs-fuse.pid")),
+        "pool": None,
+    }
     if _which("zpool") and st["zfs_fuse_pids"]:
         names = _run(["zpool", "list", "-H", "-o", "name"], check=False).stdout.split()
         st["pool"] = POOL if POOL in names else None

@@ -31,8 +31,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = ROOT / "spec" / "coalescing.pml"
 DEPTH = 1_000_000
-HASH = 26          # -w26: 2^26 slots (512 MiB table)
-MEMLIM = 4096      # MiB (-DMEMLIM): fail rather than thrash
+HASH = 26  # -w26: 2^26 slots (512 MiB table)
+MEMLIM = 4096  # MiB (-DMEMLIM): fail rather than thrash
 
 #: gcc -O1: pan.c of this model takes ~20 s to compile at -O2 and the search then saves ~1 s
 OPT = "-O1"
@@ -82,9 +82,17 @@ def trail(workdir: Path, model: str) -> str:
     return "\n".join(steps[-25:])
 
 
-def run(model_text: str, keep: Path | None = None, opt: str = OPT, only: str | None = None, *,
-        extra_cflags: tuple[str, ...] = (), memlim: int = MEMLIM, hash_bits: int = HASH,
-        timeout: float | None = None) -> list[dict]:
+def run(
+    model_text: str,
+    keep: Path | None = None,
+    opt: str = OPT,
+    only: str | None = None,
+    *,
+    extra_cflags: tuple[str, ...] = (),
+    memlim: int = MEMLIM,
+    hash_bits: int = HASH,
+    timeout: float | None = None,
+) -> list[dict]:
     """Both searches (or ``only`` one).  The keyword arguments are for tools/bench/bench_formal.py:
     ``extra_cflags`` such as -DCOLLAPSE, -DHC4 or -DBITSTATE make the search lossy or compressed
     (then "not a full state-space search" may be reported as a problem for bit-state runs)."""
@@ -101,8 +109,11 @@ def run(model_text: str, keep: Path | None = None, opt: str = OPT, only: str | N
         for name, cflags, flags in RUNS:
             if only and not name.startswith(only):
                 continue
-            cflags = [opt, *(c if not c.startswith("-DMEMLIM=") else f"-DMEMLIM={memlim}" for c in cflags),
-                      *extra_cflags]
+            cflags = [
+                opt,
+                *(c if not c.startswith("-DMEMLIM=") else f"-DMEMLIM={memlim}" for c in cflags),
+                *extra_cflags,
+            ]
             t1 = time.perf_counter()
             exe = f"pan_{name.split('-')[0]}"
             c = subprocess.run(["gcc", *cflags, "-w", "-o", exe, "pan.c"], cwd=work, capture_output=True, text=True)
@@ -113,13 +124,20 @@ def run(model_text: str, keep: Path | None = None, opt: str = OPT, only: str | N
                 r = subprocess.run(cmd, cwd=work, capture_output=True, text=True, timeout=timeout)
                 out = r.stdout + r.stderr
             except subprocess.TimeoutExpired as exc:
-                out = (exc.stdout or b"").decode(errors="replace") if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+                out = (
+                    (exc.stdout or b"").decode(errors="replace")
+                    if isinstance(exc.stdout, bytes)
+                    else (exc.stdout or "")
+                )
                 out += f"\ntimeout: killed after {timeout} s\n"
             res = parse(out)
             if "timeout: killed" in out:
                 res["problems"].append(f"killed after {timeout} s")
-            res.update(name=name, seconds=round(time.perf_counter() - t1, 2),
-                       command=f"gcc {' '.join(cflags)} -o pan pan.c && ./pan {' '.join(cmd[1:])}")
+            res.update(
+                name=name,
+                seconds=round(time.perf_counter() - t1, 2),
+                command=f"gcc {' '.join(cflags)} -o pan pan.c && ./pan {' '.join(cmd[1:])}",
+            )
             if res["problems"] and (work / "coalescing.pml.trail").exists():
                 res["trail"] = trail(work, "coalescing.pml")
                 (work / "coalescing.pml.trail").unlink()
@@ -143,9 +161,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--keep", type=Path, help="copy the work directory (pan.c, trail) here")
     args = ap.parse_args(argv)
     if args.mutant or args.replicas:
-        if __package__:                  # imported as tools.spin
+        if __package__:  # imported as tools.spin
             from tools import gen_promela
-        else:                            # `python3 tools/spin.py`: tools/ is the first entry of sys.path
+        else:  # `python3 tools/spin.py`: tools/ is the first entry of sys.path
             import gen_promela
         text = gen_promela.generate(mutant=args.mutant, replicas=args.replicas or gen_promela.N_REPLICAS)
     else:
@@ -160,8 +178,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"total {r['seconds']}s")
                 continue
             status = "PASS" if not r["problems"] else "FAIL: " + "; ".join(r["problems"])
-            print(f"{r['name']:12} {r['states']:>10,} states  {r['transitions']:>10,} transitions  "
-                  f"depth {r['depth']:>7}  {r['seconds']:>6}s  {status}")
+            print(
+                f"{r['name']:12} {r['states']:>10,} states  {r['transitions']:>10,} transitions  "
+                f"depth {r['depth']:>7}  {r['seconds']:>6}s  {status}"
+            )
             print(f"             {r['command']}")
             if r.get("trail"):
                 print(r["trail"])

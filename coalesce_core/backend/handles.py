@@ -90,8 +90,9 @@ class HandleHooks:
         return _call(volume, "diff", qtree, base, target)
 
     @hookimpl(trylast=True)
-    def coalesce_apply(self, volume: Any, qtree: str, records: Iterable[Any],
-                       use_purgatory: bool) -> dict[str, int] | None:
+    def coalesce_apply(
+        self, volume: Any, qtree: str, records: Iterable[Any], use_purgatory: bool
+    ) -> dict[str, int] | None:
         return _call(volume, "apply", qtree, records, use_purgatory)
 
     @hookimpl(trylast=True)

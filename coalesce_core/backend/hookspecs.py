@@ -193,8 +193,9 @@ def coalesce_fingerprint(volume: Any, qtree: str, snapshot: str | None) -> str |
 
 
 @hookspec(firstresult=True)
-def coalesce_describe(volume: Any, qtree: str, snapshot: str | None,
-                      paths: Sequence[tuple[str, bool]]) -> list[Any] | None:
+def coalesce_describe(
+    volume: Any, qtree: str, snapshot: str | None, paths: Sequence[tuple[str, bool]]
+) -> list[Any] | None:
     """Describe qtree-relative paths of ``qtree`` in PCPI ``snapshot`` (None: the
     active FS), for verification: one :class:`coalesce_core.verify.Description`
     per ``(path, content)`` pair, in the same order (``""`` is the qtree root).
@@ -276,14 +277,31 @@ def coalesce_cycle_finished(group: str, report: Mapping[str, Any]) -> None:
 
 
 PRIMITIVE_HOOKS = (
-    "coalesce_open_volume", "coalesce_close_volume", "coalesce_metadata_dir",
-    "coalesce_snapshot_create", "coalesce_snapshot_delete", "coalesce_snapshot_list",
-    "coalesce_qtree_list", "coalesce_diff", "coalesce_apply", "coalesce_rollback",
-    "coalesce_purge_purgatory", "coalesce_remove_qtree", "coalesce_export",
-    "coalesce_exported", "coalesce_export_path", "coalesce_fingerprint",
-    "coalesce_describe", "coalesce_describe_tree", "coalesce_describe_holds",
+    "coalesce_open_volume",
+    "coalesce_close_volume",
+    "coalesce_metadata_dir",
+    "coalesce_snapshot_create",
+    "coalesce_snapshot_delete",
+    "coalesce_snapshot_list",
+    "coalesce_qtree_list",
+    "coalesce_diff",
+    "coalesce_apply",
+    "coalesce_rollback",
+    "coalesce_purge_purgatory",
+    "coalesce_remove_qtree",
+    "coalesce_export",
+    "coalesce_exported",
+    "coalesce_export_path",
+    "coalesce_fingerprint",
+    "coalesce_describe",
+    "coalesce_describe_tree",
+    "coalesce_describe_holds",
 )
 OBSERVER_HOOKS = (
-    "coalesce_state_changed", "coalesce_phase_changed", "coalesce_pcpi_taken",
-    "coalesce_pcpi_released", "coalesce_transfer_progress", "coalesce_cycle_finished",
+    "coalesce_state_changed",
+    "coalesce_phase_changed",
+    "coalesce_pcpi_taken",
+    "coalesce_pcpi_released",
+    "coalesce_transfer_progress",
+    "coalesce_cycle_finished",
 )

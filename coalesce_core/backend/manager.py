@@ -25,7 +25,7 @@ from coalesce_core.errors import BackendError
 
 ENTRY_POINT_GROUP = "coalesce.backends"
 OBSERVER_GROUP = "coalesce.observers"
-COMMANDS_GROUP = "coalesce.commands"   # plugins that add verbs only (`coalesce serve`)
+COMMANDS_GROUP = "coalesce.commands"  # plugins that add verbs only (`coalesce serve`)
 PROJECT = "coalesce"
 
 
@@ -34,7 +34,7 @@ def plugin_manager(extra: Iterable[object] = ()) -> pluggy.PluginManager:
     pm = pluggy.PluginManager(PROJECT)
     pm.add_hookspecs(hookspecs)
     pm.register(GenericRollback(pm), name="coalesce.generic")
-    pm.register(HandleHooks(), name="coalesce.handles")   # after the generic rollback: tried before it
+    pm.register(HandleHooks(), name="coalesce.handles")  # after the generic rollback: tried before it
     eps = [ep for g in (ENTRY_POINT_GROUP, OBSERVER_GROUP, COMMANDS_GROUP) for ep in metadata.entry_points(group=g)]
     for ep in eps:
         if pm.get_plugin(ep.name) is not None or pm.is_blocked(ep.name):

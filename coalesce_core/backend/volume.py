@@ -123,22 +123,25 @@ class Volume:
             return []
         got = self.pm.hook.coalesce_describe(volume=self.handle, qtree=qtree, snapshot=snapshot, paths=paths)
         if got is None:
-            raise BackendError(f"no backend implements coalesce_describe for {self.url}, so its replicas cannot be "
-                               f"checked against their source PCPIs",
-                               hint="implement it (docs/writing-a-backend.md), or set `verify = false` in [group] "
-                                    "to replicate without the check")
+            raise BackendError(
+                f"no backend implements coalesce_describe for {self.url}, so its replicas cannot be "
+                f"checked against their source PCPIs",
+                hint="implement it (docs/writing-a-backend.md), or set `verify = false` in [group] "
+                "to replicate without the check",
+            )
         out = list(got)
         if len(out) != len(paths) or any(d.path != p for d, (p, _c) in zip(out, paths)):
-            raise BackendError(f"{self.url}: coalesce_describe answered {len(out)} descriptions for "
-                               f"{len(paths)} paths, or not in their order",
-                               hint="the backend is broken; see docs/writing-a-backend.md")
+            raise BackendError(
+                f"{self.url}: coalesce_describe answered {len(out)} descriptions for "
+                f"{len(paths)} paths, or not in their order",
+                hint="the backend is broken; see docs/writing-a-backend.md",
+            )
         return out
 
     def describe_tree(self, qtree: str, snapshot: str | None, *, content: bool = False) -> Iterator[Any]:
         """Every path of the qtree, in path order (see the hookspec); walked through
         :meth:`describe` a directory at a time when the backend has no walk of its own."""
-        it = self.pm.hook.coalesce_describe_tree(volume=self.handle, qtree=qtree, snapshot=snapshot,
-                                                 content=content)
+        it = self.pm.hook.coalesce_describe_tree(volume=self.handle, qtree=qtree, snapshot=snapshot, content=content)
         if it is None:
             from coalesce_core.verify import generic_tree
 

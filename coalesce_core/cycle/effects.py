@@ -83,8 +83,15 @@ class Export:
 
 
 Effect = Union[
-    TakeSourcePcpi, ReleaseSourcePcpi, TakePcpi, ReleasePcpi, Transfer, Rollback,
-    RemoveQtree, PurgePurgatory, Export,
+    TakeSourcePcpi,
+    ReleaseSourcePcpi,
+    TakePcpi,
+    ReleasePcpi,
+    Transfer,
+    Rollback,
+    RemoveQtree,
+    PurgePurgatory,
+    Export,
 ]
 
 #: Effects the executor runs concurrently in its worker pool.

@@ -124,7 +124,14 @@ class Exported:
 
 Request = Union[StartCycle, Tick, AddReplica, BreakMirror, Resync, Reseed, Recover]
 Result = Union[
-    SourcePcpiTaken, SourcePcpiReleased, PcpiTaken, PcpiReleased, TransferDone,
-    RollbackDone, QtreeRemoved, PurgatoryPurged, Exported,
+    SourcePcpiTaken,
+    SourcePcpiReleased,
+    PcpiTaken,
+    PcpiReleased,
+    TransferDone,
+    RollbackDone,
+    QtreeRemoved,
+    PurgatoryPurged,
+    Exported,
 ]
 Event = Union[Request, Result]

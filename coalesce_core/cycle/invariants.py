@@ -58,8 +58,7 @@ def i2_bounded_extras(state: GroupState) -> Finding:
     individual PCPIs are allowed mid-cycle and are a leak at rest."""
     out = set(outside(state))
     pinned = [p.name for p in state.pcpis.values() if p.role == INDIVIDUAL and p.owners & out]
-    unpinned = [p.name for p in state.pcpis.values()
-                if p.role == INDIVIDUAL and not p.owners & out and not p.releasing]
+    unpinned = [p.name for p in state.pcpis.values() if p.role == INDIVIDUAL and not p.owners & out and not p.releasing]
     k = len(out)
     if state.phase == "idle" and unpinned:
         return Finding("I2", False, f"at rest, individual PCPIs nobody outside the cycle pins: {sorted(unpinned)}")
@@ -135,9 +134,15 @@ def lag_finding(state: GroupState, now: float, max_lag: float | None = None) -> 
 
 
 # -- live checks against the volumes ------------------------------------------
-def live_check(state: GroupState, source: Any, dest: Any, previous_points: Mapping[str, str | None] | None = None,
-               edges: Iterable[tuple[str | None, str, str, str]] = (), now: float | None = None,
-               max_lag: float | None = None) -> list[Finding]:
+def live_check(
+    state: GroupState,
+    source: Any,
+    dest: Any,
+    previous_points: Mapping[str, str | None] | None = None,
+    edges: Iterable[tuple[str | None, str, str, str]] = (),
+    now: float | None = None,
+    max_lag: float | None = None,
+) -> list[Finding]:
     """I1-I5, I8 and I9 on a live group; ``source``/``dest`` are plugins.Volume.
 
     I3 compares each exported image with the source qtree at the source PCPI the
@@ -183,8 +188,15 @@ def live_check(state: GroupState, source: Any, dest: Any, previous_points: Mappi
             continue
         if dest.fingerprint(r.name, want) != expect:
             bad3.append(f"{r.name}: exported image differs from source {r.source_qtree}@{r.source_point}")
-    out.append(Finding("I3", not bad3, "every exported image equals its source qtree at the source PCPI the ledger "
-                       "names" if not bad3 else "; ".join(bad3)))
+    out.append(
+        Finding(
+            "I3",
+            not bad3,
+            "every exported image equals its source qtree at the source PCPI the ledger names"
+            if not bad3
+            else "; ".join(bad3),
+        )
+    )
     out.append(i4_one_coalesced_point(state))
     out.append(i5_monotone(state, previous_points or {}))
     if edges:
@@ -194,8 +206,13 @@ def live_check(state: GroupState, source: Any, dest: Any, previous_points: Mappi
         if r.state in ("stable", "stable_uncoalesced") and r.exported not in (None, ACTIVE):
             if dest.fingerprint(r.name, None) != dest.fingerprint(r.name, r.exported):
                 bad9.append(r.name)
-    out.append(Finding("I9", not bad9, "stable replicas' active FS equals their export"
-                       if not bad9 else f"active FS differs from export: {bad9}"))
+    out.append(
+        Finding(
+            "I9",
+            not bad9,
+            "stable replicas' active FS equals their export" if not bad9 else f"active FS differs from export: {bad9}",
+        )
+    )
     if now is not None:
         out.append(lag_finding(state, now, max_lag))
     return out

@@ -39,8 +39,10 @@ def _build(ms: MachineSpec, with_conditions: bool) -> Machine:
         if with_conditions and t.conditions:
             missing = [c for c in t.conditions if c not in guards.GUARDS]
             if missing:
-                raise ConfigError(f"spec names unknown guard(s) {missing} on {t.trigger!r}",
-                                  hint="add them to coalesce_core/cycle/guards.py or fix the spec")
+                raise ConfigError(
+                    f"spec names unknown guard(s) {missing} on {t.trigger!r}",
+                    hint="add them to coalesce_core/cycle/guards.py or fix the spec",
+                )
             d["conditions"] = [functools.partial(_guard, c) for c in t.conditions]
         transitions.append(d)
     return Machine(
@@ -94,8 +96,9 @@ class Model:
         """Destination of an agent-phase trigger whose guards hold; IllegalTransition otherwise."""
         dest = self._fire(self.agent_machine, group.phase, trigger, group)
         if dest is None:
-            raise IllegalTransition(f"agent of group {group.name}", group.phase, trigger,
-                                    self.spec.agent.allowed_triggers(group.phase))
+            raise IllegalTransition(
+                f"agent of group {group.name}", group.phase, trigger, self.spec.agent.allowed_triggers(group.phase)
+            )
         return dest
 
     def agent_may(self, group: GroupState, trigger: str) -> bool:

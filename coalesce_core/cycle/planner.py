@@ -110,15 +110,18 @@ class _Plan:
         return self.fields.get(field, getattr(self.base_state, field))
 
     def state(self) -> GroupState:
-        return attrs.evolve(self.base_state, replicas=self.replicas, pcpis=self.pcpis,
-                            source_pcpis=self.source_pcpis, **self.fields)
+        return attrs.evolve(
+            self.base_state, replicas=self.replicas, pcpis=self.pcpis, source_pcpis=self.source_pcpis, **self.fields
+        )
 
     def replica(self, name: str) -> Replica:
         try:
             return self.replicas[name]
         except KeyError:
-            raise NotNow(f"group {self.base_state.name!r} has no replica {name!r}",
-                         hint="`coalesce status` lists the replicas; `coalesce add NAME` adds one") from None
+            raise NotNow(
+                f"group {self.base_state.name!r} has no replica {name!r}",
+                hint="`coalesce status` lists the replicas; `coalesce add NAME` adds one",
+            ) from None
 
     def in_state(self, *states: str) -> list[Replica]:
         return [r for r in sorted(self.replicas.values(), key=lambda r: r.name) if r.state in states]
@@ -217,8 +220,11 @@ def _resume_updates(p: _Plan) -> None:
     for r in p.in_state("done"):
         if r.resume:
             r = p.fire(r, "resume_update", target=target, resume=False)
-            p.emit(fx.Transfer(replica=r.name, source_qtree=r.source_qtree, base=r.active_point, target=target,
-                               resume=True))
+            p.emit(
+                fx.Transfer(
+                    replica=r.name, source_qtree=r.source_qtree, base=r.active_point, target=target, resume=True
+                )
+            )
 
 
 def _after_flight(p: _Plan) -> None:
@@ -238,8 +244,18 @@ def _participants(p: _Plan) -> list[Replica]:
 def _jump_to(p: _Plan, new_base: str) -> None:
     """Branch 1032: every participant exports the new base, in one switch."""
     for r in _participants(p):
-        p.fire(r, "jump_ahead", exported=new_base, source_point=r.active_point,
-               last_good=None, scratch=None, retries=0, next_retry=0.0, resume=False, reseed_reason="")
+        p.fire(
+            r,
+            "jump_ahead",
+            exported=new_base,
+            source_point=r.active_point,
+            last_good=None,
+            scratch=None,
+            retries=0,
+            next_retry=0.0,
+            resume=False,
+            reseed_reason="",
+        )
     p.export(jump=True)
 
 
@@ -300,8 +316,17 @@ def _leave_for_reseed(p: _Plan, r: Replica, reason: str) -> Replica:
 
     The active FS is discarded (the re-seed empties it), so its source point is
     forgotten; the exported image and its source point stay (I3, I5)."""
-    return p.fire(r, "request_reseed", last_good=r.last_good or r.exported, active_point=None, target=None,
-                  resume=False, retries=0, next_retry=0.0, reseed_reason=reason)
+    return p.fire(
+        r,
+        "request_reseed",
+        last_good=r.last_good or r.exported,
+        active_point=None,
+        target=None,
+        resume=False,
+        retries=0,
+        next_retry=0.0,
+        reseed_reason=reason,
+    )
 
 
 def _release(p: _Plan) -> None:
@@ -313,8 +338,9 @@ def _release(p: _Plan) -> None:
         p.pcpis[new_base.name] = attrs.evolve(new_base, role="base")
     refs = needed_pcpis(p.state())
     for name, pcpi in sorted(p.pcpis.items()):
-        action = release_action(pcpi.role, base is not None and name == base.name, pcpi.releasing,
-                                name in refs, pcpi.taken)
+        action = release_action(
+            pcpi.role, base is not None and name == base.name, pcpi.releasing, name in refs, pcpi.taken
+        )
         if action == "keep":
             continue
         if action == "individual":
@@ -382,8 +408,15 @@ def _start_transfers(p: _Plan, target: str) -> None:
 
 def _succeeded(e: ev.TransferDone, r: Replica) -> dict[str, object]:
     """What every successful transfer records: its image, and that the failures are over."""
-    return dict(active_point=r.target, target=None, records=e.records, nbytes=e.nbytes, last_error="",
-                consecutive_failures=0, last_success=e.now)
+    return dict(
+        active_point=r.target,
+        target=None,
+        records=e.records,
+        nbytes=e.nbytes,
+        last_error="",
+        consecutive_failures=0,
+        last_success=e.now,
+    )
 
 
 def _failed(p: _Plan, r: Replica, kind: str, error: str) -> dict[str, object]:
@@ -412,8 +445,15 @@ def _transfer_done(p: _Plan, e: ev.TransferDone) -> None:
             p.fire(r, "reseed_succeeded", retries=0, next_retry=0.0, **_succeeded(e, r))
         else:
             retries = r.retries + 1
-            p.fire(r, "reseed_failed", target=None, active_point=None, retries=retries,
-                   next_retry=e.now + p.base_state.retry.delay(retries - 1), **_failed(p, r, "re-seed", e.error))
+            p.fire(
+                r,
+                "reseed_failed",
+                target=None,
+                active_point=None,
+                retries=retries,
+                next_retry=e.now + p.base_state.retry.delay(retries - 1),
+                **_failed(p, r, "re-seed", e.error),
+            )
         return
     else:
         return  # a late answer for a transfer recovery already settled
@@ -462,9 +502,15 @@ def _rollback_done(p: _Plan, e: ev.RollbackDone) -> None:
         if e.ok:
             r = p.fire(r, "rollback_succeeded", active_point=r.source_point)
         else:
-            r = p.fire(r, "rollback_failed", last_good=r.exported, retries=0,
-                       next_retry=e.now + p.base_state.retry.delay(0), last_error=f"rollback failed: {e.error}",
-                       resume=False)
+            r = p.fire(
+                r,
+                "rollback_failed",
+                last_good=r.exported,
+                retries=0,
+                next_retry=e.now + p.base_state.retry.delay(0),
+                last_error=f"rollback failed: {e.error}",
+                resume=False,
+            )
         n = p.get("reseed_after")
         if reseed_due(r.consecutive_failures, n):  # it cannot apply its stream: re-seed it
             _leave_for_reseed(p, r, f"{r.consecutive_failures} updates failed in a row (reseed_after = {n})")
@@ -473,12 +519,25 @@ def _rollback_done(p: _Plan, e: ev.RollbackDone) -> None:
         scratch = r.scratch
         exported_before = r.exported
         if e.ok:
-            r = p.fire(r, "retry_succeeded", exported=r.last_good, scratch=None,
-                       active_point=r.source_point, retries=0, next_retry=0.0)
+            r = p.fire(
+                r,
+                "retry_succeeded",
+                exported=r.last_good,
+                scratch=None,
+                active_point=r.source_point,
+                retries=0,
+                next_retry=0.0,
+            )
         else:
-            r = p.fire(r, "retry_failed", exported=r.last_good, scratch=None, retries=r.retries + 1,
-                       next_retry=e.now + p.base_state.retry.delay(r.retries + 1),
-                       last_error=f"retry failed: {e.error}")
+            r = p.fire(
+                r,
+                "retry_failed",
+                exported=r.last_good,
+                scratch=None,
+                retries=r.retries + 1,
+                next_retry=e.now + p.base_state.retry.delay(r.retries + 1),
+                last_error=f"retry failed: {e.error}",
+            )
         if exported_before != r.exported:
             p.export()
         p.release(scratch)
@@ -510,8 +569,10 @@ def _source_released(p: _Plan, e: ev.SourcePcpiReleased) -> None:
 
 def _require_idle(p: _Plan, what: str) -> None:
     if p.get("phase") != "idle":
-        raise NotNow(f"cannot {what} while the agent of group {p.base_state.name!r} is in phase {p.get('phase')!r}",
-                     hint="wait until the running cycle finishes (`coalesce status`), then try again")
+        raise NotNow(
+            f"cannot {what} while the agent of group {p.base_state.name!r} is in phase {p.get('phase')!r}",
+            hint="wait until the running cycle finishes (`coalesce status`), then try again",
+        )
 
 
 def _tick(p: _Plan, e: ev.Tick) -> None:
@@ -554,8 +615,10 @@ def _reseed(p: _Plan, e: ev.Reseed) -> None:
         return
     why = {
         "uninitialized": ("has no image yet", "its baseline runs in the next cycle (`coalesce run --once`)"),
-        "broken": ("is broken (writable, exporting its active FS)",
-                   "`coalesce resync NAME` brings it back; re-seed it once it has left the broken state"),
+        "broken": (
+            "is broken (writable, exporting its active FS)",
+            "`coalesce resync NAME` brings it back; re-seed it once it has left the broken state",
+        ),
     }.get(r.state, (f"is in state {r.state!r}", "wait until the running transfer or retry ends, then try again"))
     raise NotNow(f"cannot re-seed replica {e.replica!r}: it {why[0]}", hint=why[1])
 
@@ -564,8 +627,10 @@ def _add(p: _Plan, e: ev.AddReplica) -> None:
     existing = p.replicas.get(e.name)
     if existing is not None:
         if existing.source_qtree != e.source_qtree:
-            raise NotNow(f"replica {e.name!r} already exists with source {existing.source_qtree!r}",
-                         hint="choose another name; a replica's source cannot change")
+            raise NotNow(
+                f"replica {e.name!r} already exists with source {existing.source_qtree!r}",
+                hint="choose another name; a replica's source cannot change",
+            )
         return
     p.replicas[e.name] = Replica(name=e.name, source_qtree=e.source_qtree)
 
@@ -666,15 +731,26 @@ def _recover(p: _Plan, e: ev.Recover) -> None:
     for r in p.in_state("update", "baseline", "unstable_uncoalesced", "reseeding"):
         action = recover_replica(r.state, r.scratch is not None)
         if action == "rollback":
-            p.fire(r, "update_failed", target=None, last_error="update interrupted by a restart",
-                   resume=r.name in e.spooled)
+            p.fire(
+                r,
+                "update_failed",
+                target=None,
+                last_error="update interrupted by a restart",
+                resume=r.name in e.spooled,
+            )
             p.set(cycle_failures=p.get("cycle_failures") + 1)
         elif action == "remove":
             p.update(r, last_error="baseline interrupted by a restart")
             p.emit(fx.RemoveQtree(replica=r.name))
         elif action == "reseed_again":
-            p.fire(r, "reseed_failed", target=None, active_point=None, next_retry=0.0,
-                   last_error="re-seed interrupted by a restart")
+            p.fire(
+                r,
+                "reseed_failed",
+                target=None,
+                active_point=None,
+                next_retry=0.0,
+                last_error="re-seed interrupted by a restart",
+            )
         elif action == "abandon_retry":
             scratches.append(r.scratch)
             p.update(r, scratch=None, exported=r.last_good)

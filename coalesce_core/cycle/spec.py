@@ -124,7 +124,9 @@ def _machine(name: str, table: dict[str, Any], where: str) -> MachineSpec:
     for k, v in raw_states.items():
         if not isinstance(v, dict) or set(v) - allowed:
             bad = sorted(set(v) - allowed) if isinstance(v, dict) else v
-            raise ConfigError(f"{where}: [{name}.states.{k}] has unknown key(s) {bad}", hint=f"known keys: {sorted(allowed)}")
+            raise ConfigError(
+                f"{where}: [{name}.states.{k}] has unknown key(s) {bad}", hint=f"known keys: {sorted(allowed)}"
+            )
     states = tuple(StateSpec(name=k, **v) for k, v in raw_states.items())
     names = {s.name for s in states}
     if initial not in names:

@@ -47,9 +47,21 @@ from coalesce_core.errors import CorruptStream, HostilePath, StreamError, Trunca
 from coalesce_core.stream.records import MAX_DATA, MAX_PATH, RECORD_TYPES, Begin, End, Record
 
 __all__ = [
-    "MAGIC", "END_MAGIC", "FORMAT_VERSION", "MAX_FRAME", "MAX_STR", "MAX_BYTES",
-    "HEADER_SIZE", "FRAME_OVERHEAD", "TRAILER_SIZE",
-    "encode", "decode", "write_stream", "read_stream", "roundtrip", "StreamEncoder",
+    "MAGIC",
+    "END_MAGIC",
+    "FORMAT_VERSION",
+    "MAX_FRAME",
+    "MAX_STR",
+    "MAX_BYTES",
+    "HEADER_SIZE",
+    "FRAME_OVERHEAD",
+    "TRAILER_SIZE",
+    "encode",
+    "decode",
+    "write_stream",
+    "read_stream",
+    "roundtrip",
+    "StreamEncoder",
 ]
 
 MAGIC = b"COALSTRM"
@@ -68,12 +80,12 @@ FRAME_OVERHEAD = 17
 TRAILER_SIZE = 32 + len(END_MAGIC)
 _MIN_LENGTH = FRAME_OVERHEAD - 4
 
-_HEAD = Struct(">IBQ")      # length, type code, sequence number
+_HEAD = Struct(">IBQ")  # length, type code, sequence number
 _TYPESEQ = Struct(">BQ")
 _U32 = Struct(">I")
 _I64 = Struct(">q")
 _F64 = Struct(">d")
-_BIG = 16 << 10             # bytes fields at least this long are passed through uncopied
+_BIG = 16 << 10  # bytes fields at least this long are passed through uncopied
 
 _HINT_TRUNCATED = "the source or the link failed mid-transfer; the update is rolled back and retried next cycle"
 _HINT_CORRUPT = (
@@ -90,8 +102,8 @@ _KINDS = {str: _STR, bytes: _BYTES, int: _INT, bool: _BOOL, float: _FLOAT}
 
 
 class _Field(NamedTuple):
-    name: str       # attribute name (getattr)
-    arg: str        # __init__ keyword (attrs alias)
+    name: str  # attribute name (getattr)
+    arg: str  # __init__ keyword (attrs alias)
     kind: str
     optional: bool
 
@@ -356,7 +368,8 @@ def encode(records: Iterable[Record]) -> Iterator[bytes]:
             changes += 1
         yield from enc.frame(rec)
     raise TruncatedStream(
-        f"the records ended after {changes} change records without End" if not first
+        f"the records ended after {changes} change records without End"
+        if not first
         else "there were no records at all (not even Begin)",
         hint=_HINT_TRUNCATED,
     )
@@ -374,16 +387,20 @@ class _FileReader:
     def read(self, n: int) -> Any:
         data = self._read(n)
         if data is None:
-            raise StreamError("the stream source is in non-blocking mode and had no data",
-                              hint="give decode() a blocking file object or an iterable of chunks")
+            raise StreamError(
+                "the stream source is in non-blocking mode and had no data",
+                hint="give decode() a blocking file object or an iterable of chunks",
+            )
         if len(data) == n or not data:
             return data
         buf = bytearray(data)
         while len(buf) < n:
             more = self._read(n - len(buf))
             if more is None:
-                raise StreamError("the stream source is in non-blocking mode and had no data",
-                                  hint="give decode() a blocking file object or an iterable of chunks")
+                raise StreamError(
+                    "the stream source is in non-blocking mode and had no data",
+                    hint="give decode() a blocking file object or an iterable of chunks",
+                )
             if not more:
                 break
             buf += more
@@ -487,15 +504,16 @@ def _decode(reader: _FileReader | _ChunkReader) -> Iterator[Record]:
     head = read(HEADER_SIZE)
     if len(head) < HEADER_SIZE:
         raise TruncatedStream(
-            "the change stream is empty" if not head else
-            f"the change stream ended after {len(head)} bytes, inside its {HEADER_SIZE}-byte header",
+            "the change stream is empty"
+            if not head
+            else f"the change stream ended after {len(head)} bytes, inside its {HEADER_SIZE}-byte header",
             hint=_HINT_TRUNCATED,
         )
     if head[:8] != MAGIC:
         raise CorruptStream(
             f"not a coalesce change stream: byte offset 0 holds {bytes(head[:8])!r}, not the magic {MAGIC!r}",
             hint="the source sent something else (a banner, an error text?) or the stream is damaged; "
-                 "the update is rolled back",
+            "the update is rolled back",
         )
     if head[8] != FORMAT_VERSION:
         raise CorruptStream(
@@ -548,9 +566,7 @@ def _decode(reader: _FileReader | _ChunkReader) -> Iterator[Record]:
                     hint=_HINT_CORRUPT,
                 )
         elif cls is Begin:
-            raise CorruptStream(
-                f"a second Begin record in frame {seq} at byte offset {frame_at}", hint=_HINT_CORRUPT
-            )
+            raise CorruptStream(f"a second Begin record in frame {seq} at byte offset {frame_at}", hint=_HINT_CORRUPT)
         elif cls is End:
             assert isinstance(record, End)
             if record.records != changes:
@@ -583,13 +599,10 @@ def _read_frame(read: Any, seq: int, frame_at: int, changes: int, sha: Any) -> t
     raw_len = read(4)
     if len(raw_len) < 4:
         if not raw_len:
-            what = (f"without its End record (frame {seq} at byte offset {frame_at} is missing)")
+            what = f"without its End record (frame {seq} at byte offset {frame_at} is missing)"
         else:
-            what = (f"inside the length field of frame {seq} at byte offset {frame_at} "
-                    f"({len(raw_len)} of 4 bytes)")
-        raise TruncatedStream(
-            f"the change stream ended after {changes} change records, {what}", hint=_HINT_TRUNCATED
-        )
+            what = f"inside the length field of frame {seq} at byte offset {frame_at} ({len(raw_len)} of 4 bytes)"
+        raise TruncatedStream(f"the change stream ended after {changes} change records, {what}", hint=_HINT_TRUNCATED)
     (length,) = _U32.unpack(raw_len)
     if length < _MIN_LENGTH or length > MAX_FRAME:
         raise CorruptStream(

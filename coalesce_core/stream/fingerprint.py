@@ -49,9 +49,9 @@ class ContentDigest:
             raise ValueError(f"a file size is a non-negative int, not {size!r}")
         self.size = size
         self._h = hashlib.sha256(_CONTENT_TAG + size.to_bytes(8, "big"))
-        self._block = -1                 # index of the block being gathered in _buf
+        self._block = -1  # index of the block being gathered in _buf
         self._buf = bytearray()
-        self._fed = 0                    # end of the last piece
+        self._fed = 0  # end of the last piece
 
     def update(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         if offset < self._fed:
@@ -65,15 +65,15 @@ class ContentDigest:
         while pos < stop:
             b, inner = divmod(pos, BLOCK)
             end = min((b + 1) * BLOCK, stop)
-            piece = view[pos - offset:end - offset]
+            piece = view[pos - offset : end - offset]
             if b != self._block:
                 self._flush()
                 self._block = b
             if inner == 0 and end - pos == self._length(b):
-                self._emit(b, bytes(piece))     # a whole block in one piece: no gathering
+                self._emit(b, bytes(piece))  # a whole block in one piece: no gathering
                 self._block = -1
             else:
-                if len(self._buf) < inner:      # a hole inside the block reads as zeros
+                if len(self._buf) < inner:  # a hole inside the block reads as zeros
                     self._buf += bytes(inner - len(self._buf))
                 self._buf += piece
             pos = end
@@ -82,7 +82,7 @@ class ContentDigest:
         return min(BLOCK, self.size - b * BLOCK)
 
     def _emit(self, b: int, block: bytes) -> None:
-        if block != _ZEROS[:len(block)]:
+        if block != _ZEROS[: len(block)]:
             self._h.update(b.to_bytes(8, "big"))
             self._h.update(block)
 
@@ -140,8 +140,9 @@ def file_entry(path: str, mode: int, data: bytes | bytearray, size: int | None =
     return Entry(path=path, kind="f", mode=mode, size=n, content_sha256=content_digest_of(data, n))
 
 
-def sparse_file_entry(path: str, mode: int, size: int,
-                      pieces: Iterable[tuple[int, bytes | bytearray | memoryview]]) -> Entry:
+def sparse_file_entry(
+    path: str, mode: int, size: int, pieces: Iterable[tuple[int, bytes | bytearray | memoryview]]
+) -> Entry:
     """The entry of a regular file of ``size`` bytes given its data pieces (:func:`content_digest_of_pieces`)."""
     return Entry(path=path, kind="f", mode=mode, size=size, content_sha256=content_digest_of_pieces(size, pieces))
 

@@ -31,7 +31,7 @@ MAX_PATH = 1 << 20
 MAX_NAME = 255
 #: A symlink's target: Linux refuses one of PATH_MAX (4096) bytes or more.
 MAX_TARGET = 4096
-MAX_DATA = 1 << 20          # one Write carries at most 1 MiB
+MAX_DATA = 1 << 20  # one Write carries at most 1 MiB
 MAX_XATTR_NAME = 255
 MAX_XATTR_VALUE = 64 << 10
 
@@ -62,8 +62,12 @@ def check_path_fully(path: str, *, what: str = "path") -> str:
         raise HostilePath(f"{what} {path[:300]!r} is absolute", hint="records must use paths relative to the qtree")
     # the common case of a long path (thousands of components) in a few C-level scans
     framed_path = b"/" + raw + b"/"
-    if b"//" not in framed_path and b"/./" not in framed_path and b"/../" not in framed_path \
-            and max(map(len, raw.split(b"/"))) <= MAX_NAME:
+    if (
+        b"//" not in framed_path
+        and b"/./" not in framed_path
+        and b"/../" not in framed_path
+        and max(map(len, raw.split(b"/"))) <= MAX_NAME
+    ):
         return path
     for part in path.split("/"):
         if part in ("", ".", ".."):
@@ -234,10 +238,33 @@ Record = Union[Begin, Change, End]
 
 #: Stable wire codes for the codec; never renumber.
 RECORD_TYPES: dict[int, type] = {
-    1: Begin, 2: MkDir, 3: MkFile, 4: Symlink, 5: HardLink, 6: Rename, 7: Unlink,
-    8: RmDir, 9: Write, 10: Truncate, 11: SetAttr, 12: SetXattr, 15: End,
+    1: Begin,
+    2: MkDir,
+    3: MkFile,
+    4: Symlink,
+    5: HardLink,
+    6: Rename,
+    7: Unlink,
+    8: RmDir,
+    9: Write,
+    10: Truncate,
+    11: SetAttr,
+    12: SetXattr,
+    15: End,
 }
-CHANGE_TYPES: tuple[type, ...] = (MkDir, MkFile, Symlink, HardLink, Rename, Unlink, RmDir, Write, Truncate, SetAttr, SetXattr)
+CHANGE_TYPES: tuple[type, ...] = (
+    MkDir,
+    MkFile,
+    Symlink,
+    HardLink,
+    Rename,
+    Unlink,
+    RmDir,
+    Write,
+    Truncate,
+    SetAttr,
+    SetXattr,
+)
 
 
 def paths_of(record: object) -> tuple[str, ...]:

@@ -112,8 +112,10 @@ class Spool:
                 t = type(rec)
                 if t is Begin:
                     if rec != begin:
-                        raise CorruptStream(f"the source resumed the stream {rec.base}..{rec.target} of "
-                                            f"{rec.qtree}, not {begin.base}..{begin.target} of {begin.qtree}")
+                        raise CorruptStream(
+                            f"the source resumed the stream {rec.base}..{rec.target} of "
+                            f"{rec.qtree}, not {begin.base}..{begin.target} of {begin.qtree}"
+                        )
                     continue
                 if t is not End:
                     w.write(rec)
@@ -214,9 +216,9 @@ class _Writer:
         self.fd: int | None = None
         self.enc = codec.StreamEncoder(digest=False)
         self.failed = False
-        self.direct: mmap.mmap | None = None      # the block buffer when the file is O_DIRECT
-        self.fill = 0                             # bytes of it not yet written
-        self.size = 0                             # the spool's length in bytes
+        self.direct: mmap.mmap | None = None  # the block buffer when the file is O_DIRECT
+        self.fill = 0  # bytes of it not yet written
+        self.size = 0  # the spool's length in bytes
         self._batch: list[Any] = []
         self._bytes = 0
         self._q: queue.Queue[list[Any] | None] = queue.Queue(maxsize=8)
@@ -242,7 +244,7 @@ class _Writer:
             self.fd = os.open(self.path, flags | getattr(os, "O_DIRECT", 0), 0o600)
             self.direct = mmap.mmap(-1, self.BLOCK) if hasattr(os, "O_DIRECT") else None
         except OSError as exc:
-            if exc.errno != errno.EINVAL:       # EINVAL: the file system takes no O_DIRECT (tmpfs)
+            if exc.errno != errno.EINVAL:  # EINVAL: the file system takes no O_DIRECT (tmpfs)
                 raise
             self.fd = os.open(self.path, flags, 0o600)
 
@@ -254,7 +256,7 @@ class _Writer:
             return
         while view:
             n = min(len(view), self.BLOCK - self.fill)
-            self.direct[self.fill:self.fill + n] = view[:n]
+            self.direct[self.fill : self.fill + n] = view[:n]
             self.fill += n
             view = view[n:]
             if self.fill == self.BLOCK:
@@ -318,7 +320,7 @@ class _Writer:
             try:
                 if self.direct is not None and self.fill:
                     end = -(-self.fill // self.ALIGN) * self.ALIGN
-                    self.direct[self.fill:end] = bytes(end - self.fill)
+                    self.direct[self.fill : end] = bytes(end - self.fill)
                     self._write(memoryview(self.direct)[:end])
                     os.ftruncate(self.fd, self.size)
                 os.close(self.fd)
@@ -330,8 +332,11 @@ class _Writer:
             self.direct = None
 
     def _drop(self, exc: OSError) -> None:
-        log.warning("cannot write the spool %s (%s): this update goes on without it and cannot resume "
-                    "after a restart", self.path, exc)
+        log.warning(
+            "cannot write the spool %s (%s): this update goes on without it and cannot resume after a restart",
+            self.path,
+            exc,
+        )
         self.failed = True
         if self.fd is not None:
             try:

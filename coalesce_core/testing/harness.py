@@ -58,8 +58,13 @@ class _Recorder:
 
 
 class Harness:
-    def __init__(self, config: GroupConfig, plugins: Iterable[object] = (), clock: Callable[[], float] | None = None,
-                 create: bool = True) -> None:
+    def __init__(
+        self,
+        config: GroupConfig,
+        plugins: Iterable[object] = (),
+        clock: Callable[[], float] | None = None,
+        create: bool = True,
+    ) -> None:
         self.config = config
         self.clock = clock or FakeClock()
         self.faults = FaultInjector()
@@ -106,15 +111,23 @@ class Harness:
 
     def cycle_pcpis_on_volume(self) -> int:
         roles = {p.name: p.role for p in self.agent.state.pcpis.values()}
-        return sum(1 for n in self.agent.dest.snapshot_list() if roles.get(n) in ("base", "rollback", "jump_ahead", "new_base"))
+        return sum(
+            1 for n in self.agent.dest.snapshot_list() if roles.get(n) in ("base", "rollback", "jump_ahead", "new_base")
+        )
 
     def findings(self) -> list[Finding]:
         """I1-I5, I8, I9 from the live volumes, the lag, plus I3 against the writer's own record:
         each export must be the image the writer recorded for the source PCPI the ledger says
         the replica shows (any recorded image only for a source PCPI the writer never saw)."""
         a = self.agent
-        out = live_check(a.state, a.source, a.dest, self.i5_marks, edges=list(iter_log_edges(a.ledger.transitions())),
-                         now=self.clock())
+        out = live_check(
+            a.state,
+            a.source,
+            a.dest,
+            self.i5_marks,
+            edges=list(iter_log_edges(a.ledger.transitions())),
+            now=self.clock(),
+        )
         known: dict[str, set[str]] = {}
         for snap, fps in self.writer.snapshots.items():
             for q, f in fps.items():
@@ -127,9 +140,15 @@ class Harness:
             recorded = self.writer.snapshots.get(r.source_point or "", {}).get(r.source_qtree)
             if fp != recorded if recorded is not None else fp not in known.get(r.source_qtree, set()):
                 bad.append(f"{name} (source point {r.source_point})")
-        out.append(Finding("I3-independent", not bad,
-                           "every export equals the image the writer recorded at its source point" if not bad
-                           else f"exports differing from the writer's image at their source point: {bad}"))
+        out.append(
+            Finding(
+                "I3-independent",
+                not bad,
+                "every export equals the image the writer recorded at its source point"
+                if not bad
+                else f"exports differing from the writer's image at their source point: {bad}",
+            )
+        )
         if all(x.ok for x in out):
             self.i5_marks = {r.name: r.source_point for r in a.state.replicas.values()}
         return out

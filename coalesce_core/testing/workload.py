@@ -53,7 +53,7 @@ class SourceWriter:
             changes.append(Unlink(path=path))
         changes.append(MkFile(path=path, mode=mode))
         for off in range(0, len(data), 1 << 20):
-            changes.append(Write(path=path, offset=off, data=data[off:off + (1 << 20)]))
+            changes.append(Write(path=path, offset=off, data=data[off : off + (1 << 20)]))
         tree[path] = ("f", (data, mode))
         self._apply(qtree, changes)
 
@@ -85,7 +85,7 @@ class SourceWriter:
         for p in moved:
             del tree[p]
         for p, v in moved.items():
-            tree[new + p[len(old):]] = v
+            tree[new + p[len(old) :]] = v
         self._apply(qtree, changes)
 
     # -- the independent record of what a source PCPI holds --------------------
@@ -114,7 +114,10 @@ class SourceWriter:
             if op < 0.6 or not files:
                 d = rng.choice(["", "a", "a/b", "c"])
                 path = (d + "/" if d else "") + f"f{rng.randrange(20)}"
-                if any(path.startswith(p + "/") and tree[p][0] != "d" for p in tree) or tree.get(path, ("f",))[0] == "d":
+                if (
+                    any(path.startswith(p + "/") and tree[p][0] != "d" for p in tree)
+                    or tree.get(path, ("f",))[0] == "d"
+                ):
                     continue
                 self.write(qtree, path, rng.randbytes(rng.choice([0, 10, 3000, 70000])))
             elif op < 0.8:

@@ -72,7 +72,9 @@ def _positive(kind: type = float, minimum: float = 0.0, inclusive: bool = False)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a {'number' if kind is float else 'whole number'}")
         if v < minimum or (v == minimum and not inclusive):
-            raise argparse.ArgumentTypeError(f"must be {'at least' if inclusive else 'more than'} {minimum:g}, got {text}")
+            raise argparse.ArgumentTypeError(
+                f"must be {'at least' if inclusive else 'more than'} {minimum:g}, got {text}"
+            )
         return v
 
     return conv
@@ -84,8 +86,10 @@ def cmd_init(args: argparse.Namespace) -> int:
 
     agent = Agent.init(_config(args))
     try:
-        _console().print(f"initialised group [bold]{agent.state.name}[/] with {len(agent.state.replicas)} replicas; "
-                         f"metadata at {agent.ledger.path}")
+        _console().print(
+            f"initialised group [bold]{agent.state.name}[/] with {len(agent.state.replicas)} replicas; "
+            f"metadata at {agent.ledger.path}"
+        )
     finally:
         agent.close()
     return EXIT_OK
@@ -127,16 +131,20 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     def on_cycle(report: dict[str, Any]) -> None:
         if not args.quiet:
-            out.print(f"cycle {report.get('cycle')}: {report.get('seconds', 0):.3f}s, "
-                      f"slowest {report.get('slowest')}, failures {report.get('failures')}, "
-                      f"states {report.get('states')}")
+            out.print(
+                f"cycle {report.get('cycle')}: {report.get('seconds', 0):.3f}s, "
+                f"slowest {report.get('slowest')}, failures {report.get('failures')}, "
+                f"states {report.get('states')}"
+            )
         _print_failures(agent.failures, args)
 
     def on_error(exc: BackendError, wait: float) -> None:
         err = Console(stderr=True, highlight=False, soft_wrap=True)
         err.print(f"[bold red]cycle failed:[/] {escape(exc.message)}", markup=True)
-        err.print(f"[bold]next:[/] recovering and retrying in {wait:g} s"
-                  + (f"; {escape(exc.hint)}" if exc.hint else ""), markup=True)
+        err.print(
+            f"[bold]next:[/] recovering and retrying in {wait:g} s" + (f"; {escape(exc.hint)}" if exc.hint else ""),
+            markup=True,
+        )
 
     try:
         if args.once:
@@ -164,8 +172,10 @@ def _print_failures(failures: list[dict[str, str]], args: argparse.Namespace) ->
             err.print(f"[bold red]{escape(f['trigger'])}[/] {escape(f['replica'])}: {escape(f['error'])}", markup=True)
     elif not args.quiet:
         names = ", ".join(sorted({f["replica"] for f in failures}))
-        err.print(f"[bold red]failed:[/] {escape(names)} (`coalesce status` shows why; --debug prints the errors)",
-                  markup=True)
+        err.print(
+            f"[bold red]failed:[/] {escape(names)} (`coalesce status` shows why; --debug prints the errors)",
+            markup=True,
+        )
 
 
 def _agent_with(args: argparse.Namespace, plugins: list[object]):
@@ -199,8 +209,13 @@ def _run_with_progress(agent: Any, tracker: Tracker, console: Console) -> dict[s
         now = tracker.clock()
         _events, transfers = tracker.snapshot()
         st = agent.state
-        head = Text.assemble(("coalesce run ", "bold"), f"group {st.name} · cycle {st.cycle} · phase ",
-                             (st.phase, "bold yellow"), "  ", render.budget_text(st))
+        head = Text.assemble(
+            ("coalesce run ", "bold"),
+            f"group {st.name} · cycle {st.cycle} · phase ",
+            (st.phase, "bold yellow"),
+            "  ",
+            render.budget_text(st),
+        )
         return Group(head, render.transfers_table(transfers, now))
 
     tracker.reset_transfers()
@@ -268,8 +283,10 @@ def _watch_status(args: argparse.Namespace, agent: Any, paths: dict[str, str | N
         from rich.live import Live
 
         def frame() -> Any:
-            return Group(Text(f"every {interval:g}s · {time.strftime('%H:%M:%S')} · Ctrl-C to stop",
-                                style="dim"), _status_view(read(), paths))
+            return Group(
+                Text(f"every {interval:g}s · {time.strftime('%H:%M:%S')} · Ctrl-C to stop", style="dim"),
+                _status_view(read(), paths),
+            )
 
         with Live(frame(), console=console, auto_refresh=False, transient=False) as live:
             while True:
@@ -289,9 +306,15 @@ def cmd_check(args: argparse.Namespace) -> int:
     agent = _agent(args, recover=False)
     try:
         previous = agent.ledger.note("i5_marks") or {}
-        findings = live_check(agent.state, agent.source, agent.dest, previous,
-                              edges=list(iter_log_edges(agent.ledger.transitions())), now=time.time(),
-                              max_lag=agent.config.max_lag)
+        findings = live_check(
+            agent.state,
+            agent.source,
+            agent.dest,
+            previous,
+            edges=list(iter_log_edges(agent.ledger.transitions())),
+            now=time.time(),
+            max_lag=agent.config.max_lag,
+        )
         if all(f.ok for f in findings if f.invariant != "lag"):  # lag is not about I5
             marks = {r.name: r.source_point for r in agent.state.replicas.values()}
             agent.ledger.update_note("i5_marks", lambda _old: marks)
@@ -318,8 +341,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
         state = read_state(cfg, dest)
         unknown = [n for n in args.names if n not in state.replicas]
         if unknown:
-            raise NotNow(f"no replica {unknown[0]!r} in group {state.name!r}",
-                         hint=f"replicas: {', '.join(sorted(state.replicas)) or 'none'}")
+            raise NotNow(
+                f"no replica {unknown[0]!r} in group {state.name!r}",
+                hint=f"replicas: {', '.join(sorted(state.replicas)) or 'none'}",
+            )
         rows = verify_replicas(source, dest, state, args.names or sorted(state.replicas), full=args.full)
     finally:
         source.close()
@@ -331,15 +356,21 @@ def cmd_verify(args: argparse.Namespace) -> int:
         for row in rows:
             what = f"{row['checked']} paths" + (", with content" if row["full"] else "")
             if row["result"] == "ok":
-                console.print(f"[bold]{escape(row['replica'])}[/] [green]ok[/] ({what}; {escape(row['exported_pcpi'])} "
-                              f"= source PCPI {escape(row['source_point'])})")
+                console.print(
+                    f"[bold]{escape(row['replica'])}[/] [green]ok[/] ({what}; {escape(row['exported_pcpi'])} "
+                    f"= source PCPI {escape(row['source_point'])})"
+                )
             elif row["result"] == "differs":
-                console.print(f"[bold]{escape(row['replica'])}[/] [bold red]differs[/] ({what}; "
-                              f"{escape(row['exported_pcpi'])} against source PCPI {escape(row['source_point'])}):")
+                console.print(
+                    f"[bold]{escape(row['replica'])}[/] [bold red]differs[/] ({what}; "
+                    f"{escape(row['exported_pcpi'])} against source PCPI {escape(row['source_point'])}):"
+                )
                 for d in row["differences"]:
                     console.print(f"  {escape(d['message'])}")
             else:
-                console.print(f"[bold]{escape(row['replica'])}[/] [yellow]{row['result']}[/]: {escape(row['detail'] or '')}")
+                console.print(
+                    f"[bold]{escape(row['replica'])}[/] [yellow]{row['result']}[/]: {escape(row['detail'] or '')}"
+                )
             if row["not_compared"]:
                 console.print(f"  not compared (the destination does not keep them): {', '.join(row['not_compared'])}")
     if any(r["result"] == "differs" for r in rows):
@@ -351,8 +382,10 @@ def cmd_break(args: argparse.Namespace) -> int:
     agent = _agent(args)
     try:
         agent.break_mirror(args.name)
-        _console().print(f"replica [bold]{args.name}[/] is broken: writable, exporting its active FS "
-                         f"({agent.export_path(args.name) or 'no path on this backend'})")
+        _console().print(
+            f"replica [bold]{args.name}[/] is broken: writable, exporting its active FS "
+            f"({agent.export_path(args.name) or 'no path on this backend'})"
+        )
     finally:
         agent.close()
     return EXIT_OK
@@ -374,9 +407,11 @@ def cmd_reseed(args: argparse.Namespace) -> int:
     try:
         agent.reseed(args.name, args.reason or "requested by the operator (coalesce reseed)")
         r = agent.state.replicas[args.name]
-        _console().print(f"replica [bold]{args.name}[/] is {r.state}: outside the cycle, still exporting its last good "
-                         f"image; the next cycle re-seeds it by a baseline transfer, and it rejoins the cycle at the "
-                         f"jump-ahead after that")
+        _console().print(
+            f"replica [bold]{args.name}[/] is {r.state}: outside the cycle, still exporting its last good "
+            f"image; the next cycle re-seeds it by a baseline transfer, and it rejoins the cycle at the "
+            f"jump-ahead after that"
+        )
     finally:
         agent.close()
     return EXIT_OK
@@ -401,7 +436,7 @@ def cmd_history(args: argparse.Namespace) -> int:
     try:
         cycles = agent.ledger.cycles()
         if args.last:
-            cycles = cycles[-args.last:]
+            cycles = cycles[-args.last :]
         if args.json:
             _dump_json(cycles)
         else:
@@ -440,8 +475,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     console = _live_console()
     live = console.is_interactive and not args.plain
-    return run_demo(backend=args.backend, replicas=args.replicas, seed=args.seed, speed=args.speed,
-                    live=live, console=console)
+    return run_demo(
+        backend=args.backend, replicas=args.replicas, seed=args.seed, speed=args.speed, live=live, console=console
+    )
 
 
 def cmd_crash_points(args: argparse.Namespace) -> int:
@@ -458,8 +494,11 @@ def build_parser(pm: Any = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="coalesce", description="Snapshot-coalescing replication of qtrees.")
     p.add_argument("--config", "-c", help=f"group config (default: $COALESCE_CONFIG or ./{DEFAULT_CONFIG})")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
-    p.add_argument("--metrics-file", metavar="PATH",
-                   help="write Prometheus metrics to PATH (same as $COALESCE_METRICS_FILE; needs coalesce_metrics)")
+    p.add_argument(
+        "--metrics-file",
+        metavar="PATH",
+        help="write Prometheus metrics to PATH (same as $COALESCE_METRICS_FILE; needs coalesce_metrics)",
+    )
     p.add_argument("--version", action="version", version=f"coalesce {__version__}")
     sub = p.add_subparsers(dest="verb", metavar="VERB")
     sub.required = True
@@ -474,28 +513,37 @@ def build_parser(pm: Any = None) -> argparse.ArgumentParser:
     a.add_argument("name")
     a.add_argument("--source", help="source qtree (default: NAME)")
     r = verb("run", cmd_run, "run coalescing cycles (every `interval` seconds)")
-    r.add_argument("--once", action="store_true",
-                   help="one cycle; exit 0 when every replica ends stable, 8 when a transfer failed, else 3")
+    r.add_argument(
+        "--once",
+        action="store_true",
+        help="one cycle; exit 0 when every replica ends stable, 8 when a transfer failed, else 3",
+    )
     r.add_argument("--interval", type=_positive(), help="override [group] interval")
     r.add_argument("--quiet", "-q", action="store_true", help="no progress display and no per-cycle line")
     st = verb("status", cmd_status, "replicas, exports and PCPIs")
     st.add_argument("--json", action="store_true", help="machine-readable output (docs/schemas/status.schema.json)")
-    st.add_argument("--watch", "-w", action="store_true", help="refresh until Ctrl-C (with --json: one document per line)")
+    st.add_argument(
+        "--watch", "-w", action="store_true", help="refresh until Ctrl-C (with --json: one document per line)"
+    )
     st.add_argument("--interval", "-n", type=_positive(), default=2.0, help="seconds between refreshes (default 2)")
     st.add_argument("--count", type=_positive(int, 1, inclusive=True), help="stop after COUNT refreshes")
     h = verb("history", cmd_history, "one row per finished cycle: start, end, slowest replica, PCPIs, failures")
     h.add_argument("--json", action="store_true", help="machine-readable output (docs/schemas/history.schema.json)")
     h.add_argument("--last", type=_positive(int, 1, inclusive=True), help="only the last N cycles")
-    for name, func, help in (("check", cmd_check, "verify invariants I1-I5, I8, I9 on the live group (exit 1 if violated)"),
-                             ("backends", cmd_backends, "installed storage backends (entry points)")):
+    for name, func, help in (
+        ("check", cmd_check, "verify invariants I1-I5, I8, I9 on the live group (exit 1 if violated)"),
+        ("backends", cmd_backends, "installed storage backends (entry points)"),
+    ):
         sp = verb(name, func, help)
         sp.add_argument("--json", action="store_true", help="machine-readable output")
     vf = verb("verify", cmd_verify, "compare exported images with their source PCPIs (exit 1 if one differs)")
     vf.add_argument("names", nargs="*", metavar="NAME", help="replicas (default: all)")
     vf.add_argument("--full", action="store_true", help="also compare the bytes of every file (content digests)")
     vf.add_argument("--json", action="store_true", help="machine-readable output (docs/schemas/verify.schema.json)")
-    for name, func, help in (("break", cmd_break, "break a replica: writable, exports its active FS"),
-                             ("resync", cmd_resync, "resynchronise a broken replica back into the cycle")):
+    for name, func, help in (
+        ("break", cmd_break, "break a replica: writable, exports its active FS"),
+        ("resync", cmd_resync, "resynchronise a broken replica back into the cycle"),
+    ):
         sp = verb(name, func, help)
         sp.add_argument("name")
     rs = verb("reseed", cmd_reseed, "rebuild a replica by a baseline transfer (it keeps exporting its last good image)")

@@ -95,10 +95,12 @@ class Narrator:
 
     @hookimpl
     def coalesce_cycle_finished(self, group: str, report: Any) -> None:
-        self.say(f"cycle {report.get('cycle')} finished in {report.get('seconds', 0):.2f}s: slowest "
-                 f"{report.get('slowest') or '-'} ({report.get('slowest_seconds', 0):.2f}s), "
-                 f"{len(report.get('pcpis_taken') or [])} PCPIs taken, {len(report.get('pcpis_released') or [])} "
-                 f"released, {report.get('failures', 0)} failures")
+        self.say(
+            f"cycle {report.get('cycle')} finished in {report.get('seconds', 0):.2f}s: slowest "
+            f"{report.get('slowest') or '-'} ({report.get('slowest_seconds', 0):.2f}s), "
+            f"{len(report.get('pcpis_taken') or [])} PCPIs taken, {len(report.get('pcpis_released') or [])} "
+            f"released, {report.get('failures', 0)} failures"
+        )
 
 
 class LiveNarrator:
@@ -123,8 +125,15 @@ def _names(replicas: int) -> list[str]:
     return [chr(ord("A") + i) if i < 26 else f"Z{i - 25:02d}" for i in range(replicas)]
 
 
-def run_demo(backend: str = DEFAULT_BACKEND, replicas: int = 3, seed: int = 7, speed: float = 1.0,
-             out: Callable[[str], None] | None = None, live: bool = False, console: Any = None) -> int:
+def run_demo(
+    backend: str = DEFAULT_BACKEND,
+    replicas: int = 3,
+    seed: int = 7,
+    speed: float = 1.0,
+    out: Callable[[str], None] | None = None,
+    live: bool = False,
+    console: Any = None,
+) -> int:
     """Run the demo; returns 0 when every replica ends stable and every invariant holds.
 
     ``live=True`` draws the rich live view on ``console`` (a terminal);
@@ -141,15 +150,20 @@ def run_demo(backend: str = DEFAULT_BACKEND, replicas: int = 3, seed: int = 7, s
             src, dst = f"mem://demo-src-{Path(tmp).name}", f"mem://demo-dst-{Path(tmp).name}"
         else:
             src, dst = f"{backend}://{tmp}/src", f"{backend}://{tmp}/dst"
-        text = (f'[group]\nname = "demo"\nsource = "{src}"\ndestination = "{dst}"\nparallel = {max(3, replicas)}\n'
-                f'metadata = "{tmp}/metadata"\n[group.retry]\ninitial = {0.2 * scale}\nfactor = 2\nmaximum = 5\n'
-                + "".join(f'[[replica]]\nname = "{n}"\n' for n in names))
+        text = (
+            f'[group]\nname = "demo"\nsource = "{src}"\ndestination = "{dst}"\nparallel = {max(3, replicas)}\n'
+            f'metadata = "{tmp}/metadata"\n[group.retry]\ninitial = {0.2 * scale}\nfactor = 2\nmaximum = 5\n'
+            + "".join(f'[[replica]]\nname = "{n}"\n' for n in names)
+        )
         config = parse_config(text, f"{tmp}/demo.toml")
         t0 = time.monotonic()
         throttle = Throttle(seconds)
-        intro = [f"coalesce demo: {replicas} qtrees on the {backend} backend in {tmp}",
-                 "Fig. 7: updates take " + ", ".join(f"{n} {FIG7_SECONDS.get(n, '?')}s" for n in names[:3])
-                 + f" in the patent; here {', '.join(f'{n} {seconds[n]:.2f}s' for n in names[:3])}"]
+        intro = [
+            f"coalesce demo: {replicas} qtrees on the {backend} backend in {tmp}",
+            "Fig. 7: updates take "
+            + ", ".join(f"{n} {FIG7_SECONDS.get(n, '?')}s" for n in names[:3])
+            + f" in the patent; here {', '.join(f'{n} {seconds[n]:.2f}s' for n in names[:3])}",
+        ]
         if not live:
             narrator: Any = Narrator(out, t0)
             h = _harness(config, [throttle, narrator], backend)
@@ -182,12 +196,21 @@ def run_demo(backend: str = DEFAULT_BACKEND, replicas: int = 3, seed: int = 7, s
             title = f"demo · {backend}"
 
         def frame() -> Any:
-            return render.dashboard(h.agent.state, tracker, title=title, chapter=narrator.chapter_text,
-                                   log_lines=log_lines, max_rows=max_rows, width=width, height=height)
+            return render.dashboard(
+                h.agent.state,
+                tracker,
+                title=title,
+                chapter=narrator.chapter_text,
+                log_lines=log_lines,
+                max_rows=max_rows,
+                width=width,
+                height=height,
+            )
 
         lines: list[str] = []
-        with Live(get_renderable=frame, console=console, refresh_per_second=10, transient=False,
-                  vertical_overflow="crop") as lv:
+        with Live(
+            get_renderable=frame, console=console, refresh_per_second=10, transient=False, vertical_overflow="crop"
+        ) as lv:
             ok, findings = _scenario(h, narrator, names, seed, scale, lines.append, report=False)
             narrator.chapter("finished: the invariant report of `coalesce check` follows")
             lv.refresh()
@@ -204,12 +227,14 @@ def _harness(config: Any, plugins: list[object], backend: str) -> Harness:
         if backend not in ("sim", "mem"):
             exc.hint = (exc.hint + "; " if exc.hint else "") + (
                 f"the demo makes its volumes in a temporary directory, which {backend} cannot use: "
-                "run it with --backend sim (the default) or --backend mem")
+                "run it with --backend sim (the default) or --backend mem"
+            )
         raise
 
 
-def _scenario(h: Harness, ui: Any, names: list[str], seed: int, scale: float,
-              out: Callable[[str], None], report: bool = True) -> tuple[bool, list[Any]]:
+def _scenario(
+    h: Harness, ui: Any, names: list[str], seed: int, scale: float, out: Callable[[str], None], report: bool = True
+) -> tuple[bool, list[Any]]:
     rng = random.Random(seed)
     try:
         fill(h.writer, names, files=4, size=2048, seed=seed)
@@ -274,8 +299,10 @@ def _watch(h: Harness, before: dict[str, Any], ui: Any) -> None:
         busy = [r.name for r in st.replicas.values() if r.state == "update"]
         if done and busy:
             same = all(h.exported_fingerprints().get(n) == before.get(n) for n in done)
-            ui.say(f"   {', '.join(sorted(done))} done but still exporting the old image "
-                   f"({'verified' if same else 'NOT the old image!'}); waiting for {', '.join(sorted(busy))}")
+            ui.say(
+                f"   {', '.join(sorted(done))} done but still exporting the old image "
+                f"({'verified' if same else 'NOT the old image!'}); waiting for {', '.join(sorted(busy))}"
+            )
             return
         time.sleep(0.02)
 

@@ -37,8 +37,10 @@ def report_error(exc: BaseException, *, styled: bool = True, prog: str = "") -> 
     """
     lead = f"{prog}: " if prog else ""
     if not isinstance(exc, CoalesceError):
-        sys.stderr.write(f"{lead}internal error: {type(exc).__name__}: {exc}\n"
-                         "hint: run again with --debug for the traceback and report it\n")
+        sys.stderr.write(
+            f"{lead}internal error: {type(exc).__name__}: {exc}\n"
+            "hint: run again with --debug for the traceback and report it\n"
+        )
         return EXIT_INTERNAL
     if styled:
         err = Console(stderr=True, highlight=False, soft_wrap=True)

@@ -32,7 +32,7 @@ def shorten(name: str | None, width: int = 28) -> str:
     """At most ``width`` characters: the end of a long name, after ``…``."""
     if not name:
         return "—"
-    return name if len(name) <= width else "…" + name[-(width - 1):]
+    return name if len(name) <= width else "…" + name[-(width - 1) :]
 
 
 def short_pcpi(name: str | None, group: str) -> str:
@@ -41,5 +41,5 @@ def short_pcpi(name: str | None, group: str) -> str:
         return "—"
     prefix = f"co-{group}-"
     if name.startswith(prefix):
-        name = name[len(prefix):]
+        name = name[len(prefix) :]
     return re.sub(r"(^|-)0+(?=\d)", r"\1", name)

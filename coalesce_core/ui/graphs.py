@@ -29,9 +29,11 @@ def graph_mermaid(spec: Spec | None = None) -> str:
     """The replica machine as a Mermaid state diagram, cycle and outside fields apart."""
     spec = spec or load_spec()
     lines = ["stateDiagram-v2"]
-    for field, title in (("cycle", "coalescing cycle (field 1002, below line 1004)"),
-                         ("outside", "fault-tolerant field (1006, above line 1004)")):
-        lines.append(f"    state \"{title}\" as {field} {{")
+    for field, title in (
+        ("cycle", "coalescing cycle (field 1002, below line 1004)"),
+        ("outside", "fault-tolerant field (1006, above line 1004)"),
+    ):
+        lines.append(f'    state "{title}" as {field} {{')
         for s in spec.replica.states:
             if s.field == field:
                 lines.append(f"        {s.name}: {s.name} [{s.ref}]")
@@ -49,16 +51,16 @@ def graph_dot(spec: Spec | None = None) -> str:
     spec = spec or load_spec()
     lines = ["digraph coalescing {", "  rankdir=LR;"]
     for field, title in (("cycle", "coalescing cycle 1002"), ("outside", "fault-tolerant field 1006")):
-        lines.append(f"  subgraph cluster_{field} {{ label=\"{title}\";")
+        lines.append(f'  subgraph cluster_{field} {{ label="{title}";')
         for s in spec.replica.states:
             if s.field == field:
                 shape = "doublecircle" if s.stable else "ellipse"
-                lines.append(f"    {s.name} [label=\"{s.name}\\n{s.ref}\", shape={shape}];")
+                lines.append(f'    {s.name} [label="{s.name}\\n{s.ref}", shape={shape}];')
         lines.append("  }")
     for t in spec.replica.transitions:
         for src in t.source:
             ref = f" {t.ref}" if t.ref else ""
-            lines.append(f"  {src} -> {t.dest} [label=\"{t.trigger}{ref}\"];")
+            lines.append(f'  {src} -> {t.dest} [label="{t.trigger}{ref}"];')
     lines.append("}")
     return "\n".join(lines) + "\n"
 
@@ -88,8 +90,12 @@ def _field_panel(spec: Spec, field: str, counts: Mapping[str, int] | None) -> Pa
         row: list[RenderableType] = [Text(s.name, style=state_style(spec, s.name)), s.ref]
         if counts is not None:
             n = counts.get(s.name, 0)
-            row.append(Text(f"{'●' * min(n, 8)}{'+' if n > 8 else ''} {n}" if n else "0",
-                            style=f"bold {state_style(spec, s.name)}" if n else "dim"))
+            row.append(
+                Text(
+                    f"{'●' * min(n, 8)}{'+' if n > 8 else ''} {n}" if n else "0",
+                    style=f"bold {state_style(spec, s.name)}" if n else "dim",
+                )
+            )
         row.append(Text(s.exports, style="dim"))
         states.add_row(*row)
     edges = Text()
@@ -106,8 +112,9 @@ def _field_panel(spec: Spec, field: str, counts: Mapping[str, int] | None) -> Pa
     return Panel(body, title=FIELD_TITLES[field], title_align="left", border_style=style, box=box.ROUNDED)
 
 
-def graph_view(spec: Spec | None = None, counts: Mapping[str, int] | None = None,
-               group: str | None = None) -> RenderableType:
+def graph_view(
+    spec: Spec | None = None, counts: Mapping[str, int] | None = None, group: str | None = None
+) -> RenderableType:
     """The replica state graph for the terminal, laid out like the patent's Fig. 8.
 
     The fault-tolerant field (1006) is drawn above line 1004, the coalescing
@@ -150,10 +157,18 @@ def graph_text(spec: Spec | None = None, counts: Mapping[str, int] | None = None
         for s in spec.replica.states:
             if s.field != field:
                 continue
-            outs = [f"{tr.trigger} ({tr.ref}) → {tr.dest}" if tr.ref else f"{tr.trigger} → {tr.dest}"
-                    for tr in spec.replica.transitions if s.name in tr.source]
+            outs = [
+                f"{tr.trigger} ({tr.ref}) → {tr.dest}" if tr.ref else f"{tr.trigger} → {tr.dest}"
+                for tr in spec.replica.transitions
+                if s.name in tr.source
+            ]
             n = (counts or {}).get(s.name, 0)
-            t.add_row("below 1004" if field == "cycle" else "above 1004", Text(s.name, style=state_style(spec, s.name)),
-                      s.ref, str(n) if counts is not None else "", "\n".join(outs))
+            t.add_row(
+                "below 1004" if field == "cycle" else "above 1004",
+                Text(s.name, style=state_style(spec, s.name)),
+                s.ref,
+                str(n) if counts is not None else "",
+                "\n".join(outs),
+            )
         t.add_section()
     return t

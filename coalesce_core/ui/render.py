@@ -50,16 +50,21 @@ def state_text(state: str, spec: Spec | None = None) -> Text:
 
 
 def legend() -> Text:
-    return Text.assemble(("■ stable", "green"), "  ", ("■ in flight", "yellow"), "  ",
-                         ("■ waiting for jump-ahead", "cyan"), "  ", ("■ unstable outside the cycle", "red"))
-
+    return Text.assemble(
+        ("■ stable", "green"),
+        "  ",
+        ("■ in flight", "yellow"),
+        "  ",
+        ("■ waiting for jump-ahead", "cyan"),
+        "  ",
+        ("■ unstable outside the cycle", "red"),
+    )
 
 
 def _exports(r: Any) -> str:
     if r.exported == ACTIVE:
         return "active FS (writable)"
     return r.exported or "—"
-
 
 
 # -- status ------------------------------------------------------------------------------
@@ -82,9 +87,17 @@ def status_table(state: GroupState, export_paths: Mapping[str, str | None], now:
             notes.append(f"{what} #{r.retries + 1} at {clock(r.next_retry)}")
         lag = state.lag(r, now) if now is not None else None
         fails = Text(str(r.consecutive_failures), style="bold red" if r.consecutive_failures else "dim")
-        t.add_row(r.name, state_text(r.state, spec), "cycle" if st.field == "cycle" else "outside",
-                  _exports(r), r.source_point or "—", duration(lag) if lag is not None else "—", fails,
-                  clock(r.last_success), Text(" · ".join(notes), style="red" if r.last_error else ""))
+        t.add_row(
+            r.name,
+            state_text(r.state, spec),
+            "cycle" if st.field == "cycle" else "outside",
+            _exports(r),
+            r.source_point or "—",
+            duration(lag) if lag is not None else "—",
+            fails,
+            clock(r.last_success),
+            Text(" · ".join(notes), style="red" if r.last_error else ""),
+        )
     return t
 
 
@@ -93,8 +106,12 @@ def pcpi_table(state: GroupState) -> Table:
     for col in ("PCPI", "role", "owners", "state"):
         t.add_column(col)
     for p in sorted(state.pcpis.values(), key=lambda p: p.name):
-        t.add_row(p.name, p.role, ",".join(sorted(p.owners)) or "—",
-                  "releasing" if p.releasing else ("taken" if p.taken else "pending"))
+        t.add_row(
+            p.name,
+            p.role,
+            ",".join(sorted(p.owners)) or "—",
+            "releasing" if p.releasing else ("taken" if p.taken else "pending"),
+        )
     return t
 
 
@@ -105,14 +122,20 @@ def budget_text(state: GroupState) -> Text:
     ind = [p for p in held if p.role == INDIVIDUAL]
     n = len(cyc)
     style = "green" if n <= CYCLE_BUDGET else "bold red"
-    out = Text.assemble(("PCPI budget ", "bold"), ("■" * min(n, CYCLE_BUDGET), style),
-                        ("□" * max(0, CYCLE_BUDGET - n), "dim"), (f" {n} of {CYCLE_BUDGET} cycle PCPIs", style))
+    out = Text.assemble(
+        ("PCPI budget ", "bold"),
+        ("■" * min(n, CYCLE_BUDGET), style),
+        ("□" * max(0, CYCLE_BUDGET - n), "dim"),
+        (f" {n} of {CYCLE_BUDGET} cycle PCPIs", style),
+    )
     if cyc:
         out.append("  (" + ", ".join(p.role for p in cyc) + ")", style="dim")
     out.append(f" · individual {len(ind)}", style="red" if ind else "dim")
     if ind:
-        out.append(" (" + ", ".join(f"{'/'.join(sorted(p.owners)) or '?'}: {shorten(p.name, 24)}" for p in ind) + ")",
-                   style="dim")
+        out.append(
+            " (" + ", ".join(f"{'/'.join(sorted(p.owners)) or '?'}: {shorten(p.name, 24)}" for p in ind) + ")",
+            style="dim",
+        )
     return out
 
 
@@ -123,8 +146,11 @@ def budget_table(state: GroupState) -> RenderableType:
     t.add_column("PCPI")
     t.add_column("pinned by")
     for p in sorted(state.pcpis.values(), key=lambda p: (ROLE_ORDER.get(p.role, 9), p.name)):
-        t.add_row(Text(p.role, style="red" if p.role == INDIVIDUAL else ""), p.name + (" (releasing)" if p.releasing else ""),
-                  ",".join(sorted(p.owners)) or "—")
+        t.add_row(
+            Text(p.role, style="red" if p.role == INDIVIDUAL else ""),
+            p.name + (" (releasing)" if p.releasing else ""),
+            ",".join(sorted(p.owners)) or "—",
+        )
     return Group(budget_text(state), t) if state.pcpis else budget_text(state)
 
 
@@ -146,16 +172,37 @@ def history_table(cycles: list[dict[str, Any]], bars: bool = True) -> Table:
     """The timeline of cycles: start, end, duration (with a bar against the longest), slowest
     replica, PCPIs taken/released, failures, data moved, states after the cycle and the
     replicas whose transfer failed in it (✗)."""
-    t = Table(title="cycles", title_justify="left", box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False,
-              collapse_padding=True,
-              caption="PCPIs: +taken −released; slowest: the replica the cycle waited for", caption_justify="left")
+    t = Table(
+        title="cycles",
+        title_justify="left",
+        box=box.SIMPLE_HEAD,
+        padding=(0, 1),
+        pad_edge=False,
+        collapse_padding=True,
+        caption="PCPIs: +taken −released; slowest: the replica the cycle waited for",
+        caption_justify="left",
+    )
     right = {"cycle", "took", "PCPIs", "fail"}
-    cols = ["cycle", "start", "end", "took", *([""] if bars else []), "slowest", "PCPIs", "fail", "data",
-            "states after"]
+    cols = [
+        "cycle",
+        "start",
+        "end",
+        "took",
+        *([""] if bars else []),
+        "slowest",
+        "PCPIs",
+        "fail",
+        "data",
+        "states after",
+    ]
     for col in cols:
-        t.add_column(col, justify="right" if col in right else "left",
-                     no_wrap=col not in ("slowest", "data", "states after"), min_width=6 if col == "slowest" else None,
-                     overflow="fold" if col == "states after" else "ellipsis")
+        t.add_column(
+            col,
+            justify="right" if col in right else "left",
+            no_wrap=col not in ("slowest", "data", "states after"),
+            min_width=6 if col == "slowest" else None,
+            overflow="fold" if col == "states after" else "ellipsis",
+        )
     longest = max((float(c.get("seconds") or 0) for c in cycles), default=0.0) or 1.0
     day = None
     for c in cycles:
@@ -169,14 +216,22 @@ def history_table(cycles: list[dict[str, Any]], bars: bool = True) -> Table:
         slow = c.get("slowest")
         row: list[RenderableType] = [str(c["cycle"]), clock(started), clock(c.get("ended")), duration(secs)]
         if bars:
-            row.append(ProgressBar(total=longest, completed=secs, width=12,
-                                   complete_style="red" if fails else "green",
-                                   finished_style="red" if fails else "green"))
-        row += [f"{slow} ({duration(c.get('slowest_seconds'))})" if slow else "—",
-                f"+{len(c.get('pcpis_taken') or [])} −{len(c.get('pcpis_released') or [])}",
-                Text(str(fails), style="bold red" if fails else "green"),
-                f"{c.get('records', 0)} rec, {_fmt_bytes(int(c.get('bytes') or 0))}",
-                _states_text(c.get("states") or {}, failed=c.get("failed") or {})]
+            row.append(
+                ProgressBar(
+                    total=longest,
+                    completed=secs,
+                    width=12,
+                    complete_style="red" if fails else "green",
+                    finished_style="red" if fails else "green",
+                )
+            )
+        row += [
+            f"{slow} ({duration(c.get('slowest_seconds'))})" if slow else "—",
+            f"+{len(c.get('pcpis_taken') or [])} −{len(c.get('pcpis_released') or [])}",
+            Text(str(fails), style="bold red" if fails else "green"),
+            f"{c.get('records', 0)} rec, {_fmt_bytes(int(c.get('bytes') or 0))}",
+            _states_text(c.get("states") or {}, failed=c.get("failed") or {}),
+        ]
         t.add_row(*row)
     if not cycles:
         t.caption = "no finished cycle yet: `coalesce run --once` runs one"
@@ -197,8 +252,9 @@ def _states_text(states: Mapping[str, int], failed: Mapping[str, str] | None = N
 
 
 # -- transfers and the live dashboard ------------------------------------------------------
-def _bar_cell(t: TransferProgress | None, state: str, now: float, width: int = 22,
-              compact: bool = False) -> RenderableType:
+def _bar_cell(
+    t: TransferProgress | None, state: str, now: float, width: int = 22, compact: bool = False
+) -> RenderableType:
     if t is None:
         return Text("")
     f = t.fraction(now)
@@ -206,8 +262,9 @@ def _bar_cell(t: TransferProgress | None, state: str, now: float, width: int = 2
         style = "green" if t.ok else "red"
         label = "✓" if t.ok else "✗ failed"
         return Text.assemble(("━" * width, style), f" {label} {t.kind}", style=style)
-    bar = ProgressBar(total=1.0 if f is not None else None, completed=f or 0.0, width=width,
-                      pulse=f is None, animation_time=now)
+    bar = ProgressBar(
+        total=1.0 if f is not None else None, completed=f or 0.0, width=width, pulse=f is None, animation_time=now
+    )
     left = t.remaining(now)
     extra = f" {t.kind} {f * 100:3.0f}%" if f is not None else f" {t.kind}"
     if left is not None and not compact:
@@ -223,9 +280,14 @@ def _row(*cells: RenderableType) -> Table:
     return g
 
 
-def replica_table(state: GroupState, transfers: Mapping[str, TransferProgress] | None = None,
-                  now: float | None = None, title: str | None = None, max_rows: int | None = None,
-                  compact: bool = False) -> Table:
+def replica_table(
+    state: GroupState,
+    transfers: Mapping[str, TransferProgress] | None = None,
+    now: float | None = None,
+    title: str | None = None,
+    max_rows: int | None = None,
+    compact: bool = False,
+) -> Table:
     """One row per replica: state (coloured), exported PCPI, source point, transfer bar.
 
     With ``max_rows`` and more replicas than that, replicas that are busy or
@@ -234,8 +296,9 @@ def replica_table(state: GroupState, transfers: Mapping[str, TransferProgress] |
     spec = load_spec()
     transfers = transfers or {}
     now = time.monotonic() if now is None else now
-    t = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, expand=False,
-              collapse_padding=compact)
+    t = Table(
+        title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, expand=False, collapse_padding=compact
+    )
     longest_state = max(len(s.name) for s in spec.replica.states)
     t.add_column("replica", no_wrap=True, min_width=max((len(n) for n in state.replicas), default=1))
     t.add_column("state", no_wrap=True, min_width=longest_state)
@@ -247,12 +310,13 @@ def replica_table(state: GroupState, transfers: Mapping[str, TransferProgress] |
     reps = sorted(state.replicas.values(), key=lambda r: r.name)
     hidden: list[Any] = []
     if max_rows is not None and len(reps) > max_rows:
+
         def busy(r: Any) -> bool:
             tr = transfers.get(r.name)
             return r.state != "stable" or (tr is not None and tr.ended is None)
 
         first = [r for r in reps if busy(r)] + [r for r in reps if not busy(r)]
-        keep = {r.name for r in first[:max(1, max_rows - 1)]}
+        keep = {r.name for r in first[: max(1, max_rows - 1)]}
         hidden = [r for r in reps if r.name not in keep]
         reps = [r for r in reps if r.name in keep]
     for r in reps:
@@ -264,14 +328,26 @@ def replica_table(state: GroupState, transfers: Mapping[str, TransferProgress] |
             src = short_pcpi(r.source_point, state.name)
         else:
             exp, src = shorten(_exports(r)), shorten(r.source_point, 22)
-        t.add_row(r.name, state_text(r.state, spec), *field, exp, src,
-                  _bar_cell(tr, r.state, now, width=8 if compact else 22, compact=compact))
+        t.add_row(
+            r.name,
+            state_text(r.state, spec),
+            *field,
+            exp,
+            src,
+            _bar_cell(tr, r.state, now, width=8 if compact else 22, compact=compact),
+        )
     if hidden:
         counts: dict[str, int] = {}
         for r in hidden:
             counts[r.state] = counts.get(r.state, 0) + 1
-        t.add_row(Text(f"+{len(hidden)}", style="dim"), _states_text(counts), *([] if compact else [""]),
-                  Text("more replicas", style="dim"), "", "")
+        t.add_row(
+            Text(f"+{len(hidden)}", style="dim"),
+            _states_text(counts),
+            *([] if compact else [""]),
+            Text("more replicas", style="dim"),
+            "",
+            "",
+        )
     return t
 
 
@@ -287,9 +363,18 @@ def event_panel(events: Sequence[tuple[float, str, str]], lines: int = 12, title
     return Panel(body, title=title, title_align="left", border_style="dim", height=lines + 2)
 
 
-def dashboard(state: GroupState, tracker: Tracker, *, title: str = "coalesce", chapter: str = "",
-              log_lines: int = 12, now: float | None = None, max_rows: int | None = None,
-              width: int | None = None, height: int | None = None) -> RenderableType:
+def dashboard(
+    state: GroupState,
+    tracker: Tracker,
+    *,
+    title: str = "coalesce",
+    chapter: str = "",
+    log_lines: int = 12,
+    now: float | None = None,
+    max_rows: int | None = None,
+    width: int | None = None,
+    height: int | None = None,
+) -> RenderableType:
     """The live view: header (phase, cycle), replicas, PCPI budget, event log.
 
     ``width``/``height`` (the terminal's) make it compact: narrower than 110
@@ -299,9 +384,15 @@ def dashboard(state: GroupState, tracker: Tracker, *, title: str = "coalesce", c
     events, transfers = tracker.snapshot()
     phase_style = "green" if state.phase == "idle" else "yellow"
     narrow = width is not None and width < 110
-    head = Text.assemble((title, "bold"), "   agent phase ", (state.phase, f"bold {phase_style}"),
-                         f"   cycle {state.cycle}", "" if narrow else f"   {len(state.replicas)} replicas",
-                         "" if narrow else f"   {now - tracker.t0:6.1f}s", style="")
+    head = Text.assemble(
+        (title, "bold"),
+        "   agent phase ",
+        (state.phase, f"bold {phase_style}"),
+        f"   cycle {state.cycle}",
+        "" if narrow else f"   {len(state.replicas)} replicas",
+        "" if narrow else f"   {now - tracker.t0:6.1f}s",
+        style="",
+    )
     parts: list[RenderableType] = [head]
     if chapter:
         parts.append(Text(chapter, style="bold cyan"))
@@ -315,19 +406,28 @@ def transfers_table(transfers: Mapping[str, TransferProgress], now: float) -> Ta
     """`coalesce run` progress: one row per transfer: bar, records, bytes, rate, time left."""
     t = Table(box=box.SIMPLE, pad_edge=False, title="transfers", title_justify="left")
     for col in ("replica", "kind", "progress", "records", "bytes", "rate", "elapsed", "left"):
-        t.add_column(col, justify="right" if col in ("records", "bytes", "rate", "elapsed", "left") else "left",
-                     no_wrap=True)
+        t.add_column(
+            col, justify="right" if col in ("records", "bytes", "rate", "elapsed", "left") else "left", no_wrap=True
+        )
     for name in sorted(transfers):
         tr = transfers[name]
         f = tr.fraction(now)
         if tr.ended is not None:
             bar: RenderableType = Text("done" if tr.ok else "failed", style="green" if tr.ok else "red")
         else:
-            bar = ProgressBar(total=1.0 if f is not None else None, completed=f or 0.0, width=24,
-                              pulse=f is None, animation_time=now)
+            bar = ProgressBar(
+                total=1.0 if f is not None else None, completed=f or 0.0, width=24, pulse=f is None, animation_time=now
+            )
         left = tr.remaining(now)
         recs = f"{tr.records}" + (f"/{tr.total_records}" if tr.total_records else "")
-        t.add_row(name, tr.kind, bar, recs, _fmt_bytes(tr.nbytes), f"{_fmt_bytes(int(tr.rate(now)))}/s",
-                  duration((tr.ended or now) - tr.started),
-                  "" if tr.ended is not None else (duration(left) if left is not None else "?"))
+        t.add_row(
+            name,
+            tr.kind,
+            bar,
+            recs,
+            _fmt_bytes(tr.nbytes),
+            f"{_fmt_bytes(int(tr.rate(now)))}/s",
+            duration((tr.ended or now) - tr.started),
+            "" if tr.ended is not None else (duration(left) if left is not None else "?"),
+        )
     return t

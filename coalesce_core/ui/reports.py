@@ -80,15 +80,24 @@ def graph_data(spec: Spec | None = None, counts: Mapping[str, int] | None = None
     spec = spec or load_spec()
     return {
         "states": [s.name for s in spec.replica.states],
-        "transitions": [{"trigger": t.trigger, "source": list(t.source), "dest": t.dest, "ref": t.ref}
-                        for t in spec.replica.transitions],
+        "transitions": [
+            {"trigger": t.trigger, "source": list(t.source), "dest": t.dest, "ref": t.ref}
+            for t in spec.replica.transitions
+        ],
         "counts": dict(counts) if counts is not None else None,
         "fields": {
-            s.name: {"field": s.field, "ref": s.ref, "stable": s.stable, "in_flight": s.in_flight,
-                     "exports": s.exports}
+            s.name: {"field": s.field, "ref": s.ref, "stable": s.stable, "in_flight": s.in_flight, "exports": s.exports}
             for s in spec.replica.states
         },
-        "edges": [{"trigger": t.trigger, "source": src, "dest": t.dest, "ref": t.ref or None,
-                   "crosses_line_1004": spec.replica.state(src).field != spec.replica.state(t.dest).field}
-                  for t in spec.replica.transitions for src in t.source],
+        "edges": [
+            {
+                "trigger": t.trigger,
+                "source": src,
+                "dest": t.dest,
+                "ref": t.ref or None,
+                "crosses_line_1004": spec.replica.state(src).field != spec.replica.state(t.dest).field,
+            }
+            for t in spec.replica.transitions
+            for src in t.source
+        ],
     }

@@ -28,9 +28,9 @@ class TransferProgress:
     its lock; :meth:`Tracker.snapshot` hands out copies."""
 
     replica: str
-    kind: str                       # baseline | update | rollback | retry | reseed
+    kind: str  # baseline | update | rollback | retry | reseed
     started: float
-    expected: float | None = None   # seconds, when somebody knows (the demo does)
+    expected: float | None = None  # seconds, when somebody knows (the demo does)
     total_records: int | None = None  # when the backend's diff offers a length hint
     records: int = 0
     nbytes: int = 0
@@ -139,16 +139,21 @@ class Tracker:
         now = self.clock()
         with self._lock:
             if dest in _KIND_OF:
-                self.transfers[replica] = TransferProgress(replica, _KIND_OF[dest], now,
-                                                           expected=self.expected.get(replica))
+                self.transfers[replica] = TransferProgress(
+                    replica, _KIND_OF[dest], now, expected=self.expected.get(replica)
+                )
             elif source in _KIND_OF and replica in self.transfers:
                 t = self.transfers[replica]
                 t.ended, t.ok = now, trigger.endswith("succeeded")
             elif trigger in ("retry_succeeded", "retry_failed"):
-                self.transfers[replica] = TransferProgress(replica, "retry", now, ended=now,
-                                                           ok=trigger == "retry_succeeded")
-        style = "green" if dest == "stable" else ("red" if "failed" in trigger or dest in ("broken", "unstable_uncoalesced",
-                                                                                            "reseed_pending") else "")
+                self.transfers[replica] = TransferProgress(
+                    replica, "retry", now, ended=now, ok=trigger == "retry_succeeded"
+                )
+        style = (
+            "green"
+            if dest == "stable"
+            else ("red" if "failed" in trigger or dest in ("broken", "unstable_uncoalesced", "reseed_pending") else "")
+        )
         self.log(f"{replica}: {source} → {dest} ({trigger})", style)
 
     @hookimpl
@@ -177,10 +182,12 @@ class Tracker:
             self.cycles.append(dict(report))
             self.bytes_total += int(report.get("bytes") or 0)
             self.records_total += int(report.get("records") or 0)
-        self.log(f"cycle {report.get('cycle')} finished in {duration(report.get('seconds'))}: slowest "
-                 f"{report.get('slowest') or '—'}, {len(report.get('pcpis_taken') or [])} PCPIs taken, "
-                 f"{len(report.get('pcpis_released') or [])} released, {report.get('failures', 0)} failures",
-                 "bold green" if not report.get("failures") else "bold yellow")
+        self.log(
+            f"cycle {report.get('cycle')} finished in {duration(report.get('seconds'))}: slowest "
+            f"{report.get('slowest') or '—'}, {len(report.get('pcpis_taken') or [])} PCPIs taken, "
+            f"{len(report.get('pcpis_released') or [])} released, {report.get('failures', 0)} failures",
+            "bold green" if not report.get("failures") else "bold yellow",
+        )
 
     def reset_transfers(self) -> None:
         """Forget the transfers of earlier cycles (`coalesce run` calls it before each)."""

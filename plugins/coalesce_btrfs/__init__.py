@@ -49,7 +49,7 @@ from .translate import StreamState
 SCHEME = "btrfs"
 BTRFS_HINT = "is btrfs-progs installed (apt-get install btrfs-progs) and are you root?"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@:+-]{0,200}$")
-SUBVOL_INO = 256        # the root directory of every btrfs subvolume has inode 256
+SUBVOL_INO = 256  # the root directory of every btrfs subvolume has inode 256
 
 
 def _btrfs() -> str:
@@ -73,8 +73,10 @@ def fs_type(path: str) -> str | None:
 
 def check_pcpi(name: str) -> str:
     if not isinstance(name, str) or not _NAME.match(name):
-        raise BackendError(f"{name!r} is not a valid PCPI name for btrfs",
-                           hint="use letters, digits and ._@:+- (no '/', not starting with '.')")
+        raise BackendError(
+            f"{name!r} is not a valid PCPI name for btrfs",
+            hint="use letters, digits and ._@:+- (no '/', not starting with '.')",
+        )
     return name
 
 
@@ -92,7 +94,7 @@ class StreamCache:
         self._lock = threading.Lock()
         self._entries: OrderedDict[tuple[str, str, str, str], StreamState | _TreeCompare] = OrderedDict()
         self._key_locks: dict[tuple[str, str, str, str], threading.Lock] = {}
-        self.sends = 0          # how many `btrfs send` ran (tests check the sharing)
+        self.sends = 0  # how many `btrfs send` ran (tests check the sharing)
 
     def get(self, key: tuple[str, str, str, str], produce) -> StreamState | _TreeCompare:
         with self._lock:
@@ -138,7 +140,7 @@ _PROTO: int | None = None
 
 class BtrfsVolume(PosixVolume):
     scheme = SCHEME
-    metadir: str               # set by __init__
+    metadir: str  # set by __init__
 
     def __init__(self, url: Any, root: str) -> None:
         parent, name = os.path.split(root.rstrip("/"))
@@ -153,26 +155,36 @@ class BtrfsVolume(PosixVolume):
     def open(cls, url: Any, create: bool) -> "BtrfsVolume":
         loc = url.location
         if not loc.startswith("/"):
-            raise BackendError(f"btrfs volume URL {url} must name an absolute path",
-                               hint="write btrfs:///mnt/pool/subvolume (three slashes)")
+            raise BackendError(
+                f"btrfs volume URL {url} must name an absolute path",
+                hint="write btrfs:///mnt/pool/subvolume (three slashes)",
+            )
         root = os.path.normpath(loc)
         parent = os.path.dirname(root)
         if not os.path.isdir(parent):
-            raise BackendError(f"{parent} does not exist (parent of btrfs volume {url})",
-                               hint="mount the btrfs file system first, e.g. `python tools/realfs.py up`")
+            raise BackendError(
+                f"{parent} does not exist (parent of btrfs volume {url})",
+                hint="mount the btrfs file system first, e.g. `python tools/realfs.py up`",
+            )
         typ = fs_type(parent)
         if typ != "btrfs":
-            raise BackendError(f"{parent} is on a {typ or 'unknown'} file system, not btrfs ({url})",
-                               hint="point the URL at a subvolume path on a mounted btrfs file system")
+            raise BackendError(
+                f"{parent} is on a {typ or 'unknown'} file system, not btrfs ({url})",
+                hint="point the URL at a subvolume path on a mounted btrfs file system",
+            )
         if not os.path.lexists(root):
             if not create:
-                raise BackendError(f"btrfs subvolume {root} does not exist",
-                                   hint=f"create it: btrfs subvolume create {root} (or open with create=True)")
+                raise BackendError(
+                    f"btrfs subvolume {root} does not exist",
+                    hint=f"create it: btrfs subvolume create {root} (or open with create=True)",
+                )
             run([_btrfs(), "subvolume", "create", root], hint=BTRFS_HINT)
         st = os.lstat(root)
         if not os.path.isdir(root) or os.path.islink(root) or st.st_ino != SUBVOL_INO:
-            raise BackendError(f"{root} exists but is not a btrfs subvolume",
-                               hint=f"convert it: move its contents into a fresh `btrfs subvolume create {root}`")
+            raise BackendError(
+                f"{root} exists but is not a btrfs subvolume",
+                hint=f"convert it: move its contents into a fresh `btrfs subvolume create {root}`",
+            )
         vol = cls(url, root)
         os.makedirs(vol.snapdir, 0o755, exist_ok=True)
         os.makedirs(vol.metadir, 0o755, exist_ok=True)
@@ -187,10 +199,14 @@ class BtrfsVolume(PosixVolume):
         if self._is_snapshot(path):
             return name
         if os.path.lexists(path):
-            raise BackendError(f"{path} exists but is not a snapshot subvolume",
-                               hint="remove the stray entry from the snapshot directory")
-        run([_btrfs(), "subvolume", "snapshot", "-r", self.root, path],
-            hint="is the file system full or read-only? " + BTRFS_HINT)
+            raise BackendError(
+                f"{path} exists but is not a snapshot subvolume",
+                hint="remove the stray entry from the snapshot directory",
+            )
+        run(
+            [_btrfs(), "subvolume", "snapshot", "-r", self.root, path],
+            hint="is the file system full or read-only? " + BTRFS_HINT,
+        )
         return name
 
     @staticmethod
@@ -219,8 +235,10 @@ class BtrfsVolume(PosixVolume):
     def _require(self, pcpi: str) -> str:
         path = self.snap_path(pcpi)
         if not self._is_snapshot(path):
-            raise BackendError(f"PCPI {pcpi!r} does not exist on {self.url}",
-                               hint=f"existing PCPIs: {', '.join(self.snapshot_list()) or 'none'}")
+            raise BackendError(
+                f"PCPI {pcpi!r} does not exist on {self.url}",
+                hint=f"existing PCPIs: {', '.join(self.snapshot_list()) or 'none'}",
+            )
         return path
 
     @contextlib.contextmanager
@@ -260,8 +278,10 @@ class BtrfsVolume(PosixVolume):
         check_qtree(qtree)
         tpath = self._require(target)
         if not os.path.isdir(os.path.join(tpath, qtree)) or os.path.islink(os.path.join(tpath, qtree)):
-            raise BackendError(f"qtree {qtree!r} does not exist in PCPI {target!r} of {self.url}",
-                               hint=f"qtrees there: {', '.join(self.qtree_list(target)) or 'none'}")
+            raise BackendError(
+                f"qtree {qtree!r} does not exist in PCPI {target!r} of {self.url}",
+                hint=f"qtrees there: {', '.join(self.qtree_list(target)) or 'none'}",
+            )
         if base is None:
             return framed(qtree, None, target, walk.baseline_records(os.path.join(tpath, qtree)))
         bpath = self._require(base)
@@ -295,19 +315,21 @@ class BtrfsVolume(PosixVolume):
         os.makedirs(purg, 0o700, exist_ok=True)
         stage = os.path.join(purg, f"rollback.{time.time_ns():x}")
         try:
-            run(["cp", "-a", "--reflink=always", "--no-target-directory", src, stage],
-                hint="reflink copies need the staging directory on the same btrfs file system")
+            run(
+                ["cp", "-a", "--reflink=always", "--no-target-directory", src, stage],
+                hint="reflink copies need the staging directory on the same btrfs file system",
+            )
         except BackendError as exc:
             if os.strerror(errno.ENAMETOOLONG) not in str(exc):
                 raise
-            rmtree(stage)                   # cp names files by whole paths: a deep tree is left to
-            return None                     # the generic rollback (diff and apply), which walks by fds
-        point = crashpoints.current()       # the agent's mid_rollback / mid_retry crash points
+            rmtree(stage)  # cp names files by whole paths: a deep tree is left to
+            return None  # the generic rollback (diff and apply), which walks by fds
+        point = crashpoints.current()  # the agent's mid_rollback / mid_retry crash points
         if point is not None:
             crashpoints.hit(point)
         live = self.qtree_path(qtree)
         if os.path.lexists(live):
-            _exchange(stage, live)          # atomic: readers of the live qtree see old or new
+            _exchange(stage, live)  # atomic: readers of the live qtree see old or new
         else:
             os.rename(stage, live)
         if point is not None:
@@ -353,7 +375,10 @@ def _exchange(a: str, b: str) -> None:
 # ---------------------------------------------------------------------------
 @hookimpl
 def coalesce_backend_info():
-    return {"scheme": SCHEME, "description": "btrfs: a subvolume; PCPIs are read-only snapshots; diff parses `btrfs send -p`"}
+    return {
+        "scheme": SCHEME,
+        "description": "btrfs: a subvolume; PCPIs are read-only snapshots; diff parses `btrfs send -p`",
+    }
 
 
 @hookimpl

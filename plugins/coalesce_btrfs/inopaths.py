@@ -14,8 +14,8 @@ import fcntl
 import os
 import struct
 
-_ARGS = struct.Struct("=QQ4QQ")      # struct btrfs_ioctl_ino_path_args: inum, size, reserved[4], fspath
-_HEAD = struct.Struct("=IIII")       # struct btrfs_data_container: bytes_left, bytes_missing, elem_cnt, elem_missed
+_ARGS = struct.Struct("=QQ4QQ")  # struct btrfs_ioctl_ino_path_args: inum, size, reserved[4], fspath
+_HEAD = struct.Struct("=IIII")  # struct btrfs_data_container: bytes_left, bytes_missing, elem_cnt, elem_missed
 _IOC_WRITE_READ = 3
 BTRFS_IOC_INO_PATHS = (_IOC_WRITE_READ << 30) | (_ARGS.size << 16) | (0x94 << 8) | 35
 _MAX_BUFFER = 64 << 20
@@ -49,7 +49,7 @@ def ino_paths(subvolume_root: str, ino: int) -> list[str]:
             for i in range(count):
                 (off,) = struct.unpack_from("=Q", raw, _HEAD.size + 8 * i)
                 start = _HEAD.size + off
-                out.append(os.fsdecode(raw[start:raw.index(b"\0", start)]))
+                out.append(os.fsdecode(raw[start : raw.index(b"\0", start)]))
             return out
     finally:
         os.close(fd)

@@ -25,25 +25,92 @@ MAGIC = b"btrfs-stream\0"
 
 # commands
 C = dict(
-    UNSPEC=0, SUBVOL=1, SNAPSHOT=2, MKFILE=3, MKDIR=4, MKNOD=5, MKFIFO=6, MKSOCK=7, SYMLINK=8,
-    RENAME=9, LINK=10, UNLINK=11, RMDIR=12, SET_XATTR=13, REMOVE_XATTR=14, WRITE=15, CLONE=16,
-    TRUNCATE=17, CHMOD=18, CHOWN=19, UTIMES=20, END=21, UPDATE_EXTENT=22,
-    FALLOCATE=23, FILEATTR=24, ENCODED_WRITE=25, ENABLE_VERITY=26,
+    UNSPEC=0,
+    SUBVOL=1,
+    SNAPSHOT=2,
+    MKFILE=3,
+    MKDIR=4,
+    MKNOD=5,
+    MKFIFO=6,
+    MKSOCK=7,
+    SYMLINK=8,
+    RENAME=9,
+    LINK=10,
+    UNLINK=11,
+    RMDIR=12,
+    SET_XATTR=13,
+    REMOVE_XATTR=14,
+    WRITE=15,
+    CLONE=16,
+    TRUNCATE=17,
+    CHMOD=18,
+    CHOWN=19,
+    UTIMES=20,
+    END=21,
+    UPDATE_EXTENT=22,
+    FALLOCATE=23,
+    FILEATTR=24,
+    ENCODED_WRITE=25,
+    ENABLE_VERITY=26,
 )
 CMD_NAMES = {v: k for k, v in C.items()}
 
 # attributes
 A = dict(
-    UNSPEC=0, UUID=1, CTRANSID=2, INO=3, SIZE=4, MODE=5, UID=6, GID=7, RDEV=8, CTIME=9, MTIME=10,
-    ATIME=11, OTIME=12, XATTR_NAME=13, XATTR_DATA=14, PATH=15, PATH_TO=16, PATH_LINK=17,
-    FILE_OFFSET=18, DATA=19, CLONE_UUID=20, CLONE_CTRANSID=21, CLONE_PATH=22, CLONE_OFFSET=23,
-    CLONE_LEN=24, FALLOCATE_MODE=25, FILEATTR=26, UNENCODED_FILE_LEN=27, UNENCODED_LEN=28,
-    UNENCODED_OFFSET=29, COMPRESSION=30, ENCRYPTION=31,
+    UNSPEC=0,
+    UUID=1,
+    CTRANSID=2,
+    INO=3,
+    SIZE=4,
+    MODE=5,
+    UID=6,
+    GID=7,
+    RDEV=8,
+    CTIME=9,
+    MTIME=10,
+    ATIME=11,
+    OTIME=12,
+    XATTR_NAME=13,
+    XATTR_DATA=14,
+    PATH=15,
+    PATH_TO=16,
+    PATH_LINK=17,
+    FILE_OFFSET=18,
+    DATA=19,
+    CLONE_UUID=20,
+    CLONE_CTRANSID=21,
+    CLONE_PATH=22,
+    CLONE_OFFSET=23,
+    CLONE_LEN=24,
+    FALLOCATE_MODE=25,
+    FILEATTR=26,
+    UNENCODED_FILE_LEN=27,
+    UNENCODED_LEN=28,
+    UNENCODED_OFFSET=29,
+    COMPRESSION=30,
+    ENCRYPTION=31,
 )
 ATTR_NAMES = {v: k for k, v in A.items()}
-_U64 = {A[n] for n in ("CTRANSID", "INO", "SIZE", "MODE", "UID", "GID", "RDEV", "FILE_OFFSET", "CLONE_CTRANSID",
-                       "CLONE_OFFSET", "CLONE_LEN", "FILEATTR", "UNENCODED_FILE_LEN", "UNENCODED_LEN",
-                       "UNENCODED_OFFSET")}
+_U64 = {
+    A[n]
+    for n in (
+        "CTRANSID",
+        "INO",
+        "SIZE",
+        "MODE",
+        "UID",
+        "GID",
+        "RDEV",
+        "FILE_OFFSET",
+        "CLONE_CTRANSID",
+        "CLONE_OFFSET",
+        "CLONE_LEN",
+        "FILEATTR",
+        "UNENCODED_FILE_LEN",
+        "UNENCODED_LEN",
+        "UNENCODED_OFFSET",
+    )
+}
 _U32 = {A["FALLOCATE_MODE"], A["COMPRESSION"], A["ENCRYPTION"]}
 _TIMES = {A["CTIME"], A["MTIME"], A["ATIME"], A["OTIME"]}
 
@@ -103,7 +170,7 @@ def decode(payload: bytes, cmd: int, version: int) -> Command:
         if end - pos < 2:
             raise CorruptStream("a btrfs send TLV header is cut short")
         if version >= 2 and _U16.unpack_from(payload, pos)[0] == _DATA:
-            out["DATA"] = mv[pos + 2:]
+            out["DATA"] = mv[pos + 2 :]
             break
         if end - pos < 4:
             raise CorruptStream("a btrfs send TLV header is cut short")
@@ -113,7 +180,7 @@ def decode(payload: bytes, cmd: int, version: int) -> Command:
             raise CorruptStream(f"a btrfs send attribute ({ATTR_NAMES.get(t, t)}) overruns its command")
         info = attrs_.get(t)
         if info is None:
-            out[f"A{t}"] = bytes(mv[pos:pos + ln])
+            out[f"A{t}"] = bytes(mv[pos : pos + ln])
         else:
             name, kind = info
             if kind == ln and kind:
@@ -122,9 +189,9 @@ def decode(payload: bytes, cmd: int, version: int) -> Command:
                 else:
                     out[name] = _STRUCTS[kind].unpack_from(payload, pos)[0]
             elif t == _DATA:
-                out[name] = mv[pos:pos + ln]
+                out[name] = mv[pos : pos + ln]
             else:
-                out[name] = bytes(mv[pos:pos + ln])
+                out[name] = bytes(mv[pos : pos + ln])
         pos += ln
     return Command(name=CMD_NAMES.get(cmd, f"C{cmd}"), attrs=out)
 
@@ -135,7 +202,7 @@ def commands(f: BinaryIO) -> Iterator[Command]:
     while True:
         hdr = f.read(_HDR.size)
         if not hdr:
-            return                              # a stream may end without END (multiple subvols)
+            return  # a stream may end without END (multiple subvols)
         if len(hdr) < _HDR.size:
             hdr += _read_exact(f, _HDR.size - len(hdr), "a command header")
         length, cmd, _crc = _HDR.unpack(hdr)

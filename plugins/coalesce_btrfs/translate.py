@@ -84,22 +84,34 @@ class _Lost(Exception):
 class Node:
     """One file-system object the stream touched."""
 
-    __slots__ = ("seq", "ino", "new", "kind", "base_path", "base_names", "ranges", "min_trunc", "data_dirty",
-                 "xattr_dirty", "attr_dirty", "others")
+    __slots__ = (
+        "seq",
+        "ino",
+        "new",
+        "kind",
+        "base_path",
+        "base_names",
+        "ranges",
+        "min_trunc",
+        "data_dirty",
+        "xattr_dirty",
+        "attr_dirty",
+        "others",
+    )
 
     def __init__(self, seq: int, ino: int | None, kind: str | None, new: bool, base_path: str | None) -> None:
         self.seq = seq
-        self.ino = ino                  # inode number (base objects: in the base PCPI; new: the MK command's)
+        self.ino = ino  # inode number (base objects: in the base PCPI; new: the MK command's)
         self.new = new
-        self.kind = kind                # "d", "f", "l" or None (special files: not replicated)
-        self.base_path = base_path      # the first base name the stream used (a directory has only one)
-        self.base_names: set[str] = set()   # every base name the stream used
+        self.kind = kind  # "d", "f", "l" or None (special files: not replicated)
+        self.base_path = base_path  # the first base name the stream used (a directory has only one)
+        self.base_names: set[str] = set()  # every base name the stream used
         self.ranges: list[tuple[int, int]] = []
         self.min_trunc: int | None = None
         self.data_dirty = False
         self.xattr_dirty = False
         self.attr_dirty = False
-        self.others: list[str] = []     # names in the target PCPI the stream never used (hard links)
+        self.others: list[str] = []  # names in the target PCPI the stream never used (hard links)
 
     @property
     def dirty(self) -> bool:
@@ -110,9 +122,14 @@ class Node:
 
 
 def _dec(p: bytes) -> str:
-    s = os.fsdecode(bytes(p))        # "" is the subvolume root itself (e.g. its UTIMES)
-    if s.startswith("/") or "\x00" in s or "//" in s or s.endswith("/") or \
-            any(part in (".", "..") for part in s.split("/")):
+    s = os.fsdecode(bytes(p))  # "" is the subvolume root itself (e.g. its UTIMES)
+    if (
+        s.startswith("/")
+        or "\x00" in s
+        or "//" in s
+        or s.endswith("/")
+        or any(part in (".", "..") for part in s.split("/"))
+    ):
         raise CorruptStream(f"btrfs send stream path {s!r} is not a plain path relative to the subvolume")
     return s
 
@@ -192,12 +209,12 @@ class StreamState:
         self.target_root = target_root
         self.cur: _PathDict = _PathDict()
         self.nodes: list[Node] = []
-        self.by_ino: dict[int, Node] = {}           # base objects by their inode number
+        self.by_ino: dict[int, Node] = {}  # base objects by their inode number
         self._bst: dict[str, os.stat_result | None] = {}
         self._tst: dict[str, os.stat_result | None] = {}
         self.commands = 0
-        self.lost: str | None = None                # why the replay cannot be trusted (whole volume)
-        self.lost_qtrees: dict[str, str] = {}       # qtree -> why its final names disagree with the target
+        self.lost: str | None = None  # why the replay cannot be trusted (whole volume)
+        self.lost_qtrees: dict[str, str] = {}  # qtree -> why its final names disagree with the target
         self._prepared = False
         self._lock = threading.Lock()
         self.finals: dict[int, list[str]] = {}
@@ -240,9 +257,11 @@ class StreamState:
             anc = self.cur.get(p)
             if anc is not None:
                 if anc.new or anc.kind != "d" or anc.base_path is None:
-                    raise _Lost(f"{path!r} is named inside {p!r}, which is not a directory of the base PCPI "
-                                "and was not created by the stream before")
-                return anc.base_path + path[len(p):]
+                    raise _Lost(
+                        f"{path!r} is named inside {p!r}, which is not a directory of the base PCPI "
+                        "and was not created by the stream before"
+                    )
+                return anc.base_path + path[len(p) :]
         return path
 
     # -- replay ----------------------------------------------------------------
@@ -291,11 +310,11 @@ class StreamState:
             old, new = _dec(c.path()), _dec(c.path("PATH_TO"))
             n = self.lookup(old)
             self._check_orphan(new, n)
-            for k in self.cur.subtree(new):     # a replaced target loses its names
+            for k in self.cur.subtree(new):  # a replaced target loses its names
                 del self.cur[k]
             moved = {k: self.cur.pop(k) for k in self.cur.subtree(old)}
             for k, m in moved.items():
-                self.cur[new + k[len(old):]] = m
+                self.cur[new + k[len(old) :]] = m
         elif name == "LINK":
             path, existing = _dec(c.path()), _dec(c.path("PATH_LINK"))
             self.cur[path] = self.lookup(existing)
@@ -330,8 +349,10 @@ class StreamState:
         elif name in ("SET_XATTR", "REMOVE_XATTR"):
             self.lookup(_dec(c.path())).xattr_dirty = True
         else:
-            raise CorruptStream(f"btrfs send command {name} is not understood by this version of coalesce",
-                                hint="a newer send protocol? run with the default protocol or upgrade coalesce")
+            raise CorruptStream(
+                f"btrfs send command {name} is not understood by this version of coalesce",
+                hint="a newer send protocol? run with the default protocol or upgrade coalesce",
+            )
 
     # -- after the stream --------------------------------------------------------
     def prepare(self) -> None:
@@ -350,19 +371,26 @@ class StreamState:
         self.finals = finals
         if self.lost is not None:
             return
-        for n in self.nodes:                   # every final name holds its node's inode
+        for n in self.nodes:  # every final name holds its node's inode
             for f in finals.get(n.seq, ()):
                 st = self.tstat(f)
-                if st is None or (n.ino is not None and st.st_ino != n.ino) or \
-                        (n.kind is not None and walk.kind_of(st) != n.kind):
+                if (
+                    st is None
+                    or (n.ino is not None and st.st_ino != n.ino)
+                    or (n.kind is not None and walk.kind_of(st) != n.kind)
+                ):
                     q = _qtree_of(f)
-                    self.lost_qtrees.setdefault(q, f"the replay puts {n!r} at {f!r}, which the target PCPI "
-                                                   f"does not hold there")
+                    self.lost_qtrees.setdefault(
+                        q, f"the replay puts {n!r} at {f!r}, which the target PCPI does not hold there"
+                    )
         self._find_other_names(finals)
         index: dict[str, list[Node]] = {}
         for n in self.nodes:
-            qs = {_qtree_of(p) for p in n.base_names} | {_qtree_of(p) for p in finals.get(n.seq, ())} | \
-                 {_qtree_of(p) for p in n.others}
+            qs = (
+                {_qtree_of(p) for p in n.base_names}
+                | {_qtree_of(p) for p in finals.get(n.seq, ())}
+                | {_qtree_of(p) for p in n.others}
+            )
             for q in qs:
                 index.setdefault(q, []).append(n)
         self.index = index
@@ -379,7 +407,7 @@ class StreamState:
                 st = self.tstat(known[0])
                 more = st is not None and st.st_nlink > len(known)
             elif n.new or n.ino in new_inos:
-                more = False                    # gone; a new object may hold its inode number now
+                more = False  # gone; a new object may hold its inode number now
             else:
                 bst = self.bstat(n.base_path or "")
                 more = n.dirty and bst is not None and bst.st_nlink > len(n.base_names)
@@ -389,13 +417,16 @@ class StreamState:
             return
         try:
             for n in wanted:
-                assert n.ino is not None        # wanted holds only nodes with an inode number (above)
+                assert n.ino is not None  # wanted holds only nodes with an inode number (above)
                 known_set = set(finals.get(n.seq, ()))
                 n.others = sorted(p for p in inopaths.ino_paths(self.target_root, n.ino) if p not in known_set)
         except OSError as exc:
-            log.warning("BTRFS_IOC_INO_PATHS is refused (%s): walking the target PCPI for %d hard-linked "
-                        "files", exc, len(wanted))
-            by_ino = {cast(int, n.ino): n for n in wanted}     # wanted: only nodes with an inode number
+            log.warning(
+                "BTRFS_IOC_INO_PATHS is refused (%s): walking the target PCPI for %d hard-linked files",
+                exc,
+                len(wanted),
+            )
+            by_ino = {cast(int, n.ino): n for n in wanted}  # wanted: only nodes with an inode number
             found: dict[int, list[str]] = {}
             for rel, st in walk.iter_tree(self.target_root):
                 if st.st_ino in by_ino and not stat.S_ISDIR(st.st_mode):
@@ -421,8 +452,9 @@ class StreamState:
         self.prepare()
         why = self.lost or self.lost_qtrees.get(qtree)
         if why is not None:
-            log.warning("btrfs send stream of qtree %r cannot be translated (%s): comparing the two PCPIs "
-                        "instead", qtree, why)
+            log.warning(
+                "btrfs send stream of qtree %r cannot be translated (%s): comparing the two PCPIs instead", qtree, why
+            )
         if why is not None or self.root_touched(qtree):
             yield from walk.tree_diff(os.path.join(self.base_root, qtree), os.path.join(self.target_root, qtree))
             return
@@ -459,16 +491,16 @@ class _Emitter:
         self.q = qtree
         self.pre = qtree + "/"
         self.attrs: list = []
-        self.parked: dict[str, str] = {}           # base rel path -> park name
-        self.later: list[tuple[str, str]] = []      # (name, existing name) hard links made in step 4
-        self.links: dict = {}                       # (st_dev, st_ino) in the target -> rel path created/kept
+        self.parked: dict[str, str] = {}  # base rel path -> park name
+        self.later: list[tuple[str, str]] = []  # (name, existing name) hard links made in step 4
+        self.links: dict = {}  # (st_dev, st_ino) in the target -> rel path created/kept
         self.data = _Arriving(self)
 
     def inq(self, p: str | None) -> bool:
         return p is not None and p.startswith(self.pre)
 
     def rel(self, p: str) -> str:
-        return p[len(self.pre):]
+        return p[len(self.pre) :]
 
     # -- identities -------------------------------------------------------------
     def ident_base(self, path: str) -> object:
@@ -524,7 +556,7 @@ class _Emitter:
         while True:
             t = self.parked.get(p)
             if t is not None:
-                return t + brel[len(p):]
+                return t + brel[len(p) :]
             if "/" not in p:
                 return brel
             p = _parent(p)
@@ -537,23 +569,24 @@ class _Emitter:
         for rec in self._changes():
             n += 1
             yield rec
-        yield from walk.root_records(os.path.join(self.st.base_root, self.q),
-                                     os.path.join(self.st.target_root, self.q), force=n > 0)
+        yield from walk.root_records(
+            os.path.join(self.st.base_root, self.q), os.path.join(self.st.target_root, self.q), force=n > 0
+        )
 
     def _changes(self) -> Iterator[object]:
         st = self.st
         pre = self.pre
-        park: dict[int, str] = {}                   # node seq -> the base path it is parked from
-        place: list[tuple[str, str, Node]] = []     # (final path, how, node): "parked", "mkdir", "tree", "file"
-        removed: dict[str, str] = {}                # base path -> kind, files' removed names
-        departed: list[str] = []                    # base paths of departed directories
-        changed: list[tuple[Node, str]] = []        # (node, final path) present in both PCPIs
-        extra: list[tuple[str, str]] = []           # (final path, existing final path): step 4
-        handled: set[str] = set()                   # final paths placed one by one (not by a subtree walk)
+        park: dict[int, str] = {}  # node seq -> the base path it is parked from
+        place: list[tuple[str, str, Node]] = []  # (final path, how, node): "parked", "mkdir", "tree", "file"
+        removed: dict[str, str] = {}  # base path -> kind, files' removed names
+        departed: list[str] = []  # base paths of departed directories
+        changed: list[tuple[Node, str]] = []  # (node, final path) present in both PCPIs
+        extra: list[tuple[str, str]] = []  # (final path, existing final path): step 4
+        handled: set[str] = set()  # final paths placed one by one (not by a subtree walk)
         dev = (st.tstat("") or os.lstat(st.target_root)).st_dev
         for n in st.index.get(self.q, ()):
             if n.kind not in ("d", "f", "l"):
-                continue                            # special files are not replicated
+                continue  # special files are not replicated
             bq = [] if n.new else sorted(b for b in n.base_names if b.startswith(pre))
             fq = [f for f in st.finals.get(n.seq, ()) if f.startswith(pre)]
             if n.kind == "d":
@@ -605,12 +638,12 @@ class _Emitter:
                     removed[b] = n.kind
                 continue
             elif added:
-                place.append((added[0], "file", n))    # its creation registers it in self.links
+                place.append((added[0], "file", n))  # its creation registers it in self.links
                 extra.extend((f, added[0]) for f in added[1:])
                 continue
             else:
                 continue
-            if n.ino is not None:                   # names met in arriving subtrees link to it
+            if n.ino is not None:  # names met in arriving subtrees link to it
                 self.links[(dev, n.ino)] = self.rel(first)
 
         # 1. park moved objects, deepest base path first
@@ -629,8 +662,9 @@ class _Emitter:
         # 3. parked objects and arrivals, shallowest final path first
         place.sort(key=lambda t: (_depth(t[0]), t[0]))
         # the data of new regular files is read from the target PCPI: ask for it ahead
-        ahead = walk.ReadAhead([(os.path.join(st.target_root, f), 0) for f, how, n in place
-                                if how == "file" and n.kind == "f"])
+        ahead = walk.ReadAhead(
+            [(os.path.join(st.target_root, f), 0) for f, how, n in place if how == "file" and n.kind == "f"]
+        )
         try:
             for final, how, n in place:
                 frel = self.rel(final)
@@ -648,21 +682,29 @@ class _Emitter:
                     self.attrs.append(walk.setattr_record(frel, tst))
                 else:
                     yield from walk.create_records(
-                        st.target_root, final, dest_rel=frel, links=self.links, attrs_out=self.attrs,
-                        skip=lambda p: p in handled, st=tst, data=self.data)
+                        st.target_root,
+                        final,
+                        dest_rel=frel,
+                        links=self.links,
+                        attrs_out=self.attrs,
+                        skip=lambda p: p in handled,
+                        st=tst,
+                        data=self.data,
+                    )
         finally:
             ahead.close()
 
         # 4. further names of placed and kept objects
         for f, existing in sorted(extra):
             yield HardLink(path=self.rel(f), existing=self.rel(existing))
-        for f, existing in self.later:              # in the order met: a name links to one made before it
+        for f, existing in self.later:  # in the order met: a name links to one made before it
             yield HardLink(path=f, existing=existing)
 
         # 5. data, xattrs and attributes of objects present in both PCPIs
         # data commands change regular files only
-        ahead = walk.ReadAhead([(os.path.join(st.target_root, f), min(n.ranges)[0] if n.ranges else 0)
-                                for n, f in changed if n.data_dirty])
+        ahead = walk.ReadAhead(
+            [(os.path.join(st.target_root, f), min(n.ranges)[0] if n.ranges else 0) for n, f in changed if n.data_dirty]
+        )
         try:
             for n, final in changed:
                 if n.data_dirty:
@@ -676,10 +718,14 @@ class _Emitter:
                 if n.data_dirty and stat.S_ISREG(tst.st_mode):
                     yield from self._data(final, frel, n, bst.st_size, tst.st_size)
                 if n.xattr_dirty and walk.kind_of(tst) != "l":
-                    yield from walk.xattr_records(frel, walk.read_xattrs(os.path.join(st.base_root, bpath)),
-                                                  walk.read_xattrs(os.path.join(st.target_root, final)))
-                if stat.S_ISLNK(tst.st_mode) and walk.readlink_path(os.path.join(st.base_root, bpath)) != \
-                        walk.readlink_path(os.path.join(st.target_root, final)):
+                    yield from walk.xattr_records(
+                        frel,
+                        walk.read_xattrs(os.path.join(st.base_root, bpath)),
+                        walk.read_xattrs(os.path.join(st.target_root, final)),
+                    )
+                if stat.S_ISLNK(tst.st_mode) and walk.readlink_path(
+                    os.path.join(st.base_root, bpath)
+                ) != walk.readlink_path(os.path.join(st.target_root, final)):
                     yield Unlink(path=frel)
                     target = walk.readlink_path(os.path.join(st.target_root, final))
                     yield Symlink(path=frel, target=os.fsdecode(target))
@@ -749,7 +795,7 @@ class _Emitter:
                 cur_size = cut
             if cur_size < bsize:
                 yield Truncate(path=frel, size=cur_size)
-            size = cur_size                        # the file's size after the records so far
+            size = cur_size  # the file's size after the records so far
             for start, end in merged:
                 if cut is not None and start >= cut:
                     break
@@ -806,14 +852,14 @@ def _cut(fd: int, merged: list[tuple[int, int]], cur_size: int, tsize: int) -> i
     zeros = sum(holes)
     if not zeros:
         return cut
-    unchanged = 0                   # data outside the dirty ranges from range k's start to the end of file
-    in_holes = 0                    # hole bytes the overwrites of range k and later ones would write
+    unchanged = 0  # data outside the dirty ranges from range k's start to the end of file
+    in_holes = 0  # hole bytes the overwrites of range k and later ones would write
     best = 0
     for k in range(len(merged) - 1, -1, -1):
         gap_end = merged[k + 1][0] if k + 1 < len(merged) else tsize
         unchanged += _data_bytes(fd, merged[k][1], gap_end, zeros - unchanged)
         if unchanged >= zeros:
-            break                   # no earlier range saves bytes either
+            break  # no earlier range saves bytes either
         if k < len(inside):
             in_holes += holes[k]
             if unchanged - in_holes < best:

@@ -61,9 +61,11 @@ def forget(url: str | None = None) -> None:
 # ----------------------------------------------------------------- hooks
 @hookimpl
 def coalesce_backend_info() -> dict[str, str]:
-    return {"scheme": SCHEME,
-            "description": "in-memory volumes (mem://NAME), optionally kept in a file (mem:///ABS/PATH); "
-                           "the reference backend"}
+    return {
+        "scheme": SCHEME,
+        "description": "in-memory volumes (mem://NAME), optionally kept in a file (mem:///ABS/PATH); "
+        "the reference backend",
+    }
 
 
 @hookimpl

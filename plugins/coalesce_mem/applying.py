@@ -48,8 +48,9 @@ MAX_FILE = (1 << 63) - 1
 def check_record(rec: object) -> None:
     """Type and path checks that need no tree (raise before anything is written)."""
     if not isinstance(rec, CHANGE_TYPES):
-        raise CorruptStream(f"not a change record: {type(rec).__name__}",
-                            hint="the stream is corrupt; the update is rolled back")
+        raise CorruptStream(
+            f"not a change record: {type(rec).__name__}", hint="the stream is corrupt; the update is rolled back"
+        )
     check = check_path_or_root if isinstance(rec, (SetAttr, SetXattr)) else check_path
     for i, p in enumerate(paths_of(rec)):
         check(p, what="path" if i == 0 else "second path")
@@ -70,14 +71,18 @@ def check_record(rec: object) -> None:
         if not isinstance(rec.data, bytes) or not isinstance(rec.offset, int) or rec.offset < 0:
             raise CorruptStream(f"bad Write record for {rec.path!r}")
         if rec.offset + len(rec.data) > MAX_FILE:
-            raise BackendError(f"Write beyond {MAX_FILE} bytes into {rec.path!r}",
-                               hint="no file system holds a file larger than 2^63 - 1 bytes")
+            raise BackendError(
+                f"Write beyond {MAX_FILE} bytes into {rec.path!r}",
+                hint="no file system holds a file larger than 2^63 - 1 bytes",
+            )
     if isinstance(rec, Truncate):
         if not isinstance(rec.size, int) or rec.size < 0:
             raise CorruptStream(f"bad Truncate record for {rec.path!r}")
         if rec.size > MAX_FILE:
-            raise BackendError(f"Truncate beyond {MAX_FILE} bytes of {rec.path!r}",
-                               hint="no file system holds a file larger than 2^63 - 1 bytes")
+            raise BackendError(
+                f"Truncate beyond {MAX_FILE} bytes of {rec.path!r}",
+                hint="no file system holds a file larger than 2^63 - 1 bytes",
+            )
 
 
 def _parent(state: QtreeState, path: str) -> tuple[Dir, str]:
@@ -91,11 +96,15 @@ def _parent(state: QtreeState, path: str) -> tuple[Dir, str]:
             continue
         sofar = "/".join(parts[: i + 1])
         if nxt is None:
-            raise CorruptStream(f"{path!r}: directory {sofar!r} does not exist",
-                                hint="the stream does not fit the replica (wrong base?); it is rolled back")
+            raise CorruptStream(
+                f"{path!r}: directory {sofar!r} does not exist",
+                hint="the stream does not fit the replica (wrong base?); it is rolled back",
+            )
         if isinstance(nxt, SymNode):
-            raise HostilePath(f"{path!r} goes through the symlink {sofar!r}",
-                              hint="appliers never follow symlinks (I10); the stream is hostile or corrupt")
+            raise HostilePath(
+                f"{path!r} goes through the symlink {sofar!r}",
+                hint="appliers never follow symlinks (I10); the stream is hostile or corrupt",
+            )
         raise CorruptStream(f"{path!r}: {sofar!r} is not a directory")
     return cur, parts[-1]  # type: ignore[return-value]
 
@@ -115,11 +124,15 @@ def _discard(state: QtreeState, node: Node, use_purgatory: bool) -> None:
 def _file(state: QtreeState, path: str) -> File:
     node = _lookup(state, path)
     if isinstance(node, SymNode):
-        raise HostilePath(f"{path!r} is a symlink; writing would follow it",
-                          hint="appliers never follow symlinks (I10); the stream is hostile or corrupt")
+        raise HostilePath(
+            f"{path!r} is a symlink; writing would follow it",
+            hint="appliers never follow symlinks (I10); the stream is hostile or corrupt",
+        )
     if not isinstance(node, File):
-        raise CorruptStream(f"{path!r} is {'missing' if node is None else 'not a regular file'}",
-                            hint="the stream does not fit the replica (wrong base?); it is rolled back")
+        raise CorruptStream(
+            f"{path!r} is {'missing' if node is None else 'not a regular file'}",
+            hint="the stream does not fit the replica (wrong base?); it is rolled back",
+        )
     return node
 
 
@@ -150,8 +163,9 @@ def apply_record(state: QtreeState, rec: object, use_purgatory: bool) -> None:
     elif isinstance(rec, HardLink):
         node = _lookup(state, rec.existing)
         if not isinstance(node, File):
-            raise CorruptStream(f"HardLink {rec.path!r} -> {rec.existing!r}: "
-                                f"{'missing' if node is None else 'not a regular file'}")
+            raise CorruptStream(
+                f"HardLink {rec.path!r} -> {rec.existing!r}: {'missing' if node is None else 'not a regular file'}"
+            )
         d, name = _parent(state, rec.path)
         if d.children.get(name) is node:
             return  # replay

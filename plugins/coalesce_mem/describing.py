@@ -22,6 +22,7 @@ HOLDS = Holds(owners=True, xattrs=True, mtime_ns=1)
 
 class _Common(TypedDict):
     """The Description fields every kind of node has."""
+
     uid: int
     gid: int
     mtime_ns: int
@@ -44,14 +45,24 @@ def describe_node(path: str, node: Node | None, content: bool) -> Description:
     common = _Common(uid=node.uid, gid=node.gid, mtime_ns=node.mtime_ns)
     if isinstance(node, Dir):
         entries = tuple((n, node.children[n].kind) for n in sorted(node.children, key=sort_key))
-        return Description(path=path, kind="d", mode=node.mode, xattrs=xattr_digest(node.xattrs), entries=entries,
-                           **common)
+        return Description(
+            path=path, kind="d", mode=node.mode, xattrs=xattr_digest(node.xattrs), entries=entries, **common
+        )
     if isinstance(node, File):
         from .tree import entry_of
 
         digest = entry_of(path or ".", node).content_sha256 if content else None
-        return Description(path=path, kind="f", mode=node.mode, size=len(node.data), xattrs=xattr_digest(node.xattrs),
-                           content=digest, ident=id(node), nlink=0, **common)
+        return Description(
+            path=path,
+            kind="f",
+            mode=node.mode,
+            size=len(node.data),
+            xattrs=xattr_digest(node.xattrs),
+            content=digest,
+            ident=id(node),
+            nlink=0,
+            **common,
+        )
     return Description(path=path, kind="l", target=node.target, **common)  # type: ignore[attr-defined]
 
 

@@ -69,7 +69,7 @@ def _runs(path: str, new: Blocks, indexes: Iterator[int]) -> Iterator[Write]:
     def flush() -> Iterator[Write]:
         if run:
             start = run[0] * BLOCK
-            data = b"".join(new.block(i) or bytes(BLOCK) for i in run)[:new.size - start]
+            data = b"".join(new.block(i) or bytes(BLOCK) for i in run)[: new.size - start]
             yield Write(path=path, offset=start, data=data)
             run.clear()
 
@@ -97,7 +97,7 @@ def _delta_records(path: str, old: Blocks, new: Blocks) -> Iterator[object]:
         return
     if old.size != new.size:
         yield Truncate(path=path, size=new.size)
-    cut, inner = divmod(new.size, BLOCK)      # after the Truncate, bytes from new.size on are zeros
+    cut, inner = divmod(new.size, BLOCK)  # after the Truncate, bytes from new.size on are zeros
 
     def cur(i: int) -> bytes | None:
         blk = old.block(i)
@@ -106,8 +106,7 @@ def _delta_records(path: str, old: Blocks, new: Blocks) -> Iterator[object]:
             return None if blk.count(0) == BLOCK else blk
         return blk if i * BLOCK < new.size else None
 
-    differ = (i for i in sorted(set(old.blocks) | set(new.blocks))
-              if i * BLOCK < new.size and cur(i) != new.block(i))
+    differ = (i for i in sorted(set(old.blocks) | set(new.blocks)) if i * BLOCK < new.size and cur(i) != new.block(i))
     yield from _runs(path, new, differ)
 
 
@@ -192,8 +191,9 @@ def diff_changes(base: QtreeState | None, target: QtreeState) -> Iterator[object
     yield from _attr_records(ROOT, base.root if base is not None else None, target.root)
 
 
-def diff_stream(qtree: str, base_name: str | None, target_name: str,
-                base: QtreeState | None, target: QtreeState) -> Iterator[object]:
+def diff_stream(
+    qtree: str, base_name: str | None, target_name: str, base: QtreeState | None, target: QtreeState
+) -> Iterator[object]:
     """The framed stream: Begin, changes, End."""
     yield Begin(qtree=qtree, base=base_name, target=target_name)
     n = 0

@@ -73,7 +73,7 @@ def encode_state(state: QtreeState) -> str:
             rec["z"] = node.data.size
             # a block is cut at the end of file (a small file's block is mostly zeros past its size)
             size, B = node.data.size, Blocks.BLOCK
-            rec["b"] = [[i, _b64(node.data.blocks[i][:size - i * B])] for i in sorted(node.data.blocks)]
+            rec["b"] = [[i, _b64(node.data.blocks[i][: size - i * B])] for i in sorted(node.data.blocks)]
         else:
             rec["k"] = "l"
             rec["l"] = node.target  # type: ignore[attr-defined]
@@ -85,8 +85,9 @@ def encode_state(state: QtreeState) -> str:
     while stack:
         d, rec = stack.pop()
         rec["c"] = {name: idx(child) for name, child in d.children.items()}
-    text = json.dumps({"root": root_i, "purgatory": purg_i, "seq": state.purgatory_seq, "nodes": nodes},
-                      separators=(",", ":"))
+    text = json.dumps(
+        {"root": root_i, "purgatory": purg_i, "seq": state.purgatory_seq, "nodes": nodes}, separators=(",", ":")
+    )
     if state.frozen:
         state.cache = text
     return text
@@ -106,11 +107,20 @@ def encode_volume(vol: Any) -> bytes:
 
     active = {q: ref(s) for q, s in vol.active.items()}
     snaps = [[name, {q: ref(s) for q, s in qs.items()}] for name, qs in vol.snapshots.items()]
-    head = json.dumps({"scheme": vol.scheme, "max_pcpis": vol.max_pcpis, "active": active,
-                       "snapshots": snaps, "exports": vol.exports}, separators=(",", ":"))
+    head = json.dumps(
+        {
+            "scheme": vol.scheme,
+            "max_pcpis": vol.max_pcpis,
+            "active": active,
+            "snapshots": snaps,
+            "exports": vol.exports,
+        },
+        separators=(",", ":"),
+    )
     body = (head[:-1] + ',"states":[' + ",".join(parts) + "]}").encode("utf-8")
-    header = json.dumps({"format": FORMAT, "version": VERSION, "sha256": hashlib.sha256(body).hexdigest(),
-                         "bytes": len(body)}).encode("utf-8")
+    header = json.dumps(
+        {"format": FORMAT, "version": VERSION, "sha256": hashlib.sha256(body).hexdigest(), "bytes": len(body)}
+    ).encode("utf-8")
     return header + b"\n" + body + b"\n"
 
 
@@ -134,8 +144,9 @@ def write_file(path: str, data: bytes) -> os.stat_result:
             os.unlink(tmp)
         except OSError:
             pass
-        raise BackendError(f"cannot write the mem volume file {path}: {exc}",
-                           hint="check free space and permissions of its directory") from exc
+        raise BackendError(
+            f"cannot write the mem volume file {path}: {exc}", hint="check free space and permissions of its directory"
+        ) from exc
     try:
         dfd = os.open(directory, os.O_RDONLY)
         try:
@@ -160,8 +171,12 @@ def _decode_state(obj: Any) -> QtreeState:
     nodes: list[Node] = []
     for r in raw:
         kind = r["k"]
-        meta = dict(uid=int(r["u"]), gid=int(r["g"]), mtime_ns=int(r["t"]),
-                    xattrs={str(k): base64.b64decode(v, validate=True) for k, v in r.get("x", {}).items()})
+        meta = dict(
+            uid=int(r["u"]),
+            gid=int(r["g"]),
+            mtime_ns=int(r["t"]),
+            xattrs={str(k): base64.b64decode(v, validate=True) for k, v in r.get("x", {}).items()},
+        )
         if kind == "d":
             nodes.append(Dir(int(r["m"]), **meta))
         elif kind == "f":
@@ -201,8 +216,12 @@ def _file_data(r: dict[str, Any]) -> bytes | Blocks:
     data.size = int(r["z"])
     for i, b64 in r["b"]:
         blk = base64.b64decode(b64, validate=True)
-        if (not isinstance(i, int) or i < 0 or not 0 < len(blk) <= Blocks.BLOCK
-                or i * Blocks.BLOCK + len(blk) > data.size):
+        if (
+            not isinstance(i, int)
+            or i < 0
+            or not 0 < len(blk) <= Blocks.BLOCK
+            or i * Blocks.BLOCK + len(blk) > data.size
+        ):
             raise Damaged("a file's data block is out of place")
         data.blocks[i] = blk + bytes(Blocks.BLOCK - len(blk))
     return data
@@ -210,9 +229,11 @@ def _file_data(r: dict[str, Any]) -> bytes | Blocks:
 
 def decode_volume(path: str, data: bytes) -> dict[str, Any]:
     """Parse and check a volume file; raises BackendError with a hint if damaged."""
-    hint = (f"{path} is not a complete mem volume file (truncated, edited or from another program). "
-            f"Restore it from a copy, or move it away and create a new, empty volume "
-            f"(open with create=True / `coalesce init`); coalesce never empties it on its own")
+    hint = (
+        f"{path} is not a complete mem volume file (truncated, edited or from another program). "
+        f"Restore it from a copy, or move it away and create a new, empty volume "
+        f"(open with create=True / `coalesce init`); coalesce never empties it on its own"
+    )
     try:
         header_line, sep, rest = data.partition(b"\n")
         header = json.loads(header_line)
@@ -241,8 +262,13 @@ def decode_volume(path: str, data: bytes) -> dict[str, Any]:
         exports = obj["exports"]
         if not isinstance(exports, dict) or not all(v is None or isinstance(v, str) for v in exports.values()):
             raise Damaged("the export table is malformed")
-        return {"scheme": str(obj["scheme"]), "max_pcpis": int(obj["max_pcpis"]), "active": active,
-                "snapshots": snapshots, "exports": dict(exports)}
+        return {
+            "scheme": str(obj["scheme"]),
+            "max_pcpis": int(obj["max_pcpis"]),
+            "active": active,
+            "snapshots": snapshots,
+            "exports": dict(exports),
+        }
     except BackendError:
         raise
     except (Damaged, ValueError, KeyError, TypeError, AttributeError, IndexError, RecursionError) as exc:

@@ -85,8 +85,8 @@ class Blocks:
     def __bytes__(self) -> bytes:
         out = bytearray(self.size)
         for i, blk in self.blocks.items():
-            out[i * self.BLOCK:(i + 1) * self.BLOCK] = blk
-        del out[self.size:]
+            out[i * self.BLOCK : (i + 1) * self.BLOCK] = blk
+        del out[self.size :]
         return bytes(out)
 
     def __getitem__(self, offset: int) -> int:
@@ -105,7 +105,7 @@ class Blocks:
     def copy(self) -> "Blocks":
         new = Blocks()
         new.size = self.size
-        new.blocks = dict(self.blocks)       # the blocks themselves are immutable bytes
+        new.blocks = dict(self.blocks)  # the blocks themselves are immutable bytes
         return new
 
     def block(self, i: int) -> bytes | None:
@@ -130,12 +130,12 @@ class Blocks:
         while pos < end:
             i, inner = divmod(pos, B)
             take = min(B - inner, end - pos)
-            piece = view[pos - offset:pos - offset + take]
+            piece = view[pos - offset : pos - offset + take]
             if take == B:
                 self._put(i, piece.tobytes())
             else:
                 blk = bytearray(self.blocks.get(i) or bytes(B))
-                blk[inner:inner + take] = piece
+                blk[inner : inner + take] = piece
                 self._put(i, blk)
             pos += take
         self.size = max(self.size, end)
@@ -224,7 +224,7 @@ def clone_nodes(roots: list[Dir]) -> list[Dir]:
 
     out = []
     for root in roots:
-        new_root = cast(Dir, copy(root))       # copy() of a Dir is a Dir
+        new_root = cast(Dir, copy(root))  # copy() of a Dir is a Dir
         stack = [(root, new_root)]
         while stack:
             old, new = stack.pop()
@@ -232,7 +232,7 @@ def clone_nodes(roots: list[Dir]) -> list[Dir]:
                 c = copy(child)
                 new.children[name] = c
                 if isinstance(child, Dir):
-                    stack.append((child, cast(Dir, c)))     # copy() of a Dir is a Dir
+                    stack.append((child, cast(Dir, c)))  # copy() of a Dir is a Dir
         out.append(new_root)
     return out
 

@@ -96,8 +96,10 @@ class MemVolume(VolumeHandle):
             st = os.fstat(fh.fileno())
         obj = persist.decode_volume(self.path, data)
         if obj["scheme"] != self.scheme:
-            raise BackendError(f"{self.path} is a {obj['scheme']!r} volume, not {self.scheme!r}",
-                               hint=f"open it as {obj['scheme']}://{self.path}")
+            raise BackendError(
+                f"{self.path} is a {obj['scheme']!r} volume, not {self.scheme!r}",
+                hint=f"open it as {obj['scheme']}://{self.path}",
+            )
         self.active, self.snapshots, self.exports = obj["active"], obj["snapshots"], obj["exports"]
         self.max_pcpis = obj["max_pcpis"]
         self._stat = (st.st_ino, st.st_size, st.st_mtime_ns)
@@ -122,8 +124,7 @@ class MemVolume(VolumeHandle):
         """Re-read the file if another process replaced it since we last read or
         wrote it, so a long-lived handle never works on (or writes back) a stale
         volume.  Called under the lock at the start of every primitive."""
-        if self.path is not None and self._stat is not None and self._changed_on_disk() \
-                and os.path.exists(self.path):
+        if self.path is not None and self._stat is not None and self._changed_on_disk() and os.path.exists(self.path):
             self._load()
 
     def metadata_dir(self) -> str | None:
@@ -146,8 +147,9 @@ class MemVolume(VolumeHandle):
     def _snapshot(self, name: str) -> dict[str, QtreeState]:
         qs = self.snapshots.get(name)
         if qs is None:
-            raise BackendError(f"{self.url} has no PCPI {name!r}",
-                               hint=f"PCPIs on this volume: {', '.join(self.snapshots) or 'none'}")
+            raise BackendError(
+                f"{self.url} has no PCPI {name!r}", hint=f"PCPIs on this volume: {', '.join(self.snapshots) or 'none'}"
+            )
         return qs
 
     def _state(self, qtree: str, snapshot: str | None) -> QtreeState | None:
@@ -158,15 +160,19 @@ class MemVolume(VolumeHandle):
     # ------------------------------------------------------------- primitives
     def snapshot_create(self, name: str) -> str:
         if not isinstance(name, str) or not name or "\x00" in name or "/" in name or name == ACTIVE:
-            raise BackendError(f"{name!r} is not a valid PCPI name",
-                               hint="use a non-empty name without '/' or NUL, other than " + ACTIVE)
+            raise BackendError(
+                f"{name!r} is not a valid PCPI name",
+                hint="use a non-empty name without '/' or NUL, other than " + ACTIVE,
+            )
         with self.lock:
             self._sync()
             if name in self.snapshots:
                 return name
             if len(self.snapshots) >= self.max_pcpis:
-                raise BackendError(f"{self.url} already holds {len(self.snapshots)} PCPIs (the limit)",
-                                   hint="release PCPIs that nobody exports (`coalesce check` lists them)")
+                raise BackendError(
+                    f"{self.url} already holds {len(self.snapshots)} PCPIs (the limit)",
+                    hint="release PCPIs that nobody exports (`coalesce check` lists them)",
+                )
             for st in self.active.values():
                 st.frozen = True
             self.snapshots[name] = dict(self.active)
@@ -180,9 +186,11 @@ class MemVolume(VolumeHandle):
                 return False
             users = sorted(r for r, p in self.exports.items() if p == name)
             if users:
-                raise BackendError(f"PCPI {name!r} of {self.url} is exported by {', '.join(users)}",
-                                   hint="switch the export table away from it first (an exported image must "
-                                        "never disappear under its readers)")
+                raise BackendError(
+                    f"PCPI {name!r} of {self.url} is exported by {', '.join(users)}",
+                    hint="switch the export table away from it first (an exported image must "
+                    "never disappear under its readers)",
+                )
             del self.snapshots[name]
             self.persist()
             return True
@@ -210,8 +218,10 @@ class MemVolume(VolumeHandle):
             if base is not None:
                 b = self._snapshot(base).get(qtree)
                 if b is None:
-                    raise BackendError(f"qtree {qtree!r} does not exist in PCPI {base!r} of {self.url}",
-                                       hint="use base=None (a baseline) for a qtree that is new since the base")
+                    raise BackendError(
+                        f"qtree {qtree!r} does not exist in PCPI {base!r} of {self.url}",
+                        hint="use base=None (a baseline) for a qtree that is new since the base",
+                    )
         return diff_stream(qtree, base, target, b, t)
 
     def apply(self, qtree: str, records: Iterable[Any], use_purgatory: bool) -> dict[str, int]:
@@ -245,8 +255,10 @@ class MemVolume(VolumeHandle):
                 if isinstance(rec, Write):
                     nbytes += len(rec.data)
             if began and not ended:
-                raise TruncatedStream(f"the change stream ended after {n} records without its End record",
-                                      hint="the source or the link failed mid-transfer; the update is rolled back")
+                raise TruncatedStream(
+                    f"the change stream ended after {n} records without its End record",
+                    hint="the source or the link failed mid-transfer; the update is rolled back",
+                )
         finally:
             if dirty:
                 self.persist()  # also after a failure: the partial state is real, as on a disk
@@ -294,8 +306,10 @@ class MemVolume(VolumeHandle):
             new = {}
             for replica, value in mapping.items():
                 if value is not None and value != ACTIVE and value not in self.snapshots:
-                    raise BackendError(f"cannot export PCPI {value!r} for {replica!r}: {self.url} has no such PCPI",
-                                       hint="the export table was left unchanged")
+                    raise BackendError(
+                        f"cannot export PCPI {value!r} for {replica!r}: {self.url} has no such PCPI",
+                        hint="the export table was left unchanged",
+                    )
                 new[str(replica)] = value
             if new != self.exports:
                 self.exports = new  # one reference swap: readers see the old or the new table
@@ -313,6 +327,7 @@ class MemVolume(VolumeHandle):
             root = st.root if st is not None else Dir()
             entries = entries_of(root)
         from coalesce_core.stream.fingerprint import digest
+
         return digest(entries)
 
     def describe(self, qtree: str, snapshot: str | None, paths: Sequence[tuple[str, bool]]) -> list:
@@ -371,7 +386,7 @@ class MemVolume(VolumeHandle):
             self._sync()
             exists = isinstance(self._lookup(path), File)
         recs += [Truncate(path=rel, size=0)] if exists else [MkFile(path=rel, mode=mode)]
-        recs += [Write(path=rel, offset=o, data=bytes(data[o:o + MAX_DATA])) for o in range(0, len(data), MAX_DATA)]
+        recs += [Write(path=rel, offset=o, data=bytes(data[o : o + MAX_DATA])) for o in range(0, len(data), MAX_DATA)]
         recs.append(SetAttr(path=rel, mode=mode, mtime_ns=mtime_ns))
         self._run(qtree, recs)
 
@@ -438,8 +453,15 @@ class MemVolume(VolumeHandle):
                 raise FileNotFoundError(path)
         self._run(qtree, [RmDir(path=rel)])
 
-    def set_attr(self, path: str, *, mode: int | None = None, uid: int | None = None,
-                 gid: int | None = None, mtime_ns: int | None = None) -> None:
+    def set_attr(
+        self,
+        path: str,
+        *,
+        mode: int | None = None,
+        uid: int | None = None,
+        gid: int | None = None,
+        mtime_ns: int | None = None,
+    ) -> None:
         qtree, rel = self._split(path)
         self._run(qtree, [SetAttr(path=rel, mode=mode, uid=uid, gid=gid, mtime_ns=mtime_ns)])
 
@@ -484,9 +506,16 @@ class MemVolume(VolumeHandle):
             node = self._lookup(path, snapshot)
             if node is None:
                 raise FileNotFoundError(path)
-            return {"kind": node.kind, "mode": node.mode, "uid": node.uid, "gid": node.gid,
-                    "mtime_ns": node.mtime_ns, "size": len(node.data) if isinstance(node, File) else 0,
-                    "inode": id(node), "xattrs": dict(node.xattrs)}
+            return {
+                "kind": node.kind,
+                "mode": node.mode,
+                "uid": node.uid,
+                "gid": node.gid,
+                "mtime_ns": node.mtime_ns,
+                "size": len(node.data) if isinstance(node, File) else 0,
+                "inode": id(node),
+                "xattrs": dict(node.xattrs),
+            }
 
     def listing(self, qtree: str, snapshot: str | None = None) -> dict[str, tuple]:
         """{path: ("d", mode) | ("f", mode, bytes) | ("l", target)} of a qtree (active FS or PCPI)."""
@@ -502,7 +531,7 @@ class MemVolume(VolumeHandle):
                 elif isinstance(node, File):
                     out[p] = ("f", node.mode, bytes(node.data))
                 else:
-                    assert isinstance(node, SymNode)    # a Node is a Dir, a File or a Symlink
+                    assert isinstance(node, SymNode)  # a Node is a Dir, a File or a Symlink
                     out[p] = ("l", node.target)
             return out
 
@@ -528,17 +557,23 @@ def open_volume(scheme: str, location: str, create: bool) -> MemVolume:
                         vol._load()
                 elif create:
                     if not os.path.isdir(os.path.dirname(vol.path)):
-                        raise BackendError(f"cannot create {vol.url}: directory {os.path.dirname(vol.path)} is missing",
-                                           hint="create the directory first")
+                        raise BackendError(
+                            f"cannot create {vol.url}: directory {os.path.dirname(vol.path)} is missing",
+                            hint="create the directory first",
+                        )
                     vol.active, vol.snapshots, vol.exports = {}, {}, {}
                     vol.persist()
                 else:
-                    raise BackendError(f"the volume {vol.url} does not exist (no file {vol.path})",
-                                       hint="create it (open with create=True, e.g. `coalesce init`) or fix the URL")
+                    raise BackendError(
+                        f"the volume {vol.url} does not exist (no file {vol.path})",
+                        hint="create it (open with create=True, e.g. `coalesce init`) or fix the URL",
+                    )
             elif key not in _REGISTRY and not create:
-                raise BackendError(f"the volume {vol.url} does not exist in this process",
-                                   hint=f"{scheme}://NAME volumes live in memory only; create it first, or use "
-                                        f"{scheme}:///ABS/PATH for a volume kept in a file")
+                raise BackendError(
+                    f"the volume {vol.url} does not exist in this process",
+                    hint=f"{scheme}://NAME volumes live in memory only; create it first, or use "
+                    f"{scheme}:///ABS/PATH for a volume kept in a file",
+                )
         _REGISTRY[key] = vol
         return vol
 

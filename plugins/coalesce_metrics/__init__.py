@@ -81,7 +81,7 @@ class _Group:
     def __init__(self, name: str) -> None:
         self.name = name
         self.counts: dict[str, int] = {}
-        self.pcpis: dict[str, str] = {}       # destination PCPI name -> role
+        self.pcpis: dict[str, str] = {}  # destination PCPI name -> role
         self.source_pcpis: set[str] = set()
         self.phase = "idle"
         self.cycles = 0
@@ -171,54 +171,127 @@ class MetricsObserver:
                 out.append(f"{name}{{{lab}}} {_num(value)}")
 
         gs = [self.groups[k] for k in sorted(self.groups)]
-        family("coalesce_replicas", "gauge", "Replicas per state of spec/coalescing.toml.",
-               [({"group": g.name, "state": s}, g.counts.get(s, 0))
-                for g in gs for s in (states or sorted(g.counts))])
-        family("coalesce_pcpis", "gauge", "Destination PCPIs the group holds, per role (cycle roles are at most 4).",
-               [({"group": g.name, "role": r}, sum(1 for v in g.pcpis.values() if v == r)) for g in gs for r in ROLES])
-        family("coalesce_source_pcpis", "gauge", "Source PCPIs the group holds.",
-               [({"group": g.name}, len(g.source_pcpis)) for g in gs])
-        family("coalesce_agent_phase", "gauge", "1 for the management agent's current phase.",
-               [({"group": g.name, "phase": p}, 1 if g.phase == p else 0) for g in gs for p in (phases or [g.phase])])
-        family("coalesce_cycles_total", "counter", "Finished coalescing cycles.",
-               [({"group": g.name}, g.cycles) for g in gs])
-        family("coalesce_last_cycle_timestamp_seconds", "gauge", "Unix time the last cycle ended.",
-               [({"group": g.name}, g.last_cycle) for g in gs])
-        family("coalesce_last_success_timestamp_seconds", "gauge",
-               "Unix time the last cycle without a failed transfer or rollback ended.",
-               [({"group": g.name}, g.last_success) for g in gs])
-        family("coalesce_cycle_duration_seconds", "gauge", "Duration of the last cycle.",
-               [({"group": g.name}, g.duration) for g in gs])
-        family("coalesce_slowest_transfer_seconds", "gauge", "The last cycle's slowest transfer.",
-               [({"group": g.name}, g.slowest) for g in gs])
-        family("coalesce_transferred_bytes_total", "counter", "Bytes of change records applied.",
-               [({"group": g.name}, g.bytes) for g in gs])
-        family("coalesce_transferred_records_total", "counter", "Change records applied.",
-               [({"group": g.name}, g.records) for g in gs])
-        family("coalesce_failures_total", "counter", "Failed transfers, rollbacks and retries, by kind.",
-               [({"group": g.name, "kind": k}, g.failures.get(k, 0)) for g in gs for k in FAILURE_KINDS])
-        family("coalesce_last_cycle_failures", "gauge", "Failures in the last cycle.",
-               [({"group": g.name}, g.last_failures) for g in gs])
+        family(
+            "coalesce_replicas",
+            "gauge",
+            "Replicas per state of spec/coalescing.toml.",
+            [({"group": g.name, "state": s}, g.counts.get(s, 0)) for g in gs for s in (states or sorted(g.counts))],
+        )
+        family(
+            "coalesce_pcpis",
+            "gauge",
+            "Destination PCPIs the group holds, per role (cycle roles are at most 4).",
+            [({"group": g.name, "role": r}, sum(1 for v in g.pcpis.values() if v == r)) for g in gs for r in ROLES],
+        )
+        family(
+            "coalesce_source_pcpis",
+            "gauge",
+            "Source PCPIs the group holds.",
+            [({"group": g.name}, len(g.source_pcpis)) for g in gs],
+        )
+        family(
+            "coalesce_agent_phase",
+            "gauge",
+            "1 for the management agent's current phase.",
+            [({"group": g.name, "phase": p}, 1 if g.phase == p else 0) for g in gs for p in (phases or [g.phase])],
+        )
+        family(
+            "coalesce_cycles_total",
+            "counter",
+            "Finished coalescing cycles.",
+            [({"group": g.name}, g.cycles) for g in gs],
+        )
+        family(
+            "coalesce_last_cycle_timestamp_seconds",
+            "gauge",
+            "Unix time the last cycle ended.",
+            [({"group": g.name}, g.last_cycle) for g in gs],
+        )
+        family(
+            "coalesce_last_success_timestamp_seconds",
+            "gauge",
+            "Unix time the last cycle without a failed transfer or rollback ended.",
+            [({"group": g.name}, g.last_success) for g in gs],
+        )
+        family(
+            "coalesce_cycle_duration_seconds",
+            "gauge",
+            "Duration of the last cycle.",
+            [({"group": g.name}, g.duration) for g in gs],
+        )
+        family(
+            "coalesce_slowest_transfer_seconds",
+            "gauge",
+            "The last cycle's slowest transfer.",
+            [({"group": g.name}, g.slowest) for g in gs],
+        )
+        family(
+            "coalesce_transferred_bytes_total",
+            "counter",
+            "Bytes of change records applied.",
+            [({"group": g.name}, g.bytes) for g in gs],
+        )
+        family(
+            "coalesce_transferred_records_total",
+            "counter",
+            "Change records applied.",
+            [({"group": g.name}, g.records) for g in gs],
+        )
+        family(
+            "coalesce_failures_total",
+            "counter",
+            "Failed transfers, rollbacks and retries, by kind.",
+            [({"group": g.name, "kind": k}, g.failures.get(k, 0)) for g in gs for k in FAILURE_KINDS],
+        )
+        family(
+            "coalesce_last_cycle_failures",
+            "gauge",
+            "Failures in the last cycle.",
+            [({"group": g.name}, g.last_failures) for g in gs],
+        )
 
         def per_replica(key: str, conv=float) -> list[tuple[dict[str, str], float]]:
-            return [({"group": g.name, "replica": r}, conv(h[key])) for g in gs for r, h in sorted(g.replicas.items())
-                    if h.get(key) is not None]
+            return [
+                ({"group": g.name, "replica": r}, conv(h[key]))
+                for g in gs
+                for r, h in sorted(g.replicas.items())
+                if h.get(key) is not None
+            ]
 
-        family("coalesce_replica_lag_seconds", "gauge",
-               "Age of the replica's exported image (now minus when its source PCPI was taken) at the last cycle.",
-               per_replica("lag_seconds"))
-        family("coalesce_replica_source_point_timestamp_seconds", "gauge",
-               "Unix time the source PCPI of the replica's exported image was taken.",
-               per_replica("source_point_time"))
-        family("coalesce_replica_consecutive_failures", "gauge",
-               "Transfers of the replica (updates, baselines, re-seeds) that failed in a row.",
-               per_replica("consecutive_failures", int))
-        family("coalesce_replica_last_success_timestamp_seconds", "gauge",
-               "Unix time a transfer of the replica last succeeded (0: never).",
-               per_replica("last_success"))
-        family("coalesce_replica_failing", "gauge", "1 while the replica has a last error (until a transfer succeeds).",
-               [({"group": g.name, "replica": r}, 1 if h.get("last_error") else 0)
-                for g in gs for r, h in sorted(g.replicas.items())])
+        family(
+            "coalesce_replica_lag_seconds",
+            "gauge",
+            "Age of the replica's exported image (now minus when its source PCPI was taken) at the last cycle.",
+            per_replica("lag_seconds"),
+        )
+        family(
+            "coalesce_replica_source_point_timestamp_seconds",
+            "gauge",
+            "Unix time the source PCPI of the replica's exported image was taken.",
+            per_replica("source_point_time"),
+        )
+        family(
+            "coalesce_replica_consecutive_failures",
+            "gauge",
+            "Transfers of the replica (updates, baselines, re-seeds) that failed in a row.",
+            per_replica("consecutive_failures", int),
+        )
+        family(
+            "coalesce_replica_last_success_timestamp_seconds",
+            "gauge",
+            "Unix time a transfer of the replica last succeeded (0: never).",
+            per_replica("last_success"),
+        )
+        family(
+            "coalesce_replica_failing",
+            "gauge",
+            "1 while the replica has a last error (until a transfer succeeds).",
+            [
+                ({"group": g.name, "replica": r}, 1 if h.get("last_error") else 0)
+                for g in gs
+                for r, h in sorted(g.replicas.items())
+            ],
+        )
         return "\n".join(out) + "\n"
 
     # -- writing --------------------------------------------------------------------
@@ -235,16 +308,20 @@ class MetricsObserver:
                 return
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)
-                _atomic_write(Path(str(path) + ".state.json"),
-                              json.dumps({"groups": [g.dump() for g in self.groups.values()]}, sort_keys=True))
+                _atomic_write(
+                    Path(str(path) + ".state.json"),
+                    json.dumps({"groups": [g.dump() for g in self.groups.values()]}, sort_keys=True),
+                )
                 _atomic_write(path, self.render())
                 self._dirty = False
                 self._last_write = time.monotonic()
             except OSError as exc:
                 if not self._warned:
                     self._warned = True
-                    sys.stderr.write(f"warning: coalesce_metrics cannot write {path}: {exc}\n"
-                                     f"hint: make its directory writable or change ${ENV}\n")
+                    sys.stderr.write(
+                        f"warning: coalesce_metrics cannot write {path}: {exc}\n"
+                        f"hint: make its directory writable or change ${ENV}\n"
+                    )
 
     # -- observer hooks ---------------------------------------------------------------
     @hookimpl

@@ -15,5 +15,14 @@ from .apply import Applier, ApplyFailed, NoSpace, rmtree
 from .exports import ExportTable
 from .volume import PURGATORY, RESERVED_PREFIX, PosixVolume, check_qtree
 
-__all__ = ["Applier", "ApplyFailed", "NoSpace", "rmtree", "ExportTable", "PURGATORY", "RESERVED_PREFIX",
-           "PosixVolume", "check_qtree"]
+__all__ = [
+    "Applier",
+    "ApplyFailed",
+    "NoSpace",
+    "rmtree",
+    "ExportTable",
+    "PURGATORY",
+    "RESERVED_PREFIX",
+    "PosixVolume",
+    "check_qtree",
+]

@@ -94,9 +94,9 @@ class Applier:
         self.purgatory = purgatory
         self._purg_fd: int | None = None
         self._root_fd: int | None = None
-        self._vol_fd: int | None = None                     # the volume root, for the qtree root's attributes
-        self._dirs: OrderedDict[str, int] = OrderedDict()   # parent path -> fd (LRU)
-        self._file: tuple[str, int] | None = None           # last written file
+        self._vol_fd: int | None = None  # the volume root, for the qtree root's attributes
+        self._dirs: OrderedDict[str, int] = OrderedDict()  # parent path -> fd (LRU)
+        self._file: tuple[str, int] | None = None  # last written file
         # (uid, gid, permission bits) of the regular files and directories this applier created
         # or opened for writing, read from the descriptor then: a later SetAttr of the same path
         # needs no lstat (on FUSE one round trip to the daemon per file).  Valid only while the
@@ -122,7 +122,8 @@ class Applier:
                     if exc.errno in _NOFOLLOW_ERRNOS:
                         raise HostilePath(
                             f"qtree {self.qtree!r} in {self.volume_root} is not a directory (a symlink?)",
-                            hint="remove the impostor entry; the qtree must be a real directory") from exc
+                            hint="remove the impostor entry; the qtree must be a real directory",
+                        ) from exc
                     raise
             finally:
                 os.close(vfd)
@@ -178,7 +179,7 @@ class Applier:
             return fd, name
         below = parent + "/"
         for key in reversed(self._dirs):
-            if key.startswith(below) and "/" not in key[len(below):]:
+            if key.startswith(below) and "/" not in key[len(below) :]:
                 # a directory just below it is open (a tree removed deepest first): its "..",
                 # which is the directory at ``parent`` (a kept descriptor never outlives its path)
                 cur = os.open("..", O_DIR, dir_fd=self._dirs[key])
@@ -194,7 +195,7 @@ class Applier:
         walked = [known] if known else []
         opened: list[int] = []
         try:
-            for comp in (parent[len(known) + 1:] if known else parent).split("/"):
+            for comp in (parent[len(known) + 1 :] if known else parent).split("/"):
                 walked.append(comp)
                 try:
                     nfd = os.open(comp, O_DIR, dir_fd=cur)
@@ -209,12 +210,17 @@ class Applier:
                         if what == "a symlink":
                             raise HostilePath(
                                 f"{path!r}: {where!r} in qtree {self.qtree!r} is a symlink; the applier never follows one",
-                                hint="the stream tries to write through a symlink (I10); the update is rolled back") from exc
-                        raise CorruptStream(f"{path!r}: {where!r} in qtree {self.qtree!r} is {what}",
-                                            hint="the stream does not match the replica; the update is rolled back") from exc
+                                hint="the stream tries to write through a symlink (I10); the update is rolled back",
+                            ) from exc
+                        raise CorruptStream(
+                            f"{path!r}: {where!r} in qtree {self.qtree!r} is {what}",
+                            hint="the stream does not match the replica; the update is rolled back",
+                        ) from exc
                     if exc.errno == errno.ENOENT:
-                        raise CorruptStream(f"{path!r}: directory {'/'.join(walked)!r} does not exist in qtree {self.qtree!r}",
-                                            hint="the stream does not match the replica (order contract); it is rolled back") from exc
+                        raise CorruptStream(
+                            f"{path!r}: directory {'/'.join(walked)!r} does not exist in qtree {self.qtree!r}",
+                            hint="the stream does not match the replica (order contract); it is rolled back",
+                        ) from exc
                     raise
                 opened.append(nfd)
                 cur = nfd
@@ -321,7 +327,7 @@ class Applier:
                     writer.put(rec)
                 else:
                     if writer is not None:
-                        writer.drain()              # idle: raises its failure, if its last record failed
+                        writer.drain()  # idle: raises its failure, if its last record failed
                     self._apply_one(rec)
             if writer is not None:
                 writer.drain()
@@ -357,24 +363,32 @@ class Applier:
                 os.unlink(name, dir_fd=dfd)
             except (OSError, CorruptStream, HostilePath):
                 return
-        os.sync()      # commit, so that copy-on-write file systems unpin the freed extents
+        os.sync()  # commit, so that copy-on-write file systems unpin the freed extents
         self.released = path
 
     def _os_error(self, rec: object, exc: OSError) -> BackendError:
         where = os.path.join(self.volume_root, self.qtree)
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            released = f"; the partial file {self.released!r} was released to make room for the rollback" if self.released else ""
+            released = (
+                f"; the partial file {self.released!r} was released to make room for the rollback"
+                if self.released
+                else ""
+            )
             return NoSpace(
                 f"no space left on the destination file system while applying {type(rec).__name__} "
                 f"to {getattr(rec, 'path', getattr(rec, 'old', '?'))!r} in {where}: {exc.strerror}{released}",
                 hint="the update fails and the replica rolls back; free space or grow the volume "
-                     "(PCPIs and exported images are untouched)")
+                "(PCPIs and exported images are untouched)",
+            )
         if exc.errno in (errno.ENOTSUP, errno.EOPNOTSUPP) and isinstance(rec, SetXattr):
             return ApplyFailed(
                 f"the file system under {where} does not support extended attributes ({rec.name!r} on {rec.path!r})",
-                hint="enable xattrs on the destination (zfs-fuse has none; OpenZFS: xattr=sa) or use a source without them")
-        return ApplyFailed(f"applying {rec!r:.200} to {where} failed: {exc}",
-                           hint="the update fails and the replica takes the rollback path")
+                hint="enable xattrs on the destination (zfs-fuse has none; OpenZFS: xattr=sa) or use a source without them",
+            )
+        return ApplyFailed(
+            f"applying {rec!r:.200} to {where} failed: {exc}",
+            hint="the update fails and the replica takes the rollback path",
+        )
 
     def one(self, rec: Any) -> None:
         if isinstance(rec, Write):
@@ -404,7 +418,7 @@ class Applier:
             self._file = (rec.path, fd)
             st = os.fstat(fd)
             if stat.S_IMODE(st.st_mode) != mode:
-                os.fchmod(fd, mode)                 # the umask took bits away
+                os.fchmod(fd, mode)  # the umask took bits away
             self._remember(rec.path, st, mode)
         elif isinstance(rec, MkDir):
             mode = rec.mode & 0o7777
@@ -414,13 +428,13 @@ class Applier:
             except FileExistsError:
                 st = self._lstat(dfd, name)
                 if st is not None and stat.S_ISDIR(st.st_mode):
-                    return                          # idempotent replay
+                    return  # idempotent replay
                 if st is not None:
                     self._discard(rec.path, dfd, name, st)
                     dfd, name = self._parent(rec.path)
                 os.mkdir(name, mode, dir_fd=dfd)
             st = os.lstat(name, dir_fd=dfd)
-            if stat.S_IMODE(st.st_mode) != mode:    # the umask took bits away
+            if stat.S_IMODE(st.st_mode) != mode:  # the umask took bits away
                 fd = os.open(name, O_DIR, dir_fd=dfd)
                 try:
                     os.fchmod(fd, mode)
@@ -443,7 +457,9 @@ class Applier:
             sfd, sname = self._parent(rec.existing)
             sst = self._lstat(sfd, sname)
             if sst is None:
-                raise CorruptStream(f"hard link {rec.path!r}: source {rec.existing!r} does not exist in qtree {self.qtree!r}")
+                raise CorruptStream(
+                    f"hard link {rec.path!r}: source {rec.existing!r} does not exist in qtree {self.qtree!r}"
+                )
             if stat.S_ISDIR(sst.st_mode):
                 raise CorruptStream(f"hard link {rec.path!r}: source {rec.existing!r} is a directory")
             dfd, name = self._parent(rec.path)
@@ -464,8 +480,10 @@ class Applier:
             dst = self._lstat(dfd, dname)
             if sst is None:
                 if dst is not None:
-                    return                          # replay: already renamed
-                raise CorruptStream(f"rename {rec.old!r} -> {rec.new!r}: {rec.old!r} does not exist in qtree {self.qtree!r}")
+                    return  # replay: already renamed
+                raise CorruptStream(
+                    f"rename {rec.old!r} -> {rec.new!r}: {rec.old!r} does not exist in qtree {self.qtree!r}"
+                )
             if dst is not None:
                 if (dst.st_dev, dst.st_ino) == (sst.st_dev, sst.st_ino):
                     return
@@ -498,20 +516,24 @@ class Applier:
             except OSError as exc:
                 if exc.errno != errno.ENOTEMPTY:
                     raise
-                raise CorruptStream(f"rmdir {rec.path!r}: directory not empty in qtree {self.qtree!r}",
-                                    hint="the stream does not match the replica; it is rolled back") from exc
+                raise CorruptStream(
+                    f"rmdir {rec.path!r}: directory not empty in qtree {self.qtree!r}",
+                    hint="the stream does not match the replica; it is rolled back",
+                ) from exc
             self._forget_dir(rec.path)
         elif isinstance(rec, SetAttr):
             self._setattr(rec)
         elif isinstance(rec, SetXattr):
-            self._known.pop(rec.path, None)     # a POSIX ACL (system.posix_acl_access) changes the mode
+            self._known.pop(rec.path, None)  # a POSIX ACL (system.posix_acl_access) changes the mode
             dfd, name = self._attr_target(rec.path)
             try:
                 fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dfd)
             except OSError as exc:
                 if exc.errno == errno.ELOOP:
-                    raise ApplyFailed(f"xattr {rec.name!r} on symlink {rec.path!r}: not supported by the POSIX applier",
-                                      hint="Linux keeps no user xattrs on symlinks") from exc
+                    raise ApplyFailed(
+                        f"xattr {rec.name!r} on symlink {rec.path!r}: not supported by the POSIX applier",
+                        hint="Linux keeps no user xattrs on symlinks",
+                    ) from exc
                 raise
             try:
                 if rec.value is None:
@@ -535,11 +557,15 @@ class Applier:
         try:
             fd = os.open(name, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
         except FileNotFoundError as exc:
-            raise CorruptStream(f"write to {path!r}: no such file in qtree {self.qtree!r}",
-                                hint="the stream does not match the replica; it is rolled back") from exc
+            raise CorruptStream(
+                f"write to {path!r}: no such file in qtree {self.qtree!r}",
+                hint="the stream does not match the replica; it is rolled back",
+            ) from exc
         except OSError as exc:
             if exc.errno == errno.ELOOP:
-                raise HostilePath(f"write to {path!r}: it is a symlink in qtree {self.qtree!r}; never followed") from exc
+                raise HostilePath(
+                    f"write to {path!r}: it is a symlink in qtree {self.qtree!r}; never followed"
+                ) from exc
             if exc.errno == errno.EISDIR:
                 raise CorruptStream(f"write to {path!r}: it is a directory") from exc
             raise
@@ -576,10 +602,15 @@ class Applier:
             uid, gid, imode, link = st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode), stat.S_ISLNK(st.st_mode)
         # what already holds is not set again (the same owner, mode, times): a chown
         # or chmod costs a metadata update each, and most SetAttr records only move mtime
-        chowned = ((rec.uid is not None and rec.uid != uid) or (rec.gid is not None and rec.gid != gid))
+        chowned = (rec.uid is not None and rec.uid != uid) or (rec.gid is not None and rec.gid != gid)
         if chowned:
-            os.chown(name, -1 if rec.uid is None else rec.uid, -1 if rec.gid is None else rec.gid,
-                     dir_fd=dfd, follow_symlinks=False)
+            os.chown(
+                name,
+                -1 if rec.uid is None else rec.uid,
+                -1 if rec.gid is None else rec.gid,
+                dir_fd=dfd,
+                follow_symlinks=False,
+            )
         # chown clears the set-id bits, so after one the mode is always set again
         if rec.mode is not None and not link and (chowned or imode != rec.mode & 0o7777):
             fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dfd)
@@ -590,7 +621,7 @@ class Applier:
         if rec.mtime_ns is not None:
             if self._file is not None and self._file[0] == rec.path:
                 self._close_file()
-                st = None                           # a FUSE file system may set the times at close
+                st = None  # a FUSE file system may set the times at close
             if st is None or st.st_mtime_ns != rec.mtime_ns or st.st_atime_ns != rec.mtime_ns:
                 os.utime(name, ns=(rec.mtime_ns, rec.mtime_ns), dir_fd=dfd, follow_symlinks=False)
 
@@ -601,8 +632,9 @@ class _Writer:
     def __init__(self, applier: Applier) -> None:
         self._queue: queue.Queue = queue.Queue(maxsize=_PIPE_DEPTH)
         self._failed: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, args=(applier,), name=f"coalesce-apply-{applier.qtree}",
-                                        daemon=True)
+        self._thread = threading.Thread(
+            target=self._run, args=(applier,), name=f"coalesce-apply-{applier.qtree}", daemon=True
+        )
         self._thread.start()
 
     def _run(self, applier: Applier) -> None:
@@ -611,9 +643,9 @@ class _Writer:
             try:
                 if rec is None:
                     return
-                if self._failed is None:            # after a failure: drain, so that put() never blocks
+                if self._failed is None:  # after a failure: drain, so that put() never blocks
                     applier._apply_one(rec)
-            except BaseException as exc:            # noqa: BLE001 -- raised in the puller's thread
+            except BaseException as exc:  # noqa: BLE001 -- raised in the puller's thread
                 self._failed = exc
             finally:
                 self._queue.task_done()
@@ -645,7 +677,7 @@ def purgatory_name(seq: int, name: str) -> str:
     file name's 255 bytes whatever ``name`` holds (255 bytes of multi-byte UTF-8 included)."""
     raw = os.fsencode(name)[:PURGATORY_NAME_KEEP]
     if len(raw) == PURGATORY_NAME_KEEP:
-        while raw and raw[-1] & 0xC0 == 0x80:   # do not cut a UTF-8 character in two
+        while raw and raw[-1] & 0xC0 == 0x80:  # do not cut a UTF-8 character in two
             raw = raw[:-1]
         if raw and raw[-1] & 0xC0 == 0xC0:
             raw = raw[:-1]
@@ -718,7 +750,7 @@ def rmtree(path: str) -> bool:
     except FileNotFoundError:
         return False
     parent, name = os.path.split(os.path.normpath(path))
-    pfd = os.open(parent or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)   # as lstat: only the last is not followed
+    pfd = os.open(parent or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)  # as lstat: only the last is not followed
     try:
         _remove_entry(pfd, name, st)
     finally:

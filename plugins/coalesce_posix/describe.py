@@ -154,8 +154,9 @@ def _one_block(data: bytes) -> str:
 
 
 _TAG = getattr(fingerprint, "_CONTENT_TAG", b"")
-_FAST = bool(_TAG) and all(_one_block(b) == fingerprint.content_digest_of(b)
-                           for b in (b"", b"\0" * 100, b"x" * 100, bytes(range(256)) * 16))
+_FAST = bool(_TAG) and all(
+    _one_block(b) == fingerprint.content_digest_of(b) for b in (b"", b"\0" * 100, b"x" * 100, bytes(range(256)) * 16)
+)
 
 
 def content_digest(fd: int, size: int) -> str:
@@ -184,6 +185,7 @@ def _entries(fd: int) -> tuple[tuple[str, str], ...]:
 
 class _Common(TypedDict):
     """The Description fields every kind of entry has."""
+
     uid: int
     gid: int
     mtime_ns: int
@@ -208,16 +210,24 @@ def _describe(dirs: _Dirs, path: str, content: bool) -> Description:
         return Description(path=path, kind="l", target=os.fsdecode(os.readlink(name, dir_fd=pfd)), **common)
     if stat.S_ISDIR(mode):
         fd = dirs.fd(path)
-        if fd is None:                      # replaced since the fstatat (a live file system)
+        if fd is None:  # replaced since the fstatat (a live file system)
             return Description.absent(path)
-        return Description(path=path, kind="d", mode=mode & 0o7777, xattrs=_xattrs(fd), entries=_entries(fd),
-                           **common)
+        return Description(path=path, kind="d", mode=mode & 0o7777, xattrs=_xattrs(fd), entries=_entries(fd), **common)
     if stat.S_ISREG(mode):
         fd = os.open(name, _FILE_FLAGS, dir_fd=pfd)
         try:
             digest = content_digest(fd, st.st_size) if content else None
-            return Description(path=path, kind="f", mode=mode & 0o7777, size=st.st_size, xattrs=_xattrs(fd),
-                               content=digest, ident=st.st_ino, nlink=st.st_nlink, **common)
+            return Description(
+                path=path,
+                kind="f",
+                mode=mode & 0o7777,
+                size=st.st_size,
+                xattrs=_xattrs(fd),
+                content=digest,
+                ident=st.st_ino,
+                nlink=st.st_nlink,
+                **common,
+            )
         finally:
             os.close(fd)
     return Description.absent(path)
@@ -265,4 +275,3 @@ def describe_tree(qdir: str, content: bool) -> Iterator[Description]:
     finally:
         dirs.close()
         os.close(qfd)
-

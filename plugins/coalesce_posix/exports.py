@@ -34,8 +34,9 @@ _GEN = re.compile(r"^exports\.(\d+)$")
 
 
 class ExportTable:
-    def __init__(self, root: str, image_path: Callable[[str, str], str],
-                 parse: Callable[[str, str], str | None]) -> None:
+    def __init__(
+        self, root: str, image_path: Callable[[str, str], str], parse: Callable[[str, str], str | None]
+    ) -> None:
         """``image_path(replica, pcpi_or_ACTIVE)`` -> absolute path of the image;
         ``parse(replica, link_target)`` -> the PCPI name (or ACTIVE) it shows."""
         self.root = root
@@ -99,7 +100,7 @@ class ExportTable:
         except FileNotFoundError:
             pass
         os.symlink(f"exports.{gen}", tmp_link)
-        os.rename(tmp_link, self.link)          # THE atomic switch of the whole table
+        os.rename(tmp_link, self.link)  # THE atomic switch of the whole table
         _fsync_dir(self.root)
         self._gc(gen)
         return True
@@ -107,7 +108,11 @@ class ExportTable:
     def _gc(self, keep: int | None) -> None:
         for n in os.listdir(self.root):
             m = _GEN.match(n)
-            if (m and int(m.group(1)) != keep) or n.endswith(".tmp") or (n.startswith(".exports.") and n.endswith(".link")):
+            if (
+                (m and int(m.group(1)) != keep)
+                or n.endswith(".tmp")
+                or (n.startswith(".exports.") and n.endswith(".link"))
+            ):
                 rmtree(os.path.join(self.root, n))
 
     def remove(self) -> None:
@@ -128,7 +133,7 @@ def parse_under(prefix: str, replica: str, target: str, live: str) -> str | None
         return ACTIVE
     pre = prefix.rstrip("/") + "/"
     if target.startswith(pre):
-        rest = target[len(pre):]
+        rest = target[len(pre) :]
         pcpi, _, rep = rest.partition("/")
         if rep == replica:
             return pcpi

@@ -26,14 +26,17 @@ def which(tool: str, *, package: str) -> str:
     )
 
 
-def run(argv: Sequence[str], *, hint: str = "", check: bool = True, input: bytes | None = None,
-        timeout: float | None = 600) -> subprocess.CompletedProcess:
+def run(
+    argv: Sequence[str], *, hint: str = "", check: bool = True, input: bytes | None = None, timeout: float | None = 600
+) -> subprocess.CompletedProcess:
     """Run ``argv`` (a list, no shell) and capture its output as bytes."""
     argv = [os.fspath(a) for a in argv]
     try:
         proc = subprocess.run(argv, input=input, capture_output=True, timeout=timeout, check=False)
     except FileNotFoundError as exc:
-        raise BackendError(f"cannot run {argv[0]!r}: not installed", hint=hint or "install the file-system tools") from exc
+        raise BackendError(
+            f"cannot run {argv[0]!r}: not installed", hint=hint or "install the file-system tools"
+        ) from exc
     except subprocess.TimeoutExpired as exc:
         raise BackendError(f"`{' '.join(argv)}` did not finish within {timeout}s", hint=hint) from exc
     if check and proc.returncode != 0:
@@ -63,8 +66,10 @@ def read_exact(f: BinaryIO, n: int, what: str, tool: str) -> bytes:
     while got < n:
         more = f.read(n - got)
         if not more:
-            raise TruncatedStream(f"the {tool} stream ended inside {what} ({got} of {n} bytes)",
-                                  hint=f"`{tool}` died or was killed; the update fails and rolls back")
+            raise TruncatedStream(
+                f"the {tool} stream ended inside {what} ({got} of {n} bytes)",
+                hint=f"`{tool}` died or was killed; the update fails and rolls back",
+            )
         parts.append(more)
         got += len(more)
     return b"".join(parts)
@@ -97,12 +102,13 @@ class StreamingCommand:
     @property
     def stdout(self) -> BinaryIO:
         assert self.proc is not None and self.proc.stdout is not None
-        return cast(BinaryIO, self.proc.stdout)    # __enter__ opens it binary and buffered: an io.BufferedReader
+        return cast(BinaryIO, self.proc.stdout)  # __enter__ opens it binary and buffered: an io.BufferedReader
 
     def __enter__(self) -> "StreamingCommand":
         try:
-            self.proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                         stdin=subprocess.DEVNULL, bufsize=1 << 20)
+            self.proc = subprocess.Popen(
+                self.argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, bufsize=1 << 20
+            )
         except OSError as exc:
             raise BackendError(f"cannot run {self.argv[0]!r}: {exc}", hint=self.hint) from None
         return self
@@ -123,8 +129,11 @@ class StreamingCommand:
                 proc.wait()
                 if isinstance(ev, StreamError):
                     msg = proc.stderr.read().decode("utf-8", "replace").strip()
-                    raise type(ev)(f"{ev.message}; `{' '.join(self.argv)}` exit status {proc.returncode}: "
-                                   f"{msg or '(no error output)'}", hint=ev.hint) from ev
+                    raise type(ev)(
+                        f"{ev.message}; `{' '.join(self.argv)}` exit status {proc.returncode}: "
+                        f"{msg or '(no error output)'}",
+                        hint=ev.hint,
+                    ) from ev
                 return
             rest = proc.stdout.read()
             err = proc.stderr.read()
@@ -138,5 +147,6 @@ class StreamingCommand:
         if rc != 0:
             raise command_error(self.argv, rc, err, hint=self.hint)
         if rest:
-            raise BackendError(f"`{' '.join(self.argv)}` wrote {len(rest)} bytes after the end of its stream",
-                               hint=self.hint)
+            raise BackendError(
+                f"`{' '.join(self.argv)}` wrote {len(rest)} bytes after the end of its stream", hint=self.hint
+            )

@@ -31,8 +31,10 @@ PURGATORY = ".coalesce-purgatory"
 def check_qtree(qtree: str) -> str:
     check_path(qtree, what="qtree")
     if "/" in qtree or qtree.startswith(RESERVED_PREFIX):
-        raise BackendError(f"{qtree!r} is not a qtree name",
-                           hint=f"a qtree is one top-level directory name, not starting with {RESERVED_PREFIX!r}")
+        raise BackendError(
+            f"{qtree!r} is not a qtree name",
+            hint=f"a qtree is one top-level directory name, not starting with {RESERVED_PREFIX!r}",
+        )
     return qtree
 
 
@@ -40,7 +42,7 @@ class PosixVolume(VolumeHandle):
     """A volume whose active file system is the directory ``root``."""
 
     scheme = "posix"
-    metadir: str | None = None     # set by the backend: the ledger's directory kept with the volume
+    metadir: str | None = None  # set by the backend: the ledger's directory kept with the volume
 
     def __init__(self, url: Any, root: str, export_root: str) -> None:
         self.url = url
@@ -115,9 +117,13 @@ class PosixVolume(VolumeHandle):
 
     def qtree_list(self, snapshot: str | None) -> list[str]:
         with self.image(snapshot) as root:
-            return [n for n in walk.listdir_sorted(root)
-                    if not n.startswith(RESERVED_PREFIX) and os.path.isdir(os.path.join(root, n))
-                    and not os.path.islink(os.path.join(root, n))]
+            return [
+                n
+                for n in walk.listdir_sorted(root)
+                if not n.startswith(RESERVED_PREFIX)
+                and os.path.isdir(os.path.join(root, n))
+                and not os.path.islink(os.path.join(root, n))
+            ]
 
     def fingerprint(self, qtree: str, snapshot: str | None) -> str:
         check_qtree(qtree)
@@ -143,8 +149,10 @@ class PosixVolume(VolumeHandle):
             check_qtree(r)
         missing = sorted(pcpis - set(self.snapshot_list()))
         if missing:
-            raise BackendError(f"cannot export PCPI(s) {', '.join(missing)} of {self.url}: they do not exist",
-                               hint="export only PCPIs that snapshot_list() shows; the export table is unchanged")
+            raise BackendError(
+                f"cannot export PCPI(s) {', '.join(missing)} of {self.url}: they do not exist",
+                hint="export only PCPIs that snapshot_list() shows; the export table is unchanged",
+            )
         self.prepare_export(pcpis)
         self.exports().switch(mapping)
         self.after_export(pcpis)

@@ -153,7 +153,7 @@ class Reader:
             cur = self._keep_fd(known, os.open(self.path(known), _O_DIR))
             if known == rel:
                 return cur
-        for comp in rel[len(known) + 1:].split("/") if known else rel.split("/"):
+        for comp in rel[len(known) + 1 :].split("/") if known else rel.split("/"):
             known = f"{known}/{comp}" if known else comp
             cur = self._keep_fd(known, os.open(comp, _O_DIR, dir_fd=cur))
         return cur
@@ -276,7 +276,7 @@ def content_digest_fd(fd: int, size: int | None = None) -> str:
         while pos < end:
             data = os.pread(fd, min(CHUNK, end - pos), pos)
             if not data:
-                break                       # shorter than it was: the rest reads as zeros
+                break  # shorter than it was: the rest reads as zeros
             digest.update(pos, data)
             pos += len(data)
     return digest.hexdigest()
@@ -295,8 +295,7 @@ def entries(root: str) -> Iterator[fp.Entry]:
                     digest = content_digest_fd(fd, st.st_size)
                 finally:
                     os.close(fd)
-                yield fp.Entry(path=rel, kind="f", mode=st.st_mode & 0o7777, size=st.st_size,
-                               content_sha256=digest)
+                yield fp.Entry(path=rel, kind="f", mode=st.st_mode & 0o7777, size=st.st_size, content_sha256=digest)
             elif k == "l":
                 # Linux symlinks have no settable permission bits: canonical mode 0.
                 yield fp.Entry(path=rel, kind="l", mode=0, target=os.fsdecode(rd.readlink(rel)))
@@ -324,7 +323,7 @@ def data_segments(fd: int, start: int, end: int) -> Iterator[tuple[int, int]]:
         try:
             d = os.lseek(fd, pos, os.SEEK_DATA)
         except OSError as exc:
-            if exc.errno == errno.ENXIO:      # only a hole up to EOF
+            if exc.errno == errno.ENXIO:  # only a hole up to EOF
                 return
             if exc.errno in (errno.EINVAL, errno.EOPNOTSUPP):
                 yield pos, end - pos
@@ -363,8 +362,9 @@ class ReadAhead:
     def __init__(self, files: list[tuple[str, int]], ahead: int = 128) -> None:
         self._state = _ReadAheadState(ahead)
         if files and _HAVE_FADVISE:
-            threading.Thread(target=_read_ahead, args=(files, self._state), name="coalesce-readahead",
-                             daemon=True).start()
+            threading.Thread(
+                target=_read_ahead, args=(files, self._state), name="coalesce-readahead", daemon=True
+            ).start()
         weakref.finalize(self, self._state.stop)
 
     def next(self) -> None:
@@ -378,7 +378,7 @@ class _ReadAheadState:
     def __init__(self, ahead: int) -> None:
         self.cond = threading.Condition()
         self.ahead = ahead
-        self.pos = 0                # files the reader has started on
+        self.pos = 0  # files the reader has started on
         self.stopped = False
 
     def advance(self) -> None:
@@ -456,7 +456,7 @@ def _read_xattrs(path: str | int, root: str | None) -> dict[str, bytes]:
     """:func:`read_xattrs` of a path or an open descriptor, in the tree_diff image ``root`` (if any)."""
     if root is not None and _XATTR_ROOTS.roots[root] is False:
         return {}
-    follow = isinstance(path, int)          # a descriptor: no symlink to follow
+    follow = isinstance(path, int)  # a descriptor: no symlink to follow
     try:
         names = os.listxattr(path, follow_symlinks=follow)
     except OSError as exc:
@@ -490,8 +490,12 @@ def setattr_record(rel: str, st: os.stat_result) -> SetAttr:
 
 
 def attrs_differ(a: os.stat_result, b: os.stat_result) -> bool:
-    return ((a.st_mode & 0o7777) != (b.st_mode & 0o7777) or a.st_uid != b.st_uid or a.st_gid != b.st_gid
-            or a.st_mtime_ns != b.st_mtime_ns)
+    return (
+        (a.st_mode & 0o7777) != (b.st_mode & 0o7777)
+        or a.st_uid != b.st_uid
+        or a.st_gid != b.st_gid
+        or a.st_mtime_ns != b.st_mtime_ns
+    )
 
 
 def file_create_records(root: str, rel: str, st: os.stat_result, dest_rel: str | None = None) -> Iterator[object]:
@@ -500,7 +504,7 @@ def file_create_records(root: str, rel: str, st: os.stat_result, dest_rel: str |
     dest = dest_rel or rel
     yield MkFile(path=dest, mode=st.st_mode & 0o7777)
     fd = open_under(root, rel)
-    written = 0                     # the size the records give the new file
+    written = 0  # the size the records give the new file
     try:
         size = os.fstat(fd).st_size
         for w in write_records(dest, fd, 0, size, skip_zero=True):
@@ -508,7 +512,7 @@ def file_create_records(root: str, rel: str, st: os.stat_result, dest_rel: str |
             yield w
     finally:
         os.close(fd)
-    if written != size:             # a hole (or zeros) at the end
+    if written != size:  # a hole (or zeros) at the end
         yield Truncate(path=dest, size=size)
     yield from xattr_records(dest, {}, xattrs_under(root, rel))
 
@@ -548,9 +552,17 @@ class FileData:
 READ = FileData()
 
 
-def create_records(root: str, rel: str, *, dest_rel: str | None = None, links: dict | None = None,
-                   skip: Callable[[str], bool] | None = None, attrs_out: list | None = None,
-                   st: os.stat_result | None = None, data: "FileData | None" = None) -> Iterator[object]:
+def create_records(
+    root: str,
+    rel: str,
+    *,
+    dest_rel: str | None = None,
+    links: dict | None = None,
+    skip: Callable[[str], bool] | None = None,
+    attrs_out: list | None = None,
+    st: os.stat_result | None = None,
+    data: "FileData | None" = None,
+) -> Iterator[object]:
     """Records that create the entry ``root/rel`` (and, for a directory, everything
     below it) at ``dest_rel`` (default ``rel``) in a qtree.
 
@@ -575,11 +587,19 @@ def create_records(root: str, rel: str, *, dest_rel: str | None = None, links: d
         yield from sorted_attrs(attrs_list)
 
 
-def _create_one(rd: Reader, rel: str, dest: str, st: os.stat_result, links: dict,
-                skip: Callable[[str], bool] | None, attrs_list: list, data: FileData) -> Iterator[object]:
+def _create_one(
+    rd: Reader,
+    rel: str,
+    dest: str,
+    st: os.stat_result,
+    links: dict,
+    skip: Callable[[str], bool] | None,
+    attrs_list: list,
+    data: FileData,
+) -> Iterator[object]:
     """:func:`create_records` of one entry of ``rd``'s tree, in pre-order (iterative: any depth);
     a directory's SetAttr is appended after its contents'."""
-    dirs: list[tuple[str, str, os.stat_result, Iterator[str]]] = []   # directories being created
+    dirs: list[tuple[str, str, os.stat_result, Iterator[str]]] = []  # directories being created
     item: tuple[str, str, os.stat_result] | None = (rel, dest, st)
     while True:
         if item is not None:
@@ -653,9 +673,15 @@ def root_records(base: str | None, target: str, *, force: bool) -> Iterator[obje
 # ---------------------------------------------------------------------------
 # the tree-compare diff
 # ---------------------------------------------------------------------------
-def tree_diff(base: str | None, target: str, *, same_lineage: bool = True,
-              prune: set[str] | None = None, quick_before_ns: int | None = None,
-              data: FileData = READ) -> Iterator[object]:
+def tree_diff(
+    base: str | None,
+    target: str,
+    *,
+    same_lineage: bool = True,
+    prune: set[str] | None = None,
+    quick_before_ns: int | None = None,
+    data: FileData = READ,
+) -> Iterator[object]:
     """Change records that turn the tree below ``base`` into the tree below ``target``.
 
     ``same_lineage``: both trees are images of the same file system (a
@@ -772,12 +798,21 @@ def _remove_subtree(rd: Reader, rel: str, st: os.stat_result) -> Iterator[object
             yield Unlink(path=r)
 
 
-def _updates(rb: Reader | None, rt: Reader, quick: int | None, links: dict, attrs_list: list,
-             prune: set[str] | None, same_lineage: bool, data: FileData) -> Iterator[object]:
+def _updates(
+    rb: Reader | None,
+    rt: Reader,
+    quick: int | None,
+    links: dict,
+    attrs_list: list,
+    prune: set[str] | None,
+    same_lineage: bool,
+    data: FileData,
+) -> Iterator[object]:
     """Creation and update records of the target's entries in pre-order (iterative: any depth);
     a kept directory's SetAttr is appended after its contents'."""
     dirs: list[tuple[str, Iterator[str], os.stat_result | None, os.stat_result | None]] = [
-        ("", iter(rt.listdir("")), None, None)]
+        ("", iter(rt.listdir("")), None, None)
+    ]
     while dirs:
         rel, names, db, dt = dirs[-1]
         name = next(names, None)
@@ -813,9 +848,14 @@ def _updates(rb: Reader | None, rt: Reader, quick: int | None, links: dict, attr
         else:
             if t.st_nlink > 1:
                 links.setdefault((t.st_dev, t.st_ino), r)
-            quick_same = (quick is not None and b.st_ino == t.st_ino and b.st_size == t.st_size
-                          and b.st_mtime_ns == t.st_mtime_ns and b.st_ctime_ns == t.st_ctime_ns
-                          and b.st_ctime_ns < quick)
+            quick_same = (
+                quick is not None
+                and b.st_ino == t.st_ino
+                and b.st_size == t.st_size
+                and b.st_mtime_ns == t.st_mtime_ns
+                and b.st_ctime_ns == t.st_ctime_ns
+                and b.st_ctime_ns < quick
+            )
             if not quick_same:
                 yield from data.updated(rb.root, rt.root, r, b, t)
         if attrs_differ(b, t):

@@ -25,7 +25,7 @@ __all__ = ["RemoteVolume", "ClientSettings", "load_settings", "close_all", "back
 
 _DESCRIPTIONS = {
     "ssh": "a source volume on another host, through ssh and `coalesce serve --stdio` "
-           "(ssh://[user@]host[:port]/<volume URL>)",
+    "(ssh://[user@]host[:port]/<volume URL>)",
     "tls": "a source volume served by `coalesce serve --listen` over mutual TLS 1.3 (tls://host:port/<name>)",
 }
 

@@ -52,11 +52,11 @@ class ClientSettings:
     key: str | None = None
     ca: str | None = None
     server_name: str | None = None
-    compression: str = "auto"       # auto | zlib | zstd | none
+    compression: str = "auto"  # auto | zlib | zstd | none
     bandwidth: float | None = None  # bytes/s asked of the server (it applies the smaller of both limits)
     retries: int = 3
     retry_delay: float = 1.0
-    timeout: float = 30.0           # no data for this long: the peer or the link is dead
+    timeout: float = 30.0  # no data for this long: the peer or the link is dead
     keepalive: float = 15.0
     ssh: tuple[str, ...] = ("ssh",)
     ssh_remote_command: str = "coalesce serve --stdio"
@@ -89,11 +89,19 @@ def load_settings(env: dict[str, str] | None = None) -> ClientSettings:
             kw["ssh"] = sh["command"]
         if "remote_command" in sh:
             kw["ssh_remote_command"] = str(sh["remote_command"])
-    for var, k in (("COALESCE_TLS_CERT", "cert"), ("COALESCE_TLS_KEY", "key"), ("COALESCE_TLS_CA", "ca"),
-                   ("COALESCE_TLS_SERVER_NAME", "server_name"), ("COALESCE_COMPRESSION", "compression"),
-                   ("COALESCE_BANDWIDTH", "bandwidth"), ("COALESCE_RETRIES", "retries"),
-                   ("COALESCE_RETRY_DELAY", "retry_delay"), ("COALESCE_TIMEOUT", "timeout"),
-                   ("COALESCE_SSH", "ssh"), ("COALESCE_SSH_REMOTE_COMMAND", "ssh_remote_command")):
+    for var, k in (
+        ("COALESCE_TLS_CERT", "cert"),
+        ("COALESCE_TLS_KEY", "key"),
+        ("COALESCE_TLS_CA", "ca"),
+        ("COALESCE_TLS_SERVER_NAME", "server_name"),
+        ("COALESCE_COMPRESSION", "compression"),
+        ("COALESCE_BANDWIDTH", "bandwidth"),
+        ("COALESCE_RETRIES", "retries"),
+        ("COALESCE_RETRY_DELAY", "retry_delay"),
+        ("COALESCE_TIMEOUT", "timeout"),
+        ("COALESCE_SSH", "ssh"),
+        ("COALESCE_SSH_REMOTE_COMMAND", "ssh_remote_command"),
+    ):
         if env.get(var):
             kw[k] = env[var]
     try:
@@ -111,8 +119,9 @@ def load_settings(env: dict[str, str] | None = None) -> ClientSettings:
         raise ConfigError(f"client settings: {exc}", hint="see docs/network.md, 'Client settings'") from None
     comp = str(kw.get("compression", "auto")).lower()
     if comp not in ("auto", "none", *P.COMPRESSIONS):
-        raise ConfigError(f"client settings: compression {comp!r} is not one of auto, none, "
-                          f"{', '.join(P.COMPRESSIONS)}")
+        raise ConfigError(
+            f"client settings: compression {comp!r} is not one of auto, none, {', '.join(P.COMPRESSIONS)}"
+        )
     kw["compression"] = comp
     if kw.get("retries", 3) < 0 or kw.get("timeout", 30.0) <= 0:
         raise ConfigError("client settings: retries must be >= 0 and timeout > 0")
@@ -133,8 +142,7 @@ class Target:
         loc = url.location
         authority, sep, volume = loc.partition("/")
         if not sep or not volume or not authority:
-            want = ("ssh://[user@]host[:port]/<volume URL>" if url.scheme == "ssh"
-                    else "tls://host:port/<volume name>")
+            want = "ssh://[user@]host[:port]/<volume URL>" if url.scheme == "ssh" else "tls://host:port/<volume name>"
             raise ConfigError(f"{url} is not a remote volume URL", hint=f"write {want}")
         user = None
         if "@" in authority:
@@ -249,10 +257,24 @@ class RemoteVolume(VolumeHandle):
         try:
             conn.send_preamble()
             conn.read_preamble()
-            caps = ["resume"] + ([c for c in P.COMPRESSIONS] if s.compression == "auto"
-                                 else [] if s.compression == "none" else [s.compression])
-            conn.send_json(P.HELLO, 0, {"protocol": P.PROTOCOL_VERSION, "volume": t.volume, "capabilities": caps,
-                                        "client": "coalesce", "bandwidth": s.bandwidth})
+            caps = ["resume"] + (
+                [c for c in P.COMPRESSIONS]
+                if s.compression == "auto"
+                else []
+                if s.compression == "none"
+                else [s.compression]
+            )
+            conn.send_json(
+                P.HELLO,
+                0,
+                {
+                    "protocol": P.PROTOCOL_VERSION,
+                    "volume": t.volume,
+                    "capabilities": caps,
+                    "client": "coalesce",
+                    "bandwidth": s.bandwidth,
+                },
+            )
             _, _, welcome = conn.recv_json((P.WELCOME, P.ERROR))
             if welcome.get("protocol") != P.PROTOCOL_VERSION:
                 raise P.ProtocolError(f"the server answered with protocol {welcome.get('protocol')!r}")
@@ -263,8 +285,10 @@ class RemoteVolume(VolumeHandle):
             conn.close()
             extra = f" (ssh: {stderr.text()})" if stderr is not None and stderr.text() else ""
             if isinstance(exc.__cause__, ssl.SSLError):
-                raise TLSRefused(f"{self.url}: the server refused the TLS connection: {exc.__cause__}",
-                                 hint="check the client certificate, its CA and its dates (docs/network.md)") from None
+                raise TLSRefused(
+                    f"{self.url}: the server refused the TLS connection: {exc.__cause__}",
+                    hint="check the client certificate, its CA and its dates (docs/network.md)",
+                ) from None
             raise P.ConnectionLost(f"{self.url}: {exc.message}{extra}", hint=exc.hint) from None
         except BaseException:
             conn.close()
@@ -279,9 +303,11 @@ class RemoteVolume(VolumeHandle):
     def _tls_channel(self) -> P.Channel:
         t, s = self.target, self.settings
         if not (s.cert and s.key and s.ca):
-            raise ConfigError(f"{self.url}: a tls:// source needs a client certificate, key and CA",
-                              hint="set COALESCE_TLS_CERT, COALESCE_TLS_KEY, COALESCE_TLS_CA or [tls] in the "
-                                   "client config (COALESCE_CLIENT_CONFIG); docs/network.md")
+            raise ConfigError(
+                f"{self.url}: a tls:// source needs a client certificate, key and CA",
+                hint="set COALESCE_TLS_CERT, COALESCE_TLS_KEY, COALESCE_TLS_CA or [tls] in the "
+                "client config (COALESCE_CLIENT_CONFIG); docs/network.md",
+            )
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_3
         ctx.maximum_version = ssl.TLSVersion.TLSv1_3
@@ -294,17 +320,21 @@ class RemoteVolume(VolumeHandle):
         try:
             raw = socket.create_connection((t.host, t.port), timeout=s.timeout)
         except OSError as exc:
-            raise P.ConnectionLost(f"{self.url}: cannot connect to {peer}: {exc}",
-                                   hint="is `coalesce serve --listen` running there, and the port open?") from None
+            raise P.ConnectionLost(
+                f"{self.url}: cannot connect to {peer}: {exc}",
+                hint="is `coalesce serve --listen` running there, and the port open?",
+            ) from None
         try:
             raw.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
             P.tcp_keepalive(raw, s.keepalive)
             tls = ctx.wrap_socket(raw, server_hostname=s.server_name or t.host)
         except ssl.SSLCertVerificationError as exc:
             raw.close()
-            raise TLSRefused(f"{self.url}: the server's certificate is not trusted: {exc.verify_message}",
-                             hint="COALESCE_TLS_CA must be the CA that signed the server's certificate, and the "
-                                  "certificate must name the host of the URL (or set COALESCE_TLS_SERVER_NAME)") from None
+            raise TLSRefused(
+                f"{self.url}: the server's certificate is not trusted: {exc.verify_message}",
+                hint="COALESCE_TLS_CA must be the CA that signed the server's certificate, and the "
+                "certificate must name the host of the URL (or set COALESCE_TLS_SERVER_NAME)",
+            ) from None
         except ssl.SSLError as exc:
             raw.close()
             raise TLSRefused(f"{self.url}: TLS handshake failed: {exc}", hint="docs/network.md") from None
@@ -315,19 +345,33 @@ class RemoteVolume(VolumeHandle):
 
     def _ssh_channel(self) -> tuple[P.Channel, subprocess.Popen, _Stderr]:
         t, s = self.target, self.settings
-        cmd = list(s.ssh) + ["-o", "BatchMode=yes", "-o", f"ServerAliveInterval={max(1, int(s.keepalive))}",
-                             "-o", "ServerAliveCountMax=3", "-T"]
+        cmd = list(s.ssh) + [
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            f"ServerAliveInterval={max(1, int(s.keepalive))}",
+            "-o",
+            "ServerAliveCountMax=3",
+            "-T",
+        ]
         if t.port:
             cmd += ["-p", str(t.port)]
         if t.user:
             cmd += ["-l", t.user]
         cmd += [t.host, "--", s.ssh_remote_command]
         try:
-            proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                    start_new_session=True, bufsize=0)
+            proc = subprocess.Popen(
+                cmd,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                start_new_session=True,
+                bufsize=0,
+            )
         except OSError as exc:
-            raise BackendError(f"{self.url}: cannot run {cmd[0]!r}: {exc}",
-                               hint="install an ssh client or set COALESCE_SSH") from None
+            raise BackendError(
+                f"{self.url}: cannot run {cmd[0]!r}: {exc}", hint="install an ssh client or set COALESCE_SSH"
+            ) from None
         stdin, stdout = proc.stdin, proc.stdout
         assert stdin is not None and stdout is not None  # stdin=, stdout=PIPE: Popen made them
         err = _Stderr(proc.stderr)
@@ -344,8 +388,7 @@ class RemoteVolume(VolumeHandle):
                 proc.kill()
                 proc.wait()
 
-        chan = P.FdChannel(stdout.fileno(), stdin.fileno(), peer=f"ssh {t.host}", timeout=s.timeout,
-                           on_close=close)
+        chan = P.FdChannel(stdout.fileno(), stdin.fileno(), peer=f"ssh {t.host}", timeout=s.timeout, on_close=close)
         return chan, proc, err
 
     def _forget(self, sess: Session | None) -> None:
@@ -359,7 +402,7 @@ class RemoteVolume(VolumeHandle):
             pass
 
     def _backoff(self, attempt: int) -> None:
-        time.sleep(min(10.0, self.settings.retry_delay * (2 ** attempt)))
+        time.sleep(min(10.0, self.settings.retry_delay * (2**attempt)))
 
     def connect(self) -> None:
         """Open the control connection now (open_volume calls it so errors surface early)."""
@@ -391,8 +434,10 @@ class RemoteVolume(VolumeHandle):
                     self._forget(self._ctl)
                     self._ctl = None
                     raise
-        raise BackendError(f"{self.url}: {op} failed after {self.settings.retries + 1} attempts: {last}",
-                           hint=getattr(last, "hint", "") or "check the link and the source service")
+        raise BackendError(
+            f"{self.url}: {op} failed after {self.settings.retries + 1} attempts: {last}",
+            hint=getattr(last, "hint", "") or "check the link and the source service",
+        )
 
     # -- the primitives
     def snapshot_list(self) -> list[str]:
@@ -424,8 +469,8 @@ class RemoteVolume(VolumeHandle):
 
     def _diff(self, qtree: str, base: str | None, target: str, skip: int = 0) -> Iterator[Any]:
         delivered = skip
-        failures = 0          # failed attempts in a row that delivered no new record
-        resumes = 0           # every resume of this transfer (bounded: a hostile server cannot loop us)
+        failures = 0  # failed attempts in a row that delivered no new record
+        resumes = 0  # every resume of this transfer (bounded: a hostile server cannot loop us)
         max_resumes = 4 * max(1, self.settings.retries)
         begun = False
         while True:
@@ -433,15 +478,20 @@ class RemoteVolume(VolumeHandle):
             try:
                 sess = self._connect()
                 rid = sess.next_id()
-                sess.conn.send_json(P.REQUEST, rid, {"op": "diff", "args": {
-                    "qtree": qtree, "base": base, "target": target, "skip": delivered}})
+                sess.conn.send_json(
+                    P.REQUEST,
+                    rid,
+                    {"op": "diff", "args": {"qtree": qtree, "base": base, "target": target, "skip": delivered}},
+                )
                 chunks = self._chunks(sess, rid)
                 seg = 0
                 for rec in codec.decode(chunks):
                     if isinstance(rec, Begin):
                         if (rec.base, rec.target) != (base, target):
-                            raise CorruptStream(f"the source sent the stream {rec.base}..{rec.target}, "
-                                                f"not the requested {base}..{target}")
+                            raise CorruptStream(
+                                f"the source sent the stream {rec.base}..{rec.target}, "
+                                f"not the requested {base}..{target}"
+                            )
                         if not begun:
                             begun = True
                             yield rec
@@ -468,7 +518,8 @@ class RemoteVolume(VolumeHandle):
                     raise BackendError(
                         f"{self.url}: transfer of {qtree} {base}..{target} failed after {resumes} attempts "
                         f"({delivered} records delivered): {exc}",
-                        hint="the update takes the rollback path and is retried next cycle") from exc
+                        hint="the update takes the rollback path and is retried next cycle",
+                    ) from exc
                 self.stats["resumes"] += 1
                 self._backoff(failures - 1)
             finally:
@@ -481,7 +532,7 @@ class RemoteVolume(VolumeHandle):
         paths = [(p, bool(c)) for p, c in paths]
         out: list[Any] = []
         for i in range(0, len(paths), P.MAX_DESCRIBE_PATHS):
-            part = paths[i:i + P.MAX_DESCRIBE_PATHS]
+            part = paths[i : i + P.MAX_DESCRIBE_PATHS]
             got = self._retrying(lambda: list(self._describe(qtree, snapshot, part, None)), f"describe {qtree}")
             if len(got) != len(part) or any(d.path != p for d, (p, _c) in zip(got, part)):
                 raise P.ProtocolError(f"the server described {len(got)} paths for {len(part)} asked, or others")
@@ -508,12 +559,15 @@ class RemoteVolume(VolumeHandle):
             except P.ConnectionLost as exc:
                 failures += 1
                 if failures > self.settings.retries:
-                    raise BackendError(f"{self.url}: {what} failed after {failures} attempts: {exc}",
-                                       hint=exc.hint or "check the link and the source service") from exc
+                    raise BackendError(
+                        f"{self.url}: {what} failed after {failures} attempts: {exc}",
+                        hint=exc.hint or "check the link and the source service",
+                    ) from exc
                 self._backoff(failures - 1)
 
-    def _describe(self, qtree: str, snapshot: str | None, paths: list[tuple[str, bool]] | None,
-                  content: bool | None) -> Iterator[Any]:
+    def _describe(
+        self, qtree: str, snapshot: str | None, paths: list[tuple[str, bool]] | None, content: bool | None
+    ) -> Iterator[Any]:
         from coalesce_core.verify import description_from_json
 
         sess = self._connect()
@@ -532,13 +586,17 @@ class RemoteVolume(VolumeHandle):
             for chunk in self._chunks(sess, rid):
                 *lines_in, pending = (pending + chunk).split(b"\n")
                 if len(pending) > P.MAX_DESCRIPTION_LINE:
-                    raise P.ProtocolError(f"a description from the server is longer than {P.MAX_DESCRIPTION_LINE} bytes")
+                    raise P.ProtocolError(
+                        f"a description from the server is longer than {P.MAX_DESCRIPTION_LINE} bytes"
+                    )
                 for line in lines_in:
                     try:
                         yield description_from_json(json.loads(line.decode("utf-8")))
                     except (UnicodeDecodeError, ValueError, RecursionError, StreamError) as exc:
-                        raise P.ProtocolError(f"the server sent a malformed description: {str(exc)[:200]}",
-                                              hint="the peer is broken or hostile") from None
+                        raise P.ProtocolError(
+                            f"the server sent a malformed description: {str(exc)[:200]}",
+                            hint="the peer is broken or hostile",
+                        ) from None
             if pending:
                 raise P.ProtocolError("the server's descriptions end inside a line")
         finally:
@@ -580,8 +638,11 @@ class RemoteVolume(VolumeHandle):
 
 
 def _names(value: Any) -> list[str]:
-    if not isinstance(value, list) or len(value) > P.MAX_LIST or not all(
-            isinstance(v, str) and 0 < len(v) <= P.MAX_NAME for v in value):
+    if (
+        not isinstance(value, list)
+        or len(value) > P.MAX_LIST
+        or not all(isinstance(v, str) and 0 < len(v) <= P.MAX_NAME for v in value)
+    ):
         raise P.ProtocolError("the server's answer is not a list of names")
     return list(value)
 

@@ -50,8 +50,17 @@ PREAMBLE = MAGIC + bytes((PROTOCOL_VERSION,))
 
 # message kinds
 HELLO, WELCOME, REQUEST, REPLY, ERROR, DATA, END, PING, PONG = 1, 2, 3, 4, 5, 6, 7, 8, 9
-KIND_NAMES = {HELLO: "HELLO", WELCOME: "WELCOME", REQUEST: "REQUEST", REPLY: "REPLY", ERROR: "ERROR",
-              DATA: "DATA", END: "END", PING: "PING", PONG: "PONG"}
+KIND_NAMES = {
+    HELLO: "HELLO",
+    WELCOME: "WELCOME",
+    REQUEST: "REQUEST",
+    REPLY: "REPLY",
+    ERROR: "ERROR",
+    DATA: "DATA",
+    END: "END",
+    PING: "PING",
+    PONG: "PONG",
+}
 CONTROL_KINDS = frozenset({HELLO, WELCOME, REQUEST, REPLY, ERROR, END})
 
 #: Largest JSON body of a control message.
@@ -96,8 +105,11 @@ DEFAULT_PORT = 7450  # `coalesce serve --listen` and tls:// URLs without a port
 
 def tcp_keepalive(sock: socket.socket, idle: float) -> None:
     """Probe an idle TCP connection after ``idle`` seconds (both ends use it: a dead peer is noticed)."""
-    for opt, val in (("TCP_KEEPIDLE", max(1, int(idle))), ("TCP_KEEPINTVL", max(1, int(idle) // 3)),
-                     ("TCP_KEEPCNT", 3)):
+    for opt, val in (
+        ("TCP_KEEPIDLE", max(1, int(idle))),
+        ("TCP_KEEPINTVL", max(1, int(idle) // 3)),
+        ("TCP_KEEPCNT", 3),
+    ):
         if hasattr(socket, opt):
             try:
                 sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, opt), val)
@@ -148,16 +160,20 @@ class Channel:
         if n <= 0:
             return b""
         chunk = self.read_some(n)
-        if len(chunk) == n:              # the usual case: no copy
+        if len(chunk) == n:  # the usual case: no copy
             return chunk
         buf = bytearray(chunk)
         while len(buf) < n:
             if not chunk:
                 if not buf:
-                    raise ConnectionLost(f"the connection to {self.peer} was closed",
-                                         hint="the peer went away; a transfer resumes on reconnect")
-                raise ConnectionLost(f"the connection to {self.peer} was closed mid-message "
-                                     f"({len(buf)} of {n} bytes)", hint="the link or the peer failed")
+                    raise ConnectionLost(
+                        f"the connection to {self.peer} was closed",
+                        hint="the peer went away; a transfer resumes on reconnect",
+                    )
+                raise ConnectionLost(
+                    f"the connection to {self.peer} was closed mid-message ({len(buf)} of {n} bytes)",
+                    hint="the link or the peer failed",
+                )
             chunk = self.read_some(n - len(buf))
             buf += chunk
         return bytes(buf)
@@ -167,7 +183,7 @@ class Channel:
             view = memoryview(data)
             step = max(1024, min(64 << 10, int(self.limiter.rate // 20) or 1024))
             for i in range(0, len(view), step):
-                piece = view[i:i + step]
+                piece = view[i : i + step]
                 self.limiter.consume(len(piece))
                 self.write_all(piece)
         else:
@@ -197,8 +213,9 @@ class SocketChannel(Channel):
         try:
             return self.sock.recv(min(n, 1 << 20))
         except socket.timeout:
-            raise ConnectionLost(f"no data from {self.peer} for {self.timeout} s",
-                                 hint="the peer or the link is dead (timeout)") from None
+            raise ConnectionLost(
+                f"no data from {self.peer} for {self.timeout} s", hint="the peer or the link is dead (timeout)"
+            ) from None
         except OSError as exc:
             raise ConnectionLost(f"reading from {self.peer}: {exc}") from exc
 
@@ -206,8 +223,9 @@ class SocketChannel(Channel):
         try:
             self.sock.sendall(data)
         except socket.timeout:
-            raise ConnectionLost(f"{self.peer} accepted no data for {self.timeout} s",
-                                 hint="the peer or the link is dead (timeout)") from None
+            raise ConnectionLost(
+                f"{self.peer} accepted no data for {self.timeout} s", hint="the peer or the link is dead (timeout)"
+            ) from None
         except OSError as exc:
             raise ConnectionLost(f"writing to {self.peer}: {exc}") from exc
 
@@ -252,8 +270,9 @@ class FdChannel(Channel):
         if self.timeout is not None:
             ready, _, _ = select.select([self.rfd], [], [], self.timeout)
             if not ready:
-                raise ConnectionLost(f"no data from {self.peer} for {self.timeout} s",
-                                     hint="the peer or the link is dead (timeout)")
+                raise ConnectionLost(
+                    f"no data from {self.peer} for {self.timeout} s", hint="the peer or the link is dead (timeout)"
+                )
         try:
             import os
 
@@ -270,8 +289,10 @@ class FdChannel(Channel):
                 if self.timeout is not None:
                     _, ready, _ = select.select([], [self.wfd], [], self.timeout)
                     if not ready:
-                        raise ConnectionLost(f"{self.peer} accepted no data for {self.timeout} s",
-                                             hint="the peer or the link is dead (timeout)")
+                        raise ConnectionLost(
+                            f"{self.peer} accepted no data for {self.timeout} s",
+                            hint="the peer or the link is dead (timeout)",
+                        )
                 try:
                     n = os.write(self.wfd, view)
                 except OSError as exc:
@@ -406,8 +427,10 @@ class Decompressor:
                 zd = cast(_ZlibDecompress, self._d)  # __init__ made it for "zlib"
                 out = zd.decompress(data, MAX_DATA_PLAIN)
                 if zd.unconsumed_tail:
-                    raise ProtocolError(f"a DATA message decompresses to more than {MAX_DATA_PLAIN} bytes",
-                                        hint="the peer is broken or hostile (a decompression bomb)")
+                    raise ProtocolError(
+                        f"a DATA message decompresses to more than {MAX_DATA_PLAIN} bytes",
+                        hint="the peer is broken or hostile (a decompression bomb)",
+                    )
                 return out
             assert _zstd is not None  # as in __init__: "zstd" is negotiated only with zstandard
             try:
@@ -415,21 +438,30 @@ class Decompressor:
             except _zstd.ZstdError:
                 size = -1
             if size < 0:
-                raise ProtocolError("a DATA message is not one zstd frame that states its size",
-                                    hint="the peer is broken or hostile")
+                raise ProtocolError(
+                    "a DATA message is not one zstd frame that states its size", hint="the peer is broken or hostile"
+                )
             if size > MAX_DATA_PLAIN:
-                raise ProtocolError(f"a DATA message decompresses to more than {MAX_DATA_PLAIN} bytes",
-                                    hint="the peer is broken or hostile (a decompression bomb)")
+                raise ProtocolError(
+                    f"a DATA message decompresses to more than {MAX_DATA_PLAIN} bytes",
+                    hint="the peer is broken or hostile (a decompression bomb)",
+                )
             out = cast(_ZstdDecompress, self._d).decompress(data, max_output_size=MAX_DATA_PLAIN)  # __init__: "zstd"
         except zlib.error as exc:
-            raise ProtocolError(f"a DATA message does not decompress: {exc}", hint="the peer is broken or hostile") from None
+            raise ProtocolError(
+                f"a DATA message does not decompress: {exc}", hint="the peer is broken or hostile"
+            ) from None
         except ProtocolError:
             raise
         except Exception as exc:  # zstd errors
-            raise ProtocolError(f"a DATA message does not decompress: {exc}", hint="the peer is broken or hostile") from None
+            raise ProtocolError(
+                f"a DATA message does not decompress: {exc}", hint="the peer is broken or hostile"
+            ) from None
         if len(out) > MAX_DATA_PLAIN:
-            raise ProtocolError(f"a DATA message decompresses to more than {MAX_DATA_PLAIN} bytes",
-                                hint="the peer is broken or hostile (a decompression bomb)")
+            raise ProtocolError(
+                f"a DATA message decompresses to more than {MAX_DATA_PLAIN} bytes",
+                hint="the peer is broken or hostile (a decompression bomb)",
+            )
         return out
 
 
@@ -451,16 +483,19 @@ def check_message(raw_len: bytes, head: bytes, body: bytes, crc: bytes) -> tuple
     (want,) = _U32.unpack(crc)
     got = zlib.crc32(body, zlib.crc32(head, zlib.crc32(raw_len)))
     if got != want:
-        raise ProtocolError(f"a {KIND_NAMES.get(kind, kind)} message fails its checksum "
-                            f"(crc32 {got:#010x}, frame says {want:#010x})",
-                            hint="the link damaged the data or the peer is broken")
+        raise ProtocolError(
+            f"a {KIND_NAMES.get(kind, kind)} message fails its checksum (crc32 {got:#010x}, frame says {want:#010x})",
+            hint="the link damaged the data or the peer is broken",
+        )
     return kind, reqid, body
 
 
 def check_length(length: int) -> None:
     if length < _MIN_LENGTH or length > 4 + max(MAX_DATA_MESSAGE, MAX_CONTROL) + 4 + 1:
-        raise ProtocolError(f"a message claims a length of {length} bytes; a message is {_MIN_LENGTH} to "
-                            f"{MAX_DATA_MESSAGE + 9} bytes", hint="the peer is broken or hostile")
+        raise ProtocolError(
+            f"a message claims a length of {length} bytes; a message is {_MIN_LENGTH} to {MAX_DATA_MESSAGE + 9} bytes",
+            hint="the peer is broken or hostile",
+        )
 
 
 def decode_json(kind: int, body: bytes) -> dict[str, Any]:
@@ -469,8 +504,10 @@ def decode_json(kind: int, body: bytes) -> dict[str, Any]:
     try:
         obj = json.loads(body.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise ProtocolError(f"a {KIND_NAMES[kind]} message is not valid UTF-8 JSON: {str(exc)[:200]}",
-                            hint="the peer is broken or hostile") from None
+        raise ProtocolError(
+            f"a {KIND_NAMES[kind]} message is not valid UTF-8 JSON: {str(exc)[:200]}",
+            hint="the peer is broken or hostile",
+        ) from None
     if not isinstance(obj, dict):
         raise ProtocolError(f"a {KIND_NAMES[kind]} message is not a JSON object", hint="the peer is broken or hostile")
     return obj
@@ -502,16 +539,20 @@ class Connection:
             raise ProtocolError(
                 f"{self.peer} is not a coalesce source service or client: it sent {head!r} instead of {MAGIC!r}",
                 hint="check the URL/port; over ssh, a login banner or shell output on stdout breaks the protocol: "
-                     "use the forced command of docs/network.md",
+                "use the forced command of docs/network.md",
             )
         if head[8] != PROTOCOL_VERSION:
-            raise ProtocolError(f"{self.peer} speaks protocol version {head[8]}; this coalesce speaks "
-                                f"{PROTOCOL_VERSION}", hint="run the same coalesce version on both hosts")
+            raise ProtocolError(
+                f"{self.peer} speaks protocol version {head[8]}; this coalesce speaks {PROTOCOL_VERSION}",
+                hint="run the same coalesce version on both hosts",
+            )
 
     # -- messages
     def send(self, kind: int, reqid: int, body: bytes) -> None:
         if len(body) > max_body(kind):
-            raise ProtocolError(f"refusing to send a {KIND_NAMES[kind]} body of {len(body)} bytes (limit {max_body(kind)})")
+            raise ProtocolError(
+                f"refusing to send a {KIND_NAMES[kind]} body of {len(body)} bytes (limit {max_body(kind)})"
+            )
         data = encode_message(kind, reqid, body)
         with self._send_lock:
             self.channel.send(data)
@@ -521,8 +562,11 @@ class Connection:
         self.send(kind, reqid, json.dumps(obj, separators=(",", ":")).encode("utf-8"))
 
     def send_error(self, reqid: int, exc: BaseException, code: str | None = None) -> None:
-        code = code or ("refused" if isinstance(exc, Refused) else getattr(exc, "code", None)
-                        or ("protocol" if isinstance(exc, ProtocolError) else "error"))
+        code = code or (
+            "refused"
+            if isinstance(exc, Refused)
+            else getattr(exc, "code", None) or ("protocol" if isinstance(exc, ProtocolError) else "error")
+        )
         msg = str(getattr(exc, "message", exc))[:4000]
         hint = str(getattr(exc, "hint", "") or "")[:4000]
         self.send_json(ERROR, reqid, {"error": code, "type": type(exc).__name__[:100], "message": msg, "hint": hint})
@@ -535,10 +579,14 @@ class Connection:
         head = self.channel.read_exact(5)
         kind = head[0]
         if kind not in KIND_NAMES:
-            raise ProtocolError(f"{self.peer} sent a message of unknown kind {kind}", hint="the peer is broken or hostile")
+            raise ProtocolError(
+                f"{self.peer} sent a message of unknown kind {kind}", hint="the peer is broken or hostile"
+            )
         if length - 9 > max_body(kind):
-            raise ProtocolError(f"{self.peer} sent a {KIND_NAMES[kind]} body of {length - 9} bytes; the limit "
-                                f"is {max_body(kind)}", hint="the peer is broken or hostile")
+            raise ProtocolError(
+                f"{self.peer} sent a {KIND_NAMES[kind]} body of {length - 9} bytes; the limit is {max_body(kind)}",
+                hint="the peer is broken or hostile",
+            )
         body = self.channel.read_exact(length - 9)
         crc = self.channel.read_exact(4)
         self.bytes_in += 4 + length
@@ -547,8 +595,10 @@ class Connection:
     def recv_json(self, expect: tuple[int, ...]) -> tuple[int, int, dict[str, Any]]:
         kind, reqid, body = self.recv()
         if kind not in expect:
-            raise ProtocolError(f"{self.peer} sent {KIND_NAMES[kind]} where {'/'.join(KIND_NAMES[k] for k in expect)} "
-                                "was expected", hint="the peer is broken or hostile")
+            raise ProtocolError(
+                f"{self.peer} sent {KIND_NAMES[kind]} where {'/'.join(KIND_NAMES[k] for k in expect)} was expected",
+                hint="the peer is broken or hostile",
+            )
         if kind == ERROR:
             raise error_from(decode_json(kind, body))
         return kind, reqid, decode_json(kind, body)
@@ -564,29 +614,49 @@ def error_from(obj: dict[str, Any]) -> RemoteError:
 
 # --------------------------------------------------------------------------- field checks
 @overload
-def want_str(obj: dict[str, Any], key: str, *, limit: int = ..., optional: Literal[False] = ...,
-             pattern: re.Pattern[str] | None = ...) -> str: ...
+def want_str(
+    obj: dict[str, Any],
+    key: str,
+    *,
+    limit: int = ...,
+    optional: Literal[False] = ...,
+    pattern: re.Pattern[str] | None = ...,
+) -> str: ...
 
 
 @overload
-def want_str(obj: dict[str, Any], key: str, *, limit: int = ..., optional: bool = ...,
-             pattern: re.Pattern[str] | None = ...) -> str | None: ...
+def want_str(
+    obj: dict[str, Any], key: str, *, limit: int = ..., optional: bool = ..., pattern: re.Pattern[str] | None = ...
+) -> str | None: ...
 
 
-def want_str(obj: dict[str, Any], key: str, *, limit: int = MAX_NAME, optional: bool = False,
-             pattern: re.Pattern[str] | None = None) -> str | None:
+def want_str(
+    obj: dict[str, Any],
+    key: str,
+    *,
+    limit: int = MAX_NAME,
+    optional: bool = False,
+    pattern: re.Pattern[str] | None = None,
+) -> str | None:
     value = obj.get(key)
     if value is None:
         if optional:
             return None
         raise ProtocolError(f"field {key!r} is missing", hint="the peer is broken or hostile")
-    if not isinstance(value, str) or not value or len(value.encode("utf-8", "surrogatepass")) > limit \
-            or "\x00" in value:
-        raise ProtocolError(f"field {key!r} must be a non-empty string of at most {limit} bytes",
-                            hint="the peer is broken or hostile")
+    if (
+        not isinstance(value, str)
+        or not value
+        or len(value.encode("utf-8", "surrogatepass")) > limit
+        or "\x00" in value
+    ):
+        raise ProtocolError(
+            f"field {key!r} must be a non-empty string of at most {limit} bytes", hint="the peer is broken or hostile"
+        )
     if pattern is not None and not pattern.fullmatch(value):
-        raise ProtocolError(f"field {key!r} = {value[:80]!r} has characters that are not allowed",
-                            hint="names are letters, digits and _ . - @ + = : ,")
+        raise ProtocolError(
+            f"field {key!r} = {value[:80]!r} has characters that are not allowed",
+            hint="names are letters, digits and _ . - @ + = : ,",
+        )
     return value
 
 
@@ -601,10 +671,14 @@ def want_int(obj: dict[str, Any], key: str, *, lo: int = 0, hi: int = 2**62, opt
 
 def want_list_of_names(obj: dict[str, Any], key: str, *, limit: int = 64) -> list[str]:
     value = obj.get(key, [])
-    if not isinstance(value, list) or len(value) > limit or not all(
-            isinstance(v, str) and 0 < len(v) <= MAX_NAME for v in value):
-        raise ProtocolError(f"field {key!r} must be a list of at most {limit} short strings",
-                            hint="the peer is broken or hostile")
+    if (
+        not isinstance(value, list)
+        or len(value) > limit
+        or not all(isinstance(v, str) and 0 < len(v) <= MAX_NAME for v in value)
+    ):
+        raise ProtocolError(
+            f"field {key!r} must be a list of at most {limit} short strings", hint="the peer is broken or hostile"
+        )
     return value
 
 

@@ -58,11 +58,11 @@ class Grant:
     """What one client identity may do."""
 
     volumes: tuple[str, ...] = ()
-    qtrees: tuple[str, ...] = ("*",)          # fnmatch patterns, for every granted volume
+    qtrees: tuple[str, ...] = ("*",)  # fnmatch patterns, for every granted volume
     volume_qtrees: dict = attrs.field(factory=dict)  # volume -> tuple of patterns (overrides qtrees)
     take: bool = False
     release: bool = False
-    groups: tuple[str, ...] = ("*",)          # group names whose co-<group>-src-NNNNNN PCPIs it may use
+    groups: tuple[str, ...] = ("*",)  # group names whose co-<group>-src-NNNNNN PCPIs it may use
 
     def may_read_volume(self, name: str) -> bool:
         return name in self.volumes or "*" in self.volumes
@@ -76,7 +76,7 @@ class Grant:
             return False
         for g in self.groups:
             if g == "*":
-                group = name[3:name.rfind("-src-")]
+                group = name[3 : name.rfind("-src-")]
                 if group and is_group_source_pcpi(group, name):
                     return True
             elif is_group_source_pcpi(g, name):
@@ -86,18 +86,18 @@ class Grant:
 
 @attrs.frozen
 class ServerConfig:
-    volumes: dict = attrs.field(factory=dict)   # name -> volume URL
-    clients: dict = attrs.field(factory=dict)   # identity -> Grant
+    volumes: dict = attrs.field(factory=dict)  # name -> volume URL
+    clients: dict = attrs.field(factory=dict)  # identity -> Grant
     listen: str | None = None
     cert: str | None = None
     key: str | None = None
     ca: str | None = None
-    bandwidth: float | None = None              # bytes/s per connection
+    bandwidth: float | None = None  # bytes/s per connection
     compression: bool = True
-    timeout: float = 60.0                       # no data from a peer for this long: it is dead
-    idle_timeout: float = 600.0                 # an idle connection between requests
+    timeout: float = 60.0  # no data from a peer for this long: it is dead
+    idle_timeout: float = 600.0  # an idle connection between requests
     handshake_timeout: float = 15.0
-    keepalive: float = 15.0                     # TCP keep-alive idle seconds
+    keepalive: float = 15.0  # TCP keep-alive idle seconds
     max_connections: int = 64
     log: str | None = None
     path: str | None = None
@@ -146,8 +146,20 @@ def parse_server_config(text: str, path: str = "<server config>") -> ServerConfi
         raise ConfigError(f"{path}: unknown table(s) {sorted(unknown)}", hint="only [server], [volumes], [clients.*]")
     server = data.get("server", {})
     where = f"{path} [server]"
-    known = {"listen", "cert", "key", "ca", "bandwidth", "compression", "timeout", "idle_timeout",
-             "handshake_timeout", "keepalive", "max_connections", "log"}
+    known = {
+        "listen",
+        "cert",
+        "key",
+        "ca",
+        "bandwidth",
+        "compression",
+        "timeout",
+        "idle_timeout",
+        "handshake_timeout",
+        "keepalive",
+        "max_connections",
+        "log",
+    }
     if not isinstance(server, dict) or set(server) - known:
         raise ConfigError(f"{where}: unknown key(s) {sorted(set(server) - known)}", hint=f"known keys: {sorted(known)}")
     for k in ("listen", "cert", "key", "ca", "log"):
@@ -162,7 +174,7 @@ def parse_server_config(text: str, path: str = "<server config>") -> ServerConfi
         raise ConfigError(f"{where}: `max_connections` must be an integer from 1 to 10000")
     volumes = data.get("volumes", {})
     if not isinstance(volumes, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in volumes.items()):
-        raise ConfigError(f"{path} [volumes]: must map names to volume URLs (name = \"scheme://...\")")
+        raise ConfigError(f'{path} [volumes]: must map names to volume URLs (name = "scheme://...")')
     from coalesce_core.backend.urls import VolumeURL
 
     for name, url in volumes.items():
@@ -195,16 +207,30 @@ def parse_server_config(text: str, path: str = "<server config>") -> ServerConfi
             qtrees: tuple[str, ...] = ()
         else:
             qtrees = _strs(t, "qtrees", w, ("*",))
-        clients[ident] = Grant(volumes=vols, qtrees=qtrees, volume_qtrees=per_volume,
-                               take=_bool(t, "take", w, False), release=_bool(t, "release", w, False),
-                               groups=_strs(t, "groups", w, ("*",)))
+        clients[ident] = Grant(
+            volumes=vols,
+            qtrees=qtrees,
+            volume_qtrees=per_volume,
+            take=_bool(t, "take", w, False),
+            release=_bool(t, "release", w, False),
+            groups=_strs(t, "groups", w, ("*",)),
+        )
     return ServerConfig(
-        volumes=dict(volumes), clients=clients, listen=server.get("listen"), cert=server.get("cert"),
-        key=server.get("key"), ca=server.get("ca"), bandwidth=bandwidth,
-        compression=_bool(server, "compression", where, True), timeout=_num(server, "timeout", where, 60.0),
+        volumes=dict(volumes),
+        clients=clients,
+        listen=server.get("listen"),
+        cert=server.get("cert"),
+        key=server.get("key"),
+        ca=server.get("ca"),
+        bandwidth=bandwidth,
+        compression=_bool(server, "compression", where, True),
+        timeout=_num(server, "timeout", where, 60.0),
         idle_timeout=_num(server, "idle_timeout", where, 600.0),
         handshake_timeout=_num(server, "handshake_timeout", where, 15.0),
-        keepalive=_num(server, "keepalive", where, 15.0), max_connections=maxc, log=server.get("log"), path=path,
+        keepalive=_num(server, "keepalive", where, 15.0),
+        max_connections=maxc,
+        log=server.get("log"),
+        path=path,
     )
 
 
@@ -213,8 +239,10 @@ def load_server_config(path: str) -> ServerConfig:
         with open(path, encoding="utf-8") as fh:
             text = fh.read()
     except OSError as exc:
-        raise ConfigError(f"cannot read the server config {path}: {exc.strerror}",
-                          hint="pass --config FILE (docs/network.md has an example)") from None
+        raise ConfigError(
+            f"cannot read the server config {path}: {exc.strerror}",
+            hint="pass --config FILE (docs/network.md has an example)",
+        ) from None
     return parse_server_config(text, path)
 
 
@@ -286,18 +314,38 @@ class SourceService:
         if rate is not None and (not isinstance(rate, (int, float)) or isinstance(rate, bool) or rate <= 0):
             raise P.ProtocolError("field 'bandwidth' must be a positive number or null")
         if proto != P.PROTOCOL_VERSION:
-            conn.send_error(0, P.ProtocolError(f"protocol version {proto} is not supported; this server speaks "
-                                               f"{P.PROTOCOL_VERSION}", hint="run the same coalesce version"), "version")
+            conn.send_error(
+                0,
+                P.ProtocolError(
+                    f"protocol version {proto} is not supported; this server speaks {P.PROTOCOL_VERSION}",
+                    hint="run the same coalesce version",
+                ),
+                "version",
+            )
             return None, None, None
         grant = self.config.clients.get(ident)
         vname = self.config.volume_name(ref)
         if grant is None:
-            conn.send_error(0, self._refuse(ident, conn.peer, f"client identity {ident!r} is not configured",
-                                            f"add [clients.{ident}] to the server config"))
+            conn.send_error(
+                0,
+                self._refuse(
+                    ident,
+                    conn.peer,
+                    f"client identity {ident!r} is not configured",
+                    f"add [clients.{ident}] to the server config",
+                ),
+            )
             return None, None, None
         if vname is None or not grant.may_read_volume(vname):
-            conn.send_error(0, self._refuse(ident, conn.peer, f"identity {ident!r} may not read volume {ref[:200]!r}",
-                                            "the server config's [clients] table names the volumes it may read"))
+            conn.send_error(
+                0,
+                self._refuse(
+                    ident,
+                    conn.peer,
+                    f"identity {ident!r} may not read volume {ref[:200]!r}",
+                    "the server config's [clients] table names the volumes it may read",
+                ),
+            )
             return None, None, None
         method = None
         if self.config.compression:
@@ -307,14 +355,25 @@ class SourceService:
         bw = min(rates) if rates else None
         if bw:
             conn.channel.limiter = P.RateLimiter(bw)
-        conn.send_json(P.WELCOME, 0, {
-            "protocol": P.PROTOCOL_VERSION, "identity": ident, "volume": vname,
-            "capabilities": [c for c in P.CAPABILITIES if c in caps], "compression": method,
-            "bandwidth": bw, "limits": limits, "take": grant.take, "release": grant.release,
-            "server": "coalesce-serve",
-        })
-        log.info("%s (identity %r) opened volume %s (compression %s, bandwidth %s)", conn.peer, ident, vname,
-                 method, bw)
+        conn.send_json(
+            P.WELCOME,
+            0,
+            {
+                "protocol": P.PROTOCOL_VERSION,
+                "identity": ident,
+                "volume": vname,
+                "capabilities": [c for c in P.CAPABILITIES if c in caps],
+                "compression": method,
+                "bandwidth": bw,
+                "limits": limits,
+                "take": grant.take,
+                "release": grant.release,
+                "server": "coalesce-serve",
+            },
+        )
+        log.info(
+            "%s (identity %r) opened volume %s (compression %s, bandwidth %s)", conn.peer, ident, vname, method, bw
+        )
         return grant, vname, method
 
     def _loop(self, conn: P.Connection, ident: str, grant: Grant, vname: str, method: str | None) -> None:
@@ -358,15 +417,23 @@ class SourceService:
     def _pcpi(self, conn: P.Connection, ident: str, grant: Grant, args: dict, key: str, optional: bool = False):
         name = P.want_str(args, key, optional=optional, pattern=P.NAME_RE)
         if name is not None and not grant.may_use_pcpi(name):
-            raise self._refuse(ident, conn.peer, f"identity {ident!r} may not use PCPI {name!r}",
-                               f"allowed: co-<group>-src-NNNNNN for groups {list(grant.groups)}")
+            raise self._refuse(
+                ident,
+                conn.peer,
+                f"identity {ident!r} may not use PCPI {name!r}",
+                f"allowed: co-<group>-src-NNNNNN for groups {list(grant.groups)}",
+            )
         return name
 
     def _qtree(self, conn: P.Connection, ident: str, grant: Grant, vname: str, args: dict) -> str:
         q = P.want_str(args, "qtree", pattern=P.NAME_RE)
         if q in (".", "..") or not grant.may_read_qtree(vname, q):
-            raise self._refuse(ident, conn.peer, f"identity {ident!r} may not read qtree {q!r} of volume {vname}",
-                               "the server config's [clients] table names the qtrees it may read")
+            raise self._refuse(
+                ident,
+                conn.peer,
+                f"identity {ident!r} may not read qtree {q!r} of volume {vname}",
+                "the server config's [clients] table names the qtrees it may read",
+            )
         return q
 
     def _op(self, conn: P.Connection, ident: str, grant: Grant, vname: str, op: str, args: dict) -> Any:
@@ -375,15 +442,23 @@ class SourceService:
             return [n for n in vol.snapshot_list() if grant.may_use_pcpi(n)]
         if op == "take":
             if not grant.take:
-                raise self._refuse(ident, conn.peer, f"identity {ident!r} may not take PCPIs on {vname}",
-                                   "set take = true for it in the server config")
+                raise self._refuse(
+                    ident,
+                    conn.peer,
+                    f"identity {ident!r} may not take PCPIs on {vname}",
+                    "set take = true for it in the server config",
+                )
             name = self._pcpi(conn, ident, grant, args, "name")
             log.info("%r takes PCPI %s on %s", ident, name, vname)
             return vol.snapshot_create(name)
         if op == "release":
             if not grant.release:
-                raise self._refuse(ident, conn.peer, f"identity {ident!r} may not release PCPIs on {vname}",
-                                   "set release = true for it in the server config")
+                raise self._refuse(
+                    ident,
+                    conn.peer,
+                    f"identity {ident!r} may not release PCPIs on {vname}",
+                    "set release = true for it in the server config",
+                )
             name = self._pcpi(conn, ident, grant, args, "name")
             log.info("%r releases PCPI %s on %s", ident, name, vname)
             return vol.snapshot_delete(name)
@@ -394,11 +469,16 @@ class SourceService:
             q = self._qtree(conn, ident, grant, vname, args)
             snap = self._pcpi(conn, ident, grant, args, "snapshot", optional=True)
             return vol.fingerprint(q, snap)
-        raise self._refuse(ident, conn.peer, f"unknown request {op!r}",
-                           "the service offers snapshots, take, release, qtrees, fingerprint, diff, describe")
+        raise self._refuse(
+            ident,
+            conn.peer,
+            f"unknown request {op!r}",
+            "the service offers snapshots, take, release, qtrees, fingerprint, diff, describe",
+        )
 
-    def _diff(self, conn: P.Connection, reqid: int, ident: str, grant: Grant, vname: str, method: str | None,
-              args: dict) -> None:
+    def _diff(
+        self, conn: P.Connection, reqid: int, ident: str, grant: Grant, vname: str, method: str | None, args: dict
+    ) -> None:
         q = self._qtree(conn, ident, grant, vname, args)
         base = self._pcpi(conn, ident, grant, args, "base", optional=True)
         target = self._pcpi(conn, ident, grant, args, "target")
@@ -419,12 +499,21 @@ class SourceService:
         with self._lock:
             self.stats["bytes_out"] += sent
             self.stats["records_out"] += counter["n"]
-        log.info("%r: streamed %s %s..%s of %s (%d records from %d, %d bytes)", ident, q, base, target, vname,
-                 counter["n"], skip, sent)
+        log.info(
+            "%r: streamed %s %s..%s of %s (%d records from %d, %d bytes)",
+            ident,
+            q,
+            base,
+            target,
+            vname,
+            counter["n"],
+            skip,
+            sent,
+        )
 
-
-    def _describe(self, conn: P.Connection, reqid: int, ident: str, grant: Grant, vname: str, method: str | None,
-                  args: dict) -> None:
+    def _describe(
+        self, conn: P.Connection, reqid: int, ident: str, grant: Grant, vname: str, method: str | None, args: dict
+    ) -> None:
         """Descriptions of paths of a qtree in a source PCPI, for verification (docs/protocol.md).
 
         The same authorization as a diff of that qtree to that PCPI.  Without
@@ -449,8 +538,9 @@ class SourceService:
             while True:
                 kind, got, body = conn.recv()
                 if got != reqid or kind not in (P.DATA, P.END):
-                    raise P.ProtocolError(f"{P.KIND_NAMES[kind]} for request {got} arrived inside the paths of "
-                                          f"DESCRIBE request {reqid}")
+                    raise P.ProtocolError(
+                        f"{P.KIND_NAMES[kind]} for request {got} arrived inside the paths of DESCRIBE request {reqid}"
+                    )
                 if kind == P.END:
                     P.decode_json(kind, body)
                     if pending:
@@ -465,8 +555,12 @@ class SourceService:
                         item = json.loads(line.decode("utf-8"))
                     except (UnicodeDecodeError, ValueError, RecursionError):
                         raise P.ProtocolError("a DESCRIBE path line is not JSON") from None
-                    if (not isinstance(item, list) or len(item) != 2 or not isinstance(item[0], str)
-                            or not isinstance(item[1], bool)):
+                    if (
+                        not isinstance(item, list)
+                        or len(item) != 2
+                        or not isinstance(item[0], str)
+                        or not isinstance(item[1], bool)
+                    ):
                         raise P.ProtocolError("a DESCRIBE path line is not [path, content]")
                     if problem is None:
                         try:
@@ -485,7 +579,7 @@ class SourceService:
 
         def description_lines() -> Iterator[bytes]:
             # runs in _with_keepalive's thread: a slow describe (digests of large files) is not a dead server
-            for d in (vol.describe_tree(q, snap, content=content) if tree else vol.describe(q, snap, paths)):
+            for d in vol.describe_tree(q, snap, content=content) if tree else vol.describe(q, snap, paths):
                 counter["n"] += 1
                 yield (json.dumps(description_to_json(d), separators=(",", ":")) + "\n").encode("ascii")
 
@@ -562,8 +656,9 @@ def _with_keepalive(chunks: Iterator[Any], interval: float) -> Iterator[Any]:
         stop.set()
 
 
-def _segment(records: Iterator[Any], qtree: str, base: str | None, target: str, skip: int,
-             counter: dict) -> Iterator[Any]:
+def _segment(
+    records: Iterator[Any], qtree: str, base: str | None, target: str, skip: int, counter: dict
+) -> Iterator[Any]:
     """The stream from change record ``skip`` on: Begin, changes[skip:], End(count): a valid stream itself."""
     it = iter(records)
     first = next(it, None)
@@ -574,8 +669,11 @@ def _segment(records: Iterator[Any], qtree: str, base: str | None, target: str, 
     for rec in it:
         if type(rec) is End:
             if skipped < skip:
-                raise P.RemoteError(f"cannot resume {qtree} {base}..{target} at record {skip}: the stream has only "
-                                    f"{skipped} change records", code="bad-request")
+                raise P.RemoteError(
+                    f"cannot resume {qtree} {base}..{target} at record {skip}: the stream has only "
+                    f"{skipped} change records",
+                    code="bad-request",
+                )
             counter["n"] = n
             yield End(records=n)
             return
@@ -590,8 +688,9 @@ def _segment(records: Iterator[Any], qtree: str, base: str | None, target: str, 
 # --------------------------------------------------------------------------- listeners
 def serve_stdio(service: SourceService, identity: str, rfd: int = 0, wfd: int = 1) -> None:
     """Serve one connection on file descriptors (ssh's forced command)."""
-    chan = P.FdChannel(rfd, wfd, peer=f"ssh:{os.environ.get('SSH_CLIENT', 'stdio').split(' ')[0]}",
-                       timeout=service.config.timeout)
+    chan = P.FdChannel(
+        rfd, wfd, peer=f"ssh:{os.environ.get('SSH_CLIENT', 'stdio').split(' ')[0]}", timeout=service.config.timeout
+    )
     service.serve_connection(P.Connection(chan), identity)
 
 
@@ -604,8 +703,10 @@ def tls_server_context(cert: str, key: str, ca: str) -> ssl.SSLContext:
         ctx.load_cert_chain(cert, key)
         ctx.load_verify_locations(cafile=ca)
     except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(f"cannot load the server certificate/key/CA ({cert}, {key}, {ca}): {exc}",
-                          hint="see docs/network.md for making them with openssl") from None
+        raise ConfigError(
+            f"cannot load the server certificate/key/CA ({cert}, {key}, {ca}): {exc}",
+            hint="see docs/network.md for making them with openssl",
+        ) from None
     return ctx
 
 
@@ -666,8 +767,9 @@ class TLSServer:
                     raw.close()
                     continue
                 self._conns.add(raw)
-            t = threading.Thread(target=self._handle, args=(raw, addr), name=f"coalesce-serve-{addr[0]}:{addr[1]}",
-                                 daemon=True)
+            t = threading.Thread(
+                target=self._handle, args=(raw, addr), name=f"coalesce-serve-{addr[0]}:{addr[1]}", daemon=True
+            )
             with self._lock:
                 self._threads.add(t)
             t.start()
@@ -752,8 +854,11 @@ def coalesce_cli_commands(subparsers: Any) -> None:
 
 def add_serve_command(subparsers: Any) -> argparse.ArgumentParser:
     """Add ``coalesce serve`` to the CLI's sub-parsers."""
-    p = subparsers.add_parser("serve", help="serve source volumes to destination agents (ssh or mutual TLS)",
-                              description="The source service (docs/network.md).")
+    p = subparsers.add_parser(
+        "serve",
+        help="serve source volumes to destination agents (ssh or mutual TLS)",
+        description="The source service (docs/network.md).",
+    )
     _serve_arguments(p)
     p.set_defaults(func=run_serve)
     return p
@@ -764,8 +869,9 @@ def _serve_arguments(p: argparse.ArgumentParser) -> None:
     mode.add_argument("--stdio", action="store_true", help="one connection on stdin/stdout (ssh forced command)")
     mode.add_argument("--listen", metavar="HOST:PORT", nargs="?", const="", help="mutual TLS 1.3 listener")
     p.add_argument("--config", required=True, metavar="FILE", help="the server's TOML config")
-    p.add_argument("--identity", metavar="NAME",
-                   help="--stdio: the client identity (set it in the authorized_keys forced command)")
+    p.add_argument(
+        "--identity", metavar="NAME", help="--stdio: the client identity (set it in the authorized_keys forced command)"
+    )
     p.add_argument("--bandwidth", metavar="RATE", help='per-connection limit, e.g. "20MiB/s" (overrides the config)')
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
@@ -784,8 +890,10 @@ def run_serve(args: argparse.Namespace) -> int:
     if args.stdio:
         ident = args.identity or os.environ.get("COALESCE_IDENTITY")
         if not ident:
-            raise ConfigError("--stdio needs --identity NAME (the forced command of the client's ssh key sets it)",
-                              hint="see docs/network.md, 'SSH'")
+            raise ConfigError(
+                "--stdio needs --identity NAME (the forced command of the client's ssh key sets it)",
+                hint="see docs/network.md, 'SSH'",
+            )
         # Nothing but the protocol may reach stdout: move our stdout out of the way.
         wfd = os.dup(1)
         os.dup2(2, 1)

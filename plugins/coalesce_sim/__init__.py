@@ -36,7 +36,7 @@ _SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 def _parse_size(text: str) -> int:
     t = text.strip().lower().removesuffix("ib").removesuffix("b")
     unit = t[-1] if t and t[-1] in _SIZE_UNITS else ""
-    num = t[: -1] if unit else t
+    num = t[:-1] if unit else t
     if not num.isdigit():
         raise BackendError(f"bad size {text!r}", hint="write e.g. size=64M or size=1G")
     return int(num) * _SIZE_UNITS[unit]
@@ -77,8 +77,10 @@ def open_sim(location: str, *, create: bool = False) -> SimFS:
         elif create:
             fs = SimFS.format(path, ndata=opts.get("ndata", 3), max_bytes=opts.get("max_bytes", 0), fsync=fsync)
         else:
-            raise BackendError(f"no sim volume at {path}",
-                               hint=f"create it (open with create=True, or `coalesce init` with sim://{path})")
+            raise BackendError(
+                f"no sim volume at {path}",
+                hint=f"create it (open with create=True, or `coalesce init` with sim://{path})",
+            )
         os.makedirs(os.path.join(path, ".coalesce"), exist_ok=True)
         fs.opens = 1
         _OPEN[path] = fs
@@ -105,8 +107,10 @@ def _mine(volume: Any) -> SimFS | None:
 
 @hookimpl
 def coalesce_backend_info():
-    return {"scheme": "sim",
-            "description": "simulated RAID-4 write-anywhere volume in files (WAFL-like PCPIs, 255 max)"}
+    return {
+        "scheme": "sim",
+        "description": "simulated RAID-4 write-anywhere volume in files (WAFL-like PCPIs, 255 max)",
+    }
 
 
 @hookimpl
@@ -286,8 +290,9 @@ def coalesce_describe_tree(volume: Any, qtree: str, snapshot: str | None, conten
         return None
     from coalesce_core.verify import generic_tree
 
-    return generic_tree(lambda batch: coalesce_describe(volume=fs, qtree=qtree, snapshot=snapshot, paths=batch),
-                        content)
+    return generic_tree(
+        lambda batch: coalesce_describe(volume=fs, qtree=qtree, snapshot=snapshot, paths=batch), content
+    )
 
 
 @hookimpl

@@ -17,7 +17,7 @@ from coalesce_core.ui.errors import report_error
 
 
 def _location(text: str) -> str:
-    return text[len("sim://"):] if text.startswith("sim://") else text
+    return text[len("sim://") :] if text.startswith("sim://") else text
 
 
 def _open(text: str):
@@ -46,8 +46,11 @@ def info_view(info: dict[str, Any]):
     head.add_column(style="bold")
     head.add_column()
     head.add_row("volume", info["path"])
-    head.add_row("RAID-4", f"{info['data_disks']} data + 1 parity, {info['block_size']} B blocks, "
-                 f"parity {info['parity']}" + (f" ({info['failed_disk']} failed)" if info["failed_disk"] else ""))
+    head.add_row(
+        "RAID-4",
+        f"{info['data_disks']} data + 1 parity, {info['block_size']} B blocks, "
+        f"parity {info['parity']}" + (f" ({info['failed_disk']} failed)" if info["failed_disk"] else ""),
+    )
     head.add_row("consistency point", str(info["cp"]))
     space = f"{info['used_blocks']} blocks used, {info['stripes']} stripes ({info['free_stripes']} free)"
     if info["free_blocks"] is not None:
@@ -60,15 +63,17 @@ def info_view(info: dict[str, Any]):
     for c in ("disk", "role", "state", "stripes"):
         disks.add_column(c)
     for d in info["disks"]:
-        disks.add_row(d["disk"], d["role"], f"[red]{d['state']}[/]" if d["state"] != "ok" else d["state"],
-                      str(d["stripes"]))
+        disks.add_row(
+            d["disk"], d["role"], f"[red]{d['state']}[/]" if d["state"] != "ok" else d["state"], str(d["stripes"])
+        )
     pc = Table(title="PCPIs")
     for c in ("name", "CP", "taken", "blocks referenced", "unique (freed on release)"):
         pc.add_column(c)
     for p in info["pcpis"]:
         taken = datetime.datetime.fromtimestamp(p["time"], datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
-        pc.add_row(p["name"], str(p["cp"]), taken, "-" if p["blocks"] is None else str(p["blocks"]),
-                   str(p["unique_blocks"]))
+        pc.add_row(
+            p["name"], str(p["cp"]), taken, "-" if p["blocks"] is None else str(p["blocks"]), str(p["unique_blocks"])
+        )
     ex = Table(title="exports")
     ex.add_column("replica")
     ex.add_column("exports")
@@ -130,8 +135,10 @@ def cmd_scrub(args: argparse.Namespace) -> int:
         print("a disk has failed: parity cannot be verified; run `coalesce sim reconstruct`")
     else:
         live = [m for m in rep["mismatches"] if m["live"]]
-        print(f"scrubbed {rep['checked']} stripes: {len(rep['mismatches'])} parity mismatches "
-              f"({len(live)} in stripes holding live blocks)" + (f", {rep['repaired']} repaired" if args.repair else ""))
+        print(
+            f"scrubbed {rep['checked']} stripes: {len(rep['mismatches'])} parity mismatches "
+            f"({len(live)} in stripes holding live blocks)" + (f", {rep['repaired']} repaired" if args.repair else "")
+        )
         for p in rep["block_map"]:
             print(f"block map: {p}")
     if rep["degraded"]:
@@ -142,16 +149,20 @@ def cmd_scrub(args: argparse.Namespace) -> int:
 def _wrap(func):
     """A verb whose BackendError prints ``error:`` and ``hint:`` plainly and exits with its code
     (coalesce_core/ui/errors.py); any other error goes on to the command line's handler."""
+
     def run(args: argparse.Namespace) -> int:
         try:
             return func(args)
         except BackendError as exc:
             return report_error(exc, styled=False)
+
     return run
 
 
 def add_commands(subparsers: Any) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("sim", help="inspect the sim backend's RAID-4 volume (info, fail-disk, reconstruct, scrub)")
+    p = subparsers.add_parser(
+        "sim", help="inspect the sim backend's RAID-4 volume (info, fail-disk, reconstruct, scrub)"
+    )
     sub = p.add_subparsers(dest="sim_verb", metavar="VERB")
     sub.required = True
     i = sub.add_parser("info", help="disks, parity state, CP counter, PCPIs and the blocks each holds, free space")

@@ -25,6 +25,7 @@ _KIND = {DIR: "d", REG: "f", LNK: "l"}
 
 class _Common(TypedDict):
     """The Description fields every kind of inode has."""
+
     uid: int
     gid: int
     mtime_ns: int
@@ -47,13 +48,27 @@ def _describe(fs: SimFS, view: View, path: str, ino: int | None, content: bool) 
             crec = view.inode(child)
             if crec is not None and crec.kind in _KIND:
                 entries.append((name, _KIND[crec.kind]))
-        return Description(path=path, kind="d", mode=rec.mode & 0o7777, xattrs=xattr_digest(view.xattrs(rec)),
-                           entries=tuple(entries), **common)
+        return Description(
+            path=path,
+            kind="d",
+            mode=rec.mode & 0o7777,
+            xattrs=xattr_digest(view.xattrs(rec)),
+            entries=tuple(entries),
+            **common,
+        )
     if rec.kind == LNK:
         return Description(path=path, kind="l", target=view.data(rec).decode("utf-8", "surrogateescape"), **common)
-    return Description(path=path, kind="f", mode=rec.mode & 0o7777, size=rec.size,
-                       xattrs=xattr_digest(view.xattrs(rec)), content=_content(fs, rec) if content else None,
-                       ident=ino, nlink=rec.nlink, **common)
+    return Description(
+        path=path,
+        kind="f",
+        mode=rec.mode & 0o7777,
+        size=rec.size,
+        xattrs=xattr_digest(view.xattrs(rec)),
+        content=_content(fs, rec) if content else None,
+        ident=ino,
+        nlink=rec.nlink,
+        **common,
+    )
 
 
 def describe(fs: SimFS, qtree: str, snapshot: str | None, paths: Sequence[tuple[str, bool]]) -> list[Description]:
@@ -79,7 +94,7 @@ def describe(fs: SimFS, qtree: str, snapshot: str | None, paths: Sequence[tuple[
             rec = view.inode(ino) if ino else None
             ino = view.dir(rec).get(p.rpartition("/")[2]) if rec is not None and rec.kind == DIR else None
             resolved[p] = ino
-        if len(resolved) > 4096:              # a bound on the memo: keep only the qtree root
+        if len(resolved) > 4096:  # a bound on the memo: keep only the qtree root
             resolved.clear()
             resolved[""] = q
             resolved[path] = ino

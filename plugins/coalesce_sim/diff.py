@@ -131,7 +131,7 @@ class Differ:
         self.added_paths: set[str] = set()
         self.created: set[str] = set()
         self.removed: set[str] = set()
-        self.full: set[int] = set()        # inodes sent whole (created, not linked)
+        self.full: set[int] = set()  # inodes sent whole (created, not linked)
 
     # -- content
     def _content(self, path: str, rec: Inode, fbns: list[int]) -> Iterator[object]:
@@ -162,8 +162,9 @@ class Differ:
 
     @staticmethod
     def _attrs(path: str, rec: Inode) -> R.SetAttr:
-        return R.SetAttr(path=path, mode=None if rec.kind == LNK else rec.mode, uid=rec.uid, gid=rec.gid,
-                         mtime_ns=rec.mtime)
+        return R.SetAttr(
+            path=path, mode=None if rec.kind == LNK else rec.mode, uid=rec.uid, gid=rec.gid, mtime_ns=rec.mtime
+        )
 
     # -- creation / removal of whole subtrees
     def create(self, ino: int, path: str) -> Iterator[object]:
@@ -173,7 +174,7 @@ class Differ:
         stack: list[tuple[int, str, Inode | None]] = [(ino, path, None)]
         while stack:
             ino, path, created_dir = stack.pop()
-            if created_dir is not None:         # its contents are created
+            if created_dir is not None:  # its contents are created
                 yield from self._xattrs(path, {}, T.xattrs(created_dir))
                 yield self._attrs(path, created_dir)
                 continue
@@ -259,16 +260,16 @@ class Differ:
             for name, child in sorted(T.dir(T.existing(self.qT)).items()):
                 yield from self.create(child, name)
             rt = T.inode(self.qT)
-            assert rt is not None       # the qtree root (qtree_root found it)
+            assert rt is not None  # the qtree root (qtree_root found it)
             yield from self._xattrs(R.ROOT, {}, T.xattrs(rt))
             yield self._attrs(R.ROOT, rt)
             return
         q = self.qT
         nsB, nsT = self.nsB, self.nsT
         assert nsB is not None
-        root: tuple[Inode, Inode] | None = None       # the qtree root's inode, when it changed
-        removed: list[tuple[str, int, int]] = []      # (path, inode, directory it left)
-        added: list[tuple[str, int, int]] = []        # (path, inode, directory it entered)
+        root: tuple[Inode, Inode] | None = None  # the qtree root's inode, when it changed
+        removed: list[tuple[str, int, int]] = []  # (path, inode, directory it left)
+        added: list[tuple[str, int, int]] = []  # (path, inode, directory it entered)
         modified: list[tuple[int, str, Inode, Inode]] = []
         for ino, rb, rt in changed_inodes_of(self.fs, B.root, T.root, q):
             rb = rb if rb is not None and rb.qtree == q else None
@@ -277,7 +278,7 @@ class Differ:
             pt = nsT.path(ino) if rt is not None else None
             if pb is None or pt is None:
                 continue
-            assert rb is not None and rt is not None    # pb and pt are None without them
+            assert rb is not None and rt is not None  # pb and pt are None without them
             if rb.kind != rt.kind:
                 continue
             if rb.kind == DIR:
@@ -365,8 +366,11 @@ class Differ:
                 pb, pt = nsB.path(d), nsT.path(d)
                 return pb is not None and pb == pt and not _under(pb, rem_pref) and not _under(pb, add_pref)
 
-            drop = [i for i, (o, n, db, dt) in cands.items()
-                    if n in old_paths or o in new_paths or not stable(db) or not stable(dt)]
+            drop = [
+                i
+                for i, (o, n, db, dt) in cands.items()
+                if n in old_paths or o in new_paths or not stable(db) or not stable(dt)
+            ]
             if not drop:
                 break
             for i in drop:
@@ -386,8 +390,11 @@ def diff_stream(fs: SimFS, qtree: str, base: str | None, target: str) -> Iterato
     T = fs.view(target)
     if T.qtree_root(qtree) is None:
         from coalesce_core.errors import BackendError
-        raise BackendError(f"qtree {qtree!r} does not exist in PCPI {target!r} of {fs.path}",
-                           hint=f"qtrees there: {', '.join(T.qtrees()) or 'none'}")
+
+        raise BackendError(
+            f"qtree {qtree!r} does not exist in PCPI {target!r} of {fs.path}",
+            hint=f"qtrees there: {', '.join(T.qtrees()) or 'none'}",
+        )
     B = fs.view(base) if base is not None else None
     return R.framed(qtree, base, target, Differ(fs, qtree, B, T).changes())
 
@@ -408,8 +415,9 @@ def entries(fs: SimFS, view: View, q: int) -> Iterator[FP.Entry]:
             elif rec.kind == LNK:
                 yield FP.Entry(path=path, kind="l", mode=0, target=view.data(rec).decode("utf-8", "surrogateescape"))
             else:
-                yield FP.Entry(path=path, kind="f", mode=rec.mode, size=rec.size,
-                               content_sha256=content_digest(fs, rec))
+                yield FP.Entry(
+                    path=path, kind="f", mode=rec.mode, size=rec.size, content_sha256=content_digest(fs, rec)
+                )
 
 
 def content_digest(fs: SimFS, rec: Inode) -> str:

@@ -44,13 +44,13 @@ from coalesce_core.errors import BackendError
 
 from .raid import BS, ZERO, Raid, SimCrash
 
-PPB = BS // 8                    # pointers per indirect block
-ISZ = 128                        # inode size
-IPB = BS // ISZ                  # inodes per inode-file block
+PPB = BS // 8  # pointers per indirect block
+ISZ = 128  # inode size
+IPB = BS // ISZ  # inodes per inode-file block
 MAX_PCPIS = 255
 ROOT_INO = 1
 FIRST_INO = 2
-SB_STRIPES = 2                   # stripes 0 and 1: superblock copies A and B
+SB_STRIPES = 2  # stripes 0 and 1: superblock copies A and B
 MAGIC = b"CSIMSB01"
 VERSION = 1
 
@@ -58,7 +58,7 @@ FREE, REG, DIR, LNK, ROOTK, METAK = 0, 1, 2, 3, 4, 5
 KIND_NAMES = {REG: "file", DIR: "dir", LNK: "symlink"}
 
 _INODE = struct.Struct("<4B8I2Q2q2Q")
-QTREE_OFF = 24                   # offset of the qtree id in a packed inode (after 4 B and 5 I fields)
+QTREE_OFF = 24  # offset of the qtree id in a packed inode (after 4 B and 5 I fields)
 _QID = struct.Struct("<I")
 _TREES = struct.Struct("<BBB65xQQ")  # kind, height, xheight, ..., top, xtop of a packed inode (no full decode)
 _SB = struct.Struct("<8sIIIQQQ")
@@ -66,8 +66,26 @@ _PTRS = struct.Struct(f"<{PPB}Q")
 
 
 class Inode:
-    __slots__ = ("kind", "height", "xheight", "flags", "mode", "uid", "gid", "nlink", "gen", "qtree",
-                 "parent", "purg", "size", "xsize", "mtime", "ctime", "top", "xtop")
+    __slots__ = (
+        "kind",
+        "height",
+        "xheight",
+        "flags",
+        "mode",
+        "uid",
+        "gid",
+        "nlink",
+        "gen",
+        "qtree",
+        "parent",
+        "purg",
+        "size",
+        "xsize",
+        "mtime",
+        "ctime",
+        "top",
+        "xtop",
+    )
     # the fields of a packed inode (_INODE), all integers; set by __init__ and unpack through __slots__
     kind: int
     height: int
@@ -154,7 +172,7 @@ def decode_dir(data: bytes) -> dict[str, int]:
             n, ino = struct.unpack_from("<HI", data, off)
             if n == 0:
                 break
-            out[data[off + 6:off + 6 + n].decode("utf-8", "surrogateescape")] = ino
+            out[data[off + 6 : off + 6 + n].decode("utf-8", "surrogateescape")] = ino
             off += 6 + n
     return out
 
@@ -172,13 +190,13 @@ def decode_xattrs(data: bytes) -> dict[str, bytes]:
     while off + 6 <= len(data):
         n, m = struct.unpack_from("<HI", data, off)
         off += 6
-        out[data[off:off + n].decode("utf-8", "surrogateescape")] = data[off + n:off + n + m]
+        out[data[off : off + n].decode("utf-8", "surrogateescape")] = data[off + n : off + n + m]
         off += n + m
     return out
 
 
 def blocks_of(data: bytes) -> dict[int, bytes]:
-    return {i: data[i * BS:(i + 1) * BS].ljust(BS, b"\0") for i in range(nblocks(len(data)))}
+    return {i: data[i * BS : (i + 1) * BS].ljust(BS, b"\0") for i in range(nblocks(len(data)))}
 
 
 class View:
@@ -244,10 +262,10 @@ class View:
 class SimFS:
     """One open sim volume: RAID device, buffer cache, block map, active FS and PCPIs."""
 
-    CACHE_BLOCKS = 8192                 # 32 MiB of cached blocks per open volume
-    DIRTY_LIMIT = 64 << 20              # an apply writes an extra CP when this much data is dirty
-    opens: int                          # handles open_sim gave out (set and counted there)
-    fill: int | None                    # the stripe a CP is filling (set by _cp_begin)
+    CACHE_BLOCKS = 8192  # 32 MiB of cached blocks per open volume
+    DIRTY_LIMIT = 64 << 20  # an apply writes an extra CP when this much data is dirty
+    opens: int  # handles open_sim gave out (set and counted there)
+    fill: int | None  # the stripe a CP is filling (set by _cp_begin)
     fill_idx: int
 
     def __init__(self, path: str, *, fsync: bool = True) -> None:
@@ -256,16 +274,15 @@ class SimFS:
         self.lock = threading.RLock()
         self.broken: BaseException | None = None
         self.closed = False
-        self.stats = {"block_reads": 0, "cache_misses": 0, "change_index_builds": 0, "change_index_hits": 0,
-                      "cps": 0}
+        self.stats = {"block_reads": 0, "cache_misses": 0, "change_index_builds": 0, "change_index_hits": 0, "cps": 0}
         self.cache: dict[int, bytes] = {}
-        self.dircache: dict[int, tuple] = {}   # dir top vbn -> ((height, size), entries)
+        self.dircache: dict[int, tuple] = {}  # dir top vbn -> ((height, size), entries)
         self.cp_cond = threading.Condition(self.lock)
-        self.cp_failures = 0            # CPs that failed (volume remounted): wait_durable's callers lost changes
+        self.cp_failures = 0  # CPs that failed (volume remounted): wait_durable's callers lost changes
         self.cp_error = ""
         self.idx_lock = threading.Lock()
-        self.change_idx: dict[tuple, dict] = {}        # (root a, root b) -> ops.change_index
-        self.idx_tops: dict[int, set[tuple]] = {}      # top vbn -> keys of change_idx naming it
+        self.change_idx: dict[tuple, dict] = {}  # (root a, root b) -> ops.change_index
+        self.idx_tops: dict[int, set[tuple]] = {}  # top vbn -> keys of change_idx naming it
         self._mount()
 
     def __repr__(self) -> str:
@@ -303,7 +320,7 @@ class SimFS:
                 if blk is None:
                     continue
                 blen = _SB.size + 2 * ISZ
-                body, digest = blk[:blen], blk[blen:blen + 32]
+                body, digest = blk[:blen], blk[blen : blen + 32]
                 if body[:8] != MAGIC or hashlib.sha256(body).digest() != digest:
                     continue
                 _m, ver, bs, ndata, cp, hwm, maxs = _SB.unpack_from(body)
@@ -336,7 +353,7 @@ class SimFS:
 
     def _mount(self) -> None:
         self.cp, self.hwm, self.max_stripes, self.root, self.meta_rec = self._read_superblock()
-        self.cp_built = self.cp        # CPs built (== self.cp, the CPs on disk, unless one is flushing)
+        self.cp_built = self.cp  # CPs built (== self.cp, the CPs on disk, unless one is flushing)
         self.flushing = False
         self.cache.clear()
         self.dircache.clear()
@@ -419,8 +436,10 @@ class SimFS:
         if self.closed:
             raise BackendError(f"sim volume {self.path} was closed", hint="open the volume again")
         if self.broken is not None:
-            raise BackendError(f"sim volume {self.path} crashed ({self.broken}); reopen it",
-                               hint="open the volume again: it restarts at its last complete consistency point")
+            raise BackendError(
+                f"sim volume {self.path} crashed ({self.broken}); reopen it",
+                hint="open the volume again: it restarts at its last complete consistency point",
+            )
 
     def read(self, vbn: int) -> bytes:
         self.stats["block_reads"] += 1
@@ -469,7 +488,7 @@ class SimFS:
         buf = bytearray(nblocks(size) * BS)
         for fbn, vbn in self.leaves(top, height):
             if fbn * BS < len(buf):
-                buf[fbn * BS:(fbn + 1) * BS] = self.read(vbn)
+                buf[fbn * BS : (fbn + 1) * BS] = self.read(vbn)
         return bytes(buf[:size])
 
     def view(self, snapshot: str | None = None) -> View:
@@ -477,8 +496,9 @@ class SimFS:
             return View(self, self.root)
         roots = self.pcpi_roots()
         if snapshot not in roots:
-            raise BackendError(f"PCPI {snapshot!r} does not exist on {self.path}",
-                               hint=f"PCPIs: {', '.join(sorted(roots)) or 'none'}")
+            raise BackendError(
+                f"PCPI {snapshot!r} does not exist on {self.path}", hint=f"PCPIs: {', '.join(sorted(roots)) or 'none'}"
+            )
         return View(self, roots[snapshot])
 
     # ---------------------------------------------------------------- change index memo (ops.change_index)
@@ -532,8 +552,10 @@ class SimFS:
             if not self.suse.get(s) and s not in self.cp_stripes:
                 return s
         if self.max_stripes and self.cp_hwm >= self.max_stripes:
-            raise BackendError(f"sim volume {self.path} is full (ENOSPC: {self.max_stripes} stripes)",
-                               hint="delete PCPIs, purge purgatories, or create the volume larger")
+            raise BackendError(
+                f"sim volume {self.path} is full (ENOSPC: {self.max_stripes} stripes)",
+                hint="delete PCPIs, purge purgatories, or create the volume larger",
+            )
         s = self.cp_hwm
         self.cp_hwm += 1
         return s
@@ -565,8 +587,16 @@ class SimFS:
                             self._incref(p)
         return vbn
 
-    def _build(self, k: str, old_top: int, old_h: int, changes: dict[int, bytes], nb: int, floor: int,
-               reuse_equal: bool = False) -> tuple[int, int]:
+    def _build(
+        self,
+        k: str,
+        old_top: int,
+        old_h: int,
+        changes: dict[int, bytes],
+        nb: int,
+        floor: int,
+        reuse_equal: bool = False,
+    ) -> tuple[int, int]:
         """New buffer tree of ``nb`` blocks: the old tree (blocks < floor) overlaid with ``changes``."""
         new_h = height_for(nb)
         if new_h == 0:
@@ -582,9 +612,10 @@ class SimFS:
         items = sorted((f, d) for f, d in changes.items() if f < nb)
         return self._build_node(k, old, new_h - 1, 0, items, nb, floor, reuse_equal), new_h
 
-    def _build_node(self, k: str, old, level: int, base: int, changes: list, nb: int, floor: int,
-                    reuse_equal: bool) -> int:
-        span = PPB ** level
+    def _build_node(
+        self, k: str, old, level: int, base: int, changes: list, nb: int, floor: int, reuse_equal: bool
+    ) -> int:
+        span = PPB**level
         if base >= floor:
             old = 0
         if base >= nb:
@@ -690,8 +721,19 @@ class SimFS:
         ino = self.next_ino
         self.next_ino += 1
         now = time.time_ns()
-        self._a_put(ino, Inode(kind, mode=mode & 0o7777, nlink=2 if kind == DIR else 1, gen=1, qtree=qtree,
-                               parent=parent, mtime=now, ctime=now))
+        self._a_put(
+            ino,
+            Inode(
+                kind,
+                mode=mode & 0o7777,
+                nlink=2 if kind == DIR else 1,
+                gen=1,
+                qtree=qtree,
+                parent=parent,
+                mtime=now,
+                ctime=now,
+            ),
+        )
         if kind == DIR:
             self.ov_dirs[ino] = {}
             self.dirty_dirs.add(ino)
@@ -723,7 +765,7 @@ class SimFS:
         for fbn in range(off // BS, nblocks(end)):
             out += self._a_block(ino, rec, fbn)
         s = off - (off // BS) * BS
-        return bytes(out[s:s + max(0, end - off)])
+        return bytes(out[s : s + max(0, end - off)])
 
     def a_write(self, ino: int, off: int, data: bytes) -> None:
         rec = self.a_touch(ino)
@@ -735,10 +777,10 @@ class SimFS:
             fbn, bo = divmod(pos, BS)
             take = min(BS - bo, end - pos)
             if bo == 0 and take == BS:
-                ov[fbn] = bytes(mv[pos - off:pos - off + BS])
+                ov[fbn] = bytes(mv[pos - off : pos - off + BS])
             else:
                 blk = bytearray(self._a_block(ino, rec, fbn)) if fbn < nblocks(rec.size) else bytearray(BS)
-                blk[bo:bo + take] = mv[pos - off:pos - off + take]
+                blk[bo : bo + take] = mv[pos - off : pos - off + take]
                 ov[fbn] = bytes(blk)
             pos += take
         rec.size = max(rec.size, end)
@@ -751,7 +793,7 @@ class SimFS:
             if size % BS:
                 fbn = size // BS
                 blk = bytearray(self._a_block(ino, rec, fbn))
-                blk[size % BS:] = bytes(BS - size % BS)
+                blk[size % BS :] = bytes(BS - size % BS)
                 ov[fbn] = bytes(blk)
             for f in [f for f in ov if f >= nb]:
                 del ov[f]
@@ -801,9 +843,10 @@ class SimFS:
         while True:
             with self.lock:
                 if self.cp_failures != failures:
-                    raise BackendError(f"a consistency point of {self.path} failed ({self.cp_error}); "
-                                       "these changes were lost",
-                                       hint="the volume is back at its last complete consistency point; retry")
+                    raise BackendError(
+                        f"a consistency point of {self.path} failed ({self.cp_error}); these changes were lost",
+                        hint="the volume is back at its last complete consistency point; retry",
+                    )
                 self.check()
                 if self.cp >= need:
                     return
@@ -832,8 +875,10 @@ class SimFS:
                 finally:
                     self.cp_cond.notify_all()
             if isinstance(exc, OSError):
-                raise BackendError(f"I/O error writing a consistency point of {self.path}: {exc}",
-                                   hint="the volume is back at its last complete consistency point") from exc
+                raise BackendError(
+                    f"I/O error writing a consistency point of {self.path}: {exc}",
+                    hint="the volume is back at its last complete consistency point",
+                ) from exc
             raise
 
     def _cp_begin(self) -> tuple[int, bytes, set[int]]:
@@ -852,16 +897,19 @@ class SimFS:
                 if ino in self.dirty_dirs:
                     blks = encode_dir(self.ov_dirs[ino])
                     rec.size = len(blks) * BS
-                    rec.top, rec.height = self._build("f", rec.top, rec.height, dict(enumerate(blks)), len(blks),
-                                                      len(blks), reuse_equal=True)
+                    rec.top, rec.height = self._build(
+                        "f", rec.top, rec.height, dict(enumerate(blks)), len(blks), len(blks), reuse_equal=True
+                    )
                 elif ino in self.ov_data:
-                    rec.top, rec.height = self._build("f", rec.top, rec.height, self.ov_data.get(ino, {}),
-                                                      nblocks(rec.size), self.floor.get(ino, big))
+                    rec.top, rec.height = self._build(
+                        "f", rec.top, rec.height, self.ov_data.get(ino, {}), nblocks(rec.size), self.floor.get(ino, big)
+                    )
                 if ino in self.dirty_x:
                     xd = encode_xattrs(self.ov_x[ino])
                     rec.xsize = len(xd)
-                    rec.xtop, rec.xheight = self._build("f", rec.xtop, rec.xheight, blocks_of(xd), nblocks(len(xd)),
-                                                        nblocks(len(xd)), reuse_equal=True)
+                    rec.xtop, rec.xheight = self._build(
+                        "f", rec.xtop, rec.xheight, blocks_of(xd), nblocks(len(xd)), nblocks(len(xd)), reuse_equal=True
+                    )
             bi, slot = divmod(ino, IPB)
             ifile_slots.setdefault(bi, {})[slot] = rec.pack() if rec is not None else bytes(ISZ)
         root = self.root.copy()
@@ -871,15 +919,18 @@ class SimFS:
             p = self.get_ptr(self.root.top, self.root.height, bi)
             blk = bytearray(self.read(p) if p else ZERO)
             for s, b in slots.items():
-                blk[s * ISZ:(s + 1) * ISZ] = b
+                blk[s * ISZ : (s + 1) * ISZ] = b
             changes[bi] = bytes(blk)
-        root.top, root.height = self._build("i", self.root.top, self.root.height, changes, nblocks(root.size * ISZ), big)
+        root.top, root.height = self._build(
+            "i", self.root.top, self.root.height, changes, nblocks(root.size * ISZ), big
+        )
         meta = self.meta_rec.copy()
         if self.meta_dirty:
             md = json.dumps(self.meta, sort_keys=True).encode()
             meta.size = len(md)
-            meta.top, meta.height = self._build("m", meta.top, meta.height, blocks_of(md), nblocks(len(md)),
-                                                nblocks(len(md)), reuse_equal=True)
+            meta.top, meta.height = self._build(
+                "m", meta.top, meta.height, blocks_of(md), nblocks(len(md)), nblocks(len(md)), reuse_equal=True
+            )
         for new, old, k in ((root, self.root, "i"), (meta, self.meta_rec, "m")):
             if new.top and new.top not in self.new_blocks and new.top != old.top:
                 self._incref(new.top)
@@ -937,11 +988,13 @@ class SimFS:
             if len(self.meta["pcpis"]) >= MAX_PCPIS:
                 raise BackendError(
                     f"sim volume {self.path} already holds {MAX_PCPIS} PCPIs; cannot take {name!r}",
-                    hint="a volume holds at most 255 PCPIs (as WAFL): release PCPIs you no longer need")
+                    hint="a volume holds at most 255 PCPIs (as WAFL): release PCPIs you no longer need",
+                )
             if self.root.top:
                 self._incref(self.root.top)
-            self.meta["pcpis"].append({"name": name, "cp": self.cp + 1, "time": time.time(),
-                                       "root": self.root.pack().hex()})
+            self.meta["pcpis"].append(
+                {"name": name, "cp": self.cp + 1, "time": time.time(), "root": self.root.pack().hex()}
+            )
             self.meta_dirty = True
             self.commit()
             return name
@@ -986,8 +1039,10 @@ class SimFS:
         fresh = self._count_refs()
         if fresh != self.rc:
             diff = {k for k in set(fresh) | set(self.rc) if fresh.get(k) != self.rc.get(k)}
-            problems.append(f"block map differs from the trees at {len(diff)} blocks, e.g. "
-                            + ", ".join(f"{k}: map {self.rc.get(k)} trees {fresh.get(k)}" for k in sorted(diff)[:5]))
+            problems.append(
+                f"block map differs from the trees at {len(diff)} blocks, e.g. "
+                + ", ".join(f"{k}: map {self.rc.get(k)} trees {fresh.get(k)}" for k in sorted(diff)[:5])
+            )
         n = self.raid.ndata
         for vbn in self.rc:
             if vbn // n < SB_STRIPES or vbn // n >= self.hwm:
@@ -1034,29 +1089,49 @@ class SimFS:
         n = self.raid.ndata
         disks = []
         for i in range(n + 1):
-            disks.append({"disk": self.raid.disk_label(i), "role": "parity" if i == n else "data",
-                          "state": "failed" if i == self.raid.failed else "ok",
-                          "stripes": self.hwm})
+            disks.append(
+                {
+                    "disk": self.raid.disk_label(i),
+                    "role": "parity" if i == n else "data",
+                    "state": "failed" if i == self.raid.failed else "ok",
+                    "stripes": self.hwm,
+                }
+            )
         active = self.blocks_of_root(self.root)
         pcpis = []
         roots = self.pcpi_roots()
-        walk = len(self.rc) * max(1, len(roots)) <= 4_000_000     # full walks only while they are cheap
+        walk = len(self.rc) * max(1, len(roots)) <= 4_000_000  # full walks only while they are cheap
         for p in self.meta["pcpis"]:
             r = roots[p["name"]]
-            pcpis.append({"name": p["name"], "cp": p["cp"], "time": p["time"],
-                          "blocks": len(self.blocks_of_root(r)) if walk else None,
-                          "unique_blocks": self.unique_blocks(r)})
+            pcpis.append(
+                {
+                    "name": p["name"],
+                    "cp": p["cp"],
+                    "time": p["time"],
+                    "blocks": len(self.blocks_of_root(r)) if walk else None,
+                    "unique_blocks": self.unique_blocks(r),
+                }
+            )
         used = len(self.rc)
         total = (self.max_stripes - SB_STRIPES) * n if self.max_stripes else None
         return {
-            "path": self.path, "block_size": BS, "data_disks": n,
+            "path": self.path,
+            "block_size": BS,
+            "data_disks": n,
             "parity": "degraded" if self.raid.failed is not None else "ok",
             "failed_disk": self.raid.disk_label(self.raid.failed) if self.raid.failed is not None else None,
-            "cp": self.cp, "stripes": self.hwm, "max_stripes": self.max_stripes or None,
-            "used_blocks": used, "free_blocks": total - used if total is not None else None,
-            "free_stripes": len(self.free_stripes), "active_blocks": len(active),
-            "inodes": self.root.size, "pcpis": pcpis, "max_pcpis": MAX_PCPIS,
-            "qtrees": self.view().qtrees(), "exports": self.exports(),
+            "cp": self.cp,
+            "stripes": self.hwm,
+            "max_stripes": self.max_stripes or None,
+            "used_blocks": used,
+            "free_blocks": total - used if total is not None else None,
+            "free_stripes": len(self.free_stripes),
+            "active_blocks": len(active),
+            "inodes": self.root.size,
+            "pcpis": pcpis,
+            "max_pcpis": MAX_PCPIS,
+            "qtrees": self.view().qtrees(),
+            "exports": self.exports(),
             "disks": disks,
         }
 

@@ -68,17 +68,20 @@ def _changed_blocks(fs: SimFS, ra: Inode, rb: Inode) -> list[tuple[int, int, int
     return sorted(pair_walk(fs, (ra.top, ra.height), (rb.top, rb.height), limit))
 
 
-def _slots(fs: SimFS, blocks: Iterable[tuple[int, int, int]],
-           q: int | None = None) -> Iterator[tuple[int, Inode | None, Inode | None]]:
+def _slots(
+    fs: SimFS, blocks: Iterable[tuple[int, int, int]], q: int | None = None
+) -> Iterator[tuple[int, Inode | None, Inode | None]]:
     for bi, pa, pb in blocks:
         ba = fs.read(pa) if pa else ZERO
         bb = fs.read(pb) if pb else ZERO
         for s in range(IPB):
             o = s * ISZ
-            sa, sb = ba[o:o + ISZ], bb[o:o + ISZ]
+            sa, sb = ba[o : o + ISZ], bb[o : o + ISZ]
             if sa != sb:
-                if q is not None and not ((sa[0] and _QID.unpack_from(sa, QTREE_OFF)[0] == q)
-                                          or (sb[0] and _QID.unpack_from(sb, QTREE_OFF)[0] == q)):
+                if q is not None and not (
+                    (sa[0] and _QID.unpack_from(sa, QTREE_OFF)[0] == q)
+                    or (sb[0] and _QID.unpack_from(sb, QTREE_OFF)[0] == q)
+                ):
                     continue
                 ia, ib = Inode.unpack(sa), Inode.unpack(sb)
                 yield bi * IPB + s, (ia if ia.kind else None), (ib if ib.kind else None)
@@ -112,7 +115,7 @@ def change_index(fs: SimFS, ra: Inode, rb: Inode) -> dict[int, list[tuple[int, i
             qs: set[int] = set()
             for s in range(IPB):
                 o = s * ISZ
-                if ba[o:o + ISZ] != bb[o:o + ISZ]:
+                if ba[o : o + ISZ] != bb[o : o + ISZ]:
                     if ba[o]:
                         qs.add(_QID.unpack_from(ba, o + QTREE_OFF)[0])
                     if bb[o]:
@@ -135,7 +138,7 @@ class Applier:
         self.fs = fs
         self.use_purgatory = use_purgatory
         q = qtree_root(fs, check_qtree_name(qtree), create=True)
-        assert q is not None            # create=True makes it
+        assert q is not None  # create=True makes it
         self.q = q
         self.nrec = 0
         self.nbytes = 0
@@ -171,19 +174,22 @@ class Applier:
             ino = fs.a_dir(cur).get(p)
             rec = fs.a_inode(ino) if ino is not None else None
             if rec is None or rec.kind != DIR:
-                sub = "/".join(parts[: i + 1])      # only for the message: a deep path has thousands of parts
+                sub = "/".join(parts[: i + 1])  # only for the message: a deep path has thousands of parts
                 if rec is None:
-                    raise StreamError(f"{path!r:.300}: directory {sub!r:.300} does not exist",
-                                      hint="the stream violates the order contract or does not match this replica")
+                    raise StreamError(
+                        f"{path!r:.300}: directory {sub!r:.300} does not exist",
+                        hint="the stream violates the order contract or does not match this replica",
+                    )
                 if rec.kind == LNK:
-                    raise HostilePath(f"{path!r:.300} goes through the symlink {sub!r:.300}; "
-                                      "appliers never follow symlinks (I10)")
+                    raise HostilePath(
+                        f"{path!r:.300} goes through the symlink {sub!r:.300}; appliers never follow symlinks (I10)"
+                    )
                 raise StreamError(f"{path!r:.300}: {sub!r:.300} is not a directory")
-            assert ino is not None      # rec is its inode
+            assert ino is not None  # rec is its inode
             cur = ino
             sofar = f"{sofar}/{p}" if sofar else p
-            self._dirs[sofar] = cur             # every directory on the way: the next record may
-            self._paths[cur] = sofar            # name one of them (a tree removed deepest first)
+            self._dirs[sofar] = cur  # every directory on the way: the next record may
+            self._paths[cur] = sofar  # name one of them (a tree removed deepest first)
         return cur, name, fs.a_dir(cur).get(name)
 
     def _forget_dir(self, ino: int, path: str | None = None) -> None:
@@ -192,13 +198,13 @@ class Applier:
         if known is not None:
             del self._dirs[known]
         if not self.fs.a_dir(ino):
-            return                      # empty: nothing below it
+            return  # empty: nothing below it
         for p in filter(None, (known, path)):
             below = [k for k in self._dirs if k.startswith(p + "/")]
             for k in below:
                 del self._paths[self._dirs.pop(k)]
         if known is None and path is None:
-            self._dirs.clear()          # a non-empty directory of unknown path: anything may be below it
+            self._dirs.clear()  # a non-empty directory of unknown path: anything may be below it
             self._paths.clear()
 
     def purgatory(self) -> int:
@@ -258,7 +264,7 @@ class Applier:
     # -- records
     def apply(self, rec: object) -> None:
         fs = self.fs
-        ino: int | None                 # the inode a record names (None: no such entry)
+        ino: int | None  # the inode a record names (None: no such entry)
         if isinstance(rec, R.MkDir):
             parent, name, ex = self.resolve(rec.path)
             if ex is not None and fs.a_existing(ex).kind == DIR:
@@ -368,7 +374,7 @@ def apply_stream(fs: SimFS, qtree: str, records: Iterable[object], use_purgatory
     for rec in R.changes_only(records):
         ap.apply(rec)
         if fs.dirty_bytes >= fs.DIRTY_LIMIT:
-            fs.commit()     # bound the memory a large stream holds: an extra CP, same result
+            fs.commit()  # bound the memory a large stream holds: an extra CP, same result
     return {"records": ap.nrec, "bytes": ap.nbytes}
 
 

@@ -90,8 +90,9 @@ class Raid:
             with open(os.path.join(self.path, "raid.json"), encoding="utf-8") as f:
                 return json.load(f)
         except (OSError, ValueError) as exc:
-            raise BackendError(f"{self.path} is not a sim volume ({exc})",
-                               hint="create it with create=True or `coalesce init`") from exc
+            raise BackendError(
+                f"{self.path} is not a sim volume ({exc})", hint="create it with create=True or `coalesce init`"
+            ) from exc
 
     @staticmethod
     def _write_cfg(path: str, cfg: dict) -> None:
@@ -187,7 +188,8 @@ class Raid:
                 return
             raise BackendError(
                 f"{self.disk_label(self.failed)} has already failed; RAID-4 survives one failed disk",
-                hint="run `coalesce sim reconstruct` first")
+                hint="run `coalesce sim reconstruct` first",
+            )
         fd = self.fds[disk]
         if fd is not None:
             os.close(fd)

@@ -10,8 +10,9 @@ def sim_apply(fs: SimFS, qtree: str, changes, use_purgatory: bool = False):
     """Apply bare change records through the hook path (one CP at the end)."""
     import coalesce_sim
 
-    return coalesce_sim.coalesce_apply(volume=fs, qtree=qtree, records=R.framed(qtree, None, "x", list(changes)),
-                                       use_purgatory=use_purgatory)
+    return coalesce_sim.coalesce_apply(
+        volume=fs, qtree=qtree, records=R.framed(qtree, None, "x", list(changes)), use_purgatory=use_purgatory
+    )
 
 
 def reopen(fs: SimFS, query: str = "fsync=0") -> SimFS:

@@ -120,8 +120,9 @@ def zfs_out(*args: str) -> str:
 
 def check_pcpi(name: str) -> str:
     if not isinstance(name, str) or not _NAME.match(name):
-        raise BackendError(f"{name!r} is not a valid PCPI name for ZFS",
-                           hint="use letters, digits and ._:- (no '/' or '@')")
+        raise BackendError(
+            f"{name!r} is not a valid PCPI name for ZFS", hint="use letters, digits and ._:- (no '/' or '@')"
+        )
     return name
 
 
@@ -147,8 +148,7 @@ def parse_zfs_diff(text: str, mountpoint: str) -> set[str] | None:
     pre = mountpoint.rstrip("/") + "/"
 
     def unescape(p: str) -> str:
-        return os.fsdecode(re.sub(rb"\\([0-7]{3,4})", lambda m: bytes([int(m.group(1), 8) & 0xFF]),
-                                  os.fsencode(p)))
+        return os.fsdecode(re.sub(rb"\\([0-7]{3,4})", lambda m: bytes([int(m.group(1), 8) & 0xFF]), os.fsencode(p)))
 
     for line in text.splitlines():
         if not line.strip():
@@ -162,17 +162,17 @@ def parse_zfs_diff(text: str, mountpoint: str) -> set[str] | None:
                 continue
             if not p.startswith(pre):
                 return None
-            out.add(p[len(pre):])
+            out.add(p[len(pre) :])
     return out
 
 
 class ZfsVolume(PosixVolume):
     scheme = SCHEME
     _seq = itertools.count()
-    _lock = threading.RLock()   # re-entrant: see _image
-    _views: dict = {}          # (dataset, pcpi) -> shared temporary clone (zfs-fuse)
+    _lock = threading.RLock()  # re-entrant: see _image
+    _views: dict = {}  # (dataset, pcpi) -> shared temporary clone (zfs-fuse)
     _block_maps = BlockMaps()  # what each `zfs send -i` read to its end wrote, for the other qtrees' diffs
-    metadir: str               # set by __init__
+    metadir: str  # set by __init__
 
     def __init__(self, url: Any, dataset: str, mountpoint: str) -> None:
         self.dataset = dataset
@@ -184,7 +184,7 @@ class ZfsVolume(PosixVolume):
         self.viewdir = os.path.join(self.state, "views")
         self.tmpdir = os.path.join(self.state, "tmp")
         self.clone_prefix = f"{self.pool}/czclone-{flat.replace('%', '-')}-"
-        self.last_send_data: SendData | None = None    # the last diff's, for tests and benchmarks
+        self.last_send_data: SendData | None = None  # the last diff's, for tests and benchmarks
         super().__init__(url, mountpoint, os.path.join(self.state, "exports"))
 
     # -- opening --------------------------------------------------------------
@@ -199,13 +199,15 @@ class ZfsVolume(PosixVolume):
             if "does not exist" not in err:
                 raise BackendError(f"`zfs list {ds}` failed: {err}", hint=ZFS_HINT)
             if not create:
-                raise BackendError(f"ZFS dataset {ds} does not exist",
-                                   hint=f"create it: zfs create {ds} (or open with create=True)")
+                raise BackendError(
+                    f"ZFS dataset {ds} does not exist", hint=f"create it: zfs create {ds} (or open with create=True)"
+                )
             zfs("create", "-p", ds, hint="does the pool exist and have space? " + ZFS_HINT)
         mp = zfs_out("get", "-H", "-o", "value", "mountpoint", ds).strip()
         if not mp.startswith("/"):
-            raise BackendError(f"ZFS dataset {ds} has mountpoint {mp!r}",
-                               hint=f"give it a path: zfs set mountpoint=/srv/{ds} {ds}")
+            raise BackendError(
+                f"ZFS dataset {ds} has mountpoint {mp!r}", hint=f"give it a path: zfs set mountpoint=/srv/{ds} {ds}"
+            )
         if zfs_out("get", "-H", "-o", "value", "mounted", ds).strip() != "yes":
             zfs("mount", ds, hint=f"mount the dataset: zfs mount {ds}")
         vol = cls(url, ds, mp)
@@ -221,7 +223,7 @@ class ZfsVolume(PosixVolume):
     def snapshot_list(self) -> list[str]:
         out = zfs_out("list", "-H", "-t", "snapshot", "-o", "name", "-r", self.dataset)
         pre = self.dataset + "@"
-        return sorted(line[len(pre):] for line in out.splitlines() if line.startswith(pre))
+        return sorted(line[len(pre) :] for line in out.splitlines() if line.startswith(pre))
 
     def snapshot_create(self, name: str) -> str:
         check_pcpi(name)
@@ -229,8 +231,12 @@ class ZfsVolume(PosixVolume):
         # process and a round trip to the daemon); an existing snapshot of that name is success
         p = zfs("snapshot", f"{self.dataset}@{name}", check=False)
         if p.returncode != 0 and name not in self.snapshot_list():
-            raise command_error([_zfs(), "snapshot", f"{self.dataset}@{name}"], p.returncode, p.stderr,
-                                hint="is the pool full? " + ZFS_HINT)
+            raise command_error(
+                [_zfs(), "snapshot", f"{self.dataset}@{name}"],
+                p.returncode,
+                p.stderr,
+                hint="is the pool full? " + ZFS_HINT,
+            )
         return name
 
     def snapshot_delete(self, name: str) -> bool:
@@ -246,15 +252,20 @@ class ZfsVolume(PosixVolume):
     def _require(self, pcpi: str) -> None:
         check_pcpi(pcpi)
         if pcpi not in self.snapshot_list():
-            raise BackendError(f"PCPI {pcpi!r} does not exist on {self.url}",
-                               hint=f"existing PCPIs: {', '.join(self.snapshot_list()) or 'none'}")
+            raise BackendError(
+                f"PCPI {pcpi!r} does not exist on {self.url}",
+                hint=f"existing PCPIs: {', '.join(self.snapshot_list()) or 'none'}",
+            )
 
     # -- clones ---------------------------------------------------------------
     def _clones_of(self, pcpi: str) -> list[str]:
         out = zfs_out("list", "-H", "-o", "name,origin", "-t", "filesystem", "-r", self.pool)
         origin = f"{self.dataset}@{pcpi}"
-        return [line.split("\t")[0] for line in out.splitlines()
-                if line.split("\t")[-1] == origin and line.startswith(self.clone_prefix)]
+        return [
+            line.split("\t")[0]
+            for line in out.splitlines()
+            if line.split("\t")[-1] == origin and line.startswith(self.clone_prefix)
+        ]
 
     def _all_clones(self) -> list[str]:
         out = zfs_out("list", "-H", "-o", "name", "-t", "filesystem", "-r", self.pool)
@@ -280,7 +291,7 @@ class ZfsVolume(PosixVolume):
         """Destroy temporary clones left by a process that died (tag t<pid>x<n>)."""
         self._reap_deferred()
         for name in self._all_clones():
-            m = re.match(r"t(\d+)x\d+-", name[len(self.clone_prefix):])
+            m = re.match(r"t(\d+)x\d+-", name[len(self.clone_prefix) :])
             if m and not os.path.exists(f"/proc/{m.group(1)}"):
                 self._destroy(name, force=True)
 
@@ -310,13 +321,23 @@ class ZfsVolume(PosixVolume):
                 if "does not exist" in last or "could not find" in last:
                     return False
                 time.sleep(0.5 * (i + 1))
-        raise BackendError(f"`zfs destroy {name}` failed: {last.strip() if last else '?'}",
-                           hint="a process may hold files open in it (fuser -m); " + ZFS_HINT)
+        raise BackendError(
+            f"`zfs destroy {name}` failed: {last.strip() if last else '?'}",
+            hint="a process may hold files open in it (fuser -m); " + ZFS_HINT,
+        )
 
     def _clone(self, pcpi: str, name: str, mountpoint: str) -> str:
         os.makedirs(mountpoint, 0o755, exist_ok=True)
-        zfs("clone", "-o", "readonly=on", "-o", f"mountpoint={mountpoint}", f"{self.dataset}@{pcpi}", name,
-            hint="cloning a PCPI to read it (zfs-fuse has no .zfs/snapshot); " + ZFS_HINT)
+        zfs(
+            "clone",
+            "-o",
+            "readonly=on",
+            "-o",
+            f"mountpoint={mountpoint}",
+            f"{self.dataset}@{pcpi}",
+            name,
+            hint="cloning a PCPI to read it (zfs-fuse has no .zfs/snapshot); " + ZFS_HINT,
+        )
         if zfs_out("get", "-H", "-o", "value", "mounted", name).strip() != "yes":
             zfs("mount", name)
         return mountpoint
@@ -337,7 +358,7 @@ class ZfsVolume(PosixVolume):
             yield os.path.join(self.root, ".zfs", "snapshot", snapshot)
             return
         view = os.path.join(self.viewdir, snapshot)
-        if os.path.ismount(view):                      # an export clone already shows it
+        if os.path.ismount(view):  # an export clone already shows it
             yield view
             return
         key = (self.dataset, snapshot)
@@ -345,8 +366,13 @@ class ZfsVolume(PosixVolume):
         # collector, which may finalize a diff generator someone abandoned, whose cleanup (this
         # method's `finally`) takes the lock too; under a plain Lock that deadlocked the thread.
         tag = f"t{os.getpid()}x{next(self._seq)}"
-        fresh = {"name": f"{self.clone_prefix}{tag}-{snapshot}", "mp": os.path.join(self.tmpdir, tag),
-                 "refs": 0, "ready": threading.Event(), "error": None}
+        fresh = {
+            "name": f"{self.clone_prefix}{tag}-{snapshot}",
+            "mp": os.path.join(self.tmpdir, tag),
+            "refs": 0,
+            "ready": threading.Event(),
+            "error": None,
+        }
         with self._lock:
             entry = self._views.setdefault(key, fresh)
             creator = entry is fresh
@@ -409,7 +435,7 @@ class ZfsVolume(PosixVolume):
         if self.browsable():
             return
         for name in self._all_clones():
-            tail = name[len(self.clone_prefix):]
+            tail = name[len(self.clone_prefix) :]
             if tail.startswith("x-") and tail[2:] not in pcpis:
                 try:
                     self._destroy(name, force=False, tries=2)
@@ -431,8 +457,9 @@ class ZfsVolume(PosixVolume):
     def _props(self, pcpis: tuple[str, ...], *names: str) -> dict[str, dict[str, int]]:
         """Numeric properties of PCPIs, in one ``zfs get``: {pcpi: {property: value}}."""
         out: dict[str, dict[str, int]] = {p: {} for p in pcpis}
-        text = zfs_out("get", "-Hp", "-o", "name,property,value", ",".join(names),
-                       *(f"{self.dataset}@{p}" for p in pcpis))
+        text = zfs_out(
+            "get", "-Hp", "-o", "name,property,value", ",".join(names), *(f"{self.dataset}@{p}" for p in pcpis)
+        )
         for line in text.splitlines():
             name, prop, value = line.split("\t")
             out[name.split("@", 1)[1]][prop] = int(value)
@@ -443,8 +470,10 @@ class ZfsVolume(PosixVolume):
             troot = stack.enter_context(self._image(target, checked=True))
             tq = os.path.join(troot, qtree)
             if not os.path.isdir(tq) or os.path.islink(tq):
-                raise BackendError(f"qtree {qtree!r} does not exist in PCPI {target!r} of {self.url}",
-                                   hint="diff only qtrees that qtree_list(target) shows")
+                raise BackendError(
+                    f"qtree {qtree!r} does not exist in PCPI {target!r} of {self.url}",
+                    hint="diff only qtrees that qtree_list(target) shows",
+                )
             if base is None:
                 yield from framed(qtree, None, target, walk.baseline_records(tq))
                 return
@@ -456,15 +485,23 @@ class ZfsVolume(PosixVolume):
             bq = os.path.join(broot, qtree)
             data = walk.READ
             # `zfs send -i` goes forward only: a rollback diffs a later PCPI back to an earlier one
-            if (not self.browsable() and props[base]["createtxg"] < props[target]["createtxg"]
-                    and os.environ.get("COALESCE_ZFS_DIFF", "send") != "walk"):
+            if (
+                not self.browsable()
+                and props[base]["createtxg"] < props[target]["createtxg"]
+                and os.environ.get("COALESCE_ZFS_DIFF", "send") != "walk"
+            ):
                 data = self.last_send_data = SendData(
                     [_zfs(), "send", "-i", f"{self.dataset}@{base}", f"{self.dataset}@{target}"],
-                    f"{self.dataset}@{target}", bq, tq, maps=self._block_maps,
+                    f"{self.dataset}@{target}",
+                    bq,
+                    tq,
+                    maps=self._block_maps,
                     key=(self.dataset, props[base]["guid"], props[target]["guid"]),
-                    base_txg=props[base]["createtxg"])
-            records = walk.tree_diff(bq, tq, prune=prune, quick_before_ns=created * 1_000_000_000,
-                                     data=identity.KeptLinks(data))
+                    base_txg=props[base]["createtxg"],
+                )
+            records = walk.tree_diff(
+                bq, tq, prune=prune, quick_before_ns=created * 1_000_000_000, data=identity.KeptLinks(data)
+            )
             yield from framed(qtree, base, target, identity.stamped(records, tq))
 
     def _zfs_diff(self, base: str, target: str) -> set[str] | None:

@@ -96,7 +96,7 @@ def dirs_with_changes(changed: set[str], qtree: str) -> set[str]:
     for p in changed:
         if not p.startswith(pre):
             continue
-        parts = p[len(pre):].split("/")
+        parts = p[len(pre) :].split("/")
         for i in range(len(parts) + 1):
             out.add("/".join(parts[:i]))
     return out
@@ -114,9 +114,9 @@ class KeptLinks(walk.FileData):
 
     def __init__(self, inner: walk.FileData) -> None:
         self.inner = inner
-        self.kept: dict[int, str] = {}                 # inode -> a name it has in both images
-        self.held: dict[int, list[tuple]] = {}         # inode -> its new names, in walk order
-        self.held_at: dict[str, int] = {}              # a held name -> its inode
+        self.kept: dict[int, str] = {}  # inode -> a name it has in both images
+        self.held: dict[int, list[tuple]] = {}  # inode -> its new names, in walk order
+        self.held_at: dict[str, int] = {}  # a held name -> its inode
 
     def created(self, root: str, rel: str, dest: str, st: os.stat_result) -> Iterator[object]:
         if st.st_nlink < 2:

@@ -80,23 +80,36 @@ _log = logging.getLogger("coalesce.zfs")
 class _File:
     """One registered name of a changed regular file, and what the stream has covered of it."""
 
-    __slots__ = ("dest", "rel", "new", "bsize", "tsize", "mode", "links", "started", "finished", "written",
-                 "holes", "end", "reborn")
+    __slots__ = (
+        "dest",
+        "rel",
+        "new",
+        "bsize",
+        "tsize",
+        "mode",
+        "links",
+        "started",
+        "finished",
+        "written",
+        "holes",
+        "end",
+        "reborn",
+    )
 
     def __init__(self, dest: str, rel: str, new: bool, bsize: int, tsize: int, mode: int) -> None:
-        self.dest = dest            # its path in the change stream
-        self.rel = rel              # its path in the target image, relative to the image's qtree
-        self.new = new              # created at this name (else: the same inode at the same name in the base)
-        self.bsize = bsize          # size of the copy being changed (0 for a new file)
+        self.dest = dest  # its path in the change stream
+        self.rel = rel  # its path in the target image, relative to the image's qtree
+        self.new = new  # created at this name (else: the same inode at the same name in the base)
+        self.bsize = bsize  # size of the copy being changed (0 for a new file)
         self.tsize = tsize
         self.mode = mode
         self.links: list[str] = []  # further names of a new file (HardLink records after its data)
-        self.started = False        # its MkFile (new) or Truncate (changed size) went out
-        self.finished = False       # a new file's gaps, size, xattrs and further names went out
-        self.written: list[list[int]] = []      # merged [start, end) ranges of WRITE data
+        self.started = False  # its MkFile (new) or Truncate (changed size) went out
+        self.finished = False  # a new file's gaps, size, xattrs and further names went out
+        self.written: list[list[int]] = []  # merged [start, end) ranges of WRITE data
         self.holes: list[tuple[int, int]] = []  # [start, end) ranges the stream FREEs, not yet handled
-        self.end = 0                # the size the records so far give a new file
-        self.reborn = False         # not new here, but its object was born after the base PCPI
+        self.end = 0  # the size the records so far give a new file
+        self.reborn = False  # not new here, but its object was born after the base PCPI
 
 
 class BlockMap:
@@ -156,7 +169,7 @@ class BlockMaps:
     """The block maps of the last ``size`` streams read to their end, keyed by (dataset, base GUID,
     target GUID): a snapshot destroyed and taken again under its name has another GUID."""
 
-    MAX_RANGES = 1_000_000      # a stream with more ranges is not kept (about 100 MB of lists)
+    MAX_RANGES = 1_000_000  # a stream with more ranges is not kept (about 100 MB of lists)
 
     def new_map(self) -> BlockMap:
         return BlockMap(self.MAX_RANGES)
@@ -165,7 +178,7 @@ class BlockMaps:
         self.size = size
         self._lock = threading.Lock()
         self._maps: OrderedDict[tuple, BlockMap] = OrderedDict()
-        self.published = 0       # how many maps were kept (tests)
+        self.published = 0  # how many maps were kept (tests)
 
     def get(self, key: tuple) -> BlockMap | None:
         with self._lock:
@@ -199,8 +212,16 @@ class SendData(walk.FileData):
     #: `zfs send` (4.2 s against 1.1-1.8 s per GiB on zfs-fuse, docs/benchmarks.md)
     READ_COST = 3.0
 
-    def __init__(self, argv: list[str], toname: str, base: str, target: str,
-                 maps: BlockMaps | None = None, key: tuple | None = None, base_txg: int | None = None) -> None:
+    def __init__(
+        self,
+        argv: list[str],
+        toname: str,
+        base: str,
+        target: str,
+        maps: BlockMaps | None = None,
+        key: tuple | None = None,
+        base_txg: int | None = None,
+    ) -> None:
         self.argv = argv
         self.base_txg = base_txg
         self.toname = toname
@@ -208,8 +229,8 @@ class SendData(walk.FileData):
         self.target = target
         self.maps = maps if key is not None else None
         self.key = key
-        self.files: dict[int, list[_File]] = {}     # object number -> its registered names
-        self.by_dest: dict[str, _File] = {}         # new files by path, for HardLink
+        self.files: dict[int, list[_File]] = {}  # object number -> its registered names
+        self.by_dest: dict[str, _File] = {}  # new files by path, for HardLink
         self.stats = {"files": 0, "objects": 0, "stream_bytes": 0, "read_bytes": 0, "fallback": 0, "shared": 0}
 
     # -- the walk registers ------------------------------------------------------------------
@@ -233,8 +254,9 @@ class SendData(walk.FileData):
     def updated(self, base: str, target: str, rel: str, b: os.stat_result, t: os.stat_result) -> Iterator[object]:
         # every name, as the tree compare does: the names of one inode here need not be one file there
         self._register(t.st_ino, _File(rel, rel, False, b.st_size, t.st_size, t.st_mode & 0o7777))
-        yield from walk.xattr_records(rel, walk.read_xattrs(os.path.join(base, rel)),
-                                      walk.read_xattrs(os.path.join(target, rel)))
+        yield from walk.xattr_records(
+            rel, walk.read_xattrs(os.path.join(base, rel)), walk.read_xattrs(os.path.join(target, rel))
+        )
 
     # -- the stream ----------------------------------------------------------------------------
     def finish(self) -> Iterator[object]:
@@ -242,7 +264,7 @@ class SendData(walk.FileData):
             return
         shared = None
         if self.maps is not None:
-            assert self.key is not None     # __init__ keeps maps only with a key
+            assert self.key is not None  # __init__ keeps maps only with a key
             shared = self.maps.get(self.key)
         if shared is not None and shared.data_bytes >= self.READ_COST * shared.bytes_of(self.files):
             self.stats["shared"] = 1
@@ -256,23 +278,28 @@ class SendData(walk.FileData):
                 records = S.records(send.stdout)
                 begin = next(records)
                 begun = True
-                assert isinstance(begin, S.Begin)   # S.records yields BEGIN first or raises
+                assert isinstance(begin, S.Begin)  # S.records yields BEGIN first or raises
                 if not begin.incremental or begin.toname != self.toname:
-                    raise CorruptStream(f"`{' '.join(self.argv)}` sent {begin.toname!r} "
-                                        f"({'incremental' if begin.incremental else 'full'}), not an incremental "
-                                        f"stream of {self.toname!r}")
+                    raise CorruptStream(
+                        f"`{' '.join(self.argv)}` sent {begin.toname!r} "
+                        f"({'incremental' if begin.incremental else 'full'}), not an incremental "
+                        f"stream of {self.toname!r}"
+                    )
                 if self.key is not None and (begin.fromguid, begin.toguid) != tuple(self.key[1:]):
-                    raise CorruptStream(f"`{' '.join(self.argv)}` sent a stream between snapshots of GUIDs "
-                                        f"{begin.fromguid:#x} and {begin.toguid:#x}, not {self.key[1]:#x} and "
-                                        f"{self.key[2]:#x}", hint="a snapshot was destroyed and taken again "
-                                        "during the diff; the update is retried")
+                    raise CorruptStream(
+                        f"`{' '.join(self.argv)}` sent a stream between snapshots of GUIDs "
+                        f"{begin.fromguid:#x} and {begin.toguid:#x}, not {self.key[1]:#x} and "
+                        f"{self.key[2]:#x}",
+                        hint="a snapshot was destroyed and taken again during the diff; the update is retried",
+                    )
                 yield from self._from_stream(records, block_map)
         except StreamError as exc:
             if begun:
                 raise
             # nothing of the stream was used: StreamingCommand added zfs's exit status and message
-            _log.warning("zfs send gave no stream to use (%s); reading the changed files from the images instead",
-                         exc.message)
+            _log.warning(
+                "zfs send gave no stream to use (%s); reading the changed files from the images instead", exc.message
+            )
             self.stats["fallback"] = 1
             yield from self._all_from_images()
             return
@@ -314,20 +341,22 @@ class SendData(walk.FileData):
                     while pos < end:
                         data = os.pread(fd, min(MAX_DATA, end - pos), pos)
                         if not data:
-                            raise BackendError(f"{tpath} ends at {pos}, before the size {tsize} its PCPI "
-                                               "image gave it", hint="the image changed under the diff; "
-                                               "the update fails and is retried")
+                            raise BackendError(
+                                f"{tpath} ends at {pos}, before the size {tsize} its PCPI image gave it",
+                                hint="the image changed under the diff; the update fails and is retried",
+                            )
                         self.stats["read_bytes"] += len(data)
                         yield S.Write(object=obj, type=S.DMU_OT_PLAIN_FILE_CONTENTS, offset=pos, data=data)
                         pos += len(data)
             finally:
                 os.close(fd)
 
-    def _from_stream(self, records: Iterator[S.Record], block_map: BlockMap | None = None,
-                     from_map: bool = False) -> Iterator[object]:
-        cur: list[_File] = []            # the registered names of the object being written
+    def _from_stream(
+        self, records: Iterator[S.Record], block_map: BlockMap | None = None, from_map: bool = False
+    ) -> Iterator[object]:
+        cur: list[_File] = []  # the registered names of the object being written
         cur_obj = -1
-        run_off, run_len = 0, 0                  # contiguous WRITE data not yet yielded
+        run_off, run_len = 0, 0  # contiguous WRITE data not yet yielded
         run_parts: list[bytes] = []
         for rec in records:
             if block_map is not None:
@@ -339,9 +368,11 @@ class SendData(walk.FileData):
                 if entries is None:
                     continue
                 if rec.type != S.DMU_OT_PLAIN_FILE_CONTENTS:
-                    raise CorruptStream(f"zfs send: object {rec.object}, the inode number of "
-                                        f"{entries[0].rel!r}, is not a file's data (type {rec.type})",
-                                        hint="set COALESCE_ZFS_DIFF=walk to compare the images instead")
+                    raise CorruptStream(
+                        f"zfs send: object {rec.object}, the inode number of "
+                        f"{entries[0].rel!r}, is not a file's data (type {rec.type})",
+                        hint="set COALESCE_ZFS_DIFF=walk to compare the images instead",
+                    )
                 if rec.object != cur_obj:
                     yield from self._flush(cur, run_off, run_parts)
                     for f in cur:
@@ -355,7 +386,7 @@ class SendData(walk.FileData):
                 tsize = max(f.tsize for f in cur)
                 if rec.offset >= tsize:
                     continue
-                data = rec.data if rec.offset + len(rec.data) <= tsize else rec.data[:tsize - rec.offset]
+                data = rec.data if rec.offset + len(rec.data) <= tsize else rec.data[: tsize - rec.offset]
                 if run_parts and (rec.offset != run_off + run_len or run_len + len(data) > MAX_DATA):
                     yield from self._flush(cur, run_off, run_parts)
                     run_parts, run_len = [], 0
@@ -368,7 +399,9 @@ class SendData(walk.FileData):
                     end = f.tsize if rec.length == S.TO_END else min(f.tsize, rec.offset + rec.length)
                     if rec.offset < end:
                         f.holes.append((rec.offset, end))
-            elif type(rec) is S.Object and rec.gen is not None and self.base_txg is not None and rec.gen > self.base_txg:
+            elif (
+                type(rec) is S.Object and rec.gen is not None and self.base_txg is not None and rec.gen > self.base_txg
+            ):
                 for f in self.files.get(rec.object, ()):
                     f.reborn = not f.new
         yield from self._flush(cur, run_off, run_parts)
@@ -385,7 +418,7 @@ class SendData(walk.FileData):
             if n <= 0:
                 continue
             piece = data if n == len(data) else data[:n]
-            if not (f.new and piece.count(0) == n):     # a new file's zeros stay a hole, as in the tree compare
+            if not (f.new and piece.count(0) == n):  # a new file's zeros stay a hole, as in the tree compare
                 yield Write(path=f.dest, offset=off, data=piece)
                 f.end = max(f.end, off + n)
             w = f.written
@@ -451,13 +484,12 @@ class SendData(walk.FileData):
                 tpath = os.path.join(self.target, f.rel)
                 if f.new:
                     st = walk.lstat_or_none(tpath)
-                    assert st is not None   # the walk found f.rel in the target image, a read-only PCPI
+                    assert st is not None  # the walk found f.rel in the target image, a read-only PCPI
                     yield from walk.file_create_records(self.target, f.rel, st, f.dest)
                     for name in f.links:
                         yield HardLink(path=name, existing=f.dest)
                 else:
-                    yield from walk.file_update_records(os.path.join(self.base, f.rel), tpath, f.dest,
-                                                        f.bsize, f.tsize)
+                    yield from walk.file_update_records(os.path.join(self.base, f.rel), tpath, f.dest, f.bsize, f.tsize)
 
 
 def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:

@@ -40,15 +40,22 @@ from coalesce_posix.run import read_exact
 RECORD = 312
 MAGIC = 0x2F5BACBAC
 DRR_BEGIN, DRR_OBJECT, DRR_FREEOBJECTS, DRR_WRITE, DRR_FREE, DRR_END, DRR_WRITE_BYREF = range(7)
-NAMES = {DRR_BEGIN: "BEGIN", DRR_OBJECT: "OBJECT", DRR_FREEOBJECTS: "FREEOBJECTS", DRR_WRITE: "WRITE",
-         DRR_FREE: "FREE", DRR_END: "END", DRR_WRITE_BYREF: "WRITE_BYREF"}
-SUBSTREAM = 1                     # DMU_SUBSTREAM: one dataset's stream (not a `zfs send -R` package)
-TO_END = (1 << 64) - 1            # a FREE of this length runs to the end of the object
-MAX_BLOCK = 16 << 20              # the largest block any ZFS writes (large_blocks); v23: 128 KiB
-MAX_BONUS = 320                   # DN_MAX_BONUSLEN
-DMU_OT_ZNODE = 17                 # the bonus type of a ZPL file or directory: znode_phys_t
+NAMES = {
+    DRR_BEGIN: "BEGIN",
+    DRR_OBJECT: "OBJECT",
+    DRR_FREEOBJECTS: "FREEOBJECTS",
+    DRR_WRITE: "WRITE",
+    DRR_FREE: "FREE",
+    DRR_END: "END",
+    DRR_WRITE_BYREF: "WRITE_BYREF",
+}
+SUBSTREAM = 1  # DMU_SUBSTREAM: one dataset's stream (not a `zfs send -R` package)
+TO_END = (1 << 64) - 1  # a FREE of this length runs to the end of the object
+MAX_BLOCK = 16 << 20  # the largest block any ZFS writes (large_blocks); v23: 128 KiB
+MAX_BONUS = 320  # DN_MAX_BONUSLEN
+DMU_OT_ZNODE = 17  # the bonus type of a ZPL file or directory: znode_phys_t
 DMU_OT_PLAIN_FILE_CONTENTS = 19
-ZP_GEN = 64                       # offset of zp_gen in znode_phys_t
+ZP_GEN = 64  # offset of zp_gen in znode_phys_t
 
 
 @attrs.frozen
@@ -64,7 +71,7 @@ class Object:
     object: int
     type: int
     blksz: int
-    gen: int | None = None      # zp_gen of a file's or directory's znode (None for other objects)
+    gen: int | None = None  # zp_gen of a file's or directory's znode (None for other objects)
 
 
 @attrs.frozen
@@ -85,7 +92,7 @@ class Write:
 class Free:
     object: int
     offset: int
-    length: int      # TO_END: to the end of the object
+    length: int  # TO_END: to the end of the object
 
 
 @attrs.frozen
@@ -105,13 +112,13 @@ class _Layout:
 
     def __init__(self, order: str) -> None:
         self.head = struct.Struct(order + "II")
-        self.begin = struct.Struct(order + "QQQIIQQ256s")            # at 8
-        self.object = struct.Struct(order + "QIIIIBB6xQ")             # at 8
+        self.begin = struct.Struct(order + "QQQIIQQ256s")  # at 8
+        self.object = struct.Struct(order + "QIIIIBB6xQ")  # at 8
         self.u64 = struct.Struct(order + "Q")
-        self.freeobjects = struct.Struct(order + "QQQ")               # at 8
-        self.write = struct.Struct(order + "QIIQQQ")                  # at 8
-        self.free = struct.Struct(order + "QQQQ")                     # at 8
-        self.end = struct.Struct(order + "32xQ")                      # at 8
+        self.freeobjects = struct.Struct(order + "QQQ")  # at 8
+        self.write = struct.Struct(order + "QIIQQQ")  # at 8
+        self.free = struct.Struct(order + "QQQQ")  # at 8
+        self.end = struct.Struct(order + "32xQ")  # at 8
 
 
 _LE, _BE = _Layout("<"), _Layout(">")
@@ -129,23 +136,32 @@ def records(f: BinaryIO) -> Iterator[Record]:
         if kind == DRR_BEGIN and magic == MAGIC:
             break
     else:
-        raise CorruptStream("not a ZFS send stream (no BEGIN record with the stream magic)",
-                            hint="is the input the output of `zfs send`?")
+        raise CorruptStream(
+            "not a ZFS send stream (no BEGIN record with the stream magic)",
+            hint="is the input the output of `zfs send`?",
+        )
     if plen != 0 or vinfo & 3 != SUBSTREAM or vinfo >> 2 != 0:
-        raise CorruptStream(f"ZFS send stream of a format this reader does not know (version info {vinfo:#x}, "
-                            f"payload {plen})",
-                            hint="a newer ZFS than zfs-fuse's; set COALESCE_ZFS_DIFF=walk to compare the images")
-    yield Begin(toguid=toguid, fromguid=fromguid, incremental=fromguid != 0,
-                toname=name.split(b"\0", 1)[0].decode("utf-8", "replace"))
+        raise CorruptStream(
+            f"ZFS send stream of a format this reader does not know (version info {vinfo:#x}, payload {plen})",
+            hint="a newer ZFS than zfs-fuse's; set COALESCE_ZFS_DIFF=walk to compare the images",
+        )
+    yield Begin(
+        toguid=toguid,
+        fromguid=fromguid,
+        incremental=fromguid != 0,
+        toname=name.split(b"\0", 1)[0].decode("utf-8", "replace"),
+    )
     count = 1
     while True:
         rec = _read_exact(f, RECORD, f"record {count}")
         count += 1
         kind, plen = lay.head.unpack_from(rec, 0)
         if plen != 0:
-            raise CorruptStream(f"ZFS send stream record {count} ({NAMES.get(kind, kind)}) has a payload length "
-                                f"{plen}: a newer stream format than zfs-fuse's",
-                                hint="set COALESCE_ZFS_DIFF=walk to compare the images instead")
+            raise CorruptStream(
+                f"ZFS send stream record {count} ({NAMES.get(kind, kind)}) has a payload length "
+                f"{plen}: a newer stream format than zfs-fuse's",
+                hint="set COALESCE_ZFS_DIFF=walk to compare the images instead",
+            )
         if kind == DRR_WRITE:
             obj, typ, _pad, off, length, guid = lay.write.unpack_from(rec, 8)
             if length == 0 or length > MAX_BLOCK or off + length > TO_END:
@@ -158,11 +174,13 @@ def records(f: BinaryIO) -> Iterator[Record]:
         elif kind == DRR_OBJECT:
             obj, typ, bonustype, blksz, bonuslen, _ck, _comp, guid = lay.object.unpack_from(rec, 8)
             if bonuslen > MAX_BONUS or blksz > MAX_BLOCK:
-                raise CorruptStream(f"ZFS send stream: OBJECT {obj} with a bonus of {bonuslen} bytes, "
-                                    f"blocks of {blksz}")
+                raise CorruptStream(
+                    f"ZFS send stream: OBJECT {obj} with a bonus of {bonuslen} bytes, blocks of {blksz}"
+                )
             bonus = _read_exact(f, (bonuslen + 7) & ~7, f"the bonus buffer of record {count}")
-            gen = (lay.u64.unpack_from(bonus, ZP_GEN)[0]
-                   if bonustype == DMU_OT_ZNODE and bonuslen >= ZP_GEN + 8 else None)
+            gen = (
+                lay.u64.unpack_from(bonus, ZP_GEN)[0] if bonustype == DMU_OT_ZNODE and bonuslen >= ZP_GEN + 8 else None
+            )
             out = Object(object=obj, type=typ, blksz=blksz, gen=gen)
         elif kind == DRR_FREEOBJECTS:
             first, n, guid = lay.freeobjects.unpack_from(rec, 8)
@@ -174,10 +192,13 @@ def records(f: BinaryIO) -> Iterator[Record]:
             yield End(toguid=guid)
             return
         else:
-            raise CorruptStream(f"ZFS send stream record {count} has type {NAMES.get(kind, kind)}, which this "
-                                "reader does not take", hint="zfs send -D and newer formats are not supported; "
-                                "set COALESCE_ZFS_DIFF=walk to compare the images instead")
+            raise CorruptStream(
+                f"ZFS send stream record {count} has type {NAMES.get(kind, kind)}, which this reader does not take",
+                hint="zfs send -D and newer formats are not supported; "
+                "set COALESCE_ZFS_DIFF=walk to compare the images instead",
+            )
         if guid != toguid:
-            raise CorruptStream(f"ZFS send stream record {count} ({NAMES[kind]}) is of snapshot GUID {guid:#x}, "
-                                f"BEGIN named {toguid:#x}")
+            raise CorruptStream(
+                f"ZFS send stream record {count} ({NAMES[kind]}) is of snapshot GUID {guid:#x}, BEGIN named {toguid:#x}"
+            )
         yield out

@@ -48,10 +48,10 @@ def group(tmp_path: Path, monkeypatch):
     monkeypatch.delenv("COALESCE_METRICS_FILE", raising=False)
     cfg = tmp_path / "coalesce.toml"
     cfg.write_text(
-        "[group]\nname = \"home\"\n"
-        f"source = \"mem://{tmp_path}/src.vol\"\ndestination = \"mem://{tmp_path}/dst.vol\"\n"
+        '[group]\nname = "home"\n'
+        f'source = "mem://{tmp_path}/src.vol"\ndestination = "mem://{tmp_path}/dst.vol"\n'
         "parallel = 2\n[group.retry]\ninitial = 0\n"
-        "[[replica]]\nname = \"A\"\n[[replica]]\nname = \"B\"\nsource = \"qb\"\n"
+        '[[replica]]\nname = "A"\n[[replica]]\nname = "B"\nsource = "qb"\n'
     )
     src = Volume.open(plugin_manager(), f"mem://{tmp_path}/src.vol", create=True)
     writer = SourceWriter(src)

@@ -19,8 +19,12 @@ ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
 def test_demo_plain_when_piped():
-    p = subprocess.run([*EXE, "demo", "--backend", "mem", "--speed", "4", "--replicas", "4"],
-                       capture_output=True, text=True, timeout=120)
+    p = subprocess.run(
+        [*EXE, "demo", "--backend", "mem", "--speed", "4", "--replicas", "4"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert p.returncode == 0, p.stdout + p.stderr
     out = p.stdout
     assert not ANSI.search(out), "escape sequences in plain output"

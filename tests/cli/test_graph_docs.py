@@ -13,19 +13,29 @@ DOC = Path(__file__).resolve().parents[2] / "docs" / "state-graph.md"
 
 
 def generated() -> str:
-    p = subprocess.run([sys.executable, "-m", "coalesce_core.ui.cli", "graph", "--format", "mermaid"],
-                       capture_output=True, text=True, check=True, timeout=60)
+    p = subprocess.run(
+        [sys.executable, "-m", "coalesce_core.ui.cli", "graph", "--format", "mermaid"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
     return p.stdout
 
 
 def test_state_graph_doc_embeds_the_generated_mermaid():
     text = DOC.read_text(encoding="utf-8")
-    m = re.search(r"<!-- BEGIN GENERATED: coalesce graph --format mermaid -->\n```mermaid\n(.*?)```\n"
-                  r"<!-- END GENERATED -->", text, re.S)
+    m = re.search(
+        r"<!-- BEGIN GENERATED: coalesce graph --format mermaid -->\n```mermaid\n(.*?)```\n"
+        r"<!-- END GENERATED -->",
+        text,
+        re.S,
+    )
     assert m, "the generated block is missing from docs/state-graph.md"
     want = generated()
-    assert m.group(1) == want, ("docs/state-graph.md is stale; replace the block between the markers with:\n"
-                                "```mermaid\n" + want + "```")
+    assert m.group(1) == want, (
+        "docs/state-graph.md is stale; replace the block between the markers with:\n```mermaid\n" + want + "```"
+    )
 
 
 def test_state_graph_doc_table_lists_every_state():
@@ -35,7 +45,12 @@ def test_state_graph_doc_table_lists_every_state():
 
 
 def test_dot_has_both_fields_as_clusters():
-    p = subprocess.run([sys.executable, "-m", "coalesce_core.ui.cli", "graph", "--format", "dot"],
-                       capture_output=True, text=True, check=True, timeout=60)
+    p = subprocess.run(
+        [sys.executable, "-m", "coalesce_core.ui.cli", "graph", "--format", "dot"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
     assert "subgraph cluster_cycle" in p.stdout and "subgraph cluster_outside" in p.stdout
     assert 'rollback -> unstable_uncoalesced [label="rollback_failed 1022"]' in p.stdout

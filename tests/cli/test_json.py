@@ -93,6 +93,7 @@ def test_failures_lag_and_reseed_in_status_check_and_history_json(group, cli, va
     cfg = tmp / "coalesce.toml"
     cfg.write_text(cfg.read_text().replace("parallel = 2", 'parallel = 2\nmax_lag = "0.2s"'))
     import time
+
     time.sleep(0.3)  # every image is now older than max_lag
     rc, out, _ = cli("check", "--json")
     lag = next(f for f in json.loads(out) if f["invariant"] == "lag")

@@ -38,11 +38,16 @@ def test_metrics_file_follows_the_cycles(group_config, tmp_path, metrics_module)
         assert m[("coalesce_replicas", (("state", "stable"),))] == 3
         assert m[("coalesce_replicas", (("state", "update"),))] == 0
         assert m[("coalesce_pcpis", (("role", "base"),))] == 1
-        assert sum(m[("coalesce_pcpis", (("role", r),))] for r in ("rollback", "jump_ahead", "new_base", "individual")) == 0
+        assert (
+            sum(m[("coalesce_pcpis", (("role", r),))] for r in ("rollback", "jump_ahead", "new_base", "individual"))
+            == 0
+        )
         assert m[("coalesce_cycles_total", ())] == 1
         assert m[("coalesce_transferred_bytes_total", ())] >= 3 * 2 * 3000
         assert m[("coalesce_transferred_records_total", ())] > 0
-        assert m[("coalesce_last_success_timestamp_seconds", ())] == m[("coalesce_last_cycle_timestamp_seconds", ())] > 0
+        assert (
+            m[("coalesce_last_success_timestamp_seconds", ())] == m[("coalesce_last_cycle_timestamp_seconds", ())] > 0
+        )
         assert m[("coalesce_agent_phase", (("phase", "idle"),))] == 1
         for s in load_spec().replica.states:  # every state has a sample, zero or not
             assert ("coalesce_replicas", (("state", s.name),)) in m
@@ -100,13 +105,19 @@ def test_per_replica_failure_and_lag_gauges(group_config, tmp_path, metrics_modu
         m = parse(path)
         rep = lambda name, r: m[(name, (("replica", r),))]  # noqa: E731
         assert (rep("coalesce_replica_failing", "A"), rep("coalesce_replica_failing", "B")) == (0, 1)
-        assert (rep("coalesce_replica_consecutive_failures", "A"),
-                rep("coalesce_replica_consecutive_failures", "B")) == (0, 1)
+        assert (
+            rep("coalesce_replica_consecutive_failures", "A"),
+            rep("coalesce_replica_consecutive_failures", "B"),
+        ) == (0, 1)
         assert rep("coalesce_replica_lag_seconds", "B") == rep("coalesce_replica_lag_seconds", "A") + 60
-        assert rep("coalesce_replica_source_point_timestamp_seconds", "B") + 60 == \
-            rep("coalesce_replica_source_point_timestamp_seconds", "A")
-        assert rep("coalesce_replica_last_success_timestamp_seconds", "A") > \
-            rep("coalesce_replica_last_success_timestamp_seconds", "B") > 0
+        assert rep("coalesce_replica_source_point_timestamp_seconds", "B") + 60 == rep(
+            "coalesce_replica_source_point_timestamp_seconds", "A"
+        )
+        assert (
+            rep("coalesce_replica_last_success_timestamp_seconds", "A")
+            > rep("coalesce_replica_last_success_timestamp_seconds", "B")
+            > 0
+        )
         h.clock.advance(60)
         h.cycle()
         m = parse(path)
@@ -149,8 +160,22 @@ def test_cli_metrics_file_counters_survive_processes(group, tmp_path):
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PLUGINS), os.environ.get("PYTHONPATH")]))
 
     def run(*args: str) -> None:
-        p = subprocess.run([sys.executable, "-m", "coalesce_core.ui.cli", "--config", str(tmp / "coalesce.toml"),
-                            "--metrics-file", str(prom), *args], capture_output=True, text=True, env=env, timeout=120)
+        p = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "coalesce_core.ui.cli",
+                "--config",
+                str(tmp / "coalesce.toml"),
+                "--metrics-file",
+                str(prom),
+                *args,
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=120,
+        )
         assert p.returncode == 0, p.stderr
 
     run("init")

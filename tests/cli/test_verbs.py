@@ -27,9 +27,13 @@ class SlowApply:
 
 def test_run_progress_display_on_a_terminal(group, monkeypatch):
     tmp, _ = group
-    monkeypatch.setattr(cli_mod, "_agent_with",
-                        lambda args, plugins: __import__("coalesce_core.agent", fromlist=["Agent"]).Agent.open(
-                            cli_mod._config(args), plugins=[*plugins, SlowApply()]))
+    monkeypatch.setattr(
+        cli_mod,
+        "_agent_with",
+        lambda args, plugins: __import__("coalesce_core.agent", fromlist=["Agent"]).Agent.open(
+            cli_mod._config(args), plugins=[*plugins, SlowApply()]
+        ),
+    )
     assert cli_mod.main(["init"]) == 0
     buf = io.StringIO()
     console = Console(file=buf, force_terminal=True, width=140, record=True)
@@ -73,7 +77,7 @@ def test_user_errors_print_the_message_and_the_fix(group):
         return subprocess.run([*EXE, *args], capture_output=True, text=True, timeout=60, cwd=tmp)
 
     cases = [
-        ((*cfg, "status"), 4, "does not exist"),                          # missing volume
+        ((*cfg, "status"), 4, "does not exist"),  # missing volume
         (("--config", str(tmp / "nope.toml"), "status"), 2, "no config file"),  # missing config
     ]
     for args, code, text in cases:
@@ -84,9 +88,9 @@ def test_user_errors_print_the_message_and_the_fix(group):
         assert lines[1].startswith("hint: "), lines
     assert run(*cfg, "init").returncode == 0
     for args, code, text in [
-        ((*cfg, "break", "nope"), 6, "no replica 'nope'"),               # unknown replica
-        ((*cfg, "resync", "A"), 6, "'resync' is not a transition"),      # illegal now
-        ((*cfg, "init"), 5, ""),                                         # metadata exists
+        ((*cfg, "break", "nope"), 6, "no replica 'nope'"),  # unknown replica
+        ((*cfg, "resync", "A"), 6, "'resync' is not a transition"),  # illegal now
+        ((*cfg, "init"), 5, ""),  # metadata exists
     ]:
         p = run(*args)
         lines = _stderr_lines(p)

@@ -27,8 +27,11 @@ def _damage(tmp: Path, replica: str, mutate) -> str:
 
 def _ledger_bytes(tmp: Path) -> dict[str, str]:
     """The ledger's files (an empty write-ahead log that SQLite makes when it opens one is nothing)."""
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(tmp.glob("dst.vol.coalesce/*")) if not p.name.endswith("-shm") and p.stat().st_size}
+    return {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(tmp.glob("dst.vol.coalesce/*"))
+        if not p.name.endswith("-shm") and p.stat().st_size
+    }
 
 
 def test_a_good_export_passes_and_the_json_validates(group, cli, validate_json):
@@ -46,7 +49,7 @@ def test_a_good_export_passes_and_the_json_validates(group, cli, validate_json):
     assert all(r["checked"] > 5 and r["differences"] == [] and r["source_point"] for r in rows)
     rc, out, _ = cli("verify", "B")
     assert rc == 0 and "B ok" in out and "A " not in out
-    assert _ledger_bytes(tmp) == before                       # read-only: the ledger is as it was
+    assert _ledger_bytes(tmp) == before  # read-only: the ledger is as it was
 
 
 def test_a_damaged_export_is_found_and_named(group, cli, validate_json):
@@ -61,10 +64,10 @@ def test_a_damaged_export_is_found_and_named(group, cli, validate_json):
         for part in parts:
             node = node.children[part]
         assert isinstance(node, File)
-        node.data[0] ^= 0xFF                                   # same size, same times: only the bytes differ
+        node.data[0] ^= 0xFF  # same size, same times: only the bytes differ
 
     _damage(tmp, "A", flip)
-    rc, out, _ = cli("verify", "--json")                      # without --full the bytes are not read
+    rc, out, _ = cli("verify", "--json")  # without --full the bytes are not read
     assert rc == 0 and {r["result"] for r in json.loads(out)} == {"ok"}
     rc, out, _ = cli("verify", "--full", "--json")
     rows = json.loads(out)
@@ -87,7 +90,7 @@ def test_a_damaged_export_is_found_and_named(group, cli, validate_json):
 def test_unknown_replicas_and_replicas_without_an_image(group, cli):
     tmp, _writer = group
     cli("init")
-    rc, out, _ = cli("verify", "--json")                      # nothing exported yet
+    rc, out, _ = cli("verify", "--json")  # nothing exported yet
     assert rc == 0 and {r["result"] for r in json.loads(out)} == {"skipped"}
     rc, _out, err = cli("verify", "nope")
     assert rc == 6 and "no replica 'nope'" in err

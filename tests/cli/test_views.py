@@ -29,8 +29,11 @@ def styles_of(renderable, word: str, width: int = 160) -> set[str]:
     """The colours a word is drawn in (from the recorded segments)."""
     c = Console(record=True, width=width, color_system="truecolor", force_terminal=True, file=io.StringIO())
     c.print(renderable)
-    return {str(seg.style.color.name) for seg in c._record_buffer
-            if seg.style and seg.style.color and seg.text.strip() == word}
+    return {
+        str(seg.style.color.name)
+        for seg in c._record_buffer
+        if seg.style and seg.style.color and seg.text.strip() == word
+    }
 
 
 @pytest.fixture
@@ -59,7 +62,7 @@ def test_graph_view_two_fields_every_transition_and_live_counts():
     for s in spec.replica.states:
         at = text.index(f"│ {s.name} ")
         assert (at > cyc) == (s.field == "cycle"), s.name
-        assert s.ref in text[at:at + 120]
+        assert s.ref in text[at : at + 120]
     assert "●● 2" in text and "● 1" in text and "group home" in text
     # colours: stable green, unstable (outside) red, in flight yellow
     view = graphs.graph_view(counts=counts)
@@ -181,8 +184,9 @@ def test_event_panel_keeps_the_last_lines():
 def test_dashboard_fits_an_80x24_terminal(harness):
     h, tracker = harness
     h.cycle()
-    text = text_of(render.dashboard(h.agent.state, tracker, title="demo · sim", width=80, height=24,
-                                  log_lines=4), width=80)
+    text = text_of(
+        render.dashboard(h.agent.state, tracker, title="demo · sim", width=80, height=24, log_lines=4), width=80
+    )
     lines = text.splitlines()
     assert all(len(line) <= 80 for line in lines)
     assert len(lines) <= 24, text

@@ -30,8 +30,9 @@ def test_run_forever_recovers_after_a_failed_cycle_and_goes_on(group_config):
             raise Stop
 
     with pytest.raises(Stop):
-        h.agent.run_forever(5.0, on_cycle=reports.append, on_error=lambda exc, wait: errors.append((exc.message, wait)),
-                            sleep=sleep)
+        h.agent.run_forever(
+            5.0, on_cycle=reports.append, on_error=lambda exc, wait: errors.append((exc.message, wait)), sleep=sleep
+        )
     assert [(("source gone" in m), w) for m, w in errors] == [(True, 5.0)]
     assert len(reports) == 2 and all(r["cycle"] for r in reports) and sleeps == [5.0, 5.0, 5.0]
     assert set(h.states().values()) == {"stable"}

@@ -62,8 +62,13 @@ def err(text: str, path: str = "cfg.toml") -> ConfigError:
 def test_full_config_parses_to_the_right_group_config():
     cfg = parse_config(FULL, "/etc/coalesce/home.toml")
     assert cfg == GroupConfig(
-        name="home.v2", source="sim:///srv/src", destination="btrfs:///mnt/pool/dst", parallel=8, interval=90.5,
-        metadata="/var/lib/coalesce", retry=RetryPolicy(initial=15.0, factor=1.5, maximum=600.0),
+        name="home.v2",
+        source="sim:///srv/src",
+        destination="btrfs:///mnt/pool/dst",
+        parallel=8,
+        interval=90.5,
+        metadata="/var/lib/coalesce",
+        retry=RetryPolicy(initial=15.0, factor=1.5, maximum=600.0),
         replicas=(ReplicaConfig(name="A", source="srcA"), ReplicaConfig(name="B", source="B")),
         path="/etc/coalesce/home.toml",
     )
@@ -161,9 +166,17 @@ def test_bad_metadata_type():
     assert "`metadata`" in str(err(group_with(metadata="3")))
 
 
-@pytest.mark.parametrize("retry", [
-    "initial = -1", "factor = 0.5", "maximum = -3", 'initial = "soon"', "initial = [1]", "initial = nan",
-])
+@pytest.mark.parametrize(
+    "retry",
+    [
+        "initial = -1",
+        "factor = 0.5",
+        "maximum = -3",
+        'initial = "soon"',
+        "initial = [1]",
+        "initial = nan",
+    ],
+)
 def test_bad_retry_value(retry):
     e = err(MIN + "[group.retry]\n" + retry + "\n")
     assert "retry" in str(e)
@@ -218,7 +231,7 @@ def test_replica_array_of_non_tables():
 
 
 def test_invalid_toml_reports_the_line():
-    text = MIN + 'parallel = \n'
+    text = MIN + "parallel = \n"
     e = err(text)
     assert "not valid TOML" in str(e) and "line 5" in str(e)
     assert "line" in e.hint

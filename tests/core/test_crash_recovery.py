@@ -56,8 +56,11 @@ def _prepared(group_config, **kw) -> Harness:
     return h
 
 
-@pytest.mark.parametrize(("backend", "nth"), [on_backend("mem", 1), on_backend("mem", 2), on_backend("btrfs", 1),
-                                              on_backend("btrfs", 2), on_backend("zfs", 1)], indirect=["backend"])
+@pytest.mark.parametrize(
+    ("backend", "nth"),
+    [on_backend("mem", 1), on_backend("mem", 2), on_backend("btrfs", 1), on_backend("btrfs", 2), on_backend("zfs", 1)],
+    indirect=["backend"],
+)
 @pytest.mark.parametrize("point", CYCLE_POINTS)
 def test_crash_in_a_cycle_then_restart(group_config, point, nth):
     """Each crash point at its first pass, and at its second on mem and btrfs (zfs-fuse is slow)."""

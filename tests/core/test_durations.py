@@ -9,16 +9,51 @@ from hypothesis import strategies as st
 from coalesce_core.durations import DurationError, format_duration, parse_duration
 
 
-@pytest.mark.parametrize("text, seconds", [
-    ("90s", 90.0), ("15m", 900.0), ("2h", 7200.0), ("1d", 86400.0), ("1w", 604800.0), ("7d", 604800.0),
-    ("0s", 0.0), ("1.5h", 5400.0), (" 3 m ", 180.0), ("45", 45.0), (30, 30.0), (2.5, 2.5),
-])
+@pytest.mark.parametrize(
+    "text, seconds",
+    [
+        ("90s", 90.0),
+        ("15m", 900.0),
+        ("2h", 7200.0),
+        ("1d", 86400.0),
+        ("1w", 604800.0),
+        ("7d", 604800.0),
+        ("0s", 0.0),
+        ("1.5h", 5400.0),
+        (" 3 m ", 180.0),
+        ("45", 45.0),
+        (30, 30.0),
+        (2.5, 2.5),
+    ],
+)
 def test_parses_number_and_unit(text, seconds):
     assert parse_duration(text) == seconds
 
 
-@pytest.mark.parametrize("text", ["", " ", "d", "7 days", "7D", "-1s", "1d2h", "1.d", ".5h", "1e3s", "7x",
-                                  "inf", "nan", None, True, [], float("inf"), -3, float("nan")])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        " ",
+        "d",
+        "7 days",
+        "7D",
+        "-1s",
+        "1d2h",
+        "1.d",
+        ".5h",
+        "1e3s",
+        "7x",
+        "inf",
+        "nan",
+        None,
+        True,
+        [],
+        float("inf"),
+        -3,
+        float("nan"),
+    ],
+)
 def test_refuses_what_is_not_a_duration(text):
     with pytest.raises(DurationError) as info:
         parse_duration(text)

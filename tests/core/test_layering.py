@@ -31,8 +31,11 @@ def test_imported_modules_sees_lazy_imports(tmp_path):
 @pytest.mark.parametrize("forbidden", ["socket", "ssl", "zstandard", "coalesce_remote"])
 def test_the_core_opens_no_socket(forbidden):
     """The network is the coalesce_remote plugin: nothing under coalesce_core/ imports it or its tools."""
-    offenders = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "coalesce_core").rglob("*.py")
-                       if any(m == forbidden or m.startswith(forbidden + ".") for m in imported_modules(p)))
+    offenders = sorted(
+        str(p.relative_to(ROOT))
+        for p in (ROOT / "coalesce_core").rglob("*.py")
+        if any(m == forbidden or m.startswith(forbidden + ".") for m in imported_modules(p))
+    )
     assert offenders == []
 
 

@@ -29,29 +29,78 @@ from coalesce_core.ledger import SCHEMA_VERSION, Ledger, iter_log_edges
 
 
 def sample_state(n: int = 5) -> GroupState:
-    replicas = {f"r{i}": Replica(name=f"r{i}", source_qtree=f"q{i}", state="stable", exported="co-g-000002-base",
-                                 source_point="co-g-src-000001", active_point="co-g-src-000001", records=i, nbytes=i * 10)
-                for i in range(n)}
-    replicas["u"] = Replica(name="u", source_qtree="u", state="unstable_uncoalesced", exported="co-g-000001-individual",
-                            last_good="co-g-000001-individual", scratch="co-g-000003-individual", retries=3,
-                            next_retry=123.5, last_error="boom: it broke", consecutive_failures=2,
-                            last_success=99.5, reseed_reason="")
+    replicas = {
+        f"r{i}": Replica(
+            name=f"r{i}",
+            source_qtree=f"q{i}",
+            state="stable",
+            exported="co-g-000002-base",
+            source_point="co-g-src-000001",
+            active_point="co-g-src-000001",
+            records=i,
+            nbytes=i * 10,
+        )
+        for i in range(n)
+    }
+    replicas["u"] = Replica(
+        name="u",
+        source_qtree="u",
+        state="unstable_uncoalesced",
+        exported="co-g-000001-individual",
+        last_good="co-g-000001-individual",
+        scratch="co-g-000003-individual",
+        retries=3,
+        next_retry=123.5,
+        last_error="boom: it broke",
+        consecutive_failures=2,
+        last_success=99.5,
+        reseed_reason="",
+    )
     replicas["k"] = Replica(name="k", source_qtree="k", state="broken", exported=ACTIVE, last_good="co-g-000002-base")
     pcpis = {
         "co-g-000002-base": Pcpi(name="co-g-000002-base", role="base", cycle=1, taken=True),
-        "co-g-000001-individual": Pcpi(name="co-g-000001-individual", role="individual", cycle=1, taken=True,
-                                       owners=frozenset({"u", "k"})),
-        "co-g-000003-individual": Pcpi(name="co-g-000003-individual", role="individual", cycle=1, taken=False,
-                                       releasing=False, owners=frozenset({"u"})),
+        "co-g-000001-individual": Pcpi(
+            name="co-g-000001-individual", role="individual", cycle=1, taken=True, owners=frozenset({"u", "k"})
+        ),
+        "co-g-000003-individual": Pcpi(
+            name="co-g-000003-individual",
+            role="individual",
+            cycle=1,
+            taken=False,
+            releasing=False,
+            owners=frozenset({"u"}),
+        ),
     }
-    replicas["p"] = Replica(name="p", source_qtree="p", state="reseed_pending", exported="co-g-000002-base",
-                            last_good="co-g-000002-base", source_point="co-g-src-000001", consecutive_failures=3,
-                            last_error="update failed: ENOSPC", reseed_reason="3 updates failed in a row")
-    sps = {"co-g-src-000001": SourcePcpi(name="co-g-src-000001", cycle=1, taken=True, taken_at=16.5),
-           "co-g-src-000000": SourcePcpi(name="co-g-src-000000", cycle=0, taken=True, releasing=True)}
-    return GroupState(name="g", phase="updating", cycle=7, seq=42, replicas=replicas, pcpis=pcpis, source_pcpis=sps,
-                      cycle_target="co-g-src-000001", purged=True, retry=RetryPolicy(initial=5.0, factor=3.0, maximum=99.0),
-                      cycle_started=17.25, cycle_failures=2, reseed_after=5)
+    replicas["p"] = Replica(
+        name="p",
+        source_qtree="p",
+        state="reseed_pending",
+        exported="co-g-000002-base",
+        last_good="co-g-000002-base",
+        source_point="co-g-src-000001",
+        consecutive_failures=3,
+        last_error="update failed: ENOSPC",
+        reseed_reason="3 updates failed in a row",
+    )
+    sps = {
+        "co-g-src-000001": SourcePcpi(name="co-g-src-000001", cycle=1, taken=True, taken_at=16.5),
+        "co-g-src-000000": SourcePcpi(name="co-g-src-000000", cycle=0, taken=True, releasing=True),
+    }
+    return GroupState(
+        name="g",
+        phase="updating",
+        cycle=7,
+        seq=42,
+        replicas=replicas,
+        pcpis=pcpis,
+        source_pcpis=sps,
+        cycle_target="co-g-src-000001",
+        purged=True,
+        retry=RetryPolicy(initial=5.0, factor=3.0, maximum=99.0),
+        cycle_started=17.25,
+        cycle_failures=2,
+        reseed_after=5,
+    )
 
 
 def digest(path: Path) -> str:
@@ -89,8 +138,14 @@ def test_failure_fields_round_trip_and_rows_of_older_ledgers_load(ledger_file):
     assert (p.state, p.reseed_reason) == ("reseed_pending", "3 updates failed in a row")
     assert loaded.source_pcpis["co-g-src-000001"].taken_at == 16.5 and loaded.reseed_after == 5
     with led._tx():
-        led.conn.execute("UPDATE replicas SET data = ? WHERE name = 'k'", (json.dumps(
-            {"name": "k", "source_qtree": "k", "state": "broken", "exported": ACTIVE, "error": "old text"}),))
+        led.conn.execute(
+            "UPDATE replicas SET data = ? WHERE name = 'k'",
+            (
+                json.dumps(
+                    {"name": "k", "source_qtree": "k", "state": "broken", "exported": ACTIVE, "error": "old text"}
+                ),
+            ),
+        )
         led.conn.execute("DELETE FROM meta WHERE key = 'reseed_after'")
     old = led.load()
     led.close()
@@ -171,12 +226,28 @@ def test_commit_writes_changed_group_fields_and_deletions(ledger_file):
 
 
 def test_commit_through_decide_rewrites_only_the_replicas_the_decision_touched(tmp_path):
-    reps = {n: Replica(name=n, source_qtree=n, state="update", exported="co-g-000002-base",
-                       source_point="co-g-src-000001", active_point="co-g-src-000001", target="co-g-src-000003")
-            for n in ("A", "B", "C", "D")}
-    st = GroupState(name="g", phase="updating", cycle=2, seq=3, replicas=reps, cycle_target="co-g-src-000003",
-                    pcpis={"co-g-000002-base": Pcpi("co-g-000002-base", "base", 1, True)},
-                    source_pcpis={"co-g-src-000003": SourcePcpi("co-g-src-000003", 2, True)})
+    reps = {
+        n: Replica(
+            name=n,
+            source_qtree=n,
+            state="update",
+            exported="co-g-000002-base",
+            source_point="co-g-src-000001",
+            active_point="co-g-src-000001",
+            target="co-g-src-000003",
+        )
+        for n in ("A", "B", "C", "D")
+    }
+    st = GroupState(
+        name="g",
+        phase="updating",
+        cycle=2,
+        seq=3,
+        replicas=reps,
+        cycle_target="co-g-src-000003",
+        pcpis={"co-g-000002-base": Pcpi("co-g-000002-base", "base", 1, True)},
+        source_pcpis={"co-g-src-000003": SourcePcpi("co-g-src-000003", 2, True)},
+    )
     led = Ledger.create(tmp_path / "g.sqlite", st)
     before = _rowids(led.conn, "replicas")
     d = decide(st, ev.TransferDone(replica="B", ok=True))
@@ -245,9 +316,11 @@ def test_transitions_log_in_order_with_limit(ledger_file):
         {"ts": 101.0, "cycle": 8, "replica": "r0", "trigger": "update_failed", "source": "update", "dest": "rollback"},
     ]
     assert led.transitions(limit=1) == rows[-1:]
-    assert list(iter_log_edges(rows)) == [(None, "start_cycle", "idle", "updating"),
-                                          ("r0", "start_update", "stable", "update"),
-                                          ("r0", "update_failed", "update", "rollback")]
+    assert list(iter_log_edges(rows)) == [
+        (None, "start_cycle", "idle", "updating"),
+        ("r0", "start_update", "stable", "update"),
+        ("r0", "update_failed", "update", "rollback"),
+    ]
     led.close()
 
 
@@ -422,6 +495,6 @@ def test_notes_beside_the_state(tmp_path):
 
     with pytest.raises(RuntimeError):
         led.update_note("verified", fail)
-    assert led.note("verified") == {"r2": {"at": 5.0, "ok": True}}      # rolled back whole
+    assert led.note("verified") == {"r2": {"at": 5.0, "ok": True}}  # rolled back whole
     led.conn.execute("UPDATE meta SET value = 'not json' WHERE key = 'verified'")
     assert led.note("verified") is None

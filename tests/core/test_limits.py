@@ -78,8 +78,10 @@ class File:
         self.pieces: dict[int, bytes] = {}
 
     def write(self, offset: int, data: bytes) -> None:
-        assert all(o + len(d) <= offset or offset + len(data) <= o or o == offset and len(d) <= len(data)
-                   for o, d in self.pieces.items()), "the model keeps writes apart"
+        assert all(
+            o + len(d) <= offset or offset + len(data) <= o or o == offset and len(d) <= len(data)
+            for o, d in self.pieces.items()
+        ), "the model keeps writes apart"
         self.pieces.pop(offset, None)
         self.pieces[offset] = data
         self.size = max(self.size, offset + len(data))
@@ -88,7 +90,7 @@ class File:
         kept = {}
         for o, d in self.pieces.items():
             if o < size:
-                kept[o] = d[:size - o]
+                kept[o] = d[: size - o]
         self.pieces = kept
         self.size = size
 
@@ -104,7 +106,7 @@ class Source:
         self.apply()
 
     def apply(self, *changes: object) -> None:
-        volume = getattr(self.h, "local_source", None) or self.h.agent.source   # a remote source: its own volume
+        volume = getattr(self.h, "local_source", None) or self.h.agent.source  # a remote source: its own volume
         volume.apply(self.qtree, framed(self.qtree, None, "limits", list(changes)), use_purgatory=False)
 
     def mkdirs(self, path: str) -> None:
@@ -125,7 +127,7 @@ class Source:
             recs.append(MkFile(path=path, mode=f.mode))
         assert isinstance(f, File)
         for o in range(0, len(data), 1 << 20):
-            recs.append(Write(path=path, offset=offset + o, data=data[o:o + (1 << 20)]))
+            recs.append(Write(path=path, offset=offset + o, data=data[o : o + (1 << 20)]))
         f.write(offset, data)
         if size is not None:
             recs.append(Truncate(path=path, size=size))
@@ -151,7 +153,7 @@ class Source:
         for p in moved:
             del self.model[p]
         for p, v in moved.items():
-            self.model[new + p[len(old):]] = v
+            self.model[new + p[len(old) :]] = v
         self.apply(Rename(old=old, new=new))
 
     def unlink(self, path: str) -> None:
@@ -159,8 +161,9 @@ class Source:
         self.apply(Unlink(path=path))
 
     def remove_tree(self, path: str) -> None:
-        victims = sorted((p for p in self.model if p == path or p.startswith(path + "/")),
-                         key=lambda p: p.count("/"), reverse=True)
+        victims = sorted(
+            (p for p in self.model if p == path or p.startswith(path + "/")), key=lambda p: p.count("/"), reverse=True
+        )
         recs = [RmDir(path=p) if self.model[p] == ("d", 0o755) else Unlink(path=p) for p in victims]
         for p in victims:
             del self.model[p]
@@ -174,7 +177,7 @@ class Source:
                 if v.size <= 64 << 20:
                     data = bytearray(v.size)
                     for o, d in v.pieces.items():
-                        data[o:o + len(d)] = d
+                        data[o : o + len(d)] = d
                     entries.append(fp.file_entry(path, v.mode, bytes(data)))
                 else:
                     entries.append(fp.sparse_file_entry(path, v.mode, v.size, sorted(v.pieces.items())))
@@ -195,8 +198,9 @@ def cycle_and_check(h: Harness, sources: dict[str, Source]) -> None:
     for name, r in sorted(a.state.replicas.items()):
         error = getattr(r, "last_error", None) or getattr(r, "error", "")
         assert r.state == "stable", f"{name}: {r.state} {error}"
-        assert r.source_point == latest, \
+        assert r.source_point == latest, (
             f"{name} exports {r.source_point}, not the newest source PCPI {latest} ({error})"
+        )
         got = a.dest.fingerprint(name, r.exported)
         assert got == a.source.fingerprint(r.source_qtree, latest), f"{name} differs from its source"
         assert got == sources[r.source_qtree].expected(), f"{name} differs from the model"
@@ -227,13 +231,13 @@ def test_names_are_255_bytes_of_multibyte_utf8(harness):
     A.symlink(NAME_4, NAME_2)
     cycle_and_check(h, src)
 
-    A.unlink(NAME_2)                            # one name of two
+    A.unlink(NAME_2)  # one name of two
     A.write(f"{DIR_3}/{NAME_4}", 6000, b"through the other name")
     cycle_and_check(h, src)
 
-    A.unlink(f"{DIR_3}/{NAME_4}")               # the last name: the file is deleted
+    A.unlink(f"{DIR_3}/{NAME_4}")  # the last name: the file is deleted
     A.unlink(NAME_4)
-    A.rename(f"{DIR_3}/{DIR_3}", NAME_4)        # a directory of 255 bytes moves up, renamed
+    A.rename(f"{DIR_3}/{DIR_3}", NAME_4)  # a directory of 255 bytes moves up, renamed
     cycle_and_check(h, src)
 
     A.remove_tree(NAME_4)
@@ -254,14 +258,27 @@ def test_purgatory_takes_entries_named_with_255_bytes(harness):
     def apply(*recs: object) -> None:
         dest.apply(q, framed(q, None, "limits", list(recs)), use_purgatory=True)
 
-    apply(MkDir(path=DIR_3), MkDir(path=DIR_3B), MkFile(path=f"{DIR_3B}/{NAME_3}"),
-          Write(path=f"{DIR_3B}/{NAME_3}", offset=0, data=b"kept"), MkFile(path=NAME_3),
-          Write(path=NAME_3, offset=0, data=b"replaced"), MkFile(path="other"))
-    apply(Rename(old=DIR_3B, new=DIR_3),               # over the empty directory DIR_3
-          Unlink(path=NAME_3), Rename(old="other", new=NAME_3))
-    want = fp.digest([fp.Entry(path=DIR_3, kind="d", mode=0o755),
-                      fp.file_entry(f"{DIR_3}/{NAME_3}", 0o644, b"kept"),
-                      fp.file_entry(NAME_3, 0o644, b"")])
+    apply(
+        MkDir(path=DIR_3),
+        MkDir(path=DIR_3B),
+        MkFile(path=f"{DIR_3B}/{NAME_3}"),
+        Write(path=f"{DIR_3B}/{NAME_3}", offset=0, data=b"kept"),
+        MkFile(path=NAME_3),
+        Write(path=NAME_3, offset=0, data=b"replaced"),
+        MkFile(path="other"),
+    )
+    apply(
+        Rename(old=DIR_3B, new=DIR_3),  # over the empty directory DIR_3
+        Unlink(path=NAME_3),
+        Rename(old="other", new=NAME_3),
+    )
+    want = fp.digest(
+        [
+            fp.Entry(path=DIR_3, kind="d", mode=0o755),
+            fp.file_entry(f"{DIR_3}/{NAME_3}", 0o644, b"kept"),
+            fp.file_entry(NAME_3, 0o644, b""),
+        ]
+    )
     assert dest.fingerprint(q) == want
     dest.purge_purgatory([q])
     assert dest.fingerprint(q) == want
@@ -310,14 +327,14 @@ def _deep_tree(h: Harness, depth: int) -> None:
     A.write(f"u/{deep}/bottom", 400, b"appended")
     cycle_and_check(h, src)
 
-    A.mkdirs(_chain("v", depth))                       # cut part-way: the update fails and rolls back
+    A.mkdirs(_chain("v", depth))  # cut part-way: the update fails and rolls back
     rule = h.faults.add(Rule(hook="coalesce_diff", qtree="A", record=depth // 2 + 200, times=1, volume="src"))
     h.cycle()
     assert rule.fired == 1
     assert h.agent.state.replicas["A"].state == "stable"
     bad = [f for f in h.findings() if not f.ok and f.invariant != "I3-independent"]
     assert not bad, "; ".join(f"{f.invariant}: {f.detail}" for f in bad)
-    cycle_and_check(h, src)                            # purges the purgatory, then catches up
+    cycle_and_check(h, src)  # purges the purgatory, then catches up
 
     A.remove_tree("u")
     A.remove_tree("v")
@@ -341,7 +358,7 @@ def test_paths_longer_than_4096_bytes(harness):
     A.write("top", 0, b"top")
     A.link("top", f"{long}/top-link")
     A.symlink(f"{long}/link", "file")
-    near = "/".join(["m" * 200] * 20)                   # 4019 bytes: 4096 with the path to the qtree
+    near = "/".join(["m" * 200] * 20)  # 4019 bytes: 4096 with the path to the qtree
     A.mkdirs(near)
     A.write(f"{near}/file", 0, b"near" * 100)
     A.symlink(f"{near}/link", "file")
@@ -356,7 +373,7 @@ def test_paths_longer_than_4096_bytes(harness):
     A.remove_tree("x")
     cycle_and_check(h, src)
 
-    A.write(f"{near}/file", 400, b"more")               # the long tree is gone: btrfs send serves the diff
+    A.write(f"{near}/file", 400, b"more")  # the long tree is gone: btrfs send serves the diff
     A.unlink(f"{near}/link")
     A.symlink(f"{near}/link", "other")
     A.rename(f"{near}/file", f"{near}/moved")
@@ -382,13 +399,13 @@ def test_a_sparse_file_of_1_tib(harness, backend):
     A.write("sparse", 0, b"head" * 1000)
     A.write("sparse", size // 3, os.urandom(200_000))
     A.write("sparse", size - 70_000, b"tail" * 1000, size=size)
-    A.write("dense-zeros", 0, bytes(300_000))          # zeros written, not holes: digests like holes
+    A.write("dense-zeros", 0, bytes(300_000))  # zeros written, not holes: digests like holes
     cycle_and_check(h, src)
 
     A.write("sparse", size // 2, b"a new island")
     cycle_and_check(h, src)
 
-    A.truncate("sparse", size // 2 + 5)                  # cuts the new island and drops the tail
+    A.truncate("sparse", size // 2 + 5)  # cuts the new island and drops the tail
     A.truncate("sparse", size)
     A.write("sparse", size - 10, b"0123456789")
     cycle_and_check(h, src)
@@ -399,12 +416,12 @@ def test_content_digest_does_not_depend_on_holes():
     any cut, and differs when a byte or the size differs."""
     data = bytearray(3 * fp.BLOCK + 1234)
     data[10:20] = b"x" * 10
-    data[2 * fp.BLOCK - 3:2 * fp.BLOCK + 3] = b"yyyyyy"
+    data[2 * fp.BLOCK - 3 : 2 * fp.BLOCK + 3] = b"yyyyyy"
     whole = fp.content_digest_of(bytes(data))
     assert whole == fp.content_digest_of_pieces(len(data), [(10, b"x" * 10), (2 * fp.BLOCK - 3, b"yyyyyy")])
     cut = fp.ContentDigest(len(data))
     for off in range(0, len(data), 777):
-        cut.update(off, bytes(data[off:off + 777]))
+        cut.update(off, bytes(data[off : off + 777]))
     assert cut.hexdigest() == whole
     assert fp.content_digest_of(bytes(data), len(data) + 1) != whole
     data[11] = ord("z")

@@ -216,6 +216,7 @@ def test_break_and_resync(harness):
     assert a.state == "broken" and a.last_good
     # the administrator writes into the broken replica
     from coalesce_core.testing.workload import SourceWriter
+
     SourceWriter(h.agent.dest).write("A", "local-change", b"written on the destination")
     h.writer.write("B", "b2", b"bb")
     h.cycle()  # A does not take part; its last good image stays pinned
@@ -320,8 +321,11 @@ def test_reseed_on_request_keeps_the_last_good_image_exported(harness):
         h.agent.reseed("D", "x")
 
 
-@pytest.mark.parametrize(("backend", "n"), [on_backend("mem", 300), on_backend("sim", 300), on_backend("btrfs", 300),
-                                            on_backend("zfs", 100)], indirect=["backend"])
+@pytest.mark.parametrize(
+    ("backend", "n"),
+    [on_backend("mem", 300), on_backend("sim", 300), on_backend("btrfs", 300), on_backend("zfs", 100)],
+    indirect=["backend"],
+)
 def test_many_replicas_never_more_than_four_cycle_pcpis(group_config, n):
     """I1 for 300 replicas (100 on zfs-fuse, which needs about 0.2 s per qtree and cycle): <= 4 PCPIs in
     cycle roles at every instant, exactly 1 at rest."""

@@ -173,8 +173,9 @@ def test_a_baseline_replaces_whatever_the_qtree_held_and_is_checked(pairs):
     p.dwriter.write_file("R/left-over", b"from a failed baseline")
     changes = p.changes(None, "s1")
     got = run_transfer(baseline(), p.src, p.dst)
-    assert got == Transferred(records=len(changes), nbytes=sum(len(r.data) for r in changes if type(r) is Write),
-                              verified=True)
+    assert got == Transferred(
+        records=len(changes), nbytes=sum(len(r.data) for r in changes if type(r) is Write), verified=True
+    )
     assert p.same("s1")
     assert not p.dwriter.exists("R/left-over")
 
@@ -186,12 +187,12 @@ def test_an_update_applies_the_changes_with_purgatory(pairs):
     got = run_transfer(update(), p.src, p.dst)
     assert got.records == len(p.changes("s1", "s2")) and got.verified
     assert p.same("s2")
-    assert p.dwriter.purgatory_size("R") > 0        # the removed and the replaced file wait there
+    assert p.dwriter.purgatory_size("R") > 0  # the removed and the replaced file wait there
 
 
 def test_progress_is_reported_every_PROGRESS_EVERY_records(pairs):
     p = pairs()
-    p.fill(PROGRESS_EVERY + 30)                       # a MkFile and a Write each, plus the directories
+    p.fill(PROGRESS_EVERY + 30)  # a MkFile and a Write each, plus the directories
     p.writer.snapshot_create("s1")
     calls: list[tuple[int, int]] = []
     got = run_transfer(baseline(), p.src, p.dst, progress=lambda n, nbytes: calls.append((n, nbytes)))
@@ -201,8 +202,7 @@ def test_progress_is_reported_every_PROGRESS_EVERY_records(pairs):
 
 
 def test_a_stream_cut_at_the_source_fails_cleanly(pairs, tmp_path):
-    faults = FaultInjector(Rule(hook="coalesce_diff", qtree="A", record=5, times=1, volume="tr-src",
-                                updates_only=True))
+    faults = FaultInjector(Rule(hook="coalesce_diff", qtree="A", record=5, times=1, volume="tr-src", updates_only=True))
     closing = Closing()
     p = pairs(faults, closing)
     _seed(p)
@@ -210,9 +210,9 @@ def test_a_stream_cut_at_the_source_fails_cleanly(pairs, tmp_path):
     spool = Spool(tmp_path / "spool")
     with pytest.raises(InjectedFault, match="at record 6"):
         run_transfer(update(), p.src, p.dst, spool=spool)
-    assert spool.replicas() == []                       # a failed update is rolled back, never resumed
-    assert closing.closed[-1] is True                   # the diff cut short was closed at once
-    assert not p.same("s2")                             # the partial qtree is left to the rollback
+    assert spool.replicas() == []  # a failed update is rolled back, never resumed
+    assert closing.closed[-1] is True  # the diff cut short was closed at once
+    assert not p.same("s2")  # the partial qtree is left to the rollback
     p.dst.snapshot_create("rb")
     p.dst.rollback("R", "rb", "d1")
     assert run_transfer(update(), p.src, p.dst, spool=spool).verified and p.same("s2")
@@ -230,7 +230,7 @@ def test_a_record_the_source_lost_fails_the_check_unless_verification_is_off(pai
     p.dst.snapshot_create("rb")
     p.dst.rollback("R", "rb", "d1")
     got = run_transfer(update(), p.src, p.dst, verify=False)
-    assert not got.verified and not p.same("s2")        # nothing looked: the loss went through
+    assert not got.verified and not p.same("s2")  # nothing looked: the loss went through
 
 
 @pytest.mark.parametrize("spooled", [True, False], ids=["spool", "no spool"])
@@ -240,10 +240,11 @@ def test_an_update_goes_through_the_spool_only_when_given_one(pairs, tmp_path, s
     _change(p, files=150)
     spool = Spool(tmp_path / "spool")
     seen: list[list[str]] = []
-    got = run_transfer(update(), p.src, p.dst, spool=spool if spooled else None,
-                       progress=lambda n, b: seen.append(spool.replicas()))
+    got = run_transfer(
+        update(), p.src, p.dst, spool=spool if spooled else None, progress=lambda n, b: seen.append(spool.replicas())
+    )
     assert seen and seen == [["R"] if spooled else []] * len(seen)
-    assert spool.replicas() == []                       # removed once the update is applied
+    assert spool.replicas() == []  # removed once the update is applied
     assert got.records == len(p.changes("s1", "s2")) and p.same("s2")
 
 
@@ -256,7 +257,7 @@ def _crash(p: Pair, eff: Transfer, spool: Spool, after: int) -> None:
 
     with pytest.raises(SimulatedCrash):
         run_transfer(eff, p.src, p.dst, spool=spool, aborted=aborted)
-    gc.collect()                                        # the abandoned stream lets go of its spool file
+    gc.collect()  # the abandoned stream lets go of its spool file
 
 
 def test_a_baseline_never_spools(pairs, tmp_path):
@@ -283,12 +284,12 @@ def test_an_interrupted_update_resumes_from_its_spool(pairs, tmp_path, caplog, r
     assert spool.holds("R", begin)
     kept = spool.count("R")
     assert 0 < kept <= 200
-    p.dst.snapshot_create("rb")                         # what recovery does before the resume
+    p.dst.snapshot_create("rb")  # what recovery does before the resume
     p.dst.rollback("R", "rb", "d1")
     with caplog.at_level(logging.INFO, logger="coalesce.spool"):
         got = run_transfer(update(resume=True), p.src, p.dst, spool=spool)
     assert [int(k) for k in re.findall(r"replica R: (\d+) change records replayed", caplog.text)] == [kept]
-    assert got.records == len(changes)                  # each record once: End counts them all
+    assert got.records == len(changes)  # each record once: End counts them all
     assert p.same("s2") and got.verified
     assert spool.replicas() == []
     if remote:
@@ -320,5 +321,5 @@ def test_a_fault_on_the_resumed_diff_of_a_resumable_source_fails_the_update_clea
     rule = faults.add(Rule(hook="coalesce_diff", qtree="A", volume="tr-src", record=3, times=1))
     with pytest.raises(InjectedFault, match="at record 4"):
         run_transfer(update(resume=True), p.src, p.dst, spool=spool)
-    assert rule.fired == 1 and p.src.handle.skips[-1] > 0   # it fired for the diff asked to skip
+    assert rule.fired == 1 and p.src.handle.skips[-1] > 0  # it fired for the diff asked to skip
     assert spool.replicas() == []

@@ -27,20 +27,41 @@ from coalesce_core.verify import (
     xattr_digest,
 )
 
-F = Description(path="a/f", kind="f", mode=0o644, uid=1, gid=2, size=3, mtime_ns=10, xattrs=xattr_digest({}),
-                content="c1", ident=7, nlink=1)
-D = Description(path="a", kind="d", mode=0o755, uid=0, gid=0, mtime_ns=5, xattrs=xattr_digest({}),
-                entries=(("f", "f"),))
+F = Description(
+    path="a/f",
+    kind="f",
+    mode=0o644,
+    uid=1,
+    gid=2,
+    size=3,
+    mtime_ns=10,
+    xattrs=xattr_digest({}),
+    content="c1",
+    ident=7,
+    nlink=1,
+)
+D = Description(
+    path="a", kind="d", mode=0o755, uid=0, gid=0, mtime_ns=5, xattrs=xattr_digest({}), entries=(("f", "f"),)
+)
 L = Description(path="a/l", kind="l", uid=0, gid=0, mtime_ns=5, target="f")
 
 
 # ---------------------------------------------------------------------------
 # fields
 # ---------------------------------------------------------------------------
-@pytest.mark.parametrize("field, value", [
-    ("kind", "d"), ("size", 4), ("content", "c2"), ("mode", 0o600), ("uid", 9), ("gid", 9), ("mtime_ns", 11),
-    ("xattrs", xattr_digest({"user.a": b"1"})),
-])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("kind", "d"),
+        ("size", 4),
+        ("content", "c2"),
+        ("mode", 0o600),
+        ("uid", 9),
+        ("gid", 9),
+        ("mtime_ns", 11),
+        ("xattrs", xattr_digest({"user.a": b"1"})),
+    ],
+)
 def test_every_field_of_a_file_is_compared(field, value):
     other = attrs.evolve(F, **{field: value})
     if field == "kind":
@@ -154,8 +175,14 @@ def test_the_limit_keeps_the_first_differences_whatever_the_feeding_order():
     assert [d.path for d in c.finish()] == ["a", "b"]
 
 
-@given(st.lists(st.text(alphabet="ab/\udcff", min_size=1, max_size=6).filter(
-    lambda p: all(p.split("/"))), unique=True, min_size=1, max_size=12))
+@given(
+    st.lists(
+        st.text(alphabet="ab/\udcff", min_size=1, max_size=6).filter(lambda p: all(p.split("/"))),
+        unique=True,
+        min_size=1,
+        max_size=12,
+    )
+)
 def test_the_first_difference_is_the_smallest_path(paths):
     src = [Description(path=p, kind="f", size=1) for p in paths]
     dst = [Description(path=p, kind="f", size=2) for p in paths]
@@ -165,13 +192,19 @@ def test_the_first_difference_is_the_smallest_path(paths):
 
 def test_the_message_names_the_path_the_field_and_the_source_pcpi():
     d = Difference("d1/p/c", "kind", "d", ABSENT)
-    assert d.explain("co-g-src-000004") == \
-        "'d1/p/c' is absent in the replica but a directory in source PCPI co-g-src-000004"
-    assert Difference("", "mode", 0o755, 0o700).explain("S") == \
-        "the qtree root: mode is 0o700 in the replica but 0o755 in source PCPI S"
+    assert (
+        d.explain("co-g-src-000004")
+        == "'d1/p/c' is absent in the replica but a directory in source PCPI co-g-src-000004"
+    )
+    assert (
+        Difference("", "mode", 0o755, 0o700).explain("S")
+        == "the qtree root: mode is 0o700 in the replica but 0o755 in source PCPI S"
+    )
     assert "hard link of 'x' in the replica but of 'y'" in Difference("z", "link", "y", "x").explain("S")
-    assert Difference("f", "content", "ab" * 32, "cd" * 32).explain("S") == \
-        "'f': content is digest cdcdcdcdcdcd in the replica but digest abababababab in source PCPI S"
+    assert (
+        Difference("f", "content", "ab" * 32, "cd" * 32).explain("S")
+        == "'f': content is digest cdcdcdcdcdcd in the replica but digest abababababab in source PCPI S"
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -187,14 +220,34 @@ def _touched(*recs) -> dict[str, bool]:
 def test_each_record_kind_touches_its_paths_and_the_parents_entries():
     got = _touched(
         R.Begin(qtree="q", base="a", target="b"),
-        R.MkDir(path="d"), R.MkFile(path="d/f"), R.Write(path="d/f", offset=0, data=b"x"),
-        R.Truncate(path="t/u", size=0), R.SetAttr(path="s/a", mode=0o600), R.SetXattr(path="x/y", name="user.a"),
-        R.Symlink(path="l/k", target="z"), R.HardLink(path="h/1", existing="e/2"), R.Unlink(path="u/v"),
-        R.RmDir(path="r/s"), R.End(records=10),
+        R.MkDir(path="d"),
+        R.MkFile(path="d/f"),
+        R.Write(path="d/f", offset=0, data=b"x"),
+        R.Truncate(path="t/u", size=0),
+        R.SetAttr(path="s/a", mode=0o600),
+        R.SetXattr(path="x/y", name="user.a"),
+        R.Symlink(path="l/k", target="z"),
+        R.HardLink(path="h/1", existing="e/2"),
+        R.Unlink(path="u/v"),
+        R.RmDir(path="r/s"),
+        R.End(records=10),
     )
     assert got == {
-        "": False, "d": True, "d/f": True, "t/u": True, "s/a": True, "x/y": True, "l": False, "l/k": True,
-        "h": False, "h/1": True, "e/2": True, "u": False, "u/v": True, "r": False, "r/s": True,
+        "": False,
+        "d": True,
+        "d/f": True,
+        "t/u": True,
+        "s/a": True,
+        "x/y": True,
+        "l": False,
+        "l/k": True,
+        "h": False,
+        "h/1": True,
+        "e/2": True,
+        "u": False,
+        "u/v": True,
+        "r": False,
+        "r/s": True,
     }
 
 
@@ -204,15 +257,28 @@ def test_the_qtree_root_is_always_described_and_its_attributes_may_be_touched():
 
 
 def test_a_rename_touches_both_ends_and_their_parents():
-    assert _touched(R.Rename(old="a/b", new="c/d")) == {"": False, "a": False, "a/b": True, "c": False,
-                                                         "c/d": True}
+    assert _touched(R.Rename(old="a/b", new="c/d")) == {"": False, "a": False, "a/b": True, "c": False, "c/d": True}
 
 
 def test_paths_below_a_renamed_directory_follow_it():
-    got = _touched(R.MkFile(path="d/f"), R.Write(path="d/sub/g", offset=0, data=b"1"), R.Rename(old="d", new="e"),
-                   R.Rename(old="e/sub", new=".coalesce-mv.1"), R.Rename(old=".coalesce-mv.1", new="z/sub"))
-    assert got == {"": False, "d": True, "e": True, "e/f": True, "e/sub": True, "z": False, "z/sub": True,
-                   "z/sub/g": True, ".coalesce-mv.1": True}
+    got = _touched(
+        R.MkFile(path="d/f"),
+        R.Write(path="d/sub/g", offset=0, data=b"1"),
+        R.Rename(old="d", new="e"),
+        R.Rename(old="e/sub", new=".coalesce-mv.1"),
+        R.Rename(old=".coalesce-mv.1", new="z/sub"),
+    )
+    assert got == {
+        "": False,
+        "d": True,
+        "e": True,
+        "e/f": True,
+        "e/sub": True,
+        "z": False,
+        "z/sub": True,
+        "z/sub/g": True,
+        ".coalesce-mv.1": True,
+    }
 
 
 def test_a_rename_onto_a_touched_path_merges_them():
@@ -227,15 +293,20 @@ def test_a_deep_touched_path_needs_no_recursion():
     t.add(R.Rename(old="d", new="e"))
     paths = dict(t.paths())
     assert paths["e/" + "/".join(["d"] * 1999)] is True
-    assert len(t) == len(paths) == 4      # "", d, e and the written file
+    assert len(t) == len(paths) == 4  # "", d, e and the written file
 
 
 def test_renamed_entries_are_the_tops_of_subtrees_compared_whole():
     t = Touched()
-    for r in (R.Rename(old="a", new="b"), R.Rename(old="b/c", new="x/c"), R.Rename(old="x", new="y"),
-              R.Rename(old="y/c/d", new="y/c/e"), R.Write(path="w", offset=0, data=b"1")):
+    for r in (
+        R.Rename(old="a", new="b"),
+        R.Rename(old="b/c", new="x/c"),
+        R.Rename(old="x", new="y"),
+        R.Rename(old="y/c/d", new="y/c/e"),
+        R.Write(path="w", offset=0, data=b"1"),
+    ):
         t.add(r)
-    assert t.moved() == ["b", "y"]          # y/c and y/c/e lie below y: walked with it
+    assert t.moved() == ["b", "y"]  # y/c and y/c/e lie below y: walked with it
 
 
 def test_the_touched_set_refuses_what_is_not_a_record():
@@ -248,8 +319,11 @@ def test_the_touched_set_refuses_what_is_not_a_record():
 # ---------------------------------------------------------------------------
 def _image(tree: dict[str, Description]):
     def describe(batch):
-        return [attrs.evolve(tree[p], content=tree[p].content if c else None) if p in tree
-                else Description.absent(p) for p, c in batch]
+        return [
+            attrs.evolve(tree[p], content=tree[p].content if c else None) if p in tree else Description.absent(p)
+            for p, c in batch
+        ]
+
     return describe
 
 
@@ -264,7 +338,7 @@ def _tree(**files: str) -> dict[str, Description]:
             kind = "f" if i == len(parts) - 1 else "d"
             dirs.setdefault(parent, set()).add((name, kind))
             if kind == "d":
-                dirs.setdefault("/".join(parts[:i + 1]), set())
+                dirs.setdefault("/".join(parts[: i + 1]), set())
         out[path] = Description(path=path, kind="f", size=len(data), content=data, mode=0o644)
     for d, entries in dirs.items():
         out[d] = Description(path=d, kind="d", mode=0o755, entries=tuple(sorted(entries)))
@@ -279,8 +353,10 @@ def test_a_directory_moved_whole_to_a_wrong_place_differs_below_it():
     """The records rename n/p1 and p1 only: the swapped files below them are named by no record."""
     src = _tree(**{"n/p1/p2/f": "long bytes", "p1/p2/f": "short"})
     dst = dict(src)
-    dst["n/p1/p2/f"], dst["p1/p2/f"] = (attrs.evolve(src["p1/p2/f"], path="n/p1/p2/f"),
-                                        attrs.evolve(src["n/p1/p2/f"], path="p1/p2/f"))
+    dst["n/p1/p2/f"], dst["p1/p2/f"] = (
+        attrs.evolve(src["p1/p2/f"], path="n/p1/p2/f"),
+        attrs.evolve(src["n/p1/p2/f"], path="p1/p2/f"),
+    )
     out = compare_subtrees(["n/p1", "p1"], _both_of(src, dst))
     assert [(d.path, d.field) for d in out.differences] == [("n/p1/p2/f", "size")]
     assert compare_subtrees(["n/p1", "p1"], _both_of(src, src)).ok
@@ -323,8 +399,12 @@ def test_a_whole_image_walk_finds_each_difference_once_in_path_order():
     dst = _tree(**{"a/b/c": "1", "a/d": "9", "e/x": "3", "i": "5"})
     out = tree_compare(generic_tree(_image(src), True), generic_tree(_image(dst), True), limit=10)
     got = [(d.path, d.field, d.source, d.replica) for d in out.differences]
-    assert got == [("a/d", "content", "2", "9"), ("e", "kind", "f", "d"), ("g", "kind", "d", ABSENT),
-                   ("i", "kind", ABSENT, "f")]
+    assert got == [
+        ("a/d", "content", "2", "9"),
+        ("e", "kind", "f", "d"),
+        ("g", "kind", "d", ABSENT),
+        ("i", "kind", ABSENT, "f"),
+    ]
     same = tree_compare(generic_tree(_image(src), True), generic_tree(_image(src), True))
     assert same.ok and same.checked == len(src)
 
@@ -379,7 +459,7 @@ def test_verifications_are_spread_over_the_replicas_in_turn():
     assert [n for _t, n in order][:6] == ["A", "B", "C", "A", "B", "C"]
     times = [t for t, _n in order]
     assert all(b - a >= every / 3 for a, b in zip(times, times[1:]))
-    for n in names:       # each replica about once per period
+    for n in names:  # each replica about once per period
         mine = [t for t, m in order if m == n]
         assert all(b - a <= every + 10 for a, b in zip(mine, mine[1:]))
 

@@ -22,10 +22,20 @@ def _write(h: Harness, qtree: str, recs: list) -> None:
 
 
 def _seed(h: Harness, qtree: str = "A") -> None:
-    _write(h, qtree, [R.MkDir(path="a"), R.MkDir(path="b"), R.MkFile(path="a/x"),
-                      R.Write(path="a/x", offset=0, data=b"x" * 100), R.MkFile(path="a/f"),
-                      R.Write(path="a/f", offset=0, data=b"old" * 100),
-                      R.SetAttr(path="a/f", mtime_ns=1 * SEC), R.SetAttr(path="a/x", mtime_ns=1 * SEC)])
+    _write(
+        h,
+        qtree,
+        [
+            R.MkDir(path="a"),
+            R.MkDir(path="b"),
+            R.MkFile(path="a/x"),
+            R.Write(path="a/x", offset=0, data=b"x" * 100),
+            R.MkFile(path="a/f"),
+            R.Write(path="a/f", offset=0, data=b"old" * 100),
+            R.SetAttr(path="a/f", mtime_ns=1 * SEC),
+            R.SetAttr(path="a/x", mtime_ns=1 * SEC),
+        ],
+    )
 
 
 def _exported_equals_source(h: Harness, name: str) -> bool:
@@ -51,7 +61,7 @@ def test_a_lost_write_fails_the_update_names_the_path_and_rolls_back(group_confi
     assert "in source PCPI co-g-src-" in failure["error"]
     after = h.agent.state.replicas["A"]
     assert after.state == "stable" and after.source_point == before.source_point  # rolled back, not moved
-    assert _exported_equals_source(h, "A")                                         # nothing wrong exported
+    assert _exported_equals_source(h, "A")  # nothing wrong exported
     assert h.agent.dest.fingerprint("A", None) == h.agent.source.fingerprint("A", before.source_point)  # I9
     drop.armed = False
     assert h.cycle()["failures"] == 0
@@ -64,8 +74,11 @@ def test_a_lost_rename_is_the_first_differing_path(group_config):
     _seed(h)
     h.cycle()
     # as on a POSIX file system, the rename moves the times of both directories
-    _write(h, "A", [R.Rename(old="a/x", new="b/x"), R.SetAttr(path="a", mtime_ns=5 * SEC),
-                    R.SetAttr(path="b", mtime_ns=5 * SEC)])
+    _write(
+        h,
+        "A",
+        [R.Rename(old="a/x", new="b/x"), R.SetAttr(path="a", mtime_ns=5 * SEC), R.SetAttr(path="b", mtime_ns=5 * SEC)],
+    )
     drop.armed = True
     h.cycle()
     assert drop.dropped == [R.Rename(old="a/x", new="b/x")]
@@ -84,7 +97,7 @@ def test_a_baseline_is_checked_whole(group_config):
     (failure,) = h.agent.failures
     assert failure["trigger"] == "baseline_failed"
     assert "verification failed: 'a/x': xattrs is digest" in failure["error"]
-    assert h.agent.state.replicas["A"].exported is None     # a failed baseline exports nothing
+    assert h.agent.state.replicas["A"].exported is None  # a failed baseline exports nothing
     drop.armed = False
     h.cycle()
     assert h.agent.state.replicas["A"].state == "stable" and _exported_equals_source(h, "A")
@@ -144,7 +157,7 @@ def test_verify_every_takes_the_replicas_in_turn_and_reseeds_a_damaged_one(group
     h = Harness(cfg, clock=clock)
     for q in ("A", "B", "C"):
         _seed(h, q)
-    h.cycle()                                              # baselines: each verified whole, at t0
+    h.cycle()  # baselines: each verified whole, at t0
     t0 = clock.now
     assert {n: v["at"] for n, v in h.agent.verification_times().items()} == {"A": t0, "B": t0, "C": t0}
     order = []
@@ -155,7 +168,7 @@ def test_verify_every_takes_the_replicas_in_turn_and_reseeds_a_damaged_one(group
         after = h.agent.verification_times()
         order += [(clock.now - t0, n) for n in after if after[n]["at"] != before[n]["at"]]
     assert [n for _t, n in order] == ["A", "B", "C", "A", "B"]
-    assert [t for t, _n in order] == [100, 200, 300, 400, 500]   # every 300 s / 3 replicas
+    assert [t for t, _n in order] == [100, 200, 300, 400, 500]  # every 300 s / 3 replicas
     assert all(v["ok"] for v in h.agent.verification_times().values())
     # C is next (at 600 s): damage its active FS, which the next coalesced base exports (the
     # check of its empty updates names no path there: only a whole-image verification sees it)
@@ -167,7 +180,7 @@ def test_verify_every_takes_the_replicas_in_turn_and_reseeds_a_damaged_one(group
     assert h.agent.verification_times()["C"]["at"] - t0 == 600
     assert c.state not in ("stable", "done") and "background verification: 'a/x': content" in c.reseed_reason
     assert h.agent.verification_times()["C"]["ok"] is False
-    for _ in range(3):                                     # the re-seed rebuilds it, and it rejoins
+    for _ in range(3):  # the re-seed rebuilds it, and it rejoins
         clock.advance(25)
         h.cycle()
     c = h.agent.state.replicas["C"]

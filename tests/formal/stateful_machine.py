@@ -78,11 +78,21 @@ def make_config(scheme: str, tmp: Path, parallel: int = 1):
         src, dst = f"mem://fsrc-{os.getpid()}-{n}", f"mem://fdst-{os.getpid()}-{n}"
     else:
         src, dst = f"{scheme}://{tmp}/src{n}", f"{scheme}://{tmp}/dst{n}"
-    lines = ["[group]", 'name = "g"', f'source = "{src}"', f'destination = "{dst}"',
-             f"parallel = {parallel}", f'metadata = "{tmp}/meta{n}"',
-             # every other example spools its updates, so a crash mid-update resumes (resume_updates)
-             f"spool = {'true' if n % 2 else 'false'}", f"reseed_after = {RESEED_AFTER}",
-             "[group.retry]", "initial = 5", "factor = 2", "maximum = 60"]
+    lines = [
+        "[group]",
+        'name = "g"',
+        f'source = "{src}"',
+        f'destination = "{dst}"',
+        f"parallel = {parallel}",
+        f'metadata = "{tmp}/meta{n}"',
+        # every other example spools its updates, so a crash mid-update resumes (resume_updates)
+        f"spool = {'true' if n % 2 else 'false'}",
+        f"reseed_after = {RESEED_AFTER}",
+        "[group.retry]",
+        "initial = 5",
+        "factor = 2",
+        "maximum = 60",
+    ]
     for r in INITIAL:
         lines += ["[[replica]]", f'name = "{r}"']
     return parse_config("\n".join(lines) + "\n", str(tmp / f"g{n}.toml"))
@@ -121,8 +131,9 @@ class ExportWatch:
         m = self.machine
         if m is not None and "dst" in str(getattr(volume, "url", volume)):  # the destination volume
             states = {r.name: r.state for r in m.h.agent.state.replicas.values()}
-            seen = {mapping.get(n) for n, st in states.items()
-                    if st in self.CYCLE and mapping.get(n) not in (None, ACTIVE)}
+            seen = {
+                mapping.get(n) for n, st in states.items() if st in self.CYCLE and mapping.get(n) not in (None, ACTIVE)
+            }
             if len(seen) > 1:
                 self.violations.append(f"I4: one export switch left cycle replicas on {sorted(seen)}")
         return result
@@ -205,8 +216,9 @@ class CoalescingMachine(RuleBasedStateMachine):
         re-seeded (its baseline still works); then the stream heals, or stays broken (a re-seeded
         replica that rejoins fails again) until ``heal`` or the teardown."""
         self.stream_bugs.rules[:] = [r for r in self.stream_bugs.rules if r.qtree != q]
-        self.stream_bugs.add(Rule(hook="coalesce_diff", qtree=q, volume="src", updates_only=True,
-                                  message="stream cannot be applied"))
+        self.stream_bugs.add(
+            Rule(hook="coalesce_diff", qtree=q, volume="src", updates_only=True, message="stream cannot be applied")
+        )
         for _ in range(RESEED_AFTER):
             self.h.writer.random_changes(self.rng, q, 2)
             self._run(self.h.cycle)
@@ -260,9 +272,16 @@ class CoalescingMachine(RuleBasedStateMachine):
         self.agent.break_mirror(q)
         # the administrator writes into the now-writable replica
         with attrs.validators.disabled():
-            self.agent.dest.apply(q, R.framed(q, None, "admin", [R.MkFile(path="admin-file", mode=0o644),
-                                                                   R.Write(path="admin-file", offset=0, data=data)]),
-                                  use_purgatory=False)
+            self.agent.dest.apply(
+                q,
+                R.framed(
+                    q,
+                    None,
+                    "admin",
+                    [R.MkFile(path="admin-file", mode=0o644), R.Write(path="admin-file", offset=0, data=data)],
+                ),
+                use_purgatory=False,
+            )
 
     @rule(q=st.sampled_from(QTREES))
     def resync(self, q: str) -> None:
@@ -271,8 +290,12 @@ class CoalescingMachine(RuleBasedStateMachine):
             return
         self._run(lambda: self.agent.resync(q))
 
-    @rule(point=st.sampled_from(sorted(CRASH_POINTS)), nth=st.integers(1, 3),
-          what=st.sampled_from(["cycle", "failing_cycle", "tick", "resync", "reseed"]), q=st.sampled_from(INITIAL))
+    @rule(
+        point=st.sampled_from(sorted(CRASH_POINTS)),
+        nth=st.integers(1, 3),
+        what=st.sampled_from(["cycle", "failing_cycle", "tick", "resync", "reseed"]),
+        q=st.sampled_from(INITIAL),
+    )
     def crash_and_restart(self, point: str, nth: int, what: str, q: str) -> None:
         """A crash at the n-th pass through a named point, then a new agent from the ledger (I6)."""
         before = self._exported_images()
@@ -303,7 +326,7 @@ class CoalescingMachine(RuleBasedStateMachine):
             self.h.faults.clear()
         STATS["restarts"] += 1
         STATS["crashes"] += int(crashed)
-        STATS["resumes"] += sum(1 for t in self.h.recorder.transitions[self.seen:] if t[1] == "resume_update")
+        STATS["resumes"] += sum(1 for t in self.h.recorder.transitions[self.seen :] if t[1] == "resume_update")
         self._check_i6(before)
         self._sync_replay()
 
@@ -320,7 +343,9 @@ class CoalescingMachine(RuleBasedStateMachine):
         except HostilePath:
             pass
         except CoalesceError as exc:
-            raise AssertionError(f"I10: hostile stream {kind} refused with {type(exc).__name__}, not HostilePath: {exc}")
+            raise AssertionError(
+                f"I10: hostile stream {kind} refused with {type(exc).__name__}, not HostilePath: {exc}"
+            )
         else:
             raise AssertionError(f"I10: hostile stream {kind} was applied without HostilePath")
         after = {q: dest.fingerprint(q, None) for q in qtrees}
@@ -346,8 +371,9 @@ class CoalescingMachine(RuleBasedStateMachine):
             if r.consecutive_failures:
                 assert r.last_error, f"{r.name}: {r.consecutive_failures} failed transfers but no last_error"
             if r.consecutive_failures >= s.reseed_after > 0 and r.state != "uninitialized":
-                assert r.state in RESEEDING, \
+                assert r.state in RESEEDING, (
                     f"{r.name}: {r.consecutive_failures} failed updates in a row, still {r.state} (reseed_after)"
+                )
             assert bool(r.reseed_reason) == (r.state in RESEEDING), f"{r.name}: reseed_reason in {r.state}"
 
     @invariant()
@@ -365,8 +391,9 @@ class CoalescingMachine(RuleBasedStateMachine):
         initialized = any(r.exported not in (None,) for r in s.replicas.values())
         assert len(held) <= int(initialized) + 2 * k, f"I1/I2: volume holds {held} with {k} replicas outside"
         exported = self.agent.dest.exported()
-        cycle_exports = {exported.get(r.name) for r in s.replicas.values()
-                         if r.state in ("stable", "done") and exported.get(r.name)}
+        cycle_exports = {
+            exported.get(r.name) for r in s.replicas.values() if r.state in ("stable", "done") and exported.get(r.name)
+        }
         assert len(cycle_exports) <= 1, f"I4: in-cycle replicas export {cycle_exports} on the volume"
 
     @invariant()
@@ -374,11 +401,12 @@ class CoalescingMachine(RuleBasedStateMachine):
         """I8 from the observer's stream: each change starts where the last ended, is an edge of
         the spec, and jump_ahead never fires while a replica is in update, rollback or baseline."""
         edges = SPEC.replica.edges()
-        trans = self.h.recorder.transitions[self.seen:]
+        trans = self.h.recorder.transitions[self.seen :]
         for i, (replica, trigger, source, dest) in enumerate(trans):
             assert (trigger, source, dest) in edges, f"I8: {replica} {trigger} {source}->{dest} not in the spec"
-            assert self.replay.get(replica, source) == source, \
+            assert self.replay.get(replica, source) == source, (
                 f"I8: {replica} moved from {source} but was in {self.replay.get(replica)}"
+            )
             STATS["reseeds"] += trigger == "start_reseed"
             if trigger == "jump_ahead":
                 flying = {n: s for n, s in self.replay.items() if s in IN_FLIGHT}
@@ -403,8 +431,9 @@ class CoalescingMachine(RuleBasedStateMachine):
         flying = [r.name for r in s.replicas.values() if r.state in IN_FLIGHT]
         assert not flying, f"I6: after restart {flying} are still in flight"
         after = self._exported_images()
-        lost = [n for n, f in before.items() if f is not None and after.get(n) is None
-                and s.replicas[n].state != "broken"]
+        lost = [
+            n for n, f in before.items() if f is not None and after.get(n) is None and s.replicas[n].state != "broken"
+        ]
         assert not lost, f"I6: exported images lost by the crash: {lost}"
         bad = [f for f in self.h.findings() if not f.ok]
         assert not bad, "I6: " + "; ".join(f"{f.invariant}: {f.detail}" for f in bad)
@@ -447,6 +476,7 @@ class CoalescingMachine(RuleBasedStateMachine):
                 pass
             if self.scheme == "mem":
                 import coalesce_mem
+
                 coalesce_mem.forget(self.h.config.source)
                 coalesce_mem.forget(self.h.config.destination)
             shutil.rmtree(self.tmp, ignore_errors=True)

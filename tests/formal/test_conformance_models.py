@@ -73,7 +73,7 @@ def test_every_state_is_reachable_in_the_spec():
         seen, todo = {ms.initial}, [ms.initial]
         while todo:
             s = todo.pop()
-            for (_t, a, b) in ms.edges():
+            for _t, a, b in ms.edges():
                 if a == s and b not in seen:
                     seen.add(b)
                     todo.append(b)

@@ -34,6 +34,7 @@ CROSSHAIR_CMD = ["crosshair", "check", "--analysis_kind=PEP316", "--per_conditio
 
 try:
     import hypothesis_crosshair_provider  # noqa: F401
+
     HAVE_BACKEND = True
 except ImportError:  # pragma: no cover
     HAVE_BACKEND = False
@@ -61,8 +62,9 @@ def _release_action_props(role, is_base, releasing, pinned, taken):
 def _recover_props(phase, has_pcpi, rollbacks_left):
     a = planner.recover_phase(phase, has_pcpi, rollbacks_left)
     if phase.startswith("jump_ahead"):
-        assert a in ("purge", "take_jump_ahead", "roll_forward", "take_new_base"), \
+        assert a in ("purge", "take_jump_ahead", "roll_forward", "take_new_base"), (
             "an unfinished jump-ahead is rolled forward, never dropped"
+        )
     if phase == "idle":
         assert a == "nothing"
 
@@ -123,15 +125,21 @@ def test_recovery_of_each_replica_state_is_a_legal_transition(state, has_scratch
         assert a != "keep", "recovery must finish or undo every transfer in flight, a re-seed included (I6)"
 
 
-_crosshair = settings(backend="crosshair", max_examples=20, deadline=None,
-                      suppress_health_check=list(HealthCheck)) if HAVE_BACKEND else None
+_crosshair = (
+    settings(backend="crosshair", max_examples=20, deadline=None, suppress_health_check=list(HealthCheck))
+    if HAVE_BACKEND
+    else None
+)
 
 
 @pytest.mark.skipif(not HAVE_BACKEND, reason="hypothesis-crosshair is not installed")
 def test_properties_under_the_crosshair_backend():
     """The same properties with hypothesis-crosshair: CrossHair drives the inputs symbolically."""
-    for test, args in ((_release_action_props, release_args), (_recover_props, recover_args),
-                       (_reseed_props, reseed_args)):
+    for test, args in (
+        (_release_action_props, release_args),
+        (_recover_props, recover_args),
+        (_reseed_props, reseed_args),
+    ):
         _crosshair(given(*args)(test))()
     _crosshair(given(flight_args)(_flight_props))()
 
@@ -154,6 +162,7 @@ def test_budget_of_every_phase_of_a_real_cycle(group_config):
         return d
 
     import coalesce_core.agent as agent_mod
+
     h = Harness(group_config())
     fill(h.writer, "ABC")
     h.cycle()

@@ -45,11 +45,16 @@ def _param(name: str):
 KILLER_LISTS = mutants.pytest_argvs(None, BY_TESTS)
 
 
-@pytest.mark.parametrize("argv", [pytest.param(a, marks=[pytest.mark.btrfs] if _on_btrfs([a]) else [],
-                                               id=f"{a[0].split('::')[0]}:{len(a)}") for a in KILLER_LISTS])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        pytest.param(a, marks=[pytest.mark.btrfs] if _on_btrfs([a]) else [], id=f"{a[0].split('::')[0]}:{len(a)}")
+        for a in KILLER_LISTS
+    ],
+)
 def test_the_unmutated_code_passes_the_killing_tests(argv, request):
     if _on_btrfs([argv]):
-        request.getfixturevalue("realfs")   # up in this session; the checker's session keeps it (KEEP=1)
+        request.getfixturevalue("realfs")  # up in this session; the checker's session keeps it (KEEP=1)
     with tempfile.TemporaryDirectory(prefix="coalesce-mutant-") as tmp:
         copy = mutants.mutated_copy(None, Path(tmp))
         killed, detail = mutants.run_pytest(copy, [argv])

@@ -28,11 +28,20 @@ STEPS = int(os.environ.get("COALESCE_STATEFUL_STEPS", STEPS))
 SEED = os.environ.get("COALESCE_STATEFUL_SEED")
 
 #: tools/mutants.py only needs to know THAT a mutant fails: no shrinking (it can take minutes)
-_phases = ([Phase.explicit, Phase.reuse, Phase.generate] if os.environ.get("COALESCE_STATEFUL_NOSHRINK") == "1"
-           else list(Phase))
-_settings = settings(max_examples=EXAMPLES, stateful_step_count=STEPS, deadline=None, phases=_phases,
-                     derandomize=SEED is None and _profile != "long",
-                     suppress_health_check=list(HealthCheck), print_blob=True)
+_phases = (
+    [Phase.explicit, Phase.reuse, Phase.generate]
+    if os.environ.get("COALESCE_STATEFUL_NOSHRINK") == "1"
+    else list(Phase)
+)
+_settings = settings(
+    max_examples=EXAMPLES,
+    stateful_step_count=STEPS,
+    deadline=None,
+    phases=_phases,
+    derandomize=SEED is None and _profile != "long",
+    suppress_health_check=list(HealthCheck),
+    print_blob=True,
+)
 
 
 def _sim_enabled() -> bool:

@@ -118,7 +118,12 @@ class Link:
         tag = f"{os.getpid() % 100000}{next(_ids)}"
         self.ns_r, self.ns_b = f"colr{tag}", f"colb{tag}"
         self.if_a, self.if_ra, self.if_rb, self.if_b, self.if_tun = (
-            f"cla{tag}", f"clra{tag}", f"clrb{tag}", f"clb{tag}", f"clt{tag}")
+            f"cla{tag}",
+            f"clra{tag}",
+            f"clrb{tag}",
+            f"clb{tag}",
+            f"clt{tag}",
+        )
         self.k = self._free_octet()
         self.a_ip, self.ra_ip = f"10.213.{self.k}.1", f"10.213.{self.k}.2"
         self.rb_ip, self.b_ip = f"10.213.{self.k}.5", f"10.213.{self.k}.6"
@@ -158,8 +163,27 @@ class Link:
         _run(["ip", "link", "add", self.if_a, "mtu", mtu, "type", "veth", "peer", "name", self.if_ra, "mtu", mtu])
         self._made.append("veth_a")
         _run(["ip", "link", "set", self.if_ra, "netns", r])
-        _run(["ip", "link", "add", self.if_rb, "mtu", mtu, "netns", r, "type", "veth", "peer", "name", self.if_b,
-              "mtu", mtu, "netns", b])
+        _run(
+            [
+                "ip",
+                "link",
+                "add",
+                self.if_rb,
+                "mtu",
+                mtu,
+                "netns",
+                r,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                self.if_b,
+                "mtu",
+                mtu,
+                "netns",
+                b,
+            ]
+        )
         # this namespace: the A end; nothing for 10.213.K.0/24 may ever take the default route
         _run(["ip", "route", "add", "blackhole", f"10.213.{self.k}.0/24", "metric", "32000"])
         self._made.append("blackhole")
@@ -177,8 +201,12 @@ class Link:
         _run(["ip", "addr", "add", f"{self.rb_ip}/30", "dev", self.if_rb], ns=r)
         for dev in (self.if_ra, self.if_rb):
             _run(["ip", "link", "set", dev, "up"], ns=r)
-        for key, val in (("net.ipv4.ip_forward", "1"), ("net.ipv4.conf.all.rp_filter", "0"),
-                         ("net.ipv4.conf.default.rp_filter", "0"), ("net.ipv4.conf.all.send_redirects", "0")):
+        for key, val in (
+            ("net.ipv4.ip_forward", "1"),
+            ("net.ipv4.conf.all.rp_filter", "0"),
+            ("net.ipv4.conf.default.rp_filter", "0"),
+            ("net.ipv4.conf.all.send_redirects", "0"),
+        ):
             _run(["sysctl", "-q", "-w", f"{key}={val}"], ns=r)
         if self.mode == "tun":
             self._start_worker()
@@ -189,9 +217,24 @@ class Link:
         r = self.ns_r
         err = open(self.log, "ab") if self.log else subprocess.DEVNULL
         self.worker = subprocess.Popen(
-            ["ip", "netns", "exec", r, sys.executable, os.path.abspath(__file__), "--worker", self.if_tun,
-             f"10.213.{self.k}.4/30"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, start_new_session=True, text=True, bufsize=1)
+            [
+                "ip",
+                "netns",
+                "exec",
+                r,
+                sys.executable,
+                os.path.abspath(__file__),
+                "--worker",
+                self.if_tun,
+                f"10.213.{self.k}.4/30",
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=err,
+            start_new_session=True,
+            text=True,
+            bufsize=1,
+        )
         if err is not subprocess.DEVNULL:
             err.close()
         line = self._read_reply(10.0)
@@ -217,7 +260,7 @@ class Link:
         for key, ns in (("ns_b", self.ns_b), ("ns_r", self.ns_r)):
             if key in self._made:
                 left = _run(["ip", "netns", "pids", ns], check=False).stdout.split()
-                for pid in left:   # only processes inside OUR namespace: started by this link's users
+                for pid in left:  # only processes inside OUR namespace: started by this link's users
                     try:
                         os.kill(int(pid), signal.SIGKILL)
                         problems.append(f"killed PID {pid} left in namespace {ns}")
@@ -241,8 +284,14 @@ class Link:
         return _run(argv, ns=self.ns_b, check=check)
 
     # ------------------------------------------------------------------ faults
-    def shape(self, delay_ms: float = 0.0, loss: float = 0.0, rate: str | float | None = None,
-              queue_ms: float | None = None, seed: int = 9) -> None:
+    def shape(
+        self,
+        delay_ms: float = 0.0,
+        loss: float = 0.0,
+        rate: str | float | None = None,
+        queue_ms: float | None = None,
+        seed: int = 9,
+    ) -> None:
         """One-way ``delay_ms`` in each direction (RTT = 2 x delay), ``loss`` (0..1) of the packets dropped
         in each direction, ``rate`` (tc units, e.g. "100mbit") in each direction by tbf, whose queue holds
         ``queue_ms`` of data (default: one round trip, at least 20 ms)."""
@@ -254,17 +303,54 @@ class Link:
             _run(["tc", "qdisc", "del", "dev", dev, "root"], ns=r, check=False)
             parent = ["root"]
             if self.mode == "netem" and (delay_ms or loss):
-                _run(["tc", "qdisc", "add", "dev", dev, "root", "handle", "1:", "netem", "delay", f"{delay_ms}ms",
-                      "loss", f"{loss * 100}%", "limit", "100000"], ns=r)
+                _run(
+                    [
+                        "tc",
+                        "qdisc",
+                        "add",
+                        "dev",
+                        dev,
+                        "root",
+                        "handle",
+                        "1:",
+                        "netem",
+                        "delay",
+                        f"{delay_ms}ms",
+                        "loss",
+                        f"{loss * 100}%",
+                        "limit",
+                        "100000",
+                    ],
+                    ns=r,
+                )
                 parent = ["parent", "1:1"]
             if bits:
                 burst = int(max(2 * self.mtu + 1000, bits / 8 * 0.004))
                 limit = int(max(4 * self.mtu, bits / 8 * qms / 1000)) + burst
-                _run(["tc", "qdisc", "add", "dev", dev, *parent, "handle", "10:", "tbf", "rate", f"{int(bits)}bit",
-                      "burst", str(burst), "limit", str(limit), "mtu", str(self.mtu + 100)], ns=r)
+                _run(
+                    [
+                        "tc",
+                        "qdisc",
+                        "add",
+                        "dev",
+                        dev,
+                        *parent,
+                        "handle",
+                        "10:",
+                        "tbf",
+                        "rate",
+                        f"{int(bits)}bit",
+                        "burst",
+                        str(burst),
+                        "limit",
+                        str(limit),
+                        "mtu",
+                        str(self.mtu + 100),
+                    ],
+                    ns=r,
+                )
         if self.mode == "tun":
-            self._ctl({"op": "set", "delay": [delay_ms / 1000, delay_ms / 1000], "loss": [loss, loss],
-                       "seed": seed})
+            self._ctl({"op": "set", "delay": [delay_ms / 1000, delay_ms / 1000], "loss": [loss, loss], "seed": seed})
 
     def down(self) -> None:
         _run(["ip", "link", "set", self.if_a, "down"])
@@ -293,8 +379,14 @@ class Link:
                 qs = json.loads(p.stdout or "[]")
             except ValueError:
                 qs = []
-            qd[name] = {q.get("kind", "?"): {"packets": q.get("packets", 0), "bytes": q.get("bytes", 0),
-                                             "drops": q.get("drops", 0)} for q in qs}
+            qd[name] = {
+                q.get("kind", "?"): {
+                    "packets": q.get("packets", 0),
+                    "bytes": q.get("bytes", 0),
+                    "drops": q.get("drops", 0),
+                }
+                for q in qs
+            }
             if self.mode == "netem":
                 ne = qd[name].get("netem", {"packets": 0, "drops": 0})
                 out[name] = {"packets": ne["packets"] + ne["drops"], "dropped": ne["drops"]}
@@ -370,8 +462,7 @@ def worker(tun_name: str, b_net: str) -> int:
     rng = random.Random(9)
     queues: list[deque] = [deque(), deque()]
     names = ("a_to_b", "b_to_a")
-    st = {n: {"packets": 0, "bytes": 0, "dropped": 0, "delayed": 0, "overflow": 0, "queued_max": 0}
-          for n in names}
+    st = {n: {"packets": 0, "bytes": 0, "dropped": 0, "delayed": 0, "overflow": 0, "queued_max": 0} for n in names}
     st_l = [st[n] for n in names]
     extra = {"write_errors": 0, "max_late_ms": 0.0, "late_1ms": 0, "busy_s": 0.0}
     queued_bytes = 0

@@ -71,8 +71,11 @@ def _write(path: Path, cert=None, key=None) -> str:
     if cert is not None:
         path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     else:
-        path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
+        path.write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+        )
         path.chmod(0o600)
     return str(path)
 
@@ -86,14 +89,22 @@ class CA:
         self.cn = cn
         self.key = _key()
         now = datetime.datetime.now(datetime.timezone.utc)
-        self.cert = (x509.CertificateBuilder().subject_name(_name(cn)).issuer_name(_name(cn))
-                     .public_key(self.key.public_key()).serial_number(x509.random_serial_number())
-                     .not_valid_before(now - datetime.timedelta(days=1)).not_valid_after(now + datetime.timedelta(days=30))
-                     .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-                     .sign(self.key, hashes.SHA256()))
+        self.cert = (
+            x509.CertificateBuilder()
+            .subject_name(_name(cn))
+            .issuer_name(_name(cn))
+            .public_key(self.key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=30))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(self.key, hashes.SHA256())
+        )
         self.path = _write(d / f"{cn}.crt", cert=self.cert)
 
-    def issue(self, cn: str, *, server: bool = False, expired: bool = False, ips: tuple[str, ...] = ()) -> tuple[str, str]:
+    def issue(
+        self, cn: str, *, server: bool = False, expired: bool = False, ips: tuple[str, ...] = ()
+    ) -> tuple[str, str]:
         import ipaddress
 
         from cryptography import x509
@@ -102,13 +113,24 @@ class CA:
 
         key = _key()
         now = datetime.datetime.now(datetime.timezone.utc)
-        start, end = ((now - datetime.timedelta(days=10), now - datetime.timedelta(days=1)) if expired
-                      else (now - datetime.timedelta(days=1), now + datetime.timedelta(days=30)))
-        b = (x509.CertificateBuilder().subject_name(_name(cn)).issuer_name(self.cert.subject)
-             .public_key(key.public_key()).serial_number(x509.random_serial_number())
-             .not_valid_before(start).not_valid_after(end)
-             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH if server
-                                                   else ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False))
+        start, end = (
+            (now - datetime.timedelta(days=10), now - datetime.timedelta(days=1))
+            if expired
+            else (now - datetime.timedelta(days=1), now + datetime.timedelta(days=30))
+        )
+        b = (
+            x509.CertificateBuilder()
+            .subject_name(_name(cn))
+            .issuer_name(self.cert.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(start)
+            .not_valid_after(end)
+            .add_extension(
+                x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH]),
+                critical=False,
+            )
+        )
         if server:
             sans = [x509.DNSName("localhost")] + [x509.IPAddress(ipaddress.ip_address(i)) for i in ips]
             b = b.add_extension(x509.SubjectAlternativeName(sans), critical=False)
@@ -121,11 +143,11 @@ class CA:
 class Certs:
     ca: str
     server: tuple[str, str]
-    client: tuple[str, str]        # CN=backup1: reads everything, takes and releases
-    reader: tuple[str, str]        # CN=reader: reads qtree A only, may not take
-    stranger: tuple[str, str]      # CN=stranger: valid certificate, not in the server config
-    other_ca: tuple[str, str]      # CN=backup1 signed by another CA
-    expired: tuple[str, str]       # CN=backup1, expired
+    client: tuple[str, str]  # CN=backup1: reads everything, takes and releases
+    reader: tuple[str, str]  # CN=reader: reads qtree A only, may not take
+    stranger: tuple[str, str]  # CN=stranger: valid certificate, not in the server config
+    other_ca: tuple[str, str]  # CN=backup1 signed by another CA
+    expired: tuple[str, str]  # CN=backup1, expired
 
 
 @pytest.fixture(scope="session")
@@ -136,8 +158,11 @@ def certs(tmp_path_factory) -> Certs:
     return Certs(
         ca=ca.path,
         server=ca.issue("source-server", server=True, ips=("127.0.0.1", "10.213.0.2")),
-        client=ca.issue("backup1"), reader=ca.issue("reader"), stranger=ca.issue("stranger"),
-        other_ca=rogue.issue("backup1"), expired=ca.issue("backup1", expired=True),
+        client=ca.issue("backup1"),
+        reader=ca.issue("reader"),
+        stranger=ca.issue("stranger"),
+        other_ca=rogue.issue("backup1"),
+        expired=ca.issue("backup1", expired=True),
     )
 
 
@@ -176,13 +201,19 @@ class TLSService:
         self.certs = certs
         self.recorder = ServerRecorder()
         self.config = ServerConfig(
-            volumes={}, clients={
+            volumes={},
+            clients={
                 "backup1": Grant(volumes=("*",), take=True, release=True),
                 "reader": Grant(volumes=("*",), qtrees=("A",), take=False, release=False),
-            }, timeout=cfg.pop("timeout", 10.0), handshake_timeout=5.0, **cfg)
+            },
+            timeout=cfg.pop("timeout", 10.0),
+            handshake_timeout=5.0,
+            **cfg,
+        )
         self.service = SourceService(self.config, pm=plugin_manager([self.recorder, *server_plugins]))
-        self.server = TLSServer(self.service, host, 0,
-                                tls_server_context(certs.server[0], certs.server[1], certs.ca)).start()
+        self.server = TLSServer(
+            self.service, host, 0, tls_server_context(certs.server[0], certs.server[1], certs.ca)
+        ).start()
         self.host = host
         self.port = self.server.port
 
@@ -236,24 +267,48 @@ class SSHD:
         self.log = d / "serve.log"
         self.volumes: dict[str, str] = {}
         self.write_server_config()
-        forced = (f"{sys.executable} -m coalesce_remote.serve --stdio --config {self.server_config} "
-                  f"--identity backup1")
+        forced = f"{sys.executable} -m coalesce_remote.serve --stdio --config {self.server_config} --identity backup1"
         pub = (d / "client_key.pub").read_text().strip()
         (d / "authorized_keys").write_text(f'command="{forced}",restrict {pub}\n')
         host_pub = (d / "host_key.pub").read_text().split()
         (d / "known_hosts").write_text(f"[{host}]:{self.port} {host_pub[0]} {host_pub[1]}\n")
-        (d / "sshd_config").write_text("\n".join([
-            f"Port {self.port}", f"ListenAddress {host}", f"HostKey {d / 'host_key'}",
-            f"PidFile {d / 'sshd.pid'}", f"AuthorizedKeysFile {d / 'authorized_keys'}", "StrictModes no",
-            "PasswordAuthentication no", "KbdInteractiveAuthentication no", "UsePAM no",
-            "PermitRootLogin forced-commands-only", "PubkeyAuthentication yes", "LogLevel ERROR",
-            "MaxStartups 200:30:400", "MaxSessions 200", "PrintMotd no", "Subsystem sftp /bin/false",
-        ]) + "\n")
+        (d / "sshd_config").write_text(
+            "\n".join(
+                [
+                    f"Port {self.port}",
+                    f"ListenAddress {host}",
+                    f"HostKey {d / 'host_key'}",
+                    f"PidFile {d / 'sshd.pid'}",
+                    f"AuthorizedKeysFile {d / 'authorized_keys'}",
+                    "StrictModes no",
+                    "PasswordAuthentication no",
+                    "KbdInteractiveAuthentication no",
+                    "UsePAM no",
+                    "PermitRootLogin forced-commands-only",
+                    "PubkeyAuthentication yes",
+                    "LogLevel ERROR",
+                    "MaxStartups 200:30:400",
+                    "MaxSessions 200",
+                    "PrintMotd no",
+                    "Subsystem sftp /bin/false",
+                ]
+            )
+            + "\n"
+        )
         os.makedirs("/run/sshd", exist_ok=True)
-        self.proc = subprocess.Popen([*(["ip", "netns", "exec", netns] if netns else []),
-                                      "/usr/sbin/sshd", "-D", "-e", "-f", str(d / "sshd_config")],
-                                     stdout=subprocess.DEVNULL, stderr=open(d / "sshd.log", "wb"),
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(
+            [
+                *(["ip", "netns", "exec", netns] if netns else []),
+                "/usr/sbin/sshd",
+                "-D",
+                "-e",
+                "-f",
+                str(d / "sshd_config"),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=open(d / "sshd.log", "wb"),
+            start_new_session=True,
+        )
         deadline = time.monotonic() + 10
         while True:
             try:
@@ -263,8 +318,10 @@ class SSHD:
                 if self.proc.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"sshd did not start: {(d / 'sshd.log').read_text()}")
                 time.sleep(0.05)
-        self.ssh = (f"ssh -F /dev/null -i {d / 'client_key'} -o IdentitiesOnly=yes "
-                    f"-o UserKnownHostsFile={d / 'known_hosts'} -o StrictHostKeyChecking=yes -o LogLevel=ERROR")
+        self.ssh = (
+            f"ssh -F /dev/null -i {d / 'client_key'} -o IdentitiesOnly=yes "
+            f"-o UserKnownHostsFile={d / 'known_hosts'} -o StrictHostKeyChecking=yes -o LogLevel=ERROR"
+        )
 
     def write_server_config(self) -> None:
         lines = ["[server]", f'log = "{self.log}"', "timeout = 10", "", "[volumes]"]
@@ -506,8 +563,11 @@ def serve_pair(service: SourceService, identity: str = "backup1", timeout: float
     from coalesce_remote import protocol as P
 
     a, b = socket.socketpair()
-    t = threading.Thread(target=service.serve_connection,
-                         args=(P.Connection(P.SocketChannel(b, "socketpair", timeout)), identity), daemon=True)
+    t = threading.Thread(
+        target=service.serve_connection,
+        args=(P.Connection(P.SocketChannel(b, "socketpair", timeout)), identity),
+        daemon=True,
+    )
     t.start()
     a.settimeout(timeout)
     return a, t

@@ -35,11 +35,14 @@ def harness(remote_config):
     return make
 
 
-@pytest.mark.parametrize("name", [
-    "test_names_are_255_bytes_of_multibyte_utf8",
-    "test_a_tree_deeper_than_python_recurses",
-    "test_paths_longer_than_4096_bytes",
-])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "test_names_are_255_bytes_of_multibyte_utf8",
+        "test_a_tree_deeper_than_python_recurses",
+        "test_paths_longer_than_4096_bytes",
+    ],
+)
 def test_limits_through_the_source_service(name, harness):
     getattr(L, name)(harness)
 

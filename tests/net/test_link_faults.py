@@ -37,18 +37,43 @@ def link(certs, tmp_path_factory):
     d = tmp_path_factory.mktemp("linkfaults")
     local = f"mem://{d}/src.mem"
     coalesce_mem.volume_for(local)  # the file, so that the servers can open it
-    (d / "serve.toml").write_text("\n".join([
-        "[server]", f'cert = "{certs.server[0]}"', f'key = "{certs.server[1]}"', f'ca = "{certs.ca}"',
-        "timeout = 10", "keepalive = 5", f'log = "{d}/serve.log"',
-        "[volumes]", f'src = "{local}"',
-        "[clients.backup1]", 'volumes = ["src"]', "take = true", "release = true", ""]))
+    (d / "serve.toml").write_text(
+        "\n".join(
+            [
+                "[server]",
+                f'cert = "{certs.server[0]}"',
+                f'key = "{certs.server[1]}"',
+                f'ca = "{certs.ca}"',
+                "timeout = 10",
+                "keepalive = 5",
+                f'log = "{d}/serve.log"',
+                "[volumes]",
+                f'src = "{local}"',
+                "[clients.backup1]",
+                'volumes = ["src"]',
+                "take = true",
+                "release = true",
+                "",
+            ]
+        )
+    )
     lk = Link(mtu=1500, log=str(d / "linkemu.log"))
     sshd = None
     try:
         lk.start()
-        tls = lk.popen_b([sys.executable, "-m", "coalesce_remote.serve", "--listen", f"{lk.b_ip}:{TLS_PORT}",
-                          "--config", str(d / "serve.toml")], stdout=subprocess.DEVNULL,
-                         stderr=open(d / "serve.err", "wb"))
+        tls = lk.popen_b(
+            [
+                sys.executable,
+                "-m",
+                "coalesce_remote.serve",
+                "--listen",
+                f"{lk.b_ip}:{TLS_PORT}",
+                "--config",
+                str(d / "serve.toml"),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=open(d / "serve.err", "wb"),
+        )
         (d / "sshd").mkdir()
         sshd = SSHD(d / "sshd", host=lk.b_ip, port=SSH_PORT, netns=lk.ns_b)
         deadline = time.monotonic() + 15
@@ -85,9 +110,9 @@ def _connect_rtt(host: str, port: int, n: int = 5) -> float:
 def test_the_emulator_really_delays(shaped):
     lk = shaped
     assert _connect_rtt(lk.b_ip, TLS_PORT) < 0.015  # unshaped: well under a round trip of the shaped link
-    lk.shape(delay_ms=10)                             # one way: a 20 ms round trip
+    lk.shape(delay_ms=10)  # one way: a 20 ms round trip
     before = lk.stats()
-    rtt = _connect_rtt(lk.b_ip, TLS_PORT)            # SYN -> SYN-ACK: one round trip
+    rtt = _connect_rtt(lk.b_ip, TLS_PORT)  # SYN -> SYN-ACK: one round trip
     after = lk.stats()
     assert rtt >= 0.020, rtt
     if lk.mode == "tun":
@@ -98,16 +123,25 @@ def test_the_emulator_really_delays(shaped):
 def test_the_emulator_really_drops(shaped):
     """2 % loss: what the emulator counts as dropped is exactly what never arrives."""
     lk = shaped
-    sink = lk.popen_b([sys.executable, "-c", (
-        "import socket,sys\n"
-        f"s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM);s.bind(('{lk.b_ip}',{SINK_PORT}));s.settimeout(1.5)\n"
-        "s.setsockopt(socket.SOL_SOCKET,33,16<<20)\n"  # SO_RCVBUFFORCE: room for every datagram
-        "sys.stdout.write('up\\n');sys.stdout.flush();n=0\n"
-        "while True:\n"
-        "    try:s.recv(2048)\n"
-        "    except socket.timeout:break\n"
-        "    n+=1\n"
-        "print(n)\n")], stdout=subprocess.PIPE, text=True)
+    sink = lk.popen_b(
+        [
+            sys.executable,
+            "-c",
+            (
+                "import socket,sys\n"
+                f"s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM);s.bind(('{lk.b_ip}',{SINK_PORT}));s.settimeout(1.5)\n"
+                "s.setsockopt(socket.SOL_SOCKET,33,16<<20)\n"  # SO_RCVBUFFORCE: room for every datagram
+                "sys.stdout.write('up\\n');sys.stdout.flush();n=0\n"
+                "while True:\n"
+                "    try:s.recv(2048)\n"
+                "    except socket.timeout:break\n"
+                "    n+=1\n"
+                "print(n)\n"
+            ),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert sink.stdout.readline().strip() == "up"
     lk.shape(loss=0.02, seed=4)
     before = lk.stats()
@@ -132,10 +166,17 @@ def test_the_tbf_rate_limit_holds(shaped):
     lk = shaped
     lk.shape(rate="8mbit")
     size = 1_500_000
-    src = lk.popen_b([sys.executable, "-c", (
-        "import socket\n"
-        f"s=socket.socket();s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1);s.bind(('{lk.b_ip}',{SINK_PORT}))\n"
-        f"s.listen(1);c,_=s.accept();c.sendall(b'x'*{size});c.close()\n")])
+    src = lk.popen_b(
+        [
+            sys.executable,
+            "-c",
+            (
+                "import socket\n"
+                f"s=socket.socket();s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1);s.bind(('{lk.b_ip}',{SINK_PORT}))\n"
+                f"s.listen(1);c,_=s.accept();c.sendall(b'x'*{size});c.close()\n"
+            ),
+        ]
+    )
     deadline = time.monotonic() + 10
     while True:
         try:
@@ -151,17 +192,24 @@ def test_the_tbf_rate_limit_holds(shaped):
     took = time.perf_counter() - t0
     src.wait(10)
     assert n == size
-    assert took > 0.8 * size * 8 / 8e6, took          # 1.5 s at 8 Mbit/s
+    assert took > 0.8 * size * 8 / 8e6, took  # 1.5 s at 8 Mbit/s
     tbf = lk.stats()["qdiscs"]["b_to_a"]
     assert tbf.get("tbf", {}).get("packets", 0) > size // 1500, tbf
 
 
 @pytest.mark.parametrize("kind", ["tls", "ssh"])
-def test_update_over_a_slow_lossy_link_leaves_exactly_the_source_image(kind, link, shaped, certs, group_config,
-                                                                       monkeypatch):
+def test_update_over_a_slow_lossy_link_leaves_exactly_the_source_image(
+    kind, link, shaped, certs, group_config, monkeypatch
+):
     lk = shaped
-    client_env(monkeypatch, certs, COALESCE_TLS_SERVER_NAME="localhost", COALESCE_TIMEOUT="20",
-               COALESCE_RETRIES="6", COALESCE_RETRY_DELAY="0.2")
+    client_env(
+        monkeypatch,
+        certs,
+        COALESCE_TLS_SERVER_NAME="localhost",
+        COALESCE_TIMEOUT="20",
+        COALESCE_RETRIES="6",
+        COALESCE_RETRY_DELAY="0.2",
+    )
     if kind == "tls":
         remote = f"tls://{lk.b_ip}:{TLS_PORT}/src"
     else:
@@ -177,10 +225,10 @@ def test_update_over_a_slow_lossy_link_leaves_exactly_the_source_image(kind, lin
         rng = random.Random(kind)
         for i in range(3):
             h.writer.write(qtree, f"d/f{i}", rng.randbytes(400_000))
-        assert h.cycle()["failures"] == 0                        # the baseline
-        h.writer.write(qtree, "d/f1", rng.randbytes(900_000))    # the update: one file rewritten,
-        h.writer.write(qtree, "new", rng.randbytes(600_000))     # one created,
-        h.writer.delete(qtree, "d/f2")                           # one deleted
+        assert h.cycle()["failures"] == 0  # the baseline
+        h.writer.write(qtree, "d/f1", rng.randbytes(900_000))  # the update: one file rewritten,
+        h.writer.write(qtree, "new", rng.randbytes(600_000))  # one created,
+        h.writer.delete(qtree, "d/f2")  # one deleted
         report = h.cycle()
         assert report["failures"] == 0
         assert h.states() == {qtree: "stable"}
@@ -194,5 +242,5 @@ def test_update_over_a_slow_lossy_link_leaves_exactly_the_source_image(kind, lin
     after = lk.stats()
     moved = sum(after[d]["packets"] - before[d]["packets"] for d in ("a_to_b", "b_to_a"))
     dropped = sum(after[d]["dropped"] - before[d]["dropped"] for d in ("a_to_b", "b_to_a"))
-    assert moved > 2000 and dropped > 0, after                # the link really lost packets under coalesce
+    assert moved > 2000 and dropped > 0, after  # the link really lost packets under coalesce
     assert after["qdiscs"]["b_to_a"].get("tbf", {}).get("packets", 0) > 0

@@ -64,14 +64,44 @@ def link(certs, tmp_path, monkeypatch):
             vol.write_file(f"A/f{i}", rng.randbytes(500_000))
         vol.snapshot_create(SNAP)
         cfg = tmp_path / "serve.toml"
-        cfg.write_text("\n".join([
-            "[server]", f'listen = "{NS_IP}:7450"', f'cert = "{certs.server[0]}"', f'key = "{certs.server[1]}"',
-            f'ca = "{certs.ca}"', "timeout = 3", "keepalive = 2", f'log = "{tmp_path}/serve.log"',
-            "[volumes]", f'src = "{local}"',
-            "[clients.backup1]", 'volumes = ["src"]', "take = true", "release = true", ""]))
-        proc = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-m", "coalesce_remote.serve", "--listen",
-                                 "--config", str(cfg)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                start_new_session=True)
+        cfg.write_text(
+            "\n".join(
+                [
+                    "[server]",
+                    f'listen = "{NS_IP}:7450"',
+                    f'cert = "{certs.server[0]}"',
+                    f'key = "{certs.server[1]}"',
+                    f'ca = "{certs.ca}"',
+                    "timeout = 3",
+                    "keepalive = 2",
+                    f'log = "{tmp_path}/serve.log"',
+                    "[volumes]",
+                    f'src = "{local}"',
+                    "[clients.backup1]",
+                    'volumes = ["src"]',
+                    "take = true",
+                    "release = true",
+                    "",
+                ]
+            )
+        )
+        proc = subprocess.Popen(
+            [
+                "ip",
+                "netns",
+                "exec",
+                ns,
+                sys.executable,
+                "-m",
+                "coalesce_remote.serve",
+                "--listen",
+                "--config",
+                str(cfg),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         deadline = time.monotonic() + 15
         while True:
             try:
@@ -81,8 +111,14 @@ def link(certs, tmp_path, monkeypatch):
                 assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "serve.log").read_text()
                 time.sleep(0.1)
         client_env(monkeypatch, certs)
-        yield {"ns": ns, "host_if": host_if, "ns_if": ns_if, "local": local, "url": f"tls://{NS_IP}:7450/src",
-               "log": tmp_path / "serve.log"}
+        yield {
+            "ns": ns,
+            "host_if": host_if,
+            "ns_if": ns_if,
+            "local": local,
+            "url": f"tls://{NS_IP}:7450/src",
+            "log": tmp_path / "serve.log",
+        }
     finally:
         if proc is not None:
             try:
@@ -105,8 +141,22 @@ def _shape(link, netem: list[str], rate: str) -> bool:
     for dev, ns in ((link["host_if"], None), (link["ns_if"], link["ns"])):
         r = _ip("tc", "qdisc", "replace", "dev", dev, "root", "netem", *netem, "rate", rate, ns=ns, check=False)
         if r.returncode != 0:
-            _ip("tc", "qdisc", "replace", "dev", dev, "root", "tbf", "rate", rate, "burst", "64kb", "latency",
-                "400ms", ns=ns)
+            _ip(
+                "tc",
+                "qdisc",
+                "replace",
+                "dev",
+                dev,
+                "root",
+                "tbf",
+                "rate",
+                rate,
+                "burst",
+                "64kb",
+                "latency",
+                "400ms",
+                ns=ns,
+            )
     return r.returncode == 0
 
 

@@ -36,8 +36,13 @@ def service():
     vol.write_file("A/d/g.txt", b"y" * 100)
     vol.snapshot_create("co-g-src-000001")
     rec = ServerRecorder()
-    cfg = ServerConfig(volumes={"src": SRC}, clients={"backup1": Grant(volumes=("src",), take=True, release=True)},
-                       timeout=2.0, handshake_timeout=2.0, idle_timeout=2.0)
+    cfg = ServerConfig(
+        volumes={"src": SRC},
+        clients={"backup1": Grant(volumes=("src",), take=True, release=True)},
+        timeout=2.0,
+        handshake_timeout=2.0,
+        idle_timeout=2.0,
+    )
     svc = SourceService(cfg, pm=plugin_manager([rec]))
     svc.recorder = rec
     yield svc
@@ -60,8 +65,9 @@ def _messages(data: bytes) -> list[tuple[int, dict | bytes]]:
     out, pos = [], 9
     while pos + 4 <= len(data):
         (n,) = struct.unpack_from(">I", data, pos)
-        kind, rid, body = P.check_message(data[pos:pos + 4], data[pos + 4:pos + 9], data[pos + 9:pos + n],
-                                          data[pos + n:pos + 4 + n])
+        kind, rid, body = P.check_message(
+            data[pos : pos + 4], data[pos + 4 : pos + 9], data[pos + 9 : pos + n], data[pos + n : pos + 4 + n]
+        )
         out.append((kind, P.decode_json(kind, body) if kind in P.CONTROL_KINDS else body))
         pos += 4 + n
     return out
@@ -100,12 +106,32 @@ HOSTILE = [
     (P.PREAMBLE + _hello(capabilities="zlib"), "capabilities"),
     (P.PREAMBLE + _hello(bandwidth=-1), "bandwidth"),
     (P.PREAMBLE + _hello() + P.encode_message(P.DATA, 1, b"x"), "DATA where REQUEST"),
-    (P.PREAMBLE + _hello() + P.encode_message(P.REQUEST, 1, json.dumps({"op": "diff", "args": {
-        "qtree": "A", "base": None, "target": "co-g-src-000001", "skip": -5}}).encode()), "skip"),
-    (P.PREAMBLE + _hello() + P.encode_message(P.REQUEST, 1, json.dumps({"op": "take", "args": {
-        "name": "co-g-src-" + "9" * 300}}).encode()), "name"),
-    (P.PREAMBLE + _hello() + P.encode_message(P.REQUEST, 1, json.dumps({"op": "fingerprint", "args": {
-        "qtree": "../etc"}}).encode()), "not allowed"),
+    (
+        P.PREAMBLE
+        + _hello()
+        + P.encode_message(
+            P.REQUEST,
+            1,
+            json.dumps(
+                {"op": "diff", "args": {"qtree": "A", "base": None, "target": "co-g-src-000001", "skip": -5}}
+            ).encode(),
+        ),
+        "skip",
+    ),
+    (
+        P.PREAMBLE
+        + _hello()
+        + P.encode_message(
+            P.REQUEST, 1, json.dumps({"op": "take", "args": {"name": "co-g-src-" + "9" * 300}}).encode()
+        ),
+        "name",
+    ),
+    (
+        P.PREAMBLE
+        + _hello()
+        + P.encode_message(P.REQUEST, 1, json.dumps({"op": "fingerprint", "args": {"qtree": "../etc"}}).encode()),
+        "not allowed",
+    ),
 ]
 
 
@@ -148,13 +174,19 @@ def test_server_keeps_serving_others_while_one_is_hostile(service):
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
-@given(prefix=st.sampled_from(["none", "preamble", "hello"]), junk=st.binary(max_size=3000),
-       flips=st.lists(st.integers(0, 10_000), max_size=4))
+@given(
+    prefix=st.sampled_from(["none", "preamble", "hello"]),
+    junk=st.binary(max_size=3000),
+    flips=st.lists(st.integers(0, 10_000), max_size=4),
+)
 def test_fuzz_server_parser(service, prefix, junk, flips):
     """Random bytes, or a valid session with flipped bits: the server neither crashes nor hangs nor writes."""
     before = _state()
-    req = P.encode_message(P.REQUEST, 3, json.dumps({"op": "diff", "args": {
-        "qtree": "A", "base": None, "target": "co-g-src-000001"}}).encode())
+    req = P.encode_message(
+        P.REQUEST,
+        3,
+        json.dumps({"op": "diff", "args": {"qtree": "A", "base": None, "target": "co-g-src-000001"}}).encode(),
+    )
     base = {"none": b"", "preamble": P.PREAMBLE, "hello": P.PREAMBLE + _hello() + req}[prefix]
     data = bytearray(base + junk)
     for f in flips:
@@ -186,8 +218,11 @@ def _fake_server(payload_after_request: bytes) -> socket.socket:
             conn.send_preamble()
             conn.read_preamble()
             conn.recv()
-            conn.send_json(P.WELCOME, 0, {"protocol": 1, "identity": "x", "volume": "v",
-                                          "capabilities": ["resume"], "compression": None})
+            conn.send_json(
+                P.WELCOME,
+                0,
+                {"protocol": 1, "identity": "x", "volume": "v", "capabilities": ["resume"], "compression": None},
+            )
             conn.recv()
             b.sendall(payload_after_request)
         except Exception:
@@ -213,7 +248,7 @@ def _valid_stream_messages() -> bytes:
     raw = b"".join(bytes(c) for c in codec.encode(local.diff("A", None, "co-g-src-000001")))
     out = b""
     for i in range(0, len(raw), 700):
-        out += P.encode_message(P.DATA, 1, raw[i:i + 700])
+        out += P.encode_message(P.DATA, 1, raw[i : i + 700])
     return out + P.encode_message(P.END, 1, b'{"records": 0}')
 
 
@@ -223,8 +258,11 @@ def test_client_reads_a_valid_fake_stream(service):
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
-@given(junk=st.binary(max_size=2000), flips=st.lists(st.integers(0, 100_000), min_size=1, max_size=3),
-       mode=st.sampled_from(["junk", "flip", "truncate"]))
+@given(
+    junk=st.binary(max_size=2000),
+    flips=st.lists(st.integers(0, 100_000), min_size=1, max_size=3),
+    mode=st.sampled_from(["junk", "flip", "truncate"]),
+)
 def test_fuzz_client_parser(service, junk, flips, mode):
     """A hostile server: the client raises a CoalesceError (never anything else), never hangs, and a
     destination applying what it yields writes nothing outside the replica's qtree."""
@@ -287,9 +325,11 @@ def test_server_config_errors_name_the_key(tmp_path):
         parse_server_config('[volumes]\nsrc = "mem://x"\n[clients.a]\nvolumes = ["nope"]\n')
     with pytest.raises(ConfigError, match="bandwidth"):
         parse_server_config('[server]\nbandwidth = "fast"\n')
-    cfg = parse_server_config('[server]\nbandwidth = "20MiB/s"\n[volumes]\nsrc = "mem://x"\n'
-                              '[clients.a]\nvolumes = ["src"]\nqtrees = {src = ["A*"]}\ntake = true\n'
-                              'groups = ["g"]\n')
+    cfg = parse_server_config(
+        '[server]\nbandwidth = "20MiB/s"\n[volumes]\nsrc = "mem://x"\n'
+        '[clients.a]\nvolumes = ["src"]\nqtrees = {src = ["A*"]}\ntake = true\n'
+        'groups = ["g"]\n'
+    )
     g = cfg.clients["a"]
     assert cfg.bandwidth == 20 * 1024 * 1024
     assert g.may_read_qtree("src", "A1") and not g.may_read_qtree("src", "B")

@@ -83,8 +83,15 @@ def test_crash_in_a_cycle_then_restart(point, nth, remote_config, remote_harness
     C.test_crash_in_a_cycle_then_restart(remote_config, point, nth)
 
 
-@pytest.mark.parametrize("name", ["test_crash_mid_baseline", "test_crash_mid_retry", "test_crash_during_resync",
-                                  "test_unknown_pcpis_are_reconciled_on_restart"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "test_crash_mid_baseline",
+        "test_crash_mid_retry",
+        "test_crash_during_resync",
+        "test_unknown_pcpis_are_reconciled_on_restart",
+    ],
+)
 def test_crash_other(name, remote_config, remote_harness):
     getattr(C, name)(remote_config)
 

@@ -43,12 +43,25 @@ def test_sigkill_mid_update_then_restart_resumes_from_the_spool_I3(tls_service, 
     fill(writer, ["A", "B"])
     url = tls_service.expose(local, name="killsrc")
     cfg = tmp_path / "coalesce.toml"
-    cfg.write_text("\n".join([
-        "[group]", 'name = "k"', f'source = "{url}"', f'destination = "mem://{tmp_path}/dst.vol"',
-        f'metadata = "{tmp_path}/meta"', "parallel = 2",
-        "[[replica]]", 'name = "A"', "[[replica]]", 'name = "B"', ""]))
+    cfg.write_text(
+        "\n".join(
+            [
+                "[group]",
+                'name = "k"',
+                f'source = "{url}"',
+                f'destination = "mem://{tmp_path}/dst.vol"',
+                f'metadata = "{tmp_path}/meta"',
+                "parallel = 2",
+                "[[replica]]",
+                'name = "A"',
+                "[[replica]]",
+                'name = "B"',
+                "",
+            ]
+        )
+    )
     assert _run(cfg, "init").returncode == 0
-    assert _run(cfg, "run", "--once").returncode == 0           # the baselines
+    assert _run(cfg, "run", "--once").returncode == 0  # the baselines
     rng = random.Random(11)
     for i in range(40):
         writer.write("A", f"new/f{i}", rng.randbytes(100_000))
@@ -59,16 +72,22 @@ def test_sigkill_mid_update_then_restart_resumes_from_the_spool_I3(tls_service, 
         assert p.returncode == -9, p.stderr
         spool = Spool(tmp_path / "meta" / "k.spool")
         spooled = spool.count("A")
-        assert spooled > 0                                      # what had arrived is on local disk
+        assert spooled > 0  # what had arrived is on local disk
         caplog.clear()
-        p = _run(cfg, "run", "--once")                          # recover (resume), then one more cycle
+        p = _run(cfg, "run", "--once")  # recover (resume), then one more cycle
         assert p.returncode == 0, p.stdout + p.stderr
-    starts = [int(k) for k in re.findall(r"streamed A co-k-src-\d+\.\.co-k-src-\d+ of killsrc "
-                                         r"\(\d+ records from (\d+),", caplog.text)]
-    assert starts and starts[0] == spooled > 0                  # the server skipped exactly what the spool held
+    starts = [
+        int(k)
+        for k in re.findall(
+            r"streamed A co-k-src-\d+\.\.co-k-src-\d+ of killsrc "
+            r"\(\d+ records from (\d+),",
+            caplog.text,
+        )
+    ]
+    assert starts and starts[0] == spooled > 0  # the server skipped exactly what the spool held
     assert spool.replicas() == []
     dst = Volume.open(plugin_manager(), f"mem://{tmp_path}/dst.vol")
     exported = dst.exported()["A"]
-    assert dst.fingerprint("A", exported) == want               # I3: exactly the source PCPI's image
+    assert dst.fingerprint("A", exported) == want  # I3: exactly the source PCPI's image
     assert _run(cfg, "check").returncode == 0
     coalesce_mem.forget(f"mem://{tmp_path}/dst.vol")

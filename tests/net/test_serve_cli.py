@@ -13,8 +13,9 @@ def test_add_serve_command_builds_the_verb():
     p = argparse.ArgumentParser(prog="coalesce")
     sub = p.add_subparsers(dest="verb")
     serve.add_serve_command(sub)
-    args = p.parse_args(["serve", "--stdio", "--config", "/etc/x.toml", "--identity", "backup1",
-                         "--bandwidth", "20MiB/s"])
+    args = p.parse_args(
+        ["serve", "--stdio", "--config", "/etc/x.toml", "--identity", "backup1", "--bandwidth", "20MiB/s"]
+    )
     assert args.func is serve.run_serve and args.stdio and args.identity == "backup1"
     args = p.parse_args(["serve", "--listen", "127.0.0.1:7450", "--config", "/etc/x.toml"])
     assert args.listen == "127.0.0.1:7450"
@@ -22,8 +23,13 @@ def test_add_serve_command_builds_the_verb():
 
 
 def _run(*argv: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "coalesce_remote.serve", *argv], capture_output=True, text=True,
-                          timeout=60, stdin=subprocess.DEVNULL)
+    return subprocess.run(
+        [sys.executable, "-m", "coalesce_remote.serve", *argv],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+    )
 
 
 def test_clear_errors(tmp_path):
@@ -40,8 +46,12 @@ def test_clear_errors(tmp_path):
 def test_stdio_speaks_only_the_protocol_on_stdout(tmp_path):
     cfg = tmp_path / "s.toml"
     cfg.write_text('[volumes]\nsrc = "mem://x"\n[clients.a]\nvolumes = ["src"]\n')
-    r = subprocess.run([sys.executable, "-m", "coalesce_remote.serve", "--stdio", "--config", str(cfg),
-                        "--identity", "a"], input=b"", capture_output=True, timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-m", "coalesce_remote.serve", "--stdio", "--config", str(cfg), "--identity", "a"],
+        input=b"",
+        capture_output=True,
+        timeout=60,
+    )
     assert r.stdout == b"COALPROT\x01"  # the preamble, then EOF from us: nothing else on stdout
     assert r.returncode == 0
 
@@ -61,8 +71,10 @@ def test_remote_urls_and_client_settings(tmp_path):
     with pytest.raises(ConfigError, match="not a remote volume URL"):
         Target.parse(VolumeURL.parse("tls://src1"))
     cfg = tmp_path / "client.toml"
-    cfg.write_text('[tls]\ncert = "c"\nkey = "k"\nca = "a"\n[transfer]\nbandwidth = "1MiB/s"\nretries = 5\n'
-                   '[ssh]\ncommand = "ssh -i key"\n')
+    cfg.write_text(
+        '[tls]\ncert = "c"\nkey = "k"\nca = "a"\n[transfer]\nbandwidth = "1MiB/s"\nretries = 5\n'
+        '[ssh]\ncommand = "ssh -i key"\n'
+    )
     s = load_settings({"COALESCE_CLIENT_CONFIG": str(cfg), "COALESCE_RETRIES": "7"})
     assert (s.cert, s.key, s.ca, s.bandwidth, s.retries, s.ssh) == ("c", "k", "a", 1024 * 1024, 7, ("ssh", "-i", "key"))
     with pytest.raises(ConfigError, match="compression"):

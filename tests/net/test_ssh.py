@@ -40,8 +40,11 @@ def test_forced_command_ignores_what_the_client_asks_to_run(ssh_source, monkeypa
     assert v.snapshot_list() == [SNAP]
     assert v.handle.welcome["identity"] == "backup1"  # fixed by the forced command, not by the client
     v.close()
-    r = subprocess.run(sshd.ssh.split() + ["-o", "BatchMode=yes", "-p", str(sshd.port), "root@127.0.0.1",
-                                            f"touch {marker}"], capture_output=True, timeout=20)
+    r = subprocess.run(
+        sshd.ssh.split() + ["-o", "BatchMode=yes", "-p", str(sshd.port), "root@127.0.0.1", f"touch {marker}"],
+        capture_output=True,
+        timeout=20,
+    )
     assert not marker.exists()
     assert r.stdout.startswith(b"COALPROT")  # whatever is asked, only the service answers
 

@@ -79,8 +79,11 @@ def test_bad_client_certificates_are_refused(served, which, monkeypatch, caplog)
             Volume.open(_pm(), url)
         _wait(lambda: any("TLS handshake failed" in m for m in _refusals(caplog)))
     text = " ".join(_refusals(caplog))
-    assert ("unknown ca" in text.lower() or "certificate verify failed" in text.lower()) if which == "other_ca" \
+    assert (
+        ("unknown ca" in text.lower() or "certificate verify failed" in text.lower())
+        if which == "other_ca"
         else "expired" in text.lower()
+    )
     assert svc.recorder.calls == []
 
 

@@ -29,7 +29,9 @@ def _source(name: str, files: int = 12, size: int = 300_000, compressible: bool 
     for i in range(files):
         data = (b"coalesce " * (size // 9 + 1))[:size] if compressible else rng.randbytes(size)
         vol.write_file(f"A/d{i % 3}/f{i}", data)
-    vol.write_file("A/big", b"z" * 2_500_000 if compressible else rng.randbytes(2_500_000))  # three Write records of up to 1 MiB
+    vol.write_file(
+        "A/big", b"z" * 2_500_000 if compressible else rng.randbytes(2_500_000)
+    )  # three Write records of up to 1 MiB
     vol.snapshot_create(SNAP)
     return url
 
@@ -113,7 +115,7 @@ def test_after_a_restart_an_update_resumes_and_fetches_only_the_rest_I3(tls_serv
         assert replayed and replayed[0] > 0
         received = h.agent.source.handle.stats["records"]  # the reopened agent's connection only
         a = h.agent.state.replicas["A"]
-        assert received + replayed[0] == a.records          # nothing fetched twice, nothing missing
+        assert received + replayed[0] == a.records  # nothing fetched twice, nothing missing
         assert ("A", "resume_update", "done", "update") in h.recorder.transitions
         assert h.agent.state.cycle == cycle + 1 and h.agent.state.phase == "idle"
         assert set(h.states().values()) == {"stable"}
@@ -215,8 +217,11 @@ def test_server_timeout_drops_a_stalled_client(tls_service):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         hello = {"protocol": 1, "volume": "stall", "capabilities": [], "client": "t", "bandwidth": None}
         req = {"op": "diff", "args": {"qtree": "A", "base": None, "target": SNAP}}
-        sock.sendall(P.PREAMBLE + P.encode_message(P.HELLO, 0, json.dumps(hello).encode())
-                     + P.encode_message(P.REQUEST, 1, json.dumps(req).encode()))
+        sock.sendall(
+            P.PREAMBLE
+            + P.encode_message(P.HELLO, 0, json.dumps(hello).encode())
+            + P.encode_message(P.REQUEST, 1, json.dumps(req).encode())
+        )
         t.join(10)  # we never read: the server gives up
         assert not t.is_alive()
         sock.close()
@@ -282,4 +287,3 @@ def test_a_control_connection_that_died_while_idle_is_reopened_without_spending_
         v.close()
     finally:
         proxy.stop()
-

@@ -21,11 +21,16 @@ SNAP = "co-g-src-000001"
 SEC = 10**9
 
 TREE = [
-    R.MkDir(path="d", mode=0o750), R.MkFile(path="d/f", mode=0o640),
-    R.Write(path="d/f", offset=0, data=b"remote bytes " * 5000), R.Truncate(path="d/f", size=3 << 20),
-    R.HardLink(path="h", existing="d/f"), R.Symlink(path="l", target="d/\udcfff"),
-    R.MkFile(path="na\u00efve"), R.SetXattr(path="d/f", name="user.k", value=b"v"),
-    R.SetAttr(path="d/f", mode=0o640, uid=3, gid=4, mtime_ns=7 * SEC), R.SetAttr(path="d", mtime_ns=8 * SEC),
+    R.MkDir(path="d", mode=0o750),
+    R.MkFile(path="d/f", mode=0o640),
+    R.Write(path="d/f", offset=0, data=b"remote bytes " * 5000),
+    R.Truncate(path="d/f", size=3 << 20),
+    R.HardLink(path="h", existing="d/f"),
+    R.Symlink(path="l", target="d/\udcfff"),
+    R.MkFile(path="na\u00efve"),
+    R.SetXattr(path="d/f", name="user.k", value=b"v"),
+    R.SetAttr(path="d/f", mode=0o640, uid=3, gid=4, mtime_ns=7 * SEC),
+    R.SetAttr(path="d", mtime_ns=8 * SEC),
 ]
 
 
@@ -60,7 +65,7 @@ def test_remote_descriptions_equal_the_local_ones(tls_service):
 def test_describe_needs_the_authorization_of_a_diff(tls_service, certs, monkeypatch):
     local = _local("authz")
     url = tls_service.expose(local)
-    client_env(monkeypatch, certs, which="reader")          # may read qtree A only
+    client_env(monkeypatch, certs, which="reader")  # may read qtree A only
     remote = _open(url)
     assert [d.kind for d in remote.describe("A", SNAP, [("d/f", False)])] == ["f"]
     with pytest.raises(P.Refused, match="may not read qtree 'B'"):
@@ -70,7 +75,7 @@ def test_describe_needs_the_authorization_of_a_diff(tls_service, certs, monkeypa
     with pytest.raises(P.Refused, match="may not use PCPI"):
         remote.describe("A", "not-a-group-pcpi", [("", False)])
     with pytest.raises(P.ProtocolError):
-        remote.describe("A", None, [("", False)])          # never the source's active file system
+        remote.describe("A", None, [("", False)])  # never the source's active file system
     remote.close()
 
 
@@ -93,8 +98,14 @@ def test_the_check_fails_an_update_that_lost_a_record_over_tls_and_ssh(remote_co
     def write(recs):
         src.apply("A", R.framed("A", None, "t", recs), use_purgatory=False)
 
-    write([R.MkDir(path="a"), R.MkFile(path="a/f"), R.Write(path="a/f", offset=0, data=b"old" * 100),
-           R.SetAttr(path="a/f", mtime_ns=1 * SEC)])
+    write(
+        [
+            R.MkDir(path="a"),
+            R.MkFile(path="a/f"),
+            R.Write(path="a/f", offset=0, data=b"old" * 100),
+            R.SetAttr(path="a/f", mtime_ns=1 * SEC),
+        ]
+    )
     h.cycle()
     before = h.agent.state.replicas["A"].source_point
     write([R.Write(path="a/f", offset=0, data=b"new" * 100), R.SetAttr(path="a/f", mtime_ns=2 * SEC)])
@@ -109,4 +120,6 @@ def test_the_check_fails_an_update_that_lost_a_record_over_tls_and_ssh(remote_co
     drop.armed = False
     h.cycle()
     r = h.agent.state.replicas["A"]
-    assert r.source_point != before and h.agent.dest.fingerprint("A", r.exported) == src.fingerprint("A", r.source_point)
+    assert r.source_point != before and h.agent.dest.fingerprint("A", r.exported) == src.fingerprint(
+        "A", r.source_point
+    )

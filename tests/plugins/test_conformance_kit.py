@@ -49,9 +49,16 @@ class BuggyVolume(MemVolume):
             try:
                 res = super().apply(qtree, [rec], use_purgatory)
             except HostilePath:
-                if any(".." in p or p.startswith("/") or "\x00" in p
-                       for p in (getattr(rec, "path", ""), getattr(rec, "existing", ""),
-                                 getattr(rec, "old", ""), getattr(rec, "new", "")) if isinstance(p, str)):
+                if any(
+                    ".." in p or p.startswith("/") or "\x00" in p
+                    for p in (
+                        getattr(rec, "path", ""),
+                        getattr(rec, "existing", ""),
+                        getattr(rec, "old", ""),
+                        getattr(rec, "new", ""),
+                    )
+                    if isinstance(p, str)
+                ):
                     raise
                 continue
             n += res["records"]
@@ -176,15 +183,18 @@ def test_a_correct_backend_passes():
     conformance.run_basic_checks(_make, plugins=[BuggyBackend("none")])
 
 
-@pytest.mark.parametrize("bug, check", [
-    ("retake", "snapshots"),
-    ("delete_always_true", "snapshots"),
-    ("follows_symlinks", "hostile_records"),
-    ("deletes_last", "rich_roundtrip"),
-    ("drops_setattr", "rich_roundtrip"),
-    ("purgatory_visible", "purgatory"),
-    ("export_not_atomic", "export"),
-])
+@pytest.mark.parametrize(
+    "bug, check",
+    [
+        ("retake", "snapshots"),
+        ("delete_always_true", "snapshots"),
+        ("follows_symlinks", "hostile_records"),
+        ("deletes_last", "rich_roundtrip"),
+        ("drops_setattr", "rich_roundtrip"),
+        ("purgatory_visible", "purgatory"),
+        ("export_not_atomic", "export"),
+    ],
+)
 def test_the_plain_checks_catch_a_broken_backend(bug, check):
     with pytest.raises(AssertionError):
         conformance.run_basic_check(check, _make, plugins=[BuggyBackend(bug)])
@@ -203,11 +213,13 @@ def test_the_state_machine_catches_a_broken_backend(bug):
 def test_model_enforces_the_order_contract():
     m = conformance.Model()
     m.apply_all([MkDir(path="d"), MkFile(path="d/f")])
-    for bad in ([MkFile(path="d/f")],                               # replace without delete
-                [MkFile(path="nope/f")],                            # parent missing
-                [RmDir(path="d")],                                  # not empty
-                [Write(path="d", offset=0, data=b"x")],             # not a file
-                [SetAttr(path="d", mode=0o755), MkFile(path="d/g")]):  # SetAttr before contents
+    for bad in (
+        [MkFile(path="d/f")],  # replace without delete
+        [MkFile(path="nope/f")],  # parent missing
+        [RmDir(path="d")],  # not empty
+        [Write(path="d", offset=0, data=b"x")],  # not a file
+        [SetAttr(path="d", mode=0o755), MkFile(path="d/g")],
+    ):  # SetAttr before contents
         with pytest.raises(conformance.ConformanceError):
             m.copy().apply_all(bad)
     m.apply_all([Unlink(path="d/f"), RmDir(path="d"), MkFile(path="d")])
@@ -217,8 +229,10 @@ def test_model_enforces_the_order_contract():
 def test_settings_follow_hypothesis_profile(monkeypatch):
     monkeypatch.delenv("HYPOTHESIS_PROFILE", raising=False)
     s = conformance.conformance_settings()
-    assert (s.max_examples, s.stateful_step_count) == (conformance.DEFAULT_MAX_EXAMPLES,
-                                                      conformance.DEFAULT_STATEFUL_STEPS)
+    assert (s.max_examples, s.stateful_step_count) == (
+        conformance.DEFAULT_MAX_EXAMPLES,
+        conformance.DEFAULT_STATEFUL_STEPS,
+    )
     Settings.register_profile("cf-test-profile", max_examples=7, stateful_step_count=9)
     monkeypatch.setenv("HYPOTHESIS_PROFILE", "cf-test-profile")
     s = conformance.conformance_settings()

@@ -30,8 +30,10 @@ TREE = [
     R.Write(path="sparse", offset=5 << 20, data=b"island"),
     R.Truncate(path="sparse", size=64 << 20),
     R.MkFile(path="big", mode=0o644),
-    *[R.Write(path="big", offset=o, data=bytes([o % 251 + 1]) * min(R.MAX_DATA, BIG - o))
-      for o in range(0, BIG, R.MAX_DATA)],
+    *[
+        R.Write(path="big", offset=o, data=bytes([o % 251 + 1]) * min(R.MAX_DATA, BIG - o))
+        for o in range(0, BIG, R.MAX_DATA)
+    ],
     R.HardLink(path="d/link-to-f", existing="d/e/f"),
     R.Symlink(path="l", target="d/e/f"),
     R.Symlink(path="d/dangling", target="../nowhere"),
@@ -50,8 +52,23 @@ TREE = [
     R.SetAttr(path="d", mode=0o750, mtime_ns=1_500_000_009 * SEC),
     R.SetAttr(path=R.ROOT, mode=0o751, uid=0, gid=0, mtime_ns=1_500_000_010 * SEC),
 ]
-PATHS = ["", "d", "d/dangling", "d/e", "d/e/f", "d/link-to-f", "empty", "l", "na\u00efve \u00e9t\u00e9", "sparse",
-         "big", "zero", "nope", "d/e/f/below-a-file", "l/through-a-symlink"]
+PATHS = [
+    "",
+    "d",
+    "d/dangling",
+    "d/e",
+    "d/e/f",
+    "d/link-to-f",
+    "empty",
+    "l",
+    "na\u00efve \u00e9t\u00e9",
+    "sparse",
+    "big",
+    "zero",
+    "nope",
+    "d/e/f/below-a-file",
+    "l/through-a-symlink",
+]
 
 
 @pytest.fixture(params=["mem", "sim", "btrfs", "zfs"])
@@ -105,8 +122,15 @@ def test_the_reference_description_is_what_the_records_say():
     assert f.xattrs == xattr_digest({"user.colour": b"blue"}) and f.content
     assert ref["d/link-to-f"].ident == f.ident and ref["zero"].ident != f.ident
     assert ref["d"].entries == (("dangling", "l"), ("e", "d"), ("link-to-f", "f"))
-    assert ref[""].entries == (("big", "f"), ("d", "d"), ("empty", "d"), ("l", "l"),
-                               ("na\u00efve \u00e9t\u00e9", "f"), ("sparse", "f"), ("zero", "f"))
+    assert ref[""].entries == (
+        ("big", "f"),
+        ("d", "d"),
+        ("empty", "d"),
+        ("l", "l"),
+        ("na\u00efve \u00e9t\u00e9", "f"),
+        ("sparse", "f"),
+        ("zero", "f"),
+    )
     assert (ref["l"].kind, ref["l"].target, ref["l"].mode, ref["l"].xattrs) == ("l", "d/e/f", None, None)
     assert ref[""].mode == 0o751 and ref["na\u00efve \u00e9t\u00e9"].mode == 0o4755
     assert {ref[p].kind for p in ("nope", "d/e/f/below-a-file", "l/through-a-symlink")} == {"absent"}
@@ -128,7 +152,7 @@ def test_what_each_backend_keeps(volume):
     kind, vol = volume
     holds = vol.describe_holds()
     assert holds.owners and holds.xattrs
-    assert holds.mtime_ns == (SEC if kind == "zfs" else 1)       # zfs-fuse keeps whole seconds
+    assert holds.mtime_ns == (SEC if kind == "zfs" else 1)  # zfs-fuse keeps whole seconds
 
 
 def test_content_digests_only_when_asked_and_holes_cost_nothing(volume):
@@ -138,7 +162,9 @@ def test_content_digests_only_when_asked_and_holes_cost_nothing(volume):
     t0 = time.monotonic()
     (s,) = vol.describe("q", "co-g-src-000001", [("sparse", True)])
     assert s.size == 64 << 20 and s.content == _reference()["sparse"].content
-    assert time.monotonic() - t0 < 60      # not a timing assertion of speed: a guard against reading 64 MiB of zeros forever
+    assert (
+        time.monotonic() - t0 < 60
+    )  # not a timing assertion of speed: a guard against reading 64 MiB of zeros forever
 
 
 def test_a_missing_pcpi_and_hostile_paths_are_errors_a_missing_qtree_is_absent(volume):
@@ -155,13 +181,18 @@ def test_posix_describe_follows_nothing_and_skips_special_files(btrfs_url):
     from coalesce_posix.describe import describe_paths
 
     vol = Volume.open(plugin_manager(), btrfs_url, create=True)
-    vol.apply("q", R.framed("q", None, "t", [R.MkDir(path="d"), R.Symlink(path="up", target="/etc")]),
-              use_purgatory=False)
+    vol.apply(
+        "q", R.framed("q", None, "t", [R.MkDir(path="d"), R.Symlink(path="up", target="/etc")]), use_purgatory=False
+    )
     qdir = os.path.join(vol.handle.root, "q")
     os.mkfifo(os.path.join(qdir, "d", "fifo"))
     os.symlink("/etc", os.path.join(qdir, "d", "etc"))
-    got = {d.path: d for d in describe_paths(qdir, [("d", True), ("d/fifo", True), ("up/passwd", True),
-                                                     ("d/etc/passwd", True), ("up", True)])}
+    got = {
+        d.path: d
+        for d in describe_paths(
+            qdir, [("d", True), ("d/fifo", True), ("up/passwd", True), ("d/etc/passwd", True), ("up", True)]
+        )
+    }
     assert got["d"].entries == (("etc", "l"),)
     assert [got[p].kind for p in ("d/fifo", "up/passwd", "d/etc/passwd")] == ["absent"] * 3
     assert got["up"].target == "/etc"
@@ -170,8 +201,11 @@ def test_posix_describe_follows_nothing_and_skips_special_files(btrfs_url):
 
 def test_zfs_fuse_times_compare_at_whole_seconds(zfs_url):
     vol = Volume.open(plugin_manager(), zfs_url, create=True)
-    vol.apply("q", R.framed("q", None, "t", [R.MkFile(path="f"), R.SetAttr(path="f", mtime_ns=5 * SEC + 123)]),
-              use_purgatory=False)
+    vol.apply(
+        "q",
+        R.framed("q", None, "t", [R.MkFile(path="f"), R.SetAttr(path="f", mtime_ns=5 * SEC + 123)]),
+        use_purgatory=False,
+    )
     (d,) = vol.describe("q", None, [("f", False)])
     assert d.mtime_ns == 5 * SEC
     assert vol.describe_holds() == Holds(owners=True, xattrs=True, mtime_ns=SEC)
@@ -185,8 +219,13 @@ def test_zfs_fuse_read_clones_stop_listing_xattrs(zfs_url):
     import errno
 
     vol = Volume.open(plugin_manager(), zfs_url, create=True)
-    vol.apply("q", R.framed("q", None, "t", [R.MkDir(path="bare"), R.MkFile(path="f"),
-                                             R.SetXattr(path="f", name="user.k", value=b"v")]), use_purgatory=False)
+    vol.apply(
+        "q",
+        R.framed(
+            "q", None, "t", [R.MkDir(path="bare"), R.MkFile(path="f"), R.SetXattr(path="f", name="user.k", value=b"v")]
+        ),
+        use_purgatory=False,
+    )
     vol.snapshot_create("co-g-src-000001")
     with vol.handle.image("co-g-src-000001") as root:
         f = os.path.join(root, "q", "f")

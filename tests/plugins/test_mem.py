@@ -72,22 +72,24 @@ def test_conformance_basic(check, make_url):
 def test_conformance_state_machine(make_url, request):
     # the file form fsyncs after every mutating primitive: fewer examples
     file_form = request.node.callspec.params["make_url"] == "file"
-    conformance.run_conformance(make_url, basic=False, max_examples=8 if file_form else None,
-                                stateful_steps=20 if file_form else None)
+    conformance.run_conformance(
+        make_url, basic=False, max_examples=8 if file_form else None, stateful_steps=20 if file_form else None
+    )
 
 
 # ----------------------------------------------------------------- discovery
 def test_backend_is_registered_through_its_entry_point(pm):
     assert pm.get_plugin("mem") is coalesce_mem
     assert {"plugin": "mem", "scheme": "mem"}.items() <= next(
-        i for i in backend_infos(pm) if i["scheme"] == "mem").items()
+        i for i in backend_infos(pm) if i["scheme"] == "mem"
+    ).items()
 
 
 def test_other_schemes_are_not_mine(pm):
     from coalesce_core.backend.urls import VolumeURL
 
     assert coalesce_mem.coalesce_open_volume(url=VolumeURL.parse("zfs://pool/ds"), create=True) is None
-    assert pm.hook.coalesce_snapshot_list(volume=object()) is None      # not a handle: nobody serves it
+    assert pm.hook.coalesce_snapshot_list(volume=object()) is None  # not a handle: nobody serves it
     with pytest.raises(ValueError):
         coalesce_mem.volume_for("sim:///x")
 
@@ -125,8 +127,9 @@ def test_missing_file_is_a_clear_error(pm, tmp_path):
 
 def _run_py(code: str, env_extra: dict | None = None, **kw) -> subprocess.CompletedProcess:
     env = dict(os.environ, **(env_extra or {}))
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
-                          env=env, timeout=120, **kw)
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=env, timeout=120, **kw
+    )
 
 
 def test_persisted_volume_is_seen_by_another_process(pm, tmp_path):
@@ -176,7 +179,7 @@ def test_a_file_costs_its_size_in_the_volume_file(pm, tmp_path):
     mv = coalesce_mem.volume_for(url, create=True)
     for i in range(1000):
         mv.write_file(f"q/f{i}", bytes([1 + i % 200]) * 300)
-    mv.write_file("q/big", bytes(range(256)) * 1000)       # 3 full blocks and a cut one
+    mv.write_file("q/big", bytes(range(256)) * 1000)  # 3 full blocks and a cut one
     assert os.path.getsize(tmp_path / "v") < 1000 * 1024
     coalesce_mem.forget(url)
     again = coalesce_mem.volume_for(url, create=False)
@@ -236,14 +239,22 @@ def test_a_failed_apply_persists_its_partial_state(pm, tmp_path):
 
 def test_sigkill_leaves_a_readable_volume(tmp_path):
     url = f"mem://{tmp_path}/killed"
-    proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(f"""
         import coalesce_mem, sys
         v = coalesce_mem.volume_for({url!r})
         for i in range(100000):
             v.write_file(f"q/f{{i}}", b"x" * 1000)
             if i == 5:
                 print("ready", flush=True)
-    """)], stdout=subprocess.PIPE, text=True)
+    """),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert proc.stdout.readline().strip() == "ready"
         time.sleep(0.3)
@@ -271,7 +282,7 @@ def test_damaged_file_is_a_clear_error_and_is_never_emptied(pm, tmp_path, damage
         data = data[: len(data) // 2]
     elif damage == "flip":
         i = len(data) - 20
-        data = data[:i] + bytes([data[i] ^ 0x40]) + data[i + 1:]
+        data = data[:i] + bytes([data[i] ^ 0x40]) + data[i + 1 :]
     elif damage == "garbage":
         data = b"\x00\xffnot json at all"
     elif damage == "empty":
@@ -288,8 +299,14 @@ def test_damaged_file_is_a_clear_error_and_is_never_emptied(pm, tmp_path, damage
         obj = json.loads(body)
         obj["active"]["q"] = 42
         body = json.dumps(obj).encode()
-        data = json.dumps({"format": "coalesce-mem", "version": 1, "sha256": hashlib.sha256(body).hexdigest(),
-                           "bytes": len(body)}).encode() + b"\n" + body + b"\n"
+        data = (
+            json.dumps(
+                {"format": "coalesce-mem", "version": 1, "sha256": hashlib.sha256(body).hexdigest(), "bytes": len(body)}
+            ).encode()
+            + b"\n"
+            + body
+            + b"\n"
+        )
     path.write_bytes(data)
     coalesce_mem.forget(url)
     for create in (False, True):
@@ -373,8 +390,14 @@ def test_an_exported_pcpi_cannot_be_deleted(pm):
 # ----------------------------------------------------------------- apply details
 def test_apply_replays_and_stream_framing(pm):
     vol = _vol(pm, f"mem://replay-{next(_ids)}")
-    recs = [MkDir(path="d"), MkFile(path="d/f"), Write(path="d/f", offset=3, data=b"x"),
-            HardLink(path="h", existing="d/f"), Rename(old="h", new="h2"), SetAttr(path="d", mode=0o700)]
+    recs = [
+        MkDir(path="d"),
+        MkFile(path="d/f"),
+        Write(path="d/f", offset=3, data=b"x"),
+        HardLink(path="h", existing="d/f"),
+        Rename(old="h", new="h2"),
+        SetAttr(path="d", mode=0o700),
+    ]
     vol.apply("q", framed("q", None, "t", recs))
     fp = vol.fingerprint("q")
     # replaying the same stream (recovery) converges to the same tree
@@ -405,8 +428,9 @@ def test_concurrent_applies_to_different_qtrees(pm):
     def worker(q: str) -> None:
         try:
             for i in range(40):
-                vol.apply(q, framed(q, None, "t", [MkFile(path=f"f{i}"),
-                                                   Write(path=f"f{i}", offset=0, data=q.encode() * 10)]))
+                vol.apply(
+                    q, framed(q, None, "t", [MkFile(path=f"f{i}"), Write(path=f"f{i}", offset=0, data=q.encode() * 10)])
+                )
         except BaseException as exc:  # noqa: BLE001
             errors.append(exc)
 
@@ -445,12 +469,26 @@ def test_source_api(pm):
     mv.rename("q/h", "q/h2")
     mv.set_xattr("q/h2", "user.k", b"v")
     mv.set_attr("q/a", mode=0o700, uid=1, gid=2)
-    assert mv.stat("q/a") | {"inode": 0} == {"kind": "d", "mode": 0o700, "uid": 1, "gid": 2, "mtime_ns": 0,
-                                              "size": 0, "inode": 0, "xattrs": {}}
+    assert mv.stat("q/a") | {"inode": 0} == {
+        "kind": "d",
+        "mode": 0o700,
+        "uid": 1,
+        "gid": 2,
+        "mtime_ns": 0,
+        "size": 0,
+        "inode": 0,
+        "xattrs": {},
+    }
     assert mv.stat("q/a/b/f")["xattrs"] == {"user.k": b"v"} and mv.stat("q/a/b/f")["mtime_ns"] == 123
     assert mv.listing("q") == {
-        "a": ("d", 0o700), "a/b": ("d", 0o750), "a/b/f": ("f", 0o600, b"data"), "h2": ("f", 0o600, b"data"),
-        "l": ("l", "a/b/f"), "new": ("d", 0o755), "new/dir": ("d", 0o755), "new/dir/g": ("f", 0o644, b"parents made"),
+        "a": ("d", 0o700),
+        "a/b": ("d", 0o750),
+        "a/b/f": ("f", 0o600, b"data"),
+        "h2": ("f", 0o600, b"data"),
+        "l": ("l", "a/b/f"),
+        "new": ("d", 0o755),
+        "new/dir": ("d", 0o755),
+        "new/dir/g": ("f", 0o644, b"parents made"),
     }
     mv.unlink("q/l")
     mv.unlink("q/new/dir/g")
@@ -464,7 +502,8 @@ def test_source_api(pm):
         mv.link("q/a/b/f", "other/f")
     vol = Volume.open(pm, url)
     assert vol.fingerprint("q") == digest(
-        coalesce_mem.tree.entries_of(mv.active["q"].root))  # the API and the hook agree
+        coalesce_mem.tree.entries_of(mv.active["q"].root)
+    )  # the API and the hook agree
     assert vol.fingerprint("missing") == EMPTY
 
 
@@ -505,8 +544,12 @@ def test_a_file_damaged_under_an_open_handle_is_never_overwritten(pm, tmp_path):
     vol = _vol(pm, f"mem://{path}")
     vol.apply("q", framed("q", None, "t", [MkFile(path="f")]))
     path.write_bytes(b"damaged by someone else")
-    for call in (lambda: vol.apply("q", framed("q", None, "t", [MkFile(path="g")])),
-                 lambda: vol.snapshot_create("s"), lambda: vol.export({}), lambda: vol.fingerprint("q")):
+    for call in (
+        lambda: vol.apply("q", framed("q", None, "t", [MkFile(path="g")])),
+        lambda: vol.snapshot_create("s"),
+        lambda: vol.export({}),
+        lambda: vol.fingerprint("q"),
+    ):
         with pytest.raises(BackendError, match="damaged"):
             call()
     assert path.read_bytes() == b"damaged by someone else"

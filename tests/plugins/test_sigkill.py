@@ -40,8 +40,9 @@ class Group:
         self.cfg.write_text(
             '[group]\nname = "rt"\n'
             f'source = "{src_url}"\ndestination = "{dst_url}"\n'
-            'parallel = 2\n[group.retry]\ninitial = 0\n'
-            '[[replica]]\nname = "A"\n[[replica]]\nname = "B"\nsource = "qb"\n')
+            "parallel = 2\n[group.retry]\ninitial = 0\n"
+            '[[replica]]\nname = "A"\n[[replica]]\nname = "B"\nsource = "qb"\n'
+        )
         self.pm = plugin_manager()
         self.src = Volume.open(self.pm, src_url, create=True)
         self.dst_url = dst_url
@@ -56,15 +57,16 @@ class Group:
             f.write(data)
 
     def source_fps(self):
-        return {"A": walk.fingerprint(os.path.join(self.root, "A")),
-                "B": walk.fingerprint(os.path.join(self.root, "qb"))}
+        return {
+            "A": walk.fingerprint(os.path.join(self.root, "A")),
+            "B": walk.fingerprint(os.path.join(self.root, "qb")),
+        }
 
     def run(self, *args, env=None, check=0):
         e = dict(os.environ)
         e.pop("COALESCE_CRASH_AT", None)
         e.update(env or {})
-        p = subprocess.run([*EXE, "--config", str(self.cfg), *args], capture_output=True, text=True, env=e,
-                           timeout=300)
+        p = subprocess.run([*EXE, "--config", str(self.cfg), *args], capture_output=True, text=True, env=e, timeout=300)
         if check is not None:
             assert p.returncode == check, f"{args}: rc={p.returncode}\n{p.stdout}\n{p.stderr}"
         return p
@@ -72,8 +74,12 @@ class Group:
     def popen_run(self):
         e = dict(os.environ)
         e.pop("COALESCE_CRASH_AT", None)
-        return subprocess.Popen([*EXE, "--config", str(self.cfg), "run", "--once"], env=e,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        return subprocess.Popen(
+            [*EXE, "--config", str(self.cfg), "run", "--once"],
+            env=e,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
 
     def exported_fps(self):
         """Fingerprints of what readers see at each replica's stable export path (read from the files)."""
@@ -105,15 +111,17 @@ class Group:
 
 def btrfs_pcpis(url):
     vol = Volume.open(plugin_manager(), url)
-    out = subprocess.run(["btrfs", "subvolume", "list", "-s", vol.handle.parent], capture_output=True, text=True,
-                         check=True).stdout
+    out = subprocess.run(
+        ["btrfs", "subvolume", "list", "-s", vol.handle.parent], capture_output=True, text=True, check=True
+    ).stdout
     return sum(1 for line in out.splitlines() if f".coalesce-snapshots/{vol.handle.name}/" in line)
 
 
 def zfs_pcpis(url):
     ds = url.split("://", 1)[1]
-    out = subprocess.run(["zfs", "list", "-H", "-t", "snapshot", "-o", "name", "-r", ds], capture_output=True,
-                         text=True, check=True).stdout.split()
+    out = subprocess.run(
+        ["zfs", "list", "-H", "-t", "snapshot", "-o", "name", "-r", ds], capture_output=True, text=True, check=True
+    ).stdout.split()
     return sum(1 for n in out if n.startswith(ds + "@"))
 
 
@@ -121,8 +129,9 @@ COUNT_PCPIS = {"btrfs": btrfs_pcpis, "zfs": zfs_pcpis}
 ZFS_POINTS = ["between_jump_ahead_pcpis", "mid_apply", "mid_rollback"]
 
 
-@pytest.mark.parametrize(("backend", "point"), [on_backend("btrfs", p) for p in POINTS]
-                         + [on_backend("zfs", p) for p in ZFS_POINTS])
+@pytest.mark.parametrize(
+    ("backend", "point"), [on_backend("btrfs", p) for p in POINTS] + [on_backend("zfs", p) for p in ZFS_POINTS]
+)
 def test_sigkill_at_every_crash_point(tmp_path, request, backend, point):
     urls = request.getfixturevalue(f"{backend}_urls")
     g = Group(tmp_path, urls("src"), urls("dst"))

@@ -13,8 +13,19 @@ BENCH = Path(__file__).resolve().parents[2] / "tools" / "bench"
 def test_every_benchmark_runs_at_toy_sizes():
     p = subprocess.run([sys.executable, str(BENCH), "--quick"], capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    for name in ("scale", "sim", "realfs", "diffcost", "snapshots", "recovery", "formal", "spool", "net", "zfsqtrees",
-                 "verify"):
+    for name in (
+        "scale",
+        "sim",
+        "realfs",
+        "diffcost",
+        "snapshots",
+        "recovery",
+        "formal",
+        "spool",
+        "net",
+        "zfsqtrees",
+        "verify",
+    ):
         assert f"### {name}:" in p.stdout
     # each benchmark printed a markdown table with at least one data row
     assert p.stdout.count("|---") >= 3

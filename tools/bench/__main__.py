@@ -21,8 +21,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 BENCHES = {
-    "scale": "bench_scale",   # PCPIs and cycle cost vs number of replicas (mem, sim)
-    "sim": "bench_sim",       # PCPI create/delete, diff cost, apply, rollback on sim
+    "scale": "bench_scale",  # PCPIs and cycle cost vs number of replicas (mem, sim)
+    "sim": "bench_sim",  # PCPI create/delete, diff cost, apply, rollback on sim
     "realfs": "bench_realfs",  # btrfs (root): one update vs btrfs send | receive
     "snapshots": "bench_snapshots",  # snapshots vs N: coalesce (sim, btrfs) vs btrbk (root for btrfs)
     "diffcost": "bench_diffcost",  # btrfs (root): diff cost vs qtree size for the same change
@@ -47,7 +47,9 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"unknown benchmark(s) {unknown}; choose from {list(BENCHES)}")
     if os.geteuid() != 0:
         for name in [n for n in names if n in ROOT_ONLY]:
-            print(f"tools/bench: skipping {name} (needs root: loop btrfs, network namespaces, zfs-fuse)", file=sys.stderr)
+            print(
+                f"tools/bench: skipping {name} (needs root: loop btrfs, network namespaces, zfs-fuse)", file=sys.stderr
+            )
             names.remove(name)
     rc = 0
     for name in names:

@@ -77,7 +77,7 @@ FANOUT = 8
 N_CHANGED = 100
 N_CREATE = N_DELETE = N_RENAME = 4
 N_REWRITE = N_CHANGED - N_CREATE - N_DELETE - N_RENAME
-POOL = 1000                     # changed files are chosen among the first 1,000 (present at every size)
+POOL = 1000  # changed files are chosen among the first 1,000 (present at every size)
 
 
 class CycleTimer(Timer):
@@ -105,7 +105,7 @@ class CycleTimer(Timer):
 
 
 def rel(i: int) -> str:
-    return f"d{i % FANOUT}/d{(i // FANOUT) % FANOUT}/d{(i // FANOUT ** 2) % FANOUT}/f{i:06d}"
+    return f"d{i % FANOUT}/d{(i // FANOUT) % FANOUT}/d{(i // FANOUT**2) % FANOUT}/f{i:06d}"
 
 
 def fill(qdir: str, n: int, rnd: random.Random) -> None:
@@ -124,14 +124,14 @@ def change(qdir: str, seed: int) -> None:
     """The same 100 changed files at every size (a fixed choice among indices < 1,000)."""
     rnd = random.Random(seed)
     pick = rnd.sample(range(POOL), N_REWRITE + N_DELETE + N_RENAME)
-    rewrite, delete, rename = pick[:N_REWRITE], pick[N_REWRITE:N_REWRITE + N_DELETE], pick[N_REWRITE + N_DELETE:]
+    rewrite, delete, rename = pick[:N_REWRITE], pick[N_REWRITE : N_REWRITE + N_DELETE], pick[N_REWRITE + N_DELETE :]
     for i in rewrite:
         with open(os.path.join(qdir, rel(i)), "r+b") as f:
             f.write(rnd.randbytes(FILE_SIZE))
     for i in delete:
         os.unlink(os.path.join(qdir, rel(i)))
     for k, i in enumerate(rename):
-        to = rel((i + 1) % POOL)                   # another leaf directory (fan-out 8: the last digit moves)
+        to = rel((i + 1) % POOL)  # another leaf directory (fan-out 8: the last digit moves)
         os.rename(os.path.join(qdir, rel(i)), os.path.join(qdir, os.path.dirname(to), f"moved{k}"))
     for k in range(N_CREATE):
         with open(os.path.join(qdir, os.path.dirname(rel(rnd.randrange(POOL))), f"new{k}"), "wb") as f:
@@ -173,14 +173,14 @@ def one_size(n: int, fs_bytes: int, reps: int, seed: int, log, profile_dir: str 
             raise RuntimeError(f"baseline cycle failed: {rep}")
         log(f"{n} files: baseline cycle {baseline_s:.1f} s")
 
-        vol = a.source.handle                    # the BtrfsVolume of the source
+        vol = a.source.handle  # the BtrfsVolume of the source
         vol.snapshot_create("bench-a")
         change(qdir, seed + 1)
         os.sync()
         vol.snapshot_create("bench-b")
 
         def diff_once() -> tuple[float, float, list]:
-            vol.streams = cb.StreamCache()       # no parse reused from an earlier run
+            vol.streams = cb.StreamCache()  # no parse reused from an earlier run
             t0 = time.perf_counter()
             it = h.pm.hook.coalesce_diff(volume=vol, qtree=QTREE, base="bench-a", target="bench-b", skip=0)
             t1 = time.perf_counter()
@@ -197,7 +197,7 @@ def one_size(n: int, fs_bytes: int, reps: int, seed: int, log, profile_dir: str 
             totals.append(c + e)
             commands = next(iter(vol.streams._entries.values())).commands
             t0 = time.perf_counter()
-            vol._parse_send("bench-a", "bench-b")   # the send + replay alone
+            vol._parse_send("bench-a", "bench-b")  # the send + replay alone
             parses.append(time.perf_counter() - t0)
         kinds = Counter(type(r).__name__ for r in recs)
         if profile_dir:
@@ -210,8 +210,11 @@ def one_size(n: int, fs_bytes: int, reps: int, seed: int, log, profile_dir: str 
         # the native send alone, as the plugin runs it
         if cb._PROTO is None:
             cb._PROTO = cb._send_proto()
-        argv = ["btrfs", "-q", "send", "--no-data"] + (["--proto", str(cb._PROTO)] if cb._PROTO >= 2 else []) + \
-            ["-p", vol.snap_path("bench-a"), vol.snap_path("bench-b")]
+        argv = (
+            ["btrfs", "-q", "send", "--no-data"]
+            + (["--proto", str(cb._PROTO)] if cb._PROTO >= 2 else [])
+            + ["-p", vol.snap_path("bench-a"), vol.snap_path("bench-b")]
+        )
         natives, nbytes = [], 0
         for _ in range(reps):
             t0 = time.perf_counter()
@@ -222,8 +225,10 @@ def one_size(n: int, fs_bytes: int, reps: int, seed: int, log, profile_dir: str 
             nbytes = len(p.stdout)
         vol.snapshot_delete("bench-a")
         vol.snapshot_delete("bench-b")
-        log(f"{n} files: diff {med(totals):.3f} s ({len(recs)} records, {commands} send commands), "
-            f"native send {med(natives):.3f} s")
+        log(
+            f"{n} files: diff {med(totals):.3f} s ({len(recs)} records, {commands} send commands), "
+            f"native send {med(natives):.3f} s"
+        )
 
         # the whole one-replica update cycle for the same change
         os.sync()
@@ -236,8 +241,10 @@ def one_size(n: int, fs_bytes: int, reps: int, seed: int, log, profile_dir: str 
         bad = same_tree(qdir, a.export_path(QTREE), random.Random(seed))
         if bad:
             raise RuntimeError(f"{n} files: coalesce image differs from the source: {bad}")
-        hooks = {k: timer.total(k) for k in ("diff", "apply", "snapshot", "snapshot_delete", "export", "purge",
-                                               "snapshot_list")}
+        hooks = {
+            k: timer.total(k)
+            for k in ("diff", "apply", "snapshot", "snapshot_delete", "export", "purge", "snapshot_list")
+        }
         log(f"{n} files: update cycle {cycle_s:.2f} s; hooks " + ", ".join(f"{k} {v:.3f}" for k, v in hooks.items()))
         if profile_dir:
             # a second change of the same kind and an UNTIMED cycle under pyinstrument (wall clock,
@@ -256,13 +263,30 @@ def one_size(n: int, fs_bytes: int, reps: int, seed: int, log, profile_dir: str 
                 out = os.path.join(profile_dir, f"{n}-cycle.txt")
                 Path(out).write_text(prof.output_text(unicode=False, color=False, show_all=False))
                 log(f"pyinstrument profile of a second update cycle: {out}")
-        return {"n": n, "create_s": create_s, "sync_s": sync_s, "baseline_s": baseline_s,
-                "records": len(recs), "kinds": dict(kinds), "commands": commands,
-                "diff": med(totals), "call": med(calls), "emit": med(emits), "parse": med(parses),
-                "diff_range": (min(totals), max(totals)), "native": med(natives), "stream_bytes": nbytes,
-                "cycle": cycle_s, "cycle_cpu": cycle_cpu, "cycle_records": rep.get("records", 0),
-                "t_diff": hooks["diff"], "t_apply": hooks["apply"], "t_snap": hooks["snapshot"],
-                "t_del": hooks["snapshot_delete"], "t_other": cycle_s - sum(hooks.values())}
+        return {
+            "n": n,
+            "create_s": create_s,
+            "sync_s": sync_s,
+            "baseline_s": baseline_s,
+            "records": len(recs),
+            "kinds": dict(kinds),
+            "commands": commands,
+            "diff": med(totals),
+            "call": med(calls),
+            "emit": med(emits),
+            "parse": med(parses),
+            "diff_range": (min(totals), max(totals)),
+            "native": med(natives),
+            "stream_bytes": nbytes,
+            "cycle": cycle_s,
+            "cycle_cpu": cycle_cpu,
+            "cycle_records": rep.get("records", 0),
+            "t_diff": hooks["diff"],
+            "t_apply": hooks["apply"],
+            "t_snap": hooks["snapshot"],
+            "t_del": hooks["snapshot_delete"],
+            "t_other": cycle_s - sum(hooks.values()),
+        }
     finally:
         close_harness(h)
         for p in fs.down():
@@ -298,26 +322,41 @@ def main(argv: list[str] | None = None) -> int:
     load1 = os.getloadavg()
     cmd = command("bench_diffcost", argv)
     btrfs_v = run(["btrfs", "--version"], check=False).stdout.strip()
-    print(provenance(when, f"git {git_commit()}", f"{host(node=True)} {btrfs_v}",
-                     f"fresh btrfs per size on a loop file under {bench_dir()}",
-                     f"loadavg at start {loads(load0)}, at end {loads(load1)}", f"command: {cmd}",
-                     f"script ran {total:.0f} s"))
-    print(f"| files in the qtree | written in (s) | baseline cycle (s) | changed files | diff records "
-          f"| send commands | coalesce_diff (s), median of {args.reps} | of which hook call / iteration (s) "
-          f"| send + replay alone (s) | native `send --no-data -p` (s) | stream bytes "
-          f"| update cycle wall (s) | CPU (s) | of which diff call / apply / snapshot create / delete / rest (s) |")
+    print(
+        provenance(
+            when,
+            f"git {git_commit()}",
+            f"{host(node=True)} {btrfs_v}",
+            f"fresh btrfs per size on a loop file under {bench_dir()}",
+            f"loadavg at start {loads(load0)}, at end {loads(load1)}",
+            f"command: {cmd}",
+            f"script ran {total:.0f} s",
+        )
+    )
+    print(
+        f"| files in the qtree | written in (s) | baseline cycle (s) | changed files | diff records "
+        f"| send commands | coalesce_diff (s), median of {args.reps} | of which hook call / iteration (s) "
+        f"| send + replay alone (s) | native `send --no-data -p` (s) | stream bytes "
+        f"| update cycle wall (s) | CPU (s) | of which diff call / apply / snapshot create / delete / rest (s) |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['n']} | {r['create_s']:.1f} | {r['baseline_s']:.1f} | {N_CHANGED} | {r['records']} "
-              f"| {r['commands']} | {r['diff']:.3f} | {r['call']:.3f} / {r['emit']:.3f} | {r['parse']:.3f} "
-              f"| {r['native']:.3f} | {r['stream_bytes']} | {r['cycle']:.2f} | {r['cycle_cpu']:.2f} "
-              f"| {r['t_diff']:.2f} / {r['t_apply']:.2f} / {r['t_snap']:.2f} / {r['t_del']:.2f} / {r['t_other']:.2f} |")
+        print(
+            f"| {r['n']} | {r['create_s']:.1f} | {r['baseline_s']:.1f} | {N_CHANGED} | {r['records']} "
+            f"| {r['commands']} | {r['diff']:.3f} | {r['call']:.3f} / {r['emit']:.3f} | {r['parse']:.3f} "
+            f"| {r['native']:.3f} | {r['stream_bytes']} | {r['cycle']:.2f} | {r['cycle_cpu']:.2f} "
+            f"| {r['t_diff']:.2f} / {r['t_apply']:.2f} / {r['t_snap']:.2f} / {r['t_del']:.2f} / {r['t_other']:.2f} |"
+        )
     first, last = rows[0], rows[-1]
-    print("\n" + provenance(f"records by kind at {last['n']} files: "
-                            + ", ".join(f"{k} {v}" for k, v in sorted(last["kinds"].items())),
-                            f"diff {last['n']} / {first['n']} files: {last['diff'] / first['diff']:.2f}x, "
-                            f"native {last['native'] / first['native']:.2f}x, "
-                            f"cycle {last['cycle'] / first['cycle']:.2f}x"))
+    print(
+        "\n"
+        + provenance(
+            f"records by kind at {last['n']} files: " + ", ".join(f"{k} {v}" for k, v in sorted(last["kinds"].items())),
+            f"diff {last['n']} / {first['n']} files: {last['diff'] / first['diff']:.2f}x, "
+            f"native {last['native'] / first['native']:.2f}x, "
+            f"cycle {last['cycle'] / first['cycle']:.2f}x",
+        )
+    )
     return 0
 
 

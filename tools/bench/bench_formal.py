@@ -52,18 +52,35 @@ def versions() -> str:
     sv = "spin missing"
     if shutil.which("spin"):
         sv = subprocess.run(["spin", "-V"], capture_output=True, text=True).stdout.strip()
-    gv = subprocess.run(["gcc", "-dumpfullversion"], capture_output=True, text=True).stdout.strip() if shutil.which("gcc") else "?"
+    gv = (
+        subprocess.run(["gcc", "-dumpfullversion"], capture_output=True, text=True).stdout.strip()
+        if shutil.which("gcc")
+        else "?"
+    )
     return f"python {platform.python_version()}, {sv}, gcc {gv}, hypothesis {hypothesis.__version__}"
 
 
 def header(argv: list[str], what: str) -> str:
-    return provenance(utc_now(), what, f"{platform.node()} {platform.machine()} cpus {os.cpu_count()}", versions(),
-                      f"load average {loads()}", f"command: {command('bench_formal', argv)}")
+    return provenance(
+        utc_now(),
+        what,
+        f"{platform.node()} {platform.machine()} cpus {os.cpu_count()}",
+        versions(),
+        f"load average {loads()}",
+        f"command: {command('bench_formal', argv)}",
+    )
 
 
 # -- SPIN ----------------------------------------------------------------------------
-def spin_rows(replicas: list[int], memlim: int, timeout: float, modes: list[str], opt: str = spin.OPT,
-              hash_bits: int = spin.HASH, searches: tuple[str, ...] = ("safety", "liveness")) -> list[dict]:
+def spin_rows(
+    replicas: list[int],
+    memlim: int,
+    timeout: float,
+    modes: list[str],
+    opt: str = spin.OPT,
+    hash_bits: int = spin.HASH,
+    searches: tuple[str, ...] = ("safety", "liveness"),
+) -> list[dict]:
     rows = []
     for n in replicas:
         text = gen_promela.generate(replicas=n)
@@ -73,15 +90,17 @@ def spin_rows(replicas: list[int], memlim: int, timeout: float, modes: list[str]
                     continue
                 w = 33 if mode == "BITSTATE" else hash_bits  # bit-state: a 1 GiB bit array
                 t0 = time.perf_counter()
-                (res, _total) = spin.run(text, opt=opt, only=search, extra_cflags=cflags, memlim=memlim, hash_bits=w,
-                                         timeout=timeout)
+                (res, _total) = spin.run(
+                    text, opt=opt, only=search, extra_cflags=cflags, memlim=memlim, hash_bits=w, timeout=timeout
+                )
                 res.update(replicas=n, search=search, mode=mode, wall=time.perf_counter() - t0)
                 if mode == "BITSTATE":  # pan says "Bit statespace search": that is the mode, not a fault
                     res["problems"] = [p for p in res["problems"] if p != "not a full state-space search"]
                 rows.append(res)
                 print(spin_row(res), flush=True)
-                resource_bound = any("memory" in p or "killed after" in p or "not completed" in p
-                                     for p in res["problems"])
+                resource_bound = any(
+                    "memory" in p or "killed after" in p or "not completed" in p for p in res["problems"]
+                )
                 if not resource_bound:
                     break  # passed, or failed for a reason a lossier search would not change
     return rows
@@ -92,13 +111,17 @@ def spin_row(r: dict) -> str:
     mem = f"{r['memory_mb']:.0f}" if r.get("memory_mb") else "?"
     el = f"{r['elapsed_s']:.1f}" if r.get("elapsed_s") is not None else "?"
     name = "safety (asserts, deadlocks)" if r["search"] == "safety" else "liveness I7 (LTL, weak fairness)"
-    return (f"| {r['replicas']} | {name} | {r['mode']} | {r['states']:,} | {r['matched']:,} | {r['transitions']:,} "
-            f"| {r['depth']:,} | {r['state_vector']} | {mem} | {el} | {r['wall']:.1f} | {ok} |")
+    return (
+        f"| {r['replicas']} | {name} | {r['mode']} | {r['states']:,} | {r['matched']:,} | {r['transitions']:,} "
+        f"| {r['depth']:,} | {r['state_vector']} | {mem} | {el} | {r['wall']:.1f} | {ok} |"
+    )
 
 
-SPIN_HEAD = ("| replicas | search | mode | states stored | states matched | transitions | depth | state vector (bytes) "
-             "| memory (MiB) | search (s) | compile + search (s) | result |\n"
-             "|---|---|---|---|---|---|---|---|---|---|---|---|")
+SPIN_HEAD = (
+    "| replicas | search | mode | states stored | states matched | transitions | depth | state vector (bytes) "
+    "| memory (MiB) | search (s) | compile + search (s) | result |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|"
+)
 
 
 # -- hypothesis ----------------------------------------------------------------------
@@ -112,9 +135,15 @@ def hypothesis_rows(backends: list[str], examples: int, steps: int) -> list[dict
     for backend in backends:
         machine = CoalescingMachine if backend == "mem" else SimCoalescingMachine
         test = machine.TestCase
-        test.settings = settings(max_examples=examples, stateful_step_count=steps, deadline=None, database=None,
-                                 derandomize=True, phases=[Phase.explicit, Phase.generate],
-                                 suppress_health_check=list(HealthCheck))
+        test.settings = settings(
+            max_examples=examples,
+            stateful_step_count=steps,
+            deadline=None,
+            database=None,
+            derandomize=True,
+            phases=[Phase.explicit, Phase.generate],
+            suppress_health_check=list(HealthCheck),
+        )
         before = dict(STATS)
         c0 = cpu()
         t0 = time.perf_counter()
@@ -123,9 +152,16 @@ def hypothesis_rows(backends: list[str], examples: int, steps: int) -> list[dict
         c1 = cpu()
         d = {k: STATS[k] - before.get(k, 0) for k in STATS}
         rules = d["steps"] - d["examples"]  # the invariants run once before the first rule, then after each
-        row = {"backend": backend, "examples": d["examples"], "rules": rules, "wall": wall,
-               "cpu": c1 - c0, "crashes": d["crashes"],
-               "restarts": d["restarts"], "steps_per_example": steps}
+        row = {
+            "backend": backend,
+            "examples": d["examples"],
+            "rules": rules,
+            "wall": wall,
+            "cpu": c1 - c0,
+            "crashes": d["crashes"],
+            "restarts": d["restarts"],
+            "steps_per_example": steps,
+        }
         rows.append(row)
         print(hyp_row(row), flush=True)
     return rows
@@ -133,20 +169,29 @@ def hypothesis_rows(backends: list[str], examples: int, steps: int) -> list[dict
 
 def hyp_row(r: dict) -> str:
     fsync = " (fsync off)" if r["backend"] == "sim" else ""
-    return (f"| {r['backend']}{fsync} | {r['examples']} | {r['steps_per_example']} | {r['rules']} | {r['crashes']} / {r['restarts']} "
-            f"| {r['wall']:.1f} | {r['cpu']:.1f} | {r['rules'] / r['wall']:.1f} | {r['examples'] / r['wall']:.2f} |")
+    return (
+        f"| {r['backend']}{fsync} | {r['examples']} | {r['steps_per_example']} | {r['rules']} | {r['crashes']} / {r['restarts']} "
+        f"| {r['wall']:.1f} | {r['cpu']:.1f} | {r['rules'] / r['wall']:.1f} | {r['examples'] / r['wall']:.2f} |"
+    )
 
 
-HYP_HEAD = ("| backend | examples | max steps per example | rule executions (steps) | crashes / restarts "
-            "| wall (s) | CPU (s) | steps/s | examples/s |\n|---|---|---|---|---|---|---|---|---|")
+HYP_HEAD = (
+    "| backend | examples | max steps per example | rule executions (steps) | crashes / restarts "
+    "| wall (s) | CPU (s) | steps/s | examples/s |\n|---|---|---|---|---|---|---|---|---|"
+)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--replicas", type=int, nargs="+", default=[2, 3, 4])
-    ap.add_argument("--modes", nargs="+", default=[m for m, _ in MODES], choices=[m for m, _ in MODES],
-                    help="the search modes to try, in this order, until one fits (default: all)")
+    ap.add_argument(
+        "--modes",
+        nargs="+",
+        default=[m for m, _ in MODES],
+        choices=[m for m, _ in MODES],
+        help="the search modes to try, in this order, until one fits (default: all)",
+    )
     ap.add_argument("--memlim", type=int, default=8192, help="pan -DMEMLIM in MiB (default %(default)s)")
     ap.add_argument("--timeout", type=float, default=900, help="seconds per pan run (default %(default)s)")
     ap.add_argument("--backends", nargs="+", default=["mem", "sim"], choices=["mem", "sim"])
@@ -157,8 +202,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--searches", nargs="+", default=["safety", "liveness"], choices=["safety", "liveness"])
     ap.add_argument("--opt", default=spin.OPT, help="gcc optimisation of pan.c (default %(default)s, as tools/spin.py)")
     ap.add_argument("--hash", type=int, default=spin.HASH, help="pan -w (default %(default)s, as tools/spin.py)")
-    ap.add_argument("--quick", action="store_true",
-                    help="2 replicas, the safety search only, pan.c at -O0 and -w20; 3 mem examples of 10 steps")
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="2 replicas, the safety search only, pan.c at -O0 and -w20; 3 mem examples of 10 steps",
+    )
     args = ap.parse_args(argv)
     if args.quick:
         args.replicas, args.modes, args.opt, args.hash, args.searches = [2], ["exhaustive"], "-O0", 20, ["safety"]
@@ -172,11 +220,14 @@ def main(argv: list[str] | None = None) -> int:
             print(header(argv, "SPIN, one pan run at a time"))
             print(SPIN_HEAD, flush=True)
             c0 = children_cpu()
-            rows = spin_rows(args.replicas, args.memlim, args.timeout, args.modes, args.opt, args.hash,
-                             tuple(args.searches))
+            rows = spin_rows(
+                args.replicas, args.memlim, args.timeout, args.modes, args.opt, args.hash, tuple(args.searches)
+            )
             errors = [r for r in rows if r.get("errors")]
             rc |= int(bool(errors))
-            print(f"\n<!-- SPIN part: {time.perf_counter() - t0:.0f} s wall, {children_cpu() - c0:.0f} s CPU (gcc + pan) -->\n")
+            print(
+                f"\n<!-- SPIN part: {time.perf_counter() - t0:.0f} s wall, {children_cpu() - c0:.0f} s CPU (gcc + pan) -->\n"
+            )
     if not args.skip_hypothesis:
         t1 = time.perf_counter()
         print(header(argv, "hypothesis stateful test, tests/formal/stateful_machine.py"))

@@ -106,7 +106,7 @@ from tools.bench.common import (
 )
 
 TLS_PORT, SSH_PORT = 7450, 2222
-SHAPES = [("1gbit", 10.0), ("100mbit", 10.0)]      # rate, one-way delay (ms): a 20 ms round trip
+SHAPES = [("1gbit", 10.0), ("100mbit", 10.0)]  # rate, one-way delay (ms): a 20 ms round trip
 
 
 def log(msg: str) -> None:
@@ -115,15 +115,14 @@ def log(msg: str) -> None:
 
 
 VERBOSE = False
-SPOOL: bool | None = None   # --spool: the groups' `spool` (None: the default, on for a remote source)
+SPOOL: bool | None = None  # --spool: the groups' `spool` (None: the default, on for a remote source)
 
 
 # ---------------------------------------------------------------------------- data
 def write_words(qdir: str, total_mib: int, seed: int) -> int:
     """8 files of text-like data (words from a 2,000-word vocabulary): zstd level 3 makes it 3-4x smaller."""
     rnd = random.Random(seed)
-    vocab = ["".join(rnd.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rnd.randint(2, 10)))
-             for _ in range(2000)]
+    vocab = ["".join(rnd.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rnd.randint(2, 10))) for _ in range(2000)]
     block = " ".join(rnd.choices(vocab, k=600_000)).encode()[: 4 * MiB]
     d = os.path.join(qdir, "big")
     os.makedirs(d, exist_ok=True)
@@ -157,19 +156,45 @@ class Source:
         self.client = ca.issue("backup1")
         self.ca = ca.path
         cfg = work / "serve.toml"
-        cfg.write_text("\n".join([
-            "[server]", f'cert = "{server[0]}"', f'key = "{server[1]}"', f'ca = "{ca.path}"', "timeout = 30",
-            "keepalive = 5", f'log = "{work}/serve.log"', "[volumes]", f'src = "btrfs://{self.src}"',
-            *([f'zsrc = "zfs://{zfs_ds}"'] if zfs_ds else []),
-            "[clients.backup1]", 'volumes = ["src", "zsrc"]' if zfs_ds else 'volumes = ["src"]', "take = true",
-            "release = true", ""]))
+        cfg.write_text(
+            "\n".join(
+                [
+                    "[server]",
+                    f'cert = "{server[0]}"',
+                    f'key = "{server[1]}"',
+                    f'ca = "{ca.path}"',
+                    "timeout = 30",
+                    "keepalive = 5",
+                    f'log = "{work}/serve.log"',
+                    "[volumes]",
+                    f'src = "btrfs://{self.src}"',
+                    *([f'zsrc = "zfs://{zfs_ds}"'] if zfs_ds else []),
+                    "[clients.backup1]",
+                    'volumes = ["src", "zsrc"]' if zfs_ds else 'volumes = ["src"]',
+                    "take = true",
+                    "release = true",
+                    "",
+                ]
+            )
+        )
         # with a zfs source the services in B run in THIS mount namespace (nsenter), only their network is
         # B's: `ip netns exec` gives a process its own copy of the mounts, where the clones zfs-fuse mounts
         # for a diff would not appear and `zfs destroy`'s unmount would not reach the daemon's mount
         self.enter = ["nsenter", f"--mount=/proc/{os.getpid()}/ns/mnt", "--"] if zfs_ds else []
-        self.tls = link.popen_b([*self.enter, sys.executable, "-m", "coalesce_remote.serve", "--listen",
-                                 f"{link.b_ip}:{TLS_PORT}", "--config", str(cfg)],
-                                stdout=subprocess.DEVNULL, stderr=open(work / "serve.err", "wb"))
+        self.tls = link.popen_b(
+            [
+                *self.enter,
+                sys.executable,
+                "-m",
+                "coalesce_remote.serve",
+                "--listen",
+                f"{link.b_ip}:{TLS_PORT}",
+                "--config",
+                str(cfg),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=open(work / "serve.err", "wb"),
+        )
         (work / "sshd").mkdir()
         self.sshd = SSHD(work / "sshd", host=link.b_ip, port=SSH_PORT, netns=link.ns_b)
         self.ssh_url = self.sshd.expose(f"btrfs://{self.src}")
@@ -177,12 +202,20 @@ class Source:
         # the native pipeline's key: its forced command snapshots the source and sends it, nothing else
         d = self.sshd.d
         script = d / "native-send.sh"
-        script.write_text("\n".join([
-            "#!/bin/sh", "set -e", "set -- $SSH_ORIGINAL_COMMAND",
-            'case "$1$2" in *[!A-Za-z0-9_-]*) echo "bad snapshot names" >&2; exit 2;; esac',
-            f'[ -d "{self.snaps}/$2" ] || btrfs subvolume snapshot -r "{self.src}" "{self.snaps}/$2" >/dev/null',
-            f'if [ "$1" = "-" ]; then exec btrfs send -q "{self.snaps}/$2"; fi',
-            f'exec btrfs send -q -p "{self.snaps}/$1" "{self.snaps}/$2"', ""]))
+        script.write_text(
+            "\n".join(
+                [
+                    "#!/bin/sh",
+                    "set -e",
+                    "set -- $SSH_ORIGINAL_COMMAND",
+                    'case "$1$2" in *[!A-Za-z0-9_-]*) echo "bad snapshot names" >&2; exit 2;; esac',
+                    f'[ -d "{self.snaps}/$2" ] || btrfs subvolume snapshot -r "{self.src}" "{self.snaps}/$2" >/dev/null',
+                    f'if [ "$1" = "-" ]; then exec btrfs send -q "{self.snaps}/$2"; fi',
+                    f'exec btrfs send -q -p "{self.snaps}/$1" "{self.snaps}/$2"',
+                    "",
+                ]
+            )
+        )
         script.chmod(0o755)
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / "native_key")], check=True)
         pub = (d / "native_key.pub").read_text().strip()
@@ -214,16 +247,25 @@ class Source:
         self.zfs_tls_url = f"tls://{self.link.b_ip}:{TLS_PORT}/zsrc"
         state = os.environ["COALESCE_ZFS_STATE_DIR"]
         keys = (d / "authorized_keys").read_text()
-        (d / "authorized_keys").write_text(keys.replace(
-            'command="', f'command="{" ".join(self.enter)} env COALESCE_ZFS_STATE_DIR={state} ', 1))
+        (d / "authorized_keys").write_text(
+            keys.replace('command="', f'command="{" ".join(self.enter)} env COALESCE_ZFS_STATE_DIR={state} ', 1)
+        )
         zfs = shutil.which("zfs", path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin") or "zfs"
         script = d / "native-zfs-send.sh"
-        script.write_text("\n".join([
-            "#!/bin/sh", "set -e", "set -- $SSH_ORIGINAL_COMMAND",
-            'case "$1$2" in *[!A-Za-z0-9_-]*) echo "bad snapshot names" >&2; exit 2;; esac',
-            f'{zfs} list -H -o name "{ds}@$2" >/dev/null 2>&1 || {zfs} snapshot "{ds}@$2"',
-            f'if [ "$1" = "-" ]; then exec {zfs} send "{ds}@$2"; fi',
-            f'exec {zfs} send -i "{ds}@$1" "{ds}@$2"', ""]))
+        script.write_text(
+            "\n".join(
+                [
+                    "#!/bin/sh",
+                    "set -e",
+                    "set -- $SSH_ORIGINAL_COMMAND",
+                    'case "$1$2" in *[!A-Za-z0-9_-]*) echo "bad snapshot names" >&2; exit 2;; esac',
+                    f'{zfs} list -H -o name "{ds}@$2" >/dev/null 2>&1 || {zfs} snapshot "{ds}@$2"',
+                    f'if [ "$1" = "-" ]; then exec {zfs} send "{ds}@$2"; fi',
+                    f'exec {zfs} send -i "{ds}@$1" "{ds}@$2"',
+                    "",
+                ]
+            )
+        )
         script.chmod(0o755)
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / "native_zfs_key")], check=True)
         pub = (d / "native_zfs_key.pub").read_text().strip()
@@ -233,8 +275,11 @@ class Source:
 
     def server_cpu(self) -> float:
         """CPU of every source-side process: the TLS server, sshd and what it ran (reaped)."""
-        return proc_cpu(self.tls.pid, children=True) + proc_cpu(self.sshd.proc.pid, children=True) + sum(
-            proc_cpu(p, children=True) for p in self.sshd.children())
+        return (
+            proc_cpu(self.tls.pid, children=True)
+            + proc_cpu(self.sshd.proc.pid, children=True)
+            + sum(proc_cpu(p, children=True) for p in self.sshd.children())
+        )
 
     def close(self) -> None:
         self.sshd.stop()
@@ -249,8 +294,10 @@ class Coalesce:
         self.plugins = remote_plugins()
         d = work / f"group-{tag}{kind}"
         d.mkdir()
-        self.h = Harness(group_config(str(d), f"n{tag}{kind}", url, dest or f"btrfs://{mnt}/d{kind}", spool=SPOOL),
-                         plugins=self.plugins)
+        self.h = Harness(
+            group_config(str(d), f"n{tag}{kind}", url, dest or f"btrfs://{mnt}/d{kind}", spool=SPOOL),
+            plugins=self.plugins,
+        )
 
     def reopen(self) -> None:
         """A new agent on the same group: the client settings (COALESCE_*) are read again."""
@@ -261,8 +308,9 @@ class Coalesce:
     def stats(self) -> dict:
         return dict(getattr(self.h.agent.source.handle, "stats", {}))
 
-    def update(self, until_stable: bool = False, wait: Callable[[], None] | None = None,
-               done: Callable[[], bool] | None = None) -> dict:
+    def update(
+        self, until_stable: bool = False, wait: Callable[[], None] | None = None, done: Callable[[], bool] | None = None
+    ) -> dict:
         """One cycle; with ``until_stable``, cycles until the replica is stable and ``done()`` (its image is
         the source's: a cycle that raised may leave it stable on the old image)."""
         a = self.h.agent
@@ -282,7 +330,7 @@ class Coalesce:
                 log(f"coalesce over {self.kind}: cycle {cycles} raised {exc.message[:160]}; reopening")
                 errors += 1
                 if wait is not None:
-                    wait()                       # the link is back
+                    wait()  # the link is back
                 self.reopen()
                 a = self.h.agent
             if not until_stable or (a.all_stable() and (done is None or done())):
@@ -312,19 +360,30 @@ class Native:
         self.extra_ssh: list[str] = []
 
     def _once(self, name: str) -> None:
-        ssh = [*self.src.native_ssh, *self.extra_ssh, "-o", "BatchMode=yes", "-p", str(SSH_PORT),
-               f"root@{self.src.link.b_ip}", "--", self.prev or "-", name]
+        ssh = [
+            *self.src.native_ssh,
+            *self.extra_ssh,
+            "-o",
+            "BatchMode=yes",
+            "-p",
+            str(SSH_PORT),
+            f"root@{self.src.link.b_ip}",
+            "--",
+            self.prev or "-",
+            name,
+        ]
         pipeline(ssh, ["btrfs", "receive", "-q", self.dst], "native ssh pipeline")
 
-    def update(self, until_stable: bool = False, wait: Callable[[], None] | None = None,
-               done: Callable[[], bool] | None = None) -> dict:
+    def update(
+        self, until_stable: bool = False, wait: Callable[[], None] | None = None, done: Callable[[], bool] | None = None
+    ) -> dict:
         name = f"n{self.n}"
         self.n += 1
         t0 = time.perf_counter()
 
         def discard_partial() -> None:
             partial = os.path.join(self.dst, name)
-            if os.path.exists(partial):          # a partial receive: delete it and start over
+            if os.path.exists(partial):  # a partial receive: delete it and start over
                 run(["btrfs", "subvolume", "delete", partial], check=False)
 
         attempts = _retried(lambda: self._once(name), until_stable, wait, discard_partial)
@@ -340,8 +399,12 @@ class Native:
         return os.path.join(self.dst, self.prev or "", QTREE)
 
 
-def _retried(once: Callable[[], None], until_stable: bool, wait: Callable[[], None] | None,
-             after_failure: Callable[[], None] | None = None) -> int:
+def _retried(
+    once: Callable[[], None],
+    until_stable: bool,
+    wait: Callable[[], None] | None,
+    after_failure: Callable[[], None] | None = None,
+) -> int:
     """Run a native pipeline; ``until_stable``: after a failure (a link drop) wait for the link,
     clean up, and run it again from the start, at most 4 times.  Returns the attempts made."""
     attempts = 0
@@ -354,7 +417,7 @@ def _retried(once: Callable[[], None], until_stable: bool, wait: Callable[[], No
             if not until_stable or attempts >= 4:
                 raise
             if wait is not None:
-                wait()                           # the link is back
+                wait()  # the link is back
             if after_failure is not None:
                 after_failure()
 
@@ -371,13 +434,27 @@ class NativeZfs:
         self.prev: str | None = None
 
     def _once(self, name: str) -> None:
-        ssh = [*self.src.native_zfs_ssh, "-o", "BatchMode=yes", "-p", str(SSH_PORT),
-               f"root@{self.src.link.b_ip}", "--", self.prev or "-", name]
-        pipeline(ssh, ["zfs", "receive", "-F", self.dst_ds], "native zfs ssh pipeline",
-                 env=dict(os.environ, PATH=os.environ.get("PATH", "") + ":/usr/sbin:/sbin"))
+        ssh = [
+            *self.src.native_zfs_ssh,
+            "-o",
+            "BatchMode=yes",
+            "-p",
+            str(SSH_PORT),
+            f"root@{self.src.link.b_ip}",
+            "--",
+            self.prev or "-",
+            name,
+        ]
+        pipeline(
+            ssh,
+            ["zfs", "receive", "-F", self.dst_ds],
+            "native zfs ssh pipeline",
+            env=dict(os.environ, PATH=os.environ.get("PATH", "") + ":/usr/sbin:/sbin"),
+        )
 
-    def update(self, until_stable: bool = False, wait: Callable[[], None] | None = None,
-               done: Callable[[], bool] | None = None) -> dict:
+    def update(
+        self, until_stable: bool = False, wait: Callable[[], None] | None = None, done: Callable[[], bool] | None = None
+    ) -> dict:
         name = f"z{self.n}"
         self.n += 1
         t0 = time.perf_counter()
@@ -393,8 +470,15 @@ class NativeZfs:
 
 # ---------------------------------------------------------------------------- measuring one run
 class Bench:
-    def __init__(self, link: Any, source: Source, qdir: str, methods: dict[str, Any], fs: str = "btrfs",
-                 settle: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self,
+        link: Any,
+        source: Source,
+        qdir: str,
+        methods: dict[str, Any],
+        fs: str = "btrfs",
+        settle: Callable[[], None] | None = None,
+    ) -> None:
         self.link = link
         self.source = source
         self.qdir = qdir
@@ -416,16 +500,27 @@ class Bench:
         if bad:
             raise RuntimeError(f"{name}: the replica differs from the source: {bad}")
         # bytes that crossed the rate limit (both directions; a packet tbf dropped and sent again counts once)
-        wire = sum(s1["qdiscs"][d].get("tbf", {}).get("bytes", 0) - s0["qdiscs"][d].get("tbf", {}).get("bytes", 0)
-                   for d in ("a_to_b", "b_to_a"))
+        wire = sum(
+            s1["qdiscs"][d].get("tbf", {}).get("bytes", 0) - s0["qdiscs"][d].get("tbf", {}).get("bytes", 0)
+            for d in ("a_to_b", "b_to_a")
+        )
         drops = sum(s1[d]["dropped"] - s0[d]["dropped"] for d in ("a_to_b", "b_to_a")) if "a_to_b" in s1 else 0
-        r.update(name=name, fs=self.fs, wire=wire, emu_drops=drops, client_cpu=c1 - c0, server_cpu=sv1 - sv0,
-                 zfs_cpu=z1 - z0,
-                 emu_busy=s1.get("busy_s", 0.0) - s0.get("busy_s", 0.0))
+        r.update(
+            name=name,
+            fs=self.fs,
+            wire=wire,
+            emu_drops=drops,
+            client_cpu=c1 - c0,
+            server_cpu=sv1 - sv0,
+            zfs_cpu=z1 - z0,
+            emu_busy=s1.get("busy_s", 0.0) - s0.get("busy_s", 0.0),
+        )
         if isinstance(m, Coalesce):
             r["resumes"] = m.stats().get("resumes", 0) - (res0 if m.stats().get("resumes", 0) >= res0 else 0)
-        log(f"{name}: {r['wall']:.2f} s, {wire / MiB:.1f} MiB on the wire, cpu client {r['client_cpu']:.2f} "
-            f"server {r['server_cpu']:.2f} zfs-fuse {r['zfs_cpu']:.2f}, cycles {r['cycles']}, failures {r['failures']}")
+        log(
+            f"{name}: {r['wall']:.2f} s, {wire / MiB:.1f} MiB on the wire, cpu client {r['client_cpu']:.2f} "
+            f"server {r['server_cpu']:.2f} zfs-fuse {r['zfs_cpu']:.2f}, cycles {r['cycles']}, failures {r['failures']}"
+        )
         return r
 
 
@@ -442,10 +537,17 @@ def header(cmd: str, extra: str) -> str:
         zv = zstandard.__version__
     except ImportError:
         zv = "absent"
-    return provenance(utc_now(), f"{platform.machine()} {platform.processor() or ''} cpus {os.cpu_count()} python "
-                      f"{platform.python_version()} kernel {platform.release()} {v(['btrfs', '--version'])}",
-                      v(["ssh", "-V"]), ssl.OPENSSL_VERSION, f"zstandard {zv}", f"load average {loads()}", extra,
-                      f"command: {cmd}")
+    return provenance(
+        utc_now(),
+        f"{platform.machine()} {platform.processor() or ''} cpus {os.cpu_count()} python "
+        f"{platform.python_version()} kernel {platform.release()} {v(['btrfs', '--version'])}",
+        v(["ssh", "-V"]),
+        ssl.OPENSSL_VERSION,
+        f"zstandard {zv}",
+        f"load average {loads()}",
+        extra,
+        f"command: {cmd}",
+    )
 
 
 # ---------------------------------------------------------------------------- profiling
@@ -467,17 +569,33 @@ class Spy:
         self.parts: list[Path] = []
         self.done = threading.Event()
         self.watch = None
-        if sshd is not None:   # each ssh connection runs its own `coalesce serve --stdio`: follow them
+        if sshd is not None:  # each ssh connection runs its own `coalesce serve --stdio`: follow them
             self.files["source"] = out / f"{label}-source.txt".replace(" ", "_")
             self.watch = threading.Thread(target=self._follow, args=(sshd,), daemon=True)
             self.watch.start()
-        time.sleep(1.0)                          # attached before the run starts
+        time.sleep(1.0)  # attached before the run starts
 
     def _record(self, pid: int, name: str) -> Path:
         f = self.out / f"{name}.txt".replace(" ", "_")
-        self.procs.append(subprocess.Popen(
-            [self.exe, "record", "--pid", str(pid), "--format", "raw", "--native", "--rate", "50", "--output",
-             str(f)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        self.procs.append(
+            subprocess.Popen(
+                [
+                    self.exe,
+                    "record",
+                    "--pid",
+                    str(pid),
+                    "--format",
+                    "raw",
+                    "--native",
+                    "--rate",
+                    "50",
+                    "--output",
+                    str(f),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        )
         return f
 
     def _follow(self, sshd: Any) -> None:
@@ -551,7 +669,7 @@ def top_frames(path: Path, n: int = 12, inclusive: bool = False) -> list[tuple[s
     total = 0
     for stack, c in _samples(path):
         frames = [_frame(f) for f in stack]
-        for f in (set(frames) if inclusive else frames[-1:]):
+        for f in set(frames) if inclusive else frames[-1:]:
             counts[f] = counts.get(f, 0) + c
         total += c
     return _shares(counts, total, n)
@@ -559,10 +677,16 @@ def top_frames(path: Path, n: int = 12, inclusive: bool = False) -> list[tuple[s
 
 #: (marker frame, stage) from the innermost outwards: the first marker found on a stack names its stage
 _STAGES = [
-    ("Applier.one", "apply: write the records"), ("Connection.recv", "network: receive, frame checks"),
-    ("Connection.send", "network: send (frame crc, TLS or pipe write)"), ("Compressor.compress", "compress"),
-    ("Decompressor.decompress", "decompress"), ("Queue.get", "thread hand-off"), ("Queue.put", "thread hand-off"),
-    ("encode", "codec encode"), ("_decode", "codec decode"), ("coalesce_diff", "backend diff (btrfs send, pread)"),
+    ("Applier.one", "apply: write the records"),
+    ("Connection.recv", "network: receive, frame checks"),
+    ("Connection.send", "network: send (frame crc, TLS or pipe write)"),
+    ("Compressor.compress", "compress"),
+    ("Decompressor.decompress", "decompress"),
+    ("Queue.get", "thread hand-off"),
+    ("Queue.put", "thread hand-off"),
+    ("encode", "codec encode"),
+    ("_decode", "codec decode"),
+    ("coalesce_diff", "backend diff (btrfs send, pread)"),
     ("Applier.apply", "apply: write the records"),
 ]
 _WAIT = ("select", "poll", "clock_nanosleep", "epoll_wait", "pthread_cond_wait", "sem_wait", "accept")
@@ -613,8 +737,15 @@ def baselines(b: Bench, size_mib: int, seed: int) -> None:
         b.measure(name)
 
 
-def part_main(b: Bench, shapes: list[tuple[str, float]], size_mib: int, seed: int, repeat: int = 1,
-              profile: Path | None = None, warmup: bool = True) -> list[dict]:
+def part_main(
+    b: Bench,
+    shapes: list[tuple[str, float]],
+    size_mib: int,
+    seed: int,
+    repeat: int = 1,
+    profile: Path | None = None,
+    warmup: bool = True,
+) -> list[dict]:
     """Part 1.  With ``warmup``, each link shape first gets one untimed update of the full size by every
     method, so that the timed ones rewrite files of their final size over a link that carried the
     same load just before (the first update after the baselines, which makes the files grow, and the
@@ -629,8 +760,8 @@ def part_main(b: Bench, shapes: list[tuple[str, float]], size_mib: int, seed: in
                 b.measure(name)
         for i in range(repeat):
             write_big(b.qdir, size_mib, random.Random(seed + len(rows)))
-            order = list(b.m)                                # coalesce over SSH, over TLS, native
-            for name in order[i % 3:] + order[:i % 3]:    # the first method runs with the coldest cache
+            order = list(b.m)  # coalesce over SSH, over TLS, native
+            for name in order[i % 3 :] + order[: i % 3]:  # the first method runs with the coldest cache
                 spy = None
                 if profile is not None:
                     pids = {"destination": os.getpid(), **({"source": b.source.tls.pid} if "TLS" in name else {})}
@@ -650,10 +781,11 @@ def part_compression(b: Bench, rate: str, delay: float, mib: int, seed: int, qui
 
     b.link.shape(delay_ms=delay, rate=rate)
     rows = []
-    runs: list[tuple[str, str]] = [(f"coalesce over {kind}", comp) for kind in ("TLS", "SSH")
-                                   for comp in ("none", *P.COMPRESSIONS)]
+    runs: list[tuple[str, str]] = [
+        (f"coalesce over {kind}", comp) for kind in ("TLS", "SSH") for comp in ("none", *P.COMPRESSIONS)
+    ]
     runs += [("native over SSH", "none"), ("native over SSH", "ssh -C")]
-    if quick:   # one run of each kind
+    if quick:  # one run of each kind
         runs = [runs[0], runs[1], runs[-2], runs[-1]]
     for i, (name, comp) in enumerate(runs):
         write_words(b.qdir, mib, seed + i)
@@ -680,12 +812,17 @@ def part_compression(b: Bench, rate: str, delay: float, mib: int, seed: int, qui
     return rows
 
 
-def part_resume(b: Bench, rate: str, delay: float, mib: int, outage: float, seed: int,
-                quick: bool = False) -> list[dict]:
+def part_resume(
+    b: Bench, rate: str, delay: float, mib: int, outage: float, seed: int, quick: bool = False
+) -> list[dict]:
     b.link.shape(delay_ms=delay, rate=rate)
     rows = []
-    plan = [("coalesce over TLS", "resume"), ("coalesce over SSH", "resume"),
-            ("coalesce over TLS", "restart (COALESCE_RETRIES=0)"), ("native over SSH", "restart")]
+    plan = [
+        ("coalesce over TLS", "resume"),
+        ("coalesce over SSH", "resume"),
+        ("coalesce over TLS", "restart (COALESCE_RETRIES=0)"),
+        ("native over SSH", "restart"),
+    ]
     if quick:
         plan = [plan[0], plan[3]]
     for i, (name, how) in enumerate(plan):
@@ -710,15 +847,20 @@ def part_resume(b: Bench, rate: str, delay: float, mib: int, outage: float, seed
         t = threading.Thread(target=cut, daemon=True)
         t.start()
         try:
-            r = b.measure(name, until_stable=True, wait=up.wait,
-                          done=lambda: same_tree(b.qdir, m.image(), random.Random(0)) is None)
+            r = b.measure(
+                name,
+                until_stable=True,
+                wait=up.wait,
+                done=lambda: same_tree(b.qdir, m.image(), random.Random(0)) is None,
+            )
         finally:
             t.join()
             if how.startswith("restart (COALESCE"):
                 os.environ["COALESCE_RETRIES"] = "6"
                 m.reopen()
-        r.update(how=how, base=base["wall"], at=at, outage=outage, mib=mib, rate=rate, rtt=2 * delay,
-                 missed=r["wall"] < at)
+        r.update(
+            how=how, base=base["wall"], at=at, outage=outage, mib=mib, rate=rate, rtt=2 * delay, missed=r["wall"] < at
+        )
         rows.append(r)
     return rows
 
@@ -727,49 +869,72 @@ def part_resume(b: Bench, rate: str, delay: float, mib: int, outage: float, seed
 def t_main(rows: list[dict]) -> str:
     """Part 1's table; rows on zfs-fuse get a column for the daemon's CPU (it serves both ends)."""
     zfs = any(r.get("fs") == "zfs-fuse" for r in rows)
-    out = ["| link | method | data | wall (s) | MiB/s | MiB on the wire | CPU here / at the source (s) "
-           + ("| zfs-fuse daemon CPU (s) " if zfs else "") + "| native / this (goal >= 0.9) |",
-           "|---|---|---|---|---|---|---|---|" + ("---|" if zfs else "")]
+    out = [
+        "| link | method | data | wall (s) | MiB/s | MiB on the wire | CPU here / at the source (s) "
+        + ("| zfs-fuse daemon CPU (s) " if zfs else "")
+        + "| native / this (goal >= 0.9) |",
+        "|---|---|---|---|---|---|---|---|" + ("---|" if zfs else ""),
+    ]
     for r in rows:
-        nat = next(x for x in rows if (x["rate"], x["run"], x.get("fs")) == (r["rate"], r["run"], r.get("fs"))
-                   and x["name"].startswith("native"))
-        out.append(f"| {r['rate']}, {r['rtt']:.0f} ms RTT | {r['name']} | {r['mib']} MiB | {r['wall']:.2f} | "
-                   f"{r['mib'] / r['wall']:.1f} | {r['wire'] / MiB:.0f} | {r['client_cpu']:.1f} / "
-                   f"{r['server_cpu']:.1f} | " + (f"{r['zfs_cpu']:.1f} | " if zfs else "")
-                   + f"{nat['wall'] / r['wall']:.2f} |")
+        nat = next(
+            x
+            for x in rows
+            if (x["rate"], x["run"], x.get("fs")) == (r["rate"], r["run"], r.get("fs"))
+            and x["name"].startswith("native")
+        )
+        out.append(
+            f"| {r['rate']}, {r['rtt']:.0f} ms RTT | {r['name']} | {r['mib']} MiB | {r['wall']:.2f} | "
+            f"{r['mib'] / r['wall']:.1f} | {r['wire'] / MiB:.0f} | {r['client_cpu']:.1f} / "
+            f"{r['server_cpu']:.1f} | " + (f"{r['zfs_cpu']:.1f} | " if zfs else "") + f"{nat['wall'] / r['wall']:.2f} |"
+        )
     return "\n".join(out)
 
 
 def t_profile(rows: list[dict]) -> str:
-    out = ["| link | method | side | samples by stage (py-spy --native, every thread of the side's Python "
-           "processes; waiting = innermost frame in select/poll/sleep) |", "|---|---|---|---|"]
+    out = [
+        "| link | method | side | samples by stage (py-spy --native, every thread of the side's Python "
+        "processes; waiting = innermost frame in select/poll/sleep) |",
+        "|---|---|---|---|",
+    ]
     for r in rows:
         for side, top in r.get("profile", {}).items():
-            out.append(f"| {r['rate']} | {r['name']} | {side} | "
-                       + ", ".join(f"{k} {v:.0%}" for k, v in top if v >= 0.01) + " |")
+            out.append(
+                f"| {r['rate']} | {r['name']} | {side} | "
+                + ", ".join(f"{k} {v:.0%}" for k, v in top if v >= 0.01)
+                + " |"
+            )
     return "\n".join(out)
 
 
 def t_comp(rows: list[dict]) -> str:
-    out = ["| link | method | compression (negotiated) | data | wall (s) | MiB on the wire | wire / data "
-           "| CPU here / at the source (s) |", "|---|---|---|---|---|---|---|---|"]
+    out = [
+        "| link | method | compression (negotiated) | data | wall (s) | MiB on the wire | wire / data "
+        "| CPU here / at the source (s) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        out.append(f"| {r['rate']}, {r['rtt']:.0f} ms RTT | {r['name']} | {r['comp']} ({r['negotiated']}) | "
-                   f"{r['mib']} MiB of words | {r['wall']:.2f} | {r['wire'] / MiB:.0f} | "
-                   f"{r['wire'] / (r['mib'] * MiB):.2f} | {r['client_cpu']:.1f} / {r['server_cpu']:.1f} |")
+        out.append(
+            f"| {r['rate']}, {r['rtt']:.0f} ms RTT | {r['name']} | {r['comp']} ({r['negotiated']}) | "
+            f"{r['mib']} MiB of words | {r['wall']:.2f} | {r['wire'] / MiB:.0f} | "
+            f"{r['wire'] / (r['mib'] * MiB):.2f} | {r['client_cpu']:.1f} / {r['server_cpu']:.1f} |"
+        )
     return "\n".join(out)
 
 
 def t_resume(rows: list[dict]) -> str:
-    out = ["| link | method | after the drop | data | uninterrupted (s) | drop at (s) | outage (s) "
-           "| with the drop (s) | time lost (s) | MiB on the wire | resumes / failed cycles / attempts |",
-           "|---|---|---|---|---|---|---|---|---|---|---|"]
+    out = [
+        "| link | method | after the drop | data | uninterrupted (s) | drop at (s) | outage (s) "
+        "| with the drop (s) | time lost (s) | MiB on the wire | resumes / failed cycles / attempts |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         note = " (the drop came after the end)" if r["missed"] else ""
-        out.append(f"| {r['rate']}, {r['rtt']:.0f} ms RTT | {r['name']} | {r['how']}{note} | {r['mib']} MiB | "
-                   f"{r['base']:.2f} | {r['at']:.1f} | {r['outage']:.0f} | {r['wall']:.2f} | "
-                   f"{r['wall'] - r['base']:.2f} | {r['wire'] / MiB:.0f} | {r.get('resumes', '-')} / {r['failures']} "
-                   f"/ {r['cycles']} |")
+        out.append(
+            f"| {r['rate']}, {r['rtt']:.0f} ms RTT | {r['name']} | {r['how']}{note} | {r['mib']} MiB | "
+            f"{r['base']:.2f} | {r['at']:.1f} | {r['outage']:.0f} | {r['wall']:.2f} | "
+            f"{r['wall'] - r['base']:.2f} | {r['wire'] / MiB:.0f} | {r.get('resumes', '-')} / {r['failures']} "
+            f"/ {r['cycles']} |"
+        )
     return "\n".join(out)
 
 
@@ -785,21 +950,40 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--parts", default="main,compression,resume")
     ap.add_argument("--rates", default=",".join(r for r, _ in SHAPES), help="link rates of part 1 (tc units)")
     ap.add_argument("--repeat", type=int, default=1, help="part 1: run each method this many times (alternating)")
-    ap.add_argument("--profile", metavar="DIR", help="part 1: py-spy every run (this process and the source "
-                    "side), raw stacks to DIR, the top frames as a table")
-    ap.add_argument("--zfs", action="store_true",
-                    help="part 1 also on zfs-fuse (zfs source and destinations; native: zfs send -i | ssh | zfs "
-                         "receive), on a private pool; starts zfs-fuse when none runs and stops it at the end: do "
-                         "not run it while the real-FS tests run")
+    ap.add_argument(
+        "--profile",
+        metavar="DIR",
+        help="part 1: py-spy every run (this process and the source "
+        "side), raw stacks to DIR, the top frames as a table",
+    )
+    ap.add_argument(
+        "--zfs",
+        action="store_true",
+        help="part 1 also on zfs-fuse (zfs source and destinations; native: zfs send -i | ssh | zfs "
+        "receive), on a private pool; starts zfs-fuse when none runs and stops it at the end: do "
+        "not run it while the real-FS tests run",
+    )
     ap.add_argument("--no-btrfs", action="store_true", help="part 1 on zfs-fuse only (needs --zfs and --parts main)")
     ap.add_argument("--zfs-size-mib", type=int, default=None, help="the zfs update of part 1 (default: --size-mib)")
-    ap.add_argument("--spool", choices=["default", "on", "off"], default="default",
-                    help="the groups' `spool` (default: on, as for every remote source)")
-    ap.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
-                    help="part 1: one untimed update of the full size per link shape before the timed ones (default: on)")
-    ap.add_argument("--zfs-pool", choices=["ram", "disk"], default="ram",
-                    help="--zfs: the pool's file in a tmpfs, allocated up front (default), or a sparse file on "
-                         "disk (common.zfs_pool)")
+    ap.add_argument(
+        "--spool",
+        choices=["default", "on", "off"],
+        default="default",
+        help="the groups' `spool` (default: on, as for every remote source)",
+    )
+    ap.add_argument(
+        "--warmup",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="part 1: one untimed update of the full size per link shape before the timed ones (default: on)",
+    )
+    ap.add_argument(
+        "--zfs-pool",
+        choices=["ram", "disk"],
+        default="ram",
+        help="--zfs: the pool's file in a tmpfs, allocated up front (default), or a sparse file on "
+        "disk (common.zfs_pool)",
+    )
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--verbose", "-v", action="store_true")
     args = ap.parse_args(argv)
@@ -833,9 +1017,19 @@ def main(argv: list[str] | None = None) -> int:
     zmethods: dict[str, Any] = {}
     out: list[str] = []
     problems: list[str] = []
-    saved_env = {k: os.environ.get(k) for k in ("COALESCE_TLS_CERT", "COALESCE_TLS_KEY", "COALESCE_TLS_CA",
-                                                  "COALESCE_SSH", "COALESCE_RETRIES", "COALESCE_RETRY_DELAY",
-                                                  "COALESCE_TIMEOUT", "COALESCE_COMPRESSION")}
+    saved_env = {
+        k: os.environ.get(k)
+        for k in (
+            "COALESCE_TLS_CERT",
+            "COALESCE_TLS_KEY",
+            "COALESCE_TLS_CA",
+            "COALESCE_SSH",
+            "COALESCE_RETRIES",
+            "COALESCE_RETRY_DELAY",
+            "COALESCE_TIMEOUT",
+            "COALESCE_COMPRESSION",
+        )
+    }
     try:
         mnt = fs.up()
         work = Path(fs.dir) / "work"
@@ -847,8 +1041,14 @@ def main(argv: list[str] | None = None) -> int:
         zq = None
         if args.zfs and "main" in parts:
             # before the source services start: they inherit COALESCE_ZFS_STATE_DIR from zfs_pool
-            zfs_info = zstack.enter_context(zfs_pool(max(2 << 30, 10 * args.zfs_size_mib * MiB + (2 << 30)), log,
-                                                     prefix="cnet", in_ram=args.zfs_pool == "ram"))
+            zfs_info = zstack.enter_context(
+                zfs_pool(
+                    max(2 << 30, 10 * args.zfs_size_mib * MiB + (2 << 30)),
+                    log,
+                    prefix="cnet",
+                    in_ram=args.zfs_pool == "ram",
+                )
+            )
             zpool = zfs_info["pool"]
             Volume.open(pm, f"zfs://{zpool}/src", create=True).close()
             zq = os.path.join(zfs_mountpoint(f"{zpool}/src"), QTREE)
@@ -856,12 +1056,21 @@ def main(argv: list[str] | None = None) -> int:
         link = Link(log=str(work / "linkemu.log")).start()
         log(f"btrfs {fs_gib:.1f} GiB at {mnt}; link {link.mode} {link.a_ip} <-> {link.b_ip}, mtu {link.mtu}")
         source = Source(link, work, mnt, zfs_ds=f"{zfs_info['pool']}/src" if zfs_info else None)
-        os.environ.update(COALESCE_TLS_CERT=source.client[0], COALESCE_TLS_KEY=source.client[1],
-                          COALESCE_TLS_CA=source.ca, COALESCE_SSH=source.sshd.ssh, COALESCE_RETRIES="6",
-                          COALESCE_RETRY_DELAY="0.5", COALESCE_TIMEOUT="10", COALESCE_COMPRESSION="auto")
-        methods = {"coalesce over SSH": Coalesce("ssh", source.ssh_url, mnt, work),
-                   "coalesce over TLS": Coalesce("tls", source.tls_url, mnt, work),
-                   "native over SSH": Native(source, mnt)}
+        os.environ.update(
+            COALESCE_TLS_CERT=source.client[0],
+            COALESCE_TLS_KEY=source.client[1],
+            COALESCE_TLS_CA=source.ca,
+            COALESCE_SSH=source.sshd.ssh,
+            COALESCE_RETRIES="6",
+            COALESCE_RETRY_DELAY="0.5",
+            COALESCE_TIMEOUT="10",
+            COALESCE_COMPRESSION="auto",
+        )
+        methods = {
+            "coalesce over SSH": Coalesce("ssh", source.ssh_url, mnt, work),
+            "coalesce over TLS": Coalesce("tls", source.tls_url, mnt, work),
+            "native over SSH": Native(source, mnt),
+        }
         b = Bench(link, source, qdir, methods)
         # baselines on the unshaped link (not reported): every method holds the same first image
         if not args.no_btrfs:
@@ -869,36 +1078,73 @@ def main(argv: list[str] | None = None) -> int:
         zb = None
         if zfs_info is not None:
             zpool = zfs_info["pool"]
-            zmethods = {"coalesce over SSH, zfs": Coalesce("ssh", source.zfs_ssh_url, mnt, work,
-                                                           dest=f"zfs://{zpool}/dssh", tag="z"),
-                        "coalesce over TLS, zfs": Coalesce("tls", source.zfs_tls_url, mnt, work,
-                                                           dest=f"zfs://{zpool}/dtls", tag="z"),
-                        "native zfs over SSH": NativeZfs(source, f"{zpool}/nzdst",
-                                                         os.path.join(zfs_info["mountpoint"], "nzdst"))}
+            zmethods = {
+                "coalesce over SSH, zfs": Coalesce(
+                    "ssh", source.zfs_ssh_url, mnt, work, dest=f"zfs://{zpool}/dssh", tag="z"
+                ),
+                "coalesce over TLS, zfs": Coalesce(
+                    "tls", source.zfs_tls_url, mnt, work, dest=f"zfs://{zpool}/dtls", tag="z"
+                ),
+                "native zfs over SSH": NativeZfs(
+                    source, f"{zpool}/nzdst", os.path.join(zfs_info["mountpoint"], "nzdst")
+                ),
+            }
 
             def settle(ds: str = f"{zpool}/src") -> None:
                 zfs_settle(ds)
 
             zb = Bench(link, source, zq, zmethods, fs="zfs-fuse", settle=settle)
             baselines(zb, args.zfs_size_mib, args.seed)
-        emu = (f"link: {link.mode} emulator (tests/net/linkemu.py), MTU {link.mtu}, tbf rate limit, "
-               f"delay {SHAPES[1][1]:.0f} ms each way")
+        emu = (
+            f"link: {link.mode} emulator (tests/net/linkemu.py), MTU {link.mtu}, tbf rate limit, "
+            f"delay {SHAPES[1][1]:.0f} ms each way"
+        )
         if "main" in parts and not args.no_btrfs:
-            rows = part_main(b, shapes, args.size_mib, args.seed + 10, args.repeat,
-                             Path(args.profile) if args.profile else None, args.warmup)
+            rows = part_main(
+                b,
+                shapes,
+                args.size_mib,
+                args.seed + 10,
+                args.repeat,
+                Path(args.profile) if args.profile else None,
+                args.warmup,
+            )
             out += [header(cmd, emu + "; default compression (auto)"), t_main(rows), ""]
             print("\n".join(out[-3:]), flush=True)
             if args.profile:
                 print(t_profile(rows) + "\n", flush=True)
         if "main" in parts:
             if zb is not None:
-                zrows = part_main(zb, shapes, args.zfs_size_mib, args.seed + 10, args.repeat,
-                                  Path(args.profile) if args.profile else None, args.warmup)
-                zv = subprocess.run(["dpkg-query", "-W", "-f", "${Version}", "zfs-fuse"], capture_output=True,
-                                    text=True).stdout.strip() or "?"
-                out += [header(cmd, emu + f"; default compression (auto); zfs-fuse {zv}, one pool on "
-                               + ("a file in a tmpfs, allocated up front" if args.zfs_pool == "ram" else
-                                  "a sparse file on disk") + "; zfs source and destinations"), t_main(zrows), ""]
+                zrows = part_main(
+                    zb,
+                    shapes,
+                    args.zfs_size_mib,
+                    args.seed + 10,
+                    args.repeat,
+                    Path(args.profile) if args.profile else None,
+                    args.warmup,
+                )
+                zv = (
+                    subprocess.run(
+                        ["dpkg-query", "-W", "-f", "${Version}", "zfs-fuse"], capture_output=True, text=True
+                    ).stdout.strip()
+                    or "?"
+                )
+                out += [
+                    header(
+                        cmd,
+                        emu
+                        + f"; default compression (auto); zfs-fuse {zv}, one pool on "
+                        + (
+                            "a file in a tmpfs, allocated up front"
+                            if args.zfs_pool == "ram"
+                            else "a sparse file on disk"
+                        )
+                        + "; zfs source and destinations",
+                    ),
+                    t_main(zrows),
+                    "",
+                ]
                 print("\n".join(out[-3:]), flush=True)
                 if args.profile:
                     print(t_profile(zrows) + "\n", flush=True)
@@ -909,8 +1155,7 @@ def main(argv: list[str] | None = None) -> int:
             print("\n".join(out[-3:]), flush=True)
         if "resume" in parts:
             rows = part_resume(b, rate, delay, args.resume_mib, args.outage, args.seed + 200, args.quick)
-            out += [header(cmd, emu + "; drop = link down + ss -K of both ends' TCP connections"),
-                    t_resume(rows), ""]
+            out += [header(cmd, emu + "; drop = link down + ss -K of both ends' TCP connections"), t_resume(rows), ""]
             print("\n".join(out[-3:]), flush=True)
     finally:
         for m in [*methods.values(), *zmethods.values()]:
@@ -926,8 +1171,8 @@ def main(argv: list[str] | None = None) -> int:
         if link is not None:
             problems += link.close()
         try:
-            zstack.close()                        # the zfs pool (and the daemon, if we started it)
-        except Exception as exc:                  # noqa: BLE001 -- keep tearing down
+            zstack.close()  # the zfs pool (and the daemon, if we started it)
+        except Exception as exc:  # noqa: BLE001 -- keep tearing down
             problems.append(f"zfs teardown: {exc}")
         if zfs_info is not None:
             problems += zfs_info["problems"]

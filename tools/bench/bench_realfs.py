@@ -108,7 +108,7 @@ from tools.bench.common import (
 VERIFY = [True]
 
 
-ATTACH: list[str] = []          # --attach command templates
+ATTACH: list[str] = []  # --attach command templates
 ATTACH_DIR = "."
 _ATTACH_SEQ = [0]
 
@@ -128,7 +128,7 @@ def attached(label: str):
         out = os.path.join(ATTACH_DIR, f"{_ATTACH_SEQ[0]:02d}-{slug}-{i}")
         argv = shlex.split(tmpl.format(pid=os.getpid(), zfs_pid=zpid, out=out))
         procs.append(subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=open(out + ".err", "wb")))
-    time.sleep(1.0)                                  # attached before the timed part starts
+    time.sleep(1.0)  # attached before the timed part starts
     try:
         yield
     finally:
@@ -160,8 +160,8 @@ def write_small(qdir: str, count: int, rnd: random.Random) -> int:
 class Native:
     def __init__(self, mnt: str, src: str) -> None:
         self.src = src
-        self.snaps = os.path.join(mnt, "native-snaps")   # read-only snapshots of the source
-        self.dst = os.path.join(mnt, "native-dst")       # where `btrfs receive` puts them
+        self.snaps = os.path.join(mnt, "native-snaps")  # read-only snapshots of the source
+        self.dst = os.path.join(mnt, "native-dst")  # where `btrfs receive` puts them
         os.makedirs(self.snaps)
         os.makedirs(self.dst)
         self.n = 0
@@ -185,8 +185,13 @@ class Native:
             for p in (os.path.join(self.dst, self.prev), os.path.join(self.snaps, self.prev)):
                 run(["btrfs", "subvolume", "delete", p], check=False)
         self.prev = name
-        return {"wall": t3 - t0, "snapshot": t1 - t0, "send_receive": t2 - t1, "sync": t3 - t2,
-                "image": os.path.join(self.dst, name, QTREE)}
+        return {
+            "wall": t3 - t0,
+            "snapshot": t1 - t0,
+            "send_receive": t2 - t1,
+            "sync": t3 - t2,
+            "image": os.path.join(self.dst, name, QTREE),
+        }
 
 
 # ---------------------------------------------------------------------------
@@ -196,23 +201,26 @@ def bench(mnt: str, work: str, size_mib: int, small: int, seed: int, log, profil
     rnd = random.Random(seed)
     src_path, dst_path = os.path.join(mnt, "src"), os.path.join(mnt, "dst")
     timer = Timer()
-    h = Harness(group_config(work, "rb", f"btrfs://{src_path}", f"btrfs://{dst_path}", verify=VERIFY[0]),
-                plugins=[timer])
+    h = Harness(
+        group_config(work, "rb", f"btrfs://{src_path}", f"btrfs://{dst_path}", verify=VERIFY[0]), plugins=[timer]
+    )
     try:
         qdir = os.path.join(src_path, QTREE)
         os.makedirs(qdir)
-        return _bench(h, timer, Native(mnt, src_path), qdir, size_mib, small, rnd, log, rollback=True,
-                      profile_dir=profile_dir)
+        return _bench(
+            h, timer, Native(mnt, src_path), qdir, size_mib, small, rnd, log, rollback=True, profile_dir=profile_dir
+        )
     finally:
         close_harness(h)
 
 
-def _bench(h, timer, native, qdir, size_mib, small, rnd, log, rollback: bool, profile_dir: str | None = None,
-           settle=None) -> dict:
+def _bench(
+    h, timer, native, qdir, size_mib, small, rnd, log, rollback: bool, profile_dir: str | None = None, settle=None
+) -> dict:
     a = h.agent
     rows = []
     rb: list[dict] = []
-    n_records_half = max(2, (size_mib // 2))      # 1 MiB Write records: about half the data applied
+    n_records_half = max(2, (size_mib // 2))  # 1 MiB Write records: about half the data applied
 
     def check_coalesce(label):
         if not a.all_stable():
@@ -243,14 +251,25 @@ def _bench(h, timer, native, qdir, size_mib, small, rnd, log, rollback: bool, pr
         bad = same_tree(qdir, nat["image"], rnd)
         if bad:
             raise RuntimeError(f"{label}: native received snapshot differs from the source: {bad}")
-        row = {"label": label, "mib": nbytes / MiB, "files": files, "wall": wall, "cpu": cpus,
-               "diff": timer.total("diff"), "apply": timer.total("apply"), "snap": timer.total("snapshot"),
-               "verify": timer.total("verify"),
-               "records": rep.get("records", 0), "native": nat}
+        row = {
+            "label": label,
+            "mib": nbytes / MiB,
+            "files": files,
+            "wall": wall,
+            "cpu": cpus,
+            "diff": timer.total("diff"),
+            "apply": timer.total("apply"),
+            "snap": timer.total("snapshot"),
+            "verify": timer.total("verify"),
+            "records": rep.get("records", 0),
+            "native": nat,
+        }
         rows.append(row)
-        log(f"{label}: coalesce {wall:.2f} s (cpu {cpus:.2f}, diff {row['diff']:.2f}, apply {row['apply']:.2f}, "
+        log(
+            f"{label}: coalesce {wall:.2f} s (cpu {cpus:.2f}, diff {row['diff']:.2f}, apply {row['apply']:.2f}, "
             f"verify {row['verify']:.2f}), "
-            f"native {nat['wall']:.2f} s")
+            f"native {nat['wall']:.2f} s"
+        )
         return row
 
     def rollback_pair(rb):
@@ -282,9 +301,17 @@ def _bench(h, timer, native, qdir, size_mib, small, rnd, log, rollback: bool, pr
                     break
                 h.cycle()
             check_coalesce(f"after rollback {mode}")
-            native.step()                          # keep the native chain in step with the source
-            rb.append({"mode": mode, "rollback": rbt[0], "calls": len(rbt), "cycle": wall,
-                       "applied": n_records_half, "entries": entries})
+            native.step()  # keep the native chain in step with the source
+            rb.append(
+                {
+                    "mode": mode,
+                    "rollback": rbt[0],
+                    "calls": len(rbt),
+                    "cycle": wall,
+                    "applied": n_records_half,
+                    "entries": entries,
+                }
+            )
             log(f"rollback {mode} ({entries} entries): {rbt[0]:.3f} s (calls {len(rbt)}, failed cycle {wall:.2f} s)")
 
     # baseline: the big files only (the small files arrive in change (b))
@@ -294,7 +321,7 @@ def _bench(h, timer, native, qdir, size_mib, small, rnd, log, rollback: bool, pr
     nbytes = write_big(qdir, size_mib, rnd)
     measure(f"(a) {nbytes // MiB} MiB rewritten in {N_BIG} large files", nbytes, N_BIG)
     if rollback:
-        rollback_pair(rb)                          # the qtree holds the large files only
+        rollback_pair(rb)  # the qtree holds the large files only
     # (b) create the small files
     nbytes = write_small(qdir, small, rnd)
     measure(f"(b) {small} small files (4 KiB) created", nbytes, small)
@@ -302,7 +329,7 @@ def _bench(h, timer, native, qdir, size_mib, small, rnd, log, rollback: bool, pr
     nbytes = write_small(qdir, small, rnd)
     measure(f"(c) {small} small files (4 KiB) rewritten", nbytes, small)
     if rollback:
-        rollback_pair(rb)                          # the same change, the qtree now also holds the small files
+        rollback_pair(rb)  # the same change, the qtree now also holds the small files
 
     return {"rows": rows, "rollback": rb}
 
@@ -338,8 +365,13 @@ class NativeZfs:
         t2 = time.perf_counter()
         zfs_received(self.dst_ds, self.src_ds, self.prev)
         self.prev = name
-        return {"wall": t2 - t0, "snapshot": t1 - t0, "send_receive": t2 - t1, "sync": 0.0,
-                "image": os.path.join(self.dst_mnt, QTREE)}
+        return {
+            "wall": t2 - t0,
+            "snapshot": t1 - t0,
+            "send_receive": t2 - t1,
+            "sync": 0.0,
+            "image": os.path.join(self.dst_mnt, QTREE),
+        }
 
 
 def bench_zfs(size_mib: int, small: int, seed: int, log) -> tuple[dict, list[str]]:
@@ -354,8 +386,9 @@ def bench_zfs(size_mib: int, small: int, seed: int, log) -> tuple[dict, list[str
             work = os.path.join(state, "work")
             os.makedirs(work)
             timer = Timer()
-            h = Harness(group_config(work, "rz", f"zfs://{pool}/src", f"zfs://{pool}/dst", verify=VERIFY[0]),
-                        plugins=[timer])
+            h = Harness(
+                group_config(work, "rz", f"zfs://{pool}/src", f"zfs://{pool}/dst", verify=VERIFY[0]), plugins=[timer]
+            )
             src_mp = zfs_mountpoint(f"{pool}/src")
             qdir = os.path.join(src_mp, QTREE)
             os.makedirs(qdir)
@@ -368,24 +401,39 @@ def bench_zfs(size_mib: int, small: int, seed: int, log) -> tuple[dict, list[str
 
 def table(res: dict, fs: str = "btrfs") -> str:
     nat = "snapshot / send\\|receive / sync" if fs == "btrfs" else "snapshot / send\\|receive"
-    out = [f"| {fs}: change | data | coalesce wall (s) | coalesce MiB/s | files/s | CPU (s) | of which diff / apply / snapshots (s) "
-           f"| check before done (s) | native wall (s) | native MiB/s | of which {nat} (s) | coalesce / native |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    out = [
+        f"| {fs}: change | data | coalesce wall (s) | coalesce MiB/s | files/s | CPU (s) | of which diff / apply / snapshots (s) "
+        f"| check before done (s) | native wall (s) | native MiB/s | of which {nat} (s) | coalesce / native |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in res["rows"]:
         n = r["native"]
-        out.append(f"| {r['label']} | {r['mib']:.{0 if r['mib'] >= 10 else 1}f} MiB | {r['wall']:.2f} | {r['mib'] / r['wall']:.1f} | "
-                   f"{r['files'] / r['wall']:.0f} | {r['cpu']:.2f} | {r['diff']:.2f} / {r['apply']:.2f} / {r['snap']:.2f} | "
-                   + (f"{r['verify']:.2f} ({100 * r['verify'] / r['wall']:.0f} %)" if VERIFY[0] else "off") + " | "
-                   f"{n['wall']:.2f} | {r['mib'] / n['wall']:.1f} | {n['snapshot']:.2f} / {n['send_receive']:.2f}"
-                   + (f" / {n['sync']:.2f}" if fs == "btrfs" else "") + f" | {r['wall'] / n['wall']:.1f}x |")
+        out.append(
+            f"| {r['label']} | {r['mib']:.{0 if r['mib'] >= 10 else 1}f} MiB | {r['wall']:.2f} | {r['mib'] / r['wall']:.1f} | "
+            f"{r['files'] / r['wall']:.0f} | {r['cpu']:.2f} | {r['diff']:.2f} / {r['apply']:.2f} / {r['snap']:.2f} | "
+            + (f"{r['verify']:.2f} ({100 * r['verify'] / r['wall']:.0f} %)" if VERIFY[0] else "off")
+            + " | "
+            f"{n['wall']:.2f} | {r['mib'] / n['wall']:.1f} | {n['snapshot']:.2f} / {n['send_receive']:.2f}"
+            + (f" / {n['sync']:.2f}" if fs == "btrfs" else "")
+            + f" | {r['wall'] / n['wall']:.1f}x |"
+        )
     if not res["rollback"]:
         return "\n".join(out)
-    out += ["", "| rollback of change (a) cut after about half its 1 MiB Write records | entries in the qtree "
-            "| rollback hook wall (s) | whole failed cycle (s) |", "|---|---|---|---|"]
+    out += [
+        "",
+        "| rollback of change (a) cut after about half its 1 MiB Write records | entries in the qtree "
+        "| rollback hook wall (s) | whole failed cycle (s) |",
+        "|---|---|---|---|",
+    ]
     for r in res["rollback"]:
-        what = ("native (`cp -a --reflink=always` + RENAME_EXCHANGE)" if r["mode"] == "native"
-                else "generic (`COALESCE_BTRFS_ROLLBACK=generic`: diff + apply)")
-        out.append(f"| {what}, {r['applied']} records applied | {r['entries']} | {r['rollback']:.3f} | {r['cycle']:.2f} |")
+        what = (
+            "native (`cp -a --reflink=always` + RENAME_EXCHANGE)"
+            if r["mode"] == "native"
+            else "generic (`COALESCE_BTRFS_ROLLBACK=generic`: diff + apply)"
+        )
+        out.append(
+            f"| {what}, {r['applied']} records applied | {r['entries']} | {r['rollback']:.3f} | {r['cycle']:.2f} |"
+        )
     return "\n".join(out)
 
 
@@ -396,25 +444,40 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--small-files", type=int, default=20000)
     ap.add_argument("--fs-gib", type=float, default=None, help="loop file size (sparse); default from the sizes")
     ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--zfs", action="store_true",
-                    help="also the zfs-fuse equivalent (smaller sizes; zfs-fuse is slow).  Starts zfs-fuse when none "
-                         "runs and stops it at the end: do not run it while the real-FS tests run (they would "
-                         "share the daemon)")
+    ap.add_argument(
+        "--zfs",
+        action="store_true",
+        help="also the zfs-fuse equivalent (smaller sizes; zfs-fuse is slow).  Starts zfs-fuse when none "
+        "runs and stops it at the end: do not run it while the real-FS tests run (they would "
+        "share the daemon)",
+    )
     ap.add_argument("--zfs-size-mib", type=int, default=128)
     ap.add_argument("--zfs-small-files", type=int, default=2000)
     ap.add_argument("--verbose", "-v", action="store_true", help="progress on stderr")
-    ap.add_argument("--profile", metavar="DIR", default=None,
-                    help="cProfile the diff and apply calls of each timed btrfs update (in the transfer thread) "
-                         "into DIR/<n>-<change>.prof and .txt; the profiler slows Python code, so the figures "
-                         "of a profiled run are not the benchmark's")
-    ap.add_argument("--attach", action="append", default=[], metavar="CMD",
-                    help="run CMD during each timed coalesce update and native run, SIGINT it after; {pid} = "
-                         "this process, {zfs_pid} = the zfs-fuse daemon, {out} = a file prefix in --attach-dir "
-                         "(e.g. 'strace -f -c -o {out}.strace -p {pid}'); traced figures are not benchmark figures")
+    ap.add_argument(
+        "--profile",
+        metavar="DIR",
+        default=None,
+        help="cProfile the diff and apply calls of each timed btrfs update (in the transfer thread) "
+        "into DIR/<n>-<change>.prof and .txt; the profiler slows Python code, so the figures "
+        "of a profiled run are not the benchmark's",
+    )
+    ap.add_argument(
+        "--attach",
+        action="append",
+        default=[],
+        metavar="CMD",
+        help="run CMD during each timed coalesce update and native run, SIGINT it after; {pid} = "
+        "this process, {zfs_pid} = the zfs-fuse daemon, {out} = a file prefix in --attach-dir "
+        "(e.g. 'strace -f -c -o {out}.strace -p {pid}'); traced figures are not benchmark figures",
+    )
     ap.add_argument("--attach-dir", default=".", metavar="DIR", help="where {out} of --attach points")
     ap.add_argument("--no-btrfs", action="store_true", help="only the --zfs part")
-    ap.add_argument("--no-verify", action="store_true",
-                    help="[group] verify = false: no check of each update before `done` (to measure what it costs)")
+    ap.add_argument(
+        "--no-verify",
+        action="store_true",
+        help="[group] verify = false: no check of each update before `done` (to measure what it costs)",
+    )
     args = ap.parse_args(argv)
     VERIFY[0] = not args.no_verify
     ATTACH[:] = args.attach
@@ -452,9 +515,16 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"cleanup: {p}", file=sys.stderr)
         total = time.perf_counter() - started
         btrfs_v = run(["btrfs", "--version"], check=False).stdout.strip()
-        print(provenance(when, f"{host()} {btrfs_v}", f"{fs_gib:.1f} GiB btrfs on a loop file under "
-                         f"{bench_dir()}", f"command: {cmd}",
-                         f"script ran {total:.0f} s", f"load average {load0} before, {loads()} after"))
+        print(
+            provenance(
+                when,
+                f"{host()} {btrfs_v}",
+                f"{fs_gib:.1f} GiB btrfs on a loop file under {bench_dir()}",
+                f"command: {cmd}",
+                f"script ran {total:.0f} s",
+                f"load average {load0} before, {loads()} after",
+            )
+        )
         print(table(res))
     if args.zfs:
         t0 = time.perf_counter()
@@ -465,10 +535,15 @@ def main(argv: list[str] | None = None) -> int:
             for p in zproblems:
                 print(f"cleanup: {p}", file=sys.stderr)
         problems += zproblems
-        print("\n" + provenance(f"zfs-fuse part: {args.zfs_size_mib} MiB, {args.zfs_small_files} small files",
-                                f"ran {time.perf_counter() - t0:.0f} s",
-                                f"load average {loads()} after{'' if not args.no_btrfs else f', {load0} before'}",
-                                f"command: {cmd}"))
+        print(
+            "\n"
+            + provenance(
+                f"zfs-fuse part: {args.zfs_size_mib} MiB, {args.zfs_small_files} small files",
+                f"ran {time.perf_counter() - t0:.0f} s",
+                f"load average {loads()} after{'' if not args.no_btrfs else f', {load0} before'}",
+                f"command: {cmd}",
+            )
+        )
         print(table(zres, "zfs-fuse"))
     return 1 if problems else 0
 

@@ -63,8 +63,10 @@ def urls(backend: str, d: Path) -> tuple[str, str]:
 
 def config_text(backend: str, d: Path, replicas: list[str]) -> str:
     src, dst = urls(backend, d)
-    return (f'[group]\nname = "b"\nsource = "{src}"\ndestination = "{dst}"\nparallel = 8\n'
-            "[group.retry]\ninitial = 0\n" + "".join(f'[[replica]]\nname = "{q}"\n' for q in replicas))
+    return (
+        f'[group]\nname = "b"\nsource = "{src}"\ndestination = "{dst}"\nparallel = 8\n'
+        "[group.retry]\ninitial = 0\n" + "".join(f'[[replica]]\nname = "{q}"\n' for q in replicas)
+    )
 
 
 # -- children --------------------------------------------------------------------
@@ -170,9 +172,13 @@ def child_recover(cfg_path: Path) -> dict:
 
     def check() -> list[str]:
         s = agent.state
-        bad = [f"{f.invariant}: {f.detail}" for f in
-               live_check(s, agent.source, agent.dest, None, edges=list(iter_log_edges(agent.ledger.transitions())))
-               if not f.ok]
+        bad = [
+            f"{f.invariant}: {f.detail}"
+            for f in live_check(
+                s, agent.source, agent.dest, None, edges=list(iter_log_edges(agent.ledger.transitions()))
+            )
+            if not f.ok
+        ]
         if s.phase != "idle":
             bad.append(f"phase {s.phase}")
         flying = sorted(r.name for r in s.replicas.values() if r.state in in_flight)
@@ -187,8 +193,10 @@ def child_recover(cfg_path: Path) -> dict:
     t3, c3 = time.perf_counter(), cpu()
     cycles = 0
     for _ in range(4):
-        at_rest = (all(r.state == "stable" for r in agent.state.replicas.values())
-                   and len({r.source_point for r in agent.state.replicas.values()}) == 1)
+        at_rest = (
+            all(r.state == "stable" for r in agent.state.replicas.values())
+            and len({r.source_point for r in agent.state.replicas.values()}) == 1
+        )
         if at_rest:
             break
         agent.run_once()
@@ -205,11 +213,24 @@ def child_recover(cfg_path: Path) -> dict:
     if not_exported:
         bad_at_rest.append(f"not exported: {not_exported[:3]}")
     agent.close()
-    return {"imports_s": imports_s, "open_s": t1 - t0, "recover_s": t2 - t1, "recovery_s": t2 - t0,
-            "recovery_cpu": c2 - c0, "commits": commits, "taken": acts[0],
-            "released": acts[1], "exports": acts[2], "transitions": acts[3], "states": states,
-            "bad_after_recover": bad_after_recover, "settle_cycles": cycles, "settle_s": t4 - t3,
-            "settle_cpu": c4 - c3, "bad_at_rest": bad_at_rest}
+    return {
+        "imports_s": imports_s,
+        "open_s": t1 - t0,
+        "recover_s": t2 - t1,
+        "recovery_s": t2 - t0,
+        "recovery_cpu": c2 - c0,
+        "commits": commits,
+        "taken": acts[0],
+        "released": acts[1],
+        "exports": acts[2],
+        "transitions": acts[3],
+        "states": states,
+        "bad_after_recover": bad_after_recover,
+        "settle_cycles": cycles,
+        "settle_s": t4 - t3,
+        "settle_cpu": c4 - c3,
+        "bad_at_rest": bad_at_rest,
+    }
 
 
 # -- the driver ------------------------------------------------------------------------
@@ -255,20 +276,26 @@ def fmt(r: dict) -> str:
     if r.get("not_reached"):
         what = "the run ended without passing it" if r["rc"] in (0, 3) else "run failed"
         return head + f" not reached (exit {r['rc']}: {what}) | | | | | | | | |"
-    acts = (f"{r['commits']} commits, {r['taken']} taken, {r['released']} released, "
-            f"{r['exports']} export, {r['transitions']} transitions")
+    acts = (
+        f"{r['commits']} commits, {r['taken']} taken, {r['released']} released, "
+        f"{r['exports']} export, {r['transitions']} transitions"
+    )
     ok = "yes" if not r["bad_after_recover"] else "NO: " + "; ".join(r["bad_after_recover"])[:120]
     rest = "yes" if not r["bad_at_rest"] else "NO: " + "; ".join(r["bad_at_rest"])[:120]
-    return (head + f" -9 | {r['open_s']:.3f} | {r['recover_s']:.3f} | {r['recovery_s']:.3f} | {r['recovery_cpu']:.3f} "
-            f"| {acts} | {ok} | {r['settle_cycles']} / {r['settle_s']:.2f} | {rest} |")
+    return (
+        head + f" -9 | {r['open_s']:.3f} | {r['recover_s']:.3f} | {r['recovery_s']:.3f} | {r['recovery_cpu']:.3f} "
+        f"| {acts} | {ok} | {r['settle_cycles']} / {r['settle_s']:.2f} | {rest} |"
+    )
 
 
 def header(argv: list[str]) -> str:
-    return (provenance(utc_now(), host(node=True), f"load average {loads()}",
-                       f"command: {command('bench_recovery', argv)}") + "\n"
-            "| backend | N | crash point | exit | open (s) | recover (s) | recovery wall (s) | CPU (s) "
-            "| what recovery did | consistent after recover | cycles / wall (s) to rest | at rest, consistent |\n"
-            "|---|---|---|---|---|---|---|---|---|---|---|---|")
+    return (
+        provenance(utc_now(), host(node=True), f"load average {loads()}", f"command: {command('bench_recovery', argv)}")
+        + "\n"
+        "| backend | N | crash point | exit | open (s) | recover (s) | recovery wall (s) | CPU (s) "
+        "| what recovery did | consistent after recover | cycles / wall (s) to rest | at rest, consistent |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -303,8 +330,11 @@ def main(argv: list[str] | None = None) -> int:
                             shutil.rmtree(work)
                         work.mkdir()
                         setup = _json_child("_setup", backend, str(work), str(n), scenario)
-                        print(f"<!-- setup {backend} N={n} {scenario}: {setup['setup_s']:.1f} s -->", file=sys.stderr,
-                              flush=True)
+                        print(
+                            f"<!-- setup {backend} N={n} {scenario}: {setup['setup_s']:.1f} s -->",
+                            file=sys.stderr,
+                            flush=True,
+                        )
                         templates[scenario] = Path(tmp) / f"template-{scenario}"
                         copy_tree(work, templates[scenario])
                     got = [one_point(backend, n, point, work, templates[scenario])]
@@ -322,8 +352,10 @@ def main(argv: list[str] | None = None) -> int:
                 for t in templates.values():
                     shutil.rmtree(t, ignore_errors=True)
     bad = [r for r in rows if not r.get("not_reached") and (r["bad_after_recover"] or r["bad_at_rest"])]
-    print(f"\n<!-- {len(rows)} points, {sum(1 for r in rows if r.get('not_reached'))} not reached, "
-          f"{len(bad)} inconsistent; ran {time.perf_counter() - t_all:.0f} s -->")
+    print(
+        f"\n<!-- {len(rows)} points, {sum(1 for r in rows if r.get('not_reached'))} not reached, "
+        f"{len(bad)} inconsistent; ran {time.perf_counter() - t_all:.0f} s -->"
+    )
     return 0
 
 

@@ -94,11 +94,26 @@ class Strace:
         fd, self.out = tempfile.mkstemp(prefix="coalesce-bench-strace-")
         os.close(fd)
         calls = ",".join(SYNC_CALLS + WRITE_CALLS)
-        self.proc = subprocess.Popen([self.path, "-f", "-qq", "-y", "-e", f"trace={calls}", "-e", "signal=none",
-                                      "-o", self.out, "-p", str(os.getpid())],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.proc = subprocess.Popen(
+            [
+                self.path,
+                "-f",
+                "-qq",
+                "-y",
+                "-e",
+                f"trace={calls}",
+                "-e",
+                "signal=none",
+                "-o",
+                self.out,
+                "-p",
+                str(os.getpid()),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
         deadline = time.monotonic() + 10
-        while not self._attached():                  # every thread of this process is traced
+        while not self._attached():  # every thread of this process is traced
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 err = self.proc.stderr.read().decode(errors="replace").strip() if self.proc.poll() is not None else ""
                 self._stop()
@@ -120,7 +135,7 @@ class Strace:
 
     def _stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()                    # strace detaches and flushes its output
+            self.proc.terminate()  # strace detaches and flushes its output
             try:
                 self.proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
@@ -136,13 +151,18 @@ class Strace:
                 for line in f:
                     m = _LINE.match(line)
                     if not m or "resumed>" in line.split("(", 1)[0]:
-                        continue                     # the "<... resumed>" half of a split call
+                        continue  # the "<... resumed>" half of a split call
                     name, path = m.group(1), os.path.realpath(m.group(3) or "")
                     kind = "sync" if name in SYNC_CALLS else "write" if name in WRITE_CALLS else None
                     if kind is None:
                         continue
-                    where = ("ledger" if path.startswith(self.ledger_dir) else
-                             "volume" if any(path.startswith(d) for d in self.volume_dirs) else "other")
+                    where = (
+                        "ledger"
+                        if path.startswith(self.ledger_dir)
+                        else "volume"
+                        if any(path.startswith(d) for d in self.volume_dirs)
+                        else "other"
+                    )
                     self.counts[(kind, where)] = self.counts.get((kind, where), 0) + 1
         finally:
             os.unlink(self.out)
@@ -160,7 +180,7 @@ def traced_cycle(h: Harness, meta: str, volume_dirs: list[str], why_not: list[st
     st = Strace(meta, volume_dirs)
     try:
         st.__enter__()
-    except RuntimeError as exc:                  # e.g. ptrace refused in a container: run untraced
+    except RuntimeError as exc:  # e.g. ptrace refused in a container: run untraced
         why_not.append(str(exc))
         h.cycle()
         return None
@@ -171,9 +191,11 @@ def traced_cycle(h: Harness, meta: str, volume_dirs: list[str], why_not: list[st
     other = st.get("sync", "other")
     if other:
         print(f"bench_scale: {other} fsync-family calls on other files", file=sys.stderr)
-    return {"sync": (st.get("sync", "ledger"), st.get("sync", "volume")),
-            "write": (st.get("write", "ledger"), st.get("write", "volume")),
-            "commits": h.agent.ledger.commits - c0}
+    return {
+        "sync": (st.get("sync", "ledger"), st.get("sync", "volume")),
+        "write": (st.get("write", "ledger"), st.get("write", "volume")),
+        "commits": h.agent.ledger.commits - c0,
+    }
 
 
 def one(backend: str, n: int, cycles: int, seed: int, why_not: list[str]) -> dict:
@@ -215,7 +237,7 @@ def _one(tmp: str, backend: str, n: int, cycles: int, seed: int, why_not: list[s
     nochange_s, nochange_cpu = time.perf_counter() - t0, cpu() - c0
     commits = h.agent.ledger.commits - commits0
     vdirs = [f"{tmp}/src", f"{tmp}/dst"] if backend != "mem" else []
-    nochange_io = traced_cycle(h, f"{tmp}/meta", vdirs, why_not)   # the same cycle again, under strace
+    nochange_io = traced_cycle(h, f"{tmp}/meta", vdirs, why_not)  # the same cycle again, under strace
     for q in names:
         h.writer.write(q, "f", rng.randbytes(64))
     commits0 = h.agent.ledger.commits
@@ -228,10 +250,23 @@ def _one(tmp: str, backend: str, n: int, cycles: int, seed: int, why_not: list[s
     small_io = traced_cycle(h, f"{tmp}/meta", vdirs, why_not)
     h.assert_invariants()
     close_harness(h)
-    return {"backend": backend, "n": n, "peak_cycle": counter.peak_cycle, "peak_all": counter.peak_all,
-            "at_rest": at_rest, "injected_failures": failures, "baseline_s": baseline_s,
-            "nochange_s": nochange_s, "nochange_cpu": nochange_cpu, "small_s": small_s, "small_cpu": small_cpu,
-            "commits": commits, "small_commits": small_commits, "nochange_io": nochange_io, "small_io": small_io}
+    return {
+        "backend": backend,
+        "n": n,
+        "peak_cycle": counter.peak_cycle,
+        "peak_all": counter.peak_all,
+        "at_rest": at_rest,
+        "injected_failures": failures,
+        "baseline_s": baseline_s,
+        "nochange_s": nochange_s,
+        "nochange_cpu": nochange_cpu,
+        "small_s": small_s,
+        "small_cpu": small_cpu,
+        "commits": commits,
+        "small_commits": small_commits,
+        "nochange_io": nochange_io,
+        "small_io": small_io,
+    }
 
 
 def io_cells(io: dict | None) -> str:
@@ -257,22 +292,34 @@ def main(argv: list[str] | None = None) -> int:
         why_not.append(Strace.unavailable())
     if why_not:
         print(f"bench_scale: fsync/write columns n/a: {why_not[0]}", file=sys.stderr)
-    strace_v = "" if Strace.path is None else subprocess.run([Strace.path, "-V"], capture_output=True,
-                                                             text=True).stdout.split("\n")[0]
-    print(provenance(f"{platform.node()} {platform.machine()} python {platform.python_version()} sqlite "
-                     f"{sqlite3.sqlite_version} {strace_v or 'no strace'} cpus {os.cpu_count()} loadavg {loads()}",
-                     f"command: {command('bench_scale', argv or None)}"))
-    print("| backend | replicas | cycle-role PCPIs at peak | all group PCPIs at peak | at rest | injected failures "
-          "| baseline cycle (s) | no-change cycle wall (s) | CPU (s) | ledger commits | one change per replica wall (s) | CPU (s) "
-          "| ledger commits | no-change fsyncs ledger / volume | writes ledger / volume "
-          "| one-change fsyncs ledger / volume | writes ledger / volume |")
+    strace_v = (
+        ""
+        if Strace.path is None
+        else subprocess.run([Strace.path, "-V"], capture_output=True, text=True).stdout.split("\n")[0]
+    )
+    print(
+        provenance(
+            f"{platform.node()} {platform.machine()} python {platform.python_version()} sqlite "
+            f"{sqlite3.sqlite_version} {strace_v or 'no strace'} cpus {os.cpu_count()} loadavg {loads()}",
+            f"command: {command('bench_scale', argv or None)}",
+        )
+    )
+    print(
+        "| backend | replicas | cycle-role PCPIs at peak | all group PCPIs at peak | at rest | injected failures "
+        "| baseline cycle (s) | no-change cycle wall (s) | CPU (s) | ledger commits | one change per replica wall (s) | CPU (s) "
+        "| ledger commits | no-change fsyncs ledger / volume | writes ledger / volume "
+        "| one-change fsyncs ledger / volume | writes ledger / volume |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for n in sizes:
         r = one(args.backend, n, args.cycles, args.seed, why_not)
-        print(f"| {r['backend']} | {r['n']} | {r['peak_cycle']} | {r['peak_all']} | {r['at_rest']} | {r['injected_failures']} "
-              f"| {r['baseline_s']:.2f} | {r['nochange_s']:.2f} | {r['nochange_cpu']:.2f} | {r['commits']} "
-              f"| {r['small_s']:.2f} | {r['small_cpu']:.2f} | {r['small_commits']} "
-              f"| {io_cells(r['nochange_io'])} | {io_cells(r['small_io'])} |", flush=True)
+        print(
+            f"| {r['backend']} | {r['n']} | {r['peak_cycle']} | {r['peak_all']} | {r['at_rest']} | {r['injected_failures']} "
+            f"| {r['baseline_s']:.2f} | {r['nochange_s']:.2f} | {r['nochange_cpu']:.2f} | {r['commits']} "
+            f"| {r['small_s']:.2f} | {r['small_cpu']:.2f} | {r['small_commits']} "
+            f"| {io_cells(r['nochange_io'])} | {io_cells(r['small_io'])} |",
+            flush=True,
+        )
     if why_not:
         print(f"\n<!-- fsync/write columns n/a: {why_not[0]} -->")
     return 0

@@ -102,8 +102,14 @@ def diff_bench(root: str, nbytes: int) -> dict:
     out = list(D.diff_stream(fs, "q", "s1", "s2"))
     dt = time.perf_counter() - t
     changed = sum(len(r.data) for r in out if isinstance(r, R.Write)) // BS
-    res = {"size": nbytes, "time": dt, "reads": fs.stats["block_reads"], "misses": fs.stats["cache_misses"],
-           "changed": changed, "used": len(fs.rc)}
+    res = {
+        "size": nbytes,
+        "time": dt,
+        "reads": fs.stats["block_reads"],
+        "misses": fs.stats["cache_misses"],
+        "changed": changed,
+        "used": len(fs.rc),
+    }
     # rollback of the same change: native (inode records -> PCPI blocks) vs generic (diff + apply);
     # fsync off here so the figures show the work, not the disk flush
     fs.raid.fsync_enabled = False
@@ -116,8 +122,9 @@ def diff_bench(root: str, nbytes: int) -> dict:
             if kind == "native":
                 coalesce_rollback(volume=fs, qtree="q", rollback_pcpi=f"rb-{kind}-{i}", to_pcpi="s1")
             else:
-                coalesce_apply(volume=fs, qtree="q", records=D.diff_stream(fs, "q", f"rb-{kind}-{i}", "s1"),
-                               use_purgatory=True)
+                coalesce_apply(
+                    volume=fs, qtree="q", records=D.diff_stream(fs, "q", f"rb-{kind}-{i}", "s1"), use_purgatory=True
+                )
             acc.append(time.perf_counter() - t)
             assert D.fingerprint(fs, "q", None) == D.fingerprint(fs, "q", "s1")
     res["native_rollback"] = statistics.median(nat)
@@ -150,21 +157,48 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for op in ("create", "delete"):
         for p in (p_small, p_big):
-            rows.append((f"PCPI {op}", f"{p['used']} used blocks",
-                         f"{ms(p[(op, True)])} (fsync off: {ms(p[(op, False)])})",
-                         f"{p[op + '_io'][0]} block writes, {p[op + '_io'][1]} block reads"))
+            rows.append(
+                (
+                    f"PCPI {op}",
+                    f"{p['used']} used blocks",
+                    f"{ms(p[(op, True)])} (fsync off: {ms(p[(op, False)])})",
+                    f"{p[op + '_io'][0]} block writes, {p[op + '_io'][1]} block reads",
+                )
+            )
     for d in diffs:
-        rows.append(("diff, 100 changed blocks", f"{d['size'] // MiB} MiB volume ({d['used']} blocks)", ms(d["time"]),
-                     f"{d['reads']} block reads ({d['misses']} from disk), {d['changed']} blocks sent"))
+        rows.append(
+            (
+                "diff, 100 changed blocks",
+                f"{d['size'] // MiB} MiB volume ({d['used']} blocks)",
+                ms(d["time"]),
+                f"{d['reads']} block reads ({d['misses']} from disk), {d['changed']} blocks sent",
+            )
+        )
     for d in diffs:
-        rows.append(("rollback of that change, native", f"{d['size'] // MiB} MiB volume",
-                     ms(d["native_rollback"]) + " (fsync off)",
-                     "inode records re-pointed at the PCPI's blocks, one CP"))
-        rows.append(("rollback of that change, generic", f"{d['size'] // MiB} MiB volume",
-                     ms(d["generic_rollback"]) + " (fsync off)",
-                     "diff rollback PCPI -> base, apply with purgatory"))
-    rows.append(("apply throughput", "64 MiB baseline, 16 MiB files", f"{mibs:.1f} MiB/s",
-                 "1 MiB Write records, one CP per file, fsync on"))
+        rows.append(
+            (
+                "rollback of that change, native",
+                f"{d['size'] // MiB} MiB volume",
+                ms(d["native_rollback"]) + " (fsync off)",
+                "inode records re-pointed at the PCPI's blocks, one CP",
+            )
+        )
+        rows.append(
+            (
+                "rollback of that change, generic",
+                f"{d['size'] // MiB} MiB volume",
+                ms(d["generic_rollback"]) + " (fsync off)",
+                "diff rollback PCPI -> base, apply with purgatory",
+            )
+        )
+    rows.append(
+        (
+            "apply throughput",
+            "64 MiB baseline, 16 MiB files",
+            f"{mibs:.1f} MiB/s",
+            "1 MiB Write records, one CP per file, fsync on",
+        )
+    )
     print("| operation | volume | time | cost |")
     print("|---|---|---|---|")
     for r in rows:

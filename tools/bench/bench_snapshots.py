@@ -104,10 +104,10 @@ class SnapCounter:
     """After every snapshot create / delete (any volume), count the snapshots on both volumes."""
 
     def __init__(self, count) -> None:
-        self.count = count                  # () -> (source, destination)
+        self.count = count  # () -> (source, destination)
         self.peak_src = self.peak_dst = self.peak_sum = 0
         self.events = 0
-        self.count_s = 0.0                  # time spent counting (subtracted from the wall time)
+        self.count_s = 0.0  # time spent counting (subtracted from the wall time)
         self.lock = threading.Lock()
 
     def _after(self) -> None:
@@ -155,9 +155,11 @@ def coalesce_run(backend: str, n: int, cycles: int, seed: int, where: str, mnt: 
             paths = btrfs_list(mnt)
             return (sum(p.startswith(src_pre) for p in paths), sum(p.startswith(dst_pre) for p in paths))
     else:
+
         def count():
             a = holder["h"].agent
             return len(a.source.snapshot_list()), len(a.dest.snapshot_list())
+
     counter = SnapCounter(count)
     h = Harness(parse_config(text), plugins=[counter])
     holder["h"] = h
@@ -189,9 +191,19 @@ def coalesce_run(backend: str, n: int, cycles: int, seed: int, where: str, mnt: 
         wall -= counter.count_s
     finally:
         close_harness(h)
-    return {"tool": backend, "n": n, "peak_dst": counter.peak_dst, "rest_dst": rest_dst,
-            "peak_src": counter.peak_src, "rest_src": rest_src, "peak_sum": counter.peak_sum,
-            "failures": len(rules), "fired": fired, "events": counter.events, "wall": wall}
+    return {
+        "tool": backend,
+        "n": n,
+        "peak_dst": counter.peak_dst,
+        "rest_dst": rest_dst,
+        "peak_src": counter.peak_src,
+        "rest_src": rest_src,
+        "peak_sum": counter.peak_sum,
+        "failures": len(rules),
+        "fired": fired,
+        "events": counter.events,
+        "wall": wall,
+    }
 
 
 # ---------------------------------------------------------------------------
@@ -255,14 +267,21 @@ def btrbk_run(n: int, cycles: int, seed: int, where: str, mnt: str, log) -> dict
     for d in (srcvol, tgt, snapdir, bindir, faildir):
         os.makedirs(d)
     real = shutil.which("btrfs", path=os.environ.get("PATH", "") + ":" + SBIN_PATH)
-    script = (WRAPPER.replace("@REAL@", real).replace("@LOG@", wlog).replace("@FAIL@", faildir)
-              .replace("@SNAPDIR@", snapdir).replace("@TGTDIR@", tgt))
+    script = (
+        WRAPPER.replace("@REAL@", real)
+        .replace("@LOG@", wlog)
+        .replace("@FAIL@", faildir)
+        .replace("@SNAPDIR@", snapdir)
+        .replace("@TGTDIR@", tgt)
+    )
     Path(bindir, "btrfs").write_text(script)
     os.chmod(os.path.join(bindir, "btrfs"), 0o755)
     # the default retention: no *_preserve* option at all (snapshot_preserve_min / target_preserve_min: all)
     conf = os.path.join(where, "btrbk.conf")
-    Path(conf).write_text(f"volume {srcvol}\n  snapshot_dir btrbk_snapshots\n  target {tgt}\n"
-                          + "".join(f"  subvolume {q}\n" for q in names))
+    Path(conf).write_text(
+        f"volume {srcvol}\n  snapshot_dir btrbk_snapshots\n  target {tgt}\n"
+        + "".join(f"  subvolume {q}\n" for q in names)
+    )
     for q in names:
         run(["btrfs", "subvolume", "create", os.path.join(srcvol, q)])
     env = dict(os.environ, PATH=bindir + ":" + os.environ.get("PATH", "") + ":" + SBIN_PATH)
@@ -328,10 +347,21 @@ def btrbk_run(n: int, cycles: int, seed: int, where: str, mnt: str, log) -> dict
             b = Path(mnt, latest[q], "f").read_bytes()
             if a != b:
                 raise RuntimeError(f"btrbk: newest backup {latest[q]} differs from the source")
-    return {"tool": "btrbk", "n": n, "peak_dst": peak_t, "rest_dst": rest_t, "peak_src": peak_s,
-            "rest_src": rest_s, "peak_sum": peak_sum, "failures": injected, "fired": cut,
-            "garbled_deleted": garbled, "rcs": [rc for _, rc, _ in runs],
-            "wall": sum(w for w, _, _ in runs) - count_s, "log_tail": alltext[-1500:]}
+    return {
+        "tool": "btrbk",
+        "n": n,
+        "peak_dst": peak_t,
+        "rest_dst": rest_t,
+        "peak_src": peak_s,
+        "rest_src": rest_s,
+        "peak_sum": peak_sum,
+        "failures": injected,
+        "fired": cut,
+        "garbled_deleted": garbled,
+        "rcs": [rc for _, rc, _ in runs],
+        "wall": sum(w for w, _, _ in runs) - count_s,
+        "log_tail": alltext[-1500:],
+    }
 
 
 def cleanup_btrfs_dir(mnt: str, where: str) -> None:
@@ -339,7 +369,7 @@ def cleanup_btrfs_dir(mnt: str, where: str) -> None:
     rel = os.path.relpath(where, mnt)
     subs = sorted((p for p in btrfs_list(mnt) if p.startswith(rel + "/")), key=lambda p: -p.count("/"))
     for i in range(0, len(subs), 200):
-        run(["btrfs", "subvolume", "delete"] + [os.path.join(mnt, p) for p in subs[i:i + 200]], check=False)
+        run(["btrfs", "subvolume", "delete"] + [os.path.join(mnt, p) for p in subs[i : i + 200]], check=False)
     shutil.rmtree(where, ignore_errors=True)
 
 
@@ -347,12 +377,16 @@ def cleanup_btrfs_dir(mnt: str, where: str) -> None:
 # output
 # ---------------------------------------------------------------------------
 def table(rows: list[dict]) -> str:
-    out = ["| tool | replicas (N) | destination snapshots: peak | at rest | source snapshots: peak | at rest "
-           "| transfers cut (fired) | wall time (s) |",
-           "|---|---|---|---|---|---|---|---|"]
+    out = [
+        "| tool | replicas (N) | destination snapshots: peak | at rest | source snapshots: peak | at rest "
+        "| transfers cut (fired) | wall time (s) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        out.append(f"| {LABEL[r['tool']]} | {r['n']} | {r['peak_dst']} | {r['rest_dst']} | {r['peak_src']} "
-                   f"| {r['rest_src']} | {r['failures']} ({r['fired']}) | {r['wall']:.1f} |")
+        out.append(
+            f"| {LABEL[r['tool']]} | {r['n']} | {r['peak_dst']} | {r['rest_dst']} | {r['peak_src']} "
+            f"| {r['rest_src']} | {r['failures']} ({r['fired']}) | {r['wall']:.1f} |"
+        )
     return "\n".join(out)
 
 
@@ -360,6 +394,7 @@ def plot(rows: list[dict], path: str, title: str, projected: list[int] = (), run
     """``projected``: N for which btrbk was not run; drawn dotted at N x ``runs`` (its default retention
     deletes nothing, so every run adds one snapshot per subvolume on each side)."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -376,15 +411,32 @@ def plot(rows: list[dict], path: str, title: str, projected: list[int] = (), run
                 continue
             color, marker, size, width = style[tool]
             xs = [r["n"] for r in rs]
-            ax.plot(xs, [r[f"peak_{side}"] for r in rs], color=color, marker=marker, markersize=size, linewidth=width,
-                    label=f"{LABEL[tool]}: peak")
-            ax.plot(xs, [r[f"rest_{side}"] for r in rs], color=color, marker=marker, markersize=size, linewidth=width,
-                    linestyle="--", markerfacecolor="none", label=f"{LABEL[tool]}: at rest")
+            ax.plot(
+                xs,
+                [r[f"peak_{side}"] for r in rs],
+                color=color,
+                marker=marker,
+                markersize=size,
+                linewidth=width,
+                label=f"{LABEL[tool]}: peak",
+            )
+            ax.plot(
+                xs,
+                [r[f"rest_{side}"] for r in rs],
+                color=color,
+                marker=marker,
+                markersize=size,
+                linewidth=width,
+                linestyle="--",
+                markerfacecolor="none",
+                label=f"{LABEL[tool]}: at rest",
+            )
             if tool == "btrbk" and projected:
                 px = [xs[-1]] + sorted(projected)
                 py = [rs[-1][f"peak_{side}"]] + [n * runs for n in sorted(projected)]
-                ax.plot(px, py, color=color, linestyle=":", marker="x",
-                        label=f"btrbk projected, not run: N x {runs} runs")
+                ax.plot(
+                    px, py, color=color, linestyle=":", marker="x", label=f"btrbk projected, not run: N x {runs} runs"
+                )
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.xaxis.set_major_locator(FixedLocator(ns))
@@ -411,8 +463,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--btrbk-max", type=int, default=None, help="skip btrbk for N above this (say so in the doc)")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--fs-gib", type=float, default=8.0, help="sparse loop file size per N")
-    ap.add_argument("--plot", default=None, help=f"PNG path (default {DEFAULT_PLOT.relative_to(ROOT)}; "
-                                                  "--quick: a temporary directory)")
+    ap.add_argument(
+        "--plot",
+        default=None,
+        help=f"PNG path (default {DEFAULT_PLOT.relative_to(ROOT)}; --quick: a temporary directory)",
+    )
     ap.add_argument("--quick", action="store_true", help="N = 1 and 3 (seconds): a smoke test")
     ap.add_argument("--verbose", "-v", action="store_true", help="progress on stderr")
     args = ap.parse_args(argv)
@@ -425,8 +480,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     tools = list(args.tools)
     if os.geteuid() != 0 and (set(tools) - {"sim"}):
-        print("bench_snapshots.py: not root, running the sim part only (btrfs and btrbk need a loop btrfs)",
-              file=sys.stderr)
+        print(
+            "bench_snapshots.py: not root, running the sim part only (btrfs and btrbk need a loop btrfs)",
+            file=sys.stderr,
+        )
         tools = [t for t in tools if t == "sim"]
     if "btrbk" in tools and not shutil.which("btrbk"):
         print("bench_snapshots.py: btrbk is not installed (apt-get install btrbk)", file=sys.stderr)
@@ -438,16 +495,18 @@ def main(argv: list[str] | None = None) -> int:
     problems: list[str] = []
     for n in sizes:
         if "sim" in tools:
-            tmp = tempfile.mkdtemp(prefix="coalesce-bench-snap-",
-                                   dir=bench_dir())
+            tmp = tempfile.mkdtemp(prefix="coalesce-bench-snap-", dir=bench_dir())
             try:
                 r = coalesce_run("sim", n, args.cycles, args.seed, tmp, None)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
             log(f"sim N={n}: {r}")
             rows.append(r)
-        fs_tools = [t for t in tools if t in ("btrfs", "btrbk")
-                    and not (t == "btrbk" and args.btrbk_max is not None and n > args.btrbk_max)]
+        fs_tools = [
+            t
+            for t in tools
+            if t in ("btrfs", "btrbk") and not (t == "btrbk" and args.btrbk_max is not None and n > args.btrbk_max)
+        ]
         if fs_tools:
             fs = LoopFS(int(args.fs_gib * (1 << 30)))
             try:
@@ -459,7 +518,7 @@ def main(argv: list[str] | None = None) -> int:
                         r = coalesce_run("btrfs", n, args.cycles, args.seed, where, mnt)
                     else:
                         r = btrbk_run(n, args.cycles, args.seed, where, mnt, log)
-                    log(f"{t} N={n}: " + str({k: v for k, v in r.items() if k != 'log_tail'}))
+                    log(f"{t} N={n}: " + str({k: v for k, v in r.items() if k != "log_tail"}))
                     rows.append(r)
                     t0 = time.perf_counter()
                     cleanup_btrfs_dir(mnt, where)
@@ -471,28 +530,51 @@ def main(argv: list[str] | None = None) -> int:
     order = {t: i for i, t in enumerate(TOOLS)}
     rows.sort(key=lambda r: (order[r["tool"]], r["n"]))
     cmd = command("bench_snapshots", argv)
-    versions = (f"btrfs-progs {run(['btrfs', '--version'], check=False).stdout.strip().split()[-1]} "
-                f"btrbk {btrbk_version()} " if os.geteuid() == 0 else "")
-    print(provenance(when, f"{host(node=True)} {versions}matplotlib {matplotlib.__version__}",
-                     f"load average {loads(load0)} at start, {loads(load1)} at end",
-                     f"{args.fs_gib:g} GiB btrfs on a loop file under {bench_dir()}"
-                     " per N", f"command: {cmd}", f"script ran {total:.0f} s"))
+    versions = (
+        f"btrfs-progs {run(['btrfs', '--version'], check=False).stdout.strip().split()[-1]} btrbk {btrbk_version()} "
+        if os.geteuid() == 0
+        else ""
+    )
+    print(
+        provenance(
+            when,
+            f"{host(node=True)} {versions}matplotlib {matplotlib.__version__}",
+            f"load average {loads(load0)} at start, {loads(load1)} at end",
+            f"{args.fs_gib:g} GiB btrfs on a loop file under {bench_dir()} per N",
+            f"command: {cmd}",
+            f"script ran {total:.0f} s",
+        )
+    )
     print(table(rows))
     btr = [r for r in rows if r["tool"] == "btrbk"]
     for r in btr:
-        print(f"\n<!-- btrbk N={r['n']}: `btrbk run` exit codes {r['rcs']}; {r['garbled_deleted']} partially received "
-              f"(garbled) targets deleted by btrbk -->", end="")
+        print(
+            f"\n<!-- btrbk N={r['n']}: `btrbk run` exit codes {r['rcs']}; {r['garbled_deleted']} partially received "
+            f"(garbled) targets deleted by btrbk -->",
+            end="",
+        )
     if btr:
         print()
-    path = args.plot or (os.path.join(tempfile.mkdtemp(prefix="coalesce-bench-plot-"), "snapshot-consumption.png")
-                         if args.quick else str(DEFAULT_PLOT))
+    path = args.plot or (
+        os.path.join(tempfile.mkdtemp(prefix="coalesce-bench-plot-"), "snapshot-consumption.png")
+        if args.quick
+        else str(DEFAULT_PLOT)
+    )
     capped = [n for n in sizes if "btrbk" in tools and args.btrbk_max is not None and n > args.btrbk_max]
-    plot(rows, path, f"snapshots over a baseline + {args.cycles} cycles with transfers cut mid-way "
-                     f"(1% of replicas per cycle, at least 1)", projected=capped, runs=args.cycles + 1)
-    if args.quick and not args.plot:         # a smoke test: check the PNG, leave nothing behind
+    plot(
+        rows,
+        path,
+        f"snapshots over a baseline + {args.cycles} cycles with transfers cut mid-way "
+        f"(1% of replicas per cycle, at least 1)",
+        projected=capped,
+        runs=args.cycles + 1,
+    )
+    if args.quick and not args.plot:  # a smoke test: check the PNG, leave nothing behind
         ok = Path(path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         shutil.rmtree(os.path.dirname(path), ignore_errors=True)
-        print(f"\nplot: a {'valid' if ok else 'BROKEN'} PNG was written to a temporary directory (removed; --plot PATH keeps it)")
+        print(
+            f"\nplot: a {'valid' if ok else 'BROKEN'} PNG was written to a temporary directory (removed; --plot PATH keeps it)"
+        )
         if not ok:
             problems.append("the plot is not a PNG")
     else:

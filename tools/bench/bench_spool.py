@@ -84,8 +84,15 @@ def cost(name: str, recs: list, where: Path) -> dict:
     assert got == n, (got, n)
     sp.discard("A")
     data = sum(len(r.data) for r in recs if type(r) is Write)
-    return {"name": name, "records": n - 2, "data": data, "size": size, "plain": plain, "spooled": spooled,
-            "replay": replay}
+    return {
+        "name": name,
+        "records": n - 2,
+        "data": data,
+        "size": size,
+        "plain": plain,
+        "spooled": spooled,
+        "replay": replay,
+    }
 
 
 # --------------------------------------------------------------------------- 2. SIGKILL
@@ -94,8 +101,9 @@ def certs(d: Path) -> types.SimpleNamespace:
 
     d.mkdir(parents=True, exist_ok=True)
     ca = CA(d, "bench-spool-ca")
-    return types.SimpleNamespace(ca=ca.path, server=ca.issue("bench-source", server=True, ips=("127.0.0.1",)),
-                                 client=ca.issue("backup1"))
+    return types.SimpleNamespace(
+        ca=ca.path, server=ca.issue("bench-source", server=True, ips=("127.0.0.1",)), client=ca.issue("backup1")
+    )
 
 
 def run(cfg: Path, env: dict, *args: str) -> subprocess.CompletedProcess:
@@ -110,8 +118,15 @@ def kill_test(mib: int, rate: str, work: Path) -> list[dict]:
 
     c = certs(work / "certs")
     svc = TLSService(c)
-    env = dict(os.environ, COALESCE_TLS_CERT=c.client[0], COALESCE_TLS_KEY=c.client[1], COALESCE_TLS_CA=c.ca,
-               COALESCE_BANDWIDTH=rate, COALESCE_COMPRESSION="none", COALESCE_TIMEOUT="30")
+    env = dict(
+        os.environ,
+        COALESCE_TLS_CERT=c.client[0],
+        COALESCE_TLS_KEY=c.client[1],
+        COALESCE_TLS_CA=c.ca,
+        COALESCE_BANDWIDTH=rate,
+        COALESCE_COMPRESSION="none",
+        COALESCE_TIMEOUT="30",
+    )
     env.pop("COALESCE_CRASH_AT", None)
     local = f"mem://bench-spool-{os.getpid()}"
     src = Volume.open(plugin_manager(), local, create=True)
@@ -126,10 +141,22 @@ def kill_test(mib: int, rate: str, work: Path) -> list[dict]:
             writer.write(q, "seed", b"seed")
             cfg = work / f"g{i}.toml"
             spool = "false" if mode.endswith("false") else "true"
-            cfg.write_text("\n".join([
-                "[group]", f'name = "g{i}"', f'source = "{url}"',
-                f'destination = "sim://{work}/dst{i}?size={2 * mib + 64}M"', f'metadata = "{work}/meta{i}"',
-                f"spool = {spool}", "[[replica]]", f'name = "{q}"', f'source = "{q}"', ""]))
+            cfg.write_text(
+                "\n".join(
+                    [
+                        "[group]",
+                        f'name = "g{i}"',
+                        f'source = "{url}"',
+                        f'destination = "sim://{work}/dst{i}?size={2 * mib + 64}M"',
+                        f'metadata = "{work}/meta{i}"',
+                        f"spool = {spool}",
+                        "[[replica]]",
+                        f'name = "{q}"',
+                        f'source = "{q}"',
+                        "",
+                    ]
+                )
+            )
             for args in (("init",), ("run", "--once")):
                 p = run(cfg, env, *args)
                 if p.returncode != 0:
@@ -151,8 +178,12 @@ def kill_test(mib: int, rate: str, work: Path) -> list[dict]:
                 uninterrupted = time.perf_counter() - t0
                 row = {"mode": mode, "first": uninterrupted, "restart": 0.0, "lost": 0.0}
             else:
-                proc = subprocess.Popen([*EXE, "--config", str(cfg), "run", "--once"], env=env,
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                proc = subprocess.Popen(
+                    [*EXE, "--config", str(cfg), "run", "--once"],
+                    env=env,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
                 time.sleep(uninterrupted / 2)
                 os.kill(proc.pid, signal.SIGKILL)
                 proc.wait()
@@ -163,8 +194,13 @@ def kill_test(mib: int, rate: str, work: Path) -> list[dict]:
                 p = run(cfg, env, "run", "--once")
                 assert p.returncode == 0, p.stderr
                 restart = time.perf_counter() - t1
-                row = {"mode": mode, "first": first, "restart": restart,
-                       "lost": first + restart - uninterrupted, "spooled": spooled}
+                row = {
+                    "mode": mode,
+                    "first": first,
+                    "restart": restart,
+                    "lost": first + restart - uninterrupted,
+                    "spooled": spooled,
+                }
             row["sent"] = svc.service.stats["bytes_out"] - b0
             row["cpu"] = children_cpu() - c0
             st = json.loads(run(cfg, env, "status", "--json").stdout)
@@ -190,28 +226,44 @@ def main(argv: list[str] | None = None) -> int:
         args.mib, args.cost_mib, args.files, args.rate = 8, 16, 500, "4MiB/s"
     work = Path(tempfile.mkdtemp(prefix="bench-spool-", dir=args.dir))
     try:
-        print(f"`{command('bench_spool', argv)}` on {platform.node()}, {os.cpu_count()} CPUs, "
-              f"Python {platform.python_version()}, {utc_now()}, load {os.getloadavg()[0]:.2f}\n")
-        print("| records | change records | data (MiB) | spool file (MiB) | plain loop wall / CPU (s) "
-              "| through the spool wall / CPU (s) | spool MiB/s | replay wall / CPU (s) |")
+        print(
+            f"`{command('bench_spool', argv)}` on {platform.node()}, {os.cpu_count()} CPUs, "
+            f"Python {platform.python_version()}, {utc_now()}, load {os.getloadavg()[0]:.2f}\n"
+        )
+        print(
+            "| records | change records | data (MiB) | spool file (MiB) | plain loop wall / CPU (s) "
+            "| through the spool wall / CPU (s) | spool MiB/s | replay wall / CPU (s) |"
+        )
         print("|---|---|---|---|---|---|---|---|")
-        for name, recs in ((f"{args.cost_mib} x 1 MiB Write", big_records(args.cost_mib)),
-                           (f"{args.files} small files", small_records(args.files))):
+        for name, recs in (
+            (f"{args.cost_mib} x 1 MiB Write", big_records(args.cost_mib)),
+            (f"{args.files} small files", small_records(args.files)),
+        ):
             r = cost(name, recs, work / "cost")
             del recs
             mbps = r["size"] / MiB / max(r["spooled"][0], 1e-9)
-            print(f"| {r['name']} | {r['records']:,} | {r['data'] / MiB:.0f} | {r['size'] / MiB:.1f} "
-                  f"| {r['plain'][0]:.3f} / {r['plain'][1]:.3f} | {r['spooled'][0]:.2f} / {r['spooled'][1]:.2f} "
-                  f"| {mbps:.0f} | {r['replay'][0]:.2f} / {r['replay'][1]:.2f} |", flush=True)
-        print(f"\nSIGKILL mid-update: {args.mib} MiB changed, client limit {args.rate}, TLS on loopback, "
-              "destination sim:// (fsync on), killed at half the uninterrupted time\n")
-        print("| run | until done or killed (s) | restart run (s) | time lost (s) | records in the spool "
-              "| MiB the source sent (after the restart) | agent CPU, all runs (s) | stable, `coalesce check` |")
+            print(
+                f"| {r['name']} | {r['records']:,} | {r['data'] / MiB:.0f} | {r['size'] / MiB:.1f} "
+                f"| {r['plain'][0]:.3f} / {r['plain'][1]:.3f} | {r['spooled'][0]:.2f} / {r['spooled'][1]:.2f} "
+                f"| {mbps:.0f} | {r['replay'][0]:.2f} / {r['replay'][1]:.2f} |",
+                flush=True,
+            )
+        print(
+            f"\nSIGKILL mid-update: {args.mib} MiB changed, client limit {args.rate}, TLS on loopback, "
+            "destination sim:// (fsync on), killed at half the uninterrupted time\n"
+        )
+        print(
+            "| run | until done or killed (s) | restart run (s) | time lost (s) | records in the spool "
+            "| MiB the source sent (after the restart) | agent CPU, all runs (s) | stable, `coalesce check` |"
+        )
         print("|---|---|---|---|---|---|---|---|")
         for row in kill_test(args.mib, args.rate, work):
-            print(f"| {row['mode']} | {row['first']:.2f} | {row['restart']:.2f} | {row['lost']:.2f} "
-                  f"| {row.get('spooled', '-')} | {row['sent'] / MiB:.1f} | {row['cpu']:.2f} "
-                  f"| {'yes' if row['stable'] else 'NO'}, {'ok' if row['check'] else 'FAILED'} |", flush=True)
+            print(
+                f"| {row['mode']} | {row['first']:.2f} | {row['restart']:.2f} | {row['lost']:.2f} "
+                f"| {row.get('spooled', '-')} | {row['sent'] / MiB:.1f} | {row['cpu']:.2f} "
+                f"| {'yes' if row['stable'] else 'NO'}, {'ok' if row['check'] else 'FAILED'} |",
+                flush=True,
+            )
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0

@@ -131,14 +131,14 @@ class SimSource:
                 if d not in self.dirs:
                     self.dirs.add(d)
                     changes.append(MkDir(path=d))
-            if rel not in self.known:          # rewritten files keep their size: Writes over them
+            if rel not in self.known:  # rewritten files keep their size: Writes over them
                 self.known.add(rel)
                 changes.append(MkFile(path=rel))
-            changes += [Write(path=rel, offset=o, data=data[o:o + MiB]) for o in range(0, len(data), MiB)]
+            changes += [Write(path=rel, offset=o, data=data[o : o + MiB]) for o in range(0, len(data), MiB)]
         self._apply(changes)
 
     def patch(self, rel: str, offset: int, data: bytes) -> None:
-        self._apply([Write(path=rel, offset=offset + o, data=data[o:o + MiB]) for o in range(0, len(data), MiB)])
+        self._apply([Write(path=rel, offset=offset + o, data=data[o : o + MiB]) for o in range(0, len(data), MiB)])
 
     def renames(self, pairs: list[tuple[str, str]]) -> None:
         self._apply([Rename(old=o, new=n) for o, n in pairs])
@@ -169,17 +169,30 @@ def changes(size_mib: int, base: int, small: int, patch_mib: int) -> list[tuple[
         s.patch("big/f0.bin", (per - patch_mib) * MiB // 2, rnd.randbytes(patch_mib * MiB))
 
     def rename(s, rnd):
-        s.renames([(f"small/d{i % NDIRS:02d}/f{i:06d}", f"small/d{(i + 1) % NDIRS:02d}/r{i:06d}")
-                   for i in range(small)])
+        s.renames(
+            [(f"small/d{i % NDIRS:02d}/f{i:06d}", f"small/d{(i + 1) % NDIRS:02d}/r{i:06d}") for i in range(small)]
+        )
 
     return [
         (f"baseline: {N_BIG} large + {base} small files", baseline, N_BIG * per + base * 4 / 1024, N_BIG + base),
-        (f"(a) {N_BIG * per} MiB rewritten in {N_BIG} large files", lambda s, r: s.files(big_files(size_mib, r)),
-         N_BIG * per, N_BIG),
-        (f"(b) {small} small files (4 KiB) created", lambda s, r: s.files(small_files("small", small, r)),
-         small * 4 / 1024, small),
-        (f"(c) {small} small files (4 KiB) rewritten", lambda s, r: s.files(small_files("small", small, r)),
-         small * 4 / 1024, small),
+        (
+            f"(a) {N_BIG * per} MiB rewritten in {N_BIG} large files",
+            lambda s, r: s.files(big_files(size_mib, r)),
+            N_BIG * per,
+            N_BIG,
+        ),
+        (
+            f"(b) {small} small files (4 KiB) created",
+            lambda s, r: s.files(small_files("small", small, r)),
+            small * 4 / 1024,
+            small,
+        ),
+        (
+            f"(c) {small} small files (4 KiB) rewritten",
+            lambda s, r: s.files(small_files("small", small, r)),
+            small * 4 / 1024,
+            small,
+        ),
         (f"(d) {patch_mib} MiB rewritten in one {per} MiB file", patch, patch_mib, 1),
         (f"(e) {small} small files renamed", rename, 0, small),
     ]
@@ -259,12 +272,13 @@ def volumes(backend: str, rep: int, size_mib: int, log):
         if backend == "sim":
             d = tempfile.mkdtemp(prefix="coalesce-bench-verify-", dir=bench_dir())
             try:
+
                 def make(verify: bool) -> Group:
                     tag = "on" if verify else "off"
-                    h = make_group(f"{d}/work-{tag}", f"v{tag}", f"sim://{d}/src-{tag}", f"sim://{d}/dst-{tag}",
-                                   verify)
+                    h = make_group(f"{d}/work-{tag}", f"v{tag}", f"sim://{d}/src-{tag}", f"sim://{d}/dst-{tag}", verify)
                     harnesses.append(h)
                     return Group(h, SimSource(h), verify, None, None)
+
                 yield make, problems
             finally:
                 for h in harnesses:
@@ -279,11 +293,17 @@ def volumes(backend: str, rep: int, size_mib: int, log):
                 def make(verify: bool) -> Group:
                     tag = "on" if verify else "off"
                     src = os.path.join(mnt, f"src-{tag}")
-                    h = make_group(os.path.join(fs.dir, f"work-{tag}"), f"v{tag}", f"btrfs://{src}",
-                                   f"btrfs://{mnt}/dst-{tag}", verify)
+                    h = make_group(
+                        os.path.join(fs.dir, f"work-{tag}"),
+                        f"v{tag}",
+                        f"btrfs://{src}",
+                        f"btrfs://{mnt}/dst-{tag}",
+                        verify,
+                    )
                     harnesses.append(h)
                     qdir = os.path.join(src, QTREE)
                     return Group(h, PosixSource(qdir), verify, None, qdir)
+
                 yield make, problems
             finally:
                 for h in harnesses:
@@ -293,17 +313,25 @@ def volumes(backend: str, rep: int, size_mib: int, log):
             with zfs_pool(max(1 << 30, 10 * size_mib * MiB + (1 << 30)), log, prefix="cverify", in_ram=True) as z:
                 pool = z["pool"]
                 try:
+
                     def make(verify: bool) -> Group:
                         tag = "on" if verify else "off"
-                        h = make_group(os.path.join(z["state"], f"work-{tag}"), f"v{tag}", f"zfs://{pool}/src{tag}",
-                                       f"zfs://{pool}/dst{tag}", verify)
+                        h = make_group(
+                            os.path.join(z["state"], f"work-{tag}"),
+                            f"v{tag}",
+                            f"zfs://{pool}/src{tag}",
+                            f"zfs://{pool}/dst{tag}",
+                            verify,
+                        )
                         harnesses.append(h)
                         mp = zfs_mountpoint(f"{pool}/src{tag}")
 
                         def settle() -> None:
                             zfs_settle(f"{pool}/src{tag}")
+
                         qdir = os.path.join(mp, QTREE)
                         return Group(h, PosixSource(qdir), verify, settle, qdir)
+
                     yield make, problems
                 finally:
                     for h in harnesses:
@@ -317,20 +345,23 @@ def volumes(backend: str, rep: int, size_mib: int, log):
 def bench_backend(backend: str, sizes: tuple[int, int, int, int], repeats: int, seed: int, log) -> list[dict]:
     """Rows: one per change with the samples of each setting."""
     steps = changes(*sizes)
-    rows = [{"backend": backend, "label": lab, "mib": mib, "entries": n, True: [], False: []}
-            for lab, _f, mib, n in steps]
+    rows = [
+        {"backend": backend, "label": lab, "mib": mib, "entries": n, True: [], False: []} for lab, _f, mib, n in steps
+    ]
     for rep in range(repeats):
         order = (True, False) if rep % 2 == 0 else (False, True)
         with volumes(backend, rep, sizes[0], log) as (make, _problems):
             groups = {v: make(v) for v in (True, False)}
             for row, (label, change, _mib, _n) in zip(rows, steps):
-                for v in (True, False):                  # the same data into both sources
+                for v in (True, False):  # the same data into both sources
                     change(groups[v].src, random.Random(f"{seed}-{rep}-{label}"))
                 for v in order:
                     s = groups[v].cycle(label, backend == "zfs")
                     row[v].append(s)
-                    log(f"{backend} #{rep} verify={v} {label}: {s['wall']:.2f} s wall, {s['cpu']:.2f} s CPU, "
-                        f"check {s['check']:.2f} s")
+                    log(
+                        f"{backend} #{rep} verify={v} {label}: {s['wall']:.2f} s wall, {s['cpu']:.2f} s CPU, "
+                        f"check {s['check']:.2f} s"
+                    )
                 chk = random.Random(rep)
                 for v in (True, False):
                     groups[v].check(label, chk)
@@ -354,17 +385,23 @@ def _over(on: list[float], off: list[float]) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    out = [("| backend | change | data | wall, verify off (s) | wall, verify on (s) | wall overhead "
-            "| check after apply (s) | CPU off (s) | CPU on (s) | CPU overhead |"),
-           "|---|---|---|---|---|---|---|---|---|---|"]
+    out = [
+        (
+            "| backend | change | data | wall, verify off (s) | wall, verify on (s) | wall overhead "
+            "| check after apply (s) | CPU off (s) | CPU on (s) | CPU overhead |"
+        ),
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         on, off = r[True], r[False]
         w_on, w_off = [s["wall"] for s in on], [s["wall"] for s in off]
         c_on, c_off = [s["cpu"] for s in on], [s["cpu"] for s in off]
-        out.append(f"| {r['backend']} | {r['label']} | {r['mib']:.{0 if r['mib'] >= 10 or not r['mib'] else 1}f} MiB, "
-                   f"{r['entries']} files | {_mr(w_off)} | "
-                   f"{_mr(w_on)} | {_over(w_on, w_off)} | {_mr([s['check'] for s in on])} | {_mr(c_off)} | "
-                   f"{_mr(c_on)} | {_over(c_on, c_off)} |")
+        out.append(
+            f"| {r['backend']} | {r['label']} | {r['mib']:.{0 if r['mib'] >= 10 or not r['mib'] else 1}f} MiB, "
+            f"{r['entries']} files | {_mr(w_off)} | "
+            f"{_mr(w_on)} | {_over(w_on, w_off)} | {_mr([s['check'] for s in on])} | {_mr(c_off)} | "
+            f"{_mr(c_on)} | {_over(c_on, c_off)} |"
+        )
     return "\n".join(out)
 
 
@@ -397,16 +434,24 @@ def main(argv: list[str] | None = None) -> int:
     used = {}
     for b in backends:
         sizes = QUICK if args.quick else SIZES[b]
-        sizes = tuple(o if o is not None else d for o, d in
-                      zip((args.size_mib, args.base_files, args.small_files, args.patch_mib), sizes))
+        sizes = tuple(
+            o if o is not None else d
+            for o, d in zip((args.size_mib, args.base_files, args.small_files, args.patch_mib), sizes)
+        )
         used[b] = sizes
         rows += bench_backend(b, sizes, repeats, args.seed, log)
     btrfs_v = run(["btrfs", "--version"], check=False).stdout.strip() if "btrfs" in backends else ""
-    print(provenance(when, f"{host()} {btrfs_v}",
-                     f"backends {', '.join(backends)} (size MiB, base files, small files, patch MiB: {used})",
-                     f"{repeats} repeat(s)", f"command: {command('bench_verify', argv)}",
-                     f"script ran {time.perf_counter() - started:.0f} s",
-                     f"load average {load0} before, {loads()} after"))
+    print(
+        provenance(
+            when,
+            f"{host()} {btrfs_v}",
+            f"backends {', '.join(backends)} (size MiB, base files, small files, patch MiB: {used})",
+            f"{repeats} repeat(s)",
+            f"command: {command('bench_verify', argv)}",
+            f"script ran {time.perf_counter() - started:.0f} s",
+            f"load average {load0} before, {loads()} after",
+        )
+    )
     print(table(rows))
     return 0
 

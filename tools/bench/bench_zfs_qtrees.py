@@ -76,13 +76,18 @@ def run_way(vol, way: str, qtrees: list[str], parallel: int) -> dict:
         SendData.READ_COST = float("inf")
     try:
         cls._block_maps = BlockMaps()
-        one_diff(vol, qtrees[0])                     # untimed: mounts the PCPIs' clones
-        cls._block_maps = maps = BlockMaps()         # every send read to its end keeps one map: maps.published
+        one_diff(vol, qtrees[0])  # untimed: mounts the PCPIs' clones
+        cls._block_maps = maps = BlockMaps()  # every send read to its end keeps one map: maps.published
         t0, c0, z0 = time.perf_counter(), self_cpu(), zfs_fuse_cpu()
         with ThreadPoolExecutor(parallel) as pool:
             data = sum(pool.map(lambda q: one_diff(vol, q), qtrees))
-        return {"wall": time.perf_counter() - t0, "cpu": self_cpu() - c0, "daemon": zfs_fuse_cpu() - z0,
-                "data": data, "sends": maps.published}
+        return {
+            "wall": time.perf_counter() - t0,
+            "cpu": self_cpu() - c0,
+            "daemon": zfs_fuse_cpu() - z0,
+            "data": data,
+            "sends": maps.published,
+        }
     finally:
         SendData.READ_COST = read_cost
         os.environ.pop("COALESCE_ZFS_DIFF", None)
@@ -108,8 +113,7 @@ def bench_k(pool: str, k: int, mib: int, parallels: list[int], rnd: random.Rando
                 log(f"K={k} parallel={parallel}: {way}")
                 r = run_way(vol, way, qtrees, parallel)
                 if r["data"] != k * mib * MiB:
-                    raise SystemExit(f"K={k} {way}: the diffs yielded {r['data']} bytes of data, "
-                                     f"not {k * mib * MiB}")
+                    raise SystemExit(f"K={k} {way}: the diffs yielded {r['data']} bytes of data, not {k * mib * MiB}")
                 rows.append({"k": k, "parallel": parallel, "way": way, **r})
     finally:
         vol.close()
@@ -118,11 +122,16 @@ def bench_k(pool: str, k: int, mib: int, parallels: list[int], rnd: random.Rando
 
 
 def table(rows: list[dict], mib: int) -> str:
-    out = ["| qtrees changed | diffs at a time | way | data (MiB) | wall (s) | CPU here (s) | zfs-fuse daemon CPU (s) "
-           "| `zfs send` runs |", "|---|---|---|---|---|---|---|---|"]
+    out = [
+        "| qtrees changed | diffs at a time | way | data (MiB) | wall (s) | CPU here (s) | zfs-fuse daemon CPU (s) "
+        "| `zfs send` runs |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        out.append(f"| {r['k']} x {mib} MiB | {r['parallel']} | {r['way']} | {r['data'] / MiB:.0f} | {r['wall']:.2f} "
-                   f"| {r['cpu']:.2f} | {r['daemon']:.2f} | {r['sends'] if r['way'] != 'walk' else '-'} |")
+        out.append(
+            f"| {r['k']} x {mib} MiB | {r['parallel']} | {r['way']} | {r['data'] / MiB:.0f} | {r['wall']:.2f} "
+            f"| {r['cpu']:.2f} | {r['daemon']:.2f} | {r['sends'] if r['way'] != 'walk' else '-'} |"
+        )
     return "\n".join(out)
 
 
@@ -151,9 +160,16 @@ def main(argv: list[str] | None = None) -> int:
         for k in args.qtrees:
             rows += bench_k(z["pool"], k, args.mib, args.parallel, rnd)
     problems = z["problems"]
-    print(provenance(utc_now(), host(kernel=False), "zfs-fuse, one pool on a file in a tmpfs",
-                     f"load average {loads(load0)} at the start, {loads()} at the end",
-                     f"ran {time.perf_counter() - started:.0f} s", f"command: {command('bench_zfs_qtrees', argv)}"))
+    print(
+        provenance(
+            utc_now(),
+            host(kernel=False),
+            "zfs-fuse, one pool on a file in a tmpfs",
+            f"load average {loads(load0)} at the start, {loads()} at the end",
+            f"ran {time.perf_counter() - started:.0f} s",
+            f"command: {command('bench_zfs_qtrees', argv)}",
+        )
+    )
     print(table(rows, args.mib))
     for p in problems:
         print(f"bench_zfs_qtrees: {p}", file=sys.stderr)

@@ -32,8 +32,8 @@ from coalesce_core.backend.hookspecs import hookimpl
 ROOT = Path(__file__).resolve().parents[2]
 SBIN_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 MiB = 1 << 20
-QTREE = "q"           # the qtree of the one-replica groups
-N_BIG = 8             # the large files of write_big
+QTREE = "q"  # the qtree of the one-replica groups
+N_BIG = 8  # the large files of write_big
 
 
 # ---------------------------------------------------------------------------
@@ -87,16 +87,20 @@ def loads(values: tuple[float, ...] | None = None) -> str:
 
 def host(node: bool = False, kernel: bool = True) -> str:
     """``[node ]x86_64 cpus 2 python 3.11.7[ kernel 6.18...]``."""
-    return ((f"{platform.node()} " if node else "") + f"{platform.machine()} cpus {os.cpu_count()} "
-            f"python {platform.python_version()}" + (f" kernel {platform.release()}" if kernel else ""))
+    return (
+        (f"{platform.node()} " if node else "") + f"{platform.machine()} cpus {os.cpu_count()} "
+        f"python {platform.python_version()}" + (f" kernel {platform.release()}" if kernel else "")
+    )
 
 
 def git_commit() -> str:
     """The short commit of the working tree, ``+dirty`` when tracked files differ from it; ``?``
     outside a git checkout."""
     commit = run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], check=False).stdout.strip()
-    if commit and run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
-                      check=False).stdout.strip():
+    if (
+        commit
+        and run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"], check=False).stdout.strip()
+    ):
         commit += "+dirty"
     return commit or "?"
 
@@ -231,7 +235,7 @@ def zfs_pool(size: int, log, prefix: str = "cbench", in_ram: bool = False):
     state = tempfile.mkdtemp(prefix="coalesce-bench-zfs-", dir=bench_dir())
     saved = {k: os.environ.get(k) for k in ("COALESCE_REALFS_DIR", "COALESCE_REALFS_POOL", "COALESCE_ZFS_STATE_DIR")}
     pool = f"{prefix}{os.getpid()}"
-    os.environ["COALESCE_REALFS_DIR"] = state          # read when the tool module is loaded
+    os.environ["COALESCE_REALFS_DIR"] = state  # read when the tool module is loaded
     os.environ["COALESCE_REALFS_POOL"] = pool
     os.environ["COALESCE_ZFS_STATE_DIR"] = os.path.join(state, "zfs-state")
     tool = realfs_tool()
@@ -245,24 +249,31 @@ def zfs_pool(size: int, log, prefix: str = "cbench", in_ram: bool = False):
         tool.ensure_tools(btrfs=False, zfs=True)
         info = tool.zfs_up(pool)
         res["mountpoint"] = info["mountpoint"]
-        log(f"zfs-fuse pool {pool} at {info['mountpoint']} (daemon started by us: "
-            f"{os.path.exists(os.path.join(state, 'zfs-fuse.pid'))})")
+        log(
+            f"zfs-fuse pool {pool} at {info['mountpoint']} (daemon started by us: "
+            f"{os.path.exists(os.path.join(state, 'zfs-fuse.pid'))})"
+        )
         yield res
     finally:
         try:
             # zfs-fuse is one daemon per machine: a tools/realfs.py `up` (the real-FS tests) that ran
             # while ours was up put its pool on OUR daemon without recording a PID.  Stopping the
             # daemon then would take that pool away, so leave it running and say so.
-            others = [] if not tool._zfs_fuse_pids() else [
-                n for n in run(["zpool", "list", "-H", "-o", "name"], check=False).stdout.split() if n != pool]
+            others = (
+                []
+                if not tool._zfs_fuse_pids()
+                else [n for n in run(["zpool", "list", "-H", "-o", "name"], check=False).stdout.split() if n != pool]
+            )
             pidfile = os.path.join(state, "zfs-fuse.pid")
             if others and os.path.exists(pidfile):
                 run(["zpool", "destroy", "-f", pool], check=False)
                 pid = Path(pidfile).read_text().strip()
-                problems.append(f"left the zfs-fuse daemon we started (PID {pid}) running: pools {others} of "
-                                f"others use it; stop it with `kill {pid}` when they are done")
+                problems.append(
+                    f"left the zfs-fuse daemon we started (PID {pid}) running: pools {others} of "
+                    f"others use it; stop it with `kill {pid}` when they are done"
+                )
             else:
-                tool.zfs_down(pool)        # destroys the pool; stops the daemon only if we started it
+                tool.zfs_down(pool)  # destroys the pool; stops the daemon only if we started it
         except Exception as exc:
             problems.append(f"zfs_down: {exc}")
         for k, v in saved.items():
@@ -314,21 +325,23 @@ def qtree_names(n: int) -> list[str]:
 
 def replicas_config(name: str, source: str, destination: str, metadata: str, qtrees: list[str]) -> str:
     """The TOML of a group of many replicas (8 transfers at a time, retries at once)."""
-    return (f'[group]\nname="{name}"\nsource="{source}"\ndestination="{destination}"\nparallel=8\n'
-            f'metadata="{metadata}"\n[group.retry]\ninitial=0\n'
-            + "".join(f'[[replica]]\nname="{q}"\n' for q in qtrees))
+    return (
+        f'[group]\nname="{name}"\nsource="{source}"\ndestination="{destination}"\nparallel=8\n'
+        f'metadata="{metadata}"\n[group.retry]\ninitial=0\n' + "".join(f'[[replica]]\nname="{q}"\n' for q in qtrees)
+    )
 
 
-def group_config(work: str, name: str, source: str, destination: str, spool: bool | None = None,
-                 verify: bool = True):
+def group_config(work: str, name: str, source: str, destination: str, spool: bool | None = None, verify: bool = True):
     """Write ``work/group.toml`` for a one-replica group (qtree QTREE, 4 workers, metadata in
     ``work/meta``, retries at once; ``spool`` None: the default; ``[group] verify``) and return it parsed."""
     from coalesce_core.config import parse_config
 
-    text = (f'[group]\nname="{name}"\nsource="{source}"\ndestination="{destination}"\n'
-            f'parallel=4\nmetadata="{work}/meta"\nverify={str(verify).lower()}\n'
-            + ("" if spool is None else f"spool={str(spool).lower()}\n")
-            + f'[group.retry]\ninitial=0.0\nfactor=2\nmaximum=60\n[[replica]]\nname="{QTREE}"\n')
+    text = (
+        f'[group]\nname="{name}"\nsource="{source}"\ndestination="{destination}"\n'
+        f'parallel=4\nmetadata="{work}/meta"\nverify={str(verify).lower()}\n'
+        + ("" if spool is None else f"spool={str(spool).lower()}\n")
+        + f'[group.retry]\ninitial=0.0\nfactor=2\nmaximum=60\n[[replica]]\nname="{QTREE}"\n'
+    )
     path = os.path.join(work, "group.toml")
     Path(path).write_text(text)
     return parse_config(text, path)
@@ -366,6 +379,7 @@ def write_big(qdir: str, total_mib: int, rnd: random.Random) -> int:
 def same_tree(a: str, b: str, rnd: random.Random) -> str | None:
     """Names, types and sizes of every entry, plus sampled bytes of every file over 64 KiB and of
     up to 200 others; None if equal."""
+
     def listing(top):
         out = {}
         for dp, dns, fns in os.walk(top):
@@ -374,6 +388,7 @@ def same_tree(a: str, b: str, rnd: random.Random) -> str | None:
                 p = os.path.join(dp, n)
                 out[os.path.relpath(p, top)] = os.lstat(p).st_size
         return out
+
     la, lb = listing(a), listing(b)
     if la != lb:
         diff = sorted(set(la.items()) ^ set(lb.items()))[:5]
@@ -454,12 +469,12 @@ class Timer:
 
     @hookimpl(wrapper=True)
     def coalesce_apply(self, volume, qtree, records, use_purgatory):
-        with self._timed("apply"):          # consumes the diff's records: read source + write dest
+        with self._timed("apply"):  # consumes the diff's records: read source + write dest
             return (yield)
 
     @hookimpl(wrapper=True)
     def coalesce_diff(self, volume, qtree, base, target):
-        with self._timed("diff"):           # btrfs: the `btrfs send --no-data` run and its parse
+        with self._timed("diff"):  # btrfs: the `btrfs send --no-data` run and its parse
             return (yield)
 
     @hookimpl(wrapper=True)

@@ -91,6 +91,12 @@ from coalesce_core.testing.conformance.settings import (  # noqa: F401
 from coalesce_core.testing.conformance.trees import check_purgatory, check_rich_roundtrip  # noqa: F401
 
 __all__ = [
-    "BASIC_CHECKS", "ConformanceError", "Model", "conformance_machine", "conformance_settings",
-    "run_basic_check", "run_basic_checks", "run_conformance",
+    "BASIC_CHECKS",
+    "ConformanceError",
+    "Model",
+    "conformance_machine",
+    "conformance_settings",
+    "run_basic_check",
+    "run_basic_checks",
+    "run_conformance",
 ]

@@ -42,17 +42,36 @@ def _free(draw: Callable, model: Model, names: tuple[str, ...]) -> str | None:
 
 def _file_records(path: str, data: bytes, mode: int) -> list[object]:
     recs: list[object] = [MkFile(path=path, mode=0o600)]
-    recs += [Write(path=path, offset=o, data=data[o:o + MAX_DATA]) for o in range(0, len(data), MAX_DATA)]
+    recs += [Write(path=path, offset=o, data=data[o : o + MAX_DATA]) for o in range(0, len(data), MAX_DATA)]
     recs.append(SetAttr(path=path, mode=mode))
     return recs
 
 
-def draw_changes(draw: Callable, model: Model, count: int, *, names: tuple[str, ...] = NAMES,
-                 xattrs: bool = True, big_files: bool = True) -> list[object]:
+def draw_changes(
+    draw: Callable,
+    model: Model,
+    count: int,
+    *,
+    names: tuple[str, ...] = NAMES,
+    xattrs: bool = True,
+    big_files: bool = True,
+) -> list[object]:
     """``count`` random valid operations on ``model`` as change records (applied to it)."""
     out: list[object] = []
-    ops = ["mkdir", "mkfile", "mkfile", "write", "truncate", "unlink", "rmtree", "rename", "symlink",
-           "hardlink", "chmod", "mtime"] + (["xattr"] if xattrs else [])
+    ops = [
+        "mkdir",
+        "mkfile",
+        "mkfile",
+        "write",
+        "truncate",
+        "unlink",
+        "rmtree",
+        "rename",
+        "symlink",
+        "hardlink",
+        "chmod",
+        "mtime",
+    ] + (["xattr"] if xattrs else [])
     for _ in range(count):
         op = draw(st.sampled_from(ops))
         recs: list[object] = []
@@ -69,7 +88,9 @@ def draw_changes(draw: Callable, model: Model, count: int, *, names: tuple[str, 
         elif op == "write" and files:
             path = draw(st.sampled_from(files))
             size = len(model.data(path))
-            recs = [Write(path=path, offset=draw(st.integers(0, size + 16)), data=draw(st.binary(min_size=1, max_size=24)))]
+            recs = [
+                Write(path=path, offset=draw(st.integers(0, size + 16)), data=draw(st.binary(min_size=1, max_size=24)))
+            ]
         elif op == "truncate" and files:
             path = draw(st.sampled_from(files))
             recs = [Truncate(path=path, size=draw(st.integers(0, len(model.data(path)) + 40)))]

@@ -30,14 +30,16 @@ BASIC_CHECKS: dict[str, Callable[[_Ctx], None]] = {
 }
 
 
-def run_basic_check(name: str, make_volume_url: Callable[[], str], *, plugins: Iterable[object] = (),
-                    fresh_urls: bool = True) -> None:
+def run_basic_check(
+    name: str, make_volume_url: Callable[[], str], *, plugins: Iterable[object] = (), fresh_urls: bool = True
+) -> None:
     """Run one plain check by name (see :data:`BASIC_CHECKS`)."""
     BASIC_CHECKS[name](_Ctx(make_volume_url, tuple(plugins), fresh_urls))
 
 
-def run_basic_checks(make_volume_url: Callable[[], str], *, plugins: Iterable[object] = (),
-                     fresh_urls: bool = True) -> None:
+def run_basic_checks(
+    make_volume_url: Callable[[], str], *, plugins: Iterable[object] = (), fresh_urls: bool = True
+) -> None:
     for name in BASIC_CHECKS:
         try:
             run_basic_check(name, make_volume_url, plugins=plugins, fresh_urls=fresh_urls)

@@ -32,8 +32,13 @@ def _raw(cls: type, **fields: Any) -> Any:
     return obj
 
 
-HOSTILE_SETUP = [MkFile(path="f"), Write(path="f", offset=0, data=b"in h"), MkDir(path="d"),
-                 Symlink(path="esc", target="../cf-other"), Symlink(path="escf", target="../cf-other/f")]
+HOSTILE_SETUP = [
+    MkFile(path="f"),
+    Write(path="f", offset=0, data=b"in h"),
+    MkDir(path="d"),
+    Symlink(path="esc", target="../cf-other"),
+    Symlink(path="escf", target="../cf-other/f"),
+]
 
 
 def hostile_records() -> list[tuple[str, object, tuple[type, ...]]]:
@@ -76,6 +81,9 @@ def check_hostile(ctx: _Ctx) -> None:
         _apply(vol, "h", HOSTILE_SETUP)
         before = _fps(vol)
         for use_purgatory in (False, True):
-            _expect(accepted, lambda: vol.apply("h", framed("h", None, "x", [rec]), use_purgatory=use_purgatory),
-                    f"hostile record {label} ({rec!r})")
+            _expect(
+                accepted,
+                lambda: vol.apply("h", framed("h", None, "x", [rec]), use_purgatory=use_purgatory),
+                f"hostile record {label} ({rec!r})",
+            )
             _check(_fps(vol) == before, f"hostile record {label} changed something")

@@ -22,10 +22,16 @@ from coalesce_core.testing.conformance.rollback import check_rollback
 from coalesce_core.testing.conformance.settings import conformance_settings
 
 
-def conformance_machine(make_volume_url: Callable[[], str], *, plugins: Iterable[object] = (),
-                        names: tuple[str, ...] = NAMES, xattrs: bool = True, big_files: bool = True,
-                        cleanup: Callable[[str], None] | None = None,
-                        settings: Settings | None = None) -> type[RuleBasedStateMachine]:
+def conformance_machine(
+    make_volume_url: Callable[[], str],
+    *,
+    plugins: Iterable[object] = (),
+    names: tuple[str, ...] = NAMES,
+    xattrs: bool = True,
+    big_files: bool = True,
+    cleanup: Callable[[str], None] | None = None,
+    settings: Settings | None = None,
+) -> type[RuleBasedStateMachine]:
     """A RuleBasedStateMachine class over the primitives of the backend that
     serves ``make_volume_url()`` (a fresh volume per example).  Its
     ``.TestCase`` is a unittest class pytest collects."""
@@ -37,11 +43,11 @@ def conformance_machine(make_volume_url: Callable[[], str], *, plugins: Iterable
             super().__init__()
             self.url = make_volume_url()
             self.vol = Volume.open(_pm(plugs), self.url, create=True)
-            self.model = Model()                          # the "src" qtree
-            self.snaps: dict[str, dict[str, Any]] = {}    # name -> {"fps", "model"}
+            self.model = Model()  # the "src" qtree
+            self.snaps: dict[str, dict[str, Any]] = {}  # name -> {"fps", "model"}
             self.exports: dict[str, str | None] = {}
             self.markers = 0
-            self.last: str | None = None                  # the newest PCPI of replication_cycle
+            self.last: str | None = None  # the newest PCPI of replication_cycle
             _apply(self.vol, "cf-other", [MkDir(path="d")] + _file_records("f", b"other", 0o644))
             self.other_fp = self.vol.fingerprint("cf-other")
 
@@ -62,8 +68,10 @@ def conformance_machine(make_volume_url: Callable[[], str], *, plugins: Iterable
                 self.model.apply_all(recs)
                 _apply(self.vol, "src", recs)
                 _check(self.vol.snapshot_create(name) == name, "snapshot_create must return the name")
-                _check(self.vol.fingerprint("src", name) == before == self.snaps[name]["fps"].get("src"),
-                       f"snapshot_create({name!r}) of an existing PCPI retook it")
+                _check(
+                    self.vol.fingerprint("src", name) == before == self.snaps[name]["fps"].get("src"),
+                    f"snapshot_create({name!r}) of an existing PCPI retook it",
+                )
             else:
                 self.vol.snapshot_delete(name)
                 _apply(self.vol, "src", [])  # make sure "src" exists
@@ -109,8 +117,15 @@ def conformance_machine(make_volume_url: Callable[[], str], *, plugins: Iterable
             _check(self.vol.snapshot_create(name) == name, "snapshot_create must return the name")
             self.snaps[name] = {"fps": _fps(self.vol, name), "model": self.model.copy()}
             self.last = name
-            check_diff(self.vol, "src", last, name, base_model=self.snaps[last]["model"] if last else None,
-                       target_fp=self.snaps[name]["fps"].get("src", EMPTY_FP), use_purgatory=use_purgatory)
+            check_diff(
+                self.vol,
+                "src",
+                last,
+                name,
+                base_model=self.snaps[last]["model"] if last else None,
+                target_fp=self.snaps[name]["fps"].get("src", EMPTY_FP),
+                use_purgatory=use_purgatory,
+            )
 
         @precondition(lambda self: self.snaps)
         @rule(data=st.data(), use_purgatory=st.booleans())
@@ -118,8 +133,15 @@ def conformance_machine(make_volume_url: Callable[[], str], *, plugins: Iterable
             names_ = sorted(self.snaps)
             base = data.draw(st.one_of(st.sampled_from(names_), st.none()))
             target = data.draw(st.sampled_from(names_))
-            check_diff(self.vol, "src", base, target, base_model=self.snaps[base]["model"] if base else None,
-                       target_fp=self.snaps[target]["fps"].get("src", EMPTY_FP), use_purgatory=use_purgatory)
+            check_diff(
+                self.vol,
+                "src",
+                base,
+                target,
+                base_model=self.snaps[base]["model"] if base else None,
+                target_fp=self.snaps[target]["fps"].get("src", EMPTY_FP),
+                use_purgatory=use_purgatory,
+            )
 
         @precondition(lambda self: self.snaps)
         @rule(data=st.data(), to_none=st.booleans())
@@ -135,13 +157,17 @@ def conformance_machine(make_volume_url: Callable[[], str], *, plugins: Iterable
         @rule(data=st.data())
         def export(self, data: st.DataObject) -> None:
             values = [None, ACTIVE] + sorted(self.snaps)
-            mapping = {r: data.draw(st.sampled_from(values))
-                       for r in data.draw(st.lists(st.sampled_from(["r1", "r2", "r3"]), unique=True))}
+            mapping = {
+                r: data.draw(st.sampled_from(values))
+                for r in data.draw(st.lists(st.sampled_from(["r1", "r2", "r3"]), unique=True))
+            }
             for _ in range(2):
                 _check(bool(self.vol.export(mapping)), "export returned a false value")
                 got = self.vol.exported()
-                _check(all(got.get(r) == mapping.get(r) for r in set(got) | set(mapping)),
-                       f"exported() is {got}, expected {mapping}")
+                _check(
+                    all(got.get(r) == mapping.get(r) for r in set(got) | set(mapping)),
+                    f"exported() is {got}, expected {mapping}",
+                )
             self.exports = mapping
 
         # --- purgatory, removal
@@ -166,15 +192,17 @@ def conformance_machine(make_volume_url: Callable[[], str], *, plugins: Iterable
             self.vol.remove_qtree("h")
             _apply(self.vol, "h", HOSTILE_SETUP)
             before = _fps(self.vol)
-            _expect(accepted, lambda: self.vol.apply("h", framed("h", None, "x", [rec]),
-                                                     use_purgatory=use_purgatory), f"hostile record {label}")
+            _expect(
+                accepted,
+                lambda: self.vol.apply("h", framed("h", None, "x", [rec]), use_purgatory=use_purgatory),
+                f"hostile record {label}",
+            )
             _check(_fps(self.vol) == before, f"hostile record {label} changed something")
 
         # --- after every step
         @invariant()
         def source_matches_model(self) -> None:
-            _check(self.vol.fingerprint("src") == self.model.digest(),
-                   "the src qtree differs from the reference model")
+            _check(self.vol.fingerprint("src") == self.model.digest(), "the src qtree differs from the reference model")
             _check(self.vol.fingerprint("cf-other") == self.other_fp, "an apply elsewhere changed cf-other (I10)")
 
         def teardown(self) -> None:
@@ -186,11 +214,19 @@ def conformance_machine(make_volume_url: Callable[[], str], *, plugins: Iterable
     return BackendConformance
 
 
-def run_conformance(make_volume_url: Callable[[], str], *, max_examples: int | None = None,
-                    stateful_steps: int | None = None, plugins: Iterable[object] = (),
-                    basic: bool = True, fresh_urls: bool = True, names: tuple[str, ...] = NAMES,
-                    xattrs: bool = True, big_files: bool = True,
-                    cleanup: Callable[[str], None] | None = None) -> None:
+def run_conformance(
+    make_volume_url: Callable[[], str],
+    *,
+    max_examples: int | None = None,
+    stateful_steps: int | None = None,
+    plugins: Iterable[object] = (),
+    basic: bool = True,
+    fresh_urls: bool = True,
+    names: tuple[str, ...] = NAMES,
+    xattrs: bool = True,
+    big_files: bool = True,
+    cleanup: Callable[[str], None] | None = None,
+) -> None:
     """Run the whole suite against the backend serving ``make_volume_url()``.
 
     ``make_volume_url`` returns the URL of a *new* volume on every call (set
@@ -203,6 +239,7 @@ def run_conformance(make_volume_url: Callable[[], str], *, max_examples: int | N
     plugins = tuple(plugins)
     if basic:
         run_basic_checks(make_volume_url, plugins=plugins, fresh_urls=fresh_urls)
-    machine = conformance_machine(make_volume_url, plugins=plugins, names=names, xattrs=xattrs,
-                                  big_files=big_files, cleanup=cleanup)
+    machine = conformance_machine(
+        make_volume_url, plugins=plugins, names=names, xattrs=xattrs, big_files=big_files, cleanup=cleanup
+    )
     run_state_machine_as_test(machine, settings=conformance_settings(max_examples, stateful_steps))

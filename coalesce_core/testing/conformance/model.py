@@ -90,8 +90,13 @@ class Model:
     def apply(self, rec: object) -> None:
         # SetAttr of a directory comes after its contents: no entry of it is
         # created, removed or renamed afterwards (that would change its mtime).
-        changed = (rec.path,) if isinstance(rec, (MkDir, MkFile, Symlink, HardLink, Unlink, RmDir)) else \
-            (rec.old, rec.new) if isinstance(rec, Rename) else ()
+        changed = (
+            (rec.path,)
+            if isinstance(rec, (MkDir, MkFile, Symlink, HardLink, Unlink, RmDir))
+            else (rec.old, rec.new)
+            if isinstance(rec, Rename)
+            else ()
+        )
         for p in changed:
             if _parent(p) in self.sealed:
                 self._fail(rec, f"it changes an entry of {_parent(p)!r} after the SetAttr of that directory")
@@ -122,7 +127,7 @@ class Model:
             for p in moved:
                 del self.nodes[p]
             for p, node in moved.items():
-                self.nodes[rec.new + p[len(rec.old):]] = node
+                self.nodes[rec.new + p[len(rec.old) :]] = node
         elif isinstance(rec, Unlink):
             n = self.nodes.get(rec.path)
             if n is None or n["k"] == "d":
@@ -139,14 +144,14 @@ class Model:
             if isinstance(rec, Write):
                 if rec.offset > len(data):
                     data.extend(bytes(rec.offset - len(data)))
-                data[rec.offset:rec.offset + len(rec.data)] = rec.data
+                data[rec.offset : rec.offset + len(rec.data)] = rec.data
             elif rec.size < len(data):
-                del data[rec.size:]
+                del data[rec.size :]
             else:
                 data.extend(bytes(rec.size - len(data)))
         elif isinstance(rec, (SetAttr, SetXattr)) and rec.path == ROOT:
             if isinstance(rec, SetAttr):
-                self.sealed.add(ROOT)       # the qtree root's entries are final by now
+                self.sealed.add(ROOT)  # the qtree root's entries are final by now
         elif isinstance(rec, (SetAttr, SetXattr)):
             n = self.nodes.get(rec.path)
             if n is None:

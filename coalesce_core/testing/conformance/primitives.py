@@ -17,8 +17,11 @@ from coalesce_core.testing.conformance.trees import _rich_tree
 def check_open(ctx: _Ctx) -> None:
     url = ctx.make()
     if ctx.fresh_urls:
-        exc = _expect((BackendError,), lambda: Volume.open(ctx.pm, url, create=False),
-                      "opening a volume that does not exist with create=False")
+        exc = _expect(
+            (BackendError,),
+            lambda: Volume.open(ctx.pm, url, create=False),
+            "opening a volume that does not exist with create=False",
+        )
         _check(bool(getattr(exc, "hint", "")), "the BackendError for a missing volume must carry a hint")
     v1 = Volume.open(ctx.pm, url, create=True)
     _apply(v1, "q", [MkFile(path="f")])
@@ -64,11 +67,13 @@ def check_snapshots(ctx: _Ctx) -> None:
     _check(vol.snapshot_delete("s1") is False, "deleting a missing PCPI returns False (a no-op)")
     _check(vol.snapshot_list() == ["s2"], "snapshot_list after delete")
     _check(vol.fingerprint("q", "s2") == vol.fingerprint("q"), "deleting one PCPI disturbed another")
-    for what, fn in [("fingerprint of a missing PCPI", lambda: vol.fingerprint("q", "nope")),
-                     ("diff to a missing PCPI", lambda: list(vol.diff("q", None, "nope"))),
-                     ("diff from a missing PCPI", lambda: list(vol.diff("q", "nope", "s2"))),
-                     ("qtree_list of a missing PCPI", lambda: vol.qtree_list("nope")),
-                     ("diff of a qtree missing in the PCPI", lambda: list(vol.diff("nope", None, "s2")))]:
+    for what, fn in [
+        ("fingerprint of a missing PCPI", lambda: vol.fingerprint("q", "nope")),
+        ("diff to a missing PCPI", lambda: list(vol.diff("q", None, "nope"))),
+        ("diff from a missing PCPI", lambda: list(vol.diff("q", "nope", "s2"))),
+        ("qtree_list of a missing PCPI", lambda: vol.qtree_list("nope")),
+        ("diff of a qtree missing in the PCPI", lambda: list(vol.diff("nope", None, "s2"))),
+    ]:
         _expect((BackendError,), fn, what)
 
 
@@ -83,14 +88,15 @@ def check_export(ctx: _Ctx) -> None:
         got = vol.exported()
         for r, v in mapping.items():
             _check(got.get(r) == v, f"exported()[{r!r}] is {got.get(r)!r}, expected {v!r}")
-    _expect((BackendError,), lambda: vol.export({"r1": "s2", "r2": "no-such-pcpi"}),
-            "exporting a missing PCPI")
+    _expect((BackendError,), lambda: vol.export({"r1": "s2", "r2": "no-such-pcpi"}), "exporting a missing PCPI")
     got = vol.exported()
     _check(all(got.get(r) == v for r, v in mapping.items()), "a refused export changed the export table")
     vol.export({"r1": "s2"})
     got = vol.exported()
-    _check(got.get("r1") == "s2" and all(got.get(r) is None for r in ("r2", "r3", "r4")),
-           "replicas absent from the mapping must export nothing")
+    _check(
+        got.get("r1") == "s2" and all(got.get(r) is None for r in ("r2", "r3", "r4")),
+        "replicas absent from the mapping must export nothing",
+    )
     path = vol.export_path("r1")
     _check(path is None or isinstance(path, str), "export_path must be None or a str")
     vol.export({})

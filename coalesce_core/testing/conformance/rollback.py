@@ -11,8 +11,9 @@ from coalesce_core.testing.conformance.helpers import _apply, _Ctx, _expect
 from coalesce_core.testing.conformance.trees import _rich_changes, _rich_tree
 
 
-def check_rollback(vol: Volume, qtree: str, base: str, target: str, k: int, *, scratch: str = "cf-copy",
-                   to_none: bool = False) -> None:
+def check_rollback(
+    vol: Volume, qtree: str, base: str, target: str, k: int, *, scratch: str = "cf-copy", to_none: bool = False
+) -> None:
     """Apply diff(base, target) to a copy of base, failing after ``k`` change records;
     take a rollback PCPI and run the generic rollback (Fig. 9): the copy equals base again."""
     base_fp = vol.fingerprint(qtree, base)
@@ -33,8 +34,11 @@ def check_rollback(vol: Volume, qtree: str, base: str, target: str, k: int, *, s
             yield rec
         raise InjectedFault("injected before End")
 
-    _expect((InjectedFault,), lambda: vol.apply(scratch, failing(), use_purgatory=True),
-            "an exception of the record iterator must propagate out of apply")
+    _expect(
+        (InjectedFault,),
+        lambda: vol.apply(scratch, failing(), use_purgatory=True),
+        "an exception of the record iterator must propagate out of apply",
+    )
     vol.snapshot_create(crb)
     if to_none:
         _check(bool(vol.rollback(scratch, crb, None)), "rollback returned a false value")
@@ -42,8 +46,10 @@ def check_rollback(vol: Volume, qtree: str, base: str, target: str, k: int, *, s
         _check(vol.fingerprint(scratch) == EMPTY, "a removed qtree must digest as the empty tree")
     else:
         _check(bool(vol.rollback(scratch, crb, cbase)), "rollback returned a false value")
-        _check(vol.fingerprint(scratch) == base_fp,
-               f"the generic rollback after a failure at record {k} did not restore the base")
+        _check(
+            vol.fingerprint(scratch) == base_fp,
+            f"the generic rollback after a failure at record {k} did not restore the base",
+        )
     _check(vol.fingerprint(scratch, cbase) == base_fp, "the rollback changed a PCPI")
     for name in (crb, cbase):
         _check(vol.snapshot_delete(name) is True, f"deleting PCPI {name} did not return True")
@@ -68,6 +74,9 @@ def check_apply_failures(ctx: _Ctx) -> None:
         yield MkFile(path="partial")
         raise Boom("the link dropped")
 
-    _expect((Boom,), lambda: vol.apply("q3", broken(), use_purgatory=True),
-            "an exception raised by the records iterator must propagate unchanged")
+    _expect(
+        (Boom,),
+        lambda: vol.apply("q3", broken(), use_purgatory=True),
+        "an exception raised by the records iterator must propagate unchanged",
+    )
     _check("q3" in vol.qtree_list(), "the partial qtree stays (rollback repairs it)")

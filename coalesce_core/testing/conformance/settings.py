@@ -19,8 +19,9 @@ FALLBACK_PROFILES: dict[str, dict[str, Any]] = {
 }
 
 
-def conformance_settings(max_examples: int | None = None, stateful_steps: int | None = None,
-                         parent: Settings | None = None) -> Settings:
+def conformance_settings(
+    max_examples: int | None = None, stateful_steps: int | None = None, parent: Settings | None = None
+) -> Settings:
     """Settings for the state machine: explicit counts > HYPOTHESIS_PROFILE > defaults."""
     if parent is None:
         name = os.environ.get("HYPOTHESIS_PROFILE")

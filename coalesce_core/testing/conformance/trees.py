@@ -31,12 +31,20 @@ def _rich_tree() -> list[object]:
     recs += _file_records("holey", holey, 0o755)
     recs += _file_records("tobedir", b"x", 0o644)
     recs += [MkDir(path="tobefile"), MkDir(path="tobefile/sub")] + _file_records("tobefile/sub/f", b"f", 0o644)
-    recs += [Symlink(path="lnk", target="d1/d2/small"), Symlink(path="dangling", target="../../nowhere"),
-             Symlink(path="abs", target="/etc/passwd"), Symlink(path="tobefile2", target="x")]
+    recs += [
+        Symlink(path="lnk", target="d1/d2/small"),
+        Symlink(path="dangling", target="../../nowhere"),
+        Symlink(path="abs", target="/etc/passwd"),
+        Symlink(path="tobefile2", target="x"),
+    ]
     recs += _file_records("h1", b"linked", 0o644)
     recs += [HardLink(path="d1/h2", existing="h1"), HardLink(path="e/h3", existing="h1")]
-    recs += [SetXattr(path="h1", name=XATTR, value=b"v"), SetXattr(path="d1", name=XATTR, value=b"dir"),
-             SetAttr(path="d1/d2", mode=0o755, mtime_ns=10**18), SetAttr(path="d1", mode=0o750)]
+    recs += [
+        SetXattr(path="h1", name=XATTR, value=b"v"),
+        SetXattr(path="d1", name=XATTR, value=b"dir"),
+        SetAttr(path="d1/d2", mode=0o755, mtime_ns=10**18),
+        SetAttr(path="d1", mode=0o750),
+    ]
     return recs
 
 

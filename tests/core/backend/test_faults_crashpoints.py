@@ -59,8 +59,14 @@ def test_rule_validates_the_hook_name():
         Rule(hook=hook)
 
 
-@pytest.mark.parametrize("hook", [h for h in ("coalesce_apply", "coalesce_rollback", "coalesce_snapshot_create",
-                                              "coalesce_export") if h in PRIMITIVE_HOOKS])
+@pytest.mark.parametrize(
+    "hook",
+    [
+        h
+        for h in ("coalesce_apply", "coalesce_rollback", "coalesce_snapshot_create", "coalesce_export")
+        if h in PRIMITIVE_HOOKS
+    ],
+)
 def test_rule_record_is_only_for_diff(hook):
     with pytest.raises(ValueError, match="coalesce_diff only"):
         Rule(hook=hook, record=1)
@@ -151,7 +157,7 @@ def test_record_cut_matches_the_uncut_prefix(env):
 
 
 def test_nth_diff_cut_at_a_record(env):
-    """"the 2nd coalesce_diff of qtree B fails at its 5th record"."""
+    """ "the 2nd coalesce_diff of qtree B fails at its 5th record"."""
     env.inj.add(Rule(hook="coalesce_diff", qtree="B", nth=2, record=4))
     first = list(env.src.diff("B", None, "s1"))
     got = []
@@ -193,8 +199,16 @@ def test_several_rules_count_every_matching_call(env):
 
 
 def test_fault_injector_wraps_every_primitive_hook():
-    for hook in ("coalesce_snapshot_create", "coalesce_snapshot_delete", "coalesce_diff", "coalesce_apply",
-                 "coalesce_rollback", "coalesce_export", "coalesce_purge_purgatory", "coalesce_remove_qtree"):
+    for hook in (
+        "coalesce_snapshot_create",
+        "coalesce_snapshot_delete",
+        "coalesce_diff",
+        "coalesce_apply",
+        "coalesce_rollback",
+        "coalesce_export",
+        "coalesce_purge_purgatory",
+        "coalesce_remove_qtree",
+    ):
         assert hook in PRIMITIVE_HOOKS
         assert callable(getattr(FaultInjector, hook))
 
@@ -210,15 +224,26 @@ def _no_env_crash(monkeypatch):
 def test_the_required_crash_points_exist():
     """Issue 2 point 4: after each PCPI, mid-apply, mid-rollback, between the two
     jump-ahead PCPIs, before/after the export switch, mid-release."""
-    for name in ("after_source_pcpi", "after_pcpi_taken", "after_rollback_pcpi", "after_jump_ahead_pcpi",
-                 "after_new_base_pcpi", "mid_apply", "mid_rollback", "between_jump_ahead_pcpis",
-                 "before_export_switch", "after_export_switch", "mid_release"):
+    for name in (
+        "after_source_pcpi",
+        "after_pcpi_taken",
+        "after_rollback_pcpi",
+        "after_jump_ahead_pcpi",
+        "after_new_base_pcpi",
+        "mid_apply",
+        "mid_rollback",
+        "between_jump_ahead_pcpis",
+        "before_export_switch",
+        "after_export_switch",
+        "mid_release",
+    ):
         assert name in CRASH_POINTS and CRASH_POINTS[name]
 
 
 def test_every_crash_point_is_passed_somewhere_in_the_code():
-    src = "\n".join(p.read_text() for p in Path(coalesce_core.__file__).parent.glob("*.py")
-                    if p.name != "crashpoints.py")
+    src = "\n".join(
+        p.read_text() for p in Path(coalesce_core.__file__).parent.glob("*.py") if p.name != "crashpoints.py"
+    )
     for name in CRASH_POINTS:
         by_role = re.match(r"after_(rollback|jump_ahead|new_base)_pcpi$", name) and "after_{" in src
         assert f'"{name}"' in src or by_role, f"crash point {name} is never passed"
@@ -339,8 +364,9 @@ def _run(spec: str | None, passes: int = 5) -> subprocess.CompletedProcess:
     env.pop("COALESCE_CRASH_AT", None)
     if spec is not None:
         env["COALESCE_CRASH_AT"] = spec
-    return subprocess.run([sys.executable, "-c", LOOP, str(passes)], env=env, capture_output=True, text=True,
-                          timeout=60)
+    return subprocess.run(
+        [sys.executable, "-c", LOOP, str(passes)], env=env, capture_output=True, text=True, timeout=60
+    )
 
 
 @pytest.mark.parametrize("n", [1, 3, 5])

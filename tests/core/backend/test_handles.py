@@ -48,11 +48,11 @@ def test_the_default_hooks_call_the_handles_methods():
     h = Tiny()
     vol = Volume.open(plugin_manager([Backend(h)]), "tiny-handle://x")
     assert vol.snapshot_create("p1") == "p1" and vol.snapshot_list() == ["p1"]
-    assert vol.metadata_dir() is None          # VolumeHandle's default: the config names one
+    assert vol.metadata_dir() is None  # VolumeHandle's default: the config names one
     vol.close()
     assert h.closed == 1
     with pytest.raises(BackendError, match="no backend implements coalesce_qtree_list"):
-        vol.qtree_list()                        # a method the handle lacks
+        vol.qtree_list()  # a method the handle lacks
 
 
 def test_a_backend_hook_replaces_the_method_and_wrappers_see_every_call():
@@ -93,8 +93,9 @@ def test_the_facade_reads_a_handles_capabilities():
         records_decoded = True
         resumable_diff = True
 
-    plain, remote, duck = (Volume.open(plugin_manager([Backend(h)]), "tiny-handle://x")
-                           for h in (Tiny(), Remote(), Duck()))
+    plain, remote, duck = (
+        Volume.open(plugin_manager([Backend(h)]), "tiny-handle://x") for h in (Tiny(), Remote(), Duck())
+    )
     assert (plain.records_decoded, plain.resumable_diff) == (False, False)
     assert (remote.records_decoded, remote.resumable_diff) == (True, True)
     assert (duck.records_decoded, duck.resumable_diff) == (False, False)
@@ -136,17 +137,22 @@ def test_a_resumed_diff_goes_through_the_hook_chain():
     vol = Volume.open(plugin_manager([Backend(h), faults, seen]), "tiny-handle://x")
     with pytest.raises(InjectedFault, match="link dropped"):
         vol.diff("q", "a", "b", skip=2)
-    assert h.asked == []                               # refused before the handle was asked
+    assert h.asked == []  # refused before the handle was asked
     got = list(vol.diff("q", "a", "b", skip=2))
-    assert got == [Begin(qtree="q", base="a", target="b"), MkDir(path="d2"), MkDir(path="d3"), MkDir(path="d4"),
-                   End(records=5)]
+    assert got == [
+        Begin(qtree="q", base="a", target="b"),
+        MkDir(path="d2"),
+        MkDir(path="d3"),
+        MkDir(path="d4"),
+        End(records=5),
+    ]
     assert h.asked == [("q", 2)] and seen.skips == [2, 2]
     assert len(list(vol.diff("q", "a", "b"))) == 7 and h.asked[-1] == ("q", 0) and seen.skips[-1] == 0
 
 
 def test_a_diff_that_cannot_resume_is_not_asked_to_skip():
     class Plain(Tiny):
-        def diff(self, qtree, base, target):   # no skip: the default hook calls it without one
+        def diff(self, qtree, base, target):  # no skip: the default hook calls it without one
             return iter([Begin(qtree=qtree, base=base, target=target), End(records=0)])
 
     vol = Volume.open(plugin_manager([Backend(Plain())]), "tiny-handle://x")

@@ -30,7 +30,9 @@ def test_primitives_are_firstresult_and_observers_broadcast():
     for name in hookspecs.OBSERVER_HOOKS:
         assert not getattr(pm.hook, name).spec.opts["firstresult"], name
     assert set(hookspecs.PRIMITIVE_HOOKS) | set(hookspecs.OBSERVER_HOOKS) | {
-        "coalesce_backend_info", "coalesce_cli_commands"} == set(_specs())
+        "coalesce_backend_info",
+        "coalesce_cli_commands",
+    } == set(_specs())
 
 
 def test_every_hook_is_documented_for_backend_writers():

@@ -36,6 +36,7 @@ def _can_build_wheels() -> bool:
         return False
     try:
         import wheel  # noqa: F401  (setuptools < 70.1 needs it for bdist_wheel)
+
         return True
     except ImportError:
         return (major, minor) >= (70, 1)
@@ -51,9 +52,23 @@ def tiny_site(tmp_path_factory) -> Path:
     # isolated build (which fetches setuptools and wheel from the index).
     offline = ["--no-build-isolation"] if _can_build_wheels() else []
     res = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", *offline,
-         "--no-input", "--disable-pip-version-check", "--target", str(site), str(src)],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-deps",
+            *offline,
+            "--no-input",
+            "--disable-pip-version-check",
+            "--target",
+            str(site),
+            str(src),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert res.returncode == 0, res.stdout + res.stderr
     assert (site / "coalesce_tiny.py").exists()
@@ -64,8 +79,9 @@ def _python(site: Path, code: str) -> subprocess.CompletedProcess:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(site), env.get("PYTHONPATH", "")]))
     env.pop("COALESCE_PLUGINS", None)
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
-                          env=env, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=env, timeout=600
+    )
 
 
 def test_tiny_is_not_installed_here():
@@ -73,7 +89,9 @@ def test_tiny_is_not_installed_here():
 
 
 def test_installed_distribution_is_discovered_through_its_entry_point(tiny_site):
-    res = _python(tiny_site, """
+    res = _python(
+        tiny_site,
+        """
         import json
         from importlib import metadata
         from coalesce_core.backend.manager import backend_infos, plugin_manager
@@ -81,7 +99,8 @@ def test_installed_distribution_is_discovered_through_its_entry_point(tiny_site)
         eps = {ep.name: ep.value for ep in metadata.entry_points(group="coalesce.backends")}
         print(json.dumps({"infos": backend_infos(pm), "eps": eps,
                           "dist": metadata.distribution("coalesce-tiny-backend").version}))
-    """)
+    """,
+    )
     assert res.returncode == 0, res.stderr
     out = json.loads(res.stdout)
     by_scheme = {i["scheme"]: i for i in out["infos"]}
@@ -92,7 +111,9 @@ def test_installed_distribution_is_discovered_through_its_entry_point(tiny_site)
 
 
 def test_tiny_passes_the_conformance_suite(tiny_site, tmp_path):
-    res = _python(tiny_site, f"""
+    res = _python(
+        tiny_site,
+        f"""
         import itertools
         from coalesce_core.testing.conformance import run_conformance, run_basic_check
         from coalesce_core.backend.manager import plugin_manager
@@ -102,7 +123,8 @@ def test_tiny_passes_the_conformance_suite(tiny_site, tmp_path):
         run_basic_check("open", lambda: f"tiny://{tmp_path}/vol{{next(n)}}")
         vol = Volume.open(plugin_manager(), "tiny://check", create=True)
         print(type(vol.handle).__name__, vol.handle.scheme)
-    """)
+    """,
+    )
     assert res.returncode == 0, res.stdout + res.stderr
     assert res.stdout.split() == ["MemVolume", "tiny"]
 
@@ -113,8 +135,11 @@ def test_coalesce_backends_lists_the_third_party_backend(tiny_site):
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tiny_site), env.get("PYTHONPATH", "")]))
     for args in (["backends", "--json"], ["backends"]):
-        cmd = [script, *args] if script else [
-            sys.executable, "-c", f"import sys; from coalesce_core.ui.cli import main; sys.exit(main({args!r}))"]
+        cmd = (
+            [script, *args]
+            if script
+            else [sys.executable, "-c", f"import sys; from coalesce_core.ui.cli import main; sys.exit(main({args!r}))"]
+        )
         res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
         assert res.returncode == 0, res.stderr
         if "--json" in args:

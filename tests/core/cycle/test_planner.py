@@ -82,8 +82,12 @@ def group(*replicas: Replica, pcpis=(), source_pcpis=(), **kw) -> GroupState:
         source_pcpis = tuple(SourcePcpi(name=s, cycle=1, taken=True) for s in sorted(points))
     fields = dict(name=G, cycle=1, seq=10, retry=RETRY)  # past every fixed name above
     fields.update(kw)
-    return GroupState(replicas={r.name: r for r in replicas}, pcpis={p.name: p for p in pcpis},
-                      source_pcpis={s.name: s for s in source_pcpis}, **fields)
+    return GroupState(
+        replicas={r.name: r for r in replicas},
+        pcpis={p.name: p for p in pcpis},
+        source_pcpis={s.name: s for s in source_pcpis},
+        **fields,
+    )
 
 
 def updating(*replicas: Replica, **kw) -> GroupState:
@@ -369,10 +373,15 @@ def _scn_retry_succeeded():
 
 
 def _jump_2():
-    st = updating(rep("S"), rep("D", "done", active_point=S2), rep("SU", "stable_uncoalesced"),
-                  rep("UU", "unstable_uncoalesced", exported="co-g-000000-individual",
-                      last_good="co-g-000000-individual"),
-                  rep("K", "broken"), phase="jump_ahead_2", purged=True)
+    st = updating(
+        rep("S"),
+        rep("D", "done", active_point=S2),
+        rep("SU", "stable_uncoalesced"),
+        rep("UU", "unstable_uncoalesced", exported="co-g-000000-individual", last_good="co-g-000000-individual"),
+        rep("K", "broken"),
+        phase="jump_ahead_2",
+        purged=True,
+    )
     st = st.with_pcpi(pcpi("co-g-000000-individual", "individual", owners=frozenset({"UU"})))
     st = st.with_pcpi(pcpi(JA, "jump_ahead")).with_pcpi(pcpi(NB, "new_base", taken=False))
     return st, [ev.PcpiTaken(name=NB)]
@@ -400,13 +409,15 @@ def _scn_reseed_su():
 
 def _scn_reseed_after_rollback():
     """The reseed_after-th failed update in a row: after its rollback, A leaves to be re-seeded."""
-    return _rolling_back(rep("A", "rollback", consecutive_failures=3), rep("B", "rollback")), \
-        [ev.RollbackDone(replica="A", ok=True)]
+    return _rolling_back(rep("A", "rollback", consecutive_failures=3), rep("B", "rollback")), [
+        ev.RollbackDone(replica="A", ok=True)
+    ]
 
 
 def _scn_reseed_after_failed_rollback():
-    return _rolling_back(rep("A", "rollback", consecutive_failures=3), rep("B", "rollback")), \
-        [ev.RollbackDone(replica="A", ok=False, error="io")]
+    return _rolling_back(rep("A", "rollback", consecutive_failures=3), rep("B", "rollback")), [
+        ev.RollbackDone(replica="A", ok=False, error="io")
+    ]
 
 
 def _scn_start_reseed():
@@ -458,8 +469,10 @@ REPLICA_SCENARIOS: dict[tuple[str, str, str], tuple[str, Callable]] = {
 
 #: edges taken in the same decision as the edge that led to their source state (the
 #: reseed_after-th failed update leaves for its re-seed right after its rollback ended)
-CHAINED = {("request_reseed", "done", "reseed_pending"): ("rollback_succeeded", "rollback"),
-           ("request_reseed", "unstable_uncoalesced", "reseed_pending"): ("rollback_failed", "rollback")}
+CHAINED = {
+    ("request_reseed", "done", "reseed_pending"): ("rollback_succeeded", "rollback"),
+    ("request_reseed", "unstable_uncoalesced", "reseed_pending"): ("rollback_failed", "rollback"),
+}
 
 
 def test_every_replica_edge_of_the_spec_has_a_scenario_I8():
@@ -496,15 +509,18 @@ def test_start_update_and_start_baseline_effects():
     a, u = d.state.replicas["A"], d.state.replicas["U"]
     assert (a.state, a.target, a.exported) == ("update", S2, BASE)
     assert (u.state, u.target, u.exported) == ("baseline", S2, None)
-    assert set(d.effects) == {fx.Transfer(replica="A", source_qtree="A", base=S1, target=S2),
-                              fx.Transfer(replica="U", source_qtree="U", base=None, target=S2)}
+    assert set(d.effects) == {
+        fx.Transfer(replica="A", source_qtree="A", base=S1, target=S2),
+        fx.Transfer(replica="U", source_qtree="U", base=None, target=S2),
+    }
     # replicas outside the cycle do not take part in the cycle's transfers
     assert d.state.replicas["X"] == st.replicas["X"] and d.state.replicas["K"] == st.replicas["K"]
 
 
 def test_transfer_uses_the_replicas_source_qtree():
-    st = updating(Replica(name="dst", source_qtree="srcq", state="stable", exported=BASE,
-                          source_point=S1, active_point=S1))
+    st = updating(
+        Replica(name="dst", source_qtree="srcq", state="stable", exported=BASE, source_point=S1, active_point=S1)
+    )
     st = st.with_source_pcpi(SourcePcpi(S2, 2, taken=False))
     d = decide(st, ev.SourcePcpiTaken(name=S2))
     assert d.effects == (fx.Transfer(replica="dst", source_qtree="srcq", base=S1, target=S2),)
@@ -557,8 +573,13 @@ def test_update_failed_goes_to_rollback_and_counts_a_failure():
     st, (e,) = _scn_update_failed()
     d = decide(st, attrs.evolve(e, error="disk full"))
     a = d.state.replicas["A"]
-    assert (a.state, a.target, a.last_error, a.exported, a.active_point) == \
-        ("rollback", None, "update failed: disk full", BASE, S1)
+    assert (a.state, a.target, a.last_error, a.exported, a.active_point) == (
+        "rollback",
+        None,
+        "update failed: disk full",
+        BASE,
+        S1,
+    )
     assert a.consecutive_failures == 1
     assert d.state.cycle_failures == 1
     assert d.effects == ()  # B still updating: no rollback PCPI yet
@@ -616,7 +637,7 @@ def test_retry_failed_backs_off_exponentially_up_to_the_maximum(retries):
     a = d.state.replicas["A"]
     n = retries + 1
     assert a.state == "unstable_uncoalesced" and a.retries == n
-    assert a.next_retry == 500.0 + min(RETRY.maximum, RETRY.initial * RETRY.factor ** n)
+    assert a.next_retry == 500.0 + min(RETRY.maximum, RETRY.initial * RETRY.factor**n)
     assert (a.scratch, a.exported, a.last_error) == (None, IND, "retry failed: again")
     assert d.effects == (fx.ReleasePcpi(name=SCR),)  # export unchanged: no switch
     assert d.state.pcpis[SCR].releasing
@@ -630,8 +651,13 @@ def test_retry_policy_delay_formula():
 
 def test_tick_starts_only_due_retries_with_a_scratch_pcpi():
     a = rep("A", "unstable_uncoalesced", next_retry=200.0)
-    b = rep("B", "unstable_uncoalesced", exported="co-g-000000-individual",
-            last_good="co-g-000000-individual", next_retry=900.0)
+    b = rep(
+        "B",
+        "unstable_uncoalesced",
+        exported="co-g-000000-individual",
+        last_good="co-g-000000-individual",
+        next_retry=900.0,
+    )
     st = group(a, b, rep("C")).with_pcpi(pcpi("co-g-000000-individual", "individual", owners=frozenset("B")))
     assert decide(st, ev.Tick(now=199.0)).effects == ()
     d = decide(st, ev.Tick(now=200.0))
@@ -654,8 +680,14 @@ def test_retry_succeeded_state():
     st = _retrying(retries=4, next_retry=77.0)
     d = decide(st, ev.RollbackDone(replica="A", ok=True, now=50.0))
     a = d.state.replicas["A"]
-    assert (a.state, a.exported, a.scratch, a.active_point, a.retries, a.next_retry) == \
-        ("stable_uncoalesced", IND, None, S0, 0, 0.0)
+    assert (a.state, a.exported, a.scratch, a.active_point, a.retries, a.next_retry) == (
+        "stable_uncoalesced",
+        IND,
+        None,
+        S0,
+        0,
+        0.0,
+    )
     assert d.effects == (fx.ReleasePcpi(name=SCR),)
 
 
@@ -672,8 +704,9 @@ def test_jump_ahead_switches_every_participant_in_one_export():
         assert (s[n].last_good, s[n].scratch, s[n].retries) == (None, None, 0)
     assert s["D"].source_point == S2 and s["SU"].source_point == S0
     assert s["UU"] == st.replicas["UU"] and s["K"] == st.replicas["K"]
-    assert d.effects == (fx.Export(mapping={"S": NB, "D": NB, "SU": NB, "UU": "co-g-000000-individual",
-                                            "K": ACTIVE}, jump=True),)
+    assert d.effects == (
+        fx.Export(mapping={"S": NB, "D": NB, "SU": NB, "UU": "co-g-000000-individual", "K": ACTIVE}, jump=True),
+    )
     assert d.state.pcpis[NB].taken
     assert i4_one_coalesced_point(d.state).ok
 
@@ -715,8 +748,10 @@ def test_resync_takes_a_scratch_pcpi_exports_it_then_rolls_back():
     assert d.state.pcpis[k.scratch].owners == frozenset({"K"})
     d = decide(d.state, ev.PcpiTaken(name=take.name))
     assert d.state.replicas["K"].exported == take.name  # "creating a PCPI and exporting it"
-    assert d.effects == (fx.Export(mapping={"K": take.name, "B": BASE}),
-                         fx.Rollback(replica="K", from_pcpi=take.name, to_pcpi=BASE, retry=True))
+    assert d.effects == (
+        fx.Export(mapping={"K": take.name, "B": BASE}),
+        fx.Rollback(replica="K", from_pcpi=take.name, to_pcpi=BASE, retry=True),
+    )
     d2 = decide(d.state, ev.RollbackDone(replica="K", ok=True))
     k = d2.state.replicas["K"]
     assert (k.state, k.exported, k.scratch) == ("stable_uncoalesced", BASE, None)
@@ -767,8 +802,10 @@ def _agent_take_new_base():
 
 def _agent_release_from_updating():
     """Nothing could jump ahead: the only replica's baseline failed."""
-    return updating(rep("U", "baseline"), source_pcpis=()), [ev.TransferDone(replica="U", ok=False),
-                                                            ev.QtreeRemoved(replica="U")]
+    return updating(rep("U", "baseline"), source_pcpis=()), [
+        ev.TransferDone(replica="U", ok=False),
+        ev.QtreeRemoved(replica="U"),
+    ]
 
 
 def _agent_release_from_rolling_back():
@@ -782,8 +819,13 @@ def _agent_release_from_jump_2():
 
 def _agent_finish():
     st, events = _agent_release_from_jump_2()
-    return st, [*events, ev.PcpiReleased(name=BASE), ev.PcpiReleased(name=JA), ev.PcpiReleased(name=IND),
-                ev.SourcePcpiReleased(name=S1)]
+    return st, [
+        *events,
+        ev.PcpiReleased(name=BASE),
+        ev.PcpiReleased(name=JA),
+        ev.PcpiReleased(name=IND),
+        ev.SourcePcpiReleased(name=S1),
+    ]
 
 
 AGENT_SCENARIOS = {
@@ -877,9 +919,12 @@ def test_jump_ahead_guard_over_every_pair_of_replica_states_I8(phase):
     model = Model()
     states = spec.replica.state_names
     for a, b in itertools.product(states, repeat=2):
-        st = GroupState(name=G, phase=phase, replicas={"A": Replica("A", "A", state=a), "B": Replica("B", "B", state=b)})
+        st = GroupState(
+            name=G, phase=phase, replicas={"A": Replica("A", "A", state=a), "B": Replica("B", "B", state=b)}
+        )
         expect = not ({a, b} & {"update", "rollback", "baseline"}) and bool(
-            {a, b} & {"stable", "done", "stable_uncoalesced", "reseeded"})
+            {a, b} & {"stable", "done", "stable_uncoalesced", "reseeded"}
+        )
         assert model.agent_may(st, "start_jump_ahead") is expect, (a, b)
 
 
@@ -888,8 +933,12 @@ def test_jump_ahead_never_starts_while_a_replica_is_in_flight_I8():
     or baseline takes no jump-ahead PCPI."""
     st = updating(rep("A", "update"), rep("B", "update"), rep("U", "baseline"), rep("C", "update"))
     sim = Sim(st, fail_transfer="B", fail_rollback="")
-    for e in (ev.TransferDone(replica="A", ok=True), ev.TransferDone(replica="B", ok=False),
-              ev.TransferDone(replica="C", ok=True), ev.TransferDone(replica="U", ok=True)):
+    for e in (
+        ev.TransferDone(replica="A", ok=True),
+        ev.TransferDone(replica="B", ok=False),
+        ev.TransferDone(replica="C", ok=True),
+        ev.TransferDone(replica="U", ok=True),
+    ):
         d = sim.feed(e)
         assert d.state.phase in ("updating", "rolling_back")
         assert not [t for t in of(d.effects, fx.TakePcpi) if t.role == "jump_ahead"]
@@ -917,13 +966,16 @@ def test_illegal_replica_trigger_names_replica_state_and_trigger():
     assert "update_failed" in ei.value.hint and "update_succeeded" in ei.value.hint
 
 
-@pytest.mark.parametrize("state,event,trigger", [
-    ("unstable_uncoalesced", ev.BreakMirror(replica="A"), "break_mirror"),
-    ("broken", ev.BreakMirror(replica="A"), "break_mirror"),
-    ("uninitialized", ev.BreakMirror(replica="A"), "break_mirror"),
-    ("stable", ev.Resync(replica="A"), "resync"),
-    ("stable_uncoalesced", ev.Resync(replica="A"), "resync"),
-])
+@pytest.mark.parametrize(
+    "state,event,trigger",
+    [
+        ("unstable_uncoalesced", ev.BreakMirror(replica="A"), "break_mirror"),
+        ("broken", ev.BreakMirror(replica="A"), "break_mirror"),
+        ("uninitialized", ev.BreakMirror(replica="A"), "break_mirror"),
+        ("stable", ev.Resync(replica="A"), "resync"),
+        ("stable_uncoalesced", ev.Resync(replica="A"), "resync"),
+    ],
+)
 def test_illegal_request_through_decide_raises_and_changes_nothing(state, event, trigger):
     st = group(rep("A", state), rep("B"))
     before = copy.deepcopy(st)
@@ -950,9 +1002,16 @@ def test_break_and_resync_outside_idle_are_not_now(phase, event):
     assert phase in str(ei.value) and ei.value.hint
 
 
-@pytest.mark.parametrize("event", [ev.BreakMirror(replica="nope"), ev.Resync(replica="nope"),
-                                   ev.TransferDone(replica="nope", ok=True),
-                                   ev.RollbackDone(replica="nope", ok=True), ev.QtreeRemoved(replica="nope")])
+@pytest.mark.parametrize(
+    "event",
+    [
+        ev.BreakMirror(replica="nope"),
+        ev.Resync(replica="nope"),
+        ev.TransferDone(replica="nope", ok=True),
+        ev.RollbackDone(replica="nope", ok=True),
+        ev.QtreeRemoved(replica="nope"),
+    ],
+)
 def test_unknown_replica_is_not_now(event):
     with pytest.raises(NotNow, match="no replica 'nope'"):
         decide(rest("A"), event)
@@ -968,10 +1027,23 @@ def test_non_event_is_a_type_error():
 # ---------------------------------------------------------------------------
 def _purity_cases():
     yield rest("A", "B"), ev.StartCycle(now=3.0)
-    yield from (sc() for sc in (_scn_start_baseline, _scn_update_failed, _scn_rollback_failed, _scn_retry_failed,
-                                _jump_2, _scn_break_stable, _scn_resync, _agent_release_from_jump_2))
-    yield _rolling_back(rep("A", "rollback")), ev.Recover(now=1.0, destination_pcpis=frozenset({BASE}),
-                                                          source_pcpis=frozenset({S1}))
+    yield from (
+        sc()
+        for sc in (
+            _scn_start_baseline,
+            _scn_update_failed,
+            _scn_rollback_failed,
+            _scn_retry_failed,
+            _jump_2,
+            _scn_break_stable,
+            _scn_resync,
+            _agent_release_from_jump_2,
+        )
+    )
+    yield (
+        _rolling_back(rep("A", "rollback")),
+        ev.Recover(now=1.0, destination_pcpis=frozenset({BASE}), source_pcpis=frozenset({S1})),
+    )
 
 
 @pytest.mark.parametrize("case", range(10))
@@ -1004,8 +1076,7 @@ def assert_export_first(d: Decision) -> None:
     """Recovery re-applies the export table before anything is released (I3, I6)."""
     kinds = [type(e) for e in d.effects]
     assert kinds and kinds[0] is fx.Export, kinds
-    assert d.effects[0].mapping == {r.name: r.exported for r in d.state.replicas.values()} or \
-        fx.Export in kinds[1:]
+    assert d.effects[0].mapping == {r.name: r.exported for r in d.state.replicas.values()} or fx.Export in kinds[1:]
     releases = [i for i, k in enumerate(kinds) if k in (fx.ReleasePcpi, fx.ReleaseSourcePcpi)]
     assert all(i > 0 for i in releases)
 
@@ -1023,7 +1094,9 @@ def test_recover_at_rest_only_reapplies_the_export_table():
 
 @pytest.mark.parametrize("present", [True, False])
 def test_recover_pending_pcpi_present_is_taken_absent_is_dropped(present):
-    st = updating(rep("A", "done", active_point=S2), phase="jump_ahead_1").with_pcpi(pcpi(JA, "jump_ahead", taken=False))
+    st = updating(rep("A", "done", active_point=S2), phase="jump_ahead_1").with_pcpi(
+        pcpi(JA, "jump_ahead", taken=False)
+    )
     d = recover(st, dest={BASE, JA} if present else {BASE})
     if present:
         assert d.state.pcpis[JA].taken
@@ -1045,12 +1118,19 @@ def test_recover_jump_ahead_1_with_taken_intermediate_purges():
 
 def test_recover_releasing_pcpis_are_released_again():
     st = updating(rep("A", active_point=S2, source_point=S2, exported=NB), phase="releasing")
-    st = attrs.evolve(st, pcpis={NB: pcpi(NB, "base"), BASE: pcpi(BASE, "base", releasing=True),
-                                 JA: pcpi(JA, "jump_ahead", releasing=True)})
+    st = attrs.evolve(
+        st,
+        pcpis={
+            NB: pcpi(NB, "base"),
+            BASE: pcpi(BASE, "base", releasing=True),
+            JA: pcpi(JA, "jump_ahead", releasing=True),
+        },
+    )
     st = st.with_source_pcpi(SourcePcpi(S1, 1, taken=True, releasing=True))
     d = recover(st, dest={NB, BASE, JA}, src={S1, S2})
-    assert sorted(map(repr, d.effects[1:])) == sorted(map(repr, [
-        fx.ReleasePcpi(name=BASE), fx.ReleasePcpi(name=JA), fx.ReleaseSourcePcpi(name=S1)]))
+    assert sorted(map(repr, d.effects[1:])) == sorted(
+        map(repr, [fx.ReleasePcpi(name=BASE), fx.ReleasePcpi(name=JA), fx.ReleaseSourcePcpi(name=S1)])
+    )
     assert d.state.phase == "releasing"
     sim = Sim(d.state)
     for e in d.effects[1:]:
@@ -1099,8 +1179,11 @@ def test_recover_does_not_release_pcpis_of_a_group_whose_name_extends_ours():
 def test_recover_update_becomes_rollback_and_takes_one_rollback_pcpi():
     st = updating(rep("A", "update"), rep("B", "done", active_point=S2), rep("C", "update"))
     d = recover(st, dest={BASE})
-    assert {("A", "update_failed", "update", "rollback"), ("C", "update_failed", "update", "rollback"),
-            (None, "start_rollback", "updating", "rolling_back")} <= edges(d)
+    assert {
+        ("A", "update_failed", "update", "rollback"),
+        ("C", "update_failed", "update", "rollback"),
+        (None, "start_rollback", "updating", "rolling_back"),
+    } <= edges(d)
     assert d.state.replicas["A"].last_error == "update interrupted by a restart"
     assert d.state.cycle_failures == 2
     (take,) = d.effects[1:]
@@ -1374,8 +1457,11 @@ def _walk(seed: int, adds: bool = False) -> None:
 
     def recover():
         pre = pcpi_prefix(G)
-        e = ev.Recover(now=now, destination_pcpis=frozenset(n for n in vols.dest if n.startswith(pre)),
-                       source_pcpis=frozenset(vols.src))
+        e = ev.Recover(
+            now=now,
+            destination_pcpis=frozenset(n for n in vols.dest if n.startswith(pre)),
+            source_pcpis=frozenset(vols.src),
+        )
         return drive(feed(e))
 
     def request(e):
@@ -1448,8 +1534,11 @@ def test_random_walk_with_replicas_added_on_the_way(seed):
 def test_i4_check_accepts_a_fresh_baseline_in_done():
     """I4: a replica whose baseline just finished (done) exports nothing yet; that is not
     a second coalesced point."""
-    st = updating(rep("A", "done", active_point=S2), rep("N", "done", exported=None, source_point=None,
-                                                         active_point=S2), phase="jump_ahead_1")
+    st = updating(
+        rep("A", "done", active_point=S2),
+        rep("N", "done", exported=None, source_point=None, active_point=S2),
+        phase="jump_ahead_1",
+    )
     assert i4_one_coalesced_point(st).ok
 
 
@@ -1460,8 +1549,13 @@ def test_recover_jump_ahead_2_without_new_base_then_run_to_rest_I4_I6():
     switch: the cycle must end with every participant stable at the new base."""
     st, _ = _jump_2()  # NB pending and absent from the volume
     sim = Sim(st)
-    sim.run(ev.Recover(now=1.0, destination_pcpis=frozenset({BASE, IND, "co-g-000000-individual", JA}),
-                       source_pcpis=frozenset({S0, S1, S2})))
+    sim.run(
+        ev.Recover(
+            now=1.0,
+            destination_pcpis=frozenset({BASE, IND, "co-g-000000-individual", JA}),
+            source_pcpis=frozenset({S0, S1, S2}),
+        )
+    )
     s = sim.state
     assert s.phase == "idle"
     nb = s.base().name
@@ -1493,23 +1587,32 @@ def test_only_the_jump_ahead_export_is_marked_jump():
 # ---------------------------------------------------------------------------
 def test_recover_marks_only_spooled_updates_resumable():
     st = updating(rep("A", "update"), rep("B", "update"), rep("C", "done", active_point=S2))
-    d = decide(st, ev.Recover(now=1.0, destination_pcpis=frozenset({BASE}), source_pcpis=frozenset({S1, S2}),
-                              spooled=frozenset({"A", "C"})))
+    d = decide(
+        st,
+        ev.Recover(
+            now=1.0,
+            destination_pcpis=frozenset({BASE}),
+            source_pcpis=frozenset({S1, S2}),
+            spooled=frozenset({"A", "C"}),
+        ),
+    )
     a, b, c = (d.state.replicas[n] for n in "ABC")
     assert (a.state, a.resume) == ("rollback", True)
     assert (b.state, b.resume) == ("rollback", False)
-    assert (c.state, c.resume) == ("done", False)   # not in update: a spool name alone changes nothing
+    assert (c.state, c.resume) == ("done", False)  # not in update: a spool name alone changes nothing
     assert d.state.phase == "rolling_back"
 
 
 def test_resumed_update_restarts_from_the_base_to_the_cycle_target_and_releases_the_rollback_pcpi_I1():
     st = _rolling_back(rep("A", "rollback", resume=True), rep("B", "rollback"), rep("C", "done", active_point=S2))
     d = decide(st, ev.RollbackDone(replica="A", ok=True))
-    assert d.state.phase == "rolling_back" and d.effects == ()      # B's rollback is still running
+    assert d.state.phase == "rolling_back" and d.effects == ()  # B's rollback is still running
     d = decide(d.state, ev.RollbackDone(replica="B", ok=True))
     assert d.state.phase == "updating"
-    assert d.effects == (fx.ReleasePcpi(name=RB),
-                         fx.Transfer(replica="A", source_qtree="A", base=S1, target=S2, resume=True))
+    assert d.effects == (
+        fx.ReleasePcpi(name=RB),
+        fx.Transfer(replica="A", source_qtree="A", base=S1, target=S2, resume=True),
+    )
     a, b = d.state.replicas["A"], d.state.replicas["B"]
     assert (a.state, a.target, a.resume) == ("update", S2, False)
     assert b.state == "done"
@@ -1568,8 +1671,7 @@ def test_a_failed_update_shows_until_a_later_one_succeeds():
     sim = _cycles(UpdatesFail(rest("A", "B"), broken={"A"}), 1)
     a, b = sim.state.replicas["A"], sim.state.replicas["B"]
     assert a.state == "stable" and a.exported == b.exported  # rolled back, jumped ahead with the others
-    assert (a.last_error, a.consecutive_failures, a.last_success) == \
-        ("update failed: stream cannot be applied", 1, 0.0)
+    assert (a.last_error, a.consecutive_failures, a.last_success) == ("update failed: stream cannot be applied", 1, 0.0)
     assert a.source_point == S1 != b.source_point  # A's image did not move; B's did
     assert (b.last_error, b.consecutive_failures, b.last_success) == ("", 0, sim.now)
     sim.broken.clear()
@@ -1642,8 +1744,10 @@ def test_a_reseed_does_not_hold_the_jump_ahead_I8():
     (take,) = d.effects
     d = decide(d.state, ev.SourcePcpiTaken(name=take.name, now=501.0))
     target = take.name
-    assert set(d.effects) == {fx.Transfer(replica="P", source_qtree="P", base=None, target=target, reseed=True),
-                              fx.Transfer(replica="B", source_qtree="B", base=S1, target=target)}
+    assert set(d.effects) == {
+        fx.Transfer(replica="P", source_qtree="P", base=None, target=target, reseed=True),
+        fx.Transfer(replica="B", source_qtree="B", base=S1, target=target),
+    }
     sim = Sim(d.state)
     sim.run(ev.TransferDone(replica="B", ok=True, now=502.0))  # B ends: the jump-ahead does not wait for P
     s = sim.state
@@ -1666,8 +1770,13 @@ def test_a_failed_reseed_is_retried_with_backoff():
     st, (e,) = _scn_reseed_failed()
     d = decide(st, e)
     p_ = d.state.replicas["P"]
-    assert (p_.state, p_.retries, p_.next_retry, p_.target, p_.active_point) == \
-        ("reseed_pending", 1, 70.0 + RETRY.initial, None, None)
+    assert (p_.state, p_.retries, p_.next_retry, p_.target, p_.active_point) == (
+        "reseed_pending",
+        1,
+        70.0 + RETRY.initial,
+        None,
+        None,
+    )
     assert (p_.last_error, p_.consecutive_failures, p_.exported) == ("re-seed failed: x", 1, IND)
     d2 = decide(d.state, ev.StartCycle(now=70.0 + RETRY.initial - 1))
     d2 = decide(d2.state, ev.SourcePcpiTaken(name=d2.effects[0].name))
@@ -1681,8 +1790,13 @@ def test_a_failed_reseed_is_retried_with_backoff():
 def test_reseed_request_pins_the_exported_base_until_it_rejoins_I2():
     d = decide(rest("A", "B"), ev.Reseed(replica="A", reason="operator"))
     a = d.state.replicas["A"]
-    assert (a.state, a.exported, a.last_good, a.active_point, a.reseed_reason) == \
-        ("reseed_pending", BASE, BASE, None, "operator")
+    assert (a.state, a.exported, a.last_good, a.active_point, a.reseed_reason) == (
+        "reseed_pending",
+        BASE,
+        BASE,
+        None,
+        "operator",
+    )
     assert d.effects == () and edges(d) == {("A", "request_reseed", "stable", "reseed_pending")}
     check_i1(d.state)
     sim = UpdatesFail(d.state, broken=set())
@@ -1701,8 +1815,10 @@ def test_reseed_of_a_replica_already_being_reseeded_changes_nothing(state):
     assert d.state == st and d.effects == () and d.log == ()
 
 
-@pytest.mark.parametrize("state,text", [("uninitialized", "has no image yet"), ("broken", "is broken"),
-                                        ("unstable_uncoalesced", "is in state")])
+@pytest.mark.parametrize(
+    "state,text",
+    [("uninitialized", "has no image yet"), ("broken", "is broken"), ("unstable_uncoalesced", "is in state")],
+)
 def test_reseed_is_refused_with_a_clear_error(state, text):
     kw = {"scratch": SCR} if state == "unstable_uncoalesced" else {}
     st = group(rep("A", state, **kw), rep("B"))
@@ -1721,8 +1837,13 @@ def test_recover_an_interrupted_reseed_waits_for_the_next_cycle_I6():
     d = recover(st, dest={BASE, IND})
     p_ = d.state.replicas["P"]
     assert edges(d) == {("P", "reseed_failed", "reseeding", "reseed_pending")}
-    assert (p_.state, p_.target, p_.next_retry, p_.exported, p_.consecutive_failures) == \
-        ("reseed_pending", None, 0.0, IND, 2)  # a restart is not the replica's failure
+    assert (p_.state, p_.target, p_.next_retry, p_.exported, p_.consecutive_failures) == (
+        "reseed_pending",
+        None,
+        0.0,
+        IND,
+        2,
+    )  # a restart is not the replica's failure
     assert p_.last_error == "re-seed interrupted by a restart"
     assert d.effects[0] == fx.Export(mapping={"P": IND, "A": BASE})
 

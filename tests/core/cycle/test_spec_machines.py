@@ -71,9 +71,14 @@ DESIGN_EDGES = {
     ("jump_ahead", "reseeded", "stable"),
 }
 DESIGN_REFS = {
-    "baseline_succeeded": "1042", "update_succeeded": "1012", "update_failed": "1016",
-    "rollback_succeeded": "1020", "rollback_failed": "1022", "retry_failed": "1026",
-    "retry_succeeded": "1028", "jump_ahead": "1032",
+    "baseline_succeeded": "1042",
+    "update_succeeded": "1012",
+    "update_failed": "1016",
+    "rollback_succeeded": "1020",
+    "rollback_failed": "1022",
+    "retry_failed": "1026",
+    "retry_succeeded": "1028",
+    "jump_ahead": "1032",
 }
 AGENT_PHASES = {"idle", "updating", "rolling_back", "jump_ahead_1", "jump_ahead_2", "releasing"}
 
@@ -200,7 +205,9 @@ def test_model_rejects_a_spec_naming_an_unknown_guard():
 
 
 def test_model_from_a_spec_uses_that_spec_only():
-    text = SPEC_TEXT.replace('trigger = "resync"\nsource = ["broken"]', 'trigger = "resync"\nsource = ["broken", "stable"]')
+    text = SPEC_TEXT.replace(
+        'trigger = "resync"\nsource = ["broken"]', 'trigger = "resync"\nsource = ["broken", "stable"]'
+    )
     assert text != SPEC_TEXT
     m = Model(parse_spec(text))
     assert m.replica_next("A", "stable", "resync") == "unstable_uncoalesced"
@@ -281,7 +288,9 @@ def test_parse_spec_rejects_an_unknown_state_key_with_config_error():
 
 
 def test_parse_spec_rejects_a_transition_without_dest_with_config_error():
-    text = SPEC_TEXT.replace('trigger = "resync"\nsource = ["broken"]\ndest = "unstable_uncoalesced"\n',
-                             'trigger = "resync"\nsource = ["broken"]\n')
+    text = SPEC_TEXT.replace(
+        'trigger = "resync"\nsource = ["broken"]\ndest = "unstable_uncoalesced"\n',
+        'trigger = "resync"\nsource = ["broken"]\n',
+    )
     with pytest.raises(ConfigError, match="dest"):
         parse_spec(text)

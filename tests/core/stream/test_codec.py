@@ -113,12 +113,22 @@ EXAMPLES: dict[type, list] = {
     Rename: [Rename("a", "b/c"), Rename(NON_UTF8, "ascii")],
     Unlink: [Unlink("x"), Unlink("ü/ß/" + NON_UTF8)],
     RmDir: [RmDir("d"), RmDir(NON_UTF8)],
-    Write: [Write("f", 0, b""), Write("f", 2**62, b"\x00\xff" * 10),
-            Write("f", 7, bytes(range(256)) * (MAX_DATA // 256))],  # exactly 1 MiB
+    Write: [
+        Write("f", 0, b""),
+        Write("f", 2**62, b"\x00\xff" * 10),
+        Write("f", 7, bytes(range(256)) * (MAX_DATA // 256)),
+    ],  # exactly 1 MiB
     Truncate: [Truncate("f", 0), Truncate("f", 2**63 - 1)],
-    SetAttr: [SetAttr("f"), SetAttr("f", mode=0o4755, uid=2**32 - 2, gid=0, mtime_ns=-1),
-              SetAttr("f", mtime_ns=1_700_000_000_123_456_789)],
-    SetXattr: [SetXattr("f", "user.a"), SetXattr("f", "user.b", b""), SetXattr("f", "security." + NON_UTF8, b"\x00" * 65536)],
+    SetAttr: [
+        SetAttr("f"),
+        SetAttr("f", mode=0o4755, uid=2**32 - 2, gid=0, mtime_ns=-1),
+        SetAttr("f", mtime_ns=1_700_000_000_123_456_789),
+    ],
+    SetXattr: [
+        SetXattr("f", "user.a"),
+        SetXattr("f", "user.b", b""),
+        SetXattr("f", "security." + NON_UTF8, b"\x00" * 65536),
+    ],
     End: [End(0), End(3)],
 }
 
@@ -139,8 +149,9 @@ def test_golden_layout_of_a_minimal_stream():
     assert data[-40:-8] == hashlib.sha256(data[:-40]).digest()
 
 
-@pytest.mark.parametrize("rec", [r for cls in RECORD_TYPES.values() if cls not in (Begin, End) for r in EXAMPLES[cls]],
-                         ids=repr)
+@pytest.mark.parametrize(
+    "rec", [r for cls in RECORD_TYPES.values() if cls not in (Begin, End) for r in EXAMPLES[cls]], ids=repr
+)
 def test_every_change_record_roundtrips(rec):
     stream = [Begin("q", None, "t"), rec, End(1)]
     out = list(codec.roundtrip(stream))
@@ -196,7 +207,10 @@ CHANGE_STRATEGIES = {
 _changes = st.one_of(*CHANGE_STRATEGIES.values())
 _streams = st.builds(
     lambda q, base, target, cs: list(framed(q, base, target, cs)),
-    _path, st.none() | _text, _text, st.lists(_changes, max_size=25),
+    _path,
+    st.none() | _text,
+    _text,
+    st.lists(_changes, max_size=25),
 )
 
 
@@ -226,8 +240,11 @@ def test_any_chunking_decodes_the_same(stream, data):
 
 
 def test_one_byte_chunks():
-    stream = [Begin("q", "b", "t"), *[r for cls in CHANGE_TYPES for r in EXAMPLES[cls] if cls is not Write],
-              Write("f", 1, os.urandom(70_000))]
+    stream = [
+        Begin("q", "b", "t"),
+        *[r for cls in CHANGE_TYPES for r in EXAMPLES[cls] if cls is not Write],
+        Write("f", 1, os.urandom(70_000)),
+    ]
     stream.append(End(len(stream) - 1))
     raw = enc(stream)
     assert decode_all(raw[i : i + 1] for i in range(len(raw))) == stream
@@ -262,8 +279,16 @@ def test_file_object_with_short_reads():
 
 # --------------------------------------------------------------------------- truncation
 
-SMALL = [Begin("q", "s1", "s2"), MkDir("d"), MkFile("d/f", 0o600), Write("d/f", 0, b"hello"),
-         SetAttr("d/f", mode=0o644), SetXattr("d/f", "user.x", b"v"), Symlink("d/l", "f"), End(6)]
+SMALL = [
+    Begin("q", "s1", "s2"),
+    MkDir("d"),
+    MkFile("d/f", 0o600),
+    Write("d/f", 0, b"hello"),
+    SetAttr("d/f", mode=0o644),
+    SetXattr("d/f", "user.x", b"v"),
+    Symlink("d/l", "f"),
+    End(6),
+]
 
 
 def test_truncation_at_every_byte_offset_raises_truncated():
@@ -445,7 +470,10 @@ def test_bad_end_count(count):
 
 def test_garbage_after_last_field_inside_a_frame():
     frame = ref_frame(CODE[MkDir], 1, ref_str("a") + ref_i64(0o755) + b"\x00\x00")
-    with pytest.raises(CorruptStream, match=rf"frame 1 at byte offset {F1} \(MkDir\): 2 bytes of garbage after the last field, at byte offset {F1 + 4 + 9 + 5 + 8}\b"):
+    with pytest.raises(
+        CorruptStream,
+        match=rf"frame 1 at byte offset {F1} \(MkDir\): 2 bytes of garbage after the last field, at byte offset {F1 + 4 + 9 + 5 + 8}\b",
+    ):
         decode_all(ref_stream(ref_begin(0), frame, ref_end(2, 1)))
 
 
@@ -490,11 +518,14 @@ def _verdict(check, path):
 
 
 @settings(max_examples=2000, deadline=None)
-@given(st.one_of(
-    st.text(alphabet=st.sampled_from(["a", "b", ".", "/", "\x00", "é", "\udcff", " "]), max_size=12),
-    st.lists(st.sampled_from(["", ".", "..", "...", "a", "é", "a" * 200, "b" * 255, "c" * 256]), max_size=4)
-      .map("/".join),
-))
+@given(
+    st.one_of(
+        st.text(alphabet=st.sampled_from(["a", "b", ".", "/", "\x00", "é", "\udcff", " "]), max_size=12),
+        st.lists(st.sampled_from(["", ".", "..", "...", "a", "é", "a" * 200, "b" * 255, "c" * 256]), max_size=4).map(
+            "/".join
+        ),
+    )
+)
 def test_check_path_fast_path_agrees_with_the_full_check(path):
     """check_path's fast path (ASCII, at most MAX_NAME characters) accepts exactly what the full check accepts."""
     assert _verdict(check_path, path) == _verdict(check_path_fully, path)
@@ -644,8 +675,13 @@ def test_codec_is_generic_over_attrs_fields():
     RECORD_TYPES[200] = Probe
     try:
         big = Probe("y", os.urandom(50_000), 0, False, None, os.urandom(60_000))  # two uncopied chunks
-        stream = [Begin("q", None, "t"), Probe("x", None, -3, True, 0.5), Probe(NON_UTF8, b"\x00", 2**63 - 1, False),
-                  big, End(3)]
+        stream = [
+            Begin("q", None, "t"),
+            Probe("x", None, -3, True, 0.5),
+            Probe(NON_UTF8, b"\x00", 2**63 - 1, False),
+            big,
+            End(3),
+        ]
         assert list(codec.roundtrip(stream)) == stream
         chunks = list(codec.encode(stream))
         assert all(chunks) and any(c is big.blob for c in chunks) and any(c is big.tail for c in chunks)

@@ -53,21 +53,21 @@ def test_a_torn_or_damaged_tail_is_cut_at_the_last_whole_frame(tmp_path, damage)
     path = sp.path("A")
     raw = bytearray(path.read_bytes())
     if damage == "torn":
-        raw = raw[:-50]          # inside the last Write frame
+        raw = raw[:-50]  # inside the last Write frame
     else:
-        raw[-50] ^= 0xFF         # its crc no longer matches
+        raw[-50] ^= 0xFF  # its crc no longer matches
     path.write_bytes(bytes(raw))
     assert sp.holds("A", BEGIN)
-    assert sp.count("A") == 11   # every whole, checksummed frame before the damage
+    assert sp.count("A") == 11  # every whole, checksummed frame before the damage
 
 
 def test_resume_replays_the_spool_then_asks_the_source_for_the_rest(tmp_path):
     sp = Spool(tmp_path)
     full = _stream(8)
     it = sp.record("A", iter(full))
-    for _ in range(1 + 7):       # Begin and 7 change records arrived, then the agent was killed
+    for _ in range(1 + 7):  # Begin and 7 change records arrived, then the agent was killed
         next(it)
-    it.close()                   # the transfer stopped (a SIGKILL would also lose what was still queued)
+    it.close()  # the transfer stopped (a SIGKILL would also lose what was still queued)
     asked: list[int] = []
 
     def rest(k: int):
@@ -75,9 +75,9 @@ def test_resume_replays_the_spool_then_asks_the_source_for_the_rest(tmp_path):
         return skip_changes(iter(full), k)
 
     got = list(sp.resume("A", BEGIN, rest))
-    assert got == full           # record for record: what an uninterrupted transfer delivers
+    assert got == full  # record for record: what an uninterrupted transfer delivers
     assert asked == [7]
-    assert sp.count("A") == 16   # the spool was rewritten as the resumed update went on
+    assert sp.count("A") == 16  # the spool was rewritten as the resumed update went on
 
 
 def test_resume_refuses_a_source_that_answers_with_another_stream(tmp_path):
@@ -144,7 +144,8 @@ def test_a_file_system_that_opens_with_o_direct_but_refuses_its_writes_gets_the_
     enc = codec.StreamEncoder(digest=False)
     assert refused == [1 << 20]
     assert sp.path("A").read_bytes() == enc.header() + b"".join(
-        b"".join(bytes(c) for c in enc.frame(r)) for r in recs[:-1])
+        b"".join(bytes(c) for c in enc.frame(r)) for r in recs[:-1]
+    )
     assert sp.count("A") == 8
 
 
@@ -157,7 +158,7 @@ def test_a_spool_cut_short_by_a_crash_holds_its_whole_blocks(tmp_path):
     for rec in _big_stream(5)[:-1]:
         w.write(rec)
     w._hand_over()
-    w._q.put(None)                   # the writer thread ends; nothing flushes the partial block
+    w._q.put(None)  # the writer thread ends; nothing flushes the partial block
     w._thread.join()
     size = (tmp_path / "A.stream").stat().st_size
     enc = codec.StreamEncoder(digest=False)
@@ -166,7 +167,7 @@ def test_a_spool_cut_short_by_a_crash_holds_its_whole_blocks(tmp_path):
         pos += sum(len(c) for c in enc.frame(rec))
         ends.append(pos)
     assert size == (ends[-1] // (1 << 20)) * (1 << 20) == 5 << 20
-    whole_changes = sum(1 for e in ends[1:] if e <= size)      # ends[0] is Begin's
+    whole_changes = sum(1 for e in ends[1:] if e <= size)  # ends[0] is Begin's
     assert whole_changes == 4 and Spool(tmp_path).count("A") == whole_changes
 
 
@@ -188,7 +189,7 @@ def test_skip_changes_close_closes_the_wrapped_diff_even_unstarted():
             closed.append(True)
 
     g = diff()
-    next(g)                      # a started diff (holding, say, a clone)
+    next(g)  # a started diff (holding, say, a clone)
     skip_changes(g, 1).close()
     assert closed == [True]
 
@@ -218,7 +219,7 @@ def test_an_update_a_restart_interrupts_resumes_from_the_spool_in_the_same_cycle
     before = h.agent.state.cycle
     with caplog.at_level(logging.INFO, logger="coalesce.spool"):
         assert h.crash("mid_apply:70", h.cycle)  # Harness.crash reopens the agent: recover() runs
-    assert h.agent.state.cycle == before + 1     # finished in the cycle the crash interrupted
+    assert h.agent.state.cycle == before + 1  # finished in the cycle the crash interrupted
     assert h.agent.state.phase == "idle"
     trans = h.recorder.transitions
     assert ("A", "update_failed", "update", "rollback") in trans
@@ -228,9 +229,9 @@ def test_an_update_a_restart_interrupts_resumes_from_the_spool_in_the_same_cycle
     replayed = [int(n) for n in re.findall(r"replica A: (\d+) change records replayed", caplog.text)]
     assert replayed and replayed[0] > 0
     assert h.states() == {"A": "stable", "B": "stable"}
-    assert h.agent.spool.replicas() == []        # every spool is gone once its update ended
+    assert h.agent.spool.replicas() == []  # every spool is gone once its update ended
     assert h.agent.state.replicas["A"].source_point == h.agent.state.replicas["B"].source_point
-    h.assert_invariants()                         # I3: A exports exactly the source PCPI's image
+    h.assert_invariants()  # I3: A exports exactly the source PCPI's image
 
 
 def test_without_a_spool_the_interrupted_update_waits_for_the_next_cycle(group_config):
@@ -260,7 +261,6 @@ def test_a_stale_spool_is_removed_at_recovery(group_config):
     stale.write_bytes(b"left over by a crash of another version")
     h.restart()
     assert not stale.exists()
-
 
 
 def test_only_a_resumable_source_is_asked_to_skip(group_config):

@@ -28,8 +28,9 @@ def run(tmp: Path, *args: str, env: dict[str, str] | None = None, check: int | N
     e = dict(os.environ)
     e.pop("COALESCE_CRASH_AT", None)
     e.update(env or {})
-    p = subprocess.run([*EXE, "--config", str(tmp / "coalesce.toml"), *args], capture_output=True, text=True,
-                       env=e, timeout=120)
+    p = subprocess.run(
+        [*EXE, "--config", str(tmp / "coalesce.toml"), *args], capture_output=True, text=True, env=e, timeout=120
+    )
     if check is not None:
         assert p.returncode == check, f"{args}: rc={p.returncode}\n{p.stdout}\n{p.stderr}"
     return p
@@ -39,10 +40,10 @@ def run(tmp: Path, *args: str, env: dict[str, str] | None = None, check: int | N
 def group(tmp_path: Path):
     cfg = tmp_path / "coalesce.toml"
     cfg.write_text(
-        "[group]\nname = \"home\"\n"
-        f"source = \"mem://{tmp_path}/src.vol\"\ndestination = \"mem://{tmp_path}/dst.vol\"\n"
+        '[group]\nname = "home"\n'
+        f'source = "mem://{tmp_path}/src.vol"\ndestination = "mem://{tmp_path}/dst.vol"\n'
         "parallel = 2\n[group.retry]\ninitial = 0\n"
-        "[[replica]]\nname = \"A\"\n[[replica]]\nname = \"B\"\nsource = \"qb\"\n"
+        '[[replica]]\nname = "A"\n[[replica]]\nname = "B"\nsource = "qb"\n'
     )
     pm = plugin_manager()
     src = Volume.open(pm, f"mem://{tmp_path}/src.vol", create=True)
@@ -82,7 +83,7 @@ def test_verbs_end_to_end(group):
     reopen(writer).ensure_qtree("C")
     writer.write("C", "c", b"c")
     assert "added replica C" in run(tmp, "add", "C").stdout
-    assert "name = \"C\"" in (tmp / "coalesce.toml").read_text()
+    assert 'name = "C"' in (tmp / "coalesce.toml").read_text()
     run(tmp, "add", "C", check=2)
     run(tmp, "run", "--once", "-q")
     run(tmp, "break", "A")

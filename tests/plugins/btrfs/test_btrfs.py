@@ -33,11 +33,15 @@ def open_vol(pm, url):
 def snapshots_on_disk(vol) -> list[str]:
     """PCPIs counted by `btrfs subvolume list`, not by our own listing."""
     h = vol.handle
-    out = subprocess.run(["btrfs", "subvolume", "list", "-s", h.parent], capture_output=True, text=True,
-                         check=True).stdout
+    out = subprocess.run(
+        ["btrfs", "subvolume", "list", "-s", h.parent], capture_output=True, text=True, check=True
+    ).stdout
     rel = os.path.relpath(h.snapdir, _mount_of(h.parent)) + "/"
-    return sorted(line.split(" path ", 1)[1][len(rel):] for line in out.splitlines()
-                  if line.split(" path ", 1)[1].startswith(rel))
+    return sorted(
+        line.split(" path ", 1)[1][len(rel) :]
+        for line in out.splitlines()
+        if line.split(" path ", 1)[1].startswith(rel)
+    )
 
 
 def _mount_of(path):
@@ -58,7 +62,7 @@ def test_open_errors(pm, btrfs_url, tmp_path):
         Volume.open(pm, btrfs_url, create=False)
     assert "btrfs subvolume create" in ei.value.hint
     with pytest.raises(BackendError) as ei:
-        Volume.open(pm, f"btrfs://{tmp_path}/vol", create=True)   # tmp_path is not on btrfs
+        Volume.open(pm, f"btrfs://{tmp_path}/vol", create=True)  # tmp_path is not on btrfs
     assert "not btrfs" in str(ei.value)
     path = btrfs_url.split("://", 1)[1]
     os.makedirs(path)
@@ -78,8 +82,12 @@ def test_snapshots_are_real_readonly_subvolumes_counted_by_btrfs(pm, btrfs_url):
     for name in ("p1", "p2", "p3", "p1"):
         assert vol.snapshot_create(name) == name
     assert snapshots_on_disk(vol) == ["p1", "p2", "p3"] == vol.snapshot_list()
-    ro = subprocess.run(["btrfs", "property", "get", "-ts", vol.handle.snap_path("p1"), "ro"],
-                        capture_output=True, text=True, check=True).stdout.strip()
+    ro = subprocess.run(
+        ["btrfs", "property", "get", "-ts", vol.handle.snap_path("p1"), "ro"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     assert ro == "ro=true"
     assert vol.snapshot_delete("p2") is True and vol.snapshot_delete("p2") is False
     assert snapshots_on_disk(vol) == ["p1", "p3"]
@@ -92,13 +100,17 @@ def test_snapshots_are_real_readonly_subvolumes_counted_by_btrfs(pm, btrfs_url):
 # send-stream parser
 # ---------------------------------------------------------------------------
 def _dump_names(stream_file):
-    out = subprocess.run(["btrfs", "receive", "--dump", "-f", stream_file], capture_output=True, text=True,
-                         check=True).stdout
+    out = subprocess.run(
+        ["btrfs", "receive", "--dump", "-f", stream_file], capture_output=True, text=True, check=True
+    ).stdout
     return [line.split()[0] for line in out.splitlines() if line.strip()]
 
 
-@pytest.mark.parametrize("flags", [[], ["--no-data"], ["--proto", "2"], ["--proto", "2", "--no-data"]],
-                         ids=["v1", "v1-nodata", "v2", "v2-nodata"])
+@pytest.mark.parametrize(
+    "flags",
+    [[], ["--no-data"], ["--proto", "2"], ["--proto", "2", "--no-data"]],
+    ids=["v1", "v1-nodata", "v2", "v2-nodata"],
+)
 def test_parser_agrees_with_btrfs_receive_dump(pm, btrfs_url, tmp_path, flags):
     vol = open_vol(pm, btrfs_url)
     root = vol.handle.root
@@ -116,11 +128,23 @@ def test_parser_agrees_with_btrfs_receive_dump(pm, btrfs_url, tmp_path, flags):
     subprocess.run(["cp", "--reflink=always", f"{root}/A/big", f"{root}/A/clone"], check=True)
     vol.snapshot_create("s2")
     stream = tmp_path / "stream"
-    subprocess.run(["btrfs", "-q", "send", *flags, "-p", vol.handle.snap_path("s1"), "-f", str(stream),
-                    vol.handle.snap_path("s2")], check=True)
+    subprocess.run(
+        [
+            "btrfs",
+            "-q",
+            "send",
+            *flags,
+            "-p",
+            vol.handle.snap_path("s1"),
+            "-f",
+            str(stream),
+            vol.handle.snap_path("s2"),
+        ],
+        check=True,
+    )
     ours = [c.name.lower() for c in sendstream.commands(open(stream, "rb"))]
     theirs = _dump_names(str(stream))
-    assert ours[:len(theirs)] == theirs and ours[len(theirs):] in ([], ["end"])
+    assert ours[: len(theirs)] == theirs and ours[len(theirs) :] in ([], ["end"])
     data = stream.read_bytes()
     for cut in (5, 20, len(data) // 2, len(data) - 3):
         with pytest.raises(StreamError):
@@ -157,18 +181,18 @@ def _scenario_base(root):
 
 
 def _scenario_changes(root):
-    os.rename(f"{root}/A/f", f"{root}/B/f-from-A")                # file crosses qtrees
-    os.rename(f"{root}/A/d1", f"{root}/C/d1-from-A")              # directory crosses qtrees
-    os.rename(f"{root}/A/x", f"{root}/A/tmp")                     # swap two names
+    os.rename(f"{root}/A/f", f"{root}/B/f-from-A")  # file crosses qtrees
+    os.rename(f"{root}/A/d1", f"{root}/C/d1-from-A")  # directory crosses qtrees
+    os.rename(f"{root}/A/x", f"{root}/A/tmp")  # swap two names
     os.rename(f"{root}/A/y", f"{root}/A/x")
     os.rename(f"{root}/A/tmp", f"{root}/A/y")
-    os.link(f"{root}/A/keep/k", f"{root}/A/k-third")              # new hard link
+    os.link(f"{root}/A/keep/k", f"{root}/A/k-third")  # new hard link
     os.unlink(f"{root}/A/keep/k-link")
     os.symlink("keep/k", f"{root}/A/new-ln")
     os.makedirs(f"{root}/A/newdir/nd")
     _write(f"{root}/A/newdir/nd/n", b"new" * 10)
-    os.rename(f"{root}/A/keep", f"{root}/A/newdir/keep-moved")    # dir moves into a new dir
-    with open(f"{root}/B/sparse", "r+b") as f:                    # truncate, extend: holes
+    os.rename(f"{root}/A/keep", f"{root}/A/newdir/keep-moved")  # dir moves into a new dir
+    with open(f"{root}/B/sparse", "r+b") as f:  # truncate, extend: holes
         f.truncate(1 << 20)
         f.truncate(16 << 20)
         f.seek(12 << 20)
@@ -180,11 +204,11 @@ def _scenario_changes(root):
     os.setxattr(f"{root}/B/sub/b", "user.new", b"n")
     os.chmod(f"{root}/B/sub", 0o700)
     os.chown(f"{root}/B/sub/b", 1000, 1000)
-    shutil.rmtree(f"{root}/D/deep")                               # deletes
-    os.rename(f"{root}/C/c", f"{root}/top-c")                     # leaves every qtree
-    os.rename(f"{root}/top-file", f"{root}/C/from-top")           # enters from outside every qtree
+    shutil.rmtree(f"{root}/D/deep")  # deletes
+    os.rename(f"{root}/C/c", f"{root}/top-c")  # leaves every qtree
+    os.rename(f"{root}/top-file", f"{root}/C/from-top")  # enters from outside every qtree
     subprocess.run(["cp", "--reflink=always", f"{root}/B/sub/b", f"{root}/B/reflinked"], check=True)
-    os.rename(f"{root}/top-dir", f"{root}/E")                     # a new qtree (renamed top-level dir)
+    os.rename(f"{root}/top-dir", f"{root}/E")  # a new qtree (renamed top-level dir)
 
 
 @pytest.mark.parametrize("send_data", ["0", "1"], ids=["no-data", "with-data"])
@@ -248,7 +272,7 @@ def test_rewritten_files_records_and_holes(pm, btrfs_urls):
     copy_to(src, dst, "Q", None, "r1")
     _write(f"{q}/small", os.urandom(4096))
     _write(f"{q}/big", os.urandom(3 << 20))
-    with open(f"{q}/holey", "r+b") as f:             # the same size, but a hole where data was
+    with open(f"{q}/holey", "r+b") as f:  # the same size, but a hole where data was
         f.truncate(0)
         f.truncate(64 << 10)
         f.seek(60 << 10)
@@ -256,8 +280,10 @@ def test_rewritten_files_records_and_holes(pm, btrfs_urls):
     _write(f"{q}/grows", os.urandom(5000))
     src.snapshot_create("r2")
     recs = list(src.diff("Q", "r1", "r2"))
-    by = {p: [r for r in recs if getattr(r, "path", None) == p and not type(r).__name__ == "SetAttr"]
-          for p in ("small", "big", "holey", "grows")}
+    by = {
+        p: [r for r in recs if getattr(r, "path", None) == p and not type(r).__name__ == "SetAttr"]
+        for p in ("small", "big", "holey", "grows")
+    }
     assert [type(r).__name__ for r in by["small"]] == ["Write"]
     assert [type(r).__name__ for r in by["big"]] == ["Truncate", "Write", "Write", "Write"]
     assert by["big"][0].size == 0
@@ -305,7 +331,7 @@ def test_killed_send_fails_the_diff(pm, btrfs_url, monkeypatch):
         list(vol.diff("q", "s1", "s2"))
     assert isinstance(ei.value, TruncatedStream) or "exit status" in str(ei.value)
     monkeypatch.setattr(coalesce_btrfs.sendstream, "commands", real)
-    assert len(list(vol.diff("q", "s1", "s2"))) > 300      # a failed send is not cached
+    assert len(list(vol.diff("q", "s1", "s2"))) > 300  # a failed send is not cached
 
 
 # ---------------------------------------------------------------------------
@@ -346,7 +372,7 @@ def test_export_switch_and_open_file_in_old_image(pm, btrfs_url):
     assert open(os.path.join(vol.export_path("r1"), "data"), "rb").read() == b"new image of r1"
     assert held.read() == b"old image of r1"
     held.seek(0)
-    vol.snapshot_delete("base")                   # releasing the old PCPI while a reader holds a file
+    vol.snapshot_delete("base")  # releasing the old PCPI while a reader holds a file
     assert held.read() == b"old image of r1"
     held.close()
     with pytest.raises(BackendError):

@@ -12,7 +12,10 @@ from coalesce_core.testing import conformance
 pytestmark = pytest.mark.btrfs
 
 #: small counts: a real file system is slow (every example creates a subvolume and snapshots)
-SETTINGS = dict(max_examples=int(os.environ.get("COALESCE_REALFS_EXAMPLES", "3")), stateful_steps=int(os.environ.get("COALESCE_REALFS_STEPS", "12")))
+SETTINGS = dict(
+    max_examples=int(os.environ.get("COALESCE_REALFS_EXAMPLES", "3")),
+    stateful_steps=int(os.environ.get("COALESCE_REALFS_STEPS", "12")),
+)
 
 
 @pytest.mark.parametrize("check", list(conformance.BASIC_CHECKS))

@@ -10,8 +10,13 @@ from differential import CYCLE, Rename, Sparse, Write
 pytestmark = pytest.mark.btrfs
 
 # send stream v1 sends a changed sparse file's holes as zeros: the control could not keep up with 1 TiB
-BTRFS = dt.Backend("btrfs", reflink=True, exchange=True, punch_hole=True,
-                   sparse_size=dt.TiB if dt.btrfs_send_proto() >= 2 else 16 * dt.MiB)
+BTRFS = dt.Backend(
+    "btrfs",
+    reflink=True,
+    exchange=True,
+    punch_hole=True,
+    sparse_size=dt.TiB if dt.btrfs_send_proto() >= 2 else 16 * dt.MiB,
+)
 
 
 def test_differential(btrfs_urls, group_config):
@@ -27,9 +32,13 @@ def test_holes_of_a_rewritten_sparse_file_stay_holes(btrfs_urls, group_config):
     """A sparse file rewritten at the same size with its data elsewhere: the no-data stream names the
     whole hole as changed; the export keeps it a hole (replay checks the allocation, translate._cut)."""
     size = 16 * dt.MiB
-    dt.replay(BTRFS, btrfs_urls, group_config, 1, [
-        Sparse("q0/c", size, ((0, 4096, 710),)), CYCLE,
-        Sparse("q0/c", size, ((size - 70_000, 1, 377),)), CYCLE])
+    dt.replay(
+        BTRFS,
+        btrfs_urls,
+        group_config,
+        1,
+        [Sparse("q0/c", size, ((0, 4096, 710),)), CYCLE, Sparse("q0/c", size, ((size - 70_000, 1, 377),)), CYCLE],
+    )
 
 
 def test_swapped_qtree_roots_keep_their_root_mtime(btrfs_urls, group_config):
@@ -39,5 +48,11 @@ def test_swapped_qtree_roots_keep_their_root_mtime(btrfs_urls, group_config):
 
 
 QTREE_ROOTS_SWAPPED = [
-    Write("q0/a", 0, 10, 1), Write("q1/b", 0, 10, 1), CYCLE,
-    Rename("q0", "_outside/t"), Rename("q1", "q0"), Rename("_outside/t", "q1"), CYCLE]
+    Write("q0/a", 0, 10, 1),
+    Write("q1/b", 0, 10, 1),
+    CYCLE,
+    Rename("q0", "_outside/t"),
+    Rename("q1", "q0"),
+    Rename("_outside/t", "q1"),
+    CYCLE,
+]

@@ -37,7 +37,7 @@ def test_enospc_is_a_clear_failure_and_the_export_survives(btrfs_small_url):
     fp = vol.fingerprint("q", "base")
     exported_file = os.path.join(vol.export_path("q"), "keep")
     with pytest.raises(BackendError) as ei:
-        vol.apply("q", flood("q", 400 << 20))         # more than the 256 MiB file system holds
+        vol.apply("q", flood("q", 400 << 20))  # more than the 256 MiB file system holds
     assert isinstance(ei.value, NoSpace)
     assert "no space left" in str(ei.value) and ei.value.hint
     # the exported image (a read-only snapshot) is intact and still readable at its stable path

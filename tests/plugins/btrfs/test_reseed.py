@@ -37,8 +37,9 @@ class Group:
         self.cfg.write_text(
             '[group]\nname = "rs"\n'
             f'source = "{src_url}"\ndestination = "{dst_url}"\n'
-            'parallel = 1\nreseed_after = 2\n[group.retry]\ninitial = 0\n'
-            '[[replica]]\nname = "A"\n[[replica]]\nname = "B"\nsource = "qb"\n')
+            "parallel = 1\nreseed_after = 2\n[group.retry]\ninitial = 0\n"
+            '[[replica]]\nname = "A"\n[[replica]]\nname = "B"\nsource = "qb"\n'
+        )
         self.src = Volume.open(plugin_manager(), src_url, create=True)
         self.dst_url = dst_url
         self.root = self.src.handle.root
@@ -51,8 +52,10 @@ class Group:
             f.write(data)
 
     def source_fps(self):
-        return {"A": walk.fingerprint(os.path.join(self.root, "A")),
-                "B": walk.fingerprint(os.path.join(self.root, "qb"))}
+        return {
+            "A": walk.fingerprint(os.path.join(self.root, "A")),
+            "B": walk.fingerprint(os.path.join(self.root, "qb")),
+        }
 
     def exported_fps(self):
         dst = Volume.open(plugin_manager(), self.dst_url)
@@ -64,8 +67,9 @@ class Group:
         env.pop("COALESCE_FAULTS", None)
         if faults:
             env["COALESCE_FAULTS"] = BROKEN_STREAM
-        p = subprocess.run([*EXE, "--config", str(self.cfg), *args], capture_output=True, text=True, env=env,
-                           timeout=300)
+        p = subprocess.run(
+            [*EXE, "--config", str(self.cfg), *args], capture_output=True, text=True, env=env, timeout=300
+        )
         if check is not None:
             assert p.returncode == check, f"{args}: rc={p.returncode}\n{p.stdout}\n{p.stderr}"
         return p

@@ -26,8 +26,10 @@ pytestmark = pytest.mark.btrfs
 def native_control(src, old: str, new: str, into: str) -> str:
     """``btrfs send OLD | receive``, then ``btrfs send -p OLD NEW | receive`` into ``into``; the received NEW."""
     os.makedirs(into)
-    for argv in (["btrfs", "-q", "send", src.snap_path(old)],
-                 ["btrfs", "-q", "send", "-p", src.snap_path(old), src.snap_path(new)]):
+    for argv in (
+        ["btrfs", "-q", "send", src.snap_path(old)],
+        ["btrfs", "-q", "send", "-p", src.snap_path(old), src.snap_path(new)],
+    ):
         send = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         recv = subprocess.run(["btrfs", "-q", "receive", into], stdin=send.stdout, capture_output=True)
         send.stdout.close()

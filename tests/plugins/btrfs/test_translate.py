@@ -52,9 +52,13 @@ class Pair:
 
     def commands(self) -> list:
         h = self.src.handle
-        p = subprocess.run(["btrfs", "-q", "send", "--no-data", "-p", h.snap_path("s1"), h.snap_path("s2")],
-                           capture_output=True, check=True)
+        p = subprocess.run(
+            ["btrfs", "-q", "send", "--no-data", "-p", h.snap_path("s1"), h.snap_path("s2")],
+            capture_output=True,
+            check=True,
+        )
         import io
+
         return list(sendstream.commands(io.BytesIO(p.stdout)))
 
     def state(self, commands) -> translate.StreamState:
@@ -68,8 +72,11 @@ class Pair:
 
     def assert_replicas(self) -> None:
         for q in self.qtrees:
-            assert_same(os.path.join(self.src.handle.snap_path("s2"), q), os.path.join(self.dst.handle.root, q),
-                        what=f"replica {q}")
+            assert_same(
+                os.path.join(self.src.handle.snap_path("s2"), q),
+                os.path.join(self.dst.handle.root, q),
+                what=f"replica {q}",
+            )
 
 
 def _write(path, data=b"x"):
@@ -81,8 +88,9 @@ def _write(path, data=b"x"):
 def test_same_path_new_parent_moves_with_its_object(pm, btrfs_urls):
     """`mv p q; mkdir p; mv q/f p/f`: f keeps its path, but its parent is another directory (identity)."""
     pair = Pair(pm, btrfs_urls, ["Q"], lambda r: _write(f"{r}/Q/p/f", b"f-bytes"))
-    pair.change(lambda r: (os.rename(f"{r}/Q/p", f"{r}/Q/q"), os.mkdir(f"{r}/Q/p"),
-                           os.rename(f"{r}/Q/q/f", f"{r}/Q/p/f")))
+    pair.change(
+        lambda r: (os.rename(f"{r}/Q/p", f"{r}/Q/q"), os.mkdir(f"{r}/Q/p"), os.rename(f"{r}/Q/q/f", f"{r}/Q/p/f"))
+    )
     recs = pair.apply("Q", pair.src.diff("Q", "s1", "s2"))
     pair.assert_replicas()
     assert any(isinstance(r, Rename) and r.new == "p/f" for r in recs), "f must be moved, not copied"
@@ -90,6 +98,7 @@ def test_same_path_new_parent_moves_with_its_object(pm, btrfs_urls):
 
 def test_swapped_parents_with_children_swapped_back(pm, btrfs_urls):
     """Two directories swapped and their same-named children swapped back: names equal, bytes must follow."""
+
     def setup(r):
         _write(f"{r}/Q/n/p1/p2/f", b"A" * 10)
         _write(f"{r}/Q/p1/p2/f", b"B" * 20)
@@ -110,6 +119,7 @@ def test_swapped_parents_with_children_swapped_back(pm, btrfs_urls):
 
 def test_hard_link_written_through_a_name_in_another_qtree(pm, btrfs_urls):
     """a/x and b/y are one inode; an append through a/x must reach b's replica, whose name the stream never uses."""
+
     def setup(r):
         _write(f"{r}/a/x", b"1")
         os.link(f"{r}/a/x", f"{r}/b/y")
@@ -153,6 +163,7 @@ def test_hard_links_are_found_by_a_walk_where_the_ioctl_is_refused(pm, btrfs_url
 
 def test_an_arriving_directory_keeps_a_hard_link_to_a_name_already_in_the_qtree(pm, btrfs_urls):
     """c/d moves to a/d; c/d/k is a hard link of a/k (untouched): in a's replica they stay one inode."""
+
     def setup(r):
         _write(f"{r}/a/k", b"shared")
         os.makedirs(f"{r}/c/d")
@@ -168,6 +179,7 @@ def test_an_arriving_directory_keeps_a_hard_link_to_a_name_already_in_the_qtree(
 
 def test_park_names_never_replace_an_entry_of_the_qtree(pm, btrfs_urls):
     """A qtree whose root holds `.coalesce-mv.*` entries of its own: parking picks names neither PCPI holds."""
+
     def setup(r):
         for i in range(12):
             _write(f"{r}/Q/.coalesce-mv.{i}", f"user file {i}".encode())
@@ -204,8 +216,9 @@ def test_a_replay_that_loses_track_falls_back_to_the_tree_compare(pm, btrfs_urls
     pair = Pair(pm, btrfs_urls, ["Q"], _swap_setup)
     pair.change(_swap)
     cmds = pair.commands()
-    renames = [i for i, c in enumerate(cmds) if c.name == "RENAME" and translate._ORPHAN.match(
-        os.fsdecode(c.attrs["PATH_TO"]))]
+    renames = [
+        i for i, c in enumerate(cmds) if c.name == "RENAME" and translate._ORPHAN.match(os.fsdecode(c.attrs["PATH_TO"]))
+    ]
     assert renames, "a swap parks one directory under an orphan name"
     i = renames[0]
     to = os.fsdecode(cmds[i].attrs["PATH_TO"])
@@ -213,11 +226,11 @@ def test_a_replay_that_loses_track_falls_back_to_the_tree_compare(pm, btrfs_urls
     bad = f"o{int(m.group(1)) + 1000}-{m.group(2)}-{m.group(3)}".encode()
     attrs = dict(cmds[i].attrs, PATH_TO=bad)
     cmds[i] = sendstream.Command(name="RENAME", attrs=attrs)
-    for j in range(i + 1, len(cmds)):            # keep the rest of the stream consistent with the new name
+    for j in range(i + 1, len(cmds)):  # keep the rest of the stream consistent with the new name
         a = dict(cmds[j].attrs)
         for key in ("PATH", "PATH_TO", "PATH_LINK"):
             if key in a and bytes(a[key]).startswith(to.encode()):
-                a[key] = bad + bytes(a[key])[len(to):]
+                a[key] = bad + bytes(a[key])[len(to) :]
         cmds[j] = sendstream.Command(name=cmds[j].name, attrs=a)
     state = pair.state(cmds)
     assert state.lost and "parks inode" in state.lost
@@ -246,6 +259,7 @@ def test_final_names_that_disagree_with_the_target_fall_back(pm, btrfs_urls, cap
 
 def test_the_qtree_root_attributes_arrive(pm, btrfs_urls):
     """The qtree root's mode, owner, xattrs and mtime reach the replica, in a baseline and an update."""
+
     def setup(r):
         _write(f"{r}/Q/f", b"f")
         os.chmod(f"{r}/Q", 0o750)
@@ -300,8 +314,14 @@ def test_a_punched_hole_is_kept_and_the_unchanged_data_after_it_rewritten(pm, bt
     """A hole punched at the start of a file whose later data is unchanged: truncating below the hole
     drops that data too, so it must come back with the tail."""
     size = 16 * MiB
-    pair = Pair(pm, btrfs_urls, ["Q"], lambda r: _sparse(f"{r}/Q/c", size, [
-        (0, b"a" * (4 * MiB)), (8 * MiB, b"k" * 65536), (size - 4096, b"e" * 4096)]))
+    pair = Pair(
+        pm,
+        btrfs_urls,
+        ["Q"],
+        lambda r: _sparse(
+            f"{r}/Q/c", size, [(0, b"a" * (4 * MiB)), (8 * MiB, b"k" * 65536), (size - 4096, b"e" * 4096)]
+        ),
+    )
     pair.change(PunchHole("Q/c", 0, 4 * MiB))
     recs = pair.apply("Q", pair.src.diff("Q", "s1", "s2"))
     pair.assert_replicas()
@@ -318,4 +338,3 @@ def test_a_small_hole_before_much_unchanged_data_is_overwritten(pm, btrfs_urls):
     pair.assert_replicas()
     assert not any(isinstance(r, Truncate) for r in recs)
     assert sum(len(r.data) for r in recs if isinstance(r, Write)) <= 2 * 65536
-

@@ -22,8 +22,9 @@ def group(group_config, btrfs_urls):
     """A one-replica btrfs -> btrfs group (replica A) whose source qtree holds a/x, a/f and b/."""
 
     def make(plugins=()):
-        h = Harness(group_config(replicas=("A",), source_url=btrfs_urls("src"), dest_url=btrfs_urls("dst")),
-                    plugins=plugins)
+        h = Harness(
+            group_config(replicas=("A",), source_url=btrfs_urls("src"), dest_url=btrfs_urls("dst")), plugins=plugins
+        )
         q = os.path.join(h.agent.source.handle.root, "A")
         os.makedirs(os.path.join(q, "a"))
         os.makedirs(os.path.join(q, "b"))
@@ -53,7 +54,7 @@ def _failed_then_passes(h: Harness, drop: DropRecord) -> str:
     assert failure["trigger"] == "update_failed" and "VerificationFailed" in failure["error"]
     r = h.agent.state.replicas["A"]
     assert r.state == "stable" and r.source_point == before and _exported_equals_source(h)
-    assert h.agent.dest.fingerprint("A", None) == h.agent.source.fingerprint("A", before)   # rolled back (I9)
+    assert h.agent.dest.fingerprint("A", None) == h.agent.source.fingerprint("A", before)  # rolled back (I9)
     drop.armed = False
     assert h.cycle()["failures"] == 0
     assert h.agent.state.replicas["A"].source_point != before and _exported_equals_source(h)
@@ -68,8 +69,7 @@ def test_a_lost_rename_fails_the_update_and_names_the_path(group):
     os.rename(os.path.join(q, "a/x"), os.path.join(q, "b/x"))
     error = _failed_then_passes(h, drop)
     old = drop.dropped[0].old
-    assert f"verification failed: {old!r} is a regular file in the replica but absent in source PCPI co-g-src-" \
-        in error
+    assert f"verification failed: {old!r} is a regular file in the replica but absent in source PCPI co-g-src-" in error
 
 
 def test_a_lost_write_fails_the_update_and_names_the_path(group):
@@ -82,8 +82,9 @@ def test_a_lost_write_fails_the_update_and_names_the_path(group):
 
 
 def _writable(path: str, on: bool) -> None:
-    subprocess.run(["btrfs", "property", "set", "-ts", path, "ro", "false" if on else "true"], check=True,
-                   capture_output=True)
+    subprocess.run(
+        ["btrfs", "property", "set", "-ts", path, "ro", "false" if on else "true"], check=True, capture_output=True
+    )
 
 
 def test_coalesce_verify_passes_a_good_export_and_finds_a_damaged_one(group):
@@ -101,7 +102,7 @@ def test_coalesce_verify_passes_a_good_export_and_finds_a_damaged_one(group):
         fd = os.open(f, os.O_WRONLY)
         os.pwrite(fd, b"?", 7)
         os.close(fd)
-        os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))       # same size and times: only the bytes differ
+        os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))  # same size and times: only the bytes differ
     finally:
         _writable(subvol, False)
     assert verifier.verify_export(h.agent.source, h.agent.dest, r, content=False).ok
@@ -115,5 +116,7 @@ def test_coalesce_verify_passes_a_good_export_and_finds_a_damaged_one(group):
         _writable(subvol, False)
     out = verifier.verify_export(h.agent.source, h.agent.dest, r, content=False)
     assert [(d.path, d.field, d.replica) for d in out.differences] == [("b", "mode", 0o700)]
-    assert out.differences[0].explain(r.source_point) == \
-        f"'b': mode is 0o700 in the replica but 0o755 in source PCPI {r.source_point}"
+    assert (
+        out.differences[0].explain(r.source_point)
+        == f"'b': mode is 0o700 in the replica but 0o755 in source PCPI {r.source_point}"
+    )

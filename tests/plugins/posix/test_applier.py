@@ -94,8 +94,16 @@ HOSTILE = [
 @pytest.mark.parametrize("purg", [False, True])
 def test_hostile_records_are_refused_and_write_nothing(vol, label, rec, purg, tmp_path):
     root, outside = vol
-    apply(root, [MkFile(path="f"), Write(path="f", offset=0, data=b"mine"), MkDir(path="d"),
-                 Symlink(path="evil", target=str(outside)), Symlink(path="evilf", target=str(outside / "secret"))])
+    apply(
+        root,
+        [
+            MkFile(path="f"),
+            Write(path="f", offset=0, data=b"mine"),
+            MkDir(path="d"),
+            Symlink(path="evil", target=str(outside)),
+            Symlink(path="evilf", target=str(outside / "secret")),
+        ],
+    )
     before_q, before_out = snapshot_of(root), snapshot_of(outside)
     accepted = (HostilePath,) if not label.startswith(("write-to", "truncate-symlink")) else (StreamError,)
     with pytest.raises(accepted):
@@ -126,14 +134,21 @@ def test_hostile_qtree_names(vol):
 def test_sparse_files_keep_their_holes(vol):
     root, _ = vol
     size = 64 << 20
-    apply(root, [MkFile(path="sparse"), Truncate(path="sparse", size=size),
-                 Write(path="sparse", offset=32 << 20, data=b"middle"), Write(path="sparse", offset=size - 3, data=b"end")])
+    apply(
+        root,
+        [
+            MkFile(path="sparse"),
+            Truncate(path="sparse", size=size),
+            Write(path="sparse", offset=32 << 20, data=b"middle"),
+            Write(path="sparse", offset=size - 3, data=b"end"),
+        ],
+    )
     p = root / "q" / "sparse"
     st = os.stat(p)
     assert st.st_size == size
     assert st.st_blocks * 512 < 1 << 20, "the holes were filled"
     data = open(p, "rb").read()
-    assert data[32 << 20:(32 << 20) + 6] == b"middle" and data.endswith(b"end") and data.count(0) == size - 9
+    assert data[32 << 20 : (32 << 20) + 6] == b"middle" and data.endswith(b"end") and data.count(0) == size - 9
     # and a baseline read of it keeps the holes too (no Write of zeros)
     recs = list(walk.baseline_records(str(root / "q")))
     assert sum(len(r.data) for r in recs if isinstance(r, Write)) < 2 << 20
@@ -141,19 +156,27 @@ def test_sparse_files_keep_their_holes(vol):
 
 def test_modes_owners_times_xattrs(vol):
     root, _ = vol
-    apply(root, [MkDir(path="d", mode=0o700), MkFile(path="d/f", mode=0o600), Write(path="d/f", offset=0, data=b"x"),
-                 Symlink(path="ln", target="d/f"),
-                 SetXattr(path="d/f", name="user.k", value=b"v"), SetXattr(path="d", name="user.dir", value=b"1"),
-                 SetAttr(path="d/f", mode=0o4751, uid=1234, gid=5678, mtime_ns=1_000_000_123),
-                 SetAttr(path="ln", uid=4321, gid=8765, mtime_ns=2_000_000_000),
-                 SetAttr(path="d", mode=0o751, mtime_ns=3_000_000_000)])
+    apply(
+        root,
+        [
+            MkDir(path="d", mode=0o700),
+            MkFile(path="d/f", mode=0o600),
+            Write(path="d/f", offset=0, data=b"x"),
+            Symlink(path="ln", target="d/f"),
+            SetXattr(path="d/f", name="user.k", value=b"v"),
+            SetXattr(path="d", name="user.dir", value=b"1"),
+            SetAttr(path="d/f", mode=0o4751, uid=1234, gid=5678, mtime_ns=1_000_000_123),
+            SetAttr(path="ln", uid=4321, gid=8765, mtime_ns=2_000_000_000),
+            SetAttr(path="d", mode=0o751, mtime_ns=3_000_000_000),
+        ],
+    )
     q = root / "q"
     st = os.lstat(q / "d" / "f")
     assert stat.S_IMODE(st.st_mode) == 0o4751 and (st.st_uid, st.st_gid) == (1234, 5678)
     assert st.st_mtime_ns == 1_000_000_123
     lst = os.lstat(q / "ln")
     assert (lst.st_uid, lst.st_gid, lst.st_mtime_ns) == (4321, 8765, 2_000_000_000)
-    assert os.stat(q / "d" / "f").st_uid == 1234      # the target was not changed through the link
+    assert os.stat(q / "d" / "f").st_uid == 1234  # the target was not changed through the link
     assert os.getxattr(q / "d" / "f", "user.k") == b"v" and os.getxattr(q / "d", "user.dir") == b"1"
     d = os.lstat(q / "d")
     assert stat.S_IMODE(d.st_mode) == 0o751 and d.st_mtime_ns == 3_000_000_000
@@ -163,8 +186,17 @@ def test_modes_owners_times_xattrs(vol):
 
 def test_hard_links_and_renames(vol):
     root, _ = vol
-    apply(root, [MkFile(path="a"), Write(path="a", offset=0, data=b"1"), MkDir(path="d"),
-                 HardLink(path="d/b", existing="a"), Rename(old="d", new="e"), Rename(old="a", new="e/a")])
+    apply(
+        root,
+        [
+            MkFile(path="a"),
+            Write(path="a", offset=0, data=b"1"),
+            MkDir(path="d"),
+            HardLink(path="d/b", existing="a"),
+            Rename(old="d", new="e"),
+            Rename(old="a", new="e/a"),
+        ],
+    )
     q = root / "q"
     assert os.stat(q / "e" / "a").st_ino == os.stat(q / "e" / "b").st_ino
     assert not os.path.exists(q / "a") and not os.path.exists(q / "d")
@@ -173,10 +205,25 @@ def test_hard_links_and_renames(vol):
 def test_purgatory_receives_deleted_and_replaced_entries(vol, tmp_path):
     root, _ = vol
     purg = root / ".coalesce-purgatory" / "q"
-    apply(root, [MkFile(path="gone"), MkFile(path="replaced"), Write(path="replaced", offset=0, data=b"old"),
-                 MkDir(path="dir")])
-    apply(root, [Unlink(path="gone"), MkFile(path="replaced"), Write(path="replaced", offset=0, data=b"new"),
-                 RmDir(path="dir")], purgatory=purg)
+    apply(
+        root,
+        [
+            MkFile(path="gone"),
+            MkFile(path="replaced"),
+            Write(path="replaced", offset=0, data=b"old"),
+            MkDir(path="dir"),
+        ],
+    )
+    apply(
+        root,
+        [
+            Unlink(path="gone"),
+            MkFile(path="replaced"),
+            Write(path="replaced", offset=0, data=b"new"),
+            RmDir(path="dir"),
+        ],
+        purgatory=purg,
+    )
     kept = sorted(n.split(".", 2)[2] for n in os.listdir(purg))
     assert kept == ["gone", "replaced"]
     assert sorted(os.listdir(root / "q")) == ["replaced"]
@@ -185,12 +232,20 @@ def test_purgatory_receives_deleted_and_replaced_entries(vol, tmp_path):
 
 def test_replay_is_idempotent(vol):
     root, _ = vol
-    recs = [MkDir(path="d"), MkFile(path="d/f"), Write(path="d/f", offset=0, data=b"abc"), Symlink(path="l", target="x"),
-            HardLink(path="h", existing="d/f"), Rename(old="d/f", new="g"), Unlink(path="missing"),
-            RmDir(path="missing-dir"), SetAttr(path="g", mode=0o600)]
+    recs = [
+        MkDir(path="d"),
+        MkFile(path="d/f"),
+        Write(path="d/f", offset=0, data=b"abc"),
+        Symlink(path="l", target="x"),
+        HardLink(path="h", existing="d/f"),
+        Rename(old="d/f", new="g"),
+        Unlink(path="missing"),
+        RmDir(path="missing-dir"),
+        SetAttr(path="g", mode=0o600),
+    ]
     apply(root, recs)
     first = walk.fingerprint(str(root / "q"))
-    apply(root, recs[5:])          # replay of the tail after a crash
+    apply(root, recs[5:])  # replay of the tail after a crash
     assert walk.fingerprint(str(root / "q")) == first
 
 
@@ -210,13 +265,24 @@ def test_mismatching_stream_is_a_stream_error(vol):
 # ---------------------------------------------------------------------------
 def test_descriptor_cache_follows_directory_renames(vol, tmp_path):
     root, _ = vol
-    apply(root, [MkDir(path="p"), MkDir(path="p/c"), MkFile(path="p/c/f"),   # p and p/c are cached now
-                 Rename(old="p", new="moved"),                               # ... and moved, with p/c
-                 MkDir(path="p"), MkDir(path="p/c"), MkFile(path="p/c/g"),   # the new p/c, not the cached one
-                 MkFile(path="moved/c/h"),
-                 Unlink(path="p/c/g"), Rename(old="moved/c/h", new="moved/c/h2"),   # files: the cache stays
-                 MkFile(path="p/c/i"), MkFile(path="moved/c/j")],
-          purgatory=tmp_path / "purg")
+    apply(
+        root,
+        [
+            MkDir(path="p"),
+            MkDir(path="p/c"),
+            MkFile(path="p/c/f"),  # p and p/c are cached now
+            Rename(old="p", new="moved"),  # ... and moved, with p/c
+            MkDir(path="p"),
+            MkDir(path="p/c"),
+            MkFile(path="p/c/g"),  # the new p/c, not the cached one
+            MkFile(path="moved/c/h"),
+            Unlink(path="p/c/g"),
+            Rename(old="moved/c/h", new="moved/c/h2"),  # files: the cache stays
+            MkFile(path="p/c/i"),
+            MkFile(path="moved/c/j"),
+        ],
+        purgatory=tmp_path / "purg",
+    )
     q = root / "q"
     assert sorted(os.listdir(q / "moved" / "c")) == ["f", "h2", "j"]
     assert sorted(os.listdir(q / "p" / "c")) == ["i"]
@@ -229,14 +295,32 @@ def test_descriptor_cache_forgets_replaced_and_removed_directories(vol, tmp_path
     # descriptor and those below it are dropped, and the symlink is not followed
     for purg in (tmp_path / "purg", None):
         with pytest.raises(HostilePath):
-            apply(root, [MkDir(path="d"), MkDir(path="d/e"), MkFile(path="d/e/f"),
-                         Symlink(path="d", target=str(outside)), MkFile(path="d/e/x")], purgatory=purg)
+            apply(
+                root,
+                [
+                    MkDir(path="d"),
+                    MkDir(path="d/e"),
+                    MkFile(path="d/e/f"),
+                    Symlink(path="d", target=str(outside)),
+                    MkFile(path="d/e/x"),
+                ],
+                purgatory=purg,
+            )
         assert os.path.islink(root / "q" / "d")
         os.unlink(root / "q" / "d")
     # a removed directory is not written into through its cached descriptor
     with pytest.raises(CorruptStream, match="does not exist"):
-        apply(root, [MkDir(path="r"), MkDir(path="r/s"), MkFile(path="r/s/f"), Unlink(path="r/s/f"),
-                     RmDir(path="r/s"), MkFile(path="r/s/g")])
+        apply(
+            root,
+            [
+                MkDir(path="r"),
+                MkDir(path="r/s"),
+                MkFile(path="r/s/f"),
+                Unlink(path="r/s/f"),
+                RmDir(path="r/s"),
+                MkFile(path="r/s/g"),
+            ],
+        )
     assert snapshot_of(outside) == before
 
 
@@ -244,9 +328,18 @@ def test_symlink_put_in_place_of_a_cached_directory_is_not_followed(vol):
     root, outside = vol
     before = snapshot_of(outside)
     with pytest.raises(HostilePath):
-        apply(root, [MkDir(path="d"), MkFile(path="d/a"), Write(path="d/a", offset=0, data=b"1"),
-                     Rename(old="d", new="d-moved"), Symlink(path="d", target=str(outside)),
-                     MkFile(path="d/b"), Write(path="d/b", offset=0, data=b"pwned")])
+        apply(
+            root,
+            [
+                MkDir(path="d"),
+                MkFile(path="d/a"),
+                Write(path="d/a", offset=0, data=b"1"),
+                Rename(old="d", new="d-moved"),
+                Symlink(path="d", target=str(outside)),
+                MkFile(path="d/b"),
+                Write(path="d/b", offset=0, data=b"pwned"),
+            ],
+        )
     assert snapshot_of(outside) == before
     assert os.listdir(root / "q" / "d-moved") == ["a"]
 
@@ -303,16 +396,24 @@ def test_an_apply_error_comes_before_a_later_source_error(vol):
     assert len(pulled) == 2, "no record is pulled after a failed one"
 
 
-BIG = 1 << 20        # a Write this large goes to the applier's writer thread
+BIG = 1 << 20  # a Write this large goes to the applier's writer thread
 
 
 def test_large_writes_and_the_records_around_them_apply_in_order(vol):
     root, _ = vol
-    recs = [MkDir(path="d"), MkFile(path="d/a"), Write(path="d/a", offset=0, data=b"A" * BIG),
-            Truncate(path="d/a", size=10),                       # queued behind the large Write
-            Write(path="d/a", offset=0, data=b"B" * (BIG // 2)), Write(path="d/a", offset=5, data=b"x"),
-            MkFile(path="d/b"), Write(path="d/b", offset=0, data=b"small"), Rename(old="d/b", new="d/c"),
-            Write(path="d/a", offset=BIG, data=b"C" * BIG), SetAttr(path="d/a", mode=0o600, mtime_ns=7_000_000_000)]
+    recs = [
+        MkDir(path="d"),
+        MkFile(path="d/a"),
+        Write(path="d/a", offset=0, data=b"A" * BIG),
+        Truncate(path="d/a", size=10),  # queued behind the large Write
+        Write(path="d/a", offset=0, data=b"B" * (BIG // 2)),
+        Write(path="d/a", offset=5, data=b"x"),
+        MkFile(path="d/b"),
+        Write(path="d/b", offset=0, data=b"small"),
+        Rename(old="d/b", new="d/c"),
+        Write(path="d/a", offset=BIG, data=b"C" * BIG),
+        SetAttr(path="d/a", mode=0o600, mtime_ns=7_000_000_000),
+    ]
     apply(root, recs)
     q = root / "q" / "d"
     assert open(q / "a", "rb").read() == b"BBBBBx" + b"B" * (BIG // 2 - 6) + b"\0" * (BIG // 2) + b"C" * BIG
@@ -345,9 +446,9 @@ def test_an_error_of_the_writer_comes_first_and_stops_the_stream(vol, then):
     def records():
         yield MkFile(path="a")
         yield Write(path="a", offset=0, data=b"1" * BIG)
-        yield Write(path="nope", offset=0, data=b"2" * BIG)          # fails in the writer thread
+        yield Write(path="nope", offset=0, data=b"2" * BIG)  # fails in the writer thread
         if then == "pause-then-records":
-            time.sleep(0.3)                                          # the writer is idle again by now
+            time.sleep(0.3)  # the writer is idle again by now
         if then != "source-error":
             for i in range(20):
                 yield MkFile(path=f"later{i}")
@@ -368,7 +469,9 @@ def _until(cond, what, timeout=10.0):
 
 def test_read_ahead_asks_a_few_files_ahead_and_skips_what_it_cannot_open(tmp_path, monkeypatch):
     asked = []
-    monkeypatch.setattr(os, "posix_fadvise", lambda fd, off, ln, advice: asked.append(os.readlink(f"/proc/self/fd/{fd}")))
+    monkeypatch.setattr(
+        os, "posix_fadvise", lambda fd, off, ln, advice: asked.append(os.readlink(f"/proc/self/fd/{fd}"))
+    )
     for n in "abcde":
         (tmp_path / n).write_bytes(b"x")
     os.symlink(tmp_path / "a", tmp_path / "link")
@@ -377,15 +480,17 @@ def test_read_ahead_asks_a_few_files_ahead_and_skips_what_it_cannot_open(tmp_pat
     _until(lambda: asked, "nothing was read ahead")
     time.sleep(0.2)
     assert asked == [str(tmp_path / "a")], "more than 3 entries ahead, or the missing file or the symlink"
-    ra.next()                                   # the reader starts on "a": one more entry may go
+    ra.next()  # the reader starts on "a": one more entry may go
     _until(lambda: len(asked) == 2, "the read-ahead did not follow the reader")
     assert asked[1] == str(tmp_path / "b")
     for _ in range(5):
         ra.next()
     _until(lambda: len(asked) == 5, "the read-ahead did not reach the end")
     assert asked == [str(tmp_path / n) for n in "abcde"]
-    _until(lambda: not [t for t in threading.enumerate() if t.name == "coalesce-readahead"],
-           "the read-ahead thread did not end after its last file")
+    _until(
+        lambda: not [t for t in threading.enumerate() if t.name == "coalesce-readahead"],
+        "the read-ahead thread did not end after its last file",
+    )
 
 
 def test_read_ahead_thread_ends_at_close_or_when_the_reader_is_gone(tmp_path):
@@ -396,8 +501,10 @@ def test_read_ahead_thread_ends_at_close_or_when_the_reader_is_gone(tmp_path):
             ra.close()
         else:
             del ra
-        _until(lambda: not [t for t in threading.enumerate() if t.name == "coalesce-readahead"],
-               f"the read-ahead thread outlived its reader ({drop})")
+        _until(
+            lambda: not [t for t in threading.enumerate() if t.name == "coalesce-readahead"],
+            f"the read-ahead thread outlived its reader ({drop})",
+        )
 
 
 def test_new_files_get_no_redundant_truncate(tmp_path):
@@ -421,10 +528,22 @@ def test_new_files_get_no_redundant_truncate(tmp_path):
 # walker and tree diff
 # ---------------------------------------------------------------------------
 def _build(root):
-    apply(root, [MkDir(path="a"), MkDir(path="a/b"), MkFile(path="a/b/f", mode=0o640),
-                 Write(path="a/b/f", offset=0, data=b"hello" * 1000), Symlink(path="a/l", target="b/f"),
-                 MkFile(path="big"), Truncate(path="big", size=3 << 20), Write(path="big", offset=5, data=b"z"),
-                 HardLink(path="a/h", existing="big"), SetXattr(path="big", name="user.x", value=b"y")], qtree="src")
+    apply(
+        root,
+        [
+            MkDir(path="a"),
+            MkDir(path="a/b"),
+            MkFile(path="a/b/f", mode=0o640),
+            Write(path="a/b/f", offset=0, data=b"hello" * 1000),
+            Symlink(path="a/l", target="b/f"),
+            MkFile(path="big"),
+            Truncate(path="big", size=3 << 20),
+            Write(path="big", offset=5, data=b"z"),
+            HardLink(path="a/h", existing="big"),
+            SetXattr(path="big", name="user.x", value=b"y"),
+        ],
+        qtree="src",
+    )
 
 
 def test_baseline_and_tree_diff_reproduce_the_tree(vol, tmp_path):
@@ -437,11 +556,23 @@ def test_baseline_and_tree_diff_reproduce_the_tree(vol, tmp_path):
     assert os.stat(root / "copy" / "big").st_ino == os.stat(root / "copy" / "a" / "h").st_ino
     # change src, keep a frozen copy of the old state as the "base" image
     import shutil
+
     shutil.copytree(src, tmp_path / "base", symlinks=True)
-    apply(root, [Unlink(path="a/l"), Symlink(path="a/l", target="elsewhere"), Rename(old="a/b", new="c"),
-                 Write(path="big", offset=2 << 20, data=b"new"), Truncate(path="c/f", size=3),
-                 MkDir(path="n"), MkFile(path="n/x"), SetAttr(path="a", mode=0o700),
-                 SetXattr(path="big", name="user.x", value=None)], qtree="src")
+    apply(
+        root,
+        [
+            Unlink(path="a/l"),
+            Symlink(path="a/l", target="elsewhere"),
+            Rename(old="a/b", new="c"),
+            Write(path="big", offset=2 << 20, data=b"new"),
+            Truncate(path="c/f", size=3),
+            MkDir(path="n"),
+            MkFile(path="n/x"),
+            SetAttr(path="a", mode=0o700),
+            SetXattr(path="big", name="user.x", value=None),
+        ],
+        qtree="src",
+    )
     recs = list(walk.tree_diff(str(tmp_path / "base"), src, same_lineage=False))
     Applier(str(root), "copy", None).apply(framed("copy", None, "t", recs))
     assert walk.fingerprint(str(root / "copy")) == walk.fingerprint(src)
@@ -467,9 +598,11 @@ def _images(tmp_path, gens, replicas):
 def _table(tmp_path):
     snaps = str(tmp_path / "snaps")
     live = str(tmp_path / "live")
-    return ExportTable(str(tmp_path / "exp"),
-                       lambda r, p: os.path.join(live, r) if p == ACTIVE else os.path.join(snaps, p, r),
-                       lambda r, t: parse_under(snaps, r, t, os.path.join(live, r)))
+    return ExportTable(
+        str(tmp_path / "exp"),
+        lambda r, p: os.path.join(live, r) if p == ACTIVE else os.path.join(snaps, p, r),
+        lambda r, t: parse_under(snaps, r, t, os.path.join(live, r)),
+    )
 
 
 def test_export_switch_is_one_rename_and_reads_back(tmp_path, monkeypatch):
@@ -479,6 +612,7 @@ def test_export_switch_is_one_rename_and_reads_back(tmp_path, monkeypatch):
     table.switch({r: "s1" for r in replicas})
     assert table.read() == {r: "s1" for r in replicas}
     import coalesce_posix.exports as ex
+
     calls = []
     real_rename = os.rename
     monkeypatch.setattr(ex.os, "rename", lambda a, b, **kw: (calls.append((a, b)), real_rename(a, b, **kw))[1])
@@ -487,7 +621,7 @@ def test_export_switch_is_one_rename_and_reads_back(tmp_path, monkeypatch):
     assert len(visible) == 1, f"the switch must be one rename of the 'exports' link, got {calls}"
     assert table.read() == {**{r: "s2" for r in replicas[2:]}, "r0": ACTIVE}
     assert os.path.islink(table.link)
-    assert table.switch(table.read())          # idempotent
+    assert table.switch(table.read())  # idempotent
 
 
 def test_export_switch_is_atomic_for_readers_and_open_files_survive(tmp_path):
@@ -508,7 +642,7 @@ def test_export_switch_is_atomic_for_readers_and_open_files_survive(tmp_path):
             try:
                 seen = {open(os.path.join(base, r, "gen")).read() for r in replicas}
             except FileNotFoundError:
-                continue      # an old generation directory was removed after we resolved it
+                continue  # an old generation directory was removed after we resolved it
             if len(seen) != 1:
                 errors.append(f"mixed generations {seen}")
             for r in replicas:

@@ -12,7 +12,7 @@ from coalesce_core.stream import fingerprint as fp
 from coalesce_core.stream.records import MkDir, MkFile, Rename, RmDir, Unlink, Write, framed
 from coalesce_posix import Applier, apply, rmtree, walk
 
-NAME_3 = "名" * 85                    # 255 bytes of 3-byte UTF-8
+NAME_3 = "名" * 85  # 255 bytes of 3-byte UTF-8
 
 
 def _chain(root: str, names: list[str]) -> int:
@@ -38,7 +38,7 @@ def _remove_deep_trees(tmp_path):
 def few_fds():
     """At most 100 descriptors more than are open now, while the test runs."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    highest = max(int(n) for n in os.listdir("/proc/self/fd"))   # the limit bounds descriptor numbers
+    highest = max(int(n) for n in os.listdir("/proc/self/fd"))  # the limit bounds descriptor numbers
     resource.setrlimit(resource.RLIMIT_NOFILE, (highest + 100, hard))
     yield
     resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
@@ -54,18 +54,24 @@ def test_purgatory_names_stay_within_255_bytes_and_unique():
         tail = raw.split(b".", 2)[2]
         assert os.fsencode(name).startswith(tail)
         if name.isprintable():
-            tail.decode("utf-8")                    # no character cut in two
+            tail.decode("utf-8")  # no character cut in two
     assert apply.purgatory_name(1, NAME_3) != apply.purgatory_name(2, NAME_3)
 
 
 def test_the_applier_parks_entries_named_with_255_bytes(tmp_path):
     """Unlink and replace entries of 255-byte multi-byte names: they go to the purgatory."""
     purg = tmp_path / "purg"
-    recs = [MkDir(path=NAME_3), MkFile(path=f"{NAME_3}/{NAME_3}"), Write(path=f"{NAME_3}/{NAME_3}", offset=0, data=b"x"),
-            MkDir(path="other"), Unlink(path=f"{NAME_3}/{NAME_3}"), Rename(old="other", new=NAME_3)]
+    recs = [
+        MkDir(path=NAME_3),
+        MkFile(path=f"{NAME_3}/{NAME_3}"),
+        Write(path=f"{NAME_3}/{NAME_3}", offset=0, data=b"x"),
+        MkDir(path="other"),
+        Unlink(path=f"{NAME_3}/{NAME_3}"),
+        Rename(old="other", new=NAME_3),
+    ]
     Applier(str(tmp_path), "q", str(purg)).apply(framed("q", None, "t", recs))
     assert os.listdir(tmp_path / "q") == [NAME_3]
-    assert len(os.listdir(purg)) == 2               # the file, and the empty directory it replaced
+    assert len(os.listdir(purg)) == 2  # the file, and the empty directory it replaced
 
 
 def test_rmtree_removes_any_depth_with_few_descriptors(tmp_path, few_fds):
@@ -97,10 +103,11 @@ def test_the_walk_reads_trees_deeper_and_paths_longer_than_path_max(tmp_path, fe
     assert len(rels) == 3000 + 25 + 2
     assert max(len(r.encode()) for r in rels) > 6000
     long_file = "/".join(["ñ" * 120] * 25 + ["f"])
-    want = fp.digest([fp.Entry(path="/".join(["d"] * (i + 1)), kind="d", mode=0o755) for i in range(3000)]
-                     + [fp.Entry(path="/".join(["ñ" * 120] * (i + 1)), kind="d", mode=0o755) for i in range(25)]
-                     + [fp.file_entry(long_file, 0o644, b"far"),
-                        fp.Entry(path=long_file[:-1] + "l", kind="l", target="f")])
+    want = fp.digest(
+        [fp.Entry(path="/".join(["d"] * (i + 1)), kind="d", mode=0o755) for i in range(3000)]
+        + [fp.Entry(path="/".join(["ñ" * 120] * (i + 1)), kind="d", mode=0o755) for i in range(25)]
+        + [fp.file_entry(long_file, 0o644, b"far"), fp.Entry(path=long_file[:-1] + "l", kind="l", target="f")]
+    )
     os.umask(0o022)
     assert walk.fingerprint(str(root)) == want
     recs = list(walk.baseline_records(str(root)))
@@ -123,7 +130,7 @@ def test_a_sparse_file_is_digested_at_the_cost_of_its_data(tmp_path):
     fd = os.open(p, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         os.pwrite(fd, b"island", 12345)
-        os.pwrite(fd, b"\0" * 100_000, 1 << 30)         # zeros, written
+        os.pwrite(fd, b"\0" * 100_000, 1 << 30)  # zeros, written
         os.pwrite(fd, b"end", size - 3)
         read: list[int] = []
         real_pread = os.pread

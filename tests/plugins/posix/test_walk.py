@@ -31,10 +31,10 @@ def test_a_file_system_without_xattrs_is_asked_once_per_image(tmp_path, monkeypa
 
     monkeypatch.setattr(os, "listxattr", listxattr)
     recs = list(walk.tree_diff(str(base), str(target), same_lineage=False))
-    assert sum(1 for r in recs if type(r) is Write) == 30          # every file's new data
+    assert sum(1 for r in recs if type(r) is Write) == 30  # every file's new data
     from_base = [p for p in asked if p.startswith(str(base))]
     from_target = [p for p in asked if p.startswith(str(target))]
-    assert len(from_base) == 1 and len(from_target) == 1            # was once per file and directory
+    assert len(from_base) == 1 and len(from_target) == 1  # was once per file and directory
 
 
 def test_outside_a_diff_and_on_file_systems_with_xattrs_nothing_is_cached(tmp_path, monkeypatch):
@@ -50,17 +50,35 @@ def test_outside_a_diff_and_on_file_systems_with_xattrs_nothing_is_cached(tmp_pa
     monkeypatch.setattr(os, "listxattr", listxattr)
     list(walk.tree_diff(str(tmp_path / "b"), str(tmp_path / "t"), same_lineage=False))
     n = len(calls)
-    assert n >= 2                      # both copies of the changed file were asked
+    assert n >= 2  # both copies of the changed file were asked
     walk.read_xattrs(str(tmp_path / "t" / "f"))
-    assert len(calls) == n + 1         # after the diff ended, a read asks the file system again
+    assert len(calls) == n + 1  # after the diff ended, a read asks the file system again
 
 
 def test_a_one_chunk_file_whose_size_changed_is_sent_without_reading_its_base_copy(tmp_path, monkeypatch):
     base, target = tmp_path / "b", tmp_path / "t"
-    _tree(base, {"grow": b"a" * 100, "shrink": b"b" * 5000, "same_size": b"c" * 300, "same": b"s" * 10,
-                 "big": b"d" * 2_000_000, "empty": b""})
-    _tree(target, {"grow": b"a" * 100 + b"e" * 50, "shrink": b"f" * 10, "same_size": b"c" * 299 + b"g",
-                   "same": b"s" * 10, "big": b"d" * 1_000_000 + b"h" + b"d" * 999_999, "empty": b"\0" * 100})
+    _tree(
+        base,
+        {
+            "grow": b"a" * 100,
+            "shrink": b"b" * 5000,
+            "same_size": b"c" * 300,
+            "same": b"s" * 10,
+            "big": b"d" * 2_000_000,
+            "empty": b"",
+        },
+    )
+    _tree(
+        target,
+        {
+            "grow": b"a" * 100 + b"e" * 50,
+            "shrink": b"f" * 10,
+            "same_size": b"c" * 299 + b"g",
+            "same": b"s" * 10,
+            "big": b"d" * 1_000_000 + b"h" + b"d" * 999_999,
+            "empty": b"\0" * 100,
+        },
+    )
     opened: list[str] = []
     real_open = os.open
 

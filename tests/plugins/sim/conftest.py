@@ -36,4 +36,5 @@ def make_sim(tmp_path: Path):
 def sim_url(tmp_path: Path):
     def make() -> str:
         return f"sim://{tmp_path}/cv{next(_n)}?fsync=0"
+
     return make

@@ -90,7 +90,7 @@ def test_the_256th_pcpi_fails_clearly(make_sim):
         if i % 50 == 0:
             sim_apply(fs, "q", [R.Write(path="f", offset=0, data=str(i).encode())])
     assert len(fs.pcpi_names()) == 255
-    assert fs.snapshot_create("p7") == "p7"          # idempotent at the limit
+    assert fs.snapshot_create("p7") == "p7"  # idempotent at the limit
     with pytest.raises(BackendError, match="255 PCPIs") as ei:
         fs.snapshot_create("one-too-many")
     assert "release" in ei.value.hint
@@ -117,7 +117,7 @@ def test_pcpi_create_and_delete_cost_does_not_grow_with_the_volume(make_sim):
     _big_file(small, 50)
     _big_file(large, 6000)
     for fs in (small, large):
-        fs.snapshot_create("older")           # the PCPI table has the same size on both
+        fs.snapshot_create("older")  # the PCPI table has the same size on both
     assert len(large.rc) > 50 * len(small.rc) / 10
     cs, ds = _pcpi_cost(small)
     cl, dl = _pcpi_cost(large)
@@ -135,7 +135,7 @@ def test_enospc_is_a_clear_error_and_keeps_the_last_cp(make_sim):
         sim_apply(fs, "q", [R.Write(path="f", offset=0, data=b"b" * (200 * BS))])
     assert D.fingerprint(fs, "q", None) == before
     assert fs.fsck() == []
-    sim_apply(fs, "q", [R.MkFile(path="g")])       # still usable
+    sim_apply(fs, "q", [R.MkFile(path="g")])  # still usable
     assert "g" in D.tree_dict(fs, "q")
 
 
@@ -147,8 +147,8 @@ def test_info_reports_the_blocks_each_pcpi_holds(make_sim):
     fs.snapshot_create("b")
     fs.snapshot_create("c")
     info = {p["name"]: p for p in fs.info()["pcpis"]}
-    assert info["a"]["unique_blocks"] >= 5            # the 5 overwritten data blocks (+ tree/inode blocks)
-    assert info["b"]["unique_blocks"] == info["c"]["unique_blocks"] == 0   # b == c == active
+    assert info["a"]["unique_blocks"] >= 5  # the 5 overwritten data blocks (+ tree/inode blocks)
+    assert info["b"]["unique_blocks"] == info["c"]["unique_blocks"] == 0  # b == c == active
     assert info["a"]["blocks"] >= 20
     used = len(fs.rc)
     fs.snapshot_delete("a")

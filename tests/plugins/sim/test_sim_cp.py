@@ -13,14 +13,28 @@ from coalesce_sim import diff as D
 from coalesce_sim.raid import BS
 from coalesce_sim.testing import reopen, sim_apply
 
-BASE = [R.MkDir(path="d"), R.MkFile(path="d/a"), R.Write(path="d/a", offset=0, data=b"A" * (5 * BS + 3)),
-        R.MkFile(path="b"), R.Write(path="b", offset=0, data=b"B" * 100), R.Symlink(path="l", target="d/a")]
+BASE = [
+    R.MkDir(path="d"),
+    R.MkFile(path="d/a"),
+    R.Write(path="d/a", offset=0, data=b"A" * (5 * BS + 3)),
+    R.MkFile(path="b"),
+    R.Write(path="b", offset=0, data=b"B" * 100),
+    R.Symlink(path="l", target="d/a"),
+]
 
 MUTATIONS = {
-    "apply": lambda fs: sim_apply(fs, "q", [R.Write(path="d/a", offset=BS, data=b"x" * (3 * BS)),
-                                            R.Unlink(path="b"), R.MkDir(path="e"), R.MkFile(path="e/n"),
-                                            R.Write(path="e/n", offset=0, data=b"n" * 9000),
-                                            R.SetXattr(path="d", name="user.k", value=b"v")]),
+    "apply": lambda fs: sim_apply(
+        fs,
+        "q",
+        [
+            R.Write(path="d/a", offset=BS, data=b"x" * (3 * BS)),
+            R.Unlink(path="b"),
+            R.MkDir(path="e"),
+            R.MkFile(path="e/n"),
+            R.Write(path="e/n", offset=0, data=b"n" * 9000),
+            R.SetXattr(path="d", name="user.k", value=b"v"),
+        ],
+    ),
     "snapshot_create": lambda fs: fs.snapshot_create("s2"),
     "snapshot_delete": lambda fs: fs.snapshot_delete("s1"),
     "export": lambda fs: fs.set_exports({"r": "s1"}),
@@ -28,8 +42,7 @@ MUTATIONS = {
 
 
 def _state(fs):
-    return (D.tree_dict(fs, "q"), fs.pcpi_names(), fs.exports(),
-            {p: D.tree_dict(fs, "q", p) for p in fs.pcpi_names()})
+    return (D.tree_dict(fs, "q"), fs.pcpi_names(), fs.exports(), {p: D.tree_dict(fs, "q", p) for p in fs.pcpi_names()})
 
 
 @pytest.fixture
@@ -57,7 +70,7 @@ def test_crash_between_any_two_block_writes(template, tmp_path, mutation):
         with pytest.raises(SimCrash):
             MUTATIONS[mutation](fs)
         with pytest.raises(BackendError, match="reopen"):
-            fs.snapshot_create("x")          # a dead handle refuses work
+            fs.snapshot_create("x")  # a dead handle refuses work
         fs2 = reopen(fs)
         assert _state(fs2) in (before, after), f"crash after {n} of {total} writes"
         # the root switch is the first superblock copy (on disk0) reaching the disk: it is the

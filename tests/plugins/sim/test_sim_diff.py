@@ -43,8 +43,19 @@ def test_diff_cost_follows_the_change_not_the_volume(make_sim):
         fs = make_sim(name)
         _populate(fs, nfiles, 20)
         fs.snapshot_create("s1")
-        sim_apply(fs, "q", [R.Write(path=f"d0/f{i * (nfiles // 20 // max(1, nfiles // 50)) * max(1, nfiles // 50)}",
-                                    offset=b * 2 * BS, data=b"C" * BS) for i in range(10) for b in range(10)])
+        sim_apply(
+            fs,
+            "q",
+            [
+                R.Write(
+                    path=f"d0/f{i * (nfiles // 20 // max(1, nfiles // 50)) * max(1, nfiles // 50)}",
+                    offset=b * 2 * BS,
+                    data=b"C" * BS,
+                )
+                for i in range(10)
+                for b in range(10)
+            ],
+        )
         fs.snapshot_create("s2")
         reads, recs = _diff_reads(fs, "s1", "s2")
         writes = [r for r in recs if isinstance(r, R.Write)]
@@ -64,7 +75,7 @@ def test_diff_of_equal_pcpis_reads_almost_nothing(make_sim):
     fs.snapshot_create("a")
     fs.snapshot_create("b")
     reads, recs = _diff_reads(fs, "a", "b")
-    assert recs[1:-1] == [] and reads <= 16, reads    # the qtree lookups on both sides, no tree walk
+    assert recs[1:-1] == [] and reads <= 16, reads  # the qtree lookups on both sides, no tree walk
 
 
 CASES = {
@@ -75,15 +86,25 @@ CASES = {
     "truncate": [R.Truncate(path="big", size=BS + 5), R.Truncate(path="big", size=10 * BS)],
     "holes": [R.Write(path="big", offset=40 * BS, data=b"far")],
     "type_change": [R.Unlink(path="l"), R.MkDir(path="l"), R.Unlink(path="d1/f"), R.Symlink(path="d1/f", target="x")],
-    "attrs": [R.SetAttr(path="d1", mode=0o711, uid=5, gid=6, mtime_ns=123),
-              R.SetXattr(path="big", name="user.a", value=b"1"), R.SetXattr(path="d1/f", name="user.b", value=None)],
+    "attrs": [
+        R.SetAttr(path="d1", mode=0o711, uid=5, gid=6, mtime_ns=123),
+        R.SetXattr(path="big", name="user.a", value=b"1"),
+        R.SetXattr(path="d1/f", name="user.b", value=None),
+    ],
     "rmtree": [R.Unlink(path="d1/f"), R.Unlink(path="d1/sub/x"), R.RmDir(path="d1/sub"), R.RmDir(path="d1")],
 }
 
-BASE = [R.MkDir(path="d1"), R.MkDir(path="d1/sub"), R.MkFile(path="d1/sub/x"), R.MkFile(path="d1/f"),
-        R.Write(path="d1/f", offset=0, data=b"hello"), R.SetXattr(path="d1/f", name="user.b", value=b"x"),
-        R.MkFile(path="big"), R.Write(path="big", offset=0, data=bytes(range(256)) * 64),
-        R.Symlink(path="l", target="d1/f")]
+BASE = [
+    R.MkDir(path="d1"),
+    R.MkDir(path="d1/sub"),
+    R.MkFile(path="d1/sub/x"),
+    R.MkFile(path="d1/f"),
+    R.Write(path="d1/f", offset=0, data=b"hello"),
+    R.SetXattr(path="d1/f", name="user.b", value=b"x"),
+    R.MkFile(path="big"),
+    R.Write(path="big", offset=0, data=bytes(range(256)) * 64),
+    R.Symlink(path="l", target="d1/f"),
+]
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -95,6 +116,7 @@ def test_diff_apply_roundtrip(make_sim, case, purgatory):
     sim_apply(src, "q", CASES[case], use_purgatory=purgatory)
     src.snapshot_create("s2")
     import coalesce_sim as S
+
     S.coalesce_apply(volume=dst, qtree="r", records=D.diff_stream(src, "q", None, "s1"), use_purgatory=purgatory)
     assert D.fingerprint(dst, "r", None) == D.fingerprint(src, "q", "s1")
     S.coalesce_apply(volume=dst, qtree="r", records=D.diff_stream(src, "q", "s1", "s2"), use_purgatory=purgatory)
@@ -120,8 +142,9 @@ def test_purgatory_keeps_deleted_data_until_purged(make_sim):
     assert D.tree_dict(fs, "q") == {} and D.fingerprint(fs, "q", None) == fp_empty
     assert len(fs.rc) >= used - 2, "the data stays in the purgatory"
     import coalesce_sim as S
+
     S.coalesce_purge_purgatory(volume=fs, qtrees=["q", "nonexistent"])
-    S.coalesce_purge_purgatory(volume=fs, qtrees=["q"])           # idempotent
+    S.coalesce_purge_purgatory(volume=fs, qtrees=["q"])  # idempotent
     assert len(fs.rc) < used - 40
     assert fs.fsck() == []
 
@@ -147,7 +170,7 @@ def test_rollback_restores_the_base(sim_url, monkeypatch, native):
     assert v.fingerprint("q") == fp
     assert sorted(D.tree_dict(v.handle, "other")) == ["o", "o2"], "other qtrees are untouched"
     assert v.handle.fsck() == []
-    v.rollback("q", "rb", "base")                     # idempotent
+    v.rollback("q", "rb", "base")  # idempotent
     assert v.fingerprint("q") == fp
     v.rollback("q", "rb", None)
     assert "q" not in v.qtree_list()
@@ -155,6 +178,7 @@ def test_rollback_restores_the_base(sim_url, monkeypatch, native):
 
 def test_native_rollback_restores_a_removed_qtree(make_sim):
     import coalesce_sim as S
+
     fs = make_sim()
     sim_apply(fs, "q", BASE)
     fs.snapshot_create("base")
@@ -173,18 +197,29 @@ def _raw(cls, **fields):
     return obj
 
 
-@pytest.mark.parametrize("rec", [
-    _raw(R.MkFile, path="../escape", mode=0o644),
-    _raw(R.Write, path="/etc/passwd", offset=0, data=b"x"),
-    R.Write(path="link/f", offset=0, data=b"x"),
-    R.MkFile(path="link/new"),
-    R.Write(path="link", offset=0, data=b"x"),
-    R.Truncate(path="filelink", size=0),
-])
+@pytest.mark.parametrize(
+    "rec",
+    [
+        _raw(R.MkFile, path="../escape", mode=0o644),
+        _raw(R.Write, path="/etc/passwd", offset=0, data=b"x"),
+        R.Write(path="link/f", offset=0, data=b"x"),
+        R.MkFile(path="link/new"),
+        R.Write(path="link", offset=0, data=b"x"),
+        R.Truncate(path="filelink", size=0),
+    ],
+)
 def test_hostile_records_change_nothing(make_sim, rec):
     fs = make_sim()
-    sim_apply(fs, "q", [R.MkDir(path="d"), R.MkFile(path="d/f"), R.Symlink(path="link", target="d"),
-                        R.Symlink(path="filelink", target="d/f")])
+    sim_apply(
+        fs,
+        "q",
+        [
+            R.MkDir(path="d"),
+            R.MkFile(path="d/f"),
+            R.Symlink(path="link", target="d"),
+            R.Symlink(path="filelink", target="d/f"),
+        ],
+    )
     sim_apply(fs, "outside", [R.MkFile(path="f")])
     before = (D.tree_dict(fs, "q"), D.tree_dict(fs, "outside"))
     with pytest.raises(HostilePath):
@@ -202,14 +237,19 @@ def test_a_failing_stream_keeps_the_partial_state_and_propagates(make_sim):
         raise RuntimeError("link dropped")
 
     import coalesce_sim as S
+
     with pytest.raises(RuntimeError):
         S.coalesce_apply(volume=fs, qtree="q", records=stream(), use_purgatory=True)
     assert D.tree_dict(fs, "q") == {"one": ("f", 0o644, b"1")}
     fs = reopen(fs)
     assert D.tree_dict(fs, "q") == {"one": ("f", 0o644, b"1")}, "the partial state was committed"
     with pytest.raises(TruncatedStream):
-        S.coalesce_apply(volume=fs, qtree="q", records=iter([R.Begin(qtree="q", base=None, target="t"),
-                                                            R.MkFile(path="two")]), use_purgatory=True)
+        S.coalesce_apply(
+            volume=fs,
+            qtree="q",
+            records=iter([R.Begin(qtree="q", base=None, target="t"), R.MkFile(path="two")]),
+            use_purgatory=True,
+        )
     with pytest.raises(StreamError):
         sim_apply(fs, "q", [R.Write(path="missing/x", offset=0, data=b"")])
 
@@ -267,11 +307,18 @@ def ops(draw, n):
 def _apply_ops(fs, qtree, opl):
     """Apply random operations one record at a time, skipping those the tree does not allow."""
     import coalesce_sim as S
+
     for kind, p, q, off, data in opl:
-        recs = {"mkdir": [R.MkDir(path=p)], "file": [R.MkFile(path=p), R.Write(path=p, offset=off, data=data)],
-                "write": [R.Write(path=p, offset=off, data=data)], "unlink": [R.Unlink(path=p)],
-                "symlink": [R.Symlink(path=p, target=q)], "link": [R.HardLink(path=p, existing=q)],
-                "rename": [R.Rename(old=p, new=q)], "trunc": [R.Truncate(path=p, size=off)]}[kind]
+        recs = {
+            "mkdir": [R.MkDir(path=p)],
+            "file": [R.MkFile(path=p), R.Write(path=p, offset=off, data=data)],
+            "write": [R.Write(path=p, offset=off, data=data)],
+            "unlink": [R.Unlink(path=p)],
+            "symlink": [R.Symlink(path=p, target=q)],
+            "link": [R.HardLink(path=p, existing=q)],
+            "rename": [R.Rename(old=p, new=q)],
+            "trunc": [R.Truncate(path=p, size=off)],
+        }[kind]
         tree = D.tree_dict(fs, qtree)
         parent = p.rsplit("/", 1)[0] if "/" in p else None
         if parent is not None and tree.get(parent, ("x",))[0] != "d":
@@ -284,8 +331,12 @@ def _apply_ops(fs, qtree, opl):
             continue
         if kind == "rename":
             qp = q.rsplit("/", 1)[0] if "/" in q else None
-            if p not in tree or q in tree or (qp is not None and tree.get(qp, ("x",))[0] != "d") \
-                    or (q + "/").startswith(p + "/"):
+            if (
+                p not in tree
+                or q in tree
+                or (qp is not None and tree.get(qp, ("x",))[0] != "d")
+                or (q + "/").startswith(p + "/")
+            ):
                 continue
         if kind in ("mkdir", "file", "symlink") and p in tree:
             continue
@@ -295,14 +346,20 @@ def _apply_ops(fs, qtree, opl):
 _ids = itertools.count()
 
 
-@settings(max_examples=int(os.environ.get("COALESCE_SIM_EXAMPLES", "40")), deadline=None, suppress_health_check=list(HealthCheck))
+@settings(
+    max_examples=int(os.environ.get("COALESCE_SIM_EXAMPLES", "40")),
+    deadline=None,
+    suppress_health_check=list(HealthCheck),
+)
 @given(first=ops(12), second=ops(12))
 def test_property_diff_apply_reproduces_target(tmp_path_factory, first, second):
     from coalesce_sim import open_sim
+
     root = tmp_path_factory.mktemp("prop")
     src = open_sim(f"{root}/src?fsync=0", create=True)
     dst = open_sim(f"{root}/dst?fsync=0", create=True)
     import coalesce_sim as S
+
     S.coalesce_apply(volume=src, qtree="q", records=R.framed("q", None, "t", []), use_purgatory=True)
     _apply_ops(src, "q", first)
     src.snapshot_create("s1")
@@ -328,8 +385,16 @@ def test_a_directory_rename_is_one_record(make_sim):
         recs += [R.MkFile(path=f"a/sub/f{i}"), R.Write(path=f"a/sub/f{i}", offset=0, data=b"x" * 5000)]
     sim_apply(fs, "q", recs)
     fs.snapshot_create("s1")
-    sim_apply(fs, "q", [R.Rename(old="a/sub", new="moved"), R.Rename(old="moved/f3", new="a/f3"),
-                        R.Rename(old="moved/f4", new="moved/f4b"), R.Rename(old="c", new="d")])
+    sim_apply(
+        fs,
+        "q",
+        [
+            R.Rename(old="a/sub", new="moved"),
+            R.Rename(old="moved/f3", new="a/f3"),
+            R.Rename(old="moved/f4", new="moved/f4b"),
+            R.Rename(old="c", new="d"),
+        ],
+    )
     fs.snapshot_create("s2")
     out = list(D.diff_stream(fs, "q", "s1", "s2"))
     assert R.Rename(old="a/sub", new="moved") in out
@@ -337,6 +402,7 @@ def test_a_directory_rename_is_one_record(make_sim):
     assert R.Rename(old="a/sub/f4", new="moved/f4b") not in out, "a move inside a moved dir falls back"
     assert sum(isinstance(r, R.Write) for r in out) <= 2, "only the two files moved out of / inside a moved dir"
     import coalesce_sim as S
+
     for base, target in ((None, "s1"), ("s1", "s2"), ("s2", "s1")):
         S.coalesce_apply(volume=dst, qtree="r", records=D.diff_stream(fs, "q", base, target), use_purgatory=True)
         assert D.tree_dict(dst, "r") == D.tree_dict(fs, "q", target)

@@ -32,6 +32,7 @@ def test_the_entry_point_serves_sim_and_only_sim(sim_url):
         kwargs = {"coalesce_close_volume": {}, "coalesce_metadata_dir": {}}.get(hook)
         fn = getattr(coalesce_sim, hook)
         import inspect
+
         params = {p: None for p in inspect.signature(fn).parameters if p != "volume"}
         params.update({k: "x" for k in ("name", "qtree", "rollback_pcpi", "replica") if k in params})
         if "qtrees" in params:
@@ -51,7 +52,7 @@ def test_open_create_close_and_metadata_dir(sim_url, tmp_path):
         Volume.open(pm, url)
     assert ei.value.hint
     v = Volume.open(pm, url, create=True)
-    v2 = Volume.open(pm, url, create=True)          # idempotent; the same handle
+    v2 = Volume.open(pm, url, create=True)  # idempotent; the same handle
     assert v2.handle is v.handle
     md = v.metadata_dir()
     assert md == os.path.join(v.handle.path, ".coalesce") and os.path.isdir(md)
@@ -61,7 +62,7 @@ def test_open_create_close_and_metadata_dir(sim_url, tmp_path):
     v.close()
     assert v.handle.raid.fds[0] is not None, "still open for the second facade"
     v2.close()
-    v2.close()                                      # idempotent
+    v2.close()  # idempotent
     with pytest.raises(BackendError, match="closed"):
         v.snapshot_list()
     v3 = Volume.open(pm, url)
@@ -70,8 +71,10 @@ def test_open_create_close_and_metadata_dir(sim_url, tmp_path):
 
 
 def test_location_options():
-    assert parse_location("/a/b?disks=5&size=64M&fsync=0") == ("/a/b", {"ndata": 5, "max_bytes": 64 << 20,
-                                                                        "fsync": False})
+    assert parse_location("/a/b?disks=5&size=64M&fsync=0") == (
+        "/a/b",
+        {"ndata": 5, "max_bytes": 64 << 20, "fsync": False},
+    )
     with pytest.raises(BackendError):
         parse_location("relative/dir")
     with pytest.raises(BackendError):
@@ -126,7 +129,7 @@ def test_cli_verbs(make_sim, capsys):
     assert "disk2 failed" in capsys.readouterr().out
     assert _run(["sim", "info", "--json", fs.path]) == 0
     assert json.loads(capsys.readouterr().out)["failed_disk"] == "disk2"
-    assert _run(["sim", "fail-disk", fs.path, "parity"]) == 4            # BackendError exit code
+    assert _run(["sim", "fail-disk", fs.path, "parity"]) == 4  # BackendError exit code
     assert "already failed" in capsys.readouterr().err
     assert _run(["sim", "scrub", fs.path]) == 3
     assert _run(["sim", "reconstruct", fs.path]) == 0

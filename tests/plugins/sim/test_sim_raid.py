@@ -45,7 +45,7 @@ def test_degraded_reads_after_a_failed_disk(make_sim, ndisks, victim):
     fp = D.fingerprint(fs, "q", "s1")
     disk = {"first": "0", "last": str(ndisks - 1), "parity": "parity"}[victim]
     fs.fail_disk(disk)
-    fs = reopen(fs)                      # nothing cached: every block comes from the disks
+    fs = reopen(fs)  # nothing cached: every block comes from the disks
     assert fs.raid.failed is not None
     assert D.tree_dict(fs, "q") == before
     assert D.fingerprint(fs, "q", "s1") == fp
@@ -66,7 +66,7 @@ def test_a_second_failure_is_refused(make_sim):
     fs = make_sim()
     _fill(fs, 3)
     fs.fail_disk("1")
-    fs.fail_disk("disk1")               # idempotent
+    fs.fail_disk("disk1")  # idempotent
     with pytest.raises(BackendError, match="already failed"):
         fs.fail_disk("parity")
     with pytest.raises(BackendError, match="no disk"):

@@ -59,11 +59,11 @@ def test_diffs_of_many_qtrees_between_two_pcpis_walk_the_change_once(make_sim):
         names = [f"q{i:04d}" for i in range(n)]
         _qtrees(fs, n, b"0")
         fs.snapshot_create("a")
-        _qtrees(fs, n, b"1")                    # every qtree changed between a and b
+        _qtrees(fs, n, b"1")  # every qtree changed between a and b
         fs.snapshot_create("b")
         builds = fs.stats["change_index_builds"]
         reads, out = _diff_all(fs, names, "a", "b")
-        for q in names:                          # each diff sends its own change, nothing else
+        for q in names:  # each diff sends its own change, nothing else
             assert out[q] == [R.Write(path="f", offset=0, data=b"1" * 64)], out[q]
         assert fs.stats["change_index_builds"] == builds + 1, "one walk of the whole change"
         # a diff after the first costs the same at 40 and at 400 qtrees (the first walks the
@@ -85,10 +85,10 @@ def test_the_change_index_goes_when_an_image_it_names_is_freed(make_sim):
     assert len(fs.change_idx) == 1
     sim_apply(fs, "q0000", [R.MkFile(path="g")])  # the active image moves on from b (b keeps its blocks)
     assert len(fs.change_idx) == 1
-    fs.snapshot_delete("b")                      # b's inode-file top is freed: its index goes
+    fs.snapshot_delete("b")  # b's inode-file top is freed: its index goes
     assert fs.change_idx == {} and fs.idx_tops == {}
     _qtrees(fs, 3, b"2")
-    fs.snapshot_create("b")                      # may reuse b's old blocks: the diff must see "2"
+    fs.snapshot_create("b")  # may reuse b's old blocks: the diff must see "2"
     recs = list(D.diff_stream(fs, "q0001", "a", "b"))
     assert R.Write(path="f", offset=0, data=b"2" * 64) in recs
     assert fs.fsck() == []
@@ -130,7 +130,7 @@ def _run_concurrently(fs, names, fail=False):
     def run(q):
         try:
             sim_apply(fs, q, [R.MkFile(path="f"), R.Write(path="f", offset=0, data=q.encode())])
-            returned[q] = fs.cp                  # the CP on disk when the apply returned
+            returned[q] = fs.cp  # the CP on disk when the apply returned
         except BackendError as exc:
             errors[q] = exc
 
@@ -142,7 +142,7 @@ def _run_concurrently(fs, names, fail=False):
         t.start()
     deadline = time.monotonic() + 20
     while len(waiting) < len(names) and time.monotonic() < deadline:
-        time.sleep(0.005)                        # every apply has changed the overlay and waits
+        time.sleep(0.005)  # every apply has changed the overlay and waits
     assert len(waiting) == len(names)
     assert not returned and not errors, "nobody returns before its CP is on disk"
     assert all(q in fs.ov_dirs[ROOT_INO] for q in names[1:])
@@ -174,10 +174,10 @@ def test_a_failed_group_cp_fails_every_apply_it_covered(make_sim):
     names = ["qa", "qb", "qc"]
     returned, errors = _run_concurrently(fs, names, fail=True)
     assert returned == {}
-    assert "injected EIO" in str(errors["qa"])                       # the leader: the I/O error
-    assert all("were lost" in str(errors[q]) for q in names[1:])     # the others: their changes are gone
+    assert "injected EIO" in str(errors["qa"])  # the leader: the I/O error
+    assert all("were lost" in str(errors[q]) for q in names[1:])  # the others: their changes are gone
     assert fs.cp == cp and fs.view().qtrees() == ["q0"] and fs.fsck() == []
-    sim_apply(fs, "qe", [R.MkFile(path="g")])                         # and the volume carries on
+    sim_apply(fs, "qe", [R.MkFile(path="g")])  # and the volume carries on
     assert reopen(fs).view().qtrees() == ["q0", "qe"]
 
 

@@ -39,6 +39,7 @@ class SimFSMachine(RuleBasedStateMachine):
         if self.fs is not None and self.fs.broken is None:
             close_sim(self.fs)
         import shutil
+
         shutil.rmtree(self.dir, ignore_errors=True)
 
     # -- helpers
@@ -70,14 +71,18 @@ class SimFSMachine(RuleBasedStateMachine):
         if files and data.draw(st.booleans()):
             p = data.draw(st.sampled_from(files))
             old = self.model[p][2]
-            new = (old + bytes(max(0, off - len(old))))[:off] + content + old[off + len(content):]
-            self.do([R.Write(path=p, offset=off, data=content)],
-                    lambda: self.model.__setitem__(p, ("f", self.model[p][1], new)))
+            new = (old + bytes(max(0, off - len(old))))[:off] + content + old[off + len(content) :]
+            self.do(
+                [R.Write(path=p, offset=off, data=content)],
+                lambda: self.model.__setitem__(p, ("f", self.model[p][1], new)),
+            )
         else:
             p = self.free_path(data, name)
             if p:
-                self.do([R.MkFile(path=p, mode=0o640), R.Write(path=p, offset=0, data=content)],
-                        lambda: self.model.__setitem__(p, ("f", 0o640, content)))
+                self.do(
+                    [R.MkFile(path=p, mode=0o640), R.Write(path=p, offset=0, data=content)],
+                    lambda: self.model.__setitem__(p, ("f", 0o640, content)),
+                )
 
     @rule(data=st.data(), size=st.integers(0, 3 * BS))
     def truncate(self, data, size):
@@ -96,7 +101,9 @@ class SimFSMachine(RuleBasedStateMachine):
 
     @rule(data=st.data(), purgatory=st.booleans())
     def remove(self, data, purgatory):
-        cands = self.of_kind("fl") + [d for d in self.of_kind("d") if not any(k.startswith(d + "/") for k in self.model)]
+        cands = self.of_kind("fl") + [
+            d for d in self.of_kind("d") if not any(k.startswith(d + "/") for k in self.model)
+        ]
         if cands:
             p = data.draw(st.sampled_from(cands))
             rec = R.RmDir(path=p) if self.model[p][0] == "d" else R.Unlink(path=p)
@@ -116,7 +123,7 @@ class SimFSMachine(RuleBasedStateMachine):
         for k in moved:
             del self.model[k]
         for k, v in moved.items():
-            self.model[new + k[len(old):]] = v
+            self.model[new + k[len(old) :]] = v
 
     @rule(data=st.data(), mode=st.sampled_from([0o600, 0o711, 0o4755]))
     def chmod(self, data, mode):
@@ -196,6 +203,9 @@ class SimFSMachine(RuleBasedStateMachine):
 
 
 SimFSMachine.TestCase.settings = settings(
-    max_examples=int(os.environ.get("COALESCE_SIM_EXAMPLES", "60")), stateful_step_count=40, deadline=None,
-    suppress_health_check=list(HealthCheck))
+    max_examples=int(os.environ.get("COALESCE_SIM_EXAMPLES", "60")),
+    stateful_step_count=40,
+    deadline=None,
+    suppress_health_check=list(HealthCheck),
+)
 TestSimFS = SimFSMachine.TestCase

@@ -12,7 +12,10 @@ from coalesce_core.testing import conformance
 pytestmark = pytest.mark.zfs
 
 #: small counts: zfs-fuse is slow: every diff clones two snapshots
-SETTINGS = dict(max_examples=int(os.environ.get("COALESCE_REALFS_EXAMPLES", "3")), stateful_steps=int(os.environ.get("COALESCE_REALFS_STEPS", "12")))
+SETTINGS = dict(
+    max_examples=int(os.environ.get("COALESCE_REALFS_EXAMPLES", "3")),
+    stateful_steps=int(os.environ.get("COALESCE_REALFS_STEPS", "12")),
+)
 
 
 @pytest.mark.parametrize("check", list(conformance.BASIC_CHECKS))
@@ -23,4 +26,3 @@ def test_basic(check, zfs_urls):
 def test_stateful(zfs_urls):
     machine = conformance.conformance_machine(zfs_urls, cleanup=zfs_urls.cleanup)
     run_state_machine_as_test(machine, settings=conformance.conformance_settings(**SETTINGS))
-

@@ -11,8 +11,9 @@ pytestmark = pytest.mark.zfs
 # zfs-fuse: no reflinks, no RENAME_EXCHANGE (EINVAL), no hole punching (EOPNOTSUPP), no SEEK_DATA/SEEK_HOLE
 # (a reader of a hole reads zeros through FUSE, so the sparse file stays at 16 MiB), xattr values over 128
 # bytes are kept as 8 other bytes
-ZFS = dt.Backend("zfs", reflink=False, exchange=False, punch_hole=False, sparse_size=16 * dt.MiB, xattr_max=128,
-                 root_xattrs=False)
+ZFS = dt.Backend(
+    "zfs", reflink=False, exchange=False, punch_hole=False, sparse_size=16 * dt.MiB, xattr_max=128, root_xattrs=False
+)
 
 
 def test_differential(zfs_urls, group_config):
@@ -46,7 +47,7 @@ def test_zfs_fuse_cannot_do_what_is_not_declared(zfs_url):
             with pytest.raises(OSError) as exc:
                 src = os.open(a, os.O_RDONLY)
                 try:
-                    fcntl.ioctl(fd, 0x40049409, src)          # FICLONE
+                    fcntl.ioctl(fd, 0x40049409, src)  # FICLONE
                 finally:
                     os.close(src)
             assert exc.value.errno in (errno.EOPNOTSUPP, errno.ENOTTY, errno.EINVAL, errno.EXDEV)

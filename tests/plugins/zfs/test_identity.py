@@ -48,15 +48,24 @@ def test_stamped_gives_a_setattr_to_every_entry_the_records_touch(tmp_path):
         (t / rel).write_bytes(b"x")
     for i, rel in enumerate(("f", "d", "d/e", "d/new", "")):
         os.utime(t / rel, ns=(0, 1_600_000_000_000_000_000 + i))
-    records = [Unlink(path="gone"), MkFile(path="d/new"), Write(path="d/new", offset=0, data=b"x"),
-               Write(path="f", offset=0, data=b"x"), Truncate(path="d/e/g", size=1),
-               SetAttr(path="d/new", mtime_ns=5), SetAttr(path="d/e/g", mtime_ns=6)]
+    records = [
+        Unlink(path="gone"),
+        MkFile(path="d/new"),
+        Write(path="d/new", offset=0, data=b"x"),
+        Write(path="f", offset=0, data=b"x"),
+        Truncate(path="d/e/g", size=1),
+        SetAttr(path="d/new", mtime_ns=5),
+        SetAttr(path="d/e/g", mtime_ns=6),
+    ]
     out = list(identity.stamped(iter(records), str(t)))
-    assert out[:len(records)] == records
-    added = out[len(records):]
+    assert out[: len(records)] == records
+    added = out[len(records) :]
     assert [r.path for r in added] == ["d", "f", ROOT]
-    assert [r.mtime_ns for r in added] == [1_600_000_000_000_000_001, 1_600_000_000_000_000_000,
-                                           1_600_000_000_000_000_004]
+    assert [r.mtime_ns for r in added] == [
+        1_600_000_000_000_000_001,
+        1_600_000_000_000_000_000,
+        1_600_000_000_000_000_004,
+    ]
     assert list(identity.stamped(iter([SetAttr(path="f", mtime_ns=1)]), str(t))) == [SetAttr(path="f", mtime_ns=1)]
 
 
@@ -75,8 +84,7 @@ def test_kept_links_makes_a_new_name_a_link_of_the_kept_one(tmp_path):
     """tree_diff walks in name order and meets the new name b before the kept k/y (on its own it
     created b as another file); through KeptLinks b becomes a HardLink of k/y."""
     base, target = _linked_trees(tmp_path)
-    records = list(walk.tree_diff(str(base), str(target), same_lineage=False,
-                                  data=identity.KeptLinks(walk.READ)))
+    records = list(walk.tree_diff(str(base), str(target), same_lineage=False, data=identity.KeptLinks(walk.READ)))
     applied = tmp_path / "applied"
     (applied / "q" / "k").mkdir(parents=True)
     (applied / "q" / "k" / "y").write_bytes(b"one")
@@ -93,8 +101,7 @@ def test_kept_links_creates_a_file_without_kept_names_once(tmp_path):
     target.mkdir()
     (target / "a").write_bytes(b"data")
     os.link(target / "a", target / "z")
-    records = list(walk.tree_diff(str(base), str(target), same_lineage=False,
-                                  data=identity.KeptLinks(walk.READ)))
+    records = list(walk.tree_diff(str(base), str(target), same_lineage=False, data=identity.KeptLinks(walk.READ)))
     assert [type(r).__name__ for r in records if not isinstance(r, SetAttr)][:3] == ["MkFile", "Write", "HardLink"]
     assert HardLink(path="z", existing="a") in records
 
@@ -109,9 +116,9 @@ def test_prune_for(tmp_path):
         (side / "Q" / "f").write_bytes(b"x")
     prune = identity.prune_for({"Q/f"}, "Q", str(b), str(t))
     assert set(prune) == {"", "f"}
-    assert "d" in prune and "d/e" in prune                      # other directory objects at those paths
+    assert "d" in prune and "d/e" in prune  # other directory objects at those paths
     same = identity.prune_for({"Q/f"}, "Q", str(b), str(b))
-    assert "d" not in same and "d/e" not in same                # the same objects: pruned
+    assert "d" not in same and "d/e" not in same  # the same objects: pruned
     assert identity.prune_for({"Q/nowhere"}, "Q", str(b), str(t)) is None
     os.link(t / "Q" / "f", t / "Q" / "d" / "f2")
     assert identity.prune_for({"Q/f"}, "Q", str(b), str(t)) is None
@@ -136,6 +143,7 @@ def object_id(path: str) -> tuple[int, int]:
     """(object number, generation) of an entry on zfs-fuse, from its NFS file handle
     (name_to_handle_at): FUSE encodes the node id as two 32-bit words, then the generation (ZFS's
     zp_gen, the txg that created the object)."""
+
     class Handle(ctypes.Structure):
         _fields_ = [("bytes", ctypes.c_uint), ("type", ctypes.c_int), ("data", ctypes.c_ubyte * 128)]
 
@@ -143,7 +151,7 @@ def object_id(path: str) -> tuple[int, int]:
     h, mount_id = Handle(128, 0), ctypes.c_int()
     if libc.name_to_handle_at(-100, os.fsencode(path), ctypes.byref(h), ctypes.byref(mount_id), 0) != 0:
         raise OSError(ctypes.get_errno(), f"name_to_handle_at {path}")
-    hi, lo, gen = (int.from_bytes(bytes(h.data[i:i + 4]), "little") for i in (0, 4, 8))
+    hi, lo, gen = (int.from_bytes(bytes(h.data[i : i + 4]), "little") for i in (0, 4, 8))
     return (hi << 32) | lo, gen
 
 
@@ -151,69 +159,102 @@ def object_id(path: str) -> tuple[int, int]:
 #: shell variable per qtree holding its name in the shared group ($Q, $a, $b)
 CASES = {
     "M1-dir-replaced-child-moved-back": (
-        ["Q"], "mkdir -p $Q/d1/p/c; echo f > $Q/d1/p/c/f",
-        "mv $Q/d1/p $Q/d1/q; mkdir $Q/d1/p; mv $Q/d1/q/c $Q/d1/p/c"),
+        ["Q"],
+        "mkdir -p $Q/d1/p/c; echo f > $Q/d1/p/c/f",
+        "mv $Q/d1/p $Q/d1/q; mkdir $Q/d1/p; mv $Q/d1/q/c $Q/d1/p/c",
+    ),
     "M2-dir-replaced-file-moved-back": (
-        ["Q"], "mkdir -p $Q/p; echo f > $Q/p/f",
-        "mv $Q/p $Q/q; mkdir $Q/p; mv $Q/q/f $Q/p/f"),
+        ["Q"],
+        "mkdir -p $Q/p; echo f > $Q/p/f",
+        "mv $Q/p $Q/q; mkdir $Q/p; mv $Q/q/f $Q/p/f",
+    ),
     "M5-dir-replaced-by-sibling": (
-        ["Q"], "mkdir -p $Q/d/p $Q/d/s; echo pf > $Q/d/p/f; echo s > $Q/d/s/g",
-        "mv $Q/d/p $Q/d/q; mv $Q/d/s $Q/d/p; mv $Q/d/q/f $Q/d/p/f"),
+        ["Q"],
+        "mkdir -p $Q/d/p $Q/d/s; echo pf > $Q/d/p/f; echo s > $Q/d/s/g",
+        "mv $Q/d/p $Q/d/q; mv $Q/d/s $Q/d/p; mv $Q/d/q/f $Q/d/p/f",
+    ),
     "M3-dirs-swapped-children-swapped-back": (
-        ["Q"], "mkdir -p $Q/n/p1/p2 $Q/p1/p2; echo AAAA > $Q/n/p1/p2/f; echo BBBB > $Q/p1/p2/f",
+        ["Q"],
+        "mkdir -p $Q/n/p1/p2 $Q/p1/p2; echo AAAA > $Q/n/p1/p2/f; echo BBBB > $Q/p1/p2/f",
         "mv $Q/n/p1 $Q/tmp; mv $Q/p1 $Q/n/p1; mv $Q/tmp $Q/p1; "
-        "mv $Q/p1/p2 $Q/tmp2; mv $Q/n/p1/p2 $Q/p1/p2; mv $Q/tmp2 $Q/n/p1/p2"),
+        "mv $Q/p1/p2 $Q/tmp2; mv $Q/n/p1/p2 $Q/p1/p2; mv $Q/tmp2 $Q/n/p1/p2",
+    ),
     "M3b-dirs-swapped-grandchildren-same-paths": (
-        ["Q"], "mkdir -p $Q/a/s/t $Q/b/s/t; echo AAAA > $Q/a/s/t/f; echo BBBB > $Q/b/s/t/f",
-        "mv $Q/a $Q/tmp; mv $Q/b $Q/a; mv $Q/tmp $Q/b"),
+        ["Q"],
+        "mkdir -p $Q/a/s/t $Q/b/s/t; echo AAAA > $Q/a/s/t/f; echo BBBB > $Q/b/s/t/f",
+        "mv $Q/a $Q/tmp; mv $Q/b $Q/a; mv $Q/tmp $Q/b",
+    ),
     "M4-moved-to-another-qtree-child-moved-back": (
-        ["a", "b"], "mkdir -p $a/p/c; echo x > $a/p/c/f",
-        "mv $a/p $b/p; mkdir $a/p; mv $b/p/c $a/p/c"),
+        ["a", "b"],
+        "mkdir -p $a/p/c; echo x > $a/p/c/f",
+        "mv $a/p $b/p; mkdir $a/p; mv $b/p/c $a/p/c",
+    ),
     "M6-swapped-across-qtrees-children-swapped-back": (
-        ["a", "b"], "mkdir -p $a/p/c $b/p/c; echo aa > $a/p/c/f; echo bb > $b/p/c/f",
-        "mv $a/p $a/t; mv $b/p $a/p; mv $a/t $b/p; mv $a/p/c $a/c2; mv $b/p/c $a/p/c; mv $a/c2 $b/p/c"),
+        ["a", "b"],
+        "mkdir -p $a/p/c $b/p/c; echo aa > $a/p/c/f; echo bb > $b/p/c/f",
+        "mv $a/p $a/t; mv $b/p $a/p; mv $a/t $b/p; mv $a/p/c $a/c2; mv $b/p/c $a/p/c; mv $a/c2 $b/p/c",
+    ),
     "hard-link-appended-other-link-in-another-qtree": (
-        ["a", "b"], "mkdir $a/d $b/e; echo 1 > $a/d/x; ln $a/d/x $b/e/y; echo 2 > $a/z",
-        "echo more >> $a/d/x"),
+        ["a", "b"],
+        "mkdir $a/d $b/e; echo 1 > $a/d/x; ln $a/d/x $b/e/y; echo 2 > $a/z",
+        "echo more >> $a/d/x",
+    ),
     "hard-link-appended-other-link-in-a-moved-dir": (
-        ["a"], "mkdir $a/d $a/e; echo 1 > $a/d/x; ln $a/d/x $a/e/y",
-        "echo more >> $a/e/y; mv $a/d $a/d2"),
+        ["a"],
+        "mkdir $a/d $a/e; echo 1 > $a/d/x; ln $a/d/x $a/e/y",
+        "echo more >> $a/e/y; mv $a/d $a/d2",
+    ),
     "hard-link-new-name-before-the-kept-one": (
-        ["a"], "mkdir $a/k; echo 1 > $a/k/y",
-        "ln $a/k/y $a/b; echo more >> $a/b"),
+        ["a"],
+        "mkdir $a/k; echo 1 > $a/k/y",
+        "ln $a/k/y $a/b; echo more >> $a/b",
+    ),
     "file-rewritten-mtime-set-back": (
-        ["Q"], "echo aaaa > $Q/f; touch -d @1600000000 $Q/f",
-        "echo bbbb > $Q/f; touch -d @1600000000 $Q/f"),
+        ["Q"],
+        "echo aaaa > $Q/f; touch -d @1600000000 $Q/f",
+        "echo bbbb > $Q/f; touch -d @1600000000 $Q/f",
+    ),
     "entry-added-dir-mtime-set-back": (
-        ["Q"], "mkdir -p $Q/d; touch -d @1600000000 $Q/d",
-        "echo x > $Q/d/new; touch -d @1600000000 $Q/d"),
+        ["Q"],
+        "mkdir -p $Q/d; touch -d @1600000000 $Q/d",
+        "echo x > $Q/d/new; touch -d @1600000000 $Q/d",
+    ),
     "entry-added-root-mtime-set-back": (
-        ["Q"], "echo x > $Q/old; touch -d @1600000000 $Q",
-        "rm $Q/old; echo x > $Q/new; touch -d @1600000000 $Q"),
+        ["Q"],
+        "echo x > $Q/old; touch -d @1600000000 $Q",
+        "rm $Q/old; echo x > $Q/new; touch -d @1600000000 $Q",
+    ),
     "dir-replaced-same-name-same-mtime": (
-        ["Q"], "mkdir -p $Q/d/s; echo one > $Q/d/f; echo kk > $Q/d/s/g; touch -d @1600000000 $Q/d/s $Q/d",
+        ["Q"],
+        "mkdir -p $Q/d/s; echo one > $Q/d/f; echo kk > $Q/d/s/g; touch -d @1600000000 $Q/d/s $Q/d",
         "mv $Q/d $Q/old; mkdir -p $Q/d/s; echo two > $Q/d/f; echo KK > $Q/d/s/g; "
-        "touch -d @1600000000 $Q/d/s $Q/d; rm -r $Q/old"),
+        "touch -d @1600000000 $Q/d/s $Q/d; rm -r $Q/old",
+    ),
     # the newest file removed and another made at its name after a remount (REUSED below): it takes
     # the old object number with a new generation, the same size and mtime, and holes where the old
     # one had data; nothing of the old file's bytes may survive
     "object-number-reused": (
-        ["Q"], "echo keep > $Q/k; head -c 300000 /dev/urandom > $Q/x; touch -d @1600000000 $Q/x",
+        ["Q"],
+        "echo keep > $Q/k; head -c 300000 /dev/urandom > $Q/x; touch -d @1600000000 $Q/x",
         "truncate -s 300000 $Q/x; printf tail | dd of=$Q/x bs=1 seek=200000 conv=notrunc status=none; "
-        "touch -d @1600000000 $Q/x"),
+        "touch -d @1600000000 $Q/x",
+    ),
 }
 REUSED = "object-number-reused"
 #: the cases that change a file with several links: `zfs diff` names it by one name, so nothing of its
 #: dataset is pruned; the pruned runs keep them in a dataset of their own
-LINKED = ("hard-link-appended-other-link-in-another-qtree", "hard-link-appended-other-link-in-a-moved-dir",
-          "hard-link-new-name-before-the-kept-one")
+LINKED = (
+    "hard-link-appended-other-link-in-another-qtree",
+    "hard-link-appended-other-link-in-a-moved-dir",
+    "hard-link-new-name-before-the-kept-one",
+)
 
 
 @attrs.frozen
 class Config:
-    dest: str               # the destination backend
-    mode: str               # where the data of changed files come from: `zfs send -i` or the images
-    pruned: bool            # the walk is pruned by an emulated `zfs diff`, as on OpenZFS
+    dest: str  # the destination backend
+    mode: str  # where the data of changed files come from: `zfs send -i` or the images
+    pruned: bool  # the walk is pruned by an emulated `zfs diff`, as on OpenZFS
     cases: tuple[str, ...]
 
 
@@ -246,8 +287,17 @@ def emulated_zfs_diff(self, base: str, target: str) -> set[str]:
     only, or with another generation, or whose ctime is not older than the base PCPI (a superset of
     the objects whose ctime moved: zfs-fuse's ctimes have whole seconds), each by ONE name on each side
     (zfs diff finds a name through the object's parent pointer; here the first in sorted order)."""
-    created = int(subprocess.run(["zfs", "get", "-Hp", "-o", "value", "creation", f"{self.dataset}@{base}"],
-                                 capture_output=True, text=True, check=True).stdout) * 1_000_000_000
+    created = (
+        int(
+            subprocess.run(
+                ["zfs", "get", "-Hp", "-o", "value", "creation", f"{self.dataset}@{base}"],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
+        )
+        * 1_000_000_000
+    )
     with self.image(base) as b, self.image(target) as t:
         before, after = _objects(b), _objects(t)
     out: set[str] = set()
@@ -265,11 +315,11 @@ class Run:
     seconds on zfs-fuse."""
 
     agent: Agent
-    root: str                                   # the source volume's root
-    reports: list[dict]                         # the two cycles' history rows
-    tags: dict[str, str]                        # case -> its qtrees' prefix
-    prunes: dict[str, object]                   # qtree -> the prune set of its incremental diff
-    reused: tuple[tuple[int, int], tuple[int, int]] | None    # object id of REUSED's x before and after
+    root: str  # the source volume's root
+    reports: list[dict]  # the two cycles' history rows
+    tags: dict[str, str]  # case -> its qtrees' prefix
+    prunes: dict[str, object]  # qtree -> the prune set of its incremental diff
+    reused: tuple[tuple[int, int], tuple[int, int]] | None  # object id of REUSED's x before and after
 
     def qtrees(self, name: str) -> dict[str, str]:
         return {q: self.tags[name] + q for q in CASES[name][0]}
@@ -279,11 +329,24 @@ def _run(config: Config, zfs_urls, btrfs_urls, meta) -> Run:
     tags = {name: f"c{i:02d}-" for i, name in enumerate(config.cases)}
     replicas = [tag + q for name, tag in tags.items() for q in CASES[name][0]]
     destination = zfs_urls("dst") if config.dest == "zfs" else btrfs_urls("dst")
-    text = "\n".join([
-        "[group]", 'name = "g"', f'source = "{zfs_urls("src")}"', f'destination = "{destination}"',
-        "parallel = 4", f'metadata = "{meta}/meta"', "[group.retry]", "initial = 0", "factor = 2", "maximum = 60",
-        *(line for r in replicas for line in ("[[replica]]", f'name = "{r}"')),
-    ]) + "\n"
+    text = (
+        "\n".join(
+            [
+                "[group]",
+                'name = "g"',
+                f'source = "{zfs_urls("src")}"',
+                f'destination = "{destination}"',
+                "parallel = 4",
+                f'metadata = "{meta}/meta"',
+                "[group.retry]",
+                "initial = 0",
+                "factor = 2",
+                "maximum = 60",
+                *(line for r in replicas for line in ("[[replica]]", f'name = "{r}"')),
+            ]
+        )
+        + "\n"
+    )
     prunes: dict[str, object] = {}
     real = identity.prune_for
 
@@ -304,15 +367,15 @@ def _run(config: Config, zfs_urls, btrfs_urls, meta) -> Run:
         env = {name: {q: tags[name] + q for q in CASES[name][0]} for name in config.cases}
         for name in config.cases:
             sh(CASES[name][1], root, env[name])
-        time.sleep(1.1)     # whole-second ctimes: the emulated `zfs diff` then names only what changed
+        time.sleep(1.1)  # whole-second ctimes: the emulated `zfs diff` then names only what changed
         reports = [agent.run_once()]
         reused = None
         if REUSED in config.cases:
             x = os.path.join(root, tags[REUSED] + "Q", "x")
             before = object_id(x)
-            os.unlink(x)    # nothing else was freed: its number is the lowest free one after the remount
+            os.unlink(x)  # nothing else was freed: its number is the lowest free one after the remount
             remount(agent.source.handle.dataset)
-            sh(CASES[REUSED][2], root, env[REUSED])    # x is the first object made after the remount
+            sh(CASES[REUSED][2], root, env[REUSED])  # x is the first object made after the remount
             reused = (before, object_id(x))
         for name in config.cases:
             if name != REUSED:

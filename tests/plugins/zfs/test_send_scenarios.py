@@ -28,7 +28,7 @@ from coalesce_core.testing.harness import Harness
 
 pytestmark = pytest.mark.zfs
 
-CANNOT = frozenset({"reflink", "prealloc", "punch_hole", "large_xattr"})    # what zfs-fuse lacks
+CANNOT = frozenset({"reflink", "prealloc", "punch_hole", "large_xattr"})  # what zfs-fuse lacks
 APPLICABLE = {name: sc for name, sc in SCENARIOS.items() if not sc.needs & CANNOT}
 TAGGED = {f"s{i:02d}-": sc for i, sc in enumerate(APPLICABLE.values())}
 
@@ -36,17 +36,19 @@ TAGGED = {f"s{i:02d}-": sc for i, sc in enumerate(APPLICABLE.values())}
 def native_control(src, old: str, new: str, dataset: str) -> str:
     """``zfs send OLD | zfs receive``, then ``zfs send -i OLD NEW | zfs receive -F`` into ``dataset``;
     its mountpoint (the received NEW)."""
-    for send_argv, recv_argv in ((["zfs", "send", f"{src.dataset}@{old}"], ["zfs", "receive", dataset]),
-                                 (["zfs", "send", "-i", f"{src.dataset}@{old}", f"{src.dataset}@{new}"],
-                                  ["zfs", "receive", "-F", dataset])):
+    for send_argv, recv_argv in (
+        (["zfs", "send", f"{src.dataset}@{old}"], ["zfs", "receive", dataset]),
+        (["zfs", "send", "-i", f"{src.dataset}@{old}", f"{src.dataset}@{new}"], ["zfs", "receive", "-F", dataset]),
+    ):
         send = subprocess.Popen(send_argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         recv = subprocess.run(recv_argv, stdin=send.stdout, capture_output=True)
         send.stdout.close()
         err = send.stderr.read()
         assert send.wait() == 0, f"{send_argv}: {err.decode(errors='replace')}"
         assert recv.returncode == 0, f"{recv_argv}: {recv.stderr.decode(errors='replace')}"
-    get = subprocess.run(["zfs", "get", "-H", "-o", "value", "mounted,mountpoint", dataset],
-                         capture_output=True, text=True, check=True).stdout.split()
+    get = subprocess.run(
+        ["zfs", "get", "-H", "-o", "value", "mounted,mountpoint", dataset], capture_output=True, text=True, check=True
+    ).stdout.split()
     if get[0] != "yes":
         subprocess.run(["zfs", "mount", dataset], check=True, capture_output=True)
     return get[1]
@@ -56,8 +58,8 @@ def native_control(src, old: str, new: str, dataset: str) -> str:
 class Run:
     harness: Harness
     outcome: Outcome
-    image: str          # the source volume at the new source PCPI
-    received: str       # the native control's copy of it
+    image: str  # the source volume at the new source PCPI
+    received: str  # the native control's copy of it
 
 
 @pytest.fixture(scope="module")
@@ -65,11 +67,24 @@ def run(zfs_urls_module, tmp_path_factory):
     """Every applicable scenario in one group (its qtrees tagged ``sNN-``): a group costs ~8 s on zfs-fuse."""
     meta = tmp_path_factory.mktemp("send-scenarios")
     replicas = [r for tag, sc in TAGGED.items() for r in sc.replicas(tag)]
-    text = "\n".join([
-        "[group]", 'name = "g"', f'source = "{zfs_urls_module("src")}"', f'destination = "{zfs_urls_module("dst")}"',
-        "parallel = 4", f'metadata = "{meta}/meta"', "[group.retry]", "initial = 0", "factor = 2", "maximum = 60",
-        *(line for r in replicas for line in ("[[replica]]", f'name = "{r}"')),
-    ]) + "\n"
+    text = (
+        "\n".join(
+            [
+                "[group]",
+                'name = "g"',
+                f'source = "{zfs_urls_module("src")}"',
+                f'destination = "{zfs_urls_module("dst")}"',
+                "parallel = 4",
+                f'metadata = "{meta}/meta"',
+                "[group.retry]",
+                "initial = 0",
+                "factor = 2",
+                "maximum = 60",
+                *(line for r in replicas for line in ("[[replica]]", f'name = "{r}"')),
+            ]
+        )
+        + "\n"
+    )
     keep = KeepSourcePcpis()
     h = Harness(parse_config(text, str(meta / "group.toml")), plugins=[keep])
     keep.source = src = h.agent.source.handle
@@ -112,7 +127,7 @@ def test_zfs_fuse_cannot_do_what_is_left_out(zfs_url):
     sc_mod.put(a, b"x" * 8192)
     sc_mod.put(b, b"")
 
-    def long_xattr():               # zfs-fuse keeps a longer value as 8 other bytes, silently
+    def long_xattr():  # zfs-fuse keeps a longer value as 8 other bytes, silently
         os.setxattr(a, "user.long", b"v" * 129)
         return os.getxattr(a, "user.long") == b"v" * 129
 

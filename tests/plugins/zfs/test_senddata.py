@@ -28,7 +28,7 @@ from coalesce_posix.apply import Applier
 from coalesce_zfs.senddata import BlockMaps, SendData, _gaps
 
 NAME = "pool/src@t"
-KEY = ("pool/src", 0x55, Z.GUID)     # dataset, base and target GUIDs (zfsstream's BEGIN)
+KEY = ("pool/src", 0x55, Z.GUID)  # dataset, base and target GUIDs (zfsstream's BEGIN)
 BS = 4096
 
 
@@ -50,12 +50,24 @@ class Case:
     def put(self, side: str, name: str, data: bytes) -> None:
         (getattr(self, side) / name).write_bytes(data)
 
-    def send_data(self, stream: bytes | None = None, argv: list[str] | None = None,
-                  maps: BlockMaps | None = None, base_txg: int | None = None) -> SendData:
+    def send_data(
+        self,
+        stream: bytes | None = None,
+        argv: list[str] | None = None,
+        maps: BlockMaps | None = None,
+        base_txg: int | None = None,
+    ) -> SendData:
         if stream is not None:
             self.stream.write_bytes(stream)
-        return SendData(argv or ["cat", str(self.stream)], NAME, str(self.base), str(self.target),
-                        maps=maps, key=KEY if maps is not None else None, base_txg=base_txg)
+        return SendData(
+            argv or ["cat", str(self.stream)],
+            NAME,
+            str(self.base),
+            str(self.target),
+            maps=maps,
+            key=KEY if maps is not None else None,
+            base_txg=base_txg,
+        )
 
     def apply(self, records: list) -> None:
         """Apply to a copy of the base (volume ``applied``, qtree ``q``)."""
@@ -99,11 +111,17 @@ def test_a_file_the_stream_does_not_carry_is_read_from_the_target(case):
 
 def test_a_changed_block_is_all_that_is_sent(case):
     base = os.urandom(3 * BS)
-    target = base[:BS] + os.urandom(BS) + base[2 * BS:] + b"tail"
+    target = base[:BS] + os.urandom(BS) + base[2 * BS :] + b"tail"
     case.put("base", "f", base)
     case.put("target", "f", target)
-    stream = Z.begin(NAME) + Z.obj(4, blksz=BS) + Z.free(4, 4 * BS, Z.TO_END) \
-        + Z.write(4, BS, target[BS:2 * BS]) + Z.write(4, 3 * BS, target[3 * BS:].ljust(BS, b"\0")) + Z.end()
+    stream = (
+        Z.begin(NAME)
+        + Z.obj(4, blksz=BS)
+        + Z.free(4, 4 * BS, Z.TO_END)
+        + Z.write(4, BS, target[BS : 2 * BS])
+        + Z.write(4, 3 * BS, target[3 * BS :].ljust(BS, b"\0"))
+        + Z.end()
+    )
     sd = case.send_data(stream)
     list(sd.updated(str(case.base), str(case.target), "f", fake_stat(4, len(base)), fake_stat(4, len(target))))
     recs = list(sd.finish())
@@ -115,7 +133,7 @@ def test_a_changed_block_is_all_that_is_sent(case):
 
 def test_a_range_the_stream_frees_is_compared_with_the_base(case):
     base = os.urandom(4 * BS)
-    target = base[:BS] + bytes(2 * BS) + base[3 * BS:]          # a hole punched in the middle
+    target = base[:BS] + bytes(2 * BS) + base[3 * BS :]  # a hole punched in the middle
     case.put("base", "f", base)
     case.put("target", "f", target)
     stream = Z.begin(NAME) + Z.obj(4, blksz=BS) + Z.free(4, BS, 2 * BS) + Z.end()
@@ -139,17 +157,24 @@ def test_a_reborn_object_is_compared_wherever_the_stream_did_not_write(case, sha
     case.put("target", "o", b"other")
 
     def stream(gen):
-        return (Z.begin(NAME) + Z.obj(4, blksz=BS, bonus=Z.znode(gen)) + Z.write(4, 0, target[:BS])
-                + Z.obj(5, bonus=Z.znode(gen)) + Z.write(5, 0, b"other".ljust(512, b"\0")) + Z.end())
+        return (
+            Z.begin(NAME)
+            + Z.obj(4, blksz=BS, bonus=Z.znode(gen))
+            + Z.write(4, 0, target[:BS])
+            + Z.obj(5, bonus=Z.znode(gen))
+            + Z.write(5, 0, b"other".ljust(512, b"\0"))
+            + Z.end()
+        )
 
     for gen, reborn in ((1001, True), (1000, False)):
         maps = BlockMaps() if shared else None
-        if shared:                                   # another qtree's diff reads the stream and keeps its map
+        if shared:  # another qtree's diff reads the stream and keeps its map
             first = case.send_data(stream(gen), maps=maps, base_txg=1000)
             list(first.created(str(case.target), "o", "o", fake_stat(5, 5)))
             list(first.finish())
-        sd = case.send_data(stream(gen) if not shared else None, argv=["false"] if shared else None,
-                            maps=maps, base_txg=1000)
+        sd = case.send_data(
+            stream(gen) if not shared else None, argv=["false"] if shared else None, maps=maps, base_txg=1000
+        )
         if shared:
             sd.READ_COST = 0
         list(sd.updated(str(case.base), str(case.target), "f", fake_stat(4, len(base)), fake_stat(4, len(target))))
@@ -158,7 +183,7 @@ def test_a_reborn_object_is_compared_wherever_the_stream_did_not_write(case, sha
         if reborn:
             assert case.applied("f") == target and sd.stats["read_bytes"] >= 2 * BS
         else:
-            assert sd.stats["read_bytes"] == (BS if shared else 0)    # the map's WRITE block is read
+            assert sd.stats["read_bytes"] == (BS if shared else 0)  # the map's WRITE block is read
 
 
 def test_late_records_of_an_object_still_count(case):
@@ -190,8 +215,11 @@ def test_further_names_of_a_new_file_come_after_its_data(case):
     assert os.path.samefile(case.root / "applied" / "q" / "a", case.root / "applied" / "q" / "b")
 
 
-@pytest.mark.parametrize("argv_or_stream", [["true"], b"\0" * 400, Z.begin(NAME, versioninfo=5) + Z.end()],
-                         ids=["no-output", "not-a-stream", "newer-format"])
+@pytest.mark.parametrize(
+    "argv_or_stream",
+    [["true"], b"\0" * 400, Z.begin(NAME, versioninfo=5) + Z.end()],
+    ids=["no-output", "not-a-stream", "newer-format"],
+)
 def test_an_unusable_stream_falls_back_to_the_images(case, argv_or_stream, caplog):
     base, target, new = os.urandom(3 * BS), os.urandom(2 * BS), os.urandom(777)
     case.put("base", "f", base)
@@ -220,7 +248,7 @@ def test_failures_after_the_begin_record_raise(case):
         list(sd.created(str(case.target), "a", "a", fake_stat(7, len(data))))
         return list(sd.finish())
 
-    with pytest.raises(TruncatedStream, match="exit status 0"):      # zfs's status and message are added
+    with pytest.raises(TruncatedStream, match="exit status 0"):  # zfs's status and message are added
         run(stream=whole[:-400])
     with pytest.raises(BackendError, match="1 bytes after the end of its stream"):
         run(stream=whole + b"x")
@@ -245,21 +273,29 @@ def test_the_block_map_of_one_stream_serves_the_other_qtrees(case):
     blocks the stream wrote from the target image; a qtree that holds most of the stream's data runs
     its own send."""
     base = os.urandom(3 * BS)
-    target = base[:BS] + os.urandom(BS) + base[2 * BS:2 * BS + 100]
+    target = base[:BS] + os.urandom(BS) + base[2 * BS : 2 * BS + 100]
     new, big = os.urandom(BS + 10), os.urandom(16 * BS)
     for side, name, data in (("base", "f", base), ("target", "f", target), ("target", "n", new), ("target", "o", big)):
         case.put(side, name, data)
-    stream = (Z.begin(NAME) + Z.obj(4, blksz=BS) + Z.free(4, 3 * BS, Z.TO_END) + Z.write(4, BS, target[BS:2 * BS])
-              + Z.write(4, 2 * BS, target[2 * BS:].ljust(BS, b"\0")) + Z.obj(6, blksz=BS)
-              + Z.write(6, 0, new[:BS]) + Z.write(6, BS, new[BS:].ljust(BS, b"\0"))
-              + b"".join(Z.write(7, i * BS, big[i * BS:(i + 1) * BS]) for i in range(16)) + Z.end())
+    stream = (
+        Z.begin(NAME)
+        + Z.obj(4, blksz=BS)
+        + Z.free(4, 3 * BS, Z.TO_END)
+        + Z.write(4, BS, target[BS : 2 * BS])
+        + Z.write(4, 2 * BS, target[2 * BS :].ljust(BS, b"\0"))
+        + Z.obj(6, blksz=BS)
+        + Z.write(6, 0, new[:BS])
+        + Z.write(6, BS, new[BS:].ljust(BS, b"\0"))
+        + b"".join(Z.write(7, i * BS, big[i * BS : (i + 1) * BS]) for i in range(16))
+        + Z.end()
+    )
     maps = BlockMaps()
 
     def register_f_and_n(sd):
         list(sd.updated(str(case.base), str(case.target), "f", fake_stat(4, len(base)), fake_stat(4, len(target))))
         list(sd.created(str(case.target), "n", "n", fake_stat(6, len(new))))
 
-    first = case.send_data(stream, maps=maps)                      # another qtree: object 7 only
+    first = case.send_data(stream, maps=maps)  # another qtree: object 7 only
     list(first.created(str(case.target), "o", "o", fake_stat(7, len(big))))
     case.apply(list(first.finish()))
     assert case.applied("o") == big and first.stats["shared"] == 0 and maps.published == 1
@@ -269,14 +305,14 @@ def test_the_block_map_of_one_stream_serves_the_other_qtrees(case):
     case.apply(list(second.finish()))
     assert case.applied("f") == target and case.applied("n") == new
     assert second.stats["shared"] == 1 and second.stats["stream_bytes"] == 0 and second.stats["fallback"] == 0
-    assert second.stats["read_bytes"] == BS + 100 + len(new)       # its WRITE blocks, clipped; no base copy
+    assert second.stats["read_bytes"] == BS + 100 + len(new)  # its WRITE blocks, clipped; no base copy
 
-    again = case.send_data(stream, maps=maps)                      # the big share: its own send
+    again = case.send_data(stream, maps=maps)  # the big share: its own send
     list(again.created(str(case.target), "o", "o", fake_stat(7, len(big))))
     list(again.finish())
     assert again.stats["shared"] == 0 and again.stats["stream_bytes"] > 0 and maps.published == 2
 
-    alone = case.send_data(argv=["false"], maps=BlockMaps())      # no map yet: a send, which fails
+    alone = case.send_data(argv=["false"], maps=BlockMaps())  # no map yet: a send, which fails
     register_f_and_n(alone)
     list(alone.finish())
     assert alone.stats["fallback"] == 1
@@ -296,10 +332,10 @@ def test_a_block_map_is_kept_only_for_a_whole_stream_of_the_named_snapshots(case
 
     with pytest.raises(TruncatedStream):
         run(whole[:-400])
-    run(whole, consume=2)                                          # the consumer stopped early
+    run(whole, consume=2)  # the consumer stopped early
     with pytest.raises(CorruptStream, match="GUIDs"):
         run(Z.file_stream({7: data}, blksz=BS).replace(Z.begin(NAME), Z.begin(NAME, fromguid=0x66), 1))
-    monkeypatch.setattr(BlockMaps, "MAX_RANGES", 1)               # too many ranges (a FREE, a WRITE run)
+    monkeypatch.setattr(BlockMaps, "MAX_RANGES", 1)  # too many ranges (a FREE, a WRITE run)
     run(whole)
     assert maps.published == 0 and maps.get(KEY) is None
     monkeypatch.setattr(BlockMaps, "MAX_RANGES", 10)
@@ -345,9 +381,9 @@ def test_property_any_covering_stream_rebuilds_the_target(tmp_path_factory, data
     case.put("target", "f", target)
     case.put("target", "n", new)
     parts = [Z.begin(NAME), Z.obj(4, blksz=BS), Z.obj(5, blksz=BS)]
-    changing = base[:len(target)].ljust(len(target), b"\0")     # the copy being changed, after the Truncate
+    changing = base[: len(target)].ljust(len(target), b"\0")  # the copy being changed, after the Truncate
     for i in range(0, len(target), BS):
-        t, c = target[i:i + BS], changing[i:i + BS]
+        t, c = target[i : i + BS], changing[i : i + BS]
         if t != c or data.draw(st.booleans()):
             if t.count(0) == len(t) and data.draw(st.booleans()):
                 parts.append(Z.free(4, i, BS))
@@ -355,7 +391,7 @@ def test_property_any_covering_stream_rebuilds_the_target(tmp_path_factory, data
                 parts.append(Z.write(4, i, t.ljust(BS, b"\0")))
     for i in range(0, len(new), BS):
         if data.draw(st.booleans()):
-            parts.append(Z.write(5, i, new[i:i + BS].ljust(BS, b"\0")))
+            parts.append(Z.write(5, i, new[i : i + BS].ljust(BS, b"\0")))
     parts += [Z.free(4, -(-len(target) // BS) * BS, Z.TO_END), Z.end()]
     sd = case.send_data(b"".join(parts))
     list(sd.updated(str(case.base), str(case.target), "f", fake_stat(4, len(base)), fake_stat(4, len(target))))
@@ -365,7 +401,7 @@ def test_property_any_covering_stream_rebuilds_the_target(tmp_path_factory, data
     # the same from the stream's block map (data read from the target image)
     maps = BlockMaps()
     first = case.send_data(maps=maps)
-    list(first.finish())                          # nothing registered: no send, no map
+    list(first.finish())  # nothing registered: no send, no map
     assert maps.published == 0
     first = case.send_data(maps=maps)
     list(first.created(str(case.target), "n", "n", fake_stat(5, len(new))))
@@ -422,7 +458,7 @@ def test_zfs_rewritten_and_patched_files_come_from_zfs_send(zvol):
         with open(_q(zvol, "d", name), "wb") as f:
             f.write(data)
     zvol.snapshot_create("a")
-    with open(_q(zvol, "d", "big"), "wb") as f:                   # rewritten whole
+    with open(_q(zvol, "d", "big"), "wb") as f:  # rewritten whole
         f.write(os.urandom(3 << 20))
     _write_at(_q(zvol, "d", "mid"), (2 << 20) + 5, b"patch" * 100)  # 500 bytes in the middle
     with open(_q(zvol, "d", "grow"), "ab") as f:
@@ -443,10 +479,10 @@ def test_zfs_truncates_holes_and_sparse_files(zvol):
             f.write(os.urandom(3 << 20))
     zvol.snapshot_create("a")
     os.truncate(_q(zvol, "shrink"), 100_000)
-    os.truncate(_q(zvol, "regrow"), 100_000)                      # cut, then grown with a hole and a bit of data
+    os.truncate(_q(zvol, "regrow"), 100_000)  # cut, then grown with a hole and a bit of data
     _write_at(_q(zvol, "regrow"), (2 << 20) + 7, b"late", truncate=4 << 20)
     os.unlink(_q(zvol, "sparse"))
-    _write_at(_q(zvol, "sparse"), 5 << 20, b"end", truncate=1 << 20)   # a new sparse file, another object
+    _write_at(_q(zvol, "sparse"), 5 << 20, b"end", truncate=1 << 20)  # a new sparse file, another object
     _write_at(_q(zvol, "empty"), 0, b"")
     zvol.snapshot_create("b")
     stats = _check(zvol, "a", "b")
@@ -465,18 +501,18 @@ def test_zfs_moves_links_and_other_qtrees(zvol):
         with open(path, "wb") as f:
             f.write(data)
     zvol.snapshot_create("a")
-    os.rename(_q(zvol, "d", "old"), _q(zvol, "new"))              # moved within the qtree: no blocks in the stream
-    os.rename(os.path.join(other, "o"), _q(zvol, "came"))         # moved in from another qtree
-    os.link(_q(zvol, "keep"), _q(zvol, "also"))                   # a new name of an unchanged file
-    with open(_q(zvol, "two"), "wb") as f:                        # a new file with two names
+    os.rename(_q(zvol, "d", "old"), _q(zvol, "new"))  # moved within the qtree: no blocks in the stream
+    os.rename(os.path.join(other, "o"), _q(zvol, "came"))  # moved in from another qtree
+    os.link(_q(zvol, "keep"), _q(zvol, "also"))  # a new name of an unchanged file
+    with open(_q(zvol, "two"), "wb") as f:  # a new file with two names
         f.write(os.urandom(9000))
     os.link(_q(zvol, "two"), _q(zvol, "two-b"))
-    with open(os.path.join(other, "x"), "wb") as f:               # data of another qtree: skipped
+    with open(os.path.join(other, "x"), "wb") as f:  # data of another qtree: skipped
         f.write(os.urandom(1 << 20))
     zvol.snapshot_create("b")
     stats = _check(zvol, "a", "b")
     assert stats["fallback"] == 0
-    assert stats["read_bytes"] >= len(moved) + len(outside)      # read whole: the stream has none of their blocks
+    assert stats["read_bytes"] >= len(moved) + len(outside)  # read whole: the stream has none of their blocks
 
 
 @pytest.mark.zfs
@@ -485,13 +521,19 @@ def test_zfs_a_qtree_without_changed_data_sends_no_data(zvol):
     os.makedirs(os.path.join(zvol.handle.root, "other"))
     with open(_q(zvol, "f"), "wb") as f:
         f.write(b"stays")
-    time.sleep(1.1)                 # zfs-fuse's times have whole seconds: let the quick test see f as old
+    time.sleep(1.1)  # zfs-fuse's times have whole seconds: let the quick test see f as old
     zvol.snapshot_create("a")
     with open(os.path.join(zvol.handle.root, "other", "g"), "wb") as f:
         f.write(os.urandom(1 << 20))
     zvol.snapshot_create("b")
-    assert _check(zvol, "a", "b") == {"files": 0, "objects": 0, "stream_bytes": 0, "read_bytes": 0, "fallback": 0,
-                                      "shared": 0}
+    assert _check(zvol, "a", "b") == {
+        "files": 0,
+        "objects": 0,
+        "stream_bytes": 0,
+        "read_bytes": 0,
+        "fallback": 0,
+        "shared": 0,
+    }
     os.chmod(_q(zvol, "f"), 0o600)  # only its attributes: the stream has no block of it
     zvol.snapshot_create("c")
     stats = _check(zvol, "b", "c")
@@ -523,7 +565,7 @@ def test_zfs_one_send_serves_the_other_qtrees(zvol):
     assert big["shared"] == 0 and big["stream_bytes"] >= 4 << 20 and maps.published > published
     stats = _check(zvol, "a", "b")
     assert stats["shared"] == 1 and stats["stream_bytes"] == 0 and stats["fallback"] == 0
-    assert 4096 <= stats["read_bytes"] <= 2 * 131072     # the changed record(s) of f, not its 1 MiB
+    assert 4096 <= stats["read_bytes"] <= 2 * 131072  # the changed record(s) of f, not its 1 MiB
 
 
 def _patched_file(zvol) -> None:

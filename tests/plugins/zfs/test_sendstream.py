@@ -22,11 +22,18 @@ def parse(data: bytes) -> list:
 
 @pytest.mark.parametrize("order", ["<", ">"])
 def test_reads_every_record_in_either_byte_order(order):
-    data = b"".join([
-        Z.begin("tank/src@b", fromguid=7, order=order), Z.obj(12, blksz=4096, bonus=Z.znode(9, order), order=order),
-        Z.free(12, 8192, Z.TO_END, order=order), Z.write(12, 0, b"a" * 4096, order=order),
-        Z.freeobjects(40, 8, order=order), Z.write(12, 4096, b"b" * 4096, order=order),
-        Z.free(12, 100, 50, order=order), Z.end(order=order)])
+    data = b"".join(
+        [
+            Z.begin("tank/src@b", fromguid=7, order=order),
+            Z.obj(12, blksz=4096, bonus=Z.znode(9, order), order=order),
+            Z.free(12, 8192, Z.TO_END, order=order),
+            Z.write(12, 0, b"a" * 4096, order=order),
+            Z.freeobjects(40, 8, order=order),
+            Z.write(12, 4096, b"b" * 4096, order=order),
+            Z.free(12, 100, 50, order=order),
+            Z.end(order=order),
+        ]
+    )
     recs = parse(data)
     assert recs == [
         S.Begin(toguid=Z.GUID, fromguid=7, toname="tank/src@b", incremental=True),
@@ -36,13 +43,20 @@ def test_reads_every_record_in_either_byte_order(order):
         S.FreeObjects(first=40, count=8),
         S.Write(object=12, type=Z.FILE_DATA, offset=4096, data=b"b" * 4096),
         S.Free(object=12, offset=100, length=50),
-        S.End(toguid=Z.GUID)]
+        S.End(toguid=Z.GUID),
+    ]
 
 
 def test_only_a_znode_bonus_gives_a_generation():
     """zp_gen is read from a ZNODE bonus (bonus type 17) long enough to hold it, nothing else."""
-    recs = parse(Z.begin() + Z.obj(3, bonus=Z.znode(77)) + Z.obj(4, bonus=Z.znode(77), bonustype=44)
-                 + Z.obj(5, bonus=b"\x05" * 40) + Z.obj(6, bonus=b"") + Z.end())
+    recs = parse(
+        Z.begin()
+        + Z.obj(3, bonus=Z.znode(77))
+        + Z.obj(4, bonus=Z.znode(77), bonustype=44)
+        + Z.obj(5, bonus=b"\x05" * 40)
+        + Z.obj(6, bonus=b"")
+        + Z.end()
+    )
     assert [r.gen for r in recs[1:-1]] == [77, None, None, None]
 
 
@@ -54,7 +68,7 @@ def test_a_full_stream_is_not_incremental():
 def test_the_reader_stops_at_end():
     f = io.BytesIO(Z.begin() + Z.end() + b"more")
     assert [type(r) for r in S.records(f)] == [S.Begin, S.End]
-    assert f.read() == b"more"         # left for the caller (senddata.ZfsSend refuses it)
+    assert f.read() == b"more"  # left for the caller (senddata.ZfsSend refuses it)
 
 
 def test_a_truncated_stream_is_truncated_at_every_length():
@@ -65,19 +79,22 @@ def test_a_truncated_stream_is_truncated_at_every_length():
     assert type(parse(data)[-1]) is S.End
 
 
-@pytest.mark.parametrize("data, words", [
-    (b"\0" * 312, "not a ZFS send stream"),
-    (Z.begin(magic=0xDEADBEEF), "not a ZFS send stream"),
-    (Z.begin(versioninfo=1 | (1 << 2)) + Z.end(), "format this reader does not know"),   # a feature flag (dedup)
-    (Z.begin(versioninfo=2) + Z.end(), "format this reader does not know"),              # a compound (-R) stream
-    (Z.begin() + Z.record(6) + Z.end(), "WRITE_BYREF"),
-    (Z.begin() + Z.record(9) + Z.end(), "type 9"),
-    (Z.begin() + Z.record(3, payloadlen=8) + Z.end(), "payload length"),
-    (Z.begin() + Z.write(5, 0, b"") + Z.end(), "WRITE of 0 bytes"),
-    (Z.begin() + Z.obj(5, bonus=b"x" * 400) + Z.end(), "bonus of 400 bytes"),
-    (Z.begin() + Z.write(5, 0, b"a" * 8, toguid=99) + Z.end(), "snapshot GUID"),
-    (Z.begin() + Z.end(toguid=98), "END of snapshot GUID"),
-])
+@pytest.mark.parametrize(
+    "data, words",
+    [
+        (b"\0" * 312, "not a ZFS send stream"),
+        (Z.begin(magic=0xDEADBEEF), "not a ZFS send stream"),
+        (Z.begin(versioninfo=1 | (1 << 2)) + Z.end(), "format this reader does not know"),  # a feature flag (dedup)
+        (Z.begin(versioninfo=2) + Z.end(), "format this reader does not know"),  # a compound (-R) stream
+        (Z.begin() + Z.record(6) + Z.end(), "WRITE_BYREF"),
+        (Z.begin() + Z.record(9) + Z.end(), "type 9"),
+        (Z.begin() + Z.record(3, payloadlen=8) + Z.end(), "payload length"),
+        (Z.begin() + Z.write(5, 0, b"") + Z.end(), "WRITE of 0 bytes"),
+        (Z.begin() + Z.obj(5, bonus=b"x" * 400) + Z.end(), "bonus of 400 bytes"),
+        (Z.begin() + Z.write(5, 0, b"a" * 8, toguid=99) + Z.end(), "snapshot GUID"),
+        (Z.begin() + Z.end(toguid=98), "END of snapshot GUID"),
+    ],
+)
 def test_malformed_streams_are_refused_with_a_reason(data, words):
     with pytest.raises(CorruptStream) as ei:
         parse(data)
@@ -109,7 +126,7 @@ def test_fuzz_the_reader_raises_only_stream_errors(data):
             if op == "flip":
                 blob[i] ^= data.draw(st.integers(1, 255))
             elif op == "cut":
-                del blob[i:i + data.draw(st.integers(1, 400))]
+                del blob[i : i + data.draw(st.integers(1, 400))]
             else:
                 blob[i:i] = data.draw(st.binary(min_size=1, max_size=16))
             if not blob:

@@ -28,13 +28,19 @@ def zfs_lines(*args):
 
 def snapshots_on_disk(vol):
     ds = vol.handle.dataset
-    return sorted(n.split("@", 1)[1] for n in zfs_lines("list", "-H", "-t", "snapshot", "-o", "name", "-r", ds)
-                  if n.startswith(ds + "@"))
+    return sorted(
+        n.split("@", 1)[1]
+        for n in zfs_lines("list", "-H", "-t", "snapshot", "-o", "name", "-r", ds)
+        if n.startswith(ds + "@")
+    )
 
 
 def clones_of(vol, kind=""):
-    return [n for n in zfs_lines("list", "-H", "-o", "name", "-t", "filesystem", "-r", vol.handle.pool)
-            if n.startswith(vol.handle.clone_prefix + kind)]
+    return [
+        n
+        for n in zfs_lines("list", "-H", "-o", "name", "-t", "filesystem", "-r", vol.handle.pool)
+        if n.startswith(vol.handle.clone_prefix + kind)
+    ]
 
 
 def _write(path, data):
@@ -78,14 +84,25 @@ def test_clones_are_always_destroyed(pm, zfs_url):
     vol.fingerprint("q", "a")
     vol.qtree_list("b")
     it = vol.diff("q", None, "b")
-    next(it), next(it)                 # abandoned half-way (e.g. the apply failed)
+    next(it), next(it)  # abandoned half-way (e.g. the apply failed)
     it.close()
     with pytest.raises(BackendError):
         list(vol.diff("missing-qtree", "a", "b"))
     assert clones_of(vol) == []
     # a clone left by a process that died is reaped when the volume is opened
-    subprocess.run(["zfs", "clone", "-o", "readonly=on", "-o", f"mountpoint={vol.handle.tmpdir}/stale",
-                    f"{vol.handle.dataset}@a", f"{vol.handle.clone_prefix}t999999999x0-a"], check=True)
+    subprocess.run(
+        [
+            "zfs",
+            "clone",
+            "-o",
+            "readonly=on",
+            "-o",
+            f"mountpoint={vol.handle.tmpdir}/stale",
+            f"{vol.handle.dataset}@a",
+            f"{vol.handle.clone_prefix}t999999999x0-a",
+        ],
+        check=True,
+    )
     Volume.open(pm, zfs_url, create=False)
     assert clones_of(vol) == []
 
@@ -122,7 +139,7 @@ def test_no_zfs_command_runs_inside_the_cycle_collector(pm, zfs_url, monkeypatch
         cycle = [it]
         cycle.append(cycle)
         del it, cycle
-        assert clones_of(vol)        # the diff holds read clones of both PCPIs
+        assert clones_of(vol)  # the diff holds read clones of both PCPIs
         gc.collect()
     finally:
         gc.callbacks.remove(phase)
@@ -153,7 +170,7 @@ def test_tree_diff_across_qtrees(pm, zfs_urls):
     os.rename(f"{root}/A/x", f"{root}/A/t")
     os.rename(f"{root}/A/y", f"{root}/A/x")
     os.rename(f"{root}/A/t", f"{root}/A/y")
-    with open(f"{root}/B/sub/b", "r+b") as f:      # same size, same second: only the content differs
+    with open(f"{root}/B/sub/b", "r+b") as f:  # same size, same second: only the content differs
         f.write(b"B")
     os.setxattr(f"{root}/B/sub/b", "user.tag", b"two")
     os.chmod(f"{root}/B/sub", 0o700)
@@ -186,15 +203,14 @@ def test_export_views_switch_and_open_files_survive(pm, zfs_url):
     assert open(os.path.join(vol.export_path("r2"), "data"), "rb").read() == b"new r2"
     assert held.read() == b"old r1", "a reader of the old image must keep reading it"
     held.close()
-    vol.export({"r1": "next", "r2": ACTIVE})      # idempotent; releases the unused view clone
+    vol.export({"r1": "next", "r2": ACTIVE})  # idempotent; releases the unused view clone
     assert clones_of(vol, "x-") == [f"{vol.handle.clone_prefix}x-next"]
     assert vol.snapshot_delete("base") is True
     assert snapshots_on_disk(vol) == ["next"]
 
 
 def test_parse_zfs_diff_output():
-    text = ("M\t/tank/ds/A\n+\t/tank/ds/A/new\\040file\n-\t/tank/ds/B/old\n"
-            "R\t/tank/ds/A/x\t/tank/ds/C/x\nM\t/tank/ds/\n")
+    text = "M\t/tank/ds/A\n+\t/tank/ds/A/new\\040file\n-\t/tank/ds/B/old\nR\t/tank/ds/A/x\t/tank/ds/C/x\nM\t/tank/ds/\n"
     assert coalesce_zfs.parse_zfs_diff(text, "/tank/ds") == {"A", "A/new file", "B/old", "A/x", "C/x"}
     assert coalesce_zfs.parse_zfs_diff("?\tgarbage\n", "/tank/ds") is None
     assert coalesce_zfs.identity.dirs_with_changes({"A/d/e/f", "B/x"}, "A") == {"", "d", "d/e", "d/e/f"}
