@@ -90,7 +90,7 @@ _MIN_LENGTH = 1 + 4 + 4
 
 _zstd: ModuleType | None
 try:  # optional: zstd when the zstandard package is installed
-    import zstandard as _zstd  # type: ignore[import-not-found]
+    import zstandard as _zstd
 except ImportError:  # pragma: no cover - depends on the installation
     _zstd = None
 
@@ -197,7 +197,7 @@ class SocketChannel(Channel):
         self._closed = False
         self.timeout = timeout
 
-    @property  # type: ignore[override]
+    @property
     def timeout(self) -> float | None:
         return self._timeout
 

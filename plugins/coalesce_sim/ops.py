@@ -53,7 +53,7 @@ def pair_walk(fs: SimFS, a: tuple[int, int], b: tuple[int, int], limit: int) -> 
         if base >= limit:
             continue
         if level == 0:
-            yield base, pa, pb  # type: ignore[misc]
+            yield base, pa, pb
             continue
         ka = pa if isinstance(pa, list) else (fs.ptrs(pa) if pa else (0,) * PPB)
         kb = pb if isinstance(pb, list) else (fs.ptrs(pb) if pb else (0,) * PPB)
