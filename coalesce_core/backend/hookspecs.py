@@ -23,11 +23,18 @@ Hooks are always called with keyword arguments.
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+import argparse
+from typing import TYPE_CHECKING, Iterable, Iterator, Mapping, Sequence
 
 import pluggy
 
 from coalesce_core.cycle.state import ACTIVE as ACTIVE  # the export-mapping value backends are handed
+
+if TYPE_CHECKING:  # the handle class imports hookimpl from here
+    from coalesce_core.backend.handles import VolumeHandle
+    from coalesce_core.backend.urls import VolumeURL
+    from coalesce_core.stream.records import Record
+    from coalesce_core.verify import Description, Holds
 
 hookspec = pluggy.HookspecMarker("coalesce")
 hookimpl = pluggy.HookimplMarker("coalesce")
@@ -45,7 +52,7 @@ def coalesce_backend_info() -> dict[str, str] | None:
 
 
 @hookspec(firstresult=True)
-def coalesce_open_volume(url: Any, create: bool) -> Any | None:
+def coalesce_open_volume(url: VolumeURL, create: bool) -> VolumeHandle | None:
     """Open the volume named by ``url`` (a :class:`coalesce_core.backend.urls.VolumeURL`).
 
     Return a backend-specific volume handle if ``url.scheme`` is yours, else
@@ -56,12 +63,12 @@ def coalesce_open_volume(url: Any, create: bool) -> Any | None:
 
 
 @hookspec(firstresult=True)
-def coalesce_close_volume(volume: Any) -> bool | None:
+def coalesce_close_volume(volume: VolumeHandle) -> bool | None:
     """Release what the handle holds (files, mounts the backend made).  Idempotent."""
 
 
 @hookspec(firstresult=True)
-def coalesce_metadata_dir(volume: Any) -> str | None:
+def coalesce_metadata_dir(volume: VolumeHandle) -> str | None:
     """A directory kept with the volume, outside every qtree and PCPI, for the
     group's ledger (DESIGN: the ``.coalesce/`` area).  None if the volume has
     no place on a file system (then the config must name one)."""
@@ -71,7 +78,7 @@ def coalesce_metadata_dir(volume: Any) -> str | None:
 # PCPIs (volume-wide snapshots)
 # ---------------------------------------------------------------------------
 @hookspec(firstresult=True)
-def coalesce_snapshot_create(volume: Any, name: str) -> str | None:
+def coalesce_snapshot_create(volume: VolumeHandle, name: str) -> str | None:
     """Take a PCPI of the whole volume's active file system, named ``name``.
 
     Atomic: the PCPI either exists complete or not at all.  Idempotent: if
@@ -81,19 +88,19 @@ def coalesce_snapshot_create(volume: Any, name: str) -> str | None:
 
 
 @hookspec(firstresult=True)
-def coalesce_snapshot_delete(volume: Any, name: str) -> bool | None:
+def coalesce_snapshot_delete(volume: VolumeHandle, name: str) -> bool | None:
     """Release PCPI ``name``.  Returns True if it existed, False if it did not
     (a no-op, not an error).  Must not disturb any other PCPI or what readers
     see through an export of another PCPI."""
 
 
 @hookspec(firstresult=True)
-def coalesce_snapshot_list(volume: Any) -> list[str] | None:
+def coalesce_snapshot_list(volume: VolumeHandle) -> list[str] | None:
     """Names of every PCPI the volume holds now, read from the volume itself."""
 
 
 @hookspec(firstresult=True)
-def coalesce_qtree_list(volume: Any, snapshot: str | None) -> list[str] | None:
+def coalesce_qtree_list(volume: VolumeHandle, snapshot: str | None) -> list[str] | None:
     """Names of the qtrees (top-level directories) in ``snapshot`` (None: active FS)."""
 
 
@@ -101,7 +108,9 @@ def coalesce_qtree_list(volume: Any, snapshot: str | None) -> list[str] | None:
 # changes
 # ---------------------------------------------------------------------------
 @hookspec(firstresult=True)
-def coalesce_diff(volume: Any, qtree: str, base: str | None, target: str, skip: int) -> Iterator[Any] | None:
+def coalesce_diff(
+    volume: VolumeHandle, qtree: str, base: str | None, target: str, skip: int
+) -> Iterator[Record] | None:
     """Yield the change records (coalesce_core.stream.records) that turn ``qtree`` as
     it is in PCPI ``base`` into ``qtree`` as it is in PCPI ``target``;
     ``base=None`` is a baseline (everything in ``target``).
@@ -121,7 +130,9 @@ def coalesce_diff(volume: Any, qtree: str, base: str | None, target: str, skip: 
 
 
 @hookspec(firstresult=True)
-def coalesce_apply(volume: Any, qtree: str, records: Iterable[Any], use_purgatory: bool) -> dict[str, int] | None:
+def coalesce_apply(
+    volume: VolumeHandle, qtree: str, records: Iterable[Record], use_purgatory: bool
+) -> dict[str, int] | None:
     """Apply a change stream to ``qtree`` in the active file system; creates the
     qtree if missing.  Returns ``{"records": n, "bytes": n}``.
 
@@ -136,7 +147,7 @@ def coalesce_apply(volume: Any, qtree: str, records: Iterable[Any], use_purgator
 
 
 @hookspec(firstresult=True)
-def coalesce_rollback(volume: Any, qtree: str, rollback_pcpi: str, to_pcpi: str | None) -> bool | None:
+def coalesce_rollback(volume: VolumeHandle, qtree: str, rollback_pcpi: str, to_pcpi: str | None) -> bool | None:
     """Make ``qtree`` in the active FS equal to ``qtree`` in ``to_pcpi``, given
     that the active FS equalled ``rollback_pcpi`` when it was taken (Fig. 9).
     ``to_pcpi=None`` means the qtree did not exist: remove it.
@@ -148,12 +159,12 @@ def coalesce_rollback(volume: Any, qtree: str, rollback_pcpi: str, to_pcpi: str 
 
 
 @hookspec(firstresult=True)
-def coalesce_purge_purgatory(volume: Any, qtrees: list[str]) -> bool | None:
+def coalesce_purge_purgatory(volume: VolumeHandle, qtrees: list[str]) -> bool | None:
     """Delete the purgatory of each qtree (jump-ahead step 1).  Idempotent."""
 
 
 @hookspec(firstresult=True)
-def coalesce_remove_qtree(volume: Any, qtree: str) -> bool | None:
+def coalesce_remove_qtree(volume: VolumeHandle, qtree: str) -> bool | None:
     """Remove ``qtree`` and its purgatory from the active FS (a failed
     baseline's partial data).  Idempotent; PCPIs are untouched."""
 
@@ -162,7 +173,7 @@ def coalesce_remove_qtree(volume: Any, qtree: str) -> bool | None:
 # exports and checks
 # ---------------------------------------------------------------------------
 @hookspec(firstresult=True)
-def coalesce_export(volume: Any, mapping: Mapping[str, str | None]) -> bool | None:
+def coalesce_export(volume: VolumeHandle, mapping: Mapping[str, str | None]) -> bool | None:
     """Make readers of each replica see what ``mapping`` says, in ONE atomic
     switch for the whole mapping: replica name -> PCPI name, ``ACTIVE`` (the
     live qtree of a broken replica) or None (nothing).  The mapping is the
@@ -172,18 +183,18 @@ def coalesce_export(volume: Any, mapping: Mapping[str, str | None]) -> bool | No
 
 
 @hookspec(firstresult=True)
-def coalesce_exported(volume: Any) -> dict[str, str | None] | None:
+def coalesce_exported(volume: VolumeHandle) -> dict[str, str | None] | None:
     """The export table as the volume itself has it now (read back, not remembered)."""
 
 
 @hookspec(firstresult=True)
-def coalesce_export_path(volume: Any, replica: str) -> str | None:
+def coalesce_export_path(volume: VolumeHandle, replica: str) -> str | None:
     """The stable path where readers find ``replica``'s exported image, or None
     when the backend has no file system path (mem)."""
 
 
 @hookspec(firstresult=True)
-def coalesce_fingerprint(volume: Any, qtree: str, snapshot: str | None) -> str | None:
+def coalesce_fingerprint(volume: VolumeHandle, qtree: str, snapshot: str | None) -> str | None:
     """Content digest of ``qtree`` in PCPI ``snapshot`` (None: active FS),
     computed with coalesce_core.stream.fingerprint so that every backend agrees on
     the same tree: names, types, permission bits, sizes, bytes, link targets.
@@ -194,8 +205,8 @@ def coalesce_fingerprint(volume: Any, qtree: str, snapshot: str | None) -> str |
 
 @hookspec(firstresult=True)
 def coalesce_describe(
-    volume: Any, qtree: str, snapshot: str | None, paths: Sequence[tuple[str, bool]]
-) -> list[Any] | None:
+    volume: VolumeHandle, qtree: str, snapshot: str | None, paths: Sequence[tuple[str, bool]]
+) -> list[Description] | None:
     """Describe qtree-relative paths of ``qtree`` in PCPI ``snapshot`` (None: the
     active FS), for verification: one :class:`coalesce_core.verify.Description`
     per ``(path, content)`` pair, in the same order (``""`` is the qtree root).
@@ -214,7 +225,9 @@ def coalesce_describe(
 
 
 @hookspec(firstresult=True)
-def coalesce_describe_tree(volume: Any, qtree: str, snapshot: str | None, content: bool) -> Iterator[Any] | None:
+def coalesce_describe_tree(
+    volume: VolumeHandle, qtree: str, snapshot: str | None, content: bool
+) -> Iterator[Description] | None:
     """Every path of ``qtree`` in PCPI ``snapshot`` (None: the active FS), the qtree
     root ``""`` first, as coalesce_core.verify.Description in path order (pre-order,
     names by their bytes, coalesce_core.verify.path_key), with content digests
@@ -227,7 +240,7 @@ def coalesce_describe_tree(volume: Any, qtree: str, snapshot: str | None, conten
 
 
 @hookspec(firstresult=True)
-def coalesce_describe_holds(volume: Any) -> Any | None:
+def coalesce_describe_holds(volume: VolumeHandle) -> Holds | None:
     """What the volume keeps of an entry: a :class:`coalesce_core.verify.Holds`
     (owners, xattrs, the resolution of its mtimes).  Verification compares a
     field only where the destination holds it and reports the fields it
@@ -235,7 +248,7 @@ def coalesce_describe_holds(volume: Any) -> Any | None:
 
 
 @hookspec
-def coalesce_cli_commands(subparsers: Any) -> None:
+def coalesce_cli_commands(subparsers: argparse._SubParsersAction) -> None:
     """Add backend-specific verbs to the CLI (``coalesce sim info`` ...).
 
     Broadcast.  ``subparsers`` is the argparse sub-parser action of the top
@@ -272,7 +285,7 @@ def coalesce_transfer_progress(group: str, replica: str, records: int, nbytes: i
 
 
 @hookspec
-def coalesce_cycle_finished(group: str, report: Mapping[str, Any]) -> None:
+def coalesce_cycle_finished(group: str, report: Mapping[str, object]) -> None:
     """A cycle ended; ``report`` is the history row (see docs/cli.md, history)."""
 
 
