@@ -8,23 +8,9 @@ through a source service (tests/net/netkit.py).
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
+from core import test_limits as L
 from net.netkit import RemoteHarness
-
-CORE = Path(__file__).resolve().parents[1] / "core"
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(f"_net_reuse_{name}", CORE / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-L = _load("test_limits")
 
 
 @pytest.fixture

@@ -9,27 +9,13 @@ their group configs point the source at the remote URL.
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
+from core import test_crash_recovery as C
+from core import test_scenarios as S
 from net.netkit import RemoteHarness
 
 from coalesce_core.crashpoints import CRASH_POINTS
 from coalesce_core.testing.workload import fill
-
-CORE = Path(__file__).resolve().parents[1] / "core"
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(f"_net_reuse_{name}", CORE / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-S = _load("test_scenarios")
-C = _load("test_crash_recovery")
 
 
 @pytest.fixture
