@@ -29,6 +29,7 @@ from coalesce_core.cycle import events as ev
 from coalesce_core.cycle.planner import Decision, decide, is_group_pcpi, is_group_source_pcpi
 from coalesce_core.cycle.state import GroupState
 from coalesce_core.errors import BackendError, CoalesceError, MetadataError
+from coalesce_core.grouplock import GroupLock
 from coalesce_core.ledger import Ledger
 from coalesce_core.stream.records import Begin
 from coalesce_core.stream.spool import Spool
@@ -61,14 +62,17 @@ class Agent:
         dest: Volume,
         ledger: Ledger,
         clock: Callable[[], float],
+        lock: GroupLock | None = None,
     ) -> None:
         self.config = config
+        #: the group's lock (coalesce_core.grouplock); None for a read-only agent
+        self.lock = lock
         self.pm = pm
         self.source = source
         self.dest = dest
         self.ledger = ledger
         self.clock = clock
-        self.state: GroupState = ledger.load()
+        self.state: GroupState = ledger.load_consistent()
         self._stats: _CycleStats | None = None
         #: full verifications (baselines, re-seeds) that passed since the last cycle ended
         self._verified: dict[str, dict[str, Any]] = {}
@@ -93,20 +97,26 @@ class Agent:
         plugins: Iterable[object] = (),
         clock: Callable[[], float] = time.time,
     ) -> "Agent":
-        """Create the volumes (if the backend can) and a new ledger for the group."""
+        """Create the volumes (if the backend can) and a new ledger for the group (holding its lock)."""
         pm = pm or plugin_manager(plugins)
         source, dest = cls._volumes(config, pm, create=True)
         path = config.ledger_path(dest.metadata_dir())
-        ours = [n for n in dest.snapshot_list() if is_group_pcpi(config.name, n)]
-        if ours and not path.exists():
-            raise MetadataError(
-                f"the destination already holds {len(ours)} PCPIs of group {config.name!r} but no metadata at {path}",
-                hint="restore the group's .coalesce/ metadata from a backup; coalesce will not guess which image "
-                "each replica exports, and deletes nothing",
-            )
-        state = GroupState(name=config.name, retry=config.retry, reseed_after=config.reseed_after)
-        Ledger.create(path, state).close()
-        return cls.open(config, pm=pm, clock=clock)
+        lock = GroupLock.acquire(path, config.name, "init")
+        try:
+            ours = [n for n in dest.snapshot_list() if is_group_pcpi(config.name, n)]
+            if ours and not path.exists():
+                raise MetadataError(
+                    f"the destination already holds {len(ours)} PCPIs of group {config.name!r} "
+                    f"but no metadata at {path}",
+                    hint="restore the group's .coalesce/ metadata from a backup; coalesce will not guess which image "
+                    "each replica exports, and deletes nothing",
+                )
+            state = GroupState(name=config.name, retry=config.retry, reseed_after=config.reseed_after)
+            Ledger.create(path, state).close()
+        except BaseException:
+            lock.release()
+            raise
+        return cls.open(config, pm=pm, clock=clock, _lock=lock)
 
     @classmethod
     def open(
@@ -117,12 +127,29 @@ class Agent:
         plugins: Iterable[object] = (),
         clock: Callable[[], float] = time.time,
         recover: bool = True,
+        readonly: bool = False,
+        verb: str = "run",
+        _lock: GroupLock | None = None,
     ) -> "Agent":
-        """Open an initialised group and (by default) recover from whatever a crash left."""
+        """Open an initialised group and (by default) recover from whatever a crash left.
+
+        A changing agent holds the group's lock (GroupLocked, exit 9, when another process has it)
+        until :meth:`close`; ``verb`` is what the lock file tells the next one.  ``readonly``: no
+        lock, no recovery, nothing written (the state as committed, read in one transaction), for
+        the read verbs beside a running agent."""
         pm = pm or plugin_manager(plugins)
         source, dest = cls._volumes(config, pm, create=False)
-        ledger = Ledger.open(config.ledger_path(dest.metadata_dir()), group=config.name)
-        agent = cls(config, pm, source, dest, ledger, clock)
+        path = config.ledger_path(dest.metadata_dir())
+        lock = None if readonly else (_lock or GroupLock.acquire(path, config.name, verb))
+        try:
+            ledger = Ledger.open(path, group=config.name)
+        except BaseException:
+            if lock is not None:
+                lock.release()
+            raise
+        agent = cls(config, pm, source, dest, ledger, clock, lock)
+        if readonly:
+            return agent
         if (agent.state.retry, agent.state.reseed_after) != (config.retry, config.reseed_after):
             # the config is the source of policy
             new = attrs.evolve(agent.state, retry=config.retry, reseed_after=config.reseed_after)
@@ -136,9 +163,14 @@ class Agent:
         return agent
 
     def close(self) -> None:
-        self.ledger.close()
-        self.source.close()
-        self.dest.close()
+        """Close the ledger and the volumes, then free the group's lock."""
+        try:
+            self.ledger.close()
+            self.source.close()
+            self.dest.close()
+        finally:
+            if self.lock is not None:
+                self.lock.release()
 
     # -- the loop -------------------------------------------------------------
     def _commit(self, batch: list[tuple[object, Decision]]) -> list[object]:

@@ -81,6 +81,12 @@ class HostilePath(StreamError):
     """A record names a path that would leave the replica's qtree (I10)."""
 
 
+class GroupLocked(CoalesceError):
+    """Another process holds the group's lock (coalesce_core.grouplock): one agent per group."""
+
+    exit_code = 9
+
+
 class TransferFailed(CoalesceError):
     """A transfer (baseline or update) failed; the replica takes the rollback path."""
 

@@ -84,6 +84,8 @@ class Harness:
             self.agent.ledger.close()
         except Exception:
             pass
+        if self.agent.lock is not None:
+            self.agent.lock.release()  # the kernel frees a dead process's flock
         self.agent = Agent.open(self.config, pm=self.pm, clock=self.clock)
 
     def crash(self, point: str, step: Callable[[], Any]) -> bool:

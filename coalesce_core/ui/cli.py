@@ -52,9 +52,17 @@ def _config(args: argparse.Namespace) -> GroupConfig:
 
 
 def _agent(args: argparse.Namespace, recover: bool = True):
+    """The group's agent for a verb that changes it: holds the group's lock (docs/operations.md)."""
     from coalesce_core.agent import Agent
 
-    return Agent.open(_config(args), recover=recover)
+    return Agent.open(_config(args), recover=recover, verb=getattr(args, "verb", None) or "?")
+
+
+def _reader(args: argparse.Namespace):
+    """The group's state for a read verb: no lock, no recovery, nothing written; runs beside an agent."""
+    from coalesce_core.agent import Agent
+
+    return Agent.open(_config(args), readonly=True)
 
 
 def _dump_json(data: Any, compact: bool = False) -> None:
@@ -224,7 +232,7 @@ def _run_with_progress(agent: Any, tracker: Tracker, console: Console) -> dict[s
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    agent = _agent(args, recover=False)
+    agent = _reader(args)
     try:
         paths = {r: agent.export_path(r) for r in agent.state.replicas}
         if not args.watch:
@@ -303,7 +311,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     from coalesce_core.cycle.invariants import live_check
     from coalesce_core.ledger import iter_log_edges
 
-    agent = _agent(args, recover=False)
+    agent = _reader(args)
     try:
         previous = agent.ledger.note("i5_marks") or {}
         findings = live_check(
@@ -432,7 +440,7 @@ def cmd_backends(args: argparse.Namespace) -> int:
 
 
 def cmd_history(args: argparse.Namespace) -> int:
-    agent = _agent(args, recover=False)
+    agent = _reader(args)
     try:
         cycles = agent.ledger.cycles()
         if args.last:
@@ -457,7 +465,7 @@ def cmd_graph(args: argparse.Namespace) -> int:
     counts = None
     group = None
     if args.config or os.environ.get("COALESCE_CONFIG") or Path(DEFAULT_CONFIG).exists():
-        agent = _agent(args, recover=False)
+        agent = _reader(args)
         try:
             counts = reports.count_states(agent.state)
             group = agent.state.name
