@@ -19,8 +19,8 @@ def reopen(fs: SimFS, query: str = "fsync=0") -> SimFS:
     """Drop a handle (as a dying process would) and open the directory again."""
     import coalesce_sim
 
-    with coalesce_sim._OPEN_LOCK:
-        if coalesce_sim._OPEN.get(fs.path) is fs:
-            del coalesce_sim._OPEN[fs.path]
+    with coalesce_sim.volume._OPEN_LOCK:
+        if coalesce_sim.volume._OPEN.get(fs.path) is fs:
+            del coalesce_sim.volume._OPEN[fs.path]
     fs.raid.close()
     return open_sim(f"{fs.path}?{query}")

@@ -26,9 +26,9 @@ def make_sim(tmp_path: Path):
     import coalesce_sim
 
     for fs in opened:
-        with coalesce_sim._OPEN_LOCK:
-            if coalesce_sim._OPEN.get(fs.path) is fs:
-                del coalesce_sim._OPEN[fs.path]
+        with coalesce_sim.volume._OPEN_LOCK:
+            if coalesce_sim.volume._OPEN.get(fs.path) is fs:
+                del coalesce_sim.volume._OPEN[fs.path]
         fs.raid.close()
 
 
