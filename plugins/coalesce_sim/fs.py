@@ -38,7 +38,7 @@ import os
 import struct
 import threading
 import time
-from typing import Iterator
+from typing import Iterator, Self
 
 from coalesce_core.errors import BackendError
 
@@ -290,7 +290,7 @@ class SimFS:
 
     # ---------------------------------------------------------------- format / mount
     @classmethod
-    def format(cls, path: str, *, ndata: int = 3, max_bytes: int = 0, fsync: bool = True) -> "SimFS":
+    def format(cls, path: str, *, ndata: int = 3, max_bytes: int = 0, fsync: bool = True) -> Self:
         Raid.format(path, ndata)
         raid = Raid(path, fsync=fsync)
         root = Inode(ROOTK, size=FIRST_INO)

@@ -3,19 +3,15 @@
 from __future__ import annotations
 
 from coalesce_core.stream import records as R
-from coalesce_sim import SimFS, open_sim
+from coalesce_sim import SimVolume, open_sim
 
 
-def sim_apply(fs: SimFS, qtree: str, changes, use_purgatory: bool = False):
-    """Apply bare change records through the hook path (one CP at the end)."""
-    import coalesce_sim
-
-    return coalesce_sim.coalesce_apply(
-        volume=fs, qtree=qtree, records=R.framed(qtree, None, "x", list(changes)), use_purgatory=use_purgatory
-    )
+def sim_apply(fs: SimVolume, qtree: str, changes, use_purgatory: bool = False):
+    """Apply bare change records through the handle's ``apply`` primitive (one CP at the end)."""
+    return fs.apply(qtree, R.framed(qtree, None, "x", list(changes)), use_purgatory)
 
 
-def reopen(fs: SimFS, query: str = "fsync=0") -> SimFS:
+def reopen(fs: SimVolume, query: str = "fsync=0") -> SimVolume:
     """Drop a handle (as a dying process would) and open the directory again."""
     import coalesce_sim
 

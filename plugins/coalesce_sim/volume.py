@@ -1,21 +1,172 @@
-"""The sim backend's volume handles: one shared :class:`~.fs.SimFS` per directory and process.
+"""``SimVolume``: the sim backend's volume handle, and the registry of open volumes.
 
-:func:`open_sim` opens (or creates) the volume of a ``sim:///ABS/DIR`` location and counts its
-openers; :func:`close_sim` closes it when the last one closes.
+:class:`SimVolume` is the :class:`~.fs.SimFS` engine (RAID-4 device, block map, CPs, PCPIs)
+with one method per primitive hook, which the core's default hooks call
+(coalesce_core.backend.handles); the methods forward to :mod:`.ops`, :mod:`.diff` and
+:mod:`.describe` and check first that the volume is still usable (:meth:`SimFS.check`).
+:func:`open_sim` opens (or creates) the volume of a ``sim:///ABS/DIR`` location, one shared
+handle per directory and process, and counts its openers; :func:`close_sim` (the handle's
+``close``) unmounts it when the last one closes.
 """
 
 from __future__ import annotations
 
 import os
 import threading
-from typing import Any
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, TypeVar
 from urllib.parse import parse_qs
 
+from coalesce_core.backend.handles import VolumeHandle
 from coalesce_core.errors import BackendError
 
+from . import diff as _diff
+from . import ops as _ops
 from .fs import SimFS
 
-_OPEN: dict[str, SimFS] = {}
+_T = TypeVar("_T")
+
+
+class SimVolume(SimFS, VolumeHandle):
+    """One open sim volume (the backend's volume handle): the engine plus the primitives.
+
+    No capability: ``diff`` yields records that the agent runs through the codec, and is never
+    asked to skip (``records_decoded`` and ``resumable_diff`` stay False).  Every primitive but
+    ``close`` and ``export_path`` begins with :meth:`SimFS.check`, so a closed or crashed
+    handle refuses work with a hint to reopen it.  The native rollback is
+    :meth:`native_rollback`, which the backend's ``coalesce_rollback`` hook calls."""
+
+    def __repr__(self) -> str:
+        return f"SimVolume(sim://{self.path})"
+
+    def close(self) -> None:
+        """One opener fewer; the last one unmounts the volume (:func:`close_sim`).  Idempotent."""
+        close_sim(self)
+
+    def metadata_dir(self) -> str:
+        self.check()
+        d = os.path.join(self.path, ".coalesce")
+        os.makedirs(d, exist_ok=True)
+        return d
+
+    # ---------------------------------------------------------------- PCPIs
+    def snapshot_create(self, name: str) -> str:
+        self.check()
+        return super().snapshot_create(name)
+
+    def snapshot_delete(self, name: str) -> bool:
+        self.check()
+        return super().snapshot_delete(name)
+
+    def snapshot_list(self) -> list[str]:
+        self.check()
+        return self.pcpi_names()
+
+    def qtree_list(self, snapshot: str | None) -> list[str]:
+        self.check()
+        with self.lock:
+            return self.view(snapshot).qtrees()
+
+    # ---------------------------------------------------------------- changes
+    def diff(self, qtree: str, base: str | None, target: str) -> Iterator[object]:
+        self.check()
+        with self.lock:
+            return _diff.diff_stream(self, qtree, base, target)
+
+    def _mutate(self, fn: Callable[..., _T], *args: Any) -> _T:
+        """Run one primitive on the overlay, then return only once its changes are on disk (also
+        when it fails part-way: the partial state stays, as the hookspec asks).
+
+        Group commit: the CP is shared with the primitives that other threads run meanwhile
+        (:meth:`SimFS.wait_durable`), so N concurrent applies cost fewer than N CPs; each still
+        returns only after a CP covering its changes is complete."""
+        with self.lock:
+            self.check()
+            failures = self.cp_failures
+            try:
+                result = fn(self, *args)
+            except BaseException as exc:
+                err: BaseException | None = exc
+            else:
+                err = None
+            need = self.durable_target()
+        try:
+            if self.broken is None:
+                self.wait_durable(need, failures)
+        except BaseException as exc:
+            if err is not None:
+                raise exc from err
+            raise
+        if err is not None:
+            raise err
+        return result
+
+    def apply(self, qtree: str, records: Iterable[Any], use_purgatory: bool) -> dict[str, int]:
+        self.check()
+        return self._mutate(_ops.apply_stream, qtree, records, use_purgatory)
+
+    def native_rollback(self, qtree: str, rollback_pcpi: str, to_pcpi: str | None) -> bool | None:
+        """Native rollback: point the qtree's inodes at ``to_pcpi``'s blocks (one CP).  None (the
+        core's generic rollback runs) when ``COALESCE_SIM_NATIVE_ROLLBACK=0``.  Served by the
+        backend's own ``coalesce_rollback`` hook, not by the core's default one (see there)."""
+        self.check()
+        if os.environ.get("COALESCE_SIM_NATIVE_ROLLBACK", "1") in ("0", "no", "false"):
+            return None
+        with self.lock:
+            self.view(rollback_pcpi)  # must exist (contract); the native path does not need its contents
+            self._mutate(_ops.native_rollback, qtree, to_pcpi)
+        return True
+
+    def purge_purgatory(self, qtrees: list[str]) -> bool:
+        self.check()
+        self._mutate(lambda f, qs: [_ops.purge_purgatory(f, q) for q in qs], list(qtrees))
+        return True
+
+    def remove_qtree(self, qtree: str) -> bool:
+        self.check()
+        self._mutate(_ops.remove_qtree, qtree)
+        return True
+
+    # ---------------------------------------------------------------- exports and checks
+    def export(self, mapping: Mapping[str, str | None]) -> bool:
+        self.check()
+        self.set_exports(dict(mapping))
+        return True
+
+    def exported(self) -> dict[str, str | None]:
+        self.check()
+        return self.exports()
+
+    def export_path(self, replica: str) -> None:
+        """The sim volume is not mounted anywhere: exported images have no file-system path."""
+        return None
+
+    def fingerprint(self, qtree: str, snapshot: str | None) -> str:
+        self.check()
+        with self.lock:
+            return _diff.fingerprint(self, qtree, snapshot)
+
+    def describe(self, qtree: str, snapshot: str | None, paths: Sequence[tuple[str, bool]]) -> list[Any]:
+        self.check()
+        from .describe import describe
+
+        with self.lock:
+            return describe(self, qtree, snapshot, paths)
+
+    def describe_tree(self, qtree: str, snapshot: str | None, content: bool) -> Iterator[Any]:
+        """The generic walk, a directory at a time, each batch under the volume's lock."""
+        self.check()
+        from coalesce_core.verify import generic_tree
+
+        return generic_tree(lambda batch: self.describe(qtree, snapshot, batch), content)
+
+    def describe_holds(self) -> Any:
+        self.check()
+        from .describe import HOLDS
+
+        return HOLDS
+
+
+_OPEN: dict[str, SimVolume] = {}
 _OPEN_LOCK = threading.Lock()
 
 _SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
@@ -51,7 +202,7 @@ def parse_location(location: str) -> tuple[str, dict[str, Any]]:
     return os.path.normpath(path), opts
 
 
-def open_sim(location: str, *, create: bool = False) -> SimFS:
+def open_sim(location: str, *, create: bool = False) -> SimVolume:
     """Open (or create) the sim volume at ``location``; one shared handle per directory and process."""
     path, opts = parse_location(location)
     with _OPEN_LOCK:
@@ -61,9 +212,9 @@ def open_sim(location: str, *, create: bool = False) -> SimFS:
             return fs
         fsync = opts.get("fsync", True)
         if os.path.exists(os.path.join(path, "raid.json")):
-            fs = SimFS(path, fsync=fsync)
+            fs = SimVolume(path, fsync=fsync)
         elif create:
-            fs = SimFS.format(path, ndata=opts.get("ndata", 3), max_bytes=opts.get("max_bytes", 0), fsync=fsync)
+            fs = SimVolume.format(path, ndata=opts.get("ndata", 3), max_bytes=opts.get("max_bytes", 0), fsync=fsync)
         else:
             raise BackendError(
                 f"no sim volume at {path}",
@@ -76,6 +227,7 @@ def open_sim(location: str, *, create: bool = False) -> SimFS:
 
 
 def close_sim(fs: SimFS) -> None:
+    """One opener of ``fs`` fewer; the last one unmounts it (the engine's :meth:`SimFS.close`)."""
     with _OPEN_LOCK:
         fs.opens = getattr(fs, "opens", 1) - 1
         if fs.opens > 0:
@@ -83,4 +235,4 @@ def close_sim(fs: SimFS) -> None:
         if _OPEN.get(fs.path) is fs:
             del _OPEN[fs.path]
     if fs.broken is None:
-        fs.close()
+        SimFS.close(fs)  # not the handle's close (this function)

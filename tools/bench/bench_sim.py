@@ -28,7 +28,7 @@ import tempfile
 import time
 
 from coalesce_core.stream import records as R
-from coalesce_sim import close_sim, coalesce_apply, coalesce_rollback, open_sim
+from coalesce_sim import close_sim, coalesce_rollback, open_sim
 from coalesce_sim import diff as D
 from coalesce_sim.raid import BS
 from tools.bench.common import MiB
@@ -45,7 +45,7 @@ def fill(fs, qtree: str, nbytes: int, file_bytes: int = 16 * MiB) -> float:
         for off in range(0, size, MiB):
             n = min(MiB, size - off)
             recs.append(R.Write(path=f"f{i:05d}", offset=off, data=bytes([(i + off // MiB) % 251 + 1]) * n))
-        coalesce_apply(volume=fs, qtree=qtree, records=R.framed(qtree, None, "t", recs), use_purgatory=False)
+        fs.apply(qtree=qtree, records=R.framed(qtree, None, "t", recs), use_purgatory=False)
         left -= size
         i += 1
     return time.perf_counter() - t
@@ -93,7 +93,7 @@ def diff_bench(root: str, nbytes: int) -> dict:
     fill(fs, "q", nbytes, file_bytes=4 * MiB)
     fs.snapshot_create("s1")
     recs = [R.Write(path=f"f{i:05d}", offset=b * 7 * BS, data=b"C" * BS) for i in range(10) for b in range(10)]
-    coalesce_apply(volume=fs, qtree="q", records=R.framed("q", None, "t", recs), use_purgatory=False)
+    fs.apply(qtree="q", records=R.framed("q", None, "t", recs), use_purgatory=False)
     fs.snapshot_create("s2")
     fs.cache.clear()
     fs.dircache.clear()
@@ -116,15 +116,13 @@ def diff_bench(root: str, nbytes: int) -> dict:
     nat, gen = [], []
     for i in range(5):
         for kind, acc in (("native", nat), ("generic", gen)):
-            coalesce_apply(volume=fs, qtree="q", records=D.diff_stream(fs, "q", "s1", "s2"), use_purgatory=False)
+            fs.apply(qtree="q", records=D.diff_stream(fs, "q", "s1", "s2"), use_purgatory=False)
             fs.snapshot_create(f"rb-{kind}-{i}")
             t = time.perf_counter()
             if kind == "native":
                 coalesce_rollback(volume=fs, qtree="q", rollback_pcpi=f"rb-{kind}-{i}", to_pcpi="s1")
             else:
-                coalesce_apply(
-                    volume=fs, qtree="q", records=D.diff_stream(fs, "q", f"rb-{kind}-{i}", "s1"), use_purgatory=True
-                )
+                fs.apply(qtree="q", records=D.diff_stream(fs, "q", f"rb-{kind}-{i}", "s1"), use_purgatory=True)
             acc.append(time.perf_counter() - t)
             assert D.fingerprint(fs, "q", None) == D.fingerprint(fs, "q", "s1")
     res["native_rollback"] = statistics.median(nat)

@@ -46,10 +46,16 @@ def test_every_primitive_is_served_by_each_bundled_backend():
     name, which the core's default hooks call (coalesce_core.backend.handles)."""
     import coalesce_btrfs
     import coalesce_mem
+    import coalesce_sim
     import coalesce_zfs
     from coalesce_core.backend.handles import HandleHooks, VolumeHandle
 
-    handles = {"mem": coalesce_mem.MemVolume, "btrfs": coalesce_btrfs.BtrfsVolume, "zfs": coalesce_zfs.ZfsVolume}
+    handles = {
+        "mem": coalesce_mem.MemVolume,
+        "sim": coalesce_sim.SimVolume,
+        "btrfs": coalesce_btrfs.BtrfsVolume,
+        "zfs": coalesce_zfs.ZfsVolume,
+    }
     pm = plugin_manager()
     for backend in ("mem", "sim", "btrfs", "zfs"):
         plugin = pm.get_plugin(backend)
@@ -80,7 +86,7 @@ def test_the_diff_implementations_fit_the_spec_and_skip_is_never_hidden():
     caller = pm.hook.coalesce_diff
     assert caller.spec.argnames == ("volume", "qtree", "base", "target", "skip") and not caller.spec.kwargnames
     impls = caller.get_hookimpls()
-    assert {i.plugin_name for i in impls} >= {"coalesce.handles", "sim"} and len(impls) >= 5
+    assert "coalesce.handles" in {i.plugin_name for i in impls} and len(impls) >= 4
     for impl in impls:
         assert set(impl.argnames) <= set(caller.spec.argnames) and "skip" not in impl.kwargnames, impl.plugin_name
     assert "skip" in next(i for i in impls if i.plugin_name == "coalesce.handles").argnames  # resumable handles

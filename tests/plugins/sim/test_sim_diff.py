@@ -115,20 +115,18 @@ def test_diff_apply_roundtrip(make_sim, case, purgatory):
     src.snapshot_create("s1")
     sim_apply(src, "q", CASES[case], use_purgatory=purgatory)
     src.snapshot_create("s2")
-    import coalesce_sim as S
-
-    S.coalesce_apply(volume=dst, qtree="r", records=D.diff_stream(src, "q", None, "s1"), use_purgatory=purgatory)
+    dst.apply(qtree="r", records=D.diff_stream(src, "q", None, "s1"), use_purgatory=purgatory)
     assert D.fingerprint(dst, "r", None) == D.fingerprint(src, "q", "s1")
-    S.coalesce_apply(volume=dst, qtree="r", records=D.diff_stream(src, "q", "s1", "s2"), use_purgatory=purgatory)
+    dst.apply(qtree="r", records=D.diff_stream(src, "q", "s1", "s2"), use_purgatory=purgatory)
     assert D.tree_dict(dst, "r") == D.tree_dict(src, "q", "s2")
     assert D.fingerprint(dst, "r", None) == D.fingerprint(src, "q", "s2")
     # and back again
-    S.coalesce_apply(volume=dst, qtree="r", records=D.diff_stream(src, "q", "s2", "s1"), use_purgatory=purgatory)
+    dst.apply(qtree="r", records=D.diff_stream(src, "q", "s2", "s1"), use_purgatory=purgatory)
     assert D.fingerprint(dst, "r", None) == D.fingerprint(src, "q", "s1")
     assert dst.fsck() == [] and src.fsck() == []
     # hard links stay hard links on the replica
     if case == "hardlinks":
-        S.coalesce_apply(volume=dst, qtree="r", records=D.diff_stream(src, "q", "s1", "s2"), use_purgatory=purgatory)
+        dst.apply(qtree="r", records=D.diff_stream(src, "q", "s1", "s2"), use_purgatory=purgatory)
         sim_apply(dst, "r", [R.Write(path="h2", offset=0, data=b"Q")])
         assert D.tree_dict(dst, "r")["d1/f"][2].startswith(b"Q")
 
@@ -141,10 +139,8 @@ def test_purgatory_keeps_deleted_data_until_purged(make_sim):
     sim_apply(fs, "q", [R.Unlink(path="f")], use_purgatory=True)
     assert D.tree_dict(fs, "q") == {} and D.fingerprint(fs, "q", None) == fp_empty
     assert len(fs.rc) >= used - 2, "the data stays in the purgatory"
-    import coalesce_sim as S
-
-    S.coalesce_purge_purgatory(volume=fs, qtrees=["q", "nonexistent"])
-    S.coalesce_purge_purgatory(volume=fs, qtrees=["q"])  # idempotent
+    fs.purge_purgatory(qtrees=["q", "nonexistent"])
+    fs.purge_purgatory(qtrees=["q"])  # idempotent
     assert len(fs.rc) < used - 40
     assert fs.fsck() == []
 
@@ -177,15 +173,15 @@ def test_rollback_restores_the_base(sim_url, monkeypatch, native):
 
 
 def test_native_rollback_restores_a_removed_qtree(make_sim):
-    import coalesce_sim as S
+    import coalesce_sim
 
     fs = make_sim()
     sim_apply(fs, "q", BASE)
     fs.snapshot_create("base")
-    S.coalesce_remove_qtree(volume=fs, qtree="q")
+    fs.remove_qtree(qtree="q")
     sim_apply(fs, "q", [R.MkFile(path="unrelated")])
     fs.snapshot_create("rb")
-    S.coalesce_rollback(volume=fs, qtree="q", rollback_pcpi="rb", to_pcpi="base")
+    coalesce_sim.coalesce_rollback(volume=fs, qtree="q", rollback_pcpi="rb", to_pcpi="base")
     assert D.fingerprint(fs, "q", None) == D.fingerprint(fs, "q", "base")
     assert fs.fsck() == []
 
@@ -236,16 +232,13 @@ def test_a_failing_stream_keeps_the_partial_state_and_propagates(make_sim):
         yield R.Write(path="one", offset=0, data=b"1")
         raise RuntimeError("link dropped")
 
-    import coalesce_sim as S
-
     with pytest.raises(RuntimeError):
-        S.coalesce_apply(volume=fs, qtree="q", records=stream(), use_purgatory=True)
+        fs.apply(qtree="q", records=stream(), use_purgatory=True)
     assert D.tree_dict(fs, "q") == {"one": ("f", 0o644, b"1")}
     fs = reopen(fs)
     assert D.tree_dict(fs, "q") == {"one": ("f", 0o644, b"1")}, "the partial state was committed"
     with pytest.raises(TruncatedStream):
-        S.coalesce_apply(
-            volume=fs,
+        fs.apply(
             qtree="q",
             records=iter([R.Begin(qtree="q", base=None, target="t"), R.MkFile(path="two")]),
             use_purgatory=True,
@@ -306,8 +299,6 @@ def ops(draw, n):
 
 def _apply_ops(fs, qtree, opl):
     """Apply random operations one record at a time, skipping those the tree does not allow."""
-    import coalesce_sim as S
-
     for kind, p, q, off, data in opl:
         recs = {
             "mkdir": [R.MkDir(path=p)],
@@ -340,7 +331,7 @@ def _apply_ops(fs, qtree, opl):
                 continue
         if kind in ("mkdir", "file", "symlink") and p in tree:
             continue
-        S.coalesce_apply(volume=fs, qtree=qtree, records=R.framed(qtree, None, "t", recs), use_purgatory=True)
+        fs.apply(qtree=qtree, records=R.framed(qtree, None, "t", recs), use_purgatory=True)
 
 
 _ids = itertools.count()
@@ -360,18 +351,18 @@ def test_property_diff_apply_reproduces_target(tmp_path_factory, first, second):
     dst = open_sim(f"{root}/dst?fsync=0", create=True)
     import coalesce_sim as S
 
-    S.coalesce_apply(volume=src, qtree="q", records=R.framed("q", None, "t", []), use_purgatory=True)
+    src.apply(qtree="q", records=R.framed("q", None, "t", []), use_purgatory=True)
     _apply_ops(src, "q", first)
     src.snapshot_create("s1")
     _apply_ops(src, "q", second)
     src.snapshot_create("s2")
-    S.coalesce_apply(volume=dst, qtree="r", records=D.diff_stream(src, "q", None, "s1"), use_purgatory=True)
-    S.coalesce_apply(volume=dst, qtree="r", records=D.diff_stream(src, "q", "s1", "s2"), use_purgatory=True)
+    dst.apply(qtree="r", records=D.diff_stream(src, "q", None, "s1"), use_purgatory=True)
+    dst.apply(qtree="r", records=D.diff_stream(src, "q", "s1", "s2"), use_purgatory=True)
     assert D.tree_dict(dst, "r") == D.tree_dict(src, "q", "s2")
     # next increment after the replica holds s2: hard-link identity must have survived
     _apply_ops(src, "q", [("write", p, p, 1, b"!") for p in sorted(D.tree_dict(src, "q"))])
     src.snapshot_create("s3")
-    S.coalesce_apply(volume=dst, qtree="r", records=D.diff_stream(src, "q", "s2", "s3"), use_purgatory=True)
+    dst.apply(qtree="r", records=D.diff_stream(src, "q", "s2", "s3"), use_purgatory=True)
     assert D.tree_dict(dst, "r") == D.tree_dict(src, "q", "s3")
     assert src.fsck() == [] and dst.fsck() == []
     S.close_sim(src)
@@ -401,8 +392,6 @@ def test_a_directory_rename_is_one_record(make_sim):
     assert R.Rename(old="c", new="d") in out
     assert R.Rename(old="a/sub/f4", new="moved/f4b") not in out, "a move inside a moved dir falls back"
     assert sum(isinstance(r, R.Write) for r in out) <= 2, "only the two files moved out of / inside a moved dir"
-    import coalesce_sim as S
-
     for base, target in ((None, "s1"), ("s1", "s2"), ("s2", "s1")):
-        S.coalesce_apply(volume=dst, qtree="r", records=D.diff_stream(fs, "q", base, target), use_purgatory=True)
+        dst.apply(qtree="r", records=D.diff_stream(fs, "q", base, target), use_purgatory=True)
         assert D.tree_dict(dst, "r") == D.tree_dict(fs, "q", target)

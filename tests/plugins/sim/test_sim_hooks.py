@@ -9,7 +9,8 @@ import os
 import pytest
 
 import coalesce_sim
-from coalesce_core.backend.hookspecs import ACTIVE, PRIMITIVE_HOOKS
+from coalesce_core.backend.handles import VolumeHandle
+from coalesce_core.backend.hookspecs import ACTIVE, PRIMITIVE_HOOKS, hookimpl
 from coalesce_core.backend.manager import backend_infos, plugin_manager
 from coalesce_core.backend.urls import VolumeURL
 from coalesce_core.backend.volume import Volume
@@ -19,9 +20,19 @@ from coalesce_sim import cli, parse_location
 from coalesce_sim.testing import sim_apply
 
 
-def test_every_primitive_hook_is_implemented():
-    for hook in PRIMITIVE_HOOKS + ("coalesce_backend_info", "coalesce_cli_commands"):
-        assert callable(getattr(coalesce_sim, hook)), hook
+def test_the_module_writes_only_its_own_hooks_and_the_handle_has_every_primitive():
+    """Like every backend (docs/writing-a-backend.md): the primitives are methods of the handle,
+    which the core's default hooks call; the native rollback is a hook, tried before the generic one."""
+    assert {n for n in dir(coalesce_sim) if n.startswith("coalesce_")} == {
+        "coalesce_backend_info",
+        "coalesce_open_volume",
+        "coalesce_cli_commands",
+        "coalesce_rollback",
+    }
+    assert issubclass(coalesce_sim.SimVolume, VolumeHandle) and issubclass(coalesce_sim.SimVolume, coalesce_sim.SimFS)
+    for hook in set(PRIMITIVE_HOOKS[1:]) - {"coalesce_rollback"}:
+        method = {"coalesce_close_volume": "close"}.get(hook, hook.removeprefix("coalesce_"))
+        assert callable(getattr(coalesce_sim.SimVolume, method, None)), hook
 
 
 def test_the_entry_point_serves_sim_and_only_sim(sim_url):
@@ -29,20 +40,43 @@ def test_the_entry_point_serves_sim_and_only_sim(sim_url):
     assert any(i["scheme"] == "sim" and i["plugin"] == "sim" for i in backend_infos(pm))
     assert coalesce_sim.coalesce_open_volume(url=VolumeURL.parse("mem://x"), create=True) is None
     for hook in PRIMITIVE_HOOKS[1:]:
-        kwargs = {"coalesce_close_volume": {}, "coalesce_metadata_dir": {}}.get(hook)
-        fn = getattr(coalesce_sim, hook)
-        import inspect
-
-        params = {p: None for p in inspect.signature(fn).parameters if p != "volume"}
+        caller = getattr(pm.hook, hook)
+        params = {p: None for p in caller.spec.argnames if p != "volume"}
         params.update({k: "x" for k in ("name", "qtree", "rollback_pcpi", "replica") if k in params})
-        if "qtrees" in params:
-            params["qtrees"] = []
-        if "mapping" in params:
-            params["mapping"] = {}
-        if "records" in params:
-            params["records"] = []
-        assert fn(volume=object(), **params) is None, hook
-        del kwargs
+        params.update({k: v for k, v in (("qtrees", []), ("mapping", {}), ("records", []), ("skip", 0)) if k in params})
+        assert caller(volume=object(), **params) is None, hook
+
+
+class _DiffSpy:
+    """Counts the diffs that run through the hook chain (the generic rollback's among them)."""
+
+    def __init__(self) -> None:
+        self.diffs = 0
+
+    @hookimpl(wrapper=True)
+    def coalesce_diff(self, volume, qtree):
+        self.diffs += 1
+        return (yield)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_the_native_rollback_wins_and_the_generic_one_runs_when_it_is_off(sim_url, monkeypatch, native):
+    if not native:
+        monkeypatch.setenv("COALESCE_SIM_NATIVE_ROLLBACK", "0")
+    spy = _DiffSpy()
+    pm = plugin_manager([spy])
+    v = Volume.open(pm, sim_url(), create=True)
+    v.apply("q", R.framed("q", None, "t", [R.MkFile(path="f")]))
+    v.snapshot_create("base")
+    v.apply("q", R.framed("q", None, "t", [R.MkFile(path="g")]))
+    v.snapshot_create("rb")
+    cps = v.handle.cp
+    assert v.rollback("q", "rb", "base") is True
+    assert v.fingerprint("q") == v.fingerprint("q", "base")
+    assert spy.diffs == (0 if native else 1), "native: no diff; off: the generic diff + apply"
+    if native:
+        assert v.handle.cp == cps + 1, "the native rollback is one CP"
+    v.close()
 
 
 def test_open_create_close_and_metadata_dir(sim_url, tmp_path):
