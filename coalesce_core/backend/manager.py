@@ -1,7 +1,8 @@
 """The plugin manager: hookspecs, the core's own plugins, every installed backend, observer and command.
 
-:func:`plugin_manager` registers, in order: the generic rollback (Fig. 9) and
-the default hooks that call a handle's methods, every entry point of
+:func:`plugin_manager` registers, in order: the default hooks that call a
+handle's methods and the generic rollback (Fig. 9), tried in that order after
+every other implementation, then every entry point of
 ``coalesce.backends``, ``coalesce.observers`` and ``coalesce.commands``
 (bundled plugins are registered exactly like third-party ones), the modules
 named in ``COALESCE_PLUGINS`` (comma-separated, like PYTEST_PLUGINS), a fault
@@ -33,8 +34,10 @@ def plugin_manager(extra: Iterable[object] = ()) -> pluggy.PluginManager:
     """Build a plugin manager with every installed backend and ``extra`` plugins."""
     pm = pluggy.PluginManager(PROJECT)
     pm.add_hookspecs(hookspecs)
+    # both are trylast, and pluggy calls the earlier-registered of two trylast implementations first:
+    # a handle's own rollback (btrfs, zfs) is tried before the generic one of Fig. 9
+    pm.register(HandleHooks(), name="coalesce.handles")
     pm.register(GenericRollback(pm), name="coalesce.generic")
-    pm.register(HandleHooks(), name="coalesce.handles")  # after the generic rollback: tried before it
     eps = [ep for g in (ENTRY_POINT_GROUP, OBSERVER_GROUP, COMMANDS_GROUP) for ep in metadata.entry_points(group=g)]
     for ep in eps:
         if pm.get_plugin(ep.name) is not None or pm.is_blocked(ep.name):

@@ -159,3 +159,26 @@ def test_a_diff_that_cannot_resume_is_not_asked_to_skip():
     assert len(list(vol.diff("q", None, "b"))) == 2
     with pytest.raises(ValueError, match="cannot skip"):
         vol.diff("q", None, "b", skip=1)
+
+
+class Native(Tiny):
+    """A handle with its own rollback (as btrfs and zfs have)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rollbacks: list[tuple[str, str, str | None]] = []
+
+    def rollback(self, qtree: str, rollback_pcpi: str, to_pcpi: str | None) -> bool:
+        self.rollbacks.append((qtree, rollback_pcpi, to_pcpi))
+        return True
+
+    def diff(self, qtree: str, base: str | None, target: str):
+        raise AssertionError("the generic rollback ran (it diffs) although the handle rolls back natively")
+
+
+def test_a_handles_own_rollback_wins_over_the_generic_one():
+    """Both defaults are trylast; the handle's method must be tried before Fig. 9's diff-and-apply."""
+    handle = Native()
+    pm = plugin_manager([Backend(handle)])
+    assert pm.hook.coalesce_rollback(volume=handle, qtree="q", rollback_pcpi="r", to_pcpi="base") is True
+    assert handle.rollbacks == [("q", "r", "base")]
