@@ -217,7 +217,11 @@ class _Stderr:
             self.lines.append(line.decode("utf-8", "replace").rstrip())
         stream.close()
 
-    def text(self) -> str:
+    def text(self, wait: float = 0.0) -> str:
+        """The last lines; ``wait``: first give the reader that long to reach the end of the stream (an
+        ssh that closed the connection writes its reason, e.g. "Permission denied", as it exits)."""
+        if wait:
+            self.t.join(wait)
         return " | ".join(self.lines)
 
 
@@ -283,7 +287,8 @@ class RemoteVolume(VolumeHandle):
                 raise P.ProtocolError(f"the server chose compression {comp!r}, which this client did not offer")
         except P.ConnectionLost as exc:
             conn.close()
-            extra = f" (ssh: {stderr.text()})" if stderr is not None and stderr.text() else ""
+            said = stderr.text(wait=2.0) if stderr is not None else ""
+            extra = f" (ssh: {said})" if said else ""
             if isinstance(exc.__cause__, ssl.SSLError):
                 raise TLSRefused(
                     f"{self.url}: the server refused the TLS connection: {exc.__cause__}",
