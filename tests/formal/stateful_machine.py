@@ -27,13 +27,15 @@ import attrs
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
+from coalesce_core.agent import Agent
 from coalesce_core.backend.faults import FaultInjector, Rule
 from coalesce_core.backend.hookspecs import ACTIVE, hookimpl
 from coalesce_core.config import parse_config
 from coalesce_core.crashpoints import CRASH_POINTS
 from coalesce_core.cycle.planner import NotNow
 from coalesce_core.cycle.spec import load_spec
-from coalesce_core.errors import CoalesceError, HostilePath
+from coalesce_core.errors import CoalesceError, GroupLocked, HostilePath
+from coalesce_core.ledger import Ledger
 from coalesce_core.stream import records as R
 from coalesce_core.testing.harness import Harness
 from coalesce_core.testing.workload import fill
@@ -127,10 +129,20 @@ class ExportWatch:
 
     @hookimpl(wrapper=True)
     def coalesce_export(self, volume, mapping):
+        before = dict(volume.exported()) if hasattr(volume, "exported") else None
         result = yield
         m = self.machine
+        if before is not None and all(before.get(n) == x for n, x in mapping.items()):
+            return result  # a re-application of the table the volume already served (recovery): no switch
         if m is not None and "dst" in str(getattr(volume, "url", volume)):  # the destination volume
-            states = {r.name: r.state for r in m.h.agent.state.replicas.values()}
+            # the committed ledger, read afresh: during a restart's recovery the harness still holds
+            # the crashed agent, whose state is not the one the exporting agent committed
+            ledger = Ledger.open(m.h.config.ledger_path(m.h.agent.dest.metadata_dir()))
+            try:
+                committed = ledger.load_consistent()
+            finally:
+                ledger.close()
+            states = {r.name: r.state for r in committed.replicas.values()}
             seen = {
                 mapping.get(n) for n, st in states.items() if st in self.CYCLE and mapping.get(n) not in (None, ACTIVE)
             }
@@ -245,6 +257,28 @@ class CoalescingMachine(RuleBasedStateMachine):
             assert after.last_good == (r.last_good or r.exported)
         else:
             assert r.state in RESEEDING and after == r, f"reseed of {q} in {r.state} was accepted"
+
+    @rule(readonly=st.booleans())
+    def second_agent(self, readonly: bool) -> None:
+        """A second invocation beside the running agent: a changing one is refused (GroupLocked) and
+        changes nothing; a reader sees exactly the committed state and writes nothing."""
+        before = self.agent.state
+        commits = self.agent.ledger.commits
+        if readonly:
+            other = Agent.open(self.h.config, pm=self.h.pm, clock=self.h.clock, readonly=True)
+            try:
+                assert other.state == before and other.lock is None
+            finally:
+                other.close()
+        else:
+            try:
+                Agent.open(self.h.config, pm=self.h.pm, clock=self.h.clock).close()
+            except GroupLocked as exc:
+                assert exc.hint
+            else:
+                raise AssertionError("a second agent opened a group the first one holds")
+        assert self.agent.state == before and self.agent.ledger.commits == commits
+        assert Agent.open(self.h.config, pm=self.h.pm, readonly=True).state == before
 
     @rule(seconds=st.sampled_from([1.0, 6.0, 30.0, 100.0]))
     def retry_timer(self, seconds: float) -> None:
