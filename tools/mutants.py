@@ -180,6 +180,19 @@ MUTANTS: dict[str, dict] = {
         "why_not_spin": "not modelled (the model's transfers are atomic and correct)",
         "pytest": [["tests/core/test_verify_update.py"]],
     },
+    "drop_the_group_lock": {
+        "doc": "a second agent may open a group another one is running (grouplock.GroupLock.acquire locks nothing)",
+        "edits": [
+            (
+                "coalesce_core/grouplock.py",
+                "            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)\n",
+                "            pass\n",
+            )
+        ],
+        "spin": None,
+        "why_not_spin": "not modelled (the model has one agent)",
+        "pytest": [["tests/core/test_grouplock.py"]],
+    },
 }
 # a double mutant: the check before `done` would catch the wrong images of drop_inode_identity; without it
 # the comparison of each exported image with its source (I3, tests/trees.py) must
