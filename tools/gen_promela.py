@@ -669,10 +669,10 @@ def generate(
     legal = " || ".join(f"((a) == R_{s} && (b) == R_{d})" for (_t, s, d) in sorted(set(edges(rep))))
     w(f"\n#define LEGAL_EDGE(a, b) ({legal})")
     body = TEMPLATE
-    for k, v in subst.items():
-        body = body.replace(k, v)
-    for k, v in sizes.items():
-        body = body.replace(k, v)
+    for placeholder, value in subst.items():
+        body = body.replace(placeholder, value)
+    for placeholder, value in sizes.items():
+        body = body.replace(placeholder, value)
     body = body.replace("@INFLIGHT_LITERAL", any_replica(in_flight))
     body = body.replace("@PARTICIPANT_I", "(" + any_of(participants, "rs[i]") + ")")
     body = body.replace("@INCYCLE_I", "(" + any_of(in_cycle, "rs[i]") + ")")

@@ -36,6 +36,7 @@ import tempfile
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -442,9 +443,13 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     checkers = [c for c in args.checkers.split(",") if c]
     names: list[str | None] = ([] if args.no_baseline else [None]) + list(args.only or MUTANTS)
-    rows = []
+    rows: list[dict[str, Any]] = []
     for name in names:
-        row = {"mutant": name or "(baseline: no mutation)", "doc": MUTANTS[name]["doc"] if name else "", "results": {}}
+        row: dict[str, Any] = {
+            "mutant": name or "(baseline: no mutation)",
+            "doc": MUTANTS[name]["doc"] if name else "",
+            "results": {},
+        }
         with tempfile.TemporaryDirectory(prefix="coalesce-mutant-") as tmp:
             copy = mutated_copy(name, Path(tmp))
             stray = [f for f in _imported(copy, _env(copy)) if not f.startswith(str(copy))]
@@ -452,6 +457,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise SystemExit(f"the mutated copy is not the one imported ({stray}); is PYTHONPATH honoured?")
             for c in checkers:
                 t0 = time.perf_counter()
+                killed: bool | None
                 if c == "hypothesis":
                     killed, detail = run_hypothesis(copy, args.examples, args.steps)
                 elif c == "crosshair":

@@ -27,6 +27,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = ROOT / "spec" / "coalescing.pml"
@@ -36,7 +37,7 @@ MEMLIM = 4096  # MiB (-DMEMLIM): fail rather than thrash
 
 #: gcc -O1: pan.c of this model takes ~20 s to compile at -O2 and the search then saves ~1 s
 OPT = "-O1"
-RUNS = (
+RUNS: tuple[tuple[str, list[str], list[str]], ...] = (
     ("safety", ["-DSAFETY", "-DNOCLAIM", f"-DMEMLIM={MEMLIM}"], []),
     ("liveness-i7", ["-DNFAIR=3", f"-DMEMLIM={MEMLIM}"], ["-a", "-f"]),
 )
@@ -48,7 +49,7 @@ def parse(out: str) -> dict:
         return float(m.group(1)) if m else None
 
     errors = num(r"errors:\s*(\d+)")
-    res = {
+    res: dict[str, Any] = {
         "errors": int(errors) if errors is not None else None,
         "states": int(num(r"([\d.e+]+) states, stored") or 0),
         "transitions": int(num(r"([\d.e+]+) transitions") or 0),
@@ -161,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--keep", type=Path, help="copy the work directory (pan.c, trail) here")
     args = ap.parse_args(argv)
     if args.mutant or args.replicas:
-        if __package__:  # imported as tools.spin
+        if TYPE_CHECKING or __package__:  # imported as tools.spin (the type checker's name for it, too)
             from tools import gen_promela
         else:  # `python3 tools/spin.py`: tools/ is the first entry of sys.path
             import gen_promela
