@@ -238,7 +238,10 @@ def one_size(n: int, fs_bytes: int, reps: int, seed: int, log, profile_dir: str 
         cycle_s, cycle_cpu = time.perf_counter() - t0, cpu() - c0
         if rep.get("failures") or not a.all_stable():
             raise RuntimeError(f"update cycle failed: {rep}")
-        bad = same_tree(qdir, a.export_path(QTREE), random.Random(seed))
+        export = a.export_path(QTREE)
+        if export is None:
+            raise RuntimeError(f"{n} files: {QTREE} has no export")
+        bad = same_tree(qdir, export, random.Random(seed))
         if bad:
             raise RuntimeError(f"{n} files: coalesce image differs from the source: {bad}")
         hooks = {
@@ -289,8 +292,8 @@ def one_size(n: int, fs_bytes: int, reps: int, seed: int, log, profile_dir: str 
         }
     finally:
         close_harness(h)
-        for p in fs.down():
-            print(f"cleanup: {p}", file=sys.stderr)
+        for problem in fs.down():
+            print(f"cleanup: {problem}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -341,7 +341,10 @@ class Coalesce:
         return {"wall": wall, "cycles": cycles, "failures": failures + errors}
 
     def image(self) -> str:
-        return self.h.agent.export_path(QTREE)
+        path = self.h.agent.export_path(QTREE)
+        if path is None:
+            raise RuntimeError(f"coalesce over {self.kind}: {QTREE} has no export")
+        return path
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
@@ -460,6 +463,7 @@ class NativeZfs:
         t0 = time.perf_counter()
         attempts = _retried(lambda: self._once(name), until_stable, wait)
         wall = time.perf_counter() - t0
+        assert self.src.zfs_ds is not None  # a NativeZfs is made only for a Source with a zfs dataset
         zfs_received(self.dst_ds, self.src.zfs_ds, self.prev)
         self.prev = name
         return {"wall": wall, "cycles": attempts, "failures": attempts - 1}
@@ -559,9 +563,10 @@ class Spy:
     def __init__(self, out: Path, label: str, pids: dict[str, int], sshd: Any = None) -> None:
         self.files: dict[str, Path] = {}
         self.procs: list[subprocess.Popen] = []
-        self.exe = shutil.which("py-spy")
-        if self.exe is None:
+        exe = shutil.which("py-spy")
+        if exe is None:
             raise RuntimeError("--profile needs py-spy (pip install py-spy)")
+        self.exe = exe
         out.mkdir(parents=True, exist_ok=True)
         self.out, self.label = out, label
         for side, pid in pids.items():
@@ -750,7 +755,7 @@ def part_main(
     method, so that the timed ones rewrite files of their final size over a link that carried the
     same load just before (the first update after the baselines, which makes the files grow, and the
     first over a newly shaped link, ran up to 20 % slower, for whichever method came first)."""
-    rows = []
+    rows: list[dict] = []
     for rate, delay in shapes:
         b.link.shape(delay_ms=delay, rate=rate)
         if warmup:
@@ -1077,6 +1082,7 @@ def main(argv: list[str] | None = None) -> int:
             baselines(b, args.size_mib, args.seed)
         zb = None
         if zfs_info is not None:
+            assert zq is not None  # made with zfs_info, above
             zpool = zfs_info["pool"]
             zmethods = {
                 "coalesce over SSH, zfs": Coalesce(

@@ -218,7 +218,7 @@ def _bench(
     h, timer, native, qdir, size_mib, small, rnd, log, rollback: bool, profile_dir: str | None = None, settle=None
 ) -> dict:
     a = h.agent
-    rows = []
+    rows: list[dict] = []
     rb: list[dict] = []
     n_records_half = max(2, (size_mib // 2))  # 1 MiB Write records: about half the data applied
 
@@ -528,7 +528,8 @@ def main(argv: list[str] | None = None) -> int:
         print(table(res))
     if args.zfs:
         t0 = time.perf_counter()
-        zres, zproblems = None, []
+        zres: dict | None = None
+        zproblems: list[str] = []
         try:
             zres, zproblems = bench_zfs(args.zfs_size_mib, args.zfs_small_files, args.seed, log)
         finally:

@@ -88,6 +88,7 @@ class Strace:
         return None
 
     def __enter__(self) -> "Strace":
+        assert self.path is not None  # entered only when unavailable() found no reason
         # Yama (ptrace_scope=1) lets a process trace only its descendants: allow any tracer
         with_libc = ctypes.CDLL(None, use_errno=True)
         with_libc.prctl(0x59616D61, ctypes.c_ulong(-1 & 0xFFFFFFFFFFFFFFFF), 0, 0, 0)  # PR_SET_PTRACER, ANY
@@ -112,6 +113,7 @@ class Strace:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
         )
+        assert self.proc.stderr is not None  # stderr=PIPE
         deadline = time.monotonic() + 10
         while not self._attached():  # every thread of this process is traced
             if self.proc.poll() is not None or time.monotonic() > deadline:
@@ -288,8 +290,8 @@ def main(argv: list[str] | None = None) -> int:
     why_not: list[str] = []
     if args.no_strace:
         why_not.append("--no-strace")
-    elif Strace.unavailable():
-        why_not.append(Strace.unavailable())
+    elif reason := Strace.unavailable():
+        why_not.append(reason)
     if why_not:
         print(f"bench_scale: fsync/write columns n/a: {why_not[0]}", file=sys.stderr)
     strace_v = (

@@ -41,7 +41,7 @@ def fill(fs, qtree: str, nbytes: int, file_bytes: int = 16 * MiB) -> float:
     left = nbytes
     while left > 0:
         size = min(file_bytes, left)
-        recs = [R.MkFile(path=f"f{i:05d}")]
+        recs: list[R.Change] = [R.MkFile(path=f"f{i:05d}")]
         for off in range(0, size, MiB):
             n = min(MiB, size - off)
             recs.append(R.Write(path=f"f{i:05d}", offset=off, data=bytes([(i + off // MiB) % 251 + 1]) * n))
@@ -79,7 +79,7 @@ def pcpi_bench(root: str, nblocks: int) -> dict:
         created.append(f"p{next(names)}")
         fs.snapshot_create(created[-1])
 
-    out = {"used": used, "create_io": (cw, cr), "delete_io": (dw, dr)}
+    out: dict[object, object] = {"used": used, "create_io": (cw, cr), "delete_io": (dw, dr)}
     for fsync in (True, False):
         fs.raid.fsync_enabled = fsync
         out[("create", fsync)] = median_time(create, 21)
@@ -113,7 +113,8 @@ def diff_bench(root: str, nbytes: int) -> dict:
     # rollback of the same change: native (inode records -> PCPI blocks) vs generic (diff + apply);
     # fsync off here so the figures show the work, not the disk flush
     fs.raid.fsync_enabled = False
-    nat, gen = [], []
+    nat: list[float] = []
+    gen: list[float] = []
     for i in range(5):
         for kind, acc in (("native", nat), ("generic", gen)):
             fs.apply(qtree="q", records=D.diff_stream(fs, "q", "s1", "s2"), use_purgatory=False)

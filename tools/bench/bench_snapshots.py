@@ -54,6 +54,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Collection
 from pathlib import Path
 
 from coalesce_core.backend.faults import Rule
@@ -267,6 +268,8 @@ def btrbk_run(n: int, cycles: int, seed: int, where: str, mnt: str, log) -> dict
     for d in (srcvol, tgt, snapdir, bindir, faildir):
         os.makedirs(d)
     real = shutil.which("btrfs", path=os.environ.get("PATH", "") + ":" + SBIN_PATH)
+    if real is None:
+        raise RuntimeError(f"btrfs not found (PATH, {SBIN_PATH})")
     script = (
         WRAPPER.replace("@REAL@", real)
         .replace("@LOG@", wlog)
@@ -390,7 +393,7 @@ def table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
-def plot(rows: list[dict], path: str, title: str, projected: list[int] = (), runs: int = 4) -> None:
+def plot(rows: list[dict], path: str, title: str, projected: Collection[int] = (), runs: int = 4) -> None:
     """``projected``: N for which btrbk was not run; drawn dotted at N x ``runs`` (its default retention
     deletes nothing, so every run adds one snapshot per subvolume on each side)."""
     import matplotlib

@@ -178,6 +178,7 @@ def kill_test(mib: int, rate: str, work: Path) -> list[dict]:
                 uninterrupted = time.perf_counter() - t0
                 row = {"mode": mode, "first": uninterrupted, "restart": 0.0, "lost": 0.0}
             else:
+                assert uninterrupted is not None  # modes[0], run first, measured it
                 proc = subprocess.Popen(
                     [*EXE, "--config", str(cfg), "run", "--once"],
                     env=env,

@@ -47,6 +47,7 @@ import statistics
 import sys
 import tempfile
 import time
+from typing import Any, Callable, cast
 
 from coalesce_core import verifier
 from coalesce_core.stream.records import MkDir, MkFile, Rename, Write, framed
@@ -156,7 +157,9 @@ def small_files(top: str, count: int, rnd: random.Random) -> list[tuple[str, byt
     return [(f"{top}/d{i % NDIRS:02d}/f{i:06d}", rnd.randbytes(4096)) for i in range(count)]
 
 
-def changes(size_mib: int, base: int, small: int, patch_mib: int) -> list[tuple[str, object, int, int]]:
+def changes(
+    size_mib: int, base: int, small: int, patch_mib: int
+) -> list[tuple[str, Callable[[Any, random.Random], None], float, int]]:
     """(label, change, MiB written, entries changed) in order; a change is called with (source, rnd)."""
     per = max(1, size_mib // N_BIG)
     patch_mib = min(patch_mib, per)
@@ -218,11 +221,12 @@ class CheckTimer:
             finally:
                 me.total += time.perf_counter() - t0
 
-        verifier.TransferCheck.run = timed
+        # installed on the class while the timer is entered; __exit__ puts the real method back
+        verifier.TransferCheck.run = timed  # type: ignore[method-assign]
         return self
 
     def __exit__(self, *exc) -> None:
-        verifier.TransferCheck.run = self.real
+        verifier.TransferCheck.run = self.real  # type: ignore[method-assign]  # the real one back
 
 
 def make_group(work: str, name: str, source: str, destination: str, verify: bool) -> Harness:
@@ -241,7 +245,10 @@ class Group:
         if not a.all_stable():
             raise RuntimeError(f"{label}: replica not stable after the cycle: {self.h.states()}")
         if self.qdir is not None:
-            bad = same_tree(self.qdir, a.export_path(QTREE), rnd)
+            export = a.export_path(QTREE)
+            if export is None:
+                raise RuntimeError(f"{label}: replica {QTREE} has no export path")
+            bad = same_tree(self.qdir, export, rnd)
         else:
             r = a.state.replicas[QTREE]
             want = a.source.fingerprint(QTREE, r.source_point)
@@ -345,7 +352,7 @@ def volumes(backend: str, rep: int, size_mib: int, log):
 def bench_backend(backend: str, sizes: tuple[int, int, int, int], repeats: int, seed: int, log) -> list[dict]:
     """Rows: one per change with the samples of each setting."""
     steps = changes(*sizes)
-    rows = [
+    rows: list[dict[Any, Any]] = [  # str keys, and True / False: the samples of each setting
         {"backend": backend, "label": lab, "mib": mib, "entries": n, True: [], False: []} for lab, _f, mib, n in steps
     ]
     for rep in range(repeats):
@@ -434,9 +441,12 @@ def main(argv: list[str] | None = None) -> int:
     used = {}
     for b in backends:
         sizes = QUICK if args.quick else SIZES[b]
-        sizes = tuple(
-            o if o is not None else d
-            for o, d in zip((args.size_mib, args.base_files, args.small_files, args.patch_mib), sizes)
+        sizes = cast(  # four values: the four options over the four defaults
+            "tuple[int, int, int, int]",
+            tuple(
+                o if o is not None else d
+                for o, d in zip((args.size_mib, args.base_files, args.small_files, args.patch_mib), sizes)
+            ),
         )
         used[b] = sizes
         rows += bench_backend(b, sizes, repeats, args.seed, log)
