@@ -434,6 +434,7 @@ Op = Any  # one of the records above
 # ---------------------------------------------------------------------------
 def _pipe(send: list[str], receive: list[str]) -> None:
     s = subprocess.Popen(send, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert s.stdout is not None and s.stderr is not None  # both PIPE
     try:
         r = subprocess.run(receive, stdin=s.stdout, capture_output=True, timeout=600)
     finally:
@@ -565,7 +566,7 @@ class ZfsControl:
         self._cmd("umount", self.dataset, check=False)
 
 
-CONTROLS: dict[str, Callable[[Any, str], Any]] = {"btrfs": BtrfsControl, "zfs": ZfsControl}
+CONTROLS: dict[str, Callable[[Any, str, Callable[[str], None]], Any]] = {"btrfs": BtrfsControl, "zfs": ZfsControl}
 
 
 class _ControlObserver:
@@ -742,7 +743,7 @@ class Differential:
         assert self.taken and self.taken[-1] != before, f"the cycle took no source PCPI: {report}"
         newest = self.taken[-1]
         replicas = self.h.agent.state.replicas
-        points = {newest} | {replicas[q].source_point for q in self.qtrees if replicas[q].source_point}
+        points = {newest} | {sp for q in self.qtrees if (sp := replicas[q].source_point)}
         self.images = {p: self.images[p] for p in points}
         want = {p: self.images[p][0] for p in points}
         alloc = {p: self.images[p][1] for p in points}
@@ -770,6 +771,7 @@ class Differential:
             if r.state != "stable":
                 problems.append(f"{q}: state {r.state} (last error {getattr(r, 'last_error', '')!r})")
                 continue
+            assert r.source_point is not None, f"{q}: stable without a source PCPI"  # I3: a stable replica has one
             if r.source_point != newest:
                 failed.add(q)
                 if fault is None or q != fault[0]:
@@ -874,6 +876,7 @@ class DifferentialMachine(RuleBasedStateMachine):
 
     # -- drawing paths ---------------------------------------------------------------
     def _entries(self) -> dict[str, str]:
+        assert self.d is not None  # set by setup(), the initialize rule, before any other rule
         return self.d.listing()
 
     def _draw(self, data: st.DataObject, items: Sequence[str], label: str) -> str | None:
@@ -884,12 +887,14 @@ class DifferentialMachine(RuleBasedStateMachine):
 
     def _new_path(self, data: st.DataObject, entries: dict[str, str], label: str = "new") -> str:
         parent = self._draw(data, self._dirs(entries), f"{label} parent")
+        assert parent is not None  # the qtree roots (depth 0, never moved: _movable) are directories
         return _join(parent, data.draw(st.sampled_from(NAMES), label=f"{label} name"))
 
     def _movable(self, entries: dict[str, str], kinds: str = "dfl") -> list[str]:
         return [p for p, k in entries.items() if k in kinds and _depth(p) >= 1]
 
     def _create(self, data: st.DataObject, parents: list[str]) -> None:
+        assert self.d is not None  # set by setup(), the initialize rule, before any other rule
         path = _join(data.draw(st.sampled_from(sorted(parents))), data.draw(st.sampled_from(NAMES)))
         kind = data.draw(st.sampled_from("ffdl"))
         if kind == "f":
@@ -1305,13 +1310,15 @@ def differential_settings(backend: Backend) -> Settings:
     # CI does not shrink: an example on a real file system costs seconds, shrinking one costs
     # hundreds of them, and the failing sequence is printed whole (note()) for replay()
     phases = [Phase.explicit, Phase.reuse, Phase.generate] if profile == "ci" else list(Phase)
+    default = Settings.default
+    assert default is not None  # hypothesis loads its "default" profile when imported
     return Settings(
         max_examples=examples,
         stateful_step_count=steps,
         deadline=None,
         phases=phases,
         derandomize=profile == "ci",
-        database=None if profile == "ci" else Settings.default.database,
+        database=None if profile == "ci" else default.database,
         suppress_health_check=list(HealthCheck),
         print_blob=profile != "ci",
     )

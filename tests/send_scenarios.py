@@ -601,6 +601,10 @@ def _127_all(step):
     return run
 
 
+def _127_one(case, step: int) -> Step:
+    return lambda p: case(p, step)
+
+
 fstests(
     "127", "names that point to other inodes after, in four arrangements of delayed renames", _127_all(0), _127_all(1)
 )
@@ -616,8 +620,8 @@ for _i, (_case, _cross) in enumerate(zip(_127, _127_CROSS), 1):
             f"btrfs-127-{_i}-xq",
             f"fstests btrfs/127 (arrangement {_i}), across two qtrees",
             "names that point to other inodes after, the moves crossing qtrees",
-            lambda p, c=_case: c(p, 0),
-            lambda p, c=_case: c(p, 1),
+            _127_one(_case, 0),
+            _127_one(_case, 1),
             ("x", "y"),
             _cross,
         )

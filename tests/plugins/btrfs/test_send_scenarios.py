@@ -31,6 +31,7 @@ def native_control(src, old: str, new: str, into: str) -> str:
         ["btrfs", "-q", "send", "-p", src.snap_path(old), src.snap_path(new)],
     ):
         send = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        assert send.stdout is not None and send.stderr is not None  # both PIPE
         recv = subprocess.run(["btrfs", "-q", "receive", into], stdin=send.stdout, capture_output=True)
         send.stdout.close()
         err = send.stderr.read()

@@ -41,6 +41,7 @@ def native_control(src, old: str, new: str, dataset: str) -> str:
         (["zfs", "send", "-i", f"{src.dataset}@{old}", f"{src.dataset}@{new}"], ["zfs", "receive", "-F", dataset]),
     ):
         send = subprocess.Popen(send_argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        assert send.stdout is not None and send.stderr is not None  # both PIPE
         recv = subprocess.run(recv_argv, stdin=send.stdout, capture_output=True)
         send.stdout.close()
         err = send.stderr.read()
