@@ -17,6 +17,7 @@ def _damage(tmp: Path, replica: str, mutate) -> str:
     with vol.lock:
         vol._sync()
         pcpi = vol.exports[replica]
+        assert pcpi is not None, f"{replica} exports no PCPI to damage"
         state = vol.snapshots[pcpi][replica].thaw()
         mutate(state.root)
         state.frozen = True

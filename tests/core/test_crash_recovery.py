@@ -14,7 +14,7 @@ from backends import config_on, on_backend
 
 from coalesce_core.backend.faults import Rule
 from coalesce_core.crashpoints import CRASH_POINTS
-from coalesce_core.testing.harness import Harness
+from coalesce_core.testing.harness import FakeClock, Harness
 from coalesce_core.testing.workload import fill
 
 CYCLE_POINTS = [p for p in CRASH_POINTS if p not in ("mid_baseline", "mid_retry", "mid_reseed")]
@@ -31,6 +31,7 @@ def group_config(group_config, backend, request, monkeypatch):
 
 
 def _settle(h: Harness) -> None:
+    assert isinstance(h.clock, FakeClock)  # the harness's default clock (the tests pass none)
     for _ in range(4):
         h.clock.advance(1000)
         h.cycle()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import Literal
 
 import pytest
 
@@ -102,7 +103,7 @@ class Source:
     def __init__(self, h: Harness, qtree: str) -> None:
         self.h = h
         self.qtree = qtree
-        self.model: dict[str, object] = {}
+        self.model: dict[str, File | tuple[Literal["d"], int] | tuple[Literal["l"], str]] = {}
         self.apply()
 
     def apply(self, *changes: object) -> None:

@@ -37,7 +37,7 @@ from coalesce_core.cycle.spec import load_spec
 from coalesce_core.errors import CoalesceError, GroupLocked, HostilePath
 from coalesce_core.ledger import Ledger
 from coalesce_core.stream import records as R
-from coalesce_core.testing.harness import Harness
+from coalesce_core.testing.harness import FakeClock, Harness
 from coalesce_core.testing.workload import fill
 
 SPEC = load_spec()
@@ -103,7 +103,7 @@ def make_config(scheme: str, tmp: Path, parallel: int = 1):
 def hostile_records(kind: int) -> list[object]:
     """Change records a hostile source could send, built with validators off."""
     with attrs.validators.disabled():
-        return [
+        cases: list[list[object]] = [
             [R.MkFile(path="../evil", mode=0o644)],
             [R.MkDir(path="a", mode=0o755), R.MkFile(path="a/../../evil", mode=0o644)],
             [R.MkFile(path="/etc/evil", mode=0o644)],
@@ -111,7 +111,8 @@ def hostile_records(kind: int) -> list[object]:
             [R.MkFile(path="f", mode=0o644), R.Rename(old="f", new="../evil")],
             [R.MkDir(path="..", mode=0o755)],
             [R.Write(path="../A/x", offset=0, data=b"evil")],
-        ][kind]
+        ]
+        return cases[kind]
 
 
 class ExportWatch:
@@ -163,7 +164,8 @@ class CoalescingMachine(RuleBasedStateMachine):
         self.watch = ExportWatch()
         #: streams that can never be applied (every update of the qtree fails; baselines work)
         self.stream_bugs = FaultInjector()
-        self.h = Harness(make_config(self.scheme, self.tmp), plugins=[self.watch, self.stream_bugs])
+        self.clock = FakeClock()  # the harness's clock (its default), moved by hand
+        self.h = Harness(make_config(self.scheme, self.tmp), plugins=[self.watch, self.stream_bugs], clock=self.clock)
         self.watch.machine = self
         self.rng = random.Random(0)
         self.replay: dict[str, str] = {}
@@ -282,12 +284,12 @@ class CoalescingMachine(RuleBasedStateMachine):
 
     @rule(seconds=st.sampled_from([1.0, 6.0, 30.0, 100.0]))
     def retry_timer(self, seconds: float) -> None:
-        self.h.clock.advance(seconds)
+        self.clock.advance(seconds)
         self._run(self.agent.tick)
 
     @rule(seconds=st.sampled_from([6.0, 100.0]), q=st.sampled_from(QTREES))
     def retry_fails(self, seconds: float, q: str) -> None:
-        self.h.clock.advance(seconds)
+        self.clock.advance(seconds)
         self.h.faults.add(Rule(hook="coalesce_rollback", qtree=q, times=1))
         self._run(self.agent.tick)
 
@@ -341,7 +343,7 @@ class CoalescingMachine(RuleBasedStateMachine):
             self.h.writer.random_changes(self.rng, q, 1)
             step = self.h.cycle
         elif what == "tick":
-            self.h.clock.advance(100)
+            self.clock.advance(100)
             step = self.agent.tick
         elif what == "reseed":  # a cycle that re-seeds q, when q can be re-seeded
             r = self.agent.state.replicas.get(q)
@@ -483,7 +485,7 @@ class CoalescingMachine(RuleBasedStateMachine):
         for q in self.agent.state.replicas:
             self.h.writer.random_changes(self.rng, q, 1)
         for _ in range(SETTLE_CYCLES):
-            self.h.clock.advance(1000)
+            self.clock.advance(1000)
             self.h.cycle()
             self.i1_to_i5_i8_i9()
             s = self.agent.state

@@ -16,6 +16,7 @@ import os
 import pytest
 from hypothesis import HealthCheck, Phase, settings
 from hypothesis import seed as hseed
+from hypothesis.stateful import RuleBasedStateMachine
 
 from .stateful_machine import STATS, CoalescingMachine, SimCoalescingMachine, backend_works
 
@@ -51,7 +52,7 @@ def _sim_enabled() -> bool:
     return backend_works("sim")
 
 
-def _run(machine: type, share: float = 1.0) -> None:
+def _run(machine: type[RuleBasedStateMachine], share: float = 1.0) -> None:
     test = machine.TestCase
     test.settings = settings(_settings, max_examples=max(1, int(EXAMPLES * share)))
     case = test("runTest")

@@ -235,7 +235,7 @@ class Link:
             text=True,
             bufsize=1,
         )
-        if err is not subprocess.DEVNULL:
+        if not isinstance(err, int):  # the log file opened above, not subprocess.DEVNULL
             err.close()
         line = self._read_reply(10.0)
         if line.strip() != "ready":

@@ -10,6 +10,7 @@ import struct
 import threading
 import time
 import zlib
+from typing import Iterable, cast
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -21,6 +22,7 @@ from coalesce_core.backend.manager import plugin_manager
 from coalesce_core.backend.urls import VolumeURL
 from coalesce_core.errors import CoalesceError
 from coalesce_core.stream import codec
+from coalesce_core.stream.records import Record
 from coalesce_remote import protocol as P
 from coalesce_remote.client import ClientSettings, RemoteVolume
 from coalesce_remote.serve import Grant, ServerConfig, SourceService, parse_server_config
@@ -245,7 +247,9 @@ def _fake_client(payload: bytes) -> RemoteVolume:
 
 def _valid_stream_messages() -> bytes:
     local = coalesce_mem.volume_for(SRC)
-    raw = b"".join(bytes(c) for c in codec.encode(local.diff("A", None, "co-g-src-000001")))
+    # MemVolume.diff yields change records framed by Begin/End, typed Iterator[object] in coalesce_mem
+    records = cast("Iterable[Record]", local.diff("A", None, "co-g-src-000001"))
+    raw = b"".join(bytes(c) for c in codec.encode(records))
     out = b""
     for i in range(0, len(raw), 700):
         out += P.encode_message(P.DATA, 1, raw[i : i + 700])

@@ -80,7 +80,7 @@ def group(*replicas: Replica, pcpis=(), source_pcpis=(), **kw) -> GroupState:
     if not source_pcpis:
         points = {p for r in replicas for p in (r.source_point, r.active_point, r.target) if p}
         source_pcpis = tuple(SourcePcpi(name=s, cycle=1, taken=True) for s in sorted(points))
-    fields = dict(name=G, cycle=1, seq=10, retry=RETRY)  # past every fixed name above
+    fields: dict = dict(name=G, cycle=1, seq=10, retry=RETRY)  # past every fixed name above
     fields.update(kw)
     return GroupState(
         replicas={r.name: r for r in replicas},

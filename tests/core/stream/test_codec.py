@@ -554,7 +554,8 @@ class Tracking(io.BytesIO):
         super().__init__(data)
         self.max_request = 0
 
-    def read(self, n: int = -1) -> bytes:
+    def read(self, n: int | None = -1) -> bytes:
+        assert n is not None, "an unbounded read(None)"  # (max() below raised TypeError for it)
         self.max_request = max(self.max_request, n)
         return super().read(n)
 

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from coalesce_core.stream import records as R
-from coalesce_sim import SimCrash, close_sim, open_sim
+from coalesce_sim import SimCrash, SimFS, close_sim, open_sim
 from coalesce_sim import diff as D
 from coalesce_sim.raid import BS
 from coalesce_sim.testing import reopen, sim_apply
@@ -26,7 +26,7 @@ class SimFSMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.dir = tempfile.mkdtemp(prefix="simfsm")
-        self.fs = None
+        self.fs: SimFS | None = None
         self.model: dict[str, tuple] = {}
         self.snaps: dict[str, dict[str, tuple]] = {}
 
@@ -55,6 +55,7 @@ class SimFSMachine(RuleBasedStateMachine):
         return None if p in self.model else p
 
     def do(self, recs, model_update) -> None:
+        assert self.fs is not None  # opened by make_volume, the initialize rule, before any other rule
         sim_apply(self.fs, "q", recs)
         model_update()
 
