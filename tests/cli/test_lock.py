@@ -43,8 +43,9 @@ def group(request, tmp_path: Path):
 
 def coalesce(cfg: Path, *args: str, **kw) -> subprocess.CompletedProcess:
     env = {**os.environ, "COALESCE_SIM_FSYNC": "0"}
-    return subprocess.run([*EXE, "--config", str(cfg), *args], capture_output=True, text=True, env=env,
-                          timeout=300, **kw)
+    return subprocess.run(
+        [*EXE, "--config", str(cfg), *args], capture_output=True, text=True, env=env, timeout=300, **kw
+    )
 
 
 def _status(cfg: Path) -> dict:
@@ -56,8 +57,13 @@ def _status(cfg: Path) -> dict:
 def test_a_second_agent_is_refused_beside_a_running_one_I1(group):
     cfg = group
     env = {**os.environ, "COALESCE_SIM_FSYNC": "0"}
-    runner = subprocess.Popen([*EXE, "--config", str(cfg), "run", "--interval", "3600", "--quiet"],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    runner = subprocess.Popen(
+        [*EXE, "--config", str(cfg), "run", "--interval", "3600", "--quiet"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     try:
         deadline = time.monotonic() + 120
         while True:  # the first cycle ends; the agent then waits for the next one, holding the group
@@ -85,8 +91,16 @@ def test_a_second_agent_is_refused_beside_a_running_one_I1(group):
 def test_two_runs_started_together_leave_a_consistent_group_I1_I3(group):
     cfg = group
     env = {**os.environ, "COALESCE_SIM_FSYNC": "0"}
-    procs = [subprocess.Popen([*EXE, "--config", str(cfg), "run", "--once", "--quiet"], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, env=env) for _ in range(2)]
+    procs = [
+        subprocess.Popen(
+            [*EXE, "--config", str(cfg), "run", "--once", "--quiet"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for _ in range(2)
+    ]
     results = [(p.pid, p.wait(timeout=300), p.communicate()[1]) for p in procs]
     codes = sorted(rc for _pid, rc, _err in results)
     assert codes in ([0, 0], [0, 9]), results  # one after the other, or one refused

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from coalesce_core.stream import records as R
-from coalesce_sim import SimCrash, SimFS, close_sim, open_sim
+from coalesce_sim import SimCrash, SimVolume, close_sim, open_sim
 from coalesce_sim import diff as D
 from coalesce_sim.raid import BS
 from coalesce_sim.testing import reopen, sim_apply
@@ -26,7 +26,7 @@ class SimFSMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.dir = tempfile.mkdtemp(prefix="simfsm")
-        self.fs: SimFS | None = None
+        self.fs: SimVolume | None = None
         self.model: dict[str, tuple] = {}
         self.snaps: dict[str, dict[str, tuple]] = {}
 
