@@ -194,6 +194,19 @@ MUTANTS: dict[str, dict] = {
         "why_not_spin": "not modelled (the model has one agent)",
         "pytest": [["tests/core/test_grouplock.py"]],
     },
+    "drop_the_durability_barrier": {
+        "doc": "a POSIX apply returns before its writes are flushed (`done` recorded over data a power cut loses)",
+        "edits": [
+            (
+                "plugins/coalesce_posix/volume.py",
+                "        durable.syncfs(self.root)  # before the agent records `done` (hookspecs: coalesce_apply)\n",
+                "",
+            )
+        ],
+        "spin": None,
+        "why_not_spin": "not modelled (the model's writes are durable when made)",
+        "pytest": [["tests/plugins/posix/test_durable.py"]],
+    },
 }
 # a double mutant: the check before `done` would catch the wrong images of drop_inode_identity; without it
 # the comparison of each exported image with its source (I3, tests/trees.py) must

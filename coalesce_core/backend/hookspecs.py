@@ -143,6 +143,10 @@ def coalesce_apply(
     written for it.  A failure part-way (bad record, ENOSPC, a broken
     iterator) raises and leaves a partial qtree that the rollback procedure
     repairs; it never touches a PCPI.
+
+    Durable: it returns only once what it wrote survives a power cut
+    (``syncfs``, per-file ``fsync``, a consistency point), because the agent
+    records ``done`` right after it and recovery trusts that record.
     """
 
 
@@ -155,6 +159,8 @@ def coalesce_rollback(volume: VolumeHandle, qtree: str, rollback_pcpi: str, to_p
     Backends may offer a faster native rollback; return None to let the
     generic one (diff ``rollback_pcpi`` -> ``to_pcpi``, then apply, in
     coalesce_core.backend.rollback) run.  Raises on failure, leaving a partial qtree.
+    Durable like ``coalesce_apply``: a native rollback returns only once its result
+    survives a power cut (the generic one applies through ``coalesce_apply``).
     """
 
 

@@ -40,7 +40,7 @@ from coalesce_core import crashpoints
 from coalesce_core.backend.hookspecs import hookimpl
 from coalesce_core.errors import BackendError, StreamError
 from coalesce_core.stream.records import framed
-from coalesce_posix import PosixVolume, check_qtree, rmtree, walk
+from coalesce_posix import PosixVolume, check_qtree, durable, rmtree, walk
 from coalesce_posix.run import StreamingCommand, run, which
 
 from . import sendstream
@@ -332,6 +332,7 @@ class BtrfsVolume(PosixVolume):
             _exchange(stage, live)  # atomic: readers of the live qtree see old or new
         else:
             os.rename(stage, live)
+        durable.syncfs(self.root)  # before the agent records the rollback's success (hookspecs)
         if point is not None:
             crashpoints.hit(point)
         return True

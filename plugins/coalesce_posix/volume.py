@@ -20,7 +20,7 @@ from coalesce_core.backend.hookspecs import ACTIVE
 from coalesce_core.errors import BackendError
 from coalesce_core.stream.records import check_path
 
-from . import describe, walk
+from . import describe, durable, walk
 from .apply import Applier, rmtree
 from .exports import ExportTable, parse_under
 
@@ -103,7 +103,9 @@ class PosixVolume(VolumeHandle):
     def apply(self, qtree: str, records: Iterable[Any], use_purgatory: bool) -> dict[str, int]:
         check_qtree(qtree)
         purg = self.purgatory_dir(qtree) if use_purgatory else None
-        return Applier(self.root, qtree, purg).apply(records)
+        counts = Applier(self.root, qtree, purg).apply(records)
+        durable.syncfs(self.root)  # before the agent records `done` (hookspecs: coalesce_apply)
+        return counts
 
     def purge_purgatory(self, qtrees: list[str]) -> bool:
         for q in qtrees:
