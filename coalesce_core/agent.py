@@ -412,16 +412,18 @@ class Agent:
         on_cycle: Callable[[dict[str, Any]], None] = lambda report: None,
         on_error: Callable[[BackendError, float], None] = lambda exc, wait: None,
         sleep: Callable[[float], None] | None = None,
+        stop: threading.Event | None = None,
     ) -> None:
         """`coalesce run`: ``cycle`` (default :meth:`run_once`) every ``interval`` seconds until
-        interrupted. A BackendError outside a transfer (a PCPI take or release, an export, the link)
-        does not end the run: ``on_error(exc, interval)``, and the next attempt first recovers what
-        the failed cycle left in flight, exactly as after a restart (the ledger holds the last
-        decision). Returns only when ``sleep`` or a callback raises."""
+        ``stop`` is set (checked between cycles, the safe point: a cycle is never cut short by it;
+        the wait ends at once) or a callback raises. A BackendError outside a transfer (a PCPI
+        take or release, an export, the link) does not end the run: ``on_error(exc, interval)``,
+        and the next attempt first recovers what the failed cycle left in flight, exactly as after
+        a restart (the ledger holds the last decision)."""
         run = cycle or self.run_once
-        pause = sleep or time.sleep
+        pause: Callable[[float], object] = sleep or (stop.wait if stop is not None else time.sleep)
         failed = False
-        while True:
+        while stop is None or not stop.is_set():
             try:
                 if failed:
                     self.recover()
@@ -432,6 +434,8 @@ class Agent:
                 on_error(exc, interval)
             else:
                 on_cycle(report)
+            if stop is not None and stop.is_set():
+                break
             pause(interval)
 
     def add_replica(self, name: str, source_qtree: str | None = None) -> None:

@@ -8,10 +8,13 @@ traceback unless ``--debug``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import signal
 import sqlite3
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -125,7 +128,38 @@ def cmd_add(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+@contextlib.contextmanager
+def _stop_on_signals(say: Callable[[str], None]):
+    """SIGTERM and SIGINT during `coalesce run` (docs/operations.md, "Stopping"): the first sets the
+    event the run checks between cycles (the cycle in progress ends normally), the second raises
+    KeyboardInterrupt at once, which aborts the cycle to the crash-recovery path.  The previous
+    handlers come back afterwards.  Outside the main thread (no signals there) nothing is installed."""
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        name = signal.Signals(signum).name
+        if stop.is_set():
+            raise KeyboardInterrupt(name)
+        stop.set()
+        say(f"coalesce run: {name}: stopping after the current cycle (send it again to abort now)")
+
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield stop
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
+    with _stop_on_signals(lambda line: Console(stderr=True, highlight=False, soft_wrap=True).print(line)) as stop:
+        return _run(args, stop)
+
+
+def _run(args: argparse.Namespace, stop: threading.Event) -> int:
     console = _live_console()
     progress = not args.quiet and console.is_interactive
     tracker = Tracker() if progress else None
@@ -154,17 +188,24 @@ def cmd_run(args: argparse.Namespace) -> int:
             markup=True,
         )
 
+    err = Console(stderr=True, highlight=False, soft_wrap=True)
     try:
         if args.once:
             from coalesce_core.agent import TRANSFER_FAILURES
 
             on_cycle(cycle())
+            if stop.is_set():
+                err.print("coalesce run: stopped after the cycle, as asked")
             if any(f["trigger"] in TRANSFER_FAILURES for f in agent.failures):
                 return EXIT_TRANSFER_FAILED
             return EXIT_OK if agent.all_stable() else EXIT_NOT_STABLE
-        agent.run_forever(args.interval or agent.config.interval, cycle=cycle, on_cycle=on_cycle, on_error=on_error)
+        agent.run_forever(
+            args.interval or agent.config.interval, cycle=cycle, on_cycle=on_cycle, on_error=on_error, stop=stop
+        )
+        err.print("coalesce run: stopped between cycles, as asked; the group is at rest")
         return EXIT_OK
     except KeyboardInterrupt:
+        err.print("coalesce run: aborted; the next `coalesce run` recovers from the ledger")
         return EXIT_INTERRUPTED
     finally:
         agent.close()
