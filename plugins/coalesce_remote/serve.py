@@ -730,8 +730,16 @@ class TLSServer:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.sock = socket.socket(family, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind((host, port))
-        self.sock.listen(128)
+        try:
+            self.sock.bind((host, port))
+            self.sock.listen(128)
+        except OSError as exc:
+            self.sock.close()
+            raise ConfigError(
+                f"cannot listen on {host}:{port}: {exc.strerror or exc}",
+                hint="another process uses that port (`ss -ltnp` names it) or the address is not this host's: "
+                "choose another --listen / [server] listen",
+            ) from None
         self.sock.settimeout(0.5)  # so that stop() is noticed
         self.address = self.sock.getsockname()[:2]
         self._stop = threading.Event()

@@ -190,6 +190,11 @@ def parse_location(location: str) -> tuple[str, dict[str, Any]]:
     for k, vs in parse_qs(query).items():
         v = vs[-1]
         if k == "disks":
+            if not v.isdigit() or not 1 <= int(v) <= 32:
+                raise BackendError(
+                    f"bad sim option disks={v!r}: the number of data disks is a whole number from 1 to 32",
+                    hint="write e.g. sim:///path?disks=3 (a parity disk is added)",
+                )
             opts["ndata"] = int(v)
         elif k == "size":
             opts["max_bytes"] = _parse_size(v)

@@ -79,3 +79,24 @@ def test_remote_urls_and_client_settings(tmp_path):
     assert (s.cert, s.key, s.ca, s.bandwidth, s.retries, s.ssh) == ("c", "k", "a", 1024 * 1024, 7, ("ssh", "-i", "key"))
     with pytest.raises(ConfigError, match="compression"):
         load_settings({"COALESCE_COMPRESSION": "lzma"})
+
+
+def test_a_busy_port_is_an_error_with_a_hint_not_an_internal_error(tmp_path, certs):
+    import socket
+
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen(1)
+    port = busy.getsockname()[1]
+    cfg = tmp_path / "s.toml"
+    cfg.write_text(
+        f'[server]\ncert = "{certs.server[0]}"\nkey = "{certs.server[1]}"\nca = "{certs.ca}"\n'
+        '[volumes]\nsrc = "mem://x"\n[clients.backup1]\nvolumes = ["src"]\n'
+    )
+    try:
+        r = _run("--listen", f"127.0.0.1:{port}", "--config", str(cfg))
+    finally:
+        busy.close()
+    assert r.returncode == 2, r.stderr
+    assert f"cannot listen on 127.0.0.1:{port}" in r.stderr and "hint:" in r.stderr
+    assert "internal error" not in r.stderr
