@@ -27,6 +27,7 @@ source = "A"                       # source qtree (default: name)
 from __future__ import annotations
 
 import math
+import os
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -169,6 +170,9 @@ def parse_config(text: str, path: str = "<config>") -> GroupConfig:
     metadata = group.get("metadata")
     if metadata is not None and not isinstance(metadata, str):
         raise ConfigError(f"{where}: `metadata` must be a directory path")
+    if metadata and not os.path.isabs(metadata) and path != "<config>":
+        # relative to the config file, never to the working directory of whoever runs the verb
+        metadata = os.path.join(os.path.dirname(os.path.abspath(path)), metadata)
     spool = group.get("spool")
     if spool is not None and not isinstance(spool, bool):
         raise ConfigError(

@@ -287,3 +287,16 @@ def test_replica_block_after_a_retry_table():
 def test_replica_block_for_an_existing_name_is_caught():
     with pytest.raises(ConfigError, match="appears twice"):
         parse_config(FULL + replica_block("A", "other"))
+
+
+def test_a_relative_metadata_path_is_relative_to_the_config_file_not_the_working_directory(tmp_path, monkeypatch):
+    from coalesce_core.config import load_config
+
+    conf = tmp_path / "etc" / "home.toml"
+    conf.parent.mkdir()
+    conf.write_text('[group]\nname = "home"\nsource = "mem://s"\ndestination = "mem://d"\nmetadata = "state"\n')
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    cfg = load_config(conf)
+    assert cfg.ledger_path(None) == tmp_path / "etc" / "state" / "home.sqlite"
