@@ -219,6 +219,12 @@ def open_sim(location: str, *, create: bool = False) -> SimVolume:
         if os.path.exists(os.path.join(path, "raid.json")):
             fs = SimVolume(path, fsync=fsync)
         elif create:
+            if os.path.isdir(path) and os.listdir(path):
+                raise BackendError(
+                    f"{path} is not empty and holds no sim volume: a sim volume is formatted only in a new "
+                    "or empty directory, never over someone's files",
+                    hint="choose a new directory for the volume, or move the files away first",
+                )
             fs = SimVolume.format(path, ndata=opts.get("ndata", 3), max_bytes=opts.get("max_bytes", 0), fsync=fsync)
         else:
             raise BackendError(
