@@ -11,6 +11,7 @@ ledger never deletes or rewrites a file it cannot read.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sqlite3
@@ -68,6 +69,34 @@ def _dump(obj: Any) -> str:
         raise TypeError(o)
 
     return json.dumps(attrs.asdict(obj, recurse=False), default=conv, sort_keys=True)
+
+
+#: SQLite's primary result codes that come from the file's surroundings, not from its content:
+#: PERM, BUSY, LOCKED, NOMEM, READONLY, IOERR, FULL, CANTOPEN
+_ENVIRONMENTAL = frozenset({3, 5, 6, 7, 8, 10, 13, 14})
+
+
+def _environmental(exc: sqlite3.Error) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)
+    return code is not None and code & 0xFF in _ENVIRONMENTAL
+
+
+def _unreadable(path: Path, exc: sqlite3.Error) -> MetadataError:
+    """The file could not be read (I/O, permissions, a lock): that is not damage, and no backup helps."""
+    return MetadataError(
+        f"metadata file {path} cannot be read: {exc}",
+        hint="the file system or its permissions refused the read (see dmesg, df, ls -l): fix that and run "
+        "again; the file was not changed and is not known to be damaged, so do not restore it from a backup",
+    )
+
+
+def _unwritable(path: Path, exc: sqlite3.Error) -> MetadataError:
+    """A change could not be committed (read-only, full, I/O error): the last committed state stands."""
+    return MetadataError(
+        f"metadata file {path} could not be written: {exc}",
+        hint="the file system refused the write (read-only, out of space, or an I/O error: see dmesg, df): "
+        "fix that and run again; the last committed state is intact and the next run recovers from it",
+    )
 
 
 class Ledger:
@@ -131,13 +160,15 @@ class Ledger:
         try:
             ro = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
         except sqlite3.Error as exc:
-            raise MetadataError(f"metadata file {path} cannot be opened: {exc}", hint=damaged) from None
+            raise _unreadable(path, exc) from None
         try:
             ok = ro.execute("PRAGMA quick_check").fetchone()[0]
             if ok != "ok":
                 raise sqlite3.DatabaseError(ok)
             meta = dict(ro.execute("SELECT key, value FROM meta").fetchall())
         except sqlite3.DatabaseError as exc:
+            if _environmental(exc):  # I/O, permissions, locks: the file is not at fault
+                raise _unreadable(path, exc) from None
             raise MetadataError(
                 f"metadata file {path} is damaged or not a coalesce ledger: {exc}", hint=damaged
             ) from None
@@ -182,7 +213,14 @@ class Ledger:
                 retry=RetryPolicy(**json.loads(meta["retry"])),
                 **fields,
             )
-        except (KeyError, TypeError, ValueError, sqlite3.DatabaseError) as exc:
+        except sqlite3.DatabaseError as exc:
+            if _environmental(exc):
+                raise _unreadable(self.path, exc) from None
+            raise MetadataError(
+                f"metadata file {self.path} has unreadable content: {exc!r}",
+                hint="restore it from a backup; nothing was changed",
+            ) from None
+        except (KeyError, TypeError, ValueError) as exc:
             raise MetadataError(
                 f"metadata file {self.path} has unreadable content: {exc!r}",
                 hint="restore it from a backup; nothing was changed",
@@ -231,14 +269,29 @@ class Ledger:
             self.led = led
 
         def __enter__(self) -> None:
-            self.led.conn.execute("BEGIN IMMEDIATE")
+            try:
+                self.led.conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as exc:
+                if _environmental(exc):
+                    raise _unwritable(self.led.path, exc) from None
+                raise
 
         def __exit__(self, et: Any, e: Any, tb: Any) -> None:
             if et is None:
-                self.led.conn.execute("COMMIT")
+                try:
+                    self.led.conn.execute("COMMIT")
+                except sqlite3.Error as exc:
+                    with contextlib.suppress(sqlite3.Error):
+                        self.led.conn.execute("ROLLBACK")
+                    if _environmental(exc):
+                        raise _unwritable(self.led.path, exc) from None
+                    raise
                 self.led.commits += 1
-            else:
+                return
+            with contextlib.suppress(sqlite3.Error):
                 self.led.conn.execute("ROLLBACK")
+            if isinstance(e, sqlite3.Error) and _environmental(e):
+                raise _unwritable(self.led.path, e) from None
 
     def _tx(self) -> "Ledger._Tx":
         return Ledger._Tx(self)

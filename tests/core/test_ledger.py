@@ -498,3 +498,39 @@ def test_notes_beside_the_state(tmp_path):
     assert led.note("verified") == {"r2": {"at": 5.0, "ok": True}}  # rolled back whole
     led.conn.execute("UPDATE meta SET value = 'not json' WHERE key = 'verified'")
     assert led.note("verified") is None
+
+
+def test_a_refused_write_is_named_as_such_and_the_committed_state_stands(tmp_path):
+    """A read-only, full or failing file system is not damage: the error says the write was refused and
+    never sends the operator to a backup; the last committed state is what the next open reads."""
+    import attrs
+
+    from coalesce_core.errors import MetadataError
+    from coalesce_core.ledger import Ledger
+
+    path = tmp_path / "g.sqlite"
+    state = GroupState(name="g")
+    Ledger.create(path, state).close()
+    led = Ledger.open(path, group="g")
+    led.conn.execute("PRAGMA query_only=ON")  # SQLite refuses every write, as on a read-only mount
+    with pytest.raises(MetadataError) as ei:
+        led.commit(state, attrs.evolve(state, cycle=state.cycle + 1))
+    assert "could not be written" in str(ei.value) and "backup" not in ei.value.hint
+    assert ei.value.exit_code == 5
+    led.close()
+    again = Ledger.open(path, group="g")
+    try:
+        assert again.load() == state
+    finally:
+        again.close()
+
+
+def test_a_file_that_cannot_be_read_is_not_called_damaged(tmp_path):
+    from coalesce_core.errors import MetadataError
+    from coalesce_core.ledger import Ledger
+
+    path = tmp_path / "g.sqlite"
+    path.mkdir()  # not readable as a database at all: an operator's slip, not a damaged ledger
+    with pytest.raises(MetadataError) as ei:
+        Ledger.open(path, group="g")
+    assert "cannot be read" in str(ei.value) and "do not restore it from a backup" in ei.value.hint
