@@ -769,7 +769,7 @@ class _Emitter:
         a flush of the file when the applier closes it (btrfs flushes a file
         truncated to 0 at close); opening, truncating, writing and closing
         10,000 4 KiB files took 0.40-0.44 s of CPU, 0.18-0.19 s without the
-        truncation (docs/benchmarks.md).  For a large file both ways measured the same (the flush
+        truncation (docs/benchmarks-journal.md, "Profiled and fixed: throughput on btrfs").  For a large file both ways measured the same (the flush
         only moves from the close to the destination PCPI), so larger
         ranges keep the Truncate.  The final Truncate comes only when the size
         the records leave differs from the target's.

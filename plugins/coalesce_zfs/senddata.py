@@ -4,7 +4,7 @@ On zfs-fuse every read of a PCPI is a FUSE request to the one daemon: the
 tree compare reads a rewritten file twice (its base copy and its target
 copy) at about 4 s of daemon CPU per GiB each, while ``zfs send -i`` reads
 the changed blocks inside the daemon (about 1-2 s per GiB with the pipe)
-and names exactly the blocks that changed (docs/benchmarks.md, issue 9).
+and names exactly the blocks that changed (docs/benchmarks-journal.md, "Profiled: coalesce on zfs-fuse against `zfs send -i | zfs receive`").
 So the tree compare still walks both images for the namespace (names,
 kinds, inode numbers, sizes, modes, owners, times, xattrs), but the data
 of the files it finds changed come from the stream:
@@ -209,7 +209,7 @@ class SendData(walk.FileData):
     block map, no send)."""
 
     #: a byte read from an image through FUSE costs the daemon about this many times a byte of
-    #: `zfs send` (4.2 s against 1.1-1.8 s per GiB on zfs-fuse, docs/benchmarks.md)
+    #: `zfs send` (4.2 s against 1.1-1.8 s per GiB on zfs-fuse, docs/benchmarks-journal.md, "Profiled: coalesce on zfs-fuse against `zfs send -i | zfs receive`")
     READ_COST = 3.0
 
     def __init__(
