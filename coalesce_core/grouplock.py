@@ -38,6 +38,47 @@ def holder(path: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
+def probe(ledger_path: Path) -> dict[str, Any] | None:
+    """Who holds the group's lock now (for `status`), or None when no process does.
+
+    Reads only, and takes no lock (a probe must never make a starting agent fail): the kernel's
+    table of locks (/proc/locks) names the PID that holds an exclusive flock on the lock file's
+    inode, confirmed by that process having the file open; the rest (host, verb, since) is what
+    the holder wrote into the file."""
+    path = lock_path(ledger_path)
+    try:
+        ino = os.stat(path).st_ino
+        table = Path("/proc/locks").read_text()
+    except OSError:
+        return None
+    for line in table.splitlines():
+        f = line.split()
+        if len(f) < 6 or f[1] != "FLOCK" or f[3] != "WRITE" or not f[4].isdigit():
+            continue  # waiters ("->") and other kinds of lock
+        if f[5].rsplit(":", 1)[-1] != str(ino) or not _has_open(int(f[4]), path):
+            continue
+        info = holder(path)
+        info["pid"] = int(f[4])
+        return info
+    return None
+
+
+def _has_open(pid: int, path: Path) -> bool:
+    fds = f"/proc/{pid}/fd"
+    try:
+        names = os.listdir(fds)
+    except OSError:
+        return False
+    real = os.path.realpath(path)
+    for name in names:
+        try:
+            if os.readlink(os.path.join(fds, name)) == real:
+                return True
+        except OSError:
+            continue
+    return False
+
+
 def _describe(info: dict[str, Any]) -> str:
     if not info:
         return "another process"

@@ -24,7 +24,7 @@ from rich.console import Console, Group
 from rich.markup import escape
 from rich.text import Text
 
-from coalesce_core import __version__, crashpoints
+from coalesce_core import __version__, crashpoints, grouplock
 from coalesce_core.config import GroupConfig, load_config, replica_block
 from coalesce_core.errors import BackendError, CoalesceError, ConfigError
 from coalesce_core.ui import graphs, render, reports
@@ -128,38 +128,60 @@ def cmd_add(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-@contextlib.contextmanager
-def _stop_on_signals(say: Callable[[str], None]):
-    """SIGTERM and SIGINT during `coalesce run` (docs/operations.md, "Stopping"): the first sets the
-    event the run checks between cycles (the cycle in progress ends normally), the second raises
-    KeyboardInterrupt at once, which aborts the cycle to the crash-recovery path.  The previous
-    handlers come back afterwards.  Outside the main thread (no signals there) nothing is installed."""
-    stop = threading.Event()
+class _StopNow(Exception):
+    """Raised by the signal handler while `coalesce run` waits between cycles: stop at once."""
 
-    def on_signal(signum: int, _frame: object) -> None:
+
+class _Stop:
+    """SIGTERM and SIGINT during `coalesce run` (docs/operations.md, "Stopping"): the first sets
+    :attr:`asked`, which the run checks between cycles (the cycle in progress ends normally) and
+    which ends a wait between cycles at once; the second raises KeyboardInterrupt, which aborts the
+    cycle to the crash-recovery path."""
+
+    def __init__(self, say: Callable[[str], None]) -> None:
+        self.say = say
+        self.asked = threading.Event()
+        self._waiting = False
+
+    def on_signal(self, signum: int, _frame: object) -> None:
         name = signal.Signals(signum).name
-        if stop.is_set():
+        if self.asked.is_set():
             raise KeyboardInterrupt(name)
-        stop.set()
-        say(f"coalesce run: {name}: stopping after the current cycle (send it again to abort now)")
+        self.asked.set()
+        self.say(f"coalesce run: {name}: stopping after the current cycle (send it again to abort now)")
+        if self._waiting:
+            raise _StopNow(name)
 
-    if threading.current_thread() is not threading.main_thread():
-        yield stop
-        return
-    old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        yield stop
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
+    def pause(self, seconds: float) -> None:
+        """The wait between cycles (time.sleep, looked up now); a first signal ends it."""
+        self._waiting = True
+        try:
+            if not self.asked.is_set():
+                time.sleep(seconds)
+        finally:
+            self._waiting = False
+
+    @contextlib.contextmanager
+    def installed(self):
+        """The handlers for the run's duration, the previous ones back afterwards; outside the main
+        thread (where no signal arrives) nothing is installed."""
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        old = {s: signal.signal(s, self.on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield self
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    with _stop_on_signals(lambda line: Console(stderr=True, highlight=False, soft_wrap=True).print(line)) as stop:
+    with _Stop(lambda line: Console(stderr=True, highlight=False, soft_wrap=True).print(line)).installed() as stop:
         return _run(args, stop)
 
 
-def _run(args: argparse.Namespace, stop: threading.Event) -> int:
+def _run(args: argparse.Namespace, stop: _Stop) -> int:
     console = _live_console()
     progress = not args.quiet and console.is_interactive
     tracker = Tracker() if progress else None
@@ -194,14 +216,22 @@ def _run(args: argparse.Namespace, stop: threading.Event) -> int:
             from coalesce_core.agent import TRANSFER_FAILURES
 
             on_cycle(cycle())
-            if stop.is_set():
+            if stop.asked.is_set():
                 err.print("coalesce run: stopped after the cycle, as asked")
             if any(f["trigger"] in TRANSFER_FAILURES for f in agent.failures):
                 return EXIT_TRANSFER_FAILED
             return EXIT_OK if agent.all_stable() else EXIT_NOT_STABLE
-        agent.run_forever(
-            args.interval or agent.config.interval, cycle=cycle, on_cycle=on_cycle, on_error=on_error, stop=stop
-        )
+        try:
+            agent.run_forever(
+                args.interval or agent.config.interval,
+                cycle=cycle,
+                on_cycle=on_cycle,
+                on_error=on_error,
+                sleep=stop.pause,
+                stop=stop.asked,
+            )
+        except _StopNow:
+            pass
         err.print("coalesce run: stopped between cycles, as asked; the group is at rest")
         return EXIT_OK
     except KeyboardInterrupt:
@@ -277,10 +307,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     try:
         paths = {r: agent.export_path(r) for r in agent.state.replicas}
         if not args.watch:
+            holder = grouplock.probe(agent.ledger.path)
             if args.json:
-                _dump_json(reports.status_data(agent.state, paths, now=time.time()))
+                _dump_json(reports.status_data(agent.state, paths, now=time.time(), agent=holder))
             else:
                 _console().print(_status_view(agent.state, paths))
+                _console().print(render.agent_text(holder, agent.state.phase))
             return EXIT_OK
         return _watch_status(args, agent, paths)
     finally:
@@ -313,7 +345,8 @@ def _watch_status(args: argparse.Namespace, agent: Any, paths: dict[str, str | N
     try:
         if args.json:
             while True:
-                _dump_json(reports.status_data(read(), paths, now=time.time()), compact=True)
+                holder = grouplock.probe(agent.ledger.path)
+                _dump_json(reports.status_data(read(), paths, now=time.time(), agent=holder), compact=True)
                 n += 1
                 if args.count and n >= args.count:
                     return EXIT_OK

@@ -115,6 +115,21 @@ def pcpi_table(state: GroupState) -> Table:
     return t
 
 
+def agent_text(holder: Mapping[str, Any] | None, phase: str) -> Text:
+    """Who runs the group now (coalesce_core.grouplock.probe): a held lock names its process; with none,
+    a phase other than idle means a run stopped mid-cycle and the next one recovers."""
+    if holder is not None:
+        since = holder.get("since")
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(since)) if isinstance(since, (int, float)) else "?"
+        return Text(
+            f"agent: `coalesce {holder.get('verb') or '?'}`, PID {holder.get('pid')} on {holder.get('host') or '?'}"
+            f" since {when}"
+        )
+    if phase != "idle":
+        return Text(f"agent: none running; phase {phase}: the next `coalesce run` recovers", style="yellow")
+    return Text("agent: none running", style="dim")
+
+
 def budget_text(state: GroupState) -> Text:
     """The PCPI budget in one line: ``■■□□ 2 of 4 cycle PCPIs · individual 1``."""
     held = [p for p in state.pcpis.values() if not p.releasing]

@@ -14,8 +14,14 @@ from coalesce_core.cycle.spec import Spec, load_spec
 from coalesce_core.cycle.state import GroupState
 
 
-def status_data(state: GroupState, export_paths: Mapping[str, str | None], now: float | None = None) -> dict[str, Any]:
-    """The `status --json` document (docs/schemas/status.schema.json); ``now`` gives the lag."""
+def status_data(
+    state: GroupState,
+    export_paths: Mapping[str, str | None],
+    now: float | None = None,
+    agent: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The `status --json` document (docs/schemas/status.schema.json); ``now`` gives the lag, ``agent``
+    the process that holds the group now (coalesce_core.grouplock.probe), None when none does."""
     owners: dict[str, list[str]] = {}
     for r in state.replicas.values():
         for p in r.pinned():
@@ -24,6 +30,7 @@ def status_data(state: GroupState, export_paths: Mapping[str, str | None], now: 
         "group": state.name,
         "phase": state.phase,
         "cycle": state.cycle,
+        "agent": None if agent is None else {k: agent.get(k) for k in ("pid", "host", "verb", "since")},
         "replicas": [
             {
                 "name": r.name,

@@ -78,12 +78,16 @@ def test_a_second_agent_is_refused_beside_a_running_one_I1(group):
         assert f"is in use by PID {runner.pid} " in second.stderr and "`coalesce run`" in second.stderr
         assert "hint:" in second.stderr
         assert coalesce(cfg, "break", "A").returncode == 9  # never silently undone by the running agent
+        holder = _status(cfg)["agent"]  # status names the running agent, from the kernel's lock table
+        assert holder is not None and holder["pid"] == runner.pid and holder["verb"] == "run"
+        assert f"PID {runner.pid}" in coalesce(cfg, "status").stdout
         for verb in ("status", "history", "check"):  # the read verbs work beside it
             p = coalesce(cfg, verb)
             assert p.returncode == 0, (verb, p.stdout, p.stderr)
     finally:
         runner.send_signal(signal.SIGKILL)
         runner.wait()
+    assert _status(cfg)["agent"] is None and "agent: none running" in coalesce(cfg, "status").stdout
     assert coalesce(cfg, "run", "--once").returncode == 0  # the lock died with its holder
     assert coalesce(cfg, "check").returncode == 0
 
