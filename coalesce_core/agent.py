@@ -162,6 +162,12 @@ class Agent:
             agent.recover()
         return agent
 
+    def __enter__(self) -> "Agent":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def close(self) -> None:
         """Close the ledger and the volumes, then free the group's lock."""
         try:

@@ -117,11 +117,8 @@ def cmd_add(args: argparse.Namespace) -> int:
     assert cfg.path is not None  # a configuration loaded from its file
 
     parse_config(Path(cfg.path).read_text(encoding="utf-8") + block, cfg.path)  # validate before writing
-    agent = _agent(args)
-    try:
+    with _agent(args) as agent:
         agent.add_replica(args.name, source)
-    finally:
-        agent.close()
     with open(cfg.path, "a", encoding="utf-8") as fh:
         fh.write(block)
     _console().print(f"added replica [bold]{args.name}[/] (source qtree {source}); its baseline runs in the next cycle")
@@ -303,8 +300,7 @@ def _run_with_progress(agent: Any, tracker: Tracker, console: Console) -> dict[s
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    agent = _reader(args)
-    try:
+    with _reader(args) as agent:
         paths = {r: agent.export_path(r) for r in agent.state.replicas}
         if not args.watch:
             holder = grouplock.probe(agent.ledger.path)
@@ -315,8 +311,6 @@ def cmd_status(args: argparse.Namespace) -> int:
                 _console().print(render.agent_text(holder, agent.state.phase))
             return EXIT_OK
         return _watch_status(args, agent, paths)
-    finally:
-        agent.close()
 
 
 def _status_view(state: Any, paths: dict[str, str | None]) -> Any:
@@ -385,8 +379,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     from coalesce_core.cycle.invariants import live_check
     from coalesce_core.ledger import iter_log_edges
 
-    agent = _reader(args)
-    try:
+    with _reader(args) as agent:
         previous = agent.ledger.note("i5_marks") or {}
         findings = live_check(
             agent.state,
@@ -404,8 +397,6 @@ def cmd_check(args: argparse.Namespace) -> int:
             _dump_json(reports.check_data(findings))
         else:
             _console().print(render.check_table(findings))
-    finally:
-        agent.close()
     return EXIT_OK if all(f.ok for f in findings) else EXIT_ERROR
 
 
@@ -461,32 +452,25 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_break(args: argparse.Namespace) -> int:
-    agent = _agent(args)
-    try:
+    with _agent(args) as agent:
         agent.break_mirror(args.name)
         _console().print(
             f"replica [bold]{args.name}[/] is broken: writable, exporting its active FS "
             f"({agent.export_path(args.name) or 'no path on this backend'})"
         )
-    finally:
-        agent.close()
     return EXIT_OK
 
 
 def cmd_resync(args: argparse.Namespace) -> int:
-    agent = _agent(args)
-    try:
+    with _agent(args) as agent:
         agent.resync(args.name)
         r = agent.state.replicas[args.name]
         _console().print(f"replica [bold]{args.name}[/] is {r.state}; it rejoins the cycle at the next jump-ahead")
-    finally:
-        agent.close()
     return EXIT_OK
 
 
 def cmd_reseed(args: argparse.Namespace) -> int:
-    agent = _agent(args)
-    try:
+    with _agent(args) as agent:
         agent.reseed(args.name, args.reason or "requested by the operator (coalesce reseed)")
         r = agent.state.replicas[args.name]
         _console().print(
@@ -494,8 +478,6 @@ def cmd_reseed(args: argparse.Namespace) -> int:
             f"image; the next cycle re-seeds it by a baseline transfer, and it rejoins the cycle at the "
             f"jump-ahead after that"
         )
-    finally:
-        agent.close()
     return EXIT_OK
 
 
@@ -514,8 +496,7 @@ def cmd_backends(args: argparse.Namespace) -> int:
 
 
 def cmd_history(args: argparse.Namespace) -> int:
-    agent = _reader(args)
-    try:
+    with _reader(args) as agent:
         cycles = agent.ledger.cycles()
         if args.last:
             cycles = cycles[-args.last :]
@@ -524,8 +505,6 @@ def cmd_history(args: argparse.Namespace) -> int:
         else:
             c = _console()
             c.print(render.history_table(cycles, bars=c.width >= 120))
-    finally:
-        agent.close()
     return EXIT_OK
 
 
@@ -539,12 +518,9 @@ def cmd_graph(args: argparse.Namespace) -> int:
     counts = None
     group = None
     if args.config or os.environ.get("COALESCE_CONFIG") or Path(DEFAULT_CONFIG).exists():
-        agent = _reader(args)
-        try:
+        with _reader(args) as agent:
             counts = reports.count_states(agent.state)
             group = agent.state.name
-        finally:
-            agent.close()
     if args.json:
         _dump_json(reports.graph_data(counts=counts))
         return EXIT_OK
