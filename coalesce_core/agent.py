@@ -354,7 +354,7 @@ class Agent:
             "failed": dict(sorted(st.failed.items())) if st else {},
             "records": st.records if st else 0,
             "bytes": st.nbytes if st else 0,
-            "states": _count_states(s),
+            "states": s.state_counts(),
             "max_lag_seconds": _max_lag(s, ended),
         }
         self.ledger.record_cycle(report)
@@ -538,13 +538,6 @@ def replica_health(s: GroupState, now: float) -> dict[str, dict[str, Any]]:
 def _max_lag(s: GroupState, now: float) -> float | None:
     lags = [lag for r in s.replicas.values() if (lag := s.lag(r, now)) is not None]
     return round(max(lags), 6) if lags else None
-
-
-def _count_states(s: GroupState) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for r in s.replicas.values():
-        out[r.state] = out.get(r.state, 0) + 1
-    return out
 
 
 def _describe(exc: BaseException) -> str:

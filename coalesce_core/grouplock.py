@@ -19,7 +19,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from coalesce_core.errors import GroupLocked
 
@@ -79,7 +79,8 @@ def _has_open(pid: int, path: Path) -> bool:
     return False
 
 
-def _describe(info: dict[str, Any]) -> str:
+def describe(info: Mapping[str, Any]) -> str:
+    """The holder as a person reads it: ``PID 4242 on backup1 (`coalesce run`, since 2026-12-07 01:12:40)``."""
     if not info:
         return "another process"
     since = info.get("since")
@@ -105,7 +106,7 @@ class GroupLock:
         except BlockingIOError:
             os.close(fd)
             raise GroupLocked(
-                f"group {group!r} is in use by {_describe(holder(path))}",
+                f"group {group!r} is in use by {describe(holder(path))}",
                 hint="one agent changes a group at a time: wait for it to finish, or stop the running "
                 "`coalesce run` (SIGTERM) first; status, history, check and verify work beside it",
             ) from None

@@ -213,14 +213,9 @@ class Ledger:
                 retry=RetryPolicy(**json.loads(meta["retry"])),
                 **fields,
             )
-        except sqlite3.DatabaseError as exc:
-            if _environmental(exc):
+        except (KeyError, TypeError, ValueError, sqlite3.DatabaseError) as exc:
+            if isinstance(exc, sqlite3.Error) and _environmental(exc):
                 raise _unreadable(self.path, exc) from None
-            raise MetadataError(
-                f"metadata file {self.path} has unreadable content: {exc!r}",
-                hint="restore it from a backup; nothing was changed",
-            ) from None
-        except (KeyError, TypeError, ValueError) as exc:
             raise MetadataError(
                 f"metadata file {self.path} has unreadable content: {exc!r}",
                 hint="restore it from a backup; nothing was changed",

@@ -210,6 +210,13 @@ class GroupState:
         taken = self.source_point_time(replica)
         return max(0.0, now - taken) if taken is not None else None
 
+    def state_counts(self) -> dict[str, int]:
+        """How many replicas sit in each state (a cycle's history row, the live counts of `coalesce graph`)."""
+        out: dict[str, int] = {}
+        for r in self.replicas.values():
+            out[r.state] = out.get(r.state, 0) + 1
+        return out
+
     def export_table(self) -> dict[str, str | None]:
         """The whole export mapping (replica -> PCPI | ACTIVE | None)."""
         return {r.name: r.exported for r in self.replicas.values()}

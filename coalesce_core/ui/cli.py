@@ -519,7 +519,7 @@ def cmd_graph(args: argparse.Namespace) -> int:
     group = None
     if args.config or os.environ.get("COALESCE_CONFIG") or Path(DEFAULT_CONFIG).exists():
         with _reader(args) as agent:
-            counts = reports.count_states(agent.state)
+            counts = agent.state.state_counts()
             group = agent.state.name
     if args.json:
         _dump_json(reports.graph_data(counts=counts))

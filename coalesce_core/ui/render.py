@@ -20,6 +20,7 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
+from coalesce_core import grouplock
 from coalesce_core.backend.hookspecs import ACTIVE
 from coalesce_core.cycle.invariants import Finding
 from coalesce_core.cycle.spec import Spec, load_spec
@@ -119,12 +120,7 @@ def agent_text(holder: Mapping[str, Any] | None, phase: str) -> Text:
     """Who runs the group now (coalesce_core.grouplock.probe): a held lock names its process; with none,
     a phase other than idle means a run stopped mid-cycle and the next one recovers."""
     if holder is not None:
-        since = holder.get("since")
-        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(since)) if isinstance(since, (int, float)) else "?"
-        return Text(
-            f"agent: `coalesce {holder.get('verb') or '?'}`, PID {holder.get('pid')} on {holder.get('host') or '?'}"
-            f" since {when}"
-        )
+        return Text(f"agent: {grouplock.describe(holder)}")
     if phase != "idle":
         return Text(f"agent: none running; phase {phase}: the next `coalesce run` recovers", style="yellow")
     return Text("agent: none running", style="dim")

@@ -71,14 +71,6 @@ def check_data(findings: Sequence[Finding]) -> list[dict[str, Any]]:
     return [{"invariant": f.invariant, "ok": f.ok, "detail": f.detail} for f in findings]
 
 
-def count_states(state: GroupState) -> dict[str, int]:
-    """How many replicas sit in each state (the live counts of `coalesce graph`)."""
-    out: dict[str, int] = {}
-    for r in state.replicas.values():
-        out[r.state] = out.get(r.state, 0) + 1
-    return out
-
-
 def graph_data(spec: Spec | None = None, counts: Mapping[str, int] | None = None) -> dict[str, Any]:
     """The `graph --json` document (docs/schemas/graph.schema.json).
 

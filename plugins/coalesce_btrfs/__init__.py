@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import errno
 import os
 import re
@@ -41,6 +40,7 @@ from coalesce_core.backend.hookspecs import hookimpl
 from coalesce_core.errors import BackendError, StreamError
 from coalesce_core.stream.records import framed
 from coalesce_posix import PosixVolume, check_qtree, durable, rmtree, walk
+from coalesce_posix.libc import libc
 from coalesce_posix.run import StreamingCommand, run, which
 
 from . import sendstream
@@ -350,16 +350,10 @@ class _TreeCompare:
         return walk.tree_diff(os.path.join(self.base_root, qtree), os.path.join(self.target_root, qtree))
 
 
-_libc = None
-
-
 def _exchange(a: str, b: str) -> None:
     """renameat2(RENAME_EXCHANGE): swap two paths atomically."""
-    global _libc
-    if _libc is None:
-        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
     AT_FDCWD, RENAME_EXCHANGE = -100, 2
-    rc = _libc.renameat2(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE)
+    rc = libc().renameat2(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE)
     if rc != 0:
         e = ctypes.get_errno()
         if e in (errno.ENOSYS, errno.EINVAL):

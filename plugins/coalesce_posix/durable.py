@@ -10,23 +10,19 @@ jump-ahead would export it (I3).  hookspecs ``coalesce_apply`` and
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 
 from coalesce_core.errors import BackendError
 
-_libc: ctypes.CDLL | None = None
+from .libc import libc
 
 
 def syncfs(path: str) -> None:
     """syncfs(2) on the file system holding ``path``: its dirty data and metadata are written and
     flushed; a write-back error (EIO, ENOSPC since Linux 5.8) raises BackendError."""
-    global _libc
-    if _libc is None:
-        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        if _libc.syncfs(fd) != 0:
+        if libc().syncfs(fd) != 0:
             err = ctypes.get_errno()
             raise BackendError(
                 f"could not make the changes under {path} durable: {os.strerror(err)}",
