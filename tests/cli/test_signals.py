@@ -41,13 +41,13 @@ def coalesce(cfg: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([*EXE, "--config", str(cfg), *args], capture_output=True, text=True, env=ENV, timeout=300)
 
 
-def _runner(cfg: Path) -> subprocess.Popen:
+def _runner(cfg: Path, env: dict[str, str] = ENV) -> subprocess.Popen:
     return subprocess.Popen(
         [*EXE, "--config", str(cfg), "run", "--interval", "3600", "--quiet"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env=ENV,
+        env=env,
     )
 
 
@@ -82,15 +82,23 @@ def test_a_signal_between_cycles_stops_the_run_at_once_and_exits_0(group, sig):
 
 def test_a_second_signal_aborts_the_cycle_and_the_next_run_recovers(group):
     cfg, writer = group
-    for i in range(4000):  # a cycle long enough to be signalled in the middle
-        writer.write("A", f"many/f{i}", os.urandom(1024))
-    runner = _runner(cfg)
+    writer.write("A", "new", b"changed")
+    tests = str(Path(__file__).resolve().parents[1])
+    env = {
+        **ENV,
+        "COALESCE_PLUGINS": "slow_apply",
+        "COALESCE_SLOW_APPLY": "5",  # each apply waits 5 s
+        "PYTHONPATH": os.pathsep.join(filter(None, [tests, ENV.get("PYTHONPATH")])),
+    }
+    runner = _runner(cfg, env)
     try:
         _wait_for(cfg, runner, lambda st: st["phase"] not in ("idle",))
         runner.send_signal(signal.SIGTERM)
-        time.sleep(0.05)
-        runner.send_signal(signal.SIGTERM)
-        out, err = runner.communicate(timeout=60)
+        assert runner.stderr is not None
+        assert "stopping after the current cycle" in runner.stderr.readline()  # the first one was handled
+        runner.send_signal(signal.SIGTERM)  # the cycle is still waiting in its apply: this one aborts it
+        out, rest = runner.communicate(timeout=60)
+        err = "stopping after the current cycle\n" + rest
     finally:
         if runner.poll() is None:
             runner.kill()
