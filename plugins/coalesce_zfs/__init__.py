@@ -13,10 +13,12 @@ URL ``zfs://POOL/DATASET`` (``zfs://POOL`` for the pool's root dataset).
   mountpoints of read-only clones;
 * reading a PCPI: OpenZFS serves ``<mountpoint>/.zfs/snapshot/<pcpi>``
   directly; zfs-fuse has no browsable ``.zfs``, so the PCPI is cloned
-  read-only (``zfs clone -o readonly=on -o mountpoint=...``) under the name
-  ``<pool>/czclone-<flat dataset>-<tag>`` and the clone is destroyed after
-  use (always, also on error); an exported PCPI keeps one clone (``x-`` tag)
-  while it is exported;
+  (``zfs clone -o readonly=off -o atime=off -o mountpoint=...``: never written;
+  not read-only, because zfs-fuse loses the xattr listings of a read-only
+  clone, see ``_clone``) under the name ``<pool>/czclone-<flat dataset>-<tag>``
+  and the clone is destroyed after use (always, also on error); an exported
+  PCPI keeps one read-only clone (``x-`` tag) while it is exported, for its
+  readers (coalesce's own reads never use it);
 * diff: the tree compare of coalesce_posix.walk between the two images
   (inode numbers, sizes, mtimes and ctimes equal means unchanged, as both are
   images of one dataset); on OpenZFS the walk is pruned to the directories
@@ -326,12 +328,19 @@ class ZfsVolume(PosixVolume):
             hint="a process may hold files open in it (fuser -m); " + ZFS_HINT,
         )
 
-    def _clone(self, pcpi: str, name: str, mountpoint: str) -> str:
+    def _clone(self, pcpi: str, name: str, mountpoint: str, *, readonly: bool) -> str:
+        """Clone PCPI ``pcpi`` as ``name`` mounted at ``mountpoint``.  ``readonly=False`` is for
+        coalesce's own reads (never written, atime off): on a read-only clone zfs-fuse fails to
+        list the xattrs of an inode that has none (it cannot make its xattr directory), and from
+        then on every listing on that mount fails, so the xattrs of the files read after it would
+        be lost from the change stream (docs/real-backends.md).  Exports stay read-only."""
         os.makedirs(mountpoint, 0o755, exist_ok=True)
         zfs(
             "clone",
             "-o",
-            "readonly=on",
+            "readonly=on" if readonly else "readonly=off",
+            "-o",
+            "atime=off",
             "-o",
             f"mountpoint={mountpoint}",
             f"{self.dataset}@{pcpi}",
@@ -357,10 +366,7 @@ class ZfsVolume(PosixVolume):
         if self.browsable():
             yield os.path.join(self.root, ".zfs", "snapshot", snapshot)
             return
-        view = os.path.join(self.viewdir, snapshot)
-        if os.path.ismount(view):  # an export clone already shows it
-            yield view
-            return
+        # never through an export clone (read-only: see _clone): coalesce's reads get their own
         key = (self.dataset, snapshot)
         # Every object is made before the lock is taken: an allocation can start the cycle
         # collector, which may finalize a diff generator someone abandoned, whose cleanup (this
@@ -380,7 +386,7 @@ class ZfsVolume(PosixVolume):
         try:
             if creator:
                 try:
-                    self._clone(snapshot, entry["name"], entry["mp"])
+                    self._clone(snapshot, entry["name"], entry["mp"], readonly=False)
                 except BaseException as exc:
                     entry["error"] = exc
                     raise
@@ -400,7 +406,7 @@ class ZfsVolume(PosixVolume):
             if last and _COLLECTING[0]:
                 _DEFERRED.put((entry["name"], entry["mp"]))
             elif last:
-                # one read-only clone serves every concurrent reader of a PCPI; the last one destroys it.
+                # one read clone serves every concurrent reader of a PCPI; the last one destroys it.
                 # zfs-fuse can report "busy" for a while after the last file was closed: a read clone
                 # that will not go now must not fail the read; snapshot_delete destroys the clones of
                 # a PCPI before the PCPI itself, so a leftover one is removed with its PCPI.
@@ -428,7 +434,7 @@ class ZfsVolume(PosixVolume):
             self._require(pcpi)
             view = os.path.join(self.viewdir, pcpi)
             if not os.path.ismount(view):
-                self._clone(pcpi, f"{self.clone_prefix}x-{pcpi}", view)
+                self._clone(pcpi, f"{self.clone_prefix}x-{pcpi}", view, readonly=True)
 
     def after_export(self, pcpis: set[str]) -> None:
         """Release export clones of PCPIs no longer exported (busy ones are kept for their readers)."""
