@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import stat
 import threading
 import weakref
@@ -47,6 +48,10 @@ _HAVE_FADVISE = hasattr(os, "posix_fadvise")
 PATH_MAX = 4096
 _O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _O_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+#: zeros of a new file that fill whole blocks of this size (aligned in the file) stay holes
+ZERO_BLOCK = 4096
+_ZEROS = bytes(ZERO_BLOCK)
+_NONZERO = re.compile(rb"[^\x00]")
 
 
 def join(rel: str, name: str) -> str:
@@ -411,8 +416,30 @@ def _read_ahead(files: list[tuple[str, int]], state: _ReadAheadState) -> None:
             os.close(fd)
 
 
+def nonzero_pieces(offset: int, data: bytes) -> Iterator[tuple[int, bytes]]:
+    """(offset, bytes) of the parts of ``data`` (at ``offset`` in a file) that are not whole,
+    aligned ZERO_BLOCKs of zeros: written into a new file, they leave its zeros as holes.  A
+    file system that reports no holes (zfs-fuse has no SEEK_DATA) reads a sparse file's holes as
+    zeros; writing a chunk that holds one small island of data whole would allocate the chunk."""
+    n, start = len(data), 0
+    i = data.find(_ZEROS)
+    while i != -1:
+        m = _NONZERO.search(data, i + ZERO_BLOCK)
+        e = m.start() if m is not None else n
+        a = -(-(offset + i) // ZERO_BLOCK) * ZERO_BLOCK - offset  # the run, aligned inwards
+        b = e if e == n else (offset + e) // ZERO_BLOCK * ZERO_BLOCK - offset
+        if b - a >= ZERO_BLOCK:
+            if a > start:
+                yield offset + start, data[start:a]
+            start = b
+        i = data.find(_ZEROS, e) if e < n else -1
+    if start < n:
+        yield offset + start, data if start == 0 else data[start:]
+
+
 def write_records(path_rel: str, fd: int, start: int, end: int, *, skip_zero: bool) -> Iterator[Write]:
-    """Write records carrying bytes ``[start, end)`` of the open file ``fd`` (holes skipped)."""
+    """Write records carrying bytes ``[start, end)`` of the open file ``fd`` (holes skipped;
+    ``skip_zero``, for a new file: its zero blocks too, :func:`nonzero_pieces`)."""
     for off, length in list(data_segments(fd, start, end)):
         pos, stop = off, off + length
         while pos < stop:
@@ -420,8 +447,11 @@ def write_records(path_rel: str, fd: int, start: int, end: int, *, skip_zero: bo
             data = os.pread(fd, n, pos)
             if not data:
                 break
-            if not (skip_zero and data.count(0) == len(data)):
+            if not skip_zero:
                 yield Write(path=path_rel, offset=pos, data=data)
+            else:
+                for at, piece in nonzero_pieces(pos, data):
+                    yield Write(path=path_rel, offset=at, data=piece)
             pos += len(data)
 
 

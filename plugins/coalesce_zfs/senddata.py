@@ -418,9 +418,13 @@ class SendData(walk.FileData):
             if n <= 0:
                 continue
             piece = data if n == len(data) else data[:n]
-            if not (f.new and piece.count(0) == n):  # a new file's zeros stay a hole, as in the tree compare
+            if not f.new:
                 yield Write(path=f.dest, offset=off, data=piece)
                 f.end = max(f.end, off + n)
+            else:  # a new file's zero blocks stay holes, as in the tree compare
+                for at, part in walk.nonzero_pieces(off, piece):
+                    yield Write(path=f.dest, offset=at, data=part)
+                    f.end = max(f.end, at + len(part))
             w = f.written
             if w and w[-1][1] == off:
                 w[-1][1] = off + n

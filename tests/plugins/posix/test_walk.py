@@ -5,6 +5,9 @@ from __future__ import annotations
 import errno
 import os
 
+from hypothesis import given
+from hypothesis import strategies as st
+
 from coalesce_core.stream.records import Write, framed
 from coalesce_posix import walk
 
@@ -105,3 +108,41 @@ def test_a_one_chunk_file_whose_size_changed_is_sent_without_reading_its_base_co
             assert v.read_file(f"q/{name}") == (target / name).read_bytes(), name
     finally:
         coalesce_mem.forget(url)
+
+
+# ---------------------------------------------------------------------------
+# a new file's zeros stay holes
+# ---------------------------------------------------------------------------
+_BLOCKS = st.lists(st.tuples(st.sampled_from([0, 1, 7]), st.integers(1, 3 * walk.ZERO_BLOCK)), min_size=0, max_size=8)
+
+
+@given(offset=st.integers(0, 3 * walk.ZERO_BLOCK), runs=_BLOCKS)
+def test_nonzero_pieces_keep_every_byte_and_leave_only_whole_aligned_zero_blocks(offset, runs):
+    data = b"".join(bytes([v]) * n for v, n in runs)
+    pieces = list(walk.nonzero_pieces(offset, data))
+    rebuilt = bytearray(len(data))
+    end = offset
+    for at, piece in pieces:
+        assert piece and at >= end  # in order, never empty, never overlapping
+        rebuilt[at - offset : at - offset + len(piece)] = piece
+        end = at + len(piece)
+    assert bytes(rebuilt) == data
+    # what is left out is zeros, and only whole blocks of them, aligned in the file (or the tail)
+    covered = [(at, at + len(p)) for at, p in pieces]
+    gaps = [
+        (a, b) for a, b in zip([offset] + [e for _s, e in covered], [s for s, _e in covered] + [offset + len(data)])
+    ]
+    for a, b in gaps:
+        if a == b:
+            continue
+        assert a % walk.ZERO_BLOCK == 0 or a == offset + len(data), (a, b)
+        assert b % walk.ZERO_BLOCK == 0 or b == offset + len(data), (a, b)
+
+
+def test_a_chunk_with_one_island_of_data_is_written_as_the_island():
+    """zfs-fuse reads a sparse file's holes as zeros: a 1 MiB chunk with 4 KiB of data at 512 KiB
+    must not be written whole into a new file (found by the long differential run on zfs-fuse)."""
+    data = bytes(512 << 10) + b"\x01" * 4096 + bytes((512 << 10) - 4096)
+    assert list(walk.nonzero_pieces(8 << 20, data)) == [((8 << 20) + (512 << 10), b"\x01" * 4096)]
+    assert list(walk.nonzero_pieces(0, bytes(1 << 20))) == []
+    assert list(walk.nonzero_pieces(100, b"\x02" * 10)) == [(100, b"\x02" * 10)]
