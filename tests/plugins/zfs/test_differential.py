@@ -10,9 +10,15 @@ pytestmark = pytest.mark.zfs
 
 # zfs-fuse: no reflinks, no RENAME_EXCHANGE (EINVAL), no hole punching (EOPNOTSUPP), no SEEK_DATA/SEEK_HOLE
 # (a reader of a hole reads zeros through FUSE, so the sparse file stays at 16 MiB), xattr values over 128
-# bytes are kept as 8 other bytes
+# bytes are kept as 8 other bytes, and no mtime after 2**31 - 1 s (EOVERFLOW)
 ZFS = dt.Backend(
-    "zfs", reflink=False, exchange=False, punch_hole=False, sparse_size=16 * dt.MiB, xattr_max=128, root_xattrs=False
+    "zfs",
+    reflink=False,
+    exchange=False,
+    punch_hole=False,
+    sparse_size=16 * dt.MiB,
+    xattr_max=128,
+    mtime_max_s=(1 << 31) - 1,
 )
 
 
@@ -60,5 +66,11 @@ def test_zfs_fuse_cannot_do_what_is_not_declared(zfs_url):
         long = b"\x00\xff" * 100
         os.setxattr(a, "user.long", long)
         assert os.getxattr(a, "user.long") != long, "zfs-fuse keeps long xattr values now: raise xattr_max"
+        last = ZFS.mtime_max_s * 10**9
+        dt.Utime("a", last)(root)
+        assert os.lstat(a).st_mtime_ns == last
+        with pytest.raises(OSError) as exc:
+            dt.Utime("a", last + 10**9)(root)
+        assert exc.value.errno == errno.EOVERFLOW, "zfs-fuse keeps later mtimes now: raise mtime_max_s"
     finally:
         vol.close()
