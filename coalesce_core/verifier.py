@@ -21,12 +21,10 @@ import queue
 import threading
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
-import attrs
-
 from coalesce_core import verify as V
 from coalesce_core.backend.hookspecs import ACTIVE
 from coalesce_core.errors import VerificationFailed
-from coalesce_core.stream.records import paths_of
+from coalesce_core.stream.records import Write
 
 #: paths described per call in the check of an update (bounds the descriptions held at once)
 BATCH = 16384
@@ -178,8 +176,9 @@ def compare_trees(
 
 class _Prefetch:
     """Describes, in a helper thread and while the update is still being applied, the source
-    side of the paths the records name (the source PCPI does not change, so its descriptions
-    can be taken at any time): the check after the apply then mostly reads the replica.
+    side of the files large Write records wrote (PREFETCH_FROM; the source PCPI does not
+    change, so its descriptions can be taken at any time): the check after the apply then
+    reads and hashes only the replica's copy of them.
 
     Paths are handed over in batches of PREFETCH_PATHS paths or PREFETCH_BYTES of written data,
     so a backend whose describe call costs something by itself (a read clone of zfs-fuse) pays it
@@ -190,6 +189,7 @@ class _Prefetch:
         self.source, self.qtree, self.target = source, qtree, target
         self.cache: dict[str, V.Description] = {}
         self.seen: set[str] = set()
+        self.written: dict[str, int] = {}  # bytes written so far to paths not yet offered
         self.pending: list[tuple[str, bool]] = []
         self.pending_bytes = 0
         self.q: "queue.Queue[list[tuple[str, bool]] | None]" = queue.Queue()
@@ -208,10 +208,17 @@ class _Prefetch:
                 pass  # described again by the check
 
     def offer(self, path: str, nbytes: int) -> None:
-        if path not in self.seen:
-            self.seen.add(path)
-            self.pending.append((path, True))
-        self.pending_bytes += nbytes
+        """``nbytes`` were written to ``path``: it is prefetched once PREFETCH_FROM were."""
+        if path in self.seen:
+            return
+        written = self.written.get(path, 0) + nbytes
+        if written < PREFETCH_FROM:
+            self.written[path] = written
+            return
+        self.written.pop(path, None)
+        self.seen.add(path)
+        self.pending.append((path, True))
+        self.pending_bytes += written
         if len(self.pending) >= PREFETCH_PATHS or (self.pending and self.pending_bytes >= PREFETCH_BYTES):
             self.q.put(self.pending)
             self.pending, self.pending_bytes = [], 0
@@ -230,6 +237,11 @@ class _Prefetch:
 #: a prefetch batch: this many paths, or paths whose records wrote this many bytes
 PREFETCH_PATHS = 4096
 PREFETCH_BYTES = 256 << 20
+#: only the paths of Write records of this many bytes or more are prefetched: describing a
+#: large file is reading and hashing, which release the GIL, while describing a small one is
+#: Python work that would take turns with the transfer's own (docs/benchmarks-journal.md,
+#: "Per-update verification cost")
+PREFETCH_FROM = 256 << 10
 
 
 class TransferCheck:
@@ -238,10 +250,10 @@ class TransferCheck:
     ``target``).
 
     Incremental (an update): :meth:`add` sees every record on its way to the applier
-    (coalesce_core.verify.Touched collects the paths; the source side of those it names is
-    described meanwhile, :class:`_Prefetch`, for a local source), and :meth:`run` compares the
-    touched paths, then every path below the entries the records renamed, without content
-    (coalesce_core.verify.compare_subtrees).  Otherwise (a baseline or re-seed: every path was created) :meth:`run`
+    (coalesce_core.verify.Touched collects the paths; the source side of the large files they
+    write is described meanwhile, :class:`_Prefetch`, for a local source), and :meth:`run`
+    compares the touched paths, then every path below the entries the records renamed, without
+    content (coalesce_core.verify.compare_touched).  Otherwise (a baseline or re-seed: every path was created) :meth:`run`
     compares the whole qtree, bytes included.  :meth:`close` in every case."""
 
     def __init__(
@@ -257,10 +269,8 @@ class TransferCheck:
         if self.touched is None:
             return
         self.touched.add(rec)
-        if self.prefetch is not None:
-            data = getattr(rec, "data", None)
-            for p in paths_of(rec):
-                self.prefetch.offer(p, len(data) if data is not None else 0)
+        if self.prefetch is not None and type(rec) is Write:
+            self.prefetch.offer(rec.path, len(rec.data))
 
     def run(self) -> V.Outcome:
         holds = self.dest.describe_holds()
@@ -279,11 +289,7 @@ class TransferCheck:
         else:
             cache = self.prefetch.finish() if self.prefetch is not None else {}
             both = _both(self.source, self.source_qtree, self.target, self.dest, self.replica, None, cache)
-            outcome = V.compare_paths(self.touched.paths(), both, holds, batch=BATCH, limit=1)
-            moved = self.touched.moved()
-            if outcome.ok and moved:
-                below = V.compare_subtrees(moved, both, holds, batch=BATCH, limit=1)
-                outcome = attrs.evolve(outcome, differences=below.differences, checked=outcome.checked + below.checked)
+            outcome = V.compare_touched(self.touched, both, holds, batch=BATCH)
         if not outcome.ok:
             raise VerificationFailed("verification failed: " + outcome.differences[0].explain(self.target))
         return outcome

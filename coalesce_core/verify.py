@@ -494,6 +494,27 @@ class Touched:
                 stack.append((join(path, name), node.children[name]))
         return out
 
+    def split(self) -> tuple[list[tuple[str, bool]], list[tuple[str, bool, str | None]]]:
+        """The paths of :meth:`paths` in two parts, each in path order: the *parents* (marked
+        paths with a marked child), and the others as ``(path, content wanted, parent)`` where
+        ``parent`` is the path's parent when that is one of the parents, else None.  A path
+        with a parent need not be described where that parent's entries lack its name on
+        both sides (:func:`compare_touched`)."""
+        parents: list[tuple[str, bool]] = []
+        leaves: list[tuple[str, bool, str | None]] = []
+        stack: list[tuple[str, _Node, str | None]] = [("", self._root, None)]
+        while stack:
+            path, node, up = stack.pop()
+            inner = node.want != _NONE and any(c.want != _NONE for c in node.children.values())
+            if inner:
+                parents.append((path, node.want == _CONTENT))
+            elif node.want != _NONE:
+                leaves.append((path, node.want == _CONTENT, up))
+            below = path if inner else None
+            for name in sorted(node.children, key=lambda n: n.encode("utf-8", "surrogateescape"), reverse=True):
+                stack.append((join(path, name), node.children[name], below))
+        return parents, leaves
+
     def moved(self) -> list[str]:
         """The places, in path order, of the entries the records renamed (after every later
         rename), leaving out those below another one: each is the top of a subtree whose
@@ -608,6 +629,65 @@ def compare_subtrees(
                     below.extend(join(a.path, n) for n in sorted(names))
         level = below
     return Outcome(tuple(c.finish()), c.checked, holds.not_compared())
+
+
+def compare_touched(
+    touched: Touched, describe_both: DescribeBoth, holds: Holds = Holds(), *, batch: int = 1024
+) -> Outcome:
+    """The check of an update (docs/verification.md): every path ``touched`` names, then every
+    path below the entries it renamed (:func:`compare_subtrees`, for those that are directories
+    on either side); the first difference in path order, or none.
+
+    The parents (paths with a touched child) are described first, with their entries; a
+    touched path whose parent's entries lack its name on the source side is then not
+    described: it is absent there, and the parent's compared entries show it absent in the
+    replica too (a name the replica has and the source lacks is a difference of the parent).
+    This spares the absent ends of renames and removals, half the paths of a rename.  When
+    the parents differ, every path is described (:func:`compare_paths`), so the difference
+    reported is still the first in path order."""
+    parents, leaves = touched.split()
+    tops = set(touched.moved())
+    c = Comparer(holds, 1)
+    names: dict[str, frozenset[str] | None] = {}
+    tops_dirs: list[str] = []
+
+    def feed(chunk: list[tuple[str, bool]]) -> bool:
+        theirs, mine = describe_both(chunk)
+        c.feed(theirs, mine)
+        for a, b in zip(theirs, mine):
+            if a.path in tops and "d" in (a.kind, b.kind):
+                tops_dirs.append(a.path)
+        return bool(c.finish())
+
+    for i in range(0, len(parents), batch):
+        chunk = parents[i : i + batch]
+        theirs, mine = describe_both(chunk)
+        c.feed(theirs, mine)
+        if c.finish():
+            return compare_paths(touched.paths(), describe_both, holds, batch=batch, limit=1)
+        for a, b in zip(theirs, mine):
+            names[a.path] = frozenset(n for n, _k in a.entries or ()) if a.kind == "d" else None
+            if a.path in tops and "d" in (a.kind, b.kind):
+                tops_dirs.append(a.path)
+    rest: list[tuple[str, bool]] = []
+    for path, content, up in leaves:
+        if up is not None:
+            there = names.get(up)
+            if there is None or path.rpartition("/")[2] not in there:
+                continue
+        rest.append((path, content))
+        if len(rest) >= batch:
+            if feed(rest):
+                break
+            rest = []
+    else:
+        if rest:
+            feed(rest)
+    checked = c.checked
+    if c.finish():
+        return Outcome(tuple(c.finish()), checked, holds.not_compared())
+    below = compare_subtrees(sorted(tops_dirs, key=path_key), describe_both, holds, batch=batch, limit=1)
+    return Outcome(below.differences, checked + below.checked, holds.not_compared())
 
 
 def _under(key: tuple[bytes, ...], top: tuple[bytes, ...]) -> bool:

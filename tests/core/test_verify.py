@@ -20,6 +20,7 @@ from coalesce_core.verify import (
     compare,
     compare_paths,
     compare_subtrees,
+    compare_touched,
     due_for_verification,
     generic_tree,
     path_key,
@@ -375,6 +376,74 @@ def test_a_subtree_walk_finds_names_on_one_side_only_and_never_reads_content():
     assert [(d.path, d.field) for d in out.differences] == [("m/b/extra", "kind")]
     assert not any(content for _p, content in asked)
     assert compare_subtrees([], both).ok and compare_subtrees([], both).checked == 0
+
+
+def _touched_by(*recs) -> Touched:
+    t = Touched()
+    for r in recs:
+        t.add(r)
+    return t
+
+
+def _counting(src: dict[str, Description], dst: dict[str, Description], asked: list[str]):
+    def both(chunk):
+        asked.extend(p for p, _c in chunk)
+        return _image(src)(chunk), _image(dst)(chunk)
+
+    return both
+
+
+def test_split_gives_the_parents_first_and_each_other_path_with_its_parent():
+    t = _touched_by(R.Rename(old="a/b", new="c/d"), R.MkDir(path="c/d/e"), R.Write(path="w/x", offset=0, data=b"1"))
+    parents, leaves = t.split()
+    assert parents == [("", False), ("a", False), ("c", False), ("c/d", True)]
+    assert leaves == [("a/b", True, "a"), ("c/d/e", True, "c/d"), ("w/x", True, None)]
+    assert sorted([p for p, _c in parents] + [p for p, _c, _u in leaves], key=path_key) == [p for p, _c in t.paths()]
+
+
+def test_compare_touched_does_not_describe_the_absent_ends_of_renames():
+    """After renames of each file into the next directory, the old names are absent on both
+    sides: their parents' entries say so, and they are never described."""
+    src = _tree(**{"d1/f2": "2", "d2/f1": "1"})
+    recs = (R.Rename(old="d1/f1", new="d2/f1"), R.Rename(old="d2/f2", new="d1/f2"))
+    asked: list[str] = []
+    out = compare_touched(_touched_by(*recs), _counting(src, dict(src), asked))
+    assert out.ok and out.checked == 5
+    assert sorted(asked) == ["", "d1", "d1/f2", "d2", "d2/f1"]
+
+
+def test_compare_touched_finds_a_name_the_replica_kept_and_the_source_lost():
+    """I3: the replica still holds a removed entry: its parent's entries differ."""
+    src = _tree(**{"d/g": "1"})
+    dst = _tree(**{"d/g": "1", "d/f": "old"})
+    out = compare_touched(_touched_by(R.Unlink(path="d/f")), _both_of(src, dst))
+    assert [(d.path, d.field, d.source, d.replica) for d in out.differences] == [("d/f", "kind", ABSENT, "f")]
+
+
+def test_compare_touched_reports_the_first_difference_in_path_order_when_a_parent_differs():
+    """A parent that differs sends the check back to every path, so an earlier leaf wins."""
+    src = _tree(**{"a/f": "1", "b/g": "2"})
+    dst = _tree(**{"a/f": "X", "b/g": "2", "b/h": "3"})
+    recs = (R.Write(path="a/f", offset=0, data=b"1"), R.MkFile(path="b/g"))
+    out = compare_touched(_touched_by(*recs), _both_of(src, dst))
+    assert [(d.path, d.field) for d in out.differences] == [("a/f", "content")]
+
+
+def test_compare_touched_walks_below_renamed_directories_only():
+    """The m3 scenario: directories moved whole to a wrong place are walked below; a renamed
+    file is compared as a touched path and not walked again."""
+    src = _tree(**{"n/p1/p2/f": "long bytes", "p1/p2/f": "short", "x": "1"})
+    dst = dict(src)
+    dst["n/p1/p2/f"], dst["p1/p2/f"] = (
+        attrs.evolve(src["p1/p2/f"], path="n/p1/p2/f"),
+        attrs.evolve(src["n/p1/p2/f"], path="p1/p2/f"),
+    )
+    recs = (R.Rename(old="p1", new="t"), R.Rename(old="n/p1", new="p1"), R.Rename(old="t", new="n/p1"))
+    out = compare_touched(_touched_by(*recs), _both_of(src, dst))
+    assert [(d.path, d.field) for d in out.differences] == [("n/p1/p2/f", "size")]
+    asked: list[str] = []
+    assert compare_touched(_touched_by(R.Rename(old="y", new="x")), _counting(src, dict(src), asked)).ok
+    assert sorted(asked) == ["", "x"]
 
 
 def test_compare_paths_stops_at_the_first_batch_with_a_difference():
