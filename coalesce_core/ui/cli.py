@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import os
 import signal
 import sqlite3
@@ -27,7 +28,7 @@ from rich.text import Text
 from coalesce_core import __version__, crashpoints, grouplock
 from coalesce_core.config import GroupConfig, load_config, replica_block
 from coalesce_core.errors import BackendError, CoalesceError, ConfigError
-from coalesce_core.ui import graphs, render, reports
+from coalesce_core.ui import graphs, logs, render, reports
 from coalesce_core.ui.errors import report_error
 from coalesce_core.ui.tracker import Tracker
 
@@ -51,14 +52,15 @@ def _live_console() -> Console:
 
 
 def _config(args: argparse.Namespace) -> GroupConfig:
-    return load_config(args.config or os.environ.get("COALESCE_CONFIG") or DEFAULT_CONFIG)
+    cfg = load_config(args.config or os.environ.get("COALESCE_CONFIG") or DEFAULT_CONFIG)
+    logs.set_group(cfg.name)
+    return cfg
 
 
 def _agent(args: argparse.Namespace, recover: bool = True):
-    """The group's agent for a verb that changes it: holds the group's lock (docs/operations.md)."""
-    from coalesce_core.agent import Agent
-
-    return Agent.open(_config(args), recover=recover, verb=getattr(args, "verb", None) or "?")
+    """The group's agent for a verb that changes it: holds the group's lock (docs/operations.md);
+    what it does goes to the log (coalesce_core/ui/runlog.py)."""
+    return _agent_with(args, [], recover=recover)
 
 
 def _reader(args: argparse.Namespace):
@@ -174,7 +176,7 @@ class _Stop:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    with _Stop(lambda line: Console(stderr=True, highlight=False, soft_wrap=True).print(line)).installed() as stop:
+    with _Stop(lambda line: logs.say(logs.NOTICE, line)).installed() as stop:
         return _run(args, stop)
 
 
@@ -185,36 +187,48 @@ def _run(args: argparse.Namespace, stop: _Stop) -> int:
     agent = _agent(args) if tracker is None else _agent_with(args, [tracker])
     if tracker is not None:
         _map_transfers(tracker, agent)
-    out = _console()
+    logs.say(
+        logs.NOTICE,
+        f"coalesce {__version__}: run"
+        + (" --once" if args.once else f" every {args.interval or agent.config.interval:g} s")
+        + f", config {os.path.abspath(agent.config.path or '?')}",
+        to="log",
+    )
 
     def cycle() -> dict[str, Any]:
         return _run_with_progress(agent, tracker, console) if tracker is not None else agent.run_once()
 
     def on_cycle(report: dict[str, Any]) -> None:
-        if not args.quiet:
-            out.print(
-                f"cycle {report.get('cycle')}: {report.get('seconds', 0):.3f}s, "
-                f"slowest {report.get('slowest')}, failures {report.get('failures')}, "
-                f"states {report.get('states')}"
-            )
+        logs.say(  # the terminal shows it on standard output, unless --quiet; the log always has it
+            logging.INFO,
+            f"cycle {report.get('cycle')}: {report.get('seconds', 0):.3f}s, "
+            f"slowest {report.get('slowest')}, failures {report.get('failures')}, "
+            f"states {report.get('states')}",
+            to="log" if args.quiet else "all",
+            stdout=True,
+        )
         _print_failures(agent.failures, args)
 
     def on_error(exc: BackendError, wait: float) -> None:
-        err = Console(stderr=True, highlight=False, soft_wrap=True)
-        err.print(f"[bold red]cycle failed:[/] {escape(exc.message)}", markup=True)
-        err.print(
-            f"[bold]next:[/] recovering and retrying in {wait:g} s" + (f"; {escape(exc.hint)}" if exc.hint else ""),
-            markup=True,
+        logs.say(
+            logging.ERROR,
+            f"cycle failed: {exc.message}",
+            markup=f"[bold red]cycle failed:[/] {escape(exc.message)}",
+        )
+        logs.say(
+            logging.ERROR,
+            f"next: recovering and retrying in {wait:g} s" + (f"; {exc.hint}" if exc.hint else ""),
+            markup=f"[bold]next:[/] recovering and retrying in {wait:g} s"
+            + (f"; {escape(exc.hint)}" if exc.hint else ""),
         )
 
-    err = Console(stderr=True, highlight=False, soft_wrap=True)
     try:
         if args.once:
             from coalesce_core.agent import TRANSFER_FAILURES
 
             on_cycle(cycle())
             if stop.asked.is_set():
-                err.print("coalesce run: stopped after the cycle, as asked")
+                logs.say(logs.NOTICE, "coalesce run: stopped after the cycle, as asked")
             if any(f["trigger"] in TRANSFER_FAILURES for f in agent.failures):
                 return EXIT_TRANSFER_FAILED
             return EXIT_OK if agent.all_stable() else EXIT_NOT_STABLE
@@ -229,35 +243,48 @@ def _run(args: argparse.Namespace, stop: _Stop) -> int:
             )
         except _StopNow:
             pass
-        err.print("coalesce run: stopped between cycles, as asked; the group is at rest")
+        logs.say(logs.NOTICE, "coalesce run: stopped between cycles, as asked; the group is at rest")
         return EXIT_OK
     except KeyboardInterrupt:
-        err.print("coalesce run: aborted; the next `coalesce run` recovers from the ledger")
+        logs.say(logging.WARNING, "coalesce run: aborted; the next `coalesce run` recovers from the ledger")
         return EXIT_INTERRUPTED
     finally:
         agent.close()
 
 
 def _print_failures(failures: list[dict[str, str]], args: argparse.Namespace) -> None:
-    """The failures of the run on standard error: every error with --debug, else one line."""
+    """The failures of the run on the terminal's standard error: every error with --debug, else one
+    line (the log has every error already, from coalesce_core/ui/runlog.py)."""
     if not failures:
         return
-    err = Console(stderr=True, highlight=False, soft_wrap=True)
     if args.debug:
         for f in failures:
-            err.print(f"[bold red]{escape(f['trigger'])}[/] {escape(f['replica'])}: {escape(f['error'])}", markup=True)
+            logs.say(
+                logging.WARNING,
+                f"{f['trigger']} {f['replica']}: {f['error']}",
+                markup=f"[bold red]{escape(f['trigger'])}[/] {escape(f['replica'])}: {escape(f['error'])}",
+                to="console",
+            )
     elif not args.quiet:
         names = ", ".join(sorted({f["replica"] for f in failures}))
-        err.print(
-            f"[bold red]failed:[/] {escape(names)} (`coalesce status` shows why; --debug prints the errors)",
-            markup=True,
+        logs.say(
+            logging.WARNING,
+            f"failed: {names} (`coalesce status` shows why; --debug prints the errors)",
+            markup=f"[bold red]failed:[/] {escape(names)} (`coalesce status` shows why; --debug prints the errors)",
+            to="console",
         )
 
 
-def _agent_with(args: argparse.Namespace, plugins: list[object]):
+def _agent_with(args: argparse.Namespace, plugins: list[object], recover: bool = True):
     from coalesce_core.agent import Agent
+    from coalesce_core.ui.runlog import RunLog
 
-    return Agent.open(_config(args), plugins=plugins)
+    runlog = RunLog()
+    agent = Agent.open(
+        _config(args), plugins=[runlog, *plugins], recover=recover, verb=getattr(args, "verb", None) or "?"
+    )
+    runlog.bind(lambda: agent.state)
+    return agent
 
 
 def _map_transfers(tracker: Tracker, agent: Any) -> None:
@@ -551,7 +578,18 @@ def cmd_crash_points(args: argparse.Namespace) -> int:
 def build_parser(pm: Any = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="coalesce", description="Snapshot-coalescing replication of qtrees.")
     p.add_argument("--config", "-c", help=f"group config (default: $COALESCE_CONFIG or ./{DEFAULT_CONFIG})")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.add_argument("--debug", action="store_true", help="show tracebacks and every error; --log-level debug")
+    p.add_argument(
+        "--log-file",
+        metavar="PATH",
+        help="also append timestamped log lines to PATH (reopened when rotated; docs/operations.md, Logs)",
+    )
+    p.add_argument(
+        "--log-level",
+        dest="log_threshold",  # `coalesce serve` has a --log-level of its own
+        choices=tuple(logs.LEVELS),
+        help="the least severe lines logged, on standard error and in --log-file (default: info; debug with --debug)",
+    )
     p.add_argument(
         "--metrics-file",
         metavar="PATH",
@@ -647,11 +685,14 @@ def main(argv: list[str] | None = None) -> int:
                 raise
         parser = build_parser(pm)
         args = parser.parse_args(argv)
+        logs.configure(args.log_threshold or ("debug" if args.debug else "info"), args.log_file)
         if getattr(args, "metrics_file", None):
             os.environ["COALESCE_METRICS_FILE"] = os.path.abspath(args.metrics_file)
         return int(args.func(args) or 0)
     except CoalesceError as exc:
-        if debug:
+        if debug and logs.active():
+            logs.log.error("traceback:", exc_info=True)
+        elif debug:
             traceback.print_exc()
         return report_error(exc)
     except KeyboardInterrupt:
@@ -660,6 +701,8 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             raise
         return report_error(exc)
+    finally:
+        logs.reset()
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -889,6 +889,7 @@ def run_serve(args: argparse.Namespace) -> int:
     handler: logging.Handler = logging.FileHandler(config.log) if config.log else logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s coalesce-serve[%(process)d] %(levelname)s %(message)s"))
     log.addHandler(handler)
+    log.propagate = False  # its own destination: not printed again by the `coalesce` verbs' log (ui/logs.py)
     log.setLevel(args.log_level)
     try:
         bw = P.parse_rate(args.bandwidth) if args.bandwidth else None
