@@ -252,3 +252,12 @@ def test_the_administrative_verbs_log_what_they_changed(group):
     said = [(m[2], m[5]) for m in parsed(log)]
     assert ("INFO", "replica A: broken (writable, exports its active file system) (stable -> broken)") in said
     assert any(level == "INFO" and msg.startswith("replica A: resynchronising (broken -> ") for level, msg in said)
+
+
+def test_quiet_prints_nothing_for_a_clean_run_and_the_file_still_has_the_cycle(group):
+    """What cron mails (docs/operations.md, "Cron"): nothing for a clean `run --once --quiet`."""
+    cfg = group
+    log = cfg.parent / "coalesce.log"
+    p = coalesce(cfg, "--log-file", str(log), "run", "--once", "--quiet")
+    assert (p.returncode, p.stdout, p.stderr) == (0, "", "")
+    assert any(m[5].startswith("cycle 1: ") for m in parsed(log))
