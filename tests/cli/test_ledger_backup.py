@@ -1,0 +1,190 @@
+"""Backing up the ledger (docs/operations.md, "Backing up the ledger"): SQLite's backup API (Python's
+``Connection.backup``, the sqlite3 shell's ``.backup``) copies the live WAL ledger whole while an agent
+commits; the newest copy restores; a copy from before later cycles names PCPIs they released and is
+refused (exit 4) without a change to the volumes."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from coalesce_core.backend.manager import plugin_manager
+from coalesce_core.backend.volume import Volume
+from coalesce_core.errors import BackendError
+from coalesce_core.ledger import Ledger
+from coalesce_core.testing.workload import SourceWriter, fill
+
+EXE = [sys.executable, "-m", "coalesce_core.ui.cli"]
+ENV = {**os.environ, "COALESCE_SIM_FSYNC": "0"}
+GROUP = "bk"
+
+
+@pytest.fixture
+def group(tmp_path: Path) -> Path:
+    src, dst = f"sim://{tmp_path}/src", f"sim://{tmp_path}/dst"
+    cfg = tmp_path / "coalesce.toml"
+    cfg.write_text(
+        f'[group]\nname = "{GROUP}"\nsource = "{src}"\ndestination = "{dst}"\nmetadata = "{tmp_path}/meta"\n'
+        '[[replica]]\nname = "A"\n[[replica]]\nname = "B"\n'
+    )
+    source = Volume.open(plugin_manager(), src, create=True)
+    fill(SourceWriter(source), ["A", "B"])
+    source.close()
+    assert coalesce(cfg, "init").returncode == 0
+    return cfg
+
+
+def coalesce(cfg: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*EXE, "--config", str(cfg), *args], capture_output=True, text=True, env=ENV, timeout=300)
+
+
+def ledger(cfg: Path) -> Path:
+    return cfg.parent / "meta" / f"{GROUP}.sqlite"
+
+
+def backup_api(live: Path, copy: Path) -> None:
+    """What docs/operations.md shows in Python."""
+    src = sqlite3.connect(f"file:{live}?mode=ro", uri=True)
+    dst = sqlite3.connect(copy)
+    try:
+        src.backup(dst)
+    finally:
+        src.close()
+        dst.close()
+
+
+def backup_shell(live: Path, copy: Path) -> None:
+    """What docs/operations.md shows for the shell: sqlite3 LEDGER ".backup 'COPY'"."""
+    p = subprocess.run(["sqlite3", str(live), f".backup '{copy}'"], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0 and not p.stderr, p.stderr
+
+
+BACKUPS = [
+    backup_api,
+    pytest.param(  # tools/test installs the sqlite3 shell
+        backup_shell, marks=pytest.mark.skipif(shutil.which("sqlite3") is None, reason="apt-get install sqlite3")
+    ),
+]
+
+
+def whole(copy: Path) -> tuple[int, dict]:
+    """The copy passes SQLite's integrity check and coalesce loads it: (cycle, replica states)."""
+    conn = sqlite3.connect(copy)
+    try:
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    finally:
+        conn.close()
+    led = Ledger.open(copy, group=GROUP)
+    try:
+        state = led.load()
+        return state.cycle, {n: r.state for n, r in state.replicas.items()}
+    finally:
+        led.close()
+
+
+def cycle_of(cfg: Path) -> int:
+    import json
+
+    p = coalesce(cfg, "status", "--json")
+    assert p.returncode == 0, p.stderr
+    return json.loads(p.stdout)["cycle"]
+
+
+@pytest.mark.parametrize("backup", BACKUPS)
+def test_a_backup_while_the_agent_commits_is_whole_and_the_last_one_equals_the_ledger(group, tmp_path, backup):
+    assert ledger(group).exists()
+    assert sqlite3.connect(ledger(group)).execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    runner = subprocess.Popen(
+        [*EXE, "--config", str(group), "run", "--interval", "0.05", "--quiet"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ENV,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while cycle_of(group) < 2:
+            assert runner.poll() is None and time.monotonic() < deadline, runner.communicate()
+            time.sleep(0.05)
+        seen: list[int] = []
+        while len(seen) < 8 or seen[-1] < seen[0] + 2:  # copies while cycles commit, until two more ended
+            assert runner.poll() is None and time.monotonic() < deadline, runner.communicate()
+            copy = tmp_path / f"copy{len(seen)}.sqlite"
+            backup(ledger(group), copy)
+            seen.append(whole(copy)[0])
+            time.sleep(0.01)
+        assert seen == sorted(seen) and seen[0] >= 2
+        runner.send_signal(signal.SIGTERM)
+        _out, err = runner.communicate(timeout=60)
+    finally:
+        if runner.poll() is None:
+            runner.kill()
+    assert runner.returncode == 0, err
+    last = tmp_path / "last.sqlite"
+    backup(ledger(group), last)
+    assert whole(last) == whole(ledger(group))
+
+
+def test_a_plain_file_copy_of_the_live_ledger_misses_what_sits_in_the_wal(group, tmp_path):
+    """Why docs/operations.md says never `cp`: committed cycles live in LEDGER-wal until a checkpoint."""
+    reader = sqlite3.connect(f"file:{ledger(group)}?mode=ro", uri=True)  # another process using the ledger
+    try:
+        reader.execute("SELECT count(*) FROM cycles").fetchone()  # so the agent's close leaves the WAL
+        assert coalesce(group, "run", "--once").returncode == 0
+        cp, backed = tmp_path / "cp.sqlite", tmp_path / "backup.sqlite"
+        shutil.copyfile(ledger(group), cp)
+        backup_api(ledger(group), backed)
+    finally:
+        reader.close()
+    assert whole(backed)[0] == 1  # the cycle that ran
+    assert whole(cp)[0] == 0  # a cp has the ledger as init left it: the cycle is lost
+
+
+def _change(cfg: Path) -> None:
+    source = Volume.open(plugin_manager(), f"sim://{cfg.parent}/src")
+    try:
+        SourceWriter(source).write("A", f"f{time.monotonic_ns()}", b"changed")
+    finally:
+        source.close()
+
+
+def _restore(copy: Path, live: Path) -> None:
+    """docs/operations.md: with no agent running, the stale -wal and -shm go, then the copy goes in place."""
+    for suffix in ("-wal", "-shm"):
+        Path(f"{live}{suffix}").unlink(missing_ok=True)
+    shutil.copyfile(copy, live)
+
+
+def test_the_newest_copy_restores_and_an_older_one_is_refused_without_a_change(group, tmp_path):
+    old, new = tmp_path / "old.sqlite", tmp_path / "new.sqlite"
+    assert coalesce(group, "run", "--once").returncode == 0
+    backup_api(ledger(group), old)
+    _change(group)
+    assert coalesce(group, "run", "--once").returncode == 0
+    backup_api(ledger(group), new)
+    dest = f"sim://{group.parent}/dst"
+
+    def pcpis() -> list[str]:
+        v = Volume.open(plugin_manager(), dest)
+        try:
+            return sorted(v.snapshot_list())
+        finally:
+            v.close()
+
+    held = pcpis()
+    _restore(old, ledger(group))
+    p = coalesce(group, "run", "--once")
+    assert p.returncode == BackendError.exit_code and "does not exist" in p.stderr, p.stderr
+    assert pcpis() == held  # nothing released or taken on the destination
+    _restore(new, ledger(group))
+    assert coalesce(group, "run", "--once").returncode == 0
+    check = coalesce(group, "check")
+    assert check.returncode == 0, check.stdout
