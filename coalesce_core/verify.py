@@ -26,21 +26,7 @@ from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 import attrs
 
-from coalesce_core.stream.records import (
-    Begin,
-    End,
-    HardLink,
-    MkDir,
-    MkFile,
-    Rename,
-    RmDir,
-    SetAttr,
-    SetXattr,
-    Symlink,
-    Truncate,
-    Unlink,
-    Write,
-)
+from coalesce_core.stream import records as R
 
 ABSENT = "absent"
 KINDS = (ABSENT, "d", "f", "l")
@@ -447,16 +433,16 @@ class Touched:
     def add(self, rec: object) -> None:
         """Account for one record (Begin and End are ignored)."""
         t = type(rec)
-        if t is Write or t is Truncate or t is SetAttr or t is SetXattr:
+        if t is R.Write or t is R.Truncate or t is R.SetAttr or t is R.SetXattr:
             self._mark(rec.path, _CONTENT)  # type: ignore[attr-defined]
-        elif t is MkFile or t is MkDir or t is Symlink or t is Unlink or t is RmDir:
+        elif t is R.MkFile or t is R.MkDir or t is R.Symlink or t is R.Unlink or t is R.RmDir:
             self._changed_entry(rec.path)  # type: ignore[attr-defined]
-        elif t is HardLink:
+        elif t is R.HardLink:
             self._changed_entry(rec.path)  # type: ignore[attr-defined]
             self._mark(rec.existing, _CONTENT)  # type: ignore[attr-defined]
-        elif t is Rename:
+        elif t is R.Rename:
             self._rename(rec.old, rec.new)  # type: ignore[attr-defined]
-        elif t is Begin or t is End:
+        elif t is R.Begin or t is R.End:
             return
         else:
             raise TypeError(f"not a change record: {rec!r}")

@@ -18,24 +18,7 @@ whose source is gone and whose target exists, ``HardLink`` that exists).
 from __future__ import annotations
 
 from coalesce_core.errors import BackendError, CorruptStream, HostilePath
-from coalesce_core.stream.records import (
-    CHANGE_TYPES,
-    ROOT,
-    HardLink,
-    MkDir,
-    MkFile,
-    Rename,
-    RmDir,
-    SetAttr,
-    SetXattr,
-    Symlink,
-    Truncate,
-    Unlink,
-    Write,
-    check_path,
-    check_path_or_root,
-    paths_of,
-)
+from coalesce_core.stream import records as R
 
 from .tree import Dir, File, Node, QtreeState
 from .tree import Symlink as SymNode
@@ -47,14 +30,14 @@ MAX_FILE = (1 << 63) - 1
 
 def check_record(rec: object) -> None:
     """Type and path checks that need no tree (raise before anything is written)."""
-    if not isinstance(rec, CHANGE_TYPES):
+    if not isinstance(rec, R.CHANGE_TYPES):
         raise CorruptStream(
             f"not a change record: {type(rec).__name__}", hint="the stream is corrupt; the update is rolled back"
         )
-    check = check_path_or_root if isinstance(rec, (SetAttr, SetXattr)) else check_path
-    for i, p in enumerate(paths_of(rec)):
+    check = R.check_path_or_root if isinstance(rec, (R.SetAttr, R.SetXattr)) else R.check_path
+    for i, p in enumerate(R.paths_of(rec)):
         check(p, what="path" if i == 0 else "second path")
-    if isinstance(rec, Symlink):
+    if isinstance(rec, R.Symlink):
         t = rec.target
         if not isinstance(t, str) or not t or "\x00" in t:
             raise HostilePath(f"symlink target {t!r} is empty or has NUL")
@@ -62,12 +45,12 @@ def check_record(rec: object) -> None:
         value = getattr(rec, field, None)
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
             raise CorruptStream(f"{type(rec).__name__} {rec.path!r}: bad {field} {value!r}")  # type: ignore[attr-defined]
-    if isinstance(rec, SetXattr):
+    if isinstance(rec, R.SetXattr):
         if not isinstance(rec.name, str) or not rec.name or "\x00" in rec.name:
             raise HostilePath(f"xattr name {rec.name!r} is empty or has NUL")
         if rec.value is not None and not isinstance(rec.value, bytes):
             raise CorruptStream(f"SetXattr {rec.path!r}: the value is not bytes")
-    if isinstance(rec, Write):
+    if isinstance(rec, R.Write):
         if not isinstance(rec.data, bytes) or not isinstance(rec.offset, int) or rec.offset < 0:
             raise CorruptStream(f"bad Write record for {rec.path!r}")
         if rec.offset + len(rec.data) > MAX_FILE:
@@ -75,7 +58,7 @@ def check_record(rec: object) -> None:
                 f"Write beyond {MAX_FILE} bytes into {rec.path!r}",
                 hint="no file system holds a file larger than 2^63 - 1 bytes",
             )
-    if isinstance(rec, Truncate):
+    if isinstance(rec, R.Truncate):
         if not isinstance(rec.size, int) or rec.size < 0:
             raise CorruptStream(f"bad Truncate record for {rec.path!r}")
         if rec.size > MAX_FILE:
@@ -148,7 +131,7 @@ def _make(state: QtreeState, path: str, new: Node, use_purgatory: bool) -> None:
 
 def apply_record(state: QtreeState, rec: object, use_purgatory: bool) -> None:
     """Apply one (already :func:`check_record`-ed) change record to ``state``."""
-    if isinstance(rec, MkDir):
+    if isinstance(rec, R.MkDir):
         d, name = _parent(state, rec.path)
         old = d.children.get(name)
         if isinstance(old, Dir):
@@ -156,11 +139,11 @@ def apply_record(state: QtreeState, rec: object, use_purgatory: bool) -> None:
         if old is not None:
             raise CorruptStream(f"MkDir {rec.path!r}: a non-directory is in the way")
         d.children[name] = Dir(rec.mode)
-    elif isinstance(rec, MkFile):
+    elif isinstance(rec, R.MkFile):
         _make(state, rec.path, File(rec.mode), use_purgatory)
-    elif isinstance(rec, Symlink):
+    elif isinstance(rec, R.Symlink):
         _make(state, rec.path, SymNode(rec.target), use_purgatory)
-    elif isinstance(rec, HardLink):
+    elif isinstance(rec, R.HardLink):
         node = _lookup(state, rec.existing)
         if not isinstance(node, File):
             raise CorruptStream(
@@ -170,7 +153,7 @@ def apply_record(state: QtreeState, rec: object, use_purgatory: bool) -> None:
         if d.children.get(name) is node:
             return  # replay
         _make(state, rec.path, node, use_purgatory)
-    elif isinstance(rec, Rename):
+    elif isinstance(rec, R.Rename):
         od, oname = _parent(state, rec.old)
         nd, nname = _parent(state, rec.new)
         node = od.children.get(oname)
@@ -189,7 +172,7 @@ def apply_record(state: QtreeState, rec: object, use_purgatory: bool) -> None:
             _discard(state, target, use_purgatory)
         del od.children[oname]
         nd.children[nname] = node
-    elif isinstance(rec, Unlink):
+    elif isinstance(rec, R.Unlink):
         d, name = _parent(state, rec.path)
         node = d.children.get(name)
         if node is None:
@@ -198,7 +181,7 @@ def apply_record(state: QtreeState, rec: object, use_purgatory: bool) -> None:
             raise CorruptStream(f"Unlink {rec.path!r}: is a directory")
         del d.children[name]
         _discard(state, node, use_purgatory)
-    elif isinstance(rec, RmDir):
+    elif isinstance(rec, R.RmDir):
         d, name = _parent(state, rec.path)
         node = d.children.get(name)
         if node is None:
@@ -209,12 +192,12 @@ def apply_record(state: QtreeState, rec: object, use_purgatory: bool) -> None:
             raise CorruptStream(f"RmDir {rec.path!r}: directory not empty")
         del d.children[name]
         _discard(state, node, use_purgatory)
-    elif isinstance(rec, Write):
+    elif isinstance(rec, R.Write):
         _file(state, rec.path).data.write(rec.offset, rec.data)
-    elif isinstance(rec, Truncate):
+    elif isinstance(rec, R.Truncate):
         _file(state, rec.path).data.truncate(rec.size)
-    elif isinstance(rec, SetAttr):
-        node = state.root if rec.path == ROOT else _lookup(state, rec.path)
+    elif isinstance(rec, R.SetAttr):
+        node = state.root if rec.path == R.ROOT else _lookup(state, rec.path)
         if node is None:
             raise CorruptStream(f"SetAttr {rec.path!r}: no such entry")
         if rec.mode is not None and not isinstance(node, SymNode):
@@ -225,8 +208,8 @@ def apply_record(state: QtreeState, rec: object, use_purgatory: bool) -> None:
             node.gid = rec.gid
         if rec.mtime_ns is not None:
             node.mtime_ns = rec.mtime_ns
-    elif isinstance(rec, SetXattr):
-        node = state.root if rec.path == ROOT else _lookup(state, rec.path)
+    elif isinstance(rec, R.SetXattr):
+        node = state.root if rec.path == R.ROOT else _lookup(state, rec.path)
         if node is None:
             raise CorruptStream(f"SetXattr {rec.path!r}: no such entry")
         if rec.value is None:

@@ -29,22 +29,7 @@ from __future__ import annotations
 
 from typing import Iterator
 
-from coalesce_core.stream.records import (
-    MAX_DATA,
-    ROOT,
-    Begin,
-    End,
-    HardLink,
-    MkDir,
-    MkFile,
-    RmDir,
-    SetAttr,
-    SetXattr,
-    Symlink,
-    Truncate,
-    Unlink,
-    Write,
-)
+from coalesce_core.stream import records as R
 
 from .tree import Blocks, Dir, File, Node, QtreeState, walk, walk_events
 from .tree import Symlink as SymNode
@@ -61,20 +46,20 @@ def _groups(pairs: list[tuple[str, Node]]) -> dict[int, tuple[str, ...]]:
     return {k: tuple(v) for k, v in names.items()}
 
 
-def _runs(path: str, new: Blocks, indexes: Iterator[int]) -> Iterator[Write]:
+def _runs(path: str, new: Blocks, indexes: Iterator[int]) -> Iterator[R.Write]:
     """Writes of ``new``'s blocks at ``indexes`` (increasing), consecutive ones joined up to
     MAX_DATA bytes; a hole is written as zeros, bytes past the size are left out."""
     run: list[int] = []
 
-    def flush() -> Iterator[Write]:
+    def flush() -> Iterator[R.Write]:
         if run:
             start = run[0] * BLOCK
             data = b"".join(new.block(i) or bytes(BLOCK) for i in run)[: new.size - start]
-            yield Write(path=path, offset=start, data=data)
+            yield R.Write(path=path, offset=start, data=data)
             run.clear()
 
     for i in indexes:
-        if run and (i != run[-1] + 1 or (len(run) + 1) * BLOCK > MAX_DATA):
+        if run and (i != run[-1] + 1 or (len(run) + 1) * BLOCK > R.MAX_DATA):
             yield from flush()
         run.append(i)
     yield from flush()
@@ -87,7 +72,7 @@ def _data_records(path: str, data: Blocks) -> Iterator[object]:
     yield from _runs(path, data, iter(indexes))
     end = min((indexes[-1] + 1) * BLOCK, data.size) if indexes else 0
     if end < data.size:
-        yield Truncate(path=path, size=data.size)
+        yield R.Truncate(path=path, size=data.size)
 
 
 def _delta_records(path: str, old: Blocks, new: Blocks) -> Iterator[object]:
@@ -96,7 +81,7 @@ def _delta_records(path: str, old: Blocks, new: Blocks) -> Iterator[object]:
     if old == new:
         return
     if old.size != new.size:
-        yield Truncate(path=path, size=new.size)
+        yield R.Truncate(path=path, size=new.size)
     cut, inner = divmod(new.size, BLOCK)  # after the Truncate, bytes from new.size on are zeros
 
     def cur(i: int) -> bytes | None:
@@ -114,10 +99,10 @@ def _attr_records(path: str, old: Node | None, new: Node) -> Iterator[object]:
     old_x = old.xattrs if old is not None else {}
     for name in sorted(set(old_x) | set(new.xattrs)):
         if old_x.get(name) != new.xattrs.get(name):
-            yield SetXattr(path=path, name=name, value=new.xattrs.get(name))
+            yield R.SetXattr(path=path, name=name, value=new.xattrs.get(name))
     is_link = isinstance(new, SymNode)
     if old is None:
-        yield SetAttr(path=path, mode=None if is_link else new.mode, uid=new.uid, gid=new.gid, mtime_ns=new.mtime_ns)
+        yield R.SetAttr(path=path, mode=None if is_link else new.mode, uid=new.uid, gid=new.gid, mtime_ns=new.mtime_ns)
         return
     fields = {}
     if not is_link and old.mode != new.mode:
@@ -129,7 +114,7 @@ def _attr_records(path: str, old: Node | None, new: Node) -> Iterator[object]:
     if old.mtime_ns != new.mtime_ns:
         fields["mtime_ns"] = new.mtime_ns
     if fields:
-        yield SetAttr(path=path, **fields)
+        yield R.SetAttr(path=path, **fields)
 
 
 def diff_changes(base: QtreeState | None, target: QtreeState) -> Iterator[object]:
@@ -159,7 +144,7 @@ def diff_changes(base: QtreeState | None, target: QtreeState) -> Iterator[object
     # 1. deletes, children before parents
     for path, node in reversed(b_pairs):
         if path not in keep:
-            yield RmDir(path=path) if isinstance(node, Dir) else Unlink(path=path)
+            yield R.RmDir(path=path) if isinstance(node, Dir) else R.Unlink(path=path)
 
     # 2./3. creates, contents, attributes
     first_name: dict[int, str] = {}
@@ -170,34 +155,34 @@ def diff_changes(base: QtreeState | None, target: QtreeState) -> Iterator[object
             continue
         if isinstance(node, Dir):
             if old is None:
-                yield MkDir(path=path, mode=node.mode | 0o700)
+                yield R.MkDir(path=path, mode=node.mode | 0o700)
         elif isinstance(node, SymNode):
             if old is None:
-                yield Symlink(path=path, target=node.target)
+                yield R.Symlink(path=path, target=node.target)
             yield from _attr_records(path, old, node)
         else:
             assert isinstance(node, File)
             if id(node) in first_name:
                 if old is None:
-                    yield HardLink(path=path, existing=first_name[id(node)])
+                    yield R.HardLink(path=path, existing=first_name[id(node)])
                 continue  # one inode: contents and attributes once
             first_name[id(node)] = path
             if old is None:
-                yield MkFile(path=path, mode=node.mode | 0o600)
+                yield R.MkFile(path=path, mode=node.mode | 0o600)
                 yield from _data_records(path, node.data)
             else:
                 yield from _delta_records(path, old.data, node.data)  # type: ignore[attr-defined]
             yield from _attr_records(path, old, node)
-    yield from _attr_records(ROOT, base.root if base is not None else None, target.root)
+    yield from _attr_records(R.ROOT, base.root if base is not None else None, target.root)
 
 
 def diff_stream(
     qtree: str, base_name: str | None, target_name: str, base: QtreeState | None, target: QtreeState
 ) -> Iterator[object]:
     """The framed stream: Begin, changes, End."""
-    yield Begin(qtree=qtree, base=base_name, target=target_name)
+    yield R.Begin(qtree=qtree, base=base_name, target=target_name)
     n = 0
     for rec in diff_changes(base, target):
         n += 1
         yield rec
-    yield End(records=n)
+    yield R.End(records=n)

@@ -28,23 +28,7 @@ from typing import Any, Iterable, Iterator, Sequence
 from coalesce_core.backend.handles import VolumeHandle
 from coalesce_core.backend.hookspecs import ACTIVE
 from coalesce_core.errors import BackendError, CorruptStream, HostilePath, TruncatedStream
-from coalesce_core.stream.records import (
-    MAX_DATA,
-    Begin,
-    End,
-    HardLink,
-    MkDir,
-    MkFile,
-    Rename,
-    RmDir,
-    SetAttr,
-    SetXattr,
-    Symlink,
-    Truncate,
-    Unlink,
-    Write,
-    check_path,
-)
+from coalesce_core.stream import records as R
 
 from . import describing, persist
 from .applying import apply_record, check_record
@@ -60,7 +44,7 @@ _REGISTRY_LOCK = threading.Lock()
 
 
 def _check_qtree(qtree: str) -> str:
-    check_path(qtree, what="qtree name")
+    R.check_path(qtree, what="qtree name")
     if "/" in qtree:
         raise HostilePath(f"qtree name {qtree!r} has a '/'", hint="a qtree is one top-level directory of the volume")
     return qtree
@@ -235,12 +219,12 @@ class MemVolume(VolumeHandle):
                 self.persist()
         try:
             for rec in records:  # pulled without the lock: it may be a slow transfer
-                if isinstance(rec, Begin):
+                if isinstance(rec, R.Begin):
                     if began or n:
                         raise CorruptStream("a Begin record in the middle of the stream")
                     began = True
                     continue
-                if isinstance(rec, End):
+                if isinstance(rec, R.End):
                     if began and rec.records != n:
                         raise CorruptStream(f"End says {rec.records} records, the stream carried {n}")
                     ended = True
@@ -252,7 +236,7 @@ class MemVolume(VolumeHandle):
                     dirty = True
                     apply_record(self._writable(qtree), rec, use_purgatory)
                 n += 1
-                if isinstance(rec, Write):
+                if isinstance(rec, R.Write):
                     nbytes += len(rec.data)
             if began and not ended:
                 raise TruncatedStream(
@@ -353,7 +337,7 @@ class MemVolume(VolumeHandle):
     # records (use_purgatory=False), so it is checked exactly like a stream.
     @staticmethod
     def _split(path: str) -> tuple[str, str]:
-        check_path(path)
+        R.check_path(path)
         qtree, _, rel = path.partition("/")
         if not rel:
             raise ValueError(f"{path!r} names a qtree, not an entry inside one (write 'QTREE/name')")
@@ -369,7 +353,7 @@ class MemVolume(VolumeHandle):
             for i in range(len(parts)):
                 nxt = node.children.get(parts[i]) if isinstance(node, Dir) else None
                 if nxt is None:
-                    recs.append(MkDir(path="/".join(parts[: i + 1])))
+                    recs.append(R.MkDir(path="/".join(parts[: i + 1])))
                 node = nxt
         return recs
 
@@ -385,9 +369,11 @@ class MemVolume(VolumeHandle):
         with self.lock:
             self._sync()
             exists = isinstance(self._lookup(path), File)
-        recs += [Truncate(path=rel, size=0)] if exists else [MkFile(path=rel, mode=mode)]
-        recs += [Write(path=rel, offset=o, data=bytes(data[o : o + MAX_DATA])) for o in range(0, len(data), MAX_DATA)]
-        recs.append(SetAttr(path=rel, mode=mode, mtime_ns=mtime_ns))
+        recs += [R.Truncate(path=rel, size=0)] if exists else [R.MkFile(path=rel, mode=mode)]
+        recs += [
+            R.Write(path=rel, offset=o, data=bytes(data[o : o + R.MAX_DATA])) for o in range(0, len(data), R.MAX_DATA)
+        ]
+        recs.append(R.SetAttr(path=rel, mode=mode, mtime_ns=mtime_ns))
         self._run(qtree, recs)
 
     def mkdir(self, path: str, mode: int = 0o755, *, parents: bool = False, exist_ok: bool = False) -> None:
@@ -401,7 +387,7 @@ class MemVolume(VolumeHandle):
                     raise FileExistsError(path)
             self._run(qtree, [])
             return
-        check_path(rel)
+        R.check_path(rel)
         with self.lock:
             self._sync()
             node = self._lookup(path)
@@ -412,12 +398,12 @@ class MemVolume(VolumeHandle):
         recs = self._parents(qtree, rel)
         if recs and not parents:
             raise FileNotFoundError(f"parent of {path!r} does not exist (use parents=True)")
-        self._run(qtree, recs + [MkDir(path=rel, mode=mode), SetAttr(path=rel, mode=mode)])
+        self._run(qtree, recs + [R.MkDir(path=rel, mode=mode), R.SetAttr(path=rel, mode=mode)])
 
     def symlink(self, path: str, target: str) -> None:
         """Create symlink ``QTREE/rel`` -> ``target`` (stored, never followed)."""
         qtree, rel = self._split(path)
-        self._run(qtree, self._parents(qtree, rel) + [Symlink(path=rel, target=target)])
+        self._run(qtree, self._parents(qtree, rel) + [R.Symlink(path=rel, target=target)])
 
     def link(self, existing: str, path: str) -> None:
         """Make ``path`` another name (hard link) of the regular file ``existing``, same qtree."""
@@ -425,7 +411,7 @@ class MemVolume(VolumeHandle):
         q2, rel_new = self._split(path)
         if q1 != q2:
             raise ValueError("a hard link cannot cross qtrees")
-        self._run(q1, self._parents(q1, rel_new) + [HardLink(path=rel_new, existing=rel_old)])
+        self._run(q1, self._parents(q1, rel_new) + [R.HardLink(path=rel_new, existing=rel_old)])
 
     def rename(self, old: str, new: str) -> None:
         """Move ``old`` to ``new`` inside one qtree (replaces a non-directory at ``new``)."""
@@ -433,7 +419,7 @@ class MemVolume(VolumeHandle):
         q2, rel_new = self._split(new)
         if q1 != q2:
             raise ValueError("rename cannot cross qtrees")
-        self._run(q1, [Rename(old=rel_old, new=rel_new)])
+        self._run(q1, [R.Rename(old=rel_old, new=rel_new)])
 
     def unlink(self, path: str) -> None:
         """Remove a non-directory."""
@@ -442,7 +428,7 @@ class MemVolume(VolumeHandle):
             self._sync()
             if self._lookup(path) is None:
                 raise FileNotFoundError(path)
-        self._run(qtree, [Unlink(path=rel)])
+        self._run(qtree, [R.Unlink(path=rel)])
 
     def rmdir(self, path: str) -> None:
         """Remove an empty directory."""
@@ -451,7 +437,7 @@ class MemVolume(VolumeHandle):
             self._sync()
             if self._lookup(path) is None:
                 raise FileNotFoundError(path)
-        self._run(qtree, [RmDir(path=rel)])
+        self._run(qtree, [R.RmDir(path=rel)])
 
     def set_attr(
         self,
@@ -463,11 +449,11 @@ class MemVolume(VolumeHandle):
         mtime_ns: int | None = None,
     ) -> None:
         qtree, rel = self._split(path)
-        self._run(qtree, [SetAttr(path=rel, mode=mode, uid=uid, gid=gid, mtime_ns=mtime_ns)])
+        self._run(qtree, [R.SetAttr(path=rel, mode=mode, uid=uid, gid=gid, mtime_ns=mtime_ns)])
 
     def set_xattr(self, path: str, name: str, value: bytes | None) -> None:
         qtree, rel = self._split(path)
-        self._run(qtree, [SetXattr(path=rel, name=name, value=value)])
+        self._run(qtree, [R.SetXattr(path=rel, name=name, value=value)])
 
     def _lookup(self, path: str, snapshot: str | None = None) -> Any:
         qtree, _, rel = path.partition("/")

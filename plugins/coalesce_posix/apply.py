@@ -38,24 +38,7 @@ from collections import OrderedDict
 from typing import Any, Iterable
 
 from coalesce_core.errors import BackendError, CorruptStream, HostilePath
-from coalesce_core.stream.records import (
-    ROOT,
-    Begin,
-    End,
-    HardLink,
-    MkDir,
-    MkFile,
-    Rename,
-    RmDir,
-    SetAttr,
-    SetXattr,
-    Symlink,
-    Truncate,
-    Unlink,
-    Write,
-    changes_only,
-    check_path,
-)
+from coalesce_core.stream import records as R
 
 O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _O_NEWFILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -86,7 +69,7 @@ class Applier:
     """
 
     def __init__(self, volume_root: str, qtree: str, purgatory: str | None) -> None:
-        check_path(qtree, what="qtree")
+        R.check_path(qtree, what="qtree")
         if "/" in qtree:
             raise HostilePath(f"qtree name {qtree!r} must be one directory name")
         self.volume_root = volume_root
@@ -169,7 +152,7 @@ class Applier:
 
     def _parent(self, path: str) -> tuple[int, str]:
         """(fd of the parent directory, final name) of qtree-relative ``path``."""
-        check_path(path)
+        R.check_path(path)
         parent, _, name = path.rpartition("/")
         if not parent:
             return self._open_root(), name
@@ -243,7 +226,7 @@ class Applier:
     def _attr_target(self, path: str) -> tuple[int, str]:
         """:meth:`_parent` for the attribute records, which may name the qtree root (:data:`ROOT`):
         then the volume root and the qtree's name (the root was opened without following a link)."""
-        if path != ROOT:
+        if path != R.ROOT:
             return self._parent(path)
         if self._vol_fd is None:
             self._open_root()
@@ -279,9 +262,9 @@ class Applier:
             self._open_root()
             self.close()
             return {"records": 0, "bytes": 0}
-        if isinstance(first, Begin):
+        if isinstance(first, R.Begin):
             # Begin names the *source* qtree, which may differ from the replica's
-            stream = changes_only(itertools.chain([first], it))
+            stream = R.changes_only(itertools.chain([first], it))
         else:
             stream = itertools.chain([first], it)
         self._open_root()
@@ -321,7 +304,7 @@ class Applier:
                     raise
                 if writer is not None and writer.busy():
                     writer.put(rec)
-                elif type(rec) is Write and len(rec.data) >= _PIPE_MIN:
+                elif type(rec) is R.Write and len(rec.data) >= _PIPE_MIN:
                     if writer is None:
                         writer = _Writer(self)
                     writer.put(rec)
@@ -336,7 +319,7 @@ class Applier:
                 writer.stop()
 
     def _apply_one(self, rec: Any) -> None:
-        if isinstance(rec, (Begin, End)):
+        if isinstance(rec, (R.Begin, R.End)):
             raise CorruptStream(f"unexpected {type(rec).__name__} record inside the stream")
         try:
             self.one(rec)
@@ -380,7 +363,7 @@ class Applier:
                 hint="the update fails and the replica rolls back; free space or grow the volume "
                 "(PCPIs and exported images are untouched)",
             )
-        if exc.errno in (errno.ENOTSUP, errno.EOPNOTSUPP) and isinstance(rec, SetXattr):
+        if exc.errno in (errno.ENOTSUP, errno.EOPNOTSUPP) and isinstance(rec, R.SetXattr):
             return ApplyFailed(
                 f"the file system under {where} does not support extended attributes ({rec.name!r} on {rec.path!r})",
                 hint="enable xattrs on the destination (zfs-fuse has none; OpenZFS: xattr=sa) or use a source without them",
@@ -391,7 +374,7 @@ class Applier:
         )
 
     def one(self, rec: Any) -> None:
-        if isinstance(rec, Write):
+        if isinstance(rec, R.Write):
             fd = self._file_fd(rec.path)
             view = memoryview(rec.data)
             off = rec.offset
@@ -400,9 +383,9 @@ class Applier:
                 view = view[n:]
                 off += n
             self.bytes += len(rec.data)
-        elif isinstance(rec, Truncate):
+        elif isinstance(rec, R.Truncate):
             os.ftruncate(self._file_fd(rec.path), rec.size)
-        elif isinstance(rec, MkFile):
+        elif isinstance(rec, R.MkFile):
             mode = rec.mode & 0o7777
             dfd, name = self._parent(rec.path)
             self._close_file()
@@ -420,7 +403,7 @@ class Applier:
             if stat.S_IMODE(st.st_mode) != mode:
                 os.fchmod(fd, mode)  # the umask took bits away
             self._remember(rec.path, st, mode)
-        elif isinstance(rec, MkDir):
+        elif isinstance(rec, R.MkDir):
             mode = rec.mode & 0o7777
             dfd, name = self._parent(rec.path)
             try:
@@ -441,7 +424,7 @@ class Applier:
                 finally:
                     os.close(fd)
             self._remember(rec.path, st, mode)
-        elif isinstance(rec, Symlink):
+        elif isinstance(rec, R.Symlink):
             self._known.clear()
             dfd, name = self._parent(rec.path)
             st = self._lstat(dfd, name)
@@ -451,9 +434,9 @@ class Applier:
                 self._discard(rec.path, dfd, name, st)
                 dfd, name = self._parent(rec.path)
             os.symlink(_fs(rec.target), name, dir_fd=dfd)
-        elif isinstance(rec, HardLink):
+        elif isinstance(rec, R.HardLink):
             self._known.clear()
-            check_path(rec.existing, what="hard link source")
+            R.check_path(rec.existing, what="hard link source")
             sfd, sname = self._parent(rec.existing)
             sst = self._lstat(sfd, sname)
             if sst is None:
@@ -471,9 +454,9 @@ class Applier:
                 sfd, sname = self._parent(rec.existing)
                 dfd, name = self._parent(rec.path)
             os.link(sname, name, src_dir_fd=sfd, dst_dir_fd=dfd, follow_symlinks=False)
-        elif isinstance(rec, Rename):
+        elif isinstance(rec, R.Rename):
             self._known.clear()
-            check_path(rec.new, what="rename target")
+            R.check_path(rec.new, what="rename target")
             sfd, sname = self._parent(rec.old)
             sst = self._lstat(sfd, sname)
             dfd, dname = self._parent(rec.new)
@@ -494,7 +477,7 @@ class Applier:
             os.rename(sname, dname, src_dir_fd=sfd, dst_dir_fd=dfd)
             if stat.S_ISDIR(sst.st_mode):
                 self._forget_dir(rec.old)
-        elif isinstance(rec, Unlink):
+        elif isinstance(rec, R.Unlink):
             self._known.clear()
             dfd, name = self._parent(rec.path)
             st = self._lstat(dfd, name)
@@ -503,7 +486,7 @@ class Applier:
             if stat.S_ISDIR(st.st_mode):
                 raise CorruptStream(f"unlink {rec.path!r}: it is a directory in qtree {self.qtree!r}")
             self._discard(rec.path, dfd, name, st)
-        elif isinstance(rec, RmDir):
+        elif isinstance(rec, R.RmDir):
             self._known.clear()
             dfd, name = self._parent(rec.path)
             st = self._lstat(dfd, name)
@@ -521,9 +504,9 @@ class Applier:
                     hint="the stream does not match the replica; it is rolled back",
                 ) from exc
             self._forget_dir(rec.path)
-        elif isinstance(rec, SetAttr):
+        elif isinstance(rec, R.SetAttr):
             self._setattr(rec)
-        elif isinstance(rec, SetXattr):
+        elif isinstance(rec, R.SetXattr):
             self._known.pop(rec.path, None)  # a POSIX ACL (system.posix_acl_access) changes the mode
             dfd, name = self._attr_target(rec.path)
             try:
@@ -587,7 +570,7 @@ class Applier:
             self._known.clear()
         self._known[path] = (st.st_uid, st.st_gid, mode)
 
-    def _setattr(self, rec: SetAttr) -> None:
+    def _setattr(self, rec: R.SetAttr) -> None:
         dfd, name = self._attr_target(rec.path)
         known = self._known.pop(rec.path, None)
         if known is not None:

@@ -26,22 +26,9 @@ from typing import Callable, Iterable, Iterator
 
 from coalesce_core.errors import BackendError
 from coalesce_core.stream import fingerprint as fp
-from coalesce_core.stream.records import (
-    MAX_DATA,
-    ROOT,
-    HardLink,
-    MkDir,
-    MkFile,
-    RmDir,
-    SetAttr,
-    SetXattr,
-    Symlink,
-    Truncate,
-    Unlink,
-    Write,
-)
+from coalesce_core.stream import records as R
 
-CHUNK = MAX_DATA
+CHUNK = R.MAX_DATA
 _HAVE_SEEK = hasattr(os, "SEEK_DATA")
 _HAVE_FADVISE = hasattr(os, "posix_fadvise")
 #: Linux's PATH_MAX: a path argument of this many bytes or more (its NUL included) is ENAMETOOLONG
@@ -437,7 +424,7 @@ def nonzero_pieces(offset: int, data: bytes) -> Iterator[tuple[int, bytes]]:
         yield offset + start, data if start == 0 else data[start:]
 
 
-def write_records(path_rel: str, fd: int, start: int, end: int, *, skip_zero: bool) -> Iterator[Write]:
+def write_records(path_rel: str, fd: int, start: int, end: int, *, skip_zero: bool) -> Iterator[R.Write]:
     """Write records carrying bytes ``[start, end)`` of the open file ``fd`` (holes skipped;
     ``skip_zero``, for a new file: its zero blocks too, :func:`nonzero_pieces`)."""
     for off, length in list(data_segments(fd, start, end)):
@@ -448,10 +435,10 @@ def write_records(path_rel: str, fd: int, start: int, end: int, *, skip_zero: bo
             if not data:
                 break
             if not skip_zero:
-                yield Write(path=path_rel, offset=pos, data=data)
+                yield R.Write(path=path_rel, offset=pos, data=data)
             else:
                 for at, piece in nonzero_pieces(pos, data):
-                    yield Write(path=path_rel, offset=at, data=piece)
+                    yield R.Write(path=path_rel, offset=at, data=piece)
             pos += len(data)
 
 
@@ -506,17 +493,17 @@ def _read_xattrs(path: str | int, root: str | None) -> dict[str, bytes]:
     return out
 
 
-def xattr_records(rel: str, base: dict[str, bytes], target: dict[str, bytes]) -> Iterator[SetXattr]:
+def xattr_records(rel: str, base: dict[str, bytes], target: dict[str, bytes]) -> Iterator[R.SetXattr]:
     for n in sorted(set(base) | set(target)):
         if n not in target:
-            yield SetXattr(path=rel, name=n, value=None)
+            yield R.SetXattr(path=rel, name=n, value=None)
         elif base.get(n) != target[n]:
-            yield SetXattr(path=rel, name=n, value=target[n])
+            yield R.SetXattr(path=rel, name=n, value=target[n])
 
 
-def setattr_record(rel: str, st: os.stat_result) -> SetAttr:
+def setattr_record(rel: str, st: os.stat_result) -> R.SetAttr:
     mode = None if stat.S_ISLNK(st.st_mode) else st.st_mode & 0o7777
-    return SetAttr(path=rel, mode=mode, uid=st.st_uid, gid=st.st_gid, mtime_ns=st.st_mtime_ns)
+    return R.SetAttr(path=rel, mode=mode, uid=st.st_uid, gid=st.st_gid, mtime_ns=st.st_mtime_ns)
 
 
 def attrs_differ(a: os.stat_result, b: os.stat_result) -> bool:
@@ -532,7 +519,7 @@ def file_create_records(root: str, rel: str, st: os.stat_result, dest_rel: str |
     """MkFile + data (+ Truncate when the data ends before the size) + xattrs for the regular file ``root/rel``
     (created at ``dest_rel``)."""
     dest = dest_rel or rel
-    yield MkFile(path=dest, mode=st.st_mode & 0o7777)
+    yield R.MkFile(path=dest, mode=st.st_mode & 0o7777)
     fd = open_under(root, rel)
     written = 0  # the size the records give the new file
     try:
@@ -543,7 +530,7 @@ def file_create_records(root: str, rel: str, st: os.stat_result, dest_rel: str |
     finally:
         os.close(fd)
     if written != size:  # a hole (or zeros) at the end
-        yield Truncate(path=dest, size=size)
+        yield R.Truncate(path=dest, size=size)
     yield from xattr_records(dest, {}, xattrs_under(root, rel))
 
 
@@ -565,7 +552,7 @@ class FileData:
 
     def linked(self, dest: str, existing: str) -> Iterator[object]:
         """Records for ``dest``, a further name of the file created at ``existing`` in this stream."""
-        yield HardLink(path=dest, existing=existing)
+        yield R.HardLink(path=dest, existing=existing)
 
     def updated(self, base: str, target: str, rel: str, b: os.stat_result, t: os.stat_result) -> Iterator[object]:
         """Records that turn the file ``base/rel`` into ``target/rel`` (same inode): data and xattrs."""
@@ -636,7 +623,7 @@ def _create_one(
             r, d, s = item
             k = kind_of(s)
             if k == "d":
-                yield MkDir(path=d, mode=s.st_mode & 0o7777)
+                yield R.MkDir(path=d, mode=s.st_mode & 0o7777)
                 yield from xattr_records(d, {}, rd.xattrs(r))
                 dirs.append((r, d, s, iter(rd.listdir(r))))
             elif k == "f":
@@ -649,7 +636,7 @@ def _create_one(
                     yield from data.created(rd.root, r, d, s)
                     attrs_list.append(setattr_record(d, s))
             elif k == "l":
-                yield Symlink(path=d, target=os.fsdecode(rd.readlink(r)))
+                yield R.Symlink(path=d, target=os.fsdecode(rd.readlink(r)))
                 attrs_list.append(setattr_record(d, s))
             item = None
         if not dirs:
@@ -668,7 +655,7 @@ def _create_one(
             attrs_list.append(setattr_record(d, s))
 
 
-def sorted_attrs(attrs_list: Iterable[SetAttr]) -> list[SetAttr]:
+def sorted_attrs(attrs_list: Iterable[R.SetAttr]) -> list[R.SetAttr]:
     """SetAttr records deepest first, so a directory's come after its contents'."""
     return sorted(attrs_list, key=lambda r: (-r.path.count("/"), r.path))
 
@@ -695,9 +682,9 @@ def root_records(base: str | None, target: str, *, force: bool) -> Iterator[obje
     b = lstat_or_none(base) if base else None
     if b is not None and not stat.S_ISDIR(b.st_mode):
         b = None
-    yield from xattr_records(ROOT, read_xattrs(base) if b is not None and base else {}, read_xattrs(target))
+    yield from xattr_records(R.ROOT, read_xattrs(base) if b is not None and base else {}, read_xattrs(target))
     if force or b is None or attrs_differ(b, t):
-        yield setattr_record(ROOT, t)
+        yield setattr_record(R.ROOT, t)
 
 
 # ---------------------------------------------------------------------------
@@ -808,7 +795,7 @@ def _removals(rb: Reader, rt: Reader, same_lineage: bool, prune: set[str] | None
 def _remove_subtree(rd: Reader, rel: str, st: os.stat_result) -> Iterator[object]:
     """Unlink/RmDir records of ``rel`` and everything below it, children before parents."""
     if not stat.S_ISDIR(st.st_mode):
-        yield Unlink(path=rel)
+        yield R.Unlink(path=rel)
         return
     dirs: list[tuple[str, Iterator[str]]] = [(rel, iter(rd.listdir(rel)))]
     while dirs:
@@ -816,7 +803,7 @@ def _remove_subtree(rd: Reader, rel: str, st: os.stat_result) -> Iterator[object
         name = next(names, None)
         if name is None:
             dirs.pop()
-            yield RmDir(path=d)
+            yield R.RmDir(path=d)
             continue
         r = join(d, name)
         c = rd.lstat(r)
@@ -825,7 +812,7 @@ def _remove_subtree(rd: Reader, rel: str, st: os.stat_result) -> Iterator[object
         if stat.S_ISDIR(c.st_mode):
             dirs.append((r, iter(rd.listdir(r))))
         else:
-            yield Unlink(path=r)
+            yield R.Unlink(path=r)
 
 
 def _updates(
@@ -871,8 +858,8 @@ def _updates(
         elif k == "l":
             bt, tt = rb.readlink(r), rt.readlink(r)
             if bt != tt:
-                yield Unlink(path=r)
-                yield Symlink(path=r, target=os.fsdecode(tt))
+                yield R.Unlink(path=r)
+                yield R.Symlink(path=r, target=os.fsdecode(tt))
                 attrs_list.append(setattr_record(r, t))
                 continue
         else:
@@ -906,11 +893,11 @@ def file_update_records(bpath: str, tpath: str, rel: str, bsize: int, tsize: int
         if len(data) != tsize:
             raise BackendError(f"{tpath}: read {len(data)} of {tsize} bytes from a PCPI (it changed?)")
         if tsize < bsize:
-            yield Truncate(path=rel, size=tsize)
+            yield R.Truncate(path=rel, size=tsize)
         if data and not (bsize == 0 and data.count(0) == len(data)):
-            yield Write(path=rel, offset=0, data=data)
+            yield R.Write(path=rel, offset=0, data=data)
         if tsize > bsize:
-            yield Truncate(path=rel, size=tsize)
+            yield R.Truncate(path=rel, size=tsize)
         return
     bfd = open_path(bpath)
     try:
@@ -920,16 +907,16 @@ def file_update_records(bpath: str, tpath: str, rel: str, bsize: int, tsize: int
         raise
     try:
         if tsize < bsize:
-            yield Truncate(path=rel, size=tsize)
+            yield R.Truncate(path=rel, size=tsize)
         yield from compare_range(bfd, tfd, rel, bsize, 0, tsize)
         if tsize > bsize:
-            yield Truncate(path=rel, size=tsize)
+            yield R.Truncate(path=rel, size=tsize)
     finally:
         os.close(bfd)
         os.close(tfd)
 
 
-def compare_range(bfd: int, tfd: int, rel: str, bsize: int, start: int, end: int) -> Iterator[Write]:
+def compare_range(bfd: int, tfd: int, rel: str, bsize: int, start: int, end: int) -> Iterator[R.Write]:
     """Writes for the chunks of ``[start, end)`` in which the target file ``tfd`` differs from its base
     copy ``bfd`` of ``bsize`` bytes (past ``bsize`` the copy being changed holds zeros).  Only the
     parts where either copy has data are read: where both have a hole, both hold zeros."""
@@ -948,5 +935,5 @@ def compare_range(bfd: int, tfd: int, rel: str, bsize: int, start: int, end: int
             bb = os.pread(bfd, n, pos) if pos < bsize else b""
             if tb != bb:
                 if not (pos >= bsize and tb.count(0) == len(tb)):
-                    yield Write(path=rel, offset=pos, data=tb)
+                    yield R.Write(path=rel, offset=pos, data=tb)
             pos += n

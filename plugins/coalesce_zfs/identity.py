@@ -33,19 +33,7 @@ import os
 import stat
 from typing import Iterable, Iterator
 
-from coalesce_core.stream.records import (
-    ROOT,
-    HardLink,
-    MkDir,
-    MkFile,
-    Rename,
-    RmDir,
-    SetAttr,
-    Symlink,
-    Truncate,
-    Unlink,
-    Write,
-)
+from coalesce_core.stream import records as R
 from coalesce_posix import walk
 
 
@@ -154,7 +142,7 @@ class KeptLinks(walk.FileData):
 # times
 # ---------------------------------------------------------------------------
 def _parent(path: str) -> str:
-    return path.rpartition("/")[0] if "/" in path else ROOT
+    return path.rpartition("/")[0] if "/" in path else R.ROOT
 
 
 def stamped(records: Iterable[object], target: str) -> Iterator[object]:
@@ -166,15 +154,15 @@ def stamped(records: Iterable[object], target: str) -> Iterator[object]:
     done: set[str] = set()
     for rec in records:
         yield rec
-        if isinstance(rec, (Write, Truncate)):
+        if isinstance(rec, (R.Write, R.Truncate)):
             moved.add(rec.path)
-        elif isinstance(rec, SetAttr):
+        elif isinstance(rec, R.SetAttr):
             done.add(rec.path)
-        elif isinstance(rec, (MkDir, MkFile, Symlink, HardLink, Unlink, RmDir)):
+        elif isinstance(rec, (R.MkDir, R.MkFile, R.Symlink, R.HardLink, R.Unlink, R.RmDir)):
             moved.add(_parent(rec.path))
-        elif isinstance(rec, Rename):
+        elif isinstance(rec, R.Rename):
             moved.update((_parent(rec.old), _parent(rec.new)))
-    for path in sorted(moved - done, key=lambda p: (-p.count("/"), p == ROOT, p)):
+    for path in sorted(moved - done, key=lambda p: (-p.count("/"), p == R.ROOT, p)):
         st = walk.lstat_or_none(os.path.join(target, path) if path else target)
         if st is not None and walk.kind_of(st) is not None:
             yield walk.setattr_record(path, st)

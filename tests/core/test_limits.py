@@ -20,18 +20,7 @@ import pytest
 
 from coalesce_core.backend.faults import Rule
 from coalesce_core.stream import fingerprint as fp
-from coalesce_core.stream.records import (
-    HardLink,
-    MkDir,
-    MkFile,
-    Rename,
-    RmDir,
-    Symlink,
-    Truncate,
-    Unlink,
-    Write,
-    framed,
-)
+from coalesce_core.stream import records as R
 from coalesce_core.testing.harness import Harness
 
 BACKENDS = ["mem", "sim", pytest.param("btrfs", marks=pytest.mark.btrfs), pytest.param("zfs", marks=pytest.mark.zfs)]
@@ -108,7 +97,7 @@ class Source:
 
     def apply(self, *changes: object) -> None:
         volume = getattr(self.h, "local_source", None) or self.h.agent.source  # a remote source: its own volume
-        volume.apply(self.qtree, framed(self.qtree, None, "limits", list(changes)), use_purgatory=False)
+        volume.apply(self.qtree, R.framed(self.qtree, None, "limits", list(changes)), use_purgatory=False)
 
     def mkdirs(self, path: str) -> None:
         parts = path.split("/")
@@ -117,7 +106,7 @@ class Source:
             p = "/".join(parts[:i])
             if p not in self.model:
                 self.model[p] = ("d", 0o755)
-                recs.append(MkDir(path=p, mode=0o755))
+                recs.append(R.MkDir(path=p, mode=0o755))
         self.apply(*recs)
 
     def write(self, path: str, offset: int, data: bytes, *, size: int | None = None) -> None:
@@ -125,13 +114,13 @@ class Source:
         recs: list[object] = []
         if f is None:
             f = self.model[path] = File()
-            recs.append(MkFile(path=path, mode=f.mode))
+            recs.append(R.MkFile(path=path, mode=f.mode))
         assert isinstance(f, File)
         for o in range(0, len(data), 1 << 20):
-            recs.append(Write(path=path, offset=offset + o, data=data[o : o + (1 << 20)]))
+            recs.append(R.Write(path=path, offset=offset + o, data=data[o : o + (1 << 20)]))
         f.write(offset, data)
         if size is not None:
-            recs.append(Truncate(path=path, size=size))
+            recs.append(R.Truncate(path=path, size=size))
             f.truncate(size)
         self.apply(*recs)
 
@@ -139,15 +128,15 @@ class Source:
         f = self.model[path]
         assert isinstance(f, File)
         f.truncate(size)
-        self.apply(Truncate(path=path, size=size))
+        self.apply(R.Truncate(path=path, size=size))
 
     def symlink(self, path: str, target: str) -> None:
         self.model[path] = ("l", target)
-        self.apply(Symlink(path=path, target=target))
+        self.apply(R.Symlink(path=path, target=target))
 
     def link(self, existing: str, path: str) -> None:
         self.model[path] = self.model[existing]
-        self.apply(HardLink(path=path, existing=existing))
+        self.apply(R.HardLink(path=path, existing=existing))
 
     def rename(self, old: str, new: str) -> None:
         moved = {p: v for p, v in self.model.items() if p == old or p.startswith(old + "/")}
@@ -155,17 +144,17 @@ class Source:
             del self.model[p]
         for p, v in moved.items():
             self.model[new + p[len(old) :]] = v
-        self.apply(Rename(old=old, new=new))
+        self.apply(R.Rename(old=old, new=new))
 
     def unlink(self, path: str) -> None:
         del self.model[path]
-        self.apply(Unlink(path=path))
+        self.apply(R.Unlink(path=path))
 
     def remove_tree(self, path: str) -> None:
         victims = sorted(
             (p for p in self.model if p == path or p.startswith(path + "/")), key=lambda p: p.count("/"), reverse=True
         )
-        recs = [RmDir(path=p) if self.model[p] == ("d", 0o755) else Unlink(path=p) for p in victims]
+        recs = [R.RmDir(path=p) if self.model[p] == ("d", 0o755) else R.Unlink(path=p) for p in victims]
         for p in victims:
             del self.model[p]
         self.apply(*recs)
@@ -257,21 +246,21 @@ def test_purgatory_takes_entries_named_with_255_bytes(harness):
     q = "scratch"
 
     def apply(*recs: object) -> None:
-        dest.apply(q, framed(q, None, "limits", list(recs)), use_purgatory=True)
+        dest.apply(q, R.framed(q, None, "limits", list(recs)), use_purgatory=True)
 
     apply(
-        MkDir(path=DIR_3),
-        MkDir(path=DIR_3B),
-        MkFile(path=f"{DIR_3B}/{NAME_3}"),
-        Write(path=f"{DIR_3B}/{NAME_3}", offset=0, data=b"kept"),
-        MkFile(path=NAME_3),
-        Write(path=NAME_3, offset=0, data=b"replaced"),
-        MkFile(path="other"),
+        R.MkDir(path=DIR_3),
+        R.MkDir(path=DIR_3B),
+        R.MkFile(path=f"{DIR_3B}/{NAME_3}"),
+        R.Write(path=f"{DIR_3B}/{NAME_3}", offset=0, data=b"kept"),
+        R.MkFile(path=NAME_3),
+        R.Write(path=NAME_3, offset=0, data=b"replaced"),
+        R.MkFile(path="other"),
     )
     apply(
-        Rename(old=DIR_3B, new=DIR_3),  # over the empty directory DIR_3
-        Unlink(path=NAME_3),
-        Rename(old="other", new=NAME_3),
+        R.Rename(old=DIR_3B, new=DIR_3),  # over the empty directory DIR_3
+        R.Unlink(path=NAME_3),
+        R.Rename(old="other", new=NAME_3),
     )
     want = fp.digest(
         [
@@ -283,7 +272,7 @@ def test_purgatory_takes_entries_named_with_255_bytes(harness):
     assert dest.fingerprint(q) == want
     dest.purge_purgatory([q])
     assert dest.fingerprint(q) == want
-    apply(Unlink(path=f"{DIR_3}/{NAME_3}"), RmDir(path=DIR_3))
+    apply(R.Unlink(path=f"{DIR_3}/{NAME_3}"), R.RmDir(path=DIR_3))
     dest.purge_purgatory([q])
     assert dest.fingerprint(q) == fp.digest([fp.file_entry(NAME_3, 0o644, b"")])
 

@@ -6,20 +6,7 @@ from typing import Callable
 
 from hypothesis import strategies as st
 
-from coalesce_core.stream.records import (
-    MAX_DATA,
-    HardLink,
-    MkDir,
-    MkFile,
-    Rename,
-    RmDir,
-    SetAttr,
-    SetXattr,
-    Symlink,
-    Truncate,
-    Unlink,
-    Write,
-)
+from coalesce_core.stream import records as R
 from coalesce_core.testing.conformance.base import DIR_MODES, FILE_MODES, NAMES, SYMLINK_TARGETS, XATTR
 from coalesce_core.testing.conformance.model import Model
 
@@ -27,7 +14,7 @@ from coalesce_core.testing.conformance.model import Model
 def _content(draw: Callable, big_files: bool) -> bytes:
     kind = draw(st.integers(0, 19))
     if big_files and kind == 0:
-        size = draw(st.sampled_from([MAX_DATA + 3, 2 * MAX_DATA + 1]))
+        size = draw(st.sampled_from([R.MAX_DATA + 3, 2 * R.MAX_DATA + 1]))
         fill = draw(st.integers(0, 255))
         return bytes([fill]) * size  # fill 0: one big hole
     return draw(st.binary(max_size=40))
@@ -41,9 +28,9 @@ def _free(draw: Callable, model: Model, names: tuple[str, ...]) -> str | None:
 
 
 def _file_records(path: str, data: bytes, mode: int) -> list[object]:
-    recs: list[object] = [MkFile(path=path, mode=0o600)]
-    recs += [Write(path=path, offset=o, data=data[o : o + MAX_DATA]) for o in range(0, len(data), MAX_DATA)]
-    recs.append(SetAttr(path=path, mode=mode))
+    recs: list[object] = [R.MkFile(path=path, mode=0o600)]
+    recs += [R.Write(path=path, offset=o, data=data[o : o + R.MAX_DATA]) for o in range(0, len(data), R.MAX_DATA)]
+    recs.append(R.SetAttr(path=path, mode=mode))
     return recs
 
 
@@ -80,7 +67,7 @@ def draw_changes(
             path = _free(draw, model, names)
             if path:
                 mode = draw(st.sampled_from(DIR_MODES))
-                recs = [MkDir(path=path, mode=0o700), SetAttr(path=path, mode=mode)]
+                recs = [R.MkDir(path=path, mode=0o700), R.SetAttr(path=path, mode=mode)]
         elif op == "mkfile":
             path = _free(draw, model, names)
             if path:
@@ -89,39 +76,41 @@ def draw_changes(
             path = draw(st.sampled_from(files))
             size = len(model.data(path))
             recs = [
-                Write(path=path, offset=draw(st.integers(0, size + 16)), data=draw(st.binary(min_size=1, max_size=24)))
+                R.Write(
+                    path=path, offset=draw(st.integers(0, size + 16)), data=draw(st.binary(min_size=1, max_size=24))
+                )
             ]
         elif op == "truncate" and files:
             path = draw(st.sampled_from(files))
-            recs = [Truncate(path=path, size=draw(st.integers(0, len(model.data(path)) + 40)))]
+            recs = [R.Truncate(path=path, size=draw(st.integers(0, len(model.data(path)) + 40)))]
         elif op == "unlink" and nondirs:
-            recs = [Unlink(path=draw(st.sampled_from(nondirs)))]
+            recs = [R.Unlink(path=draw(st.sampled_from(nondirs)))]
         elif op == "rmtree" and dirs:
             top = draw(st.sampled_from(dirs))
             below = sorted((p for p in model.nodes if p == top or p.startswith(top + "/")), reverse=True)
-            recs = [RmDir(path=p) if model.nodes[p]["k"] == "d" else Unlink(path=p) for p in below]
+            recs = [R.RmDir(path=p) if model.nodes[p]["k"] == "d" else R.Unlink(path=p) for p in below]
         elif op == "rename" and model.nodes:
             old = draw(st.sampled_from(sorted(model.nodes)))
             new = _free(draw, model, names)
             if new and not (new + "/").startswith(old + "/"):
-                recs = [Rename(old=old, new=new)]
+                recs = [R.Rename(old=old, new=new)]
         elif op == "symlink":
             path = _free(draw, model, names)
             if path:
-                recs = [Symlink(path=path, target=draw(st.sampled_from(SYMLINK_TARGETS)))]
+                recs = [R.Symlink(path=path, target=draw(st.sampled_from(SYMLINK_TARGETS)))]
         elif op == "hardlink" and files:
             path = _free(draw, model, names)
             if path:
-                recs = [HardLink(path=path, existing=draw(st.sampled_from(files)))]
+                recs = [R.HardLink(path=path, existing=draw(st.sampled_from(files)))]
         elif op == "chmod" and (files or dirs):
             path = draw(st.sampled_from(files + dirs))
             modes = DIR_MODES if model.nodes[path]["k"] == "d" else FILE_MODES
-            recs = [SetAttr(path=path, mode=draw(st.sampled_from(modes)))]
+            recs = [R.SetAttr(path=path, mode=draw(st.sampled_from(modes)))]
         elif op == "mtime" and model.nodes:
-            recs = [SetAttr(path=draw(st.sampled_from(sorted(model.nodes))), mtime_ns=draw(st.integers(0, 2**62)))]
+            recs = [R.SetAttr(path=draw(st.sampled_from(sorted(model.nodes))), mtime_ns=draw(st.integers(0, 2**62)))]
         elif op == "xattr" and (files or dirs):
             value = draw(st.one_of(st.none(), st.binary(max_size=8)))
-            recs = [SetXattr(path=draw(st.sampled_from(files + dirs)), name=XATTR, value=value)]
+            recs = [R.SetXattr(path=draw(st.sampled_from(files + dirs)), name=XATTR, value=value)]
         model.apply_all(recs)
         out += recs
     return out

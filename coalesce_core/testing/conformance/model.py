@@ -6,22 +6,7 @@ import copy
 from typing import Any, Iterable, NoReturn
 
 from coalesce_core.stream import fingerprint
-from coalesce_core.stream.records import (
-    ROOT,
-    Begin,
-    End,
-    HardLink,
-    MkDir,
-    MkFile,
-    Rename,
-    RmDir,
-    SetAttr,
-    SetXattr,
-    Symlink,
-    Truncate,
-    Unlink,
-    Write,
-)
+from coalesce_core.stream import records as R
 from coalesce_core.testing.conformance.base import ConformanceError
 
 
@@ -92,32 +77,32 @@ class Model:
         # created, removed or renamed afterwards (that would change its mtime).
         changed = (
             (rec.path,)
-            if isinstance(rec, (MkDir, MkFile, Symlink, HardLink, Unlink, RmDir))
+            if isinstance(rec, (R.MkDir, R.MkFile, R.Symlink, R.HardLink, R.Unlink, R.RmDir))
             else (rec.old, rec.new)
-            if isinstance(rec, Rename)
+            if isinstance(rec, R.Rename)
             else ()
         )
         for p in changed:
             if _parent(p) in self.sealed:
                 self._fail(rec, f"it changes an entry of {_parent(p)!r} after the SetAttr of that directory")
-        if isinstance(rec, MkDir):
+        if isinstance(rec, R.MkDir):
             self._new(rec, rec.path)
             self.nodes[rec.path] = {"k": "d", "mode": rec.mode & 0o7777}
-        elif isinstance(rec, MkFile):
+        elif isinstance(rec, R.MkFile):
             self._new(rec, rec.path)
             self.inodes[self.next_ino] = {"mode": rec.mode & 0o7777, "data": bytearray()}
             self.nodes[rec.path] = {"k": "f", "ino": self.next_ino}
             self.next_ino += 1
-        elif isinstance(rec, Symlink):
+        elif isinstance(rec, R.Symlink):
             self._new(rec, rec.path)
             self.nodes[rec.path] = {"k": "l", "target": rec.target}
-        elif isinstance(rec, HardLink):
+        elif isinstance(rec, R.HardLink):
             self._new(rec, rec.path)
             src = self.nodes.get(rec.existing)
             if not src or src["k"] != "f":
                 self._fail(rec, f"{rec.existing!r} is not an existing regular file")
             self.nodes[rec.path] = {"k": "f", "ino": src["ino"]}
-        elif isinstance(rec, Rename):
+        elif isinstance(rec, R.Rename):
             if rec.old not in self.nodes:
                 self._fail(rec, f"{rec.old!r} does not exist")
             self._new(rec, rec.new)
@@ -128,20 +113,20 @@ class Model:
                 del self.nodes[p]
             for p, node in moved.items():
                 self.nodes[rec.new + p[len(rec.old) :]] = node
-        elif isinstance(rec, Unlink):
+        elif isinstance(rec, R.Unlink):
             n = self.nodes.get(rec.path)
             if n is None or n["k"] == "d":
                 self._fail(rec, f"{rec.path!r} is not an existing non-directory")
             del self.nodes[rec.path]
-        elif isinstance(rec, RmDir):
+        elif isinstance(rec, R.RmDir):
             if not self.nodes.get(rec.path, {}).get("k") == "d" or self.children(rec.path):
                 self._fail(rec, f"{rec.path!r} is not an existing empty directory")
             del self.nodes[rec.path]
-        elif isinstance(rec, (Write, Truncate)):
+        elif isinstance(rec, (R.Write, R.Truncate)):
             if self.nodes.get(rec.path, {}).get("k") != "f":
                 self._fail(rec, f"{rec.path!r} is not a regular file created earlier or present at the base")
             data = self.data(rec.path)
-            if isinstance(rec, Write):
+            if isinstance(rec, R.Write):
                 if rec.offset > len(data):
                     data.extend(bytes(rec.offset - len(data)))
                 data[rec.offset : rec.offset + len(rec.data)] = rec.data
@@ -149,21 +134,21 @@ class Model:
                 del data[rec.size :]
             else:
                 data.extend(bytes(rec.size - len(data)))
-        elif isinstance(rec, (SetAttr, SetXattr)) and rec.path == ROOT:
-            if isinstance(rec, SetAttr):
-                self.sealed.add(ROOT)  # the qtree root's entries are final by now
-        elif isinstance(rec, (SetAttr, SetXattr)):
+        elif isinstance(rec, (R.SetAttr, R.SetXattr)) and rec.path == R.ROOT:
+            if isinstance(rec, R.SetAttr):
+                self.sealed.add(R.ROOT)  # the qtree root's entries are final by now
+        elif isinstance(rec, (R.SetAttr, R.SetXattr)):
             n = self.nodes.get(rec.path)
             if n is None:
                 self._fail(rec, f"{rec.path!r} does not exist")
-            if isinstance(rec, SetAttr):
+            if isinstance(rec, R.SetAttr):
                 if rec.mode is not None and n["k"] == "d":
                     n["mode"] = rec.mode & 0o7777
                 elif rec.mode is not None and n["k"] == "f":
                     self.inodes[n["ino"]]["mode"] = rec.mode & 0o7777
                 if n["k"] == "d":
                     self.sealed.add(rec.path)
-        elif isinstance(rec, (Begin, End)):
+        elif isinstance(rec, (R.Begin, R.End)):
             pass
         else:
             raise ConformanceError(f"unknown record {rec!r}")

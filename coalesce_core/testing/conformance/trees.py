@@ -2,19 +2,7 @@
 
 from __future__ import annotations
 
-from coalesce_core.stream.records import (
-    MAX_DATA,
-    HardLink,
-    MkDir,
-    Rename,
-    RmDir,
-    SetAttr,
-    SetXattr,
-    Symlink,
-    Truncate,
-    Unlink,
-    Write,
-)
+from coalesce_core.stream import records as R
 from coalesce_core.testing.conformance.base import XATTR, _check
 from coalesce_core.testing.conformance.changes import _file_records
 from coalesce_core.testing.conformance.helpers import _apply, _Ctx, check_diff
@@ -22,43 +10,46 @@ from coalesce_core.testing.conformance.model import Model
 
 
 def _rich_tree() -> list[object]:
-    big = bytes(range(256)) * ((2 * MAX_DATA + 1000) // 256)
-    holey = b"head" + bytes(MAX_DATA + 10) + b"tail" + bytes(MAX_DATA)
-    recs: list[object] = [MkDir(path="d1", mode=0o700), MkDir(path="d1/d2", mode=0o700), MkDir(path="e")]
+    big = bytes(range(256)) * ((2 * R.MAX_DATA + 1000) // 256)
+    holey = b"head" + bytes(R.MAX_DATA + 10) + b"tail" + bytes(R.MAX_DATA)
+    recs: list[object] = [R.MkDir(path="d1", mode=0o700), R.MkDir(path="d1/d2", mode=0o700), R.MkDir(path="e")]
     recs += _file_records("d1/d2/small", b"small file\n", 0o640)
     recs += _file_records("empty", b"", 0o600)
     recs += _file_records("big", big, 0o644)
     recs += _file_records("holey", holey, 0o755)
     recs += _file_records("tobedir", b"x", 0o644)
-    recs += [MkDir(path="tobefile"), MkDir(path="tobefile/sub")] + _file_records("tobefile/sub/f", b"f", 0o644)
+    recs += [R.MkDir(path="tobefile"), R.MkDir(path="tobefile/sub")] + _file_records("tobefile/sub/f", b"f", 0o644)
     recs += [
-        Symlink(path="lnk", target="d1/d2/small"),
-        Symlink(path="dangling", target="../../nowhere"),
-        Symlink(path="abs", target="/etc/passwd"),
-        Symlink(path="tobefile2", target="x"),
+        R.Symlink(path="lnk", target="d1/d2/small"),
+        R.Symlink(path="dangling", target="../../nowhere"),
+        R.Symlink(path="abs", target="/etc/passwd"),
+        R.Symlink(path="tobefile2", target="x"),
     ]
     recs += _file_records("h1", b"linked", 0o644)
-    recs += [HardLink(path="d1/h2", existing="h1"), HardLink(path="e/h3", existing="h1")]
+    recs += [R.HardLink(path="d1/h2", existing="h1"), R.HardLink(path="e/h3", existing="h1")]
     recs += [
-        SetXattr(path="h1", name=XATTR, value=b"v"),
-        SetXattr(path="d1", name=XATTR, value=b"dir"),
-        SetAttr(path="d1/d2", mode=0o755, mtime_ns=10**18),
-        SetAttr(path="d1", mode=0o750),
+        R.SetXattr(path="h1", name=XATTR, value=b"v"),
+        R.SetXattr(path="d1", name=XATTR, value=b"dir"),
+        R.SetAttr(path="d1/d2", mode=0o755, mtime_ns=10**18),
+        R.SetAttr(path="d1", mode=0o750),
     ]
     return recs
 
 
 def _rich_changes() -> list[object]:
-    recs: list[object] = [Unlink(path="tobedir"), MkDir(path="tobedir", mode=0o755)]
+    recs: list[object] = [R.Unlink(path="tobedir"), R.MkDir(path="tobedir", mode=0o755)]
     recs += _file_records("tobedir/in", b"now a dir", 0o644)
-    recs += [Unlink(path="tobefile/sub/f"), RmDir(path="tobefile/sub"), RmDir(path="tobefile")]
+    recs += [R.Unlink(path="tobefile/sub/f"), R.RmDir(path="tobefile/sub"), R.RmDir(path="tobefile")]
     recs += _file_records("tobefile", b"now a file", 0o600)
-    recs += [Unlink(path="tobefile2")] + _file_records("tobefile2", b"was a symlink", 0o644)
-    recs += [Unlink(path="empty"), Symlink(path="empty", target="big")]
-    recs += [Write(path="big", offset=MAX_DATA + 5, data=b"changed in the middle"), Truncate(path="holey", size=7)]
-    recs += [Unlink(path="e/h3"), HardLink(path="d1/d2/h4", existing="h1"), Write(path="h1", offset=0, data=b"L")]
-    recs += [Rename(old="d1/d2", new="e/moved"), SetAttr(path="e", mode=0o700), SetAttr(path="lnk", mtime_ns=5)]
-    recs += [SetXattr(path="h1", name=XATTR, value=None)]
+    recs += [R.Unlink(path="tobefile2")] + _file_records("tobefile2", b"was a symlink", 0o644)
+    recs += [R.Unlink(path="empty"), R.Symlink(path="empty", target="big")]
+    recs += [
+        R.Write(path="big", offset=R.MAX_DATA + 5, data=b"changed in the middle"),
+        R.Truncate(path="holey", size=7),
+    ]
+    recs += [R.Unlink(path="e/h3"), R.HardLink(path="d1/d2/h4", existing="h1"), R.Write(path="h1", offset=0, data=b"L")]
+    recs += [R.Rename(old="d1/d2", new="e/moved"), R.SetAttr(path="e", mode=0o700), R.SetAttr(path="lnk", mtime_ns=5)]
+    recs += [R.SetXattr(path="h1", name=XATTR, value=None)]
     return recs
 
 
@@ -80,10 +71,10 @@ def check_rich_roundtrip(ctx: _Ctx) -> None:
     # hard links survive diff + apply: a write through one name shows under every name
     fp2 = m2.digest()
     check_diff(vol, "q", None, "s2", base_model=None, target_fp=fp2, scratch="cp")
-    m2.apply_all([Write(path="d1/h2", offset=1, data=b"INK")])
-    _apply(vol, "cp", [Write(path="d1/h2", offset=1, data=b"INK")])
+    m2.apply_all([R.Write(path="d1/h2", offset=1, data=b"INK")])
+    _apply(vol, "cp", [R.Write(path="d1/h2", offset=1, data=b"INK")])
     _check(vol.fingerprint("cp") == m2.digest(), "hard links were not reproduced by diff + apply")
-    _apply(vol, "q", [Write(path="d1/h2", offset=1, data=b"INK")])
+    _apply(vol, "q", [R.Write(path="d1/h2", offset=1, data=b"INK")])
     _check(vol.fingerprint("q", "s2") == fp2, "a write to the active FS changed a PCPI")
 
 

@@ -21,33 +21,13 @@ from hypothesis import strategies as st
 
 from coalesce_core.errors import CorruptStream, HostilePath, StreamError, TruncatedStream
 from coalesce_core.stream import codec
-from coalesce_core.stream.records import (
-    CHANGE_TYPES,
-    MAX_DATA,
-    RECORD_TYPES,
-    Begin,
-    End,
-    HardLink,
-    MkDir,
-    MkFile,
-    Rename,
-    RmDir,
-    SetAttr,
-    SetXattr,
-    Symlink,
-    Truncate,
-    Unlink,
-    Write,
-    check_path,
-    check_path_fully,
-    framed,
-)
+from coalesce_core.stream import records as R
 
 # --------------------------------------------------------------------------- reference layout
 
 MAGIC = b"COALSTRM"
 END_MAGIC = b"COALEND!"
-CODE = {cls: code for code, cls in RECORD_TYPES.items()}
+CODE = {cls: code for code, cls in R.RECORD_TYPES.items()}
 
 
 def ref_str(s: str) -> bytes:
@@ -71,15 +51,15 @@ def ref_frame(code: int, seq: int, payload: bytes, *, length: int | None = None,
 
 def ref_begin(seq: int = 0, qtree: str = "q", base: str | None = None, target: str = "t") -> bytes:
     opt = b"\x00" if base is None else b"\x01" + ref_str(base)
-    return ref_frame(CODE[Begin], seq, ref_str(qtree) + opt + ref_str(target))
+    return ref_frame(CODE[R.Begin], seq, ref_str(qtree) + opt + ref_str(target))
 
 
 def ref_mkdir(seq: int, path: str, mode: int = 0o755) -> bytes:
-    return ref_frame(CODE[MkDir], seq, ref_str(path) + ref_i64(mode))
+    return ref_frame(CODE[R.MkDir], seq, ref_str(path) + ref_i64(mode))
 
 
 def ref_end(seq: int, count: int) -> bytes:
-    return ref_frame(CODE[End], seq, ref_i64(count))
+    return ref_frame(CODE[R.End], seq, ref_i64(count))
 
 
 def ref_stream(*frames: bytes, trailer: bool = True, digest: bytes | None = None) -> bytes:
@@ -105,40 +85,40 @@ def enc(records) -> bytes:
 NON_UTF8 = os.fsdecode(b"caf\xe9-\xff\xfe")  # latin-1 name: not UTF-8, carried by surrogateescape
 
 EXAMPLES: dict[type, list] = {
-    Begin: [Begin("q", None, "snap-1"), Begin("a/b", "snap-0", "snap-1"), Begin(NON_UTF8, NON_UTF8, "é")],
-    MkDir: [MkDir("d"), MkDir("d/e", 0o700), MkDir(NON_UTF8 + "/x", 0o40755)],
-    MkFile: [MkFile("f"), MkFile("d/" + NON_UTF8, 0)],
-    Symlink: [Symlink("l", "../../outside/is/fine/for/a/target"), Symlink(NON_UTF8, "/abs/" + NON_UTF8)],
-    HardLink: [HardLink("a", "b"), HardLink("d/" + NON_UTF8, "d/x")],
-    Rename: [Rename("a", "b/c"), Rename(NON_UTF8, "ascii")],
-    Unlink: [Unlink("x"), Unlink("ü/ß/" + NON_UTF8)],
-    RmDir: [RmDir("d"), RmDir(NON_UTF8)],
-    Write: [
-        Write("f", 0, b""),
-        Write("f", 2**62, b"\x00\xff" * 10),
-        Write("f", 7, bytes(range(256)) * (MAX_DATA // 256)),
+    R.Begin: [R.Begin("q", None, "snap-1"), R.Begin("a/b", "snap-0", "snap-1"), R.Begin(NON_UTF8, NON_UTF8, "é")],
+    R.MkDir: [R.MkDir("d"), R.MkDir("d/e", 0o700), R.MkDir(NON_UTF8 + "/x", 0o40755)],
+    R.MkFile: [R.MkFile("f"), R.MkFile("d/" + NON_UTF8, 0)],
+    R.Symlink: [R.Symlink("l", "../../outside/is/fine/for/a/target"), R.Symlink(NON_UTF8, "/abs/" + NON_UTF8)],
+    R.HardLink: [R.HardLink("a", "b"), R.HardLink("d/" + NON_UTF8, "d/x")],
+    R.Rename: [R.Rename("a", "b/c"), R.Rename(NON_UTF8, "ascii")],
+    R.Unlink: [R.Unlink("x"), R.Unlink("ü/ß/" + NON_UTF8)],
+    R.RmDir: [R.RmDir("d"), R.RmDir(NON_UTF8)],
+    R.Write: [
+        R.Write("f", 0, b""),
+        R.Write("f", 2**62, b"\x00\xff" * 10),
+        R.Write("f", 7, bytes(range(256)) * (R.MAX_DATA // 256)),
     ],  # exactly 1 MiB
-    Truncate: [Truncate("f", 0), Truncate("f", 2**63 - 1)],
-    SetAttr: [
-        SetAttr("f"),
-        SetAttr("f", mode=0o4755, uid=2**32 - 2, gid=0, mtime_ns=-1),
-        SetAttr("f", mtime_ns=1_700_000_000_123_456_789),
+    R.Truncate: [R.Truncate("f", 0), R.Truncate("f", 2**63 - 1)],
+    R.SetAttr: [
+        R.SetAttr("f"),
+        R.SetAttr("f", mode=0o4755, uid=2**32 - 2, gid=0, mtime_ns=-1),
+        R.SetAttr("f", mtime_ns=1_700_000_000_123_456_789),
     ],
-    SetXattr: [
-        SetXattr("f", "user.a"),
-        SetXattr("f", "user.b", b""),
-        SetXattr("f", "security." + NON_UTF8, b"\x00" * 65536),
+    R.SetXattr: [
+        R.SetXattr("f", "user.a"),
+        R.SetXattr("f", "user.b", b""),
+        R.SetXattr("f", "security." + NON_UTF8, b"\x00" * 65536),
     ],
-    End: [End(0), End(3)],
+    R.End: [R.End(0), R.End(3)],
 }
 
 
 def test_every_wire_type_has_examples():
-    assert set(EXAMPLES) == set(RECORD_TYPES.values())
+    assert set(EXAMPLES) == set(R.RECORD_TYPES.values())
 
 
 def test_golden_layout_of_a_minimal_stream():
-    data = enc([Begin("q", None, "t"), MkDir("d", 0o755), End(1)])
+    data = enc([R.Begin("q", None, "t"), R.MkDir("d", 0o755), R.End(1)])
     expected = ref_stream(ref_begin(0, "q", None, "t"), ref_mkdir(1, "d", 0o755), ref_end(2, 1))
     assert data == expected
     # Spot-check the documented offsets: header, first frame length/type/seq.
@@ -150,32 +130,32 @@ def test_golden_layout_of_a_minimal_stream():
 
 
 @pytest.mark.parametrize(
-    "rec", [r for cls in RECORD_TYPES.values() if cls not in (Begin, End) for r in EXAMPLES[cls]], ids=repr
+    "rec", [r for cls in R.RECORD_TYPES.values() if cls not in (R.Begin, R.End) for r in EXAMPLES[cls]], ids=repr
 )
 def test_every_change_record_roundtrips(rec):
-    stream = [Begin("q", None, "t"), rec, End(1)]
+    stream = [R.Begin("q", None, "t"), rec, R.End(1)]
     out = list(codec.roundtrip(stream))
     assert out == stream
     assert [type(r) for r in out] == [type(r) for r in stream]
 
 
-@pytest.mark.parametrize("begin", EXAMPLES[Begin], ids=repr)
+@pytest.mark.parametrize("begin", EXAMPLES[R.Begin], ids=repr)
 def test_begin_variants_roundtrip(begin):
-    assert list(codec.roundtrip([begin, End(0)])) == [begin, End(0)]
+    assert list(codec.roundtrip([begin, R.End(0)])) == [begin, R.End(0)]
 
 
 def test_non_utf8_names_survive_byte_exact():
-    rec = MkFile("d/" + NON_UTF8)
-    (_, out, _) = codec.roundtrip([Begin("q", None, "t"), rec, End(1)])
+    rec = R.MkFile("d/" + NON_UTF8)
+    (_, out, _) = codec.roundtrip([R.Begin("q", None, "t"), rec, R.End(1)])
     assert os.fsencode(out.path) == b"d/caf\xe9-\xff\xfe"
 
 
 def test_one_mib_write_is_passed_through_uncopied_by_the_encoder():
-    data = os.urandom(MAX_DATA)
-    chunks = list(codec.encode([Begin("q", None, "t"), Write("f", 0, data), End(1)]))
+    data = os.urandom(R.MAX_DATA)
+    chunks = list(codec.encode([R.Begin("q", None, "t"), R.Write("f", 0, data), R.End(1)]))
     assert any(c is data for c in chunks)
     (_, w, _) = decode_all(chunks)
-    assert w.data == data and len(w.data) == MAX_DATA
+    assert w.data == data and len(w.data) == R.MAX_DATA
 
 
 # --------------------------------------------------------------------------- hypothesis
@@ -192,21 +172,21 @@ _u63 = st.integers(0, 2**63 - 1)
 _opt_i64 = st.none() | _i64
 
 CHANGE_STRATEGIES = {
-    MkDir: st.builds(MkDir, _path, _i64),
-    MkFile: st.builds(MkFile, _path, _i64),
-    Symlink: st.builds(Symlink, _path, _text),
-    HardLink: st.builds(HardLink, _path, _path),
-    Rename: st.builds(Rename, _path, _path),
-    Unlink: st.builds(Unlink, _path),
-    RmDir: st.builds(RmDir, _path),
-    Write: st.builds(Write, _path, _u63, st.binary(max_size=3000)),
-    Truncate: st.builds(Truncate, _path, _u63),
-    SetAttr: st.builds(SetAttr, _path, _opt_i64, _opt_i64, _opt_i64, _opt_i64),
-    SetXattr: st.builds(SetXattr, _path, _component, st.none() | st.binary(max_size=300)),
+    R.MkDir: st.builds(R.MkDir, _path, _i64),
+    R.MkFile: st.builds(R.MkFile, _path, _i64),
+    R.Symlink: st.builds(R.Symlink, _path, _text),
+    R.HardLink: st.builds(R.HardLink, _path, _path),
+    R.Rename: st.builds(R.Rename, _path, _path),
+    R.Unlink: st.builds(R.Unlink, _path),
+    R.RmDir: st.builds(R.RmDir, _path),
+    R.Write: st.builds(R.Write, _path, _u63, st.binary(max_size=3000)),
+    R.Truncate: st.builds(R.Truncate, _path, _u63),
+    R.SetAttr: st.builds(R.SetAttr, _path, _opt_i64, _opt_i64, _opt_i64, _opt_i64),
+    R.SetXattr: st.builds(R.SetXattr, _path, _component, st.none() | st.binary(max_size=300)),
 }
 _changes = st.one_of(*CHANGE_STRATEGIES.values())
 _streams = st.builds(
-    lambda q, base, target, cs: list(framed(q, base, target, cs)),
+    lambda q, base, target, cs: list(R.framed(q, base, target, cs)),
     _path,
     st.none() | _text,
     _text,
@@ -216,7 +196,7 @@ _streams = st.builds(
 
 def test_strategy_covers_every_change_type():
     # Keep the property tests honest when a record type is added.
-    assert set(CHANGE_STRATEGIES) == set(CHANGE_TYPES)
+    assert set(CHANGE_STRATEGIES) == set(R.CHANGE_TYPES)
 
 
 @settings(max_examples=300, deadline=None)
@@ -241,11 +221,11 @@ def test_any_chunking_decodes_the_same(stream, data):
 
 def test_one_byte_chunks():
     stream = [
-        Begin("q", "b", "t"),
-        *[r for cls in CHANGE_TYPES for r in EXAMPLES[cls] if cls is not Write],
-        Write("f", 1, os.urandom(70_000)),
+        R.Begin("q", "b", "t"),
+        *[r for cls in R.CHANGE_TYPES for r in EXAMPLES[cls] if cls is not R.Write],
+        R.Write("f", 1, os.urandom(70_000)),
     ]
-    stream.append(End(len(stream) - 1))
+    stream.append(R.End(len(stream) - 1))
     raw = enc(stream)
     assert decode_all(raw[i : i + 1] for i in range(len(raw))) == stream
 
@@ -272,7 +252,7 @@ class ShortReads(io.RawIOBase):
 
 
 def test_file_object_with_short_reads():
-    stream = [Begin("q", None, "t"), Write("f", 0, os.urandom(5000)), SetAttr("f", 1, 2, 3, 4), End(2)]
+    stream = [R.Begin("q", None, "t"), R.Write("f", 0, os.urandom(5000)), R.SetAttr("f", 1, 2, 3, 4), R.End(2)]
     src = ShortReads(enc(stream))
     assert decode_all(src) == stream
 
@@ -280,14 +260,14 @@ def test_file_object_with_short_reads():
 # --------------------------------------------------------------------------- truncation
 
 SMALL = [
-    Begin("q", "s1", "s2"),
-    MkDir("d"),
-    MkFile("d/f", 0o600),
-    Write("d/f", 0, b"hello"),
-    SetAttr("d/f", mode=0o644),
-    SetXattr("d/f", "user.x", b"v"),
-    Symlink("d/l", "f"),
-    End(6),
+    R.Begin("q", "s1", "s2"),
+    R.MkDir("d"),
+    R.MkFile("d/f", 0o600),
+    R.Write("d/f", 0, b"hello"),
+    R.SetAttr("d/f", mode=0o644),
+    R.SetXattr("d/f", "user.x", b"v"),
+    R.Symlink("d/l", "f"),
+    R.End(6),
 ]
 
 
@@ -301,7 +281,7 @@ def test_truncation_at_every_byte_offset_raises_truncated():
             with pytest.raises(TruncatedStream) as ei:
                 for rec in it:
                     got.append(rec)
-            assert End(6) not in got, f"End was yielded from a stream cut at byte {cut}"
+            assert R.End(6) not in got, f"End was yielded from a stream cut at byte {cut}"
             assert ei.value.hint and "rolled back" in ei.value.hint
             assert "ended" in ei.value.message or "empty" in ei.value.message
 
@@ -354,7 +334,7 @@ def test_flipping_any_single_byte_is_detected():
                 for rec in codec.decode(bytes(bad)):
                     got.append(rec)
             assert type(ei.value) in (CorruptStream, TruncatedStream, HostilePath), (i, mask, ei.value)
-            assert not any(isinstance(r, End) for r in got), f"End yielded though byte {i} was changed"
+            assert not any(isinstance(r, R.End) for r in got), f"End yielded though byte {i} was changed"
 
 
 @settings(max_examples=100, deadline=None)
@@ -368,13 +348,13 @@ def test_flipping_a_byte_of_generated_streams_is_detected(stream, data):
 
 
 def test_flipped_byte_in_a_large_write_is_caught_by_its_crc():
-    data = os.urandom(MAX_DATA)
-    raw = bytearray(enc([Begin("q", None, "t"), Write("f", 0, data), End(1)]))
+    data = os.urandom(R.MAX_DATA)
+    raw = bytearray(enc([R.Begin("q", None, "t"), R.Write("f", 0, data), R.End(1)]))
     for i in (F1 + 40, F1 + 4000, len(raw) - 40 - 28 - 5):  # inside the data, near its end
         bad = bytearray(raw)
         bad[i] ^= 0x10
         it = codec.decode(bytes(bad))
-        assert next(it) == Begin("q", None, "t")
+        assert next(it) == R.Begin("q", None, "t")
         with pytest.raises(CorruptStream, match=rf"frame 1 at byte offset {F1} .*fails its checksum"):
             next(it)
 
@@ -400,8 +380,8 @@ def test_bad_magic_and_unknown_version():
 def test_digest_mismatch_is_corrupt_and_end_is_withheld():
     frames = (ref_begin(0), ref_mkdir(1, "d"), ref_end(2, 1))
     it = codec.decode(ref_stream(*frames, digest=b"\x00" * 32))
-    assert next(it) == Begin("q", None, "t")
-    assert next(it) == MkDir("d")
+    assert next(it) == R.Begin("q", None, "t")
+    assert next(it) == R.MkDir("d")
     with pytest.raises(CorruptStream, match="trailer digest"):
         next(it)
 
@@ -432,7 +412,7 @@ def test_sequence_gap_and_duplicate():
 
 
 def test_unknown_type_code():
-    assert 13 not in RECORD_TYPES
+    assert 13 not in R.RECORD_TYPES
     with pytest.raises(CorruptStream, match="unknown record type code 13") as ei:
         decode_all(ref_stream(ref_begin(0), ref_frame(13, 1, b""), ref_end(2, 1)))
     assert "versions" in ei.value.hint
@@ -450,8 +430,8 @@ def test_order_contract_begin_first_and_once():
 def test_missing_end():
     data = ref_stream(ref_begin(0), ref_mkdir(1, "a"), trailer=False)
     it = codec.decode(data)
-    assert next(it) == Begin("q", None, "t")
-    assert next(it) == MkDir("a")
+    assert next(it) == R.Begin("q", None, "t")
+    assert next(it) == R.MkDir("a")
     with pytest.raises(TruncatedStream, match="after 1 change records, without its End record"):
         next(it)
 
@@ -463,13 +443,13 @@ def test_bad_end_count(count):
     with pytest.raises(CorruptStream) as ei:
         for r in codec.decode(data):
             got.append(r)
-    assert got == [Begin("q", None, "t"), MkDir("a")]
+    assert got == [R.Begin("q", None, "t"), R.MkDir("a")]
     msg = ei.value.message
     assert ("End record" in msg and f"says {count}" in msg) or "non-negative" in msg
 
 
 def test_garbage_after_last_field_inside_a_frame():
-    frame = ref_frame(CODE[MkDir], 1, ref_str("a") + ref_i64(0o755) + b"\x00\x00")
+    frame = ref_frame(CODE[R.MkDir], 1, ref_str("a") + ref_i64(0o755) + b"\x00\x00")
     with pytest.raises(
         CorruptStream,
         match=rf"frame 1 at byte offset {F1} \(MkDir\): 2 bytes of garbage after the last field, at byte offset {F1 + 4 + 9 + 5 + 8}\b",
@@ -478,19 +458,19 @@ def test_garbage_after_last_field_inside_a_frame():
 
 
 def test_frame_too_short_for_its_fields():
-    frame = ref_frame(CODE[MkDir], 1, ref_str("a") + b"\x00\x00")  # mode cut to 2 bytes
+    frame = ref_frame(CODE[R.MkDir], 1, ref_str("a") + b"\x00\x00")  # mode cut to 2 bytes
     with pytest.raises(CorruptStream, match="'mode'.*ends inside"):
         decode_all(ref_stream(ref_begin(0), frame, ref_end(2, 1)))
 
 
 def test_bad_presence_flag():
-    frame = ref_frame(CODE[SetAttr], 1, ref_str("a") + b"\x02" + ref_i64(1) + b"\x00\x00\x00")
+    frame = ref_frame(CODE[R.SetAttr], 1, ref_str("a") + b"\x02" + ref_i64(1) + b"\x00\x00\x00")
     with pytest.raises(CorruptStream, match="presence flag is 2"):
         decode_all(ref_stream(ref_begin(0), frame, ref_end(2, 1)))
 
 
 def test_validator_value_errors_become_corrupt_stream():
-    frame = ref_frame(CODE[Write], 1, ref_str("f") + ref_i64(-5) + ref_bytes(b"x"))
+    frame = ref_frame(CODE[R.Write], 1, ref_str("f") + ref_i64(-5) + ref_bytes(b"x"))
     with pytest.raises(CorruptStream, match="does not hold a valid Write record.*offset must be a non-negative"):
         decode_all(ref_stream(ref_begin(0), frame, ref_end(2, 1)))
 
@@ -500,9 +480,9 @@ def test_validator_value_errors_become_corrupt_stream():
 
 @pytest.mark.parametrize("path", ["../etc/passwd", "/abs", "a/../../b", "a/./b", "a//b", "a/", "", "a\x00b"])
 def test_hostile_path_with_a_correct_crc(path):
-    frames = (ref_begin(0), ref_frame(CODE[MkFile], 1, ref_str(path) + ref_i64(0o644)), ref_end(2, 1))
+    frames = (ref_begin(0), ref_frame(CODE[R.MkFile], 1, ref_str(path) + ref_i64(0o644)), ref_end(2, 1))
     it = codec.decode(ref_stream(*frames))
-    assert next(it) == Begin("q", None, "t")
+    assert next(it) == R.Begin("q", None, "t")
     with pytest.raises(HostilePath) as ei:
         next(it)
     assert isinstance(ei.value, StreamError)
@@ -528,11 +508,11 @@ def _verdict(check, path):
 )
 def test_check_path_fast_path_agrees_with_the_full_check(path):
     """check_path's fast path (ASCII, at most MAX_NAME characters) accepts exactly what the full check accepts."""
-    assert _verdict(check_path, path) == _verdict(check_path_fully, path)
+    assert _verdict(R.check_path, path) == _verdict(R.check_path_fully, path)
 
 
 def test_hostile_rename_target_and_qtree():
-    frame = ref_frame(CODE[Rename], 1, ref_str("a") + ref_str("../../x"))
+    frame = ref_frame(CODE[R.Rename], 1, ref_str("a") + ref_str("../../x"))
     with pytest.raises(HostilePath, match=r"\(Rename\): new '\.\./\.\./x' has a '\.\.' component"):
         decode_all(ref_stream(ref_begin(0), frame, ref_end(2, 1)))
     with pytest.raises(HostilePath, match="qtree"):
@@ -540,10 +520,10 @@ def test_hostile_rename_target_and_qtree():
 
 
 def test_hostile_record_smuggled_past_the_validators_is_caught_on_decode():
-    rec = MkDir("ok")
+    rec = R.MkDir("ok")
     object.__setattr__(rec, "path", "../escape")  # a buggy or hostile source
     with pytest.raises(HostilePath, match="frame 1"):
-        decode_all(codec.encode([Begin("q", None, "t"), rec, End(1)]))
+        decode_all(codec.encode([R.Begin("q", None, "t"), rec, R.End(1)]))
 
 
 # --------------------------------------------------------------------------- bounded memory
@@ -570,7 +550,7 @@ def test_bad_frame_length_is_rejected_before_reading(length):
 
 
 def test_oversize_field_length_with_a_correct_crc():
-    huge = ref_frame(CODE[Write], 1, ref_str("f") + ref_i64(0) + struct.pack(">I", 0xFFFFFFF0) + b"x")
+    huge = ref_frame(CODE[R.Write], 1, ref_str("f") + ref_i64(0) + struct.pack(">I", 0xFFFFFFF0) + b"x")
     tracemalloc.start()
     try:
         with pytest.raises(CorruptStream, match="'data'.*length 4294967280 exceeds the limit"):
@@ -580,23 +560,23 @@ def test_oversize_field_length_with_a_correct_crc():
         tracemalloc.stop()
     assert peak < 1 << 20
     n = codec.MAX_STR + 1
-    path = ref_frame(CODE[MkDir], 1, struct.pack(">I", n) + b"a" * n + ref_i64(0))
+    path = ref_frame(CODE[R.MkDir], 1, struct.pack(">I", n) + b"a" * n + ref_i64(0))
     with pytest.raises(CorruptStream, match=f"'path'.*length {n} exceeds the limit of {codec.MAX_STR}"):
         decode_all(ref_stream(ref_begin(0), path, ref_end(2, 1)))
-    past = ref_frame(CODE[MkDir], 1, struct.pack(">I", 100) + b"a" + ref_i64(0))
+    past = ref_frame(CODE[R.MkDir], 1, struct.pack(">I", 100) + b"a" + ref_i64(0))
     with pytest.raises(CorruptStream, match="'path'.*runs past the end"):
         decode_all(ref_stream(ref_begin(0), past, ref_end(2, 1)))
 
 
 def test_reads_are_bounded_by_one_frame():
-    stream = [Begin("q", None, "t"), *[Write("f", i << 20, os.urandom(MAX_DATA)) for i in range(3)], End(3)]
+    stream = [R.Begin("q", None, "t"), *[R.Write("f", i << 20, os.urandom(R.MAX_DATA)) for i in range(3)], R.End(3)]
     src = Tracking(enc(stream))
     assert decode_all(src) == stream
     assert src.max_request <= codec.MAX_FRAME
 
 
 def test_decode_is_lazy():
-    stream = [Begin("q", None, "t"), MkDir("a"), MkDir("b"), End(2)]
+    stream = [R.Begin("q", None, "t"), R.MkDir("a"), R.MkDir("b"), R.End(2)]
     raw = enc(stream)
     pulled = []
 
@@ -609,7 +589,7 @@ def test_decode_is_lazy():
     it = codec.decode(chunks())
     assert pulled == []  # nothing read before the first next()
     assert next(it) == stream[0]
-    assert next(it) == MkDir("a")
+    assert next(it) == R.MkDir("a")
     assert pulled[-1] + 8 < len(raw) - 40  # stopped long before the trailer
 
 
@@ -617,15 +597,15 @@ def test_roundtrip_is_lazy_and_producer_errors_propagate():
     seen = []
 
     def producer():
-        yield Begin("q", None, "t")
+        yield R.Begin("q", None, "t")
         seen.append("begin sent")
-        yield MkDir("a")
+        yield R.MkDir("a")
         raise RuntimeError("diff failed")
 
     it = codec.roundtrip(producer())
-    assert next(it) == Begin("q", None, "t")
+    assert next(it) == R.Begin("q", None, "t")
     assert seen == []  # the producer was not run past Begin to decode Begin
-    assert next(it) == MkDir("a")
+    assert next(it) == R.MkDir("a")
     assert seen == ["begin sent"]
     with pytest.raises(RuntimeError, match="diff failed"):
         next(it)
@@ -638,17 +618,17 @@ def test_roundtrip_is_lazy_and_producer_errors_propagate():
     ("records", "exc", "match"),
     [
         ([], TruncatedStream, "no records"),
-        ([MkDir("a"), End(1)], CorruptStream, "must start with Begin"),
-        ([Begin("q", None, "t"), Begin("q", None, "t"), End(0)], CorruptStream, "second Begin"),
-        ([Begin("q", None, "t"), MkDir("a")], TruncatedStream, "after 1 change records without End"),
-        ([Begin("q", None, "t"), MkDir("a"), End(2)], CorruptStream, "End says 2"),
-        ([Begin("q", None, "t"), End(0), MkDir("a")], CorruptStream, "after End"),
-        ([Begin("q", None, "t"), MkDir("a", 2**63), End(1)], StreamError, "64 signed bits"),
-        ([Begin("q", None, "t"), MkDir("\udcc3\udca9"), End(1)], StreamError, "survives os.fsencode"),
-        ([Begin("q", None, "\ud800"), End(0)], StreamError, "surrogates"),  # MkDir("\ud800") fails in check_path
-        ([Begin("q", None, 7), End(0)], StreamError, "needs a str"),  # type: ignore[arg-type]
-        ([Begin("q", None, "t" * ((1 << 20) + 1)), End(0)], StreamError, f"at most {1 << 20} bytes"),
-        ([Begin("q", None, "t"), "not a record", End(1)], StreamError, "no wire code"),
+        ([R.MkDir("a"), R.End(1)], CorruptStream, "must start with Begin"),
+        ([R.Begin("q", None, "t"), R.Begin("q", None, "t"), R.End(0)], CorruptStream, "second Begin"),
+        ([R.Begin("q", None, "t"), R.MkDir("a")], TruncatedStream, "after 1 change records without End"),
+        ([R.Begin("q", None, "t"), R.MkDir("a"), R.End(2)], CorruptStream, "End says 2"),
+        ([R.Begin("q", None, "t"), R.End(0), R.MkDir("a")], CorruptStream, "after End"),
+        ([R.Begin("q", None, "t"), R.MkDir("a", 2**63), R.End(1)], StreamError, "64 signed bits"),
+        ([R.Begin("q", None, "t"), R.MkDir("\udcc3\udca9"), R.End(1)], StreamError, "survives os.fsencode"),
+        ([R.Begin("q", None, "\ud800"), R.End(0)], StreamError, "surrogates"),  # MkDir("\ud800") fails in check_path
+        ([R.Begin("q", None, 7), R.End(0)], StreamError, "needs a str"),  # type: ignore[arg-type]
+        ([R.Begin("q", None, "t" * ((1 << 20) + 1)), R.End(0)], StreamError, f"at most {1 << 20} bytes"),
+        ([R.Begin("q", None, "t"), "not a record", R.End(1)], StreamError, "no wire code"),
     ],
 )
 def test_encoder_rejects_broken_streams(records, exc, match):
@@ -657,9 +637,9 @@ def test_encoder_rejects_broken_streams(records, exc, match):
 
 
 def test_encoder_accepts_bytes_like_data():
-    rec = Write("f", 0, b"x" * 40000)
+    rec = R.Write("f", 0, b"x" * 40000)
     object.__setattr__(rec, "data", bytearray(b"y" * 40000))
-    (_, out, _) = list(codec.roundtrip([Begin("q", None, "t"), rec, End(1)]))
+    (_, out, _) = list(codec.roundtrip([R.Begin("q", None, "t"), rec, R.End(1)]))
     assert out.data == b"y" * 40000 and type(out.data) is bytes
 
 
@@ -673,15 +653,15 @@ def test_codec_is_generic_over_attrs_fields():
         ratio: float | None = None
         tail: bytes = b""
 
-    RECORD_TYPES[200] = Probe
+    R.RECORD_TYPES[200] = Probe
     try:
         big = Probe("y", os.urandom(50_000), 0, False, None, os.urandom(60_000))  # two uncopied chunks
         stream = [
-            Begin("q", None, "t"),
+            R.Begin("q", None, "t"),
             Probe("x", None, -3, True, 0.5),
             Probe(NON_UTF8, b"\x00", 2**63 - 1, False),
             big,
-            End(3),
+            R.End(3),
         ]
         assert list(codec.roundtrip(stream)) == stream
         chunks = list(codec.encode(stream))
@@ -689,7 +669,7 @@ def test_codec_is_generic_over_attrs_fields():
         raw = b"".join(chunks)
         assert raw[F1 + 4] == 200  # the type code of frame 1
     finally:
-        del RECORD_TYPES[200]
+        del R.RECORD_TYPES[200]
         codec._PLANS_BY_CLASS.pop(Probe, None)
         codec._PLANS_BY_CODE.pop(200, None)
 
@@ -699,19 +679,25 @@ def test_unsupported_field_type_is_a_clear_error():
     class Bad:
         xs: list
 
-    RECORD_TYPES[201] = Bad
+    R.RECORD_TYPES[201] = Bad
     try:
         with pytest.raises(TypeError, match="Bad.xs has type"):
-            enc([Begin("q", None, "t"), Bad([1]), End(1)])
+            enc([R.Begin("q", None, "t"), Bad([1]), R.End(1)])
     finally:
-        del RECORD_TYPES[201]
+        del R.RECORD_TYPES[201]
 
 
 # --------------------------------------------------------------------------- conveniences
 
 
 def test_write_stream_and_read_stream(tmp_path):
-    stream = [Begin("q", None, "t"), MkFile("f"), Write("f", 0, os.urandom(MAX_DATA)), Truncate("f", 10), End(3)]
+    stream = [
+        R.Begin("q", None, "t"),
+        R.MkFile("f"),
+        R.Write("f", 0, os.urandom(R.MAX_DATA)),
+        R.Truncate("f", 10),
+        R.End(3),
+    ]
     p = tmp_path / "s.coal"
     with open(p, "wb") as f:
         stats = codec.write_stream(stream, f)

@@ -11,20 +11,7 @@ import pytest
 
 from coalesce_core.backend.hookspecs import ACTIVE
 from coalesce_core.errors import CorruptStream, HostilePath, StreamError
-from coalesce_core.stream.records import (
-    HardLink,
-    MkDir,
-    MkFile,
-    Rename,
-    RmDir,
-    SetAttr,
-    SetXattr,
-    Symlink,
-    Truncate,
-    Unlink,
-    Write,
-    framed,
-)
+from coalesce_core.stream import records as R
 from coalesce_posix import Applier, ExportTable, walk
 from coalesce_posix.exports import parse_under
 
@@ -48,7 +35,7 @@ def vol(tmp_path):
 
 
 def apply(root, records, qtree="q", purgatory=None):
-    return Applier(str(root), qtree, str(purgatory) if purgatory else None).apply(framed(qtree, None, "t", records))
+    return Applier(str(root), qtree, str(purgatory) if purgatory else None).apply(R.framed(qtree, None, "t", records))
 
 
 def snapshot_of(path):
@@ -69,24 +56,24 @@ def snapshot_of(path):
 # hostile paths (I10)
 # ---------------------------------------------------------------------------
 HOSTILE = [
-    ("dotdot", raw(MkFile, path="../evil", mode=0o644)),
-    ("dotdot-inner", raw(MkDir, path="d/../../evil", mode=0o755)),
-    ("absolute", raw(MkFile, path="/tmp/coalesce-evil", mode=0o644)),
-    ("write-through-symlink-dir", Write(path="evil/secret", offset=0, data=b"pwned")),
-    ("create-through-symlink-dir", MkFile(path="evil/new")),
-    ("mkdir-through-symlink-dir", MkDir(path="evil/newdir")),
-    ("symlink-through-symlink-dir", Symlink(path="evil/ln", target="x")),
-    ("truncate-through-symlink-dir", Truncate(path="evil/secret", size=0)),
-    ("unlink-through-symlink-dir", Unlink(path="evil/secret")),
-    ("chmod-through-symlink-dir", SetAttr(path="evil/secret", mode=0o777)),
-    ("xattr-through-symlink-dir", SetXattr(path="evil/secret", name="user.x", value=b"1")),
-    ("rename-into-symlink-dir", Rename(old="f", new="evil/stolen")),
-    ("rename-out-of-symlink-dir", Rename(old="evil/secret", new="stolen")),
-    ("hardlink-out-of-qtree", raw(HardLink, path="hl", existing="../outside/secret")),
-    ("hardlink-absolute", raw(HardLink, path="hl", existing="/etc/passwd")),
-    ("hardlink-through-symlink-dir", HardLink(path="hl", existing="evil/secret")),
-    ("write-to-symlink-file", Write(path="evilf", offset=0, data=b"pwned")),
-    ("truncate-symlink-file", Truncate(path="evilf", size=0)),
+    ("dotdot", raw(R.MkFile, path="../evil", mode=0o644)),
+    ("dotdot-inner", raw(R.MkDir, path="d/../../evil", mode=0o755)),
+    ("absolute", raw(R.MkFile, path="/tmp/coalesce-evil", mode=0o644)),
+    ("write-through-symlink-dir", R.Write(path="evil/secret", offset=0, data=b"pwned")),
+    ("create-through-symlink-dir", R.MkFile(path="evil/new")),
+    ("mkdir-through-symlink-dir", R.MkDir(path="evil/newdir")),
+    ("symlink-through-symlink-dir", R.Symlink(path="evil/ln", target="x")),
+    ("truncate-through-symlink-dir", R.Truncate(path="evil/secret", size=0)),
+    ("unlink-through-symlink-dir", R.Unlink(path="evil/secret")),
+    ("chmod-through-symlink-dir", R.SetAttr(path="evil/secret", mode=0o777)),
+    ("xattr-through-symlink-dir", R.SetXattr(path="evil/secret", name="user.x", value=b"1")),
+    ("rename-into-symlink-dir", R.Rename(old="f", new="evil/stolen")),
+    ("rename-out-of-symlink-dir", R.Rename(old="evil/secret", new="stolen")),
+    ("hardlink-out-of-qtree", raw(R.HardLink, path="hl", existing="../outside/secret")),
+    ("hardlink-absolute", raw(R.HardLink, path="hl", existing="/etc/passwd")),
+    ("hardlink-through-symlink-dir", R.HardLink(path="hl", existing="evil/secret")),
+    ("write-to-symlink-file", R.Write(path="evilf", offset=0, data=b"pwned")),
+    ("truncate-symlink-file", R.Truncate(path="evilf", size=0)),
 ]
 
 
@@ -97,11 +84,11 @@ def test_hostile_records_are_refused_and_write_nothing(vol, label, rec, purg, tm
     apply(
         root,
         [
-            MkFile(path="f"),
-            Write(path="f", offset=0, data=b"mine"),
-            MkDir(path="d"),
-            Symlink(path="evil", target=str(outside)),
-            Symlink(path="evilf", target=str(outside / "secret")),
+            R.MkFile(path="f"),
+            R.Write(path="f", offset=0, data=b"mine"),
+            R.MkDir(path="d"),
+            R.Symlink(path="evil", target=str(outside)),
+            R.Symlink(path="evilf", target=str(outside / "secret")),
         ],
     )
     before_q, before_out = snapshot_of(root), snapshot_of(outside)
@@ -117,7 +104,7 @@ def test_qtree_that_is_a_symlink_is_refused(vol):
     root, outside = vol
     os.symlink(str(outside), root / "q")
     with pytest.raises(HostilePath):
-        apply(root, [MkFile(path="new")])
+        apply(root, [R.MkFile(path="new")])
     assert sorted(os.listdir(outside)) == ["secret"]
 
 
@@ -137,10 +124,10 @@ def test_sparse_files_keep_their_holes(vol):
     apply(
         root,
         [
-            MkFile(path="sparse"),
-            Truncate(path="sparse", size=size),
-            Write(path="sparse", offset=32 << 20, data=b"middle"),
-            Write(path="sparse", offset=size - 3, data=b"end"),
+            R.MkFile(path="sparse"),
+            R.Truncate(path="sparse", size=size),
+            R.Write(path="sparse", offset=32 << 20, data=b"middle"),
+            R.Write(path="sparse", offset=size - 3, data=b"end"),
         ],
     )
     p = root / "q" / "sparse"
@@ -151,7 +138,7 @@ def test_sparse_files_keep_their_holes(vol):
     assert data[32 << 20 : (32 << 20) + 6] == b"middle" and data.endswith(b"end") and data.count(0) == size - 9
     # and a baseline read of it keeps the holes too (no Write of zeros)
     recs = list(walk.baseline_records(str(root / "q")))
-    assert sum(len(r.data) for r in recs if isinstance(r, Write)) < 2 << 20
+    assert sum(len(r.data) for r in recs if isinstance(r, R.Write)) < 2 << 20
 
 
 def test_modes_owners_times_xattrs(vol):
@@ -159,15 +146,15 @@ def test_modes_owners_times_xattrs(vol):
     apply(
         root,
         [
-            MkDir(path="d", mode=0o700),
-            MkFile(path="d/f", mode=0o600),
-            Write(path="d/f", offset=0, data=b"x"),
-            Symlink(path="ln", target="d/f"),
-            SetXattr(path="d/f", name="user.k", value=b"v"),
-            SetXattr(path="d", name="user.dir", value=b"1"),
-            SetAttr(path="d/f", mode=0o4751, uid=1234, gid=5678, mtime_ns=1_000_000_123),
-            SetAttr(path="ln", uid=4321, gid=8765, mtime_ns=2_000_000_000),
-            SetAttr(path="d", mode=0o751, mtime_ns=3_000_000_000),
+            R.MkDir(path="d", mode=0o700),
+            R.MkFile(path="d/f", mode=0o600),
+            R.Write(path="d/f", offset=0, data=b"x"),
+            R.Symlink(path="ln", target="d/f"),
+            R.SetXattr(path="d/f", name="user.k", value=b"v"),
+            R.SetXattr(path="d", name="user.dir", value=b"1"),
+            R.SetAttr(path="d/f", mode=0o4751, uid=1234, gid=5678, mtime_ns=1_000_000_123),
+            R.SetAttr(path="ln", uid=4321, gid=8765, mtime_ns=2_000_000_000),
+            R.SetAttr(path="d", mode=0o751, mtime_ns=3_000_000_000),
         ],
     )
     q = root / "q"
@@ -180,7 +167,7 @@ def test_modes_owners_times_xattrs(vol):
     assert os.getxattr(q / "d" / "f", "user.k") == b"v" and os.getxattr(q / "d", "user.dir") == b"1"
     d = os.lstat(q / "d")
     assert stat.S_IMODE(d.st_mode) == 0o751 and d.st_mtime_ns == 3_000_000_000
-    apply(root, [SetXattr(path="d/f", name="user.k", value=None), SetXattr(path="d/f", name="user.k", value=None)])
+    apply(root, [R.SetXattr(path="d/f", name="user.k", value=None), R.SetXattr(path="d/f", name="user.k", value=None)])
     assert "user.k" not in os.listxattr(q / "d" / "f")
 
 
@@ -189,12 +176,12 @@ def test_hard_links_and_renames(vol):
     apply(
         root,
         [
-            MkFile(path="a"),
-            Write(path="a", offset=0, data=b"1"),
-            MkDir(path="d"),
-            HardLink(path="d/b", existing="a"),
-            Rename(old="d", new="e"),
-            Rename(old="a", new="e/a"),
+            R.MkFile(path="a"),
+            R.Write(path="a", offset=0, data=b"1"),
+            R.MkDir(path="d"),
+            R.HardLink(path="d/b", existing="a"),
+            R.Rename(old="d", new="e"),
+            R.Rename(old="a", new="e/a"),
         ],
     )
     q = root / "q"
@@ -208,19 +195,19 @@ def test_purgatory_receives_deleted_and_replaced_entries(vol, tmp_path):
     apply(
         root,
         [
-            MkFile(path="gone"),
-            MkFile(path="replaced"),
-            Write(path="replaced", offset=0, data=b"old"),
-            MkDir(path="dir"),
+            R.MkFile(path="gone"),
+            R.MkFile(path="replaced"),
+            R.Write(path="replaced", offset=0, data=b"old"),
+            R.MkDir(path="dir"),
         ],
     )
     apply(
         root,
         [
-            Unlink(path="gone"),
-            MkFile(path="replaced"),
-            Write(path="replaced", offset=0, data=b"new"),
-            RmDir(path="dir"),
+            R.Unlink(path="gone"),
+            R.MkFile(path="replaced"),
+            R.Write(path="replaced", offset=0, data=b"new"),
+            R.RmDir(path="dir"),
         ],
         purgatory=purg,
     )
@@ -233,15 +220,15 @@ def test_purgatory_receives_deleted_and_replaced_entries(vol, tmp_path):
 def test_replay_is_idempotent(vol):
     root, _ = vol
     recs = [
-        MkDir(path="d"),
-        MkFile(path="d/f"),
-        Write(path="d/f", offset=0, data=b"abc"),
-        Symlink(path="l", target="x"),
-        HardLink(path="h", existing="d/f"),
-        Rename(old="d/f", new="g"),
-        Unlink(path="missing"),
-        RmDir(path="missing-dir"),
-        SetAttr(path="g", mode=0o600),
+        R.MkDir(path="d"),
+        R.MkFile(path="d/f"),
+        R.Write(path="d/f", offset=0, data=b"abc"),
+        R.Symlink(path="l", target="x"),
+        R.HardLink(path="h", existing="d/f"),
+        R.Rename(old="d/f", new="g"),
+        R.Unlink(path="missing"),
+        R.RmDir(path="missing-dir"),
+        R.SetAttr(path="g", mode=0o600),
     ]
     apply(root, recs)
     first = walk.fingerprint(str(root / "q"))
@@ -252,12 +239,12 @@ def test_replay_is_idempotent(vol):
 def test_mismatching_stream_is_a_stream_error(vol):
     root, _ = vol
     with pytest.raises(CorruptStream):
-        apply(root, [Write(path="nope", offset=0, data=b"x")])
+        apply(root, [R.Write(path="nope", offset=0, data=b"x")])
     with pytest.raises(CorruptStream):
-        apply(root, [MkFile(path="missing-dir/f")])
-    apply(root, [MkDir(path="d"), MkFile(path="d/f")])
+        apply(root, [R.MkFile(path="missing-dir/f")])
+    apply(root, [R.MkDir(path="d"), R.MkFile(path="d/f")])
     with pytest.raises(CorruptStream):
-        apply(root, [RmDir(path="d")])
+        apply(root, [R.RmDir(path="d")])
 
 
 # ---------------------------------------------------------------------------
@@ -268,18 +255,18 @@ def test_descriptor_cache_follows_directory_renames(vol, tmp_path):
     apply(
         root,
         [
-            MkDir(path="p"),
-            MkDir(path="p/c"),
-            MkFile(path="p/c/f"),  # p and p/c are cached now
-            Rename(old="p", new="moved"),  # ... and moved, with p/c
-            MkDir(path="p"),
-            MkDir(path="p/c"),
-            MkFile(path="p/c/g"),  # the new p/c, not the cached one
-            MkFile(path="moved/c/h"),
-            Unlink(path="p/c/g"),
-            Rename(old="moved/c/h", new="moved/c/h2"),  # files: the cache stays
-            MkFile(path="p/c/i"),
-            MkFile(path="moved/c/j"),
+            R.MkDir(path="p"),
+            R.MkDir(path="p/c"),
+            R.MkFile(path="p/c/f"),  # p and p/c are cached now
+            R.Rename(old="p", new="moved"),  # ... and moved, with p/c
+            R.MkDir(path="p"),
+            R.MkDir(path="p/c"),
+            R.MkFile(path="p/c/g"),  # the new p/c, not the cached one
+            R.MkFile(path="moved/c/h"),
+            R.Unlink(path="p/c/g"),
+            R.Rename(old="moved/c/h", new="moved/c/h2"),  # files: the cache stays
+            R.MkFile(path="p/c/i"),
+            R.MkFile(path="moved/c/j"),
         ],
         purgatory=tmp_path / "purg",
     )
@@ -298,11 +285,11 @@ def test_descriptor_cache_forgets_replaced_and_removed_directories(vol, tmp_path
             apply(
                 root,
                 [
-                    MkDir(path="d"),
-                    MkDir(path="d/e"),
-                    MkFile(path="d/e/f"),
-                    Symlink(path="d", target=str(outside)),
-                    MkFile(path="d/e/x"),
+                    R.MkDir(path="d"),
+                    R.MkDir(path="d/e"),
+                    R.MkFile(path="d/e/f"),
+                    R.Symlink(path="d", target=str(outside)),
+                    R.MkFile(path="d/e/x"),
                 ],
                 purgatory=purg,
             )
@@ -313,12 +300,12 @@ def test_descriptor_cache_forgets_replaced_and_removed_directories(vol, tmp_path
         apply(
             root,
             [
-                MkDir(path="r"),
-                MkDir(path="r/s"),
-                MkFile(path="r/s/f"),
-                Unlink(path="r/s/f"),
-                RmDir(path="r/s"),
-                MkFile(path="r/s/g"),
+                R.MkDir(path="r"),
+                R.MkDir(path="r/s"),
+                R.MkFile(path="r/s/f"),
+                R.Unlink(path="r/s/f"),
+                R.RmDir(path="r/s"),
+                R.MkFile(path="r/s/g"),
             ],
         )
     assert snapshot_of(outside) == before
@@ -331,13 +318,13 @@ def test_symlink_put_in_place_of_a_cached_directory_is_not_followed(vol):
         apply(
             root,
             [
-                MkDir(path="d"),
-                MkFile(path="d/a"),
-                Write(path="d/a", offset=0, data=b"1"),
-                Rename(old="d", new="d-moved"),
-                Symlink(path="d", target=str(outside)),
-                MkFile(path="d/b"),
-                Write(path="d/b", offset=0, data=b"pwned"),
+                R.MkDir(path="d"),
+                R.MkFile(path="d/a"),
+                R.Write(path="d/a", offset=0, data=b"1"),
+                R.Rename(old="d", new="d-moved"),
+                R.Symlink(path="d", target=str(outside)),
+                R.MkFile(path="d/b"),
+                R.Write(path="d/b", offset=0, data=b"pwned"),
             ],
         )
     assert snapshot_of(outside) == before
@@ -353,13 +340,13 @@ def test_symlink_swapped_in_by_someone_else_between_records_is_not_followed(vol)
     q = root / "q"
 
     def records():
-        yield MkDir(path="d")
-        yield MkFile(path="d/a")
-        yield Write(path="d/a", offset=0, data=b"1")
+        yield R.MkDir(path="d")
+        yield R.MkFile(path="d/a")
+        yield R.Write(path="d/a", offset=0, data=b"1")
         os.rename(q / "d", q / "d-away")
         os.symlink(str(outside), q / "d")
-        yield MkFile(path="d/b")
-        yield Write(path="d/b", offset=0, data=b"not through the link")
+        yield R.MkFile(path="d/b")
+        yield R.Write(path="d/b", offset=0, data=b"not through the link")
 
     Applier(str(root), "q", None).apply(records())
     assert snapshot_of(outside) == before
@@ -371,8 +358,8 @@ def test_records_pulled_before_a_source_error_are_applied(vol):
     root, _ = vol
 
     def records():
-        yield MkFile(path="a")
-        yield Write(path="a", offset=0, data=b"first")
+        yield R.MkFile(path="a")
+        yield R.Write(path="a", offset=0, data=b"first")
         raise RuntimeError("the source died")
 
     with pytest.raises(RuntimeError, match="the source died"):
@@ -385,7 +372,7 @@ def test_an_apply_error_comes_before_a_later_source_error(vol):
     pulled = []
 
     def records():
-        for rec in (MkFile(path="a"), Write(path="nope", offset=0, data=b"x"), MkFile(path="b")):
+        for rec in (R.MkFile(path="a"), R.Write(path="nope", offset=0, data=b"x"), R.MkFile(path="b")):
             pulled.append(rec)
             yield rec
         raise RuntimeError("later")
@@ -402,17 +389,17 @@ BIG = 1 << 20  # a Write this large goes to the applier's writer thread
 def test_large_writes_and_the_records_around_them_apply_in_order(vol):
     root, _ = vol
     recs = [
-        MkDir(path="d"),
-        MkFile(path="d/a"),
-        Write(path="d/a", offset=0, data=b"A" * BIG),
-        Truncate(path="d/a", size=10),  # queued behind the large Write
-        Write(path="d/a", offset=0, data=b"B" * (BIG // 2)),
-        Write(path="d/a", offset=5, data=b"x"),
-        MkFile(path="d/b"),
-        Write(path="d/b", offset=0, data=b"small"),
-        Rename(old="d/b", new="d/c"),
-        Write(path="d/a", offset=BIG, data=b"C" * BIG),
-        SetAttr(path="d/a", mode=0o600, mtime_ns=7_000_000_000),
+        R.MkDir(path="d"),
+        R.MkFile(path="d/a"),
+        R.Write(path="d/a", offset=0, data=b"A" * BIG),
+        R.Truncate(path="d/a", size=10),  # queued behind the large Write
+        R.Write(path="d/a", offset=0, data=b"B" * (BIG // 2)),
+        R.Write(path="d/a", offset=5, data=b"x"),
+        R.MkFile(path="d/b"),
+        R.Write(path="d/b", offset=0, data=b"small"),
+        R.Rename(old="d/b", new="d/c"),
+        R.Write(path="d/a", offset=BIG, data=b"C" * BIG),
+        R.SetAttr(path="d/a", mode=0o600, mtime_ns=7_000_000_000),
     ]
     apply(root, recs)
     q = root / "q" / "d"
@@ -428,9 +415,9 @@ def test_records_pulled_before_a_source_error_are_applied_also_by_the_writer(vol
     data = b"y" * (BIG if big else 10)
 
     def records():
-        yield MkFile(path="a")
+        yield R.MkFile(path="a")
         for i in range(6):
-            yield Write(path="a", offset=i * len(data), data=data)
+            yield R.Write(path="a", offset=i * len(data), data=data)
         raise RuntimeError("the source died")
 
     with pytest.raises(RuntimeError, match="the source died"):
@@ -444,14 +431,14 @@ def test_an_error_of_the_writer_comes_first_and_stops_the_stream(vol, then):
     root, _ = vol
 
     def records():
-        yield MkFile(path="a")
-        yield Write(path="a", offset=0, data=b"1" * BIG)
-        yield Write(path="nope", offset=0, data=b"2" * BIG)  # fails in the writer thread
+        yield R.MkFile(path="a")
+        yield R.Write(path="a", offset=0, data=b"1" * BIG)
+        yield R.Write(path="nope", offset=0, data=b"2" * BIG)  # fails in the writer thread
         if then == "pause-then-records":
             time.sleep(0.3)  # the writer is idle again by now
         if then != "source-error":
             for i in range(20):
-                yield MkFile(path=f"later{i}")
+                yield R.MkFile(path=f"later{i}")
         raise RuntimeError("later")
 
     with pytest.raises(CorruptStream, match="nope"):
@@ -516,7 +503,7 @@ def test_new_files_get_no_redundant_truncate(tmp_path):
         f.truncate(3 << 20)
     (src / "empty").write_bytes(b"")
     recs = list(walk.baseline_records(str(src)))
-    truncs = {r.path: r.size for r in recs if isinstance(r, Truncate)}
+    truncs = {r.path: r.size for r in recs if isinstance(r, R.Truncate)}
     assert truncs == {"tail-hole": 3 << 20}
     dst = tmp_path / "dst"
     dst.mkdir()
@@ -531,16 +518,16 @@ def _build(root):
     apply(
         root,
         [
-            MkDir(path="a"),
-            MkDir(path="a/b"),
-            MkFile(path="a/b/f", mode=0o640),
-            Write(path="a/b/f", offset=0, data=b"hello" * 1000),
-            Symlink(path="a/l", target="b/f"),
-            MkFile(path="big"),
-            Truncate(path="big", size=3 << 20),
-            Write(path="big", offset=5, data=b"z"),
-            HardLink(path="a/h", existing="big"),
-            SetXattr(path="big", name="user.x", value=b"y"),
+            R.MkDir(path="a"),
+            R.MkDir(path="a/b"),
+            R.MkFile(path="a/b/f", mode=0o640),
+            R.Write(path="a/b/f", offset=0, data=b"hello" * 1000),
+            R.Symlink(path="a/l", target="b/f"),
+            R.MkFile(path="big"),
+            R.Truncate(path="big", size=3 << 20),
+            R.Write(path="big", offset=5, data=b"z"),
+            R.HardLink(path="a/h", existing="big"),
+            R.SetXattr(path="big", name="user.x", value=b"y"),
         ],
         qtree="src",
     )
@@ -550,7 +537,7 @@ def test_baseline_and_tree_diff_reproduce_the_tree(vol, tmp_path):
     root, _ = vol
     _build(root)
     src = str(root / "src")
-    Applier(str(root), "copy", None).apply(framed("copy", None, "t", walk.baseline_records(src)))
+    Applier(str(root), "copy", None).apply(R.framed("copy", None, "t", walk.baseline_records(src)))
     assert walk.fingerprint(str(root / "copy")) == walk.fingerprint(src)
     assert os.getxattr(root / "copy" / "big", "user.x") == b"y"
     assert os.stat(root / "copy" / "big").st_ino == os.stat(root / "copy" / "a" / "h").st_ino
@@ -561,20 +548,20 @@ def test_baseline_and_tree_diff_reproduce_the_tree(vol, tmp_path):
     apply(
         root,
         [
-            Unlink(path="a/l"),
-            Symlink(path="a/l", target="elsewhere"),
-            Rename(old="a/b", new="c"),
-            Write(path="big", offset=2 << 20, data=b"new"),
-            Truncate(path="c/f", size=3),
-            MkDir(path="n"),
-            MkFile(path="n/x"),
-            SetAttr(path="a", mode=0o700),
-            SetXattr(path="big", name="user.x", value=None),
+            R.Unlink(path="a/l"),
+            R.Symlink(path="a/l", target="elsewhere"),
+            R.Rename(old="a/b", new="c"),
+            R.Write(path="big", offset=2 << 20, data=b"new"),
+            R.Truncate(path="c/f", size=3),
+            R.MkDir(path="n"),
+            R.MkFile(path="n/x"),
+            R.SetAttr(path="a", mode=0o700),
+            R.SetXattr(path="big", name="user.x", value=None),
         ],
         qtree="src",
     )
     recs = list(walk.tree_diff(str(tmp_path / "base"), src, same_lineage=False))
-    Applier(str(root), "copy", None).apply(framed("copy", None, "t", recs))
+    Applier(str(root), "copy", None).apply(R.framed("copy", None, "t", recs))
     assert walk.fingerprint(str(root / "copy")) == walk.fingerprint(src)
     assert "user.x" not in os.listxattr(root / "copy" / "big")
 
