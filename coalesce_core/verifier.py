@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import queue
 import threading
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 from coalesce_core import verify as V
 from coalesce_core.backend.hookspecs import ACTIVE
 from coalesce_core.errors import VerificationFailed
+from coalesce_core.readahead import read_ahead
 from coalesce_core.stream.records import Write
 
 #: paths described per call in the check of an update (bounds the descriptions held at once)
@@ -101,55 +102,6 @@ def _both(
     return describe_both
 
 
-def _prefetched(it: Iterator[V.Description], depth: int = 4096) -> Iterator[V.Description]:
-    """``it`` read ahead by a helper thread (at most ``depth`` items); closed with the result."""
-    q: "queue.Queue[tuple[str, Any]]" = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-
-    def produce() -> None:
-        try:
-            for d in it:
-                while not stop.is_set():
-                    try:
-                        q.put(("item", d), timeout=0.2)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
-                    return
-            final: tuple[str, Any] = ("end", None)
-        except BaseException as exc:
-            final = ("error", exc)
-        finally:
-            close = getattr(it, "close", None)
-            if close is not None and stop.is_set():
-                try:
-                    close()
-                except Exception:
-                    pass
-        while not stop.is_set():
-            try:
-                q.put(final, timeout=0.2)
-                return
-            except queue.Full:
-                continue
-
-    t = threading.Thread(target=produce, name="coalesce-verify-walk", daemon=True)
-    t.start()
-    try:
-        while True:
-            kind, value = q.get()
-            if kind == "item":
-                yield value
-            elif kind == "end":
-                return
-            else:
-                raise value
-    finally:
-        stop.set()
-        t.join()
-
-
 def compare_trees(
     source: Any,
     src_qtree: str,
@@ -163,7 +115,9 @@ def compare_trees(
     limit: int,
 ) -> V.Outcome:
     """Two whole qtrees, each walked once (``describe_tree``), the source's in a helper thread."""
-    src = _prefetched(iter(source.describe_tree(src_qtree, src_snap, content=content)))
+    src = read_ahead(
+        iter(source.describe_tree(src_qtree, src_snap, content=content)), 4096, name="coalesce-verify-walk"
+    )
     dst = iter(dest.describe_tree(dst_qtree, dst_snap, content=content))
     try:
         return V.tree_compare(src, dst, holds, limit=limit)

@@ -41,6 +41,7 @@ import attrs
 from coalesce_core.backend.hookspecs import hookimpl
 from coalesce_core.cycle.planner import is_group_source_pcpi
 from coalesce_core.errors import CoalesceError, ConfigError
+from coalesce_core.readahead import read_ahead
 from coalesce_core.stream import codec
 from coalesce_core.stream.records import Begin, End
 from coalesce_core.ui.errors import report_error
@@ -597,63 +598,13 @@ class SourceService:
         log.info("%r: described %d paths of %s in %s of %s (%d bytes)", ident, counter["n"], q, snap, vname, sent)
 
 
-def _with_keepalive(chunks: Iterator[Any], interval: float) -> Iterator[Any]:
+def _with_keepalive(chunks: Iterator[bytes], interval: float) -> Iterator[bytes | None]:
     """Yield ``chunks`` as they come, and None whenever none came for ``interval`` seconds.
 
     The producer runs in a thread (a slow backend diff must not look like a
-    dead server to the client); it stops when the consumer goes away."""
-    import queue
-
-    q: "queue.Queue[tuple[str, Any]]" = queue.Queue(maxsize=16)
-    stop = threading.Event()
-
-    def produce() -> None:
-        try:
-            for c in chunks:
-                item = ("chunk", bytes(c))
-                while not stop.is_set():
-                    try:
-                        q.put(item, timeout=0.5)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
-                    return
-            final: tuple[str, Any] = ("end", None)
-        except BaseException as exc:  # handed to the consumer, which raises it
-            final = ("error", exc)
-        try:
-            while not stop.is_set():
-                try:
-                    q.put(final, timeout=0.5)
-                    break
-                except queue.Full:
-                    continue
-        finally:
-            close = getattr(chunks, "close", None)
-            if close is not None:
-                try:
-                    close()
-                except Exception:
-                    pass
-
-    t = threading.Thread(target=produce, name="coalesce-serve-diff", daemon=True)
-    t.start()
-    try:
-        while True:
-            try:
-                kind, value = q.get(timeout=interval)
-            except queue.Empty:
-                yield None
-                continue
-            if kind == "chunk":
-                yield value
-            elif kind == "end":
-                return
-            else:
-                raise value
-    finally:
-        stop.set()
+    dead server to the client); it stops when the consumer goes away, which
+    does not wait for it."""
+    return read_ahead(chunks, 16, name="coalesce-serve-diff", idle=interval, wait=False)
 
 
 def _segment(
