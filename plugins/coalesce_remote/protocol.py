@@ -117,6 +117,19 @@ def tcp_keepalive(sock: socket.socket, idle: float) -> None:
                 pass
 
 
+def shut(sock: socket.socket) -> None:
+    """Shut ``sock`` down both ways (a thread blocked reading it returns) and close it; a socket
+    already closed or reset is no error."""
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    try:
+        sock.close()
+    except OSError:
+        pass
+
+
 class ProtocolError(CoalesceError):
     """The peer broke the protocol (or is not a coalesce peer at all); the connection is closed."""
 
@@ -155,6 +168,18 @@ class Channel:
 
     def close(self) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def silent(self) -> ConnectionLost:
+        """The error for a read that waited ``timeout`` seconds for data."""
+        return ConnectionLost(
+            f"no data from {self.peer} for {self.timeout} s", hint="the peer or the link is dead (timeout)"
+        )
+
+    def stalled(self) -> ConnectionLost:
+        """The error for a write the peer took nothing of for ``timeout`` seconds."""
+        return ConnectionLost(
+            f"{self.peer} accepted no data for {self.timeout} s", hint="the peer or the link is dead (timeout)"
+        )
 
     def read_exact(self, n: int) -> bytes:
         if n <= 0:
@@ -213,9 +238,7 @@ class SocketChannel(Channel):
         try:
             return self.sock.recv(min(n, 1 << 20))
         except socket.timeout:
-            raise ConnectionLost(
-                f"no data from {self.peer} for {self.timeout} s", hint="the peer or the link is dead (timeout)"
-            ) from None
+            raise self.silent() from None
         except OSError as exc:
             raise ConnectionLost(f"reading from {self.peer}: {exc}") from exc
 
@@ -223,9 +246,7 @@ class SocketChannel(Channel):
         try:
             self.sock.sendall(data)
         except socket.timeout:
-            raise ConnectionLost(
-                f"{self.peer} accepted no data for {self.timeout} s", hint="the peer or the link is dead (timeout)"
-            ) from None
+            raise self.stalled() from None
         except OSError as exc:
             raise ConnectionLost(f"writing to {self.peer}: {exc}") from exc
 
@@ -233,14 +254,7 @@ class SocketChannel(Channel):
         if self._closed:
             return
         self._closed = True
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        try:
-            self.sock.close()
-        except OSError:
-            pass
+        shut(self.sock)
 
 
 PIPE_SIZE = 1 << 20
@@ -270,9 +284,7 @@ class FdChannel(Channel):
         if self.timeout is not None:
             ready, _, _ = select.select([self.rfd], [], [], self.timeout)
             if not ready:
-                raise ConnectionLost(
-                    f"no data from {self.peer} for {self.timeout} s", hint="the peer or the link is dead (timeout)"
-                )
+                raise self.silent()
         try:
             import os
 
@@ -289,10 +301,7 @@ class FdChannel(Channel):
                 if self.timeout is not None:
                     _, ready, _ = select.select([], [self.wfd], [], self.timeout)
                     if not ready:
-                        raise ConnectionLost(
-                            f"{self.peer} accepted no data for {self.timeout} s",
-                            hint="the peer or the link is dead (timeout)",
-                        )
+                        raise self.stalled()
                 try:
                     n = os.write(self.wfd, view)
                 except OSError as exc:

@@ -769,26 +769,12 @@ class TLSServer:
 
     def stop(self) -> None:
         self._stop.set()
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        try:
-            self.sock.close()
-        except OSError:
-            pass
+        P.shut(self.sock)
         with self._lock:
             conns = list(self._conns)
             threads = list(self._threads)
         for c in conns:
-            try:
-                c.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            try:
-                c.close()
-            except OSError:
-                pass
+            P.shut(c)
         for t in threads:
             t.join(5)
         if self._thread is not None:
