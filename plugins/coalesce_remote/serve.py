@@ -441,28 +441,18 @@ class SourceService:
         vol = self._volume(vname)
         if op == "snapshots":
             return [n for n in vol.snapshot_list() if grant.may_use_pcpi(n)]
-        if op == "take":
-            if not grant.take:
+        if op in ("take", "release"):
+            allowed, act = (grant.take, vol.snapshot_create) if op == "take" else (grant.release, vol.snapshot_delete)
+            if not allowed:
                 raise self._refuse(
                     ident,
                     conn.peer,
-                    f"identity {ident!r} may not take PCPIs on {vname}",
-                    "set take = true for it in the server config",
+                    f"identity {ident!r} may not {op} PCPIs on {vname}",
+                    f"set {op} = true for it in the server config",
                 )
             name = self._pcpi(conn, ident, grant, args, "name")
-            log.info("%r takes PCPI %s on %s", ident, name, vname)
-            return vol.snapshot_create(name)
-        if op == "release":
-            if not grant.release:
-                raise self._refuse(
-                    ident,
-                    conn.peer,
-                    f"identity {ident!r} may not release PCPIs on {vname}",
-                    "set release = true for it in the server config",
-                )
-            name = self._pcpi(conn, ident, grant, args, "name")
-            log.info("%r releases PCPI %s on %s", ident, name, vname)
-            return vol.snapshot_delete(name)
+            log.info("%r %ss PCPI %s on %s", ident, op, name, vname)
+            return act(name)
         if op == "qtrees":
             snap = self._pcpi(conn, ident, grant, args, "snapshot", optional=True)
             return [q for q in vol.qtree_list(snap) if grant.may_read_qtree(vname, q)]
