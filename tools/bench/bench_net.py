@@ -200,28 +200,12 @@ class Source:
         self.ssh_url = self.sshd.expose(f"btrfs://{self.src}")
         self.tls_url = f"tls://{link.b_ip}:{TLS_PORT}/src"
         # the native pipeline's key: its forced command snapshots the source and sends it, nothing else
-        d = self.sshd.d
-        script = d / "native-send.sh"
-        script.write_text(
-            "\n".join(
-                [
-                    "#!/bin/sh",
-                    "set -e",
-                    "set -- $SSH_ORIGINAL_COMMAND",
-                    'case "$1$2" in *[!A-Za-z0-9_-]*) echo "bad snapshot names" >&2; exit 2;; esac',
-                    f'[ -d "{self.snaps}/$2" ] || btrfs subvolume snapshot -r "{self.src}" "{self.snaps}/$2" >/dev/null',
-                    f'if [ "$1" = "-" ]; then exec btrfs send -q "{self.snaps}/$2"; fi',
-                    f'exec btrfs send -q -p "{self.snaps}/$1" "{self.snaps}/$2"',
-                    "",
-                ]
-            )
+        self.native_ssh = self._native_key(
+            "native",
+            f'[ -d "{self.snaps}/$2" ] || btrfs subvolume snapshot -r "{self.src}" "{self.snaps}/$2" >/dev/null',
+            f'if [ "$1" = "-" ]; then exec btrfs send -q "{self.snaps}/$2"; fi',
+            f'exec btrfs send -q -p "{self.snaps}/$1" "{self.snaps}/$2"',
         )
-        script.chmod(0o755)
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / "native_key")], check=True)
-        pub = (d / "native_key.pub").read_text().strip()
-        with open(d / "authorized_keys", "a") as f:
-            f.write(f'command="{script}",restrict {pub}\n')
-        self.native_ssh = self.sshd.ssh.replace(str(d / "client_key"), str(d / "native_key")).split()
         self.zfs_ds = zfs_ds
         if zfs_ds:
             self._zfs_keys(zfs_ds)
@@ -251,7 +235,19 @@ class Source:
             keys.replace('command="', f'command="{" ".join(self.enter)} env COALESCE_ZFS_STATE_DIR={state} ', 1)
         )
         zfs = shutil.which("zfs", path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin") or "zfs"
-        script = d / "native-zfs-send.sh"
+        self.native_zfs_ssh = self._native_key(
+            "native_zfs",
+            f'{zfs} list -H -o name "{ds}@$2" >/dev/null 2>&1 || {zfs} snapshot "{ds}@$2"',
+            f'if [ "$1" = "-" ]; then exec {zfs} send "{ds}@$2"; fi',
+            f'exec {zfs} send -i "{ds}@$1" "{ds}@$2"',
+        )
+
+    def _native_key(self, name: str, *send: str) -> list[str]:
+        """The ssh command of a new key ``{name}_key`` whose forced command is the script ``{name}-send.sh``:
+        the two snapshot names of the command line (base or ``-``, target) checked, then the ``send`` lines,
+        which take the target snapshot where it is missing and send it."""
+        d = self.sshd.d
+        script = d / f"{name}-send.sh"
         script.write_text(
             "\n".join(
                 [
@@ -259,19 +255,23 @@ class Source:
                     "set -e",
                     "set -- $SSH_ORIGINAL_COMMAND",
                     'case "$1$2" in *[!A-Za-z0-9_-]*) echo "bad snapshot names" >&2; exit 2;; esac',
-                    f'{zfs} list -H -o name "{ds}@$2" >/dev/null 2>&1 || {zfs} snapshot "{ds}@$2"',
-                    f'if [ "$1" = "-" ]; then exec {zfs} send "{ds}@$2"; fi',
-                    f'exec {zfs} send -i "{ds}@$1" "{ds}@$2"',
+                    *send,
                     "",
                 ]
             )
         )
         script.chmod(0o755)
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / "native_zfs_key")], check=True)
-        pub = (d / "native_zfs_key.pub").read_text().strip()
+        key = d / f"{name}_key"
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+        pub = (d / f"{name}_key.pub").read_text().strip()
         with open(d / "authorized_keys", "a") as f:
             f.write(f'command="{script}",restrict {pub}\n')
-        self.native_zfs_ssh = self.sshd.ssh.replace(str(d / "client_key"), str(d / "native_zfs_key")).split()
+        return self.sshd.ssh.replace(str(d / "client_key"), str(key)).split()
+
+    def native_send(self, ssh: list[str], base: str | None, target: str) -> list[str]:
+        """The command that runs the forced command of a native key (``ssh``, from :meth:`_native_key`) on B:
+        send snapshot ``target``, incremental from ``base`` (whole without one)."""
+        return [*ssh, "-o", "BatchMode=yes", "-p", str(SSH_PORT), f"root@{self.link.b_ip}", "--", base or "-", target]
 
     def server_cpu(self) -> float:
         """CPU of every source-side process: the TLS server, sshd and what it ran (reaped)."""
@@ -363,18 +363,7 @@ class Native:
         self.extra_ssh: list[str] = []
 
     def _once(self, name: str) -> None:
-        ssh = [
-            *self.src.native_ssh,
-            *self.extra_ssh,
-            "-o",
-            "BatchMode=yes",
-            "-p",
-            str(SSH_PORT),
-            f"root@{self.src.link.b_ip}",
-            "--",
-            self.prev or "-",
-            name,
-        ]
+        ssh = self.src.native_send([*self.src.native_ssh, *self.extra_ssh], self.prev, name)
         pipeline(ssh, ["btrfs", "receive", "-q", self.dst], "native ssh pipeline")
 
     def update(
@@ -437,19 +426,8 @@ class NativeZfs:
         self.prev: str | None = None
 
     def _once(self, name: str) -> None:
-        ssh = [
-            *self.src.native_zfs_ssh,
-            "-o",
-            "BatchMode=yes",
-            "-p",
-            str(SSH_PORT),
-            f"root@{self.src.link.b_ip}",
-            "--",
-            self.prev or "-",
-            name,
-        ]
         pipeline(
-            ssh,
+            self.src.native_send(self.src.native_zfs_ssh, self.prev, name),
             ["zfs", "receive", "-F", self.dst_ds],
             "native zfs ssh pipeline",
             env=dict(os.environ, PATH=os.environ.get("PATH", "") + ":/usr/sbin:/sbin"),
