@@ -299,47 +299,23 @@ def run_hypothesis(copy: Path, examples: int, steps: int) -> tuple[bool, str]:
         COALESCE_STATEFUL_SIM="0",
         COALESCE_STATEFUL_NOSHRINK="1",
     )
-    cmd = (
-        [
-            PY,
-            "-m",
-            "pytest",
-            "-x",
-            "-q",
-            "-p",
-            "no:cacheprovider",
-            "-p",
-            "no:randomly",
-            str(ROOT / "tests/formal/test_stateful.py"),
-            "-k",
-            "mem",
-            "--rootdir",
-            str(ROOT),
-            "-o",
-            "addopts=",
-            "--hypothesis-seed=0",
-            "-p",
-            "no:hypothesispytest",
-        ]
-        if False
-        else [
-            PY,
-            "-m",
-            "pytest",
-            "-x",
-            "-q",
-            "-p",
-            "no:cacheprovider",
-            str(ROOT / "tests/formal/test_stateful.py"),
-            "-k",
-            "mem",
-            "--rootdir",
-            str(ROOT),
-            "-o",
-            "addopts=",
-            "--hypothesis-seed=0",
-        ]
-    )
+    cmd = [
+        PY,
+        "-m",
+        "pytest",
+        "-x",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        str(ROOT / "tests/formal/test_stateful.py"),
+        "-k",
+        "mem",
+        "--rootdir",
+        str(ROOT),
+        "-o",
+        "addopts=",
+        "--hypothesis-seed=0",
+    ]
     p = subprocess.run(cmd, env=env, check=False, capture_output=True, text=True, cwd=copy, timeout=900)
     killed = p.returncode != 0
     detail = ""
