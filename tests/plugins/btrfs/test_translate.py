@@ -117,37 +117,30 @@ def test_swapped_parents_with_children_swapped_back(pm, btrfs_urls):
     pair.assert_replicas()
 
 
+def _linked_across_qtrees(r):
+    """a/x and b/y: one inode in two qtrees."""
+    _write(f"{r}/a/x", b"1")
+    os.link(f"{r}/a/x", f"{r}/b/y")
+
+
+def _append_through_a(r):
+    with open(f"{r}/a/x", "ab") as f:
+        f.write(b"more")
+
+
 def test_hard_link_written_through_a_name_in_another_qtree(pm, btrfs_urls):
     """a/x and b/y are one inode; an append through a/x must reach b's replica, whose name the stream never uses."""
-
-    def setup(r):
-        _write(f"{r}/a/x", b"1")
-        os.link(f"{r}/a/x", f"{r}/b/y")
-
-    pair = Pair(pm, btrfs_urls, ["a", "b"], setup)
-
-    def change(r):
-        with open(f"{r}/a/x", "ab") as f:
-            f.write(b"more")
-
-    pair.change(change)
+    pair = Pair(pm, btrfs_urls, ["a", "b"], _linked_across_qtrees)
+    pair.change(_append_through_a)
     for q in ("a", "b"):
         pair.apply(q, pair.src.diff(q, "s1", "s2"))
     pair.assert_replicas()
 
 
 def test_hard_links_are_found_by_a_walk_where_the_ioctl_is_refused(pm, btrfs_urls, monkeypatch, caplog):
-    def setup(r):
-        _write(f"{r}/a/x", b"1")
-        os.link(f"{r}/a/x", f"{r}/b/y")
-
-    pair = Pair(pm, btrfs_urls, ["a", "b"], setup)
-
-    def change(r):
-        with open(f"{r}/a/x", "ab") as f:
-            f.write(b"more")
-
-    pair.change(change)
+    """The case above where the kernel refuses the inode-to-paths ioctl: the translator walks the target PCPI."""
+    pair = Pair(pm, btrfs_urls, ["a", "b"], _linked_across_qtrees)
+    pair.change(_append_through_a)
 
     def refused(root, ino):
         raise PermissionError(1, "Operation not permitted")
@@ -177,28 +170,6 @@ def test_an_arriving_directory_keeps_a_hard_link_to_a_name_already_in_the_qtree(
     assert HardLink(path="d/k", existing="k") in recs
 
 
-def test_park_names_never_replace_an_entry_of_the_qtree(pm, btrfs_urls):
-    """A qtree whose root holds `.coalesce-mv.*` entries of its own: parking picks names neither PCPI holds."""
-
-    def setup(r):
-        for i in range(12):
-            _write(f"{r}/Q/.coalesce-mv.{i}", f"user file {i}".encode())
-        _write(f"{r}/Q/x/f", b"x")
-        _write(f"{r}/Q/y/f", b"y")
-
-    def change(r):
-        os.rename(f"{r}/Q/x", f"{r}/Q/t")
-        os.rename(f"{r}/Q/y", f"{r}/Q/x")
-        os.rename(f"{r}/Q/t", f"{r}/Q/y")
-
-    pair = Pair(pm, btrfs_urls, ["Q"], setup)
-    pair.change(change)
-    recs = pair.apply("Q", pair.src.diff("Q", "s1", "s2"))
-    pair.assert_replicas()
-    parked = {r.new for r in recs if isinstance(r, Rename) and r.new.startswith(translate.PARK_PREFIX)}
-    assert parked and not parked & {f".coalesce-mv.{i}" for i in range(12)}
-
-
 def _swap_setup(r):
     _write(f"{r}/Q/x/f", b"x")
     _write(f"{r}/Q/y/f", b"yy")
@@ -208,6 +179,22 @@ def _swap(r):
     os.rename(f"{r}/Q/x", f"{r}/Q/t")
     os.rename(f"{r}/Q/y", f"{r}/Q/x")
     os.rename(f"{r}/Q/t", f"{r}/Q/y")
+
+
+def test_park_names_never_replace_an_entry_of_the_qtree(pm, btrfs_urls):
+    """A qtree whose root holds `.coalesce-mv.*` entries of its own: parking picks names neither PCPI holds."""
+
+    def setup(r):
+        for i in range(12):
+            _write(f"{r}/Q/.coalesce-mv.{i}", f"user file {i}".encode())
+        _swap_setup(r)
+
+    pair = Pair(pm, btrfs_urls, ["Q"], setup)
+    pair.change(_swap)
+    recs = pair.apply("Q", pair.src.diff("Q", "s1", "s2"))
+    pair.assert_replicas()
+    parked = {r.new for r in recs if isinstance(r, Rename) and r.new.startswith(translate.PARK_PREFIX)}
+    assert parked and not parked & {f".coalesce-mv.{i}" for i in range(12)}
 
 
 def test_a_replay_that_loses_track_falls_back_to_the_tree_compare(pm, btrfs_urls, caplog):
