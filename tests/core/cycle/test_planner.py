@@ -129,6 +129,17 @@ def edges(d: Decision) -> set[tuple[str | None, str, str, str]]:
     return {(t.replica, t.trigger, t.source, t.dest) for t in d.log}
 
 
+def decide_all(st: GroupState, events) -> tuple[GroupState, set[tuple[str | None, str, str, str]]]:
+    """Decide ``events`` in turn from ``st``, checking I1 after each: the last state and every edge logged."""
+    logged: set[tuple[str | None, str, str, str]] = set()
+    for e in events:
+        d = decide(st, e)
+        logged |= edges(d)
+        st = d.state
+        check_i1(st)
+    return st, logged
+
+
 class Sim:
     """A pure simulated executor: answers every effect with its result event.
 
@@ -487,12 +498,7 @@ def test_every_replica_edge_is_taken_through_decide_I8(edge):
     st, events = scenario()
     before = CHAINED.get(edge)
     assert st.replicas[who].state == (before[1] if before else source)
-    logged = set()
-    for e in events:
-        d = decide(st, e)
-        logged |= edges(d)
-        st = d.state
-        check_i1(st)
+    st, logged = decide_all(st, events)
     assert (who, trigger, source, dest) in logged
     if before:
         assert (who, before[0], before[1], source) in logged
@@ -851,12 +857,7 @@ def test_every_agent_phase_transition_through_decide_I8(edge):
     trigger, source, dest = edge
     st, events = AGENT_SCENARIOS[edge]()
     assert st.phase == source or trigger == "finish_cycle"
-    logged = set()
-    for e in events:
-        d = decide(st, e)
-        logged |= edges(d)
-        st = d.state
-        check_i1(st)
+    st, logged = decide_all(st, events)
     assert (None, trigger, source, dest) in logged
     assert all((t, s, de) in load_spec().agent.edges() for (r, t, s, de) in logged if r is None)
 
