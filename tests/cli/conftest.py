@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pytest
+from groups import mem_group
 
 ROOT = Path(__file__).resolve().parents[2]
 SCHEMAS = ROOT / "docs" / "schemas"
@@ -38,25 +39,11 @@ def validate(doc: Any, name: str) -> None:
 
 @pytest.fixture
 def group(tmp_path: Path, monkeypatch):
-    """A two-replica group on file-backed mem volumes, source filled, config at ./coalesce.toml."""
-    from coalesce_core.backend.manager import plugin_manager
-    from coalesce_core.backend.volume import Volume
-    from coalesce_core.testing.workload import SourceWriter, fill
-
+    """A two-replica group on file-backed mem volumes (tests/groups.py), config at ./coalesce.toml."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("COALESCE_CONFIG", raising=False)
     monkeypatch.delenv("COALESCE_METRICS_FILE", raising=False)
-    cfg = tmp_path / "coalesce.toml"
-    cfg.write_text(
-        '[group]\nname = "home"\n'
-        f'source = "mem://{tmp_path}/src.vol"\ndestination = "mem://{tmp_path}/dst.vol"\n'
-        "parallel = 2\n[group.retry]\ninitial = 0\n"
-        '[[replica]]\nname = "A"\n[[replica]]\nname = "B"\nsource = "qb"\n'
-    )
-    src = Volume.open(plugin_manager(), f"mem://{tmp_path}/src.vol", create=True)
-    writer = SourceWriter(src)
-    fill(writer, ["A", "qb"])
-    return tmp_path, writer
+    return tmp_path, mem_group(tmp_path)
 
 
 @pytest.fixture

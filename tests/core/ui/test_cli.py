@@ -15,11 +15,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from groups import mem_group
 
 from coalesce_core.backend.manager import plugin_manager
 from coalesce_core.backend.volume import Volume
 from coalesce_core.crashpoints import CRASH_POINTS
-from coalesce_core.testing.workload import SourceWriter, fill
+from coalesce_core.testing.workload import SourceWriter
 
 EXE = [sys.executable, "-m", "coalesce_core.ui.cli"]
 
@@ -38,18 +39,7 @@ def run(tmp: Path, *args: str, env: dict[str, str] | None = None, check: int | N
 
 @pytest.fixture
 def group(tmp_path: Path):
-    cfg = tmp_path / "coalesce.toml"
-    cfg.write_text(
-        '[group]\nname = "home"\n'
-        f'source = "mem://{tmp_path}/src.vol"\ndestination = "mem://{tmp_path}/dst.vol"\n'
-        "parallel = 2\n[group.retry]\ninitial = 0\n"
-        '[[replica]]\nname = "A"\n[[replica]]\nname = "B"\nsource = "qb"\n'
-    )
-    pm = plugin_manager()
-    src = Volume.open(pm, f"mem://{tmp_path}/src.vol", create=True)
-    writer = SourceWriter(src)
-    fill(writer, ["A", "qb"])
-    return tmp_path, writer
+    return tmp_path, mem_group(tmp_path)
 
 
 def reopen(writer: SourceWriter) -> SourceWriter:
