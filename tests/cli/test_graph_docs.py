@@ -12,9 +12,10 @@ from coalesce_core.cycle.spec import load_spec
 DOC = Path(__file__).resolve().parents[2] / "docs" / "state-graph.md"
 
 
-def generated() -> str:
+def graph(fmt: str) -> str:
+    """What `coalesce graph --format FMT` prints."""
     p = subprocess.run(
-        [sys.executable, "-m", "coalesce_core.ui.cli", "graph", "--format", "mermaid"],
+        [sys.executable, "-m", "coalesce_core.ui.cli", "graph", "--format", fmt],
         capture_output=True,
         text=True,
         check=True,
@@ -32,7 +33,7 @@ def test_state_graph_doc_embeds_the_generated_mermaid():
         re.S,
     )
     assert m, "the generated block is missing from docs/state-graph.md"
-    want = generated()
+    want = graph("mermaid")
     assert m.group(1) == want, (
         "docs/state-graph.md is stale; replace the block between the markers with:\n```mermaid\n" + want + "```"
     )
@@ -45,12 +46,6 @@ def test_state_graph_doc_table_lists_every_state():
 
 
 def test_dot_has_both_fields_as_clusters():
-    p = subprocess.run(
-        [sys.executable, "-m", "coalesce_core.ui.cli", "graph", "--format", "dot"],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=60,
-    )
-    assert "subgraph cluster_cycle" in p.stdout and "subgraph cluster_outside" in p.stdout
-    assert 'rollback -> unstable_uncoalesced [label="rollback_failed 1022"]' in p.stdout
+    dot = graph("dot")
+    assert "subgraph cluster_cycle" in dot and "subgraph cluster_outside" in dot
+    assert 'rollback -> unstable_uncoalesced [label="rollback_failed 1022"]' in dot
