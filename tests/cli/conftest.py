@@ -61,6 +61,17 @@ def cli(capsys) -> Callable[..., tuple[int, str, str]]:
 
 
 @pytest.fixture
+def cycled(group, cli):
+    """``group`` initialised and through two cycles, the second an update of one changed file of A."""
+    _, writer = group
+    assert cli("init")[0] == 0
+    assert cli("run", "--once", "-q")[0] == 0
+    writer.write("A", "dir0/file0", b"changed" * 50)
+    assert cli("run", "--once", "-q")[0] == 0
+    return group
+
+
+@pytest.fixture
 def validate_json() -> Callable[[Any, str], None]:
     """validate_json(doc, "status") checks doc against docs/schemas/status.schema.json."""
     return validate
