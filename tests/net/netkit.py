@@ -166,6 +166,43 @@ def certs(tmp_path_factory) -> Certs:
     )
 
 
+def write_serve_config(
+    path: Path,
+    server: tuple[str, str],
+    ca: str,
+    volumes: dict[str, str],
+    *,
+    timeout: float,
+    keepalive: float,
+    listen: str | None = None,
+) -> Path:
+    """Write the config of a `coalesce serve` process (docs/network.md) to ``path``: the server's certificate
+    and key, the CA, the timeouts, a log beside ``path``, ``volumes`` (name -> local URL) and the client
+    backup1, which may read them all and take and release PCPIs."""
+    path.write_text(
+        "\n".join(
+            [
+                "[server]",
+                *([f'listen = "{listen}"'] if listen else []),
+                f'cert = "{server[0]}"',
+                f'key = "{server[1]}"',
+                f'ca = "{ca}"',
+                f"timeout = {timeout}",
+                f"keepalive = {keepalive}",
+                f'log = "{path.parent}/serve.log"',
+                "[volumes]",
+                *(f'{name} = "{url}"' for name, url in volumes.items()),
+                "[clients.backup1]",
+                "volumes = [" + ", ".join(f'"{name}"' for name in volumes) + "]",
+                "take = true",
+                "release = true",
+                "",
+            ]
+        )
+    )
+    return path
+
+
 # --------------------------------------------------------------------------- TLS service in a thread
 class ServerRecorder:
     """A plugin of the SERVER's plugin manager: records every primitive the service runs."""

@@ -23,7 +23,7 @@ import time
 import attrs
 import pytest
 from net.linkemu import Link
-from net.netkit import LOCAL_OF, SSHD, RemoteHarness, client_env
+from net.netkit import LOCAL_OF, SSHD, RemoteHarness, client_env, write_serve_config
 
 import coalesce_mem
 
@@ -37,26 +37,7 @@ def link(certs, tmp_path_factory):
     d = tmp_path_factory.mktemp("linkfaults")
     local = f"mem://{d}/src.mem"
     coalesce_mem.volume_for(local)  # the file, so that the servers can open it
-    (d / "serve.toml").write_text(
-        "\n".join(
-            [
-                "[server]",
-                f'cert = "{certs.server[0]}"',
-                f'key = "{certs.server[1]}"',
-                f'ca = "{certs.ca}"',
-                "timeout = 10",
-                "keepalive = 5",
-                f'log = "{d}/serve.log"',
-                "[volumes]",
-                f'src = "{local}"',
-                "[clients.backup1]",
-                'volumes = ["src"]',
-                "take = true",
-                "release = true",
-                "",
-            ]
-        )
-    )
+    write_serve_config(d / "serve.toml", certs.server, certs.ca, {"src": local}, timeout=10, keepalive=5)
     lk = Link(mtu=1500, log=str(d / "linkemu.log"))
     sshd = None
     try:

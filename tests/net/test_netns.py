@@ -20,7 +20,7 @@ import threading
 import time
 
 import pytest
-from net.netkit import client_env, remote_plugins
+from net.netkit import client_env, remote_plugins, write_serve_config
 
 import coalesce_mem
 from coalesce_core.backend.manager import plugin_manager
@@ -63,27 +63,14 @@ def link(certs, tmp_path, monkeypatch):
         for i in range(6):
             vol.write_file(f"A/f{i}", rng.randbytes(500_000))
         vol.snapshot_create(SNAP)
-        cfg = tmp_path / "serve.toml"
-        cfg.write_text(
-            "\n".join(
-                [
-                    "[server]",
-                    f'listen = "{NS_IP}:7450"',
-                    f'cert = "{certs.server[0]}"',
-                    f'key = "{certs.server[1]}"',
-                    f'ca = "{certs.ca}"',
-                    "timeout = 3",
-                    "keepalive = 2",
-                    f'log = "{tmp_path}/serve.log"',
-                    "[volumes]",
-                    f'src = "{local}"',
-                    "[clients.backup1]",
-                    'volumes = ["src"]',
-                    "take = true",
-                    "release = true",
-                    "",
-                ]
-            )
+        cfg = write_serve_config(
+            tmp_path / "serve.toml",
+            certs.server,
+            certs.ca,
+            {"src": local},
+            timeout=3,
+            keepalive=2,
+            listen=f"{NS_IP}:7450",
         )
         proc = subprocess.Popen(
             [

@@ -143,7 +143,7 @@ class Source:
     """Namespace B's services: coalesce serve --listen (TLS) and sshd (coalesce forced command + native key)."""
 
     def __init__(self, link: Any, work: Path, mnt: str, zfs_ds: str | None = None) -> None:
-        from tests.net.netkit import CA, SSHD
+        from tests.net.netkit import CA, SSHD, write_serve_config
 
         self.link = link
         self.src = os.path.join(mnt, "src")
@@ -155,28 +155,8 @@ class Source:
         server = ca.issue("bench-source", server=True, ips=(link.b_ip,))
         self.client = ca.issue("backup1")
         self.ca = ca.path
-        cfg = work / "serve.toml"
-        cfg.write_text(
-            "\n".join(
-                [
-                    "[server]",
-                    f'cert = "{server[0]}"',
-                    f'key = "{server[1]}"',
-                    f'ca = "{ca.path}"',
-                    "timeout = 30",
-                    "keepalive = 5",
-                    f'log = "{work}/serve.log"',
-                    "[volumes]",
-                    f'src = "btrfs://{self.src}"',
-                    *([f'zsrc = "zfs://{zfs_ds}"'] if zfs_ds else []),
-                    "[clients.backup1]",
-                    'volumes = ["src", "zsrc"]' if zfs_ds else 'volumes = ["src"]',
-                    "take = true",
-                    "release = true",
-                    "",
-                ]
-            )
-        )
+        volumes = {"src": f"btrfs://{self.src}", **({"zsrc": f"zfs://{zfs_ds}"} if zfs_ds else {})}
+        cfg = write_serve_config(work / "serve.toml", server, ca.path, volumes, timeout=30, keepalive=5)
         # with a zfs source the services in B run in THIS mount namespace (nsenter), only their network is
         # B's: `ip netns exec` gives a process its own copy of the mounts, where the clones zfs-fuse mounts
         # for a diff would not appear and `zfs destroy`'s unmount would not reach the daemon's mount
