@@ -71,6 +71,14 @@ def _run(argv: list[str], ns: str | None = None, check: bool = True) -> subproce
     return p
 
 
+def _qdisc_add(ns: str, dev: str, parent: list[str], handle: str, kind: str, **options: object) -> None:
+    """``tc qdisc add dev DEV PARENT handle HANDLE KIND NAME VALUE...`` in namespace ``ns``, the options in order."""
+    argv = ["tc", "qdisc", "add", "dev", dev, *parent, "handle", handle, kind]
+    for name, value in options.items():
+        argv += [name, str(value)]
+    _run(argv, ns=ns)
+
+
 def parse_rate_bits(rate: str | float | int | None) -> float | None:
     """``"100mbit"``, ``"1gbit"``, ``"800kbit"`` (tc's units) or bits/s -> bits/s."""
     if rate is None or rate == "" or rate == 0:
@@ -303,51 +311,13 @@ class Link:
             _run(["tc", "qdisc", "del", "dev", dev, "root"], ns=r, check=False)
             parent = ["root"]
             if self.mode == "netem" and (delay_ms or loss):
-                _run(
-                    [
-                        "tc",
-                        "qdisc",
-                        "add",
-                        "dev",
-                        dev,
-                        "root",
-                        "handle",
-                        "1:",
-                        "netem",
-                        "delay",
-                        f"{delay_ms}ms",
-                        "loss",
-                        f"{loss * 100}%",
-                        "limit",
-                        "100000",
-                    ],
-                    ns=r,
-                )
+                _qdisc_add(r, dev, ["root"], "1:", "netem", delay=f"{delay_ms}ms", loss=f"{loss * 100}%", limit=100000)
                 parent = ["parent", "1:1"]
             if bits:
                 burst = int(max(2 * self.mtu + 1000, bits / 8 * 0.004))
                 limit = int(max(4 * self.mtu, bits / 8 * qms / 1000)) + burst
-                _run(
-                    [
-                        "tc",
-                        "qdisc",
-                        "add",
-                        "dev",
-                        dev,
-                        *parent,
-                        "handle",
-                        "10:",
-                        "tbf",
-                        "rate",
-                        f"{int(bits)}bit",
-                        "burst",
-                        str(burst),
-                        "limit",
-                        str(limit),
-                        "mtu",
-                        str(self.mtu + 100),
-                    ],
-                    ns=r,
+                _qdisc_add(
+                    r, dev, parent, "10:", "tbf", rate=f"{int(bits)}bit", burst=burst, limit=limit, mtu=self.mtu + 100
                 )
         if self.mode == "tun":
             self._ctl({"op": "set", "delay": [delay_ms / 1000, delay_ms / 1000], "loss": [loss, loss], "seed": seed})
