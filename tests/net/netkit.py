@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime
 import itertools
 import os
+import random
 import shutil
 import signal
 import socket
@@ -29,6 +30,7 @@ PLUGINS_DIR = Path(__file__).resolve().parents[2] / "plugins"
 if str(PLUGINS_DIR) not in sys.path:
     sys.path.insert(0, str(PLUGINS_DIR))
 
+import coalesce_mem  # noqa: E402
 import coalesce_remote  # noqa: E402
 from coalesce_core.backend.manager import plugin_manager  # noqa: E402
 from coalesce_core.backend.volume import Volume  # noqa: E402
@@ -164,6 +166,16 @@ def certs(tmp_path_factory) -> Certs:
         other_ca=rogue.issue("backup1"),
         expired=ca.issue("backup1", expired=True),
     )
+
+
+def random_source(url: str, seed: int, size: int, snapshot: str) -> None:
+    """Make the mem volume ``url`` hold six files of ``size`` random bytes (from ``seed``) in qtree A,
+    ``A/f0`` to ``A/f5``, and take PCPI ``snapshot`` of them."""
+    vol = coalesce_mem.volume_for(url)
+    rng = random.Random(seed)
+    for i in range(6):
+        vol.write_file(f"A/f{i}", rng.randbytes(size))
+    vol.snapshot_create(snapshot)
 
 
 def write_serve_config(

@@ -10,7 +10,6 @@ namespace, the veth pair and the server are removed even when a test fails.
 from __future__ import annotations
 
 import os
-import random
 import shutil
 import signal
 import socket
@@ -20,7 +19,7 @@ import threading
 import time
 
 import pytest
-from net.netkit import client_env, remote_plugins, write_serve_config
+from net.netkit import client_env, random_source, remote_plugins, write_serve_config
 
 import coalesce_mem
 from coalesce_core.backend.manager import plugin_manager
@@ -58,11 +57,7 @@ def link(certs, tmp_path, monkeypatch):
         _ip("ip", "link", "set", ns_if, "up", ns=ns)
         _ip("ip", "link", "set", "lo", "up", ns=ns)
         local = f"mem://{tmp_path}/ns-src.mem"
-        vol = coalesce_mem.volume_for(local)
-        rng = random.Random(9)
-        for i in range(6):
-            vol.write_file(f"A/f{i}", rng.randbytes(500_000))
-        vol.snapshot_create(SNAP)
+        random_source(local, 9, 500_000, SNAP)
         cfg = write_serve_config(
             tmp_path / "serve.toml",
             certs.server,

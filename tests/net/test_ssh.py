@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import random
 import signal
 import subprocess
 import threading
@@ -11,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from net.netkit import remote_plugins
+from net.netkit import random_source, remote_plugins
 
 import coalesce_mem
 from coalesce_core.backend.manager import plugin_manager
@@ -24,11 +23,7 @@ SNAP = "co-g-src-000001"
 @pytest.fixture
 def ssh_source(ssh_env, tmp_path):
     local = f"mem://{tmp_path}/ssh-src.mem"
-    vol = coalesce_mem.volume_for(local)
-    rng = random.Random(3)
-    for i in range(6):
-        vol.write_file(f"A/f{i}", rng.randbytes(400_000))
-    vol.snapshot_create(SNAP)
+    random_source(local, 3, 400_000, SNAP)
     return ssh_env, local, ssh_env.expose(local)
 
 
