@@ -56,6 +56,7 @@ import threading
 import time
 from collections.abc import Collection
 from pathlib import Path
+from typing import Any
 
 from coalesce_core.backend.faults import Rule
 from coalesce_core.backend.hookspecs import hookimpl
@@ -413,23 +414,13 @@ def plot(rows: list[dict], path: str, title: str, projected: Collection[int] = (
             if not rs:
                 continue
             color, marker, size, width = style[tool]
+            line: dict[str, Any] = dict(color=color, marker=marker, markersize=size, linewidth=width)
             xs = [r["n"] for r in rs]
-            ax.plot(
-                xs,
-                [r[f"peak_{side}"] for r in rs],
-                color=color,
-                marker=marker,
-                markersize=size,
-                linewidth=width,
-                label=f"{LABEL[tool]}: peak",
-            )
+            ax.plot(xs, [r[f"peak_{side}"] for r in rs], **line, label=f"{LABEL[tool]}: peak")
             ax.plot(
                 xs,
                 [r[f"rest_{side}"] for r in rs],
-                color=color,
-                marker=marker,
-                markersize=size,
-                linewidth=width,
+                **line,
                 linestyle="--",
                 markerfacecolor="none",
                 label=f"{LABEL[tool]}: at rest",
