@@ -215,6 +215,45 @@ def write_serve_config(
     return path
 
 
+def wait_listening(what: str, host: str, port: int, proc: subprocess.Popen, log: Path, within: float) -> None:
+    """Return once ``host:port`` accepts a connection; RuntimeError with the text of ``log`` when ``proc``
+    (``what``, which is to listen there) ended or ``within`` seconds passed first."""
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            socket.create_connection((host, port), timeout=1).close()
+            return
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{what} did not start: {log.read_text()}") from None
+            time.sleep(0.05)
+
+
+def serve_in_b(
+    link: Any, config: Path, port: int, prefix: tuple[str, ...] = (), within: float = 20
+) -> subprocess.Popen:
+    """`coalesce serve --listen` on B's address and ``port`` with ``config``, started in namespace B of
+    ``link`` (tests/net/linkemu.py), after ``prefix`` (a command it runs under); its errors go to
+    serve.err beside ``config``.  Returns once it listens."""
+    err = config.parent / "serve.err"
+    proc = link.popen_b(
+        [
+            *prefix,
+            sys.executable,
+            "-m",
+            "coalesce_remote.serve",
+            "--listen",
+            f"{link.b_ip}:{port}",
+            "--config",
+            str(config),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=open(err, "wb"),
+    )
+    wait_listening("coalesce serve", link.b_ip, port, proc, err, within)
+    return proc
+
+
 # --------------------------------------------------------------------------- TLS service in a thread
 class ServerRecorder:
     """A plugin of the SERVER's plugin manager: records every primitive the service runs."""
@@ -358,15 +397,7 @@ class SSHD:
             stderr=open(d / "sshd.log", "wb"),
             start_new_session=True,
         )
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection((host, self.port), timeout=1).close()
-                break
-            except OSError:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"sshd did not start: {(d / 'sshd.log').read_text()}")
-                time.sleep(0.05)
+        wait_listening("sshd", host, self.port, self.proc, d / "sshd.log", 10)
         self.ssh = (
             f"ssh -F /dev/null -i {d / 'client_key'} -o IdentitiesOnly=yes "
             f"-o UserKnownHostsFile={d / 'known_hosts'} -o StrictHostKeyChecking=yes -o LogLevel=ERROR"

@@ -23,7 +23,7 @@ import time
 import attrs
 import pytest
 from net.linkemu import Link
-from net.netkit import LOCAL_OF, SSHD, RemoteHarness, client_env, write_serve_config
+from net.netkit import LOCAL_OF, SSHD, RemoteHarness, client_env, serve_in_b, write_serve_config
 
 import coalesce_mem
 
@@ -42,29 +42,9 @@ def link(certs, tmp_path_factory):
     sshd = None
     try:
         lk.start()
-        tls = lk.popen_b(
-            [
-                sys.executable,
-                "-m",
-                "coalesce_remote.serve",
-                "--listen",
-                f"{lk.b_ip}:{TLS_PORT}",
-                "--config",
-                str(d / "serve.toml"),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=open(d / "serve.err", "wb"),
-        )
+        serve_in_b(lk, d / "serve.toml", TLS_PORT, within=15)
         (d / "sshd").mkdir()
         sshd = SSHD(d / "sshd", host=lk.b_ip, port=SSH_PORT, netns=lk.ns_b)
-        deadline = time.monotonic() + 15
-        while True:
-            try:
-                socket.create_connection((lk.b_ip, TLS_PORT), timeout=1).close()
-                break
-            except OSError:
-                assert tls.poll() is None and time.monotonic() < deadline, (d / "serve.err").read_text()
-                time.sleep(0.1)
         yield {"link": lk, "sshd": sshd, "local": local, "dir": d}
     finally:
         if sshd is not None:

@@ -143,7 +143,7 @@ class Source:
     """Namespace B's services: coalesce serve --listen (TLS) and sshd (coalesce forced command + native key)."""
 
     def __init__(self, link: Any, work: Path, mnt: str, zfs_ds: str | None = None) -> None:
-        from tests.net.netkit import CA, SSHD, write_serve_config
+        from tests.net.netkit import CA, SSHD, serve_in_b, write_serve_config
 
         self.link = link
         self.src = os.path.join(mnt, "src")
@@ -161,20 +161,7 @@ class Source:
         # B's: `ip netns exec` gives a process its own copy of the mounts, where the clones zfs-fuse mounts
         # for a diff would not appear and `zfs destroy`'s unmount would not reach the daemon's mount
         self.enter = ["nsenter", f"--mount=/proc/{os.getpid()}/ns/mnt", "--"] if zfs_ds else []
-        self.tls = link.popen_b(
-            [
-                *self.enter,
-                sys.executable,
-                "-m",
-                "coalesce_remote.serve",
-                "--listen",
-                f"{link.b_ip}:{TLS_PORT}",
-                "--config",
-                str(cfg),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=open(work / "serve.err", "wb"),
-        )
+        self.tls = serve_in_b(link, cfg, TLS_PORT, prefix=tuple(self.enter))
         (work / "sshd").mkdir()
         self.sshd = SSHD(work / "sshd", host=link.b_ip, port=SSH_PORT, netns=link.ns_b)
         self.ssh_url = self.sshd.expose(f"btrfs://{self.src}")
@@ -189,17 +176,6 @@ class Source:
         self.zfs_ds = zfs_ds
         if zfs_ds:
             self._zfs_keys(zfs_ds)
-        deadline = time.monotonic() + 20
-        import socket
-
-        while True:
-            try:
-                socket.create_connection((link.b_ip, TLS_PORT), timeout=1).close()
-                break
-            except OSError:
-                if self.tls.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"coalesce serve did not start: {(work / 'serve.err').read_text()}")
-                time.sleep(0.1)
 
     def _zfs_keys(self, ds: str) -> None:
         """The zfs source: exposed over ssh (and TLS, above); ``coalesce serve --stdio`` runs in this mount
