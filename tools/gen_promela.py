@@ -540,12 +540,14 @@ def load(path: Path = SPEC) -> dict:
     return tomllib.loads(path.read_text(encoding="utf-8"))
 
 
+def sources(transition: dict) -> list[str]:
+    """The source states of a spec transition (``source`` is one name or a list)."""
+    src = transition["source"]
+    return [src] if isinstance(src, str) else list(src)
+
+
 def edges(machine: dict) -> list[tuple[str, str, str]]:
-    return [
-        (t["trigger"], s, t["dest"])
-        for t in machine["transitions"]
-        for s in ([t["source"]] if isinstance(t["source"], str) else t["source"])
-    ]
+    return [(t["trigger"], s, t["dest"]) for t in machine["transitions"] for s in sources(t)]
 
 
 def size_text(replicas: int, slots: int) -> dict[str, str]:
@@ -653,14 +655,14 @@ def generate(
         w(f"#define G_{name} {text}")
     w("\n/* replica transitions: one inline per trigger (I8 by construction; the monitor in check() re-checks) */")
     for t in rep["transitions"]:
-        srcs = [t["source"]] if isinstance(t["source"], str) else t["source"]
+        srcs = sources(t)
         for s in srcs:
             w(f"/* @edge replica {t['trigger']} {s} {t['dest']} */")
         cond = " || ".join(f"rs[x] == R_{s}" for s in srcs)
         w(f"inline T_{t['trigger']}(x) {{ assert({cond}); rs[x] = R_{t['dest']} }}   /* ref {t.get('ref', '')} */")
     w("\n/* agent phase transitions, asserting their named guards (spec `conditions`) */")
     for t in agt["transitions"]:
-        srcs = [t["source"]] if isinstance(t["source"], str) else t["source"]
+        srcs = sources(t)
         for s in srcs:
             w(f"/* @edge agent {t['trigger']} {s} {t['dest']} */")
         cond = " || ".join(f"ph == A_{s}" for s in srcs)
