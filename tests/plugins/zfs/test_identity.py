@@ -25,6 +25,7 @@ import time
 
 import attrs
 import pytest
+from groups import group_toml
 from trees import assert_same
 
 import coalesce_zfs
@@ -329,24 +330,7 @@ def _run(config: Config, zfs_urls, btrfs_urls, meta) -> Run:
     tags = {name: f"c{i:02d}-" for i, name in enumerate(config.cases)}
     replicas = [tag + q for name, tag in tags.items() for q in CASES[name][0]]
     destination = zfs_urls("dst") if config.dest == "zfs" else btrfs_urls("dst")
-    text = (
-        "\n".join(
-            [
-                "[group]",
-                'name = "g"',
-                f'source = "{zfs_urls("src")}"',
-                f'destination = "{destination}"',
-                "parallel = 4",
-                f'metadata = "{meta}/meta"',
-                "[group.retry]",
-                "initial = 0",
-                "factor = 2",
-                "maximum = 60",
-                *(line for r in replicas for line in ("[[replica]]", f'name = "{r}"')),
-            ]
-        )
-        + "\n"
-    )
+    text = group_toml(zfs_urls("src"), destination, f"{meta}/meta", replicas)
     prunes: dict[str, object] = {}
     real = identity.prune_for
 

@@ -18,6 +18,7 @@ import subprocess
 import attrs
 import pytest
 import send_scenarios as sc_mod
+from groups import group_toml
 from send_scenarios import SCENARIOS, KeepSourcePcpis, Outcome, drive
 from trees import assert_same
 
@@ -68,24 +69,7 @@ def run(zfs_urls_module, tmp_path_factory):
     """Every applicable scenario in one group (its qtrees tagged ``sNN-``): a group costs ~8 s on zfs-fuse."""
     meta = tmp_path_factory.mktemp("send-scenarios")
     replicas = [r for tag, sc in TAGGED.items() for r in sc.replicas(tag)]
-    text = (
-        "\n".join(
-            [
-                "[group]",
-                'name = "g"',
-                f'source = "{zfs_urls_module("src")}"',
-                f'destination = "{zfs_urls_module("dst")}"',
-                "parallel = 4",
-                f'metadata = "{meta}/meta"',
-                "[group.retry]",
-                "initial = 0",
-                "factor = 2",
-                "maximum = 60",
-                *(line for r in replicas for line in ("[[replica]]", f'name = "{r}"')),
-            ]
-        )
-        + "\n"
-    )
+    text = group_toml(zfs_urls_module("src"), zfs_urls_module("dst"), f"{meta}/meta", replicas)
     keep = KeepSourcePcpis()
     h = Harness(parse_config(text, str(meta / "group.toml")), plugins=[keep])
     keep.source = src = h.agent.source.handle
