@@ -117,15 +117,7 @@ def conformance_machine(
             _check(self.vol.snapshot_create(name) == name, "snapshot_create must return the name")
             self.snaps[name] = {"fps": _fps(self.vol, name), "model": self.model.copy()}
             self.last = name
-            check_diff(
-                self.vol,
-                "src",
-                last,
-                name,
-                base_model=self.snaps[last]["model"] if last else None,
-                target_fp=self.snaps[name]["fps"].get("src", EMPTY_FP),
-                use_purgatory=use_purgatory,
-            )
+            self._check_diff(last, name, use_purgatory)
 
         @precondition(lambda self: self.snaps)
         @rule(data=st.data(), use_purgatory=st.booleans())
@@ -133,6 +125,11 @@ def conformance_machine(
             names_ = sorted(self.snaps)
             base = data.draw(st.one_of(st.sampled_from(names_), st.none()))
             target = data.draw(st.sampled_from(names_))
+            self._check_diff(base, target, use_purgatory)
+
+        def _check_diff(self, base: str | None, target: str, use_purgatory: bool) -> None:
+            """check_diff of "src" from PCPI ``base`` (None: a baseline) to ``target``, against the model
+            and fingerprints kept when they were taken."""
             check_diff(
                 self.vol,
                 "src",
