@@ -150,6 +150,16 @@ def _qtree_of(p: str) -> str:
     return p.partition("/")[0]
 
 
+def _lstat_kept(kept: dict[str, os.stat_result | None], root: str, path: str) -> os.stat_result | None:
+    """lstat of ``path`` below ``root`` ("" is ``root`` itself; None: missing), looked up once and kept in
+    ``kept`` (a PCPI does not change)."""
+    try:
+        return kept[path]
+    except KeyError:
+        st = kept[path] = walk.lstat_or_none(os.path.join(root, path) if path else root)
+        return st
+
+
 class _PathDict(dict):
     """A dict keyed by paths that lists a path's subtree without scanning every key.
 
@@ -230,21 +240,11 @@ class StreamState:
     # -- looking things up in the two PCPIs ------------------------------------
     def bstat(self, path: str) -> os.stat_result | None:
         """lstat of volume-relative ``path`` in the base PCPI ("" is its root)."""
-        try:
-            return self._bst[path]
-        except KeyError:
-            st = walk.lstat_or_none(os.path.join(self.base_root, path) if path else self.base_root)
-            self._bst[path] = st
-            return st
+        return _lstat_kept(self._bst, self.base_root, path)
 
     def tstat(self, path: str) -> os.stat_result | None:
         """lstat of volume-relative ``path`` in the target PCPI."""
-        try:
-            return self._tst[path]
-        except KeyError:
-            st = walk.lstat_or_none(os.path.join(self.target_root, path) if path else self.target_root)
-            self._tst[path] = st
-            return st
+        return _lstat_kept(self._tst, self.target_root, path)
 
     def base_of(self, path: str) -> str | None:
         """The base path of the object at current path ``path``; None for an object the stream made."""
