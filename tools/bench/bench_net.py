@@ -76,6 +76,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+import attrs
+
 from coalesce_core.backend.manager import plugin_manager
 from coalesce_core.backend.volume import Volume
 from coalesce_core.errors import CoalesceError
@@ -407,26 +409,21 @@ class NativeZfs:
 
 
 # ---------------------------------------------------------------------------- measuring one run
+@attrs.define
 class Bench:
-    def __init__(
-        self,
-        link: Any,
-        source: Source,
-        qdir: str,
-        methods: dict[str, Any],
-        fs: str = "btrfs",
-        settle: Callable[[], None] | None = None,
-    ) -> None:
-        self.link = link
-        self.source = source
-        self.qdir = qdir
-        self.m = methods
-        self.fs = fs
-        self.settle = settle
-        self.rnd = random.Random(5)
+    """Runs of the replication ``methods`` (by name) of ``qdir``, a qtree of ``source`` on file system
+    ``fs`` (``settle``: what makes its latest writes visible to a reader, if anything), over ``link``."""
+
+    link: Any
+    source: Source
+    qdir: str
+    methods: dict[str, Any]
+    fs: str = "btrfs"
+    settle: Callable[[], None] | None = None
+    rnd: random.Random = attrs.field(factory=lambda: random.Random(5))  # picks the files the checks compare
 
     def measure(self, name: str, **kw: Any) -> dict:
-        m = self.m[name]
+        m = self.methods[name]
         os.sync()
         if self.settle is not None:
             self.settle()
@@ -672,7 +669,7 @@ def baselines(b: Bench, size_mib: int, seed: int) -> None:
     """Untimed, on the unshaped link: a baseline of min(size, 64 MiB) for every method, so that all
     hold the same first image."""
     write_big(b.qdir, min(size_mib, 64), random.Random(seed))
-    for name in b.m:
+    for name in b.methods:
         b.measure(name)
 
 
@@ -694,12 +691,12 @@ def part_main(
         b.link.shape(delay_ms=delay, rate=rate)
         if warmup:
             write_big(b.qdir, size_mib, random.Random(seed - 1))
-            for name in b.m:
+            for name in b.methods:
                 log(f"warm-up on {rate}:")
                 b.measure(name)
         for i in range(repeat):
             write_big(b.qdir, size_mib, random.Random(seed + len(rows)))
-            order = list(b.m)  # coalesce over SSH, over TLS, native
+            order = list(b.methods)  # coalesce over SSH, over TLS, native
             for name in order[i % 3 :] + order[: i % 3]:  # the first method runs with the coldest cache
                 spy = None
                 if profile is not None:
@@ -728,7 +725,7 @@ def part_compression(b: Bench, rate: str, delay: float, mib: int, seed: int, qui
         runs = [runs[0], runs[1], runs[-2], runs[-1]]
     for i, (name, comp) in enumerate(runs):
         write_words(b.qdir, mib, seed + i)
-        m = b.m[name]
+        m = b.methods[name]
         if isinstance(m, Coalesce):
             os.environ["COALESCE_COMPRESSION"] = comp
             m.reopen()
@@ -765,7 +762,7 @@ def part_resume(
     if quick:
         plan = [plan[0], plan[3]]
     for i, (name, how) in enumerate(plan):
-        m = b.m[name]
+        m = b.methods[name]
         write_big(b.qdir, mib, random.Random(seed + 2 * i))
         base = b.measure(name)
         write_big(b.qdir, mib, random.Random(seed + 2 * i + 1))
