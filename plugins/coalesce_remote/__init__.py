@@ -9,19 +9,21 @@ source host (docs/network.md, docs/protocol.md).  The destination primitives
 
 Two entry-point modules, one per scheme (``coalesce_remote.ssh`` and
 ``coalesce_remote.tls``), so that each backend describes itself and the
-plugin manager registers two distinct plugins.  For tests without the entry
+plugin manager registers two distinct plugins; each binds the hooks
+:func:`scheme_hooks` makes for its scheme.  For tests without the entry
 points: ``COALESCE_PLUGINS=coalesce_remote.ssh,coalesce_remote.tls``.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
+from coalesce_core.backend.hookspecs import hookimpl
 from coalesce_core.backend.urls import VolumeURL
 
 from .client import ClientSettings, RemoteVolume, close_all, load_settings
 
-__all__ = ["RemoteVolume", "ClientSettings", "load_settings", "close_all", "backend_info", "open_volume", "plugins"]
+__all__ = ["RemoteVolume", "ClientSettings", "load_settings", "close_all", "scheme_hooks", "plugins"]
 
 _DESCRIPTIONS = {
     "ssh": "a source volume on another host, through ssh and `coalesce serve --stdio` "
@@ -30,18 +32,25 @@ _DESCRIPTIONS = {
 }
 
 
-def backend_info(scheme: str) -> dict[str, str]:
-    return {"scheme": scheme, "description": _DESCRIPTIONS[scheme]}
+def scheme_hooks(scheme: str) -> tuple[Callable[[], dict[str, str]], Callable[[VolumeURL, bool], RemoteVolume | None]]:
+    """The backend hooks of scheme ``scheme`` (``coalesce_backend_info``, ``coalesce_open_volume``), for its
+    entry-point module to bind under the hooks' names."""
 
+    @hookimpl
+    def coalesce_backend_info() -> dict[str, str]:
+        return {"scheme": scheme, "description": _DESCRIPTIONS[scheme]}
 
-def open_volume(scheme: str, url: VolumeURL) -> RemoteVolume | None:
-    """A connected handle for ``url`` when it is a ``scheme`` URL; the primitives are the handle's
-    methods (coalesce_core.backend.handles)."""
-    if url.scheme != scheme:
-        return None
-    vol = RemoteVolume(url, load_settings())
-    vol.connect()  # refusals and unreachable servers surface here, with their hint
-    return vol
+    @hookimpl
+    def coalesce_open_volume(url: VolumeURL, create: bool) -> RemoteVolume | None:
+        """A connected handle for ``url`` when it is a ``scheme`` URL; the primitives are the handle's
+        methods (coalesce_core.backend.handles)."""
+        if url.scheme != scheme:
+            return None
+        vol = RemoteVolume(url, load_settings())
+        vol.connect()  # refusals and unreachable servers surface here, with their hint
+        return vol
+
+    return coalesce_backend_info, coalesce_open_volume
 
 
 def plugins() -> list[Any]:
