@@ -157,13 +157,17 @@ def test_transfer_over_delay_loss_and_rate_limit(link):
     v.close()
 
 
-def test_link_down_mid_transfer_then_up_resumes(link, monkeypatch):
-    monkeypatch.setenv("COALESCE_TIMEOUT", "1.5")
-    monkeypatch.setenv("COALESCE_RETRIES", "8")
-    monkeypatch.setenv("COALESCE_RETRY_DELAY", "0.3")
+def _slow_client(link, monkeypatch, **settings: str) -> Volume:
+    """The served volume, opened by a client limited to 1 MiB/s (a transfer that lasts long enough to cut
+    the link under it) with the client ``settings`` (COALESCE_<NAME>, docs/network.md)."""
     monkeypatch.setenv("COALESCE_BANDWIDTH", "1MiB/s")
-    monkeypatch.setenv("COALESCE_COMPRESSION", "none")
-    v = Volume.open(plugin_manager(remote_plugins()), link["url"])
+    for name, value in settings.items():
+        monkeypatch.setenv(f"COALESCE_{name}", value)
+    return Volume.open(plugin_manager(remote_plugins()), link["url"])
+
+
+def test_link_down_mid_transfer_then_up_resumes(link, monkeypatch):
+    v = _slow_client(link, monkeypatch, TIMEOUT="1.5", RETRIES="8", RETRY_DELAY="0.3", COMPRESSION="none")
     got, err = [], []
 
     def run():
@@ -186,13 +190,9 @@ def test_link_down_mid_transfer_then_up_resumes(link, monkeypatch):
 
 
 def test_link_that_stays_down_fails_the_transfer_in_bounded_time(link, monkeypatch):
-    monkeypatch.setenv("COALESCE_TIMEOUT", "1")
-    monkeypatch.setenv("COALESCE_RETRIES", "2")
-    monkeypatch.setenv("COALESCE_RETRY_DELAY", "0.1")
-    monkeypatch.setenv("COALESCE_BANDWIDTH", "1MiB/s")
     from coalesce_core.errors import BackendError
 
-    v = Volume.open(plugin_manager(remote_plugins()), link["url"])
+    v = _slow_client(link, monkeypatch, TIMEOUT="1", RETRIES="2", RETRY_DELAY="0.1")
     it = v.diff("A", None, SNAP)
     next(it)
     _ip("ip", "link", "set", link["host_if"], "down")
