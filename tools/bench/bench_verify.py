@@ -270,20 +270,31 @@ class Group:
         return {"wall": wall, "cpu": cpu, "check": ct.total, "records": rep.get("records", 0)}
 
 
+def _tag(verify: bool) -> str:
+    return "on" if verify else "off"
+
+
 @contextlib.contextmanager
 def volumes(backend: str, rep: int, size_mib: int, log):
     """Yields make(verify) -> Group on fresh volumes of ``backend``, torn down after."""
     harnesses: list[Harness] = []
     problems: list[str] = []
+
+    def harness(verify: bool, work: str, src: str, dst: str) -> Harness:
+        """The harness of group ``von`` or ``voff`` (``[group] verify``) from ``src`` to ``dst``, closed
+        at the end."""
+        h = make_group(work, f"v{_tag(verify)}", src, dst, verify)
+        harnesses.append(h)
+        return h
+
     try:
         if backend == "sim":
             d = tempfile.mkdtemp(prefix="coalesce-bench-verify-", dir=bench_dir())
             try:
 
                 def make(verify: bool) -> Group:
-                    tag = "on" if verify else "off"
-                    h = make_group(f"{d}/work-{tag}", f"v{tag}", f"sim://{d}/src-{tag}", f"sim://{d}/dst-{tag}", verify)
-                    harnesses.append(h)
+                    tag = _tag(verify)
+                    h = harness(verify, f"{d}/work-{tag}", f"sim://{d}/src-{tag}", f"sim://{d}/dst-{tag}")
                     return Group(h, SimSource(h), verify, None, None)
 
                 yield make, problems
@@ -298,16 +309,11 @@ def volumes(backend: str, rep: int, size_mib: int, log):
                 log(f"repeat {rep}: btrfs on {fs.loop} at {mnt}")
 
                 def make(verify: bool) -> Group:
-                    tag = "on" if verify else "off"
+                    tag = _tag(verify)
                     src = os.path.join(mnt, f"src-{tag}")
-                    h = make_group(
-                        os.path.join(fs.dir, f"work-{tag}"),
-                        f"v{tag}",
-                        f"btrfs://{src}",
-                        f"btrfs://{mnt}/dst-{tag}",
-                        verify,
+                    h = harness(
+                        verify, os.path.join(fs.dir, f"work-{tag}"), f"btrfs://{src}", f"btrfs://{mnt}/dst-{tag}"
                     )
-                    harnesses.append(h)
                     qdir = os.path.join(src, QTREE)
                     return Group(h, PosixSource(qdir), verify, None, qdir)
 
@@ -322,15 +328,13 @@ def volumes(backend: str, rep: int, size_mib: int, log):
                 try:
 
                     def make(verify: bool) -> Group:
-                        tag = "on" if verify else "off"
-                        h = make_group(
+                        tag = _tag(verify)
+                        h = harness(
+                            verify,
                             os.path.join(z["state"], f"work-{tag}"),
-                            f"v{tag}",
                             f"zfs://{pool}/src{tag}",
                             f"zfs://{pool}/dst{tag}",
-                            verify,
                         )
-                        harnesses.append(h)
                         mp = zfs_mountpoint(f"{pool}/src{tag}")
 
                         def settle() -> None:
