@@ -1,15 +1,22 @@
-"""Groups the tests build: the TOML of a group of many replicas (:func:`group_toml`), and the group the
+"""Groups the tests build: the TOML of a group of many replicas (:func:`group_toml`), the group the
 command-line tests drive (:func:`mem_group`: two replicas on file-backed mem volumes, so that separate
-processes share the volumes as they would share disks)."""
+processes share the volumes as they would share disks), and a group on a POSIX source volume driven
+through the command line (:class:`PosixCliGroup`)."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Iterable
 
 from coalesce_core.backend.manager import plugin_manager
 from coalesce_core.backend.volume import Volume
 from coalesce_core.testing.workload import SourceWriter, fill
+from coalesce_posix import walk
+
+EXE = [sys.executable, "-m", "coalesce_core.ui.cli"]
 
 
 def mem_group(tmp_path: Path) -> SourceWriter:
@@ -45,3 +52,65 @@ def group_toml(source: str, destination: str, metadata: str, replicas: Iterable[
     ]
     lines += [line for r in replicas for line in ("[[replica]]", f'name = "{r}"')]
     return "\n".join(lines) + "\n"
+
+
+class PosixCliGroup:
+    """A group of replicas A (qtree A) and B (qtree qb) whose source is a POSIX volume (btrfs, zfs), driven
+    through the command line as an operator would; the test writes the source's files directly, and what
+    readers see is read from the files at the export paths, not taken from the ledger."""
+
+    def __init__(self, tmp_path: Path, src_url: str, dst_url: str, name: str, settings: str, file_size: int) -> None:
+        """``settings``: the ``[group]`` lines after source and destination (``parallel``, ...); each source
+        qtree starts with ``dir/file`` of ``file_size`` random bytes."""
+        tmp_path.mkdir(parents=True, exist_ok=True)
+        self.cfg = tmp_path / "coalesce.toml"
+        self.cfg.write_text(
+            f'[group]\nname = "{name}"\nsource = "{src_url}"\ndestination = "{dst_url}"\n{settings}'
+            "[group.retry]\ninitial = 0\n"
+            '[[replica]]\nname = "A"\n[[replica]]\nname = "B"\nsource = "qb"\n'
+        )
+        self.src = Volume.open(plugin_manager(), src_url, create=True)
+        self.dst_url = dst_url
+        self.root = self.src.handle.root
+        for q in ("A", "qb"):
+            self.write(q, "dir/file", os.urandom(file_size))
+
+    def write(self, q: str, rel: str, data: bytes) -> None:
+        path = os.path.join(self.root, q, rel)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as f:
+            f.write(data)
+
+    def source_fps(self) -> dict[str, str]:
+        return {
+            "A": walk.fingerprint(os.path.join(self.root, "A")),
+            "B": walk.fingerprint(os.path.join(self.root, "qb")),
+        }
+
+    def exported_fps(self) -> dict[str, str]:
+        """Fingerprints of what readers see at each replica's stable export path (read from the files)."""
+        dst = Volume.open(plugin_manager(), self.dst_url)
+        seen = {}
+        for r in ("A", "B"):
+            path = dst.export_path(r)
+            assert path is not None, f"replica {r} has no export path"
+            # a reader resolves the stable path (a symlink chain) to the image and reads its files
+            seen[r] = walk.fingerprint(os.path.realpath(path))
+        return seen
+
+    def run(
+        self, *args: str, env: dict[str, str | None] | None = None, check: int | None = 0
+    ) -> subprocess.CompletedProcess:
+        """``coalesce ARGS`` with this group's config, in the test's environment without a crash point and
+        with ``env`` (a value sets a variable, None removes it); its exit code must be ``check`` (None: any)."""
+        e = dict(os.environ)
+        e.pop("COALESCE_CRASH_AT", None)
+        for k, v in (env or {}).items():
+            if v is None:
+                e.pop(k, None)
+            else:
+                e[k] = v
+        p = subprocess.run([*EXE, "--config", str(self.cfg), *args], capture_output=True, text=True, env=e, timeout=300)
+        if check is not None:
+            assert p.returncode == check, f"{args}: rc={p.returncode}\n{p.stdout}\n{p.stderr}"
+        return p

@@ -16,60 +16,26 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 from backends import on_backend
+from groups import EXE, PosixCliGroup
 
 from coalesce_core.backend.manager import plugin_manager
 from coalesce_core.backend.volume import Volume
 from coalesce_core.crashpoints import CRASH_POINTS
-from coalesce_posix import walk
 
-EXE = [sys.executable, "-m", "coalesce_core.ui.cli"]
 POINTS = [p for p in CRASH_POINTS if p not in ("mid_baseline", "mid_retry", "mid_reseed")]
 # the diff of qtree "qb" fails once, so that the killed cycle also holds a rollback
 FAULTS = "coalesce_diff:qtree=qb:record=3:times=1:volume=-src"
 
 
-class Group:
+class Group(PosixCliGroup):
     def __init__(self, tmp_path, src_url, dst_url):
-        tmp_path.mkdir(parents=True, exist_ok=True)
-        self.cfg = tmp_path / "coalesce.toml"
-        self.cfg.write_text(
-            '[group]\nname = "rt"\n'
-            f'source = "{src_url}"\ndestination = "{dst_url}"\n'
-            "parallel = 2\n[group.retry]\ninitial = 0\n"
-            '[[replica]]\nname = "A"\n[[replica]]\nname = "B"\nsource = "qb"\n'
-        )
-        self.pm = plugin_manager()
-        self.src = Volume.open(self.pm, src_url, create=True)
-        self.dst_url = dst_url
-        self.root = self.src.handle.root
+        super().__init__(tmp_path, src_url, dst_url, "rt", "parallel = 2\n", file_size=50_000)
         for q in ("A", "qb"):
-            os.makedirs(os.path.join(self.root, q, "dir"), exist_ok=True)
-            self.write(q, "dir/file", os.urandom(50_000))
             self.write(q, "small", q.encode() * 10)
-
-    def write(self, q, rel, data):
-        with open(os.path.join(self.root, q, rel), "wb") as f:
-            f.write(data)
-
-    def source_fps(self):
-        return {
-            "A": walk.fingerprint(os.path.join(self.root, "A")),
-            "B": walk.fingerprint(os.path.join(self.root, "qb")),
-        }
-
-    def run(self, *args, env=None, check=0):
-        e = dict(os.environ)
-        e.pop("COALESCE_CRASH_AT", None)
-        e.update(env or {})
-        p = subprocess.run([*EXE, "--config", str(self.cfg), *args], capture_output=True, text=True, env=e, timeout=300)
-        if check is not None:
-            assert p.returncode == check, f"{args}: rc={p.returncode}\n{p.stdout}\n{p.stderr}"
-        return p
 
     def popen_run(self):
         e = dict(os.environ)
@@ -80,12 +46,6 @@ class Group:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-
-    def exported_fps(self):
-        """Fingerprints of what readers see at each replica's stable export path (read from the files)."""
-        dst = Volume.open(plugin_manager(), self.dst_url)
-        # a reader resolves the stable path (a symlink chain) to the image and reads its files
-        return {r: walk.fingerprint(os.path.realpath(dst.export_path(r))) for r in ("A", "B")}
 
     def prepared(self):
         self.run("init")

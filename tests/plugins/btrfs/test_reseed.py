@@ -13,66 +13,25 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
-
-from coalesce_core.backend.manager import plugin_manager
-from coalesce_core.backend.volume import Volume
-from coalesce_posix import walk
+from groups import PosixCliGroup
 
 pytestmark = pytest.mark.btrfs
 
-EXE = [sys.executable, "-m", "coalesce_core.ui.cli"]
 # every update of qtree "qb" (replica B) fails; its baselines (base None) do not
 BROKEN_STREAM = "coalesce_diff:qtree=qb:volume=-src:updates_only=1"
 
 
-class Group:
+class Group(PosixCliGroup):
     def __init__(self, tmp_path, src_url, dst_url):
-        self.cfg = tmp_path / "coalesce.toml"
         # parallel = 1: A's update runs before B's re-seed, so the jump-ahead never waits for the
         # re-seed (it does not anyway) and B joins at the next cycle's jump-ahead, deterministically
-        self.cfg.write_text(
-            '[group]\nname = "rs"\n'
-            f'source = "{src_url}"\ndestination = "{dst_url}"\n'
-            "parallel = 1\nreseed_after = 2\n[group.retry]\ninitial = 0\n"
-            '[[replica]]\nname = "A"\n[[replica]]\nname = "B"\nsource = "qb"\n'
-        )
-        self.src = Volume.open(plugin_manager(), src_url, create=True)
-        self.dst_url = dst_url
-        self.root = self.src.handle.root
-        for q in ("A", "qb"):
-            os.makedirs(os.path.join(self.root, q, "dir"), exist_ok=True)
-            self.write(q, "dir/file", os.urandom(40_000))
-
-    def write(self, q, rel, data):
-        with open(os.path.join(self.root, q, rel), "wb") as f:
-            f.write(data)
-
-    def source_fps(self):
-        return {
-            "A": walk.fingerprint(os.path.join(self.root, "A")),
-            "B": walk.fingerprint(os.path.join(self.root, "qb")),
-        }
-
-    def exported_fps(self):
-        dst = Volume.open(plugin_manager(), self.dst_url)
-        return {r: walk.fingerprint(os.path.realpath(dst.export_path(r))) for r in ("A", "B")}
+        super().__init__(tmp_path, src_url, dst_url, "rs", "parallel = 1\nreseed_after = 2\n", file_size=40_000)
 
     def run(self, *args, faults=True, check=0):
-        env = dict(os.environ)
-        env.pop("COALESCE_CRASH_AT", None)
-        env.pop("COALESCE_FAULTS", None)
-        if faults:
-            env["COALESCE_FAULTS"] = BROKEN_STREAM
-        p = subprocess.run(
-            [*EXE, "--config", str(self.cfg), *args], capture_output=True, text=True, env=env, timeout=300
-        )
-        if check is not None:
-            assert p.returncode == check, f"{args}: rc={p.returncode}\n{p.stdout}\n{p.stderr}"
-        return p
+        """With ``faults``, every update of replica B fails (BROKEN_STREAM)."""
+        return super().run(*args, env={"COALESCE_FAULTS": BROKEN_STREAM if faults else None}, check=check)
 
     def replicas(self):
         return {r["name"]: r for r in json.loads(self.run("status", "--json", faults=False).stdout)["replicas"]}
