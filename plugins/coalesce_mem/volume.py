@@ -343,6 +343,16 @@ class MemVolume(VolumeHandle):
             raise ValueError(f"{path!r} names a qtree, not an entry inside one (write 'QTREE/name')")
         return qtree, rel
 
+    @classmethod
+    def _split_pair(cls, a: str, b: str, what: str) -> tuple[str, str, str]:
+        """The qtree and the two relative paths of ``a`` and ``b``, which must be in one qtree (``what``
+        cannot cross qtrees)."""
+        q1, rel_a = cls._split(a)
+        q2, rel_b = cls._split(b)
+        if q1 != q2:
+            raise ValueError(f"{what} cannot cross qtrees")
+        return q1, rel_a, rel_b
+
     def _parents(self, qtree: str, rel: str) -> list[object]:
         recs: list[object] = []
         parts = rel.split("/")[:-1]
@@ -407,37 +417,30 @@ class MemVolume(VolumeHandle):
 
     def link(self, existing: str, path: str) -> None:
         """Make ``path`` another name (hard link) of the regular file ``existing``, same qtree."""
-        q1, rel_old = self._split(existing)
-        q2, rel_new = self._split(path)
-        if q1 != q2:
-            raise ValueError("a hard link cannot cross qtrees")
-        self._run(q1, self._parents(q1, rel_new) + [R.HardLink(path=rel_new, existing=rel_old)])
+        qtree, rel_old, rel_new = self._split_pair(existing, path, "a hard link")
+        self._run(qtree, self._parents(qtree, rel_new) + [R.HardLink(path=rel_new, existing=rel_old)])
 
     def rename(self, old: str, new: str) -> None:
         """Move ``old`` to ``new`` inside one qtree (replaces a non-directory at ``new``)."""
-        q1, rel_old = self._split(old)
-        q2, rel_new = self._split(new)
-        if q1 != q2:
-            raise ValueError("rename cannot cross qtrees")
-        self._run(q1, [R.Rename(old=rel_old, new=rel_new)])
+        qtree, rel_old, rel_new = self._split_pair(old, new, "rename")
+        self._run(qtree, [R.Rename(old=rel_old, new=rel_new)])
 
     def unlink(self, path: str) -> None:
         """Remove a non-directory."""
-        qtree, rel = self._split(path)
-        with self.lock:
-            self._sync()
-            if self._lookup(path) is None:
-                raise FileNotFoundError(path)
-        self._run(qtree, [R.Unlink(path=rel)])
+        self._remove(path, R.Unlink)
 
     def rmdir(self, path: str) -> None:
         """Remove an empty directory."""
+        self._remove(path, R.RmDir)
+
+    def _remove(self, path: str, record: type[R.Unlink] | type[R.RmDir]) -> None:
+        """Apply ``record`` for ``path``, which must exist (else FileNotFoundError)."""
         qtree, rel = self._split(path)
         with self.lock:
             self._sync()
             if self._lookup(path) is None:
                 raise FileNotFoundError(path)
-        self._run(qtree, [R.RmDir(path=rel)])
+        self._run(qtree, [record(path=rel)])
 
     def set_attr(
         self,
