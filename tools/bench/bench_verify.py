@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import os
 import random
 import shutil
@@ -276,35 +277,31 @@ def _tag(verify: bool) -> str:
 
 @contextlib.contextmanager
 def volumes(backend: str, rep: int, size_mib: int, log):
-    """Yields make(verify) -> Group on fresh volumes of ``backend``, torn down after."""
-    harnesses: list[Harness] = []
+    """Yields make(verify) -> Group on fresh volumes of ``backend``; after, the groups are closed, then the
+    volumes torn down (also when a close fails)."""
     problems: list[str] = []
-
-    def harness(verify: bool, work: str, src: str, dst: str) -> Harness:
-        """The harness of group ``von`` or ``voff`` (``[group] verify``) from ``src`` to ``dst``, closed
-        at the end."""
-        h = make_group(work, f"v{_tag(verify)}", src, dst, verify)
-        harnesses.append(h)
-        return h
-
+    pools: list[dict] = []  # a zfs pool reports its own teardown problems once it is gone
     try:
-        if backend == "sim":
-            d = tempfile.mkdtemp(prefix="coalesce-bench-verify-", dir=bench_dir())
-            try:
+        with contextlib.ExitStack() as teardown:  # last in, first out: the groups before their volumes
+
+            def harness(verify: bool, work: str, src: str, dst: str) -> Harness:
+                """The harness of group ``von`` or ``voff`` (``[group] verify``) from ``src`` to ``dst``."""
+                h = make_group(work, f"v{_tag(verify)}", src, dst, verify)
+                teardown.callback(close_harness, h)
+                return h
+
+            if backend == "sim":
+                d = tempfile.mkdtemp(prefix="coalesce-bench-verify-", dir=bench_dir())
+                teardown.callback(shutil.rmtree, d, ignore_errors=True)
 
                 def make(verify: bool) -> Group:
                     tag = _tag(verify)
                     h = harness(verify, f"{d}/work-{tag}", f"sim://{d}/src-{tag}", f"sim://{d}/dst-{tag}")
                     return Group(h, SimSource(h), verify, None, None)
 
-                yield make, problems
-            finally:
-                for h in harnesses:
-                    close_harness(h)
-                shutil.rmtree(d, ignore_errors=True)
-        elif backend == "btrfs":
-            fs = LoopFS(int(max(4.0, 2 * (12 * size_mib / 1024 + 2)) * (1 << 30)))
-            try:
+            elif backend == "btrfs":
+                fs = LoopFS(int(max(4.0, 2 * (12 * size_mib / 1024 + 2)) * (1 << 30)))
+                teardown.callback(lambda: problems.extend(fs.down()))
                 mnt = fs.up()
                 log(f"repeat {rep}: btrfs on {fs.loop} at {mnt}")
 
@@ -317,38 +314,26 @@ def volumes(backend: str, rep: int, size_mib: int, log):
                     qdir = os.path.join(src, QTREE)
                     return Group(h, PosixSource(qdir), verify, None, qdir)
 
-                yield make, problems
-            finally:
-                for h in harnesses:
-                    close_harness(h)
-                problems += fs.down()
-        else:
-            with zfs_pool(max(1 << 30, 10 * size_mib * MiB + (1 << 30)), log, prefix="cverify", in_ram=True) as z:
+            else:
+                z = teardown.enter_context(
+                    zfs_pool(max(1 << 30, 10 * size_mib * MiB + (1 << 30)), log, prefix="cverify", in_ram=True)
+                )
+                pools.append(z)
                 pool = z["pool"]
-                try:
 
-                    def make(verify: bool) -> Group:
-                        tag = _tag(verify)
-                        h = harness(
-                            verify,
-                            os.path.join(z["state"], f"work-{tag}"),
-                            f"zfs://{pool}/src{tag}",
-                            f"zfs://{pool}/dst{tag}",
-                        )
-                        mp = zfs_mountpoint(f"{pool}/src{tag}")
+                def make(verify: bool) -> Group:
+                    tag = _tag(verify)
+                    ds = f"{pool}/src{tag}"
+                    h = harness(
+                        verify, os.path.join(z["state"], f"work-{tag}"), f"zfs://{ds}", f"zfs://{pool}/dst{tag}"
+                    )
+                    qdir = os.path.join(zfs_mountpoint(ds), QTREE)
+                    return Group(h, PosixSource(qdir), verify, functools.partial(zfs_settle, ds), qdir)
 
-                        def settle() -> None:
-                            zfs_settle(f"{pool}/src{tag}")
-
-                        qdir = os.path.join(mp, QTREE)
-                        return Group(h, PosixSource(qdir), verify, settle, qdir)
-
-                    yield make, problems
-                finally:
-                    for h in harnesses:
-                        close_harness(h)
-            problems += z["problems"]
+            yield make, problems
     finally:
+        for z in pools:
+            problems += z["problems"]
         for p in problems:
             print(f"bench_verify: cleanup: {p}", file=sys.stderr)
 
