@@ -90,6 +90,7 @@ from tools.bench.common import (
     command,
     group_config,
     loads,
+    md_table,
     pipeline,
     proc_cpu,
     provenance,
@@ -805,73 +806,66 @@ def part_resume(
 def t_main(rows: list[dict]) -> str:
     """Part 1's table; rows on zfs-fuse get a column for the daemon's CPU (it serves both ends)."""
     zfs = any(r.get("fs") == "zfs-fuse" for r in rows)
-    out = [
-        "| link | method | data | wall (s) | MiB/s | MiB on the wire | CPU here / at the source (s) "
-        + ("| zfs-fuse daemon CPU (s) " if zfs else "")
-        + "| native / this (goal >= 0.9) |",
-        "|---|---|---|---|---|---|---|---|" + ("---|" if zfs else ""),
-    ]
-    for r in rows:
+
+    def line(r: dict) -> str:
         nat = next(
             x
             for x in rows
             if (x["rate"], x["run"], x.get("fs")) == (r["rate"], r["run"], r.get("fs"))
             and x["name"].startswith("native")
         )
-        out.append(
+        return (
             f"| {r['rate']}, {r['rtt']:.0f} ms RTT | {r['name']} | {r['mib']} MiB | {r['wall']:.2f} | "
             f"{r['mib'] / r['wall']:.1f} | {r['wire'] / MiB:.0f} | {r['client_cpu']:.1f} / "
             f"{r['server_cpu']:.1f} | " + (f"{r['zfs_cpu']:.1f} | " if zfs else "") + f"{nat['wall'] / r['wall']:.2f} |"
         )
-    return "\n".join(out)
+
+    head = (
+        "| link | method | data | wall (s) | MiB/s | MiB on the wire | CPU here / at the source (s) "
+        + ("| zfs-fuse daemon CPU (s) " if zfs else "")
+        + "| native / this (goal >= 0.9) |"
+    )
+    return md_table(head, map(line, rows))
 
 
 def t_profile(rows: list[dict]) -> str:
-    out = [
+    return md_table(
         "| link | method | side | samples by stage (py-spy --native, every thread of the side's Python "
         "processes; waiting = innermost frame in select/poll/sleep) |",
-        "|---|---|---|---|",
-    ]
-    for r in rows:
-        for side, top in r.get("profile", {}).items():
-            out.append(
-                f"| {r['rate']} | {r['name']} | {side} | "
-                + ", ".join(f"{k} {v:.0%}" for k, v in top if v >= 0.01)
-                + " |"
-            )
-    return "\n".join(out)
+        (
+            f"| {r['rate']} | {r['name']} | {side} | " + ", ".join(f"{k} {v:.0%}" for k, v in top if v >= 0.01) + " |"
+            for r in rows
+            for side, top in r.get("profile", {}).items()
+        ),
+    )
 
 
 def t_comp(rows: list[dict]) -> str:
-    out = [
+    return md_table(
         "| link | method | compression (negotiated) | data | wall (s) | MiB on the wire | wire / data "
         "| CPU here / at the source (s) |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        out.append(
+        (
             f"| {r['rate']}, {r['rtt']:.0f} ms RTT | {r['name']} | {r['comp']} ({r['negotiated']}) | "
             f"{r['mib']} MiB of words | {r['wall']:.2f} | {r['wire'] / MiB:.0f} | "
             f"{r['wire'] / (r['mib'] * MiB):.2f} | {r['client_cpu']:.1f} / {r['server_cpu']:.1f} |"
-        )
-    return "\n".join(out)
+            for r in rows
+        ),
+    )
 
 
 def t_resume(rows: list[dict]) -> str:
-    out = [
+    return md_table(
         "| link | method | after the drop | data | uninterrupted (s) | drop at (s) | outage (s) "
         "| with the drop (s) | time lost (s) | MiB on the wire | resumes / failed cycles / attempts |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        note = " (the drop came after the end)" if r["missed"] else ""
-        out.append(
-            f"| {r['rate']}, {r['rtt']:.0f} ms RTT | {r['name']} | {r['how']}{note} | {r['mib']} MiB | "
-            f"{r['base']:.2f} | {r['at']:.1f} | {r['outage']:.0f} | {r['wall']:.2f} | "
+        (
+            f"| {r['rate']}, {r['rtt']:.0f} ms RTT | {r['name']} | {r['how']}"
+            + (" (the drop came after the end)" if r["missed"] else "")
+            + f" | {r['mib']} MiB | {r['base']:.2f} | {r['at']:.1f} | {r['outage']:.0f} | {r['wall']:.2f} | "
             f"{r['wall'] - r['base']:.2f} | {r['wire'] / MiB:.0f} | {r.get('resumes', '-')} / {r['failures']} "
             f"/ {r['cycles']} |"
-        )
-    return "\n".join(out)
+            for r in rows
+        ),
+    )
 
 
 # ---------------------------------------------------------------------------- main

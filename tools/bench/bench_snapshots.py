@@ -71,6 +71,7 @@ from tools.bench.common import (
     command,
     host,
     loads,
+    md_table,
     progress,
     provenance,
     qtree_names,
@@ -381,17 +382,15 @@ def cleanup_btrfs_dir(mnt: str, where: str) -> None:
 # output
 # ---------------------------------------------------------------------------
 def table(rows: list[dict]) -> str:
-    out = [
+    return md_table(
         "| tool | replicas (N) | destination snapshots: peak | at rest | source snapshots: peak | at rest "
         "| transfers cut (fired) | wall time (s) |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        out.append(
+        (
             f"| {LABEL[r['tool']]} | {r['n']} | {r['peak_dst']} | {r['rest_dst']} | {r['peak_src']} "
             f"| {r['rest_src']} | {r['failures']} ({r['fired']}) | {r['wall']:.1f} |"
-        )
-    return "\n".join(out)
+            for r in rows
+        ),
+    )
 
 
 def plot(rows: list[dict], path: str, title: str, projected: Collection[int] = (), runs: int = 4) -> None:

@@ -64,6 +64,7 @@ from tools.bench.common import (
     group_config,
     host,
     loads,
+    md_table,
     progress,
     provenance,
     run,
@@ -381,24 +382,22 @@ def _over(on: list[float], off: list[float]) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    out = [
-        (
-            "| backend | change | data | wall, verify off (s) | wall, verify on (s) | wall overhead "
-            "| check after apply (s) | CPU off (s) | CPU on (s) | CPU overhead |"
-        ),
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
+    def line(r: dict) -> str:
         on, off = r[True], r[False]
         w_on, w_off = [s["wall"] for s in on], [s["wall"] for s in off]
         c_on, c_off = [s["cpu"] for s in on], [s["cpu"] for s in off]
-        out.append(
+        return (
             f"| {r['backend']} | {r['label']} | {r['mib']:.{0 if r['mib'] >= 10 or not r['mib'] else 1}f} MiB, "
             f"{r['entries']} files | {_mr(w_off)} | "
             f"{_mr(w_on)} | {_over(w_on, w_off)} | {_mr([s['check'] for s in on])} | {_mr(c_off)} | "
             f"{_mr(c_on)} | {_over(c_on, c_off)} |"
         )
-    return "\n".join(out)
+
+    return md_table(
+        "| backend | change | data | wall, verify off (s) | wall, verify on (s) | wall overhead "
+        "| check after apply (s) | CPU off (s) | CPU on (s) | CPU overhead |",
+        map(line, rows),
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

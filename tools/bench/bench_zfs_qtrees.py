@@ -43,7 +43,18 @@ from concurrent.futures import ThreadPoolExecutor
 from coalesce_core.backend.manager import plugin_manager
 from coalesce_core.backend.volume import Volume
 from coalesce_core.stream.records import Write
-from tools.bench.common import MiB, command, host, loads, provenance, self_cpu, utc_now, zfs_fuse_cpu, zfs_pool
+from tools.bench.common import (
+    MiB,
+    command,
+    host,
+    loads,
+    md_table,
+    provenance,
+    self_cpu,
+    utc_now,
+    zfs_fuse_cpu,
+    zfs_pool,
+)
 
 WAYS = ("walk", "send per qtree", "shared map")
 VERBOSE = False
@@ -122,17 +133,15 @@ def bench_k(pool: str, k: int, mib: int, parallels: list[int], rnd: random.Rando
 
 
 def table(rows: list[dict], mib: int) -> str:
-    out = [
+    return md_table(
         "| qtrees changed | diffs at a time | way | data (MiB) | wall (s) | CPU here (s) | zfs-fuse daemon CPU (s) "
         "| `zfs send` runs |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        out.append(
+        (
             f"| {r['k']} x {mib} MiB | {r['parallel']} | {r['way']} | {r['data'] / MiB:.0f} | {r['wall']:.2f} "
             f"| {r['cpu']:.2f} | {r['daemon']:.2f} | {r['sends'] if r['way'] != 'walk' else '-'} |"
-        )
-    return "\n".join(out)
+            for r in rows
+        ),
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

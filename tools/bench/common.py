@@ -26,6 +26,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Iterable
 
 from coalesce_core.backend.hookspecs import hookimpl
 
@@ -152,6 +153,11 @@ def pipeline(send_argv: list[str], recv_argv: list[str], what: str, env: dict[st
     send.wait()
     if send.returncode or recv.returncode:
         raise RuntimeError(f"{what} failed: send {send.returncode} {serr!r}, receive {recv.returncode} {rerr!r}")
+
+
+def md_table(head: str, lines: Iterable[str]) -> str:
+    """A Markdown table: the heading row ``head`` (``| a | b |``), the rule under it, then ``lines``."""
+    return "\n".join([head, "|" + "---|" * (head.count("|") - 1), *lines])
 
 
 def bench_dir() -> str:
