@@ -1,15 +1,20 @@
 """Groups the tests build: the TOML of a group of many replicas (:func:`group_toml`), the group the
 command-line tests drive (:func:`mem_group`: two replicas on file-backed mem volumes, so that separate
-processes share the volumes as they would share disks), and a group on a POSIX source volume driven
-through the command line (:class:`PosixCliGroup`)."""
+processes share the volumes as they would share disks), an initialised group that subprocesses of the real
+command line drive (:func:`cli_group`, on sim volumes unless told; :func:`run_cli`, :func:`start_cli`,
+:func:`status`, :func:`at_rest`, :func:`wait_until`), and a group on a POSIX source volume driven through
+the command line (:class:`PosixCliGroup`)."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 from coalesce_core.backend.manager import plugin_manager
 from coalesce_core.backend.volume import Volume
@@ -32,6 +37,79 @@ def mem_group(tmp_path: Path) -> SourceWriter:
     writer = SourceWriter(Volume.open(plugin_manager(), f"mem://{tmp_path}/src.vol", create=True))
     fill(writer, ["A", "qb"])
     return writer
+
+
+def cli_group(tmp_path: Path, name: str, src: str | None = None, dst: str | None = None) -> tuple[Path, SourceWriter]:
+    """Write ``tmp_path/coalesce.toml``: group ``name``, replicas A and B (qtrees A and B) from ``src`` to
+    ``dst`` (sim volumes ``tmp_path/src`` and ``tmp_path/dst`` unless given), the ledger in ``tmp_path/meta``;
+    fill the source qtrees and run ``coalesce init``.  Returns the config's path and the source's writer, its
+    volume open: close it (``writer.volume.close()``) unless the test writes through it, since a process
+    shares one handle per sim volume and a later open would get this one, stale once a run changed the
+    volume."""
+    src = src or f"sim://{tmp_path}/src"
+    dst = dst or f"sim://{tmp_path}/dst"
+    cfg = tmp_path / "coalesce.toml"
+    cfg.write_text(
+        f'[group]\nname = "{name}"\nsource = "{src}"\ndestination = "{dst}"\nmetadata = "{tmp_path}/meta"\n'
+        '[[replica]]\nname = "A"\n[[replica]]\nname = "B"\n'
+    )
+    writer = SourceWriter(Volume.open(plugin_manager(), src, create=True))
+    fill(writer, ["A", "B"])
+    init = run_cli(cfg, "init")
+    assert init.returncode == 0, init.stderr
+    return cfg, writer
+
+
+def _cli_env(env: dict[str, str] | None) -> dict[str, str]:
+    return {**os.environ, "COALESCE_SIM_FSYNC": "0", **(env or {})}
+
+
+def run_cli(cfg: Path, *args: str, env: dict[str, str] | None = None, **kw: Any) -> subprocess.CompletedProcess:
+    """``coalesce --config CFG ARGS`` in a subprocess, its output captured as text, sim volumes without
+    fsync, the test's environment plus ``env``; ``kw`` goes to :func:`subprocess.run`."""
+    return subprocess.run(
+        [*EXE, "--config", str(cfg), *args], capture_output=True, text=True, env=_cli_env(env), timeout=300, **kw
+    )
+
+
+@contextlib.contextmanager
+def start_cli(cfg: Path, *args: str, env: dict[str, str] | None = None, **kw: Any) -> Iterator[subprocess.Popen]:
+    """``coalesce --config CFG ARGS`` started in the background (e.g. ``run --interval 3600``), as
+    :func:`run_cli` runs it; standard output and error on pipes unless ``kw`` says otherwise.  Leaving the
+    block kills the process if it still runs (a failed test leaves no agent behind) and waits for it."""
+    with subprocess.Popen(
+        [*EXE, "--config", str(cfg), *args],
+        **{"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, **kw},
+        text=True,
+        env=_cli_env(env),
+    ) as p:
+        try:
+            yield p
+        finally:
+            if p.poll() is None:
+                p.kill()
+
+
+def status(cfg: Path) -> dict[str, Any]:
+    """``coalesce status --json``, which must succeed, read."""
+    p = run_cli(cfg, "status", "--json")
+    assert p.returncode == 0, p.stderr
+    return json.loads(p.stdout)
+
+
+def at_rest(st: dict[str, Any]) -> bool:
+    """Whether status ``st`` shows the group between cycles with every replica stable."""
+    return st["phase"] == "idle" and {r["state"] for r in st["replicas"]} == {"stable"}
+
+
+def wait_until(runner: subprocess.Popen, ok: Callable[[], bool], what: str = "") -> None:
+    """Poll ``ok`` until it holds, while ``runner`` (from :func:`start_cli`) is running and for 120 s at
+    most."""
+    deadline = time.monotonic() + 120
+    while not ok():
+        assert runner.poll() is None, runner.communicate()
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
 
 
 def group_toml(source: str, destination: str, metadata: str, replicas: Iterable[str]) -> str:

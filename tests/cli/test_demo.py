@@ -6,15 +6,14 @@ import re
 import shlex
 import shutil
 import subprocess
-import sys
 import time
 import uuid
 
 import pytest
+from groups import EXE
 
 from coalesce_core.ui.demo import DEFAULT_BACKEND
 
-EXE = [sys.executable, "-m", "coalesce_core.ui.cli"]
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 

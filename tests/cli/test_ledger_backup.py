@@ -5,45 +5,30 @@ refused (exit 4) without a change to the volumes."""
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 import sqlite3
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+from groups import cli_group, run_cli, start_cli, status, wait_until
 
 from coalesce_core.backend.manager import plugin_manager
 from coalesce_core.backend.volume import Volume
 from coalesce_core.errors import BackendError
 from coalesce_core.ledger import Ledger
-from coalesce_core.testing.workload import SourceWriter, fill
+from coalesce_core.testing.workload import SourceWriter
 
-EXE = [sys.executable, "-m", "coalesce_core.ui.cli"]
-ENV = {**os.environ, "COALESCE_SIM_FSYNC": "0"}
 GROUP = "bk"
 
 
 @pytest.fixture
 def group(tmp_path: Path) -> Path:
-    src, dst = f"sim://{tmp_path}/src", f"sim://{tmp_path}/dst"
-    cfg = tmp_path / "coalesce.toml"
-    cfg.write_text(
-        f'[group]\nname = "{GROUP}"\nsource = "{src}"\ndestination = "{dst}"\nmetadata = "{tmp_path}/meta"\n'
-        '[[replica]]\nname = "A"\n[[replica]]\nname = "B"\n'
-    )
-    source = Volume.open(plugin_manager(), src, create=True)
-    fill(SourceWriter(source), ["A", "B"])
-    source.close()
-    assert coalesce(cfg, "init").returncode == 0
+    cfg, writer = cli_group(tmp_path, GROUP)
+    writer.volume.close()
     return cfg
-
-
-def coalesce(cfg: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([*EXE, "--config", str(cfg), *args], capture_output=True, text=True, env=ENV, timeout=300)
 
 
 def ledger(cfg: Path) -> Path:
@@ -90,30 +75,13 @@ def whole(copy: Path) -> tuple[int, dict]:
         led.close()
 
 
-def cycle_of(cfg: Path) -> int:
-    import json
-
-    p = coalesce(cfg, "status", "--json")
-    assert p.returncode == 0, p.stderr
-    return json.loads(p.stdout)["cycle"]
-
-
 @pytest.mark.parametrize("backup", BACKUPS)
 def test_a_backup_while_the_agent_commits_is_whole_and_the_last_one_equals_the_ledger(group, tmp_path, backup):
     assert ledger(group).exists()
     assert sqlite3.connect(ledger(group)).execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    runner = subprocess.Popen(
-        [*EXE, "--config", str(group), "run", "--interval", "0.05", "--quiet"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=ENV,
-    )
-    try:
+    with start_cli(group, "run", "--interval", "0.05", "--quiet") as runner:
+        wait_until(runner, lambda: status(group)["cycle"] >= 2, "two cycles")
         deadline = time.monotonic() + 120
-        while cycle_of(group) < 2:
-            assert runner.poll() is None and time.monotonic() < deadline, runner.communicate()
-            time.sleep(0.05)
         seen: list[int] = []
         while len(seen) < 8 or seen[-1] < seen[0] + 2:  # copies while cycles commit, until two more ended
             assert runner.poll() is None and time.monotonic() < deadline, runner.communicate()
@@ -124,9 +92,6 @@ def test_a_backup_while_the_agent_commits_is_whole_and_the_last_one_equals_the_l
         assert seen == sorted(seen) and seen[0] >= 2
         runner.send_signal(signal.SIGTERM)
         _out, err = runner.communicate(timeout=60)
-    finally:
-        if runner.poll() is None:
-            runner.kill()
     assert runner.returncode == 0, err
     last = tmp_path / "last.sqlite"
     backup(ledger(group), last)
@@ -138,7 +103,7 @@ def test_a_plain_file_copy_of_the_live_ledger_misses_what_sits_in_the_wal(group,
     reader = sqlite3.connect(f"file:{ledger(group)}?mode=ro", uri=True)  # another process using the ledger
     try:
         reader.execute("SELECT count(*) FROM cycles").fetchone()  # so the agent's close leaves the WAL
-        assert coalesce(group, "run", "--once").returncode == 0
+        assert run_cli(group, "run", "--once").returncode == 0
         cp, backed = tmp_path / "cp.sqlite", tmp_path / "backup.sqlite"
         shutil.copyfile(ledger(group), cp)
         backup_api(ledger(group), backed)
@@ -165,10 +130,10 @@ def _restore(copy: Path, live: Path) -> None:
 
 def test_the_newest_copy_restores_and_an_older_one_is_refused_without_a_change(group, tmp_path):
     old, new = tmp_path / "old.sqlite", tmp_path / "new.sqlite"
-    assert coalesce(group, "run", "--once").returncode == 0
+    assert run_cli(group, "run", "--once").returncode == 0
     backup_api(ledger(group), old)
     _change(group)
-    assert coalesce(group, "run", "--once").returncode == 0
+    assert run_cli(group, "run", "--once").returncode == 0
     backup_api(ledger(group), new)
     dest = f"sim://{group.parent}/dst"
 
@@ -181,10 +146,10 @@ def test_the_newest_copy_restores_and_an_older_one_is_refused_without_a_change(g
 
     held = pcpis()
     _restore(old, ledger(group))
-    p = coalesce(group, "run", "--once")
+    p = run_cli(group, "run", "--once")
     assert p.returncode == BackendError.exit_code and "does not exist" in p.stderr, p.stderr
     assert pcpis() == held  # nothing released or taken on the destination
     _restore(new, ledger(group))
-    assert coalesce(group, "run", "--once").returncode == 0
-    check = coalesce(group, "check")
+    assert run_cli(group, "run", "--once").returncode == 0
+    check = run_cli(group, "check")
     assert check.returncode == 0, check.stdout

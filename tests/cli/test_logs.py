@@ -10,37 +10,28 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+from groups import cli_group, run_cli, start_cli, wait_until
 
 from coalesce_core.backend.manager import plugin_manager
 from coalesce_core.backend.volume import Volume
 from coalesce_core.errors import ConfigError
-from coalesce_core.testing.workload import SourceWriter, fill
+from coalesce_core.testing.workload import SourceWriter
 from coalesce_core.ui import cli
 
-EXE = [sys.executable, "-m", "coalesce_core.ui.cli"]
 # a zone 14 hours from UTC, spelled without tzdata: a local time where UTC is due would show
-ENV = {**os.environ, "COALESCE_SIM_FSYNC": "0", "TZ": "XYZ-14"}
+TZ = {"TZ": "XYZ-14"}
 LINE = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z) (DEBUG|INFO|NOTICE|WARNING|ERROR) (\S+)\[(\d+)\] (.*)$")
 FAULT_A = {"COALESCE_FAULTS": "coalesce_apply:qtree=A"}
 
 
 @pytest.fixture
 def group(tmp_path: Path):
-    src, dst = f"sim://{tmp_path}/src", f"sim://{tmp_path}/dst"
-    cfg = tmp_path / "coalesce.toml"
-    cfg.write_text(
-        f'[group]\nname = "logs"\nsource = "{src}"\ndestination = "{dst}"\nmetadata = "{tmp_path}/meta"\n'
-        '[[replica]]\nname = "A"\n[[replica]]\nname = "B"\n'
-    )
-    source = Volume.open(plugin_manager(), src, create=True)
-    fill(SourceWriter(source), ["A", "B"])
-    source.close()
-    assert coalesce(cfg, "init").returncode == 0
+    cfg, writer = cli_group(tmp_path, "logs")
+    writer.volume.close()
     return cfg
 
 
@@ -53,10 +44,9 @@ def change(cfg: Path, name: str = "new") -> None:
         source.close()
 
 
-def coalesce(cfg: Path, *args: str, env: dict[str, str] | None = None, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [*EXE, "--config", str(cfg), *args], capture_output=True, text=True, env={**ENV, **(env or {})}, timeout=300
-    )
+def coalesce(cfg: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`coalesce ARGS` in a subprocess (tests/groups.py) in the zone of :data:`TZ`."""
+    return run_cli(cfg, *args, env={**TZ, **(env or {})})
 
 
 def parsed(path: Path) -> list[re.Match]:
@@ -156,17 +146,11 @@ def _journal(cfg: Path, *args: str, stream: str | None = None, env: dict[str, st
     r, w = os.pipe()
     st = os.fstat(w)
     journal = stream if stream is not None else f"{st.st_dev}:{st.st_ino}"
-    p = subprocess.Popen(
-        [*EXE, "--config", str(cfg), *args],
-        stdout=subprocess.PIPE,
-        stderr=w,
-        text=True,
-        env={**ENV, **(env or {}), "JOURNAL_STREAM": journal},
-    )
-    os.close(w)
-    with os.fdopen(r, encoding="utf-8") as f:
-        err = f.read()
-    out, _ = p.communicate(timeout=300)
+    with start_cli(cfg, *args, env={**TZ, **(env or {}), "JOURNAL_STREAM": journal}, stderr=w) as p:
+        os.close(w)
+        with os.fdopen(r, encoding="utf-8") as f:
+            err = f.read()
+        out, _ = p.communicate(timeout=300)
     return p.returncode, out, err
 
 
@@ -198,14 +182,6 @@ def test_journal_stream_of_another_file_is_not_the_journal(group):
     assert rc == 6 and err.startswith("error: ") and "<3>" not in err
 
 
-def _wait(ok, what: str, runner: subprocess.Popen) -> None:
-    deadline = time.monotonic() + 120
-    while not ok():
-        assert runner.poll() is None, runner.communicate()
-        assert time.monotonic() < deadline, what
-        time.sleep(0.05)
-
-
 def _cycles(path: Path) -> list[int]:
     if not path.exists():
         return []
@@ -215,26 +191,16 @@ def _cycles(path: Path) -> list[int]:
 def test_logging_goes_on_after_logrotate_moves_or_truncates_the_file(group):
     cfg = group
     log = cfg.parent / "coalesce.log"
-    runner = subprocess.Popen(
-        [*EXE, "--config", str(cfg), "--log-file", str(log), "run", "--interval", "0.2", "--quiet"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=ENV,
-    )
-    try:
-        _wait(lambda: len(_cycles(log)) >= 2, "cycles logged", runner)
+    with start_cli(cfg, "--log-file", str(log), "run", "--interval", "0.2", "--quiet", env=TZ) as runner:
+        wait_until(runner, lambda: len(_cycles(log)) >= 2, "cycles logged")
         os.rename(log, cfg.parent / "coalesce.log.1")  # logrotate's default: move, a new file is created
-        _wait(lambda: len(_cycles(log)) >= 2, "cycles logged in the new file", runner)
+        wait_until(runner, lambda: len(_cycles(log)) >= 2, "cycles logged in the new file")
         moved, kept = _cycles(cfg.parent / "coalesce.log.1"), _cycles(log)
         assert moved + kept == list(range(1, max(kept) + 1))  # the new file goes on where the old one stopped
         os.truncate(log, 0)  # logrotate's copytruncate
-        _wait(lambda: len(_cycles(log)) >= 1, "cycles logged after the truncation", runner)
+        wait_until(runner, lambda: len(_cycles(log)) >= 1, "cycles logged after the truncation")
         runner.send_signal(signal.SIGTERM)
         _out, err = runner.communicate(timeout=60)
-    finally:
-        if runner.poll() is None:
-            runner.kill()
     assert runner.returncode == 0, err
     text = log.read_text(encoding="utf-8")
     assert not text.startswith("\0")  # appended: after a truncation writes start at 0, no hole

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import io
 import subprocess
-import sys
 import time
 
+from groups import EXE
 from rich.console import Console
 
 from coalesce_core.backend.hookspecs import hookimpl
 from coalesce_core.ui import cli as cli_mod
-
-EXE = [sys.executable, "-m", "coalesce_core.ui.cli"]
 
 
 class SlowApply:
