@@ -16,17 +16,16 @@ import os
 import random
 import re
 import subprocess
-import sys
 import time
 from pathlib import Path
+
+from groups import EXE
 
 import coalesce_mem
 from coalesce_core.backend.manager import plugin_manager
 from coalesce_core.backend.volume import Volume
 from coalesce_core.stream.spool import Spool
 from coalesce_core.testing.workload import SourceWriter, fill
-
-EXE = [sys.executable, "-m", "coalesce_core.ui.cli"]
 
 
 def _run(cfg: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:

@@ -11,18 +11,15 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from groups import mem_group
+from groups import EXE, mem_group
 
 from coalesce_core.backend.manager import plugin_manager
 from coalesce_core.backend.volume import Volume
 from coalesce_core.crashpoints import CRASH_POINTS
 from coalesce_core.testing.workload import SourceWriter
-
-EXE = [sys.executable, "-m", "coalesce_core.ui.cli"]
 
 
 def run(tmp: Path, *args: str, env: dict[str, str] | None = None, check: int | None = 0) -> subprocess.CompletedProcess:
