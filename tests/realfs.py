@@ -6,8 +6,9 @@ tests/conftest.py).  Fixtures:
 
 * ``realfs`` (session): brings up the btrfs loop file systems and the
   zfs-fuse pool with tools/realfs.py, and tears them down at the end of the
-  session, also when tests failed (unless they were up before the session,
-  or ``COALESCE_REALFS_KEEP=1``).  A failing set-up FAILS the tests that need
+  session, also when tests failed (unless they were up before the tests
+  brought them up, another session still uses them, or
+  ``COALESCE_REALFS_KEEP=1``).  A failing set-up FAILS the tests that need
   it, with the reason; nothing is skipped (CI runs as root).
 * ``btrfs_url`` / ``zfs_url`` (function): the URL of a fresh, not yet
   created volume (a subvolume / a dataset); removed with its snapshots,
@@ -21,6 +22,8 @@ tests/conftest.py).  Fixtures:
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import itertools
 import os
 import shutil
@@ -61,17 +64,32 @@ def _zfs_answers() -> None:
     _quiet(["zpool", "list", "-H", "-o", "name"])
 
 
+def _sessions(tool) -> int:
+    """A descriptor of the file every test session using the real file systems holds a shared
+    lock on while it runs (so that two sessions on one machine, a developer's and a helper's,
+    never tear down what the other one uses)."""
+    os.makedirs(tool.STATE, exist_ok=True)
+    return os.open(os.path.join(tool.STATE, "sessions.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+
+
 @pytest.fixture(scope="session")
 def realfs():
+    """Up for the session; down at its end when the tests brought them up (the marker file
+    ``started-by-tests``) and no other session still holds ``sessions.lock``."""
     tool = _tool()
+    lock = _sessions(tool)
+    fcntl.flock(lock, fcntl.LOCK_SH)  # waits while another session tears them down
+    marker = os.path.join(tool.STATE, "started-by-tests")
     before = tool.status()
-    was_up = before["btrfs"] and before["btrfs_small"] and before["pool"] is not None
+    if not (before["btrfs"] and before["btrfs_small"] and before["pool"] is not None):
+        open(marker, "w").close()
     try:
         info = tool.up()
     except Exception as exc:  # set-up failure: fail (not skip) every test that needs it
         try:
             tool.down()
         finally:
+            os.close(lock)
             pytest.fail(f"tools/realfs.py up failed: {exc}", pytrace=False)
     state_dir = os.path.join(info["state"], "zfs-state")
     old = os.environ.get("COALESCE_ZFS_STATE_DIR")
@@ -83,8 +101,20 @@ def realfs():
             os.environ.pop("COALESCE_ZFS_STATE_DIR", None)
         else:
             os.environ["COALESCE_ZFS_STATE_DIR"] = old
-        if not was_up and os.environ.get("COALESCE_REALFS_KEEP") != "1":
-            tool.down()
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the last session using them
+        except BlockingIOError:
+            pass
+        else:
+            if os.path.exists(marker) and os.environ.get("COALESCE_REALFS_KEEP") != "1":
+                tool.down()
+                for leftover in (marker, os.path.join(tool.STATE, "sessions.lock")):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(leftover)
+                with contextlib.suppress(OSError):
+                    os.rmdir(tool.STATE)
+        finally:
+            os.close(lock)
 
 
 # ---------------------------------------------------------------------------
