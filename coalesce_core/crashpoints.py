@@ -5,7 +5,10 @@ n-th pass (default 1) through point ``<name>``.  In-process tests call
 :func:`arm` instead: the point raises :class:`SimulatedCrash` (a
 BaseException, so no ``except Exception`` in the agent swallows it), the
 executor stops its workers and the test starts a new agent from the ledger
-while the backend's volumes survive, as disks would.
+while the backend's volumes survive, as disks would.  :func:`at_crash` runs
+code at the instant a point fires, before the raise or the SIGKILL: a
+backend's power cut (docs/sim.md, "Power cuts"), so the volume loses its
+unflushed writes at the same moment the agent dies.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import contextlib
 import os
 import signal
 import threading
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 #: name -> where it is.  `coalesce debug crash-points` prints this table.
 CRASH_POINTS: dict[str, str] = {
@@ -54,6 +57,30 @@ _armed: tuple[str, int] | None = None
 _fired = threading.Event()
 
 
+_at_crash: list[Callable[[str], None]] = []
+
+
+def at_crash(fn: Callable[[str], None]) -> Callable[[], None]:
+    """Run ``fn(point)`` whenever an armed point fires (in-process or ``COALESCE_CRASH_AT``), in
+    the firing thread, before it raises or kills the process.  Returns the function that removes it."""
+    with _lock:
+        _at_crash.append(fn)
+
+    def remove() -> None:
+        with _lock:
+            if fn in _at_crash:
+                _at_crash.remove(fn)
+
+    return remove
+
+
+def _dying(name: str) -> None:
+    with _lock:
+        hooks = list(_at_crash)
+    for fn in hooks:
+        fn(name)
+
+
 def _parse(spec: str) -> tuple[str, int]:
     name, _, n = spec.partition(":")
     if name not in CRASH_POINTS:
@@ -90,10 +117,16 @@ def hit(name: str) -> None:
     if env:
         target, n = _parse(env)
         if target == name and count == n:
-            os.kill(os.getpid(), signal.SIGKILL)
+            try:
+                _dying(name)
+            finally:
+                os.kill(os.getpid(), signal.SIGKILL)
     if _armed is not None and _armed[0] == name and count == _armed[1]:
         _fired.set()
-        raise SimulatedCrash(name)
+        try:
+            _dying(name)
+        finally:
+            raise SimulatedCrash(name)
     if _fired.is_set():
         raise SimulatedCrash(name)
 

@@ -22,10 +22,10 @@ from typing import Any
 from coalesce_core.backend.hookspecs import ACTIVE, hookimpl
 
 from .fs import SimFS
-from .raid import SimCrash
-from .volume import SimVolume, close_sim, open_sim, parse_location
+from .raid import PowerCut, SimCrash
+from .volume import SimVolume, close_sim, open_sim, parse_location, power_cut
 
-__all__ = ["SimFS", "SimVolume", "SimCrash", "open_sim", "close_sim", "parse_location"]
+__all__ = ["SimFS", "SimVolume", "SimCrash", "PowerCut", "open_sim", "close_sim", "parse_location", "power_cut"]
 
 
 @hookimpl

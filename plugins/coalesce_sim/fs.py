@@ -18,6 +18,9 @@ Layout (see docs/sim.md for the picture):
 * A **consistency point** (:meth:`SimFS.commit`) writes every dirty block to
   freshly allocated free stripes (never over a live block), fsyncs the disks,
   then writes the superblock copy and fsyncs it: the root switch is atomic.
+  A power cut (:meth:`SimFS.power_cut`) loses what was not flushed, so the
+  volume reopens at the last CP whose superblock was flushed (or at the one in
+  flight, if its superblock happened to reach the disk).
 * A **PCPI** is a copy of the root inode (name, creation CP) in the meta file.
 * The **block map** is a lazy reference count per block (references from parent
   blocks, inode records and roots; Rodeh, "B-trees, shadowing and clones"):
@@ -35,6 +38,7 @@ import hashlib
 import heapq
 import json
 import os
+import random
 import struct
 import threading
 import time
@@ -42,7 +46,7 @@ from typing import Iterator, Self
 
 from coalesce_core.errors import BackendError
 
-from .raid import BS, ZERO, Raid, SimCrash
+from .raid import BS, ZERO, PowerCut, Raid, SimCrash
 
 PPB = BS // 8  # pointers per indirect block
 ISZ = 128  # inode size
@@ -440,6 +444,17 @@ class SimFS:
                 f"sim volume {self.path} crashed ({self.broken}); reopen it",
                 hint="open the volume again: it restarts at its last complete consistency point",
             )
+
+    def power_cut(self, rng: random.Random | None = None) -> dict[str, int]:
+        """Cut the power of the volume (:meth:`Raid.power_cut`): the writes not yet flushed are
+        lost (with ``rng``: a random subset, some torn), nothing more reaches the disks, the handle
+        refuses work and the volume's in-memory state (the changes since the last CP, a CP being
+        written) is gone.  Reopening mounts the last CP whose superblock is on the media.  Every
+        primitive that returned before the cut had its CP flushed, so none of its work is lost."""
+        fates = self.raid.power_cut(rng)
+        if self.broken is None:
+            self.broken = self.raid.dead
+        return fates
 
     def read(self, vbn: int) -> bytes:
         self.stats["block_reads"] += 1
@@ -847,9 +862,9 @@ class SimFS:
                         f"a consistency point of {self.path} failed ({self.cp_error}); these changes were lost",
                         hint="the volume is back at its last complete consistency point; retry",
                     )
-                self.check()
                 if self.cp >= need:
-                    return
+                    return  # on disk, even if the volume died since
+                self.check()
                 if self.flushing:
                     self.cp_cond.wait()
                     continue
@@ -867,7 +882,9 @@ class SimFS:
                 self.cp_error = str(exc) or type(exc).__name__
                 self.flushing = False
                 try:
-                    if isinstance(exc, SimCrash):
+                    if isinstance(exc, PowerCut):
+                        self.broken = self.broken or exc  # the power cut closes nothing: other threads may be reading
+                    elif isinstance(exc, SimCrash):
                         self.broken = exc
                         self.raid.close()
                     else:

@@ -20,12 +20,20 @@ The device counts physical block reads and writes (``stats``) and has an
 injectable fault (``crash_after_writes``) that raises :class:`SimCrash` before
 the (n+1)-th physical block write: the test harness's way to "kill the writer
 between any two block writes".
+
+The disks have a volatile write cache: a block write is on the media only after the next
+:meth:`Raid.sync` (the flush barrier; it is a barrier of the simulation also when the real
+``fdatasync`` is off, ``fsync=0``).  Until then the device keeps the block's flushed content, so
+:meth:`Raid.power_cut` can lose what a power cut loses: every write since the last flush (or,
+given a random generator, any subset of them, some torn at a 512-byte sector boundary).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import random
+import threading
 from typing import Iterable
 
 from coalesce_core.errors import BackendError
@@ -33,10 +41,15 @@ from coalesce_core.errors import BackendError
 BS = 4096
 ZERO = bytes(BS)
 PARITY = "parity"
+SECTOR = 512
 
 
 class SimCrash(BackendError):
     """Injected crash of the writer (tests and demos): the handle is dead, reopen the volume."""
+
+
+class PowerCut(SimCrash):
+    """The volume lost power (:meth:`Raid.power_cut`): nothing more reaches its disks; reopen it."""
 
 
 def xor_blocks(blocks: Iterable[bytes]) -> bytes:
@@ -57,6 +70,11 @@ class Raid:
         self.failed: int | None = cfg.get("failed")  # 0..N-1 data disk, N = parity disk
         self.stats = {"reads": 0, "writes": 0, "degraded_reads": 0}
         self.crash_after_writes: int | None = None
+        self.io_lock = threading.Lock()  # a block write, a flush and a power cut exclude each other
+        self.dead: PowerCut | None = None  # the power was cut: no block reaches a disk any more
+        #: the write cache: (disk, disk block) -> its content at the last flush (None: past the disk's end then)
+        self.unflushed: dict[tuple[int, int], bytes | None] = {}
+        self.flushed_size: dict[int, int] = {}  # disk -> its size at the last flush (disks written since)
         self.fds: list[int | None] = []
         for i in range(self.ndata + 1):
             if i == self.failed:
@@ -134,15 +152,25 @@ class Raid:
         return self._raw_read(disk, stripe)
 
     def _write(self, disk: int, stripe: int, data: bytes) -> None:
-        if self.crash_after_writes is not None:
-            if self.crash_after_writes <= 0:
-                raise SimCrash("injected crash: the writer died between two block writes")
-            self.crash_after_writes -= 1
-        self.stats["writes"] += 1
-        fd = self.fds[disk]
-        if fd is None:  # failed disk: degraded write, parity covers it
-            return
-        os.pwrite(fd, data, stripe * BS)
+        with self.io_lock:
+            if self.dead is not None:
+                raise PowerCut(str(self.dead))
+            if self.crash_after_writes is not None:
+                if self.crash_after_writes <= 0:
+                    raise SimCrash("injected crash: the writer died between two block writes")
+                self.crash_after_writes -= 1
+            self.stats["writes"] += 1
+            fd = self.fds[disk]
+            if fd is None:  # failed disk: degraded write, parity covers it
+                return
+            if (disk, stripe) not in self.unflushed:
+                size = self.flushed_size.get(disk)
+                if size is None:
+                    size = self.flushed_size[disk] = os.fstat(fd).st_size
+                self.unflushed[disk, stripe] = (
+                    os.pread(fd, BS, stripe * BS).ljust(BS, b"\0") if stripe * BS < size else None
+                )
+            os.pwrite(fd, data, stripe * BS)
 
     def write_stripe(self, stripe: int, blocks: list[bytes]) -> None:
         """Full-stripe write: N data blocks then parity."""
@@ -152,12 +180,58 @@ class Raid:
         self._write(self.ndata, stripe, xor_blocks(blocks))
 
     def sync(self) -> None:
-        """fdatasync every disk (data, then the superblock stripe, are made durable in that order)."""
-        if not self.fsync_enabled:
-            return
-        for fd in self.fds:
-            if fd is not None:
-                os.fdatasync(fd)
+        """Flush: every block written so far is on the media (fdatasync of every disk, unless
+        ``fsync=0``; the simulated write cache is emptied either way)."""
+        with self.io_lock:
+            if self.dead is not None:
+                raise PowerCut(str(self.dead))
+            if self.fsync_enabled:
+                for fd in self.fds:
+                    if fd is not None:
+                        os.fdatasync(fd)
+            self.unflushed.clear()
+            self.flushed_size.clear()
+
+    def power_cut(self, rng: random.Random | None = None) -> dict[str, int]:
+        """Cut the power: no block reaches a disk after this, and the writes not yet flushed are
+        lost: all of them, or with ``rng`` each one lost, kept or torn (its first k sectors new,
+        the rest as flushed) at random.  Returns how many blocks met each fate.  Idempotent."""
+        fates = {"lost": 0, "kept": 0, "torn": 0}
+        with self.io_lock:
+            if self.dead is None:
+                self.dead = PowerCut(f"the power of {self.path} was cut: writes not yet flushed were lost")
+            by_disk: dict[int, list[tuple[int, bytes | None]]] = {}
+            for (disk, stripe), old in self.unflushed.items():
+                by_disk.setdefault(disk, []).append((stripe, old))
+            for disk, blocks in sorted(by_disk.items()):
+                if disk == self.failed or not os.path.exists(self.disk_path(disk)):
+                    continue  # a disk failed since: its image is set aside, never read again
+                fd = os.open(self.disk_path(disk), os.O_RDWR)
+                try:
+                    final = []
+                    for stripe, old in sorted(blocks):
+                        fate = "lost" if rng is None else rng.choice(("lost", "kept", "torn"))
+                        fates[fate] += 1
+                        if fate == "lost":
+                            final.append((stripe, old))
+                            continue
+                        new = os.pread(fd, BS, stripe * BS).ljust(BS, b"\0")
+                        if fate == "torn":
+                            assert rng is not None
+                            cut = rng.randrange(1, BS // SECTOR) * SECTOR
+                            new = new[:cut] + (old or ZERO)[cut:]
+                        final.append((stripe, new))
+                    os.ftruncate(fd, self.flushed_size[disk])  # blocks past the flushed end become holes again
+                    for stripe, blk in final:
+                        if blk is not None:
+                            os.pwrite(fd, blk, stripe * BS)
+                    if self.fsync_enabled:
+                        os.fdatasync(fd)
+                finally:
+                    os.close(fd)
+            self.unflushed.clear()
+            self.flushed_size.clear()
+        return fates
 
     def nstripes_on_disk(self) -> int:
         n = 0
@@ -202,6 +276,7 @@ class Raid:
         """Rebuild the failed disk onto a fresh image from the others; returns stripes rebuilt."""
         if self.failed is None:
             return 0
+        self.sync()  # rebuilt from what is on the media, so a power cut cannot tear the two apart
         disk = self.failed
         tmp = self.disk_path(disk) + ".rebuild"
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)

@@ -1,9 +1,15 @@
-"""Helpers for tests and tools that drive a sim volume directly (below the Volume facade)."""
+"""Helpers for tests and tools that drive a sim volume directly (below the Volume facade), and a
+power cut under a running agent."""
 
 from __future__ import annotations
 
+import random
+from typing import Any, Callable, Iterable
+
+from coalesce_core import crashpoints
 from coalesce_core.stream import records as R
 from coalesce_sim import SimVolume, open_sim
+from coalesce_sim.volume import power_cut
 
 
 def sim_apply(fs: SimVolume, qtree: str, changes, use_purgatory: bool = False):
@@ -20,3 +26,40 @@ def reopen(fs: SimVolume, query: str = "fsync=0") -> SimVolume:
             del coalesce_sim.volume._OPEN[fs.path]
     fs.raid.close()
     return open_sim(f"{fs.path}?{query}")
+
+
+def power_cut_at(
+    harness: Any,
+    point: str | None,
+    step: Callable[[], Any],
+    volumes: Iterable[str] = ("destination",),
+    rng: random.Random | None = None,
+) -> bool:
+    """Run ``step`` of a :class:`~coalesce_core.testing.harness.Harness` on sim volumes and cut the
+    power at crash point ``point`` (``name[:n]``): at that instant the agent dies and the group's
+    sim ``volumes`` (``"source"``, ``"destination"``) lose every write not yet flushed (with
+    ``rng``: a random subset, some torn).  If ``point`` is None or never reached, the power is cut
+    when the step ends.  Then a new agent recovers from the ledger (committed transactions only:
+    SQLite, synchronous=FULL) on the reopened volumes; the harness's source writer follows it.
+    Returns True if the point fired."""
+    urls = [getattr(harness.config, v) for v in volumes]
+
+    def cut(_point: str) -> None:
+        for url in urls:
+            power_cut(url, rng)
+
+    remove = crashpoints.at_crash(cut)
+    crashpoints.arm(point)
+    crashed = False
+    try:
+        step()
+    except crashpoints.SimulatedCrash:
+        crashed = True
+    finally:
+        crashpoints.arm(None)
+        remove()
+    if not crashed:
+        cut("at rest")
+    harness.restart()
+    harness.writer.volume = harness.agent.source
+    return crashed

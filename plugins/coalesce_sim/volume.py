@@ -12,6 +12,8 @@ handle per directory and process, and counts its openers; :func:`close_sim` (the
 from __future__ import annotations
 
 import os
+import random
+import sys
 import threading
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, TypeVar
 from urllib.parse import parse_qs
@@ -89,9 +91,10 @@ class SimVolume(SimFS, VolumeHandle):
             else:
                 err = None
             need = self.durable_target()
+        if err is not None and self.broken is not None:
+            raise err  # the volume died under the primitive (a crash, a power cut): nothing to wait for
         try:
-            if self.broken is None:
-                self.wait_durable(need, failures)
+            self.wait_durable(need, failures)  # also when the volume died: success only if the CP is on disk
         except BaseException as exc:
             if err is not None:
                 raise exc from err
@@ -111,9 +114,12 @@ class SimVolume(SimFS, VolumeHandle):
         self.check()
         if os.environ.get("COALESCE_SIM_NATIVE_ROLLBACK", "1") in ("0", "no", "false"):
             return None
-        with self.lock:
-            self.view(rollback_pcpi)  # must exist (contract); the native path does not need its contents
-            self._mutate(_ops.native_rollback, qtree, to_pcpi)
+
+        def rollback(fs: SimFS, q: str, to: str | None) -> None:
+            fs.view(rollback_pcpi)  # must exist (contract); the native path does not need its contents
+            _ops.native_rollback(fs, q, to)
+
+        self._mutate(rollback, qtree, to_pcpi)  # returns once the rollback's CP is on disk (hookspec)
         return True
 
     def purge_purgatory(self, qtrees: list[str]) -> bool:
@@ -210,11 +216,15 @@ def parse_location(location: str) -> tuple[str, dict[str, Any]]:
 def open_sim(location: str, *, create: bool = False) -> SimVolume:
     """Open (or create) the sim volume at ``location``; one shared handle per directory and process."""
     path, opts = parse_location(location)
+    _power_cut_on_crash()
     with _OPEN_LOCK:
         fs = _OPEN.get(path)
         if fs is not None and fs.broken is None:
             fs.opens += 1
             return fs
+        if fs is not None:  # a crashed handle (its process "died"; its threads have stopped): the volume restarts
+            fs.raid.close()
+            del _OPEN[path]
         fsync = opts.get("fsync", True)
         if os.path.exists(os.path.join(path, "raid.json")):
             fs = SimVolume(path, fsync=fsync)
@@ -247,3 +257,66 @@ def close_sim(fs: SimFS) -> None:
             del _OPEN[fs.path]
     if fs.broken is None:
         SimFS.close(fs)  # not the handle's close (this function)
+    else:
+        fs.raid.close()
+
+
+def power_cut(location: str, rng: random.Random | None = None) -> dict[str, int] | None:
+    """Cut the power of the sim volume at ``location`` (``sim:///dir``, ``/dir``; options ignored)
+    if this process has it open (:meth:`SimFS.power_cut`): the writes not yet flushed are lost and
+    the handle dies; the next :func:`open_sim` mounts the last CP on the media.  Returns the fates
+    of the unflushed blocks, or None when the volume is not open here (then nothing is unflushed:
+    the last close ended with a CP)."""
+    path, _opts = parse_location(location.removeprefix("sim://"))
+    with _OPEN_LOCK:
+        fs = _OPEN.get(path)
+    return None if fs is None else fs.power_cut(rng)
+
+
+def power_cut_all(rng: random.Random | None = None) -> dict[str, dict[str, int]]:
+    """Cut the power of every sim volume this process has open; the fates of their unflushed
+    blocks by volume directory."""
+    with _OPEN_LOCK:
+        volumes = list(_OPEN.values())
+    return {fs.path: fs.power_cut(rng) for fs in volumes}
+
+
+_POWER_CUT_HOOKED = False
+
+
+def power_cut_mode(text: str) -> random.Random | None:
+    """``COALESCE_SIM_POWER_CUT``'s value -> the generator of :meth:`Raid.power_cut` (None: every
+    unflushed write lost).  ``1`` or ``lost``: all lost; ``torn`` or ``torn:SEED``: a random subset
+    lost, kept or torn."""
+    kind, _, seed = text.strip().lower().partition(":")
+    if kind in ("1", "lost", "yes", "true") and not seed:
+        return None
+    if kind == "torn" and (not seed or seed.isdigit()):
+        return random.Random(int(seed or 0))
+    raise BackendError(
+        f"bad COALESCE_SIM_POWER_CUT={text!r}",
+        hint="write 1 (a crash loses every write not yet flushed) or torn:SEED (a random subset, some torn)",
+    )
+
+
+def _power_cut_on_crash() -> None:
+    """With ``COALESCE_SIM_POWER_CUT`` set, a crash at a named crash point (``COALESCE_CRASH_AT``,
+    coalesce_core/crashpoints.py) cuts the power of every sim volume the process has open at that
+    instant, before the process dies (docs/sim.md, "Power cuts")."""
+    global _POWER_CUT_HOOKED
+    text = os.environ.get("COALESCE_SIM_POWER_CUT", "")
+    if _POWER_CUT_HOOKED or text in ("", "0"):
+        return
+    rng = power_cut_mode(text)
+    from coalesce_core import crashpoints
+
+    def cut(point: str) -> None:
+        for path, fates in power_cut_all(rng).items():
+            said = ", ".join(f"{n} {fate}" for fate, n in fates.items() if n) or "nothing was unflushed"
+            print(
+                f"power cut at crash point {point}: sim volume {path}: blocks not yet flushed: {said}", file=sys.stderr
+            )
+        sys.stderr.flush()
+
+    crashpoints.at_crash(cut)
+    _POWER_CUT_HOOKED = True

@@ -1,10 +1,12 @@
 """Hypothesis stateful test: the sim file system against a plain dict model under random operations,
-PCPIs, crashes between block writes, clean reopens and disk failures."""
+PCPIs, crashes between block writes, power cuts (at rest and mid-CP, torn writes), clean reopens and
+disk failures."""
 
 from __future__ import annotations
 
 import itertools
 import os
+import random
 import tempfile
 
 from hypothesis import HealthCheck, settings
@@ -168,6 +170,45 @@ class SimFSMachine(RuleBasedStateMachine):
         assert got in (before, after_model)
         if not crashed:
             assert got == after_model
+        self.model = got
+
+    @rule(
+        data=st.data(),
+        after=st.none() | st.integers(0, 12),
+        name=NAMES,
+        content=DATA,
+        torn=st.none() | st.integers(0, 2**16),
+    )
+    def power_cut(self, data, after, name, content, torn):
+        """Cut the power, at rest (``after`` None: every primitive returned, so nothing is lost) or
+        when the writer dies after ``after`` block writes of the next CP: that CP is lost, or with
+        torn writes (``torn``) kept whole if a copy of its superblock reached the disk."""
+        rng = None if torn is None else random.Random(torn)
+        if after is None:
+            self.fs.power_cut(rng)
+            self.fs = reopen(self.fs)
+            return
+        p = self.free_path(data, name) or "cutfile"
+        if p in self.model:
+            return
+        before = dict(self.model)
+        after_model = {**self.model, p: ("f", 0o640, content)}
+        self.fs.raid.crash_after_writes = after
+        try:
+            sim_apply(self.fs, "q", [R.MkFile(path=p, mode=0o640), R.Write(path=p, offset=0, data=content)])
+            crashed = False
+        except SimCrash:
+            crashed = True
+        self.fs.raid.crash_after_writes = None
+        self.fs.power_cut(rng)
+        self.fs = reopen(self.fs)
+        got = D.tree_dict(self.fs, "q")
+        if not crashed:
+            assert got == after_model, "a primitive that returned was lost by a power cut"
+        elif rng is None:
+            assert got == before, "a CP whose superblock was never flushed survived a power cut"
+        else:
+            assert got in (before, after_model)
         self.model = got
 
     @rule()
