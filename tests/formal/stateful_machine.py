@@ -6,7 +6,9 @@ rollbacks, updates that keep failing (a stream the destination can never
 apply: the replica is re-seeded after ``reseed_after`` of them), the reseed
 verb, crashes at any named crash point (n-th pass) followed by a restart
 from the ledger, new replicas (baseline), break and resync, the retry timer,
-and hostile change records fed to the applier.  After every step it checks
+and hostile change records fed to the applier; on sim also power cuts of the
+destination, the source or both at any crash point (writes not yet flushed
+are lost, some torn) followed by a restart.  After every step it checks
 the invariants against the volumes and against the SourceWriter's own record
 of every source PCPI (never the agent's beliefs alone); I6 after every
 restart; I7 in a final "faults stop" phase (``teardown``).
@@ -22,6 +24,7 @@ import random
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import attrs
 from hypothesis import strategies as st
@@ -54,7 +57,16 @@ RESEEDING = ("reseed_pending", "reseeding", "reseeded")
 _ids = itertools.count()
 
 #: counters read by tools/check (steps and examples run in this process)
-STATS = {"examples": 0, "steps": 0, "crashes": 0, "restarts": 0, "hostile": 0, "resumes": 0, "reseeds": 0}
+STATS = {
+    "examples": 0,
+    "steps": 0,
+    "crashes": 0,
+    "restarts": 0,
+    "power_cuts": 0,
+    "hostile": 0,
+    "resumes": 0,
+    "reseeds": 0,
+}
 
 
 def backend_works(scheme: str) -> bool:
@@ -137,8 +149,9 @@ class ExportWatch:
             return result  # a re-application of the table the volume already served (recovery): no switch
         if m is not None and "dst" in str(getattr(volume, "url", volume)):  # the destination volume
             # the committed ledger, read afresh: during a restart's recovery the harness still holds
-            # the crashed agent, whose state is not the one the exporting agent committed
-            ledger = Ledger.open(m.h.config.ledger_path(m.h.agent.dest.metadata_dir()))
+            # the crashed agent, whose state is not the one the exporting agent committed (and whose
+            # volumes a power cut killed: the ledger is found through the volume being exported)
+            ledger = Ledger.open(m.h.config.ledger_path(volume.metadata_dir()))
             try:
                 committed = ledger.load_consistent()
             finally:
@@ -335,27 +348,9 @@ class CoalescingMachine(RuleBasedStateMachine):
     def crash_and_restart(self, point: str, nth: int, what: str, q: str) -> None:
         """A crash at the n-th pass through a named point, then a new agent from the ledger (I6)."""
         before = self._exported_images()
-        if what == "failing_cycle":
-            self.h.writer.random_changes(self.rng, q, 2)
-            self.h.faults.add(Rule(hook="coalesce_diff", qtree=q, record=1, times=1, volume="src"))
-            step = self.h.cycle
-        elif what == "cycle":
-            self.h.writer.random_changes(self.rng, q, 1)
-            step = self.h.cycle
-        elif what == "tick":
-            self.clock.advance(100)
-            step = self.agent.tick
-        elif what == "reseed":  # a cycle that re-seeds q, when q can be re-seeded
-            r = self.agent.state.replicas.get(q)
-            if r is not None and r.state in ("stable", "stable_uncoalesced"):
-                self.agent.reseed(q, "crash test")
-            self.h.writer.random_changes(self.rng, q, 1)
-            step = self.h.cycle
-        else:
-            r = self.agent.state.replicas.get(q)
-            if r is None or r.state != "broken":
-                return
-            step = lambda: self.agent.resync(q)  # noqa: E731
+        step = self._interrupted_step(what, q)
+        if step is None:
+            return
         try:
             crashed = self.h.crash(f"{point}:{nth}", step)
         finally:
@@ -365,6 +360,31 @@ class CoalescingMachine(RuleBasedStateMachine):
         STATS["resumes"] += sum(1 for t in self.h.recorder.transitions[self.seen :] if t[1] == "resume_update")
         self._check_i6(before)
         self._sync_replay()
+
+    def _interrupted_step(self, what: str, q: str) -> Callable[[], object] | None:
+        """The step a crash interrupts (its source changes and faults are set up here), or None
+        when ``what`` cannot run now (a resync of a replica that is not broken)."""
+        if what == "failing_cycle":
+            self.h.writer.random_changes(self.rng, q, 2)
+            self.h.faults.add(Rule(hook="coalesce_diff", qtree=q, record=1, times=1, volume="src"))
+            return self.h.cycle
+        if what == "cycle":
+            self.h.writer.random_changes(self.rng, q, 1)
+            return self.h.cycle
+        if what == "tick":
+            self.clock.advance(100)
+            return self.agent.tick
+        if what == "reseed":  # a cycle that re-seeds q, when q can be re-seeded
+            r = self.agent.state.replicas.get(q)
+            if r is not None and r.state in ("stable", "stable_uncoalesced"):
+                self.agent.reseed(q, "crash test")
+            self.h.writer.random_changes(self.rng, q, 1)
+            return self.h.cycle
+        r = self.agent.state.replicas.get(q)
+        if r is None or r.state != "broken":
+            return None
+        agent = self.agent
+        return lambda: agent.resync(q)
 
     @rule(kind=st.integers(0, 6))
     def hostile_stream(self, kind: int) -> None:
@@ -519,4 +539,40 @@ class CoalescingMachine(RuleBasedStateMachine):
 
 
 class SimCoalescingMachine(CoalescingMachine):
+    """The machine on sim volumes, plus power cuts (docs/sim.md, "Power cuts")."""
+
     scheme = "sim"
+
+    @rule(
+        point=st.none() | st.sampled_from(sorted(CRASH_POINTS)),
+        nth=st.integers(1, 3),
+        what=st.sampled_from(["cycle", "failing_cycle", "tick", "resync", "reseed"]),
+        q=st.sampled_from(INITIAL),
+        side=st.sampled_from(["destination", "source", "both"]),
+        torn=st.none() | st.integers(0, 2**16),
+    )
+    def power_cut(self, point: str | None, nth: int, what: str, q: str, side: str, torn: int | None) -> None:
+        """The power of the destination, the source or both is cut at the n-th pass through a named
+        point (or, if the step never gets there or no point is drawn, when it ends): the agent dies
+        at that instant, the volumes lose every write not yet flushed (with ``torn``: a random
+        subset, some torn); a new agent recovers from the ledger's committed transactions.  Every
+        primitive that returned was durable, so recovery is as after a crash (I6) and no export
+        shows a partial image (I3, checked after every step)."""
+        from coalesce_sim.testing import power_cut_at
+
+        before = self._exported_images()
+        step = self._interrupted_step(what, q)
+        if step is None:
+            return
+        volumes = ("source", "destination") if side == "both" else (side,)
+        rng = None if torn is None else random.Random(torn)
+        try:
+            crashed = power_cut_at(self.h, f"{point}:{nth}" if point else None, step, volumes, rng)
+        finally:
+            self.h.faults.clear()
+        STATS["restarts"] += 1
+        STATS["power_cuts"] += 1
+        STATS["crashes"] += int(crashed)
+        STATS["resumes"] += sum(1 for t in self.h.recorder.transitions[self.seen :] if t[1] == "resume_update")
+        self._check_i6(before)
+        self._sync_replay()
