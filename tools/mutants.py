@@ -52,6 +52,9 @@ SEND_SCENARIOS_M = [
     "m6-dirs-swapped-across-qtrees-children-swapped-back",
 ]
 
+#: the agent under power cuts of its sim volumes, at every crash point (not the volume-level tests of that file)
+SIM_POWER_CUTS = ["tests/plugins/sim/test_sim_power_cut.py", "-k", "power_cut_of or later_pass or at_rest"]
+
 MUTANTS: dict[str, dict] = {
     "jump_ahead_during_update": {
         "doc": "jump-ahead allowed while a replica is in update",
@@ -206,6 +209,32 @@ MUTANTS: dict[str, dict] = {
         "spin": None,
         "why_not_spin": "not modelled (the model's writes are durable when made)",
         "pytest": [["tests/plugins/posix/test_durable.py"]],
+    },
+    "drop_the_sim_durability_wait": {
+        "doc": "a sim CP returns before its superblock is flushed (`done` recorded over a CP a power cut loses)",
+        "edits": [
+            (
+                "plugins/coalesce_sim/fs.py",
+                "        self.raid.write_stripe(cp % SB_STRIPES, [sb] * self.raid.ndata)\n        self.raid.sync()\n",
+                "        self.raid.write_stripe(cp % SB_STRIPES, [sb] * self.raid.ndata)\n",
+            )
+        ],
+        "spin": None,
+        "why_not_spin": "not modelled (the model's writes are durable when made)",
+        "pytest": [SIM_POWER_CUTS],
+    },
+    "drop_the_sim_apply_wait": {
+        "doc": "a sim primitive returns without waiting for a CP of its changes (SimVolume._mutate)",
+        "edits": [
+            (
+                "plugins/coalesce_sim/volume.py",
+                "            self.wait_durable(need, failures)  # also when",
+                "            pass  # also when",
+            )
+        ],
+        "spin": None,
+        "why_not_spin": "not modelled (the model's writes are durable when made)",
+        "pytest": [SIM_POWER_CUTS],
     },
 }
 # a double mutant: the check before `done` would catch the wrong images of drop_inode_identity; without it
