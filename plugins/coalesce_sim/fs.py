@@ -42,7 +42,7 @@ import random
 import struct
 import threading
 import time
-from typing import Iterator, Self
+from typing import Any, Iterator, Self
 
 from coalesce_core.errors import BackendError
 
@@ -1153,18 +1153,71 @@ class SimFS:
         }
 
     def scrub(self, repair: bool = False) -> dict:
+        """Verify the parity of every stripe below the high-water mark.  Each mismatch gets a
+        verdict: in a superblock stripe the SHA-256 of each copy shows which disks are wrong (the
+        stripe is rewritten from the newest valid copy); a stripe without live blocks holds nothing
+        to lose (parity is recomputed from its data); a stripe with live blocks cannot be decided,
+        since data blocks carry no checksum, and ``repair`` then refuses (BackendError) before
+        writing anything: rebuilding that parity from data it cannot trust could make a bad block
+        permanent."""
         with self.lock:
             if self.raid.failed is not None:
                 return {"checked": 0, "mismatches": [], "degraded": True, "repaired": 0}
-            bad = []
+            bad: list[dict[str, Any]] = []
+            fixes: dict[int, bytes | str] = {}  # stripe -> the superblock to rewrite it with, or "parity"
             for s in range(self.hwm):
-                if not self.raid.check_stripe(s):
-                    bad.append({"stripe": s, "live": s < SB_STRIPES or bool(self.suse.get(s))})
+                if self.raid.check_stripe(s):
+                    continue
+                live = s < SB_STRIPES or bool(self.suse.get(s))
+                fix, verdict = self._scrub_verdict(s, live)
+                if fix is not None:
+                    fixes[s] = fix
+                bad.append({"stripe": s, "live": live, "decided": fix is not None, "verdict": verdict})
+            undecided = [b["stripe"] for b in bad if not b["decided"]]
+            if repair and undecided:
+                raise BackendError(
+                    f"not repairing {self.path}: the parity of {len(undecided)} stripe(s) holding live blocks "
+                    f"({', '.join(map(str, undecided[:10]))}{' ...' if len(undecided) > 10 else ''}) disagrees with "
+                    "their data, and sim keeps no checksum of data blocks, so whether a data block or the parity "
+                    "is wrong cannot be told; nothing was written",
+                    hint="find the wrong side first: if every image on the volume reads right (`coalesce verify "
+                    "--full` for a destination), the parity is wrong: `coalesce sim fail-disk VOLUME parity`, then "
+                    "`coalesce sim reconstruct VOLUME`; if a data disk is wrong, fail that disk and reconstruct it",
+                )
             if repair:
-                for b in bad:
-                    self.raid.repair_stripe(b["stripe"])
+                for s, fix in fixes.items():
+                    if isinstance(fix, bytes):
+                        self.raid.write_stripe(s, [fix] * self.raid.ndata)
+                    else:
+                        self.raid.repair_stripe(s)
                 self.raid.sync()
             return {"checked": self.hwm, "mismatches": bad, "degraded": False, "repaired": len(bad) if repair else 0}
+
+    def _scrub_verdict(self, s: int, live: bool) -> tuple[bytes | str | None, str]:
+        """How stripe ``s``, whose parity mismatches, is repaired: (the superblock to rewrite it
+        with | "parity" | None: undecidable, a sentence)."""
+        if s < SB_STRIPES:
+            n = self.raid.ndata
+            copies = [self.raid.read_stripe_copy(s, d) for d in range(n)]
+            valid = [(self._sb_cp(c), c) for c in copies if c is not None and self._sb_cp(c) is not None]
+            if not valid:
+                return "parity", "superblock stripe with no valid copy (an older slot): parity recomputed from the data"
+            cp, best = max(valid, key=lambda v: v[0] or 0)
+            wrong = [self.raid.disk_label(d) for d, c in enumerate(copies) if c != best]
+            said = ", ".join(wrong) if wrong else "the parity"
+            return best, f"superblock stripe: the checksums show {said} wrong; rewritten from the valid copy (CP {cp})"
+        if not live:
+            return "parity", "no live block: parity recomputed from the data"
+        return None, "holds live blocks: data or parity wrong, no checksum to tell (not repaired)"
+
+    @staticmethod
+    def _sb_cp(blk: bytes) -> int | None:
+        """The CP of a superblock copy whose checksum holds, else None."""
+        blen = _SB.size + 2 * ISZ
+        body, digest = blk[:blen], blk[blen : blen + 32]
+        if body[:8] != MAGIC or hashlib.sha256(body).digest() != digest:
+            return None
+        return _SB.unpack_from(body)[4]
 
     def fail_disk(self, disk: str | int) -> str:
         with self.lock:

@@ -73,18 +73,64 @@ def test_a_second_failure_is_refused(make_sim):
         fs.raid.parse_disk("7")
 
 
-def test_scrub_finds_and_repairs_a_corrupt_stripe(make_sim):
+def _corrupt(fs, disk: int, stripe: int, offset: int = 100) -> None:
+    with open(fs.raid.disk_path(disk), "r+b") as f:
+        f.seek(stripe * BS + offset)
+        f.write(b"\xff" * 8)
+    fs.cache.clear()
+
+
+def test_scrub_refuses_to_rebuild_parity_from_live_data_it_cannot_trust(make_sim):
+    """A live stripe whose parity disagrees with its data: no checksum tells which side is wrong,
+    so --repair writes nothing (it would make the bad data block permanent); failing the bad disk
+    and reconstructing it from parity brings the data back."""
     fs = make_sim()
     _fill(fs)
+    want = D.tree_dict(fs, "q")
     live = sorted(fs.suse)[0]
-    path = fs.raid.disk_path(0)
-    with open(path, "r+b") as f:
-        f.seek(live * BS + 100)
-        f.write(b"\xff" * 8)
+    _corrupt(fs, 0, live)
     rep = fs.scrub()
-    assert [m["stripe"] for m in rep["mismatches"]] == [live] and rep["mismatches"][0]["live"]
-    assert fs.scrub(repair=True)["repaired"] == 1
+    [m] = rep["mismatches"]
+    assert (m["stripe"], m["live"], m["decided"]) == (live, True, False) and "no checksum" in m["verdict"]
+    before = [open(fs.raid.disk_path(d), "rb").read() for d in range(fs.raid.ndata + 1)]
+    with pytest.raises(BackendError, match="nothing was written") as exc:
+        fs.scrub(repair=True)
+    assert "fail-disk" in exc.value.hint
+    assert [open(fs.raid.disk_path(d), "rb").read() for d in range(fs.raid.ndata + 1)] == before
+    # the hint's way out: the data disk is the wrong side here
+    fs.fail_disk("0")
+    fs.reconstruct()
+    fs = reopen(fs)
+    assert fs.scrub()["mismatches"] == [] and D.tree_dict(fs, "q") == want
+
+
+def test_scrub_repairs_what_the_checksums_decide(make_sim):
+    """A bad superblock copy (its SHA-256 fails) is rewritten from the valid one; a stripe with no
+    live block gets its parity from its data; then the volume is clean and its content unchanged."""
+    fs = make_sim()
+    _fill(fs)
+    fs.snapshot_create("s1")
+    sim_apply(fs, "q", [R.Unlink(path=f"d/f{i}") for i in range(10)])
+    fs.snapshot_delete("s1")  # frees stripes: they keep old data, no live block
+    want = D.tree_dict(fs, "q")
+    free = fs.free_stripes[0]
+    assert not fs.suse.get(free)
+    newest = fs.cp % 2
+    _corrupt(fs, 1, newest, offset=40)  # disk1's copy of the newest superblock
+    _corrupt(fs, 2, free)
+    verdicts = {m["stripe"]: m for m in fs.scrub()["mismatches"]}
+    assert set(verdicts) == {newest, free} and all(m["decided"] for m in verdicts.values())
+    assert "disk1 wrong" in verdicts[newest]["verdict"] and "no live block" in verdicts[free]["verdict"]
+    assert fs.scrub(repair=True)["repaired"] == 2
     assert fs.scrub()["mismatches"] == []
+    fs = reopen(fs)
+    assert D.tree_dict(fs, "q") == want and fs.fsck() == []
+    for d in ("0", "2", "parity"):  # the repaired superblock survives any other disk's loss
+        fs.fail_disk(d)
+        fs = reopen(fs)
+        assert D.tree_dict(fs, "q") == want
+        fs.reconstruct()
+        fs = reopen(fs)
 
 
 def test_superblock_survives_any_single_disk_loss(make_sim):
