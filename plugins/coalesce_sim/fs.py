@@ -272,9 +272,13 @@ class SimFS:
     fill: int | None  # the stripe a CP is filling (set by _cp_begin)
     fill_idx: int
 
-    def __init__(self, path: str, *, fsync: bool = True) -> None:
+    def __init__(self, path: str, *, fsync: bool = True, readonly: bool = False) -> None:
+        """Mount the volume at ``path``: for writing (the handle holds the volume's shared lock,
+        :mod:`.volumelock`), or ``readonly``: the newest CP on the media is read as it is (no
+        superblock repair, no block map: :meth:`derive_block_map`), and nothing is ever written."""
         self.path = os.path.abspath(path)
-        self.raid = Raid(self.path, fsync=fsync)
+        self.readonly = readonly
+        self.raid = Raid(self.path, fsync=fsync, readonly=readonly, lock=not readonly)
         self.lock = threading.RLock()
         self.broken: BaseException | None = None
         self.closed = False
@@ -334,7 +338,8 @@ class SimFS:
                     best = (cp, hwm, maxs, Inode.unpack(body, _SB.size), Inode.unpack(body, _SB.size + ISZ), blk)
         if best is None:
             raise BackendError(f"no valid superblock in {self.path}", hint="the volume is damaged or not a sim volume")
-        self._heal_superblock(best[0] % SB_STRIPES, best[5])
+        if not self.readonly:
+            self._heal_superblock(best[0] % SB_STRIPES, best[5])
         return best[:5]
 
     def _heal_superblock(self, stripe: int, blk: bytes) -> None:
@@ -367,18 +372,28 @@ class SimFS:
         self.meta = json.loads(self.read_tree(self.meta_rec.top, self.meta_rec.height, self.meta_rec.size) or b"{}")
         self.meta.setdefault("pcpis", [])
         self.meta.setdefault("exports", {})
-        self.rc: dict[int, int] = self._count_refs()
+        self.rc: dict[int, int] = {}
         self.suse: dict[int, int] = {}
+        self.free_stripes: list[int] = []
+        self.pending: set[int] = set()
+        self._reset_overlay()
+        if self.readonly:
+            return
+        self.derive_block_map()
+        if self.view().inode(ROOT_INO) is None:
+            self._a_put(ROOT_INO, Inode(DIR, mode=0o755, nlink=2, parent=ROOT_INO, mtime=time.time_ns()))
+            self.commit()
+
+    def derive_block_map(self) -> None:
+        """The block map and the stripe use counts, from one walk over the metadata of every image
+        (a read-only mount derives them only when asked: ``coalesce sim info``)."""
+        self.rc = self._count_refs()
+        self.suse = {}
         for vbn in self.rc:
             s = vbn // self.raid.ndata
             self.suse[s] = self.suse.get(s, 0) + 1
         self.free_stripes = [s for s in range(SB_STRIPES, self.hwm) if s not in self.suse]
         heapq.heapify(self.free_stripes)
-        self.pending: set[int] = set()
-        self._reset_overlay()
-        if self.view().inode(ROOT_INO) is None:
-            self._a_put(ROOT_INO, Inode(DIR, mode=0o755, nlink=2, parent=ROOT_INO, mtime=time.time_ns()))
-            self.commit()
 
     def _reset_overlay(self) -> None:
         self.ov_inodes: dict[int, Inode | None] = {}

@@ -38,6 +38,8 @@ from typing import Iterable
 
 from coalesce_core.errors import BackendError
 
+from .volumelock import VolumeLock
+
 BS = 4096
 ZERO = bytes(BS)
 PARITY = "parity"
@@ -62,9 +64,13 @@ def xor_blocks(blocks: Iterable[bytes]) -> bytes:
 class Raid:
     """The disks of one volume directory."""
 
-    def __init__(self, path: str, *, fsync: bool = True) -> None:
+    def __init__(self, path: str, *, fsync: bool = True, readonly: bool = False, lock: bool = False) -> None:
+        """Open the disks of ``path``: for reading only (nothing can be written), or for writing,
+        with ``lock`` the shared lock of a writing handle (:mod:`.volumelock`; :meth:`close` drops it)."""
         self.path = path
         self.fsync_enabled = fsync
+        self.readonly = readonly
+        self.lock = VolumeLock(path) if lock else None
         cfg = self._read_cfg()
         self.ndata: int = int(cfg["ndata"])
         self.failed: int | None = cfg.get("failed")  # 0..N-1 data disk, N = parity disk
@@ -80,7 +86,7 @@ class Raid:
             if i == self.failed:
                 self.fds.append(None)
             else:
-                self.fds.append(os.open(self.disk_path(i), os.O_RDWR))
+                self.fds.append(os.open(self.disk_path(i), os.O_RDONLY if readonly else os.O_RDWR))
 
     # -- configuration -------------------------------------------------------------
     @staticmethod
@@ -122,6 +128,8 @@ class Raid:
         os.replace(tmp, os.path.join(path, "raid.json"))
 
     def close(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
         for fd in self.fds:
             if fd is not None:
                 try:
@@ -152,6 +160,8 @@ class Raid:
         return self._raw_read(disk, stripe)
 
     def _write(self, disk: int, stripe: int, data: bytes) -> None:
+        if self.readonly:
+            raise BackendError(f"sim volume {self.path} is open for reading only", hint="open it for writing")
         with self.io_lock:
             if self.dead is not None:
                 raise PowerCut(str(self.dead))
