@@ -24,7 +24,7 @@ from typing import Any, Callable
 from coalesce_core.errors import BackendError, CoalesceError, HostilePath
 from coalesce_core.ui.errors import report_error
 
-from .fs import DIR, LNK, Inode, SimFS, View
+from .fs import BS, DIR, LNK, Inode, SimFS, View
 
 
 def _location(text: str) -> str:
@@ -40,6 +40,7 @@ def _open(text: str):
     from . import open_sim
 
     path, q = _path_and_query(text)
+    _volume_dir(path)  # a missing volume: the hint names mkfs
     return open_sim(path + (f"?{q}" if q else ""), create=False)
 
 
@@ -115,7 +116,12 @@ def cmd_info(args: argparse.Namespace) -> int:
         fs.derive_block_map()
         return fs.info()
 
-    info = read_volume(_volume_dir(args.volume), image, read)
+    info = read_volume(
+        _volume_dir(args.volume),
+        image,
+        read,
+        hint="info walks every image, the active file system too: run it again between the agent's cycles",
+    )
     if args.json:
         print(json.dumps(info, indent=2, sort_keys=True))
     else:
@@ -318,9 +324,9 @@ def cmd_cat(args: argparse.Namespace) -> int:
                 f"{args.path!r} is a symlink to {target!r}", hint="symlinks are never followed: cat its target"
             )
         for fbn, vbn in fs.leaves(rec.top, rec.height):
-            if fbn * 4096 < rec.size:
-                out.seek(fbn * 4096)
-                out.write(fs.read(vbn)[: rec.size - fbn * 4096])
+            if fbn * BS < rec.size:
+                out.seek(fbn * BS)
+                out.write(fs.read(vbn)[: rec.size - fbn * BS])
         out.truncate(rec.size)
 
     try:

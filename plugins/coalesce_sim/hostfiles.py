@@ -13,12 +13,14 @@ import os
 import stat
 from typing import Iterator
 
+from coalesce_core.errors import BackendError
 from coalesce_core.stream import records as R
 
 from .fs import BS, DIR, LNK, REG, SimFS, View, nblocks
-from .reader import KINDS, entries
+from .reader import entries
 
 CHUNK = 1 << 20
+DAMAGED = "the volume is damaged: `coalesce sim scrub` checks it"
 
 
 def put_records(sources: list[str], into: str, make: list[str], skipped: list[str]) -> Iterator[object]:
@@ -80,7 +82,8 @@ def get_tree(fs: SimFS, view: View, rec_ino: int, dest: str) -> int:
             os.close(fd)
         os.utime(dest, ns=(rec.mtime, rec.mtime), follow_symlinks=False)
         return 1
-    assert rec.kind == DIR and rec.kind in KINDS
+    if rec.kind != DIR:
+        raise BackendError(f"inode {rec_ino} of {fs.path} is of no kind a host can hold ({rec.kind})", hint=DAMAGED)
     os.mkdir(dest, 0o700)
     n = 1
     for name, ino, _crec in entries(view, rec):

@@ -82,7 +82,7 @@ def intact(fs: SimFS, images: set[str | None]) -> bool:
     return False
 
 
-def read_volume(path: str, image: Image, read: Callable[[SimFS], T]) -> T:
+def read_volume(path: str, image: Image, read: Callable[[SimFS], T], hint: str | None = None) -> T:
     """``read(fs)`` on a read-only mount of the volume at ``path``, done again while the writer
     overwrote what it read (see the module docstring); the result of the first intact read."""
     for _ in range(ATTEMPTS):
@@ -105,7 +105,8 @@ def read_volume(path: str, image: Image, read: Callable[[SimFS], T]) -> T:
             fs.raid.close()
     raise BackendError(
         f"sim volume {path} changed under the read {ATTEMPTS} times: a process is writing it",
-        hint="read a PCPI (--pcpi NAME) or what a replica exports (--export): they stay put while "
+        hint=hint
+        or "read a PCPI (--pcpi NAME) or what a replica exports (--export): they stay put while "
         "they exist; or read again when the agent is idle",
     )
 

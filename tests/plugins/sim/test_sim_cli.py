@@ -164,7 +164,8 @@ def test_user_mistakes_are_errors_with_hints_and_change_nothing(tmp_path, host, 
     _fail(["sim", "put", vol, str(host / "a.txt"), "q/../etc"], capsys, "'..'")
     sim_dir = tmp_path / "vol2"
     assert _run(["sim", "mkfs", str(sim_dir)]) == 0
-    _fail(["sim", "put", str(tmp_path / "nowhere"), str(host / "a.txt"), "q"], capsys, "no sim volume")
+    _fail(["sim", "put", str(tmp_path / "nowhere"), str(host / "a.txt"), "q"], capsys, "no sim volume", "sim mkfs")
+    _fail(["sim", "scrub", str(tmp_path / "nowhere")], capsys, "no sim volume", "sim mkfs")
     fs = open_sim(f"{vol}?fsync=0")
     sim_apply(fs, "r", [R.MkFile(path="f")])  # a replica qtree (exported as "r")
     fs.close()
