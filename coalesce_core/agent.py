@@ -5,8 +5,11 @@ persists the decision's state (write-ahead, one durable commit per batch),
 tells the observers, and runs the effects through the backend hooks:
 PCPI takes, releases and export switches inline; transfers (the data path is
 coalesce_core.transfer) and rollbacks concurrently in a pool of ``parallel`` workers.  Every effect's result goes
-back to the planner as an event.  Named crash points (coalesce_core.
-crashpoints) sit between every two steps so tests can kill it anywhere.
+back to the planner as an event, a PCPI the source or the destination refused
+(or a source that cannot be reached) included: the planner decides what it means
+(docs/decisions.md, "Refused PCPIs and source outages").  The source is opened at
+first use: the read verbs never open it, and only transfers need it.  Named crash
+points (coalesce_core.crashpoints) sit between every two steps so tests can kill it anywhere.
 """
 
 from __future__ import annotations
@@ -26,7 +29,8 @@ from coalesce_core.backend.volume import Volume
 from coalesce_core.config import GroupConfig
 from coalesce_core.cycle import effects as fx
 from coalesce_core.cycle import events as ev
-from coalesce_core.cycle.planner import Decision, decide, is_group_pcpi, is_group_source_pcpi
+from coalesce_core.cycle.invariants import i5_marks
+from coalesce_core.cycle.planner import Decision, decide, is_group_pcpi, is_group_source_pcpi, pcpi_shortfall
 from coalesce_core.cycle.state import GroupState
 from coalesce_core.errors import BackendError, CoalesceError, MetadataError
 from coalesce_core.grouplock import GroupLock
@@ -37,7 +41,25 @@ from coalesce_core.transfer import run_transfer
 
 #: transitions that record a failed transfer (`run --once` exits EXIT_TRANSFER_FAILED) or rollback
 TRANSFER_FAILURES = ("update_failed", "baseline_failed", "reseed_failed")
-FAILURES = TRANSFER_FAILURES + ("rollback_failed", "retry_failed")
+FAILURES = TRANSFER_FAILURES + ("rollback_failed", "retry_failed", "jump_ahead_refused")
+#: what the failures list names a replica that missed a cycle (source outage, no PCPI headroom)
+MISSED = "missed_cycle"
+#: what a volume that refuses a PCPI, or cannot be reached, raises
+REFUSED = (BackendError, OSError)
+
+SOURCE_HINT = (
+    "the cycle ended without transfers: every replica keeps exporting its image and `coalesce status` "
+    "shows the error; `coalesce run` tries again every interval. Is the source volume there, or "
+    "`coalesce serve` running on its host?"
+)
+DEST_HINT = (
+    "the replicas that needed it left the cycle and export their own image until the destination takes "
+    "PCPIs again (free space, or release PCPIs other tools hold); `coalesce status` shows them"
+)
+ROOM_HINT = (
+    "release PCPIs the volume no longer needs (other tools' snapshots) or raise its limit; every replica "
+    "keeps exporting its image and the next cycle tries again"
+)
 
 
 class _CycleStats:
@@ -58,7 +80,7 @@ class Agent:
         self,
         config: GroupConfig,
         pm: pluggy.PluginManager,
-        source: Volume,
+        source: Volume | None,
         dest: Volume,
         ledger: Ledger,
         clock: Callable[[], float],
@@ -68,7 +90,8 @@ class Agent:
         #: the group's lock (coalesce_core.grouplock); None for a read-only agent
         self.lock = lock
         self.pm = pm
-        self.source = source
+        self._source = source  # None: opened at first use (:attr:`source`)
+        self._source_lock = threading.Lock()
         self.dest = dest
         self.ledger = ledger
         self.clock = clock
@@ -76,17 +99,45 @@ class Agent:
         self._stats: _CycleStats | None = None
         #: full verifications (baselines, re-seeds) that passed since the last cycle ended
         self._verified: dict[str, dict[str, Any]] = {}
-        #: failures decided since the last `run_once` began: {"replica", "trigger", "error"}
+        #: failures decided since the last `run_once` began: {"replica", "trigger", "error"} (trigger: the
+        #: spec trigger, or MISSED for a replica whose cycle could not run)
         self.failures: list[dict[str, str]] = []
+        #: PCPIs the volumes refused, a source that could not be reached, a cycle refused for want of PCPIs,
+        #: since the last `run_once` began (`run --once` exits 4 with the first one)
+        self.refusals: list[BackendError] = []
         self._abort = threading.Event()
-        self.spool: Spool | None = None
-        if config.spool if config.spool is not None else source.resumable_diff:
-            self.spool = Spool(config.spool_dir(dest.metadata_dir()))
+        self._spool: Spool | None = None
+        self._spool_decided = False
 
-    # -- construction ---------------------------------------------------------
-    @staticmethod
-    def _volumes(config: GroupConfig, pm: pluggy.PluginManager, create: bool) -> tuple[Volume, Volume]:
-        return (Volume.open(pm, config.source, create=create), Volume.open(pm, config.destination, create=create))
+    # -- the volumes ----------------------------------------------------------
+    @property
+    def source(self) -> Volume:
+        """The source volume, opened at first use; a source that cannot be opened raises BackendError
+        each time (the next use tries again)."""
+        with self._source_lock:
+            if self._source is None:
+                self._source = Volume.open(self.pm, self.config.source)
+            return self._source
+
+    def source_if_open(self) -> Volume | None:
+        """The source volume if something already opened it (never opens it)."""
+        return self._source
+
+    @property
+    def spool(self) -> Spool | None:
+        """Where updates spool their records (coalesce_core.stream.spool), or None.  ``[group] spool``,
+        by default on for a source that resumes its diffs (a remote one): then deciding opens the source."""
+        if not self._spool_decided:
+            use = self.config.spool if self.config.spool is not None else self.source.resumable_diff
+            self._spool = Spool(self.config.spool_dir(self.dest.metadata_dir())) if use else None
+            self._spool_decided = True
+        return self._spool
+
+    def _refused(self, message: str, exc: BaseException, hint: str) -> str:
+        """Remember a refusal for `run --once` and return its text for the planner."""
+        error = _describe(exc)
+        self.refusals.append(BackendError(f"{message}: {error}", hint=hint))
+        return error
 
     @classmethod
     def init(
@@ -99,7 +150,8 @@ class Agent:
     ) -> "Agent":
         """Create the volumes (if the backend can) and a new ledger for the group (holding its lock)."""
         pm = pm or plugin_manager(plugins)
-        source, dest = cls._volumes(config, pm, create=True)
+        Volume.open(pm, config.source, create=True).close()
+        dest = Volume.open(pm, config.destination, create=True)
         path = config.ledger_path(dest.metadata_dir())
         lock = GroupLock.acquire(path, config.name, "init")
         try:
@@ -116,6 +168,8 @@ class Agent:
         except BaseException:
             lock.release()
             raise
+        finally:
+            dest.close()
         return cls.open(config, pm=pm, clock=clock, _lock=lock)
 
     @classmethod
@@ -129,6 +183,7 @@ class Agent:
         recover: bool = True,
         readonly: bool = False,
         verb: str = "run",
+        reach_source: bool = True,
         _lock: GroupLock | None = None,
     ) -> "Agent":
         """Open an initialised group and (by default) recover from whatever a crash left.
@@ -136,18 +191,25 @@ class Agent:
         A changing agent holds the group's lock (GroupLocked, exit 9, when another process has it)
         until :meth:`close`; ``verb`` is what the lock file tells the next one.  ``readonly``: no
         lock, no recovery, nothing written (the state as committed, read in one transaction), for
-        the read verbs beside a running agent."""
+        the read verbs beside a running agent.  The source is not opened here (:attr:`source`);
+        ``reach_source`` False: recovery does not ask it what it holds either (an administrative
+        verb, which needs only the destination; :meth:`recover`)."""
         pm = pm or plugin_manager(plugins)
-        source, dest = cls._volumes(config, pm, create=False)
-        path = config.ledger_path(dest.metadata_dir())
-        lock = None if readonly else (_lock or GroupLock.acquire(path, config.name, verb))
+        dest = Volume.open(pm, config.destination)
+        try:
+            path = config.ledger_path(dest.metadata_dir())
+            lock = None if readonly else (_lock or GroupLock.acquire(path, config.name, verb))
+        except BaseException:
+            dest.close()
+            raise
         try:
             ledger = Ledger.open(path, group=config.name)
         except BaseException:
+            dest.close()
             if lock is not None:
                 lock.release()
             raise
-        agent = cls(config, pm, source, dest, ledger, clock, lock)
+        agent = cls(config, pm, None, dest, ledger, clock, lock)
         if readonly:
             return agent
         if (agent.state.retry, agent.state.reseed_after) != (config.retry, config.reseed_after):
@@ -159,7 +221,7 @@ class Agent:
             if rc.name not in agent.state.replicas:
                 agent.handle(ev.AddReplica(name=rc.name, source_qtree=rc.source))
         if recover:
-            agent.recover()
+            agent.recover(reach_source=reach_source)
         return agent
 
     def __enter__(self) -> "Agent":
@@ -172,7 +234,8 @@ class Agent:
         """Close the ledger and the volumes, then free the group's lock."""
         try:
             self.ledger.close()
-            self.source.close()
+            if self._source is not None:
+                self._source.close()
             self.dest.close()
         finally:
             if self.lock is not None:
@@ -186,6 +249,8 @@ class Agent:
         self.ledger.commit(old, new, log, now=self.clock())
         self.state = new
         crashpoints.hit("after_commit")
+        if any(isinstance(e, (ev.StartCycle, ev.SourcePcpiRefused)) for e, _d in batch):
+            self._note_missed(old, new)
         for t in log:
             if t.replica is None:
                 self.pm.hook.coalesce_phase_changed(group=new.name, trigger=t.trigger, source=t.source, dest=t.dest)
@@ -203,6 +268,15 @@ class Agent:
             if t.trigger == "finish_cycle":
                 self._finish_cycle()
         return [eff for _e, d in batch for eff in d.effects]
+
+    def _note_missed(self, old: GroupState, new: GroupState) -> None:
+        """The replicas that missed the cycle (an outage) join the run's failures and the cycle's report."""
+        for name, r in sorted(new.replicas.items()):
+            before = old.replicas.get(name)
+            if before is not None and r.outages > before.outages:
+                self.failures.append({"replica": name, "trigger": MISSED, "error": r.last_error})
+                if self._stats is not None:
+                    self._stats.failed[name] = r.last_error
 
     def _decide_batch(self, events: list[object]) -> list[object]:
         batch = []
@@ -247,7 +321,11 @@ class Agent:
     def _run_inline(self, eff: object) -> object:
         now = self.clock
         if isinstance(eff, fx.TakeSourcePcpi):
-            self.source.snapshot_create(eff.name)
+            try:
+                self.source.snapshot_create(eff.name)
+            except REFUSED as exc:
+                what = f"the source {self.config.source} could not be reached or refused PCPI {eff.name}"
+                return ev.SourcePcpiRefused(name=eff.name, now=now(), error=self._refused(what, exc, SOURCE_HINT))
             taken_at = now()
             self.pm.hook.coalesce_pcpi_taken(
                 group=self.state.name, volume=str(self.source.url), name=eff.name, role="source"
@@ -255,11 +333,20 @@ class Agent:
             crashpoints.hit("after_source_pcpi")
             return ev.SourcePcpiTaken(name=eff.name, now=taken_at)
         if isinstance(eff, fx.ReleaseSourcePcpi):
-            self.source.snapshot_delete(eff.name)
+            try:
+                self.source.snapshot_delete(eff.name)
+            except REFUSED as exc:
+                what = f"the source {self.config.source} could not release PCPI {eff.name}"
+                error = self._refused(what, exc, "a later cycle releases it")
+                return ev.SourcePcpiNotReleased(name=eff.name, error=error)
             self.pm.hook.coalesce_pcpi_released(group=self.state.name, volume=str(self.source.url), name=eff.name)
             return ev.SourcePcpiReleased(name=eff.name)
         if isinstance(eff, fx.TakePcpi):
-            self.dest.snapshot_create(eff.name)
+            try:
+                self.dest.snapshot_create(eff.name)
+            except REFUSED as exc:
+                what = f"the destination {self.config.destination} refused the {eff.role} PCPI {eff.name}"
+                return ev.PcpiRefused(name=eff.name, now=now(), error=self._refused(what, exc, DEST_HINT))
             if self._stats is not None:
                 self._stats.taken.append(eff.name)
             self.pm.hook.coalesce_pcpi_taken(
@@ -357,18 +444,30 @@ class Agent:
             "states": s.state_counts(),
             "max_lag_seconds": _max_lag(s, ended),
         }
-        self.ledger.record_cycle(report)
+        # I5's high-water marks (spec/invariants.md), read by `coalesce check`, which writes nothing
+        marks = i5_marks(self.ledger.note("i5_marks") or {}, s)
+        self.ledger.record_cycle(report, notes={"i5_marks": marks})
         # observers (metrics) also get every replica's health; the history row stays small
         self.pm.hook.coalesce_cycle_finished(group=s.name, report={**report, "replicas": replica_health(s, ended)})
         self._stats = None
 
     # -- requests -----------------------------------------------------------------
-    def recover(self) -> None:
-        """Reconcile the ledger with the volumes and finish or undo what was in flight."""
+    def recover(self, reach_source: bool = True) -> None:
+        """Reconcile the ledger with the volumes and finish or undo what was in flight.
+
+        Only the destination is needed: a source that cannot be reached (or ``reach_source``
+        False) leaves the ledger's source PCPIs as they are, for a later recovery to settle, and
+        no update resumes from its spool."""
         group = self.state.name
         dest = frozenset(n for n in self.dest.snapshot_list() if is_group_pcpi(group, n))
-        src = frozenset(n for n in self.source.snapshot_list() if is_group_source_pcpi(group, n))
-        self.handle(ev.Recover(now=self.clock(), destination_pcpis=dest, source_pcpis=src, spooled=self._spooled()))
+        src: frozenset[str] | None = None
+        if reach_source:
+            try:
+                src = frozenset(n for n in self.source.snapshot_list() if is_group_source_pcpi(group, n))
+            except REFUSED:
+                pass
+        spooled = self._spooled() if src is not None else frozenset()
+        self.handle(ev.Recover(now=self.clock(), destination_pcpis=dest, source_pcpis=src, spooled=spooled))
 
     def _spooled(self) -> frozenset[str]:
         """Replicas in update whose spool holds their running update; other spools are stale."""
@@ -393,10 +492,31 @@ class Agent:
         """Run the rollback retries that are due (loop 1026)."""
         self.handle(ev.Tick(now=self.clock()))
 
+    def _room(self) -> dict[str, int]:
+        """How many more PCPIs each volume that declares a limit can take (StartCycle's rooms)."""
+        room = {}
+        limit = self.dest.max_pcpis
+        if limit is not None:
+            room["destination_room"] = limit - len(self.dest.snapshot_list())
+        try:
+            limit = self.source.max_pcpis
+            if limit is not None:
+                room["source_room"] = limit - len(self.source.snapshot_list())
+        except REFUSED:
+            pass  # a source that cannot be reached: the take of the cycle's source PCPI says so
+        return room
+
     def run_cycle(self) -> dict[str, Any]:
-        """One whole coalescing cycle; returns its history row."""
+        """One whole coalescing cycle; returns its history row ({} when it could not start: no PCPI
+        headroom, see :attr:`refusals`)."""
         before = self.state.cycle
-        self.handle(ev.StartCycle(now=self.clock()))
+        room = self._room()
+        short = pcpi_shortfall(room.get("destination_room"), room.get("source_room"))
+        if short:
+            self.refusals.append(
+                BackendError(f"not starting cycle {before + 1} of group {self.state.name!r}: {short}", hint=ROOM_HINT)
+            )
+        self.handle(ev.StartCycle(now=self.clock(), **room))
         self._background_verification()
         cycles = self.ledger.cycles()
         return cycles[-1] if cycles and cycles[-1]["cycle"] > before else {}
@@ -405,8 +525,10 @@ class Agent:
         """Due retries, then one cycle (what `coalesce run --once` does).
 
         ``self.failures`` then lists every failure decided meanwhile (a re-seed may
-        end after the cycle's history row was written: it is listed here too)."""
+        end after the cycle's history row was written: it is listed here too), ``self.refusals``
+        every PCPI a volume refused and every source it could not reach."""
         self.failures = []
+        self.refusals = []
         self.tick()
         return self.run_cycle()
 

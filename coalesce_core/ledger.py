@@ -50,8 +50,9 @@ _GROUP_FIELDS = (
     "reseed_after",
 )
 
-# Advisory records kept in the meta table beside the state: the source points at the last passing
-# `coalesce check` (I5) and the time of each replica's last full verification.
+# Advisory records kept in the meta table beside the state: each replica's newest exported source
+# point at the end of any cycle (I5's high-water marks, which `coalesce check` reads) and the time
+# of each replica's last full verification.
 NOTES = frozenset({"i5_marks", "verified"})
 
 
@@ -327,12 +328,17 @@ class Ledger:
                     [(ts, new.cycle, t.replica, t.trigger, t.source, t.dest) for t in log],
                 )
 
-    def record_cycle(self, report: dict[str, Any]) -> None:
+    def record_cycle(self, report: dict[str, Any], notes: dict[str, Any] | None = None) -> None:
+        """Keep a finished cycle's history row, and replace the ``notes`` given, in one transaction."""
         with self._tx():
             self.conn.execute(
                 "INSERT OR REPLACE INTO cycles VALUES (?, ?, ?, ?)",
                 (report["cycle"], report.get("started"), report.get("ended"), json.dumps(report)),
             )
+            for key, value in (notes or {}).items():
+                self.conn.execute(
+                    "INSERT OR REPLACE INTO meta VALUES (?, ?)", (_note_key(key), json.dumps(value, sort_keys=True))
+                )
 
 
 def _note_key(key: str) -> str:

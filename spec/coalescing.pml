@@ -20,10 +20,11 @@
 #define R_rollback 5   /* ref 1018 field=cycle */
 #define R_unstable_uncoalesced 6   /* ref 1024 field=outside */
 #define R_stable_uncoalesced 7   /* ref 1030 field=outside */
-#define R_broken 8   /* ref - field=outside */
-#define R_reseed_pending 9   /* ref 1006* field=outside */
-#define R_reseeding 10   /* ref 1006* field=outside */
-#define R_reseeded 11   /* ref 1006* field=outside */
+#define R_done_uncoalesced 8   /* ref 1014* field=outside */
+#define R_broken 9   /* ref - field=outside */
+#define R_reseed_pending 10   /* ref 1006* field=outside */
+#define R_reseeding 11   /* ref 1006* field=outside */
+#define R_reseeded 12   /* ref 1006* field=outside */
 
 /* agent phases */
 #define A_idle 0
@@ -46,7 +47,7 @@
 #define G_nothing_in_flight !(((rs[0] == R_baseline || rs[0] == R_update || rs[0] == R_rollback) || (rs[1] == R_baseline || rs[1] == R_update || rs[1] == R_rollback) || (rs[2] == R_baseline || rs[2] == R_update || rs[2] == R_rollback)))
 #define G_some_replica_in_rollback (((rs[0] == R_rollback) || (rs[1] == R_rollback) || (rs[2] == R_rollback)))
 #define G_some_replica_resumable ((rz[0] && rs[0] == R_done) || (rz[1] && rs[1] == R_done) || (rz[2] && rs[2] == R_done))
-#define G_some_participant (((rs[0] == R_done || rs[0] == R_reseeded || rs[0] == R_stable || rs[0] == R_stable_uncoalesced) || (rs[1] == R_done || rs[1] == R_reseeded || rs[1] == R_stable || rs[1] == R_stable_uncoalesced) || (rs[2] == R_done || rs[2] == R_reseeded || rs[2] == R_stable || rs[2] == R_stable_uncoalesced)))
+#define G_some_participant (((rs[0] == R_done || rs[0] == R_done_uncoalesced || rs[0] == R_reseeded || rs[0] == R_stable || rs[0] == R_stable_uncoalesced) || (rs[1] == R_done || rs[1] == R_done_uncoalesced || rs[1] == R_reseeded || rs[1] == R_stable || rs[1] == R_stable_uncoalesced) || (rs[2] == R_done || rs[2] == R_done_uncoalesced || rs[2] == R_reseeded || rs[2] == R_stable || rs[2] == R_stable_uncoalesced)))
 #define G_purgatory_purged (purged)
 
 /* replica transitions: one inline per trigger (I8 by construction; the monitor in check() re-checks) */
@@ -68,6 +69,8 @@ inline T_rollback_succeeded(x) { assert(rs[x] == R_rollback); rs[x] = R_done }  
 inline T_resume_update(x) { assert(rs[x] == R_done); rs[x] = R_update }   /* ref  */
 /* @edge replica rollback_failed rollback unstable_uncoalesced */
 inline T_rollback_failed(x) { assert(rs[x] == R_rollback); rs[x] = R_unstable_uncoalesced }   /* ref 1022 */
+/* @edge replica jump_ahead_refused done done_uncoalesced */
+inline T_jump_ahead_refused(x) { assert(rs[x] == R_done); rs[x] = R_done_uncoalesced }   /* ref 1022* */
 /* @edge replica retry_failed unstable_uncoalesced unstable_uncoalesced */
 inline T_retry_failed(x) { assert(rs[x] == R_unstable_uncoalesced); rs[x] = R_unstable_uncoalesced }   /* ref 1026 */
 /* @edge replica retry_succeeded unstable_uncoalesced stable_uncoalesced */
@@ -76,7 +79,8 @@ inline T_retry_succeeded(x) { assert(rs[x] == R_unstable_uncoalesced); rs[x] = R
 /* @edge replica jump_ahead done stable */
 /* @edge replica jump_ahead stable_uncoalesced stable */
 /* @edge replica jump_ahead reseeded stable */
-inline T_jump_ahead(x) { assert(rs[x] == R_stable || rs[x] == R_done || rs[x] == R_stable_uncoalesced || rs[x] == R_reseeded); rs[x] = R_stable }   /* ref 1032 */
+/* @edge replica jump_ahead done_uncoalesced stable */
+inline T_jump_ahead(x) { assert(rs[x] == R_stable || rs[x] == R_done || rs[x] == R_stable_uncoalesced || rs[x] == R_reseeded || rs[x] == R_done_uncoalesced); rs[x] = R_stable }   /* ref 1032 */
 /* @edge replica break_mirror stable broken */
 /* @edge replica break_mirror stable_uncoalesced broken */
 inline T_break_mirror(x) { assert(rs[x] == R_stable || rs[x] == R_stable_uncoalesced); rs[x] = R_broken }   /* ref  */
@@ -97,6 +101,8 @@ inline T_reseed_failed(x) { assert(rs[x] == R_reseeding); rs[x] = R_reseed_pendi
 /* agent phase transitions, asserting their named guards (spec `conditions`) */
 /* @edge agent start_cycle idle updating */
 inline PH_start_cycle() { assert(ph == A_idle); ph = A_updating }
+/* @edge agent source_unavailable updating releasing */
+inline PH_source_unavailable() { assert(ph == A_updating); assert(G_no_transfer_in_flight); ph = A_releasing }
 /* @edge agent start_rollback updating rolling_back */
 inline PH_start_rollback() { assert(ph == A_updating); assert(G_no_transfer_in_flight); assert(G_some_replica_in_rollback); ph = A_rolling_back }
 /* @edge agent resume_updates rolling_back updating */
@@ -106,6 +112,9 @@ inline PH_resume_updates() { assert(ph == A_rolling_back); assert(G_nothing_in_f
 inline PH_start_jump_ahead() { assert(ph == A_updating || ph == A_rolling_back); assert(G_nothing_in_flight); assert(G_some_participant); ph = A_jump_ahead_1 }
 /* @edge agent take_new_base jump_ahead_1 jump_ahead_2 */
 inline PH_take_new_base() { assert(ph == A_jump_ahead_1); assert(G_purgatory_purged); ph = A_jump_ahead_2 }
+/* @edge agent abandon_jump_ahead jump_ahead_1 releasing */
+/* @edge agent abandon_jump_ahead jump_ahead_2 releasing */
+inline PH_abandon_jump_ahead() { assert(ph == A_jump_ahead_1 || ph == A_jump_ahead_2); assert(G_nothing_in_flight); ph = A_releasing }
 /* @edge agent start_release updating releasing */
 /* @edge agent start_release rolling_back releasing */
 /* @edge agent start_release jump_ahead_2 releasing */
@@ -113,7 +122,7 @@ inline PH_start_release() { assert(ph == A_updating || ph == A_rolling_back || p
 /* @edge agent finish_cycle releasing idle */
 inline PH_finish_cycle() { assert(ph == A_releasing); ph = A_idle }
 
-#define LEGAL_EDGE(a, b) (((a) == R_baseline && (b) == R_uninitialized) || ((a) == R_baseline && (b) == R_done) || ((a) == R_stable && (b) == R_broken) || ((a) == R_stable_uncoalesced && (b) == R_broken) || ((a) == R_done && (b) == R_stable) || ((a) == R_reseeded && (b) == R_stable) || ((a) == R_stable && (b) == R_stable) || ((a) == R_stable_uncoalesced && (b) == R_stable) || ((a) == R_done && (b) == R_reseed_pending) || ((a) == R_stable && (b) == R_reseed_pending) || ((a) == R_stable_uncoalesced && (b) == R_reseed_pending) || ((a) == R_unstable_uncoalesced && (b) == R_reseed_pending) || ((a) == R_reseeding && (b) == R_reseed_pending) || ((a) == R_reseeding && (b) == R_reseeded) || ((a) == R_done && (b) == R_update) || ((a) == R_broken && (b) == R_unstable_uncoalesced) || ((a) == R_unstable_uncoalesced && (b) == R_unstable_uncoalesced) || ((a) == R_unstable_uncoalesced && (b) == R_stable_uncoalesced) || ((a) == R_rollback && (b) == R_unstable_uncoalesced) || ((a) == R_rollback && (b) == R_done) || ((a) == R_uninitialized && (b) == R_baseline) || ((a) == R_reseed_pending && (b) == R_reseeding) || ((a) == R_stable && (b) == R_update) || ((a) == R_update && (b) == R_rollback) || ((a) == R_update && (b) == R_done))
+#define LEGAL_EDGE(a, b) (((a) == R_baseline && (b) == R_uninitialized) || ((a) == R_baseline && (b) == R_done) || ((a) == R_stable && (b) == R_broken) || ((a) == R_stable_uncoalesced && (b) == R_broken) || ((a) == R_done && (b) == R_stable) || ((a) == R_done_uncoalesced && (b) == R_stable) || ((a) == R_reseeded && (b) == R_stable) || ((a) == R_stable && (b) == R_stable) || ((a) == R_stable_uncoalesced && (b) == R_stable) || ((a) == R_done && (b) == R_done_uncoalesced) || ((a) == R_done && (b) == R_reseed_pending) || ((a) == R_stable && (b) == R_reseed_pending) || ((a) == R_stable_uncoalesced && (b) == R_reseed_pending) || ((a) == R_unstable_uncoalesced && (b) == R_reseed_pending) || ((a) == R_reseeding && (b) == R_reseed_pending) || ((a) == R_reseeding && (b) == R_reseeded) || ((a) == R_done && (b) == R_update) || ((a) == R_broken && (b) == R_unstable_uncoalesced) || ((a) == R_unstable_uncoalesced && (b) == R_unstable_uncoalesced) || ((a) == R_unstable_uncoalesced && (b) == R_stable_uncoalesced) || ((a) == R_rollback && (b) == R_unstable_uncoalesced) || ((a) == R_rollback && (b) == R_done) || ((a) == R_uninitialized && (b) == R_baseline) || ((a) == R_reseed_pending && (b) == R_reseeding) || ((a) == R_stable && (b) == R_update) || ((a) == R_update && (b) == R_rollback) || ((a) == R_update && (b) == R_done))
 
 /* ---------------------------------------------------------------------------
  * Persisted state (the ledger) and what the volumes hold.  A crash keeps all
@@ -139,7 +148,8 @@ bool purge_pend, jump_pend, export_pend;
 bool resume_pend;   /* the planner restarts spooled updates in the same decision; the model in a
                        step of its own, so the I8 monitor sees done -> update, and a crash may fall
                        in between */
-byte take_pend;     /* a PCPI recovery decided to take (after its releases ran) */
+byte take_pend;     /* a cycle PCPI decided and not yet taken (after the releases before it ran): the
+                       destination may refuse it */
 /* ghosts for the property checks */
 byte prev[N];        /* I8: state at the previous check */
 byte lastsp[N];      /* I5: source point at the previous check */
@@ -274,7 +284,7 @@ inline release_all() { /* planner._release: keep the coalesced base and every pi
 inline after_flight() {
   if
   :: G_nothing_in_flight && G_some_participant ->
-     PH_start_jump_ahead(); purged = false; take(P_jump_ahead, t); t = 0; purge_pend = true
+     PH_start_jump_ahead(); purged = false; take_pend = P_jump_ahead
   :: else -> PH_start_release(); release_all()
   fi
 }
@@ -299,7 +309,7 @@ inline advance() { /* planner._advance: after a transfer, rollback or removal en
      if
      :: G_no_transfer_in_flight ->
         if
-        :: G_some_replica_in_rollback -> PH_start_rollback(); take(P_rollback, t); t = 0
+        :: G_some_replica_in_rollback -> PH_start_rollback(); take_pend = P_rollback
         :: else -> after_flight()
         fi
      :: else -> skip
@@ -319,12 +329,29 @@ inline jump_to() { /* branch 1032: every participant exports the new base, in on
   assert(!(((rs[0] == R_baseline || rs[0] == R_update || rs[0] == R_rollback) || (rs[1] == R_baseline || rs[1] == R_update || rs[1] == R_rollback) || (rs[2] == R_baseline || rs[2] == R_update || rs[2] == R_rollback))));   /* I8: no replica in update, rollback or baseline */
   for (i : 0 .. N-1) {
     if
-    :: (rs[i] == R_done || rs[i] == R_reseeded || rs[i] == R_stable || rs[i] == R_stable_uncoalesced) -> T_jump_ahead(i); ex[i] = b; sp[i] = ap[i]; lg[i] = NONE; sc[i] = NONE; rz[i] = false
+    :: (rs[i] == R_done || rs[i] == R_done_uncoalesced || rs[i] == R_reseeded || rs[i] == R_stable || rs[i] == R_stable_uncoalesced) -> T_jump_ahead(i); ex[i] = b; sp[i] = ap[i]; lg[i] = NONE; sc[i] = NONE; rz[i] = false
     :: else -> skip
     fi
   };
   i = 0; b = 0;
   export_pend = true
+}
+
+inline refused() { /* planner._pcpi_refused: the destination refuses the pending cycle PCPI */
+  if
+  :: take_pend == P_rollback ->   /* 1022: every rollback that needed it fails */
+     take_pend = P_free;
+     for (i : 0 .. N-1) {
+       if :: rs[i] == R_rollback -> T_rollback_failed(i); lg[i] = ex[i]; rz[i] = false :: else -> skip fi
+     };
+     i = 0; advance()
+  :: else ->   /* the intermediate or the new base PCPI: the replicas in done leave the cycle */
+     take_pend = P_free;
+     for (i : 0 .. N-1) {
+       if :: rs[i] == R_done -> T_jump_ahead_refused(i); lg[i] = ex[i]; rz[i] = false :: else -> skip fi
+     };
+     i = 0; PH_abandon_jump_ahead(); release_all()
+  fi
 }
 
 inline recover() { /* planner._recover, after a crash at any step */
@@ -397,7 +424,7 @@ inline check() {
   assert(ph != A_idle || !INITIALIZED || kn == 1);
   /* I2: individual PCPIs <= 2 x replicas outside the cycle (at rest) */
   t = 0;
-  for (i : 0 .. N-1) { if :: (rs[i] == R_unstable_uncoalesced || rs[i] == R_stable_uncoalesced || rs[i] == R_broken || rs[i] == R_reseed_pending || rs[i] == R_reseeding || rs[i] == R_reseeded) -> t++ :: else -> skip fi };
+  for (i : 0 .. N-1) { if :: (rs[i] == R_unstable_uncoalesced || rs[i] == R_stable_uncoalesced || rs[i] == R_done_uncoalesced || rs[i] == R_broken || rs[i] == R_reseed_pending || rs[i] == R_reseeding || rs[i] == R_reseeded) -> t++ :: else -> skip fi };
   assert(kn2 <= 2 * N);
   assert(ph != A_idle || kn2 <= 2 * t);
   /* I3 (partly; the hypothesis test compares contents): an exported PCPI exists and carries a source point */
@@ -472,6 +499,10 @@ proctype agent() {
        };
        i = 0;
        advance(); check() }
+  :: d_step { ph == A_idle && QUIET && READY_FOR_CYCLE && faults ->
+       /* the source cannot be reached or refuses the cycle's PCPI: the cycle ends before any
+          transfer, every replica as it was (the errors they record are below the model) */
+       PH_start_cycle(); PH_source_unavailable(); release_all(); check() }
   :: d_step { ph == A_idle && QUIET && ((rs[0] == R_unstable_uncoalesced && lg[0] != NONE) || (rs[1] == R_unstable_uncoalesced && lg[1] != NONE) || (rs[2] == R_unstable_uncoalesced && lg[2] != NONE)) ->
        /* the retry timer (loop 1026): for each due replica a scratch PCPI of its damaged
           active FS, then a retry rollback */
@@ -486,6 +517,12 @@ proctype agent() {
   :: d_step { ph == A_idle && QUIET && rs[0] == R_broken ->
        /* resync: "creating a PCPI and exporting it", then the rollback procedure */
        T_resync(0); take(P_individual, t); sc[0] = t; ex[0] = t; vx[0] = t; t = 0; check() }
+  :: d_step { ph == A_idle && QUIET && faults && rs[0] == R_broken ->
+       /* a resync whose PCPI the destination refuses: it exports its last good image, retries later */
+       T_resync(0); seen(0); T_retry_failed(0); ex[0] = lg[0]; vx[0] = lg[0]; check() }
+  :: d_step { ph == A_idle && QUIET && faults && rs[0] == R_unstable_uncoalesced && lg[0] != NONE ->
+       /* the retry's scratch PCPI is refused: loop 1026 waits longer (the backoff is below the model) */
+       T_retry_failed(0); check() }
   :: d_step { ph == A_idle && QUIET && faults && (rs[0] == R_stable || rs[0] == R_stable_uncoalesced || \
               rs[0] == R_unstable_uncoalesced) ->
        /* `coalesce reseed` / the background verification: out of the cycle, exported image pinned */
@@ -529,6 +566,12 @@ proctype agent() {
   :: d_step { ph == A_idle && QUIET && rs[1] == R_broken ->
        /* resync: "creating a PCPI and exporting it", then the rollback procedure */
        T_resync(1); take(P_individual, t); sc[1] = t; ex[1] = t; vx[1] = t; t = 0; check() }
+  :: d_step { ph == A_idle && QUIET && faults && rs[1] == R_broken ->
+       /* a resync whose PCPI the destination refuses: it exports its last good image, retries later */
+       T_resync(1); seen(1); T_retry_failed(1); ex[1] = lg[1]; vx[1] = lg[1]; check() }
+  :: d_step { ph == A_idle && QUIET && faults && rs[1] == R_unstable_uncoalesced && lg[1] != NONE ->
+       /* the retry's scratch PCPI is refused: loop 1026 waits longer (the backoff is below the model) */
+       T_retry_failed(1); check() }
   :: d_step { ph == A_idle && QUIET && faults && (rs[1] == R_stable || rs[1] == R_stable_uncoalesced || \
               rs[1] == R_unstable_uncoalesced) ->
        /* `coalesce reseed` / the background verification: out of the cycle, exported image pinned */
@@ -572,6 +615,12 @@ proctype agent() {
   :: d_step { ph == A_idle && QUIET && rs[2] == R_broken ->
        /* resync: "creating a PCPI and exporting it", then the rollback procedure */
        T_resync(2); take(P_individual, t); sc[2] = t; ex[2] = t; vx[2] = t; t = 0; check() }
+  :: d_step { ph == A_idle && QUIET && faults && rs[2] == R_broken ->
+       /* a resync whose PCPI the destination refuses: it exports its last good image, retries later */
+       T_resync(2); seen(2); T_retry_failed(2); ex[2] = lg[2]; vx[2] = lg[2]; check() }
+  :: d_step { ph == A_idle && QUIET && faults && rs[2] == R_unstable_uncoalesced && lg[2] != NONE ->
+       /* the retry's scratch PCPI is refused: loop 1026 waits longer (the backoff is below the model) */
+       T_retry_failed(2); check() }
   :: d_step { ph == A_idle && QUIET && faults && (rs[2] == R_stable || rs[2] == R_stable_uncoalesced || \
               rs[2] == R_unstable_uncoalesced) ->
        /* `coalesce reseed` / the background verification: out of the cycle, exported image pinned */
@@ -608,7 +657,7 @@ proctype agent() {
        /* the retry / resync rollback failed */
        T_retry_failed(2); ex[2] = lg[2];
        vx[2] = ex[2]; rel[sc[2]] = true; sc[2] = NONE; check() }
-  :: d_step { take_pend != P_free && NOREL -> /* a PCPI recovery decided to take */
+  :: d_step { take_pend != P_free && NOREL -> /* a cycle PCPI decided (by a step or by recovery) is taken */
        take(take_pend, t); t = 0;
        if
        :: take_pend == P_jump_ahead -> purge_pend = true
@@ -616,8 +665,10 @@ proctype agent() {
        :: else -> skip
        fi;
        take_pend = P_free; check() }
+  :: d_step { take_pend != P_free && NOREL && faults -> /* ... or refused (the PCPI limit, no space) */
+       refused(); check() }
   :: d_step { ph == A_jump_ahead_1 && NOREL && purge_pend -> /* purgatory purged; step 2 takes the new base */
-       purge_pend = false; purged = true; PH_take_new_base(); take(P_new_base, t); t = 0; jump_pend = true; check() }
+       purge_pend = false; purged = true; PH_take_new_base(); take_pend = P_new_base; check() }
   :: d_step { ph == A_jump_ahead_2 && NOREL && jump_pend -> jump_pend = false; jump_to(); check() }
   :: d_step { ph == A_rolling_back && NOREL && resume_pend -> resume_pend = false; resume_updates(); check() }
   :: d_step { export_pend && NOREL -> /* the atomic export switch */

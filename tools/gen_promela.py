@@ -6,7 +6,8 @@ trigger, asserting its source states and setting its destination), the agent
 phases and phase transitions (asserting their named guards) and the I8
 legality monitor all come from the TOML file; only the group procedures
 (cycle start, rollback, two-step jump-ahead, release, retry, break/resync,
-re-seed, crash + recovery), which mirror coalesce_core/cycle/planner.py, are
+re-seed, crash + recovery, a refusal of each destination PCPI take, a source
+outage at the cycle's take), which mirror coalesce_core/cycle/planner.py, are
 written here.
 The procedures reach the spec only through the generated names, so a spec
 change that the procedures do not cover fails generation (every trigger of
@@ -92,7 +93,8 @@ bool purge_pend, jump_pend, export_pend;
 bool resume_pend;   /* the planner restarts spooled updates in the same decision; the model in a
                        step of its own, so the I8 monitor sees done -> update, and a crash may fall
                        in between */
-byte take_pend;     /* a PCPI recovery decided to take (after its releases ran) */
+byte take_pend;     /* a cycle PCPI decided and not yet taken (after the releases before it ran): the
+                       destination may refuse it */
 /* ghosts for the property checks */
 byte prev[N];        /* I8: state at the previous check */
 byte lastsp[N];      /* I5: source point at the previous check */
@@ -227,7 +229,7 @@ inline release_all() { /* planner._release: keep the coalesced base and every pi
 inline after_flight() {
   if
   :: G_nothing_in_flight && G_some_participant ->
-     PH_start_jump_ahead(); purged = false; take(P_jump_ahead, t); t = 0; purge_pend = true
+     PH_start_jump_ahead(); purged = false; take_pend = P_jump_ahead
   :: else -> PH_start_release(); release_all()
   fi
 }
@@ -252,7 +254,7 @@ inline advance() { /* planner._advance: after a transfer, rollback or removal en
      if
      :: @MUT_WAIT_TRANSFERS@ ->
         if
-        :: G_some_replica_in_rollback -> PH_start_rollback(); take(P_rollback, t); t = 0
+        :: G_some_replica_in_rollback -> PH_start_rollback(); take_pend = P_rollback
         :: else -> after_flight()
         fi
      :: else -> skip
@@ -278,6 +280,23 @@ inline jump_to() { /* branch 1032: every participant exports the new base, in on
   };
   i = 0; b = 0;
   export_pend = true
+}
+
+inline refused() { /* planner._pcpi_refused: the destination refuses the pending cycle PCPI */
+  if
+  :: take_pend == P_rollback ->   /* 1022: every rollback that needed it fails */
+     take_pend = P_free;
+     for (i : 0 .. N-1) {
+       if :: rs[i] == R_rollback -> T_rollback_failed(i); lg[i] = ex[i]; rz[i] = false :: else -> skip fi
+     };
+     i = 0; advance()
+  :: else ->   /* the intermediate or the new base PCPI: the replicas in done leave the cycle */
+     take_pend = P_free;
+     for (i : 0 .. N-1) {
+       if :: rs[i] == R_done -> T_jump_ahead_refused(i); lg[i] = ex[i]; rz[i] = false :: else -> skip fi
+     };
+     i = 0; PH_abandon_jump_ahead(); release_all()
+  fi
 }
 
 inline recover() { /* planner._recover, after a crash at any step */
@@ -423,6 +442,10 @@ proctype agent() {
        };
        i = 0;
        advance(); check() }
+  :: d_step { ph == A_idle && QUIET && READY_FOR_CYCLE && faults ->
+       /* the source cannot be reached or refuses the cycle's PCPI: the cycle ends before any
+          transfer, every replica as it was (the errors they record are below the model) */
+       PH_start_cycle(); PH_source_unavailable(); release_all(); check() }
   :: d_step { ph == A_idle && QUIET && (@DUE_ANY@) ->
        /* the retry timer (loop 1026): for each due replica a scratch PCPI of its damaged
           active FS, then a retry rollback */
@@ -438,6 +461,12 @@ proctype agent() {
   :: d_step { ph == A_idle && QUIET && rs[@r] == R_broken ->
        /* resync: "creating a PCPI and exporting it", then the rollback procedure */
        T_resync(@r); take(P_individual, t); sc[@r] = t; ex[@r] = t; vx[@r] = t; t = 0; check() }
+  :: d_step { ph == A_idle && QUIET && faults && rs[@r] == R_broken ->
+       /* a resync whose PCPI the destination refuses: it exports its last good image, retries later */
+       T_resync(@r); seen(@r); T_retry_failed(@r); ex[@r] = lg[@r]; vx[@r] = lg[@r]; check() }
+  :: d_step { ph == A_idle && QUIET && faults && rs[@r] == R_unstable_uncoalesced && lg[@r] != NONE ->
+       /* the retry's scratch PCPI is refused: loop 1026 waits longer (the backoff is below the model) */
+       T_retry_failed(@r); check() }
   :: d_step { ph == A_idle && QUIET && faults && (rs[@r] == R_stable || rs[@r] == R_stable_uncoalesced || \
               rs[@r] == R_unstable_uncoalesced) ->
        /* `coalesce reseed` / the background verification: out of the cycle, exported image pinned */
@@ -475,7 +504,7 @@ proctype agent() {
        T_retry_failed(@r); ex[@r] = lg[@r];
        vx[@r] = ex[@r]; rel[sc[@r]] = true; sc[@r] = NONE; check() }
 @END
-  :: d_step { take_pend != P_free && NOREL -> /* a PCPI recovery decided to take */
+  :: d_step { take_pend != P_free && NOREL -> /* a cycle PCPI decided (by a step or by recovery) is taken */
        take(take_pend, t); t = 0;
        if
        :: take_pend == P_jump_ahead -> purge_pend = true
@@ -483,8 +512,10 @@ proctype agent() {
        :: else -> skip
        fi;
        take_pend = P_free; check() }
+  :: d_step { take_pend != P_free && NOREL && faults -> /* ... or refused (the PCPI limit, no space) */
+       refused(); check() }
   :: d_step { ph == A_jump_ahead_1 && NOREL && purge_pend -> /* purgatory purged; step 2 takes the new base */
-       purge_pend = false; purged = true; PH_take_new_base(); take(P_new_base, t); t = 0; jump_pend = true; check() }
+       purge_pend = false; purged = true; PH_take_new_base(); take_pend = P_new_base; check() }
   :: d_step { ph == A_jump_ahead_2 && NOREL && jump_pend -> jump_pend = false; jump_to(); check() }
   :: d_step { ph == A_rolling_back && NOREL && resume_pend -> resume_pend = false; resume_updates(); check() }
   :: d_step { export_pend && NOREL -> /* the atomic export switch */

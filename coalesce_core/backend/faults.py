@@ -114,6 +114,15 @@ class FaultInjector:
 
     # One wrapper per primitive; pluggy needs real functions with the spec's names.
     @hookimpl(wrapper=True)
+    def coalesce_open_volume(self, url, create):
+        """A volume that cannot be opened (a source whose host is down): ``volume`` matches the URL."""
+        return (yield from self._wrap("coalesce_open_volume", {"volume": url}))
+
+    @hookimpl(wrapper=True)
+    def coalesce_snapshot_list(self, volume):
+        return (yield from self._wrap("coalesce_snapshot_list", {"volume": volume}))
+
+    @hookimpl(wrapper=True)
     def coalesce_snapshot_create(self, volume, name):
         return (yield from self._wrap("coalesce_snapshot_create", {"volume": volume, "name": name}))
 

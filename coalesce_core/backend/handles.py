@@ -31,6 +31,9 @@ class VolumeHandle:
     records_decoded: bool = False
     #: ``diff(..., skip=k)`` regenerates the stream and skips its first k change records itself
     resumable_diff: bool = False
+    #: the most PCPIs the volume holds, whoever took them (None: no limit it knows of); the agent
+    #: starts no cycle without room for the PCPIs a cycle may take (docs/writing-a-backend.md)
+    max_pcpis: int | None = None
 
     def metadata_dir(self) -> str | None:
         """The directory for the group's ledger kept with the volume; None: the config names one."""

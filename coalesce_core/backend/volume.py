@@ -54,6 +54,13 @@ class Volume:
         stream and leaves out the records the destination already has."""
         return isinstance(self.handle, VolumeHandle) and bool(self.handle.resumable_diff)
 
+    @property
+    def max_pcpis(self) -> int | None:
+        """The most PCPIs the volume holds (VolumeHandle.max_pcpis); None: no limit it declares."""
+        if not isinstance(self.handle, VolumeHandle) or self.handle.max_pcpis is None:
+            return None
+        return int(self.handle.max_pcpis)
+
     def _call(self, hook: str, **kwargs: Any) -> Any:
         result = getattr(self.pm.hook, hook)(volume=self.handle, **kwargs)
         if result is None:

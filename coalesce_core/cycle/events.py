@@ -15,7 +15,12 @@ import attrs
 
 @attrs.frozen
 class StartCycle:
+    """Start a cycle; ``destination_room``/``source_room``: how many more PCPIs each volume can
+    take (its declared limit minus the PCPIs it holds; None: it declares no limit)."""
+
     now: float
+    destination_room: int | None = None
+    source_room: int | None = None
 
 
 @attrs.frozen
@@ -56,7 +61,8 @@ class Recover:
 
     now: float
     destination_pcpis: frozenset[str]
-    source_pcpis: frozenset[str]
+    #: None: the source could not be reached, so what it holds is not known
+    source_pcpis: frozenset[str] | None
     #: replicas in update whose spool holds change records of their running update
     spooled: frozenset[str] = frozenset()
 
@@ -68,14 +74,40 @@ class SourcePcpiTaken:
 
 
 @attrs.frozen
+class SourcePcpiRefused:
+    """The source could not be reached or refused to take PCPI ``name``."""
+
+    name: str
+    now: float = 0.0
+    error: str = ""
+
+
+@attrs.frozen
 class SourcePcpiReleased:
     name: str
+
+
+@attrs.frozen
+class SourcePcpiNotReleased:
+    """The source could not be reached to release PCPI ``name`` (a later cycle tries again)."""
+
+    name: str
+    error: str = ""
 
 
 @attrs.frozen
 class PcpiTaken:
     name: str
     now: float = 0.0
+
+
+@attrs.frozen
+class PcpiRefused:
+    """The destination refused to take PCPI ``name`` (its PCPI limit, no space, an I/O error)."""
+
+    name: str
+    now: float = 0.0
+    error: str = ""
 
 
 @attrs.frozen
@@ -125,8 +157,11 @@ class Exported:
 Request = Union[StartCycle, Tick, AddReplica, BreakMirror, Resync, Reseed, Recover]
 Result = Union[
     SourcePcpiTaken,
+    SourcePcpiRefused,
     SourcePcpiReleased,
+    SourcePcpiNotReleased,
     PcpiTaken,
+    PcpiRefused,
     PcpiReleased,
     TransferDone,
     RollbackDone,

@@ -46,7 +46,7 @@ def some_replica_resumable(state: GroupState) -> bool:
 
 
 def some_participant(state: GroupState) -> bool:
-    """Some replica would take part in a jump-ahead (stable, done, stable_uncoalesced)."""
+    """Some replica would take part in a jump-ahead (the sources of `jump_ahead` in the spec)."""
     sources = load_spec().jump_ahead_sources
     return any(r.state in sources for r in state.replicas.values())
 

@@ -94,13 +94,28 @@ def seq_of(name: str | None) -> int:
 
 
 def i5_monotone(state: GroupState, previous: Mapping[str, str | None]) -> Finding:
-    """Each replica's exported source point is not older than at the previous check."""
+    """Each replica's exported source point is not older than its mark in ``previous``
+    (the points of a previous check, or the high-water marks of :func:`i5_marks`)."""
     back = []
     for r in state.replicas.values():
         before = previous.get(r.name)
         if before and r.state != "broken" and seq_of(r.source_point) < seq_of(before):
             back.append(f"{r.name}: {before} -> {r.source_point}")
     return Finding("I5", not back, "exports never moved back" if not back else "; ".join(back))
+
+
+def i5_marks(previous: Mapping[str, str | None], state: GroupState) -> dict[str, str | None]:
+    """The high-water marks of I5: per replica the newest source point it exported in
+    ``previous`` or now.  A broken replica keeps its mark (the one exception of I5), so a
+    source point that ever moved back stays below its mark, and I5 keeps failing, until it
+    is newer again.  The agent records them at the end of every cycle (the ledger note
+    ``i5_marks``); `coalesce check` only reads them."""
+    out = dict(previous)
+    for r in state.replicas.values():
+        before = previous.get(r.name)
+        if r.state != "broken" and seq_of(r.source_point) > seq_of(before):
+            out[r.name] = r.source_point
+    return out
 
 
 def lag_finding(state: GroupState, now: float, max_lag: float | None = None) -> Finding:
@@ -136,19 +151,21 @@ def lag_finding(state: GroupState, now: float, max_lag: float | None = None) -> 
 # -- live checks against the volumes ------------------------------------------
 def live_check(
     state: GroupState,
-    source: Any,
+    source: Any | None,
     dest: Any,
     previous_points: Mapping[str, str | None] | None = None,
     edges: Iterable[tuple[str | None, str, str, str]] = (),
     now: float | None = None,
     max_lag: float | None = None,
 ) -> list[Finding]:
-    """I1-I5, I8 and I9 on a live group; ``source``/``dest`` are plugins.Volume.
+    """I1-I5, I8 and I9 on a live group; ``source``/``dest`` are backend.volume.Volume.
 
     I3 compares each exported image with the source qtree at the source PCPI the
     ledger says it shows (``Replica.source_point``), never with some other one; how
     far behind that point is comes as a separate "lag" finding (with ``now``),
-    a violation only past ``max_lag``."""
+    a violation only past ``max_lag``.  ``source`` None (`coalesce check`, which never
+    opens the source): I3 checks everything the destination and the ledger tell, and
+    leaves the comparison of contents to `coalesce verify`."""
     out: list[Finding] = []
     held = set(n for n in dest.snapshot_list() if is_group_pcpi(state.name, n))
     roles = {p.name: p.role for p in state.pcpis.values()}
@@ -181,6 +198,8 @@ def live_check(
         if r.source_point not in state.source_pcpis:
             bad3.append(f"{r.name}: its source point {r.source_point} is not a source PCPI the group holds")
             continue
+        if source is None:
+            continue
         try:
             expect = source.fingerprint(r.source_qtree, r.source_point)
         except CoalesceError as exc:
@@ -188,15 +207,16 @@ def live_check(
             continue
         if dest.fingerprint(r.name, want) != expect:
             bad3.append(f"{r.name}: exported image differs from source {r.source_qtree}@{r.source_point}")
-    out.append(
-        Finding(
-            "I3",
-            not bad3,
-            "every exported image equals its source qtree at the source PCPI the ledger names"
-            if not bad3
-            else "; ".join(bad3),
+    if bad3:
+        i3 = "; ".join(bad3)
+    elif source is None:
+        i3 = (
+            "every export is a PCPI the destination holds, of a source PCPI the group holds "
+            "(contents not compared with the source: `coalesce verify` does)"
         )
-    )
+    else:
+        i3 = "every exported image equals its source qtree at the source PCPI the ledger names"
+    out.append(Finding("I3", not bad3, i3))
     out.append(i4_one_coalesced_point(state))
     out.append(i5_monotone(state, previous_points or {}))
     if edges:

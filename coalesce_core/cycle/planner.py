@@ -15,7 +15,7 @@ The group procedures, in the patent's words:
   and the exported coalesced base are applied (1130-1140);
 * two-step jump-ahead (1032): intermediate PCPI, purge purgatory, new
   coalesced base PCPI, one atomic export switch of every participant
-  (stable, done, stable_uncoalesced), then release what nobody needs;
+  (stable, done, the replicas waiting outside the cycle), then release what nobody needs;
 * leaving the cycle: the PCPI holding the last good image is pinned as the
   replica's individual PCPI; retries with backoff take a scratch PCPI of
   the damaged active FS and roll back from it;
@@ -28,7 +28,14 @@ The group procedures, in the patent's words:
 * recovery: ``Recover`` reconciles the ledger with the PCPIs the volumes
   really hold and finishes or undoes what was in flight (DESIGN §2); an
   update with a spool of received records is rolled back, then restarts in
-  the same cycle from the spool (``resume_updates``).
+  the same cycle from the spool (``resume_updates``);
+* refusals (docs/decisions.md, "Refused PCPIs and source outages"): a source
+  that cannot be reached or refuses the cycle's PCPI ends the cycle before any
+  transfer (``source_unavailable``), every replica unchanged; a refused
+  rollback PCPI fails the rollbacks that needed it (1022), a refused
+  jump-ahead or new base PCPI sends the replicas in done out of the cycle
+  (``jump_ahead_refused``) and the cycle finishes for the rest; a cycle does
+  not start without the PCPIs it may need (``pcpi_shortfall``).
 """
 
 # crosshair: on
@@ -302,7 +309,8 @@ def release_action(role: str, is_base: bool, releasing: bool, pinned: bool, take
 
 def reseed_due(failures: int, reseed_after: int) -> bool:
     """True when a replica whose updates failed ``failures`` times in a row is re-seeded
-    instead of being updated again (``reseed_after`` 0: never).
+    instead of being updated again (``reseed_after`` 0: never).  ``failures`` leaves out
+    the cycles it missed in an outage (``Replica.outages``).
 
     post: implies(reseed_after <= 0, not __return__)
     post: implies(reseed_after > 0 and failures >= reseed_after, __return__)
@@ -329,8 +337,9 @@ def _leave_for_reseed(p: _Plan, r: Replica, reason: str) -> Replica:
     )
 
 
-def _release(p: _Plan) -> None:
-    """Keep the coalesced base and every pinned PCPI; release everything else."""
+def _release(p: _Plan, source: bool = True) -> None:
+    """Keep the coalesced base and every pinned PCPI; release everything else (on the source
+    too, unless ``source`` is False: it could not be reached in this cycle)."""
     new_base = p.role("new_base")
     old_base = p.role("base")
     base = new_base or old_base
@@ -351,7 +360,7 @@ def _release(p: _Plan) -> None:
             del p.pcpis[name]
     src_needed = needed_source_pcpis(p.state())
     for name, sp in sorted(p.source_pcpis.items()):
-        if name not in src_needed and not sp.releasing:
+        if source and name not in src_needed and not sp.releasing:
             p.source_pcpis[name] = attrs.evolve(sp, releasing=True)
             p.emit(fx.ReleaseSourcePcpi(name=name))
     _maybe_finish(p)
@@ -369,13 +378,78 @@ def _maybe_finish(p: _Plan) -> None:
 # ---------------------------------------------------------------------------
 # event handlers
 # ---------------------------------------------------------------------------
+#: destination PCPIs a cycle may take besides the coalesced base it holds: rollback, jump-ahead, new base
+CYCLE_TAKES = 3
+
+
+def pcpi_shortfall(destination_room: int | None, source_room: int | None) -> str:
+    """Why a cycle cannot start for want of PCPIs, or "" when it can.  A cycle takes ONE source
+    PCPI and at most CYCLE_TAKES destination PCPIs at once; a room of None is a volume that
+    declares no PCPI limit.
+
+    post: implies(destination_room is None and source_room is None, __return__ == "")
+    post: implies(destination_room is not None and destination_room < 3, __return__ != "")
+    post: implies(source_room is not None and source_room < 1, __return__ != "")
+    post: implies((destination_room is None or destination_room >= 3) and (source_room is None or source_room >= 1), __return__ == "")
+    """
+    short = []
+    if destination_room is not None and destination_room < CYCLE_TAKES:
+        short.append(f"the destination can take {max(0, destination_room)} more PCPIs, a cycle needs {CYCLE_TAKES}")
+    if source_room is not None and source_room < 1:
+        short.append("the source can take no more PCPIs, a cycle needs 1")
+    return "; ".join(short)
+
+
+def _miss_cycle(p: _Plan, error: str, now: float) -> int:
+    """The cycle's transfers cannot run: every replica it would have updated, baselined or
+    re-seeded keeps its state and its image and records the error (an outage: it does not
+    count towards reseed_after).  Returns how many replicas missed the cycle."""
+    missed = 0
+    for r in p.in_state("stable", "uninitialized", "reseed_pending"):
+        if r.state == "reseed_pending" and r.next_retry > now:
+            continue
+        p.update(r, last_error=error, consecutive_failures=r.consecutive_failures + 1, outages=r.outages + 1)
+        missed += 1
+    return missed
+
+
 def _start_cycle(p: _Plan, e: ev.StartCycle) -> None:
+    short = pcpi_shortfall(e.destination_room, e.source_room)
+    if short and p.get("phase") == "idle":  # refused before it starts: nothing is taken, the agent stays idle
+        _miss_cycle(p, f"cycle not started: {short}", e.now)
+        return
     p.phase("start_cycle")
     p.set(cycle=p.get("cycle") + 1, cycle_started=e.now, cycle_failures=0, purged=False, transfers_started=False)
     name = p.new_name("src")
     p.source_pcpis[name] = SourcePcpi(name=name, cycle=p.get("cycle"))
     p.set(cycle_target=name)
     p.emit(fx.TakeSourcePcpi(name=name))
+
+
+def _source_refused(p: _Plan, e: ev.SourcePcpiRefused) -> None:
+    """The cycle's source PCPI was not taken: the cycle ends before any transfer.
+
+    The record is forgotten: had the source taken it after all (its answer lost), it is a
+    group PCPI the ledger does not know, which the next recovery that reaches the source
+    releases."""
+    sp = p.source_pcpis.get(e.name)
+    if sp is None or sp.taken:
+        return
+    del p.source_pcpis[e.name]
+    if p.get("phase") != "updating" or p.get("cycle_target") != e.name or p.get("transfers_started"):
+        return
+    missed = _miss_cycle(p, f"source unavailable: {e.error}", p.get("cycle_started"))
+    p.set(cycle_failures=p.get("cycle_failures") + missed)
+    p.phase("source_unavailable")
+    _release(p, source=False)
+
+
+def _source_not_released(p: _Plan, e: ev.SourcePcpiNotReleased) -> None:
+    """A source PCPI could not be released: kept, and released by a later cycle's release step."""
+    sp = p.source_pcpis.get(e.name)
+    if sp is not None and sp.releasing:
+        p.source_pcpis[e.name] = attrs.evolve(sp, releasing=False)
+    _maybe_finish(p)
 
 
 def _source_taken(p: _Plan, e: ev.SourcePcpiTaken) -> None:
@@ -415,6 +489,7 @@ def _succeeded(e: ev.TransferDone, r: Replica) -> dict[str, object]:
         nbytes=e.nbytes,
         last_error="",
         consecutive_failures=0,
+        outages=0,
         last_success=e.now,
     )
 
@@ -496,51 +571,88 @@ def _pcpi_taken(p: _Plan, e: ev.PcpiTaken) -> None:
             p.emit(fx.Rollback(replica=o.name, from_pcpi=e.name, to_pcpi=o.last_good, retry=True))
 
 
+def _rollback_ended(p: _Plan, r: Replica, ok: bool, error: str, now: float) -> None:
+    """A rollback of the cycle ended (1020), or failed (1022: also when its PCPI was refused)."""
+    if ok:
+        r = p.fire(r, "rollback_succeeded", active_point=r.source_point)
+    else:
+        r = p.fire(
+            r,
+            "rollback_failed",
+            last_good=r.exported,
+            retries=0,
+            next_retry=now + p.base_state.retry.delay(0),
+            last_error=f"rollback failed: {error}",
+            resume=False,
+        )
+    n = p.get("reseed_after")
+    failed = r.consecutive_failures - r.outages
+    if reseed_due(failed, n):  # it cannot apply its stream: re-seed it
+        _leave_for_reseed(p, r, f"{failed} updates failed in a row (reseed_after = {n})")
+
+
+def _retry_ended(p: _Plan, r: Replica, ok: bool, error: str, now: float) -> None:
+    """A retry (or resync) rollback of a replica outside the cycle ended (1028), failed or could
+    not start for want of its PCPI (1026): it exports its last good image again."""
+    exported_before = r.exported
+    if ok:
+        r = p.fire(
+            r,
+            "retry_succeeded",
+            exported=r.last_good,
+            scratch=None,
+            active_point=r.source_point,
+            retries=0,
+            next_retry=0.0,
+        )
+    else:
+        r = p.fire(
+            r,
+            "retry_failed",
+            exported=r.last_good,
+            scratch=None,
+            retries=r.retries + 1,
+            next_retry=now + p.base_state.retry.delay(r.retries + 1),
+            last_error=f"retry failed: {error}",
+        )
+    if exported_before != r.exported:
+        p.export()
+
+
 def _rollback_done(p: _Plan, e: ev.RollbackDone) -> None:
     r = p.replica(e.replica)
     if r.state == "rollback":
-        if e.ok:
-            r = p.fire(r, "rollback_succeeded", active_point=r.source_point)
-        else:
-            r = p.fire(
-                r,
-                "rollback_failed",
-                last_good=r.exported,
-                retries=0,
-                next_retry=e.now + p.base_state.retry.delay(0),
-                last_error=f"rollback failed: {e.error}",
-                resume=False,
-            )
-        n = p.get("reseed_after")
-        if reseed_due(r.consecutive_failures, n):  # it cannot apply its stream: re-seed it
-            _leave_for_reseed(p, r, f"{r.consecutive_failures} updates failed in a row (reseed_after = {n})")
+        _rollback_ended(p, r, e.ok, e.error, e.now)
         _advance(p)
     elif r.state == "unstable_uncoalesced" and r.scratch is not None:
         scratch = r.scratch
-        exported_before = r.exported
-        if e.ok:
-            r = p.fire(
-                r,
-                "retry_succeeded",
-                exported=r.last_good,
-                scratch=None,
-                active_point=r.source_point,
-                retries=0,
-                next_retry=0.0,
-            )
-        else:
-            r = p.fire(
-                r,
-                "retry_failed",
-                exported=r.last_good,
-                scratch=None,
-                retries=r.retries + 1,
-                next_retry=e.now + p.base_state.retry.delay(r.retries + 1),
-                last_error=f"retry failed: {e.error}",
-            )
-        if exported_before != r.exported:
-            p.export()
+        _retry_ended(p, r, e.ok, e.error, e.now)
         p.release(scratch)
+
+
+def _pcpi_refused(p: _Plan, e: ev.PcpiRefused) -> None:
+    """The destination refused a PCPI: the replicas that needed it leave the cycle (Fig. 8's
+    fault field: they export their own image and retry), the cycle goes on for the rest."""
+    pcpi = p.pcpis.get(e.name)
+    if pcpi is None or pcpi.taken or pcpi.releasing:
+        return
+    del p.pcpis[e.name]  # never taken: nothing to release
+    why = f"the destination refused the {pcpi.role.replace('_', '-')} PCPI: {e.error}"
+    phase = p.get("phase")
+    if pcpi.role == "rollback" and phase == "rolling_back":
+        for r in p.in_state("rollback"):
+            _rollback_ended(p, r, False, why, e.now)
+        _advance(p)
+    elif (pcpi.role, phase) in (("jump_ahead", "jump_ahead_1"), ("new_base", "jump_ahead_2")):
+        for r in p.in_state("done"):
+            p.fire(r, "jump_ahead_refused", last_good=r.exported, resume=False, last_error=f"jump-ahead failed: {why}")
+        p.phase("abandon_jump_ahead")
+        _release(p)
+    elif pcpi.role == "individual":
+        for owner in sorted(pcpi.owners):
+            o = p.replicas.get(owner)
+            if o is not None and o.scratch == e.name and o.state == "unstable_uncoalesced":
+                _retry_ended(p, o, False, why, e.now)
 
 
 def _purged(p: _Plan, _e: ev.PurgatoryPurged) -> None:
@@ -619,6 +731,10 @@ def _reseed(p: _Plan, e: ev.Reseed) -> None:
             "is broken (writable, exporting its active FS)",
             "`coalesce resync NAME` brings it back; re-seed it once it has left the broken state",
         ),
+        "done_uncoalesced": (
+            "waits for the next jump-ahead (the destination refused a PCPI of the last one)",
+            "re-seed it after the next cycle (`coalesce run --once`)",
+        ),
     }.get(r.state, (f"is in state {r.state!r}", "wait until the running transfer or retry ends, then try again"))
     raise NotNow(f"cannot re-seed replica {e.replica!r}: it {why[0]}", hint=why[1])
 
@@ -648,7 +764,7 @@ def recover_replica(state: str, has_scratch: bool) -> str:
     post: implies(state == "baseline", __return__ == "remove")
     post: implies(state == "reseeding", __return__ == "reseed_again")
     post: implies(state == "unstable_uncoalesced" and has_scratch, __return__ == "abandon_retry")
-    post: implies(state in ("stable", "done", "rollback", "stable_uncoalesced", "broken", "uninitialized", "reseed_pending", "reseeded"), __return__ == "keep")
+    post: implies(state in ("stable", "done", "rollback", "stable_uncoalesced", "broken", "uninitialized", "reseed_pending", "reseeded", "done_uncoalesced"), __return__ == "keep")
     """
     if state == "update":
         return "rollback"
@@ -711,17 +827,20 @@ def _recover(p: _Plan, e: ev.Recover) -> None:
     for name in sorted(e.destination_pcpis):
         if is_group_pcpi(group, name) and name not in p.pcpis:
             releases.append(fx.ReleasePcpi(name=name))  # taken but never recorded: nobody exports it
+    #    (a source that could not be reached: its records are kept as they are; the cycle's
+    #    untaken source PCPI is asked for again, and a refusal ends that cycle)
+    held = e.source_pcpis
     for name, sp in sorted(p.source_pcpis.items()):
         if not sp.taken:
-            if name in e.source_pcpis:
+            if held is not None and name in held:
                 p.source_pcpis[name] = attrs.evolve(sp, taken=True, taken_at=sp.taken_at or e.now)
             elif name == p.get("cycle_target") and p.get("phase") == "updating":
                 releases.append(fx.TakeSourcePcpi(name=name))
-            else:
+            elif held is not None:
                 del p.source_pcpis[name]
         elif sp.releasing:
             releases.append(fx.ReleaseSourcePcpi(name=name))
-    for name in sorted(e.source_pcpis):
+    for name in sorted(held or ()):
         if is_group_source_pcpi(group, name) and name not in p.source_pcpis:
             releases.append(fx.ReleaseSourcePcpi(name=name))
     # 2. replicas: update -> rollback, baseline -> remove partial data, retries abandoned,
@@ -797,6 +916,9 @@ def _recover(p: _Plan, e: ev.Recover) -> None:
 _HANDLERS: dict[type, Callable[[_Plan, Any], None]] = {
     ev.StartCycle: _start_cycle,
     ev.SourcePcpiTaken: _source_taken,
+    ev.SourcePcpiRefused: _source_refused,
+    ev.SourcePcpiNotReleased: _source_not_released,
+    ev.PcpiRefused: _pcpi_refused,
     ev.TransferDone: _transfer_done,
     ev.QtreeRemoved: _qtree_removed,
     ev.PcpiTaken: _pcpi_taken,

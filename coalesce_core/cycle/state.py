@@ -72,7 +72,7 @@ class Replica:
     exported      what readers see: a PCPI name, ACTIVE (broken) or None
     source_point  the source PCPI whose image is exported (I3, I5)
     active_point  the source PCPI whose image the active FS holds when it is
-                  complete (stable, done, stable_uncoalesced)
+                  complete (stable, done, stable_uncoalesced, done_uncoalesced)
     target        the source PCPI of the running transfer
     last_good     outside the cycle: the PCPI pinned as its last good image
     scratch       outside the cycle: a PCPI of the damaged active FS that a
@@ -87,8 +87,12 @@ class Replica:
                   retry), kept until a later transfer of the replica succeeds
     consecutive_failures
                   transfers (updates, baselines, re-seeds) failed in a row since
-                  the last one that succeeded; at [group] reseed_after failed
-                  updates the replica is re-seeded
+                  the last one that succeeded, cycles it missed included; at
+                  [group] reseed_after failed updates the replica is re-seeded
+    outages       of those, the cycles it missed because the source could not be
+                  reached or refused the cycle's PCPI, or a cycle did not start
+                  for want of PCPIs: they do not count towards reseed_after (a
+                  re-seed cannot bring a source back)
     last_success  when the last transfer of the replica succeeded (0: never)
     reseed_reason why the replica is being re-seeded (reseed_pending, reseeding,
                   reseeded); empty otherwise
@@ -110,6 +114,7 @@ class Replica:
     nbytes: int = 0
     resume: bool = False
     consecutive_failures: int = 0
+    outages: int = 0
     last_success: float = 0.0
     reseed_reason: str = ""
 

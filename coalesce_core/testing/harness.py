@@ -124,7 +124,7 @@ class Harness:
         a = self.agent
         out = live_check(
             a.state,
-            a.source,
+            self.writer.volume,  # the test's own view of the source: it never depends on the agent's
             a.dest,
             self.i5_marks,
             edges=list(iter_log_edges(a.ledger.transitions())),

@@ -59,12 +59,14 @@ def _config(args: argparse.Namespace) -> GroupConfig:
 
 def _agent(args: argparse.Namespace, recover: bool = True):
     """The group's agent for a verb that changes it: holds the group's lock (docs/operations.md);
-    what it does goes to the log (coalesce_core/ui/runlog.py)."""
+    what it does goes to the log (coalesce_core/ui/runlog.py).  Only `run` asks the source what it
+    holds when it recovers: the other verbs need the destination alone."""
     return _agent_with(args, [], recover=recover)
 
 
 def _reader(args: argparse.Namespace):
-    """The group's state for a read verb: no lock, no recovery, nothing written; runs beside an agent."""
+    """The group's state for a read verb: no lock, no recovery, nothing written, the source never opened;
+    runs beside an agent."""
     from coalesce_core.agent import Agent
 
     return Agent.open(_config(args), readonly=True)
@@ -208,6 +210,9 @@ def _run(args: argparse.Namespace, stop: _Stop) -> int:
             stdout=True,
         )
         _print_failures(agent.failures, args)
+        if not args.once:
+            for exc in agent.refusals:
+                _print_refusal(exc)
 
     def on_error(exc: BackendError, wait: float) -> None:
         logs.say(
@@ -229,6 +234,8 @@ def _run(args: argparse.Namespace, stop: _Stop) -> int:
             on_cycle(cycle())
             if stop.asked.is_set():
                 logs.say(logs.NOTICE, "coalesce run: stopped after the cycle, as asked")
+            if agent.refusals:  # a PCPI refused, the source out of reach, no PCPI headroom (docs/cli.md: 4)
+                return report_error(agent.refusals[0])
             if any(f["trigger"] in TRANSFER_FAILURES for f in agent.failures):
                 return EXIT_TRANSFER_FAILED
             return EXIT_OK if agent.all_stable() else EXIT_NOT_STABLE
@@ -275,27 +282,32 @@ def _print_failures(failures: list[dict[str, str]], args: argparse.Namespace) ->
         )
 
 
+def _print_refusal(exc: BackendError) -> None:
+    """A refusal `coalesce run` lives through (it goes on at the next cycle): its error: and hint: lines."""
+    report_error(exc)
+
+
 def _agent_with(args: argparse.Namespace, plugins: list[object], recover: bool = True):
     from coalesce_core.agent import Agent
     from coalesce_core.ui.runlog import RunLog
 
     runlog = RunLog()
-    agent = Agent.open(
-        _config(args), plugins=[runlog, *plugins], recover=recover, verb=getattr(args, "verb", None) or "?"
-    )
+    verb = getattr(args, "verb", None) or "?"
+    agent = Agent.open(_config(args), plugins=[runlog, *plugins], recover=recover, verb=verb, reach_source=verb == "run")
     runlog.bind(lambda: agent.state)
     return agent
 
 
 def _map_transfers(tracker: Tracker, agent: Any) -> None:
     """Tell the tracker which diff belongs to which replica (source qtree or destination qtree)."""
-    src, dst = agent.source.handle, agent.dest.handle
+    dst = agent.dest.handle
 
     def replica_of(volume: Any, qtree: str) -> str | None:
         state = agent.state
         if volume is dst:
             return qtree if qtree in state.replicas else None
-        if volume is src:
+        src = agent.source_if_open()  # opened by the cycle's first source call, never here
+        if src is not None and volume is src.handle:
             for r in state.replicas.values():
                 if r.source_qtree == qtree and r.state in ("update", "baseline", "reseeding"):
                     return r.name
@@ -406,20 +418,16 @@ def cmd_check(args: argparse.Namespace) -> int:
     from coalesce_core.cycle.invariants import live_check
     from coalesce_core.ledger import iter_log_edges
 
-    with _reader(args) as agent:
-        previous = agent.ledger.note("i5_marks") or {}
+    with _reader(args) as agent:  # never writes, never opens the source (spec/invariants.md, I3 and I5)
         findings = live_check(
             agent.state,
-            agent.source,
+            None,
             agent.dest,
-            previous,
+            agent.ledger.note("i5_marks") or {},
             edges=list(iter_log_edges(agent.ledger.transitions())),
             now=time.time(),
             max_lag=agent.config.max_lag,
         )
-        if all(f.ok for f in findings if f.invariant != "lag"):  # lag is not about I5
-            marks = {r.name: r.source_point for r in agent.state.replicas.values()}
-            agent.ledger.update_note("i5_marks", lambda _old: marks)
         if args.json:
             _dump_json(reports.check_data(findings))
         else:
@@ -612,7 +620,8 @@ def build_parser(pm: Any = None) -> argparse.ArgumentParser:
     r.add_argument(
         "--once",
         action="store_true",
-        help="one cycle; exit 0 when every replica ends stable, 8 when a transfer failed, else 3",
+        help="one cycle; exit 0 when every replica ends stable, 8 when a transfer failed, "
+        "4 when the source was out of reach or a PCPI was refused, else 3",
     )
     r.add_argument("--interval", type=_positive(), help="override [group] interval")
     r.add_argument("--quiet", "-q", action="store_true", help="no progress display and no per-cycle line")

@@ -53,6 +53,9 @@ def _check_qtree(qtree: str) -> str:
 class MemVolume(VolumeHandle):
     """One in-memory volume (the backend's volume handle)."""
 
+    #: the capability (VolumeHandle.max_pcpis), set per volume
+    max_pcpis: int
+
     def __init__(self, scheme: str, location: str) -> None:
         self.scheme = scheme
         self.location = location

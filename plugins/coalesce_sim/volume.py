@@ -23,7 +23,7 @@ from coalesce_core.errors import BackendError
 
 from . import diff as _diff
 from . import ops as _ops
-from .fs import SimFS
+from .fs import MAX_PCPIS, SimFS
 
 _T = TypeVar("_T")
 
@@ -35,7 +35,10 @@ class SimVolume(SimFS, VolumeHandle):
     asked to skip (``records_decoded`` and ``resumable_diff`` stay False).  Every primitive but
     ``close`` and ``export_path`` begins with :meth:`SimFS.check`, so a closed or crashed
     handle refuses work with a hint to reopen it.  The native rollback is
-    :meth:`native_rollback`, which the backend's ``coalesce_rollback`` hook calls."""
+    :meth:`native_rollback`, which the backend's ``coalesce_rollback`` hook calls.  A volume
+    holds at most ``max_pcpis`` PCPIs (255, as WAFL)."""
+
+    max_pcpis = MAX_PCPIS
 
     def __repr__(self) -> str:
         return f"SimVolume(sim://{self.path})"

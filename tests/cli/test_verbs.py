@@ -133,11 +133,11 @@ def test_demo_on_other_backends_says_what_to_use(monkeypatch):
     assert "--backend sim" in p.stderr and "Traceback" not in p.stderr
 
 
-def test_run_survives_a_failed_pcpi_release_and_recovers(group, cli, monkeypatch):
+def test_run_survives_a_failed_export_switch_and_recovers(group, cli, monkeypatch):
     """`coalesce run` (no --once) reports a backend failure outside a transfer, recovers, goes on."""
     tmp, writer = group
     assert cli("init")[0] == 0
-    monkeypatch.setenv("COALESCE_FAULTS", "coalesce_snapshot_delete:volume=src.vol:times=1:message=link down")
+    monkeypatch.setenv("COALESCE_FAULTS", "coalesce_export:volume=dst.vol:nth=2:times=1:message=link down")
     sleeps: list[float] = []
 
     def fake_sleep(seconds: float) -> None:

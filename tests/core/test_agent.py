@@ -14,13 +14,13 @@ class Stop(Exception):
 
 
 def test_run_forever_recovers_after_a_failed_cycle_and_goes_on(group_config):
-    """A BackendError outside a transfer (here the source refuses its PCPI once) does not end the
-    run: it is reported with the wait, the next attempt recovers first, and the group ends stable
-    with every export equal to the newest source PCPI (I3); cycles come ``interval`` apart."""
+    """A BackendError outside a transfer (here the destination's export switch fails once) does not
+    end the run: it is reported with the wait, the next attempt recovers first, and the group ends
+    stable with every export equal to the newest source PCPI (I3); cycles come ``interval`` apart."""
     h = Harness(group_config())
     fill(h.writer, [r.source for r in h.config.replicas])
     h.cycle()
-    h.faults.add(Rule(hook="coalesce_snapshot_create", volume="src", times=1, message="source gone"))
+    h.faults.add(Rule(hook="coalesce_export", volume="dst", times=1, message="export table busy"))
     h.writer.write("A", "new", b"n" * 100)
     reports, errors, sleeps = [], [], []
 
@@ -33,8 +33,40 @@ def test_run_forever_recovers_after_a_failed_cycle_and_goes_on(group_config):
         h.agent.run_forever(
             5.0, on_cycle=reports.append, on_error=lambda exc, wait: errors.append((exc.message, wait)), sleep=sleep
         )
-    assert [(("source gone" in m), w) for m, w in errors] == [(True, 5.0)]
+    assert [(("export table busy" in m), w) for m, w in errors] == [(True, 5.0)]
     assert len(reports) == 2 and all(r["cycle"] for r in reports) and sleeps == [5.0, 5.0, 5.0]
+    assert set(h.states().values()) == {"stable"}
+    h.assert_invariants()
+    assert h.exported_fingerprints()["A"] == h.writer.snapshots[max(h.writer.snapshots)]["A"]
+
+
+def test_run_forever_goes_on_through_a_source_outage(group_config):
+    """The source cannot be reached for two cycles: each one ends at once (no error escapes, no
+    recovery needed), every replica keeps exporting its image and shows the outage; then it comes
+    back and the group catches up (I3, I7)."""
+    h = Harness(group_config())
+    fill(h.writer, [r.source for r in h.config.replicas])
+    h.cycle()
+    images = h.exported_fingerprints()
+    down = [
+        h.faults.add(Rule(hook=hook, volume="src", message="no route to host"))
+        for hook in ("coalesce_open_volume", "coalesce_snapshot_list", "coalesce_snapshot_create")
+    ]
+    h.writer.write("A", "new", b"n" * 100)
+    reports, errors, sleeps = [], [], []
+
+    def sleep(seconds):
+        sleeps.append(seconds)
+        assert h.exported_fingerprints() == images or len(sleeps) > 2
+        if len(sleeps) == 2:
+            h.faults.rules[:] = [r for r in h.faults.rules if r not in down]
+        if len(sleeps) == 3:
+            raise Stop
+
+    with pytest.raises(Stop):
+        h.agent.run_forever(5.0, on_cycle=reports.append, on_error=lambda exc, wait: errors.append(exc), sleep=sleep)
+    assert errors == [] and [r["failures"] for r in reports] == [3, 3, 0]
+    assert all("no route to host" in e for e in reports[0]["failed"].values())
     assert set(h.states().values()) == {"stable"}
     h.assert_invariants()
     assert h.exported_fingerprints()["A"] == h.writer.snapshots[max(h.writer.snapshots)]["A"]

@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 from coalesce_core.cycle import planner
 from coalesce_core.cycle.guards import flight_free
 from coalesce_core.cycle.spec import load_spec
+from coalesce_core.cycle.state import CYCLE_ROLES
 
 from ._tools import ROOT
 
@@ -108,6 +109,17 @@ def test_jump_ahead_guard(states):
 @given(*reseed_args)
 def test_reseed_after_failed_updates_in_a_row(failures, reseed_after):
     _reseed_props(failures, reseed_after)
+
+
+@given(st.none() | st.integers(-3, 300), st.none() | st.integers(-3, 300))
+def test_no_cycle_starts_without_room_for_its_pcpis_I1(destination_room, source_room):
+    """A cycle holds at most 4 destination PCPIs, 3 of them new, and takes 1 source PCPI."""
+    short = planner.pcpi_shortfall(destination_room, source_room)
+    needs = (destination_room is not None and destination_room < planner.CYCLE_TAKES) or (
+        source_room is not None and source_room < 1
+    )
+    assert bool(short) == needs, (destination_room, source_room, short)
+    assert planner.CYCLE_TAKES == len(CYCLE_ROLES) - 1  # every cycle role but the base it holds
 
 
 @given(st.sampled_from(RSTATES), st.booleans())

@@ -144,14 +144,16 @@ class Sim:
     """A pure simulated executor: answers every effect with its result event.
 
     ``fail_transfer``/``fail_rollback`` name replicas whose transfer/rollback
-    fails.  After every decision I1 and I2 are checked; every decision and
-    every effect is recorded in order.
+    fails, ``refuse`` the PCPI roles the volumes refuse ("source" for the source's).
+    After every decision I1 and I2 are checked; every decision and every effect is
+    recorded in order.
     """
 
-    def __init__(self, state: GroupState, fail_transfer=(), fail_rollback=(), now: float = 1000.0) -> None:
+    def __init__(self, state: GroupState, fail_transfer=(), fail_rollback=(), now: float = 1000.0, refuse=()) -> None:
         self.state = state
         self.fail_transfer = set(fail_transfer)
         self.fail_rollback = set(fail_rollback)
+        self.refuse = set(refuse)
         self.now = now
         self.decisions: list[Decision] = []
         self.effects: list = []
@@ -171,10 +173,14 @@ class Sim:
 
     def answer(self, e):
         if isinstance(e, fx.TakeSourcePcpi):
+            if "source" in self.refuse:
+                return ev.SourcePcpiRefused(name=e.name, now=self.now, error="source down")
             return ev.SourcePcpiTaken(name=e.name)
         if isinstance(e, fx.ReleaseSourcePcpi):
             return ev.SourcePcpiReleased(name=e.name)
         if isinstance(e, fx.TakePcpi):
+            if e.role in self.refuse:
+                return ev.PcpiRefused(name=e.name, now=self.now, error="PCPI limit")
             return ev.PcpiTaken(name=e.name, now=self.now)
         if isinstance(e, fx.ReleasePcpi):
             return ev.PcpiReleased(name=e.name)
@@ -449,6 +455,17 @@ def _jump_2_reseeded():
     return st.with_replica(rep("RS", "reseeded")), events
 
 
+def _jump_2_done_uncoalesced():
+    st, events = _jump_2()
+    return st.with_replica(rep("DU", "done_uncoalesced", exported=BASE, last_good=BASE, active_point=S2)), events
+
+
+def _scn_jump_ahead_refused():
+    """The destination refuses the new base PCPI: the replica in done leaves the cycle."""
+    st, _ = _jump_2()
+    return st, [ev.PcpiRefused(name=NB, now=5.0, error="PCPI limit")]
+
+
 REPLICA_SCENARIOS: dict[tuple[str, str, str], tuple[str, Callable]] = {
     ("start_baseline", "uninitialized", "baseline"): ("U", _scn_start_baseline),
     ("start_update", "stable", "update"): ("A", _scn_start_update),
@@ -475,6 +492,8 @@ REPLICA_SCENARIOS: dict[tuple[str, str, str], tuple[str, Callable]] = {
     ("reseed_succeeded", "reseeding", "reseeded"): ("P", _scn_reseed_succeeded),
     ("reseed_failed", "reseeding", "reseed_pending"): ("P", _scn_reseed_failed),
     ("jump_ahead", "reseeded", "stable"): ("RS", _jump_2_reseeded),
+    ("jump_ahead", "done_uncoalesced", "stable"): ("DU", _jump_2_done_uncoalesced),
+    ("jump_ahead_refused", "done", "done_uncoalesced"): ("D", _scn_jump_ahead_refused),
 }
 
 
@@ -834,6 +853,22 @@ def _agent_finish():
     ]
 
 
+def _agent_source_unavailable():
+    """The source refuses the cycle's PCPI: the cycle ends before any transfer."""
+    st = updating(rep("A"), rep("U", "uninitialized"), source_pcpis=(SourcePcpi(S1, 1, True),))
+    st = st.with_source_pcpi(SourcePcpi(S2, 2, taken=False))
+    return st, [ev.SourcePcpiRefused(name=S2, error="connection refused")]
+
+
+def _agent_abandon_jump_ahead_1():
+    st = updating(rep("A", "done", active_point=S2), phase="jump_ahead_1").with_pcpi(pcpi(JA, "jump_ahead", False))
+    return st, [ev.PcpiRefused(name=JA, error="PCPI limit")]
+
+
+def _agent_abandon_jump_ahead_2():
+    return _scn_jump_ahead_refused()
+
+
 AGENT_SCENARIOS = {
     ("start_cycle", "idle", "updating"): _agent_start_cycle,
     ("start_rollback", "updating", "rolling_back"): _agent_start_rollback,
@@ -845,6 +880,9 @@ AGENT_SCENARIOS = {
     ("start_release", "rolling_back", "releasing"): _agent_release_from_rolling_back,
     ("start_release", "jump_ahead_2", "releasing"): _agent_release_from_jump_2,
     ("finish_cycle", "releasing", "idle"): _agent_finish,
+    ("source_unavailable", "updating", "releasing"): _agent_source_unavailable,
+    ("abandon_jump_ahead", "jump_ahead_1", "releasing"): _agent_abandon_jump_ahead_1,
+    ("abandon_jump_ahead", "jump_ahead_2", "releasing"): _agent_abandon_jump_ahead_2,
 }
 
 
@@ -915,7 +953,7 @@ def test_exported_outside_jump_ahead_2_changes_nothing():
 def test_jump_ahead_guard_over_every_pair_of_replica_states_I8(phase):
     """I8: start_jump_ahead is allowed iff no replica is in update, rollback or baseline
     (a re-seed does not hold it) and some replica (stable, done, stable_uncoalesced,
-    reseeded) participates."""
+    reseeded, done_uncoalesced) participates."""
     spec = load_spec()
     model = Model()
     states = spec.replica.state_names
@@ -924,7 +962,7 @@ def test_jump_ahead_guard_over_every_pair_of_replica_states_I8(phase):
             name=G, phase=phase, replicas={"A": Replica("A", "A", state=a), "B": Replica("B", "B", state=b)}
         )
         expect = not ({a, b} & {"update", "rollback", "baseline"}) and bool(
-            {a, b} & {"stable", "done", "stable_uncoalesced", "reseeded"}
+            {a, b} & {"stable", "done", "stable_uncoalesced", "reseeded", "done_uncoalesced"}
         )
         assert model.agent_may(st, "start_jump_ahead") is expect, (a, b)
 
@@ -1860,3 +1898,134 @@ def test_source_pcpi_time_is_recorded_and_gives_the_lag():
     assert a.source_point == take.name and sim.state.source_point_time(a) == 101.5
     assert sim.state.lag(a, 161.5) == 60.0 and sim.state.lag(a, 0.0) == 0.0
     assert sim.state.lag(rep("U", "uninitialized"), 10.0) is None
+
+
+# ---------------------------------------------------------------------------
+# refused PCPIs and source outages (docs/decisions.md): nothing wedges
+# ---------------------------------------------------------------------------
+def test_a_source_outage_ends_the_cycle_before_any_transfer_every_replica_unchanged_I3():
+    st = group(rep("A"), rep("B"), rep("U", "uninitialized"), rep("X", "unstable_uncoalesced"), reseed_after=2)
+    sim = Sim(st, refuse={"source"}).run(ev.StartCycle(now=5.0))
+    s = sim.state
+    triggers = [t.trigger for d in sim.decisions for t in d.log if t.replica is None]
+    assert triggers == ["start_cycle", "source_unavailable", "finish_cycle"] and s.cycle == 2 and s.phase == "idle"
+    assert not of(sim.effects, fx.Transfer) and not of(sim.effects, fx.ReleaseSourcePcpi)
+    assert s.source_pcpis.keys() == st.source_pcpis.keys()  # the refused one is forgotten
+    for name in ("A", "B", "U"):
+        r, before = s.replicas[name], st.replicas[name]
+        assert attrs.evolve(r, last_error="", consecutive_failures=0, outages=0) == before
+        assert (r.consecutive_failures, r.outages) == (1, 1) and r.last_error == "source unavailable: source down"
+    assert s.replicas["X"] == st.replicas["X"]  # outside the cycle, nothing to miss
+    assert s.cycle_failures == 3
+
+
+def test_outages_do_not_count_towards_reseed_after():
+    """Two missed cycles and one failed update, reseed_after 2: not re-seeded; a second failed
+    update (the cycles missed in between still do not count) is."""
+    a = rep("A", "rollback", consecutive_failures=3, outages=2)
+    st = attrs.evolve(_rolling_back(a, rep("B", "rollback")), reseed_after=2)
+    d = decide(st, ev.RollbackDone(replica="A", ok=True))
+    assert d.state.replicas["A"].state == "done"
+    a = rep("A", "rollback", consecutive_failures=4, outages=2)
+    d = decide(
+        attrs.evolve(_rolling_back(a, rep("B", "rollback")), reseed_after=2), ev.RollbackDone(replica="A", ok=True)
+    )
+    r = d.state.replicas["A"]
+    assert r.state == "reseed_pending" and r.reseed_reason.startswith("2 updates failed in a row")
+
+
+def test_a_refused_rollback_pcpi_fails_every_rollback_that_needed_it_and_the_rest_jump_ahead_I1():
+    st = updating(rep("A", "update"), rep("B", "update"), rep("C", "update"))
+    sim = Sim(st, fail_transfer="AB", refuse={"rollback"})
+    for n in "ABC":
+        sim.feed(ev.TransferDone(replica=n, ok=n == "C", error="x"))
+    (take,) = of(sim.effects, fx.TakePcpi)
+    sim.run(sim.answer(take))
+    s = sim.state
+    assert s.phase == "idle" and not of(sim.effects, fx.Rollback)
+    for n in "AB":
+        r = s.replicas[n]
+        assert (r.state, r.exported, r.last_good) == ("unstable_uncoalesced", BASE, BASE)
+        assert r.last_error == "rollback failed: the destination refused the rollback PCPI: PCPI limit"
+    c = s.replicas["C"]
+    assert c.state == "stable" and c.exported != BASE and s.pcpis[c.exported].role == "base"
+    assert s.pcpis[BASE].role == "individual" and s.pcpis[BASE].owners == {"A", "B"}
+    assert i4_one_coalesced_point(s).ok and i2_bounded_extras(s).ok
+
+
+@pytest.mark.parametrize("role", ["jump_ahead", "new_base"])
+def test_a_refused_jump_ahead_pcpi_sends_the_replicas_in_done_out_of_the_cycle_I1_I4(role):
+    st = updating(rep("A", "update"), rep("U", "baseline"), rep("SU", "stable_uncoalesced"), rep("K", "broken"))
+    sim = Sim(st, refuse={role})
+    for n in ("A", "U"):
+        sim.run(ev.TransferDone(replica=n, ok=True, now=7.0))
+    s = sim.state
+    assert s.phase == "idle" and "abandon_jump_ahead" in {t.trigger for d in sim.decisions for t in d.log}
+    a, u = s.replicas["A"], s.replicas["U"]
+    assert (a.state, a.exported, a.last_good, a.active_point) == ("done_uncoalesced", BASE, BASE, S2)
+    assert (u.state, u.exported, u.last_good) == ("done_uncoalesced", None, None)
+    assert a.last_error.startswith(f"jump-ahead failed: the destination refused the {role.replace('_', '-')} PCPI")
+    assert s.replicas["SU"] == st.replicas["SU"] and s.replicas["K"] == st.replicas["K"]
+    assert cycle_pcpis(s) == [BASE] and not of(sim.effects, fx.Export)
+    assert i2_bounded_extras(s).ok and i4_one_coalesced_point(s).ok
+    # the next cycle: they rejoin at its jump-ahead with the images they hold
+    sim = Sim(s).run(ev.StartCycle(now=9.0))
+    s2 = sim.state
+    assert {r.state for n, r in s2.replicas.items() if n in ("A", "U", "SU")} == {"stable"}
+    assert s2.replicas["A"].source_point == S2 and s2.replicas["U"].source_point == S2
+    assert not [t for t in of(sim.effects, fx.Transfer) if t.replica in ("A", "U")]
+
+
+def test_a_refused_retry_or_resync_pcpi_backs_off_and_exports_the_last_good_image_I2():
+    st = group(rep("A", "unstable_uncoalesced", next_retry=10.0), rep("K", "broken"), rep("B"))
+    d = decide(st, ev.Tick(now=20.0))
+    (take,) = d.effects
+    d = decide(d.state, ev.PcpiRefused(name=take.name, now=20.0, error="PCPI limit"))
+    a = d.state.replicas["A"]
+    assert (a.state, a.scratch, a.retries, a.exported) == ("unstable_uncoalesced", None, 1, IND)
+    assert a.next_retry == 20.0 + RETRY.delay(1) and "PCPI limit" in a.last_error
+    assert take.name not in d.state.pcpis and d.effects == ()
+    d = decide(d.state, ev.Resync(replica="K"))
+    (take,) = d.effects
+    d = decide(d.state, ev.PcpiRefused(name=take.name, now=21.0, error="PCPI limit"))
+    k = d.state.replicas["K"]
+    assert (k.state, k.scratch, k.exported) == ("unstable_uncoalesced", None, BASE)
+    assert d.effects == (fx.Export(mapping={"A": IND, "K": BASE, "B": BASE}),)
+
+
+def test_pcpi_shortfall_refuses_a_cycle_without_room_for_its_pcpis_I1():
+    assert planner.pcpi_shortfall(None, None) == "" and planner.pcpi_shortfall(3, 1) == ""
+    assert "can take 2 more PCPIs, a cycle needs 3" in planner.pcpi_shortfall(2, None)
+    assert "the source can take no more PCPIs" in planner.pcpi_shortfall(None, 0)
+    st = group(rep("A"), rep("P", "reseed_pending", next_retry=50.0), rep("Q", "reseed_pending"))
+    d = decide(st, ev.StartCycle(now=10.0, destination_room=2, source_room=5))
+    assert d.state.phase == "idle" and d.state.cycle == st.cycle and d.effects == () and d.log == ()
+    assert d.state.replicas["A"].last_error.startswith("cycle not started: the destination can take 2 more")
+    assert d.state.replicas["Q"].outages == 1 and d.state.replicas["P"] == st.replicas["P"]  # not due yet
+    assert decide(st, ev.StartCycle(now=10.0, destination_room=3, source_room=1)).state.phase == "updating"
+    with pytest.raises(IllegalTransition, match="start_cycle"):  # a cycle under way is not "refused"
+        decide(attrs.evolve(st, phase="updating"), ev.StartCycle(now=10.0, destination_room=0))
+
+
+def test_recovery_without_the_source_keeps_its_records_and_asks_for_the_cycles_pcpi_again_I6():
+    st = updating(rep("A"), rep("B"), transfers_started=False).with_source_pcpi(SourcePcpi(S2, 2, taken=False))
+    st = st.with_source_pcpi(SourcePcpi(S0, 0, taken=True, releasing=True))
+    d = decide(st, ev.Recover(now=3.0, destination_pcpis=frozenset({BASE}), source_pcpis=None))
+    assert d.state.source_pcpis == st.source_pcpis
+    assert fx.TakeSourcePcpi(name=S2) in d.effects and fx.ReleaseSourcePcpi(name=S0) in d.effects
+    # the source is still down: the take is refused and the cycle ends, every replica unchanged
+    sim = Sim(d.state, refuse={"source"})
+    for e in d.effects:
+        sim.run(sim.answer(e) if not isinstance(e, fx.ReleaseSourcePcpi) else ev.SourcePcpiNotReleased(name=e.name))
+    s = sim.state
+    assert s.phase == "idle" and S2 not in s.source_pcpis
+    assert s.source_pcpis[S0].taken and not s.source_pcpis[S0].releasing  # a later cycle releases it
+    assert {r.state for r in s.replicas.values()} == {"stable"}
+
+
+def test_an_unreleased_source_pcpi_does_not_hold_the_cycle_and_goes_at_the_next_one():
+    st = group(rep("A"), phase="releasing").with_source_pcpi(SourcePcpi(S0, 0, taken=True, releasing=True))
+    d = decide(st, ev.SourcePcpiNotReleased(name=S0, error="link down"))
+    assert d.state.phase == "idle" and not d.state.source_pcpis[S0].releasing
+    sim = Sim(d.state).run(ev.StartCycle(now=4.0))
+    assert fx.ReleaseSourcePcpi(name=S0) in sim.effects and S0 not in sim.state.source_pcpis

@@ -39,6 +39,9 @@ DESIGN_FIELDS = {
     "reseed_pending": ("outside", "1006*"),
     "reseeding": ("outside", "1006*"),
     "reseeded": ("outside", "1006*"),
+    # an addition (docs/decisions.md, "Refused PCPIs and source outages"): a replica whose
+    # jump-ahead PCPI was refused waits outside the cycle, its update complete
+    "done_uncoalesced": ("outside", "1014*"),
 }
 DESIGN_EDGES = {
     ("start_baseline", "uninitialized", "baseline"),
@@ -69,6 +72,9 @@ DESIGN_EDGES = {
     ("reseed_succeeded", "reseeding", "reseeded"),
     ("reseed_failed", "reseeding", "reseed_pending"),
     ("jump_ahead", "reseeded", "stable"),
+    # addition: a refused jump-ahead PCPI (docs/decisions.md)
+    ("jump_ahead_refused", "done", "done_uncoalesced"),
+    ("jump_ahead", "done_uncoalesced", "stable"),
 }
 DESIGN_REFS = {
     "baseline_succeeded": "1042",
@@ -151,7 +157,7 @@ def test_per_state_flags_match_design(spec):
     it); stable = I9 applies; a replica whose re-seed arrived joins the jump-ahead."""
     assert spec.in_flight_states == {"update", "rollback", "baseline"}
     assert spec.stable_states == {"stable", "stable_uncoalesced"}
-    assert spec.jump_ahead_sources == {"stable", "done", "stable_uncoalesced", "reseeded"}
+    assert spec.jump_ahead_sources == {"stable", "done", "stable_uncoalesced", "reseeded", "done_uncoalesced"}
 
 
 def test_replica_machine_is_deterministic(spec):
