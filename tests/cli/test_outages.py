@@ -119,3 +119,27 @@ def test_check_writes_nothing_and_still_sees_an_export_move_back_I5(group):
     assert p.returncode == 1
     (i5,) = [f for f in json.loads(p.stdout) if f["invariant"] == "I5"]
     assert not i5["ok"] and f"A: {marks['A']} -> {older}" in i5["detail"]
+
+
+def test_run_goes_on_through_an_outage_and_says_why(group, capsys, monkeypatch):
+    """`coalesce run` (no --once) with the source gone: every cycle prints the refusal's error and
+    hint, and the run goes on (here until the interrupt of its third wait)."""
+    from coalesce_core.ui import cli as cli_mod
+
+    cfg, src = group
+    src.rename(src.with_name("src.gone"))
+    monkeypatch.setenv("COALESCE_SIM_FSYNC", "0")
+    sleeps: list[float] = []
+
+    def fake_sleep(seconds: float) -> None:
+        sleeps.append(seconds)
+        if len(sleeps) == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli_mod.time, "sleep", fake_sleep)
+    capsys.readouterr()
+    rc = cli_mod.main(["--config", str(cfg), "run", "--interval", "7"])
+    err = capsys.readouterr().err
+    assert rc == cli_mod.EXIT_INTERRUPTED and sleeps == [7, 7, 7]
+    assert err.count("error: the source sim://") == 3 and err.count("hint: the cycle ended without transfers") == 3
+    assert "cycle failed" not in err  # nothing to recover from: the cycles ended normally
