@@ -6,7 +6,9 @@ rollbacks, updates that keep failing (a stream the destination can never
 apply: the replica is re-seeded after ``reseed_after`` of them), the reseed
 verb, crashes at any named crash point (n-th pass) followed by a restart
 from the ledger, new replicas (baseline), break and resync, the retry timer,
-and hostile change records fed to the applier; on sim also power cuts of the
+a source outage (the source cannot be opened or reached for as many steps
+as hypothesis likes, then comes back), a PCPI the destination refuses, and
+hostile change records fed to the applier; on sim also power cuts of the
 destination, the source or both at any crash point (writes not yet flushed
 are lost, some torn) followed by a restart.  After every step it checks
 the invariants against the volumes and against the SourceWriter's own record
@@ -56,6 +58,15 @@ RESEED_AFTER = 2
 RESEEDING = ("reseed_pending", "reseeding", "reseeded")
 _ids = itertools.count()
 
+#: every call to a source whose host is down fails (its volume URL holds "src")
+SOURCE_CALLS = (
+    "coalesce_open_volume",
+    "coalesce_snapshot_list",
+    "coalesce_snapshot_create",
+    "coalesce_snapshot_delete",
+    "coalesce_diff",
+)
+
 #: counters read by tools/check (steps and examples run in this process)
 STATS = {
     "examples": 0,
@@ -66,6 +77,8 @@ STATS = {
     "hostile": 0,
     "resumes": 0,
     "reseeds": 0,
+    "outages": 0,
+    "refusals": 0,
 }
 
 
@@ -177,8 +190,12 @@ class CoalescingMachine(RuleBasedStateMachine):
         self.watch = ExportWatch()
         #: streams that can never be applied (every update of the qtree fails; baselines work)
         self.stream_bugs = FaultInjector()
+        #: a source outage: armed by source_goes_down, cleared by source_comes_back (or the teardown)
+        self.outage = FaultInjector()
         self.clock = FakeClock()  # the harness's clock (its default), moved by hand
-        self.h = Harness(make_config(self.scheme, self.tmp), plugins=[self.watch, self.stream_bugs], clock=self.clock)
+        self.h = Harness(
+            make_config(self.scheme, self.tmp), plugins=[self.watch, self.stream_bugs, self.outage], clock=self.clock
+        )
         self.watch.machine = self
         self.rng = random.Random(0)
         self.replay: dict[str, str] = {}
@@ -251,6 +268,59 @@ class CoalescingMachine(RuleBasedStateMachine):
             self._run(self.h.cycle)
         if heal:
             self.stream_bugs.rules[:] = [r for r in self.stream_bugs.rules if r.qtree != q]
+
+    @precondition(lambda self: not self.outage.rules)
+    @rule()
+    def source_goes_down(self) -> None:
+        """The source's host goes down: opening it and every call to it fail until source_comes_back.
+        Meanwhile every other rule runs: cycles end before any transfer, every replica unchanged
+        (still exporting its image) with the error recorded; restarts recover with the destination
+        alone; break, resync, reseed and the retries need nothing else."""
+        STATS["outages"] += 1
+        for hook in SOURCE_CALLS:
+            self.outage.add(Rule(hook=hook, volume="src", message="source unreachable"))
+        before = {n: (r.state, r.exported, r.source_point) for n, r in self.agent.state.replicas.items()}
+        images = self._exported_images()
+        self._run(self.h.cycle)
+        s = self.agent.state
+        assert s.phase == "idle", f"a source outage left the agent in phase {s.phase}"
+        for name, r in s.replicas.items():
+            if before.get(name, ("",))[0] in ("stable", "uninitialized", "reseed_pending") and r.outages:
+                assert (r.state, r.exported, r.source_point) == before[name], f"{name} changed in an outage"
+                assert "source unavailable" in r.last_error, f"{name}: {r.last_error!r}"
+        assert self._exported_images() == images, "an export moved in a cycle without a source"
+
+    @precondition(lambda self: bool(self.outage.rules))
+    @rule()
+    def source_comes_back(self) -> None:
+        self.outage.clear()
+
+    @rule(
+        nth=st.integers(1, 3),
+        what=st.sampled_from(["cycle", "failing_cycle", "tick", "resync"]),
+        q=st.sampled_from(INITIAL),
+    )
+    def pcpi_refused(self, nth: int, what: str, q: str) -> None:
+        """The destination refuses its ``nth`` PCPI take of the step (its PCPI limit, no space): the
+        replicas that needed it leave the cycle, the step ends with the agent idle."""
+        STATS["refusals"] += 1
+        self.h.writer.random_changes(self.rng, q, 2)
+        if what == "failing_cycle":  # the rollback PCPI is the first destination PCPI
+            self.h.faults.add(Rule(hook="coalesce_diff", qtree=q, record=1, times=1, volume="src"))
+        step = self.h.cycle
+        if what == "tick":
+            self.clock.advance(100)
+            step = self.agent.tick
+        elif what == "resync":
+            broken = sorted(n for n, r in self.agent.state.replicas.items() if r.state == "broken")
+            if broken:
+                step = lambda: self.agent.resync(broken[0])  # noqa: E731
+        self.h.faults.add(Rule(hook="coalesce_snapshot_create", volume="dst", nth=nth, times=1, message="PCPI limit"))
+        self._run(step)
+        s = self.agent.state
+        assert s.phase == "idle", f"a refused PCPI left the agent in phase {s.phase}"
+        flying = [r.name for r in s.replicas.values() if r.state in IN_FLIGHT or r.state == "done"]
+        assert not flying, f"a refused PCPI left {flying} mid-cycle"
 
     @rule(q=st.sampled_from(QTREES))
     def reseed_verb(self, q: str) -> None:
@@ -426,9 +496,11 @@ class CoalescingMachine(RuleBasedStateMachine):
         for r in s.replicas.values():
             if r.consecutive_failures:
                 assert r.last_error, f"{r.name}: {r.consecutive_failures} failed transfers but no last_error"
-            if r.consecutive_failures >= s.reseed_after > 0 and r.state != "uninitialized":
+            assert 0 <= r.outages <= r.consecutive_failures, f"{r.name}: {r.outages} outages"
+            failed = r.consecutive_failures - r.outages  # an outage is not the replica's failure
+            if failed >= s.reseed_after > 0 and r.state != "uninitialized":
                 assert r.state in RESEEDING, (
-                    f"{r.name}: {r.consecutive_failures} failed updates in a row, still {r.state} (reseed_after)"
+                    f"{r.name}: {failed} failed updates in a row, still {r.state} (reseed_after)"
                 )
             assert bool(r.reseed_reason) == (r.state in RESEEDING), f"{r.name}: reseed_reason in {r.state}"
 
@@ -499,6 +571,7 @@ class CoalescingMachine(RuleBasedStateMachine):
         cycles every replica is stable and exports the newest source PCPI's image."""
         self.h.faults.clear()
         self.stream_bugs.clear()
+        self.outage.clear()
         for r in list(self.agent.state.replicas.values()):
             if r.state == "broken":
                 self.agent.resync(r.name)
