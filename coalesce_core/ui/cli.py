@@ -293,7 +293,9 @@ def _agent_with(args: argparse.Namespace, plugins: list[object], recover: bool =
 
     runlog = RunLog()
     verb = getattr(args, "verb", None) or "?"
-    agent = Agent.open(_config(args), plugins=[runlog, *plugins], recover=recover, verb=verb, reach_source=verb == "run")
+    agent = Agent.open(
+        _config(args), plugins=[runlog, *plugins], recover=recover, verb=verb, reach_source=verb == "run"
+    )
     runlog.bind(lambda: agent.state)
     return agent
 
