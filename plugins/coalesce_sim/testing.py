@@ -7,6 +7,8 @@ import random
 from typing import Any, Callable, Iterable
 
 from coalesce_core import crashpoints
+from coalesce_core.backend.manager import plugin_manager
+from coalesce_core.backend.volume import Volume
 from coalesce_core.stream import records as R
 from coalesce_sim import SimVolume, open_sim
 from coalesce_sim.volume import power_cut
@@ -61,5 +63,8 @@ def power_cut_at(
     if not crashed:
         cut("at rest")
     harness.restart()
-    harness.writer.volume = harness.agent.source
+    if "source" in volumes:
+        # the test's own handle of the reopened source, not the agent's: the agent's calls may be
+        # made to fail (a source outage), the test's writes and reads never are
+        harness.writer.volume = Volume.open(plugin_manager(), harness.config.source)
     return crashed
