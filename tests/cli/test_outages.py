@@ -23,16 +23,22 @@ from coalesce_core.testing.workload import SourceWriter, fill
 EXE = [sys.executable, "-m", "coalesce_core.ui.cli"]
 
 
-@pytest.fixture(params=[on_backend("sim")])
+@pytest.fixture(params=[on_backend("sim"), on_backend("btrfs")])
 def group(request, tmp_path: Path):
-    """A two-replica group after one cycle: (config path, source directory)."""
-    src, dst = tmp_path / "src", tmp_path / "dst"
+    """A two-replica group after one cycle: (config path, source directory): sim volumes in
+    tmp_path, or btrfs subvolumes of the real loop file system (tests/realfs.py)."""
+    if request.param == "sim":
+        src_url, dst_url = f"sim://{tmp_path / 'src'}", f"sim://{tmp_path / 'dst'}"
+    else:
+        urls = request.getfixturevalue("btrfs_urls")
+        src_url, dst_url = urls("src"), urls("dst")
+    src = Path(src_url.split("://", 1)[1])
     cfg = tmp_path / "coalesce.toml"
     cfg.write_text(
-        f'[group]\nname = "out"\nsource = "sim://{src}"\ndestination = "sim://{dst}"\n'
+        f'[group]\nname = "out"\nsource = "{src_url}"\ndestination = "{dst_url}"\n'
         f'metadata = "{tmp_path}/meta"\n[[replica]]\nname = "A"\n[[replica]]\nname = "B"\n'
     )
-    source = Volume.open(plugin_manager(), f"sim://{src}", create=True)
+    source = Volume.open(plugin_manager(), src_url, create=True)
     fill(SourceWriter(source), ["A", "B"])
     source.close()
     assert coalesce(cfg, "init").returncode == 0
@@ -59,7 +65,7 @@ def metadata_digest(cfg: Path) -> dict[str, str]:
 def test_the_read_verbs_and_break_work_with_the_source_gone_and_run_exits_4_I3(group):
     cfg, src = group
     before = status(cfg)
-    gone = src.with_name("src.gone")
+    gone = src.with_name(src.name + ".gone")
     src.rename(gone)  # the source volume is gone (unmounted, its host down)
     for verb in (["status"], ["status", "--json"], ["history"], ["check"], ["check", "--json"], ["graph"]):
         p = coalesce(cfg, *verb)
@@ -127,7 +133,8 @@ def test_run_goes_on_through_an_outage_and_says_why(group, capsys, monkeypatch):
     from coalesce_core.ui import cli as cli_mod
 
     cfg, src = group
-    src.rename(src.with_name("src.gone"))
+    gone = src.with_name(src.name + ".gone")
+    src.rename(gone)
     monkeypatch.setenv("COALESCE_SIM_FSYNC", "0")
     sleeps: list[float] = []
 
@@ -141,5 +148,8 @@ def test_run_goes_on_through_an_outage_and_says_why(group, capsys, monkeypatch):
     rc = cli_mod.main(["--config", str(cfg), "run", "--interval", "7"])
     err = capsys.readouterr().err
     assert rc == cli_mod.EXIT_INTERRUPTED and sleeps == [7, 7, 7]
-    assert err.count("error: the source sim://") == 3 and err.count("hint: the cycle ended without transfers") == 3
+    gone.rename(src)
+    scheme = "sim" if "sim://" in cfg.read_text() else "btrfs"
+    assert err.count(f"error: the source {scheme}://") == 3
+    assert err.count("hint: the cycle ended without transfers") == 3
     assert "cycle failed" not in err  # nothing to recover from: the cycles ended normally
