@@ -2,7 +2,7 @@
 
 ``COALESCE_CRASH_AT=<name>[:<n>]`` makes the process SIGKILL itself at the
 n-th pass (default 1) through point ``<name>``.  In-process tests call
-:func:`arm` instead: the point raises :class:`SimulatedCrash` (a
+:func:`arm` (or :func:`run_armed`) instead: the point raises :class:`SimulatedCrash` (a
 BaseException, so no ``except Exception`` in the agent swallows it), the
 executor stops its workers and the test starts a new agent from the ledger
 while the backend's volumes survive, as disks would.  :func:`at_crash` runs
@@ -97,6 +97,19 @@ def arm(spec: str | None) -> None:
         _counts.clear()
         _fired.clear()
         _armed = _parse(spec) if spec else None
+
+
+def run_armed(spec: str | None, step: Callable[[], object]) -> bool:
+    """Run ``step`` with point ``spec`` (``name[:n]``) armed, and disarm it whatever happens.
+    Returns True if the point fired (its :class:`SimulatedCrash` ended the step)."""
+    arm(spec)
+    try:
+        step()
+    except SimulatedCrash:
+        return True
+    finally:
+        arm(None)
+    return False
 
 
 def fired() -> bool:

@@ -92,14 +92,7 @@ class Harness:
         """Run ``step`` with crash point ``point`` (``name[:n]``) armed; restart after it.
 
         Returns True if the crash happened (the point was reached)."""
-        crashpoints.arm(point)
-        crashed = False
-        try:
-            step()
-        except crashpoints.SimulatedCrash:
-            crashed = True
-        finally:
-            crashpoints.arm(None)
+        crashed = crashpoints.run_armed(point, step)
         self.restart()
         return crashed
 

@@ -51,14 +51,9 @@ def power_cut_at(
             power_cut(url, rng)
 
     remove = crashpoints.at_crash(cut)
-    crashpoints.arm(point)
-    crashed = False
     try:
-        step()
-    except crashpoints.SimulatedCrash:
-        crashed = True
+        crashed = crashpoints.run_armed(point, step)
     finally:
-        crashpoints.arm(None)
         remove()
     if not crashed:
         cut("at rest")

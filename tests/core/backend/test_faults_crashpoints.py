@@ -305,6 +305,27 @@ def test_arm_resets_the_counters():
         crashpoints.hit("after_commit")
 
 
+def test_run_armed_says_whether_the_point_fired_and_disarms_after():
+    passes = []
+
+    def step(n):
+        def run():
+            for _ in range(n):
+                passes.append("after_commit")
+                crashpoints.hit("after_commit")
+
+        return run
+
+    assert crashpoints.run_armed("after_commit:2", step(3)) is True
+    assert passes == ["after_commit"] * 2  # the 2nd pass ended the step
+    assert not crashpoints.fired()
+    crashpoints.hit("after_commit")  # disarmed
+    assert crashpoints.run_armed("after_commit:2", step(1)) is False
+    with pytest.raises(ValueError):  # anything else the step raises goes through, disarmed all the same
+        crashpoints.run_armed("after_commit", lambda: int("x"))
+    crashpoints.hit("after_commit")
+
+
 def test_unknown_names_are_rejected():
     with pytest.raises(UnknownCrashPoint, match="known:"):
         crashpoints.arm("after_lunch")
