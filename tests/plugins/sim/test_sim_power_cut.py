@@ -35,7 +35,8 @@ from coalesce_sim import diff as D
 from coalesce_sim.testing import power_cut_at, reopen, sim_apply
 from coalesce_sim.volume import power_cut, power_cut_mode
 
-from .test_sim_cp import BASE, MUTATIONS, _copy, _state  # the CP crash tests' volume and primitives
+from . import test_sim_cp
+from .test_sim_cp import MUTATIONS, _copy, _state  # the CP crash tests' primitives
 
 #: every primitive that changes a volume, from the state the ``template`` fixture builds
 PRIMITIVES = {
@@ -49,13 +50,8 @@ PRIMITIVES = {
 }
 
 
-@pytest.fixture
-def template(make_sim):
-    fs = make_sim("template")
-    sim_apply(fs, "q", BASE)
-    fs.snapshot_create("s1")
-    sim_apply(fs, "q", [R.Write(path="b", offset=0, data=b"C" * 50)])
-    return fs
+#: the CP crash tests' volume fixture: qtree q, PCPI s1 of it and a change since
+template = test_sim_cp.template
 
 
 @pytest.mark.parametrize("primitive", sorted(PRIMITIVES))
