@@ -100,7 +100,9 @@ def test_crash_mid_baseline(group_config):
     _settle(h)
 
 
-def test_crash_mid_retry(group_config):
+def _retry_due(group_config) -> Harness:
+    """C's transfer and its rollback failed (unstable_uncoalesced) and its retry is due: the next
+    ``h.agent.tick`` runs it."""
     h = Harness(group_config(retry_initial=5))
     fill(h.writer, "ABC")
     h.cycle()
@@ -109,7 +111,13 @@ def test_crash_mid_retry(group_config):
     h.faults.add(Rule(hook="coalesce_rollback", qtree="C", times=1))
     h.cycle()
     assert h.states()["C"] == "unstable_uncoalesced"
+    assert isinstance(h.clock, FakeClock)
     h.clock.advance(10)
+    return h
+
+
+def test_crash_mid_retry(group_config):
+    h = _retry_due(group_config)
     assert h.crash("mid_retry", h.agent.tick)
     c = h.agent.state.replicas["C"]
     assert c.state == "unstable_uncoalesced" and c.scratch is None  # the scratch PCPI was released

@@ -22,7 +22,6 @@ from typing import Callable
 import pytest
 from core import test_crash_recovery as C
 
-from coalesce_core.backend.faults import Rule
 from coalesce_core.backend.manager import plugin_manager
 from coalesce_core.backend.volume import Volume
 from coalesce_core.crashpoints import CRASH_POINTS
@@ -186,16 +185,7 @@ def _scenario(sim_config, point: str) -> tuple[Harness, Callable[[], object]]:
         fill(h.writer, "ABC", files=6)
         return h, h.cycle
     if point == "mid_retry":
-        h = Harness(sim_config(retry_initial=5))
-        fill(h.writer, "ABC")
-        h.cycle()
-        h.writer.write("C", "x", b"x" * 100)
-        h.faults.add(Rule(hook="coalesce_diff", qtree="C", record=2, times=1, volume="src"))
-        h.faults.add(Rule(hook="coalesce_rollback", qtree="C", times=1))
-        h.cycle()
-        assert h.states()["C"] == "unstable_uncoalesced"
-        assert isinstance(h.clock, FakeClock)
-        h.clock.advance(10)
+        h = C._retry_due(sim_config)  # C's retry is due after its transfer and rollback failed
         return h, h.agent.tick
     if point != "mid_reseed":
         h = C._prepared(sim_config)  # changes in A, B, C after a first cycle; B's transfer fails at record 3
