@@ -56,6 +56,19 @@ class SimFSMachine(RuleBasedStateMachine):
         p = f"{parent}/{name}" if parent else name
         return None if p in self.model else p
 
+    def dying_write(self, p: str, content: bytes, after: int) -> bool:
+        """Create file ``p`` with ``content``, the writer dying after ``after`` block writes of that CP:
+        True if it died (the handle then refuses work until it is reopened)."""
+        assert self.fs is not None
+        self.fs.raid.crash_after_writes = after
+        try:
+            sim_apply(self.fs, "q", [R.MkFile(path=p, mode=0o640), R.Write(path=p, offset=0, data=content)])
+            return False
+        except SimCrash:
+            return True
+        finally:
+            self.fs.raid.crash_after_writes = None
+
     def do(self, recs, model_update) -> None:
         assert self.fs is not None  # opened by make_volume, the initialize rule, before any other rule
         sim_apply(self.fs, "q", recs)
@@ -158,13 +171,7 @@ class SimFSMachine(RuleBasedStateMachine):
         before = dict(self.model)
         after_model = dict(self.model)
         after_model[p] = ("f", 0o640, content)
-        self.fs.raid.crash_after_writes = after
-        try:
-            sim_apply(self.fs, "q", [R.MkFile(path=p, mode=0o640), R.Write(path=p, offset=0, data=content)])
-            crashed = False
-        except SimCrash:
-            crashed = True
-        self.fs.raid.crash_after_writes = None
+        crashed = self.dying_write(p, content, after)
         self.fs = reopen(self.fs)
         got = D.tree_dict(self.fs, "q")
         assert got in (before, after_model)
@@ -193,13 +200,7 @@ class SimFSMachine(RuleBasedStateMachine):
             return
         before = dict(self.model)
         after_model = {**self.model, p: ("f", 0o640, content)}
-        self.fs.raid.crash_after_writes = after
-        try:
-            sim_apply(self.fs, "q", [R.MkFile(path=p, mode=0o640), R.Write(path=p, offset=0, data=content)])
-            crashed = False
-        except SimCrash:
-            crashed = True
-        self.fs.raid.crash_after_writes = None
+        crashed = self.dying_write(p, content, after)
         self.fs.power_cut(rng)
         self.fs = reopen(self.fs)
         got = D.tree_dict(self.fs, "q")
