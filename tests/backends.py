@@ -1,15 +1,12 @@
 """Running one test on the volumes of several backends: the ``backend`` parameter and ``group_config`` on it.
 
 A test module written against ``group_config`` (tests/conftest.py: mem volumes) runs on other backends by
-declaring a parametrized ``backend`` fixture and overriding ``group_config`` with :func:`config_on`::
+declaring the two fixtures :func:`backend_fixtures` makes, a parametrized ``backend`` and ``group_config``
+on it (:func:`config_on`)::
 
-    @pytest.fixture(params=[on_backend(b) for b in ("mem", "sim", "btrfs", "zfs")])
-    def backend(request):
-        return request.param
+    backend, group_config = backend_fixtures("mem", "sim", "btrfs", "zfs")
 
-    @pytest.fixture
-    def group_config(group_config, backend, request, monkeypatch):
-        return config_on(backend, group_config, request, monkeypatch)
+A test then picks its own backends with ``pytest.mark.parametrize("backend", [on_backend(...), ...])``.
 """
 
 from __future__ import annotations
@@ -43,3 +40,18 @@ def config_on(backend: str, group_config, request, monkeypatch):
         return group_config(**kw)
 
     return make
+
+
+def backend_fixtures(*names: str):
+    """The fixtures ``backend`` (parametrized: each of ``names``, with its mark) and ``group_config`` (on the
+    volumes of that backend), to be bound to those names in a test module."""
+
+    @pytest.fixture(params=[on_backend(name) for name in names])
+    def backend(request):
+        return request.param
+
+    @pytest.fixture
+    def group_config(group_config, backend, request, monkeypatch):
+        return config_on(backend, group_config, request, monkeypatch)
+
+    return backend, group_config

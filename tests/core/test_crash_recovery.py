@@ -10,7 +10,7 @@ lost, and no PCPI leaked.
 from __future__ import annotations
 
 import pytest
-from backends import config_on, on_backend
+from backends import backend_fixtures, on_backend
 
 from coalesce_core.backend.faults import Rule
 from coalesce_core.crashpoints import CRASH_POINTS
@@ -20,14 +20,7 @@ from coalesce_core.testing.workload import fill
 CYCLE_POINTS = [p for p in CRASH_POINTS if p not in ("mid_baseline", "mid_retry", "mid_reseed")]
 
 
-@pytest.fixture(params=[on_backend(b) for b in ("mem", "btrfs", "zfs")])
-def backend(request):
-    return request.param
-
-
-@pytest.fixture
-def group_config(group_config, backend, request, monkeypatch):
-    return config_on(backend, group_config, request, monkeypatch)
+backend, group_config = backend_fixtures("mem", "btrfs", "zfs")
 
 
 def _settle(h: Harness) -> None:

@@ -12,7 +12,7 @@ checks the invariants (I1-I5, I8, I9) after every step and the recovery to stabl
 from __future__ import annotations
 
 import pytest
-from backends import config_on, on_backend
+from backends import backend_fixtures, on_backend
 
 from coalesce_core.agent import Agent
 from coalesce_core.backend.faults import Rule
@@ -31,14 +31,7 @@ SOURCE_CALLS = (
 )
 
 
-@pytest.fixture(params=[on_backend(b) for b in ("mem", "sim", "btrfs")])
-def backend(request):
-    return request.param
-
-
-@pytest.fixture
-def group_config(group_config, backend, request, monkeypatch):
-    return config_on(backend, group_config, request, monkeypatch)
+backend, group_config = backend_fixtures("mem", "sim", "btrfs")
 
 
 @pytest.fixture

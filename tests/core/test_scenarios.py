@@ -9,22 +9,14 @@ from __future__ import annotations
 import threading
 
 import pytest
-from backends import config_on, on_backend
+from backends import backend_fixtures, on_backend
 
 from coalesce_core.backend.faults import Rule
 from coalesce_core.backend.hookspecs import ACTIVE, hookimpl
 from coalesce_core.testing.harness import Harness
 from coalesce_core.testing.workload import fill
 
-
-@pytest.fixture(params=[on_backend(b) for b in ("mem", "sim", "btrfs", "zfs")])
-def backend(request):
-    return request.param
-
-
-@pytest.fixture
-def group_config(group_config, backend, request, monkeypatch):
-    return config_on(backend, group_config, request, monkeypatch)
+backend, group_config = backend_fixtures("mem", "sim", "btrfs", "zfs")
 
 
 @pytest.fixture
