@@ -52,6 +52,22 @@ class Rule:
             raise ValueError("Rule.record and Rule.updates_only apply to coalesce_diff only")
 
 
+#: the calls to a source volume that a FaultInjector wraps: opening it, its PCPIs and its diffs
+SOURCE_HOOKS = (
+    "coalesce_open_volume",
+    "coalesce_snapshot_list",
+    "coalesce_snapshot_create",
+    "coalesce_snapshot_delete",
+    "coalesce_diff",
+)
+
+
+def source_outage(volume: str, message: str = "source unreachable") -> list[Rule]:
+    """The rules of a source whose host is down (``volume`` as in :class:`Rule`): opening it and every
+    call to it fail."""
+    return [Rule(hook=hook, volume=volume, message=message) for hook in SOURCE_HOOKS]
+
+
 def _volume_text(volume: Any) -> str:
     return str(getattr(volume, "url", volume))
 

@@ -15,21 +15,11 @@ import pytest
 from backends import backend_fixtures, on_backend
 
 from coalesce_core.agent import Agent
-from coalesce_core.backend.faults import Rule
+from coalesce_core.backend.faults import Rule, source_outage
 from coalesce_core.backend.hookspecs import ACTIVE, hookimpl
 from coalesce_core.cycle.planner import is_group_source_pcpi
 from coalesce_core.testing.harness import FakeClock, Harness
 from coalesce_core.testing.workload import fill
-
-#: every call a source whose host is down fails
-SOURCE_CALLS = (
-    "coalesce_open_volume",
-    "coalesce_snapshot_list",
-    "coalesce_snapshot_create",
-    "coalesce_snapshot_delete",
-    "coalesce_diff",
-)
-
 
 backend, group_config = backend_fixtures("mem", "sim", "btrfs")
 
@@ -46,9 +36,7 @@ def harness(group_config):
 
 def source_down(h: Harness) -> list[Rule]:
     """The source's host goes down: opening it and every call to it fail."""
-    return [
-        h.faults.add(Rule(hook=hook, volume=h.config.source, message="source unreachable")) for hook in SOURCE_CALLS
-    ]
+    return [h.faults.add(rule) for rule in source_outage(h.config.source)]
 
 
 def newest_image(h: Harness, qtree: str) -> str:

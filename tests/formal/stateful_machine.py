@@ -33,7 +33,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from coalesce_core.agent import Agent
-from coalesce_core.backend.faults import FaultInjector, Rule
+from coalesce_core.backend.faults import FaultInjector, Rule, source_outage
 from coalesce_core.backend.hookspecs import ACTIVE, hookimpl
 from coalesce_core.config import parse_config
 from coalesce_core.crashpoints import CRASH_POINTS
@@ -57,15 +57,6 @@ SETTLE_CYCLES = 4
 RESEED_AFTER = 2
 RESEEDING = ("reseed_pending", "reseeding", "reseeded")
 _ids = itertools.count()
-
-#: every call to a source whose host is down fails (its volume URL holds "src")
-SOURCE_CALLS = (
-    "coalesce_open_volume",
-    "coalesce_snapshot_list",
-    "coalesce_snapshot_create",
-    "coalesce_snapshot_delete",
-    "coalesce_diff",
-)
 
 #: counters read by tools/check (steps and examples run in this process)
 STATS = {
@@ -277,8 +268,8 @@ class CoalescingMachine(RuleBasedStateMachine):
         (still exporting its image) with the error recorded; restarts recover with the destination
         alone; break, resync, reseed and the retries need nothing else."""
         STATS["outages"] += 1
-        for hook in SOURCE_CALLS:
-            self.outage.add(Rule(hook=hook, volume="src", message="source unreachable"))
+        for fault in source_outage("src"):  # the source's volume URL holds "src"
+            self.outage.add(fault)
         before = {n: (r.state, r.exported, r.source_point) for n, r in self.agent.state.replicas.items()}
         images = self._exported_images()
         self._run(self.h.cycle)
