@@ -58,6 +58,17 @@ def _build(ms: MachineSpec, with_conditions: bool) -> Machine:
     )
 
 
+def machine_edges(machine: Machine) -> set[tuple[str, str, str | None]]:
+    """(trigger, source, dest) of every transition a built machine holds (dest None: an internal
+    transition, which the spec has none of): what the tests compare with ``MachineSpec.edges()``."""
+    return {
+        (trigger, source, t.dest)
+        for trigger, event in machine.events.items()
+        for source, transitions in event.transitions.items()
+        for t in transitions
+    }
+
+
 def _guard(name: str, event: Any) -> bool:
     return guards.GUARDS[name](event.model.group)
 

@@ -10,21 +10,12 @@ from __future__ import annotations
 
 import pytest
 
-from coalesce_core.cycle.machines import Model
+from coalesce_core.cycle.machines import Model, machine_edges
 from coalesce_core.cycle.spec import load_spec
 
 from ._tools import ROOT, tool
 
 gen = tool("gen_promela")
-
-
-def _machine_edges(machine) -> set[tuple[str, str, str]]:
-    out = set()
-    for trigger, event in machine.events.items():
-        for source, transitions in event.transitions.items():
-            for t in transitions:
-                out.add((trigger, source, t.dest))
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +39,7 @@ def test_same_states(machine, pml):
 def test_same_transitions(machine, pml):
     spec = getattr(load_spec(), machine)
     built = getattr(Model(), f"{machine}_machine")
-    assert _machine_edges(built) == set(spec.edges())
+    assert machine_edges(built) == set(spec.edges())
     assert gen.model_edges(pml)[machine] == set(spec.edges())
 
 

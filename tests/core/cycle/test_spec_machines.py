@@ -16,7 +16,7 @@ import pytest
 
 import coalesce_core
 from coalesce_core.cycle import guards
-from coalesce_core.cycle.machines import Model, default_model
+from coalesce_core.cycle.machines import Model, default_model, machine_edges
 from coalesce_core.cycle.spec import Spec, load_spec, parse_spec, spec_path
 from coalesce_core.errors import ConfigError, IllegalTransition
 
@@ -92,15 +92,6 @@ AGENT_PHASES = {"idle", "updating", "rolling_back", "jump_ahead_1", "jump_ahead_
 @pytest.fixture(scope="module")
 def spec() -> Spec:
     return load_spec()
-
-
-def machine_edges(machine) -> set[tuple[str, str, str]]:
-    out = set()
-    for trigger, event in machine.events.items():
-        for source, transitions in event.transitions.items():
-            for t in transitions:
-                out.add((trigger, source, t.dest))
-    return out
 
 
 def test_spec_parses_with_both_machines(spec):
