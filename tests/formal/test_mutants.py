@@ -1,6 +1,6 @@
 """The checks can fail: every deliberate fault of tools/mutants.py is caught (docs/verification.md,
 "Mutant kill matrix").  In CI each mutant of the core's decisions runs through the hypothesis
-stateful checker (bounded: a fixed seed, 25 examples x 30 steps, no shrinking), plus the
+stateful checker (bounded: a fixed seed, 50 examples x 50 steps, no shrinking), plus the
 unmutated baseline; each mutant that names its killing tests (``"pytest"``: the btrfs
 translation, the check before ``done``) runs them, and the unmutated code passes them.
 The full matrix (hypothesis x CrossHair x SPIN x pytest) is `python tools/mutants.py`
@@ -26,7 +26,7 @@ def test_mutant_is_killed_by_the_stateful_checker(name):
     with tempfile.TemporaryDirectory(prefix="coalesce-mutant-") as tmp:
         copy = mutants.mutated_copy(name, Path(tmp))
         assert mutants._where(copy, mutants._env(copy)).startswith(str(copy))
-        killed, detail = mutants.run_hypothesis(copy, examples=25, steps=30)
+        killed, detail = mutants.run_hypothesis(copy, examples=50, steps=50)
     if name is None:
         assert not killed, f"the unmutated core fails the stateful checker: {detail}"
     else:
