@@ -637,24 +637,19 @@ def compare_touched(
     names: dict[str, frozenset[str] | None] = {}
     tops_dirs: list[str] = []
 
-    def feed(chunk: list[tuple[str, bool]]) -> bool:
+    def feed(chunk: list[tuple[str, bool]]) -> list[Description]:
+        """Describe and compare ``chunk``; note the renamed tops that are directories; the source side."""
         theirs, mine = describe_both(chunk)
         c.feed(theirs, mine)
-        for a, b in zip(theirs, mine):
-            if a.path in tops and "d" in (a.kind, b.kind):
-                tops_dirs.append(a.path)
-        return bool(c.finish())
+        tops_dirs.extend(a.path for a, b in zip(theirs, mine) if a.path in tops and "d" in (a.kind, b.kind))
+        return list(theirs)
 
     for i in range(0, len(parents), batch):
-        chunk = parents[i : i + batch]
-        theirs, mine = describe_both(chunk)
-        c.feed(theirs, mine)
+        theirs = feed(parents[i : i + batch])
         if c.finish():
             return compare_paths(touched.paths(), describe_both, holds, batch=batch, limit=1)
-        for a, b in zip(theirs, mine):
+        for a in theirs:
             names[a.path] = frozenset(n for n, _k in a.entries or ()) if a.kind == "d" else None
-            if a.path in tops and "d" in (a.kind, b.kind):
-                tops_dirs.append(a.path)
     rest: list[tuple[str, bool]] = []
     for path, content, up in leaves:
         if up is not None:
@@ -663,15 +658,17 @@ def compare_touched(
                 continue
         rest.append((path, content))
         if len(rest) >= batch:
-            if feed(rest):
-                break
+            feed(rest)
             rest = []
+            if c.finish():
+                break
     else:
         if rest:
             feed(rest)
+    differences = c.finish()
+    if differences:
+        return Outcome(tuple(differences), c.checked, holds.not_compared())
     checked = c.checked
-    if c.finish():
-        return Outcome(tuple(c.finish()), checked, holds.not_compared())
     below = compare_subtrees(sorted(tops_dirs, key=path_key), describe_both, holds, batch=batch, limit=1)
     return Outcome(below.differences, checked + below.checked, holds.not_compared())
 
