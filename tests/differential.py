@@ -1408,6 +1408,25 @@ REGRESSIONS: dict[str, tuple[int, tuple[Op, ...]]] = {
             CYCLE,
         ),
     ),
+    "a file emptied to a larger hole keeps the hole (zfs-fuse reads holes as zeros)": (
+        3,
+        (
+            *_tree(Write("q0/f", 0, 300_000, 21), Write("q0/g", 0, 2 * MiB, 22)),
+            Sparse("q0/f", 16 * MiB, ()),
+            Sparse("q0/g", 2 * MiB, ((MiB + 4096, 100, 23),)),
+            CYCLE,
+        ),
+    ),
+    "a file hard-linked into another qtree, emptied to a hole through its first name": (
+        3,
+        (
+            *_tree(Write("q0/f", 0, 300_000, 24)),
+            Link("q0/f", "q1/g"),
+            CYCLE,
+            Sparse("q0/f", 16 * MiB, ()),
+            CYCLE,
+        ),
+    ),
     "a parent moved under its old child": (
         3,
         (

@@ -908,12 +908,76 @@ def file_update_records(bpath: str, tpath: str, rel: str, bsize: int, tsize: int
     try:
         if tsize < bsize:
             yield R.Truncate(path=rel, size=tsize)
-        yield from compare_range(bfd, tfd, rel, bsize, 0, tsize)
-        if tsize > bsize:
+        last = None
+        for last in update_records(bfd, tfd, rel, bsize, tsize, [(0, tsize)]):
+            yield last
+        if tsize > bsize and not isinstance(last, R.Truncate):  # the size, unless a rewrite just set it
             yield R.Truncate(path=rel, size=tsize)
     finally:
         os.close(bfd)
         os.close(tfd)
+
+
+def _zeroed_bytes(bfd: int, tfd: int, bsize: int, ranges: list[tuple[int, int]]) -> tuple[int, int | None]:
+    """(bytes, first offset) of the aligned zero blocks of the target ``tfd`` inside ``ranges`` where
+    the base copy ``bfd`` (of ``bsize`` bytes) holds data: what :func:`compare_range` would write as
+    zeros over data (a hole made in the old file)."""
+    total, first = 0, None
+    for start, end in ranges:
+        pos = start
+        while pos < min(end, bsize):
+            n = min(CHUNK, min(end, bsize) - pos)
+            tb = os.pread(tfd, n, pos)
+            bb = os.pread(bfd, n, pos)
+            if tb != bb:
+                for i in range(0, len(tb) - ZERO_BLOCK + 1, ZERO_BLOCK):
+                    if tb[i : i + ZERO_BLOCK] == _ZEROS and bb[i : i + ZERO_BLOCK] != _ZEROS:
+                        total += ZERO_BLOCK
+                        first = pos + i if first is None else first
+            pos += n
+    return total, first
+
+
+def _nonzero_bytes(fd: int, start: int, end: int, limit: int) -> int:
+    """Bytes of ``[start, end)`` of ``fd`` outside aligned zero blocks, counted until they pass ``limit``."""
+    total = 0
+    for off, length in list(data_segments(fd, start, end)):
+        pos, stop = off, off + length
+        while pos < stop and total <= limit:
+            data = os.pread(fd, min(CHUNK, stop - pos), pos)
+            if not data:
+                break
+            total += sum(len(piece) for _, piece in nonzero_pieces(pos, data))
+            pos += len(data)
+    return total
+
+
+def update_records(
+    bfd: int, tfd: int, rel: str, bsize: int, tsize: int, ranges: list[tuple[int, int]]
+) -> Iterator[object]:
+    """Records that make the changed ``ranges`` (sorted, disjoint) of the file being changed, the base
+    copy ``bfd`` of ``bsize`` bytes already at size ``tsize``, equal to the target ``tfd``.
+
+    Records cannot punch a hole: where the target has zero blocks over the base copy's data (a hole
+    made in the old file; zfs-fuse reports no holes, so they read as zeros), overwriting writes the
+    zeros and allocates them.  When rewriting the target's non-zero blocks from the first such block
+    to the end of file writes fewer bytes, the file is truncated there and rewritten (its zero
+    blocks stay holes, :func:`nonzero_pieces`), as btrfs's translation does (docs/real-backends.md)."""
+    zeros, first = _zeroed_bytes(bfd, tfd, bsize, ranges)
+    if first is None or _nonzero_bytes(tfd, first, tsize, zeros) >= zeros:
+        for start, end in ranges:
+            yield from compare_range(bfd, tfd, rel, bsize, start, end)
+        return
+    for start, end in ranges:
+        if start < first:
+            yield from compare_range(bfd, tfd, rel, bsize, start, min(end, first))
+    yield R.Truncate(path=rel, size=first)
+    size = first
+    for w in write_records(rel, tfd, first, tsize, skip_zero=True):
+        size = max(size, w.offset + len(w.data))
+        yield w
+    if size != tsize:
+        yield R.Truncate(path=rel, size=tsize)
 
 
 def compare_range(bfd: int, tfd: int, rel: str, bsize: int, start: int, end: int) -> Iterator[R.Write]:

@@ -470,10 +470,10 @@ class SendData(walk.FileData):
             try:
                 tfd = walk.open_path(tpath)
                 try:
-                    for start, end in ranges:
-                        for w in walk.compare_range(bfd, tfd, f.dest, f.bsize, start, end):
-                            self.stats["read_bytes"] += len(w.data)
-                            yield w
+                    for rec in walk.update_records(bfd, tfd, f.dest, f.bsize, f.tsize, ranges):
+                        if isinstance(rec, Write):
+                            self.stats["read_bytes"] += len(rec.data)
+                        yield rec
                 finally:
                     os.close(tfd)
             finally:
