@@ -18,6 +18,8 @@ tests/conftest.py).  Fixtures:
   one early.  ``zfs_urls_module`` / ``btrfs_urls_module`` (module): the same,
   removed after the module's last test (volumes that many tests share).
 * ``btrfs_small_url`` (function): a fresh subvolume on the 256 MiB file system (ENOSPC tests).
+* ``btrfs_power`` (module): a btrfs file system of its own whose power can be cut
+  (:class:`PowerCutBtrfs`): ``btrfs_power.url()`` is a fresh volume on it.
 """
 
 from __future__ import annotations
@@ -188,6 +190,79 @@ def btrfs_small_url(realfs):
     yield f()
     f.cleanup_all()
     _quiet(["btrfs", "subvolume", "sync", mount])
+
+
+class PowerCutBtrfs:
+    """A btrfs file system on a loop device whose image file lies on the session's btrfs.
+
+    :meth:`cut` is a power cut: a reflink copy of the image, made atomically by the clone ioctl,
+    holds exactly what the loop device had been given, i.e. what a disk would hold if the power
+    went out at that instant; whatever the file system still held in memory (written but not
+    flushed by ``syncfs``, ``fsync`` or a transaction commit) is not in it.  :meth:`restart`
+    unmounts the live file system and mounts the copy in its place, as a reboot would (btrfs
+    replays its fsync log).  Mounted with ``commit=300`` so that no periodic transaction commit
+    makes unflushed writes durable behind the test's back."""
+
+    def __init__(self, where: str, mount: str) -> None:
+        self.where, self.mount = where, mount
+        self.cuts = itertools.count()
+        self.image = os.path.join(where, "power-0.img")
+        with open(self.image, "wb") as f:
+            f.truncate(512 << 20)
+        self.loop = ""
+        self._attach()
+        subprocess.run(["mkfs.btrfs", "-q", "-f", self.loop], check=True, capture_output=True)
+        self._mount()
+        self.factory = _btrfs_factory(mount)
+
+    def _attach(self) -> None:
+        self.loop = subprocess.run(
+            ["losetup", "-f", "--show", self.image], check=True, capture_output=True, text=True
+        ).stdout.strip()
+
+    def _mount(self) -> None:
+        subprocess.run(["mount", "-o", "commit=300", self.loop, self.mount], check=True, capture_output=True)
+
+    def url(self, tag: str = "") -> str:
+        return self.factory(tag)
+
+    def cut(self) -> str:
+        """The image as the power cut leaves it (a new file); the live file system goes on."""
+        copy = os.path.join(self.where, f"power-{next(self.cuts) + 1}.img")
+        subprocess.run(["cp", "--reflink=always", self.image, copy], check=True, capture_output=True)
+        return copy
+
+    def restart(self, image: str) -> None:
+        """Mount ``image`` (from :meth:`cut`) in place of the live file system, which is dropped."""
+        self._unmount()
+        os.unlink(self.image)
+        self.image = image
+        self._attach()
+        self._mount()
+
+    def _unmount(self) -> None:
+        for attempt in range(50):  # an abandoned agent's transfer thread may still hold a file
+            if subprocess.run(["umount", self.mount], capture_output=True).returncode == 0:
+                break
+            time.sleep(0.1)
+        else:
+            raise RuntimeError(f"cannot unmount {self.mount}: busy")
+        subprocess.run(["losetup", "-d", self.loop], check=True, capture_output=True)
+
+    def close(self) -> None:
+        self.factory.cleanup_all()
+        self._unmount()
+        shutil.rmtree(self.where, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def btrfs_power(realfs, tmp_path_factory):
+    where = os.path.join(realfs["btrfs"], f"power-{os.getpid()}-{next(_COUNTER)}")
+    os.mkdir(where)
+    mount = str(tmp_path_factory.mktemp("power-mnt"))
+    fs = PowerCutBtrfs(where, mount)
+    yield fs
+    fs.close()
 
 
 # ---------------------------------------------------------------------------

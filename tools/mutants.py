@@ -208,7 +208,7 @@ MUTANTS: dict[str, dict] = {
         ],
         "spin": None,
         "why_not_spin": "not modelled (the model's writes are durable when made)",
-        "pytest": [["tests/plugins/posix/test_durable.py"]],
+        "pytest": [["tests/plugins/posix/test_durable.py", "tests/plugins/btrfs/test_power_cut.py"]],
     },
     "drop_the_sim_durability_wait": {
         "doc": "a sim CP returns before its superblock is flushed (`done` recorded over a CP a power cut loses)",
