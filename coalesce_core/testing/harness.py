@@ -14,6 +14,7 @@ from coalesce_core.agent import Agent
 from coalesce_core.backend.faults import FaultInjector
 from coalesce_core.backend.hookspecs import ACTIVE, hookimpl
 from coalesce_core.backend.manager import plugin_manager
+from coalesce_core.backend.volume import Volume
 from coalesce_core.config import GroupConfig
 from coalesce_core.cycle.invariants import Finding, live_check
 from coalesce_core.ledger import iter_log_edges
@@ -71,7 +72,9 @@ class Harness:
         self.recorder = _Recorder(self)
         self.pm = plugin_manager([self.faults, self.recorder, *plugins])
         self.agent = (Agent.init if create else Agent.open)(config, pm=self.pm, clock=self.clock)
-        self.writer = SourceWriter(self.agent.source)
+        # the test's own handle of the source, not the agent's: the agent's calls may be made to
+        # fail (FaultInjector rules, a source outage), the test's writes and reads never are
+        self.writer = SourceWriter(Volume.open(plugin_manager(), config.source))
         self.i5_marks: dict[str, str | None] = {}
 
     # -- driving ---------------------------------------------------------------
