@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from typing import Any, Iterable, Iterator, Mapping, Protocol, cast
 
+from coalesce_core.backend import claims
 from coalesce_core.backend.hookspecs import hookimpl
 
 
@@ -38,6 +39,12 @@ class VolumeHandle:
     def metadata_dir(self) -> str | None:
         """The directory for the group's ledger kept with the volume; None: the config names one."""
         return None
+
+    def claim(self, key: str, value: str | None) -> str | None:
+        """The owner record ``key`` (hook ``coalesce_claim``): one file per key in the metadata
+        directory (coalesce_core.backend.claims); None when the volume has no metadata directory."""
+        where = self.metadata_dir()
+        return None if where is None else claims.claim_in(where, key, value)
 
     def close(self) -> None:
         """Release what the handle holds (idempotent)."""
@@ -69,6 +76,10 @@ class HandleHooks:
     @hookimpl(trylast=True)
     def coalesce_metadata_dir(self, volume: Any) -> str | None:
         return _call(volume, "metadata_dir")
+
+    @hookimpl(trylast=True)
+    def coalesce_claim(self, volume: Any, key: str, value: str | None) -> str | None:
+        return _call(volume, "claim", key, value)
 
     @hookimpl(trylast=True)
     def coalesce_snapshot_create(self, volume: Any, name: str) -> str | None:

@@ -74,6 +74,19 @@ def coalesce_metadata_dir(volume: VolumeHandle) -> str | None:
     no place on a file system (then the config must name one)."""
 
 
+@hookspec(firstresult=True)
+def coalesce_claim(volume: VolumeHandle, key: str, value: str | None) -> str | None:
+    """The owner record ``key`` kept with the volume (outside every qtree and PCPI): when
+    ``value`` is given and the key holds nothing, store ``value`` first.  Returns what the key
+    holds now, "" for nothing.  Written once: the first writer wins and a later claim with
+    another value returns the stored one unchanged (compare-and-set from empty); atomic and
+    durable before it returns.  The core records which group owns a destination and which
+    groups use a source (coalesce_core/ownership.py).  The default (VolumeHandle.claim) keeps
+    one file per key in the metadata directory (coalesce_core/backend/claims.py) and answers
+    None for a volume that has none: that volume keeps no owner records.
+    """
+
+
 # ---------------------------------------------------------------------------
 # PCPIs (volume-wide snapshots)
 # ---------------------------------------------------------------------------
@@ -299,6 +312,7 @@ PRIMITIVE_HOOKS = (
     "coalesce_open_volume",
     "coalesce_close_volume",
     "coalesce_metadata_dir",
+    "coalesce_claim",
     "coalesce_snapshot_create",
     "coalesce_snapshot_delete",
     "coalesce_snapshot_list",

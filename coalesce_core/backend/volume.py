@@ -12,6 +12,7 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import pluggy
 
+from coalesce_core.backend import claims
 from coalesce_core.backend.handles import VolumeHandle
 from coalesce_core.backend.manager import backend_infos
 from coalesce_core.backend.urls import VolumeURL
@@ -75,6 +76,12 @@ class Volume:
 
     def metadata_dir(self) -> str | None:
         return self.pm.hook.coalesce_metadata_dir(volume=self.handle)
+
+    def claim(self, key: str, value: str | None = None) -> str | None:
+        """The owner record ``key`` ("" when it holds nothing), ``value`` stored first if the key
+        holds nothing; None when the volume keeps no owner records (see the hookspec)."""
+        claims.check_key(key)
+        return self.pm.hook.coalesce_claim(volume=self.handle, key=key, value=value)
 
     def snapshot_create(self, name: str) -> str:
         return self._call("coalesce_snapshot_create", name=name)

@@ -66,6 +66,7 @@ class MemVolume(VolumeHandle):
         self.exports: dict[str, str | None] = {}
         self.max_pcpis = MAX_PCPIS
         self._stat: tuple[int, int, int] | None = None
+        self.owner_records: dict[str, str] = {}  # mem://NAME only: mem:///PATH keeps them in PATH.coalesce/
 
     def __repr__(self) -> str:
         return f"MemVolume({self.url})"
@@ -120,6 +121,16 @@ class MemVolume(VolumeHandle):
         d = self.path + ".coalesce"
         os.makedirs(d, exist_ok=True)
         return d
+
+    def claim(self, key: str, value: str | None) -> str | None:
+        """Owner records: in the registry for ``mem://NAME`` (as long as the process lives, like
+        the volume), in ``PATH.coalesce/owners/`` for ``mem:///PATH``."""
+        if self.path is not None:
+            return super().claim(key, value)
+        with self.lock:
+            if value is not None:
+                self.owner_records.setdefault(key, value)
+            return self.owner_records.get(key, "")
 
     # ------------------------------------------------------------ qtree states
     def _writable(self, qtree: str) -> QtreeState:

@@ -31,7 +31,8 @@ What is checked (section numbers refer to docs/writing-a-backend.md):
   and the generic rollback (Fig. 9) restores the base; the purgatory is
   invisible to fingerprint and diff and purge is idempotent; export is
   idempotent, read back by ``exported()``, and a bad mapping changes
-  nothing; remove_qtree is idempotent and leaves PCPIs alone; hostile
+  nothing; remove_qtree is idempotent and leaves PCPIs alone; owner records
+  (``coalesce_claim``) are written once and read back by another handle; hostile
   records (``..``, absolute, NUL, through a symlink of the qtree, hard links
   out of the qtree) raise HostilePath and change nothing anywhere.
 * a hypothesis ``RuleBasedStateMachine`` (:func:`conformance_machine`) that
@@ -75,6 +76,7 @@ from coalesce_core.testing.conformance.hostile import HOSTILE_SETUP, check_hosti
 from coalesce_core.testing.conformance.machine import conformance_machine, run_conformance
 from coalesce_core.testing.conformance.model import Model
 from coalesce_core.testing.conformance.primitives import (  # noqa: F401
+    check_claims,
     check_empty_volume,
     check_export,
     check_open,

@@ -8,6 +8,7 @@ from coalesce_core.testing.conformance.base import ConformanceError
 from coalesce_core.testing.conformance.helpers import _Ctx
 from coalesce_core.testing.conformance.hostile import check_hostile
 from coalesce_core.testing.conformance.primitives import (
+    check_claims,
     check_empty_volume,
     check_export,
     check_open,
@@ -26,6 +27,7 @@ BASIC_CHECKS: dict[str, Callable[[_Ctx], None]] = {
     "purgatory": check_purgatory,
     "export": check_export,
     "remove_qtree": check_remove_qtree,
+    "claims": check_claims,
     "hostile_records": check_hostile,
 }
 

@@ -118,3 +118,26 @@ def check_remove_qtree(ctx: _Ctx) -> None:
     _check(vol.fingerprint("keep") == fp_keep, "remove_qtree changed another qtree")
     _apply(vol, "q", [])
     _check(vol.fingerprint("q") == EMPTY, "a re-created qtree must start empty (purgatory included)")
+
+
+def check_claims(ctx: _Ctx) -> None:
+    """Owner records (``coalesce_claim``): written once, first writer wins, read back by another
+    handle, outside every qtree and PCPI; or None throughout for a volume that keeps none."""
+    url = ctx.make()
+    vol = Volume.open(ctx.pm, url, create=True)
+    key, other = f"conformance.{os.getpid()}-{id(vol):x}", f"conformance.other-{id(vol):x}"
+    first = vol.claim(key)
+    if first is None:
+        _check(vol.claim(key, "one") is None, "claim answered None once: it must always (no owner records)")
+        return
+    _check(first == "", f"a key that holds nothing must read as '', not {first!r}")
+    _check(vol.claim(key, "one") == "one", "the first claim must store its value and return it")
+    _check(vol.claim(key, "two") == "one", "a later claim must return the stored value unchanged")
+    _check(vol.claim(key) == "one", "reading a claimed key")
+    _check(vol.claim(other) == "", "a claim changed another key")
+    again = Volume.open(ctx.pm, url, create=False)
+    _check(again.claim(key, "three") == "one", "another handle of the volume must read the stored record")
+    if ctx.fresh_urls:
+        _check(vol.qtree_list() == [] and vol.snapshot_list() == [], "an owner record shows as a qtree or PCPI")
+    for v in (vol, again):
+        v.close()
