@@ -83,6 +83,62 @@ class GroupConfig:
         return Path(where) / f"{self.name}.sqlite"
 
 
+def _where_on_disk(url: VolumeURL) -> tuple[str, str] | None:
+    """What a URL names, to compare two of them: ("path", real path) for a location that is an
+    absolute path (mem, sim, btrfs: symlinks resolved, ``?options`` left out), ("dataset", name)
+    for ZFS; None for anything else (a remote source, ``mem://NAME``)."""
+    if url.scheme == "zfs":
+        return ("dataset", url.location.strip("/"))
+    if url.location.startswith("/"):
+        return ("path", os.path.realpath(url.location.partition("?")[0]))
+    return None
+
+
+def _inode(path: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino)
+
+
+def _inodes_up(path: str) -> set[tuple[int, int]]:
+    """(device, inode) of ``path`` and of each of its parents that exists."""
+    out = set()
+    while True:
+        ino = _inode(path)
+        if ino is not None:
+            out.add(ino)
+        parent = os.path.dirname(path)
+        if parent == path:
+            return out
+        path = parent
+
+
+def overlap(source: VolumeURL, destination: VolumeURL) -> str | None:
+    """How ``destination`` overlaps ``source`` on this host: "is" (the same volume under another
+    spelling: a trailing slash, a symlink, a bind mount), "lies inside" or "holds"; None when
+    they are apart or cannot be compared (docs/config.md)."""
+    s, d = _where_on_disk(source), _where_on_disk(destination)
+    if s is None or d is None or s[0] != d[0]:
+        return None
+    if s[1] == d[1]:
+        return "is"
+    if d[1].startswith(s[1].rstrip("/") + "/"):
+        return "lies inside"
+    if s[1].startswith(d[1].rstrip("/") + "/"):
+        return "holds"
+    if s[0] == "path":  # a bind mount or a hard link is the same place under another name
+        s_ino, d_ino = _inode(s[1]), _inode(d[1])
+        if s_ino is not None and s_ino == d_ino:
+            return "is"
+        if s_ino is not None and s_ino in _inodes_up(d[1]):
+            return "lies inside"
+        if d_ino is not None and d_ino in _inodes_up(s[1]):
+            return "holds"
+    return None
+
+
 def _need(table: dict[str, Any], key: str, typ: type | tuple[type, ...], where: str) -> Any:
     if key not in table:
         raise ConfigError(f"{where}: missing `{key}`", hint=f"add `{key} = ...` (see docs/config.md)")
@@ -156,6 +212,13 @@ def parse_config(text: str, path: str = "<config>") -> GroupConfig:
             raise ConfigError(f"{where}: `{key}`: {exc.message}", hint=exc.hint) from None
     if VolumeURL.parse(source) == VolumeURL.parse(destination):
         raise ConfigError(f"{where}: source and destination are the same volume", hint="replicate into another volume")
+    relation = overlap(VolumeURL.parse(source), VolumeURL.parse(destination))
+    if relation:
+        raise ConfigError(
+            f"{where}: the destination {destination} {relation} the source {source}",
+            hint="replicate into a volume of its own, apart from the source: the agent writes, rolls back and "
+            "removes in the destination, and would do it to the source's files",
+        )
     parallel = group.get("parallel", 4)
     if not isinstance(parallel, int) or isinstance(parallel, bool) or not 1 <= parallel <= 256:
         raise ConfigError(f"{where}: `parallel` must be an integer from 1 to 256")

@@ -300,3 +300,55 @@ def test_a_relative_metadata_path_is_relative_to_the_config_file_not_the_working
     monkeypatch.chdir(elsewhere)
     cfg = load_config(conf)
     assert cfg.ledger_path(None) == tmp_path / "etc" / "state" / "home.sqlite"
+
+
+# --------------------------------------------------------------- a destination apart from its source
+def overlap_err(source: str, destination: str) -> ConfigError:
+    e = err(group_with(source=f'"{source}"', destination=f'"{destination}"'))
+    assert "replicate into a volume of its own" in e.hint
+    return e
+
+
+def test_the_source_spelt_with_a_trailing_slash_is_the_same_volume(tmp_path):
+    """`source = "sim:///x"` with `destination = "sim:///x/"` was accepted, and a rollback then deleted a
+    file from the source."""
+    assert "is the source" in str(overlap_err(f"sim://{tmp_path}/x", f"sim://{tmp_path}/x/"))
+    assert "is the source" in str(overlap_err(f"sim://{tmp_path}/x?disks=2", f"sim://{tmp_path}/./x"))
+
+
+def test_a_symlink_to_the_source_is_the_same_volume(tmp_path):
+    (tmp_path / "x").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "x")
+    assert "is the source" in str(overlap_err(f"sim://{tmp_path}/x", f"sim://{tmp_path}/link"))
+    assert "is the source" in str(overlap_err(f"btrfs://{tmp_path}/link", f"sim://{tmp_path}/x"))
+
+
+def test_a_hard_link_of_a_file_volume_is_the_same_volume(tmp_path):
+    (tmp_path / "a.vol").write_bytes(b"")
+    (tmp_path / "b.vol").hardlink_to(tmp_path / "a.vol")
+    assert "is the source" in str(overlap_err(f"mem://{tmp_path}/a.vol", f"mem://{tmp_path}/b.vol"))
+
+
+def test_a_destination_inside_the_source_or_holding_it_is_refused(tmp_path):
+    (tmp_path / "x").mkdir()
+    (tmp_path / "in").symlink_to(tmp_path / "x")
+    assert "lies inside" in str(overlap_err(f"sim://{tmp_path}/x", f"sim://{tmp_path}/x/replicas"))
+    assert "lies inside" in str(overlap_err(f"sim://{tmp_path}/x", f"sim://{tmp_path}/in/replicas"))
+    assert "holds" in str(overlap_err(f"sim://{tmp_path}/x/src", f"sim://{tmp_path}/x"))
+
+
+def test_zfs_datasets_are_compared_by_name():
+    assert "is the source" in str(overlap_err("zfs://pool/a", "zfs://pool/a/"))
+    assert "lies inside" in str(overlap_err("zfs://pool/a", "zfs://pool/a/b"))
+    assert parse_config(group_with(source='"zfs://pool/a"', destination='"zfs://pool/ab"')).destination
+
+
+def test_volumes_apart_are_fine(tmp_path):
+    (tmp_path / "link").symlink_to(tmp_path)
+    for source, destination in [
+        (f"sim://{tmp_path}/a", f"sim://{tmp_path}/ab"),
+        (f"sim://{tmp_path}/a", f"sim://{tmp_path}/link/b"),
+        (f"tls://host:7450/{tmp_path}/a", f"sim://{tmp_path}/a"),  # a remote source is another host's
+        ("mem://a", "mem://a-b"),
+    ]:
+        assert parse_config(group_with(source=f'"{source}"', destination=f'"{destination}"')).source == source
