@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterable
 import attrs
 import pluggy
 
-from coalesce_core import crashpoints, verifier, verify
+from coalesce_core import crashpoints, ownership, verifier, verify
 from coalesce_core.backend.manager import plugin_manager
 from coalesce_core.backend.volume import Volume
 from coalesce_core.config import GroupConfig
@@ -113,10 +113,17 @@ class Agent:
     @property
     def source(self) -> Volume:
         """The source volume, opened at first use; a source that cannot be opened raises BackendError
-        each time (the next use tries again)."""
+        each time (the next use tries again), one that serves another group of this name VolumeInUse
+        (coalesce_core/ownership.py: the group's record is checked, and written, at the first open)."""
         with self._source_lock:
             if self._source is None:
-                self._source = Volume.open(self.pm, self.config.source)
+                source = Volume.open(self.pm, self.config.source)
+                try:
+                    ownership.bind_source(self.config, self.ledger, source, write=self.lock is not None)
+                except BaseException:
+                    source.close()
+                    raise
+                self._source = source
             return self._source
 
     def source_if_open(self) -> Volume | None:
@@ -150,8 +157,12 @@ class Agent:
     ) -> "Agent":
         """Create the volumes (if the backend can) and a new ledger for the group (holding its lock)."""
         pm = pm or plugin_manager(plugins)
-        Volume.open(pm, config.source, create=True).close()
-        dest = Volume.open(pm, config.destination, create=True)
+        source = Volume.open(pm, config.source, create=True)
+        try:
+            dest = Volume.open(pm, config.destination, create=True)
+        except BaseException:
+            source.close()
+            raise
         path = config.ledger_path(dest.metadata_dir())
         lock = GroupLock.acquire(path, config.name, "init")
         try:
@@ -163,12 +174,15 @@ class Agent:
                     hint="restore the group's .coalesce/ metadata from a backup; coalesce will not guess which image "
                     "each replica exports, and deletes nothing",
                 )
+            if not path.exists():  # (an existing ledger: Ledger.create says the group is initialised)
+                ownership.check_free(config, source, dest, path)
             state = GroupState(name=config.name, retry=config.retry, reseed_after=config.reseed_after)
-            Ledger.create(path, state).close()
+            Ledger.create(path, state, identity=ownership.new_identity()).close()
         except BaseException:
             lock.release()
             raise
         finally:
+            source.close()
             dest.close()
         return cls.open(config, pm=pm, clock=clock, _lock=lock)
 
@@ -204,6 +218,11 @@ class Agent:
             raise
         try:
             ledger = Ledger.open(path, group=config.name)
+            try:
+                ownership.bind(config, ledger, dest, write=not readonly)
+            except BaseException:
+                ledger.close()
+                raise
         except BaseException:
             dest.close()
             if lock is not None:

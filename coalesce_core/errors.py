@@ -30,6 +30,11 @@ class ConfigError(CoalesceError):
     exit_code = 2
 
 
+class VolumeInUse(ConfigError):
+    """The config names a volume that another group owns or uses under the same name
+    (coalesce_core/ownership.py): a configuration to fix, never a thing to repair."""
+
+
 class BackendError(CoalesceError):
     """A storage backend failed (or none serves a volume URL)."""
 

@@ -50,6 +50,9 @@ _GROUP_FIELDS = (
     "reseed_after",
 )
 
+#: the meta key of the group's identity (coalesce_core/ownership.py)
+_IDENTITY = "group_id"
+
 # Advisory records kept in the meta table beside the state: each replica's newest exported source
 # point at the end of any cycle (I5's high-water marks, which `coalesce check` reads) and the time
 # of each replica's last full verification.
@@ -117,8 +120,9 @@ class Ledger:
         return conn
 
     @classmethod
-    def create(cls, path: str | os.PathLike[str], state: GroupState) -> "Ledger":
-        """Create a new ledger holding ``state``; refuses to overwrite an existing one."""
+    def create(cls, path: str | os.PathLike[str], state: GroupState, identity: str | None = None) -> "Ledger":
+        """Create a new ledger holding ``state`` (and the group's ``identity``, see :meth:`identity`);
+        refuses to overwrite an existing one."""
         path = Path(path)
         if path.exists():
             raise MetadataError(
@@ -134,6 +138,7 @@ class Ledger:
                 [
                     ("schema_version", str(SCHEMA_VERSION)),
                     ("group", state.name),
+                    *([(_IDENTITY, identity)] if identity else []),
                 ],
             )
             led._write(None, state)
@@ -230,6 +235,17 @@ class Ledger:
             return self.load()
         finally:
             self.conn.execute("COMMIT")
+
+    def identity(self) -> str | None:
+        """The group's identity, made by ``coalesce init`` and recorded with its volumes
+        (coalesce_core/ownership.py); None in a ledger written before identities existed."""
+        row = self.conn.execute("SELECT value FROM meta WHERE key = ?", (_IDENTITY,)).fetchone()
+        return row[0] if row else None
+
+    def set_identity(self, identity: str) -> None:
+        """Record the group's identity in a ledger that has none (one durable transaction)."""
+        with self._tx():
+            self.conn.execute("INSERT OR IGNORE INTO meta VALUES (?, ?)", (_IDENTITY, identity))
 
     def note(self, key: str) -> Any:
         """The JSON value kept beside the state under ``key`` (one of :data:`NOTES`); None when absent

@@ -31,7 +31,7 @@ def _ledger_bytes(tmp: Path) -> dict[str, str]:
     return {
         p.name: hashlib.sha256(p.read_bytes()).hexdigest()
         for p in sorted(tmp.glob("dst.vol.coalesce/*"))
-        if not p.name.endswith("-shm") and p.stat().st_size
+        if p.is_file() and not p.name.endswith("-shm") and p.stat().st_size  # (owners/: the volume's owner records)
     }
 
 

@@ -534,3 +534,17 @@ def test_a_file_that_cannot_be_read_is_not_called_damaged(tmp_path):
     with pytest.raises(MetadataError) as ei:
         Ledger.open(path, group="g")
     assert "cannot be read" in str(ei.value) and "do not restore it from a backup" in ei.value.hint
+
+
+def test_the_group_identity_is_kept_once_and_never_replaced(tmp_path):
+    """coalesce_core/ownership.py ties the ledger to its volumes by this identity."""
+    with_id = Ledger.create(tmp_path / "a.sqlite", GroupState(name="g"), identity="id-1")
+    assert with_id.identity() == "id-1"
+    with_id.set_identity("id-2")
+    assert with_id.identity() == "id-1"
+    with_id.close()
+    older = Ledger.create(tmp_path / "b.sqlite", GroupState(name="g"))
+    assert older.identity() is None
+    older.set_identity("id-3")
+    older.close()
+    assert Ledger.open(tmp_path / "b.sqlite", group="g").identity() == "id-3"

@@ -1,0 +1,66 @@
+"""One owner per volume, as an operator meets it (docs/operations.md "One owner per volume", docs/config.md
+"Volume URLs"): every refusal is an `error:` line, a `hint:` line and its exit code, and changes nothing."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from groups import cli_group, run_cli
+
+from coalesce_core.errors import ConfigError, MetadataError
+
+
+def _config(tmp_path: Path, name: str, source: str, destination: str, meta: str) -> Path:
+    cfg = tmp_path / f"{name}-{meta}.toml"
+    cfg.write_text(
+        f'[group]\nname = "{name}"\nsource = "{source}"\ndestination = "{destination}"\n'
+        f'metadata = "{tmp_path}/{meta}"\n[[replica]]\nname = "A"\n'
+    )
+    return cfg
+
+
+def _refused(p, code: int, *words: str) -> None:
+    lines = p.stderr.splitlines()
+    assert p.returncode == code, p.stderr
+    assert any(line.startswith("error:") for line in lines) and any(line.startswith("hint:") for line in lines)
+    assert "internal error" not in p.stderr
+    for word in words:
+        assert word in p.stderr, (word, p.stderr)
+
+
+def test_a_second_group_on_the_destination_and_a_same_named_group_on_the_source_are_refused(tmp_path):
+    home, writer = cli_group(tmp_path, "home")
+    writer.volume.close()
+    assert run_cli(home, "run", "--once").returncode == 0
+    work = _config(tmp_path, "work", f"sim://{tmp_path}/other", f"sim://{tmp_path}/dst", "meta-work")
+    _refused(run_cli(work, "init"), ConfigError.exit_code, "belongs to group 'home'", "owners/destination")
+    twin = _config(tmp_path, "home", f"sim://{tmp_path}/src", f"sim://{tmp_path}/dst2", "meta-twin")
+    _refused(run_cli(twin, "init"), ConfigError.exit_code, "already serves another group named 'home'")
+    assert not (tmp_path / "meta-work").exists() or not list((tmp_path / "meta-work").glob("*.sqlite"))
+    run = run_cli(home, "run", "--once")
+    assert run.returncode == 0, run.stderr
+    assert run_cli(home, "check").returncode == 0
+
+
+def test_a_same_named_group_s_ledger_is_refused_with_exit_5(tmp_path):
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    one, w1 = cli_group(tmp_path / "one", "home")
+    two, w2 = cli_group(tmp_path / "two", "home")
+    for w in (w1, w2):
+        w.volume.close()
+    for cfg in (one, two):
+        assert run_cli(cfg, "run", "--once").returncode == 0
+    ledger = tmp_path / "one" / "meta" / "home.sqlite"
+    for suffix in ("-wal", "-shm"):
+        Path(f"{ledger}{suffix}").unlink(missing_ok=True)
+    shutil.copyfile(tmp_path / "two" / "meta" / "home.sqlite", ledger)
+    for verb in (("run", "--once"), ("status",)):
+        _refused(run_cli(one, *verb), MetadataError.exit_code, "not the ledger of the group", "own ledger back")
+
+
+def test_a_destination_that_is_the_source_spelt_otherwise_is_refused(tmp_path):
+    cfg = _config(tmp_path, "home", f"sim://{tmp_path}/x", f"sim://{tmp_path}/x/", "meta")
+    _refused(run_cli(cfg, "init"), ConfigError.exit_code, "is the source", "volume of its own")
+    assert not (tmp_path / "x").exists()  # nothing was created

@@ -1,0 +1,140 @@
+"""One owner per volume (coalesce_core/ownership.py, docs/operations.md "One owner per volume"): a
+destination belongs to one group, a source serves one group of a name, and a ledger belongs to the
+group its destination records; on mem and sim volumes."""
+
+from __future__ import annotations
+
+import shutil
+import sqlite3
+
+import pytest
+
+from coalesce_core.agent import Agent
+from coalesce_core.backend.manager import plugin_manager
+from coalesce_core.backend.volume import Volume
+from coalesce_core.errors import MetadataError, VolumeInUse
+from coalesce_core.ownership import DESTINATION, read, source_key
+from coalesce_core.testing.harness import Harness
+from coalesce_core.testing.workload import fill
+
+
+@pytest.fixture(params=["mem", "sim"])
+def urls(request, tmp_path, monkeypatch):
+    """Volume URLs by name: ``urls("d")`` is the same volume every time within a test."""
+    if request.param == "sim":
+        monkeypatch.setenv("COALESCE_SIM_FSYNC", "0")
+        return lambda name: f"sim://{tmp_path}/{name}"
+    return lambda name: f"mem://{name}-{tmp_path.name}"
+
+
+def group(group_config, urls, name, src, dst, replicas=("A",)):
+    return group_config(replicas=replicas, name=name, source_url=urls(src), dest_url=urls(dst))
+
+
+def running(config) -> Harness:
+    h = Harness(config)
+    fill(h.writer, [r.source for r in config.replicas])
+    h.cycle()
+    return h
+
+
+def test_a_second_group_on_a_destination_is_refused_and_the_first_keeps_its_exports(group_config, urls):
+    a = running(group(group_config, urls, "a", "s1", "d", ("A",)))
+    exported = a.agent.dest.exported()
+    b = group(group_config, urls, "b", "s2", "d", ("B",))
+    with pytest.raises(VolumeInUse) as ei:
+        Agent.init(b)
+    assert ei.value.exit_code == 2
+    assert "belongs to group 'a'" in ei.value.message and "export table" in ei.value.message
+    assert "destination volume of its own" in ei.value.hint
+    assert not b.ledger_path(None).exists()  # nothing was made for b
+    assert a.agent.dest.exported() == exported
+    a.writer.write("A", "more", b"m")
+    a.cycle()
+    assert a.agent.dest.exported() == {"A": a.agent.state.replicas["A"].exported} != exported
+    assert set(a.states().values()) == {"stable"}
+    a.assert_invariants()
+
+
+def test_two_groups_named_alike_on_one_source_are_refused(group_config, urls):
+    first = running(group(group_config, urls, "g", "s", "d1"))
+    second = group(group_config, urls, "g", "s", "d2")
+    with pytest.raises(VolumeInUse) as ei:
+        Agent.init(second)
+    assert ei.value.exit_code == 2
+    assert f"destination {urls('d1')}" in ei.value.message and "co-g-src-" in ei.value.message
+    assert "another [group] name" in ei.value.hint
+    held = first.agent.source.snapshot_list()
+    first.restart()  # its recovery still finds every source PCPI it holds as its own
+    assert first.agent.source.snapshot_list() == held
+    first.assert_invariants()
+
+
+def test_groups_of_other_names_share_a_source(group_config, urls):
+    a = running(group(group_config, urls, "a", "s", "d1"))
+    b = running(group(group_config, urls, "b", "s", "d2"))
+    a.restart()
+    b.restart()
+    for h in (a, b):
+        h.writer.write("A", "more", b"m")
+        h.cycle()
+        assert set(h.states().values()) == {"stable"}
+        h.assert_invariants()
+
+
+def test_the_ledger_of_another_group_of_the_same_name_is_refused_and_nothing_changes(group_config, urls):
+    """A copied ledger of a same-named group was accepted and started over."""
+    mine = running(group(group_config, urls, "g", "s1", "d1"))
+    other = running(group(group_config, urls, "g", "s2", "d2"))
+    mine.agent.close()
+    other.agent.close()
+    dest = Volume.open(plugin_manager(), urls("d1"))
+    before = (dest.exported(), dest.snapshot_list())
+    mine_ledger = mine.config.ledger_path(None)
+    backup = sqlite3.connect(other.config.ledger_path(None))
+    into = sqlite3.connect(mine_ledger)
+    backup.backup(into)  # the other group's ledger in place of this one's
+    backup.close()
+    into.close()
+    for readonly in (False, True):
+        with pytest.raises(MetadataError) as ei:
+            Agent.open(mine.config, readonly=readonly)
+        assert ei.value.exit_code == 5
+        assert "not the ledger of the group that owns destination" in ei.value.message
+        assert "own ledger back" in ei.value.hint
+    assert (dest.exported(), dest.snapshot_list()) == before
+
+
+def test_a_ledger_from_before_owner_records_is_recorded_at_its_first_open(group_config, urls):
+    h = running(group(group_config, urls, "g", "s", "d"))
+    h.agent.ledger.close()  # (the volumes stay open: the test's writer reads the source through them)
+    ledger = h.config.ledger_path(None)
+    conn = sqlite3.connect(ledger)
+    conn.execute("DELETE FROM meta WHERE key = 'group_id'")
+    conn.commit()
+    conn.close()
+    for vol in (h.agent.source, h.agent.dest):  # the volumes as they were before owner records
+        handle = vol.handle
+        if hasattr(handle, "owner_records"):
+            handle.owner_records.clear()
+        md = vol.metadata_dir()
+        if md is not None:
+            shutil.rmtree(f"{md}/owners", ignore_errors=True)
+    h.restart()
+    identity = h.agent.ledger.identity()
+    assert identity and read(h.agent.dest, DESTINATION).id == identity
+    assert read(h.agent.source, source_key("g")).id == identity
+    with pytest.raises(VolumeInUse):
+        Agent.init(group(group_config, urls, "other", "s9", "d"))
+    h.cycle()
+    h.assert_invariants()
+
+
+def test_init_again_without_the_ledger_is_refused_and_names_the_record(group_config, urls):
+    config = group(group_config, urls, "g", "s", "d")
+    Agent.init(config).close()
+    config.ledger_path(None).unlink()
+    with pytest.raises(VolumeInUse) as ei:
+        Agent.init(config)
+    assert "whose ledger is not at" in ei.value.message
+    assert "restore that group's ledger" in ei.value.hint and "owner record" in ei.value.hint
