@@ -23,12 +23,13 @@ from typing import Any, Callable, Iterable
 import attrs
 import pluggy
 
-from coalesce_core import crashpoints, ownership, verifier, verify
+from coalesce_core import crashpoints, ownership, restorer, verifier, verify
 from coalesce_core.backend.manager import plugin_manager
 from coalesce_core.backend.volume import Volume
 from coalesce_core.config import GroupConfig
 from coalesce_core.cycle import effects as fx
 from coalesce_core.cycle import events as ev
+from coalesce_core.cycle import restore
 from coalesce_core.cycle.invariants import i5_marks
 from coalesce_core.cycle.planner import Decision, decide, is_group_pcpi, is_group_source_pcpi, pcpi_shortfall
 from coalesce_core.cycle.state import GroupState
@@ -106,6 +107,8 @@ class Agent:
         #: since the last `run_once` began (`run --once` exits 4 with the first one)
         self.refusals: list[BackendError] = []
         self._abort = threading.Event()
+        #: what the last recovery did to a ledger behind its volumes (coalesce_core/cycle/restore.py)
+        self.restored: list[str] = []
         self._spool: Spool | None = None
         self._spool_decided = False
 
@@ -476,17 +479,41 @@ class Agent:
 
         Only the destination is needed: a source that cannot be reached (or ``reach_source``
         False) leaves the ledger's source PCPIs as they are, for a later recovery to settle, and
-        no update resumes from its spool."""
+        no update resumes from its spool.  A ledger behind its volumes (older than they are, or
+        PCPIs of it removed) is first made to match them (coalesce_core/cycle/restore.py); what
+        that did is logged and kept in :attr:`restored`.  Restoring an older ledger compares the
+        images with the source, so it asks the source even when ``reach_source`` is False, and
+        raises BackendError, changing nothing, when the source cannot be reached."""
         group = self.state.name
         dest = frozenset(n for n in self.dest.snapshot_list() if is_group_pcpi(group, n))
-        src: frozenset[str] | None = None
-        if reach_source:
-            try:
-                src = frozenset(n for n in self.source.snapshot_list() if is_group_source_pcpi(group, n))
-            except REFUSED:
-                pass
+        src = self._source_pcpis() if reach_source else None
+        examined = restore.examine(self.state, dest, src or frozenset())
+        if examined.needed:
+            if examined.stale and src is None:
+                src = self._source_pcpis()
+                if src is None:
+                    raise BackendError(
+                        f"the ledger of group {group!r} is older than its volumes (they hold PCPIs up to number "
+                        f"{examined.newest}, the ledger's last is {self.state.seq}), and restoring it compares "
+                        f"each replica's image with the source {self.config.source}, which cannot be reached",
+                        hint="bring the source back (or `coalesce serve` on its host) and run `coalesce run`; "
+                        'nothing was changed (docs/operations.md, "Backing up the ledger")',
+                    )
+            known = src if src is not None else frozenset()
+            facts = restorer.survey(self.state, self.source if examined.stale else None, self.dest, dest, known)
+            decision, self.restored = restore.reconcile(self.state, facts)
+            self._commit([(facts, decision)])  # the ledger only: it has no effects
+            for line in self.restored:
+                restorer.log.warning("%s", line)
         spooled = self._spooled() if src is not None else frozenset()
         self.handle(ev.Recover(now=self.clock(), destination_pcpis=dest, source_pcpis=src, spooled=spooled))
+
+    def _source_pcpis(self) -> frozenset[str] | None:
+        """The group's source PCPIs the source holds; None when it cannot be reached."""
+        try:
+            return frozenset(n for n in self.source.snapshot_list() if is_group_source_pcpi(self.state.name, n))
+        except REFUSED:
+            return None
 
     def _spooled(self) -> frozenset[str]:
         """Replicas in update whose spool holds their running update; other spools are stale."""

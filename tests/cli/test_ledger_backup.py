@@ -1,7 +1,7 @@
 """Backing up the ledger (docs/operations.md, "Backing up the ledger"): SQLite's backup API (Python's
 ``Connection.backup``, the sqlite3 shell's ``.backup``) copies the live WAL ledger whole while an agent
 commits; the newest copy restores; a copy from before later cycles names PCPIs they released and is
-refused (exit 4) without a change to the volumes."""
+recovered from: recovery makes it match what the volumes hold and says what it did."""
 
 from __future__ import annotations
 
@@ -17,7 +17,6 @@ from groups import cli_group, run_cli, start_cli, status, wait_until
 
 from coalesce_core.backend.manager import plugin_manager
 from coalesce_core.backend.volume import Volume
-from coalesce_core.errors import BackendError
 from coalesce_core.ledger import Ledger
 from coalesce_core.testing.workload import SourceWriter
 
@@ -128,7 +127,10 @@ def _restore(copy: Path, live: Path) -> None:
     shutil.copyfile(copy, live)
 
 
-def test_the_newest_copy_restores_and_an_older_one_is_refused_without_a_change(group, tmp_path):
+def test_the_newest_copy_restores_and_an_older_one_recovers_saying_what_it_did(group, tmp_path):
+    """An older copy names PCPIs that later cycles released: recovery compares it with what the volumes
+    hold, keeps exporting what readers see (each image proven equal to a source PCPI), says so, and
+    takes no PCPI name a second time; it used to stop for ever with `PCPI ... does not exist`."""
     old, new = tmp_path / "old.sqlite", tmp_path / "new.sqlite"
     assert run_cli(group, "run", "--once").returncode == 0
     backup_api(ledger(group), old)
@@ -137,19 +139,26 @@ def test_the_newest_copy_restores_and_an_older_one_is_refused_without_a_change(g
     backup_api(ledger(group), new)
     dest = f"sim://{group.parent}/dst"
 
-    def pcpis() -> list[str]:
+    def volume() -> tuple[list[str], dict]:
         v = Volume.open(plugin_manager(), dest)
         try:
-            return sorted(v.snapshot_list())
+            return sorted(v.snapshot_list()), v.exported()
         finally:
             v.close()
 
-    held = pcpis()
-    _restore(old, ledger(group))
-    p = run_cli(group, "run", "--once")
-    assert p.returncode == BackendError.exit_code and "does not exist" in p.stderr, p.stderr
-    assert pcpis() == held  # nothing released or taken on the destination
     _restore(new, ledger(group))
     assert run_cli(group, "run", "--once").returncode == 0
+    assert run_cli(group, "check").returncode == 0
+    held, exported = volume()
+    _restore(old, ledger(group))
+    st = status(group)
+    assert st["cycle"] == 1  # the copy's
+    p = run_cli(group, "run", "--once")
+    assert p.returncode == 0, p.stderr
+    assert "the ledger is older than its volumes" in p.stderr
+    assert "replica 'A': exports " + exported["A"] in p.stderr and "stays stable" in p.stderr
+    after, _ = volume()
+    newest = max(int(n.split("-")[2]) for n in held)
+    assert all(int(n.split("-")[2]) > newest for n in after)  # the next cycle's names are new ones
     check = run_cli(group, "check")
     assert check.returncode == 0, check.stdout

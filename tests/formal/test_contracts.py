@@ -30,7 +30,12 @@ SPEC = load_spec()
 RSTATES = list(SPEC.replica.state_names)
 PHASES = list(SPEC.agent.state_names)
 ROLES = ["base", "rollback", "jump_ahead", "new_base", "individual"]
-TARGETS = ["coalesce_core/cycle/planner.py", "coalesce_core/cycle/guards.py", "tests/formal/contracts_records.py"]
+TARGETS = [
+    "coalesce_core/cycle/planner.py",
+    "coalesce_core/cycle/guards.py",
+    "coalesce_core/cycle/restore.py",
+    "tests/formal/contracts_records.py",
+]
 CROSSHAIR_CMD = ["crosshair", "check", "--analysis_kind=PEP316", "--per_condition_timeout=4", "--per_path_timeout=2"]
 
 try:
