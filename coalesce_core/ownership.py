@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import uuid
 from pathlib import Path
 
@@ -31,10 +32,14 @@ import attrs
 from coalesce_core.backend import claims
 from coalesce_core.backend.volume import Volume
 from coalesce_core.config import GroupConfig
+from coalesce_core.cycle.planner import is_group_source_pcpi
 from coalesce_core.errors import MetadataError, VolumeInUse
 from coalesce_core.ledger import Ledger
 
 log = logging.getLogger("coalesce.ownership")
+
+#: a destination PCPI of any group: ``co-<group>-<6 digits>-<role>`` (coalesce_core.cycle.planner)
+_DEST_PCPI = re.compile(r"co-(.+)-\d{6}-[a-z_]+")
 
 DESTINATION = "destination"
 
@@ -88,7 +93,9 @@ def read(volume: Volume, key: str) -> Owner | None:
 
 def check_free(config: GroupConfig, source: Volume, dest: Volume, ledger_path: Path) -> None:
     """``coalesce init`` of a new group: the destination must belong to no group, and the source
-    must serve no other group of this name (VolumeInUse, exit 2).  Reads only."""
+    must serve no other group of this name (VolumeInUse, exit 2).  Reads only.  Besides the
+    records, the PCPIs tell: a group made before owner records existed has none yet, and must not
+    be shut out of its own volumes by a newcomer's records."""
     owner = read(dest, DESTINATION)
     if owner is not None:
         if owner.group != config.name:
@@ -102,6 +109,22 @@ def check_free(config: GroupConfig, source: Volume, dest: Volume, ledger_path: P
     user = read(source, source_key(config.name))
     if user is not None:
         raise _source_taken(config, source, user)
+    others = sorted({m.group(1) for n in dest.snapshot_list() if (m := _DEST_PCPI.fullmatch(n))} - {config.name})
+    if others:
+        raise VolumeInUse(
+            f"destination {dest.url} holds the PCPIs of group {others[0]!r} "
+            f"(co-{others[0]}-NNNNNN-...): it is that group's destination",
+            hint=f"give group {config.name!r} a destination volume of its own; if {others[0]!r} is gone for good, "
+            f"release its PCPIs first",
+        )
+    leftover = sorted(n for n in source.snapshot_list() if is_group_source_pcpi(config.name, n))
+    if leftover:
+        raise VolumeInUse(
+            f"source {source.url} holds source PCPIs of a group named {config.name!r} ({', '.join(leftover[:3])}"
+            f"{', ...' if len(leftover) > 3 else ''}): another group of this name uses it",
+            hint="give this group another [group] name; if no other group of this name uses the source, "
+            "release those PCPIs first (they are left over from an earlier group)",
+        )
 
 
 def bind(config: GroupConfig, ledger: Ledger, dest: Volume, *, write: bool) -> None:

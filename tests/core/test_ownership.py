@@ -107,19 +107,7 @@ def test_the_ledger_of_another_group_of_the_same_name_is_refused_and_nothing_cha
 
 def test_a_ledger_from_before_owner_records_is_recorded_at_its_first_open(group_config, urls):
     h = running(group(group_config, urls, "g", "s", "d"))
-    h.agent.ledger.close()  # (the volumes stay open: the test's writer reads the source through them)
-    ledger = h.config.ledger_path(None)
-    conn = sqlite3.connect(ledger)
-    conn.execute("DELETE FROM meta WHERE key = 'group_id'")
-    conn.commit()
-    conn.close()
-    for vol in (h.agent.source, h.agent.dest):  # the volumes as they were before owner records
-        handle = vol.handle
-        if hasattr(handle, "owner_records"):
-            handle.owner_records.clear()
-        md = vol.metadata_dir()
-        if md is not None:
-            shutil.rmtree(f"{md}/owners", ignore_errors=True)
+    _forget_records(h)
     h.restart()
     identity = h.agent.ledger.identity()
     assert identity and read(h.agent.dest, DESTINATION).id == identity
@@ -128,6 +116,41 @@ def test_a_ledger_from_before_owner_records_is_recorded_at_its_first_open(group_
         Agent.init(group(group_config, urls, "other", "s9", "d"))
     h.cycle()
     h.assert_invariants()
+
+
+def _forget_records(h: Harness) -> None:
+    """The group as it was before owner records existed: none on its volumes, no identity in its ledger.
+    Its volumes stay open: the test's writer reads the source through them."""
+    h.agent.ledger.close()
+    conn = sqlite3.connect(h.config.ledger_path(None))
+    conn.execute("DELETE FROM meta WHERE key = 'group_id'")
+    conn.commit()
+    conn.close()
+    for vol in (h.agent.source, h.agent.dest):
+        handle = vol.handle
+        if hasattr(handle, "owner_records"):
+            handle.owner_records.clear()
+        md = vol.metadata_dir()
+        if md is not None:
+            shutil.rmtree(f"{md}/owners", ignore_errors=True)
+
+
+def test_a_group_from_before_owner_records_is_not_shut_out_by_a_newcomer(group_config, urls):
+    """Its volumes hold no records yet, but its PCPIs say whose they are."""
+    old = running(group(group_config, urls, "home", "s", "d"))
+    _forget_records(old)
+    with pytest.raises(VolumeInUse) as ei:
+        Agent.init(group(group_config, urls, "work", "s2", "d"))
+    assert "holds the PCPIs of group 'home'" in ei.value.message
+    with pytest.raises(VolumeInUse) as ei:
+        Agent.init(group(group_config, urls, "home", "s", "d2"))
+    assert "holds source PCPIs of a group named 'home'" in ei.value.message
+    old.restart()  # recorded now
+    assert read(old.agent.dest, DESTINATION).group == "home"
+    old.writer.write("A", "more", b"m")
+    old.cycle()
+    assert set(old.states().values()) == {"stable"}
+    old.assert_invariants()
 
 
 def test_init_again_without_the_ledger_is_refused_and_names_the_record(group_config, urls):
