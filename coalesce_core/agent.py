@@ -33,7 +33,7 @@ from coalesce_core.cycle import restore
 from coalesce_core.cycle.invariants import i5_marks
 from coalesce_core.cycle.planner import Decision, decide, is_group_pcpi, is_group_source_pcpi, pcpi_shortfall
 from coalesce_core.cycle.state import GroupState
-from coalesce_core.errors import BackendError, CoalesceError, MetadataError
+from coalesce_core.errors import BackendError, CoalesceError, MetadataError, VolumeInUse
 from coalesce_core.grouplock import GroupLock
 from coalesce_core.ledger import Ledger
 from coalesce_core.stream.records import Begin
@@ -45,8 +45,9 @@ TRANSFER_FAILURES = ("update_failed", "baseline_failed", "reseed_failed")
 FAILURES = TRANSFER_FAILURES + ("rollback_failed", "retry_failed", "jump_ahead_refused")
 #: what the failures list names a replica that missed a cycle (source outage, no PCPI headroom)
 MISSED = "missed_cycle"
-#: what a volume that refuses a PCPI, or cannot be reached, raises
-REFUSED = (BackendError, OSError)
+#: what a volume that refuses a PCPI, or cannot be reached, raises; and a source that serves another
+#: group of this name (coalesce_core/ownership.py), whose PCPIs are then left alone like an unreachable one's
+REFUSED = (BackendError, OSError, VolumeInUse)
 
 SOURCE_HINT = (
     "the cycle ended without transfers: every replica keeps exporting its image and `coalesce status` "
@@ -103,9 +104,10 @@ class Agent:
         #: failures decided since the last `run_once` began: {"replica", "trigger", "error"} (trigger: the
         #: spec trigger, or MISSED for a replica whose cycle could not run)
         self.failures: list[dict[str, str]] = []
-        #: PCPIs the volumes refused, a source that could not be reached, a cycle refused for want of PCPIs,
-        #: since the last `run_once` began (`run --once` exits 4 with the first one)
-        self.refusals: list[BackendError] = []
+        #: PCPIs the volumes refused, a source that could not be reached or serves another group of this
+        #: name, a cycle refused for want of PCPIs, since the last `run_once` began (`run --once` exits with
+        #: the first one's code: 4, or 2 for the source of another group)
+        self.refusals: list[CoalesceError] = []
         self._abort = threading.Event()
         #: what the last recovery did to a ledger behind its volumes (coalesce_core/cycle/restore.py)
         self.restored: list[str] = []
@@ -345,6 +347,9 @@ class Agent:
         if isinstance(eff, fx.TakeSourcePcpi):
             try:
                 self.source.snapshot_create(eff.name)
+            except VolumeInUse as exc:  # a configuration to fix: its own message, hint and exit code
+                self.refusals.append(exc)
+                return ev.SourcePcpiRefused(name=eff.name, now=now(), error=_describe(exc))
             except REFUSED as exc:
                 what = f"the source {self.config.source} could not be reached or refused PCPI {eff.name}"
                 return ev.SourcePcpiRefused(name=eff.name, now=now(), error=self._refused(what, exc, SOURCE_HINT))

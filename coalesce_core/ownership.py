@@ -13,9 +13,11 @@
   a wrong ``metadata`` path), and is refused: it would take the volumes for its own.
 
 Records go through the ``coalesce_claim`` hook (coalesce_core/backend/claims.py): written
-once, the first writer wins.  A volume that keeps no records (a remote source, whose server
-grants PCPI names per client: docs/network.md) is not guarded.  Groups and ledgers from
-before the records existed are recorded at their first open.  docs/operations.md, "One owner
+once, the first writer wins.  The destination's record and the ledger's identity are checked
+when the destination is opened (:func:`bind`), the source's when the agent first opens the
+source, for transfers (:func:`bind_source`; the agent opens it lazily).  A volume that keeps
+no records (a remote source, whose server grants PCPI names per client: docs/network.md) is
+not guarded.  Groups and ledgers from before the records existed are recorded at those opens.  docs/operations.md, "One owner
 per volume", says what a refusal means and how to undo a record.
 """
 

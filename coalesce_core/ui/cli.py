@@ -234,7 +234,7 @@ def _run(args: argparse.Namespace, stop: _Stop) -> int:
             on_cycle(cycle())
             if stop.asked.is_set():
                 logs.say(logs.NOTICE, "coalesce run: stopped after the cycle, as asked")
-            if agent.refusals:  # a PCPI refused, the source out of reach, no PCPI headroom (docs/cli.md: 4)
+            if agent.refusals:  # a PCPI refused, the source out of reach or another's, no PCPI headroom (docs/cli.md)
                 return report_error(agent.refusals[0])
             if any(f["trigger"] in TRANSFER_FAILURES for f in agent.failures):
                 return EXIT_TRANSFER_FAILED
@@ -282,7 +282,7 @@ def _print_failures(failures: list[dict[str, str]], args: argparse.Namespace) ->
         )
 
 
-def _print_refusal(exc: BackendError) -> None:
+def _print_refusal(exc: CoalesceError) -> None:
     """A refusal `coalesce run` lives through (it goes on at the next cycle): its error: and hint: lines."""
     report_error(exc)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from groups import cli_group, run_cli
+from groups import cli_group, run_cli, status
 
 from coalesce_core.errors import ConfigError, MetadataError
 
@@ -64,3 +64,45 @@ def test_a_destination_that_is_the_source_spelt_otherwise_is_refused(tmp_path):
     cfg = _config(tmp_path, "home", f"sim://{tmp_path}/x", f"sim://{tmp_path}/x/", "meta")
     _refused(run_cli(cfg, "init"), ConfigError.exit_code, "is the source", "volume of its own")
     assert not (tmp_path / "x").exists()  # nothing was created
+
+
+def test_a_config_changed_to_a_same_named_group_s_source_is_refused_at_each_cycle(tmp_path, capsys, monkeypatch):
+    """`run --once` exits 2 with the record's error and hint, `run` prints them at every cycle and goes on,
+    `status` and `check` work and show why; the other group goes on as before."""
+    from coalesce_core.ui import cli as cli_mod
+
+    for d in ("one", "two"):
+        (tmp_path / d).mkdir()
+    one, w1 = cli_group(tmp_path / "one", "home")
+    two, w2 = cli_group(tmp_path / "two", "home")
+    for w in (w1, w2):
+        w.volume.close()
+    for cfg in (one, two):
+        assert run_cli(cfg, "run", "--once").returncode == 0
+    two.write_text(two.read_text().replace(f"sim://{tmp_path}/two/src", f"sim://{tmp_path}/one/src"))
+    taken = "already serves another group named 'home'"
+    _refused(run_cli(two, "run", "--once"), ConfigError.exit_code, taken, "another [group] name")
+    st = status(two)
+    assert {r["state"] for r in st["replicas"]} == {"stable"}
+    assert all(taken in r["last_error"] for r in st["replicas"])
+    assert run_cli(two, "check").returncode == 0
+    monkeypatch.setenv("COALESCE_SIM_FSYNC", "0")
+    sleeps: list[float] = []
+
+    def fake_sleep(seconds: float) -> None:
+        sleeps.append(seconds)
+        if len(sleeps) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli_mod.time, "sleep", fake_sleep)
+    capsys.readouterr()
+    rc = cli_mod.main(["--config", str(two), "run", "--interval", "7"])
+    err = capsys.readouterr().err
+    assert rc == cli_mod.EXIT_INTERRUPTED and sleeps == [7, 7]
+    assert err.count(f"error: source sim://{tmp_path}/one/src {taken}") == 2, err
+    assert err.count("hint: give this group another [group] name") == 2
+    assert "cycle failed" not in err and "internal error" not in err
+    assert [r["consecutive_failures"] for r in status(two)["replicas"]] == [3, 3]
+    run = run_cli(one, "run", "--once")
+    assert run.returncode == 0, run.stderr
+    assert run_cli(one, "check").returncode == 0

@@ -7,9 +7,12 @@ from __future__ import annotations
 import shutil
 import sqlite3
 
+import attrs
 import pytest
 
 from coalesce_core.agent import Agent
+from coalesce_core.backend.faults import source_outage
+from coalesce_core.backend.hookspecs import ACTIVE
 from coalesce_core.backend.manager import plugin_manager
 from coalesce_core.backend.volume import Volume
 from coalesce_core.errors import MetadataError, VolumeInUse
@@ -161,3 +164,71 @@ def test_init_again_without_the_ledger_is_refused_and_names_the_record(group_con
         Agent.init(config)
     assert "whose ledger is not at" in ei.value.message
     assert "restore that group's ledger" in ei.value.hint and "owner record" in ei.value.hint
+
+
+def test_a_source_that_serves_a_same_named_group_is_refused_at_the_first_cycle(group_config, urls):
+    """Group g's config is changed to name the source of another group g: the record there is checked
+    when the agent first opens the source, for the cycle's transfers.  Each cycle ends before any
+    transfer, as in a source outage, with the record's error and hint (exit 2), every replica keeping
+    its image; the other verbs work; neither recovery nor the cycles touch the other group's source
+    PCPIs (released as unknown, they would have been lost)."""
+    first = running(group(group_config, urls, "g", "s", "d1"))
+    moved = running(group(group_config, urls, "g", "s2", "d2"))
+    exported = moved.agent.dest.exported()
+    moved.agent.close()
+    config = attrs.evolve(moved.config, source=urls("s"))
+    held = first.writer.volume.snapshot_list()
+    assert held and read(first.writer.volume, source_key("g")).destination == urls("d1")
+    agent = Agent.open(config)
+    try:
+        assert agent.source_if_open() is None  # recovery could not use it: its record is the other group's
+        for n in (1, 2):
+            report = agent.run_once()
+            s = agent.state
+            assert s.phase == "idle" and report["failed"].keys() == {"A"}
+            (refusal,) = agent.refusals
+            assert isinstance(refusal, VolumeInUse) and refusal.exit_code == 2
+            assert "already serves another group named 'g'" in refusal.message
+            assert "another [group] name" in refusal.hint
+            a = s.replicas["A"]
+            assert a.state == "stable" and "already serves another group" in a.last_error
+            assert a.consecutive_failures == a.outages == n
+            assert agent.dest.exported() == exported and agent.source_if_open() is None
+        agent.break_mirror("A")  # the destination alone
+        assert agent.state.replicas["A"].exported == ACTIVE
+    finally:
+        agent.close()
+    reader = Agent.open(config, readonly=True)  # status
+    try:
+        assert reader.state.replicas["A"].outages == 2
+    finally:
+        reader.close()
+    assert first.writer.volume.snapshot_list() == held
+    first.restart()
+    first.writer.write("A", "more", b"m")
+    first.cycle()
+    assert set(first.states().values()) == {"stable"}
+    first.assert_invariants()
+
+
+def test_the_source_record_waits_for_a_cycle_that_reaches_the_source(group_config, urls):
+    """A group from before owner records whose source is down: it opens, recovers and breaks without it,
+    writing only the destination's record; the first cycle that reaches the source records the group."""
+    h = running(group(group_config, urls, "g", "s", "d"))
+    _forget_records(h)
+    for rule in source_outage(h.config.source):
+        h.faults.add(rule)
+    h.restart()
+    identity = h.agent.ledger.identity()
+    assert identity and read(h.agent.dest, DESTINATION).id == identity
+    assert read(h.writer.volume, source_key("g")) is None
+    h.agent.break_mirror("A")
+    h.agent.resync("A")
+    h.cycle()  # the source still down: the cycle ends before any transfer
+    assert h.agent.source_if_open() is None and read(h.writer.volume, source_key("g")) is None
+    h.faults.clear()
+    h.cycle()
+    assert read(h.writer.volume, source_key("g")).id == identity
+    h.cycle()
+    assert set(h.states().values()) == {"stable"}
+    h.assert_invariants()
