@@ -1427,6 +1427,15 @@ REGRESSIONS: dict[str, tuple[int, tuple[Op, ...]]] = {
             CYCLE,
         ),
     ),
+    "an xattr with an empty value": (
+        3,
+        (
+            *_tree(Write("q0/c", 0, 0, 25), Write("q1/d", 0, 100, 26)),
+            SetXattr("q0/c", "user.long-name-of-an-xattr", b""),
+            SetXattr("q1/d", "user.e", b""),
+            CYCLE,
+        ),
+    ),
     "a parent moved under its old child": (
         3,
         (

@@ -697,6 +697,7 @@ def tree_diff(
     same_lineage: bool = True,
     prune: set[str] | None = None,
     quick_before_ns: int | None = None,
+    xattrs_move_ctime: bool = True,
     data: FileData = READ,
 ) -> Iterator[object]:
     """Change records that turn the tree below ``base`` into the tree below ``target``.
@@ -709,7 +710,9 @@ def tree_diff(
     the base image: a change after it would have moved the ctime, which no
     user can set, past it -- this holds with zfs-fuse's one-second
     timestamps too) is unchanged without reading it.  Otherwise files are
-    compared by content (every chunk read on both sides).
+    compared by content (every chunk read on both sides).  Without
+    ``xattrs_move_ctime`` (zfs-fuse: setting or removing an xattr leaves the
+    ctime as it was) such a file's xattrs are still compared.
 
     ``prune``: when given, the set of qtree-relative directories that may
     contain a change ("" is the root; from ``zfs diff``): an unchanged
@@ -739,7 +742,7 @@ def tree_diff(
         attrs_list: list = []
         links: dict = {}
         quick = quick_before_ns if same_lineage else None
-        for rec in _updates(rb, rt, quick, links, attrs_list, prune, same_lineage, data):
+        for rec in _updates(rb, rt, quick, links, attrs_list, prune, same_lineage, data, xattrs_move_ctime):
             n += 1
             yield rec
         for rec in data.finish():
@@ -824,6 +827,7 @@ def _updates(
     prune: set[str] | None,
     same_lineage: bool,
     data: FileData,
+    xattrs_move_ctime: bool = True,
 ) -> Iterator[object]:
     """Creation and update records of the target's entries in pre-order (iterative: any depth);
     a kept directory's SetAttr is appended after its contents'."""
@@ -875,6 +879,8 @@ def _updates(
             )
             if not quick_same:
                 yield from data.updated(rb.root, rt.root, r, b, t)
+            elif not xattrs_move_ctime:
+                yield from xattr_records(r, rb.xattrs(r), rt.xattrs(r))
         if attrs_differ(b, t):
             attrs_list.append(setattr_record(r, t))
 

@@ -506,7 +506,13 @@ class ZfsVolume(PosixVolume):
                     base_txg=props[base]["createtxg"],
                 )
             records = walk.tree_diff(
-                bq, tq, prune=prune, quick_before_ns=created * 1_000_000_000, data=identity.KeptLinks(data)
+                bq,
+                tq,
+                prune=prune,
+                quick_before_ns=created * 1_000_000_000,
+                # zfs-fuse leaves the ctime as it was when an xattr is set or removed
+                xattrs_move_ctime=self.browsable(),
+                data=identity.KeptLinks(data),
             )
             yield from framed(qtree, base, target, identity.stamped(records, tq))
 
