@@ -174,7 +174,9 @@ class _Stop:
             yield self
         finally:
             for s, h in old.items():
-                signal.signal(s, h)
+                # once a stop was asked the process is on its way out: a late second signal must
+                # not kill it by the default action (exit -15) after the run ended cleanly
+                signal.signal(s, signal.SIG_IGN if self.asked.is_set() else h)
 
 
 def cmd_run(args: argparse.Namespace) -> int:

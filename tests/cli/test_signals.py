@@ -59,3 +59,24 @@ def test_a_second_signal_aborts_the_cycle_and_the_next_run_recovers(group):
     assert done.returncode == 0, done.stderr
     check = run_cli(cfg, "check")
     assert check.returncode == 0, check.stdout
+
+
+def test_a_signal_after_the_run_stopped_is_ignored_not_fatal():
+    """The run ends after the first signal and the process goes on to exit 0; a second signal that
+    comes after the handlers were taken down must not kill it by the default action (exit -15).
+    Without a stop asked, the previous handlers come back (in-process, as the process does)."""
+    from coalesce_core.ui import cli
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        with cli._Stop(lambda line: None).installed():
+            pass
+        assert {s: signal.getsignal(s) for s in before} == before
+        stop = cli._Stop(lambda line: None)
+        with stop.installed():
+            stop.on_signal(signal.SIGTERM, None)  # the first signal: stop after the cycle
+        assert {s: signal.getsignal(s) for s in before} == {s: signal.SIG_IGN for s in before}
+        os.kill(os.getpid(), signal.SIGTERM)  # late: ignored (this test process lives on)
+    finally:
+        for s, h in before.items():
+            signal.signal(s, h)
