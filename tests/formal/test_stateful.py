@@ -3,7 +3,8 @@
 Budget (examples x steps) follows HYPOTHESIS_PROFILE: ci/dev keep it well
 under a minute; ``long`` (``tools/check --long``) runs thousands of steps.
 COALESCE_STATEFUL_EXAMPLES / COALESCE_STATEFUL_STEPS override both
-(tools/mutants.py uses them with a fixed seed).  The ``sim`` backend runs
+(tools/mutants.py uses them with a fixed seed); COALESCE_STATEFUL_SEED=N runs
+hypothesis with seed N instead of the profile's (derandomized in CI).  The ``sim`` backend runs
 through the same machine when it serves volumes (or when
 COALESCE_STATEFUL_SIM=1 forces it).
 """
@@ -53,12 +54,11 @@ def _sim_enabled() -> bool:
 
 
 def _run(machine: type[RuleBasedStateMachine], share: float = 1.0) -> None:
+    if SEED is not None:  # run_state_machine_as_test takes @seed from the machine class
+        machine = hseed(int(SEED))(type(machine.__name__, (machine,), {}))
     test = machine.TestCase
     test.settings = settings(_settings, max_examples=max(1, int(EXAMPLES * share)))
-    case = test("runTest")
-    if SEED is not None:
-        hseed(int(SEED))(case.runTest)
-    case.runTest()
+    test("runTest").runTest()
 
 
 @pytest.mark.parametrize("backend", ["mem", "sim"])
