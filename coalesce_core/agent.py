@@ -445,10 +445,33 @@ class Agent:
             try:
                 with crashpoints.during("mid_retry" if eff.retry else "mid_rollback"):
                     self.dest.rollback(eff.replica, eff.from_pcpi, eff.to_pcpi)
+                if eff.retry:
+                    error = self._rolled_back_differs(eff.replica, eff.to_pcpi)
+                    if error:
+                        return ev.RollbackDone(replica=eff.replica, ok=False, now=self.clock(), error=error)
             except Exception as exc:
                 return ev.RollbackDone(replica=eff.replica, ok=False, now=self.clock(), error=_describe(exc))
             return ev.RollbackDone(replica=eff.replica, ok=True, now=self.clock())
         raise TypeError(f"not a concurrent effect: {eff!r}")
+
+    def _rolled_back_differs(self, replica: str, restored: str) -> str:
+        """A retry's or resync's rolled-back active FS against the PCPI it restored, without content
+        (docs/decisions.md, "Resync fences first"): "" when equal, else the first difference (a
+        writer that kept a file of a broken replica open wrote after the scratch PCPI)."""
+        outcome = verifier.compare_trees(
+            self.dest,
+            replica,
+            restored,
+            self.dest,
+            replica,
+            None,
+            content=False,
+            holds=self.dest.describe_holds(),
+            limit=1,
+        )
+        if outcome.ok:
+            return ""
+        return "the rolled-back active FS differs: " + outcome.differences[0].explain(restored, side="PCPI")
 
     def _finish_cycle(self) -> None:
         st = self._stats

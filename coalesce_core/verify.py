@@ -145,10 +145,11 @@ class Difference:
     source: object
     replica: object
 
-    def explain(self, source_pcpi: str) -> str:
-        """``'d1/p/c' is absent in the replica but a directory in source PCPI co-g-src-000004``."""
+    def explain(self, source_pcpi: str, side: str = "source PCPI") -> str:
+        """``'d1/p/c' is absent in the replica but a directory in source PCPI co-g-src-000004``
+        (``side``: what the compared image is, e.g. the PCPI a rollback restored)."""
         where = _show(self.path)
-        src = f"source PCPI {source_pcpi}"
+        src = f"{side} {source_pcpi}"
         if self.field == "kind":
             return (
                 f"{where} is {KIND_WORDS[str(self.replica)]} in the replica but {KIND_WORDS[str(self.source)]} in {src}"

@@ -515,8 +515,9 @@ proctype agent() {
        /* administrator failover */
        T_break_mirror(0); lg[0] = ex[0]; ex[0] = ACTIVE; vx[0] = ACTIVE; ap[0] = WRIT; check() }
   :: d_step { ph == A_idle && QUIET && rs[0] == R_broken ->
-       /* resync: "creating a PCPI and exporting it", then the rollback procedure */
-       T_resync(0); take(P_individual, t); sc[0] = t; ex[0] = t; vx[0] = t; t = 0; check() }
+       /* resync: the fence (the last good image exported again), then the scratch PCPI and the
+          rollback procedure (docs/decisions.md, "Resync fences first") */
+       T_resync(0); ex[0] = lg[0]; vx[0] = lg[0]; take(P_individual, t); sc[0] = t; t = 0; check() }
   :: d_step { ph == A_idle && QUIET && faults && rs[0] == R_broken ->
        /* a resync whose PCPI the destination refuses: it exports its last good image, retries later */
        T_resync(0); seen(0); T_retry_failed(0); ex[0] = lg[0]; vx[0] = lg[0]; check() }
@@ -564,8 +565,9 @@ proctype agent() {
        /* administrator failover */
        T_break_mirror(1); lg[1] = ex[1]; ex[1] = ACTIVE; vx[1] = ACTIVE; ap[1] = WRIT; check() }
   :: d_step { ph == A_idle && QUIET && rs[1] == R_broken ->
-       /* resync: "creating a PCPI and exporting it", then the rollback procedure */
-       T_resync(1); take(P_individual, t); sc[1] = t; ex[1] = t; vx[1] = t; t = 0; check() }
+       /* resync: the fence (the last good image exported again), then the scratch PCPI and the
+          rollback procedure (docs/decisions.md, "Resync fences first") */
+       T_resync(1); ex[1] = lg[1]; vx[1] = lg[1]; take(P_individual, t); sc[1] = t; t = 0; check() }
   :: d_step { ph == A_idle && QUIET && faults && rs[1] == R_broken ->
        /* a resync whose PCPI the destination refuses: it exports its last good image, retries later */
        T_resync(1); seen(1); T_retry_failed(1); ex[1] = lg[1]; vx[1] = lg[1]; check() }
@@ -613,8 +615,9 @@ proctype agent() {
        /* administrator failover */
        T_break_mirror(2); lg[2] = ex[2]; ex[2] = ACTIVE; vx[2] = ACTIVE; ap[2] = WRIT; check() }
   :: d_step { ph == A_idle && QUIET && rs[2] == R_broken ->
-       /* resync: "creating a PCPI and exporting it", then the rollback procedure */
-       T_resync(2); take(P_individual, t); sc[2] = t; ex[2] = t; vx[2] = t; t = 0; check() }
+       /* resync: the fence (the last good image exported again), then the scratch PCPI and the
+          rollback procedure (docs/decisions.md, "Resync fences first") */
+       T_resync(2); ex[2] = lg[2]; vx[2] = lg[2]; take(P_individual, t); sc[2] = t; t = 0; check() }
   :: d_step { ph == A_idle && QUIET && faults && rs[2] == R_broken ->
        /* a resync whose PCPI the destination refuses: it exports its last good image, retries later */
        T_resync(2); seen(2); T_retry_failed(2); ex[2] = lg[2]; vx[2] = lg[2]; check() }

@@ -459,8 +459,9 @@ proctype agent() {
        /* administrator failover */
        T_break_mirror(@r); lg[@r] = ex[@r]; ex[@r] = ACTIVE; vx[@r] = ACTIVE; ap[@r] = WRIT; check() }
   :: d_step { ph == A_idle && QUIET && rs[@r] == R_broken ->
-       /* resync: "creating a PCPI and exporting it", then the rollback procedure */
-       T_resync(@r); take(P_individual, t); sc[@r] = t; ex[@r] = t; vx[@r] = t; t = 0; check() }
+       /* resync: the fence (the last good image exported again), then the scratch PCPI and the
+          rollback procedure (docs/decisions.md, "Resync fences first") */
+       T_resync(@r); ex[@r] = lg[@r]; vx[@r] = lg[@r]; take(P_individual, t); sc[@r] = t; t = 0; check() }
   :: d_step { ph == A_idle && QUIET && faults && rs[@r] == R_broken ->
        /* a resync whose PCPI the destination refuses: it exports its last good image, retries later */
        T_resync(@r); seen(@r); T_retry_failed(@r); ex[@r] = lg[@r]; vx[@r] = lg[@r]; check() }

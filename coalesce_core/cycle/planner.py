@@ -704,9 +704,14 @@ def _break(p: _Plan, e: ev.BreakMirror) -> None:
 
 
 def _resync(p: _Plan, e: ev.Resync) -> None:
+    """Fence first (docs/decisions.md, "Resync fences first"): the broken replica exports its last
+    good image again before the scratch PCPI of its active FS is taken, so no write through the
+    export reaches the active FS after that PCPI (a write there would outlive the rollback, which
+    undoes only what the scratch PCPI holds); the rollback's result is checked before it counts."""
     _require_idle(p, f"resync {e.replica!r}")
     r = p.replica(e.replica)
-    r = p.fire(r, "resync", retries=0, next_retry=0.0)
+    r = p.fire(r, "resync", retries=0, next_retry=0.0, exported=r.last_good)
+    p.export()
     name = p.take("individual", owners=(r.name,))
     p.update(r, scratch=name)
 

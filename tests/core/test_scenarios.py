@@ -225,6 +225,60 @@ def test_break_and_resync(harness):
     h.assert_invariants()
 
 
+#: backends whose rollback restores the qtree from the PCPI itself (a snapshot swap, sim's CP), so
+#: nothing written after the scratch PCPI survives it; the others roll back by the scratch's diff
+NATIVE_ROLLBACK = ("sim", "btrfs")
+
+
+def test_a_write_after_the_resync_fence_is_caught_and_undone_by_the_retry_I9_I3(group_config, backend):
+    """docs/decisions.md, "Resync fences first": the broken replica exports its last good image
+    before the scratch PCPI is taken; a writer that kept a file of the active FS open writes after
+    that PCPI (here: when it is taken), so the rollback leaves its write; the check of the rolled-
+    back active FS against the restored image fails the attempt with the path, the export never
+    moves off the last good image, and the retry's new scratch holds the write and undoes it."""
+    from coalesce_core.backend.manager import plugin_manager
+    from coalesce_core.backend.volume import Volume
+    from coalesce_core.testing.workload import SourceWriter
+
+    seen: list[object] = []
+
+    class LateWriter:
+        armed = False
+
+        @hookimpl
+        def coalesce_pcpi_taken(self, group, volume, name, role):
+            if self.armed and role == "individual":
+                self.armed = False
+                seen.append(h.agent.dest.exported()["A"])  # the fence came first
+                SourceWriter(Volume.open(plugin_manager(), h.config.destination)).write("A", "late", b"late")
+
+    late = LateWriter()
+    h = Harness(group_config(), plugins=[late])
+    fill(h.writer, [r.source for r in h.config.replicas])
+    h.cycle()
+    good = h.exported_fingerprints()["A"]
+    h.agent.break_mirror("A")
+    last_good = h.agent.state.replicas["A"].last_good
+    SourceWriter(h.agent.dest).write("A", "local-change", b"written on the destination")
+    late.armed = True
+    h.agent.resync("A")
+    a = h.agent.state.replicas["A"]
+    assert seen == [last_good]
+    assert a.exported == last_good and a.scratch is None and h.exported_fingerprints()["A"] == good
+    if backend not in NATIVE_ROLLBACK:
+        assert a.state == "unstable_uncoalesced"
+        assert "the rolled-back active FS differs" in a.last_error and "late" in a.last_error, a.last_error
+        h.clock.advance(3600)
+        h.agent.tick()  # the retry: its scratch holds the late write
+        a = h.agent.state.replicas["A"]
+    assert a.state == "stable_uncoalesced", a.last_error
+    assert h.agent.dest.fingerprint("A", None) == good  # the local change and the late write are gone
+    h.cycle()
+    h.cycle()
+    assert h.states()["A"] == "stable"
+    h.assert_invariants()
+
+
 def test_illegal_requests_are_clear_errors(harness):
     from coalesce_core.errors import CoalesceError, IllegalTransition
 

@@ -763,28 +763,28 @@ def test_break_mirror_exports_active_and_pins_last_good():
     assert (a.state, a.exported, a.last_good) == ("broken", ACTIVE, IND)
 
 
-def test_resync_takes_a_scratch_pcpi_exports_it_then_rolls_back():
+def test_resync_fences_then_takes_a_scratch_pcpi_then_rolls_back():
+    """docs/decisions.md, "Resync fences first": the last good image is exported before the scratch
+    PCPI of the active FS is taken, so no write through the export comes after that PCPI."""
     st, (e,) = _scn_resync()
     d = decide(st, e)
     k = d.state.replicas["K"]
-    (take,) = d.effects
+    fence, take = d.effects
+    assert fence == fx.Export(mapping={"K": BASE, "B": BASE})
     assert take == fx.TakePcpi(name=k.scratch, role="individual")
-    assert (k.state, k.exported, k.last_good, k.retries) == ("unstable_uncoalesced", ACTIVE, BASE, 0)
+    assert (k.state, k.exported, k.last_good, k.retries) == ("unstable_uncoalesced", BASE, BASE, 0)
     assert d.state.pcpis[k.scratch].owners == frozenset({"K"})
     d = decide(d.state, ev.PcpiTaken(name=take.name))
-    assert d.state.replicas["K"].exported == take.name  # "creating a PCPI and exporting it"
-    assert d.effects == (
-        fx.Export(mapping={"K": take.name, "B": BASE}),
-        fx.Rollback(replica="K", from_pcpi=take.name, to_pcpi=BASE, retry=True),
-    )
+    assert d.state.replicas["K"].exported == BASE  # the fence stays: the scratch PCPI is never exported
+    assert d.effects == (fx.Rollback(replica="K", from_pcpi=take.name, to_pcpi=BASE, retry=True),)
     d2 = decide(d.state, ev.RollbackDone(replica="K", ok=True))
     k = d2.state.replicas["K"]
     assert (k.state, k.exported, k.scratch) == ("stable_uncoalesced", BASE, None)
-    assert d2.effects == (fx.Export(mapping={"K": BASE, "B": BASE}), fx.ReleasePcpi(name=take.name))
+    assert d2.effects == (fx.ReleasePcpi(name=take.name),)
     d3 = decide(d.state, ev.RollbackDone(replica="K", ok=False, now=10.0))
     k = d3.state.replicas["K"]
     assert (k.state, k.exported, k.scratch, k.retries) == ("unstable_uncoalesced", BASE, None, 1)
-    assert d3.effects == (fx.Export(mapping={"K": BASE, "B": BASE}), fx.ReleasePcpi(name=take.name))
+    assert d3.effects == (fx.ReleasePcpi(name=take.name),)
 
 
 def test_add_replica_is_uninitialized_and_idempotent():
@@ -1986,11 +1986,12 @@ def test_a_refused_retry_or_resync_pcpi_backs_off_and_exports_the_last_good_imag
     assert a.next_retry == 20.0 + RETRY.delay(1) and "PCPI limit" in a.last_error
     assert take.name not in d.state.pcpis and d.effects == ()
     d = decide(d.state, ev.Resync(replica="K"))
-    (take,) = d.effects
+    fence, take = d.effects  # the fence exported K's last good image before the take
+    assert fence == fx.Export(mapping={"A": IND, "K": BASE, "B": BASE})
     d = decide(d.state, ev.PcpiRefused(name=take.name, now=21.0, error="PCPI limit"))
     k = d.state.replicas["K"]
     assert (k.state, k.scratch, k.exported) == ("unstable_uncoalesced", None, BASE)
-    assert d.effects == (fx.Export(mapping={"A": IND, "K": BASE, "B": BASE}),)
+    assert d.effects == ()  # it exports that image already
 
 
 def test_pcpi_shortfall_refuses_a_cycle_without_room_for_its_pcpis_I1():
