@@ -108,3 +108,8 @@ class VerificationFailed(BackendError):
         "the update is rolled back and retried; a replica that keeps failing its check is "
         "re-seeded (docs/verification.md); `coalesce verify --full NAME` compares a whole export"
     )
+
+
+class UnrequestedStream(StreamError):
+    """A change stream's Begin names another qtree, base or target than the transfer asked for
+    (coalesce_core.stream.requested): nothing of it is applied, the update rolls back."""

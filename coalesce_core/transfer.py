@@ -1,7 +1,7 @@
 """The transfer pipeline: the data path of one baseline, update or re-seed.
 
-source diff -> codec check -> (an update: the spool) -> destination apply (with purgatory)
--> the check before ``done`` (coalesce_core.verifier.TransferCheck).  The agent decides
+source diff -> codec check -> the request check (coalesce_core.stream.requested)
+-> (an update: the spool) -> destination apply (with purgatory) -> the check before ``done`` (coalesce_core.verifier.TransferCheck).  The agent decides
 and records; :func:`run_transfer` only moves the records.
 """
 
@@ -17,6 +17,7 @@ from coalesce_core.crashpoints import SimulatedCrash
 from coalesce_core.cycle import effects as fx
 from coalesce_core.stream import codec
 from coalesce_core.stream.records import Begin
+from coalesce_core.stream.requested import as_requested
 from coalesce_core.stream.spool import Spool, skip_changes
 
 #: records between two calls of ``progress``
@@ -95,16 +96,18 @@ def run_transfer(
     sources: list[object] = []
 
     def diff(skip: int = 0) -> Iterator[object]:
-        """The source's stream after its first ``skip`` change records."""
+        """The source's stream after its first ``skip`` change records, refused at its first
+        record unless it is the stream asked for (coalesce_core.stream.requested)."""
         # a remote source's records were decoded and checked by the codec on arrival, and
         # its server skips; a local stream is checked whole by the codec, then skipped
         remote = source.records_decoded
         opened = source.diff(eff.source_qtree, eff.base, eff.target, skip=skip if remote else 0)
         sources.append(opened)
-        if remote:
-            return opened
-        stream = codec.roundtrip(opened)
-        return skip_changes(stream, skip) if skip else stream
+        records: Iterator[object] = opened
+        if not remote:
+            records = codec.roundtrip(opened)
+            records = skip_changes(records, skip) if skip else records
+        return as_requested(records, eff.source_qtree, eff.base, eff.target)
 
     spool = spool if eff.base is not None else None
     stream: Iterator[object] | None = None

@@ -36,9 +36,10 @@ import attrs
 
 from coalesce_core.backend.handles import VolumeHandle
 from coalesce_core.backend.urls import VolumeURL
-from coalesce_core.errors import BackendError, ConfigError, CorruptStream, HostilePath, StreamError
+from coalesce_core.errors import BackendError, ConfigError, CorruptStream, HostilePath, StreamError, UnrequestedStream
 from coalesce_core.stream import codec
 from coalesce_core.stream.records import Begin, End
+from coalesce_core.stream.requested import check_begin
 
 from . import protocol as P
 
@@ -492,11 +493,7 @@ class RemoteVolume(VolumeHandle):
                 seg = 0
                 for rec in codec.decode(chunks):
                     if isinstance(rec, Begin):
-                        if (rec.base, rec.target) != (base, target):
-                            raise CorruptStream(
-                                f"the source sent the stream {rec.base}..{rec.target}, "
-                                f"not the requested {base}..{target}"
-                            )
+                        check_begin(rec, qtree, base, target)  # every resume's Begin too
                         if not begun:
                             begun = True
                             yield rec
@@ -514,8 +511,8 @@ class RemoteVolume(VolumeHandle):
                     failures = 0  # progress was made: the retry budget is per stall, not per transfer
                     yield rec
             except (P.ConnectionLost, StreamError) as exc:
-                if isinstance(exc, HostilePath):
-                    raise
+                if isinstance(exc, (HostilePath, UnrequestedStream)):
+                    raise  # a hostile stream is not retried
                 self._forget(sess)
                 failures += 1
                 resumes += 1

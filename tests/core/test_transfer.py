@@ -14,6 +14,7 @@ from typing import Any, Iterator
 
 import pytest
 from dropper import DropRecord, of_type
+from forger import ForgeBegin
 
 import coalesce_mem
 from coalesce_core.backend.faults import FaultInjector, InjectedFault, Rule
@@ -23,7 +24,7 @@ from coalesce_core.backend.manager import plugin_manager
 from coalesce_core.backend.volume import Volume
 from coalesce_core.crashpoints import SimulatedCrash
 from coalesce_core.cycle.effects import Transfer
-from coalesce_core.errors import VerificationFailed
+from coalesce_core.errors import UnrequestedStream, VerificationFailed
 from coalesce_core.stream.records import Begin, MkFile, Unlink, Write
 from coalesce_core.stream.spool import Spool, skip_changes
 from coalesce_core.transfer import PROGRESS_EVERY, Transferred, crash_point, run_transfer
@@ -322,4 +323,59 @@ def test_a_fault_on_the_resumed_diff_of_a_resumable_source_fails_the_update_clea
     with pytest.raises(InjectedFault, match="at record 4"):
         run_transfer(update(resume=True), p.src, p.dst, spool=spool)
     assert rule.fired == 1 and p.src.handle.skips[-1] > 0  # it fired for the diff asked to skip
+    assert spool.replicas() == []
+
+
+FORGED = {"qtree": {"qtree": "B"}, "base": {"base": "s0"}, "target": {"target": "s3"}}
+
+
+@pytest.mark.parametrize("field", sorted(FORGED))
+@pytest.mark.parametrize("remote", [False, True], ids=["local source", "resumable source"])
+@pytest.mark.parametrize("spooled", [True, False], ids=["spool", "no spool"])
+def test_a_stream_of_another_qtree_base_or_target_is_refused_before_anything_is_applied(
+    pairs, tmp_path, field, remote, spooled
+):
+    forge = ForgeBegin(volume="tr-src", **FORGED[field])
+    p = pairs(ResumableBackend(), forge, source_scheme="rmem") if remote else pairs(forge)
+    _seed(p)
+    _change(p)
+    spool = Spool(tmp_path / "spool")
+    forge.armed = True
+    with pytest.raises(UnrequestedStream, match="the transfer asked for qtree 'A' from 's1' to 's2'") as info:
+        run_transfer(update(), p.src, p.dst, spool=spool if spooled else None)
+    assert repr(FORGED[field][field]) in str(info.value)
+    assert forge.pulled == [1]  # the Begin, and nothing after it
+    assert p.dst.fingerprint("R") == p.dst.fingerprint("R", "d1")  # no rollback needed: nothing applied
+    assert spool.replicas() == []
+    forge.armed = False
+    assert run_transfer(update(), p.src, p.dst, spool=spool if spooled else None).verified and p.same("s2")
+
+
+def test_a_baseline_of_another_qtree_is_refused_and_leaves_the_replica_empty(pairs):
+    forge = ForgeBegin(volume="tr-src", qtree="B")
+    p = pairs(forge)
+    p.fill(12)
+    p.writer.write_file("B/secret", b"not for R")
+    p.writer.snapshot_create("s1")
+    forge.armed = True
+    with pytest.raises(UnrequestedStream, match="stream of qtree 'B' from the empty tree to 's1'"):
+        run_transfer(baseline(), p.src, p.dst)
+    assert forge.pulled == [1]
+    assert not p.dwriter.exists("R/secret") and not p.dwriter.exists("R/d0")
+
+
+def test_a_resumed_stream_of_another_target_is_refused_after_the_spooled_records(pairs, tmp_path):
+    """The spool replays what was checked when it was recorded; the source's rest is checked again."""
+    forge = ForgeBegin(volume="tr-src", target="s3")
+    p = pairs(ResumableBackend(), forge, source_scheme="rmem")
+    _seed(p)
+    _change(p, files=150)
+    spool = Spool(tmp_path / "spool")
+    _crash(p, update(), spool, after=200)
+    p.dst.snapshot_create("rb")
+    p.dst.rollback("R", "rb", "d1")
+    forge.armed = True
+    with pytest.raises(UnrequestedStream, match="qtree 'A' from 's1' to 's3'"):
+        run_transfer(update(resume=True), p.src, p.dst, spool=spool)
+    assert forge.pulled == [1] and p.src.handle.skips[-1] > 0
     assert spool.replicas() == []

@@ -20,9 +20,9 @@ from net.netkit import ServerRecorder, recv_all, serve_pair
 import coalesce_mem
 from coalesce_core.backend.manager import plugin_manager
 from coalesce_core.backend.urls import VolumeURL
-from coalesce_core.errors import CoalesceError
+from coalesce_core.errors import CoalesceError, UnrequestedStream
 from coalesce_core.stream import codec
-from coalesce_core.stream.records import Record
+from coalesce_core.stream.records import Begin, Record, framed
 from coalesce_remote import protocol as P
 from coalesce_remote.client import ClientSettings, RemoteVolume
 from coalesce_remote.serve import Grant, ServerConfig, SourceService, parse_server_config
@@ -254,6 +254,38 @@ def _valid_stream_messages() -> bytes:
     for i in range(0, len(raw), 700):
         out += P.encode_message(P.DATA, 1, raw[i : i + 700])
     return out + P.encode_message(P.END, 1, b'{"records": 0}')
+
+
+@pytest.mark.parametrize(
+    "begin",
+    [
+        Begin(qtree="B", base=None, target="co-g-src-000001"),
+        Begin(qtree="A", base="co-g-src-000000", target="co-g-src-000001"),
+        Begin(qtree="A", base=None, target="co-g-src-000002"),
+    ],
+    ids=["qtree", "base", "target"],
+)
+def test_a_server_that_sends_another_stream_is_refused_at_its_begin_and_not_retried(service, begin):
+    """A hostile server answers the diff of A (baseline to co-g-src-000001) with another stream's
+    Begin: the client refuses it at once (no resume: asking again would only get the same)."""
+    local = coalesce_mem.volume_for(SRC)
+    changes = list(local.diff("A", None, "co-g-src-000001"))[1:-1]
+    raw = b"".join(
+        bytes(c) for c in codec.encode(cast("Iterable[Record]", framed(begin.qtree, begin.base, begin.target, changes)))
+    )
+    payload = P.encode_message(P.DATA, 1, raw) + P.encode_message(P.END, 1, b'{"records": 0}')
+    v = _fake_client(payload)
+    connections = []
+    channel = v._tls_channel
+    v._tls_channel = lambda: connections.append(1) or channel()
+    got = []
+    with pytest.raises(
+        UnrequestedStream, match="the transfer asked for qtree 'A' from the empty tree to 'co-g-src-000001'"
+    ):
+        for rec in v.diff("A", None, "co-g-src-000001"):
+            got.append(rec)
+    assert got == [] and len(connections) == 1
+    v.close()
 
 
 def test_client_reads_a_valid_fake_stream(service):
