@@ -39,6 +39,7 @@ from coalesce_core.ledger import Ledger
 from coalesce_core.stream.records import Begin
 from coalesce_core.stream.spool import Spool
 from coalesce_core.transfer import run_transfer
+from coalesce_core.ui.peertext import clean
 
 #: transitions that record a failed transfer (`run --once` exits EXIT_TRANSFER_FAILED) or rollback
 TRANSFER_FAILURES = ("update_failed", "baseline_failed", "reseed_failed")
@@ -737,6 +738,8 @@ def _max_lag(s: GroupState, now: float) -> float | None:
 
 
 def _describe(exc: BaseException) -> str:
+    """The text of a failure as the ledger keeps it (``last_error``): one line, bounded, a peer's
+    control characters shown as escapes (coalesce_core.ui.peertext), whatever the error held."""
     hint = getattr(exc, "hint", "")
     text = f"{type(exc).__name__}: {exc}"
-    return f"{text} ({hint})" if hint else text
+    return clean(f"{text} ({hint})" if hint else text)

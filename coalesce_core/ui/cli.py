@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 from rich.console import Console, Group
-from rich.markup import escape
 from rich.text import Text
 
 from coalesce_core import __version__, crashpoints, grouplock
@@ -30,6 +29,7 @@ from coalesce_core.config import GroupConfig, load_config, replica_block
 from coalesce_core.errors import BackendError, CoalesceError, ConfigError
 from coalesce_core.ui import graphs, logs, render, reports
 from coalesce_core.ui.errors import report_error
+from coalesce_core.ui.peertext import markup
 from coalesce_core.ui.tracker import Tracker
 
 EXIT_OK = 0
@@ -103,7 +103,7 @@ def cmd_init(args: argparse.Namespace) -> int:
     try:
         _console().print(
             f"initialised group [bold]{agent.state.name}[/] with {len(agent.state.replicas)} replicas; "
-            f"metadata at {agent.ledger.path}"
+            f"metadata at {markup(agent.ledger.path)}"
         )
     finally:
         agent.close()
@@ -125,7 +125,9 @@ def cmd_add(args: argparse.Namespace) -> int:
         agent.add_replica(args.name, source)
     with open(cfg.path, "a", encoding="utf-8") as fh:
         fh.write(block)
-    _console().print(f"added replica [bold]{args.name}[/] (source qtree {source}); its baseline runs in the next cycle")
+    _console().print(
+        f"added replica [bold]{markup(args.name)}[/] (source qtree {markup(source)}); its baseline runs in the next cycle"
+    )
     return EXIT_OK
 
 
@@ -220,13 +222,13 @@ def _run(args: argparse.Namespace, stop: _Stop) -> int:
         logs.say(
             logging.ERROR,
             f"cycle failed: {exc.message}",
-            markup=f"[bold red]cycle failed:[/] {escape(exc.message)}",
+            markup=f"[bold red]cycle failed:[/] {markup(exc.message)}",
         )
         logs.say(
             logging.ERROR,
             f"next: recovering and retrying in {wait:g} s" + (f"; {exc.hint}" if exc.hint else ""),
             markup=f"[bold]next:[/] recovering and retrying in {wait:g} s"
-            + (f"; {escape(exc.hint)}" if exc.hint else ""),
+            + (f"; {markup(exc.hint)}" if exc.hint else ""),
         )
 
     try:
@@ -271,7 +273,7 @@ def _print_failures(failures: list[dict[str, str]], args: argparse.Namespace) ->
             logs.say(
                 logging.WARNING,
                 f"{f['trigger']} {f['replica']}: {f['error']}",
-                markup=f"[bold red]{escape(f['trigger'])}[/] {escape(f['replica'])}: {escape(f['error'])}",
+                markup=f"[bold red]{markup(f['trigger'])}[/] {markup(f['replica'])}: {markup(f['error'])}",
                 to="console",
             )
     elif not args.quiet:
@@ -279,7 +281,7 @@ def _print_failures(failures: list[dict[str, str]], args: argparse.Namespace) ->
         logs.say(
             logging.WARNING,
             f"failed: {names} (`coalesce status` shows why; --debug prints the errors)",
-            markup=f"[bold red]failed:[/] {escape(names)} (`coalesce status` shows why; --debug prints the errors)",
+            markup=f"[bold red]failed:[/] {markup(names)} (`coalesce status` shows why; --debug prints the errors)",
             to="console",
         )
 
@@ -469,22 +471,24 @@ def cmd_verify(args: argparse.Namespace) -> int:
             what = f"{row['checked']} paths" + (", with content" if row["full"] else "")
             if row["result"] == "ok":
                 console.print(
-                    f"[bold]{escape(row['replica'])}[/] [green]ok[/] ({what}; {escape(row['exported_pcpi'])} "
-                    f"= source PCPI {escape(row['source_point'])})"
+                    f"[bold]{markup(row['replica'])}[/] [green]ok[/] ({what}; {markup(row['exported_pcpi'])} "
+                    f"= source PCPI {markup(row['source_point'])})"
                 )
             elif row["result"] == "differs":
                 console.print(
-                    f"[bold]{escape(row['replica'])}[/] [bold red]differs[/] ({what}; "
-                    f"{escape(row['exported_pcpi'])} against source PCPI {escape(row['source_point'])}):"
+                    f"[bold]{markup(row['replica'])}[/] [bold red]differs[/] ({what}; "
+                    f"{markup(row['exported_pcpi'])} against source PCPI {markup(row['source_point'])}):"
                 )
                 for d in row["differences"]:
-                    console.print(f"  {escape(d['message'])}")
+                    console.print(f"  {markup(d['message'])}")
             else:
                 console.print(
-                    f"[bold]{escape(row['replica'])}[/] [yellow]{row['result']}[/]: {escape(row['detail'] or '')}"
+                    f"[bold]{markup(row['replica'])}[/] [yellow]{markup(row['result'])}[/]: {markup(row['detail'] or '')}"
                 )
             if row["not_compared"]:
-                console.print(f"  not compared (the destination does not keep them): {', '.join(row['not_compared'])}")
+                console.print(
+                    f"  not compared (the destination does not keep them): {markup(', '.join(row['not_compared']))}"
+                )
     if any(r["result"] == "differs" for r in rows):
         return EXIT_ERROR
     return BackendError.exit_code if any(r["result"] == "error" for r in rows) else EXIT_OK
@@ -504,7 +508,9 @@ def cmd_resync(args: argparse.Namespace) -> int:
     with _agent(args) as agent:
         agent.resync(args.name)
         r = agent.state.replicas[args.name]
-        _console().print(f"replica [bold]{args.name}[/] is {r.state}; it rejoins the cycle at the next jump-ahead")
+        _console().print(
+            f"replica [bold]{markup(args.name)}[/] is {r.state}; it rejoins the cycle at the next jump-ahead"
+        )
     return EXIT_OK
 
 
@@ -513,7 +519,7 @@ def cmd_reseed(args: argparse.Namespace) -> int:
         agent.reseed(args.name, args.reason or "requested by the operator (coalesce reseed)")
         r = agent.state.replicas[args.name]
         _console().print(
-            f"replica [bold]{args.name}[/] is {r.state}: outside the cycle, still exporting its last good "
+            f"replica [bold]{markup(args.name)}[/] is {r.state}: outside the cycle, still exporting its last good "
             f"image; the next cycle re-seeds it by a baseline transfer, and it rejoins the cycle at the "
             f"jump-ahead after that"
         )

@@ -17,10 +17,10 @@ import logging
 import sys
 
 from rich.console import Console
-from rich.markup import escape
 
 from coalesce_core.errors import CoalesceError
 from coalesce_core.ui import logs
+from coalesce_core.ui.peertext import clean, markup
 
 #: An unexpected failure (a bug): docs/cli.md, "Exit codes".
 EXIT_INTERNAL = 1
@@ -36,7 +36,8 @@ def report_error(exc: BaseException, *, styled: bool = True, prog: str = "") -> 
 
     ``styled`` prints through rich (bold labels, red ``error:`` on a terminal;
     the message escaped, so brackets print as they are); without it the lines
-    are written as they are.  ``prog`` goes before ``error:`` and ``internal error:``
+    are written as they are.  Either way a control character in them (a peer's text) is shown
+    as its escape (coalesce_core.ui.peertext).  ``prog`` goes before ``error:`` and ``internal error:``
     (``coalesce serve: error: ...``) where standard error is a server's log.
 
     While :func:`coalesce_core.ui.logs.configure` is in force the lines are log records at
@@ -49,19 +50,19 @@ def report_error(exc: BaseException, *, styled: bool = True, prog: str = "") -> 
         return exc.exit_code if isinstance(exc, CoalesceError) else EXIT_INTERNAL
     if not isinstance(exc, CoalesceError):
         sys.stderr.write(
-            f"{lead}internal error: {type(exc).__name__}: {exc}\n"
+            f"{lead}internal error: {type(exc).__name__}: {clean(exc)}\n"
             "hint: run again with --debug for the traceback and report it\n"
         )
         return EXIT_INTERNAL
     if styled:
         err = Console(stderr=True, highlight=False, soft_wrap=True)
-        err.print(f"{escape(lead)}[bold red]error:[/] {escape(exc.message)}", markup=True)
+        err.print(f"{markup(lead)}[bold red]error:[/] {markup(exc.message)}", markup=True)
         if exc.hint:
-            err.print(f"[bold]hint:[/] {escape(exc.hint)}", markup=True)
+            err.print(f"[bold]hint:[/] {markup(exc.hint)}", markup=True)
     else:
-        print(f"{lead}error: {exc.message}", file=sys.stderr)
+        print(f"{lead}error: {clean(exc.message)}", file=sys.stderr)
         if exc.hint:
-            print(f"hint: {exc.hint}", file=sys.stderr)
+            print(f"hint: {clean(exc.hint)}", file=sys.stderr)
     return exc.exit_code
 
 
@@ -74,7 +75,7 @@ def _log_error(exc: BaseException, styled: bool, lead: str) -> None:
     logs.say(
         logging.ERROR,
         f"{lead}error: {exc.message}",
-        markup=f"{escape(lead)}[bold red]error:[/] {escape(exc.message)}" if styled else None,
+        markup=f"{markup(lead)}[bold red]error:[/] {markup(exc.message)}" if styled else None,
     )
     if exc.hint:
-        logs.say(logging.ERROR, f"hint: {exc.hint}", markup=f"[bold]hint:[/] {escape(exc.hint)}" if styled else None)
+        logs.say(logging.ERROR, f"hint: {exc.hint}", markup=f"[bold]hint:[/] {markup(exc.hint)}" if styled else None)

@@ -17,7 +17,8 @@ installs up to two handlers for the life of one command:
 A record may say who it is for with ``extra``: ``to="log"`` (the file and the
 journal, not the terminal: detail a person at a terminal did not ask for),
 ``to="console"`` (the terminal only: a summary whose detail went to the log),
-``markup`` (rich markup for the terminal, instead of the plain message) and
+``markup`` (rich markup for the terminal, instead of the plain message; text from a peer in it
+goes through coalesce_core.ui.peertext.markup) and
 ``stdout=True`` (the terminal's standard output).
 """
 
@@ -33,6 +34,7 @@ from typing import TextIO
 from rich.console import Console
 
 from coalesce_core.errors import ConfigError
+from coalesce_core.ui.peertext import LineFormatter, clean
 
 #: The logger every coalesce message goes through; modules log to its children.
 log = logging.getLogger("coalesce")
@@ -110,9 +112,10 @@ class _Audience(logging.Filter):
         return getattr(record, "to", "all") in self.accepted
 
 
-class FileFormatter(logging.Formatter):
+class FileFormatter(LineFormatter):
     """``2026-05-09T07:35:25.123Z INFO home[4242] message``: UTC, milliseconds, one line per record
-    (a traceback follows on its own lines)."""
+    (a traceback follows on its own lines; a control character or newline in the message, which may
+    hold a peer's text, is shown as its escape: coalesce_core.ui.peertext)."""
 
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)s %(group)s[%(process)d] %(message)s")
@@ -121,9 +124,9 @@ class FileFormatter(logging.Formatter):
         return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z"
 
 
-class JournalFormatter(logging.Formatter):
+class JournalFormatter(LineFormatter):
     """``<6>home: message``: the priority on every line (journald reads each line as an entry),
-    no timestamp (the journal keeps its own)."""
+    no timestamp (the journal keeps its own); the message is one line (coalesce_core.ui.peertext)."""
 
     def format(self, record: logging.LogRecord) -> str:
         text = super().format(record)
@@ -146,7 +149,7 @@ class ConsoleHandler(logging.Handler):
             if markup is not None:
                 console.print(markup, markup=True)
             else:
-                console.print(self.format(record), markup=False, emoji=False)
+                console.print(clean(self.format(record), multiline=True, limit=None), markup=False, emoji=False)
         except Exception:
             self.handleError(record)
 

@@ -26,6 +26,7 @@ from coalesce_core.cycle.invariants import Finding
 from coalesce_core.cycle.spec import Spec, load_spec
 from coalesce_core.cycle.state import CYCLE_ROLES, INDIVIDUAL, GroupState
 from coalesce_core.ui.formatting import clock, duration, short_pcpi, shorten
+from coalesce_core.ui.peertext import clean
 from coalesce_core.ui.tracker import Tracker, TransferProgress
 
 #: PCPIs a cycle may hold at once (I1), whatever the number of replicas.
@@ -80,20 +81,20 @@ def status_table(state: GroupState, export_paths: Mapping[str, str | None], now:
         st = spec.replica.state(r.state)
         notes = []
         if r.reseed_reason:
-            notes.append(f"re-seed: {r.reseed_reason}")
+            notes.append(f"re-seed: {clean(r.reseed_reason)}")
         if r.last_error:
-            notes.append(r.last_error[:80])
+            notes.append(clean(r.last_error[:80]))  # a peer's text (ui/peertext.py), never markup
         if r.state in ("unstable_uncoalesced", "reseed_pending") and r.next_retry:
             what = "retry" if r.state == "unstable_uncoalesced" else "re-seed"
             notes.append(f"{what} #{r.retries + 1} at {clock(r.next_retry)}")
         lag = state.lag(r, now) if now is not None else None
         fails = Text(str(r.consecutive_failures), style="bold red" if r.consecutive_failures else "dim")
         t.add_row(
-            r.name,
+            Text(clean(r.name)),
             state_text(r.state, spec),
             "cycle" if st.field == "cycle" else "outside",
-            _exports(r),
-            r.source_point or "—",
+            Text(clean(_exports(r))),
+            Text(clean(r.source_point or "—")),
             duration(lag) if lag is not None else "—",
             fails,
             clock(r.last_success),
@@ -159,8 +160,8 @@ def budget_table(state: GroupState) -> RenderableType:
     for p in sorted(state.pcpis.values(), key=lambda p: (ROLE_ORDER.get(p.role, 9), p.name)):
         t.add_row(
             Text(p.role, style="red" if p.role == INDIVIDUAL else ""),
-            p.name + (" (releasing)" if p.releasing else ""),
-            ",".join(sorted(p.owners)) or "—",
+            Text(clean(p.name) + (" (releasing)" if p.releasing else "")),
+            Text(clean(",".join(sorted(p.owners)) or "—")),
         )
     return Group(budget_text(state), t) if state.pcpis else budget_text(state)
 
@@ -174,7 +175,11 @@ def check_table(findings: list[Finding]) -> Table:
     t.add_column("result")
     t.add_column("detail")
     for f in findings:
-        t.add_row(f.invariant, Text("ok" if f.ok else "VIOLATED", style="green" if f.ok else "bold red"), f.detail)
+        t.add_row(
+            f.invariant,
+            Text("ok" if f.ok else "VIOLATED", style="green" if f.ok else "bold red"),
+            Text(clean(f.detail)),
+        )
     return t
 
 
@@ -237,7 +242,7 @@ def history_table(cycles: list[dict[str, Any]], bars: bool = True) -> Table:
                 )
             )
         row += [
-            f"{slow} ({duration(c.get('slowest_seconds'))})" if slow else "—",
+            Text(f"{clean(slow)} ({duration(c.get('slowest_seconds'))})" if slow else "—"),
             f"+{len(c.get('pcpis_taken') or [])} −{len(c.get('pcpis_released') or [])}",
             Text(str(fails), style="bold red" if fails else "green"),
             f"{c.get('records', 0)} rec, {_fmt_bytes(int(c.get('bytes') or 0))}",

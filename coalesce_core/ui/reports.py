@@ -12,6 +12,7 @@ from coalesce_core.backend.hookspecs import ACTIVE
 from coalesce_core.cycle.invariants import Finding
 from coalesce_core.cycle.spec import Spec, load_spec
 from coalesce_core.cycle.state import GroupState
+from coalesce_core.ui.peertext import clean
 
 
 def status_data(
@@ -40,13 +41,13 @@ def status_data(
                 "exports_active_fs": r.exported == ACTIVE,
                 "source_point": r.source_point,
                 "export_path": export_paths.get(r.name),
-                "error": r.last_error or None,
-                "last_error": r.last_error or None,
+                "error": clean(r.last_error) if r.last_error else None,  # peer text (ui/peertext.py)
+                "last_error": clean(r.last_error) if r.last_error else None,
                 "consecutive_failures": r.consecutive_failures,
                 "last_success": r.last_success or None,
                 "source_point_time": state.source_point_time(r),
                 "lag_seconds": None if now is None or (lag := state.lag(r, now)) is None else round(lag, 3),
-                "reseed_reason": r.reseed_reason or None,
+                "reseed_reason": clean(r.reseed_reason) if r.reseed_reason else None,
                 "retries": r.retries,
             }
             for r in sorted(state.replicas.values(), key=lambda r: r.name)

@@ -40,6 +40,7 @@ from coalesce_core.errors import BackendError, ConfigError, CorruptStream, Hosti
 from coalesce_core.stream import codec
 from coalesce_core.stream.records import Begin, End
 from coalesce_core.stream.requested import check_begin
+from coalesce_core.ui.peertext import clean
 
 from . import protocol as P
 
@@ -215,7 +216,7 @@ class _Stderr:
 
     def _run(self, stream: Any) -> None:
         for line in iter(stream.readline, b""):
-            self.lines.append(line.decode("utf-8", "replace").rstrip())
+            self.lines.append(clean(line.decode("utf-8", "replace").rstrip()))  # the peer's text
         stream.close()
 
     def text(self, wait: float = 0.0) -> str:

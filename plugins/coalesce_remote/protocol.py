@@ -43,6 +43,7 @@ from types import ModuleType
 from typing import Any, Iterable, Iterator, Literal, Protocol, cast, overload
 
 from coalesce_core.errors import BackendError, CoalesceError
+from coalesce_core.ui.peertext import clean
 
 MAGIC = b"COALPROT"
 PROTOCOL_VERSION = 1
@@ -614,9 +615,10 @@ class Connection:
 
 
 def error_from(obj: dict[str, Any]) -> RemoteError:
-    code = str(obj.get("error", "error"))[:100]
-    msg = str(obj.get("message", "the source service refused the request"))[:4000]
-    hint = str(obj.get("hint", ""))[:4000] or None
+    # the peer's text: shown as escapes where it holds control characters (coalesce_core.ui.peertext)
+    code = clean(obj.get("error", "error"), limit=100)
+    msg = clean(obj.get("message", "the source service refused the request"))
+    hint = clean(obj.get("hint", "")) or None
     cls = Refused if code == "refused" else RemoteError
     return cls(f"source service: {msg}", code=code, hint=hint)
 

@@ -27,6 +27,7 @@ import argparse
 import fnmatch
 import json
 import logging
+import logging.handlers
 import os
 import socket
 import ssl
@@ -45,6 +46,7 @@ from coalesce_core.readahead import read_ahead
 from coalesce_core.stream import codec
 from coalesce_core.stream.records import Begin, End
 from coalesce_core.ui.errors import report_error
+from coalesce_core.ui.peertext import LineFormatter, quoted
 
 from . import protocol as P
 
@@ -274,7 +276,7 @@ class SourceService:
     def _refuse(self, ident: str, peer: str, what: str, hint: str = "") -> P.Refused:
         with self._lock:
             self.stats["refused"] += 1
-        log.warning("refused %s from %s: %s", ident, peer, what)
+        log.warning("refused %s from %s: %s", quoted(ident), peer, what)
         return P.Refused(what, code="refused", hint=hint or "the source's server config does not allow it")
 
     # -- one connection ---------------------------------------------------------------
@@ -811,10 +813,34 @@ def _serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
 
+#: where ``--stdio`` logs without ``log`` in [server]: the host's syslog socket (journald reads it)
+SYSLOG = "/dev/log"
+
+
+def log_handler(config: ServerConfig, stdio: bool, syslog: str = SYSLOG) -> logging.Handler:
+    """Where the server's log goes: ``log`` in [server] when set; else, with ``--stdio``, the
+    host's syslog (``syslog``; nothing when there is none), never standard error: behind ssh
+    standard error reaches the client, which would read the server's log (identities, volume
+    names, refusals) and show it; else (``--listen``) standard error.  Every record is one
+    line whatever text a peer put in it (coalesce_core.ui.peertext)."""
+    handler: logging.Handler
+    if config.log:
+        handler = logging.FileHandler(config.log)
+    elif not stdio:
+        handler = logging.StreamHandler(sys.stderr)
+    elif os.path.exists(syslog):
+        handler = logging.handlers.SysLogHandler(address=syslog, facility=logging.handlers.SysLogHandler.LOG_DAEMON)
+        handler.setFormatter(LineFormatter("coalesce-serve[%(process)d]: %(levelname)s %(message)s"))
+        return handler
+    else:
+        return logging.NullHandler()
+    handler.setFormatter(LineFormatter("%(asctime)s coalesce-serve[%(process)d] %(levelname)s %(message)s"))
+    return handler
+
+
 def run_serve(args: argparse.Namespace) -> int:
     config = load_server_config(args.config)
-    handler: logging.Handler = logging.FileHandler(config.log) if config.log else logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s coalesce-serve[%(process)d] %(levelname)s %(message)s"))
+    handler = log_handler(config, bool(args.stdio))
     log.addHandler(handler)
     log.propagate = False  # its own destination: not printed again by the `coalesce` verbs' log (ui/logs.py)
     log.setLevel(args.log_level)

@@ -371,3 +371,11 @@ def test_server_config_errors_name_the_key(tmp_path):
     assert g.may_read_qtree("src", "A1") and not g.may_read_qtree("src", "B")
     assert g.may_use_pcpi("co-g-src-000001") and not g.may_use_pcpi("co-h-src-000001")
     assert P.parse_rate("100Mbit/s") == 12.5e6 and P.parse_rate("500KB/s") == 500_000
+
+
+def test_a_server_error_text_is_data():
+    """A server's ERROR message, hint and code reach the operator with their control characters escaped."""
+    err = P.error_from({"error": "refused\x1b", "message": "no [/] \x1b]0;owned\x07\nINFO forged", "hint": "\rx"})
+    assert isinstance(err, P.RemoteError) and not isinstance(err, P.Refused)
+    assert err.message == "source service: no [/] \\x1b]0;owned\\x07\\nINFO forged"
+    assert err.hint == "\\rx" and err.code == "refused\\x1b"

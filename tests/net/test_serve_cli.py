@@ -100,3 +100,53 @@ def test_a_busy_port_is_an_error_with_a_hint_not_an_internal_error(tmp_path, cer
     assert r.returncode == 2, r.stderr
     assert f"cannot listen on 127.0.0.1:{port}" in r.stderr and "hint:" in r.stderr
     assert "internal error" not in r.stderr
+
+
+def _stdio(cfg, identity: str = "a") -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "coalesce_remote.serve", "--stdio", "--config", str(cfg), "--identity", identity],
+        input=b"",
+        capture_output=True,
+        timeout=60,
+    )
+
+
+def test_stdio_never_sends_the_server_log_to_the_client(tmp_path):
+    """Behind ssh the client reads stdout and shows stderr: the log (here: a refused identity and
+    the connection's end) goes to `log` in [server], else to syslog, never to either."""
+    log = tmp_path / "serve.log"
+    cfg = tmp_path / "s.toml"
+    cfg.write_text(f'[server]\nlog = "{log}"\n[volumes]\nsrc = "mem://x"\n[clients.a]\nvolumes = ["src"]\n')
+    r = _stdio(cfg, identity="who\nINFO forged")
+    assert r.returncode == 0 and r.stderr == b"" and r.stdout == b"COALPROT\x01"
+    lines = log.read_text().splitlines()
+    assert lines and all(" coalesce-serve[" in ln for ln in lines)
+    assert any("connection from ssh:stdio (identity 'who\\nINFO forged')" in ln for ln in lines)
+    cfg.write_text('[volumes]\nsrc = "mem://x"\n[clients.a]\nvolumes = ["src"]\n')  # no `log`
+    r = _stdio(cfg)
+    assert r.returncode == 0 and r.stderr == b"" and r.stdout == b"COALPROT\x01"
+
+
+def test_stdio_logs_to_syslog_without_a_log_file(tmp_path):
+    """The handler --stdio gets without `log`: one datagram per record to the syslog socket, one line."""
+    import logging
+    import socket
+
+    path = str(tmp_path / "log.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(path)
+    sock.settimeout(5)
+    handler = serve.log_handler(serve.ServerConfig(), stdio=True, syslog=path)
+    try:
+        rec = logging.LogRecord("coalesce.serve", logging.WARNING, __file__, 1, "refused %s", ("x\ny\x1b",), None)
+        handler.emit(rec)
+        got = sock.recv(4096).decode()
+    finally:
+        handler.close()
+        sock.close()
+    assert got.startswith("<28>coalesce-serve[")  # daemon.warning
+    assert got.rstrip("\x00").endswith("WARNING refused x\\ny\\x1b")
+    assert isinstance(
+        serve.log_handler(serve.ServerConfig(), stdio=True, syslog=str(tmp_path / "none")), logging.NullHandler
+    )
+    assert isinstance(serve.log_handler(serve.ServerConfig(), stdio=False), logging.StreamHandler)

@@ -115,7 +115,7 @@ def test_unknown_identity_is_refused(served, monkeypatch, caplog):
     with caplog.at_level(logging.INFO, logger="coalesce.serve"):
         with pytest.raises(Refused, match="'stranger' is not configured"):
             Volume.open(_pm(), url)
-    assert any("refused stranger" in m for m in _refusals(caplog))
+    assert any("refused 'stranger'" in m for m in _refusals(caplog))
     assert svc.recorder.calls == []
 
 
@@ -150,7 +150,7 @@ def test_reader_may_only_read_its_qtree(served, monkeypatch, caplog):
         assert v.qtree_list(None) == ["A"]
     assert svc.recorder.calls[n_calls:] == []  # nothing was read or taken for the refused requests
     logged = _refusals(caplog)
-    assert sum("refused reader" in m for m in logged) >= 5
+    assert sum("refused 'reader'" in m for m in logged) >= 5
     assert "co-g-src-000002" not in coalesce_mem.volume_for("mem://tlssec-src").snapshot_list()
     v.close()
 
@@ -175,3 +175,47 @@ def _wait(cond, limit: float = 5.0) -> None:
     while not cond():
         assert time.monotonic() < deadline, "condition not reached"
         time.sleep(0.02)
+
+
+def test_a_client_cn_with_a_newline_cannot_forge_a_server_log_line(tmp_path, monkeypatch):
+    """A CA-signed certificate whose CN holds a newline: the server's log names it quoted, on one line."""
+    import attrs
+    from net.netkit import CA, TLSService
+
+    from coalesce_remote import serve
+
+    ca = CA(tmp_path, "cn-ca")
+    forged = "evil\n2026-01-01 00:00:00,000 coalesce-serve[1] INFO forged \x1b[2J"
+    # CA-signed: only the client certificate's CN is hostile
+    certs = attrs.evolve(_certs_of(ca), client=ca.issue(forged))
+    log_file = tmp_path / "serve.log"
+    handler = serve.log_handler(serve.ServerConfig(log=str(log_file)), stdio=False)
+    serve.log.addHandler(handler)
+    level = serve.log.level
+    serve.log.setLevel(logging.INFO)
+    svc = TLSService(certs)
+    client_env(monkeypatch, certs)
+    try:
+        coalesce_mem.volume_for("mem://cn-src")
+        with pytest.raises(Refused, match="is not configured"):
+            Volume.open(_pm(), svc.expose("mem://cn-src"))
+    finally:
+        serve.log.removeHandler(handler)
+        serve.log.setLevel(level)
+        handler.close()
+        svc.stop()
+        coalesce_mem.forget("mem://cn-src")
+    lines = log_file.read_text().splitlines()
+    assert lines and all(" coalesce-serve[" in ln and ln[:4].isdigit() for ln in lines)
+    assert not any(ln.startswith("2026-01-01") for ln in lines)
+    (refused,) = [ln for ln in lines if "refused" in ln]
+    assert "refused 'evil\\n2026-01-01 00:00:00,000 coalesce-serve[1] INFO forged \\x1b[2J' from 127.0.0.1:" in refused
+
+
+def _certs_of(ca):
+    from net.netkit import Certs
+
+    server = ca.issue("source-server", server=True, ips=("127.0.0.1",))
+    return Certs(
+        ca=ca.path, server=server, client=server, reader=server, stranger=server, other_ca=server, expired=server
+    )
