@@ -35,7 +35,7 @@ from typing import Any, Iterator
 import attrs
 
 from coalesce_core.backend.handles import VolumeHandle
-from coalesce_core.backend.urls import VolumeURL
+from coalesce_core.backend.urls import VolumeURL, check_authority
 from coalesce_core.errors import BackendError, ConfigError, CorruptStream, HostilePath, StreamError, UnrequestedStream
 from coalesce_core.stream import codec
 from coalesce_core.stream.records import Begin, End
@@ -146,6 +146,7 @@ class Target:
         if not sep or not volume or not authority:
             want = "ssh://[user@]host[:port]/<volume URL>" if url.scheme == "ssh" else "tls://host:port/<volume name>"
             raise ConfigError(f"{url} is not a remote volume URL", hint=f"write {want}")
+        check_authority(str(url), authority)  # also when the URL did not come through a config
         user = None
         if "@" in authority:
             user, authority = authority.rsplit("@", 1)
@@ -350,7 +351,8 @@ class RemoteVolume(VolumeHandle):
             raise P.ConnectionLost(f"{self.url}: TLS handshake with {peer} failed: {exc}") from None
         return P.SocketChannel(tls, peer, s.timeout)
 
-    def _ssh_channel(self) -> tuple[P.Channel, subprocess.Popen, _Stderr]:
+    def ssh_argv(self) -> list[str]:
+        """The ssh command line: options, then ``--``, the host and the remote command (docs/network.md, "SSH")."""
         t, s = self.target, self.settings
         cmd = list(s.ssh) + [
             "-o",
@@ -365,7 +367,13 @@ class RemoteVolume(VolumeHandle):
             cmd += ["-p", str(t.port)]
         if t.user:
             cmd += ["-l", t.user]
-        cmd += [t.host, "--", s.ssh_remote_command]
+        # after "--" the host is never an option, whatever it holds (docs/network.md, "Threat model")
+        cmd += ["--", t.host, s.ssh_remote_command]
+        return cmd
+
+    def _ssh_channel(self) -> tuple[P.Channel, subprocess.Popen, _Stderr]:
+        t, s = self.target, self.settings
+        cmd = self.ssh_argv()
         try:
             proc = subprocess.Popen(
                 cmd,

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import json
+import re
 import subprocess
 import sys
+
+import pytest
 
 from coalesce_remote import serve
 
@@ -150,3 +154,78 @@ def test_stdio_logs_to_syslog_without_a_log_file(tmp_path):
         serve.log_handler(serve.ServerConfig(), stdio=True, syslog=str(tmp_path / "none")), logging.NullHandler
     )
     assert isinstance(serve.log_handler(serve.ServerConfig(), stdio=False), logging.StreamHandler)
+
+
+HOSTILE_URLS = [
+    (
+        "ssh://-oProxyCommand=touch${IFS}/tmp/owned/mem://v",
+        "the host '-oProxyCommand=touch${IFS}' starts with '-'",
+    ),
+    ("ssh://-oProxyCommand=x@src1/mem://v", "the user '-oProxyCommand=x' starts with '-'"),
+    ("ssh://backup@-p1/mem://v", "the host '-p1' starts with '-'"),
+    ("tls://-h:7450/home", "the host '-h:7450' starts with '-'"),
+    ("ssh://src1 -oProxyCommand=x/mem://v", "holds whitespace"),
+    ("ssh://src1\t/mem://v", "holds no control characters"),
+    ("ssh://src1\x1b[2J/mem://v", "holds no control characters"),
+    ("ssh://src1\n/mem://v", "holds no control characters"),
+]
+
+
+@pytest.mark.parametrize("url, why", HOSTILE_URLS)
+def test_a_url_whose_host_or_user_could_be_an_option_is_refused_at_config_time(tmp_path, url, why):
+    from coalesce_core.backend.urls import VolumeURL
+    from coalesce_core.config import parse_config
+    from coalesce_core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=re.escape(why)) as info:
+        VolumeURL.parse(url)
+    assert info.value.hint
+    toml = f'[group]\nname = "g"\nsource = {json.dumps(url)}\ndestination = "mem://d"\n[[replica]]\nname = "A"\n'
+    with pytest.raises(ConfigError, match=re.escape(why)):
+        parse_config(toml, "g.toml")
+
+
+def test_the_command_line_says_error_and_hint_for_such_a_url(tmp_path):
+    cfg = tmp_path / "g.toml"
+    cfg.write_text(
+        '[group]\nname = "g"\nsource = "ssh://-oProxyCommand=touch@src1/mem://v"\ndestination = "mem://d"\n'
+        f'metadata = "{tmp_path}/meta"\n[[replica]]\nname = "A"\n'
+    )
+    r = subprocess.run(
+        [sys.executable, "-m", "coalesce_core.ui.cli", "--config", str(cfg), "init"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2, r.stderr
+    assert lines[-2].startswith("error: ") and "the user '-oProxyCommand=touch' starts with '-'" in lines[-2]
+    assert lines[-1].startswith("hint: a user never starts with '-'")
+    assert not (tmp_path / "meta").exists()
+
+
+def test_the_ssh_argv_puts_the_host_after_double_dash():
+    from coalesce_core.backend.urls import VolumeURL
+    from coalesce_remote.client import ClientSettings, RemoteVolume
+
+    v = RemoteVolume(
+        VolumeURL.parse("ssh://backup@src1:2222/btrfs:///mnt/pool/home"),
+        ClientSettings(ssh=("ssh", "-i", "key"), keepalive=7),
+    )
+    argv = v.ssh_argv()
+    assert argv[:3] == ["ssh", "-i", "key"] and argv[-3:] == ["--", "src1", "coalesce serve --stdio"]
+    assert argv.index("--") == len(argv) - 3  # nothing after the host but the remote command
+    assert argv[argv.index("-p") + 1] == "2222" and argv[argv.index("-l") + 1] == "backup"
+    assert "ServerAliveInterval=7" in argv and argv.index("-T") < argv.index("--")
+
+
+def test_a_hostile_host_is_refused_even_when_the_url_bypassed_the_config():
+    from coalesce_core.backend.urls import VolumeURL
+    from coalesce_core.errors import ConfigError
+    from coalesce_remote.client import ClientSettings, RemoteVolume, Target
+
+    for location in ("-oProxyCommand=x/mem://v", "-l@h/mem://v", "a b/mem://v"):
+        with pytest.raises(ConfigError):
+            Target.parse(VolumeURL(scheme="ssh", location=location))
+        with pytest.raises(ConfigError):
+            RemoteVolume(VolumeURL(scheme="ssh", location=location), ClientSettings())
