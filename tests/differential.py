@@ -557,14 +557,14 @@ class ZfsControl:
     def _remount(self) -> None:
         """Unmount and mount the control again; zfs-fuse says "busy" for a moment after the last
         reader of a mount closed its files (as the backend's destroys, which retry too)."""
-        for i in range(6):
-            self._cmd("umount", self.dataset, check=False)
+        for i in range(12):  # about 20 s: two zfs-fuse users at once hold a mount busy for longer
+            self._cmd("umount", *(["-f"] if i >= 3 else []), self.dataset, check=False)
             p = self._cmd("mount", self.dataset, check=False)
             if p.returncode == 0 or "already mounted" in p.stderr:
                 return
             if "busy" not in p.stderr:
                 break
-            time.sleep(0.25 * (i + 1))
+            time.sleep(min(0.25 * (i + 1), 2.0))
         raise AssertionError(f"zfs mount {self.dataset}: {p.stderr.strip()}")
 
     @contextlib.contextmanager
