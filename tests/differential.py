@@ -1427,6 +1427,14 @@ REGRESSIONS: dict[str, tuple[int, tuple[Op, ...]]] = {
             CYCLE,
         ),
     ),
+    "a sparse file extended by one byte keeps its holes": (
+        3,
+        (
+            *_tree(Sparse("q0/c", 16 * MiB, ((8 * MiB, 70_000, 27), (5_592_405, 70_000, 28)))),
+            Truncate("q0/c", 16 * MiB + 1),
+            CYCLE,
+        ),
+    ),
     "an xattr with an empty value": (
         3,
         (

@@ -1002,8 +1002,28 @@ def compare_range(bfd: int, tfd: int, rel: str, bsize: int, start: int, end: int
         while pos < seg_end:
             n = min(CHUNK, seg_end - pos)
             tb = os.pread(tfd, n, pos)
-            bb = os.pread(bfd, n, pos) if pos < bsize else b""
+            bb = os.pread(bfd, min(n, bsize - pos), pos) if pos < bsize else b""
+            if len(bb) < len(tb):  # past the old size (or a copy that ended early): zeros
+                bb += bytes(len(tb) - len(bb))
             if tb != bb:
-                if not (pos >= bsize and tb.count(0) == len(tb)):
-                    yield R.Write(path=rel, offset=pos, data=tb)
+                yield from _differing_blocks(rel, pos, tb, bb)
             pos += n
+
+
+def _differing_blocks(rel: str, offset: int, new: bytes, old: bytes) -> Iterator[R.Write]:
+    """Writes of the runs of aligned ZERO_BLOCKs of ``new`` (at ``offset``) that differ from
+    ``old``: a block that did not change is not rewritten, so a hole of the old copy that the
+    new one still has stays a hole."""
+    tv, bv = memoryview(new), memoryview(old)
+    run = -1  # start of the run of differing blocks, relative to offset
+    i = 0
+    while i < len(new):
+        j = min(len(new), (offset + i) // ZERO_BLOCK * ZERO_BLOCK + ZERO_BLOCK - offset)
+        if tv[i:j] != bv[i:j]:
+            run = i if run < 0 else run
+        elif run >= 0:
+            yield R.Write(path=rel, offset=offset + run, data=new[run:i])
+            run = -1
+        i = j
+    if run >= 0:
+        yield R.Write(path=rel, offset=offset + run, data=new[run:] if run else new)

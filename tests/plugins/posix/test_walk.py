@@ -146,3 +146,31 @@ def test_a_chunk_with_one_island_of_data_is_written_as_the_island():
     assert list(walk.nonzero_pieces(8 << 20, data)) == [((8 << 20) + (512 << 10), b"\x01" * 4096)]
     assert list(walk.nonzero_pieces(0, bytes(1 << 20))) == []
     assert list(walk.nonzero_pieces(100, b"\x02" * 10)) == [(100, b"\x02" * 10)]
+
+
+def test_compare_range_writes_only_the_blocks_that_differ(tmp_path):
+    """A range that runs past the old size compares against zeros there (it compared a shorter
+    read, found it different and wrote the whole chunk: on zfs-fuse a sparse file extended by one
+    byte got 900 KiB of its hole written as zeros); within a differing chunk only the differing
+    4 KiB blocks are written, so the old copy's holes that the new one keeps stay holes."""
+    size = 16 << 20
+    base, target = tmp_path / "b", tmp_path / "t"
+    for p, extra in ((base, 0), (target, 1)):
+        with open(p, "wb") as f:
+            f.truncate(size + extra)
+            f.seek(8 << 20)
+            f.write(b"x" * 70_000)
+    with open(target, "r+b") as f:  # one byte changed inside the island, one block of a hole filled
+        f.seek((8 << 20) + 5)
+        f.write(b"y")
+        f.seek(size - 3 * 4096)
+        f.write(b"z")
+    bfd, tfd = os.open(base, os.O_RDONLY), os.open(target, os.O_RDONLY)
+    try:
+        writes = list(walk.compare_range(bfd, tfd, "f", size, size - (1 << 20) + 1, size + 1))
+        assert [(w.offset, len(w.data)) for w in writes] == [(size - 3 * 4096, 4096)]
+        writes = list(walk.compare_range(bfd, tfd, "f", size, 0, size + 1))
+        assert [(w.offset, len(w.data)) for w in writes] == [((8 << 20), 4096), (size - 3 * 4096, 4096)]
+    finally:
+        os.close(bfd)
+        os.close(tfd)
