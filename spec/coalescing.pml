@@ -25,6 +25,7 @@
 #define R_reseed_pending 10   /* ref 1006* field=outside */
 #define R_reseeding 11   /* ref 1006* field=outside */
 #define R_reseeded 12   /* ref 1006* field=outside */
+#define R_removed 13   /* ref - field=outside */
 
 /* agent phases */
 #define A_idle 0
@@ -97,6 +98,15 @@ inline T_start_reseed(x) { assert(rs[x] == R_reseed_pending); rs[x] = R_reseedin
 inline T_reseed_succeeded(x) { assert(rs[x] == R_reseeding); rs[x] = R_reseeded }   /* ref  */
 /* @edge replica reseed_failed reseeding reseed_pending */
 inline T_reseed_failed(x) { assert(rs[x] == R_reseeding); rs[x] = R_reseed_pending }   /* ref  */
+/* @edge replica remove uninitialized removed */
+/* @edge replica remove stable removed */
+/* @edge replica remove stable_uncoalesced removed */
+/* @edge replica remove unstable_uncoalesced removed */
+/* @edge replica remove broken removed */
+/* @edge replica remove reseed_pending removed */
+/* @edge replica remove reseeded removed */
+/* @edge replica remove done_uncoalesced removed */
+inline T_remove(x) { assert(rs[x] == R_uninitialized || rs[x] == R_stable || rs[x] == R_stable_uncoalesced || rs[x] == R_unstable_uncoalesced || rs[x] == R_broken || rs[x] == R_reseed_pending || rs[x] == R_reseeded || rs[x] == R_done_uncoalesced); rs[x] = R_removed }   /* ref  */
 
 /* agent phase transitions, asserting their named guards (spec `conditions`) */
 /* @edge agent start_cycle idle updating */
@@ -122,7 +132,7 @@ inline PH_start_release() { assert(ph == A_updating || ph == A_rolling_back || p
 /* @edge agent finish_cycle releasing idle */
 inline PH_finish_cycle() { assert(ph == A_releasing); ph = A_idle }
 
-#define LEGAL_EDGE(a, b) (((a) == R_baseline && (b) == R_uninitialized) || ((a) == R_baseline && (b) == R_done) || ((a) == R_stable && (b) == R_broken) || ((a) == R_stable_uncoalesced && (b) == R_broken) || ((a) == R_done && (b) == R_stable) || ((a) == R_done_uncoalesced && (b) == R_stable) || ((a) == R_reseeded && (b) == R_stable) || ((a) == R_stable && (b) == R_stable) || ((a) == R_stable_uncoalesced && (b) == R_stable) || ((a) == R_done && (b) == R_done_uncoalesced) || ((a) == R_done && (b) == R_reseed_pending) || ((a) == R_stable && (b) == R_reseed_pending) || ((a) == R_stable_uncoalesced && (b) == R_reseed_pending) || ((a) == R_unstable_uncoalesced && (b) == R_reseed_pending) || ((a) == R_reseeding && (b) == R_reseed_pending) || ((a) == R_reseeding && (b) == R_reseeded) || ((a) == R_done && (b) == R_update) || ((a) == R_broken && (b) == R_unstable_uncoalesced) || ((a) == R_unstable_uncoalesced && (b) == R_unstable_uncoalesced) || ((a) == R_unstable_uncoalesced && (b) == R_stable_uncoalesced) || ((a) == R_rollback && (b) == R_unstable_uncoalesced) || ((a) == R_rollback && (b) == R_done) || ((a) == R_uninitialized && (b) == R_baseline) || ((a) == R_reseed_pending && (b) == R_reseeding) || ((a) == R_stable && (b) == R_update) || ((a) == R_update && (b) == R_rollback) || ((a) == R_update && (b) == R_done))
+#define LEGAL_EDGE(a, b) (((a) == R_baseline && (b) == R_uninitialized) || ((a) == R_baseline && (b) == R_done) || ((a) == R_stable && (b) == R_broken) || ((a) == R_stable_uncoalesced && (b) == R_broken) || ((a) == R_done && (b) == R_stable) || ((a) == R_done_uncoalesced && (b) == R_stable) || ((a) == R_reseeded && (b) == R_stable) || ((a) == R_stable && (b) == R_stable) || ((a) == R_stable_uncoalesced && (b) == R_stable) || ((a) == R_done && (b) == R_done_uncoalesced) || ((a) == R_broken && (b) == R_removed) || ((a) == R_done_uncoalesced && (b) == R_removed) || ((a) == R_reseed_pending && (b) == R_removed) || ((a) == R_reseeded && (b) == R_removed) || ((a) == R_stable && (b) == R_removed) || ((a) == R_stable_uncoalesced && (b) == R_removed) || ((a) == R_uninitialized && (b) == R_removed) || ((a) == R_unstable_uncoalesced && (b) == R_removed) || ((a) == R_done && (b) == R_reseed_pending) || ((a) == R_stable && (b) == R_reseed_pending) || ((a) == R_stable_uncoalesced && (b) == R_reseed_pending) || ((a) == R_unstable_uncoalesced && (b) == R_reseed_pending) || ((a) == R_reseeding && (b) == R_reseed_pending) || ((a) == R_reseeding && (b) == R_reseeded) || ((a) == R_done && (b) == R_update) || ((a) == R_broken && (b) == R_unstable_uncoalesced) || ((a) == R_unstable_uncoalesced && (b) == R_unstable_uncoalesced) || ((a) == R_unstable_uncoalesced && (b) == R_stable_uncoalesced) || ((a) == R_rollback && (b) == R_unstable_uncoalesced) || ((a) == R_rollback && (b) == R_done) || ((a) == R_uninitialized && (b) == R_baseline) || ((a) == R_reseed_pending && (b) == R_reseeding) || ((a) == R_stable && (b) == R_update) || ((a) == R_update && (b) == R_rollback) || ((a) == R_update && (b) == R_done))
 
 /* ---------------------------------------------------------------------------
  * Persisted state (the ledger) and what the volumes hold.  A crash keeps all
@@ -416,7 +426,7 @@ inline check() {
   for (s : 0 .. S-1) {
     if
     :: role[s] == P_base || role[s] == P_rollback || role[s] == P_jump_ahead || role[s] == P_new_base -> kn++
-    :: role[s] == P_individual -> kn2++
+    :: role[s] == P_individual -> kn2++; if :: !rel[s] -> m++ :: else -> skip fi
     :: else -> skip
     fi
   };
@@ -426,7 +436,8 @@ inline check() {
   t = 0;
   for (i : 0 .. N-1) { if :: (rs[i] == R_unstable_uncoalesced || rs[i] == R_stable_uncoalesced || rs[i] == R_done_uncoalesced || rs[i] == R_broken || rs[i] == R_reseed_pending || rs[i] == R_reseeding || rs[i] == R_reseeded) -> t++ :: else -> skip fi };
   assert(kn2 <= 2 * N);
-  assert(ph != A_idle || kn2 <= 2 * t);
+  assert(ph != A_idle || m <= 2 * t);   /* at rest; a PCPI being released is on its way out (a removed
+                                          replica's last good image), as in invariants.i2_bounded_extras */
   /* I3 (partly; the hypothesis test compares contents): an exported PCPI exists and carries a source point */
   for (i : 0 .. N-1) {
     if
@@ -460,7 +471,7 @@ inline check() {
     fi;
     lastsp[i] = sp[i]
   };
-  i = 0; s = 0; t = 0; b = 0; got = 0; kn = 0; kn2 = 0
+  i = 0; s = 0; t = 0; b = 0; got = 0; kn = 0; kn2 = 0; m = 0
 }
 
 /* ---------------------------------------------------------------------------
@@ -479,7 +490,7 @@ inline check() {
 #define ROLLBACK_TAKEN (role[0] == P_rollback && !rel[0] || role[1] == P_rollback && !rel[1] \
     || role[2] == P_rollback && !rel[2] || role[3] == P_rollback && !rel[3] || role[4] == P_rollback && !rel[4] \
     || role[5] == P_rollback && !rel[5] || role[6] == P_rollback && !rel[6] || role[7] == P_rollback && !rel[7])
-#define READY_FOR_CYCLE (faults || (!((rs[0] == R_broken) || (rs[1] == R_broken) || (rs[2] == R_broken)) && !((rs[0] == R_unstable_uncoalesced) || (rs[1] == R_unstable_uncoalesced) || (rs[2] == R_unstable_uncoalesced))))
+#define READY_FOR_CYCLE (faults || (!((rs[0] == R_broken) || (rs[1] == R_broken) || (rs[2] == R_broken)) && !((rs[0] == R_unstable_uncoalesced) || (rs[1] == R_unstable_uncoalesced) || (rs[2] == R_unstable_uncoalesced)) && !((rs[0] == R_removed) || (rs[1] == R_removed) || (rs[2] == R_removed))))
 
 proctype agent() {
   byte r;
@@ -528,6 +539,24 @@ proctype agent() {
               rs[0] == R_unstable_uncoalesced) ->
        /* `coalesce reseed` / the background verification: out of the cycle, exported image pinned */
        T_request_reseed(0); if :: lg[0] == NONE -> lg[0] = ex[0] :: else -> skip fi; ap[0] = NONE; check() }
+  :: d_step { ph == A_idle && QUIET && faults && (rs[0] == R_broken || rs[0] == R_done_uncoalesced || rs[0] == R_reseed_pending || rs[0] == R_reseeded || rs[0] == R_stable || rs[0] == R_stable_uncoalesced || rs[0] == R_uninitialized || rs[0] == R_unstable_uncoalesced) ->
+       /* `coalesce remove`: its export ends (one switch, as for break), then the PCPIs only it pinned
+          are released */
+       T_remove(0); b = ex[0]; got = lg[0];
+       ex[0] = NONE; vx[0] = NONE; lg[0] = NONE; sp[0] = NONE; ap[0] = NONE; rt[0] = NONE; rz[0] = false;
+       find(P_base, t);
+       if
+       :: VISIBLE(b) && b != t -> pinned(b, kn); if :: !kn -> rel[b] = true :: else -> skip fi
+       :: else -> skip
+       fi;
+       if
+       :: VISIBLE(got) && got != t && got != b -> pinned(got, kn); if :: !kn -> rel[got] = true :: else -> skip fi
+       :: else -> skip
+       fi;
+       b = 0; got = 0; t = 0; kn = 0; check() }
+  :: d_step { ph == A_idle && QUIET && rs[0] == R_removed ->
+       /* `coalesce add` of that name again: a new replica, not a transition of the old one */
+       rs[0] = R_uninitialized; prev[0] = rs[0]; check() }
   :: d_step { rs[0] == R_reseeding && INLINE_DONE ->
        /* the re-seed arrived (in any phase: it does not hold the jump-ahead) */
        T_reseed_succeeded(0); ap[0] = rt[0]; rt[0] = NONE; check() }
@@ -578,6 +607,24 @@ proctype agent() {
               rs[1] == R_unstable_uncoalesced) ->
        /* `coalesce reseed` / the background verification: out of the cycle, exported image pinned */
        T_request_reseed(1); if :: lg[1] == NONE -> lg[1] = ex[1] :: else -> skip fi; ap[1] = NONE; check() }
+  :: d_step { ph == A_idle && QUIET && faults && (rs[1] == R_broken || rs[1] == R_done_uncoalesced || rs[1] == R_reseed_pending || rs[1] == R_reseeded || rs[1] == R_stable || rs[1] == R_stable_uncoalesced || rs[1] == R_uninitialized || rs[1] == R_unstable_uncoalesced) ->
+       /* `coalesce remove`: its export ends (one switch, as for break), then the PCPIs only it pinned
+          are released */
+       T_remove(1); b = ex[1]; got = lg[1];
+       ex[1] = NONE; vx[1] = NONE; lg[1] = NONE; sp[1] = NONE; ap[1] = NONE; rt[1] = NONE; rz[1] = false;
+       find(P_base, t);
+       if
+       :: VISIBLE(b) && b != t -> pinned(b, kn); if :: !kn -> rel[b] = true :: else -> skip fi
+       :: else -> skip
+       fi;
+       if
+       :: VISIBLE(got) && got != t && got != b -> pinned(got, kn); if :: !kn -> rel[got] = true :: else -> skip fi
+       :: else -> skip
+       fi;
+       b = 0; got = 0; t = 0; kn = 0; check() }
+  :: d_step { ph == A_idle && QUIET && rs[1] == R_removed ->
+       /* `coalesce add` of that name again: a new replica, not a transition of the old one */
+       rs[1] = R_uninitialized; prev[1] = rs[1]; check() }
   :: d_step { rs[1] == R_reseeding && INLINE_DONE ->
        /* the re-seed arrived (in any phase: it does not hold the jump-ahead) */
        T_reseed_succeeded(1); ap[1] = rt[1]; rt[1] = NONE; check() }
@@ -628,6 +675,24 @@ proctype agent() {
               rs[2] == R_unstable_uncoalesced) ->
        /* `coalesce reseed` / the background verification: out of the cycle, exported image pinned */
        T_request_reseed(2); if :: lg[2] == NONE -> lg[2] = ex[2] :: else -> skip fi; ap[2] = NONE; check() }
+  :: d_step { ph == A_idle && QUIET && faults && (rs[2] == R_broken || rs[2] == R_done_uncoalesced || rs[2] == R_reseed_pending || rs[2] == R_reseeded || rs[2] == R_stable || rs[2] == R_stable_uncoalesced || rs[2] == R_uninitialized || rs[2] == R_unstable_uncoalesced) ->
+       /* `coalesce remove`: its export ends (one switch, as for break), then the PCPIs only it pinned
+          are released */
+       T_remove(2); b = ex[2]; got = lg[2];
+       ex[2] = NONE; vx[2] = NONE; lg[2] = NONE; sp[2] = NONE; ap[2] = NONE; rt[2] = NONE; rz[2] = false;
+       find(P_base, t);
+       if
+       :: VISIBLE(b) && b != t -> pinned(b, kn); if :: !kn -> rel[b] = true :: else -> skip fi
+       :: else -> skip
+       fi;
+       if
+       :: VISIBLE(got) && got != t && got != b -> pinned(got, kn); if :: !kn -> rel[got] = true :: else -> skip fi
+       :: else -> skip
+       fi;
+       b = 0; got = 0; t = 0; kn = 0; check() }
+  :: d_step { ph == A_idle && QUIET && rs[2] == R_removed ->
+       /* `coalesce add` of that name again: a new replica, not a transition of the old one */
+       rs[2] = R_uninitialized; prev[2] = rs[2]; check() }
   :: d_step { rs[2] == R_reseeding && INLINE_DONE ->
        /* the re-seed arrived (in any phase: it does not hold the jump-ahead) */
        T_reseed_succeeded(2); ap[2] = rt[2]; rt[2] = NONE; check() }
@@ -701,7 +766,7 @@ proctype agent() {
 }
 
 active proctype environment() {
-  /* faults (failed transfers and rollbacks, break, crashes) may stop at any time */
+  /* faults (failed transfers and rollbacks, break, remove, crashes) may stop at any time */
   faults = false
 }
 

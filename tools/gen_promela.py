@@ -6,9 +6,9 @@ trigger, asserting its source states and setting its destination), the agent
 phases and phase transitions (asserting their named guards) and the I8
 legality monitor all come from the TOML file; only the group procedures
 (cycle start, rollback, two-step jump-ahead, release, retry, break/resync,
-re-seed, crash + recovery, a refusal of each destination PCPI take, a source
-outage at the cycle's take), which mirror coalesce_core/cycle/planner.py, are
-written here.
+re-seed, remove/add, crash + recovery, a refusal of each destination PCPI
+take, a source outage at the cycle's take), which mirror
+coalesce_core/cycle/planner.py, are written here.
 The procedures reach the spec only through the generated names, so a spec
 change that the procedures do not cover fails generation (every trigger of
 both machines must be used) or the model check.
@@ -361,7 +361,7 @@ inline check() {
   for (s : 0 .. S-1) {
     if
     :: role[s] == P_base || role[s] == P_rollback || role[s] == P_jump_ahead || role[s] == P_new_base -> kn++
-    :: role[s] == P_individual -> kn2++
+    :: role[s] == P_individual -> kn2++; if :: !rel[s] -> m++ :: else -> skip fi
     :: else -> skip
     fi
   };
@@ -371,7 +371,8 @@ inline check() {
   t = 0;
   for (i : 0 .. N-1) { if :: @OUTSIDE_I -> t++ :: else -> skip fi };
   assert(kn2 <= 2 * N);
-  assert(ph != A_idle || kn2 <= 2 * t);
+  assert(ph != A_idle || m <= 2 * t);   /* at rest; a PCPI being released is on its way out (a removed
+                                          replica's last good image), as in invariants.i2_bounded_extras */
   /* I3 (partly; the hypothesis test compares contents): an exported PCPI exists and carries a source point */
   for (i : 0 .. N-1) {
     if
@@ -405,7 +406,7 @@ inline check() {
     fi;
     lastsp[i] = sp[i]
   };
-  i = 0; s = 0; t = 0; b = 0; got = 0; kn = 0; kn2 = 0
+  i = 0; s = 0; t = 0; b = 0; got = 0; kn = 0; kn2 = 0; m = 0
 }
 
 /* ---------------------------------------------------------------------------
@@ -422,7 +423,7 @@ inline check() {
    inline effect of the decisions before it has run */
 #define INLINE_DONE (NOREL && !purge_pend && !jump_pend && !export_pend && take_pend == P_free && !resume_pend)
 #define ROLLBACK_TAKEN (@ROLLBACK_TAKEN@)
-#define READY_FOR_CYCLE (faults || (!@ANY(R_broken) && !@ANY(R_unstable_uncoalesced)))
+#define READY_FOR_CYCLE (faults || (!@ANY(R_broken) && !@ANY(R_unstable_uncoalesced) && !@ANY(R_removed)))
 
 proctype agent() {
   byte r;
@@ -472,6 +473,24 @@ proctype agent() {
               rs[@r] == R_unstable_uncoalesced) ->
        /* `coalesce reseed` / the background verification: out of the cycle, exported image pinned */
        T_request_reseed(@r); if :: lg[@r] == NONE -> lg[@r] = ex[@r] :: else -> skip fi; ap[@r] = NONE; check() }
+  :: d_step { ph == A_idle && QUIET && faults && (@REMOVABLE(@r)) ->
+       /* `coalesce remove`: its export ends (one switch, as for break), then the PCPIs only it pinned
+          are released */
+       T_remove(@r); b = ex[@r]; got = lg[@r];
+       ex[@r] = NONE; vx[@r] = NONE; lg[@r] = NONE; sp[@r] = NONE; ap[@r] = NONE; rt[@r] = NONE; rz[@r] = false;
+       find(P_base, t);
+       if
+       :: VISIBLE(b) && b != t -> pinned(b, kn); if :: !kn -> rel[b] = true :: else -> skip fi
+       :: else -> skip
+       fi;
+       if
+       :: VISIBLE(got) && got != t && got != b -> pinned(got, kn); if :: !kn -> rel[got] = true :: else -> skip fi
+       :: else -> skip
+       fi;
+       b = 0; got = 0; t = 0; kn = 0; check() }
+  :: d_step { ph == A_idle && QUIET && rs[@r] == R_removed ->
+       /* `coalesce add` of that name again: a new replica, not a transition of the old one */
+       rs[@r] = R_@INITIAL@; prev[@r] = rs[@r]; check() }
   :: d_step { rs[@r] == R_reseeding && INLINE_DONE ->
        /* the re-seed arrived (in any phase: it does not hold the jump-ahead) */
        T_reseed_succeeded(@r); ap[@r] = rt[@r]; rt[@r] = NONE; check() }
@@ -546,7 +565,7 @@ proctype agent() {
 }
 
 active proctype environment() {
-  /* faults (failed transfers and rollbacks, break, crashes) may stop at any time */
+  /* faults (failed transfers and rollbacks, break, remove, crashes) may stop at any time */
   faults = false
 }
 
@@ -635,7 +654,9 @@ def generate(
     in_flight = [s for s, a in rep["states"].items() if a.get("in_flight")]
     in_cycle = [s for s, a in rep["states"].items() if a.get("field") == "cycle"]
     outside = [
-        s for s, a in rep["states"].items() if a.get("field") == "outside" and s not in ("uninitialized", "baseline")
+        s
+        for s, a in rep["states"].items()
+        if a.get("field") == "outside" and s not in ("uninitialized", "baseline", "removed")
     ]
     participants = sorted({s for (trig, s, _d) in edges(rep) if trig == "jump_ahead"})
     subst = dict(DEFAULTS)
@@ -722,6 +743,8 @@ def generate(
         body,
         flags=re.S,
     )
+    removable = sorted({s for (trig, s, _d) in edges(rep) if trig == "remove"})
+    body = re.sub(r"@REMOVABLE\((\w)\)", lambda mm: " || ".join(f"rs[{mm.group(1)}] == R_{s}" for s in removable), body)
     body = re.sub(r"@ANY\(R_(\w+)\)", lambda mm: any_replica([mm.group(1)]), body)
     assert "@" not in body.replace("@edge", ""), re.findall(r"@\w+", body)
     # every trigger of both machines must be used by the procedures

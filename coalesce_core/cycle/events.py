@@ -1,7 +1,7 @@
 """Events: what happened, fed to the planner.
 
 Requests come from people or the clock (StartCycle, Tick, BreakMirror,
-Resync, Reseed, AddReplica, Recover); results come from the executor after it ran an
+Resync, Reseed, AddReplica, RemoveReplica, Recover); results come from the executor after it ran an
 effect (SourcePcpiTaken, PcpiTaken, TransferDone, ...).  ``now`` is always
 passed in: the planner never reads a clock.
 """
@@ -34,6 +34,13 @@ class Tick:
 class AddReplica:
     name: str
     source_qtree: str
+
+
+@attrs.frozen
+class RemoveReplica:
+    """``coalesce remove``: the replica leaves the group; its data stay on the destination."""
+
+    replica: str
 
 
 @attrs.frozen
@@ -154,7 +161,7 @@ class Exported:
     jump: bool = False
 
 
-Request = Union[StartCycle, Tick, AddReplica, BreakMirror, Resync, Reseed, Recover]
+Request = Union[StartCycle, Tick, AddReplica, RemoveReplica, BreakMirror, Resync, Reseed, Recover]
 Result = Union[
     SourcePcpiTaken,
     SourcePcpiRefused,

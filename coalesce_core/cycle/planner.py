@@ -697,7 +697,12 @@ def _tick(p: _Plan, e: ev.Tick) -> None:
 
 
 def _break(p: _Plan, e: ev.BreakMirror) -> None:
-    _require_idle(p, f"break {e.replica!r}")
+    """Administrator failover, between cycles; also in a cycle whose source PCPI is not taken yet (no
+    transfer started, so no replica has left its state); the transfers that start once it is taken
+    leave the broken replica out.  A source that refuses it ends the cycle (``source_unavailable``),
+    so with the source down the failover is taken between the cycles that end that way."""
+    if not (p.get("phase") == "updating" and not p.get("transfers_started")):
+        _require_idle(p, f"break {e.replica!r}")
     r = p.replica(e.replica)
     p.fire(r, "break_mirror", last_good=r.exported, exported=ACTIVE)
     p.export()
@@ -754,6 +759,31 @@ def _add(p: _Plan, e: ev.AddReplica) -> None:
             )
         return
     p.replicas[e.name] = Replica(name=e.name, source_qtree=e.source_qtree)
+
+
+def _remove(p: _Plan, e: ev.RemoveReplica) -> None:
+    """`coalesce remove NAME`: the replica leaves the group, between cycles (docs/decisions.md,
+    "Removing a replica").  Its export ends in one switch of the whole table, then the PCPIs only it
+    needed are released; the coalesced base stays.  Like break, it never asks the source (which may
+    be out of reach): the source PCPIs only it needed go at the next cycle's release step.  Its
+    qtree is not touched."""
+    _require_idle(p, f"remove {e.replica!r}")
+    r = p.replica(e.replica)
+    if r.scratch is not None:
+        raise NotNow(
+            f"cannot remove replica {e.replica!r}: a rollback retry of it is running",
+            hint="wait until the retry ends (`coalesce status`), then try again",
+        )
+    p.fire(r, "remove")
+    del p.replicas[r.name]
+    p.export()  # its export ends before anything it pinned is released
+    refs = needed_pcpis(p.state())
+    base = p.role("base")
+    for name, pcpi in sorted(p.pcpis.items()):
+        if r.name in pcpi.owners:
+            pcpi = p.pcpis[name] = attrs.evolve(pcpi, owners=pcpi.owners - {r.name})
+        if name in r.pinned() and name not in refs and not (base is not None and name == base.name):
+            p.release(name)
 
 
 def recover_replica(state: str, has_scratch: bool) -> str:
@@ -937,6 +967,7 @@ _HANDLERS: dict[type, Callable[[_Plan, Any], None]] = {
     ev.Resync: _resync,
     ev.Reseed: _reseed,
     ev.AddReplica: _add,
+    ev.RemoveReplica: _remove,
     ev.Recover: _recover,
 }
 

@@ -141,13 +141,14 @@ def replica_action(state: str, proven: bool, active_proven: bool, on_base: bool,
     still exports its active FS.  "keep" its state (with the proven image), "reseed" it (with the
     proven image, or none), "baseline_again" (a baseline: start over), or "untouched".
 
-    post: implies(state == "uninitialized", __return__ == "untouched")
+    post: implies(state in ("uninitialized", "removed"), __return__ == "untouched")
     post: implies(state == "baseline", __return__ == "baseline_again")
     post: implies(__return__ == "keep", proven or state == "reseed_pending" or state == "broken")
     post: implies(state == "stable" and __return__ == "keep", proven and active_proven and on_base)
     post: implies(state in ("update", "rollback", "done", "done_uncoalesced", "reseeding"), __return__ == "reseed")
     """
-    if state == "uninitialized":
+    if state in ("uninitialized", "removed"):
+        # removed: never held by a ledger (the record leaves it in the transaction of the transition)
         return "untouched"
     if state == "baseline":
         return "baseline_again"

@@ -63,6 +63,8 @@ def rep(name: str, state: str = "stable", **kw) -> Replica:
         defaults.update(target=S2)
     if state == "reseeded":
         defaults.update(active_point=S2)
+    if state == "done_uncoalesced":  # its update complete, its jump-ahead refused: it exports its last good image
+        defaults = dict(exported=IND, last_good=IND, source_point=S0, active_point=S1)
     defaults.update(kw)
     return Replica(name=name, source_qtree=name, state=state, **defaults)
 
@@ -466,7 +468,29 @@ def _scn_jump_ahead_refused():
     return st, [ev.PcpiRefused(name=NB, now=5.0, error="PCPI limit")]
 
 
+def _scn_remove(state: str) -> Callable[[], tuple[GroupState, list]]:
+    """`coalesce remove X` of a replica in ``state``, between cycles, beside a stable A."""
+
+    def scenario():
+        return group(rep("X", state), rep("A")), [ev.RemoveReplica(replica="X")]
+
+    return scenario
+
+
+#: the states `coalesce remove` takes a replica from (every state a replica can be in between cycles)
+REMOVABLE = (
+    "uninitialized",
+    "stable",
+    "stable_uncoalesced",
+    "unstable_uncoalesced",
+    "broken",
+    "reseed_pending",
+    "reseeded",
+    "done_uncoalesced",
+)
+
 REPLICA_SCENARIOS: dict[tuple[str, str, str], tuple[str, Callable]] = {
+    **{("remove", s, "removed"): ("X", _scn_remove(s)) for s in REMOVABLE},
     ("start_baseline", "uninitialized", "baseline"): ("U", _scn_start_baseline),
     ("start_update", "stable", "update"): ("A", _scn_start_update),
     ("baseline_succeeded", "baseline", "done"): ("U", _scn_baseline_succeeded),
@@ -521,7 +545,10 @@ def test_every_replica_edge_is_taken_through_decide_I8(edge):
     assert (who, trigger, source, dest) in logged
     if before:
         assert (who, before[0], before[1], source) in logged
-    assert st.replicas[who].state == dest
+    if dest == "removed":  # the replica's life ends: its record leaves the state (the log keeps it)
+        assert who not in st.replicas
+    else:
+        assert st.replicas[who].state == dest
     legal = load_spec().replica.edges()
     assert all((t, s, de) in legal for (r, t, s, de) in logged if r is not None)
 
@@ -1035,7 +1062,12 @@ def test_illegal_agent_trigger_names_the_phase():
 @pytest.mark.parametrize("phase", ["updating", "rolling_back", "jump_ahead_1", "jump_ahead_2", "releasing"])
 @pytest.mark.parametrize("event", [ev.BreakMirror(replica="A"), ev.Resync(replica="A")])
 def test_break_and_resync_outside_idle_are_not_now(phase, event):
-    st = attrs.evolve(group(rep("A", "stable" if isinstance(event, ev.BreakMirror) else "broken")), phase=phase)
+    """Mid-cycle (its transfers started; a cycle that could not begin: the test below)."""
+    st = attrs.evolve(
+        group(rep("A", "stable" if isinstance(event, ev.BreakMirror) else "broken")),
+        phase=phase,
+        transfers_started=True,
+    )
     with pytest.raises(NotNow) as ei:
         decide(st, event)
     assert phase in str(ei.value) and ei.value.hint
@@ -2030,3 +2062,79 @@ def test_an_unreleased_source_pcpi_does_not_hold_the_cycle_and_goes_at_the_next_
     assert d.state.phase == "idle" and not d.state.source_pcpis[S0].releasing
     sim = Sim(d.state).run(ev.StartCycle(now=4.0))
     assert fx.ReleaseSourcePcpi(name=S0) in sim.effects and S0 not in sim.state.source_pcpis
+
+
+# ---------------------------------------------------------------------------
+# coalesce remove (docs/decisions.md, "Removing a replica")
+# ---------------------------------------------------------------------------
+@pytest.mark.parametrize("state", REMOVABLE)
+def test_remove_ends_the_export_then_releases_what_only_it_pinned_I2_I6(state):
+    """Between cycles: the export table without the replica comes first (I6: nothing a reader sees is
+    released before its export ends), then the PCPIs nobody else needs are released; the coalesced
+    base stays, and its qtree is never touched (no RemoveQtree).  The source is never asked (it may be
+    out of reach): the source PCPIs only it needed go at the next cycle's release step."""
+    st, (e,) = _scn_remove(state)()
+    x = st.replicas["X"]
+    d = decide(st, e)
+    assert "X" not in d.state.replicas and edges(d) == {("X", "remove", state, "removed")}
+    assert d.effects[0] == fx.Export(mapping={"A": BASE})
+    released = {f.name for f in d.effects if isinstance(f, fx.ReleasePcpi)}
+    assert released == {p for p in x.pinned() if p != BASE}
+    assert all(d.state.pcpis[p].releasing for p in released)
+    assert BASE in d.state.pcpis and not d.state.pcpis[BASE].releasing
+    assert not of(d.effects, fx.ReleaseSourcePcpi) and not of(d.effects, fx.TakeSourcePcpi)
+    assert not any(isinstance(f, fx.RemoveQtree) for f in d.effects)
+    for n in released:
+        d = decide(d.state, ev.PcpiReleased(name=n))
+    check_i1(d.state)
+    assert i2_bounded_extras(d.state).ok
+    only_x = {p for p in (x.source_point, x.active_point, x.target) if p} - {S1}
+    assert only_x <= d.state.source_pcpis.keys()
+    sim = Sim(d.state).run(ev.StartCycle(now=9.0))
+    assert only_x <= {f.name for f in of(sim.effects, fx.ReleaseSourcePcpi)}
+    assert not only_x & sim.state.source_pcpis.keys() and sim.state.phase == "idle"
+
+
+def test_remove_keeps_a_pcpi_another_replica_still_pins_I6():
+    """Two replicas pin one individual PCPI: removing one leaves it, with the other as its only owner."""
+    st = group(rep("X", "stable_uncoalesced"), rep("Y", "stable_uncoalesced"), rep("A"))
+    assert st.pcpis[IND].owners == {"X", "Y"}
+    d = decide(st, ev.RemoveReplica(replica="X"))
+    assert not any(isinstance(f, fx.ReleasePcpi) for f in d.effects)
+    assert d.state.pcpis[IND].owners == {"Y"} and not d.state.pcpis[IND].releasing
+    assert d.effects == (fx.Export(mapping={"Y": IND, "A": BASE}),)
+
+
+def test_remove_is_refused_mid_cycle_during_a_retry_and_for_an_unknown_replica():
+    st = updating(rep("A", "update"), rep("B", "update"))
+    with pytest.raises(NotNow, match="phase 'updating'"):
+        decide(st, ev.RemoveReplica(replica="A"))
+    retrying = group(rep("X", "unstable_uncoalesced", scratch=SCR), rep("A"), pcpis=(pcpi(BASE, "base"),))
+    with pytest.raises(NotNow, match="rollback retry of it is running"):
+        decide(retrying, ev.RemoveReplica(replica="X"))
+    with pytest.raises(NotNow, match="has no replica 'nosuch'"):
+        decide(group(rep("A")), ev.RemoveReplica(replica="nosuch"))
+
+
+def test_a_removed_name_can_be_added_again_as_a_new_replica():
+    st, (e,) = _scn_remove("stable")()
+    d = decide(st, e)
+    d = decide(d.state, ev.AddReplica(name="X", source_qtree="other"))
+    x = d.state.replicas["X"]
+    assert (x.state, x.source_qtree, x.exported, x.last_good) == ("uninitialized", "other", None, None)
+
+
+def test_break_is_taken_in_a_cycle_whose_source_pcpi_is_not_taken_yet():
+    """The cycle began (phase updating) but its source PCPI is not taken yet, so no transfer started and
+    every replica is in its between-cycles state; a failover is taken there, and the transfers that
+    start once the source PCPI is taken leave the broken replica out.  Once a transfer started, break
+    waits for the end of the cycle."""
+    st = updating(rep("A"), rep("B"), transfers_started=False)
+    st = attrs.evolve(st, source_pcpis={**st.source_pcpis, S2: SourcePcpi(name=S2, cycle=2, taken=False)})
+    d = decide(st, ev.BreakMirror(replica="A"))
+    assert edges(d) == {("A", "break_mirror", "stable", "broken")}
+    d = decide(d.state, ev.SourcePcpiTaken(name=S2))
+    assert d.effects == (fx.Transfer(replica="B", source_qtree="B", base=S1, target=S2),)
+    started = attrs.evolve(st, transfers_started=True)
+    with pytest.raises(NotNow, match="phase 'updating'"):
+        decide(started, ev.BreakMirror(replica="A"))
