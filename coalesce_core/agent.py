@@ -26,7 +26,7 @@ import pluggy
 from coalesce_core import crashpoints, ownership, restorer, verifier, verify
 from coalesce_core.backend.manager import plugin_manager
 from coalesce_core.backend.volume import Volume
-from coalesce_core.config import GroupConfig
+from coalesce_core.config import GroupConfig, check_replicas
 from coalesce_core.cycle import effects as fx
 from coalesce_core.cycle import events as ev
 from coalesce_core.cycle import restore
@@ -204,6 +204,7 @@ class Agent:
         readonly: bool = False,
         verb: str = "run",
         reach_source: bool = True,
+        reconcile: bool = True,
         _lock: GroupLock | None = None,
     ) -> "Agent":
         """Open an initialised group and (by default) recover from whatever a crash left.
@@ -213,7 +214,10 @@ class Agent:
         lock, no recovery, nothing written (the state as committed, read in one transaction), for
         the read verbs beside a running agent.  The source is not opened here (:attr:`source`);
         ``reach_source`` False: recovery does not ask it what it holds either (an administrative
-        verb, which needs only the destination; :meth:`recover`)."""
+        verb, which needs only the destination; :meth:`recover`).  ``reconcile``: a replica of the
+        ledger that the config lacks or gives another source qtree is a ConfigError before anything
+        changes (the config is the truth; `coalesce remove`/`add` reconcile them, and open without
+        it); a replica only the config has is added."""
         pm = pm or plugin_manager(plugins)
         dest = Volume.open(pm, config.destination)
         try:
@@ -237,6 +241,12 @@ class Agent:
         agent = cls(config, pm, None, dest, ledger, clock, lock)
         if readonly:
             return agent
+        if reconcile:
+            try:
+                check_replicas(config, {r.name: r.source_qtree for r in agent.state.replicas.values()})
+            except BaseException:
+                agent.close()
+                raise
         if (agent.state.retry, agent.state.reseed_after) != (config.retry, config.reseed_after):
             # the config is the source of policy
             new = attrs.evolve(agent.state, retry=config.retry, reseed_after=config.reseed_after)
@@ -643,6 +653,10 @@ class Agent:
 
     def add_replica(self, name: str, source_qtree: str | None = None) -> None:
         self.handle(ev.AddReplica(name=name, source_qtree=source_qtree or name))
+
+    def remove_replica(self, name: str) -> None:
+        """``coalesce remove``: the replica leaves the group between cycles; its data stay."""
+        self.handle(ev.RemoveReplica(replica=name))
 
     def break_mirror(self, name: str) -> None:
         self.handle(ev.BreakMirror(replica=name))

@@ -314,6 +314,79 @@ def load_config(path: str | Path) -> GroupConfig:
     return parse_config(text, str(p))
 
 
+def check_replicas(config: GroupConfig, ledger: dict[str, str]) -> None:
+    """The config is the truth: a replica of the ledger (``ledger``: name -> source qtree) that
+    ``config`` lacks, or gives another source qtree, is a ConfigError naming the verb that
+    reconciles it (`coalesce remove`, `coalesce add`).  A replica only the config has is not an
+    error: it is added."""
+    where = config.path or "the config"
+    sources = {r.name: r.source for r in config.replicas}
+    missing = sorted(n for n in ledger if n not in sources)
+    changed = sorted(n for n in ledger if n in sources and sources[n] != ledger[n])
+    if missing:
+        name = missing[0]
+        more = f" (also: {', '.join(missing[1:])})" if missing[1:] else ""
+        raise ConfigError(
+            f"replica {name!r} is in the ledger but not in {where}{more}",
+            hint=f"`coalesce remove {name}` takes it out of the group (its data stay on the destination), "
+            f'or put its [[replica]] back (name = "{name}", source = "{ledger[name]}")',
+        )
+    if changed:
+        name = changed[0]
+        more = f" (also: {', '.join(changed[1:])})" if changed[1:] else ""
+        raise ConfigError(
+            f"replica {name!r} has source qtree {ledger[name]!r} in the ledger, {sources[name]!r} in {where}{more}",
+            hint=f'a replica\'s source cannot change: put source = "{ledger[name]}" back, or run '
+            f"`coalesce remove {name}` then `coalesce add {name} --source {sources[name]}` "
+            "(a new baseline from the new source)",
+        )
+
+
+def without_replica(text: str, name: str, path: str = "<config>") -> str:
+    """``text`` without the ``[[replica]]`` table of replica ``name`` (what `coalesce remove` writes
+    back); ConfigError when that table cannot be told apart in the text."""
+    lines = text.splitlines(keepends=True)
+    heads = [i for i, line in enumerate(lines) if line.lstrip().startswith("[")] + [len(lines)]
+    cut: tuple[int, int] | None = None
+    for start, end in zip(heads, heads[1:]):
+        head = lines[start].split("#", 1)[0].replace(" ", "").strip()
+        if head != "[[replica]]":
+            continue
+        try:
+            table = tomllib.loads("".join(lines[start:end])).get("replica", [{}])[0]
+        except tomllib.TOMLDecodeError:
+            continue
+        if table.get("name") == name:
+            cut = (start, end)
+    if cut is None:
+        raise ConfigError(
+            f"{path}: cannot find the [[replica]] table of replica {name!r}",
+            hint=f"remove replica {name!r} from {path} by hand, then run `coalesce remove {name}` again",
+        )
+    start, end = cut
+    while start > 0 and not lines[start - 1].strip():
+        start -= 1  # the blank lines before it go with it
+    out = "".join(lines[:start] + lines[end:])
+    if any(r.name == name for r in parse_config(out, path).replicas):
+        raise ConfigError(
+            f"{path}: replica {name!r} appears in a form `coalesce remove` cannot edit",
+            hint=f"remove replica {name!r} from {path} by hand, then run `coalesce remove {name}` again",
+        )
+    return out
+
+
+def write_config(path: str | Path, text: str) -> None:
+    """Replace the config file by ``text`` atomically (a crash leaves the old or the new file)."""
+    p = Path(path)
+    tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.chmod(tmp, p.stat().st_mode & 0o7777)
+    os.replace(tmp, p)
+
+
 def replica_block(name: str, source: str) -> str:
     """The TOML text `coalesce add` appends to a config file."""
     return f'\n[[replica]]\nname = "{name}"\nsource = "{source}"\n'

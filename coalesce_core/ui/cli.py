@@ -25,7 +25,7 @@ from rich.console import Console, Group
 from rich.text import Text
 
 from coalesce_core import __version__, crashpoints, grouplock
-from coalesce_core.config import GroupConfig, load_config, replica_block
+from coalesce_core.config import GroupConfig, load_config, replica_block, without_replica, write_config
 from coalesce_core.errors import BackendError, CoalesceError, ConfigError
 from coalesce_core.ui import graphs, logs, render, reports
 from coalesce_core.ui.errors import report_error
@@ -57,11 +57,12 @@ def _config(args: argparse.Namespace) -> GroupConfig:
     return cfg
 
 
-def _agent(args: argparse.Namespace, recover: bool = True):
+def _agent(args: argparse.Namespace, recover: bool = True, reconcile: bool = True):
     """The group's agent for a verb that changes it: holds the group's lock (docs/operations.md);
     what it does goes to the log (coalesce_core/ui/runlog.py).  Only `run` asks the source what it
-    holds when it recovers: the other verbs need the destination alone."""
-    return _agent_with(args, [], recover=recover)
+    holds when it recovers: the other verbs need the destination alone.  ``reconcile``: refuse a
+    config that lost or changed a replica of the ledger (`run`; `add` and `remove` are what mend it)."""
+    return _agent_with(args, [], recover=recover, reconcile=reconcile)
 
 
 def _reader(args: argparse.Namespace):
@@ -119,15 +120,84 @@ def cmd_add(args: argparse.Namespace) -> int:
     from coalesce_core.config import parse_config
 
     assert cfg.path is not None  # a configuration loaded from its file
+    before = Path(cfg.path).read_text(encoding="utf-8")
+    parse_config(before + block, cfg.path)  # validate before writing
 
-    parse_config(Path(cfg.path).read_text(encoding="utf-8") + block, cfg.path)  # validate before writing
-    with _agent(args) as agent:
-        agent.add_replica(args.name, source)
-    with open(cfg.path, "a", encoding="utf-8") as fh:
-        fh.write(block)
-    _console().print(
-        f"added replica [bold]{markup(args.name)}[/] (source qtree {markup(source)}); its baseline runs in the next cycle"
-    )
+    def report(agent: Any) -> None:
+        _console().print(
+            f"added replica [bold]{markup(args.name)}[/] (source qtree {markup(source)}); its baseline runs in the next cycle"
+        )
+
+    # the config first: a crash before the ledger has it leaves a replica the next open adds
+    write_config(cfg.path, before + block)
+    # put back unless the ledger has it with this source (unreadable: put back; `run` then refuses a
+    # replica the ledger has and the config lacks, it never loses data)
+    with _config_restored(cfg.path, before, lambda: _ledger_source(args, args.name) != source):
+        return _change(
+            args,
+            lambda agent: agent.add_replica(args.name, source),
+            report,
+        )
+
+
+def cmd_remove(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    assert cfg.path is not None  # a configuration loaded from its file
+    before = Path(cfg.path).read_text(encoding="utf-8")
+
+    def report(agent: Any) -> None:
+        _console().print(
+            f"removed replica [bold]{markup(args.name)}[/] from group {markup(cfg.name)}: its export ended and the PCPIs only it "
+            f"pinned were released; its data stay in the destination's qtree {markup(args.name)} until you delete them"
+        )
+
+    # the config first: a crash before the ledger lost it leaves a replica `run` refuses, never one
+    # the next open adds again (whose baseline would overwrite the data)
+    if any(r.name == args.name for r in cfg.replicas):
+        write_config(cfg.path, without_replica(before, args.name, cfg.path))
+        if _ledger_source(args, args.name) is None:  # in the config only: the group never added it
+            _console().print(
+                f"removed replica [bold]{markup(args.name)}[/] from {markup(cfg.path)}; the group had not added it yet"
+            )
+            return EXIT_OK
+    # put back only if the ledger still has it: a replica back in the config but gone from the ledger
+    # would be added again, and its baseline would empty the qtree whose data `remove` keeps
+    with _config_restored(cfg.path, before, lambda: _ledger_source(args, args.name) not in (None, "")):
+        return _change(
+            args,
+            lambda agent: agent.remove_replica(args.name),
+            report,
+        )
+
+
+@contextlib.contextmanager
+def _config_restored(path: str, before: str, undone: Callable[[], bool]):
+    """Put the config file's text ``before`` back when the block fails and ``undone()`` says the change
+    did not reach the ledger (a failure after its decision was committed leaves the config edited)."""
+    try:
+        yield
+    except BaseException:
+        if undone() and Path(path).read_text(encoding="utf-8") != before:
+            write_config(path, before)
+        raise
+
+
+def _ledger_source(args: argparse.Namespace, name: str) -> str | None:
+    """The source qtree of replica ``name`` in the committed state (read without the lock): None when
+    the group has no such replica, "" when the ledger cannot be read."""
+    try:
+        with _reader(args) as reader:
+            r = reader.state.replicas.get(name)
+    except (CoalesceError, sqlite3.Error, OSError):
+        return ""
+    return None if r is None else r.source_qtree
+
+
+def _change(args: argparse.Namespace, act: Callable[[Any], None], report: Callable[[Any], None]) -> int:
+    """A verb that changes the group, holding the group's lock; ``report`` prints what it did."""
+    with _agent(args, reconcile=False) as agent:
+        act(agent)
+        report(agent)
     return EXIT_OK
 
 
@@ -291,14 +361,19 @@ def _print_refusal(exc: CoalesceError) -> None:
     report_error(exc)
 
 
-def _agent_with(args: argparse.Namespace, plugins: list[object], recover: bool = True):
+def _agent_with(args: argparse.Namespace, plugins: list[object], recover: bool = True, reconcile: bool = True):
     from coalesce_core.agent import Agent
     from coalesce_core.ui.runlog import RunLog
 
     runlog = RunLog()
     verb = getattr(args, "verb", None) or "?"
     agent = Agent.open(
-        _config(args), plugins=[runlog, *plugins], recover=recover, verb=verb, reach_source=verb == "run"
+        _config(args),
+        plugins=[runlog, *plugins],
+        recover=recover,
+        reconcile=reconcile,
+        verb=verb,
+        reach_source=verb == "run",
     )
     runlog.bind(lambda: agent.state)
     return agent
@@ -626,6 +701,8 @@ def build_parser(pm: Any = None) -> argparse.ArgumentParser:
     a = verb("add", cmd_add, "add a replica (appended to the config; baseline in the next cycle)")
     a.add_argument("name")
     a.add_argument("--source", help="source qtree (default: NAME)")
+    rm = verb("remove", cmd_remove, "remove a replica from the group and the config (its data stay)")
+    rm.add_argument("name")
     r = verb("run", cmd_run, "run coalescing cycles (every `interval` seconds)")
     r.add_argument(
         "--once",

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+from coalesce_core.agent import Agent
 from coalesce_core.backend.faults import Rule
+from coalesce_core.config import parse_config
+from coalesce_core.errors import ConfigError
 from coalesce_core.testing.harness import Harness
 from coalesce_core.testing.workload import fill
 
@@ -101,3 +104,38 @@ def test_run_forever_stops_between_cycles_when_asked(group_config):
     assert len(reports) == 1 and reports[0]["cycle"]
     assert set(h.states().values()) == {"stable"}
     h.assert_invariants()
+
+
+def _config_without(h: Harness, text_change) -> object:
+    path = h.config.path
+    assert path is not None
+    text = text_change(open(path).read())
+    return parse_config(text, path)
+
+
+def test_open_refuses_a_config_that_lost_or_changed_a_replica(group_config):
+    """The config is the truth: a replica of the ledger the config lacks, or gives another source, is a
+    ConfigError naming `coalesce remove` / `coalesce add`, before anything changes; without
+    ``reconcile`` (the remove and add verbs) the group opens."""
+    h = Harness(group_config())
+    fill(h.writer, [r.source for r in h.config.replicas])
+    h.cycle()
+    h.agent.close()
+    lost = _config_without(h, lambda t: t.replace('[[replica]]\nname = "B"\n', ""))
+    with pytest.raises(ConfigError) as ei:
+        Agent.open(lost, pm=h.pm, clock=h.clock)
+    assert "replica 'B' is in the ledger but not in" in ei.value.message
+    assert "`coalesce remove B`" in ei.value.hint
+    moved = _config_without(h, lambda t: t.replace('name = "C"\n', 'name = "C"\nsource = "A"\n'))
+    with pytest.raises(ConfigError) as ei:
+        Agent.open(moved, pm=h.pm, clock=h.clock)
+    assert "replica 'C' has source qtree 'C' in the ledger, 'A' in" in ei.value.message
+    assert "`coalesce remove C` then `coalesce add C --source A`" in ei.value.hint
+    agent = Agent.open(lost, pm=h.pm, clock=h.clock, reconcile=False)
+    try:
+        assert set(agent.state.replicas) == {"A", "B", "C"}
+        agent.remove_replica("B")
+        assert set(agent.state.replicas) == {"A", "C"}
+    finally:
+        agent.close()
+    Agent.open(lost, pm=h.pm, clock=h.clock).close()  # reconciled

@@ -5,7 +5,7 @@ backend: source writes, cycles, transfers cut at a random record, failing
 rollbacks, updates that keep failing (a stream the destination can never
 apply: the replica is re-seeded after ``reseed_after`` of them), the reseed
 verb, crashes at any named crash point (n-th pass) followed by a restart
-from the ledger, new replicas (baseline), break and resync, the retry timer,
+from the ledger, new replicas (baseline) and removed ones, break and resync, the retry timer,
 a source outage (the source cannot be opened or reached for as many steps
 as hypothesis likes, then comes back), a PCPI the destination refuses, and
 hostile change records fed to the applier; on sim also power cuts of the
@@ -35,7 +35,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from coalesce_core.agent import Agent
 from coalesce_core.backend.faults import FaultInjector, Rule, source_outage
 from coalesce_core.backend.hookspecs import ACTIVE, hookimpl
-from coalesce_core.config import parse_config
+from coalesce_core.config import ReplicaConfig, parse_config
 from coalesce_core.crashpoints import CRASH_POINTS
 from coalesce_core.cycle.planner import NotNow
 from coalesce_core.cycle.spec import load_spec
@@ -378,9 +378,35 @@ class CoalescingMachine(RuleBasedStateMachine):
     @precondition(lambda self: len(self.agent.state.replicas) < len(QTREES))
     @rule()
     def add_replica(self) -> None:
+        """`coalesce add`: the config first (the truth a restart checks the ledger against), then the ledger."""
         name = next(q for q in QTREES if q not in self.agent.state.replicas)
+        cfg = self.h.config
+        self.h.config = attrs.evolve(cfg, replicas=(*cfg.replicas, ReplicaConfig(name=name, source=name)))
         self.agent.add_replica(name)
         self.replay[name] = "uninitialized"
+
+    @precondition(lambda self: len(self.agent.state.replicas) > 1)
+    @rule(q=st.sampled_from(QTREES))
+    def remove_replica(self, q: str) -> None:
+        """`coalesce remove`: its export ends and what only it pinned is released (the invariants check the
+        rest, I2 at rest included); its data stay; refused, changing nothing, mid-cycle or while a retry of
+        it runs."""
+        r = self.agent.state.replicas.get(q)
+        if r is None:
+            return
+        before = self.agent.state
+        try:
+            self._run(lambda: self.agent.remove_replica(q))
+        except NotNow:
+            refusable = r.scratch is not None or before.phase != "idle"
+            assert refusable and self.agent.state == before, f"remove of {q} in {r.state} refused"
+            return
+        cfg = self.h.config
+        self.h.config = attrs.evolve(cfg, replicas=tuple(c for c in cfg.replicas if c.name != q))
+        assert q not in self.agent.state.replicas
+        assert self.agent.dest.exported().get(q) is None, f"{q} is still exported after its removal"
+        if r.active_point is not None or r.exported == ACTIVE:
+            assert q in self.agent.dest.qtree_list(None), f"the data of removed {q} are gone"
 
     @rule(q=st.sampled_from(QTREES), data=st.binary(max_size=64))
     def break_mirror(self, q: str, data: bytes) -> None:
@@ -515,8 +541,12 @@ class CoalescingMachine(RuleBasedStateMachine):
             return
         held = [n for n in self.agent.dest.snapshot_list() if n.startswith("co-g-")]
         k = sum(1 for r in s.replicas.values() if r.state in OUTSIDE)
-        initialized = any(r.exported not in (None,) for r in s.replicas.values())
-        assert len(held) <= int(initialized) + 2 * k, f"I1/I2: volume holds {held} with {k} replicas outside"
+        # the base: some replica exports an image, or `coalesce remove` took the last one that did (the
+        # base stays until the next jump-ahead replaces it)
+        based = any(r.exported is not None for r in s.replicas.values()) or any(
+            p.role == "base" for p in s.pcpis.values()
+        )
+        assert len(held) <= int(based) + 2 * k, f"I1/I2: volume holds {held} with {k} replicas outside"
         exported = self.agent.dest.exported()
         cycle_exports = {
             exported.get(r.name) for r in s.replicas.values() if r.state in ("stable", "done") and exported.get(r.name)
