@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterable
 import attrs
 import pluggy
 
-from coalesce_core import crashpoints, ownership, restorer, verifier, verify
+from coalesce_core import crashpoints, ownership, requests, restorer, verifier, verify
 from coalesce_core.backend.manager import plugin_manager
 from coalesce_core.backend.volume import Volume
 from coalesce_core.config import GroupConfig, check_replicas
@@ -31,11 +31,11 @@ from coalesce_core.cycle import effects as fx
 from coalesce_core.cycle import events as ev
 from coalesce_core.cycle import restore
 from coalesce_core.cycle.invariants import i5_marks
-from coalesce_core.cycle.planner import Decision, decide, is_group_pcpi, is_group_source_pcpi, pcpi_shortfall
+from coalesce_core.cycle.planner import Decision, NotNow, decide, is_group_pcpi, is_group_source_pcpi, pcpi_shortfall
 from coalesce_core.cycle.state import GroupState
 from coalesce_core.errors import BackendError, CoalesceError, MetadataError, VolumeInUse
 from coalesce_core.grouplock import GroupLock
-from coalesce_core.ledger import Ledger
+from coalesce_core.ledger import Ledger, RequestGone
 from coalesce_core.stream.records import Begin
 from coalesce_core.stream.spool import Spool
 from coalesce_core.transfer import run_transfer
@@ -277,11 +277,11 @@ class Agent:
                 self.lock.release()
 
     # -- the loop -------------------------------------------------------------
-    def _commit(self, batch: list[tuple[object, Decision]]) -> list[object]:
+    def _commit(self, batch: list[tuple[object, Decision]], answered: requests.Request | None = None) -> list[object]:
         old = self.state
         new = batch[-1][1].state
         log = [t for _e, d in batch for t in d.log]
-        self.ledger.commit(old, new, log, now=self.clock())
+        self.ledger.commit(old, new, log, now=self.clock(), answered=answered)
         self.state = new
         crashpoints.hit("after_commit")
         if any(isinstance(e, (ev.StartCycle, ev.SourcePcpiRefused)) for e, _d in batch):
@@ -542,10 +542,23 @@ class Agent:
             facts = restorer.survey(self.state, self.source if examined.stale else None, self.dest, dest, known)
             decision, self.restored = restore.reconcile(self.state, facts)
             self._commit([(facts, decision)])  # the ledger only: it has no effects
+            if examined.stale:
+                self.restored += self._withdraw_old_requests()
             for line in self.restored:
                 restorer.log.warning("%s", line)
         spooled = self._spooled() if src is not None else frozenset()
         self.handle(ev.Recover(now=self.clock(), destination_pcpis=dest, source_pcpis=src, spooled=spooled))
+
+    def _withdraw_old_requests(self) -> list[str]:
+        """An older ledger's pending requests are withdrawn: the verbs that asked them stopped waiting
+        long ago (and said so), and a request never takes effect after that (coalesce_core.requests)."""
+        lines = []
+        for req in self.ledger.requests(pending=True):
+            if self.ledger.withdraw(req.id, self.clock()):
+                lines.append(
+                    f"{req.describe()}: pending in the older ledger, withdrawn (ask again if it is still wanted)"
+                )
+        return lines
 
     def _source_pcpis(self) -> frozenset[str] | None:
         """The group's source PCPIs the source holds; None when it cannot be reached."""
@@ -614,8 +627,39 @@ class Agent:
         every PCPI a volume refused and every source it could not reach."""
         self.failures = []
         self.refusals = []
+        self.take_requests()
         self.tick()
-        return self.run_cycle()
+        report = self.run_cycle()
+        self.take_requests()  # those asked during the cycle, before a `run --once` ends
+        return report
+
+    def take_requests(self) -> list[requests.Request]:
+        """Decide the pending requests of the queue, oldest first, and run what each leads to
+        (coalesce_core.requests); only at a safe point (between cycles).  Each answer is committed
+        with its decision; a refused request is answered with its error.  Returns the answers."""
+        answers = []
+        for req in self.ledger.requests(pending=True):
+            try:
+                event = requests.event_for(req)
+                d = decide(self.state, event)
+            except (CoalesceError, KeyError, ValueError) as exc:  # a malformed request: refused, not fatal
+                if not isinstance(exc, CoalesceError):
+                    exc = NotNow(f"{req.describe()} cannot be decided: {exc!r}", hint="check the verb's arguments")
+                answer = requests.refused(req, self.clock(), exc)
+                try:
+                    self.ledger.answer(answer)
+                except RequestGone:
+                    continue
+                answers.append(answer)
+                continue
+            answer = requests.done(req, self.clock(), d.state.replicas)
+            try:
+                effects = self._commit([(event, d)], answered=answer)
+            except RequestGone:
+                continue  # withdrawn by its verb meanwhile: nothing was committed
+            answers.append(answer)
+            self._drive(effects)
+        return answers
 
     def run_forever(
         self,
@@ -626,16 +670,34 @@ class Agent:
         on_error: Callable[[BackendError, float], None] = lambda exc, wait: None,
         sleep: Callable[[float], None] | None = None,
         stop: threading.Event | None = None,
+        poll: float | None = None,
     ) -> None:
         """`coalesce run`: ``cycle`` (default :meth:`run_once`) every ``interval`` seconds until
         ``stop`` is set (checked between cycles, the safe point: a cycle is never cut short by it;
         the wait ends at once) or a callback raises. A BackendError outside a transfer (a PCPI
         take or release, an export, the link) does not end the run: ``on_error(exc, interval)``,
         and the next attempt first recovers what the failed cycle left in flight, exactly as after
-        a restart (the ledger holds the last decision)."""
+        a restart (the ledger holds the last decision).  With ``poll``, the wait is cut into
+        slices of at most ``poll`` seconds, and the requests queued meanwhile
+        (coalesce_core.requests) are taken after each slice."""
         run = cycle or self.run_once
         pause: Callable[[float], object] = sleep or (stop.wait if stop is not None else time.sleep)
         failed = False
+
+        def wait() -> None:
+            nonlocal failed
+            if poll is None:
+                pause(interval)
+                return
+            end = time.monotonic() + interval
+            while (left := end - time.monotonic()) > 0 and (stop is None or not stop.is_set()):
+                pause(min(left, poll))
+                try:  # on the committed state: after a failed cycle, what it left stays for recovery
+                    self.take_requests()
+                except BackendError as exc:
+                    failed = True
+                    on_error(exc, max(0.0, end - time.monotonic()))
+
         while stop is None or not stop.is_set():
             try:
                 if failed:
@@ -649,7 +711,7 @@ class Agent:
                 on_cycle(report)
             if stop is not None and stop.is_set():
                 break
-            pause(interval)
+            wait()
 
     def add_replica(self, name: str, source_qtree: str | None = None) -> None:
         self.handle(ev.AddReplica(name=name, source_qtree=source_qtree or name))

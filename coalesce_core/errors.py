@@ -87,9 +87,22 @@ class HostilePath(StreamError):
 
 
 class GroupLocked(CoalesceError):
-    """Another process holds the group's lock (coalesce_core.grouplock): one agent per group."""
+    """Another process holds the group's lock (coalesce_core.grouplock): one agent per group.
+
+    ``ledger``: the path of the group's ledger, so that a verb can hand its request to the holder
+    when the holder is a running agent (coalesce_core.requests)."""
 
     exit_code = 9
+    ledger: str = ""
+
+
+class RequestRefused(CoalesceError):
+    """A running agent refused a request handed to it (coalesce_core.requests): the error it decided,
+    with that error's own exit code."""
+
+    def __init__(self, message: str, *, hint: str | None = None, exit_code: int = 6) -> None:
+        super().__init__(message, hint=hint)
+        self.exit_code = exit_code
 
 
 class TransferFailed(CoalesceError):

@@ -1,7 +1,8 @@
 """One agent per group: the group's exclusive lock (docs/operations.md, "One agent per group").
 
-Every verb that changes a group (``init``, ``run``, ``add``, ``break``, ``resync``,
-``reseed``) holds the lock while it runs; the read verbs (``status``, ``history``,
+Every verb that changes a group (``init``, ``run``, ``add``, ``remove``, ``break``, ``resync``,
+``reseed``) holds the lock while it runs (beside a running ``coalesce run`` the last five hand a
+request to it instead: coalesce_core.requests); the read verbs (``status``, ``history``,
 ``check``, ``graph``, ``verify``) never take it and never write the group's state.
 
 The lock is ``flock(2)`` on ``<ledger>.lock`` beside the ledger: the kernel
@@ -36,6 +37,13 @@ def holder(path: Path) -> dict[str, Any]:
     except (OSError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}
+
+
+def running_agent(ledger_path: Path) -> dict[str, Any] | None:
+    """The holder of the group's lock when it is a running ``coalesce run`` (which takes requests,
+    coalesce_core.requests), else None."""
+    info = probe(ledger_path)
+    return info if info is not None and info.get("verb") == "run" else None
 
 
 def probe(ledger_path: Path) -> dict[str, Any] | None:
@@ -105,11 +113,13 @@ class GroupLock:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise GroupLocked(
+            exc = GroupLocked(
                 f"group {group!r} is in use by {describe(holder(path))}",
                 hint="one agent changes a group at a time: wait for it to finish, or stop the running "
                 "`coalesce run` (SIGTERM) first; status, history, check and verify work beside it",
-            ) from None
+            )
+            exc.ledger = str(ledger_path)
+            raise exc from None
         except BaseException:
             os.close(fd)
             raise

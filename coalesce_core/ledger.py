@@ -23,6 +23,7 @@ import attrs
 
 from coalesce_core.cycle.state import GroupState, Pcpi, Replica, RetryPolicy, SourcePcpi
 from coalesce_core.errors import MetadataError
+from coalesce_core.requests import PENDING, WITHDRAWN, Request
 
 SCHEMA_VERSION = 1
 
@@ -37,6 +38,16 @@ CREATE TABLE IF NOT EXISTS transitions (
 CREATE TABLE IF NOT EXISTS cycles (
     cycle INTEGER PRIMARY KEY, started REAL, ended REAL, report TEXT NOT NULL);
 """
+
+# The queue of requests handed to a running agent (coalesce_core.requests).  Ledgers written before it
+# existed lack the table: a writer creates it, a reader sees an empty queue.
+_REQUESTS = """
+CREATE TABLE IF NOT EXISTS requests (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, verb TEXT NOT NULL, args TEXT NOT NULL, status TEXT NOT NULL,
+    asked REAL NOT NULL, pid INTEGER NOT NULL, answered REAL NOT NULL DEFAULT 0,
+    message TEXT NOT NULL DEFAULT '', hint TEXT NOT NULL DEFAULT '', exit_code INTEGER NOT NULL DEFAULT 0);
+"""
+_REQUEST_COLUMNS = "id, verb, args, status, asked, pid, answered, message, hint, exit_code"
 
 _GROUP_FIELDS = (
     "phase",
@@ -130,7 +141,7 @@ class Ledger:
             )
         path.parent.mkdir(parents=True, exist_ok=True)
         conn = cls._connect(path)
-        conn.executescript(_SCHEMA)
+        conn.executescript(_SCHEMA + _REQUESTS)
         led = cls(path, conn)
         with led._tx():
             conn.executemany(
@@ -333,8 +344,16 @@ class Ledger:
             if gone:
                 c.executemany(f"DELETE FROM {table} WHERE name = ?", gone)
 
-    def commit(self, old: GroupState, new: GroupState, log: Sequence[Any] = (), now: float | None = None) -> None:
-        """Persist ``new`` (and the transitions that led to it) in one durable transaction."""
+    def commit(
+        self,
+        old: GroupState,
+        new: GroupState,
+        log: Sequence[Any] = (),
+        now: float | None = None,
+        answered: Request | None = None,
+    ) -> None:
+        """Persist ``new`` (and the transitions that led to it) in one durable transaction; with
+        ``answered``, the answer to the request whose decision this is, in the same transaction."""
         ts = time.time() if now is None else now
         with self._tx():
             self._write(old, new)
@@ -343,6 +362,67 @@ class Ledger:
                     "INSERT INTO transitions (ts, cycle, replica, trigger, source, dest) VALUES (?, ?, ?, ?, ?, ?)",
                     [(ts, new.cycle, t.replica, t.trigger, t.source, t.dest) for t in log],
                 )
+            if answered is not None:
+                self._answer(answered)
+
+    # -- requests (coalesce_core.requests) ------------------------------------------
+    def _has_requests(self) -> bool:
+        q = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'requests'"
+        return self.conn.execute(q).fetchone() is not None
+
+    def ask(self, verb: str, args: dict[str, str], now: float, pid: int) -> Request:
+        """Append a pending request to the queue, durably; returns it with its id."""
+        with self._tx():
+            self.conn.execute(_REQUESTS)
+            cur = self.conn.execute(
+                "INSERT INTO requests (verb, args, status, asked, pid) VALUES (?, ?, ?, ?, ?)",
+                (verb, json.dumps(args, sort_keys=True), PENDING, now, pid),
+            )
+            rid = cur.lastrowid
+        assert rid is not None
+        return Request(id=rid, verb=verb, args=args, asked=now, pid=pid)
+
+    def requests(self, *, pending: bool = False, last: int | None = None) -> list[Request]:
+        """The queue, oldest first: only the pending requests, or (``last``) the newest ``last``."""
+        if not self._has_requests():
+            return []
+        q = f"SELECT {_REQUEST_COLUMNS} FROM requests"
+        if pending:
+            q += f" WHERE status = '{PENDING}'"
+        q += " ORDER BY id"
+        rows = self.conn.execute(q).fetchall()
+        if last is not None:
+            rows = rows[-last:] if last else []
+        return [_request(r) for r in rows]
+
+    def request(self, rid: int) -> Request | None:
+        if not self._has_requests():
+            return None
+        row = self.conn.execute(f"SELECT {_REQUEST_COLUMNS} FROM requests WHERE id = ?", (rid,)).fetchone()
+        return _request(row) if row else None
+
+    def answer(self, request: Request) -> None:
+        """Record the answer to a request that changed no state (a refusal), durably."""
+        with self._tx():
+            self._answer(request)
+
+    def _answer(self, r: Request) -> None:
+        cur = self.conn.execute(
+            "UPDATE requests SET status = ?, answered = ?, message = ?, hint = ?, exit_code = ? "
+            "WHERE id = ? AND status = ?",
+            (r.status, r.answered, r.message, r.hint, r.exit_code, r.id, PENDING),
+        )
+        if cur.rowcount != 1:  # withdrawn meanwhile: the decision must not be committed either
+            raise RequestGone(r.id)
+
+    def withdraw(self, rid: int, now: float) -> bool:
+        """Withdraw a request the agent has not taken yet; False when it was answered first."""
+        with self._tx():
+            cur = self.conn.execute(
+                "UPDATE requests SET status = ?, answered = ? WHERE id = ? AND status = ?",
+                (WITHDRAWN, now, rid, PENDING),
+            )
+            return cur.rowcount == 1
 
     def record_cycle(self, report: dict[str, Any], notes: dict[str, Any] | None = None) -> None:
         """Keep a finished cycle's history row, and replace the ``notes`` given, in one transaction."""
@@ -355,6 +435,26 @@ class Ledger:
                 self.conn.execute(
                     "INSERT OR REPLACE INTO meta VALUES (?, ?)", (_note_key(key), json.dumps(value, sort_keys=True))
                 )
+
+
+class RequestGone(Exception):
+    """The request was withdrawn before the agent's answer was committed (nothing was committed)."""
+
+
+def _request(row: Sequence[Any]) -> Request:
+    rid, verb, args, status, asked, pid, answered, message, hint, exit_code = row
+    return Request(
+        id=rid,
+        verb=verb,
+        args=json.loads(args),
+        status=status,
+        asked=asked,
+        pid=pid,
+        answered=answered,
+        message=message,
+        hint=hint,
+        exit_code=exit_code,
+    )
 
 
 def _note_key(key: str) -> str:

@@ -24,9 +24,9 @@ from typing import Any, Callable
 from rich.console import Console, Group
 from rich.text import Text
 
-from coalesce_core import __version__, crashpoints, grouplock
+from coalesce_core import __version__, crashpoints, grouplock, requests
 from coalesce_core.config import GroupConfig, load_config, replica_block, without_replica, write_config
-from coalesce_core.errors import BackendError, CoalesceError, ConfigError
+from coalesce_core.errors import BackendError, CoalesceError, ConfigError, GroupLocked, RequestRefused
 from coalesce_core.ui import graphs, logs, render, reports
 from coalesce_core.ui.errors import report_error
 from coalesce_core.ui.peertext import markup
@@ -40,6 +40,13 @@ EXIT_TRANSFER_FAILED = 8  # `run --once`: an update, baseline or re-seed failed 
 EXIT_INTERRUPTED = 130
 
 DEFAULT_CONFIG = "coalesce.toml"
+#: how long a verb handed to a running agent waits for its answer (--timeout), and how often it looks
+DEFAULT_REQUEST_TIMEOUT = 600.0
+REQUEST_POLL = 0.2
+#: how often a running `coalesce run` looks for requests while it waits between cycles
+AGENT_POLL = 0.5
+#: the newest requests `status` shows
+STATUS_REQUESTS = 10
 
 
 def _console() -> Console:
@@ -135,6 +142,8 @@ def cmd_add(args: argparse.Namespace) -> int:
     with _config_restored(cfg.path, before, lambda: _ledger_source(args, args.name) != source):
         return _change(
             args,
+            "add",
+            requests.make_args("add", replica=args.name, source=source),
             lambda agent: agent.add_replica(args.name, source),
             report,
         )
@@ -165,6 +174,8 @@ def cmd_remove(args: argparse.Namespace) -> int:
     with _config_restored(cfg.path, before, lambda: _ledger_source(args, args.name) not in (None, "")):
         return _change(
             args,
+            "remove",
+            requests.make_args("remove", replica=args.name),
             lambda agent: agent.remove_replica(args.name),
             report,
         )
@@ -193,12 +204,88 @@ def _ledger_source(args: argparse.Namespace, name: str) -> str | None:
     return None if r is None else r.source_qtree
 
 
-def _change(args: argparse.Namespace, act: Callable[[Any], None], report: Callable[[Any], None]) -> int:
-    """A verb that changes the group, holding the group's lock; ``report`` prints what it did."""
-    with _agent(args, reconcile=False) as agent:
+def _change(
+    args: argparse.Namespace,
+    verb: str,
+    params: dict[str, str],
+    act: Callable[[Any], None],
+    report: Callable[[Any], None],
+) -> int:
+    """A verb that changes the group: done here, holding the group's lock, or, beside a running
+    `coalesce run`, handed to it as a request (coalesce_core.requests) whose answer is awaited;
+    ``report`` prints what it did from an agent (this one, or a reader of the state it left)."""
+    try:
+        agent = _agent(args, reconcile=False)
+    except GroupLocked as exc:
+        holder = grouplock.running_agent(Path(exc.ledger)) if exc.ledger else None
+        if holder is None:
+            raise
+        if _hand_over(args, verb, params, Path(exc.ledger), holder):
+            with _reader(args) as reader:
+                report(reader)
+        return EXIT_OK
+    with agent:
         act(agent)
         report(agent)
     return EXIT_OK
+
+
+def _hand_over(args: argparse.Namespace, verb: str, params: dict[str, str], path: Path, holder: dict[str, Any]) -> bool:
+    """Queue the request for the running agent ``holder`` and wait for its answer: True when it was
+    taken, RequestRefused when refused, GroupLocked when not taken within --timeout (then it is
+    withdrawn); False at once with --no-wait."""
+    from coalesce_core.ledger import Ledger
+
+    who = grouplock.describe(holder)
+    led = Ledger.open(path, group=_config(args).name)
+    try:
+        req = led.ask(verb, params, time.time(), os.getpid())
+        if args.no_wait:
+            _console().print(
+                f"queued {markup(req.describe())} for the running agent, {markup(who)}: it takes it between cycles; "
+                "`coalesce status` shows its answer"
+            )
+            return False
+        answer = _await(args, led, req, path, who)
+    finally:
+        led.close()
+    if answer.status == requests.REFUSED:
+        raise RequestRefused(answer.message, hint=answer.hint, exit_code=answer.exit_code)
+    when = time.strftime("%H:%M:%S", time.localtime(answer.answered))
+    _console().print(f"{markup(req.describe())} handed to the running agent, {markup(who)}: taken at {when}")
+    return True
+
+
+def _await(args: argparse.Namespace, led: Any, req: requests.Request, path: Path, who: str) -> requests.Request:
+    """Wait for the answer to ``req``.  If the agent stops before taking it, this process takes the
+    group's lock and the queue itself; at --timeout (or Ctrl-C) the request is withdrawn unless it
+    was answered first."""
+    deadline = time.monotonic() + args.timeout
+    try:
+        while True:
+            answer = led.request(req.id)
+            if answer is not None and answer.status in requests.ANSWERED:
+                return answer
+            if grouplock.running_agent(path) is None:
+                with contextlib.suppress(GroupLocked):
+                    with _agent(args, reconcile=False) as agent:
+                        agent.take_requests()
+                continue
+            if time.monotonic() >= deadline and led.withdraw(req.id, time.time()):
+                raise GroupLocked(
+                    f"{req.describe()} was not taken within {args.timeout:g} s by the running agent, {who}, "
+                    "which takes requests between cycles; it was withdrawn",
+                    hint="run the verb again with a longer --timeout (`coalesce status` shows the cycle under way, "
+                    "`coalesce history` how long cycles take), or with --no-wait to leave it queued",
+                )
+            time.sleep(REQUEST_POLL)
+    except BaseException as exc:
+        if led.withdraw(req.id, time.time()):
+            raise
+        answer = led.request(req.id)
+        if isinstance(exc, KeyboardInterrupt) and answer is not None and answer.status in requests.ANSWERED:
+            return answer  # taken before the interrupt: say what it did
+        raise
 
 
 class _StopNow(Exception):
@@ -321,6 +408,7 @@ def _run(args: argparse.Namespace, stop: _Stop) -> int:
                 on_error=on_error,
                 sleep=stop.pause,
                 stop=stop.asked,
+                poll=AGENT_POLL,
             )
         except _StopNow:
             pass
@@ -424,11 +512,14 @@ def cmd_status(args: argparse.Namespace) -> int:
         paths = {r: agent.export_path(r) for r in agent.state.replicas}
         if not args.watch:
             holder = grouplock.probe(agent.ledger.path)
+            queue = agent.ledger.requests(last=STATUS_REQUESTS)
             if args.json:
-                _dump_json(reports.status_data(agent.state, paths, now=time.time(), agent=holder))
+                _dump_json(reports.status_data(agent.state, paths, now=time.time(), agent=holder, requests=queue))
             else:
                 _console().print(_status_view(agent.state, paths))
                 _console().print(render.agent_text(holder, agent.state.phase))
+                for line in render.requests_lines(queue):
+                    _console().print(line, markup=False)
             return EXIT_OK
         return _watch_status(args, agent, paths)
 
@@ -460,7 +551,10 @@ def _watch_status(args: argparse.Namespace, agent: Any, paths: dict[str, str | N
         if args.json:
             while True:
                 holder = grouplock.probe(agent.ledger.path)
-                _dump_json(reports.status_data(read(), paths, now=time.time(), agent=holder), compact=True)
+                queue = agent.ledger.requests(last=STATUS_REQUESTS)
+                _dump_json(
+                    reports.status_data(read(), paths, now=time.time(), agent=holder, requests=queue), compact=True
+                )
                 n += 1
                 if args.count and n >= args.count:
                     return EXIT_OK
@@ -570,35 +664,47 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_break(args: argparse.Namespace) -> int:
-    with _agent(args) as agent:
-        agent.break_mirror(args.name)
+    def report(agent: Any) -> None:
         _console().print(
-            f"replica [bold]{args.name}[/] is broken: writable, exporting its active FS "
-            f"({agent.export_path(args.name) or 'no path on this backend'})"
+            f"replica [bold]{markup(args.name)}[/] is broken: writable, exporting its active FS "
+            f"({markup(agent.export_path(args.name) or 'no path on this backend')})"
         )
-    return EXIT_OK
+
+    return _change(
+        args, "break", requests.make_args("break", replica=args.name), lambda a: a.break_mirror(args.name), report
+    )
 
 
 def cmd_resync(args: argparse.Namespace) -> int:
-    with _agent(args) as agent:
-        agent.resync(args.name)
+    def report(agent: Any) -> None:
         r = agent.state.replicas[args.name]
         _console().print(
             f"replica [bold]{markup(args.name)}[/] is {r.state}; it rejoins the cycle at the next jump-ahead"
         )
-    return EXIT_OK
+
+    return _change(
+        args, "resync", requests.make_args("resync", replica=args.name), lambda a: a.resync(args.name), report
+    )
 
 
 def cmd_reseed(args: argparse.Namespace) -> int:
-    with _agent(args) as agent:
-        agent.reseed(args.name, args.reason or "requested by the operator (coalesce reseed)")
+    reason = args.reason or "requested by the operator (coalesce reseed)"
+
+    def report(agent: Any) -> None:
         r = agent.state.replicas[args.name]
         _console().print(
             f"replica [bold]{markup(args.name)}[/] is {r.state}: outside the cycle, still exporting its last good "
             f"image; the next cycle re-seeds it by a baseline transfer, and it rejoins the cycle at the "
             f"jump-ahead after that"
         )
-    return EXIT_OK
+
+    return _change(
+        args,
+        "reseed",
+        requests.make_args("reseed", replica=args.name, reason=reason),
+        lambda a: a.reseed(args.name, reason),
+        report,
+    )
 
 
 def cmd_backends(args: argparse.Namespace) -> int:
@@ -698,11 +804,27 @@ def build_parser(pm: Any = None) -> argparse.ArgumentParser:
         return sp
 
     verb("init", cmd_init, "create the group's volumes (if needed) and metadata")
+
+    def handed(sp: argparse.ArgumentParser) -> None:
+        """The options of a verb a running `coalesce run` takes as a request (docs/operations.md)."""
+        sp.add_argument(
+            "--timeout",
+            type=_positive(),
+            default=DEFAULT_REQUEST_TIMEOUT,
+            help=f"beside a running agent: seconds to wait for it to take the request (default "
+            f"{DEFAULT_REQUEST_TIMEOUT:g}); then it is withdrawn",
+        )
+        sp.add_argument(
+            "--no-wait", action="store_true", help="beside a running agent: queue the request and return at once"
+        )
+
     a = verb("add", cmd_add, "add a replica (appended to the config; baseline in the next cycle)")
     a.add_argument("name")
     a.add_argument("--source", help="source qtree (default: NAME)")
+    handed(a)
     rm = verb("remove", cmd_remove, "remove a replica from the group and the config (its data stay)")
     rm.add_argument("name")
+    handed(rm)
     r = verb("run", cmd_run, "run coalescing cycles (every `interval` seconds)")
     r.add_argument(
         "--once",
@@ -738,9 +860,11 @@ def build_parser(pm: Any = None) -> argparse.ArgumentParser:
     ):
         sp = verb(name, func, help)
         sp.add_argument("name")
+        handed(sp)
     rs = verb("reseed", cmd_reseed, "rebuild a replica by a baseline transfer (it keeps exporting its last good image)")
     rs.add_argument("name")
     rs.add_argument("--reason", help="why (shown by `coalesce status`)")
+    handed(rs)
     g = verb("graph", cmd_graph, "the replica state graph from spec/coalescing.toml")
     g.add_argument("--format", choices=("text", "mermaid", "dot"), default="text")
     g.add_argument("--json", action="store_true")

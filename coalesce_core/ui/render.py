@@ -127,6 +127,19 @@ def agent_text(holder: Mapping[str, Any] | None, phase: str) -> Text:
     return Text("agent: none running", style="dim")
 
 
+def requests_lines(queue: Sequence[Any]) -> list[str]:
+    """The requests handed to a running agent (coalesce_core.requests.Request), pending ones and
+    the answer of each other one: ``request 7 (break A): done 12:00:03: replica A is broken``."""
+    out = []
+    for r in queue:
+        if r.status == "pending":
+            out.append(f"{r.describe()}: pending since {time.strftime('%H:%M:%S', time.localtime(r.asked))}")
+        else:
+            when = time.strftime("%H:%M:%S", time.localtime(r.answered))
+            out.append(f"{r.describe()}: {r.status} {when}" + (f": {r.message}" if r.message else ""))
+    return [clean(line) for line in out]  # names and errors are peer text (ui/peertext.py)
+
+
 def budget_text(state: GroupState) -> Text:
     """The PCPI budget in one line: ``■■□□ 2 of 4 cycle PCPIs · individual 1``."""
     held = [p for p in state.pcpis.values() if not p.releasing]

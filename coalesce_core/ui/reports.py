@@ -20,9 +20,11 @@ def status_data(
     export_paths: Mapping[str, str | None],
     now: float | None = None,
     agent: Mapping[str, Any] | None = None,
+    requests: Sequence[Any] = (),
 ) -> dict[str, Any]:
     """The `status --json` document (docs/schemas/status.schema.json); ``now`` gives the lag, ``agent``
-    the process that holds the group now (coalesce_core.grouplock.probe), None when none does."""
+    the process that holds the group now (coalesce_core.grouplock.probe), None when none does;
+    ``requests`` the newest requests handed to a running agent (coalesce_core.requests.Request)."""
     owners: dict[str, list[str]] = {}
     for r in state.replicas.values():
         for p in r.pinned():
@@ -64,6 +66,9 @@ def status_data(
             for p in sorted(state.pcpis.values(), key=lambda p: p.name)
         ],
         "source_pcpis": sorted(state.source_pcpis),
+        "requests": [
+            {**d, "replica": clean(d["replica"]), "message": clean(d["message"])} for d in (r.data() for r in requests)
+        ],
     }
 
 

@@ -1,13 +1,18 @@
 """The config is the truth (docs/operations.md, "Changing a group while it runs"): a replica removed from or changed
-in the config is refused until `coalesce remove`/`coalesce add` reconcile it; never silently ignored."""
+in the config is refused until `coalesce remove`/`coalesce add` reconcile it, and the verbs that change a
+group are handed to a running `coalesce run`, which takes them at its next safe point; the verb reports
+what they did, or why they were refused. Never silently ignored, never silently undone."""
 
 from __future__ import annotations
 
 import json
+import re
+import signal
+import time
 from pathlib import Path
 
 import pytest
-from groups import cli_group, run_cli, status
+from groups import at_rest, cli_group, run_cli, start_cli, status, wait_until
 
 from coalesce_core.backend.manager import plugin_manager
 from coalesce_core.backend.volume import Volume
@@ -88,6 +93,125 @@ def test_remove_releases_the_pins_and_keeps_the_data(sim_group: Path, tmp_path: 
     assert run_cli(cfg, "add", "B").returncode == 0
     assert run_cli(cfg, "run", "--once", "--quiet").returncode == 0
     assert _states(cfg) == {"A": "stable", "B": "stable"}
+
+
+def test_verbs_beside_a_running_agent_are_handed_to_it_and_never_undone(sim_group: Path):
+    """break, resync, add and remove beside `coalesce run` (a cycle every second): each is taken at the
+    agent's next safe point, the verb says so, and later cycles keep what it did."""
+    cfg = sim_group
+    with start_cli(cfg, "run", "--interval", "1", "--quiet") as runner:
+        wait_until(runner, lambda: at_rest(status(cfg)), "the first cycle ended")
+        broke = run_cli(cfg, "break", "A")
+        assert broke.returncode == 0, broke.stderr
+        assert "handed to the running agent" in broke.stdout and "replica A is broken" in broke.stdout
+        cycle = status(cfg)["cycle"]
+        wait_until(runner, lambda: status(cfg)["cycle"] >= cycle + 2, "two more cycles")
+        assert _states(cfg)["A"] == "broken"  # never undone by the running agent
+        added = run_cli(cfg, "add", "C", "--source", "A")  # a second replica of qtree A
+        assert added.returncode == 0, added.stderr
+        assert "replica C" in added.stdout and 'name = "C"\nsource = "A"' in cfg.read_text()
+        wait_until(runner, lambda: _states(cfg).get("C") == "stable", "C baselined by the running agent")
+        resynced = run_cli(cfg, "resync", "A")
+        assert resynced.returncode == 0, resynced.stderr
+        wait_until(runner, lambda: _states(cfg)["A"] == "stable", "A rejoined the cycle")
+        removed = run_cli(cfg, "remove", "C")
+        assert removed.returncode == 0, removed.stderr
+        assert "removed replica C" in removed.stdout
+        assert "C" not in _states(cfg) and 'name = "C"' not in cfg.read_text()
+        refused = run_cli(cfg, "break", "nosuch")
+        assert refused.returncode == 6 and "error: group 'truth' has no replica 'nosuch'" in refused.stderr
+        runner.send_signal(signal.SIGTERM)
+        assert runner.wait(timeout=120) == 0
+    check = run_cli(cfg, "check")
+    assert check.returncode == 0, check.stdout + check.stderr
+
+
+def test_no_wait_queues_the_request_and_status_shows_it(sim_group: Path):
+    cfg = sim_group
+    with start_cli(cfg, "run", "--interval", "3600", "--quiet") as runner:
+        wait_until(runner, lambda: at_rest(status(cfg)), "the first cycle ended")
+        queued = run_cli(cfg, "break", "B", "--no-wait")
+        assert queued.returncode == 0, queued.stderr
+        m = re.search(r"request (\d+)", queued.stdout)
+        assert m and "queued" in queued.stdout, queued.stdout
+        wait_until(runner, lambda: _states(cfg)["B"] == "broken", "the queued break taken")
+        requests = status(cfg)["requests"]
+        assert [(r["id"], r["verb"], r["status"]) for r in requests][-1] == (int(m.group(1)), "break", "done")
+        runner.send_signal(signal.SIGTERM)
+        assert runner.wait(timeout=120) == 0
+
+
+# -- the waiting verb, in this process (the cli fixtures of tests/cli/conftest.py: a mem group) ----------
+def _args(**kw):
+    import argparse
+
+    return argparse.Namespace(**{"config": None, "verb": "break", "timeout": 5.0, "no_wait": False, **kw})
+
+
+def _ask(name: str):
+    """A `break NAME` request in the queue of the group at ./coalesce.toml; (ledger, request, its path)."""
+    from coalesce_core import requests
+    from coalesce_core.ledger import Ledger
+    from coalesce_core.ui import cli as cli_mod
+
+    with cli_mod._reader(_args()) as reader:
+        path = Path(reader.ledger.path)
+    led = Ledger.open(path)
+    return led, led.ask("break", requests.make_args("break", replica=name), time.time(), 1), path
+
+
+def test_a_request_the_agent_left_is_taken_by_the_waiting_verb(group, cli):
+    """The agent stopped (a `run --once` that ended) before it took the request: the verb that waits for
+    it takes the group's lock and the queue itself."""
+    from coalesce_core import requests
+    from coalesce_core.ui import cli as cli_mod
+
+    assert cli("init")[0] == 0 and cli("run", "--once", "-q")[0] == 0
+    led, req, path = _ask("A")
+    try:
+        answer = cli_mod._await(_args(), led, req, path, "nobody")
+    finally:
+        led.close()
+    assert (answer.status, answer.message) == (requests.DONE, "replica A is broken")
+    assert json.loads(cli("status", "--json")[1])["replicas"][0]["state"] == "broken"
+
+
+def test_a_request_not_taken_in_time_is_withdrawn(group, cli):
+    """A running agent that does not take the request within --timeout (here: a `coalesce run` holding the
+    lock in a long cycle, played by this process): the verb withdraws it, exits 9 saying so, and the
+    request is never taken afterwards."""
+    from coalesce_core import requests
+    from coalesce_core.errors import GroupLocked
+    from coalesce_core.grouplock import GroupLock
+    from coalesce_core.ui import cli as cli_mod
+
+    assert cli("init")[0] == 0 and cli("run", "--once", "-q")[0] == 0
+    led, req, path = _ask("A")
+    lock = GroupLock.acquire(path, "home", "run")
+    try:
+        with pytest.raises(GroupLocked, match="was not taken within 0.3 s") as ei:
+            cli_mod._await(_args(timeout=0.3), led, req, path, "PID 1")
+        assert "--no-wait" in ei.value.hint and ei.value.exit_code == 9
+        assert led.request(req.id).status == requests.WITHDRAWN
+    finally:
+        lock.release()
+        led.close()
+    assert cli("run", "--once", "-q")[0] == 0  # the next agent does not take it
+    st = json.loads(cli("status", "--json")[1])
+    assert {r["state"] for r in st["replicas"]} == {"stable"}
+    assert [(r["id"], r["status"]) for r in st["requests"]] == [(req.id, "withdrawn")]
+
+
+def test_status_shows_the_requests_and_their_answers(group, cli, validate_json):
+    assert cli("init")[0] == 0 and cli("run", "--once", "-q")[0] == 0
+    led, req, _path = _ask("nosuch")
+    led.close()
+    assert cli("run", "--once", "-q")[0] == 0  # the agent refuses it
+    rc, out, _ = cli("status")
+    assert f"request {req.id} (break nosuch): refused " in out and "has no replica 'nosuch'" in out
+    doc = json.loads(cli("status", "--json")[1])
+    validate_json(doc, "status")
+    assert doc["requests"][0]["status"] == "refused" and doc["requests"][0]["answered"] > 0
 
 
 def test_a_refused_add_or_remove_leaves_the_config_as_it_was(group, cli):

@@ -1,5 +1,6 @@
 """One agent per group, as an operator meets it: a second `coalesce run` beside a running one, two started
-together, administrative verbs beside a running agent (docs/operations.md, "One agent per group")."""
+together, `init` beside a running agent (docs/operations.md, "One agent per group"; the verbs a running agent
+takes as requests: tests/cli/test_config_truth.py)."""
 
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ def test_a_second_agent_is_refused_beside_a_running_one_I1(group):
         assert second.returncode == 9, second.stderr
         assert f"is in use by PID {runner.pid} " in second.stderr and "`coalesce run`" in second.stderr
         assert "hint:" in second.stderr
-        assert run_cli(cfg, "break", "A").returncode == 9  # never silently undone by the running agent
+        assert run_cli(cfg, "init").returncode == 9  # a verb the agent does not take as a request
         holder = status(cfg)["agent"]  # status names the running agent, from the kernel's lock table
         assert holder is not None and holder["pid"] == runner.pid and holder["verb"] == "run"
         assert f"PID {runner.pid}" in run_cli(cfg, "status").stdout

@@ -189,6 +189,23 @@ def test_a_base_removed_outside_coalesce_re_seeds_the_replicas_that_exported_it(
     settle(h)
 
 
+def test_an_older_ledgers_pending_request_is_withdrawn_never_taken(group_config, tmp_path):
+    """A request queued for a running agent (coalesce_core/requests.py) and still pending in the
+    backup: its verb stopped waiting long ago, so the restore withdraws it instead of breaking A now."""
+    h = started(group_config)
+    asked = h.agent.ledger.ask("break", {"replica": "A"}, h.clock(), 4242)
+    old = backup(h, tmp_path / "old.sqlite")
+    assert h.agent.ledger.withdraw(asked.id, h.clock())  # the verb's --timeout, in the live ledger
+    for n in range(2):
+        change(h, n)
+        h.cycle()
+    put_back(h, old)
+    assert h.agent.ledger.request(asked.id).status == "withdrawn"
+    assert any(line.startswith(f"request {asked.id} (break A): pending in the older") for line in h.agent.restored)
+    assert h.agent.take_requests() == [] and h.states()["A"] == "stable"
+    h.assert_invariants()
+
+
 def test_a_current_ledger_is_left_alone(group_config):
     h = started(group_config)
     h.restart()

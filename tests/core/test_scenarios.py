@@ -230,12 +230,14 @@ def test_break_and_resync(harness):
 NATIVE_ROLLBACK = ("sim", "btrfs")
 
 
-def test_a_write_after_the_resync_fence_is_caught_and_undone_by_the_retry_I9_I3(group_config, backend):
+@pytest.mark.parametrize("asked", ["verb", "request"])
+def test_a_write_after_the_resync_fence_is_caught_and_undone_by_the_retry_I9_I3(group_config, backend, asked):
     """docs/decisions.md, "Resync fences first": the broken replica exports its last good image
     before the scratch PCPI is taken; a writer that kept a file of the active FS open writes after
     that PCPI (here: when it is taken), so the rollback leaves its write; the check of the rolled-
     back active FS against the restored image fails the attempt with the path, the export never
-    moves off the last good image, and the retry's new scratch holds the write and undoes it."""
+    moves off the last good image, and the retry's new scratch holds the write and undoes it.  A
+    resync handed to a running agent (coalesce_core/requests.py) takes the same fenced path."""
     from coalesce_core.backend.manager import plugin_manager
     from coalesce_core.backend.volume import Volume
     from coalesce_core.testing.workload import SourceWriter
@@ -261,7 +263,12 @@ def test_a_write_after_the_resync_fence_is_caught_and_undone_by_the_retry_I9_I3(
     last_good = h.agent.state.replicas["A"].last_good
     SourceWriter(h.agent.dest).write("A", "local-change", b"written on the destination")
     late.armed = True
-    h.agent.resync("A")
+    if asked == "verb":
+        h.agent.resync("A")
+    else:
+        h.agent.ledger.ask("resync", {"replica": "A"}, h.clock(), 4242)
+        (answer,) = h.agent.take_requests()
+        assert answer.status == "done", answer
     a = h.agent.state.replicas["A"]
     assert seen == [last_good]
     assert a.exported == last_good and a.scratch is None and h.exported_fingerprints()["A"] == good
