@@ -156,3 +156,15 @@ def test_a_ledger_without_the_queue_reads_as_an_empty_one(harness):
     assert harness.agent.take_requests() == []
     assert ask(harness, "break", replica="A").id == 1
     assert [r.verb for r in led.requests(pending=True)] == ["break"]
+
+
+def test_a_reseed_request_carries_its_reason(harness):
+    h = harness
+    ask(h, "reseed", replica="B", reason="the operator's reason")
+    (answer,) = h.agent.take_requests()
+    assert (answer.status, answer.message) == (requests.DONE, "replica B is reseed_pending")
+    b = h.agent.state.replicas["B"]
+    assert (b.state, b.reseed_reason) == ("reseed_pending", "the operator's reason")
+    h.cycle()
+    assert h.states()["B"] in ("reseeded", "stable")
+    h.assert_invariants()
