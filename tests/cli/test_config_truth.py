@@ -235,3 +235,31 @@ def test_a_refused_add_or_remove_leaves_the_config_as_it_was(group, cli):
     assert rc == 0 and "the group had not added it yet" in out, err
     assert 'name = "C"' not in cfg.read_text()
     assert [r["name"] for r in json.loads(cli("status", "--json")[1])["replicas"]] == ["A", "B"]
+
+
+def test_break_beside_a_running_agent_while_the_source_is_down(sim_group: Path, tmp_path: Path):
+    """The source is down: every cycle of the running agent ends before any transfer (source
+    unavailable), the agent idle between them, so a failover (`break`) is taken as usual, without the
+    source; a refused request is refused as usual; once the source is back the broken replica stays
+    out of the cycle."""
+    cfg = sim_group
+    down = {"COALESCE_FAULTS": f"coalesce_snapshot_create:volume={tmp_path}/src:message=source down"}
+    with start_cli(cfg, "run", "--interval", "2", "--quiet", env=down) as runner:
+        wait_until(
+            runner,
+            lambda: all("source down" in (r["last_error"] or "") for r in status(cfg)["replicas"]),
+            "a cycle that ended before any transfer",
+        )
+        broke = run_cli(cfg, "break", "A", "--timeout", "60")
+        assert broke.returncode == 0, broke.stderr
+        assert "handed to the running agent" in broke.stdout and "replica A is broken" in broke.stdout
+        resync = run_cli(cfg, "resync", "B", "--timeout", "60")  # B is stable: not a resync's source state
+        assert resync.returncode == 6 and "resync" in resync.stderr and "hint:" in resync.stderr, resync.stderr
+        assert status(cfg)["phase"] == "idle"
+        runner.send_signal(signal.SIGTERM)
+        assert runner.wait(timeout=120) == 0
+        err = runner.communicate()[1]
+        assert "source down" in err and "cycle failed" not in err  # the cycles ended, none failed
+    back = run_cli(cfg, "run", "--once", "--quiet")
+    assert back.returncode == 3, back.stderr  # A is broken: outside the cycle
+    assert _states(cfg) == {"A": "broken", "B": "stable"}
