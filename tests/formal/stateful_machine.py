@@ -5,7 +5,8 @@ backend: source writes, cycles, transfers cut at a random record, failing
 rollbacks, updates that keep failing (a stream the destination can never
 apply: the replica is re-seeded after ``reseed_after`` of them), the reseed
 verb, crashes at any named crash point (n-th pass) followed by a restart
-from the ledger, new replicas (baseline) and removed ones, break and resync, the retry timer,
+from the ledger, new replicas (baseline) and removed ones, break and resync, the same verbs handed to
+the running agent as requests, the retry timer,
 a source outage (the source cannot be opened or reached for as many steps
 as hypothesis likes, then comes back), a PCPI the destination refuses, and
 hostile change records fed to the applier; on sim also power cuts of the
@@ -32,6 +33,7 @@ import attrs
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
+from coalesce_core import requests
 from coalesce_core.agent import Agent
 from coalesce_core.backend.faults import FaultInjector, Rule, source_outage
 from coalesce_core.backend.hookspecs import ACTIVE, hookimpl
@@ -407,6 +409,27 @@ class CoalescingMachine(RuleBasedStateMachine):
         assert self.agent.dest.exported().get(q) is None, f"{q} is still exported after its removal"
         if r.active_point is not None or r.exported == ACTIVE:
             assert q in self.agent.dest.qtree_list(None), f"the data of removed {q} are gone"
+
+    @rule(q=st.sampled_from(QTREES), verb=st.sampled_from(["break", "resync", "reseed", "remove"]))
+    def handed_request(self, q: str, verb: str) -> None:
+        """A verb handed to the running agent (coalesce_core.requests): queued in the ledger, taken at
+        the next safe point and answered once; a refused one changes nothing."""
+        if verb == "remove" and len(self.agent.state.replicas) <= 1:
+            return
+        led = self.agent.ledger
+        req = led.ask(verb, requests.make_args(verb, replica=q, reason="handed"), self.clock(), os.getpid())
+        before = self.agent.state
+        try:
+            self._run(self.agent.take_requests)
+        finally:
+            answer = led.request(req.id)
+        assert answer is not None and answer.status in requests.ANSWERED, f"{req.describe()} not answered"
+        assert self.agent.take_requests() == []
+        if answer.status == requests.REFUSED:
+            assert self.agent.state == before and answer.message, f"{req.describe()} refused but changed the state"
+        elif verb == "remove":
+            cfg = self.h.config
+            self.h.config = attrs.evolve(cfg, replicas=tuple(c for c in cfg.replicas if c.name != q))
 
     @rule(q=st.sampled_from(QTREES), data=st.binary(max_size=64))
     def break_mirror(self, q: str, data: bytes) -> None:
