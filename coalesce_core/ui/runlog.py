@@ -4,7 +4,7 @@ coalesce_core.backend.hookspecs) that turns the agent's events into records of t
 docs/operations.md "Logs").  The terminal keeps its own view (the per-cycle line).
 
 At ``info``: a cycle started, each replica's result (a transfer, rollback or retry that
-succeeded; a break, resync or re-seed request), the rollback and the jump-ahead of the cycle;
+succeeded; a break, resync, re-seed or remove request), the rollback and the jump-ahead of the cycle;
 at ``warning``: each failure with its error; at ``debug``: every other transition and every
 PCPI taken or released.
 """
@@ -27,6 +27,7 @@ RESULTS = {
     "break_mirror": "broken (writable, exports its active file system)",
     "resync": "resynchronising",
     "request_reseed": "to be re-seeded",
+    "remove": "removed from the group (its data stay on the destination)",
 }
 
 

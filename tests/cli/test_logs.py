@@ -218,6 +218,9 @@ def test_the_administrative_verbs_log_what_they_changed(group):
     said = [(m[2], m[5]) for m in parsed(log)]
     assert ("INFO", "replica A: broken (writable, exports its active file system) (stable -> broken)") in said
     assert any(level == "INFO" and msg.startswith("replica A: resynchronising (broken -> ") for level, msg in said)
+    assert coalesce(cfg, "--log-file", str(log), "remove", "B").returncode == 0
+    said = [(m[2], m[5]) for m in parsed(log)]
+    assert ("INFO", "replica B: removed from the group (its data stay on the destination) (stable -> removed)") in said
 
 
 def test_quiet_prints_nothing_for_a_clean_run_and_the_file_still_has_the_cycle(group):
