@@ -266,11 +266,10 @@ def _await(args: argparse.Namespace, led: Any, req: requests.Request, path: Path
             answer = led.request(req.id)
             if answer is not None and answer.status in requests.ANSWERED:
                 return answer
-            if grouplock.running_agent(path) is None:
+            if grouplock.running_agent(path) is None:  # another holder, or none: try to take them here
                 with contextlib.suppress(GroupLocked):
                     with _agent(args, reconcile=False) as agent:
                         agent.take_requests()
-                continue
             if time.monotonic() >= deadline and led.withdraw(req.id, time.time()):
                 raise GroupLocked(
                     f"{req.describe()} was not taken within {args.timeout:g} s by the running agent, {who}, "
