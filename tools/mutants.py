@@ -184,6 +184,19 @@ MUTANTS: dict[str, dict] = {
         "why_not_spin": "not modelled (the model's transfers are atomic and correct)",
         "pytest": [["tests/core/test_verify_update.py"]],
     },
+    "resync_without_fence": {
+        "doc": "a resync takes the scratch PCPI while the broken replica still exports its writable active FS",
+        "edits": [
+            (
+                "coalesce_core/cycle/planner.py",
+                '    r = p.fire(r, "resync", retries=0, next_retry=0.0, exported=r.last_good)\n    p.export()\n',
+                '    r = p.fire(r, "resync", retries=0, next_retry=0.0)\n',
+            )
+        ],
+        "spin": None,
+        "why_not_spin": "not modelled (the model has no writers of a broken replica)",
+        "pytest": [["tests/core/test_scenarios.py", "-k", "after_the_resync_fence and mem"]],
+    },
     "drop_the_group_lock": {
         "doc": "a second agent may open a group another one is running (grouplock.GroupLock.acquire locks nothing)",
         "edits": [

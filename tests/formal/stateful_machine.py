@@ -37,6 +37,8 @@ from coalesce_core import requests
 from coalesce_core.agent import Agent
 from coalesce_core.backend.faults import FaultInjector, Rule, source_outage
 from coalesce_core.backend.hookspecs import ACTIVE, hookimpl
+from coalesce_core.backend.manager import plugin_manager
+from coalesce_core.backend.volume import Volume
 from coalesce_core.config import ReplicaConfig, parse_config
 from coalesce_core.crashpoints import CRASH_POINTS
 from coalesce_core.cycle.planner import NotNow
@@ -72,6 +74,7 @@ STATS = {
     "reseeds": 0,
     "outages": 0,
     "refusals": 0,
+    "late_writes": 0,
 }
 
 
@@ -171,6 +174,37 @@ class ExportWatch:
         return result
 
 
+class LateWriter:
+    """A writer that kept a file of a broken replica open: armed for replica ``q``, it writes into
+    q's active FS when the next individual PCPI is taken, i.e. after the resync's fence and its
+    scratch PCPI (docs/decisions.md, "Resync fences first")."""
+
+    def __init__(self) -> None:
+        self.machine: "CoalescingMachine | None" = None
+        self.armed: str | None = None
+        self.exported_then: object = None
+
+    @hookimpl
+    def coalesce_pcpi_taken(self, group, volume, name, role):
+        q, m = self.armed, self.machine
+        if q is None or m is None or role != "individual":
+            return
+        self.armed = None
+        self.exported_then = m.agent.state.replicas[q].exported
+        dest = Volume.open(plugin_manager(), m.h.config.destination)
+        with attrs.validators.disabled():
+            dest.apply(
+                q,
+                R.framed(
+                    q,
+                    None,
+                    "late",
+                    [R.MkFile(path="late-file", mode=0o644), R.Write(path="late-file", offset=0, data=b"late")],
+                ),
+                use_purgatory=False,
+            )
+
+
 class CoalescingMachine(RuleBasedStateMachine):
     """Drives one group of 3 (up to 5) replicas; see the module docstring."""
 
@@ -186,10 +220,13 @@ class CoalescingMachine(RuleBasedStateMachine):
         #: a source outage: armed by source_goes_down, cleared by source_comes_back (or the teardown)
         self.outage = FaultInjector()
         self.clock = FakeClock()  # the harness's clock (its default), moved by hand
+        self.late = LateWriter()
         self.h = Harness(
-            make_config(self.scheme, self.tmp), plugins=[self.watch, self.stream_bugs, self.outage], clock=self.clock
+            make_config(self.scheme, self.tmp),
+            plugins=[self.watch, self.stream_bugs, self.outage, self.late],
+            clock=self.clock,
         )
-        self.watch.machine = self
+        self.watch.machine = self.late.machine = self
         self.rng = random.Random(0)
         self.replay: dict[str, str] = {}
         self.seen = 0
@@ -456,6 +493,35 @@ class CoalescingMachine(RuleBasedStateMachine):
         if r is None or r.state != "broken":
             return
         self._run(lambda: self.agent.resync(q))
+
+    @rule(q=st.sampled_from(QTREES))
+    def write_during_resync(self, q: str) -> None:
+        """A writer that kept a file of the broken replica open writes after the resync's scratch
+        PCPI: the export was fenced before (it showed the last good image), and the write never
+        reaches an export or the coalesced base: the attempt fails on the check of the rolled-back
+        active FS (the retry undoes it) or a native rollback already discarded it (I9 after every
+        step, I3 and I7 at the teardown)."""
+        r = self.agent.state.replicas.get(q)
+        if r is not None and r.state in ("stable", "stable_uncoalesced"):
+            self.break_mirror(q, b"before the resync")  # the failover this resync ends
+            r = self.agent.state.replicas[q]
+        if r is None or r.state != "broken":
+            return
+        STATS["late_writes"] += 1
+        last_good = r.last_good
+        self.late.armed = q
+        try:
+            self._run(lambda: self.agent.resync(q))
+        finally:
+            fired, self.late.armed = self.late.armed is None, None
+        r = self.agent.state.replicas[q]
+        if fired:
+            assert self.late.exported_then == last_good, "the resync took its scratch PCPI before the fence"
+        assert r.exported == last_good, f"{q} exports {r.exported} after a resync, not its last good image"
+        if fired and r.state == "unstable_uncoalesced":  # a rollback by the scratch's diff left the write
+            assert "the rolled-back active FS differs" in r.last_error and "late-file" in r.last_error, r.last_error
+        elif fired:  # a native rollback restored the last good image itself
+            assert r.state == "stable_uncoalesced", r.state
 
     @rule(
         point=st.sampled_from(sorted(CRASH_POINTS)),
