@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from backends import on_backend
 from groups import at_rest, cli_group, run_cli, start_cli, status, wait_until
 
 from coalesce_core.backend.manager import plugin_manager
@@ -22,6 +23,20 @@ from coalesce_core.backend.volume import Volume
 def sim_group(tmp_path: Path) -> Path:
     """An initialised two-replica group (A, B) on sim volumes, through one cycle; its config's path."""
     cfg, writer = cli_group(tmp_path, "truth")
+    writer.volume.close()
+    first = run_cli(cfg, "run", "--once", "--quiet")
+    assert first.returncode == 0, first.stderr
+    return cfg
+
+
+@pytest.fixture(params=[on_backend("sim"), on_backend("btrfs")])
+def any_group(request, tmp_path: Path) -> Path:
+    """As ``sim_group``, on sim or on real btrfs volumes."""
+    if request.param == "sim":
+        cfg, writer = cli_group(tmp_path, "truth")
+    else:
+        urls = request.getfixturevalue("btrfs_urls")
+        cfg, writer = cli_group(tmp_path, "truth", urls("src"), urls("dst"))
     writer.volume.close()
     first = run_cli(cfg, "run", "--once", "--quiet")
     assert first.returncode == 0, first.stderr
@@ -95,10 +110,10 @@ def test_remove_releases_the_pins_and_keeps_the_data(sim_group: Path, tmp_path: 
     assert _states(cfg) == {"A": "stable", "B": "stable"}
 
 
-def test_verbs_beside_a_running_agent_are_handed_to_it_and_never_undone(sim_group: Path):
+def test_verbs_beside_a_running_agent_are_handed_to_it_and_never_undone(any_group: Path):
     """break, resync, add and remove beside `coalesce run` (a cycle every second): each is taken at the
-    agent's next safe point, the verb says so, and later cycles keep what it did."""
-    cfg = sim_group
+    agent's next safe point, the verb says so, and later cycles keep what it did (sim and btrfs)."""
+    cfg = any_group
     with start_cli(cfg, "run", "--interval", "1", "--quiet") as runner:
         wait_until(runner, lambda: at_rest(status(cfg)), "the first cycle ended")
         broke = run_cli(cfg, "break", "A")
