@@ -32,6 +32,7 @@ and nothing it sent is acted upon.
 from __future__ import annotations
 
 import json
+import math
 import re
 import select
 import socket
@@ -40,7 +41,7 @@ import threading
 import time
 import zlib
 from types import ModuleType
-from typing import Any, Iterable, Iterator, Literal, Protocol, cast, overload
+from typing import Any, Callable, Iterable, Iterator, Literal, Protocol, cast, overload
 
 from coalesce_core.errors import BackendError, CoalesceError
 from coalesce_core.ui.peertext import clean
@@ -154,12 +155,41 @@ class Refused(RemoteError):
 
 
 # --------------------------------------------------------------------------- channels
+class Pace:
+    """The minimum rate of one request (docs/network.md, "Limits"): from its first byte to the
+    end of its reply, the time spent waiting on the peer (reading what it sends, writing what it
+    does not take) is at most ``grace`` seconds plus one second per ``min_rate`` bytes moved.
+    Time the sender itself takes (a slow backend, its own bandwidth limit) does not count."""
+
+    def __init__(self, grace: float, min_rate: float) -> None:
+        self.grace = grace
+        self.min_rate = min_rate
+        self.start()
+
+    def start(self) -> None:
+        self.waited = 0.0
+        self.moved = 0
+
+    def left(self) -> float:
+        return self.grace + self.moved / self.min_rate - self.waited
+
+    def account(self, waited: float, moved: int) -> None:
+        self.waited += waited
+        self.moved += moved
+
+
 class Channel:
-    """A byte pipe with exact reads, timeouts and an optional bandwidth limit."""
+    """A byte pipe with exact reads, timeouts and an optional bandwidth limit.
+
+    Every read and write waits at most ``timeout`` seconds, and never past ``deadline``
+    (a monotonic time, e.g. the end of the handshake) nor past what ``pace`` allows."""
 
     timeout: float | None = 30.0
     limiter: "RateLimiter | None" = None
     peer: str = "?"
+    deadline: float | None = None
+    deadline_what: str = "its handshake"
+    pace: Pace | None = None
 
     def read_some(self, n: int) -> bytes:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -169,6 +199,69 @@ class Channel:
 
     def close(self) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def fileno(self) -> int:  # pragma: no cover - abstract
+        """The descriptor whose hang-up means the peer went away (the read side)."""
+        raise NotImplementedError
+
+    def set_deadline(self, seconds: float | None, what: str = "its handshake") -> None:
+        """Reads and writes from now on end ``seconds`` from now at the latest (None: no deadline);
+        past it they raise ConnectionLost: "<peer> did not finish <what>"."""
+        self.deadline = None if seconds is None else time.monotonic() + seconds
+        self.deadline_what = what
+
+    def limit(self) -> tuple[float | None, str]:
+        """How long the next read or write may wait, and which limit that is ("timeout",
+        "deadline" or "pace"); ConnectionLost when the deadline or the pace is already used up."""
+        limit, why = self.timeout, "timeout"
+        if self.deadline is not None:
+            left = self.deadline - time.monotonic()
+            if limit is None or left < limit:
+                limit, why = left, "deadline"
+        if self.pace is not None:
+            left = self.pace.left()
+            if limit is None or left < limit:
+                limit, why = left, "pace"
+        if limit is not None and limit <= 0:
+            raise self.expired(why, reading=True)
+        return limit, why
+
+    def expired(self, why: str, *, reading: bool) -> ConnectionLost:
+        """The error for a read (``reading``) or write that waited as long as limit ``why`` allows."""
+        if why == "deadline":
+            return ConnectionLost(
+                f"{self.peer} did not finish {self.deadline_what}", hint="the peer is too slow or hostile"
+            )
+        if why == "pace" and self.pace is not None:
+            p = self.pace
+            return ConnectionLost(
+                f"{self.peer} is slower than the minimum rate: {p.moved} bytes of one request moved while "
+                f"waiting {p.waited:.1f} s on it (allowed: {p.grace:g} s and 1 s per {p.min_rate:g} bytes)",
+                hint="the peer or its link is too slow, or it stopped reading (request_timeout, min_rate)",
+            )
+        return self.silent() if reading else self.stalled()
+
+    def _waited(self, t0: float, moved: int) -> None:
+        if self.pace is not None:
+            self.pace.account(time.monotonic() - t0, moved)
+
+    def hung_up(self, wait: float = 0.0) -> bool:
+        """Whether the peer closed its end (or the link reset), waiting up to ``wait`` seconds for it.
+
+        Data the peer sent is not a hang-up and is left unread."""
+        try:
+            p = select.poll()
+            p.register(self.fileno(), getattr(select, "POLLRDHUP", 0))
+            events = p.poll(max(0, int(wait * 1000)))
+        except (OSError, ValueError):
+            return True
+        gone = select.POLLHUP | select.POLLERR | select.POLLNVAL | getattr(select, "POLLRDHUP", 0)
+        return any(ev & gone for _fd, ev in events)
+
+    def pause(self, seconds: float) -> None:
+        """Sleep ``seconds`` (the bandwidth limit); ConnectionLost as soon as the peer hangs up."""
+        if self.hung_up(seconds):
+            raise ConnectionLost(f"{self.peer} went away", hint="the peer closed the connection")
 
     def silent(self) -> ConnectionLost:
         """The error for a read that waited ``timeout`` seconds for data."""
@@ -210,7 +303,7 @@ class Channel:
             step = max(1024, min(64 << 10, int(self.limiter.rate // 20) or 1024))
             for i in range(0, len(view), step):
                 piece = view[i : i + step]
-                self.limiter.consume(len(piece))
+                self.limiter.consume(len(piece), self.pause)
                 self.write_all(piece)
         else:
             self.write_all(data)
@@ -221,6 +314,7 @@ class SocketChannel(Channel):
         self.sock = sock
         self.peer = peer
         self._closed = False
+        self._set: float | None | str = "unset"  # the timeout the socket has now
         self.timeout = timeout
 
     @property
@@ -230,26 +324,46 @@ class SocketChannel(Channel):
     @timeout.setter
     def timeout(self, value: float | None) -> None:
         self._timeout = value
+        self._settimeout(value)
+
+    def _settimeout(self, value: float | None) -> None:
+        if value == self._set:
+            return
         try:
             self.sock.settimeout(value)
+            self._set = value
         except OSError:
             pass
 
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
     def read_some(self, n: int) -> bytes:
+        limit, why = self.limit()
+        self._settimeout(limit)
+        t0 = time.monotonic()
         try:
-            return self.sock.recv(min(n, 1 << 20))
+            data = self.sock.recv(min(n, 1 << 20))
         except socket.timeout:
-            raise self.silent() from None
+            self._waited(t0, 0)
+            raise self.expired(why, reading=True) from None
         except OSError as exc:
             raise ConnectionLost(f"reading from {self.peer}: {exc}") from exc
+        self._waited(t0, len(data))
+        return data
 
     def write_all(self, data: Any) -> None:
+        limit, why = self.limit()
+        self._settimeout(limit)  # sendall (TLS too) waits at most this long in all
+        t0 = time.monotonic()
         try:
             self.sock.sendall(data)
         except socket.timeout:
-            raise self.stalled() from None
+            self._waited(t0, 0)
+            raise self.expired(why, reading=False) from None
         except OSError as exc:
             raise ConnectionLost(f"writing to {self.peer}: {exc}") from exc
+        self._waited(t0, len(data))
 
     def close(self) -> None:
         if self._closed:
@@ -279,19 +393,27 @@ class FdChannel(Channel):
             except (OSError, AttributeError, ValueError):
                 pass  # not a pipe, or above /proc/sys/fs/pipe-max-size: keep the default
 
+    def fileno(self) -> int:
+        return self.rfd
+
     def read_some(self, n: int) -> bytes:
+        import os
+
         if self._closed:
             raise ConnectionLost(f"the connection to {self.peer} is closed")
-        if self.timeout is not None:
-            ready, _, _ = select.select([self.rfd], [], [], self.timeout)
+        limit, why = self.limit()
+        t0 = time.monotonic()
+        if limit is not None:
+            ready, _, _ = select.select([self.rfd], [], [], limit)
             if not ready:
-                raise self.silent()
+                self._waited(t0, 0)
+                raise self.expired(why, reading=True)
         try:
-            import os
-
-            return os.read(self.rfd, min(n, 1 << 20))
+            data = os.read(self.rfd, min(n, 1 << 20))
         except OSError as exc:
             raise ConnectionLost(f"reading from {self.peer}: {exc}") from exc
+        self._waited(t0, len(data))
+        return data
 
     def write_all(self, data: Any) -> None:
         import os
@@ -299,14 +421,18 @@ class FdChannel(Channel):
         view = memoryview(data).cast("B")
         with self._wlock:
             while view:
-                if self.timeout is not None:
-                    _, ready, _ = select.select([], [self.wfd], [], self.timeout)
+                limit, why = self.limit()
+                t0 = time.monotonic()
+                if limit is not None:
+                    _, ready, _ = select.select([], [self.wfd], [], limit)
                     if not ready:
-                        raise self.stalled()
+                        self._waited(t0, 0)
+                        raise self.expired(why, reading=False)
                 try:
                     n = os.write(self.wfd, view)
                 except OSError as exc:
                     raise ConnectionLost(f"writing to {self.peer}: {exc}") from exc
+                self._waited(t0, n)
                 view = view[n:]
 
     def close(self) -> None:
@@ -353,7 +479,8 @@ class RateLimiter:
         self.last = time.monotonic()
         self.lock = threading.Lock()
 
-    def consume(self, n: int) -> None:
+    def consume(self, n: int, wait: Callable[[float], None] = time.sleep) -> None:
+        """Take ``n`` bytes' worth, calling ``wait(seconds)`` until there is enough (it may raise)."""
         with self.lock:
             while True:
                 now = time.monotonic()
@@ -362,7 +489,7 @@ class RateLimiter:
                 if self.tokens >= n or (self.tokens >= self.burst and n > self.burst):
                     self.tokens -= n
                     return
-                time.sleep(min(1.0, (min(n, self.burst) - self.tokens) / self.rate))
+                wait(min(1.0, (min(n, self.burst) - self.tokens) / self.rate))
 
 
 # --------------------------------------------------------------------------- compression
@@ -581,8 +708,9 @@ class Connection:
         hint = str(getattr(exc, "hint", "") or "")[:4000]
         self.send_json(ERROR, reqid, {"error": code, "type": type(exc).__name__[:100], "message": msg, "hint": hint})
 
-    def recv(self) -> tuple[int, int, bytes]:
-        raw_len = self.channel.read_exact(4)
+    def recv(self, first: bytes = b"") -> tuple[int, int, bytes]:
+        """The next message (kind, request id, body); ``first``: its first bytes, already read."""
+        raw_len = first + self.channel.read_exact(4 - len(first))
         (length,) = _U32.unpack(raw_len)
         check_length(length)
         # peek the kind before reading a large body; the body is read on its own (no copy to split it)
@@ -678,6 +806,31 @@ def want_int(obj: dict[str, Any], key: str, *, lo: int = 0, hi: int = 2**62, opt
     if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
         raise ProtocolError(f"field {key!r} must be an integer from {lo} to {hi}", hint="the peer is broken or hostile")
     return value
+
+
+def want_rate(obj: dict[str, Any], key: str, *, floor: float) -> float | None:
+    """A rate in bytes per second: a finite number of at least ``floor``, or None (absent, null)."""
+    value = obj.get(key)
+    if value is None:
+        return None
+    rate: float | None = None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        try:
+            rate = float(value)
+        except OverflowError:
+            rate = None
+    if rate is None or not math.isfinite(rate) or rate <= 0:
+        shown = f"{value:g}" if isinstance(value, float) else type(value).__name__ if rate is None else str(value)
+        raise ProtocolError(
+            f"field {key!r} must be a positive, finite number of bytes per second or null, not {shown[:40]}",
+            hint="the peer is broken or hostile",
+        )
+    if rate < floor:
+        raise ProtocolError(
+            f"field {key!r} asks for {rate:g} bytes/s, below this server's minimum rate of {floor:g} bytes/s",
+            hint="ask for no limit (null) or at least the server's min_rate: it closes connections slower than that",
+        )
+    return rate
 
 
 def want_list_of_names(obj: dict[str, Any], key: str, *, limit: int = 64) -> list[str]:

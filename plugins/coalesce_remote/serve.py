@@ -28,6 +28,7 @@ import fnmatch
 import json
 import logging
 import logging.handlers
+import math
 import os
 import socket
 import ssl
@@ -99,9 +100,11 @@ class ServerConfig:
     compression: bool = True
     timeout: float = 60.0  # no data from a peer for this long: it is dead
     idle_timeout: float = 600.0  # an idle connection between requests
-    handshake_timeout: float = 15.0
+    handshake_timeout: float = 15.0  # from accept to WELCOME (TLS handshake, preamble, HELLO), in all
+    request_timeout: float = 60.0  # waiting on the client during one request, beyond what min_rate allows
+    min_rate: float = 1024.0  # bytes/s: a client slower than this over a request is closed
     keepalive: float = 15.0  # TCP keep-alive idle seconds
-    max_connections: int = 64
+    max_connections: int = 64  # connections from accept to close (TLS handshakes included)
     log: str | None = None
     path: str | None = None
 
@@ -133,9 +136,23 @@ def _strs(t: dict, key: str, where: str, default: tuple[str, ...]) -> tuple[str,
 
 def _num(t: dict, key: str, where: str, default: float) -> float:
     v = t.get(key, default)
-    if not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0:
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 < v < math.inf:
         raise ConfigError(f"{where}: `{key}` must be a positive number of seconds")
     return float(v)
+
+
+#: the default of ``min_rate`` in [server] (bytes/s)
+MIN_RATE = 1024.0
+
+
+def check_bandwidth(bandwidth: float | None, min_rate: float, what: str) -> None:
+    """A server bandwidth limit must be finite and not below ``min_rate`` (else the server would
+    close its own slow connections); ConfigError naming ``what`` otherwise."""
+    if bandwidth is not None and not min_rate <= bandwidth < math.inf:
+        raise ConfigError(
+            f"{what}: {bandwidth:g} bytes/s is below min_rate ({min_rate:g} bytes/s) or not finite",
+            hint="raise the bandwidth or lower min_rate in [server]",
+        )
 
 
 def parse_server_config(text: str, path: str = "<server config>") -> ServerConfig:
@@ -159,6 +176,8 @@ def parse_server_config(text: str, path: str = "<server config>") -> ServerConfi
         "timeout",
         "idle_timeout",
         "handshake_timeout",
+        "request_timeout",
+        "min_rate",
         "keepalive",
         "max_connections",
         "log",
@@ -172,6 +191,15 @@ def parse_server_config(text: str, path: str = "<server config>") -> ServerConfi
         bandwidth = P.parse_rate(server.get("bandwidth"))
     except ValueError as exc:
         raise ConfigError(f"{where}: `bandwidth`: {exc}") from None
+    try:
+        min_rate = P.parse_rate(server.get("min_rate", MIN_RATE))
+    except ValueError as exc:
+        raise ConfigError(f"{where}: `min_rate`: {exc}") from None
+    if min_rate is None or not math.isfinite(min_rate):
+        raise ConfigError(
+            f"{where}: `min_rate` must be a positive, finite rate", hint='e.g. min_rate = "1KiB/s" (the default)'
+        )
+    check_bandwidth(bandwidth, min_rate, f"{where}: `bandwidth`")
     maxc = server.get("max_connections", 64)
     if not isinstance(maxc, int) or isinstance(maxc, bool) or not 1 <= maxc <= 10000:
         raise ConfigError(f"{where}: `max_connections` must be an integer from 1 to 10000")
@@ -230,6 +258,8 @@ def parse_server_config(text: str, path: str = "<server config>") -> ServerConfi
         timeout=_num(server, "timeout", where, 60.0),
         idle_timeout=_num(server, "idle_timeout", where, 600.0),
         handshake_timeout=_num(server, "handshake_timeout", where, 15.0),
+        request_timeout=_num(server, "request_timeout", where, 60.0),
+        min_rate=min_rate,
         keepalive=_num(server, "keepalive", where, 15.0),
         max_connections=maxc,
         log=server.get("log"),
@@ -280,19 +310,25 @@ class SourceService:
         return P.Refused(what, code="refused", hint=hint or "the source's server config does not allow it")
 
     # -- one connection ---------------------------------------------------------------
-    def serve_connection(self, conn: P.Connection, identity: str) -> None:
+    def serve_connection(self, conn: P.Connection, identity: str, deadline: float | None = None) -> None:
+        """Serve one connection to its end.  The handshake (preamble, HELLO, WELCOME) ends by
+        ``deadline`` (a monotonic time; default: ``handshake_timeout`` from now)."""
         peer = conn.peer
         with self._lock:
             self.stats["connections"] += 1
         log.info("connection from %s (identity %r)", peer, identity)
         try:
+            cfg = self.config
+            left = cfg.handshake_timeout if deadline is None else deadline - time.monotonic()
+            conn.channel.set_deadline(left, f"its handshake within handshake_timeout ({cfg.handshake_timeout:g} s)")
+            conn.channel.timeout = cfg.handshake_timeout
             conn.send_preamble()
-            conn.channel.timeout = self.config.handshake_timeout
             conn.read_preamble()
             _, _, hello = conn.recv_json((P.HELLO,))
             grant, vname, method = self._handshake(conn, identity, hello)
             if grant is None:
                 return
+            conn.channel.set_deadline(None)
             self._loop(conn, identity, grant, vname, method)
         except P.ProtocolError as exc:
             with self._lock:
@@ -313,9 +349,7 @@ class SourceService:
         proto = P.want_int(hello, "protocol", lo=0, hi=255)
         ref = P.want_str(hello, "volume", limit=P.MAX_VOLUME_REF)
         caps = P.want_list_of_names(hello, "capabilities")
-        rate = hello.get("bandwidth")
-        if rate is not None and (not isinstance(rate, (int, float)) or isinstance(rate, bool) or rate <= 0):
-            raise P.ProtocolError("field 'bandwidth' must be a positive number or null")
+        rate = P.want_rate(hello, "bandwidth", floor=self.config.min_rate)
         if proto != P.PROTOCOL_VERSION:
             conn.send_error(
                 0,
@@ -380,10 +414,17 @@ class SourceService:
         return grant, vname, method
 
     def _loop(self, conn: P.Connection, ident: str, grant: Grant, vname: str, method: str | None) -> None:
+        cfg = self.config
+        pace = P.Pace(cfg.request_timeout, cfg.min_rate)
         while True:
-            conn.channel.timeout = self.config.idle_timeout
-            kind, reqid, body = conn.recv()
-            conn.channel.timeout = self.config.timeout
+            # between requests: idle_timeout; from a request's first byte to the end of its reply: the pace
+            conn.channel.pace = None
+            conn.channel.timeout = cfg.idle_timeout
+            first = conn.channel.read_exact(1)
+            conn.channel.timeout = cfg.timeout
+            pace.start()
+            conn.channel.pace = pace
+            kind, reqid, body = conn.recv(first)
             if kind == P.PING:
                 conn.send(P.PONG, reqid, b"")
                 continue
@@ -480,14 +521,7 @@ class SourceService:
         records = vol.diff(q, base, target)
         counter = {"n": 0}
         stream = codec.encode(_segment(records, q, base, target, skip, counter))
-        comp = P.Compressor(method)
-        sent = 0
-        for chunk in _with_keepalive(P.pieces(stream, P.DATA_CHUNK), self.config.keepalive):
-            if chunk is None:  # the backend is slow: an empty DATA message tells the client we are alive
-                conn.send(P.DATA, reqid, b"")
-                continue
-            conn.send(P.DATA, reqid, comp.compress(chunk))
-            sent += len(chunk)
+        sent = self._send_stream(conn, reqid, P.pieces(stream, P.DATA_CHUNK), method)
         conn.send_json(P.END, reqid, {"records": counter["n"], "bytes": sent, "skipped": skip})
         with self._lock:
             self.stats["bytes_out"] += sent
@@ -503,6 +537,35 @@ class SourceService:
             skip,
             sent,
         )
+
+    def _send_stream(self, conn: P.Connection, reqid: int, chunks: Iterator[bytes], method: str | None) -> int:
+        """Send ``chunks`` as DATA messages (compressed by ``method``); the bytes sent before compression.
+
+        While the backend is slow an empty DATA message goes every ``keepalive`` seconds (the client
+        sees a live server), and a client that hangs up meanwhile ends the reply at once
+        (ConnectionLost): its thread and its connection slot are freed, and the backend's producer
+        stops at its next item."""
+        comp = P.Compressor(method)
+        sent = 0
+        quiet = time.monotonic()
+        gen = _with_keepalive(chunks, min(self.config.keepalive, HANGUP_POLL))
+        try:
+            for chunk in gen:
+                if chunk is None:
+                    if conn.channel.hung_up():
+                        raise P.ConnectionLost(f"{conn.peer} went away during the reply")
+                    if time.monotonic() - quiet >= self.config.keepalive:
+                        conn.send(P.DATA, reqid, b"")
+                        quiet = time.monotonic()
+                    continue
+                conn.send(P.DATA, reqid, comp.compress(chunk))
+                sent += len(chunk)
+                quiet = time.monotonic()
+        finally:
+            close = getattr(gen, "close", None)
+            if close is not None:
+                close()
+        return sent
 
     def _describe(
         self, conn: P.Connection, reqid: int, ident: str, grant: Grant, vname: str, method: str | None, args: dict
@@ -576,18 +639,15 @@ class SourceService:
                 counter["n"] += 1
                 yield (json.dumps(description_to_json(d), separators=(",", ":")) + "\n").encode("ascii")
 
-        comp = P.Compressor(method)
-        sent = 0
-        for chunk in _with_keepalive(P.pieces(description_lines(), P.DATA_CHUNK), self.config.keepalive):
-            if chunk is None:
-                conn.send(P.DATA, reqid, b"")
-                continue
-            conn.send(P.DATA, reqid, comp.compress(chunk))
-            sent += len(chunk)
+        sent = self._send_stream(conn, reqid, P.pieces(description_lines(), P.DATA_CHUNK), method)
         conn.send_json(P.END, reqid, {"count": counter["n"], "bytes": sent})
         with self._lock:
             self.stats["bytes_out"] += sent
         log.info("%r: described %d paths of %s in %s of %s (%d bytes)", ident, counter["n"], q, snap, vname, sent)
+
+
+#: how often a reply waiting for a slow backend looks whether the client hung up (seconds)
+HANGUP_POLL = 0.25
 
 
 def _with_keepalive(chunks: Iterator[bytes], interval: float) -> Iterator[bytes | None]:
@@ -686,7 +746,10 @@ class TLSServer:
         self.sock.settimeout(0.5)  # so that stop() is noticed
         self.address = self.sock.getsockname()[:2]
         self._stop = threading.Event()
-        self._conns: set[socket.socket] = set()
+        # every connection from accept to close, by number: its socket (the TLS one once wrapped);
+        # these are the connection slots max_connections counts
+        self._conns: dict[int, socket.socket] = {}
+        self._serial = 0
         self._threads: set[threading.Thread] = set()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -712,58 +775,73 @@ class TLSServer:
                     return
                 time.sleep(0.05)
                 continue
+            accepted = time.monotonic()
             with self._lock:
                 if len(self._conns) >= self.service.config.max_connections:
                     log.warning("refused %s:%s: %d connections already", addr[0], addr[1], len(self._conns))
                     raw.close()
                     continue
-                self._conns.add(raw)
+                self._serial += 1
+                key = self._serial
+                self._conns[key] = raw
             t = threading.Thread(
-                target=self._handle, args=(raw, addr), name=f"coalesce-serve-{addr[0]}:{addr[1]}", daemon=True
+                target=self._handle,
+                args=(key, raw, addr, accepted),
+                name=f"coalesce-serve-{addr[0]}:{addr[1]}",
+                daemon=True,
             )
             with self._lock:
                 self._threads.add(t)
             t.start()
 
-    def _handle(self, raw: socket.socket, addr: Any) -> None:
+    @property
+    def connections(self) -> int:
+        """Connections now open, from accept to close (TLS handshakes included)."""
+        with self._lock:
+            return len(self._conns)
+
+    def _handle(self, key: int, raw: socket.socket, addr: Any, accepted: float) -> None:
+        """Serve one accepted connection; it holds its slot until it is closed, here."""
         peer = f"{addr[0]}:{addr[1]}"
         cfg = self.service.config
+        sock: socket.socket = raw
         try:
             raw.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
             P.tcp_keepalive(raw, cfg.keepalive)
-            raw.settimeout(cfg.handshake_timeout)
+            tls = self.ctx.wrap_socket(raw, server_side=True, do_handshake_on_connect=False)
+            sock = tls
+            with self._lock:
+                self._conns[key] = tls  # stop() can shut it down mid-handshake
             try:
-                tls = self.ctx.wrap_socket(raw, server_side=True)
+                # the timeout of a TLS handshake bounds all of it, however slowly the bytes come
+                tls.settimeout(max(0.001, accepted + cfg.handshake_timeout - time.monotonic()))
+                tls.do_handshake()
             except (ssl.SSLError, OSError) as exc:
                 with self.service._lock:
                     self.service.stats["refused"] += 1
-                log.warning("refused %s: TLS handshake failed: %s", peer, exc)
+                why = f"not done within handshake_timeout ({cfg.handshake_timeout:g} s)" if _timed_out(exc) else exc
+                log.warning("refused %s: TLS handshake failed: %s", peer, why)
                 return
-            with self._lock:
-                self._conns.discard(raw)
-                self._conns.add(tls)
             ident = identity_of(tls.getpeercert())
             if not ident:
                 log.warning("refused %s: its certificate has no subject CN", peer)
-                tls.close()
                 return
-            self.service.serve_connection(P.Connection(P.SocketChannel(tls, peer, cfg.timeout)), ident)
+            self.service.serve_connection(
+                P.Connection(P.SocketChannel(tls, peer, cfg.timeout)), ident, accepted + cfg.handshake_timeout
+            )
         except Exception:
             log.exception("connection %s", peer)
         finally:
+            P.shut(sock)
             with self._lock:
-                self._conns = {c for c in self._conns if c.fileno() != -1}
+                self._conns.pop(key, None)
                 self._threads.discard(threading.current_thread())
-            try:
-                raw.close()
-            except OSError:
-                pass
 
     def stop(self) -> None:
         self._stop.set()
         P.shut(self.sock)
         with self._lock:
-            conns = list(self._conns)
+            conns = list(self._conns.values())
             threads = list(self._threads)
         for c in conns:
             P.shut(c)
@@ -771,6 +849,10 @@ class TLSServer:
             t.join(5)
         if self._thread is not None:
             self._thread.join(5)
+
+
+def _timed_out(exc: BaseException) -> bool:
+    return isinstance(exc, (socket.timeout, TimeoutError)) or "timed out" in str(exc)
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -848,6 +930,7 @@ def run_serve(args: argparse.Namespace) -> int:
         bw = P.parse_rate(args.bandwidth) if args.bandwidth else None
     except ValueError as exc:
         raise ConfigError(f"--bandwidth: {exc}") from None
+    check_bandwidth(bw, config.min_rate, "--bandwidth")
     service = SourceService(config, bandwidth=bw)
     if args.stdio:
         ident = args.identity or os.environ.get("COALESCE_IDENTITY")

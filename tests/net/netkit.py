@@ -295,7 +295,7 @@ class TLSService:
                 "reader": Grant(volumes=("*",), qtrees=("A",), take=False, release=False),
             },
             timeout=cfg.pop("timeout", 10.0),
-            handshake_timeout=5.0,
+            handshake_timeout=cfg.pop("handshake_timeout", 5.0),
             **cfg,
         )
         self.service = SourceService(self.config, pm=plugin_manager([self.recorder, *server_plugins]))
