@@ -215,8 +215,12 @@ class _Stderr:
         self.t = threading.Thread(target=self._run, args=(stream,), daemon=True)
         self.t.start()
 
+    #: the longest piece of a line kept at once: an ssh (or a command behind it) that writes without
+    #: newlines during a long transfer must not grow the agent's memory
+    LINE_MAX = 4096
+
     def _run(self, stream: Any) -> None:
-        for line in iter(stream.readline, b""):
+        for line in iter(lambda: stream.readline(self.LINE_MAX), b""):
             self.lines.append(clean(line.decode("utf-8", "replace").rstrip()))  # the peer's text
         stream.close()
 

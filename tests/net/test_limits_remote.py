@@ -8,9 +8,15 @@ through a source service (tests/net/netkit.py).
 
 from __future__ import annotations
 
+import os
+import threading
+import tracemalloc
+
 import pytest
 from core import test_limits as L
 from net.netkit import RemoteHarness
+
+from coalesce_remote.client import _Stderr
 
 
 @pytest.fixture
@@ -35,3 +41,31 @@ def test_limits_through_the_source_service(name, harness):
 
 def test_a_sparse_file_of_1_tib_through_the_source_service(harness):
     L.test_a_sparse_file_of_1_tib(harness, "mem")
+
+
+def test_ssh_stderr_without_newlines_keeps_the_agent_s_memory_bounded():
+    """An ssh (or what runs behind it) that writes to stderr without a newline during a long transfer:
+    the client keeps the last pieces of at most LINE_MAX bytes, never one line of everything (it read
+    whole lines, so 32 MiB without a newline were 32 MiB of the agent's memory)."""
+    r, w = os.pipe()
+    chunk = b"x" * (1 << 20)
+
+    def write() -> None:
+        with os.fdopen(w, "wb") as f:
+            for _ in range(32):
+                f.write(chunk)
+            f.write(b"\nPermission denied\n")
+
+    tracemalloc.start()
+    try:
+        writer = threading.Thread(target=write)
+        writer.start()
+        err = _Stderr(os.fdopen(r, "rb"))
+        err.t.join(60)
+        writer.join(60)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert not err.t.is_alive()
+    assert peak < 4 << 20, f"{peak} bytes at the peak for 32 MiB of stderr"
+    assert err.text().endswith("Permission denied") and len(err.lines) <= 20
