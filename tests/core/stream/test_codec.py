@@ -731,3 +731,55 @@ def test_write_stream_handles_short_writes():
 def test_decode_rejects_non_sources():
     with pytest.raises(TypeError, match="binary file object or an iterable"):
         codec.decode(42)
+
+
+# --------------------------------------------------------------------------- structure-aware fuzzing
+def _payload_for(code: int, draw_payload: bytes, mode: str) -> bytes:
+    """A frame payload: random bytes, or random values in the layout of the type's fields (strings
+    and bytes with length prefixes, i64s, presence flags), which gets past the framing into the
+    field decoders and the records' validators."""
+    if mode == "raw":
+        return draw_payload
+    out, data = b"", draw_payload
+    while data:
+        kind, data = data[0] % 4, data[1:]
+        piece, data = data[: 1 + (data[0] % 40 if data else 0)], data[1 + (data[0] % 40 if data else 0) :]
+        if kind == 0:
+            out += ref_bytes(piece)
+        elif kind == 1:
+            out += ref_i64(int.from_bytes(piece[:8].ljust(8, b"\0"), "big", signed=True))
+        elif kind == 2:
+            out += bytes([piece[0] % 3]) if piece else b"\x01"
+        else:
+            out += struct.pack(">I", int.from_bytes(piece[:4].ljust(4, b"\xff"), "big")) + piece
+    return out
+
+
+@settings(max_examples=600, deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    frames=st.lists(
+        st.tuples(
+            st.one_of(st.sampled_from(sorted(R.RECORD_TYPES)), st.integers(0, 255)),
+            st.binary(max_size=300),
+            st.sampled_from(["raw", "fields"]),
+        ),
+        max_size=6,
+    ),
+    end=st.booleans(),
+    begin=st.booleans(),
+)
+def test_fuzz_frames_with_valid_checksums_raise_only_stream_errors(frames, end, begin):
+    """Frames whose lengths, sequence numbers, CRCs and trailer digest are all right but whose type
+    codes and payloads are anything: the decoder yields records or raises a StreamError subclass
+    (TruncatedStream, CorruptStream, HostilePath) with a message, never another exception (an
+    IndexError, a struct.error, a UnicodeDecodeError, a validator's ValueError) and never hangs."""
+    parts = [ref_begin(0)] if begin else []
+    for code, payload, mode in frames:
+        parts.append(ref_frame(code, len(parts), _payload_for(code, payload, mode)))
+    if end:
+        parts.append(ref_end(len(parts), max(0, len(parts) - 1)))
+    try:
+        for rec in codec.decode(ref_stream(*parts)):
+            assert type(rec) in R.RECORD_TYPES.values()
+    except StreamError as exc:
+        assert exc.message
