@@ -192,3 +192,30 @@ class PosixCliGroup:
         if check is not None:
             assert p.returncode == check, f"{args}: rc={p.returncode}\n{p.stdout}\n{p.stderr}"
         return p
+
+
+def fake_run_clock(
+    monkeypatch: Any, interval: float, waits: int, on_wait: Callable[[int], None] | None = None
+) -> list[float]:
+    """`coalesce run` in this process with its waits between cycles on a fake clock: the ``time.sleep``
+    and ``time.monotonic`` the cli module uses advance a clock instead of waiting (the waits are cut
+    into slices of AGENT_POLL); after each whole wait of ``interval`` seconds ``on_wait(n)`` runs, and
+    the ``waits``-th wait ends the run by KeyboardInterrupt (Ctrl-C).  Returns the sleeps asked for."""
+    from coalesce_core.ui import cli as cli_mod
+
+    sleeps: list[float] = []
+    clock = [0.0]
+
+    def fake_sleep(seconds: float) -> None:
+        sleeps.append(seconds)
+        clock[0] += seconds
+        n = round(clock[0], 6) / interval
+        if n == int(n):  # a whole wait between cycles has passed
+            if on_wait is not None:
+                on_wait(int(n))
+            if n == waits:
+                raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli_mod.time, "sleep", fake_sleep)
+    monkeypatch.setattr(cli_mod.time, "monotonic", lambda: clock[0])
+    return sleeps

@@ -14,6 +14,7 @@ from pathlib import Path
 import attrs
 import pytest
 from backends import on_backend
+from groups import fake_run_clock
 
 from coalesce_core.backend.manager import plugin_manager
 from coalesce_core.backend.volume import Volume
@@ -136,17 +137,7 @@ def test_run_goes_on_through_an_outage_and_says_why(group, capsys, monkeypatch):
     gone = src.with_name(src.name + ".gone")
     src.rename(gone)
     monkeypatch.setenv("COALESCE_SIM_FSYNC", "0")
-    sleeps: list[float] = []
-    clock = [0.0]  # the waits between cycles are timed by time.monotonic, cut into slices of AGENT_POLL
-
-    def fake_sleep(seconds: float) -> None:
-        sleeps.append(seconds)
-        clock[0] += seconds
-        if round(clock[0], 6) == 21:  # the end of the third wait
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(cli_mod.time, "sleep", fake_sleep)
-    monkeypatch.setattr(cli_mod.time, "monotonic", lambda: clock[0])
+    sleeps = fake_run_clock(monkeypatch, 7, waits=3)
     capsys.readouterr()
     rc = cli_mod.main(["--config", str(cfg), "run", "--interval", "7"])
     err = capsys.readouterr().err

@@ -6,7 +6,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from groups import cli_group, run_cli, status
+from groups import cli_group, fake_run_clock, run_cli, status
 
 from coalesce_core.errors import ConfigError, MetadataError
 
@@ -87,17 +87,7 @@ def test_a_config_changed_to_a_same_named_group_s_source_is_refused_at_each_cycl
     assert all(taken in r["last_error"] for r in st["replicas"])
     assert run_cli(two, "check").returncode == 0
     monkeypatch.setenv("COALESCE_SIM_FSYNC", "0")
-    sleeps: list[float] = []
-    clock = [0.0]  # the waits between cycles are timed by time.monotonic, cut into slices of AGENT_POLL
-
-    def fake_sleep(seconds: float) -> None:
-        sleeps.append(seconds)
-        clock[0] += seconds
-        if round(clock[0], 6) == 14:  # the end of the second wait
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(cli_mod.time, "sleep", fake_sleep)
-    monkeypatch.setattr(cli_mod.time, "monotonic", lambda: clock[0])
+    sleeps = fake_run_clock(monkeypatch, 7, waits=2)
     capsys.readouterr()
     rc = cli_mod.main(["--config", str(two), "run", "--interval", "7"])
     err = capsys.readouterr().err

@@ -6,7 +6,7 @@ import io
 import subprocess
 import time
 
-from groups import EXE
+from groups import EXE, fake_run_clock
 from rich.console import Console
 
 from coalesce_core.backend.hookspecs import hookimpl
@@ -138,20 +138,9 @@ def test_run_survives_a_failed_export_switch_and_recovers(group, cli, monkeypatc
     tmp, writer = group
     assert cli("init")[0] == 0
     monkeypatch.setenv("COALESCE_FAULTS", "coalesce_export:volume=dst.vol:nth=2:times=1:message=link down")
-    sleeps: list[float] = []
-    clock = [0.0]  # the waits between cycles are timed by time.monotonic, cut into slices of AGENT_POLL
-
-    def fake_sleep(seconds: float) -> None:
-        sleeps.append(seconds)
-        clock[0] += seconds
-        waits = round(clock[0], 6) / 7
-        if waits == int(waits):  # a whole wait between cycles has passed
-            writer.write("A", "dir0/file0", f"change {int(waits)}".encode())
-            if waits == 4:
-                raise KeyboardInterrupt
-
-    monkeypatch.setattr(cli_mod.time, "sleep", fake_sleep)
-    monkeypatch.setattr(cli_mod.time, "monotonic", lambda: clock[0])
+    sleeps = fake_run_clock(
+        monkeypatch, 7, waits=4, on_wait=lambda n: writer.write("A", "dir0/file0", f"change {n}".encode())
+    )
     rc, out, err = cli("run", "--interval", "7")
     assert rc == cli_mod.EXIT_INTERRUPTED
     assert "cycle failed:" in err and "link down" in err and "recovering and retrying in 7 s" in err
