@@ -12,9 +12,10 @@ record, so a refused stream has applied nothing.
 
 from __future__ import annotations
 
-from typing import Any, Generator, Iterable
+from typing import Any, Generator, Iterable, Iterator
 
 from coalesce_core.errors import UnrequestedStream
+from coalesce_core.stream.closing import ClosingFilter
 from coalesce_core.stream.records import Begin
 
 _HINT = (
@@ -53,7 +54,7 @@ def check_begin(record: object, qtree: str, base: str | None, target: str) -> Be
     return record
 
 
-class as_requested:
+class as_requested(ClosingFilter):
     """``records`` (Begin, changes, End) if its Begin is the request's (:func:`check_begin`) and no
     second Begin follows; raises UnrequestedStream at the first record that is not.
 
@@ -61,12 +62,11 @@ class as_requested:
     clones or pipes until it is closed)."""
 
     def __init__(self, records: Iterable[Any], qtree: str, base: str | None, target: str) -> None:
-        self._inner = iter(records)
-        self._gen = self._run(self._inner, qtree, base, target)
+        self.qtree, self.base, self.target = qtree, base, target
+        super().__init__(records)
 
-    @staticmethod
-    def _run(it: Iterable[Any], qtree: str, base: str | None, target: str) -> Generator[Any, None, None]:
-        it = iter(it)
+    def _filter(self, it: Iterator[Any]) -> Generator[Any, None, None]:
+        qtree, base, target = self.qtree, self.base, self.target
         first = next(it, None)
         yield check_begin(first, qtree, base, target)
         for rec in it:
@@ -77,15 +77,3 @@ class as_requested:
                     hint=_HINT,
                 )
             yield rec
-
-    def __iter__(self) -> "as_requested":
-        return self
-
-    def __next__(self) -> Any:
-        return next(self._gen)
-
-    def close(self) -> None:
-        self._gen.close()
-        close = getattr(self._inner, "close", None)
-        if close is not None:
-            close()

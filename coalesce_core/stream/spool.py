@@ -37,6 +37,7 @@ from typing import Any, Callable, Generator, Iterable, Iterator
 
 from coalesce_core.errors import CorruptStream, StreamError
 from coalesce_core.stream import codec
+from coalesce_core.stream.closing import ClosingFilter
 from coalesce_core.stream.records import Begin, End
 
 log = logging.getLogger("coalesce.spool")
@@ -152,19 +153,18 @@ def _changes(path: Path) -> Iterator[Any]:
             return  # the tail a restart tore (or damage): the source sends the rest again
 
 
-class skip_changes:
+class skip_changes(ClosingFilter):
     """Begin, then the change records after the first ``k``, then End (a local source's resume).
 
     ``close()`` closes the wrapped stream too, even before the first record (a diff
     holds clones or pipes until it is closed)."""
 
     def __init__(self, records: Iterable[Any], k: int) -> None:
-        self._inner = iter(records)
-        self._gen = self._run(self._inner, k)
+        self.k = k
+        super().__init__(records)
 
-    @staticmethod
-    def _run(it: Iterator[Any], k: int) -> Generator[Any, None, None]:
-        skipped = 0
+    def _filter(self, it: Iterator[Any]) -> Generator[Any, None, None]:
+        k, skipped = self.k, 0
         for rec in it:
             t = type(rec)
             if t is Begin:
@@ -177,18 +177,6 @@ class skip_changes:
                 yield rec
                 if t is End:
                     return
-
-    def __iter__(self) -> "skip_changes":
-        return self
-
-    def __next__(self) -> Any:
-        return next(self._gen)
-
-    def close(self) -> None:
-        self._gen.close()
-        close = getattr(self._inner, "close", None)
-        if close is not None:
-            close()
 
 
 class _Writer:
