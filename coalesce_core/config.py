@@ -5,7 +5,7 @@ name = "home"                      # letters, digits, _ . - (becomes part of PCP
 source = "sim:///srv/src"          # the source volume URL
 destination = "sim:///srv/dst"     # the destination volume URL
 parallel = 4                       # concurrent transfers
-interval = 300                     # seconds between cycles of `coalesce run`
+interval = "5m"                    # between cycles of `coalesce run` (a duration, or seconds)
 metadata = "/var/lib/coalesce"     # optional: where the ledger lives
 spool = true                       # optional: resume an update after a restart
                                    # (default: on for a remote source)
@@ -15,9 +15,9 @@ verify = true                      # check each update against its source PCPI b
 verify_every = "7d"                # optional: full background verification, spread over replicas
 
 [group.retry]                      # rollback retry of unstable_uncoalesced
-initial = 30
+initial = "30s"
 factor = 2
-maximum = 3600
+maximum = "1h"
 
 [[replica]]
 name = "A"                         # destination qtree
@@ -157,6 +157,24 @@ def _name(value: str, where: str) -> str:
     return value
 
 
+def _duration(
+    table: dict[str, Any], key: str, where: str, *, default: float, example: str, positive: bool = False
+) -> float:
+    """Seconds of the duration ``table[key]`` (coalesce_core.durations: ``"15m"`` or a number of
+    seconds), ``default`` if absent; longer than 0 when ``positive``."""
+    if key not in table:
+        return default
+    from coalesce_core.durations import DurationError, parse_duration
+
+    try:
+        seconds = parse_duration(table[key])
+    except DurationError as exc:
+        raise ConfigError(f"{where}: `{key}`: {exc}", hint=f"for example {key} = {example}") from None
+    if positive and seconds <= 0:
+        raise ConfigError(f"{where}: `{key}` must be longer than 0", hint=f"for example {key} = {example}")
+    return seconds
+
+
 def _optional_duration(table: dict[str, Any], key: str, where: str, *, example: str, unset: str) -> float | None:
     """Seconds of the optional duration ``table[key]`` (coalesce_core.durations), longer than 0; None if absent."""
     value = table.get(key)
@@ -222,14 +240,7 @@ def parse_config(text: str, path: str = "<config>") -> GroupConfig:
     parallel = group.get("parallel", 4)
     if not isinstance(parallel, int) or isinstance(parallel, bool) or not 1 <= parallel <= 256:
         raise ConfigError(f"{where}: `parallel` must be an integer from 1 to 256")
-    interval = group.get("interval", 300)
-    if (
-        not isinstance(interval, (int, float))
-        or isinstance(interval, bool)
-        or not math.isfinite(interval)
-        or interval <= 0
-    ):
-        raise ConfigError(f"{where}: `interval` must be a positive number of seconds")
+    interval = _duration(group, "interval", where, default=300.0, example='"5m"', positive=True)
     metadata = group.get("metadata")
     if metadata is not None and not isinstance(metadata, str):
         raise ConfigError(f"{where}: `metadata` must be a directory path")
@@ -260,10 +271,15 @@ def parse_config(text: str, path: str = "<config>") -> GroupConfig:
     retry_t = group.get("retry", {})
     if not isinstance(retry_t, dict) or set(retry_t) - {"initial", "factor", "maximum"}:
         raise ConfigError(f"{where}: [group.retry] takes initial, factor, maximum")
-    try:
-        retry = RetryPolicy(**{k: float(v) for k, v in retry_t.items()})
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{where}: bad [group.retry]: {exc}") from None
+    rwhere = f"{path} [group.retry]"
+    factor = retry_t.get("factor", 2.0)
+    if not isinstance(factor, (int, float)) or isinstance(factor, bool) or not math.isfinite(factor) or factor < 1:
+        raise ConfigError(f"{rwhere}: `factor` must be a number >= 1", hint="for example factor = 2")
+    retry = RetryPolicy(
+        initial=_duration(retry_t, "initial", rwhere, default=30.0, example='"30s"'),
+        factor=float(factor),
+        maximum=_duration(retry_t, "maximum", rwhere, default=3600.0, example='"1h"'),
+    )
     replicas = []
     seen: set[str] = set()
     raw = data.get("replica", [])

@@ -134,9 +134,10 @@ def test_parallel_bounds_are_inclusive(value):
     assert parse_config(group_with(parallel=value)).parallel == int(value)
 
 
-@pytest.mark.parametrize("value", ["0", "-5", "true", '"300"', "[1]"])
+@pytest.mark.parametrize("value", ["0", "-5", "true", "[1]", '"0s"', '"soon"', '"5 minutes"'])
 def test_bad_interval(value):
-    assert "`interval`" in str(err(group_with(interval=value)))
+    e = err(group_with(interval=value))
+    assert "`interval`" in str(e) and 'interval = "5m"' in e.hint
 
 
 def test_nan_interval():
@@ -180,6 +181,28 @@ def test_bad_metadata_type():
 def test_bad_retry_value(retry):
     e = err(MIN + "[group.retry]\n" + retry + "\n")
     assert "retry" in str(e)
+
+
+@pytest.mark.parametrize(
+    "retry, key",
+    [
+        ("initial = -1", "initial"),
+        ("factor = 0.5", "factor"),
+        ('maximum = "3 hours"', "maximum"),
+        ("factor = true", "factor"),
+    ],
+)
+def test_a_bad_retry_value_names_its_key_and_gives_an_example(retry, key):
+    e = err(MIN + "[group.retry]\n" + retry + "\n")
+    assert f"[group.retry]: `{key}`" in str(e) and f"{key} = " in e.hint
+
+
+def test_times_are_durations_or_seconds():
+    text = group_with(interval='"15m"') + '[group.retry]\ninitial = "90s"\nfactor = 3\nmaximum = "2h"\n'
+    cfg = parse_config(text)
+    assert (cfg.interval, cfg.retry.initial, cfg.retry.factor, cfg.retry.maximum) == (900.0, 90.0, 3.0, 7200.0)
+    cfg = parse_config(group_with(interval="45") + "[group.retry]\ninitial = 0\nmaximum = 60\n")
+    assert (cfg.interval, cfg.retry.initial, cfg.retry.maximum) == (45.0, 0.0, 60.0)
 
 
 def test_unknown_retry_key():
