@@ -36,6 +36,7 @@ from coalesce_core.cycle.state import GroupState
 from coalesce_core.errors import BackendError, CoalesceError, MetadataError, VolumeInUse
 from coalesce_core.grouplock import GroupLock
 from coalesce_core.ledger import Ledger, RequestGone
+from coalesce_core.stream import privileges
 from coalesce_core.stream.records import Begin
 from coalesce_core.stream.spool import Spool
 from coalesce_core.transfer import run_transfer
@@ -438,6 +439,7 @@ class Agent:
                     verify=self.config.verify,
                     progress=progress,
                     aborted=self._abort.is_set,
+                    privileges=self.config.privileges,
                 )
                 if moved.verified and eff.base is None:
                     self._verified[eff.replica] = {"at": self.clock(), "ok": True, "error": ""}
@@ -539,7 +541,13 @@ class Agent:
                         'nothing was changed (docs/operations.md, "Backing up the ledger")',
                     )
             known = src if src is not None else frozenset()
-            facts = restorer.survey(self.state, self.source if examined.stale else None, self.dest, dest, known)
+            facts = restorer.survey(
+                self.state,
+                privileges.view(self.source, self.config.privileges) if examined.stale else None,
+                self.dest,
+                dest,
+                known,
+            )
             decision, self.restored = restore.reconcile(self.state, facts)
             self._commit([(facts, decision)])  # the ledger only: it has no effects
             if examined.stale:
@@ -766,7 +774,8 @@ class Agent:
             return
         r = self.state.replicas[name]
         try:
-            outcome = verifier.verify_export(self.source, self.dest, r, content=True, limit=1)
+            source = privileges.view(self.source, self.config.privileges)
+            outcome = verifier.verify_export(source, self.dest, r, content=True, limit=1)
         except CoalesceError as exc:
             pending[name] = {
                 "at": times.get(name, {}).get("at", 0.0),

@@ -13,6 +13,7 @@ reseed_after = 3                   # re-seed a replica after 3 failed updates in
 max_lag = "1d"                     # optional: `check` fails for a replica whose image is older
 verify = true                      # check each update against its source PCPI before `done`
 verify_every = "7d"                # optional: full background verification, spread over replicas
+privileges = "strip"               # "keep": carry setuid/setgid bits and security.*/trusted.* xattrs
 
 [group.retry]                      # rollback retry of unstable_uncoalesced
 initial = "30s"
@@ -37,6 +38,7 @@ import attrs
 from coalesce_core.backend.urls import VolumeURL
 from coalesce_core.cycle.state import NAME_RE, RetryPolicy
 from coalesce_core.errors import ConfigError
+from coalesce_core.stream import privileges as privilege_policy
 
 
 @attrs.frozen
@@ -68,6 +70,9 @@ class GroupConfig:
     #: seconds: verify one replica's whole export in the background of a cycle so that each
     #: one is verified about once per period (None: never)
     verify_every: float | None = None
+    #: what of a source's privileges a replica receives: "strip" (no setuid/setgid bits, no
+    #: security.*/trusted.* xattrs) or "keep" (coalesce_core.stream.privileges)
+    privileges: str = privilege_policy.DEFAULT
 
     def spool_dir(self, metadata_dir: str | None) -> Path:
         """Where the spools of this group's updates live (next to the ledger)."""
@@ -217,6 +222,7 @@ def parse_config(text: str, path: str = "<config>") -> GroupConfig:
         "max_lag",
         "verify",
         "verify_every",
+        "privileges",
     }
     if set(group) - known:
         raise ConfigError(f"{where}: unknown key(s) {sorted(set(group) - known)}", hint=f"known keys: {sorted(known)}")
@@ -268,6 +274,13 @@ def parse_config(text: str, path: str = "<config>") -> GroupConfig:
     verify_every = _optional_duration(
         group, "verify_every", where, example='"7d"', unset="leave it out for no background verification"
     )
+    privileges = group.get("privileges", privilege_policy.DEFAULT)
+    if privileges not in privilege_policy.POLICIES:
+        raise ConfigError(
+            f'{where}: `privileges` must be "strip" or "keep", not {privileges!r}',
+            hint='"strip" (the default) gives replicas no setuid/setgid bits and no security.* or trusted.* '
+            'xattrs; "keep" carries them for a full-system backup that root restores (docs/config.md, "Privileges")',
+        )
     retry_t = group.get("retry", {})
     if not isinstance(retry_t, dict) or set(retry_t) - {"initial", "factor", "maximum"}:
         raise ConfigError(f"{where}: [group.retry] takes initial, factor, maximum")
@@ -316,6 +329,7 @@ def parse_config(text: str, path: str = "<config>") -> GroupConfig:
         max_lag=max_lag,
         verify=verify,
         verify_every=verify_every,
+        privileges=privileges,
     )
 
 

@@ -1,7 +1,8 @@
 """The transfer pipeline: the data path of one baseline, update or re-seed.
 
 source diff -> codec check -> the request check (coalesce_core.stream.requested)
--> (an update: the spool) -> destination apply (with purgatory) -> the check before ``done`` (coalesce_core.verifier.TransferCheck).  The agent decides
+-> (an update: the spool) -> the privilege policy (coalesce_core.stream.privileges)
+-> destination apply (with purgatory) -> the check before ``done`` (coalesce_core.verifier.TransferCheck).  The agent decides
 and records; :func:`run_transfer` only moves the records.
 """
 
@@ -16,6 +17,7 @@ from coalesce_core.backend.volume import Volume
 from coalesce_core.crashpoints import SimulatedCrash
 from coalesce_core.cycle import effects as fx
 from coalesce_core.stream import codec
+from coalesce_core.stream import privileges as privilege_policy
 from coalesce_core.stream.records import Begin
 from coalesce_core.stream.requested import as_requested
 from coalesce_core.stream.spool import Spool, skip_changes
@@ -78,6 +80,7 @@ def run_transfer(
     verify: bool = True,
     progress: Callable[[int, int], None] = _quiet,
     aborted: Callable[[], bool] = _never,
+    privileges: str = privilege_policy.DEFAULT,
 ) -> Transferred:
     """Move ``eff``'s records from ``source`` into replica ``eff.replica`` of ``dest``.
 
@@ -85,7 +88,9 @@ def run_transfer(
     through ``spool`` when given (baselines never do): with ``eff.resume`` and a spool that
     holds this stream, the spooled records are replayed and the source is asked only for
     the rest.  With ``verify`` the check before ``done`` runs after the apply.
-    ``progress(records, nbytes)`` is called every PROGRESS_EVERY records.
+    ``progress(records, nbytes)`` is called every PROGRESS_EVERY records.  The records reach
+    the applier as the ``privileges`` policy lets them (``[group] privileges``), after the spool,
+    and the check compares the replica with the source as that policy transforms it.
 
     Returns what moved.  Raises what the source, the codec, the spool, the apply or the
     check raised, after the spool was removed and the diffs closed: the partial qtree is
@@ -125,7 +130,7 @@ def run_transfer(
                 stream = spool.record(eff.replica, diff())
         check = (
             verifier.TransferCheck(
-                source,
+                privilege_policy.view(source, privileges),
                 dest,
                 replica=eff.replica,
                 source_qtree=eff.source_qtree,
@@ -136,7 +141,8 @@ def run_transfer(
             else None
         )
         try:
-            stats = dest.apply(eff.replica, _records(stream, point, check, progress, aborted), use_purgatory=True)
+            received = privilege_policy.as_policy(stream, privileges)
+            stats = dest.apply(eff.replica, _records(received, point, check, progress, aborted), use_purgatory=True)
             if check is not None:  # `done` only once the replica equals the source PCPI where it changed
                 check.run()
         finally:

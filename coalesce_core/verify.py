@@ -22,18 +22,19 @@ from __future__ import annotations
 import bisect
 import hashlib
 import math
-from typing import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Callable, Iterable, Iterator, Mapping, Sequence, TypedDict
 
 import attrs
 
 from coalesce_core.stream import records as R
+from coalesce_core.stream.privileges import split_xattrs
 
 ABSENT = "absent"
 KINDS = (ABSENT, "d", "f", "l")
 KIND_WORDS = {ABSENT: "absent", "d": "a directory", "f": "a regular file", "l": "a symlink"}
 
 #: The fields compared, in the order a difference is looked for (the first one that differs is reported).
-FIELDS = ("kind", "target", "size", "content", "mode", "uid", "gid", "mtime_ns", "xattrs", "link")
+FIELDS = ("kind", "target", "size", "content", "mode", "uid", "gid", "mtime_ns", "xattrs", "privileged_xattrs", "link")
 
 _XATTR_TAG = b"coalesce-xattrs-v1\n"
 
@@ -61,6 +62,20 @@ def xattr_digest(xattrs: Mapping[str, bytes]) -> str:
     return h.hexdigest()
 
 
+class XattrFields(TypedDict):
+    xattrs: str | None
+    privileged_xattrs: str | None
+
+
+def xattr_fields(xattrs: Mapping[str, bytes] | None) -> XattrFields:
+    """The ``xattrs`` and ``privileged_xattrs`` fields of the Description of an entry holding
+    ``xattrs`` (None: the file system will not list them; neither is compared then)."""
+    if xattrs is None:
+        return {"xattrs": None, "privileged_xattrs": None}
+    plain, privileged = split_xattrs(xattrs)
+    return {"xattrs": xattr_digest(plain), "privileged_xattrs": xattr_digest(privileged) if privileged else None}
+
+
 def _kind(_inst: object, _a: attrs.Attribute, value: str) -> None:
     if value not in KINDS:
         raise ValueError(f"a description's kind is one of {KINDS}, not {value!r}")
@@ -78,7 +93,13 @@ class Description:
     mtime_ns  modification time of any entry
     target    of a symlink
     xattrs    :func:`xattr_digest` of a directory's or regular file's extended
-              attributes (None for a symlink: Linux keeps no user xattrs there)
+              attributes outside the privileged namespaces (None for a symlink: Linux
+              keeps no user xattrs there; None where they cannot be listed)
+    privileged_xattrs
+              :func:`xattr_digest` of its ``security.*`` and ``trusted.*`` xattrs
+              (coalesce_core.stream.privileges), None when it has none: kept apart so
+              that a comparison can see a source as ``[group] privileges = "strip"``
+              transforms it (:func:`xattr_fields` computes both)
     content   a regular file's content digest (coalesce_core.stream.fingerprint
               ``ContentDigest``: holes read as zeros), only when asked for
     entries   a directory's entries: sorted (name, kind) pairs
@@ -99,6 +120,7 @@ class Description:
     mtime_ns: int | None = None
     target: str | None = None
     xattrs: str | None = None
+    privileged_xattrs: str | None = None
     content: str | None = None
     entries: tuple[tuple[str, str], ...] | None = None
     ident: int | None = None
@@ -174,10 +196,10 @@ def _show(path: str) -> str:
 
 def _value(field: str, value: object) -> str:
     if value is None:
-        return "unknown"
+        return "none" if field == "privileged_xattrs" else "unknown"
     if field == "mode":
         return oct(int(value))  # type: ignore[call-overload]
-    if field in ("content", "xattrs"):
+    if field in ("content", "xattrs", "privileged_xattrs"):
         return f"digest {str(value)[:12]}"
     return repr(value)
 
@@ -207,6 +229,8 @@ def _differ(a: Description, b: Description, holds: Holds) -> Difference | None:
         return Difference(p, "mtime_ns", a.mtime_ns, b.mtime_ns)
     if holds.xattrs and a.xattrs is not None and b.xattrs is not None and a.xattrs != b.xattrs:
         return Difference(p, "xattrs", a.xattrs, b.xattrs)
+    if holds.xattrs and a.xattrs is not None and b.xattrs is not None and a.privileged_xattrs != b.privileged_xattrs:
+        return Difference(p, "privileged_xattrs", a.privileged_xattrs, b.privileged_xattrs)
     return None
 
 
@@ -308,6 +332,7 @@ _WIRE = (
     ("t", "mtime_ns"),
     ("l", "target"),
     ("x", "xattrs"),
+    ("X", "privileged_xattrs"),
     ("c", "content"),
     ("i", "ident"),
 )
@@ -344,7 +369,7 @@ def description_from_json(obj: object) -> Description:
         value = obj.get(key)
         if value is None:
             continue
-        if field in ("target", "xattrs", "content"):
+        if field in ("target", "xattrs", "privileged_xattrs", "content"):
             limit = MAX_PATH if field == "target" else 128
             if not isinstance(value, str) or not value or "\x00" in value or len(value) > limit:
                 raise ValueError(f"a description's {field} is not a short string")

@@ -60,6 +60,7 @@ def group_config(tmp_path: Path) -> Callable[..., "object"]:
         write_file: bool = False,
         spool: bool | None = None,
         reseed_after: int | None = None,
+        privileges: str | None = None,
     ):
         n = next(_ids)
         if scheme == "mem":
@@ -77,6 +78,7 @@ def group_config(tmp_path: Path) -> Callable[..., "object"]:
             f'metadata = "{tmp_path}/meta{n}"',
             *([f"spool = {str(spool).lower()}"] if spool is not None else []),
             *([f"reseed_after = {reseed_after}"] if reseed_after is not None else []),
+            *([f'privileges = "{privileges}"'] if privileges is not None else []),
             "[group.retry]",
             f"initial = {retry_initial}",
             "factor = 2",

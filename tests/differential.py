@@ -10,7 +10,8 @@ on the live source) alternate with single coalesce cycles.  After every cycle:
 * every replica's exported image equals its source qtree in the source PCPI
   the ledger says it shows (tests/trees.py: kind, mode, owner, size, content
   with holes as zeros, symlink target, xattrs, mtime, the qtree root and
-  hard-link groups within the qtree): I3 from the outside;
+  hard-link groups within the qtree), as the group's ``privileges`` policy transforms it
+  (the default "strip": no setuid/setgid bits, tests/trees.py ``stripped``): I3 from the outside;
 * large files allocate no more than their source (plus a slack): holes stay holes;
 * the **native control** equals the source too: the same two source PCPIs
   replayed by the kernel's tool (``btrfs send --proto 2 -p PREV CUR | btrfs receive``,
@@ -791,7 +792,10 @@ class Differential:
                     )
             path = self.h.agent.export_path(q)
             got = trees.capture(os.path.realpath(path)) if path else trees.Tree({}, ())
-            diff = trees.differences(want[r.source_point][q], got)
+            source = want[r.source_point][q]
+            if self.h.agent.config.privileges == "strip":  # the replica holds the source as stripped
+                source = trees.stripped(source)
+            diff = trees.differences(source, got)
             if not diff and path and "holes" not in self.backend.known_gaps:
                 diff = _holes_filled(alloc[r.source_point][q], os.path.realpath(path))
             if diff:

@@ -115,6 +115,20 @@ def capture(root: str, *, times: bool = True, root_entry: bool = True) -> Tree:
     return Tree(entries, links)
 
 
+def stripped(tree: Tree) -> Tree:
+    """``tree`` as a replica under ``[group] privileges = "strip"`` holds it (written from
+    docs/config.md, not from coalesce's code): no setuid or setgid bit, no ``security.*`` or
+    ``trusted.*`` xattr."""
+
+    def strip(e: tuple[Any, ...]) -> tuple[Any, ...]:
+        if e[0] == "l":
+            return e
+        x = tuple((n, v) for n, v in e[-2] if not n.startswith(("security.", "trusted.")))
+        return (e[0], e[1] & ~0o6000, *e[2:-2], x, e[-1])
+
+    return Tree({p: strip(e) for p, e in tree.entries.items()}, tree.links)
+
+
 def differences(want: Tree, got: Tree, limit: int = 20) -> list[str]:
     """The first ``limit`` differences between two trees, by path; [] when they are equal."""
     out = []

@@ -234,7 +234,7 @@ def coalesce_describe(
     (coalesce_core.stream.fingerprint ``ContentDigest``, at the cost of its data, holes
     skipped).  Every backend describes the same tree identically (names, kinds,
     permission bits, owners, sizes, mtimes, link targets,
-    coalesce_core.verify.xattr_digest, a directory's sorted (name, kind)
+    coalesce_core.verify.xattr_fields (xattr digests), a directory's sorted (name, kind)
     entries, a regular file's identity for hard-link groups).  A path that does
     not exist -- or whose parent is not a directory, or is reached through a
     symlink: nothing is followed -- is ``absent``; a missing qtree describes

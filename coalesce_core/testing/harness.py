@@ -18,6 +18,7 @@ from coalesce_core.backend.volume import Volume
 from coalesce_core.config import GroupConfig
 from coalesce_core.cycle.invariants import Finding, live_check
 from coalesce_core.ledger import iter_log_edges
+from coalesce_core.stream import privileges
 from coalesce_core.testing.workload import SourceWriter
 
 
@@ -74,7 +75,7 @@ class Harness:
         self.agent = (Agent.init if create else Agent.open)(config, pm=self.pm, clock=self.clock)
         # the test's own handle of the source, not the agent's: the agent's calls may be made to
         # fail (FaultInjector rules, a source outage), the test's writes and reads never are
-        self.writer = SourceWriter(Volume.open(plugin_manager(), config.source))
+        self.writer = SourceWriter(Volume.open(plugin_manager(), config.source), config.privileges)
         self.i5_marks: dict[str, str | None] = {}
 
     # -- driving ---------------------------------------------------------------
@@ -120,7 +121,9 @@ class Harness:
         a = self.agent
         out = live_check(
             a.state,
-            self.writer.volume,  # the test's own view of the source: it never depends on the agent's
+            # the test's own view of the source (it never depends on the agent's), as the group's
+            # privilege policy strips it
+            privileges.view(self.writer.volume, a.config.privileges),
             a.dest,
             self.i5_marks,
             edges=list(iter_log_edges(a.ledger.transitions())),

@@ -14,16 +14,19 @@ import random
 from typing import Any, Iterable
 
 from coalesce_core.stream import fingerprint as fp
+from coalesce_core.stream.privileges import SETID, STRIP
 from coalesce_core.stream.records import MkDir, MkFile, Rename, RmDir, Symlink, Unlink, Write, framed
 
 Tree = dict[str, tuple[str, Any]]  # path -> ("d", None) | ("f", bytes) | ("l", target)
 
 
 class SourceWriter:
-    """Applies small change streams to source qtrees and mirrors them in a model."""
+    """Applies small change streams to source qtrees and mirrors them in a model; the model's
+    fingerprints are those of a replica under the ``privileges`` policy (coalesce_core.stream.privileges)."""
 
-    def __init__(self, volume: Any) -> None:
+    def __init__(self, volume: Any, privileges: str = "keep") -> None:
         self.volume = volume
+        self.privileges = privileges
         self.trees: dict[str, Tree] = {}
         self.snapshots: dict[str, dict[str, str]] = {}  # source PCPI -> qtree -> fingerprint
 
@@ -96,6 +99,8 @@ class SourceWriter:
                 entries.append(fp.Entry(path=path, kind="d", mode=0o755))
             elif kind == "f":
                 data, mode = val
+                if self.privileges == STRIP:
+                    mode &= ~SETID
                 entries.append(fp.file_entry(path, mode, data))
             else:
                 entries.append(fp.Entry(path=path, kind="l", target=val))

@@ -614,6 +614,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from coalesce_core.backend.manager import plugin_manager
     from coalesce_core.backend.volume import Volume
     from coalesce_core.cycle.planner import NotNow
+    from coalesce_core.stream import privileges
     from coalesce_core.verifier import read_state, verify_replicas
 
     cfg = _config(args)
@@ -627,7 +628,13 @@ def cmd_verify(args: argparse.Namespace) -> int:
                 f"no replica {unknown[0]!r} in group {state.name!r}",
                 hint=f"replicas: {', '.join(sorted(state.replicas)) or 'none'}",
             )
-        rows = verify_replicas(source, dest, state, args.names or sorted(state.replicas), full=args.full)
+        rows = verify_replicas(
+            privileges.view(source, cfg.privileges),  # the source as the group's policy strips it
+            dest,
+            state,
+            args.names or sorted(state.replicas),
+            full=args.full,
+        )
     finally:
         source.close()
         dest.close()

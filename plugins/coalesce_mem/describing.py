@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Sequence, TypedDict
 
 from coalesce_core.stream.records import check_path_or_root
-from coalesce_core.verify import Description, Holds, xattr_digest
+from coalesce_core.verify import Description, Holds, xattr_fields
 
 from .tree import Dir, File, Node, QtreeState, sort_key
 
@@ -45,9 +45,7 @@ def describe_node(path: str, node: Node | None, content: bool) -> Description:
     common = _Common(uid=node.uid, gid=node.gid, mtime_ns=node.mtime_ns)
     if isinstance(node, Dir):
         entries = tuple((n, node.children[n].kind) for n in sorted(node.children, key=sort_key))
-        return Description(
-            path=path, kind="d", mode=node.mode, xattrs=xattr_digest(node.xattrs), entries=entries, **common
-        )
+        return Description(path=path, kind="d", mode=node.mode, **xattr_fields(node.xattrs), entries=entries, **common)
     if isinstance(node, File):
         from .tree import entry_of
 
@@ -57,7 +55,7 @@ def describe_node(path: str, node: Node | None, content: bool) -> Description:
             kind="f",
             mode=node.mode,
             size=len(node.data),
-            xattrs=xattr_digest(node.xattrs),
+            **xattr_fields(node.xattrs),
             content=digest,
             ident=id(node),
             nlink=0,

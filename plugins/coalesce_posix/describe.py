@@ -31,7 +31,7 @@ from typing import Iterator, Sequence, TypedDict
 from coalesce_core.stream import fingerprint
 from coalesce_core.stream.fingerprint import BLOCK
 from coalesce_core.stream.records import check_path_or_root
-from coalesce_core.verify import Description, Holds, join, parent_of, xattr_digest
+from coalesce_core.verify import Description, Holds, XattrFields, join, parent_of, xattr_fields
 
 from .walk import content_digest_fd
 
@@ -122,8 +122,9 @@ class _Dirs:
         self.fds = OrderedDict()
 
 
-def _xattrs(fd: int) -> str | None:
-    """The xattr digest of an open file or directory; None when the file system will not list
+def _xattrs(fd: int) -> XattrFields:
+    """The xattr fields of the Description of an open file or directory (verify.xattr_fields);
+    None when the file system will not list
     them (no xattr support; zfs-fuse's read clones stop listing any once asked about an inode
     without xattrs): then they are not compared (verify.Description), which is said in
     docs/verification.md."""
@@ -131,7 +132,7 @@ def _xattrs(fd: int) -> str | None:
         names = os.listxattr(fd)
     except OSError as exc:
         if exc.errno in _NO_XATTRS:
-            return None
+            return xattr_fields(None)
         raise
     values = {}
     for n in names:
@@ -141,7 +142,7 @@ def _xattrs(fd: int) -> str | None:
             if exc.errno in (errno.ENODATA, *_NO_XATTRS):
                 continue
             raise
-    return xattr_digest(values)
+    return xattr_fields(values)
 
 
 def _one_block(data: bytes) -> str:
@@ -212,7 +213,7 @@ def _describe(dirs: _Dirs, path: str, content: bool) -> Description:
         fd = dirs.fd(path)
         if fd is None:  # replaced since the fstatat (a live file system)
             return Description.absent(path)
-        return Description(path=path, kind="d", mode=mode & 0o7777, xattrs=_xattrs(fd), entries=_entries(fd), **common)
+        return Description(path=path, kind="d", mode=mode & 0o7777, **_xattrs(fd), entries=_entries(fd), **common)
     if stat.S_ISREG(mode):
         fd = os.open(name, _FILE_FLAGS, dir_fd=pfd)
         try:
@@ -222,7 +223,7 @@ def _describe(dirs: _Dirs, path: str, content: bool) -> Description:
                 kind="f",
                 mode=mode & 0o7777,
                 size=st.st_size,
-                xattrs=_xattrs(fd),
+                **_xattrs(fd),
                 content=digest,
                 ident=st.st_ino,
                 nlink=st.st_nlink,

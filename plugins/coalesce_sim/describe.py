@@ -14,7 +14,7 @@ from typing import Sequence, TypedDict
 
 from coalesce_core.stream.fingerprint import content_digest_of_pieces
 from coalesce_core.stream.records import check_path_or_root
-from coalesce_core.verify import Description, Holds, parent_of, xattr_digest
+from coalesce_core.verify import Description, Holds, parent_of, xattr_fields
 
 from .fs import BS, DIR, LNK, REG, SimFS, View, fsname, nblocks
 from .ops import check_qtree_name
@@ -52,7 +52,7 @@ def _describe(fs: SimFS, view: View, path: str, ino: int | None, content: bool) 
             path=path,
             kind="d",
             mode=rec.mode & 0o7777,
-            xattrs=xattr_digest(view.xattrs(rec)),
+            **xattr_fields(view.xattrs(rec)),
             entries=tuple(entries),
             **common,
         )
@@ -63,7 +63,7 @@ def _describe(fs: SimFS, view: View, path: str, ino: int | None, content: bool) 
         kind="f",
         mode=rec.mode & 0o7777,
         size=rec.size,
-        xattrs=xattr_digest(view.xattrs(rec)),
+        **xattr_fields(view.xattrs(rec)),
         content=_content(fs, rec) if content else None,
         ident=ino,
         nlink=rec.nlink,

@@ -163,6 +163,18 @@ def test_bad_max_lag(value):
     assert "`max_lag`" in str(e) and e.hint
 
 
+def test_privileges_default_to_strip_and_take_keep():
+    assert parse_config(MIN).privileges == "strip"
+    assert parse_config(group_with(privileges='"keep"')).privileges == "keep"
+    assert parse_config(group_with(privileges='"strip"')).privileges == "strip"
+
+
+@pytest.mark.parametrize("value", ['"Keep"', '"none"', "true", '""', "1"])
+def test_bad_privileges(value):
+    e = err(group_with(privileges=value))
+    assert "`privileges`" in str(e) and "keep" in e.hint
+
+
 def test_bad_metadata_type():
     assert "`metadata`" in str(err(group_with(metadata="3")))
 

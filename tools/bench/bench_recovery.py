@@ -156,6 +156,7 @@ def child_recover(cfg_path: Path) -> dict:
     from coalesce_core.cycle.planner import is_group_pcpi
     from coalesce_core.cycle.spec import load_spec
     from coalesce_core.ledger import iter_log_edges
+    from coalesce_core.stream import privileges
 
     imports_s = time.perf_counter() - _T_START
     in_flight = load_spec().in_flight_states
@@ -175,7 +176,11 @@ def child_recover(cfg_path: Path) -> dict:
         bad = [
             f"{f.invariant}: {f.detail}"
             for f in live_check(
-                s, agent.source, agent.dest, None, edges=list(iter_log_edges(agent.ledger.transitions()))
+                s,
+                privileges.view(agent.source, agent.config.privileges),
+                agent.dest,
+                None,
+                edges=list(iter_log_edges(agent.ledger.transitions())),
             )
             if not f.ok
         ]
