@@ -186,9 +186,12 @@ class BtrfsVolume(PosixVolume):
                 hint=f"convert it: move its contents into a fresh `btrfs subvolume create {root}`",
             )
         vol = cls(url, root)
-        os.makedirs(vol.snapdir, 0o755, exist_ok=True)
+        os.makedirs(vol.snapdir, 0o700, exist_ok=True)
         os.makedirs(vol.metadir, 0o755, exist_ok=True)
         return vol
+
+    def private_dirs(self) -> list[str]:
+        return [*super().private_dirs(), self.snapdir]
 
     # -- PCPIs ------------------------------------------------------------------
     def snap_path(self, pcpi: str) -> str:

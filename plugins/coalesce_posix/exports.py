@@ -16,13 +16,19 @@ released by the agent).
 
 The table is read back from the file system (``read``): each replica symlink's
 target is mapped back to a PCPI name (or ACTIVE) by the backend's ``parse``.
+
+Exports are reachable by root only: ``R`` and every directory through which the images are
+reached (:func:`make_private`, the backend's ``private_dirs``) are mode 0700, so that no local
+user runs what a source planted (docs/operations.md, "Publishing exports").
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import re
-from typing import Callable, Mapping
+import stat
+from typing import Callable, Iterable, Mapping
 
 from coalesce_core.backend.hookspecs import ACTIVE
 from coalesce_core.errors import BackendError
@@ -31,6 +37,30 @@ from coalesce_core.stream.records import check_path
 from .apply import rmtree
 
 _GEN = re.compile(r"^exports\.(\d+)$")
+
+log = logging.getLogger("coalesce.posix")
+
+#: the mode of the directories through which a destination's images are reached
+PRIVATE_MODE = 0o700
+
+
+def make_private(dirs: Iterable[str]) -> list[str]:
+    """Create each of ``dirs`` (and missing parents) mode 0700, or narrow an existing one that
+    its group or others may enter to 0700 (a warning in the log); returns the ones narrowed."""
+    narrowed = []
+    for d in dirs:
+        os.makedirs(d, PRIVATE_MODE, exist_ok=True)
+        mode = stat.S_IMODE(os.stat(d).st_mode)
+        if mode & 0o077:
+            os.chmod(d, PRIVATE_MODE)
+            narrowed.append(d)
+            log.warning(
+                "%s was mode %s, now 0o700: exports are reachable by root only "
+                '(publish them with a nosuid,nodev bind mount, docs/operations.md "Publishing exports")',
+                d,
+                oct(mode),
+            )
+    return narrowed
 
 
 class ExportTable:
@@ -79,7 +109,7 @@ class ExportTable:
             check_path(r, what="replica name")
             if "/" in r:
                 raise BackendError(f"replica name {r!r} must be one path component")
-        os.makedirs(self.root, 0o755, exist_ok=True)
+        make_private([self.root])
         if self.read() == wanted and self._current_gen() is not None:
             self._gc(self._current_gen())
             return True
@@ -89,7 +119,7 @@ class ExportTable:
         rmtree(new_dir)
         tmp_dir = new_dir + ".tmp"
         rmtree(tmp_dir)
-        os.mkdir(tmp_dir, 0o755)
+        os.mkdir(tmp_dir, 0o755)  # inside the private root
         for replica, pcpi in sorted(wanted.items()):
             os.symlink(self.image_path(replica, pcpi), os.path.join(tmp_dir, replica))
         _fsync_dir(tmp_dir)

@@ -22,7 +22,7 @@ from coalesce_core.stream.records import check_path
 
 from . import describe, durable, walk
 from .apply import Applier, rmtree
-from .exports import ExportTable, parse_under
+from .exports import ExportTable, make_private, parse_under
 
 RESERVED_PREFIX = ".coalesce"
 PURGATORY = ".coalesce-purgatory"
@@ -75,6 +75,11 @@ class PosixVolume(VolumeHandle):
 
     def snapshot_list(self) -> list[str]:
         raise NotImplementedError
+
+    def private_dirs(self) -> list[str]:
+        """The directories through which the destination's qtrees, PCPI images and exports are
+        reached: mode 0700 (exports.make_private).  The backend adds where its PCPIs live."""
+        return [self.root, self.export_root]
 
     def prepare_export(self, pcpis: set[str]) -> None:
         """Make the images of ``pcpis`` reachable by path (zfs-fuse mounts clones)."""
@@ -155,6 +160,7 @@ class PosixVolume(VolumeHandle):
                 f"cannot export PCPI(s) {', '.join(missing)} of {self.url}: they do not exist",
                 hint="export only PCPIs that snapshot_list() shows; the export table is unchanged",
             )
+        make_private(self.private_dirs())  # at every switch, recovery's at start-up included
         self.prepare_export(pcpis)
         self.exports().switch(mapping)
         self.after_export(pcpis)

@@ -218,6 +218,10 @@ class ZfsVolume(PosixVolume):
         vol._reap_stale_clones()
         return vol
 
+    def private_dirs(self) -> list[str]:
+        # the state directory holds the export table and the clones' mount points (views)
+        return [*super().private_dirs(), self.state]
+
     def browsable(self) -> bool:
         return os.path.isdir(os.path.join(self.root, ".zfs", "snapshot"))
 
