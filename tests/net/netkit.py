@@ -480,7 +480,7 @@ class RemoteHarness(Harness):
     def __init__(self, config, plugins=(), clock=None, create=True) -> None:
         super().__init__(config, plugins=[*plugins, *remote_plugins()], clock=clock, create=create)
         self.local_source = Volume.open(self.pm, LOCAL_OF[config.source], create=True)
-        self.writer = SourceWriter(self.local_source)
+        self.writer = SourceWriter(self.local_source, config.privileges)
 
 
 @pytest.fixture(params=["tls", "ssh"])
