@@ -47,7 +47,7 @@ from coalesce_core.errors import BackendError, CoalesceError
 from coalesce_core.ui.peertext import clean
 
 MAGIC = b"COALPROT"
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: descriptions keep security.* and trusted.* xattrs apart ("X")
 PREAMBLE = MAGIC + bytes((PROTOCOL_VERSION,))
 
 # message kinds

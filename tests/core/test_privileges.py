@@ -1,11 +1,12 @@
 """``[group] privileges``: a source that plants a setuid-root binary and a file capability.  Under
 "strip" (the default) the export has neither, and the check before ``done``, I3 and ``coalesce
 verify`` pass (they compare the source as stripped); under "keep" both arrive.  A baseline and an
-update, on mem and sim (the real backends: tests/plugins/test_posix_privileges.py)."""
+update, on every backend's volumes (real btrfs and zfs-fuse included)."""
 
 from __future__ import annotations
 
 import pytest
+from backends import backend_fixtures
 
 from coalesce_core import verifier
 from coalesce_core.stream import privileges
@@ -15,6 +16,8 @@ from coalesce_core.verify import xattr_digest
 
 #: cap_net_raw+ep (VFS_CAP_REVISION_2)
 CAP = bytes.fromhex("0100000200200000000000000000000000000000")
+
+backend, group_config = backend_fixtures("mem", "sim", "btrfs", "zfs")
 
 
 def _plant(h: Harness, path: str, *, capability: bool) -> None:
@@ -34,10 +37,9 @@ def _exported(h: Harness, paths: list[str]):
     return h.agent.dest.describe("A", r.exported, [(p, True) for p in paths])
 
 
-@pytest.mark.parametrize("scheme", ["mem", "sim"])
 @pytest.mark.parametrize("policy", [None, "strip", "keep"], ids=["default", "strip", "keep"])
-def test_a_planted_setuid_binary_and_capability_reach_the_export_only_under_keep(group_config, scheme, policy):
-    h = Harness(group_config(replicas=("A",), scheme=scheme, privileges=policy))
+def test_a_planted_setuid_binary_and_capability_reach_the_export_only_under_keep(group_config, policy):
+    h = Harness(group_config(replicas=("A",), privileges=policy))
     assert h.agent.config.privileges == (policy or "strip")  # strip is the default (docs/decisions.md)
     h.writer.write("A", "README", b"hello")
     _plant(h, "bin/su", capability=True)

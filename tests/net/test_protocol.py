@@ -57,7 +57,13 @@ def _state():
 
 
 def _hello(volume: str = "src", **over) -> bytes:
-    body = {"protocol": 1, "volume": volume, "capabilities": ["resume", "zlib"], "client": "t", "bandwidth": None}
+    body = {
+        "protocol": P.PROTOCOL_VERSION,
+        "volume": volume,
+        "capabilities": ["resume", "zlib"],
+        "client": "t",
+        "bandwidth": None,
+    }
     body.update(over)
     return P.encode_message(P.HELLO, 0, json.dumps(body).encode())
 
@@ -223,7 +229,13 @@ def _fake_server(payload_after_request: bytes) -> socket.socket:
             conn.send_json(
                 P.WELCOME,
                 0,
-                {"protocol": 1, "identity": "x", "volume": "v", "capabilities": ["resume"], "compression": None},
+                {
+                    "protocol": P.PROTOCOL_VERSION,
+                    "identity": "x",
+                    "volume": "v",
+                    "capabilities": ["resume"],
+                    "compression": None,
+                },
             )
             conn.recv()
             b.sendall(payload_after_request)

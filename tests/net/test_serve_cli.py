@@ -11,6 +11,7 @@ import sys
 import pytest
 
 from coalesce_remote import serve
+from coalesce_remote.protocol import PREAMBLE
 
 
 def test_add_serve_command_builds_the_verb():
@@ -56,7 +57,7 @@ def test_stdio_speaks_only_the_protocol_on_stdout(tmp_path):
         capture_output=True,
         timeout=60,
     )
-    assert r.stdout == b"COALPROT\x01"  # the preamble, then EOF from us: nothing else on stdout
+    assert r.stdout == PREAMBLE  # the preamble, then EOF from us: nothing else on stdout
     assert r.returncode == 0
 
 
@@ -122,13 +123,13 @@ def test_stdio_never_sends_the_server_log_to_the_client(tmp_path):
     cfg = tmp_path / "s.toml"
     cfg.write_text(f'[server]\nlog = "{log}"\n[volumes]\nsrc = "mem://x"\n[clients.a]\nvolumes = ["src"]\n')
     r = _stdio(cfg, identity="who\nINFO forged")
-    assert r.returncode == 0 and r.stderr == b"" and r.stdout == b"COALPROT\x01"
+    assert r.returncode == 0 and r.stderr == b"" and r.stdout == PREAMBLE
     lines = log.read_text().splitlines()
     assert lines and all(" coalesce-serve[" in ln for ln in lines)
     assert any("connection from ssh:stdio (identity 'who\\nINFO forged')" in ln for ln in lines)
     cfg.write_text('[volumes]\nsrc = "mem://x"\n[clients.a]\nvolumes = ["src"]\n')  # no `log`
     r = _stdio(cfg)
-    assert r.returncode == 0 and r.stderr == b"" and r.stdout == b"COALPROT\x01"
+    assert r.returncode == 0 and r.stderr == b"" and r.stdout == PREAMBLE
 
 
 def test_stdio_logs_to_syslog_without_a_log_file(tmp_path):

@@ -86,7 +86,13 @@ def _tls(svc: TLSService, *, rcvbuf: int | None = None) -> ssl.SSLSocket:
 
 def _hello(bandwidth=None, compression: bool = False, raw: bytes | None = None) -> bytes:
     caps = ["resume", "zlib"] if compression else ["resume"]
-    body = {"protocol": 1, "volume": "src", "capabilities": caps, "client": "t", "bandwidth": bandwidth}
+    body = {
+        "protocol": P.PROTOCOL_VERSION,
+        "volume": "src",
+        "capabilities": caps,
+        "client": "t",
+        "bandwidth": bandwidth,
+    }
     return P.encode_message(P.HELLO, 0, raw if raw is not None else json.dumps(body).encode())
 
 
@@ -296,7 +302,10 @@ def test_hello_bandwidth_is_validated(certs, monkeypatch, source, value, match):
     svc = _service(certs, monkeypatch, min_rate=1024)
     try:
         sock = _tls(svc)
-        body = b'{"protocol": 1, "volume": "src", "capabilities": ["resume"], "client": "t", "bandwidth": %s}' % value
+        body = b'{"protocol": %d, "volume": "src", "capabilities": ["resume"], "client": "t", "bandwidth": %s}' % (
+            P.PROTOCOL_VERSION,
+            value,
+        )
         sock.sendall(P.PREAMBLE + _hello(raw=body))
         conn = P.Connection(P.SocketChannel(sock, "server", 5.0))
         conn.read_preamble()
@@ -368,7 +377,10 @@ def test_stdio_a_dribbled_hello_ends_at_the_handshake_deadline(tmp_path):
 def test_stdio_hello_bandwidth_nan_is_a_protocol_error(tmp_path):
     proc = _stdio(tmp_path)
     try:
-        body = b'{"protocol": 1, "volume": "src", "capabilities": [], "client": "t", "bandwidth": NaN}'
+        body = (
+            b'{"protocol": %d, "volume": "src", "capabilities": [], "client": "t", "bandwidth": NaN}'
+            % P.PROTOCOL_VERSION
+        )
         out, _err = proc.communicate(P.PREAMBLE + _hello(raw=body), timeout=30)
     finally:
         proc.kill()

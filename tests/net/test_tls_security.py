@@ -20,7 +20,7 @@ from coalesce_core.backend.manager import plugin_manager
 from coalesce_core.backend.volume import Volume
 from coalesce_core.errors import BackendError
 from coalesce_remote.client import TLSRefused
-from coalesce_remote.protocol import Refused
+from coalesce_remote.protocol import PREAMBLE, Refused
 
 
 @pytest.fixture
@@ -63,7 +63,7 @@ def test_no_client_certificate_is_refused(served, caplog):
         raw = socket.create_connection(("127.0.0.1", svc.port), timeout=5)
         with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
             tls = ctx.wrap_socket(raw, server_hostname="127.0.0.1")
-            tls.sendall(b"COALPROT\x01")
+            tls.sendall(PREAMBLE)
             assert tls.recv(100) == b""  # the server closed without a word of the protocol
             raise ConnectionError("closed")
         _wait(lambda: any("TLS handshake failed" in m for m in _refusals(caplog)))

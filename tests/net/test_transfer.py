@@ -215,7 +215,13 @@ def test_server_timeout_drops_a_stalled_client(tls_service):
     try:
         sock, t = serve_pair(svc, timeout=1.0)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        hello = {"protocol": 1, "volume": "stall", "capabilities": [], "client": "t", "bandwidth": None}
+        hello = {
+            "protocol": P.PROTOCOL_VERSION,
+            "volume": "stall",
+            "capabilities": [],
+            "client": "t",
+            "bandwidth": None,
+        }
         req = {"op": "diff", "args": {"qtree": "A", "base": None, "target": SNAP}}
         sock.sendall(
             P.PREAMBLE
