@@ -126,3 +126,8 @@ class VerificationFailed(BackendError):
 class UnrequestedStream(StreamError):
     """A change stream's Begin names another qtree, base or target than the transfer asked for
     (coalesce_core.stream.requested): nothing of it is applied, the update rolls back."""
+
+
+class FileTooLarge(BackendError):
+    """A record would make a file larger than the destination stores (coalesce_core.stream.limits):
+    the update fails before that record is applied and takes the rollback path."""

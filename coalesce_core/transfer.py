@@ -1,8 +1,9 @@
 """The transfer pipeline: the data path of one baseline, update or re-seed.
 
-source diff -> codec check -> the request check (coalesce_core.stream.requested)
--> (an update: the spool) -> the privilege policy (coalesce_core.stream.privileges)
--> destination apply (with purgatory) -> the check before ``done`` (coalesce_core.verifier.TransferCheck).  The agent decides
+source diff -> codec check -> the request check (coalesce_core.stream.requested) -> the
+destination's size limit (coalesce_core.stream.limits) -> (an update: the spool) -> the privilege
+policy (coalesce_core.stream.privileges) -> destination apply (with purgatory) -> the check before
+``done`` (coalesce_core.verifier.TransferCheck).  The agent decides
 and records; :func:`run_transfer` only moves the records.
 """
 
@@ -18,6 +19,7 @@ from coalesce_core.crashpoints import SimulatedCrash
 from coalesce_core.cycle import effects as fx
 from coalesce_core.stream import codec
 from coalesce_core.stream import privileges as privilege_policy
+from coalesce_core.stream.limits import within_limits
 from coalesce_core.stream.records import Begin
 from coalesce_core.stream.requested import as_requested
 from coalesce_core.stream.spool import Spool, skip_changes
@@ -112,7 +114,8 @@ def run_transfer(
         if not remote:
             records = codec.roundtrip(opened)
             records = skip_changes(records, skip) if skip else records
-        return as_requested(records, eff.source_qtree, eff.base, eff.target)
+        records = as_requested(records, eff.source_qtree, eff.base, eff.target)
+        return within_limits(records, dest.max_file_size, f"the destination {dest.url}")
 
     spool = spool if eff.base is not None else None
     stream: Iterator[object] | None = None

@@ -35,6 +35,9 @@ class VolumeHandle:
     #: the most PCPIs the volume holds, whoever took them (None: no limit it knows of); the agent
     #: starts no cycle without room for the PCPIs a cycle may take (docs/writing-a-backend.md)
     max_pcpis: int | None = None
+    #: the largest file (size, and end of any write) the volume stores, in bytes (None: 2^63 - 1,
+    #: what the stream carries); a record past it fails the update (coalesce_core.stream.limits)
+    max_file_size: int | None = None
 
     def metadata_dir(self) -> str | None:
         """The directory for the group's ledger kept with the volume; None: the config names one."""

@@ -17,6 +17,7 @@ from coalesce_core.backend.handles import VolumeHandle
 from coalesce_core.backend.manager import backend_infos
 from coalesce_core.backend.urls import VolumeURL
 from coalesce_core.errors import BackendError, UnknownBackend
+from coalesce_core.stream.records import MAX_FILE_SIZE
 
 
 class Volume:
@@ -61,6 +62,13 @@ class Volume:
         if not isinstance(self.handle, VolumeHandle) or self.handle.max_pcpis is None:
             return None
         return int(self.handle.max_pcpis)
+
+    @property
+    def max_file_size(self) -> int:
+        """The largest file the volume stores (VolumeHandle.max_file_size), at most 2^63 - 1
+        (records.MAX_FILE_SIZE, also when the handle declares nothing)."""
+        declared = self.handle.max_file_size if isinstance(self.handle, VolumeHandle) else None
+        return MAX_FILE_SIZE if declared is None else min(int(declared), MAX_FILE_SIZE)
 
     def _call(self, hook: str, **kwargs: Any) -> Any:
         result = getattr(self.pm.hook, hook)(volume=self.handle, **kwargs)

@@ -32,6 +32,9 @@ MAX_NAME = 255
 #: A symlink's target: Linux refuses one of PATH_MAX (4096) bytes or more.
 MAX_TARGET = 4096
 MAX_DATA = 1 << 20  # one Write carries at most 1 MiB
+#: The largest file size and end of data any record may carry: Linux's loff_t (2^63 - 1); a
+#: destination may store less (VolumeHandle.max_file_size, coalesce_core.stream.limits).
+MAX_FILE_SIZE = (1 << 63) - 1
 MAX_XATTR_NAME = 255
 MAX_XATTR_VALUE = 64 << 10
 
@@ -109,6 +112,17 @@ def _data(_inst: object, attribute: attrs.Attribute, value: bytes) -> None:
         raise ValueError(f"{attribute.name} must be bytes of at most {MAX_DATA} bytes")
 
 
+def _end(inst: "Write", _attribute: attrs.Attribute, value: bytes) -> None:
+    if inst.offset + len(value) > MAX_FILE_SIZE:
+        raise ValueError(f"a Write of {len(value)} bytes at offset {inst.offset} ends past {MAX_FILE_SIZE} bytes")
+
+
+def _file_size(_inst: object, attribute: attrs.Attribute, value: int) -> None:
+    _nonneg(_inst, attribute, value)
+    if value > MAX_FILE_SIZE:
+        raise ValueError(f"{attribute.name} {value} is larger than {MAX_FILE_SIZE} bytes")
+
+
 @attrs.frozen
 class Begin:
     """Opens the stream of ``qtree`` from source PCPI ``base`` (None: baseline) to ``target``."""
@@ -183,7 +197,7 @@ class Write:
 
     path: str = attrs.field(validator=_path)
     offset: int = attrs.field(validator=_nonneg)
-    data: bytes = attrs.field(validator=_data)
+    data: bytes = attrs.field(validator=[_data, _end])
 
 
 @attrs.frozen
@@ -191,7 +205,7 @@ class Truncate:
     """Set the size of regular file ``path`` (extending makes a hole)."""
 
     path: str = attrs.field(validator=_path)
-    size: int = attrs.field(validator=_nonneg)
+    size: int = attrs.field(validator=_file_size)
 
 
 @attrs.frozen

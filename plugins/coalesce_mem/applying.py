@@ -17,19 +17,17 @@ whose source is gone and whose target exists, ``HardLink`` that exists).
 
 from __future__ import annotations
 
-from coalesce_core.errors import BackendError, CorruptStream, HostilePath
+from coalesce_core.errors import CorruptStream, HostilePath
+from coalesce_core.stream import limits
 from coalesce_core.stream import records as R
 
 from .tree import Dir, File, Node, QtreeState
 from .tree import Symlink as SymNode
 
-#: The largest file the mem backend holds: what a POSIX file system allows (off_t); only its
-#: data are kept in RAM (tree.Blocks), not its holes.
-MAX_FILE = (1 << 63) - 1
 
-
-def check_record(rec: object) -> None:
-    """Type and path checks that need no tree (raise before anything is written)."""
+def check_record(rec: object, max_file_size: int = R.MAX_FILE_SIZE, volume: str = "the mem volume") -> None:
+    """Type, path and size checks that need no tree (raise before anything is written); a file past
+    ``max_file_size`` is FileTooLarge (coalesce_core.stream.limits)."""
     if not isinstance(rec, R.CHANGE_TYPES):
         raise CorruptStream(
             f"not a change record: {type(rec).__name__}", hint="the stream is corrupt; the update is rolled back"
@@ -53,19 +51,10 @@ def check_record(rec: object) -> None:
     if isinstance(rec, R.Write):
         if not isinstance(rec.data, bytes) or not isinstance(rec.offset, int) or rec.offset < 0:
             raise CorruptStream(f"bad Write record for {rec.path!r}")
-        if rec.offset + len(rec.data) > MAX_FILE:
-            raise BackendError(
-                f"Write beyond {MAX_FILE} bytes into {rec.path!r}",
-                hint="no file system holds a file larger than 2^63 - 1 bytes",
-            )
     if isinstance(rec, R.Truncate):
         if not isinstance(rec.size, int) or rec.size < 0:
             raise CorruptStream(f"bad Truncate record for {rec.path!r}")
-        if rec.size > MAX_FILE:
-            raise BackendError(
-                f"Truncate beyond {MAX_FILE} bytes of {rec.path!r}",
-                hint="no file system holds a file larger than 2^63 - 1 bytes",
-            )
+    limits.check_record(rec, max_file_size, volume)
 
 
 def _parent(state: QtreeState, path: str) -> tuple[Dir, str]:

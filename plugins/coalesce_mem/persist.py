@@ -30,6 +30,7 @@ import threading
 from typing import Any
 
 from coalesce_core.errors import BackendError
+from coalesce_core.stream.records import MAX_FILE_SIZE
 
 from .tree import Blocks, Dir, File, Node, QtreeState
 from .tree import Symlink as SymNode
@@ -111,6 +112,7 @@ def encode_volume(vol: Any) -> bytes:
         {
             "scheme": vol.scheme,
             "max_pcpis": vol.max_pcpis,
+            "max_file_size": vol.max_file_size,
             "active": active,
             "snapshots": snaps,
             "exports": vol.exports,
@@ -265,6 +267,7 @@ def decode_volume(path: str, data: bytes) -> dict[str, Any]:
         return {
             "scheme": str(obj["scheme"]),
             "max_pcpis": int(obj["max_pcpis"]),
+            "max_file_size": int(obj.get("max_file_size", MAX_FILE_SIZE)),  # files written before it: the default
             "active": active,
             "snapshots": snapshots,
             "exports": dict(exports),

@@ -55,6 +55,9 @@ class MemVolume(VolumeHandle):
 
     #: the capability (VolumeHandle.max_pcpis), set per volume
     max_pcpis: int
+    #: the capability (VolumeHandle.max_file_size): 2^63 - 1 (only data are kept, tree.Blocks),
+    #: settable per volume like ``max_pcpis`` (a smaller destination in tests)
+    max_file_size: int
 
     def __init__(self, scheme: str, location: str) -> None:
         self.scheme = scheme
@@ -65,6 +68,7 @@ class MemVolume(VolumeHandle):
         self.snapshots: dict[str, dict[str, QtreeState]] = {}
         self.exports: dict[str, str | None] = {}
         self.max_pcpis = MAX_PCPIS
+        self.max_file_size = R.MAX_FILE_SIZE
         self._stat: tuple[int, int, int] | None = None
         self.owner_records: dict[str, str] = {}  # mem://NAME only: mem:///PATH keeps them in PATH.coalesce/
 
@@ -90,6 +94,7 @@ class MemVolume(VolumeHandle):
             )
         self.active, self.snapshots, self.exports = obj["active"], obj["snapshots"], obj["exports"]
         self.max_pcpis = obj["max_pcpis"]
+        self.max_file_size = obj["max_file_size"]
         self._stat = (st.st_ino, st.st_size, st.st_mtime_ns)
 
     def persist(self) -> None:
@@ -245,7 +250,7 @@ class MemVolume(VolumeHandle):
                     continue
                 if ended:
                     raise CorruptStream("a record after End")
-                check_record(rec)
+                check_record(rec, self.max_file_size, f"mem volume {self.url}")
                 with self.lock:
                     dirty = True
                     apply_record(self._writable(qtree), rec, use_purgatory)

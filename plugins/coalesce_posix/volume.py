@@ -20,7 +20,7 @@ from coalesce_core.backend.hookspecs import ACTIVE
 from coalesce_core.errors import BackendError
 from coalesce_core.stream.records import check_path
 
-from . import describe, durable, walk
+from . import describe, durable, fslimits, walk
 from .apply import Applier, rmtree
 from .exports import ExportTable, make_private, parse_under
 
@@ -43,6 +43,7 @@ class PosixVolume(VolumeHandle):
 
     scheme = "posix"
     metadir: str | None = None  # set by the backend: the ledger's directory kept with the volume
+    _max_file_size: int | None = None
 
     def __init__(self, url: Any, root: str, export_root: str) -> None:
         self.url = url
@@ -51,6 +52,14 @@ class PosixVolume(VolumeHandle):
 
     def metadata_dir(self) -> str | None:
         return self.metadir
+
+    @property
+    def max_file_size(self) -> int:  # type: ignore[override]
+        """The capability (VolumeHandle.max_file_size): what the file system under the volume
+        stores (fslimits), read once per handle."""
+        if self._max_file_size is None:
+            self._max_file_size = fslimits.max_file_size(self.root)
+        return self._max_file_size
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.url} at {self.root}>"

@@ -45,6 +45,7 @@ import time
 from typing import Any, Iterator, Self
 
 from coalesce_core.errors import BackendError
+from coalesce_core.stream.records import MAX_FILE_SIZE
 
 from .raid import BS, ZERO, PowerCut, Raid, SimCrash
 
@@ -268,6 +269,9 @@ class SimFS:
 
     CACHE_BLOCKS = 8192  # 32 MiB of cached blocks per open volume
     DIRTY_LIMIT = 64 << 20  # an apply writes an extra CP when this much data is dirty
+    #: the capability VolumeHandle.max_file_size: a buffer tree addresses 512^(h-1) blocks at any
+    #: height h (2^63 bytes is height 7) and the inode's size is a u64; the stream's 2^63 - 1 bounds it
+    max_file_size: int | None = MAX_FILE_SIZE
     opens: int  # handles open_sim gave out (set and counted there)
     fill: int | None  # the stripe a CP is filling (set by _cp_begin)
     fill_idx: int

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Iterable, Iterator
 
 from coalesce_core.errors import HostilePath, StreamError
+from coalesce_core.stream import limits
 from coalesce_core.stream import records as R
 
 from .fs import _QID, DIR, IPB, ISZ, LNK, PPB, QTREE_OFF, REG, ROOT_INO, ZERO, Inode, SimFS, fsname, nblocks
@@ -342,10 +343,13 @@ class Applier:
             self.remove_entry(parent, name, ex)
         elif isinstance(rec, R.Write):
             ino = self.regular(rec.path)
+            limits.check_record(rec, fs.max_file_size or R.MAX_FILE_SIZE, f"sim volume {fs.path}")
             fs.a_write(ino, rec.offset, rec.data)
             self.nbytes += len(rec.data)
         elif isinstance(rec, R.Truncate):
-            fs.a_truncate(self.regular(rec.path), rec.size)
+            ino = self.regular(rec.path)
+            limits.check_record(rec, fs.max_file_size or R.MAX_FILE_SIZE, f"sim volume {fs.path}")
+            fs.a_truncate(ino, rec.size)
         elif isinstance(rec, R.SetAttr):
             ino = self.q if rec.path == R.ROOT else self.resolve(rec.path)[2]
             if ino is None:

@@ -12,6 +12,8 @@ import pytest
 from backends import backend_fixtures
 from forger import ForgeBegin
 
+from coalesce_core.backend.hookspecs import hookimpl
+from coalesce_core.stream import records as R
 from coalesce_core.testing.harness import Harness
 
 backend, group_config = backend_fixtures("mem", "sim", "btrfs", "zfs")
@@ -53,4 +55,71 @@ def test_a_stream_of_another_qtree_or_target_fails_the_update_before_anything_is
     r = h.agent.state.replicas["A"]
     assert r.source_point != before.source_point
     assert h.agent.dest.fingerprint("A", r.exported) == h.agent.source.fingerprint("A", r.source_point)
+    h.assert_invariants()
+
+
+class AppendRecords:
+    """A hostile source: while armed, the stream of the source volume ends with ``records`` before
+    its End (whose count it keeps right, so the codec finds nothing wrong)."""
+
+    def __init__(self, *records: object) -> None:
+        self.records = records
+        self.armed = False
+
+    @hookimpl(wrapper=True)
+    def coalesce_diff(self, volume, qtree, base, target):
+        result = yield
+        if result is None or not self.armed or "/src" not in str(getattr(volume, "url", volume)):
+            return result
+        return self._append(result)
+
+    def _append(self, stream):
+        for rec in stream:
+            if type(rec) is R.End:
+                yield from self.records
+                rec = R.End(records=rec.records + len(self.records))
+            yield rec
+
+
+HUGE = 1 << 62
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("scheme", ["mem", "sim"])
+@pytest.mark.parametrize(
+    "forged",
+    [R.Write(path="a/f", offset=HUGE, data=b"x"), R.Truncate(path="a/f", size=HUGE)],
+    ids=["write", "truncate"],
+)
+@pytest.mark.parametrize("limit", [None, 1 << 40], ids=["2^63-1", "1TiB"])
+def test_a_2_62_byte_file_the_source_does_not_hold_fails_the_update(group_config, scheme, forged, limit):
+    """A source that makes a file 2^62 bytes long (a Write of one byte there, or a Truncate): past a
+    destination that stores 1 TiB it is FileTooLarge before the record is applied; on one that
+    stores it, the check before `done` (docs/verification.md) finds the file differs from the source
+    PCPI, at the cost of the file's data (its hole is never read; the timeout bounds it).  Either
+    way the update takes the rollback path and the export stays the last good image."""
+    inject = AppendRecords(forged)
+    h = Harness(group_config(replicas=("A",), scheme=scheme), plugins=[inject])
+    if limit is not None:
+        h.agent.dest.handle.max_file_size = limit
+    h.writer.write("A", "a/f", b"old")
+    h.cycle()
+    before = h.agent.state.replicas["A"]
+    h.writer.write("A", "a/f", b"new")
+    inject.armed = True
+    assert h.cycle()["failures"] == 1
+    (failure,) = h.agent.failures
+    assert failure["replica"] == "A" and failure["trigger"] == "update_failed"
+    if limit is None:
+        assert "VerificationFailed" in failure["error"] and "'a/f'" in failure["error"]
+    else:
+        size = HUGE + len(forged.data) if isinstance(forged, R.Write) else HUGE
+        assert f"FileTooLarge: file 'a/f' would be {size} bytes (4 EiB;" in failure["error"]
+        assert "stores files of at most 1099511627776 bytes (1 TiB)" in failure["error"]
+    after = h.agent.state.replicas["A"]
+    assert after.state == "stable" and after.source_point == before.source_point
+    assert h.agent.dest.fingerprint("A", after.exported) == h.agent.source.fingerprint("A", before.source_point)
+    h.assert_invariants()
+    inject.armed = False
+    assert h.cycle()["failures"] == 0
     h.assert_invariants()

@@ -421,3 +421,118 @@ def test_content_digest_does_not_depend_on_holes():
         cut = fp.ContentDigest(10)
         cut.update(5, b"a")
         cut.update(4, b"b")
+
+
+# ---------------------------------------------------------------------------------------- file sizes
+#: a sparse file of 2^62 bytes, the size of the hostile-source report (docs/network.md, "Threat model")
+HUGE = 1 << 62
+
+
+def huge_size(backend: str) -> int:
+    """2^62 bytes, except on zfs-fuse, whose holes read as zeros (sparse_size)."""
+    return sparse_size(backend) if backend == "zfs" else HUGE
+
+
+class DigestMeter:
+    """Counts the bytes every content digest is fed (fingerprint.ContentDigest.update): what the
+    checks read of files, holes included if a path read them."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.nbytes = 0
+        update = fp.ContentDigest.update
+
+        def counted(digest, offset, data):
+            self.nbytes += len(data)
+            return update(digest, offset, data)
+
+        monkeypatch.setattr(fp.ContentDigest, "update", counted)
+
+
+def run_verb(capsys, h: Harness, *args: str) -> tuple[int, str]:
+    """`coalesce --config CONFIG ARGS` in this process (the read verbs run beside the agent)."""
+    from coalesce_core.ui import cli as cli_mod
+
+    assert h.config.path
+    capsys.readouterr()
+    rc = cli_mod.main(["--config", h.config.path, *args])
+    return rc, capsys.readouterr().out
+
+
+def assert_invariants(h: Harness) -> None:
+    """I1-I5, I8, I9 on the live volumes (the writer's own record is not kept: Source writes the source)."""
+    bad = [f for f in h.findings() if not f.ok and f.invariant != "I3-independent"]
+    assert not bad, "; ".join(f"{f.invariant}: {f.detail}" for f in bad)
+
+
+@pytest.mark.timeout(600)
+def test_a_2_62_byte_sparse_file_is_checked_at_the_cost_of_its_data(harness, backend, monkeypatch, capsys):
+    """A source file of 2^62 bytes (256 MiB on zfs-fuse) with a few islands, one at its last byte:
+    baseline, an update, `coalesce check` and `coalesce verify --full` all end, and the content
+    digests of every check (the check before `done`, I3, I9, verify) are fed the islands only,
+    never the holes (the timeout bounds a walk of the holes, which would never end)."""
+    size = huge_size(backend)
+    h = harness()
+    A, B = Source(h, "A"), Source(h, "B")
+    src = {"A": A, "B": B}
+    meter = DigestMeter(monkeypatch)
+    A.write("huge", 0, b"head" * 1000)
+    A.write("huge", size // 5, os.urandom(100_000))
+    A.write("huge", size - 1, b"!")
+    B.write("small", 0, b"b")
+    cycle_and_check(h, src)
+    A.write("huge", size // 2, b"an island in the middle")
+    A.write("other", 1 << 40, b"a second sparse file")
+    cycle_and_check(h, src)
+    rc, out = run_verb(capsys, h, "check")
+    assert rc == 0, out
+    rc, out = run_verb(capsys, h, "verify", "--full")
+    assert rc == 0 and "A ok" in out and "B ok" in out, out
+    # every digest of the whole run was fed data, not holes: far below one 64 MiB read of a hole
+    assert meter.nbytes < 64 << 20, meter.nbytes
+
+
+@pytest.mark.parametrize("scheme", ["mem", "sim"])
+@pytest.mark.parametrize("when", ["update", "baseline"])
+def test_a_file_larger_than_the_destination_stores_fails_its_update_with_a_hint(group_config, scheme, when):
+    """A source file legitimately larger than the destination stores (a 2 TiB sparse file, the
+    destination declaring 1 TiB): the transfer fails with FileTooLarge naming the file, its size and
+    the limit, before the record reaches the applier; an update takes the rollback path (the export
+    and the active file system stay at the last good image), a baseline leaves the replica
+    uninitialized; the neighbour replica is unaffected; once the file fits, the next cycle catches up."""
+    h = Harness(group_config(replicas=("A", "B"), scheme=scheme))
+    h.agent.dest.handle.max_file_size = TIB  # the test's destination stores 1 TiB per file
+    assert h.agent.dest.max_file_size == TIB
+    A, B = Source(h, "A"), Source(h, "B")
+    B.write("neighbour", 0, b"b")
+    if when == "update":
+        A.write("small", 0, b"fits")
+        h.cycle()
+        before = h.agent.state.replicas["A"]
+        assert before.state == "stable"
+    A.write("huge", 2 * TIB - 4, b"tail")
+    B.write("neighbour", 1, b"c")
+    report = h.cycle()
+    assert report["failures"] == 1
+    (failure,) = h.agent.failures
+    assert failure["replica"] == "A"
+    assert failure["trigger"] == ("update_failed" if when == "update" else "baseline_failed")
+    err = failure["error"]
+    assert "FileTooLarge: file 'huge' would be 2199023255552 bytes (2 TiB; a Write of " in err  # the last block
+    assert "stores files of at most 1099511627776 bytes (1 TiB)" in err
+    assert "nothing past the limit was written" in err and "replicate the qtree to a destination" in err
+    a = h.agent.state.replicas["A"]
+    if when == "update":
+        assert a.state == "stable" and a.source_point == before.source_point
+        assert h.agent.dest.fingerprint("A", a.exported) == h.agent.source.fingerprint("A", before.source_point)
+    else:
+        assert a.state == "uninitialized"
+    assert h.agent.dest.describe("A", None, [("huge", False)])[0].kind == "absent"
+    b = h.agent.state.replicas["B"]
+    assert b.state == "stable" and b.source_point == list(h.writer.snapshots)[-1]
+    assert_invariants(h)
+    A.truncate("huge", TIB)  # now it fits, to the byte
+    assert h.cycle()["failures"] == 0
+    a = h.agent.state.replicas["A"]
+    assert a.state == "stable" and a.source_point == list(h.writer.snapshots)[-1]
+    assert h.agent.dest.fingerprint("A", a.exported) == A.expected()
+    assert_invariants(h)

@@ -3,6 +3,7 @@ limits tests (tests/core/test_limits.py) rely on, each checked alone."""
 
 from __future__ import annotations
 
+import errno
 import os
 import resource
 
@@ -149,3 +150,35 @@ def test_a_sparse_file_is_digested_at_the_cost_of_its_data(tmp_path):
         os.close(fd)
     assert got == fp.content_digest_of_pieces(size, [(12345, b"island"), (size - 3, b"end")])
     assert sum(read) < 64 << 20
+
+
+def test_the_file_size_limit_is_the_file_system_s():
+    """fslimits reads the file system's type: ext2/3/4 store (2^32 - 1) blocks per file (16 TiB - 4 KiB
+    with 4 KiB blocks), btrfs, XFS, ZFS, tmpfs and the rest what loff_t holds."""
+    from coalesce_core.stream.records import MAX_FILE_SIZE
+    from coalesce_posix import fslimits
+
+    assert fslimits.limit_of(fslimits.EXT_MAGIC, 4096) == (1 << 44) - 4096
+    assert fslimits.limit_of(fslimits.EXT_MAGIC, 1024) == (1 << 42) - 1024
+    for magic in (0x9123683E, 0x58465342, 0x2FC12FC1, 0x01021994, 0x65735546):  # btrfs, xfs, zfs, tmpfs, fuse
+        assert fslimits.limit_of(magic, 4096) == MAX_FILE_SIZE
+    assert fslimits.max_file_size("/nonexistent/path") == MAX_FILE_SIZE
+
+
+def test_the_declared_limit_is_what_the_local_file_system_takes(tmp_path):
+    """On the test's own directory: a sparse file of exactly the declared size is made, one byte more
+    is refused by the kernel (EFBIG), where the file system stores less than 2^63 - 1 bytes."""
+    from coalesce_core.stream.records import MAX_FILE_SIZE
+    from coalesce_posix import fslimits
+
+    limit = fslimits.max_file_size(str(tmp_path))
+    fd = os.open(tmp_path / "sparse", os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        os.ftruncate(fd, limit)
+        assert os.fstat(fd).st_size == limit
+        if limit < MAX_FILE_SIZE:
+            with pytest.raises(OSError) as err:
+                os.ftruncate(fd, limit + 1)
+            assert err.value.errno == errno.EFBIG
+    finally:
+        os.close(fd)
