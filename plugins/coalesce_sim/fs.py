@@ -269,6 +269,9 @@ class SimFS:
 
     CACHE_BLOCKS = 8192  # 32 MiB of cached blocks per open volume
     DIRTY_LIMIT = 64 << 20  # an apply writes an extra CP when this much data is dirty
+    #: ... or when its overlay holds this many inodes (about 1 KiB each with their entries): an
+    #: update creating a million small files holds a bounded overlay, not one inode per file
+    OVERLAY_INODES = 16384
     #: the capability VolumeHandle.max_file_size: a buffer tree addresses 512^(h-1) blocks at any
     #: height h (2^63 bytes is height 7) and the inode's size is a u64; the stream's 2^63 - 1 bounds it
     max_file_size: int | None = MAX_FILE_SIZE
@@ -804,7 +807,7 @@ class SimFS:
     def a_write(self, ino: int, off: int, data: bytes) -> None:
         rec = self.a_touch(ino)
         ov = self.ov_data.setdefault(ino, {})
-        self.dirty_bytes += len(data)
+        held = len(ov)
         pos, end = off, off + len(data)
         mv = memoryview(data)
         while pos < end:
@@ -817,6 +820,7 @@ class SimFS:
                 blk[bo : bo + take] = mv[pos - off : pos - off + take]
                 ov[fbn] = bytes(blk)
             pos += take
+        self.dirty_bytes += (len(ov) - held) * BS  # what the overlay holds: whole blocks, also for a 1-byte write
         rec.size = max(rec.size, end)
 
     def a_truncate(self, ino: int, size: int) -> None:

@@ -377,7 +377,7 @@ def apply_stream(fs: SimFS, qtree: str, records: Iterable[object], use_purgatory
     ap = Applier(fs, qtree, use_purgatory)
     for rec in R.changes_only(records):
         ap.apply(rec)
-        if fs.dirty_bytes >= fs.DIRTY_LIMIT:
+        if fs.dirty_bytes >= fs.DIRTY_LIMIT or len(fs.ov_inodes) >= fs.OVERLAY_INODES:
             fs.commit()  # bound the memory a large stream holds: an extra CP, same result
     return {"records": ap.nrec, "bytes": ap.nbytes}
 
