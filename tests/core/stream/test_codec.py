@@ -179,7 +179,7 @@ CHANGE_STRATEGIES = {
     R.Rename: st.builds(R.Rename, _path, _path),
     R.Unlink: st.builds(R.Unlink, _path),
     R.RmDir: st.builds(R.RmDir, _path),
-    R.Write: st.builds(R.Write, _path, _u63, st.binary(max_size=3000)),
+    R.Write: st.builds(R.Write, _path, st.integers(0, 2**63 - 1 - 3000), st.binary(max_size=3000)),  # ends by 2^63 - 1
     R.Truncate: st.builds(R.Truncate, _path, _u63),
     R.SetAttr: st.builds(R.SetAttr, _path, _opt_i64, _opt_i64, _opt_i64, _opt_i64),
     R.SetXattr: st.builds(R.SetXattr, _path, _component, st.none() | st.binary(max_size=300)),
