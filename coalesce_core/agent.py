@@ -440,6 +440,7 @@ class Agent:
                     progress=progress,
                     aborted=self._abort.is_set,
                     privileges=self.config.privileges,
+                    limits=self.config.deadlines,
                 )
                 if moved.verified and eff.base is None:
                     self._verified[eff.replica] = {"at": self.clock(), "ok": True, "error": ""}

@@ -14,6 +14,8 @@ max_lag = "1d"                     # optional: `check` fails for a replica whose
 verify = true                      # check each update against its source PCPI before `done`
 verify_every = "7d"                # optional: full background verification, spread over replicas
 privileges = "strip"               # "keep": carry setuid/setgid bits and security.*/trusted.* xattrs
+transfer_stall = "10m"             # a transfer that receives no change record this long fails
+transfer_timeout = "12h"           # optional: a transfer that lasts longer fails
 
 [group.retry]                      # rollback retry of unstable_uncoalesced
 initial = "30s"
@@ -37,6 +39,7 @@ import attrs
 
 from coalesce_core.backend.urls import VolumeURL
 from coalesce_core.cycle.state import NAME_RE, RetryPolicy
+from coalesce_core.deadlines import KEYS, TransferLimits, parse_limits
 from coalesce_core.errors import ConfigError
 from coalesce_core.stream import privileges as privilege_policy
 
@@ -73,6 +76,8 @@ class GroupConfig:
     #: what of a source's privileges a replica receives: "strip" (no setuid/setgid bits, no
     #: security.*/trusted.* xattrs) or "keep" (coalesce_core.stream.privileges)
     privileges: str = privilege_policy.DEFAULT
+    #: how long a transfer may wait on its source (coalesce_core.deadlines)
+    deadlines: TransferLimits = TransferLimits()
 
     def spool_dir(self, metadata_dir: str | None) -> Path:
         """Where the spools of this group's updates live (next to the ledger)."""
@@ -223,6 +228,7 @@ def parse_config(text: str, path: str = "<config>") -> GroupConfig:
         "verify",
         "verify_every",
         "privileges",
+        *KEYS,
     }
     if set(group) - known:
         raise ConfigError(f"{where}: unknown key(s) {sorted(set(group) - known)}", hint=f"known keys: {sorted(known)}")
@@ -281,6 +287,7 @@ def parse_config(text: str, path: str = "<config>") -> GroupConfig:
             hint='"strip" (the default) gives replicas no setuid/setgid bits and no security.* or trusted.* '
             'xattrs; "keep" carries them for a full-system backup that root restores (docs/config.md, "Privileges")',
         )
+    limits = parse_limits(group, where)
     retry_t = group.get("retry", {})
     if not isinstance(retry_t, dict) or set(retry_t) - {"initial", "factor", "maximum"}:
         raise ConfigError(f"{where}: [group.retry] takes initial, factor, maximum")
@@ -330,6 +337,7 @@ def parse_config(text: str, path: str = "<config>") -> GroupConfig:
         verify=verify,
         verify_every=verify_every,
         privileges=privileges,
+        deadlines=limits,
     )
 
 

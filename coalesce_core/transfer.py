@@ -9,11 +9,11 @@ and records; :func:`run_transfer` only moves the records.
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, cast
 
 import attrs
 
-from coalesce_core import crashpoints, verifier
+from coalesce_core import crashpoints, deadlines, verifier
 from coalesce_core.backend.volume import Volume
 from coalesce_core.crashpoints import SimulatedCrash
 from coalesce_core.cycle import effects as fx
@@ -56,11 +56,20 @@ def _records(
     check: verifier.TransferCheck | None,
     progress: Callable[[int, int], None],
     aborted: Callable[[], bool],
+    deadline: deadlines.Deadline,
 ) -> Iterator[object]:
     n = nbytes = 0
-    for rec in records:
+    it = iter(records)
+    while True:
+        deadline.asking()  # the stall counts the source's time from here, not the apply's
+        try:
+            rec = next(it)
+        except StopIteration:
+            return
         if aborted() or crashpoints.fired():
             raise SimulatedCrash("abort")
+        deadline.check()  # a local source's only check; a remote one's reads are bounded by it too
+        deadline.arrived()
         if check is not None:
             check.add(rec)  # the paths the check before `done` describes (coalesce_core.verify)
         yield rec
@@ -83,6 +92,7 @@ def run_transfer(
     progress: Callable[[int, int], None] = _quiet,
     aborted: Callable[[], bool] = _never,
     privileges: str = privilege_policy.DEFAULT,
+    limits: deadlines.TransferLimits = deadlines.TransferLimits(),
 ) -> Transferred:
     """Move ``eff``'s records from ``source`` into replica ``eff.replica`` of ``dest``.
 
@@ -98,8 +108,13 @@ def run_transfer(
     check raised, after the spool was removed and the diffs closed: the partial qtree is
     left to the rollback.  Crash points: :func:`crash_point` after every record; a fired
     crash point or ``aborted()`` raises SimulatedCrash, which keeps the spool (the update
-    resumes after the restart)."""
+    resumes after the restart).  ``limits``: the transfer's deadlines (coalesce_core.deadlines),
+    from its start to the end of the check; past one, DeadlineExceeded (and the source's
+    connection is closed, not resumed)."""
     point = crash_point(eff)
+    deadline = deadlines.Deadline(limits)
+    # every call of the source, and every record of its streams, waits at most until the deadline
+    source = cast(Volume, deadlines.Bounded(source, deadline))
     sources: list[object] = []
 
     def diff(skip: int = 0) -> Iterator[object]:
@@ -145,9 +160,13 @@ def run_transfer(
         )
         try:
             received = privilege_policy.as_policy(stream, privileges)
-            stats = dest.apply(eff.replica, _records(received, point, check, progress, aborted), use_purgatory=True)
-            if check is not None:  # `done` only once the replica equals the source PCPI where it changed
-                check.run()
+            with deadlines.bound(deadline):
+                records = _records(received, point, check, progress, aborted, deadline)
+                stats = dest.apply(eff.replica, records, use_purgatory=True)
+                deadline.start_check()
+                if check is not None:  # `done` only once the replica equals the source PCPI where it changed
+                    check.run()
+                deadline.check(stall=False)  # the check of a local source is bounded by the total only
         finally:
             if check is not None:
                 check.close()

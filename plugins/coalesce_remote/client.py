@@ -34,6 +34,7 @@ from typing import Any, Iterator
 
 import attrs
 
+from coalesce_core import deadlines
 from coalesce_core.backend.handles import VolumeHandle
 from coalesce_core.backend.urls import VolumeURL, check_authority
 from coalesce_core.errors import BackendError, ConfigError, CorruptStream, HostilePath, StreamError, UnrequestedStream
@@ -206,6 +207,24 @@ class Session:
     def close(self) -> None:
         self.conn.close()
 
+    def abort(self) -> None:
+        """Close at once, whatever the peer does: an ssh child is killed, not waited for."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+        self.close()
+
+
+def _within(seconds: float) -> float:
+    """``seconds``, or less: what is left of the deadline of the transfer this thread runs for
+    (coalesce_core.deadlines); DeadlineExceeded when nothing is."""
+    transfer = deadlines.current()
+    left = transfer.left() if transfer is not None else None
+    if transfer is None or left is None:
+        return seconds
+    if left <= 0:
+        raise transfer.error()
+    return min(seconds, left)
+
 
 class _Stderr:
     """Keeps the last lines an ssh process wrote to stderr (for error messages)."""
@@ -330,7 +349,7 @@ class RemoteVolume(VolumeHandle):
             raise ConfigError(f"cannot load the client certificate/key/CA: {exc}", hint="docs/network.md") from None
         peer = f"{t.host}:{t.port}"
         try:
-            raw = socket.create_connection((t.host, t.port), timeout=s.timeout)
+            raw = socket.create_connection((t.host, t.port), timeout=_within(s.timeout))
         except OSError as exc:
             raise P.ConnectionLost(
                 f"{self.url}: cannot connect to {peer}: {exc}",
@@ -410,18 +429,25 @@ class RemoteVolume(VolumeHandle):
         chan = P.FdChannel(stdout.fileno(), stdin.fileno(), peer=f"ssh {t.host}", timeout=s.timeout, on_close=close)
         return chan, proc, err
 
-    def _forget(self, sess: Session | None) -> None:
+    def _forget(self, sess: Session | None, abort: bool = False) -> None:
         if sess is None:
             return
         with self._slock:
             self._sessions.discard(sess)
         try:
-            sess.close()
+            if abort:
+                sess.abort()
+            else:
+                sess.close()
         except Exception:
             pass
 
     def _backoff(self, attempt: int) -> None:
-        time.sleep(min(10.0, self.settings.retry_delay * (2**attempt)))
+        delay = min(10.0, self.settings.retry_delay * (2**attempt))
+        wait = _within(delay)
+        time.sleep(wait)
+        if wait < delay:  # the transfer's deadline came first
+            _within(delay)
 
     def connect(self) -> None:
         """Open the control connection now (open_volume calls it so errors surface early)."""
@@ -449,7 +475,7 @@ class RemoteVolume(VolumeHandle):
                     if attempt < self.settings.retries:
                         self._backoff(attempt)
                     attempt += 1
-                except P.ProtocolError:
+                except BaseException:  # a protocol error, a transfer's deadline mid-message: not reused
                     self._forget(self._ctl)
                     self._ctl = None
                     raise
@@ -523,6 +549,10 @@ class RemoteVolume(VolumeHandle):
                     self.stats["records"] += 1
                     failures = 0  # progress was made: the retry budget is per stall, not per transfer
                     yield rec
+            except deadlines.DeadlineExceeded:
+                self._forget(sess, abort=True)  # closed (its ssh killed), not resumed
+                sess = None
+                raise
             except (P.ConnectionLost, StreamError) as exc:
                 if isinstance(exc, (HostilePath, UnrequestedStream)):
                     raise  # a hostile stream is not retried
@@ -606,14 +636,21 @@ class RemoteVolume(VolumeHandle):
                     )
                 for line in lines_in:
                     try:
-                        yield description_from_json(json.loads(line.decode("utf-8")))
+                        d = description_from_json(json.loads(line.decode("utf-8")))
                     except (UnicodeDecodeError, ValueError, RecursionError, StreamError) as exc:
                         raise P.ProtocolError(
                             f"the server sent a malformed description: {str(exc)[:200]}",
                             hint="the peer is broken or hostile",
                         ) from None
+                    transfer = deadlines.current()
+                    if transfer is not None:
+                        transfer.asking()  # a description is progress (a keep-alive is not): the next one from now
+                    yield d
             if pending:
                 raise P.ProtocolError("the server's descriptions end inside a line")
+        except deadlines.DeadlineExceeded:
+            self._forget(sess, abort=True)
+            raise
         finally:
             self._forget(sess)
 

@@ -43,6 +43,7 @@ import zlib
 from types import ModuleType
 from typing import Any, Callable, Iterable, Iterator, Literal, Protocol, cast, overload
 
+from coalesce_core import deadlines
 from coalesce_core.errors import BackendError, CoalesceError
 from coalesce_core.ui.peertext import clean
 
@@ -212,7 +213,8 @@ class Channel:
 
     def limit(self) -> tuple[float | None, str]:
         """How long the next read or write may wait, and which limit that is ("timeout",
-        "deadline" or "pace"); ConnectionLost when the deadline or the pace is already used up."""
+        "deadline", "pace", or "transfer": the deadline of the transfer this thread runs for,
+        coalesce_core.deadlines); an error when the deadline or the pace is already used up."""
         limit, why = self.timeout, "timeout"
         if self.deadline is not None:
             left = self.deadline - time.monotonic()
@@ -222,12 +224,21 @@ class Channel:
             left = self.pace.left()
             if limit is None or left < limit:
                 limit, why = left, "pace"
+        transfer = deadlines.current()
+        if transfer is not None:
+            left_t = transfer.left()
+            if left_t is not None and (limit is None or left_t < limit):
+                limit, why = left_t, "transfer"
         if limit is not None and limit <= 0:
             raise self.expired(why, reading=True)
         return limit, why
 
-    def expired(self, why: str, *, reading: bool) -> ConnectionLost:
-        """The error for a read (``reading``) or write that waited as long as limit ``why`` allows."""
+    def expired(self, why: str, *, reading: bool) -> CoalesceError:
+        """The error for a read (``reading``) or write that waited as long as limit ``why`` allows:
+        ConnectionLost, or for "transfer" the transfer's DeadlineExceeded (not resumed)."""
+        transfer = deadlines.current()
+        if why == "transfer" and transfer is not None:
+            return transfer.error()
         if why == "deadline":
             return ConnectionLost(
                 f"{self.peer} did not finish {self.deadline_what}", hint="the peer is too slow or hostile"

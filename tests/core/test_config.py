@@ -387,3 +387,20 @@ def test_volumes_apart_are_fine(tmp_path):
         ("mem://a", "mem://a-b"),
     ]:
         assert parse_config(group_with(source=f'"{source}"', destination=f'"{destination}"')).source == source
+
+
+def test_transfer_deadlines():
+    """[group] transfer_stall (default 10 minutes) and transfer_timeout (default none); 0 is no limit
+    (coalesce_core/deadlines.py, docs/config.md "Deadlines")."""
+    assert (parse_config(MIN).deadlines.stall, parse_config(MIN).deadlines.total) == (600.0, None)
+    cfg = parse_config(group_with(transfer_stall='"90s"', transfer_timeout='"12h"'))
+    assert (cfg.deadlines.stall, cfg.deadlines.total) == (90.0, 43200.0)
+    cfg = parse_config(group_with(transfer_stall="0", transfer_timeout='"0s"'))
+    assert (cfg.deadlines.stall, cfg.deadlines.total) == (None, None)
+
+
+@pytest.mark.parametrize("key", ["transfer_stall", "transfer_timeout"])
+@pytest.mark.parametrize("value", ['"soon"', '"-1h"', "-5", "true", '"15 minutes"'])
+def test_bad_transfer_deadline(key, value):
+    e = err(group_with(**{key: value}))
+    assert f"`{key}`" in str(e) and "0 for no limit" in e.hint
