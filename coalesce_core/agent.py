@@ -38,7 +38,7 @@ from coalesce_core.grouplock import GroupLock
 from coalesce_core.ledger import Ledger, RequestGone
 from coalesce_core.stream import privileges
 from coalesce_core.stream.records import Begin
-from coalesce_core.stream.spool import Spool
+from coalesce_core.stream.spool import Budget, Spool
 from coalesce_core.transfer import run_transfer
 from coalesce_core.ui.peertext import clean
 
@@ -143,7 +143,8 @@ class Agent:
         by default on for a source that resumes its diffs (a remote one): then deciding opens the source."""
         if not self._spool_decided:
             use = self.config.spool if self.config.spool is not None else self.source.resumable_diff
-            self._spool = Spool(self.config.spool_dir(self.dest.metadata_dir())) if use else None
+            budget = Budget(self.config.spool_max, self.config.spool_group_max)
+            self._spool = Spool(self.config.spool_dir(self.dest.metadata_dir()), budget) if use else None
             self._spool_decided = True
         return self._spool
 

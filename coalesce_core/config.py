@@ -9,6 +9,8 @@ interval = "5m"                    # between cycles of `coalesce run` (a duratio
 metadata = "/var/lib/coalesce"     # optional: where the ledger lives
 spool = true                       # optional: resume an update after a restart
                                    # (default: on for a remote source)
+spool_max = "4G"                   # a replica's spool keeps at most this prefix of an update
+spool_group_max = "16G"            # the group's spools together
 reseed_after = 3                   # re-seed a replica after 3 failed updates in a row (0: never)
 max_lag = "1d"                     # optional: `check` fails for a replica whose image is older
 verify = true                      # check each update against its source PCPI before `done`
@@ -64,6 +66,9 @@ class GroupConfig:
     #: spool received change records so an update a restart interrupts resumes
     #: (coalesce_core.stream.spool); None: on for a remote source, off for a local one
     spool: bool | None = None
+    #: bytes a replica's spool, and the group's spools together, hold at most (None: no bound)
+    spool_max: int | None = 4 << 30
+    spool_group_max: int | None = 16 << 30
     #: re-seed a replica after this many failed updates in a row (0: never)
     reseed_after: int = 3
     #: seconds: `coalesce check` fails for a replica whose exported image is older (None: lag is informative)
@@ -201,6 +206,23 @@ def _optional_duration(table: dict[str, Any], key: str, where: str, *, example: 
     return seconds
 
 
+def _size(table: dict[str, Any], key: str, where: str, default: int) -> int:
+    """Bytes of the size ``table[key]`` (coalesce_core.sizes), at least 1 MiB; ``default`` if absent."""
+    if key not in table:
+        return default
+    from coalesce_core.sizes import SizeError, parse_size
+
+    try:
+        size = parse_size(table[key])
+    except SizeError as exc:
+        raise ConfigError(f"{where}: `{key}`: {exc}", hint=f'for example {key} = "4G" (docs/config.md)') from None
+    if size < 1 << 20:
+        raise ConfigError(
+            f"{where}: `{key}` must be at least 1M", hint="to spool nothing, set `spool = false` (docs/config.md)"
+        )
+    return size
+
+
 def parse_config(text: str, path: str = "<config>") -> GroupConfig:
     """Parse and validate config text; every problem is a ConfigError naming the key."""
     try:
@@ -223,6 +245,8 @@ def parse_config(text: str, path: str = "<config>") -> GroupConfig:
         "metadata",
         "retry",
         "spool",
+        "spool_max",
+        "spool_group_max",
         "reseed_after",
         "max_lag",
         "verify",
@@ -264,6 +288,8 @@ def parse_config(text: str, path: str = "<config>") -> GroupConfig:
         raise ConfigError(
             f"{where}: `spool` must be true or false", hint="leave it out for the default (on for a remote source)"
         )
+    spool_max = _size(group, "spool_max", where, 4 << 30)
+    spool_group_max = _size(group, "spool_group_max", where, 16 << 30)
     reseed_after = group.get("reseed_after", 3)
     if not isinstance(reseed_after, int) or isinstance(reseed_after, bool) or reseed_after < 0:
         raise ConfigError(
@@ -332,6 +358,8 @@ def parse_config(text: str, path: str = "<config>") -> GroupConfig:
         replicas=tuple(replicas),
         path=path,
         spool=spool,
+        spool_max=spool_max,
+        spool_group_max=spool_group_max,
         reseed_after=reseed_after,
         max_lag=max_lag,
         verify=verify,

@@ -21,6 +21,12 @@ cut at the last whole, checksummed frame, and a spool of another
 stream (other base, target or qtree) is ignored.  A spool that cannot be
 written (full disk) is dropped and the update goes on without it.  The spool
 is removed when its update ends, either way.
+
+The spools have a size bound (:class:`Budget`: ``[group] spool_max`` per replica,
+``spool_group_max`` for the group's spools together, shared by concurrent updates).  At the
+bound a spool stops growing and keeps its prefix: the update goes on, and a restart replays
+the prefix and asks the source for the rest, so a larger update still succeeds; only less of
+it is saved from a second transfer.
 """
 
 from __future__ import annotations
@@ -45,11 +51,38 @@ log = logging.getLogger("coalesce.spool")
 SUFFIX = ".stream"
 
 
-class Spool:
-    """The spool files of one group, one per replica, in ``directory``."""
+class Budget:
+    """The bytes the spools of one group may hold: ``replica`` each, ``group`` in all (None: no
+    bound).  Thread-safe: the writers of concurrent updates take from it."""
 
-    def __init__(self, directory: str | os.PathLike[str]) -> None:
+    def __init__(self, replica: int | None = None, group: int | None = None) -> None:
+        self.replica, self.group = replica, group
+        self.held: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def take(self, replica: str, n: int) -> bool:
+        """Count ``n`` more bytes for ``replica``'s spool; False (nothing counted) past a bound."""
+        with self._lock:
+            mine = self.held.get(replica, 0) + n
+            if self.replica is not None and mine > self.replica:
+                return False
+            if self.group is not None and sum(self.held.values()) + n > self.group:
+                return False
+            self.held[replica] = mine
+            return True
+
+    def release(self, replica: str) -> None:
+        """``replica``'s spool file is gone or starts over."""
+        with self._lock:
+            self.held.pop(replica, None)
+
+
+class Spool:
+    """The spool files of one group, one per replica, in ``directory``, within ``budget``."""
+
+    def __init__(self, directory: str | os.PathLike[str], budget: Budget | None = None) -> None:
         self.directory = Path(directory)
+        self.budget = budget or Budget()
 
     def path(self, replica: str) -> Path:
         return self.directory / f"{replica}{SUFFIX}"
@@ -75,6 +108,7 @@ class Spool:
         return sum(1 for _ in _changes(self.path(replica)))
 
     def discard(self, replica: str) -> None:
+        self.budget.release(replica)
         for p in (self.path(replica), _old(self.path(replica))):
             try:
                 p.unlink()
@@ -83,7 +117,7 @@ class Spool:
 
     def record(self, replica: str, records: Iterable[Any]) -> Iterator[Any]:
         """Pass ``records`` (Begin, changes, End) through, spooling each change before it is yielded."""
-        w = _Writer.create(self.path(replica))
+        w = _Writer.create(self.path(replica), self.budget, replica)
         try:
             for rec in records:
                 if type(rec) is not End:
@@ -99,7 +133,7 @@ class Spool:
         path = self.path(replica)
         old = _old(path)
         os.replace(path, old)
-        w = _Writer.create(path)
+        w = _Writer.create(path, self.budget, replica)
         try:
             w.write(begin)
             yield begin
@@ -199,8 +233,10 @@ class _Writer:
     BLOCK = 1 << 20
     ALIGN = 4096
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, budget: Budget, replica: str) -> None:
         self.path = path
+        self.budget, self.replica = budget, replica
+        self.full = False  # at its bound: the file keeps its prefix and takes nothing more
         self.fd: int | None = None
         self.enc = codec.StreamEncoder(digest=False)
         self.failed = False
@@ -213,12 +249,18 @@ class _Writer:
         self._thread: threading.Thread | None = None
 
     @classmethod
-    def create(cls, path: Path) -> "_Writer":
-        w = cls(path)
+    def create(cls, path: Path, budget: Budget | None = None, replica: str = "") -> "_Writer":
+        budget = budget or Budget()
+        w = cls(path, budget, replica)
+        budget.release(replica)  # the file starts over
         try:
             path.parent.mkdir(mode=0o700, exist_ok=True)
             w._open()
-            w._put(w.enc.header())
+            header = w.enc.header()
+            if budget.take(replica, len(header)):
+                w._put(header)
+            else:
+                w._stop()
         except OSError as exc:
             w._drop(exc)
             return w
@@ -268,7 +310,7 @@ class _Writer:
             view = view[n:]
 
     def write(self, rec: Any) -> None:
-        if self.failed:
+        if self.failed or self.full:
             return
         self._batch.append(rec)
         data = getattr(rec, "data", None)
@@ -292,10 +334,28 @@ class _Writer:
                 continue  # dropped: drain the queue so the caller never blocks
             try:
                 for rec in batch:
-                    for chunk in self.enc.frame(rec):
+                    if self.full:
+                        break
+                    frame = list(self.enc.frame(rec))
+                    if not self.budget.take(self.replica, sum(len(memoryview(c).cast("B")) for c in frame)):
+                        self._stop()
+                        break
+                    for chunk in frame:
                         self._put(chunk)
             except OSError as exc:
                 self._drop(exc)
+
+    def _stop(self) -> None:
+        """At the bound: whole frames only, so the file is a valid prefix of the stream; its last
+        partial block is written now (nothing more comes), so a kill keeps the whole prefix."""
+        self.full = True
+        self._write_tail()
+        log.info(
+            "the spool %s reached its size bound at %d bytes (spool_max, spool_group_max): it keeps "
+            "this prefix, and a restart of this update asks the source for the rest",
+            self.path,
+            self.size,
+        )
 
     def close(self) -> None:
         if self._thread is not None:
@@ -306,11 +366,7 @@ class _Writer:
             self._thread = None
         if self.fd is not None:
             try:
-                if self.direct is not None and self.fill:
-                    end = -(-self.fill // self.ALIGN) * self.ALIGN
-                    self.direct[self.fill : end] = bytes(end - self.fill)
-                    self._write(memoryview(self.direct)[:end])
-                    os.ftruncate(self.fd, self.size)
+                self._write_tail()
                 os.close(self.fd)
             except OSError as exc:
                 self._drop(exc)
@@ -319,6 +375,15 @@ class _Writer:
             self.direct.close()
             self.direct = None
 
+    def _write_tail(self) -> None:
+        """Write the last partial O_DIRECT block, padded to ALIGN, and cut the file to its length."""
+        if self.fd is not None and self.direct is not None and self.fill:
+            end = -(-self.fill // self.ALIGN) * self.ALIGN
+            self.direct[self.fill : end] = bytes(end - self.fill)
+            self._write(memoryview(self.direct)[:end])
+            os.ftruncate(self.fd, self.size)
+            self.fill = 0
+
     def _drop(self, exc: OSError) -> None:
         log.warning(
             "cannot write the spool %s (%s): this update goes on without it and cannot resume after a restart",
@@ -326,6 +391,7 @@ class _Writer:
             exc,
         )
         self.failed = True
+        self.budget.release(self.replica)
         if self.fd is not None:
             try:
                 os.close(self.fd)

@@ -404,3 +404,17 @@ def test_transfer_deadlines():
 def test_bad_transfer_deadline(key, value):
     e = err(group_with(**{key: value}))
     assert f"`{key}`" in str(e) and "0 for no limit" in e.hint
+
+
+def test_spool_bounds():
+    """[group] spool_max (default 4 GiB) and spool_group_max (default 16 GiB): sizes, at least 1M."""
+    assert (parse_config(MIN).spool_max, parse_config(MIN).spool_group_max) == (4 << 30, 16 << 30)
+    cfg = parse_config(group_with(spool_max='"512M"', spool_group_max='"2GiB"'))
+    assert (cfg.spool_max, cfg.spool_group_max) == (512 << 20, 2 << 30)
+
+
+@pytest.mark.parametrize("key", ["spool_max", "spool_group_max"])
+@pytest.mark.parametrize("value", ['"lots"', '"-1G"', "true", '"4 gigabytes"', '"100K"', "0"])
+def test_bad_spool_bound(key, value):
+    e = err(group_with(**{key: value}))
+    assert f"`{key}`" in str(e) and e.hint

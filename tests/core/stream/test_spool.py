@@ -19,7 +19,7 @@ import pytest
 from coalesce_core.errors import CorruptStream
 from coalesce_core.stream import codec
 from coalesce_core.stream.records import Begin, End, MkFile, Write
-from coalesce_core.stream.spool import Spool, skip_changes
+from coalesce_core.stream.spool import Budget, Spool, _changes, skip_changes
 from coalesce_core.testing.harness import Harness
 from coalesce_core.testing.workload import fill
 
@@ -202,6 +202,50 @@ def test_the_spool_is_the_codec_format_without_a_trailer(tmp_path):
     assert not data.endswith(codec.END_MAGIC)
 
 
+def test_a_spool_at_its_bound_keeps_its_prefix_the_stream_flows_and_resume_asks_for_the_rest(tmp_path, caplog):
+    """[group] spool_max (docs/config.md): at the bound the spool stops growing and keeps whole frames
+    of the stream's start; every record still reaches the applier; a resume replays that prefix and
+    asks the source for the rest, and the rewritten spool keeps to the bound too."""
+    bound = 4096
+    sp = Spool(tmp_path, Budget(replica=bound))
+    full = _stream(200)  # about 40 KiB of frames
+    with caplog.at_level(logging.INFO, logger="coalesce.spool"):
+        assert list(sp.record("A", iter(full))) == full
+    assert "reached its size bound" in caplog.text
+    size = sp.path("A").stat().st_size
+    k = sp.count("A")
+    assert 0 < size <= bound and 0 < k < 400
+    assert list(_changes(sp.path("A"))) == full[1 : 1 + k]  # a prefix of the stream, whole frames
+    asked: list[int] = []
+
+    def rest(n: int):
+        asked.append(n)
+        return skip_changes(iter(full), n)
+
+    assert list(sp.resume("A", BEGIN, rest)) == full
+    assert asked == [k] and sp.path("A").stat().st_size <= bound
+
+
+def test_the_group_bound_is_shared_by_the_spools_and_freed_when_one_is_discarded(tmp_path):
+    bound = 8192
+    budget = Budget(group=bound)
+    sp = Spool(tmp_path, budget)
+    a, b = sp.record("A", iter(_stream(100))), sp.record("B", iter(_stream(100)))
+    for x, y in zip(a, b):  # two updates at once
+        pass
+    for it in (a, b):
+        it.close()
+    sizes = {r: sp.path(r).stat().st_size for r in "AB"}
+    assert 0 < sum(sizes.values()) <= bound and sum(budget.held.values()) == sum(sizes.values())
+    assert list(sp.record("C", iter(_stream(10)))) == _stream(10)
+    c_before = sp.count("C")
+    sp.discard("A")
+    sp.discard("B")
+    assert set(budget.held) == {"C"}
+    assert list(sp.record("C", iter(_stream(10)))) == _stream(10)
+    assert sp.count("C") == 20 and c_before < 20  # with A's and B's room back, C's whole stream fits
+
+
 # ---------------------------------------------------------------------------
 # the agent
 # ---------------------------------------------------------------------------
@@ -279,3 +323,30 @@ def test_only_a_resumable_source_is_asked_to_skip(group_config):
     target = h.agent.state.replicas["A"].source_point
     with pytest.raises(ValueError, match="cannot skip"):
         h.agent.source.diff("A", None, target, skip=1)
+
+
+def test_an_update_larger_than_the_spool_bound_succeeds_and_resumes_from_its_prefix_after_a_restart_I3(
+    group_config, caplog
+):
+    """A 4 MB update through a spool bounded at 256 KiB: the spool stops at its bound, the update
+    goes on; killed mid-apply, the restart replays the prefix and asks the source for the rest."""
+    import attrs
+
+    cfg = group_config(replicas=("A", "B"), spool=True, parallel=1)
+    h = Harness(attrs.evolve(cfg, spool_max=256 << 10, spool_group_max=1 << 20))
+    fill(h.writer, "AB")
+    h.cycle()
+    _big_update(h)
+    before = h.agent.state.cycle
+    with caplog.at_level(logging.INFO, logger="coalesce.spool"):
+        assert h.crash("mid_apply:70", h.cycle)
+    assert "reached its size bound" in caplog.text
+    replayed = [int(n) for n in re.findall(r"replica A: (\d+) change records replayed", caplog.text)]
+    assert replayed and 0 < replayed[0] < 70
+    assert h.agent.state.cycle == before + 1 and h.agent.state.phase == "idle"
+    assert ("A", "update_succeeded", "update", "done") in h.recorder.transitions
+    assert h.states() == {"A": "stable", "B": "stable"} and h.agent.spool.replicas() == []
+    h.assert_invariants()  # I3: A exports exactly its source PCPI's image
+    _big_update(h, files=60)
+    assert h.cycle()["failures"] == 0  # an uninterrupted update larger than the bound succeeds
+    h.assert_invariants()
