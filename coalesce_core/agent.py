@@ -319,10 +319,20 @@ class Agent:
         batch = []
         state = self.state
         for e in events:
+            e = self._with_room(e)
             d = decide(state, e)
             batch.append((e, d))
             state = d.state
         return self._commit(batch) if batch else []
+
+    def _with_room(self, event: object) -> object:
+        """A resync that keeps writes learns the destination's PCPI room (I11: the kept PCPI must leave
+        room for a cycle); only the destination is asked."""
+        if isinstance(event, ev.Resync) and not event.discard and event.destination_room is None:
+            limit = self.dest.max_pcpis
+            if limit is not None:
+                return attrs.evolve(event, destination_room=limit - len(self.dest.snapshot_list()))
+        return event
 
     def handle(self, event: object) -> None:
         """Decide on one request and run everything it leads to, to the end."""
@@ -393,7 +403,7 @@ class Agent:
                 group=self.state.name, volume=str(self.dest.url), name=eff.name, role=eff.role
             )
             crashpoints.hit("after_pcpi_taken")
-            if eff.role in ("rollback", "jump_ahead", "new_base"):
+            if eff.role in ("rollback", "jump_ahead", "new_base", "kept"):
                 crashpoints.hit(f"after_{eff.role}_pcpi")
             return ev.PcpiTaken(name=eff.name, now=now())
         if isinstance(eff, fx.ReleasePcpi):
@@ -401,6 +411,9 @@ class Agent:
             if self._stats is not None:
                 self._stats.released.append(eff.name)
             self.pm.hook.coalesce_pcpi_released(group=self.state.name, volume=str(self.dest.url), name=eff.name)
+            pcpi = self.state.pcpis.get(eff.name)
+            if pcpi is not None and pcpi.role == "kept":
+                crashpoints.hit("after_kept_release")
             crashpoints.hit("mid_release")
             return ev.PcpiReleased(name=eff.name)
         if isinstance(eff, fx.PurgePurgatory):
@@ -650,7 +663,7 @@ class Agent:
         answers = []
         for req in self.ledger.requests(pending=True):
             try:
-                event = requests.event_for(req)
+                event = self._with_room(requests.event_for(req))
                 d = decide(self.state, event)
             except (CoalesceError, KeyError, ValueError) as exc:  # a malformed request: refused, not fatal
                 if not isinstance(exc, CoalesceError):
@@ -733,8 +746,15 @@ class Agent:
     def break_mirror(self, name: str) -> None:
         self.handle(ev.BreakMirror(replica=name))
 
-    def resync(self, name: str) -> None:
-        self.handle(ev.Resync(replica=name))
+    def resync(self, name: str, discard: bool = False) -> None:
+        """``coalesce resync``: back to the last good image; unless ``discard``, the broken replica's
+        writes are kept in a PCPI until :meth:`release_kept` (docs/decisions.md, "Resync fences first")."""
+        self.handle(ev.Resync(replica=name, discard=discard))
+
+    def release_kept(self, name: str) -> None:
+        """``coalesce release``: delete the PCPI that keeps the writes replica ``name`` had when it was
+        resynced (a removed replica's too); never asks the source."""
+        self.handle(ev.ReleaseKept(replica=name))
 
     def reseed(self, name: str, reason: str) -> None:
         """Re-seed replica ``name`` (``coalesce reseed``, the background verification).

@@ -36,6 +36,8 @@ CRASH_POINTS: dict[str, str] = {
     "mid_retry": "inside a retry/resync rollback outside the cycle, after the n-th record",
     "mid_reseed": "inside a re-seed (a baseline transfer outside the cycle), after the n-th record was applied",
     "mid_release": "after the first PCPI of a release batch was released",
+    "after_kept_pcpi": "after a resync's kept PCPI (the broken replica's writes) was taken, before it was recorded",
+    "after_kept_release": "after a kept PCPI was released (`coalesce release`), before it was recorded",
 }
 
 

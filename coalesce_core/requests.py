@@ -1,6 +1,6 @@
 """Requests handed to a running agent: the pure part (docs/operations.md, "Changing a group while it runs").
 
-A verb that changes the group (``break``, ``resync``, ``reseed``, ``add``, ``remove``) and finds a
+A verb that changes the group (``break``, ``resync``, ``release``, ``reseed``, ``add``, ``remove``) and finds a
 running ``coalesce run`` holding the group's lock (coalesce_core.grouplock) appends a request to the
 queue in the ledger (coalesce_core.ledger: durable before the verb waits for it).  The agent takes the
 pending requests, oldest first, at its safe points: between cycles, and in the wait after a failed
@@ -25,7 +25,8 @@ from coalesce_core.errors import CoalesceError
 #: the verbs whose requests a running agent takes, and the arguments each one carries
 VERBS: Mapping[str, tuple[str, ...]] = {
     "break": ("replica",),
-    "resync": ("replica",),
+    "resync": ("replica", "discard"),
+    "release": ("replica",),
     "reseed": ("replica", "reason"),
     "add": ("replica", "source"),
     "remove": ("replica",),
@@ -96,7 +97,9 @@ def event_for(request: Request) -> object:
     if request.verb == "break":
         return ev.BreakMirror(replica=name)
     if request.verb == "resync":
-        return ev.Resync(replica=name)
+        return ev.Resync(replica=name, discard=a.get("discard") == "yes")
+    if request.verb == "release":
+        return ev.ReleaseKept(replica=name)
     if request.verb == "reseed":
         return ev.Reseed(replica=name, reason=a.get("reason") or "requested by the operator (coalesce reseed)")
     if request.verb == "add":
@@ -108,6 +111,8 @@ def outcome(request: Request, replicas: Mapping[str, Any]) -> str:
     """What a request that was taken did, from the replicas after its decision."""
     name = request.replica
     r = replicas.get(name)
+    if request.verb == "release":
+        return f"the kept writes of replica {name} released"
     if request.verb == "remove" or r is None:
         return f"replica {name} removed"
     if request.verb == "add":

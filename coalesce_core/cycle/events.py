@@ -1,7 +1,7 @@
 """Events: what happened, fed to the planner.
 
 Requests come from people or the clock (StartCycle, Tick, BreakMirror,
-Resync, Reseed, AddReplica, RemoveReplica, Recover); results come from the executor after it ran an
+Resync, ReleaseKept, Reseed, AddReplica, RemoveReplica, Recover); results come from the executor after it ran an
 effect (SourcePcpiTaken, PcpiTaken, TransferDone, ...).  ``now`` is always
 passed in: the planner never reads a clock.
 """
@@ -50,6 +50,19 @@ class BreakMirror:
 
 @attrs.frozen
 class Resync:
+    """``coalesce resync``: the broken replica returns to its last good image.  Unless ``discard``,
+    the first attempt's scratch PCPI (its writes) is kept until :class:`ReleaseKept`;
+    ``destination_room``: how many more PCPIs the destination can take (None: no limit)."""
+
+    replica: str
+    discard: bool = False
+    destination_room: int | None = None
+
+
+@attrs.frozen
+class ReleaseKept:
+    """``coalesce release``: delete the kept PCPI of ``replica`` (removed replicas included)."""
+
     replica: str
 
 
@@ -161,7 +174,7 @@ class Exported:
     jump: bool = False
 
 
-Request = Union[StartCycle, Tick, AddReplica, RemoveReplica, BreakMirror, Resync, Reseed, Recover]
+Request = Union[StartCycle, Tick, AddReplica, RemoveReplica, BreakMirror, Resync, ReleaseKept, Reseed, Recover]
 Result = Union[
     SourcePcpiTaken,
     SourcePcpiRefused,

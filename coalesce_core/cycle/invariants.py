@@ -1,4 +1,4 @@
-"""The invariants I1..I10 of spec/invariants.md, as checks (and the lag of each export).
+"""The invariants I1..I11 of spec/invariants.md, as checks (and the lag of each export).
 
 ``coalesce check``, tools/check and the test suites share this code.  The
 live checks read the volumes themselves (the PCPIs they hold, the export
@@ -14,7 +14,7 @@ import attrs
 
 from coalesce_core.cycle.planner import is_group_pcpi
 from coalesce_core.cycle.spec import Spec, load_spec
-from coalesce_core.cycle.state import ACTIVE, CYCLE_ROLES, INDIVIDUAL, GroupState
+from coalesce_core.cycle.state import ACTIVE, CYCLE_ROLES, INDIVIDUAL, KEPT, GroupState
 from coalesce_core.errors import CoalesceError
 
 
@@ -64,6 +64,32 @@ def i2_bounded_extras(state: GroupState) -> Finding:
         return Finding("I2", False, f"at rest, individual PCPIs nobody outside the cycle pins: {sorted(unpinned)}")
     ok = len(pinned) <= 2 * k
     return Finding("I2", ok, f"{len(pinned)} individual PCPIs for {k} replicas outside the cycle (bound {2 * k})")
+
+
+def kept_pcpis(state: GroupState) -> list[str]:
+    return sorted(p.name for p in state.pcpis.values() if p.role == KEPT)
+
+
+def i11_kept_writes(state: GroupState, held: Iterable[str] | None = None) -> Finding:
+    """Kept PCPIs (a resync's writes of a broken replica): at most one per replica name, owned by
+    exactly one replica, exported by none; with ``held`` (the volume's PCPIs), each one taken is held
+    (a kept PCPI the volume lost is writes lost)."""
+    bad = []
+    per: dict[str, list[str]] = {}
+    for p in sorted(state.pcpis.values(), key=lambda p: p.name):
+        if p.role != KEPT:
+            continue
+        if len(p.owners) != 1:
+            bad.append(f"{p.name} is kept for {sorted(p.owners)}, not one replica")
+        for o in p.owners:
+            per.setdefault(o, []).append(p.name)
+        if held is not None and p.taken and not p.releasing and p.name not in held:
+            bad.append(f"{p.name} (the kept writes of {sorted(p.owners)}) is not on the volume")
+    bad += [f"replica {o} keeps {len(n)} PCPIs: {n}" for o, n in sorted(per.items()) if len(n) > 1]
+    kept = set(kept_pcpis(state))
+    bad += [f"{r.name} exports the kept PCPI {r.exported}" for r in state.replicas.values() if r.exported in kept]
+    n = len(kept)
+    return Finding("I11", not bad, "; ".join(bad) if bad else f"{n} kept PCPIs, at most one per replica")
 
 
 def i4_one_coalesced_point(state: GroupState) -> Finding:
@@ -158,7 +184,7 @@ def live_check(
     now: float | None = None,
     max_lag: float | None = None,
 ) -> list[Finding]:
-    """I1-I5, I8 and I9 on a live group; ``source``/``dest`` are backend.volume.Volume.
+    """I1-I5, I8, I9 and I11 on a live group; ``source``/``dest`` are backend.volume.Volume.
 
     I3 compares each exported image with the source qtree at the source PCPI the
     ledger says it shows (``Replica.source_point``), never with some other one; how
@@ -178,6 +204,7 @@ def live_check(
         f1 = Finding("I1", False, f"the destination holds PCPIs the ledger does not account for: {unknown}")
     out.append(attrs.evolve(f1, detail=f1.detail + f"; the volume holds {len(held)} PCPIs of the group"))
     out.append(i2_bounded_extras(state))
+    out.append(i11_kept_writes(state, held))
 
     exported = dest.exported()
     bad3 = []

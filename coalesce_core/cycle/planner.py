@@ -51,7 +51,7 @@ from coalesce_core.cycle import effects as fx
 from coalesce_core.cycle import events as ev
 from coalesce_core.cycle import guards
 from coalesce_core.cycle.machines import Model, default_model
-from coalesce_core.cycle.state import ACTIVE, GroupState, Pcpi, Replica, SourcePcpi
+from coalesce_core.cycle.state import ACTIVE, KEPT, GroupState, Pcpi, Replica, SourcePcpi
 from coalesce_core.errors import CoalesceError
 
 
@@ -88,10 +88,22 @@ def source_prefix(group: str) -> str:
 
 
 def is_group_pcpi(group: str, name: str) -> bool:
-    """True for a destination PCPI name this group makes: ``co-<group>-<6 digits>-<role>``.
+    """True for a destination PCPI name this group makes: ``co-<group>-<6 digits>-<role>``, or
+    ``co-<group>-<6 digits>-kept-<replica>`` (:func:`kept_name`).
 
     Exact, so group ``g`` never claims ``co-g-x-000002-base`` of group ``g-x``."""
-    return re.fullmatch(rf"co-{re.escape(group)}-\d{{6}}-[a-z_]+", name) is not None
+    return re.fullmatch(rf"co-{re.escape(group)}-\d{{6}}-(?:[a-z_]+|kept-[A-Za-z0-9_.-]+)", name) is not None
+
+
+#: the longest PCPI name a kept PCPI gets (ZFS snapshot names: 121 characters after the '@')
+KEPT_NAME_MAX = 120
+
+
+def kept_name(group: str, seq: int, replica: str) -> str:
+    """The name of a kept PCPI: ``co-<group>-<seq>-kept-<replica>``, the replica's name cut so the
+    whole stays within KEPT_NAME_MAX characters (the ledger holds the replica; the name is for people)."""
+    head = f"{pcpi_prefix(group)}{seq:06d}-kept-"
+    return head + replica[: max(1, KEPT_NAME_MAX - len(head))]
 
 
 def is_group_source_pcpi(group: str, name: str) -> bool:
@@ -173,8 +185,14 @@ class _Plan:
         return f"{pcpi_prefix(self.base_state.name)}{seq:06d}-{kind}"
 
     def take(self, role: str, owners: Iterable[str] = ()) -> str:
-        name = self.new_name(role)
-        self.pcpis[name] = Pcpi(name=name, role=role, cycle=self.get("cycle"), owners=frozenset(owners))
+        owners = frozenset(owners)
+        if role == KEPT:
+            (replica,) = owners
+            self.new_name(role)
+            name = kept_name(self.base_state.name, self.get("seq"), replica)
+        else:
+            name = self.new_name(role)
+        self.pcpis[name] = Pcpi(name=name, role=role, cycle=self.get("cycle"), owners=owners)
         self.emit(fx.TakePcpi(name=name, role=role))
         return name
 
@@ -347,6 +365,8 @@ def _release(p: _Plan, source: bool = True) -> None:
         p.pcpis[new_base.name] = attrs.evolve(new_base, role="base")
     refs = needed_pcpis(p.state())
     for name, pcpi in sorted(p.pcpis.items()):
+        if pcpi.role == KEPT:
+            continue  # the operator releases it (`coalesce release`, I11)
         action = release_action(
             pcpi.role, base is not None and name == base.name, pcpi.releasing, name in refs, pcpi.taken
         )
@@ -559,11 +579,15 @@ def _pcpi_taken(p: _Plan, e: ev.PcpiTaken) -> None:
         p.emit(fx.PurgePurgatory(qtrees=tuple(r.name for r in _participants(p))))
     elif pcpi.role == "new_base" and phase == "jump_ahead_2":
         _jump_to(p, e.name)
-    elif pcpi.role == "individual":
+    elif pcpi.role in ("individual", KEPT):
+        if pcpi.role == KEPT:
+            p.pcpis[e.name] = attrs.evolve(pcpi, taken_at=e.now)
         for owner in sorted(pcpi.owners):
             o = p.replicas.get(owner)
             if o is None or o.scratch != e.name or o.state != "unstable_uncoalesced":
                 continue
+            if pcpi.role == KEPT:
+                o = p.update(o, keep=False)
             if o.exported == ACTIVE:  # resync: "creating a PCPI and exporting it"
                 o = p.update(o, exported=e.name)
                 p.export()
@@ -627,7 +651,8 @@ def _rollback_done(p: _Plan, e: ev.RollbackDone) -> None:
     elif r.state == "unstable_uncoalesced" and r.scratch is not None:
         scratch = r.scratch
         _retry_ended(p, r, e.ok, e.error, e.now)
-        p.release(scratch)
+        if p.pcpis.get(scratch, Pcpi(name=scratch, role="individual")).role != KEPT:
+            p.release(scratch)
 
 
 def _pcpi_refused(p: _Plan, e: ev.PcpiRefused) -> None:
@@ -648,7 +673,7 @@ def _pcpi_refused(p: _Plan, e: ev.PcpiRefused) -> None:
             p.fire(r, "jump_ahead_refused", last_good=r.exported, resume=False, last_error=f"jump-ahead failed: {why}")
         p.phase("abandon_jump_ahead")
         _release(p)
-    elif pcpi.role == "individual":
+    elif pcpi.role in ("individual", KEPT):  # a kept one: the next attempt takes it again (keep)
         for owner in sorted(pcpi.owners):
             o = p.replicas.get(owner)
             if o is not None and o.scratch == e.name and o.state == "unstable_uncoalesced":
@@ -692,7 +717,8 @@ def _tick(p: _Plan, e: ev.Tick) -> None:
         return
     for r in p.in_state("unstable_uncoalesced"):
         if r.scratch is None and r.next_retry <= e.now and r.last_good is not None:
-            name = p.take("individual", owners=(r.name,))
+            # a resync whose kept PCPI was refused or lost in a crash: this attempt keeps the writes
+            name = p.take(KEPT if r.keep else "individual", owners=(r.name,))
             p.update(r, scratch=name)
 
 
@@ -715,10 +741,51 @@ def _resync(p: _Plan, e: ev.Resync) -> None:
     undoes only what the scratch PCPI holds); the rollback's result is checked before it counts."""
     _require_idle(p, f"resync {e.replica!r}")
     r = p.replica(e.replica)
-    r = p.fire(r, "resync", retries=0, next_retry=0.0, exported=r.last_good)
+    keep = not e.discard and r.state == "broken"
+    if keep:
+        _may_keep(p, r.name, e.destination_room)
+    r = p.fire(r, "resync", retries=0, next_retry=0.0, exported=r.last_good, keep=keep)
     p.export()
-    name = p.take("individual", owners=(r.name,))
+    name = p.take(KEPT if keep else "individual", owners=(r.name,))
     p.update(r, scratch=name)
+
+
+def _may_keep(p: _Plan, replica: str, destination_room: int | None) -> None:
+    """A resync keeps the broken replica's writes in one PCPI (I11): refused when the replica already
+    keeps some, or when the kept PCPI would leave the destination without room for a cycle."""
+    kept = p.state().kept_pcpi(replica)
+    discard = f"`coalesce resync {replica} --discard` resyncs without keeping the writes"
+    if kept is not None:
+        raise NotNow(
+            f"cannot resync replica {replica!r} keeping its writes: it already keeps those of an earlier "
+            f"break in PCPI {kept.name}",
+            hint=f'copy what you need from it (docs/operations.md, "Writes kept at a resync"), then '
+            f"`coalesce release {replica}`; or {discard}",
+        )
+    if destination_room is not None and destination_room < 1 + CYCLE_TAKES:
+        raise NotNow(
+            f"cannot resync replica {replica!r} keeping its writes: the destination can take "
+            f"{max(0, destination_room)} more PCPIs, the kept PCPI and a cycle need {1 + CYCLE_TAKES}",
+            hint=f"release PCPIs the volume no longer needs (`coalesce release` of other kept writes, other "
+            f"tools' snapshots); or {discard}",
+        )
+
+
+def _release_kept(p: _Plan, e: ev.ReleaseKept) -> None:
+    """`coalesce release NAME`: the kept PCPI of replica NAME (a removed one too) is deleted; in any
+    phase, never asking the source."""
+    kept = p.state().kept_pcpi(e.replica)
+    if kept is None:
+        raise NotNow(
+            f"group {p.base_state.name!r} keeps no writes of replica {e.replica!r}",
+            hint="`coalesce status` lists the kept PCPIs; a resync keeps a broken replica's writes unless --discard",
+        )
+    if any(r.scratch == kept.name for r in p.replicas.values()):
+        raise NotNow(
+            f"cannot release {kept.name} yet: the resync of replica {e.replica!r} is rolling back from it",
+            hint="wait until the resync attempt ends (`coalesce status`), then try again",
+        )
+    p.release(kept.name)
 
 
 #: what `Reseed` does in each state: re-seed it, nothing (a re-seed is already under way), or refuse
@@ -780,6 +847,8 @@ def _remove(p: _Plan, e: ev.RemoveReplica) -> None:
     refs = needed_pcpis(p.state())
     base = p.role("base")
     for name, pcpi in sorted(p.pcpis.items()):
+        if pcpi.role == KEPT:
+            continue  # its writes stay until `coalesce release NAME` (docs/decisions.md)
         if r.name in pcpi.owners:
             pcpi = p.pcpis[name] = attrs.evolve(pcpi, owners=pcpi.owners - {r.name})
         if name in r.pinned() and name not in refs and not (base is not None and name == base.name):
@@ -851,7 +920,10 @@ def _recover(p: _Plan, e: ev.Recover) -> None:
     for name, pcpi in sorted(p.pcpis.items()):
         if not pcpi.taken:
             if name in e.destination_pcpis:
-                p.pcpis[name] = attrs.evolve(pcpi, taken=True)
+                p.pcpis[name] = attrs.evolve(pcpi, taken=True, taken_at=e.now if pcpi.role == KEPT else 0.0)
+                for r in list(p.replicas.values()):
+                    if pcpi.role == KEPT and r.scratch == name:  # taken after the fence: it holds the writes
+                        p.update(r, keep=False)
             else:
                 del p.pcpis[name]
                 for r in list(p.replicas.values()):
@@ -913,7 +985,7 @@ def _recover(p: _Plan, e: ev.Recover) -> None:
     p.effects.insert(0, fx.Export(mapping={r.name: r.exported for r in p.replicas.values()}))
     p.effects.extend(releases)
     for scratch in scratches:
-        if scratch in p.pcpis:
+        if scratch in p.pcpis and p.pcpis[scratch].role != KEPT:
             p.release(scratch)
     # 4. finish or undo what the agent was doing
     phase = p.get("phase")
@@ -965,6 +1037,7 @@ _HANDLERS: dict[type, Callable[[_Plan, Any], None]] = {
     ev.Tick: _tick,
     ev.BreakMirror: _break,
     ev.Resync: _resync,
+    ev.ReleaseKept: _release_kept,
     ev.Reseed: _reseed,
     ev.AddReplica: _add,
     ev.RemoveReplica: _remove,

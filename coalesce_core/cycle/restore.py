@@ -44,7 +44,7 @@ from coalesce_core.cycle.planner import (
     needed_pcpis,
     needed_source_pcpis,
 )
-from coalesce_core.cycle.state import ACTIVE, GroupState, Pcpi, Replica, SourcePcpi
+from coalesce_core.cycle.state import ACTIVE, KEPT, GroupState, Pcpi, Replica, SourcePcpi
 
 
 @attrs.frozen
@@ -93,6 +93,8 @@ class Examination:
         return self.stale or bool(self.lost)
 
 
+#: a kept PCPI's name (coalesce_core.cycle.planner.kept_name): the replica whose writes it holds
+_KEPT = re.compile(r"co-.+-\d{6}-kept-([A-Za-z0-9_.-]+)")
 _NUMBER = re.compile(r"-(\d{6})(?:-|$)")
 
 
@@ -316,7 +318,21 @@ def _rebuild(p: _Plan, facts: Facts, base: str | None) -> None:
     PCPIs exactly those they name; what the volumes hold besides is released by ``Recover``."""
     cycle = p.get("cycle")
     pins = needed_pcpis(p.state())
+    before = dict(p.pcpis)
     p.pcpis.clear()
+    # kept writes (I11) stay: the ones the ledger knows, and those its name shows (taken after this copy)
+    for name in sorted(facts.destination_pcpis):
+        m = _KEPT.fullmatch(name)
+        if m is None or not is_group_pcpi(p.base_state.name, name):
+            continue
+        old = before.get(name)
+        owners = old.owners if old is not None and old.role == KEPT else frozenset({m.group(1)})
+        p.pcpis[name] = Pcpi(
+            name=name, role=KEPT, cycle=cycle, taken=True, owners=owners, taken_at=old.taken_at if old else 0.0
+        )
+        for owner in owners:
+            if owner in p.replicas:
+                p.update(p.replicas[owner], keep=False)
     if base is not None:
         p.pcpis[base] = Pcpi(name=base, role="base", cycle=cycle, taken=True)
     for name, owners in pins.items():

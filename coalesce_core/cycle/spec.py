@@ -96,6 +96,8 @@ class Spec:
     individual_role: str
     version: int
     source: str
+    #: a resync's writes of a broken replica, kept outside the cycle's and I2's budgets (I11)
+    kept_role: str = "kept"
 
     def states_in_field(self, field: str) -> tuple[str, ...]:
         return tuple(s.name for s in self.replica.states if s.field == field)
@@ -170,6 +172,7 @@ def parse_spec(text: str, where: str = "<spec>") -> Spec:
         individual_role=meta.get("individual_pcpi_role", "individual"),
         version=int(meta.get("version", 0)),
         source=where,
+        kept_role=meta.get("kept_pcpi_role", "kept"),
     )
 
 

@@ -19,9 +19,12 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 CYCLE_ROLES = ("base", "rollback", "jump_ahead", "new_base")
 INDIVIDUAL = "individual"
+#: a resync's first scratch PCPI, kept with the broken replica's writes until `coalesce release`
+#: (docs/decisions.md, "Resync fences first"; I11 of spec/invariants.md)
+KEPT = "kept"
 #: Export-mapping value meaning "export the live active file system" (broken replicas).
 ACTIVE = "@active"
-ROLES = CYCLE_ROLES + (INDIVIDUAL,)
+ROLES = CYCLE_ROLES + (INDIVIDUAL, KEPT)
 
 
 def _name(_inst: object, attribute: attrs.Attribute, value: str) -> None:
@@ -48,6 +51,7 @@ class Pcpi:
     taken: bool = False
     releasing: bool = False
     owners: frozenset[str] = frozenset()
+    taken_at: float = 0.0
 
 
 @attrs.frozen
@@ -96,6 +100,8 @@ class Replica:
     last_success  when the last transfer of the replica succeeded (0: never)
     reseed_reason why the replica is being re-seeded (reseed_pending, reseeding,
                   reseeded); empty otherwise
+    keep          a resync that keeps the broken replica's writes has not taken
+                  its kept PCPI yet: the next attempt's scratch is that PCPI
     """
 
     name: str = attrs.field(validator=_name)
@@ -117,6 +123,7 @@ class Replica:
     outages: int = 0
     last_success: float = 0.0
     reseed_reason: str = ""
+    keep: bool = False
 
     def pinned(self) -> tuple[str, ...]:
         """Destination PCPIs this replica needs kept."""
@@ -172,6 +179,13 @@ class GroupState:
 
     def in_state(self, *states: str) -> list[Replica]:
         return [r for r in self.replicas.values() if r.state in states]
+
+    def kept_pcpi(self, replica: str) -> Pcpi | None:
+        """The kept PCPI holding the writes ``replica`` had when it was resynced (at most one, I11)."""
+        for p in sorted(self.pcpis.values(), key=lambda p: p.name):
+            if p.role == KEPT and replica in p.owners and not p.releasing:
+                return p
+        return None
 
     # -- builders (pure) ----------------------------------------------------
     def with_replica(self, replica: Replica) -> "GroupState":

@@ -684,12 +684,31 @@ def cmd_break(args: argparse.Namespace) -> int:
 def cmd_resync(args: argparse.Namespace) -> int:
     def report(agent: Any) -> None:
         r = agent.state.replicas[args.name]
+        kept = agent.state.kept_pcpi(args.name)
         _console().print(
             f"replica [bold]{markup(args.name)}[/] is {r.state}; it rejoins the cycle at the next jump-ahead"
         )
+        if kept is not None and not args.discard:
+            _console().print(
+                f"the writes it had are kept in PCPI {markup(kept.name)} until `coalesce release {markup(args.name)}`"
+            )
+
+    discard = "yes" if args.discard else None
+    return _change(
+        args,
+        "resync",
+        requests.make_args("resync", replica=args.name, discard=discard),
+        lambda a: a.resync(args.name, discard=args.discard),
+        report,
+    )
+
+
+def cmd_release(args: argparse.Namespace) -> int:
+    def report(_agent: Any) -> None:
+        _console().print(f"released the PCPI that kept the writes of replica [bold]{markup(args.name)}[/]")
 
     return _change(
-        args, "resync", requests.make_args("resync", replica=args.name), lambda a: a.resync(args.name), report
+        args, "release", requests.make_args("release", replica=args.name), lambda a: a.release_kept(args.name), report
     )
 
 
@@ -862,10 +881,15 @@ def build_parser(pm: Any = None) -> argparse.ArgumentParser:
     vf.add_argument("--json", action="store_true", help="machine-readable output (docs/schemas/verify.schema.json)")
     for name, func, help in (
         ("break", cmd_break, "break a replica: writable, exports its active FS"),
-        ("resync", cmd_resync, "resynchronise a broken replica back into the cycle"),
+        ("resync", cmd_resync, "resynchronise a broken replica back into the cycle, keeping its writes in a PCPI"),
+        ("release", cmd_release, "delete the PCPI that keeps a resynced replica's writes"),
     ):
         sp = verb(name, func, help)
         sp.add_argument("name")
+        if name == "resync":
+            sp.add_argument(
+                "--discard", action="store_true", help="do not keep the broken replica's writes (no kept PCPI)"
+            )
         handed(sp)
     rs = verb("reseed", cmd_reseed, "rebuild a replica by a baseline transfer (it keeps exporting its last good image)")
     rs.add_argument("name")

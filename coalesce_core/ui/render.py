@@ -24,7 +24,7 @@ from coalesce_core import grouplock
 from coalesce_core.backend.hookspecs import ACTIVE
 from coalesce_core.cycle.invariants import Finding
 from coalesce_core.cycle.spec import Spec, load_spec
-from coalesce_core.cycle.state import CYCLE_ROLES, INDIVIDUAL, GroupState
+from coalesce_core.cycle.state import CYCLE_ROLES, INDIVIDUAL, KEPT, GroupState
 from coalesce_core.ui.formatting import clock, duration, short_pcpi, shorten
 from coalesce_core.ui.peertext import clean
 from coalesce_core.ui.tracker import Tracker, TransferProgress
@@ -84,6 +84,9 @@ def status_table(state: GroupState, export_paths: Mapping[str, str | None], now:
             notes.append(f"re-seed: {clean(r.reseed_reason)}")
         if r.last_error:
             notes.append(clean(r.last_error[:80]))  # a peer's text (ui/peertext.py), never markup
+        kept = state.kept_pcpi(r.name)
+        if kept is not None:
+            notes.append(f"writes kept in {kept.name} (`coalesce release {r.name}`)")
         if r.state in ("unstable_uncoalesced", "reseed_pending") and r.next_retry:
             what = "retry" if r.state == "unstable_uncoalesced" else "re-seed"
             notes.append(f"{what} #{r.retries + 1} at {clock(r.next_retry)}")
@@ -161,6 +164,10 @@ def budget_text(state: GroupState) -> Text:
             " (" + ", ".join(f"{'/'.join(sorted(p.owners)) or '?'}: {shorten(p.name, 24)}" for p in ind) + ")",
             style="dim",
         )
+    kept = [p for p in held if p.role == KEPT]
+    if kept:  # a removed replica's kept writes too: they stay until `coalesce release`
+        out.append(f" · kept {len(kept)}", style="yellow")
+        out.append(" (" + ", ".join(f"{'/'.join(sorted(p.owners))}: {p.name}" for p in kept) + ")", style="dim")
     return out
 
 
@@ -179,7 +186,7 @@ def budget_table(state: GroupState) -> RenderableType:
     return Group(budget_text(state), t) if state.pcpis else budget_text(state)
 
 
-ROLE_ORDER = {r: i for i, r in enumerate((*CYCLE_ROLES, INDIVIDUAL))}
+ROLE_ORDER = {r: i for i, r in enumerate((*CYCLE_ROLES, INDIVIDUAL, KEPT))}
 
 
 def check_table(findings: list[Finding]) -> Table:

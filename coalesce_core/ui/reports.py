@@ -11,7 +11,7 @@ from typing import Any, Mapping, Sequence
 from coalesce_core.backend.hookspecs import ACTIVE
 from coalesce_core.cycle.invariants import Finding
 from coalesce_core.cycle.spec import Spec, load_spec
-from coalesce_core.cycle.state import GroupState
+from coalesce_core.cycle.state import KEPT, GroupState, Pcpi
 from coalesce_core.ui.peertext import clean
 
 
@@ -51,6 +51,7 @@ def status_data(
                 "lag_seconds": None if now is None or (lag := state.lag(r, now)) is None else round(lag, 3),
                 "reseed_reason": clean(r.reseed_reason) if r.reseed_reason else None,
                 "retries": r.retries,
+                "kept": _kept(state.kept_pcpi(r.name), r.name),
             }
             for r in sorted(state.replicas.values(), key=lambda r: r.name)
         ],
@@ -66,10 +67,23 @@ def status_data(
             for p in sorted(state.pcpis.values(), key=lambda p: p.name)
         ],
         "source_pcpis": sorted(state.source_pcpis),
+        "kept": [
+            _kept(p, sorted(p.owners)[0] if p.owners else "")
+            for p in sorted(state.pcpis.values(), key=lambda p: p.name)
+            if p.role == KEPT and not p.releasing
+        ],
         "requests": [
             {**d, "replica": clean(d["replica"]), "message": clean(d["message"])} for d in (r.data() for r in requests)
         ],
     }
+
+
+def _kept(pcpi: Pcpi | None, replica: str) -> dict[str, Any] | None:
+    """A kept PCPI in `status --json`: no backend names a path for a PCPI yet, so ``path`` is null
+    (docs/operations.md, "Writes kept at a resync", says how to read one on each backend)."""
+    if pcpi is None:
+        return None
+    return {"replica": replica, "pcpi": pcpi.name, "taken_at": pcpi.taken_at or None, "path": None}
 
 
 def check_data(findings: Sequence[Finding]) -> list[dict[str, Any]]:

@@ -14,10 +14,13 @@ from backends import backend_fixtures, on_backend
 
 from coalesce_core.backend.faults import Rule
 from coalesce_core.crashpoints import CRASH_POINTS
+from coalesce_core.stream import records as R
 from coalesce_core.testing.harness import FakeClock, Harness
 from coalesce_core.testing.workload import fill
 
-CYCLE_POINTS = [p for p in CRASH_POINTS if p not in ("mid_baseline", "mid_retry", "mid_reseed")]
+#: the points a cycle passes (the others: a baseline, a retry or resync, a re-seed, kept writes)
+OTHER_POINTS = ("mid_baseline", "mid_retry", "mid_reseed", "after_kept_pcpi", "after_kept_release")
+CYCLE_POINTS = [p for p in CRASH_POINTS if p not in OTHER_POINTS]
 
 
 backend, group_config = backend_fixtures("mem", "btrfs", "zfs")
@@ -140,15 +143,70 @@ def test_crash_mid_reseed(group_config, nth):
     assert h.agent.state.replicas["B"].last_error == ""
 
 
-def test_crash_during_resync(group_config):
+def _broken_with_writes(group_config) -> tuple[Harness, str, str | None]:
+    """A broken and written to (a new file): returns the fingerprints of its active FS then and of
+    its last good image."""
     h = Harness(group_config())
     fill(h.writer, "ABC")
     h.cycle()
+    good = h.exported_fingerprints()["A"]
     h.agent.break_mirror("A")
+    dest = h.agent.dest
+    dest.apply(
+        "A",
+        R.framed(
+            "A",
+            None,
+            "admin",
+            [R.MkFile(path="kept-file", mode=0o644), R.Write(path="kept-file", offset=0, data=b"w" * 300)],
+        ),
+        use_purgatory=False,
+    )
+    return h, dest.fingerprint("A", None), good
+
+
+def test_crash_during_resync(group_config):
+    """A crash in the resync's rollback: the kept PCPI (taken before the rollback) stays with the
+    writes; the retry rolls back from a scratch of its own (I6, I11)."""
+    h, writes, _good = _broken_with_writes(group_config)
     assert h.crash("mid_retry", lambda: h.agent.resync("A"))
+    h.assert_invariants()
+    kept = h.agent.state.kept_pcpi("A")
+    assert kept is not None and h.agent.dest.fingerprint("A", kept.name) == writes
+    h.agent.tick()
+    assert h.states()["A"] == "stable_uncoalesced"
+    h.agent.release_kept("A")
+    _settle(h)
+
+
+def test_crash_after_kept_pcpi(group_config):
+    """Between the take of the kept PCPI and its record: recovery finds it on the volume and keeps it
+    (it was taken after the fence), the next retry returns A to its last good image (I6, I11)."""
+    h, writes, good = _broken_with_writes(group_config)
+    assert h.crash("after_kept_pcpi", lambda: h.agent.resync("A"))
+    a = h.agent.state.replicas["A"]
+    assert (a.state, a.scratch, a.keep) == ("unstable_uncoalesced", None, False)
+    kept = h.agent.state.kept_pcpi("A")
+    assert kept is not None and kept.taken and kept.name in h.agent.dest.snapshot_list()
+    assert h.agent.dest.fingerprint("A", kept.name) == writes
+    assert h.exported_fingerprints()["A"] == good  # the fence held: A exports its last good image
     h.assert_invariants()
     h.agent.tick()
     assert h.states()["A"] == "stable_uncoalesced"
+    assert h.agent.state.kept_pcpi("A") == kept
+    h.agent.release_kept("A")
+    _settle(h)
+
+
+def test_crash_after_kept_release(group_config):
+    """Between the release of the kept PCPI and its record: recovery finishes the release (I6)."""
+    h, _writes, _good = _broken_with_writes(group_config)
+    h.agent.resync("A")
+    kept = h.agent.state.kept_pcpi("A")
+    assert kept is not None
+    assert h.crash("after_kept_release", lambda: h.agent.release_kept("A"))
+    assert kept.name not in h.agent.state.pcpis and kept.name not in h.agent.dest.snapshot_list()
+    h.assert_invariants()
     _settle(h)
 
 

@@ -75,6 +75,8 @@ STATS = {
     "outages": 0,
     "refusals": 0,
     "late_writes": 0,
+    "kept": 0,
+    "kept_released": 0,
 }
 
 
@@ -187,7 +189,7 @@ class LateWriter:
     @hookimpl
     def coalesce_pcpi_taken(self, group, volume, name, role):
         q, m = self.armed, self.machine
-        if q is None or m is None or role != "individual":
+        if q is None or m is None or role not in ("individual", "kept"):
             return
         self.armed = None
         self.exported_then = m.agent.state.replicas[q].exported
@@ -345,14 +347,14 @@ class CoalescingMachine(RuleBasedStateMachine):
         self.h.writer.random_changes(self.rng, q, 2)
         if what == "failing_cycle":  # the rollback PCPI is the first destination PCPI
             self.h.faults.add(Rule(hook="coalesce_diff", qtree=q, record=1, times=1, volume="src"))
-        step = self.h.cycle
+        step: Callable[[], object] = self.h.cycle
         if what == "tick":
             self.clock.advance(100)
             step = self.agent.tick
         elif what == "resync":
             broken = sorted(n for n, r in self.agent.state.replicas.items() if r.state == "broken")
             if broken:
-                step = lambda: self.agent.resync(broken[0])  # noqa: E731
+                step = lambda: self._resync(broken[0])  # noqa: E731
         self.h.faults.add(Rule(hook="coalesce_snapshot_create", volume="dst", nth=nth, times=1, message="PCPI limit"))
         self._run(step)
         s = self.agent.state
@@ -447,7 +449,7 @@ class CoalescingMachine(RuleBasedStateMachine):
         if r.active_point is not None or r.exported == ACTIVE:
             assert q in self.agent.dest.qtree_list(None), f"the data of removed {q} are gone"
 
-    @rule(q=st.sampled_from(QTREES), verb=st.sampled_from(["break", "resync", "reseed", "remove"]))
+    @rule(q=st.sampled_from(QTREES), verb=st.sampled_from(["break", "resync", "release", "reseed", "remove"]))
     def handed_request(self, q: str, verb: str) -> None:
         """A verb handed to the running agent (coalesce_core.requests): queued in the ledger, taken at
         the next safe point and answered once; a refused one changes nothing."""
@@ -487,12 +489,47 @@ class CoalescingMachine(RuleBasedStateMachine):
                 use_purgatory=False,
             )
 
-    @rule(q=st.sampled_from(QTREES))
-    def resync(self, q: str) -> None:
+    def _resync(self, q: str) -> None:
+        """Resync ``q``, keeping its writes unless it already keeps some (then --discard)."""
+        self.agent.resync(q, discard=self.agent.state.kept_pcpi(q) is not None)
+
+    @rule(q=st.sampled_from(QTREES), discard=st.booleans())
+    def resync(self, q: str, discard: bool) -> None:
+        """A resync keeps the broken replica's writes in one PCPI (I11); a second one that would keep
+        writes while the replica keeps some is refused and changes nothing."""
         r = self.agent.state.replicas.get(q)
         if r is None or r.state != "broken":
             return
-        self._run(lambda: self.agent.resync(q))
+        before = self.agent.state
+        if not discard and before.kept_pcpi(q) is not None:
+            try:
+                self.agent.resync(q)
+            except NotNow as exc:
+                assert "already keeps" in exc.message and "--discard" in (exc.hint or ""), exc
+            else:
+                raise AssertionError(f"a second resync of {q} keeping writes was taken (I11)")
+            assert self.agent.state == before, "a refused resync changed the state"
+            return
+        self._run(lambda: self.agent.resync(q, discard=discard))
+
+    @rule(q=st.sampled_from(QTREES))
+    def release_kept(self, q: str) -> None:
+        """`coalesce release`: the kept PCPI leaves the ledger and the volume; without one, refused."""
+        kept = self.agent.state.kept_pcpi(q)
+        if kept is None:
+            before = self.agent.state
+            try:
+                self.agent.release_kept(q)
+            except NotNow as exc:
+                assert "keeps no writes" in exc.message, exc
+            else:
+                raise AssertionError(f"release of {q}, which keeps no writes, was taken")
+            assert self.agent.state == before
+            return
+        STATS["kept_released"] += 1
+        self._run(lambda: self.agent.release_kept(q))
+        assert self.agent.state.kept_pcpi(q) is None and kept.name not in self.agent.state.pcpis
+        assert kept.name not in self.agent.dest.snapshot_list(), f"{kept.name} released but still on the volume"
 
     @rule(q=st.sampled_from(QTREES))
     def write_during_resync(self, q: str) -> None:
@@ -509,11 +546,19 @@ class CoalescingMachine(RuleBasedStateMachine):
             return
         STATS["late_writes"] += 1
         last_good = r.last_good
+        if self.agent.state.kept_pcpi(q) is not None:
+            self.agent.release_kept(q)  # copied what was needed: this resync keeps the new writes
+        writes = self.agent.dest.fingerprint(q, None)  # the broken replica's writes, before the fence
         self.late.armed = q
         try:
             self._run(lambda: self.agent.resync(q))
         finally:
             fired, self.late.armed = self.late.armed is None, None
+        kept = self.agent.state.kept_pcpi(q)
+        if fired:  # I11: the kept PCPI holds exactly the writes before the resync, not the late one
+            assert kept is not None and kept.taken, f"{q}: the resync kept no PCPI"
+            assert self.agent.dest.fingerprint(q, kept.name) == writes, f"{q}: {kept.name} is not the writes"
+            STATS["kept"] += 1
         r = self.agent.state.replicas[q]
         if fired:
             assert self.late.exported_then == last_good, "the resync took its scratch PCPI before the fence"
@@ -526,7 +571,7 @@ class CoalescingMachine(RuleBasedStateMachine):
     @rule(
         point=st.sampled_from(sorted(CRASH_POINTS)),
         nth=st.integers(1, 3),
-        what=st.sampled_from(["cycle", "failing_cycle", "tick", "resync", "reseed"]),
+        what=st.sampled_from(["cycle", "failing_cycle", "tick", "resync", "release", "reseed"]),
         q=st.sampled_from(INITIAL),
     )
     def crash_and_restart(self, point: str, nth: int, what: str, q: str) -> None:
@@ -564,11 +609,13 @@ class CoalescingMachine(RuleBasedStateMachine):
                 self.agent.reseed(q, "crash test")
             self.h.writer.random_changes(self.rng, q, 1)
             return self.h.cycle
+        agent = self.agent
+        if what == "release":  # `coalesce release` of q's kept writes
+            return (lambda: agent.release_kept(q)) if agent.state.kept_pcpi(q) is not None else None
         r = self.agent.state.replicas.get(q)
         if r is None or r.state != "broken":
             return None
-        agent = self.agent
-        return lambda: agent.resync(q)
+        return lambda: agent.resync(q, discard=agent.state.kept_pcpi(q) is not None)
 
     @rule(kind=st.integers(0, 6))
     def hostile_stream(self, kind: int) -> None:
@@ -628,7 +675,10 @@ class CoalescingMachine(RuleBasedStateMachine):
         s = self.agent.state
         if s.phase != "idle":
             return
-        held = [n for n in self.agent.dest.snapshot_list() if n.startswith("co-g-")]
+        kept = {p.name: p for p in s.pcpis.values() if p.role == "kept"}
+        owners = [o for p in kept.values() for o in p.owners]
+        assert len(owners) == len(set(owners)) == len(kept), f"I11: kept PCPIs {sorted(kept)} of {owners}"
+        held = [n for n in self.agent.dest.snapshot_list() if n.startswith("co-g-") and n not in kept]
         k = sum(1 for r in s.replicas.values() if r.state in OUTSIDE)
         # the base: some replica exports an image, or `coalesce remove` took the last one that did (the
         # base stays until the next jump-ahead replaces it)
@@ -692,7 +742,7 @@ class CoalescingMachine(RuleBasedStateMachine):
         self.outage.clear()
         for r in list(self.agent.state.replicas.values()):
             if r.state == "broken":
-                self.agent.resync(r.name)
+                self._resync(r.name)
         for q in self.agent.state.replicas:
             self.h.writer.random_changes(self.rng, q, 1)
         for _ in range(SETTLE_CYCLES):
@@ -737,7 +787,7 @@ class SimCoalescingMachine(CoalescingMachine):
     @rule(
         point=st.none() | st.sampled_from(sorted(CRASH_POINTS)),
         nth=st.integers(1, 3),
-        what=st.sampled_from(["cycle", "failing_cycle", "tick", "resync", "reseed"]),
+        what=st.sampled_from(["cycle", "failing_cycle", "tick", "resync", "release", "reseed"]),
         q=st.sampled_from(INITIAL),
         side=st.sampled_from(["destination", "source", "both"]),
         torn=st.none() | st.integers(0, 2**16),

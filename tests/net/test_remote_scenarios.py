@@ -75,6 +75,8 @@ def test_crash_in_a_cycle_then_restart(point, nth, remote_config, remote_harness
         "test_crash_mid_baseline",
         "test_crash_mid_retry",
         "test_crash_during_resync",
+        "test_crash_after_kept_pcpi",
+        "test_crash_after_kept_release",
         "test_unknown_pcpis_are_reconciled_on_restart",
     ],
 )
@@ -87,4 +89,4 @@ def test_crash_mid_reseed(remote_config, remote_harness):
 
 
 def test_every_crash_point_is_covered():
-    assert set(CYCLE_POINTS) | {"mid_baseline", "mid_retry", "mid_reseed"} == set(CRASH_POINTS)
+    assert set(CYCLE_POINTS) | set(C.OTHER_POINTS) == set(CRASH_POINTS)

@@ -21,9 +21,24 @@ from coalesce_core.backend.hookspecs import ACTIVE
 from coalesce_core.cycle import effects as fx
 from coalesce_core.cycle import events as ev
 from coalesce_core.cycle import planner
-from coalesce_core.cycle.invariants import i1_fixed_consumption, i2_bounded_extras, i4_one_coalesced_point
+from coalesce_core.cycle.invariants import (
+    i1_fixed_consumption,
+    i2_bounded_extras,
+    i4_one_coalesced_point,
+    i11_kept_writes,
+)
 from coalesce_core.cycle.machines import Model, default_model
-from coalesce_core.cycle.planner import Decision, NotNow, Transition, decide, pcpi_prefix, source_prefix
+from coalesce_core.cycle.planner import (
+    KEPT_NAME_MAX,
+    Decision,
+    NotNow,
+    Transition,
+    decide,
+    is_group_pcpi,
+    kept_name,
+    pcpi_prefix,
+    source_prefix,
+)
 from coalesce_core.cycle.spec import load_spec
 from coalesce_core.cycle.state import CYCLE_ROLES, GroupState, Pcpi, Replica, RetryPolicy, SourcePcpi
 from coalesce_core.errors import IllegalTransition
@@ -790,28 +805,41 @@ def test_break_mirror_exports_active_and_pins_last_good():
     assert (a.state, a.exported, a.last_good) == ("broken", ACTIVE, IND)
 
 
-def test_resync_fences_then_takes_a_scratch_pcpi_then_rolls_back():
+@pytest.mark.parametrize("discard", [False, True])
+def test_resync_fences_then_takes_a_scratch_pcpi_then_rolls_back(discard):
     """docs/decisions.md, "Resync fences first": the last good image is exported before the scratch
-    PCPI of the active FS is taken, so no write through the export comes after that PCPI."""
-    st, (e,) = _scn_resync()
-    d = decide(st, e)
+    PCPI of the active FS is taken, so no write through the export comes after that PCPI.  Without
+    --discard that scratch is the kept PCPI (I11): never exported, kept whatever the attempt's outcome."""
+    st, _ = _scn_resync()
+    d = decide(st, ev.Resync(replica="K", discard=discard))
     k = d.state.replicas["K"]
     fence, take = d.effects
+    role = "individual" if discard else "kept"
     assert fence == fx.Export(mapping={"K": BASE, "B": BASE})
-    assert take == fx.TakePcpi(name=k.scratch, role="individual")
-    assert (k.state, k.exported, k.last_good, k.retries) == ("unstable_uncoalesced", BASE, BASE, 0)
+    assert take == fx.TakePcpi(name=k.scratch, role=role)
+    assert take.name.endswith("-individual" if discard else "-kept-K")
+    assert (k.state, k.exported, k.last_good, k.retries, k.keep) == ("unstable_uncoalesced", BASE, BASE, 0, not discard)
     assert d.state.pcpis[k.scratch].owners == frozenset({"K"})
-    d = decide(d.state, ev.PcpiTaken(name=take.name))
+    d = decide(d.state, ev.PcpiTaken(name=take.name, now=7.0))
     assert d.state.replicas["K"].exported == BASE  # the fence stays: the scratch PCPI is never exported
+    assert not d.state.replicas["K"].keep
     assert d.effects == (fx.Rollback(replica="K", from_pcpi=take.name, to_pcpi=BASE, retry=True),)
+    released = () if not discard else (fx.ReleasePcpi(name=take.name),)
     d2 = decide(d.state, ev.RollbackDone(replica="K", ok=True))
     k = d2.state.replicas["K"]
     assert (k.state, k.exported, k.scratch) == ("stable_uncoalesced", BASE, None)
-    assert d2.effects == (fx.ReleasePcpi(name=take.name),)
+    assert d2.effects == released
     d3 = decide(d.state, ev.RollbackDone(replica="K", ok=False, now=10.0))
     k = d3.state.replicas["K"]
     assert (k.state, k.exported, k.scratch, k.retries) == ("unstable_uncoalesced", BASE, None, 1)
-    assert d3.effects == (fx.ReleasePcpi(name=take.name),)
+    assert d3.effects == released
+    if not discard:
+        assert d3.state.kept_pcpi("K") == attrs.evolve(d.state.pcpis[take.name], taken_at=7.0)
+        # the retry after a failed attempt: a scratch of its own, released as before; the kept one stays
+        d4 = decide(d3.state, ev.Tick(now=10_000.0))
+        (retry,) = of(d4.effects, fx.TakePcpi)
+        assert retry.role == "individual"
+        assert i11_kept_writes(d4.state).ok and i2_bounded_extras(d4.state).ok
 
 
 def test_add_replica_is_uninitialized_and_idempotent():
@@ -1555,18 +1583,29 @@ def _walk(seed: int, adds: bool = False) -> None:
             request(ev.StartCycle(now=now))
         elif kind < 0.75:
             request(ev.Tick(now=now))
-        elif kind < 0.85:
+        elif kind < 0.82:
             request(ev.BreakMirror(replica=name))
+        elif kind < 0.94:
+            request(ev.Resync(replica=name, discard=rng.random() < 0.3))
         else:
-            request(ev.Resync(replica=name))
+            request(ev.ReleaseKept(replica=name))
         assert sim.state.phase == "idle", sim.state.phase
         check_i1(sim.state)
+        i11 = i11_kept_writes(sim.state, vols.dest)
+        assert i11.ok, i11.detail
         ledger_held = {n for n, p in sim.state.pcpis.items() if p.taken}
         assert vols.dest == ledger_held, "I6: the volume and the ledger disagree at rest"
         assert vols.src == set(sim.state.source_pcpis)
         table = {r.name: r.exported for r in sim.state.replicas.values() if r.exported is not None}
         assert {k: v for k, v in vols.exports.items() if v is not None} == table
-    # faults stop: everything comes home (I7)
+
+    # faults stop: everything comes home (I7); the operator releases the kept writes (I11)
+    def release_kept():
+        for p in list(sim.state.pcpis.values()):
+            if p.role == "kept":
+                request(ev.ReleaseKept(replica=next(iter(p.owners))))
+
+    release_kept()
     for r in list(sim.state.replicas.values()):
         if r.state == "broken":
             request(ev.Resync(replica=r.name))
@@ -1582,6 +1621,7 @@ def _walk(seed: int, adds: bool = False) -> None:
         if all(r.state == "stable" for r in sim.state.replicas.values()):
             break
     assert {r.state for r in sim.state.replicas.values()} == {"stable"}, sim.state.replicas
+    release_kept()
     check_i1(sim.state)
     assert vols.dest == {n for n, p in sim.state.pcpis.items() if p.taken} and len(vols.dest) == 1
 
@@ -2138,3 +2178,107 @@ def test_break_is_taken_in_a_cycle_whose_source_pcpi_is_not_taken_yet():
     started = attrs.evolve(st, transfers_started=True)
     with pytest.raises(NotNow, match="phase 'updating'"):
         decide(started, ev.BreakMirror(replica="A"))
+
+
+# ---------------------------------------------------------------------------
+# a resync keeps the broken replica's writes in a kept PCPI until `coalesce release` (I11)
+# ---------------------------------------------------------------------------
+KEPT = "co-g-000009-kept-K"
+
+
+def _keeping(**kw) -> GroupState:
+    """K resynced (stable_uncoalesced again) with its writes kept in KEPT; B stable."""
+    k = rep("K", "stable_uncoalesced", exported=BASE, last_good=BASE, source_point=S1, active_point=S1)
+    return group(k, rep("B"), pcpis=(pcpi(BASE, "base"), pcpi(KEPT, "kept", owners=frozenset({"K"}), taken_at=5.0)))
+
+
+def test_kept_names_are_the_groups_pcpis():
+    assert is_group_pcpi("g", KEPT) and is_group_pcpi("g", "co-g-000009-kept-A.b_c-1")
+    assert not is_group_pcpi("g-x", KEPT) and not is_group_pcpi("g", "co-g-x-000009-kept-K")
+    long = kept_name("g" * 64, 12, "r" * 64)
+    assert len(long) == KEPT_NAME_MAX and long.startswith("co-" + "g" * 64 + "-000012-kept-r")
+    assert is_group_pcpi("g" * 64, long)
+
+
+def test_a_second_resync_keeping_writes_is_refused_until_release_or_discard_I11():
+    st = _keeping()
+    st = decide(st, ev.BreakMirror(replica="K")).state
+    with pytest.raises(NotNow, match="already keeps those of an earlier break in PCPI co-g-000009-kept-K") as ei:
+        decide(st, ev.Resync(replica="K"))
+    assert "coalesce release K" in ei.value.hint and "coalesce resync K --discard" in ei.value.hint
+    d = decide(st, ev.Resync(replica="K", discard=True))  # without keeping: an individual scratch
+    assert of(d.effects, fx.TakePcpi)[0].role == "individual" and i11_kept_writes(d.state).ok
+    d = decide(st, ev.ReleaseKept(replica="K"))
+    assert d.effects == (fx.ReleasePcpi(name=KEPT),) and d.state.pcpis[KEPT].releasing
+    st = decide(d.state, ev.PcpiReleased(name=KEPT)).state
+    (take,) = of(decide(st, ev.Resync(replica="K")).effects, fx.TakePcpi)
+    assert take.role == "kept" and take.name.endswith("-kept-K")
+
+
+def test_a_resync_keeping_writes_needs_room_for_the_kept_pcpi_and_a_cycle():
+    st = group(rep("K", "broken"), rep("B"))
+    with pytest.raises(NotNow, match="can take 3 more PCPIs, the kept PCPI and a cycle need 4") as ei:
+        decide(st, ev.Resync(replica="K", destination_room=3))
+    assert "--discard" in ei.value.hint
+    assert decide(st, ev.Resync(replica="K", destination_room=4)).state.replicas["K"].keep
+    assert decide(st, ev.Resync(replica="K", discard=True, destination_room=0)).state.replicas["K"].state == (
+        "unstable_uncoalesced"
+    )
+
+
+def test_release_kept_refusals():
+    with pytest.raises(NotNow, match="keeps no writes of replica 'B'"):
+        decide(_keeping(), ev.ReleaseKept(replica="B"))
+    st = group(rep("K", "broken"), rep("B"))
+    st = decide(st, ev.Resync(replica="K")).state
+    with pytest.raises(NotNow, match="is rolling back from it"):
+        decide(st, ev.ReleaseKept(replica="K"))
+
+
+def test_the_release_step_and_a_removal_keep_the_kept_pcpi_I11():
+    """A cycle's release step never releases a kept PCPI, and `remove` leaves it (with its owner's
+    name) until `coalesce release` of that name."""
+    sim = Sim(_keeping())
+    sim.run(ev.StartCycle(now=1.0))
+    assert KEPT in sim.state.pcpis and not sim.state.pcpis[KEPT].releasing
+    assert fx.ReleasePcpi(name=KEPT) not in sim.effects
+    d = decide(sim.state, ev.RemoveReplica(replica="K"))
+    assert d.state.kept_pcpi("K") is not None and fx.ReleasePcpi(name=KEPT) not in d.effects
+    assert i11_kept_writes(d.state).ok
+    d = decide(d.state, ev.ReleaseKept(replica="K"))
+    assert d.effects == (fx.ReleasePcpi(name=KEPT),)
+
+
+def test_a_refused_kept_pcpi_is_taken_by_the_next_attempt():
+    st = group(rep("K", "broken"), rep("B"))
+    d = decide(st, ev.Resync(replica="K"))
+    (take,) = of(d.effects, fx.TakePcpi)
+    d = decide(d.state, ev.PcpiRefused(name=take.name, now=1.0, error="limit"))
+    k = d.state.replicas["K"]
+    assert (k.state, k.keep, k.scratch, k.exported) == ("unstable_uncoalesced", True, None, BASE)
+    assert d.state.kept_pcpi("K") is None
+    d = decide(d.state, ev.Tick(now=10_000.0))
+    (take,) = of(d.effects, fx.TakePcpi)
+    assert take.role == "kept"
+
+
+@pytest.mark.parametrize("held", [True, False])
+def test_recover_a_kept_pcpi_taken_or_not_I6_I11(held):
+    """A crash between the take of the kept PCPI and its record (crash point after_kept_pcpi): the one
+    the volume holds was taken after the fence and is kept; one it lacks is taken by the next attempt."""
+    st = group(rep("K", "broken"), rep("B"))
+    d = decide(st, ev.Resync(replica="K"))
+    (take,) = of(d.effects, fx.TakePcpi)
+    d = recover(d.state, dest={BASE, take.name} if held else {BASE})
+    k = d.state.replicas["K"]
+    assert (k.scratch, k.exported, k.keep) == (None, BASE, not held)
+    assert fx.ReleasePcpi(name=take.name) not in d.effects
+    assert (d.state.kept_pcpi("K") is not None) == held
+    assert i11_kept_writes(d.state, {BASE, take.name} if held else {BASE}).ok
+
+
+def test_i11_finds_two_kept_pcpis_of_one_replica_and_a_lost_one():
+    st = _keeping().with_pcpi(pcpi("co-g-000010-kept-K", "kept", owners=frozenset({"K"})))
+    assert not i11_kept_writes(st).ok and "keeps 2 PCPIs" in i11_kept_writes(st).detail
+    f = i11_kept_writes(_keeping(), held={BASE})
+    assert not f.ok and "is not on the volume" in f.detail

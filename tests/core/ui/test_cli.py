@@ -136,7 +136,14 @@ def test_graph_and_crash_point_listing():
 FAULTS = "coalesce_diff:qtree=qb:record=3:times=1:volume=src.vol"
 
 
-@pytest.mark.parametrize("point", [p for p in CRASH_POINTS if p not in ("mid_baseline", "mid_retry", "mid_reseed")])
+@pytest.mark.parametrize(
+    "point",
+    [
+        p
+        for p in CRASH_POINTS
+        if p not in ("mid_baseline", "mid_retry", "mid_reseed", "after_kept_pcpi", "after_kept_release")
+    ],
+)
 def test_sigkill_at_every_crash_point_then_restart(group, point):
     """The real thing: the process SIGKILLs itself at the point; a new process recovers (I6)."""
     tmp, writer = group
