@@ -168,3 +168,28 @@ def test_a_reseed_request_carries_its_reason(harness):
     h.cycle()
     assert h.states()["B"] in ("reseeded", "stable")
     h.assert_invariants()
+
+
+def test_resync_and_release_requests_with_the_source_down_I11(harness):
+    """A resync handed to the running agent keeps the broken replica's writes, a release request deletes
+    them; neither asks the source, which is down."""
+    h = harness
+    h.agent.break_mirror("A")
+    for rule in source_outage(h.config.source):
+        h.faults.add(rule)
+    ask(h, "resync", replica="A")
+    (answer,) = h.agent.take_requests()
+    kept = h.agent.state.kept_pcpi("A")
+    assert answer.status == requests.DONE and kept is not None and kept.name in h.agent.dest.snapshot_list()
+    ask(h, "resync", replica="A", discard="yes")  # not broken any more: refused, as the verb would be
+    (answer,) = h.agent.take_requests()
+    assert answer.status == requests.REFUSED and answer.exit_code == 6
+    ask(h, "release", replica="A")
+    (answer,) = h.agent.take_requests()
+    assert (answer.status, answer.message) == (requests.DONE, "the kept writes of replica A released")
+    assert h.agent.state.kept_pcpi("A") is None and kept.name not in h.agent.dest.snapshot_list()
+    ask(h, "release", replica="A")
+    (answer,) = h.agent.take_requests()
+    assert answer.status == requests.REFUSED and "keeps no writes" in answer.message and answer.hint
+    h.faults.clear()
+    h.assert_invariants()
