@@ -870,7 +870,7 @@ def build_parser(pm: Any = None) -> argparse.ArgumentParser:
     h.add_argument("--json", action="store_true", help="machine-readable output (docs/schemas/history.schema.json)")
     h.add_argument("--last", type=_positive(int, 1, inclusive=True), help="only the last N cycles")
     for name, func, help in (
-        ("check", cmd_check, "verify invariants I1-I5, I8, I9 on the live group (exit 1 if violated)"),
+        ("check", cmd_check, "verify invariants I1-I5, I8, I9, I11 on the live group (exit 1 if violated)"),
         ("backends", cmd_backends, "installed storage backends (entry points)"),
     ):
         sp = verb(name, func, help)

@@ -1,4 +1,4 @@
-"""The hypothesis state machine of the cycle (I1-I10 after every step).
+"""The hypothesis state machine of the cycle (I1-I11 after every step).
 
 It drives the REAL agent (coalesce_core.testing.harness.Harness) on a real
 backend: source writes, cycles, transfers cut at a random record, failing

@@ -1,4 +1,4 @@
-"""Hypothesis stateful test of the real agent: I1-I10 after every step.
+"""Hypothesis stateful test of the real agent: I1-I11 after every step.
 
 Budget (examples x steps) follows HYPOTHESIS_PROFILE: ci/dev keep it well
 under a minute; ``long`` (``tools/check --long``) runs thousands of steps.

@@ -4,7 +4,7 @@ Every replica transition and every agent phase transition of
 spec/coalescing.toml is driven through ``decide()`` and its resulting state
 and effects are checked; a whole normal cycle is walked step by step with
 I1 checked after every decision; every recovery rule of ``_recover`` is
-exercised.  Invariants are named I1..I10 as in DESIGN §3.
+exercised.  Invariants are named I1..I11 as in DESIGN §3.
 """
 
 from __future__ import annotations
