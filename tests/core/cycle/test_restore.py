@@ -15,6 +15,7 @@ from coalesce_core.cycle.invariants import (
     i2_bounded_extras,
     i4_one_coalesced_point,
     i8_legal_edges,
+    i11_kept_writes,
 )
 from coalesce_core.cycle.machines import default_model
 from coalesce_core.cycle.restore import Facts, Proof, choose_base, examine, number, reconcile, replica_action
@@ -194,3 +195,24 @@ def test_a_ledger_that_matches_its_volumes_is_not_touched():
     assert not examine(state, facts.destination_pcpis, facts.source_pcpis).needed
     decision, notes = reconcile(state, facts)
     assert decision.state == state and notes == [] and decision.effects == ()
+
+
+def test_an_older_ledger_keeps_the_kept_writes_the_volume_holds_I11():
+    """Kept PCPIs survive a restore: one the older ledger knew keeps its record, one taken after the copy
+    is recognised by its name (co-<group>-<n>-kept-<replica>), so recovery never releases the writes."""
+    state = _old_ledger()
+    known = "co-g-000002-kept-r10-broken"
+    state = state.with_pcpi(Pcpi(name=known, role="kept", cycle=1, taken=True, owners=frozenset({"x"}), taken_at=3.0))
+    later = "co-g-000008-kept-r6-stable_uncoalesced"
+    facts = Facts(
+        destination_pcpis=frozenset({NEW_BASE, known, later}),
+        source_pcpis=frozenset({NEW_SRC}),
+        exported=tuple((n, NEW_BASE) for n in state.replicas),
+        proofs=tuple(Proof(n, image=NEW_BASE, point=NEW_SRC, active=NEW_SRC) for n in state.replicas),
+    )
+    new = reconcile(state, facts)[0].state
+    assert new.pcpis[known] == Pcpi(name=known, role="kept", cycle=2, taken=True, owners=frozenset({"x"}), taken_at=3.0)
+    assert new.kept_pcpi("r6-stable_uncoalesced") == Pcpi(
+        name=later, role="kept", cycle=2, taken=True, owners=frozenset({"r6-stable_uncoalesced"})
+    )
+    assert i11_kept_writes(new, facts.destination_pcpis).ok and i2_bounded_extras(new).ok
