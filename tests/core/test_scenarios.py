@@ -249,7 +249,7 @@ def test_a_write_after_the_resync_fence_is_caught_and_undone_by_the_retry_I9_I3(
 
         @hookimpl
         def coalesce_pcpi_taken(self, group, volume, name, role):
-            if self.armed and role == "individual":
+            if self.armed and role in ("individual", "kept"):
                 self.armed = False
                 seen.append(h.agent.dest.exported()["A"])  # the fence came first
                 SourceWriter(Volume.open(plugin_manager(), h.config.destination)).write("A", "late", b"late")
@@ -262,6 +262,7 @@ def test_a_write_after_the_resync_fence_is_caught_and_undone_by_the_retry_I9_I3(
     h.agent.break_mirror("A")
     last_good = h.agent.state.replicas["A"].last_good
     SourceWriter(h.agent.dest).write("A", "local-change", b"written on the destination")
+    writes = h.agent.dest.fingerprint("A", None)
     late.armed = True
     if asked == "verb":
         h.agent.resync("A")
@@ -270,6 +271,8 @@ def test_a_write_after_the_resync_fence_is_caught_and_undone_by_the_retry_I9_I3(
         (answer,) = h.agent.take_requests()
         assert answer.status == "done", answer
     a = h.agent.state.replicas["A"]
+    kept = h.agent.state.kept_pcpi("A")  # the local change is kept, the late write is not (I11)
+    assert kept is not None and h.agent.dest.fingerprint("A", kept.name) == writes
     assert seen == [last_good]
     assert a.exported == last_good and a.scratch is None and h.exported_fingerprints()["A"] == good
     if backend not in NATIVE_ROLLBACK:
@@ -282,7 +285,7 @@ def test_a_write_after_the_resync_fence_is_caught_and_undone_by_the_retry_I9_I3(
     assert h.agent.dest.fingerprint("A", None) == good  # the local change and the late write are gone
     h.cycle()
     h.cycle()
-    assert h.states()["A"] == "stable"
+    assert h.states()["A"] == "stable" and h.agent.state.kept_pcpi("A") == kept
     h.assert_invariants()
 
 
