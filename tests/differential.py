@@ -1400,6 +1400,33 @@ def _tree(*ops: Op) -> tuple[Op, ...]:
 #: name -> (qtrees, steps); the first cycle of each is the baseline.  The named scenarios of
 #: tests/send_scenarios.py (fstests, M1-M6, hard links) are not repeated here.
 REGRESSIONS: dict[str, tuple[int, tuple[Op, ...]]] = {
+    "an export lists a qtree root's xattr after its reader met inodes without any (zfs-fuse views)": (
+        6,
+        (
+            *_tree(
+                Write("q0/a", 0, 0, 91),
+                Write("q2/a", 0, 0, 251),
+                Write("q2/o257-7-0", 0, 0, 609),
+                Write("q3/a", 0, 0, 144),
+                Mkdir("q4/b"),
+                Write("q4/b/a", 0, 4096, 540),
+                Write("q4/s", 0, 1, 780),
+                Mkdir("q4/b/o257-7-0"),
+                Write("q5/ü名", 0, 65536, 636),
+                Write("q5/ü名", 0, 1, 389),
+            ),
+            SetXattr("q0", "user.long-name-of-an-xattr", b""),
+            Rename("q4/b/a", "q4/parked-0"),
+            Rename("q4/b/o257-7-0", "q4/parked-1"),
+            Rmdir("q4/b"),
+            Mkdir("q4/b"),
+            Rename("q0", "_outside/qtree-tmp"),
+            Rename("q2", "q0"),
+            Rename("_outside/qtree-tmp", "q2"),
+            Chown("q3/a", 0, 0),
+            Cycle(fault=("q0", 6)),
+        ),
+    ),
     "a sparse file keeps its holes when qtree roots swap (zfs-fuse reads holes as zeros)": (
         3,
         (

@@ -274,6 +274,14 @@ def cleanup_zfs(url: str) -> None:
     pool = ds.split("/", 1)[0]
     flat = ds.replace("/", "%")
     prefix = f"{pool}/czclone-{flat.replace('%', '-')}-"
+    state = os.environ.get("COALESCE_ZFS_STATE_DIR", "/var/lib/coalesce/zfs")
+    # the read-only bind mounts of exported images (views/<pcpi>) hold their clones: unmount them first
+    with open("/proc/self/mounts") as f:
+        under = os.path.join(state, pool, flat) + "/"
+        binds = [line.split()[1] for line in f if line.split()[1].startswith(under)]
+    for mp in sorted(binds, key=len, reverse=True):
+        if ".rw" not in mp.split("/") and _quiet(["umount", mp]).returncode != 0:
+            _quiet(["umount", "-l", mp])
     names = _quiet(["zfs", "list", "-H", "-o", "name", "-t", "filesystem", "-r", pool]).stdout.split("\n")
     # zfs-fuse keeps a clone "busy" for seconds after its files were read (a test compared an export):
     # unmount it by force and try again, with a growing pause (about 6 s in all)
@@ -287,7 +295,6 @@ def cleanup_zfs(url: str) -> None:
     if ds in names:
         if _quiet(["zfs", "destroy", "-r", "-f", ds]).returncode != 0:
             _quiet(["zfs", "destroy", "-r", "-f", ds])
-    state = os.environ.get("COALESCE_ZFS_STATE_DIR", "/var/lib/coalesce/zfs")
     shutil.rmtree(os.path.join(state, pool, flat), ignore_errors=True)
 
 

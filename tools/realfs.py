@@ -298,6 +298,9 @@ def _zfs_mounts_under(prefix: str) -> list[str]:
 
 
 def zfs_down(pool: str = POOL) -> None:
+    for mp in _zfs_mounts_under(STATE):  # the read-only bind mounts of exports hold their clones
+        if "/views/" in mp and "/views/.rw/" not in mp:
+            _run(["umount", "-l", mp], check=False)
     if _which("zpool") and _zfs_fuse_pids():
         try:
             if (

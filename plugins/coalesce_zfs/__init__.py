@@ -17,8 +17,9 @@ URL ``zfs://POOL/DATASET`` (``zfs://POOL`` for the pool's root dataset).
   not read-only, because zfs-fuse loses the xattr listings of a read-only
   clone, see ``_clone``) under the name ``<pool>/czclone-<flat dataset>-<tag>``
   and the clone is destroyed after use (always, also on error); an exported
-  PCPI keeps one read-only clone (``x-`` tag) while it is exported, for its
-  readers (coalesce's own reads never use it);
+  PCPI keeps one such clone (``x-`` tag, mounted under ``views/.rw/``) while it
+  is exported, shown to its readers through a read-only bind mount at
+  ``views/<pcpi>`` (coalesce's own reads never use it);
 * diff: the tree compare of coalesce_posix.walk between the two images
   (inode numbers, sizes, mtimes and ctimes equal means unchanged, as both are
   images of one dataset); on OpenZFS the walk is pruned to the directories
@@ -109,6 +110,22 @@ def _gc_phase(phase: str, info: dict) -> None:
 
 
 gc.callbacks.append(_gc_phase)
+
+
+def _umount() -> str:
+    return which("umount", package="mount")
+
+
+def _bind_read_only(source: str, target: str) -> None:
+    """Show directory ``source`` at ``target`` through a read-only bind mount."""
+    mount = which("mount", package="mount")
+    run([mount, "--bind", source, target], hint="bind-mounting an export's image")
+    p = run([mount, "-o", "remount,bind,ro", target], check=False)
+    if p.returncode != 0:
+        run([_umount(), target], check=False)
+        raise command_error(
+            [mount, "-o", "remount,bind,ro", target], p.returncode, p.stderr, hint="the export's image stays unexported"
+        )
 
 
 def zfs(*args: str, hint: str = ZFS_HINT, check: bool = True):
@@ -251,6 +268,8 @@ class ZfsVolume(PosixVolume):
         if name not in self.snapshot_list():
             return False
         for clone in self._clones_of(name):
+            if clone == f"{self.clone_prefix}x-{name}":
+                self._unview(name, force=True)
             self._destroy(clone, force=True)
         self._destroy(f"{self.dataset}@{name}", force=False)
         return True
@@ -337,7 +356,8 @@ class ZfsVolume(PosixVolume):
         coalesce's own reads (never written, atime off): on a read-only clone zfs-fuse fails to
         list the xattrs of an inode that has none (it cannot make its xattr directory), and from
         then on every listing on that mount fails, so the xattrs of the files read after it would
-        be lost from the change stream (docs/real-backends.md).  Exports stay read-only."""
+        be lost from the change stream (docs/real-backends.md).  Exports are shown through
+        read-only bind mounts of such clones (:meth:`prepare_export`)."""
         os.makedirs(mountpoint, 0o755, exist_ok=True)
         zfs(
             "clone",
@@ -432,13 +452,38 @@ class ZfsVolume(PosixVolume):
         return os.path.join(self.export_image_prefix(), check_pcpi(pcpi), replica)
 
     def prepare_export(self, pcpis: set[str]) -> None:
+        """Make each exported PCPI's image a read-only path under ``views/`` (zfs-fuse).
+
+        The image is a clone that is *not* read-only (readonly=off, atime off, never written),
+        mounted under ``views/.rw/`` and shown at ``views/<pcpi>`` through a read-only bind
+        mount: on a read-only clone zfs-fuse stops listing xattrs once a reader asked about an
+        inode without any (see :meth:`_clone`), so readers of an export would lose them; the bind
+        mount refuses every write in the kernel (EROFS) before zfs-fuse sees it."""
         if self.browsable():
             return
         for pcpi in sorted(pcpis):
             self._require(pcpi)
             view = os.path.join(self.viewdir, pcpi)
-            if not os.path.ismount(view):
-                self._clone(pcpi, f"{self.clone_prefix}x-{pcpi}", view, readonly=True)
+            if os.path.ismount(view):
+                continue
+            under = os.path.join(self.viewdir, ".rw", pcpi)
+            if not os.path.ismount(under):
+                self._clone(pcpi, f"{self.clone_prefix}x-{pcpi}", under, readonly=False)
+            os.makedirs(view, 0o755, exist_ok=True)
+            _bind_read_only(under, view)
+
+    def _unview(self, pcpi: str, *, force: bool) -> bool:
+        """Unmount the read-only view of ``pcpi``'s export clone; False while a reader keeps it busy
+        (``force``: detach it lazily instead, for a PCPI being deleted)."""
+        view = os.path.join(self.viewdir, pcpi)
+        if not os.path.ismount(view):
+            return True
+        if run([_umount(), view], check=False).returncode == 0:
+            return True
+        if force:
+            run([_umount(), "-l", view], check=False)
+            return not os.path.ismount(view)
+        return False
 
     def after_export(self, pcpis: set[str]) -> None:
         """Release export clones of PCPIs no longer exported (busy ones are kept for their readers)."""
@@ -447,14 +492,17 @@ class ZfsVolume(PosixVolume):
         for name in self._all_clones():
             tail = name[len(self.clone_prefix) :]
             if tail.startswith("x-") and tail[2:] not in pcpis:
+                if not self._unview(tail[2:], force=False):
+                    continue  # a reader holds it: retried at the next switch
                 try:
                     self._destroy(name, force=False, tries=2)
                 except BackendError:
                     pass
-                try:
-                    os.rmdir(os.path.join(self.viewdir, tail[2:]))
-                except OSError:
-                    pass
+                for d in (os.path.join(self.viewdir, tail[2:]), os.path.join(self.viewdir, ".rw", tail[2:])):
+                    try:
+                        os.rmdir(d)
+                    except OSError:
+                        pass
 
     # -- diff -----------------------------------------------------------------
     def diff(self, qtree: str, base: str | None, target: str) -> Iterator[object]:
