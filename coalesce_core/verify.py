@@ -27,6 +27,7 @@ from typing import Callable, Iterable, Iterator, Mapping, Sequence, TypedDict
 import attrs
 
 from coalesce_core.stream import records as R
+from coalesce_core.stream.fingerprint import BLOCK
 from coalesce_core.stream.privileges import split_xattrs
 
 ABSENT = "absent"
@@ -109,6 +110,10 @@ class Description:
               links): bounds the hard-link bookkeeping of a whole-image walk;
               never compared (a replica's purgatory holds links of its own
               until the next jump-ahead)
+    part      a regular file's part digest (coalesce_core.stream.fingerprint
+              ``part_digest``) over the byte ranges asked for it, only when
+              ranges were asked (the check of an update, for a file the update
+              only patched in place); compared like ``content``
     """
 
     path: str
@@ -125,6 +130,7 @@ class Description:
     entries: tuple[tuple[str, str], ...] | None = None
     ident: int | None = None
     nlink: int = 1
+    part: str | None = None
 
     @classmethod
     def absent(cls, path: str) -> "Description":
@@ -217,6 +223,8 @@ def _differ(a: Description, b: Description, holds: Holds) -> Difference | None:
         return Difference(p, "size", a.size, b.size)
     if a.content is not None and b.content is not None and a.content != b.content:
         return Difference(p, "content", a.content, b.content)
+    if a.part is not None and b.part is not None and a.part != b.part:
+        return Difference(p, "content", a.part, b.part)
     if a.mode != b.mode:
         return Difference(p, "mode", a.mode, b.mode)
     if holds.owners:
@@ -335,6 +343,7 @@ _WIRE = (
     ("X", "privileged_xattrs"),
     ("c", "content"),
     ("i", "ident"),
+    ("r", "part"),
 )
 _MAX_INT = 1 << 64
 _MAX_ENTRIES = 10_000_000
@@ -369,7 +378,7 @@ def description_from_json(obj: object) -> Description:
         value = obj.get(key)
         if value is None:
             continue
-        if field in ("target", "xattrs", "privileged_xattrs", "content"):
+        if field in ("target", "xattrs", "privileged_xattrs", "content", "part"):
             limit = MAX_PATH if field == "target" else 128
             if not isinstance(value, str) or not value or "\x00" in value or len(value) > limit:
                 raise ValueError(f"a description's {field} is not a short string")
@@ -408,13 +417,21 @@ def description_from_json(obj: object) -> Description:
 _NONE, _ENTRIES, _CONTENT = -1, 0, 1
 
 
+#: a file patched in more separate ranges than this is compared whole (bounds the bookkeeping)
+MAX_PARTS = 1024
+
+
 class _Node:
-    __slots__ = ("children", "want", "moved")
+    __slots__ = ("children", "want", "moved", "part", "wrote")
 
     def __init__(self) -> None:
         self.children: dict[str, _Node] = {}
         self.want = _NONE
         self.moved = False
+        # with want _CONTENT: None, the whole content; else the flat [start, end, ...] of the
+        # BLOCK-aligned ranges the records wrote (a file patched in place)
+        self.part: list[int] | None = None
+        self.wrote = False  # a Write named it: without one, a patched file is compared whole
 
 
 class Touched:
@@ -430,7 +447,13 @@ class Touched:
     (:func:`compare_subtrees`): a directory moved whole to a wrong place
     names none of the paths below it.  Memory is one
     small node per path the records name and per ancestor of one: it follows
-    the size of the change, not of the qtree."""
+    the size of the change, not of the qtree.
+
+    A file the records only patched in place (``Write``, ``Truncate``,
+    ``SetAttr``, ``SetXattr``; never created, removed, linked or renamed,
+    nor below an entry renamed), at least one ``Write`` among them, is
+    compared by the ranges they wrote (:meth:`parts`), not by its whole
+    content."""
 
     def __init__(self) -> None:
         self._root = _Node()
@@ -451,6 +474,28 @@ class Touched:
         node = self._node(path)
         if node.want < want:
             node.want = want
+        if want == _CONTENT:
+            node.part = None
+
+    def _patch(self, path: str, start: int, end: int, wrote: bool = False) -> None:
+        """``path`` changed in place from ``start`` to ``end`` (nothing when equal; ``wrote``:
+        by a Write)."""
+        node = self._node(path)
+        if node.want < _CONTENT:
+            node.want, node.part = _CONTENT, []
+        node.wrote = node.wrote or wrote
+        part = node.part
+        if part is None or start >= end:
+            return
+        start -= start % BLOCK
+        end += -end % BLOCK
+        if part and part[-2] <= start <= part[-1]:  # the common case: the next piece of a run
+            if end > part[-1]:
+                part[-1] = end
+        elif len(part) >= 2 * MAX_PARTS:
+            node.part = None
+        else:
+            part += (start, end)
 
     def _changed_entry(self, path: str) -> None:
         self._mark(path, _CONTENT)
@@ -459,8 +504,14 @@ class Touched:
     def add(self, rec: object) -> None:
         """Account for one record (Begin and End are ignored)."""
         t = type(rec)
-        if t is R.Write or t is R.Truncate or t is R.SetAttr or t is R.SetXattr:
-            self._mark(rec.path, _CONTENT)  # type: ignore[attr-defined]
+        if t is R.Write:
+            offset = rec.offset  # type: ignore[attr-defined]
+            self._patch(rec.path, offset, offset + len(rec.data), True)  # type: ignore[attr-defined]
+        elif t is R.Truncate:  # the blocks on both sides of the new end: what it kept and what it cut
+            size = rec.size  # type: ignore[attr-defined]
+            self._patch(rec.path, max(size - 1, 0), size + 1)  # type: ignore[attr-defined]
+        elif t is R.SetAttr or t is R.SetXattr:
+            self._patch(rec.path, 0, 0)  # type: ignore[attr-defined]
         elif t is R.MkFile or t is R.MkDir or t is R.Symlink or t is R.Unlink or t is R.RmDir:
             self._changed_entry(rec.path)  # type: ignore[attr-defined]
         elif t is R.HardLink:
@@ -527,6 +578,33 @@ class Touched:
                 stack.append((join(path, name), node.children[name], below))
         return parents, leaves
 
+    def part_of(self, path: str) -> tuple[tuple[int, int], ...] | None:
+        """The ranges of ``path`` in :meth:`parts` if the records so far ended now; None when it
+        is compared whole (or not a file patched in place)."""
+        node: _Node | None = self._root
+        for part in path.split("/") if path else ():
+            if node is None or node.moved:
+                return None
+            node = node.children.get(part)
+        if node is None or node.moved or node.part is None or not node.wrote or node.want != _CONTENT:
+            return None
+        return _merged(node.part)
+
+    def parts(self) -> dict[str, tuple[tuple[int, int], ...]]:
+        """The files patched in place: path -> the sorted, disjoint ranges (aligned to
+        fingerprint.BLOCK) their records wrote; every other path with content wanted is
+        compared whole (a renamed file, a file below a renamed entry, a created or linked one)."""
+        out: dict[str, tuple[tuple[int, int], ...]] = {}
+        stack: list[tuple[str, _Node, bool]] = [("", self._root, False)]
+        while stack:
+            path, node, moved = stack.pop()
+            moved = moved or node.moved
+            if node.part is not None and node.wrote and node.want == _CONTENT and not moved:
+                out[path] = _merged(node.part)
+            for name, child in node.children.items():
+                stack.append((join(path, name), child, moved))
+        return out
+
     def moved(self) -> list[str]:
         """The places, in path order, of the entries the records renamed (after every later
         rename), leaving out those below another one: each is the top of a subtree whose
@@ -552,12 +630,26 @@ class Touched:
         return n
 
 
+def _merged(flat: list[int]) -> tuple[tuple[int, int], ...]:
+    """Sorted, disjoint ranges of the flat ``[start, end, ...]`` of :meth:`Touched._patch`."""
+    pairs = sorted(zip(flat[::2], flat[1::2]))
+    out: list[tuple[int, int]] = []
+    for start, end in pairs:
+        if out and start <= out[-1][1]:
+            if end > out[-1][1]:
+                out[-1] = (out[-1][0], end)
+        else:
+            out.append((start, end))
+    return tuple(out)
+
+
 def _merge(into: _Node, node: _Node) -> None:
     stack = [(into, node)]
     while stack:
         a, b = stack.pop()
         a.want = max(a.want, b.want)
         a.moved = a.moved or b.moved
+        a.part = None  # below a renamed entry: compared whole
         for name, child in b.children.items():
             there = a.children.get(name)
             if there is None:

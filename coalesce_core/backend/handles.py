@@ -32,6 +32,9 @@ class VolumeHandle:
     records_decoded: bool = False
     #: ``diff(..., skip=k)`` regenerates the stream and skips its first k change records itself
     resumable_diff: bool = False
+    #: ``describe`` takes ``ranges`` (hook ``coalesce_describe``): the part digests of files over
+    #: byte ranges, reading only those ranges
+    describes_ranges: bool = False
     #: the most PCPIs the volume holds, whoever took them (None: no limit it knows of); the agent
     #: starts no cycle without room for the PCPIs a cycle may take (docs/writing-a-backend.md)
     max_pcpis: int | None = None
@@ -141,8 +144,10 @@ class HandleHooks:
         return _call(volume, "fingerprint", qtree, snapshot)
 
     @hookimpl(trylast=True)
-    def coalesce_describe(self, volume: Any, qtree: str, snapshot: str | None, paths: Any) -> Any:
-        return _call(volume, "describe", qtree, snapshot, paths)
+    def coalesce_describe(self, volume: Any, qtree: str, snapshot: str | None, paths: Any, ranges: Any) -> Any:
+        if ranges and isinstance(volume, VolumeHandle) and volume.describes_ranges:
+            return cast(Any, volume).describe(qtree, snapshot, paths, ranges)
+        return _call(volume, "describe", qtree, snapshot, paths)  # whole contents: compared whole
 
     @hookimpl(trylast=True)
     def coalesce_describe_tree(self, volume: Any, qtree: str, snapshot: str | None, content: bool) -> Any:

@@ -224,7 +224,11 @@ def coalesce_fingerprint(volume: VolumeHandle, qtree: str, snapshot: str | None)
 
 @hookspec(firstresult=True)
 def coalesce_describe(
-    volume: VolumeHandle, qtree: str, snapshot: str | None, paths: Sequence[tuple[str, bool]]
+    volume: VolumeHandle,
+    qtree: str,
+    snapshot: str | None,
+    paths: Sequence[tuple[str, bool]],
+    ranges: Mapping[str, Sequence[tuple[int, int]]] | None,
 ) -> list[Description] | None:
     """Describe qtree-relative paths of ``qtree`` in PCPI ``snapshot`` (None: the
     active FS), for verification: one :class:`coalesce_core.verify.Description`
@@ -240,6 +244,15 @@ def coalesce_describe(
     symlink: nothing is followed -- is ``absent``; a missing qtree describes
     every path as absent.  Reads only.  Raises BackendError if ``snapshot``
     does not exist, HostilePath for a path that is not qtree-relative.
+
+    ``ranges`` (optional; None or empty for most calls): for some of the paths
+    asked with ``content``, sorted disjoint ``(start, end)`` byte ranges; a
+    regular file there is described with ``part`` (fingerprint.part_digest over
+    those ranges, reading only them) instead of ``content``.  A handle declares
+    that it reads ranges (``VolumeHandle.describes_ranges``); the default
+    implementation describes the paths of a handle that does not with their
+    whole content, which the check before ``done`` then compares whole on both
+    sides (docs/writing-a-backend.md).
     """
 
 

@@ -57,6 +57,11 @@ class Volume:
         return isinstance(self.handle, VolumeHandle) and bool(self.handle.resumable_diff)
 
     @property
+    def describes_ranges(self) -> bool:
+        """:meth:`describe` reads only the byte ranges asked (VolumeHandle.describes_ranges)."""
+        return isinstance(self.handle, VolumeHandle) and bool(self.handle.describes_ranges)
+
+    @property
     def max_pcpis(self) -> int | None:
         """The most PCPIs the volume holds (VolumeHandle.max_pcpis); None: no limit it declares."""
         if not isinstance(self.handle, VolumeHandle) or self.handle.max_pcpis is None:
@@ -138,12 +143,22 @@ class Volume:
     def fingerprint(self, qtree: str, snapshot: str | None = None) -> str:
         return self._call("coalesce_fingerprint", qtree=qtree, snapshot=snapshot)
 
-    def describe(self, qtree: str, snapshot: str | None, paths: Sequence[tuple[str, bool]]) -> list[Any]:
-        """One coalesce_core.verify.Description per ``(path, content)``, in order (see the hookspec)."""
+    def describe(
+        self,
+        qtree: str,
+        snapshot: str | None,
+        paths: Sequence[tuple[str, bool]],
+        ranges: Mapping[str, Sequence[tuple[int, int]]] | None = None,
+    ) -> list[Any]:
+        """One coalesce_core.verify.Description per ``(path, content)``, in order; ``ranges``: the
+        byte ranges of some of them whose part digests are asked instead of their contents
+        (see the hookspec; without :attr:`describes_ranges`, whole contents)."""
         paths = [(p, bool(c)) for p, c in paths]
         if not paths:
             return []
-        got = self.pm.hook.coalesce_describe(volume=self.handle, qtree=qtree, snapshot=snapshot, paths=paths)
+        got = self.pm.hook.coalesce_describe(
+            volume=self.handle, qtree=qtree, snapshot=snapshot, paths=paths, ranges=ranges or None
+        )
         if got is None:
             raise BackendError(
                 f"no backend implements coalesce_describe for {self.url}, so its replicas cannot be "

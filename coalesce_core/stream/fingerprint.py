@@ -17,7 +17,7 @@ keeps holes or preallocated extents, and a backend that knows its holes
 from __future__ import annotations
 
 import hashlib
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import attrs
 
@@ -29,6 +29,7 @@ EMPTY = hashlib.sha256(f"{VERSION}\n".encode()).hexdigest()
 BLOCK = 64 << 10
 _CONTENT_TAG = b"coalesce-content-v2\n"
 _ZEROS = bytes(BLOCK)
+_PART_TAG = b"coalesce-part-v1\n"
 
 
 class ContentDigest:
@@ -105,6 +106,42 @@ def content_digest_of(data: bytes | bytearray | memoryview, size: int | None = N
     d = ContentDigest(len(data) if size is None else size)
     d.update(0, data)
     return d.hexdigest()
+
+
+def part_digest(size: int, ranges: Sequence[tuple[int, int]], content: ContentDigest | str) -> str:
+    """The *part digest* of a file of ``size`` bytes over ``ranges`` (sorted, disjoint
+    ``(start, end)`` byte ranges, as asked; the check before ``done`` asks them aligned to
+    :data:`BLOCK`): SHA-256 of a tag, the ranges (8 + 8 bytes each) and the content digest of
+    the file as if it held only the bytes of those ranges, zeros elsewhere (``content``: the
+    :class:`ContentDigest` fed those pieces, or its hexdigest).  Two files of the same size
+    have the same part digest iff their bytes in the ranges are the same.  Not a content
+    digest: it never leaves the verification of one update (docs/verification.md)."""
+    h = hashlib.sha256(_PART_TAG)
+    for start, end in ranges:
+        h.update(start.to_bytes(8, "big") + end.to_bytes(8, "big"))
+    h.update((content if isinstance(content, str) else content.hexdigest()).encode("ascii"))
+    return h.hexdigest()
+
+
+def part_digest_of(data: bytes | bytearray | memoryview, ranges: Sequence[tuple[int, int]]) -> str:
+    """:func:`part_digest` of a file holding ``data`` (reads only the ranges of it)."""
+    d = ContentDigest(len(data))
+    view = memoryview(data)
+    for start, end in ranges:
+        if start < len(data):
+            d.update(start, view[start:end])
+    return part_digest(len(data), ranges, d)
+
+
+def part_digest_of_pieces(
+    size: int, ranges: Sequence[tuple[int, int]], pieces: Iterable[tuple[int, bytes | bytearray | memoryview]]
+) -> str:
+    """:func:`part_digest` of a file of ``size`` bytes whose data inside ``ranges`` are the
+    ``(offset, bytes)`` pieces, in increasing offset order, none outside the ranges (holes left out)."""
+    d = ContentDigest(size)
+    for offset, data in pieces:
+        d.update(offset, data)
+    return part_digest(size, ranges, d)
 
 
 def content_digest_of_pieces(size: int, pieces: Iterable[tuple[int, bytes | bytearray | memoryview]]) -> str:

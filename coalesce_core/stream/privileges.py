@@ -109,8 +109,8 @@ class PolicyView:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.volume, name)
 
-    def describe(self, qtree: str, snapshot: str | None, paths: Any) -> list[Any]:
-        return [description(d, self.policy) for d in self.volume.describe(qtree, snapshot, paths)]
+    def describe(self, qtree: str, snapshot: str | None, paths: Any, ranges: Any = None) -> list[Any]:
+        return [description(d, self.policy) for d in self.volume.describe(qtree, snapshot, paths, ranges)]
 
     def describe_tree(self, qtree: str, snapshot: str | None, *, content: bool) -> Iterator[Any]:
         inner = iter(self.volume.describe_tree(qtree, snapshot, content=content))

@@ -10,12 +10,13 @@ owners, nanosecond mtimes and xattrs of every node (:data:`HOLDS`).
 
 from __future__ import annotations
 
-from typing import Sequence, TypedDict
+from typing import Iterator, Mapping, Sequence, TypedDict
 
+from coalesce_core.stream.fingerprint import part_digest_of_pieces
 from coalesce_core.stream.records import check_path_or_root
 from coalesce_core.verify import Description, Holds, xattr_fields
 
-from .tree import Dir, File, Node, QtreeState, sort_key
+from .tree import Blocks, Dir, File, Node, QtreeState, sort_key
 
 HOLDS = Holds(owners=True, xattrs=True, mtime_ns=1)
 
@@ -38,8 +39,27 @@ def _lookup(root: Dir, path: str) -> Node | None:
     return node
 
 
-def describe_node(path: str, node: Node | None, content: bool) -> Description:
-    """The Description of ``node`` found at ``path`` (None: absent)."""
+def _part(data: Blocks, ranges: Sequence[tuple[int, int]]) -> str:
+    """The part digest of ``data`` over ``ranges``, from the blocks inside them only."""
+    size, b = data.size, Blocks.BLOCK
+
+    def pieces() -> Iterator[tuple[int, memoryview]]:
+        for start, end in ranges:
+            end = min(end, size)
+            for i in range(start // b, -(-end // b)):
+                blk = data.block(i)
+                if blk is not None:
+                    lo, hi = max(start, i * b), min(end, (i + 1) * b)
+                    yield lo, memoryview(blk)[lo - i * b : hi - i * b]
+
+    return part_digest_of_pieces(size, ranges, pieces())
+
+
+def describe_node(
+    path: str, node: Node | None, content: bool, ranges: Sequence[tuple[int, int]] | None = None
+) -> Description:
+    """The Description of ``node`` found at ``path`` (None: absent); ``ranges``: the part digest
+    of a regular file over them instead of its content."""
     if node is None:
         return Description.absent(path)
     common = _Common(uid=node.uid, gid=node.gid, mtime_ns=node.mtime_ns)
@@ -49,7 +69,8 @@ def describe_node(path: str, node: Node | None, content: bool) -> Description:
     if isinstance(node, File):
         from .tree import entry_of
 
-        digest = entry_of(path or ".", node).content_sha256 if content else None
+        part = _part(node.data, ranges) if content and ranges is not None else None
+        digest = entry_of(path or ".", node).content_sha256 if content and part is None else None
         return Description(
             path=path,
             kind="f",
@@ -59,15 +80,22 @@ def describe_node(path: str, node: Node | None, content: bool) -> Description:
             content=digest,
             ident=id(node),
             nlink=0,
+            part=part,
             **common,
         )
     return Description(path=path, kind="l", target=node.target, **common)  # type: ignore[attr-defined]
 
 
-def describe(state: QtreeState | None, paths: Sequence[tuple[str, bool]]) -> list[Description]:
-    """One Description per ``(path, content)`` of a qtree state (None: a missing qtree)."""
+def describe(
+    state: QtreeState | None,
+    paths: Sequence[tuple[str, bool]],
+    ranges: Mapping[str, Sequence[tuple[int, int]]] | None = None,
+) -> list[Description]:
+    """One Description per ``(path, content)`` of a qtree state (None: a missing qtree); the
+    paths in ``ranges`` with their part digests over those ranges (the hookspec)."""
     for p, _c in paths:
         check_path_or_root(p)
     if state is None:
         return [Description.absent(p) for p, _c in paths]
-    return [describe_node(p, _lookup(state.root, p), c) for p, c in paths]
+    got = ranges or {}
+    return [describe_node(p, _lookup(state.root, p), c, got.get(p)) for p, c in paths]

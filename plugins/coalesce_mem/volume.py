@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import os
 import threading
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 from coalesce_core.backend.handles import VolumeHandle
 from coalesce_core.backend.hookspecs import ACTIVE
@@ -58,6 +58,7 @@ class MemVolume(VolumeHandle):
     #: the capability (VolumeHandle.max_file_size): 2^63 - 1 (only data are kept, tree.Blocks),
     #: settable per volume like ``max_pcpis`` (a smaller destination in tests)
     max_file_size: int
+    describes_ranges = True
 
     def __init__(self, scheme: str, location: str) -> None:
         self.scheme = scheme
@@ -333,11 +334,17 @@ class MemVolume(VolumeHandle):
 
         return digest(entries)
 
-    def describe(self, qtree: str, snapshot: str | None, paths: Sequence[tuple[str, bool]]) -> list:
+    def describe(
+        self,
+        qtree: str,
+        snapshot: str | None,
+        paths: Sequence[tuple[str, bool]],
+        ranges: Mapping[str, Sequence[tuple[int, int]]] | None = None,
+    ) -> list:
         _check_qtree(qtree)
         with self.lock:
             self._sync()
-            return describing.describe(self._state(qtree, snapshot), paths)
+            return describing.describe(self._state(qtree, snapshot), paths, ranges)
 
     def describe_tree(self, qtree: str, snapshot: str | None, content: bool) -> Iterator[Any]:
         from coalesce_core.verify import generic_tree

@@ -26,7 +26,7 @@ import hashlib
 import os
 import stat
 from collections import OrderedDict
-from typing import Iterator, Sequence, TypedDict
+from typing import Iterator, Mapping, Sequence, TypedDict
 
 from coalesce_core.stream import fingerprint
 from coalesce_core.stream.fingerprint import BLOCK
@@ -170,6 +170,25 @@ def content_digest(fd: int, size: int) -> str:
     return content_digest_fd(fd, size)
 
 
+#: bytes read at a time for a part digest
+PART_READ = 1 << 20
+
+
+def part_digest(fd: int, size: int, ranges: Sequence[tuple[int, int]]) -> str:
+    """The part digest (fingerprint.part_digest) of the open regular file ``fd`` of ``size``
+    bytes over ``ranges``: only those ranges are read (pread)."""
+    d = fingerprint.ContentDigest(size)
+    for start, end in ranges:
+        pos, end = start, min(end, size)
+        while pos < end:
+            data = os.pread(fd, min(PART_READ, end - pos), pos)
+            if not data:
+                break  # shorter than its size (a live file): the digest shows it
+            d.update(pos, data)
+            pos += len(data)
+    return fingerprint.part_digest(size, ranges, d)
+
+
 def _entries(fd: int) -> tuple[tuple[str, str], ...]:
     out = []
     with os.scandir(fd) as it:
@@ -192,7 +211,7 @@ class _Common(TypedDict):
     mtime_ns: int
 
 
-def _describe(dirs: _Dirs, path: str, content: bool) -> Description:
+def _describe(dirs: _Dirs, path: str, content: bool, ranges: Sequence[tuple[int, int]] | None = None) -> Description:
     if path == "":
         pfd, name = None, ""
         st = os.fstat(dirs.fds[""])
@@ -217,7 +236,8 @@ def _describe(dirs: _Dirs, path: str, content: bool) -> Description:
     if stat.S_ISREG(mode):
         fd = os.open(name, _FILE_FLAGS, dir_fd=pfd)
         try:
-            digest = content_digest(fd, st.st_size) if content else None
+            part = part_digest(fd, st.st_size, ranges) if content and ranges is not None else None
+            digest = content_digest(fd, st.st_size) if content and part is None else None
             return Description(
                 path=path,
                 kind="f",
@@ -227,6 +247,7 @@ def _describe(dirs: _Dirs, path: str, content: bool) -> Description:
                 content=digest,
                 ident=st.st_ino,
                 nlink=st.st_nlink,
+                part=part,
                 **common,
             )
         finally:
@@ -243,8 +264,11 @@ def _open_qtree(qdir: str) -> int | None:
         raise
 
 
-def describe_paths(qdir: str, paths: Sequence[tuple[str, bool]]) -> list[Description]:
-    """One Description per ``(path, content)`` of the qtree directory ``qdir`` (see the hookspec)."""
+def describe_paths(
+    qdir: str, paths: Sequence[tuple[str, bool]], ranges: Mapping[str, Sequence[tuple[int, int]]] | None = None
+) -> list[Description]:
+    """One Description per ``(path, content)`` of the qtree directory ``qdir``, the paths in
+    ``ranges`` with their part digests over those ranges (see the hookspec)."""
     for p, _c in paths:
         check_path_or_root(p)
     qfd = _open_qtree(qdir)
@@ -252,7 +276,8 @@ def describe_paths(qdir: str, paths: Sequence[tuple[str, bool]]) -> list[Descrip
         return [Description.absent(p) for p, _c in paths]
     dirs = _Dirs(qfd)
     try:
-        return [_describe(dirs, p, c) for p, c in paths]
+        got = ranges or {}
+        return [_describe(dirs, p, c, got.get(p)) for p, c in paths]
     finally:
         dirs.close()
         os.close(qfd)

@@ -42,6 +42,7 @@ class PosixVolume(VolumeHandle):
     """A volume whose active file system is the directory ``root``."""
 
     scheme = "posix"
+    describes_ranges = True
     metadir: str | None = None  # set by the backend: the ledger's directory kept with the volume
     _max_file_size: int | None = None
 
@@ -146,10 +147,16 @@ class PosixVolume(VolumeHandle):
         with self.image(snapshot) as root:
             return walk.fingerprint(os.path.join(root, qtree))
 
-    def describe(self, qtree: str, snapshot: str | None, paths: Sequence[tuple[str, bool]]) -> list:
+    def describe(
+        self,
+        qtree: str,
+        snapshot: str | None,
+        paths: Sequence[tuple[str, bool]],
+        ranges: Mapping[str, Sequence[tuple[int, int]]] | None = None,
+    ) -> list:
         check_qtree(qtree)
         with self.image(snapshot) as root:
-            return describe.describe_paths(os.path.join(root, qtree), paths)
+            return describe.describe_paths(os.path.join(root, qtree), paths, ranges)
 
     def describe_tree(self, qtree: str, snapshot: str | None, content: bool) -> Iterator:
         check_qtree(qtree)

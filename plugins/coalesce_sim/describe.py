@@ -10,9 +10,9 @@ mtimes and xattrs of every inode (:data:`HOLDS`).
 
 from __future__ import annotations
 
-from typing import Sequence, TypedDict
+from typing import Iterator, Mapping, Sequence, TypedDict
 
-from coalesce_core.stream.fingerprint import content_digest_of_pieces
+from coalesce_core.stream.fingerprint import content_digest_of_pieces, part_digest_of_pieces
 from coalesce_core.stream.records import check_path_or_root
 from coalesce_core.verify import Description, Holds, parent_of, xattr_fields
 
@@ -37,7 +37,25 @@ def _content(fs: SimFS, rec) -> str:
     return content_digest_of_pieces(rec.size, pieces)
 
 
-def _describe(fs: SimFS, view: View, path: str, ino: int | None, content: bool) -> Description:
+def _part(fs: SimFS, rec, ranges: Sequence[tuple[int, int]]) -> str:
+    """The part digest of ``rec`` over ``ranges``: only the blocks inside them are looked up and read."""
+    size = rec.size
+
+    def pieces() -> Iterator[tuple[int, memoryview]]:
+        for start, end in ranges:
+            end = min(end, size)
+            for f in range(start // BS, -(-end // BS)):
+                vbn = fs.get_ptr(rec.top, rec.height, f)
+                if vbn:
+                    lo, hi = max(start, f * BS), min(end, (f + 1) * BS)
+                    yield lo, memoryview(fs.read(vbn))[lo - f * BS : hi - f * BS]
+
+    return part_digest_of_pieces(size, ranges, pieces())
+
+
+def _describe(
+    fs: SimFS, view: View, path: str, ino: int | None, content: bool, ranges: Sequence[tuple[int, int]] | None = None
+) -> Description:
     rec = view.inode(ino) if ino else None
     if rec is None or rec.kind not in _KIND:
         return Description.absent(path)
@@ -64,15 +82,23 @@ def _describe(fs: SimFS, view: View, path: str, ino: int | None, content: bool) 
         mode=rec.mode & 0o7777,
         size=rec.size,
         **xattr_fields(view.xattrs(rec)),
-        content=_content(fs, rec) if content else None,
+        content=_content(fs, rec) if content and ranges is None else None,
         ident=ino,
         nlink=rec.nlink,
+        part=_part(fs, rec, ranges) if content and ranges is not None else None,
         **common,
     )
 
 
-def describe(fs: SimFS, qtree: str, snapshot: str | None, paths: Sequence[tuple[str, bool]]) -> list[Description]:
-    """One Description per ``(path, content)`` of ``qtree`` in ``snapshot`` (None: the active FS).
+def describe(
+    fs: SimFS,
+    qtree: str,
+    snapshot: str | None,
+    paths: Sequence[tuple[str, bool]],
+    ranges: Mapping[str, Sequence[tuple[int, int]]] | None = None,
+) -> list[Description]:
+    """One Description per ``(path, content)`` of ``qtree`` in ``snapshot`` (None: the active FS),
+    the paths in ``ranges`` with their part digests over those ranges (the hookspec).
     The caller holds ``fs.lock``."""
     check_qtree_name(qtree)
     for p, _c in paths:
@@ -100,4 +126,5 @@ def describe(fs: SimFS, qtree: str, snapshot: str | None, paths: Sequence[tuple[
             resolved[path] = ino
         return ino
 
-    return [_describe(fs, view, p, resolve(p), c) for p, c in paths]
+    got = ranges or {}
+    return [_describe(fs, view, p, resolve(p), c, got.get(p)) for p, c in paths]

@@ -36,9 +36,11 @@ class SimVolume(SimFS, VolumeHandle):
     ``close`` and ``export_path`` begins with :meth:`SimFS.check`, so a closed or crashed
     handle refuses work with a hint to reopen it.  The native rollback is
     :meth:`native_rollback`, which the backend's ``coalesce_rollback`` hook calls.  A volume
-    holds at most ``max_pcpis`` PCPIs (255, as WAFL)."""
+    holds at most ``max_pcpis`` PCPIs (255, as WAFL).  ``describe`` reads only the byte
+    ranges asked (``describes_ranges``)."""
 
     max_pcpis = MAX_PCPIS
+    describes_ranges = True
 
     def __repr__(self) -> str:
         return f"SimVolume(sim://{self.path})"
@@ -154,12 +156,18 @@ class SimVolume(SimFS, VolumeHandle):
         with self.lock:
             return _diff.fingerprint(self, qtree, snapshot)
 
-    def describe(self, qtree: str, snapshot: str | None, paths: Sequence[tuple[str, bool]]) -> list[Any]:
+    def describe(
+        self,
+        qtree: str,
+        snapshot: str | None,
+        paths: Sequence[tuple[str, bool]],
+        ranges: Mapping[str, Sequence[tuple[int, int]]] | None = None,
+    ) -> list[Any]:
         self.check()
         from .describe import describe
 
         with self.lock:
-            return describe(self, qtree, snapshot, paths)
+            return describe(self, qtree, snapshot, paths, ranges)
 
     def describe_tree(self, qtree: str, snapshot: str | None, content: bool) -> Iterator[Any]:
         """The generic walk, a directory at a time, each batch under the volume's lock."""

@@ -9,9 +9,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from coalesce_core.stream import records as R
+from coalesce_core.stream.fingerprint import BLOCK as B
 from coalesce_core.verify import (
     ABSENT,
     FIELDS,
+    MAX_PARTS,
     Comparer,
     Description,
     Difference,
@@ -93,6 +95,12 @@ def test_the_first_differing_field_is_reported_in_order():
 
 def test_content_is_compared_only_where_both_sides_digested():
     assert compare([F], [attrs.evolve(F, content=None)]) == []
+
+
+def test_part_digests_are_compared_as_content():
+    a, b = attrs.evolve(F, content=None, part="p1"), attrs.evolve(F, content=None, part="p2")
+    assert [(d.field, d.source, d.replica) for d in compare([a], [b])] == [("content", "p1", "p2")]
+    assert compare([a], [a]) == []
 
 
 def test_what_the_destination_cannot_hold_is_not_compared_and_is_said():
@@ -308,6 +316,63 @@ def test_renamed_entries_are_the_tops_of_subtrees_compared_whole():
     ):
         t.add(r)
     assert t.moved() == ["b", "y"]  # y/c and y/c/e lie below y: walked with it
+
+
+def _parts(*recs) -> dict[str, tuple[tuple[int, int], ...]]:
+    t = Touched()
+    for r in recs:
+        t.add(r)
+    return t.parts()
+
+
+def test_a_file_only_written_in_place_is_compared_by_its_written_blocks():
+    """docs/verification.md: the written ranges, aligned to fingerprint.BLOCK, merged."""
+    got = _parts(
+        R.Write(path="f", offset=B + 10, data=b"x" * 100),
+        R.Write(path="f", offset=B + 110, data=b"y" * B),  # the next piece of the same run
+        R.Write(path="f", offset=10 * B, data=b"z"),
+        R.Write(path="f", offset=0, data=b"w"),  # out of order: sorted and merged at the end
+        R.SetAttr(path="f", mtime_ns=5),
+        R.SetXattr(path="f", name="user.a", value=b"1"),
+        R.Truncate(path="f", size=20 * B + 1),  # the blocks on both sides of the new end
+    )
+    assert got == {"f": ((0, 3 * B), (10 * B, 11 * B), (20 * B, 21 * B))}
+
+
+def test_created_renamed_linked_or_moved_files_are_compared_whole():
+    """What catches a wrong identity (M3 of docs/verification.md): never by ranges."""
+    got = _parts(
+        R.MkFile(path="new"),
+        R.Write(path="new", offset=0, data=b"1"),  # created in this update
+        R.Write(path="ren", offset=0, data=b"1"),
+        R.Rename(old="ren", new="ren2"),  # renamed after the write
+        R.Rename(old="was", new="ren3"),
+        R.Write(path="ren3", offset=0, data=b"1"),  # renamed before the write
+        R.Write(path="d/f", offset=0, data=b"1"),
+        R.Rename(old="d", new="e"),  # below a renamed directory
+        R.Write(path="g/h", offset=0, data=b"1"),
+        R.Rename(old="g", new="g2"),
+        R.Rename(old="g2", new="g"),  # back at its name, still moved
+        R.Write(path="l", offset=0, data=b"1"),
+        R.HardLink(path="l2", existing="l"),  # a new link of it
+        R.Write(path="u", offset=0, data=b"1"),
+        R.Unlink(path="u"),
+        R.Write(path="kept", offset=B, data=b"1"),
+    )
+    assert got == {"kept": ((B, 2 * B),)}
+
+
+def test_a_file_whose_records_wrote_nothing_is_compared_whole():
+    """Attributes or a size alone: its content is compared whole, as a lost Write would leave it."""
+    assert (
+        _parts(R.SetAttr(path="f", mtime_ns=1), R.SetXattr(path="g", name="user.a"), R.Truncate(path="h", size=0)) == {}
+    )
+
+
+def test_a_file_patched_in_too_many_pieces_is_compared_whole():
+    recs = [R.Write(path="f", offset=2 * i * B, data=b"1") for i in range(MAX_PARTS + 1)]
+    assert _parts(*recs[:MAX_PARTS]) == {"f": tuple((2 * i * B, (2 * i + 1) * B) for i in range(MAX_PARTS))}
+    assert _parts(*recs) == {}
 
 
 def test_the_touched_set_refuses_what_is_not_a_record():

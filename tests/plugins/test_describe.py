@@ -12,6 +12,7 @@ import pytest
 from coalesce_core.backend.manager import plugin_manager
 from coalesce_core.backend.volume import Volume
 from coalesce_core.errors import BackendError, HostilePath
+from coalesce_core.stream import fingerprint
 from coalesce_core.stream import records as R
 from coalesce_core.verify import Description, Holds, path_key, tree_compare, xattr_digest
 
@@ -165,6 +166,60 @@ def test_content_digests_only_when_asked_and_holes_cost_nothing(volume):
     assert (
         time.monotonic() - t0 < 60
     )  # not a timing assertion of speed: a guard against reading 64 MiB of zeros forever
+
+
+RANGES = {"big": ((0, 1 << 16), (2 << 16, 4 << 16)), "sparse": ((5 << 20, (5 << 20) + (1 << 16)),), "zero": ((0, 1),)}
+
+
+def test_part_digests_over_ranges_agree_on_every_backend(volume):
+    """``coalesce_describe``'s ``ranges``: the part digest (fingerprint.part_digest) of the bytes
+    in them, the same on every backend, instead of the content digest; other paths as usual."""
+    _kind, vol = volume
+    asked = [("big", True), ("sparse", True), ("zero", True), ("d/e/f", True), ("big", False)]
+    got = vol.describe("q", "co-g-src-000001", asked, RANGES)
+    ref = _reference()
+    data = bytes(ref_bytes("big"))
+    assert got[0].part == fingerprint.part_digest_of(data, RANGES["big"]) and got[0].content is None
+    sparse = bytearray(64 << 20)
+    sparse[5 << 20 : (5 << 20) + 6] = b"island"
+    assert got[1].part == fingerprint.part_digest_of(sparse, RANGES["sparse"])
+    assert got[2].part == fingerprint.part_digest_of(b"", RANGES["zero"])
+    assert got[3].content == ref["d/e/f"].content and got[3].part is None  # not in ranges
+    assert got[4].content is None and got[4].part is None  # without content, ranges are not read
+    assert vol.describes_ranges  # each reads only the ranges (sim and posix: tests/core/test_verify_ranges.py, below)
+
+
+def ref_bytes(path: str) -> bytes:
+    """The bytes TREE writes to ``path`` (its Writes, in order, no holes)."""
+    out = bytearray()
+    for r in TREE:
+        if isinstance(r, R.Write) and r.path == path:
+            out[r.offset : r.offset + len(r.data)] = r.data
+    return bytes(out)
+
+
+def test_posix_part_digests_read_only_the_ranges(tmp_path, monkeypatch):
+    """The posix describe (btrfs, zfs) preads the ranges of a file and nothing else of it."""
+    from coalesce_posix import describe as posix
+
+    data = bytes(range(256)) * (16 << 12)  # 16 MiB
+    (tmp_path / "f").write_bytes(data)
+    ranges = ((8 << 20, (8 << 20) + (1 << 16)),)
+    read: list[int] = []
+    real = os.pread
+
+    def counting(fd: int, n: int, offset: int) -> bytes:
+        out = real(fd, n, offset)
+        read.append(len(out))
+        return out
+
+    monkeypatch.setattr(os, "pread", counting)
+    (d,) = posix.describe_paths(str(tmp_path), [("f", True)], {"f": ranges})
+    assert d.part == fingerprint.part_digest_of(data, ranges) and d.content is None
+    assert sum(read) == 1 << 16
+    read.clear()
+    (whole,) = posix.describe_paths(str(tmp_path), [("f", True)])
+    assert whole.content == fingerprint.content_digest_of(data) and sum(read) == len(data)
 
 
 def test_a_missing_pcpi_and_hostile_paths_are_errors_a_missing_qtree_is_absent(volume):
