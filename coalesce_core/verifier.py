@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from coalesce_core import verify as V
 from coalesce_core.backend.hookspecs import ACTIVE
@@ -31,6 +31,8 @@ from coalesce_core.stream.records import Write
 BATCH = 16384
 #: the ledger's meta key holding the last full verification of each replica
 META_KEY = "verified"
+#: byte ranges of a file, sorted and disjoint (coalesce_core.verify.Touched.parts)
+Ranges = tuple[tuple[int, int], ...]
 
 
 class _Side:
@@ -67,36 +69,62 @@ def _both(
     dest: Any,
     dst_qtree: str,
     dst_snap: str | None,
-    cache: Mapping[str, V.Description] | None = None,
+    cache: Mapping[str, tuple[V.Description, Ranges | None]] | None = None,
+    parts: Mapping[str, Ranges] | None = None,
 ):
     """``describe_both`` for compare_paths: the source side in a helper thread, the replica side
-    in the caller's; source descriptions already in ``cache`` (taken with content) are reused,
-    and when the cache holds most of the source side, the helper also takes half of the replica
-    side."""
+    in the caller's; source descriptions already in ``cache`` (with the ranges they were taken
+    for) are reused where they answer what is asked, and when the cache holds most of the
+    source side, the helper also takes half of the replica side.  The paths in ``parts`` asked with content are described by their part digests over
+    those ranges on both sides (``coalesce_describe``'s ``ranges``); a regular file whose two
+    descriptions do not both carry one (a backend that does not read ranges) is described
+    again with its whole content on both sides, so that its bytes are always compared."""
     cache = cache or {}
+    parts = parts or {}
 
     def usable(p: str, content: bool) -> bool:
-        d = cache.get(p)
-        return d is not None and (not content or d.kind != "f" or d.content is not None)
+        hit = cache.get(p)
+        if hit is None:
+            return False
+        d, taken = hit
+        if not content or d.kind != "f":
+            return True
+        want = parts.get(p)
+        return d.content is not None if want is None else d.part is not None and taken == want
 
-    def describe_both(chunk: Sequence[tuple[str, bool]]):
-        chunk = list(chunk)
+    def both(chunk: list[tuple[str, bool]], ranges: Mapping[str, Ranges]) -> tuple[list, list]:
         need = [(p, c) for p, c in chunk if not usable(p, c)]
         half = len(chunk) // 2 if len(need) * 4 <= len(chunk) else len(chunk)
 
         def helper() -> tuple[list, list]:
-            got = source.describe(src_qtree, src_snap, need) if need else []
-            return got, dest.describe(dst_qtree, dst_snap, chunk[half:]) if half < len(chunk) else []
+            got = source.describe(src_qtree, src_snap, need, ranges) if need else []
+            return got, dest.describe(dst_qtree, dst_snap, chunk[half:], ranges) if half < len(chunk) else []
 
         side = _Side()
         side.start(helper)
         try:
-            first = dest.describe(dst_qtree, dst_snap, chunk[:half])
+            first = dest.describe(dst_qtree, dst_snap, chunk[:half], ranges)
         finally:
             got, rest = side.result()
         mine = first + rest
         found = {d.path: d for d in got}
-        theirs = [cache[p] if usable(p, c) else found[p] for p, c in chunk]
+        theirs = [cache[p][0] if usable(p, c) else found[p] for p, c in chunk]
+        return theirs, mine
+
+    def describe_both(chunk: Sequence[tuple[str, bool]]):
+        chunk = list(chunk)
+        ranges = {p: parts[p] for p, c in chunk if c and p in parts} if parts else {}
+        theirs, mine = both(chunk, ranges)
+        if ranges:
+            redo = [
+                (i, (a.path, True))
+                for i, (a, b) in enumerate(zip(theirs, mine))
+                if a.path in ranges and a.kind == b.kind == "f" and (a.part is None or b.part is None)
+            ]
+            if redo:
+                again = both([item for _i, item in redo], {})
+                for (i, _item), a, b in zip(redo, *again):
+                    theirs[i], mine[i] = a, b
         return theirs, mine
 
     return describe_both
@@ -132,38 +160,52 @@ class _Prefetch:
     """Describes, in a helper thread and while the update is still being applied, the source
     side of the files large Write records wrote (PREFETCH_FROM; the source PCPI does not
     change, so its descriptions can be taken at any time): the check after the apply then
-    reads and hashes only the replica's copy of them.
+    reads and hashes only the replica's copy of them.  A file compared whole is handed over
+    at once; a file patched in place (``part_of``: its ranges so far, None for a file compared
+    whole) once the stream has gone on to another path, with the ranges written by then, and
+    the check uses its description only if those are still its ranges at the end.
 
     Paths are handed over in batches of PREFETCH_PATHS paths or PREFETCH_BYTES of written data,
     so a backend whose describe call costs something by itself (a read clone of zfs-fuse) pays it
     per batch; what is left when the stream ends is described with the rest.  Best effort: a
     failed batch is simply described again by the check."""
 
-    def __init__(self, source: Any, qtree: str, target: str) -> None:
-        self.source, self.qtree, self.target = source, qtree, target
-        self.cache: dict[str, V.Description] = {}
+    def __init__(self, source: Any, qtree: str, target: str, part_of: Callable[[str], Ranges | None]) -> None:
+        self.source, self.qtree, self.target, self.part_of = source, qtree, target, part_of
+        self.cache: dict[str, tuple[V.Description, Ranges | None]] = {}
         self.seen: set[str] = set()
         self.written: dict[str, int] = {}  # bytes written so far to paths not yet offered
+        self.open: tuple[str, int] | None = None  # a patched file being written, and its bytes
         self.pending: list[tuple[str, bool]] = []
+        self.ranges: dict[str, Ranges] = {}
         self.pending_bytes = 0
-        self.q: "queue.Queue[list[tuple[str, bool]] | None]" = queue.Queue()
+        self.q: "queue.Queue[tuple[list[tuple[str, bool]], dict[str, Ranges]] | None]" = queue.Queue()
         self.t = threading.Thread(target=self._run, name="coalesce-verify-prefetch", daemon=True)
         self.t.start()
 
     def _run(self) -> None:
         while True:
-            batch = self.q.get()
-            if batch is None:
+            item = self.q.get()
+            if item is None:
                 return
+            batch, ranges = item
             try:
-                for d in self.source.describe(self.qtree, self.target, batch):
-                    self.cache[d.path] = d
+                for d in self.source.describe(self.qtree, self.target, batch, ranges):
+                    self.cache[d.path] = (d, ranges.get(d.path))
             except Exception:
                 pass  # described again by the check
+
+    def step(self, path: str | None) -> None:
+        """A record naming ``path`` goes to the applier: a patched file it does not name is handed over."""
+        if self.open is not None and path != self.open[0]:
+            (done, nbytes), self.open = self.open, None
+            self._hand(done, nbytes, self.part_of(done))
 
     def offer(self, path: str, nbytes: int) -> None:
         """``nbytes`` were written to ``path``: it is prefetched once PREFETCH_FROM were."""
         if path in self.seen:
+            if self.open is not None and self.open[0] == path:
+                self.open = (path, self.open[1] + nbytes)
             return
         written = self.written.get(path, 0) + nbytes
         if written < PREFETCH_FROM:
@@ -171,14 +213,23 @@ class _Prefetch:
             return
         self.written.pop(path, None)
         self.seen.add(path)
-        self.pending.append((path, True))
-        self.pending_bytes += written
-        if len(self.pending) >= PREFETCH_PATHS or (self.pending and self.pending_bytes >= PREFETCH_BYTES):
-            self.q.put(self.pending)
-            self.pending, self.pending_bytes = [], 0
+        if self.part_of(path) is None:
+            self._hand(path, written, None)
+        else:
+            self.open = (path, written)
 
-    def finish(self) -> dict[str, V.Description]:
-        """Wait for the batches handed over; the descriptions taken (the pending rest is not)."""
+    def _hand(self, path: str, nbytes: int, ranges: Ranges | None) -> None:
+        self.pending.append((path, True))
+        if ranges is not None:
+            self.ranges[path] = ranges
+        self.pending_bytes += nbytes
+        if len(self.pending) >= PREFETCH_PATHS or self.pending_bytes >= PREFETCH_BYTES:
+            self.q.put((self.pending, self.ranges))
+            self.pending, self.ranges, self.pending_bytes = [], {}, 0
+
+    def finish(self) -> dict[str, tuple[V.Description, Ranges | None]]:
+        """Wait for the batches handed over; the descriptions taken, with the ranges they were
+        taken for (the pending rest is not)."""
         self.close()
         return self.cache
 
@@ -217,14 +268,18 @@ class TransferCheck:
         self.replica, self.source_qtree, self.target = replica, source_qtree, target
         self.touched = V.Touched() if incremental else None
         local = not source.records_decoded
-        self.prefetch = _Prefetch(source, source_qtree, target) if incremental and local else None
+        self.ranged = bool(source.describes_ranges and dest.describes_ranges)
+        part_of = self.touched.part_of if self.touched is not None and self.ranged else (lambda _p: None)
+        self.prefetch = _Prefetch(source, source_qtree, target, part_of) if incremental and local else None
 
     def add(self, rec: Any) -> None:
         if self.touched is None:
             return
         self.touched.add(rec)
-        if self.prefetch is not None and type(rec) is Write:
-            self.prefetch.offer(rec.path, len(rec.data))
+        if self.prefetch is not None:
+            self.prefetch.step(getattr(rec, "path", None))
+            if type(rec) is Write:
+                self.prefetch.offer(rec.path, len(rec.data))
 
     def run(self) -> V.Outcome:
         holds = self.dest.describe_holds()
@@ -242,7 +297,8 @@ class TransferCheck:
             )
         else:
             cache = self.prefetch.finish() if self.prefetch is not None else {}
-            both = _both(self.source, self.source_qtree, self.target, self.dest, self.replica, None, cache)
+            parts = self.touched.parts() if self.ranged else None
+            both = _both(self.source, self.source_qtree, self.target, self.dest, self.replica, None, cache, parts)
             outcome = V.compare_touched(self.touched, both, holds, batch=BATCH)
         if not outcome.ok:
             raise VerificationFailed("verification failed: " + outcome.differences[0].explain(self.target))
