@@ -268,8 +268,8 @@ class TransferCheck:
         self.replica, self.source_qtree, self.target = replica, source_qtree, target
         self.touched = V.Touched() if incremental else None
         local = not source.records_decoded
-        self.ranged = bool(source.describes_ranges and dest.describes_ranges)
-        part_of = self.touched.part_of if self.touched is not None and self.ranged else (lambda _p: None)
+        ranged = self.touched is not None and source.describes_ranges and dest.describes_ranges
+        part_of = self.touched.part_of if self.touched is not None and ranged else (lambda _p: None)
         self.prefetch = _Prefetch(source, source_qtree, target, part_of) if incremental and local else None
 
     def add(self, rec: Any) -> None:
@@ -297,7 +297,8 @@ class TransferCheck:
             )
         else:
             cache = self.prefetch.finish() if self.prefetch is not None else {}
-            parts = self.touched.parts() if self.ranged else None
+            # asked now: a remote source knows what its server reads once the stream has come
+            parts = self.touched.parts() if self.source.describes_ranges and self.dest.describes_ranges else None
             both = _both(self.source, self.source_qtree, self.target, self.dest, self.replica, None, cache, parts)
             outcome = V.compare_touched(self.touched, both, holds, batch=BATCH)
         if not outcome.ok:

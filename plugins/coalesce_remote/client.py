@@ -287,7 +287,7 @@ class RemoteVolume(VolumeHandle):
         try:
             conn.send_preamble()
             conn.read_preamble()
-            caps = ["resume"] + (
+            caps = ["resume", "ranges"] + (
                 [c for c in P.COMPRESSIONS]
                 if s.compression == "auto"
                 else []
@@ -572,13 +572,21 @@ class RemoteVolume(VolumeHandle):
                     self._forget(sess)
 
     # -- descriptions (verification; docs/protocol.md, DESCRIBE)
-    def describe(self, qtree: str, snapshot: str | None, paths: Any) -> list[Any]:
-        """One Description per ``(path, content)``, asked in requests of at most MAX_DESCRIBE_PATHS."""
+    @property
+    def describes_ranges(self) -> bool:  # type: ignore[override]
+        """The server of the last connection reads byte ranges (capability ``ranges``): an older
+        one does not, and its paths are described whole (VolumeHandle.describes_ranges)."""
+        return "ranges" in (self.welcome.get("capabilities") or ())
+
+    def describe(self, qtree: str, snapshot: str | None, paths: Any, ranges: Any = None) -> list[Any]:
+        """One Description per ``(path, content)``, asked in requests of at most MAX_DESCRIBE_PATHS;
+        ``ranges`` are sent to a server that took the capability ``ranges`` (else the whole
+        contents are described)."""
         paths = [(p, bool(c)) for p, c in paths]
         out: list[Any] = []
         for i in range(0, len(paths), P.MAX_DESCRIBE_PATHS):
             part = paths[i : i + P.MAX_DESCRIBE_PATHS]
-            got = self._retrying(lambda: list(self._describe(qtree, snapshot, part, None)), f"describe {qtree}")
+            got = self._retrying(lambda: list(self._describe(qtree, snapshot, part, None, ranges)), f"describe {qtree}")
             if len(got) != len(part) or any(d.path != p for d, (p, _c) in zip(got, part)):
                 raise P.ProtocolError(f"the server described {len(got)} paths for {len(part)} asked, or others")
             out.extend(got)
@@ -611,7 +619,12 @@ class RemoteVolume(VolumeHandle):
                 self._backoff(failures - 1)
 
     def _describe(
-        self, qtree: str, snapshot: str | None, paths: list[tuple[str, bool]] | None, content: bool | None
+        self,
+        qtree: str,
+        snapshot: str | None,
+        paths: list[tuple[str, bool]] | None,
+        content: bool | None,
+        ranges: Any = None,
     ) -> Iterator[Any]:
         from coalesce_core.verify import description_from_json
 
@@ -623,7 +636,13 @@ class RemoteVolume(VolumeHandle):
                 args.update(tree=True, content=bool(content))
             sess.conn.send_json(P.REQUEST, rid, {"op": "describe", "args": args})
             if paths is not None:
-                lines = ((json.dumps([p, c], separators=(",", ":")) + "\n").encode("ascii") for p, c in paths)
+                asked = ranges if ranges and "ranges" in (sess.welcome.get("capabilities") or ()) else {}
+
+                def path_line(p: str, c: bool) -> list[Any]:
+                    r = asked.get(p) if c else None
+                    return [p, c] if r is None else [p, c, [list(x) for x in r]]
+
+                lines = ((json.dumps(path_line(p, c), separators=(",", ":")) + "\n").encode("ascii") for p, c in paths)
                 for piece in P.pieces(lines, P.DATA_CHUNK):
                     sess.conn.send(P.DATA, rid, piece)
                 sess.conn.send_json(P.END, rid, {"paths": len(paths)})

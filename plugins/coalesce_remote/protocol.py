@@ -84,6 +84,8 @@ MAX_LIST = 100_000
 MAX_DESCRIBE_PATHS = 1_000_000
 #: Most bytes of path lines one DESCRIBE request sends (before the server has answered anything).
 MAX_DESCRIBE_REQUEST = 256 << 20
+#: Most byte ranges one path of a DESCRIBE request names (coalesce_core.verify.MAX_PARTS).
+MAX_DESCRIBE_RANGES = 1024
 #: Longest line (one description, a directory's entries included) in a DESCRIBE reply.
 MAX_DESCRIPTION_LINE = 64 << 20
 
@@ -99,11 +101,32 @@ except ImportError:  # pragma: no cover - depends on the installation
 
 #: Compression methods this side can speak, best first (negotiated in the handshake).
 COMPRESSIONS: tuple[str, ...] = ("zstd", "zlib") if _zstd is not None else ("zlib",)
-CAPABILITIES: tuple[str, ...] = ("resume", *COMPRESSIONS)
+#: ``ranges``: a describe path line may carry byte ranges, answered with part digests (docs/protocol.md)
+CAPABILITIES: tuple[str, ...] = ("resume", "ranges", *COMPRESSIONS)
 
 _NAME_RE = re.compile(r"[A-Za-z0-9_.][A-Za-z0-9_.@+=:,-]*")
 
 DEFAULT_PORT = 7450  # `coalesce serve --listen` and tls:// URLs without a port
+
+
+def ranges_of(value: object) -> tuple[tuple[int, int], ...]:
+    """The byte ranges of a describe path line: sorted, disjoint ``[start, end]`` pairs with
+    ``0 <= start < end <= 2**63``, at most MAX_DESCRIBE_RANGES; ProtocolError otherwise."""
+    if not isinstance(value, list) or len(value) > MAX_DESCRIBE_RANGES:
+        raise ProtocolError(f"the ranges of a DESCRIBE path are not a list of at most {MAX_DESCRIBE_RANGES}")
+    out: list[tuple[int, int]] = []
+    last = 0
+    for r in value:
+        if (
+            not isinstance(r, list)
+            or len(r) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in r)
+            or not last <= r[0] < r[1] <= 1 << 63
+        ):
+            raise ProtocolError("a DESCRIBE range is not a sorted, disjoint [start, end] pair")
+        out.append((r[0], r[1]))
+        last = r[1]
+    return tuple(out)
 
 
 def tcp_keepalive(sock: socket.socket, idle: float) -> None:

@@ -574,7 +574,8 @@ class SourceService:
 
         The same authorization as a diff of that qtree to that PCPI.  Without
         ``tree``, the client's DATA messages that follow carry the paths (JSON
-        lines ``[path, content]``) up to its END; they are all read before anything
+        lines ``[path, content]``, or ``[path, content, ranges]`` with the capability
+        ``ranges``: the part digest over those byte ranges) up to its END; they are all read before anything
         is answered (at most MAX_DESCRIBE_PATHS and MAX_DESCRIBE_REQUEST bytes).
         With ``tree``, every path of the qtree, in path order.  The answer is DATA
         messages of description lines (coalesce_core.verify.description_to_json),
@@ -583,6 +584,7 @@ class SourceService:
         from coalesce_core.verify import description_to_json
 
         paths: list[tuple[str, bool]] = []
+        ranges: dict[str, tuple[tuple[int, int], ...]] = {}
         problem: CoalesceError | None = None
         tree = args.get("tree", False)
         content = args.get("content", False)
@@ -613,11 +615,13 @@ class SourceService:
                         raise P.ProtocolError("a DESCRIBE path line is not JSON") from None
                     if (
                         not isinstance(item, list)
-                        or len(item) != 2
+                        or len(item) not in (2, 3)
                         or not isinstance(item[0], str)
                         or not isinstance(item[1], bool)
                     ):
-                        raise P.ProtocolError("a DESCRIBE path line is not [path, content]")
+                        raise P.ProtocolError("a DESCRIBE path line is not [path, content] or [path, content, ranges]")
+                    if len(item) == 3:  # capability "ranges"
+                        ranges[item[0]] = P.ranges_of(item[2])
                     if problem is None:
                         try:
                             check_path_or_root(item[0])
@@ -635,7 +639,7 @@ class SourceService:
 
         def description_lines() -> Iterator[bytes]:
             # runs in _with_keepalive's thread: a slow describe (digests of large files) is not a dead server
-            for d in vol.describe_tree(q, snap, content=content) if tree else vol.describe(q, snap, paths):
+            for d in vol.describe_tree(q, snap, content=content) if tree else vol.describe(q, snap, paths, ranges):
                 counter["n"] += 1
                 yield (json.dumps(description_to_json(d), separators=(",", ":")) + "\n").encode("ascii")
 

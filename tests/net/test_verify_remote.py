@@ -123,3 +123,76 @@ def test_the_check_fails_an_update_that_lost_a_record_over_tls_and_ssh(remote_co
     assert r.source_point != before and h.agent.dest.fingerprint("A", r.exported) == src.fingerprint(
         "A", r.source_point
     )
+
+
+RANGES = {"d/f": ((0, 1 << 16), (2 << 16, 3 << 16))}
+
+
+def test_part_digests_over_tls_equal_the_local_ones(tls_service):
+    """The capability ``ranges``: a path line with byte ranges is answered with the part digest."""
+    local = _local("ranges")
+    here = Volume.open(plugin_manager(), local)
+    asked = [("d/f", True), ("h", True), ("d", True)]
+    remote = _open(tls_service.expose(local))
+    got = remote.describe("A", SNAP, asked, RANGES)
+    assert remote.describes_ranges
+    assert got == here.describe("A", SNAP, asked, RANGES)
+    assert got[0].part and got[0].content is None and got[1].content and got[1].part is None
+    remote.close()
+
+
+def test_a_server_without_the_capability_is_asked_for_whole_contents(tls_service, monkeypatch):
+    """A source service from before part digests does not take ``ranges``: the client sends
+    plain path lines and gets whole contents, which the check compares whole on both sides."""
+    local = _local("older")
+    here = Volume.open(plugin_manager(), local)
+    monkeypatch.setattr(P, "CAPABILITIES", tuple(c for c in P.CAPABILITIES if c != "ranges"))
+    remote = _open(tls_service.expose(local))
+    (got,) = remote.describe("A", SNAP, [("d/f", True)], RANGES)
+    assert not remote.describes_ranges
+    assert got.part is None and got.content == here.describe("A", SNAP, [("d/f", True)])[0].content
+    remote.close()
+
+
+def test_a_patched_file_is_checked_by_its_written_blocks_through_a_remote_source(tls_service):
+    """The check before `done` with a source behind TLS: a wrong byte in the written block fails
+    it; the same bytes there pass (coalesce_core.verifier.TransferCheck, records as received)."""
+    from coalesce_core.errors import VerificationFailed
+    from coalesce_core.verifier import TransferCheck
+
+    local = _local("patched")
+    patch = R.Write(path="d/f", offset=(2 << 16) + 5, data=b"patched")
+    src = Volume.open(plugin_manager(), local)
+    src.apply("A", R.framed("A", None, "t", [patch]), use_purgatory=False)
+    src.snapshot_create("co-g-src-000002")
+    remote = _open(tls_service.expose(local))
+    remote.snapshot_list()  # connected: the server's capabilities are known
+
+    def check(data: bytes) -> None:
+        dst = Volume.open(plugin_manager(), f"mem://patched-dst-{os.getpid()}-{time.monotonic_ns()}", create=True)
+        dst.apply(
+            "A",
+            R.framed("A", None, "t", TREE + [R.Write(path="d/f", offset=patch.offset, data=data)]),
+            use_purgatory=False,
+        )
+        c = TransferCheck(remote, dst, replica="A", source_qtree="A", target="co-g-src-000002", incremental=True)
+        try:
+            c.add(patch)
+            c.run()
+        finally:
+            c.close()
+
+    check(patch.data)
+    with pytest.raises(VerificationFailed, match="'d/f': content is digest"):
+        check(b"patchee")
+    remote.close()
+
+
+def test_describe_ranges_on_the_wire_are_sorted_disjoint_pairs():
+    assert P.ranges_of([[0, 10], [10, 20], [30, 31]]) == ((0, 10), (10, 20), (30, 31))
+    assert P.ranges_of([]) == ()
+    for bad in ([[5, 5]], [[10, 20], [0, 5]], [[0, 10], [5, 20]], [[-1, 3]], [[0, True]], [[0, 1 << 64]], [0, 1], "x"):
+        with pytest.raises(P.ProtocolError):
+            P.ranges_of(bad)
+    with pytest.raises(P.ProtocolError):
+        P.ranges_of([[2 * i, 2 * i + 1] for i in range(P.MAX_DESCRIBE_RANGES + 1)])
