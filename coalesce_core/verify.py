@@ -63,6 +63,9 @@ def xattr_digest(xattrs: Mapping[str, bytes]) -> str:
     return h.hexdigest()
 
 
+_NO_XATTRS = xattr_digest({})
+
+
 class XattrFields(TypedDict):
     xattrs: str | None
     privileged_xattrs: str | None
@@ -73,6 +76,8 @@ def xattr_fields(xattrs: Mapping[str, bytes] | None) -> XattrFields:
     ``xattrs`` (None: the file system will not list them; neither is compared then)."""
     if xattrs is None:
         return {"xattrs": None, "privileged_xattrs": None}
+    if not xattrs:  # most entries: the digest of none, computed once
+        return {"xattrs": _NO_XATTRS, "privileged_xattrs": None}
     plain, privileged = split_xattrs(xattrs)
     return {"xattrs": xattr_digest(plain), "privileged_xattrs": xattr_digest(privileged) if privileged else None}
 

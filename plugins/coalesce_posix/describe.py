@@ -149,7 +149,7 @@ def _one_block(data: bytes) -> str:
     """ContentDigest of a file of at most one block holding ``data``, without the general machinery
     (most files are small); used only if it agrees with ContentDigest (checked below, at import)."""
     h = hashlib.sha256(_TAG + len(data).to_bytes(8, "big"))
-    if data.count(0) != len(data):
+    if data and (data[0] or data.count(0) != len(data)):  # a first byte not zero: not a block of zeros
         h.update(b"\0" * 8 + data)
     return h.hexdigest()
 

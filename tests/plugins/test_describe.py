@@ -308,3 +308,12 @@ def test_zfs_fuse_read_only_clones_stop_listing_xattrs_so_pcpis_are_read_through
     bare, f_ = vol.describe("q", "co-g-src-000001", [("bare", False), ("f", False)])
     assert bare.xattrs == xattr_digest({}) and f_.xattrs == xattr_digest({"user.k": b"v"})
     vol.close()
+
+
+def test_posix_one_block_digests_are_content_digests():
+    """The short cut for files of one block (its zero test looks at the first byte first)."""
+    from coalesce_posix import describe as posix
+
+    assert posix._FAST
+    for data in (b"", b"\0", b"\0" * 4096, b"\0" * 4095 + b"\1", b"\1" + b"\0" * 4095, os.urandom(65536)):
+        assert posix._one_block(data) == fingerprint.content_digest_of(data)
