@@ -16,7 +16,7 @@ from coalesce_core.stream.fingerprint import content_digest_of_pieces, part_dige
 from coalesce_core.stream.records import check_path_or_root
 from coalesce_core.verify import Description, Holds, parent_of, xattr_fields
 
-from .fs import BS, DIR, LNK, REG, SimFS, View, fsname, nblocks
+from .fs import BS, DIR, LNK, REG, Inode, SimFS, View, fsname, nblocks
 from .ops import check_qtree_name
 
 HOLDS = Holds(owners=True, xattrs=True, mtime_ns=1)
@@ -90,6 +90,24 @@ def _describe(
     )
 
 
+class _Memo(View):
+    """A view whose inode records are each read once per describe call (the image does not change
+    under the lock): a path's parent, the file itself and a directory's entries read the same ones."""
+
+    def __init__(self, view: View) -> None:
+        super().__init__(view.fs, view.root)
+        self.recs: dict[int, Inode | None] = {}
+
+    def inode(self, ino: int) -> Inode | None:
+        try:
+            return self.recs[ino]
+        except KeyError:
+            if len(self.recs) >= 65536:
+                self.recs.clear()
+            rec = self.recs[ino] = super().inode(ino)
+            return rec
+
+
 def describe(
     fs: SimFS,
     qtree: str,
@@ -103,7 +121,7 @@ def describe(
     check_qtree_name(qtree)
     for p, _c in paths:
         check_path_or_root(p)
-    view = fs.view(snapshot)
+    view = _Memo(fs.view(snapshot))
     q = view.qtree_root(qtree)
     resolved: dict[str, int | None] = {"": q}
 
