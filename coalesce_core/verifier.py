@@ -75,10 +75,11 @@ def _both(
     """``describe_both`` for compare_paths: the source side in a helper thread, the replica side
     in the caller's; source descriptions already in ``cache`` (with the ranges they were taken
     for) are reused where they answer what is asked, and when the cache holds most of the
-    source side, the helper also takes half of the replica side.  The paths in ``parts`` asked with content are described by their part digests over
-    those ranges on both sides (``coalesce_describe``'s ``ranges``); a regular file whose two
-    descriptions do not both carry one (a backend that does not read ranges) is described
-    again with its whole content on both sides, so that its bytes are always compared."""
+    source side, the helper also takes half of the replica side.  The paths in ``parts``
+    asked with content are described by their part digests over those ranges on both sides
+    (``coalesce_describe``'s ``ranges``); a regular file whose two descriptions do not both
+    carry one (a backend that does not read ranges) is described again, without the cache,
+    with its whole content on both sides, so that its bytes are always compared."""
     cache = cache or {}
     parts = parts or {}
 
@@ -92,8 +93,8 @@ def _both(
         want = parts.get(p)
         return d.content is not None if want is None else d.part is not None and taken == want
 
-    def both(chunk: list[tuple[str, bool]], ranges: Mapping[str, Ranges]) -> tuple[list, list]:
-        need = [(p, c) for p, c in chunk if not usable(p, c)]
+    def both(chunk: list[tuple[str, bool]], ranges: Mapping[str, Ranges], cached: bool = True) -> tuple[list, list]:
+        need = [(p, c) for p, c in chunk if not (cached and usable(p, c))]
         half = len(chunk) // 2 if len(need) * 4 <= len(chunk) else len(chunk)
 
         def helper() -> tuple[list, list]:
@@ -108,7 +109,7 @@ def _both(
             got, rest = side.result()
         mine = first + rest
         found = {d.path: d for d in got}
-        theirs = [cache[p][0] if usable(p, c) else found[p] for p, c in chunk]
+        theirs = [cache[p][0] if cached and usable(p, c) else found[p] for p, c in chunk]
         return theirs, mine
 
     def describe_both(chunk: Sequence[tuple[str, bool]]):
@@ -122,7 +123,7 @@ def _both(
                 if a.path in ranges and a.kind == b.kind == "f" and (a.part is None or b.part is None)
             ]
             if redo:
-                again = both([item for _i, item in redo], {})
+                again = both([item for _i, item in redo], {}, cached=False)
                 for (i, _item), a, b in zip(redo, *again):
                     theirs[i], mine[i] = a, b
         return theirs, mine

@@ -209,3 +209,44 @@ def test_the_part_digest_is_the_content_digest_of_the_ranges_with_the_ranges():
     assert fingerprint.part_digest_of(data, ranges[:1]) != want  # the ranges are part of it
     changed = data[: BLOCK - 1] + b"\0" + data[BLOCK:]  # a byte outside the ranges
     assert fingerprint.part_digest_of(changed, ranges) == want
+
+
+class _Asked:
+    """Counts the paths ``coalesce_describe`` of one volume is asked for, with their ranges."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.asked: list[tuple[str, object]] = []
+
+    @hookimpl(wrapper=True)
+    def coalesce_describe(self, volume, qtree, snapshot, paths, ranges):
+        if self.url in str(getattr(volume, "url", volume)):
+            self.asked += [(p, (ranges or {}).get(p)) for p, _c in paths]
+        return (yield)
+
+
+def _prefetch_everything(monkeypatch) -> None:
+    from coalesce_core import verifier
+
+    monkeypatch.setattr(verifier, "PREFETCH_FROM", 1)
+    monkeypatch.setattr(verifier, "PREFETCH_BYTES", 1)
+
+
+def test_a_patched_file_is_prefetched_with_its_ranges_and_not_described_again(pair, monkeypatch):
+    _prefetch_everything(monkeypatch)
+    src, dst = pair
+    asked = _Asked(str(src.url))
+    src.pm.register(asked)
+    _prepare(src, dst, BASE, [PATCH, *_times("f", R.ROOT)], [PATCH, *_times("f", R.ROOT)])
+    assert _check(src, dst, [PATCH, *_times(R.ROOT, "f")]).ok  # the SetAttr of "" hands f over
+    assert [a for a in asked.asked if a[0] == "f"] == [("f", ((BLOCK, 2 * BLOCK),))]
+
+
+def test_a_prefetched_part_against_a_side_without_part_digests_is_compared_whole(pair, monkeypatch):
+    _prefetch_everything(monkeypatch)
+    src, dst = pair
+    dst.pm.register(_NoParts(str(dst.url)))
+    wrong = R.Write(path="f", offset=SIZE - 1, data=b"!")
+    _prepare(src, dst, BASE, [PATCH, *_times("f", R.ROOT)], [PATCH, wrong, *_times("f", R.ROOT)])
+    with pytest.raises(VerificationFailed, match="'f': content is digest"):
+        _check(src, dst, [PATCH, *_times(R.ROOT, "f")])
