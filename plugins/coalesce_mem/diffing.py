@@ -95,7 +95,10 @@ def _delta_records(path: str, old: Blocks, new: Blocks) -> Iterator[object]:
     yield from _runs(path, new, differ)
 
 
-def _attr_records(path: str, old: Node | None, new: Node) -> Iterator[object]:
+def _attr_records(path: str, old: Node | None, new: Node, moved: bool = False) -> Iterator[object]:
+    """xattrs then attributes of ``new`` (``old``: the kept base entry); ``moved``: the records before
+    changed what moves the entry's mtime on a destination (its data, or a directory's entries), so
+    the mtime is set even where the two states agree on it."""
     old_x = old.xattrs if old is not None else {}
     for name in sorted(set(old_x) | set(new.xattrs)):
         if old_x.get(name) != new.xattrs.get(name):
@@ -111,7 +114,7 @@ def _attr_records(path: str, old: Node | None, new: Node) -> Iterator[object]:
         fields["uid"] = new.uid
     if old.gid != new.gid:
         fields["gid"] = new.gid
-    if old.mtime_ns != new.mtime_ns:
+    if old.mtime_ns != new.mtime_ns or moved:
         fields["mtime_ns"] = new.mtime_ns
     if fields:
         yield R.SetAttr(path=path, **fields)
@@ -141,9 +144,16 @@ def diff_changes(base: QtreeState | None, target: QtreeState) -> Iterator[object
 
     keep = {p for p in b_map if kept(p)}
 
+    # a directory whose entries change has its mtime moved by the destination's file system
+    changed_dirs: set[str] = set()
+
+    def parent(path: str) -> str:
+        return path.rsplit("/", 1)[0] if "/" in path else R.ROOT
+
     # 1. deletes, children before parents
     for path, node in reversed(b_pairs):
         if path not in keep:
+            changed_dirs.add(parent(path))
             yield R.RmDir(path=path) if isinstance(node, Dir) else R.Unlink(path=path)
 
     # 2./3. creates, contents, attributes
@@ -151,8 +161,10 @@ def diff_changes(base: QtreeState | None, target: QtreeState) -> Iterator[object
     for event, path, node in walk_events(target.root):
         old = b_map.get(path) if path in keep else None
         if event == "exit":  # directories only
-            yield from _attr_records(path, old, node)
+            yield from _attr_records(path, old, node, moved=path in changed_dirs)
             continue
+        if old is None:
+            changed_dirs.add(parent(path))
         if isinstance(node, Dir):
             if old is None:
                 yield R.MkDir(path=path, mode=node.mode | 0o700)
@@ -170,10 +182,15 @@ def diff_changes(base: QtreeState | None, target: QtreeState) -> Iterator[object
             if old is None:
                 yield R.MkFile(path=path, mode=node.mode | 0o600)
                 yield from _data_records(path, node.data)
+                yield from _attr_records(path, old, node)
             else:
-                yield from _delta_records(path, old.data, node.data)  # type: ignore[attr-defined]
-            yield from _attr_records(path, old, node)
-    yield from _attr_records(R.ROOT, base.root if base is not None else None, target.root)
+                wrote = False
+                for rec in _delta_records(path, old.data, node.data):  # type: ignore[attr-defined]
+                    wrote = True
+                    yield rec
+                yield from _attr_records(path, old, node, moved=wrote)
+    root_old = base.root if base is not None else None
+    yield from _attr_records(R.ROOT, root_old, target.root, moved=R.ROOT in changed_dirs)
 
 
 def diff_stream(

@@ -318,17 +318,22 @@ class Differ:
                 yield R.Symlink(path=path, target=T.data(rt).decode("utf-8", "surrogateescape"))
                 yield self._attrs(path, rt)
                 continue
+            wrote = False
             if rt.kind == REG and (rb.top != rt.top or rb.size != rt.size or rb.height != rt.height):
                 if rb.size != rt.size:
+                    wrote = True
                     yield R.Truncate(path=path, size=rt.size)
                 lim = nblocks(rt.size)
                 fbns = sorted(f for f, _a, _b in pair_walk(self.fs, (rb.top, rb.height), (rt.top, rt.height), lim))
-                yield from self._content(path, rt, fbns)
-            yield from self._attr_delta(path, rb, rt)
+                for rec in self._content(path, rt, fbns):
+                    wrote = True
+                    yield rec
+            yield from self._attr_delta(path, rb, rt, moved=wrote)
         for path, rb, rt in sorted(dirs, key=lambda d: -len(d[0].split("/"))):
-            yield from self._attr_delta(path, rb, rt)
+            yield from self._attr_delta(path, rb, rt, moved=rb.top != rt.top or rb.size != rt.size)
         if root is not None:
-            yield from self._attr_delta(R.ROOT, *root)
+            rb, rt = root
+            yield from self._attr_delta(R.ROOT, rb, rt, moved=rb.top != rt.top or rb.size != rt.size)
 
     def _plan_renames(self, removed: list, added: list) -> dict[int, tuple[str, str]]:
         """Moves that can be sent as one ``Rename`` each: an inode (a directory, or a file or
@@ -377,11 +382,14 @@ class Differ:
                 del cands[i]
         return {i: (c[0], c[1]) for i, c in cands.items()}
 
-    def _attr_delta(self, path: str, rb: Inode, rt: Inode) -> Iterator[object]:
+    def _attr_delta(self, path: str, rb: Inode, rt: Inode, moved: bool = False) -> Iterator[object]:
+        """xattrs and attributes of a kept entry that changed; ``moved``: the records before changed
+        what moves its mtime on a destination (its data, a directory's entries), so the attributes
+        are sent even where the two images agree on them."""
         assert self.B is not None
         if rb.xtop != rt.xtop or rb.xsize != rt.xsize:
             yield from self._xattrs(path, self.B.xattrs(rb), self.T.xattrs(rt))
-        if (rb.mode, rb.uid, rb.gid, rb.mtime) != (rt.mode, rt.uid, rt.gid, rt.mtime):
+        if moved or (rb.mode, rb.uid, rb.gid, rb.mtime) != (rt.mode, rt.uid, rt.gid, rt.mtime):
             yield self._attrs(path, rt)
 
 
