@@ -179,6 +179,7 @@ def run_transfer(
         for opened in sources:
             _close(opened)  # a diff cut short must release what it holds (clones, pipes) now
     if spool is not None:
+        _close(stream)  # the spool's writer thread ends with its stream, not when it is collected
         spool.discard(eff.replica)  # applied and about to be committed: nothing left to resume
     return Transferred(
         records=int(stats.get("records", 0)), nbytes=int(stats.get("bytes", 0)), verified=check is not None

@@ -37,7 +37,7 @@ def _two_replicas(h: RemoteHarness) -> None:
 
 
 def _assert_failed_at_deadline(h: RemoteHarness, before, report, key: str, text: str) -> None:
-    assert report["failures"] == 1 and list(report["failed"]) == ["A"]
+    assert report["failures"] == 1 and list(report["failed"]) == ["A"], h.agent.failures
     (failure,) = h.agent.failures
     assert failure["replica"] == "A" and failure["trigger"] == "update_failed"
     assert f"DeadlineExceeded: {text}" in failure["error"]
@@ -54,11 +54,13 @@ def _assert_failed_at_deadline(h: RemoteHarness, before, report, key: str, text:
     assert left == [], f"threads of the transfer outlived it: {left}"
 
 
-@pytest.fixture
-def tls_stall(certs, monkeypatch, group_config):
-    """make(mode, limits): a RemoteHarness whose TLS source service stalls replica A's updates."""
+@pytest.fixture(params=["mem", pytest.param("btrfs", marks=pytest.mark.btrfs)], ids=["mem", "btrfs-destination"])
+def tls_stall(certs, monkeypatch, group_config, request):
+    """make(mode, limits): a RemoteHarness whose TLS source service stalls replica A's updates, into a
+    mem destination or a real btrfs one."""
     made: list[tuple[TLSService, Stall, str]] = []
     client_env(monkeypatch, certs)
+    dest_url = request.getfixturevalue("btrfs_urls")() if request.param == "btrfs" else None
 
     def make(mode: str, limits: TransferLimits) -> tuple[RemoteHarness, Stall]:
         local = f"mem://stall-tls-{os.getpid()}-{len(made)}"
@@ -69,7 +71,7 @@ def tls_stall(certs, monkeypatch, group_config):
         made.append((svc, stall, local))
         remote = svc.expose(local)
         LOCAL_OF[remote] = local
-        cfg = group_config(source_url=local, replicas=("A", "B"))
+        cfg = group_config(source_url=local, dest_url=dest_url, replicas=("A", "B"))
         return RemoteHarness(attrs.evolve(cfg, source=remote, deadlines=limits)), stall
 
     yield make
