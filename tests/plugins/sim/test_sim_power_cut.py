@@ -187,6 +187,12 @@ def _scenario(sim_config, point: str) -> tuple[Harness, Callable[[], object]]:
     if point == "mid_retry":
         h = C._retry_due(sim_config)  # C's retry is due after its transfer and rollback failed
         return h, h.agent.tick
+    if point in ("after_kept_pcpi", "after_kept_release"):
+        h, _writes, _good = C._broken_with_writes(sim_config)  # A broken, its active FS written
+        if point == "after_kept_pcpi":
+            return h, lambda: h.agent.resync("A")
+        h.agent.resync("A")
+        return h, lambda: h.agent.release_kept("A")
     if point != "mid_reseed":
         h = C._prepared(sim_config)  # changes in A, B, C after a first cycle; B's transfer fails at record 3
         return h, h.cycle
@@ -202,6 +208,9 @@ def _settle(h: Harness) -> None:
     """Faults stop: within 4 cycles every replica is stable and exports the newest source image (I7, I3)."""
     h.faults.clear()
     assert isinstance(h.clock, FakeClock)
+    for name in list(h.agent.state.replicas):
+        if h.agent.state.kept_pcpi(name) is not None:  # a resync's kept writes, until the operator releases them
+            h.agent.release_kept(name)
     for _ in range(4):
         h.clock.advance(1000)
         h.cycle()
