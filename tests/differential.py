@@ -1336,6 +1336,12 @@ PROFILES = {
 }
 
 
+def run_timeout() -> float:
+    """pytest-timeout's limit for one run of the machine: the suite's 600 s for the CI profile, none
+    for the long one (its hundreds of sequences are one test and take hours)."""
+    return 0 if os.environ.get("COALESCE_DIFFERENTIAL", "ci") == "long" else 600
+
+
 def differential_settings(backend: Backend) -> Settings:
     """The CI profile (bounded, derandomized) or, with COALESCE_DIFFERENTIAL=long, the nightly one."""
     profile = os.environ.get("COALESCE_DIFFERENTIAL", "ci")

@@ -19,6 +19,7 @@ BTRFS = dt.Backend(
 )
 
 
+@pytest.mark.timeout(dt.run_timeout())
 def test_differential(btrfs_urls, group_config):
     dt.run(BTRFS, btrfs_urls, group_config)
 

@@ -22,6 +22,7 @@ ZFS = dt.Backend(
 )
 
 
+@pytest.mark.timeout(dt.run_timeout())
 def test_differential(zfs_urls, group_config):
     dt.run(ZFS, zfs_urls, group_config)
 
