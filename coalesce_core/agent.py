@@ -32,7 +32,7 @@ from coalesce_core.cycle import events as ev
 from coalesce_core.cycle import restore
 from coalesce_core.cycle.invariants import i5_marks
 from coalesce_core.cycle.planner import Decision, NotNow, decide, is_group_pcpi, is_group_source_pcpi, pcpi_shortfall
-from coalesce_core.cycle.state import GroupState
+from coalesce_core.cycle.state import KEPT, GroupState
 from coalesce_core.errors import BackendError, CoalesceError, MetadataError, VolumeInUse
 from coalesce_core.grouplock import GroupLock
 from coalesce_core.ledger import Ledger, RequestGone
@@ -820,6 +820,16 @@ class Agent:
 
     def export_path(self, replica: str) -> str | None:
         return self.dest.export_path(replica)
+
+    def kept_paths(self, state: GroupState | None = None) -> dict[str, str | None]:
+        """Where each kept PCPI of ``state`` (default: the agent's) shows its owner's qtree, by PCPI
+        name; None: the backend has no path for it (hook ``coalesce_pcpi_path``)."""
+        pcpis = (state or self.state).pcpis.values()
+        return {
+            p.name: self.dest.pcpi_path(p.name, sorted(p.owners)[0]) if p.taken and p.owners else None
+            for p in pcpis
+            if p.role == KEPT
+        }
 
 
 def replica_health(s: GroupState, now: float) -> dict[str, dict[str, Any]]:

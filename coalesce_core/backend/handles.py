@@ -55,6 +55,11 @@ class VolumeHandle:
     def close(self) -> None:
         """Release what the handle holds (idempotent)."""
 
+    def pcpi_path(self, pcpi: str, qtree: str) -> str | None:
+        """Where ``qtree`` of PCPI ``pcpi`` is readable (hook ``coalesce_pcpi_path``); None: nowhere
+        without extra work, or no such PCPI."""
+        return None
+
 
 class _ResumableDiff(Protocol):
     """A handle that declares ``resumable_diff``: its ``diff`` takes ``skip``."""
@@ -138,6 +143,10 @@ class HandleHooks:
     @hookimpl(trylast=True)
     def coalesce_export_path(self, volume: Any, replica: str) -> str | None:
         return _call(volume, "export_path", replica)
+
+    @hookimpl(trylast=True)
+    def coalesce_pcpi_path(self, volume: Any, pcpi: str, qtree: str) -> str | None:
+        return _call(volume, "pcpi_path", pcpi, qtree)
 
     @hookimpl(trylast=True)
     def coalesce_fingerprint(self, volume: Any, qtree: str, snapshot: str | None) -> str | None:

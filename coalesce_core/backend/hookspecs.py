@@ -213,6 +213,14 @@ def coalesce_export_path(volume: VolumeHandle, replica: str) -> str | None:
 
 
 @hookspec(firstresult=True)
+def coalesce_pcpi_path(volume: VolumeHandle, pcpi: str, qtree: str) -> str | None:
+    """A path where readers find ``qtree`` as PCPI ``pcpi`` holds it (read-only, as long as the PCPI
+    exists), or None when the backend has none without extra work (mem, sim, zfs-fuse: no
+    browsable snapshots) or the volume holds no such PCPI.  Never takes, mounts or clones anything;
+    `status` shows it for a kept PCPI (docs/operations.md, "Writes kept at a resync")."""
+
+
+@hookspec(firstresult=True)
 def coalesce_fingerprint(volume: VolumeHandle, qtree: str, snapshot: str | None) -> str | None:
     """Content digest of ``qtree`` in PCPI ``snapshot`` (None: active FS),
     computed with coalesce_core.stream.fingerprint so that every backend agrees on
@@ -338,6 +346,7 @@ PRIMITIVE_HOOKS = (
     "coalesce_export",
     "coalesce_exported",
     "coalesce_export_path",
+    "coalesce_pcpi_path",
     "coalesce_fingerprint",
     "coalesce_describe",
     "coalesce_describe_tree",

@@ -140,6 +140,10 @@ class Volume:
     def export_path(self, replica: str) -> str | None:
         return self.pm.hook.coalesce_export_path(volume=self.handle, replica=replica)
 
+    def pcpi_path(self, pcpi: str, qtree: str) -> str | None:
+        """Where ``qtree`` of PCPI ``pcpi`` is readable, or None (hook ``coalesce_pcpi_path``)."""
+        return self.pm.hook.coalesce_pcpi_path(volume=self.handle, pcpi=pcpi, qtree=qtree)
+
     def fingerprint(self, qtree: str, snapshot: str | None = None) -> str:
         return self._call("coalesce_fingerprint", qtree=qtree, snapshot=snapshot)
 

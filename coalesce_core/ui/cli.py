@@ -512,10 +512,15 @@ def cmd_status(args: argparse.Namespace) -> int:
         if not args.watch:
             holder = grouplock.probe(agent.ledger.path)
             queue = agent.ledger.requests(last=STATUS_REQUESTS)
+            kept = agent.kept_paths()
             if args.json:
-                _dump_json(reports.status_data(agent.state, paths, now=time.time(), agent=holder, requests=queue))
+                _dump_json(
+                    reports.status_data(
+                        agent.state, paths, now=time.time(), agent=holder, requests=queue, kept_paths=kept
+                    )
+                )
             else:
-                _console().print(_status_view(agent.state, paths))
+                _console().print(_status_view(agent.state, paths, kept))
                 _console().print(render.agent_text(holder, agent.state.phase))
                 for line in render.requests_lines(queue):
                     _console().print(line, markup=False)
@@ -523,8 +528,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         return _watch_status(args, agent, paths)
 
 
-def _status_view(state: Any, paths: dict[str, str | None]) -> Any:
-    return Group(render.status_table(state, paths, now=time.time()), render.budget_table(state))
+def _status_view(state: Any, paths: dict[str, str | None], kept: dict[str, str | None] | None = None) -> Any:
+    return Group(render.status_table(state, paths, now=time.time(), kept_paths=kept), render.budget_table(state))
 
 
 def _watch_status(args: argparse.Namespace, agent: Any, paths: dict[str, str | None]) -> int:
@@ -551,8 +556,11 @@ def _watch_status(args: argparse.Namespace, agent: Any, paths: dict[str, str | N
             while True:
                 holder = grouplock.probe(agent.ledger.path)
                 queue = agent.ledger.requests(last=STATUS_REQUESTS)
+                state = read()
+                kept = agent.kept_paths(state)
                 _dump_json(
-                    reports.status_data(read(), paths, now=time.time(), agent=holder, requests=queue), compact=True
+                    reports.status_data(state, paths, now=time.time(), agent=holder, requests=queue, kept_paths=kept),
+                    compact=True,
                 )
                 n += 1
                 if args.count and n >= args.count:
@@ -564,7 +572,8 @@ def _watch_status(args: argparse.Namespace, agent: Any, paths: dict[str, str | N
                 if n:
                     console.print()
                 console.print(f"# {time.strftime('%H:%M:%S')}", markup=False)
-                console.print(_status_view(read(), paths))
+                state = read()
+                console.print(_status_view(state, paths, agent.kept_paths(state)))
                 n += 1
                 if args.count and n >= args.count:
                     return EXIT_OK
@@ -574,7 +583,7 @@ def _watch_status(args: argparse.Namespace, agent: Any, paths: dict[str, str | N
         def frame() -> Any:
             return Group(
                 Text(f"every {interval:g}s · {time.strftime('%H:%M:%S')} · Ctrl-C to stop", style="dim"),
-                _status_view(read(), paths),
+                _status_view(state := read(), paths, agent.kept_paths(state)),
             )
 
         with Live(frame(), console=console, auto_refresh=False, transient=False) as live:

@@ -70,9 +70,15 @@ def _exports(r: Any) -> str:
 
 
 # -- status ------------------------------------------------------------------------------
-def status_table(state: GroupState, export_paths: Mapping[str, str | None], now: float | None = None) -> Table:
+def status_table(
+    state: GroupState,
+    export_paths: Mapping[str, str | None],
+    now: float | None = None,
+    kept_paths: Mapping[str, str | None] | None = None,
+) -> Table:
     """One row per replica: state, field, export, source point and its age (lag), failed
-    transfers in a row, last success, and a note (last error, next retry, re-seed reason)."""
+    transfers in a row, last success, and a note (last error, next retry, re-seed reason, kept
+    writes and the path they are readable at, from ``kept_paths`` by PCPI name)."""
     spec = load_spec()
     t = Table(title=f"group {state.name} — cycle {state.cycle}, phase {state.phase}", title_justify="left")
     for col in ("replica", "state", "field", "exports", "source point", "lag", "fails", "last success", "note"):
@@ -86,7 +92,9 @@ def status_table(state: GroupState, export_paths: Mapping[str, str | None], now:
             notes.append(clean(r.last_error[:80]))  # a peer's text (ui/peertext.py), never markup
         kept = state.kept_pcpi(r.name)
         if kept is not None:
-            notes.append(f"writes kept in {kept.name} (`coalesce release {r.name}`)")
+            where = (kept_paths or {}).get(kept.name)
+            at = f", readable at {where}" if where else ""
+            notes.append(clean(f"writes kept in {kept.name}{at} (`coalesce release {r.name}`)"))
         if r.state in ("unstable_uncoalesced", "reseed_pending") and r.next_retry:
             what = "retry" if r.state == "unstable_uncoalesced" else "re-seed"
             notes.append(f"{what} #{r.retries + 1} at {clock(r.next_retry)}")

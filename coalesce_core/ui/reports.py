@@ -21,10 +21,13 @@ def status_data(
     now: float | None = None,
     agent: Mapping[str, Any] | None = None,
     requests: Sequence[Any] = (),
+    kept_paths: Mapping[str, str | None] | None = None,
 ) -> dict[str, Any]:
     """The `status --json` document (docs/schemas/status.schema.json); ``now`` gives the lag, ``agent``
     the process that holds the group now (coalesce_core.grouplock.probe), None when none does;
-    ``requests`` the newest requests handed to a running agent (coalesce_core.requests.Request)."""
+    ``requests`` the newest requests handed to a running agent (coalesce_core.requests.Request);
+    ``kept_paths`` where each kept PCPI is readable, by PCPI name (Agent.kept_paths)."""
+    paths = kept_paths or {}
     owners: dict[str, list[str]] = {}
     for r in state.replicas.values():
         for p in r.pinned():
@@ -51,7 +54,7 @@ def status_data(
                 "lag_seconds": None if now is None or (lag := state.lag(r, now)) is None else round(lag, 3),
                 "reseed_reason": clean(r.reseed_reason) if r.reseed_reason else None,
                 "retries": r.retries,
-                "kept": _kept(state.kept_pcpi(r.name), r.name),
+                "kept": _kept(state.kept_pcpi(r.name), r.name, paths),
             }
             for r in sorted(state.replicas.values(), key=lambda r: r.name)
         ],
@@ -68,7 +71,7 @@ def status_data(
         ],
         "source_pcpis": sorted(state.source_pcpis),
         "kept": [
-            _kept(p, sorted(p.owners)[0] if p.owners else "")
+            _kept(p, sorted(p.owners)[0] if p.owners else "", paths)
             for p in sorted(state.pcpis.values(), key=lambda p: p.name)
             if p.role == KEPT and not p.releasing
         ],
@@ -78,12 +81,12 @@ def status_data(
     }
 
 
-def _kept(pcpi: Pcpi | None, replica: str) -> dict[str, Any] | None:
-    """A kept PCPI in `status --json`: no backend names a path for a PCPI yet, so ``path`` is null
-    (docs/operations.md, "Writes kept at a resync", says how to read one on each backend)."""
+def _kept(pcpi: Pcpi | None, replica: str, paths: Mapping[str, str | None]) -> dict[str, Any] | None:
+    """A kept PCPI in `status --json`; ``path`` is where the replica's qtree in it is readable, null
+    where the backend has none (mem, sim, zfs-fuse: docs/operations.md, "Writes kept at a resync")."""
     if pcpi is None:
         return None
-    return {"replica": replica, "pcpi": pcpi.name, "taken_at": pcpi.taken_at or None, "path": None}
+    return {"replica": replica, "pcpi": pcpi.name, "taken_at": pcpi.taken_at or None, "path": paths.get(pcpi.name)}
 
 
 def check_data(findings: Sequence[Finding]) -> list[dict[str, Any]]:

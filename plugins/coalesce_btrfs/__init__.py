@@ -254,6 +254,11 @@ class BtrfsVolume(PosixVolume):
     def export_image_prefix(self) -> str:
         return self.snapdir
 
+    def pcpi_path(self, pcpi: str, qtree: str) -> str | None:
+        """A PCPI is a read-only snapshot subvolume: its qtree is a directory in it."""
+        path = self.snap_path(pcpi)
+        return os.path.join(path, qtree) if self._is_snapshot(path) else None
+
     # -- diff -----------------------------------------------------------------
     def _parse_send(self, base: str, target: str) -> StreamState | _TreeCompare:
         global _PROTO

@@ -451,6 +451,14 @@ class ZfsVolume(PosixVolume):
     def export_image_path(self, replica: str, pcpi: str) -> str:
         return os.path.join(self.export_image_prefix(), check_pcpi(pcpi), replica)
 
+    def pcpi_path(self, pcpi: str, qtree: str) -> str | None:
+        """OpenZFS serves a snapshot at ``.zfs/snapshot/<pcpi>``; zfs-fuse has none without a clone
+        (None: docs/operations.md says how to read one)."""
+        if not self.browsable():
+            return None
+        path = os.path.join(self.root, ".zfs", "snapshot", check_pcpi(pcpi))
+        return os.path.join(path, qtree) if os.path.isdir(path) else None
+
     def prepare_export(self, pcpis: set[str]) -> None:
         """Make each exported PCPI's image a read-only path under ``views/`` (zfs-fuse).
 

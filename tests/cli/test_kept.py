@@ -17,18 +17,28 @@ from coalesce_core.stream import records as R
 DATA = b"written while A was broken\n" * 40
 
 
-@pytest.fixture(params=[on_backend("sim"), on_backend("btrfs")])
-def group(request, tmp_path: Path) -> tuple[Path, str]:
-    """A two-replica group (A, B) after one cycle; returns its config's path and destination URL."""
-    if request.param == "sim":
+def _group(request, tmp_path: Path, backend: str) -> tuple[Path, str]:
+    if backend == "sim":
         src, dst = f"sim://{tmp_path}/src", f"sim://{tmp_path}/dst"
     else:
-        urls = request.getfixturevalue("btrfs_urls")
+        urls = request.getfixturevalue(f"{backend}_urls")
         src, dst = urls("src"), urls("dst")
     cfg, writer = cli_group(tmp_path, "keep", src, dst)
     writer.volume.close()
     assert run_cli(cfg, "run", "--once", "-q").returncode == 0
     return cfg, dst
+
+
+@pytest.fixture(params=[on_backend("sim"), on_backend("btrfs")])
+def group(request, tmp_path: Path) -> tuple[Path, str]:
+    """A two-replica group (A, B) after one cycle; returns its config's path and destination URL."""
+    return _group(request, tmp_path, request.param)
+
+
+@pytest.fixture(params=[on_backend("sim"), on_backend("btrfs"), on_backend("zfs")])
+def any_group(request, tmp_path: Path) -> tuple[Path, str]:
+    """As ``group``, on zfs datasets too."""
+    return _group(request, tmp_path, request.param)
 
 
 def _write_into_a(dst: str) -> str:
@@ -129,3 +139,32 @@ def test_resync_and_release_beside_a_running_agent_I11(group):
         again = run_cli(cfg, "release", "A")  # refused by the agent, with the verb's error and exit code
         assert again.returncode == 6 and "keeps no writes" in again.stderr
     assert run_cli(cfg, "check").returncode == 0
+
+
+def test_status_names_the_path_the_kept_writes_are_readable_at_I11(any_group):
+    """`status` gives a kept PCPI's path where the backend serves one (btrfs: the snapshot's qtree
+    directory; OpenZFS: .zfs/snapshot), null where it has none (sim; zfs-fuse without a clone)."""
+    cfg, dst = any_group
+    assert run_cli(cfg, "break", "A").returncode == 0
+    _write_into_a(dst)
+    assert run_cli(cfg, "resync", "A").returncode == 0
+    kept = _a(cfg)["kept"]
+    assert kept is not None and status(cfg)["kept"] == [kept]
+    vol = Volume.open(plugin_manager(), dst)
+    try:
+        has_path = dst.startswith("btrfs:") or (dst.startswith("zfs:") and vol.handle.browsable())
+    finally:
+        vol.close()
+    text = run_cli(cfg, "status", env={"COLUMNS": "400"}).stdout
+    path = kept["path"]
+    if not has_path:
+        assert path is None and "readable at" not in text
+    else:
+        assert isinstance(path, str) and Path(path).is_dir()
+        # the kept writes, which the resync rolled out of the active FS
+        assert (Path(path) / "kept-file").read_bytes() == DATA
+        assert f"writes kept in {kept['pcpi']}, readable at {path}" in text
+    assert run_cli(cfg, "release", "A").returncode == 0
+    assert status(cfg)["kept"] == []
+    if path is not None:
+        assert not Path(path).exists()  # released: the PCPI and its path are gone

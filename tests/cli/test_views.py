@@ -149,6 +149,28 @@ def test_status_and_budget_with_a_replica_outside_the_cycle(harness):
     assert {r["name"]: r["state"] for r in data["replicas"]}["C"] == "unstable_uncoalesced"
 
 
+def test_status_shows_the_kept_pcpi_and_the_path_it_is_readable_at_I11(harness):
+    """mem has no path for a PCPI (null, no "readable at"); a path the backend names is shown in
+    the text note and in `status --json`, by the kept PCPI's name."""
+    h, _ = harness
+    h.cycle()
+    h.agent.break_mirror("A")
+    h.agent.resync("A")
+    st = h.agent.state
+    kept = st.kept_pcpi("A")
+    assert kept is not None
+    assert h.agent.kept_paths() == {kept.name: None}  # mem: no file-system path
+    data = reports.status_data(st, {}, kept_paths=h.agent.kept_paths())
+    assert data["kept"] == [{"replica": "A", "pcpi": kept.name, "taken_at": kept.taken_at, "path": None}]
+    assert "readable at" not in text_of(render.status_table(st, {}, kept_paths=h.agent.kept_paths()), width=400)
+    where = {kept.name: "/srv/snap/" + kept.name + "/A"}
+    data = reports.status_data(st, {}, kept_paths=where)
+    a = next(r for r in data["replicas"] if r["name"] == "A")
+    assert a["kept"]["path"] == data["kept"][0]["path"] == where[kept.name]
+    text = text_of(render.status_table(st, {}, kept_paths=where), width=400)
+    assert f"writes kept in {kept.name}, readable at {where[kept.name]}" in text
+
+
 def test_history_timeline(harness):
     h, _ = harness
     h.cycle()

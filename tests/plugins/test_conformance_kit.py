@@ -168,6 +168,12 @@ class BuggyBackend:
         return volume.exported() if self._mine(volume) else None
 
     @hookimpl
+    def coalesce_pcpi_path(self, volume, pcpi, qtree):
+        if self._mine(volume) and self.bug == "pcpi_path_nowhere":
+            return f"/nonexistent/{pcpi}/{qtree}"  # a path for every name, readable or not
+        return None
+
+    @hookimpl
     def coalesce_fingerprint(self, volume, qtree, snapshot):
         return volume.fingerprint(qtree, snapshot) if self._mine(volume) else None
 
@@ -193,6 +199,7 @@ def test_a_correct_backend_passes():
         ("drops_setattr", "rich_roundtrip"),
         ("purgatory_visible", "purgatory"),
         ("export_not_atomic", "export"),
+        ("pcpi_path_nowhere", "pcpi_path"),
     ],
 )
 def test_the_plain_checks_catch_a_broken_backend(bug, check):

@@ -31,7 +31,8 @@ What is checked (section numbers refer to docs/writing-a-backend.md):
   and the generic rollback (Fig. 9) restores the base; the purgatory is
   invisible to fingerprint and diff and purge is idempotent; export is
   idempotent, read back by ``exported()``, and a bad mapping changes
-  nothing; remove_qtree is idempotent and leaves PCPIs alone; owner records
+  nothing; ``pcpi_path`` is None or shows the PCPI's qtree, not the active FS;
+  remove_qtree is idempotent and leaves PCPIs alone; owner records
   (``coalesce_claim``) are written once and read back by another handle; hostile
   records (``..``, absolute, NUL, through a symlink of the qtree, hard links
   out of the qtree) raise HostilePath and change nothing anywhere.
@@ -80,6 +81,7 @@ from coalesce_core.testing.conformance.primitives import (  # noqa: F401
     check_empty_volume,
     check_export,
     check_open,
+    check_pcpi_path,
     check_remove_qtree,
     check_snapshots,
 )

@@ -12,6 +12,7 @@ from coalesce_core.testing.conformance.primitives import (
     check_empty_volume,
     check_export,
     check_open,
+    check_pcpi_path,
     check_remove_qtree,
     check_snapshots,
 )
@@ -26,6 +27,7 @@ BASIC_CHECKS: dict[str, Callable[[_Ctx], None]] = {
     "apply_failures_and_rollback": check_apply_failures,
     "purgatory": check_purgatory,
     "export": check_export,
+    "pcpi_path": check_pcpi_path,
     "remove_qtree": check_remove_qtree,
     "claims": check_claims,
     "hostile_records": check_hostile,

@@ -103,6 +103,24 @@ def check_export(ctx: _Ctx) -> None:
     _check(all(v is None for v in vol.exported().values()), "export({}) must clear the table")
 
 
+def check_pcpi_path(ctx: _Ctx) -> None:
+    """``pcpi_path`` is None, or a directory showing the qtree as the PCPI holds it (not the active
+    FS); None for a PCPI the volume does not hold."""
+    vol = ctx.volume()
+    _apply(vol, "q", _file_records("f", b"kept", 0o644))
+    vol.snapshot_create("s1")
+    _apply(vol, "q", [Write(path="f", offset=0, data=b"gone"), MkFile(path="late")])
+    path = vol.pcpi_path("s1", "q")
+    _check(path is None or isinstance(path, str), f"pcpi_path must be None or a str, not {path!r}")
+    if path is not None:
+        _check(os.path.isdir(path), f"pcpi_path {path!r} is not a directory")
+        names = os.listdir(path)
+        _check("f" in names and "late" not in names, f"pcpi_path {path!r} lists {sorted(names)}, not the PCPI's qtree")
+        with open(os.path.join(path, "f"), "rb") as fh:
+            _check(fh.read() == b"kept", f"pcpi_path {path!r} shows the active FS's bytes, not the PCPI's")
+    _check(vol.pcpi_path("nope", "q") is None, "pcpi_path of a PCPI the volume does not hold must be None")
+
+
 def check_remove_qtree(ctx: _Ctx) -> None:
     vol = ctx.volume()
     _apply(vol, "q", _rich_tree())
