@@ -3,8 +3,8 @@
  * fails when this file is stale.  Checked by `python tools/spin.py` (exhaustive).
  */
 #define N 3
-#define S 8
-#define SN 24
+#define S 9
+#define SN 27
 #define MAXP 2
 #define NONE 255
 #define ACTIVE 254
@@ -42,6 +42,7 @@
 #define P_jump_ahead 3
 #define P_new_base 4
 #define P_individual 5
+#define P_kept 6
 
 /* named guards of the agent machine */
 #define G_no_transfer_in_flight !(((rs[0] == R_update) || (rs[1] == R_update) || (rs[2] == R_update)) || ((rs[0] == R_baseline) || (rs[1] == R_baseline) || (rs[2] == R_baseline)))
@@ -147,6 +148,8 @@ byte sp[N];          /* source point of the exported image */
 byte ap[N];          /* source point the active FS holds (PART / WRIT / NONE) */
 bool rz[N];          /* resume: a restart interrupted its spooled update */
 byte rt[N];          /* re-seed target: the source point a running re-seed brings (NONE) */
+byte kp[N];          /* the replica name's kept PCPI (I11: a resync's writes; NONE) */
+bool kw[N];          /* a resync that keeps the writes has not taken its kept PCPI yet (refused) */
 byte role[S];        /* PCPI slot role (P_free: no PCPI) */
 bool rel[S];         /* release decided, not yet done */
 byte ph = A_idle;    /* the agent's phase */
@@ -224,6 +227,7 @@ inline swap_slots(x, y) { /* exchange PCPI slots x and y and every reference to 
   b = role[x]; role[x] = role[y]; role[y] = b;
   got = rel[x]; rel[x] = rel[y]; rel[y] = got;
   for (j : 0 .. N-1) {
+    if :: kp[j] == x -> kp[j] = y :: kp[j] == y -> kp[j] = x :: else -> skip fi;
     if :: ex[j] == x -> ex[j] = y :: ex[j] == y -> ex[j] = x :: else -> skip fi;
     if :: vx[j] == x -> vx[j] = y :: vx[j] == y -> vx[j] = x :: else -> skip fi;
     if :: lg[j] == x -> lg[j] = y :: lg[j] == y -> lg[j] = x :: else -> skip fi;
@@ -238,6 +242,7 @@ inline canon() { /* sort the slots by (role, releasing, first reference): PCPI n
     kk[t] = 12;
     for (j : 0 .. N-1) {
       if
+      :: kk[t] == 12 && kp[N-1-j] == t -> kk[t] = (N-1-j) * 4   /* a kept PCPI: by its owner */
       :: kk[t] == 12 && ex[N-1-j] == t -> kk[t] = (N-1-j) * 4
       :: kk[t] == 12 && lg[N-1-j] == t -> kk[t] = (N-1-j) * 4 + 1
       :: kk[t] == 12 && sc[N-1-j] == t -> kk[t] = (N-1-j) * 4 + 2
@@ -245,7 +250,7 @@ inline canon() { /* sort the slots by (role, releasing, first reference): PCPI n
       :: else -> skip
       fi
     };
-    kk[t] = (role[t] == P_free -> 255 : role[t] * 32 + rel[t] * 16 + kk[t])
+    kk[t] = (role[t] == P_free -> 221 : role[t] * 32 + rel[t] * 16 + kk[t])
   };
   for (m : 1 .. S-1) {
     for (t : 0 .. S-2) {
@@ -268,7 +273,7 @@ inline maybe_finish() {
   fi
 }
 
-inline release_all() { /* planner._release: keep the coalesced base and every pinned PCPI */
+inline release_all() { /* planner._release: keep the coalesced base, every pinned PCPI and the kept ones */
   find(P_new_base, b);
   if
   :: b != NONE -> role[b] = P_base
@@ -276,7 +281,7 @@ inline release_all() { /* planner._release: keep the coalesced base and every pi
   fi;
   for (t : 0 .. S-1) {
     if
-    :: role[t] != P_free && t != b && !rel[t] ->
+    :: role[t] != P_free && role[t] != P_kept && t != b && !rel[t] ->
        pinned(t, got);
        if
        :: got -> role[t] = P_individual
@@ -373,8 +378,8 @@ inline recover() { /* planner._recover, after a crash at any step */
     :: rs[i] == R_update -> T_update_failed(i); rz[i] = spooled
     :: rs[i] == R_baseline -> T_baseline_failed(i); ap[i] = NONE; sp[i] = NONE
     :: rs[i] == R_reseeding -> T_reseed_failed(i); ap[i] = NONE; rt[i] = NONE   /* retried next cycle */
-    :: rs[i] == R_unstable_uncoalesced && sc[i] != NONE ->
-       rel[sc[i]] = true; sc[i] = NONE; ex[i] = lg[i]
+    :: rs[i] == R_unstable_uncoalesced && sc[i] != NONE ->   /* a kept scratch stays (I11) */
+       if :: sc[i] != kp[i] -> rel[sc[i]] = true :: else -> skip fi; sc[i] = NONE; ex[i] = lg[i]
     :: else -> skip
     fi
   };
@@ -412,11 +417,11 @@ inline seen(x) { /* I8 monitor for replica x inside a step that makes two transi
 
 inline check() {
   canon();
-  printf("STEP ph=%d faults=%d rs=%d,%d,%d ex=%d,%d,%d vx=%d,%d,%d lg=%d,%d,%d sc=%d,%d,%d sp=%d,%d,%d ap=%d,%d,%d rt=%d,%d,%d role=%d%d%d%d%d%d%d%d rel=%d%d%d%d%d%d%d%d pend=%d%d%d%d%d\n",
+  printf("STEP ph=%d faults=%d rs=%d,%d,%d ex=%d,%d,%d vx=%d,%d,%d lg=%d,%d,%d sc=%d,%d,%d sp=%d,%d,%d ap=%d,%d,%d rt=%d,%d,%d kp=%d,%d,%d kw=%d,%d,%d role=%d%d%d%d%d%d%d%d%d rel=%d%d%d%d%d%d%d%d%d pend=%d%d%d%d%d\n",
     ph, faults, rs[0], rs[1], rs[2], ex[0], ex[1], ex[2], vx[0], vx[1], vx[2], lg[0], lg[1], lg[2],
-    sc[0], sc[1], sc[2], sp[0], sp[1], sp[2], ap[0], ap[1], ap[2], rt[0], rt[1], rt[2],
-    role[0], role[1], role[2], role[3], role[4], role[5], role[6], role[7],
-    rel[0], rel[1], rel[2], rel[3], rel[4], rel[5], rel[6], rel[7], purge_pend, jump_pend, export_pend, take_pend, resume_pend);
+    sc[0], sc[1], sc[2], sp[0], sp[1], sp[2], ap[0], ap[1], ap[2], rt[0], rt[1], rt[2], kp[0], kp[1], kp[2], kw[0], kw[1], kw[2],
+    role[0], role[1], role[2], role[3], role[4], role[5], role[6], role[7], role[8],
+    rel[0], rel[1], rel[2], rel[3], rel[4], rel[5], rel[6], rel[7], rel[8], purge_pend, jump_pend, export_pend, take_pend, resume_pend);
   /* I8: every replica state change is an edge of spec/coalescing.toml */
   for (i : 0 .. N-1) {
     if :: prev[i] != rs[i] -> assert(LEGAL_EDGE(prev[i], rs[i])); prev[i] = rs[i] :: else -> skip fi
@@ -438,6 +443,27 @@ inline check() {
   assert(kn2 <= 2 * N);
   assert(ph != A_idle || m <= 2 * t);   /* at rest; a PCPI being released is on its way out (a removed
                                           replica's last good image), as in invariants.i2_bounded_extras */
+  /* I11: a kept PCPI has one owner name, at most one per name, is never exported (ledger or volume),
+     never a last good image; every live kept PCPI is owned (none lost, none released but by the
+     release step); at rest the group holds at most 1 + 2 x outside + kept PCPIs */
+  kn = 0; kn2 = 0; m = 0;
+  for (i : 0 .. N-1) {
+    if
+    :: kp[i] != NONE ->
+       kn++;
+       assert(role[kp[i]] == P_kept && !rel[kp[i]]);
+       assert(!kw[i]);
+       for (j : 0 .. N-1) { assert(ex[j] != kp[i] && vx[j] != kp[i] && lg[j] != kp[i] && (j == i || kp[j] != kp[i] && sc[j] != kp[i])) }
+    :: else -> skip
+    fi
+  };
+  for (s : 0 .. S-1) {
+    if :: role[s] == P_kept && !rel[s] -> kn2++ :: else -> skip fi;
+    if :: role[s] != P_free && !rel[s] -> m++ :: else -> skip fi
+  };
+  assert(kn2 == kn);
+  assert(ph != A_idle || m <= 1 + 2 * t + kn);
+  j = 0;
   /* I3 (partly; the hypothesis test compares contents): an exported PCPI exists and carries a source point */
   for (i : 0 .. N-1) {
     if
@@ -479,7 +505,7 @@ inline check() {
  * ------------------------------------------------------------------------- */
 /* The executor runs the inline effects of a decision in order before it handles the next
    result: a release decided earlier is done before anything that follows it. */
-#define NOREL (!rel[0] && !rel[1] && !rel[2] && !rel[3] && !rel[4] && !rel[5] && !rel[6] && !rel[7])
+#define NOREL (!rel[0] && !rel[1] && !rel[2] && !rel[3] && !rel[4] && !rel[5] && !rel[6] && !rel[7] && !rel[8])
 #define QUIET (NOREL \
                && vx[0] == ex[0] && vx[1] == ex[1] && vx[2] == ex[2] \
                && sc[0] == NONE && sc[1] == NONE && sc[2] == NONE \
@@ -489,7 +515,8 @@ inline check() {
 #define INLINE_DONE (NOREL && !purge_pend && !jump_pend && !export_pend && take_pend == P_free && !resume_pend)
 #define ROLLBACK_TAKEN (role[0] == P_rollback && !rel[0] || role[1] == P_rollback && !rel[1] \
     || role[2] == P_rollback && !rel[2] || role[3] == P_rollback && !rel[3] || role[4] == P_rollback && !rel[4] \
-    || role[5] == P_rollback && !rel[5] || role[6] == P_rollback && !rel[6] || role[7] == P_rollback && !rel[7])
+    || role[5] == P_rollback && !rel[5] || role[6] == P_rollback && !rel[6] || role[7] == P_rollback && !rel[7] \
+    || role[8] == P_rollback && !rel[8])
 #define READY_FOR_CYCLE (faults || (!((rs[0] == R_broken) || (rs[1] == R_broken) || (rs[2] == R_broken)) && !((rs[0] == R_unstable_uncoalesced) || (rs[1] == R_unstable_uncoalesced) || (rs[2] == R_unstable_uncoalesced)) && !((rs[0] == R_removed) || (rs[1] == R_removed) || (rs[2] == R_removed))))
 
 proctype agent() {
@@ -518,32 +545,47 @@ proctype agent() {
        /* the retry timer (loop 1026): for each due replica a scratch PCPI of its damaged
           active FS, then a retry rollback */
        for (r : 0 .. N-1) {
-         if :: (rs[r] == R_unstable_uncoalesced && lg[r] != NONE) -> take(P_individual, t); sc[r] = t; t = 0 :: else -> skip fi
+         if
+         :: (rs[r] == R_unstable_uncoalesced && lg[r] != NONE) && kw[r] -> take(P_kept, t); sc[r] = t; kp[r] = t; kw[r] = false; t = 0   /* the resync's writes */
+         :: (rs[r] == R_unstable_uncoalesced && lg[r] != NONE) && !kw[r] -> take(P_individual, t); sc[r] = t; t = 0
+         :: else -> skip
+         fi
        };
        r = 0; check() }
   /* --- replica 0 --- */
-  :: d_step { ph == A_idle && QUIET && faults && (rs[0] == R_stable || rs[0] == R_stable_uncoalesced) ->
+  :: d_step { ph == A_idle && QUIET && faults && true && (rs[0] == R_stable || rs[0] == R_stable_uncoalesced) ->
        /* administrator failover */
        T_break_mirror(0); lg[0] = ex[0]; ex[0] = ACTIVE; vx[0] = ACTIVE; ap[0] = WRIT; check() }
   :: d_step { ph == A_idle && QUIET && rs[0] == R_broken ->
-       /* resync: the fence (the last good image exported again), then the scratch PCPI and the
-          rollback procedure (docs/decisions.md, "Resync fences first") */
+       /* resync --discard: the fence (the last good image exported again), then the scratch PCPI and
+          the rollback procedure (docs/decisions.md, "Resync fences first") */
        T_resync(0); ex[0] = lg[0]; vx[0] = lg[0]; take(P_individual, t); sc[0] = t; t = 0; check() }
   :: d_step { ph == A_idle && QUIET && faults && rs[0] == R_broken ->
-       /* a resync whose PCPI the destination refuses: it exports its last good image, retries later */
-       T_resync(0); seen(0); T_retry_failed(0); ex[0] = lg[0]; vx[0] = lg[0]; check() }
+       /* a resync whose PCPI the destination refuses (or a crash before it was taken): it exports its
+          last good image, retries later; one that keeps the writes takes its kept PCPI then */
+       T_resync(0); seen(0); T_retry_failed(0); ex[0] = lg[0]; vx[0] = lg[0];
+       if :: kp[0] == NONE -> kw[0] = true :: true -> skip fi; check() }
+  :: d_step { ph == A_idle && QUIET && rs[0] == R_broken && kp[0] == NONE ->
+       /* resync keeping the writes (I11: the name keeps none yet): the fence, then the scratch PCPI
+          is the kept PCPI; the rollback leaves it (docs/decisions.md "A resync keeps ...") */
+       T_resync(0); ex[0] = lg[0]; vx[0] = lg[0]; take(P_kept, t); sc[0] = t; kp[0] = t; t = 0; check() }
+  :: d_step { kp[0] != NONE && sc[0] != kp[0] && INLINE_DONE ->
+       /* `coalesce release`: in any phase, beside the cycle (not while a resync rolls back from it) */
+       rel[kp[0]] = true; kp[0] = NONE; check() }
   :: d_step { ph == A_idle && QUIET && faults && rs[0] == R_unstable_uncoalesced && lg[0] != NONE ->
        /* the retry's scratch PCPI is refused: loop 1026 waits longer (the backoff is below the model) */
        T_retry_failed(0); check() }
   :: d_step { ph == A_idle && QUIET && faults && (rs[0] == R_stable || rs[0] == R_stable_uncoalesced || \
               rs[0] == R_unstable_uncoalesced) ->
        /* `coalesce reseed` / the background verification: out of the cycle, exported image pinned */
-       T_request_reseed(0); if :: lg[0] == NONE -> lg[0] = ex[0] :: else -> skip fi; ap[0] = NONE; check() }
+       T_request_reseed(0); if :: lg[0] == NONE -> lg[0] = ex[0] :: else -> skip fi; ap[0] = NONE; kw[0] = false;
+       check() }
   :: d_step { ph == A_idle && QUIET && faults && (rs[0] == R_broken || rs[0] == R_done_uncoalesced || rs[0] == R_reseed_pending || rs[0] == R_reseeded || rs[0] == R_stable || rs[0] == R_stable_uncoalesced || rs[0] == R_uninitialized || rs[0] == R_unstable_uncoalesced) ->
        /* `coalesce remove`: its export ends (one switch, as for break), then the PCPIs only it pinned
           are released */
        T_remove(0); b = ex[0]; got = lg[0];
        ex[0] = NONE; vx[0] = NONE; lg[0] = NONE; sp[0] = NONE; ap[0] = NONE; rt[0] = NONE; rz[0] = false;
+       kw[0] = false;   /* its kept PCPI stays, owned by the name (release deletes it) */
        find(P_base, t);
        if
        :: VISIBLE(b) && b != t -> pinned(b, kn); if :: !kn -> rel[b] = true :: else -> skip fi
@@ -584,34 +626,45 @@ proctype agent() {
   :: d_step { ph == A_idle && NOREL && sc[0] != NONE ->
        /* the retry / resync rollback succeeded */
        T_retry_succeeded(0); ex[0] = lg[0]; ap[0] = sp[0];
-       vx[0] = ex[0]; rel[sc[0]] = true; sc[0] = NONE; check() }
+       vx[0] = ex[0]; if :: sc[0] != kp[0] -> rel[sc[0]] = true :: else -> skip fi; sc[0] = NONE; check() }
   :: d_step { ph == A_idle && NOREL && sc[0] != NONE && faults ->
        /* the retry / resync rollback failed */
        T_retry_failed(0); ex[0] = lg[0];
-       vx[0] = ex[0]; rel[sc[0]] = true; sc[0] = NONE; check() }
+       vx[0] = ex[0]; if :: sc[0] != kp[0] -> rel[sc[0]] = true :: else -> skip fi; sc[0] = NONE; check() }
   /* --- replica 1 --- */
-  :: d_step { ph == A_idle && QUIET && faults && (rs[1] == R_stable || rs[1] == R_stable_uncoalesced) ->
+  :: d_step { ph == A_idle && QUIET && faults && false && (rs[1] == R_stable || rs[1] == R_stable_uncoalesced) ->
        /* administrator failover */
        T_break_mirror(1); lg[1] = ex[1]; ex[1] = ACTIVE; vx[1] = ACTIVE; ap[1] = WRIT; check() }
   :: d_step { ph == A_idle && QUIET && rs[1] == R_broken ->
-       /* resync: the fence (the last good image exported again), then the scratch PCPI and the
-          rollback procedure (docs/decisions.md, "Resync fences first") */
+       /* resync --discard: the fence (the last good image exported again), then the scratch PCPI and
+          the rollback procedure (docs/decisions.md, "Resync fences first") */
        T_resync(1); ex[1] = lg[1]; vx[1] = lg[1]; take(P_individual, t); sc[1] = t; t = 0; check() }
   :: d_step { ph == A_idle && QUIET && faults && rs[1] == R_broken ->
-       /* a resync whose PCPI the destination refuses: it exports its last good image, retries later */
-       T_resync(1); seen(1); T_retry_failed(1); ex[1] = lg[1]; vx[1] = lg[1]; check() }
+       /* a resync whose PCPI the destination refuses (or a crash before it was taken): it exports its
+          last good image, retries later; one that keeps the writes takes its kept PCPI then */
+       T_resync(1); seen(1); T_retry_failed(1); ex[1] = lg[1]; vx[1] = lg[1];
+       if :: false -> kw[1] = true :: true -> skip fi; check() }
+  :: d_step { ph == A_idle && QUIET && rs[1] == R_broken && false ->
+       /* resync keeping the writes (I11: the name keeps none yet): the fence, then the scratch PCPI
+          is the kept PCPI; the rollback leaves it (docs/decisions.md "A resync keeps ...") */
+       T_resync(1); ex[1] = lg[1]; vx[1] = lg[1]; take(P_kept, t); sc[1] = t; kp[1] = t; t = 0; check() }
+  :: d_step { kp[1] != NONE && sc[1] != kp[1] && INLINE_DONE ->
+       /* `coalesce release`: in any phase, beside the cycle (not while a resync rolls back from it) */
+       rel[kp[1]] = true; kp[1] = NONE; check() }
   :: d_step { ph == A_idle && QUIET && faults && rs[1] == R_unstable_uncoalesced && lg[1] != NONE ->
        /* the retry's scratch PCPI is refused: loop 1026 waits longer (the backoff is below the model) */
        T_retry_failed(1); check() }
   :: d_step { ph == A_idle && QUIET && faults && (rs[1] == R_stable || rs[1] == R_stable_uncoalesced || \
               rs[1] == R_unstable_uncoalesced) ->
        /* `coalesce reseed` / the background verification: out of the cycle, exported image pinned */
-       T_request_reseed(1); if :: lg[1] == NONE -> lg[1] = ex[1] :: else -> skip fi; ap[1] = NONE; check() }
+       T_request_reseed(1); if :: lg[1] == NONE -> lg[1] = ex[1] :: else -> skip fi; ap[1] = NONE; kw[1] = false;
+       check() }
   :: d_step { ph == A_idle && QUIET && faults && (rs[1] == R_broken || rs[1] == R_done_uncoalesced || rs[1] == R_reseed_pending || rs[1] == R_reseeded || rs[1] == R_stable || rs[1] == R_stable_uncoalesced || rs[1] == R_uninitialized || rs[1] == R_unstable_uncoalesced) ->
        /* `coalesce remove`: its export ends (one switch, as for break), then the PCPIs only it pinned
           are released */
        T_remove(1); b = ex[1]; got = lg[1];
        ex[1] = NONE; vx[1] = NONE; lg[1] = NONE; sp[1] = NONE; ap[1] = NONE; rt[1] = NONE; rz[1] = false;
+       kw[1] = false;   /* its kept PCPI stays, owned by the name (release deletes it) */
        find(P_base, t);
        if
        :: VISIBLE(b) && b != t -> pinned(b, kn); if :: !kn -> rel[b] = true :: else -> skip fi
@@ -652,34 +705,45 @@ proctype agent() {
   :: d_step { ph == A_idle && NOREL && sc[1] != NONE ->
        /* the retry / resync rollback succeeded */
        T_retry_succeeded(1); ex[1] = lg[1]; ap[1] = sp[1];
-       vx[1] = ex[1]; rel[sc[1]] = true; sc[1] = NONE; check() }
+       vx[1] = ex[1]; if :: sc[1] != kp[1] -> rel[sc[1]] = true :: else -> skip fi; sc[1] = NONE; check() }
   :: d_step { ph == A_idle && NOREL && sc[1] != NONE && faults ->
        /* the retry / resync rollback failed */
        T_retry_failed(1); ex[1] = lg[1];
-       vx[1] = ex[1]; rel[sc[1]] = true; sc[1] = NONE; check() }
+       vx[1] = ex[1]; if :: sc[1] != kp[1] -> rel[sc[1]] = true :: else -> skip fi; sc[1] = NONE; check() }
   /* --- replica 2 --- */
-  :: d_step { ph == A_idle && QUIET && faults && (rs[2] == R_stable || rs[2] == R_stable_uncoalesced) ->
+  :: d_step { ph == A_idle && QUIET && faults && false && (rs[2] == R_stable || rs[2] == R_stable_uncoalesced) ->
        /* administrator failover */
        T_break_mirror(2); lg[2] = ex[2]; ex[2] = ACTIVE; vx[2] = ACTIVE; ap[2] = WRIT; check() }
   :: d_step { ph == A_idle && QUIET && rs[2] == R_broken ->
-       /* resync: the fence (the last good image exported again), then the scratch PCPI and the
-          rollback procedure (docs/decisions.md, "Resync fences first") */
+       /* resync --discard: the fence (the last good image exported again), then the scratch PCPI and
+          the rollback procedure (docs/decisions.md, "Resync fences first") */
        T_resync(2); ex[2] = lg[2]; vx[2] = lg[2]; take(P_individual, t); sc[2] = t; t = 0; check() }
   :: d_step { ph == A_idle && QUIET && faults && rs[2] == R_broken ->
-       /* a resync whose PCPI the destination refuses: it exports its last good image, retries later */
-       T_resync(2); seen(2); T_retry_failed(2); ex[2] = lg[2]; vx[2] = lg[2]; check() }
+       /* a resync whose PCPI the destination refuses (or a crash before it was taken): it exports its
+          last good image, retries later; one that keeps the writes takes its kept PCPI then */
+       T_resync(2); seen(2); T_retry_failed(2); ex[2] = lg[2]; vx[2] = lg[2];
+       if :: false -> kw[2] = true :: true -> skip fi; check() }
+  :: d_step { ph == A_idle && QUIET && rs[2] == R_broken && false ->
+       /* resync keeping the writes (I11: the name keeps none yet): the fence, then the scratch PCPI
+          is the kept PCPI; the rollback leaves it (docs/decisions.md "A resync keeps ...") */
+       T_resync(2); ex[2] = lg[2]; vx[2] = lg[2]; take(P_kept, t); sc[2] = t; kp[2] = t; t = 0; check() }
+  :: d_step { kp[2] != NONE && sc[2] != kp[2] && INLINE_DONE ->
+       /* `coalesce release`: in any phase, beside the cycle (not while a resync rolls back from it) */
+       rel[kp[2]] = true; kp[2] = NONE; check() }
   :: d_step { ph == A_idle && QUIET && faults && rs[2] == R_unstable_uncoalesced && lg[2] != NONE ->
        /* the retry's scratch PCPI is refused: loop 1026 waits longer (the backoff is below the model) */
        T_retry_failed(2); check() }
   :: d_step { ph == A_idle && QUIET && faults && (rs[2] == R_stable || rs[2] == R_stable_uncoalesced || \
               rs[2] == R_unstable_uncoalesced) ->
        /* `coalesce reseed` / the background verification: out of the cycle, exported image pinned */
-       T_request_reseed(2); if :: lg[2] == NONE -> lg[2] = ex[2] :: else -> skip fi; ap[2] = NONE; check() }
+       T_request_reseed(2); if :: lg[2] == NONE -> lg[2] = ex[2] :: else -> skip fi; ap[2] = NONE; kw[2] = false;
+       check() }
   :: d_step { ph == A_idle && QUIET && faults && (rs[2] == R_broken || rs[2] == R_done_uncoalesced || rs[2] == R_reseed_pending || rs[2] == R_reseeded || rs[2] == R_stable || rs[2] == R_stable_uncoalesced || rs[2] == R_uninitialized || rs[2] == R_unstable_uncoalesced) ->
        /* `coalesce remove`: its export ends (one switch, as for break), then the PCPIs only it pinned
           are released */
        T_remove(2); b = ex[2]; got = lg[2];
        ex[2] = NONE; vx[2] = NONE; lg[2] = NONE; sp[2] = NONE; ap[2] = NONE; rt[2] = NONE; rz[2] = false;
+       kw[2] = false;   /* its kept PCPI stays, owned by the name (release deletes it) */
        find(P_base, t);
        if
        :: VISIBLE(b) && b != t -> pinned(b, kn); if :: !kn -> rel[b] = true :: else -> skip fi
@@ -720,11 +784,11 @@ proctype agent() {
   :: d_step { ph == A_idle && NOREL && sc[2] != NONE ->
        /* the retry / resync rollback succeeded */
        T_retry_succeeded(2); ex[2] = lg[2]; ap[2] = sp[2];
-       vx[2] = ex[2]; rel[sc[2]] = true; sc[2] = NONE; check() }
+       vx[2] = ex[2]; if :: sc[2] != kp[2] -> rel[sc[2]] = true :: else -> skip fi; sc[2] = NONE; check() }
   :: d_step { ph == A_idle && NOREL && sc[2] != NONE && faults ->
        /* the retry / resync rollback failed */
        T_retry_failed(2); ex[2] = lg[2];
-       vx[2] = ex[2]; rel[sc[2]] = true; sc[2] = NONE; check() }
+       vx[2] = ex[2]; if :: sc[2] != kp[2] -> rel[sc[2]] = true :: else -> skip fi; sc[2] = NONE; check() }
   :: d_step { take_pend != P_free && NOREL -> /* a cycle PCPI decided (by a step or by recovery) is taken */
        take(take_pend, t); t = 0;
        if
@@ -755,7 +819,7 @@ proctype agent() {
   :: d_step { !NOREL && !export_pend -> /* one release effect */
        got = NONE;
        for (s : 0 .. S-1) { if :: got == NONE && rel[s] -> got = s :: else -> skip fi };
-       for (i : 0 .. N-1) { assert(vx[i] != got && ex[i] != got && lg[i] != got && sc[i] != got) };  /* I6: no exported image lost */
+       for (i : 0 .. N-1) { assert(vx[i] != got && ex[i] != got && lg[i] != got && sc[i] != got && kp[i] != got) };  /* I6: no exported image lost; I11: no kept writes */
        role[got] = P_free; rel[got] = false;
        got = 0; s = 0; i = 0;
        maybe_finish(); check() }
@@ -774,7 +838,8 @@ init {
   atomic {
     for (i : 0 .. N-1) {
       rs[i] = R_uninitialized; prev[i] = rs[i]; ex[i] = NONE; vx[i] = NONE; lg[i] = NONE;
-      sc[i] = NONE; sp[i] = NONE; ap[i] = NONE; lastsp[i] = NONE; rz[i] = false; rt[i] = NONE
+      sc[i] = NONE; sp[i] = NONE; ap[i] = NONE; lastsp[i] = NONE; rz[i] = false; rt[i] = NONE;
+      kp[i] = NONE; kw[i] = false
     };
     i = 0;
     run agent()

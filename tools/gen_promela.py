@@ -6,8 +6,9 @@ trigger, asserting its source states and setting its destination), the agent
 phases and phase transitions (asserting their named guards) and the I8
 legality monitor all come from the TOML file; only the group procedures
 (cycle start, rollback, two-step jump-ahead, release, retry, break/resync,
-re-seed, remove/add, crash + recovery, a refusal of each destination PCPI
-take, a source outage at the cycle's take), which mirror
+the kept PCPI of a resync and its release (I11), re-seed, remove/add, crash +
+recovery, a refusal of each destination PCPI take, a source outage at the
+cycle's take), which mirror
 coalesce_core/cycle/planner.py, are written here.
 The procedures reach the spec only through the generated names, so a spec
 change that the procedures do not cover fails generation (every trigger of
@@ -18,9 +19,10 @@ Usage:
     tools/gen_promela.py --check         exit 1 if spec/coalescing.pml is stale
     tools/gen_promela.py --mutant NAME   print a deliberately broken model (tools/mutants.py)
     tools/gen_promela.py --stdout        print the model
-    tools/gen_promela.py --replicas 4 [--slots 8] --out FILE
+    tools/gen_promela.py --replicas 4 [--slots 9] [--breakers 1] [--keepers 1] --out FILE
                                          a model of another size (the committed one has 3
-                                         replicas and 8 PCPI slots; tools/bench/bench_formal.py)
+                                         replicas, 9 PCPI slots, 1 replica that may break and
+                                         whose resync may keep its writes; tools/bench/bench_formal.py)
 """
 
 from __future__ import annotations
@@ -36,7 +38,10 @@ SPEC = ROOT / "spec" / "coalescing.toml"
 OUT = ROOT / "spec" / "coalescing.pml"
 
 N_REPLICAS = 3
-N_SLOTS = 8  # PCPI slots: 4 cycle roles + individuals; running out is an assertion failure
+N_SLOTS = 9  # PCPI slots: 4 cycle roles + individuals + kept; running out is an assertion failure
+N_KEEPERS = 1  # replicas whose resync may keep the writes (I11); the others resync with --discard
+N_BREAKERS = 1  # replicas an administrator may break (and resync): the kept PCPI doubles the states
+#                 that follow a break, so the committed model breaks one replica (docs/verification.md)
 MAXP = 2  # source points are renormalised at every finished cycle and capped here
 
 #: Promela text of each named guard of spec/coalescing.toml (over the generated state names).
@@ -57,6 +62,9 @@ MUTANTS = {
     "rolled_back_to_stable": {"@MUT_ROLLBACK_OK@": "rs[i] = R_stable"},
     "recovery_skips_jump_ahead": {"@MUT_RECOVER_JA@": "false"},
     "export_replica_by_replica": {"@MUT_EXPORT_ONE@": "true"},
+    # I11 (tests/formal/test_promela_sizes.py; not in tools/mutants.py's matrix)
+    "kept_released_by_the_cycle": {"@MUT_SKIP_KEPT@": ""},
+    "recovery_releases_the_kept_scratch": {"@MUT_RECOVER_KEPT@": "true"},
 }
 DEFAULTS = {
     "@MUT_WAIT_TRANSFERS@": "G_no_transfer_in_flight",
@@ -65,6 +73,8 @@ DEFAULTS = {
     "@MUT_ROLLBACK_OK@": "T_rollback_succeeded(i)",
     "@MUT_RECOVER_JA@": "true",
     "@MUT_EXPORT_ONE@": "false",
+    "@MUT_SKIP_KEPT@": "role[t] != P_kept && ",
+    "@MUT_RECOVER_KEPT@": "sc[i] != kp[i]",
 }
 
 # Triggers of the replica machine the procedures below use (all of them must be).
@@ -82,6 +92,8 @@ byte sp[N];          /* source point of the exported image */
 byte ap[N];          /* source point the active FS holds (PART / WRIT / NONE) */
 bool rz[N];          /* resume: a restart interrupted its spooled update */
 byte rt[N];          /* re-seed target: the source point a running re-seed brings (NONE) */
+byte kp[N];          /* the replica name's kept PCPI (I11: a resync's writes; NONE) */
+bool kw[N];          /* a resync that keeps the writes has not taken its kept PCPI yet (refused) */
 byte role[S];        /* PCPI slot role (P_free: no PCPI) */
 bool rel[S];         /* release decided, not yet done */
 byte ph = A_idle;    /* the agent's phase */
@@ -103,7 +115,7 @@ bool spooled;        /* at a crash: the interrupted updates' spools hold records
 /* temporaries: zero at the end of every step (not `hidden`: pan does not restore hidden
    variables when it backtracks inside an atomic sequence) */
 byte i, j, s, got, kn, kn2, m, b, t;
-byte kk[S];
+@KK_TYPE@ kk[S];
 
 #define INITIALIZED (@INITIALIZED@)
 #define VISIBLE(x) ((x) < S)
@@ -159,6 +171,7 @@ inline swap_slots(x, y) { /* exchange PCPI slots x and y and every reference to 
   b = role[x]; role[x] = role[y]; role[y] = b;
   got = rel[x]; rel[x] = rel[y]; rel[y] = got;
   for (j : 0 .. N-1) {
+    if :: kp[j] == x -> kp[j] = y :: kp[j] == y -> kp[j] = x :: else -> skip fi;
     if :: ex[j] == x -> ex[j] = y :: ex[j] == y -> ex[j] = x :: else -> skip fi;
     if :: vx[j] == x -> vx[j] = y :: vx[j] == y -> vx[j] = x :: else -> skip fi;
     if :: lg[j] == x -> lg[j] = y :: lg[j] == y -> lg[j] = x :: else -> skip fi;
@@ -173,6 +186,7 @@ inline canon() { /* sort the slots by (role, releasing, first reference): PCPI n
     kk[t] = @KK_NONE@;
     for (j : 0 .. N-1) {
       if
+      :: kk[t] == @KK_NONE@ && kp[N-1-j] == t -> kk[t] = (N-1-j) * 4   /* a kept PCPI: by its owner */
       :: kk[t] == @KK_NONE@ && ex[N-1-j] == t -> kk[t] = (N-1-j) * 4
       :: kk[t] == @KK_NONE@ && lg[N-1-j] == t -> kk[t] = (N-1-j) * 4 + 1
       :: kk[t] == @KK_NONE@ && sc[N-1-j] == t -> kk[t] = (N-1-j) * 4 + 2
@@ -180,7 +194,7 @@ inline canon() { /* sort the slots by (role, releasing, first reference): PCPI n
       :: else -> skip
       fi
     };
-    kk[t] = (role[t] == P_free -> 255 : role[t] * @KK_ROLE@ + rel[t] * @KK_REL@ + kk[t])
+    kk[t] = (role[t] == P_free -> @KK_FREE@ : role[t] * @KK_ROLE@ + rel[t] * @KK_REL@ + kk[t])
   };
   for (m : 1 .. S-1) {
     for (t : 0 .. S-2) {
@@ -203,7 +217,7 @@ inline maybe_finish() {
   fi
 }
 
-inline release_all() { /* planner._release: keep the coalesced base and every pinned PCPI */
+inline release_all() { /* planner._release: keep the coalesced base, every pinned PCPI and the kept ones */
   find(P_new_base, b);
   if
   :: b != NONE -> role[b] = P_base
@@ -211,7 +225,7 @@ inline release_all() { /* planner._release: keep the coalesced base and every pi
   fi;
   for (t : 0 .. S-1) {
     if
-    :: role[t] != P_free && t != b && !rel[t] ->
+    :: role[t] != P_free && @MUT_SKIP_KEPT@t != b && !rel[t] ->
        pinned(t, got);
        if
        :: got -> role[t] = P_individual
@@ -308,8 +322,8 @@ inline recover() { /* planner._recover, after a crash at any step */
     :: rs[i] == R_update -> T_update_failed(i); rz[i] = spooled
     :: rs[i] == R_baseline -> T_baseline_failed(i); ap[i] = NONE; sp[i] = NONE
     :: rs[i] == R_reseeding -> T_reseed_failed(i); ap[i] = NONE; rt[i] = NONE   /* retried next cycle */
-    :: rs[i] == R_unstable_uncoalesced && sc[i] != NONE ->
-       rel[sc[i]] = true; sc[i] = NONE; ex[i] = lg[i]
+    :: rs[i] == R_unstable_uncoalesced && sc[i] != NONE ->   /* a kept scratch stays (I11) */
+       if :: @MUT_RECOVER_KEPT@ -> rel[sc[i]] = true :: else -> skip fi; sc[i] = NONE; ex[i] = lg[i]
     :: else -> skip
     fi
   };
@@ -373,6 +387,27 @@ inline check() {
   assert(kn2 <= 2 * N);
   assert(ph != A_idle || m <= 2 * t);   /* at rest; a PCPI being released is on its way out (a removed
                                           replica's last good image), as in invariants.i2_bounded_extras */
+  /* I11: a kept PCPI has one owner name, at most one per name, is never exported (ledger or volume),
+     never a last good image; every live kept PCPI is owned (none lost, none released but by the
+     release step); at rest the group holds at most 1 + 2 x outside + kept PCPIs */
+  kn = 0; kn2 = 0; m = 0;
+  for (i : 0 .. N-1) {
+    if
+    :: kp[i] != NONE ->
+       kn++;
+       assert(role[kp[i]] == P_kept && !rel[kp[i]]);
+       assert(!kw[i]);
+       for (j : 0 .. N-1) { assert(ex[j] != kp[i] && vx[j] != kp[i] && lg[j] != kp[i] && (j == i || kp[j] != kp[i] && sc[j] != kp[i])) }
+    :: else -> skip
+    fi
+  };
+  for (s : 0 .. S-1) {
+    if :: role[s] == P_kept && !rel[s] -> kn2++ :: else -> skip fi;
+    if :: role[s] != P_free && !rel[s] -> m++ :: else -> skip fi
+  };
+  assert(kn2 == kn);
+  assert(ph != A_idle || m <= 1 + 2 * t + kn);
+  j = 0;
   /* I3 (partly; the hypothesis test compares contents): an exported PCPI exists and carries a source point */
   for (i : 0 .. N-1) {
     if
@@ -451,33 +486,48 @@ proctype agent() {
        /* the retry timer (loop 1026): for each due replica a scratch PCPI of its damaged
           active FS, then a retry rollback */
        for (r : 0 .. N-1) {
-         if :: @DUE(r) -> take(P_individual, t); sc[r] = t; t = 0 :: else -> skip fi
+         if
+         :: @DUE(r) && kw[r] -> take(P_kept, t); sc[r] = t; kp[r] = t; kw[r] = false; t = 0   /* the resync's writes */
+         :: @DUE(r) && !kw[r] -> take(P_individual, t); sc[r] = t; t = 0
+         :: else -> skip
+         fi
        };
        r = 0; check() }
 @EACH
   /* --- replica @r --- */
-  :: d_step { ph == A_idle && QUIET && faults && (rs[@r] == R_stable || rs[@r] == R_stable_uncoalesced) ->
+  :: d_step { ph == A_idle && QUIET && faults && @BREAKS(@r) && (rs[@r] == R_stable || rs[@r] == R_stable_uncoalesced) ->
        /* administrator failover */
        T_break_mirror(@r); lg[@r] = ex[@r]; ex[@r] = ACTIVE; vx[@r] = ACTIVE; ap[@r] = WRIT; check() }
   :: d_step { ph == A_idle && QUIET && rs[@r] == R_broken ->
-       /* resync: the fence (the last good image exported again), then the scratch PCPI and the
-          rollback procedure (docs/decisions.md, "Resync fences first") */
+       /* resync --discard: the fence (the last good image exported again), then the scratch PCPI and
+          the rollback procedure (docs/decisions.md, "Resync fences first") */
        T_resync(@r); ex[@r] = lg[@r]; vx[@r] = lg[@r]; take(P_individual, t); sc[@r] = t; t = 0; check() }
   :: d_step { ph == A_idle && QUIET && faults && rs[@r] == R_broken ->
-       /* a resync whose PCPI the destination refuses: it exports its last good image, retries later */
-       T_resync(@r); seen(@r); T_retry_failed(@r); ex[@r] = lg[@r]; vx[@r] = lg[@r]; check() }
+       /* a resync whose PCPI the destination refuses (or a crash before it was taken): it exports its
+          last good image, retries later; one that keeps the writes takes its kept PCPI then */
+       T_resync(@r); seen(@r); T_retry_failed(@r); ex[@r] = lg[@r]; vx[@r] = lg[@r];
+       if :: @KEEPS(@r) -> kw[@r] = true :: true -> skip fi; check() }
+  :: d_step { ph == A_idle && QUIET && rs[@r] == R_broken && @KEEPS(@r) ->
+       /* resync keeping the writes (I11: the name keeps none yet): the fence, then the scratch PCPI
+          is the kept PCPI; the rollback leaves it (docs/decisions.md "A resync keeps ...") */
+       T_resync(@r); ex[@r] = lg[@r]; vx[@r] = lg[@r]; take(P_kept, t); sc[@r] = t; kp[@r] = t; t = 0; check() }
+  :: d_step { kp[@r] != NONE && sc[@r] != kp[@r] && INLINE_DONE ->
+       /* `coalesce release`: in any phase, beside the cycle (not while a resync rolls back from it) */
+       rel[kp[@r]] = true; kp[@r] = NONE; check() }
   :: d_step { ph == A_idle && QUIET && faults && rs[@r] == R_unstable_uncoalesced && lg[@r] != NONE ->
        /* the retry's scratch PCPI is refused: loop 1026 waits longer (the backoff is below the model) */
        T_retry_failed(@r); check() }
   :: d_step { ph == A_idle && QUIET && faults && (rs[@r] == R_stable || rs[@r] == R_stable_uncoalesced || \
               rs[@r] == R_unstable_uncoalesced) ->
        /* `coalesce reseed` / the background verification: out of the cycle, exported image pinned */
-       T_request_reseed(@r); if :: lg[@r] == NONE -> lg[@r] = ex[@r] :: else -> skip fi; ap[@r] = NONE; check() }
+       T_request_reseed(@r); if :: lg[@r] == NONE -> lg[@r] = ex[@r] :: else -> skip fi; ap[@r] = NONE; kw[@r] = false;
+       check() }
   :: d_step { ph == A_idle && QUIET && faults && (@REMOVABLE(@r)) ->
        /* `coalesce remove`: its export ends (one switch, as for break), then the PCPIs only it pinned
           are released */
        T_remove(@r); b = ex[@r]; got = lg[@r];
        ex[@r] = NONE; vx[@r] = NONE; lg[@r] = NONE; sp[@r] = NONE; ap[@r] = NONE; rt[@r] = NONE; rz[@r] = false;
+       kw[@r] = false;   /* its kept PCPI stays, owned by the name (release deletes it) */
        find(P_base, t);
        if
        :: VISIBLE(b) && b != t -> pinned(b, kn); if :: !kn -> rel[b] = true :: else -> skip fi
@@ -518,11 +568,11 @@ proctype agent() {
   :: d_step { ph == A_idle && NOREL && sc[@r] != NONE ->
        /* the retry / resync rollback succeeded */
        T_retry_succeeded(@r); ex[@r] = lg[@r]; ap[@r] = sp[@r];
-       vx[@r] = ex[@r]; rel[sc[@r]] = true; sc[@r] = NONE; check() }
+       vx[@r] = ex[@r]; if :: sc[@r] != kp[@r] -> rel[sc[@r]] = true :: else -> skip fi; sc[@r] = NONE; check() }
   :: d_step { ph == A_idle && NOREL && sc[@r] != NONE && faults ->
        /* the retry / resync rollback failed */
        T_retry_failed(@r); ex[@r] = lg[@r];
-       vx[@r] = ex[@r]; rel[sc[@r]] = true; sc[@r] = NONE; check() }
+       vx[@r] = ex[@r]; if :: sc[@r] != kp[@r] -> rel[sc[@r]] = true :: else -> skip fi; sc[@r] = NONE; check() }
 @END
   :: d_step { take_pend != P_free && NOREL -> /* a cycle PCPI decided (by a step or by recovery) is taken */
        take(take_pend, t); t = 0;
@@ -554,7 +604,7 @@ proctype agent() {
   :: d_step { !NOREL && !export_pend -> /* one release effect */
        got = NONE;
        for (s : 0 .. S-1) { if :: got == NONE && rel[s] -> got = s :: else -> skip fi };
-       for (i : 0 .. N-1) { assert(vx[i] != got && ex[i] != got && lg[i] != got && sc[i] != got) };  /* I6: no exported image lost */
+       for (i : 0 .. N-1) { assert(vx[i] != got && ex[i] != got && lg[i] != got && sc[i] != got && kp[i] != got) };  /* I6: no exported image lost; I11: no kept writes */
        role[got] = P_free; rel[got] = false;
        got = 0; s = 0; i = 0;
        maybe_finish(); check() }
@@ -573,7 +623,8 @@ init {
   atomic {
     for (i : 0 .. N-1) {
       rs[i] = R_@INITIAL@; prev[i] = rs[i]; ex[i] = NONE; vx[i] = NONE; lg[i] = NONE;
-      sc[i] = NONE; sp[i] = NONE; ap[i] = NONE; lastsp[i] = NONE; rz[i] = false; rt[i] = NONE
+      sc[i] = NONE; sp[i] = NONE; ap[i] = NONE; lastsp[i] = NONE; rz[i] = false; rt[i] = NONE;
+      kp[i] = NONE; kw[i] = false
     };
     i = 0;
     run agent()
@@ -613,14 +664,14 @@ def size_text(replicas: int, slots: int) -> dict[str, str]:
         "@KK_REL@": str(rel_w),
         "@KK_ROLE@": str(2 * rel_w),
         "@STEP_FMT@": " ".join(
-            f"{v}=" + ",".join(["%d"] * replicas) for v in ("rs", "ex", "vx", "lg", "sc", "sp", "ap", "rt")
+            f"{v}=" + ",".join(["%d"] * replicas) for v in ("rs", "ex", "vx", "lg", "sc", "sp", "ap", "rt", "kp", "kw")
         )
         + " role="
         + "%d" * slots
         + " rel="
         + "%d" * slots,
         "@STEP_ARGS1@": ", ".join(f"{v}[{k}]" for v in ("rs", "ex", "vx", "lg") for k in n),
-        "@STEP_ARGS2@": ", ".join(f"{v}[{k}]" for v in ("sc", "sp", "ap", "rt") for k in n),
+        "@STEP_ARGS2@": ", ".join(f"{v}[{k}]" for v in ("sc", "sp", "ap", "rt", "kp", "kw") for k in n),
         "@STEP_ROLE@": ", ".join(f"role[{k}]" for k in S),
         "@STEP_REL@": ", ".join(f"rel[{k}]" for k in S),
         "@NOREL@": " && ".join(f"!rel[{k}]" for k in S),
@@ -635,10 +686,20 @@ def size_text(replicas: int, slots: int) -> dict[str, str]:
 
 
 def generate(
-    spec_path: Path = SPEC, mutant: str | None = None, replicas: int = N_REPLICAS, slots: int = N_SLOTS
+    spec_path: Path = SPEC,
+    mutant: str | None = None,
+    replicas: int = N_REPLICAS,
+    slots: int = N_SLOTS,
+    keepers: int = N_KEEPERS,
+    breakers: int = N_BREAKERS,
 ) -> str:
-    """The model text; ``replicas`` (2..5) and ``slots`` other than the defaults are for
-    measuring how the state space grows (tools/bench/bench_formal.py), not the committed model."""
+    """The model text; ``replicas`` (2..5), ``slots``, ``breakers`` (the first replicas an
+    administrator may break) and ``keepers`` (the first replicas whose resync may keep the writes)
+    other than the defaults are for measuring how the state space grows
+    (tools/bench/bench_formal.py), not the committed model."""
+    breakers = min(breakers, replicas)
+    if not 0 <= keepers <= breakers:
+        raise SystemExit(f"--keepers {keepers}: between 0 and the number of replicas that may break")
     if not 2 <= replicas <= 5:
         raise SystemExit(f"--replicas {replicas}: the model supports 2 to 5 replicas")
     if slots < 4:
@@ -647,10 +708,12 @@ def generate(
     rep, agt = data["replica"], data["agent"]
     rstates = list(rep["states"])
     phases = list(agt["states"])
-    roles = ["free", *data["meta"]["cycle_pcpi_roles"], data["meta"]["individual_pcpi_role"]]
+    meta = data["meta"]
+    roles = ["free", *meta["cycle_pcpi_roles"], meta["individual_pcpi_role"], meta["kept_pcpi_role"]]
     sizes = size_text(replicas, slots)
-    if (len(roles) - 1) * int(sizes["@KK_ROLE@"]) + int(sizes["@KK_REL@"]) + 4 * replicas >= 255:
-        raise SystemExit(f"{replicas} replicas: canon()'s slot sort key no longer fits a byte")
+    top = (len(roles) - 1) * int(sizes["@KK_ROLE@"]) + int(sizes["@KK_REL@"]) + 4 * replicas
+    sizes["@KK_FREE@"] = str(top + 1)  # a free slot sorts last
+    sizes["@KK_TYPE@"] = "byte" if top < 255 else "short"
     in_flight = [s for s, a in rep["states"].items() if a.get("in_flight")]
     in_cycle = [s for s, a in rep["states"].items() if a.get("field") == "cycle"]
     outside = [
@@ -743,6 +806,10 @@ def generate(
         body,
         flags=re.S,
     )
+    body = re.sub(r"@BREAKS\((\d)\)", lambda mm: "true" if int(mm.group(1)) < breakers else "false", body)
+    body = re.sub(
+        r"@KEEPS\((\d)\)", lambda mm: f"kp[{mm.group(1)}] == NONE" if int(mm.group(1)) < keepers else "false", body
+    )
     removable = sorted({s for (trig, s, _d) in edges(rep) if trig == "remove"})
     body = re.sub(r"@REMOVABLE\((\w)\)", lambda mm: " || ".join(f"rs[{mm.group(1)}] == R_{s}" for s in removable), body)
     body = re.sub(r"@ANY\(R_(\w+)\)", lambda mm: any_replica([mm.group(1)]), body)
@@ -790,14 +857,21 @@ def main(argv: list[str] | None = None) -> int:
         help="replicas in the model (2..5; default %(default)s, the committed model)",
     )
     ap.add_argument("--slots", type=int, default=N_SLOTS, help="PCPI slots (default %(default)s)")
+    ap.add_argument(
+        "--keepers", type=int, default=N_KEEPERS, help="replicas whose resync may keep writes (default %(default)s)"
+    )
+    ap.add_argument("--breakers", type=int, default=N_BREAKERS, help="replicas that may break (default %(default)s)")
     ap.add_argument("--out", type=Path, help="write the model here instead of spec/coalescing.pml")
     args = ap.parse_args(argv)
-    resized = (args.replicas, args.slots) != (N_REPLICAS, N_SLOTS)
+    resized = (args.replicas, args.slots, args.keepers, args.breakers) != (N_REPLICAS, N_SLOTS, N_KEEPERS, N_BREAKERS)
     if resized and args.check:
-        ap.error("--check compares the committed model (3 replicas, 8 slots); drop --replicas/--slots")
+        ap.error(
+            f"--check compares the committed model ({N_REPLICAS} replicas, {N_SLOTS} slots, {N_BREAKERS} that may "
+            f"break, {N_KEEPERS} keeping writes); drop --replicas/--slots/--breakers/--keepers"
+        )
     if resized and not (args.stdout or args.mutant or args.out):
         ap.error("a model of another size goes to --out FILE or --stdout, never over spec/coalescing.pml")
-    text = generate(args.spec, args.mutant, args.replicas, args.slots)
+    text = generate(args.spec, args.mutant, args.replicas, args.slots, args.keepers, args.breakers)
     if args.out:
         args.out.write_text(text, encoding="utf-8")
         print(f"wrote {args.out}")

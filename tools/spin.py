@@ -2,7 +2,7 @@
 """Run SPIN on spec/coalescing.pml: an exhaustive safety search and the I7 liveness search.
 
     spin -a coalescing.pml
-    gcc -O1 -DSAFETY -DNOCLAIM  -> ./pan -m<depth> -w<hash>        (asserts I1 I2 I3 I4 I5 I8, deadlocks)
+    gcc -O1 -DSAFETY -DNOCLAIM  -> ./pan -m<depth> -w<hash>        (asserts I1 I2 I3 I4 I5 I8 I11, deadlocks)
     gcc -O1 -DNFAIR=3           -> ./pan -m<depth> -w<hash> -a -f   (ltl i7 under weak fairness)
 
 Everything runs in a temporary directory (no pan* files in the repository).

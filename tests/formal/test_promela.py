@@ -1,4 +1,4 @@
-"""SPIN: an exhaustive search of spec/coalescing.pml (I1 I2 I4 I5 I8 asserts, deadlocks)
+"""SPIN: an exhaustive search of spec/coalescing.pml (I1 I2 I4 I5 I8 I11 asserts, deadlocks)
 and the I7 LTL property under weak fairness.  Skipped when spin/gcc are missing
 unless COALESCE_REQUIRE_SPIN=1 (CI sets it)."""
 

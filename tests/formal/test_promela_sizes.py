@@ -23,7 +23,7 @@ needs_spin = pytest.mark.skipif(
 
 def test_default_size_is_the_committed_model():
     committed = (ROOT / "spec" / "coalescing.pml").read_text(encoding="utf-8")
-    assert gen.generate(replicas=3, slots=8) == committed
+    assert gen.generate(replicas=3, slots=9, keepers=1, breakers=1) == committed
 
 
 @pytest.mark.parametrize("n", [2, 4, 5])
@@ -43,6 +43,8 @@ def test_sizes_out_of_range_and_stale_check_are_refused(tmp_path, capsys):
         gen.main(["--replicas", "2"])
     with pytest.raises(SystemExit):
         gen.main(["--replicas", "2", "--check"])
+    with pytest.raises(SystemExit):  # only a replica that may break can keep its writes
+        gen.generate(keepers=2, breakers=1)
     assert gen.main(["--replicas", "2", "--out", str(tmp_path / "m2.pml")]) == 0
     assert (tmp_path / "m2.pml").read_text(encoding="utf-8") == gen.generate(replicas=2)
 
@@ -53,3 +55,20 @@ def test_two_replica_model_passes_safety():
     (r,) = [r for r in results if r["name"] != "total"]
     assert not r["problems"], f"{r['problems']}\n{r.get('trail', '')}"
     assert r["states"] > 1_000 and r["elapsed_s"] is not None
+
+
+def test_only_the_replicas_that_may_break_do_and_only_the_keepers_keep_I11():
+    text = gen.generate(replicas=3, breakers=2, keepers=1)
+    resyncs = re.findall(r"d_step \{ ph == A_idle && QUIET && rs\[(\d)\] == R_broken && (.*?) ->", text)
+    assert resyncs == [("0", "kp[0] == NONE"), ("1", "false"), ("2", "false")]
+    breaks = re.findall(r"faults && (true|false) && \(rs\[(\d)\] == R_stable \|\|", text)
+    assert breaks == [("true", "0"), ("true", "1"), ("false", "2")]
+
+
+@needs_spin
+@pytest.mark.parametrize("mutant", ["kept_released_by_the_cycle", "recovery_releases_the_kept_scratch"])
+def test_a_kept_pcpi_lost_is_an_I11_violation(mutant):
+    """The model's I11 assertions catch a kept PCPI released but by `coalesce release`."""
+    results = spin.run(gen.generate(mutant=mutant, replicas=2), opt="-O0", only="safety", hash_bits=20)
+    (r,) = [r for r in results if r["name"] != "total"]
+    assert any("assertion violated" in p for p in r["problems"]), r["problems"]
