@@ -558,7 +558,7 @@ class ZfsControl:
     def _remount(self) -> None:
         """Unmount and mount the control again; zfs-fuse says "busy" for a moment after the last
         reader of a mount closed its files (as the backend's destroys, which retry too)."""
-        for i in range(12):  # about 20 s: two zfs-fuse users at once hold a mount busy for longer
+        for i in range(30):  # about 50 s: two zfs-fuse users at once on a loaded machine hold a mount busy longer
             self._cmd("umount", *(["-f"] if i >= 3 else []), self.dataset, check=False)
             p = self._cmd("mount", self.dataset, check=False)
             if p.returncode == 0 or "already mounted" in p.stderr:
