@@ -26,6 +26,7 @@ from coalesce_core.backend.hookspecs import ACTIVE
 from coalesce_core.errors import VerificationFailed
 from coalesce_core.readahead import read_ahead
 from coalesce_core.stream.records import Write
+from coalesce_core.touched_store import TouchedStore
 
 #: paths described per call in the check of an update (bounds the descriptions held at once)
 BATCH = 16384
@@ -166,6 +167,9 @@ class _Prefetch:
     whole) once the stream has gone on to another path, with the ranges written by then, and
     the check uses its description only if those are still its ranges at the end.
 
+    Memory: at most PREFETCH_MAX files are prefetched (their descriptions wait for the check),
+    and the bytes written so far are counted for at most PREFETCH_PATHS files at a time.
+
     Paths are handed over in batches of PREFETCH_PATHS paths or PREFETCH_BYTES of written data,
     so a backend whose describe call costs something by itself (a read clone of zfs-fuse) pays it
     per batch; what is left when the stream ends is described with the rest.  Best effort: a
@@ -210,9 +214,13 @@ class _Prefetch:
             return
         written = self.written.get(path, 0) + nbytes
         if written < PREFETCH_FROM:
+            if len(self.written) >= PREFETCH_PATHS:  # bounded: a file written a piece at a time among
+                self.written.clear()  # thousands of others is simply not prefetched
             self.written[path] = written
             return
         self.written.pop(path, None)
+        if len(self.seen) >= PREFETCH_MAX:
+            return  # described by the check, with the rest
         self.seen.add(path)
         if self.part_of(path) is None:
             self._hand(path, written, None)
@@ -243,6 +251,8 @@ class _Prefetch:
 #: a prefetch batch: this many paths, or paths whose records wrote this many bytes
 PREFETCH_PATHS = 4096
 PREFETCH_BYTES = 256 << 20
+#: files prefetched in one update at most (their descriptions are held until the check)
+PREFETCH_MAX = 16384
 #: only the paths of Write records of this many bytes or more are prefetched: describing a
 #: large file is reading and hashing, which release the GIL, while describing a small one is
 #: Python work that would take turns with the transfer's own (docs/benchmarks-journal.md,
@@ -267,7 +277,7 @@ class TransferCheck:
     ) -> None:
         self.source, self.dest = source, dest
         self.replica, self.source_qtree, self.target = replica, source_qtree, target
-        self.touched = V.Touched() if incremental else None
+        self.touched = V.Touched(spill=TouchedStore) if incremental else None
         local = not source.records_decoded
         ranged = self.touched is not None and source.describes_ranges and dest.describes_ranges
         part_of = self.touched.part_of if self.touched is not None and ranged else (lambda _p: None)
@@ -309,6 +319,8 @@ class TransferCheck:
     def close(self) -> None:
         if self.prefetch is not None:
             self.prefetch.close()
+        if self.touched is not None:
+            self.touched.close()
 
 
 def verifiable(replica: Any) -> bool:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 import math
-from typing import Callable, Iterable, Iterator, Mapping, Sequence, TypedDict
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, TypedDict
 
 import attrs
 
@@ -424,6 +424,10 @@ _NONE, _ENTRIES, _CONTENT = -1, 0, 1
 
 #: a file patched in more separate ranges than this is compared whole (bounds the bookkeeping)
 MAX_PARTS = 1024
+#: past this many nodes (paths the records named and their ancestors), a Touched set given a
+#: ``spill`` moves them to it (coalesce_core.touched_store): the memory of the check of an
+#: update then does not grow with its number of files
+SPILL_PATHS = 65536
 
 
 class _Node:
@@ -458,22 +462,64 @@ class Touched:
     ``SetAttr``, ``SetXattr``; never created, removed, linked or renamed,
     nor below an entry renamed), at least one ``Write`` among them, is
     compared by the ranges they wrote (:meth:`parts`), not by its whole
-    content."""
+    content.
 
-    def __init__(self) -> None:
+    ``spill``: makes the on-disk store (coalesce_core.touched_store.TouchedStore) the nodes
+    move to once there are more than ``spill_at`` (default :data:`SPILL_PATHS`); every answer keeps its meaning
+    (:func:`compare_touched` then reads them a batch at a time).  :meth:`close` ends the
+    store."""
+
+    def __init__(self, spill: Callable[[], Any] | None = None, spill_at: int | None = None) -> None:
         self._root = _Node()
         self._root.want = _ENTRIES
         self.records = 0
+        self._spill = spill
+        self._nodes = 1
+        self._spill_at = SPILL_PATHS if spill_at is None else spill_at
+        self.store: Any = None  # the TouchedStore once spilled
+
+    @property
+    def spilled(self) -> bool:
+        return self.store is not None
+
+    def close(self) -> None:
+        if self.store is not None:
+            self.store.close()
 
     def _node(self, path: str) -> _Node:
+        if self.store is not None:
+            return self.store.node(path)
         node = self._root
         if path:
             for part in path.split("/"):
                 child = node.children.get(part)
                 if child is None:
                     child = node.children[part] = _Node()
+                    self._nodes += 1
                 node = child
         return node
+
+    def _move_to_store(self) -> None:
+        """Every node that holds something, to a new store; the tree is dropped."""
+        assert self._spill is not None
+        store = self._spill()
+
+        def nodes() -> Iterator[tuple[str, _Node]]:
+            stack: list[tuple[str, _Node]] = [("", self._root)]
+            while stack:
+                path, node = stack.pop()
+                for name, child in node.children.items():
+                    stack.append((join(path, name), child))
+                node.children = {}
+                if node.want != _NONE or node.moved or node.part is not None or node.wrote:
+                    yield path, node
+
+        try:
+            store.put(nodes())
+        except BaseException:
+            store.close()
+            raise
+        self.store, self._root = store, _Node()
 
     def _mark(self, path: str, want: int) -> None:
         node = self._node(path)
@@ -529,8 +575,16 @@ class Touched:
         else:
             raise TypeError(f"not a change record: {rec!r}")
         self.records += 1
+        if self._nodes > self._spill_at and self._spill is not None and self.store is None:
+            self._move_to_store()
 
     def _rename(self, old: str, new: str) -> None:
+        if self.store is not None:
+            self.store.rename(old, new)
+            self._changed_entry(old)
+            self._changed_entry(new)
+            self._node(new).moved = True
+            return
         op, _, oname = old.rpartition("/")
         parent = self._root
         for part in op.split("/") if op else ():
@@ -550,8 +604,18 @@ class Touched:
         self._changed_entry(new)
         self._node(new).moved = True
 
+    def iter_paths(self, batch: int = 1024) -> Iterator[tuple[str, bool]]:
+        """:meth:`paths`, read a batch at a time from the store once spilled."""
+        if self.store is None:
+            yield from self.paths()
+            return
+        for page in self.store.paths(batch):
+            yield from page
+
     def paths(self) -> list[tuple[str, bool]]:
         """(path, content wanted) of every path to describe, in path order."""
+        if self.store is not None:
+            return list(self.iter_paths())
         out: list[tuple[str, bool]] = []
         stack: list[tuple[str, _Node]] = [("", self._root)]
         while stack:
@@ -567,7 +631,16 @@ class Touched:
         paths with a marked child), and the others as ``(path, content wanted, parent)`` where
         ``parent`` is the path's parent when that is one of the parents, else None.  A path
         with a parent need not be described where that parent's entries lack its name on
-        both sides (:func:`compare_touched`)."""
+        both sides (:func:`compare_touched`).  Whole lists, also once spilled: for small sets."""
+        if self.store is not None:
+            ups = [(p, c) for page in self.store.parents(1024) for p, c, _t in page]
+            uppers = {p for p, _c in ups}
+            rest = [
+                (p, c, parent_of(p) if p and parent_of(p) in uppers else None)
+                for page in self.store.leaves(1024)
+                for p, c, _t in page
+            ]
+            return ups, rest
         parents: list[tuple[str, bool]] = []
         leaves: list[tuple[str, bool, str | None]] = []
         stack: list[tuple[str, _Node, str | None]] = [("", self._root, None)]
@@ -586,6 +659,8 @@ class Touched:
     def part_of(self, path: str) -> tuple[tuple[int, int], ...] | None:
         """The ranges of ``path`` in :meth:`parts` if the records so far ended now; None when it
         is compared whole (or not a file patched in place)."""
+        if self.store is not None:
+            return self.store.part_of(path)
         node: _Node | None = self._root
         for part in path.split("/") if path else ():
             if node is None or node.moved:
@@ -595,10 +670,13 @@ class Touched:
             return None
         return _merged(node.part)
 
-    def parts(self) -> dict[str, tuple[tuple[int, int], ...]]:
+    def parts(self) -> Mapping[str, tuple[tuple[int, int], ...]]:
         """The files patched in place: path -> the sorted, disjoint ranges (aligned to
         fingerprint.BLOCK) their records wrote; every other path with content wanted is
-        compared whole (a renamed file, a file below a renamed entry, a created or linked one)."""
+        compared whole (a renamed file, a file below a renamed entry, a created or linked one).
+        Once spilled, a mapping that looks paths up in the store."""
+        if self.store is not None:
+            return self.store.parts()
         out: dict[str, tuple[tuple[int, int], ...]] = {}
         stack: list[tuple[str, _Node, bool]] = [("", self._root, False)]
         while stack:
@@ -614,6 +692,9 @@ class Touched:
         """The places, in path order, of the entries the records renamed (after every later
         rename), leaving out those below another one: each is the top of a subtree whose
         every path the check before ``done`` compares."""
+        if self.store is not None:
+            self.store.find_tops()
+            return [p for page in self.store.moved(1024) for p in page]
         out: list[str] = []
         stack: list[tuple[str, _Node]] = [("", self._root)]
         while stack:
@@ -626,6 +707,8 @@ class Touched:
         return out
 
     def __len__(self) -> int:
+        if self.store is not None:
+            return self.store.count()
         n = 0
         stack = [self._root]
         while stack:
@@ -753,7 +836,10 @@ def compare_touched(
     replica too (a name the replica has and the source lacks is a difference of the parent).
     This spares the absent ends of renames and removals, half the paths of a rename.  When
     the parents differ, every path is described (:func:`compare_paths`), so the difference
-    reported is still the first in path order."""
+    reported is still the first in path order.  A spilled ``touched`` is read a batch at a
+    time, with the same result (:func:`_compare_spilled`)."""
+    if touched.spilled:
+        return _compare_spilled(touched, describe_both, holds, batch)
     parents, leaves = touched.split()
     tops = set(touched.moved())
     c = Comparer(holds, 1)
@@ -794,6 +880,44 @@ def compare_touched(
     checked = c.checked
     below = compare_subtrees(sorted(tops_dirs, key=path_key), describe_both, holds, batch=batch, limit=1)
     return Outcome(below.differences, checked + below.checked, holds.not_compared())
+
+
+def _compare_spilled(touched: Touched, describe_both: DescribeBoth, holds: Holds, batch: int) -> Outcome:
+    """:func:`compare_touched` of a spilled set: the same order and the same paths, read from its
+    store a batch at a time; the absent ends and the renamed directories are noted there too, so
+    the memory is a batch of descriptions, whatever the number of paths."""
+    store = touched.store
+    store.find_tops()
+    c = Comparer(holds, 1)
+
+    def feed(chunk: list[tuple[str, bool, bool]]) -> list[Description]:
+        theirs, mine = describe_both([(p, w) for p, w, _t in chunk])
+        c.feed(theirs, mine)
+        tops = {p for p, _w, t in chunk if t}
+        if tops:
+            store.note_top_dirs([a.path for a, b in zip(theirs, mine) if a.path in tops and "d" in (a.kind, b.kind)])
+        return list(theirs)
+
+    for chunk in store.parents(batch):
+        theirs = feed(chunk)
+        if c.finish():
+            return compare_paths(touched.iter_paths(batch), describe_both, holds, batch=batch, limit=1)
+        for a in theirs:
+            store.skip_absent(a.path, frozenset(n for n, _k in a.entries or ()) if a.kind == "d" else None)
+    for chunk in store.leaves(batch):
+        feed(chunk)
+        if c.finish():
+            break
+    differences = c.finish()
+    checked = c.checked
+    if differences:
+        return Outcome(tuple(differences), checked, holds.not_compared())
+    for tops in store.top_dirs(batch):  # in path order, each subtree whole: the first difference is the first
+        below = compare_subtrees(tops, describe_both, holds, batch=batch, limit=1)
+        checked += below.checked
+        if below.differences:
+            return Outcome(below.differences, checked, holds.not_compared())
+    return Outcome((), checked, holds.not_compared())
 
 
 def _under(key: tuple[bytes, ...], top: tuple[bytes, ...]) -> bool:

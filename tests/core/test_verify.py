@@ -322,7 +322,7 @@ def _parts(*recs) -> dict[str, tuple[tuple[int, int], ...]]:
     t = Touched()
     for r in recs:
         t.add(r)
-    return t.parts()
+    return dict(t.parts())
 
 
 def test_a_file_only_written_in_place_is_compared_by_its_written_blocks():

@@ -12,6 +12,8 @@ import time
 
 import pytest
 
+from coalesce_core import verifier
+from coalesce_core import verify as V
 from coalesce_core.backend.hookspecs import hookimpl
 from coalesce_core.backend.manager import plugin_manager
 from coalesce_core.backend.volume import Volume
@@ -250,3 +252,67 @@ def test_a_prefetched_part_against_a_side_without_part_digests_is_compared_whole
     _prepare(src, dst, BASE, [PATCH, *_times("f", R.ROOT)], [PATCH, wrong, *_times("f", R.ROOT)])
     with pytest.raises(VerificationFailed, match="'f': content is digest"):
         _check(src, dst, [PATCH, *_times(R.ROOT, "f")])
+
+
+def test_the_prefetch_holds_a_bounded_number_of_files(pair, monkeypatch):
+    """Many small files each written once: the bytes written are counted for at most
+    PREFETCH_PATHS files at a time; at most PREFETCH_MAX files are prefetched, the rest are
+    described by the check, which still passes."""
+    monkeypatch.setattr(verifier, "PREFETCH_PATHS", 8)
+    monkeypatch.setattr(verifier, "PREFETCH_MAX", 3)
+    monkeypatch.setattr(verifier, "PREFETCH_FROM", 200)
+    src, dst = pair
+    recs = [r for i in range(40) for r in _file(f"f{i:02d}", _bytes(i, 100 if i % 2 else 300))]
+    recs += _times(R.ROOT, *(f"f{i:02d}" for i in range(40)))
+    _prepare(src, dst, [], recs, recs)
+    check = TransferCheck(src, dst, replica="A", source_qtree="q", target=SNAP, incremental=True)
+    try:
+        assert check.prefetch is not None
+        most = 0
+        for rec in recs:
+            check.add(rec)
+            most = max(most, len(check.prefetch.written))
+        assert most <= 8 and len(check.prefetch.seen) == 3
+        assert check.run().ok
+    finally:
+        check.close()
+
+
+SPILLED = pytest.mark.parametrize("spill_at", [10**9, 5], ids=["in-memory", "spilled"])
+
+
+def _renamed_update(spill_at: int, monkeypatch) -> tuple[list, list]:
+    """(base, update): a patch of f, the removal of "gone", the rename of a directory of 12 files;
+    the check's touched paths spill past ``spill_at``."""
+    monkeypatch.setattr(V, "SPILL_PATHS", spill_at)
+    many = [R.MkDir(path="d", mode=0o755)] + [r for i in range(12) for r in _file(f"d/g{i:02d}", _bytes(i, 50))]
+    many += _times(*(f"d/g{i:02d}" for i in range(12)), "d")
+    return BASE + _file("gone", b"old") + many, [
+        PATCH,
+        R.Unlink(path="gone"),
+        R.Rename(old="d", new="e"),
+        *_times("f", "e", R.ROOT),
+    ]
+
+
+@SPILLED
+def test_a_spilled_check_finds_a_wrong_byte_in_a_written_block(pair, monkeypatch, spill_at):
+    """I3, with the touched paths in memory and spilled to disk (coalesce_core.touched_store)."""
+    src, dst = pair
+    base, update = _renamed_update(spill_at, monkeypatch)
+    wrong = R.Write(path="f", offset=BLOCK + 101, data=b"!")
+    _prepare(src, dst, base, update, [update[0], wrong, *update[1:]])
+    with pytest.raises(VerificationFailed, match="'f': content is digest"):
+        _check(src, dst, update)
+
+
+@SPILLED
+def test_a_spilled_check_finds_a_name_the_replica_kept_and_passes_a_right_update(pair, monkeypatch, spill_at):
+    src, dst = pair
+    base, update = _renamed_update(spill_at, monkeypatch)
+    _prepare(src, dst, base, update, [u for u in update if type(u) is not R.Unlink])
+    with pytest.raises(VerificationFailed, match="'gone' is a regular file in the replica but absent"):
+        _check(src, dst, update)
+    dst.apply("A", R.framed("A", None, "t", [R.Unlink(path="gone")]), use_purgatory=False)
+    outcome = _check(src, dst, update)
+    assert outcome.ok and outcome.checked >= 16  # the root, f, d, e and below e: the 12 files

@@ -4,9 +4,8 @@ The report (docs/network.md, "Threat model"): about 1 KB per created file within
 million files about 1 GB.  Measured with tracemalloc like the ssh stderr test (tests/net): the
 peak of one cycle that creates N, then 4N small files (100 per directory) in one update, sim to
 sim, with the volumes' memory bounds scaled down (block cache 256 blocks, overlay 256 inodes or
-1 MiB of data blocks) so that N is past them.  The check before `done` is off here: its path set
-(coalesce_core.verifier.TransferCheck) holds every changed path by design and is measured apart
-(docs/sim.md, "Limits")."""
+1 MiB of data blocks) so that N is past them.  Once with the check before `done` off, once on
+(its touched paths spill to disk past coalesce_core.verify.SPILL_PATHS, scaled down too)."""
 
 from __future__ import annotations
 
@@ -15,12 +14,14 @@ import tracemalloc
 
 import attrs
 
+from coalesce_core import touched_store, verifier
+from coalesce_core import verify as V
 from coalesce_core.stream import records as R
 from coalesce_core.testing.harness import Harness
 
 
-def _peak_of_an_update_creating(group_config, n: int) -> int:
-    h = Harness(attrs.evolve(group_config(replicas=("A",), scheme="sim"), verify=False))
+def _peak_of_an_update_creating(group_config, n: int, *, verify: bool = False) -> int:
+    h = Harness(attrs.evolve(group_config(replicas=("A",), scheme="sim"), verify=verify))
     for v in (h.agent.source, h.agent.dest):
         v.handle.CACHE_BLOCKS, v.handle.OVERLAY_INODES, v.handle.DIRTY_LIMIT = 256, 256, 1 << 20
     src = h.agent.source
@@ -53,4 +54,19 @@ def test_an_update_creating_4x_the_files_does_not_take_4x_the_memory(group_confi
     n = 1000
     small = _peak_of_an_update_creating(group_config, n)
     large = _peak_of_an_update_creating(group_config, 4 * n)
+    assert large < 2 * small, f"peak {small} bytes for {n} files, {large} for {4 * n}"
+
+
+def test_with_the_check_before_done_4x_the_files_do_not_take_4x_the_memory(group_config, monkeypatch):
+    """The same with the check before `done` on (it was 2.3x: its touched set held a node per
+    path, and one describe call took every path): past SPILL_PATHS the touched paths move to a
+    temporary database (coalesce_core.touched_store) and are read and compared BATCH at a time.
+    The bounds scaled down like the volumes': 512 paths, batches of 256, 256 nodes cached.
+    tracemalloc sees Python's allocations, not SQLite's page cache (bounded by CACHE_KIB)."""
+    monkeypatch.setattr(V, "SPILL_PATHS", 512)
+    monkeypatch.setattr(verifier, "BATCH", 256)
+    monkeypatch.setattr(touched_store, "CACHE_NODES", 256)
+    n = 1000
+    small = _peak_of_an_update_creating(group_config, n, verify=True)
+    large = _peak_of_an_update_creating(group_config, 4 * n, verify=True)
     assert large < 2 * small, f"peak {small} bytes for {n} files, {large} for {4 * n}"
