@@ -90,9 +90,15 @@ def _describe(
     )
 
 
+#: inode records a describe call keeps (_Memo): the entries of a batch of large directories
+#: would otherwise hold one record per entry
+MEMO_INODES = 4096
+
+
 class _Memo(View):
     """A view whose inode records are each read once per describe call (the image does not change
-    under the lock): a path's parent, the file itself and a directory's entries read the same ones."""
+    under the lock): a path's parent, the file itself and a directory's entries read the same ones,
+    up to MEMO_INODES records (then the memo starts again)."""
 
     def __init__(self, view: View) -> None:
         super().__init__(view.fs, view.root)
@@ -102,7 +108,7 @@ class _Memo(View):
         try:
             return self.recs[ino]
         except KeyError:
-            if len(self.recs) >= 65536:
+            if len(self.recs) >= MEMO_INODES:
                 self.recs.clear()
             rec = self.recs[ino] = super().inode(ino)
             return rec

@@ -37,14 +37,20 @@ from .ops import changed_inodes_of, pair_walk
 CHUNK_BLOCKS = R.MAX_DATA // BS
 
 
+#: a Namespace forgets its memos past this many paths or directory entries (bounded memory)
+MEMO_LIMIT = 65536
+
+
 class Namespace:
-    """Path lookups of one qtree in one image, by primary-parent pointers (memoised)."""
+    """Path lookups of one qtree in one image, by primary-parent pointers (memoised, at most
+    MEMO_LIMIT paths and as many directory entries: then the memos start again)."""
 
     def __init__(self, view: View, q: int | None) -> None:
         self.v = view
         self.q = q
         self.paths: dict[int, str | None] = {}
         self.rev: dict[int, dict[int, str]] = {}
+        self.rev_entries = 0
 
     def inode(self, ino: int) -> Inode | None:
         rec = self.v.inode(ino)
@@ -60,6 +66,7 @@ class Namespace:
             for n, i in sorted(self.v.dir(drec).items(), reverse=True):
                 r[i] = n
             self.rev[dino] = r
+            self.rev_entries += len(r)
         return r.get(ino)
 
     def path(self, ino: int) -> str | None:
@@ -71,6 +78,8 @@ class Namespace:
             return ""
         if ino in self.paths:
             return self.paths[ino]
+        if len(self.paths) >= MEMO_LIMIT or self.rev_entries >= MEMO_LIMIT:
+            self.paths, self.rev, self.rev_entries = {}, {}, 0
         chain: list[int] = []
         cur = ino
         while cur != self.q and cur not in self.paths:
@@ -129,9 +138,12 @@ class Differ:
         self.nsT = Namespace(target, self.qT)
         self.linked: dict[int, str] = {}
         self.added_paths: set[str] = set()
+        # the tops of the subtrees created and removed (what lies below them is too)
         self.created: set[str] = set()
         self.removed: set[str] = set()
-        self.full: set[int] = set()  # inodes sent whole (created, not linked)
+        # inodes of the base image sent whole (created again, not linked): their changes are in
+        # the creation; an inode new in the target is never among the changed ones looked up
+        self.full: set[int] = set()
 
     # -- content
     def _content(self, path: str, rec: Inode, fbns: list[int]) -> Iterator[object]:
@@ -171,6 +183,7 @@ class Differ:
         """Records that create ``ino`` at ``path`` and, for a directory, everything below it in
         pre-order, a directory's attributes after its contents (iterative: any depth)."""
         T = self.T
+        self.created.add(path)
         stack: list[tuple[int, str, Inode | None]] = [(ino, path, None)]
         while stack:
             ino, path, created_dir = stack.pop()
@@ -181,8 +194,7 @@ class Differ:
             rec = T.inode(ino)
             if rec is None:
                 continue
-            self.created.add(path)
-            if rec.kind != REG or rec.nlink == 1:
+            if (rec.kind != REG or rec.nlink == 1) and self.nsB is not None and self.nsB.inode(ino) is not None:
                 self.full.add(ino)
             if rec.kind == DIR:
                 yield R.MkDir(path=path, mode=rec.mode)
@@ -233,13 +245,13 @@ class Differ:
     def remove(self, ino: int, path: str) -> Iterator[object]:
         """Records that remove ``path`` and everything below it, children first (iterative: any depth)."""
         assert self.B is not None
+        self.removed.add(path)
         stack: list[tuple[int, str, bool]] = [(ino, path, False)]
         while stack:
             ino, path, emptied = stack.pop()
             if emptied:
                 yield R.RmDir(path=path)
                 continue
-            self.removed.add(path)
             rec = self.B.inode(ino)
             if rec is not None and rec.kind == DIR:
                 stack.append((ino, path, True))
@@ -275,8 +287,10 @@ class Differ:
             rb = rb if rb is not None and rb.qtree == q else None
             rt = rt if rt is not None and rt.qtree == q else None
             pb = nsB.path(ino) if rb is not None else None
+            if pb is None:  # created: its creation is found from its directory
+                continue
             pt = nsT.path(ino) if rt is not None else None
-            if pb is None or pt is None:
+            if pt is None:
                 continue
             assert rb is not None and rt is not None  # pb and pt are None without them
             if rb.kind != rt.kind:

@@ -237,9 +237,12 @@ class View:
         if hit is not None and hit[0] == (rec.height, rec.size):
             return hit[1]
         d = decode_dir(self.data(rec))
-        if len(self.fs.dircache) > 4096:
-            self.fs.dircache.clear()
-        self.fs.dircache[rec.top] = ((rec.height, rec.size), d)
+        fs = self.fs
+        if len(fs.dircache) > 4096 or fs.dircache_entries > fs.DIRCACHE_ENTRIES:
+            fs.dircache.clear()
+            fs.dircache_entries = 0
+        fs.dircache[rec.top] = ((rec.height, rec.size), d)
+        fs.dircache_entries += len(d)
         return d
 
     def xattrs(self, rec: Inode) -> dict[str, bytes]:
@@ -272,6 +275,9 @@ class SimFS:
     #: ... or when its overlay holds this many inodes (about 1 KiB each with their entries): an
     #: update creating a million small files holds a bounded overlay, not one inode per file
     OVERLAY_INODES = 16384
+    #: decoded directories are cached up to 4096 directories or this many entries in all (a
+    #: directory of many entries, or many of them, does not hold the process's memory)
+    DIRCACHE_ENTRIES = 65536
     #: the capability VolumeHandle.max_file_size: a buffer tree addresses 512^(h-1) blocks at any
     #: height h (2^63 bytes is height 7) and the inode's size is a u64; the stream's 2^63 - 1 bounds it
     max_file_size: int | None = MAX_FILE_SIZE
@@ -292,6 +298,7 @@ class SimFS:
         self.stats = {"block_reads": 0, "cache_misses": 0, "change_index_builds": 0, "change_index_hits": 0, "cps": 0}
         self.cache: dict[int, bytes] = {}
         self.dircache: dict[int, tuple] = {}  # dir top vbn -> ((height, size), entries)
+        self.dircache_entries = 0  # entries decoded into it since it was last emptied
         self.cp_cond = threading.Condition(self.lock)
         self.cp_failures = 0  # CPs that failed (volume remounted): wait_durable's callers lost changes
         self.cp_error = ""

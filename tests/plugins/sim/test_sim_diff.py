@@ -395,3 +395,28 @@ def test_a_directory_rename_is_one_record(make_sim):
     for base, target in ((None, "s1"), ("s1", "s2"), ("s2", "s1")):
         dst.apply(qtree="r", records=D.diff_stream(fs, "q", base, target), use_purgatory=True)
         assert D.tree_dict(dst, "r") == D.tree_dict(fs, "q", target)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(first=ops(12), second=ops(12))
+def test_property_a_diff_with_its_path_memos_bounded_sends_the_same_records(
+    tmp_path_factory, monkeypatch, first, second
+):
+    """The diff's path lookups forget their memos past MEMO_LIMIT (bounded memory per update):
+    with a limit of 1 (forgotten at every lookup) the stream is the same record for record."""
+    import coalesce_sim as S
+    from coalesce_sim import open_sim
+
+    root = tmp_path_factory.mktemp("memo")
+    src = open_sim(f"{root}/src?fsync=0", create=True)
+    src.apply(qtree="q", records=R.framed("q", None, "t", []), use_purgatory=True)
+    _apply_ops(src, "q", first)
+    src.snapshot_create("s1")
+    _apply_ops(src, "q", second)
+    src.snapshot_create("s2")
+    whole = list(D.diff_stream(src, "q", "s1", "s2"))
+    with monkeypatch.context() as m:
+        m.setattr(D, "MEMO_LIMIT", 1)
+        bounded = list(D.diff_stream(src, "q", "s1", "s2"))
+    assert bounded == whole
+    S.close_sim(src)

@@ -18,12 +18,14 @@ from coalesce_core import touched_store, verifier
 from coalesce_core import verify as V
 from coalesce_core.stream import records as R
 from coalesce_core.testing.harness import Harness
+from coalesce_sim import describe as sim_describe
 
 
 def _peak_of_an_update_creating(group_config, n: int, *, verify: bool = False) -> int:
     h = Harness(attrs.evolve(group_config(replicas=("A",), scheme="sim"), verify=verify))
     for v in (h.agent.source, h.agent.dest):
         v.handle.CACHE_BLOCKS, v.handle.OVERLAY_INODES, v.handle.DIRTY_LIMIT = 256, 256, 1 << 20
+        v.handle.DIRCACHE_ENTRIES = 1024
     src = h.agent.source
     src.apply("A", R.framed("A", None, "t", [R.MkFile(path="seed")]), use_purgatory=False)
     assert h.cycle()["failures"] == 0
@@ -61,11 +63,13 @@ def test_with_the_check_before_done_4x_the_files_do_not_take_4x_the_memory(group
     """The same with the check before `done` on (it was 2.3x: its touched set held a node per
     path, and one describe call took every path): past SPILL_PATHS the touched paths move to a
     temporary database (coalesce_core.touched_store) and are read and compared BATCH at a time.
-    The bounds scaled down like the volumes': 512 paths, batches of 256, 256 nodes cached.
+    The bounds scaled down like the volumes': 512 paths, batches of 256, 256 nodes cached, 256
+    inode records kept by a sim describe call.
     tracemalloc sees Python's allocations, not SQLite's page cache (bounded by CACHE_KIB)."""
     monkeypatch.setattr(V, "SPILL_PATHS", 512)
     monkeypatch.setattr(verifier, "BATCH", 256)
     monkeypatch.setattr(touched_store, "CACHE_NODES", 256)
+    monkeypatch.setattr(sim_describe, "MEMO_INODES", 256)
     n = 1000
     small = _peak_of_an_update_creating(group_config, n, verify=True)
     large = _peak_of_an_update_creating(group_config, 4 * n, verify=True)
