@@ -18,12 +18,13 @@ caller's.
 from __future__ import annotations
 
 import queue
+import sqlite3
 import threading
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from coalesce_core import verify as V
 from coalesce_core.backend.hookspecs import ACTIVE
-from coalesce_core.errors import VerificationFailed
+from coalesce_core.errors import TransferFailed, VerificationFailed
 from coalesce_core.readahead import read_ahead
 from coalesce_core.stream.records import Write
 from coalesce_core.touched_store import TouchedStore
@@ -286,7 +287,10 @@ class TransferCheck:
     def add(self, rec: Any) -> None:
         if self.touched is None:
             return
-        self.touched.add(rec)
+        try:
+            self.touched.add(rec)
+        except sqlite3.Error as exc:
+            raise _spill_failed(exc) from None
         if self.prefetch is not None:
             self.prefetch.step(getattr(rec, "path", None))
             if type(rec) is Write:
@@ -311,7 +315,10 @@ class TransferCheck:
             # asked now: a remote source knows what its server reads once the stream has come
             parts = self.touched.parts() if self.source.describes_ranges and self.dest.describes_ranges else None
             both = _both(self.source, self.source_qtree, self.target, self.dest, self.replica, None, cache, parts)
-            outcome = V.compare_touched(self.touched, both, holds, batch=BATCH)
+            try:
+                outcome = V.compare_touched(self.touched, both, holds, batch=BATCH)
+            except sqlite3.Error as exc:
+                raise _spill_failed(exc) from None
         if not outcome.ok:
             raise VerificationFailed("verification failed: " + outcome.differences[0].explain(self.target))
         return outcome
@@ -321,6 +328,15 @@ class TransferCheck:
             self.prefetch.close()
         if self.touched is not None:
             self.touched.close()
+
+
+def _spill_failed(exc: Exception) -> TransferFailed:
+    """The touched paths of a large update could not be kept on disk (coalesce_core.touched_store)."""
+    return TransferFailed(
+        f"the check before `done` could not keep the update's touched paths on disk: {exc}",
+        hint="SQLite keeps them in SQLITE_TMPDIR, TMPDIR or /var/tmp: free space there or point "
+        "SQLITE_TMPDIR at a file system with room; the update is rolled back and retried (docs/network.md)",
+    )
 
 
 def verifiable(replica: Any) -> bool:

@@ -17,10 +17,11 @@ from coalesce_core import verify as V
 from coalesce_core.backend.hookspecs import hookimpl
 from coalesce_core.backend.manager import plugin_manager
 from coalesce_core.backend.volume import Volume
-from coalesce_core.errors import VerificationFailed
+from coalesce_core.errors import TransferFailed, VerificationFailed
 from coalesce_core.stream import fingerprint
 from coalesce_core.stream import records as R
 from coalesce_core.stream.fingerprint import BLOCK
+from coalesce_core.touched_store import TouchedStore
 from coalesce_core.verifier import TransferCheck, verify_export
 
 SNAP = "co-g-src-000002"
@@ -316,3 +317,29 @@ def test_a_spilled_check_finds_a_name_the_replica_kept_and_passes_a_right_update
     dst.apply("A", R.framed("A", None, "t", [R.Unlink(path="gone")]), use_purgatory=False)
     outcome = _check(src, dst, update)
     assert outcome.ok and outcome.checked >= 16  # the root, f, d, e and below e: the 12 files
+
+
+class _SmallDisk(TouchedStore):
+    """A store whose database can grow to 8 pages: SQLite answers "database or disk is full"."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.db.execute("PRAGMA max_page_count = 8")
+
+
+def test_a_spill_that_finds_no_room_fails_the_update_with_a_hint(pair, monkeypatch):
+    """No internal error: a TransferFailed naming the cause, with where the spill goes (the
+    update takes the rollback path)."""
+    monkeypatch.setattr(V, "SPILL_PATHS", 5)
+    monkeypatch.setattr(verifier, "TouchedStore", _SmallDisk)
+    src, dst = pair
+    recs = [R.MkFile(path=f"f{i:05d}", mode=0o644) for i in range(3000)]
+    check = TransferCheck(src, dst, replica="A", source_qtree="q", target=SNAP, incremental=True)
+    try:
+        with pytest.raises(TransferFailed, match="disk is full") as got:
+            for rec in recs:
+                check.add(rec)
+            check.run()
+        assert "SQLITE_TMPDIR" in got.value.hint
+    finally:
+        check.close()
