@@ -137,7 +137,8 @@ class Differ:
         self.nsB = Namespace(base, self.qB) if base is not None else None
         self.nsT = Namespace(target, self.qT)
         self.linked: dict[int, str] = {}
-        self.added_paths: set[str] = set()
+        self._added: list[tuple[str, int, int]] = []  # the additions not sent as renames
+        self._added_paths: set[str] | None = None
         # the tops of the subtrees created and removed (what lies below them is too)
         self.created: set[str] = set()
         self.removed: set[str] = set()
@@ -230,6 +231,13 @@ class Differ:
         yield from self._xattrs(path, {}, T.xattrs(rec))
         yield self._attrs(path, rec)
 
+    @property
+    def added_paths(self) -> set[str]:
+        """The paths of the additions (made when a hard link first asks: most diffs have none)."""
+        if self._added_paths is None:
+            self._added_paths = {p for p, _i, _d in self._added}
+        return self._added_paths
+
     def _surviving_link(self, ino: int, path: str) -> str | None:
         """A name of ``ino`` that the applier already has (unchanged since the base)."""
         if self.nsB is None or self.nsB.inode(ino) is None or self.nsB.path(ino) is None:
@@ -309,14 +317,16 @@ class Differ:
             else:
                 root = (rb, rt)
         renames = self._plan_renames(removed, added)
-        key = lambda item: tuple(item[0].split("/"))  # noqa: E731
-        for path, ino, _d in sorted(removed, key=key):
+        key = lambda item: item[0].replace("/", "\x00")  # noqa: E731  # path order, one string per entry
+        removed.sort(key=key)
+        for path, ino, _d in removed:
             if ino not in renames and not _under(path, self.removed):
                 yield from self.remove(ino, path)
         for ino, (old, new) in sorted(renames.items(), key=lambda kv: kv[1]):
             yield R.Rename(old=old, new=new)
-        self.added_paths = {p for p, i, _d in added if i not in renames}
-        for path, ino, _d in sorted(added, key=key):
+        added.sort(key=key)
+        self._added = [a for a in added if a[1] not in renames]
+        for path, ino, _d in added:
             if ino not in renames and not _under(path, self.created):
                 yield from self.create(ino, path)
         dirs = []
