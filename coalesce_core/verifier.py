@@ -267,7 +267,8 @@ class TransferCheck:
     ``target``).
 
     Incremental (an update): :meth:`add` sees every record on its way to the applier
-    (coalesce_core.verify.Touched collects the paths; the source side of the large files they
+    (coalesce_core.verify.Touched collects the paths, on disk past SPILL_PATHS:
+    coalesce_core.touched_store; the source side of the large files they
     write is described meanwhile, :class:`_Prefetch`, for a local source), and :meth:`run`
     compares the touched paths, then every path below the entries the records renamed, without
     content (coalesce_core.verify.compare_touched).  Otherwise (a baseline or re-seed: every path was created) :meth:`run`

@@ -464,10 +464,10 @@ class Touched:
     compared by the ranges they wrote (:meth:`parts`), not by its whole
     content.
 
-    ``spill``: makes the on-disk store (coalesce_core.touched_store.TouchedStore) the nodes
-    move to once there are more than ``spill_at`` (default :data:`SPILL_PATHS`); every answer keeps its meaning
-    (:func:`compare_touched` then reads them a batch at a time).  :meth:`close` ends the
-    store."""
+    ``spill``: makes the on-disk store (coalesce_core.touched_store.TouchedStore) the
+    nodes move to once there are more than ``spill_at`` (default :data:`SPILL_PATHS`);
+    every answer keeps its meaning (:func:`compare_touched` then reads them a batch at a
+    time).  :meth:`close` ends the store."""
 
     def __init__(self, spill: Callable[[], Any] | None = None, spill_at: int | None = None) -> None:
         self._root = _Node()
