@@ -52,6 +52,7 @@ import time
 from typing import Any, Callable, Iterator, Sequence
 
 import attrs
+import pytest
 import trees
 from hypothesis import HealthCheck, Phase, event, note
 from hypothesis import settings as Settings
@@ -1406,6 +1407,63 @@ def _tree(*ops: Op) -> tuple[Op, ...]:
 #: name -> (qtrees, steps); the first cycle of each is the baseline.  The named scenarios of
 #: tests/send_scenarios.py (fstests, M1-M6, hard links) are not repeated here.
 REGRESSIONS: dict[str, tuple[int, tuple[Op, ...]]] = {
+    "a hard link kept after qtree roots rotate and a cut transfer (long run 2026-12-07)": (
+        4,
+        (
+            Symlink(path="q0/a", target="a"),
+            Write(path="q0/b", offset=0, size=0, seed=502),
+            Write(path="q1/p", offset=0, size=0, seed=0),
+            Write(path="q1/s", offset=0, size=0, seed=186),
+            Mkdir(path="q1/f"),
+            Write(path="q2/.coalesce-mv.0", offset=0, size=0, seed=940),
+            Mkdir(path="q2/a"),
+            Write(path="q3/a", offset=0, size=0, seed=0),
+            Cycle(fault=None),
+            Cycle(fault=None),
+            Rename(old="q3", new="_outside/qtree-tmp"),
+            Rename(old="q2", new="q3"),
+            Rename(old="_outside/qtree-tmp", new="q2"),
+            Remove(path="q1/f"),
+            Remove(path="q2/a"),
+            Cycle(fault=None),
+            Link(old="q1/p", new="q3/d"),
+            Write(path="q0/b", offset=4096, size=100, seed=251),
+            Cycle(fault=None),
+            Link(old="q3/d", new="q2/a"),
+            Write(path="q3/a/a", offset=0, size=1, seed=158),
+            Cycle(fault=None),
+            Cycle(fault=None),
+            Rename(old="q0", new="_outside/qtree-tmp"),
+            Rename(old="q2", new="q0"),
+            Rename(old="_outside/qtree-tmp", new="q2"),
+            Cycle(fault=None),
+            Cycle(fault=("q3", 0)),
+            Link(old="q1/p", new="q3/p"),
+            Link(old="q3/a/a", new="_outside/sp ace"),
+            Link(old="q2/b", new="q0/p"),
+            Remove(path="q3/a/a"),
+            Rename(old="q3", new="_outside/qtree-tmp"),
+            Rename(old="q0", new="q3"),
+            Rename(old="_outside/qtree-tmp", new="q0"),
+            Remove(path="q2/b"),
+            Link(old="q1/s", new="q2/d"),
+            Cycle(fault=None),
+            Rename(old="q2", new="_outside/qtree-tmp"),
+            Rename(old="q0", new="q2"),
+            Rename(old="_outside/qtree-tmp", new="q0"),
+            Remove(path="_outside/sp ace"),
+            Link(old="q2/p", new="q0/o257-7-0"),
+            Write(path="q2/sp ace", offset=4096, size=4095, seed=137),
+            Rename(old="q1", new="_outside/qtree-tmp"),
+            Rename(old="q0", new="q1"),
+            Rename(old="_outside/qtree-tmp", new="q0"),
+            Rename(old="q2", new="_outside/qtree-tmp"),
+            Rename(old="q1", new="q2"),
+            Rename(old="_outside/qtree-tmp", new="q1"),
+            Cycle(fault=("q1", 6)),
+            Cycle(fault=None),
+        ),
+    ),
     "an export lists a qtree root's xattr after its reader met inodes without any (zfs-fuse views)": (
         6,
         (
@@ -1553,14 +1611,28 @@ REGRESSIONS: dict[str, tuple[int, tuple[Op, ...]]] = {
 }
 
 
-def regressions(backend: Backend) -> list[str]:
-    """The names of the regression sequences ``backend`` can replay (by its declared capabilities)."""
+#: (backend, regression) -> why it still exports a wrong image: a known, open bug, replayed in CI as a
+#: strict xfail (it fails the run the day it passes, so that the entry goes with the fix)
+KNOWN_WRONG: dict[tuple[str, str], str] = {
+    (
+        "btrfs",
+        "a hard link kept after qtree roots rotate and a cut transfer (long run 2026-12-07)",
+    ): "open: two names of one inode in a replica arrive as two files (hard-link group lost; data equal), "
+    "and the check before done does not see it (docs/verification.md, 'Found so far')",
+}
+
+
+def regressions(backend: Backend) -> list[Any]:
+    """The regression sequences ``backend`` can replay (by its declared capabilities), as pytest
+    parameters; a known wrong image (:data:`KNOWN_WRONG`) is a strict xfail."""
     needs = {Exchange: "exchange", Clone: "reflink", PunchHole: "punch_hole"}
-    return [
-        name
-        for name, (_n, steps) in REGRESSIONS.items()
-        if all(getattr(backend, needs[type(op)]) for op in steps if type(op) in needs)
-    ]
+    out: list[Any] = []
+    for name, (_n, steps) in REGRESSIONS.items():
+        if not all(getattr(backend, needs[type(op)]) for op in steps if type(op) in needs):
+            continue
+        why = KNOWN_WRONG.get((backend.name, name))
+        out.append(name if why is None else pytest.param(name, marks=pytest.mark.xfail(strict=True, reason=why)))
+    return out
 
 
 def replay_regression(backend: Backend, name: str, urls: Any, group_config: Callable[..., Any]) -> None:
