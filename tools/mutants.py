@@ -189,8 +189,8 @@ MUTANTS: dict[str, dict] = {
         "edits": [
             (
                 "coalesce_core/cycle/planner.py",
-                '    r = p.fire(r, "resync", retries=0, next_retry=0.0, exported=r.last_good)\n    p.export()\n',
-                '    r = p.fire(r, "resync", retries=0, next_retry=0.0)\n',
+                '    r = p.fire(r, "resync", retries=0, next_retry=0.0, exported=r.last_good, keep=keep)\n    p.export()\n',
+                '    r = p.fire(r, "resync", retries=0, next_retry=0.0, keep=keep)\n',
             )
         ],
         "spin": None,
