@@ -245,7 +245,7 @@ def test_every_crash_point_is_passed_somewhere_in_the_code():
         p.read_text() for p in Path(coalesce_core.__file__).parent.glob("*.py") if p.name != "crashpoints.py"
     )
     for name in CRASH_POINTS:
-        by_role = re.match(r"after_(rollback|jump_ahead|new_base)_pcpi$", name) and "after_{" in src
+        by_role = re.match(r"after_(rollback|jump_ahead|new_base|kept)_pcpi$", name) and "after_{" in src
         assert f'"{name}"' in src or by_role, f"crash point {name} is never passed"
 
 
