@@ -26,7 +26,13 @@ from coalesce_core.backend.manager import plugin_manager
 from coalesce_core.backend.volume import Volume
 from coalesce_core.crashpoints import CRASH_POINTS
 
-POINTS = [p for p in CRASH_POINTS if p not in ("mid_baseline", "mid_retry", "mid_reseed")]
+# the points of a cycle; a baseline, a retry, a re-seed and the kept writes of a resync have their own
+# scenarios (tests/core/test_crash_recovery.py, tests/plugins/sim/test_sim_power_cut.py)
+POINTS = [
+    p
+    for p in CRASH_POINTS
+    if p not in ("mid_baseline", "mid_retry", "mid_reseed", "after_kept_pcpi", "after_kept_release")
+]
 # the diff of qtree "qb" fails once, so that the killed cycle also holds a rollback
 FAULTS = "coalesce_diff:qtree=qb:record=3:times=1:volume=-src"
 
