@@ -42,6 +42,7 @@ import attrs
 from coalesce_core.backend.urls import VolumeURL
 from coalesce_core.cycle.state import NAME_RE, RetryPolicy
 from coalesce_core.deadlines import KEYS, TransferLimits, parse_limits
+from coalesce_core.durations import config_seconds
 from coalesce_core.errors import ConfigError
 from coalesce_core.stream import privileges as privilege_policy
 
@@ -179,12 +180,7 @@ def _duration(
     seconds), ``default`` if absent; longer than 0 when ``positive``."""
     if key not in table:
         return default
-    from coalesce_core.durations import DurationError, parse_duration
-
-    try:
-        seconds = parse_duration(table[key])
-    except DurationError as exc:
-        raise ConfigError(f"{where}: `{key}`: {exc}", hint=f"for example {key} = {example}") from None
+    seconds = config_seconds(table[key], key, where, hint=f"for example {key} = {example}")
     if positive and seconds <= 0:
         raise ConfigError(f"{where}: `{key}` must be longer than 0", hint=f"for example {key} = {example}")
     return seconds
@@ -195,12 +191,7 @@ def _optional_duration(table: dict[str, Any], key: str, where: str, *, example: 
     value = table.get(key)
     if value is None:
         return None
-    from coalesce_core.durations import DurationError, parse_duration
-
-    try:
-        seconds = parse_duration(value)
-    except DurationError as exc:
-        raise ConfigError(f"{where}: `{key}`: {exc}", hint=f"for example {key} = {example}") from None
+    seconds = config_seconds(value, key, where, hint=f"for example {key} = {example}")
     if seconds <= 0:
         raise ConfigError(f"{where}: `{key}` must be longer than 0", hint=unset)
     return seconds

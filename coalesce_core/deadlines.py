@@ -23,8 +23,8 @@ from typing import Any, Callable, Iterator
 
 import attrs
 
-from coalesce_core.durations import DurationError, format_duration, parse_duration
-from coalesce_core.errors import ConfigError, TransferFailed
+from coalesce_core.durations import config_seconds, format_duration
+from coalesce_core.errors import TransferFailed
 
 #: the config keys of :class:`TransferLimits` (``[group]`` now; a source's own table later)
 STALL_KEY = "transfer_stall"
@@ -50,13 +50,8 @@ def parse_limits(table: dict[str, Any], where: str) -> TransferLimits:
         if key not in table:
             values[field] = default
             continue
-        try:
-            seconds = parse_duration(table[key])
-        except DurationError as exc:
-            raise ConfigError(
-                f"{where}: `{key}`: {exc}", hint=f'for example {key} = "10m"; 0 for no limit (docs/config.md)'
-            ) from None
-        values[field] = seconds or None
+        hint = f'for example {key} = "10m"; 0 for no limit (docs/config.md)'
+        values[field] = config_seconds(table[key], key, where, hint) or None
     return TransferLimits(**values)
 
 

@@ -52,3 +52,14 @@ def format_duration(seconds: float) -> str:
         if n >= 1 and n == int(n):
             return f"{int(n)}{unit}"
     return format(seconds, "f").rstrip("0").rstrip(".") + "s"
+
+
+def config_seconds(value: object, key: str, where: str, hint: str) -> float:
+    """Seconds of the configured duration ``value`` of ``key``; a ConfigError naming ``where`` and
+    the key, with ``hint``, when it is not one (the configuration's every time goes through here)."""
+    from coalesce_core.errors import ConfigError
+
+    try:
+        return parse_duration(value)  # type: ignore[arg-type]
+    except DurationError as exc:
+        raise ConfigError(f"{where}: `{key}`: {exc}", hint=hint) from None
