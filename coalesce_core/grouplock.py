@@ -65,8 +65,11 @@ def probe(ledger_path: Path) -> dict[str, Any] | None:
             continue  # waiters ("->") and other kinds of lock
         if f[5].rsplit(":", 1)[-1] != str(ino) or not _has_open(int(f[4]), path):
             continue
+        pid = int(f[4])
         info = holder(path)
-        info["pid"] = int(f[4])
+        if info.get("pid") != pid:  # the holder has not written itself yet: the text is its predecessor's
+            info = {}
+        info["pid"] = pid
         return info
     return None
 
@@ -91,6 +94,8 @@ def describe(info: Mapping[str, Any]) -> str:
     """The holder as a person reads it: ``PID 4242 on backup1 (`coalesce run`, since 2026-12-07 01:12:40)``."""
     if not info:
         return "another process"
+    if "verb" not in info:  # known from the kernel's lock table only: it has just started
+        return f"PID {info.get('pid', '?')} (starting)"
     since = info.get("since")
     when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(since)) if isinstance(since, (int, float)) else "?"
     return f"PID {info.get('pid', '?')} on {info.get('host', '?')} (`coalesce {info.get('verb', '?')}`, since {when})"
@@ -113,8 +118,9 @@ class GroupLock:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
+            # the kernel names the holder even before it has written itself into the file
             exc = GroupLocked(
-                f"group {group!r} is in use by {describe(holder(path))}",
+                f"group {group!r} is in use by {describe(probe(ledger_path) or holder(path))}",
                 hint="one agent changes a group at a time: wait for it to finish, or stop the running "
                 "`coalesce run` (SIGTERM) first; status, history, check and verify work beside it",
             )

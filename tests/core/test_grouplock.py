@@ -53,6 +53,30 @@ def test_the_lock_dies_with_its_holder(tmp_path):
     GroupLock.acquire(ledger, "g", "run").release()
 
 
+def test_a_holder_that_has_not_written_itself_yet_is_named_from_the_kernels_lock_table(tmp_path):
+    """Between its flock and its write the file holds the previous holder's text (or nothing): the refusal
+    names the PID that holds the flock, never the predecessor."""
+    ledger = tmp_path / "g.ledger"
+    GroupLock.acquire(ledger, "g", "break").release()  # a predecessor's text, with this process's PID
+    path = lock_path(ledger)
+    code = textwrap.dedent(f"""
+        import fcntl, os, time
+        fd = os.open({str(path)!r}, os.O_RDWR)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        print("held", flush=True)
+        time.sleep(600)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "held"
+        with pytest.raises(GroupLocked) as ei:
+            GroupLock.acquire(ledger, "g", "run")
+        assert f"PID {proc.pid} (starting)" in str(ei.value) and "`coalesce break`" not in str(ei.value)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+
+
 def test_a_second_agent_is_refused_and_readers_work_beside_the_first_I1(group_config):
     cfg = group_config(replicas=("A", "B"))
     agent = Agent.init(cfg)
