@@ -1613,13 +1613,7 @@ REGRESSIONS: dict[str, tuple[int, tuple[Op, ...]]] = {
 
 #: (backend, regression) -> why it still exports a wrong image: a known, open bug, replayed in CI as a
 #: strict xfail (it fails the run the day it passes, so that the entry goes with the fix)
-KNOWN_WRONG: dict[tuple[str, str], str] = {
-    (
-        "btrfs",
-        "a hard link kept after qtree roots rotate and a cut transfer (long run 2026-12-07)",
-    ): "open: two names of one inode in a replica arrive as two files (hard-link group lost; data equal), "
-    "and the check before done does not see it (docs/verification.md, 'Found so far')",
-}
+KNOWN_WRONG: dict[tuple[str, str], str] = {}
 
 
 def regressions(backend: Backend) -> list[Any]:

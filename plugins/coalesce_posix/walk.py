@@ -569,6 +569,51 @@ class FileData:
 READ = FileData()
 
 
+class KeptLinks(FileData):
+    """:class:`FileData` around ``inner`` that keeps a hard-link group one file: a new name of a
+    file with several links is held back until :meth:`finish`; by then the walk has passed every kept
+    name of the file (a link changes the file's ctime, so the walk's quick test never skips a kept
+    name), and the held names become HardLinks to a kept name, or, if the file has none, the first
+    is created through ``inner`` and the others linked to it."""
+
+    def __init__(self, inner: FileData) -> None:
+        self.inner = inner
+        self.kept: dict[int, str] = {}  # inode -> a name it has in both images
+        self.held: dict[int, list[tuple]] = {}  # inode -> its new names, in walk order
+        self.held_at: dict[str, int] = {}  # a held name -> its inode
+
+    def created(self, root: str, rel: str, dest: str, st: os.stat_result) -> Iterator[object]:
+        if st.st_nlink < 2:
+            return self.inner.created(root, rel, dest, st)
+        self.held.setdefault(st.st_ino, []).append((root, rel, dest, st))
+        self.held_at[dest] = st.st_ino
+        return iter(())
+
+    def linked(self, dest: str, existing: str) -> Iterator[object]:
+        ino = self.held_at.get(existing)
+        if ino is None:
+            return self.inner.linked(dest, existing)
+        self.held[ino].append((None, None, dest, None))
+        return iter(())
+
+    def updated(self, base: str, target: str, rel: str, b: os.stat_result, t: os.stat_result) -> Iterator[object]:
+        if t.st_nlink > 1:
+            self.kept.setdefault(t.st_ino, rel)
+        return self.inner.updated(base, target, rel, b, t)
+
+    def finish(self) -> Iterator[object]:
+        for ino, names in self.held.items():
+            existing = self.kept.get(ino)
+            for root, rel, dest, st in names:
+                if existing is None:
+                    yield from self.inner.created(root, rel, dest, st)
+                    existing = dest
+                else:
+                    yield from self.inner.linked(dest, existing)
+        self.held.clear()
+        yield from self.inner.finish()
+
+
 def create_records(
     root: str,
     rel: str,
@@ -741,6 +786,8 @@ def tree_diff(
                 yield rec
         attrs_list: list = []
         links: dict = {}
+        if rb is not None and not isinstance(data, KeptLinks):
+            data = KeptLinks(data)  # a new name met before its file's kept name links to it
         quick = quick_before_ns if same_lineage else None
         for rec in _updates(rb, rt, quick, links, attrs_list, prune, same_lineage, data, xattrs_move_ctime):
             n += 1

@@ -572,7 +572,7 @@ class ZfsVolume(PosixVolume):
                 quick_before_ns=created * 1_000_000_000,
                 # zfs-fuse leaves the ctime as it was when an xattr is set or removed
                 xattrs_move_ctime=self.browsable(),
-                data=identity.KeptLinks(data),
+                data=data,
             )
             yield from framed(qtree, base, target, identity.stamped(records, tq))
 

@@ -17,10 +17,9 @@ here (docs/real-backends.md, "ZFS: identity"):
   a file with several links written through one of them would leave the
   others' directories unnamed: when a named non-directory has more than one
   link in either image (or a named path is in neither), nothing is pruned.
-* **Hard links** (:class:`KeptLinks`): the walk goes in name order, so a new
-  name of a file can come before the file's kept name; it then became a
-  separate file in the replica.  New names of multiply linked files are held
-  back until the walk has seen every kept name and become HardLinks to one.
+* **Hard links**: the walk goes in name order, so a new name of a file can
+  come before the file's kept name; :func:`walk.tree_diff` itself holds such
+  names back (:class:`walk.KeptLinks`), for every backend that falls back to it.
 * **Times** (:func:`stamped`): an entry whose mtime is equal in the two
   images (whole seconds on zfs-fuse, or set back with ``touch``) got no
   SetAttr, yet the records that change its entries or data move its mtime in
@@ -88,54 +87,6 @@ def dirs_with_changes(changed: set[str], qtree: str) -> set[str]:
         for i in range(len(parts) + 1):
             out.add("/".join(parts[:i]))
     return out
-
-
-# ---------------------------------------------------------------------------
-# hard links
-# ---------------------------------------------------------------------------
-class KeptLinks(walk.FileData):
-    """:class:`walk.FileData` around ``inner`` that keeps a hard-link group one file: a new name of a
-    file with several links is held back until :meth:`finish`; by then the walk has passed every kept
-    name of the file (a link changes the file's ctime, so the walk's quick test never skips a kept
-    name), and the held names become HardLinks to a kept name, or, if the file has none, the first
-    is created through ``inner`` and the others linked to it."""
-
-    def __init__(self, inner: walk.FileData) -> None:
-        self.inner = inner
-        self.kept: dict[int, str] = {}  # inode -> a name it has in both images
-        self.held: dict[int, list[tuple]] = {}  # inode -> its new names, in walk order
-        self.held_at: dict[str, int] = {}  # a held name -> its inode
-
-    def created(self, root: str, rel: str, dest: str, st: os.stat_result) -> Iterator[object]:
-        if st.st_nlink < 2:
-            return self.inner.created(root, rel, dest, st)
-        self.held.setdefault(st.st_ino, []).append((root, rel, dest, st))
-        self.held_at[dest] = st.st_ino
-        return iter(())
-
-    def linked(self, dest: str, existing: str) -> Iterator[object]:
-        ino = self.held_at.get(existing)
-        if ino is None:
-            return self.inner.linked(dest, existing)
-        self.held[ino].append((None, None, dest, None))
-        return iter(())
-
-    def updated(self, base: str, target: str, rel: str, b: os.stat_result, t: os.stat_result) -> Iterator[object]:
-        if t.st_nlink > 1:
-            self.kept.setdefault(t.st_ino, rel)
-        return self.inner.updated(base, target, rel, b, t)
-
-    def finish(self) -> Iterator[object]:
-        for ino, names in self.held.items():
-            existing = self.kept.get(ino)
-            for root, rel, dest, st in names:
-                if existing is None:
-                    yield from self.inner.created(root, rel, dest, st)
-                    existing = dest
-                else:
-                    yield from self.inner.linked(dest, existing)
-        self.held.clear()
-        yield from self.inner.finish()
 
 
 # ---------------------------------------------------------------------------

@@ -8,8 +8,9 @@ import os
 from hypothesis import given
 from hypothesis import strategies as st
 
-from coalesce_core.stream.records import Write, framed
+from coalesce_core.stream.records import HardLink, MkFile, SetAttr, Write, framed
 from coalesce_posix import walk
+from coalesce_posix.apply import Applier
 
 
 def _tree(root, files):
@@ -174,3 +175,61 @@ def test_compare_range_writes_only_the_blocks_that_differ(tmp_path):
     finally:
         os.close(bfd)
         os.close(tfd)
+
+
+def _linked_trees(tmp_path):
+    """A base with k/y, a target where y got a new name b that sorts before k."""
+    base, target = tmp_path / "base" / "q", tmp_path / "target" / "q"
+    for side in (base, target):
+        (side / "k").mkdir(parents=True)
+        (side / "k" / "y").write_bytes(b"one")
+    (target / "k" / "y").write_bytes(b"one and more")
+    os.link(target / "k" / "y", target / "b")
+    return base, target
+
+
+def test_tree_diff_makes_a_new_name_a_link_of_the_kept_one(tmp_path):
+    """tree_diff walks in name order and meets the new name b before the kept k/y (on its own it
+    created b as another file); tree_diff holds b back (walk.KeptLinks) and b becomes a HardLink of k/y."""
+    base, target = _linked_trees(tmp_path)
+    records = list(walk.tree_diff(str(base), str(target), same_lineage=False))
+    applied = tmp_path / "applied"
+    (applied / "q" / "k").mkdir(parents=True)
+    (applied / "q" / "k" / "y").write_bytes(b"one")
+    Applier(str(applied), "q", None).apply(framed("q", "a", "b", records))
+    assert (applied / "q" / "b").read_bytes() == b"one and more"
+    assert HardLink(path="b", existing="k/y") in records
+    assert os.path.samefile(applied / "q" / "b", applied / "q" / "k" / "y")
+
+
+def test_tree_diff_creates_a_file_without_kept_names_once(tmp_path):
+    """A new file with two new names: created once (at the first name), the other name linked to it."""
+    base, target = tmp_path / "base", tmp_path / "target"
+    base.mkdir()
+    target.mkdir()
+    (target / "a").write_bytes(b"data")
+    os.link(target / "a", target / "z")
+    records = list(walk.tree_diff(str(base), str(target), same_lineage=False))
+    assert [type(r).__name__ for r in records if not isinstance(r, SetAttr)][:3] == ["MkFile", "Write", "HardLink"]
+    assert HardLink(path="z", existing="a") in records
+
+
+def test_a_kept_file_that_gained_a_name_sorting_before_its_kept_name_stays_one_file(tmp_path):
+    """Same lineage, as btrfs falls back to it when qtree roots rotate: the base has p; the target has
+    p (the same inode, a link added since) and its new name d, met first; d becomes a HardLink of p,
+    never a second file (the differential regression 'a hard link kept after qtree roots rotate')."""
+    base, target = tmp_path / "base", tmp_path / "target"
+    base.mkdir()
+    (base / "p").write_bytes(b"same")
+    os.link(base / "p", tmp_path / "elsewhere")  # the base's file has a name in another qtree
+    target.mkdir()
+    os.link(base / "p", target / "p")  # the same inode in both images
+    os.link(base / "p", target / "d")
+    records = list(walk.tree_diff(str(base), str(target)))
+    assert HardLink(path="d", existing="p") in records
+    assert not any(isinstance(r, MkFile) and r.path == "d" for r in records)
+    applied = tmp_path / "applied"
+    (applied / "q").mkdir(parents=True)
+    (applied / "q" / "p").write_bytes(b"same")
+    Applier(str(applied), "q", None).apply(framed("q", "a", "b", records))
+    assert os.path.samefile(applied / "q" / "d", applied / "q" / "p")

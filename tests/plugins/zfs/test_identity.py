@@ -31,9 +31,7 @@ from trees import assert_same
 import coalesce_zfs
 from coalesce_core.agent import Agent
 from coalesce_core.config import parse_config
-from coalesce_core.stream.records import ROOT, HardLink, MkFile, SetAttr, Truncate, Unlink, Write, framed
-from coalesce_posix import walk
-from coalesce_posix.apply import Applier
+from coalesce_core.stream.records import ROOT, MkFile, SetAttr, Truncate, Unlink, Write
 from coalesce_zfs import identity
 
 
@@ -68,43 +66,6 @@ def test_stamped_gives_a_setattr_to_every_entry_the_records_touch(tmp_path):
         1_600_000_000_000_000_004,
     ]
     assert list(identity.stamped(iter([SetAttr(path="f", mtime_ns=1)]), str(t))) == [SetAttr(path="f", mtime_ns=1)]
-
-
-def _linked_trees(tmp_path):
-    """A base with k/y, a target where y got a new name b that sorts before k."""
-    base, target = tmp_path / "base" / "q", tmp_path / "target" / "q"
-    for side in (base, target):
-        (side / "k").mkdir(parents=True)
-        (side / "k" / "y").write_bytes(b"one")
-    (target / "k" / "y").write_bytes(b"one and more")
-    os.link(target / "k" / "y", target / "b")
-    return base, target
-
-
-def test_kept_links_makes_a_new_name_a_link_of_the_kept_one(tmp_path):
-    """tree_diff walks in name order and meets the new name b before the kept k/y (on its own it
-    created b as another file); through KeptLinks b becomes a HardLink of k/y."""
-    base, target = _linked_trees(tmp_path)
-    records = list(walk.tree_diff(str(base), str(target), same_lineage=False, data=identity.KeptLinks(walk.READ)))
-    applied = tmp_path / "applied"
-    (applied / "q" / "k").mkdir(parents=True)
-    (applied / "q" / "k" / "y").write_bytes(b"one")
-    Applier(str(applied), "q", None).apply(framed("q", "a", "b", records))
-    assert (applied / "q" / "b").read_bytes() == b"one and more"
-    assert HardLink(path="b", existing="k/y") in records
-    assert os.path.samefile(applied / "q" / "b", applied / "q" / "k" / "y")
-
-
-def test_kept_links_creates_a_file_without_kept_names_once(tmp_path):
-    """A new file with two new names: created once (at the first name), the other name linked to it."""
-    base, target = tmp_path / "base", tmp_path / "target"
-    base.mkdir()
-    target.mkdir()
-    (target / "a").write_bytes(b"data")
-    os.link(target / "a", target / "z")
-    records = list(walk.tree_diff(str(base), str(target), same_lineage=False, data=identity.KeptLinks(walk.READ)))
-    assert [type(r).__name__ for r in records if not isinstance(r, SetAttr)][:3] == ["MkFile", "Write", "HardLink"]
-    assert HardLink(path="z", existing="a") in records
 
 
 def test_prune_for(tmp_path):
