@@ -280,6 +280,9 @@ class Comparer:
         self._lead_src: dict[int, str] = {}
         self._lead_dst: dict[int, str] = {}
         self._linked: list[tuple[str, int, int]] = []  # (path, src ident, dst ident), resolved at the end
+        #: source identities of files with fewer links in the replica than in the source (both
+        #: counted): a name of the group may be missing, or separate, outside the described paths
+        self.short_links: set[int] = set()
 
     def add(self, diff: Difference) -> None:
         if diff.path in self._seen:
@@ -313,6 +316,8 @@ class Comparer:
                     self.add(e)
             elif a.kind == "f" and a.ident is not None and b.ident is not None and (a.nlink != 1 or b.nlink != 1):
                 self._linked.append((a.path, a.ident, b.ident))
+                if 0 < b.nlink < a.nlink:
+                    self.short_links.add(a.ident)
 
     def finish(self) -> list[Difference]:
         """Resolve the hard-link groups (in path order) and return the differences."""
@@ -761,6 +766,9 @@ class Outcome:
     differences: tuple[Difference, ...]
     checked: int
     not_compared: tuple[str, ...] = ()
+    #: source identities of compared files that have fewer links in the replica than in the
+    #: source (:attr:`Comparer.short_links`): their other names may lie outside what was compared
+    short_links: frozenset[int] = frozenset()
 
     @property
     def ok(self) -> bool:
@@ -879,7 +887,7 @@ def compare_touched(
         return Outcome(tuple(differences), c.checked, holds.not_compared())
     checked = c.checked
     below = compare_subtrees(sorted(tops_dirs, key=path_key), describe_both, holds, batch=batch, limit=1)
-    return Outcome(below.differences, checked + below.checked, holds.not_compared())
+    return Outcome(below.differences, checked + below.checked, holds.not_compared(), frozenset(c.short_links))
 
 
 def _compare_spilled(touched: Touched, describe_both: DescribeBoth, holds: Holds, batch: int) -> Outcome:
@@ -917,7 +925,7 @@ def _compare_spilled(touched: Touched, describe_both: DescribeBoth, holds: Holds
         checked += below.checked
         if below.differences:
             return Outcome(below.differences, checked, holds.not_compared())
-    return Outcome((), checked, holds.not_compared())
+    return Outcome((), checked, holds.not_compared(), frozenset(c.short_links))
 
 
 def _under(key: tuple[bytes, ...], top: tuple[bytes, ...]) -> bool:

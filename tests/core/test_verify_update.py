@@ -11,6 +11,7 @@ import pytest
 from dropper import DropRecord, of_type
 
 from coalesce_core import verifier
+from coalesce_core.backend.hookspecs import hookimpl
 from coalesce_core.stream import records as R
 from coalesce_core.testing.harness import FakeClock, Harness
 
@@ -185,3 +186,56 @@ def test_verify_every_takes_the_replicas_in_turn_and_reseeds_a_damaged_one(group
         h.cycle()
     c = h.agent.state.replicas["C"]
     assert c.state == "stable" and _exported_equals_source(h, "C")
+
+
+class _LinkAsCopy:
+    """A translation that gives a new name of a file its own copy of the data (the btrfs tree
+    compare's old slip, docs/verification.md "Found so far"): HardLink becomes MkFile + Write."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.armed = False
+        self.copied: list[str] = []
+
+    @hookimpl(wrapper=True)
+    def coalesce_diff(self, volume, qtree, base, target):
+        result = yield
+        if result is None or not self.armed or base is None or "src" not in str(getattr(volume, "url", volume)):
+            return result
+        return self._copy(result)
+
+    def _copy(self, records):
+        extra = 0
+        for rec in records:
+            if isinstance(rec, R.HardLink):
+                self.copied.append(rec.path)
+                extra += 2
+                yield R.MkFile(path=rec.path)
+                yield R.Write(path=rec.path, offset=0, data=self.data)
+                yield R.SetAttr(path=rec.path, mtime_ns=SEC)  # every field equal, the link apart
+                continue
+            if isinstance(rec, R.End):
+                rec = R.End(records=rec.records + extra)
+            yield rec
+
+
+def test_a_new_name_made_a_separate_file_fails_the_update_though_the_kept_name_was_not_touched(group_config):
+    """Only the new name d is touched; the kept name p is not, so comparing the touched paths alone
+    saw a file equal in bytes.  d has fewer links in the replica than in the source: the check
+    walks the source qtree for the group's other names and compares them too (hard-link groups)."""
+    data = b"same" * 25
+    copy = _LinkAsCopy(data)
+    h = Harness(group_config(replicas=("A",), scheme="sim"), plugins=[copy])
+    _write(h, "A", [R.MkFile(path="p"), R.Write(path="p", offset=0, data=data), R.SetAttr(path="p", mtime_ns=SEC)])
+    h.cycle()
+    before = h.agent.state.replicas["A"]
+    _write(h, "A", [R.HardLink(path="d", existing="p")])
+    copy.armed = True
+    report = h.cycle()
+    assert copy.copied == ["d"]
+    assert report["failures"] == 1
+    (failure,) = h.agent.failures
+    assert "VerificationFailed" in failure["error"] and "hard link" in failure["error"], failure["error"]
+    assert h.agent.state.replicas["A"].source_point == before.source_point and _exported_equals_source(h, "A")
+    copy.armed = False
+    assert h.cycle()["failures"] == 0 and _exported_equals_source(h, "A")
