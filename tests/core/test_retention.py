@@ -1,0 +1,384 @@
+"""coalesce_core.retention: which retained coalesced generations a policy keeps, and why.
+
+Example plans at fixed UTC times, then the properties the module's docstring promises, checked by
+hypothesis over random generations and policies.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from datetime import UTC, datetime
+
+import attrs
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from coalesce_core.errors import ConfigError
+from coalesce_core.retention import (
+    WORKING_PCPIS,
+    Generation,
+    Keep,
+    Policy,
+    check_capacity,
+    limit,
+    parse_keep,
+    plan,
+)
+
+HOUR, DAY = 3600.0, 86400.0
+
+
+def at(text: str) -> float:
+    """Epoch seconds of a UTC time written ``2026-12-07T12:30``."""
+    return datetime.fromisoformat(text).replace(tzinfo=UTC).timestamp()
+
+
+def gen(id: str, when: str, **kw) -> Generation:
+    return Generation(id, at(when), **kw)
+
+
+def kept_ids(p) -> list[str]:
+    return [g.id for g in p.kept]
+
+
+# --- parse_keep and the policy's values ------------------------------------------------------
+
+
+def test_parse_keep_reads_counts_and_units_shortest_unit_first():
+    assert parse_keep("24h 14d 8w 12m 2y") == (Keep("h", 24), Keep("d", 14), Keep("w", 8), Keep("m", 12), Keep("y", 2))
+    assert parse_keep("  2y\t7d ") == (Keep("d", 7), Keep("y", 2))
+    assert parse_keep("") == ()
+    assert str(Keep("m", 12)) == "12m"
+
+
+@pytest.mark.parametrize(
+    "text, words",
+    [
+        ("14x", ["'14x'", "unknown unit 'x'"]),
+        ("14D", ["unknown unit 'D'"]),
+        ("14min", ["unknown unit 'min'"]),
+        ("14", ["no unit"]),
+        ("0d", ["at least 1"]),
+        ("-3d", ["at least 1"]),
+        ("7d 24h 3d", ["'3d'", "twice", "'7d'"]),
+        ("d", ["not a count and a unit"]),
+        ("1.5d", ["not a count and a unit"]),
+        ("all", ["not a count and a unit"]),
+    ],
+)
+def test_parse_keep_says_what_is_wrong(text, words):
+    with pytest.raises(ValueError) as info:
+        parse_keep(text)
+    for word in words:
+        assert word in str(info.value)
+
+
+def test_policy_takes_the_keep_text_or_its_buckets():
+    assert Policy(keep="14d 2y") == Policy(keep=(Keep("d", 14), Keep("y", 2)))
+    assert Policy(keep="2y 14d").keep == (Keep("d", 14), Keep("y", 2))
+    assert not Policy().retains and Policy(keep_min=60).retains and Policy(keep="1d").retains
+
+
+@pytest.mark.parametrize(
+    "kw, words",
+    [
+        ({"keep_min": -1}, "keep_min"),
+        ({"keep_min": float("inf")}, "keep_min"),
+        ({"keep": "1d", "max": 0}, "max"),
+        ({"keep": "1d", "max": True}, "max"),
+        ({"max": 5}, "alone it keeps nothing"),
+        ({"keep": "0d"}, "at least 1"),
+    ],
+)
+def test_policy_refuses_bad_values(kw, words):
+    with pytest.raises(ValueError, match=words):
+        Policy(**kw)
+
+
+def test_limit():
+    assert limit(Policy()) == 0
+    assert limit(Policy(keep="24h 14d 8w 12m 2y")) == 24 + 14 + 8 + 12 + 2 + 1  # one a period, and the newest
+    assert limit(Policy(keep="24h 14d", max=10)) == 10
+    assert limit(Policy(keep="3d", max=10)) == 4
+    assert limit(Policy(keep_min=DAY)) is None  # every generation of the last day: unbounded
+    assert limit(Policy(keep_min=DAY, keep="7d", max=30)) == 30
+
+
+def test_check_capacity():
+    check_capacity(Policy(keep="24h 14d"), None)  # the destination declares no limit
+    check_capacity(Policy(), 4)
+    check_capacity(Policy(keep="24h 14d"), 39 + WORKING_PCPIS)
+    with pytest.raises(ConfigError) as info:
+        check_capacity(Policy(keep="24h 14d"), 38 + WORKING_PCPIS)
+    assert "up to 39" in str(info.value) and "[retention]" in str(info.value) and info.value.exit_code == 2
+    assert info.value.hint == "set `max = 38` (or less) in [retention]"
+    with pytest.raises(ConfigError, match="unbounded") as info:
+        check_capacity(Policy(keep_min=DAY), 255)
+    assert "max = 251" in info.value.hint
+    check_capacity(Policy(keep_min=DAY, max=251), 255)
+    with pytest.raises(ConfigError, match="working PCPIs fill") as info:
+        check_capacity(Policy(keep="1d"), 4)
+    assert "remove [retention]" in info.value.hint
+
+
+# --- example plans ------------------------------------------------------------------------------
+
+#: the worked example of docs/config.md, "Retention"
+NOW = at("2026-12-07T12:30")  # a Monday
+EXAMPLE = [
+    gen("2025-01-03", "2025-01-03T00:00"),
+    gen("12-05a", "2026-12-05T01:00", fresh=2),
+    gen("12-05b", "2026-12-05T13:00", fresh=3),
+    gen("12-06", "2026-12-06T10:00"),
+    gen("12-07a", "2026-12-07T11:00"),
+    gen("12-07b", "2026-12-07T12:00"),
+]
+
+
+def test_the_worked_example_of_the_docs():
+    p = plan(EXAMPLE, NOW, Policy(keep="24h 14d 8w 12m 2y"))
+    assert kept_ids(p) == ["2025-01-03", "12-05a", "12-06", "12-07a", "12-07b"]
+    assert p.decision("2025-01-03").reasons == ("first of year 2025 (2 of 2)",)
+    assert p.decision("12-05a").reasons == (
+        "first of day 2026-12-05 (3 of 14)",
+        "first of week 2026-W49 (2 of 8)",
+        "first of month 2026-12 (1 of 12)",
+        "first of year 2026 (1 of 2)",
+    )
+    assert p.decision("12-05b").reasons == (
+        "hour 2026-12-05 13:00 is older than the last 24 kept",
+        "day 2026-12-05 keeps 12-05a",
+        "week 2026-W49 keeps 12-05a",
+        "month 2026-12 keeps 12-05a",
+        "year 2026 keeps 12-05a",
+    )
+    assert p.decision("12-07a").reasons == (
+        "first of hour 2026-12-07 11:00 (2 of 24)",
+        "first of day 2026-12-07 (1 of 14)",
+        "first of week 2026-W50 (1 of 8)",
+    )
+    assert p.decision("12-07b").reasons == ("first of hour 2026-12-07 12:00 (1 of 24)", "newest generation")
+    assert [d.generation.id for d in p.decisions] == [g.id for g in EXAMPLE]  # oldest first
+
+
+def test_the_plan_does_not_depend_on_the_order_given():
+    shuffled = EXAMPLE[:]
+    random.Random(7).shuffle(shuffled)
+    policy = Policy(keep="24h 14d 8w 12m 2y")
+    assert plan(shuffled, NOW, policy) == plan(EXAMPLE, NOW, policy)
+
+
+def test_the_default_policy_keeps_nothing_but_protected_generations():
+    gens = [gen("a", "2026-12-07T10:00"), gen("b", "2026-12-07T11:00", pinned=True), gen("c", "2026-12-07T12:00")]
+    p = plan(gens, NOW, Policy())
+    assert kept_ids(p) == ["b"]
+    assert p.decision("c").reasons == ("no retention: the policy keeps no generation",)
+    assert p.decision("b").reasons == ("pinned",)
+    assert plan([], NOW, Policy(keep="1d")).decisions == ()
+
+
+def test_keep_min_keeps_what_is_younger_and_nothing_as_old():
+    gens = [gen("old", "2026-12-06T12:30"), gen("young", "2026-12-06T12:31"), gen("new", "2026-12-07T12:00")]
+    p = plan(gens, NOW, Policy(keep_min=DAY))
+    assert kept_ids(p) == ["young", "new"]
+    assert p.decision("old").reasons == ("older than keep_min 1d",)  # exactly one day old is not younger
+    assert p.decision("young").reasons == ("younger than keep_min 1d",)
+
+
+def test_weeks_start_on_monday():
+    sunday, monday = gen("sun", "2026-12-06T23:00"), gen("mon", "2026-12-07T00:00")
+    p = plan([gen("sat", "2026-12-05T00:00"), sunday, monday, gen("mon2", "2026-12-07T09:00")], NOW, Policy(keep="2w"))
+    assert kept_ids(p) == ["sat", "mon", "mon2"]  # mon2: the newest
+    assert p.decision("sun").reasons == ("week 2026-W49 keeps sat",)
+    assert p.decision("mon").reasons == ("first of week 2026-W50 (1 of 2)",)
+
+
+def test_periods_are_utc_whatever_the_local_time_zone(monkeypatch):
+    gens = [gen("late", "2026-12-05T23:30"), gen("early", "2026-12-06T00:30"), gen("new", "2026-12-07T12:00")]
+    expected = plan(gens, NOW, Policy(keep="3d"))
+    assert kept_ids(expected) == ["late", "early", "new"]
+    for zone in ("Pacific/Kiritimati", "America/Los_Angeles"):
+        monkeypatch.setenv("TZ", zone)
+        time.tzset()
+        assert plan(gens, NOW, Policy(keep="3d")) == expected
+    monkeypatch.delenv("TZ")
+    time.tzset()
+    assert os.environ.get("TZ") is None
+
+
+def test_months_and_years_count_back_across_the_new_year():
+    gens = [gen("nov", "2025-11-30T23:59"), gen("dec", "2025-12-01T00:00"), gen("jan", "2026-01-15T00:00")]
+    p = plan(gens, at("2026-01-20T00:00"), Policy(keep="2m"))
+    assert kept_ids(p) == ["dec", "jan"]
+    assert p.decision("nov").reasons == ("month 2025-11 is older than the last 2 kept",)
+    assert p.decision("dec").reasons == ("first of month 2025-12 (2 of 2)",)
+    p = plan(gens, at("2026-01-20T00:00"), Policy(keep="2y"))
+    assert kept_ids(p) == ["nov", "jan"]
+    assert p.decision("nov").reasons == ("first of year 2025 (2 of 2)",)
+
+
+def test_prefer_complete_keeps_the_most_fresh_and_the_oldest_of_a_tie():
+    gens = [
+        gen("a", "2026-12-05T01:00", fresh=2),
+        gen("b", "2026-12-05T02:00", fresh=5),
+        gen("c", "2026-12-05T03:00", fresh=5),
+        gen("d", "2026-12-06T01:00", fresh=1),
+        gen("e", "2026-12-07T12:00", fresh=0),
+    ]
+    p = plan(gens, NOW, Policy(keep="3d", prefer_complete=True))
+    assert kept_ids(p) == ["b", "d", "e"]
+    assert p.decision("b").reasons == ("most complete (5 fresh) of day 2026-12-05 (3 of 3)",)
+    assert p.decision("a").reasons == p.decision("c").reasons == ("day 2026-12-05 keeps b",)
+    assert kept_ids(plan(gens, NOW, Policy(keep="3d"))) == ["a", "d", "e"]
+
+
+def test_max_prunes_the_oldest_unprotected_first():
+    gens = [gen(f"d{day}", f"2026-12-0{day}T06:00") for day in range(1, 8)]
+    p = plan(gens, NOW, Policy(keep="14d", max=3))
+    assert kept_ids(p) == ["d5", "d6", "d7"]
+    assert p.decision("d4").reasons == ("first of day 2026-12-04 (4 of 14)", "over max 3: the oldest are pruned first")
+    pinned = [attrs.evolve(g, pinned=True) if g.id == "d1" else g for g in gens]
+    p = plan(pinned, NOW, Policy(keep="14d", max=3))
+    assert kept_ids(p) == ["d1", "d6", "d7"]  # the pinned one counts against max
+    assert p.decision("d1").reasons == ("pinned", "first of day 2026-12-01 (7 of 14)")
+
+
+def test_protected_generations_and_the_newest_stay_past_max():
+    gens = [
+        gen("p", "2026-12-01T00:00", pinned=True),
+        gen("x", "2026-12-02T00:00", exported=True),
+        gen("q", "2026-12-03T00:00"),
+        gen("n", "2026-12-07T00:00"),
+    ]
+    p = plan(gens, NOW, Policy(keep="14d", max=1))
+    assert kept_ids(p) == ["p", "x", "n"]
+    assert p.decision("p").reasons[-1] == "past max 1, yet never pruned"
+    assert p.decision("x").reasons == (
+        "exported by an uncoalesced replica",
+        "first of day 2026-12-02 (6 of 14)",
+        "past max 1, yet never pruned",
+    )
+    assert p.decision("n").reasons[-1] == "past max 1, yet the newest is always kept"
+    assert p.decision("q").reasons[-1] == "over max 1: the oldest are pruned first"
+
+
+def test_a_generation_stamped_after_now_anchors_the_count():
+    """A clock stepped back: the count starts at the newest generation's period, so a bucket never keeps
+    more than its count."""
+    gens = [gen("a", "2026-12-07T00:00"), gen("b", "2026-12-08T00:00"), gen("c", "2026-12-09T00:00")]
+    p = plan(gens, NOW, Policy(keep="2d"))
+    assert kept_ids(p) == ["b", "c"]
+    assert p.decision("b").reasons == ("first of day 2026-12-08 (2 of 2)",)
+
+
+def test_max_is_not_monotonic():
+    """The module's docstring: a generation max pruned comes back into the plan once a short bucket lets a
+    newer one go (so the agent must prune what a plan prunes, not re-plan the full set later)."""
+    gens = [gen("jan", "2026-01-01T00:00"), gen("h10", "2026-12-07T10:05"), gen("h11", "2026-12-07T11:05")]
+    policy = Policy(keep="2h 1y", max=2)
+    assert kept_ids(plan(gens, at("2026-12-07T11:10"), policy)) == ["h10", "h11"]
+    assert kept_ids(plan(gens, at("2026-12-07T13:00"), policy)) == ["jan", "h11"]
+
+
+def test_duplicate_ids_and_bad_times_are_refused():
+    with pytest.raises(ValueError, match="share an id"):
+        plan([gen("a", "2026-12-01T00:00"), gen("a", "2026-12-02T00:00")], NOW, Policy(keep="1d"))
+    with pytest.raises(ValueError, match="finite"):
+        Generation("a", float("nan"))
+
+
+# --- properties ---------------------------------------------------------------------------------
+
+T0 = at("2026-06-15T00:00")
+SPAN = 3 * 366 * DAY  # generations up to three years old
+AHEAD = T0 + 2 * DAY  # and some stamped after now: a clock stepped back
+
+
+@st.composite
+def generations(draw, *, latest: float, earliest: float = T0 - SPAN, prefix: str = "g") -> list[Generation]:
+    """Generations between ``earliest`` and ``latest``: spread out, or crowded into a few days so that
+    periods hold several."""
+    n = draw(st.integers(0, 25))
+    crowd = draw(st.booleans())
+    low = max(earliest, latest - 4 * DAY) if crowd else earliest
+    times = draw(st.lists(st.integers(int(low), int(latest)), min_size=n, max_size=n))
+    return [
+        Generation(
+            f"{prefix}{i}",
+            t,
+            fresh=draw(st.integers(0, 4)),
+            pinned=draw(st.booleans()) if i % 7 == 3 else False,
+            exported=draw(st.booleans()) if i % 5 == 4 else False,
+        )
+        for i, t in enumerate(times)
+    ]
+
+
+@st.composite
+def policies(draw, *, with_max: bool | None = None) -> Policy:
+    keep_min = draw(st.sampled_from([0.0, 0.0, HOUR, DAY, 10 * DAY]))
+    units = draw(st.lists(st.sampled_from("hdwmy"), unique=True, max_size=5))
+    keep = tuple(Keep(u, draw(st.integers(1, 6))) for u in units)
+    retains = keep_min > 0 or bool(keep)
+    choice = {None: st.none() | st.integers(1, 8), True: st.integers(1, 8), False: st.none()}[with_max]
+    most = draw(choice) if retains else None
+    return Policy(keep_min=keep_min, keep=keep, max=most, prefer_complete=draw(st.booleans()))
+
+
+@given(generations(latest=AHEAD), policies())
+def test_planning_again_over_the_kept_prunes_nothing_more(gens, policy):
+    first = plan(gens, T0, policy)
+    again = plan(first.kept, T0, policy)
+    assert again.pruned == ()
+
+
+@given(generations(latest=AHEAD), policies(), st.randoms(use_true_random=False))
+def test_the_plan_is_a_function_of_the_set(gens, policy, rnd):
+    shuffled = gens[:]
+    rnd.shuffle(shuffled)
+    assert plan(shuffled, T0, policy) == plan(gens, T0, policy)
+
+
+@given(generations(latest=AHEAD), policies())
+def test_what_is_never_pruned_and_every_reason(gens, policy):
+    p = plan(gens, T0, policy)
+    assert len(p.decisions) == len(gens)
+    for d in p.decisions:
+        assert d.reasons, d
+        if d.generation.protected:
+            assert d.keep, d
+    if gens and policy.retains:
+        assert max(gens, key=lambda g: (g.time, g.id)) in p.kept
+
+
+@given(generations(latest=AHEAD), policies())
+def test_the_policy_keeps_at_most_its_limit(gens, policy):
+    p = plan(gens, T0, policy)
+    unprotected = [g for g in p.kept if not g.protected]
+    most = limit(policy)
+    if most is not None:
+        assert len(unprotected) <= most
+    if policy.max is not None:
+        protected = sum(g.protected for g in gens)
+        assert len(p.kept) <= max(policy.max, protected + 1)
+    if not policy.retains:
+        assert unprotected == []
+
+
+@given(st.data(), policies(with_max=False), st.floats(0, 400 * DAY))
+def test_without_max_what_is_pruned_stays_pruned(data, policy, later):
+    gens = data.draw(generations(latest=T0))
+    newer = data.draw(generations(earliest=T0 + 1, latest=T0 + 1 + later, prefix="n"))
+    pruned = set(plan(gens, T0, policy).pruned)
+    assert pruned <= set(plan(gens + newer, T0 + 1 + later, policy).pruned)
+
+
+@given(st.data(), policies(with_max=True), st.floats(0, 400 * DAY))
+def test_with_max_what_the_rules_prune_stays_pruned(data, policy, later):
+    gens = data.draw(generations(latest=T0))
+    newer = data.draw(generations(earliest=T0 + 1, latest=T0 + 1 + later, prefix="n"))
+    by_rules = set(plan(gens, T0, attrs.evolve(policy, max=None)).pruned)
+    assert by_rules <= set(plan(gens + newer, T0 + 1 + later, policy).pruned)
