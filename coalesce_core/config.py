@@ -44,6 +44,7 @@ from coalesce_core.cycle.state import NAME_RE, RetryPolicy
 from coalesce_core.deadlines import KEYS, TransferLimits, parse_limits
 from coalesce_core.durations import config_seconds
 from coalesce_core.errors import ConfigError
+from coalesce_core.retention import Policy, parse_keep
 from coalesce_core.stream import privileges as privilege_policy
 
 
@@ -84,6 +85,8 @@ class GroupConfig:
     privileges: str = privilege_policy.DEFAULT
     #: how long a transfer may wait on its source (coalesce_core.deadlines)
     deadlines: TransferLimits = TransferLimits()
+    #: which retained coalesced generations to keep ([retention], coalesce_core.retention)
+    retention: Policy = Policy()
 
     def spool_dir(self, metadata_dir: str | None) -> Path:
         """Where the spools of this group's updates live (next to the ledger)."""
@@ -214,15 +217,49 @@ def _size(table: dict[str, Any], key: str, where: str, default: int) -> int:
     return size
 
 
+def _retention(table: object, where: str) -> Policy:
+    """The retention policy of the ``[retention]`` table (docs/config.md, "Retention")."""
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where}: must be a table", hint='write it as [retention] with keep = "..." below it')
+    known = {"keep_min", "keep", "max", "prefer_complete"}
+    if set(table) - known:
+        raise ConfigError(f"{where}: unknown key(s) {sorted(set(table) - known)}", hint=f"known keys: {sorted(known)}")
+    keep_min = _duration(table, "keep_min", where, default=0.0, example='"1d"')
+    keep = table.get("keep", "")
+    example = 'for example keep = "24h 14d 8w 12m 2y" (docs/config.md, "Retention")'
+    if not isinstance(keep, str):
+        raise ConfigError(f"{where}: `keep` must be a text of counts and units", hint=example)
+    try:
+        buckets = parse_keep(keep)
+    except ValueError as exc:
+        raise ConfigError(f"{where}: `keep`: {exc}", hint=example) from None
+    most = table.get("max")
+    if most is not None and (not isinstance(most, int) or isinstance(most, bool) or most < 1):
+        raise ConfigError(
+            f"{where}: `max` must be a whole number >= 1", hint="the most generations kept, e.g. max = 30"
+        )
+    prefer_complete = table.get("prefer_complete", False)
+    if not isinstance(prefer_complete, bool):
+        raise ConfigError(
+            f"{where}: `prefer_complete` must be true or false", hint="false (the default) keeps the first"
+        )
+    try:
+        return Policy(keep_min=keep_min, keep=buckets, max=most, prefer_complete=prefer_complete)
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {exc}", hint='add keep_min or keep, e.g. keep = "14d"') from None
+
+
 def parse_config(text: str, path: str = "<config>") -> GroupConfig:
     """Parse and validate config text; every problem is a ConfigError naming the key."""
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}", hint="fix the syntax at the line shown") from None
-    unknown = set(data) - {"group", "replica"}
+    unknown = set(data) - {"group", "replica", "retention"}
     if unknown:
-        raise ConfigError(f"{path}: unknown table(s) {sorted(unknown)}", hint="only [group] and [[replica]] exist")
+        raise ConfigError(
+            f"{path}: unknown table(s) {sorted(unknown)}", hint="only [group], [retention] and [[replica]] exist"
+        )
     group = data.get("group")
     if not isinstance(group, dict):
         raise ConfigError(f"{path}: missing [group] table", hint="see docs/config.md for an example")
@@ -357,6 +394,7 @@ def parse_config(text: str, path: str = "<config>") -> GroupConfig:
         verify_every=verify_every,
         privileges=privileges,
         deadlines=limits,
+        retention=_retention(data.get("retention", {}), f"{path} [retention]"),
     )
 
 

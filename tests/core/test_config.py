@@ -11,6 +11,7 @@ import pytest
 from coalesce_core.config import GroupConfig, ReplicaConfig, load_config, parse_config, replica_block
 from coalesce_core.cycle.state import RetryPolicy
 from coalesce_core.errors import ConfigError
+from coalesce_core.retention import Policy
 
 FULL = """\
 # a complete group
@@ -418,3 +419,46 @@ def test_spool_bounds():
 def test_bad_spool_bound(key, value):
     e = err(group_with(**{key: value}))
     assert f"`{key}`" in str(e) and e.hint
+
+
+def test_retention_defaults_to_no_retention():
+    assert parse_config(MIN).retention == Policy()
+
+
+def test_retention_table():
+    """[retention] (docs/config.md, "Retention"): keep_min a duration, keep the calendar buckets, max, prefer_complete."""
+    cfg = parse_config(
+        MIN + '[retention]\nkeep_min = "1d"\nkeep = "24h 14d 8w 12m 2y"\nmax = 60\nprefer_complete = true\n'
+    )
+    assert cfg.retention == Policy(keep_min=86400.0, keep="24h 14d 8w 12m 2y", max=60, prefer_complete=True)
+    assert parse_config(MIN + '[retention]\nkeep = "7d"\n').retention == Policy(keep="7d")
+    assert parse_config(MIN + "[retention]\nkeep_min = 3600\n").retention == Policy(keep_min=3600.0)
+
+
+@pytest.mark.parametrize(
+    "body, words",
+    [
+        ('keep = "14x"', ["`keep`", "unknown unit 'x'"]),
+        ('keep = "0d"', ["`keep`", "at least 1"]),
+        ('keep = "7d 3d"', ["`keep`", "twice"]),
+        ("keep = 14", ["`keep`", "text"]),
+        ('keep_min = "soon"', ["`keep_min`"]),
+        ('keep_min = "-1d"', ["`keep_min`"]),
+        ('keep = "7d"\nmax = 0', ["`max`"]),
+        ('keep = "7d"\nmax = "10"', ["`max`"]),
+        ('keep = "7d"\nmax = true', ["`max`"]),
+        ("max = 10", ["alone it keeps nothing"]),
+        ('keep = "7d"\nprefer_complete = "yes"', ["`prefer_complete`"]),
+        ('keep = "7d"\nkeep_last = 3', ["unknown key", "keep_last"]),
+    ],
+)
+def test_bad_retention(body, words):
+    e = err(MIN + "[retention]\n" + body + "\n")
+    assert "[retention]" in str(e) and e.hint
+    for word in words:
+        assert word in str(e)
+
+
+def test_retention_that_is_not_a_table():
+    e = err('retention = "7d"\n' + MIN)
+    assert "[retention]" in str(e) and "must be a table" in str(e)
