@@ -347,6 +347,13 @@ def _run(args: argparse.Namespace, stop: _Stop) -> int:
     progress = not args.quiet and console.is_interactive
     tracker = Tracker() if progress else None
     agent = _agent(args) if tracker is None else _agent_with(args, [tracker])
+    if agent.config.retention.retains:
+        agent.close()
+        raise ConfigError(
+            f"{agent.config.path or 'the config'} [retention]: this version of the agent keeps no generations "
+            "(at a jump-ahead it releases the old coalesced base), so the policy would not be applied",
+            hint='remove [retention] to run today; history lands in stages (docs/config.md, "Retention")',
+        )
     if tracker is not None:
         _map_transfers(tracker, agent)
     logs.say(

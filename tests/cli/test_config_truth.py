@@ -72,6 +72,20 @@ def test_a_replica_removed_from_the_config_is_refused_until_coalesce_remove(sim_
     assert check.returncode == 0, check.stdout + check.stderr
 
 
+def test_a_retention_policy_is_refused_by_run_while_the_agent_keeps_no_generations(sim_group: Path):
+    """[retention] parses, but a run would release the old coalesced base at every jump-ahead:
+    an operator who asked for history is told, and nothing changes."""
+    cfg = sim_group
+    before = status(cfg)
+    cfg.write_text(cfg.read_text() + '\n[retention]\nkeep = "24h 14d"\n')
+    refused = run_cli(cfg, "run", "--once")
+    assert refused.returncode == 2, refused.stderr
+    assert "[retention]: this version of the agent keeps no generations" in refused.stderr
+    assert "hint: remove [retention]" in refused.stderr
+    points = lambda st: [(r["name"], r["exported_pcpi"], r["source_point"]) for r in st["replicas"]]  # noqa: E731
+    assert points(status(cfg)) == points(before)
+
+
 def test_a_changed_source_is_refused_naming_remove_and_add(sim_group: Path):
     cfg = sim_group
     text = cfg.read_text()
