@@ -26,13 +26,14 @@ other moves fall back to removal + creation (always correct; docs/sim.md).
 
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from typing import Container, Iterator, Sequence
 
 from coalesce_core.stream import fingerprint as FP
 from coalesce_core.stream import records as R
 
 from .fs import BS, DIR, LNK, REG, ZERO, Inode, SimFS, View, nblocks
 from .ops import changed_inodes_of, pair_walk
+from .spill import SortedRows, path_key
 
 CHUNK_BLOCKS = R.MAX_DATA // BS
 
@@ -121,9 +122,43 @@ class Namespace:
         return sorted(out)
 
 
-def _under(path: str, prefixes: set[str]) -> bool:
+def _entry_changes(B: View, rb: Inode, T: View, rt: Inode) -> Iterator[tuple[int, bytes, int]]:
+    """``(0, name, ino)`` of each entry of directory ``rb`` that ``rt`` lacks or has for another
+    inode, ``(1, name, ino)`` of each entry of ``rt`` that ``rb`` lacks or has for another inode:
+    a merge of the two sorted entry lists, one block at a time (never a whole directory)."""
+    eb, et = B.dir_entries(rb), T.dir_entries(rt)
+    b, t = next(eb, None), next(et, None)
+    while b is not None or t is not None:
+        if t is None or (b is not None and b[0] < t[0]):
+            assert b is not None
+            yield 0, b[0], b[1]
+            b = next(eb, None)
+        elif b is None or t[0] < b[0]:
+            yield 1, t[0], t[1]
+            t = next(et, None)
+        else:
+            if b[1] != t[1]:
+                yield 0, b[0], b[1]
+                yield 1, t[0], t[1]
+            b, t = next(eb, None), next(et, None)
+
+
+def _below(path: str, top: str | None) -> bool:
+    """Whether ``path`` is ``top`` or below it."""
+    return top is not None and (path == top or path.startswith(top + "/"))
+
+
+def _entered(path: str, rows: SortedRows | None, moved: Container[int]) -> bool:
+    """Whether ``path`` or a directory above it is the path of one of ``rows`` (entries added or
+    removed) whose inode is not among ``moved``."""
+    if rows is None:
+        return False
     parts = path.split("/")
-    return any("/".join(parts[:i]) in prefixes for i in range(1, len(parts) + 1))
+    for i in range(1, len(parts) + 1):
+        ino = rows.ino_at("/".join(parts[:i]))
+        if ino is not None and ino not in moved:
+            return True
+    return False
 
 
 class Differ:
@@ -137,11 +172,12 @@ class Differ:
         self.nsB = Namespace(base, self.qB) if base is not None else None
         self.nsT = Namespace(target, self.qT)
         self.linked: dict[int, str] = {}
-        self._added: list[tuple[str, int, int]] = []  # the additions not sent as renames
-        self._added_paths: set[str] | None = None
-        # the tops of the subtrees created and removed (what lies below them is too)
-        self.created: set[str] = set()
-        self.removed: set[str] = set()
+        self.added: SortedRows | None = None  # the entries added (an incremental diff's)
+        self.renames: dict[int, tuple[str, str]] = {}  # the moves sent as renames
+        # the tops of the last subtrees created and removed (what lies below them is too; in path
+        # order, everything below a top comes right after it)
+        self.created: str | None = None
+        self.removed: str | None = None
         # inodes of the base image sent whole (created again, not linked): their changes are in
         # the creation; an inode new in the target is never among the changed ones looked up
         self.full: set[int] = set()
@@ -184,7 +220,7 @@ class Differ:
         """Records that create ``ino`` at ``path`` and, for a directory, everything below it in
         pre-order, a directory's attributes after its contents (iterative: any depth)."""
         T = self.T
-        self.created.add(path)
+        self.created = path
         stack: list[tuple[int, str, Inode | None]] = [(ino, path, None)]
         while stack:
             ino, path, created_dir = stack.pop()
@@ -231,29 +267,22 @@ class Differ:
         yield from self._xattrs(path, {}, T.xattrs(rec))
         yield self._attrs(path, rec)
 
-    @property
-    def added_paths(self) -> set[str]:
-        """The paths of the additions (made when a hard link first asks: most diffs have none)."""
-        if self._added_paths is None:
-            self._added_paths = {p for p, _i, _d in self._added}
-        return self._added_paths
-
     def _surviving_link(self, ino: int, path: str) -> str | None:
         """A name of ``ino`` that the applier already has (unchanged since the base)."""
         if self.nsB is None or self.nsB.inode(ino) is None or self.nsB.path(ino) is None:
             return None
         cands: Sequence[str | None] = [self.nsT.path(ino)]
-        if cands[0] is None or cands[0] == path or _under(cands[0], self.added_paths):
+        if cands[0] is None or cands[0] == path or _entered(cands[0], self.added, self.renames):
             cands = self.nsT.all_paths(ino)
         for c in cands:
-            if c is not None and c != path and not _under(c, self.added_paths):
+            if c is not None and c != path and not _entered(c, self.added, self.renames):
                 return c
         return None
 
     def remove(self, ino: int, path: str) -> Iterator[object]:
         """Records that remove ``path`` and everything below it, children first (iterative: any depth)."""
         assert self.B is not None
-        self.removed.add(path)
+        self.removed = path
         stack: list[tuple[int, str, bool]] = [(ino, path, False)]
         while stack:
             ino, path, emptied = stack.pop()
@@ -284,59 +313,69 @@ class Differ:
             yield from self._xattrs(R.ROOT, {}, T.xattrs(rt))
             yield self._attrs(R.ROOT, rt)
             return
+        removed, added, dirs = SortedRows(), SortedRows(), SortedRows()
+        try:
+            yield from self._incremental(removed, added, dirs)
+        finally:
+            for rows in (removed, added, dirs):
+                rows.close()
+
+    def _kept(self) -> Iterator[tuple[int, str, str, Inode, Inode]]:
+        """``(ino, base path, target path, base record, target record)`` of the changed inodes of
+        the qtree that are in both images with the same kind, in inode order (one walk of the
+        pair's change: :func:`.ops.changed_inodes_of`)."""
+        q, nsB, nsT = self.qT, self.nsB, self.nsT
+        assert q is not None and nsB is not None and self.B is not None
+        for ino, rb, rt in changed_inodes_of(self.fs, self.B.root, self.T.root, q):
+            if rb is None or rt is None or rb.qtree != q or rt.qtree != q:
+                continue  # created or removed: found from its directory (no path looked up)
+            pb = nsB.path(ino)
+            pt = nsT.path(ino) if pb is not None else None
+            if pb is not None and pt is not None and rb.kind == rt.kind:
+                yield ino, pb, pt, rb, rt
+
+    def _incremental(self, removed: SortedRows, added: SortedRows, dirs: SortedRows) -> Iterator[object]:
+        """The records of an incremental diff (the order of the module's docstring).  What it keeps
+        until it ends: the entries added and removed (path, inode, directory), and the kept
+        directories whose attributes it sends last, in :class:`.spill.SortedRows` (on disk past
+        their bound); in memory only the entries that may be moves (an inode in both images).
+        The changed files are read again by a second walk of the change, after the additions."""
+        T, B = self.T, self.B
+        assert B is not None
         q = self.qT
         nsB, nsT = self.nsB, self.nsT
         assert nsB is not None
+        self.added = added
         root: tuple[Inode, Inode] | None = None  # the qtree root's inode, when it changed
-        removed: list[tuple[str, int, int]] = []  # (path, inode, directory it left)
-        added: list[tuple[str, int, int]] = []  # (path, inode, directory it entered)
-        modified: list[tuple[int, str, Inode, Inode]] = []
-        for ino, rb, rt in changed_inodes_of(self.fs, B.root, T.root, q):
-            rb = rb if rb is not None and rb.qtree == q else None
-            rt = rt if rt is not None and rt.qtree == q else None
-            pb = nsB.path(ino) if rb is not None else None
-            if pb is None:  # created: its creation is found from its directory
-                continue
-            pt = nsT.path(ino) if rt is not None else None
-            if pt is None:
-                continue
-            assert rb is not None and rt is not None  # pb and pt are None without them
-            if rb.kind != rt.kind:
-                continue
+        moves: tuple[list[tuple[str, int, int]], list[tuple[str, int, int]]] = ([], [])  # maybe moved
+        for ino, pb, pt, rb, rt in self._kept():
             if rb.kind == DIR:
-                eb, et = B.dir(rb), T.dir(rt)
                 if rb.top != rt.top or rb.size != rt.size:
-                    for n, i in eb.items():
-                        if et.get(n) != i:
-                            removed.append((f"{pb}/{n}" if pb else n, i, ino))
-                    for n, i in et.items():
-                        if eb.get(n) != i:
-                            added.append((f"{pt}/{n}" if pt else n, i, ino))
-            if ino != q:
-                modified.append((ino, pt, rb, rt))
-            else:
+                    for side, name, i in _entry_changes(B, rb, T, rt):
+                        n = name.decode("utf-8", "surrogateescape")
+                        p = (f"{pb}/{n}" if pb else n) if side == 0 else (f"{pt}/{n}" if pt else n)
+                        (removed, added)[side].add(path_key(p), p, i, ino)
+                        if nsB.inode(i) is not None and nsT.inode(i) is not None:
+                            moves[side].append((p, i, ino))
+                if ino != q:
+                    dirs.add((0xFFFFFFFF - len(pt.split("/"))).to_bytes(4, "big"), pt, ino)
+            if ino == q:
                 root = (rb, rt)
-        renames = self._plan_renames(removed, added)
-        key = lambda item: item[0].replace("/", "\x00")  # noqa: E731  # path order, one string per entry
-        removed.sort(key=key)
+        renames = self._plan_renames(removed, added, *moves)
+        self.renames = renames
+        del moves
         for path, ino, _d in removed:
-            if ino not in renames and not _under(path, self.removed):
+            if ino not in renames and not _below(path, self.removed):
                 yield from self.remove(ino, path)
         for ino, (old, new) in sorted(renames.items(), key=lambda kv: kv[1]):
             yield R.Rename(old=old, new=new)
-        added.sort(key=key)
-        self._added = [a for a in added if a[1] not in renames]
         for path, ino, _d in added:
-            if ino not in renames and not _under(path, self.created):
+            if ino not in renames and not _below(path, self.created):
                 yield from self.create(ino, path)
-        dirs = []
-        for ino, path, rb, rt in modified:
-            if ino in self.full:
+        for ino, _pb, path, rb, rt in self._kept():
+            if ino in self.full or rt.kind == DIR:
                 continue
             path = self.linked.get(ino, path)
-            if rt.kind == DIR:
-                dirs.append((path, rb, rt))
-                continue
             if rt.kind == LNK and (rb.top != rt.top or rb.size != rt.size):
                 yield R.Unlink(path=path)
                 yield R.Symlink(path=path, target=T.data(rt).decode("utf-8", "surrogateescape"))
@@ -353,24 +392,30 @@ class Differ:
                     wrote = True
                     yield rec
             yield from self._attr_delta(path, rb, rt, moved=wrote)
-        for path, rb, rt in sorted(dirs, key=lambda d: -len(d[0].split("/"))):
+        for path, ino, _d in dirs:
+            if ino in self.full:
+                continue
+            rb, rt = B.existing(ino), T.existing(ino)
             yield from self._attr_delta(path, rb, rt, moved=rb.top != rt.top or rb.size != rt.size)
         if root is not None:
             rb, rt = root
             yield from self._attr_delta(R.ROOT, rb, rt, moved=rb.top != rt.top or rb.size != rt.size)
 
-    def _plan_renames(self, removed: list, added: list) -> dict[int, tuple[str, str]]:
+    def _plan_renames(
+        self, removed: SortedRows, added: SortedRows, olds_in: list, news_in: list
+    ) -> dict[int, tuple[str, str]]:
         """Moves that can be sent as one ``Rename`` each: an inode (a directory, or a file or
         symlink with one link) whose entry left one directory and appeared in another, where both
         directories stay at the same path and no other move involves either name.  Everything
-        else falls back to removal + creation."""
+        else falls back to removal + creation.  ``olds_in`` and ``news_in``: the entries removed
+        and added whose inode is in both images (the only ones that can move)."""
         nsB, nsT, q = self.nsB, self.nsT, self.qT
         assert nsB is not None
         olds: dict[int, list] = {}
         news: dict[int, list] = {}
-        for p, i, d in removed:
+        for p, i, d in olds_in:
             olds.setdefault(i, []).append((p, d))
-        for p, i, d in added:
+        for p, i, d in news_in:
             news.setdefault(i, []).append((p, d))
         cands: dict[int, tuple[str, str, int, int]] = {}
         for i, o in olds.items():
@@ -383,9 +428,8 @@ class Differ:
             if nsB.path(i) is None or nsT.path(i) is None:
                 continue
             cands[i] = (o[0][0], n[0][0], o[0][1], n[0][1])
+        del olds, news
         while cands:
-            rem_pref = {p for p, i, _d in removed if i not in cands}
-            add_pref = {p for p, i, _d in added if i not in cands}
             old_paths = {c[0] for c in cands.values()}
             new_paths = {c[1] for c in cands.values()}
 
@@ -393,7 +437,9 @@ class Differ:
                 if d == q:
                     return True
                 pb, pt = nsB.path(d), nsT.path(d)
-                return pb is not None and pb == pt and not _under(pb, rem_pref) and not _under(pb, add_pref)
+                return (
+                    pb is not None and pb == pt and not _entered(pb, removed, cands) and not _entered(pb, added, cands)
+                )
 
             drop = [
                 i

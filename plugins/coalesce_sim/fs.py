@@ -245,6 +245,22 @@ class View:
         fs.dircache_entries += len(d)
         return d
 
+    def dir_entries(self, rec: Inode) -> Iterator[tuple[bytes, int]]:
+        """``(name, ino)`` of a directory's entries in the order they are stored (by the bytes of
+        the name: :func:`encode_dir`), one block read at a time: a large directory is never
+        decoded whole (the diff's comparison of two versions of it, :mod:`.diff`)."""
+        for fbn, vbn in self.fs.leaves(rec.top, rec.height):
+            if fbn * BS >= rec.size:
+                break
+            blk = self.fs.read(vbn)
+            off, end = 0, min(BS, rec.size - fbn * BS)
+            while off + 6 <= end:
+                n, ino = struct.unpack_from("<HI", blk, off)
+                if n == 0:
+                    break
+                yield blk[off + 6 : off + 6 + n], ino
+                off += 6 + n
+
     def xattrs(self, rec: Inode) -> dict[str, bytes]:
         if not rec.xtop:
             return {}

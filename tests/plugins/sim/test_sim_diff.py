@@ -420,3 +420,31 @@ def test_property_a_diff_with_its_path_memos_bounded_sends_the_same_records(
         bounded = list(D.diff_stream(src, "q", "s1", "s2"))
     assert bounded == whole
     S.close_sim(src)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(first=ops(12), second=ops(12))
+def test_property_a_diff_whose_entries_spill_to_disk_sends_the_same_records(
+    tmp_path_factory, monkeypatch, first, second
+):
+    """Past spill.SPILL_ROWS the entries the diff keeps move to a temporary database (bounded
+    memory per update): spilled at once and read back 2 rows at a time, the stream is the same
+    record for record (renames and hard links included)."""
+    import coalesce_sim as S
+    from coalesce_sim import open_sim, spill
+
+    root = tmp_path_factory.mktemp("spill")
+    src = open_sim(f"{root}/src?fsync=0", create=True)
+    src.apply(qtree="q", records=R.framed("q", None, "t", []), use_purgatory=True)
+    _apply_ops(src, "q", first)
+    src.snapshot_create("s1")
+    _apply_ops(src, "q", second)
+    src.snapshot_create("s2")
+    for base, target in (("s1", "s2"), ("s2", "s1")):
+        whole = list(D.diff_stream(src, "q", base, target))
+        with monkeypatch.context() as m:
+            m.setattr(spill, "SPILL_ROWS", 0)
+            m.setattr(spill, "PAGE", 2)
+            spilled = list(D.diff_stream(src, "q", base, target))
+        assert spilled == whole
+    S.close_sim(src)
