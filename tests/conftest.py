@@ -95,8 +95,10 @@ def group_config(tmp_path: Path) -> Callable[..., "object"]:
 
 
 #: modules whose tests share a host-wide resource besides the real volumes: network namespaces and the
-#: test subnets (tests/net), loop file systems and the zfs-fuse daemon (the benchmark smoke test)
-_SHARED = {"net": ("tests/net/",), "realfs": ("tests/tools/", "tests/formal/test_mutants.py")}
+#: test subnets (tests/net).  The mutants whose killing tests run on btrfs carry the btrfs mark, and the
+#: benchmark smoke tests that use loop file systems, zfs-fuse or namespaces the group
+#: (tests/formal/test_mutants.py, tests/tools/test_bench_smoke.py); the others spread over the workers.
+_SHARED = {"net": ("tests/net/",)}
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups

@@ -7,26 +7,30 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).resolve().parents[2] / "tools" / "bench"
 
 
-def test_every_benchmark_runs_at_toy_sizes():
-    p = subprocess.run([sys.executable, str(BENCH), "--quick"], capture_output=True, text=True, timeout=600)
+#: the benchmarks that use host-wide resources (loop btrfs file systems, the zfs-fuse daemon, network
+#: namespaces): they run in the real-file-system worker, one after another (tests/conftest.py)
+HOST_WIDE = {"realfs", "diffcost", "snapshots", "net", "zfsqtrees", "verify"}
+NAMES = ["scale", "sim", "realfs", "diffcost", "snapshots", "recovery", "formal", "spool", "net", "zfsqtrees", "verify"]
+
+
+def test_the_smoke_test_covers_every_benchmark():
+    from tools.bench.__main__ import BENCHES
+
+    assert sorted(BENCHES) == sorted(NAMES)
+
+
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=pytest.mark.xdist_group("realfs")) if n in HOST_WIDE else n for n in NAMES]
+)
+def test_every_benchmark_runs_at_toy_sizes(name):
+    p = subprocess.run([sys.executable, str(BENCH), "--quick", name], capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    for name in (
-        "scale",
-        "sim",
-        "realfs",
-        "diffcost",
-        "snapshots",
-        "recovery",
-        "formal",
-        "spool",
-        "net",
-        "zfsqtrees",
-        "verify",
-    ):
-        assert f"### {name}:" in p.stdout
-    # each benchmark printed a markdown table with at least one data row
-    assert p.stdout.count("|---") >= 3
-    assert "| mem | 10 | 4 | 4 | 1 |" in p.stdout  # I1 at toy size: peak 4 cycle PCPIs, 1 at rest
+    assert f"### {name}:" in p.stdout
+    assert p.stdout.count("|---") >= 1  # it printed a markdown table with at least one data row
+    if name == "scale":
+        assert "| mem | 10 | 4 | 4 | 1 |" in p.stdout  # I1 at toy size: peak 4 cycle PCPIs, 1 at rest
