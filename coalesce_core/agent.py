@@ -219,7 +219,11 @@ class Agent:
         verb, which needs only the destination; :meth:`recover`).  ``reconcile``: a replica of the
         ledger that the config lacks or gives another source qtree is a ConfigError before anything
         changes (the config is the truth; `coalesce remove`/`add` reconcile them, and open without
-        it); a replica only the config has is added."""
+        it); a replica only the config has is added.  A changing agent of a config of several sources
+        (or of a source with settings of its own) is a ConfigError before it locks anything (one
+        source per group, docs/config.md "Sources")."""
+        if not readonly:
+            config.source  # a config this version cannot run: a ConfigError before anything is locked or written
         pm = pm or plugin_manager(plugins)
         dest = Volume.open(pm, config.destination)
         try:

@@ -2,7 +2,6 @@
 
 [group]
 name = "home"                      # letters, digits, _ . - (becomes part of PCPI names)
-source = "sim:///srv/src"          # the source volume URL
 destination = "sim:///srv/dst"     # the destination volume URL
 parallel = 4                       # concurrent transfers
 interval = "5m"                    # between cycles of `coalesce run` (a duration, or seconds)
@@ -24,9 +23,18 @@ initial = "30s"
 factor = 2
 maximum = "1h"
 
+[[source]]                         # one per source volume (or `source = "URL"` in [group]:
+name = "office"                    # one source named "default"); names are unique
+url = "tls://office.example:7450/home"
+interval = "15m"                   # optional: a source PCPI at most this often (default: every cycle)
+parallel = 2                       # optional: at most this many of its transfers at once
+[source.tls]                       # optional, remote sources only: [source.tls], [source.transfer],
+ca = "/etc/coalesce/office-ca.crt" # [source.ssh] override the client settings (docs/network.md)
+
 [[replica]]
 name = "A"                         # destination qtree
 source = "A"                       # source qtree (default: name)
+from = "office"                    # its [[source]] (needed when there are several)
 """
 
 from __future__ import annotations
@@ -47,17 +55,68 @@ from coalesce_core.errors import ConfigError
 from coalesce_core.retention import Policy, parse_keep
 from coalesce_core.stream import privileges as privilege_policy
 
+#: the name of the one source ``[group] source = "URL"`` stands for (docs/config.md, "Sources")
+DEFAULT_SOURCE = "default"
+
+#: a source's transport tables (docs/network.md, "Client settings"): the TOML types of each key
+#: and the schemes whose sources they act on
+TRANSPORT: dict[str, tuple[dict[str, tuple[type, ...]], tuple[str, ...]]] = {
+    "tls": ({"cert": (str,), "key": (str,), "ca": (str,), "server_name": (str,)}, ("tls",)),
+    "transfer": (
+        {
+            "compression": (str,),
+            "bandwidth": (str, int, float),
+            "retries": (int,),
+            "retry_delay": (int, float),
+            "timeout": (int, float),
+            "keepalive": (int, float),
+        },
+        ("ssh", "tls"),
+    ),
+    "ssh": ({"command": (str, list), "remote_command": (str,)}, ("ssh",)),
+}
+
 
 @attrs.frozen
 class ReplicaConfig:
     name: str
+    #: the source qtree
     source: str
+    #: the name of the source (SourceConfig.name) the replica comes from: its `from`
+    origin: str = DEFAULT_SOURCE
+
+
+@attrs.frozen
+class SourceConfig:
+    """One source volume of the group: a ``[[source]]`` table, or ``[group] source``."""
+
+    name: str
+    url: str
+    #: seconds: the source is due when this long has passed since its last source PCPI (None: every cycle)
+    interval: float | None = None
+    #: at most this many of this source's transfers at once (None: only the group's `parallel`)
+    parallel: int | None = None
+    #: its transport tables, ``((table, ((key, value), ...)), ...)`` in file order (lists as tuples)
+    transport: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = ()
+
+    def due(self, last_pcpi: float | None, now: float) -> bool:
+        """Whether a cycle at ``now`` takes a PCPI of this source, whose last source PCPI was taken
+        at ``last_pcpi`` (None: never)."""
+        return self.interval is None or last_pcpi is None or now - last_pcpi >= self.interval
+
+    def options(self) -> dict[str, dict[str, Any]] | None:
+        """What ``Volume.open`` passes the source's backend (``options``): ``{"tls": {...},
+        "transfer": {...}, "ssh": {...}}`` with the tables the source has; None when it has none."""
+        if not self.transport:
+            return None
+        return {t: {k: list(v) if isinstance(v, tuple) else v for k, v in items} for t, items in self.transport}
 
 
 @attrs.frozen
 class GroupConfig:
     name: str
-    source: str
+    #: every source volume, in file order (``[group] source``: one, named DEFAULT_SOURCE)
+    sources: tuple[SourceConfig, ...]
     destination: str
     parallel: int = 4
     interval: float = 300.0
@@ -87,6 +146,39 @@ class GroupConfig:
     deadlines: TransferLimits = TransferLimits()
     #: which retained coalesced generations to keep ([retention], coalesce_core.retention)
     retention: Policy = Policy()
+
+    @property
+    def source(self) -> str:
+        """The URL of the group's source for the agent of this version, which runs one source with
+        no settings of its own (docs/config.md, "Sources"); a ConfigError for any other config."""
+        one = self.sole_source()
+        own = [k for k, v in (("`interval`", one.interval), ("`parallel`", one.parallel)) if v is not None]
+        own += [f"[source.{table}]" for table, _items in one.transport]
+        if own:
+            raise ConfigError(
+                f"{self.path or 'the config'}: [[source]] {one.name!r} sets {', '.join(own)}, which this "
+                "version's agent does not apply yet",
+                hint="leave them out until the multi-source cycle lands: the group's `interval` and `parallel` "
+                'apply to its source, the client settings file to its transport (docs/network.md, "Client settings")',
+            )
+        return one.url
+
+    def with_source(self, url: str) -> "GroupConfig":
+        """This config with the URL of its sole source replaced by ``url`` (its name and settings kept)."""
+        return attrs.evolve(self, sources=(attrs.evolve(self.sole_source(), url=url),))
+
+    def sole_source(self) -> SourceConfig:
+        """The group's one source; a ConfigError naming the sources when it has several (the agent
+        of this version runs one source per group, docs/config.md "Sources")."""
+        if len(self.sources) == 1:
+            return self.sources[0]
+        names = ", ".join(repr(s.name) for s in self.sources)
+        raise ConfigError(
+            f"{self.path or 'the config'}: group {self.name!r} has {len(self.sources)} sources ({names}); "
+            "this version's agent replicates from one source per group",
+            hint="keep one [[source]] in this config, or give each source a group of its own (a config and "
+            'a destination each) until the multi-source cycle lands (docs/config.md, "Sources")',
+        )
 
     def spool_dir(self, metadata_dir: str | None) -> Path:
         """Where the spools of this group's updates live (next to the ledger)."""
@@ -255,10 +347,11 @@ def parse_config(text: str, path: str = "<config>") -> GroupConfig:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}", hint="fix the syntax at the line shown") from None
-    unknown = set(data) - {"group", "replica", "retention"}
+    unknown = set(data) - {"group", "source", "replica", "retention"}
     if unknown:
         raise ConfigError(
-            f"{path}: unknown table(s) {sorted(unknown)}", hint="only [group], [retention] and [[replica]] exist"
+            f"{path}: unknown table(s) {sorted(unknown)}",
+            hint="only [group], [[source]], [[replica]] and [retention] exist",
         )
     group = data.get("group")
     if not isinstance(group, dict):
@@ -285,22 +378,13 @@ def parse_config(text: str, path: str = "<config>") -> GroupConfig:
     if set(group) - known:
         raise ConfigError(f"{where}: unknown key(s) {sorted(set(group) - known)}", hint=f"known keys: {sorted(known)}")
     name = _name(_need(group, "name", str, where), where)
-    source = _need(group, "source", str, where)
-    destination = _need(group, "destination", str, where)
-    for key, url in (("source", source), ("destination", destination)):
-        try:
-            VolumeURL.parse(url)
-        except ConfigError as exc:
-            raise ConfigError(f"{where}: `{key}`: {exc.message}", hint=exc.hint) from None
-    if VolumeURL.parse(source) == VolumeURL.parse(destination):
-        raise ConfigError(f"{where}: source and destination are the same volume", hint="replicate into another volume")
-    relation = overlap(VolumeURL.parse(source), VolumeURL.parse(destination))
-    if relation:
-        raise ConfigError(
-            f"{where}: the destination {destination} {relation} the source {source}",
-            hint="replicate into a volume of its own, apart from the source: the agent writes, rolls back and "
-            "removes in the destination, and would do it to the source's files",
-        )
+    sources = _sources(data, group, path, where)
+    destination = _url(_need(group, "destination", str, where), "destination", where)
+    for one in sources:  # each apart from the destination
+        if "source" in group:
+            _apart(one.url, "source", where, destination)
+        else:
+            _apart(one.url, "url", f"{path} [[source]] {one.name!r}", destination)
     parallel = group.get("parallel", 4)
     if not isinstance(parallel, int) or isinstance(parallel, bool) or not 1 <= parallel <= 256:
         raise ConfigError(f"{where}: `parallel` must be an integer from 1 to 256")
@@ -354,36 +438,15 @@ def parse_config(text: str, path: str = "<config>") -> GroupConfig:
         factor=float(factor),
         maximum=_duration(retry_t, "maximum", rwhere, default=3600.0, example='"1h"'),
     )
-    replicas = []
-    seen: set[str] = set()
-    raw = data.get("replica", [])
-    if not isinstance(raw, list):
-        raise ConfigError(f"{path}: `replica` must be an array of tables ([[replica]])")
-    for i, r in enumerate(raw):
-        w = f"{path} [[replica]] #{i + 1}"
-        if not isinstance(r, dict):
-            raise ConfigError(f"{w}: must be a table ([[replica]] with name = ...)")
-        if set(r) - {"name", "source"}:
-            raise ConfigError(
-                f"{w}: unknown key(s) {sorted(set(r) - {'name', 'source'})}", hint="known keys: name, source"
-            )
-        rname = _name(_need(r, "name", str, w), w)
-        rsource = _name(r.get("source", rname), w) if isinstance(r.get("source", rname), str) else None
-        if rsource is None:
-            raise ConfigError(f"{w}: `source` must be a qtree name")
-        if rname in seen:
-            raise ConfigError(f"{w}: replica {rname!r} appears twice", hint="replica names are unique in a group")
-        seen.add(rname)
-        replicas.append(ReplicaConfig(name=rname, source=rsource))
     return GroupConfig(
         name=name,
-        source=source,
+        sources=sources,
         destination=destination,
         parallel=parallel,
         interval=float(interval),
         metadata=metadata,
         retry=retry,
-        replicas=tuple(replicas),
+        replicas=_replicas(data, sources, path),
         path=path,
         spool=spool,
         spool_max=spool_max,
@@ -396,6 +459,166 @@ def parse_config(text: str, path: str = "<config>") -> GroupConfig:
         deadlines=limits,
         retention=_retention(data.get("retention", {}), f"{path} [retention]"),
     )
+
+
+def _url(value: str, key: str, where: str) -> str:
+    """``value`` when it is a volume URL (VolumeURL.parse), else a ConfigError naming ``key``."""
+    try:
+        VolumeURL.parse(value)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: `{key}`: {exc.message}", hint=exc.hint) from None
+    return value
+
+
+def _apart(url: str, key: str, where: str, destination: str) -> None:
+    """A ConfigError unless the source ``url`` is apart from the destination (``overlap``)."""
+    if VolumeURL.parse(url) == VolumeURL.parse(destination):
+        raise ConfigError(
+            f"{where}: `{key}`: source and destination are the same volume ({url})",
+            hint="replicate into another volume",
+        )
+    relation = overlap(VolumeURL.parse(url), VolumeURL.parse(destination))
+    if relation:
+        raise ConfigError(
+            f"{where}: `{key}`: the destination {destination} {relation} the source {url}",
+            hint="replicate into a volume of its own, apart from the source: the agent writes, rolls back and "
+            "removes in the destination, and would do it to the source's files",
+        )
+
+
+def _sources(data: dict[str, Any], group: dict[str, Any], path: str, where: str) -> tuple[SourceConfig, ...]:
+    """The group's sources: ``[group] source`` (one, named DEFAULT_SOURCE) or the ``[[source]]``
+    tables, each apart from the others (docs/config.md, "Sources")."""
+    raw = data.get("source")
+    if raw is None:
+        if "source" not in group:
+            raise ConfigError(
+                f"{where}: missing `source`",
+                hint='add `source = "URL"` to [group], or one [[source]] table per source volume '
+                '(docs/config.md, "Sources")',
+            )
+        url = _url(_need(group, "source", str, where), "source", where)
+        return (SourceConfig(name=DEFAULT_SOURCE, url=url),)
+    if "source" in group:
+        raise ConfigError(
+            f"{where}: `source` and [[source]] tables both name sources",
+            hint='`source = "URL"` in [group] is the short form of one source: move it into a [[source]] table '
+            '(name = "...", url = "...") with the others, and take it out of [group]',
+        )
+    if not isinstance(raw, list) or not all(isinstance(t, dict) for t in raw):
+        raise ConfigError(
+            f"{path}: `source` must be an array of tables ([[source]])",
+            hint='write each source as a [[source]] table with name = "..." and url = "..."',
+        )
+    if not raw:
+        raise ConfigError(f"{path}: [[source]] holds no table", hint="give the group at least one [[source]]")
+    sources: list[SourceConfig] = []
+    for i, table in enumerate(raw):
+        source = _source(table, f"{path} [[source]]", i)
+        w = f"{path} [[source]] {source.name!r}"
+        for other in sources:
+            if other.name == source.name:
+                raise ConfigError(f"{w}: source {source.name!r} appears twice", hint="source names are unique")
+            same = VolumeURL.parse(other.url) == VolumeURL.parse(source.url)
+            relation = "is" if same else overlap(VolumeURL.parse(other.url), VolumeURL.parse(source.url))
+            if relation:
+                raise ConfigError(
+                    f"{w}: `url`: {source.url} {relation} the volume of source {other.name!r} ({other.url})",
+                    hint="name each source volume once, apart from the others: the replicas of several "
+                    "qtrees of one volume are [[replica]] tables with the same `from`",
+                )
+        sources.append(source)
+    return tuple(sources)
+
+
+def _source(table: dict[str, Any], head: str, index: int) -> SourceConfig:
+    """The ``[[source]]`` table number ``index`` (from 0), checked on its own; ``head``: the file and table."""
+    where = f"{head} #{index + 1}"
+    known = {"name", "url", "interval", "parallel", *TRANSPORT}
+    if set(table) - known:
+        raise ConfigError(f"{where}: unknown key(s) {sorted(set(table) - known)}", hint=f"known keys: {sorted(known)}")
+    name = _name(_need(table, "name", str, where), where)
+    where = f"{head} {name!r}"
+    url = _url(_need(table, "url", str, where), "url", where)
+    interval = _optional_duration(
+        table, "interval", where, example='"15m"', unset="leave it out to take a PCPI of this source every cycle"
+    )
+    parallel = table.get("parallel")
+    if parallel is not None and (
+        not isinstance(parallel, int) or isinstance(parallel, bool) or not 1 <= parallel <= 256
+    ):
+        raise ConfigError(
+            f"{where}: `parallel` must be an integer from 1 to 256",
+            hint="at most this many of this source's transfers at once; leave it out for the group's `parallel` only",
+        )
+    transport = []
+    scheme = VolumeURL.parse(url).scheme
+    for tname, (types, schemes) in TRANSPORT.items():
+        if tname not in table:
+            continue
+        sub, tw = table[tname], f"{where} [source.{tname}]"
+        if not isinstance(sub, dict):
+            raise ConfigError(f"{where}: `{tname}` must be a table ([source.{tname}])", hint="see docs/network.md")
+        if scheme not in schemes:
+            raise ConfigError(
+                f"{tw}: a {scheme}:// source takes no [source.{tname}] (it would do nothing)",
+                hint=f"remove it: [source.{tname}] acts on {' and '.join(s + '://' for s in schemes)} sources only",
+            )
+        if set(sub) - set(types):
+            raise ConfigError(
+                f"{tw}: unknown key(s) {sorted(set(sub) - set(types))}", hint=f"known keys: {sorted(types)}"
+            )
+        for key, value in sub.items():
+            ok = isinstance(value, types[key]) and not isinstance(value, bool)
+            if ok and isinstance(value, list) and not all(isinstance(v, str) for v in value):
+                ok = False
+            if not ok:
+                raise ConfigError(
+                    f"{tw}: `{key}` has the wrong type ({type(value).__name__})",
+                    hint='see docs/network.md, "Client settings"',
+                )
+        items = tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in sub.items())
+        transport.append((tname, items))
+    return SourceConfig(name=name, url=url, interval=interval, parallel=parallel, transport=tuple(transport))
+
+
+def _replicas(data: dict[str, Any], sources: tuple[SourceConfig, ...], path: str) -> tuple[ReplicaConfig, ...]:
+    """The ``[[replica]]`` tables, each with the source it comes from (``from``; needed when there are several)."""
+    names = [s.name for s in sources]
+    replicas = []
+    seen: set[str] = set()
+    raw = data.get("replica", [])
+    if not isinstance(raw, list):
+        raise ConfigError(f"{path}: `replica` must be an array of tables ([[replica]])")
+    for i, r in enumerate(raw):
+        w = f"{path} [[replica]] #{i + 1}"
+        if not isinstance(r, dict):
+            raise ConfigError(f"{w}: must be a table ([[replica]] with name = ...)")
+        if set(r) - {"name", "source", "from"}:
+            raise ConfigError(
+                f"{w}: unknown key(s) {sorted(set(r) - {'name', 'source', 'from'})}",
+                hint="known keys: name, source, from",
+            )
+        rname = _name(_need(r, "name", str, w), w)
+        rsource = _name(r.get("source", rname), w) if isinstance(r.get("source", rname), str) else None
+        if rsource is None:
+            raise ConfigError(f"{w}: `source` must be a qtree name")
+        if rname in seen:
+            raise ConfigError(f"{w}: replica {rname!r} appears twice", hint="replica names are unique in a group")
+        seen.add(rname)
+        choose = f'write from = "NAME" with the name of its [[source]]: {", ".join(map(repr, names))}'
+        if "from" in r:
+            origin = _need(r, "from", str, w)
+            if origin not in names:
+                raise ConfigError(f"{w}: `from`: no source is named {origin!r}", hint=choose)
+        elif len(names) == 1:
+            origin = names[0]
+        else:
+            raise ConfigError(
+                f"{w}: replica {rname!r} has no `from`, and the group has {len(names)} sources", hint=choose
+            )
+        replicas.append(ReplicaConfig(name=rname, source=rsource, origin=origin))
+    return tuple(replicas)
 
 
 def load_config(path: str | Path) -> GroupConfig:

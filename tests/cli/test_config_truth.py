@@ -292,3 +292,28 @@ def test_break_beside_a_running_agent_while_the_source_is_down(sim_group: Path, 
     back = run_cli(cfg, "run", "--once", "--quiet")
     assert back.returncode == 3, back.stderr  # A is broken: outside the cycle
     assert _states(cfg) == {"A": "broken", "B": "stable"}
+
+
+def test_a_config_of_several_sources_is_refused_by_the_verbs_that_open_the_source(group, cli):
+    """docs/config.md, "Sources": the agent runs one source per group until the multi-source cycle
+    lands; `run`, `verify` and `init` say so (exit 2) and change nothing, `status` and `check` read the group."""
+    tmp, _writer = group
+    assert cli("init")[0] == 0
+    cfg = tmp / "coalesce.toml"
+    one = cfg.read_text()
+    src = f"mem://{tmp}/src.vol"
+    two = one.replace(f'source = "{src}"\n', "").replace(
+        '[[replica]]\nname = "A"\n',
+        f'[[source]]\nname = "one"\nurl = "{src}"\n[[source]]\nname = "two"\nurl = "mem://{tmp}/other.vol"\n'
+        '[[replica]]\nname = "A"\nfrom = "one"\n',
+        1,
+    )
+    cfg.write_text(two.replace('source = "qb"\n', 'source = "qb"\nfrom = "one"\n'))
+    for verb in (("run", "--once"), ("verify",), ("init",)):
+        rc, _out, err = cli(*verb)
+        assert rc == 2, verb
+        assert "2 sources ('one', 'two')" in err and "one source per group" in err and "hint:" in err, verb
+    assert cli("status")[0] == 0 and cli("check")[0] == 0
+    cfg.write_text(one)
+    got = cli("run", "--once", "-q")
+    assert got[0] == 0, got

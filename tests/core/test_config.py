@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from coalesce_core.config import GroupConfig, ReplicaConfig, load_config, parse_config, replica_block
+from coalesce_core.config import GroupConfig, ReplicaConfig, SourceConfig, load_config, parse_config, replica_block
 from coalesce_core.cycle.state import RetryPolicy
 from coalesce_core.errors import ConfigError
 from coalesce_core.retention import Policy
@@ -64,7 +64,7 @@ def test_full_config_parses_to_the_right_group_config():
     cfg = parse_config(FULL, "/etc/coalesce/home.toml")
     assert cfg == GroupConfig(
         name="home.v2",
-        source="sim:///srv/src",
+        sources=(SourceConfig(name="default", url="sim:///srv/src"),),
         destination="btrfs:///mnt/pool/dst",
         parallel=8,
         interval=90.5,
@@ -462,3 +462,330 @@ def test_bad_retention(body, words):
 def test_retention_that_is_not_a_table():
     e = err('retention = "7d"\n' + MIN)
     assert "[retention]" in str(e) and "must be a table" in str(e)
+
+
+# --------------------------------------------------------------- sources ([[source]], docs/config.md "Sources")
+GROUP = """\
+[group]
+name = "g"
+destination = "sim:///srv/dst"
+"""
+
+TWO = (
+    GROUP
+    + """
+[[source]]
+name = "lab"
+url = "sim:///srv/lab"
+
+[[source]]
+name = "office"
+url = "tls://office.example:7450/home"
+interval = "15m"
+parallel = 2
+[source.tls]
+ca = "/etc/coalesce/office-ca.crt"
+server_name = "office"
+[source.transfer]
+bandwidth = "20MiB/s"
+retries = 5
+
+[[replica]]
+name = "A"
+from = "lab"
+
+[[replica]]
+name = "B"
+source = "home"
+from = "office"
+"""
+)
+
+
+TLS = "tls://h:7450/vol"
+
+
+def source(*lines: str, url: str = "sim:///srv/s", name: str = "s") -> str:
+    """A [[source]] table named ``name`` with ``url`` and ``lines``."""
+    return "\n".join(["", "[[source]]", f'name = "{name}"', f'url = "{url}"', *lines, ""])
+
+
+def test_two_sources_parse_with_their_settings_and_replicas():
+    cfg = parse_config(TWO, "cfg.toml")
+    assert cfg.sources == (
+        SourceConfig(name="lab", url="sim:///srv/lab"),
+        SourceConfig(
+            name="office",
+            url="tls://office.example:7450/home",
+            interval=900.0,
+            parallel=2,
+            transport=(
+                ("tls", (("ca", "/etc/coalesce/office-ca.crt"), ("server_name", "office"))),
+                ("transfer", (("bandwidth", "20MiB/s"), ("retries", 5))),
+            ),
+        ),
+    )
+    assert cfg.replicas == (
+        ReplicaConfig(name="A", source="A", origin="lab"),
+        ReplicaConfig(name="B", source="home", origin="office"),
+    )
+    assert cfg.sources[0].options() is None
+    assert cfg.sources[1].options() == {
+        "tls": {"ca": "/etc/coalesce/office-ca.crt", "server_name": "office"},
+        "transfer": {"bandwidth": "20MiB/s", "retries": 5},
+    }
+
+
+def test_the_group_source_is_the_shorthand_of_one_source_named_default():
+    cfg = parse_config(MIN + '[[replica]]\nname = "A"\n[[replica]]\nname = "B"\nfrom = "default"\n')
+    assert cfg.sources == (SourceConfig(name="default", url="mem://s"),)
+    assert cfg.source == "mem://s"
+    assert [r.origin for r in cfg.replicas] == ["default", "default"]
+
+
+def test_one_source_table_takes_the_replicas_without_from():
+    cfg = parse_config(GROUP + source(name="only") + '[[replica]]\nname = "A"\n')
+    assert cfg.replicas == (ReplicaConfig(name="A", source="A", origin="only"),)
+    assert cfg.source == "sim:///srv/s"
+
+
+def test_several_sources_are_refused_by_the_one_source_agent_of_this_version():
+    cfg = parse_config(TWO, "cfg.toml")
+    with pytest.raises(ConfigError) as ei:
+        cfg.source  # what the agent reads to open the source
+    assert "2 sources ('lab', 'office')" in str(ei.value) and "one source per group" in str(ei.value)
+    assert "[[source]]" in ei.value.hint and "Sources" in ei.value.hint
+    with pytest.raises(ConfigError, match="one source per group"):
+        cfg.with_source("mem://x")
+
+
+@pytest.mark.parametrize(
+    ("lines", "named"),
+    [
+        (["interval = 60"], "`interval`"),
+        (["parallel = 2"], "`parallel`"),
+        (["[source.tls]", 'ca = "/ca.crt"'], "[source.tls]"),
+        (["interval = 60", "[source.transfer]", "retries = 1"], "`interval`, [source.transfer]"),
+    ],
+)
+def test_a_sole_source_with_settings_of_its_own_is_refused_by_the_agent_of_this_version(lines, named):
+    """The agent does not apply a source's interval, parallel or transport tables yet: running such a
+    config would ignore them silently."""
+    cfg = parse_config(GROUP + source(*lines, name="one", url=TLS), "cfg.toml")
+    assert cfg.sole_source().name == "one"
+    with pytest.raises(ConfigError) as ei:
+        cfg.source
+    assert f"[[source]] 'one' sets {named}, which this version's agent does not apply yet" in str(ei.value)
+    assert "client settings file" in ei.value.hint
+
+
+def test_with_source_replaces_the_url_of_the_sole_source():
+    cfg = parse_config(GROUP + source("interval = 60", name="one"))
+    moved = cfg.with_source("mem://elsewhere")
+    assert moved.sources == (SourceConfig(name="one", url="mem://elsewhere", interval=60.0),)
+    assert parse_config(MIN).with_source("mem://x").source == "mem://x"
+    assert moved.destination == cfg.destination
+
+
+@pytest.mark.parametrize(("text", "seconds"), [('"90s"', 90.0), ('"15m"', 900.0), ('"2h"', 7200.0), ('"1d"', 86400.0)])
+def test_a_source_interval_is_a_duration(text, seconds):
+    assert parse_config(GROUP + source(f"interval = {text}")).sources[0].interval == seconds
+
+
+def test_a_source_is_due_every_cycle_without_interval_and_after_it_with_one():
+    every, hourly = SourceConfig(name="a", url="mem://a"), SourceConfig(name="b", url="mem://b", interval=3600.0)
+    assert every.due(last_pcpi=1000.0, now=1000.0) and every.due(last_pcpi=None, now=0.0)
+    assert hourly.due(last_pcpi=None, now=5.0)
+    assert not hourly.due(last_pcpi=1000.0, now=4599.0)
+    assert hourly.due(last_pcpi=1000.0, now=4600.0)
+
+
+@pytest.mark.parametrize("value", ['"0s"', "0", '"soon"', "true", "-5"])
+def test_bad_source_interval(value):
+    e = err(GROUP + source(f"interval = {value}"))
+    assert "[[source]] 's'" in str(e) and "`interval`" in str(e) and e.hint
+
+
+@pytest.mark.parametrize("value", ["1", "256"])
+def test_source_parallel_bounds_are_inclusive(value):
+    assert parse_config(GROUP + source(f"parallel = {value}")).sources[0].parallel == int(value)
+
+
+@pytest.mark.parametrize("value", ["0", "257", "1.5", "true", '"2"'])
+def test_bad_source_parallel(value):
+    e = err(GROUP + source(f"parallel = {value}"))
+    assert "[[source]] 's'" in str(e) and "`parallel`" in str(e) and "group's `parallel`" in e.hint
+
+
+def test_group_source_and_source_tables_together_are_refused():
+    e = err(MIN + source())
+    assert "[group]" in str(e) and "both name sources" in str(e)
+    assert "[[source]]" in e.hint and "short form" in e.hint
+
+
+def test_no_source_at_all():
+    e = err(GROUP)
+    assert "missing `source`" in str(e) and "[[source]]" in e.hint
+
+
+@pytest.mark.parametrize("text", ['source = "mem://s"\n', "source = []\n", "[source]\nname = 'a'\n", "source = [1]\n"])
+def test_source_that_is_not_an_array_of_tables(text):
+    e = err(text + GROUP)
+    assert "[[source]]" in str(e) and e.hint
+
+
+def test_source_without_name_or_url():
+    e = err(GROUP + '\n[[source]]\nurl = "mem://a"\n')
+    assert "[[source]] #1" in str(e) and "missing `name`" in str(e) and e.hint
+    e = err(GROUP + source(name="a") + '\n[[source]]\nname = "b"\n')
+    assert "[[source]] 'b'" in str(e) and "missing `url`" in str(e) and "url" in e.hint
+
+
+def test_bad_source_name_and_url():
+    e = err(GROUP + source(name="a b"))
+    assert "[[source]] #1" in str(e) and "not a valid name" in str(e) and e.hint
+    e = err(GROUP + source(url="nourl"))
+    assert "[[source]] 's'" in str(e) and "`url`" in str(e) and "scheme://" in e.hint
+    e = err(GROUP + source(url="mem://s").replace('url = "mem://s"', "url = 5"))
+    assert "`url` has the wrong type (int)" in str(e) and e.hint
+
+
+def test_unknown_source_key():
+    e = err(GROUP + source("intervall = 60"))
+    assert "[[source]] #1" in str(e) and "intervall" in str(e) and "interval" in e.hint
+
+
+def test_duplicate_source_name():
+    e = err(GROUP + source(url="mem://a") + source(url="mem://b") + '[[replica]]\nname = "A"\nfrom = "s"\n')
+    assert "[[source]] 's'" in str(e) and "'s' appears twice" in str(e) and "unique" in e.hint
+
+
+def test_a_source_that_is_the_destination_or_overlaps_it(tmp_path):
+    dest = f"sim://{tmp_path}/d"
+    text = f'[group]\nname = "g"\ndestination = "{dest}"\n'
+    e = err(text + source(url=dest))
+    assert "[[source]] 's'" in str(e) and "`url`" in str(e) and "same volume" in str(e) and e.hint
+    e = err(text + source(url=f"sim://{tmp_path}/d/"))
+    assert "[[source]] 's'" in str(e) and "is the source" in str(e) and "apart from the source" in e.hint
+    e = err(text + source(url=f"sim://{tmp_path}") + source(url="mem://x", name="t"))
+    assert "lies inside the source" in str(e)
+
+
+@pytest.mark.parametrize(
+    ("first", "second", "relation"),
+    [
+        ("mem://a", "MEM://a", "is"),
+        ("tls://h:7450/vol", "tls://h:7450/vol", "is"),
+        ("sim://{tmp}/a", "sim://{tmp}/a/", "is"),
+        ("sim://{tmp}/a", "sim://{tmp}/a/b", "lies inside"),
+        ("sim://{tmp}/a/b", "sim://{tmp}/a", "holds"),
+        ("zfs://pool/a", "zfs://pool/a/b", "lies inside"),
+    ],
+)
+def test_two_sources_on_one_volume_or_overlapping_are_refused(tmp_path, first, second, relation):
+    first, second = first.format(tmp=tmp_path), second.format(tmp=tmp_path)
+    e = err(GROUP + source(url=first, name="one") + source(url=second, name="two"))
+    assert f"[[source]] 'two': `url`: {second} {relation} the volume of source 'one' ({first})" in str(e)
+    assert "same `from`" in e.hint
+
+
+def test_sources_apart_are_fine(tmp_path):
+    cfg = parse_config(
+        GROUP + source(url=f"sim://{tmp_path}/a", name="one") + source(url=f"sim://{tmp_path}/ab", name="two")
+    )
+    assert [s.name for s in cfg.sources] == ["one", "two"]
+
+
+def test_a_replica_from_an_undefined_source():
+    e = err(TWO + '[[replica]]\nname = "C"\nfrom = "home"\n')
+    assert "[[replica]] #3" in str(e) and "`from`" in str(e) and "'home'" in str(e)
+    assert "'lab', 'office'" in e.hint
+    e = err(MIN + '[[replica]]\nname = "A"\nfrom = "lab"\n')
+    assert "no source is named 'lab'" in str(e) and "'default'" in e.hint
+
+
+def test_a_replica_without_from_among_several_sources():
+    e = err(TWO + '[[replica]]\nname = "C"\n')
+    assert "[[replica]] #3" in str(e) and "no `from`" in str(e) and "2 sources" in str(e)
+    assert "from = " in e.hint and "'lab', 'office'" in e.hint
+
+
+def test_a_replica_from_of_the_wrong_type():
+    e = err(MIN + '[[replica]]\nname = "A"\nfrom = 1\n')
+    assert "[[replica]] #1" in str(e) and "`from` has the wrong type" in str(e)
+
+
+@pytest.mark.parametrize(
+    ("url", "table"),
+    [
+        ("sim:///srv/s", "tls"),
+        ("sim:///srv/s", "transfer"),
+        ("mem://s", "ssh"),
+        ("zfs://pool/s", "transfer"),
+        ("ssh://h/sim:///srv/s", "tls"),
+        (TLS, "ssh"),
+    ],
+)
+def test_transport_tables_on_a_source_they_do_nothing_for_are_refused(url, table):
+    e = err(GROUP + source(f"[source.{table}]", 'command = "x"' if table == "ssh" else "", url=url))
+    assert f"[[source]] 's' [source.{table}]" in str(e) and "would do nothing" in str(e)
+    assert f"remove it: [source.{table}]" in e.hint
+
+
+def test_transport_tables_of_a_remote_source():
+    cfg = parse_config(
+        GROUP
+        + source(
+            "[source.transfer]",
+            'compression = "zstd"',
+            "timeout = 60",
+            "retry_delay = 0.5",
+            "[source.ssh]",
+            'command = ["ssh", "-i", "/root/key"]',
+            'remote_command = "coalesce serve --stdio"',
+            url="ssh://backup@h/btrfs:///mnt/pool/home",
+        )
+    )
+    assert cfg.sources[0].options() == {
+        "transfer": {"compression": "zstd", "timeout": 60, "retry_delay": 0.5},
+        "ssh": {"command": ["ssh", "-i", "/root/key"], "remote_command": "coalesce serve --stdio"},
+    }
+    hash(cfg)  # frozen and hashable like every config record
+
+
+@pytest.mark.parametrize(
+    ("table", "line", "type_name"),
+    [
+        ("tls", "cert = 5", "int"),
+        ("tls", "ca = true", "bool"),
+        ("transfer", "retries = 1.5", "float"),
+        ("transfer", "retries = true", "bool"),
+        ("transfer", 'timeout = "30"', "str"),
+        ("transfer", "bandwidth = [1]", "list"),
+        ("transfer", "compression = 1", "int"),
+    ],
+)
+def test_transport_values_of_the_wrong_type(table, line, type_name):
+    e = err(GROUP + source(f"[source.{table}]", line, url=TLS))
+    assert f"[[source]] 's' [source.{table}]" in str(e) and f"has the wrong type ({type_name})" in str(e)
+    assert "Client settings" in e.hint
+
+
+def test_ssh_command_of_the_wrong_type():
+    e = err(GROUP + source("[source.ssh]", 'command = ["ssh", 1]', url="ssh://h/mem://s"))
+    assert "`command` has the wrong type (list)" in str(e)
+
+
+def test_unknown_transport_key_and_a_transport_key_that_is_not_a_table():
+    e = err(GROUP + source("[source.tls]", 'certificate = "c"', url=TLS))
+    assert "[source.tls]" in str(e) and "certificate" in str(e) and "cert" in e.hint
+    e = err(GROUP + source('tls = "c"', url=TLS))
+    assert "`tls` must be a table ([source.tls])" in str(e) and e.hint
+
+
+def test_remove_keeps_the_source_tables(tmp_path):
+    from coalesce_core.config import without_replica
+
+    out = without_replica(TWO, "A", "cfg.toml")
+    cfg = parse_config(out, "cfg.toml")
+    assert [r.name for r in cfg.replicas] == ["B"] and cfg.sources == parse_config(TWO).sources

@@ -7,7 +7,6 @@ from __future__ import annotations
 import shutil
 import sqlite3
 
-import attrs
 import pytest
 
 from coalesce_core.agent import Agent
@@ -176,7 +175,7 @@ def test_a_source_that_serves_a_same_named_group_is_refused_at_the_first_cycle(g
     moved = running(group(group_config, urls, "g", "s2", "d2"))
     exported = moved.agent.dest.exported()
     moved.agent.close()
-    config = attrs.evolve(moved.config, source=urls("s"))
+    config = moved.config.with_source(urls("s"))
     held = first.writer.volume.snapshot_list()
     assert held and read(first.writer.volume, source_key("g")).destination == urls("d1")
     agent = Agent.open(config)

@@ -523,7 +523,7 @@ def remote_config(transport, group_config):
         coalesce_mem.volume_for(local)  # create it, so the server can open it
         cfg = group_config(source_url=local, **kw)
         LOCAL_OF[remote] = local
-        return attrs.evolve(cfg, source=remote)
+        return cfg.with_source(remote)
 
     return make
 

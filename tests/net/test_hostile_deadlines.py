@@ -72,7 +72,7 @@ def tls_stall(certs, monkeypatch, group_config, request):
         remote = svc.expose(local)
         LOCAL_OF[remote] = local
         cfg = group_config(source_url=local, dest_url=dest_url, replicas=("A", "B"))
-        return RemoteHarness(attrs.evolve(cfg, source=remote, deadlines=limits)), stall
+        return RemoteHarness(attrs.evolve(cfg.with_source(remote), deadlines=limits)), stall
 
     yield make
     coalesce_remote.close_all()
@@ -128,7 +128,7 @@ def ssh_stall(monkeypatch, tmp_path, group_config):
         remote = f"ssh://fake/{local}"
         LOCAL_OF[remote] = local
         cfg = group_config(source_url=local, replicas=("A", "B"))
-        return RemoteHarness(attrs.evolve(cfg, source=remote, deadlines=limits))
+        return RemoteHarness(attrs.evolve(cfg.with_source(remote), deadlines=limits))
 
     yield make
     coalesce_remote.close_all()

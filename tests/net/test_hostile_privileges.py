@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 
-import attrs
 import pytest
 from net.netkit import LOCAL_OF, RemoteHarness, TLSService, client_env
 
@@ -32,7 +31,7 @@ def test_a_setuid_binary_planted_by_a_tls_source_is_stripped(certs, monkeypatch,
         remote = svc.expose(local)
         LOCAL_OF[remote] = local
         cfg = group_config(source_url=local, replicas=("A",), privileges=None if policy == "strip" else policy)
-        h = RemoteHarness(attrs.evolve(cfg, source=remote))
+        h = RemoteHarness(cfg.with_source(remote))
         h.writer.write("A", "README", b"hello")
         assert h.cycle()["failures"] == 0
         h.writer.write("A", "usr/bin/helper", b"\x7fELF planted", mode=0o4755)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 
-import attrs
 from forger import ForgeBegin
 from net.netkit import LOCAL_OF, RemoteHarness, TLSService, client_env
 
@@ -27,7 +26,7 @@ def test_a_tls_server_that_sends_another_qtree_fails_the_update(certs, monkeypat
         LOCAL_OF[remote] = local
         seen = ForgeBegin(volume="tls://")  # forges nothing: counts what the client passed on
         seen.armed = True
-        h = RemoteHarness(attrs.evolve(group_config(source_url=local, replicas=("A",)), source=remote), plugins=[seen])
+        h = RemoteHarness(group_config(source_url=local, replicas=("A",)).with_source(remote), plugins=[seen])
         h.writer.write("A", "a/f", b"old")
         h.writer.write("B", "secret", b"B's data")
         h.cycle()

@@ -20,7 +20,6 @@ import subprocess
 import sys
 import time
 
-import attrs
 import pytest
 from net.linkemu import Link
 from net.netkit import LOCAL_OF, SSHD, RemoteHarness, client_env, serve_in_b, write_serve_config
@@ -178,7 +177,7 @@ def test_update_over_a_slow_lossy_link_leaves_exactly_the_source_image(
         remote = link["sshd"].expose(link["local"])
     LOCAL_OF[remote] = link["local"]
     qtree = f"q{kind}"
-    cfg = attrs.evolve(group_config(source_url=link["local"], replicas=(qtree,), name=f"g{kind}"), source=remote)
+    cfg = group_config(source_url=link["local"], replicas=(qtree,), name=f"g{kind}").with_source(remote)
     lk.shape(delay_ms=10, loss=0.01, rate="50mbit", seed=7)
     before = lk.stats()
     h = RemoteHarness(cfg)

@@ -72,9 +72,8 @@ def _proxied_harness(tls_service, group_config, proxy_holder, **kw):
     proxy_holder.append(proxy)
     remote = f"tls://127.0.0.1:{proxy.port}/{name}"
     LOCAL_OF[remote] = local
-    import attrs
 
-    cfg = attrs.evolve(group_config(source_url=local, **kw), source=remote)
+    cfg = group_config(source_url=local, **kw).with_source(remote)
     h = RemoteHarness(cfg)
     fill(h.writer, ["A", "B"], files=4, size=400_000)
     return h, proxy
