@@ -24,7 +24,7 @@ Hooks are always called with keyword arguments.
 from __future__ import annotations
 
 import argparse
-from typing import TYPE_CHECKING, Iterable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping, Sequence
 
 import pluggy
 
@@ -52,13 +52,20 @@ def coalesce_backend_info() -> dict[str, str] | None:
 
 
 @hookspec(firstresult=True)
-def coalesce_open_volume(url: VolumeURL, create: bool) -> VolumeHandle | None:
+def coalesce_open_volume(url: VolumeURL, create: bool, options: Mapping[str, Any] | None) -> VolumeHandle | None:
     """Open the volume named by ``url`` (a :class:`coalesce_core.backend.urls.VolumeURL`).
 
     Return a backend-specific volume handle if ``url.scheme`` is yours, else
     None.  With ``create=True`` an absent volume is created (idempotent); with
     ``create=False`` an absent volume raises BackendError with a hint.
     Stops at the first non-None result.
+
+    ``options``: None, or the settings the group config gives this volume: a
+    source's transport tables, ``{"tls": {...}, "transfer": {...}, "ssh": {...}}``
+    (coalesce_core.config.SourceConfig.options; docs/network.md, "Client
+    settings").  A backend that takes none leaves ``options`` out of its
+    signature (pluggy passes an implementation only the arguments it names); one
+    that takes them raises ConfigError for a value it cannot use.
     """
 
 

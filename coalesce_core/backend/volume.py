@@ -29,9 +29,19 @@ class Volume:
         self.handle = handle
 
     @classmethod
-    def open(cls, pm: pluggy.PluginManager, url: str | VolumeURL, *, create: bool = False) -> "Volume":
+    def open(
+        cls,
+        pm: pluggy.PluginManager,
+        url: str | VolumeURL,
+        *,
+        create: bool = False,
+        options: Mapping[str, Any] | None = None,
+    ) -> "Volume":
+        """Open ``url`` through the backend that serves its scheme; ``options``: the settings the
+        group config gives the volume (a source's transport tables, SourceConfig.options), passed
+        to the backend as the hook's ``options``."""
         parsed = url if isinstance(url, VolumeURL) else VolumeURL.parse(url)
-        handle = pm.hook.coalesce_open_volume(url=parsed, create=create)
+        handle = pm.hook.coalesce_open_volume(url=parsed, create=create, options=options)
         if handle is None:
             schemes = ", ".join(i["scheme"] for i in backend_infos(pm)) or "none"
             raise UnknownBackend(

@@ -16,14 +16,14 @@ points: ``COALESCE_PLUGINS=coalesce_remote.ssh,coalesce_remote.tls``.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from coalesce_core.backend.hookspecs import hookimpl
 from coalesce_core.backend.urls import VolumeURL
 
-from .client import ClientSettings, RemoteVolume, close_all, load_settings
+from .client import ClientSettings, RemoteVolume, close_all, load_settings, with_options
 
-__all__ = ["RemoteVolume", "ClientSettings", "load_settings", "close_all", "scheme_hooks", "plugins"]
+__all__ = ["RemoteVolume", "ClientSettings", "load_settings", "with_options", "close_all", "scheme_hooks", "plugins"]
 
 _DESCRIPTIONS = {
     "ssh": "a source volume on another host, through ssh and `coalesce serve --stdio` "
@@ -32,7 +32,9 @@ _DESCRIPTIONS = {
 }
 
 
-def scheme_hooks(scheme: str) -> tuple[Callable[[], dict[str, str]], Callable[[VolumeURL, bool], RemoteVolume | None]]:
+def scheme_hooks(
+    scheme: str,
+) -> tuple[Callable[[], dict[str, str]], Callable[[VolumeURL, bool, Mapping[str, Any] | None], RemoteVolume | None]]:
     """The backend hooks of scheme ``scheme`` (``coalesce_backend_info``, ``coalesce_open_volume``), for its
     entry-point module to bind under the hooks' names."""
 
@@ -41,12 +43,13 @@ def scheme_hooks(scheme: str) -> tuple[Callable[[], dict[str, str]], Callable[[V
         return {"scheme": scheme, "description": _DESCRIPTIONS[scheme]}
 
     @hookimpl
-    def coalesce_open_volume(url: VolumeURL, create: bool) -> RemoteVolume | None:
+    def coalesce_open_volume(url: VolumeURL, create: bool, options: Mapping[str, Any] | None) -> RemoteVolume | None:
         """A connected handle for ``url`` when it is a ``scheme`` URL; the primitives are the handle's
-        methods (coalesce_core.backend.handles)."""
+        methods (coalesce_core.backend.handles).  ``options``: the source's transport tables, which
+        override the process-wide client settings key by key (docs/network.md, "Client settings")."""
         if url.scheme != scheme:
             return None
-        vol = RemoteVolume(url, load_settings())
+        vol = RemoteVolume(url, with_options(load_settings(), options, f"the transport settings of source {url}"))
         vol.connect()  # refusals and unreachable servers surface here, with their hint
         return vol
 

@@ -30,7 +30,7 @@ import time
 import tomllib
 import weakref
 from collections import deque
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 import attrs
 
@@ -65,6 +65,30 @@ class ClientSettings:
     ssh_remote_command: str = "coalesce serve --stdio"
 
 
+#: the tables of client settings (the COALESCE_CLIENT_CONFIG file, a source's [source.*] tables):
+#: table -> key -> the ClientSettings field it sets (docs/network.md, "Client settings")
+TABLES: dict[str, dict[str, str]] = {
+    "tls": {"cert": "cert", "key": "key", "ca": "ca", "server_name": "server_name"},
+    "transfer": {k: k for k in ("compression", "bandwidth", "retries", "retry_delay", "timeout", "keepalive")},
+    "ssh": {"command": "ssh", "remote_command": "ssh_remote_command"},
+}
+
+_HINT = 'see docs/network.md, "Client settings"'
+
+
+def settings_fields(tables: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """The ClientSettings fields, converted and checked, that ``tables`` (``{"tls": {...},
+    "transfer": {...}, "ssh": {...}}``) set; a ConfigError naming ``where`` for an unknown table or
+    key or a bad value."""
+    return _converted(_raw_fields(tables, where), where)
+
+
+def with_options(base: ClientSettings, options: Mapping[str, Any] | None, where: str) -> ClientSettings:
+    """``base`` (the process-wide settings) with what a source's transport tables ``options`` set:
+    they override it key by key."""
+    return attrs.evolve(base, **settings_fields(options, where)) if options else base
+
+
 def load_settings(env: dict[str, str] | None = None) -> ClientSettings:
     """Client settings: the TOML file ``COALESCE_CLIENT_CONFIG`` (if set), then ``COALESCE_*`` variables."""
     env = dict(os.environ if env is None else env)
@@ -76,22 +100,7 @@ def load_settings(env: dict[str, str] | None = None) -> ClientSettings:
                 data = tomllib.load(fh)
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise ConfigError(f"cannot read the client config {path}: {exc}", hint="see docs/network.md") from None
-        unknown = set(data) - {"tls", "transfer", "ssh"}
-        if unknown:
-            raise ConfigError(f"{path}: unknown table(s) {sorted(unknown)}", hint="[tls], [transfer], [ssh]")
-        tls = data.get("tls", {})
-        for k in ("cert", "key", "ca", "server_name"):
-            if k in tls:
-                kw[k] = str(tls[k])
-        tr = data.get("transfer", {})
-        for k in ("compression", "bandwidth", "retries", "retry_delay", "timeout", "keepalive"):
-            if k in tr:
-                kw[k] = tr[k]
-        sh = data.get("ssh", {})
-        if "command" in sh:
-            kw["ssh"] = sh["command"]
-        if "remote_command" in sh:
-            kw["ssh_remote_command"] = str(sh["remote_command"])
+        kw = _raw_fields(data, path)
     for var, k in (
         ("COALESCE_TLS_CERT", "cert"),
         ("COALESCE_TLS_KEY", "key"),
@@ -107,28 +116,66 @@ def load_settings(env: dict[str, str] | None = None) -> ClientSettings:
     ):
         if env.get(var):
             kw[k] = env[var]
-    try:
-        if "ssh" in kw:
-            kw["ssh"] = tuple(shlex.split(kw["ssh"]) if isinstance(kw["ssh"], str) else map(str, kw["ssh"]))
-        if "bandwidth" in kw:
-            kw["bandwidth"] = P.parse_rate(kw["bandwidth"])
-        for k in ("retries",):
-            if k in kw:
-                kw[k] = int(kw[k])
-        for k in ("retry_delay", "timeout", "keepalive"):
-            if k in kw:
-                kw[k] = float(kw[k])
-    except ValueError as exc:
-        raise ConfigError(f"client settings: {exc}", hint="see docs/network.md, 'Client settings'") from None
-    comp = str(kw.get("compression", "auto")).lower()
-    if comp not in ("auto", "none", *P.COMPRESSIONS):
+    return ClientSettings(**_converted(kw, "client settings"))
+
+
+def _raw_fields(tables: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """The fields ``tables`` set, as written."""
+    unknown = set(tables) - set(TABLES)
+    if unknown:
+        raise ConfigError(f"{where}: unknown table(s) {sorted(unknown)}", hint="[tls], [transfer], [ssh]")
+    kw: dict[str, Any] = {}
+    for name, table in tables.items():
+        if not isinstance(table, Mapping):
+            raise ConfigError(f"{where}: [{name}] must be a table", hint=_HINT)
+        keys = TABLES[name]
+        if set(table) - set(keys):
+            raise ConfigError(
+                f"{where}: [{name}]: unknown key(s) {sorted(set(table) - set(keys))}",
+                hint=f"known keys: {sorted(keys)}",
+            )
+        kw.update((keys[k], v) for k, v in table.items())
+    return kw
+
+
+def _ssh_command(value: Any) -> tuple[str, ...]:
+    return tuple(shlex.split(value) if isinstance(value, str) else map(str, value))
+
+
+#: how each ClientSettings field is made from what was written (a TOML value or an environment variable's text)
+_CONVERT: dict[str, Any] = {
+    "cert": str,
+    "key": str,
+    "ca": str,
+    "server_name": str,
+    "ssh_remote_command": str,
+    "ssh": _ssh_command,
+    "bandwidth": P.parse_rate,
+    "retries": int,
+    "retry_delay": float,
+    "timeout": float,
+    "keepalive": float,
+    "compression": lambda value: str(value).lower(),
+}
+
+
+def _converted(kw: dict[str, Any], where: str) -> dict[str, Any]:
+    """The fields ``kw`` (as written) converted to ClientSettings' types and checked; a ConfigError
+    naming ``where`` and the field."""
+    out: dict[str, Any] = {}
+    for k, value in kw.items():
+        try:
+            out[k] = _CONVERT[k](value)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"{where}: `{k}`: {exc}", hint=_HINT) from None
+    if out.get("compression", "auto") not in ("auto", "none", *P.COMPRESSIONS):
         raise ConfigError(
-            f"client settings: compression {comp!r} is not one of auto, none, {', '.join(P.COMPRESSIONS)}"
+            f"{where}: compression {out['compression']!r} is not one of auto, none, {', '.join(P.COMPRESSIONS)}",
+            hint=_HINT,
         )
-    kw["compression"] = comp
-    if kw.get("retries", 3) < 0 or kw.get("timeout", 30.0) <= 0:
-        raise ConfigError("client settings: retries must be >= 0 and timeout > 0")
-    return ClientSettings(**kw)
+    if out.get("retries", 0) < 0 or out.get("timeout", 1.0) <= 0:
+        raise ConfigError(f"{where}: retries must be >= 0 and timeout > 0", hint=_HINT)
+    return out
 
 
 # --------------------------------------------------------------------------- URLs

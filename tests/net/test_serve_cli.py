@@ -86,6 +86,127 @@ def test_remote_urls_and_client_settings(tmp_path):
         load_settings({"COALESCE_COMPRESSION": "lzma"})
 
 
+CLIENT_FILE = """\
+[tls]
+cert = "/etc/c.crt"
+key = "/etc/c.key"
+ca = "/etc/ca.crt"
+[transfer]
+bandwidth = "1MiB/s"
+retries = 5
+compression = "zlib"
+[ssh]
+command = "ssh -i key"
+"""
+
+
+def test_a_sources_tables_override_the_process_wide_settings_key_by_key(tmp_path):
+    """docs/network.md, "Client settings": one parse serves the COALESCE_CLIENT_CONFIG file and a
+    source's [source.tls], [source.transfer], [source.ssh] tables; a source's keys win, its absent
+    keys keep the process-wide values (the file, then the environment)."""
+    from coalesce_remote.client import ClientSettings, load_settings, settings_fields, with_options
+
+    cfg = tmp_path / "client.toml"
+    cfg.write_text(CLIENT_FILE)
+    base = load_settings({"COALESCE_CLIENT_CONFIG": str(cfg), "COALESCE_TIMEOUT": "12"})
+    options = {
+        "tls": {"ca": "/etc/office-ca.crt", "server_name": "office"},
+        "transfer": {"bandwidth": "20MiB/s", "retry_delay": 0.5, "compression": "None"},
+        "ssh": {"command": ["ssh", "-p", "22"], "remote_command": "coalesce serve --stdio --quiet"},
+    }
+    s = with_options(base, options, "source tls://h/v")
+    assert s == ClientSettings(
+        cert="/etc/c.crt",
+        key="/etc/c.key",
+        ca="/etc/office-ca.crt",
+        server_name="office",
+        compression="none",
+        bandwidth=20 * 1024 * 1024,
+        retries=5,
+        retry_delay=0.5,
+        timeout=12.0,
+        ssh=("ssh", "-p", "22"),
+        ssh_remote_command="coalesce serve --stdio --quiet",
+    )
+    assert with_options(base, None, "x") is base and with_options(base, {}, "x") is base
+    assert with_options(base, {"transfer": {"bandwidth": 0}}, "x").bandwidth is None  # 0: no limit of its own
+    file_tables = {"tls": {"cert": "/etc/c.crt"}, "transfer": {"retries": "7"}, "ssh": {"command": "ssh -i k"}}
+    assert settings_fields(file_tables, "x") == {"cert": "/etc/c.crt", "retries": 7, "ssh": ("ssh", "-i", "k")}
+
+
+@pytest.mark.parametrize(
+    ("options", "said"),
+    [
+        ({"transfer": {"bandwidth": "fast"}}, "`bandwidth`: not a bandwidth"),
+        ({"transfer": {"retries": "many"}}, "`retries`: invalid literal"),
+        ({"transfer": {"timeout": [1]}}, "`timeout`: float() argument"),
+        ({"transfer": {"compression": "lzma"}}, "compression 'lzma' is not one of"),
+        ({"transfer": {"retries": -1}}, "retries must be >= 0"),
+        ({"transfer": {"timeout": 0}}, "timeout > 0"),
+        ({"tls": {"certificate": "c"}}, "[tls]: unknown key(s) ['certificate']"),
+        ({"server": {}}, "unknown table(s) ['server']"),
+        ({"tls": "c"}, "[tls] must be a table"),
+    ],
+)
+def test_a_bad_value_in_a_sources_tables_names_the_source(options, said):
+    from coalesce_core.errors import ConfigError
+    from coalesce_remote.client import ClientSettings, with_options
+
+    with pytest.raises(ConfigError) as ei:
+        with_options(ClientSettings(), options, "the transport settings of source tls://h:7450/v")
+    assert str(ei.value).startswith("the transport settings of source tls://h:7450/v: ") and said in str(ei.value)
+    assert ei.value.hint
+
+
+def test_the_client_file_is_checked_as_a_sources_tables_are(tmp_path):
+    from coalesce_core.errors import ConfigError
+    from coalesce_remote.client import load_settings
+
+    cfg = tmp_path / "client.toml"
+    cfg.write_text('[transfer]\nbandwith = "1MiB/s"\n')
+    with pytest.raises(ConfigError, match=r"client.toml: \[transfer\]: unknown key\(s\) \['bandwith'\]") as ei:
+        load_settings({"COALESCE_CLIENT_CONFIG": str(cfg)})
+    assert "bandwidth" in ei.value.hint
+    with pytest.raises(ConfigError, match="client settings: `retries`"):
+        load_settings({"COALESCE_RETRIES": "x"})
+
+
+def test_the_open_hook_hands_a_source_its_settings(tmp_path, monkeypatch):
+    """Volume.open(..., options=SourceConfig.options()) reaches the remote backend, which merges them
+    over the process-wide settings before it connects; a bad value is refused before any connection."""
+    from coalesce_core.backend.manager import plugin_manager
+    from coalesce_core.backend.volume import Volume
+    from coalesce_core.config import parse_config
+    from coalesce_core.errors import ConfigError
+    from coalesce_remote.client import RemoteVolume
+
+    connected: list[RemoteVolume] = []
+    monkeypatch.setattr(RemoteVolume, "connect", lambda self: connected.append(self))
+    cfg = tmp_path / "client.toml"
+    cfg.write_text(CLIENT_FILE)
+    monkeypatch.setenv("COALESCE_CLIENT_CONFIG", str(cfg))
+    group = parse_config(
+        '[group]\nname = "g"\ndestination = "mem://d"\n'
+        '[[source]]\nname = "office"\nurl = "tls://office.example:7450/home"\n'
+        '[source.tls]\nca = "/etc/office-ca.crt"\n[source.transfer]\nretries = 1\n'
+        '[[source]]\nname = "lab"\nurl = "tls://lab.example:7450/home"\n'
+    )
+    office, lab = group.sources
+    pm = plugin_manager()  # the ssh and tls backends are installed (pyproject.toml entry points)
+    vol = Volume.open(pm, office.url, options=office.options())
+    assert connected == [vol.handle]
+    assert (vol.handle.settings.ca, vol.handle.settings.retries, vol.handle.settings.cert) == (
+        "/etc/office-ca.crt",
+        1,
+        "/etc/c.crt",
+    )
+    plain = Volume.open(pm, lab.url, options=lab.options())
+    assert (plain.handle.settings.ca, plain.handle.settings.retries) == ("/etc/ca.crt", 5)
+    with pytest.raises(ConfigError, match=r"source tls://office.example:7450/home: `bandwidth`"):
+        Volume.open(pm, office.url, options={"transfer": {"bandwidth": "fast"}})
+    assert len(connected) == 2
+
+
 def test_a_busy_port_is_an_error_with_a_hint_not_an_internal_error(tmp_path, certs):
     import socket
 

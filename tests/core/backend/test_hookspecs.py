@@ -90,3 +90,32 @@ def test_the_diff_implementations_fit_the_spec_and_skip_is_never_hidden():
     for impl in impls:
         assert set(impl.argnames) <= set(caller.spec.argnames) and "skip" not in impl.kwargnames, impl.plugin_name
     assert "skip" in next(i for i in impls if i.plugin_name == "coalesce.handles").argnames  # resumable handles
+
+
+def test_open_volume_hands_options_only_to_the_backends_that_name_them():
+    """``options`` is a spec argument without a default (pluggy would hide one with a default from every
+    implementation); Volume.open always passes it, None by default, so the call never lacks a spec
+    argument, and a backend that does not name it (mem) opens as before."""
+    import warnings
+
+    from coalesce_core.backend.hookspecs import hookimpl
+    from coalesce_core.backend.volume import Volume
+
+    seen: list[object] = []
+
+    class Recorder:  # a backend of another scheme that takes options: it sees every call's, answers None
+        @hookimpl
+        def coalesce_open_volume(self, url, create, options):
+            seen.append(options)
+
+    pm = plugin_manager([Recorder()])
+    caller = pm.hook.coalesce_open_volume
+    assert caller.spec.argnames == ("url", "create", "options") and not caller.spec.kwargnames
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # pluggy warns about a call without a spec argument
+        vol = Volume.open(pm, "mem://opts-a", create=True)
+        Volume.open(pm, "mem://opts-b", create=True, options={"transfer": {"retries": 1}})
+    assert seen == [None, {"transfer": {"retries": 1}}]
+    assert vol.snapshot_list() == []
+    mem = next(i for i in caller.get_hookimpls() if i.plugin_name == "mem")
+    assert mem.argnames == ("url", "create")
