@@ -409,6 +409,15 @@ class SocketChannel(Channel):
 PIPE_SIZE = 1 << 20
 
 
+def _ready(fd: int, events: int, timeout: float) -> bool:
+    """Whether ``fd`` is ready for ``events`` within ``timeout`` seconds.  poll(2), not select(2):
+    select cannot wait on a descriptor numbered 1024 or more, which an agent with many sources'
+    connections (or a long-running server) reaches."""
+    poller = select.poll()
+    poller.register(fd, events | select.POLLERR | select.POLLHUP)
+    return bool(poller.poll(max(0, math.ceil(timeout * 1000))))
+
+
 class FdChannel(Channel):
     """Two file descriptors (a pipe pair: ssh's stdout/stdin, or our own stdin/stdout)."""
 
@@ -438,8 +447,7 @@ class FdChannel(Channel):
         limit, why = self.limit()
         t0 = time.monotonic()
         if limit is not None:
-            ready, _, _ = select.select([self.rfd], [], [], limit)
-            if not ready:
+            if not _ready(self.rfd, select.POLLIN, limit):
                 self._waited(t0, 0)
                 raise self.expired(why, reading=True)
         try:
@@ -458,8 +466,7 @@ class FdChannel(Channel):
                 limit, why = self.limit()
                 t0 = time.monotonic()
                 if limit is not None:
-                    _, ready, _ = select.select([], [self.wfd], [], limit)
-                    if not ready:
+                    if not _ready(self.wfd, select.POLLOUT, limit):
                         self._waited(t0, 0)
                         raise self.expired(why, reading=False)
                 try:

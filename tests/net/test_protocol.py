@@ -391,3 +391,27 @@ def test_a_server_error_text_is_data():
     assert isinstance(err, P.RemoteError) and not isinstance(err, P.Refused)
     assert err.message == "source service: no [/] \\x1b]0;owned\\x07\\nINFO forged"
     assert err.hint == "\\rx" and err.code == "refused\\x1b"
+
+
+def test_a_pipe_channel_numbered_past_1024_reads_writes_and_times_out():
+    """An agent with many sources' connections (or a long-running server) holds descriptors
+    numbered 1024 and more, which select(2) cannot wait on: FdChannel waits with poll(2)."""
+    import os
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 2100:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 4096), hard))
+    r, w = os.pipe()
+    high_r, high_w = os.dup2(r, 2000), os.dup2(w, 2001)
+    os.close(r)
+    os.close(w)
+    ch = P.FdChannel(high_r, high_w, "a pipe", timeout=0.2)
+    try:
+        ch.write_all(b"ping")
+        assert ch.read_some(4) == b"ping"
+        with pytest.raises(CoalesceError):
+            ch.read_some(4)  # nothing comes: the deadline ends the wait, no ValueError from select
+    finally:
+        ch.close()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
