@@ -247,22 +247,22 @@ class Agent:
         agent = cls(config, pm, None, dest, ledger, clock, lock)
         if readonly:
             return agent
-        if reconcile:
-            try:
+        try:  # whatever fails from here on closes the agent: its lock must not outlive a failed open
+            if reconcile:
                 check_replicas(config, {r.name: r.source_qtree for r in agent.state.replicas.values()})
-            except BaseException:
-                agent.close()
-                raise
-        if (agent.state.retry, agent.state.reseed_after) != (config.retry, config.reseed_after):
-            # the config is the source of policy
-            new = attrs.evolve(agent.state, retry=config.retry, reseed_after=config.reseed_after)
-            ledger.commit(agent.state, new, now=clock())
-            agent.state = new
-        for rc in config.replicas:
-            if rc.name not in agent.state.replicas:
-                agent.handle(ev.AddReplica(name=rc.name, source_qtree=rc.source))
-        if recover:
-            agent.recover(reach_source=reach_source)
+            if (agent.state.retry, agent.state.reseed_after) != (config.retry, config.reseed_after):
+                # the config is the source of policy
+                new = attrs.evolve(agent.state, retry=config.retry, reseed_after=config.reseed_after)
+                ledger.commit(agent.state, new, now=clock())
+                agent.state = new
+            for rc in config.replicas:
+                if rc.name not in agent.state.replicas:
+                    agent.handle(ev.AddReplica(name=rc.name, source_qtree=rc.source))
+            if recover:
+                agent.recover(reach_source=reach_source)
+        except BaseException:
+            agent.close()
+            raise
         return agent
 
     def __enter__(self) -> "Agent":

@@ -110,3 +110,19 @@ def test_a_failed_open_frees_the_lock(group_config):
         Agent.open(cfg)
     with pytest.raises(MetadataError):  # not GroupLocked: the failed open released what it took
         Agent.open(cfg)
+
+
+def test_a_recovery_that_fails_frees_the_lock(group_config, monkeypatch):
+    """An open whose recovery raises (a destination error, a crash point in a test) closes the agent:
+    the same process (a `coalesce run` that opens again after an error) is not refused by its own lock."""
+    cfg = group_config(replicas=("A",))
+    Agent.init(cfg).close()
+
+    def broken(self, reach_source=True):
+        raise OSError("the destination failed during recovery")
+
+    monkeypatch.setattr(Agent, "recover", broken)
+    with pytest.raises(OSError, match="during recovery"):
+        Agent.open(cfg)
+    monkeypatch.undo()
+    Agent.open(cfg).close()  # not GroupLocked
