@@ -124,7 +124,7 @@ class Agent:
         (coalesce_core/ownership.py: the group's record is checked, and written, at the first open)."""
         with self._source_lock:
             if self._source is None:
-                source = Volume.open(self.pm, self.config.source)
+                source = Volume.open(self.pm, self.config.source, options=self.config.source_options)
                 try:
                     ownership.bind_source(self.config, self.ledger, source, write=self.lock is not None)
                 except BaseException:
@@ -165,7 +165,7 @@ class Agent:
     ) -> "Agent":
         """Create the volumes (if the backend can) and a new ledger for the group (holding its lock)."""
         pm = pm or plugin_manager(plugins)
-        source = Volume.open(pm, config.source, create=True)
+        source = Volume.open(pm, config.source, create=True, options=config.source_options)
         try:
             dest = Volume.open(pm, config.destination, create=True)
         except BaseException:

@@ -149,19 +149,25 @@ class GroupConfig:
 
     @property
     def source(self) -> str:
-        """The URL of the group's source for the agent of this version, which runs one source with
-        no settings of its own (docs/config.md, "Sources"); a ConfigError for any other config."""
+        """The URL of the group's source for the agent of this version, which runs one source
+        (docs/config.md, "Sources"): its transport tables apply (:attr:`source_options`), its own
+        ``interval`` and ``parallel`` not yet; a ConfigError for a config it cannot run."""
         one = self.sole_source()
         own = [k for k, v in (("`interval`", one.interval), ("`parallel`", one.parallel)) if v is not None]
-        own += [f"[source.{table}]" for table, _items in one.transport]
         if own:
             raise ConfigError(
                 f"{self.path or 'the config'}: [[source]] {one.name!r} sets {', '.join(own)}, which this "
                 "version's agent does not apply yet",
                 hint="leave them out until the multi-source cycle lands: the group's `interval` and `parallel` "
-                'apply to its source, the client settings file to its transport (docs/network.md, "Client settings")',
+                "apply to its source",
             )
         return one.url
+
+    @property
+    def source_options(self) -> dict[str, dict[str, Any]] | None:
+        """What opening the group's source passes its backend (``Volume.open``'s ``options``): the
+        sole source's transport tables, which override the process-wide client settings key by key."""
+        return self.sole_source().options()
 
     def with_source(self, url: str) -> "GroupConfig":
         """This config with the URL of its sole source replaced by ``url`` (its name and settings kept)."""

@@ -75,7 +75,9 @@ class Harness:
         self.agent = (Agent.init if create else Agent.open)(config, pm=self.pm, clock=self.clock)
         # the test's own handle of the source, not the agent's: the agent's calls may be made to
         # fail (FaultInjector rules, a source outage), the test's writes and reads never are
-        self.writer = SourceWriter(Volume.open(plugin_manager(), config.source), config.privileges)
+        self.writer = SourceWriter(
+            Volume.open(plugin_manager(), config.source, options=config.source_options), config.privileges
+        )
         self.i5_marks: dict[str, str | None] = {}
 
     # -- driving ---------------------------------------------------------------

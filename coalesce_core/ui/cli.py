@@ -635,7 +635,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
     cfg = _config(args)
     pm = plugin_manager()
-    source, dest = Volume.open(pm, cfg.source), Volume.open(pm, cfg.destination)
+    source, dest = Volume.open(pm, cfg.source, options=cfg.source_options), Volume.open(pm, cfg.destination)
     try:
         state = read_state(cfg, dest)
         unknown = [n for n in args.names if n not in state.replicas]

@@ -564,19 +564,26 @@ def test_several_sources_are_refused_by_the_one_source_agent_of_this_version():
     [
         (["interval = 60"], "`interval`"),
         (["parallel = 2"], "`parallel`"),
-        (["[source.tls]", 'ca = "/ca.crt"'], "[source.tls]"),
-        (["interval = 60", "[source.transfer]", "retries = 1"], "`interval`, [source.transfer]"),
+        (["interval = 60", "[source.transfer]", "retries = 1"], "`interval`"),
     ],
 )
-def test_a_sole_source_with_settings_of_its_own_is_refused_by_the_agent_of_this_version(lines, named):
-    """The agent does not apply a source's interval, parallel or transport tables yet: running such a
-    config would ignore them silently."""
+def test_a_sole_source_with_pace_of_its_own_is_refused_by_the_agent_of_this_version(lines, named):
+    """The agent does not apply a source's interval or parallel yet: running such a config would
+    ignore them silently."""
     cfg = parse_config(GROUP + source(*lines, name="one", url=TLS), "cfg.toml")
     assert cfg.sole_source().name == "one"
     with pytest.raises(ConfigError) as ei:
         cfg.source
     assert f"[[source]] 'one' sets {named}, which this version's agent does not apply yet" in str(ei.value)
-    assert "client settings file" in ei.value.hint
+    assert "`interval` and `parallel` apply to its source" in ei.value.hint
+
+
+def test_a_sole_sources_transport_tables_are_what_its_backend_is_opened_with():
+    """They override the process-wide client settings (tests/net/test_tls_security.py runs a cycle so)."""
+    cfg = parse_config(GROUP + source("[source.tls]", 'ca = "/ca.crt"', name="one", url=TLS), "cfg.toml")
+    assert cfg.source == TLS
+    assert cfg.source_options == {"tls": {"ca": "/ca.crt"}}
+    assert parse_config(GROUP + source(name="one", url=TLS)).source_options is None
 
 
 def test_with_source_replaces_the_url_of_the_sole_source():

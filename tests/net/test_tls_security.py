@@ -219,3 +219,33 @@ def _certs_of(ca):
     return Certs(
         ca=ca.path, server=server, client=server, reader=server, stranger=server, other_ca=server, expired=server
     )
+
+
+def test_a_sources_own_tls_tables_override_the_process_settings(served, monkeypatch, tmp_path):
+    """docs/config.md "Sources": the process-wide client settings name a certificate from another CA
+    (refused, as above); the group's [[source]] names the good identity in [source.tls], and the agent
+    replicates with it."""
+    from coalesce_core.agent import Agent
+    from coalesce_core.config import parse_config
+
+    svc, url = served
+    client_env(monkeypatch, svc.certs, "other_ca", COALESCE_RETRIES="0")
+    cert, key = svc.certs.client
+    dst = "mem://tlssec-dst"
+    coalesce_mem.forget(dst)
+    text = (
+        f'[group]\nname = "own"\ndestination = "{dst}"\nmetadata = "{tmp_path}/meta"\n'
+        f'[[source]]\nname = "web1"\nurl = "{url}"\n'
+        f'[source.tls]\ncert = "{cert}"\nkey = "{key}"\nca = "{svc.certs.ca}"\n'
+        '[[replica]]\nname = "A"\n'
+    )
+    cfg = parse_config(text, str(tmp_path / "coalesce.toml"))
+    with pytest.raises(TLSRefused):  # the process-wide identity alone
+        Volume.open(_pm(), url)
+    Agent.init(cfg, pm=_pm()).close()
+    with Agent.open(cfg, pm=_pm()) as agent:
+        assert agent.run_once()["failures"] == 0
+        r = agent.state.replicas["A"]
+        assert r.state == "stable" and r.exported is not None
+        assert agent.dest.fingerprint("A", r.exported) == agent.source.fingerprint("A", r.source_point)
+    coalesce_mem.forget(dst)
