@@ -974,20 +974,24 @@ def file_update_records(bpath: str, tpath: str, rel: str, bsize: int, tsize: int
 def _zeroed_bytes(bfd: int, tfd: int, bsize: int, ranges: list[tuple[int, int]]) -> tuple[int, int | None]:
     """(bytes, first offset) of the aligned zero blocks of the target ``tfd`` inside ``ranges`` where
     the base copy ``bfd`` (of ``bsize`` bytes) holds data: what :func:`compare_range` would write as
-    zeros over data (a hole made in the old file)."""
+    zeros over data (a hole made in the old file).  Only the base copy's data segments are read:
+    over its holes there is no data to zero (a 1 TiB sparse file costs its data, not its size)."""
     total, first = 0, None
     for start, end in ranges:
-        pos = start
-        while pos < min(end, bsize):
-            n = min(CHUNK, min(end, bsize) - pos)
-            tb = os.pread(tfd, n, pos)
-            bb = os.pread(bfd, n, pos)
-            if tb != bb:
-                for i in range(0, len(tb) - ZERO_BLOCK + 1, ZERO_BLOCK):
-                    if tb[i : i + ZERO_BLOCK] == _ZEROS and bb[i : i + ZERO_BLOCK] != _ZEROS:
-                        total += ZERO_BLOCK
-                        first = pos + i if first is None else first
-            pos += n
+        for off, length in list(data_segments(bfd, start, min(end, bsize))):
+            # from the zero block that holds the segment's start, so the blocks stay aligned
+            pos, stop = off // ZERO_BLOCK * ZERO_BLOCK, min(off + length, end, bsize)
+            pos = max(pos, start)
+            while pos < stop:
+                n = min(CHUNK, stop - pos)
+                tb = os.pread(tfd, n, pos)
+                bb = os.pread(bfd, n, pos)
+                if tb != bb:
+                    for i in range(0, len(tb) - ZERO_BLOCK + 1, ZERO_BLOCK):
+                        if tb[i : i + ZERO_BLOCK] == _ZEROS and bb[i : i + ZERO_BLOCK] != _ZEROS:
+                            total += ZERO_BLOCK
+                            first = pos + i if first is None else first
+                pos += n
     return total, first
 
 
