@@ -1464,7 +1464,7 @@ REGRESSIONS: dict[str, tuple[int, tuple[Op, ...]]] = {
             Cycle(fault=None),
         ),
     ),
-    "an entry's mtime after qtree roots rotate (long run 2026-12-07, open)": (
+    "an entry's mtime after qtree roots rotate (long run 2026-12-07)": (
         5,
         (
             Mkdir(path="q1/sp ace"),
@@ -1638,13 +1638,7 @@ REGRESSIONS: dict[str, tuple[int, tuple[Op, ...]]] = {
 
 #: (backend, regression) -> why it still exports a wrong image: a known, open bug, replayed in CI as a
 #: strict xfail (it fails the run the day it passes, so that the entry goes with the fix)
-KNOWN_WRONG: dict[tuple[str, str], str] = {
-    (
-        "btrfs",
-        "an entry's mtime after qtree roots rotate (long run 2026-12-07, open)",
-    ): "open: the update's records leave a replica entry's mtime at the time of the apply; the check "
-    "before done refuses the update (rolled back, the replica lags; docs/verification.md, 'Found so far')",
-}
+KNOWN_WRONG: dict[tuple[str, str], str] = {}
 
 
 def regressions(backend: Backend) -> list[Any]:

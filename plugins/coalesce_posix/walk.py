@@ -735,7 +735,35 @@ def root_records(base: str | None, target: str, *, force: bool) -> Iterator[obje
 # ---------------------------------------------------------------------------
 # the tree-compare diff
 # ---------------------------------------------------------------------------
-def tree_diff(
+# ---------------------------------------------------------------------------
+def _parent(path: str) -> str:
+    return path.rpartition("/")[0] if "/" in path else R.ROOT
+
+
+def stamped(records: Iterable[object], target: str) -> Iterator[object]:
+    """``records`` (a tree diff into the qtree image ``target``), then a SetAttr from ``target`` for
+    every entry whose mtime they move in the replica and that they gave none: a file written or
+    truncated, a directory (the qtree root included) an entry was made in or removed from.
+    Deepest first; a SetAttr of one entry changes no other entry's mtime."""
+    moved: set[str] = set()
+    done: set[str] = set()
+    for rec in records:
+        yield rec
+        if isinstance(rec, (R.Write, R.Truncate)):
+            moved.add(rec.path)
+        elif isinstance(rec, R.SetAttr):
+            done.add(rec.path)
+        elif isinstance(rec, (R.MkDir, R.MkFile, R.Symlink, R.HardLink, R.Unlink, R.RmDir)):
+            moved.add(_parent(rec.path))
+        elif isinstance(rec, R.Rename):
+            moved.update((_parent(rec.old), _parent(rec.new)))
+    for path in sorted(moved - done, key=lambda p: (-p.count("/"), p == R.ROOT, p)):
+        st = lstat_or_none(os.path.join(target, path) if path else target)
+        if st is not None and kind_of(st) is not None:
+            yield setattr_record(path, st)
+
+
+def _tree_diff(
     base: str | None,
     target: str,
     *,
@@ -803,6 +831,33 @@ def tree_diff(
         rt.close()
         if rb is not None:
             rb.close()
+
+
+def tree_diff(
+    base: str | None,
+    target: str,
+    *,
+    same_lineage: bool = True,
+    prune: set[str] | None = None,
+    quick_before_ns: int | None = None,
+    xattrs_move_ctime: bool = True,
+    data: FileData = READ,
+) -> Iterator[object]:
+    """:func:`_tree_diff` (its docstring is the contract), then a SetAttr from ``target`` for every
+    entry its records change that got none (:func:`stamped`): two different directories at one
+    path, or one changed within a tick of the kernel's clock, can carry the same mtime."""
+    return stamped(
+        _tree_diff(
+            base,
+            target,
+            same_lineage=same_lineage,
+            prune=prune,
+            quick_before_ns=quick_before_ns,
+            xattrs_move_ctime=xattrs_move_ctime,
+            data=data,
+        ),
+        target,
+    )
 
 
 def _root_replaced(rb: Reader | None, rt: Reader, same_lineage: bool) -> bool:

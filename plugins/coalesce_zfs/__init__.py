@@ -574,7 +574,7 @@ class ZfsVolume(PosixVolume):
                 xattrs_move_ctime=self.browsable(),
                 data=data,
             )
-            yield from framed(qtree, base, target, identity.stamped(records, tq))
+            yield from framed(qtree, base, target, records)
 
     def _zfs_diff(self, base: str, target: str) -> set[str] | None:
         """The dataset-relative paths ``zfs diff -H`` names between two PCPIs; None where there is no

@@ -20,19 +20,20 @@ here (docs/real-backends.md, "ZFS: identity"):
 * **Hard links**: the walk goes in name order, so a new name of a file can
   come before the file's kept name; :func:`walk.tree_diff` itself holds such
   names back (:class:`walk.KeptLinks`), for every backend that falls back to it.
-* **Times** (:func:`stamped`): an entry whose mtime is equal in the two
-  images (whole seconds on zfs-fuse, or set back with ``touch``) got no
-  SetAttr, yet the records that change its entries or data move its mtime in
-  the replica: every such entry gets a SetAttr from the target image.
+* **Times**: an entry whose mtime is equal in the two images (whole seconds
+  on zfs-fuse, set back with ``touch``, or two directories changed within one
+  tick of the kernel's clock) got no SetAttr, yet the records that change its
+  entries or data move its mtime in the replica: :func:`walk.tree_diff`
+  itself gives every such entry a SetAttr from the target image
+  (:func:`walk.stamped`), for every backend that falls back to it.
 """
 
 from __future__ import annotations
 
 import os
 import stat
-from typing import Iterable, Iterator
+from typing import Iterable
 
-from coalesce_core.stream import records as R
 from coalesce_posix import walk
 
 
@@ -87,33 +88,3 @@ def dirs_with_changes(changed: set[str], qtree: str) -> set[str]:
         for i in range(len(parts) + 1):
             out.add("/".join(parts[:i]))
     return out
-
-
-# ---------------------------------------------------------------------------
-# times
-# ---------------------------------------------------------------------------
-def _parent(path: str) -> str:
-    return path.rpartition("/")[0] if "/" in path else R.ROOT
-
-
-def stamped(records: Iterable[object], target: str) -> Iterator[object]:
-    """``records`` (a tree diff into the qtree image ``target``), then a SetAttr from ``target`` for
-    every entry whose mtime they move in the replica and that they gave none: a file written or
-    truncated, a directory (the qtree root included) an entry was made in or removed from.
-    Deepest first; a SetAttr of one entry changes no other entry's mtime."""
-    moved: set[str] = set()
-    done: set[str] = set()
-    for rec in records:
-        yield rec
-        if isinstance(rec, (R.Write, R.Truncate)):
-            moved.add(rec.path)
-        elif isinstance(rec, R.SetAttr):
-            done.add(rec.path)
-        elif isinstance(rec, (R.MkDir, R.MkFile, R.Symlink, R.HardLink, R.Unlink, R.RmDir)):
-            moved.add(_parent(rec.path))
-        elif isinstance(rec, R.Rename):
-            moved.update((_parent(rec.old), _parent(rec.new)))
-    for path in sorted(moved - done, key=lambda p: (-p.count("/"), p == R.ROOT, p)):
-        st = walk.lstat_or_none(os.path.join(target, path) if path else target)
-        if st is not None and walk.kind_of(st) is not None:
-            yield walk.setattr_record(path, st)

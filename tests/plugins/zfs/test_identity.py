@@ -32,6 +32,7 @@ import coalesce_zfs
 from coalesce_core.agent import Agent
 from coalesce_core.config import parse_config
 from coalesce_core.stream.records import ROOT, MkFile, SetAttr, Truncate, Unlink, Write
+from coalesce_posix import walk
 from coalesce_zfs import identity
 
 
@@ -56,7 +57,7 @@ def test_stamped_gives_a_setattr_to_every_entry_the_records_touch(tmp_path):
         SetAttr(path="d/new", mtime_ns=5),
         SetAttr(path="d/e/g", mtime_ns=6),
     ]
-    out = list(identity.stamped(iter(records), str(t)))
+    out = list(walk.stamped(iter(records), str(t)))
     assert out[: len(records)] == records
     added = out[len(records) :]
     assert [r.path for r in added] == ["d", "f", ROOT]
@@ -65,7 +66,7 @@ def test_stamped_gives_a_setattr_to_every_entry_the_records_touch(tmp_path):
         1_600_000_000_000_000_000,
         1_600_000_000_000_000_004,
     ]
-    assert list(identity.stamped(iter([SetAttr(path="f", mtime_ns=1)]), str(t))) == [SetAttr(path="f", mtime_ns=1)]
+    assert list(walk.stamped(iter([SetAttr(path="f", mtime_ns=1)]), str(t))) == [SetAttr(path="f", mtime_ns=1)]
 
 
 def test_prune_for(tmp_path):
