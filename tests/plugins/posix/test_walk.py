@@ -8,7 +8,7 @@ import os
 from hypothesis import given
 from hypothesis import strategies as st
 
-from coalesce_core.stream.records import HardLink, MkFile, SetAttr, Write, framed
+from coalesce_core.stream.records import HardLink, MkFile, RmDir, SetAttr, Write, framed
 from coalesce_posix import walk
 from coalesce_posix.apply import Applier
 
@@ -266,3 +266,19 @@ def test_a_1_tib_sparse_file_changed_in_place_is_compared_at_the_cost_of_its_dat
     records = list(walk.tree_diff(str(base), str(target), same_lineage=False))
     writes = [r for r in records if isinstance(r, Write)]
     assert any(w.offset == tib - 4096 and w.data.startswith(b"end") for w in writes)
+
+
+def test_a_directory_replaced_by_another_with_the_same_mtime_gets_its_setattr(tmp_path):
+    """Two directories at one path, changed within one tick of the kernel's clock, carry the same
+    mtime: the compare finds their attributes equal, yet its RmDir moves the replica's directory's
+    mtime; tree_diff gives it a SetAttr from the target (walk.stamped; the differential regression
+    'an entry's mtime after qtree roots rotate')."""
+    base, target = tmp_path / "b", tmp_path / "t"
+    (base / "d" / "a").mkdir(parents=True)
+    (target / "d").mkdir(parents=True)
+    t = 1_700_000_000_123_456_789
+    for p in (base / "d", target / "d"):
+        os.utime(p, ns=(t, t))
+    records = list(walk.tree_diff(str(base), str(target)))
+    assert RmDir(path="d/a") in records
+    assert any(isinstance(r, SetAttr) and r.path == "d" and r.mtime_ns == t for r in records), records
