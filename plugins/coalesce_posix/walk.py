@@ -763,7 +763,7 @@ def stamped(records: Iterable[object], target: str) -> Iterator[object]:
             yield setattr_record(path, st)
 
 
-def _tree_diff(
+def tree_diff(
     base: str | None,
     target: str,
     *,
@@ -800,13 +800,17 @@ def _tree_diff(
     when a record came before it or the root is another directory than the
     base's (a replaced or swapped qtree root): the applier's changes move the
     replica root's mtime even where the two roots' attributes are equal.
+    Then a SetAttr from ``target`` for every entry the records change that got none
+    (:func:`stamped`): two different directories at one path, or one changed within a tick of
+    the kernel's clock, can carry the same mtime.
     """
     base = base if base and os.path.isdir(base) else None
     # a file system without xattrs is asked once per image, not once per file (read_xattrs)
     _XATTR_ROOTS.roots = {os.path.normpath(r): None for r in (base, target) if r}
     rb = Reader(base) if base is not None else None
     rt = Reader(target)
-    try:
+
+    def changes() -> Iterator[object]:
         n = 0
         if rb is not None:
             for rec in _removals(rb, rt, same_lineage, prune):
@@ -814,50 +818,26 @@ def _tree_diff(
                 yield rec
         attrs_list: list = []
         links: dict = {}
-        if rb is not None and not isinstance(data, KeptLinks):
-            data = KeptLinks(data)  # a new name met before its file's kept name links to it
+        # a new name met before its file's kept name links to it
+        kept = KeptLinks(data) if rb is not None and not isinstance(data, KeptLinks) else data
         quick = quick_before_ns if same_lineage else None
-        for rec in _updates(rb, rt, quick, links, attrs_list, prune, same_lineage, data, xattrs_move_ctime):
+        for rec in _updates(rb, rt, quick, links, attrs_list, prune, same_lineage, kept, xattrs_move_ctime):
             n += 1
             yield rec
-        for rec in data.finish():
+        for rec in kept.finish():
             n += 1
             yield rec
         attrs_list = sorted_attrs(attrs_list)
         yield from attrs_list
         yield from root_records(base, target, force=n + len(attrs_list) > 0 or _root_replaced(rb, rt, same_lineage))
+
+    try:
+        yield from stamped(changes(), target)
     finally:
         _XATTR_ROOTS.roots = None
         rt.close()
         if rb is not None:
             rb.close()
-
-
-def tree_diff(
-    base: str | None,
-    target: str,
-    *,
-    same_lineage: bool = True,
-    prune: set[str] | None = None,
-    quick_before_ns: int | None = None,
-    xattrs_move_ctime: bool = True,
-    data: FileData = READ,
-) -> Iterator[object]:
-    """:func:`_tree_diff` (its docstring is the contract), then a SetAttr from ``target`` for every
-    entry its records change that got none (:func:`stamped`): two different directories at one
-    path, or one changed within a tick of the kernel's clock, can carry the same mtime."""
-    return stamped(
-        _tree_diff(
-            base,
-            target,
-            same_lineage=same_lineage,
-            prune=prune,
-            quick_before_ns=quick_before_ns,
-            xattrs_move_ctime=xattrs_move_ctime,
-            data=data,
-        ),
-        target,
-    )
 
 
 def _root_replaced(rb: Reader | None, rt: Reader, same_lineage: bool) -> bool:
