@@ -26,17 +26,20 @@ from coalesce_sim import spill
 from coalesce_sim.testing import sim_apply
 
 
-def _peak_of_an_update_creating(group_config, n: int, *, verify: bool = False) -> int:
+def _peak_of_an_update_creating(group_config, n: int, *, verify: bool = False, kept_dir: str | None = None) -> int:
+    """The tracemalloc peak of one whole update (sim to sim) creating ``n`` small files: 100 per new
+    directory, or all in ``kept_dir``, a directory the replica already holds."""
     h = Harness(attrs.evolve(group_config(replicas=("A",), scheme="sim"), verify=verify))
     for v in (h.agent.source, h.agent.dest):
         v.handle.CACHE_BLOCKS, v.handle.OVERLAY_INODES, v.handle.DIRTY_LIMIT = 256, 256, 1 << 20
         v.handle.DIRCACHE_ENTRIES = 1024
     src = h.agent.source
-    src.apply("A", R.framed("A", None, "t", [R.MkFile(path="seed")]), use_purgatory=False)
+    seed = [R.MkFile(path="seed")] if kept_dir is None else [R.MkDir(path=kept_dir), R.MkFile(path=f"{kept_dir}/seed")]
+    src.apply("A", R.framed("A", None, "t", seed), use_purgatory=False)
     assert h.cycle()["failures"] == 0
-    recs: list[object] = [R.MkDir(path=f"d{d}") for d in range(n // 100)]
+    recs: list[object] = [R.MkDir(path=f"d{d}") for d in range(n // 100)] if kept_dir is None else []
     for i in range(n):
-        p = f"d{i // 100}/f{i:06d}"
+        p = f"d{i // 100}/f{i:06d}" if kept_dir is None else f"{kept_dir}/f{i:06d}"
         recs += [R.MkFile(path=p), R.Write(path=p, offset=0, data=b"x" * 100)]
     src.apply("A", R.framed("A", None, "t", recs), use_purgatory=False)
     del recs
@@ -142,39 +145,14 @@ def test_a_diff_of_4x_the_changed_entries_of_a_kept_directory_does_not_take_4x_t
 
 # ---- a whole update into one directory that existed before (the destination's apply) ---------
 def _peak_of_an_update_creating_in_a_kept_directory(group_config, monkeypatch, n: int) -> int:
-    """The tracemalloc peak of one whole update (h.cycle(), sim to sim, the check before `done`
-    off) that creates ``n`` small files in the directory ``big`` the replica already holds.  The
-    bounds scaled down as above: block cache 256 blocks, overlay 256 inodes or 1 MiB of blocks,
-    decoded directories 1024 entries, the diff's memos 1024, spill.SPILL_ROWS 512 rows read
-    back 256 at a time."""
+    """:func:`_peak_of_an_update_creating` into the directory ``big`` the replica already holds,
+    the check before `done` off.  The bounds scaled down as above: block cache 256 blocks, overlay
+    256 inodes or 1 MiB of blocks, decoded directories 1024 entries, the diff's memos 1024,
+    spill.SPILL_ROWS 512 rows read back 256 at a time."""
     monkeypatch.setattr(sim_diff, "MEMO_LIMIT", 1024)
     monkeypatch.setattr(spill, "SPILL_ROWS", 512)
     monkeypatch.setattr(spill, "PAGE", 256)
-    h = Harness(attrs.evolve(group_config(replicas=("A",), scheme="sim"), verify=False))
-    for v in (h.agent.source, h.agent.dest):
-        v.handle.CACHE_BLOCKS, v.handle.OVERLAY_INODES, v.handle.DIRTY_LIMIT = 256, 256, 1 << 20
-        v.handle.DIRCACHE_ENTRIES = 1024
-    src = h.agent.source
-    src.apply("A", R.framed("A", None, "t", [R.MkDir(path="big"), R.MkFile(path="big/seed")]), use_purgatory=False)
-    assert h.cycle()["failures"] == 0
-    recs: list[object] = []
-    for i in range(n):
-        p = f"big/f{i:06d}"
-        recs += [R.MkFile(path=p), R.Write(path=p, offset=0, data=b"x" * 100)]
-    src.apply("A", R.framed("A", None, "t", recs), use_purgatory=False)
-    del recs
-    gc.collect()
-    tracemalloc.start()
-    try:
-        base = tracemalloc.get_traced_memory()[0]
-        report = h.cycle()
-        peak = tracemalloc.get_traced_memory()[1] - base
-    finally:
-        tracemalloc.stop()
-    assert report["failures"] == 0
-    r = h.agent.state.replicas["A"]
-    assert h.agent.dest.fingerprint("A", r.exported) == src.fingerprint("A", r.source_point)
-    return peak
+    return _peak_of_an_update_creating(group_config, n, kept_dir="big")
 
 
 def test_an_update_creating_4x_the_files_in_a_kept_directory_does_not_take_4x_the_memory(group_config, monkeypatch):
