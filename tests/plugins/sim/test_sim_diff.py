@@ -337,6 +337,16 @@ def _apply_ops(fs, qtree, opl):
 _ids = itertools.count()
 
 
+def _two_pcpis(src, first, second):
+    """``src`` with qtree q, PCPI s1 after the operations ``first``, PCPI s2 after ``second``."""
+    src.apply(qtree="q", records=R.framed("q", None, "t", []), use_purgatory=True)
+    _apply_ops(src, "q", first)
+    src.snapshot_create("s1")
+    _apply_ops(src, "q", second)
+    src.snapshot_create("s2")
+    return src
+
+
 @settings(
     max_examples=int(os.environ.get("COALESCE_SIM_EXAMPLES", "40")),
     deadline=None,
@@ -351,11 +361,7 @@ def test_property_diff_apply_reproduces_target(tmp_path_factory, first, second):
     dst = open_sim(f"{root}/dst?fsync=0", create=True)
     import coalesce_sim as S
 
-    src.apply(qtree="q", records=R.framed("q", None, "t", []), use_purgatory=True)
-    _apply_ops(src, "q", first)
-    src.snapshot_create("s1")
-    _apply_ops(src, "q", second)
-    src.snapshot_create("s2")
+    _two_pcpis(src, first, second)
     dst.apply(qtree="r", records=D.diff_stream(src, "q", None, "s1"), use_purgatory=True)
     dst.apply(qtree="r", records=D.diff_stream(src, "q", "s1", "s2"), use_purgatory=True)
     assert D.tree_dict(dst, "r") == D.tree_dict(src, "q", "s2")
@@ -407,13 +413,7 @@ def test_property_a_diff_with_its_path_memos_bounded_sends_the_same_records(
     import coalesce_sim as S
     from coalesce_sim import open_sim
 
-    root = tmp_path_factory.mktemp("memo")
-    src = open_sim(f"{root}/src?fsync=0", create=True)
-    src.apply(qtree="q", records=R.framed("q", None, "t", []), use_purgatory=True)
-    _apply_ops(src, "q", first)
-    src.snapshot_create("s1")
-    _apply_ops(src, "q", second)
-    src.snapshot_create("s2")
+    src = _two_pcpis(open_sim(f"{tmp_path_factory.mktemp('memo')}/src?fsync=0", create=True), first, second)
     whole = list(D.diff_stream(src, "q", "s1", "s2"))
     with monkeypatch.context() as m:
         m.setattr(D, "MEMO_LIMIT", 1)
@@ -433,13 +433,7 @@ def test_property_a_diff_whose_entries_spill_to_disk_sends_the_same_records(
     import coalesce_sim as S
     from coalesce_sim import open_sim, spill
 
-    root = tmp_path_factory.mktemp("spill")
-    src = open_sim(f"{root}/src?fsync=0", create=True)
-    src.apply(qtree="q", records=R.framed("q", None, "t", []), use_purgatory=True)
-    _apply_ops(src, "q", first)
-    src.snapshot_create("s1")
-    _apply_ops(src, "q", second)
-    src.snapshot_create("s2")
+    src = _two_pcpis(open_sim(f"{tmp_path_factory.mktemp('spill')}/src?fsync=0", create=True), first, second)
     for base, target in (("s1", "s2"), ("s2", "s1")):
         whole = list(D.diff_stream(src, "q", base, target))
         with monkeypatch.context() as m:
