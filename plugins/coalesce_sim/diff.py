@@ -52,23 +52,57 @@ class Namespace:
         self.paths: dict[int, str | None] = {}
         self.rev: dict[int, dict[int, str]] = {}
         self.rev_entries = 0
+        #: the window of one directory past MEMO_LIMIT entries (_name_in_large): (directory, lowest
+        #: and highest inode number it answers for, inode -> name)
+        self.window: tuple[int, int, int, dict[int, bytes]] | None = None
 
     def inode(self, ino: int) -> Inode | None:
         rec = self.v.inode(ino)
         return rec if rec is not None and self.q is not None and rec.qtree == self.q else None
 
     def name_in(self, dino: int, ino: int) -> str | None:
+        """The name of ``ino`` in directory ``dino`` (the smallest, for a hard-linked file), None if
+        it has none.  A directory of at most MEMO_LIMIT entries is memoised whole; a larger one by
+        :meth:`_name_in_large`, a window at a time."""
         r = self.rev.get(dino)
         if r is None:
             drec = self.v.inode(dino)
             if drec is None or drec.kind != DIR:
                 return None
+            if drec.size // 7 > MEMO_LIMIT:  # an entry takes at least 7 bytes: maybe past MEMO_LIMIT
+                return self._name_in_large(dino, drec, ino)
             r = {}
             for n, i in sorted(self.v.dir(drec).items(), reverse=True):
                 r[i] = n
             self.rev[dino] = r
             self.rev_entries += len(r)
         return r.get(ino)
+
+    def _name_in_large(self, dino: int, drec: Inode, ino: int) -> str | None:
+        """:meth:`name_in` in a directory that may hold more than MEMO_LIMIT entries: one scan of its
+        blocks keeps the names of the MEMO_LIMIT smallest inode numbers at or above ``ino`` (the
+        window, one per Namespace).  The diff looks changed inodes up in inode order, so one scan
+        answers up to MEMO_LIMIT lookups (before, each lookup past the memo decoded the directory
+        whole again: quadratic)."""
+        w = self.window
+        if w is not None and w[0] == dino and w[1] <= ino <= w[2]:
+            name = w[3].get(ino)
+            return None if name is None else name.decode("utf-8", "surrogateescape")
+        found: dict[int, bytes] = {}
+        cap = -1  # past a cut: the largest inode number the window still holds
+        for name, i in self.v.dir_entries(drec):
+            if i < ino or (cap >= 0 and i > cap) or i in found:
+                continue  # in name order: the first name of an inode is its smallest
+            found[i] = name
+            if len(found) >= 2 * MEMO_LIMIT:
+                found = dict(sorted(found.items())[:MEMO_LIMIT])
+                cap = max(found)
+        if len(found) > MEMO_LIMIT:
+            found = dict(sorted(found.items())[:MEMO_LIMIT])
+            cap = max(found)
+        self.window = (dino, ino, cap if cap >= 0 else 1 << 62, found)
+        hit = found.get(ino)
+        return None if hit is None else hit.decode("utf-8", "surrogateescape")
 
     def path(self, ino: int) -> str | None:
         """Path of ``ino`` in the qtree's namespace ('' = qtree root), None if not reachable.

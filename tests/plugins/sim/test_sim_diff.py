@@ -422,6 +422,42 @@ def test_property_a_diff_with_its_path_memos_bounded_sends_the_same_records(
     S.close_sim(src)
 
 
+def test_the_paths_of_files_changed_in_a_directory_past_memo_limit_cost_a_scan_per_window(make_sim, monkeypatch):
+    """The paths of 2,000 files written in place in one directory, with MEMO_LIMIT 100: the names
+    are found by scans of the directory that each answer the next 100 inodes (about 20 scans of
+    2,000 entries per image and walk of the change, the diff walks it twice: 172,085 entries read;
+    before, every lookup past the memo went through the whole directory again: 16,008,003), and
+    the records are those of the diff with its memos unbounded."""
+    n, limit = 2000, 100
+    fs = make_sim()
+    names = [f"big/f{i:05d}" for i in range(n)]
+    sim_apply(fs, "q", [R.MkDir(path="big")] + [R.MkFile(path=p) for p in names])
+    fs.snapshot_create("s1")
+    sim_apply(fs, "q", [R.Write(path=p, offset=0, data=b"y") for p in names])
+    fs.snapshot_create("s2")
+    whole = list(D.diff_stream(fs, "q", "s1", "s2"))
+    seen = [0]
+    entries, whole_dir = D.View.dir_entries, D.View.dir
+
+    def counted_entries(view, rec):
+        for e in entries(view, rec):
+            seen[0] += 1
+            yield e
+
+    def counted_dir(view, rec):
+        d = whole_dir(view, rec)
+        seen[0] += len(d)
+        return d
+
+    monkeypatch.setattr(D, "MEMO_LIMIT", limit)
+    monkeypatch.setattr(D.View, "dir_entries", counted_entries)
+    monkeypatch.setattr(D.View, "dir", counted_dir)
+    bounded = list(D.diff_stream(fs, "q", "s1", "s2"))
+    assert bounded == whole
+    assert sum(isinstance(r, R.Write) for r in bounded) == n
+    assert seen[0] < 5 * (n // limit + 2) * n, f"{seen[0]} directory entries read"
+
+
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(first=ops(12), second=ops(12))
 def test_property_a_diff_whose_entries_spill_to_disk_sends_the_same_records(
