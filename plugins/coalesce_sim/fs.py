@@ -42,6 +42,7 @@ import random
 import struct
 import threading
 import time
+from array import array
 from typing import Any, Iterator, Self
 
 from coalesce_core.errors import BackendError
@@ -405,7 +406,9 @@ class SimFS:
         self.rc: dict[int, int] = {}
         self.suse: dict[int, int] = {}
         self.free_stripes: list[int] = []
-        self.pending: set[int] = set()
+        #: blocks freed since the last CP was built, reusable once the next CP is on disk: 8 bytes
+        #: each (releasing a PCPI can free millions; a block is freed at most once per CP)
+        self.pending = array("Q")
         self._reset_overlay()
         if self.readonly:
             return
@@ -601,7 +604,7 @@ class SimFS:
                 continue
             kids = list(self._children(p, k, lv))
             del self.rc[p]
-            self.pending.add(p)
+            self.pending.append(p)
             if p in self.idx_tops:
                 self._freed_top(p)
             stack.extend(kids)
@@ -746,7 +749,8 @@ class SimFS:
         if d is None:
             rec = self.a_inode(ino)
             assert rec is not None and rec.kind == DIR, (ino, rec)
-            d = dict(self.view().dir(rec))
+            # decoded for the overlay alone (not through View.dir's cache: one copy, not two)
+            d = decode_dir(self.view().data(rec)) if rec.top else {}
             self.ov_dirs[ino] = d
         return d
 
@@ -944,7 +948,7 @@ class SimFS:
                 ) from exc
             raise
 
-    def _cp_begin(self) -> tuple[int, bytes, set[int]]:
+    def _cp_begin(self) -> tuple[int, bytes, array[int]]:
         """Build the CP (lock held): new blocks to free stripes, written (not yet flushed); the
         in-memory image switches to it and the overlay starts empty on top of it."""
         self.new_blocks: set[int] = set()
@@ -1006,19 +1010,19 @@ class SimFS:
         sb = self._sb_bytes(cp, self.raid.ndata, self.cp_hwm, self.max_stripes, root, meta)
         self.hwm, self.root, self.meta_rec = self.cp_hwm, root, meta
         self.cp_built = cp
-        freed, self.pending = self.pending, set()
+        freed, self.pending = self.pending, array("Q")
         self.flushing = True
         self._reset_overlay()
         return cp, sb, freed
 
-    def _cp_flush(self, job: tuple[int, bytes, set[int]]) -> None:
+    def _cp_flush(self, job: tuple[int, bytes, array[int]]) -> None:
         """Make CP ``job`` durable: flush its blocks, then write the superblock copy and flush."""
         cp, sb, _freed = job
         self.raid.sync()
         self.raid.write_stripe(cp % SB_STRIPES, [sb] * self.raid.ndata)
         self.raid.sync()
 
-    def _cp_finish(self, job: tuple[int, bytes, set[int]]) -> None:
+    def _cp_finish(self, job: tuple[int, bytes, array[int]]) -> None:
         """CP ``job`` is on disk (lock held): the blocks the old image alone referenced become free."""
         cp, _sb, freed = job
         self.cp = cp

@@ -159,7 +159,7 @@ def test_an_update_creating_4x_the_files_in_a_kept_directory_does_not_take_4x_th
     """4N small files created in one directory the replica already holds, by one whole update,
     peak below twice the peak of N (N = 4,000: 1.7x).  What grows is on the destination: the
     directory decoded whole while the update changes it and a block map entry per new block
-    (docs/sim.md, Limits); removing 4N names from such a directory still takes about 3x."""
+    (docs/sim.md, Limits); removing 4N names from such a directory still takes 2.28x."""
     n = 4000
     small = _peak_of_an_update_creating_in_a_kept_directory(group_config, monkeypatch, n)
     large = _peak_of_an_update_creating_in_a_kept_directory(group_config, monkeypatch, 4 * n)
@@ -212,8 +212,8 @@ def _peak_of_an_update_changing_a_kept_directory(group_config, monkeypatch, kind
             "remove",
             marks=pytest.mark.xfail(
                 strict=True,
-                reason="2.95x: the purge decodes the purgatory whole, the destination holds the changed "
-                "directory decoded whole and re-encodes it at every CP, freed blocks stay pending until the CP",
+                reason="2.28x (it was 2.95x): the destination still holds the changed directory and its "
+                "purgatory decoded whole and re-encodes both at every CP",
             ),
         ),
         "change",
