@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterable
 import attrs
 import pluggy
 
-from coalesce_core import crashpoints, ownership, requests, restorer, verifier, verify
+from coalesce_core import crashpoints, ownership, requests, restorer, retention, verifier, verify
 from coalesce_core.backend.manager import plugin_manager
 from coalesce_core.backend.volume import Volume
 from coalesce_core.config import GroupConfig, check_replicas
@@ -184,7 +184,9 @@ class Agent:
                 )
             if not path.exists():  # (an existing ledger: Ledger.create says the group is initialised)
                 ownership.check_free(config, source, dest, path)
-            state = GroupState(name=config.name, retry=config.retry, reseed_after=config.reseed_after)
+            state = GroupState(
+                name=config.name, retry=config.retry, reseed_after=config.reseed_after, retention=config.retention
+            )
             Ledger.create(path, state, identity=ownership.new_identity()).close()
         except BaseException:
             lock.release()
@@ -227,6 +229,8 @@ class Agent:
         pm = pm or plugin_manager(plugins)
         dest = Volume.open(pm, config.destination)
         try:
+            if not readonly:  # generations the destination has no room for: a ConfigError before anything is locked
+                retention.check_capacity(config.retention, dest.max_pcpis)
             path = config.ledger_path(dest.metadata_dir())
             lock = None if readonly else (_lock or GroupLock.acquire(path, config.name, verb))
         except BaseException:
@@ -250,9 +254,12 @@ class Agent:
         try:  # whatever fails from here on closes the agent: its lock must not outlive a failed open
             if reconcile:
                 check_replicas(config, {r.name: r.source_qtree for r in agent.state.replicas.values()})
-            if (agent.state.retry, agent.state.reseed_after) != (config.retry, config.reseed_after):
+            policy = (config.retry, config.reseed_after, config.retention)
+            if (agent.state.retry, agent.state.reseed_after, agent.state.retention) != policy:
                 # the config is the source of policy
-                new = attrs.evolve(agent.state, retry=config.retry, reseed_after=config.reseed_after)
+                new = attrs.evolve(
+                    agent.state, retry=config.retry, reseed_after=config.reseed_after, retention=config.retention
+                )
                 ledger.commit(agent.state, new, now=clock())
                 agent.state = new
             for rc in config.replicas:

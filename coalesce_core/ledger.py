@@ -21,9 +21,11 @@ from typing import Any, Callable, Iterable, Sequence
 
 import attrs
 
+from coalesce_core.cycle.generations import Manifest
 from coalesce_core.cycle.state import GroupState, Pcpi, Replica, RetryPolicy, SourcePcpi
 from coalesce_core.errors import MetadataError
 from coalesce_core.requests import PENDING, WITHDRAWN, Request
+from coalesce_core.retention import Policy
 
 SCHEMA_VERSION = 1
 
@@ -47,6 +49,11 @@ CREATE TABLE IF NOT EXISTS requests (
     asked REAL NOT NULL, pid INTEGER NOT NULL, answered REAL NOT NULL DEFAULT 0,
     message TEXT NOT NULL DEFAULT '', hint TEXT NOT NULL DEFAULT '', exit_code INTEGER NOT NULL DEFAULT 0);
 """
+# The manifests of the coalesced base and the retained generations (coalesce_core/cycle/generations.py),
+# one row per destination PCPI, written in the transaction that records the jump-ahead making the image.
+# Ledgers written before generations existed lack the table: a writer creates it, a reader sees none.
+_MANIFESTS = "CREATE TABLE IF NOT EXISTS manifests (name TEXT PRIMARY KEY, data TEXT NOT NULL);"
+
 _REQUEST_COLUMNS = "id, verb, args, status, asked, pid, answered, message, hint, exit_code"
 
 _GROUP_FIELDS = (
@@ -141,7 +148,7 @@ class Ledger:
             )
         path.parent.mkdir(parents=True, exist_ok=True)
         conn = cls._connect(path)
-        conn.executescript(_SCHEMA + _REQUESTS)
+        conn.executescript(_SCHEMA + _REQUESTS + _MANIFESTS)
         led = cls(path, conn)
         with led._tx():
             conn.executemany(
@@ -222,12 +229,19 @@ class Ledger:
                 raw["owners"] = frozenset(raw.get("owners", ()))
                 pcpis[n] = Pcpi(**raw)
             sps = {n: SourcePcpi(**json.loads(d)) for n, d in c.execute("SELECT name, data FROM source_pcpis")}
+            manifests = {}
+            if self._has_table("manifests"):
+                manifests = {
+                    n: Manifest.from_json(json.loads(d)) for n, d in c.execute("SELECT name, data FROM manifests")
+                }
             return GroupState(
                 name=meta["group"],
                 replicas=replicas,
                 pcpis=pcpis,
                 source_pcpis=sps,
                 retry=RetryPolicy(**json.loads(meta["retry"])),
+                retention=_policy(json.loads(meta["retention"])) if "retention" in meta else Policy(),
+                manifests=manifests,
                 **fields,
             )
         except (KeyError, TypeError, ValueError, sqlite3.DatabaseError) as exc:
@@ -324,6 +338,8 @@ class Ledger:
         rows = []
         if old is None or old.retry != new.retry:
             rows.append(("retry", json.dumps(attrs.asdict(new.retry))))
+        if old is None or old.retention != new.retention:
+            rows.append(("retention", json.dumps(_policy_json(new.retention))))
         for k in _GROUP_FIELDS:
             v = getattr(new, k)
             if old is None or getattr(old, k) != v:
@@ -343,6 +359,16 @@ class Ledger:
                 c.executemany(f"INSERT OR REPLACE INTO {table} VALUES (?, ?)", changed)
             if gone:
                 c.executemany(f"DELETE FROM {table} WHERE name = ?", gone)
+        old_m = old.manifests if old else {}
+        if old_m is not new.manifests:
+            changed_m = [(n, json.dumps(m.to_json())) for n, m in new.manifests.items() if old_m.get(n) is not m]
+            gone_m = [(n,) for n in old_m if n not in new.manifests]
+            if changed_m or gone_m:
+                c.execute(_MANIFESTS)
+            if changed_m:
+                c.executemany("INSERT OR REPLACE INTO manifests VALUES (?, ?)", changed_m)
+            if gone_m:
+                c.executemany("DELETE FROM manifests WHERE name = ?", gone_m)
 
     def commit(
         self,
@@ -366,9 +392,12 @@ class Ledger:
                 self._answer(answered)
 
     # -- requests (coalesce_core.requests) ------------------------------------------
+    def _has_table(self, name: str) -> bool:
+        q = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?"
+        return self.conn.execute(q, (name,)).fetchone() is not None
+
     def _has_requests(self) -> bool:
-        q = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'requests'"
-        return self.conn.execute(q).fetchone() is not None
+        return self._has_table("requests")
 
     def ask(self, verb: str, args: dict[str, str], now: float, pid: int) -> Request:
         """Append a pending request to the queue, durably; returns it with its id."""
@@ -455,6 +484,19 @@ def _request(row: Sequence[Any]) -> Request:
         hint=hint,
         exit_code=exit_code,
     )
+
+
+def _policy_json(policy: Policy) -> dict[str, Any]:
+    return {
+        "keep_min": policy.keep_min,
+        "keep": " ".join(str(k) for k in policy.keep),
+        "max": policy.max,
+        "prefer_complete": policy.prefer_complete,
+    }
+
+
+def _policy(raw: dict[str, Any]) -> Policy:
+    return Policy(**raw)
 
 
 def _note_key(key: str) -> str:

@@ -61,6 +61,7 @@ def group_config(tmp_path: Path) -> Callable[..., "object"]:
         spool: bool | None = None,
         reseed_after: int | None = None,
         privileges: str | None = None,
+        retention: str | None = None,
     ):
         n = next(_ids)
         if scheme == "mem":
@@ -86,6 +87,8 @@ def group_config(tmp_path: Path) -> Callable[..., "object"]:
         ]
         for r in replicas:
             lines += ["[[replica]]", f'name = "{r}"']
+        if retention is not None:  # the body of a [retention] table (docs/config.md, "Retention")
+            lines += ["[retention]", retention]
         text = "\n".join(lines) + "\n"
         path = tmp_path / f"group{n}.toml"
         path.write_text(text)

@@ -12,10 +12,12 @@ from typing import Any, Iterable, Mapping
 
 import attrs
 
+from coalesce_core.cycle.generations import as_retained
 from coalesce_core.cycle.planner import is_group_pcpi
 from coalesce_core.cycle.spec import Spec, load_spec
 from coalesce_core.cycle.state import ACTIVE, CYCLE_ROLES, INDIVIDUAL, KEPT, GroupState
 from coalesce_core.errors import CoalesceError
+from coalesce_core.retention import limit
 
 
 @attrs.frozen
@@ -41,13 +43,24 @@ def outside(state: GroupState, spec: Spec | None = None) -> list[str]:
 
 
 def i1_fixed_consumption(state: GroupState) -> Finding:
+    """At most 4 PCPIs in cycle roles, exactly 1 at rest; besides them the retained generations,
+    at rest at most what the retention policy keeps (:func:`coalesce_core.retention.limit`; those a
+    replica pins are never pruned and do not count)."""
     n = len(cycle_pcpis(state))
     initialized = any(r.source_point for r in state.replicas.values())
     if n > 4:
         return Finding("I1", False, f"{n} PCPIs in cycle roles (> 4): {cycle_pcpis(state)}")
     if state.phase == "idle" and initialized and n != 1:
         return Finding("I1", False, f"at rest with {n} PCPIs in cycle roles, expected exactly 1")
-    return Finding("I1", True, f"{n} PCPIs in cycle roles")
+    gens = [g for g in as_retained(state) if not g.protected]
+    bound = limit(state.retention)
+    if state.phase == "idle" and bound is not None and len(gens) > bound:
+        return Finding(
+            "I1", False, f"at rest with {len(gens)} unpinned generations, the retention policy keeps {bound}"
+        )
+    return Finding(
+        "I1", True, f"{n} PCPIs in cycle roles" + (f", {len(state.generations())} generations" if gens else "")
+    )
 
 
 def i2_bounded_extras(state: GroupState) -> Finding:

@@ -49,9 +49,10 @@ import attrs
 
 from coalesce_core.cycle import effects as fx
 from coalesce_core.cycle import events as ev
+from coalesce_core.cycle import generations as gen
 from coalesce_core.cycle import guards
 from coalesce_core.cycle.machines import Model, default_model
-from coalesce_core.cycle.state import ACTIVE, KEPT, GroupState, Pcpi, Replica, SourcePcpi
+from coalesce_core.cycle.state import ACTIVE, GENERATION, KEPT, GroupState, Pcpi, Replica, SourcePcpi
 from coalesce_core.errors import CoalesceError
 
 
@@ -120,6 +121,7 @@ class _Plan:
         self.replicas = dict(state.replicas)
         self.pcpis = dict(state.pcpis)
         self.source_pcpis = dict(state.source_pcpis)
+        self.manifests = dict(state.manifests)
         self.fields: dict[str, Any] = {}
         self.effects: list = []
         self.log: list[Transition] = []
@@ -129,8 +131,14 @@ class _Plan:
         return self.fields.get(field, getattr(self.base_state, field))
 
     def state(self) -> GroupState:
+        manifests = {n: m for n, m in self.manifests.items() if n in self.pcpis}  # one lives as long as its PCPI
         return attrs.evolve(
-            self.base_state, replicas=self.replicas, pcpis=self.pcpis, source_pcpis=self.source_pcpis, **self.fields
+            self.base_state,
+            replicas=self.replicas,
+            pcpis=self.pcpis,
+            source_pcpis=self.source_pcpis,
+            manifests=manifests,
+            **self.fields,
         )
 
     def replica(self, name: str) -> Replica:
@@ -266,8 +274,10 @@ def _participants(p: _Plan) -> list[Replica]:
     return p.in_state(*sorted(p.model.spec.jump_ahead_sources))
 
 
-def _jump_to(p: _Plan, new_base: str) -> None:
-    """Branch 1032: every participant exports the new base, in one switch."""
+def _jump_to(p: _Plan, new_base: str, now: float) -> None:
+    """Branch 1032: every participant exports the new base, in one switch; the new base's manifest
+    (coalesce_core/cycle/generations.py) is recorded in the same decision, before the switch."""
+    p.manifests[new_base] = gen.manifest_at_jump(p.state(), new_base, now, _participants(p))
     for r in _participants(p):
         p.fire(
             r,
@@ -364,9 +374,11 @@ def _release(p: _Plan, source: bool = True) -> None:
     if new_base is not None:
         p.pcpis[new_base.name] = attrs.evolve(new_base, role="base")
     refs = needed_pcpis(p.state())
+    if new_base is not None and old_base is not None and p.base_state.retention.retains:
+        _retain(p, old_base, refs.get(old_base.name, frozenset()), new_base)
     for name, pcpi in sorted(p.pcpis.items()):
-        if pcpi.role == KEPT:
-            continue  # the operator releases it (`coalesce release`, I11)
+        if pcpi.role in (KEPT, GENERATION):
+            continue  # the operator releases a kept one (`coalesce release`, I11); _prune the generations
         action = release_action(
             pcpi.role, base is not None and name == base.name, pcpi.releasing, name in refs, pcpi.taken
         )
@@ -383,7 +395,32 @@ def _release(p: _Plan, source: bool = True) -> None:
         if source and name not in src_needed and not sp.releasing:
             p.source_pcpis[name] = attrs.evolve(sp, releasing=True)
             p.emit(fx.ReleaseSourcePcpi(name=name))
+    if new_base is not None:
+        _prune(p, _image_time(p, new_base))
     _maybe_finish(p)
+
+
+def _image_time(p: _Plan, base: Pcpi) -> float:
+    """When coalesced image ``base`` was taken (its manifest's time)."""
+    m = p.manifests.get(base.name)
+    return m.time if m is not None else base.taken_at
+
+
+def _retain(p: _Plan, old_base: Pcpi, owners: frozenset[str], new_base: Pcpi) -> None:
+    """At the jump-ahead the old coalesced base becomes a generation instead of being released
+    (docs/config.md, "Retention"), its manifest kept (one of a base made before manifests were
+    recorded: an unknown one, of the time it became a generation)."""
+    p.pcpis[old_base.name] = attrs.evolve(old_base, role=GENERATION, owners=owners)
+    if old_base.name not in p.manifests:
+        p.manifests[old_base.name] = gen.unknown_manifest(old_base.name, old_base.cycle, _image_time(p, new_base))
+
+
+def _prune(p: _Plan, now: float) -> None:
+    """After each jump-ahead: release the generations the retention policy prunes at ``now`` (the
+    new image's time), one PCPI release each, marked releasing in this decision (write-ahead: a
+    crash re-issues the release, recovery never plans again). A pinned generation is never pruned."""
+    for g in gen.prune(p.state(), now).pruned:
+        p.release(g.id)
 
 
 def _maybe_finish(p: _Plan) -> None:
@@ -578,7 +615,8 @@ def _pcpi_taken(p: _Plan, e: ev.PcpiTaken) -> None:
     elif pcpi.role == "jump_ahead" and phase == "jump_ahead_1":
         p.emit(fx.PurgePurgatory(qtrees=tuple(r.name for r in _participants(p))))
     elif pcpi.role == "new_base" and phase == "jump_ahead_2":
-        _jump_to(p, e.name)
+        p.pcpis[e.name] = attrs.evolve(pcpi, taken_at=e.now)
+        _jump_to(p, e.name, e.now)
     elif pcpi.role in ("individual", KEPT):
         if pcpi.role == KEPT:
             p.pcpis[e.name] = attrs.evolve(pcpi, taken_at=e.now)
@@ -852,7 +890,8 @@ def _remove(p: _Plan, e: ev.RemoveReplica) -> None:
         if r.name in pcpi.owners:
             pcpi = p.pcpis[name] = attrs.evolve(pcpi, owners=pcpi.owners - {r.name})
         if name in r.pinned() and name not in refs and not (base is not None and name == base.name):
-            p.release(name)
+            if pcpi.role != GENERATION:  # a generation stays until the retention policy prunes it
+                p.release(name)
 
 
 def recover_replica(state: str, has_scratch: bool) -> str:
@@ -920,7 +959,9 @@ def _recover(p: _Plan, e: ev.Recover) -> None:
     for name, pcpi in sorted(p.pcpis.items()):
         if not pcpi.taken:
             if name in e.destination_pcpis:
-                p.pcpis[name] = attrs.evolve(pcpi, taken=True, taken_at=e.now if pcpi.role == KEPT else 0.0)
+                p.pcpis[name] = attrs.evolve(
+                    pcpi, taken=True, taken_at=e.now if pcpi.role in (KEPT, "new_base") else 0.0
+                )
                 for r in list(p.replicas.values()):
                     if pcpi.role == KEPT and r.scratch == name:  # taken after the fence: it holds the writes
                         p.update(r, keep=False)
@@ -1015,7 +1056,7 @@ def _recover(p: _Plan, e: ev.Recover) -> None:
     elif action == "roll_forward":
         new_base = p.role("new_base")
         assert new_base is not None  # recovery rolls forward only when the new base PCPI exists
-        _jump_to(p, new_base.name)  # roll the unfinished jump-ahead forward
+        _jump_to(p, new_base.name, new_base.taken_at or e.now)  # roll the unfinished jump-ahead forward
     elif action == "release":
         _release(p)
 

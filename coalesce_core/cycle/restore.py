@@ -44,7 +44,7 @@ from coalesce_core.cycle.planner import (
     needed_pcpis,
     needed_source_pcpis,
 )
-from coalesce_core.cycle.state import ACTIVE, KEPT, GroupState, Pcpi, Replica, SourcePcpi
+from coalesce_core.cycle.state import ACTIVE, GENERATION, KEPT, GroupState, Pcpi, Replica, SourcePcpi
 
 
 @attrs.frozen
@@ -335,8 +335,13 @@ def _rebuild(p: _Plan, facts: Facts, base: str | None) -> None:
                 p.update(p.replicas[owner], keep=False)
     if base is not None:
         p.pcpis[base] = Pcpi(name=base, role="base", cycle=cycle, taken=True)
+    # retained generations (docs/config.md, "Retention") the ledger knows and the destination holds stay,
+    # with their manifests; one taken after this copy of the ledger is not known to be one: it is released
+    for name, old in sorted(before.items()):
+        if old.role == GENERATION and old.taken and name != base and name in facts.destination_pcpis:
+            p.pcpis[name] = attrs.evolve(old, owners=pins.get(name, frozenset()))
     for name, owners in pins.items():
-        if name != base and name in facts.destination_pcpis:
+        if name != base and name in facts.destination_pcpis and name not in p.pcpis:
             p.pcpis[name] = Pcpi(name=name, role="individual", cycle=cycle, taken=True, owners=owners)
     wanted = needed_source_pcpis(p.state()) & facts.source_pcpis
     known = dict(p.source_pcpis)

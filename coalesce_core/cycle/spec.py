@@ -98,6 +98,8 @@ class Spec:
     source: str
     #: a resync's writes of a broken replica, kept outside the cycle's and I2's budgets (I11)
     kept_role: str = "kept"
+    #: an old coalesced base kept by the retention policy, outside the cycle's budget (I1)
+    generation_role: str = "generation"
 
     def states_in_field(self, field: str) -> tuple[str, ...]:
         return tuple(s.name for s in self.replica.states if s.field == field)
@@ -173,6 +175,7 @@ def parse_spec(text: str, where: str = "<spec>") -> Spec:
         version=int(meta.get("version", 0)),
         source=where,
         kept_role=meta.get("kept_pcpi_role", "kept"),
+        generation_role=meta.get("generation_pcpi_role", "generation"),
     )
 
 

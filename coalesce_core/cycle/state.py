@@ -13,6 +13,9 @@ from typing import Iterable, Mapping
 
 import attrs
 
+from coalesce_core.cycle.generations import Manifest
+from coalesce_core.retention import Policy
+
 #: Characters allowed in group and replica names: they become parts of PCPI
 #: names (btrfs, ZFS) and of directory names.
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -24,7 +27,10 @@ INDIVIDUAL = "individual"
 KEPT = "kept"
 #: Export-mapping value meaning "export the live active file system" (broken replicas).
 ACTIVE = "@active"
-ROLES = CYCLE_ROLES + (INDIVIDUAL, KEPT)
+#: an old coalesced base kept at a jump-ahead by the group's retention policy (docs/config.md,
+#: "Retention"); pruned by that policy, never by the release step
+GENERATION = "generation"
+ROLES = CYCLE_ROLES + (INDIVIDUAL, KEPT, GENERATION)
 
 
 def _name(_inst: object, attribute: attrs.Attribute, value: str) -> None:
@@ -162,6 +168,11 @@ class GroupState:
     cycle_failures: int = 0
     #: re-seed a replica after this many failed updates in a row (0: never); [group] reseed_after
     reseed_after: int = attrs.field(default=3, validator=attrs.validators.ge(0))
+    #: which old coalesced bases to keep as generations ([retention]; the default keeps none)
+    retention: Policy = Policy()
+    #: destination PCPI name -> what the coalesced image holds per replica (the base's and each
+    #: generation's), written with the jump-ahead that exports it (coalesce_core/cycle/generations.py)
+    manifests: Mapping[str, Manifest] = attrs.field(factory=dict)
 
     # -- queries ----------------------------------------------------------
     def base(self) -> Pcpi | None:
@@ -179,6 +190,12 @@ class GroupState:
 
     def in_state(self, *states: str) -> list[Replica]:
         return [r for r in self.replicas.values() if r.state in states]
+
+    def generations(self) -> list[Pcpi]:
+        """The retained generations not being released, oldest first."""
+        return sorted(
+            (p for p in self.pcpis.values() if p.role == GENERATION and not p.releasing), key=lambda p: p.name
+        )
 
     def kept_pcpi(self, replica: str) -> Pcpi | None:
         """The kept PCPI holding the writes ``replica`` had when it was resynced (at most one, I11)."""

@@ -24,7 +24,7 @@ from coalesce_core import grouplock
 from coalesce_core.backend.hookspecs import ACTIVE
 from coalesce_core.cycle.invariants import Finding
 from coalesce_core.cycle.spec import Spec, load_spec
-from coalesce_core.cycle.state import CYCLE_ROLES, INDIVIDUAL, KEPT, GroupState
+from coalesce_core.cycle.state import CYCLE_ROLES, GENERATION, INDIVIDUAL, KEPT, GroupState
 from coalesce_core.ui.formatting import clock, duration, short_pcpi, shorten
 from coalesce_core.ui.peertext import clean
 from coalesce_core.ui.tracker import Tracker, TransferProgress
@@ -194,7 +194,7 @@ def budget_table(state: GroupState) -> RenderableType:
     return Group(budget_text(state), t) if state.pcpis else budget_text(state)
 
 
-ROLE_ORDER = {r: i for i, r in enumerate((*CYCLE_ROLES, INDIVIDUAL, KEPT))}
+ROLE_ORDER = {r: i for i, r in enumerate((*CYCLE_ROLES, INDIVIDUAL, KEPT, GENERATION))}
 
 
 def check_table(findings: list[Finding]) -> Table:

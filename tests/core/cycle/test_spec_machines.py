@@ -18,7 +18,7 @@ import coalesce_core
 from coalesce_core.cycle import guards
 from coalesce_core.cycle.machines import Model, default_model, machine_edges
 from coalesce_core.cycle.spec import Spec, load_spec, parse_spec, spec_path
-from coalesce_core.cycle.state import KEPT, ROLES
+from coalesce_core.cycle.state import GENERATION, KEPT, ROLES
 from coalesce_core.errors import ConfigError, IllegalTransition
 
 REPO = Path(__file__).resolve().parents[3]
@@ -117,7 +117,8 @@ def test_spec_parses_with_both_machines(spec):
     assert spec.cycle_roles == ("base", "rollback", "jump_ahead", "new_base")
     assert spec.individual_role == "individual"
     assert (spec.kept_role, KEPT) == ("kept", "kept")
-    assert ROLES == (*spec.cycle_roles, spec.individual_role, spec.kept_role)
+    assert (spec.generation_role, GENERATION) == ("generation", "generation")
+    assert ROLES == (*spec.cycle_roles, spec.individual_role, spec.kept_role, spec.generation_role)
     assert set(spec.agent.state_names) == AGENT_PHASES
 
 

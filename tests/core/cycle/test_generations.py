@@ -1,0 +1,156 @@
+"""coalesce_core.cycle.generations: the old coalesced base kept as a generation at the jump-ahead, its
+manifest, and the pruning by the retention policy (docs/config.md, "Retention"), on mem and sim volumes."""
+
+from __future__ import annotations
+
+import pytest
+from backends import backend_fixtures
+
+from coalesce_core import retention
+from coalesce_core.backend.faults import Rule
+from coalesce_core.cycle import generations as gen
+from coalesce_core.cycle.state import GENERATION, GroupState, Pcpi, Replica
+from coalesce_core.testing.harness import FakeClock, Harness
+from coalesce_core.testing.workload import fill
+
+backend, group_config = backend_fixtures("mem", "sim")
+
+HOUR = 3600.0
+
+
+@pytest.mark.parametrize(
+    ("state", "participant", "had_image", "moved", "records", "status"),
+    [
+        ("done", True, True, True, 5, gen.UPDATED),
+        ("done", True, True, True, 0, gen.UNCHANGED),
+        ("done", True, True, False, 0, gen.STALE),  # its update failed and was rolled back (Fig. 9)
+        ("done", True, False, True, 0, gen.UPDATED),  # a baseline: its first image
+        ("reseeded", True, True, True, 0, gen.UPDATED),
+        ("done_uncoalesced", True, True, True, 3, gen.UPDATED),
+        ("stable_uncoalesced", True, True, False, 0, gen.STALE),
+        ("unstable_uncoalesced", False, True, False, 0, gen.OUTSIDE),
+        ("broken", False, True, False, 0, gen.OUTSIDE),
+        ("uninitialized", False, False, False, 0, gen.OUTSIDE),
+    ],
+)
+def test_status_at_jump(state, participant, had_image, moved, records, status):
+    assert gen.status_at_jump(state, participant, had_image, moved, records) == status
+
+
+def test_a_manifest_survives_its_json():
+    m = gen.Manifest("co-g-000003-new_base", 2, 12.5, (gen.Entry("A", gen.STALE, "co-g-src-000001", 3.0),))
+    assert gen.Manifest.from_json(m.to_json()) == m
+    assert m.counts() == {"updated": 0, "unchanged": 0, "stale": 1, "outside": 0} and m.fresh == 0
+
+
+def test_a_pinned_generation_is_protected_and_its_time_is_its_manifests():
+    g1, g2 = "co-g-000003-new_base", "co-g-000006-new_base"
+    s = GroupState(
+        name="g",
+        replicas={"A": Replica("A", "A", state="unstable_uncoalesced", exported=g1, last_good=g1)},
+        pcpis={g1: Pcpi(g1, GENERATION, taken=True), g2: Pcpi(g2, GENERATION, taken=True, taken_at=9.0)},
+        manifests={g1: gen.Manifest(g1, 1, 5.0, (gen.Entry("A", gen.UPDATED, "s", 4.0),))},
+        retention=retention.Policy(keep="1h"),
+    )
+    assert gen.as_retained(s) == [
+        retention.Generation(g1, 5.0, fresh=1, exported=True),
+        retention.Generation(g2, 9.0, fresh=0, exported=False),
+    ]
+    plan = gen.prune(s, 10 * HOUR)
+    assert plan.decision(g1).keep and plan.decision(g2).keep  # pinned; the newest
+    assert "exported by an uncoalesced replica" in plan.decision(g1).reasons
+
+
+def _hourly(h: Harness, cycles: int) -> dict[str, float]:
+    """``cycles`` cycles an hour apart, A changing each time; the time of each coalesced image made."""
+    assert isinstance(h.clock, FakeClock)
+    times = {}
+    for i in range(cycles):
+        h.clock.advance(HOUR)
+        h.writer.write("A", f"hourly-{i}", b"h" * 100)
+        h.cycle()
+        h.assert_invariants()
+        base = h.agent.state.base()
+        assert base is not None
+        times[base.name] = h.agent.state.manifests[base.name].time
+    return times
+
+
+def test_generations_accumulate_and_are_pruned_as_the_policy_says(group_config):
+    """Every old base was a generation; what is kept after each cycle is exactly retention.plan's
+    keep over every generation ever made (a plan without max is monotonic), and the volume holds
+    exactly the base and those."""
+    policy = 'keep = "3h"'
+    h = Harness(group_config(retention=policy))
+    fill(h.writer, "ABC")
+    h.cycle()
+    first = h.agent.state.base()
+    assert first is not None
+    made = {first.name: h.agent.state.manifests[first.name].time}
+    for _ in range(6):
+        made.update(_hourly(h, 1))
+        s = h.agent.state
+        base = s.base()
+        assert base is not None
+        olds = [retention.Generation(n, t) for n, t in made.items() if n != base.name]
+        want = {g.id for g in retention.plan(olds, made[base.name], retention.Policy(keep="3h")).kept}
+        assert {p.name for p in s.generations()} == want
+        assert sorted(n for n in h.agent.dest.snapshot_list() if n.startswith("co-g-")) == sorted(want | {base.name})
+        assert set(s.manifests) == want | {base.name}  # a manifest lives as long as its PCPI
+    # the hour of the newest image is the first of the 3: the generations of the 2 hours before it stay
+    assert len(h.agent.state.generations()) == 2
+
+
+def test_no_retention_keeps_no_generation(group_config):
+    h = Harness(group_config())
+    fill(h.writer, "ABC")
+    h.cycle()
+    _hourly(h, 3)
+    assert h.agent.state.generations() == []
+    assert len(h.agent.dest.snapshot_list()) == 1
+
+
+def test_the_manifest_of_updated_unchanged_and_failed_replicas(group_config):
+    """A changed, B did not, C's update failed (rolled back): the base of that cycle says so, and
+    keeps saying so once the next jump-ahead made it a generation."""
+    h = Harness(group_config(retention='keep_min = "30d"\nmax = 10'))
+    fill(h.writer, "ABC")
+    h.cycle()
+    before = {r.name: r.source_point for r in h.agent.state.replicas.values()}
+    h.writer.write("A", "new", b"a" * 500)
+    h.writer.write("C", "new", b"c" * 500)
+    h.faults.add(Rule(hook="coalesce_diff", qtree="C", record=1, times=1, volume="src"))
+    h.cycle()
+    base = h.agent.state.base()
+    assert base is not None
+    target = h.agent.state.replicas["A"].source_point
+    h.cycle()
+    assert base.name in {p.name for p in h.agent.state.generations()}
+    m = h.agent.state.manifests[base.name]
+    entries = {e.replica: (e.status, e.source_point) for e in m.entries}
+    assert entries == {"A": ("updated", target), "B": ("unchanged", target), "C": ("stale", before["C"])}
+    assert all(e.source_time > 0 for e in m.entries)
+    assert m.fresh == 2 and m.cycle == 2
+
+
+def test_a_generation_an_uncoalesced_replica_exports_is_never_pruned(group_config):
+    """C's rollback failed: it exports its last good image, the base of cycle 1, outside the cycle;
+    that base becomes a generation which the policy would prune long ago, but it is kept."""
+    h = Harness(group_config(retention='keep = "1h"'))
+    fill(h.writer, "ABC")
+    h.cycle()
+    held = h.agent.state.base()
+    assert held is not None
+    h.writer.write("C", "x", b"x" * 100)
+    h.faults.add(Rule(hook="coalesce_diff", qtree="C", record=2, times=1, volume="src"))
+    h.faults.add(Rule(hook="coalesce_rollback", qtree="C"))  # its retries fail too: it stays outside
+    h.cycle()
+    assert h.states()["C"] == "unstable_uncoalesced"
+    _hourly(h, 4)
+    s = h.agent.state
+    assert s.replicas["C"].exported == held.name
+    assert held.name in {p.name for p in s.generations()}
+    assert len(s.generations()) == 2  # the pinned one past the policy, and the newest
+    reasons = gen.prune(s, h.clock()).decision(held.name).reasons
+    assert "exported by an uncoalesced replica" in reasons
+    assert h.agent.state.manifests[held.name].counts()["updated"] == 3
