@@ -347,13 +347,6 @@ def _run(args: argparse.Namespace, stop: _Stop) -> int:
     progress = not args.quiet and console.is_interactive
     tracker = Tracker() if progress else None
     agent = _agent(args) if tracker is None else _agent_with(args, [tracker])
-    if agent.config.retention.retains:
-        agent.close()
-        raise ConfigError(
-            f"{agent.config.path or 'the config'} [retention]: this version of the agent keeps no generations "
-            "(at a jump-ahead it releases the old coalesced base), so the policy would not be applied",
-            hint='remove [retention] to run today; history lands in stages (docs/config.md, "Retention")',
-        )
     if tracker is not None:
         _map_transfers(tracker, agent)
     logs.say(
@@ -775,6 +768,24 @@ def cmd_history(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_generations(args: argparse.Namespace) -> int:
+    with _reader(args) as agent:
+        doc = reports.generations_data(agent.state, time.time(), plan=args.plan)
+    if args.json:
+        _dump_json(doc)
+        return EXIT_OK
+    if not doc["generations"]:
+        hint = (
+            "the next jump-ahead keeps the coalesced base as one"
+            if doc["policy"]["retains"]
+            else 'add [retention] to the config to keep some (docs/config.md, "Retention")'
+        )
+        print(f"group {doc['group']} keeps no generations yet: {hint}")
+        return EXIT_OK
+    _console().print(render.generations_table(doc))
+    return EXIT_OK
+
+
 def cmd_graph(args: argparse.Namespace) -> int:
     if args.format == "mermaid":
         sys.stdout.write(graphs.graph_mermaid())
@@ -885,6 +896,11 @@ def build_parser(pm: Any = None) -> argparse.ArgumentParser:
     h = verb("history", cmd_history, "one row per finished cycle: start, end, slowest replica, PCPIs, failures")
     h.add_argument("--json", action="store_true", help="machine-readable output (docs/schemas/history.schema.json)")
     h.add_argument("--last", type=_positive(int, 1, inclusive=True), help="only the last N cycles")
+    gn = verb("generations", cmd_generations, "retained coalesced generations ([retention]) and what each holds")
+    gn.add_argument(
+        "--json", action="store_true", help="machine-readable output (docs/schemas/generations.schema.json)"
+    )
+    gn.add_argument("--plan", action="store_true", help="what the retention policy keeps or prunes now, and why")
     for name, func, help in (
         ("check", cmd_check, "verify invariants I1-I5, I8, I9, I11 on the live group (exit 1 if violated)"),
         ("backends", cmd_backends, "installed storage backends (entry points)"),

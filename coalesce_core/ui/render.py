@@ -9,7 +9,7 @@ the spec's per-state attributes; docs/terminal.md).  The live views read a
 from __future__ import annotations
 
 import time
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Mapping, Sequence
 
 from rich import box
@@ -195,6 +195,27 @@ def budget_table(state: GroupState) -> RenderableType:
 
 
 ROLE_ORDER = {r: i for i, r in enumerate((*CYCLE_ROLES, INDIVIDUAL, KEPT, GENERATION))}
+
+
+def generations_table(doc: dict[str, Any]) -> Table:
+    """`coalesce generations`: one row per generation (reports.generations_data), oldest first; with
+    a plan, whether the policy keeps it and why."""
+    planned = any("plan" in g for g in doc["generations"])
+    t = Table(title=f"generations of group {clean(doc['group'])}", title_justify="left", box=box.SIMPLE_HEAD)
+    for col in ("id", "time (UTC)", "PCPI", "replicas", *(("plan", "why") if planned else ())):
+        t.add_column(col, justify="right" if col == "id" else "left")
+    for g in doc["generations"]:
+        when = datetime.fromtimestamp(g["time"], UTC).strftime("%Y-%m-%d %H:%M:%S") if g["time"] else "unknown"
+        counts = g["counts"]
+        summary = ", ".join(f"{n} {s}" for s, n in counts.items() if n) if counts else "unknown"
+        if g["pinned_by"]:
+            summary += f"; exported by {', '.join(clean(r) for r in g['pinned_by'])}"
+        row: list[str | Text] = [str(g["id"]), when, clean(g["pcpi"]), summary]
+        if planned:
+            keep = g["plan"]["keep"]
+            row += [Text("keep" if keep else "prune", style="" if keep else "yellow"), "; ".join(g["plan"]["reasons"])]
+        t.add_row(*row)
+    return t
 
 
 def check_table(findings: list[Finding]) -> Table:

@@ -9,7 +9,8 @@ from __future__ import annotations
 from typing import Any, Mapping, Sequence
 
 from coalesce_core.backend.hookspecs import ACTIVE
-from coalesce_core.cycle.invariants import Finding
+from coalesce_core.cycle import generations as gen
+from coalesce_core.cycle.invariants import Finding, seq_of
 from coalesce_core.cycle.spec import Spec, load_spec
 from coalesce_core.cycle.state import KEPT, GroupState, Pcpi
 from coalesce_core.ui.peertext import clean
@@ -87,6 +88,55 @@ def _kept(pcpi: Pcpi | None, replica: str, paths: Mapping[str, str | None]) -> d
     if pcpi is None:
         return None
     return {"replica": replica, "pcpi": pcpi.name, "taken_at": pcpi.taken_at or None, "path": paths.get(pcpi.name)}
+
+
+def generations_data(state: GroupState, now: float, plan: bool = False) -> dict[str, Any]:
+    """The `generations --json` document (docs/schemas/generations.schema.json): the group's retention
+    policy and its generations, oldest first, each with its manifest; with ``plan``, what the policy
+    keeps or prunes at ``now`` and why (coalesce_core.retention.plan's reasons)."""
+    policy = state.retention
+    decisions = gen.prune(state, now) if plan else None
+    pins: dict[str, list[str]] = {}
+    for r in sorted(state.replicas.values(), key=lambda r: r.name):
+        for name in r.pinned():
+            pins.setdefault(name, []).append(r.name)
+    rows = []
+    for p in state.generations():
+        m = state.manifests.get(p.name)
+        row: dict[str, Any] = {
+            "id": seq_of(p.name),
+            "pcpi": p.name,
+            "time": m.time if m is not None else p.taken_at,
+            "cycle": m.cycle if m is not None else p.cycle,
+            "pinned_by": pins.get(p.name, []),
+            "counts": m.counts() if m is not None else None,
+            "replicas": [attrs_entry(e) for e in m.entries] if m is not None else [],
+        }
+        if decisions is not None:
+            d = decisions.decision(p.name)
+            row["plan"] = {"keep": d.keep, "reasons": list(d.reasons)}
+        rows.append(row)
+    return {
+        "group": state.name,
+        "now": now,
+        "policy": {
+            "keep_min": policy.keep_min,
+            "keep": " ".join(str(k) for k in policy.keep),
+            "max": policy.max,
+            "prefer_complete": policy.prefer_complete,
+            "retains": policy.retains,
+        },
+        "generations": rows,
+    }
+
+
+def attrs_entry(e: gen.Entry) -> dict[str, Any]:
+    return {
+        "replica": e.replica,
+        "status": e.status,
+        "source_point": e.source_point,
+        "source_time": e.source_time or None,
+    }
 
 
 def check_data(findings: Sequence[Finding]) -> list[dict[str, Any]]:

@@ -72,18 +72,24 @@ def test_a_replica_removed_from_the_config_is_refused_until_coalesce_remove(sim_
     assert check.returncode == 0, check.stdout + check.stderr
 
 
-def test_a_retention_policy_is_refused_by_run_while_the_agent_keeps_no_generations(sim_group: Path):
-    """[retention] parses, but a run would release the old coalesced base at every jump-ahead:
-    an operator who asked for history is told, and nothing changes."""
+def test_a_retention_policy_the_destination_has_no_room_for_is_refused_by_run(sim_group: Path):
+    """sim holds at most 255 PCPIs: an unbounded [retention] (keep_min alone) is a ConfigError naming
+    the max that fits, before anything changes; with that max the run keeps the old base as a generation."""
     cfg = sim_group
     before = status(cfg)
-    cfg.write_text(cfg.read_text() + '\n[retention]\nkeep = "24h 14d"\n')
+    plain = cfg.read_text()
+    cfg.write_text(plain + '\n[retention]\nkeep_min = "30d"\n')
     refused = run_cli(cfg, "run", "--once")
     assert refused.returncode == 2, refused.stderr
-    assert "[retention]: this version of the agent keeps no generations" in refused.stderr
-    assert "hint: remove [retention]" in refused.stderr
+    assert "[retention] can keep an unbounded number of generations" in refused.stderr
+    assert "hint: set `max = 251` (or less) in [retention]" in refused.stderr
     points = lambda st: [(r["name"], r["exported_pcpi"], r["source_point"]) for r in st["replicas"]]  # noqa: E731
     assert points(status(cfg)) == points(before)
+    cfg.write_text(plain + '\n[retention]\nkeep_min = "30d"\nmax = 251\n')
+    ran = run_cli(cfg, "run", "--once")
+    assert ran.returncode == 0, ran.stderr
+    roles = {p["name"]: p["role"] for p in status(cfg)["pcpis"]}
+    assert sorted(roles.values()) == ["base", "generation"]
 
 
 def test_a_changed_source_is_refused_naming_remove_and_add(sim_group: Path):

@@ -18,7 +18,7 @@ def test_schemas_follow_the_spec():
     assert replica["state"]["enum"] == [s.name for s in spec.replica.states]
     assert status["properties"]["phase"]["enum"] == [s.name for s in spec.agent.states]
     roles = status["properties"]["pcpis"]["items"]["properties"]["role"]["enum"]
-    assert roles == [*spec.cycle_roles, spec.individual_role, spec.kept_role]
+    assert roles == [*spec.cycle_roles, spec.individual_role, spec.kept_role, spec.generation_role]
     for f in SCHEMAS.glob("*.schema.json"):
         doc = json.loads(f.read_text())
         assert doc["$schema"].endswith("2020-12/schema") and doc["title"].startswith("coalesce "), f.name

@@ -1,0 +1,58 @@
+"""`coalesce generations [--json] [--plan]`: the retained coalesced generations and what each holds."""
+
+from __future__ import annotations
+
+import json
+
+from coalesce_core.ui import cli as cli_mod
+
+
+def _retaining(group, cli, keep: str = 'keep_min = "30d"\nmax = 20') -> None:
+    tmp, writer = group
+    cfg = tmp / "coalesce.toml"
+    cfg.write_text(cfg.read_text() + f"\n[retention]\n{keep}\n")
+    rc, _, err = cli("init")
+    assert rc == 0, err
+    assert cli("run", "--once", "-q")[0] == 0
+    writer.write("A", "dir0/file0", b"changed" * 50)
+    assert cli("run", "--once", "-q")[0] == 0
+    assert cli("run", "--once", "-q")[0] == 0
+
+
+def test_generations_json_lists_each_with_its_manifest(group, cli, validate_json):
+    _retaining(group, cli)
+    rc, out, _ = cli("generations", "--json")
+    assert rc == 0
+    doc = json.loads(out)
+    validate_json(doc, "generations")
+    assert doc["policy"]["retains"] and doc["policy"]["keep_min"] == 30 * 86400
+    gens = doc["generations"]
+    assert [g["cycle"] for g in gens] == [1, 2]  # the bases of cycles 1 and 2; cycle 3's is the base
+    assert gens[0]["counts"] == {"updated": 2, "unchanged": 0, "stale": 0, "outside": 0}
+    assert gens[1]["counts"] == {"updated": 1, "unchanged": 1, "stale": 0, "outside": 0}
+    a = next(e for e in gens[1]["replicas"] if e["replica"] == "A")
+    assert a["status"] == "updated" and a["source_point"] and a["source_time"] > 0
+    assert all("plan" not in g for g in gens)
+    assert gens[0]["id"] < gens[1]["id"] and gens[0]["pcpi"].endswith("-new_base")
+
+
+def test_generations_plan_says_what_is_kept_and_why(group, cli, validate_json):
+    _retaining(group, cli)
+    rc, out, _ = cli("generations", "--json", "--plan")
+    doc = json.loads(out)
+    validate_json(doc, "generations")
+    assert rc == 0 and all(g["plan"]["keep"] for g in doc["generations"])
+    assert all(any("younger than keep_min 30d" in r for r in g["plan"]["reasons"]) for g in doc["generations"])
+    rc, out, _ = cli("generations", "--plan")
+    words = " ".join(out.split())  # the table wraps its cells to the terminal's width
+    assert rc == 0 and "prune" not in words and "keep" in words and "younger" in words and "updated" in words
+
+
+def test_generations_plain_without_retention_says_how_to_get_some(cycled, cli):
+    rc, out, _ = cli("generations")
+    assert rc == 0
+    assert "keeps no generations yet" in out and "[retention]" in out
+
+
+def test_generations_names_the_verb_in_help():
+    assert "generations" in cli_mod.build_parser().format_help()
