@@ -26,7 +26,7 @@ import pluggy
 from coalesce_core import crashpoints, ownership, requests, restorer, retention, verifier, verify
 from coalesce_core.backend.manager import plugin_manager
 from coalesce_core.backend.volume import Volume
-from coalesce_core.config import GroupConfig, check_replicas
+from coalesce_core.config import GroupConfig, check_origins, check_replicas
 from coalesce_core.cycle import effects as fx
 from coalesce_core.cycle import events as ev
 from coalesce_core.cycle import restore
@@ -219,7 +219,7 @@ class Agent:
         the read verbs beside a running agent.  The source is not opened here (:attr:`source`);
         ``reach_source`` False: recovery does not ask it what it holds either (an administrative
         verb, which needs only the destination; :meth:`recover`).  ``reconcile``: a replica of the
-        ledger that the config lacks or gives another source qtree is a ConfigError before anything
+        ledger that the config lacks or gives another source qtree or source is a ConfigError before anything
         changes (the config is the truth; `coalesce remove`/`add` reconcile them, and open without
         it); a replica only the config has is added.  A changing agent of a config of several sources
         (or of a source with settings of its own) is a ConfigError before it locks anything (one
@@ -254,6 +254,7 @@ class Agent:
         try:  # whatever fails from here on closes the agent: its lock must not outlive a failed open
             if reconcile:
                 check_replicas(config, {r.name: r.source_qtree for r in agent.state.replicas.values()})
+                check_origins(config, {r.name: r.origin for r in agent.state.replicas.values()})
             policy = (config.retry, config.reseed_after, config.retention)
             if (agent.state.retry, agent.state.reseed_after, agent.state.retention) != policy:
                 # the config is the source of policy
@@ -264,7 +265,7 @@ class Agent:
                 agent.state = new
             for rc in config.replicas:
                 if rc.name not in agent.state.replicas:
-                    agent.handle(ev.AddReplica(name=rc.name, source_qtree=rc.source))
+                    agent.handle(ev.AddReplica(name=rc.name, source_qtree=rc.source, origin=rc.origin))
             if recover:
                 agent.recover(reach_source=reach_source)
         except BaseException:
@@ -675,6 +676,8 @@ class Agent:
         for req in self.ledger.requests(pending=True):
             try:
                 event = self._with_room(requests.event_for(req))
+                if isinstance(event, ev.AddReplica):
+                    event = attrs.evolve(event, origin=self._origin(event.name))
                 d = decide(self.state, event)
             except (CoalesceError, KeyError, ValueError) as exc:  # a malformed request: refused, not fatal
                 if not isinstance(exc, CoalesceError):
@@ -748,7 +751,15 @@ class Agent:
             wait()
 
     def add_replica(self, name: str, source_qtree: str | None = None) -> None:
-        self.handle(ev.AddReplica(name=name, source_qtree=source_qtree or name))
+        self.handle(ev.AddReplica(name=name, source_qtree=source_qtree or name, origin=self._origin(name)))
+
+    def _origin(self, replica: str) -> str:
+        """The name of the source replica ``replica`` comes from: its ``from`` in the config, or the
+        group's one source for a replica the config does not list yet (`coalesce add`)."""
+        for rc in self.config.replicas:
+            if rc.name == replica:
+                return rc.origin
+        return self.config.sole_source().name
 
     def remove_replica(self, name: str) -> None:
         """``coalesce remove``: the replica leaves the group between cycles; its data stay."""

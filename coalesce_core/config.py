@@ -48,15 +48,12 @@ from typing import Any
 import attrs
 
 from coalesce_core.backend.urls import VolumeURL
-from coalesce_core.cycle.state import NAME_RE, RetryPolicy
+from coalesce_core.cycle.state import DEFAULT_SOURCE, NAME_RE, RetryPolicy
 from coalesce_core.deadlines import KEYS, TransferLimits, parse_limits
 from coalesce_core.durations import config_seconds
 from coalesce_core.errors import ConfigError
 from coalesce_core.retention import Policy, parse_keep
 from coalesce_core.stream import privileges as privilege_policy
-
-#: the name of the one source ``[group] source = "URL"`` stands for (docs/config.md, "Sources")
-DEFAULT_SOURCE = "default"
 
 #: a source's transport tables (docs/network.md, "Client settings"): the TOML types of each key
 #: and the schemes whose sources they act on
@@ -664,6 +661,24 @@ def check_replicas(config: GroupConfig, ledger: dict[str, str]) -> None:
             f"`coalesce remove {name}` then `coalesce add {name} --source {sources[name]}` "
             "(a new baseline from the new source)",
         )
+
+
+def check_origins(config: GroupConfig, ledger: dict[str, str]) -> None:
+    """A replica's source cannot change either: a replica of the ledger (``ledger``: name -> the name
+    of its source) that ``config`` says comes from a source of another name is a ConfigError."""
+    origins = {r.name: r.origin for r in config.replicas}
+    changed = sorted(n for n in ledger if n in origins and origins[n] != ledger[n])
+    if not changed:
+        return
+    name = changed[0]
+    more = f" (also: {', '.join(changed[1:])})" if changed[1:] else ""
+    raise ConfigError(
+        f"replica {name!r} comes from source {ledger[name]!r} in the ledger, {origins[name]!r} in "
+        f"{config.path or 'the config'}{more}",
+        hint=f'a source\'s name is part of the group: name the source "{ledger[name]}" again ([[source]] '
+        f'name = "{ledger[name]}"; `[group] source` is the source "{DEFAULT_SOURCE}"), or run '
+        f"`coalesce remove {name}` then `coalesce add {name}` (a new baseline)",
+    )
 
 
 def without_replica(text: str, name: str, path: str = "<config>") -> str:

@@ -6,7 +6,10 @@ BEFORE the decisions' effects run (write-ahead).  Only what changed is
 written: replicas and PCPIs by identity against the previous state.
 
 A damaged or foreign file is a MetadataError that says what to do; the
-ledger never deletes or rewrites a file it cannot read.
+ledger never deletes or rewrites a file it cannot read.  A ledger an earlier
+version wrote loads as it is: a field its rows or its meta table lack takes
+its default (a replica's and a source PCPI's source: DEFAULT_SOURCE), and a
+renamed one is read under its old name (see ``_replica``, ``load``).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from typing import Any, Callable, Iterable, Sequence
 import attrs
 
 from coalesce_core.cycle.generations import Manifest
-from coalesce_core.cycle.state import GroupState, Pcpi, Replica, RetryPolicy, SourcePcpi
+from coalesce_core.cycle.state import DEFAULT_SOURCE, GroupState, Pcpi, Replica, RetryPolicy, SourcePcpi
 from coalesce_core.errors import MetadataError
 from coalesce_core.requests import PENDING, WITHDRAWN, Request
 from coalesce_core.retention import Policy
@@ -60,13 +63,18 @@ _GROUP_FIELDS = (
     "phase",
     "cycle",
     "seq",
-    "cycle_target",
+    "cycle_targets",
     "transfers_started",
     "purged",
     "cycle_started",
     "cycle_failures",
     "reseed_after",
 )
+
+#: the meta key of a ledger written before sources had names: the cycle's one source PCPI, which
+#: :meth:`Ledger.load` reads as that of the source DEFAULT_SOURCE, and the first write of
+#: ``cycle_targets`` deletes
+_LEGACY_CYCLE_TARGET = "cycle_target"
 
 #: the meta key of the group's identity (coalesce_core/ownership.py)
 _IDENTITY = "group_id"
@@ -78,7 +86,8 @@ NOTES = frozenset({"i5_marks", "verified"})
 
 
 def _replica(raw: dict[str, Any]) -> Replica:
-    """A replica row; rows written before ``last_error`` existed name it ``error``."""
+    """A replica row; rows written before ``last_error`` existed name it ``error``, rows written
+    before sources had names have no ``origin`` (their source is DEFAULT_SOURCE, Replica's default)."""
     if "error" in raw:
         raw.setdefault("last_error", raw.pop("error"))
     return Replica(**raw)
@@ -222,12 +231,16 @@ class Ledger:
         try:
             meta = dict(c.execute("SELECT key, value FROM meta").fetchall())
             fields = {k: json.loads(meta[k]) for k in _GROUP_FIELDS if k in meta}
+            if "cycle_targets" not in fields and _LEGACY_CYCLE_TARGET in meta:
+                legacy = json.loads(meta[_LEGACY_CYCLE_TARGET])
+                fields["cycle_targets"] = {DEFAULT_SOURCE: legacy} if legacy is not None else {}
             replicas = {n: _replica(json.loads(d)) for n, d in c.execute("SELECT name, data FROM replicas")}
             pcpis = {}
             for n, d in c.execute("SELECT name, data FROM pcpis"):
                 raw = json.loads(d)
                 raw["owners"] = frozenset(raw.get("owners", ()))
                 pcpis[n] = Pcpi(**raw)
+            # rows written before sources had names have no ``source``: SourcePcpi's default, DEFAULT_SOURCE
             sps = {n: SourcePcpi(**json.loads(d)) for n, d in c.execute("SELECT name, data FROM source_pcpis")}
             manifests = {}
             if self._has_table("manifests"):
@@ -346,6 +359,8 @@ class Ledger:
                 rows.append((k, json.dumps(v)))
         if rows:
             c.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", rows)
+            if any(k == "cycle_targets" for k, _ in rows):
+                c.execute("DELETE FROM meta WHERE key = ?", (_LEGACY_CYCLE_TARGET,))
         for table, old_map, new_map in (
             ("replicas", old.replicas if old else {}, new.replicas),
             ("pcpis", old.pcpis if old else {}, new.pcpis),

@@ -12,6 +12,8 @@ from typing import Union
 
 import attrs
 
+from coalesce_core.cycle.state import DEFAULT_SOURCE
+
 
 @attrs.frozen
 class StartCycle:
@@ -32,8 +34,12 @@ class Tick:
 
 @attrs.frozen
 class AddReplica:
+    """A replica joins the group: destination qtree ``name`` of qtree ``source_qtree`` of the
+    source named ``origin``."""
+
     name: str
     source_qtree: str
+    origin: str = DEFAULT_SOURCE
 
 
 @attrs.frozen

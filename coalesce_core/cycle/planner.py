@@ -52,7 +52,7 @@ from coalesce_core.cycle import events as ev
 from coalesce_core.cycle import generations as gen
 from coalesce_core.cycle import guards
 from coalesce_core.cycle.machines import Model, default_model
-from coalesce_core.cycle.state import ACTIVE, GENERATION, KEPT, GroupState, Pcpi, Replica, SourcePcpi
+from coalesce_core.cycle.state import ACTIVE, DEFAULT_SOURCE, GENERATION, KEPT, GroupState, Pcpi, Replica, SourcePcpi
 from coalesce_core.errors import CoalesceError
 
 
@@ -249,9 +249,10 @@ def _resume_updates(p: _Plan) -> None:
     for pcpi in list(p.pcpis.values()):
         if pcpi.role == "rollback" and not pcpi.releasing:
             p.release(pcpi.name)
-    target = p.get("cycle_target")
+    targets = p.get("cycle_targets")
     for r in p.in_state("done"):
         if r.resume:
+            target = targets[r.origin]
             r = p.fire(r, "resume_update", target=target, resume=False)
             p.emit(
                 fx.Transfer(
@@ -308,7 +309,7 @@ def needed_source_pcpis(state: GroupState) -> frozenset[str]:
     out |= {r.active_point for r in state.replicas.values()}
     out |= {r.target for r in state.replicas.values()}
     if state.phase != "releasing" and state.phase != "idle":
-        out.add(state.cycle_target)
+        out |= set(state.cycle_targets.values())
     out.discard(None)
     return frozenset(out)  # type: ignore[arg-type]
 
@@ -429,7 +430,7 @@ def _maybe_finish(p: _Plan) -> None:
     if any(x.releasing for x in p.pcpis.values()) or any(x.releasing for x in p.source_pcpis.values()):
         return
     p.phase("finish_cycle")
-    p.set(cycle_target=None, purged=False, transfers_started=False)
+    p.set(cycle_targets={}, purged=False, transfers_started=False)
 
 
 # ---------------------------------------------------------------------------
@@ -477,10 +478,20 @@ def _start_cycle(p: _Plan, e: ev.StartCycle) -> None:
         return
     p.phase("start_cycle")
     p.set(cycle=p.get("cycle") + 1, cycle_started=e.now, cycle_failures=0, purged=False, transfers_started=False)
+    source = _cycle_source(p)
     name = p.new_name("src")
-    p.source_pcpis[name] = SourcePcpi(name=name, cycle=p.get("cycle"))
-    p.set(cycle_target=name)
+    p.source_pcpis[name] = SourcePcpi(name=name, source=source, cycle=p.get("cycle"))
+    p.set(cycle_targets={source: name})
     p.emit(fx.TakeSourcePcpi(name=name))
+
+
+def _cycle_source(p: _Plan) -> str:
+    """The source a cycle takes its PCPI of: the one the replicas come from (one source per group)."""
+    return min((r.origin for r in p.replicas.values()), default=DEFAULT_SOURCE)
+
+
+def _is_cycle_target(p: _Plan, name: str) -> bool:
+    return name in p.get("cycle_targets").values()
 
 
 def _source_refused(p: _Plan, e: ev.SourcePcpiRefused) -> None:
@@ -493,7 +504,7 @@ def _source_refused(p: _Plan, e: ev.SourcePcpiRefused) -> None:
     if sp is None or sp.taken:
         return
     del p.source_pcpis[e.name]
-    if p.get("phase") != "updating" or p.get("cycle_target") != e.name or p.get("transfers_started"):
+    if p.get("phase") != "updating" or not _is_cycle_target(p, e.name) or p.get("transfers_started"):
         return
     missed = _miss_cycle(p, f"source unavailable: {e.error}", p.get("cycle_started"))
     p.set(cycle_failures=p.get("cycle_failures") + missed)
@@ -514,7 +525,7 @@ def _source_taken(p: _Plan, e: ev.SourcePcpiTaken) -> None:
     if sp is None:
         return
     p.source_pcpis[e.name] = attrs.evolve(sp, taken=True, taken_at=sp.taken_at or e.now)
-    if p.get("phase") != "updating" or p.get("cycle_target") != e.name or p.get("transfers_started"):
+    if p.get("phase") != "updating" or not _is_cycle_target(p, e.name) or p.get("transfers_started"):
         return
     _start_transfers(p, e.name)
 
@@ -863,7 +874,7 @@ def _add(p: _Plan, e: ev.AddReplica) -> None:
                 hint="choose another name; a replica's source cannot change",
             )
         return
-    p.replicas[e.name] = Replica(name=e.name, source_qtree=e.source_qtree)
+    p.replicas[e.name] = Replica(name=e.name, source_qtree=e.source_qtree, origin=e.origin)
 
 
 def _remove(p: _Plan, e: ev.RemoveReplica) -> None:
@@ -982,7 +993,7 @@ def _recover(p: _Plan, e: ev.Recover) -> None:
         if not sp.taken:
             if held is not None and name in held:
                 p.source_pcpis[name] = attrs.evolve(sp, taken=True, taken_at=sp.taken_at or e.now)
-            elif name == p.get("cycle_target") and p.get("phase") == "updating":
+            elif _is_cycle_target(p, name) and p.get("phase") == "updating":
                 releases.append(fx.TakeSourcePcpi(name=name))
             elif held is not None:
                 del p.source_pcpis[name]
@@ -1033,7 +1044,7 @@ def _recover(p: _Plan, e: ev.Recover) -> None:
     own = {"rolling_back": "rollback", "jump_ahead_1": "jump_ahead", "jump_ahead_2": "new_base"}.get(phase)
     action = recover_phase(phase, own is not None and p.role(own) is not None, bool(p.in_state("rollback")))
     if phase == "updating":
-        src = p.source_pcpis.get(p.get("cycle_target") or "")
+        src = p.source_pcpis.get(min(p.get("cycle_targets").values(), default=""))
         if src is not None and src.taken:
             if p.get("transfers_started"):
                 _advance(p)

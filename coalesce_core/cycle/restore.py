@@ -44,7 +44,7 @@ from coalesce_core.cycle.planner import (
     needed_pcpis,
     needed_source_pcpis,
 )
-from coalesce_core.cycle.state import ACTIVE, GENERATION, KEPT, GroupState, Pcpi, Replica, SourcePcpi
+from coalesce_core.cycle.state import ACTIVE, DEFAULT_SOURCE, GENERATION, KEPT, GroupState, Pcpi, Replica, SourcePcpi
 
 
 @attrs.frozen
@@ -345,7 +345,19 @@ def _rebuild(p: _Plan, facts: Facts, base: str | None) -> None:
             p.pcpis[name] = Pcpi(name=name, role="individual", cycle=cycle, taken=True, owners=owners)
     wanted = needed_source_pcpis(p.state()) & facts.source_pcpis
     known = dict(p.source_pcpis)
+    origins = {
+        point: r.origin
+        for r in p.replicas.values()
+        for point in (r.source_point, r.active_point, r.target)
+        if point is not None
+    }
     p.source_pcpis.clear()
     for name in wanted:
         was = known.get(name)
-        p.source_pcpis[name] = SourcePcpi(name=name, cycle=cycle, taken=True, taken_at=was.taken_at if was else 0.0)
+        p.source_pcpis[name] = SourcePcpi(
+            name=name,
+            source=was.source if was else origins.get(name, DEFAULT_SOURCE),
+            cycle=cycle,
+            taken=True,
+            taken_at=was.taken_at if was else 0.0,
+        )

@@ -30,6 +30,9 @@ ACTIVE = "@active"
 #: an old coalesced base kept at a jump-ahead by the group's retention policy (docs/config.md,
 #: "Retention"); pruned by that policy, never by the release step
 GENERATION = "generation"
+#: the name of a group's source when the config names none (``[group] source = URL``; docs/config.md,
+#: "Sources"), and of the source of every replica and source PCPI a ledger written before sources had names holds
+DEFAULT_SOURCE = "default"
 ROLES = CYCLE_ROLES + (INDIVIDUAL, KEPT, GENERATION)
 
 
@@ -64,6 +67,7 @@ class Pcpi:
 class SourcePcpi:
     """A source PCPI taken by the agent (released when no replica needs it).
 
+    ``source`` is the name of the source volume that holds it (a ``[[source]]`` table).
     ``taken_at`` is when the agent took it (its clock): the age of the image a
     replica exports is measured from the ``taken_at`` of its source point (lag).
     """
@@ -73,11 +77,13 @@ class SourcePcpi:
     taken: bool = False
     releasing: bool = False
     taken_at: float = 0.0
+    source: str = attrs.field(default=DEFAULT_SOURCE, validator=_name)
 
 
 @attrs.frozen
 class Replica:
-    """One replica (destination qtree ``name``) of source qtree ``source_qtree``.
+    """One replica (destination qtree ``name``) of source qtree ``source_qtree`` of the source
+    volume named ``origin`` (its ``[[replica]] from``).
 
     exported      what readers see: a PCPI name, ACTIVE (broken) or None
     source_point  the source PCPI whose image is exported (I3, I5)
@@ -112,6 +118,7 @@ class Replica:
 
     name: str = attrs.field(validator=_name)
     source_qtree: str = attrs.field(validator=_name)
+    origin: str = attrs.field(default=DEFAULT_SOURCE, validator=_name)
     state: str = "uninitialized"
     exported: str | None = None
     source_point: str | None = None
@@ -160,7 +167,8 @@ class GroupState:
     replicas: Mapping[str, Replica] = attrs.field(factory=dict)
     pcpis: Mapping[str, Pcpi] = attrs.field(factory=dict)
     source_pcpis: Mapping[str, SourcePcpi] = attrs.field(factory=dict)
-    cycle_target: str | None = None
+    #: the source PCPI of the running cycle, per source name (empty between cycles)
+    cycle_targets: Mapping[str, str] = attrs.field(factory=dict)
     transfers_started: bool = False
     purged: bool = False
     retry: RetryPolicy = RetryPolicy()

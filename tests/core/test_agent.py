@@ -139,3 +139,57 @@ def test_open_refuses_a_config_that_lost_or_changed_a_replica(group_config):
     finally:
         agent.close()
     Agent.open(lost, pm=h.pm, clock=h.clock).close()  # reconciled
+
+
+def test_replicas_and_source_pcpis_carry_the_name_of_their_source(group_config):
+    """Each replica records the source it comes from (its ``from``; the group's one source for a
+    replica `coalesce add` adds, asked directly or through the request queue), and each source PCPI
+    the source that holds it."""
+    import os
+
+    from coalesce_core import requests
+
+    base = group_config(replicas=("A", "B"))
+    url = base.sole_source().url
+    path = base.path
+    assert path is not None
+    text = open(path).read().replace(f'source = "{url}"\n', "")
+    named = parse_config(text + f'\n[[source]]\nname = "lab"\nurl = "{url}"\n', path)
+    h = Harness(named)
+    fill(h.writer, ["A", "B", "C", "D"])
+    h.cycle()
+    h.agent.add_replica("C")
+    h.agent.ledger.ask("add", requests.make_args("add", replica="D", source="D"), h.clock(), os.getpid())
+    h.agent.take_requests()
+    h.cycle()
+    st = h.agent.state
+    assert {r.name: r.origin for r in st.replicas.values()} == {"A": "lab", "B": "lab", "C": "lab", "D": "lab"}
+    assert st.source_pcpis and {sp.source for sp in st.source_pcpis.values()} == {"lab"}
+    assert set(h.states().values()) == {"stable"} and st.cycle_targets == {}
+    h.assert_invariants()
+
+
+def test_open_refuses_a_config_whose_replica_comes_from_a_source_of_another_name(group_config):
+    """A source's name is part of the group: the short form ``[group] source`` is the source
+    ``default``, so the same volume written as a [[source]] of another name is refused before anything
+    changes, and named ``default`` it opens."""
+    h = Harness(group_config(replicas=("A",)))
+    fill(h.writer, ["A"])
+    h.cycle()
+    h.agent.close()
+    url = h.config.sole_source().url
+
+    def as_table(name: str) -> object:
+        return _config_without(
+            h, lambda t: t.replace(f'source = "{url}"\n', "") + f'\n[[source]]\nname = "{name}"\nurl = "{url}"\n'
+        )
+
+    with pytest.raises(ConfigError) as ei:
+        Agent.open(as_table("lab"), pm=h.pm, clock=h.clock)
+    assert "replica 'A' comes from source 'default' in the ledger, 'lab' in" in ei.value.message
+    assert 'name = "default"' in ei.value.hint and "`coalesce remove A` then `coalesce add A`" in ei.value.hint
+    agent = Agent.open(as_table("default"), pm=h.pm, clock=h.clock)
+    try:
+        assert agent.state.replicas["A"].origin == "default" and agent.state.replicas["A"].state == "stable"
+    finally:
+        agent.close()

@@ -94,7 +94,7 @@ def sample_state(n: int = 5) -> GroupState:
         replicas=replicas,
         pcpis=pcpis,
         source_pcpis=sps,
-        cycle_target="co-g-src-000001",
+        cycle_targets={"default": "co-g-src-000001"},
         purged=True,
         retry=RetryPolicy(initial=5.0, factor=3.0, maximum=99.0),
         cycle_started=17.25,
@@ -151,6 +151,99 @@ def test_failure_fields_round_trip_and_rows_of_older_ledgers_load(ledger_file):
     led.close()
     assert old.replicas["k"].last_error == "old text" and old.replicas["k"].consecutive_failures == 0
     assert old.reseed_after == 3  # the default when an older ledger has none
+
+
+#: the statements of the schema a ledger was created with before sources had names (its rows hold
+#: no replica ``origin`` nor source PCPI ``source``, its meta the one ``cycle_target``)
+_NAMELESS_SOURCE_SCHEMA = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE replicas (name TEXT PRIMARY KEY, data TEXT NOT NULL);
+CREATE TABLE pcpis (name TEXT PRIMARY KEY, data TEXT NOT NULL);
+CREATE TABLE source_pcpis (name TEXT PRIMARY KEY, data TEXT NOT NULL);
+CREATE TABLE transitions (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, ts REAL NOT NULL, cycle INTEGER NOT NULL,
+    replica TEXT, trigger TEXT NOT NULL, source TEXT NOT NULL, dest TEXT NOT NULL);
+CREATE TABLE cycles (
+    cycle INTEGER PRIMARY KEY, started REAL, ended REAL, report TEXT NOT NULL);
+"""
+
+
+def _nameless_source_ledger(path: Path, cycle_target: str | None) -> None:
+    """A ledger as a version before named sources wrote it: a cycle of one replica under way."""
+    conn = sqlite3.connect(str(path))
+    conn.executescript(_NAMELESS_SOURCE_SCHEMA)
+    meta = {
+        "schema_version": "1",
+        "group": "g",
+        "retry": json.dumps({"initial": 30.0, "factor": 2.0, "maximum": 3600.0}),
+        "phase": json.dumps("updating" if cycle_target else "idle"),
+        "cycle": "2",
+        "seq": "3",
+        "cycle_target": json.dumps(cycle_target),
+        "transfers_started": "true",
+        "purged": "false",
+        "cycle_started": "5.0",
+        "cycle_failures": "0",
+        "reseed_after": "3",
+    }
+    conn.executemany("INSERT INTO meta VALUES (?, ?)", sorted(meta.items()))
+    replica = {"name": "a", "source_qtree": "qa", "state": "update", "exported": "co-g-000002-base"}
+    replica |= {"source_point": "co-g-src-000001", "active_point": "co-g-src-000001", "target": "co-g-src-000003"}
+    conn.execute("INSERT INTO replicas VALUES (?, ?)", ("a", json.dumps(replica)))
+    for name, cycle in (("co-g-src-000001", 1), ("co-g-src-000003", 2)):
+        row = {"name": name, "cycle": cycle, "taken": True, "releasing": False, "taken_at": 4.0}
+        conn.execute("INSERT INTO source_pcpis VALUES (?, ?)", (name, json.dumps(row)))
+    conn.commit()
+    conn.close()
+
+
+def test_a_ledger_written_before_sources_had_names_reads_as_of_the_default_source(tmp_path):
+    """Its replicas and source PCPIs are of the source ``default`` (what ``[group] source`` is named),
+    its cycle's source PCPI the cycle target of that source; the first commit that changes the cycle
+    targets replaces the old key, and the state reads back the same."""
+    path = tmp_path / "g.sqlite"
+    _nameless_source_ledger(path, "co-g-src-000003")
+    led = Ledger.open(path, group="g")
+    st = led.load()
+    assert st.replicas["a"].origin == "default" and st.replicas["a"].target == "co-g-src-000003"
+    assert {n: sp.source for n, sp in st.source_pcpis.items()} == {
+        "co-g-src-000001": "default",
+        "co-g-src-000003": "default",
+    }
+    assert st.cycle_targets == {"default": "co-g-src-000003"} and st.phase == "updating"
+    ended = attrs.evolve(st, phase="idle", cycle_targets={})
+    led.commit(st, ended)
+    led.close()
+    led = Ledger.open(path, group="g")
+    assert led.load() == ended
+    keys = {k for (k,) in led.conn.execute("SELECT key FROM meta")}
+    led.close()
+    assert "cycle_target" not in keys and "cycle_targets" in keys
+
+
+def test_a_ledger_written_before_sources_had_names_between_cycles_has_no_cycle_target(tmp_path):
+    path = tmp_path / "g.sqlite"
+    _nameless_source_ledger(path, None)
+    led = Ledger.open(path, group="g")
+    st = led.load()
+    led.close()
+    assert st.cycle_targets == {} and st.phase == "idle"
+
+
+def test_sources_of_replicas_and_source_pcpis_round_trip(tmp_path):
+    st = GroupState(
+        name="g",
+        phase="updating",
+        replicas={"a": Replica(name="a", source_qtree="qa", origin="lab")},
+        source_pcpis={"co-g-src-000001": SourcePcpi(name="co-g-src-000001", source="office")},
+        cycle_targets={"office": "co-g-src-000001", "lab": "co-g-src-000002"},
+    )
+    Ledger.create(tmp_path / "g.sqlite", st).close()
+    led = Ledger.open(tmp_path / "g.sqlite", group="g")
+    back = led.load()
+    led.close()
+    assert back == st and back.replicas["a"].origin == "lab"
+    assert back.source_pcpis["co-g-src-000001"].source == "office"
 
 
 def test_open_without_group_check(ledger_file):
@@ -244,7 +337,7 @@ def test_commit_through_decide_rewrites_only_the_replicas_the_decision_touched(t
         cycle=2,
         seq=3,
         replicas=reps,
-        cycle_target="co-g-src-000003",
+        cycle_targets={"default": "co-g-src-000003"},
         pcpis={"co-g-000002-base": Pcpi("co-g-000002-base", "base", 1, True)},
         source_pcpis={"co-g-src-000003": SourcePcpi("co-g-src-000003", 2, True)},
     )

@@ -111,7 +111,7 @@ def updating(*replicas: Replica, **kw) -> GroupState:
     """Phase updating of cycle 2 whose source PCPI S2 was taken."""
     kw.setdefault("phase", "updating")
     kw.setdefault("cycle", 2)
-    kw.setdefault("cycle_target", S2)
+    kw.setdefault("cycle_targets", {"default": S2})
     st = group(*replicas, **kw)
     sps = dict(st.source_pcpis)
     sps[S2] = SourcePcpi(name=S2, cycle=2, taken=True)
@@ -242,7 +242,7 @@ def test_normal_cycle_step_by_step_never_exceeds_four_cycle_pcpis_I1():
     (take,) = d.effects
     assert isinstance(take, fx.TakeSourcePcpi) and take.name.startswith(source_prefix(G))
     src = take.name
-    assert d.state.cycle_target == src and d.state.source_pcpis[src].taken is False
+    assert d.state.cycle_targets == {"default": src} and d.state.source_pcpis[src].taken is False
     assert set(d.state.replicas) == {"A", "B", "C"} and all(r.state == "stable" for r in d.state.replicas.values())
 
     d = decide(d.state, ev.SourcePcpiTaken(name=src))
@@ -304,7 +304,7 @@ def test_normal_cycle_step_by_step_never_exceeds_four_cycle_pcpis_I1():
     d = decide(d.state, ev.SourcePcpiReleased(name=S1))
     check_i1(d.state)
     assert edges(d) == {(None, "finish_cycle", "releasing", "idle")}
-    assert d.state.phase == "idle" and d.state.cycle_target is None and not d.state.purged
+    assert d.state.phase == "idle" and d.state.cycle_targets == {} and not d.state.purged
     assert cycle_pcpis(d.state) == [nb] and list(d.state.source_pcpis) == [src]
 
 
@@ -852,6 +852,14 @@ def test_add_replica_is_uninitialized_and_idempotent():
         decide(d.state, ev.AddReplica(name="N", source_qtree="other"))
 
 
+def test_an_added_replica_records_its_source_and_the_cycle_takes_that_sources_pcpi():
+    st = decide(GroupState(name=G), ev.AddReplica(name="N", source_qtree="q", origin="lab")).state
+    assert st.replicas["N"].origin == "lab"
+    d = decide(st, ev.StartCycle(now=1.0))
+    (take,) = d.effects
+    assert d.state.cycle_targets == {"lab": take.name} and d.state.source_pcpis[take.name].source == "lab"
+
+
 # ---------------------------------------------------------------------------
 # the agent's phases
 # ---------------------------------------------------------------------------
@@ -1242,7 +1250,7 @@ def test_recover_releasing_phase_with_nothing_left_finishes():
     st = attrs.evolve(st, pcpis={NB: pcpi(NB, "base")}, source_pcpis={S2: SourcePcpi(S2, 2, True)})
     d = recover(st, dest={NB}, src={S2})
     assert (None, "finish_cycle", "releasing", "idle") in edges(d)
-    assert d.state.phase == "idle" and d.state.cycle_target is None
+    assert d.state.phase == "idle" and d.state.cycle_targets == {}
 
 
 def test_recover_releasing_phase_releases_what_nobody_needs():

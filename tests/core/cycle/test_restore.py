@@ -99,7 +99,7 @@ def _old_ledger() -> GroupState:
         replicas=reps,
         pcpis={OLD_BASE: Pcpi(name=OLD_BASE, role="base", cycle=1, taken=True)},
         source_pcpis={OLD_SRC: SourcePcpi(name=OLD_SRC, cycle=1, taken=True, taken_at=5.0)},
-        cycle_target="co-g-src-000004",
+        cycle_targets={"default": "co-g-src-000004"},
         transfers_started=True,
     )
 
