@@ -384,25 +384,26 @@ class Agent:
                 self.source.snapshot_create(eff.name)
             except VolumeInUse as exc:  # a configuration to fix: its own message, hint and exit code
                 self.refusals.append(exc)
-                return ev.SourcePcpiRefused(name=eff.name, now=now(), error=_describe(exc))
+                return ev.SourcePcpiRefused(name=eff.name, now=now(), error=_describe(exc), source=eff.source)
             except REFUSED as exc:
                 what = f"the source {self.config.source} could not be reached or refused PCPI {eff.name}"
-                return ev.SourcePcpiRefused(name=eff.name, now=now(), error=self._refused(what, exc, SOURCE_HINT))
+                error = self._refused(what, exc, SOURCE_HINT)
+                return ev.SourcePcpiRefused(name=eff.name, now=now(), error=error, source=eff.source)
             taken_at = now()
             self.pm.hook.coalesce_pcpi_taken(
                 group=self.state.name, volume=str(self.source.url), name=eff.name, role="source"
             )
             crashpoints.hit("after_source_pcpi")
-            return ev.SourcePcpiTaken(name=eff.name, now=taken_at)
+            return ev.SourcePcpiTaken(name=eff.name, now=taken_at, source=eff.source)
         if isinstance(eff, fx.ReleaseSourcePcpi):
             try:
                 self.source.snapshot_delete(eff.name)
             except REFUSED as exc:
                 what = f"the source {self.config.source} could not release PCPI {eff.name}"
                 error = self._refused(what, exc, "a later cycle releases it")
-                return ev.SourcePcpiNotReleased(name=eff.name, error=error)
+                return ev.SourcePcpiNotReleased(name=eff.name, error=error, source=eff.source)
             self.pm.hook.coalesce_pcpi_released(group=self.state.name, volume=str(self.source.url), name=eff.name)
-            return ev.SourcePcpiReleased(name=eff.name)
+            return ev.SourcePcpiReleased(name=eff.name, source=eff.source)
         if isinstance(eff, fx.TakePcpi):
             try:
                 self.dest.snapshot_create(eff.name)
@@ -555,7 +556,7 @@ class Agent:
         group = self.state.name
         dest = frozenset(n for n in self.dest.snapshot_list() if is_group_pcpi(group, n))
         src = self._source_pcpis() if reach_source else None
-        examined = restore.examine(self.state, dest, src or frozenset())
+        examined = restore.examine(self.state, dest, src or {})
         if examined.needed:
             if examined.stale and src is None:
                 src = self._source_pcpis()
@@ -567,7 +568,7 @@ class Agent:
                         hint="bring the source back (or `coalesce serve` on its host) and run `coalesce run`; "
                         'nothing was changed (docs/operations.md, "Backing up the ledger")',
                     )
-            known = src if src is not None else frozenset()
+            known = src if src is not None else {}
             facts = restorer.survey(
                 self.state,
                 privileges.view(self.source, self.config.privileges) if examined.stale else None,
@@ -595,12 +596,13 @@ class Agent:
                 )
         return lines
 
-    def _source_pcpis(self) -> frozenset[str] | None:
-        """The group's source PCPIs the source holds; None when it cannot be reached."""
+    def _source_pcpis(self) -> dict[str, frozenset[str]] | None:
+        """The group's source PCPIs the source holds, under its name; None when it cannot be reached."""
         try:
-            return frozenset(n for n in self.source.snapshot_list() if is_group_source_pcpi(self.state.name, n))
+            held = frozenset(n for n in self.source.snapshot_list() if is_group_source_pcpi(self.state.name, n))
         except REFUSED:
             return None
+        return {self.config.sole_source().name: held}
 
     def _spooled(self) -> frozenset[str]:
         """Replicas in update whose spool holds their running update; other spools are stale."""

@@ -11,10 +11,11 @@ its volumes, or PCPIs of it removed.  A read that fails leaves that replica unpr
 from __future__ import annotations
 
 import logging
+from typing import Mapping
 
 from coalesce_core.backend.volume import Volume
 from coalesce_core.cycle.restore import Facts, Proof, examine, number, takes_proof
-from coalesce_core.cycle.state import ACTIVE, GroupState
+from coalesce_core.cycle.state import ACTIVE, GroupState, Replica
 from coalesce_core.errors import CoalesceError
 
 log = logging.getLogger("coalesce.restore")
@@ -25,16 +26,21 @@ def survey(
     source: Volume | None,
     dest: Volume,
     destination_pcpis: frozenset[str],
-    source_pcpis: frozenset[str],
+    source_pcpis: Mapping[str, frozenset[str]],
 ) -> Facts:
-    """The :class:`Facts` for :func:`coalesce_core.cycle.restore.reconcile`.  The source is read only
-    for a ledger older than its volumes (None otherwise: only the destination is read)."""
+    """The :class:`Facts` for :func:`coalesce_core.cycle.restore.reconcile`; ``source_pcpis``: the
+    group's PCPIs each source holds, by source name.  The source is read only for a ledger older
+    than its volumes (None otherwise: only the destination is read), and a replica's image is
+    compared with the PCPIs of the source it comes from."""
     exported = dest.exported()
     proofs: tuple[Proof, ...] = ()
     if examine(state, destination_pcpis, source_pcpis).stale:
         if source is None:
             raise ValueError("restoring a ledger older than its volumes needs the source")
-        ours = sorted((n for n in source_pcpis if number(n) >= 0), key=number, reverse=True)
+        ours = {
+            s: sorted((n for n in names if number(n) >= 0), key=number, reverse=True)
+            for s, names in source_pcpis.items()
+        }
         digests: dict[tuple[str, str], str | None] = {}
 
         def source_digest(qtree: str, pcpi: str) -> str | None:
@@ -42,11 +48,11 @@ def survey(
                 digests[qtree, pcpi] = _digest(source, qtree, pcpi)
             return digests[qtree, pcpi]
 
-        def equal_to(digest: str | None, qtree: str) -> str | None:
+        def equal_to(digest: str | None, r: Replica) -> str | None:
             if digest is None:
                 return None
-            for pcpi in ours:
-                if source_digest(qtree, pcpi) == digest:
+            for pcpi in ours.get(r.origin, ()):
+                if source_digest(r.source_qtree, pcpi) == digest:
                     return pcpi
             return None
 
@@ -59,14 +65,14 @@ def survey(
                 out.append(Proof(r.name))
                 continue
             held = _digest(dest, r.name, image)
-            point = equal_to(held, r.source_qtree)
+            point = equal_to(held, r)
             active = _digest(dest, r.name, None)
             out.append(
                 Proof(
                     r.name,
                     image=image,
                     point=point,
-                    active=point if active is not None and active == held else equal_to(active, r.source_qtree),
+                    active=point if active is not None and active == held else equal_to(active, r),
                 )
             )
         proofs = tuple(out)

@@ -11,15 +11,23 @@ from typing import Mapping, Union
 
 import attrs
 
+from coalesce_core.cycle.state import DEFAULT_SOURCE
+
 
 @attrs.frozen
 class TakeSourcePcpi:
+    """Take PCPI ``name`` of the source volume named ``source``."""
+
     name: str
+    source: str = DEFAULT_SOURCE
 
 
 @attrs.frozen
 class ReleaseSourcePcpi:
+    """Release PCPI ``name`` of the source volume named ``source``."""
+
     name: str
+    source: str = DEFAULT_SOURCE
 
 
 @attrs.frozen
@@ -37,7 +45,7 @@ class ReleasePcpi:
 
 @attrs.frozen
 class Transfer:
-    """Baseline (``base`` None) or incremental update of replica from the source."""
+    """Baseline (``base`` None) or incremental update of replica from the source named ``origin``."""
 
     replica: str
     source_qtree: str
@@ -47,6 +55,7 @@ class Transfer:
     resume: bool = False
     #: a re-seed: a baseline (``base`` None) into a replica outside the cycle
     reseed: bool = False
+    origin: str = DEFAULT_SOURCE
 
 
 @attrs.frozen

@@ -8,11 +8,11 @@ passed in: the planner never reads a clock.
 
 from __future__ import annotations
 
-from typing import Union
+from typing import Mapping, Union
 
 import attrs
 
-from coalesce_core.cycle.state import DEFAULT_SOURCE
+from coalesce_core.cycle.state import DEFAULT_SOURCE, by_source
 
 
 @attrs.frozen
@@ -87,38 +87,46 @@ class Recover:
 
     now: float
     destination_pcpis: frozenset[str]
-    #: None: the source could not be reached, so what it holds is not known
-    source_pcpis: frozenset[str] | None
+    #: the PCPIs each source holds, by source name; a source that is absent could not be reached (or
+    #: was not asked), so what it holds is not known (a set: see :func:`~coalesce_core.cycle.state.by_source`)
+    source_pcpis: Mapping[str, frozenset[str]] = attrs.field(converter=by_source, hash=False)
     #: replicas in update whose spool holds change records of their running update
     spooled: frozenset[str] = frozenset()
 
 
 @attrs.frozen
 class SourcePcpiTaken:
+    """The source named ``source`` took PCPI ``name``."""
+
     name: str
     now: float = 0.0
+    source: str = DEFAULT_SOURCE
 
 
 @attrs.frozen
 class SourcePcpiRefused:
-    """The source could not be reached or refused to take PCPI ``name``."""
+    """The source named ``source`` could not be reached or refused to take PCPI ``name``."""
 
     name: str
     now: float = 0.0
     error: str = ""
+    source: str = DEFAULT_SOURCE
 
 
 @attrs.frozen
 class SourcePcpiReleased:
     name: str
+    source: str = DEFAULT_SOURCE
 
 
 @attrs.frozen
 class SourcePcpiNotReleased:
-    """The source could not be reached to release PCPI ``name`` (a later cycle tries again)."""
+    """The source named ``source`` could not be reached to release PCPI ``name`` (a later cycle
+    tries again)."""
 
     name: str
     error: str = ""
+    source: str = DEFAULT_SOURCE
 
 
 @attrs.frozen

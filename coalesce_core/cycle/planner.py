@@ -8,8 +8,9 @@ replica state change goes through the spec-built machine
 
 The group procedures, in the patent's words:
 
-* cycle start: ONE source PCPI; every stable replica starts an update to it,
-  every uninitialized one a baseline (concurrently, in the executor's pool);
+* cycle start: ONE PCPI of each source that has replicas in the cycle; once a
+  source's PCPI is taken, every stable replica of that source starts an update
+  to it, every uninitialized one a baseline (concurrently, in the executor's pool);
 * rollback (Fig. 9): when every transfer ended, ONE rollback PCPI for all
   replicas in rollback (step 1120), then per replica the changes between it
   and the exported coalesced base are applied (1130-1140);
@@ -30,8 +31,9 @@ The group procedures, in the patent's words:
   update with a spool of received records is rolled back, then restarts in
   the same cycle from the spool (``resume_updates``);
 * refusals (docs/decisions.md, "Refused PCPIs and source outages"): a source
-  that cannot be reached or refuses the cycle's PCPI ends the cycle before any
-  transfer (``source_unavailable``), every replica unchanged; a refused
+  that cannot be reached or refuses its PCPI of the cycle makes its replicas miss
+  the cycle, unchanged, while the other sources' go on; when every source does,
+  the cycle ends before any transfer (``source_unavailable``); a refused
   rollback PCPI fails the rollbacks that needed it (1022), a refused
   jump-ahead or new base PCPI sends the replicas in done out of the cycle
   (``jump_ahead_refused``) and the cycle finishes for the rest; a cycle does
@@ -52,7 +54,7 @@ from coalesce_core.cycle import events as ev
 from coalesce_core.cycle import generations as gen
 from coalesce_core.cycle import guards
 from coalesce_core.cycle.machines import Model, default_model
-from coalesce_core.cycle.state import ACTIVE, DEFAULT_SOURCE, GENERATION, KEPT, GroupState, Pcpi, Replica, SourcePcpi
+from coalesce_core.cycle.state import ACTIVE, GENERATION, KEPT, GroupState, Pcpi, Replica, SourcePcpi
 from coalesce_core.errors import CoalesceError
 
 
@@ -225,7 +227,7 @@ def _advance(p: _Plan) -> None:
     phase = p.get("phase")
     if phase == "updating":
         state = p.state()
-        if not guards.no_transfer_in_flight(state):
+        if not guards.no_transfer_in_flight(state) or _pending_sources(p):
             return
         if guards.some_replica_in_rollback(state):
             p.phase("start_rollback")
@@ -252,11 +254,16 @@ def _resume_updates(p: _Plan) -> None:
     targets = p.get("cycle_targets")
     for r in p.in_state("done"):
         if r.resume:
-            target = targets[r.origin]
+            target = targets[r.origin]  # it was updating from its source's PCPI of this cycle
             r = p.fire(r, "resume_update", target=target, resume=False)
             p.emit(
                 fx.Transfer(
-                    replica=r.name, source_qtree=r.source_qtree, base=r.active_point, target=target, resume=True
+                    replica=r.name,
+                    source_qtree=r.source_qtree,
+                    base=r.active_point,
+                    target=target,
+                    resume=True,
+                    origin=r.origin,
                 )
             )
 
@@ -367,8 +374,8 @@ def _leave_for_reseed(p: _Plan, r: Replica, reason: str) -> Replica:
 
 
 def _release(p: _Plan, source: bool = True) -> None:
-    """Keep the coalesced base and every pinned PCPI; release everything else (on the source
-    too, unless ``source`` is False: it could not be reached in this cycle)."""
+    """Keep the coalesced base and every pinned PCPI; release everything else (on the sources
+    too, unless ``source`` is False: none could be reached in this cycle)."""
     new_base = p.role("new_base")
     old_base = p.role("base")
     base = new_base or old_base
@@ -395,7 +402,7 @@ def _release(p: _Plan, source: bool = True) -> None:
     for name, sp in sorted(p.source_pcpis.items()):
         if source and name not in src_needed and not sp.releasing:
             p.source_pcpis[name] = attrs.evolve(sp, releasing=True)
-            p.emit(fx.ReleaseSourcePcpi(name=name))
+            p.emit(fx.ReleaseSourcePcpi(name=name, source=sp.source))
     if new_base is not None:
         _prune(p, _image_time(p, new_base))
     _maybe_finish(p)
@@ -441,9 +448,9 @@ CYCLE_TAKES = 3
 
 
 def pcpi_shortfall(destination_room: int | None, source_room: int | None) -> str:
-    """Why a cycle cannot start for want of PCPIs, or "" when it can.  A cycle takes ONE source
-    PCPI and at most CYCLE_TAKES destination PCPIs at once; a room of None is a volume that
-    declares no PCPI limit.
+    """Why a cycle cannot start for want of PCPIs, or "" when it can.  A cycle takes ONE PCPI of
+    each source it updates from and at most CYCLE_TAKES destination PCPIs at once; ``source_room``
+    is the least room of those sources; a room of None is a volume that declares no PCPI limit.
 
     post: implies(destination_room is None and source_room is None, __return__ == "")
     post: implies(destination_room is not None and destination_room < 3, __return__ != "")
@@ -458,36 +465,48 @@ def pcpi_shortfall(destination_room: int | None, source_room: int | None) -> str
     return "; ".join(short)
 
 
-def _miss_cycle(p: _Plan, error: str, now: float) -> int:
-    """The cycle's transfers cannot run: every replica it would have updated, baselined or
-    re-seeded keeps its state and its image and records the error (an outage: it does not
-    count towards reseed_after).  Returns how many replicas missed the cycle."""
-    missed = 0
-    for r in p.in_state("stable", "uninitialized", "reseed_pending"):
-        if r.state == "reseed_pending" and r.next_retry > now:
-            continue
+def _in_cycle(p: _Plan, now: float, source: str | None = None) -> list[Replica]:
+    """The replicas a cycle started at ``now`` transfers into (of the source ``source``, or of every
+    source): every stable one (update), uninitialized one (baseline), and one waiting for a re-seed
+    whose retry time has come."""
+    return [
+        r
+        for r in p.in_state("stable", "uninitialized", "reseed_pending")
+        if (source is None or r.origin == source) and not (r.state == "reseed_pending" and r.next_retry > now)
+    ]
+
+
+def _miss_cycle(p: _Plan, error: str, now: float, source: str | None = None) -> int:
+    """The cycle's transfers (from ``source``, or from every source) cannot run: every replica it
+    would have updated, baselined or re-seeded keeps its state and its image and records the error
+    (an outage: it does not count towards reseed_after).  Returns how many replicas missed the cycle."""
+    missed = _in_cycle(p, now, source)
+    for r in missed:
         p.update(r, last_error=error, consecutive_failures=r.consecutive_failures + 1, outages=r.outages + 1)
-        missed += 1
-    return missed
+    return len(missed)
 
 
 def _start_cycle(p: _Plan, e: ev.StartCycle) -> None:
+    """ONE PCPI of each source that has replicas in the cycle; a source's transfers start when its
+    PCPI is taken (:func:`_source_taken`).  A cycle with no transfer to make takes none."""
     short = pcpi_shortfall(e.destination_room, e.source_room)
     if short and p.get("phase") == "idle":  # refused before it starts: nothing is taken, the agent stays idle
         _miss_cycle(p, f"cycle not started: {short}", e.now)
         return
     p.phase("start_cycle")
     p.set(cycle=p.get("cycle") + 1, cycle_started=e.now, cycle_failures=0, purged=False, transfers_started=False)
-    source = _cycle_source(p)
-    name = p.new_name("src")
-    p.source_pcpis[name] = SourcePcpi(name=name, source=source, cycle=p.get("cycle"))
-    p.set(cycle_targets={source: name})
-    p.emit(fx.TakeSourcePcpi(name=name))
+    targets = {}
+    for source in sorted({r.origin for r in _in_cycle(p, e.now)}):
+        name = targets[source] = p.new_name("src")
+        p.source_pcpis[name] = SourcePcpi(name=name, cycle=p.get("cycle"), source=source)
+        p.emit(fx.TakeSourcePcpi(name=name, source=source))
+    p.set(cycle_targets=targets)
+    _advance(p)  # nothing to take: straight on to the jump-ahead or the release
 
 
-def _cycle_source(p: _Plan) -> str:
-    """The source a cycle takes its PCPI of: the one the replicas come from (one source per group)."""
-    return min((r.origin for r in p.replicas.values()), default=DEFAULT_SOURCE)
+def _pending_sources(p: _Plan) -> list[str]:
+    """The sources whose PCPI of the running cycle is not taken yet (their transfers wait for it)."""
+    return [s for s, name in sorted(p.get("cycle_targets").items()) if not p.source_pcpis[name].taken]
 
 
 def _is_cycle_target(p: _Plan, name: str) -> bool:
@@ -495,7 +514,9 @@ def _is_cycle_target(p: _Plan, name: str) -> bool:
 
 
 def _source_refused(p: _Plan, e: ev.SourcePcpiRefused) -> None:
-    """The cycle's source PCPI was not taken: the cycle ends before any transfer.
+    """A source PCPI of the cycle was not taken: the replicas of that source miss the cycle (they keep
+    their images and record the error); the other sources' transfers go on.  When no source PCPI
+    of the cycle is left, the cycle ends before any transfer (``source_unavailable``).
 
     The record is forgotten: had the source taken it after all (its answer lost), it is a
     group PCPI the ledger does not know, which the next recovery that reaches the source
@@ -504,10 +525,15 @@ def _source_refused(p: _Plan, e: ev.SourcePcpiRefused) -> None:
     if sp is None or sp.taken:
         return
     del p.source_pcpis[e.name]
-    if p.get("phase") != "updating" or not _is_cycle_target(p, e.name) or p.get("transfers_started"):
+    if p.get("phase") != "updating" or not _is_cycle_target(p, e.name):
         return
-    missed = _miss_cycle(p, f"source unavailable: {e.error}", p.get("cycle_started"))
+    targets = {s: n for s, n in p.get("cycle_targets").items() if n != e.name}
+    p.set(cycle_targets=targets)
+    missed = _miss_cycle(p, f"source unavailable: {e.error}", p.get("cycle_started"), sp.source)
     p.set(cycle_failures=p.get("cycle_failures") + missed)
+    if targets or p.get("transfers_started"):
+        _advance(p)
+        return
     p.phase("source_unavailable")
     _release(p, source=False)
 
@@ -522,30 +548,30 @@ def _source_not_released(p: _Plan, e: ev.SourcePcpiNotReleased) -> None:
 
 def _source_taken(p: _Plan, e: ev.SourcePcpiTaken) -> None:
     sp = p.source_pcpis.get(e.name)
-    if sp is None:
+    if sp is None or sp.taken:
         return
     p.source_pcpis[e.name] = attrs.evolve(sp, taken=True, taken_at=sp.taken_at or e.now)
-    if p.get("phase") != "updating" or not _is_cycle_target(p, e.name) or p.get("transfers_started"):
+    if p.get("phase") != "updating" or not _is_cycle_target(p, e.name):
         return
-    _start_transfers(p, e.name)
-
-
-def _start_transfers(p: _Plan, target: str) -> None:
-    """Cycle start proper: every stable replica updates, every uninitialized one baselines,
-    every replica waiting for a re-seed whose retry time has come is re-seeded."""
-    p.set(transfers_started=True)
-    now = p.get("cycle_started")
-    for r in p.in_state("stable", "uninitialized", "reseed_pending"):
-        if r.state == "stable":
-            r = p.fire(r, "start_update", target=target)
-            p.emit(fx.Transfer(replica=r.name, source_qtree=r.source_qtree, base=r.active_point, target=target))
-        elif r.state == "uninitialized":
-            r = p.fire(r, "start_baseline", target=target)
-            p.emit(fx.Transfer(replica=r.name, source_qtree=r.source_qtree, base=None, target=target))
-        elif r.next_retry <= now:
-            r = p.fire(r, "start_reseed", target=target)
-            p.emit(fx.Transfer(replica=r.name, source_qtree=r.source_qtree, base=None, target=target, reseed=True))
+    _start_transfers(p, sp.source, e.name)
     _advance(p)
+
+
+def _start_transfers(p: _Plan, source: str, target: str) -> None:
+    """The cycle start proper for the replicas of ``source``, whose PCPI ``target`` was taken: every
+    stable one updates, every uninitialized one baselines, every one waiting for a re-seed whose
+    retry time has come is re-seeded."""
+    p.set(transfers_started=True)
+    for r in _in_cycle(p, p.get("cycle_started"), source):
+        kind = {"stable": "start_update", "uninitialized": "start_baseline", "reseed_pending": "start_reseed"}
+        base = r.active_point if r.state == "stable" else None
+        reseed = r.state == "reseed_pending"
+        r = p.fire(r, kind[r.state], target=target)
+        p.emit(
+            fx.Transfer(
+                replica=r.name, source_qtree=r.source_qtree, base=base, target=target, reseed=reseed, origin=source
+            )
+        )
 
 
 def _succeeded(e: ev.TransferDone, r: Replica) -> dict[str, object]:
@@ -772,10 +798,11 @@ def _tick(p: _Plan, e: ev.Tick) -> None:
 
 
 def _break(p: _Plan, e: ev.BreakMirror) -> None:
-    """Administrator failover, between cycles; also in a cycle whose source PCPI is not taken yet (no
-    transfer started, so no replica has left its state); the transfers that start once it is taken
-    leave the broken replica out.  A source that refuses it ends the cycle (``source_unavailable``),
-    so with the source down the failover is taken between the cycles that end that way."""
+    """Administrator failover, between cycles; also in a cycle none of whose source PCPIs is taken yet
+    (no transfer started, so no replica has left its state); the transfers that start once they are
+    taken leave the broken replica out.  Sources that refuse them all end the cycle
+    (``source_unavailable``), so with the sources down the failover is taken between the cycles
+    that end that way."""
     if not (p.get("phase") == "updating" and not p.get("transfers_started")):
         _require_idle(p, f"break {e.replica!r}")
     r = p.replica(e.replica)
@@ -986,22 +1013,24 @@ def _recover(p: _Plan, e: ev.Recover) -> None:
     for name in sorted(e.destination_pcpis):
         if is_group_pcpi(group, name) and name not in p.pcpis:
             releases.append(fx.ReleasePcpi(name=name))  # taken but never recorded: nobody exports it
-    #    (a source that could not be reached: its records are kept as they are; the cycle's
-    #    untaken source PCPI is asked for again, and a refusal ends that cycle)
-    held = e.source_pcpis
+    #    and each source's (a source that could not be reached: its records are kept as they are;
+    #    its untaken source PCPI of the cycle is asked for again, and a refusal makes its replicas
+    #    miss that cycle)
     for name, sp in sorted(p.source_pcpis.items()):
+        held = e.source_pcpis.get(sp.source)
         if not sp.taken:
             if held is not None and name in held:
                 p.source_pcpis[name] = attrs.evolve(sp, taken=True, taken_at=sp.taken_at or e.now)
             elif _is_cycle_target(p, name) and p.get("phase") == "updating":
-                releases.append(fx.TakeSourcePcpi(name=name))
+                releases.append(fx.TakeSourcePcpi(name=name, source=sp.source))
             elif held is not None:
                 del p.source_pcpis[name]
         elif sp.releasing:
-            releases.append(fx.ReleaseSourcePcpi(name=name))
-    for name in sorted(held or ()):
-        if is_group_source_pcpi(group, name) and name not in p.source_pcpis:
-            releases.append(fx.ReleaseSourcePcpi(name=name))
+            releases.append(fx.ReleaseSourcePcpi(name=name, source=sp.source))
+    for source, held in sorted(e.source_pcpis.items()):
+        for name in sorted(held):
+            if is_group_source_pcpi(group, name) and name not in p.source_pcpis:
+                releases.append(fx.ReleaseSourcePcpi(name=name, source=source))
     # 2. replicas: update -> rollback, baseline -> remove partial data, retries abandoned,
     #    re-seeds wait for the next cycle.  A restart is not the replica's failure: it is
     #    recorded in last_error but does not count towards reseed_after.
@@ -1044,12 +1073,12 @@ def _recover(p: _Plan, e: ev.Recover) -> None:
     own = {"rolling_back": "rollback", "jump_ahead_1": "jump_ahead", "jump_ahead_2": "new_base"}.get(phase)
     action = recover_phase(phase, own is not None and p.role(own) is not None, bool(p.in_state("rollback")))
     if phase == "updating":
-        src = p.source_pcpis.get(min(p.get("cycle_targets").values(), default=""))
-        if src is not None and src.taken:
-            if p.get("transfers_started"):
-                _advance(p)
-            else:  # the source PCPI was taken but the crash came before the transfers began
-                _start_transfers(p, src.name)
+        started = p.get("transfers_started")
+        for source, target in sorted(p.get("cycle_targets").items()):
+            current, before = p.source_pcpis.get(target), p.base_state.source_pcpis.get(target)
+            if current is not None and current.taken and not (started and before is not None and before.taken):
+                _start_transfers(p, source, target)  # its PCPI was taken, but the crash came before its transfers began
+        _advance(p)
     elif phase == "rolling_back":
         for pcpi in list(p.pcpis.values()):
             if pcpi.role == "rollback" and not pcpi.releasing:

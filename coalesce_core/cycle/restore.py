@@ -18,7 +18,8 @@ proven equal to a source PCPI:
   leaves the cycle to be re-seeded, still exporting the proven image (pinned);
 * a replica with no proven image is re-seeded and exports nothing until its re-seed joins;
 * the PCPIs and source PCPIs the ledger records become exactly those the replicas pin (the
-  most exported proven image becomes the coalesced base), so the ``Recover`` that follows
+  most exported proven image becomes the coalesced base; each source PCPI is recorded with the
+  source that holds it), so the ``Recover`` that follows
   re-applies the export table and only then releases what nobody pins; the sequence number
   moves past every name the volumes hold, so no name is ever taken twice.
 
@@ -31,7 +32,7 @@ replica state change is a transition of the spec (I8).
 from __future__ import annotations
 
 import re
-from typing import Mapping
+from typing import Iterable, Mapping
 
 import attrs
 
@@ -44,7 +45,16 @@ from coalesce_core.cycle.planner import (
     needed_pcpis,
     needed_source_pcpis,
 )
-from coalesce_core.cycle.state import ACTIVE, DEFAULT_SOURCE, GENERATION, KEPT, GroupState, Pcpi, Replica, SourcePcpi
+from coalesce_core.cycle.state import (
+    ACTIVE,
+    GENERATION,
+    KEPT,
+    GroupState,
+    Pcpi,
+    Replica,
+    SourcePcpi,
+    by_source,
+)
 
 
 @attrs.frozen
@@ -71,7 +81,9 @@ class Facts:
     """The evidence :func:`reconcile` decides from (the executor gathers it)."""
 
     destination_pcpis: frozenset[str]
-    source_pcpis: frozenset[str]
+    #: the group's PCPIs each source holds, by source name (a set: see
+    #: :func:`~coalesce_core.cycle.state.by_source`)
+    source_pcpis: Mapping[str, frozenset[str]] = attrs.field(converter=by_source, hash=False)
     #: the export table the destination serves now, as (replica, value) pairs
     exported: tuple[tuple[str, str | None], ...] = ()
     proofs: tuple[Proof, ...] = ()
@@ -104,11 +116,16 @@ def number(name: str) -> int:
     return int(m.group(1)) if m else -1
 
 
-def examine(state: GroupState, destination_pcpis: frozenset[str], source_pcpis: frozenset[str]) -> Examination:
-    """Compare the ledger with the group's PCPIs that the volumes hold (reads nothing else)."""
+def examine(
+    state: GroupState,
+    destination_pcpis: frozenset[str],
+    source_pcpis: Mapping[str, Iterable[str]] | Iterable[str],
+) -> Examination:
+    """Compare the ledger with the group's PCPIs that the volumes hold (reads nothing else);
+    ``source_pcpis``: those of each source (:func:`~coalesce_core.cycle.state.by_source`)."""
     group = state.name
     ours = [n for n in destination_pcpis if is_group_pcpi(group, n)]
-    ours += [n for n in source_pcpis if is_group_source_pcpi(group, n)]
+    ours += [n for names in by_source(source_pcpis).values() for n in names if is_group_source_pcpi(group, n)]
     newest = max((number(n) for n in ours), default=-1)
     lost = frozenset(n for n, p in state.pcpis.items() if p.taken and not p.releasing and n not in destination_pcpis)
     return Examination(newest=newest, stale=newest > state.seq, lost=lost)
@@ -343,21 +360,12 @@ def _rebuild(p: _Plan, facts: Facts, base: str | None) -> None:
     for name, owners in pins.items():
         if name != base and name in facts.destination_pcpis and name not in p.pcpis:
             p.pcpis[name] = Pcpi(name=name, role="individual", cycle=cycle, taken=True, owners=owners)
-    wanted = needed_source_pcpis(p.state()) & facts.source_pcpis
+    needed = needed_source_pcpis(p.state())
     known = dict(p.source_pcpis)
-    origins = {
-        point: r.origin
-        for r in p.replicas.values()
-        for point in (r.source_point, r.active_point, r.target)
-        if point is not None
-    }
     p.source_pcpis.clear()
-    for name in wanted:
-        was = known.get(name)
-        p.source_pcpis[name] = SourcePcpi(
-            name=name,
-            source=was.source if was else origins.get(name, DEFAULT_SOURCE),
-            cycle=cycle,
-            taken=True,
-            taken_at=was.taken_at if was else 0.0,
-        )
+    for source, held in sorted(facts.source_pcpis.items()):
+        for name in sorted(needed & held):
+            was = known.get(name)
+            p.source_pcpis[name] = SourcePcpi(
+                name=name, cycle=cycle, taken=True, taken_at=was.taken_at if was else 0.0, source=source
+            )

@@ -36,6 +36,17 @@ DEFAULT_SOURCE = "default"
 ROLES = CYCLE_ROLES + (INDIVIDUAL, KEPT, GENERATION)
 
 
+def by_source(held: Mapping[str, Iterable[str]] | Iterable[str] | None) -> dict[str, frozenset[str]]:
+    """PCPI names by the name of the source that holds them: a mapping as it is; a plain set of names
+    as those of the source DEFAULT_SOURCE (a group of the one source ``[group] source``); None as no
+    source (none could be reached)."""
+    if held is None:
+        return {}
+    if isinstance(held, Mapping):
+        return {source: frozenset(names) for source, names in held.items()}
+    return {DEFAULT_SOURCE: frozenset(held)}
+
+
 def _name(_inst: object, attribute: attrs.Attribute, value: str) -> None:
     if not isinstance(value, str) or not NAME_RE.match(value):
         raise ValueError(

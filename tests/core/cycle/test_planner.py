@@ -161,7 +161,8 @@ class Sim:
     """A pure simulated executor: answers every effect with its result event.
 
     ``fail_transfer``/``fail_rollback`` name replicas whose transfer/rollback
-    fails, ``refuse`` the PCPI roles the volumes refuse ("source" for the source's).
+    fails, ``refuse`` the PCPI roles the volumes refuse ("source" for every source's,
+    "source:NAME" for the source NAME's).
     After every decision I1 and I2 are checked; every decision and every effect is
     recorded in order.
     """
@@ -190,11 +191,11 @@ class Sim:
 
     def answer(self, e):
         if isinstance(e, fx.TakeSourcePcpi):
-            if "source" in self.refuse:
-                return ev.SourcePcpiRefused(name=e.name, now=self.now, error="source down")
-            return ev.SourcePcpiTaken(name=e.name)
+            if "source" in self.refuse or f"source:{e.source}" in self.refuse:
+                return ev.SourcePcpiRefused(name=e.name, now=self.now, error="source down", source=e.source)
+            return ev.SourcePcpiTaken(name=e.name, source=e.source)
         if isinstance(e, fx.ReleaseSourcePcpi):
-            return ev.SourcePcpiReleased(name=e.name)
+            return ev.SourcePcpiReleased(name=e.name, source=e.source)
         if isinstance(e, fx.TakePcpi):
             if e.role in self.refuse:
                 return ev.PcpiRefused(name=e.name, now=self.now, error="PCPI limit")
@@ -2290,3 +2291,152 @@ def test_i11_finds_two_kept_pcpis_of_one_replica_and_a_lost_one():
     assert not i11_kept_writes(st).ok and "keeps 2 PCPIs" in i11_kept_writes(st).detail
     f = i11_kept_writes(_keeping(), held={BASE})
     assert not f.ok and "is not on the volume" in f.detail
+
+
+# ---------------------------------------------------------------------------
+# fan-in: one source PCPI per source (docs/config.md, "Sources")
+# ---------------------------------------------------------------------------
+LAB_S1, OFFICE_S1 = "co-g-src-000001", "co-g-src-000002"
+
+
+def two_sources(*extra: Replica) -> GroupState:
+    """At rest after cycle 1: A and C of the source "lab", B of "office", all exporting BASE."""
+    a = rep("A", origin="lab", source_point=LAB_S1, active_point=LAB_S1)
+    b = rep("B", origin="office", source_point=OFFICE_S1, active_point=OFFICE_S1)
+    c = rep("C", origin="lab", source_point=LAB_S1, active_point=LAB_S1)
+    sps = (
+        SourcePcpi(name=LAB_S1, cycle=1, taken=True, source="lab"),
+        SourcePcpi(name=OFFICE_S1, cycle=1, taken=True, source="office"),
+    )
+    return group(a, b, c, *extra, source_pcpis=sps)
+
+
+def test_a_cycle_takes_one_pcpi_of_each_source_that_has_replicas_in_it():
+    """Not of a source whose only replica is broken; each record and effect names its source."""
+    st = two_sources(rep("K", "broken", origin="spare"))
+    d = decide(st, ev.StartCycle(now=5.0))
+    takes = of(d.effects, fx.TakeSourcePcpi)
+    assert [t.source for t in takes] == ["lab", "office"] and len({t.name for t in takes}) == 2
+    assert d.state.cycle_targets == {t.source: t.name for t in takes}
+    assert {t.name: d.state.source_pcpis[t.name].source for t in takes} == {t.name: t.source for t in takes}
+    assert d.state.phase == "updating" and not of(d.effects, fx.Transfer)
+
+
+def test_a_sources_transfers_start_when_its_pcpi_is_taken_and_the_jump_ahead_waits_for_every_source():
+    st = two_sources(rep("N", "uninitialized", origin="lab"))
+    d = decide(st, ev.StartCycle(now=5.0))
+    targets = d.state.cycle_targets
+    d = decide(d.state, ev.SourcePcpiTaken(name=targets["lab"], source="lab"))
+    transfers = of(d.effects, fx.Transfer)
+    assert {(t.replica, t.origin, t.target, t.base) for t in transfers} == {
+        ("A", "lab", targets["lab"], LAB_S1),
+        ("C", "lab", targets["lab"], LAB_S1),
+        ("N", "lab", targets["lab"], None),
+    }
+    assert d.state.replicas["B"].state == "stable" and d.state.replicas["N"].state == "baseline"
+    st, _ = decide_all(d.state, [ev.TransferDone(replica=n, ok=True) for n in ("A", "C", "N")])
+    assert st.phase == "updating" and {r.state for r in st.replicas.values()} == {"done", "stable"}
+    assert not any(p.role == "jump_ahead" for p in st.pcpis.values())  # office's PCPI is not taken yet
+    d = decide(st, ev.SourcePcpiTaken(name=targets["office"], source="office"))
+    (t,) = of(d.effects, fx.Transfer)
+    assert (t.replica, t.origin, t.target, t.base) == ("B", "office", targets["office"], OFFICE_S1)
+    d = decide(d.state, ev.TransferDone(replica="B", ok=True))
+    assert d.state.phase == "jump_ahead_1"
+
+
+def test_a_whole_cycle_of_two_sources_exports_each_replica_at_its_own_sources_pcpi_and_releases_per_source():
+    sim = Sim(two_sources()).run(ev.StartCycle(now=5.0))
+    st = sim.state
+    assert st.phase == "idle" and {r.state for r in st.replicas.values()} == {"stable"}
+    taken = {e.source: e.name for e in of(sim.effects, fx.TakeSourcePcpi)}
+    assert {n: r.source_point for n, r in st.replicas.items()} == {
+        "A": taken["lab"],
+        "B": taken["office"],
+        "C": taken["lab"],
+    }
+    assert len({r.exported for r in st.replicas.values()}) == 1  # one coalesced image for both sources
+    released = {(e.name, e.source) for e in of(sim.effects, fx.ReleaseSourcePcpi)}
+    assert released == {(LAB_S1, "lab"), (OFFICE_S1, "office")}
+    assert {n: sp.source for n, sp in st.source_pcpis.items()} == {taken["lab"]: "lab", taken["office"]: "office"}
+    assert st.cycle_targets == {}
+
+
+def test_a_refused_source_pcpi_makes_only_that_sources_replicas_miss_the_cycle():
+    """They stay stable with their images and record the failure (an outage); the others complete.
+    Stable, they join the jump-ahead: the new coalesced base holds their unchanged images, still of
+    the refused source's last PCPI, which is kept."""
+    sim = Sim(two_sources(), refuse={"source:office"}).run(ev.StartCycle(now=5.0))
+    st = sim.state
+    lab = next(e.name for e in of(sim.effects, fx.TakeSourcePcpi) if e.source == "lab")
+    a, b = st.replicas["A"], st.replicas["B"]
+    assert st.phase == "idle" and "source_unavailable" not in [t.trigger for d in sim.decisions for t in d.log]
+    assert (a.state, a.source_point, a.exported != BASE, a.last_error) == ("stable", lab, True, "")
+    assert (b.state, b.exported, b.source_point, b.active_point) == ("stable", a.exported, OFFICE_S1, OFFICE_S1)
+    assert "source unavailable: source down" in b.last_error and (b.consecutive_failures, b.outages) == (1, 1)
+    assert BASE not in st.pcpis and fx.ReleasePcpi(name=BASE) in of(sim.effects, fx.ReleasePcpi)
+    assert OFFICE_S1 in st.source_pcpis and st.source_pcpis[OFFICE_S1].source == "office"
+    assert {(e.name, e.source) for e in of(sim.effects, fx.ReleaseSourcePcpi)} == {(LAB_S1, "lab")}
+
+
+def test_every_source_refusing_its_pcpi_ends_the_cycle_before_any_transfer():
+    sim = Sim(two_sources(), refuse={"source"}).run(ev.StartCycle(now=5.0))
+    triggers = [t.trigger for d in sim.decisions for t in d.log if t.replica is None]
+    assert triggers == ["start_cycle", "source_unavailable", "finish_cycle"]
+    assert not of(sim.effects, fx.Transfer) and not of(sim.effects, fx.ReleaseSourcePcpi)
+    assert all(r.outages == 1 and r.exported == BASE for r in sim.state.replicas.values())
+
+
+def test_a_cycle_with_no_replica_to_transfer_takes_no_source_pcpi():
+    st = group(rep("K", "broken"), rep("U", "unstable_uncoalesced", next_retry=1e9))
+    sim = Sim(st).run(ev.StartCycle(now=5.0))
+    assert not of(sim.effects, fx.TakeSourcePcpi) and sim.state.phase == "idle"
+    assert [t.trigger for d in sim.decisions for t in d.log if t.replica is None] == [
+        "start_cycle",
+        "start_release",
+        "finish_cycle",
+    ]
+
+
+def test_recovery_settles_each_sources_pcpis_with_what_that_source_holds():
+    """The source "lab" answers: its PCPI of the cycle, held, is taken and its transfers start; a group
+    PCPI only it holds is released there.  The source "office" could not be reached: its records stay
+    and its PCPI of the cycle is asked for again."""
+    st = decide(two_sources(), ev.StartCycle(now=5.0)).state
+    targets = st.cycle_targets
+    stray = "co-g-src-000009"
+    d = decide(
+        st, ev.Recover(now=6.0, destination_pcpis=frozenset({BASE}), source_pcpis={"lab": {targets["lab"], stray}})
+    )
+    assert d.state.source_pcpis[targets["lab"]].taken and not d.state.source_pcpis[targets["office"]].taken
+    assert {(e.name, e.source) for e in of(d.effects, fx.TakeSourcePcpi)} == {(targets["office"], "office")}
+    assert {(e.name, e.source) for e in of(d.effects, fx.ReleaseSourcePcpi)} == {(stray, "lab")}
+    assert {t.replica for t in of(d.effects, fx.Transfer)} == {"A", "C"}
+    assert d.state.replicas["B"].state == "stable" and d.state.phase == "updating"
+    assert OFFICE_S1 in d.state.source_pcpis  # not reached: kept for a later recovery
+
+
+def test_resumed_updates_restart_to_their_own_sources_pcpi():
+    lab, office = "co-g-src-000011", "co-g-src-000012"
+    a = rep("A", "rollback", origin="lab", target=None, resume=True)
+    b = rep("B", "rollback", origin="office", target=None, resume=True)
+    st = group(
+        a,
+        b,
+        pcpis=(pcpi(BASE, "base"), pcpi(RB, "rollback")),
+        source_pcpis=(
+            SourcePcpi(name=S1, cycle=1, taken=True),
+            SourcePcpi(name=lab, cycle=2, taken=True, source="lab"),
+            SourcePcpi(name=office, cycle=2, taken=True, source="office"),
+        ),
+        phase="rolling_back",
+        cycle=2,
+        transfers_started=True,
+        cycle_targets={"lab": lab, "office": office},
+    )
+    st = decide(st, ev.RollbackDone(replica="A", ok=True)).state
+    d = decide(st, ev.RollbackDone(replica="B", ok=True))
+    assert {(t.replica, t.target, t.origin, t.resume) for t in of(d.effects, fx.Transfer)} == {
+        ("A", lab, "lab", True),
+        ("B", office, "office", True),
+    }
+    assert d.state.phase == "updating" and {r.target for r in d.state.replicas.values()} == {lab, office}

@@ -216,3 +216,35 @@ def test_an_older_ledger_keeps_the_kept_writes_the_volume_holds_I11():
         name=later, role="kept", cycle=2, taken=True, owners=frozenset({"r6-stable_uncoalesced"})
     )
     assert i11_kept_writes(new, facts.destination_pcpis).ok and i2_bounded_extras(new).ok
+
+
+def test_an_older_ledger_of_two_sources_records_each_source_pcpi_with_the_source_that_holds_it():
+    lab_new, office_new = "co-g-src-000007", "co-g-src-000008"
+    state = GroupState(
+        name="g",
+        cycle=1,
+        seq=4,
+        replicas={
+            n: Replica(
+                name=n, source_qtree=n, origin=o, state="stable", exported=OLD_BASE, source_point=p, active_point=p
+            )
+            for n, o, p in (("a", "lab", "co-g-src-000001"), ("b", "office", "co-g-src-000002"))
+        },
+        pcpis={OLD_BASE: Pcpi(name=OLD_BASE, role="base", cycle=1, taken=True)},
+    )
+    facts = Facts(
+        destination_pcpis=frozenset({NEW_BASE}),
+        source_pcpis={"lab": frozenset({lab_new}), "office": frozenset({office_new, "co-g-src-000003"})},
+        exported=(("a", NEW_BASE), ("b", NEW_BASE)),
+        proofs=(
+            Proof("a", image=NEW_BASE, point=lab_new, active=lab_new),
+            Proof("b", image=NEW_BASE, point=office_new, active=office_new),
+        ),
+    )
+    assert examine(state, facts.destination_pcpis, facts.source_pcpis).newest == 9
+    new = reconcile(state, facts)[0].state
+    assert {n: (r.state, r.source_point) for n, r in new.replicas.items()} == {
+        "a": ("stable", lab_new),
+        "b": ("stable", office_new),
+    }
+    assert {n: sp.source for n, sp in new.source_pcpis.items()} == {lab_new: "lab", office_new: "office"}
