@@ -131,3 +131,14 @@ class UnrequestedStream(StreamError):
 class FileTooLarge(BackendError):
     """A record would make a file larger than the destination stores (coalesce_core.stream.limits):
     the update fails before that record is applied and takes the rollback path."""
+
+
+class NotFound(CoalesceError):
+    """A history verb (`ls`, `diff`, `restore`, `pin`) names a replica, generation or path the group
+    or the image does not have; exit 6, as other verbs refuse an unknown replica."""
+
+    exit_code = 6
+
+
+class RestoreRefused(CoalesceError):
+    """`coalesce restore` will not write where it was asked (a directory that is not empty)."""

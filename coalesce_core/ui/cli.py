@@ -786,6 +786,28 @@ def cmd_generations(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _image(agent: Any, ref: str) -> tuple[str, Any]:
+    """The replica (destination qtree) and the coalesced image PCPI that ``REPLICA[@GEN]`` names."""
+    from coalesce_core.cycle import refs
+
+    name, gen = refs.split(ref)
+    return refs.replica(agent.state, name), refs.resolve(agent.state, gen)
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    from coalesce_core import images
+
+    with _reader(args) as agent:
+        qtree, pcpi = _image(agent, args.ref)
+        found = list(images.entries(agent.dest, qtree, pcpi.name, args.path or ""))
+    if args.json:
+        _dump_json({"replica": qtree, "pcpi": pcpi.name, "entries": [images.entry_data(d) for d in found]})
+        return EXIT_OK
+    for d in found:
+        print(render.entry_line(d))
+    return EXIT_OK
+
+
 def cmd_graph(args: argparse.Namespace) -> int:
     if args.format == "mermaid":
         sys.stdout.write(graphs.graph_mermaid())
@@ -901,6 +923,11 @@ def build_parser(pm: Any = None) -> argparse.ArgumentParser:
         "--json", action="store_true", help="machine-readable output (docs/schemas/generations.schema.json)"
     )
     gn.add_argument("--plan", action="store_true", help="what the retention policy keeps or prunes now, and why")
+    gen_help = "GEN: a generation id (`coalesce generations`), an ISO time (the newest at or before it) or latest"
+    ls = verb("ls", cmd_ls, "the entries of a replica's image in a retained generation (default: the coalesced base)")
+    ls.add_argument("ref", metavar="REPLICA[@GEN]", help=gen_help)
+    ls.add_argument("path", nargs="?", metavar="PATH", help="only PATH and what is below it")
+    ls.add_argument("--json", action="store_true", help="machine-readable output")
     for name, func, help in (
         ("check", cmd_check, "verify invariants I1-I5, I8, I9, I11 on the live group (exit 1 if violated)"),
         ("backends", cmd_backends, "installed storage backends (entry points)"),

@@ -496,3 +496,17 @@ def transfers_table(transfers: Mapping[str, TransferProgress], now: float) -> Ta
             "" if tr.ended is not None else (duration(left) if left is not None else "?"),
         )
     return t
+
+
+_KINDS = {"d": "dir", "f": "file", "l": "link"}
+
+
+def entry_line(d: Any) -> str:
+    """One entry of `coalesce ls`: kind, permission bits, size, mtime (UTC), path (a link's target)."""
+    mode = f"{d.mode:04o}" if d.mode is not None else "-"
+    size = str(d.size) if d.kind == "f" and d.size is not None else "-"
+    when = datetime.fromtimestamp(d.mtime_ns / 1e9, UTC).strftime("%Y-%m-%d %H:%M:%S") if d.mtime_ns else "-"
+    path = d.path or "."
+    if d.kind == "l":
+        path += f" -> {d.target}"
+    return f"{_KINDS.get(d.kind, d.kind):4} {mode} {size:>12} {when} {path}"

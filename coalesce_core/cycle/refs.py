@@ -1,0 +1,89 @@
+"""Which image a history verb reads: ``REPLICA[@GEN]`` parsed and GEN resolved (docs/cli.md, `ls`).
+
+GEN is a generation's id as `coalesce generations` prints it (the sequence number in its PCPI's
+name), an ISO time (``2026-12-01T03:00``, UTC unless it names its zone) meaning the newest
+generation taken at or before it, or ``latest`` (the newest generation); no GEN is the current
+coalesced base. Pure: no clock, no I/O.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from coalesce_core.cycle.invariants import seq_of
+from coalesce_core.cycle.state import GroupState, Pcpi
+from coalesce_core.errors import NotFound
+
+LATEST = "latest"
+
+
+def split(ref: str) -> tuple[str, str | None]:
+    """``"A@12"`` -> ``("A", "12")``; ``"A"`` -> ``("A", None)``. NotFound for an empty part."""
+    name, at, gen = ref.partition("@")
+    if not name or (at and not gen):
+        raise NotFound(
+            f"{ref!r} names no replica and generation",
+            hint="write REPLICA or REPLICA@GEN (GEN: an id of `coalesce generations`, an ISO time, or latest)",
+        )
+    return name, (gen if at else None)
+
+
+def _when(text: str) -> float | None:
+    try:
+        t = datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    return (t if t.tzinfo else t.replace(tzinfo=UTC)).timestamp()
+
+
+def image_time(state: GroupState, p: Pcpi) -> float:
+    """When coalesced image ``p`` was taken: its manifest's time, else when its PCPI was."""
+    m = state.manifests.get(p.name)
+    return m.time if m is not None else p.taken_at
+
+
+def resolve(state: GroupState, gen: str | None) -> Pcpi:
+    """The PCPI of coalesced image ``gen`` (the module's docstring) in ``state``; NotFound, with
+    the generations there are, when none matches."""
+    gens = state.generations()
+    ids = ", ".join(str(seq_of(p.name)) for p in gens) or "none"
+    hint = f"generations: {ids} (`coalesce generations` lists them)"
+    if gen is None:
+        base = state.base()
+        if base is None or not base.taken:
+            raise NotFound(
+                f"group {state.name!r} has no coalesced base yet", hint="run a cycle first (`coalesce run --once`)"
+            )
+        return base
+    if gen == LATEST:
+        if not gens:
+            raise NotFound(
+                f"group {state.name!r} keeps no generations",
+                hint='add [retention] to the config (docs/config.md, "Retention")',
+            )
+        return max(gens, key=lambda p: (image_time(state, p), p.name))
+    if gen.isdigit():
+        for p in gens:
+            if seq_of(p.name) == int(gen):
+                return p
+        raise NotFound(f"group {state.name!r} has no generation {gen}", hint=hint)
+    when = _when(gen)
+    if when is None:
+        raise NotFound(
+            f"{gen!r} is not a generation id, an ISO time or {LATEST!r}",
+            hint=f"e.g. @12, @2026-12-01T03:00 or @latest; {hint}",
+        )
+    before = [p for p in gens if image_time(state, p) <= when]
+    if not before:
+        raise NotFound(f"group {state.name!r} has no generation taken at or before {gen}", hint=hint)
+    return max(before, key=lambda p: (image_time(state, p), p.name))
+
+
+def replica(state: GroupState, name: str) -> str:
+    """The destination qtree of replica ``name`` (its name); NotFound for an unknown one."""
+    if name not in state.replicas:
+        raise NotFound(
+            f"no replica {name!r} in group {state.name!r}",
+            hint=f"replicas: {', '.join(sorted(state.replicas)) or 'none'}",
+        )
+    return name
