@@ -50,3 +50,17 @@ def entry_data(d: Any) -> dict[str, Any]:
         "mtime_ns": d.mtime_ns,
         "target": d.target if d.kind == "l" else None,
     }
+
+
+def changed(dest: Volume, qtree: str, old: str, new: str) -> list[Any]:
+    """The paths of ``qtree`` that differ between PCPIs ``old`` and ``new``, from the backend's own
+    diff (coalesce_core.stream.changes.Change, in path order)."""
+    from coalesce_core.stream.changes import changes
+
+    stream = dest.diff(qtree, old, new)
+    try:
+        return changes(stream)
+    finally:
+        close = getattr(stream, "close", None)
+        if close is not None:
+            close()

@@ -26,7 +26,7 @@ from rich.text import Text
 
 from coalesce_core import __version__, crashpoints, grouplock, requests
 from coalesce_core.config import GroupConfig, load_config, replica_block, without_replica, write_config
-from coalesce_core.errors import BackendError, CoalesceError, ConfigError, GroupLocked, RequestRefused
+from coalesce_core.errors import BackendError, CoalesceError, ConfigError, GroupLocked, NotFound, RequestRefused
 from coalesce_core.ui import graphs, logs, render, reports
 from coalesce_core.ui.errors import report_error
 from coalesce_core.ui.peertext import markup
@@ -808,6 +808,36 @@ def cmd_ls(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+_CHANGE_MARKS = {"added": "A", "deleted": "D", "replaced": "R", "modified": "M"}
+
+
+def cmd_diff(args: argparse.Namespace) -> int:
+    from coalesce_core import images
+
+    with _reader(args) as agent:
+        qtree, old = _image(agent, args.old)
+        other, new = _image(agent, args.new or qtree)
+        if other != qtree:
+            raise NotFound(
+                f"diff compares two images of one replica, not {qtree!r} and {other!r}",
+                hint=f"write `coalesce diff {qtree}@GEN1 {qtree}@GEN2`",
+            )
+        found = images.changed(agent.dest, qtree, old.name, new.name)
+    if args.json:
+        _dump_json(
+            {
+                "replica": qtree,
+                "from": old.name,
+                "to": new.name,
+                "changes": [{"path": c.path, "kind": c.kind} for c in found],
+            }
+        )
+        return EXIT_OK
+    for c in found:
+        print(f"{_CHANGE_MARKS[c.kind]} {c.path or '.'}")
+    return EXIT_OK
+
+
 def cmd_graph(args: argparse.Namespace) -> int:
     if args.format == "mermaid":
         sys.stdout.write(graphs.graph_mermaid())
@@ -928,6 +958,14 @@ def build_parser(pm: Any = None) -> argparse.ArgumentParser:
     ls.add_argument("ref", metavar="REPLICA[@GEN]", help=gen_help)
     ls.add_argument("path", nargs="?", metavar="PATH", help="only PATH and what is below it")
     ls.add_argument("--json", action="store_true", help="machine-readable output")
+    df = verb(
+        "diff",
+        cmd_diff,
+        "the paths changed between two images of a replica (A added, D deleted, R replaced, M modified)",
+    )
+    df.add_argument("old", metavar="REPLICA@GEN1", help=gen_help)
+    df.add_argument("new", nargs="?", metavar="REPLICA@GEN2", help="the newer image (default: the coalesced base)")
+    df.add_argument("--json", action="store_true", help="machine-readable output")
     for name, func, help in (
         ("check", cmd_check, "verify invariants I1-I5, I8, I9, I11 on the live group (exit 1 if violated)"),
         ("backends", cmd_backends, "installed storage backends (entry points)"),

@@ -63,3 +63,28 @@ def test_ls_unknown_replica_generation_or_path_is_an_error_with_a_hint(group, cl
         rc, out, err = cli(*args)
         assert rc == 6, (args, out, err)
         assert says in err and "hint" in err and "Traceback" not in err
+
+
+def test_diff_names_what_changed_between_two_generations_and_to_the_base(group, cli):
+    _retaining(group, cli)
+    first, second = _gens(cli)
+    rc, out, err = cli("diff", f"A@{first['id']}", f"A@{second['id']}", "--json")
+    assert rc == 0, err
+    doc = json.loads(out)
+    assert (doc["from"], doc["to"]) == (first["pcpi"], second["pcpi"])
+    assert "dir0/file0" in {c["path"] for c in doc["changes"]}
+    assert {c["kind"] for c in doc["changes"] if c["path"] == "dir0/file0"} <= {"modified", "replaced"}
+    rc, out, _ = cli("diff", f"A@{first['id']}")  # to the base: the same change
+    assert rc == 0 and any(line.endswith(" dir0/file0") for line in out.splitlines())
+    rc, out, _ = cli("diff", f"B@{first['id']}", "--json")  # B did not change
+    assert rc == 0 and json.loads(out)["changes"] == []
+    rc, out, _ = cli("diff", f"A@{second['id']}", "A@latest")
+    assert rc == 0 and out == ""
+
+
+def test_diff_of_two_replicas_or_an_unknown_generation_is_an_error(group, cli):
+    _retaining(group, cli)
+    rc, _, err = cli("diff", "A@latest", "B")
+    assert rc == 6 and "one replica" in err and "hint" in err
+    rc, _, err = cli("diff", "A@424242")
+    assert rc == 6 and "no generation 424242" in err
