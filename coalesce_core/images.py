@@ -11,8 +11,10 @@ from __future__ import annotations
 
 from typing import Any, Iterator
 
+import attrs
+
 from coalesce_core.backend.volume import Volume
-from coalesce_core.errors import NotFound
+from coalesce_core.errors import NotFound, RestoreRefused
 from coalesce_core.stream import records as R
 
 
@@ -64,3 +66,70 @@ def changed(dest: Volume, qtree: str, old: str, new: str) -> list[Any]:
         close = getattr(stream, "close", None)
         if close is not None:
             close()
+
+
+@attrs.frozen
+class Restored:
+    """What :func:`restore` wrote: ``records`` applied, ``bytes`` of file data, and the hard links
+    below PATH whose other name lies outside it (not restored: their data are outside PATH)."""
+
+    records: int
+    bytes: int
+    skipped_links: tuple[str, ...] = ()
+
+
+def _path_of(rec: object) -> str | None:
+    return getattr(rec, "path", None)
+
+
+def _keep(rec: object, top: str) -> bool:
+    """Whether a baseline record belongs to the copy of ``top``: it names ``top``, a path below it,
+    or a directory above it (made so that ``top`` sits at its own path in the copy)."""
+    path = _path_of(rec)
+    if path is None or _under(path, top):
+        return True
+    return top.startswith(path + "/") or path == R.ROOT
+
+
+def _selected(stream: Iterator[Any], top: str, owners: bool, skipped: list[str]) -> Iterator[Any]:
+    for rec in R.changes_only(stream):
+        if not _keep(rec, top):
+            continue
+        if isinstance(rec, R.HardLink) and not _under(rec.existing, top):
+            skipped.append(rec.path)
+            continue
+        if not owners and isinstance(rec, R.SetAttr) and (rec.uid is not None or rec.gid is not None):
+            rec = attrs.evolve(rec, uid=None, gid=None)
+        yield rec
+
+
+def restore(dest: Volume, qtree: str, pcpi: str, to: str, top: str = "") -> Restored:
+    """Copy ``qtree`` as PCPI ``pcpi`` holds it (only ``top`` and what is below it, at its own path,
+    when given) into the empty or missing directory ``to``, from a baseline diff of the image
+    written by the POSIX applier. Owners are kept only when this process may set them (root); the
+    destination volume is only read. RestoreRefused for a ``to`` that is not an empty directory,
+    NotFound for a ``top`` the image does not hold."""
+    import os
+
+    from coalesce_posix.apply import Applier
+
+    top = R.check_path_or_root(top.strip("/"), what="path")
+    target = os.path.abspath(to)
+    if os.path.lexists(target) and (not os.path.isdir(target) or os.path.islink(target) or os.listdir(target)):
+        raise RestoreRefused(
+            f"{to} is not an empty directory: restore writes only into an empty or new directory",
+            hint="name a new directory with --to (restore never overwrites files)",
+        )
+    if top:
+        next(iter(entries(dest, qtree, pcpi, top)))  # NotFound before anything is written
+    os.makedirs(target, exist_ok=True)
+    skipped: list[str] = []
+    stream = dest.diff(qtree, None, pcpi)
+    try:
+        parent, name = os.path.split(target)
+        got = Applier(parent, name, None).apply(_selected(stream, top, os.geteuid() == 0, skipped))
+    finally:
+        close = getattr(stream, "close", None)
+        if close is not None:
+            close()
+    return Restored(records=got["records"], bytes=got["bytes"], skipped_links=tuple(skipped))

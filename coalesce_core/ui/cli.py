@@ -838,6 +838,25 @@ def cmd_diff(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_restore(args: argparse.Namespace) -> int:
+    from coalesce_core import images
+
+    with _reader(args) as agent:
+        qtree, pcpi = _image(agent, args.ref)
+        done = images.restore(agent.dest, qtree, pcpi.name, args.to, args.path or "")
+    what = f"{args.path} of replica {qtree}" if args.path else f"replica {qtree}"
+    _console().print(
+        f"restored {markup(what)} from {markup(pcpi.name)} into {markup(args.to)}: "
+        f"{done.records} records, {done.bytes} bytes"
+    )
+    for path in done.skipped_links:
+        _console().print(
+            f"not restored: {markup(path)}, a hard link to a file outside {markup(args.path)} "
+            "(restore without PATH, or a PATH that holds both names)"
+        )
+    return EXIT_OK
+
+
 def cmd_graph(args: argparse.Namespace) -> int:
     if args.format == "mermaid":
         sys.stdout.write(graphs.graph_mermaid())
@@ -966,6 +985,10 @@ def build_parser(pm: Any = None) -> argparse.ArgumentParser:
     df.add_argument("old", metavar="REPLICA@GEN1", help=gen_help)
     df.add_argument("new", nargs="?", metavar="REPLICA@GEN2", help="the newer image (default: the coalesced base)")
     df.add_argument("--json", action="store_true", help="machine-readable output")
+    rt = verb("restore", cmd_restore, "copy a replica's image (or PATH of it) out of a retained generation into DIR")
+    rt.add_argument("ref", metavar="REPLICA@GEN", help=gen_help + " (no @GEN: the coalesced base)")
+    rt.add_argument("path", nargs="?", metavar="PATH", help="only PATH and what is below it, at DIR/PATH")
+    rt.add_argument("--to", required=True, metavar="DIR", help="an empty or new directory")
     for name, func, help in (
         ("check", cmd_check, "verify invariants I1-I5, I8, I9, I11 on the live group (exit 1 if violated)"),
         ("backends", cmd_backends, "installed storage backends (entry points)"),

@@ -4,6 +4,7 @@ generations, on the mem backend (the sim backend: tests/cli/test_images_sim.py).
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 
 def _retaining(group, cli) -> None:
@@ -88,3 +89,55 @@ def test_diff_of_two_replicas_or_an_unknown_generation_is_an_error(group, cli):
     assert rc == 6 and "one replica" in err and "hint" in err
     rc, _, err = cli("diff", "A@424242")
     assert rc == 6 and "no generation 424242" in err
+
+
+def _volumes(tmp):
+    """The ledger's bytes and the destination's PCPIs, read beside the CLI."""
+    from coalesce_core.agent import Agent
+    from coalesce_core.config import load_config
+
+    with Agent.open(load_config(str(tmp / "coalesce.toml")), readonly=True) as agent:
+        return Path(agent.ledger.path).read_bytes(), set(agent.dest.snapshot_list())
+
+
+def _fingerprint(tmp, qtree: str, pcpi: str) -> str:
+    from coalesce_core.backend.manager import plugin_manager
+    from coalesce_core.backend.volume import Volume
+
+    dst = Volume.open(plugin_manager(), f"mem://{tmp}/dst.vol")
+    try:
+        return dst.fingerprint(qtree, pcpi)
+    finally:
+        dst.close()
+
+
+def test_restore_copies_an_image_out_and_changes_nothing_of_the_group(group, cli):
+    from coalesce_posix import walk
+
+    tmp, _ = group
+    _retaining(group, cli)
+    first, _second = _gens(cli)
+    before = _volumes(tmp)
+    rc, out, err = cli("restore", f"A@{first['id']}", "--to", str(tmp / "out"))
+    assert rc == 0, err
+    assert "restored replica A" in out
+    assert walk.fingerprint(str(tmp / "out")) == _fingerprint(tmp, "A", first["pcpi"])
+    assert (tmp / "out" / "dir0" / "file0").read_bytes() != b"changed" * 50  # the old image
+    rc, _, err = cli("restore", "A@latest", "dir0/file0", "--to", str(tmp / "one"))
+    assert rc == 0, err
+    assert (tmp / "one" / "dir0" / "file0").read_bytes() == b"changed" * 50
+    assert sorted(p.name for p in (tmp / "one").iterdir()) == ["dir0"]
+    assert sorted(p.name for p in (tmp / "one" / "dir0").iterdir()) == ["file0"]
+    assert _volumes(tmp) == before
+
+
+def test_restore_refuses_a_non_empty_directory_and_an_unknown_path(group, cli):
+    tmp, _ = group
+    _retaining(group, cli)
+    (tmp / "full").mkdir()
+    (tmp / "full" / "mine").write_text("keep me")
+    rc, _, err = cli("restore", "A@latest", "--to", str(tmp / "full"))
+    assert rc == 1 and "not an empty directory" in err and "hint" in err
+    assert [p.name for p in (tmp / "full").iterdir()] == ["mine"]
+    rc, _, err = cli("restore", "A@latest", "no/such", "--to", str(tmp / "new"))
+    assert rc == 6 and "not in replica" in err and not (tmp / "new").exists()
