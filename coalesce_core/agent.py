@@ -780,6 +780,11 @@ class Agent:
         resynced (a removed replica's too); never asks the source."""
         self.handle(ev.ReleaseKept(replica=name))
 
+    def pin(self, generation: str, pinned: bool = True) -> None:
+        """``coalesce pin`` (``unpin``: ``pinned`` False): exempt retained generation ``generation``
+        (an id, an ISO time or ``latest``, coalesce_core.cycle.refs) from pruning, or no longer."""
+        self.handle(ev.PinGeneration(generation=generation, pinned=pinned))
+
     def reseed(self, name: str, reason: str) -> None:
         """Re-seed replica ``name`` (``coalesce reseed``, the background verification).
 

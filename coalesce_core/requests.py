@@ -1,6 +1,7 @@
 """Requests handed to a running agent: the pure part (docs/operations.md, "Changing a group while it runs").
 
-A verb that changes the group (``break``, ``resync``, ``release``, ``reseed``, ``add``, ``remove``) and finds a
+A verb that changes the group (``break``, ``resync``, ``release``, ``reseed``, ``add``, ``remove``, ``pin``,
+``unpin``) and finds a
 running ``coalesce run`` holding the group's lock (coalesce_core.grouplock) appends a request to the
 queue in the ledger (coalesce_core.ledger: durable before the verb waits for it).  The agent takes the
 pending requests, oldest first, at its safe points: between cycles, and in the wait after a failed
@@ -30,6 +31,8 @@ VERBS: Mapping[str, tuple[str, ...]] = {
     "reseed": ("replica", "reason"),
     "add": ("replica", "source"),
     "remove": ("replica",),
+    "pin": ("generation",),
+    "unpin": ("generation",),
 }
 
 PENDING = "pending"
@@ -69,8 +72,8 @@ class Request:
         return self.args.get("replica", "")
 
     def describe(self) -> str:
-        """The request as a person reads it: ``request 7 (break A)``."""
-        return f"request {self.id} ({self.verb} {self.replica})"
+        """The request as a person reads it: ``request 7 (break A)``, ``request 8 (pin 12)``."""
+        return f"request {self.id} ({self.verb} {self.replica or self.args.get('generation', '')})"
 
     def data(self) -> dict[str, Any]:
         """The request in `status --json` (docs/schemas/status.schema.json)."""
@@ -93,6 +96,8 @@ def make_args(verb: str, **given: str | None) -> dict[str, str]:
 def event_for(request: Request) -> object:
     """The event of the pure cycle that ``request`` asks for."""
     a = request.args
+    if request.verb in ("pin", "unpin"):
+        return ev.PinGeneration(generation=a["generation"], pinned=request.verb == "pin")
     name = a["replica"]
     if request.verb == "break":
         return ev.BreakMirror(replica=name)
@@ -109,6 +114,8 @@ def event_for(request: Request) -> object:
 
 def outcome(request: Request, replicas: Mapping[str, Any]) -> str:
     """What a request that was taken did, from the replicas after its decision."""
+    if request.verb in ("pin", "unpin"):
+        return f"generation {request.args.get('generation', '')} {request.verb}ned"
     name = request.replica
     r = replicas.get(name)
     if request.verb == "release":

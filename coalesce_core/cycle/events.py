@@ -73,6 +73,15 @@ class ReleaseKept:
 
 
 @attrs.frozen
+class PinGeneration:
+    """``coalesce pin GEN`` (``pinned``) / ``coalesce unpin GEN``: exempt the retained generation
+    ``generation`` (as coalesce_core.cycle.refs.resolve reads it) from pruning, or no longer."""
+
+    generation: str
+    pinned: bool = True
+
+
+@attrs.frozen
 class Reseed:
     """Re-seed ``replica`` (``coalesce reseed``, the background verification):
     it leaves the cycle and its active FS is rebuilt by a baseline transfer."""
@@ -188,7 +197,9 @@ class Exported:
     jump: bool = False
 
 
-Request = Union[StartCycle, Tick, AddReplica, RemoveReplica, BreakMirror, Resync, ReleaseKept, Reseed, Recover]
+Request = Union[
+    StartCycle, Tick, AddReplica, RemoveReplica, BreakMirror, Resync, ReleaseKept, PinGeneration, Reseed, Recover
+]
 Result = Union[
     SourcePcpiTaken,
     SourcePcpiRefused,

@@ -117,13 +117,14 @@ def unknown_manifest(pcpi: str, cycle: int, now: float) -> Manifest:
 
 def as_retained(state: GroupState) -> list[retention.Generation]:
     """The group's generations as the retention policy sees them; one that some replica pins (it
-    exports it, or keeps it as its last good image) is ``exported``: never pruned."""
+    exports it, or keeps it as its last good image) is ``exported``, one a person pinned
+    (`coalesce pin`) ``pinned``: neither is ever pruned."""
     pinned = {name for r in state.replicas.values() for name in r.pinned()}
     out = []
     for p in state.generations():
         m = state.manifests.get(p.name)
         time, fresh = (m.time, m.fresh) if m is not None else (p.taken_at, 0)
-        out.append(retention.Generation(id=p.name, time=time, fresh=fresh, exported=p.name in pinned))
+        out.append(retention.Generation(id=p.name, time=time, fresh=fresh, pinned=p.pinned, exported=p.name in pinned))
     return out
 
 

@@ -864,6 +864,15 @@ def _release_kept(p: _Plan, e: ev.ReleaseKept) -> None:
     p.release(kept.name)
 
 
+def _pin(p: _Plan, e: ev.PinGeneration) -> None:
+    """`coalesce pin GEN` / `unpin GEN`: the generation is exempt from pruning (or no longer), in any
+    phase; the next prune (at a jump-ahead) follows. NotFound for what is not a retained generation."""
+    from coalesce_core.cycle import refs
+
+    g = refs.resolve(p.state(), e.generation)
+    p.pcpis[g.name] = attrs.evolve(g, pinned=e.pinned)
+
+
 #: what `Reseed` does in each state: re-seed it, nothing (a re-seed is already under way), or refuse
 _RESEED_FROM = ("stable", "stable_uncoalesced", "unstable_uncoalesced")
 _RESEEDING = ("reseed_pending", "reseeding", "reseeded")
@@ -1119,6 +1128,7 @@ _HANDLERS: dict[type, Callable[[_Plan, Any], None]] = {
     ev.BreakMirror: _break,
     ev.Resync: _resync,
     ev.ReleaseKept: _release_kept,
+    ev.PinGeneration: _pin,
     ev.Reseed: _reseed,
     ev.AddReplica: _add,
     ev.RemoveReplica: _remove,

@@ -62,7 +62,8 @@ class Pcpi:
     ``taken`` is False between the write-ahead record and the backend's
     confirmation; ``releasing`` is True from the decision to release it until
     the backend confirms.  ``owners`` are the replicas that pin it as their
-    individual PCPI (outside the cycle).
+    individual PCPI (outside the cycle).  ``pinned``: a person exempted this generation from
+    pruning (`coalesce pin`; docs/config.md, "Retention").
     """
 
     name: str
@@ -72,6 +73,7 @@ class Pcpi:
     releasing: bool = False
     owners: frozenset[str] = frozenset()
     taken_at: float = 0.0
+    pinned: bool = False
 
 
 @attrs.frozen

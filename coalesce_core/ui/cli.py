@@ -857,6 +857,26 @@ def cmd_restore(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_pin(args: argparse.Namespace) -> int:
+    pin = args.verb == "pin"
+
+    def report(agent: Any) -> None:
+        from coalesce_core.cycle import refs
+        from coalesce_core.cycle.invariants import seq_of
+
+        g = refs.resolve(agent.state, args.generation)
+        what = "is pinned: no prune removes it until `coalesce unpin`" if pin else "is no longer pinned"
+        _console().print(f"generation {seq_of(g.name)} ({markup(g.name)}) {what}")
+
+    return _change(
+        args,
+        args.verb,
+        requests.make_args(args.verb, generation=args.generation),
+        lambda a: a.pin(args.generation, pinned=pin),
+        report,
+    )
+
+
 def cmd_graph(args: argparse.Namespace) -> int:
     if args.format == "mermaid":
         sys.stdout.write(graphs.graph_mermaid())
@@ -1010,6 +1030,13 @@ def build_parser(pm: Any = None) -> argparse.ArgumentParser:
             sp.add_argument(
                 "--discard", action="store_true", help="do not keep the broken replica's writes (no kept PCPI)"
             )
+        handed(sp)
+    for name, help in (
+        ("pin", "exempt a retained generation from pruning ([retention])"),
+        ("unpin", "let the retention policy prune a pinned generation again"),
+    ):
+        sp = verb(name, cmd_pin, help)
+        sp.add_argument("generation", metavar="GEN", help=gen_help)
         handed(sp)
     rs = verb("reseed", cmd_reseed, "rebuild a replica by a baseline transfer (it keeps exporting its last good image)")
     rs.add_argument("name")

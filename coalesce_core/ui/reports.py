@@ -109,6 +109,7 @@ def generations_data(state: GroupState, now: float, plan: bool = False) -> dict[
             "time": m.time if m is not None else p.taken_at,
             "cycle": m.cycle if m is not None else p.cycle,
             "pinned_by": pins.get(p.name, []),
+            "pinned": p.pinned,
             "counts": m.counts() if m is not None else None,
             "replicas": [attrs_entry(e) for e in m.entries] if m is not None else [],
         }

@@ -141,3 +141,31 @@ def test_restore_refuses_a_non_empty_directory_and_an_unknown_path(group, cli):
     assert [p.name for p in (tmp / "full").iterdir()] == ["mine"]
     rc, _, err = cli("restore", "A@latest", "no/such", "--to", str(tmp / "new"))
     assert rc == 6 and "not in replica" in err and not (tmp / "new").exists()
+
+
+def test_pin_keeps_a_generation_past_max_until_unpin(group, cli):
+    """max = 1: each jump-ahead prunes all but the newest generation, unless one is pinned."""
+    tmp, writer = group
+    cfg = tmp / "coalesce.toml"
+    cfg.write_text(cfg.read_text() + '\n[retention]\nkeep_min = "30d"\nmax = 1\n')
+    assert cli("init")[0] == 0
+    assert cli("run", "--once", "-q")[0] == 0
+    assert cli("run", "--once", "-q")[0] == 0
+    (first,) = _gens(cli)
+    rc, out, err = cli("pin", str(first["id"]))
+    assert rc == 0, err
+    assert "is pinned" in out
+    for _ in range(2):
+        assert cli("run", "--once", "-q")[0] == 0
+    gens = _gens(cli)
+    assert [g["pcpi"] for g in gens][0] == first["pcpi"] and len(gens) == 2
+    assert gens[0]["pinned"] and not gens[1]["pinned"]
+    assert cli("ls", f"A@{first['id']}")[0] == 0  # still readable
+    rc, out, err = cli("unpin", "latest")  # not pinned: unpinning changes nothing, says so
+    assert rc == 0 and "no longer pinned" in out
+    rc, out, err = cli("unpin", str(first["id"]))
+    assert rc == 0, err
+    assert cli("run", "--once", "-q")[0] == 0
+    assert first["pcpi"] not in {g["pcpi"] for g in _gens(cli)}
+    rc, _, err = cli("pin", str(first["id"]))
+    assert rc == 6 and f"no generation {first['id']}" in err and "hint" in err

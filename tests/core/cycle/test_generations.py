@@ -154,3 +154,30 @@ def test_a_generation_an_uncoalesced_replica_exports_is_never_pruned(group_confi
     reasons = gen.prune(s, h.clock()).decision(held.name).reasons
     assert "exported by an uncoalesced replica" in reasons
     assert h.agent.state.manifests[held.name].counts()["updated"] == 3
+
+
+def test_a_generation_a_person_pins_survives_the_prunes_until_unpinned(group_config):
+    """`coalesce pin`: with keep = "1h" the base of cycle 1 would be pruned at the second hourly
+    jump-ahead; pinned, it stays (the pin persisted in the ledger), and once unpinned the next
+    jump-ahead prunes it."""
+    from coalesce_core.cycle.invariants import seq_of
+    from coalesce_core.errors import NotFound
+
+    h = Harness(group_config(retention='keep = "1h"'))
+    fill(h.writer, "ABC")
+    h.cycle()
+    _hourly(h, 1)
+    (first,) = h.agent.state.generations()
+    h.agent.pin(str(seq_of(first.name)))
+    assert h.agent.ledger.load().pcpis[first.name].pinned
+    _hourly(h, 3)
+    s = h.agent.state
+    assert first.name in {p.name for p in s.generations()} and first.name in h.agent.dest.snapshot_list()
+    assert gen.prune(s, h.clock()).decision(first.name).reasons[0] == "pinned"
+    assert len(s.generations()) == 2  # the pinned one past the policy, and the newest
+    h.agent.pin(str(seq_of(first.name)), pinned=False)
+    _hourly(h, 1)
+    assert first.name not in {p.name for p in h.agent.state.generations()}
+    assert first.name not in h.agent.dest.snapshot_list()
+    with pytest.raises(NotFound, match="no generation"):
+        h.agent.pin(str(seq_of(first.name)))
