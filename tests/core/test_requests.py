@@ -193,3 +193,14 @@ def test_resync_and_release_requests_with_the_source_down_I11(harness):
     assert answer.status == requests.REFUSED and "keeps no writes" in answer.message and answer.hint
     h.faults.clear()
     h.assert_invariants()
+
+
+def test_a_pin_request_names_its_generation_and_decides_a_pin_generation():
+    from coalesce_core.cycle import events as ev
+
+    for verb, pinned in (("pin", True), ("unpin", False)):
+        req = requests.Request(id=8, verb=verb, args=requests.make_args(verb, generation="12", replica="x"))
+        assert req.args == {"generation": "12"}
+        assert req.describe() == f"request 8 ({verb} 12)"
+        assert requests.event_for(req) == ev.PinGeneration(generation="12", pinned=pinned)
+        assert requests.outcome(req, {}) == f"generation 12 {verb}ned"
