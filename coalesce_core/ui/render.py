@@ -210,6 +210,8 @@ def generations_table(doc: dict[str, Any]) -> Table:
         summary = ", ".join(f"{n} {s}" for s, n in counts.items() if n) if counts else "unknown"
         if g["pinned_by"]:
             summary += f"; exported by {', '.join(clean(r) for r in g['pinned_by'])}"
+        if g.get("pinned"):
+            summary += "; pinned"
         row: list[str | Text] = [str(g["id"]), when, clean(g["pcpi"]), summary]
         if planned:
             keep = g["plan"]["keep"]

@@ -160,6 +160,8 @@ def test_pin_keeps_a_generation_past_max_until_unpin(group, cli):
     gens = _gens(cli)
     assert [g["pcpi"] for g in gens][0] == first["pcpi"] and len(gens) == 2
     assert gens[0]["pinned"] and not gens[1]["pinned"]
+    rc, out, _ = cli("generations")
+    assert rc == 0 and "pinned" in " ".join(out.split())
     assert cli("ls", f"A@{first['id']}")[0] == 0  # still readable
     rc, out, err = cli("unpin", "latest")  # not pinned: unpinning changes nothing, says so
     assert rc == 0 and "no longer pinned" in out
