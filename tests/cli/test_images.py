@@ -171,3 +171,23 @@ def test_pin_keeps_a_generation_past_max_until_unpin(group, cli):
     assert first["pcpi"] not in {g["pcpi"] for g in _gens(cli)}
     rc, _, err = cli("pin", str(first["id"]))
     assert rc == 6 and f"no generation {first['id']}" in err and "hint" in err
+
+
+def test_restore_of_a_subtree_names_a_hard_link_whose_other_name_is_outside_it(group, cli):
+    from coalesce_core.stream import records as R
+
+    tmp, writer = group
+    _retaining(group, cli)
+    writer.volume.apply(
+        "A",
+        R.framed("A", None, "test", [R.MkDir(path="sub"), R.HardLink(path="sub/link", existing="dir0/file0")]),
+        use_purgatory=False,
+    )
+    assert cli("run", "--once", "-q")[0] == 0
+    rc, out, err = cli("restore", "A", "sub", "--to", str(tmp / "sub"))
+    assert rc == 0, err
+    assert "not restored: sub/link" in " ".join(out.split())
+    assert (tmp / "sub" / "sub").is_dir() and not (tmp / "sub" / "sub" / "link").exists()
+    rc, _, err = cli("restore", "A", "--to", str(tmp / "all"))  # the whole image keeps the link
+    assert rc == 0, err
+    assert (tmp / "all" / "sub" / "link").stat().st_ino == (tmp / "all" / "dir0" / "file0").stat().st_ino
