@@ -9,7 +9,7 @@ is changed.
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from typing import Any, Generator, Iterator
 
 import attrs
 
@@ -22,24 +22,35 @@ def _under(path: str, top: str) -> bool:
     return not top or path == top or path.startswith(top + "/")
 
 
-def entries(dest: Volume, qtree: str, pcpi: str, top: str = "") -> Iterator[Any]:
+def entries(dest: Volume, qtree: str, pcpi: str, top: str = "") -> Generator[Any, None, None]:
     """The Descriptions (coalesce_core.verify) of ``qtree`` in PCPI ``pcpi`` at and below ``top``
     ("" the qtree root), in path order; NotFound when ``top`` is not in the image."""
     top = R.check_path_or_root(top.strip("/"), what="path")
     found = False
-    for d in dest.describe_tree(qtree, pcpi):
-        if d.kind == "absent":
-            continue
-        if _under(d.path, top):
-            found = True
-            yield d
-        elif found:
-            break  # pre-order in path order: the subtree is one run of entries
+    walk = dest.describe_tree(qtree, pcpi)
+    try:
+        for d in walk:
+            if d.kind == "absent":
+                continue
+            if _under(d.path, top):
+                found = True
+                yield d
+            elif found:
+                break  # pre-order in path order: the subtree is one run of entries
+    finally:
+        _close(walk)
     if not found:
         raise NotFound(
             f"{top or 'the root'} is not in replica {qtree!r} of {pcpi}",
             hint=f"`coalesce ls {qtree}@GEN` lists what the image holds",
         )
+
+
+def _close(it: object) -> None:
+    """End a walk or a diff before its end: the backend's image closes with it."""
+    close = getattr(it, "close", None)
+    if close is not None:
+        close()
 
 
 def entry_data(d: Any) -> dict[str, Any]:
@@ -63,9 +74,7 @@ def changed(dest: Volume, qtree: str, old: str, new: str) -> list[Any]:
     try:
         return changes(stream)
     finally:
-        close = getattr(stream, "close", None)
-        if close is not None:
-            close()
+        _close(stream)
 
 
 @attrs.frozen
@@ -121,7 +130,9 @@ def restore(dest: Volume, qtree: str, pcpi: str, to: str, top: str = "") -> Rest
             hint="name a new directory with --to (restore never overwrites files)",
         )
     if top:
-        next(iter(entries(dest, qtree, pcpi, top)))  # NotFound before anything is written
+        first = entries(dest, qtree, pcpi, top)
+        next(first)  # NotFound before anything is written
+        first.close()
     os.makedirs(target, exist_ok=True)
     skipped: list[str] = []
     stream = dest.diff(qtree, None, pcpi)
@@ -129,7 +140,5 @@ def restore(dest: Volume, qtree: str, pcpi: str, to: str, top: str = "") -> Rest
         parent, name = os.path.split(target)
         got = Applier(parent, name, None).apply(_selected(stream, top, os.geteuid() == 0, skipped))
     finally:
-        close = getattr(stream, "close", None)
-        if close is not None:
-            close()
+        _close(stream)
     return Restored(records=got["records"], bytes=got["bytes"], skipped_links=tuple(skipped))
