@@ -10,7 +10,7 @@ No -DBITSTATE, -DHC or -DCOLLAPSE: the search is exhaustive and lossless.  The
 run FAILS on any error, on "max search depth too small", on a search that
 did not complete, or when pan's hash table overflowed its memory bound.
 
-Usage: tools/spin.py [--model FILE | --mutant NAME | --replicas N] [--json] [--keep DIR]
+Usage: tools/spin.py [--model FILE | --mutant NAME | --replicas N] [--retain GMAX] [--json] [--keep DIR]
 Exit status 0 when both searches pass.  ``--replicas N`` checks a model of N
 replicas generated on the fly (tools/gen_promela.py --replicas; the committed
 model has 3); tools/bench/bench_formal.py measures how the search grows with N.
@@ -76,9 +76,9 @@ def parse(out: str) -> dict:
     return res
 
 
-def trail(workdir: Path, model: str) -> str:
+def trail(workdir: Path, model: str, defines: tuple[str, ...] = ()) -> str:
     """The counterexample as one line per step (the model prints STEP lines)."""
-    p = subprocess.run(["spin", "-t", model], cwd=workdir, capture_output=True, text=True)
+    p = subprocess.run(["spin", *(f"-D{d}" for d in defines), "-t", model], cwd=workdir, capture_output=True, text=True)
     steps = [ln.strip() for ln in p.stdout.splitlines() if ln.strip().startswith("STEP")]
     return "\n".join(steps[-25:])
 
@@ -93,8 +93,10 @@ def run(
     memlim: int = MEMLIM,
     hash_bits: int = HASH,
     timeout: float | None = None,
+    defines: tuple[str, ...] = (),
 ) -> list[dict]:
-    """Both searches (or ``only`` one).  The keyword arguments are for tools/bench/bench_formal.py:
+    """Both searches (or ``only`` one); ``defines`` are the model's own switches, given to
+    ``spin -D`` (``RETAIN``, ``GMAX=2``: retained generations, spec/invariants.md I1).  The keyword arguments are for tools/bench/bench_formal.py:
     ``extra_cflags`` such as -DCOLLAPSE, -DHC4 or -DBITSTATE make the search lossy or compressed
     (then "not a full state-space search" may be reported as a problem for bit-state runs)."""
     if not shutil.which("spin") or not shutil.which("gcc"):
@@ -104,7 +106,8 @@ def run(
         work = Path(tmp)
         (work / "coalescing.pml").write_text(model_text, encoding="utf-8")
         t0 = time.perf_counter()
-        p = subprocess.run(["spin", "-a", "coalescing.pml"], cwd=work, capture_output=True, text=True)
+        spin_d = [f"-D{d}" for d in defines]
+        p = subprocess.run(["spin", *spin_d, "-a", "coalescing.pml"], cwd=work, capture_output=True, text=True)
         if p.returncode != 0 or not (work / "pan.c").exists():
             raise SystemExit(f"spin -a failed:\n{p.stdout}\n{p.stderr}")
         for name, cflags, flags in RUNS:
@@ -137,10 +140,11 @@ def run(
             res.update(
                 name=name,
                 seconds=round(time.perf_counter() - t1, 2),
-                command=f"gcc {' '.join(cflags)} -o pan pan.c && ./pan {' '.join(cmd[1:])}",
+                command=f"spin {' '.join([*spin_d, '-a'])} coalescing.pml && "
+                f"gcc {' '.join(cflags)} -o pan pan.c && ./pan {' '.join(cmd[1:])}",
             )
             if res["problems"] and (work / "coalescing.pml.trail").exists():
-                res["trail"] = trail(work, "coalescing.pml")
+                res["trail"] = trail(work, "coalescing.pml", defines)
                 (work / "coalescing.pml.trail").unlink()
             results.append(res)
         if keep:
@@ -160,6 +164,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--opt", default=OPT, help="gcc optimisation flag (default %(default)s)")
     ap.add_argument("--only", choices=["safety", "liveness"], help="run one of the two searches")
     ap.add_argument("--keep", type=Path, help="copy the work directory (pan.c, trail) here")
+    ap.add_argument(
+        "--retain",
+        type=int,
+        metavar="GMAX",
+        help="check the model with retained generations (spin -DRETAIN -DGMAX=GMAX; spec/invariants.md I1)",
+    )
     args = ap.parse_args(argv)
     if args.mutant or args.replicas:
         if TYPE_CHECKING or __package__:  # imported as tools.spin (the type checker's name for it, too)
@@ -169,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
         text = gen_promela.generate(mutant=args.mutant, replicas=args.replicas or gen_promela.N_REPLICAS)
     else:
         text = args.model.read_text(encoding="utf-8")
-    results = run(text, args.keep, args.opt, args.only)
+    defines = ("RETAIN", f"GMAX={args.retain}") if args.retain else ()
+    results = run(text, args.keep, args.opt, args.only, defines=defines)
     ok = all(not r.get("problems") for r in results if r["name"] != "total")
     if args.json:
         print(json.dumps({"ok": ok, "runs": results}, indent=2))
