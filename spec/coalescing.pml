@@ -43,6 +43,7 @@
 #define P_new_base 4
 #define P_individual 5
 #define P_kept 6
+#define P_generation 7
 
 /* named guards of the agent machine */
 #define G_no_transfer_in_flight !(((rs[0] == R_update) || (rs[1] == R_update) || (rs[2] == R_update)) || ((rs[0] == R_baseline) || (rs[1] == R_baseline) || (rs[2] == R_baseline)))
@@ -171,10 +172,14 @@ bool spooled;        /* at a crash: the interrupted updates' spools hold records
 /* temporaries: zero at the end of every step (not `hidden`: pan does not restore hidden
    variables when it backtracks inside an atomic sequence) */
 byte i, j, s, got, kn, kn2, m, b, t;
+#ifdef RETAIN
+byte gx;             /* ghost: generations a `remove` left unpinned since the last prune (I1) */
+#endif
 byte kk[S];
 
 #define INITIALIZED (sp[0] != NONE || sp[1] != NONE || sp[2] != NONE)
 #define VISIBLE(x) ((x) < S)
+#define PINNED(x) (ex[0] == (x) || lg[0] == (x) || sc[0] == (x) || ex[1] == (x) || lg[1] == (x) || sc[1] == (x) || ex[2] == (x) || lg[2] == (x) || sc[2] == (x))   /* as pinned(x, out), in one expression */
 
 inline any_state(st) { /* kn = number of replicas in st */
   kn = 0; for (j : 0 .. N-1) { if :: rs[j] == st -> kn++ :: else -> skip fi }
@@ -250,7 +255,7 @@ inline canon() { /* sort the slots by (role, releasing, first reference): PCPI n
       :: else -> skip
       fi
     };
-    kk[t] = (role[t] == P_free -> 221 : role[t] * 32 + rel[t] * 16 + kk[t])
+    kk[t] = (role[t] == P_free -> 253 : role[t] * 32 + rel[t] * 16 + kk[t])
   };
   for (m : 1 .. S-1) {
     for (t : 0 .. S-2) {
@@ -273,15 +278,47 @@ inline maybe_finish() {
   fi
 }
 
+/* Retained generations (planner._retain, planner._prune; spec/invariants.md I1), compiled in by
+   `spin -DRETAIN` (tools/spin.py --retain): the policy keeps GMAX unpinned generations. */
+#ifndef GMAX
+#define GMAX 1
+#endif
+
+inline prune(g) { /* planner._prune after a jump-ahead: while more than GMAX unpinned generations
+                     are kept, release an unpinned one other than g, the newest (the policy's order,
+                     oldest first, is below the model: any older one may go); a pinned one stays */
+  kn = 0;
+  for (t : 0 .. S-1) {
+    if :: role[t] == P_generation && !rel[t] && !PINNED(t) -> kn++ :: else -> skip fi
+  };
+  for (t : 0 .. S-1) {
+    if
+    :: kn > GMAX && role[t] == P_generation && !rel[t] && t != g && !PINNED(t) -> rel[t] = true; kn--
+    :: else -> skip
+    fi
+  };
+  t = 0; kn = 0;
+#ifdef RETAIN
+  gx = 0;
+#endif
+  skip
+}
+
 inline release_all() { /* planner._release: keep the coalesced base, every pinned PCPI and the kept ones */
   find(P_new_base, b);
+  kn2 = NONE;
   if
-  :: b != NONE -> role[b] = P_base
+  :: b != NONE ->
+#ifdef RETAIN
+     find(P_base, kn2);   /* planner._retain: the old coalesced base becomes a generation */
+     if :: kn2 != NONE -> role[kn2] = P_generation :: else -> skip fi;
+#endif
+     role[b] = P_base
   :: else -> find(P_base, b)
   fi;
   for (t : 0 .. S-1) {
     if
-    :: role[t] != P_free && role[t] != P_kept && t != b && !rel[t] ->
+    :: role[t] != P_free && role[t] != P_kept && role[t] != P_generation && t != b && !rel[t] ->
        pinned(t, got);
        if
        :: got -> role[t] = P_individual
@@ -292,7 +329,10 @@ inline release_all() { /* planner._release: keep the coalesced base, every pinne
     :: else -> skip
     fi
   };
-  t = 0; b = 0; got = 0; s = 0;
+#ifdef RETAIN
+  if :: kn2 != NONE -> prune(kn2) :: else -> skip fi;   /* after a jump-ahead */
+#endif
+  t = 0; b = 0; got = 0; s = 0; kn2 = 0;
   maybe_finish()
 }
 
@@ -437,6 +477,16 @@ inline check() {
   };
   assert(kn <= 4);
   assert(ph != A_idle || !INITIALIZED || kn == 1);
+#ifdef RETAIN
+  /* I1, retained generations (outside the four above): at rest at most GMAX unpinned ones; a
+     generation a replica exports or keeps as its last good image is never pruned and may exceed;
+     one a `remove` unpinned counts from the next jump-ahead's prune on (gx) */
+  kn = 0;
+  for (s : 0 .. S-1) {
+    if :: role[s] == P_generation && !rel[s] && !PINNED(s) -> kn++ :: else -> skip fi
+  };
+  assert(ph != A_idle || kn <= GMAX + gx);
+#endif
   /* I2: individual PCPIs <= 2 x replicas outside the cycle (at rest) */
   t = 0;
   for (i : 0 .. N-1) { if :: (rs[i] == R_unstable_uncoalesced || rs[i] == R_stable_uncoalesced || rs[i] == R_done_uncoalesced || rs[i] == R_broken || rs[i] == R_reseed_pending || rs[i] == R_reseeding || rs[i] == R_reseeded) -> t++ :: else -> skip fi };
@@ -459,7 +509,7 @@ inline check() {
   };
   for (s : 0 .. S-1) {
     if :: role[s] == P_kept && !rel[s] -> kn2++ :: else -> skip fi;
-    if :: role[s] != P_free && !rel[s] -> m++ :: else -> skip fi
+    if :: role[s] != P_free && role[s] != P_generation && !rel[s] -> m++ :: else -> skip fi
   };
   assert(kn2 == kn);
   assert(ph != A_idle || m <= 1 + 2 * t + kn);
@@ -473,7 +523,11 @@ inline check() {
     if
     :: VISIBLE(vx[i]) -> assert(role[vx[i]] != P_free)
     :: else -> skip
-    fi
+    fi;
+    /* ... and an image that names a generation (export, volume, last good) names a live one */
+    if :: VISIBLE(ex[i]) && role[ex[i]] == P_generation -> assert(!rel[ex[i]]) :: else -> skip fi;
+    if :: VISIBLE(vx[i]) && role[vx[i]] == P_generation -> assert(!rel[vx[i]]) :: else -> skip fi;
+    if :: VISIBLE(lg[i]) && role[lg[i]] == P_generation -> assert(!rel[lg[i]]) :: else -> skip fi
   };
   /* I4: every replica in the cycle exports the same base (ledger; volume for cycle-role PCPIs) */
   b = NONE; got = NONE;
@@ -482,7 +536,7 @@ inline check() {
     :: (rs[i] == R_stable || rs[i] == R_update || rs[i] == R_done || rs[i] == R_rollback) && ex[i] != NONE ->   /* a freshly baselined replica (done) exports nothing yet */
        if :: b == NONE -> b = ex[i] :: else -> assert(ex[i] == b) fi;
        if
-       :: VISIBLE(vx[i]) && role[vx[i]] != P_individual ->
+       :: VISIBLE(vx[i]) && role[vx[i]] != P_individual && role[vx[i]] != P_generation ->
           if :: got == NONE -> got = vx[i] :: else -> assert(vx[i] == got) fi
        :: else -> skip
        fi
@@ -585,16 +639,22 @@ proctype agent() {
           are released */
        T_remove(0); b = ex[0]; got = lg[0];
        ex[0] = NONE; vx[0] = NONE; lg[0] = NONE; sp[0] = NONE; ap[0] = NONE; rt[0] = NONE; rz[0] = false;
-       kw[0] = false;   /* its kept PCPI stays, owned by the name (release deletes it) */
+       kw[0] = false;   /* its kept PCPI stays, owned by the name (release deletes it); a generation
+                            stays until the retention policy prunes it */
        find(P_base, t);
        if
-       :: VISIBLE(b) && b != t -> pinned(b, kn); if :: !kn -> rel[b] = true :: else -> skip fi
+       :: VISIBLE(b) && b != t && role[b] != P_generation -> pinned(b, kn); if :: !kn -> rel[b] = true :: else -> skip fi
        :: else -> skip
        fi;
        if
-       :: VISIBLE(got) && got != t && got != b -> pinned(got, kn); if :: !kn -> rel[got] = true :: else -> skip fi
+       :: VISIBLE(got) && got != t && got != b && role[got] != P_generation -> pinned(got, kn); if :: !kn -> rel[got] = true :: else -> skip fi
        :: else -> skip
        fi;
+#ifdef RETAIN
+       /* planner._remove keeps a generation only this replica pinned: unpinned until the next prune */
+       if :: VISIBLE(b) && role[b] == P_generation && !rel[b] && !PINNED(b) -> gx++ :: else -> skip fi;
+       if :: VISIBLE(got) && got != b && role[got] == P_generation && !rel[got] && !PINNED(got) -> gx++ :: else -> skip fi;
+#endif
        b = 0; got = 0; t = 0; kn = 0; check() }
   :: d_step { ph == A_idle && QUIET && rs[0] == R_removed ->
        /* `coalesce add` of that name again: a new replica, not a transition of the old one */
@@ -664,16 +724,22 @@ proctype agent() {
           are released */
        T_remove(1); b = ex[1]; got = lg[1];
        ex[1] = NONE; vx[1] = NONE; lg[1] = NONE; sp[1] = NONE; ap[1] = NONE; rt[1] = NONE; rz[1] = false;
-       kw[1] = false;   /* its kept PCPI stays, owned by the name (release deletes it) */
+       kw[1] = false;   /* its kept PCPI stays, owned by the name (release deletes it); a generation
+                            stays until the retention policy prunes it */
        find(P_base, t);
        if
-       :: VISIBLE(b) && b != t -> pinned(b, kn); if :: !kn -> rel[b] = true :: else -> skip fi
+       :: VISIBLE(b) && b != t && role[b] != P_generation -> pinned(b, kn); if :: !kn -> rel[b] = true :: else -> skip fi
        :: else -> skip
        fi;
        if
-       :: VISIBLE(got) && got != t && got != b -> pinned(got, kn); if :: !kn -> rel[got] = true :: else -> skip fi
+       :: VISIBLE(got) && got != t && got != b && role[got] != P_generation -> pinned(got, kn); if :: !kn -> rel[got] = true :: else -> skip fi
        :: else -> skip
        fi;
+#ifdef RETAIN
+       /* planner._remove keeps a generation only this replica pinned: unpinned until the next prune */
+       if :: VISIBLE(b) && role[b] == P_generation && !rel[b] && !PINNED(b) -> gx++ :: else -> skip fi;
+       if :: VISIBLE(got) && got != b && role[got] == P_generation && !rel[got] && !PINNED(got) -> gx++ :: else -> skip fi;
+#endif
        b = 0; got = 0; t = 0; kn = 0; check() }
   :: d_step { ph == A_idle && QUIET && rs[1] == R_removed ->
        /* `coalesce add` of that name again: a new replica, not a transition of the old one */
@@ -743,16 +809,22 @@ proctype agent() {
           are released */
        T_remove(2); b = ex[2]; got = lg[2];
        ex[2] = NONE; vx[2] = NONE; lg[2] = NONE; sp[2] = NONE; ap[2] = NONE; rt[2] = NONE; rz[2] = false;
-       kw[2] = false;   /* its kept PCPI stays, owned by the name (release deletes it) */
+       kw[2] = false;   /* its kept PCPI stays, owned by the name (release deletes it); a generation
+                            stays until the retention policy prunes it */
        find(P_base, t);
        if
-       :: VISIBLE(b) && b != t -> pinned(b, kn); if :: !kn -> rel[b] = true :: else -> skip fi
+       :: VISIBLE(b) && b != t && role[b] != P_generation -> pinned(b, kn); if :: !kn -> rel[b] = true :: else -> skip fi
        :: else -> skip
        fi;
        if
-       :: VISIBLE(got) && got != t && got != b -> pinned(got, kn); if :: !kn -> rel[got] = true :: else -> skip fi
+       :: VISIBLE(got) && got != t && got != b && role[got] != P_generation -> pinned(got, kn); if :: !kn -> rel[got] = true :: else -> skip fi
        :: else -> skip
        fi;
+#ifdef RETAIN
+       /* planner._remove keeps a generation only this replica pinned: unpinned until the next prune */
+       if :: VISIBLE(b) && role[b] == P_generation && !rel[b] && !PINNED(b) -> gx++ :: else -> skip fi;
+       if :: VISIBLE(got) && got != b && role[got] == P_generation && !rel[got] && !PINNED(got) -> gx++ :: else -> skip fi;
+#endif
        b = 0; got = 0; t = 0; kn = 0; check() }
   :: d_step { ph == A_idle && QUIET && rs[2] == R_removed ->
        /* `coalesce add` of that name again: a new replica, not a transition of the old one */

@@ -8,7 +8,7 @@ legality monitor all come from the TOML file; only the group procedures
 (cycle start, rollback, two-step jump-ahead, release, retry, break/resync,
 the kept PCPI of a resync and its release (I11), re-seed, remove/add, crash +
 recovery, a refusal of each destination PCPI take, a source outage at the
-cycle's take), which mirror
+cycle's take; retained generations, compiled in by ``spin -DRETAIN``), which mirror
 coalesce_core/cycle/planner.py, are written here.
 The procedures reach the spec only through the generated names, so a spec
 change that the procedures do not cover fails generation (every trigger of
@@ -65,6 +65,8 @@ MUTANTS = {
     # I11 (tests/formal/test_promela_sizes.py; not in tools/mutants.py's matrix)
     "kept_released_by_the_cycle": {"@MUT_SKIP_KEPT@": ""},
     "recovery_releases_the_kept_scratch": {"@MUT_RECOVER_KEPT@": "true"},
+    # retained generations, under -DRETAIN (tests/formal/test_promela.py)
+    "prune_pinned_generation": {"@MUT_PRUNE_PINNED@": "false"},
 }
 DEFAULTS = {
     "@MUT_WAIT_TRANSFERS@": "G_no_transfer_in_flight",
@@ -75,6 +77,7 @@ DEFAULTS = {
     "@MUT_EXPORT_ONE@": "false",
     "@MUT_SKIP_KEPT@": "role[t] != P_kept && ",
     "@MUT_RECOVER_KEPT@": "sc[i] != kp[i]",
+    "@MUT_PRUNE_PINNED@": "PINNED(t)",
 }
 
 # Triggers of the replica machine the procedures below use (all of them must be).
@@ -115,10 +118,14 @@ bool spooled;        /* at a crash: the interrupted updates' spools hold records
 /* temporaries: zero at the end of every step (not `hidden`: pan does not restore hidden
    variables when it backtracks inside an atomic sequence) */
 byte i, j, s, got, kn, kn2, m, b, t;
+#ifdef RETAIN
+byte gx;             /* ghost: generations a `remove` left unpinned since the last prune (I1) */
+#endif
 @KK_TYPE@ kk[S];
 
 #define INITIALIZED (@INITIALIZED@)
 #define VISIBLE(x) ((x) < S)
+#define PINNED(x) (@PINNED@)   /* as pinned(x, out), in one expression */
 
 inline any_state(st) { /* kn = number of replicas in st */
   kn = 0; for (j : 0 .. N-1) { if :: rs[j] == st -> kn++ :: else -> skip fi }
@@ -217,15 +224,47 @@ inline maybe_finish() {
   fi
 }
 
+/* Retained generations (planner._retain, planner._prune; spec/invariants.md I1), compiled in by
+   `spin -DRETAIN` (tools/spin.py --retain): the policy keeps GMAX unpinned generations. */
+#ifndef GMAX
+#define GMAX 1
+#endif
+
+inline prune(g) { /* planner._prune after a jump-ahead: while more than GMAX unpinned generations
+                     are kept, release an unpinned one other than g, the newest (the policy's order,
+                     oldest first, is below the model: any older one may go); a pinned one stays */
+  kn = 0;
+  for (t : 0 .. S-1) {
+    if :: role[t] == P_generation && !rel[t] && !@MUT_PRUNE_PINNED@ -> kn++ :: else -> skip fi
+  };
+  for (t : 0 .. S-1) {
+    if
+    :: kn > GMAX && role[t] == P_generation && !rel[t] && t != g && !@MUT_PRUNE_PINNED@ -> rel[t] = true; kn--
+    :: else -> skip
+    fi
+  };
+  t = 0; kn = 0;
+#ifdef RETAIN
+  gx = 0;
+#endif
+  skip
+}
+
 inline release_all() { /* planner._release: keep the coalesced base, every pinned PCPI and the kept ones */
   find(P_new_base, b);
+  kn2 = NONE;
   if
-  :: b != NONE -> role[b] = P_base
+  :: b != NONE ->
+#ifdef RETAIN
+     find(P_base, kn2);   /* planner._retain: the old coalesced base becomes a generation */
+     if :: kn2 != NONE -> role[kn2] = P_generation :: else -> skip fi;
+#endif
+     role[b] = P_base
   :: else -> find(P_base, b)
   fi;
   for (t : 0 .. S-1) {
     if
-    :: role[t] != P_free && @MUT_SKIP_KEPT@t != b && !rel[t] ->
+    :: role[t] != P_free && @MUT_SKIP_KEPT@role[t] != P_generation && t != b && !rel[t] ->
        pinned(t, got);
        if
        :: got -> role[t] = P_individual
@@ -236,7 +275,10 @@ inline release_all() { /* planner._release: keep the coalesced base, every pinne
     :: else -> skip
     fi
   };
-  t = 0; b = 0; got = 0; s = 0;
+#ifdef RETAIN
+  if :: kn2 != NONE -> prune(kn2) :: else -> skip fi;   /* after a jump-ahead */
+#endif
+  t = 0; b = 0; got = 0; s = 0; kn2 = 0;
   maybe_finish()
 }
 
@@ -381,6 +423,16 @@ inline check() {
   };
   assert(kn <= 4);
   assert(ph != A_idle || !INITIALIZED || kn == 1);
+#ifdef RETAIN
+  /* I1, retained generations (outside the four above): at rest at most GMAX unpinned ones; a
+     generation a replica exports or keeps as its last good image is never pruned and may exceed;
+     one a `remove` unpinned counts from the next jump-ahead's prune on (gx) */
+  kn = 0;
+  for (s : 0 .. S-1) {
+    if :: role[s] == P_generation && !rel[s] && !PINNED(s) -> kn++ :: else -> skip fi
+  };
+  assert(ph != A_idle || kn <= GMAX + gx);
+#endif
   /* I2: individual PCPIs <= 2 x replicas outside the cycle (at rest) */
   t = 0;
   for (i : 0 .. N-1) { if :: @OUTSIDE_I -> t++ :: else -> skip fi };
@@ -403,7 +455,7 @@ inline check() {
   };
   for (s : 0 .. S-1) {
     if :: role[s] == P_kept && !rel[s] -> kn2++ :: else -> skip fi;
-    if :: role[s] != P_free && !rel[s] -> m++ :: else -> skip fi
+    if :: role[s] != P_free && role[s] != P_generation && !rel[s] -> m++ :: else -> skip fi
   };
   assert(kn2 == kn);
   assert(ph != A_idle || m <= 1 + 2 * t + kn);
@@ -417,7 +469,11 @@ inline check() {
     if
     :: VISIBLE(vx[i]) -> assert(role[vx[i]] != P_free)
     :: else -> skip
-    fi
+    fi;
+    /* ... and an image that names a generation (export, volume, last good) names a live one */
+    if :: VISIBLE(ex[i]) && role[ex[i]] == P_generation -> assert(!rel[ex[i]]) :: else -> skip fi;
+    if :: VISIBLE(vx[i]) && role[vx[i]] == P_generation -> assert(!rel[vx[i]]) :: else -> skip fi;
+    if :: VISIBLE(lg[i]) && role[lg[i]] == P_generation -> assert(!rel[lg[i]]) :: else -> skip fi
   };
   /* I4: every replica in the cycle exports the same base (ledger; volume for cycle-role PCPIs) */
   b = NONE; got = NONE;
@@ -426,7 +482,7 @@ inline check() {
     :: @INCYCLE_I && ex[i] != NONE ->   /* a freshly baselined replica (done) exports nothing yet */
        if :: b == NONE -> b = ex[i] :: else -> assert(ex[i] == b) fi;
        if
-       :: VISIBLE(vx[i]) && role[vx[i]] != P_individual ->
+       :: VISIBLE(vx[i]) && role[vx[i]] != P_individual && role[vx[i]] != P_generation ->
           if :: got == NONE -> got = vx[i] :: else -> assert(vx[i] == got) fi
        :: else -> skip
        fi
@@ -527,16 +583,22 @@ proctype agent() {
           are released */
        T_remove(@r); b = ex[@r]; got = lg[@r];
        ex[@r] = NONE; vx[@r] = NONE; lg[@r] = NONE; sp[@r] = NONE; ap[@r] = NONE; rt[@r] = NONE; rz[@r] = false;
-       kw[@r] = false;   /* its kept PCPI stays, owned by the name (release deletes it) */
+       kw[@r] = false;   /* its kept PCPI stays, owned by the name (release deletes it); a generation
+                            stays until the retention policy prunes it */
        find(P_base, t);
        if
-       :: VISIBLE(b) && b != t -> pinned(b, kn); if :: !kn -> rel[b] = true :: else -> skip fi
+       :: VISIBLE(b) && b != t && role[b] != P_generation -> pinned(b, kn); if :: !kn -> rel[b] = true :: else -> skip fi
        :: else -> skip
        fi;
        if
-       :: VISIBLE(got) && got != t && got != b -> pinned(got, kn); if :: !kn -> rel[got] = true :: else -> skip fi
+       :: VISIBLE(got) && got != t && got != b && role[got] != P_generation -> pinned(got, kn); if :: !kn -> rel[got] = true :: else -> skip fi
        :: else -> skip
        fi;
+#ifdef RETAIN
+       /* planner._remove keeps a generation only this replica pinned: unpinned until the next prune */
+       if :: VISIBLE(b) && role[b] == P_generation && !rel[b] && !PINNED(b) -> gx++ :: else -> skip fi;
+       if :: VISIBLE(got) && got != b && role[got] == P_generation && !rel[got] && !PINNED(got) -> gx++ :: else -> skip fi;
+#endif
        b = 0; got = 0; t = 0; kn = 0; check() }
   :: d_step { ph == A_idle && QUIET && rs[@r] == R_removed ->
        /* `coalesce add` of that name again: a new replica, not a transition of the old one */
@@ -660,6 +722,7 @@ def size_text(replicas: int, slots: int) -> dict[str, str]:
     lines = [taken[:2]] + [taken[k : k + 3] for k in range(2, slots, 3)]
     return {
         "@INITIALIZED@": " || ".join(f"sp[{k}] != NONE" for k in n),
+        "@PINNED@": " || ".join(f"{v}[{k}] == (x)" for k in n for v in ("ex", "lg", "sc")),
         "@KK_NONE@": str(4 * replicas),
         "@KK_REL@": str(rel_w),
         "@KK_ROLE@": str(2 * rel_w),
@@ -709,7 +772,13 @@ def generate(
     rstates = list(rep["states"])
     phases = list(agt["states"])
     meta = data["meta"]
-    roles = ["free", *meta["cycle_pcpi_roles"], meta["individual_pcpi_role"], meta["kept_pcpi_role"]]
+    roles = [
+        "free",
+        *meta["cycle_pcpi_roles"],
+        meta["individual_pcpi_role"],
+        meta["kept_pcpi_role"],
+        meta["generation_pcpi_role"],
+    ]
     sizes = size_text(replicas, slots)
     top = (len(roles) - 1) * int(sizes["@KK_ROLE@"]) + int(sizes["@KK_REL@"]) + 4 * replicas
     sizes["@KK_FREE@"] = str(top + 1)  # a free slot sorts last
