@@ -173,7 +173,6 @@ bool spooled;        /* at a crash: the interrupted updates' spools hold records
    variables when it backtracks inside an atomic sequence) */
 byte i, j, s, got, kn, kn2, m, b, t;
 #ifdef RETAIN
-byte gx;             /* ghost: generations a `remove` left unpinned since the last prune (I1) */
 #endif
 byte kk[S];
 
@@ -286,7 +285,8 @@ inline maybe_finish() {
 
 inline prune(g) { /* planner._prune after a jump-ahead: while more than GMAX unpinned generations
                      are kept, release an unpinned one other than g, the newest (the policy's order,
-                     oldest first, is below the model: any older one may go); a pinned one stays */
+                     oldest first, is below the model: any older one may go; after a `remove`, g is
+                     NONE: any may go); a pinned one stays */
   kn = 0;
   for (t : 0 .. S-1) {
     if :: role[t] == P_generation && !rel[t] && !PINNED(t) -> kn++ :: else -> skip fi
@@ -297,11 +297,7 @@ inline prune(g) { /* planner._prune after a jump-ahead: while more than GMAX unp
     :: else -> skip
     fi
   };
-  t = 0; kn = 0;
-#ifdef RETAIN
-  gx = 0;
-#endif
-  skip
+  t = 0; kn = 0
 }
 
 inline release_all() { /* planner._release: keep the coalesced base, every pinned PCPI and the kept ones */
@@ -480,12 +476,12 @@ inline check() {
 #ifdef RETAIN
   /* I1, retained generations (outside the four above): at rest at most GMAX unpinned ones; a
      generation a replica exports or keeps as its last good image is never pruned and may exceed;
-     one a `remove` unpinned counts from the next jump-ahead's prune on (gx) */
+     `remove` prunes as the jump-ahead does */
   kn = 0;
   for (s : 0 .. S-1) {
     if :: role[s] == P_generation && !rel[s] && !PINNED(s) -> kn++ :: else -> skip fi
   };
-  assert(ph != A_idle || kn <= GMAX + gx);
+  assert(ph != A_idle || kn <= GMAX);
 #endif
   /* I2: individual PCPIs <= 2 x replicas outside the cycle (at rest) */
   t = 0;
@@ -651,9 +647,8 @@ proctype agent() {
        :: else -> skip
        fi;
 #ifdef RETAIN
-       /* planner._remove keeps a generation only this replica pinned: unpinned until the next prune */
-       if :: VISIBLE(b) && role[b] == P_generation && !rel[b] && !PINNED(b) -> gx++ :: else -> skip fi;
-       if :: VISIBLE(got) && got != b && role[got] == P_generation && !rel[got] && !PINNED(got) -> gx++ :: else -> skip fi;
+       /* planner._remove then prunes: a generation only this replica pinned may be past the policy */
+       prune(NONE);
 #endif
        b = 0; got = 0; t = 0; kn = 0; check() }
   :: d_step { ph == A_idle && QUIET && rs[0] == R_removed ->
@@ -736,9 +731,8 @@ proctype agent() {
        :: else -> skip
        fi;
 #ifdef RETAIN
-       /* planner._remove keeps a generation only this replica pinned: unpinned until the next prune */
-       if :: VISIBLE(b) && role[b] == P_generation && !rel[b] && !PINNED(b) -> gx++ :: else -> skip fi;
-       if :: VISIBLE(got) && got != b && role[got] == P_generation && !rel[got] && !PINNED(got) -> gx++ :: else -> skip fi;
+       /* planner._remove then prunes: a generation only this replica pinned may be past the policy */
+       prune(NONE);
 #endif
        b = 0; got = 0; t = 0; kn = 0; check() }
   :: d_step { ph == A_idle && QUIET && rs[1] == R_removed ->
@@ -821,9 +815,8 @@ proctype agent() {
        :: else -> skip
        fi;
 #ifdef RETAIN
-       /* planner._remove keeps a generation only this replica pinned: unpinned until the next prune */
-       if :: VISIBLE(b) && role[b] == P_generation && !rel[b] && !PINNED(b) -> gx++ :: else -> skip fi;
-       if :: VISIBLE(got) && got != b && role[got] == P_generation && !rel[got] && !PINNED(got) -> gx++ :: else -> skip fi;
+       /* planner._remove then prunes: a generation only this replica pinned may be past the policy */
+       prune(NONE);
 #endif
        b = 0; got = 0; t = 0; kn = 0; check() }
   :: d_step { ph == A_idle && QUIET && rs[2] == R_removed ->

@@ -939,6 +939,8 @@ def _remove(p: _Plan, e: ev.RemoveReplica) -> None:
         if name in r.pinned() and name not in refs and not (base is not None and name == base.name):
             if pcpi.role != GENERATION:  # a generation stays until the retention policy prunes it
                 p.release(name)
+    if base is not None:  # a generation only it pinned may now be past the policy (I1 at rest)
+        _prune(p, _image_time(p, base))
 
 
 def recover_replica(state: str, has_scratch: bool) -> str:

@@ -156,6 +156,29 @@ def test_a_generation_an_uncoalesced_replica_exports_is_never_pruned(group_confi
     assert h.agent.state.manifests[held.name].counts()["updated"] == 3
 
 
+def test_remove_prunes_a_generation_only_it_pinned_I1(group_config):
+    """C, outside the cycle, exports the base of cycle 1, long a generation past the policy; once C is
+    removed nothing pins it, and `remove` prunes it at once: at rest the group holds no more unpinned
+    generations than the policy keeps (I1; found by SPIN under RETAIN, spec/invariants.md)."""
+    h = Harness(group_config(retention='keep = "1h"'))
+    fill(h.writer, "ABC")
+    h.cycle()
+    held = h.agent.state.base()
+    assert held is not None
+    h.writer.write("C", "x", b"x" * 100)
+    h.faults.add(Rule(hook="coalesce_diff", qtree="C", record=2, times=1, volume="src"))
+    h.faults.add(Rule(hook="coalesce_rollback", qtree="C"))
+    h.cycle()
+    _hourly(h, 4)
+    assert held.name in {p.name for p in h.agent.state.generations()}
+    h.agent.remove_replica("C")
+    s = h.agent.state
+    assert held.name not in {p.name for p in s.generations()}
+    assert held.name not in h.agent.dest.snapshot_list()
+    assert len(s.generations()) == 1  # the newest, as the policy keeps
+    h.assert_invariants()
+
+
 def test_a_generation_a_person_pins_survives_the_prunes_until_unpinned(group_config):
     """`coalesce pin`: with keep = "1h" the base of cycle 1 would be pruned at the second hourly
     jump-ahead; pinned, it stays (the pin persisted in the ledger), and once unpinned the next
