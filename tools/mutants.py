@@ -66,8 +66,8 @@ MUTANTS: dict[str, dict] = {
             ),
             (
                 "coalesce_core/cycle/planner.py",
-                "        if not guards.no_transfer_in_flight(state):\n            return",
-                "        if not guards.nothing_in_flight(state):\n            return",
+                "        if not guards.no_transfer_in_flight(state) or _pending_sources(p):\n            return",
+                "        if not guards.nothing_in_flight(state) or _pending_sources(p):\n            return",
             ),
         ],
         "spin": "jump_ahead_during_update",

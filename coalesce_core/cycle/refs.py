@@ -28,12 +28,18 @@ def split(ref: str) -> tuple[str, str | None]:
     return name, (gen if at else None)
 
 
-def _when(text: str) -> float | None:
+def _when(text: str) -> datetime | None:
     try:
         t = datetime.fromisoformat(text)
     except ValueError:
         return None
-    return (t if t.tzinfo else t.replace(tzinfo=UTC)).timestamp()
+    return t if t.tzinfo else t.replace(tzinfo=UTC)
+
+
+def _at(seconds: float) -> datetime:
+    """An image's time as an ISO time names it (to the microsecond), so that the time `generations`
+    shows for an image is at or after that image, never a float's rounding before it."""
+    return datetime.fromtimestamp(seconds, UTC)
 
 
 def image_time(state: GroupState, p: Pcpi) -> float:
@@ -73,7 +79,7 @@ def resolve(state: GroupState, gen: str | None) -> Pcpi:
             f"{gen!r} is not a generation id, an ISO time or {LATEST!r}",
             hint=f"e.g. @12, @2026-12-01T03:00 or @latest; {hint}",
         )
-    before = [p for p in gens if image_time(state, p) <= when]
+    before = [p for p in gens if _at(image_time(state, p)) <= when]
     if not before:
         raise NotFound(f"group {state.name!r} has no generation taken at or before {gen}", hint=hint)
     return max(before, key=lambda p: (image_time(state, p), p.name))

@@ -81,3 +81,19 @@ def test_replica_must_be_in_the_group():
     with pytest.raises(NotFound, match="no replica 'B'") as exc:
         refs.replica(_state(), "B")
     assert "A" in exc.value.hint
+
+
+def test_the_time_generations_shows_for_an_image_names_that_image():
+    """A time to the microsecond, as `generations --json` gives it and an ISO time writes it, is at
+    or after the image even when the image's float time lies a fraction of a microsecond past it."""
+    t = 1765130000.1234565
+    shown = datetime.fromtimestamp(t, UTC).isoformat()
+    assert datetime.fromisoformat(shown).timestamp() < t  # the float rounding the test is about
+    name = "co-g-000003-new_base"
+    state = GroupState(
+        name="g",
+        replicas={"A": Replica("A", "A")},
+        pcpis={name: Pcpi(name, GENERATION, taken=True)},
+        manifests={name: Manifest(name, 1, t)},
+    )
+    assert refs.resolve(state, shown).name == name
