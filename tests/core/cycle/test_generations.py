@@ -133,9 +133,10 @@ def test_the_manifest_of_updated_unchanged_and_failed_replicas(group_config):
     assert m.fresh == 2 and m.cycle == 2
 
 
-def test_a_generation_an_uncoalesced_replica_exports_is_never_pruned(group_config):
-    """C's rollback failed: it exports its last good image, the base of cycle 1, outside the cycle;
-    that base becomes a generation which the policy would prune long ago, but it is kept."""
+def _c_outside_exporting_the_first_base(group_config) -> tuple[Harness, Pcpi]:
+    """A group under keep = "1h" whose replica C failed its update and its rollback in cycle 2 (its
+    retries fail too: it stays outside, exporting the base of cycle 1), then 4 hourly cycles; that
+    base and the group."""
     h = Harness(group_config(retention='keep = "1h"'))
     fill(h.writer, "ABC")
     h.cycle()
@@ -143,10 +144,17 @@ def test_a_generation_an_uncoalesced_replica_exports_is_never_pruned(group_confi
     assert held is not None
     h.writer.write("C", "x", b"x" * 100)
     h.faults.add(Rule(hook="coalesce_diff", qtree="C", record=2, times=1, volume="src"))
-    h.faults.add(Rule(hook="coalesce_rollback", qtree="C"))  # its retries fail too: it stays outside
+    h.faults.add(Rule(hook="coalesce_rollback", qtree="C"))
     h.cycle()
     assert h.states()["C"] == "unstable_uncoalesced"
     _hourly(h, 4)
+    return h, held
+
+
+def test_a_generation_an_uncoalesced_replica_exports_is_never_pruned(group_config):
+    """C's rollback failed: it exports its last good image, the base of cycle 1, outside the cycle;
+    that base becomes a generation which the policy would prune long ago, but it is kept."""
+    h, held = _c_outside_exporting_the_first_base(group_config)
     s = h.agent.state
     assert s.replicas["C"].exported == held.name
     assert held.name in {p.name for p in s.generations()}
@@ -160,16 +168,7 @@ def test_remove_prunes_a_generation_only_it_pinned_I1(group_config):
     """C, outside the cycle, exports the base of cycle 1, long a generation past the policy; once C is
     removed nothing pins it, and `remove` prunes it at once: at rest the group holds no more unpinned
     generations than the policy keeps (I1; found by SPIN under RETAIN, spec/invariants.md)."""
-    h = Harness(group_config(retention='keep = "1h"'))
-    fill(h.writer, "ABC")
-    h.cycle()
-    held = h.agent.state.base()
-    assert held is not None
-    h.writer.write("C", "x", b"x" * 100)
-    h.faults.add(Rule(hook="coalesce_diff", qtree="C", record=2, times=1, volume="src"))
-    h.faults.add(Rule(hook="coalesce_rollback", qtree="C"))
-    h.cycle()
-    _hourly(h, 4)
+    h, held = _c_outside_exporting_the_first_base(group_config)
     assert held.name in {p.name for p in h.agent.state.generations()}
     h.agent.remove_replica("C")
     s = h.agent.state

@@ -26,23 +26,18 @@ from coalesce_sim import spill
 from coalesce_sim.testing import sim_apply
 
 
-def _peak_of_an_update_creating(group_config, n: int, *, verify: bool = False, kept_dir: str | None = None) -> int:
-    """The tracemalloc peak of one whole update (sim to sim) creating ``n`` small files: 100 per new
-    directory, or all in ``kept_dir``, a directory the replica already holds."""
+def _scaled_down(group_config, verify: bool) -> Harness:
+    """A sim-to-sim group of one replica ``A`` whose volumes' memory bounds are scaled down (block
+    cache 256 blocks, overlay 256 inodes or 1 MiB of data blocks, decoded directories 1024 entries)."""
     h = Harness(attrs.evolve(group_config(replicas=("A",), scheme="sim"), verify=verify))
     for v in (h.agent.source, h.agent.dest):
         v.handle.CACHE_BLOCKS, v.handle.OVERLAY_INODES, v.handle.DIRTY_LIMIT = 256, 256, 1 << 20
         v.handle.DIRCACHE_ENTRIES = 1024
-    src = h.agent.source
-    seed = [R.MkFile(path="seed")] if kept_dir is None else [R.MkDir(path=kept_dir), R.MkFile(path=f"{kept_dir}/seed")]
-    src.apply("A", R.framed("A", None, "t", seed), use_purgatory=False)
-    assert h.cycle()["failures"] == 0
-    recs: list[object] = [R.MkDir(path=f"d{d}") for d in range(n // 100)] if kept_dir is None else []
-    for i in range(n):
-        p = f"d{i // 100}/f{i:06d}" if kept_dir is None else f"{kept_dir}/f{i:06d}"
-        recs += [R.MkFile(path=p), R.Write(path=p, offset=0, data=b"x" * 100)]
-    src.apply("A", R.framed("A", None, "t", recs), use_purgatory=False)
-    del recs
+    return h
+
+
+def _peak_of_the_next_cycle(h: Harness) -> int:
+    """The tracemalloc peak of ``h``'s next cycle, which must succeed and export A equal to its source."""
     gc.collect()
     tracemalloc.start()
     try:
@@ -53,8 +48,25 @@ def _peak_of_an_update_creating(group_config, n: int, *, verify: bool = False, k
         tracemalloc.stop()
     assert report["failures"] == 0
     r = h.agent.state.replicas["A"]
-    assert h.agent.dest.fingerprint("A", r.exported) == src.fingerprint("A", r.source_point)
+    assert h.agent.dest.fingerprint("A", r.exported) == h.agent.source.fingerprint("A", r.source_point)
     return peak
+
+
+def _peak_of_an_update_creating(group_config, n: int, *, verify: bool = False, kept_dir: str | None = None) -> int:
+    """The tracemalloc peak of one whole update (sim to sim) creating ``n`` small files: 100 per new
+    directory, or all in ``kept_dir``, a directory the replica already holds."""
+    h = _scaled_down(group_config, verify)
+    src = h.agent.source
+    seed = [R.MkFile(path="seed")] if kept_dir is None else [R.MkDir(path=kept_dir), R.MkFile(path=f"{kept_dir}/seed")]
+    src.apply("A", R.framed("A", None, "t", seed), use_purgatory=False)
+    assert h.cycle()["failures"] == 0
+    recs: list[object] = [R.MkDir(path=f"d{d}") for d in range(n // 100)] if kept_dir is None else []
+    for i in range(n):
+        p = f"d{i // 100}/f{i:06d}" if kept_dir is None else f"{kept_dir}/f{i:06d}"
+        recs += [R.MkFile(path=p), R.Write(path=p, offset=0, data=b"x" * 100)]
+    src.apply("A", R.framed("A", None, "t", recs), use_purgatory=False)
+    del recs
+    return _peak_of_the_next_cycle(h)
 
 
 def test_an_update_creating_4x_the_files_does_not_take_4x_the_memory(group_config):
@@ -174,10 +186,7 @@ def _peak_of_an_update_changing_a_kept_directory(group_config, monkeypatch, kind
     monkeypatch.setattr(sim_diff, "MEMO_LIMIT", 1024)
     monkeypatch.setattr(spill, "SPILL_ROWS", 512)
     monkeypatch.setattr(spill, "PAGE", 256)
-    h = Harness(attrs.evolve(group_config(replicas=("A",), scheme="sim"), verify=False))
-    for v in (h.agent.source, h.agent.dest):
-        v.handle.CACHE_BLOCKS, v.handle.OVERLAY_INODES, v.handle.DIRTY_LIMIT = 256, 256, 1 << 20
-        v.handle.DIRCACHE_ENTRIES = 1024
+    h = _scaled_down(group_config, False)
     src = h.agent.source
     names = [f"big/f{i:06d}" for i in range(n)]
     recs: list[object] = [R.MkDir(path="big"), R.MkFile(path="big/seed")]
@@ -191,18 +200,7 @@ def _peak_of_an_update_changing_a_kept_directory(group_config, monkeypatch, kind
         recs = [R.Write(path=p, offset=0, data=b"y" * 100) for p in names]
     src.apply("A", R.framed("A", None, "t", recs), use_purgatory=False)
     del recs, names
-    gc.collect()
-    tracemalloc.start()
-    try:
-        base = tracemalloc.get_traced_memory()[0]
-        report = h.cycle()
-        peak = tracemalloc.get_traced_memory()[1] - base
-    finally:
-        tracemalloc.stop()
-    assert report["failures"] == 0
-    r = h.agent.state.replicas["A"]
-    assert h.agent.dest.fingerprint("A", r.exported) == src.fingerprint("A", r.source_point)
-    return peak
+    return _peak_of_the_next_cycle(h)
 
 
 @pytest.mark.parametrize(
