@@ -12,14 +12,14 @@ PCPI is recorded. Pure: no clock (``now`` is an argument), no I/O.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 import attrs
 
 import coalesce_core.retention as retention
 
 if TYPE_CHECKING:
-    from coalesce_core.cycle.state import GroupState, Replica
+    from coalesce_core.cycle.state import GroupState, Pcpi, Replica
 
 #: the replica's update of the image's cycle succeeded: the image holds the cycle's source PCPI
 UPDATED = "updated"
@@ -115,6 +115,13 @@ def unknown_manifest(pcpi: str, cycle: int, now: float) -> Manifest:
     return Manifest(pcpi=pcpi, cycle=cycle, time=now)
 
 
+def image_time(manifests: Mapping[str, Manifest], pcpi: Pcpi) -> float:
+    """When coalesced image ``pcpi`` was taken: its manifest's time, else when its PCPI was (a base
+    made before manifests were recorded)."""
+    m = manifests.get(pcpi.name)
+    return m.time if m is not None else pcpi.taken_at
+
+
 def as_retained(state: GroupState) -> list[retention.Generation]:
     """The group's generations as the retention policy sees them; one that some replica pins (it
     exports it, or keeps it as its last good image) is ``exported``, one a person pinned
@@ -123,7 +130,8 @@ def as_retained(state: GroupState) -> list[retention.Generation]:
     out = []
     for p in state.generations():
         m = state.manifests.get(p.name)
-        time, fresh = (m.time, m.fresh) if m is not None else (p.taken_at, 0)
+        fresh = m.fresh if m is not None else 0
+        time = image_time(state.manifests, p)
         out.append(retention.Generation(id=p.name, time=time, fresh=fresh, pinned=p.pinned, exported=p.name in pinned))
     return out
 

@@ -404,14 +404,8 @@ def _release(p: _Plan, source: bool = True) -> None:
             p.source_pcpis[name] = attrs.evolve(sp, releasing=True)
             p.emit(fx.ReleaseSourcePcpi(name=name, source=sp.source))
     if new_base is not None:
-        _prune(p, _image_time(p, new_base))
+        _prune(p, gen.image_time(p.manifests, new_base))
     _maybe_finish(p)
-
-
-def _image_time(p: _Plan, base: Pcpi) -> float:
-    """When coalesced image ``base`` was taken (its manifest's time)."""
-    m = p.manifests.get(base.name)
-    return m.time if m is not None else base.taken_at
 
 
 def _retain(p: _Plan, old_base: Pcpi, owners: frozenset[str], new_base: Pcpi) -> None:
@@ -420,7 +414,9 @@ def _retain(p: _Plan, old_base: Pcpi, owners: frozenset[str], new_base: Pcpi) ->
     recorded: an unknown one, of the time it became a generation)."""
     p.pcpis[old_base.name] = attrs.evolve(old_base, role=GENERATION, owners=owners)
     if old_base.name not in p.manifests:
-        p.manifests[old_base.name] = gen.unknown_manifest(old_base.name, old_base.cycle, _image_time(p, new_base))
+        p.manifests[old_base.name] = gen.unknown_manifest(
+            old_base.name, old_base.cycle, gen.image_time(p.manifests, new_base)
+        )
 
 
 def _prune(p: _Plan, now: float) -> None:
@@ -940,7 +936,7 @@ def _remove(p: _Plan, e: ev.RemoveReplica) -> None:
             if pcpi.role != GENERATION:  # a generation stays until the retention policy prunes it
                 p.release(name)
     if base is not None:  # a generation only it pinned may now be past the policy (I1 at rest)
-        _prune(p, _image_time(p, base))
+        _prune(p, gen.image_time(p.manifests, base))
 
 
 def recover_replica(state: str, has_scratch: bool) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
+from coalesce_core.cycle.generations import image_time
 from coalesce_core.cycle.invariants import seq_of
 from coalesce_core.cycle.state import GroupState, Pcpi
 from coalesce_core.errors import NotFound
@@ -42,12 +43,6 @@ def _at(seconds: float) -> datetime:
     return datetime.fromtimestamp(seconds, UTC)
 
 
-def image_time(state: GroupState, p: Pcpi) -> float:
-    """When coalesced image ``p`` was taken: its manifest's time, else when its PCPI was."""
-    m = state.manifests.get(p.name)
-    return m.time if m is not None else p.taken_at
-
-
 def resolve(state: GroupState, gen: str | None) -> Pcpi:
     """The PCPI of coalesced image ``gen`` (the module's docstring) in ``state``; NotFound, with
     the generations there are, when none matches."""
@@ -67,7 +62,7 @@ def resolve(state: GroupState, gen: str | None) -> Pcpi:
                 f"group {state.name!r} keeps no generations",
                 hint='add [retention] to the config (docs/config.md, "Retention")',
             )
-        return max(gens, key=lambda p: (image_time(state, p), p.name))
+        return max(gens, key=lambda p: (image_time(state.manifests, p), p.name))
     if gen.isdigit():
         for p in gens:
             if seq_of(p.name) == int(gen):
@@ -79,10 +74,10 @@ def resolve(state: GroupState, gen: str | None) -> Pcpi:
             f"{gen!r} is not a generation id, an ISO time or {LATEST!r}",
             hint=f"e.g. @12, @2026-12-01T03:00 or @latest; {hint}",
         )
-    before = [p for p in gens if _at(image_time(state, p)) <= when]
+    before = [p for p in gens if _at(image_time(state.manifests, p)) <= when]
     if not before:
         raise NotFound(f"group {state.name!r} has no generation taken at or before {gen}", hint=hint)
-    return max(before, key=lambda p: (image_time(state, p), p.name))
+    return max(before, key=lambda p: (image_time(state.manifests, p), p.name))
 
 
 def replica(state: GroupState, name: str) -> str:

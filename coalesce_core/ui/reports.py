@@ -106,7 +106,7 @@ def generations_data(state: GroupState, now: float, plan: bool = False) -> dict[
         row: dict[str, Any] = {
             "id": seq_of(p.name),
             "pcpi": p.name,
-            "time": m.time if m is not None else p.taken_at,
+            "time": gen.image_time(state.manifests, p),
             "cycle": m.cycle if m is not None else p.cycle,
             "pinned_by": pins.get(p.name, []),
             "pinned": p.pinned,
