@@ -283,14 +283,14 @@ def cleanup_zfs(url: str) -> None:
         if ".rw" not in mp.split("/") and _quiet(["umount", mp]).returncode != 0:
             _quiet(["umount", "-l", mp])
     names = _quiet(["zfs", "list", "-H", "-o", "name", "-t", "filesystem", "-r", pool]).stdout.split("\n")
-    # zfs-fuse keeps a clone "busy" for seconds after its files were read (a test compared an export):
-    # unmount it by force and try again, with a growing pause (about 6 s in all)
+    # zfs-fuse keeps a clone "busy" after its files were read (a test compared an export) unless it is
+    # unmounted first: unmount it by force, destroy it, and try again with a growing pause (about 6 s)
     for n in names:
         if n.startswith(prefix):
             for i in range(4):
+                _quiet(["zfs", "unmount", "-f", n])
                 if _quiet(["zfs", "destroy", "-f", n]).returncode == 0:
                     break
-                _quiet(["zfs", "unmount", "-f", n])
                 time.sleep(0.5 * (i + 1))
     if ds in names:
         if _quiet(["zfs", "destroy", "-r", "-f", ds]).returncode != 0:

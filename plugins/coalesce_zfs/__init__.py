@@ -322,6 +322,10 @@ class ZfsVolume(PosixVolume):
 
     def _destroy(self, name: str, *, force: bool, tries: int = 8) -> bool:
         last = None
+        if "@" not in name:
+            # zfs-fuse reports a clone whose files were just read "busy" to a destroy that unmounts it
+            # itself, but not to a destroy after an explicit unmount (docs/real-backends.md, zfs-fuse quirks)
+            zfs("unmount", name, check=False)
         for i in range(tries):
             p = zfs("destroy", name, check=False)
             if p.returncode == 0:
