@@ -274,13 +274,17 @@ class ZfsVolume(PosixVolume):
         self._destroy(f"{self.dataset}@{name}", force=False)
         return True
 
-    def _require(self, pcpi: str) -> None:
-        check_pcpi(pcpi)
-        if pcpi not in self.snapshot_list():
-            raise BackendError(
-                f"PCPI {pcpi!r} does not exist on {self.url}",
-                hint=f"existing PCPIs: {', '.join(self.snapshot_list()) or 'none'}",
-            )
+    def _require(self, *pcpis: str) -> None:
+        """Every PCPI of ``pcpis`` exists (one `zfs list`), else BackendError naming the first missing."""
+        for pcpi in pcpis:
+            check_pcpi(pcpi)
+        held = self.snapshot_list()
+        for pcpi in pcpis:
+            if pcpi not in held:
+                raise BackendError(
+                    f"PCPI {pcpi!r} does not exist on {self.url}",
+                    hint=f"existing PCPIs: {', '.join(held) or 'none'}",
+                )
 
     # -- clones ---------------------------------------------------------------
     def _clones_of(self, pcpi: str) -> list[str]:
@@ -379,6 +383,13 @@ class ZfsVolume(PosixVolume):
             zfs("mount", name)
         return mountpoint
 
+    def _reading(self, snapshot: str) -> bool:
+        """A read clone of ``snapshot`` is live, so the PCPI exists: zfs destroys no snapshot that has
+        clones.  Spares a `zfs list` per describe during a transfer (every zfs command is serialized)."""
+        with self._lock:
+            entry = self._views.get((self.dataset, snapshot))
+            return entry is not None and entry["ready"].is_set() and entry["error"] is None
+
     def image(self, snapshot: str | None) -> contextlib.AbstractContextManager[str]:
         return self._image(snapshot, checked=False)
 
@@ -388,7 +399,7 @@ class ZfsVolume(PosixVolume):
         if snapshot is None:
             yield self.root
             return
-        if not checked:
+        if not checked and not self._reading(snapshot):
             self._require(snapshot)
         self._reap_deferred()
         if self.browsable():
@@ -519,9 +530,7 @@ class ZfsVolume(PosixVolume):
     # -- diff -----------------------------------------------------------------
     def diff(self, qtree: str, base: str | None, target: str) -> Iterator[object]:
         check_qtree(qtree)
-        self._require(target)
-        if base is not None:
-            self._require(base)
+        self._require(target, *([base] if base is not None else []))
         return self._diff_gen(qtree, base, target)
 
     def _props(self, pcpis: tuple[str, ...], *names: str) -> dict[str, dict[str, int]]:
