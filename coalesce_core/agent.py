@@ -5,10 +5,12 @@ persists the decision's state (write-ahead, one durable commit per batch),
 tells the observers, and runs the effects through the backend hooks:
 PCPI takes, releases and export switches inline; transfers (the data path is
 coalesce_core.transfer) and rollbacks concurrently in a pool of ``parallel`` workers.  Every effect's result goes
-back to the planner as an event, a PCPI the source or the destination refused
+back to the planner as an event, a PCPI a source or the destination refused
 (or a source that cannot be reached) included: the planner decides what it means
-(docs/decisions.md, "Refused PCPIs and source outages").  The source is opened at
-first use: the read verbs never open it, and only transfers need it.  Named crash
+(docs/decisions.md, "Refused PCPIs and source outages").  Every effect runs against
+the source its ``source`` (a transfer: its ``origin``) names, one volume per source
+of the group (fan-in, docs/config.md "Sources"), each opened at its first use: the
+read verbs never open one, and only transfers need them.  Named crash
 points (coalesce_core.crashpoints) sit between every two steps so tests can kill it anywhere.
 """
 
@@ -33,7 +35,7 @@ from coalesce_core.cycle import restore
 from coalesce_core.cycle.invariants import i5_marks
 from coalesce_core.cycle.planner import Decision, NotNow, decide, is_group_pcpi, is_group_source_pcpi, pcpi_shortfall
 from coalesce_core.cycle.state import KEPT, GroupState
-from coalesce_core.errors import BackendError, CoalesceError, MetadataError, VolumeInUse
+from coalesce_core.errors import BackendError, CoalesceError, ConfigError, MetadataError, VolumeInUse
 from coalesce_core.grouplock import GroupLock
 from coalesce_core.ledger import Ledger, RequestGone
 from coalesce_core.stream import privileges
@@ -45,6 +47,8 @@ from coalesce_core.ui.peertext import clean
 #: transitions that record a failed transfer (`run --once` exits EXIT_TRANSFER_FAILED) or rollback
 TRANSFER_FAILURES = ("update_failed", "baseline_failed", "reseed_failed")
 FAILURES = TRANSFER_FAILURES + ("rollback_failed", "retry_failed", "jump_ahead_refused")
+#: the replica states a cycle may transfer into (coalesce_core/cycle/planner.py, ``_in_cycle``)
+CYCLE_STATES = ("stable", "uninitialized", "reseed_pending")
 #: what the failures list names a replica that missed a cycle (source outage, no PCPI headroom)
 MISSED = "missed_cycle"
 #: what a volume that refuses a PCPI, or cannot be reached, raises; and a source that serves another
@@ -84,7 +88,7 @@ class Agent:
         self,
         config: GroupConfig,
         pm: pluggy.PluginManager,
-        source: Volume | None,
+        sources: dict[str, Volume] | None,
         dest: Volume,
         ledger: Ledger,
         clock: Callable[[], float],
@@ -94,7 +98,8 @@ class Agent:
         #: the group's lock (coalesce_core.grouplock); None for a read-only agent
         self.lock = lock
         self.pm = pm
-        self._source = source  # None: opened at first use (:attr:`source`)
+        #: the source volumes opened so far, by source name (each opened at first use: :meth:`source_volume`)
+        self._sources: dict[str, Volume] = dict(sources or {})
         self._source_lock = threading.Lock()
         self.dest = dest
         self.ledger = ledger
@@ -114,39 +119,63 @@ class Agent:
         #: what the last recovery did to a ledger behind its volumes (coalesce_core/cycle/restore.py)
         self.restored: list[str] = []
         self._spool: Spool | None = None
-        self._spool_decided = False
+        #: whether the updates of each source spool, by source name (decided at first use)
+        self._spools: dict[str, bool] = {}
 
     # -- the volumes ----------------------------------------------------------
+    def source_volume(self, name: str) -> Volume:
+        """The volume of the source called ``name``, opened at its first use with that source's URL and
+        transport tables; a source that cannot be opened raises BackendError each time (the next use
+        tries again), one that serves another group of this name VolumeInUse
+        (coalesce_core/ownership.py: the group's record is checked, and written, at its first open), one
+        the config no longer names BackendError (its PCPIs wait until its [[source]] is back)."""
+        with self._source_lock:
+            volume = self._sources.get(name)
+            if volume is None:
+                try:
+                    one = self.config.source_named(name)
+                except ConfigError as exc:
+                    raise BackendError(exc.message, hint=exc.hint) from None
+                volume = Volume.open(self.pm, one.url, options=one.options())
+                try:
+                    ownership.bind_source(self.config, self.ledger, volume, write=self.lock is not None)
+                except BaseException:
+                    volume.close()
+                    raise
+                self._sources[name] = volume
+            return volume
+
     @property
     def source(self) -> Volume:
-        """The source volume, opened at first use; a source that cannot be opened raises BackendError
-        each time (the next use tries again), one that serves another group of this name VolumeInUse
-        (coalesce_core/ownership.py: the group's record is checked, and written, at the first open)."""
-        with self._source_lock:
-            if self._source is None:
-                source = Volume.open(self.pm, self.config.source, options=self.config.source_options)
-                try:
-                    ownership.bind_source(self.config, self.ledger, source, write=self.lock is not None)
-                except BaseException:
-                    source.close()
-                    raise
-                self._source = source
-            return self._source
+        """The volume of the group's one source (:meth:`source_volume`; a ConfigError for a group of several)."""
+        return self.source_volume(self.config.sole_source().name)
 
-    def source_if_open(self) -> Volume | None:
-        """The source volume if something already opened it (never opens it)."""
-        return self._source
+    def source_if_open(self, name: str | None = None) -> Volume | None:
+        """The volume of source ``name`` (None: the group's one source) if something already opened it
+        (never opens it)."""
+        return self._sources.get(self.config.sole_source().name if name is None else name)
+
+    def _source_url(self, name: str) -> str:
+        """The URL of source ``name`` for messages (its name when the config no longer has it)."""
+        return next((s.url for s in self.config.sources if s.name == name), name)
+
+    def spool_for(self, source: str) -> Spool | None:
+        """Where the updates of source ``source`` spool their records (coalesce_core.stream.spool), or
+        None.  ``[group] spool``, by default on for a source that resumes its diffs (a remote one): then
+        deciding opens that source.  One spool directory and budget serve every source."""
+        use = self._spools.get(source)
+        if use is None:
+            use = self.config.spool if self.config.spool is not None else self.source_volume(source).resumable_diff
+            self._spools[source] = use
+        if use and self._spool is None:
+            budget = Budget(self.config.spool_max, self.config.spool_group_max)
+            self._spool = Spool(self.config.spool_dir(self.dest.metadata_dir()), budget)
+        return self._spool if use else None
 
     @property
     def spool(self) -> Spool | None:
-        """Where updates spool their records (coalesce_core.stream.spool), or None.  ``[group] spool``,
-        by default on for a source that resumes its diffs (a remote one): then deciding opens the source."""
-        if not self._spool_decided:
-            use = self.config.spool if self.config.spool is not None else self.source.resumable_diff
-            budget = Budget(self.config.spool_max, self.config.spool_group_max)
-            self._spool = Spool(self.config.spool_dir(self.dest.metadata_dir()), budget) if use else None
-            self._spool_decided = True
-        return self._spool
+        """The spool of the group's one source (:meth:`spool_for`)."""
+        return self.spool_for(self.config.sole_source().name)
 
     def _refused(self, message: str, exc: BaseException, hint: str) -> str:
         """Remember a refusal for `run --once` and return its text for the planner."""
@@ -164,12 +193,16 @@ class Agent:
         clock: Callable[[], float] = time.time,
     ) -> "Agent":
         """Create the volumes (if the backend can) and a new ledger for the group (holding its lock)."""
+        config.check_runnable()
         pm = pm or plugin_manager(plugins)
-        source = Volume.open(pm, config.source, create=True, options=config.source_options)
+        sources: list[Volume] = []
         try:
+            for one in config.sources:
+                sources.append(Volume.open(pm, one.url, create=True, options=one.options()))
             dest = Volume.open(pm, config.destination, create=True)
         except BaseException:
-            source.close()
+            for source in sources:
+                source.close()
             raise
         path = config.ledger_path(dest.metadata_dir())
         lock = GroupLock.acquire(path, config.name, "init")
@@ -183,7 +216,8 @@ class Agent:
                     "each replica exports, and deletes nothing",
                 )
             if not path.exists():  # (an existing ledger: Ledger.create says the group is initialised)
-                ownership.check_free(config, source, dest, path)
+                for source in sources:
+                    ownership.check_free(config, source, dest, path)
             state = GroupState(
                 name=config.name, retry=config.retry, reseed_after=config.reseed_after, retention=config.retention
             )
@@ -192,7 +226,8 @@ class Agent:
             lock.release()
             raise
         finally:
-            source.close()
+            for source in sources:
+                source.close()
             dest.close()
         return cls.open(config, pm=pm, clock=clock, _lock=lock)
 
@@ -221,11 +256,11 @@ class Agent:
         verb, which needs only the destination; :meth:`recover`).  ``reconcile``: a replica of the
         ledger that the config lacks or gives another source qtree or source is a ConfigError before anything
         changes (the config is the truth; `coalesce remove`/`add` reconcile them, and open without
-        it); a replica only the config has is added.  A changing agent of a config of several sources
-        (or of a source with settings of its own) is a ConfigError before it locks anything (one
-        source per group, docs/config.md "Sources")."""
+        it); a replica only the config has is added.  A changing agent of a config with a source that
+        sets its own ``interval`` or ``parallel`` is a ConfigError before it locks anything
+        (GroupConfig.check_runnable, docs/config.md "Sources")."""
         if not readonly:
-            config.source  # a config this version cannot run: a ConfigError before anything is locked or written
+            config.check_runnable()  # a ConfigError before anything is locked or written
         pm = pm or plugin_manager(plugins)
         dest = Volume.open(pm, config.destination)
         try:
@@ -283,8 +318,8 @@ class Agent:
         """Close the ledger and the volumes, then free the group's lock."""
         try:
             self.ledger.close()
-            if self._source is not None:
-                self._source.close()
+            for source in self._sources.values():
+                source.close()
             self.dest.close()
         finally:
             if self.lock is not None:
@@ -381,28 +416,30 @@ class Agent:
         now = self.clock
         if isinstance(eff, fx.TakeSourcePcpi):
             try:
-                self.source.snapshot_create(eff.name)
+                source = self.source_volume(eff.source)
+                source.snapshot_create(eff.name)
             except VolumeInUse as exc:  # a configuration to fix: its own message, hint and exit code
                 self.refusals.append(exc)
                 return ev.SourcePcpiRefused(name=eff.name, now=now(), error=_describe(exc), source=eff.source)
             except REFUSED as exc:
-                what = f"the source {self.config.source} could not be reached or refused PCPI {eff.name}"
+                what = f"the source {self._source_url(eff.source)} could not be reached or refused PCPI {eff.name}"
                 error = self._refused(what, exc, SOURCE_HINT)
                 return ev.SourcePcpiRefused(name=eff.name, now=now(), error=error, source=eff.source)
             taken_at = now()
             self.pm.hook.coalesce_pcpi_taken(
-                group=self.state.name, volume=str(self.source.url), name=eff.name, role="source"
+                group=self.state.name, volume=str(source.url), name=eff.name, role="source"
             )
             crashpoints.hit("after_source_pcpi")
             return ev.SourcePcpiTaken(name=eff.name, now=taken_at, source=eff.source)
         if isinstance(eff, fx.ReleaseSourcePcpi):
             try:
-                self.source.snapshot_delete(eff.name)
+                source = self.source_volume(eff.source)
+                source.snapshot_delete(eff.name)
             except REFUSED as exc:
-                what = f"the source {self.config.source} could not release PCPI {eff.name}"
+                what = f"the source {self._source_url(eff.source)} could not release PCPI {eff.name}"
                 error = self._refused(what, exc, "a later cycle releases it")
                 return ev.SourcePcpiNotReleased(name=eff.name, error=error, source=eff.source)
-            self.pm.hook.coalesce_pcpi_released(group=self.state.name, volume=str(self.source.url), name=eff.name)
+            self.pm.hook.coalesce_pcpi_released(group=self.state.name, volume=str(source.url), name=eff.name)
             return ev.SourcePcpiReleased(name=eff.name, source=eff.source)
         if isinstance(eff, fx.TakePcpi):
             try:
@@ -458,11 +495,11 @@ class Agent:
                 )
 
             try:
-                moved = run_transfer(
+                moved = run_transfer(  # from the volume of the replica's own source
                     eff,
-                    self.source,
+                    self.source_volume(eff.origin),
                     self.dest,
-                    spool=self.spool,
+                    spool=self.spool_for(eff.origin),
                     verify=self.config.verify,
                     progress=progress,
                     aborted=self._abort.is_set,
@@ -546,43 +583,44 @@ class Agent:
     def recover(self, reach_source: bool = True) -> None:
         """Reconcile the ledger with the volumes and finish or undo what was in flight.
 
-        Only the destination is needed: a source that cannot be reached (or ``reach_source``
-        False) leaves the ledger's source PCPIs as they are, for a later recovery to settle, and
-        no update resumes from its spool.  A ledger behind its volumes (older than they are, or
-        PCPIs of it removed) is first made to match them (coalesce_core/cycle/restore.py); what
-        that did is logged and kept in :attr:`restored`.  Restoring an older ledger compares the
-        images with the source, so it asks the source even when ``reach_source`` is False, and
-        raises BackendError, changing nothing, when the source cannot be reached."""
+        Only the destination is needed: a source that cannot be reached (every source, with
+        ``reach_source`` False) leaves the ledger's PCPIs of that source as they are, for a later
+        recovery to settle, and no update of it resumes from its spool; the sources reached are
+        settled now.  A ledger behind its volumes (older than they are, or PCPIs of it removed) is
+        first made to match them (coalesce_core/cycle/restore.py); what that did is logged and kept
+        in :attr:`restored`.  Restoring an older ledger compares the images with their sources, so it
+        asks every source even when ``reach_source`` is False, and raises BackendError, changing
+        nothing, when one cannot be reached."""
         group = self.state.name
         dest = frozenset(n for n in self.dest.snapshot_list() if is_group_pcpi(group, n))
-        src = self._source_pcpis() if reach_source else None
-        examined = restore.examine(self.state, dest, src or {})
+        src = self._source_pcpis() if reach_source else {}
+        examined = restore.examine(self.state, dest, src)
         if examined.needed:
-            if examined.stale and src is None:
+            if examined.stale and len(src) < len(self.config.sources):
                 src = self._source_pcpis()
-                if src is None:
+                missing = [s.name for s in self.config.sources if s.name not in src]
+                if missing:
+                    urls = ", ".join(self._source_url(name) for name in missing)
                     raise BackendError(
                         f"the ledger of group {group!r} is older than its volumes (they hold PCPIs up to number "
                         f"{examined.newest}, the ledger's last is {self.state.seq}), and restoring it compares "
-                        f"each replica's image with the source {self.config.source}, which cannot be reached",
+                        f"each replica's image with its source, which cannot be reached: {urls}",
                         hint="bring the source back (or `coalesce serve` on its host) and run `coalesce run`; "
                         'nothing was changed (docs/operations.md, "Backing up the ledger")',
                     )
-            known = src if src is not None else {}
-            facts = restorer.survey(
-                self.state,
-                privileges.view(self.source, self.config.privileges) if examined.stale else None,
-                self.dest,
-                dest,
-                known,
+            views = (
+                {name: privileges.view(self.source_volume(name), self.config.privileges) for name in src}
+                if examined.stale
+                else None
             )
+            facts = restorer.survey(self.state, views, self.dest, dest, src)
             decision, self.restored = restore.reconcile(self.state, facts)
             self._commit([(facts, decision)])  # the ledger only: it has no effects
             if examined.stale:
                 self.restored += self._withdraw_old_requests()
             for line in self.restored:
                 restorer.log.warning("%s", line)
-        spooled = self._spooled() if src is not None else frozenset()
+        spooled = self._spooled(frozenset(src))
         self.handle(ev.Recover(now=self.clock(), destination_pcpis=dest, source_pcpis=src, spooled=spooled))
 
     def _withdraw_old_requests(self) -> list[str]:
@@ -596,31 +634,42 @@ class Agent:
                 )
         return lines
 
-    def _source_pcpis(self) -> dict[str, frozenset[str]] | None:
-        """The group's source PCPIs the source holds, under its name; None when it cannot be reached."""
-        try:
-            held = frozenset(n for n in self.source.snapshot_list() if is_group_source_pcpi(self.state.name, n))
-        except REFUSED:
-            return None
-        return {self.config.sole_source().name: held}
+    def _source_pcpis(self) -> dict[str, frozenset[str]]:
+        """The group's source PCPIs each source of the config holds, by source name; a source that
+        cannot be reached is absent (what it holds is not known: coalesce_core.cycle.events.Recover)."""
+        out = {}
+        for one in self.config.sources:
+            try:
+                names = self.source_volume(one.name).snapshot_list()
+            except REFUSED:
+                continue
+            out[one.name] = frozenset(n for n in names if is_group_source_pcpi(self.state.name, n))
+        return out
 
-    def _spooled(self) -> frozenset[str]:
-        """Replicas in update whose spool holds their running update; other spools are stale."""
-        if self.spool is None:
-            return frozenset()
-        out = set()
+    def _spooled(self, reached: frozenset[str]) -> frozenset[str]:
+        """Replicas in update whose spool holds their running update (of the ``reached`` sources only:
+        the others' are rolled back without resuming); other spools are stale, except those of a
+        source not reached, which a later recovery settles."""
+        out, keep = set(), set()
         for r in self.state.replicas.values():
+            if r.origin not in reached:
+                keep.add(r.name)
+                continue
+            spool = self.spool_for(r.origin)
             if (
-                r.state == "update"
+                spool is not None
+                and r.state == "update"
                 and r.active_point is not None
                 and r.target is not None
-                and self.spool.holds(r.name, Begin(qtree=r.source_qtree, base=r.active_point, target=r.target))
+                and spool.holds(r.name, Begin(qtree=r.source_qtree, base=r.active_point, target=r.target))
             ):
                 out.add(r.name)
-        keep = out | {r.name for r in self.state.replicas.values() if r.resume}
-        for name in self.spool.replicas():
-            if name not in keep:
-                self.spool.discard(name)
+            if r.resume:
+                keep.add(r.name)
+        if self._spool is not None:
+            for name in self._spool.replicas():
+                if name not in out | keep:
+                    self._spool.discard(name)
         return frozenset(out)
 
     def tick(self) -> None:
@@ -628,17 +677,23 @@ class Agent:
         self.handle(ev.Tick(now=self.clock()))
 
     def _room(self) -> dict[str, int]:
-        """How many more PCPIs each volume that declares a limit can take (StartCycle's rooms)."""
+        """How many more PCPIs each volume that declares a limit can take (StartCycle's rooms): the
+        destination's, and the least of the sources' that have replicas a cycle may update."""
         room = {}
         limit = self.dest.max_pcpis
         if limit is not None:
             room["destination_room"] = limit - len(self.dest.snapshot_list())
-        try:
-            limit = self.source.max_pcpis
-            if limit is not None:
-                room["source_room"] = limit - len(self.source.snapshot_list())
-        except REFUSED:
-            pass  # a source that cannot be reached: the take of the cycle's source PCPI says so
+        rooms = []
+        for name in sorted({r.origin for r in self.state.replicas.values() if r.state in CYCLE_STATES}):
+            try:
+                source = self.source_volume(name)
+                limit = source.max_pcpis
+                if limit is not None:
+                    rooms.append(limit - len(source.snapshot_list()))
+            except REFUSED:
+                pass  # a source that cannot be reached: the take of its PCPI of the cycle says so
+        if rooms:
+            room["source_room"] = min(rooms)
         return room
 
     def run_cycle(self) -> dict[str, Any]:
@@ -825,7 +880,7 @@ class Agent:
             return
         r = self.state.replicas[name]
         try:
-            source = privileges.view(self.source, self.config.privileges)
+            source = privileges.view(self.source_volume(r.origin), self.config.privileges)
             outcome = verifier.verify_export(source, self.dest, r, content=True, limit=1)
         except CoalesceError as exc:
             pending[name] = {

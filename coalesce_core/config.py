@@ -144,26 +144,43 @@ class GroupConfig:
     #: which retained coalesced generations to keep ([retention], coalesce_core.retention)
     retention: Policy = Policy()
 
+    def check_runnable(self) -> None:
+        """A ConfigError for a config the agent of this version cannot run: a ``[[source]]`` that sets
+        its own ``interval`` or ``parallel``, which it does not apply yet (docs/config.md, "Sources");
+        running it would ignore them silently.  Several sources are run (one volume each)."""
+        for one in self.sources:
+            own = [k for k, v in (("`interval`", one.interval), ("`parallel`", one.parallel)) if v is not None]
+            if own:
+                raise ConfigError(
+                    f"{self.path or 'the config'}: [[source]] {one.name!r} sets {', '.join(own)}, which this "
+                    "version's agent does not apply yet",
+                    hint="leave them out for now: the group's `interval` and `parallel` apply to every source",
+                )
+
+    def source_named(self, name: str) -> SourceConfig:
+        """The source called ``name``; a ConfigError when the config has none of that name (a source
+        the ledger still knows, whose [[source]] table was removed)."""
+        for one in self.sources:
+            if one.name == name:
+                return one
+        raise ConfigError(
+            f"{self.path or 'the config'}: group {self.name!r} has no source named {name!r}",
+            hint=f"sources: {', '.join(repr(s.name) for s in self.sources)}; put its [[source]] table back "
+            f'(docs/config.md, "Sources")',
+        )
+
     @property
     def source(self) -> str:
-        """The URL of the group's source for the agent of this version, which runs one source
-        (docs/config.md, "Sources"): its transport tables apply (:attr:`source_options`), its own
-        ``interval`` and ``parallel`` not yet; a ConfigError for a config it cannot run."""
+        """The URL of the group's one source (a ConfigError for a config of several, :meth:`sole_source`;
+        and, like :meth:`check_runnable`, for a source with an ``interval`` or ``parallel`` of its own)."""
         one = self.sole_source()
-        own = [k for k, v in (("`interval`", one.interval), ("`parallel`", one.parallel)) if v is not None]
-        if own:
-            raise ConfigError(
-                f"{self.path or 'the config'}: [[source]] {one.name!r} sets {', '.join(own)}, which this "
-                "version's agent does not apply yet",
-                hint="leave them out until the multi-source cycle lands: the group's `interval` and `parallel` "
-                "apply to its source",
-            )
+        self.check_runnable()
         return one.url
 
     @property
     def source_options(self) -> dict[str, dict[str, Any]] | None:
-        """What opening the group's source passes its backend (``Volume.open``'s ``options``): the
-        sole source's transport tables, which override the process-wide client settings key by key."""
+        """What opening the group's one source passes its backend (``Volume.open``'s ``options``): its
+        transport tables, which override the process-wide client settings key by key."""
         return self.sole_source().options()
 
     def with_source(self, url: str) -> "GroupConfig":
@@ -171,16 +188,15 @@ class GroupConfig:
         return attrs.evolve(self, sources=(attrs.evolve(self.sole_source(), url=url),))
 
     def sole_source(self) -> SourceConfig:
-        """The group's one source; a ConfigError naming the sources when it has several (the agent
-        of this version runs one source per group, docs/config.md "Sources")."""
+        """The group's one source; a ConfigError naming the sources when it has several (for what
+        speaks of one source: `coalesce add` of a replica the config lacks, tests of one source)."""
         if len(self.sources) == 1:
             return self.sources[0]
         names = ", ".join(repr(s.name) for s in self.sources)
         raise ConfigError(
             f"{self.path or 'the config'}: group {self.name!r} has {len(self.sources)} sources ({names}); "
-            "this version's agent replicates from one source per group",
-            hint="keep one [[source]] in this config, or give each source a group of its own (a config and "
-            'a destination each) until the multi-source cycle lands (docs/config.md, "Sources")',
+            "say which one",
+            hint='give the replica a `from = "NAME"` naming its [[source]] (docs/config.md, "Sources")',
         )
 
     def spool_dir(self, metadata_dir: str | None) -> Path:

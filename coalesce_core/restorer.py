@@ -23,36 +23,37 @@ log = logging.getLogger("coalesce.restore")
 
 def survey(
     state: GroupState,
-    source: Volume | None,
+    sources: Mapping[str, Volume] | None,
     dest: Volume,
     destination_pcpis: frozenset[str],
     source_pcpis: Mapping[str, frozenset[str]],
 ) -> Facts:
     """The :class:`Facts` for :func:`coalesce_core.cycle.restore.reconcile`; ``source_pcpis``: the
-    group's PCPIs each source holds, by source name.  The source is read only for a ledger older
-    than its volumes (None otherwise: only the destination is read), and a replica's image is
-    compared with the PCPIs of the source it comes from."""
+    group's PCPIs each source holds, by source name.  ``sources`` (each source's volume, by name)
+    are read only for a ledger older than its volumes (None otherwise: only the destination is
+    read), and a replica's image is compared with the PCPIs of the source it comes from."""
     exported = dest.exported()
     proofs: tuple[Proof, ...] = ()
     if examine(state, destination_pcpis, source_pcpis).stale:
-        if source is None:
-            raise ValueError("restoring a ledger older than its volumes needs the source")
+        if sources is None:
+            raise ValueError("restoring a ledger older than its volumes needs the sources")
+        volumes = sources
         ours = {
             s: sorted((n for n in names if number(n) >= 0), key=number, reverse=True)
             for s, names in source_pcpis.items()
         }
-        digests: dict[tuple[str, str], str | None] = {}
+        digests: dict[tuple[str, str, str], str | None] = {}
 
-        def source_digest(qtree: str, pcpi: str) -> str | None:
-            if (qtree, pcpi) not in digests:
-                digests[qtree, pcpi] = _digest(source, qtree, pcpi)
-            return digests[qtree, pcpi]
+        def source_digest(origin: str, qtree: str, pcpi: str) -> str | None:
+            if (origin, qtree, pcpi) not in digests:
+                digests[origin, qtree, pcpi] = _digest(volumes[origin], qtree, pcpi)
+            return digests[origin, qtree, pcpi]
 
         def equal_to(digest: str | None, r: Replica) -> str | None:
             if digest is None:
                 return None
             for pcpi in ours.get(r.origin, ()):
-                if source_digest(r.source_qtree, pcpi) == digest:
+                if source_digest(r.origin, r.source_qtree, pcpi) == digest:
                     return pcpi
             return None
 

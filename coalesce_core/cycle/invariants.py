@@ -190,14 +190,15 @@ def lag_finding(state: GroupState, now: float, max_lag: float | None = None) -> 
 # -- live checks against the volumes ------------------------------------------
 def live_check(
     state: GroupState,
-    source: Any | None,
+    source: Any | Mapping[str, Any] | None,
     dest: Any,
     previous_points: Mapping[str, str | None] | None = None,
     edges: Iterable[tuple[str | None, str, str, str]] = (),
     now: float | None = None,
     max_lag: float | None = None,
 ) -> list[Finding]:
-    """I1-I5, I8, I9 and I11 on a live group; ``source``/``dest`` are backend.volume.Volume.
+    """I1-I5, I8, I9 and I11 on a live group; ``source``/``dest`` are backend.volume.Volume
+    (``source`` may also be each source's volume by source name: a group of several sources).
 
     I3 compares each exported image with the source qtree at the source PCPI the
     ledger says it shows (``Replica.source_point``), never with some other one; how
@@ -238,10 +239,11 @@ def live_check(
         if r.source_point not in state.source_pcpis:
             bad3.append(f"{r.name}: its source point {r.source_point} is not a source PCPI the group holds")
             continue
-        if source is None:
+        volume = source.get(r.origin) if isinstance(source, Mapping) else source
+        if volume is None:
             continue
         try:
-            expect = source.fingerprint(r.source_qtree, r.source_point)
+            expect = volume.fingerprint(r.source_qtree, r.source_point)
         except CoalesceError as exc:
             bad3.append(f"{r.name}: cannot read source {r.source_qtree}@{r.source_point}: {exc}")
             continue

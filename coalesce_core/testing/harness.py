@@ -46,7 +46,7 @@ class _Recorder:
     @hookimpl
     def coalesce_pcpi_taken(self, group: str, volume: str, name: str, role: str) -> None:
         if role == "source":
-            self.h.writer.remember(name)
+            self.h.writer_of(volume).remember(name)
 
     @hookimpl
     def coalesce_state_changed(self, group: str, replica: str, trigger: str, source: str, dest: str) -> None:
@@ -73,12 +73,27 @@ class Harness:
         self.recorder = _Recorder(self)
         self.pm = plugin_manager([self.faults, self.recorder, *plugins])
         self.agent = (Agent.init if create else Agent.open)(config, pm=self.pm, clock=self.clock)
-        # the test's own handle of the source, not the agent's: the agent's calls may be made to
+        # the test's own handle of each source, not the agent's: the agent's calls may be made to
         # fail (FaultInjector rules, a source outage), the test's writes and reads never are
-        self.writer = SourceWriter(
-            Volume.open(plugin_manager(), config.source, options=config.source_options), config.privileges
-        )
+        self.writers = {
+            one.name: SourceWriter(Volume.open(plugin_manager(), one.url, options=one.options()), config.privileges)
+            for one in config.sources
+        }
+        #: the writer of the group's first source (of a group of one source: its only one)
+        self.writer = self.writers[config.sources[0].name]
         self.i5_marks: dict[str, str | None] = {}
+
+    def writer_of(self, volume: str) -> SourceWriter:
+        """The writer of the source volume whose URL is ``volume`` (a group of one source: :attr:`writer`)."""
+        if len(self.writers) == 1:
+            return self.writer
+        return next(w for w in self.writers.values() if str(w.volume.url) == volume)
+
+    def source_writer(self, replica: str) -> SourceWriter:
+        """The writer of the source replica ``replica`` comes from."""
+        if len(self.writers) == 1:
+            return self.writer
+        return self.writers[self.agent.state.replicas[replica].origin]
 
     # -- driving ---------------------------------------------------------------
     def cycle(self) -> dict[str, Any]:
@@ -121,27 +136,26 @@ class Harness:
         each export must be the image the writer recorded for the source PCPI the ledger says
         the replica shows (any recorded image only for a source PCPI the writer never saw)."""
         a = self.agent
+        # the test's own view of each source (it never depends on the agent's), as the group's
+        # privilege policy strips it
+        views = {name: privileges.view(w.volume, a.config.privileges) for name, w in self.writers.items()}
         out = live_check(
             a.state,
-            # the test's own view of the source (it never depends on the agent's), as the group's
-            # privilege policy strips it
-            privileges.view(self.writer.volume, a.config.privileges),
+            privileges.view(self.writer.volume, a.config.privileges) if len(views) == 1 else views,
             a.dest,
             self.i5_marks,
             edges=list(iter_log_edges(a.ledger.transitions())),
             now=self.clock(),
         )
-        known: dict[str, set[str]] = {}
-        for snap, fps in self.writer.snapshots.items():
-            for q, f in fps.items():
-                known.setdefault(q, set()).add(f)
         bad = []
         for name, fp in self.exported_fingerprints().items():
             r = a.state.replicas.get(name)
             if fp is None or r is None:
                 continue
-            recorded = self.writer.snapshots.get(r.source_point or "", {}).get(r.source_qtree)
-            if fp != recorded if recorded is not None else fp not in known.get(r.source_qtree, set()):
+            writer = self.source_writer(name)
+            known = {f for fps in writer.snapshots.values() for q, f in fps.items() if q == r.source_qtree}
+            recorded = writer.snapshots.get(r.source_point or "", {}).get(r.source_qtree)
+            if fp != recorded if recorded is not None else fp not in known:
                 bad.append(f"{name} (source point {r.source_point})")
         out.append(
             Finding(

@@ -474,11 +474,16 @@ def _map_transfers(tracker: Tracker, agent: Any) -> None:
         state = agent.state
         if volume is dst:
             return qtree if qtree in state.replicas else None
-        src = agent.source_if_open()  # opened by the cycle's first source call, never here
-        if src is not None and volume is src.handle:
-            for r in state.replicas.values():
-                if r.source_qtree == qtree and r.state in ("update", "baseline", "reseeding"):
-                    return r.name
+        for one in agent.config.sources:
+            src = agent.source_if_open(one.name)  # opened by the cycle's first call to it, never here
+            if src is not None and volume is src.handle:
+                for r in state.replicas.values():
+                    if (
+                        r.origin == one.name
+                        and r.source_qtree == qtree
+                        and r.state in ("update", "baseline", "reseeding")
+                    ):
+                        return r.name
         return None
 
     tracker.replica_of = replica_of
@@ -627,8 +632,17 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from coalesce_core.verifier import read_state, verify_replicas
 
     cfg = _config(args)
+    cfg.check_runnable()
     pm = plugin_manager()
-    source, dest = Volume.open(pm, cfg.source, options=cfg.source_options), Volume.open(pm, cfg.destination)
+    dest = Volume.open(pm, cfg.destination)
+    sources: dict[str, Volume] = {}  # each replica is compared with its own source, opened once
+
+    def source_of(name: str) -> Any:
+        if name not in sources:
+            one = cfg.source_named(name)
+            sources[name] = Volume.open(pm, one.url, options=one.options())
+        return privileges.view(sources[name], cfg.privileges)  # the source as the group's policy strips it
+
     try:
         state = read_state(cfg, dest)
         unknown = [n for n in args.names if n not in state.replicas]
@@ -637,15 +651,13 @@ def cmd_verify(args: argparse.Namespace) -> int:
                 f"no replica {unknown[0]!r} in group {state.name!r}",
                 hint=f"replicas: {', '.join(sorted(state.replicas)) or 'none'}",
             )
-        rows = verify_replicas(
-            privileges.view(source, cfg.privileges),  # the source as the group's policy strips it
-            dest,
-            state,
-            args.names or sorted(state.replicas),
-            full=args.full,
-        )
+        rows = []
+        for name in args.names or sorted(state.replicas):
+            origin = state.replicas[name].origin
+            rows += verify_replicas(source_of(origin), dest, state, [name], full=args.full)
     finally:
-        source.close()
+        for source in sources.values():
+            source.close()
         dest.close()
     if args.json:
         _dump_json(rows)

@@ -17,6 +17,7 @@ from groups import at_rest, cli_group, run_cli, start_cli, status, wait_until
 
 from coalesce_core.backend.manager import plugin_manager
 from coalesce_core.backend.volume import Volume
+from coalesce_core.testing.workload import SourceWriter, fill
 
 
 @pytest.fixture
@@ -300,26 +301,42 @@ def test_break_beside_a_running_agent_while_the_source_is_down(sim_group: Path, 
     assert _states(cfg) == {"A": "broken", "B": "stable"}
 
 
-def test_a_config_of_several_sources_is_refused_by_the_verbs_that_open_the_source(group, cli):
-    """docs/config.md, "Sources": the agent runs one source per group until the multi-source cycle
-    lands; `run`, `verify` and `init` say so (exit 2) and change nothing, `status` and `check` read the group."""
+def test_run_status_and_verify_on_a_config_of_two_sources(group, cli):
+    """docs/config.md, "Sources": `init` checks both sources, `run --once` brings each replica to a PCPI
+    of its own source in one coalesced image, `status` reads the group and `verify --full` compares each
+    replica with its own source; a source that sets its own `interval` is still refused (exit 2)."""
     tmp, _writer = group
-    assert cli("init")[0] == 0
     cfg = tmp / "coalesce.toml"
-    one = cfg.read_text()
-    src = f"mem://{tmp}/src.vol"
-    two = one.replace(f'source = "{src}"\n', "").replace(
-        '[[replica]]\nname = "A"\n',
-        f'[[source]]\nname = "one"\nurl = "{src}"\n[[source]]\nname = "two"\nurl = "mem://{tmp}/other.vol"\n'
-        '[[replica]]\nname = "A"\nfrom = "one"\n',
-        1,
+    src, other = f"mem://{tmp}/src.vol", f"mem://{tmp}/other.vol"
+    fill(SourceWriter(Volume.open(plugin_manager(), other, create=True)), ["qb"], seed=5)
+    two = (
+        cfg.read_text()
+        .replace(f'source = "{src}"\n', "")
+        .replace(
+            '[[replica]]\nname = "A"\n',
+            f'[[source]]\nname = "one"\nurl = "{src}"\n[[source]]\nname = "two"\nurl = "{other}"\n'
+            '[[replica]]\nname = "A"\nfrom = "one"\n',
+            1,
+        )
     )
-    cfg.write_text(two.replace('source = "qb"\n', 'source = "qb"\nfrom = "one"\n'))
-    for verb in (("run", "--once"), ("verify",), ("init",)):
-        rc, _out, err = cli(*verb)
-        assert rc == 2, verb
-        assert "2 sources ('one', 'two')" in err and "one source per group" in err and "hint:" in err, verb
-    assert cli("status")[0] == 0 and cli("check")[0] == 0
-    cfg.write_text(one)
-    got = cli("run", "--once", "-q")
-    assert got[0] == 0, got
+    cfg.write_text(two.replace('source = "qb"\n', 'source = "qb"\nfrom = "two"\n'))
+    assert cli("init")[0] == 0
+    rc, _out, err = cli("run", "--once", "-q")
+    assert rc == 0, err
+    rc, out, _err = cli("status", "--json")
+    doc = json.loads(out)
+    assert rc == 0 and {r["name"]: r["state"] for r in doc["replicas"]} == {"A": "stable", "B": "stable"}
+    points = {r["name"]: r["source_point"] for r in doc["replicas"]}
+    assert len({r["exported_pcpi"] for r in doc["replicas"]}) == 1 and points["A"] != points["B"]
+    assert sorted(doc["source_pcpis"]) == sorted(points.values())
+    for name, url in (("A", src), ("B", other)):  # each source holds the PCPI its replica shows
+        volume = Volume.open(plugin_manager(), url)
+        try:
+            assert points[name] in volume.snapshot_list()
+        finally:
+            volume.close()
+    rc, out, err = cli("verify", "--full", "--json")
+    assert rc == 0 and [r["result"] for r in json.loads(out)] == ["ok", "ok"], err
+    cfg.write_text(cfg.read_text().replace(f'url = "{other}"\n', f'url = "{other}"\ninterval = "1h"\n'))
+    rc, _out, err = cli("run", "--once")
+    assert rc == 2 and "[[source]] 'two' sets `interval`" in err and "hint:" in err

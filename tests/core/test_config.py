@@ -549,14 +549,26 @@ def test_one_source_table_takes_the_replicas_without_from():
     assert cfg.source == "sim:///srv/s"
 
 
-def test_several_sources_are_refused_by_the_one_source_agent_of_this_version():
-    cfg = parse_config(TWO, "cfg.toml")
+def test_several_sources_are_runnable_but_have_no_sole_url():
+    """The agent opens each source by its name (``source_named``); what speaks of one source
+    (``source``, ``with_source``) says which sources there are."""
+    cfg = parse_config(TWO.replace('interval = "15m"\nparallel = 2\n', ""), "cfg.toml")
+    cfg.check_runnable()  # no refusal for several sources
+    assert cfg.source_named("office").url == "tls://office.example:7450/home"
     with pytest.raises(ConfigError) as ei:
-        cfg.source  # what the agent reads to open the source
-    assert "2 sources ('lab', 'office')" in str(ei.value) and "one source per group" in str(ei.value)
-    assert "[[source]]" in ei.value.hint and "Sources" in ei.value.hint
-    with pytest.raises(ConfigError, match="one source per group"):
+        cfg.source_named("attic")
+    assert "no source named 'attic'" in str(ei.value) and "'lab', 'office'" in ei.value.hint
+    with pytest.raises(ConfigError) as ei:
+        cfg.source
+    assert "2 sources ('lab', 'office')" in str(ei.value) and "from" in ei.value.hint
+    with pytest.raises(ConfigError, match="2 sources"):
         cfg.with_source("mem://x")
+
+
+def test_a_source_with_pace_of_its_own_among_several_is_refused():
+    with pytest.raises(ConfigError) as ei:
+        parse_config(TWO, "cfg.toml").check_runnable()
+    assert "[[source]] 'office' sets `interval`, `parallel`" in str(ei.value)
 
 
 @pytest.mark.parametrize(
@@ -575,7 +587,7 @@ def test_a_sole_source_with_pace_of_its_own_is_refused_by_the_agent_of_this_vers
     with pytest.raises(ConfigError) as ei:
         cfg.source
     assert f"[[source]] 'one' sets {named}, which this version's agent does not apply yet" in str(ei.value)
-    assert "`interval` and `parallel` apply to its source" in ei.value.hint
+    assert "`interval` and `parallel` apply to every source" in ei.value.hint
 
 
 def test_a_sole_sources_transport_tables_are_what_its_backend_is_opened_with():

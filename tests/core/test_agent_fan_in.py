@@ -1,0 +1,176 @@
+"""The agent of a fan-in group: several sources, each with its own volume (docs/config.md, "Sources").
+
+Two sources, ``a`` (replicas A1, A2) and ``b`` (replica B1), into one destination: every effect runs
+against the volume its source names, one coalesced image serves all three replicas."""
+
+from __future__ import annotations
+
+import itertools
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+from backends import on_backend
+
+from coalesce_core import crashpoints
+from coalesce_core.backend.faults import Rule, source_outage
+from coalesce_core.backend.hookspecs import hookimpl
+from coalesce_core.config import parse_config
+from coalesce_core.cycle.planner import is_group_source_pcpi
+from coalesce_core.testing.harness import Harness
+from coalesce_core.testing.workload import fill
+
+_ids = itertools.count()
+#: replica -> its source
+ORIGIN = {"A1": "a", "A2": "a", "B1": "b"}
+
+
+@pytest.fixture(params=[on_backend("mem"), on_backend("sim")])
+def fan_in(request, tmp_path: Path, monkeypatch):
+    """Make a Harness of group ``g`` of two sources on fresh volumes of the backend (``parallel`` 2 by
+    default), each source's qtrees filled; returns (harness, {source: URL})."""
+    monkeypatch.setenv("COALESCE_SIM_FSYNC", "0")
+
+    def make(plugins: tuple[object, ...] = (), parallel: int = 2) -> tuple[Harness, dict[str, str]]:
+        n = next(_ids)
+        if request.param == "mem":
+            urls = {s: f"mem://fan-{s}-{os.getpid()}-{n}-{tmp_path.name}" for s in ("a", "b", "dst")}
+        else:
+            urls = {s: f"sim://{tmp_path}/fan-{s}{n}" for s in ("a", "b", "dst")}
+        lines = [
+            "[group]",
+            'name = "g"',
+            f'destination = "{urls["dst"]}"',
+            f"parallel = {parallel}",
+            f'metadata = "{tmp_path}/meta{n}"',
+            "[group.retry]",
+            "initial = 0",
+        ]
+        for s in ("a", "b"):
+            lines += ["[[source]]", f'name = "{s}"', f'url = "{urls[s]}"']
+        for replica, origin in ORIGIN.items():
+            lines += ["[[replica]]", f'name = "{replica}"', f'from = "{origin}"']
+        h = Harness(parse_config("\n".join(lines) + "\n", str(tmp_path / f"g{n}.toml")), plugins=plugins)
+        for s in ("a", "b"):
+            fill(h.writers[s], [r for r, o in ORIGIN.items() if o == s], seed=ord(s))
+        return h, {s: urls[s] for s in ("a", "b")}
+
+    return make
+
+
+class PeakCyclePcpis:
+    """The most destination PCPIs in cycle roles seen at any take (I1: at most 4)."""
+
+    def __init__(self) -> None:
+        self.h: Harness | None = None
+        self.peak = 0
+
+    @hookimpl
+    def coalesce_pcpi_taken(self, group: str, volume: str, name: str, role: str) -> None:
+        if self.h is not None and role != "source":
+            self.peak = max(self.peak, self.h.cycle_pcpis_on_volume())
+
+
+def held(h: Harness, source: str) -> list[str]:
+    """The group's source PCPIs the volume of ``source`` holds (read through the test's own handle)."""
+    return sorted(n for n in h.writers[source].volume.snapshot_list() if is_group_source_pcpi("g", n))
+
+
+def image(h: Harness, replica: str) -> Any:
+    return h.exported_fingerprints()[replica]
+
+
+def newest(h: Harness, replica: str) -> str:
+    """What the writer of the replica's source recorded for its qtree at its newest source PCPI."""
+    w = h.writers[ORIGIN[replica]]
+    return w.snapshots[max(w.snapshots)][replica]
+
+
+def test_one_cycle_brings_every_replica_to_its_own_sources_pcpi_in_one_coalesced_image(fan_in):
+    """One source PCPI of each source, each replica's transfer reads from its own source; one new base
+    for all three; at most 4 cycle PCPIs on the destination at any instant and 1 at rest (I1); each
+    source keeps only the PCPI its replicas show."""
+    peak = PeakCyclePcpis()
+    h, _urls = fan_in(plugins=(peak,))
+    peak.h = h
+    for n in range(2):
+        if n:
+            h.writers["a"].write("A2", "new", b"a" * 300)
+            h.writers["b"].write("B1", "new", b"b" * 300)
+        report = h.cycle()
+        s = h.agent.state
+        assert set(h.states().values()) == {"stable"} and report["failures"] == 0
+        assert len({r.exported for r in s.replicas.values()}) == 1  # one coalesced image
+        assert h.cycle_pcpis_on_volume() == 1
+        (pa,), (pb,) = held(h, "a"), held(h, "b")
+        assert (
+            pa != pb
+            and {s.replicas[r].source_point for r in ("A1", "A2")} == {pa}
+            and s.replicas["B1"].source_point == pb
+        )
+        assert {s.source_pcpis[pa].source, s.source_pcpis[pb].source} == {"a", "b"}
+        assert all(image(h, r) == newest(h, r) for r in ORIGIN)
+        h.assert_invariants()
+    assert 1 <= peak.peak <= 4
+
+
+def test_a_source_that_refuses_its_pcpi_holds_back_only_its_own_replicas(fan_in):
+    """Source b refuses its PCPI of the cycle: a's replicas jump ahead with their new images, B1 keeps
+    its image and source point and is reported with b's error (`run --once`: failures, refusals); the
+    next cycle catches B1 up."""
+    h, urls = fan_in()
+    h.cycle()
+    before = h.agent.state.replicas["B1"]
+    b_image = image(h, "B1")
+    h.writers["a"].write("A1", "new", b"a" * 300)
+    h.writers["b"].write("B1", "new", b"b" * 300)
+    h.faults.add(Rule(hook="coalesce_snapshot_create", volume=urls["b"], times=1, message="b refused"))
+    report = h.cycle()
+    s = h.agent.state
+    assert s.phase == "idle" and set(h.states().values()) == {"stable"}
+    assert sorted(report["failed"]) == ["B1"] and "b refused" in report["failed"]["B1"]
+    assert image(h, "A1") == newest(h, "A1") and image(h, "A1") != image(h, "A2")
+    b = s.replicas["B1"]
+    assert image(h, "B1") == b_image and b.source_point == before.source_point
+    assert "b refused" in b.last_error and b.outages == 1
+    assert [f["replica"] for f in h.agent.failures] == ["B1"]
+    assert len(h.agent.refusals) == 1 and urls["b"] in h.agent.refusals[0].message
+    assert held(h, "b") == [before.source_point]
+    h.assert_invariants()
+    h.cycle()
+    b = h.agent.state.replicas["B1"]
+    assert b.state == "stable" and b.last_error == "" and b.outages == 0
+    assert image(h, "B1") == newest(h, "B1") != b_image
+    assert held(h, "b") == [b.source_point] and h.cycle_pcpis_on_volume() == 1
+    h.assert_invariants()
+
+
+@pytest.mark.parametrize("point", ["after_source_pcpi:1", "mid_apply:1"])
+def test_a_source_out_of_reach_at_recovery_is_settled_later(fan_in, point):
+    """A crash in a cycle, then source b cannot be reached when the agent restarts: recovery settles
+    what a holds and the cycle goes on for a's replicas, which end at a's newest PCPI; B1 keeps its
+    image (rolled back, or missing the cycle) and b's PCPIs wait; once b is back a cycle brings B1 up
+    to date and releases on b what nobody needs (I1, I3)."""
+    h, urls = fan_in(parallel=1)
+    h.cycle()
+    b_image = image(h, "B1")
+    for replica in ORIGIN:
+        h.writers[ORIGIN[replica]].write(replica, "new", replica.encode() * 100)
+    assert crashpoints.run_armed(point, h.cycle)
+    down = [h.faults.add(rule) for rule in source_outage(urls["b"])]
+    h.restart()  # recovery finishes the cycle: a's updates, or the rollbacks of what the crash cut short
+    assert h.agent.state.phase == "idle"
+    h.assert_invariants()
+    h.cycle()  # b still down: only a's replicas move
+    assert set(h.states().values()) == {"stable"}
+    assert image(h, "A1") == newest(h, "A1") and image(h, "A2") == newest(h, "A2")
+    assert image(h, "B1") == b_image and "source" in h.agent.state.replicas["B1"].last_error
+    assert h.agent.source_if_open("b") is None
+    h.assert_invariants()
+    h.faults.rules[:] = [r for r in h.faults.rules if r not in down]
+    h.cycle()
+    b = h.agent.state.replicas["B1"]
+    assert b.state == "stable" and image(h, "B1") == newest(h, "B1")
+    assert held(h, "b") == [b.source_point] and len(held(h, "a")) == 1 and h.cycle_pcpis_on_volume() == 1
+    h.assert_invariants()
