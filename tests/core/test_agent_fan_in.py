@@ -28,11 +28,13 @@ ORIGIN = {"A1": "a", "A2": "a", "B1": "b"}
 
 @pytest.fixture(params=[on_backend("mem"), on_backend("sim")])
 def fan_in(request, tmp_path: Path, monkeypatch):
-    """Make a Harness of group ``g`` of two sources on fresh volumes of the backend (``parallel`` 2 by
-    default), each source's qtrees filled; returns (harness, {source: URL})."""
+    """Make a Harness of group ``g`` of two sources on fresh volumes of the backend (``parallel`` 2 and
+    no spool by default), each source's qtrees filled; returns (harness, {source: URL})."""
     monkeypatch.setenv("COALESCE_SIM_FSYNC", "0")
 
-    def make(plugins: tuple[object, ...] = (), parallel: int = 2) -> tuple[Harness, dict[str, str]]:
+    def make(
+        plugins: tuple[object, ...] = (), parallel: int = 2, spool: bool = False
+    ) -> tuple[Harness, dict[str, str]]:
         n = next(_ids)
         if request.param == "mem":
             urls = {s: f"mem://fan-{s}-{os.getpid()}-{n}-{tmp_path.name}" for s in ("a", "b", "dst")}
@@ -43,6 +45,7 @@ def fan_in(request, tmp_path: Path, monkeypatch):
             'name = "g"',
             f'destination = "{urls["dst"]}"',
             f"parallel = {parallel}",
+            f"spool = {str(spool).lower()}",
             f'metadata = "{tmp_path}/meta{n}"',
             "[group.retry]",
             "initial = 0",
@@ -146,21 +149,26 @@ def test_a_source_that_refuses_its_pcpi_holds_back_only_its_own_replicas(fan_in)
     h.assert_invariants()
 
 
-@pytest.mark.parametrize("point", ["after_source_pcpi:1", "mid_apply:1"])
+@pytest.mark.parametrize("point", ["after_source_pcpi:1", "mid_apply:70"])
 def test_a_source_out_of_reach_at_recovery_is_settled_later(fan_in, point):
     """A crash in a cycle, then source b cannot be reached when the agent restarts: recovery settles
-    what a holds and the cycle goes on for a's replicas, which end at a's newest PCPI; B1 keeps its
+    what a holds and the cycle goes on for a's replicas (an update of a cut short resumes from its
+    spool in the same cycle), which end at a's newest PCPI; B1 keeps its
     image (rolled back, or missing the cycle) and b's PCPIs wait; once b is back a cycle brings B1 up
     to date and releases on b what nobody needs (I1, I3)."""
-    h, urls = fan_in(parallel=1)
+    h, urls = fan_in(parallel=1, spool=True)
     h.cycle()
     b_image = image(h, "B1")
-    for replica in ORIGIN:
-        h.writers[ORIGIN[replica]].write(replica, "new", replica.encode() * 100)
+    for replica in ORIGIN:  # A1's update is long enough for its spool to hold records at the crash
+        for i in range(40 if replica == "A1" else 2):
+            h.writers[ORIGIN[replica]].write(replica, f"new/{i}", os.urandom(100_000))
     assert crashpoints.run_armed(point, h.cycle)
     down = [h.faults.add(rule) for rule in source_outage(urls["b"])]
+    seen = len(h.recorder.transitions)
     h.restart()  # recovery finishes the cycle: a's updates, or the rollbacks of what the crash cut short
     assert h.agent.state.phase == "idle"
+    resumed = [t[0] for t in h.recorder.transitions[seen:] if t[1] == "resume_update"]
+    assert resumed == (["A1"] if point.startswith("mid_apply") else [])  # the first transfer: A1, of a
     h.assert_invariants()
     h.cycle()  # b still down: only a's replicas move
     assert set(h.states().values()) == {"stable"}
