@@ -21,13 +21,19 @@ kept (pinned and exported ones count, are never pruned, and say so when they sta
 the newest stays even then). The default ``Policy()`` keeps nothing: no history besides the PCPIs
 the cycle itself keeps.
 
+Oldest, newest and first mean the order the images were made, the ledger's sequence
+(:attr:`Generation.seq`), then the time, then the id: a clock stepped back between two images
+stamps the newer one earlier, and the time only says which period each counts in. So the newest
+kept is the last image made, ``max`` prunes the first made first, and a newer image stamped early
+never displaces the generation its period already keeps.
+
 Properties (tests/core/test_retention.py): a plan is deterministic and idempotent (planning again
 over what it keeps, at the same ``now``, prunes nothing more); pinned and exported generations and
 the newest are kept; at most ``max`` unprotected ones are kept; every generation has a reason.
 Without ``max`` a plan is monotonic: a generation pruned at ``t`` is pruned by the plan at any
-``t' > t`` over the same generations plus newer ones (a period's window only moves forward in time
-and adding newer generations never makes an older one the first, or the most complete, of its
-period). ``max`` cannot keep that promise: it counts what the rules keep *now*, and when a short
+``t' > t`` over the same generations plus newer ones (made later: a higher sequence, whatever
+their stamps; a period's window only moves forward in time and adding newer generations never
+makes an older one the first, or the most complete, of its period). ``max`` cannot keep that promise: it counts what the rules keep *now*, and when a short
 bucket lets a newer generation go (its hour leaves ``24h``), room opens under ``max`` for an older
 one that a long bucket still keeps (the first of the year), which ``max`` had pruned before. What
 holds with ``max``: a generation pruned at ``t`` for any reason but ``max`` stays pruned.
@@ -164,13 +170,15 @@ def check_capacity(policy: Policy, pcpi_limit: int | None) -> None:
 @attrs.frozen
 class Generation:
     """A retained coalesced generation as the policy sees it: ``time`` in epoch seconds, ``fresh``
-    the replicas fresh in it, ``pinned`` by a person, ``exported`` by an uncoalesced replica."""
+    the replicas fresh in it, ``pinned`` by a person, ``exported`` by an uncoalesced replica, ``seq``
+    its place in the order the images were made (higher: made later, whatever the clock said)."""
 
     id: str
     time: float = attrs.field(converter=float)
     fresh: int = 0
     pinned: bool = False
     exported: bool = False
+    seq: int = 0
 
     @time.validator
     def _finite(self, _: Any, value: float) -> None:
@@ -242,8 +250,9 @@ def _label(unit: str, t: float) -> str:
     return when.strftime("%Y-%m") if unit == "m" else when.strftime("%Y")
 
 
-def _order(g: Generation) -> tuple[float, str]:
-    return (g.time, g.id)
+def _order(g: Generation) -> tuple[int, float, str]:
+    """Oldest first: the order the images were made, then their stamps (the module's docstring)."""
+    return (g.seq, g.time, g.id)
 
 
 def plan(generations: Iterable[Generation], now: float, policy: Policy) -> Plan:
@@ -321,7 +330,7 @@ def _bucket(
                 why_not[g.id].append(f"{name} {label} is older than the last {bucket.count} kept")
             continue
         if prefer_complete:
-            best = min(members, key=lambda g: (-g.fresh, g.time, g.id))
+            best = min(members, key=lambda g: (-g.fresh, *_order(g)))
             what = f"most complete ({best.fresh} fresh) of {name}"
         else:
             best, what = members[0], f"first of {name}"

@@ -125,14 +125,18 @@ def image_time(manifests: Mapping[str, Manifest], pcpi: Pcpi) -> float:
 def as_retained(state: GroupState) -> list[retention.Generation]:
     """The group's generations as the retention policy sees them; one that some replica pins (it
     exports it, or keeps it as its last good image) is ``exported``, one a person pinned
-    (`coalesce pin`) ``pinned``: neither is ever pruned."""
+    (`coalesce pin`) ``pinned``: neither is ever pruned. ``seq`` is the order the images were made
+    (``state.generations()`` is in the ledger's sequence), which a clock stepped back between two
+    images does not change."""
     pinned = {name for r in state.replicas.values() for name in r.pinned()}
     out = []
-    for p in state.generations():
+    for seq, p in enumerate(state.generations()):
         m = state.manifests.get(p.name)
         fresh = m.fresh if m is not None else 0
         time = image_time(state.manifests, p)
-        out.append(retention.Generation(id=p.name, time=time, fresh=fresh, pinned=p.pinned, exported=p.name in pinned))
+        out.append(
+            retention.Generation(id=p.name, time=time, fresh=fresh, pinned=p.pinned, exported=p.name in pinned, seq=seq)
+        )
     return out
 
 

@@ -3,7 +3,9 @@
 GEN is a generation's id as `coalesce generations` prints it (the sequence number in its PCPI's
 name), an ISO time (``2026-12-01T03:00``, UTC unless it names its zone) meaning the newest
 generation taken at or before it, or ``latest`` (the newest generation); no GEN is the current
-coalesced base. Pure: no clock, no I/O.
+coalesced base. Newest means made last, in the ledger's sequence (``state.generations()`` order), as
+the retention policy counts it: a clock stepped back between two images stamps the newer one
+earlier, and a time names the newest made of those stamped at or before it. Pure: no clock, no I/O.
 """
 
 from __future__ import annotations
@@ -62,7 +64,7 @@ def resolve(state: GroupState, gen: str | None) -> Pcpi:
                 f"group {state.name!r} keeps no generations",
                 hint='add [retention] to the config (docs/config.md, "Retention")',
             )
-        return max(gens, key=lambda p: (image_time(state.manifests, p), p.name))
+        return gens[-1]
     if gen.isdigit():
         for p in gens:
             if seq_of(p.name) == int(gen):
@@ -77,7 +79,7 @@ def resolve(state: GroupState, gen: str | None) -> Pcpi:
     before = [p for p in gens if _at(image_time(state.manifests, p)) <= when]
     if not before:
         raise NotFound(f"group {state.name!r} has no generation taken at or before {gen}", hint=hint)
-    return max(before, key=lambda p: (image_time(state.manifests, p), p.name))
+    return before[-1]
 
 
 def replica(state: GroupState, name: str) -> str:

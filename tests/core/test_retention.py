@@ -298,13 +298,19 @@ AHEAD = T0 + 2 * DAY  # and some stamped after now: a clock stepped back
 
 
 @st.composite
-def generations(draw, *, latest: float, earliest: float = T0 - SPAN, prefix: str = "g") -> list[Generation]:
+def generations(
+    draw, *, latest: float, earliest: float = T0 - SPAN, prefix: str = "g", first_seq: int = 0
+) -> list[Generation]:
     """Generations between ``earliest`` and ``latest``: spread out, or crowded into a few days so that
-    periods hold several."""
+    periods hold several; made in the order of their stamps, or (a clock that jumps) in any order,
+    their sequences counting from ``first_seq``."""
     n = draw(st.integers(0, 25))
     crowd = draw(st.booleans())
     low = max(earliest, latest - 4 * DAY) if crowd else earliest
     times = draw(st.lists(st.integers(int(low), int(latest)), min_size=n, max_size=n))
+    made = list(range(first_seq, first_seq + n))
+    if draw(st.booleans()):
+        times.sort()  # a steady clock: made in the order of their stamps
     return [
         Generation(
             f"{prefix}{i}",
@@ -312,6 +318,7 @@ def generations(draw, *, latest: float, earliest: float = T0 - SPAN, prefix: str
             fresh=draw(st.integers(0, 4)),
             pinned=draw(st.booleans()) if i % 7 == 3 else False,
             exported=draw(st.booleans()) if i % 5 == 4 else False,
+            seq=made[i],
         )
         for i, t in enumerate(times)
     ]
@@ -351,7 +358,7 @@ def test_what_is_never_pruned_and_every_reason(gens, policy):
         if d.generation.protected:
             assert d.keep, d
     if gens and policy.retains:
-        assert max(gens, key=lambda g: (g.time, g.id)) in p.kept
+        assert max(gens, key=lambda g: g.seq) in p.kept  # the last image made, whatever its stamp
 
 
 @given(generations(latest=AHEAD), policies())
@@ -371,14 +378,149 @@ def test_the_policy_keeps_at_most_its_limit(gens, policy):
 @given(st.data(), policies(with_max=False), st.floats(0, 400 * DAY))
 def test_without_max_what_is_pruned_stays_pruned(data, policy, later):
     gens = data.draw(generations(latest=T0))
-    newer = data.draw(generations(earliest=T0 + 1, latest=T0 + 1 + later, prefix="n"))
+    newer = data.draw(generations(earliest=T0 + 1, latest=T0 + 1 + later, prefix="n", first_seq=len(gens)))
     pruned = set(plan(gens, T0, policy).pruned)
     assert pruned <= set(plan(gens + newer, T0 + 1 + later, policy).pruned)
+
+
+@given(st.data(), policies(with_max=False), st.floats(0, 400 * DAY))
+def test_without_max_what_is_pruned_stays_pruned_when_newer_images_are_stamped_early(data, policy, later):
+    """A clock stepped back: images made after the first plan carry any stamp up to the later present,
+    even one older than the generations already planned; what was pruned stays pruned."""
+    gens = data.draw(generations(latest=T0))
+    now = T0 + 1 + later
+    newer = data.draw(generations(earliest=T0 - SPAN, latest=now, prefix="n", first_seq=len(gens)))
+    pruned = set(plan(gens, T0, policy).pruned)
+    assert pruned <= set(plan(gens + newer, now, policy).pruned)
 
 
 @given(st.data(), policies(with_max=True), st.floats(0, 400 * DAY))
 def test_with_max_what_the_rules_prune_stays_pruned(data, policy, later):
     gens = data.draw(generations(latest=T0))
-    newer = data.draw(generations(earliest=T0 + 1, latest=T0 + 1 + later, prefix="n"))
+    newer = data.draw(generations(earliest=T0 + 1, latest=T0 + 1 + later, prefix="n", first_seq=len(gens)))
     by_rules = set(plan(gens, T0, attrs.evolve(policy, max=None)).pruned)
     assert by_rules <= set(plan(gens + newer, T0 + 1 + later, policy).pruned)
+
+
+# --- the calendar's edges ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def berlin(monkeypatch):
+    """The host's local time zone is Europe/Berlin (CET/CEST, with DST)."""
+    monkeypatch.setenv("TZ", "Europe/Berlin")
+    time.tzset()
+    assert time.localtime(at("2026-07-01T12:00")).tm_isdst == 1  # the zone took: summer time
+    yield
+    monkeypatch.delenv("TZ")
+    time.tzset()
+
+
+@pytest.mark.parametrize("day", ["2026-03-29", "2026-10-25"])
+def test_a_dst_day_in_berlin_is_24_utc_hours_each_kept_once(berlin, day):
+    """Periods are UTC: a local hour that repeats (2026-10-25 02:00-03:00 CEST, then CET) gives two
+    hours, each keeping its own generation, and one that does not exist (2026-03-29 02:00 local) is no
+    gap: every UTC hour of the day keeps exactly one generation, and the day keeps one."""
+    start = at(f"{day}T00:00")
+    gens = [Generation(f"h{i:02d}", start + i * HOUR + 60, seq=i) for i in range(24)]
+    local = [time.strftime("%Y-%m-%d %H", time.localtime(g.time)) for g in gens]
+    if day.endswith("03-29"):  # spring forward: local 02:00 does not exist
+        assert f"{day} 02" not in local and len(set(local)) == 24
+    else:  # fall back: local 02:00 happens twice, a local hour would hold two generations
+        assert local.count(f"{day} 02") == 2 and len(set(local)) == 23
+    now = start + 23.5 * HOUR  # 23:30 UTC of that day
+    p = plan(gens, now, Policy(keep="24h"))
+    assert kept_ids(p) == [g.id for g in gens]
+    assert [d.reasons[0] for d in p.decisions] == [
+        f"first of hour {day} {i:02d}:00 ({24 - i} of 24)" for i in range(24)
+    ]
+    p = plan(gens, now, Policy(keep="2d"))
+    assert kept_ids(p) == ["h00", "h23"]  # the first of the UTC day, and the newest
+    assert p.decision("h00").reasons == (f"first of day {day} (1 of 2)",)
+
+
+def test_a_day_is_utc_midnight_to_midnight_not_local(berlin):
+    """00:30 in Berlin on 2026-12-06 is 23:30 UTC on 2026-12-05: it counts in the UTC day before."""
+    gens = [gen("sat-late", "2026-12-05T23:30"), gen("sun-early", "2026-12-06T00:30"), gen("new", "2026-12-07T12:00")]
+    assert time.strftime("%Y-%m-%d", time.localtime(gens[0].time)) == "2026-12-06"  # local: Sunday already
+    p = plan(gens, NOW, Policy(keep="3d"))
+    assert p.decision("sat-late").reasons == ("first of day 2026-12-05 (3 of 3)",)
+    assert p.decision("sun-early").reasons == ("first of day 2026-12-06 (2 of 3)",)
+
+
+def test_iso_weeks_keep_the_first_generation_of_each_week_across_the_new_year():
+    """ISO weeks run Monday to Sunday across a year's end: 2026-12-28 (Monday) to 2027-01-03 is
+    2026-W53, 2027-01-04 starts 2027-W01; 2025-12-29 starts 2026-W01."""
+    gens = [
+        gen("w52-sun", "2025-12-28T23:00"),
+        gen("w01-mon", "2025-12-29T00:00"),
+        gen("w01-jan", "2026-01-01T00:00"),
+        gen("w53-mon", "2026-12-28T00:00"),
+        gen("w53-jan", "2027-01-03T23:59"),
+        gen("w01-new", "2027-01-04T00:00"),
+    ]
+    p = plan(gens, at("2027-01-04T01:00"), Policy(keep="60w"))
+    assert kept_ids(p) == ["w52-sun", "w01-mon", "w53-mon", "w01-new"]
+    assert p.decision("w01-mon").reasons == ("first of week 2026-W01 (54 of 60)",)
+    assert p.decision("w01-jan").reasons == ("week 2026-W01 keeps w01-mon",)
+    assert p.decision("w53-mon").reasons == ("first of week 2026-W53 (2 of 60)",)
+    assert p.decision("w53-jan").reasons == ("week 2026-W53 keeps w53-mon",)
+    assert p.decision("w52-sun").reasons == ("first of week 2025-W52 (55 of 60)",)
+
+
+def test_month_ends_and_the_leap_day():
+    """The 31st and the 1st are two months; 2028-02-29 is February's last day and 2028-03-01 March's
+    first; a month bucket counts calendar months, not 30 days."""
+    gens = [
+        gen("jan31", "2028-01-31T23:59"),
+        gen("feb01", "2028-02-01T00:00"),
+        gen("leap", "2028-02-29T12:00"),
+        gen("mar01", "2028-03-01T00:00"),
+        gen("mar31", "2028-03-31T23:00"),
+    ]
+    p = plan(gens, at("2028-03-31T23:30"), Policy(keep="3m"))
+    assert kept_ids(p) == ["jan31", "feb01", "mar01", "mar31"]
+    assert p.decision("leap").reasons == ("month 2028-02 keeps feb01",)
+    p = plan(gens, at("2028-03-31T23:30"), Policy(keep="2d"))
+    assert p.decision("leap").reasons == ("day 2028-02-29 is older than the last 2 kept",)
+    p = plan(gens[:3], at("2028-02-29T23:59"), Policy(keep="2d"))
+    assert kept_ids(p) == ["leap"]  # 2028-02-29 is 1 of 2, 02-28 (none) 2 of 2
+    assert p.decision("leap").reasons == ("first of day 2028-02-29 (1 of 2)", "newest generation")
+
+
+def test_a_year_ends_at_utc_midnight():
+    gens = [gen("eve", "2026-12-31T23:59:59"), gen("new", "2027-01-01T00:00")]
+    p = plan(gens, at("2027-01-01T00:30"), Policy(keep="1y"))
+    assert kept_ids(p) == ["new"]
+    assert p.decision("eve").reasons == ("year 2026 is older than the last 1 kept",)
+    p = plan(gens, at("2027-01-01T00:30"), Policy(keep="2y 1h"))
+    assert p.decision("eve").reasons == ("first of year 2026 (2 of 2)",)
+
+
+# --- a clock that jumps backwards: the order is the ledger's sequence ------------------------------
+
+
+def test_a_clock_stepped_back_keeps_the_newest_by_sequence_not_by_time():
+    """Generation 2 was made after generation 1, but the clock stepped back between them: 2 is stamped
+    earlier. The newest (always kept) is 2, the last image made; ``max`` prunes 1, the oldest made."""
+    first = Generation("1", at("2026-12-07T10:50"), seq=1)
+    second = Generation("2", at("2026-12-07T10:20"), seq=2)
+    p = plan([first, second], at("2026-12-07T10:21"), Policy(keep="24h", max=1))
+    assert kept_ids(p) == ["2"]
+    assert p.decision("2").reasons == ("newest generation",)  # its hour keeps 1, the first made in it
+    assert p.decision("1").reasons == (
+        "first of hour 2026-12-07 10:00 (1 of 24)",
+        "over max 1: the oldest are pruned first",
+    )
+    assert [d.generation.id for d in p.decisions] == ["1", "2"]  # oldest first: by sequence
+
+
+def test_a_period_keeps_the_first_generation_made_in_it_whatever_the_stamps():
+    """Within a period the first made (lowest sequence) is kept, so a newer image stamped earlier by a
+    clock stepped back never displaces the one a period already keeps."""
+    a = Generation("a", at("2026-12-07T09:40"), seq=1)
+    b = Generation("b", at("2026-12-07T09:10"), seq=2)  # made after a, stamped before it
+    c = Generation("c", at("2026-12-07T11:00"), seq=3)
+    p = plan([a, b, c], at("2026-12-07T11:05"), Policy(keep="24h"))
+    assert kept_ids(p) == ["a", "c"]
+    assert p.decision("b").reasons == ("hour 2026-12-07 09:00 keeps a",)

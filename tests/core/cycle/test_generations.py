@@ -53,12 +53,31 @@ def test_a_pinned_generation_is_protected_and_its_time_is_its_manifests():
         retention=retention.Policy(keep="1h"),
     )
     assert gen.as_retained(s) == [
-        retention.Generation(g1, 5.0, fresh=1, exported=True),
-        retention.Generation(g2, 9.0, fresh=0, exported=False),
+        retention.Generation(g1, 5.0, fresh=1, exported=True, seq=0),
+        retention.Generation(g2, 9.0, fresh=0, exported=False, seq=1),
     ]
     plan = gen.prune(s, 10 * HOUR)
     assert plan.decision(g1).keep and plan.decision(g2).keep  # pinned; the newest
     assert "exported by an uncoalesced replica" in plan.decision(g1).reasons
+
+
+def test_the_generations_are_ordered_as_the_ledger_made_them_whatever_their_stamps():
+    """A clock stepped back between two jump-aheads: generation 6 is stamped before 3. The policy sees
+    6 as the newer (its sequence), so the prune keeps 6, the last image made, and ``max`` takes 3
+    (docs/config.md, "Retention")."""
+    g1, g2 = "co-g-000003-new_base", "co-g-000006-new_base"
+    s = GroupState(
+        name="g",
+        replicas={"A": Replica("A", "A")},
+        pcpis={
+            g1: Pcpi(g1, GENERATION, taken=True, taken_at=50.0),
+            g2: Pcpi(g2, GENERATION, taken=True, taken_at=20.0),
+        },
+        retention=retention.Policy(keep="24h", max=1),
+    )
+    assert [(g.id, g.seq) for g in gen.as_retained(s)] == [(g1, 0), (g2, 1)]
+    plan = gen.prune(s, 30.0)
+    assert [g.id for g in plan.kept] == [g2] and [g.id for g in plan.pruned] == [g1]
 
 
 def _hourly(h: Harness, cycles: int) -> dict[str, float]:

@@ -97,3 +97,23 @@ def test_the_time_generations_shows_for_an_image_names_that_image():
         manifests={name: Manifest(name, 1, t)},
     )
     assert refs.resolve(state, shown).name == name
+
+
+def test_latest_is_the_last_generation_made_when_the_clock_stepped_back():
+    """Generation 11 was made after 7 but stamped before it (the clock stepped back): ``latest`` is 11,
+    the newest as the retention policy counts (the ledger's sequence), and a time at or after both
+    stamps names 11 too; a time between the stamps names the one stamped at or before it."""
+    state = _state()
+    state = GroupState(
+        name="g",
+        replicas=state.replicas,
+        pcpis=state.pcpis,
+        manifests={
+            **state.manifests,
+            "co-g-000011-new_base": Manifest("co-g-000011-new_base", 1, _t("2026-12-01T01:30")),
+        },
+    )
+    assert refs.resolve(state, "latest").name == "co-g-000011-new_base"
+    assert refs.resolve(state, "2026-12-01T02:00").name == "co-g-000011-new_base"
+    assert refs.resolve(state, "2026-12-01T01:45").name == "co-g-000011-new_base"
+    assert refs.resolve(state, "2026-12-01T01:15").name == "co-g-000003-new_base"
