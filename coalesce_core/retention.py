@@ -41,6 +41,7 @@ holds with ``max``: a generation pruned at ``t`` for any reason but ``max`` stay
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Iterable
@@ -234,20 +235,29 @@ def _period(unit: str, t: float) -> int:
         return day
     if unit == "w":
         return (day + 3) // 7  # 1970-01-01 is a Thursday: weeks from Monday 1969-12-29
-    when = datetime.fromtimestamp(t, UTC)
-    return when.year * 12 + when.month - 1 if unit == "m" else when.year
+    year, month = _month(day)
+    return year * 12 + month - 1 if unit == "m" else year
 
 
-def _label(unit: str, t: float) -> str:
-    when = datetime.fromtimestamp(t, UTC)
+@functools.lru_cache(maxsize=4096)
+def _month(day: int) -> tuple[int, int]:
+    """The year and month of UTC day ``day`` (days since 1970-01-01); cached: a plan asks for the
+    same days again and again, and a datetime is what a plan at each jump-ahead spends most on."""
+    when = datetime.fromtimestamp(day * 86400, UTC)
+    return when.year, when.month
+
+
+@functools.lru_cache(maxsize=4096)
+def _label(unit: str, period: int) -> str:
+    """Period ``period`` of ``unit`` (an index of :func:`_period`) as reasons name it."""
     if unit == "h":
-        return when.strftime("%Y-%m-%d %H:00")
+        return datetime.fromtimestamp(period * 3600, UTC).strftime("%Y-%m-%d %H:00")
     if unit == "d":
-        return when.strftime("%Y-%m-%d")
+        return datetime.fromtimestamp(period * 86400, UTC).strftime("%Y-%m-%d")
     if unit == "w":
-        year, week, _ = when.isocalendar()
+        year, week, _ = datetime.fromtimestamp((period * 7 - 3) * 86400, UTC).isocalendar()
         return f"{year}-W{week:02d}"
-    return when.strftime("%Y-%m") if unit == "m" else when.strftime("%Y")
+    return f"{period // 12:04d}-{period % 12 + 1:02d}" if unit == "m" else f"{period:04d}"
 
 
 def _order(g: Generation) -> tuple[int, float, str]:
@@ -318,16 +328,17 @@ def _bucket(
 ) -> None:
     """Add the reasons of ``bucket`` to ``why`` and ``why_not`` (``gens``: oldest first)."""
     name = UNITS[bucket.unit]
-    anchor = max([_period(bucket.unit, now)] + [_period(bucket.unit, g.time) for g in gens])
     periods: dict[int, list[Generation]] = {}
     for g in gens:
         periods.setdefault(_period(bucket.unit, g.time), []).append(g)
+    anchor = max([_period(bucket.unit, now), *periods])
     for p, members in periods.items():
         back = anchor - p
-        label = _label(bucket.unit, members[0].time)
+        label = _label(bucket.unit, p)
         if back >= bucket.count:
+            older = f"{name} {label} is older than the last {bucket.count} kept"
             for g in members:
-                why_not[g.id].append(f"{name} {label} is older than the last {bucket.count} kept")
+                why_not[g.id].append(older)
             continue
         if prefer_complete:
             best = min(members, key=lambda g: (-g.fresh, *_order(g)))
@@ -335,6 +346,7 @@ def _bucket(
         else:
             best, what = members[0], f"first of {name}"
         why[best.id].append(f"{what} {label} ({back + 1} of {bucket.count})")
+        other = f"{name} {label} keeps {best.id}"
         for g in members:
             if g is not best:
-                why_not[g.id].append(f"{name} {label} keeps {best.id}")
+                why_not[g.id].append(other)

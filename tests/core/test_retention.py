@@ -9,7 +9,9 @@ from __future__ import annotations
 import os
 import random
 import time
-from datetime import UTC, datetime
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import attrs
 import pytest
@@ -524,3 +526,63 @@ def test_a_period_keeps_the_first_generation_made_in_it_whatever_the_stamps():
     p = plan([a, b, c], at("2026-12-07T11:05"), Policy(keep="24h"))
     assert kept_ids(p) == ["a", "c"]
     assert p.decision("b").reasons == ("hour 2026-12-07 09:00 keeps a",)
+
+
+# --- a year of hourly cycles ---------------------------------------------------------------------
+
+YEAR_POLICY = Policy(keep_min=DAY, keep="24h 14d 8w 12m 2y")
+#: the hours (since the first generation) a person pinned
+YEAR_PINS = (5, 1000, 6000)
+
+
+def _expected_after_a_year(times: list[float], now: float) -> set[int]:
+    """What ``YEAR_POLICY`` keeps of hourly generations at ``times`` at ``now``, worked out from the
+    calendar by ``datetime`` (not by the code under test): younger than a day, the first of each of the
+    last 24 hours, 14 days, 8 ISO weeks, 12 months and 2 years counted back from now's, the newest, the
+    pinned."""
+    when = [datetime.fromtimestamp(t, UTC) for t in times]
+    today = datetime.fromtimestamp(now, UTC)
+    this_hour = today.replace(minute=0, second=0, microsecond=0)
+    monday = today.date() - timedelta(days=today.weekday())
+    periods: dict[str, tuple[set[Any], Callable[[datetime], Any]]] = {
+        "h": ({this_hour - timedelta(hours=k) for k in range(24)}, lambda w: w.replace(minute=0, second=0)),
+        "d": ({today.date() - timedelta(days=k) for k in range(14)}, lambda w: w.date()),
+        "w": ({monday - timedelta(weeks=k) for k in range(8)}, lambda w: w.date() - timedelta(days=w.weekday())),
+        "m": (
+            {((today.year * 12 + today.month - 1 - k) // 12, (today.month - 1 - k) % 12 + 1) for k in range(12)},
+            lambda w: (w.year, w.month),
+        ),
+        "y": ({today.year - k for k in range(2)}, lambda w: w.year),
+    }
+    keep = {i for i, t in enumerate(times) if now - t < DAY} | {len(times) - 1} | set(YEAR_PINS)
+    for wanted, key in periods.values():
+        first: dict[object, int] = {}
+        for i, w in enumerate(when):
+            first.setdefault(key(w), i)
+        keep |= {i for p, i in first.items() if p in wanted}
+    return keep
+
+
+def test_a_year_of_hourly_cycles_keeps_what_the_calendar_says():
+    """8,760 hourly jump-aheads (from 2027-06-15 on: a new year and the leap day), each turning the
+    old base into a generation and pruning what the plan prunes, as the agent does. At every step at
+    most 24 (keep_min: one a cycle) + one a bucket period + the newest + the pinned are kept, the
+    newest and the pinned among them; after the year exactly what the calendar implies."""
+    start = at("2027-06-15T00:07")
+    hours = 365 * 24  # 2027-06-15 00:07 to 2028-06-14 00:07 (the leap day is one of them)
+    bound = 24 + sum(k.count for k in YEAR_POLICY.keep) + 1 + len(YEAR_PINS)
+    retained: list[Generation] = []
+    t0 = time.process_time()  # CPU time: the machine may be busy with other work
+    for i in range(hours):
+        retained.append(Generation(str(i), start + i * HOUR, pinned=i in YEAR_PINS, seq=i))
+        now = start + (i + 1) * HOUR  # the new base's time, at which the jump-ahead prunes
+        p = plan(retained, now, YEAR_POLICY)
+        retained = list(p.kept)
+        assert len(retained) <= bound, (i, len(retained))
+        assert retained[-1].seq == i  # the newest
+        assert {g.seq for g in retained} >= {h for h in YEAR_PINS if h <= i}
+    elapsed = time.process_time() - t0
+    times = [start + i * HOUR for i in range(hours)]
+    assert {g.seq for g in retained} == _expected_after_a_year(times, now)
+    assert datetime.fromtimestamp(now, UTC).isoformat() == "2028-06-14T00:07:00+00:00"
+    assert elapsed < 5, f"a year of prunes took {elapsed:.1f} s of CPU"
