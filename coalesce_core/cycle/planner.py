@@ -862,11 +862,17 @@ def _release_kept(p: _Plan, e: ev.ReleaseKept) -> None:
 
 def _pin(p: _Plan, e: ev.PinGeneration) -> None:
     """`coalesce pin GEN` / `unpin GEN`: the generation is exempt from pruning (or no longer), in any
-    phase; the next prune (at a jump-ahead) follows. NotFound for what is not a retained generation."""
+    phase. An unpin at rest prunes at once (with the coalesced base's time, as `remove` does): the
+    group would otherwise hold more unpinned generations than the policy keeps until the next
+    jump-ahead (I1 at rest); mid-cycle the jump-ahead's prune follows. NotFound for what is not a
+    retained generation."""
     from coalesce_core.cycle import refs
 
     g = refs.resolve(p.state(), e.generation)
     p.pcpis[g.name] = attrs.evolve(g, pinned=e.pinned)
+    base = p.role("base")
+    if not e.pinned and p.get("phase") == "idle" and base is not None:
+        _prune(p, gen.image_time(p.manifests, base))
 
 
 #: what `Reseed` does in each state: re-seed it, nothing (a re-seed is already under way), or refuse

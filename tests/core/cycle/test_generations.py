@@ -199,8 +199,8 @@ def test_remove_prunes_a_generation_only_it_pinned_I1(group_config):
 
 def test_a_generation_a_person_pins_survives_the_prunes_until_unpinned(group_config):
     """`coalesce pin`: with keep = "1h" the base of cycle 1 would be pruned at the second hourly
-    jump-ahead; pinned, it stays (the pin persisted in the ledger), and once unpinned the next
-    jump-ahead prunes it."""
+    jump-ahead; pinned, it stays (the pin persisted in the ledger), and once unpinned it is pruned
+    (the unpin prunes at once, at rest)."""
     from coalesce_core.cycle.invariants import seq_of
     from coalesce_core.errors import NotFound
 
@@ -222,3 +222,25 @@ def test_a_generation_a_person_pins_survives_the_prunes_until_unpinned(group_con
     assert first.name not in h.agent.dest.snapshot_list()
     with pytest.raises(NotFound, match="no generation"):
         h.agent.pin(str(seq_of(first.name)))
+
+
+def test_unpin_at_rest_prunes_what_the_policy_no_longer_keeps_I1(group_config):
+    """With max = 1 a pinned generation and the newest stand; unpinned at rest, the first would leave
+    the group holding 2 unpinned generations where the policy keeps 1 until the next jump-ahead (I1 at
+    rest, spec/invariants.md): the unpin prunes at once, as `remove` does."""
+    from coalesce_core.cycle.invariants import seq_of
+
+    h = Harness(group_config(retention='keep = "1h"\nmax = 1'))
+    fill(h.writer, "ABC")
+    h.cycle()
+    _hourly(h, 1)
+    (first,) = h.agent.state.generations()
+    h.agent.pin(str(seq_of(first.name)))
+    _hourly(h, 2)
+    assert [p.name for p in h.agent.state.generations()][0] == first.name
+    assert len(h.agent.state.generations()) == 2  # the pinned one past max, and the newest
+    h.agent.pin(str(seq_of(first.name)), pinned=False)
+    h.assert_invariants()
+    assert first.name not in {p.name for p in h.agent.state.generations()}
+    assert first.name not in h.agent.dest.snapshot_list()
+    assert len(h.agent.state.generations()) == 1
