@@ -41,10 +41,14 @@ from coalesce_core.backend.manager import plugin_manager
 from coalesce_core.backend.volume import Volume
 from coalesce_core.config import ReplicaConfig, parse_config
 from coalesce_core.crashpoints import CRASH_POINTS
+from coalesce_core.cycle.generations import as_retained
+from coalesce_core.cycle.invariants import seq_of
 from coalesce_core.cycle.planner import NotNow
 from coalesce_core.cycle.spec import load_spec
+from coalesce_core.cycle.state import CYCLE_ROLES, GENERATION
 from coalesce_core.errors import CoalesceError, GroupLocked, HostilePath
 from coalesce_core.ledger import Ledger
+from coalesce_core.retention import Policy, limit
 from coalesce_core.stream import records as R
 from coalesce_core.testing.harness import FakeClock, Harness
 from coalesce_core.testing.workload import fill
@@ -77,6 +81,9 @@ STATS = {
     "late_writes": 0,
     "kept": 0,
     "kept_released": 0,
+    "policies": 0,
+    "pins": 0,
+    "generations_pruned": 0,
 }
 
 
@@ -176,6 +183,45 @@ class ExportWatch:
         return result
 
 
+class PruneWatch:
+    """Observer plugin: at the instant the destination releases a generation, the committed ledger
+    must neither pin it (`coalesce pin`) nor have a replica export it or keep it as its last good
+    image, and the volume must not export it (spec/invariants.md, I1: a pinned or exported
+    generation is never pruned; I3: an export names a live PCPI)."""
+
+    def __init__(self) -> None:
+        self.machine: "CoalescingMachine | None" = None
+        self.violations: list[str] = []
+
+    @hookimpl(wrapper=True)
+    def coalesce_snapshot_delete(self, volume, name):
+        m = self.machine
+        if m is not None and "dst" in str(getattr(volume, "url", volume)):
+            mine = m.h.agent.state.pcpis.get(name)
+            if mine is None or mine.role == GENERATION:  # the crashed agent's state may lag: read the ledger
+                self._check(m, volume, name)
+        return (yield)
+
+    def _check(self, m: "CoalescingMachine", volume, name: str) -> None:
+        ledger = Ledger.open(m.h.config.ledger_path(volume.metadata_dir()))
+        try:
+            committed = ledger.load_consistent()
+        finally:
+            ledger.close()
+        p = committed.pcpis.get(name)
+        if p is None or p.role != GENERATION:
+            return
+        STATS["generations_pruned"] += 1
+        if p.pinned:
+            self.violations.append(f"I1: pinned generation {name} released")
+        users = sorted(r.name for r in committed.replicas.values() if name in r.pinned())
+        if users:
+            self.violations.append(f"I1: generation {name} released while {users} export or keep it")
+        shown = sorted(q for q, x in volume.exported().items() if x == name) if hasattr(volume, "exported") else []
+        if shown:
+            self.violations.append(f"I3: generation {name} released while the volume exports it for {shown}")
+
+
 class LateWriter:
     """A writer that kept a file of a broken replica open: armed for replica ``q``, it writes into
     q's active FS when the next individual PCPI is taken, i.e. after the resync's fence and its
@@ -223,12 +269,13 @@ class CoalescingMachine(RuleBasedStateMachine):
         self.outage = FaultInjector()
         self.clock = FakeClock()  # the harness's clock (its default), moved by hand
         self.late = LateWriter()
+        self.prunes = PruneWatch()
         self.h = Harness(
             make_config(self.scheme, self.tmp),
-            plugins=[self.watch, self.stream_bugs, self.outage, self.late],
+            plugins=[self.watch, self.stream_bugs, self.outage, self.late, self.prunes],
             clock=self.clock,
         )
-        self.watch.machine = self.late.machine = self
+        self.watch.machine = self.late.machine = self.prunes.machine = self
         self.rng = random.Random(0)
         self.replay: dict[str, str] = {}
         self.seen = 0
@@ -328,7 +375,11 @@ class CoalescingMachine(RuleBasedStateMachine):
             else:
                 assert r.outages == b.outages + 1, f"{name}: outages {b.outages} -> {r.outages}"
                 assert "source unavailable" in r.last_error, f"{name}: {r.last_error!r}"
-        assert self._exported_images() == images, "an export moved in a cycle without a source"
+        # a replica that waited for a jump-ahead (done_uncoalesced, reseeded: its image already on the
+        # destination) may rejoin at one: it needs the destination alone; every other export stays
+        waiting = {n for n, b in before.items() if b.state in ("done_uncoalesced", "reseeded")}
+        moved = {n for n, f in self._exported_images().items() if images.get(n) != f} - waiting
+        assert not moved, f"exports of {sorted(moved)} moved in a cycle without a source"
 
     @precondition(lambda self: bool(self.outage.rules))
     @rule()
@@ -617,6 +668,47 @@ class CoalescingMachine(RuleBasedStateMachine):
             return None
         return lambda: agent.resync(q, discard=agent.state.kept_pcpi(q) is not None)
 
+    @rule(
+        most=st.integers(2, 3),
+        keep_min=st.sampled_from([0.0, 30.0, 600.0]),
+        keep=st.sampled_from(["1h", "", "2h 1d"]),
+        hours=st.sampled_from([0, 1]),
+    )
+    def set_retention(self, most: int, keep_min: float, keep: str, hours: int) -> None:
+        """The operator sets a small [retention] (max 2-3) and restarts the agent, which applies it
+        (docs/config.md, "Retention"); ``hours`` passes first, so images fall in several hours. A
+        policy whose limit is below the unpinned generations held now is not set: the bound holds
+        only from the next jump-ahead's prune (spec/invariants.md, I1)."""
+        if not keep_min and not keep:
+            keep = "1h"
+        policy = Policy(keep_min=keep_min, keep=keep, max=most)
+        s = self.agent.state
+        held = sum(1 for g in as_retained(s) if not g.protected)
+        if s.phase != "idle" or held > (limit(policy) or 0):
+            return
+        STATS["policies"] += 1
+        self.clock.advance(3600 * hours)
+        self.h.config = attrs.evolve(self.h.config, retention=policy)
+        self.h.restart()
+        assert self.agent.state.retention == policy
+
+    @rule(which=st.integers(0, 3), pinned=st.booleans())
+    def pin_generation(self, which: int, pinned: bool) -> None:
+        """`coalesce pin GEN` / `unpin GEN` of a retained generation (by its id): recorded in the ledger;
+        an unpin at rest prunes what the policy no longer keeps (I1 at rest)."""
+        gens = self.agent.state.generations()
+        if not gens:
+            return
+        g = gens[which % len(gens)]
+        STATS["pins"] += 1
+        self._run(lambda: self.agent.pin(str(seq_of(g.name)), pinned))
+        after = self.agent.state.pcpis.get(g.name)
+        if pinned:
+            assert after is not None and after.pinned and after.role == GENERATION, f"pin of {g.name}: {after}"
+        else:
+            assert after is None or not after.pinned, f"unpin of {g.name}: {after}"
+            assert self.agent.ledger.load().pcpis.get(g.name) == after
+
     @rule(kind=st.integers(0, 6))
     def hostile_stream(self, kind: int) -> None:
         """I10: hostile records are refused with HostilePath and change nothing outside the qtree."""
@@ -666,19 +758,44 @@ class CoalescingMachine(RuleBasedStateMachine):
             assert bool(r.reseed_reason) == (r.state in RESEEDING), f"{r.name}: reseed_reason in {r.state}"
 
     @invariant()
+    def i1_generations(self) -> None:
+        """I1 with retained generations (spec/invariants.md): at most 4 PCPIs in cycle roles on the volume
+        besides the generations; at rest exactly 1 (the base) plus the generations the ledger retains,
+        the unpinned ones at most the policy's ceiling (``retention.limit``); never a pinned or
+        exported generation released (PruneWatch, at the instant of the release)."""
+        assert not self.prunes.violations, self.prunes.violations[0]
+        s = self.agent.state
+        on_volume = set(self.agent.dest.snapshot_list())
+        roles = {p.name: p.role for p in s.pcpis.values()}
+        in_cycle = [n for n in on_volume if roles.get(n) in CYCLE_ROLES]
+        assert len(in_cycle) <= 4, f"I1: {sorted(in_cycle)} in cycle roles"
+        if s.phase != "idle":
+            return
+        gens = {p.name for p in s.generations()}
+        held = {n for n in on_volume if roles.get(n) == GENERATION}
+        assert held == gens, f"I1: the volume holds generations {sorted(held)}, the ledger {sorted(gens)}"
+        if any(p.role == "base" for p in s.pcpis.values()):
+            assert len(in_cycle) == 1, f"I1: at rest {sorted(in_cycle)} in cycle roles, expected the base alone"
+        ceiling = limit(s.retention)
+        unpinned = [g.id for g in as_retained(s) if not g.protected]
+        assert ceiling is None or len(unpinned) <= ceiling, f"I1: {unpinned} unpinned generations > {ceiling}"
+
+    @invariant()
     def i4_every_export_switch(self) -> None:
         assert not self.watch.violations, self.watch.violations[0]
 
     @invariant()
     def at_rest_budget(self) -> None:
-        """I1/I2 read from the volume alone: at rest, 1 base + at most 2 per replica outside."""
+        """I1/I2 read from the volume alone: at rest, 1 base + at most 2 per replica outside (besides
+        the retained generations and kept PCPIs)."""
         s = self.agent.state
         if s.phase != "idle":
             return
         kept = {p.name: p for p in s.pcpis.values() if p.role == "kept"}
         owners = [o for p in kept.values() for o in p.owners]
         assert len(owners) == len(set(owners)) == len(kept), f"I11: kept PCPIs {sorted(kept)} of {owners}"
-        held = [n for n in self.agent.dest.snapshot_list() if n.startswith("co-g-") and n not in kept]
+        gens = {p.name for p in s.generations()}  # besides the budget: checked by i1_generations
+        held = [n for n in self.agent.dest.snapshot_list() if n.startswith("co-g-") and n not in kept and n not in gens]
         k = sum(1 for r in s.replicas.values() if r.state in OUTSIDE)
         # the base: some replica exports an image, or `coalesce remove` took the last one that did (the
         # base stays until the next jump-ahead replaces it)
