@@ -905,6 +905,13 @@ class Agent:
     def export_path(self, replica: str) -> str | None:
         return self.dest.export_path(replica)
 
+    def generation_paths(self, state: GroupState | None = None) -> dict[str, dict[str, str | None]]:
+        """Where each replica's image in each retained generation of ``state`` (default: the agent's) is
+        readable, by PCPI name then replica; None: the backend has no path for it (hook
+        ``coalesce_pcpi_path``: btrfs and OpenZFS have one, mem, sim and zfs-fuse none)."""
+        st = state or self.state
+        return {p.name: {r: self.dest.pcpi_path(p.name, r) for r in sorted(st.replicas)} for p in st.generations()}
+
     def kept_paths(self, state: GroupState | None = None) -> dict[str, str | None]:
         """Where each kept PCPI of ``state`` (default: the agent's) shows its owner's qtree, by PCPI
         name; None: the backend has no path for it (hook ``coalesce_pcpi_path``)."""

@@ -521,7 +521,13 @@ def cmd_status(args: argparse.Namespace) -> int:
             if args.json:
                 _dump_json(
                     reports.status_data(
-                        agent.state, paths, now=time.time(), agent=holder, requests=queue, kept_paths=kept
+                        agent.state,
+                        paths,
+                        now=time.time(),
+                        agent=holder,
+                        requests=queue,
+                        kept_paths=kept,
+                        generation_paths=agent.generation_paths(),
                     )
                 )
             else:
@@ -563,10 +569,16 @@ def _watch_status(args: argparse.Namespace, agent: Any, paths: dict[str, str | N
                 queue = agent.ledger.requests(last=STATUS_REQUESTS)
                 state = read()
                 kept = agent.kept_paths(state)
-                _dump_json(
-                    reports.status_data(state, paths, now=time.time(), agent=holder, requests=queue, kept_paths=kept),
-                    compact=True,
+                doc = reports.status_data(
+                    state,
+                    paths,
+                    now=time.time(),
+                    agent=holder,
+                    requests=queue,
+                    kept_paths=kept,
+                    generation_paths=agent.generation_paths(state),
                 )
+                _dump_json(doc, compact=True)
                 n += 1
                 if args.count and n >= args.count:
                     return EXIT_OK
@@ -782,7 +794,7 @@ def cmd_history(args: argparse.Namespace) -> int:
 
 def cmd_generations(args: argparse.Namespace) -> int:
     with _reader(args) as agent:
-        doc = reports.generations_data(agent.state, time.time(), plan=args.plan)
+        doc = reports.generations_data(agent.state, time.time(), plan=args.plan, paths=agent.generation_paths())
     if args.json:
         _dump_json(doc)
         return EXIT_OK
@@ -870,23 +882,35 @@ def cmd_restore(args: argparse.Namespace) -> int:
 
 
 def cmd_pin(args: argparse.Namespace) -> int:
+    from coalesce_core.cycle import refs
+    from coalesce_core.cycle.invariants import seq_of
+    from coalesce_core.errors import NotFound
+
     pin = args.verb == "pin"
+    named: list[str] = []  # the generation's PCPI, resolved before an unpin may prune it
+
+    def act(agent: Any) -> None:
+        named.append(refs.resolve(agent.state, args.generation).name)
+        agent.pin(args.generation, pinned=pin)
 
     def report(agent: Any) -> None:
-        from coalesce_core.cycle import refs
-        from coalesce_core.cycle.invariants import seq_of
+        try:
+            name = named[0] if named else refs.resolve(agent.state, args.generation).name
+        except NotFound:
+            if pin:
+                raise
+            # handed to a running agent that took it at rest: the unpin pruned it before we could look
+            _console().print(f"generation {markup(args.generation)} is no longer pinned, and pruned")
+            return
+        if pin:
+            what = "is pinned: no prune removes it until `coalesce unpin`"
+        elif name in {g.name for g in agent.state.generations()}:
+            what = "is no longer pinned"
+        else:
+            what = "is no longer pinned, and pruned: the retention policy does not keep it"
+        _console().print(f"generation {seq_of(name)} ({markup(name)}) {what}")
 
-        g = refs.resolve(agent.state, args.generation)
-        what = "is pinned: no prune removes it until `coalesce unpin`" if pin else "is no longer pinned"
-        _console().print(f"generation {seq_of(g.name)} ({markup(g.name)}) {what}")
-
-    return _change(
-        args,
-        args.verb,
-        requests.make_args(args.verb, generation=args.generation),
-        lambda a: a.pin(args.generation, pinned=pin),
-        report,
-    )
+    return _change(args, args.verb, requests.make_args(args.verb, generation=args.generation), act, report)
 
 
 def cmd_graph(args: argparse.Namespace) -> int:

@@ -23,12 +23,16 @@ def status_data(
     agent: Mapping[str, Any] | None = None,
     requests: Sequence[Any] = (),
     kept_paths: Mapping[str, str | None] | None = None,
+    generation_paths: Mapping[str, Mapping[str, str | None]] | None = None,
 ) -> dict[str, Any]:
     """The `status --json` document (docs/schemas/status.schema.json); ``now`` gives the lag, ``agent``
     the process that holds the group now (coalesce_core.grouplock.probe), None when none does;
     ``requests`` the newest requests handed to a running agent (coalesce_core.requests.Request);
-    ``kept_paths`` where each kept PCPI is readable, by PCPI name (Agent.kept_paths)."""
+    ``kept_paths`` where each kept PCPI is readable, by PCPI name (Agent.kept_paths);
+    ``generation_paths`` where each replica's image in each generation is (Agent.generation_paths)."""
     paths = kept_paths or {}
+    gpaths = generation_paths or {}
+    retained = state.generations()
     owners: dict[str, list[str]] = {}
     for r in state.replicas.values():
         for p in r.pinned():
@@ -56,6 +60,14 @@ def status_data(
                 "reseed_reason": clean(r.reseed_reason) if r.reseed_reason else None,
                 "retries": r.retries,
                 "kept": _kept(state.kept_pcpi(r.name), r.name, paths),
+                "generations": [
+                    {
+                        "pcpi": p.name,
+                        "time": gen.image_time(state.manifests, p),
+                        "export_path": gpaths.get(p.name, {}).get(r.name),
+                    }
+                    for p in retained
+                ],
             }
             for r in sorted(state.replicas.values(), key=lambda r: r.name)
         ],
@@ -90,10 +102,17 @@ def _kept(pcpi: Pcpi | None, replica: str, paths: Mapping[str, str | None]) -> d
     return {"replica": replica, "pcpi": pcpi.name, "taken_at": pcpi.taken_at or None, "path": paths.get(pcpi.name)}
 
 
-def generations_data(state: GroupState, now: float, plan: bool = False) -> dict[str, Any]:
+def generations_data(
+    state: GroupState,
+    now: float,
+    plan: bool = False,
+    paths: Mapping[str, Mapping[str, str | None]] | None = None,
+) -> dict[str, Any]:
     """The `generations --json` document (docs/schemas/generations.schema.json): the group's retention
     policy and its generations, oldest first, each with its manifest; with ``plan``, what the policy
-    keeps or prunes at ``now`` and why (coalesce_core.retention.plan's reasons)."""
+    keeps or prunes at ``now`` and why (coalesce_core.retention.plan's reasons); ``paths`` where each
+    replica's image in each generation is readable (Agent.generation_paths), else null."""
+    where = paths or {}
     policy = state.retention
     decisions = gen.prune(state, now) if plan else None
     pins: dict[str, list[str]] = {}
@@ -111,7 +130,9 @@ def generations_data(state: GroupState, now: float, plan: bool = False) -> dict[
             "pinned_by": pins.get(p.name, []),
             "pinned": p.pinned,
             "counts": m.counts() if m is not None else None,
-            "replicas": [attrs_entry(e) for e in m.entries] if m is not None else [],
+            "replicas": [{**attrs_entry(e), "export_path": where.get(p.name, {}).get(e.replica)} for e in m.entries]
+            if m is not None
+            else [],
         }
         if decisions is not None:
             d = decisions.decision(p.name)

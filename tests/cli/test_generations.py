@@ -34,6 +34,19 @@ def test_generations_json_lists_each_with_its_manifest(group, cli, validate_json
     assert a["status"] == "updated" and a["source_point"] and a["source_time"] > 0
     assert all("plan" not in g for g in gens)
     assert gens[0]["id"] < gens[1]["id"] and gens[0]["pcpi"].endswith("-new_base")
+    assert all(e["export_path"] is None for g in gens for e in g["replicas"])  # mem has no path (btrfs: tests/core)
+
+
+def test_status_json_lists_each_replicas_generations_with_their_paths(group, cli, validate_json):
+    _retaining(group, cli)
+    gens = json.loads(cli("generations", "--json")[1])["generations"]
+    rc, out, _ = cli("status", "--json")
+    doc = json.loads(out)
+    validate_json(doc, "status")
+    assert rc == 0
+    for r in doc["replicas"]:
+        assert [(g["pcpi"], g["time"]) for g in r["generations"]] == [(g["pcpi"], g["time"]) for g in gens]
+        assert all(g["export_path"] is None for g in r["generations"])
 
 
 def test_generations_plan_says_what_is_kept_and_why(group, cli, validate_json):

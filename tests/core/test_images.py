@@ -70,3 +70,38 @@ def test_a_restore_into_a_directory_that_holds_files_is_refused(group_config, tm
     with pytest.raises(images.RestoreRefused):
         images.restore(h.agent.dest, "A", base.name, str(tmp_path / "out"))
     assert (tmp_path / "out" / "mine").read_bytes() == b"keep"
+
+
+def test_each_generation_has_a_stable_read_only_path_per_replica_where_the_backend_has_one(backend, group_config):
+    """btrfs: a replica's image in a generation is a directory of a read-only snapshot, at the same
+    path for as long as the generation is retained, and gone once pruned; mem, sim and zfs-fuse have
+    none (null in `status --json` and `generations --json`: read them with `coalesce ls`/`restore`)."""
+    import errno
+
+    h = Harness(group_config(replicas=("A", "B"), retention='keep_min = "30d"\nmax = 2'))
+    h.writer.write("A", "f.txt", b"one\n")
+    h.writer.write("B", "g.txt", b"b\n")
+    assert h.cycle()["failures"] == 0
+    h.writer.write("A", "f.txt", b"two\n")
+    assert h.cycle()["failures"] == 0
+    (first,) = h.agent.state.generations()
+    paths = h.agent.generation_paths()
+    assert set(paths) == {first.name} and set(paths[first.name]) == {"A", "B"}
+    if backend != "btrfs":
+        assert paths[first.name] == {"A": None, "B": None}
+        return
+    a = paths[first.name]["A"]
+    assert a is not None and Path(a, "f.txt").read_bytes() == b"one\n"
+    assert Path(paths[first.name]["B"], "g.txt").read_bytes() == b"b\n"
+    with pytest.raises(OSError) as exc:
+        Path(a, "new.txt").write_bytes(b"x")
+    assert exc.value.errno == errno.EROFS
+    h.writer.write("A", "f.txt", b"three\n")
+    assert h.cycle()["failures"] == 0
+    first_kept, second = h.agent.state.generations()
+    assert first_kept.name == first.name
+    assert h.agent.generation_paths()[first.name]["A"] == a and Path(a, "f.txt").read_bytes() == b"one\n"
+    assert Path(h.agent.generation_paths()[second.name]["A"], "f.txt").read_bytes() == b"two\n"
+    h.writer.write("B", "g.txt", b"b2\n")
+    assert h.cycle()["failures"] == 0  # max = 2: the first generation is pruned
+    assert first.name not in {g.name for g in h.agent.state.generations()} and not os.path.exists(a)
