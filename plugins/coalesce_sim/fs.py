@@ -48,6 +48,7 @@ from typing import Any, Iterator, Self
 from coalesce_core.errors import BackendError
 from coalesce_core.stream.records import MAX_FILE_SIZE
 
+from .dirblocks import BlockMemo, DirOverlay, block_entries, decode_dir, fsname
 from .raid import BS, ZERO, PowerCut, Raid, SimCrash
 
 PPB = BS // 8  # pointers per indirect block
@@ -151,38 +152,6 @@ def height_for(nb: int) -> int:
     return h
 
 
-def fsname(name: str) -> bytes:
-    return name.encode("utf-8", "surrogateescape")
-
-
-def encode_dir(entries: dict[str, int]) -> list[bytes]:
-    blocks: list[bytes] = []
-    cur = bytearray()
-    for name in sorted(entries, key=fsname):
-        nb = fsname(name)
-        ent = struct.pack("<HI", len(nb), entries[name]) + nb
-        if len(cur) + len(ent) > BS:
-            blocks.append(bytes(cur.ljust(BS, b"\0")))
-            cur = bytearray()
-        cur += ent
-    if cur:
-        blocks.append(bytes(cur.ljust(BS, b"\0")))
-    return blocks
-
-
-def decode_dir(data: bytes) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for b in range(0, len(data), BS):
-        off, end = b, b + BS
-        while off + 6 <= end:
-            n, ino = struct.unpack_from("<HI", data, off)
-            if n == 0:
-                break
-            out[data[off + 6 : off + 6 + n].decode("utf-8", "surrogateescape")] = ino
-            off += 6 + n
-    return out
-
-
 def encode_xattrs(x: dict[str, bytes]) -> bytes:
     out = bytearray()
     for k in sorted(x, key=fsname):
@@ -248,19 +217,12 @@ class View:
 
     def dir_entries(self, rec: Inode) -> Iterator[tuple[bytes, int]]:
         """``(name, ino)`` of a directory's entries in the order they are stored (by the bytes of
-        the name: :func:`encode_dir`), one block read at a time: a large directory is never
+        the name: :mod:`.dirblocks`), one block read at a time: a large directory is never
         decoded whole (the diff's comparison of two versions of it, :mod:`.diff`)."""
         for fbn, vbn in self.fs.leaves(rec.top, rec.height):
             if fbn * BS >= rec.size:
                 break
-            blk = self.fs.read(vbn)
-            off, end = 0, min(BS, rec.size - fbn * BS)
-            while off + 6 <= end:
-                n, ino = struct.unpack_from("<HI", blk, off)
-                if n == 0:
-                    break
-                yield blk[off + 6 : off + 6 + n], ino
-                off += 6 + n
+            yield from block_entries(self.fs.read(vbn), min(BS, rec.size - fbn * BS))
 
     def xattrs(self, rec: Inode) -> dict[str, bytes]:
         if not rec.xtop:
@@ -316,6 +278,7 @@ class SimFS:
         self.cache: dict[int, bytes] = {}
         self.dircache: dict[int, tuple] = {}  # dir top vbn -> ((height, size), entries)
         self.dircache_entries = 0  # entries decoded into it since it was last emptied
+        self.dirblocks = BlockMemo()  # the last directory blocks an update looked names up in
         self.cp_cond = threading.Condition(self.lock)
         self.cp_failures = 0  # CPs that failed (volume remounted): wait_durable's callers lost changes
         self.cp_error = ""
@@ -397,6 +360,7 @@ class SimFS:
         self.flushing = False
         self.cache.clear()
         self.dircache.clear()
+        self.dirblocks.clear()
         with self.idx_lock:
             self.change_idx.clear()
             self.idx_tops.clear()
@@ -431,7 +395,7 @@ class SimFS:
     def _reset_overlay(self) -> None:
         self.ov_inodes: dict[int, Inode | None] = {}
         self.dirty: set[int] = set()
-        self.ov_dirs: dict[int, dict[str, int]] = {}
+        self.ov_dirs: dict[int, DirOverlay] = {}
         self.dirty_dirs: set[int] = set()
         self.ov_x: dict[int, dict[str, bytes]] = {}
         self.dirty_x: set[int] = set()
@@ -637,6 +601,7 @@ class SimFS:
         self.new_blocks.add(vbn)
         self._cache_put(vbn, data)
         self.dircache.pop(vbn, None)
+        self.dirblocks.forget(vbn)
         return vbn
 
     def _alloc_leaf(self, k: str, data: bytes) -> int:
@@ -674,6 +639,36 @@ class SimFS:
                 old = [old] + [0] * (PPB - 1)
         items = sorted((f, d) for f, d in changes.items() if f < nb)
         return self._build_node(k, old, new_h - 1, 0, items, nb, floor, reuse_equal), new_h
+
+    def _build_over(self, old_top: int, old_h: int, leaves: list[int]) -> tuple[int, int]:
+        """New buffer tree over the data blocks ``leaves`` (allocated in this CP or kept from the old
+        tree; no holes), in order: a directory whose blocks were split, merged or dropped moves
+        the blocks after them.  An indirect block of the old tree (same height) that would come out
+        the same is kept; a new one references its children (+1 on each block not new)."""
+        h = height_for(len(leaves))
+        if h == 0:
+            return 0, 0
+        # the old tree's indirect blocks by depth (0: its top), if it has the new tree's height
+        olds: list[list[int]] = [[old_top] if old_top and old_h == h else []]
+        for _ in range(h - 2):
+            olds.append([c for p in olds[-1] for c in (self.ptrs(p) if p else (0,) * PPB)])
+        level = leaves
+        for lv in range(1, h):
+            was_level = olds[h - 1 - lv]
+            up: list[int] = []
+            for j in range(0, len(level), PPB):
+                kids = level[j : j + PPB]
+                kids += [0] * (PPB - len(kids))
+                was = was_level[j // PPB] if j // PPB < len(was_level) else 0
+                if was and list(self.ptrs(was)) == kids:
+                    up.append(was)
+                    continue
+                up.append(self._alloc(_PTRS.pack(*kids)))
+                for p in kids:
+                    if p and p not in self.new_blocks:
+                        self._incref(p)
+            level = up
+        return level[0], h
 
     def _build_node(
         self, k: str, old, level: int, base: int, changes: list, nb: int, floor: int, reuse_equal: bool
@@ -744,22 +739,23 @@ class SimFS:
         self.dirty.add(ino)
         return rec
 
-    def a_dir(self, ino: int) -> dict[str, int]:
+    def a_dir(self, ino: int) -> DirOverlay:
+        """Directory ``ino`` as the overlay has it: its block pointers, with the blocks changed
+        since the last CP decoded (:mod:`.dirblocks`; never decoded whole)."""
         d = self.ov_dirs.get(ino)
         if d is None:
             rec = self.a_inode(ino)
             assert rec is not None and rec.kind == DIR, (ino, rec)
-            # decoded for the overlay alone (not through View.dir's cache: one copy, not two)
-            d = decode_dir(self.view().data(rec)) if rec.top else {}
+            d = DirOverlay(self, rec.top, rec.height, rec.size)
             self.ov_dirs[ino] = d
         return d
 
     def a_dir_set(self, dino: int, name: str, ino: int | None) -> None:
         d = self.a_dir(dino)
         if ino is None:
-            d.pop(name, None)
+            d.remove(name)
         else:
-            d[name] = ino
+            d.set(name, ino)
         self.dirty_dirs.add(dino)
         self.dirty.add(dino)
 
@@ -799,7 +795,7 @@ class SimFS:
             ),
         )
         if kind == DIR:
-            self.ov_dirs[ino] = {}
+            self.ov_dirs[ino] = DirOverlay(self, 0, 0, 0)
             self.dirty_dirs.add(ino)
         self.ov_data[ino] = {}
         self.floor[ino] = 0
@@ -962,11 +958,9 @@ class SimFS:
             rec = self.ov_inodes.get(ino)
             if rec is not None:
                 if ino in self.dirty_dirs:
-                    blks = encode_dir(self.ov_dirs[ino])
-                    rec.size = len(blks) * BS
-                    rec.top, rec.height = self._build(
-                        "f", rec.top, rec.height, dict(enumerate(blks)), len(blks), len(blks), reuse_equal=True
-                    )
+                    leaves = self.ov_dirs[ino].leaves(lambda data: self._alloc_leaf("f", data))
+                    rec.size = len(leaves) * BS
+                    rec.top, rec.height = self._build_over(rec.top, rec.height, leaves)
                 elif ino in self.ov_data:
                     rec.top, rec.height = self._build(
                         "f", rec.top, rec.height, self.ov_data.get(ino, {}), nblocks(rec.size), self.floor.get(ino, big)

@@ -7,7 +7,6 @@ also when it fails part-way (the partial state stays, as the hookspec says).
 
 from __future__ import annotations
 
-import itertools
 from typing import Iterable, Iterator
 
 from coalesce_core.errors import HostilePath, StreamError
@@ -384,10 +383,6 @@ def apply_stream(fs: SimFS, qtree: str, records: Iterable[object], use_purgatory
 
 
 # ------------------------------------------------------------------ removal
-#: purge_purgatory takes the entries of a purgatory this many at a time
-PURGE_BATCH = 256
-
-
 def subtree(fs: SimFS, ino: int) -> list[int]:
     out, stack = [], [ino]
     while stack:
@@ -455,17 +450,17 @@ def purge_purgatory(fs: SimFS, qtree: str) -> bool:
         return False
     purg = qrec.purg
     while True:
-        # a batch at a time, with a CP past the overlay's bounds (as apply_stream): a purgatory of
-        # millions of entries holds a bounded overlay; each CP leaves the entries not yet destroyed
-        batch = list(itertools.islice(fs.a_dir(purg).items(), PURGE_BATCH))
+        # a block of entries at a time, the last one first (the blocks before it stay where they
+        # are), with a CP past the overlay's bounds (as apply_stream): a purgatory of millions of
+        # entries is never decoded whole; each CP leaves the entries not yet destroyed
+        batch = fs.a_dir(purg).last_block()
+        if not batch:
+            break
         for name, ino in batch:
             fs.a_dir_set(purg, name, None)
             destroy(fs, q, ino)
             if fs.dirty_bytes >= fs.DIRTY_LIMIT or len(fs.ov_inodes) >= fs.OVERLAY_INODES:
                 fs.commit()
-                break
-        else:
-            if len(batch) < PURGE_BATCH:
                 break
     fs.a_free(purg)
     fs.a_touch(q).purg = 0
