@@ -504,7 +504,7 @@ class Agent:
                     progress=progress,
                     aborted=self._abort.is_set,
                     privileges=self.config.privileges,
-                    limits=self.config.deadlines,
+                    limits=self.config.limits_for(eff.origin),
                 )
                 if moved.verified and eff.base is None:
                     self._verified[eff.replica] = {"at": self.clock(), "ok": True, "error": ""}

@@ -49,7 +49,7 @@ import attrs
 
 from coalesce_core.backend.urls import VolumeURL
 from coalesce_core.cycle.state import DEFAULT_SOURCE, NAME_RE, RetryPolicy
-from coalesce_core.deadlines import KEYS, TransferLimits, parse_limits
+from coalesce_core.deadlines import KEYS, TransferLimits, parse_limits, parse_overrides
 from coalesce_core.durations import config_seconds
 from coalesce_core.errors import ConfigError
 from coalesce_core.retention import Policy, parse_keep
@@ -95,6 +95,8 @@ class SourceConfig:
     parallel: int | None = None
     #: its transport tables, ``((table, ((key, value), ...)), ...)`` in file order (lists as tuples)
     transport: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = ()
+    #: the transfer deadlines it sets itself (coalesce_core.deadlines.parse_overrides); the rest are the group's
+    deadlines: tuple[tuple[str, float | None], ...] = ()
 
     def due(self, last_pcpi: float | None, now: float) -> bool:
         """Whether a cycle at ``now`` takes a PCPI of this source, whose last source PCPI was taken
@@ -186,6 +188,14 @@ class GroupConfig:
     def with_source(self, url: str) -> "GroupConfig":
         """This config with the URL of its sole source replaced by ``url`` (its name and settings kept)."""
         return attrs.evolve(self, sources=(attrs.evolve(self.sole_source(), url=url),))
+
+    def limits_for(self, source: str) -> TransferLimits:
+        """The deadlines of a transfer from source ``source``: the group's, with those its
+        ``[[source]]`` table sets in their place (docs/config.md, "Deadlines")."""
+        for one in self.sources:
+            if one.name == source:
+                return self.deadlines.overridden(one.deadlines)
+        return self.deadlines
 
     def sole_source(self) -> SourceConfig:
         """The group's one source; a ConfigError naming the sources when it has several (for what
@@ -553,7 +563,7 @@ def _sources(data: dict[str, Any], group: dict[str, Any], path: str, where: str)
 def _source(table: dict[str, Any], head: str, index: int) -> SourceConfig:
     """The ``[[source]]`` table number ``index`` (from 0), checked on its own; ``head``: the file and table."""
     where = f"{head} #{index + 1}"
-    known = {"name", "url", "interval", "parallel", *TRANSPORT}
+    known = {"name", "url", "interval", "parallel", *KEYS, *TRANSPORT}
     if set(table) - known:
         raise ConfigError(f"{where}: unknown key(s) {sorted(set(table) - known)}", hint=f"known keys: {sorted(known)}")
     name = _name(_need(table, "name", str, where), where)
@@ -598,7 +608,14 @@ def _source(table: dict[str, Any], head: str, index: int) -> SourceConfig:
                 )
         items = tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in sub.items())
         transport.append((tname, items))
-    return SourceConfig(name=name, url=url, interval=interval, parallel=parallel, transport=tuple(transport))
+    return SourceConfig(
+        name=name,
+        url=url,
+        interval=interval,
+        parallel=parallel,
+        transport=tuple(transport),
+        deadlines=parse_overrides(table, where),
+    )
 
 
 def _replicas(data: dict[str, Any], sources: tuple[SourceConfig, ...], path: str) -> tuple[ReplicaConfig, ...]:

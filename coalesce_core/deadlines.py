@@ -26,7 +26,7 @@ import attrs
 from coalesce_core.durations import config_seconds, format_duration
 from coalesce_core.errors import TransferFailed
 
-#: the config keys of :class:`TransferLimits` (``[group]`` now; a source's own table later)
+#: the config keys of :class:`TransferLimits` (``[group]``, and a ``[[source]]`` table for its own transfers)
 STALL_KEY = "transfer_stall"
 TOTAL_KEY = "transfer_timeout"
 KEYS = (STALL_KEY, TOTAL_KEY)
@@ -41,6 +41,10 @@ class TransferLimits:
     stall: float | None = DEFAULT_STALL
     total: float | None = None
 
+    def overridden(self, overrides: tuple[tuple[str, float | None], ...]) -> "TransferLimits":
+        """These limits with those of ``overrides`` (:func:`parse_overrides`) in their place."""
+        return attrs.evolve(self, **dict(overrides)) if overrides else self
+
 
 def parse_limits(table: dict[str, Any], where: str) -> TransferLimits:
     """The limits ``table`` sets (its other keys are the caller's): durations
@@ -53,6 +57,16 @@ def parse_limits(table: dict[str, Any], where: str) -> TransferLimits:
         hint = f'for example {key} = "10m"; 0 for no limit (docs/config.md)'
         values[field] = config_seconds(table[key], key, where, hint) or None
     return TransferLimits(**values)
+
+
+def parse_overrides(table: dict[str, Any], where: str) -> tuple[tuple[str, float | None], ...]:
+    """The limits ``table`` sets itself, as ``(TransferLimits field, seconds or None)``; the limits it
+    leaves out are inherited (:meth:`TransferLimits.overridden`)."""
+    return tuple(
+        (field, config_seconds(table[key], key, where, f'for example {key} = "10m"; 0 for no limit') or None)
+        for key, field in ((STALL_KEY, "stall"), (TOTAL_KEY, "total"))
+        if key in table
+    )
 
 
 class DeadlineExceeded(TransferFailed):
@@ -118,13 +132,14 @@ class Deadline:
                 f"{what} from the source for {stall}, past the stall deadline `{STALL_KEY}` ({got})",
                 hint=f"the source is stuck or hostile (keep-alives are not progress); the update is rolled back "
                 f"and retried next cycle. If the source is only slow, raise `{STALL_KEY}` in [group] "
-                "(docs/config.md)",
+                "or in the source's [[source]] table (docs/config.md)",
             )
         total = format_duration(self.limits.total or 0)
         return DeadlineExceeded(
             f"the transfer took longer than {total}, its deadline `{TOTAL_KEY}` ({got})",
             hint=f"the source sent no end to its stream in time; the update is rolled back and retried next "
-            f"cycle. If the change is only large, raise `{TOTAL_KEY}` in [group] (docs/config.md)",
+            f"cycle. If the change is only large, raise `{TOTAL_KEY}` in [group] or in "
+            "the source's [[source]] table (docs/config.md)",
         )
 
 

@@ -33,7 +33,10 @@ def fan_in(request, tmp_path: Path, monkeypatch):
     monkeypatch.setenv("COALESCE_SIM_FSYNC", "0")
 
     def make(
-        plugins: tuple[object, ...] = (), parallel: int = 2, spool: bool = False
+        plugins: tuple[object, ...] = (),
+        parallel: int = 2,
+        spool: bool = False,
+        source_lines: dict[str, list[str]] | None = None,
     ) -> tuple[Harness, dict[str, str]]:
         n = next(_ids)
         if request.param == "mem":
@@ -51,7 +54,7 @@ def fan_in(request, tmp_path: Path, monkeypatch):
             "initial = 0",
         ]
         for s in ("a", "b"):
-            lines += ["[[source]]", f'name = "{s}"', f'url = "{urls[s]}"']
+            lines += ["[[source]]", f'name = "{s}"', f'url = "{urls[s]}"', *(source_lines or {}).get(s, [])]
         for replica, origin in ORIGIN.items():
             lines += ["[[replica]]", f'name = "{replica}"', f'from = "{origin}"']
         h = Harness(parse_config("\n".join(lines) + "\n", str(tmp_path / f"g{n}.toml")), plugins=plugins)
@@ -182,3 +185,31 @@ def test_a_source_out_of_reach_at_recovery_is_settled_later(fan_in, point):
     assert b.state == "stable" and image(h, "B1") == newest(h, "B1")
     assert held(h, "b") == [b.source_point] and len(held(h, "a")) == 1 and h.cycle_pcpis_on_volume() == 1
     h.assert_invariants()
+
+
+def test_a_sources_own_deadline_fails_only_its_transfers(fan_in):
+    """Source b's [[source]] table sets `transfer_timeout = "2s"` (the group's is none): b's stream without
+    end fails B1's update at b's deadline and B1 keeps its image, while a's replicas, under the group's
+    limits, take their new images in the same cycle (docs/config.md, "Deadlines")."""
+    from stallpeer import Stall
+
+    stall = Stall("endless", qtree="B1", hold=60.0, volume="fan-b", pace=0.02)
+    stall.armed = False
+    h, _urls = fan_in(plugins=(stall,), source_lines={"b": ['transfer_timeout = "2s"']})
+    h.writers["b"].write("B1", "a/f", b"old")  # the file the endless stream writes
+    assert h.cycle()["failures"] == 0
+    before = h.agent.state.replicas["B1"]
+    h.writers["a"].write("A1", "new", b"a" * 300)
+    h.writers["b"].write("B1", "a/f", b"new")
+    stall.armed = True
+    report = h.cycle()
+    assert stall.sent > 10
+    assert list(report["failed"]) == ["B1"]
+    (failure,) = h.agent.failures
+    assert "DeadlineExceeded: the transfer took longer than 2s" in failure["error"]
+    b1, a1 = h.agent.state.replicas["B1"], h.agent.state.replicas["A1"]
+    assert b1.state == "stable" and b1.source_point == before.source_point
+    assert image(h, "A1") == newest(h, "A1") and a1.state == "stable"
+    h.assert_invariants()
+    stall.armed = False
+    assert h.cycle()["failures"] == 0 and image(h, "B1") == newest(h, "B1")

@@ -808,3 +808,35 @@ def test_remove_keeps_the_source_tables(tmp_path):
     out = without_replica(TWO, "A", "cfg.toml")
     cfg = parse_config(out, "cfg.toml")
     assert [r.name for r in cfg.replicas] == ["B"] and cfg.sources == parse_config(TWO).sources
+
+
+def test_a_source_sets_its_own_transfer_deadlines_and_inherits_the_rest():
+    """A [[source]] table's transfer_stall / transfer_timeout apply to its transfers; what it leaves out
+    is the group's (docs/config.md, "Deadlines")."""
+    text = """
+[group]
+name = "g"
+destination = "mem://d"
+transfer_stall = "5m"
+transfer_timeout = "2h"
+[[source]]
+name = "near"
+url = "mem://near"
+[[source]]
+name = "far"
+url = "mem://far"
+transfer_stall = "1h"
+[[source]]
+name = "free"
+url = "mem://free"
+transfer_timeout = 0
+[[replica]]
+name = "A"
+from = "near"
+"""
+    cfg = parse_config(text)
+    limits = {s: (cfg.limits_for(s).stall, cfg.limits_for(s).total) for s in ("near", "far", "free")}
+    assert limits == {"near": (300.0, 7200.0), "far": (3600.0, 7200.0), "free": (300.0, None)}
+    bad = text.replace('transfer_stall = "1h"', 'transfer_stall = "soon"')
+    e = err(bad)
+    assert "[[source]] 'far'" in str(e) and "`transfer_stall`" in str(e) and "0 for no limit" in e.hint
