@@ -338,11 +338,21 @@ def _size(table: dict[str, Any], key: str, where: str, default: int) -> int:
     return size
 
 
+def _known_zone(name: str) -> bool:
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+    try:
+        ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        return False
+    return True
+
+
 def _retention(table: object, where: str) -> Policy:
     """The retention policy of the ``[retention]`` table (docs/config.md, "Retention")."""
     if not isinstance(table, dict):
         raise ConfigError(f"{where}: must be a table", hint='write it as [retention] with keep = "..." below it')
-    known = {"keep_min", "keep", "max", "prefer_complete"}
+    known = {"keep_min", "keep", "max", "prefer_complete", "timezone"}
     if set(table) - known:
         raise ConfigError(f"{where}: unknown key(s) {sorted(set(table) - known)}", hint=f"known keys: {sorted(known)}")
     keep_min = _duration(table, "keep_min", where, default=0.0, example='"1d"')
@@ -364,8 +374,14 @@ def _retention(table: object, where: str) -> Policy:
         raise ConfigError(
             f"{where}: `prefer_complete` must be true or false", hint="false (the default) keeps the first"
         )
+    zone = table.get("timezone", "UTC")
+    if not isinstance(zone, str) or not _known_zone(zone):
+        raise ConfigError(
+            f"{where}: `timezone` must name an IANA time zone, not {zone!r}",
+            hint='for example timezone = "Europe/Berlin"; "UTC" (the default) for periods the same on every host',
+        )
     try:
-        return Policy(keep_min=keep_min, keep=buckets, max=most, prefer_complete=prefer_complete)
+        return Policy(keep_min=keep_min, keep=buckets, max=most, prefer_complete=prefer_complete, zone=zone)
     except ValueError as exc:
         raise ConfigError(f"{where}: {exc}", hint='add keep_min or keep, e.g. keep = "14d"') from None
 

@@ -507,6 +507,7 @@ def _policy_json(policy: Policy) -> dict[str, Any]:
         "keep": " ".join(str(k) for k in policy.keep),
         "max": policy.max,
         "prefer_complete": policy.prefer_complete,
+        **({"zone": policy.zone} if policy.zone != "UTC" else {}),
     }
 
 

@@ -10,7 +10,9 @@ decides: it reads no clock (``now`` is an argument), touches no volume and keeps
   btrbk's preserve rule): the first (oldest) generation of each of the last N calendar periods of
   that unit, counting back from the period of ``now`` (1 of N) or, when a generation is stamped
   after ``now`` (a clock stepped back), from that generation's period, so that a bucket never keeps
-  more than N. Periods are UTC; weeks start on Monday (ISO 8601). With ``prefer_complete`` the
+  more than N. Periods are those of ``zone`` (an IANA time zone, UTC by default: a day from local
+  midnight, an hour of local time, so the local hour that repeats when clocks go back is one period
+  and the one that does not exist is none); weeks start on Monday (ISO 8601). With ``prefer_complete`` the
   generation of a period in which most replicas were fresh is kept instead of the first (the
   oldest of those on a tie);
 * the newest generation, whenever the policy keeps anything at all;
@@ -47,6 +49,7 @@ import re
 from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import attrs
 
@@ -108,6 +111,18 @@ def _check_keep_min(_: Any, __: Any, value: float) -> None:
         raise ValueError(f"keep_min must be a finite number of seconds >= 0, not {value!r}")
 
 
+def _check_zone(_: Any, __: Any, value: str) -> None:
+    try:
+        _zone(value)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError(f"unknown time zone {value!r}") from None
+
+
+@functools.lru_cache(maxsize=64)
+def _zone(name: str) -> ZoneInfo:
+    return ZoneInfo(name)
+
+
 def _check_max(_: Any, __: Any, value: int | None) -> None:
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
         raise ValueError(f"max must be a whole number >= 1, not {value!r}")
@@ -124,6 +139,8 @@ class Policy:
     keep: tuple[Keep, ...] = attrs.field(default=(), converter=_keep)
     max: int | None = attrs.field(default=None, validator=_check_max)
     prefer_complete: bool = False
+    #: the IANA time zone of the calendar periods (the module's docstring)
+    zone: str = attrs.field(default="UTC", validator=_check_zone)
 
     def __attrs_post_init__(self) -> None:
         if self.max is not None and not self.retains:
@@ -225,9 +242,31 @@ class Plan:
         raise KeyError(id)
 
 
+def _local(t: float, zone: str) -> float:
+    """Epoch second ``t`` moved by ``zone``'s UTC offset at ``t``: the UTC arithmetic of
+    :func:`_period` on it gives ``zone``'s calendar periods."""
+    if zone == "UTC":
+        return t
+    offset = _offset(zone, math.floor(t / 900))
+    return t + (offset if offset is not None else _offset_at(zone, t))
+
+
+@functools.lru_cache(maxsize=65536)
+def _offset(zone: str, quarter: int) -> float | None:
+    """``zone``'s UTC offset in seconds throughout quarter-hour ``quarter`` since the epoch, None
+    when it changes within it (cached: a plan asks for the same times again and again)."""
+    first, last = _offset_at(zone, quarter * 900), _offset_at(zone, quarter * 900 + 899.999999)
+    return first if first == last else None
+
+
+def _offset_at(zone: str, t: float) -> float:
+    offset = datetime.fromtimestamp(t, _zone(zone)).utcoffset()
+    return offset.total_seconds() if offset is not None else 0.0
+
+
 def _period(unit: str, t: float) -> int:
     """The index of the UTC period of ``unit`` holding epoch second ``t`` (consecutive periods:
-    consecutive indexes)."""
+    consecutive indexes); :func:`_local` first for another zone's periods."""
     if unit == "h":
         return math.floor(t / 3600)
     day = math.floor(t / 86400)
@@ -291,7 +330,7 @@ def plan(generations: Iterable[Generation], now: float, policy: Policy) -> Plan:
             else:
                 why_not[g.id].append(f"older than keep_min {span}")
     for bucket in policy.keep:
-        _bucket(bucket, gens, now, policy.prefer_complete, why, why_not)
+        _bucket(bucket, gens, now, policy.prefer_complete, why, why_not, policy.zone)
     if gens and policy.retains:
         why[gens[-1].id].append("newest generation")
     keep = {g.id for g in gens if why[g.id]}
@@ -325,13 +364,14 @@ def _bucket(
     prefer_complete: bool,
     why: dict[str, list[str]],
     why_not: dict[str, list[str]],
+    zone: str = "UTC",
 ) -> None:
     """Add the reasons of ``bucket`` to ``why`` and ``why_not`` (``gens``: oldest first)."""
     name = UNITS[bucket.unit]
     periods: dict[int, list[Generation]] = {}
     for g in gens:
-        periods.setdefault(_period(bucket.unit, g.time), []).append(g)
-    anchor = max([_period(bucket.unit, now), *periods])
+        periods.setdefault(_period(bucket.unit, _local(g.time, zone)), []).append(g)
+    anchor = max([_period(bucket.unit, _local(now, zone)), *periods])
     for p, members in periods.items():
         back = anchor - p
         label = _label(bucket.unit, p)

@@ -146,6 +146,7 @@ def generations_data(
             "keep": " ".join(str(k) for k in policy.keep),
             "max": policy.max,
             "prefer_complete": policy.prefer_complete,
+            "timezone": policy.zone,
             "retains": policy.retains,
         },
         "generations": rows,

@@ -565,6 +565,21 @@ def test_commit_persists_a_changed_retry_policy(ledger_file):
     led.close()
 
 
+def test_commit_persists_a_retention_policy_with_its_time_zone(ledger_file):
+    from coalesce_core.retention import Policy
+
+    led = Ledger.open(ledger_file, group="g")
+    old = led.load()
+    for policy in (Policy(keep="24h 7d", max=9, zone="Europe/Berlin"), Policy(keep_min=60.0)):
+        new = attrs.evolve(old, retention=policy)
+        led.commit(old, new)
+        led.close()
+        led = Ledger.open(ledger_file, group="g")
+        assert led.load().retention == policy
+        old = led.load()
+    led.close()
+
+
 def test_notes_beside_the_state(tmp_path):
     """Advisory notes (I5 marks, last full verifications): JSON under a known key, replaced in one
     durable transaction, never mixed with the state; an unknown key is refused, an unreadable note

@@ -450,6 +450,57 @@ def test_a_day_is_utc_midnight_to_midnight_not_local(berlin):
     assert p.decision("sun-early").reasons == ("first of day 2026-12-06 (2 of 3)",)
 
 
+# --- a local time zone (`timezone`) ------------------------------------------------------------
+
+
+def test_a_local_time_zone_s_day_runs_from_local_midnight():
+    """timezone = "Europe/Berlin": 00:30 local on 2026-12-06 (23:30 UTC the day before) counts in the
+    local 2026-12-06, whatever the host's own zone (the default UTC puts it in 2026-12-05: above)."""
+    gens = [gen("sat-late", "2026-12-05T22:30"), gen("sun-early", "2026-12-05T23:30"), gen("new", "2026-12-07T12:00")]
+    p = plan(gens, NOW, Policy(keep="3d", zone="Europe/Berlin"))
+    assert p.decision("sat-late").reasons == ("first of day 2026-12-05 (3 of 3)",)
+    assert p.decision("sun-early").reasons == ("first of day 2026-12-06 (2 of 3)",)
+    assert plan(gens, NOW, Policy(keep="3d")).decision("sun-early").reasons == ("day 2026-12-05 keeps sat-late",)
+
+
+@pytest.mark.parametrize("day", ["2026-03-29", "2026-10-25"])
+def test_a_local_time_zone_s_dst_edges_one_period_for_the_repeated_hour_none_for_the_missing(day):
+    """In Europe/Berlin the hour 02:00 local happens twice on 2026-10-25 (CEST, then CET): one hour
+    period keeps the first of the two UTC hours' generations; on 2026-03-29 it does not exist: no
+    period, no gap in the others. The day (local midnight to midnight) keeps one."""
+    local_midnight = at(f"{day}T00:00") - (2 if day.endswith("10-25") else 1) * HOUR
+    hours = 25 if day.endswith("10-25") else 23  # the local day's length
+    gens = [Generation(f"h{i:02d}", local_midnight + i * HOUR + 60, seq=i) for i in range(hours)]
+    now = local_midnight + (hours - 0.5) * HOUR
+    p = plan(gens, now, Policy(keep="48h", zone="Europe/Berlin"))
+    labels = [d.reasons[0] for d in p.decisions]
+    if day.endswith("10-25"):
+        assert [g.id for g in p.pruned] == ["h03"]  # the second 02:00 (CET), after h02 (CEST)
+        assert p.decision("h03").reasons == (f"hour {day} 02:00 keeps h02",)
+        assert labels[2].startswith(f"first of hour {day} 02:00")
+    else:
+        assert p.pruned == () and not any(f"{day} 02:00" in r for r in labels)
+        assert labels[2].startswith(f"first of hour {day} 03:00")
+    p = plan(gens, now, Policy(keep="2d", zone="Europe/Berlin"))
+    assert kept_ids(p) == ["h00", gens[-1].id]  # the first of the local day, and the newest
+    assert p.decision("h00").reasons == (f"first of day {day} (1 of 2)",)
+
+
+def test_an_unknown_time_zone_is_refused():
+    with pytest.raises(ValueError, match="unknown time zone 'Mars/Olympus'"):
+        Policy(keep="1d", zone="Mars/Olympus")
+    from coalesce_core.config import parse_config
+
+    text = '[group]\nname = "g"\nsource = "mem://s"\ndestination = "mem://d"\n'
+    with pytest.raises(ConfigError) as info:
+        parse_config(text + '[retention]\nkeep = "1d"\ntimezone = "Mars/Olympus"\n')
+    e = info.value
+    assert parse_config(text + '[retention]\nkeep = "1d"\ntimezone = "Asia/Kathmandu"\n').retention.zone == (
+        "Asia/Kathmandu"
+    )
+    assert "`timezone` must name an IANA time zone" in str(e) and "Europe/Berlin" in e.hint
+
+
 def test_iso_weeks_keep_the_first_generation_of_each_week_across_the_new_year():
     """ISO weeks run Monday to Sunday across a year's end: 2026-12-28 (Monday) to 2027-01-03 is
     2026-W53, 2027-01-04 starts 2027-W01; 2025-12-29 starts 2026-W01."""
