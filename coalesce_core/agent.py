@@ -33,7 +33,15 @@ from coalesce_core.cycle import effects as fx
 from coalesce_core.cycle import events as ev
 from coalesce_core.cycle import restore
 from coalesce_core.cycle.invariants import i5_marks
-from coalesce_core.cycle.planner import Decision, NotNow, decide, is_group_pcpi, is_group_source_pcpi, pcpi_shortfall
+from coalesce_core.cycle.planner import (
+    Decision,
+    NotNow,
+    cycle_sources,
+    decide,
+    is_group_pcpi,
+    is_group_source_pcpi,
+    pcpi_shortfall,
+)
 from coalesce_core.cycle.state import KEPT, GroupState
 from coalesce_core.errors import BackendError, CoalesceError, ConfigError, MetadataError, VolumeInUse
 from coalesce_core.grouplock import GroupLock
@@ -47,8 +55,6 @@ from coalesce_core.ui.peertext import clean
 #: transitions that record a failed transfer (`run --once` exits EXIT_TRANSFER_FAILED) or rollback
 TRANSFER_FAILURES = ("update_failed", "baseline_failed", "reseed_failed")
 FAILURES = TRANSFER_FAILURES + ("rollback_failed", "retry_failed", "jump_ahead_refused")
-#: the replica states a cycle may transfer into (coalesce_core/cycle/planner.py, ``_in_cycle``)
-CYCLE_STATES = ("stable", "uninitialized", "reseed_pending")
 #: what the failures list names a replica that missed a cycle (source outage, no PCPI headroom)
 MISSED = "missed_cycle"
 #: what a volume that refuses a PCPI, or cannot be reached, raises; and a source that serves another
@@ -257,7 +263,7 @@ class Agent:
         ledger that the config lacks or gives another source qtree or source is a ConfigError before anything
         changes (the config is the truth; `coalesce remove`/`add` reconcile them, and open without
         it); a replica only the config has is added.  A changing agent of a config with a source that
-        sets its own ``interval`` or ``parallel`` is a ConfigError before it locks anything
+        sets its own ``parallel`` is a ConfigError before it locks anything
         (GroupConfig.check_runnable, docs/config.md "Sources")."""
         if not readonly:
             config.check_runnable()  # a ConfigError before anything is locked or written
@@ -676,15 +682,23 @@ class Agent:
         """Run the rollback retries that are due (loop 1026)."""
         self.handle(ev.Tick(now=self.clock()))
 
-    def _room(self) -> dict[str, int]:
+    def _due(self, now: float) -> frozenset[str] | None:
+        """The sources whose ``interval`` has passed at ``now`` since the start of the cycle that took
+        their last PCPI (StartCycle's ``due``); None when no source sets an interval (every one is due)."""
+        if all(one.interval is None for one in self.config.sources):
+            return None
+        taken = self.state.source_taken
+        return frozenset(one.name for one in self.config.sources if one.due(taken.get(one.name), now))
+
+    def _room(self, sources: Iterable[str]) -> dict[str, int]:
         """How many more PCPIs each volume that declares a limit can take (StartCycle's rooms): the
-        destination's, and the least of the sources' that have replicas a cycle may update."""
+        destination's, and the least of the ``sources``' (those the cycle takes a PCPI of)."""
         room = {}
         limit = self.dest.max_pcpis
         if limit is not None:
             room["destination_room"] = limit - len(self.dest.snapshot_list())
         rooms = []
-        for name in sorted({r.origin for r in self.state.replicas.values() if r.state in CYCLE_STATES}):
+        for name in sources:
             try:
                 source = self.source_volume(name)
                 limit = source.max_pcpis
@@ -700,13 +714,17 @@ class Agent:
         """One whole coalescing cycle; returns its history row ({} when it could not start: no PCPI
         headroom, see :attr:`refusals`)."""
         before = self.state.cycle
-        room = self._room()
+        due = self._due(self.clock())
+        sources, waiting = cycle_sources(self.state, self.clock(), due)
+        if waiting and not sources:  # no source is due (each one's `interval`): no cycle, nothing taken
+            return {}
+        room = self._room(sources)
         short = pcpi_shortfall(room.get("destination_room"), room.get("source_room"))
         if short:
             self.refusals.append(
                 BackendError(f"not starting cycle {before + 1} of group {self.state.name!r}: {short}", hint=ROOM_HINT)
             )
-        self.handle(ev.StartCycle(now=self.clock(), **room))
+        self.handle(ev.StartCycle(now=self.clock(), due=due, **room))
         self._background_verification()
         cycles = self.ledger.cycles()
         return cycles[-1] if cycles and cycles[-1]["cycle"] > before else {}

@@ -100,7 +100,7 @@ class SourceConfig:
 
     def due(self, last_pcpi: float | None, now: float) -> bool:
         """Whether a cycle at ``now`` takes a PCPI of this source, whose last source PCPI was taken
-        at ``last_pcpi`` (None: never)."""
+        by the cycle that started at ``last_pcpi`` (None: never)."""
         return self.interval is None or last_pcpi is None or now - last_pcpi >= self.interval
 
     def options(self) -> dict[str, dict[str, Any]] | None:
@@ -148,15 +148,15 @@ class GroupConfig:
 
     def check_runnable(self) -> None:
         """A ConfigError for a config the agent of this version cannot run: a ``[[source]]`` that sets
-        its own ``interval`` or ``parallel``, which it does not apply yet (docs/config.md, "Sources");
-        running it would ignore them silently.  Several sources are run (one volume each)."""
+        its own ``parallel``, which it does not apply yet (docs/config.md, "Sources"); running it
+        would ignore it silently.  Several sources are run (one volume each), each at its own
+        ``interval``."""
         for one in self.sources:
-            own = [k for k, v in (("`interval`", one.interval), ("`parallel`", one.parallel)) if v is not None]
-            if own:
+            if one.parallel is not None:
                 raise ConfigError(
-                    f"{self.path or 'the config'}: [[source]] {one.name!r} sets {', '.join(own)}, which this "
+                    f"{self.path or 'the config'}: [[source]] {one.name!r} sets `parallel`, which this "
                     "version's agent does not apply yet",
-                    hint="leave them out for now: the group's `interval` and `parallel` apply to every source",
+                    hint="leave it out for now: the group's `parallel` applies to every source",
                 )
 
     def source_named(self, name: str) -> SourceConfig:
@@ -174,7 +174,7 @@ class GroupConfig:
     @property
     def source(self) -> str:
         """The URL of the group's one source (a ConfigError for a config of several, :meth:`sole_source`;
-        and, like :meth:`check_runnable`, for a source with an ``interval`` or ``parallel`` of its own)."""
+        and, like :meth:`check_runnable`, for a source with a ``parallel`` of its own)."""
         one = self.sole_source()
         self.check_runnable()
         return one.url

@@ -64,6 +64,7 @@ _GROUP_FIELDS = (
     "cycle",
     "seq",
     "cycle_targets",
+    "source_taken",
     "transfers_started",
     "purged",
     "cycle_started",

@@ -18,11 +18,14 @@ from coalesce_core.cycle.state import DEFAULT_SOURCE, by_source
 @attrs.frozen
 class StartCycle:
     """Start a cycle; ``destination_room``/``source_room``: how many more PCPIs each volume can
-    take (its declared limit minus the PCPIs it holds; None: it declares no limit)."""
+    take (its declared limit minus the PCPIs it holds; None: it declares no limit); ``due``: the
+    names of the sources whose ``interval`` has passed since their last PCPI (None: every source is
+    due, as when no source sets an interval; docs/config.md, "Sources")."""
 
     now: float
     destination_room: int | None = None
     source_room: int | None = None
+    due: frozenset[str] | None = None
 
 
 @attrs.frozen

@@ -461,15 +461,20 @@ def pcpi_shortfall(destination_room: int | None, source_room: int | None) -> str
     return "; ".join(short)
 
 
+#: the replica states a cycle may transfer into (:func:`_in_cycle`)
+CYCLE_STATES = ("stable", "uninitialized", "reseed_pending")
+
+
 def _in_cycle(p: _Plan, now: float, source: str | None = None) -> list[Replica]:
     """The replicas a cycle started at ``now`` transfers into (of the source ``source``, or of every
     source): every stable one (update), uninitialized one (baseline), and one waiting for a re-seed
     whose retry time has come."""
-    return [
-        r
-        for r in p.in_state("stable", "uninitialized", "reseed_pending")
-        if (source is None or r.origin == source) and not (r.state == "reseed_pending" and r.next_retry > now)
-    ]
+    return [r for r in p.in_state(*CYCLE_STATES) if (source is None or r.origin == source) and _transfers_into(r, now)]
+
+
+def _transfers_into(r: Replica, now: float) -> bool:
+    """Whether a cycle started at ``now`` transfers into ``r`` (given its source's PCPI)."""
+    return r.state in CYCLE_STATES and not (r.state == "reseed_pending" and r.next_retry > now)
 
 
 def _miss_cycle(p: _Plan, error: str, now: float, source: str | None = None) -> int:
@@ -482,17 +487,31 @@ def _miss_cycle(p: _Plan, error: str, now: float, source: str | None = None) -> 
     return len(missed)
 
 
+def cycle_sources(state: GroupState, now: float, due: frozenset[str] | None) -> tuple[list[str], list[str]]:
+    """The sources a cycle started at ``now`` takes a PCPI of (those with replicas to transfer into
+    that are ``due``; None: every source is) and those it leaves for a later cycle (replicas to
+    transfer into, not due: their replicas stay as they are in this cycle, docs/config.md "Sources")."""
+    sources = sorted({r.origin for r in state.replicas.values() if _transfers_into(r, now)})
+    return [s for s in sources if due is None or s in due], [s for s in sources if due is not None and s not in due]
+
+
 def _start_cycle(p: _Plan, e: ev.StartCycle) -> None:
-    """ONE PCPI of each source that has replicas in the cycle; a source's transfers start when its
-    PCPI is taken (:func:`_source_taken`).  A cycle with no transfer to make takes none."""
+    """ONE PCPI of each source that has replicas in the cycle and is due; a source's transfers start
+    when its PCPI is taken (:func:`_source_taken`).  A cycle with no transfer to make takes none;
+    one whose sources with transfers to make are none of them due does not start (nothing is taken:
+    the replicas of a source not due stay as they are, "no update was attempted")."""
+    sources, waiting = cycle_sources(p.state(), e.now, e.due)
+    if waiting and not sources and p.get("phase") == "idle":
+        return
     short = pcpi_shortfall(e.destination_room, e.source_room)
     if short and p.get("phase") == "idle":  # refused before it starts: nothing is taken, the agent stays idle
-        _miss_cycle(p, f"cycle not started: {short}", e.now)
+        for source in sources:
+            _miss_cycle(p, f"cycle not started: {short}", e.now, source)
         return
     p.phase("start_cycle")
     p.set(cycle=p.get("cycle") + 1, cycle_started=e.now, cycle_failures=0, purged=False, transfers_started=False)
     targets = {}
-    for source in sorted({r.origin for r in _in_cycle(p, e.now)}):
+    for source in sources:
         name = targets[source] = p.new_name("src")
         p.source_pcpis[name] = SourcePcpi(name=name, cycle=p.get("cycle"), source=source)
         p.emit(fx.TakeSourcePcpi(name=name, source=source))
@@ -549,8 +568,16 @@ def _source_taken(p: _Plan, e: ev.SourcePcpiTaken) -> None:
     p.source_pcpis[e.name] = attrs.evolve(sp, taken=True, taken_at=sp.taken_at or e.now)
     if p.get("phase") != "updating" or not _is_cycle_target(p, e.name):
         return
+    _mark_taken(p, sp.source)
     _start_transfers(p, sp.source, e.name)
     _advance(p)
+
+
+def _mark_taken(p: _Plan, source: str) -> None:
+    """The PCPI of ``source`` of the running cycle was taken: its ``interval`` counts from the cycle's
+    start (not from the take, which comes a little later: a source of 15m in a group of 5m is taken
+    every third cycle, not every fourth)."""
+    p.set(source_taken={**p.get("source_taken"), source: p.get("cycle_started")})
 
 
 def _start_transfers(p: _Plan, source: str, target: str) -> None:
@@ -1034,6 +1061,8 @@ def _recover(p: _Plan, e: ev.Recover) -> None:
         if not sp.taken:
             if held is not None and name in held:
                 p.source_pcpis[name] = attrs.evolve(sp, taken=True, taken_at=sp.taken_at or e.now)
+                if _is_cycle_target(p, name) and p.get("phase") == "updating":
+                    _mark_taken(p, sp.source)
             elif _is_cycle_target(p, name) and p.get("phase") == "updating":
                 releases.append(fx.TakeSourcePcpi(name=name, source=sp.source))
             elif held is not None:

@@ -182,6 +182,9 @@ class GroupState:
     source_pcpis: Mapping[str, SourcePcpi] = attrs.field(factory=dict)
     #: the source PCPI of the running cycle, per source name (empty between cycles)
     cycle_targets: Mapping[str, str] = attrs.field(factory=dict)
+    #: per source name, when the cycle that took the source's last PCPI started: a source with an
+    #: ``interval`` is due again that long after it (docs/config.md, "Sources"; none: due now)
+    source_taken: Mapping[str, float] = attrs.field(factory=dict)
     transfers_started: bool = False
     purged: bool = False
     retry: RetryPolicy = RetryPolicy()

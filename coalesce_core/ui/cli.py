@@ -361,6 +361,9 @@ def _run(args: argparse.Namespace, stop: _Stop) -> int:
         return _run_with_progress(agent, tracker, console) if tracker is not None else agent.run_once()
 
     def on_cycle(report: dict[str, Any]) -> None:
+        if not report and not agent.refusals:  # no source due (each [[source]]'s `interval`): no cycle
+            logs.say(logging.INFO, "no cycle: no source is due yet", to="log" if args.quiet else "all", stdout=True)
+            return
         logs.say(  # the terminal shows it on standard output, unless --quiet; the log always has it
             logging.INFO,
             f"cycle {report.get('cycle')}: {report.get('seconds', 0):.3f}s, "

@@ -304,7 +304,8 @@ def test_break_beside_a_running_agent_while_the_source_is_down(sim_group: Path, 
 def test_run_status_and_verify_on_a_config_of_two_sources(group, cli):
     """docs/config.md, "Sources": `init` checks both sources, `run --once` brings each replica to a PCPI
     of its own source in one coalesced image, `status` reads the group and `verify --full` compares each
-    replica with its own source; a source that sets its own `interval` is still refused (exit 2)."""
+    replica with its own source; with an `interval` of an hour on each source a second `run --once` starts
+    no cycle; a source that sets its own `parallel` is still refused (exit 2)."""
     tmp, _writer = group
     cfg = tmp / "coalesce.toml"
     src, other = f"mem://{tmp}/src.vol", f"mem://{tmp}/other.vol"
@@ -337,6 +338,12 @@ def test_run_status_and_verify_on_a_config_of_two_sources(group, cli):
             volume.close()
     rc, out, err = cli("verify", "--full", "--json")
     assert rc == 0 and [r["result"] for r in json.loads(out)] == ["ok", "ok"], err
-    cfg.write_text(cfg.read_text().replace(f'url = "{other}"\n', f'url = "{other}"\ninterval = "1h"\n'))
+    paced = cfg.read_text().replace(f'url = "{src}"\n', f'url = "{src}"\ninterval = "1h"\n')
+    cfg.write_text(paced.replace(f'url = "{other}"\n', f'url = "{other}"\ninterval = "1h"\n'))
+    cycles = len(json.loads(cli("history", "--json")[1]))
+    rc, out, err = cli("run", "--once")  # each source took its PCPI moments ago: none is due
+    assert rc == 0 and "no cycle: no source is due yet" in out, err
+    assert len(json.loads(cli("history", "--json")[1])) == cycles
+    cfg.write_text(cfg.read_text().replace(f'url = "{other}"\n', f'url = "{other}"\nparallel = 1\n'))
     rc, _out, err = cli("run", "--once")
-    assert rc == 2 and "[[source]] 'two' sets `interval`" in err and "hint:" in err
+    assert rc == 2 and "[[source]] 'two' sets `parallel`" in err and "hint:" in err

@@ -29,14 +29,15 @@ ORIGIN = {"A1": "a", "A2": "a", "B1": "b"}
 @pytest.fixture(params=[on_backend("mem"), on_backend("sim")])
 def fan_in(request, tmp_path: Path, monkeypatch):
     """Make a Harness of group ``g`` of two sources on fresh volumes of the backend (``parallel`` 2 and
-    no spool by default), each source's qtrees filled; returns (harness, {source: URL})."""
+    no spool by default; ``own``: more lines of each source's table), each source's qtrees filled;
+    returns (harness, {source: URL})."""
     monkeypatch.setenv("COALESCE_SIM_FSYNC", "0")
 
     def make(
         plugins: tuple[object, ...] = (),
         parallel: int = 2,
         spool: bool = False,
-        source_lines: dict[str, list[str]] | None = None,
+        own: dict[str, list[str]] | None = None,
     ) -> tuple[Harness, dict[str, str]]:
         n = next(_ids)
         if request.param == "mem":
@@ -54,7 +55,7 @@ def fan_in(request, tmp_path: Path, monkeypatch):
             "initial = 0",
         ]
         for s in ("a", "b"):
-            lines += ["[[source]]", f'name = "{s}"', f'url = "{urls[s]}"', *(source_lines or {}).get(s, [])]
+            lines += ["[[source]]", f'name = "{s}"', f'url = "{urls[s]}"', *(own or {}).get(s, [])]
         for replica, origin in ORIGIN.items():
             lines += ["[[replica]]", f'name = "{replica}"', f'from = "{origin}"']
         h = Harness(parse_config("\n".join(lines) + "\n", str(tmp_path / f"g{n}.toml")), plugins=plugins)
@@ -195,7 +196,7 @@ def test_a_sources_own_deadline_fails_only_its_transfers(fan_in):
 
     stall = Stall("endless", qtree="B1", hold=60.0, volume="fan-b", pace=0.02)
     stall.armed = False
-    h, _urls = fan_in(plugins=(stall,), source_lines={"b": ['transfer_timeout = "2s"']})
+    h, _urls = fan_in(plugins=(stall,), own={"b": ['transfer_timeout = "2s"']})
     h.writers["b"].write("B1", "a/f", b"old")  # the file the endless stream writes
     assert h.cycle()["failures"] == 0
     before = h.agent.state.replicas["B1"]
@@ -213,3 +214,64 @@ def test_a_sources_own_deadline_fails_only_its_transfers(fan_in):
     h.assert_invariants()
     stall.armed = False
     assert h.cycle()["failures"] == 0 and image(h, "B1") == newest(h, "B1")
+
+
+class SourcePcpisTaken:
+    """Every source PCPI taken, as (volume URL, PCPI name), in order."""
+
+    def __init__(self) -> None:
+        self.taken: list[tuple[str, str]] = []
+
+    @hookimpl
+    def coalesce_pcpi_taken(self, group: str, volume: str, name: str, role: str) -> None:
+        if role == "source":
+            self.taken.append((volume, name))
+
+
+def test_a_source_with_an_interval_takes_its_pcpi_only_when_due(fan_in):
+    """docs/config.md, "Sources": a every cycle, b `interval = 3` (seconds) in cycles one second apart:
+    b's PCPI is taken in cycles 1, 4 and 7 only, and B1's image moves only then; in the other cycles
+    B1 stays stable without an error and its image is in the new coalesced base with a's; I1 always."""
+    taken, peak = SourcePcpisTaken(), PeakCyclePcpis()
+    h, urls = fan_in(plugins=(taken, peak), own={"b": ["interval = 3"]})
+    peak.h = h
+    b_cycles = []
+    for n in range(1, 8):
+        before = image(h, "B1") if n > 1 else None
+        h.writers["a"].write("A1", f"new/{n}", b"a" * 300)
+        h.writers["b"].write("B1", f"new/{n}", b"b" * 300)
+        count = len(taken.taken)
+        report = h.cycle()
+        s = h.agent.state
+        assert report["cycle"] == n and report["failures"] == 0 and set(h.states().values()) == {"stable"}
+        sources = [next(k for k, u in urls.items() if str(u) in volume) for volume, _ in taken.taken[count:]]
+        assert sources.count("a") == 1 and len(sources) <= 2
+        if "b" in sources:
+            b_cycles.append(n)
+            assert image(h, "B1") == newest(h, "B1") and image(h, "B1") != before
+        else:
+            assert image(h, "B1") == before and s.replicas["B1"].last_error == ""
+        assert image(h, "A1") == newest(h, "A1")
+        assert len({r.exported for r in s.replicas.values()}) == 1 and h.cycle_pcpis_on_volume() == 1
+        assert held(h, "b") == [s.replicas["B1"].source_point]
+        h.assert_invariants()
+        h.clock.advance(1.0)
+    assert b_cycles == [1, 4, 7]
+    assert 1 <= peak.peak <= 4
+
+
+def test_a_cycle_in_which_no_source_is_due_takes_no_pcpi(fan_in):
+    """Both sources every hour: the second `run_once` an hour less a second later starts no cycle and
+    takes nothing, anywhere; an hour after the first it runs."""
+    taken = SourcePcpisTaken()
+    h, _urls = fan_in(plugins=(taken,), own={"a": ['interval = "1h"'], "b": ['interval = "1h"']})
+    h.cycle()
+    pcpis = h.agent.dest.snapshot_list()
+    cycles, first = h.agent.state.cycle, len(taken.taken)
+    h.clock.advance(3599.0)
+    assert h.agent.run_once() == {} and h.agent.state.cycle == cycles and h.agent.state.phase == "idle"
+    assert len(taken.taken) == first and h.agent.dest.snapshot_list() == pcpis
+    assert not h.agent.failures and not h.agent.refusals
+    h.clock.advance(1.0)
+    assert h.agent.run_once()["cycle"] == cycles + 1 and len(taken.taken) == first + 2
+    h.assert_invariants()

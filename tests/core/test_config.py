@@ -565,29 +565,31 @@ def test_several_sources_are_runnable_but_have_no_sole_url():
         cfg.with_source("mem://x")
 
 
-def test_a_source_with_pace_of_its_own_among_several_is_refused():
+def test_a_source_with_a_parallel_of_its_own_among_several_is_refused():
     with pytest.raises(ConfigError) as ei:
         parse_config(TWO, "cfg.toml").check_runnable()
-    assert "[[source]] 'office' sets `interval`, `parallel`" in str(ei.value)
+    assert "[[source]] 'office' sets `parallel`" in str(ei.value)
+
+
+def test_a_source_with_an_interval_of_its_own_is_runnable():
+    """The agent takes a PCPI of such a source only when it is due (tests/core/test_agent_fan_in.py)."""
+    cfg = parse_config(TWO.replace("parallel = 2\n", ""), "cfg.toml")
+    cfg.check_runnable()
+    assert cfg.source_named("office").interval == 900.0
+    assert parse_config(GROUP + source("interval = 60", name="one", url=TLS)).source == TLS
 
 
 @pytest.mark.parametrize(
-    ("lines", "named"),
-    [
-        (["interval = 60"], "`interval`"),
-        (["parallel = 2"], "`parallel`"),
-        (["interval = 60", "[source.transfer]", "retries = 1"], "`interval`"),
-    ],
+    "lines", [["parallel = 2"], ["interval = 60", "parallel = 2", "[source.transfer]", "retries = 1"]]
 )
-def test_a_sole_source_with_pace_of_its_own_is_refused_by_the_agent_of_this_version(lines, named):
-    """The agent does not apply a source's interval or parallel yet: running such a config would
-    ignore them silently."""
+def test_a_sole_source_with_a_parallel_of_its_own_is_refused_by_the_agent_of_this_version(lines):
+    """The agent does not apply a source's parallel yet: running such a config would ignore it silently."""
     cfg = parse_config(GROUP + source(*lines, name="one", url=TLS), "cfg.toml")
     assert cfg.sole_source().name == "one"
     with pytest.raises(ConfigError) as ei:
         cfg.source
-    assert f"[[source]] 'one' sets {named}, which this version's agent does not apply yet" in str(ei.value)
-    assert "`interval` and `parallel` apply to every source" in ei.value.hint
+    assert "[[source]] 'one' sets `parallel`, which this version's agent does not apply yet" in str(ei.value)
+    assert "the group's `parallel` applies to every source" in ei.value.hint
 
 
 def test_a_sole_sources_transport_tables_are_what_its_backend_is_opened_with():

@@ -228,6 +228,19 @@ def test_a_ledger_written_before_sources_had_names_between_cycles_has_no_cycle_t
     st = led.load()
     led.close()
     assert st.cycle_targets == {} and st.phase == "idle"
+    assert st.source_taken == {}  # written before sources had intervals: every source is due
+
+
+def test_when_each_source_last_took_a_pcpi_round_trips(tmp_path):
+    st = GroupState(name="g", source_taken={"lab": 1000.5, "office": 900.0})
+    Ledger.create(tmp_path / "g.sqlite", GroupState(name="g")).close()
+    led = Ledger.open(tmp_path / "g.sqlite", group="g")
+    led.commit(GroupState(name="g"), st)
+    led.close()
+    led = Ledger.open(tmp_path / "g.sqlite", group="g")
+    back = led.load()
+    led.close()
+    assert back == st and back.source_taken == {"lab": 1000.5, "office": 900.0}
 
 
 def test_sources_of_replicas_and_source_pcpis_round_trip(tmp_path):

@@ -2440,3 +2440,63 @@ def test_resumed_updates_restart_to_their_own_sources_pcpi():
         ("B", office, "office", True),
     }
     assert d.state.phase == "updating" and {r.target for r in d.state.replicas.values()} == {lab, office}
+
+
+# ---------------------------------------------------------------------------
+# a source's own interval: only the sources that are due (docs/config.md, "Sources")
+# ---------------------------------------------------------------------------
+def test_a_source_not_due_keeps_its_replicas_stable_and_their_images_in_the_new_base():
+    """Only lab's PCPI is taken; B (of office, not due) attempts no update: stable, no error, no
+    outage, its image (still office's last PCPI, kept) in the new coalesced base with the others'."""
+    sim = Sim(two_sources()).run(ev.StartCycle(now=5.0, due=frozenset({"lab"})))
+    st = sim.state
+    assert [e.source for e in of(sim.effects, fx.TakeSourcePcpi)] == ["lab"]
+    assert {t.replica for t in of(sim.effects, fx.Transfer)} == {"A", "C"}
+    b = st.replicas["B"]
+    assert (b.state, b.source_point, b.last_error, b.outages, b.consecutive_failures) == (
+        "stable",
+        OFFICE_S1,
+        "",
+        0,
+        0,
+    )
+    assert st.phase == "idle" and len({r.exported for r in st.replicas.values()}) == 1 and b.exported != BASE
+    assert OFFICE_S1 in st.source_pcpis and st.source_taken == {"lab": 5.0}
+    assert {(e.name, e.source) for e in of(sim.effects, fx.ReleaseSourcePcpi)} == {(LAB_S1, "lab")}
+
+
+def test_a_cycle_in_which_no_source_is_due_does_not_start_and_takes_nothing():
+    st = two_sources()
+    for due in (frozenset(), frozenset({"spare"})):
+        d = decide(st, ev.StartCycle(now=5.0, due=due, destination_room=0))  # not even a shortfall recorded
+        assert d.state == st and not d.effects and not d.log
+    assert planner.cycle_sources(st, 5.0, frozenset()) == ([], ["lab", "office"])
+    assert planner.cycle_sources(st, 5.0, None) == (["lab", "office"], [])
+
+
+def test_without_due_every_source_is_due_as_before():
+    d = decide(two_sources(), ev.StartCycle(now=5.0))
+    assert sorted(d.state.cycle_targets) == ["lab", "office"]
+
+
+def test_a_source_counts_its_interval_from_the_start_of_the_cycle_that_took_its_pcpi():
+    """Taken at 7.0 in a cycle started at 5.0: 5.0 is recorded; a refused PCPI records nothing (the
+    source stays due), and neither does a PCPI of the source taken outside the cycle's targets."""
+    d = decide(two_sources(), ev.StartCycle(now=5.0))
+    targets = d.state.cycle_targets
+    st = decide(d.state, ev.SourcePcpiTaken(name=targets["lab"], now=7.0, source="lab")).state
+    st = decide(st, ev.SourcePcpiRefused(name=targets["office"], now=7.0, error="down", source="office")).state
+    assert st.source_taken == {"lab": 5.0}
+
+
+def test_a_shortfall_records_an_outage_only_for_the_sources_that_are_due():
+    d = decide(two_sources(), ev.StartCycle(now=5.0, due=frozenset({"office"}), destination_room=0))
+    assert d.state.phase == "idle" and not d.effects
+    assert {n: r.outages for n, r in d.state.replicas.items()} == {"A": 0, "B": 1, "C": 0}
+
+
+def test_recovery_that_finds_a_sources_pcpi_of_the_cycle_records_it_taken():
+    st = decide(two_sources(), ev.StartCycle(now=5.0)).state
+    targets = st.cycle_targets
+    d = decide(st, ev.Recover(now=6.0, destination_pcpis=frozenset({BASE}), source_pcpis={"lab": {targets["lab"]}}))
+    assert d.state.source_taken == {"lab": 5.0}
