@@ -4,7 +4,8 @@ It holds no policy.  For each event it asks the planner for a decision,
 persists the decision's state (write-ahead, one durable commit per batch),
 tells the observers, and runs the effects through the backend hooks:
 PCPI takes, releases and export switches inline; transfers (the data path is
-coalesce_core.transfer) and rollbacks concurrently in a pool of ``parallel`` workers.  Every effect's result goes
+coalesce_core.transfer) and rollbacks concurrently in a pool of ``parallel`` workers (a source's
+own ``parallel`` caps its transfers inside it).  Every effect's result goes
 back to the planner as an event, a PCPI a source or the destination refused
 (or a source that cannot be reached) included: the planner decides what it means
 (docs/decisions.md, "Refused PCPIs and source outages").  Every effect runs against
@@ -85,6 +86,37 @@ class _CycleStats:
         self.records = 0
         self.nbytes = 0
         self.failed: dict[str, str] = {}
+
+
+class _SourceSlots:
+    """The transfers of each source with a cap (``caps``: source name -> its ``parallel``) that run,
+    and those that wait for one of theirs to end, in order.  Other effects pass freely."""
+
+    def __init__(self, caps: dict[str, int]) -> None:
+        self.caps = caps
+        self.running: collections.Counter[str] = collections.Counter()
+        self.waiting: dict[str, collections.deque[object]] = collections.defaultdict(collections.deque)
+
+    def admit(self, eff: object) -> bool:
+        """True: run ``eff`` now; False: it waits (:meth:`release` hands it back)."""
+        if not isinstance(eff, fx.Transfer) or eff.origin not in self.caps:
+            return True
+        if self.running[eff.origin] >= self.caps[eff.origin]:
+            self.waiting[eff.origin].append(eff)
+            return False
+        self.running[eff.origin] += 1
+        return True
+
+    def release(self, eff: object) -> object | None:
+        """``eff`` ended: the next transfer of its source that waited, now running, or None."""
+        if not isinstance(eff, fx.Transfer) or eff.origin not in self.caps:
+            return None
+        self.running[eff.origin] -= 1
+        queue = self.waiting[eff.origin]
+        if not queue:
+            return None
+        self.running[eff.origin] += 1
+        return queue.popleft()
 
 
 class Agent:
@@ -199,7 +231,6 @@ class Agent:
         clock: Callable[[], float] = time.time,
     ) -> "Agent":
         """Create the volumes (if the backend can) and a new ledger for the group (holding its lock)."""
-        config.check_runnable()
         pm = pm or plugin_manager(plugins)
         sources: list[Volume] = []
         try:
@@ -262,11 +293,7 @@ class Agent:
         verb, which needs only the destination; :meth:`recover`).  ``reconcile``: a replica of the
         ledger that the config lacks or gives another source qtree or source is a ConfigError before anything
         changes (the config is the truth; `coalesce remove`/`add` reconcile them, and open without
-        it); a replica only the config has is added.  A changing agent of a config with a source that
-        sets its own ``parallel`` is a ConfigError before it locks anything
-        (GroupConfig.check_runnable, docs/config.md "Sources")."""
-        if not readonly:
-            config.check_runnable()  # a ConfigError before anything is locked or written
+        it); a replica only the config has is added."""
         pm = pm or plugin_manager(plugins)
         dest = Volume.open(pm, config.destination)
         try:
@@ -392,8 +419,12 @@ class Agent:
         self._drive(self._decide_batch([event]))
 
     def _drive(self, effects: list[object]) -> None:
+        """Run ``effects`` and everything they lead to: concurrent ones in a pool of the group's
+        ``parallel`` workers, the transfers of a source with a ``parallel`` of its own at most that
+        many at once (the others wait, in order, for one of theirs to end; docs/config.md, "Sources")."""
         pending = collections.deque(effects)
         running: dict[cf.Future, object] = {}
+        held = _SourceSlots({one.name: one.parallel for one in self.config.sources if one.parallel is not None})
         self._abort.clear()
         pool = cf.ThreadPoolExecutor(max_workers=self.config.parallel, thread_name_prefix="coalesce")
         try:
@@ -401,14 +432,17 @@ class Agent:
                 while pending:
                     eff = pending.popleft()
                     if isinstance(eff, fx.CONCURRENT):
-                        running[pool.submit(self._run_concurrent, eff)] = eff
+                        if held.admit(eff):
+                            running[pool.submit(self._run_concurrent, eff)] = eff
                     else:
                         pending.extend(self._decide_batch([self._run_inline(eff)]))
                 if running:
                     done, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
                     results = []
                     for fut in done:
-                        running.pop(fut)
+                        nxt = held.release(running.pop(fut))
+                        if nxt is not None:
+                            running[pool.submit(self._run_concurrent, nxt)] = nxt
                         results.append(fut.result())  # re-raises SimulatedCrash
                     pending.extend(self._decide_batch(results))
         except BaseException:

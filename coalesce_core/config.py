@@ -146,19 +146,6 @@ class GroupConfig:
     #: which retained coalesced generations to keep ([retention], coalesce_core.retention)
     retention: Policy = Policy()
 
-    def check_runnable(self) -> None:
-        """A ConfigError for a config the agent of this version cannot run: a ``[[source]]`` that sets
-        its own ``parallel``, which it does not apply yet (docs/config.md, "Sources"); running it
-        would ignore it silently.  Several sources are run (one volume each), each at its own
-        ``interval``."""
-        for one in self.sources:
-            if one.parallel is not None:
-                raise ConfigError(
-                    f"{self.path or 'the config'}: [[source]] {one.name!r} sets `parallel`, which this "
-                    "version's agent does not apply yet",
-                    hint="leave it out for now: the group's `parallel` applies to every source",
-                )
-
     def source_named(self, name: str) -> SourceConfig:
         """The source called ``name``; a ConfigError when the config has none of that name (a source
         the ledger still knows, whose [[source]] table was removed)."""
@@ -173,11 +160,8 @@ class GroupConfig:
 
     @property
     def source(self) -> str:
-        """The URL of the group's one source (a ConfigError for a config of several, :meth:`sole_source`;
-        and, like :meth:`check_runnable`, for a source with a ``parallel`` of its own)."""
-        one = self.sole_source()
-        self.check_runnable()
-        return one.url
+        """The URL of the group's one source (a ConfigError for a config of several, :meth:`sole_source`)."""
+        return self.sole_source().url
 
     @property
     def source_options(self) -> dict[str, dict[str, Any]] | None:

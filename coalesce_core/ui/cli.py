@@ -647,7 +647,6 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from coalesce_core.verifier import read_state, verify_replicas
 
     cfg = _config(args)
-    cfg.check_runnable()
     pm = plugin_manager()
     dest = Volume.open(pm, cfg.destination)
     sources: dict[str, Volume] = {}  # each replica is compared with its own source, opened once

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -275,3 +276,56 @@ def test_a_cycle_in_which_no_source_is_due_takes_no_pcpi(fan_in):
     h.clock.advance(1.0)
     assert h.agent.run_once()["cycle"] == cycles + 1 and len(taken.taken) == first + 2
     h.assert_invariants()
+
+
+class InFlight:
+    """Counts the applies on the destination in flight per source (a replica's qtree names it) and
+    keeps the peaks.  Each apply waits, before it goes on, until ``together`` applies are in flight
+    or ``patience`` seconds passed: an agent that ran more at once than it should reaches the count
+    at once, and the peak shows it (the wait bounds the test; no time is asserted)."""
+
+    def __init__(self, together: int, patience: float = 0.5) -> None:
+        self.together, self.patience = together, patience
+        self.now: dict[str, int] = {"a": 0, "b": 0}
+        self.peak: dict[str, int] = {"a": 0, "b": 0}
+        self.peak_total = 0
+        self.cond = threading.Condition()
+
+    @hookimpl(wrapper=True)
+    def coalesce_apply(self, volume, qtree, records, use_purgatory):
+        source = ORIGIN.get(qtree)
+        if source is None or "dst" not in str(getattr(volume, "url", volume)):
+            return (yield)
+        with self.cond:
+            self.now[source] += 1
+            self.peak[source] = max(self.peak[source], self.now[source])
+            self.peak_total = max(self.peak_total, sum(self.now.values()))
+            self.cond.notify_all()
+            self.cond.wait_for(lambda: sum(self.now.values()) >= self.together, timeout=self.patience)
+        try:
+            return (yield)
+        finally:
+            with self.cond:
+                self.now[source] -= 1
+
+
+@pytest.mark.parametrize("cap", [1, 2])
+def test_a_sources_parallel_caps_its_transfers_inside_the_groups_pool(fan_in, cap):
+    """Group `parallel` 3, source a `parallel` = cap: at most cap of a's transfers (A1, A2) run at
+    once, while b's (B1) runs beside them in the group's pool; every transfer ends and the cycle is
+    whole."""
+    flight = InFlight(together=3)
+    h, _urls = fan_in(plugins=(flight,), parallel=3, own={"a": [f"parallel = {cap}"]})
+    report = h.cycle()
+    assert report["failures"] == 0 and set(h.states().values()) == {"stable"}
+    assert flight.peak == {"a": cap, "b": 1} and flight.peak_total == cap + 1
+    h.assert_invariants()
+
+
+def test_the_group_parallel_alone_runs_every_transfer_of_a_source_at_once(fan_in):
+    """The control of the test above: without a source's own cap, a's two transfers do run together
+    (so InFlight can see a cap being broken)."""
+    flight = InFlight(together=3)
+    h, _urls = fan_in(plugins=(flight,), parallel=3)
+    h.cycle()
+    assert flight.peak == {"a": 2, "b": 1} and flight.peak_total == 3

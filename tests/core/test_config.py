@@ -552,8 +552,7 @@ def test_one_source_table_takes_the_replicas_without_from():
 def test_several_sources_are_runnable_but_have_no_sole_url():
     """The agent opens each source by its name (``source_named``); what speaks of one source
     (``source``, ``with_source``) says which sources there are."""
-    cfg = parse_config(TWO.replace('interval = "15m"\nparallel = 2\n', ""), "cfg.toml")
-    cfg.check_runnable()  # no refusal for several sources
+    cfg = parse_config(TWO, "cfg.toml")
     assert cfg.source_named("office").url == "tls://office.example:7450/home"
     with pytest.raises(ConfigError) as ei:
         cfg.source_named("attic")
@@ -565,31 +564,13 @@ def test_several_sources_are_runnable_but_have_no_sole_url():
         cfg.with_source("mem://x")
 
 
-def test_a_source_with_a_parallel_of_its_own_among_several_is_refused():
-    with pytest.raises(ConfigError) as ei:
-        parse_config(TWO, "cfg.toml").check_runnable()
-    assert "[[source]] 'office' sets `parallel`" in str(ei.value)
-
-
-def test_a_source_with_an_interval_of_its_own_is_runnable():
-    """The agent takes a PCPI of such a source only when it is due (tests/core/test_agent_fan_in.py)."""
-    cfg = parse_config(TWO.replace("parallel = 2\n", ""), "cfg.toml")
-    cfg.check_runnable()
-    assert cfg.source_named("office").interval == 900.0
-    assert parse_config(GROUP + source("interval = 60", name="one", url=TLS)).source == TLS
-
-
-@pytest.mark.parametrize(
-    "lines", [["parallel = 2"], ["interval = 60", "parallel = 2", "[source.transfer]", "retries = 1"]]
-)
-def test_a_sole_source_with_a_parallel_of_its_own_is_refused_by_the_agent_of_this_version(lines):
-    """The agent does not apply a source's parallel yet: running such a config would ignore it silently."""
-    cfg = parse_config(GROUP + source(*lines, name="one", url=TLS), "cfg.toml")
-    assert cfg.sole_source().name == "one"
-    with pytest.raises(ConfigError) as ei:
-        cfg.source
-    assert "[[source]] 'one' sets `parallel`, which this version's agent does not apply yet" in str(ei.value)
-    assert "the group's `parallel` applies to every source" in ei.value.hint
+def test_a_source_with_an_interval_or_a_parallel_of_its_own_is_runnable():
+    """The agent takes a PCPI of such a source only when it is due and runs at most ``parallel`` of its
+    transfers at once (tests/core/test_agent_fan_in.py)."""
+    cfg = parse_config(TWO, "cfg.toml")
+    office = cfg.source_named("office")
+    assert (office.interval, office.parallel) == (900.0, 2)
+    assert parse_config(GROUP + source("interval = 60", "parallel = 2", name="one", url=TLS)).source == TLS
 
 
 def test_a_sole_sources_transport_tables_are_what_its_backend_is_opened_with():
