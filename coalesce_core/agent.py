@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterable
 import attrs
 import pluggy
 
-from coalesce_core import crashpoints, ownership, requests, restorer, retention, verifier, verify
+from coalesce_core import crashpoints, outcome, ownership, requests, restorer, retention, verifier, verify
 from coalesce_core.backend.manager import plugin_manager
 from coalesce_core.backend.volume import Volume
 from coalesce_core.config import GroupConfig, check_origins, check_replicas
@@ -153,6 +153,10 @@ class Agent:
         #: name, a cycle refused for want of PCPIs, since the last `run_once` began (`run --once` exits with
         #: the first one's code: 4, or 2 for the source of another group)
         self.refusals: list[CoalesceError] = []
+        #: of those, the sources that refused a PCPI (to take or release) or could not be reached
+        self.refused_sources: list[str] = []
+        #: the sources whose PCPI the cycles since the last `run_once` began asked for: True, taken
+        self.taken_sources: dict[str, bool] = {}
         self._abort = threading.Event()
         #: what the last recovery did to a ledger behind its volumes (coalesce_core/cycle/restore.py)
         self.restored: list[str] = []
@@ -460,11 +464,15 @@ class Agent:
                 source.snapshot_create(eff.name)
             except VolumeInUse as exc:  # a configuration to fix: its own message, hint and exit code
                 self.refusals.append(exc)
+                self.taken_sources[eff.source] = False
                 return ev.SourcePcpiRefused(name=eff.name, now=now(), error=_describe(exc), source=eff.source)
             except REFUSED as exc:
                 what = f"the source {self._source_url(eff.source)} could not be reached or refused PCPI {eff.name}"
                 error = self._refused(what, exc, SOURCE_HINT)
+                self.refused_sources.append(eff.source)
+                self.taken_sources[eff.source] = False
                 return ev.SourcePcpiRefused(name=eff.name, now=now(), error=error, source=eff.source)
+            self.taken_sources[eff.source] = True
             taken_at = now()
             self.pm.hook.coalesce_pcpi_taken(
                 group=self.state.name, volume=str(source.url), name=eff.name, role="source"
@@ -478,6 +486,7 @@ class Agent:
             except REFUSED as exc:
                 what = f"the source {self._source_url(eff.source)} could not release PCPI {eff.name}"
                 error = self._refused(what, exc, "a later cycle releases it")
+                self.refused_sources.append(eff.source)
                 return ev.SourcePcpiNotReleased(name=eff.name, error=error, source=eff.source)
             self.pm.hook.coalesce_pcpi_released(group=self.state.name, volume=str(source.url), name=eff.name)
             return ev.SourcePcpiReleased(name=eff.name, source=eff.source)
@@ -771,6 +780,8 @@ class Agent:
         every PCPI a volume refused and every source it could not reach."""
         self.failures = []
         self.refusals = []
+        self.refused_sources = []
+        self.taken_sources = {}
         self.take_requests()
         self.tick()
         report = self.run_cycle()
@@ -950,6 +961,16 @@ class Agent:
                 self.reseed(name, f"background verification: {error}")
             except CoalesceError:
                 pass  # a replica that cannot be re-seeded now is found again by a later verification
+
+    def source_outcome(self) -> outcome.SourceOutcome:
+        """What the cycles since the last `run_once` began came to per source (coalesce_core.outcome)."""
+        return outcome.source_outcome(
+            self.taken_sources,
+            {r.name: r.origin for r in self.state.replicas.values()},
+            self.failures,
+            self.refused_sources,
+            len(self.refusals) - len(self.refused_sources),
+        )
 
     def all_stable(self) -> bool:
         return all(r.state == "stable" for r in self.state.replicas.values())

@@ -37,6 +37,8 @@ EXIT_ERROR = 1
 EXIT_CONFIG = 2
 EXIT_NOT_STABLE = 3
 EXIT_TRANSFER_FAILED = 8  # `run --once`: an update, baseline or re-seed failed in the run
+#: `run --once` of a group of several sources: the cycle completed for some sources and failed for others only
+EXIT_PARTIAL = 10
 EXIT_INTERRUPTED = 130
 
 DEFAULT_CONFIG = "coalesce.toml"
@@ -397,6 +399,16 @@ def _run(args: argparse.Namespace, stop: _Stop) -> int:
             on_cycle(cycle())
             if stop.asked.is_set():
                 logs.say(logs.NOTICE, "coalesce run: stopped after the cycle, as asked")
+            done = agent.source_outcome()
+            if done.partial:  # some sources failed, the others completed, nothing else failed (docs/cli.md)
+                for exc in agent.refusals:
+                    _print_refusal(exc)
+                logs.say(
+                    logging.WARNING,
+                    f"partial: the cycle completed for source(s) {', '.join(done.completed)}; "
+                    f"failed for {', '.join(done.failed)}",
+                )
+                return EXIT_PARTIAL
             if agent.refusals:  # a PCPI refused, the source out of reach or another's, no PCPI headroom (docs/cli.md)
                 return report_error(agent.refusals[0])
             if any(f["trigger"] in TRANSFER_FAILURES for f in agent.failures):

@@ -144,6 +144,8 @@ def test_a_source_that_refuses_its_pcpi_holds_back_only_its_own_replicas(fan_in)
     assert "b refused" in b.last_error and b.outages == 1
     assert [f["replica"] for f in h.agent.failures] == ["B1"]
     assert len(h.agent.refusals) == 1 and urls["b"] in h.agent.refusals[0].message
+    done = h.agent.source_outcome()  # `run --once` exits 10: partial
+    assert (done.completed, done.failed, done.partial) == (("a",), ("b",), True)
     assert held(h, "b") == [before.source_point]
     h.assert_invariants()
     h.cycle()
@@ -329,3 +331,18 @@ def test_the_group_parallel_alone_runs_every_transfer_of_a_source_at_once(fan_in
     h, _urls = fan_in(plugins=(flight,), parallel=3)
     h.cycle()
     assert flight.peak == {"a": 2, "b": 1} and flight.peak_total == 3
+
+
+def test_transfers_that_fail_only_for_one_source_make_the_cycle_partial(fan_in):
+    """B1's update fails (its source's diff): a's replicas complete, B1 is rolled back; the outcome
+    names b failed and a completed (`run --once` exits 10); a clean cycle next is not partial."""
+    h, urls = fan_in()
+    h.cycle()
+    h.writers["b"].write("B1", "new", b"b" * 300)
+    h.faults.add(Rule(hook="coalesce_diff", volume=urls["b"], times=1, message="b broke"))
+    report = h.cycle()
+    assert sorted(report["failed"]) == ["B1"] and not h.agent.refusals
+    done = h.agent.source_outcome()
+    assert (done.completed, done.failed, done.partial) == (("a",), ("b",), True)
+    h.cycle()
+    assert h.agent.source_outcome() == type(done)(completed=("a", "b"))

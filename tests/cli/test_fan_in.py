@@ -1,0 +1,56 @@
+"""`coalesce` on a group of two sources, as an operator meets it (docs/config.md, "Sources"): the
+`run --once` exit code of a cycle that completed for one source and failed for the other (10,
+docs/cli.md "Exit codes")."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from coalesce_core.backend.manager import plugin_manager
+from coalesce_core.backend.volume import Volume
+from coalesce_core.testing.workload import SourceWriter, fill
+from coalesce_core.ui import cli as cli_mod
+
+
+@pytest.fixture
+def two(tmp_path: Path, monkeypatch) -> dict[str, Path]:
+    """Group ``home`` of the sources ``one`` (replica A) and ``two`` (replica B) on mem:// files, ./coalesce.toml,
+    initialised; returns each source's file by name."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("COALESCE_CONFIG", raising=False)
+    files = {s: tmp_path / f"{s}.vol" for s in ("one", "two")}
+    lines = ['[group]\nname = "home"', f'destination = "mem://{tmp_path}/dst.vol"', "[group.retry]\ninitial = 0"]
+    for s, f in files.items():
+        lines += [f'[[source]]\nname = "{s}"\nurl = "mem://{f}"']
+        writer = SourceWriter(Volume.open(plugin_manager(), f"mem://{f}", create=True))
+        fill(writer, ["A" if s == "one" else "B"])
+        writer.volume.close()
+    lines += ['[[replica]]\nname = "A"\nfrom = "one"', '[[replica]]\nname = "B"\nfrom = "two"']
+    (tmp_path / "coalesce.toml").write_text("\n".join(lines) + "\n")
+    assert cli_mod.main(["init"]) == 0
+    return files
+
+
+def run_once(capsys) -> tuple[int, str, str]:
+    capsys.readouterr()
+    rc = cli_mod.main(["run", "--once", "-q"])
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def test_run_once_exits_10_when_the_cycle_completed_for_one_source_and_the_other_was_out_of_reach(two, capsys):
+    assert run_once(capsys)[0] == 0
+    gone = two["two"].with_name("two.gone")
+    two["two"].rename(gone)  # source two's host is down
+    rc, _out, err = run_once(capsys)
+    assert rc == cli_mod.EXIT_PARTIAL == 10, err
+    assert "error: the source mem://" in err and "could not be reached" in err and "hint:" in err
+    assert "partial: the cycle completed for source(s) one; failed for two" in err
+    two["one"].rename(two["one"].with_name("one.gone"))  # now both: nothing completed, exit 4 as before
+    rc, _out, err = run_once(capsys)
+    assert rc == 4 and "partial" not in err
+    two["one"].with_name("one.gone").rename(two["one"])
+    gone.rename(two["two"])
+    assert run_once(capsys)[0] == 0  # both back: a whole cycle again
