@@ -543,6 +543,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                         requests=queue,
                         kept_paths=kept,
                         generation_paths=agent.generation_paths(),
+                        intervals={one.name: one.interval for one in agent.config.sources},
                     )
                 )
             else:
@@ -592,6 +593,7 @@ def _watch_status(args: argparse.Namespace, agent: Any, paths: dict[str, str | N
                     requests=queue,
                     kept_paths=kept,
                     generation_paths=agent.generation_paths(state),
+                    intervals={one.name: one.interval for one in agent.config.sources},
                 )
                 _dump_json(doc, compact=True)
                 n += 1

@@ -24,12 +24,15 @@ def status_data(
     requests: Sequence[Any] = (),
     kept_paths: Mapping[str, str | None] | None = None,
     generation_paths: Mapping[str, Mapping[str, str | None]] | None = None,
+    intervals: Mapping[str, float | None] | None = None,
 ) -> dict[str, Any]:
     """The `status --json` document (docs/schemas/status.schema.json); ``now`` gives the lag, ``agent``
     the process that holds the group now (coalesce_core.grouplock.probe), None when none does;
     ``requests`` the newest requests handed to a running agent (coalesce_core.requests.Request);
     ``kept_paths`` where each kept PCPI is readable, by PCPI name (Agent.kept_paths);
-    ``generation_paths`` where each replica's image in each generation is (Agent.generation_paths)."""
+    ``generation_paths`` where each replica's image in each generation is (Agent.generation_paths);
+    ``intervals`` each source's own ``interval`` by name, in the config's order (None: due every
+    cycle; without it, the sources the replicas come from)."""
     paths = kept_paths or {}
     gpaths = generation_paths or {}
     retained = state.generations()
@@ -46,6 +49,7 @@ def status_data(
             {
                 "name": r.name,
                 "source": r.source_qtree,
+                "from": r.origin,
                 "state": r.state,
                 "exported_pcpi": r.exported if r.exported != ACTIVE else None,
                 "exports_active_fs": r.exported == ACTIVE,
@@ -83,6 +87,7 @@ def status_data(
             for p in sorted(state.pcpis.values(), key=lambda p: p.name)
         ],
         "source_pcpis": sorted(state.source_pcpis),
+        "sources": _sources(state, intervals),
         "kept": [
             _kept(p, sorted(p.owners)[0] if p.owners else "", paths)
             for p in sorted(state.pcpis.values(), key=lambda p: p.name)
@@ -196,3 +201,26 @@ def graph_data(spec: Spec | None = None, counts: Mapping[str, int] | None = None
             for src in t.source
         ],
     }
+
+
+def _sources(state: GroupState, intervals: Mapping[str, float | None] | None) -> list[dict[str, Any]]:
+    """Per source (docs/config.md, "Sources"): its replicas, its newest source PCPI the group holds
+    and when it was taken, its ``interval`` and when it is next due (None: at the next cycle)."""
+    if intervals is None:
+        intervals = {name: None for name in sorted({r.origin for r in state.replicas.values()})}
+    out = []
+    for name, interval in intervals.items():
+        held = sorted(n for n, sp in state.source_pcpis.items() if sp.source == name and sp.taken)
+        last = state.source_pcpis[held[-1]] if held else None
+        started = state.source_taken.get(name)
+        out.append(
+            {
+                "name": name,
+                "replicas": sorted(r.name for r in state.replicas.values() if r.origin == name),
+                "last_pcpi": last.name if last is not None else None,
+                "last_pcpi_time": last.taken_at if last is not None and last.taken_at else None,
+                "interval": interval,
+                "next_due": started + interval if interval is not None and started is not None else None,
+            }
+        )
+    return out

@@ -4,6 +4,7 @@ docs/cli.md "Exit codes")."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -54,3 +55,28 @@ def test_run_once_exits_10_when_the_cycle_completed_for_one_source_and_the_other
     two["one"].with_name("one.gone").rename(two["one"])
     gone.rename(two["two"])
     assert run_once(capsys)[0] == 0  # both back: a whole cycle again
+
+
+def test_status_json_names_each_replicas_source_and_each_sources_pace(two, capsys, validate_json):
+    """`from` per replica; `sources` in the config's order with their replicas, newest PCPI and its
+    time, `interval` and when next due (docs/cli.md, "status --json"); valid against the schema."""
+    cfg = Path("coalesce.toml")
+    cfg.write_text(
+        cfg.read_text().replace(f'url = "mem://{two["two"]}"\n', f'url = "mem://{two["two"]}"\ninterval = "1h"\n')
+    )
+    assert run_once(capsys)[0] == 0
+    assert cli_mod.main(["status", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    validate_json(doc, "status")
+    assert {r["name"]: r["from"] for r in doc["replicas"]} == {"A": "one", "B": "two"}
+    one, two_ = doc["sources"]
+    points = {r["name"]: r["source_point"] for r in doc["replicas"]}
+    assert (one["name"], one["replicas"], one["last_pcpi"], one["interval"], one["next_due"]) == (
+        "one",
+        ["A"],
+        points["A"],
+        None,
+        None,
+    )
+    assert (two_["name"], two_["replicas"], two_["last_pcpi"], two_["interval"]) == ("two", ["B"], points["B"], 3600.0)
+    assert two_["last_pcpi_time"] and 3595.0 <= two_["next_due"] - two_["last_pcpi_time"] <= 3600.0
