@@ -70,6 +70,7 @@ _GROUP_FIELDS = (
     "cycle_started",
     "cycle_failures",
     "reseed_after",
+    "straggler_after",
 )
 
 #: the meta key of a ledger written before sources had names: the cycle's one source PCPI, which

@@ -21,11 +21,12 @@
 #define R_unstable_uncoalesced 6   /* ref 1024 field=outside */
 #define R_stable_uncoalesced 7   /* ref 1030 field=outside */
 #define R_done_uncoalesced 8   /* ref 1014* field=outside */
-#define R_broken 9   /* ref - field=outside */
-#define R_reseed_pending 10   /* ref 1006* field=outside */
-#define R_reseeding 11   /* ref 1006* field=outside */
-#define R_reseeded 12   /* ref 1006* field=outside */
-#define R_removed 13   /* ref - field=outside */
+#define R_update_uncoalesced 9   /* ref 1011* field=outside */
+#define R_broken 10   /* ref - field=outside */
+#define R_reseed_pending 11   /* ref 1006* field=outside */
+#define R_reseeding 12   /* ref 1006* field=outside */
+#define R_reseeded 13   /* ref 1006* field=outside */
+#define R_removed 14   /* ref - field=outside */
 
 /* agent phases */
 #define A_idle 0
@@ -74,6 +75,12 @@ inline T_resume_update(x) { assert(rs[x] == R_done); rs[x] = R_update }   /* ref
 inline T_rollback_failed(x) { assert(rs[x] == R_rollback); rs[x] = R_unstable_uncoalesced }   /* ref 1022 */
 /* @edge replica jump_ahead_refused done done_uncoalesced */
 inline T_jump_ahead_refused(x) { assert(rs[x] == R_done); rs[x] = R_done_uncoalesced }   /* ref 1022* */
+/* @edge replica straggle update update_uncoalesced */
+inline T_straggle(x) { assert(rs[x] == R_update); rs[x] = R_update_uncoalesced }   /* ref  */
+/* @edge replica straggler_succeeded update_uncoalesced done_uncoalesced */
+inline T_straggler_succeeded(x) { assert(rs[x] == R_update_uncoalesced); rs[x] = R_done_uncoalesced }   /* ref 1012* */
+/* @edge replica straggler_failed update_uncoalesced unstable_uncoalesced */
+inline T_straggler_failed(x) { assert(rs[x] == R_update_uncoalesced); rs[x] = R_unstable_uncoalesced }   /* ref 1016* */
 /* @edge replica retry_failed unstable_uncoalesced unstable_uncoalesced */
 inline T_retry_failed(x) { assert(rs[x] == R_unstable_uncoalesced); rs[x] = R_unstable_uncoalesced }   /* ref 1026 */
 /* @edge replica retry_succeeded unstable_uncoalesced stable_uncoalesced */
@@ -134,7 +141,7 @@ inline PH_start_release() { assert(ph == A_updating || ph == A_rolling_back || p
 /* @edge agent finish_cycle releasing idle */
 inline PH_finish_cycle() { assert(ph == A_releasing); ph = A_idle }
 
-#define LEGAL_EDGE(a, b) (((a) == R_baseline && (b) == R_uninitialized) || ((a) == R_baseline && (b) == R_done) || ((a) == R_stable && (b) == R_broken) || ((a) == R_stable_uncoalesced && (b) == R_broken) || ((a) == R_done && (b) == R_stable) || ((a) == R_done_uncoalesced && (b) == R_stable) || ((a) == R_reseeded && (b) == R_stable) || ((a) == R_stable && (b) == R_stable) || ((a) == R_stable_uncoalesced && (b) == R_stable) || ((a) == R_done && (b) == R_done_uncoalesced) || ((a) == R_broken && (b) == R_removed) || ((a) == R_done_uncoalesced && (b) == R_removed) || ((a) == R_reseed_pending && (b) == R_removed) || ((a) == R_reseeded && (b) == R_removed) || ((a) == R_stable && (b) == R_removed) || ((a) == R_stable_uncoalesced && (b) == R_removed) || ((a) == R_uninitialized && (b) == R_removed) || ((a) == R_unstable_uncoalesced && (b) == R_removed) || ((a) == R_done && (b) == R_reseed_pending) || ((a) == R_stable && (b) == R_reseed_pending) || ((a) == R_stable_uncoalesced && (b) == R_reseed_pending) || ((a) == R_unstable_uncoalesced && (b) == R_reseed_pending) || ((a) == R_reseeding && (b) == R_reseed_pending) || ((a) == R_reseeding && (b) == R_reseeded) || ((a) == R_done && (b) == R_update) || ((a) == R_broken && (b) == R_unstable_uncoalesced) || ((a) == R_unstable_uncoalesced && (b) == R_unstable_uncoalesced) || ((a) == R_unstable_uncoalesced && (b) == R_stable_uncoalesced) || ((a) == R_rollback && (b) == R_unstable_uncoalesced) || ((a) == R_rollback && (b) == R_done) || ((a) == R_uninitialized && (b) == R_baseline) || ((a) == R_reseed_pending && (b) == R_reseeding) || ((a) == R_stable && (b) == R_update) || ((a) == R_update && (b) == R_rollback) || ((a) == R_update && (b) == R_done))
+#define LEGAL_EDGE(a, b) (((a) == R_baseline && (b) == R_uninitialized) || ((a) == R_baseline && (b) == R_done) || ((a) == R_stable && (b) == R_broken) || ((a) == R_stable_uncoalesced && (b) == R_broken) || ((a) == R_done && (b) == R_stable) || ((a) == R_done_uncoalesced && (b) == R_stable) || ((a) == R_reseeded && (b) == R_stable) || ((a) == R_stable && (b) == R_stable) || ((a) == R_stable_uncoalesced && (b) == R_stable) || ((a) == R_done && (b) == R_done_uncoalesced) || ((a) == R_broken && (b) == R_removed) || ((a) == R_done_uncoalesced && (b) == R_removed) || ((a) == R_reseed_pending && (b) == R_removed) || ((a) == R_reseeded && (b) == R_removed) || ((a) == R_stable && (b) == R_removed) || ((a) == R_stable_uncoalesced && (b) == R_removed) || ((a) == R_uninitialized && (b) == R_removed) || ((a) == R_unstable_uncoalesced && (b) == R_removed) || ((a) == R_done && (b) == R_reseed_pending) || ((a) == R_stable && (b) == R_reseed_pending) || ((a) == R_stable_uncoalesced && (b) == R_reseed_pending) || ((a) == R_unstable_uncoalesced && (b) == R_reseed_pending) || ((a) == R_reseeding && (b) == R_reseed_pending) || ((a) == R_reseeding && (b) == R_reseeded) || ((a) == R_done && (b) == R_update) || ((a) == R_broken && (b) == R_unstable_uncoalesced) || ((a) == R_unstable_uncoalesced && (b) == R_unstable_uncoalesced) || ((a) == R_unstable_uncoalesced && (b) == R_stable_uncoalesced) || ((a) == R_rollback && (b) == R_unstable_uncoalesced) || ((a) == R_rollback && (b) == R_done) || ((a) == R_uninitialized && (b) == R_baseline) || ((a) == R_reseed_pending && (b) == R_reseeding) || ((a) == R_stable && (b) == R_update) || ((a) == R_update && (b) == R_update_uncoalesced) || ((a) == R_update_uncoalesced && (b) == R_unstable_uncoalesced) || ((a) == R_update_uncoalesced && (b) == R_done_uncoalesced) || ((a) == R_update && (b) == R_rollback) || ((a) == R_update && (b) == R_done))
 
 /* ---------------------------------------------------------------------------
  * Persisted state (the ledger) and what the volumes hold.  A crash keeps all
@@ -414,6 +421,7 @@ inline recover() { /* planner._recover, after a crash at any step */
     :: rs[i] == R_update -> T_update_failed(i); rz[i] = spooled
     :: rs[i] == R_baseline -> T_baseline_failed(i); ap[i] = NONE; sp[i] = NONE
     :: rs[i] == R_reseeding -> T_reseed_failed(i); ap[i] = NONE; rt[i] = NONE   /* retried next cycle */
+    :: rs[i] == R_update_uncoalesced -> T_straggler_failed(i); rt[i] = NONE   /* rolled back by loop 1026 */
     :: rs[i] == R_unstable_uncoalesced && sc[i] != NONE ->   /* a kept scratch stays (I11) */
        if :: sc[i] != kp[i] -> rel[sc[i]] = true :: else -> skip fi; sc[i] = NONE; ex[i] = lg[i]
     :: else -> skip
@@ -485,7 +493,7 @@ inline check() {
 #endif
   /* I2: individual PCPIs <= 2 x replicas outside the cycle (at rest) */
   t = 0;
-  for (i : 0 .. N-1) { if :: (rs[i] == R_unstable_uncoalesced || rs[i] == R_stable_uncoalesced || rs[i] == R_done_uncoalesced || rs[i] == R_broken || rs[i] == R_reseed_pending || rs[i] == R_reseeding || rs[i] == R_reseeded) -> t++ :: else -> skip fi };
+  for (i : 0 .. N-1) { if :: (rs[i] == R_unstable_uncoalesced || rs[i] == R_stable_uncoalesced || rs[i] == R_done_uncoalesced || rs[i] == R_update_uncoalesced || rs[i] == R_broken || rs[i] == R_reseed_pending || rs[i] == R_reseeding || rs[i] == R_reseeded) -> t++ :: else -> skip fi };
   assert(kn2 <= 2 * N);
   assert(ph != A_idle || m <= 2 * t);   /* at rest; a PCPI being released is on its way out (a removed
                                           replica's last good image), as in invariants.i2_bounded_extras */
@@ -559,8 +567,9 @@ inline check() {
 #define QUIET (NOREL \
                && vx[0] == ex[0] && vx[1] == ex[1] && vx[2] == ex[2] \
                && sc[0] == NONE && sc[1] == NONE && sc[2] == NONE \
-               && !((rs[0] == R_reseeding) || (rs[1] == R_reseeding) || (rs[2] == R_reseeding)))   /* a request waits until every effect of the last one ran */
-/* The executor handles a concurrent result (a re-seed ending, in any phase) only once every
+               && !((rs[0] == R_reseeding) || (rs[1] == R_reseeding) || (rs[2] == R_reseeding)) \
+               && !((rs[0] == R_update_uncoalesced) || (rs[1] == R_update_uncoalesced) || (rs[2] == R_update_uncoalesced)))   /* a request waits until every effect of the last one ran */
+/* The executor handles a concurrent result (a re-seed or a straggler's update ending, in any phase) only once every
    inline effect of the decisions before it has run */
 #define INLINE_DONE (NOREL && !purge_pend && !jump_pend && !export_pend && take_pend == P_free && !resume_pend)
 #define ROLLBACK_TAKEN (role[0] == P_rollback && !rel[0] || role[1] == P_rollback && !rel[1] \
@@ -663,6 +672,15 @@ proctype agent() {
        T_update_succeeded(0); ap[0] = tgt; advance(); check() }
   :: d_step { ph == A_updating && NOREL && rs[0] == R_update && faults ->
        T_update_failed(0); advance(); check() }
+  :: d_step { ph == A_updating && NOREL && rs[0] == R_update && faults ->
+       /* a straggler ([group] straggler_after): out of the cycle, its exported image pinned; its
+          transfer goes on towards the cycle's source point */
+       T_straggle(0); lg[0] = ex[0]; rt[0] = tgt; advance(); check() }
+  :: d_step { rs[0] == R_update_uncoalesced && INLINE_DONE ->
+       /* the straggler's update arrived (in any phase: it does not hold the jump-ahead) */
+       T_straggler_succeeded(0); ap[0] = rt[0]; rt[0] = NONE; check() }
+  :: d_step { rs[0] == R_update_uncoalesced && INLINE_DONE && faults ->
+       T_straggler_failed(0); rt[0] = NONE; check() }
   :: d_step { ph == A_updating && NOREL && rs[0] == R_baseline ->
        T_baseline_succeeded(0); ap[0] = tgt; advance(); check() }
   :: d_step { ph == A_updating && NOREL && rs[0] == R_baseline && faults ->
@@ -747,6 +765,15 @@ proctype agent() {
        T_update_succeeded(1); ap[1] = tgt; advance(); check() }
   :: d_step { ph == A_updating && NOREL && rs[1] == R_update && faults ->
        T_update_failed(1); advance(); check() }
+  :: d_step { ph == A_updating && NOREL && rs[1] == R_update && faults ->
+       /* a straggler ([group] straggler_after): out of the cycle, its exported image pinned; its
+          transfer goes on towards the cycle's source point */
+       T_straggle(1); lg[1] = ex[1]; rt[1] = tgt; advance(); check() }
+  :: d_step { rs[1] == R_update_uncoalesced && INLINE_DONE ->
+       /* the straggler's update arrived (in any phase: it does not hold the jump-ahead) */
+       T_straggler_succeeded(1); ap[1] = rt[1]; rt[1] = NONE; check() }
+  :: d_step { rs[1] == R_update_uncoalesced && INLINE_DONE && faults ->
+       T_straggler_failed(1); rt[1] = NONE; check() }
   :: d_step { ph == A_updating && NOREL && rs[1] == R_baseline ->
        T_baseline_succeeded(1); ap[1] = tgt; advance(); check() }
   :: d_step { ph == A_updating && NOREL && rs[1] == R_baseline && faults ->
@@ -831,6 +858,15 @@ proctype agent() {
        T_update_succeeded(2); ap[2] = tgt; advance(); check() }
   :: d_step { ph == A_updating && NOREL && rs[2] == R_update && faults ->
        T_update_failed(2); advance(); check() }
+  :: d_step { ph == A_updating && NOREL && rs[2] == R_update && faults ->
+       /* a straggler ([group] straggler_after): out of the cycle, its exported image pinned; its
+          transfer goes on towards the cycle's source point */
+       T_straggle(2); lg[2] = ex[2]; rt[2] = tgt; advance(); check() }
+  :: d_step { rs[2] == R_update_uncoalesced && INLINE_DONE ->
+       /* the straggler's update arrived (in any phase: it does not hold the jump-ahead) */
+       T_straggler_succeeded(2); ap[2] = rt[2]; rt[2] = NONE; check() }
+  :: d_step { rs[2] == R_update_uncoalesced && INLINE_DONE && faults ->
+       T_straggler_failed(2); rt[2] = NONE; check() }
   :: d_step { ph == A_updating && NOREL && rs[2] == R_baseline ->
        T_baseline_succeeded(2); ap[2] = tgt; advance(); check() }
   :: d_step { ph == A_updating && NOREL && rs[2] == R_baseline && faults ->

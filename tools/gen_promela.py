@@ -6,7 +6,7 @@ trigger, asserting its source states and setting its destination), the agent
 phases and phase transitions (asserting their named guards) and the I8
 legality monitor all come from the TOML file; only the group procedures
 (cycle start, rollback, two-step jump-ahead, release, retry, break/resync,
-the kept PCPI of a resync and its release (I11), re-seed, remove/add, crash +
+the kept PCPI of a resync and its release (I11), re-seed, a straggler, remove/add, crash +
 recovery, a refusal of each destination PCPI take, a source outage at the
 cycle's take; retained generations, compiled in by ``spin -DRETAIN``), which mirror
 coalesce_core/cycle/planner.py, are written here.
@@ -360,6 +360,7 @@ inline recover() { /* planner._recover, after a crash at any step */
     :: rs[i] == R_update -> T_update_failed(i); rz[i] = spooled
     :: rs[i] == R_baseline -> T_baseline_failed(i); ap[i] = NONE; sp[i] = NONE
     :: rs[i] == R_reseeding -> T_reseed_failed(i); ap[i] = NONE; rt[i] = NONE   /* retried next cycle */
+    :: rs[i] == R_update_uncoalesced -> T_straggler_failed(i); rt[i] = NONE   /* rolled back by loop 1026 */
     :: rs[i] == R_unstable_uncoalesced && sc[i] != NONE ->   /* a kept scratch stays (I11) */
        if :: @MUT_RECOVER_KEPT@ -> rel[sc[i]] = true :: else -> skip fi; sc[i] = NONE; ex[i] = lg[i]
     :: else -> skip
@@ -505,8 +506,9 @@ inline check() {
 #define QUIET (NOREL \
                && @VX_IS_EX@ \
                && @SC_NONE@ \
-               && !@ANY(R_reseeding))   /* a request waits until every effect of the last one ran */
-/* The executor handles a concurrent result (a re-seed ending, in any phase) only once every
+               && !@ANY(R_reseeding) \
+               && !@ANY(R_update_uncoalesced))   /* a request waits until every effect of the last one ran */
+/* The executor handles a concurrent result (a re-seed or a straggler's update ending, in any phase) only once every
    inline effect of the decisions before it has run */
 #define INLINE_DONE (NOREL && !purge_pend && !jump_pend && !export_pend && take_pend == P_free && !resume_pend)
 #define ROLLBACK_TAKEN (@ROLLBACK_TAKEN@)
@@ -607,6 +609,15 @@ proctype agent() {
        T_update_succeeded(@r); ap[@r] = tgt; advance(); check() }
   :: d_step { ph == A_updating && NOREL && rs[@r] == R_update && faults ->
        T_update_failed(@r); advance(); check() }
+  :: d_step { ph == A_updating && NOREL && rs[@r] == R_update && faults ->
+       /* a straggler ([group] straggler_after): out of the cycle, its exported image pinned; its
+          transfer goes on towards the cycle's source point */
+       T_straggle(@r); lg[@r] = ex[@r]; rt[@r] = tgt; advance(); check() }
+  :: d_step { rs[@r] == R_update_uncoalesced && INLINE_DONE ->
+       /* the straggler's update arrived (in any phase: it does not hold the jump-ahead) */
+       T_straggler_succeeded(@r); ap[@r] = rt[@r]; rt[@r] = NONE; check() }
+  :: d_step { rs[@r] == R_update_uncoalesced && INLINE_DONE && faults ->
+       T_straggler_failed(@r); rt[@r] = NONE; check() }
   :: d_step { ph == A_updating && NOREL && rs[@r] == R_baseline ->
        T_baseline_succeeded(@r); ap[@r] = tgt; advance(); check() }
   :: d_step { ph == A_updating && NOREL && rs[@r] == R_baseline && faults ->

@@ -2,7 +2,8 @@
 
 Requests come from people or the clock (StartCycle, Tick, BreakMirror,
 Resync, ReleaseKept, Reseed, AddReplica, RemoveReplica, Recover); results come from the executor after it ran an
-effect (SourcePcpiTaken, PcpiTaken, TransferDone, ...).  ``now`` is always
+effect (SourcePcpiTaken, PcpiTaken, TransferDone, ...) or while it waits for one (StragglerDue).
+``now`` is always
 passed in: the planner never reads a clock.
 """
 
@@ -104,6 +105,16 @@ class Recover:
     source_pcpis: Mapping[str, frozenset[str]] = attrs.field(converter=by_source, hash=False)
     #: replicas in update whose spool holds change records of their running update
     spooled: frozenset[str] = frozenset()
+
+
+@attrs.frozen
+class StragglerDue:
+    """The executor's clock says ``replica``'s update may be a straggler: it is still in flight at
+    ``now`` (docs/decisions.md, "Stragglers leave the cycle").  The planner decides: it leaves the
+    cycle only when ``now`` is at least ``GroupState.straggler_after`` past the cycle's start."""
+
+    replica: str
+    now: float
 
 
 @attrs.frozen
@@ -216,5 +227,6 @@ Result = Union[
     QtreeRemoved,
     PurgatoryPurged,
     Exported,
+    StragglerDue,
 ]
 Event = Union[Request, Result]

@@ -30,6 +30,16 @@ The group procedures, in the patent's words:
   really hold and finishes or undoes what was in flight (DESIGN §2); an
   update with a spool of received records is rolled back, then restarts in
   the same cycle from the spool (``resume_updates``);
+* stragglers (docs/decisions.md, "Stragglers leave the cycle"): with
+  ``straggler_after``, an update still in flight that long after the cycle
+  started leaves the cycle on ``StragglerDue`` (``straggle``: its exported
+  image pinned as its individual PCPI) and no longer holds the jump-ahead;
+  its transfer goes on, and when it ends the replica waits for a later
+  jump-ahead (``done_uncoalesced``) or takes the rollback retries of loop 1026
+  (``unstable_uncoalesced``).  Like a re-seed's, its result may be decided in
+  any phase: the executor decides a concurrent result only after the inline
+  effects of the decisions before it ran, so never between a jump-ahead's
+  PCPIs and its export switch;
 * refusals (docs/decisions.md, "Refused PCPIs and source outages"): a source
   that cannot be reached or refuses its PCPI of the cycle makes its replicas miss
   the cycle, unchanged, while the other sources' go on; when every source does,
@@ -647,9 +657,57 @@ def _transfer_done(p: _Plan, e: ev.TransferDone) -> None:
                 **_failed(p, r, "re-seed", e.error),
             )
         return
+    elif r.state == "update_uncoalesced":
+        # a straggler, outside the cycle: the agent does not wait for it (no _advance)
+        if e.ok:
+            p.fire(r, "straggler_succeeded", **_succeeded(e, r))
+        else:
+            _straggler_failed(p, r, e.now, **_failed(p, r, "update", e.error))
+        return
     else:
         return  # a late answer for a transfer recovery already settled
     _advance(p)
+
+
+def straggler_due(cycle_started: float, straggler_after: float | None, now: float) -> bool:
+    """True when an update still in flight at ``now`` leaves the cycle that started at
+    ``cycle_started`` (``straggler_after`` None: never, the cycle waits for every update).
+
+    post: implies(straggler_after is None, not __return__)
+    post: implies(straggler_after is not None and now >= cycle_started + straggler_after, __return__)
+    post: implies(__return__, straggler_after is not None and now - cycle_started >= straggler_after)
+    """
+    return straggler_after is not None and now >= cycle_started + straggler_after
+
+
+def _straggler(p: _Plan, e: ev.StragglerDue) -> None:
+    """``straggle``: an update still in flight ``straggler_after`` after the cycle started leaves the
+    cycle into the fault-tolerant field 1006.  Its exported image (the coalesced base) is pinned as its
+    last good image, which the release step turns into its individual PCPI when a jump-ahead replaces
+    the base (I2: one PCPI; a later failed transfer's retry adds its scratch, two).  Its transfer goes
+    on; the others may now jump ahead without it.  Not due yet, not in update, or not in the updating
+    phase: nothing happens (a late or early event)."""
+    r = p.replicas.get(e.replica)
+    after = p.base_state.straggler_after
+    if r is None or r.state != "update" or p.get("phase") != "updating":
+        return
+    if not straggler_due(p.get("cycle_started"), after, e.now):
+        return
+    p.fire(
+        r,
+        "straggle",
+        last_good=r.last_good or r.exported,
+        resume=False,
+        last_error=f"update still in flight {after:g} s after the cycle started (straggler_after): "
+        "it left the cycle and rejoins at a later jump-ahead",
+    )
+    _advance(p)
+
+
+def _straggler_failed(p: _Plan, r: Replica, now: float, **changes: object) -> None:
+    """``straggler_failed``: the straggler's active FS is partial; it exports its last good image and
+    the rollback retries of loop 1026 (``Tick``) restore it, the first one at once."""
+    p.fire(r, "straggler_failed", target=None, retries=0, next_retry=now, resume=False, **changes)
 
 
 def _qtree_removed(p: _Plan, e: ev.QtreeRemoved) -> None:
@@ -926,6 +984,10 @@ def _reseed(p: _Plan, e: ev.Reseed) -> None:
             "waits for the next jump-ahead (the destination refused a PCPI of the last one)",
             "re-seed it after the next cycle (`coalesce run --once`)",
         ),
+        "update_uncoalesced": (
+            "is a straggler whose update is still running",
+            "wait until its update ends (`coalesce status`), then try again",
+        ),
     }.get(r.state, (f"is in state {r.state!r}", "wait until the running transfer or retry ends, then try again"))
     raise NotNow(f"cannot re-seed replica {e.replica!r}: it {why[0]}", hint=why[1])
 
@@ -955,6 +1017,11 @@ def _remove(p: _Plan, e: ev.RemoveReplica) -> None:
             f"cannot remove replica {e.replica!r}: a rollback retry of it is running",
             hint="wait until the retry ends (`coalesce status`), then try again",
         )
+    if r.state == "update_uncoalesced":
+        raise NotNow(
+            f"cannot remove replica {e.replica!r}: its update is still running (a straggler)",
+            hint="wait until its update ends (`coalesce status`), then try again",
+        )
     p.fire(r, "remove")
     del p.replicas[r.name]
     p.export()  # its export ends before anything it pinned is released
@@ -979,9 +1046,12 @@ def recover_replica(state: str, has_scratch: bool) -> str:
     then baseline_failed), an interrupted retry/resync -> "abandon_retry" (its scratch
     PCPI is released, it exports its last good image again), an interrupted re-seed ->
     "reseed_again" (reseed_failed: it waits for the next cycle, still exporting its last
-    good image; the next re-seed empties the qtree first); every other state is kept.
+    good image; the next re-seed empties the qtree first), an interrupted straggler ->
+    "abandon_straggler" (straggler_failed: it exports its last good image and loop 1026 rolls
+    its active FS back); every other state is kept.
 
     post: implies(state == "update", __return__ == "rollback")
+    post: implies(state == "update_uncoalesced", __return__ == "abandon_straggler")
     post: implies(state == "baseline", __return__ == "remove")
     post: implies(state == "reseeding", __return__ == "reseed_again")
     post: implies(state == "unstable_uncoalesced" and has_scratch, __return__ == "abandon_retry")
@@ -993,6 +1063,8 @@ def recover_replica(state: str, has_scratch: bool) -> str:
         return "remove"
     if state == "reseeding":
         return "reseed_again"
+    if state == "update_uncoalesced":
+        return "abandon_straggler"
     if state == "unstable_uncoalesced" and has_scratch:
         return "abandon_retry"
     return "keep"
@@ -1074,10 +1146,10 @@ def _recover(p: _Plan, e: ev.Recover) -> None:
             if is_group_source_pcpi(group, name) and name not in p.source_pcpis:
                 releases.append(fx.ReleaseSourcePcpi(name=name, source=source))
     # 2. replicas: update -> rollback, baseline -> remove partial data, retries abandoned,
-    #    re-seeds wait for the next cycle.  A restart is not the replica's failure: it is
+    #    re-seeds wait for the next cycle, stragglers take the rollback retries.  A restart is not the replica's failure: it is
     #    recorded in last_error but does not count towards reseed_after.
     scratches = []
-    for r in p.in_state("update", "baseline", "unstable_uncoalesced", "reseeding"):
+    for r in p.in_state("update", "baseline", "unstable_uncoalesced", "reseeding", "update_uncoalesced"):
         action = recover_replica(r.state, r.scratch is not None)
         if action == "rollback":
             p.fire(
@@ -1100,6 +1172,8 @@ def _recover(p: _Plan, e: ev.Recover) -> None:
                 next_retry=0.0,
                 last_error="re-seed interrupted by a restart",
             )
+        elif action == "abandon_straggler":
+            _straggler_failed(p, r, e.now, last_error="update interrupted by a restart (a straggler)")
         elif action == "abandon_retry":
             scratches.append(r.scratch)
             p.update(r, scratch=None, exported=r.last_good)
@@ -1166,6 +1240,7 @@ _HANDLERS: dict[type, Callable[[_Plan, Any], None]] = {
     ev.AddReplica: _add,
     ev.RemoveReplica: _remove,
     ev.Recover: _recover,
+    ev.StragglerDue: _straggler,
 }
 
 

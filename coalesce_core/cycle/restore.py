@@ -141,6 +141,8 @@ _TO_RESEED: Mapping[str, tuple[str, ...]] = {
     "update": ("update_failed", "rollback_failed", "request_reseed"),
     "rollback": ("rollback_failed", "request_reseed"),
     "reseeding": ("reseed_failed",),
+    # a straggler's update was running: its active FS is partial
+    "update_uncoalesced": ("straggler_failed", "request_reseed"),
     # its active FS is of no known point: the only way out of reseeded is the jump-ahead edge, and the
     # replica goes on at once to be re-seeded, so it never exports that active FS
     "reseeded": ("jump_ahead", "request_reseed"),
@@ -164,7 +166,7 @@ def replica_action(state: str, proven: bool, active_proven: bool, on_base: bool,
     post: implies(state == "baseline", __return__ == "baseline_again")
     post: implies(__return__ == "keep", proven or state == "reseed_pending" or state == "broken")
     post: implies(state == "stable" and __return__ == "keep", proven and active_proven and on_base)
-    post: implies(state in ("update", "rollback", "done", "done_uncoalesced", "reseeding"), __return__ == "reseed")
+    post: implies(state in ("update", "rollback", "done", "done_uncoalesced", "reseeding", "update_uncoalesced"), __return__ == "reseed")
     """
     if state in ("uninitialized", "removed"):
         # removed: never held by a ledger (the record leaves it in the transaction of the transition)

@@ -102,7 +102,7 @@ class Replica:
     source_point  the source PCPI whose image is exported (I3, I5)
     active_point  the source PCPI whose image the active FS holds when it is
                   complete (stable, done, stable_uncoalesced, done_uncoalesced)
-    target        the source PCPI of the running transfer
+    target        the source PCPI of the running transfer (a straggler's too)
     last_good     outside the cycle: the PCPI pinned as its last good image
     scratch       outside the cycle: a PCPI of the damaged active FS that a
                   retry (or resync) rolls back from
@@ -192,6 +192,11 @@ class GroupState:
     cycle_failures: int = 0
     #: re-seed a replica after this many failed updates in a row (0: never); [group] reseed_after
     reseed_after: int = attrs.field(default=3, validator=attrs.validators.ge(0))
+    #: seconds after the cycle's start past which an update still in flight leaves the cycle
+    #: (update_uncoalesced; None: the cycle waits for every update); [group] straggler_after
+    straggler_after: float | None = attrs.field(
+        default=None, validator=attrs.validators.optional(attrs.validators.gt(0))
+    )
     #: which old coalesced bases to keep as generations ([retention]; the default keeps none)
     retention: Policy = Policy()
     #: destination PCPI name -> what the coalesced image holds per replica (the base's and each

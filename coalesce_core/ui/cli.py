@@ -496,7 +496,7 @@ def _map_transfers(tracker: Tracker, agent: Any) -> None:
                     if (
                         r.origin == one.name
                         and r.source_qtree == qtree
-                        and r.state in ("update", "baseline", "reseeding")
+                        and r.state in ("update", "baseline", "reseeding", "update_uncoalesced")
                     ):
                         return r.name
         return None

@@ -138,11 +138,13 @@ class Tracker:
     def coalesce_state_changed(self, group: str, replica: str, trigger: str, source: str, dest: str) -> None:
         now = self.clock()
         with self._lock:
-            if dest in _KIND_OF:
+            if trigger == "straggle":
+                pass  # a straggler's transfer goes on outside the cycle: it ends with straggler_*
+            elif dest in _KIND_OF:
                 self.transfers[replica] = TransferProgress(
                     replica, _KIND_OF[dest], now, expected=self.expected.get(replica)
                 )
-            elif source in _KIND_OF and replica in self.transfers:
+            elif (source in _KIND_OF or source == "update_uncoalesced") and replica in self.transfers:
                 t = self.transfers[replica]
                 t.ended, t.ok = now, trigger.endswith("succeeded")
             elif trigger in ("retry_succeeded", "retry_failed"):

@@ -138,8 +138,20 @@ def test_recovery_of_each_replica_state_is_a_legal_transition(state, has_scratch
         assert state == "unstable_uncoalesced"
     if a == "reseed_again":
         assert SPEC.replica.next_state(state, "reseed_failed") == "reseed_pending"
-    if state in (SPEC.in_flight_states - {"rollback"}) | {"reseeding"}:
-        assert a != "keep", "recovery must finish or undo every transfer in flight, a re-seed included (I6)"
+    if a == "abandon_straggler":
+        assert SPEC.replica.next_state(state, "straggler_failed") == "unstable_uncoalesced"
+    if state in (SPEC.in_flight_states - {"rollback"}) | {"reseeding", "update_uncoalesced"}:
+        assert a != "keep", (
+            "recovery must finish or undo every transfer in flight, a re-seed and a straggler's included (I6)"
+        )
+
+
+@given(st.integers(0, 10**6), st.none() | st.integers(1, 10**5), st.integers(0, 2 * 10**6))
+def test_a_straggler_leaves_only_once_due(cycle_started, straggler_after, now):
+    """``straggler_after`` None: the cycle waits for every update; else an update leaves the cycle once
+    ``now`` is that far past the cycle's start, never before."""
+    due = planner.straggler_due(float(cycle_started), None if straggler_after is None else float(straggler_after), now)
+    assert due == (straggler_after is not None and now - cycle_started >= straggler_after)
 
 
 _crosshair = (

@@ -80,6 +80,8 @@ def rep(name: str, state: str = "stable", **kw) -> Replica:
         defaults.update(active_point=S2)
     if state == "done_uncoalesced":  # its update complete, its jump-ahead refused: it exports its last good image
         defaults = dict(exported=IND, last_good=IND, source_point=S0, active_point=S1)
+    if state == "update_uncoalesced":  # a straggler: it left the cycle of S2, pinning the base it exported
+        defaults = dict(exported=BASE, last_good=BASE, source_point=S1, active_point=S1, target=S2)
     defaults.update(kw)
     return Replica(name=name, source_qtree=name, state=state, **defaults)
 
@@ -484,6 +486,26 @@ def _scn_jump_ahead_refused():
     return st, [ev.PcpiRefused(name=NB, now=5.0, error="PCPI limit")]
 
 
+def _straggling(**kw) -> GroupState:
+    """Cycle 2 started at 100 with straggler_after 60: A and B still update to S2."""
+    kw.setdefault("straggler_after", 60.0)
+    return updating(rep("A", "update"), rep("B", "update"), cycle_started=100.0, **kw)
+
+
+def _scn_straggle():
+    return _straggling(), [ev.StragglerDue(replica="A", now=160.0)]
+
+
+def _scn_straggler_succeeded():
+    return group(rep("L", "update_uncoalesced"), rep("A")), [ev.TransferDone(replica="L", ok=True, now=300.0)]
+
+
+def _scn_straggler_failed():
+    return group(rep("L", "update_uncoalesced"), rep("A")), [
+        ev.TransferDone(replica="L", ok=False, now=300.0, error="net")
+    ]
+
+
 def _scn_remove(state: str) -> Callable[[], tuple[GroupState, list]]:
     """`coalesce remove X` of a replica in ``state``, between cycles, beside a stable A."""
 
@@ -534,6 +556,9 @@ REPLICA_SCENARIOS: dict[tuple[str, str, str], tuple[str, Callable]] = {
     ("jump_ahead", "reseeded", "stable"): ("RS", _jump_2_reseeded),
     ("jump_ahead", "done_uncoalesced", "stable"): ("DU", _jump_2_done_uncoalesced),
     ("jump_ahead_refused", "done", "done_uncoalesced"): ("D", _scn_jump_ahead_refused),
+    ("straggle", "update", "update_uncoalesced"): ("A", _scn_straggle),
+    ("straggler_succeeded", "update_uncoalesced", "done_uncoalesced"): ("L", _scn_straggler_succeeded),
+    ("straggler_failed", "update_uncoalesced", "unstable_uncoalesced"): ("L", _scn_straggler_failed),
 }
 
 
@@ -2500,3 +2525,206 @@ def test_recovery_that_finds_a_sources_pcpi_of_the_cycle_records_it_taken():
     targets = st.cycle_targets
     d = decide(st, ev.Recover(now=6.0, destination_pcpis=frozenset({BASE}), source_pcpis={"lab": {targets["lab"]}}))
     assert d.state.source_taken == {"lab": 5.0}
+
+
+# ---------------------------------------------------------------------------
+# stragglers leave the cycle (docs/decisions.md, "Stragglers leave the cycle")
+# ---------------------------------------------------------------------------
+class HoldingSim(Sim):
+    """A Sim whose transfers of the ``hold`` replicas do not end until :meth:`finish` (a slow one)."""
+
+    def __init__(self, state: GroupState, hold=(), **kw) -> None:
+        super().__init__(state, **kw)
+        self.hold = set(hold)
+        self.held: list[fx.Transfer] = []
+
+    def run(self, event) -> "HoldingSim":
+        pending = deque(self.feed(event).effects)
+        while pending:
+            e = pending.popleft()
+            if isinstance(e, fx.Transfer) and e.replica in self.hold:
+                self.held.append(e)
+                continue
+            pending.extend(self.feed(self.answer(e)).effects)
+        return self
+
+    def finish(self, replica: str, ok: bool = True, now: float = 400.0) -> "HoldingSim":
+        """The held transfer of ``replica`` (one started before the sim's first state too) ends."""
+        self.held = [t for t in self.held if t.replica != replica]
+        self.hold.discard(replica)
+        return self.run(ev.TransferDone(replica=replica, ok=ok, now=now, error="" if ok else "net", records=7))
+
+
+def _straggler_left(**kw) -> HoldingSim:
+    """B's update arrived, A's is still running 60 s after the cycle started at 100: A straggles and
+    the cycle goes on to its end without it."""
+    st = _straggling(**kw).with_replica(rep("B", "done", active_point=S2))
+    return HoldingSim(st, hold={"A"}, now=200.0).run(ev.StragglerDue(replica="A", now=160.0))
+
+
+def test_a_straggler_pins_its_image_and_the_others_jump_ahead_without_it_I1_I2_I4():
+    sim = _straggler_left()
+    st = sim.state
+    a, b = st.replicas["A"], st.replicas["B"]
+    assert sim.decisions[0].log[0] == Transition("A", "straggle", "update", "update_uncoalesced")
+    assert "straggler_after" in a.last_error and a.consecutive_failures == 0
+    # the others' new image is exported at once, in this cycle
+    new_base = st.base()
+    assert new_base is not None and new_base.name != BASE
+    assert (b.state, b.exported, b.source_point) == ("stable", new_base.name, S2)
+    assert of(sim.effects, fx.Export)[-1].mapping == {"A": BASE, "B": new_base.name}
+    # the straggler goes on exporting its last good image, now its individual PCPI (I2: one)
+    assert (a.state, a.exported, a.last_good, a.source_point, a.target) == (
+        "update_uncoalesced",
+        BASE,
+        BASE,
+        S1,
+        S2,
+    )
+    assert st.pcpis[BASE].role == "individual" and st.pcpis[BASE].owners == {"A"}
+    assert st.phase == "idle" and sim.max_cycle_pcpis <= 4
+    # the source PCPI its transfer reads stays
+    assert S2 in st.source_pcpis and S2 not in {e.name for e in of(sim.effects, fx.ReleaseSourcePcpi)}
+    assert i2_bounded_extras(st).ok and i4_one_coalesced_point(st).ok
+    # the purgatory of the qtree it still writes into is not purged
+    assert of(sim.effects, fx.PurgePurgatory) == [fx.PurgePurgatory(qtrees=("B",))]
+
+
+def test_a_straggler_whose_update_arrives_rejoins_at_the_next_jump_ahead_I1_I2():
+    sim = _straggler_left().finish("A", ok=True)
+    a = sim.state.replicas["A"]
+    assert (a.state, a.active_point, a.exported, a.last_error, a.records) == ("done_uncoalesced", S2, BASE, "", 7)
+    assert sim.state.phase == "idle"  # outside the cycle: the agent did not wait for it
+    first = sim.state.base()
+    assert first is not None
+    sim.run(ev.StartCycle(now=500.0))
+    a, b = sim.state.replicas["A"], sim.state.replicas["B"]
+    new_base = sim.state.base()
+    assert new_base is not None and new_base.name != first.name
+    # A rejoined with the image of the cycle it straggled in (S2); B moved on to this cycle's point
+    assert (a.state, a.exported, a.source_point, a.last_good) == ("stable", new_base.name, S2, None)
+    assert b.state == "stable" and b.exported == new_base.name and b.source_point != S2
+    assert BASE not in sim.state.pcpis and fx.ReleasePcpi(name=BASE) in sim.effects
+    assert not [p for p in sim.state.pcpis.values() if p.role == "individual"]
+    assert sim.max_cycle_pcpis <= 4
+
+
+def test_a_straggler_whose_update_fails_takes_the_rollback_retries_I2():
+    sim = _straggler_left().finish("A", ok=False, now=400.0)
+    a = sim.state.replicas["A"]
+    assert (a.state, a.exported, a.last_good, a.target) == ("unstable_uncoalesced", BASE, BASE, None)
+    assert a.last_error == "update failed: net" and a.consecutive_failures == 1 and a.next_retry == 400.0
+    # loop 1026: the first retry is due at once; its scratch PCPI is the straggler's second (I2: <= 2)
+    d = decide(sim.state, ev.Tick(now=400.0))
+    (take,) = of(d.effects, fx.TakePcpi)
+    assert take.role == "individual" and d.state.replicas["A"].scratch == take.name
+    assert len([p for p in d.state.pcpis.values() if p.role == "individual" and "A" in p.owners]) == 2
+    sim = HoldingSim(sim.state, now=410.0).run(ev.Tick(now=400.0))
+    (rb,) = of(sim.effects, fx.Rollback)
+    assert (rb.replica, rb.to_pcpi, rb.retry) == ("A", BASE, True)
+    a = sim.state.replicas["A"]
+    assert (a.state, a.exported, a.active_point, a.scratch) == ("stable_uncoalesced", BASE, S1, None)
+    sim.run(ev.StartCycle(now=500.0))
+    assert sim.state.replicas["A"].state == "stable" and BASE not in sim.state.pcpis
+
+
+@pytest.mark.parametrize(
+    ("why", "st", "now"),
+    [
+        ("not due yet", _straggling(), 159.9),
+        ("no straggler_after: the cycle waits", _straggling(straggler_after=None), 10_000.0),
+        ("not in update", _straggling().with_replica(rep("A", "done", active_point=S2)), 160.0),
+        ("another phase", attrs.evolve(_straggling(), phase="rolling_back"), 160.0),
+        ("no such replica", _straggling(), 160.0),
+    ],
+)
+def test_a_straggler_event_changes_nothing_unless_due(why, st, now):
+    replica = "Z" if why == "no such replica" else "A"
+    d = decide(st, ev.StragglerDue(replica=replica, now=now))
+    assert (d.state, d.effects, d.log) == (st, (), ()), why
+
+
+def test_without_straggler_after_the_cycle_waits_for_the_slowest_update():
+    st = _straggling(straggler_after=None).with_replica(rep("B", "done", active_point=S2))
+    sim = HoldingSim(st, hold={"A"}).run(ev.StragglerDue(replica="A", now=10_000.0))
+    assert sim.state.phase == "updating" and sim.state.replicas["A"].state == "update" and not sim.effects
+    sim.finish("A")
+    assert sim.state.phase == "idle" and {r.state for r in sim.state.replicas.values()} == {"stable"}
+
+
+def test_every_straggler_leaves_and_a_failed_update_rolls_back_beside_them_I1():
+    """Two stragglers and a failed update in one cycle: the rollback PCPI, the intermediate and the new
+    base are taken beside the base, never more than 4 cycle PCPIs (I1); the stragglers' bases pin one
+    individual PCPI."""
+    st = updating(
+        rep("A", "update"),
+        rep("B", "update"),
+        rep("C", "update"),
+        rep("D", "update"),
+        cycle_started=100.0,
+        straggler_after=60.0,
+    )
+    sim = HoldingSim(st, hold={"A", "B"}, fail_transfer={"C"}, now=150.0)
+    sim.run(ev.TransferDone(replica="C", ok=False, now=150.0, error="net"))
+    sim.run(ev.TransferDone(replica="D", ok=True, now=150.0))
+    assert sim.state.phase == "updating"
+    for name in ("A", "B"):
+        sim.run(ev.StragglerDue(replica=name, now=161.0))
+    assert sim.phases == ["updating", "rolling_back", "jump_ahead_1", "jump_ahead_2", "releasing", "idle"]
+    assert sim.state.phase == "idle" and sim.max_cycle_pcpis == 4
+    assert {n: r.state for n, r in sim.state.replicas.items()} == {
+        "A": "update_uncoalesced",
+        "B": "update_uncoalesced",
+        "C": "stable",
+        "D": "stable",
+    }
+    assert sim.state.pcpis[BASE].owners == {"A", "B"} and sim.state.pcpis[BASE].role == "individual"
+    sim.finish("A").finish("B", ok=False)
+    assert (sim.state.replicas["A"].state, sim.state.replicas["B"].state) == (
+        "done_uncoalesced",
+        "unstable_uncoalesced",
+    )
+
+
+def test_recover_a_straggler_from_the_ledger_I6():
+    """A crash while a straggler's transfer runs, after the others jumped ahead: recovery knows only the
+    ledger, so the straggler's active FS is partial; it exports its last good image and takes the rollback
+    retries of loop 1026, like any replica outside the cycle."""
+    st = _straggler_left().state
+    new_base = st.base()
+    assert new_base is not None
+    d = decide(st, ev.Recover(now=900.0, destination_pcpis=frozenset({BASE, new_base.name}), source_pcpis={S1, S2}))
+    a = d.state.replicas["A"]
+    assert (d.log[0].trigger, a.state) == ("straggler_failed", "unstable_uncoalesced")
+    assert (a.exported, a.last_good, a.target, a.next_retry) == (BASE, BASE, None, 900.0)
+    assert "restart" in a.last_error and a.consecutive_failures == 0  # a restart is not the replica's failure
+    assert d.effects[0] == fx.Export(mapping={"A": BASE, "B": new_base.name})
+    assert not of(d.effects, fx.ReleasePcpi) and d.state.phase == "idle"
+    check_i1(d.state)
+    tick = decide(d.state, ev.Tick(now=900.0))
+    assert [t.role for t in of(tick.effects, fx.TakePcpi)] == ["individual"]
+
+
+def test_recover_a_straggler_in_the_middle_of_the_jump_ahead_I1_I6():
+    """A crash after the intermediate PCPI was taken, the straggler out of the cycle: the jump-ahead is
+    rolled forward for the others; the straggler is not a participant and keeps its image."""
+    sim = _straggler_left()
+    mid = next(d.state for d in sim.decisions if d.state.phase == "jump_ahead_1" and d.state.pcpi_of_role("jump_ahead"))
+    ja = mid.pcpi_of_role("jump_ahead")
+    assert ja is not None
+    mid = mid.with_pcpi(attrs.evolve(ja, taken=True))
+    sim = HoldingSim(mid, now=900.0)
+    sim.run(ev.Recover(now=900.0, destination_pcpis=frozenset({BASE, ja.name}), source_pcpis={S1, S2}))
+    a, b = sim.state.replicas["A"], sim.state.replicas["B"]
+    assert (a.state, a.exported) == ("unstable_uncoalesced", BASE)
+    assert b.state == "stable" and b.exported == sim.state.base().name != BASE
+    assert of(sim.effects, fx.PurgePurgatory) == [fx.PurgePurgatory(qtrees=("B",))]
+    assert sim.state.phase == "idle" and sim.max_cycle_pcpis <= 4
+
+
+def test_a_running_straggler_cannot_be_removed_or_reseeded():
+    st = group(rep("L", "update_uncoalesced"), rep("A"))
+    for event in (ev.RemoveReplica(replica="L"), ev.Reseed(replica="L", reason="x")):
+        with pytest.raises(NotNow, match="straggler") as info:
+            decide(st, event)
+        assert info.value.hint

@@ -43,6 +43,9 @@ DESIGN_FIELDS = {
     # an addition (docs/decisions.md, "Refused PCPIs and source outages"): a replica whose
     # jump-ahead PCPI was refused waits outside the cycle, its update complete
     "done_uncoalesced": ("outside", "1014*"),
+    # an addition (docs/decisions.md, "Stragglers leave the cycle"): an update still in flight
+    # [group] straggler_after after the cycle started goes on outside the cycle
+    "update_uncoalesced": ("outside", "1011*"),
     # an addition (docs/decisions.md, "Removing a replica"): `coalesce remove` ends a replica's life
     "removed": ("outside", None),
 }
@@ -78,6 +81,10 @@ DESIGN_EDGES = {
     # addition: a refused jump-ahead PCPI (docs/decisions.md)
     ("jump_ahead_refused", "done", "done_uncoalesced"),
     ("jump_ahead", "done_uncoalesced", "stable"),
+    # additions: a straggler leaves the cycle and rejoins it (docs/decisions.md)
+    ("straggle", "update", "update_uncoalesced"),
+    ("straggler_succeeded", "update_uncoalesced", "done_uncoalesced"),
+    ("straggler_failed", "update_uncoalesced", "unstable_uncoalesced"),
     # additions: remove, between cycles (docs/decisions.md)
     *(
         ("remove", s, "removed")
@@ -164,8 +171,9 @@ def test_replica_spec_matches_design_section_2(spec):
 
 
 def test_per_state_flags_match_design(spec):
-    """in_flight = update, rollback, baseline (the I8 jump-ahead guard; a re-seed does not hold
-    it); stable = I9 applies; a replica whose re-seed arrived joins the jump-ahead."""
+    """in_flight = update, rollback, baseline (the I8 jump-ahead guard; neither a re-seed nor a
+    straggler's update holds it); stable = I9 applies; a replica whose re-seed arrived joins the
+    jump-ahead."""
     assert spec.in_flight_states == {"update", "rollback", "baseline"}
     assert spec.stable_states == {"stable", "stable_uncoalesced"}
     assert spec.jump_ahead_sources == {"stable", "done", "stable_uncoalesced", "reseeded", "done_uncoalesced"}
