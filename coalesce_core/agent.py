@@ -42,6 +42,7 @@ from coalesce_core.cycle.planner import (
     is_group_pcpi,
     is_group_source_pcpi,
     pcpi_shortfall,
+    straggler_due,
 )
 from coalesce_core.cycle.state import KEPT, GroupState
 from coalesce_core.errors import BackendError, CoalesceError, ConfigError, MetadataError, VolumeInUse
@@ -54,7 +55,7 @@ from coalesce_core.transfer import run_transfer
 from coalesce_core.ui.peertext import clean
 
 #: transitions that record a failed transfer (`run --once` exits EXIT_TRANSFER_FAILED) or rollback
-TRANSFER_FAILURES = ("update_failed", "baseline_failed", "reseed_failed")
+TRANSFER_FAILURES = ("update_failed", "baseline_failed", "reseed_failed", "straggler_failed")
 FAILURES = TRANSFER_FAILURES + ("rollback_failed", "retry_failed", "jump_ahead_refused")
 #: what the failures list names a replica that missed a cycle (source outage, no PCPI headroom)
 MISSED = "missed_cycle"
@@ -260,7 +261,11 @@ class Agent:
                 for source in sources:
                     ownership.check_free(config, source, dest, path)
             state = GroupState(
-                name=config.name, retry=config.retry, reseed_after=config.reseed_after, retention=config.retention
+                name=config.name,
+                retry=config.retry,
+                reseed_after=config.reseed_after,
+                retention=config.retention,
+                straggler_after=config.straggler_after,
             )
             Ledger.create(path, state, identity=ownership.new_identity()).close()
         except BaseException:
@@ -327,11 +332,16 @@ class Agent:
             if reconcile:
                 check_replicas(config, {r.name: r.source_qtree for r in agent.state.replicas.values()})
                 check_origins(config, {r.name: r.origin for r in agent.state.replicas.values()})
-            policy = (config.retry, config.reseed_after, config.retention)
-            if (agent.state.retry, agent.state.reseed_after, agent.state.retention) != policy:
+            policy = (config.retry, config.reseed_after, config.retention, config.straggler_after)
+            held = (agent.state.retry, agent.state.reseed_after, agent.state.retention, agent.state.straggler_after)
+            if held != policy:
                 # the config is the source of policy
                 new = attrs.evolve(
-                    agent.state, retry=config.retry, reseed_after=config.reseed_after, retention=config.retention
+                    agent.state,
+                    retry=config.retry,
+                    reseed_after=config.reseed_after,
+                    retention=config.retention,
+                    straggler_after=config.straggler_after,
                 )
                 ledger.commit(agent.state, new, now=clock())
                 agent.state = new
@@ -423,12 +433,16 @@ class Agent:
         self._drive(self._decide_batch([event]))
 
     def _drive(self, effects: list[object]) -> None:
-        """Run ``effects`` and everything they lead to: concurrent ones in a pool of the group's
-        ``parallel`` workers, the transfers of a source with a ``parallel`` of its own at most that
-        many at once (the others wait, in order, for one of theirs to end; docs/config.md, "Sources")."""
+        """Run ``effects`` and everything their results lead to, to the end: concurrent ones in a pool
+        of the group's ``parallel`` workers, the transfers of a source with a ``parallel`` of its own
+        at most that many at once (the others wait, in order, for one of theirs to end; docs/config.md,
+        "Sources"). It returns only when no transfer or rollback runs any more, a straggler's included
+        (docs/decisions.md, "Stragglers leave the cycle": its result is decided when it arrives, after
+        the cycle it left may have ended, and no process ends while one of its transfers writes)."""
         pending = collections.deque(effects)
         running: dict[cf.Future, object] = {}
         held = _SourceSlots({one.name: one.parallel for one in self.config.sources if one.parallel is not None})
+        asked: set[str] = set()  # replicas already named in a StragglerDue
         self._abort.clear()
         pool = cf.ThreadPoolExecutor(max_workers=self.config.parallel, thread_name_prefix="coalesce")
         try:
@@ -441,19 +455,46 @@ class Agent:
                     else:
                         pending.extend(self._decide_batch([self._run_inline(eff)]))
                 if running:
-                    done, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
-                    results = []
+                    done, _ = cf.wait(
+                        running, timeout=self._straggler_wait(running, asked), return_when=cf.FIRST_COMPLETED
+                    )
+                    results: list[object] = []
                     for fut in done:
                         nxt = held.release(running.pop(fut))
                         if nxt is not None:
                             running[pool.submit(self._run_concurrent, nxt)] = nxt
                         results.append(fut.result())  # re-raises SimulatedCrash
+                    if not done:
+                        results = self._stragglers(running, asked)
                     pending.extend(self._decide_batch(results))
         except BaseException:
             self._abort.set()
             raise
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
+
+    def _running_updates(self, running: dict[cf.Future, object], asked: set[str]) -> list[str]:
+        """The replicas whose update runs in the cycle (state ``update``) and was not named yet."""
+        names = {eff.replica for eff in running.values() if isinstance(eff, fx.Transfer)}
+        return sorted(n for n in names - asked if (r := self.state.replicas.get(n)) is not None and r.state == "update")
+
+    def _straggler_wait(self, running: dict[cf.Future, object], asked: set[str]) -> float | None:
+        """Seconds until the updates that run become stragglers (``[group] straggler_after`` past the
+        cycle's start, by the agent's clock); None: wait for a result, however long."""
+        after = self.state.straggler_after
+        if after is None or self.state.phase != "updating" or not self._running_updates(running, asked):
+            return None
+        return max(0.0, self.state.cycle_started + after - self.clock())
+
+    def _stragglers(self, running: dict[cf.Future, object], asked: set[str]) -> list[object]:
+        """``StragglerDue`` for every update still running once its cycle is ``straggler_after`` old
+        (the planner decides again from the same times); their transfers go on in the pool."""
+        now = self.clock()
+        if not straggler_due(self.state.cycle_started, self.state.straggler_after, now):
+            return []
+        names = self._running_updates(running, asked)
+        asked.update(names)
+        return [ev.StragglerDue(replica=name, now=now) for name in names]
 
     # -- effects ----------------------------------------------------------------
     def _run_inline(self, eff: object) -> object:

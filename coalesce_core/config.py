@@ -12,6 +12,8 @@ spool_max = "4G"                   # a replica's spool keeps at most this prefix
 spool_group_max = "16G"            # the group's spools together
 reseed_after = 3                   # re-seed a replica after 3 failed updates in a row (0: never)
 max_lag = "1d"                     # optional: `check` fails for a replica whose image is older
+straggler_after = "15m"            # optional: an update still running this long after the cycle
+                                   # started leaves the cycle; the others jump ahead without it
 verify = true                      # check each update against its source PCPI before `done`
 verify_every = "7d"                # optional: full background verification, spread over replicas
 privileges = "strip"               # "keep": carry setuid/setgid bits and security.*/trusted.* xattrs
@@ -133,6 +135,8 @@ class GroupConfig:
     reseed_after: int = 3
     #: seconds: `coalesce check` fails for a replica whose exported image is older (None: lag is informative)
     max_lag: float | None = None
+    #: an update still in flight this long after the cycle started leaves the cycle (None: wait for it)
+    straggler_after: float | None = None
     #: check every update against its source PCPI before it is `done` (coalesce_core.verify)
     verify: bool = True
     #: seconds: verify one replica's whole export in the background of a cycle so that each
@@ -399,6 +403,7 @@ def parse_config(text: str, path: str = "<config>") -> GroupConfig:
         "spool_group_max",
         "reseed_after",
         "max_lag",
+        "straggler_after",
         "verify",
         "verify_every",
         "privileges",
@@ -438,6 +443,9 @@ def parse_config(text: str, path: str = "<config>") -> GroupConfig:
             hint="the failed updates in a row after which a replica is re-seeded; 0 never re-seeds",
         )
     max_lag = _optional_duration(group, "max_lag", where, example='"1d"', unset="leave it out to report lag only")
+    straggler_after = _optional_duration(
+        group, "straggler_after", where, example='"15m"', unset="leave it out for a cycle that waits for every update"
+    )
     verify = group.get("verify", True)
     if not isinstance(verify, bool):
         raise ConfigError(
@@ -482,6 +490,7 @@ def parse_config(text: str, path: str = "<config>") -> GroupConfig:
         spool_group_max=spool_group_max,
         reseed_after=reseed_after,
         max_lag=max_lag,
+        straggler_after=straggler_after,
         verify=verify,
         verify_every=verify_every,
         privileges=privileges,

@@ -164,6 +164,19 @@ def test_bad_max_lag(value):
     assert "`max_lag`" in str(e) and e.hint
 
 
+def test_straggler_after_is_an_optional_duration():
+    assert parse_config(MIN).straggler_after is None  # the cycle waits for every update
+    assert parse_config(group_with(straggler_after='"90s"')).straggler_after == 90.0
+    assert parse_config(group_with(straggler_after='"15m"')).straggler_after == 900.0
+    assert parse_config(group_with(straggler_after="7200")).straggler_after == 7200.0
+
+
+@pytest.mark.parametrize("value", ['"soon"', '"-1h"', '"0s"', "0", "true"])
+def test_bad_straggler_after(value):
+    e = err(group_with(straggler_after=value))
+    assert "`straggler_after`" in str(e) and e.hint
+
+
 def test_privileges_default_to_strip_and_take_keep():
     assert parse_config(MIN).privileges == "strip"
     assert parse_config(group_with(privileges='"keep"')).privileges == "keep"
