@@ -12,8 +12,10 @@ import threading
 import time
 
 import attrs
+import pytest
 from backends import backend_fixtures
 
+from coalesce_core import crashpoints
 from coalesce_core.backend.faults import Rule
 from coalesce_core.backend.hookspecs import hookimpl
 from coalesce_core.testing.harness import Harness
@@ -55,6 +57,7 @@ class CycleWatch:
         self.h: Harness | None = None
         self.max_cycle_pcpis = 0
         self.at_finish: list[dict] = []
+        self.crash_at_finish = False
 
     @hookimpl
     def coalesce_pcpi_taken(self, group, volume, name, role):
@@ -75,6 +78,8 @@ class CycleWatch:
             }
         )
         self.slow.release.set()
+        if self.crash_at_finish:
+            raise crashpoints.SimulatedCrash("the end of the cycle a straggler left")
 
 
 def _harness(group_config, straggler_after: float | None) -> tuple[Harness, SlowApply, CycleWatch]:
@@ -173,6 +178,33 @@ def test_a_straggler_whose_transfer_fails_is_rolled_back_outside_the_cycle_I2(gr
     assert h.states() == {"A": "stable", "B": "stable", "C": "stable"}
     assert h.exported_fingerprints()["C"] == before
     h.cycle()  # ... and the next cycle updates it
+    assert h.exported_fingerprints()["C"] == h.writer.expected_fingerprint("C")
+    assert watch.max_cycle_pcpis <= 4
+    h.assert_invariants()
+
+
+def test_a_crash_while_a_straggler_transfers_is_recovered_from_the_ledger_I6(group_config, backend):
+    """The agent dies at the end of the cycle a straggler left, its transfer still running: the restart
+    knows only the ledger (update_uncoalesced), so the straggler's active FS counts as partial; it
+    exports its last good image, loop 1026 rolls it back, and it rejoins the cycle."""
+    h, slow, watch = _harness(group_config, straggler_after=0.3)
+    old_base = h.agent.state.base()
+    assert old_base is not None
+    before = h.exported_fingerprints()["C"]
+    watch.crash_at_finish = True
+    with pytest.raises(crashpoints.SimulatedCrash):
+        h.cycle()
+    watch.crash_at_finish = False
+    h.restart()
+    c = h.agent.state.replicas["C"]
+    assert (c.state, c.exported, c.last_good) == ("unstable_uncoalesced", old_base.name, old_base.name)
+    assert "restart" in c.last_error and h.agent.state.phase == "idle"
+    assert h.exported_fingerprints()["C"] == before
+    h.assert_invariants()
+    slow.armed = False
+    h.cycle()  # its due retry first (run --once ticks), then the cycle it rejoins in
+    h.cycle()
+    assert h.states() == {"A": "stable", "B": "stable", "C": "stable"}
     assert h.exported_fingerprints()["C"] == h.writer.expected_fingerprint("C")
     assert watch.max_cycle_pcpis <= 4
     h.assert_invariants()
