@@ -437,6 +437,16 @@ def _prune(p: _Plan, now: float) -> None:
         p.release(g.id)
 
 
+def _prune_at_base(p: _Plan) -> None:
+    """:func:`_prune` with the coalesced base's time, the time of the last jump-ahead's own prune
+    (so what that prune kept stays kept, whatever the clock says now): at rest after `remove`,
+    `unpin` and recovery, and at the release step of a cycle that made no new base. Nothing
+    without a base (no image, no generation)."""
+    base = p.role("base")
+    if base is not None:
+        _prune(p, gen.image_time(p.manifests, base))
+
+
 def _maybe_finish(p: _Plan) -> None:
     if p.get("phase") != "releasing":
         return
@@ -955,9 +965,8 @@ def _pin(p: _Plan, e: ev.PinGeneration) -> None:
 
     g = refs.resolve(p.state(), e.generation)
     p.pcpis[g.name] = attrs.evolve(g, pinned=e.pinned)
-    base = p.role("base")
-    if not e.pinned and p.get("phase") == "idle" and base is not None:
-        _prune(p, gen.image_time(p.manifests, base))
+    if not e.pinned and p.get("phase") == "idle":
+        _prune_at_base(p)
 
 
 #: what `Reseed` does in each state: re-seed it, nothing (a re-seed is already under way), or refuse
@@ -1035,8 +1044,7 @@ def _remove(p: _Plan, e: ev.RemoveReplica) -> None:
         if name in r.pinned() and name not in refs and not (base is not None and name == base.name):
             if pcpi.role != GENERATION:  # a generation stays until the retention policy prunes it
                 p.release(name)
-    if base is not None:  # a generation only it pinned may now be past the policy (I1 at rest)
-        _prune(p, gen.image_time(p.manifests, base))
+    _prune_at_base(p)  # a generation only it pinned may now be past the policy (I1 at rest)
 
 
 def recover_replica(state: str, has_scratch: bool) -> str:
@@ -1098,7 +1106,7 @@ def recover_phase(phase: str, has_pcpi: bool, rollbacks_left: bool) -> str:
 
 
 def _recover(p: _Plan, e: ev.Recover) -> None:
-    """Restart after a crash (DESIGN §2 Recovery), in four steps.
+    """Restart after a crash, and every start of the agent (DESIGN §2 Recovery), in five steps.
 
     Effects are ordered so that the export table is re-applied before any
     PCPI is released: an exported image never disappears under its readers.
@@ -1215,6 +1223,11 @@ def _recover(p: _Plan, e: ev.Recover) -> None:
         _jump_to(p, new_base.name, new_base.taken_at or e.now)  # roll the unfinished jump-ahead forward
     elif action == "release":
         _release(p)
+    # 5. at rest, what the retention policy no longer keeps goes now: a [retention] tightened since
+    #    the last jump-ahead takes effect when the agent starts (I1 at rest); a cycle recovery goes on
+    #    with prunes at its release step
+    if p.get("phase") == "idle":
+        _prune_at_base(p)
 
 
 _HANDLERS: dict[type, Callable[[_Plan, Any], None]] = {

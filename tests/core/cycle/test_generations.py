@@ -3,6 +3,7 @@ manifest, and the pruning by the retention policy (docs/config.md, "Retention"),
 
 from __future__ import annotations
 
+import attrs
 import pytest
 from backends import backend_fixtures
 
@@ -244,3 +245,66 @@ def test_unpin_at_rest_prunes_what_the_policy_no_longer_keeps_I1(group_config):
     assert first.name not in {p.name for p in h.agent.state.generations()}
     assert first.name not in h.agent.dest.snapshot_list()
     assert len(h.agent.state.generations()) == 1
+
+
+def _tightened(group_config) -> tuple[Harness, Pcpi, Pcpi]:
+    """A group under keep_min = "30d" (max 10) whose replica C left the cycle in cycle 2 exporting the
+    base of cycle 1 (its retries fail), then 4 hourly cycles and a person's pin of the second
+    generation; then [retention] tightened to keep = "1h", max = 1 in the config (not yet applied).
+    The group, C's generation and the pinned one."""
+    from coalesce_core.cycle.invariants import seq_of
+
+    h = Harness(group_config(retention='keep_min = "30d"\nmax = 10'))
+    fill(h.writer, "ABC")
+    h.cycle()
+    held = h.agent.state.base()
+    assert held is not None
+    h.writer.write("C", "x", b"x" * 100)
+    h.faults.add(Rule(hook="coalesce_diff", qtree="C", record=2, times=1, volume="src"))
+    h.faults.add(Rule(hook="coalesce_rollback", qtree="C"))
+    h.cycle()
+    assert h.states()["C"] == "unstable_uncoalesced"
+    _hourly(h, 4)
+    gens = h.agent.state.generations()
+    assert len(gens) == 5 and gens[0].name == held.name
+    pinned = gens[1]
+    h.agent.pin(str(seq_of(pinned.name)))
+    h.config = attrs.evolve(h.config, retention=retention.Policy(keep="1h", max=1))
+    return h, held, pinned
+
+
+def _kept_as_planned(h: Harness) -> set[str]:
+    """The generations the ledger records, after checking that the volume holds exactly the base and
+    those, each with its manifest, and that they are what the plan at the base's time keeps."""
+    s = h.agent.state
+    base = s.base()
+    assert base is not None
+    gens = {p.name for p in s.generations()}
+    assert set(h.agent.dest.snapshot_list()) == gens | {base.name}
+    assert set(s.manifests) == gens | {base.name}
+    assert {g.id for g in gen.prune(s, s.manifests[base.name].time).kept} == gens
+    return gens
+
+
+def test_a_tightened_policy_prunes_at_agent_start_I1(group_config):
+    """The agent starts with a [retention] that keeps fewer generations than the ledger holds: the
+    surplus goes at once (not at the next jump-ahead), so I1 holds at rest; the generation C exports
+    from outside the cycle and the pinned one stay, whatever `max` says."""
+    h, held, pinned = _tightened(group_config)
+    newest = h.agent.state.generations()[-1]
+    h.restart()
+    assert h.agent.state.retention == retention.Policy(keep="1h", max=1)
+    assert h.agent.state.phase == "idle"
+    assert _kept_as_planned(h) == {held.name, pinned.name, newest.name}
+    h.assert_invariants()
+    assert h.agent.ledger.load() == h.agent.state  # the prune is in the ledger, written ahead
+
+
+def test_a_crash_in_the_prune_at_agent_start_is_recovered(group_config):
+    """A crash after the first release of that prune: the next start releases what the ledger marked
+    releasing (write-ahead) and prunes nothing else; nothing leaked, nothing pinned lost."""
+    h, held, pinned = _tightened(group_config)
+    newest = h.agent.state.generations()[-1]
+    assert h.crash("mid_release", h.restart)
+    assert _kept_as_planned(h) == {held.name, pinned.name, newest.name}
+    h.assert_invariants()
