@@ -385,7 +385,8 @@ def _leave_for_reseed(p: _Plan, r: Replica, reason: str) -> Replica:
 
 def _release(p: _Plan, source: bool = True) -> None:
     """Keep the coalesced base and every pinned PCPI; release everything else (on the sources
-    too, unless ``source`` is False: none could be reached in this cycle)."""
+    too, unless ``source`` is False: none could be reached in this cycle); then prune the
+    generations the retention policy no longer keeps, with or without a jump-ahead."""
     new_base = p.role("new_base")
     old_base = p.role("base")
     base = new_base or old_base
@@ -413,8 +414,10 @@ def _release(p: _Plan, source: bool = True) -> None:
         if source and name not in src_needed and not sp.releasing:
             p.source_pcpis[name] = attrs.evolve(sp, releasing=True)
             p.emit(fx.ReleaseSourcePcpi(name=name, source=sp.source))
-    if new_base is not None:
-        _prune(p, gen.image_time(p.manifests, new_base))
+    # the prune: after a jump-ahead at the new image's time (it is now the base); in a cycle that
+    # made none (a source outage, a refused PCPI) at the old base's, so an unpin decided during it
+    # takes effect when it ends (I1 at rest)
+    _prune_at_base(p)
     _maybe_finish(p)
 
 
@@ -959,7 +962,8 @@ def _pin(p: _Plan, e: ev.PinGeneration) -> None:
     """`coalesce pin GEN` / `unpin GEN`: the generation is exempt from pruning (or no longer), in any
     phase. An unpin at rest prunes at once (with the coalesced base's time, as `remove` does): the
     group would otherwise hold more unpinned generations than the policy keeps until the next
-    jump-ahead (I1 at rest); mid-cycle the jump-ahead's prune follows. NotFound for what is not a
+    jump-ahead (I1 at rest); mid-cycle the cycle's release step prunes, with a jump-ahead
+    or without one (a source outage, a refused PCPI). NotFound for what is not a
     retained generation."""
     from coalesce_core.cycle import refs
 

@@ -677,13 +677,12 @@ class CoalescingMachine(RuleBasedStateMachine):
     def set_retention(self, most: int, keep_min: float, keep: str, hours: int) -> None:
         """The operator sets a small [retention] (max 2-3) and restarts the agent, which applies it
         (docs/config.md, "Retention"); ``hours`` passes first, so images fall in several hours. A
-        policy stricter than what the group holds prunes the surplus as the agent starts, so the
-        bound holds at once (spec/invariants.md, I1; checked by ``i1_generations``)."""
+        policy stricter than what the group holds prunes the surplus as the agent starts (at rest),
+        or at the release step of the cycle its recovery finishes, with a jump-ahead or without one:
+        the bound holds at rest at once (spec/invariants.md, I1; checked by ``i1_generations``)."""
         if not keep_min and not keep:
             keep = "1h"
         policy = Policy(keep_min=keep_min, keep=keep, max=most)
-        if self.agent.state.phase != "idle":
-            return
         STATS["policies"] += 1
         self.clock.advance(3600 * hours)
         self.h.config = attrs.evolve(self.h.config, retention=policy)

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import attrs
 import pytest
-from backends import backend_fixtures
+from backends import backend_fixtures, on_backend
 
 from coalesce_core import retention
 from coalesce_core.backend.faults import Rule
+from coalesce_core.backend.hookspecs import hookimpl
 from coalesce_core.cycle import generations as gen
 from coalesce_core.cycle.state import GENERATION, GroupState, Pcpi, Replica
 from coalesce_core.testing.harness import FakeClock, Harness
@@ -307,4 +308,58 @@ def test_a_crash_in_the_prune_at_agent_start_is_recovered(group_config):
     newest = h.agent.state.generations()[-1]
     assert h.crash("mid_release", h.restart)
     assert _kept_as_planned(h) == {held.name, pinned.name, newest.name}
+    h.assert_invariants()
+
+
+class _UnpinWhenTheCycleStarts:
+    """Observer plugin: unpins generation ``generation`` (an id) once, as the next cycle starts (a
+    request decided while the agent is in the cycle), and remembers the phase it was decided in."""
+
+    def __init__(self) -> None:
+        self.harness: Harness | None = None
+        self.generation: str | None = None
+        self.phase = ""
+
+    @hookimpl
+    def coalesce_phase_changed(self, group: str, trigger: str, source: str, dest: str) -> None:
+        if trigger != "start_cycle" or self.generation is None or self.harness is None:
+            return
+        generation, self.generation = self.generation, None
+        self.harness.agent.pin(generation, pinned=False)
+        self.phase = self.harness.agent.state.phase
+
+
+@pytest.mark.parametrize("backend", [on_backend("mem")], indirect=True)
+@pytest.mark.parametrize("outage", ["source", "jump_ahead"])
+def test_an_unpin_during_a_cycle_without_a_jump_ahead_prunes_at_its_end_I1(group_config, outage):
+    """With max = 1 a pinned generation and the newest stand; the first is unpinned while a cycle runs
+    that ends without a jump-ahead (the source cannot be reached, or the destination refuses the
+    jump-ahead PCPI): that cycle's release step prunes it, so at rest I1 holds, not only after the
+    next jump-ahead."""
+    from coalesce_core.cycle.invariants import seq_of
+
+    unpin = _UnpinWhenTheCycleStarts()
+    h = Harness(group_config(retention='keep = "1h"\nmax = 1'), plugins=[unpin])
+    unpin.harness = h
+    fill(h.writer, "ABC")
+    h.cycle()
+    _hourly(h, 1)
+    (first,) = h.agent.state.generations()
+    h.agent.pin(str(seq_of(first.name)))
+    _hourly(h, 2)
+    assert [p.name for p in h.agent.state.generations()][0] == first.name
+    base = h.agent.state.base()
+    assert isinstance(h.clock, FakeClock)
+    h.clock.advance(HOUR)
+    h.writer.write("A", "late", b"l" * 100)
+    volume = h.config.source if outage == "source" else h.config.destination
+    h.faults.add(Rule(hook="coalesce_snapshot_create", volume=volume, times=1, message="refused"))
+    unpin.generation = str(seq_of(first.name))
+    h.cycle()
+    assert unpin.phase == "updating"  # decided in the cycle, which could not prune at once
+    s = h.agent.state
+    assert s.phase == "idle" and s.base() == base  # no jump-ahead
+    assert first.name not in {p.name for p in s.generations()}
+    assert first.name not in h.agent.dest.snapshot_list()
+    assert len(s.generations()) == 1
     h.assert_invariants()
