@@ -8,7 +8,7 @@ written: replicas and PCPIs by identity against the previous state.
 A damaged or foreign file is a MetadataError that says what to do; the
 ledger never deletes or rewrites a file it cannot read.  A ledger an earlier
 version wrote loads as it is: a field its rows or its meta table lack takes
-its default (a replica's and a source PCPI's source: DEFAULT_SOURCE), and a
+its default (a replica's, a source PCPI's and a manifest entry's source: DEFAULT_SOURCE), and a
 renamed one is read under its old name (see ``_replica``, ``load``).
 """
 

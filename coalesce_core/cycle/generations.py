@@ -1,7 +1,7 @@
 """Retained coalesced generations: what each coalesced image holds (its manifest), and which to prune.
 
 A jump-ahead exports ONE new coalesced base for every participant; the facts about that image are
-known at that instant only (each replica's source point, and whether its update of this cycle
+known at that instant only (each replica's source point and its source, and whether its update of this cycle
 succeeded), so the planner records a :class:`Manifest` for the new base in the same decision as the
 export switch (write-ahead: the ledger holds it before readers see the image). When a retention
 policy keeps anything, the next jump-ahead turns that base into a *generation* instead of releasing
@@ -31,16 +31,23 @@ STALE = "stale"
 OUTSIDE = "outside"
 STATUSES = (UPDATED, UNCHANGED, STALE, OUTSIDE)
 
+#: the source of an entry recorded before manifests named sources: the name a group's only source has
+#: when the config names none (coalesce_core.cycle.state.DEFAULT_SOURCE, which imports this module)
+DEFAULT_ORIGIN = "default"
+
 
 @attrs.frozen
 class Entry:
     """One replica in a coalesced image: ``status`` (one of :data:`STATUSES`) and the source PCPI
-    whose image of its qtree the coalesced image holds, with when it was taken (None, 0: none)."""
+    whose image of its qtree the coalesced image holds, with when it was taken (None, 0: none), and
+    the name of the source the replica comes from (``Replica.origin``, its ``[[replica]] from``): with
+    several sources a source PCPI's name alone does not say whose it is."""
 
     replica: str
     status: str = attrs.field(validator=attrs.validators.in_(STATUSES))
     source_point: str | None = None
     source_time: float = 0.0
+    origin: str = DEFAULT_ORIGIN
 
 
 @attrs.frozen
@@ -66,6 +73,8 @@ class Manifest:
 
     @classmethod
     def from_json(cls, raw: dict[str, Any]) -> "Manifest":
+        """The manifest :meth:`to_json` wrote; an entry written before manifests named sources has no
+        ``origin`` and reads as :data:`DEFAULT_ORIGIN`."""
         entries = tuple(Entry(**e) for e in raw.get("entries", ()))
         return cls(pcpi=raw["pcpi"], cycle=raw["cycle"], time=raw["time"], entries=entries)
 
@@ -105,7 +114,7 @@ def manifest_at_jump(state: GroupState, pcpi: str, now: float, participants: Ite
         status = status_at_jump(r.state, r.name in jumping, had, r.active_point != r.source_point, r.records)
         point = None if status == OUTSIDE else (r.active_point if status in (UPDATED, UNCHANGED) else r.source_point)
         sp = state.source_pcpis.get(point or "")
-        entries.append(Entry(r.name, status, point, sp.taken_at if sp is not None else 0.0))
+        entries.append(Entry(r.name, status, point, sp.taken_at if sp is not None else 0.0, origin=r.origin))
     return Manifest(pcpi=pcpi, cycle=state.cycle, time=now, entries=tuple(entries))
 
 

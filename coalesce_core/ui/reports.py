@@ -162,6 +162,7 @@ def attrs_entry(e: gen.Entry) -> dict[str, Any]:
     return {
         "replica": e.replica,
         "status": e.status,
+        "origin": e.origin,
         "source_point": e.source_point,
         "source_time": e.source_time or None,
     }

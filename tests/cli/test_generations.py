@@ -32,6 +32,7 @@ def test_generations_json_lists_each_with_its_manifest(group, cli, validate_json
     assert gens[1]["counts"] == {"updated": 1, "unchanged": 1, "stale": 0, "outside": 0}
     a = next(e for e in gens[1]["replicas"] if e["replica"] == "A")
     assert a["status"] == "updated" and a["source_point"] and a["source_time"] > 0
+    assert a["origin"] == "default"  # the source of `[group] source`, named beside its source PCPI
     assert all("plan" not in g for g in gens)
     assert gens[0]["id"] < gens[1]["id"] and gens[0]["pcpi"].endswith("-new_base")
     assert all(e["export_path"] is None for g in gens for e in g["replicas"])  # mem has no path (btrfs: tests/core)

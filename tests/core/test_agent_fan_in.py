@@ -120,6 +120,13 @@ def test_one_cycle_brings_every_replica_to_its_own_sources_pcpi_in_one_coalesced
         assert {s.source_pcpis[pa].source, s.source_pcpis[pb].source} == {"a", "b"}
         assert all(image(h, r) == newest(h, r) for r in ORIGIN)
         h.assert_invariants()
+        # its manifest names each replica's source beside its source PCPI (two sources, two PCPIs)
+        m = s.manifests[next(iter(s.replicas.values())).exported or ""]
+        assert {e.replica: (e.origin, e.source_point) for e in m.entries} == {
+            "A1": ("a", pa),
+            "A2": ("a", pa),
+            "B1": ("b", pb),
+        }
     assert 1 <= peak.peak <= 4
 
 

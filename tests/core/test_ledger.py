@@ -259,6 +259,30 @@ def test_sources_of_replicas_and_source_pcpis_round_trip(tmp_path):
     assert back.source_pcpis["co-g-src-000001"].source == "office"
 
 
+def test_a_manifest_row_written_before_manifests_named_sources_reads_as_of_the_default_source(tmp_path):
+    """A manifest entry without ``origin`` (an earlier version's row) is of the source ``default``; one
+    with it keeps it, and both read back the same after a commit that leaves them alone."""
+    from coalesce_core.cycle import generations as gen
+
+    base = "co-g-000002-base"
+    named = gen.Manifest(base, 1, 5.0, (gen.Entry("a", gen.UPDATED, "co-g-src-000001", 4.0, origin="lab"),))
+    st = GroupState(name="g", pcpis={base: Pcpi(base, "base", taken=True)}, manifests={base: named})
+    Ledger.create(tmp_path / "g.sqlite", st).close()
+    led = Ledger.open(tmp_path / "g.sqlite", group="g")
+    assert led.load().manifests[base].entries[0].origin == "lab"
+    old = named.to_json()
+    del old["entries"][0]["origin"]
+    led.conn.execute("UPDATE manifests SET data = ? WHERE name = ?", (json.dumps(old), base))
+    led.conn.commit()
+    back = led.load()
+    assert back.manifests[base].entries == (gen.Entry("a", gen.UPDATED, "co-g-src-000001", 4.0, origin="default"),)
+    led.commit(back, attrs.evolve(back, cycle=2))
+    led.close()
+    led = Ledger.open(tmp_path / "g.sqlite", group="g")
+    assert led.load().manifests == back.manifests
+    led.close()
+
+
 def test_open_without_group_check(ledger_file):
     led = Ledger.open(ledger_file)
     assert led.load().name == "g"

@@ -45,6 +45,17 @@ def test_a_manifest_survives_its_json():
     assert m.counts() == {"updated": 0, "unchanged": 0, "stale": 1, "outside": 0} and m.fresh == 0
 
 
+def test_an_entry_without_a_source_is_of_the_default_source():
+    """An entry as a ledger written before manifests named sources holds it (no ``origin``) is of the
+    source a group's only source is named when the config names none."""
+    from coalesce_core.cycle.state import DEFAULT_SOURCE
+
+    raw = {"pcpi": "co-g-000003-new_base", "cycle": 2, "time": 12.5}
+    raw["entries"] = [{"replica": "A", "status": gen.UPDATED, "source_point": "co-g-src-000001", "source_time": 3.0}]
+    (entry,) = gen.Manifest.from_json(raw).entries
+    assert entry.origin == gen.DEFAULT_ORIGIN == DEFAULT_SOURCE
+
+
 def test_a_pinned_generation_is_protected_and_its_time_is_its_manifests():
     g1, g2 = "co-g-000003-new_base", "co-g-000006-new_base"
     s = GroupState(
@@ -150,6 +161,7 @@ def test_the_manifest_of_updated_unchanged_and_failed_replicas(group_config):
     m = h.agent.state.manifests[base.name]
     entries = {e.replica: (e.status, e.source_point) for e in m.entries}
     assert entries == {"A": ("updated", target), "B": ("unchanged", target), "C": ("stale", before["C"])}
+    assert {e.origin for e in m.entries} == {"default"}  # [group] source: the source named default
     assert all(e.source_time > 0 for e in m.entries)
     assert m.fresh == 2 and m.cycle == 2
 
