@@ -15,7 +15,20 @@ BENCH = Path(__file__).resolve().parents[2] / "tools" / "bench"
 #: the benchmarks that use host-wide resources (loop btrfs file systems, the zfs-fuse daemon, network
 #: namespaces): they run in the real-file-system worker, one after another (tests/conftest.py)
 HOST_WIDE = {"realfs", "diffcost", "snapshots", "net", "zfsqtrees", "verify"}
-NAMES = ["scale", "sim", "realfs", "diffcost", "snapshots", "recovery", "formal", "spool", "net", "zfsqtrees", "verify"]
+NAMES = [
+    "scale",
+    "sim",
+    "realfs",
+    "diffcost",
+    "snapshots",
+    "recovery",
+    "formal",
+    "spool",
+    "net",
+    "zfsqtrees",
+    "verify",
+    "retention",
+]
 
 
 def test_the_smoke_test_covers_every_benchmark():

@@ -32,6 +32,7 @@ BENCHES = {
     "net": "bench_net",  # (root) one update over an emulated link: coalesce ssh/tls vs btrfs send | ssh | receive
     "zfsqtrees": "bench_zfs_qtrees",  # (root) many qtrees of one zfs-fuse dataset: one zfs send for all diffs
     "verify": "bench_verify",  # cost of the check before `done`: verify = true vs false (sim; btrfs, zfs: root)
+    "retention": "bench_retention",  # (pure) the retention plan vs generations; the prune vs replicas per manifest
 }
 ROOT_ONLY = {"realfs", "diffcost", "net", "zfsqtrees"}
 
