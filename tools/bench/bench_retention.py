@@ -8,7 +8,7 @@ Pure: no volume, no ledger, no clock but the timer; the states are built in memo
 
 1. **The plan.** ``retention.plan`` over G retained generations an hour apart (G = ``--generations``),
    under ``keep = "24h 14d 8w 12m 2y"`` with and without ``max = 60``, and ``keep_min = "30d"``
-   alone: the median of ``--repeat`` runs with the module's month and label caches warm (a
+   alone: the median of ``--repeat`` runs with the module's caches (month and label lookups) warm (a
    long-running agent, which prunes at every cycle) and the first run after clearing them (a fresh
    process: every administrative verb, `coalesce generations --plan`).
 2. **The replicas.** ``generations.as_retained`` (the policy's view of the group: each generation's
@@ -52,9 +52,12 @@ def generations(g: int) -> list[retention.Generation]:
 
 
 def clear_caches() -> None:
-    """The state of a fresh process: the plan's month and label caches empty."""
-    retention._month.cache_clear()
-    retention._label.cache_clear()
+    """The state of a fresh process: every cache of the retention module empty (its month and label
+    lookups, and any other ``functools`` cache it keeps)."""
+    for value in vars(retention).values():
+        clear = getattr(value, "cache_clear", None)
+        if callable(clear):
+            clear()
 
 
 def timed(fn: Callable[[], object], repeat: int) -> float:
