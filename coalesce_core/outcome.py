@@ -10,7 +10,7 @@ import attrs
 
 #: the failures (agent.Agent.failures' triggers) that a replica's source answers for: a transfer
 #: that failed, a cycle the replica missed because its source was out of reach or refused its PCPI
-SOURCE_FAILURES = frozenset({"update_failed", "baseline_failed", "reseed_failed", "missed_cycle"})
+SOURCE_FAILURES = frozenset({"update_failed", "baseline_failed", "reseed_failed", "straggler_failed", "missed_cycle"})
 
 
 @attrs.frozen

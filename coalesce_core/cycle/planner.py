@@ -688,7 +688,7 @@ def straggler_due(cycle_started: float, straggler_after: float | None, now: floa
 
     post: implies(straggler_after is None, not __return__)
     post: implies(straggler_after is not None and now >= cycle_started + straggler_after, __return__)
-    post: implies(__return__, straggler_after is not None and now - cycle_started >= straggler_after)
+    post: implies(__return__, straggler_after is not None and now >= cycle_started + straggler_after)
     """
     return straggler_after is not None and now >= cycle_started + straggler_after
 
