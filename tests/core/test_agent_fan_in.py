@@ -182,7 +182,9 @@ def test_a_source_out_of_reach_at_recovery_is_settled_later(fan_in, point):
     h.restart()  # recovery finishes the cycle: a's updates, or the rollbacks of what the crash cut short
     assert h.agent.state.phase == "idle"
     resumed = [t[0] for t in h.recorder.transitions[seen:] if t[1] == "resume_update"]
-    assert resumed == (["A1"] if point.startswith("mid_apply") else [])  # the first transfer: A1, of a
+    # the transfer cut short resumes: A1's, and A2's too when the pool's one worker had begun it before
+    # A1's end was decided (a pool takes its next transfer at once); never one of b's
+    assert ("A1" in resumed and set(resumed) <= {"A1", "A2"}) if point.startswith("mid_apply") else resumed == []
     h.assert_invariants()
     h.cycle()  # b still down: only a's replicas move
     assert set(h.states().values()) == {"stable"}
