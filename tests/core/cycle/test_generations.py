@@ -166,11 +166,11 @@ def test_the_manifest_of_updated_unchanged_and_failed_replicas(group_config):
     assert m.fresh == 2 and m.cycle == 2
 
 
-def _c_outside_exporting_the_first_base(group_config) -> tuple[Harness, Pcpi]:
-    """A group under keep = "1h" whose replica C failed its update and its rollback in cycle 2 (its
+def _c_outside_exporting_the_first_base(group_config, retention: str = 'keep = "1h"') -> tuple[Harness, Pcpi]:
+    """A group under ``retention`` whose replica C failed its update and its rollback in cycle 2 (its
     retries fail too: it stays outside, exporting the base of cycle 1), then 4 hourly cycles; that
     base and the group."""
-    h = Harness(group_config(retention='keep = "1h"'))
+    h = Harness(group_config(retention=retention))
     fill(h.writer, "ABC")
     h.cycle()
     held = h.agent.state.base()
@@ -267,17 +267,7 @@ def _tightened(group_config) -> tuple[Harness, Pcpi, Pcpi]:
     The group, C's generation and the pinned one."""
     from coalesce_core.cycle.invariants import seq_of
 
-    h = Harness(group_config(retention='keep_min = "30d"\nmax = 10'))
-    fill(h.writer, "ABC")
-    h.cycle()
-    held = h.agent.state.base()
-    assert held is not None
-    h.writer.write("C", "x", b"x" * 100)
-    h.faults.add(Rule(hook="coalesce_diff", qtree="C", record=2, times=1, volume="src"))
-    h.faults.add(Rule(hook="coalesce_rollback", qtree="C"))
-    h.cycle()
-    assert h.states()["C"] == "unstable_uncoalesced"
-    _hourly(h, 4)
+    h, held = _c_outside_exporting_the_first_base(group_config, 'keep_min = "30d"\nmax = 10')
     gens = h.agent.state.generations()
     assert len(gens) == 5 and gens[0].name == held.name
     pinned = gens[1]
