@@ -54,7 +54,7 @@ from coalesce_core.cycle.state import DEFAULT_SOURCE, NAME_RE, RetryPolicy
 from coalesce_core.deadlines import KEYS, TransferLimits, parse_limits, parse_overrides
 from coalesce_core.durations import config_seconds
 from coalesce_core.errors import ConfigError
-from coalesce_core.retention import Policy, parse_keep
+from coalesce_core.retention import Policy, known_zone, parse_keep
 from coalesce_core.stream import privileges as privilege_policy
 
 #: a source's transport tables (docs/network.md, "Client settings"): the TOML types of each key
@@ -326,16 +326,6 @@ def _size(table: dict[str, Any], key: str, where: str, default: int) -> int:
     return size
 
 
-def _known_zone(name: str) -> bool:
-    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
-
-    try:
-        ZoneInfo(name)
-    except (ZoneInfoNotFoundError, ValueError):
-        return False
-    return True
-
-
 def _retention(table: object, where: str) -> Policy:
     """The retention policy of the ``[retention]`` table (docs/config.md, "Retention")."""
     if not isinstance(table, dict):
@@ -363,7 +353,7 @@ def _retention(table: object, where: str) -> Policy:
             f"{where}: `prefer_complete` must be true or false", hint="false (the default) keeps the first"
         )
     zone = table.get("timezone", "UTC")
-    if not isinstance(zone, str) or not _known_zone(zone):
+    if not isinstance(zone, str) or not known_zone(zone):
         raise ConfigError(
             f"{where}: `timezone` must name an IANA time zone, not {zone!r}",
             hint='for example timezone = "Europe/Berlin"; "UTC" (the default) for periods the same on every host',

@@ -111,11 +111,18 @@ def _check_keep_min(_: Any, __: Any, value: float) -> None:
         raise ValueError(f"keep_min must be a finite number of seconds >= 0, not {value!r}")
 
 
-def _check_zone(_: Any, __: Any, value: str) -> None:
+def known_zone(name: str) -> bool:
+    """Whether ``name`` is an IANA time zone of the system's database (or tzdata's)."""
     try:
-        _zone(value)
+        _zone(name)
     except (ZoneInfoNotFoundError, ValueError):
-        raise ValueError(f"unknown time zone {value!r}") from None
+        return False
+    return True
+
+
+def _check_zone(_: Any, __: Any, value: str) -> None:
+    if not known_zone(value):
+        raise ValueError(f"unknown time zone {value!r}")
 
 
 @functools.lru_cache(maxsize=64)
