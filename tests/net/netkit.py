@@ -26,7 +26,8 @@ from typing import Any
 import attrs
 import pytest
 
-PLUGINS_DIR = Path(__file__).resolve().parents[2] / "plugins"
+CHECKOUT = Path(__file__).resolve().parents[2]
+PLUGINS_DIR = CHECKOUT / "plugins"
 if str(PLUGINS_DIR) not in sys.path:
     sys.path.insert(0, str(PLUGINS_DIR))
 
@@ -355,7 +356,12 @@ class SSHD:
         self.log = d / "serve.log"
         self.volumes: dict[str, str] = {}
         self.write_server_config()
-        forced = f"{sys.executable} -m coalesce_remote.serve --stdio --config {self.server_config} --identity backup1"
+        # sshd hands its forced command no PYTHONPATH: name the checkout, so that the service runs the
+        # code under test whatever copy of coalesce is installed (or none)
+        forced = (
+            f"env PYTHONPATH={CHECKOUT}:{PLUGINS_DIR} {sys.executable} -m coalesce_remote.serve --stdio "
+            f"--config {self.server_config} --identity backup1"
+        )
         pub = (d / "client_key.pub").read_text().strip()
         (d / "authorized_keys").write_text(f'command="{forced}",restrict {pub}\n')
         host_pub = (d / "host_key.pub").read_text().split()
