@@ -136,7 +136,8 @@ def hosts(realfs, btrfs_urls, btrfs_small_url, zfs_urls, tmp_path) -> Iterator[d
 
 def _check_cycle(h: dict[str, Any], fresh: set[str]) -> dict[str, Any]:
     """After a cycle: every export equals its source qtree in its source PCPI, the replicas of the
-    sources in ``fresh`` are at their source's newest PCPI, `check` passes, one destination PCPI."""
+    sources in ``fresh`` are at their source's newest PCPI, `check` passes, and the destination holds
+    one PCPI, the coalesced image every replica exports."""
     doc = _status(h["cfg"])
     newest = {s["name"]: s["last_pcpi"] for s in doc["sources"]}
     by_source: dict[str, list[dict[str, Any]]] = {}
@@ -157,7 +158,11 @@ def _check_cycle(h: dict[str, Any], fresh: set[str]) -> dict[str, Any]:
             assert {r["source_point"] for r in rs} == {newest[s]}, (s, rs)
     p = _cli(h["cfg"], "check")
     assert p.returncode == 0, p.stdout + p.stderr
-    assert len(_snapshots(h["dest"])) <= 1, _snapshots(h["dest"])
+    exported = {r["exported_pcpi"] for r in doc["replicas"]}
+    assert [os.path.basename(s) for s in _snapshots(h["dest"])] == sorted(exported) and len(exported) == 1, (
+        _snapshots(h["dest"]),
+        exported,
+    )
     return doc
 
 
