@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures as cf
+import sqlite3
 import threading
 import time
 from typing import Any, Callable, Iterable
@@ -27,6 +28,7 @@ import attrs
 import pluggy
 
 from coalesce_core import crashpoints, outcome, ownership, requests, restorer, retention, verifier, verify
+from coalesce_core import sources as per_source
 from coalesce_core.backend.manager import plugin_manager
 from coalesce_core.backend.volume import Volume
 from coalesce_core.config import GroupConfig, check_origins, check_replicas
@@ -158,6 +160,9 @@ class Agent:
         self.refused_sources: list[str] = []
         #: the sources whose PCPI the cycles since the last `run_once` began asked for: True, taken
         self.taken_sources: dict[str, bool] = {}
+        #: this cycle's record of each source it asked (coalesce_core/sources.py), kept in the ledger's
+        #: note ``sources`` with the cycle's history row
+        self._seen: dict[str, per_source.Seen] = {}
         self._abort = threading.Event()
         #: what the last recovery did to a ledger behind its volumes (coalesce_core/cycle/restore.py)
         self.restored: list[str] = []
@@ -506,15 +511,18 @@ class Agent:
             except VolumeInUse as exc:  # a configuration to fix: its own message, hint and exit code
                 self.refusals.append(exc)
                 self.taken_sources[eff.source] = False
+                self._seen[eff.source] = per_source.Seen(at=now(), reachable=False, error=_describe(exc))
                 return ev.SourcePcpiRefused(name=eff.name, now=now(), error=_describe(exc), source=eff.source)
             except REFUSED as exc:
                 what = f"the source {self._source_url(eff.source)} could not be reached or refused PCPI {eff.name}"
                 error = self._refused(what, exc, SOURCE_HINT)
                 self.refused_sources.append(eff.source)
                 self.taken_sources[eff.source] = False
+                self._seen[eff.source] = per_source.Seen(at=now(), reachable=False, error=error)
                 return ev.SourcePcpiRefused(name=eff.name, now=now(), error=error, source=eff.source)
             self.taken_sources[eff.source] = True
             taken_at = now()
+            self._seen[eff.source] = per_source.Seen(at=taken_at, reachable=True)
             self.pm.hook.coalesce_pcpi_taken(
                 group=self.state.name, volume=str(source.url), name=eff.name, role="source"
             )
@@ -528,6 +536,7 @@ class Agent:
                 what = f"the source {self._source_url(eff.source)} could not release PCPI {eff.name}"
                 error = self._refused(what, exc, "a later cycle releases it")
                 self.refused_sources.append(eff.source)
+                self._seen[eff.source] = per_source.Seen(at=now(), reachable=False, error=error)
                 return ev.SourcePcpiNotReleased(name=eff.name, error=error, source=eff.source)
             self.pm.hook.coalesce_pcpi_released(group=self.state.name, volume=str(source.url), name=eff.name)
             return ev.SourcePcpiReleased(name=eff.name, source=eff.source)
@@ -662,12 +671,27 @@ class Agent:
             "states": s.state_counts(),
             "max_lag_seconds": _max_lag(s, ended),
         }
-        # I5's high-water marks (spec/invariants.md), read by `coalesce check`, which writes nothing
+        # I5's high-water marks (spec/invariants.md), read by `coalesce check`, which writes nothing; each
+        # source's record of this cycle (coalesce_core/sources.py), read by `status`: advisory, not write-ahead
         marks = i5_marks(self.ledger.note("i5_marks") or {}, s)
-        self.ledger.record_cycle(report, notes={"i5_marks": marks})
-        # observers (metrics) also get every replica's health; the history row stays small
-        self.pm.hook.coalesce_cycle_finished(group=s.name, report={**report, "replicas": replica_health(s, ended)})
+        seen, self._seen = per_source.seen_to_note(self.ledger.note("sources"), self._seen), {}
+        self.ledger.record_cycle(report, notes={"i5_marks": marks, "sources": seen})
+        # observers (metrics) also get every replica's and every source's health; the history row stays small
+        health = self.source_health(s, per_source.seen_from_note(seen), ended)
+        self.pm.hook.coalesce_cycle_finished(
+            group=s.name,
+            report={**report, "replicas": replica_health(s, ended), "sources": [h.data() for h in health]},
+        )
         self._stats = None
+
+    def source_health(
+        self, state: GroupState | None = None, seen: dict[str, per_source.Seen] | None = None, now: float | None = None
+    ) -> list[per_source.SourceHealth]:
+        """Each source of the config (then any a replica of ``state`` still comes from) as `status` and the
+        metrics show it (coalesce_core/sources.py); ``seen`` defaults to the ledger's note ``sources``."""
+        records = per_source.seen_from_note(self.ledger.note("sources")) if seen is None else seen
+        intervals = {one.name: one.interval for one in self.config.sources}
+        return per_source.source_health(state or self.state, intervals, records, self.clock() if now is None else now)
 
     # -- requests -----------------------------------------------------------------
     def recover(self, reach_source: bool = True) -> None:
@@ -774,24 +798,27 @@ class Agent:
         taken = self.state.source_taken
         return frozenset(one.name for one in self.config.sources if one.due(taken.get(one.name), now))
 
-    def _room(self, sources: Iterable[str]) -> dict[str, int]:
+    def _room(self, names: Iterable[str]) -> dict[str, Any]:
         """How many more PCPIs each volume that declares a limit can take (StartCycle's rooms): the
-        destination's, and the least of the ``sources``' (those the cycle takes a PCPI of)."""
-        room = {}
+        destination's, and the least of the sources' ``names`` (those the cycle takes a PCPI of), with
+        the name of the source that has it (the first such in ``names``)."""
+        room: dict[str, Any] = {}
         limit = self.dest.max_pcpis
         if limit is not None:
             room["destination_room"] = limit - len(self.dest.snapshot_list())
-        rooms = []
-        for name in sources:
+        rooms: dict[str, int] = {}
+        for name in names:
             try:
                 source = self.source_volume(name)
                 limit = source.max_pcpis
                 if limit is not None:
-                    rooms.append(limit - len(source.snapshot_list()))
+                    rooms[name] = limit - len(source.snapshot_list())
             except REFUSED:
                 pass  # a source that cannot be reached: the take of its PCPI of the cycle says so
         if rooms:
-            room["source_room"] = min(rooms)
+            least = min(rooms, key=lambda name: rooms[name])
+            room["source_room"] = rooms[least]
+            room["least_room_source"] = least
         return room
 
     def run_cycle(self) -> dict[str, Any]:
@@ -799,19 +826,31 @@ class Agent:
         headroom, see :attr:`refusals`)."""
         before = self.state.cycle
         due = self._due(self.clock())
-        sources, waiting = cycle_sources(self.state, self.clock(), due)
-        if waiting and not sources:  # no source is due (each one's `interval`): no cycle, nothing taken
+        names, waiting = cycle_sources(self.state, self.clock(), due)
+        if waiting and not names:  # no source is due (each one's `interval`): no cycle, nothing taken
             return {}
-        room = self._room(sources)
-        short = pcpi_shortfall(room.get("destination_room"), room.get("source_room"))
+        room = self._room(names)
+        short = pcpi_shortfall(room.get("destination_room"), room.get("source_room"), room.get("least_room_source"))
         if short:
             self.refusals.append(
                 BackendError(f"not starting cycle {before + 1} of group {self.state.name!r}: {short}", hint=ROOM_HINT)
             )
+            self._note_not_started(names, f"cycle not started: {short}")
         self.handle(ev.StartCycle(now=self.clock(), due=due, **room))
         self._background_verification()
         cycles = self.ledger.cycles()
         return cycles[-1] if cycles and cycles[-1]["cycle"] > before else {}
+
+    def _note_not_started(self, names: Iterable[str], error: str) -> None:
+        """The cycle did not start for want of PCPIs: each source it would have taken a PCPI of records
+        ``error`` (which names the short volume) in the note ``sources``; a note that cannot be written
+        is left as it was (advisory: it never holds a cycle back)."""
+        at = self.clock()
+        seen = {name: per_source.Seen(at=at, reachable=True, error=error) for name in names}
+        try:
+            self.ledger.update_note("sources", lambda old: per_source.seen_to_note(old, seen))
+        except (MetadataError, sqlite3.Error):
+            pass
 
     def run_once(self) -> dict[str, Any]:
         """Due retries, then one cycle (what `coalesce run --once` does).
@@ -1038,12 +1077,13 @@ class Agent:
 
 
 def replica_health(s: GroupState, now: float) -> dict[str, dict[str, Any]]:
-    """Per replica: state, last error, failures in a row, last success, and the lag (age of the
-    exported source point, None when it is not known)."""
+    """Per replica: its source's name, state, last error, failures in a row, last success, and the lag
+    (age of the exported source point, None when it is not known)."""
     out = {}
     for r in sorted(s.replicas.values(), key=lambda r: r.name):
         lag = s.lag(r, now)
         out[r.name] = {
+            "source": r.origin,
             "state": r.state,
             "last_error": r.last_error,
             "consecutive_failures": r.consecutive_failures,

@@ -82,9 +82,10 @@ _LEGACY_CYCLE_TARGET = "cycle_target"
 _IDENTITY = "group_id"
 
 # Advisory records kept in the meta table beside the state: each replica's newest exported source
-# point at the end of any cycle (I5's high-water marks, which `coalesce check` reads) and the time
-# of each replica's last full verification.
-NOTES = frozenset({"i5_marks", "verified"})
+# point at the end of any cycle (I5's high-water marks, which `coalesce check` reads), the time
+# of each replica's last full verification, and the last cycle's record of each source (whether its
+# PCPI was taken, the error that stopped it: coalesce_core/sources.py).
+NOTES = frozenset({"i5_marks", "verified", "sources"})
 
 
 def _replica(raw: dict[str, Any]) -> Replica:

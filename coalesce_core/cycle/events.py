@@ -19,14 +19,17 @@ from coalesce_core.cycle.state import DEFAULT_SOURCE, by_source
 @attrs.frozen
 class StartCycle:
     """Start a cycle; ``destination_room``/``source_room``: how many more PCPIs each volume can
-    take (its declared limit minus the PCPIs it holds; None: it declares no limit); ``due``: the
-    names of the sources whose ``interval`` has passed since their last PCPI (None: every source is
-    due, as when no source sets an interval; docs/config.md, "Sources")."""
+    take (its declared limit minus the PCPIs it holds; None: it declares no limit), ``source_room``
+    the least room of the sources the cycle takes a PCPI of, and ``least_room_source`` the name of
+    the source that has it (None: not known); ``due``: the names of the sources whose ``interval``
+    has passed since their last PCPI (None: every source is due, as when no source sets an interval;
+    docs/config.md, "Sources")."""
 
     now: float
     destination_room: int | None = None
     source_room: int | None = None
     due: frozenset[str] | None = None
+    least_room_source: str | None = None
 
 
 @attrs.frozen

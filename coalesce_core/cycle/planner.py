@@ -466,10 +466,11 @@ def _maybe_finish(p: _Plan) -> None:
 CYCLE_TAKES = 3
 
 
-def pcpi_shortfall(destination_room: int | None, source_room: int | None) -> str:
+def pcpi_shortfall(destination_room: int | None, source_room: int | None, source: str | None = None) -> str:
     """Why a cycle cannot start for want of PCPIs, or "" when it can.  A cycle takes ONE PCPI of
     each source it updates from and at most CYCLE_TAKES destination PCPIs at once; ``source_room``
-    is the least room of those sources; a room of None is a volume that declares no PCPI limit.
+    is the least room of those sources, ``source`` the name of the source that has it (the reason
+    names it and by how many PCPIs it is short); a room of None is a volume that declares no PCPI limit.
 
     post: implies(destination_room is None and source_room is None, __return__ == "")
     post: implies(destination_room is not None and destination_room < 3, __return__ != "")
@@ -480,7 +481,15 @@ def pcpi_shortfall(destination_room: int | None, source_room: int | None) -> str
     if destination_room is not None and destination_room < CYCLE_TAKES:
         short.append(f"the destination can take {max(0, destination_room)} more PCPIs, a cycle needs {CYCLE_TAKES}")
     if source_room is not None and source_room < 1:
-        short.append("the source can take no more PCPIs, a cycle needs 1")
+        if source is None:
+            short.append("the source can take no more PCPIs, a cycle needs 1")
+        else:
+            short.append(
+                f"the source {source!r} can take no more PCPIs, a cycle needs 1 of it "
+                f"({1 - source_room} short: it holds {-source_room} past its limit)"
+                if source_room < 0
+                else f"the source {source!r} can take no more PCPIs, a cycle needs 1 of it (1 short)"
+            )
     return "; ".join(short)
 
 
@@ -526,7 +535,7 @@ def _start_cycle(p: _Plan, e: ev.StartCycle) -> None:
     sources, waiting = cycle_sources(p.state(), e.now, e.due)
     if waiting and not sources and p.get("phase") == "idle":
         return
-    short = pcpi_shortfall(e.destination_room, e.source_room)
+    short = pcpi_shortfall(e.destination_room, e.source_room, e.least_room_source)
     if short and p.get("phase") == "idle":  # refused before it starts: nothing is taken, the agent stays idle
         for source in sources:
             _miss_cycle(p, f"cycle not started: {short}", e.now, source)

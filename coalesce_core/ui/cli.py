@@ -544,10 +544,11 @@ def cmd_status(args: argparse.Namespace) -> int:
                         kept_paths=kept,
                         generation_paths=agent.generation_paths(),
                         intervals={one.name: one.interval for one in agent.config.sources},
+                        seen=_seen(agent),
                     )
                 )
             else:
-                _console().print(_status_view(agent.state, paths, kept))
+                _console().print(_status_view(agent, agent.state, paths, kept))
                 _console().print(render.agent_text(holder, agent.state.phase))
                 for line in render.requests_lines(queue):
                     _console().print(line, markup=False)
@@ -555,8 +556,21 @@ def cmd_status(args: argparse.Namespace) -> int:
         return _watch_status(args, agent, paths)
 
 
-def _status_view(state: Any, paths: dict[str, str | None], kept: dict[str, str | None] | None = None) -> Any:
-    return Group(render.status_table(state, paths, now=time.time(), kept_paths=kept), render.budget_table(state))
+def _seen(agent: Any) -> dict[str, Any]:
+    """The last cycle's record of each source (the ledger's note ``sources``, coalesce_core/sources.py)."""
+    from coalesce_core.sources import seen_from_note
+
+    return seen_from_note(agent.ledger.note("sources"))
+
+
+def _status_view(
+    agent: Any, state: Any, paths: dict[str, str | None], kept: dict[str, str | None] | None = None
+) -> Any:
+    """The text of `status`: the replicas grouped by source under each source's line (docs/cli.md)."""
+    now = time.time()
+    intervals = {one.name: one.interval for one in agent.config.sources}
+    sources = reports.sources_data(state, intervals, _seen(agent), now)
+    return render.status_view(state, paths, sources, now=now, kept_paths=kept)
 
 
 def _watch_status(args: argparse.Namespace, agent: Any, paths: dict[str, str | None]) -> int:
@@ -594,6 +608,7 @@ def _watch_status(args: argparse.Namespace, agent: Any, paths: dict[str, str | N
                     kept_paths=kept,
                     generation_paths=agent.generation_paths(state),
                     intervals={one.name: one.interval for one in agent.config.sources},
+                    seen=_seen(agent),
                 )
                 _dump_json(doc, compact=True)
                 n += 1
@@ -607,7 +622,7 @@ def _watch_status(args: argparse.Namespace, agent: Any, paths: dict[str, str | N
                     console.print()
                 console.print(f"# {time.strftime('%H:%M:%S')}", markup=False)
                 state = read()
-                console.print(_status_view(state, paths, agent.kept_paths(state)))
+                console.print(_status_view(agent, state, paths, agent.kept_paths(state)))
                 n += 1
                 if args.count and n >= args.count:
                     return EXIT_OK
@@ -617,7 +632,7 @@ def _watch_status(args: argparse.Namespace, agent: Any, paths: dict[str, str | N
         def frame() -> Any:
             return Group(
                 Text(f"every {interval:g}s · {time.strftime('%H:%M:%S')} · Ctrl-C to stop", style="dim"),
-                _status_view(state := read(), paths, agent.kept_paths(state)),
+                _status_view(agent, state := read(), paths, agent.kept_paths(state)),
             )
 
         with Live(frame(), console=console, auto_refresh=False, transient=False) as live:

@@ -24,7 +24,7 @@ from coalesce_core import grouplock
 from coalesce_core.backend.hookspecs import ACTIVE
 from coalesce_core.cycle.invariants import Finding
 from coalesce_core.cycle.spec import Spec, load_spec
-from coalesce_core.cycle.state import CYCLE_ROLES, GENERATION, INDIVIDUAL, KEPT, GroupState
+from coalesce_core.cycle.state import CYCLE_ROLES, DEFAULT_SOURCE, GENERATION, INDIVIDUAL, KEPT, GroupState
 from coalesce_core.ui.formatting import clock, duration, short_pcpi, shorten
 from coalesce_core.ui.peertext import clean
 from coalesce_core.ui.tracker import Tracker, TransferProgress
@@ -70,20 +70,29 @@ def _exports(r: Any) -> str:
 
 
 # -- status ------------------------------------------------------------------------------
+def status_title(state: GroupState) -> str:
+    return f"group {state.name} — cycle {state.cycle}, phase {state.phase}"
+
+
 def status_table(
     state: GroupState,
     export_paths: Mapping[str, str | None],
     now: float | None = None,
     kept_paths: Mapping[str, str | None] | None = None,
+    only: Sequence[str] | None = None,
+    title: bool = True,
 ) -> Table:
-    """One row per replica: state, field, export, source point and its age (lag), failed
-    transfers in a row, last success, and a note (last error, next retry, re-seed reason, kept
-    writes and the path they are readable at, from ``kept_paths`` by PCPI name)."""
+    """One row per replica (of ``only``, by name: default every one): state, field, export, source
+    point and its age (lag), failed transfers in a row, last success, and a note (last error, next
+    retry, re-seed reason, kept writes and the path they are readable at, from ``kept_paths`` by PCPI
+    name); ``title``: the group, cycle and phase above it."""
     spec = load_spec()
-    t = Table(title=f"group {state.name} — cycle {state.cycle}, phase {state.phase}", title_justify="left")
+    t = Table(title=status_title(state) if title else None, title_justify="left")
     for col in ("replica", "state", "field", "exports", "source point", "lag", "fails", "last success", "note"):
         t.add_column(col, justify="right" if col in ("lag", "fails") else "left")
     for r in sorted(state.replicas.values(), key=lambda r: r.name):
+        if only is not None and r.name not in only:
+            continue
         st = spec.replica.state(r.state)
         notes = []
         if r.reseed_reason:
@@ -112,6 +121,61 @@ def status_table(
             Text(" · ".join(notes), style="red" if r.last_error else ""),
         )
     return t
+
+
+def source_line(src: Mapping[str, Any], named: bool = True) -> Text:
+    """One source's state in a line (a `status --json` ``sources`` entry): ``source lab: reachable ·
+    due now · last PCPI co-g-src-000003 at 12:00:01 · lag 3.0 s`` then its last error, if any;
+    ``named`` False leaves the name out (a group of one source)."""
+    reachable = src.get("reachable")
+    out = Text.assemble(("source" + (f" {clean(src['name'])}" if named else ""), "bold"), ": ")
+    if reachable is None:
+        out.append("reachable: not known yet", style="dim")
+    else:
+        out.append("reachable" if reachable else "unreachable", style="green" if reachable else "bold red")
+    interval = src.get("interval")
+    if src.get("due"):
+        due = "due now" if interval is not None else "due every cycle"
+    elif src.get("next_due") is not None:
+        due = f"due at {clock(src['next_due'])}"
+    else:
+        due = "due every cycle"
+    if interval is not None:
+        due += f" (interval {duration(interval)})"
+    out.append(f" · {due} · ")
+    if src.get("last_pcpi"):
+        out.append(f"last PCPI {clean(src['last_pcpi'])} at {clock(src.get('last_pcpi_time'))}")
+    else:
+        out.append("last PCPI —")
+    lag = src.get("lag_seconds")
+    out.append(f" · lag {duration(lag) if lag is not None else '—'}")
+    if src.get("last_error"):
+        out.append(f" · last error: {clean(src['last_error'])}", style="red")
+    return out
+
+
+def status_view(
+    state: GroupState,
+    export_paths: Mapping[str, str | None],
+    sources: Sequence[Mapping[str, Any]],
+    now: float | None = None,
+    kept_paths: Mapping[str, str | None] | None = None,
+) -> RenderableType:
+    """`coalesce status` as text: the replicas grouped by source, each group under its source's line
+    (:func:`source_line`), then the PCPI budget. A group of one source reads as one table with its
+    source line under it."""
+    if len(sources) <= 1:
+        parts: list[RenderableType] = [status_table(state, export_paths, now=now, kept_paths=kept_paths)]
+        parts += [source_line(src, named=src.get("name") != DEFAULT_SOURCE) for src in sources]
+        return Group(*parts, budget_table(state))
+    parts = [Text(status_title(state), style="italic")]
+    for src in sources:
+        parts.append(source_line(src))
+        if src.get("replicas"):
+            parts.append(
+                status_table(state, export_paths, now=now, kept_paths=kept_paths, only=src["replicas"], title=False)
+            )
+    return Group(*parts, budget_table(state))
 
 
 def pcpi_table(state: GroupState) -> Table:

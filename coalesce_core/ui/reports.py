@@ -13,6 +13,7 @@ from coalesce_core.cycle import generations as gen
 from coalesce_core.cycle.invariants import Finding, seq_of
 from coalesce_core.cycle.spec import Spec, load_spec
 from coalesce_core.cycle.state import KEPT, GroupState, Pcpi
+from coalesce_core.sources import Seen, source_health
 from coalesce_core.ui.peertext import clean
 
 
@@ -25,6 +26,7 @@ def status_data(
     kept_paths: Mapping[str, str | None] | None = None,
     generation_paths: Mapping[str, Mapping[str, str | None]] | None = None,
     intervals: Mapping[str, float | None] | None = None,
+    seen: Mapping[str, Seen] | None = None,
 ) -> dict[str, Any]:
     """The `status --json` document (docs/schemas/status.schema.json); ``now`` gives the lag, ``agent``
     the process that holds the group now (coalesce_core.grouplock.probe), None when none does;
@@ -32,7 +34,8 @@ def status_data(
     ``kept_paths`` where each kept PCPI is readable, by PCPI name (Agent.kept_paths);
     ``generation_paths`` where each replica's image in each generation is (Agent.generation_paths);
     ``intervals`` each source's own ``interval`` by name, in the config's order (None: due every
-    cycle; without it, the sources the replicas come from)."""
+    cycle; without it, the sources the replicas come from); ``seen`` the last cycle's record of each
+    source (the ledger's note ``sources``, coalesce_core/sources.py)."""
     paths = kept_paths or {}
     gpaths = generation_paths or {}
     retained = state.generations()
@@ -87,7 +90,7 @@ def status_data(
             for p in sorted(state.pcpis.values(), key=lambda p: p.name)
         ],
         "source_pcpis": sorted(state.source_pcpis),
-        "sources": _sources(state, intervals),
+        "sources": sources_data(state, intervals, seen, now),
         "kept": [
             _kept(p, sorted(p.owners)[0] if p.owners else "", paths)
             for p in sorted(state.pcpis.values(), key=lambda p: p.name)
@@ -204,24 +207,19 @@ def graph_data(spec: Spec | None = None, counts: Mapping[str, int] | None = None
     }
 
 
-def _sources(state: GroupState, intervals: Mapping[str, float | None] | None) -> list[dict[str, Any]]:
-    """Per source (docs/config.md, "Sources"): its replicas, its newest source PCPI the group holds
-    and when it was taken, its ``interval`` and when it is next due (None: at the next cycle)."""
-    if intervals is None:
-        intervals = {name: None for name in sorted({r.origin for r in state.replicas.values()})}
+def sources_data(
+    state: GroupState,
+    intervals: Mapping[str, float | None] | None,
+    seen: Mapping[str, Seen] | None = None,
+    now: float | None = None,
+) -> list[dict[str, Any]]:
+    """`status --json` ``sources`` (docs/config.md, "Sources"; coalesce_core/sources.py): per source its
+    replicas, its newest source PCPI the group holds and when it was taken, its ``interval``, when it
+    is next due and whether it is due at ``now``, whether the last cycle that asked it took its PCPI
+    (``reachable``), the error that stopped it, and the lag of its oldest exported image."""
     out = []
-    for name, interval in intervals.items():
-        held = sorted(n for n, sp in state.source_pcpis.items() if sp.source == name and sp.taken)
-        last = state.source_pcpis[held[-1]] if held else None
-        started = state.source_taken.get(name)
-        out.append(
-            {
-                "name": name,
-                "replicas": sorted(r.name for r in state.replicas.values() if r.origin == name),
-                "last_pcpi": last.name if last is not None else None,
-                "last_pcpi_time": last.taken_at if last is not None and last.taken_at else None,
-                "interval": interval,
-                "next_due": started + interval if interval is not None and started is not None else None,
-            }
-        )
+    for h in source_health(state, intervals, seen, now):
+        d = h.data()
+        d["last_error"] = clean(d["last_error"]) if d["last_error"] else None  # peer text (ui/peertext.py)
+        out.append(d)
     return out

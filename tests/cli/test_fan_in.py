@@ -5,6 +5,7 @@ docs/cli.md "Exit codes")."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -80,3 +81,105 @@ def test_status_json_names_each_replicas_source_and_each_sources_pace(two, capsy
     )
     assert (two_["name"], two_["replicas"], two_["last_pcpi"], two_["interval"]) == ("two", ["B"], points["B"], 3600.0)
     assert two_["last_pcpi_time"] and 3595.0 <= two_["next_due"] - two_["last_pcpi_time"] <= 3600.0
+
+
+@pytest.fixture
+def three(tmp_path: Path, monkeypatch) -> dict[str, Path]:
+    """Group ``home`` of the sources ``lab`` (replica A), ``office`` (B, an ``interval`` of 1h) and
+    ``remote`` (C) on mem:// files, ./coalesce.toml, initialised, one cycle run; returns each
+    source's file by name."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("COALESCE_CONFIG", raising=False)
+    replica = {"lab": "A", "office": "B", "remote": "C"}
+    files = {s: tmp_path / f"{s}.vol" for s in replica}
+    lines = ['[group]\nname = "home"', f'destination = "mem://{tmp_path}/dst.vol"', "[group.retry]\ninitial = 0"]
+    for s, f in files.items():
+        lines += [f'[[source]]\nname = "{s}"\nurl = "mem://{f}"' + ('\ninterval = "1h"' if s == "office" else "")]
+        writer = SourceWriter(Volume.open(plugin_manager(), f"mem://{f}", create=True))
+        fill(writer, [replica[s]])
+        writer.volume.close()
+    lines += [f'[[replica]]\nname = "{r}"\nfrom = "{s}"' for s, r in replica.items()]
+    (tmp_path / "coalesce.toml").write_text("\n".join(lines) + "\n")
+    assert cli_mod.main(["init"]) == 0
+    return files
+
+
+def status_json(capsys) -> dict:
+    capsys.readouterr()
+    assert cli_mod.main(["status", "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_status_json_gives_each_sources_state_reachable_due_last_pcpi_error_and_lag(three, capsys, validate_json):
+    """Three sources: ``remote`` out of reach at the second cycle, ``office`` not due (its interval):
+    each source's entry says whether its last PCPI was taken, the error that stopped it, whether it
+    is due, its last PCPI and the lag of its oldest image (docs/cli.md, "status --json")."""
+    assert run_once(capsys)[0] == 0
+    first = {s["name"]: s for s in status_json(capsys)["sources"]}
+    assert [first[s]["reachable"] for s in ("lab", "office", "remote")] == [True, True, True]
+    assert all(s["last_error"] is None for s in first.values())
+    three["remote"].rename(three["remote"].with_name("remote.gone"))  # its host is down
+    rc, _out, err = run_once(capsys)
+    assert rc == cli_mod.EXIT_PARTIAL, err
+    doc = status_json(capsys)
+    validate_json(doc, "status")
+    src = {s["name"]: s for s in doc["sources"]}
+    assert [s["name"] for s in doc["sources"]] == ["lab", "office", "remote"]
+    lab, office, remote = src["lab"], src["office"], src["remote"]
+    assert (lab["reachable"], lab["last_error"], lab["due"], lab["replicas"]) == (True, None, True, ["A"])
+    assert lab["last_pcpi"] != first["lab"]["last_pcpi"] and lab["seen_at"] > first["lab"]["seen_at"]
+    # office was not asked in the second cycle: its record is the first cycle's, and it is not due
+    assert (office["reachable"], office["last_error"], office["due"]) == (True, None, False)
+    assert office["seen_at"] == first["office"]["seen_at"] and office["last_pcpi"] == first["office"]["last_pcpi"]
+    assert office["next_due"] > time.time() + 3000
+    assert remote["reachable"] is False and remote["due"] is True
+    assert "remote.vol does not exist" in remote["last_error"]
+    assert remote["last_pcpi"] == first["remote"]["last_pcpi"]  # its replica still shows the first cycle's image
+    replicas = {r["name"]: r for r in doc["replicas"]}
+    for s in src.values():
+        (name,) = s["replicas"]
+        assert s["lag_seconds"] == pytest.approx(replicas[name]["lag_seconds"], abs=0.5)
+    assert remote["lag_seconds"] > lab["lag_seconds"]  # C's image is the older: its source missed the cycle
+
+
+def test_status_text_groups_the_replicas_under_each_sources_line(three, capsys):
+    assert run_once(capsys)[0] == 0
+    three["remote"].rename(three["remote"].with_name("remote.gone"))
+    assert run_once(capsys)[0] == cli_mod.EXIT_PARTIAL
+    capsys.readouterr()
+    assert cli_mod.main(["status"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    heads = [i for i, line in enumerate(lines) if line.startswith("source ")]
+    assert [lines[i].split(":")[0] for i in heads] == ["source lab", "source office", "source remote"]
+    assert "source lab: reachable · due every cycle · last PCPI co-home-src-" in lines[heads[0]]
+    assert "source office: reachable · due at " in lines[heads[1]] and "(interval 60.0 min)" in lines[heads[1]]
+    remote = " ".join(lines[heads[2] :])
+    assert "source remote: unreachable · due every cycle" in remote and "last error: BackendError: the volume" in remote
+    # each replica's row sits under its own source's line
+    for head, (start, replica) in enumerate(zip(heads, "ABC")):
+        end = heads[head + 1] if head + 1 < len(heads) else len(lines)
+        rows = [line for line in lines[start:end] if line.startswith("│") or line.startswith("┃")]
+        assert any(f"│ {replica} " in row for row in rows), (replica, lines[start:end])
+        assert not any(f"│ {other} " in row for row in rows for other in "ABC" if other != replica)
+
+
+def test_status_text_of_a_group_of_one_source_has_one_table_and_its_source_line(tmp_path, monkeypatch, capsys):
+    """`[group] source = URL` (the source "default"): no heading per source, one line of its state."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("COALESCE_CONFIG", raising=False)
+    writer = SourceWriter(Volume.open(plugin_manager(), f"mem://{tmp_path}/src.vol", create=True))
+    fill(writer, ["A"])
+    writer.volume.close()
+    (tmp_path / "coalesce.toml").write_text(
+        f'[group]\nname = "home"\nsource = "mem://{tmp_path}/src.vol"\ndestination = "mem://{tmp_path}/dst.vol"\n'
+        '[[replica]]\nname = "A"\n'
+    )
+    assert cli_mod.main(["init"]) == 0
+    assert run_once(capsys)[0] == 0
+    capsys.readouterr()
+    assert cli_mod.main(["status"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("group home — cycle 1") == 1
+    (line,) = [line for line in out.splitlines() if line.startswith("source")]
+    assert line.startswith("source: reachable · due every cycle · last PCPI co-home-src-")
+    assert "default" not in out

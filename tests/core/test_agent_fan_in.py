@@ -355,3 +355,30 @@ def test_transfers_that_fail_only_for_one_source_make_the_cycle_partial(fan_in):
     assert (done.completed, done.failed, done.partial) == (("a",), ("b",), True)
     h.cycle()
     assert h.agent.source_outcome() == type(done)(completed=("a", "b"))
+
+
+def test_a_cycle_that_a_source_short_of_pcpi_room_holds_back_names_that_source(fan_in):
+    """docs/config.md, "Sources": the cycle does not start while a source with replicas to update can
+    take no more PCPIs; the refusal, every replica's error and the source's record (`status`) name the
+    source that is short, and by how many; with room again the cycle runs."""
+    h, _urls = fan_in()
+    h.cycle()
+    b = h.agent.source_volume("b")
+    assert b.max_pcpis is not None
+    foreign = [b.snapshot_create(f"foreign-{i}") for i in range(b.max_pcpis - len(b.snapshot_list()))]
+    h.writers["a"].write("A1", "new", b"a" * 300)
+    assert h.cycle() == {}
+    (refusal,) = h.agent.refusals
+    why = "the source 'b' can take no more PCPIs, a cycle needs 1 of it (1 short)"
+    assert "not starting cycle 2" in refusal.message and why in refusal.message and refusal.hint
+    s = h.agent.state
+    assert s.cycle == 1 and all(why in r.last_error for r in s.replicas.values())
+    health = {one.name: one for one in h.agent.source_health()}
+    assert health["b"].reachable is True and why in (health["b"].last_error or "")
+    assert why in (health["a"].last_error or "")  # a's replicas missed the cycle for b's sake: it says so
+    b.snapshot_delete(foreign[0])
+    report = h.cycle()
+    assert report["cycle"] == 2 and report["failures"] == 0 and image(h, "A1") == newest(h, "A1")
+    health = {one.name: one for one in h.agent.source_health()}
+    assert (health["a"].last_error, health["b"].last_error) == (None, None)
+    h.assert_invariants()

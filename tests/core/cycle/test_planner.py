@@ -2104,12 +2104,25 @@ def test_pcpi_shortfall_refuses_a_cycle_without_room_for_its_pcpis_I1():
     assert planner.pcpi_shortfall(None, None) == "" and planner.pcpi_shortfall(3, 1) == ""
     assert "can take 2 more PCPIs, a cycle needs 3" in planner.pcpi_shortfall(2, None)
     assert "the source can take no more PCPIs" in planner.pcpi_shortfall(None, 0)
+    # the source named, and by how many PCPIs it is short (docs/config.md, "Sources")
+    assert (
+        planner.pcpi_shortfall(None, 0, "lab")
+        == "the source 'lab' can take no more PCPIs, a cycle needs 1 of it (1 short)"
+    )
+    assert "the source 'lab' can take no more PCPIs, a cycle needs 1 of it (3 short: it holds 2 past its limit)" == (
+        planner.pcpi_shortfall(None, -2, "lab")
+    )
+    assert planner.pcpi_shortfall(None, 1, "lab") == ""
     st = group(rep("A"), rep("P", "reseed_pending", next_retry=50.0), rep("Q", "reseed_pending"))
     d = decide(st, ev.StartCycle(now=10.0, destination_room=2, source_room=5))
     assert d.state.phase == "idle" and d.state.cycle == st.cycle and d.effects == () and d.log == ()
     assert d.state.replicas["A"].last_error.startswith("cycle not started: the destination can take 2 more")
     assert d.state.replicas["Q"].outages == 1 and d.state.replicas["P"] == st.replicas["P"]  # not due yet
     assert decide(st, ev.StartCycle(now=10.0, destination_room=3, source_room=1)).state.phase == "updating"
+    d = decide(st, ev.StartCycle(now=10.0, source_room=0, least_room_source="default"))
+    assert d.state.phase == "idle" and "cycle not started: the source 'default' can take no more PCPIs" in (
+        d.state.replicas["A"].last_error
+    )
     with pytest.raises(IllegalTransition, match="start_cycle"):  # a cycle under way is not "refused"
         decide(attrs.evolve(st, phase="updating"), ev.StartCycle(now=10.0, destination_room=0))
 
