@@ -28,19 +28,28 @@ Metrics (every one labelled ``group``; docs/cli.md lists them):
     coalesce_failures_total{kind}             counter  update_failed, baseline_failed, reseed_failed,
                                                        rollback_failed, retry_failed
     coalesce_last_cycle_failures              gauge    failures in the last cycle
-    coalesce_replica_lag_seconds{replica}     gauge    age of the replica's exported image (at the write)
-    coalesce_replica_source_point_timestamp_seconds{replica}
+    coalesce_replica_lag_seconds{replica,source}
+                                              gauge    age of the replica's exported image (at the write)
+    coalesce_replica_source_point_timestamp_seconds{replica,source}
                                               gauge    when its exported image's source PCPI was taken
-    coalesce_replica_consecutive_failures{replica}
+    coalesce_replica_consecutive_failures{replica,source}
                                               gauge    its transfers that failed in a row
-    coalesce_replica_last_success_timestamp_seconds{replica}
+    coalesce_replica_last_success_timestamp_seconds{replica,source}
                                               gauge    when a transfer of it last succeeded (0: never)
-    coalesce_replica_failing{replica}         gauge    1 while it has a last_error
+    coalesce_replica_failing{replica,source}  gauge    1 while it has a last_error
+    coalesce_source_last_pcpi_timestamp_seconds{source}
+                                              gauge    when its newest source PCPI the group holds was taken
+    coalesce_source_reachable{source}         gauge    1 when the last cycle that asked it took its PCPI
+    coalesce_source_due{source}               gauge    1 when it was due at the end of the last cycle
+    coalesce_source_lag_seconds{source}       gauge    age of the oldest image its replicas export
+
+Every per-replica metric is labelled with the name of the replica's source (``source``: its
+``[[replica]] from``; ``default`` for ``[group] source``).
 
 Replica and PCPI gauges follow the agent's events; they are exact at the end
 of every cycle (the cycle report carries the state counts and every
 replica's health) and from then on as long as every process that drives the
-group loads this plugin.  The per-replica gauges are those of the last cycle.
+group loads this plugin.  The per-replica and per-source gauges are those of the last cycle.
 """
 
 from __future__ import annotations
@@ -60,6 +69,8 @@ import pluggy
 hookimpl = pluggy.HookimplMarker("coalesce")
 
 ENV = "COALESCE_METRICS_FILE"
+#: the source of a replica whose health names none (a state file written before sources were labelled)
+DEFAULT_SOURCE = "default"
 CYCLE_ROLES = ("base", "rollback", "jump_ahead", "new_base")
 ROLES = CYCLE_ROLES + ("individual",)
 FAILURE_KINDS = ("update_failed", "baseline_failed", "reseed_failed", "rollback_failed", "retry_failed")
@@ -95,6 +106,8 @@ class _Group:
         self.last_failures = 0
         #: replica -> its health at the end of the last cycle (the report's "replicas")
         self.replicas: dict[str, dict[str, Any]] = {}
+        #: source -> its health at the end of the last cycle (the report's "sources")
+        self.sources: dict[str, dict[str, Any]] = {}
 
     def dump(self) -> dict[str, Any]:
         d = dict(self.__dict__)
@@ -110,6 +123,7 @@ class _Group:
         g.source_pcpis = set(d.get("source_pcpis", ()))
         g.failures = {k: int(g.failures.get(k, 0)) for k in FAILURE_KINDS}
         g.replicas = dict(d.get("replicas") or {})
+        g.sources = dict(d.get("sources") or {})
         return g
 
 
@@ -250,11 +264,22 @@ class MetricsObserver:
             [({"group": g.name}, g.last_failures) for g in gs],
         )
 
+        def replica_labels(g: _Group, r: str, h: Mapping[str, Any]) -> dict[str, str]:
+            return {"group": g.name, "replica": r, "source": str(h.get("source") or DEFAULT_SOURCE)}
+
         def per_replica(key: str, conv=float) -> list[tuple[dict[str, str], float]]:
             return [
-                ({"group": g.name, "replica": r}, conv(h[key]))
+                (replica_labels(g, r, h), conv(h[key]))
                 for g in gs
                 for r, h in sorted(g.replicas.items())
+                if h.get(key) is not None
+            ]
+
+        def per_source(key: str, conv=float) -> list[tuple[dict[str, str], float]]:
+            return [
+                ({"group": g.name, "source": name}, conv(h[key]))
+                for g in gs
+                for name, h in sorted(g.sources.items())
                 if h.get(key) is not None
             ]
 
@@ -287,10 +312,34 @@ class MetricsObserver:
             "gauge",
             "1 while the replica has a last error (until a transfer succeeds).",
             [
-                ({"group": g.name, "replica": r}, 1 if h.get("last_error") else 0)
+                (replica_labels(g, r, h), 1 if h.get("last_error") else 0)
                 for g in gs
                 for r, h in sorted(g.replicas.items())
             ],
+        )
+        family(
+            "coalesce_source_last_pcpi_timestamp_seconds",
+            "gauge",
+            "Unix time the source's newest PCPI the group holds was taken.",
+            per_source("last_pcpi_time"),
+        )
+        family(
+            "coalesce_source_reachable",
+            "gauge",
+            "1 when the last cycle that asked the source for its PCPI got one, 0 when it was out of reach or refused.",
+            per_source("reachable", int),
+        )
+        family(
+            "coalesce_source_due",
+            "gauge",
+            "1 when the source was due (its interval had passed) at the end of the last cycle.",
+            per_source("due", int),
+        )
+        family(
+            "coalesce_source_lag_seconds",
+            "gauge",
+            "Age of the oldest image the source's replicas export, at the last cycle.",
+            per_source("lag_seconds"),
         )
         return "\n".join(out) + "\n"
 
@@ -391,6 +440,9 @@ class MetricsObserver:
             replicas = report.get("replicas")
             if isinstance(replicas, Mapping):
                 g.replicas = {str(k): dict(v) for k, v in replicas.items() if isinstance(v, Mapping)}
+            sources = report.get("sources")
+            if isinstance(sources, list):
+                g.sources = {str(v["name"]): dict(v) for v in sources if isinstance(v, Mapping) and v.get("name")}
             g.phase = "idle"
             self._changed(force=True)
 

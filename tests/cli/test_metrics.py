@@ -7,9 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+from backends import on_backend
 from prometheus_client import parser  # noqa: E402  (pinned in the test extra)
 
 from coalesce_core.backend.faults import Rule
+from coalesce_core.config import parse_config
 from coalesce_core.cycle.spec import load_spec
 from coalesce_core.testing.harness import Harness
 from coalesce_core.testing.workload import fill
@@ -103,7 +106,7 @@ def test_per_replica_failure_and_lag_gauges(group_config, tmp_path, metrics_modu
         h.clock.advance(60)
         h.cycle()
         m = parse(path)
-        rep = lambda name, r: m[(name, (("replica", r),))]  # noqa: E731
+        rep = lambda name, r: m[(name, (("replica", r), ("source", "default")))]  # noqa: E731
         assert (rep("coalesce_replica_failing", "A"), rep("coalesce_replica_failing", "B")) == (0, 1)
         assert (
             rep("coalesce_replica_consecutive_failures", "A"),
@@ -185,3 +188,46 @@ def test_cli_metrics_file_counters_survive_processes(group, tmp_path):
     assert m[("coalesce_cycles_total", ())] == 2  # counted across two processes
     assert m[("coalesce_replicas", (("state", "stable"),))] == 2
     assert m[("coalesce_pcpis", (("role", "base"),))] == 1
+
+
+@pytest.mark.parametrize("backend", [on_backend("mem"), on_backend("sim")])
+def test_per_replica_metrics_carry_their_source_and_each_source_has_its_own(backend, tmp_path, metrics_module):
+    """A group of three sources (docs/config.md, "Sources"): every per-replica sample names its source;
+    per source its last PCPI time, whether the last cycle reached it and whether it is due: ``c`` out
+    of reach, ``b`` with an interval not due again yet."""
+    path = tmp_path / "textfile" / "coalesce.prom"
+    obs = metrics_module.MetricsObserver(path, min_interval=0)
+    if backend == "mem":
+        urls = {s: f"mem://metrics-{s}-{os.getpid()}-{tmp_path.name}" for s in ("a", "b", "c", "dst")}
+    else:
+        urls = {s: f"sim://{tmp_path}/{s}" for s in ("a", "b", "c", "dst")}
+    lines = ["[group]", 'name = "g"', f'destination = "{urls["dst"]}"', f'metadata = "{tmp_path}/meta"']
+    for s in "abc":
+        lines += ["[[source]]", f'name = "{s}"', f'url = "{urls[s]}"'] + (['interval = "1h"'] if s == "b" else [])
+    for s in "abc":
+        lines += ["[[replica]]", f'name = "{s.upper()}1"', f'from = "{s}"']
+    h = Harness(parse_config("\n".join(lines) + "\n", str(tmp_path / "g.toml")), plugins=[obs])
+    try:
+        for s in "abc":
+            fill(h.writers[s], [f"{s.upper()}1"], seed=ord(s))
+        h.cycle()
+        first = parse(path)
+        h.clock.advance(60)
+        h.faults.add(Rule(hook="coalesce_snapshot_create", volume=urls["c"], times=1, message="c is down"))
+        h.cycle()
+        m = parse(path)
+        for s in "abc":
+            labels = (("replica", f"{s.upper()}1"), ("source", s))
+            assert ("coalesce_replica_lag_seconds", labels) in m and ("coalesce_replica_failing", labels) in m
+        assert not any(dict(labels).get("replica") and "source" not in dict(labels) for _n, labels in m)
+        src = lambda name, s: m[(name, (("source", s),))]  # noqa: E731
+        assert [src("coalesce_source_reachable", s) for s in "abc"] == [1, 1, 0]
+        assert [src("coalesce_source_due", s) for s in "abc"] == [1, 0, 1]
+        now = src("coalesce_source_last_pcpi_timestamp_seconds", "a")
+        assert now == first[("coalesce_source_last_pcpi_timestamp_seconds", (("source", "a"),))] + 60
+        assert src("coalesce_source_last_pcpi_timestamp_seconds", "b") == now - 60  # not due: not taken again
+        assert src("coalesce_source_last_pcpi_timestamp_seconds", "c") == now - 60  # out of reach
+        assert src("coalesce_source_lag_seconds", "c") == src("coalesce_source_lag_seconds", "a") + 60
+        assert m[("coalesce_replica_failing", (("replica", "C1"), ("source", "c")))] == 1
+    finally:
+        h.agent.close()
