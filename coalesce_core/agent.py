@@ -877,7 +877,9 @@ class Agent:
             try:
                 event = self._with_room(requests.event_for(req))
                 if isinstance(event, ev.AddReplica):
-                    event = attrs.evolve(event, origin=self._origin(event.name))
+                    origin = req.args.get("from")  # `add --from`: a source of this agent's config
+                    origin = self.config.source_named(origin).name if origin else self._origin(event.name)
+                    event = attrs.evolve(event, origin=origin)
                 d = decide(self.state, event)
             except (CoalesceError, KeyError, ValueError) as exc:  # a malformed request: refused, not fatal
                 if not isinstance(exc, CoalesceError):
@@ -950,8 +952,11 @@ class Agent:
                 break
             wait()
 
-    def add_replica(self, name: str, source_qtree: str | None = None) -> None:
-        self.handle(ev.AddReplica(name=name, source_qtree=source_qtree or name, origin=self._origin(name)))
+    def add_replica(self, name: str, source_qtree: str | None = None, origin: str | None = None) -> None:
+        """``coalesce add``: replica ``name`` of qtree ``source_qtree`` (default: ``name``) of the source
+        named ``origin`` (default: :meth:`_origin`; a ConfigError when the config has no such source)."""
+        origin = self.config.source_named(origin).name if origin else self._origin(name)
+        self.handle(ev.AddReplica(name=name, source_qtree=source_qtree or name, origin=origin))
 
     def _origin(self, replica: str) -> str:
         """The name of the source replica ``replica`` comes from: its ``from`` in the config, or the

@@ -758,6 +758,8 @@ def write_config(path: str | Path, text: str) -> None:
     os.replace(tmp, p)
 
 
-def replica_block(name: str, source: str) -> str:
-    """The TOML text `coalesce add` appends to a config file."""
-    return f'\n[[replica]]\nname = "{name}"\nsource = "{source}"\n'
+def replica_block(name: str, source: str, origin: str | None = None) -> str:
+    """The TOML text `coalesce add` appends to a config file: replica ``name`` of qtree ``source`` of
+    the source named ``origin`` (None: no ``from``, the group's only source)."""
+    line = f'from = "{origin}"\n' if origin is not None else ""
+    return f'\n[[replica]]\nname = "{name}"\nsource = "{source}"\n{line}'

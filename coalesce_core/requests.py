@@ -21,6 +21,7 @@ from typing import Any, Mapping
 import attrs
 
 from coalesce_core.cycle import events as ev
+from coalesce_core.cycle.state import DEFAULT_SOURCE
 from coalesce_core.errors import CoalesceError
 
 #: the verbs whose requests a running agent takes, and the arguments each one carries
@@ -29,7 +30,7 @@ VERBS: Mapping[str, tuple[str, ...]] = {
     "resync": ("replica", "discard"),
     "release": ("replica",),
     "reseed": ("replica", "reason"),
-    "add": ("replica", "source"),
+    "add": ("replica", "source", "from"),
     "remove": ("replica",),
     "pin": ("generation",),
     "unpin": ("generation",),
@@ -108,7 +109,8 @@ def event_for(request: Request) -> object:
     if request.verb == "reseed":
         return ev.Reseed(replica=name, reason=a.get("reason") or "requested by the operator (coalesce reseed)")
     if request.verb == "add":
-        return ev.AddReplica(name=name, source_qtree=a.get("source") or name)
+        # the source: ``from`` when the verb named one, else the agent's choice (Agent._origin)
+        return ev.AddReplica(name=name, source_qtree=a.get("source") or name, origin=a.get("from") or DEFAULT_SOURCE)
     return ev.RemoveReplica(replica=name)
 
 

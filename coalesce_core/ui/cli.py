@@ -125,7 +125,21 @@ def cmd_add(args: argparse.Namespace) -> int:
     source = args.source or args.name
     if any(r.name == args.name for r in cfg.replicas):
         raise ConfigError(f"replica {args.name!r} is already in {cfg.path}", hint="choose another name")
-    block = replica_block(args.name, source)
+    origin = args.origin
+    defined = ", ".join(repr(one.name) for one in cfg.sources)
+    if origin is not None and all(one.name != origin for one in cfg.sources):
+        raise ConfigError(
+            f"{cfg.path}: group {cfg.name!r} has no source named {origin!r} (add --from)",
+            hint=f"the defined sources: {defined}; give one of them to --from, or define it in a [[source]] "
+            'table first (docs/config.md, "Sources")',
+        )
+    if origin is None and len(cfg.sources) > 1:
+        raise ConfigError(
+            f"{cfg.path}: group {cfg.name!r} has {len(cfg.sources)} sources: say which one replica {args.name!r} "
+            "comes from",
+            hint=f"give --from SOURCE, one of the defined sources: {defined}",
+        )
+    block = replica_block(args.name, source, origin)
     from coalesce_core.config import parse_config
 
     assert cfg.path is not None  # a configuration loaded from its file
@@ -133,8 +147,10 @@ def cmd_add(args: argparse.Namespace) -> int:
     parse_config(before + block, cfg.path)  # validate before writing
 
     def report(agent: Any) -> None:
+        of = f" of source {markup(origin)}" if origin is not None else ""
         _console().print(
-            f"added replica [bold]{markup(args.name)}[/] (source qtree {markup(source)}); its baseline runs in the next cycle"
+            f"added replica [bold]{markup(args.name)}[/] (source qtree {markup(source)}{of}); "
+            "its baseline runs in the next cycle"
         )
 
     # the config first: a crash before the ledger has it leaves a replica the next open adds
@@ -145,8 +161,8 @@ def cmd_add(args: argparse.Namespace) -> int:
         return _change(
             args,
             "add",
-            requests.make_args("add", replica=args.name, source=source),
-            lambda agent: agent.add_replica(args.name, source),
+            requests.make_args("add", replica=args.name, source=source, **{"from": origin}),
+            lambda agent: agent.add_replica(args.name, source, origin),
             report,
         )
 
@@ -1031,6 +1047,12 @@ def build_parser(pm: Any = None) -> argparse.ArgumentParser:
     a = verb("add", cmd_add, "add a replica (appended to the config; baseline in the next cycle)")
     a.add_argument("name")
     a.add_argument("--source", help="source qtree (default: NAME)")
+    a.add_argument(
+        "--from",
+        dest="origin",
+        metavar="SOURCE",
+        help="the [[source]] it comes from (default: the group's only source)",
+    )
     handed(a)
     rm = verb("remove", cmd_remove, "remove a replica from the group and the config (its data stay)")
     rm.add_argument("name")

@@ -183,3 +183,37 @@ def test_status_text_of_a_group_of_one_source_has_one_table_and_its_source_line(
     (line,) = [line for line in out.splitlines() if line.startswith("source")]
     assert line.startswith("source: reachable · due every cycle · last PCPI co-home-src-")
     assert "default" not in out
+
+
+def test_add_from_names_the_replicas_source(two, capsys, validate_json):
+    """`coalesce add NAME --source Q --from SOURCE` (docs/cli.md): the replica's table gets its `from`,
+    the ledger records that source, and the next cycle baselines it from that source's qtree."""
+    assert run_once(capsys)[0] == 0
+    capsys.readouterr()
+    assert cli_mod.main(["add", "B2", "--source", "B", "--from", "two"]) == 0
+    assert "added replica B2 (source qtree B of source two)" in capsys.readouterr().out
+    assert '[[replica]]\nname = "B2"\nsource = "B"\nfrom = "two"\n' in Path("coalesce.toml").read_text()
+    assert run_once(capsys)[0] == 0
+    doc = status_json(capsys)
+    validate_json(doc, "status")
+    b2 = next(r for r in doc["replicas"] if r["name"] == "B2")
+    b = next(r for r in doc["replicas"] if r["name"] == "B")
+    assert (b2["from"], b2["source"], b2["state"]) == ("two", "B", "stable")
+    assert b2["source_point"] == b["source_point"]  # B's qtree of source two, at two's PCPI
+    assert next(s for s in doc["sources"] if s["name"] == "two")["replicas"] == ["B", "B2"]
+
+
+def test_add_from_an_unknown_source_is_refused_naming_the_defined_ones(two, capsys):
+    before = Path("coalesce.toml").read_text()
+    capsys.readouterr()
+    assert cli_mod.main(["add", "C", "--from", "three"]) == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and "has no source named 'three'" in err
+    assert "hint:" in err and "the defined sources: 'one', 'two'" in err
+    assert Path("coalesce.toml").read_text() == before
+    assert cli_mod.main(["add", "C"]) == 2  # without --from, a group of several sources asks which one
+    err = capsys.readouterr().err
+    assert "has 2 sources: say which one replica 'C' comes from" in err
+    assert "hint: give --from SOURCE, one of the defined sources: 'one', 'two'" in err
+    assert Path("coalesce.toml").read_text() == before
+    assert [r["name"] for r in status_json(capsys)["replicas"]] == ["A", "B"]

@@ -382,3 +382,17 @@ def test_a_cycle_that_a_source_short_of_pcpi_room_holds_back_names_that_source(f
     health = {one.name: one for one in h.agent.source_health()}
     assert (health["a"].last_error, health["b"].last_error) == (None, None)
     h.assert_invariants()
+
+
+def test_an_add_handed_to_the_running_agent_takes_its_source_from_the_request(fan_in):
+    """`add --from` beside a running agent (docs/operations.md): the request carries the source; an
+    unknown one is refused with the defined sources in its hint, and nothing is added."""
+    h, _urls = fan_in()
+    h.cycle()
+    led = h.agent.ledger
+    led.ask("add", {"replica": "B2", "source": "B1", "from": "b"}, 1.0, os.getpid())
+    led.ask("add", {"replica": "C1", "source": "B1", "from": "c"}, 2.0, os.getpid())
+    ok, bad = h.agent.take_requests()
+    assert ok.status == "done" and h.agent.state.replicas["B2"].origin == "b"
+    assert bad.status == "refused" and "no source named 'c'" in bad.message and "'a', 'b'" in bad.hint
+    assert "C1" not in h.agent.state.replicas
