@@ -838,8 +838,8 @@ class Agent:
             self._note_not_started(names, f"cycle not started: {short}")
         self.handle(ev.StartCycle(now=self.clock(), due=due, **room))
         self._background_verification()
-        cycles = self.ledger.cycles()
-        return cycles[-1] if cycles and cycles[-1]["cycle"] > before else {}
+        last = self.ledger.last_cycle()  # not the whole history: a year of hourly cycles is 8,760 rows
+        return last if last is not None and last["cycle"] > before else {}
 
     def _note_not_started(self, names: Iterable[str], error: str) -> None:
         """The cycle did not start for want of PCPIs: each source it would have taken a PCPI of records

@@ -316,6 +316,12 @@ class Ledger:
     def cycles(self) -> list[dict[str, Any]]:
         return [json.loads(r[0]) for r in self.conn.execute("SELECT report FROM cycles ORDER BY cycle")]
 
+    def last_cycle(self) -> dict[str, Any] | None:
+        """The history row of the newest cycle kept (:meth:`cycles`' last), None before the first: one
+        row read, whatever the length of the history (the agent asks after every cycle)."""
+        row = self.conn.execute("SELECT report FROM cycles ORDER BY cycle DESC LIMIT 1").fetchone()
+        return json.loads(row[0]) if row else None
+
     # -- writing --------------------------------------------------------------
     class _Tx:
         def __init__(self, led: "Ledger") -> None:

@@ -465,6 +465,16 @@ def test_cycles_table(ledger_file):
     led.close()
 
 
+def test_last_cycle_is_the_newest_row_whatever_the_order_written(ledger_file):
+    """What the agent reads after each cycle: the newest row alone, not the whole history."""
+    led = Ledger.open(ledger_file, group="g")
+    assert led.last_cycle() is None
+    led.record_cycle({"cycle": 3, "started": 2.0, "ended": 2.5, "failures": 0})
+    led.record_cycle({"cycle": 1, "started": 0.0, "ended": 0.5, "failures": 1})
+    assert led.last_cycle() == {"cycle": 3, "started": 2.0, "ended": 2.5, "failures": 0} == led.cycles()[-1]
+    led.close()
+
+
 # ---------------------------------------------------------------------------
 # missing, damaged, foreign files: MetadataError with a hint, nothing changed
 # ---------------------------------------------------------------------------
