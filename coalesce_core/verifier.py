@@ -186,8 +186,9 @@ class _Prefetch:
         self.ranges: dict[str, Ranges] = {}
         self.pending_bytes = 0
         self.q: "queue.Queue[tuple[list[tuple[str, bool]], dict[str, Ranges]] | None]" = queue.Queue()
-        self.t = threading.Thread(target=self._run, name="coalesce-verify-prefetch", daemon=True)
-        self.t.start()
+        #: the helper thread, started with the first batch: an update without a large Write (most of
+        #: them: a few small files changed, or none) starts none
+        self.t: threading.Thread | None = None
 
     def _run(self) -> None:
         while True:
@@ -234,6 +235,9 @@ class _Prefetch:
             self.ranges[path] = ranges
         self.pending_bytes += nbytes
         if len(self.pending) >= PREFETCH_PATHS or self.pending_bytes >= PREFETCH_BYTES:
+            if self.t is None:
+                self.t = threading.Thread(target=self._run, name="coalesce-verify-prefetch", daemon=True)
+                self.t.start()
             self.q.put((self.pending, self.ranges))
             self.pending, self.ranges, self.pending_bytes = [], {}, 0
 
@@ -244,7 +248,7 @@ class _Prefetch:
         return self.cache
 
     def close(self) -> None:
-        if self.t.is_alive():
+        if self.t is not None and self.t.is_alive():
             self.q.put(None)
             self.t.join()
 

@@ -279,6 +279,30 @@ def test_the_prefetch_holds_a_bounded_number_of_files(pair, monkeypatch):
         check.close()
 
 
+def test_the_prefetch_thread_starts_with_the_first_batch_only(pair, monkeypatch):
+    """Small writes (below PREFETCH_FROM, most updates) hand nothing over: the check starts no helper
+    thread for them (a thread per update is what an hourly cycle of small changes would pay); the
+    first batch, a large write, starts it, and the check passes."""
+    monkeypatch.setattr(verifier, "PREFETCH_FROM", 200)
+    monkeypatch.setattr(verifier, "PREFETCH_BYTES", 1)
+    src, dst = pair
+    small, large = _file("small", _bytes(1, 100)), _file("large", _bytes(2, 300))
+    recs = [*small, *large, *_times(R.ROOT, "small", "large")]
+    _prepare(src, dst, [], recs, recs)
+    check = TransferCheck(src, dst, replica="A", source_qtree="q", target=SNAP, incremental=True)
+    try:
+        assert check.prefetch is not None
+        for rec in small:
+            check.add(rec)
+        assert check.prefetch.t is None
+        for rec in recs[len(small) :]:
+            check.add(rec)
+        assert check.prefetch.t is not None and "large" in check.prefetch.seen
+        assert check.run().ok
+    finally:
+        check.close()
+
+
 SPILLED = pytest.mark.parametrize("spill_at", [10**9, 5], ids=["in-memory", "spilled"])
 
 
