@@ -3,6 +3,10 @@ manifest, and the pruning by the retention policy (docs/config.md, "Retention"),
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
 import attrs
 import pytest
 from backends import backend_fixtures, on_backend
@@ -11,6 +15,7 @@ from coalesce_core import retention
 from coalesce_core.backend.faults import Rule
 from coalesce_core.backend.hookspecs import hookimpl
 from coalesce_core.cycle import generations as gen
+from coalesce_core.cycle import invariants
 from coalesce_core.cycle.state import GENERATION, GroupState, Pcpi, Replica
 from coalesce_core.testing.harness import FakeClock, Harness
 from coalesce_core.testing.workload import fill
@@ -365,3 +370,142 @@ def test_an_unpin_during_a_cycle_without_a_jump_ahead_prunes_at_its_end_I1(group
     assert first.name not in h.agent.dest.snapshot_list()
     assert len(s.generations()) == 1
     h.assert_invariants()
+
+
+# --- a year of hourly cycles through the agent --------------------------------------------------
+
+#: the policy of the year: one a period plus the newest keeps at most 24 + 7 + 4 + 12 + 1 unpinned
+YEAR_KEEP = "24h 7d 4w 12m"
+YEAR_LIMIT = 48
+#: the hour whose image a person pins once it is a generation (a Wednesday morning, no bucket's first
+#: by the end of the year: the policy alone would prune it within a day)
+YEAR_PIN = 30
+#: the replicas that change, and every how many hours (C never does after its baseline)
+YEAR_CHANGES = {"A": 5, "B": 7}
+
+
+def _at(text: str) -> float:
+    return datetime.fromisoformat(text).replace(tzinfo=UTC).timestamp()
+
+
+def _kept_by_the_calendar(times: list[float], now: float, pinned: set[int]) -> set[int]:
+    """What ``keep = YEAR_KEEP`` keeps of generations made at ``times`` (oldest first) at ``now``, worked
+    out from the calendar by ``datetime`` (not by the code under test): the first generation of each of
+    the last 24 UTC hours, 7 days, 4 ISO weeks (from Monday) and 12 months counted back from now's, the
+    newest, and the ``pinned``."""
+    when = [datetime.fromtimestamp(t, UTC) for t in times]
+    today = datetime.fromtimestamp(now, UTC)
+    this_hour = today.replace(minute=0, second=0, microsecond=0)
+    monday = today.date() - timedelta(days=today.weekday())
+    months = {
+        ((today.year * 12 + today.month - 1 - k) // 12, (today.year * 12 + today.month - 1 - k) % 12 + 1)
+        for k in range(12)
+    }
+    buckets: list[tuple[set[Any], Callable[[datetime], Any]]] = [
+        ({this_hour - timedelta(hours=k) for k in range(24)}, lambda w: w.replace(minute=0, second=0, microsecond=0)),
+        ({today.date() - timedelta(days=k) for k in range(7)}, lambda w: w.date()),
+        ({monday - timedelta(weeks=k) for k in range(4)}, lambda w: w.date() - timedelta(days=w.weekday())),
+        (months, lambda w: (w.year, w.month)),
+    ]
+    keep = {len(times) - 1} | pinned
+    for wanted, period in buckets:
+        first: dict[Any, int] = {}
+        for i, w in enumerate(when):
+            first.setdefault(period(w), i)
+        keep |= {i for p, i in first.items() if p in wanted}
+    return keep
+
+
+class _CyclePcpiWatch:
+    """Observer plugin: at every destination PCPI take, the most PCPIs in cycle roles the volume held (I1)."""
+
+    def __init__(self) -> None:
+        self.harness: Harness | None = None
+        self.most = 0
+
+    @hookimpl
+    def coalesce_pcpi_taken(self, group: str, volume: str, name: str, role: str) -> None:
+        if self.harness is not None and role != "source":
+            self.most = max(self.most, self.harness.cycle_pcpis_on_volume())
+
+
+def _i1_at_rest(h: Harness) -> None:
+    """I1 at rest with retention: the volume holds exactly the base and the generations the ledger
+    retains, the unpinned ones at most the policy's limit."""
+    s = h.agent.state
+    base = s.base()
+    assert s.phase == "idle" and base is not None
+    assert invariants.i1_fixed_consumption(s).ok
+    gens = {p.name for p in s.generations()}
+    assert set(h.agent.dest.snapshot_list()) == gens | {base.name}
+    assert sum(1 for g in gen.as_retained(s) if not g.protected) <= YEAR_LIMIT
+
+
+@pytest.fixture
+def ledger_without_fsync(monkeypatch):
+    """The ledger's commits without fsync (``PRAGMA synchronous=OFF``): a cycle commits about a dozen
+    times, and on a shared disk the fsyncs, not the agent, would set the length of a year of cycles.
+    Durability is tested by the crash tests (tests/core/test_crash_recovery.py), not by timing; the
+    sim volumes' own fsyncs are off in the tests for the same reason (tests/conftest.py)."""
+    from coalesce_core.ledger import Ledger
+
+    connect = Ledger._connect
+
+    def without_fsync(cls, path):
+        conn = connect(path)
+        conn.execute("PRAGMA synchronous=OFF")
+        return conn
+
+    monkeypatch.setattr(Ledger, "_connect", classmethod(without_fsync))
+
+
+@pytest.mark.parametrize(
+    ("backend", "hours"), [on_backend("mem", 365 * 24), on_backend("sim", 30 * 24)], indirect=["backend"]
+)
+def test_hourly_cycles_through_the_agent_keep_what_the_calendar_says_I1(group_config, hours, ledger_without_fsync):
+    """The real agent, its clock moved one hour per cycle from 2027-06-15 00:07 UTC: on mem a whole
+    year (8,760 cycles: a new year and the leap day), on sim a month (720 cycles). A cycle of three
+    small updates costs the agent about 10 ms of CPU on mem and 25 ms on sim (a dozen ledger commits,
+    the spec machines, the transfer pipeline and its check), whatever the number of generations: the
+    year on mem is about 90 s of CPU, a year on sim would be some 4 minutes, so sim runs a month. A changes every 5th hour, B every 7th, C never after its baseline. After every
+    cycle I1 holds at rest (the volume holds the base and exactly the retained generations, at most 48
+    unpinned) and during it (at most 4 PCPIs in cycle roles); a person pins the image of hour 30. At
+    the end the generations are exactly what the calendar implies, each manifest saying who changed."""
+    from coalesce_core.cycle.invariants import seq_of
+
+    watch = _CyclePcpiWatch()
+    h = Harness(
+        group_config(retention=f'keep = "{YEAR_KEEP}"'), plugins=[watch], clock=FakeClock(_at("2027-06-15T00:07"))
+    )
+    watch.harness = h
+    fill(h.writer, "ABC")
+    h.cycle()
+    base = h.agent.state.base()
+    assert base is not None
+    images, points = [base.name], [h.agent.state.replicas["A"].source_point]
+    assert isinstance(h.clock, FakeClock)
+    for hour in range(1, hours + 1):
+        h.clock.advance(HOUR)
+        for q, every in YEAR_CHANGES.items():
+            if hour % every == 0:
+                h.writer.write(q, "hourly", f"{q} at hour {hour}".encode())
+        h.cycle()
+        base = h.agent.state.base()
+        assert base is not None and base.name != images[-1], f"hour {hour}: no new coalesced image"
+        images.append(base.name)
+        points.append(h.agent.state.replicas["A"].source_point)
+        if hour == YEAR_PIN + 1:
+            h.agent.pin(str(seq_of(images[YEAR_PIN])))
+        _i1_at_rest(h)
+    assert watch.most <= 4
+    s = h.agent.state
+    times = [_at("2027-06-15T00:07") + k * HOUR for k in range(hours + 1)]
+    assert [s.manifests[n].time for n in images[-3:]] == times[-3:]  # the agent's clock stamps the images
+    want = _kept_by_the_calendar(times[:-1], times[-1], {YEAR_PIN})
+    assert [p.name for p in s.generations()] == [images[k] for k in sorted(want)]
+    assert s.pcpis[images[YEAR_PIN]].pinned
+    for k in want:
+        entries = {e.replica: (e.status, e.source_point) for e in s.manifests[images[k]].entries}
+        every = {**YEAR_CHANGES, "C": None}  # hour 0 is the baselines: every replica updated
+        status = {q: "updated" if k == 0 or (n and k % n == 0) else "unchanged" for q, n in every.items()}
+        assert entries == {q: (st, points[k]) for q, st in status.items()}, k
