@@ -38,6 +38,39 @@ def test_generations_json_lists_each_with_its_manifest(group, cli, validate_json
     assert all(e["export_path"] is None for g in gens for e in g["replicas"])  # mem has no path (btrfs: tests/core)
 
 
+def test_generations_json_shows_a_straggler_outside_then_updated_when_it_rejoins(
+    group, cli, validate_json, monkeypatch
+):
+    """B's update straggles past `straggler_after` (its destination applies wait, tests/slow_apply.py):
+    the generation of that jump-ahead lists B `outside` with no source PCPI (its image there is its
+    update under way); the next one, where B rejoined, lists it `updated` at the source PCPI its
+    transfer brought, the one A was updated to a cycle before."""
+    tmp, writer = group
+    cfg = tmp / "coalesce.toml"
+    text = cfg.read_text().replace("parallel = 2\n", "parallel = 2\nstraggler_after = 1.0\n")
+    cfg.write_text(text + '\n[retention]\nkeep_min = "30d"\nmax = 20\n')
+    assert cli("init")[0] == 0
+    assert cli("run", "--once", "-q")[0] == 0
+    writer.write("A", "dir0/file0", b"changed" * 50)
+    writer.write("qb", "dir0/file0", b"changed" * 50)
+    monkeypatch.setenv("COALESCE_PLUGINS", "slow_apply")
+    monkeypatch.setenv("COALESCE_SLOW_APPLY", "3")
+    monkeypatch.setenv("COALESCE_SLOW_APPLY_QTREE", "B")
+    assert cli("run", "--once", "-q")[0] == 3  # B finished outside the cycle: it rejoins at the next one
+    monkeypatch.delenv("COALESCE_PLUGINS")
+    assert cli("run", "--once", "-q")[0] == 0
+    assert cli("run", "--once", "-q")[0] == 0
+    rc, out, _ = cli("generations", "--json")
+    doc = json.loads(out)
+    validate_json(doc, "generations")
+    left, rejoined = ({e["replica"]: e for e in g["replicas"]} for g in doc["generations"][1:3])
+    assert [g["cycle"] for g in doc["generations"]] == [1, 2, 3]
+    assert (left["A"]["status"], left["B"]["status"], left["B"]["source_point"]) == ("updated", "outside", None)
+    assert doc["generations"][1]["counts"] == {"updated": 1, "unchanged": 0, "stale": 0, "outside": 1}
+    assert rejoined["B"]["status"] == "updated" and rejoined["B"]["source_point"] == left["A"]["source_point"]
+    assert rejoined["A"]["status"] == "unchanged" and rejoined["A"]["source_point"] != left["A"]["source_point"]
+
+
 def test_status_json_lists_each_replicas_generations_with_their_paths(group, cli, validate_json):
     _retaining(group, cli)
     gens = json.loads(cli("generations", "--json")[1])["generations"]

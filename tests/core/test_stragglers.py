@@ -82,10 +82,12 @@ class CycleWatch:
             raise crashpoints.SimulatedCrash("the end of the cycle a straggler left")
 
 
-def _harness(group_config, straggler_after: float | None) -> tuple[Harness, SlowApply, CycleWatch]:
+def _harness(
+    group_config, straggler_after: float | None, retention: str | None = None
+) -> tuple[Harness, SlowApply, CycleWatch]:
     slow = SlowApply("C")
     watch = CycleWatch(slow)
-    config = attrs.evolve(group_config(), straggler_after=straggler_after)
+    config = attrs.evolve(group_config(retention=retention), straggler_after=straggler_after)
     h = Harness(config, plugins=[slow, watch], clock=time.time)  # a real clock: the deadline must pass
     watch.h = h
     fill(h.writer, ["A", "B", "C"])
@@ -207,4 +209,39 @@ def test_a_crash_while_a_straggler_transfers_is_recovered_from_the_ledger_I6(gro
     assert h.states() == {"A": "stable", "B": "stable", "C": "stable"}
     assert h.exported_fingerprints()["C"] == h.writer.expected_fingerprint("C")
     assert watch.max_cycle_pcpis <= 4
+    h.assert_invariants()
+
+
+def test_the_generation_a_straggler_left_records_it_outside_and_the_next_one_updated(group_config, backend):
+    """With [retention]: C straggles in cycle 2, so the coalesced image of that jump-ahead holds C's
+    active FS with its update under way, no source point: its manifest records C ``outside`` (no source
+    PCPI; C's readers saw its last good image, the image of cycle 1), A and B updated. C rejoins at the
+    next jump-ahead with the image its transfer brought: that image's manifest records C ``updated`` at
+    the source PCPI of cycle 2, older than the one A and B hold (unchanged, at cycle 3's)."""
+    from coalesce_core.cycle import generations as gen
+
+    h, slow, watch = _harness(group_config, straggler_after=1.0, retention='keep_min = "30d"\nmax = 10')
+    first = {r.name: r.source_point for r in h.agent.state.replicas.values()}
+    h.cycle()
+    assert watch.at_finish[0]["states"]["C"] == "update_uncoalesced"
+    left = h.agent.state.base()
+    assert left is not None
+    straggled = h.agent.state.replicas["A"].source_point
+    assert straggled not in (None, first["C"])
+    slow.armed = False
+    h.cycle()  # C rejoins
+    rejoined = h.agent.state.base()
+    assert rejoined is not None
+    now = h.agent.state.replicas["A"].source_point
+    h.cycle()  # both images are generations now
+    s = h.agent.state
+    assert {left.name, rejoined.name} <= {p.name for p in s.generations()}
+    entries = {e.replica: (e.status, e.source_point) for e in s.manifests[left.name].entries}
+    assert entries == {"A": ("updated", straggled), "B": ("updated", straggled), "C": ("outside", None)}
+    assert s.manifests[left.name].fresh == 2
+    entries = {e.replica: (e.status, e.source_point) for e in s.manifests[rejoined.name].entries}
+    assert entries == {"A": ("unchanged", now), "B": ("unchanged", now), "C": ("updated", straggled)}
+    assert s.manifests[rejoined.name].fresh == 3
+    assert {g.id: g.fresh for g in gen.as_retained(s)}[left.name] == 2
+    assert h.exported_fingerprints()["C"] == h.writer.expected_fingerprint("C")
     h.assert_invariants()
