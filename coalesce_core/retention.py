@@ -195,7 +195,8 @@ def check_capacity(policy: Policy, pcpi_limit: int | None) -> None:
 @attrs.frozen
 class Generation:
     """A retained coalesced generation as the policy sees it: ``time`` in epoch seconds, ``fresh``
-    the replicas fresh in it, ``pinned`` by a person, ``exported`` by an uncoalesced replica, ``seq``
+    the replicas fresh in it (a fact of the generation whatever the policy; only ``prefer_complete``
+    decides by it), ``pinned`` by a person, ``exported`` by an uncoalesced replica, ``seq``
     its place in the order the images were made (higher: made later, whatever the clock said)."""
 
     id: str

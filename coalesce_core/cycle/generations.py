@@ -132,7 +132,10 @@ def image_time(manifests: Mapping[str, Manifest], pcpi: Pcpi) -> float:
 
 
 def as_retained(state: GroupState) -> list[retention.Generation]:
-    """The group's generations as the retention policy sees them; one that some replica pins (it
+    """The group's generations as the retention policy sees them, ``fresh`` counted from each manifest
+    (:attr:`Manifest.fresh`, 0 for a base made before manifests) whatever the policy: the count a plan's
+    reasons show is the one `coalesce generations` shows (updated + unchanged), never a 0 that means
+    "not counted" (docs/config.md, "Retention"); one that some replica pins (it
     exports it, or keeps it as its last good image) is ``exported``, one a person pinned
     (`coalesce pin`) ``pinned``: neither is ever pruned. ``seq`` is the order the images were made
     (``state.generations()`` is in the ledger's sequence), which a clock stepped back between two

@@ -95,6 +95,22 @@ def test_generations_plan_says_what_is_kept_and_why(group, cli, validate_json):
     assert rc == 0 and "prune" not in words and "keep" in words and "younger" in words and "updated" in words
 
 
+def test_the_fresh_count_of_a_plan_is_the_updated_and_unchanged_generations_shows(group, cli):
+    """Under prefer_complete the plan keeps the most complete generation of a period and names its
+    count of fresh replicas: the sum of the `updated` and `unchanged` counts the same document shows
+    for it (cycle 1: both baselines; cycle 2: A updated, B unchanged)."""
+    _retaining(group, cli, keep='keep = "24h 2d"\nprefer_complete = true')
+    doc = json.loads(cli("generations", "--json", "--plan")[1])
+    named = 0
+    for g in doc["generations"]:
+        fresh = g["counts"]["updated"] + g["counts"]["unchanged"]
+        for reason in g["plan"]["reasons"]:
+            if reason.startswith("most complete"):
+                assert reason.startswith(f"most complete ({fresh} fresh)"), (reason, g["counts"])
+                named += 1
+    assert named >= 2 and [g["counts"]["updated"] for g in doc["generations"]] == [2, 1]
+
+
 def test_generations_plain_without_retention_says_how_to_get_some(cycled, cli):
     rc, out, _ = cli("generations")
     assert rc == 0

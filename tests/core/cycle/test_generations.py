@@ -70,7 +70,7 @@ def test_a_pinned_generation_is_protected_and_its_time_is_its_manifests():
         manifests={g1: gen.Manifest(g1, 1, 5.0, (gen.Entry("A", gen.UPDATED, "s", 4.0),))},
         retention=retention.Policy(keep="1h"),
     )
-    assert gen.as_retained(s) == [
+    assert gen.as_retained(s) == [  # fresh counted without prefer_complete too (docs/config.md)
         retention.Generation(g1, 5.0, fresh=1, exported=True, seq=0),
         retention.Generation(g2, 9.0, fresh=0, exported=False, seq=1),
     ]
