@@ -39,6 +39,7 @@ from coalesce_core.cycle.invariants import i5_marks
 from coalesce_core.cycle.planner import (
     Decision,
     NotNow,
+    Transition,
     cycle_sources,
     decide,
     is_group_pcpi,
@@ -46,7 +47,7 @@ from coalesce_core.cycle.planner import (
     pcpi_shortfall,
     straggler_due,
 )
-from coalesce_core.cycle.state import KEPT, GroupState
+from coalesce_core.cycle.state import INDIVIDUAL, KEPT, GroupState
 from coalesce_core.errors import BackendError, CoalesceError, ConfigError, MetadataError, VolumeInUse
 from coalesce_core.grouplock import GroupLock
 from coalesce_core.ledger import Ledger, RequestGone
@@ -385,6 +386,7 @@ class Agent:
         self.ledger.commit(old, new, log, now=self.clock(), answered=answered)
         self.state = new
         crashpoints.hit("after_commit")
+        _straggler_points(old, new, log)
         if any(isinstance(e, (ev.StartCycle, ev.SourcePcpiRefused)) for e, _d in batch):
             self._note_missed(old, new)
         for t in log:
@@ -505,6 +507,8 @@ class Agent:
     def _run_inline(self, eff: object) -> object:
         now = self.clock
         if isinstance(eff, fx.TakeSourcePcpi):
+            if any(sp.taken for sp in map(self.state.source_pcpis.get, self.state.cycle_targets.values()) if sp):
+                crashpoints.hit("between_source_pcpis")  # an earlier source's take of this cycle was recorded
             try:
                 source = self.source_volume(eff.source)
                 source.snapshot_create(eff.name)
@@ -1102,6 +1106,28 @@ def replica_health(s: GroupState, now: float) -> dict[str, dict[str, Any]]:
 def _max_lag(s: GroupState, now: float) -> float | None:
     lags = [lag for r in s.replicas.values() if (lag := s.lag(r, now)) is not None]
     return round(max(lags), 6) if lags else None
+
+
+#: the states of a straggler outside the cycle (its transfer running, or its update arrived)
+_STRAGGLING = ("update_uncoalesced", "done_uncoalesced")
+
+
+def _straggler_points(old: GroupState, new: GroupState, log: Iterable[Transition]) -> None:
+    """Pass the crash points of a straggler's way out of the cycle and back (coalesce_core/crashpoints.py)
+    that the commit from ``old`` to ``new`` (with transitions ``log``) made."""
+    triggers = {(t.trigger, t.source) for t in log if t.replica is not None}
+    if any(trigger == "straggle" for trigger, _s in triggers):
+        crashpoints.hit("after_straggle")
+    for name, p in new.pcpis.items():
+        before = old.pcpis.get(name)
+        if p.role == INDIVIDUAL and (before is None or before.role != INDIVIDUAL):
+            if any((r := new.replicas.get(o)) is not None and r.state in _STRAGGLING for o in p.owners):
+                crashpoints.hit("after_straggler_individual_pcpi")
+                break
+    if any(trigger == "straggler_succeeded" for trigger, _s in triggers):
+        crashpoints.hit("after_straggler_succeeded")
+    if ("jump_ahead", "done_uncoalesced") in triggers:
+        crashpoints.hit("after_straggler_rejoins")
 
 
 def _describe(exc: BaseException) -> str:

@@ -22,7 +22,9 @@ from typing import Callable, Iterable, Iterator
 #: name -> where it is.  `coalesce debug crash-points` prints this table.
 CRASH_POINTS: dict[str, str] = {
     "after_commit": "after any write-ahead commit of the ledger, before the effects run",
-    "after_source_pcpi": "after the cycle's source PCPI was taken",
+    "after_source_pcpi": "after the cycle's source PCPI was taken (of each source: the n-th pass is the n-th source's)",
+    "between_source_pcpis": "in a cycle of several sources, after a source's PCPI take was recorded (its replicas' "
+    "transfers decided), before the next source's PCPI is taken",
     "after_pcpi_taken": "after any destination PCPI was taken (all roles)",
     "after_rollback_pcpi": "after the one rollback PCPI of Fig. 9 was taken",
     "after_jump_ahead_pcpi": "after the intermediate jump-ahead PCPI was taken",
@@ -38,7 +40,25 @@ CRASH_POINTS: dict[str, str] = {
     "mid_release": "after the first PCPI of a release batch was released",
     "after_kept_pcpi": "after a resync's kept PCPI (the broken replica's writes) was taken, before it was recorded",
     "after_kept_release": "after a kept PCPI was released (`coalesce release`), before it was recorded",
+    "after_straggle": "after the write-ahead commit of `straggle` (an update left the cycle: update_uncoalesced), "
+    "its transfer still running, before the others jump ahead",
+    "after_straggler_individual_pcpi": "after the release step's commit that pinned a straggler's last good image "
+    "(the old coalesced base) as its individual PCPI",
+    "after_straggler_succeeded": "after the commit of `straggler_succeeded` (its update arrived outside the cycle: "
+    "done_uncoalesced), before the next jump-ahead",
+    "after_straggler_rejoins": "after the commit of the jump-ahead that brings a replica back from done_uncoalesced "
+    "(a straggler's rejoin), before the export switch",
 }
+
+#: the points only a cycle of several sources passes (docs/config.md, "Sources")
+FAN_IN_POINTS = ("between_source_pcpis",)
+#: the points only a straggler passes (docs/config.md, "Stragglers")
+STRAGGLER_POINTS = (
+    "after_straggle",
+    "after_straggler_individual_pcpi",
+    "after_straggler_succeeded",
+    "after_straggler_rejoins",
+)
 
 
 class SimulatedCrash(BaseException):

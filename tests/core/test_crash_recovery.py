@@ -13,14 +13,23 @@ import pytest
 from backends import backend_fixtures, on_backend
 
 from coalesce_core.backend.faults import Rule
-from coalesce_core.crashpoints import CRASH_POINTS
+from coalesce_core.crashpoints import CRASH_POINTS, FAN_IN_POINTS, STRAGGLER_POINTS
 from coalesce_core.cycle import generations
 from coalesce_core.stream import records as R
 from coalesce_core.testing.harness import FakeClock, Harness
 from coalesce_core.testing.workload import fill
 
-#: the points a cycle passes (the others: a baseline, a retry or resync, a re-seed, kept writes)
-OTHER_POINTS = ("mid_baseline", "mid_retry", "mid_reseed", "after_kept_pcpi", "after_kept_release")
+#: the points a cycle passes (the others: a baseline, a retry or resync, a re-seed, kept writes, a cycle of
+#: several sources or with a straggler: tests/core/test_crash_recovery_fan_in.py)
+OTHER_POINTS = (
+    "mid_baseline",
+    "mid_retry",
+    "mid_reseed",
+    "after_kept_pcpi",
+    "after_kept_release",
+    *FAN_IN_POINTS,
+    *STRAGGLER_POINTS,
+)
 CYCLE_POINTS = [p for p in CRASH_POINTS if p not in OTHER_POINTS]
 
 

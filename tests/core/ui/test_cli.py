@@ -18,7 +18,7 @@ from groups import EXE, mem_group
 
 from coalesce_core.backend.manager import plugin_manager
 from coalesce_core.backend.volume import Volume
-from coalesce_core.crashpoints import CRASH_POINTS
+from coalesce_core.crashpoints import CRASH_POINTS, FAN_IN_POINTS, STRAGGLER_POINTS
 from coalesce_core.testing.workload import SourceWriter
 
 
@@ -142,6 +142,7 @@ FAULTS = "coalesce_diff:qtree=qb:record=3:times=1:volume=src.vol"
         p
         for p in CRASH_POINTS
         if p not in ("mid_baseline", "mid_retry", "mid_reseed", "after_kept_pcpi", "after_kept_release")
+        and p not in FAN_IN_POINTS + STRAGGLER_POINTS  # tests/plugins/test_sigkill.py, on a group of several sources
     ],
 )
 def test_sigkill_at_every_crash_point_then_restart(group, point):
