@@ -31,7 +31,7 @@ from coalesce_core import crashpoints, outcome, ownership, requests, restorer, r
 from coalesce_core import sources as per_source
 from coalesce_core.backend.manager import plugin_manager
 from coalesce_core.backend.volume import Volume
-from coalesce_core.config import GroupConfig, check_origins, check_replicas
+from coalesce_core.config import GroupConfig, check_origins, check_replicas, removed_sources
 from coalesce_core.cycle import effects as fx
 from coalesce_core.cycle import events as ev
 from coalesce_core.cycle import restore
@@ -533,6 +533,11 @@ class Agent:
             crashpoints.hit("after_source_pcpi")
             return ev.SourcePcpiTaken(name=eff.name, now=taken_at, source=eff.source)
         if isinstance(eff, fx.ReleaseSourcePcpi):
+            if eff.source not in {one.name for one in self.config.sources}:
+                # its [[source]] table was removed: no URL to release it with; kept and reported
+                # (removed_source_pcpis), not a refusal of a source the group still has
+                error = f"source {eff.source!r} is no longer in {self.config.path or 'the config'}"
+                return ev.SourcePcpiNotReleased(name=eff.name, error=error, source=eff.source)
             try:
                 source = self.source_volume(eff.source)
                 source.snapshot_delete(eff.name)
@@ -1050,6 +1055,12 @@ class Agent:
                 self.reseed(name, f"background verification: {error}")
             except CoalesceError:
                 pass  # a replica that cannot be re-seeded now is found again by a later verification
+
+    def removed_source_pcpis(self) -> dict[str, tuple[str, ...]]:
+        """The source PCPIs the ledger holds on sources the config no longer names, by source: they
+        wait until the source's [[source]] table is back, when a cycle's release step releases those
+        no replica needs (docs/config.md, "Removing a source")."""
+        return removed_sources(self.config, {n: sp.source for n, sp in self.state.source_pcpis.items()})
 
     def source_outcome(self) -> outcome.SourceOutcome:
         """What the cycles since the last `run_once` began came to per source (coalesce_core.outcome)."""

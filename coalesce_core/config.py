@@ -713,6 +713,19 @@ def check_origins(config: GroupConfig, ledger: dict[str, str]) -> None:
     )
 
 
+def removed_sources(config: GroupConfig, ledger: dict[str, str]) -> dict[str, tuple[str, ...]]:
+    """The source PCPIs the ledger still records (``ledger``: PCPI name -> the name of the source that
+    holds it) on sources ``config`` no longer names (their [[source]] table was removed), by source
+    name, sorted: the agent has no URL to release them with (docs/config.md, "Sources", "Removing a
+    source"); they wait, and are reported, until the table is back."""
+    named = {one.name for one in config.sources}
+    out: dict[str, list[str]] = {}
+    for name, source in sorted(ledger.items()):
+        if source not in named:
+            out.setdefault(source, []).append(name)
+    return {source: tuple(names) for source, names in sorted(out.items())}
+
+
 def without_replica(text: str, name: str, path: str = "<config>") -> str:
     """``text`` without the ``[[replica]]`` table of replica ``name`` (what `coalesce remove` writes
     back); ConfigError when that table cannot be told apart in the text."""

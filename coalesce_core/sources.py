@@ -80,10 +80,15 @@ class SourceHealth:
     seen_at: float | None
     #: the age of the oldest source point its replicas export (None: none exports one of known time)
     lag_seconds: float | None
+    #: every source PCPI the ledger records on it
+    pcpis: tuple[str, ...] = ()
+    #: its [[source]] table was removed while the ledger still records PCPIs on it: they wait until
+    #: the table is back (docs/config.md, "Removing a source")
+    removed: bool = False
 
     def data(self) -> dict[str, Any]:
         """The JSON object (docs/schemas/status.schema.json, ``sources``)."""
-        return {**attrs.asdict(self), "replicas": list(self.replicas)}
+        return {**attrs.asdict(self), "replicas": list(self.replicas), "pcpis": list(self.pcpis)}
 
 
 def source_health(
@@ -94,12 +99,23 @@ def source_health(
 ) -> list[SourceHealth]:
     """Each source of ``intervals`` (name -> its ``interval``, in the config's order; None: the sources
     the replicas come from, due every cycle), then each source a replica comes from that the config
-    no longer names; ``seen`` the last cycle's records; ``now`` gives ``due`` and the lag."""
+    no longer names, then, marked ``removed``, each source the config no longer names on which the
+    ledger still records PCPIs (docs/config.md, "Removing a source"); ``seen`` the last cycle's
+    records; ``now`` gives ``due`` and the lag."""
     order: dict[str, float | None] = dict(intervals) if intervals is not None else {}
     for origin in sorted({r.origin for r in state.replicas.values()}):
         order.setdefault(origin, None)
+    if intervals is not None:
+        for name in sorted({sp.source for sp in state.source_pcpis.values()}):
+            order.setdefault(name, None)
     records = seen or {}
-    return [_one(state, name, interval, records.get(name), now) for name, interval in order.items()]
+    return [
+        attrs.evolve(
+            _one(state, name, interval, records.get(name), now),
+            removed=intervals is not None and name not in intervals,
+        )
+        for name, interval in order.items()
+    ]
 
 
 def _one(state: GroupState, name: str, interval: float | None, rec: Seen | None, now: float | None) -> SourceHealth:
@@ -120,6 +136,7 @@ def _one(state: GroupState, name: str, interval: float | None, rec: Seen | None,
         last_error=rec.error if rec is not None else None,
         seen_at=rec.at if rec is not None else None,
         lag_seconds=_oldest(state, mine, now),
+        pcpis=tuple(sorted(n for n, sp in state.source_pcpis.items() if sp.source == name)),
     )
 
 

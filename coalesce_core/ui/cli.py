@@ -379,6 +379,7 @@ def _run(args: argparse.Namespace, stop: _Stop) -> int:
         return _run_with_progress(agent, tracker, console) if tracker is not None else agent.run_once()
 
     def on_cycle(report: dict[str, Any]) -> None:
+        _print_removed_sources(agent.removed_source_pcpis())
         if not report and not agent.refusals:  # no source due (each [[source]]'s `interval`): no cycle
             logs.say(logging.INFO, "no cycle: no source is due yet", to="log" if args.quiet else "all", stdout=True)
             return
@@ -471,6 +472,25 @@ def _print_failures(failures: list[dict[str, str]], args: argparse.Namespace) ->
             f"failed: {names} (`coalesce status` shows why; --debug prints the errors)",
             markup=f"[bold red]failed:[/] {markup(names)} (`coalesce status` shows why; --debug prints the errors)",
             to="console",
+        )
+
+
+def _print_removed_sources(removed: dict[str, tuple[str, ...]]) -> None:
+    """The source PCPIs the ledger holds on sources whose [[source]] table was removed: what is left on
+    each such volume and what to do (docs/config.md, "Removing a source"); every cycle, so never silent."""
+    for source, names in removed.items():
+        logs.say(
+            logging.WARNING,
+            f"warning: source {source!r} is no longer in the config, and the group still holds "
+            f"{len(names)} PCPI(s) on it: {', '.join(names)}",
+            markup=f"[bold yellow]warning:[/] source {markup(repr(source))} is no longer in the config, and the "
+            f"group still holds {len(names)} PCPI(s) on it: {markup(', '.join(names))}",
+        )
+        logs.say(
+            logging.WARNING,
+            f'hint: put its [[source]] table back (name = "{source}", its url) for one `coalesce run`: the '
+            "release step releases them, no replica names it any more; then remove the table (docs/config.md, "
+            '"Removing a source")',
         )
 
 

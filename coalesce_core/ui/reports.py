@@ -216,7 +216,8 @@ def sources_data(
     """`status --json` ``sources`` (docs/config.md, "Sources"; coalesce_core/sources.py): per source its
     replicas, its newest source PCPI the group holds and when it was taken, its ``interval``, when it
     is next due and whether it is due at ``now``, whether the last cycle that asked it took its PCPI
-    (``reachable``), the error that stopped it, and the lag of its oldest exported image."""
+    (``reachable``), the error that stopped it, the lag of its oldest exported image, every source
+    PCPI the ledger records on it, and whether its table was removed (docs/config.md, "Removing a source")."""
     out = []
     for h in source_health(state, intervals, seen, now):
         d = h.data()

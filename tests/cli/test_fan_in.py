@@ -217,3 +217,36 @@ def test_add_from_an_unknown_source_is_refused_naming_the_defined_ones(two, caps
     assert "hint: give --from SOURCE, one of the defined sources: 'one', 'two'" in err
     assert Path("coalesce.toml").read_text() == before
     assert [r["name"] for r in status_json(capsys)["replicas"]] == ["A", "B"]
+
+
+def test_run_warns_of_the_pcpis_left_on_a_source_whose_table_was_removed_and_status_lists_them(
+    two, capsys, validate_json
+):
+    """`remove B`, then source two's [[source]] table deleted before a cycle released its PCPI: `run --once`
+    exits 0 (not a refusal) and warns, naming the PCPI, with a hint; `status --json` lists the source as
+    removed with its PCPI (docs/config.md, "Removing a source")."""
+    assert run_once(capsys)[0] == 0
+    assert cli_mod.main(["remove", "B"]) == 0
+    cfg = Path("coalesce.toml")
+    text = cfg.read_text()
+    table = f'[[source]]\nname = "two"\nurl = "mem://{two["two"]}"\n'
+    assert table in text
+    cfg.write_text(text.replace(table, ""))
+    rc, _out, err = run_once(capsys)
+    assert rc == 0, err
+    assert (
+        "warning: source 'two' is no longer in the config, and the group still holds 1 PCPI(s) on it: co-home-src-"
+        in err
+    )
+    assert "hint: put its [[source]] table back" in err
+    assert cli_mod.main(["status", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    validate_json(doc, "status")
+    removed = [s for s in doc["sources"] if s["removed"]]
+    assert [(s["name"], len(s["pcpis"])) for s in removed] == [("two", 1)] and removed[0]["pcpis"][0] in err
+    cfg.write_text(text)  # the table is back: the next run releases the PCPI and warns no more
+    rc, _out, err = run_once(capsys)
+    assert rc == 0 and "warning" not in err, err
+    assert cli_mod.main(["status", "--json"]) == 0
+    two_ = [s for s in json.loads(capsys.readouterr().out)["sources"] if s["name"] == "two"]
+    assert [(s["removed"], s["pcpis"]) for s in two_] == [(False, [])]

@@ -11,6 +11,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 from backends import on_backend
 
@@ -396,3 +397,51 @@ def test_an_add_handed_to_the_running_agent_takes_its_source_from_the_request(fa
     assert ok.status == "done" and h.agent.state.replicas["B2"].origin == "b"
     assert bad.status == "refused" and "no source named 'c'" in bad.message and "'a', 'b'" in bad.hint
     assert "C1" not in h.agent.state.replicas
+
+
+def _without(h: Harness, *, replicas: tuple[str, ...] = (), sources: tuple[str, ...] = ()) -> None:
+    """The operator edits the config: those ``replicas`` and ``sources`` tables are gone; a new agent opens it."""
+    cfg = h.config
+    h.config = attrs.evolve(
+        cfg,
+        replicas=tuple(r for r in cfg.replicas if r.name not in replicas),
+        sources=tuple(s for s in cfg.sources if s.name not in sources),
+    )
+    h.restart()
+
+
+def test_a_removed_sources_pcpis_are_reported_not_leaked_and_released_once_its_table_is_back(fan_in):
+    """B1 is removed and b's [[source]] table with it, before any cycle released b's PCPI: the agent keeps
+    it in the ledger and reports it (removed_source_pcpis, status), the cycles of a go on without a
+    refusal; with b's table back (no replica names b) the next cycle's release step releases it on b,
+    and then the table can go for good (docs/config.md, "Removing a source")."""
+    from coalesce_core.ui import reports
+
+    h, _urls = fan_in()
+    h.cycle()
+    (b_pcpi,) = held(h, "b")
+    h.agent.remove_replica("B1")
+    full = h.config
+    _without(h, replicas=("B1",), sources=("b",))
+    assert h.agent.removed_source_pcpis() == {"b": (b_pcpi,)}
+    h.writers["a"].write("A1", "new", b"a" * 300)
+    h.cycle()
+    assert h.agent.refusals == [] and not h.agent.source_outcome().partial
+    assert held(h, "b") == [b_pcpi] and h.agent.removed_source_pcpis() == {"b": (b_pcpi,)}  # kept, not forgotten
+    assert image(h, "A1") == newest(h, "A1")
+    doc = reports.status_data(h.agent.state, {}, intervals={one.name: one.interval for one in h.config.sources})
+    assert [(s["name"], s["removed"], s["pcpis"]) for s in doc["sources"]] == [
+        ("a", False, held(h, "a")),
+        ("b", True, [b_pcpi]),
+    ]
+    h.assert_invariants()
+    h.config = attrs.evolve(full, replicas=tuple(r for r in full.replicas if r.name != "B1"))
+    h.restart()  # b's table is back, without a replica
+    assert h.agent.removed_source_pcpis() == {}
+    h.cycle()
+    assert held(h, "b") == [] and not any(sp.source == "b" for sp in h.agent.state.source_pcpis.values())
+    _without(h, sources=("b",))
+    assert h.agent.removed_source_pcpis() == {}
+    h.cycle()
+    assert h.agent.refusals == [] and set(h.states().values()) == {"stable"}
+    h.assert_invariants()
