@@ -39,12 +39,13 @@ def power_cut_at(
 ) -> bool:
     """Run ``step`` of a :class:`~coalesce_core.testing.harness.Harness` on sim volumes and cut the
     power at crash point ``point`` (``name[:n]``): at that instant the agent dies and the group's
-    sim ``volumes`` (``"source"``, ``"destination"``) lose every write not yet flushed (with
-    ``rng``: a random subset, some torn).  If ``point`` is None or never reached, the power is cut
+    sim ``volumes`` (``"source"``: every source of the group, ``"destination"``) lose every write not
+    yet flushed (with ``rng``: a random subset, some torn).  If ``point`` is None or never reached, the power is cut
     when the step ends.  Then a new agent recovers from the ledger (committed transactions only:
-    SQLite, synchronous=FULL) on the reopened volumes; the harness's source writer follows it.
+    SQLite, synchronous=FULL) on the reopened volumes; the harness's source writers follow them.
     Returns True if the point fired."""
-    urls = [getattr(harness.config, v) for v in volumes]
+    sources = {one.name: one.url for one in harness.config.sources}
+    urls = [url for v in volumes for url in (sources.values() if v == "source" else [harness.config.destination])]
 
     def cut(_point: str) -> None:
         for url in urls:
@@ -61,5 +62,6 @@ def power_cut_at(
     if "source" in volumes:
         # the test's own handle of the reopened source, not the agent's: the agent's calls may be
         # made to fail (a source outage), the test's writes and reads never are
-        harness.writer.volume = Volume.open(plugin_manager(), harness.config.source)
+        for name, url in sources.items():
+            harness.writers[name].volume = Volume.open(plugin_manager(), url)
     return crashed

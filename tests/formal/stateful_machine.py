@@ -1,14 +1,17 @@
 """The hypothesis state machine of the cycle (I1-I11 after every step).
 
 It drives the REAL agent (coalesce_core.testing.harness.Harness) on a real
-backend: source writes, cycles, transfers cut at a random record, failing
+backend, a group of two sources (fan-in: ``a`` holds qtrees A, C, E, ``b`` B and D):
+source writes, cycles, transfers cut at a random record, failing
 rollbacks, updates that keep failing (a stream the destination can never
 apply: the replica is re-seeded after ``reseed_after`` of them), the reseed
 verb, crashes at any named crash point (n-th pass) followed by a restart
 from the ledger, new replicas (baseline) and removed ones, break and resync, the same verbs handed to
 the running agent as requests, the retry timer,
-a source outage (the source cannot be opened or reached for as many steps
-as hypothesis likes, then comes back), a PCPI the destination refuses, and
+a source outage (one source or both cannot be opened or reached for as many
+steps as hypothesis likes, then come back), a source that refuses its PCPI of a
+cycle, a straggler (an update held past ``straggler_after``: it leaves the cycle
+and rejoins later), a PCPI the destination refuses, and
 hostile change records fed to the applier; on sim also power cuts of the
 destination, the source or both at any crash point (writes not yet flushed
 are lost, some torn) followed by a restart.  After every step it checks
@@ -26,6 +29,7 @@ import os
 import random
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 from typing import Callable
 
@@ -33,7 +37,7 @@ import attrs
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from coalesce_core import requests
+from coalesce_core import crashpoints, requests
 from coalesce_core.agent import Agent
 from coalesce_core.backend.faults import FaultInjector, Rule, source_outage
 from coalesce_core.backend.hookspecs import ACTIVE, hookimpl
@@ -41,6 +45,7 @@ from coalesce_core.backend.manager import plugin_manager
 from coalesce_core.backend.volume import Volume
 from coalesce_core.config import ReplicaConfig, parse_config
 from coalesce_core.crashpoints import CRASH_POINTS
+from coalesce_core.cycle import events as ev
 from coalesce_core.cycle.generations import as_retained
 from coalesce_core.cycle.invariants import seq_of
 from coalesce_core.cycle.planner import NotNow
@@ -59,6 +64,12 @@ OUTSIDE = frozenset(SPEC.states_in_field("outside")) - {"uninitialized", "baseli
 INITIAL = ("A", "B", "C")
 EXTRA = ("D", "E")
 QTREES = INITIAL + EXTRA
+#: the group's two sources, each feeding a subset of the replicas (fan-in; docs/config.md, "Sources")
+SOURCES = ("a", "b")
+ORIGIN = {"A": "a", "B": "b", "C": "a", "D": "b", "E": "a"}
+#: [group] straggler_after of the machine's group, in seconds of its fake clock, which stands still during a
+#: step: only SlowUpdate (the straggler rule) moves it past this while an update runs
+STRAGGLER_AFTER = 0.05
 #: I7: once faults stop, every replica is stable at the newest source point within this many cycles
 SETTLE_CYCLES = 4
 #: [group] reseed_after of the machine's group
@@ -84,6 +95,8 @@ STATS = {
     "policies": 0,
     "pins": 0,
     "generations_pruned": 0,
+    "stragglers": 0,
+    "source_refusals": 0,
 }
 
 
@@ -94,7 +107,8 @@ def backend_works(scheme: str) -> bool:
     tmp = tempfile.mkdtemp(prefix="coalesce-probe-")
     try:
         h = Harness(make_config(scheme, Path(tmp)))
-        fill(h.writer, INITIAL, files=2, size=100)
+        for source, w in h.writers.items():
+            fill(w, [q for q in INITIAL if ORIGIN[q] == source], files=2, size=100)
         h.cycle()
         h.assert_invariants()
         return set(h.states().values()) == {"stable"}
@@ -106,27 +120,32 @@ def backend_works(scheme: str) -> bool:
 
 def make_config(scheme: str, tmp: Path, parallel: int = 1):
     n = next(_ids)
+    # every source URL holds "src" and its own "src<name>" (source_outage takes both or one down)
     if scheme == "mem":
-        src, dst = f"mem://fsrc-{os.getpid()}-{n}", f"mem://fdst-{os.getpid()}-{n}"
+        srcs = {s: f"mem://fsrc{s}-{os.getpid()}-{n}" for s in SOURCES}
+        dst = f"mem://fdst-{os.getpid()}-{n}"
     else:
-        src, dst = f"{scheme}://{tmp}/src{n}", f"{scheme}://{tmp}/dst{n}"
+        srcs = {s: f"{scheme}://{tmp}/src{s}{n}" for s in SOURCES}
+        dst = f"{scheme}://{tmp}/dst{n}"
     lines = [
         "[group]",
         'name = "g"',
-        f'source = "{src}"',
         f'destination = "{dst}"',
         f"parallel = {parallel}",
         f'metadata = "{tmp}/meta{n}"',
         # every other example spools its updates, so a crash mid-update resumes (resume_updates)
         f"spool = {'true' if n % 2 else 'false'}",
         f"reseed_after = {RESEED_AFTER}",
+        f"straggler_after = {STRAGGLER_AFTER}",
         "[group.retry]",
         "initial = 5",
         "factor = 2",
         "maximum = 60",
     ]
+    for s, url in srcs.items():
+        lines += ["[[source]]", f'name = "{s}"', f'url = "{url}"']
     for r in INITIAL:
-        lines += ["[[replica]]", f'name = "{r}"']
+        lines += ["[[replica]]", f'name = "{r}"', f'from = "{ORIGIN[r]}"']
     return parse_config("\n".join(lines) + "\n", str(tmp / f"g{n}.toml"))
 
 
@@ -253,6 +272,48 @@ class LateWriter:
             )
 
 
+class SlowUpdate:
+    """Observer plugin: armed for qtree ``q`` (:meth:`arm`), it holds q's next update on the destination
+    (in the cycle: phase updating, q in update) after moving the fake clock past ``straggler_after``, so
+    that the agent sends StragglerDue; the hold ends at the agent's next phase change (the cycle goes on
+    without q: a rollback, the jump-ahead or the release; its transfer goes on beside them, and whatever
+    waits in the machine's one-worker pool after it), or when a crash point fires (the crashing agent's
+    pool must end), or after 5 s at most."""
+
+    def __init__(self) -> None:
+        self.machine: "CoalescingMachine | None" = None
+        self.qtree: str | None = None
+        self.holding = False
+        self.release = threading.Event()
+
+    def arm(self, q: str) -> None:
+        self.qtree = q
+
+    @hookimpl(wrapper=True)
+    def coalesce_apply(self, volume, qtree, records):
+        m = self.machine
+        if m is not None and qtree == self.qtree and "dst" in str(getattr(volume, "url", volume)):
+            s = m.agent.state
+            r = s.replicas.get(qtree)
+            # only when no baseline waits in the pool behind the held worker (a baseline never straggles)
+            baselines = any(x.state == "baseline" for x in s.replicas.values())
+            if s.phase == "updating" and r is not None and r.state == "update" and not baselines:
+                self.qtree = None  # once
+                self.release.clear()
+                self.holding = True
+                m.clock.advance(STRAGGLER_AFTER + 1)
+                try:
+                    self.release.wait(5)
+                finally:
+                    self.holding = False
+        return (yield)
+
+    @hookimpl
+    def coalesce_phase_changed(self, group, trigger, source, dest):
+        if self.holding:
+            self.release.set()
+
+
 class CoalescingMachine(RuleBasedStateMachine):
     """Drives one group of 3 (up to 5) replicas; see the module docstring."""
 
@@ -270,12 +331,14 @@ class CoalescingMachine(RuleBasedStateMachine):
         self.clock = FakeClock()  # the harness's clock (its default), moved by hand
         self.late = LateWriter()
         self.prunes = PruneWatch()
+        self.slow = SlowUpdate()
+        self._unhook = crashpoints.at_crash(lambda _point: self.slow.release.set())
         self.h = Harness(
             make_config(self.scheme, self.tmp),
-            plugins=[self.watch, self.stream_bugs, self.outage, self.late, self.prunes],
+            plugins=[self.watch, self.stream_bugs, self.outage, self.late, self.prunes, self.slow],
             clock=self.clock,
         )
-        self.watch.machine = self.late.machine = self.prunes.machine = self
+        self.watch.machine = self.late.machine = self.prunes.machine = self.slow.machine = self
         self.rng = random.Random(0)
         self.replay: dict[str, str] = {}
         self.seen = 0
@@ -290,6 +353,14 @@ class CoalescingMachine(RuleBasedStateMachine):
         self.replay = {r.name: r.state for r in self.agent.state.replicas.values()}
         self.seen = len(self.h.recorder.transitions)
 
+    def _writer(self, q: str):
+        """The writer of the source qtree ``q`` lives on (its replica's source)."""
+        return self.h.writers[ORIGIN[q]]
+
+    def _newest(self, q: str) -> str:
+        """The newest source PCPI of the source of qtree ``q``."""
+        return max(self._writer(q).snapshots, key=lambda n: n.rsplit("-", 1)[-1])
+
     def _run(self, step) -> None:
         try:
             step()
@@ -303,14 +374,15 @@ class CoalescingMachine(RuleBasedStateMachine):
     @initialize(seed=st.integers(0, 2**16))
     def setup(self, seed: int) -> None:
         self.rng = random.Random(seed)
-        fill(self.h.writer, QTREES, files=3, size=300, seed=seed)
+        for source, w in self.h.writers.items():
+            fill(w, [q for q in QTREES if ORIGIN[q] == source], files=3, size=300, seed=seed)
         self._sync_replay()
 
     # -- rules ----------------------------------------------------------------
     @rule(q=st.sampled_from(QTREES), n=st.integers(1, 4))
     def source_changes(self, q: str, n: int) -> None:
         """Writes, renames and deletes in a source qtree."""
-        self.h.writer.random_changes(self.rng, q, n)
+        self._writer(q).random_changes(self.rng, q, n)
 
     @rule()
     def cycle(self) -> None:
@@ -319,14 +391,14 @@ class CoalescingMachine(RuleBasedStateMachine):
     @rule(q=st.sampled_from(QTREES), record=st.integers(0, 6))
     def transfer_fails(self, q: str, record: int) -> None:
         """A cycle in which q's transfer is cut after ``record`` records."""
-        self.h.writer.random_changes(self.rng, q, 2)
+        self._writer(q).random_changes(self.rng, q, 2)
         self.h.faults.add(Rule(hook="coalesce_diff", qtree=q, record=record, times=1, volume="src"))
         self._run(self.h.cycle)
 
     @rule(q=st.sampled_from(QTREES), record=st.integers(0, 4), times=st.integers(1, 3))
     def rollback_fails(self, q: str, record: int, times: int) -> None:
         """q's transfer fails and so does its rollback (and maybe retries): leaves the cycle."""
-        self.h.writer.random_changes(self.rng, q, 2)
+        self._writer(q).random_changes(self.rng, q, 2)
         self.h.faults.add(Rule(hook="coalesce_diff", qtree=q, record=record, times=1, volume="src"))
         self.h.faults.add(Rule(hook="coalesce_rollback", qtree=q, times=times))
         self._run(self.h.cycle)
@@ -343,43 +415,87 @@ class CoalescingMachine(RuleBasedStateMachine):
             Rule(hook="coalesce_diff", qtree=q, volume="src", updates_only=True, message="stream cannot be applied")
         )
         for _ in range(RESEED_AFTER):
-            self.h.writer.random_changes(self.rng, q, 2)
+            self._writer(q).random_changes(self.rng, q, 2)
             self._run(self.h.cycle)
         if heal:
             self.stream_bugs.rules[:] = [r for r in self.stream_bugs.rules if r.qtree != q]
 
     @precondition(lambda self: not self.outage.rules)
-    @rule()
-    def source_goes_down(self) -> None:
-        """The source's host goes down: opening it and every call to it fail until source_comes_back.
-        Meanwhile every other rule runs: cycles end before any transfer, every replica unchanged
-        (still exporting its image) with the error recorded; restarts recover with the destination
-        alone; break, resync, reseed and the retries need nothing else."""
+    @rule(which=st.sampled_from(["both", *SOURCES]))
+    def source_goes_down(self, which: str) -> None:
+        """A source's host goes down (``which``: one source, or both): opening it and every call to it
+        fail until source_comes_back. Meanwhile every other rule runs: the replicas of a source that is
+        down miss the cycles, unchanged (still exporting their images) with the error recorded, while the
+        other source's go on; with both down cycles end before any transfer; restarts recover with the
+        destination and the sources they reach; break, resync, reseed and the retries need nothing else."""
         STATS["outages"] += 1
-        for fault in source_outage("src"):  # the source's volume URL holds "src"
+        down = set(SOURCES) if which == "both" else {which}
+        for fault in source_outage("src" if which == "both" else f"src{which}"):  # see make_config's URLs
             self.outage.add(fault)
         before = dict(self.agent.state.replicas)
         images = self._exported_images()
         self._run(self.h.cycle)
         s = self.agent.state
         assert s.phase == "idle", f"a source outage left the agent in phase {s.phase}"
-        for name, r in s.replicas.items():
+        self._missed(before, images, down, "source unavailable")
+
+    def _missed(self, before: dict, images: dict, down: set[str], error: str) -> None:
+        """The replicas of the ``down`` sources that the cycle would have transferred into missed it: each
+        unchanged (its state, source point and exported image: a jump-ahead of the other source's replicas
+        exports its image in the new base), one more outage, ``error`` recorded. A replica that waited for a
+        jump-ahead (done_uncoalesced, reseeded: its image already on the destination) may rejoin at one: it
+        needs the destination alone; every other export of those sources stays."""
+        after = self.agent.state.replicas
+        waiting = {n for n, b in before.items() if b.state in ("done_uncoalesced", "reseeded")}
+        mine = {n for n, b in before.items() if b.origin in down}
+        moved = {n for n, f in self._exported_images().items() if images.get(n) != f and n in mine} - waiting
+        assert not moved, f"exports of {sorted(moved)} moved in a cycle without their source"
+        for name, r in after.items():
             b = before.get(name)
-            if b is None or b.state not in ("stable", "uninitialized", "reseed_pending"):
+            if b is None or b.origin not in down or b.state not in ("stable", "uninitialized", "reseed_pending"):
                 continue
-            assert (r.state, r.exported, r.source_point) == (b.state, b.exported, b.source_point), (
-                f"{name} changed in an outage"
-            )
+            assert (r.state, r.source_point) == (b.state, b.source_point), f"{name} changed in an outage"
             if r.outages == b.outages:  # only a re-seed still waiting for its retry time is not in the cycle
                 assert b.state == "reseed_pending" and r.last_error == b.last_error, f"{name} missed no cycle"
             else:
                 assert r.outages == b.outages + 1, f"{name}: outages {b.outages} -> {r.outages}"
-                assert "source unavailable" in r.last_error, f"{name}: {r.last_error!r}"
-        # a replica that waited for a jump-ahead (done_uncoalesced, reseeded: its image already on the
-        # destination) may rejoin at one: it needs the destination alone; every other export stays
-        waiting = {n for n, b in before.items() if b.state in ("done_uncoalesced", "reseeded")}
-        moved = {n for n, f in self._exported_images().items() if images.get(n) != f} - waiting
-        assert not moved, f"exports of {sorted(moved)} moved in a cycle without a source"
+                assert error in r.last_error, f"{name}: {r.last_error!r}"
+
+    @precondition(lambda self: not self.outage.rules)  # a source that is down refuses everything already
+    @rule(which=st.sampled_from(SOURCES), q=st.sampled_from(QTREES))
+    def source_refuses_its_pcpi(self, which: str, q: str) -> None:
+        """Source ``which`` refuses its PCPI of a cycle (its PCPI limit, a full pool): its replicas miss the
+        cycle, unchanged, with the error recorded; the other source's replicas go on (docs/config.md,
+        "Sources")."""
+        STATS["source_refusals"] += 1
+        self._writer(q).random_changes(self.rng, q, 2)
+        self.h.faults.add(
+            Rule(hook="coalesce_snapshot_create", volume=f"src{which}", times=1, message="source PCPI limit")
+        )
+        before = dict(self.agent.state.replicas)
+        images = self._exported_images()
+        self._run(self.h.cycle)
+        assert self.agent.state.phase == "idle", f"a refused source PCPI left the agent in {self.agent.state.phase}"
+        self._missed(before, images, {which}, "source PCPI limit")
+
+    @rule(q=st.sampled_from(QTREES))
+    def straggler(self, q: str) -> None:
+        """q's update is slow: held on the destination while the clock passes ``straggler_after``, so it
+        leaves the cycle (``straggle``) and the others jump ahead without it; its transfer ends after the
+        cycle did, and it waits outside the cycle (done_uncoalesced, or the retries of loop 1026 after a
+        failure) until a later jump-ahead takes it back (I7 in the teardown)."""
+        self._writer(q).random_changes(self.rng, q, 2)
+        self.slow.arm(q)
+        seen = len(self.h.recorder.transitions)
+        try:
+            self._run(self.h.cycle)
+        finally:
+            held, self.slow.qtree = self.slow.qtree is None, None
+        if held:  # q's update ran: it left the cycle, and its transfer ended before the step did
+            STATS["stragglers"] += 1
+            mine = [t[1] for t in self.h.recorder.transitions[seen:] if t[0] == q]
+            assert "straggle" in mine, f"{q}'s held update did not leave the cycle: {mine}"
+            assert self.agent.state.replicas[q].state != "update_uncoalesced", f"{q}'s transfer outlived the step"
 
     @precondition(lambda self: bool(self.outage.rules))
     @rule()
@@ -395,7 +511,7 @@ class CoalescingMachine(RuleBasedStateMachine):
         """The destination refuses its ``nth`` PCPI take of the step (its PCPI limit, no space): the
         replicas that needed it leave the cycle, the step ends with the agent idle."""
         STATS["refusals"] += 1
-        self.h.writer.random_changes(self.rng, q, 2)
+        self._writer(q).random_changes(self.rng, q, 2)
         if what == "failing_cycle":  # the rollback PCPI is the first destination PCPI
             self.h.faults.add(Rule(hook="coalesce_diff", qtree=q, record=1, times=1, volume="src"))
         step: Callable[[], object] = self.h.cycle
@@ -473,8 +589,10 @@ class CoalescingMachine(RuleBasedStateMachine):
         """`coalesce add`: the config first (the truth a restart checks the ledger against), then the ledger."""
         name = next(q for q in QTREES if q not in self.agent.state.replicas)
         cfg = self.h.config
-        self.h.config = attrs.evolve(cfg, replicas=(*cfg.replicas, ReplicaConfig(name=name, source=name)))
-        self.agent.add_replica(name)
+        self.h.config = attrs.evolve(
+            cfg, replicas=(*cfg.replicas, ReplicaConfig(name=name, source=name, origin=ORIGIN[name]))
+        )
+        self.agent.handle(ev.AddReplica(name=name, source_qtree=name, origin=ORIGIN[name]))  # as `run` adds it
         self.replay[name] = "uninitialized"
 
     @precondition(lambda self: len(self.agent.state.replicas) > 1)
@@ -622,7 +740,7 @@ class CoalescingMachine(RuleBasedStateMachine):
     @rule(
         point=st.sampled_from(sorted(CRASH_POINTS)),
         nth=st.integers(1, 3),
-        what=st.sampled_from(["cycle", "failing_cycle", "tick", "resync", "release", "reseed"]),
+        what=st.sampled_from(["cycle", "failing_cycle", "straggler", "tick", "resync", "release", "reseed"]),
         q=st.sampled_from(INITIAL),
     )
     def crash_and_restart(self, point: str, nth: int, what: str, q: str) -> None:
@@ -635,6 +753,7 @@ class CoalescingMachine(RuleBasedStateMachine):
             crashed = self.h.crash(f"{point}:{nth}", step)
         finally:
             self.h.faults.clear()
+            self.slow.qtree = None  # a straggler step the crash or cut came before
         STATS["restarts"] += 1
         STATS["crashes"] += int(crashed)
         STATS["resumes"] += sum(1 for t in self.h.recorder.transitions[self.seen :] if t[1] == "resume_update")
@@ -645,11 +764,15 @@ class CoalescingMachine(RuleBasedStateMachine):
         """The step a crash interrupts (its source changes and faults are set up here), or None
         when ``what`` cannot run now (a resync of a replica that is not broken)."""
         if what == "failing_cycle":
-            self.h.writer.random_changes(self.rng, q, 2)
+            self._writer(q).random_changes(self.rng, q, 2)
             self.h.faults.add(Rule(hook="coalesce_diff", qtree=q, record=1, times=1, volume="src"))
             return self.h.cycle
         if what == "cycle":
-            self.h.writer.random_changes(self.rng, q, 1)
+            self._writer(q).random_changes(self.rng, q, 1)
+            return self.h.cycle
+        if what == "straggler":  # q's update is held past straggler_after (the straggler rule)
+            self._writer(q).random_changes(self.rng, q, 2)
+            self.slow.arm(q)
             return self.h.cycle
         if what == "tick":
             self.clock.advance(100)
@@ -658,7 +781,7 @@ class CoalescingMachine(RuleBasedStateMachine):
             r = self.agent.state.replicas.get(q)
             if r is not None and r.state in ("stable", "stable_uncoalesced"):
                 self.agent.reseed(q, "crash test")
-            self.h.writer.random_changes(self.rng, q, 1)
+            self._writer(q).random_changes(self.rng, q, 1)
             return self.h.cycle
         agent = self.agent
         if what == "release":  # `coalesce release` of q's kept writes
@@ -858,29 +981,33 @@ class CoalescingMachine(RuleBasedStateMachine):
             if r.state == "broken":
                 self._resync(r.name)
         for q in self.agent.state.replicas:
-            self.h.writer.random_changes(self.rng, q, 1)
+            self._writer(q).random_changes(self.rng, q, 1)
         for _ in range(SETTLE_CYCLES):
             self.clock.advance(1000)
             self.h.cycle()
             self.i1_to_i5_i8_i9()
             s = self.agent.state
-            newest = max(self.h.writer.snapshots, key=lambda n: n.rsplit("-", 1)[-1])
-            if all(r.state == "stable" and r.source_point == newest for r in s.replicas.values()):
+            if all(r.state == "stable" and r.source_point == self._newest(r.name) for r in s.replicas.values()):
                 break
         s = self.agent.state
-        newest = max(self.h.writer.snapshots, key=lambda n: n.rsplit("-", 1)[-1])
         assert all(r.state == "stable" for r in s.replicas.values()), f"I7: not all stable: {self.h.states()}"
-        points = {r.name: r.source_point for r in s.replicas.values()}
-        assert all(p == newest for p in points.values()), f"I7: not at the newest source point {newest}: {points}"
+        points = {r.name: (r.source_point, self._newest(r.name)) for r in s.replicas.values()}
+        assert all(p == newest for p, newest in points.values()), f"I7: not at the newest source point: {points}"
         fps = self.h.exported_fingerprints()
         for r in s.replicas.values():
-            want = self.h.writer.snapshots[newest][r.source_qtree]
+            newest = self._newest(r.name)
+            want = self._writer(r.name).snapshots[newest][r.source_qtree]
             assert fps[r.name] == want, f"I7/I3: {r.name} does not export the image of {newest}"
+        for source, w in self.h.writers.items():  # no source PCPI leaks: each source holds what its replicas show
+            held = {n for n in w.volume.snapshot_list() if n.startswith("co-g-src-")}
+            shown = {r.source_point for r in s.replicas.values() if r.origin == source}
+            assert held == shown, f"source {source} holds {sorted(held)}, its replicas show {sorted(shown)}"
 
     def teardown(self) -> None:
         try:
             self.settle()
         finally:
+            self._unhook()
             try:
                 self.agent.close()
             except Exception:
@@ -888,7 +1015,8 @@ class CoalescingMachine(RuleBasedStateMachine):
             if self.scheme == "mem":
                 import coalesce_mem
 
-                coalesce_mem.forget(self.h.config.source)
+                for one in self.h.config.sources:
+                    coalesce_mem.forget(one.url)
                 coalesce_mem.forget(self.h.config.destination)
             shutil.rmtree(self.tmp, ignore_errors=True)
 
@@ -901,7 +1029,7 @@ class SimCoalescingMachine(CoalescingMachine):
     @rule(
         point=st.none() | st.sampled_from(sorted(CRASH_POINTS)),
         nth=st.integers(1, 3),
-        what=st.sampled_from(["cycle", "failing_cycle", "tick", "resync", "release", "reseed"]),
+        what=st.sampled_from(["cycle", "failing_cycle", "straggler", "tick", "resync", "release", "reseed"]),
         q=st.sampled_from(INITIAL),
         side=st.sampled_from(["destination", "source", "both"]),
         torn=st.none() | st.integers(0, 2**16),
@@ -925,6 +1053,7 @@ class SimCoalescingMachine(CoalescingMachine):
             crashed = power_cut_at(self.h, f"{point}:{nth}" if point else None, step, volumes, rng)
         finally:
             self.h.faults.clear()
+            self.slow.qtree = None  # a straggler step the crash or cut came before
         STATS["restarts"] += 1
         STATS["power_cuts"] += 1
         STATS["crashes"] += int(crashed)
