@@ -1,4 +1,5 @@
-"""Which image a history verb reads: ``REPLICA[@GEN]`` parsed and GEN resolved (docs/cli.md, `ls`).
+"""Which image a history verb reads: ``REPLICA[@GEN]`` parsed, GEN resolved, and an image that holds no
+source point of the replica refused (docs/cli.md, `ls`).
 
 GEN is a generation's id as `coalesce generations` prints it (the sequence number in its PCPI's
 name), an ISO time (``2026-12-01T03:00``, UTC unless it names its zone) meaning the newest
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from coalesce_core.cycle.generations import image_time
+from coalesce_core.cycle.generations import OUTSIDE, image_time
 from coalesce_core.cycle.invariants import seq_of
 from coalesce_core.cycle.state import GroupState, Pcpi
 from coalesce_core.errors import NotFound
@@ -90,3 +91,27 @@ def replica(state: GroupState, name: str) -> str:
             hint=f"replicas: {', '.join(sorted(state.replicas)) or 'none'}",
         )
     return name
+
+
+def holding(state: GroupState, name: str, image: Pcpi) -> None:
+    """NotFound when coalesced image ``image`` holds no source point of replica ``name``: its manifest
+    says the replica was outside the cycle (uncoalesced, straggling, broken), so the image holds its
+    active file system as it was then, perhaps an update half-applied; its readers saw its own image.
+    An image without a manifest, or without an entry for it, is not refused."""
+    manifest = state.manifests.get(image.name)
+    entry = next((e for e in manifest.entries if e.replica == name), None) if manifest is not None else None
+    if entry is None or entry.status != OUTSIDE:
+        return
+    usable = [
+        str(seq_of(p.name))
+        for p in state.generations()
+        if (m := state.manifests.get(p.name)) is not None
+        and any(e.replica == name and e.status != OUTSIDE for e in m.entries)
+    ]
+    raise NotFound(
+        f"coalesced image {seq_of(image.name)} holds no source point of replica {name!r}: it was outside "
+        "the cycle then (its update under way, or its image its own PCPI), so its files there may be a "
+        "partial update",
+        hint=f"generations that hold it: {', '.join(usable) or 'none'} (`coalesce generations` shows each "
+        "replica's status)",
+    )

@@ -882,7 +882,9 @@ def _image(agent: Any, ref: str) -> tuple[str, Any]:
     from coalesce_core.cycle import refs
 
     name, gen = refs.split(ref)
-    return refs.replica(agent.state, name), refs.resolve(agent.state, gen)
+    qtree, image = refs.replica(agent.state, name), refs.resolve(agent.state, gen)
+    refs.holding(agent.state, name, image)
+    return qtree, image
 
 
 def cmd_ls(args: argparse.Namespace) -> int:

@@ -69,6 +69,13 @@ def test_generations_json_shows_a_straggler_outside_then_updated_when_it_rejoins
     assert doc["generations"][1]["counts"] == {"updated": 1, "unchanged": 0, "stale": 0, "outside": 1}
     assert rejoined["B"]["status"] == "updated" and rejoined["B"]["source_point"] == left["A"]["source_point"]
     assert rejoined["A"]["status"] == "unchanged" and rejoined["A"]["source_point"] != left["A"]["source_point"]
+    # the image of B there is its update under way: ls and restore refuse it, A's is fine
+    gen = doc["generations"][1]["id"]
+    rc, _out, err = cli("ls", f"B@{gen}")
+    assert rc != 0 and "holds no source point of replica 'B'" in err and "hint:" in err
+    rc, _out, err = cli("restore", f"B@{gen}", "--to", str(tmp / "out"))
+    assert rc != 0 and "holds no source point" in err and not (tmp / "out").exists()
+    assert cli("ls", f"A@{gen}")[0] == 0
 
 
 def test_status_json_lists_each_replicas_generations_with_their_paths(group, cli, validate_json):

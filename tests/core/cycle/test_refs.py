@@ -117,3 +117,30 @@ def test_latest_is_the_last_generation_made_when_the_clock_stepped_back():
     assert refs.resolve(state, "2026-12-01T02:00").name == "co-g-000011-new_base"
     assert refs.resolve(state, "2026-12-01T01:45").name == "co-g-000011-new_base"
     assert refs.resolve(state, "2026-12-01T01:15").name == "co-g-000003-new_base"
+
+
+def test_an_image_that_holds_no_source_point_of_the_replica_is_refused_naming_those_that_do():
+    """A straggler's entry `outside` (docs/config.md, "Retention"): the image holds its update under
+    way, so ls, diff and restore of REPLICA@GEN refuse it; the hint names the generations holding it."""
+    from coalesce_core.cycle.generations import Entry
+
+    s = _state()
+    entries = {
+        "co-g-000003-new_base": ("updated", "stale"),
+        "co-g-000007-new_base": ("updated", "outside"),
+        "co-g-000011-new_base": ("unchanged", "updated"),
+    }
+    manifests = {
+        n: Manifest(n, 1, m.time, (Entry("A", entries[n][0], "p"), Entry("B", entries[n][1])))
+        for n, m in s.manifests.items()
+    }
+    s = GroupState(
+        name="g", replicas={"A": Replica("A", "A"), "B": Replica("B", "B")}, pcpis=s.pcpis, manifests=manifests
+    )
+    for gen in ("3", "11", "latest", None):
+        refs.holding(s, "B", refs.resolve(s, gen))  # a stale or updated entry, or no manifest: not refused
+    refs.holding(s, "A", refs.resolve(s, "7"))
+    with pytest.raises(NotFound) as exc:
+        refs.holding(s, "B", refs.resolve(s, "7"))
+    assert "holds no source point of replica 'B'" in exc.value.message
+    assert "generations that hold it: 3, 11" in exc.value.hint
