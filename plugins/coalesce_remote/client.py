@@ -7,8 +7,11 @@ destination writes stays local; the remote side is only read (and asked to
 take and release source PCPIs).
 
 Control requests share one connection (reopened transparently when it
-drops: every request is idempotent).  Each diff stream gets a connection of
-its own, so transfers run in parallel, and **resumes**: the client counts
+drops: every request is idempotent).  Each diff stream and each describe has a
+connection of its own while it runs, so transfers run in parallel: a finished
+one from the volume's idle pool, else a new one; it goes back to the pool only
+when its request ended cleanly (docs/network.md, "Connections").  A stream
+**resumes**: the client counts
 the change records it has delivered; when the connection drops it
 reconnects and asks for the same (qtree, base, target) from that record,
 and the server regenerates the deterministic stream and skips to it.  Only
@@ -221,7 +224,7 @@ class TLSRefused(BackendError):
 
 
 class Session:
-    """One open connection after the handshake."""
+    """One open connection after the handshake, used by one thread at a time."""
 
     def __init__(self, conn: P.Connection, welcome: dict[str, Any], proc: subprocess.Popen | None = None) -> None:
         self.conn = conn
@@ -229,26 +232,43 @@ class Session:
         self.proc = proc
         self._ids = 0
         self.last_used = time.monotonic()
+        #: every request sent on it was answered to its end (a REPLY, a PONG, a stream's END): the
+        #: connection is at a message boundary, nothing of an earlier request is left to read, and
+        #: it may serve the next request (RemoteVolume's idle pool takes back only such a session)
+        self.settled = True
+        #: messages of the reply to the last request received so far (none: the request may have
+        #: found a connection that died while it was idle)
+        self.received = 0
 
     def next_id(self) -> int:
         self._ids = (self._ids + 1) % (1 << 32) or 1
         return self._ids
 
-    def call(self, op: str, args: dict[str, Any]) -> Any:
+    def request(self, op: str, args: dict[str, Any]) -> int:
+        """Send request ``op``; its id.  The session is unsettled until its reply is read to its end."""
         rid = self.next_id()
+        self.settled = False
+        self.received = 0
         self.conn.send_json(P.REQUEST, rid, {"op": op, "args": args})
+        return rid
+
+    def call(self, op: str, args: dict[str, Any]) -> Any:
+        rid = self.request(op, args)
         _, got, reply = self.conn.recv_json((P.REPLY, P.ERROR))
         if got != rid:
             raise P.ProtocolError(f"reply for request {got}, expected {rid}")
+        self.settled = True
         self.last_used = time.monotonic()
         return reply.get("result")
 
     def ping(self) -> None:
         rid = self.next_id()
+        self.settled = False
         self.conn.send(P.PING, rid, b"")
         kind, got, _ = self.conn.recv()
         if kind != P.PONG or got != rid:
             raise P.ProtocolError("the server did not answer PING with PONG")
+        self.settled = True
         self.last_used = time.monotonic()
 
     def close(self) -> None:
@@ -314,8 +334,11 @@ class RemoteVolume(VolumeHandle):
         self._ctl: Session | None = None
         self._lock = threading.Lock()
         self._sessions: set[Session] = set()
+        #: the idle pool: finished stream sessions, the most recently used last (under _slock)
+        self._idle: list[Session] = []
         self._slock = threading.Lock()
-        self.stats = {"connections": 0, "resumes": 0, "bytes_in": 0, "records": 0}
+        #: ``reused``: stream requests served by a session from the idle pool
+        self.stats = {"connections": 0, "reused": 0, "resumes": 0, "bytes_in": 0, "records": 0}
         self.welcome: dict[str, Any] = {}
         _OPEN.add(self)
 
@@ -481,6 +504,8 @@ class RemoteVolume(VolumeHandle):
             return
         with self._slock:
             self._sessions.discard(sess)
+            if sess in self._idle:
+                self._idle.remove(sess)
         try:
             if abort:
                 sess.abort()
@@ -495,6 +520,53 @@ class RemoteVolume(VolumeHandle):
         time.sleep(wait)
         if wait < delay:  # the transfer's deadline came first
             _within(delay)
+
+    # -- the idle pool (docs/network.md, "Connections")
+    @property
+    def idle_sessions(self) -> int:
+        """How many finished stream sessions wait in the idle pool now."""
+        with self._slock:
+            return len(self._idle)
+
+    def _checkout(self) -> tuple[Session, bool]:
+        """A session for one stream request (diff, describe), and whether it came from the idle
+        pool.  An idle session is taken when there is one (the most recently used first): one whose
+        peer hung up is closed and the next tried, one idle longer than ``keepalive`` is pinged
+        first (as :meth:`call` does) and closed when that fails; none left: a new connection.  A
+        new connection is opened only when no idle session exists, so the sessions open at once
+        (idle or in use) are never more than the stream requests that ran at once: the source's
+        ``parallel`` and the group's transfer concurrency bound the pool."""
+        while True:
+            with self._slock:
+                sess = self._idle.pop() if self._idle else None
+            if sess is None:
+                return self._connect(), False
+            if sess.conn.channel.hung_up():
+                self._forget(sess)
+                continue
+            if time.monotonic() - sess.last_used > self.settings.keepalive:
+                try:
+                    sess.ping()
+                except (P.ConnectionLost, P.ProtocolError):
+                    self._forget(sess)  # died (or broke) while idle: costs no attempt
+                    continue
+                except BaseException:
+                    self._forget(sess, abort=True)
+                    raise
+            self.stats["reused"] += 1
+            return sess, True
+
+    def _checkin(self, sess: Session) -> None:
+        """Give ``sess`` back to the idle pool when its last request ended cleanly (settled: its
+        reply read to its END, nothing left unread) and the volume was not closed meanwhile;
+        else close it."""
+        if sess.settled:
+            sess.last_used = time.monotonic()
+            with self._slock:
+                if sess in self._sessions:
+                    self._idle.append(sess)
+                    return
+        self._forget(sess)
 
     def connect(self) -> None:
         """Open the control connection now (open_volume calls it so errors surface early)."""
@@ -567,14 +639,10 @@ class RemoteVolume(VolumeHandle):
         begun = False
         while True:
             sess: Session | None = None
+            reused = False
             try:
-                sess = self._connect()
-                rid = sess.next_id()
-                sess.conn.send_json(
-                    P.REQUEST,
-                    rid,
-                    {"op": "diff", "args": {"qtree": qtree, "base": base, "target": target, "skip": delivered}},
-                )
+                sess, reused = self._checkout()
+                rid = sess.request("diff", {"qtree": qtree, "base": base, "target": target, "skip": delivered})
                 chunks = self._chunks(sess, rid)
                 seg = 0
                 for rec in codec.decode(chunks):
@@ -587,7 +655,9 @@ class RemoteVolume(VolumeHandle):
                     if isinstance(rec, End):
                         if rec.records != seg:
                             raise CorruptStream("the End record does not count the records received")
-                        self._forget(sess)
+                        # the codec read to the end of its input (nothing after the trailer), so the
+                        # reply's END is read: the session is settled, and goes back to the pool
+                        self._checkin(sess)
                         sess = None
                         yield End(records=delivered)
                         return
@@ -603,7 +673,11 @@ class RemoteVolume(VolumeHandle):
             except (P.ConnectionLost, StreamError) as exc:
                 if isinstance(exc, (HostilePath, UnrequestedStream)):
                     raise  # a hostile stream is not retried
+                idle_death = reused and isinstance(exc, P.ConnectionLost) and sess is not None and not sess.received
                 self._forget(sess)
+                sess = None
+                if idle_death:
+                    continue  # a pooled session that died while idle costs no attempt: a new connection now
                 failures += 1
                 resumes += 1
                 if failures > self.settings.retries or resumes > max_resumes:
@@ -615,7 +689,7 @@ class RemoteVolume(VolumeHandle):
                 self.stats["resumes"] += 1
                 self._backoff(failures - 1)
             finally:
-                if sess is not None:
+                if sess is not None:  # an error, an abandoned or partly read stream: never pooled
                     self._forget(sess)
 
     # -- descriptions (verification; docs/protocol.md, DESCRIBE)
@@ -675,55 +749,73 @@ class RemoteVolume(VolumeHandle):
     ) -> Iterator[Any]:
         from coalesce_core.verify import description_from_json
 
-        sess = self._connect()
-        try:
-            rid = sess.next_id()
-            args: dict[str, Any] = {"qtree": qtree, "snapshot": snapshot}
-            if paths is None:
-                args.update(tree=True, content=bool(content))
-            sess.conn.send_json(P.REQUEST, rid, {"op": "describe", "args": args})
-            if paths is not None:
-                asked = ranges if ranges and "ranges" in (sess.welcome.get("capabilities") or ()) else {}
+        args: dict[str, Any] = {"qtree": qtree, "snapshot": snapshot}
+        if paths is None:
+            args.update(tree=True, content=bool(content))
+        while True:
+            sess, reused = self._checkout()
+            try:
+                rid = sess.request("describe", args)
+                if paths is not None:
+                    self._send_paths(sess, rid, paths, ranges)
+                yield from self._descriptions(sess, rid, description_from_json)
+            except P.ConnectionLost:
+                self._forget(sess)
+                if reused and not sess.received:
+                    continue  # a pooled session that died while idle costs no attempt: a new connection now
+                raise
+            except deadlines.DeadlineExceeded:
+                self._forget(sess, abort=True)
+                raise
+            except BaseException:  # an error, a protocol error, a walk abandoned half read: never pooled
+                self._forget(sess)
+                raise
+            self._checkin(sess)  # settled: its END was read
+            return
 
-                def path_line(p: str, c: bool) -> list[Any]:
-                    r = asked.get(p) if c else None
-                    return [p, c] if r is None else [p, c, [list(x) for x in r]]
+    def _send_paths(self, sess: Session, rid: int, paths: list[tuple[str, bool]], ranges: Any) -> None:
+        """The paths of describe request ``rid``: DATA messages of path lines (with their byte
+        ranges when the server took the capability ``ranges``), then END."""
+        asked = ranges if ranges and "ranges" in (sess.welcome.get("capabilities") or ()) else {}
 
-                lines = ((json.dumps(path_line(p, c), separators=(",", ":")) + "\n").encode("ascii") for p, c in paths)
-                for piece in P.pieces(lines, P.DATA_CHUNK):
-                    sess.conn.send(P.DATA, rid, piece)
-                sess.conn.send_json(P.END, rid, {"paths": len(paths)})
-            pending = b""
-            for chunk in self._chunks(sess, rid):
-                *lines_in, pending = (pending + chunk).split(b"\n")
-                if len(pending) > P.MAX_DESCRIPTION_LINE:
+        def path_line(p: str, c: bool) -> list[Any]:
+            r = asked.get(p) if c else None
+            return [p, c] if r is None else [p, c, [list(x) for x in r]]
+
+        lines = ((json.dumps(path_line(p, c), separators=(",", ":")) + "\n").encode("ascii") for p, c in paths)
+        for piece in P.pieces(lines, P.DATA_CHUNK):
+            sess.conn.send(P.DATA, rid, piece)
+        sess.conn.send_json(P.END, rid, {"paths": len(paths)})
+
+    def _descriptions(self, sess: Session, rid: int, from_json: Any) -> Iterator[Any]:
+        """The descriptions of the reply to describe request ``rid``, read to its END."""
+        pending = b""
+        for chunk in self._chunks(sess, rid):
+            *lines_in, pending = (pending + chunk).split(b"\n")
+            if len(pending) > P.MAX_DESCRIPTION_LINE:
+                raise P.ProtocolError(f"a description from the server is longer than {P.MAX_DESCRIPTION_LINE} bytes")
+            for line in lines_in:
+                try:
+                    d = from_json(json.loads(line.decode("utf-8")))
+                except (UnicodeDecodeError, ValueError, RecursionError, StreamError) as exc:
                     raise P.ProtocolError(
-                        f"a description from the server is longer than {P.MAX_DESCRIPTION_LINE} bytes"
-                    )
-                for line in lines_in:
-                    try:
-                        d = description_from_json(json.loads(line.decode("utf-8")))
-                    except (UnicodeDecodeError, ValueError, RecursionError, StreamError) as exc:
-                        raise P.ProtocolError(
-                            f"the server sent a malformed description: {str(exc)[:200]}",
-                            hint="the peer is broken or hostile",
-                        ) from None
-                    transfer = deadlines.current()
-                    if transfer is not None:
-                        transfer.asking()  # a description is progress (a keep-alive is not): the next one from now
-                    yield d
-            if pending:
-                raise P.ProtocolError("the server's descriptions end inside a line")
-        except deadlines.DeadlineExceeded:
-            self._forget(sess, abort=True)
-            raise
-        finally:
-            self._forget(sess)
+                        f"the server sent a malformed description: {str(exc)[:200]}",
+                        hint="the peer is broken or hostile",
+                    ) from None
+                transfer = deadlines.current()
+                if transfer is not None:
+                    transfer.asking()  # a description is progress (a keep-alive is not): the next one from now
+                yield d
+        if pending:
+            raise P.ProtocolError("the server's descriptions end inside a line")
 
     def _chunks(self, sess: Session, rid: int) -> Iterator[bytes]:
+        """The DATA bodies (decompressed) of the reply to request ``rid`` up to its END, which
+        settles the session; an ERROR is raised."""
         dec = P.Decompressor(sess.welcome.get("compression"))
         while True:
             kind, got, body = sess.conn.recv()
+            sess.received += 1
             if got != rid:
                 raise P.ProtocolError(f"a message for request {got} arrived during request {rid}")
             if kind == P.DATA:
@@ -731,6 +823,7 @@ class RemoteVolume(VolumeHandle):
                 yield dec.decompress(body)
             elif kind == P.END:
                 P.decode_json(kind, body)
+                sess.settled = True
                 return
             elif kind == P.ERROR:
                 raise P.error_from(P.decode_json(kind, body))
@@ -745,9 +838,10 @@ class RemoteVolume(VolumeHandle):
                 except Exception:
                     pass
             self._ctl = None
-        with self._slock:
+        with self._slock:  # the idle pool and the sessions in use (their requests then fail)
             sessions = list(self._sessions)
             self._sessions.clear()
+            self._idle.clear()
         for s in sessions:
             try:
                 s.close()

@@ -155,7 +155,10 @@ def test_an_ssh_source_that_stalls_fails_the_update_and_its_ssh_is_killed(ssh_st
     _assert_failed_at_deadline(h, before, report, "transfer_stall", "no change record from the source for 2s")
     (stalled,) = [int(p.name) for p in (tmp_path / "pids").iterdir()]
     assert not _running(stalled)  # the stalled stream's ssh was killed with the transfer
-    monkeypatch.setenv("STALLPEER_QTREE", "none")  # the source recovers
+    # the source recovers: its new service processes stall nothing; the sessions pooled from the
+    # failed cycle (processes that still stall A's updates) are closed with the source's handle
+    monkeypatch.setenv("STALLPEER_QTREE", "none")
+    h.agent.source.close()
     assert h.cycle()["failures"] == 0
     a = h.agent.state.replicas["A"]
     assert h.agent.dest.fingerprint("A", a.exported) == h.local_source.fingerprint("A", a.source_point)
