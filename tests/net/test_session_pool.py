@@ -70,7 +70,8 @@ def test_a_cycle_opens_one_control_and_at_most_parallel_data_connections_and_a_w
     first, took = opened() - before, time.monotonic() - t0
     assert report["failures"] == 0 and set(h.states().values()) == {"stable"}
     h.assert_invariants()
-    assert 1 <= first <= 1 + PARALLEL, f"the first cycle opened {first} connections"
+    # the control connection was opened with the agent: the cycle's are stream sessions only
+    assert 1 <= first <= PARALLEL, f"the first cycle opened {first} connections"
     for q in QTREES:
         h.writer.write(q, "new", random.Random(q).randbytes(20_000))
     before = opened()
