@@ -48,6 +48,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import shlex
 import shutil
 import subprocess
 import sys
@@ -69,6 +70,7 @@ from tools.bench.common import (
     bench_dir,
     close_harness,
     command,
+    fanin_config,
     host,
     loads,
     md_table,
@@ -77,6 +79,8 @@ from tools.bench.common import (
     qtree_names,
     replicas_config,
     run,
+    self_cpu,
+    source_layout,
     utc_now,
 )
 
@@ -104,16 +108,20 @@ def plan(n: int, cycles: int, seed: int) -> list[tuple[list[str], list[str]]]:
 # coalesce
 # ---------------------------------------------------------------------------
 class SnapCounter:
-    """After every snapshot create / delete (any volume), count the snapshots on both volumes."""
+    """After every snapshot create / delete (any volume), count the snapshots on both volumes
+    (while :attr:`enabled`)."""
 
     def __init__(self, count) -> None:
         self.count = count  # () -> (source, destination)
         self.peak_src = self.peak_dst = self.peak_sum = 0
         self.events = 0
         self.count_s = 0.0  # time spent counting (subtracted from the wall time)
+        self.enabled = True
         self.lock = threading.Lock()
 
     def _after(self) -> None:
+        if not self.enabled:
+            return
         with self.lock:
             t0 = time.perf_counter()
             s, d = self.count()
@@ -143,16 +151,54 @@ def btrfs_list(mnt: str) -> list[str]:
     return [line.split(" path ", 1)[1] for line in out.splitlines() if " path " in line]
 
 
-def coalesce_run(backend: str, n: int, cycles: int, seed: int, where: str, mnt: str | None) -> dict:
-    """``where``: a fresh directory (sim volumes, or under the btrfs mount for btrfs)."""
-    names = qtree_names(n)
-    src, dst = f"{backend}://{where}/src", f"{backend}://{where}/dst"
+def settle(h: Harness, rounds: int = 5) -> int:
+    """Run cycles until every replica is ``stable`` (the cut transfers retried); returns how many ran."""
+    for i in range(rounds):
+        if all(s == "stable" for s in h.states().values()):
+            return i
+        h.cycle()
+    bad = {r: s for r, s in h.states().items() if s != "stable"}
+    raise RuntimeError(f"replicas not stable after {rounds} cycles: {bad}")
+
+
+def idle_cycles(h: Harness, times: int) -> tuple[list[float], list[float]]:
+    """Wall and CPU (this process and its reaped children: the ``btrfs`` commands) of ``times`` calls of
+    ``run_cycle`` in which no source changed."""
+    walls, cpus = [], []
+    for _ in range(times):
+        c0, t0 = self_cpu(), time.perf_counter()
+        report = h.agent.run_cycle()
+        walls.append(time.perf_counter() - t0)
+        cpus.append(self_cpu() - c0)
+        if not report:
+            raise RuntimeError(f"an idle cycle did not run: {h.agent.refusals}")
+    return walls, cpus
+
+
+def coalesce_run(
+    backend: str, n: int, cycles: int, seed: int, where: str, mnt: str | None, sources: int = 1, idle: int = 0
+) -> dict:
+    """``where``: a fresh directory (sim volumes, or under the btrfs mount for btrfs).  ``sources``: the
+    group's source volumes (common.source_layout; more than one: a fan-in group of ``[[source]]``
+    tables).  ``idle``: after the workload and the counts at rest, settle every replica and time that
+    many cycles in which no source changed (:func:`idle_cycles`; the snapshots are not counted then)."""
+    layout = source_layout(n, sources)
+    names = [q for qs in layout.values() for q in qs]
+    urls = {s: f"{backend}://{where}/{s}" for s in layout}
+    dst = f"{backend}://{where}/dst"
     meta = os.path.join(where, "meta")
-    text = replicas_config("snap", src, dst, meta, names)
+    if sources == 1:
+        text = replicas_config("snap", urls["src"], dst, meta, names)
+        origin = dict.fromkeys(names, "default")
+    else:
+        text = fanin_config("snap", {s: (urls[s], qs) for s, qs in layout.items()}, dst, meta)
+        origin = {q: s for s, qs in layout.items() for q in qs}
     holder: dict = {}
     if backend == "btrfs":
+        assert mnt is not None
         rel = os.path.relpath(where, mnt)
-        src_pre, dst_pre = f"{rel}/.coalesce-snapshots/src/", f"{rel}/.coalesce-snapshots/dst/"
+        # the source volumes src, or src00, src01, ...: their PCPIs in .coalesce-snapshots/src*/
+        src_pre, dst_pre = f"{rel}/.coalesce-snapshots/src", f"{rel}/.coalesce-snapshots/dst/"
 
         def count():
             paths = btrfs_list(mnt)
@@ -161,7 +207,9 @@ def coalesce_run(backend: str, n: int, cycles: int, seed: int, where: str, mnt: 
 
         def count():
             a = holder["h"].agent
-            return len(a.source.snapshot_list()), len(a.dest.snapshot_list())
+            return sum(len(a.source_volume(s).snapshot_list()) for s in set(origin.values())), len(
+                a.dest.snapshot_list()
+            )
 
     counter = SnapCounter(count)
     h = Harness(parse_config(text), plugins=[counter])
@@ -169,7 +217,7 @@ def coalesce_run(backend: str, n: int, cycles: int, seed: int, where: str, mnt: 
     try:
         data = random.Random(seed + 1)
         for q in names:
-            h.writer.write(q, "f", data.randbytes(64))
+            h.writers[origin[q]].write(q, "f", data.randbytes(64))
         wall = 0.0
         t0 = time.perf_counter()
         h.cycle()
@@ -177,7 +225,7 @@ def coalesce_run(backend: str, n: int, cycles: int, seed: int, where: str, mnt: 
         rules = []
         for changed, failed in plan(n, cycles, seed):
             for q in changed:
-                h.writer.write(q, "f", data.randbytes(64))
+                h.writers[origin[q]].write(q, "f", data.randbytes(64))
             for q in failed:
                 r = Rule(hook="coalesce_diff", qtree=q, record=1, times=1, volume="src")
                 rules.append(r)
@@ -192,11 +240,21 @@ def coalesce_run(backend: str, n: int, cycles: int, seed: int, where: str, mnt: 
         h.assert_invariants()
         # every snapshot-count event happened inside a timed cycle: take the counting out
         wall -= counter.count_s
+        counter.enabled = False
+        idle_wall: list[float] = []
+        idle_cpu: list[float] = []
+        settled = 0
+        if idle:
+            settled = settle(h)
+            idle_wall, idle_cpu = idle_cycles(h, idle)
+            h.assert_invariants()
     finally:
         close_harness(h)
     return {
         "tool": backend,
         "n": n,
+        "sources": sources,
+        "cycles": cycles,
         "peak_dst": counter.peak_dst,
         "rest_dst": rest_dst,
         "peak_src": counter.peak_src,
@@ -206,6 +264,9 @@ def coalesce_run(backend: str, n: int, cycles: int, seed: int, where: str, mnt: 
         "fired": fired,
         "events": counter.events,
         "wall": wall,
+        "settled": settled,
+        "idle_wall": idle_wall,
+        "idle_cpu": idle_cpu,
     }
 
 
@@ -215,15 +276,15 @@ def coalesce_run(backend: str, n: int, cycles: int, seed: int, where: str, mnt: 
 WRAPPER = r"""#!/bin/bash
 # btrfs wrapper for btrbk in tools/bench/bench_snapshots.py: counts snapshots after every
 # snapshot / delete / receive, and cuts the send of the subvolumes listed in $FAIL half-way.
+# @SNAPGLOB@: the snapshots of every source volume (one btrbk_snapshots directory per volume).
 REAL=@REAL@
 LOG=@LOG@
 FAIL=@FAIL@
-SNAPDIR=@SNAPDIR@
 TGTDIR=@TGTDIR@
 count() {
     local t0=$EPOCHREALTIME
     shopt -s nullglob
-    local s=("$SNAPDIR"/*.*) t=("$TGTDIR"/*.*)
+    local s=(@SNAPGLOB@) t=("$TGTDIR"/*.*)
     echo "count $1 ${#s[@]} ${#t[@]} ${t0/./} ${EPOCHREALTIME/./}" >> "$LOG"
 }
 case "$1" in
@@ -261,14 +322,25 @@ def btrbk_version() -> str:
     return p.stdout.strip().rsplit(" ", 1)[-1] if p.returncode == 0 else "not installed"
 
 
-def btrbk_run(n: int, cycles: int, seed: int, where: str, mnt: str, log) -> dict:
-    names = qtree_names(n)
-    srcvol, tgt = os.path.join(where, "src"), os.path.join(where, "target")
-    snapdir = os.path.join(srcvol, "btrbk_snapshots")
+def btrbk_run(n: int, cycles: int, seed: int, where: str, mnt: str, log, sources: int = 1) -> dict:
+    """btrbk on the workload of :func:`plan`, in ``where`` on the loop btrfs mounted at ``mnt``.
+    ``sources`` 1: one ``volume`` section ``where/src`` holding the N subvolumes; more: the fan-in of
+    common.source_layout, a ``volume`` section per source (``where/src/src00``, ..., each a subvolume
+    holding its subvolumes and its own ``btrbk_snapshots``), every one sending to the same ``target``."""
+    layout = source_layout(n, sources)
+    names = [q for qs in layout.values() for q in qs]
+    top, tgt = os.path.join(where, "src"), os.path.join(where, "target")
+    vols = {s: top if sources == 1 else os.path.join(top, s) for s in layout}
+    volume_of = {q: vols[s] for s, qs in layout.items() for q in qs}
     bindir, faildir = os.path.join(where, "bin"), os.path.join(where, "fail")
     wlog = os.path.join(where, "wrapper.log")
-    for d in (srcvol, tgt, snapdir, bindir, faildir):
+    for d in (top, tgt, bindir, faildir):
         os.makedirs(d)
+    for v in vols.values():
+        if v != top:
+            run(["btrfs", "subvolume", "create", v])
+        os.makedirs(os.path.join(v, "btrbk_snapshots"))
+    snapglob = shlex.quote(top) + ("/btrbk_snapshots/*.*" if sources == 1 else "/*/btrbk_snapshots/*.*")
     real = shutil.which("btrfs", path=os.environ.get("PATH", "") + ":" + SBIN_PATH)
     if real is None:
         raise RuntimeError(f"btrfs not found (PATH, {SBIN_PATH})")
@@ -276,7 +348,7 @@ def btrbk_run(n: int, cycles: int, seed: int, where: str, mnt: str, log) -> dict
         WRAPPER.replace("@REAL@", real)
         .replace("@LOG@", wlog)
         .replace("@FAIL@", faildir)
-        .replace("@SNAPDIR@", snapdir)
+        .replace("@SNAPGLOB@", snapglob)
         .replace("@TGTDIR@", tgt)
     )
     Path(bindir, "btrfs").write_text(script)
@@ -284,16 +356,19 @@ def btrbk_run(n: int, cycles: int, seed: int, where: str, mnt: str, log) -> dict
     # the default retention: no *_preserve* option at all (snapshot_preserve_min / target_preserve_min: all)
     conf = os.path.join(where, "btrbk.conf")
     Path(conf).write_text(
-        f"volume {srcvol}\n  snapshot_dir btrbk_snapshots\n  target {tgt}\n"
-        + "".join(f"  subvolume {q}\n" for q in names)
+        "".join(
+            f"volume {vols[s]}\n  snapshot_dir btrbk_snapshots\n  target {tgt}\n"
+            + "".join(f"  subvolume {q}\n" for q in qs)
+            for s, qs in layout.items()
+        )
     )
     for q in names:
-        run(["btrfs", "subvolume", "create", os.path.join(srcvol, q)])
+        run(["btrfs", "subvolume", "create", os.path.join(volume_of[q], q)])
     env = dict(os.environ, PATH=bindir + ":" + os.environ.get("PATH", "") + ":" + SBIN_PATH)
     data = random.Random(seed + 1)
 
     def write(q: str) -> None:
-        with open(os.path.join(srcvol, q, "f"), "wb") as f:
+        with open(os.path.join(volume_of[q], q, "f"), "wb") as f:
             f.write(data.randbytes(64))
 
     def btrbk() -> tuple[float, int, str]:
@@ -330,7 +405,7 @@ def btrbk_run(n: int, cycles: int, seed: int, where: str, mnt: str, log) -> dict
             cut += 1
     paths = btrfs_list(mnt)
     rel = os.path.relpath(where, mnt)
-    rest_s = sum(p.startswith(f"{rel}/src/btrbk_snapshots/") for p in paths)
+    rest_s = sum(p.startswith(f"{rel}/src/") and "/btrbk_snapshots/" in p for p in paths)
     rest_t = sum(p.startswith(f"{rel}/target/") for p in paths)
     alltext = "\n".join(o for _, _, o in runs)
     garbled = alltext.count("Deleted partially received (garbled) subvolume")
@@ -348,13 +423,15 @@ def btrbk_run(n: int, cycles: int, seed: int, where: str, mnt: str, log) -> dict
         if q not in latest:
             raise RuntimeError(f"btrbk: no backup at all for {q}")
         if q not in last_failed:
-            a = Path(srcvol, q, "f").read_bytes()
+            a = Path(volume_of[q], q, "f").read_bytes()
             b = Path(mnt, latest[q], "f").read_bytes()
             if a != b:
                 raise RuntimeError(f"btrbk: newest backup {latest[q]} differs from the source")
     return {
         "tool": "btrbk",
         "n": n,
+        "sources": sources,
+        "cycles": cycles,
         "peak_dst": peak_t,
         "rest_dst": rest_t,
         "peak_src": peak_s,

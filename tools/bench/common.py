@@ -337,6 +337,31 @@ def replicas_config(name: str, source: str, destination: str, metadata: str, qtr
     )
 
 
+def source_layout(n: int, sources: int) -> dict[str, list[str]]:
+    """The qtrees of each source of a fan-in group of ``n`` replicas: ``src00``, ``src01``, ... each hold
+    ``n // sources`` of :func:`qtree_names` in order (names unique across the group, so a replica is
+    named as its source qtree); ``sources`` 1: ``{"src": all of them}``.  ``sources`` must divide ``n``."""
+    if sources < 1 or n % sources:
+        raise ValueError(f"{sources} sources do not divide {n} replicas evenly")
+    names = qtree_names(n)
+    if sources == 1:
+        return {"src": names}
+    q = n // sources
+    return {f"src{i:02d}": names[i * q : (i + 1) * q] for i in range(sources)}
+
+
+def fanin_config(name: str, sources: dict[str, tuple[str, list[str]]], destination: str, metadata: str) -> str:
+    """The TOML of a fan-in group (docs/config.md, "Sources"): one ``[[source]]`` per item of ``sources``
+    (source name: its URL and its qtrees), each qtree a replica of that name ``from`` its source;
+    otherwise as :func:`replicas_config`."""
+    return (
+        f'[group]\nname="{name}"\ndestination="{destination}"\nparallel=8\n'
+        f'metadata="{metadata}"\n[group.retry]\ninitial=0\n'
+        + "".join(f'[[source]]\nname="{s}"\nurl="{url}"\n' for s, (url, _) in sources.items())
+        + "".join(f'[[replica]]\nname="{q}"\nfrom="{s}"\n' for s, (_, qs) in sources.items() for q in qs)
+    )
+
+
 def group_config(work: str, name: str, source: str, destination: str, spool: bool | None = None, verify: bool = True):
     """Write ``work/group.toml`` for a one-replica group (qtree QTREE, 4 workers, metadata in
     ``work/meta``, retries at once; ``spool`` None: the default; ``[group] verify``) and return it parsed."""
