@@ -14,13 +14,14 @@ BENCH = Path(__file__).resolve().parents[2] / "tools" / "bench"
 
 #: the benchmarks that use host-wide resources (loop btrfs file systems, the zfs-fuse daemon, network
 #: namespaces): they run in the real-file-system worker, one after another (tests/conftest.py)
-HOST_WIDE = {"realfs", "diffcost", "snapshots", "net", "zfsqtrees", "verify"}
+HOST_WIDE = {"realfs", "diffcost", "snapshots", "fanin", "net", "zfsqtrees", "verify"}
 NAMES = [
     "scale",
     "sim",
     "realfs",
     "diffcost",
     "snapshots",
+    "fanin",
     "recovery",
     "formal",
     "spool",

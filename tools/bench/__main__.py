@@ -5,9 +5,9 @@ BENCHES below (default: all).  Each runs as `python3 -m tools.bench.bench_<name>
 the repository root, the command printed above its output; a benchmark with options of its own
 is run that way directly (docs/benchmarks.md gives the command of every figure).  Results go to
 docs/benchmarks.md by hand.  realfs, diffcost, net and zfsqtrees need root (loop btrfs, network
-namespaces, zfs-fuse) and are skipped without it; snapshots then runs only its sim part, verify
-only its sim backend.  `--quick` runs every benchmark at toy sizes: the smoke test CI runs
-(tests/tools/test_bench_smoke.py) to prove the scripts still work.  Nothing here is a timed
+namespaces, zfs-fuse) and are skipped without it; snapshots and fanin then run only their sim
+part, verify only its sim backend.  `--quick` runs every benchmark at toy sizes: the smoke test CI
+runs (tests/tools/test_bench_smoke.py) to prove the scripts still work.  Nothing here is a timed
 assertion.
 """
 
@@ -25,6 +25,7 @@ BENCHES = {
     "sim": "bench_sim",  # PCPI create/delete, diff cost, apply, rollback on sim
     "realfs": "bench_realfs",  # btrfs (root): one update vs btrfs send | receive
     "snapshots": "bench_snapshots",  # snapshots vs N: coalesce (sim, btrfs) vs btrbk (root for btrfs)
+    "fanin": "bench_fanin",  # S sources x Q qtrees into one destination: snapshots vs btrbk; an idle cycle's cost
     "diffcost": "bench_diffcost",  # btrfs (root): diff cost vs qtree size for the same change
     "recovery": "bench_recovery",  # SIGKILL at each crash point, then time to a consistent group
     "formal": "bench_formal",  # SPIN states/time at 2-4 replicas; hypothesis steps/s
