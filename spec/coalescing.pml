@@ -6,6 +6,8 @@
 #define S 9
 #define SN 27
 #define MAXP 2
+#define NSRC 2   /* sources; replica i belongs to source SRC(i) */
+#define SRC(x) ((x) % NSRC)
 #define NONE 255
 #define ACTIVE 254
 #define PART 253   /* an unfinished (partial) image */
@@ -161,8 +163,9 @@ bool kw[N];          /* a resync that keeps the writes has not taken its kept PC
 byte role[S];        /* PCPI slot role (P_free: no PCPI) */
 bool rel[S];         /* release decided, not yet done */
 byte ph = A_idle;    /* the agent's phase */
-byte tgt;            /* the cycle's source point */
-byte newest;         /* newest source point */
+byte tgt[NSRC];      /* each source's point of the cycle (0: its PCPI not taken in this cycle) */
+byte newest[NSRC];   /* each source's newest point */
+bool stk[NSRC];      /* the source's PCPI of the cycle is decided, not yet taken (or refused) */
 bool purged;
 /* volatile: effects decided but not yet run (lost by a crash) */
 bool purge_pend, jump_pend, export_pend;
@@ -176,6 +179,7 @@ byte prev[N];        /* I8: state at the previous check */
 byte lastsp[N];      /* I5: source point at the previous check */
 bool faults = true;  /* the environment may still inject faults and crashes */
 bool spooled;        /* at a crash: the interrupted updates' spools hold records (or not) */
+bool rec, adv;       /* the step ends with a recovery, with advance() (false between steps) */
 /* temporaries: zero at the end of every step (not `hidden`: pan does not restore hidden
    variables when it backtracks inside an atomic sequence) */
 byte i, j, s, got, kn, kn2, m, b, t;
@@ -184,6 +188,8 @@ byte i, j, s, got, kn, kn2, m, b, t;
 byte kk[S];
 
 #define INITIALIZED (sp[0] != NONE || sp[1] != NONE || sp[2] != NONE)
+#define NO_TAKE_PENDING (!stk[0] && !stk[1])
+#define NONE_TAKEN (tgt[0] == 0 && tgt[1] == 0)   /* no source PCPI of this cycle was taken (tgt is 0 until one is) */
 #define VISIBLE(x) ((x) < S)
 #define PINNED(x) (ex[0] == (x) || lg[0] == (x) || sc[0] == (x) || ex[1] == (x) || lg[1] == (x) || sc[1] == (x) || ex[2] == (x) || lg[2] == (x) || sc[2] == (x))   /* as pinned(x, out), in one expression */
 
@@ -212,26 +218,37 @@ inline pinned(x, out) { /* some replica's ledger entry needs PCPI x */
   j = 0
 }
 
-inline renormalise() { /* shift every source point down by the oldest one still held */
-  m = newest;
-  for (i : 0 .. N-1) {
-    if :: sp[i] < m -> m = sp[i] :: else -> skip fi;
-    if :: ap[i] < m -> m = ap[i] :: else -> skip fi;
-    if :: lastsp[i] < m -> m = lastsp[i] :: else -> skip fi;
-    if :: rt[i] < m -> m = rt[i] :: else -> skip fi
+inline renormalise() { /* per source: shift its points down by the oldest one its replicas still hold */
+  for (b : 0 .. NSRC-1) {
+    m = newest[b];
+    for (i : 0 .. N-1) {
+      if
+      :: SRC(i) == b ->
+         if :: sp[i] < m -> m = sp[i] :: else -> skip fi;
+         if :: ap[i] < m -> m = ap[i] :: else -> skip fi;
+         if :: lastsp[i] < m -> m = lastsp[i] :: else -> skip fi;
+         if :: rt[i] < m -> m = rt[i] :: else -> skip fi
+      :: else -> skip
+      fi
+    };
+    if
+    :: m > 0 ->
+       for (i : 0 .. N-1) {
+         if
+         :: SRC(i) == b ->
+            if :: sp[i] <= MAXP -> sp[i] = sp[i] - m :: else -> skip fi;
+            if :: ap[i] <= MAXP -> ap[i] = ap[i] - m :: else -> skip fi;
+            if :: lastsp[i] <= MAXP -> lastsp[i] = lastsp[i] - m :: else -> skip fi;
+            if :: rt[i] <= MAXP -> rt[i] = rt[i] - m :: else -> skip fi
+         :: else -> skip
+         fi
+       };
+       newest[b] = newest[b] - m
+    :: else -> skip
+    fi;
+    tgt[b] = 0
   };
-  if
-  :: m > 0 ->
-     for (i : 0 .. N-1) {
-       if :: sp[i] <= MAXP -> sp[i] = sp[i] - m :: else -> skip fi;
-       if :: ap[i] <= MAXP -> ap[i] = ap[i] - m :: else -> skip fi;
-       if :: lastsp[i] <= MAXP -> lastsp[i] = lastsp[i] - m :: else -> skip fi;
-       if :: rt[i] <= MAXP -> rt[i] = rt[i] - m :: else -> skip fi
-     };
-     newest = newest - m
-  :: else -> skip
-  fi;
-  tgt = 0; i = 0; m = 0
+  b = 0; i = 0; m = 0
 }
 
 inline swap_slots(x, y) { /* exchange PCPI slots x and y and every reference to them */
@@ -361,11 +378,15 @@ inline resume_updates() { /* planner._resume_updates: spooled updates restart in
   i = 0
 }
 
-inline advance() { /* planner._advance: after a transfer, rollback or removal ended */
+inline advance() { /* planner._advance, at the end of the step: see the agent's tail */
+  adv = true
+}
+
+inline do_advance() { /* planner._advance: after a transfer, rollback or removal ended */
   if
   :: ph == A_updating ->
      if
-     :: G_no_transfer_in_flight ->
+     :: G_no_transfer_in_flight && NO_TAKE_PENDING ->   /* every transfer ended, every source PCPI answered */
         if
         :: G_some_replica_in_rollback -> PH_start_rollback(); take_pend = P_rollback
         :: else -> after_flight()
@@ -412,7 +433,11 @@ inline refused() { /* planner._pcpi_refused: the destination refuses the pending
   fi
 }
 
-inline recover() { /* planner._recover, after a crash at any step */
+inline recover() { /* planner._recover, at the end of the step: see the agent's tail */
+  rec = true
+}
+
+inline do_recover() { /* planner._recover, after a crash at any step */
   purge_pend = false; jump_pend = false; export_pend = false; take_pend = P_free; resume_pend = false;
   /* 1. releases decided before the crash are re-run (rel[] is persisted) */
   /* 2. replicas */
@@ -461,11 +486,11 @@ inline seen(x) { /* I8 monitor for replica x inside a step that makes two transi
 
 inline check() {
   canon();
-  printf("STEP ph=%d faults=%d rs=%d,%d,%d ex=%d,%d,%d vx=%d,%d,%d lg=%d,%d,%d sc=%d,%d,%d sp=%d,%d,%d ap=%d,%d,%d rt=%d,%d,%d kp=%d,%d,%d kw=%d,%d,%d role=%d%d%d%d%d%d%d%d%d rel=%d%d%d%d%d%d%d%d%d pend=%d%d%d%d%d\n",
+  printf("STEP ph=%d faults=%d rs=%d,%d,%d ex=%d,%d,%d vx=%d,%d,%d lg=%d,%d,%d sc=%d,%d,%d sp=%d,%d,%d ap=%d,%d,%d rt=%d,%d,%d kp=%d,%d,%d kw=%d,%d,%d role=%d%d%d%d%d%d%d%d%d rel=%d%d%d%d%d%d%d%d%d newest=%d,%d tgt=%d,%d stk=%d,%d pend=%d%d%d%d%d\n",
     ph, faults, rs[0], rs[1], rs[2], ex[0], ex[1], ex[2], vx[0], vx[1], vx[2], lg[0], lg[1], lg[2],
     sc[0], sc[1], sc[2], sp[0], sp[1], sp[2], ap[0], ap[1], ap[2], rt[0], rt[1], rt[2], kp[0], kp[1], kp[2], kw[0], kw[1], kw[2],
     role[0], role[1], role[2], role[3], role[4], role[5], role[6], role[7], role[8],
-    rel[0], rel[1], rel[2], rel[3], rel[4], rel[5], rel[6], rel[7], rel[8], purge_pend, jump_pend, export_pend, take_pend, resume_pend);
+    rel[0], rel[1], rel[2], rel[3], rel[4], rel[5], rel[6], rel[7], rel[8], newest[0], newest[1], tgt[0], tgt[1], stk[0], stk[1], purge_pend, jump_pend, export_pend, take_pend, resume_pend);
   /* I8: every replica state change is an edge of spec/coalescing.toml */
   for (i : 0 .. N-1) {
     if :: prev[i] != rs[i] -> assert(LEGAL_EDGE(prev[i], rs[i])); prev[i] = rs[i] :: else -> skip fi
@@ -581,25 +606,74 @@ inline check() {
 proctype agent() {
   byte r;
   do   /* no end label: an agent with nothing to do is a deadlock (invalid end state) */
+  :: atomic {   /* one step: a decision with its effects (the d_step chosen below), then the tail; pan
+                   stores no state inside an atomic sequence, so the state space is that of one d_step */
+  if
   /* --- requests (only when every effect of the previous one has run) --- */
   :: d_step { ph == A_idle && QUIET && READY_FOR_CYCLE ->
+       /* one PCPI of each source that has replicas to transfer into is decided; each source's
+          transfers start when its PCPI is taken (below) */
        PH_start_cycle();
-       if :: newest < MAXP -> newest++ :: else -> skip fi;   /* the cycle's source PCPI */
-       tgt = newest;
        for (i : 0 .. N-1) {
          if
-         :: rs[i] == R_stable -> T_start_update(i); ap[i] = PART
-         :: rs[i] == R_uninitialized -> T_start_baseline(i); ap[i] = PART
-         :: rs[i] == R_reseed_pending -> T_start_reseed(i); ap[i] = PART; rt[i] = tgt  /* outside the cycle */
+         :: rs[i] == R_stable || rs[i] == R_uninitialized || rs[i] == R_reseed_pending -> stk[SRC(i)] = true
          :: else -> skip
          fi
        };
        i = 0;
-       advance(); check() }
-  :: d_step { ph == A_idle && QUIET && READY_FOR_CYCLE && faults ->
-       /* the source cannot be reached or refuses the cycle's PCPI: the cycle ends before any
-          transfer, every replica as it was (the errors they record are below the model) */
-       PH_start_cycle(); PH_source_unavailable(); release_all(); check() }
+       advance() }
+  /* --- source 0 --- */
+  :: d_step { ph == A_updating && NOREL && stk[0] ->
+       /* its PCPI of the cycle is taken: its replicas' transfers start */
+       stk[0] = false;
+       if :: newest[0] < MAXP -> newest[0]++ :: else -> skip fi;
+       tgt[0] = newest[0];
+       for (i : 0 .. N-1) {
+         if
+         :: SRC(i) != 0 -> skip
+         :: SRC(i) == 0 && rs[i] == R_stable -> T_start_update(i); ap[i] = PART
+         :: SRC(i) == 0 && rs[i] == R_uninitialized -> T_start_baseline(i); ap[i] = PART
+         :: SRC(i) == 0 && rs[i] == R_reseed_pending -> T_start_reseed(i); ap[i] = PART; rt[i] = tgt[0]  /* outside the cycle */
+         :: else -> skip
+         fi
+       };
+       i = 0;
+       advance() }
+  :: d_step { ph == A_updating && NOREL && stk[0] && faults ->
+       /* the source cannot be reached or refuses its PCPI: its replicas miss the cycle, stable with
+          their images (the errors they record are below the model); the other sources go on, and
+          when no source PCPI of the cycle is left and none was taken the cycle ends before any transfer */
+       stk[0] = false;
+       if
+       :: NO_TAKE_PENDING && NONE_TAKEN -> PH_source_unavailable(); release_all()
+       :: else -> advance()
+       fi }
+  /* --- source 1 --- */
+  :: d_step { ph == A_updating && NOREL && stk[1] ->
+       /* its PCPI of the cycle is taken: its replicas' transfers start */
+       stk[1] = false;
+       if :: newest[1] < MAXP -> newest[1]++ :: else -> skip fi;
+       tgt[1] = newest[1];
+       for (i : 0 .. N-1) {
+         if
+         :: SRC(i) != 1 -> skip
+         :: SRC(i) == 1 && rs[i] == R_stable -> T_start_update(i); ap[i] = PART
+         :: SRC(i) == 1 && rs[i] == R_uninitialized -> T_start_baseline(i); ap[i] = PART
+         :: SRC(i) == 1 && rs[i] == R_reseed_pending -> T_start_reseed(i); ap[i] = PART; rt[i] = tgt[1]  /* outside the cycle */
+         :: else -> skip
+         fi
+       };
+       i = 0;
+       advance() }
+  :: d_step { ph == A_updating && NOREL && stk[1] && faults ->
+       /* the source cannot be reached or refuses its PCPI: its replicas miss the cycle, stable with
+          their images (the errors they record are below the model); the other sources go on, and
+          when no source PCPI of the cycle is left and none was taken the cycle ends before any transfer */
+       stk[1] = false;
+       if
+       :: NO_TAKE_PENDING && NONE_TAKEN -> PH_source_unavailable(); release_all()
+       :: else -> advance()
+       fi }
   :: d_step { ph == A_idle && QUIET && ((rs[0] == R_unstable_uncoalesced && lg[0] != NONE) || (rs[1] == R_unstable_uncoalesced && lg[1] != NONE) || (rs[2] == R_unstable_uncoalesced && lg[2] != NONE)) ->
        /* the retry timer (loop 1026): for each due replica a scratch PCPI of its damaged
           active FS, then a retry rollback */
@@ -610,35 +684,34 @@ proctype agent() {
          :: else -> skip
          fi
        };
-       r = 0; check() }
-  /* --- replica 0 --- */
+       r = 0 }
+  /* --- replica 0 (source 0) --- */
   :: d_step { ph == A_idle && QUIET && faults && true && (rs[0] == R_stable || rs[0] == R_stable_uncoalesced) ->
        /* administrator failover */
-       T_break_mirror(0); lg[0] = ex[0]; ex[0] = ACTIVE; vx[0] = ACTIVE; ap[0] = WRIT; check() }
+       T_break_mirror(0); lg[0] = ex[0]; ex[0] = ACTIVE; vx[0] = ACTIVE; ap[0] = WRIT }
   :: d_step { ph == A_idle && QUIET && rs[0] == R_broken ->
        /* resync --discard: the fence (the last good image exported again), then the scratch PCPI and
           the rollback procedure (docs/decisions.md, "Resync fences first") */
-       T_resync(0); ex[0] = lg[0]; vx[0] = lg[0]; take(P_individual, t); sc[0] = t; t = 0; check() }
+       T_resync(0); ex[0] = lg[0]; vx[0] = lg[0]; take(P_individual, t); sc[0] = t; t = 0 }
   :: d_step { ph == A_idle && QUIET && faults && rs[0] == R_broken ->
        /* a resync whose PCPI the destination refuses (or a crash before it was taken): it exports its
           last good image, retries later; one that keeps the writes takes its kept PCPI then */
        T_resync(0); seen(0); T_retry_failed(0); ex[0] = lg[0]; vx[0] = lg[0];
-       if :: kp[0] == NONE -> kw[0] = true :: true -> skip fi; check() }
+       if :: kp[0] == NONE -> kw[0] = true :: true -> skip fi }
   :: d_step { ph == A_idle && QUIET && rs[0] == R_broken && kp[0] == NONE ->
        /* resync keeping the writes (I11: the name keeps none yet): the fence, then the scratch PCPI
           is the kept PCPI; the rollback leaves it (docs/decisions.md "A resync keeps ...") */
-       T_resync(0); ex[0] = lg[0]; vx[0] = lg[0]; take(P_kept, t); sc[0] = t; kp[0] = t; t = 0; check() }
+       T_resync(0); ex[0] = lg[0]; vx[0] = lg[0]; take(P_kept, t); sc[0] = t; kp[0] = t; t = 0 }
   :: d_step { kp[0] != NONE && sc[0] != kp[0] && INLINE_DONE ->
        /* `coalesce release`: in any phase, beside the cycle (not while a resync rolls back from it) */
-       rel[kp[0]] = true; kp[0] = NONE; check() }
+       rel[kp[0]] = true; kp[0] = NONE }
   :: d_step { ph == A_idle && QUIET && faults && rs[0] == R_unstable_uncoalesced && lg[0] != NONE ->
        /* the retry's scratch PCPI is refused: loop 1026 waits longer (the backoff is below the model) */
-       T_retry_failed(0); check() }
+       T_retry_failed(0) }
   :: d_step { ph == A_idle && QUIET && faults && (rs[0] == R_stable || rs[0] == R_stable_uncoalesced || \
               rs[0] == R_unstable_uncoalesced) ->
        /* `coalesce reseed` / the background verification: out of the cycle, exported image pinned */
-       T_request_reseed(0); if :: lg[0] == NONE -> lg[0] = ex[0] :: else -> skip fi; ap[0] = NONE; kw[0] = false;
-       check() }
+       T_request_reseed(0); if :: lg[0] == NONE -> lg[0] = ex[0] :: else -> skip fi; ap[0] = NONE; kw[0] = false }
   :: d_step { ph == A_idle && QUIET && faults && (rs[0] == R_broken || rs[0] == R_done_uncoalesced || rs[0] == R_reseed_pending || rs[0] == R_reseeded || rs[0] == R_stable || rs[0] == R_stable_uncoalesced || rs[0] == R_uninitialized || rs[0] == R_unstable_uncoalesced) ->
        /* `coalesce remove`: its export ends (one switch, as for break), then the PCPIs only it pinned
           are released */
@@ -659,79 +732,78 @@ proctype agent() {
        /* planner._remove then prunes: a generation only this replica pinned may be past the policy */
        prune(NONE);
 #endif
-       b = 0; got = 0; t = 0; kn = 0; check() }
+       b = 0; got = 0; t = 0; kn = 0 }
   :: d_step { ph == A_idle && QUIET && rs[0] == R_removed ->
        /* `coalesce add` of that name again: a new replica, not a transition of the old one */
-       rs[0] = R_uninitialized; prev[0] = rs[0]; check() }
+       rs[0] = R_uninitialized; prev[0] = rs[0] }
   :: d_step { rs[0] == R_reseeding && INLINE_DONE ->
        /* the re-seed arrived (in any phase: it does not hold the jump-ahead) */
-       T_reseed_succeeded(0); ap[0] = rt[0]; rt[0] = NONE; check() }
+       T_reseed_succeeded(0); ap[0] = rt[0]; rt[0] = NONE }
   :: d_step { rs[0] == R_reseeding && INLINE_DONE && faults ->
-       T_reseed_failed(0); ap[0] = NONE; rt[0] = NONE; check() }
+       T_reseed_failed(0); ap[0] = NONE; rt[0] = NONE }
   :: d_step { ph == A_updating && NOREL && rs[0] == R_update ->
-       T_update_succeeded(0); ap[0] = tgt; advance(); check() }
+       T_update_succeeded(0); ap[0] = tgt[0]; advance() }
   :: d_step { ph == A_updating && NOREL && rs[0] == R_update && faults ->
-       T_update_failed(0); advance(); check() }
+       T_update_failed(0); advance() }
   :: d_step { ph == A_updating && NOREL && rs[0] == R_update && faults ->
        /* a straggler ([group] straggler_after): out of the cycle, its exported image pinned; its
           transfer goes on towards the cycle's source point */
-       T_straggle(0); lg[0] = ex[0]; rt[0] = tgt; advance(); check() }
+       T_straggle(0); lg[0] = ex[0]; rt[0] = tgt[0]; advance() }
   :: d_step { rs[0] == R_update_uncoalesced && INLINE_DONE ->
        /* the straggler's update arrived (in any phase: it does not hold the jump-ahead) */
-       T_straggler_succeeded(0); ap[0] = rt[0]; rt[0] = NONE; check() }
+       T_straggler_succeeded(0); ap[0] = rt[0]; rt[0] = NONE }
   :: d_step { rs[0] == R_update_uncoalesced && INLINE_DONE && faults ->
-       T_straggler_failed(0); rt[0] = NONE; check() }
+       T_straggler_failed(0); rt[0] = NONE }
   :: d_step { ph == A_updating && NOREL && rs[0] == R_baseline ->
-       T_baseline_succeeded(0); ap[0] = tgt; advance(); check() }
+       T_baseline_succeeded(0); ap[0] = tgt[0]; advance() }
   :: d_step { ph == A_updating && NOREL && rs[0] == R_baseline && faults ->
-       T_baseline_failed(0); ap[0] = NONE; sp[0] = NONE; advance(); check() }
+       T_baseline_failed(0); ap[0] = NONE; sp[0] = NONE; advance() }
   :: d_step { ph == A_rolling_back && NOREL && rs[0] == R_rollback && ROLLBACK_TAKEN ->
-       i = 0; T_rollback_succeeded(i); ap[i] = sp[i]; i = 0; advance(); check() }
+       i = 0; T_rollback_succeeded(i); ap[i] = sp[i]; i = 0; advance() }
   :: d_step { ph == A_rolling_back && NOREL && rs[0] == R_rollback && ROLLBACK_TAKEN && faults ->
-       T_rollback_failed(0); lg[0] = ex[0]; rz[0] = false; advance(); check() }
+       T_rollback_failed(0); lg[0] = ex[0]; rz[0] = false; advance() }
   /* the reseed_after-th failed update in a row: after its rollback (either way) it leaves to be re-seeded */
   :: d_step { ph == A_rolling_back && NOREL && rs[0] == R_rollback && ROLLBACK_TAKEN && faults ->
        T_rollback_succeeded(0); seen(0); T_request_reseed(0); lg[0] = ex[0]; ap[0] = NONE; rz[0] = false;
-       advance(); check() }
+       advance() }
   :: d_step { ph == A_rolling_back && NOREL && rs[0] == R_rollback && ROLLBACK_TAKEN && faults ->
        T_rollback_failed(0); seen(0); T_request_reseed(0); lg[0] = ex[0]; ap[0] = NONE; rz[0] = false;
-       advance(); check() }
+       advance() }
   :: d_step { ph == A_idle && NOREL && sc[0] != NONE ->
        /* the retry / resync rollback succeeded */
        T_retry_succeeded(0); ex[0] = lg[0]; ap[0] = sp[0];
-       vx[0] = ex[0]; if :: sc[0] != kp[0] -> rel[sc[0]] = true :: else -> skip fi; sc[0] = NONE; check() }
+       vx[0] = ex[0]; if :: sc[0] != kp[0] -> rel[sc[0]] = true :: else -> skip fi; sc[0] = NONE }
   :: d_step { ph == A_idle && NOREL && sc[0] != NONE && faults ->
        /* the retry / resync rollback failed */
        T_retry_failed(0); ex[0] = lg[0];
-       vx[0] = ex[0]; if :: sc[0] != kp[0] -> rel[sc[0]] = true :: else -> skip fi; sc[0] = NONE; check() }
-  /* --- replica 1 --- */
+       vx[0] = ex[0]; if :: sc[0] != kp[0] -> rel[sc[0]] = true :: else -> skip fi; sc[0] = NONE }
+  /* --- replica 1 (source 1) --- */
   :: d_step { ph == A_idle && QUIET && faults && false && (rs[1] == R_stable || rs[1] == R_stable_uncoalesced) ->
        /* administrator failover */
-       T_break_mirror(1); lg[1] = ex[1]; ex[1] = ACTIVE; vx[1] = ACTIVE; ap[1] = WRIT; check() }
+       T_break_mirror(1); lg[1] = ex[1]; ex[1] = ACTIVE; vx[1] = ACTIVE; ap[1] = WRIT }
   :: d_step { ph == A_idle && QUIET && rs[1] == R_broken ->
        /* resync --discard: the fence (the last good image exported again), then the scratch PCPI and
           the rollback procedure (docs/decisions.md, "Resync fences first") */
-       T_resync(1); ex[1] = lg[1]; vx[1] = lg[1]; take(P_individual, t); sc[1] = t; t = 0; check() }
+       T_resync(1); ex[1] = lg[1]; vx[1] = lg[1]; take(P_individual, t); sc[1] = t; t = 0 }
   :: d_step { ph == A_idle && QUIET && faults && rs[1] == R_broken ->
        /* a resync whose PCPI the destination refuses (or a crash before it was taken): it exports its
           last good image, retries later; one that keeps the writes takes its kept PCPI then */
        T_resync(1); seen(1); T_retry_failed(1); ex[1] = lg[1]; vx[1] = lg[1];
-       if :: false -> kw[1] = true :: true -> skip fi; check() }
+       if :: false -> kw[1] = true :: true -> skip fi }
   :: d_step { ph == A_idle && QUIET && rs[1] == R_broken && false ->
        /* resync keeping the writes (I11: the name keeps none yet): the fence, then the scratch PCPI
           is the kept PCPI; the rollback leaves it (docs/decisions.md "A resync keeps ...") */
-       T_resync(1); ex[1] = lg[1]; vx[1] = lg[1]; take(P_kept, t); sc[1] = t; kp[1] = t; t = 0; check() }
+       T_resync(1); ex[1] = lg[1]; vx[1] = lg[1]; take(P_kept, t); sc[1] = t; kp[1] = t; t = 0 }
   :: d_step { kp[1] != NONE && sc[1] != kp[1] && INLINE_DONE ->
        /* `coalesce release`: in any phase, beside the cycle (not while a resync rolls back from it) */
-       rel[kp[1]] = true; kp[1] = NONE; check() }
+       rel[kp[1]] = true; kp[1] = NONE }
   :: d_step { ph == A_idle && QUIET && faults && rs[1] == R_unstable_uncoalesced && lg[1] != NONE ->
        /* the retry's scratch PCPI is refused: loop 1026 waits longer (the backoff is below the model) */
-       T_retry_failed(1); check() }
+       T_retry_failed(1) }
   :: d_step { ph == A_idle && QUIET && faults && (rs[1] == R_stable || rs[1] == R_stable_uncoalesced || \
               rs[1] == R_unstable_uncoalesced) ->
        /* `coalesce reseed` / the background verification: out of the cycle, exported image pinned */
-       T_request_reseed(1); if :: lg[1] == NONE -> lg[1] = ex[1] :: else -> skip fi; ap[1] = NONE; kw[1] = false;
-       check() }
+       T_request_reseed(1); if :: lg[1] == NONE -> lg[1] = ex[1] :: else -> skip fi; ap[1] = NONE; kw[1] = false }
   :: d_step { ph == A_idle && QUIET && faults && (rs[1] == R_broken || rs[1] == R_done_uncoalesced || rs[1] == R_reseed_pending || rs[1] == R_reseeded || rs[1] == R_stable || rs[1] == R_stable_uncoalesced || rs[1] == R_uninitialized || rs[1] == R_unstable_uncoalesced) ->
        /* `coalesce remove`: its export ends (one switch, as for break), then the PCPIs only it pinned
           are released */
@@ -752,79 +824,78 @@ proctype agent() {
        /* planner._remove then prunes: a generation only this replica pinned may be past the policy */
        prune(NONE);
 #endif
-       b = 0; got = 0; t = 0; kn = 0; check() }
+       b = 0; got = 0; t = 0; kn = 0 }
   :: d_step { ph == A_idle && QUIET && rs[1] == R_removed ->
        /* `coalesce add` of that name again: a new replica, not a transition of the old one */
-       rs[1] = R_uninitialized; prev[1] = rs[1]; check() }
+       rs[1] = R_uninitialized; prev[1] = rs[1] }
   :: d_step { rs[1] == R_reseeding && INLINE_DONE ->
        /* the re-seed arrived (in any phase: it does not hold the jump-ahead) */
-       T_reseed_succeeded(1); ap[1] = rt[1]; rt[1] = NONE; check() }
+       T_reseed_succeeded(1); ap[1] = rt[1]; rt[1] = NONE }
   :: d_step { rs[1] == R_reseeding && INLINE_DONE && faults ->
-       T_reseed_failed(1); ap[1] = NONE; rt[1] = NONE; check() }
+       T_reseed_failed(1); ap[1] = NONE; rt[1] = NONE }
   :: d_step { ph == A_updating && NOREL && rs[1] == R_update ->
-       T_update_succeeded(1); ap[1] = tgt; advance(); check() }
+       T_update_succeeded(1); ap[1] = tgt[1]; advance() }
   :: d_step { ph == A_updating && NOREL && rs[1] == R_update && faults ->
-       T_update_failed(1); advance(); check() }
+       T_update_failed(1); advance() }
   :: d_step { ph == A_updating && NOREL && rs[1] == R_update && faults ->
        /* a straggler ([group] straggler_after): out of the cycle, its exported image pinned; its
           transfer goes on towards the cycle's source point */
-       T_straggle(1); lg[1] = ex[1]; rt[1] = tgt; advance(); check() }
+       T_straggle(1); lg[1] = ex[1]; rt[1] = tgt[1]; advance() }
   :: d_step { rs[1] == R_update_uncoalesced && INLINE_DONE ->
        /* the straggler's update arrived (in any phase: it does not hold the jump-ahead) */
-       T_straggler_succeeded(1); ap[1] = rt[1]; rt[1] = NONE; check() }
+       T_straggler_succeeded(1); ap[1] = rt[1]; rt[1] = NONE }
   :: d_step { rs[1] == R_update_uncoalesced && INLINE_DONE && faults ->
-       T_straggler_failed(1); rt[1] = NONE; check() }
+       T_straggler_failed(1); rt[1] = NONE }
   :: d_step { ph == A_updating && NOREL && rs[1] == R_baseline ->
-       T_baseline_succeeded(1); ap[1] = tgt; advance(); check() }
+       T_baseline_succeeded(1); ap[1] = tgt[1]; advance() }
   :: d_step { ph == A_updating && NOREL && rs[1] == R_baseline && faults ->
-       T_baseline_failed(1); ap[1] = NONE; sp[1] = NONE; advance(); check() }
+       T_baseline_failed(1); ap[1] = NONE; sp[1] = NONE; advance() }
   :: d_step { ph == A_rolling_back && NOREL && rs[1] == R_rollback && ROLLBACK_TAKEN ->
-       i = 1; T_rollback_succeeded(i); ap[i] = sp[i]; i = 0; advance(); check() }
+       i = 1; T_rollback_succeeded(i); ap[i] = sp[i]; i = 0; advance() }
   :: d_step { ph == A_rolling_back && NOREL && rs[1] == R_rollback && ROLLBACK_TAKEN && faults ->
-       T_rollback_failed(1); lg[1] = ex[1]; rz[1] = false; advance(); check() }
+       T_rollback_failed(1); lg[1] = ex[1]; rz[1] = false; advance() }
   /* the reseed_after-th failed update in a row: after its rollback (either way) it leaves to be re-seeded */
   :: d_step { ph == A_rolling_back && NOREL && rs[1] == R_rollback && ROLLBACK_TAKEN && faults ->
        T_rollback_succeeded(1); seen(1); T_request_reseed(1); lg[1] = ex[1]; ap[1] = NONE; rz[1] = false;
-       advance(); check() }
+       advance() }
   :: d_step { ph == A_rolling_back && NOREL && rs[1] == R_rollback && ROLLBACK_TAKEN && faults ->
        T_rollback_failed(1); seen(1); T_request_reseed(1); lg[1] = ex[1]; ap[1] = NONE; rz[1] = false;
-       advance(); check() }
+       advance() }
   :: d_step { ph == A_idle && NOREL && sc[1] != NONE ->
        /* the retry / resync rollback succeeded */
        T_retry_succeeded(1); ex[1] = lg[1]; ap[1] = sp[1];
-       vx[1] = ex[1]; if :: sc[1] != kp[1] -> rel[sc[1]] = true :: else -> skip fi; sc[1] = NONE; check() }
+       vx[1] = ex[1]; if :: sc[1] != kp[1] -> rel[sc[1]] = true :: else -> skip fi; sc[1] = NONE }
   :: d_step { ph == A_idle && NOREL && sc[1] != NONE && faults ->
        /* the retry / resync rollback failed */
        T_retry_failed(1); ex[1] = lg[1];
-       vx[1] = ex[1]; if :: sc[1] != kp[1] -> rel[sc[1]] = true :: else -> skip fi; sc[1] = NONE; check() }
-  /* --- replica 2 --- */
+       vx[1] = ex[1]; if :: sc[1] != kp[1] -> rel[sc[1]] = true :: else -> skip fi; sc[1] = NONE }
+  /* --- replica 2 (source 0) --- */
   :: d_step { ph == A_idle && QUIET && faults && false && (rs[2] == R_stable || rs[2] == R_stable_uncoalesced) ->
        /* administrator failover */
-       T_break_mirror(2); lg[2] = ex[2]; ex[2] = ACTIVE; vx[2] = ACTIVE; ap[2] = WRIT; check() }
+       T_break_mirror(2); lg[2] = ex[2]; ex[2] = ACTIVE; vx[2] = ACTIVE; ap[2] = WRIT }
   :: d_step { ph == A_idle && QUIET && rs[2] == R_broken ->
        /* resync --discard: the fence (the last good image exported again), then the scratch PCPI and
           the rollback procedure (docs/decisions.md, "Resync fences first") */
-       T_resync(2); ex[2] = lg[2]; vx[2] = lg[2]; take(P_individual, t); sc[2] = t; t = 0; check() }
+       T_resync(2); ex[2] = lg[2]; vx[2] = lg[2]; take(P_individual, t); sc[2] = t; t = 0 }
   :: d_step { ph == A_idle && QUIET && faults && rs[2] == R_broken ->
        /* a resync whose PCPI the destination refuses (or a crash before it was taken): it exports its
           last good image, retries later; one that keeps the writes takes its kept PCPI then */
        T_resync(2); seen(2); T_retry_failed(2); ex[2] = lg[2]; vx[2] = lg[2];
-       if :: false -> kw[2] = true :: true -> skip fi; check() }
+       if :: false -> kw[2] = true :: true -> skip fi }
   :: d_step { ph == A_idle && QUIET && rs[2] == R_broken && false ->
        /* resync keeping the writes (I11: the name keeps none yet): the fence, then the scratch PCPI
           is the kept PCPI; the rollback leaves it (docs/decisions.md "A resync keeps ...") */
-       T_resync(2); ex[2] = lg[2]; vx[2] = lg[2]; take(P_kept, t); sc[2] = t; kp[2] = t; t = 0; check() }
+       T_resync(2); ex[2] = lg[2]; vx[2] = lg[2]; take(P_kept, t); sc[2] = t; kp[2] = t; t = 0 }
   :: d_step { kp[2] != NONE && sc[2] != kp[2] && INLINE_DONE ->
        /* `coalesce release`: in any phase, beside the cycle (not while a resync rolls back from it) */
-       rel[kp[2]] = true; kp[2] = NONE; check() }
+       rel[kp[2]] = true; kp[2] = NONE }
   :: d_step { ph == A_idle && QUIET && faults && rs[2] == R_unstable_uncoalesced && lg[2] != NONE ->
        /* the retry's scratch PCPI is refused: loop 1026 waits longer (the backoff is below the model) */
-       T_retry_failed(2); check() }
+       T_retry_failed(2) }
   :: d_step { ph == A_idle && QUIET && faults && (rs[2] == R_stable || rs[2] == R_stable_uncoalesced || \
               rs[2] == R_unstable_uncoalesced) ->
        /* `coalesce reseed` / the background verification: out of the cycle, exported image pinned */
-       T_request_reseed(2); if :: lg[2] == NONE -> lg[2] = ex[2] :: else -> skip fi; ap[2] = NONE; kw[2] = false;
-       check() }
+       T_request_reseed(2); if :: lg[2] == NONE -> lg[2] = ex[2] :: else -> skip fi; ap[2] = NONE; kw[2] = false }
   :: d_step { ph == A_idle && QUIET && faults && (rs[2] == R_broken || rs[2] == R_done_uncoalesced || rs[2] == R_reseed_pending || rs[2] == R_reseeded || rs[2] == R_stable || rs[2] == R_stable_uncoalesced || rs[2] == R_uninitialized || rs[2] == R_unstable_uncoalesced) ->
        /* `coalesce remove`: its export ends (one switch, as for break), then the PCPIs only it pinned
           are released */
@@ -845,51 +916,51 @@ proctype agent() {
        /* planner._remove then prunes: a generation only this replica pinned may be past the policy */
        prune(NONE);
 #endif
-       b = 0; got = 0; t = 0; kn = 0; check() }
+       b = 0; got = 0; t = 0; kn = 0 }
   :: d_step { ph == A_idle && QUIET && rs[2] == R_removed ->
        /* `coalesce add` of that name again: a new replica, not a transition of the old one */
-       rs[2] = R_uninitialized; prev[2] = rs[2]; check() }
+       rs[2] = R_uninitialized; prev[2] = rs[2] }
   :: d_step { rs[2] == R_reseeding && INLINE_DONE ->
        /* the re-seed arrived (in any phase: it does not hold the jump-ahead) */
-       T_reseed_succeeded(2); ap[2] = rt[2]; rt[2] = NONE; check() }
+       T_reseed_succeeded(2); ap[2] = rt[2]; rt[2] = NONE }
   :: d_step { rs[2] == R_reseeding && INLINE_DONE && faults ->
-       T_reseed_failed(2); ap[2] = NONE; rt[2] = NONE; check() }
+       T_reseed_failed(2); ap[2] = NONE; rt[2] = NONE }
   :: d_step { ph == A_updating && NOREL && rs[2] == R_update ->
-       T_update_succeeded(2); ap[2] = tgt; advance(); check() }
+       T_update_succeeded(2); ap[2] = tgt[0]; advance() }
   :: d_step { ph == A_updating && NOREL && rs[2] == R_update && faults ->
-       T_update_failed(2); advance(); check() }
+       T_update_failed(2); advance() }
   :: d_step { ph == A_updating && NOREL && rs[2] == R_update && faults ->
        /* a straggler ([group] straggler_after): out of the cycle, its exported image pinned; its
           transfer goes on towards the cycle's source point */
-       T_straggle(2); lg[2] = ex[2]; rt[2] = tgt; advance(); check() }
+       T_straggle(2); lg[2] = ex[2]; rt[2] = tgt[0]; advance() }
   :: d_step { rs[2] == R_update_uncoalesced && INLINE_DONE ->
        /* the straggler's update arrived (in any phase: it does not hold the jump-ahead) */
-       T_straggler_succeeded(2); ap[2] = rt[2]; rt[2] = NONE; check() }
+       T_straggler_succeeded(2); ap[2] = rt[2]; rt[2] = NONE }
   :: d_step { rs[2] == R_update_uncoalesced && INLINE_DONE && faults ->
-       T_straggler_failed(2); rt[2] = NONE; check() }
+       T_straggler_failed(2); rt[2] = NONE }
   :: d_step { ph == A_updating && NOREL && rs[2] == R_baseline ->
-       T_baseline_succeeded(2); ap[2] = tgt; advance(); check() }
+       T_baseline_succeeded(2); ap[2] = tgt[0]; advance() }
   :: d_step { ph == A_updating && NOREL && rs[2] == R_baseline && faults ->
-       T_baseline_failed(2); ap[2] = NONE; sp[2] = NONE; advance(); check() }
+       T_baseline_failed(2); ap[2] = NONE; sp[2] = NONE; advance() }
   :: d_step { ph == A_rolling_back && NOREL && rs[2] == R_rollback && ROLLBACK_TAKEN ->
-       i = 2; T_rollback_succeeded(i); ap[i] = sp[i]; i = 0; advance(); check() }
+       i = 2; T_rollback_succeeded(i); ap[i] = sp[i]; i = 0; advance() }
   :: d_step { ph == A_rolling_back && NOREL && rs[2] == R_rollback && ROLLBACK_TAKEN && faults ->
-       T_rollback_failed(2); lg[2] = ex[2]; rz[2] = false; advance(); check() }
+       T_rollback_failed(2); lg[2] = ex[2]; rz[2] = false; advance() }
   /* the reseed_after-th failed update in a row: after its rollback (either way) it leaves to be re-seeded */
   :: d_step { ph == A_rolling_back && NOREL && rs[2] == R_rollback && ROLLBACK_TAKEN && faults ->
        T_rollback_succeeded(2); seen(2); T_request_reseed(2); lg[2] = ex[2]; ap[2] = NONE; rz[2] = false;
-       advance(); check() }
+       advance() }
   :: d_step { ph == A_rolling_back && NOREL && rs[2] == R_rollback && ROLLBACK_TAKEN && faults ->
        T_rollback_failed(2); seen(2); T_request_reseed(2); lg[2] = ex[2]; ap[2] = NONE; rz[2] = false;
-       advance(); check() }
+       advance() }
   :: d_step { ph == A_idle && NOREL && sc[2] != NONE ->
        /* the retry / resync rollback succeeded */
        T_retry_succeeded(2); ex[2] = lg[2]; ap[2] = sp[2];
-       vx[2] = ex[2]; if :: sc[2] != kp[2] -> rel[sc[2]] = true :: else -> skip fi; sc[2] = NONE; check() }
+       vx[2] = ex[2]; if :: sc[2] != kp[2] -> rel[sc[2]] = true :: else -> skip fi; sc[2] = NONE }
   :: d_step { ph == A_idle && NOREL && sc[2] != NONE && faults ->
        /* the retry / resync rollback failed */
        T_retry_failed(2); ex[2] = lg[2];
-       vx[2] = ex[2]; if :: sc[2] != kp[2] -> rel[sc[2]] = true :: else -> skip fi; sc[2] = NONE; check() }
+       vx[2] = ex[2]; if :: sc[2] != kp[2] -> rel[sc[2]] = true :: else -> skip fi; sc[2] = NONE }
   :: d_step { take_pend != P_free && NOREL -> /* a cycle PCPI decided (by a step or by recovery) is taken */
        take(take_pend, t); t = 0;
        if
@@ -897,13 +968,13 @@ proctype agent() {
        :: take_pend == P_new_base -> jump_pend = true
        :: else -> skip
        fi;
-       take_pend = P_free; check() }
+       take_pend = P_free }
   :: d_step { take_pend != P_free && NOREL && faults -> /* ... or refused (the PCPI limit, no space) */
-       refused(); check() }
+       refused() }
   :: d_step { ph == A_jump_ahead_1 && NOREL && purge_pend -> /* purgatory purged; step 2 takes the new base */
-       purge_pend = false; purged = true; PH_take_new_base(); take_pend = P_new_base; check() }
-  :: d_step { ph == A_jump_ahead_2 && NOREL && jump_pend -> jump_pend = false; jump_to(); check() }
-  :: d_step { ph == A_rolling_back && NOREL && resume_pend -> resume_pend = false; resume_updates(); check() }
+       purge_pend = false; purged = true; PH_take_new_base(); take_pend = P_new_base }
+  :: d_step { ph == A_jump_ahead_2 && NOREL && jump_pend -> jump_pend = false; jump_to() }
+  :: d_step { ph == A_rolling_back && NOREL && resume_pend -> resume_pend = false; resume_updates() }
   :: d_step { export_pend && NOREL -> /* the atomic export switch */
        if
        :: false ->
@@ -915,18 +986,27 @@ proctype agent() {
        :: else -> for (i : 0 .. N-1) { vx[i] = ex[i] }; export_pend = false
        fi;
        i = 0;
-       if :: !export_pend && ph == A_jump_ahead_2 -> PH_start_release(); release_all() :: else -> skip fi;
-       check() }
+       if :: !export_pend && ph == A_jump_ahead_2 -> PH_start_release(); release_all() :: else -> skip fi }
   :: d_step { !NOREL && !export_pend -> /* one release effect */
        got = NONE;
        for (s : 0 .. S-1) { if :: got == NONE && rel[s] -> got = s :: else -> skip fi };
        for (i : 0 .. N-1) { assert(vx[i] != got && ex[i] != got && lg[i] != got && sc[i] != got && kp[i] != got) };  /* I6: no exported image lost; I11: no kept writes */
        role[got] = P_free; rel[got] = false;
        got = 0; s = 0; i = 0;
-       maybe_finish(); check() }
+       maybe_finish() }
   /* --- a crash at any step, then a restart from the ledger (I6) --- */
-  :: d_step { faults -> spooled = false; recover(); check() }
-  :: d_step { faults -> spooled = true; recover(); spooled = false; check() }
+  :: d_step { faults -> spooled = false; recover() }
+  :: d_step { faults -> spooled = true; recover() }
+  fi;
+  /* the tail of every step: a recovery or advance() the step ended with (one copy of each in
+     pan.c, not one per step: the C compiler's time is most of a small model's check), then the
+     invariants */
+  d_step {
+    if :: rec -> rec = false; do_recover(); spooled = false :: else -> skip fi;
+    if :: adv -> adv = false; do_advance() :: else -> skip fi;
+    check()
+  }
+  }
   od
 }
 
@@ -947,7 +1027,7 @@ init {
   }
 }
 
-/* I7: once faults stop, every replica reaches stable at the newest source point */
+/* I7: once faults stop, every replica reaches stable at its own source's newest point */
 #define SETTLED (ph == A_idle && rs[0] == R_stable && rs[1] == R_stable && rs[2] == R_stable \
-                 && sp[0] == newest && sp[1] == newest && sp[2] == newest)
+                 && sp[0] == newest[0] && sp[1] == newest[1] && sp[2] == newest[0])
 ltl i7 { [] (!faults -> <> SETTLED) }

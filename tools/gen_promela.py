@@ -7,9 +7,10 @@ phases and phase transitions (asserting their named guards) and the I8
 legality monitor all come from the TOML file; only the group procedures
 (cycle start, rollback, two-step jump-ahead, release, retry, break/resync,
 the kept PCPI of a resync and its release (I11), re-seed, a straggler, remove/add, crash +
-recovery, a refusal of each destination PCPI take, a source outage at the
-cycle's take; retained generations, compiled in by ``spin -DRETAIN``), which mirror
-coalesce_core/cycle/planner.py, are written here.
+recovery, a refusal of each destination PCPI take, each source's PCPI of the cycle taken or,
+the source out of reach or refusing it, missed by that source's replicas alone; retained
+generations, compiled in by ``spin -DRETAIN``), which mirror coalesce_core/cycle/planner.py,
+are written here.  Replica i reads from source i % sources, each source with its own points.
 The procedures reach the spec only through the generated names, so a spec
 change that the procedures do not cover fails generation (every trigger of
 both machines must be used) or the model check.
@@ -19,10 +20,12 @@ Usage:
     tools/gen_promela.py --check         exit 1 if spec/coalescing.pml is stale
     tools/gen_promela.py --mutant NAME   print a deliberately broken model (tools/mutants.py)
     tools/gen_promela.py --stdout        print the model
-    tools/gen_promela.py --replicas 4 [--slots 9] [--breakers 1] [--keepers 1] --out FILE
+    tools/gen_promela.py --replicas 4 [--sources 2] [--slots 9] [--breakers 1] [--keepers 1] --out FILE
                                          a model of another size (the committed one has 3
-                                         replicas, 9 PCPI slots, 1 replica that may break and
-                                         whose resync may keep its writes; tools/bench/bench_formal.py)
+                                         replicas of 2 sources, 9 PCPI slots, 1 replica that may
+                                         break and whose resync may keep its writes; the CI
+                                         checks 2 replicas of 2 sources, docs/verification.md;
+                                         tools/bench/bench_formal.py)
 """
 
 from __future__ import annotations
@@ -42,7 +45,8 @@ N_SLOTS = 9  # PCPI slots: 4 cycle roles + individuals + kept; running out is an
 N_KEEPERS = 1  # replicas whose resync may keep the writes (I11); the others resync with --discard
 N_BREAKERS = 1  # replicas an administrator may break (and resync): the kept PCPI doubles the states
 #                 that follow a break, so the committed model breaks one replica (docs/verification.md)
-MAXP = 2  # source points are renormalised at every finished cycle and capped here
+N_SOURCES = 2  # replica i belongs to source i % N_SOURCES: one source fails while the other's replicas go on
+MAXP = 2  # each source's points are renormalised at every finished cycle and capped here
 
 #: Promela text of each named guard of spec/coalescing.toml (over the generated state names).
 #: A guard the spec names but this table lacks fails generation.
@@ -100,8 +104,9 @@ bool kw[N];          /* a resync that keeps the writes has not taken its kept PC
 byte role[S];        /* PCPI slot role (P_free: no PCPI) */
 bool rel[S];         /* release decided, not yet done */
 byte ph = A_idle;    /* the agent's phase */
-byte tgt;            /* the cycle's source point */
-byte newest;         /* newest source point */
+byte tgt[NSRC];      /* each source's point of the cycle (0: its PCPI not taken in this cycle) */
+byte newest[NSRC];   /* each source's newest point */
+bool stk[NSRC];      /* the source's PCPI of the cycle is decided, not yet taken (or refused) */
 bool purged;
 /* volatile: effects decided but not yet run (lost by a crash) */
 bool purge_pend, jump_pend, export_pend;
@@ -115,6 +120,7 @@ byte prev[N];        /* I8: state at the previous check */
 byte lastsp[N];      /* I5: source point at the previous check */
 bool faults = true;  /* the environment may still inject faults and crashes */
 bool spooled;        /* at a crash: the interrupted updates' spools hold records (or not) */
+bool rec, adv;       /* the step ends with a recovery, with advance() (false between steps) */
 /* temporaries: zero at the end of every step (not `hidden`: pan does not restore hidden
    variables when it backtracks inside an atomic sequence) */
 byte i, j, s, got, kn, kn2, m, b, t;
@@ -123,6 +129,8 @@ byte i, j, s, got, kn, kn2, m, b, t;
 @KK_TYPE@ kk[S];
 
 #define INITIALIZED (@INITIALIZED@)
+#define NO_TAKE_PENDING (@NO_TAKE_PENDING@)
+#define NONE_TAKEN (@NONE_TAKEN@)   /* no source PCPI of this cycle was taken (tgt is 0 until one is) */
 #define VISIBLE(x) ((x) < S)
 #define PINNED(x) (@PINNED@)   /* as pinned(x, out), in one expression */
 
@@ -151,26 +159,37 @@ inline pinned(x, out) { /* some replica's ledger entry needs PCPI x */
   j = 0
 }
 
-inline renormalise() { /* shift every source point down by the oldest one still held */
-  m = newest;
-  for (i : 0 .. N-1) {
-    if :: sp[i] < m -> m = sp[i] :: else -> skip fi;
-    if :: ap[i] < m -> m = ap[i] :: else -> skip fi;
-    if :: lastsp[i] < m -> m = lastsp[i] :: else -> skip fi;
-    if :: rt[i] < m -> m = rt[i] :: else -> skip fi
+inline renormalise() { /* per source: shift its points down by the oldest one its replicas still hold */
+  for (b : 0 .. NSRC-1) {
+    m = newest[b];
+    for (i : 0 .. N-1) {
+      if
+      :: SRC(i) == b ->
+         if :: sp[i] < m -> m = sp[i] :: else -> skip fi;
+         if :: ap[i] < m -> m = ap[i] :: else -> skip fi;
+         if :: lastsp[i] < m -> m = lastsp[i] :: else -> skip fi;
+         if :: rt[i] < m -> m = rt[i] :: else -> skip fi
+      :: else -> skip
+      fi
+    };
+    if
+    :: m > 0 ->
+       for (i : 0 .. N-1) {
+         if
+         :: SRC(i) == b ->
+            if :: sp[i] <= MAXP -> sp[i] = sp[i] - m :: else -> skip fi;
+            if :: ap[i] <= MAXP -> ap[i] = ap[i] - m :: else -> skip fi;
+            if :: lastsp[i] <= MAXP -> lastsp[i] = lastsp[i] - m :: else -> skip fi;
+            if :: rt[i] <= MAXP -> rt[i] = rt[i] - m :: else -> skip fi
+         :: else -> skip
+         fi
+       };
+       newest[b] = newest[b] - m
+    :: else -> skip
+    fi;
+    tgt[b] = 0
   };
-  if
-  :: m > 0 ->
-     for (i : 0 .. N-1) {
-       if :: sp[i] <= MAXP -> sp[i] = sp[i] - m :: else -> skip fi;
-       if :: ap[i] <= MAXP -> ap[i] = ap[i] - m :: else -> skip fi;
-       if :: lastsp[i] <= MAXP -> lastsp[i] = lastsp[i] - m :: else -> skip fi;
-       if :: rt[i] <= MAXP -> rt[i] = rt[i] - m :: else -> skip fi
-     };
-     newest = newest - m
-  :: else -> skip
-  fi;
-  tgt = 0; i = 0; m = 0
+  b = 0; i = 0; m = 0
 }
 
 inline swap_slots(x, y) { /* exchange PCPI slots x and y and every reference to them */
@@ -300,11 +319,15 @@ inline resume_updates() { /* planner._resume_updates: spooled updates restart in
   i = 0
 }
 
-inline advance() { /* planner._advance: after a transfer, rollback or removal ended */
+inline advance() { /* planner._advance, at the end of the step: see the agent's tail */
+  adv = true
+}
+
+inline do_advance() { /* planner._advance: after a transfer, rollback or removal ended */
   if
   :: ph == A_updating ->
      if
-     :: @MUT_WAIT_TRANSFERS@ ->
+     :: @MUT_WAIT_TRANSFERS@ && NO_TAKE_PENDING ->   /* every transfer ended, every source PCPI answered */
         if
         :: G_some_replica_in_rollback -> PH_start_rollback(); take_pend = P_rollback
         :: else -> after_flight()
@@ -351,7 +374,11 @@ inline refused() { /* planner._pcpi_refused: the destination refuses the pending
   fi
 }
 
-inline recover() { /* planner._recover, after a crash at any step */
+inline recover() { /* planner._recover, at the end of the step: see the agent's tail */
+  rec = true
+}
+
+inline do_recover() { /* planner._recover, after a crash at any step */
   purge_pend = false; jump_pend = false; export_pend = false; take_pend = P_free; resume_pend = false;
   /* 1. releases decided before the crash are re-run (rel[] is persisted) */
   /* 2. replicas */
@@ -400,11 +427,11 @@ inline seen(x) { /* I8 monitor for replica x inside a step that makes two transi
 
 inline check() {
   canon();
-  printf("STEP ph=%d faults=%d @STEP_FMT@ pend=%d%d%d%d%d\n",
+  printf("STEP ph=%d faults=%d @STEP_FMT@ newest=@NEWEST_FMT@ tgt=@NEWEST_FMT@ stk=@NEWEST_FMT@ pend=%d%d%d%d%d\n",
     ph, faults, @STEP_ARGS1@,
     @STEP_ARGS2@,
     @STEP_ROLE@,
-    @STEP_REL@, purge_pend, jump_pend, export_pend, take_pend, resume_pend);
+    @STEP_REL@, @STEP_SRC@, purge_pend, jump_pend, export_pend, take_pend, resume_pend);
   /* I8: every replica state change is an edge of spec/coalescing.toml */
   for (i : 0 .. N-1) {
     if :: prev[i] != rs[i] -> assert(@LEGAL(prev[i], rs[i])); prev[i] = rs[i] :: else -> skip fi
@@ -517,25 +544,50 @@ inline check() {
 proctype agent() {
   byte r;
   do   /* no end label: an agent with nothing to do is a deadlock (invalid end state) */
+  :: atomic {   /* one step: a decision with its effects (the d_step chosen below), then the tail; pan
+                   stores no state inside an atomic sequence, so the state space is that of one d_step */
+  if
   /* --- requests (only when every effect of the previous one has run) --- */
   :: d_step { ph == A_idle && QUIET && READY_FOR_CYCLE ->
+       /* one PCPI of each source that has replicas to transfer into is decided; each source's
+          transfers start when its PCPI is taken (below) */
        PH_start_cycle();
-       if :: newest < MAXP -> newest++ :: else -> skip fi;   /* the cycle's source PCPI */
-       tgt = newest;
        for (i : 0 .. N-1) {
          if
-         :: rs[i] == R_stable -> T_start_update(i); ap[i] = PART
-         :: rs[i] == R_uninitialized -> T_start_baseline(i); ap[i] = PART
-         :: rs[i] == R_reseed_pending -> T_start_reseed(i); ap[i] = PART; rt[i] = tgt  /* outside the cycle */
+         :: rs[i] == R_stable || rs[i] == R_uninitialized || rs[i] == R_reseed_pending -> stk[SRC(i)] = true
          :: else -> skip
          fi
        };
        i = 0;
-       advance(); check() }
-  :: d_step { ph == A_idle && QUIET && READY_FOR_CYCLE && faults ->
-       /* the source cannot be reached or refuses the cycle's PCPI: the cycle ends before any
-          transfer, every replica as it was (the errors they record are below the model) */
-       PH_start_cycle(); PH_source_unavailable(); release_all(); check() }
+       advance() }
+@EACHSRC
+  /* --- source @k --- */
+  :: d_step { ph == A_updating && NOREL && stk[@k] ->
+       /* its PCPI of the cycle is taken: its replicas' transfers start */
+       stk[@k] = false;
+       if :: newest[@k] < MAXP -> newest[@k]++ :: else -> skip fi;
+       tgt[@k] = newest[@k];
+       for (i : 0 .. N-1) {
+         if
+         :: SRC(i) != @k -> skip
+         :: SRC(i) == @k && rs[i] == R_stable -> T_start_update(i); ap[i] = PART
+         :: SRC(i) == @k && rs[i] == R_uninitialized -> T_start_baseline(i); ap[i] = PART
+         :: SRC(i) == @k && rs[i] == R_reseed_pending -> T_start_reseed(i); ap[i] = PART; rt[i] = tgt[@k]  /* outside the cycle */
+         :: else -> skip
+         fi
+       };
+       i = 0;
+       advance() }
+  :: d_step { ph == A_updating && NOREL && stk[@k] && faults ->
+       /* the source cannot be reached or refuses its PCPI: its replicas miss the cycle, stable with
+          their images (the errors they record are below the model); the other sources go on, and
+          when no source PCPI of the cycle is left and none was taken the cycle ends before any transfer */
+       stk[@k] = false;
+       if
+       :: NO_TAKE_PENDING && NONE_TAKEN -> PH_source_unavailable(); release_all()
+       :: else -> advance()
+       fi }
+@END
   :: d_step { ph == A_idle && QUIET && (@DUE_ANY@) ->
        /* the retry timer (loop 1026): for each due replica a scratch PCPI of its damaged
           active FS, then a retry rollback */
@@ -546,36 +598,35 @@ proctype agent() {
          :: else -> skip
          fi
        };
-       r = 0; check() }
+       r = 0 }
 @EACH
-  /* --- replica @r --- */
+  /* --- replica @r (source @s) --- */
   :: d_step { ph == A_idle && QUIET && faults && @BREAKS(@r) && (rs[@r] == R_stable || rs[@r] == R_stable_uncoalesced) ->
        /* administrator failover */
-       T_break_mirror(@r); lg[@r] = ex[@r]; ex[@r] = ACTIVE; vx[@r] = ACTIVE; ap[@r] = WRIT; check() }
+       T_break_mirror(@r); lg[@r] = ex[@r]; ex[@r] = ACTIVE; vx[@r] = ACTIVE; ap[@r] = WRIT }
   :: d_step { ph == A_idle && QUIET && rs[@r] == R_broken ->
        /* resync --discard: the fence (the last good image exported again), then the scratch PCPI and
           the rollback procedure (docs/decisions.md, "Resync fences first") */
-       T_resync(@r); ex[@r] = lg[@r]; vx[@r] = lg[@r]; take(P_individual, t); sc[@r] = t; t = 0; check() }
+       T_resync(@r); ex[@r] = lg[@r]; vx[@r] = lg[@r]; take(P_individual, t); sc[@r] = t; t = 0 }
   :: d_step { ph == A_idle && QUIET && faults && rs[@r] == R_broken ->
        /* a resync whose PCPI the destination refuses (or a crash before it was taken): it exports its
           last good image, retries later; one that keeps the writes takes its kept PCPI then */
        T_resync(@r); seen(@r); T_retry_failed(@r); ex[@r] = lg[@r]; vx[@r] = lg[@r];
-       if :: @KEEPS(@r) -> kw[@r] = true :: true -> skip fi; check() }
+       if :: @KEEPS(@r) -> kw[@r] = true :: true -> skip fi }
   :: d_step { ph == A_idle && QUIET && rs[@r] == R_broken && @KEEPS(@r) ->
        /* resync keeping the writes (I11: the name keeps none yet): the fence, then the scratch PCPI
           is the kept PCPI; the rollback leaves it (docs/decisions.md "A resync keeps ...") */
-       T_resync(@r); ex[@r] = lg[@r]; vx[@r] = lg[@r]; take(P_kept, t); sc[@r] = t; kp[@r] = t; t = 0; check() }
+       T_resync(@r); ex[@r] = lg[@r]; vx[@r] = lg[@r]; take(P_kept, t); sc[@r] = t; kp[@r] = t; t = 0 }
   :: d_step { kp[@r] != NONE && sc[@r] != kp[@r] && INLINE_DONE ->
        /* `coalesce release`: in any phase, beside the cycle (not while a resync rolls back from it) */
-       rel[kp[@r]] = true; kp[@r] = NONE; check() }
+       rel[kp[@r]] = true; kp[@r] = NONE }
   :: d_step { ph == A_idle && QUIET && faults && rs[@r] == R_unstable_uncoalesced && lg[@r] != NONE ->
        /* the retry's scratch PCPI is refused: loop 1026 waits longer (the backoff is below the model) */
-       T_retry_failed(@r); check() }
+       T_retry_failed(@r) }
   :: d_step { ph == A_idle && QUIET && faults && (rs[@r] == R_stable || rs[@r] == R_stable_uncoalesced || \
               rs[@r] == R_unstable_uncoalesced) ->
        /* `coalesce reseed` / the background verification: out of the cycle, exported image pinned */
-       T_request_reseed(@r); if :: lg[@r] == NONE -> lg[@r] = ex[@r] :: else -> skip fi; ap[@r] = NONE; kw[@r] = false;
-       check() }
+       T_request_reseed(@r); if :: lg[@r] == NONE -> lg[@r] = ex[@r] :: else -> skip fi; ap[@r] = NONE; kw[@r] = false }
   :: d_step { ph == A_idle && QUIET && faults && (@REMOVABLE(@r)) ->
        /* `coalesce remove`: its export ends (one switch, as for break), then the PCPIs only it pinned
           are released */
@@ -596,51 +647,51 @@ proctype agent() {
        /* planner._remove then prunes: a generation only this replica pinned may be past the policy */
        prune(NONE);
 #endif
-       b = 0; got = 0; t = 0; kn = 0; check() }
+       b = 0; got = 0; t = 0; kn = 0 }
   :: d_step { ph == A_idle && QUIET && rs[@r] == R_removed ->
        /* `coalesce add` of that name again: a new replica, not a transition of the old one */
-       rs[@r] = R_@INITIAL@; prev[@r] = rs[@r]; check() }
+       rs[@r] = R_@INITIAL@; prev[@r] = rs[@r] }
   :: d_step { rs[@r] == R_reseeding && INLINE_DONE ->
        /* the re-seed arrived (in any phase: it does not hold the jump-ahead) */
-       T_reseed_succeeded(@r); ap[@r] = rt[@r]; rt[@r] = NONE; check() }
+       T_reseed_succeeded(@r); ap[@r] = rt[@r]; rt[@r] = NONE }
   :: d_step { rs[@r] == R_reseeding && INLINE_DONE && faults ->
-       T_reseed_failed(@r); ap[@r] = NONE; rt[@r] = NONE; check() }
+       T_reseed_failed(@r); ap[@r] = NONE; rt[@r] = NONE }
   :: d_step { ph == A_updating && NOREL && rs[@r] == R_update ->
-       T_update_succeeded(@r); ap[@r] = tgt; advance(); check() }
+       T_update_succeeded(@r); ap[@r] = tgt[@s]; advance() }
   :: d_step { ph == A_updating && NOREL && rs[@r] == R_update && faults ->
-       T_update_failed(@r); advance(); check() }
+       T_update_failed(@r); advance() }
   :: d_step { ph == A_updating && NOREL && rs[@r] == R_update && faults ->
        /* a straggler ([group] straggler_after): out of the cycle, its exported image pinned; its
           transfer goes on towards the cycle's source point */
-       T_straggle(@r); lg[@r] = ex[@r]; rt[@r] = tgt; advance(); check() }
+       T_straggle(@r); lg[@r] = ex[@r]; rt[@r] = tgt[@s]; advance() }
   :: d_step { rs[@r] == R_update_uncoalesced && INLINE_DONE ->
        /* the straggler's update arrived (in any phase: it does not hold the jump-ahead) */
-       T_straggler_succeeded(@r); ap[@r] = rt[@r]; rt[@r] = NONE; check() }
+       T_straggler_succeeded(@r); ap[@r] = rt[@r]; rt[@r] = NONE }
   :: d_step { rs[@r] == R_update_uncoalesced && INLINE_DONE && faults ->
-       T_straggler_failed(@r); rt[@r] = NONE; check() }
+       T_straggler_failed(@r); rt[@r] = NONE }
   :: d_step { ph == A_updating && NOREL && rs[@r] == R_baseline ->
-       T_baseline_succeeded(@r); ap[@r] = tgt; advance(); check() }
+       T_baseline_succeeded(@r); ap[@r] = tgt[@s]; advance() }
   :: d_step { ph == A_updating && NOREL && rs[@r] == R_baseline && faults ->
-       T_baseline_failed(@r); ap[@r] = NONE; sp[@r] = NONE; advance(); check() }
+       T_baseline_failed(@r); ap[@r] = NONE; sp[@r] = NONE; advance() }
   :: d_step { ph == A_rolling_back && NOREL && rs[@r] == R_rollback && ROLLBACK_TAKEN ->
-       i = @r; @MUT_ROLLBACK_OK@; ap[i] = sp[i]; i = 0; advance(); check() }
+       i = @r; @MUT_ROLLBACK_OK@; ap[i] = sp[i]; i = 0; advance() }
   :: d_step { ph == A_rolling_back && NOREL && rs[@r] == R_rollback && ROLLBACK_TAKEN && faults ->
-       T_rollback_failed(@r); lg[@r] = ex[@r]; rz[@r] = false; advance(); check() }
+       T_rollback_failed(@r); lg[@r] = ex[@r]; rz[@r] = false; advance() }
   /* the reseed_after-th failed update in a row: after its rollback (either way) it leaves to be re-seeded */
   :: d_step { ph == A_rolling_back && NOREL && rs[@r] == R_rollback && ROLLBACK_TAKEN && faults ->
        T_rollback_succeeded(@r); seen(@r); T_request_reseed(@r); lg[@r] = ex[@r]; ap[@r] = NONE; rz[@r] = false;
-       advance(); check() }
+       advance() }
   :: d_step { ph == A_rolling_back && NOREL && rs[@r] == R_rollback && ROLLBACK_TAKEN && faults ->
        T_rollback_failed(@r); seen(@r); T_request_reseed(@r); lg[@r] = ex[@r]; ap[@r] = NONE; rz[@r] = false;
-       advance(); check() }
+       advance() }
   :: d_step { ph == A_idle && NOREL && sc[@r] != NONE ->
        /* the retry / resync rollback succeeded */
        T_retry_succeeded(@r); ex[@r] = lg[@r]; ap[@r] = sp[@r];
-       vx[@r] = ex[@r]; if :: sc[@r] != kp[@r] -> rel[sc[@r]] = true :: else -> skip fi; sc[@r] = NONE; check() }
+       vx[@r] = ex[@r]; if :: sc[@r] != kp[@r] -> rel[sc[@r]] = true :: else -> skip fi; sc[@r] = NONE }
   :: d_step { ph == A_idle && NOREL && sc[@r] != NONE && faults ->
        /* the retry / resync rollback failed */
        T_retry_failed(@r); ex[@r] = lg[@r];
-       vx[@r] = ex[@r]; if :: sc[@r] != kp[@r] -> rel[sc[@r]] = true :: else -> skip fi; sc[@r] = NONE; check() }
+       vx[@r] = ex[@r]; if :: sc[@r] != kp[@r] -> rel[sc[@r]] = true :: else -> skip fi; sc[@r] = NONE }
 @END
   :: d_step { take_pend != P_free && NOREL -> /* a cycle PCPI decided (by a step or by recovery) is taken */
        take(take_pend, t); t = 0;
@@ -649,13 +700,13 @@ proctype agent() {
        :: take_pend == P_new_base -> jump_pend = true
        :: else -> skip
        fi;
-       take_pend = P_free; check() }
+       take_pend = P_free }
   :: d_step { take_pend != P_free && NOREL && faults -> /* ... or refused (the PCPI limit, no space) */
-       refused(); check() }
+       refused() }
   :: d_step { ph == A_jump_ahead_1 && NOREL && purge_pend -> /* purgatory purged; step 2 takes the new base */
-       purge_pend = false; purged = true; PH_take_new_base(); take_pend = P_new_base; check() }
-  :: d_step { ph == A_jump_ahead_2 && NOREL && jump_pend -> jump_pend = false; jump_to(); check() }
-  :: d_step { ph == A_rolling_back && NOREL && resume_pend -> resume_pend = false; resume_updates(); check() }
+       purge_pend = false; purged = true; PH_take_new_base(); take_pend = P_new_base }
+  :: d_step { ph == A_jump_ahead_2 && NOREL && jump_pend -> jump_pend = false; jump_to() }
+  :: d_step { ph == A_rolling_back && NOREL && resume_pend -> resume_pend = false; resume_updates() }
   :: d_step { export_pend && NOREL -> /* the atomic export switch */
        if
        :: @MUT_EXPORT_ONE@ ->
@@ -667,18 +718,27 @@ proctype agent() {
        :: else -> for (i : 0 .. N-1) { vx[i] = ex[i] }; export_pend = false
        fi;
        i = 0;
-       if :: !export_pend && ph == A_jump_ahead_2 -> PH_start_release(); release_all() :: else -> skip fi;
-       check() }
+       if :: !export_pend && ph == A_jump_ahead_2 -> PH_start_release(); release_all() :: else -> skip fi }
   :: d_step { !NOREL && !export_pend -> /* one release effect */
        got = NONE;
        for (s : 0 .. S-1) { if :: got == NONE && rel[s] -> got = s :: else -> skip fi };
        for (i : 0 .. N-1) { assert(vx[i] != got && ex[i] != got && lg[i] != got && sc[i] != got && kp[i] != got) };  /* I6: no exported image lost; I11: no kept writes */
        role[got] = P_free; rel[got] = false;
        got = 0; s = 0; i = 0;
-       maybe_finish(); check() }
+       maybe_finish() }
   /* --- a crash at any step, then a restart from the ledger (I6) --- */
-  :: d_step { faults -> spooled = false; recover(); check() }
-  :: d_step { faults -> spooled = true; recover(); spooled = false; check() }
+  :: d_step { faults -> spooled = false; recover() }
+  :: d_step { faults -> spooled = true; recover() }
+  fi;
+  /* the tail of every step: a recovery or advance() the step ended with (one copy of each in
+     pan.c, not one per step: the C compiler's time is most of a small model's check), then the
+     invariants */
+  d_step {
+    if :: rec -> rec = false; do_recover(); spooled = false :: else -> skip fi;
+    if :: adv -> adv = false; do_advance() :: else -> skip fi;
+    check()
+  }
+  }
   od
 }
 
@@ -699,7 +759,7 @@ init {
   }
 }
 
-/* I7: once faults stop, every replica reaches stable at the newest source point */
+/* I7: once faults stop, every replica reaches stable at its own source's newest point */
 #define SETTLED (ph == A_idle && @ALL_STABLE@ \
                  && @ALL_NEWEST@)
 ltl i7 { [] (!faults -> <> SETTLED) }
@@ -710,19 +770,20 @@ def load(path: Path = SPEC) -> dict:
     return tomllib.loads(path.read_text(encoding="utf-8"))
 
 
-def sources(transition: dict) -> list[str]:
+def source_states(transition: dict) -> list[str]:
     """The source states of a spec transition (``source`` is one name or a list)."""
     src = transition["source"]
     return [src] if isinstance(src, str) else list(src)
 
 
 def edges(machine: dict) -> list[tuple[str, str, str]]:
-    return [(t["trigger"], s, t["dest"]) for t in machine["transitions"] for s in sources(t)]
+    return [(t["trigger"], s, t["dest"]) for t in machine["transitions"] for s in source_states(t)]
 
 
-def size_text(replicas: int, slots: int) -> dict[str, str]:
-    """The template's size-dependent text for ``replicas`` replicas and ``slots`` PCPI slots."""
-    n, S = range(replicas), range(slots)
+def size_text(replicas: int, slots: int, sources: int = 1) -> dict[str, str]:
+    """The template's size-dependent text for ``replicas`` replicas, ``slots`` PCPI slots and
+    ``sources`` sources (replica i belongs to source i % sources)."""
+    n, S, K = range(replicas), range(slots), range(sources)
     rel_w = max(16, 4 * replicas + 1)  # canon's sort key: kk (0 .. 4N) < rel weight; the key fits a byte
     taken = [f"role[{k}] == P_rollback && !rel[{k}]" for k in S]
     lines = [taken[:2]] + [taken[k : k + 3] for k in range(2, slots, 3)]
@@ -750,7 +811,11 @@ def size_text(replicas: int, slots: int) -> dict[str, str]:
         "@DUE_ANY@": " || ".join(f"@DUE({k})" for k in n),
         "@VX_NOT_EX@": " || ".join(f"vx[{k}] != ex[{k}]" for k in n),
         "@ALL_STABLE@": " && ".join(f"rs[{k}] == R_stable" for k in n),
-        "@ALL_NEWEST@": " && ".join(f"sp[{k}] == newest" for k in n),
+        "@ALL_NEWEST@": " && ".join(f"sp[{k}] == newest[{k % sources}]" for k in n),
+        "@NO_TAKE_PENDING@": " && ".join(f"!stk[{k}]" for k in K),
+        "@NONE_TAKEN@": " && ".join(f"tgt[{k}] == 0" for k in K),
+        "@NEWEST_FMT@": ",".join(["%d"] * sources),
+        "@STEP_SRC@": ", ".join(f"{v}[{k}]" for v in ("newest", "tgt", "stk") for k in K),
     }
 
 
@@ -761,16 +826,20 @@ def generate(
     slots: int = N_SLOTS,
     keepers: int = N_KEEPERS,
     breakers: int = N_BREAKERS,
+    sources: int = N_SOURCES,
 ) -> str:
     """The model text; ``replicas`` (2..5), ``slots``, ``breakers`` (the first replicas an
-    administrator may break) and ``keepers`` (the first replicas whose resync may keep the writes)
-    other than the defaults are for measuring how the state space grows
-    (tools/bench/bench_formal.py), not the committed model."""
+    administrator may break), ``keepers`` (the first replicas whose resync may keep the writes) and
+    ``sources`` (1..replicas; replica i belongs to source i % sources) other than the defaults are
+    for the CI's smaller model (tests/formal/test_promela.py) and for measuring how the state space
+    grows (tools/bench/bench_formal.py), not the committed model."""
     breakers = min(breakers, replicas)
     if not 0 <= keepers <= breakers:
         raise SystemExit(f"--keepers {keepers}: between 0 and the number of replicas that may break")
     if not 2 <= replicas <= 5:
         raise SystemExit(f"--replicas {replicas}: the model supports 2 to 5 replicas")
+    if not 1 <= sources <= replicas:
+        raise SystemExit(f"--sources {sources}: between 1 and the number of replicas (each source has a replica)")
     if slots < 4:
         raise SystemExit(f"--slots {slots}: the cycle alone needs 4 PCPI slots")
     data = load(spec_path)
@@ -785,7 +854,7 @@ def generate(
         meta["kept_pcpi_role"],
         meta["generation_pcpi_role"],
     ]
-    sizes = size_text(replicas, slots)
+    sizes = size_text(replicas, slots, sources)
     top = (len(roles) - 1) * int(sizes["@KK_ROLE@"]) + int(sizes["@KK_REL@"]) + 4 * replicas
     sizes["@KK_FREE@"] = str(top + 1)  # a free slot sorts last
     sizes["@KK_TYPE@"] = "byte" if top < 255 else "short"
@@ -819,6 +888,7 @@ def generate(
         w(f" * MUTANT {mutant}: a deliberately broken model (tools/mutants.py).")
     w(" */")
     w(f"#define N {replicas}\n#define S {slots}\n#define SN {replicas * slots}\n#define MAXP {MAXP}")
+    w(f"#define NSRC {sources}   /* sources; replica i belongs to source SRC(i) */\n#define SRC(x) ((x) % NSRC)")
     w(
         "#define NONE 255\n#define ACTIVE 254\n#define PART 253   /* an unfinished (partial) image */"
         "\n#define WRIT 252   /* data written into a broken (writable) replica */"
@@ -846,14 +916,14 @@ def generate(
         w(f"#define G_{name} {text}")
     w("\n/* replica transitions: one inline per trigger (I8 by construction; the monitor in check() re-checks) */")
     for t in rep["transitions"]:
-        srcs = sources(t)
+        srcs = source_states(t)
         for s in srcs:
             w(f"/* @edge replica {t['trigger']} {s} {t['dest']} */")
         cond = " || ".join(f"rs[x] == R_{s}" for s in srcs)
         w(f"inline T_{t['trigger']}(x) {{ assert({cond}); rs[x] = R_{t['dest']} }}   /* ref {t.get('ref', '')} */")
     w("\n/* agent phase transitions, asserting their named guards (spec `conditions`) */")
     for t in agt["transitions"]:
-        srcs = sources(t)
+        srcs = source_states(t)
         for s in srcs:
             w(f"/* @edge agent {t['trigger']} {s} {t['dest']} */")
         cond = " || ".join(f"ph == A_{s}" for s in srcs)
@@ -876,8 +946,14 @@ def generate(
         r"@DUE\((\w)\)", lambda mm: f"(rs[{mm.group(1)}] == R_unstable_uncoalesced && lg[{mm.group(1)}] != NONE)", body
     )
     body = re.sub(
+        r"@EACHSRC\n(.*?)@END\n",
+        lambda mm: "".join(mm.group(1).replace("@k", str(k)) for k in range(sources)),
+        body,
+        flags=re.S,
+    )
+    body = re.sub(
         r"@EACH\n(.*?)@END\n",
-        lambda mm: "".join(mm.group(1).replace("@r", str(k)) for k in range(replicas)),
+        lambda mm: "".join(mm.group(1).replace("@r", str(k)).replace("@s", str(k % sources)) for k in range(replicas)),
         body,
         flags=re.S,
     )
@@ -936,17 +1012,29 @@ def main(argv: list[str] | None = None) -> int:
         "--keepers", type=int, default=N_KEEPERS, help="replicas whose resync may keep writes (default %(default)s)"
     )
     ap.add_argument("--breakers", type=int, default=N_BREAKERS, help="replicas that may break (default %(default)s)")
+    ap.add_argument(
+        "--sources",
+        type=int,
+        default=N_SOURCES,
+        help="sources (1..replicas; replica i belongs to source i %% sources; default %(default)s)",
+    )
     ap.add_argument("--out", type=Path, help="write the model here instead of spec/coalescing.pml")
     args = ap.parse_args(argv)
-    resized = (args.replicas, args.slots, args.keepers, args.breakers) != (N_REPLICAS, N_SLOTS, N_KEEPERS, N_BREAKERS)
+    resized = (args.replicas, args.slots, args.keepers, args.breakers, args.sources) != (
+        N_REPLICAS,
+        N_SLOTS,
+        N_KEEPERS,
+        N_BREAKERS,
+        N_SOURCES,
+    )
     if resized and args.check:
         ap.error(
-            f"--check compares the committed model ({N_REPLICAS} replicas, {N_SLOTS} slots, {N_BREAKERS} that may "
-            f"break, {N_KEEPERS} keeping writes); drop --replicas/--slots/--breakers/--keepers"
+            f"--check compares the committed model ({N_REPLICAS} replicas, {N_SOURCES} sources, {N_SLOTS} slots, "
+            f"{N_BREAKERS} that may break, {N_KEEPERS} keeping writes); drop --replicas/--sources/--slots/--breakers/--keepers"
         )
     if resized and not (args.stdout or args.mutant or args.out):
         ap.error("a model of another size goes to --out FILE or --stdout, never over spec/coalescing.pml")
-    text = generate(args.spec, args.mutant, args.replicas, args.slots, args.keepers, args.breakers)
+    text = generate(args.spec, args.mutant, args.replicas, args.slots, args.keepers, args.breakers, args.sources)
     if args.out:
         args.out.write_text(text, encoding="utf-8")
         print(f"wrote {args.out}")

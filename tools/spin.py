@@ -10,10 +10,12 @@ No -DBITSTATE, -DHC or -DCOLLAPSE: the search is exhaustive and lossless.  The
 run FAILS on any error, on "max search depth too small", on a search that
 did not complete, or when pan's hash table overflowed its memory bound.
 
-Usage: tools/spin.py [--model FILE | --mutant NAME | --replicas N] [--retain GMAX] [--json] [--keep DIR]
-Exit status 0 when both searches pass.  ``--replicas N`` checks a model of N
-replicas generated on the fly (tools/gen_promela.py --replicas; the committed
-model has 3); tools/bench/bench_formal.py measures how the search grows with N.
+Usage: tools/spin.py [--model FILE | --mutant NAME] [--replicas N] [--sources K] [--retain GMAX]
+                     [--opt -O0] [--hash BITS] [--memlim MIB] [--collapse] [--json] [--keep DIR]
+Exit status 0 when both searches pass.  ``--replicas N`` / ``--sources K`` check a model of
+that size generated on the fly (tools/gen_promela.py; the committed model has 3 replicas of 2
+sources, the CI's has 2 of 2: docs/verification.md, "Which size runs where");
+tools/bench/bench_formal.py measures how the search grows with N.
 """
 
 from __future__ import annotations
@@ -160,6 +162,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", type=Path, default=MODEL)
     ap.add_argument("--mutant", help="check a deliberately broken model (tools/gen_promela.py --mutant)")
     ap.add_argument("--replicas", type=int, help="check a model of N replicas generated on the fly (2..5)")
+    ap.add_argument("--sources", type=int, help="... of K sources (1..N; replica i reads from source i %% K)")
+    ap.add_argument("--memlim", type=int, default=MEMLIM, help="pan's memory bound in MiB (default %(default)s)")
+    ap.add_argument("--hash", type=int, default=HASH, help="pan -w: 2^BITS hash slots (default %(default)s)")
+    ap.add_argument(
+        "--collapse",
+        action="store_true",
+        help="-DCOLLAPSE: lossless state compression (still exhaustive; less memory, more time)",
+    )
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--opt", default=OPT, help="gcc optimisation flag (default %(default)s)")
     ap.add_argument("--only", choices=["safety", "liveness"], help="run one of the two searches")
@@ -171,16 +181,29 @@ def main(argv: list[str] | None = None) -> int:
         help="check the model with retained generations (spin -DRETAIN -DGMAX=GMAX; spec/invariants.md I1)",
     )
     args = ap.parse_args(argv)
-    if args.mutant or args.replicas:
+    if args.mutant or args.replicas or args.sources:
         if TYPE_CHECKING or __package__:  # imported as tools.spin (the type checker's name for it, too)
             from tools import gen_promela
         else:  # `python3 tools/spin.py`: tools/ is the first entry of sys.path
             import gen_promela
-        text = gen_promela.generate(mutant=args.mutant, replicas=args.replicas or gen_promela.N_REPLICAS)
+        text = gen_promela.generate(
+            mutant=args.mutant,
+            replicas=args.replicas or gen_promela.N_REPLICAS,
+            sources=args.sources or min(gen_promela.N_SOURCES, args.replicas or gen_promela.N_REPLICAS),
+        )
     else:
         text = args.model.read_text(encoding="utf-8")
     defines = ("RETAIN", f"GMAX={args.retain}") if args.retain else ()
-    results = run(text, args.keep, args.opt, args.only, defines=defines)
+    results = run(
+        text,
+        args.keep,
+        args.opt,
+        args.only,
+        defines=defines,
+        memlim=args.memlim,
+        hash_bits=args.hash,
+        extra_cflags=("-DCOLLAPSE",) if args.collapse else (),
+    )
     ok = all(not r.get("problems") for r in results if r["name"] != "total")
     if args.json:
         print(json.dumps({"ok": ok, "runs": results}, indent=2))
@@ -192,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
             status = "PASS" if not r["problems"] else "FAIL: " + "; ".join(r["problems"])
             print(
                 f"{r['name']:12} {r['states']:>10,} states  {r['transitions']:>10,} transitions  "
-                f"depth {r['depth']:>7}  {r['seconds']:>6}s  {status}"
+                f"depth {r['depth']:>7}  {r['memory_mb'] or 0:>8,.0f} MB  {r['seconds']:>6}s  {status}"
             )
             print(f"             {r['command']}")
             if r.get("trail"):
