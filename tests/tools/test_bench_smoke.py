@@ -22,6 +22,7 @@ NAMES = [
     "diffcost",
     "snapshots",
     "fanin",
+    "stragglers",
     "recovery",
     "formal",
     "spool",

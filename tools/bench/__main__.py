@@ -26,6 +26,7 @@ BENCHES = {
     "realfs": "bench_realfs",  # btrfs (root): one update vs btrfs send | receive
     "snapshots": "bench_snapshots",  # snapshots vs N: coalesce (sim, btrfs) vs btrbk (root for btrfs)
     "fanin": "bench_fanin",  # S sources x Q qtrees into one destination: snapshots vs btrbk; an idle cycle's cost
+    "stragglers": "bench_stragglers",  # the healthy replicas' export lag beside one slow update, with/without straggler_after
     "diffcost": "bench_diffcost",  # btrfs (root): diff cost vs qtree size for the same change
     "recovery": "bench_recovery",  # SIGKILL at each crash point, then time to a consistent group
     "formal": "bench_formal",  # SPIN states/time at 2-4 replicas; hypothesis steps/s
