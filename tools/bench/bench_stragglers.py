@@ -19,15 +19,16 @@ An observer plugin (wrapping ``coalesce_export`` on the destination, as tests/fo
 does) gives, at every export switch, each replica whose export changed the age of the image it now
 shows: the switch's time less the ``taken_at`` of the source PCPI the replica's ``source_point`` names
 (docs/architecture.md; spec/invariants.md, I3), both by the agent's clock.  Those are the export
-lags: of the healthy replicas (median and maximum over the K cycles) and of the straggler when its
-image is switched in (its rejoin, the extra cycle's included, or with the others when unset).  At every destination PCPI take
-and export switch it counts the group's PCPIs on the volume by role (cycle roles: I1, at most 4;
-individual: I2, at most 2 per replica outside the cycle) and checks both on the agent's state; the
-group's live invariants are checked after the last cycle.  Cycles per hour: K over the wall time of
-the K cycles.
+lags: of the healthy replicas (median and maximum over the K cycles; also apart for the cycles in
+which the straggler updates and the others, in which it only rejoins with the image it brought) and of
+the straggler when its image is switched in (its rejoin, the extra cycle's included, or with the others
+when unset).  At every destination PCPI take and export switch it counts the group's PCPIs on the
+volume by role (cycle roles: I1, at most 4; individual: I2, at most 2 per replica outside the cycle)
+and checks both on the agent's state; the group's live invariants are checked after the last cycle.
+Cycles per hour: K over the wall time of the K cycles.
 
 The lags follow D and ``straggler_after``, not the machine's load (a healthy update takes
-milliseconds on sim and mem); the load average is in the provenance comment all the same.  Prints a
+milliseconds on sim and mem, though a loaded machine slows a cycle's own work); the load average is in the provenance comment all the same.  Prints a
 markdown table; figures go to docs/benchmarks.md by hand.  Nothing here is asserted.  ``--quick``: 3
 healthy replicas, D = 0.4 s, 3 cycles, divisor 3 (a smoke test).
 """
@@ -43,6 +44,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import attrs
 
 from coalesce_core.backend.hookspecs import ACTIVE, hookimpl
 from coalesce_core.config import parse_config
@@ -77,15 +80,29 @@ class SlowApply:
         return (yield)
 
 
+@attrs.frozen
+class Lag:
+    """One replica's export switch: in ``cycle``, to the image of the source PCPI of ``image_cycle``, that
+    image ``seconds`` old."""
+
+    cycle: int
+    replica: str
+    image_cycle: int
+    seconds: float
+
+
 class LagWatch:
     """Observer: the export lag of every replica at every export switch on the destination, the group's
-    PCPIs on the volume by role at every take and switch (with I1 and I2 on the agent's state), and the
-    replicas that left a cycle (``straggle``)."""
+    PCPIs on the volume by role at every take and switch (with I1 and I2 on the agent's state), the
+    replicas that left a cycle (``straggle``) and the cycles in which the straggler ``slow`` started an
+    update."""
 
-    def __init__(self, dest_url: str) -> None:
+    def __init__(self, dest_url: str, slow: str) -> None:
         self.dest_url = dest_url
+        self.slow = slow
         self.h: Harness | None = None
-        self.lags: list[tuple[int, str, float]] = []  # (cycle, replica, seconds)
+        self.lags: list[Lag] = []
+        self.slow_updates: set[int] = set()
         self.peak_cycle = 0
         self.peak_individual = 0
         self.peak_all = 0
@@ -113,6 +130,8 @@ class LagWatch:
     def coalesce_state_changed(self, group, replica, trigger, source, dest):
         if trigger == "straggle":
             self.straggled.append(replica)
+        if trigger == "start_update" and replica == self.slow and self.h is not None:
+            self.slow_updates.add(self.h.agent.state.cycle)  # committed before the observers hear of it
 
     @hookimpl(wrapper=True)
     def coalesce_export(self, volume, mapping):
@@ -127,8 +146,8 @@ class LagWatch:
             r = state.replicas.get(name)
             if pcpi in (None, ACTIVE) or before.get(name) == pcpi or r is None or r.source_point is None:
                 continue
-            taken = state.source_pcpis[r.source_point].taken_at
-            self.lags.append((state.cycle, name, now - taken))
+            point = state.source_pcpis[r.source_point]
+            self.lags.append(Lag(state.cycle, name, point.cycle, now - point.taken_at))
         self._count()
         return result
 
@@ -160,11 +179,10 @@ def one(backend: str, replicas: int, delay: float, cycles: int, straggler_after:
 def _one(
     tmp: str, backend: str, replicas: int, delay: float, cycles: int, straggler_after: float | None, seed: int
 ) -> dict:
-    healthy = qtree_names(replicas)
-    names = [*healthy, SLOW]
+    names = [*qtree_names(replicas), SLOW]
     tag = f"{os.getpid()}-{Path(tmp).name}"
     text, dst = config_text(backend, tmp, tag, names, straggler_after)
-    slow, watch = SlowApply(dst, SLOW, delay), LagWatch(dst)
+    slow, watch = SlowApply(dst, SLOW, delay), LagWatch(dst, SLOW)
     h = Harness(parse_config(text), plugins=[slow, watch], clock=time.time)
     watch.h = h
     try:
@@ -186,14 +204,19 @@ def _one(
         slow.armed = False
         h.cycle()  # untimed, no change: a straggler of the last cycle rejoins at its jump-ahead
         bad = [f"{f.invariant}: {f.detail}" for f in h.findings() if not f.ok]
-        lags = [(c, q, s) for c, q, s in watch.lags if c >= first and (c <= last or q == SLOW)]
+        # the K cycles' switches, and the straggler's rejoin in the extra one with an image of the K cycles
+        lags = [x for x in watch.lags if first <= x.cycle and x.image_cycle <= last]
+        healthy = [x for x in lags if x.replica != SLOW]
         return {
             "backend": backend,
             "after": straggler_after,
             "delay": delay,
             "cycles": cycles,
-            "healthy": [s for _c, q, s in lags if q != SLOW],
-            "slow": [s for _c, q, s in lags if q == SLOW],
+            "slow_updates": len(watch.slow_updates & set(range(first, last + 1))),
+            "healthy": [x.seconds for x in healthy],
+            "healthy_slow": [x.seconds for x in healthy if x.cycle in watch.slow_updates],
+            "healthy_other": [x.seconds for x in healthy if x.cycle not in watch.slow_updates],
+            "slow": [x.seconds for x in lags if x.replica == SLOW],
             "healthy_straggled": sum(1 for q in watch.straggled if q != SLOW),
             "slow_straggled": sum(1 for q in watch.straggled if q == SLOW),
             "wall": sum(walls),
@@ -211,20 +234,26 @@ def _s(xs: list[float], how) -> str:
     return f"{how(xs):.2f}" if xs else "-"
 
 
+def _mm(xs: list[float]) -> str:
+    return f"{_s(xs, statistics.median)} ({_s(xs, max)})"
+
+
 def _after(after: float | None) -> str:
     return "unset" if after is None else f"{after:.2f}"
 
 
 def table(rows: list[dict]) -> str:
     return md_table(
-        "| backend | straggler_after (s) | D (s) | cycles | healthy lag median (s) | healthy lag max (s) "
-        "| healthy updates that straggled | straggler lag at its switch, median (max) (s) | straggler updates "
+        "| backend | straggler_after (s) | D (s) | cycles (the straggler updates in) | healthy lag median (s) "
+        "| healthy lag max (s) | in the cycles the straggler updates: median (max) (s) "
+        "| in the others: median (max) (s) | healthy updates that straggled | straggler lag at its switch, median (max) (s) | straggler updates "
         "that left the cycle | cycle-role PCPIs at peak | individual PCPIs at peak | all group PCPIs at peak "
         "| I1 / I2 | cycles per hour |",
         (
             f"| {r['backend']} | {_after(r['after'])} | {r['delay']:g} "
-            f"| {r['cycles']} | {_s(r['healthy'], statistics.median)} | {_s(r['healthy'], max)} "
-            f"| {r['healthy_straggled']} | {_s(r['slow'], statistics.median)} ({_s(r['slow'], max)}) "
+            f"| {r['cycles']} ({r['slow_updates']}) | {_s(r['healthy'], statistics.median)} | {_s(r['healthy'], max)} "
+            f"| {_mm(r['healthy_slow'])} | {_mm(r['healthy_other'])} "
+            f"| {r['healthy_straggled']} | {_mm(r['slow'])} "
             f"| {r['slow_straggled']} | {r['peak_cycle']} | {r['peak_individual']} | {r['peak_all']} "
             f"| {'ok' if not r['violations'] else 'VIOLATED'} | {3600 * r['cycles'] / r['wall']:.0f} |"
             for r in rows
