@@ -11,6 +11,7 @@ construction.
 from __future__ import annotations
 
 import functools
+import threading
 from typing import Any, Callable
 
 from transitions import Machine, MachineError
@@ -22,7 +23,9 @@ from coalesce_core.errors import ConfigError, IllegalTransition
 
 
 class _Probe:
-    """A throwaway model: the machine moves it, the planner reads ``state``."""
+    """The model the machine moves for each question (set to the state asked about first), and the
+    planner reads ``state``: one per machine, added once (adding a model binds a method per trigger
+    and a callback per state, which costs far more than the question itself)."""
 
     #: set by the machine (transitions adds the state attribute and one method per trigger)
     state: str
@@ -81,17 +84,23 @@ class Model:
         self.replica_machine = _build(self.spec.replica, with_conditions=False)
         self.agent_machine = _build(self.spec.agent, with_conditions=True)
         self._replica_cache: dict[tuple[str, str], str | None] = {}
+        self._probes = {id(m): _Probe() for m in (self.replica_machine, self.agent_machine)}
+        for m in (self.replica_machine, self.agent_machine):
+            m.add_model(self._probes[id(m)])
+        self._lock = threading.Lock()  # one probe per machine: one question at a time
 
     def _fire(self, machine: Machine, state: str, trigger: str, group: GroupState | None) -> str | None:
-        probe = _Probe(group)
-        machine.add_model(probe, initial=state)
-        try:
-            ok = probe.trigger(trigger)
-        except (MachineError, AttributeError):
-            return None
-        finally:
-            machine.remove_model(probe)
-        return probe.state if ok else None
+        probe = self._probes[id(machine)]
+        with self._lock:
+            machine.set_state(state, model=probe)
+            probe.group = group
+            try:
+                ok = probe.trigger(trigger)
+            except (MachineError, AttributeError):
+                return None
+            finally:
+                probe.group = None
+            return probe.state if ok else None
 
     def replica_next(self, replica: str, state: str, trigger: str) -> str:
         """Destination of ``trigger`` for a replica in ``state``; IllegalTransition if none."""

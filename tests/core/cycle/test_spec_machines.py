@@ -12,13 +12,14 @@ from __future__ import annotations
 from collections import deque
 from pathlib import Path
 
+import attrs
 import pytest
 
 import coalesce_core
 from coalesce_core.cycle import guards
 from coalesce_core.cycle.machines import Model, default_model, machine_edges
 from coalesce_core.cycle.spec import Spec, load_spec, parse_spec, spec_path
-from coalesce_core.cycle.state import GENERATION, KEPT, ROLES
+from coalesce_core.cycle.state import GENERATION, KEPT, ROLES, GroupState, Replica
 from coalesce_core.errors import ConfigError, IllegalTransition
 
 REPO = Path(__file__).resolve().parents[3]
@@ -317,3 +318,29 @@ def test_parse_spec_rejects_missing_tables():
 def test_parse_spec_rejects_invalid_toml():
     with pytest.raises(ConfigError, match="not valid TOML"):
         parse_spec(SPEC_TEXT + "\n[[[oops\n")
+
+
+def test_a_model_answers_each_question_alone_whatever_it_was_asked_before(spec):
+    """One Model answers every (phase, trigger) of the agent machine, guarded or not, legal or not,
+    for two group states asked in turn, exactly as a Model built for that one question does; and its
+    machines hold one model each, not one per question (adding a model is the dear part)."""
+    busy = GroupState(name="g", replicas={"A": Replica("A", "A", state="update")})
+    quiet = GroupState(name="g", replicas={"A": Replica("A", "A", state="done")}, purged=True)
+    reused = Model(spec)
+
+    def ask(m: Model, group: GroupState, phase: str, trigger: str) -> str | None:
+        try:
+            return m.agent_next(attrs.evolve(group, phase=phase), trigger)
+        except IllegalTransition:
+            return None
+
+    answers = set()
+    for phase in spec.agent.state_names:
+        for trigger in spec.agent.triggers:
+            for group in (busy, quiet):
+                got = ask(reused, group, phase, trigger)
+                assert got == ask(Model(spec), group, phase, trigger), (phase, trigger, group.purged)
+                answers.add(got)
+                reused.replica_next("A", "stable", "start_update")  # the other machine in between
+    assert None in answers and len(answers) > 2  # some questions are refused, some answered
+    assert len(reused.agent_machine.models) == len(reused.replica_machine.models) == 1
