@@ -165,6 +165,9 @@ class Agent:
         #: note ``sources`` with the cycle's history row
         self._seen: dict[str, per_source.Seen] = {}
         self._abort = threading.Event()
+        #: the pool of ``parallel`` workers the transfers and rollbacks run in, made at the first that
+        #: runs and kept for the agent's lifetime (:meth:`close` ends it): not a pool, and its threads, per cycle
+        self._pool: cf.ThreadPoolExecutor | None = None
         #: what the last recovery did to a ledger behind its volumes (coalesce_core/cycle/restore.py)
         self.restored: list[str] = []
         self._spool: Spool | None = None
@@ -370,6 +373,8 @@ class Agent:
     def close(self) -> None:
         """Close the ledger and the volumes, then free the group's lock."""
         try:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True, cancel_futures=True)
             self.ledger.close()
             for source in self._sources.values():
                 source.close()
@@ -451,7 +456,9 @@ class Agent:
         held = _SourceSlots({one.name: one.parallel for one in self.config.sources if one.parallel is not None})
         asked: set[str] = set()  # replicas already named in a StragglerDue
         self._abort.clear()
-        pool = cf.ThreadPoolExecutor(max_workers=self.config.parallel, thread_name_prefix="coalesce")
+        if self._pool is None:
+            self._pool = cf.ThreadPoolExecutor(max_workers=self.config.parallel, thread_name_prefix="coalesce")
+        pool = self._pool
         try:
             while pending or running:
                 while pending:
@@ -476,9 +483,10 @@ class Agent:
                     pending.extend(self._decide_batch(results))
         except BaseException:
             self._abort.set()
+            for fut in running:  # those not started never start; the others end (aborted) before this returns
+                fut.cancel()
+            cf.wait(running)
             raise
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)
 
     def _running_updates(self, running: dict[cf.Future, object], asked: set[str]) -> list[str]:
         """The replicas whose update runs in the cycle (state ``update``) and was not named yet."""

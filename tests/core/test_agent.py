@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 
 from coalesce_core.agent import Agent
 from coalesce_core.backend.faults import Rule
+from coalesce_core.backend.hookspecs import hookimpl
 from coalesce_core.config import parse_config
 from coalesce_core.errors import ConfigError
 from coalesce_core.testing.harness import Harness
@@ -193,3 +196,32 @@ def test_open_refuses_a_config_whose_replica_comes_from_a_source_of_another_name
         assert agent.state.replicas["A"].origin == "default" and agent.state.replicas["A"].state == "stable"
     finally:
         agent.close()
+
+
+class _ApplyThreads:
+    """Observer plugin: the thread of every apply (a transfer's, in the agent's pool)."""
+
+    def __init__(self) -> None:
+        self.threads: list[threading.Thread] = []
+
+    @hookimpl(wrapper=True)
+    def coalesce_apply(self, volume, qtree, records, use_purgatory):
+        self.threads.append(threading.current_thread())
+        return (yield)
+
+
+def test_the_transfers_of_every_cycle_run_in_one_pool_that_closes_with_the_agent(group_config):
+    """A cycle does not start threads of its own: the transfers of five cycles of three replicas run
+    in the same ``parallel`` workers, and closing the agent ends them."""
+    seen = _ApplyThreads()
+    h = Harness(group_config(parallel=2), plugins=[seen])
+    fill(h.writer, "ABC")
+    for k in range(5):
+        h.writer.write("A", "f", str(k).encode())
+        h.cycle()
+    assert len(seen.threads) == 15 and threading.current_thread() not in seen.threads
+    workers = {id(t): t for t in seen.threads}.values()
+    assert 1 <= len(workers) <= 2
+    assert all(t.is_alive() for t in workers)
+    h.agent.close()
+    assert not any(t.is_alive() for t in workers)
