@@ -388,7 +388,8 @@ class Agent:
         old = self.state
         new = batch[-1][1].state
         log = [t for _e, d in batch for t in d.log]
-        self.ledger.commit(old, new, log, now=self.clock(), answered=answered)
+        if log or answered is not None or new != old:  # a decision that changed nothing (a Tick with no
+            self.ledger.commit(old, new, log, now=self.clock(), answered=answered)  # retry due) writes nothing
         self.state = new
         crashpoints.hit("after_commit")
         _straggler_points(old, new, log)

@@ -225,3 +225,16 @@ def test_the_transfers_of_every_cycle_run_in_one_pool_that_closes_with_the_agent
     assert all(t.is_alive() for t in workers)
     h.agent.close()
     assert not any(t.is_alive() for t in workers)
+
+
+def test_a_tick_with_no_retry_due_writes_nothing(group_config):
+    """A decision that changes nothing (a Tick between cycles with no retry due) costs no ledger
+    transaction; a cycle still commits what it decides."""
+    h = Harness(group_config())
+    fill(h.writer, "ABC")
+    h.cycle()
+    before, commits = h.agent.state, h.agent.ledger.commits
+    h.agent.tick()
+    assert h.agent.state == before and h.agent.ledger.commits == commits
+    h.cycle()
+    assert h.agent.ledger.commits > commits and h.agent.state.cycle == before.cycle + 1
