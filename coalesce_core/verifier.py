@@ -12,7 +12,10 @@
 
 Both sides are described at the same time: the source side in a helper
 thread (its reads and digests release the GIL), the replica side in the
-caller's.
+caller's; except in the check of an update that wrote little (less than
+PREFETCH_FROM) and touched few paths (at most INLINE_PATHS), whose few small
+descriptions are Python work that a thread would only make dearer: both sides
+in the caller's thread, one after the other.
 """
 
 from __future__ import annotations
@@ -73,9 +76,11 @@ def _both(
     dst_snap: str | None,
     cache: Mapping[str, tuple[V.Description, Ranges | None]] | None = None,
     parts: Mapping[str, Ranges] | None = None,
+    inline_up_to: int = 0,
 ):
     """``describe_both`` for compare_paths: the source side in a helper thread, the replica side
-    in the caller's; source descriptions already in ``cache`` (with the ranges they were taken
+    in the caller's (a chunk of at most ``inline_up_to`` paths: both in the caller's, the source
+    side first); source descriptions already in ``cache`` (with the ranges they were taken
     for) are reused where they answer what is asked, and when the cache holds most of the
     source side, the helper also takes half of the replica side.  The paths in ``parts``
     asked with content are described by their part digests over those ranges on both sides
@@ -103,13 +108,17 @@ def _both(
             got = source.describe(src_qtree, src_snap, need, ranges) if need else []
             return got, dest.describe(dst_qtree, dst_snap, chunk[half:], ranges) if half < len(chunk) else []
 
-        side = _Side()
-        side.start(helper)
-        try:
-            first = dest.describe(dst_qtree, dst_snap, chunk[:half], ranges)
-        finally:
-            got, rest = side.result()
-        mine = first + rest
+        if len(chunk) <= inline_up_to:
+            got = source.describe(src_qtree, src_snap, need, ranges) if need else []
+            mine = dest.describe(dst_qtree, dst_snap, chunk, ranges)
+        else:
+            side = _Side()
+            side.start(helper)
+            try:
+                first = dest.describe(dst_qtree, dst_snap, chunk[:half], ranges)
+            finally:
+                got, rest = side.result()
+            mine = first + rest
         found = {d.path: d for d in got}
         theirs = [cache[p][0] if cached and usable(p, c) else found[p] for p, c in chunk]
         return theirs, mine
@@ -263,6 +272,9 @@ PREFETCH_MAX = 16384
 #: Python work that would take turns with the transfer's own (docs/benchmarks-journal.md,
 #: "Per-update verification cost")
 PREFETCH_FROM = 256 << 10
+#: the check of an update that wrote less than PREFETCH_FROM describes a chunk of at most this many
+#: paths without a helper thread (starting one costs more than describing a few small paths)
+INLINE_PATHS = 64
 
 
 class TransferCheck:
@@ -288,6 +300,9 @@ class TransferCheck:
         ranged = self.touched is not None and source.describes_ranges and dest.describes_ranges
         part_of = self.touched.part_of if self.touched is not None and ranged else (lambda _p: None)
         self.prefetch = _Prefetch(source, source_qtree, target, part_of) if incremental and local else None
+        #: bytes the Write records wrote (a check of an update that wrote less than PREFETCH_FROM and
+        #: touched at most INLINE_PATHS paths describes both sides in the caller's thread)
+        self.written = 0
 
     def add(self, rec: Any) -> None:
         if self.touched is None:
@@ -296,6 +311,8 @@ class TransferCheck:
             self.touched.add(rec)
         except sqlite3.Error as exc:
             raise _spill_failed(exc) from None
+        if type(rec) is Write:
+            self.written += len(rec.data)
         if self.prefetch is not None:
             self.prefetch.step(getattr(rec, "path", None))
             if type(rec) is Write:
@@ -319,7 +336,10 @@ class TransferCheck:
             cache = self.prefetch.finish() if self.prefetch is not None else {}
             # asked now: a remote source knows what its server reads once the stream has come
             parts = self.touched.parts() if self.source.describes_ranges and self.dest.describes_ranges else None
-            both = _both(self.source, self.source_qtree, self.target, self.dest, self.replica, None, cache, parts)
+            inline = INLINE_PATHS if self.written < PREFETCH_FROM else 0
+            both = _both(
+                self.source, self.source_qtree, self.target, self.dest, self.replica, None, cache, parts, inline
+            )
             try:
                 outcome = V.compare_touched(self.touched, both, holds, batch=BATCH)
             except sqlite3.Error as exc:

@@ -367,3 +367,44 @@ def test_a_spill_that_finds_no_room_fails_the_update_with_a_hint(pair, monkeypat
         assert "SQLITE_TMPDIR" in got.value.hint
     finally:
         check.close()
+
+
+class _Helpers:
+    """Counts the helper threads the check's describe_both starts (verifier._Side)."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.started = 0
+        real = verifier._Side.start
+
+        def start(side, fn, *args):
+            self.started += 1
+            return real(side, fn, *args)
+
+        monkeypatch.setattr(verifier._Side, "start", start)
+
+
+def test_a_small_update_is_checked_without_a_helper_thread(pair, monkeypatch):
+    """An update that wrote less than PREFETCH_FROM and touched few paths (an hourly cycle's): both
+    sides are described in the caller's thread, and a wrong byte still fails the check; one that wrote
+    PREFETCH_FROM or more, or touched more than INLINE_PATHS paths, describes the source side in a
+    helper thread."""
+    helpers = _Helpers(monkeypatch)
+    src, dst = pair
+    bad = R.Write(path="f", offset=PATCH.offset, data=PATCH.data[:-1] + b"!")
+    _prepare(src, dst, BASE, [PATCH, *_times("f")], [bad, *_times("f")])
+    with pytest.raises(VerificationFailed, match="'f': content is digest"):
+        _check(src, dst, [PATCH, *_times("f")])
+    assert helpers.started == 0
+    monkeypatch.setattr(verifier, "PREFETCH_FROM", len(PATCH.data))  # as if the write were large
+    with pytest.raises(VerificationFailed, match="'f': content is digest"):
+        _check(src, dst, [PATCH, *_times("f")])
+    assert helpers.started > 0
+
+
+def test_an_update_of_many_paths_is_checked_with_a_helper_thread(pair, monkeypatch):
+    helpers = _Helpers(monkeypatch)
+    monkeypatch.setattr(verifier, "INLINE_PATHS", 4)
+    src, dst = pair
+    recs = [r for i in range(6) for r in _file(f"f{i}", _bytes(i, 10))] + _times(R.ROOT, *(f"f{i}" for i in range(6)))
+    _prepare(src, dst, [], recs, recs)
+    assert _check(src, dst, recs).ok and helpers.started > 0
