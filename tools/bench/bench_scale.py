@@ -1,6 +1,7 @@
-"""Scale of one group: PCPIs at peak and at rest, wall/CPU time of a no-change cycle.
+"""Scale of one group: PCPIs at peak and at rest, wall/CPU time of a no-change cycle; the fixed cost of a cycle.
 
     python3 -m tools.bench.bench_scale [--backend mem] [--replicas 300 1000] [--cycles 3] [--no-strace]
+    python3 -m tools.bench.bench_scale --fixed [--backend mem] [--hours 500] [--idle 0 30]
 
 from the repository root (the benchmarks are modules of the package ``tools.bench``; docs/benchmarks.md).
 
@@ -21,6 +22,18 @@ its -wal/-shm/-journal), *volume* = the backend's files (sim: the disk images
 and raid.json of source and destination; mem has none).  SQLite's fsyncs
 happen in C, which is why they are counted at the system-call level.  Without
 strace (or when attaching is refused) those columns say n/a and the rest runs.
+
+``--fixed``: the agent's fixed cost per cycle instead, in the scenario of
+tests/core/cycle/test_generations.py's year of hourly cycles (I1): replicas A,
+B and C, A changing every 5th hour, B every 7th, C never after its baseline,
+``[retention] keep = "24h 7d 4w 12m"``, the agent's clock moved one hour per
+cycle; plus ``--idle`` K more replicas that never change (an idle replica's
+cost is the difference per replica).  After 50 untimed cycles (the
+generations build up), ``--hours`` cycles are timed: process CPU (every
+thread) and wall per cycle, ledger commits and threads started per cycle.
+The ledger (and a sim volume) is durable as a user runs it; ``--no-fsync``: without their fsyncs
+(the ledger's ``PRAGMA synchronous=OFF``, ``COALESCE_SIM_FSYNC=0``), as that test runs them: the
+agent's own cost alone.
 """
 
 from __future__ import annotations
@@ -36,13 +49,26 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 from coalesce_core.backend.faults import Rule
 from coalesce_core.backend.hookspecs import hookimpl
 from coalesce_core.config import parse_config
-from coalesce_core.testing.harness import Harness
-from tools.bench.common import close_harness, command, cpu, loads, provenance, qtree_names, replicas_config
+from coalesce_core.testing.harness import FakeClock, Harness
+from coalesce_core.testing.workload import fill
+from tools.bench.common import (
+    close_harness,
+    command,
+    cpu,
+    git_commit,
+    host,
+    loads,
+    provenance,
+    qtree_names,
+    replicas_config,
+    utc_now,
+)
 
 
 class PeakCounter:
@@ -271,6 +297,130 @@ def _one(tmp: str, backend: str, n: int, cycles: int, seed: int, why_not: list[s
     }
 
 
+#: the fixed-cost scenario (tests/core/cycle/test_generations.py, the year of hourly cycles): who changes
+#: every how many hours; C never does after its baseline
+FIXED_CHANGES = {"A": 5, "B": 7}
+FIXED_WARM = 50  # untimed cycles first: the retained generations build up
+HOUR = 3600.0
+
+
+class _Starts:
+    """Counts the threads this process starts while a ``with`` block runs."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self._real = threading.Thread.start
+
+    def __enter__(self) -> "_Starts":
+        real, me = self._real, self
+
+        def start(thread: threading.Thread) -> None:
+            me.n += 1
+            real(thread)
+
+        threading.Thread.start = start  # type: ignore[method-assign,assignment]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        threading.Thread.start = self._real  # type: ignore[method-assign]
+
+
+def fixed(backend: str, hours: int, idle: int, seed: int) -> dict:
+    """The fixed-cost scenario with ``idle`` more replicas that never change: per timed cycle."""
+    tmp = tempfile.mkdtemp(prefix="coalesce-bench-fixed-")
+    h: Harness | None = None
+    try:
+        names = ["A", "B", "C"] + qtree_names(idle)
+        if backend == "mem":
+            src, dst = f"mem://bench-fixed-src-{idle}-{seed}", f"mem://bench-fixed-dst-{idle}-{seed}"
+        else:
+            src, dst = f"{backend}://{tmp}/src", f"{backend}://{tmp}/dst"
+        text = replicas_config("f", src, dst, f"{tmp}/meta", names).replace("parallel=8", "parallel=4")
+        text += '[retention]\nkeep = "24h 7d 4w 12m"\n'
+        h = Harness(parse_config(text), clock=FakeClock(1_813_000_000.0))
+        fill(h.writer, names, seed=seed)
+        h.cycle()
+
+        def run(first: int, last: int) -> None:
+            assert h is not None and isinstance(h.clock, FakeClock)
+            for hour in range(first, last):
+                h.clock.advance(HOUR)
+                for q, every in FIXED_CHANGES.items():
+                    if hour % every == 0:
+                        h.writer.write(q, "hourly", f"{q} at hour {hour}".encode())
+                h.cycle()
+
+        run(1, FIXED_WARM)
+        commits0 = h.agent.ledger.commits
+        with _Starts() as starts:
+            t0, c0 = time.perf_counter(), cpu()
+            run(FIXED_WARM, FIXED_WARM + hours)
+            wall, used = time.perf_counter() - t0, cpu() - c0
+        h.assert_invariants()
+        return {
+            "backend": backend,
+            "replicas": len(names),
+            "idle": idle,
+            "hours": hours,
+            "cpu_ms": 1000 * used / hours,
+            "wall_ms": 1000 * wall / hours,
+            "commits": (h.agent.ledger.commits - commits0) / hours,
+            "threads": starts.n / hours,
+        }
+    finally:
+        close_harness(h)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _without_fsync() -> None:
+    """Every ledger opened from now on commits without fsync (``PRAGMA synchronous=OFF``), and every
+    sim volume writes without (``COALESCE_SIM_FSYNC=0``)."""
+    from coalesce_core.ledger import Ledger
+
+    os.environ["COALESCE_SIM_FSYNC"] = "0"
+
+    connect = Ledger._connect
+
+    def without_fsync(cls, path):
+        conn = connect(path)
+        conn.execute("PRAGMA synchronous=OFF")
+        return conn
+
+    Ledger._connect = classmethod(without_fsync)  # type: ignore[method-assign,assignment]
+
+
+def main_fixed(args: argparse.Namespace, argv: list[str] | None) -> int:
+    hours = 20 if args.quick else args.hours
+    if args.no_fsync:
+        _without_fsync()
+    idle = [0, 5] if args.quick else args.idle
+    before = loads()
+    rows = [fixed(args.backend, hours, k, args.seed) for k in idle]
+    print(
+        provenance(
+            f"{utc_now()}; {host()} sqlite {sqlite3.sqlite_version}; git {git_commit()}"
+            + ("; ledger and volumes without fsync" if args.no_fsync else "; ledger and volumes durable"),
+            f"loadavg {before} (start), {loads()} (end)",
+            f"command: {command('bench_scale', argv or None)}",
+        )
+    )
+    print(
+        "| backend | replicas (idle) | timed cycles | CPU per cycle (ms) | wall per cycle (ms) "
+        "| ledger commits per cycle | threads started per cycle |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['backend']} | {r['replicas']} ({r['idle']}) | {r['hours']} | {r['cpu_ms']:.2f} | {r['wall_ms']:.2f} "
+            f"| {r['commits']:.1f} | {r['threads']:.2f} |",
+            flush=True,
+        )
+    if len(rows) > 1 and rows[-1]["idle"] > rows[0]["idle"]:
+        per = (rows[-1]["cpu_ms"] - rows[0]["cpu_ms"]) / (rows[-1]["idle"] - rows[0]["idle"])
+        print(f"\nCPU per idle replica per cycle: {per:.3f} ms")
+    return 0
+
+
 def io_cells(io: dict | None) -> str:
     if io is None:
         return "n/a | n/a"
@@ -285,7 +435,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--quick", action="store_true", help="N=10 and 50 only")
     ap.add_argument("--no-strace", action="store_true", help="skip the fsync / metadata-write counts")
+    ap.add_argument(
+        "--fixed", action="store_true", help="the fixed cost of a cycle instead (hourly cycles, 3 replicas)"
+    )
+    ap.add_argument("--hours", type=int, default=500, help="--fixed: timed cycles")
+    ap.add_argument("--no-fsync", action="store_true", help="--fixed: the ledger without fsync (the test's)")
+    ap.add_argument("--idle", type=int, nargs="+", default=[0, 30], help="--fixed: more replicas that never change")
     args = ap.parse_args(argv)
+    if args.fixed:
+        return main_fixed(args, argv)
     sizes = [10, 50] if args.quick else args.replicas
     why_not: list[str] = []
     if args.no_strace:
