@@ -49,3 +49,12 @@ def test_every_benchmark_runs_at_toy_sizes(name):
     assert p.stdout.count("|---") >= 1  # it printed a markdown table with at least one data row
     if name == "scale":
         assert "| mem | 10 | 4 | 4 | 1 |" in p.stdout  # I1 at toy size: peak 4 cycle PCPIs, 1 at rest
+
+
+def test_scale_fixed_with_generations_holds_them_and_prunes_one_a_cycle():
+    argv = ["-m", "tools.bench.bench_scale", "--fixed", "--quick", "--no-fsync", "--generations", "0", "3"]
+    p = subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=600, cwd=BENCH.parents[1])
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    rows = [line.split(" | ") for line in p.stdout.splitlines() if line.startswith("| mem |")]
+    # generations held, untimed cycles, timed cycles, ..., pruned per cycle
+    assert [(r[2], r[4], r[8]) for r in rows] == [("0", "20", "0.00"), ("3", "20", "1.00")]

@@ -2,6 +2,7 @@
 
     python3 -m tools.bench.bench_scale [--backend mem] [--replicas 300 1000] [--cycles 3] [--no-strace]
     python3 -m tools.bench.bench_scale --fixed [--backend mem] [--hours 500] [--idle 0 30]
+    python3 -m tools.bench.bench_scale --fixed --generations 0 10 100 250 [--backend mem] [--hours 500]
 
 from the repository root (the benchmarks are modules of the package ``tools.bench``; docs/benchmarks.md).
 
@@ -34,6 +35,15 @@ thread) and wall per cycle, ledger commits and threads started per cycle.
 The ledger (and a sim volume) is durable as a user runs it; ``--no-fsync``: without their fsyncs
 (the ledger's ``PRAGMA synchronous=OFF``, ``COALESCE_SIM_FSYNC=0``), as that test runs them: the
 agent's own cost alone.
+
+``--fixed --generations G ...``: the same scenario with G retained coalesced generations held on
+the destination instead of the calendar policy: ``keep_min`` longer than any run and ``max = G``
+(G = 0: no ``[retention]``, the old base released). Untimed cycles run until G are held (at least
+the 50 above), then each timed cycle keeps its old base and prunes the oldest generation; besides the
+columns above: the prune's plan (``generations.prune``: the policy's view and plan) and its release
+of the pruned PCPI on the destination, wall per cycle, and the ledger's size (its pages, and its
+manifests' JSON) at the end. mem's PCPI limit is raised to hold G (sim's stays 255: G <= 251);
+``--backend btrfs`` makes a loop btrfs of its own (root).
 """
 
 from __future__ import annotations
@@ -51,13 +61,18 @@ import sys
 import tempfile
 import threading
 import time
+from typing import Any
 
+import coalesce_mem
+from coalesce_core import retention
 from coalesce_core.backend.faults import Rule
 from coalesce_core.backend.hookspecs import hookimpl
 from coalesce_core.config import parse_config
+from coalesce_core.cycle import generations as gen
 from coalesce_core.testing.harness import FakeClock, Harness
 from coalesce_core.testing.workload import fill
 from tools.bench.common import (
+    LoopFS,
     close_harness,
     command,
     cpu,
@@ -302,6 +317,7 @@ def _one(tmp: str, backend: str, n: int, cycles: int, seed: int, why_not: list[s
 FIXED_CHANGES = {"A": 5, "B": 7}
 FIXED_WARM = 50  # untimed cycles first: the retained generations build up
 HOUR = 3600.0
+BTRFS_SIZE = 1 << 30  # --backend btrfs: the loop file system's size (sparse)
 
 
 class _Starts:
@@ -325,18 +341,88 @@ class _Starts:
         threading.Thread.start = self._real  # type: ignore[method-assign]
 
 
-def fixed(backend: str, hours: int, idle: int, seed: int) -> dict:
-    """The fixed-cost scenario with ``idle`` more replicas that never change: per timed cycle."""
+def retention_toml(generations: int | None) -> str:
+    """The ``[retention]`` of the fixed-cost scenario: its calendar policy (None), or one that holds
+    ``generations`` G at steady state (``keep_min`` longer than any run, ``max = G``: each cycle
+    keeps its old base and ``max`` prunes the oldest), or none at all (G = 0: the old base is
+    released)."""
+    if generations is None:
+        return '[retention]\nkeep = "24h 7d 4w 12m"\n'
+    if generations == 0:
+        return ""
+    return f'[retention]\nkeep_min = "520w"\nmax = {generations}\n'
+
+
+class _PruneTimer:
+    """Times the pure prune (``generations.prune``: the policy's view and plan) and the destination's
+    release of each generation it prunes while a ``with`` block runs (wall, seconds)."""
+
+    def __init__(self, dest: Any) -> None:
+        self.dest = dest
+        self.plan_s = 0.0
+        self.release_s = 0.0
+        self.pruned = 0
+        self._names: set[str] = set()
+
+    def __enter__(self) -> "_PruneTimer":
+        real_prune, real_delete, me = gen.prune, self.dest.snapshot_delete, self
+
+        def prune(state: Any, now: float) -> Any:
+            t0 = time.perf_counter()
+            plan = real_prune(state, now)
+            me.plan_s += time.perf_counter() - t0
+            me._names.update(g.id for g in plan.pruned)
+            return plan
+
+        def snapshot_delete(name: str) -> Any:
+            if name not in me._names:
+                return real_delete(name)
+            t0 = time.perf_counter()
+            try:
+                return real_delete(name)
+            finally:
+                me.release_s += time.perf_counter() - t0
+                me._names.discard(name)
+                me.pruned += 1
+
+        gen.prune = prune
+        self.dest.snapshot_delete = snapshot_delete
+        self._real = (real_prune, real_delete)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        gen.prune = self._real[0]
+        del self.dest.snapshot_delete  # the instance's own attribute: the class's method again
+
+
+def ledger_bytes(conn: sqlite3.Connection) -> tuple[int, int]:
+    """The size of a ledger's database (its pages, the write-ahead log's included; not the log's
+    file, which SQLite reuses) and the bytes of its manifests' JSON."""
+    pages = conn.execute("PRAGMA page_count").fetchone()[0] * conn.execute("PRAGMA page_size").fetchone()[0]
+    manifests = conn.execute("SELECT coalesce(sum(length(data)), 0) FROM manifests").fetchone()[0]
+    return pages, manifests
+
+
+def fixed(backend: str, hours: int, idle: int, seed: int, generations: int | None = None) -> dict:
+    """The fixed-cost scenario with ``idle`` more replicas that never change: per timed cycle. With
+    ``generations`` G, under :func:`retention_toml` ``(G)``: untimed cycles until G generations are held
+    (at least the usual 50), then every timed cycle keeps one and prunes one."""
     tmp = tempfile.mkdtemp(prefix="coalesce-bench-fixed-")
     h: Harness | None = None
+    loop = LoopFS(BTRFS_SIZE) if backend == "btrfs" else None
     try:
         names = ["A", "B", "C"] + qtree_names(idle)
-        if backend == "mem":
-            src, dst = f"mem://bench-fixed-src-{idle}-{seed}", f"mem://bench-fixed-dst-{idle}-{seed}"
+        if backend == "mem":  # mem volumes live as long as the process: one pair per run
+            run_id = f"{idle}-{seed}" + ("" if generations is None else f"-g{generations}")
+            src, dst = f"mem://bench-fixed-src-{run_id}", f"mem://bench-fixed-dst-{run_id}"
+            if generations is not None:  # mem's limit is settable: room for G generations beside the cycle's
+                room = generations + retention.WORKING_PCPIS
+                coalesce_mem.volume_for(dst).max_pcpis = max(coalesce_mem.volume_for(dst).max_pcpis, room)
         else:
-            src, dst = f"{backend}://{tmp}/src", f"{backend}://{tmp}/dst"
+            where = tmp if loop is None else loop.up()  # btrfs: a loop file system of its own (root)
+            src, dst = f"{backend}://{where}/src", f"{backend}://{where}/dst"
         text = replicas_config("f", src, dst, f"{tmp}/meta", names).replace("parallel=8", "parallel=4")
-        text += '[retention]\nkeep = "24h 7d 4w 12m"\n'
+        text += retention_toml(generations)
         h = Harness(parse_config(text), clock=FakeClock(1_813_000_000.0))
         fill(h.writer, names, seed=seed)
         h.cycle()
@@ -351,12 +437,25 @@ def fixed(backend: str, hours: int, idle: int, seed: int) -> dict:
                 h.cycle()
 
         run(1, FIXED_WARM)
+        warm = FIXED_WARM
+        if generations is not None:
+            while len(h.agent.state.generations()) < generations and warm < FIXED_WARM + 2 * generations:
+                run(warm, warm + 1)
+                warm += 1
+            held = len(h.agent.state.generations())
+            if held != generations:
+                raise RuntimeError(f"{held} generations held after {warm} cycles, not {generations}")
         commits0 = h.agent.ledger.commits
-        with _Starts() as starts:
+        with _Starts() as starts, _PruneTimer(h.agent.dest) as pruning:
             t0, c0 = time.perf_counter(), cpu()
-            run(FIXED_WARM, FIXED_WARM + hours)
+            run(warm, warm + hours)
             wall, used = time.perf_counter() - t0, cpu() - c0
         h.assert_invariants()
+        held = len(h.agent.state.generations())
+        if generations is not None and (held != generations or (generations and pruning.pruned != hours)):
+            raise RuntimeError(
+                f"not at steady state: {held} generations held, {pruning.pruned} pruned in {hours} cycles"
+            )
         return {
             "backend": backend,
             "replicas": len(names),
@@ -366,9 +465,19 @@ def fixed(backend: str, hours: int, idle: int, seed: int) -> dict:
             "wall_ms": 1000 * wall / hours,
             "commits": (h.agent.ledger.commits - commits0) / hours,
             "threads": starts.n / hours,
+            "generations": held,
+            "warm": warm,
+            "pruned": pruning.pruned / hours,
+            "plan_ms": 1000 * pruning.plan_s / hours,
+            "release_ms": 1000 * pruning.release_s / hours,
+            "ledger_kib": ledger_bytes(h.agent.ledger.conn)[0] / 1024,
+            "manifests_kib": ledger_bytes(h.agent.ledger.conn)[1] / 1024,
         }
     finally:
         close_harness(h)
+        if loop is not None:
+            for problem in loop.down():
+                print(f"bench_scale: {problem}", file=sys.stderr)
         shutil.rmtree(tmp, ignore_errors=True)
 
 
@@ -393,7 +502,9 @@ def main_fixed(args: argparse.Namespace, argv: list[str] | None) -> int:
     hours = 20 if args.quick else args.hours
     if args.no_fsync:
         _without_fsync()
-    idle = [0, 5] if args.quick else args.idle
+    if args.generations is not None:
+        return main_generations(args, argv, hours)
+    idle = [0, 5] if args.quick else (args.idle or [0, 30])
     before = loads()
     rows = [fixed(args.backend, hours, k, args.seed) for k in idle]
     print(
@@ -421,6 +532,36 @@ def main_fixed(args: argparse.Namespace, argv: list[str] | None) -> int:
     return 0
 
 
+def main_generations(args: argparse.Namespace, argv: list[str] | None, hours: int) -> int:
+    """``--fixed --generations G ...``: the fixed cost per cycle with G retained generations held."""
+    idle = args.idle or [0]
+    before = loads()
+    rows = [fixed(args.backend, hours, k, args.seed, g) for k in idle for g in args.generations]
+    print(
+        provenance(
+            f"{utc_now()}; {host()} sqlite {sqlite3.sqlite_version}; git {git_commit()}"
+            + ("; ledger and volumes without fsync" if args.no_fsync else "; ledger and volumes durable"),
+            f"loadavg {before} (start), {loads()} (end)",
+            f"command: {command('bench_scale', argv or None)}",
+        )
+    )
+    print(
+        "| backend | replicas (idle) | generations held | untimed cycles | timed cycles | CPU per cycle (ms) "
+        "| wall per cycle (ms) | ledger commits per cycle | pruned per cycle | prune plan (ms) "
+        "| prune release (ms) | prune share of wall | ledger (KiB) | its manifests (KiB) |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        share = (r["plan_ms"] + r["release_ms"]) / r["wall_ms"] if r["wall_ms"] else 0.0
+        print(
+            f"| {r['backend']} | {r['replicas']} ({r['idle']}) | {r['generations']} | {r['warm']} | {r['hours']} "
+            f"| {r['cpu_ms']:.2f} | {r['wall_ms']:.2f} | {r['commits']:.1f} | {r['pruned']:.2f} "
+            f"| {r['plan_ms']:.3f} | {r['release_ms']:.3f} | {100 * share:.1f} % | {r['ledger_kib']:.0f} | {r['manifests_kib']:.0f} |",
+            flush=True,
+        )
+    return 0
+
+
 def io_cells(io: dict | None) -> str:
     if io is None:
         return "n/a | n/a"
@@ -440,7 +581,20 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--hours", type=int, default=500, help="--fixed: timed cycles")
     ap.add_argument("--no-fsync", action="store_true", help="--fixed: the ledger without fsync (the test's)")
-    ap.add_argument("--idle", type=int, nargs="+", default=[0, 30], help="--fixed: more replicas that never change")
+    ap.add_argument(
+        "--idle",
+        type=int,
+        nargs="+",
+        help="--fixed: more replicas that never change (default 0 30; with --generations 0)",
+    )
+    ap.add_argument(
+        "--generations",
+        type=int,
+        nargs="+",
+        metavar="G",
+        help="--fixed: with G retained generations held, each timed cycle keeping one and pruning one "
+        "(sim holds at most 251, mem as many as asked; --backend btrfs: a loop btrfs of its own, root)",
+    )
     args = ap.parse_args(argv)
     if args.fixed:
         return main_fixed(args, argv)
