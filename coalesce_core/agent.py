@@ -1138,7 +1138,9 @@ def _straggler_points(old: GroupState, new: GroupState, log: Iterable[Transition
     triggers = {(t.trigger, t.source) for t in log if t.replica is not None}
     if any(trigger == "straggle" for trigger, _s in triggers):
         crashpoints.hit("after_straggle")
-    for name, p in new.pcpis.items():
+    # the PCPIs (retained generations among them) are looked at only when a replica straggles
+    straggling = any(r.state in _STRAGGLING for r in new.replicas.values())
+    for name, p in new.pcpis.items() if straggling else ():
         before = old.pcpis.get(name)
         if p.role == INDIVIDUAL and (before is None or before.role != INDIVIDUAL):
             if any((r := new.replicas.get(o)) is not None and r.state in _STRAGGLING for o in p.owners):

@@ -133,7 +133,7 @@ class _Plan:
         self.replicas = dict(state.replicas)
         self.pcpis = dict(state.pcpis)
         self.source_pcpis = dict(state.source_pcpis)
-        self.manifests = dict(state.manifests)
+        self.manifests = state.manifests  # never changed in place: set_manifest makes a new mapping
         self.fields: dict[str, Any] = {}
         self.effects: list = []
         self.log: list[Transition] = []
@@ -143,7 +143,13 @@ class _Plan:
         return self.fields.get(field, getattr(self.base_state, field))
 
     def state(self) -> GroupState:
-        manifests = {n: m for n, m in self.manifests.items() if n in self.pcpis}  # one lives as long as its PCPI
+        """The state so far. Its manifests are those of the PCPIs it holds (one lives as long as its
+        PCPI): the same mapping as the base state's while no manifest changed or went, so the
+        ledger writes none (a state is rebuilt many times a decision: O(generations) only when
+        one went)."""
+        manifests = self.manifests
+        if not manifests.keys() <= self.pcpis.keys():
+            manifests = {n: m for n, m in manifests.items() if n in self.pcpis}
         return attrs.evolve(
             self.base_state,
             replicas=self.replicas,
@@ -172,6 +178,10 @@ class _Plan:
         return None
 
     # -- changing -----------------------------------------------------------
+    def set_manifest(self, name: str, manifest: gen.Manifest) -> None:
+        """Record the manifest of PCPI ``name`` (in a new mapping: the base state's is shared)."""
+        self.manifests = {**self.manifests, name: manifest}
+
     def set(self, **fields: Any) -> None:
         self.fields.update(fields)
 
@@ -295,7 +305,7 @@ def _participants(p: _Plan) -> list[Replica]:
 def _jump_to(p: _Plan, new_base: str, now: float) -> None:
     """Branch 1032: every participant exports the new base, in one switch; the new base's manifest
     (coalesce_core/cycle/generations.py) is recorded in the same decision, before the switch."""
-    p.manifests[new_base] = gen.manifest_at_jump(p.state(), new_base, now, _participants(p))
+    p.set_manifest(new_base, gen.manifest_at_jump(p.state(), new_base, now, _participants(p)))
     for r in _participants(p):
         p.fire(
             r,
@@ -427,8 +437,8 @@ def _retain(p: _Plan, old_base: Pcpi, owners: frozenset[str], new_base: Pcpi) ->
     recorded: an unknown one, of the time it became a generation)."""
     p.pcpis[old_base.name] = attrs.evolve(old_base, role=GENERATION, owners=owners)
     if old_base.name not in p.manifests:
-        p.manifests[old_base.name] = gen.unknown_manifest(
-            old_base.name, old_base.cycle, gen.image_time(p.manifests, new_base)
+        p.set_manifest(
+            old_base.name, gen.unknown_manifest(old_base.name, old_base.cycle, gen.image_time(p.manifests, new_base))
         )
 
 

@@ -147,6 +147,31 @@ def test_no_retention_keeps_no_generation(group_config):
     assert len(h.agent.dest.snapshot_list()) == 1
 
 
+def test_a_decision_passes_the_manifests_on_unless_one_is_made_or_goes(group_config):
+    """A cycle with G generations held makes one manifest (the jump-ahead) and drops one (the prune's
+    PCPI released); every other decision hands the ledger the very mapping it started from, so the
+    ledger does not compare G manifests at each commit (docs/benchmarks.md, "The cost of a cycle with
+    G retained generations")."""
+    h = Harness(group_config(retention='keep_min = "1w"\nmax = 3'))
+    fill(h.writer, "ABC")
+    h.cycle()
+    _hourly(h, 4)
+    assert len(h.agent.state.generations()) == 3
+    commits: list[tuple[Any, Any]] = []
+    real = h.agent.ledger.commit
+
+    def commit(old, new, *args, **kwargs):
+        commits.append((old.manifests, new.manifests))
+        return real(old, new, *args, **kwargs)
+
+    h.agent.ledger.commit = commit
+    _hourly(h, 1)
+    changed = [new.keys() - old.keys() or old.keys() - new.keys() for old, new in commits if new is not old]
+    assert len(changed) == 2 and all(len(names) == 1 for names in changed)  # one made, then one gone
+    assert len(commits) > 4  # the others passed it on
+    assert len(h.agent.state.generations()) == 3
+
+
 def test_the_manifest_of_updated_unchanged_and_failed_replicas(group_config):
     """A changed, B did not, C's update failed (rolled back): the base of that cycle says so, and
     keeps saying so once the next jump-ahead made it a generation."""
