@@ -1464,6 +1464,24 @@ REGRESSIONS: dict[str, tuple[int, tuple[Op, ...]]] = {
             Cycle(fault=None),
         ),
     ),
+    "a removed directory's path passes a self-loop symlink in the newer image (long run, zfs-fuse)": (
+        3,
+        (
+            *_tree(Mkdir("q0/a"), Mkdir("q0/a/s"), Write("q0/a/s/f", 0, 100, 1)),
+            Rename("q0/a", "q0/b"),
+            Symlink("q0/a", "a"),
+            CYCLE,
+        ),
+    ),
+    "a removed directory's path passes a symlink to a directory in the newer image": (
+        3,
+        (
+            *_tree(Mkdir("q0/a"), Mkdir("q0/a/s"), Write("q0/a/s/f", 0, 100, 1)),
+            Rename("q0/a", "q0/b"),
+            Symlink("q0/a", "b"),
+            CYCLE,
+        ),
+    ),
     "an entry's mtime after qtree roots rotate (long run 2026-12-07)": (
         5,
         (

@@ -68,6 +68,36 @@ def lstat_or_none(path: str) -> os.stat_result | None:
         return None
 
 
+def lstat_below(root: str, rel: str) -> os.stat_result | None:
+    """``lstat`` of ``rel`` (qtree- or image-relative, "" is ``root``) in the image ``root``, reached
+    one component at a time from ``root`` with ``O_NOFOLLOW | O_DIRECTORY``: None when it is missing
+    or a component on its way is not a directory *in this image* -- a symlink is never followed, so
+    a path that came from another image (a base's entry, a record, a diff's name) whose parent is a
+    symlink here does not exist here (docs/verification.md: identity is the inode, never the path).
+    Any length."""
+    if not rel:
+        return lstat_or_none(root)
+    *dirs, name = rel.split("/")
+    try:
+        fd = open_path(root, _O_DIR)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    try:
+        for comp in dirs:
+            nfd = os.open(comp, _O_DIR, dir_fd=fd)
+            os.close(fd)
+            fd = nfd
+        return os.lstat(name, dir_fd=fd)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:  # O_NOFOLLOW met a symlink where a directory was asked for
+            return None
+        raise
+    finally:
+        os.close(fd)
+
+
 def listdir_sorted(path: str) -> list[str]:
     """The names in directory ``path`` (of any length), sorted by bytes; [] when it is missing."""
     if not fits(path):
@@ -758,7 +788,7 @@ def stamped(records: Iterable[object], target: str) -> Iterator[object]:
         elif isinstance(rec, R.Rename):
             moved.update((_parent(rec.old), _parent(rec.new)))
     for path in sorted(moved - done, key=lambda p: (-p.count("/"), p == R.ROOT, p)):
-        st = lstat_or_none(os.path.join(target, path) if path else target)
+        st = lstat_below(target, path)  # a removal's parent may be a symlink in ``target``
         if st is not None and kind_of(st) is not None:
             yield setattr_record(path, st)
 

@@ -282,3 +282,68 @@ def test_a_directory_replaced_by_another_with_the_same_mtime_gets_its_setattr(tm
     records = list(walk.tree_diff(str(base), str(target)))
     assert RmDir(path="d/a") in records
     assert any(isinstance(r, SetAttr) and r.path == "d" and r.mtime_ns == t for r in records), records
+
+
+def _dir_then_symlink(tmp_path, link_target):
+    """A base where a/s/f is a file in directories a/s; a target where a is a symlink to ``link_target``
+    and the old directory a lives on as b (the zfs differential regression 'a removed directory's path
+    is a symlink in the newer image')."""
+    base, target = tmp_path / "b", tmp_path / "t"
+    (base / "a" / "s").mkdir(parents=True)
+    (base / "a" / "s" / "f").write_bytes(b"x")
+    (target / "b" / "s").mkdir(parents=True)
+    (target / "b" / "s" / "f").write_bytes(b"x")
+    os.symlink(link_target, target / "a")
+    return base, target
+
+
+def test_a_removed_directorys_path_through_a_self_loop_symlink_is_no_entry_of_the_target(tmp_path):
+    """The removal of a/s/f moves a/s's mtime; in the target a is a symlink to itself: a/s is no entry
+    there, so it gets no SetAttr, and the compare does not fail with ELOOP (walk.stamped looked a/s up
+    through the symlink)."""
+    base, target = _dir_then_symlink(tmp_path, "a")
+    records = list(walk.tree_diff(str(base), str(target)))
+    assert RmDir(path="a/s") in records
+    assert not any(isinstance(r, SetAttr) and r.path.startswith("a/") for r in records), records
+    applied = tmp_path / "applied"
+    (applied / "q" / "a" / "s").mkdir(parents=True)
+    (applied / "q" / "a" / "s" / "f").write_bytes(b"x")
+    Applier(str(applied), "q", None).apply(framed("q", "a", "b", records))
+    assert os.readlink(applied / "q" / "a") == "a"
+    assert (applied / "q" / "b" / "s" / "f").read_bytes() == b"x"
+
+
+def test_a_removed_directorys_path_through_a_symlink_to_a_directory_is_no_entry_of_the_target(tmp_path):
+    """As above with a a symlink to the directory b: a/s resolves through it to b/s, another entry;
+    a SetAttr of a/s made the applier refuse to write through the symlink (HostilePath) for ever."""
+    base, target = _dir_then_symlink(tmp_path, "b")
+    records = list(walk.tree_diff(str(base), str(target)))
+    assert not any(isinstance(r, SetAttr) and r.path.startswith("a/") for r in records), records
+    applied = tmp_path / "applied"
+    (applied / "q" / "a" / "s").mkdir(parents=True)
+    (applied / "q" / "a" / "s" / "f").write_bytes(b"x")
+    Applier(str(applied), "q", None).apply(framed("q", "a", "b", records))
+    assert os.readlink(applied / "q" / "a") == "b"
+
+
+def test_lstat_below_never_follows_a_symlink_on_the_way(tmp_path):
+    (tmp_path / "d" / "s").mkdir(parents=True)
+    os.symlink("d", tmp_path / "to-d")
+    os.symlink("loop", tmp_path / "loop")
+    (tmp_path / "f").write_bytes(b"")
+    assert walk.lstat_below(str(tmp_path), "d/s").st_ino == os.lstat(tmp_path / "d" / "s").st_ino
+    assert walk.lstat_below(str(tmp_path), "to-d").st_ino == os.lstat(tmp_path / "to-d").st_ino  # the link itself
+    assert walk.lstat_below(str(tmp_path), "") is not None
+    for rel in ("to-d/s", "loop/s", "loop/s/t", "f/s", "missing/s", "missing"):
+        assert walk.lstat_below(str(tmp_path), rel) is None, rel
+    deep = "/".join(["n" * 200] * 25)  # longer than PATH_MAX
+    fd = os.open(tmp_path, os.O_RDONLY)
+    try:
+        for comp in deep.split("/"):
+            os.mkdir(comp, dir_fd=fd)
+            nfd = os.open(comp, os.O_RDONLY, dir_fd=fd)
+            os.close(fd)
+            fd = nfd
+    finally:
+        os.close(fd)
+    assert walk.lstat_below(str(tmp_path), deep) is not None
