@@ -66,7 +66,7 @@ def prune_for(changed: set[str], qtree: str, base: str, target: str) -> Prune | 
     for rel in changed:
         seen = False
         for root in (base, target):
-            st = walk.lstat_or_none(os.path.join(root, rel))
+            st = walk.lstat_below(root, rel)  # a name of one image may pass a symlink in the other
             if st is None:
                 continue
             seen = True

@@ -88,6 +88,24 @@ def test_prune_for(tmp_path):
     assert identity.prune_for({"Q/d"}, "Q", str(b), str(t)) is not None
 
 
+def test_prune_for_a_removed_name_whose_parent_is_a_symlink_in_the_target(tmp_path):
+    """``zfs diff`` names Q/a/s/f, removed; in the target Q/a is a symlink to itself: the name is in the
+    base only (it failed with ELOOP), and a symlink to a directory holding a linked file is no way to
+    that file either (a name of one image never resolves through a symlink of the other)."""
+    b, t = tmp_path / "b", tmp_path / "t"
+    (b / "Q" / "a" / "s").mkdir(parents=True)
+    (b / "Q" / "a" / "s" / "f").write_bytes(b"x")
+    (t / "Q").mkdir(parents=True)
+    os.symlink("a", t / "Q" / "a")
+    assert identity.prune_for({"Q/a/s/f"}, "Q", str(b), str(t)) is not None
+    (t / "Q" / "b" / "s").mkdir(parents=True)
+    (t / "Q" / "b" / "s" / "f").write_bytes(b"x")
+    os.link(t / "Q" / "b" / "s" / "f", t / "Q" / "g")
+    os.remove(t / "Q" / "a")
+    os.symlink("b", t / "Q" / "a")
+    assert identity.prune_for({"Q/a/s/f"}, "Q", str(b), str(t)) is not None
+
+
 # ---------------------------------------------------------------------------------------------------
 # on a real zfs-fuse pool
 # ---------------------------------------------------------------------------------------------------
