@@ -152,12 +152,34 @@ def _qtree_of(p: str) -> str:
 
 def _lstat_kept(kept: dict[str, os.stat_result | None], root: str, path: str) -> os.stat_result | None:
     """lstat of ``path`` below ``root`` ("" is ``root`` itself; None: missing), looked up once and kept in
-    ``kept`` (a PCPI does not change)."""
-    try:
+    ``kept`` (a PCPI does not change). None too when a component on its way is not a directory in that
+    image, a symlink included: a path that came from the other image or the stream is never followed
+    through a symlink to another object (docs/verification.md: identity is the inode, never the path).
+    Every entry kept was reached through directories only, so a path whose parent is kept costs one
+    lstat; the ancestors not kept yet are looked up top-down, iteratively (any depth)."""
+    if path in kept:
         return kept[path]
-    except KeyError:
-        st = kept[path] = walk.lstat_or_none(os.path.join(root, path) if path else root)
-        return st
+    todo = [path]  # path, then its ancestors up to the nearest one kept (or the top), deepest first
+    p, ancestor_ok = path, True
+    while "/" in p:
+        p = p.rpartition("/")[0]
+        if p in kept:
+            st = kept[p]
+            ancestor_ok = st is not None and stat.S_ISDIR(st.st_mode)
+            break
+        todo.append(p)
+    if not ancestor_ok:
+        for q in todo:
+            kept[q] = None
+        return None
+    for i in range(len(todo) - 1, -1, -1):
+        q = todo[i]
+        st = kept[q] = walk.lstat_or_none(os.path.join(root, q) if q else root)
+        if i and (st is None or not stat.S_ISDIR(st.st_mode)):
+            for deeper in todo[:i]:
+                kept[deeper] = None
+            return None
+    return kept[path]
 
 
 class _PathDict(dict):
