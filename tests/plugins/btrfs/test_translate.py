@@ -356,3 +356,15 @@ def test_a_path_through_a_symlink_of_the_image_is_not_an_entry_of_it(tmp_path):
     assert translate._lstat_kept(kept, str(root), "b/s").st_size == len(b"another object")
     got = translate._lstat_kept({}, str(root), "/".join(["d"] * 1500 + ["leaf"]))
     assert got is not None and got.st_size == 0
+    fd = os.open(root, os.O_RDONLY)  # remove the 1,500 levels bottom-up: pytest's rmtree would recurse that deep
+    for _ in range(1500):
+        nfd = os.open("d", os.O_RDONLY, dir_fd=fd)
+        os.close(fd)
+        fd = nfd
+    os.unlink("leaf", dir_fd=fd)
+    for _ in range(1500):
+        parent = os.open("..", os.O_RDONLY, dir_fd=fd)
+        os.close(fd)
+        os.rmdir("d", dir_fd=parent)
+        fd = parent
+    os.close(fd)
