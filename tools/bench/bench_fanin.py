@@ -39,7 +39,7 @@ import sys
 import tempfile
 import time
 
-from tools.bench.bench_snapshots import LABEL, TOOLS, btrbk_run, btrbk_version, cleanup_btrfs_dir, coalesce_run
+from tools.bench.bench_snapshots import LABEL, TOOLS, btrbk_run, btrbk_version, coalesce_run, run_in_own_dir
 from tools.bench.common import (
     LoopFS,
     bench_dir,
@@ -149,17 +149,19 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 mnt = fs.up()
                 for t in fs_tools:
-                    where = os.path.join(mnt, f"{t}-{s}x{q}")
-                    os.makedirs(where)
-                    if t == "btrfs":
-                        r = coalesce_run("btrfs", n, cycles, args.seed, where, mnt, sources=s, idle=args.idle)
-                    else:
-                        r = btrbk_run(n, cycles, args.seed, where, mnt, log, sources=s)
-                    log(f"{t} {s}x{q}: " + str({k: v for k, v in r.items() if k != "log_tail"}))
-                    rows.append(r)
-                    t0 = time.perf_counter()
-                    cleanup_btrfs_dir(mnt, where)
-                    log(f"{t} {s}x{q}: cleanup {time.perf_counter() - t0:.1f} s")
+                    rows.append(
+                        run_in_own_dir(
+                            mnt,
+                            f"{t}-{s}x{q}",
+                            f"{t} {s}x{q}",
+                            lambda where: (
+                                coalesce_run("btrfs", n, cycles, args.seed, where, mnt, sources=s, idle=args.idle)
+                                if t == "btrfs"
+                                else btrbk_run(n, cycles, args.seed, where, mnt, log, sources=s)
+                            ),
+                            log,
+                        )
+                    )
             finally:
                 problems += fs.down()
     total = time.perf_counter() - started

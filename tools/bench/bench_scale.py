@@ -498,6 +498,16 @@ def _without_fsync() -> None:
     Ledger._connect = classmethod(without_fsync)  # type: ignore[method-assign,assignment]
 
 
+def _fixed_provenance(args: argparse.Namespace, argv: list[str] | None, before: str) -> str:
+    """The provenance comment of the ``--fixed`` tables (loads ``before`` the rows, and now)."""
+    return provenance(
+        f"{utc_now()}; {host()} sqlite {sqlite3.sqlite_version}; git {git_commit()}"
+        + ("; ledger and volumes without fsync" if args.no_fsync else "; ledger and volumes durable"),
+        f"loadavg {before} (start), {loads()} (end)",
+        f"command: {command('bench_scale', argv or None)}",
+    )
+
+
 def main_fixed(args: argparse.Namespace, argv: list[str] | None) -> int:
     hours = 20 if args.quick else args.hours
     if args.no_fsync:
@@ -507,14 +517,7 @@ def main_fixed(args: argparse.Namespace, argv: list[str] | None) -> int:
     idle = [0, 5] if args.quick else (args.idle or [0, 30])
     before = loads()
     rows = [fixed(args.backend, hours, k, args.seed) for k in idle]
-    print(
-        provenance(
-            f"{utc_now()}; {host()} sqlite {sqlite3.sqlite_version}; git {git_commit()}"
-            + ("; ledger and volumes without fsync" if args.no_fsync else "; ledger and volumes durable"),
-            f"loadavg {before} (start), {loads()} (end)",
-            f"command: {command('bench_scale', argv or None)}",
-        )
-    )
+    print(_fixed_provenance(args, argv, before))
     print(
         "| backend | replicas (idle) | timed cycles | CPU per cycle (ms) | wall per cycle (ms) "
         "| ledger commits per cycle | threads started per cycle |"
@@ -537,14 +540,7 @@ def main_generations(args: argparse.Namespace, argv: list[str] | None, hours: in
     idle = args.idle or [0]
     before = loads()
     rows = [fixed(args.backend, hours, k, args.seed, g) for k in idle for g in args.generations]
-    print(
-        provenance(
-            f"{utc_now()}; {host()} sqlite {sqlite3.sqlite_version}; git {git_commit()}"
-            + ("; ledger and volumes without fsync" if args.no_fsync else "; ledger and volumes durable"),
-            f"loadavg {before} (start), {loads()} (end)",
-            f"command: {command('bench_scale', argv or None)}",
-        )
-    )
+    print(_fixed_provenance(args, argv, before))
     print(
         "| backend | replicas (idle) | generations held | untimed cycles | timed cycles | CPU per cycle (ms) "
         "| wall per cycle (ms) | ledger commits per cycle | pruned per cycle | prune plan (ms) "

@@ -455,6 +455,19 @@ def cleanup_btrfs_dir(mnt: str, where: str) -> None:
     shutil.rmtree(where, ignore_errors=True)
 
 
+def run_in_own_dir(mnt: str, name: str, label: str, tool_run: Any, log: Any) -> dict:
+    """``tool_run(where)`` in a new directory ``mnt/name`` of the loop btrfs, logged under ``label``;
+    its subvolumes and the directory are deleted after (the cleanup timed apart). Its row."""
+    where = os.path.join(mnt, name)
+    os.makedirs(where)
+    r = tool_run(where)
+    log(f"{label}: " + str({k: v for k, v in r.items() if k != "log_tail"}))
+    t0 = time.perf_counter()
+    cleanup_btrfs_dir(mnt, where)
+    log(f"{label}: cleanup {time.perf_counter() - t0:.1f} s")
+    return r
+
+
 # ---------------------------------------------------------------------------
 # output
 # ---------------------------------------------------------------------------
@@ -582,17 +595,19 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 mnt = fs.up()
                 for t in fs_tools:
-                    where = os.path.join(mnt, f"{t}-{n}")
-                    os.makedirs(where)
-                    if t == "btrfs":
-                        r = coalesce_run("btrfs", n, args.cycles, args.seed, where, mnt)
-                    else:
-                        r = btrbk_run(n, args.cycles, args.seed, where, mnt, log)
-                    log(f"{t} N={n}: " + str({k: v for k, v in r.items() if k != "log_tail"}))
-                    rows.append(r)
-                    t0 = time.perf_counter()
-                    cleanup_btrfs_dir(mnt, where)
-                    log(f"{t} N={n}: cleanup {time.perf_counter() - t0:.1f} s")
+                    rows.append(
+                        run_in_own_dir(
+                            mnt,
+                            f"{t}-{n}",
+                            f"{t} N={n}",
+                            lambda where: (
+                                coalesce_run("btrfs", n, args.cycles, args.seed, where, mnt)
+                                if t == "btrfs"
+                                else btrbk_run(n, args.cycles, args.seed, where, mnt, log)
+                            ),
+                            log,
+                        )
+                    )
             finally:
                 problems += fs.down()
     total = time.perf_counter() - started
